@@ -1,0 +1,228 @@
+"""The backbone checkpoint: the one contract between pretraining and every downstream stage.
+
+File format (ARCHITECTURE.md): a `torch.save`d plain dict
+    {"model": <torchvision-keyed ResNet state_dict, fc included>,
+     "meta": {"arch", "num_classes", "method", "epochs", "config" (YAML text), "metrics" (dict)}}
+loadable with `torch.load(..., weights_only=True)`.
+
+`load_backbone` also reads the layouts users bring from other codebases (DataParallel `module.`,
+MoCo `module.encoder_q.`, `backbone.`, `model.`, AlignMixup `module.model.` + `module.classifier.`,
+`{"state_dict": ...}` wrappers) and checks the exact key set and shapes for the architecture: a
+checkpoint that does not fit raises `CheckpointError` naming the missing, unexpected and mis-shaped keys.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+from functools import lru_cache
+from typing import Any, Mapping
+
+import torch
+import torchvision
+
+from pretrain.runtime import atomic_save, unwrap
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+# Prefixes tried when unwrapping foreign layouts; the one matching most backbone keys wins.
+_PREFIXES = ("", "module.", "module.encoder_q.", "encoder_q.", "module.backbone.", "backbone.",
+             "module.model.", "model.", "module.encoder.", "encoder.", "backbone.body.")
+# Wrapper keys under which other codebases store the state dict.
+_WRAPPERS = ("state_dict", "model", "model_state", "net", "network")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is unreadable or does not fit the requested architecture."""
+
+
+def build_resnet(arch: str, num_classes: int = 1000, **kwargs) -> torchvision.models.ResNet:
+    """A randomly initialised torchvision ResNet (kwargs: norm_layer, replace_stride_with_dilation...)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; supported: {list(ARCHS)}")
+    return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, **kwargs)
+
+
+@lru_cache(maxsize=None)
+def expected_shapes(arch: str) -> dict[str, tuple]:
+    """Backbone key -> shape for `arch` (fc excluded)."""
+    with torch.device("meta"):
+        model = build_resnet(arch, num_classes=1000)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("fc.")}
+
+
+def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
+    """Guess the ResNet depth from the keys: BasicBlock vs Bottleneck and the number of layer3 blocks."""
+    bottleneck = "layer1.0.conv3.weight" in state
+    n3 = len({k.split(".")[1] for k in state if k.startswith("layer3.")})
+    table = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
+    if (bottleneck, n3) not in table:
+        raise CheckpointError(
+            f"cannot infer the architecture (bottleneck={bottleneck}, layer3 blocks={n3}); pass arch= one of "
+            f"{list(ARCHS)}")
+    return table[(bottleneck, n3)]
+
+
+def _to_plain(value: Any, where: str) -> Any:
+    """Check that meta holds only primitives (weights_only loading refuses anything else)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v, where) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _to_plain(v, f"{where}.{k}") for k, v in value.items()}
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()  # numpy / torch scalars
+    raise TypeError(f"checkpoint meta {where} has a {type(value).__name__}; only primitives are allowed")
+
+
+def save_backbone(path: str | os.PathLike, model: torch.nn.Module, meta: Mapping) -> None:
+    """Write the contract file for a torchvision ResNet (DDP / compile wrappers are unwrapped)."""
+    model = unwrap(model)
+    state = OrderedDict((k, v.detach().cpu().clone()) for k, v in model.state_dict().items())
+    meta = _to_plain(dict(meta), "meta")
+    arch = meta.get("arch")
+    if arch not in ARCHS:
+        raise ValueError(f"meta['arch'] must be one of {list(ARCHS)}, got {arch!r}")
+    _check_keys({k: v for k, v in state.items() if not k.startswith("fc.")}, arch, path)
+    if "fc.weight" not in state:
+        raise ValueError("save_backbone expects a ResNet with its fc (the classifier is part of the contract)")
+    meta.setdefault("num_classes", int(state["fc.weight"].shape[0]))
+    for key in ("method", "epochs", "config", "metrics"):
+        meta.setdefault(key, None if key != "metrics" else {})
+    atomic_save({"model": state, "meta": meta}, path)
+
+
+def _read(path, allow_pickle: bool) -> Any:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - rethrown with advice
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}: {e}). If you trust the "
+                "file, pass allow_pickle=True (CLI: --allow-pickle) to unpickle arbitrary objects.") from e
+    warnings.warn(f"{path}: loading with weights_only=False (arbitrary unpickling) as requested")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _unwrap_container(obj: Any, path) -> tuple[dict, dict]:
+    """(flat tensor dict, meta) from the checkpoint's top-level object."""
+    meta = {}
+    for _ in range(3):  # wrappers can nest: {"state_dict": {"model": ...}}
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+        if isinstance(obj.get("meta"), Mapping):
+            meta = dict(obj["meta"])
+        if any(isinstance(v, torch.Tensor) for v in obj.values()) and not any(
+                isinstance(obj.get(w), Mapping) for w in _WRAPPERS):
+            break
+        inner = next((obj[w] for w in _WRAPPERS if isinstance(obj.get(w), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: no tensors found (top-level keys: {sorted(obj)[:20]})")
+    return tensors, meta
+
+
+def _strip_prefix(state: Mapping[str, torch.Tensor], arch: str | None) -> tuple[dict, str]:
+    """Choose the prefix under which most backbone keys sit, and strip it.
+
+    AlignMixup keeps the trunk under `module.model.` and the classifier under `module.classifier.`:
+    a `<x>model.` prefix also maps `<x>classifier.` to `fc.`.
+    """
+    archs = [arch] if arch else list(ARCHS)
+    wanted = set().union(*(expected_shapes(a) for a in archs))
+    best, best_prefix, best_hits = None, "", -1
+    for prefix in _PREFIXES:
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if prefix.endswith("model."):
+            head = prefix[: -len("model.")] + "classifier."
+            sub.update({"fc." + k[len(head):]: v for k, v in state.items() if k.startswith(head)})
+        hits = len(wanted & set(sub))
+        if hits > best_hits:
+            best, best_prefix, best_hits = sub, prefix, hits
+    return best, best_prefix
+
+
+def _check_keys(backbone: Mapping[str, torch.Tensor], arch: str, path) -> None:
+    shapes = expected_shapes(arch)
+    missing = sorted(set(shapes) - set(backbone))
+    unexpected = sorted(set(backbone) - set(shapes))
+    misshaped = sorted(f"{k}: checkpoint {tuple(backbone[k].shape)} vs {arch} {shapes[k]}"
+                       for k in set(shapes) & set(backbone) if tuple(backbone[k].shape) != shapes[k])
+    if missing or unexpected or misshaped:
+        def show(items):
+            return f"{len(items)} {items[:12]}{' ...' if len(items) > 12 else ''}"
+        raise CheckpointError(
+            f"{path}: does not fit torchvision {arch}:\n  missing keys: {show(missing)}\n"
+            f"  unexpected keys: {show(unexpected)}\n  mis-shaped keys: {show(misshaped)}")
+
+
+def _normalise(path, arch: str | None, allow_pickle: bool) -> tuple[OrderedDict, dict, str]:
+    tensors, meta = _unwrap_container(_read(path, allow_pickle), path)
+    state, _ = _strip_prefix(tensors, arch)
+    # Older checkpoints lack BN step counters; they carry no information, so fill them in.
+    for k in list(state):
+        if k.endswith(".running_mean"):
+            state.setdefault(k[: -len("running_mean")] + "num_batches_tracked", torch.tensor(0))
+    if arch is None:
+        arch = meta.get("arch") if meta.get("arch") in ARCHS else infer_arch(state)
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; supported: {list(ARCHS)}")
+    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    # Heads other codebases add (MoCo MLP as fc.0/fc.2, ...) are not part of the backbone.
+    _check_keys(backbone, arch, path)
+    ordered = OrderedDict((k, state[k]) for k in expected_shapes(arch))
+    for k in ("fc.weight", "fc.bias"):
+        if k in state:
+            ordered[k] = state[k]
+    return ordered, meta, arch
+
+
+def load_backbone(path: str | os.PathLike, arch: str | None = "resnet50",
+                  allow_pickle: bool = False) -> OrderedDict:
+    """torchvision-keyed backbone state dict (fc excluded) from any supported layout.
+
+    `arch=None` takes the architecture from the checkpoint's meta or infers it from the keys.
+    Raises `CheckpointError` listing missing / unexpected / mis-shaped keys when it does not fit.
+    """
+    state, _, _ = _normalise(path, arch, allow_pickle)
+    return OrderedDict((k, v) for k, v in state.items() if not k.startswith("fc."))
+
+
+def load_classifier(path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None,
+                    allow_pickle: bool = False) -> tuple[OrderedDict, dict]:
+    """(state dict with fc, meta) for a checkpoint that carries its classifier head.
+
+    meta always has "arch" and "num_classes". Raises `CheckpointError` when the head is missing or
+    has the wrong number of classes.
+    """
+    state, meta, arch = _normalise(path, arch, allow_pickle)
+    if "fc.weight" not in state or "fc.bias" not in state:
+        raise CheckpointError(f"{path}: no classifier head (fc.weight / fc.bias) in the checkpoint")
+    n = int(state["fc.weight"].shape[0])
+    if num_classes is not None and n != num_classes:
+        raise CheckpointError(
+            f"{path}: classifier head fc.weight has {n} classes (shape {tuple(state['fc.weight'].shape)}), "
+            f"the dataset has {num_classes}")
+    expected_in = 512 if arch in ("resnet18", "resnet34") else 2048
+    if state["fc.weight"].shape[1] != expected_in or tuple(state["fc.bias"].shape) != (n,):
+        raise CheckpointError(f"{path}: mis-shaped head: fc.weight {tuple(state['fc.weight'].shape)}, "
+                              f"fc.bias {tuple(state['fc.bias'].shape)} for {arch}")
+    meta = dict(meta)
+    meta.update(arch=arch, num_classes=n)
+    return state, meta
+
+
+def resnet_from_checkpoint(path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None,
+                           allow_pickle: bool = False) -> tuple[torchvision.models.ResNet, dict]:
+    """A torchvision ResNet classifier with the checkpoint's weights loaded strictly, and its meta."""
+    state, meta = load_classifier(path, arch, num_classes, allow_pickle)
+    model = build_resnet(meta["arch"], num_classes=meta["num_classes"])
+    model.load_state_dict(state, strict=True)
+    return model, meta

@@ -1,0 +1,208 @@
+"""Run infrastructure shared by every stage: atomic saves, seeding and RNG state, devices, AMP,
+torchrun/DDP set-up, JSON-lines logging and rank-aware progress bars.
+
+This module holds no training logic; `transfer/` and `wsol/` may use it (ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss becomes NaN or infinite; the caller keeps its last good checkpoint."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save `obj` to `path` so that a reader never sees a half-written file.
+
+    Writes `path.tmp` in the same directory, flushes it to disk, then renames it over `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write a text file atomically (metrics.json, reports)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global RNG state, as plain tensors/primitives (loadable with weights_only=True)."""
+    py = random.getstate()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(_plain_to_numpy_state(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state_to_plain(st) -> dict:
+    name, keys, pos, has_gauss, cached = st
+    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _plain_to_numpy_state(d: dict):
+    keys = d["keys"].numpy().astype(np.uint32)
+    return (d["name"], keys, d["pos"], d["has_gauss"], d["cached"])
+
+
+def get_device(name: str = "auto") -> torch.device:
+    """'auto' picks this process's CUDA device when there is one (LOCAL_RANK under torchrun), else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """Mixed precision on CUDA ("bf16" or "fp16"); fp32 everywhere else (CPU runs stay exact)."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=_DTYPES[precision])
+
+
+def make_grad_scaler(device: torch.device, precision: str = "fp32") -> torch.amp.GradScaler:
+    """A GradScaler that is active only for CUDA fp16 (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
+    """Join the process group described by torchrun's environment, if any.
+
+    Returns (rank, world_size, local_rank); (0, 1, 0) when not launched by torchrun.
+    NCCL on CUDA, gloo on CPU unless `backend` says otherwise.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return rank, world, local_rank
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class JsonlLogger:
+    """Appends one JSON object per line to `path` (rank 0 only) and flushes each line."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.enabled = is_main_process()
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.item() if o.numel() == 1 else o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def check_finite(loss: torch.Tensor | float, step: int) -> None:
+    """Stop the run on a NaN/inf loss, naming the step."""
+    value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"non-finite loss ({value}) at step {step}; stopping. The last good checkpoint is kept.")
+
+
+def progress(iterable: Iterable | None = None, **kwargs) -> tqdm:
+    """tqdm on rank 0 only; MT_NO_PROGRESS=1 silences it (CI logs, tests)."""
+    disable = not is_main_process() or os.environ.get("MT_NO_PROGRESS") == "1"
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("leave", False)
+    return tqdm(iterable, disable=disable, **kwargs)

@@ -1,0 +1,195 @@
+"""Detection datasets in their real on-disk layouts: Pascal VOC devkit and COCO.
+
+Items are `(image, target)`: a PIL RGB image and
+    target = {"boxes": float32 [N, 4] x0, y0, x1, y1 (pretrain.data's convention: VOC xmin-1, xmax),
+              "labels": int64 [N] in 1..C (0 is background, torchvision's convention),
+              "difficult": bool [N] (VOC difficult flag; COCO iscrowd),
+              "image_id": str (VOC) or int (COCO), "size": (height, width)}
+and `transform(image, target) -> (image, target)` is applied when given.
+With `skip_bad=True`, samples whose annotation is malformed are left out, counted in `.skipped`
+(a list of (image id, reason)) and reported once; otherwise they raise `DataError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+
+from pretrain.data import DataError, check_box, parse_pascal_xml, pascal_to_box, read_image
+
+log = logging.getLogger(__name__)
+
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor")
+
+parse_voc_xml = parse_pascal_xml  # VOC XML: {"filename", "width", "height", "objects": [...]}
+
+
+def _target(boxes, labels, difficult, image_id, height, width) -> dict:
+    return {"boxes": torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4)),
+            "labels": torch.as_tensor(np.asarray(labels, dtype=np.int64)),
+            "difficult": torch.as_tensor(np.asarray(difficult, dtype=bool)),
+            "image_id": image_id, "size": (int(height), int(width))}
+
+
+def _report_skipped(name: str, skipped: list) -> None:
+    if skipped:
+        log.warning("%s: skipped %d bad sample(s), e.g. %s", name, len(skipped), skipped[:3])
+
+
+class VOCDetection(Dataset):
+    """`devkit_root/VOC<year>/{JPEGImages,Annotations,ImageSets/Main/<split>.txt}`."""
+
+    def __init__(self, devkit_root: str | os.PathLike, year: str = "2007", split: str = "trainval",
+                 transform: Callable | None = None, keep_difficult: bool = True,
+                 classes: tuple[str, ...] = VOC_CLASSES, skip_bad: bool = False):
+        self.root = Path(devkit_root) / f"VOC{year}"
+        self.year, self.split, self.transform = str(year), split, transform
+        self.classes = tuple(classes)
+        self.class_to_label = {c: i + 1 for i, c in enumerate(self.classes)}
+        list_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
+        if not list_file.is_file():
+            raise DataError(f"VOC split file not found: {list_file}")
+        ids = []
+        for lineno, line in enumerate(list_file.read_text().splitlines(), start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 1:
+                raise DataError(f"{list_file}:{lineno}: expected one image id, got {line!r}")
+            ids.append(parts[0])
+        self.ids, self.annotations, self.skipped = [], {}, []
+        for image_id in ids:
+            try:
+                self.annotations[image_id] = self._load(image_id, keep_difficult)
+                self.ids.append(image_id)
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                self.skipped.append((image_id, str(e)))
+        _report_skipped(str(list_file), self.skipped)
+
+    def _load(self, image_id: str, keep_difficult: bool) -> dict:
+        xml = self.root / "Annotations" / f"{image_id}.xml"
+        ann = parse_voc_xml(xml)
+        boxes, labels, difficult = [], [], []
+        for i, obj in enumerate(ann["objects"]):
+            where = f"{xml}: object {i}"
+            if obj["name"] not in self.class_to_label:
+                raise DataError(f"{where}: unknown class name {obj['name']!r}")
+            if obj["difficult"] and not keep_difficult:
+                continue
+            boxes.append(pascal_to_box(obj["bbox"], ann["width"], ann["height"], where))
+            labels.append(self.class_to_label[obj["name"]])
+            difficult.append(obj["difficult"])
+        ann["target"] = _target(boxes, labels, difficult, image_id, ann["height"], ann["width"])
+        return ann
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        image = read_image(self.image_path(image_id))
+        ann = self.annotations[image_id]
+        if image.size != (ann["width"], ann["height"]):
+            raise DataError(f"{self.image_path(image_id)}: image is {image.size[0]}x{image.size[1]} but its "
+                            f"annotation says {ann['width']}x{ann['height']}")
+        target = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in ann["target"].items()}
+        return self.transform(image, target) if self.transform else (image, target)
+
+
+def voc0712_trainval(devkit_root: str | os.PathLike, transform: Callable | None = None,
+                     **kwargs) -> ConcatDataset:
+    """voc_2007_trainval + voc_2012_trainval, the usual VOC07+12 training set."""
+    return ConcatDataset([VOCDetection(devkit_root, "2007", "trainval", transform, **kwargs),
+                          VOCDetection(devkit_root, "2012", "trainval", transform, **kwargs)])
+
+
+class COCODetection(Dataset):
+    """`image_dir/<file_name>` + `annotations/instances_<split>.json`, read through pycocotools.
+
+    Category ids are not contiguous in COCO: labels are 1..C in sorted category-id order, with
+    `.label_to_cat` / `.cat_to_label` to map back and forth.
+    """
+
+    def __init__(self, image_dir: str | os.PathLike, ann_file: str | os.PathLike,
+                 transform: Callable | None = None, remove_empty: bool = False, skip_bad: bool = False):
+        from pycocotools.coco import COCO
+
+        self.image_dir, self.ann_file, self.transform = Path(image_dir), Path(ann_file), transform
+        if not self.ann_file.is_file():
+            raise DataError(f"COCO annotation file not found: {self.ann_file}")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.coco = COCO(str(self.ann_file))
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{self.ann_file}: malformed COCO json: {type(e).__name__}: {e}") from e
+        self.cat_ids = sorted(self.coco.getCatIds())
+        self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        self.label_to_cat = {i: c for c, i in self.cat_to_label.items()}
+        self.classes = tuple(self.coco.cats[c]["name"] for c in self.cat_ids)
+        self.ids, self.targets, self.skipped = [], {}, []
+        for image_id in sorted(self.coco.getImgIds()):
+            try:
+                target = self._load(image_id)
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                self.skipped.append((image_id, str(e)))
+                continue
+            if remove_empty and not (~target["difficult"]).any():
+                continue
+            self.ids.append(image_id)
+            self.targets[image_id] = target
+        _report_skipped(str(self.ann_file), self.skipped)
+
+    def _load(self, image_id: int) -> dict:
+        info = self.coco.imgs[image_id]
+        try:
+            width, height = int(info["width"]), int(info["height"])
+        except (KeyError, ValueError) as e:
+            raise DataError(f"{self.ann_file}: image id {image_id}: missing or bad width/height") from e
+        boxes, labels, crowd = [], [], []
+        for ann in self.coco.imgToAnns.get(image_id, []):
+            where = f"{self.ann_file}: annotation id {ann.get('id')} (image id {image_id})"
+            if ann.get("category_id") not in self.cat_to_label:
+                raise DataError(f"{where}: unknown category id {ann.get('category_id')}")
+            bbox = ann.get("bbox")
+            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+                raise DataError(f"{where}: bbox must be [x, y, w, h], got {bbox!r}")
+            x, y, w, h = (float(v) for v in bbox)
+            if w <= 0 or h <= 0:
+                raise DataError(f"{where}: degenerate bbox {bbox} (w or h <= 0)")
+            boxes.append(check_box((x, y, x + w, y + h), width, height, where))
+            labels.append(self.cat_to_label[ann["category_id"]])
+            crowd.append(bool(ann.get("iscrowd", 0)))
+        return _target(boxes, labels, crowd, image_id, height, width)
+
+    def image_path(self, image_id: int) -> Path:
+        return self.image_dir / self.coco.imgs[image_id]["file_name"]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        image = read_image(self.image_path(image_id))
+        target = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in self.targets[image_id].items()}
+        h, w = target["size"]
+        if image.size != (w, h):
+            raise DataError(f"{self.image_path(image_id)}: image is {image.size[0]}x{image.size[1]} but "
+                            f"{self.ann_file} says {w}x{h}")
+        return self.transform(image, target) if self.transform else (image, target)
