@@ -42,28 +42,15 @@ class NormalizedClassifier(nn.Module):
 
 
 def load_classifier_model(checkpoint, num_classes: int, arch: str | None = None) -> tuple[nn.Module, dict]:
-    """A ``NormalizedClassifier`` in eval mode from a backbone checkpoint whose fc has ``num_classes`` outputs.
+    """A ``NormalizedClassifier`` (eval mode, frozen) from a backbone checkpoint with its fc.
 
-    Raises ``CheckpointError`` (from ``pretrain.checkpoint``) naming the key and shapes when the checkpoint
-    has no classifier head for this many classes.
+    Raises ``pretrain.checkpoint.CheckpointError`` naming the key and shapes when the checkpoint has no
+    classifier head for ``num_classes`` classes.
     """
-    from pretrain.checkpoint import CheckpointError, build_resnet, load_classifier
+    from pretrain.checkpoint import resnet_from_checkpoint
 
-    state, meta = load_classifier(checkpoint, arch=arch, num_classes=num_classes)
-    w = state.get("fc.weight")
-    if w is None:
-        raise CheckpointError(f"{checkpoint}: no classifier head (key 'fc.weight' missing); robustness "
-                              f"evaluation needs the backbone with its fc for {num_classes} classes")
-    if w.shape[0] != num_classes:
-        raise CheckpointError(
-            f"{checkpoint}: classifier head 'fc.weight' has shape {tuple(w.shape)}, but the evaluation "
-            f"dataset has {num_classes} classes (expected ({num_classes}, {w.shape[1]}))")
-    arch = arch or meta.get("arch")
-    if arch is None:
-        raise CheckpointError(f"{checkpoint}: meta has no 'arch'; pass arch=")
-    net = build_resnet(arch, num_classes=num_classes)
-    net.load_state_dict(state, strict=True)
+    net, meta = resnet_from_checkpoint(checkpoint, arch=arch, num_classes=num_classes)
     model = NormalizedClassifier(net).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, dict(meta, arch=arch)
+    return model, meta

@@ -1,0 +1,35 @@
+# The two commands of the README. Each creates .venv and installs the toolkit on first use.
+PYTHON ?= python3
+VENV   := .venv
+STAMP  := $(VENV)/.installed-stamp
+# Progress bars are for people; CI logs get plain lines.
+export MT_NO_PROGRESS ?= $(if $(CI),1,0)
+
+.PHONY: demo test toy bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -e '.[dev,fast]'
+	touch $(STAMP)
+
+## demo: the main job, the whole pipeline on the toy world (runs/toy/report.md)
+demo: $(STAMP)
+	$(VENV)/bin/python tools/run_pipeline.py --config configs/pipeline/toy.yaml
+
+## test: the test suite
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+## toy: only generate the demo toy world in data/toy
+toy: $(STAMP)
+	$(VENV)/bin/python tools/make_toy_data.py --out data/toy --preset demo
+
+## bench: performance figures (runs/bench/bench.json and bench.md)
+bench: $(STAMP)
+	$(VENV)/bin/python tools/bench.py all --out runs/bench
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs data/toy
