@@ -206,7 +206,8 @@ def _as_arrays(dets, image_index: Mapping[str, int], cls: str, source=None):
         try:
             img[i] = image_index[image_id]
         except KeyError:
-            raise VOCEvalError(f"{where(i)}: unknown image id {image_id!r} (not in the evaluated split)") from None
+            raise VOCEvalError(
+                f"{where(i)}: unknown image id {image_id!r} (not in the evaluated split)") from None
     bad = ~(np.isfinite(score) & np.isfinite(box).all(axis=1))
     wrong = (box[:, 2] < box[:, 0]) | (box[:, 3] < box[:, 1])
     for mask, what in ((bad, "a non-finite number"), (wrong, "xmax < xmin or ymax < ymin")):
@@ -305,11 +306,12 @@ def read_voc_results(results_dir: str | os.PathLike, split: str, classes: Sequen
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise VOCEvalError(f"results folder not found: {results_dir}")
-    prefix = RESULT_TEMPLATE.format(split=split, cls="")
+    prefix = f"comp4_det_{split}_"
     found = {p.name[len(prefix):-len(".txt")]: p for p in results_dir.iterdir()
              if p.name.startswith(prefix) and p.name.endswith(".txt")}
     if not found:
-        raise VOCEvalError(f"{results_dir}: no result files {RESULT_TEMPLATE.format(split=split, cls='<class>')}")
+        pattern = RESULT_TEMPLATE.format(split=split, cls="<class>")
+        raise VOCEvalError(f"{results_dir}: no result files {pattern}")
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise VOCEvalError(f"{found[unknown[0]]}: unknown class {unknown[0]!r}; valid: {list(classes)}")
@@ -328,7 +330,8 @@ def read_voc_results(results_dir: str | os.PathLike, split: str, classes: Sequen
                     continue
                 loc = f"{path}:{lineno}"
                 if len(parts) != 6:
-                    raise VOCEvalError(f"{loc}: expected 'image_id score xmin ymin xmax ymax', got {line.strip()!r}")
+                    raise VOCEvalError(
+                        f"{loc}: expected 'image_id score xmin ymin xmax ymax', got {line.strip()!r}")
                 try:
                     score, *box = (float(v) for v in parts[1:])
                 except ValueError:
@@ -345,7 +348,8 @@ def read_voc_results(results_dir: str | os.PathLike, split: str, classes: Sequen
     return detections, sources
 
 
-def write_voc_results(out_dir: str | os.PathLike, split: str, detections: Mapping[str, Sequence]) -> list[Path]:
+def write_voc_results(out_dir: str | os.PathLike, split: str,
+                      detections: Mapping[str, Sequence]) -> list[Path]:
     """Write one `comp4_det_<split>_<class>.txt` per class of `detections` (boxes in XML coordinates).
 
     Numbers are written with Python's shortest round-trip repr, so reading the files back gives

@@ -109,18 +109,33 @@ class ValSet(Dataset):
     def _boxes(self, i: int) -> np.ndarray:
         return np.asarray(self.base.boxes(i), dtype=np.float32).reshape(-1, 4)
 
-    def __getitem__(self, k: int):
+    def _load(self, k: int):
         i = self.indices[k]
         path, label = self.base.samples[i]
         img = read_rgb(path)
         _, h, w = img.shape
         boxes = check_boxes(self._boxes(i), h, w, path) if self.need_boxes else np.zeros((0, 4), np.float32)
+        return img, boxes, int(label), i
+
+    def __getitem__(self, k: int):
+        img, boxes, label, i = self._load(k)
         if self.corruption is not None and self.at == "original":
             img = self._corrupt(img, boxes, i)
         img, boxes = resize_crop(img, boxes, self.resize, self.image_size)
         if self.corruption is not None and self.at == "eval":
             img = self._corrupt(img, boxes, i)
-        return img, int(label), torch.from_numpy(boxes), i
+        return img, label, torch.from_numpy(boxes), i
+
+    def corrupted_image(self, k: int):
+        """(image, boxes ``[K, 4]`` numpy, label, base index) at the resolution the corruption is applied:
+        the stored size for ``at="original"``, the evaluation crop for ``at="eval"`` (for PNG export)."""
+        if self.at == "eval":
+            img, label, boxes, i = self[k]
+            return img, boxes.numpy(), label, i
+        img, boxes, label, i = self._load(k)
+        if self.corruption is not None:
+            img = self._corrupt(img, boxes, i)
+        return img, boxes, label, i
 
     def _corrupt(self, img: torch.Tensor, boxes: np.ndarray, i: int) -> torch.Tensor:
         _, h, w = img.shape

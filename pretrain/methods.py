@@ -1,0 +1,502 @@
+"""Mixing methods as small modules: `method(images, targets) -> {"loss": ..., ...}`.
+
+Every method wraps the same `ResNetStages` model and returns a dict whose tensors named `loss*` are
+summed by the trainer; `logits` (clean predictions, ERM only) feed the train accuracy. The training
+loop never asks which method it runs. Knobs are constructor keyword arguments whose defaults are
+the papers' defaults; `build_method(name, model, num_classes, **knobs)` rejects unknown names and
+knobs with the valid ones listed.
+
+Layer indices (where feature-space methods mix): 0 = input pixels, 1..4 = after layer1..layer4
+(feature maps), 5 = embedding (after global average pooling, before fc).
+
+Draws come from `self.generator` (a torch.Generator on the model's device that the trainer seeds
+every step), so a run is repeatable and resumable.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain import mixing as mx
+from pretrain.checkpoint import build_resnet
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EMBEDDING = 5
+ATTENTIONS = ("gap_l1relu", "gap_softmax", "cam_l1relu", "cam_softmax", "uniform")
+
+
+class ResNetStages(nn.Module):
+    """A torchvision ResNet split at its stages, with ImageNet normalisation inside (inputs in [0, 1]).
+
+    `self.net` is the plain torchvision ResNet (its state_dict has exactly torchvision's keys; the
+    normalisation buffers live outside it and are not persistent).
+    """
+
+    def __init__(self, arch: str = "resnet50", num_classes: int = 1000, zero_init_residual: bool = False):
+        super().__init__()
+        self.arch = arch
+        self.net = build_resnet(arch, num_classes=num_classes, zero_init_residual=zero_init_residual)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self._compiled = None
+
+    def enable_compile(self) -> None:
+        """torch.compile the stages (the module tree and state_dict keys stay torchvision's)."""
+        self._compiled = torch.compile(self._stage)
+
+    def _run_stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        return self._compiled(i, h) if self._compiled is not None else self._stage(i, h)
+
+    @property
+    def fc(self) -> nn.Linear:
+        return self.net.fc
+
+    def _stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        if i == 1:
+            h = (h - self.mean.to(h.dtype)) / self.std.to(h.dtype)
+            h = n.maxpool(n.relu(n.bn1(n.conv1(h))))
+            return n.layer1(h)
+        return getattr(n, f"layer{i}")(h)
+
+    def forward_to(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Features after `layer` (0..4) of images x [b, 3, H, W] in [0, 1]."""
+        for i in range(1, min(layer, 4) + 1):
+            x = self._run_stage(i, x)
+        return x
+
+    def forward_from(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The layer4 feature map [b, d, h, w] from features after `layer` (0..4)."""
+        for i in range(layer + 1, 5):
+            h = self._run_stage(i, h)
+        return h
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """layer4 map [b, d, h, w]."""
+        return self.forward_from(x, 0)
+
+    @staticmethod
+    def pool(fmap: torch.Tensor) -> torch.Tensor:
+        return fmap.mean((2, 3))
+
+    def dense_logits(self, fmap: torch.Tensor) -> torch.Tensor:
+        """fc applied as a 1x1 convolution: fmap [b, d, h, w] -> [b, c, h*w]."""
+        w, bias = self.fc.weight, self.fc.bias
+        logits = torch.einsum("bdr,cd->bcr", fmap.flatten(2), w.to(fmap.dtype))
+        return logits + bias.to(fmap.dtype).view(1, -1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)))
+
+
+class Method(nn.Module):
+    """Base: holds the model, the class count, the generator and the shared classifier/loss helpers.
+
+    dense_loss: apply the loss at every position of the layer4 map (fc as 1x1 conv) with the
+    example's mixed target (MultiMix paper, Table 10), instead of after global pooling.
+    """
+
+    def __init__(self, model: ResNetStages, num_classes: int, dense_loss: bool = False):
+        super().__init__()
+        self.model = model
+        self.num_classes = num_classes
+        self.dense_loss = dense_loss
+        self.generator: torch.Generator | None = None
+
+    # -- randomness -------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return self.model.fc.weight.device
+
+    def _rand(self) -> float:
+        return float(torch.rand((), generator=self.generator, device=self._device()))
+
+    def _perm(self, b: int) -> torch.Tensor:
+        return torch.randperm(b, generator=self.generator, device=self._device())
+
+    def _beta(self, alpha: float) -> float:
+        return float(mx.sample_beta(alpha, alpha, (), self.generator, self._device()))
+
+    def _cpu_generator(self) -> torch.Generator:
+        # box centres are scalars drawn on the CPU; seed a CPU generator from the method's stream
+        seed = int(torch.randint(2**62, (), generator=self.generator, device=self._device()))
+        return torch.Generator().manual_seed(seed)
+
+    def _choice(self, options):
+        i = int(torch.randint(len(options), (), generator=self.generator, device=self._device()))
+        return options[i]
+
+    # -- heads ------------------------------------------------------------------------------------
+    def logits_of(self, fmap: torch.Tensor) -> torch.Tensor:
+        """[b, c] (pooled) or [b, c, r] (dense loss) from a layer4 map."""
+        return self.model.dense_logits(fmap) if self.dense_loss else self.model.fc(self.model.pool(fmap))
+
+    @staticmethod
+    def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return mx.dense_cross_entropy(logits, y) if logits.ndim == 3 else mx.soft_cross_entropy(logits, y)
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        return mx.one_hot(labels, self.num_classes)
+
+
+class ERM(Method):
+    """Plain cross-entropy on clean images."""
+
+    def forward(self, images, labels):
+        logits = self.logits_of(self.model.features(images))
+        out = {"loss": self.loss_of(logits, self.targets(labels))}
+        out["logits"] = logits if logits.ndim == 2 else logits.mean(-1)
+        return out
+
+
+class InputMixup(Method):
+    """Input mixup: lam ~ Beta(alpha, alpha), one lam and one permutation per batch."""
+
+    def __init__(self, model, num_classes, alpha: float = 1.0, dense_loss: bool = False):
+        super().__init__(model, num_classes, dense_loss)
+        self.alpha = alpha
+
+    def forward(self, images, labels):
+        y = self.targets(labels)
+        lam, perm = self._beta(self.alpha), self._perm(images.shape[0])
+        logits = self.logits_of(self.model.features(mx.mixup(images, perm, lam)))
+        return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
+
+
+def _mix_at(method: Method, images, perm, lams, layer: int):
+    """Mix pairs at `layer` with K weights lams [K] and return logits [K*b, c(, r)].
+
+    At the embedding (layer 5) the classifier is linear and each pair's weights sum to 1, so the
+    b logit vectors are mixed instead of the embeddings (identical up to rounding, far cheaper).
+    """
+    model = method.model
+    if layer >= EMBEDDING:
+        return mx.multi_mixup(method.logits_of(model.features(images)), perm, lams)
+    h = model.forward_to(images, layer)
+    return method.logits_of(model.forward_from(mx.multi_mixup(h, perm, lams), layer))
+
+
+class ManifoldMixup(Method):
+    """Manifold mixup: per batch a layer drawn uniformly from `layers` (0 = input, 1..4 after
+    layer1..4, 5 = embedding), lam ~ Beta(alpha, alpha)."""
+
+    def __init__(self, model, num_classes, alpha: float = 2.0, layers=(0, 1, 2), dense_loss: bool = False):
+        super().__init__(model, num_classes, dense_loss)
+        self.alpha, self.layers = alpha, tuple(int(v) for v in layers)
+        if not self.layers or any(not 0 <= v <= EMBEDDING for v in self.layers):
+            raise ValueError(f"manifold_mixup layers must be in 0..5, got {layers}")
+
+    def forward(self, images, labels):
+        y = self.targets(labels)
+        layer = self._choice(self.layers)
+        lam, perm = self._beta(self.alpha), self._perm(images.shape[0])
+        lams = torch.tensor([lam], device=images.device)
+        logits = _mix_at(self, images, perm, lams, layer)
+        return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
+
+
+class CutMix(Method):
+    """CutMix: lam ~ Beta(alpha, alpha), a box of side sqrt(1 - lam) pasted from the partner, label
+    weight recomputed from the clipped box; applied with probability `prob` (else plain ERM)."""
+
+    def __init__(self, model, num_classes, alpha: float = 1.0, prob: float = 1.0, dense_loss: bool = False):
+        super().__init__(model, num_classes, dense_loss)
+        self.alpha, self.prob = alpha, prob
+
+    def forward(self, images, labels):
+        y = self.targets(labels)
+        b, _, h, w = images.shape
+        if self._rand() >= self.prob:
+            return {"loss": self.loss_of(self.logits_of(self.model.features(images)), y)}
+        perm = self._perm(b)
+        box, lam = mx.cutmix_box(h, w, self._beta(self.alpha), self._cpu_generator())
+        x = mx.mask_mix(images, images[perm], mx.box_mask(h, w, box, images.device, images.dtype))
+        logits = self.logits_of(self.model.features(x))
+        return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
+
+
+def _puzzle_inputs(method: Method, images, labels, grid: int):
+    """Saliency of the clean loss w.r.t. the input (one extra forward/backward, no parameter
+    gradients), pooled to the block grid. -> sal [b, g, g]."""
+    x = images.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(method.model(x).float(), labels)
+        (grad,) = torch.autograd.grad(loss, x)
+    return mx.saliency_grid(grad, grid)
+
+
+class PuzzleMix(Method):
+    """PuzzleMix: saliency-guided 3-label mask on a random block grid + greedy transport.
+
+    The mask minimises -(revealed saliency) + eta * (-log Binomial prior of lam) + smoothness
+    (beta + gamma * local pixel difference) between neighbouring blocks, with the PuzzleMix code's
+    normalisation of the pairwise weight by 1 / (16 * grid). Solver: graph cut (alpha-beta swap) when
+    the optional `gco-wrapper` package is installed, otherwise checkerboard ICM (`solver` knob:
+    auto | gco | icm). The label weight of the first image is the mask mean.
+    """
+
+    def __init__(self, model, num_classes, alpha: float = 1.0, grids=(2, 4, 8, 16), beta: float = 1.2,
+                 gamma: float = 0.5, eta: float = 0.2, n_labels: int = 3, transport: bool = True,
+                 t_eps: float = 0.8, solver: str = "auto", dense_loss: bool = False):
+        super().__init__(model, num_classes, dense_loss)
+        self.alpha, self.grids, self.beta, self.gamma, self.eta = alpha, tuple(grids), beta, gamma, eta
+        self.n_labels, self.transport, self.t_eps, self.solver = n_labels, transport, t_eps, solver
+        if solver not in ("auto", "gco", "icm"):
+            raise ValueError(f"puzzlemix solver must be auto, gco or icm, got {solver!r}")
+        if solver == "gco" and not mx.have_gco():
+            raise ImportError("puzzlemix solver='gco' needs the optional package gco-wrapper "
+                              "(pip install gco-wrapper, or pip install 'mixup-transfer[puzzlemix]'); "
+                              "use solver=icm or auto for the built-in fallback")
+
+    def _grid(self, h: int, w: int) -> int:
+        ok = [g for g in self.grids if h % g == 0 and w % g == 0]
+        if not ok:
+            raise ValueError(f"no PuzzleMix grid in {self.grids} divides the input size {h}x{w}")
+        return self._choice(ok)
+
+    def puzzle(self, images, labels, perm, lams, grid):
+        """K PuzzleMix images per pair for weights lams [K]: -> (x [K*b, 3, h, w], lam_kept [K*b])."""
+        b = images.shape[0]
+        sal = _puzzle_inputs(self, images, labels, grid)
+        sal2 = sal[perm]
+        x2 = images[perm]
+        dv1, dh1 = mx.block_smoothness(images, grid)
+        dv2, dh2 = mx.block_smoothness(x2, grid)
+        scale = 1.0 / (16 * grid)
+        w_v = scale * (self.beta + self.gamma * 0.5 * (dv1 + dv2))
+        w_h = scale * (self.beta + self.gamma * 0.5 * (dh1 + dh2))
+        xs, kept = [], []
+        for lam in lams.tolist():
+            lam_b = torch.full((b,), lam, device=images.device)
+            mask = mx.puzzle_mask(sal, sal2, lam_b, w_v, w_h, self.eta, self.n_labels, self.solver)
+            a, a2 = images, x2
+            if self.transport:
+                a = mx.permute_blocks(images, mx.greedy_transport(sal, mask, self.t_eps), grid)
+                a2 = mx.permute_blocks(x2, mx.greedy_transport(sal2, 1 - mask, self.t_eps), grid)
+            xs.append(mx.mask_mix(a, a2, mask.unsqueeze(1)))
+            kept.append(mask.flatten(1).mean(1))
+        return torch.cat(xs).detach(), torch.cat(kept)
+
+    def forward(self, images, labels):
+        y = self.targets(labels)
+        b, _, h, w = images.shape
+        perm, grid = self._perm(b), self._grid(h, w)
+        lams = torch.tensor([self._beta(self.alpha)], device=images.device)
+        x, kept = self.puzzle(images, labels, perm, lams, grid)
+        logits = self.logits_of(self.model.features(x))
+        return {"loss": self.loss_of(logits, mx.mixup(y, perm, kept))}
+
+
+class MultiMix(Method):
+    """MultiMix: n interpolations of the whole mini-batch with Dirichlet weights, at the embedding.
+
+    With probability `prob` per batch MultiMix, else input mixup (alpha `input_alpha`). Lambda [b, n]
+    has columns ~ Dir(alpha_k) with alpha_k ~ U[alpha_low, alpha_high] (equal bounds: fixed alpha);
+    `m` < b restricts each column to a random m-subset. At the embedding (layer 5) the logits are
+    mixed (g(Z Lambda) = g(Z) Lambda); at layer < 5 the n mixed feature maps run through the rest of
+    the network (the paper's layer ablation; costly). dense_loss mixes dense logits with the same
+    Lambda at every position (Table 10's "dense loss only").
+    """
+
+    def __init__(self, model, num_classes, n: int = 1000, m: int | None = None, alpha_low: float = 0.5,
+                 alpha_high: float = 2.0, prob: float = 0.5, input_alpha: float = 1.0, layer: int = EMBEDDING,
+                 dense_loss: bool = False):
+        super().__init__(model, num_classes, dense_loss)
+        self.n, self.m, self.alpha_low, self.alpha_high = n, m, alpha_low, alpha_high
+        self.prob, self.input_alpha, self.layer = prob, input_alpha, int(layer)
+
+    def _input_mixup(self, images, y):
+        lam, perm = self._beta(self.input_alpha), self._perm(images.shape[0])
+        logits = self.logits_of(self.model.features(mx.mixup(images, perm, lam)))
+        return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
+
+    def _lambda(self, b):
+        return mx.dirichlet_weights(b, self.n, self.alpha_low, self.alpha_high, self.generator,
+                                    m=min(self.m, b) if self.m else None, device=self._device())
+
+    def forward(self, images, labels):
+        y = self.targets(labels)
+        if self._rand() >= self.prob:
+            return self._input_mixup(images, y)
+        b = images.shape[0]
+        lam = self._lambda(b)  # [b, n]
+        y_mix = lam.t() @ y
+        if self.layer >= EMBEDDING:
+            logits = self.logits_of(self.model.features(images))  # [b, c] or [b, c, r]
+            mixed = torch.einsum("bc...,bn->nc...", logits.float(), lam)
+        else:
+            h = self.model.forward_to(images, self.layer)
+            h_mix = torch.einsum("b...,bn->n...", h, lam.to(h.dtype))
+            mixed = self.logits_of(self.model.forward_from(h_mix, self.layer))
+        return {"loss": self.loss_of(mixed, y_mix)}
+
+
+class DenseMultiMix(MultiMix):
+    """Dense MultiMix (eqs. (9)-(14)): per-position Dirichlet interpolation of the layer4 map,
+    weighted by attention, with the weighted dense loss. Fast path: the dense logit maps are mixed.
+
+    attention: gap_l1relu (default) | gap_softmax | cam_l1relu | cam_softmax | uniform (detached: it
+    weights the interpolation, it is not trained through). resolution: average-pool the layer4 map to
+    resolution x resolution first (None keeps it; 7x7 for 224 px inputs).
+    """
+
+    def __init__(self, model, num_classes, n: int = 1000, m: int | None = None, alpha_low: float = 0.5,
+                 alpha_high: float = 2.0, prob: float = 0.5, input_alpha: float = 1.0,
+                 attention: str = "gap_l1relu", resolution: int | None = None):
+        super().__init__(model, num_classes, n, m, alpha_low, alpha_high, prob, input_alpha)
+        if attention not in ATTENTIONS:
+            raise ValueError(f"dense_multimix attention must be one of {ATTENTIONS}, got {attention!r}")
+        self.attention, self.resolution = attention, resolution
+
+    def forward(self, images, labels):
+        y = self.targets(labels)
+        if self._rand() >= self.prob:
+            return self._input_mixup(images, y)
+        fmap = self.model.features(images)
+        if self.resolution:
+            fmap = F.adaptive_avg_pool2d(fmap, self.resolution)
+        z = fmap.flatten(2)  # [b, d, r]
+        b, _, r = z.shape
+        with torch.no_grad():
+            attn = mx.dense_attention(z.detach().float(), self.attention, self.model.fc.weight.float(), y)
+        lam = mx.dirichlet_weights(b, self.n, self.alpha_low, self.alpha_high, self.generator,
+                                   m=min(self.m, b) if self.m else None, sets=r, device=self._device())
+        mhat, s = mx.dense_mix_weights(attn, lam)
+        loss = mx.dense_multimix_loss_from_logits(self.model.dense_logits(fmap), y, mhat, s)
+        return {"loss": loss}
+
+
+class MultiMixK(Method):
+    """multi-mix (Shen et al.): K sorted interpolations lam_1 <= ... <= lam_K ~ Beta(alpha, alpha) of
+    every pair; the loss is the mean over the K mixed samples.
+
+    base: input | manifold (layer drawn from `layers`; 5 = embedding, logit trick) | cutmix (K nested
+    boxes sharing a uniform centre, box k of size H sqrt(lam_k) x W sqrt(lam_k) replaced by the
+    partner) | puzzlemix (K masks, one per lam_k, sharing the saliency). alpha None = the base
+    method's default (input 1.0, manifold 2.0, cutmix 1.0, puzzlemix 1.0).
+    """
+
+    BASES = {"input": 1.0, "manifold": 2.0, "cutmix": 1.0, "puzzlemix": 1.0}
+
+    def __init__(self, model, num_classes, base: str = "puzzlemix", k: int = 5, alpha: float | None = None,
+                 layers=(0, 1, 2), puzzle: dict | None = None, dense_loss: bool = False):
+        super().__init__(model, num_classes, dense_loss)
+        if base not in self.BASES:
+            raise ValueError(f"multi_mix base must be one of {sorted(self.BASES)}, got {base!r}")
+        self.base, self.k = base, int(k)
+        self.alpha = self.BASES[base] if alpha is None else alpha
+        self.layers = tuple(int(v) for v in layers)
+        # the PuzzleMix helper shares the model; kept out of the module tree so it is not registered twice
+        object.__setattr__(self, "puzzler",
+                           PuzzleMix(model, num_classes, **(puzzle or {})) if base == "puzzlemix" else None)
+
+    def forward(self, images, labels):
+        y = self.targets(labels)
+        b, _, h, w = images.shape
+        perm = self._perm(b)
+        lams = mx.sorted_betas(self.k, self.alpha, self.generator, self._device())
+        if self.base in ("input", "manifold"):
+            layer = 0 if self.base == "input" else self._choice(self.layers)
+            logits = _mix_at(self, images, perm, lams, layer)
+            return {"loss": self.loss_of(logits, mx.multi_mixup(y, perm, lams))}
+        if self.base == "cutmix":
+            boxes, kept = mx.nested_boxes(h, w, lams.cpu(), self._cpu_generator())
+            x = torch.cat([mx.mask_mix(images, images[perm], mx.box_mask(h, w, bx, images.device, images.dtype))
+                           for bx in boxes])
+            kept = kept.to(images.device).repeat_interleave(b)
+        else:
+            self.puzzler.generator = self.generator
+            x, kept = self.puzzler.puzzle(images, labels, perm, lams, self.puzzler._grid(h, w))
+        logits = self.logits_of(self.model.features(x))
+        kept = kept.view(-1, 1)  # [K*b, 1], block k holds pair weights lam_kept_k
+        y_k = kept * y.repeat(self.k, 1) + (1 - kept) * y[perm].repeat(self.k, 1)
+        return {"loss": self.loss_of(logits, y_k)}
+
+
+class AlignMix(Method):
+    """AlignMix: per batch one mode drawn uniformly from `modes`:
+    input (input mixup), feat (partner's layer4 map aligned to the example's by Sinkhorn, eq. 12),
+    feat_rev (the example's map aligned to the partner's, eq. 13), embedding (manifold mixup at the
+    embedding, logit trick). lam ~ Beta(alpha, alpha); Sinkhorn with `eps`, `n_iters` in the log
+    domain, plan detached. `resolution` average-pools the map before alignment (None keeps it).
+    """
+
+    MODES = ("input", "feat", "feat_rev", "embedding")
+
+    def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
+                 modes=("input", "feat", "feat_rev", "embedding"), resolution: int | None = None,
+                 dense_loss: bool = False):
+        super().__init__(model, num_classes, dense_loss)
+        bad = [m for m in modes if m not in self.MODES]
+        if bad or not modes:
+            raise ValueError(f"alignmix modes {bad or modes} invalid; valid: {list(self.MODES)}")
+        self.alpha, self.eps, self.n_iters = alpha, eps, n_iters
+        self.modes, self.resolution = tuple(modes), resolution
+
+    def forward(self, images, labels):
+        y = self.targets(labels)
+        mode = self._choice(self.modes)
+        lam, perm = self._beta(self.alpha), self._perm(images.shape[0])
+        if mode == "input":
+            logits = self.logits_of(self.model.features(mx.mixup(images, perm, lam)))
+            return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
+        fmap = self.model.features(images)
+        if mode == "embedding":
+            logits = mx.mixup(self.logits_of(fmap), perm, lam)
+            return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
+        if self.resolution:
+            fmap = F.adaptive_avg_pool2d(fmap, self.resolution)
+        a = fmap.flatten(2)
+        first, second, ya, yb = (a, a[perm], y, y[perm]) if mode == "feat" else (a[perm], a, y[perm], y)
+        mixed = lam * first + (1 - lam) * mx.align(first, second, self.eps, self.n_iters)
+        logits = self.logits_of(mixed.view_as(fmap))
+        return {"loss": self.loss_of(logits, lam * ya + (1 - lam) * yb)}
+
+
+class AlignMixOfficial(AlignMix):
+    """AlignMix as in the official code: input mixup or aligned-feature mixing, 50/50."""
+
+    def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
+                 modes=("input", "feat"), resolution: int | None = None, dense_loss: bool = False):
+        super().__init__(model, num_classes, alpha, eps, n_iters, modes, resolution, dense_loss)
+
+
+METHODS = {
+    "erm": ERM,
+    "input_mixup": InputMixup,
+    "manifold_mixup": ManifoldMixup,
+    "cutmix": CutMix,
+    "puzzlemix": PuzzleMix,
+    "multimix": MultiMix,
+    "dense_multimix": DenseMultiMix,
+    "multi_mix": MultiMixK,
+    "alignmix": AlignMix,
+    "alignmix_official": AlignMixOfficial,
+}
+
+
+def method_knobs(name: str) -> dict:
+    """The knobs of a method and their defaults (the papers' defaults)."""
+    cls = _lookup(name)
+    params = list(inspect.signature(cls.__init__).parameters.values())[3:]  # self, model, num_classes
+    return {p.name: p.default for p in params}
+
+
+def _lookup(name: str):
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def build_method(name: str, model: ResNetStages, num_classes: int, **knobs) -> Method:
+    """METHODS[name](model, num_classes, **knobs), rejecting unknown knobs with the valid ones listed."""
+    cls = _lookup(name)
+    valid = method_knobs(name)
+    unknown = sorted(set(knobs) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {name!r}; valid: {sorted(valid)}")
+    return cls(model, num_classes, **knobs)

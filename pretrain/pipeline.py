@@ -1,0 +1,184 @@
+"""The main job: pretraining -> backbone -> detection, WSOL and robustness -> one report.
+
+Every stage writes into its own folder under `runs/<name>/` and, when it finishes, a `stage.json`
+marker holding its metrics. A stage whose marker exists is skipped, so an interrupted pipeline
+resumes where it stopped (stages that keep their own training checkpoints also resume inside the
+stage); `force` redoes stages by name.
+
+Layout:
+    runs/<name>/pipeline.yaml                     resolved pipeline config
+    runs/<name>/<method>/pretrain/                pretraining run (backbone.pth, log.jsonl, ...)
+    runs/<name>/<method>/<detector>/              one folder per detection config (ssd_voc, frcnn_coco)
+    runs/<name>/<method>/wsol/                    CUB fine-tuning + localization
+    runs/<name>/<method>/robustness/              clean / background / calibration / FGSM / PGD / OOD
+    runs/<name>/baselines/<stage>/                the same downstream stages from a random backbone
+    runs/<name>/report.md, report.html, figures/  the report
+
+This module calls each stage's public Python entry point (`pretrain.trainer.train`,
+`transfer.det_train.finetune_detector`, `wsol.finetune.finetune`,
+`transfer.robustness.evaluate_checkpoint`); the downstream stages only see the backbone file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from pretrain.config import ConfigError, dump_config, load_config, validate
+from pretrain.runtime import write_json
+
+log = logging.getLogger("pipeline")
+
+STAGES = ("pretrain", "detection", "wsol", "robustness")
+
+# Every key of a pipeline config, with its meaning.
+DEFAULTS = {
+    "name": "toy",                     # runs/<name>/
+    "out_root": "runs",                # parent folder of the run
+    "data": {
+        "root": "data/toy",            # folder holding imagenet/, VOCdevkit/, coco/, CUB_200_2011/, wsol_metadata/
+        "generate": None,              # {preset, seed}: make the toy world there if it is missing; null: never
+    },
+    "methods": ["erm"],                # pretraining methods (pretrain.methods.METHODS names)
+    "pretrain": {
+        "config": "configs/pretrain/toy_{method}.yaml",   # {method} is filled in
+        "overrides": [],               # KEY=VALUE strings; {data}, {method} are filled in
+    },
+    "detection": [],                   # list of {name, config, overrides}
+    "wsol": None,                      # {config, overrides}, or null to skip
+    "robustness": None,                # {suites, ood, options}, or null to skip
+    "baselines": {
+        "random_init": True,           # run detection and WSOL from a randomly initialised backbone too
+    },
+}
+
+
+def _fill(value, **subs):
+    if isinstance(value, str):
+        for k, v in subs.items():
+            value = value.replace("{" + k + "}", str(v))
+        return value
+    if isinstance(value, list):
+        return [_fill(v, **subs) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, **subs) for k, v in value.items()}
+    return value
+
+
+class Pipeline:
+    def __init__(self, cfg: dict, methods: list[str] | None = None, force: tuple[str, ...] = (),
+                 stop_after: int | None = None):
+        self.cfg = validate(cfg, DEFAULTS)
+        if methods:
+            self.cfg["methods"] = list(methods)
+        self.run_dir = Path(self.cfg["out_root"]) / self.cfg["name"]
+        self.data = Path(self.cfg["data"]["root"])
+        self.force = set(force)
+        bad = self.force - set(STAGES) - {d["name"] for d in self.cfg["detection"]}
+        if bad:
+            raise ConfigError(f"--force: unknown stage(s) {sorted(bad)}; valid: {list(STAGES)} or a detection "
+                              f"name {[d['name'] for d in self.cfg['detection']]}")
+        if "pretrain" in self.force:  # a new backbone invalidates everything downstream of it
+            self.force |= set(STAGES) | {d["name"] for d in self.cfg["detection"]}
+        self.stop_after = stop_after
+        self.stages_run = 0
+        self.timings: dict[str, float] = {}
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def _stage(self, key: str, folder: Path, forced_by: set[str], fn: Callable[[Path], dict]) -> dict:
+        """Run `fn(folder)` unless `folder/stage.json` exists; return the stage's metrics."""
+        marker = folder / "stage.json"
+        if forced_by & self.force and marker.exists():
+            log.info("[%s] forced: removing %s", key, folder)
+            shutil.rmtree(folder)
+        if marker.exists():
+            log.info("[%s] done already, skipping (%s)", key, marker)
+            return json.loads(marker.read_text())["metrics"]
+        if self.stop_after is not None and self.stages_run >= self.stop_after:
+            raise StopPipeline(f"stopping before {key} as asked (--stop-after {self.stop_after})")
+        folder.mkdir(parents=True, exist_ok=True)
+        log.info("[%s] running in %s", key, folder)
+        t0 = time.time()
+        metrics = fn(folder)
+        seconds = round(time.time() - t0, 1)
+        self.timings[key] = seconds
+        write_json({"stage": key, "seconds": seconds, "metrics": metrics}, marker)
+        self.stages_run += 1
+        log.info("[%s] finished in %.1f s", key, seconds)
+        return metrics
+
+    # -- the job -----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from pretrain import stages  # the adapters to each package's entry point
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "pipeline.yaml").write_text(dump_config(self.cfg))
+        self._ensure_data()
+        results: dict = {"methods": {}, "baselines": {}}
+        subs = {"data": self.data}
+        for method in self.cfg["methods"]:
+            res = results["methods"][method] = {}
+            mdir = self.run_dir / method
+            pcfg = _fill(self.cfg["pretrain"], data=self.data, method=method)
+            res["pretrain"] = self._stage(
+                f"{method}/pretrain", mdir / "pretrain", {"pretrain"},
+                lambda d: stages.pretrain(pcfg["config"], pcfg["overrides"], d))
+            backbone = mdir / "pretrain" / "backbone.pth"
+            self._downstream(res, mdir, backbone, subs, prefix=method)
+        if self.cfg["baselines"]["random_init"]:
+            self._downstream(results["baselines"], self.run_dir / "baselines", None, subs, prefix="baselines",
+                             robustness=False)
+        return results
+
+    def _downstream(self, res: dict, folder: Path, backbone: Path | None, subs: dict, prefix: str,
+                    robustness: bool = True) -> None:
+        from pretrain import stages
+
+        for det in self.cfg["detection"]:
+            det = _fill(det, **subs)
+            res[det["name"]] = self._stage(
+                f"{prefix}/{det['name']}", folder / det["name"], {"detection", det["name"]},
+                lambda d, det=det: stages.detection(det["config"], det.get("overrides", []), backbone, d))
+        if self.cfg["wsol"]:
+            w = _fill(self.cfg["wsol"], **subs)
+            res["wsol"] = self._stage(f"{prefix}/wsol", folder / "wsol", {"wsol"},
+                                      lambda d: stages.wsol(w["config"], w.get("overrides", []), backbone, d))
+        if robustness and self.cfg["robustness"]:
+            r = _fill(self.cfg["robustness"], **subs)
+            res["robustness"] = self._stage(
+                f"{prefix}/robustness", folder / "robustness", {"robustness"},
+                lambda d: stages.robustness(backbone, self.data / "imagenet", r, d))
+
+    def _ensure_data(self) -> None:
+        gen = self.cfg["data"]["generate"]
+        if (self.data / "toy_world.json").exists() or (self.data / "imagenet").exists():
+            return
+        if not gen:
+            raise ConfigError(f"data root {self.data} has no datasets, and data.generate is null")
+        from pretrain.toy import make_toy_world
+
+        log.info("generating the toy world (%s) in %s", gen, self.data)
+        t0 = time.time()
+        make_toy_world(self.data, preset=gen.get("preset", "demo"), seed=gen.get("seed", 0))
+        self.timings["toy_world"] = round(time.time() - t0, 1)
+
+
+class StopPipeline(RuntimeError):
+    """Raised by --stop-after to simulate an interruption between stages."""
+
+
+def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_after=None) -> Path:
+    """Run (or resume) the pipeline of `config_path`; returns the path of the report."""
+    from pretrain.report import write_report
+
+    cfg = load_config(config_path, overrides, DEFAULTS)
+    pipe = Pipeline(cfg, methods=methods, force=tuple(force), stop_after=stop_after)
+    t0 = time.time()
+    results = pipe.run()
+    report = write_report(pipe.run_dir, results, pipe.cfg)
+    log.info("pipeline finished in %.1f s; report: %s", time.time() - t0, report)
+    return report

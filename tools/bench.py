@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Performance figures of the toolkit, as ratios measured in one run, gathered into one JSON + Markdown.
+
+    python tools/bench.py all --out runs/bench          # everything (minutes on 2 CPU cores)
+    python tools/bench.py pretrain [--quick]            # training-step time of each method / ERM
+    python tools/bench.py wsol                          # MaxBoxAccV2 evaluator speed-up vs the per-threshold loop
+    python tools/bench.py eval                          # COCO / VOC evaluation speed
+    python tools/bench.py data                          # data-loading images/s per worker
+"""
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def bench_data(root: str | None = None, workers=(0, 1, 2), size: int = 224, batches: int = 8,
+               batch_size: int = 32) -> dict:
+    """Images/s of the ImageNet-layout training loader (decode + RandomResizedCrop + flip) per worker count."""
+    import tempfile
+
+    import torch
+    from torchvision import transforms as T
+
+    from pretrain.data import ImageNetFolder
+
+    if root is None:
+        from pretrain.toy import make_toy_world
+
+        root = Path(tempfile.mkdtemp()) / "toy"
+        make_toy_world(root, preset="tiny", seed=0)
+        root = root / "imagenet"
+    tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()])
+    ds = ImageNetFolder(root, "train", transform=tf)
+    out = {}
+    for w in workers:
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=w,
+                                             drop_last=False, persistent_workers=w > 0)
+        it, n = iter(loader), 0
+        next(it)  # start-up (worker spawn) is not throughput
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            try:
+                n += len(next(it)[0])
+            except StopIteration:
+                it = iter(loader)
+        dt = time.perf_counter() - t0
+        out[str(w)] = {"img_per_s": round(n / dt, 1), "img_per_s_per_worker": round(n / dt / max(w, 1), 1)}
+    return {"data_loading": out, "image_size": size, "dataset": str(root)}
+
+
+def to_markdown(results: dict) -> str:
+    lines = [f"# Benchmarks\n\nMachine: {results['machine']}\n"]
+    pre = results.get("pretrain") or {}
+    if "step_time_ratio" in pre:
+        lines += ["## Training step time relative to ERM", "", "| method | ratio |", "|---|---:|"]
+        lines += [f"| {m} | {r:.3f} |" for m, r in pre["step_time_ratio"].items()]
+        lines.append("")
+    for key, title in (("wsol", "WSOL evaluator"), ("eval", "Detection evaluation")):
+        if results.get(key):
+            lines += [f"## {title}", "", "```json", json.dumps(results[key], indent=2), "```", ""]
+    if results.get("data"):
+        lines += ["## Data loading (ImageNet layout, training transform)", "", "| workers | img/s | img/s per worker |",
+                  "|---:|---:|---:|"]
+        lines += [f"| {w} | {v['img_per_s']} | {v['img_per_s_per_worker']} |"
+                  for w, v in results["data"]["data_loading"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "data"])
+    p.add_argument("--out", default=None, help="folder for bench.json and bench.md")
+    p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
+    args = p.parse_args(argv)
+    import torch
+
+    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                          f"torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}"}
+    todo = ["pretrain", "wsol", "eval", "data"] if args.what == "all" else [args.what]
+    for what in todo:
+        t0 = time.time()
+        if what == "pretrain":
+            from pretrain.bench import run_pretrain_bench
+            results["pretrain"] = run_pretrain_bench(quick=args.quick)
+        elif what == "wsol":
+            from wsol.bench import run_wsol_bench
+            results["wsol"] = run_wsol_bench(quick=args.quick)
+        elif what == "eval":
+            from transfer.bench import run_eval_bench
+            results["eval"] = run_eval_bench(quick=args.quick)
+        else:
+            results["data"] = bench_data(batches=3 if args.quick else 8)
+        print(f"[bench] {what}: {time.time() - t0:.0f} s", file=sys.stderr)
+    print(json.dumps(results, indent=2))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "bench.md").write_text(to_markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

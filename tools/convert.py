@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Convert a backbone checkpoint (any layout pretrain.checkpoint.load_backbone reads).
+
+    python tools/convert.py --to detectron2 runs/x/backbone.pth out/R50.pkl [--arch resnet50]
+        -> out/R50.pkl (detectron2 weights) + out/voc_resnet50_C4_24k.yaml + out/coco_resnet50_FPN_1x.yaml
+    python tools/convert.py --to torchvision moco_checkpoint.pth.tar out/backbone.pth
+        -> {"model": torchvision-keyed backbone state, "meta": {...}}
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# the repo root first: tools/pretrain.py would otherwise shadow the `pretrain` package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.checkpoint import ARCHS, CheckpointError  # noqa: E402
+from transfer.convert import ConversionError, convert_to_detectron2, convert_to_torchvision  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--to", choices=("detectron2", "torchvision"), required=True)
+    p.add_argument("input", help="backbone checkpoint (.pth / .pth.tar)")
+    p.add_argument("output", help="OUT.pkl for detectron2, OUT.pth for torchvision")
+    p.add_argument("--arch", choices=ARCHS, default=None,
+                   help="default: from the checkpoint's meta or its keys")
+    p.add_argument("--no-configs", action="store_true", help="detectron2: write the weights only")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load checkpoints that need full unpickling (only for files you trust)")
+    args = p.parse_args(argv)
+    try:
+        if args.to == "detectron2":
+            written = convert_to_detectron2(args.input, args.output, args.arch, not args.no_configs,
+                                            args.allow_pickle)
+        else:
+            path = convert_to_torchvision(args.input, args.output, args.arch, args.allow_pickle)
+            written = {"weights": path}
+    except (CheckpointError, ConversionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: str(v) for k, v in written.items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

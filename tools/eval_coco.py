@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Score a COCO box results JSON (pycocotools; faster-coco-eval when installed); prints the 12 stats as JSON.
+
+    python tools/eval_coco.py --annotations instances_val2017.json --results detections.json
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# the repo root first: tools/pretrain.py would otherwise shadow the `pretrain` package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transfer.coco_eval import BACKENDS, COCOEvalError, coco_evaluate  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--annotations", required=True, help="COCO ground-truth JSON (instances_*.json)")
+    p.add_argument("--results", required=True, help="results JSON: [{image_id, category_id, bbox, score}]")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--per-category", action="store_true", help="also print AP per category")
+    args = p.parse_args(argv)
+    try:
+        out = coco_evaluate(args.annotations, args.results, backend=args.backend,
+                            per_category=args.per_category)
+    except (COCOEvalError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Score VOC detection result files (comp4_det_<split>_<class>.txt) with the devkit's rules; prints JSON.
+
+    python tools/eval_voc.py --devkit data/VOCdevkit --year 2007 --split test --results RESULTS_DIR
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# the repo root first: tools/pretrain.py would otherwise shadow the `pretrain` package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transfer.datasets import VOC_CLASSES  # noqa: E402
+from transfer.voc_eval import METRICS, VOCEvalError, evaluate_voc_results  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devkit", required=True, help="VOCdevkit folder (holding VOC<year>) or VOC<year> itself")
+    p.add_argument("--year", default="2007")
+    p.add_argument("--split", default="test")
+    p.add_argument("--results", required=True, help="folder with comp4_det_<split>_<class>.txt files")
+    p.add_argument("--metric", choices=METRICS, default=None,
+                   help="default: 11point for 2007 (the VOC2007 devkit rule), area for later years")
+    p.add_argument("--iou", type=float, default=0.5)
+    p.add_argument("--classes", default=None,
+                   help="comma-separated class names (default: the 20 VOC classes)")
+    args = p.parse_args(argv)
+    classes = tuple(args.classes.split(",")) if args.classes else VOC_CLASSES
+    try:
+        out = evaluate_voc_results(args.devkit, args.results, args.year, args.split, args.metric, args.iou,
+                                   classes)
+    except (VOCEvalError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Fine-tune and evaluate a detector from a backbone checkpoint (thin wrapper over transfer.det_train).
+
+  tools/finetune_det.py --config configs/detection/toy_ssd_voc.yaml --weights runs/erm/backbone.pth
+  tools/finetune_det.py --config configs/detection/ssd300_r50_voc0712.yaml --weights BACKBONE \\
+      data.root=/data/VOCdevkit seeds=[0,1,2]
+  torchrun --nproc_per_node 8 tools/finetune_det.py --config configs/detection/frcnn_r50_fpn_1x_coco.yaml ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pretrain.config import load_config
+from pretrain.runtime import cleanup_distributed, init_distributed, is_main_process
+from transfer.det_train import DEFAULTS, finetune_detector
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config (configs/detection/*.yaml)")
+    p.add_argument("--weights", default=None,
+                   help="backbone checkpoint; omit (or 'none') for a randomly initialised backbone")
+    p.add_argument("--run-dir", default=None, help="output directory (default runs/detection/<config name>)")
+    p.add_argument("--backend", choices=["torchvision", "detectron2"], default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="continue in an existing run dir (finished seeds are skipped, others resume)")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides (dotted keys)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
+    cfg = load_config(args.config, overrides, defaults=DEFAULTS)
+    run_dir = Path(args.run_dir or Path("runs") / "detection" / Path(args.config).stem)
+    if run_dir.exists() and any(run_dir.iterdir()) and not args.resume:
+        p.error(f"{run_dir} exists and is not empty; pass --resume to continue it or choose --run-dir")
+    weights = None if args.weights in (None, "none", "None") else args.weights
+    init_distributed()
+    try:
+        metrics = finetune_detector(cfg, weights, run_dir)
+    finally:
+        cleanup_distributed()
+    if is_main_process():
+        keys = ("mAP_mean", "mAP_std", "AP50", "train_img_per_s", "test_img_per_s", "seeds")
+        print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

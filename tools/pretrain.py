@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Pretrain a ResNet with one mixing method.
+
+    python tools/pretrain.py --config configs/pretrain/toy_multimix.yaml [KEY=VALUE ...] [--resume]
+    torchrun --nproc_per_node 8 tools/pretrain.py --config configs/pretrain/imagenet_multimix.yaml
+
+Writes runs/<name>/ (or --run-dir): config.yaml, log.jsonl, checkpoints/last.pth, backbone.pth,
+metrics.json, figures/. `--resume` continues runs/<name>/checkpoints/last.pth exactly.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.config import ConfigError, load_config  # noqa: E402
+from pretrain.runtime import NonFiniteLossError, cleanup_distributed, is_main_process  # noqa: E402
+from pretrain.trainer import DEFAULTS, train  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config (configs/pretrain/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides with dotted keys, e.g. optim.lr=0.05")
+    p.add_argument("--resume", action="store_true", help="continue the run's last checkpoint")
+    p.add_argument("--run-dir", default=None, help="output folder (default runs/<name>)")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, defaults=DEFAULTS)
+        run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg["name"]
+        metrics = train(cfg, run_dir, resume=args.resume)
+    except (ConfigError, NonFiniteLossError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        cleanup_distributed()
+    if is_main_process():
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

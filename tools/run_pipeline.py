@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""The main job: pretraining -> detection / WSOL / robustness -> one report (pretrain/pipeline.py).
+
+    python tools/run_pipeline.py --config configs/pipeline/toy.yaml [--methods erm,multimix]
+                                 [--force STAGE ...] [KEY=VALUE ...]
+
+Finished stages are skipped, so running the same command again resumes an interrupted pipeline.
+"""
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.pipeline import STAGES, StopPipeline, run_pipeline  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="pipeline YAML (configs/pipeline/*.yaml)")
+    p.add_argument("--methods", default=None, help="comma-separated methods, replacing the config's list")
+    p.add_argument("--force", action="append", default=[],
+                   help=f"redo a stage even if finished: one of {', '.join(STAGES)} or a detection name "
+                        "(repeatable); forcing pretrain redoes everything downstream")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the pipeline config")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    t0 = time.time()
+    try:
+        report = run_pipeline(args.config, args.overrides, methods, args.force, args.stop_after)
+    except StopPipeline as e:
+        print(e)
+        return 3
+    print(f"\nReport: {report}  ({report.with_suffix('.html')})\nTotal time: {time.time() - t0:.0f} s")
+    print(report.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

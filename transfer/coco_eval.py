@@ -1,0 +1,205 @@
+"""COCO box AP: pycocotools' COCOeval (the reference) or faster-coco-eval (same numbers, faster).
+
+`coco_evaluate` returns the 12 numbers COCOeval.summarize() prints, as percentages under names:
+AP (IoU .50:.95), AP50, AP75, APs, APm, APl (area small < 32^2 <= medium < 96^2 <= large, from the
+annotations' `area`), AR1, AR10, AR100 (max detections per image), ARs, ARm, ARl. An area range
+without ground truth gives -1, as in pycocotools (kept as -1, not scaled).
+
+Results are the standard COCO results list: [{"image_id", "category_id", "bbox": [x, y, w, h],
+"score"}], boxes in the image's pixel coordinates (the toolkit's x0, y0, x1, y1 -> [x0, y0, x1 - x0,
+y1 - y0]: see `boxes_to_coco_xywh`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+BACKENDS = ("auto", "pycocotools", "faster")
+
+
+class COCOEvalError(ValueError):
+    """Malformed ground truth or results (the message names the file and the entry)."""
+
+
+def faster_available() -> bool:
+    try:
+        import faster_coco_eval  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """"auto" -> "faster" when faster-coco-eval is importable, else "pycocotools"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown COCO eval backend {backend!r}; valid: {list(BACKENDS)}")
+    if backend == "auto":
+        return "faster" if faster_available() else "pycocotools"
+    if backend == "faster" and not faster_available():
+        raise ImportError("backend='faster' needs faster-coco-eval: pip install faster-coco-eval "
+                          "(or the toolkit's `fast` extra: pip install -e .[fast])")
+    return backend
+
+
+def boxes_to_coco_xywh(boxes) -> np.ndarray:
+    """The toolkit's x0, y0, x1, y1 -> COCO [x, y, w, h]. boxes: [N, 4]."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
+    b[:, 2:] -= b[:, :2]
+    return b
+
+
+# --------------------------------------------------------------------------------------------------
+# Input reading and validation
+
+
+def _read_json(path: str | os.PathLike, what: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise COCOEvalError(f"{what} file not found: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise COCOEvalError(f"{path}: malformed JSON: {e}") from e
+
+
+def load_gt_dataset(gt) -> tuple[dict, str]:
+    """(COCO ground-truth dict, name for messages) from a path, a dict or a COCO object
+    (pycocotools or faster-coco-eval: anything with a `.dataset` dict)."""
+    if isinstance(gt, (str, os.PathLike)):
+        name, data = str(gt), _read_json(gt, "COCO annotation")
+    elif isinstance(gt, Mapping):
+        name, data = "<ground-truth dict>", gt
+    elif isinstance(getattr(gt, "dataset", None), Mapping):
+        name, data = "<COCO object>", gt.dataset
+    else:
+        raise TypeError(f"ground truth must be a path, a dict or a COCO object, got {type(gt).__name__}")
+    if not isinstance(data, Mapping):
+        raise COCOEvalError(f"{name}: expected a JSON object, found {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise COCOEvalError(f"{name}: missing or malformed {key!r} list")
+    for i, ann in enumerate(data["annotations"]):
+        missing = [k for k in ("id", "image_id", "category_id", "bbox", "area", "iscrowd") if k not in ann]
+        if missing:
+            raise COCOEvalError(f"{name}: annotations[{i}] lacks {missing} (COCOeval needs them)")
+    return data, name
+
+
+def check_results(results, image_ids, cat_ids, name: str = "<results>") -> list[dict]:
+    """Validate a COCO box results list; returns clean copies with plain Python numbers (the COCO API
+    writes into its input, and numpy scalars would upset the C++ backend)."""
+    if not isinstance(results, list):
+        raise COCOEvalError(f"{name}: expected a JSON list of detections, found {type(results).__name__}")
+    image_ids, cat_ids = set(image_ids), set(cat_ids)
+    for i, r in enumerate(results):
+        where = f"{name}: results[{i}]"
+        if not isinstance(r, Mapping):
+            raise COCOEvalError(f"{where}: expected an object, found {r!r}")
+        missing = [k for k in ("image_id", "category_id", "bbox", "score") if k not in r]
+        if missing:
+            raise COCOEvalError(f"{where}: missing {missing}")
+        if r["image_id"] not in image_ids:
+            raise COCOEvalError(f"{where}: unknown image_id {r['image_id']!r} (not in the ground truth)")
+        if r["category_id"] not in cat_ids:
+            raise COCOEvalError(
+                f"{where}: unknown category_id {r['category_id']!r}; valid: {sorted(cat_ids)}")
+        bbox = r["bbox"]
+        try:
+            ok = (len(bbox) == 4 and all(math.isfinite(float(v)) for v in bbox)
+                  and math.isfinite(float(r["score"])))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise COCOEvalError(f"{where}: bbox must be 4 finite numbers [x, y, w, h] and score finite, "
+                                f"got bbox={bbox!r} score={r['score']!r}")
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise COCOEvalError(
+                f"{where}: negative width/height in bbox {list(bbox)} (COCO boxes are [x, y, w, h])")
+    return [{"image_id": _plain(r["image_id"]), "category_id": _plain(r["category_id"]),
+             "bbox": [float(v) for v in r["bbox"]], "score": float(r["score"])} for r in results]
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _build(backend: str, gt_data: dict, results: list):
+    """(cocoGt, cocoDt, COCOeval class) for the backend."""
+    if backend == "faster":
+        from faster_coco_eval import COCO
+        from faster_coco_eval import COCOeval_faster as COCOeval
+    else:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = copy.deepcopy(gt_data)
+        gt.createIndex()
+        if results:
+            dt = gt.loadRes(results)
+        else:  # loadRes refuses an empty list; no detections is a legitimate (all-zero) result
+            dt = COCO()
+            dt.dataset = {"images": list(gt_data["images"]), "annotations": [],
+                          "categories": copy.deepcopy(gt_data["categories"])}
+            dt.createIndex()
+    return gt, dt, COCOeval
+
+
+def coco_evaluate(gt, results, backend: str = "auto", per_category: bool = False) -> dict:
+    """The 12 COCO box stats in percent (names in STAT_NAMES; -1 where an area range has no GT).
+
+    gt: annotation file path, COCO dict or COCO object. results: results list or JSON file path.
+    backend: "auto" (faster-coco-eval when installed), "pycocotools" or "faster".
+    per_category: also return {"per_category": {category name: AP percent or -1}}.
+    Images of the ground truth without any detection count as misses.
+    """
+    backend = resolve_backend(backend)
+    gt_data, gt_name = load_gt_dataset(gt)
+    if isinstance(results, (str, os.PathLike)):
+        res_name, results = str(results), _read_json(results, "COCO results")
+    else:
+        res_name = "<results list>"
+    image_ids = [img["id"] for img in gt_data["images"]]
+    cat_ids = [c["id"] for c in gt_data["categories"]]
+    results = check_results(results, image_ids, cat_ids, res_name)
+    cocogt, cocodt, COCOeval = _build(backend, gt_data, results)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        if backend == "faster":
+            ev = COCOeval(cocogt, cocodt, iouType="bbox", print_function=print)
+        else:
+            ev = COCOeval(cocogt, cocodt, iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    log.debug("COCO eval (%s) of %s vs %s:\n%s", backend, res_name, gt_name, out.getvalue())
+    stats = np.asarray(ev.stats, dtype=np.float64)[: len(STAT_NAMES)]
+    result = {k: (float(v) * 100.0 if v != -1 else -1.0) for k, v in zip(STAT_NAMES, stats)}
+    if per_category:
+        precision = np.asarray(ev.eval["precision"])  # [T iou, R recall, K category, A area, M maxDets]
+        names = {c["id"]: c.get("name", str(c["id"])) for c in gt_data["categories"]}
+        per = {}
+        for k, cat_id in enumerate(ev.params.catIds):
+            p = precision[:, :, k, 0, -1]
+            p = p[p > -1]
+            per[names[cat_id]] = float(p.mean()) * 100.0 if p.size else -1.0
+        result["per_category"] = per
+    return result
