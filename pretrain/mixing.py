@@ -146,30 +146,36 @@ def multi_mixup(x: torch.Tensor, perm: torch.Tensor, lams: torch.Tensor) -> torc
     return (lam * x.unsqueeze(0) + (1 - lam) * x[perm].unsqueeze(0)).flatten(0, 1)
 
 
-def cutmix_box(h: int, w: int, lam: float, generator: torch.Generator | None = None):
+def cutmix_box(h: int, w: int, lam: float, generator: torch.Generator | None = None, centre=None):
     """A CutMix box of side ratio sqrt(1 - lam) with a uniform centre, clipped to the image.
 
     Returns ((y0, y1, x0, x1) ints, lam_kept) where lam_kept = 1 - box area / (h * w) is the exact
     fraction of the first image that stays (the box is pasted from the partner). Heights go with h
     and widths with w (the reference code swaps them, which only matters for non-square inputs).
+    `centre` = (cy, cx) gives the draw explicitly.
     """
     cut = math.sqrt(1.0 - float(lam))
     ch, cw = int(h * cut), int(w * cut)
-    cy = int(torch.randint(h, (1,), generator=generator).item())
-    cx = int(torch.randint(w, (1,), generator=generator).item())
+    cy, cx = centre if centre is not None else _centre(h, w, generator)
     y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
     x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
     return (y0, y1, x0, x1), 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
 
 
-def nested_boxes(h: int, w: int, lams: torch.Tensor, generator: torch.Generator | None = None):
+def _centre(h: int, w: int, generator) -> tuple[int, int]:
+    cy = int(torch.randint(h, (1,), generator=generator).item())
+    cx = int(torch.randint(w, (1,), generator=generator).item())
+    return cy, cx
+
+
+def nested_boxes(h: int, w: int, lams: torch.Tensor, generator: torch.Generator | None = None, centre=None):
     """multi-mix CutMix: K boxes sharing one uniform centre, box k of size (h sqrt(lam_k), w sqrt(lam_k)),
     clipped. Box k is the region of x replaced by x'. With sorted lams the boxes are nested.
 
     Returns (boxes LongTensor [K, 4] as (y0, y1, x0, x1), lam_kept [K] = 1 - area_k / (h w)).
+    `centre` = (cy, cx) gives the draw explicitly.
     """
-    cy = int(torch.randint(h, (1,), generator=generator).item())
-    cx = int(torch.randint(w, (1,), generator=generator).item())
+    cy, cx = centre if centre is not None else _centre(h, w, generator)
     boxes, kept = [], []
     for lam in lams.tolist():
         bh, bw = int(h * math.sqrt(lam)), int(w * math.sqrt(lam))

@@ -28,6 +28,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import shutil
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -65,6 +66,13 @@ COLOURS = {
     "magenta": 160,
 }
 TEXTURES = ("solid", "stripes", "dots", "checker", "gradient")
+TEXTURE_ADJECTIVES = {
+    "solid": "solid",
+    "stripes": "striped",
+    "dots": "dotted",
+    "checker": "checkered",
+    "gradient": "shaded",
+}
 
 VOC_CLASSES = (
     "aeroplane",
@@ -112,7 +120,7 @@ class ObjectClass:
 
     @property
     def description(self) -> str:
-        return f"{self.colour} {self.texture} {self.shape}"
+        return f"{self.colour} {TEXTURE_ADJECTIVES[self.texture]} {self.shape}"
 
 
 @dataclass(frozen=True)
@@ -158,7 +166,7 @@ BIRD_COLOURS = {
 # The ImageNet world: pairs share a colour (so mean colour cannot separate them) and classes 4/5 share
 # shape and colour and differ only in texture; shapes recur across colours (star, hexagon).
 IMAGENET_CLASSES = tuple(
-    ObjectClass(f"{c} {t} {s}", s, c, t)
+    ObjectClass(f"{c} {TEXTURE_ADJECTIVES[t]} {s}", s, c, t)
     for s, c, t in (
         ("circle", "red", "solid"),
         ("star", "red", "stripes"),
@@ -1086,6 +1094,26 @@ def _readme(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_MARKER = ".toy_world_incomplete"  # exists while a world is being written
+_OUTPUTS = ("imagenet", "VOCdevkit", "coco", "CUB_200_2011", "wsol_metadata", "README.txt", "toy_world.json")
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove the outputs of an earlier (or interrupted) toy world, so that no stale files stay behind; refuse
+    to touch dataset folders that this module did not write."""
+    present = [name for name in _OUTPUTS if (out / name).exists()]
+    if not present:
+        return
+    if not ((out / "toy_world.json").is_file() or (out / _MARKER).is_file()):
+        raise FileExistsError(
+            f"{out} already holds {present} but no toy_world.json: not overwriting data that the toy "
+            "generator did not write; choose an empty --out directory"
+        )
+    for name in present:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def make_toy_world(
     out_dir: str | os.PathLike,
     preset: str = "tiny",
@@ -1097,12 +1125,15 @@ def make_toy_world(
 
     Returns the summary dict (also written to ``out_dir/toy_world.json`` with paths relative to ``out_dir``;
     the returned dict adds ``root``, the absolute output directory). ``workers`` (default: up to 2 processes)
-    does not change the output.
+    does not change the output. ``toy_world.json`` is written last: its presence marks a complete world.
+    A previous toy world in ``out_dir`` is replaced; other existing dataset folders there are an error.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown toy preset {preset!r}; valid: {sorted(PRESETS)}")
     out = Path(out_dir)
+    _clear_previous(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / _MARKER).write_text("written by pretrain.toy.make_toy_world; removed when complete\n")
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
     args = (out, int(seed), preset, workers, progress)
@@ -1121,8 +1152,9 @@ def make_toy_world(
     else:
         cub_to_wsol_metadata(out / "CUB_200_2011", out / "wsol_metadata" / "CUB")
         summary["wsol_metadata"] = "wsol_metadata/CUB"
-    (out / "toy_world.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "README.txt").write_text(_readme(summary))
+    (out / "toy_world.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / _MARKER).unlink()
     summary["root"] = str(out.resolve())
     return summary
 

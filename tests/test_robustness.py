@@ -16,26 +16,41 @@ from pretrain.data import DataError, ImageNetFolder
 from transfer.robustness import compare, parse_suites
 from transfer.robustness.attacks import fgsm, pgd
 from transfer.robustness.calibration import calibration_bins, ece_oe
-from transfer.robustness.corruption import (foreground_mask, gaussian_noise, noise_background, partner_index,
-                                            replace_background)
+from transfer.robustness.corruption import (
+    foreground_mask,
+    gaussian_noise,
+    noise_background,
+    partner_index,
+    replace_background,
+)
 from transfer.robustness.data import NoiseImages, ValSet, check_boxes, list_images, resize_crop
 from transfer.robustness.evaluate import subset_indices
 from transfer.robustness.localization import box_iou, cam_to_box, class_activation_maps
 from transfer.robustness.ood import auroc, average_precision, detection_accuracy, ood_metrics
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # on the shared 2-core machine two intra-op threads run 10-20x slower than one under load
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------- a tiny ImageNet-layout folder (PNG, exact)
 
 
 def _xml(path: Path, w: int, h: int, boxes, wnid: str) -> None:
-    objs = "".join(f"<object><name>{wnid}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax>"
-                   f"<ymax>{b[3]}</ymax></bndbox></object>" for b in boxes)
+    objs = "".join(f"<object><name>{wnid}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+                   f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for b in boxes)
     path.write_text(f"<annotation><size><width>{w}</width><height>{h}</height><depth>3</depth></size>{objs}"
                     f"</annotation>")
 
 
 @pytest.fixture()
 def tiny_val(tmp_path):
-    """2 classes x 3 val PNGs of random pixels (various sizes), one or two boxes each (1-based inclusive XML)."""
+    """2 classes x 3 val PNGs of random pixels (various sizes), one or two boxes each (1-based XML)."""
     rng = np.random.default_rng(0)
     root = tmp_path / "imagenet"
     (root / "val_boxes").mkdir(parents=True)
@@ -82,7 +97,8 @@ def test_noise_statistics_and_clipping():
     d = (out - img)[:, ~fg]  # 0.5 +- 0.1: clipping (5 sigma away) never happens here
     assert abs(d.mean().item()) < 0.003
     assert abs(d.std().item() - 0.1) < 0.002
-    bright = noise_background(torch.full((3, 50, 50), 0.98), foreground_mask(50, 50, np.zeros((0, 4))), noise[:, :50, :50])
+    no_boxes = foreground_mask(50, 50, np.zeros((0, 4)))
+    bright = noise_background(torch.full((3, 50, 50), 0.98), no_boxes, noise[:, :50, :50])
     assert bright.max() <= 1.0 and bright.min() >= 0.0 and (bright == 1.0).any()
     # seeds reproduce, a different seed or image index draws differently
     assert torch.equal(noise, gaussian_noise(img.shape, 0.1, seed=3, index=7))
@@ -220,7 +236,8 @@ def test_pgd_stays_in_eps_ball_and_reduces_to_fgsm():
     y = torch.randint(5, (6,), generator=g)
     eps = 4 / 255
     for step, iters in ((2 / 255, 10), (3 * eps, 4)):
-        adv = pgd(model, x, y, eps, step, iters, random_start=True, generator=torch.Generator().manual_seed(0))
+        g0 = torch.Generator().manual_seed(0)
+        adv = pgd(model, x, y, eps, step, iters, random_start=True, generator=g0)
         assert (adv - x).abs().max() <= eps + 1e-6
         assert adv.min() >= 0 and adv.max() <= 1
     # one step of size eps from x itself is FGSM
@@ -305,7 +322,8 @@ def test_cam_box_and_iou_by_hand():
 
 
 def test_compare_tables():
-    a = {"clean": {"top1_err": 30.0, "top5_err": 10.0}, "pgd": {"top1_err": 80.0, "fgsm_same_eps_top1_err": 70.0},
+    a = {"clean": {"top1_err": 30.0, "top5_err": 10.0},
+         "pgd": {"top1_err": 80.0, "fgsm_same_eps_top1_err": 70.0},
          "ood": {"uniform": {"det_acc": 90.0, "auroc": 95.0, "aupr_in": 94.0, "aupr_out": 96.0}}}
     b = {"clean": {"top1_err": 25.0, "top5_err": 12.0}, "calibration": {"ece": 3.0, "oe": 1.0}}
     md, table = compare({"erm": a, "mixup": b})

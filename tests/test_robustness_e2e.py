@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,14 +13,24 @@ from pretrain.checkpoint import CheckpointError, build_resnet, save_backbone
 from pretrain.data import DataError
 from transfer.robustness import evaluate_checkpoint
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(limit=6, image_size=32, resize=36, batch_size=4, pgd_iters=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # on the shared 2-core machine two intra-op threads run 10-20x slower than one under load
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _checkpoint(path, num_classes, method="erm", seed=0):
     torch.manual_seed(seed)
     save_backbone(path, build_resnet("resnet18", num_classes=num_classes),
-                  {"arch": "resnet18", "num_classes": num_classes, "method": method, "epochs": 0, "config": "",
-                   "metrics": {}})
+                  {"arch": "resnet18", "num_classes": num_classes, "method": method, "epochs": 0,
+                   "config": "", "metrics": {}})
     return path
 
 
@@ -52,15 +64,18 @@ def test_all_suites_end_to_end(toy_world, tmp_path):
 
 @pytest.mark.slow
 def test_cli_comparison_and_bad_checkpoint(toy_world, tmp_path, capsys):
-    from tools.evaluate import main
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "tools" / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
 
     imagenet = toy_world / "imagenet"
     n_classes = len([d for d in (imagenet / "val").iterdir() if d.is_dir()])
     a = _checkpoint(tmp_path / "a.pth", n_classes, "erm", 0)
     b = _checkpoint(tmp_path / "b.pth", n_classes, "mixup", 1)
     out = tmp_path / "cmp"
-    main(["--checkpoint", f"erm={a}", f"mixup={b}", "--imagenet", str(imagenet), "--suites", "clean,calibration",
-          "--out", str(out), "--limit", "4", "--image-size", "32", "--resize", "36"])
+    cli.main(["--checkpoint", f"erm={a}", f"mixup={b}", "--imagenet", str(imagenet),
+              "--suites", "clean,calibration", "--out", str(out), "--limit", "4",
+              "--image-size", "32", "--resize", "36"])
     table = json.loads((out / "comparison.json").read_text())
     assert list(table["clean"]["rows"]) == ["erm", "mixup"]
     for name in ("erm", "mixup"):

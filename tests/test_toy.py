@@ -172,6 +172,17 @@ def test_deterministic_for_a_seed(world, tmp_path):
     hc = _hashes(other)
     jpgs = [k for k in ha if k.lower().endswith((".jpg", ".jpeg"))]
     assert sum(ha[k] != hc.get(k) for k in jpgs) == len(jpgs)
+    # regenerating over an earlier toy world replaces it completely (no stale files)
+    (other / "imagenet" / "train" / "stale.JPEG").write_bytes(b"x")
+    _make(other, SEED)
+    assert _hashes(other) == ha
+
+
+def test_refuses_to_overwrite_foreign_data(tmp_path):
+    (tmp_path / "imagenet").mkdir()
+    with pytest.raises(FileExistsError, match="toy_world.json"):
+        toy.make_toy_world(tmp_path, preset="tiny")
+    assert (tmp_path / "imagenet").is_dir()
 
 
 # ---------------------------------------------------------------------------------------------- layouts

@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     except (VOCEvalError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if out["mAP"] != out["mAP"]:  # NaN: no class has ground truth; JSON has no NaN
+        out["mAP"] = None
     print(json.dumps(out, indent=2))
     return 0
 

@@ -5,9 +5,14 @@ python tools/make_toy_data.py --out data/toy --preset demo --seed 0
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-from pretrain.toy import PRESETS, format_summary, make_toy_world
+# tools/ is sys.path[0] when run as a script, and tools/pretrain.py would shadow the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.toy import PRESETS, format_summary, make_toy_world  # noqa: E402
 
 
 def main(argv=None) -> None:

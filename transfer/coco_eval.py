@@ -105,6 +105,17 @@ def check_results(results, image_ids, cat_ids, name: str = "<results>") -> list[
     if not isinstance(results, list):
         raise COCOEvalError(f"{name}: expected a JSON list of detections, found {type(results).__name__}")
     image_ids, cat_ids = set(image_ids), set(cat_ids)
+    try:  # vectorised checks; the per-entry loop below only runs to name the bad entry
+        clean = [{"image_id": _plain(r["image_id"]), "category_id": _plain(r["category_id"]),
+                  "bbox": [float(v) for v in r["bbox"]], "score": float(r["score"])} for r in results]
+        boxes = np.array([c["bbox"] for c in clean], dtype=np.float64).reshape(len(clean), 4)
+        scores = np.array([c["score"] for c in clean], dtype=np.float64)
+        if (np.isfinite(boxes).all() and np.isfinite(scores).all() and (boxes[:, 2:] >= 0).all()
+                and image_ids.issuperset(c["image_id"] for c in clean)
+                and cat_ids.issuperset(c["category_id"] for c in clean)):
+            return clean
+    except (TypeError, ValueError, KeyError, IndexError):
+        pass
     for i, r in enumerate(results):
         where = f"{name}: results[{i}]"
         if not isinstance(r, Mapping):
@@ -112,9 +123,9 @@ def check_results(results, image_ids, cat_ids, name: str = "<results>") -> list[
         missing = [k for k in ("image_id", "category_id", "bbox", "score") if k not in r]
         if missing:
             raise COCOEvalError(f"{where}: missing {missing}")
-        if r["image_id"] not in image_ids:
+        if _plain(r["image_id"]) not in image_ids:
             raise COCOEvalError(f"{where}: unknown image_id {r['image_id']!r} (not in the ground truth)")
-        if r["category_id"] not in cat_ids:
+        if _plain(r["category_id"]) not in cat_ids:
             raise COCOEvalError(
                 f"{where}: unknown category_id {r['category_id']!r}; valid: {sorted(cat_ids)}")
         bbox = r["bbox"]
@@ -129,8 +140,7 @@ def check_results(results, image_ids, cat_ids, name: str = "<results>") -> list[
         if bbox[2] < 0 or bbox[3] < 0:
             raise COCOEvalError(
                 f"{where}: negative width/height in bbox {list(bbox)} (COCO boxes are [x, y, w, h])")
-    return [{"image_id": _plain(r["image_id"]), "category_id": _plain(r["category_id"]),
-             "bbox": [float(v) for v in r["bbox"]], "score": float(r["score"])} for r in results]
+    raise COCOEvalError(f"{name}: malformed results")  # unreachable unless an unforeseen type slips by
 
 
 def _plain(v):
@@ -141,7 +151,7 @@ def _plain(v):
 # Evaluation
 
 
-def _build(backend: str, gt_data: dict, results: list):
+def build_coco(backend: str, gt_data: dict, results: list):
     """(cocoGt, cocoDt, COCOeval class) for the backend."""
     if backend == "faster":
         from faster_coco_eval import COCO
@@ -151,7 +161,8 @@ def _build(backend: str, gt_data: dict, results: list):
         from pycocotools.cocoeval import COCOeval
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
-        gt.dataset = copy.deepcopy(gt_data)
+        # COCOeval writes an "ignore" flag into the ground-truth annotations: give it copies
+        gt.dataset = {**gt_data, "annotations": [dict(a) for a in gt_data["annotations"]]}
         gt.createIndex()
         if results:
             dt = gt.loadRes(results)
@@ -161,6 +172,20 @@ def _build(backend: str, gt_data: dict, results: list):
                           "categories": copy.deepcopy(gt_data["categories"])}
             dt.createIndex()
     return gt, dt, COCOeval
+
+
+def run_cocoeval(cocogt, cocodt, COCOeval, backend: str):
+    """evaluate + accumulate + summarize (bbox); returns (the COCOeval object, its printed summary)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        if backend == "faster":
+            ev = COCOeval(cocogt, cocodt, iouType="bbox", print_function=print)
+        else:
+            ev = COCOeval(cocogt, cocodt, iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev, out.getvalue()
 
 
 def coco_evaluate(gt, results, backend: str = "auto", per_category: bool = False) -> dict:
@@ -180,17 +205,9 @@ def coco_evaluate(gt, results, backend: str = "auto", per_category: bool = False
     image_ids = [img["id"] for img in gt_data["images"]]
     cat_ids = [c["id"] for c in gt_data["categories"]]
     results = check_results(results, image_ids, cat_ids, res_name)
-    cocogt, cocodt, COCOeval = _build(backend, gt_data, results)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        if backend == "faster":
-            ev = COCOeval(cocogt, cocodt, iouType="bbox", print_function=print)
-        else:
-            ev = COCOeval(cocogt, cocodt, iouType="bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    log.debug("COCO eval (%s) of %s vs %s:\n%s", backend, res_name, gt_name, out.getvalue())
+    cocogt, cocodt, COCOeval = build_coco(backend, gt_data, results)
+    ev, text = run_cocoeval(cocogt, cocodt, COCOeval, backend)
+    log.debug("COCO eval (%s) of %s vs %s:\n%s", backend, res_name, gt_name, text)
     stats = np.asarray(ev.stats, dtype=np.float64)[: len(STAT_NAMES)]
     result = {k: (float(v) * 100.0 if v != -1 else -1.0) for k, v in zip(STAT_NAMES, stats)}
     if per_category:

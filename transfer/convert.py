@@ -73,6 +73,9 @@ def to_detectron2(backbone_state: Mapping[str, Any]) -> OrderedDict:
     Raises ConversionError listing keys that are not torchvision ResNet keys (e.g. a leftover
     `module.` prefix: run the checkpoint through load_backbone first).
     """
+    if not isinstance(backbone_state, Mapping):
+        raise TypeError(f"to_detectron2 takes a state dict, got {type(backbone_state).__name__}; for a "
+                        "checkpoint file use convert_to_detectron2(in_path, out_pkl, arch)")
     bad = [k for k in backbone_state if not k.startswith("fc.") and not _TV_KEY.match(k)]
     if bad:
         more = " ..." if len(bad) > 8 else ""
@@ -244,6 +247,9 @@ def detectron2_configs(out_dir: str | os.PathLike, weights_pkl: str | os.PathLik
     """
     if arch not in DEPTHS:
         raise ValueError(f"unknown arch {arch!r}; supported: {list(DEPTHS)}")
+    if Path(out_dir).suffix == ".pkl" or Path(weights_pkl).is_dir():
+        raise ValueError(f"detectron2_configs(out_dir, weights_pkl, arch): got out_dir={out_dir}, "
+                         f"weights_pkl={weights_pkl} (swapped?)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = Path(weights_pkl).resolve()

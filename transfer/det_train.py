@@ -82,6 +82,7 @@ DEFAULTS = {
         "precision": "fp32",              # fp32 | bf16 | fp16 (CUDA only)
         "channels_last": True,            # CUDA only
         "log_period": 20,
+        "num_threads": 0,                 # torch CPU threads (0: torch's default)
     },
 }
 
@@ -307,6 +308,8 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
     rt, s = cfg["runtime"], cfg["solver"]
     rank, world = (torch.distributed.get_rank(), runtime.world_size()) if runtime.world_size() > 1 else (0, 1)
     device = runtime.get_device(rt["device"])
+    if rt["num_threads"]:
+        torch.set_num_threads(int(rt["num_threads"]))
     channels_last = bool(rt["channels_last"]) and device.type == "cuda"
     runtime.seed_everything(seed)
     train, test, ctx, train_tf = build_datasets(cfg, seed)
@@ -373,10 +376,10 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
             it += 1
             n_epoch += len(images) * world
             if it % rt["log_period"] == 0 or it == 1:
-                rec = {"iter": it, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "loss": float(loss),
-                       **{k: float(v) for k, v in losses.items()}}
+                rec = {"iter": it, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "loss": float(loss.detach()),
+                       **{k: float(v.detach()) for k, v in losses.items()}}
                 logger.log(rec)
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         train_time += time.perf_counter() - t_epoch
         train_images += n_epoch
         if runtime.is_main_process():

@@ -56,7 +56,8 @@ def sample_iou_crop(boxes: np.ndarray, height: int, width: int, rng: np.random.G
                     min_ious=SSD_MIN_IOUS, min_scale: float = 0.3, max_trials: int = 50):
     """SSD's crop sampler: pick a mode from ``min_ious``; None keeps the image, otherwise up to
     ``max_trials`` crops with sides in [min_scale, 1] of the image's and aspect ratio in [1/2, 2] are drawn
-    until one has IoU >= the mode's threshold with every box and contains at least one box centre.
+    until one contains a box centre and has IoU >= the mode's threshold with one of the boxes whose centre
+    it contains (the Caffe SSD / torchvision-references rule).
 
     Returns ``(x0, y0, x1, y1)`` integer crop or None (no crop). ``boxes``: [N, 4] pixels.
     """
@@ -73,11 +74,9 @@ def sample_iou_crop(boxes: np.ndarray, height: int, width: int, rng: np.random.G
         crop = np.array([int(left), int(top), int(left + w), int(top + h)], dtype=np.float64)
         if crop[2] <= crop[0] or crop[3] <= crop[1]:
             continue
-        if box_iou_np(boxes, crop[None])[:, 0].min() < mode:
-            continue
         centres = (boxes[:, :2] + boxes[:, 2:]) / 2
         inside = (centres > crop[:2]).all(1) & (centres < crop[2:]).all(1)
-        if inside.any():
+        if inside.any() and box_iou_np(boxes[inside], crop[None]).max() >= mode:
             return tuple(int(v) for v in crop)
     return None
 

@@ -109,6 +109,28 @@ def _gt_by_class(annotations: Mapping[str, Mapping], classes: Sequence[str]) -> 
 # One class
 
 
+_CHUNK = 1 << 20  # detection x ground-truth pairs per vectorised IoU block
+
+
+def _best_overlap(box: np.ndarray, start: np.ndarray, count: np.ndarray, gt_boxes: np.ndarray,
+                  k: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each detection, the first ground-truth box of largest inclusive-pixel IoU among the `count`
+    boxes from `start` (-inf IoU when none overlaps). box: [D, 4]; returns (jmax [D], ovmax [D])."""
+    slot = start[:, None] + np.arange(k)[None, :]                 # [D, K] global GT index
+    valid = np.arange(k)[None, :] < count[:, None]                # [D, K]
+    g = gt_boxes[np.where(valid, slot, 0)]                        # [D, K, 4]
+    b = box[:, None, :]
+    iw = np.minimum(b[..., 2], g[..., 2]) - np.maximum(b[..., 0], g[..., 0]) + 1.0
+    ih = np.minimum(b[..., 3], g[..., 3]) - np.maximum(b[..., 1], g[..., 1]) + 1.0
+    inter = iw * ih
+    union = ((b[..., 2] - b[..., 0] + 1.0) * (b[..., 3] - b[..., 1] + 1.0)
+             + (g[..., 2] - g[..., 0] + 1.0) * (g[..., 3] - g[..., 1] + 1.0) - inter)
+    overlaps = valid & (iw > 0) & (ih > 0)
+    ov = np.where(overlaps, inter / np.where(overlaps, union, 1.0), -np.inf)
+    jmax = np.argmax(ov, axis=1)                                  # first maximum, like the devkit
+    return jmax, ov[np.arange(len(box)), jmax]
+
+
 def _class_tp_fp(det_img: np.ndarray, det_score: np.ndarray, det_box: np.ndarray, gt: dict,
                  iou: float) -> tuple[np.ndarray, np.ndarray]:
     """tp, fp: [D] 0/1 float in rank order, for one class.
@@ -127,22 +149,15 @@ def _class_tp_fp(det_img: np.ndarray, det_score: np.ndarray, det_box: np.ndarray
     if k == 0:
         fp[:] = 1.0
         return tp, fp
-    slot = gt["start"][det_img][:, None] + np.arange(k)[None, :]  # [D, K] global GT index
-    valid = np.arange(k)[None, :] < count[:, None]                # [D, K]
-    slot = np.where(valid, slot, 0)
-    g = gt["boxes"][slot]                                         # [D, K, 4]
-    b = det_box[:, None, :]
-    iw = np.minimum(b[..., 2], g[..., 2]) - np.maximum(b[..., 0], g[..., 0]) + 1.0
-    ih = np.minimum(b[..., 3], g[..., 3]) - np.maximum(b[..., 1], g[..., 1]) + 1.0
-    inter = iw * ih
-    union = ((b[..., 2] - b[..., 0] + 1.0) * (b[..., 3] - b[..., 1] + 1.0)
-             + (g[..., 2] - g[..., 0] + 1.0) * (g[..., 3] - g[..., 1] + 1.0) - inter)
-    overlaps = valid & (iw > 0) & (ih > 0)
-    ov = np.where(overlaps, inter / np.where(overlaps, union, 1.0), -np.inf)
-    jmax = np.argmax(ov, axis=1)                                  # first maximum, like the devkit
-    ovmax = ov[np.arange(n), jmax]
+    jmax = np.empty(n, dtype=np.int64)
+    ovmax = np.empty(n)
+    step = max(1, _CHUNK // k)  # bounds the [chunk, K] temporaries for crowded classes
+    for lo in range(0, n, step):
+        sl = slice(lo, lo + step)
+        jmax[sl], ovmax[sl] = _best_overlap(det_box[sl], gt["start"][det_img[sl]], count[sl], gt["boxes"], k)
+    # [D] global index of the chosen box (0 where the image has none: never a hit then)
+    best = np.where(count > 0, gt["start"][det_img] + jmax, 0)
     hit = ovmax >= iou
-    best = slot[np.arange(n), jmax]
     difficult = gt["difficult"][best]
     # A non-difficult box is claimed by the first (highest-ranked) detection whose best match it is;
     # later ones are duplicates. Which box a detection picks never depends on earlier matches.
@@ -181,33 +196,37 @@ def _as_arrays(dets, image_index: Mapping[str, int], cls: str, source=None):
         return source[i] if source is not None else f"class {cls!r}, detection {i}"
 
     if isinstance(dets, Mapping):
-        ids = [str(v) for v in dets["image_ids"]]
-        score = np.asarray(dets["scores"], dtype=np.float64).reshape(-1)
-        box = np.asarray(dets["boxes"], dtype=np.float64).reshape(-1, 4)
+        try:
+            ids = [str(v) for v in dets["image_ids"]]
+            score = np.asarray(dets["scores"], dtype=np.float64).reshape(-1)
+            box = np.asarray(dets["boxes"], dtype=np.float64).reshape(-1, 4)
+        except (KeyError, TypeError, ValueError) as err:
+            raise VOCEvalError(f"class {cls!r}: expected {{'image_ids': [D], 'scores': [D], "
+                               f"'boxes': [D, 4]}} ({type(err).__name__}: {err})") from None
         if not len(ids) == len(score) == len(box):
             raise VOCEvalError(f"class {cls!r}: image_ids, scores and boxes differ in length "
                                f"({len(ids)}, {len(score)}, {len(box)})")
     else:
-        n = len(dets)
-        ids = [None] * n
-        score = np.empty(n, dtype=np.float64)
-        box = np.empty((n, 4), dtype=np.float64)
-        for i, d in enumerate(dets):
-            try:
-                image_id, s, b = d
-                ids[i] = str(image_id)
-                score[i] = s
-                box[i] = b
-            except (TypeError, ValueError):
-                raise VOCEvalError(
-                    f"{where(i)}: expected (image_id, score, (xmin, ymin, xmax, ymax)), got {d!r}") from None
-    img = np.empty(len(ids), dtype=np.int64)
-    for i, image_id in enumerate(ids):
-        try:
-            img[i] = image_index[image_id]
-        except KeyError:
-            raise VOCEvalError(
-                f"{where(i)}: unknown image id {image_id!r} (not in the evaluated split)") from None
+        try:  # one pass per field; the per-item loop below only runs to locate an error
+            ids = [str(d[0]) for d in dets]
+            score = np.array([d[1] for d in dets], dtype=np.float64).reshape(-1)
+            box = np.array([d[2] for d in dets], dtype=np.float64).reshape(len(ids), 4)
+            if any(len(d) != 3 for d in dets):
+                raise ValueError
+        except (TypeError, ValueError, IndexError, KeyError) as err:
+            for i, d in enumerate(dets):
+                try:
+                    _, s, b = d
+                    float(s)
+                    np.asarray(b, dtype=np.float64).reshape(4)
+                except (TypeError, ValueError, IndexError):
+                    raise VOCEvalError(f"{where(i)}: expected (image_id, score, (xmin, ymin, xmax, ymax)), "
+                                       f"got {d!r}") from None
+            raise VOCEvalError(f"class {cls!r}: malformed detections ({err})") from err
+    img = np.fromiter((image_index.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+    if (img < 0).any():
+        i = int(np.flatnonzero(img < 0)[0])
+        raise VOCEvalError(f"{where(i)}: unknown image id {ids[i]!r} (not in the evaluated split)")
     bad = ~(np.isfinite(score) & np.isfinite(box).all(axis=1))
     wrong = (box[:, 2] < box[:, 0]) | (box[:, 3] < box[:, 1])
     for mask, what in ((bad, "a non-finite number"), (wrong, "xmax < xmin or ymax < ymin")):

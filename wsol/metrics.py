@@ -297,7 +297,7 @@ if numba is not None:
                 rp = p
                 for d in range(offs.shape[0]):
                     q = p + offs[d]
-                    if not active[q]:
+                    if not active[q] or parent[q] == rp:  # inactive, or already ours (cheap test first)
                         continue
                     rq = _find(parent, q)
                     if rp == rq:

@@ -19,8 +19,14 @@ from torch.utils.data import Dataset
 
 from pretrain.data import DataError, read_image
 
-from .corruption import (foreground_mask, gaussian_noise, noise_background, partner_index,
-                         replace_background, sample_generator)
+from .corruption import (
+    foreground_mask,
+    gaussian_noise,
+    noise_background,
+    partner_index,
+    replace_background,
+    sample_generator,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
 
@@ -31,7 +37,7 @@ def read_rgb(path) -> torch.Tensor:
 
 
 def resized_size(height: int, width: int, resize: int) -> tuple[int, int]:
-    """(h, w) after resizing the short side to ``resize`` (torchvision's rule: long = int(resize * long / short))."""
+    """(h, w) after resizing the short side to ``resize`` (torchvision: long = int(resize * long / short))."""
     if height <= width:
         return resize, int(resize * width / height)
     return int(resize * height / width), resize
@@ -172,7 +178,7 @@ def list_images(root) -> list[Path]:
 
 
 class ImageFiles(Dataset):
-    """Images of a folder (recursive) as ``[3, S, S]`` after the same resize + crop. Item: (image, -1, boxes=[], k)."""
+    """Image files as ``[3, S, S]`` after the same resize + crop. Item: (image, -1, no boxes, k)."""
 
     def __init__(self, files, image_size: int, resize: int):
         self.files, self.image_size, self.resize = list(files), image_size, resize

@@ -9,14 +9,16 @@ Suites (``SUITES``) and what ``metrics.json`` holds (all percentages):
 - ``fgsm``: ``{top1_err}`` at eps 8/255; ``pgd``: ``{top1_err}`` at eps 4/255, step 2/255, 10 iterations,
   random start, plus ``fgsm_same_eps_top1_err`` (FGSM at the PGD budget: PGD must be at least as strong).
 - ``ood``: ``{<set>: {det_acc, auroc, aupr_in, aupr_out, ...}}`` with the maximum softmax probability;
-  sets are the ``ood_dirs`` folders (named by their folder name) and synthetic ``uniform`` / ``gaussian``
-  noise images, as many as there are ID images.
+  sets are the ``ood_dirs`` folders (``DIR`` named by its folder name, or ``NAME=DIR``; images found
+  recursively) and synthetic ``uniform`` / ``gaussian`` noise images, as many as there are ID images.
 
 Choices the papers leave open (documented here and in ``settings``): the background is corrupted at the
 evaluation resolution (after resize + crop; ``corrupt_at="original"`` corrupts the stored image before
 resizing), the noise is clipped to [0, 1], the replacement image is another uniformly drawn validation
 image (seeded, never the image itself) resized to the same size, the Gaussian OOD noise has variance 0.5
-(N(0.5, 0.5) read as mean, variance; ``gaussian_std``).
+(N(0.5, 0.5) read as mean, variance like the reference's N(0, 0.1^2); ``gaussian_std``). Every per-image
+draw depends on (seed, image index) only; the PGD random start is drawn per batch from (seed, batch
+index), so it also depends on ``batch_size``.
 """
 
 from __future__ import annotations
@@ -77,8 +79,9 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model, loader, device, precision: str = "fp32", localize: bool = False, cam_threshold: float = 0.25,
-            iou_threshold: float = 0.5, keep: int = 0, desc: str = "predict") -> dict:
+def predict(model, loader, device, precision: str = "fp32", localize: bool = False,
+            cam_threshold: float = 0.25, iou_threshold: float = 0.5, keep: int = 0,
+            desc: str = "predict") -> dict:
     """One pass: top-1 / top-5 correctness, max-softmax confidence and (``localize``) top-1 localization.
 
     Returns numpy arrays ``label [n]``, ``pred [n]``, ``correct1 [n]``, ``correct5 [n]``, ``confidence [n]``,
@@ -129,7 +132,8 @@ def _errors(p: dict) -> dict:
     return r
 
 
-def adversarial_errors(model, loader, attacks: dict, device, precision: str = "fp32", desc: str = "attacks") -> dict:
+def adversarial_errors(model, loader, attacks: dict, device, precision: str = "fp32",
+                       desc: str = "attacks") -> dict:
     """Top-1 error (%) under each attack (``name -> fn(model, x, y, batch_index) -> x_adv``), one pass."""
     wrong = {name: 0 for name in attacks}
     n = 0
@@ -170,9 +174,12 @@ def export_corrupted_set(base, indices, out_dir, corruption: str, at: str = "eva
 def _ood_sets(ood_dirs, limit, n_id, image_size, resize, seed, ood_noise, gaussian_std) -> dict:
     sets = {}
     for d in ood_dirs:
+        d, name = str(d), None
+        if "=" in d and not Path(d).exists():  # NAME=DIR
+            name, d = d.split("=", 1)
         files = list_images(d)
         files = [files[i] for i in subset_indices(len(files), limit)]
-        name = Path(d).resolve().name or str(d)
+        name = name or Path(d).resolve().name or d
         while name in sets or name in ood_noise:
             name += "_"
         sets[name] = ImageFiles(files, image_size, resize)
@@ -199,7 +206,7 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
                         pgd_step: float = 2 / 255, pgd_iters: int = 10, pgd_random_start: bool = True,
                         ood_noise=NOISE_SETS, gaussian_std: float = math.sqrt(0.5), n_bins: int = 10,
                         cam_threshold: float = 0.25, iou_threshold: float = 0.5, n_examples: int = 8) -> dict:
-    """Run ``suites`` on the val split of ``imagenet_root``; write ``out_dir/metrics.json`` + ``out_dir/figures``.
+    """Run ``suites`` on the val split of ``imagenet_root``; write out_dir/metrics.json and out_dir/figures/.
 
     checkpoint: a backbone checkpoint with its classifier head (``pretrain.checkpoint``) for the dataset's
     classes. limit: evaluate this many evenly spaced val images (and at most this many per OOD folder).
@@ -236,7 +243,8 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
                      "corrupt_at": corrupt_at, "sigma": sigma, "noise_clipped": True,
                      "fgsm_eps": fgsm_eps, "pgd_eps": pgd_eps, "pgd_step": pgd_step, "pgd_iters": pgd_iters,
                      "pgd_random_start": pgd_random_start, "n_bins": n_bins, "cam_threshold": cam_threshold,
-                     "iou_threshold": iou_threshold, "gaussian_ood_mean": 0.5, "gaussian_ood_std": gaussian_std,
+                     "iou_threshold": iou_threshold, "gaussian_ood_mean": 0.5,
+                     "gaussian_ood_std": gaussian_std,
                      "precision": precision, "device": str(device)},
         "figures": {}, "seconds": {},
     }
@@ -286,8 +294,8 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
         metrics["calibration"] = {"ece": 100.0 * ece, "oe": 100.0 * oe}
         if fig_dir is not None:
             bins = calibration_bins(clean["confidence"], clean["correct1"], n_bins)
-            figures.reliability_diagram(bins, fig_dir / "reliability.png", title=str(meta.get("method") or ""),
-                                        ece=ece)
+            figures.reliability_diagram(bins, fig_dir / "reliability.png",
+                                        title=str(meta.get("method") or ""), ece=ece)
             figs["reliability"] = "figures/reliability.png"
 
     attacks = {}
@@ -305,7 +313,8 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
             metrics["fgsm"] = {"top1_err": err["fgsm"], "eps": fgsm_eps}
         if "pgd" in suites:
             metrics["pgd"] = {"top1_err": err["pgd"], "eps": pgd_eps, "step": pgd_step, "iters": pgd_iters,
-                              "random_start": pgd_random_start, "fgsm_same_eps_top1_err": err["fgsm_same_eps"]}
+                              "random_start": pgd_random_start,
+                              "fgsm_same_eps_top1_err": err["fgsm_same_eps"]}
         timed("adversarial", t0)
 
     if "ood" in suites:

@@ -13,20 +13,21 @@ import numpy as np  # noqa: E402
 
 
 def reliability_diagram(bins: dict, path, title: str = "", ece: float | None = None) -> Path:
-    """Accuracy vs confidence per bin (``calibration.calibration_bins`` output), gap shaded, bin counts below."""
+    """Accuracy vs confidence per bin (``calibration.calibration_bins``), gap shaded, counts below."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lower, upper = bins["lower"], bins["upper"]
     width = upper - lower
     centers = (lower + upper) / 2
     nz = bins["count"] > 0
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(4.2, 5.2), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(4.2, 5.2), gridspec_kw={"height_ratios": [3, 1]},
+                                  sharex=True)
     ax.bar(lower[nz], bins["accuracy"][nz], width=width[nz], align="edge", color="#4c72b0",
            edgecolor="black", label="accuracy")
     gap_lo = np.minimum(bins["accuracy"], bins["confidence"])
     gap = np.abs(bins["confidence"] - bins["accuracy"])
-    ax.bar(lower[nz], gap[nz], bottom=gap_lo[nz], width=width[nz], align="edge", color="#dd8452",
-           alpha=0.5, edgecolor="#dd8452", hatch="//", label="gap to confidence")
+    ax.bar(lower[nz], gap[nz], bottom=gap_lo[nz], width=width[nz], align="edge", facecolor="none",
+           edgecolor="#c44e52", hatch="//", label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")

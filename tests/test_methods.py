@@ -1,0 +1,144 @@
+"""pretrain.methods: registry, the fast paths against the pure functions, and a few training steps
+of every method on the tiny toy world."""
+
+import pytest
+import torch
+
+from pretrain import mixing as mx
+from pretrain.methods import METHODS, ResNetStages, build_method, method_knobs
+
+C = 10
+
+
+@pytest.fixture(scope="module")
+def batch(toy_world):
+    from pretrain.data import ImageNetFolder
+    from pretrain.trainer import val_transform
+
+    ds = ImageNetFolder(toy_world / "imagenet", "train", transform=val_transform(64, 64), boxes=None)
+    idx = [int(i * len(ds) / 8) for i in range(8)]
+    images = torch.stack([ds[i][0] for i in idx])
+    labels = torch.tensor([ds[i][1] for i in idx])
+    return images, labels
+
+
+def make(name, seed=0, **knobs):
+    torch.manual_seed(seed)
+    m = build_method(name, ResNetStages("resnet18", C), C, **knobs)
+    m.generator = torch.Generator()
+    return m
+
+
+def test_registry_errors_list_valid_names():
+    with pytest.raises(ValueError, match="valid methods: .*multimix"):
+        build_method("mixmulti", ResNetStages("resnet18", C), C)
+    with pytest.raises(ValueError, match="valid: .*alpha_high"):
+        build_method("multimix", ResNetStages("resnet18", C), C, nn=5)
+    assert method_knobs("multimix")["n"] == 1000 and method_knobs("alignmix")["eps"] == 0.1
+    assert method_knobs("dense_multimix")["attention"] == "gap_l1relu"
+
+
+def test_model_is_plain_torchvision_with_normalisation_inside():
+    import torchvision
+
+    m = ResNetStages("resnet18", C)
+    ref = torchvision.models.resnet18(num_classes=C)
+    assert list(m.net.state_dict()) == list(ref.state_dict())
+    ref.load_state_dict(m.net.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    m.eval(), ref.eval()
+    assert torch.allclose(m(x), ref((x - mean) / std), atol=1e-5)
+    # stage split: forward_from(forward_to(x, k), k) is the full map for every k
+    for k in range(5):
+        assert torch.allclose(m.forward_from(m.forward_to(x, k), k), m.features(x), atol=1e-5)
+
+
+def test_multimix_fast_path_equals_pure_function(batch):
+    images, labels = batch
+    m = make("multimix", prob=1.0, n=200).eval()
+    m.generator.manual_seed(7)
+    loss = m(images, labels)["loss"]
+    # replay the same draws with the pure functions: branch draw, then Lambda
+    g = torch.Generator().manual_seed(7)
+    torch.rand((), generator=g)
+    lam = mx.dirichlet_weights(8, 200, 0.5, 2.0, g)
+    z = m.model.pool(m.model.features(images))
+    z_mix, y_mix = mx.multimix(z, mx.one_hot(labels, C), lam)
+    ref = mx.soft_cross_entropy(m.model.fc(z_mix), y_mix)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_dense_multimix_fast_path_equals_pure_function(batch):
+    images, labels = batch
+    m = make("dense_multimix", prob=1.0, n=100).eval()
+    m.generator.manual_seed(3)
+    loss = m(images, labels)["loss"]
+    g = torch.Generator().manual_seed(3)
+    torch.rand((), generator=g)
+    fmap = m.model.features(images)
+    z = fmap.flatten(2)
+    y = mx.one_hot(labels, C)
+    lam = mx.dirichlet_weights(8, 100, 0.5, 2.0, g, sets=z.shape[-1])
+    z_mix, y_mix, weight = mx.dense_multimix(z, y, mx.dense_attention(z), lam)
+    logits = torch.einsum("ndr,cd->ncr", z_mix, m.model.fc.weight) + m.model.fc.bias.view(1, -1, 1)
+    ref = mx.weighted_dense_cross_entropy(logits, y_mix, weight)
+    assert z.shape[-1] == 4  # 64 px -> 2x2 layer4 map
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_embedding_mixing_by_logits_equals_mixing_embeddings(batch):
+    images, labels = batch
+    m = make("multi_mix", base="manifold", layers=[5], k=5).eval()
+    m.generator.manual_seed(11)
+    loss = m(images, labels)["loss"]
+    g = torch.Generator().manual_seed(11)
+    perm = torch.randperm(8, generator=g)
+    lams = mx.sorted_betas(5, 2.0, g)
+    torch.randint(1, (), generator=g)  # the layer choice among one option
+    z = m.model.pool(m.model.features(images))
+    y = mx.one_hot(labels, C)
+    ref = mx.soft_cross_entropy(m.model.fc(mx.multi_mixup(z, perm, lams)), mx.multi_mixup(y, perm, lams))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+VARIANTS = [
+    ("erm", {}), ("erm", {"dense_loss": True}), ("input_mixup", {}), ("manifold_mixup", {}),
+    ("cutmix", {}), ("puzzlemix", {"solver": "icm"}), ("multimix", {"prob": 1.0}),
+    ("multimix", {"prob": 1.0, "m": 3, "dense_loss": True}), ("dense_multimix", {"prob": 1.0}),
+    ("dense_multimix", {"prob": 1.0, "attention": "cam_softmax"}),
+    ("multi_mix", {"base": "input", "k": 3}), ("multi_mix", {"base": "manifold", "k": 3}),
+    ("multi_mix", {"base": "cutmix", "k": 3}), ("multi_mix", {"base": "puzzlemix", "k": 2}),
+    ("alignmix", {"modes": ["feat"]}), ("alignmix", {"modes": ["feat_rev"], "dense_loss": True}),
+    ("alignmix_official", {}),
+]
+
+
+@pytest.mark.parametrize("name,knobs", VARIANTS, ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k in VARIANTS])
+def test_every_method_trains(batch, name, knobs):
+    """Same batch and same draws every step: the loss must go down."""
+    images, labels = batch
+    m = make(name, **knobs)
+    opt = torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9)
+    losses = []
+    for _ in range(4):
+        m.generator.manual_seed(5)
+        out = m(images, labels)
+        loss = sum(v for k, v in out.items() if k.startswith("loss"))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0], losses
+
+
+def test_alignmix_feat_with_lam_one_is_clean_and_modes_validated(batch):
+    images, labels = batch
+    m = make("alignmix", modes=["feat"], alpha=1.0).eval()
+    with pytest.raises(ValueError, match="valid"):
+        make("alignmix", modes=["pixels"])
+    # with lam forced to 1 the aligned partner has no weight: loss = clean cross-entropy
+    m._beta = lambda a: 1.0
+    clean = torch.nn.functional.cross_entropy(m.model(images), labels)
+    assert m(images, labels)["loss"].item() == pytest.approx(clean.item(), rel=1e-5)

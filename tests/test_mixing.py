@@ -1,0 +1,269 @@
+"""pretrain.mixing: every function against hand-computed or independently computed numbers."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain import mixing as mx
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- samplers
+
+def test_gamma_beta_dirichlet_moments():
+    g = gen(1)
+    for a in (0.3, 1.0, 2.5):
+        x = torch.exp(mx.sample_log_gamma(torch.full((40000,), a), g))
+        assert abs(x.mean().item() - a) < 0.04 * max(a, 1)  # Gamma(a, 1): mean a, var a
+        assert abs(x.var().item() - a) < 0.1 * max(a, 1)
+    lam = mx.sample_beta(2.0, 2.0, 40000, g)  # mean 1/2, var ab/((a+b)^2 (a+b+1)) = 1/20
+    assert abs(lam.mean().item() - 0.5) < 0.01 and abs(lam.var().item() - 0.05) < 0.005
+    w = mx.dirichlet_weights(4, 20000, 1.0, 1.0, g)  # Dir(1,1,1,1): mean 1/4, var (1/4)(3/4)/5
+    assert torch.allclose(w.sum(0), torch.ones(20000), atol=1e-5) and (w >= 0).all()
+    assert torch.allclose(w.mean(1), torch.full((4,), 0.25), atol=0.01)
+    assert torch.allclose(w.var(1), torch.full((4,), 0.75 / 4 / 5), atol=0.003)
+
+
+def test_dirichlet_is_repeatable_and_subsets():
+    a = mx.dirichlet_weights(8, 50, generator=gen(3))
+    b = mx.dirichlet_weights(8, 50, generator=gen(3))
+    assert torch.equal(a, b)
+    w = mx.dirichlet_weights(8, 50, generator=gen(4), m=3)
+    assert ((w > 0).sum(0) == 3).all()
+    assert torch.allclose(w.sum(0), torch.ones(50), atol=1e-5)
+    d = mx.dirichlet_weights(5, 7, generator=gen(5), sets=3)
+    assert d.shape == (3, 5, 7) and torch.allclose(d.sum(1), torch.ones(3, 7), atol=1e-5)
+    s = mx.sorted_betas(5, 1.0, gen(6))
+    assert (s[1:] >= s[:-1]).all()
+
+
+# ---------------------------------------------------------------------------------------------- pairs
+
+def test_mixup_lam_one_gives_first_input_and_targets_sum_to_one():
+    x = torch.randn(4, 3, 5, 5)
+    perm = torch.tensor([2, 0, 3, 1])
+    assert torch.equal(mx.mixup(x, perm, 1.0), x)
+    assert torch.equal(mx.mixup(x, perm, 0.0), x[perm])
+    y = mx.one_hot(torch.tensor([0, 1, 2, 2]), 3)
+    ym = mx.mixup(y, perm, 0.3)
+    assert torch.allclose(ym.sum(1), torch.ones(4))
+    assert torch.allclose(ym[0], torch.tensor([0.3, 0.0, 0.7]))  # 0.3 * y0 + 0.7 * y2
+    k = mx.multi_mixup(x, perm, torch.tensor([1.0, 0.25]))
+    assert torch.equal(k[:4], x) and torch.allclose(k[4:], 0.25 * x + 0.75 * x[perm])
+
+
+def test_cutmix_lam_equals_kept_area():
+    h, w = 24, 32
+    x, x2 = torch.ones(1, 1, h, w), torch.zeros(1, 1, h, w)
+    for seed in range(20):
+        lam = float(torch.rand(1, generator=gen(100 + seed)))
+        box, kept = mx.cutmix_box(h, w, lam, gen(seed))
+        mixed = mx.mask_mix(x, x2, mx.box_mask(h, w, box))
+        assert mixed.mean().item() == pytest.approx(kept)  # fraction of pixels still from x
+        y0, y1, x0, x1 = box
+        assert 0 <= y0 <= y1 <= h and 0 <= x0 <= x1 <= w
+    # an unclipped box: lam = 0.75 -> side ratio 1/2 -> (12, 16) box -> kept 3/4
+    box, kept = mx.cutmix_box(24, 32, 0.75, centre=(12, 16))
+    assert box == (6, 18, 8, 24) and kept == pytest.approx(0.75)
+
+
+def test_multi_mix_boxes_nested_and_share_a_centre():
+    lams = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9])
+    for seed in range(10):
+        boxes, kept = mx.nested_boxes(40, 40, lams, gen(seed))
+        for (a0, a1, b0, b1), (c0, c1, d0, d1) in zip(boxes[:-1].tolist(), boxes[1:].tolist()):
+            assert c0 <= a0 and a1 <= c1 and d0 <= b0 and b1 <= d1  # box k inside box k+1
+        assert (kept[1:] <= kept[:-1]).all()
+    # a centre far from the border: no clipping, exact centre and areas
+    boxes, kept = mx.nested_boxes(400, 400, lams, centre=(200, 200))
+    centres = {((y0 + y1) / 2, (x0 + x1) / 2) for y0, y1, x0, x1 in boxes.tolist()}
+    assert centres == {(200.0, 200.0)}
+    sides = (boxes[:, 1] - boxes[:, 0]).float()
+    assert torch.allclose(sides, 2 * torch.floor(400 * lams.sqrt() / 2), atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- MultiMix
+
+def test_multimix_hand_case_and_logit_fast_path():
+    z = torch.tensor([[1.0, 2.0, 3.0], [5.0, 6.0, 7.0]])
+    y = mx.one_hot(torch.tensor([0, 1]), 2)
+    lam = torch.tensor([[0.25, 1.0], [0.75, 0.0]])
+    zm, ym = mx.multimix(z, y, lam)
+    assert torch.allclose(zm, torch.tensor([[4.0, 5.0, 6.0], [1.0, 2.0, 3.0]]))
+    assert torch.allclose(ym, torch.tensor([[0.25, 0.75], [1.0, 0.0]]))
+    # g(Z Lambda) = g(Z) Lambda for a linear classifier with bias, columns summing to one
+    fc = torch.nn.Linear(16, 10)
+    z = torch.randn(12, 16)
+    lam = mx.dirichlet_weights(12, 300, generator=gen(0))
+    assert torch.allclose(fc(mx.multimix(z, y.new_zeros(12, 2), lam)[0]), lam.t() @ fc(z), atol=1e-5)
+
+
+def test_dense_attention_by_hand():
+    z = torch.tensor([[[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]]])  # [1, d=2, r=3]
+    # u = GAP = (1, 2/3); scores (1, 2/3, 8/3); l1 -> (3, 2, 8) / 13
+    a = mx.dense_attention(z, "gap_l1relu")
+    assert torch.allclose(a, torch.tensor([[3.0, 2.0, 8.0]]) / 13)
+    assert torch.allclose(mx.dense_attention(z, "gap_softmax"), torch.softmax(torch.tensor([[1, 2 / 3, 8 / 3]]), -1))
+    assert torch.allclose(mx.dense_attention(z, "uniform"), torch.full((1, 3), 1 / 3))
+    w = torch.tensor([[1.0, -1.0], [0.0, 1.0]])  # u = W^T y = row of class 1 = (0, 1): scores (0, 1, 1)
+    a = mx.dense_attention(z, "cam_l1relu", w, mx.one_hot(torch.tensor([1]), 2))
+    assert torch.allclose(a, torch.tensor([[0.0, 0.5, 0.5]]))
+    with pytest.raises(ValueError, match="valid"):
+        mx.dense_attention(z, "gap_relu")
+
+
+def _hand_case():
+    z = torch.tensor([[[1.0, 2.0, 3.0]], [[4.0, 5.0, 6.0]]])  # [b=2, d=1, r=3]
+    y = mx.one_hot(torch.tensor([0, 1]), 2)
+    attn = torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.2, 0.6]])
+    lam = torch.tensor([[[0.5, 0.0], [0.5, 1.0]],     # position 0: columns (1/2, 1/2), (0, 1)
+                        [[0.2, 1.0], [0.8, 0.0]],     # position 1: (0.2, 0.8), (1, 0)
+                        [[1.0, 0.5], [0.0, 0.5]]])    # position 2: (1, 0), (1/2, 1/2)
+    return z, y, attn, lam
+
+
+def test_dense_multimix_weights_by_hand():
+    z, y, attn, lam = _hand_case()
+    zm, ym, weight = mx.dense_multimix(z, y, attn, lam)
+    # M^j = diag(a^j) Lambda^j; s = column sums; Mhat = M / s
+    # pos 0: col1 M=(.25,.1) s=.35 Mhat=(5/7,2/7); col2 M=(0,.2) s=.2 Mhat=(0,1)
+    # pos 1: col1 M=(.05,.16) s=.21 Mhat=(5/21,16/21); col2 M=(.25,0) s=.25 Mhat=(1,0)
+    # pos 2: col1 M=(.25,0) s=.25 Mhat=(1,0); col2 M=(.125,.3) s=.425 Mhat=(5/17,12/17)
+    assert torch.allclose(weight, torch.tensor([[0.35, 0.21, 0.25], [0.2, 0.25, 0.425]]))
+    assert torch.allclose(zm[:, 0], torch.tensor([[13 / 7, 30 / 7, 3.0], [4.0, 2.0, 87 / 17]]))
+    assert torch.allclose(ym[0, 0], torch.tensor([5 / 7, 5 / 21, 1.0]))  # class-0 share, first mix
+    assert torch.allclose(ym[1, 1], torch.tensor([1.0, 0.0, 12 / 17]))  # class-1 share, second mix
+    assert torch.allclose(ym.sum(1), torch.ones(2, 3))
+
+
+def test_dense_multimix_loss_by_hand_and_fast_path():
+    z, y, attn, lam = _hand_case()
+    # classifier W = (1, -1)^T, no bias: logits (z, -z); log p0 = -log(1 + e^{-2z}), log p1 = -log(1 + e^{2z})
+    zt = [[13 / 7, 30 / 7, 3.0], [4.0, 2.0, 87 / 17]]
+    y0 = [[5 / 7, 5 / 21, 1.0], [0.0, 1.0, 5 / 17]]
+    s = [[0.35, 0.21, 0.25], [0.2, 0.25, 0.425]]
+
+    def ce(zv, p0):
+        return -(p0 * -math.log1p(math.exp(-2 * zv)) + (1 - p0) * -math.log1p(math.exp(2 * zv)))
+
+    expected = sum((s[0][j] * ce(zt[0][j], y0[0][j]) + s[1][j] * ce(zt[1][j], y0[1][j])) / (s[0][j] + s[1][j])
+                   for j in range(3)) / 3
+    zm, ym, weight = mx.dense_multimix(z, y, attn, lam)
+    w = torch.tensor([[1.0], [-1.0]])
+    logits_mix = torch.einsum("ndr,cd->ncr", zm, w)
+    assert mx.weighted_dense_cross_entropy(logits_mix, ym, weight).item() == pytest.approx(expected, rel=1e-5)
+    mhat, s_t = mx.dense_mix_weights(attn, lam)
+    fast = mx.dense_multimix_loss_from_logits(torch.einsum("bdr,cd->bcr", z, w), y, mhat, s_t)
+    assert fast.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dense_fast_path_equals_pure_functions_random():
+    torch.manual_seed(0)
+    b, d, r, c, n = 6, 8, 4, 5, 40
+    z, fc = torch.randn(b, d, r), torch.nn.Linear(d, c)
+    y = mx.one_hot(torch.randint(0, c, (b,)), c)
+    attn = mx.dense_attention(z)
+    lam = mx.dirichlet_weights(b, n, generator=gen(1), sets=r)
+    zm, ym, weight = mx.dense_multimix(z, y, attn, lam)
+    pure = mx.weighted_dense_cross_entropy(torch.einsum("ndr,cd->ncr", zm, fc.weight) + fc.bias.view(1, -1, 1),
+                                           ym, weight)
+    logits = torch.einsum("bdr,cd->bcr", z, fc.weight) + fc.bias.view(1, -1, 1)
+    mhat, s = mx.dense_mix_weights(attn, lam)
+    assert mx.dense_multimix_loss_from_logits(logits, y, mhat, s).item() == pytest.approx(pure.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- Sinkhorn
+
+def numpy_sinkhorn(cost, eps, n_iters):
+    """Plain Sinkhorn-Knopp on K = exp(-M / eps) with uniform marginals (independent reference)."""
+    r = cost.shape[0]
+    K = np.exp(-cost / eps)
+    a = np.full(r, 1.0 / r)
+    u, v = np.ones(r), np.ones(r)
+    for _ in range(n_iters):
+        u = a / (K @ v)
+        v = a / (K.T @ u)
+    return u[:, None] * K * v[None, :]
+
+
+def test_sinkhorn_marginals_and_numpy_agreement():
+    torch.manual_seed(0)
+    cost = torch.rand(3, 6, 6)
+    plan = mx.sinkhorn(cost, eps=0.5, n_iters=50)
+    assert torch.allclose(plan.sum(2), torch.full((3, 6), 1 / 6), atol=1e-5)
+    assert torch.allclose(plan.sum(1), torch.full((3, 6), 1 / 6), atol=1e-6)
+    for i in range(3):
+        ref = numpy_sinkhorn(cost[i].double().numpy(), 0.5, 50)
+        np.testing.assert_allclose(plan[i].numpy(), ref, rtol=1e-4, atol=1e-7)
+    # exactly n_iters: 1 iteration differs from 50 on a non-trivial cost
+    assert not torch.allclose(mx.sinkhorn(cost, 0.5, 1), plan, atol=1e-6)
+
+
+def test_sinkhorn_log_domain_does_not_underflow_and_align_recovers_permutation():
+    torch.manual_seed(0)
+    a = torch.randn(2, 32, 9) * 5  # [b, c, r] raw features: squared distances in the hundreds
+    perm = torch.randperm(9)
+    a2 = a[:, :, perm]
+    cost = torch.cdist(a.transpose(1, 2), a2.transpose(1, 2)) ** 2
+    plan = mx.sinkhorn(cost, eps=0.1, n_iters=100)
+    assert torch.isfinite(plan).all()
+    assert torch.allclose(plan.sum(1), torch.full((2, 9), 1 / 9), atol=1e-5)
+    # aligning a permuted copy back onto the original recovers the original columns
+    assert torch.allclose(mx.align(a, a2, 0.1, 100), a, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- PuzzleMix
+
+def test_saliency_grid_and_block_permutation():
+    grad = torch.zeros(1, 3, 8, 8)
+    grad[:, :, :4, 4:] = 2.0  # top-right block of a 2x2 grid holds all the saliency
+    sal = mx.saliency_grid(grad, 2)
+    assert torch.allclose(sal, torch.tensor([[[0.0, 1.0], [0.0, 0.0]]]))
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert torch.equal(mx.permute_blocks(x, torch.tensor([[0, 1, 2, 3]]), 2), x)
+    swapped = mx.permute_blocks(x, torch.tensor([[3, 1, 2, 0]]), 2)
+    assert torch.equal(swapped[..., :2, :2], x[..., 2:, 2:]) and torch.equal(swapped[..., 2:, 2:], x[..., :2, :2])
+
+
+def test_transport_moves_salient_block_to_revealed_place():
+    sal = torch.tensor([[[0.0, 1.0], [0.0, 0.0]]])
+    mask = torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])  # only the bottom-left place shows this image
+    perm = mx.greedy_transport(sal, mask, t_eps=0.1)
+    assert sorted(perm[0].tolist()) == [0, 1, 2, 3]
+    assert perm[0, 2].item() == 1  # place 2 (bottom-left) receives block 1 (top-right, the salient one)
+    # a large t_eps makes moving too costly: identity
+    assert perm.new_tensor([[0, 1, 2, 3]]).equal(mx.greedy_transport(sal, mask, t_eps=10.0))
+
+
+def test_puzzle_mask_unary_and_prior():
+    sal1 = torch.tensor([[[0.4, 0.1], [0.1, 0.0]]])
+    sal2 = torch.tensor([[[0.0, 0.3], [0.1, 0.2]]])
+    zero = torch.zeros(1, 1, 2), torch.zeros(1, 2, 1)
+    # no prior, no smoothness: each block shows the more salient image (ties -> 1/2 is also optimal)
+    m = mx.puzzle_mask(sal1, sal2, torch.tensor([0.5]), *zero, eta=0.0, solver="icm")
+    assert m[0, 0, 0] == 1.0 and m[0, 0, 1] == 0.0 and m[0, 1, 1] == 0.0
+    # equal saliency: the Binomial(2, lam) prior decides; lam = 0.9 -> p(1) = 0.81 is the mode
+    m = mx.puzzle_mask(sal1, sal1, torch.tensor([0.9]), *zero, eta=0.2, solver="icm")
+    assert torch.equal(m, torch.ones(1, 2, 2))
+    m = mx.puzzle_mask(sal1, sal1, torch.tensor([0.5]), *zero, eta=0.2, solver="icm")
+    assert torch.equal(m, torch.full((1, 2, 2), 0.5))  # p(1/2) = 1/2 is the mode
+    # strong smoothness: a constant mask
+    strong = torch.full((1, 1, 2), 10.0), torch.full((1, 2, 1), 10.0)
+    m = mx.puzzle_mask(sal1, sal2, torch.tensor([0.5]), *strong, eta=0.0, solver="icm")
+    assert m.unique().numel() == 1
+
+
+def test_soft_and_dense_cross_entropy():
+    logits = torch.randn(4, 5)
+    labels = torch.tensor([0, 3, 1, 4])
+    assert mx.soft_cross_entropy(logits, mx.one_hot(labels, 5)).item() == pytest.approx(
+        F.cross_entropy(logits, labels).item(), rel=1e-6)
+    dense = logits.unsqueeze(-1).expand(4, 5, 3)
+    assert mx.dense_cross_entropy(dense, mx.one_hot(labels, 5)).item() == pytest.approx(
+        F.cross_entropy(logits, labels).item(), rel=1e-6)
