@@ -377,16 +377,22 @@ class MultiMixK(Method):
     base: input | manifold (layer drawn from `layers`; 5 = embedding, logit trick) | cutmix (K nested
     boxes sharing a uniform centre, box k of size H sqrt(lam_k) x W sqrt(lam_k) replaced by the
     partner) | puzzlemix (K masks, one per lam_k, sharing the saliency). alpha None = the base
-    method's default (input 1.0, manifold 2.0, cutmix 1.0, puzzlemix 1.0).
+    method's default (input 1.0, manifold 2.0, cutmix 1.0, puzzlemix 1.0). large_batch: the paper's
+    "large-batch mixup" baseline instead (K random pairings per example, one lam), base input/manifold.
     """
 
     BASES = {"input": 1.0, "manifold": 2.0, "cutmix": 1.0, "puzzlemix": 1.0}
 
     def __init__(self, model, num_classes, base: str = "puzzlemix", k: int = 5, alpha: float | None = None,
-                 layers=(0, 1, 2), puzzle: dict | None = None, dense_loss: bool = False):
+                 layers=(0, 1, 2), puzzle: dict | None = None, large_batch: bool = False,
+                 dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
         if base not in self.BASES:
             raise ValueError(f"multi_mix base must be one of {sorted(self.BASES)}, got {base!r}")
+        if large_batch and base not in ("input", "manifold"):
+            raise ValueError("multi_mix large_batch (the paper's 'large-batch mixup' baseline) is defined for "
+                             "base input or manifold")
+        self.large_batch = large_batch
         self.base, self.k = base, int(k)
         self.alpha = self.BASES[base] if alpha is None else alpha
         self.layers = tuple(int(v) for v in layers)
@@ -399,6 +405,15 @@ class MultiMixK(Method):
         b, _, h, w = images.shape
         perm = self._perm(b)
         lams = mx.sorted_betas(self.k, self.alpha, self.generator, self._device())
+        if self.large_batch:
+            # baseline: K*b mixes of K random pairings with one lam (same cost as multi-mix)
+            layer = 0 if self.base == "input" else self._choice(self.layers)
+            lam = float(lams[0])
+            perms = [perm] + [self._perm(b) for _ in range(self.k - 1)]
+            x = torch.cat([mx.mixup(images, p, lam) for p in perms])
+            logits = self.logits_of(self.model.features(x)) if layer == 0 else torch.cat(
+                [_mix_at(self, images, p, lams[:1].clone().fill_(lam), layer) for p in perms])
+            return {"loss": self.loss_of(logits, torch.cat([mx.mixup(y, p, lam) for p in perms]))}
         if self.base in ("input", "manifold"):
             layer = 0 if self.base == "input" else self._choice(self.layers)
             logits = _mix_at(self, images, perm, lams, layer)

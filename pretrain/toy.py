@@ -775,7 +775,7 @@ def _run_task(task: tuple) -> dict:
 def _map(tasks: list[tuple], workers: int, desc: str, progress: bool) -> list[dict]:
     from tqdm import tqdm
 
-    bar = dict(total=len(tasks), desc=desc, disable=not progress, leave=False)
+    bar = dict(total=len(tasks), desc=desc, disable=None if progress else True, leave=False)
     if workers <= 1 or len(tasks) < 64:
         return [_run_task(t) for t in tqdm(tasks, **bar)]
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()

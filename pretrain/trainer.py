@@ -25,6 +25,7 @@ from pretrain import runtime as rt
 from pretrain.checkpoint import save_backbone
 from pretrain.config import ConfigError, dump_config, validate
 from pretrain.methods import ResNetStages, build_method
+from pretrain.mixing import have_gco
 
 DEFAULTS = {
     "name": "pretrain",              # run name (runs/<name>/ when the CLI picks the folder)
@@ -71,6 +72,7 @@ DEFAULTS = {
         "channels_last": True,       # CUDA only
         "compile": False,            # torch.compile the network stages (CUDA)
         "backend": None,             # DDP backend; None = nccl on CUDA, gloo on CPU
+        "num_threads": None,         # torch.set_num_threads for this process (None = torch's default)
         "checkpoint_every_steps": 0,  # also checkpoint every N steps (0 = only at epoch ends)
         "log_every_steps": 20,
         "tensorboard": False,        # needs the tensorboard package
@@ -251,6 +253,8 @@ class Trainer:
         self.cfg = cfg = resolve_config(cfg)
         self.run_dir = Path(run_dir)
         rcfg, ocfg, dcfg = cfg["runtime"], cfg["optim"], cfg["data"]
+        if rcfg["num_threads"]:
+            torch.set_num_threads(int(rcfg["num_threads"]))
         self.rank, self.world, _ = rt.init_distributed(rcfg["backend"])
         self.device = rt.get_device(rcfg["device"])
         self.precision = rcfg["precision"] if self.device.type == "cuda" else "fp32"
@@ -412,7 +416,9 @@ class Trainer:
                 "num_classes": self.num_classes, "params": n_params, "world_size": self.world,
                 "device": str(self.device), "precision": self.precision,
                 "train_images": self.sampler.steps * self.sampler.bs * self.world,
-                "steps_per_epoch": self.steps_per_epoch, "config": self.cfg}
+                "steps_per_epoch": self.steps_per_epoch, "torch_threads": torch.get_num_threads(),
+                "puzzlemix_solver": "gco" if have_gco() else "icm (gco-wrapper not installed)",
+                "config": self.cfg}
         if self.cfg["runtime"]["flops"]:
             head["flops_per_image"] = fvcore_flops(self.model, self.cfg["data"]["crop_size"])
         return head
@@ -425,6 +431,7 @@ class Trainer:
         elif rt.is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "log.jsonl").unlink(missing_ok=True)
+            (self.run_dir / CKPT).unlink(missing_ok=True)  # never resume a previous run by mistake
             rt.atomic_write_text(dump_config(self.cfg), self.run_dir / "config.yaml")
             self.logger.log(self._header())
         rt.barrier()

@@ -119,7 +119,7 @@ def test_ssd_finetune_writes_metrics_figure_and_result_files(toy_world, backbone
 
 @pytest.mark.slow
 def test_interrupted_finetune_resumes_to_the_same_result(toy_world, backbone, tmp_path, monkeypatch):
-    cfg = _cfg(toy_world, "faster_rcnn_fpn", "coco")
+    cfg = _cfg(toy_world, "ssd", "coco")
     full = det_train.finetune_detector(cfg, str(backbone), tmp_path / "full")
 
     real_save = runtime.atomic_save

@@ -267,3 +267,12 @@ def test_soft_and_dense_cross_entropy():
     dense = logits.unsqueeze(-1).expand(4, 5, 3)
     assert mx.dense_cross_entropy(dense, mx.one_hot(labels, 5)).item() == pytest.approx(
         F.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The test machine's cores are shared: one thread avoids oversubscription (restored after)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--imagenet", required=True, help="ImageNet-layout root (val/ and val_boxes/)")
     ap.add_argument("--ood", nargs="*", default=[], help="OOD image folders (recursive)")
     ap.add_argument("--config", help="YAML with defaults for the options below (configs/eval/)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     for key, (typ, _) in OPTIONS.items():
         flag = "--" + key.replace("_", "-")
         if typ is bool:
@@ -61,6 +62,9 @@ def main(argv=None) -> int:
         else:
             ap.add_argument(flag, type=str if typ == "eps" else typ, default=None)
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
 
     opts = {k: d for k, (_, d) in OPTIONS.items()}
     if args.config:

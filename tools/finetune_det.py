@@ -15,9 +15,12 @@ import logging
 import sys
 from pathlib import Path
 
-from pretrain.config import load_config
-from pretrain.runtime import cleanup_distributed, init_distributed, is_main_process
-from transfer.det_train import DEFAULTS, finetune_detector
+# the repo root first: tools/pretrain.py would otherwise shadow the `pretrain` package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.config import load_config  # noqa: E402
+from pretrain.runtime import cleanup_distributed, init_distributed, is_main_process  # noqa: E402
+from transfer.det_train import DEFAULTS, finetune_detector  # noqa: E402
 
 
 def main(argv=None) -> int:

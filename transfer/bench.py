@@ -59,6 +59,8 @@ def synthetic_coco(n_images: int, n_cats: int = 10, gt_per_image: int = 7,
             results.append({"image_id": img["id"], "category_id": cats[rng.integers(n_cats)]["id"],
                             "score": float(rng.random() * 0.7),
                             "bbox": [rng.uniform(0, 640 - w), rng.uniform(0, 480 - h), w, h]})
+    for r in results:  # plain floats, as read from a results JSON
+        r["bbox"] = [float(v) for v in r["bbox"]]
     return {"images": images, "categories": cats, "annotations": anns}, results
 
 
@@ -86,6 +88,9 @@ def synthetic_voc(n_images: int, classes: tuple[str, ...], gt_per_image: int = 3
             detections[classes[rng.integers(len(classes))]].append(
                 (image_id, float(rng.random() * 0.7), (x0, y0, x0 + w, y0 + h)))
         annotations[image_id] = {"objects": objects}
+    # plain Python numbers, as a detector's `.tolist()` or a result file gives them
+    detections = {c: [(i, float(s), tuple(float(v) for v in b)) for i, s, b in v]
+                  for c, v in detections.items()}
     return annotations, detections
 
 

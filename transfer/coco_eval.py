@@ -107,7 +107,7 @@ def check_results(results, image_ids, cat_ids, name: str = "<results>") -> list[
     image_ids, cat_ids = set(image_ids), set(cat_ids)
     try:  # vectorised checks; the per-entry loop below only runs to name the bad entry
         clean = [{"image_id": _plain(r["image_id"]), "category_id": _plain(r["category_id"]),
-                  "bbox": [float(v) for v in r["bbox"]], "score": float(r["score"])} for r in results]
+                  "bbox": list(map(float, r["bbox"])), "score": float(r["score"])} for r in results]
         boxes = np.array([c["bbox"] for c in clean], dtype=np.float64).reshape(len(clean), 4)
         scores = np.array([c["score"] for c in clean], dtype=np.float64)
         if (np.isfinite(boxes).all() and np.isfinite(scores).all() and (boxes[:, 2:] >= 0).all()

@@ -236,6 +236,13 @@ def coco_fpn_config(weights_pkl, arch: str = "resnet50", norm: str = "FrozenBN",
     }
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """No YAML anchors/aliases: every list is written out where it is used."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
 def detectron2_configs(out_dir: str | os.PathLike, weights_pkl: str | os.PathLike, arch: str = "resnet50",
                        voc_norm: str = "SyncBN", coco_norm: str = "FrozenBN",
                        voc_extra_norm: bool = True) -> dict[str, Path]:
@@ -267,7 +274,7 @@ def detectron2_configs(out_dir: str | os.PathLike, weights_pkl: str | os.PathLik
         header = (f"# detectron2 config written by mixup-transfer (transfer/convert.py) for {weights.name}\n"
                   "# RGB input, torchvision mean/std and STRIDE_IN_1X1 False are REQUIRED for them.\n")
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(header + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None))
+        tmp.write_text(header + yaml.dump(cfg, Dumper=_PlainDumper, sort_keys=False, default_flow_style=None))
         os.replace(tmp, path)
         paths[name] = path
     return paths

@@ -318,7 +318,7 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
         model = model.to(memory_format=torch.channels_last)
     net = model
     if world > 1:
-        if cfg["model"]["norm"] == "bn":
+        if device.type == "cuda":  # trainable BN (random init, SSD extras) synchronised across GPUs
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -470,40 +470,54 @@ DETECTRON2_INSTALL = (
 
 
 def finetune_detectron2(cfg: dict, weights: str | None, run_dir: Path) -> dict:
-    """Train the generated detectron2 config (transfer/convert.py) with detectron2's DefaultTrainer."""
+    """Convert the backbone (transfer/convert.py), then train the generated detectron2 config (VOC R50-C4
+    24k or COCO R50-FPN 1x, by ``data.format``) with detectron2's DefaultTrainer and its evaluators.
+    ``data.root`` is the VOCdevkit dir (VOC) or the coco dir (COCO), laid out as detectron2 expects."""
+    import os
+
     try:
         import detectron2  # noqa: F401
     except ImportError as e:
         raise SystemExit(DETECTRON2_INSTALL) from e
-    from transfer import convert
-
     if weights is None:
         raise SystemExit("--backend detectron2 needs --weights (a backbone checkpoint to convert)")
-    return convert.train_detectron2(cfg, weights, run_dir) if hasattr(convert, "train_detectron2") else \
-        _detectron2_default_trainer(cfg, weights, run_dir)
-
-
-def _detectron2_default_trainer(cfg: dict, weights: str, run_dir: Path) -> dict:
+    root = Path(cfg["data"]["root"]).resolve()
+    # detectron2 registers its builtin datasets under $DETECTRON2_DATASETS when detectron2.data is imported
+    os.environ.setdefault("DETECTRON2_DATASETS", str(root if cfg["data"]["format"] == "voc" else root.parent))
     from detectron2.config import get_cfg
     from detectron2.engine import DefaultTrainer
+    from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 
     from transfer import convert
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    pkl = run_dir / "backbone_d2.pkl"
-    convert.to_detectron2(weights, pkl)
-    yamls = convert.detectron2_configs(pkl, run_dir)
+    files = convert.convert_to_detectron2(weights, run_dir / "backbone_d2.pkl", arch=cfg["model"]["arch"])
     key = "voc" if cfg["data"]["format"] == "voc" else "coco"
-    chosen = [Path(p) for p in (yamls.values() if isinstance(yamls, dict) else yamls) if key in Path(p).name]
+    chosen = [p for name, p in files.items() if name.startswith(key)]
     if not chosen:
-        raise SystemExit(f"no generated detectron2 config for {key} among {yamls}")
+        raise SystemExit(f"no generated detectron2 config for {key} among {sorted(files)}")
+    if key == "voc":
+        convert.register_detectron2_extras()
+
+    class Trainer(DefaultTrainer):
+        @classmethod
+        def build_evaluator(cls, d2cfg, dataset_name, output_folder=None):
+            if "voc" in dataset_name:
+                return PascalVOCDetectionEvaluator(dataset_name)
+            return COCOEvaluator(dataset_name, output_dir=output_folder or d2cfg.OUTPUT_DIR)
+
     d2 = get_cfg()
+    d2.set_new_allowed(True)
     d2.merge_from_file(str(chosen[0]))
     d2.OUTPUT_DIR = str(run_dir / "detectron2")
-    trainer = DefaultTrainer(d2)
+    d2.SEED = int(cfg["seeds"][0])
+    trainer = Trainer(d2)
     trainer.resume_or_load(resume=True)
     trainer.train()
-    results = DefaultTrainer.test(d2, trainer.model)
+    results = Trainer.test(d2, trainer.model)
     flat = {k: {kk: float(vv) for kk, vv in v.items()} for k, v in results.items()}
-    runtime.write_json(flat, run_dir / "metrics.json")
-    return flat
+    box = flat.get("bbox", {})
+    metrics = {"backend": "detectron2", "results": flat,
+               "mAP": box.get("AP50" if key == "voc" else "AP", float("nan"))}
+    runtime.write_json(metrics, run_dir / "metrics.json")
+    return metrics

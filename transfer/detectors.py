@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
@@ -141,17 +141,21 @@ def faster_rcnn_fpn(num_classes: int, weights: str | None, arch: str = "resnet50
                     rpn_post_nms_top_n_train: int = 2000, rpn_post_nms_top_n_test: int = 1000,
                     rpn_batch_size_per_image: int = 256, box_batch_size_per_image: int = 512,
                     box_detections_per_img: int = 100, box_score_thresh: float = 0.05,
+                    fpn_channels: int = 256, box_head_dim: int = 1024,
                     resize_inside: bool = True, allow_pickle: bool = False) -> FasterRCNN:
     """Faster R-CNN R-FPN. ``num_classes`` counts background (21 for VOC). ``anchor_sizes``: one size per
-    pyramid level P2..P6. ``resize_inside=False`` leaves resizing to the data pipeline."""
+    pyramid level P2..P6. ``fpn_channels`` / ``box_head_dim`` (256 / 1024 in the reference) can shrink for
+    toy runs. ``resize_inside=False`` leaves resizing to the data pipeline."""
     resnet, _, tl = build_trunk(arch, weights, norm, trainable_layers, allow_pickle=allow_pickle)
     backbone = BackboneWithFPN(resnet, return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
-                               in_channels_list=_stage_channels(arch), out_channels=256,
+                               in_channels_list=_stage_channels(arch), out_channels=int(fpn_channels),
                                extra_blocks=LastLevelMaxPool())
     if len(anchor_sizes) != 5:
         raise DetectorConfigError(f"anchor_sizes needs one size per FPN level (5), got {anchor_sizes}")
     anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), (tuple(aspect_ratios),) * 5)
-    model = FasterRCNN(backbone, num_classes=num_classes, rpn_anchor_generator=anchors,
+    box_head = TwoMLPHead(int(fpn_channels) * 7 * 7, int(box_head_dim))
+    model = FasterRCNN(backbone, rpn_anchor_generator=anchors, box_head=box_head,
+                       box_predictor=FastRCNNPredictor(int(box_head_dim), num_classes),
                        **_rcnn_kwargs(min_size, max_size, rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test,
                                       rpn_post_nms_top_n_train, rpn_post_nms_top_n_test,
                                       rpn_batch_size_per_image, box_batch_size_per_image,

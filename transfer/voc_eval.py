@@ -208,11 +208,11 @@ def _as_arrays(dets, image_index: Mapping[str, int], cls: str, source=None):
                                f"({len(ids)}, {len(score)}, {len(box)})")
     else:
         try:  # one pass per field; the per-item loop below only runs to locate an error
-            ids = [str(d[0]) for d in dets]
-            score = np.array([d[1] for d in dets], dtype=np.float64).reshape(-1)
-            box = np.array([d[2] for d in dets], dtype=np.float64).reshape(len(ids), 4)
             if any(len(d) != 3 for d in dets):
-                raise ValueError
+                raise ValueError("not (image_id, score, box)")
+            ids, score, box = zip(*dets) if len(dets) else ((), (), ())
+            score = np.array(score, dtype=np.float64).reshape(-1)
+            box = np.array(box, dtype=np.float64).reshape(len(ids), 4)
         except (TypeError, ValueError, IndexError, KeyError) as err:
             for i, d in enumerate(dets):
                 try:
@@ -223,7 +223,8 @@ def _as_arrays(dets, image_index: Mapping[str, int], cls: str, source=None):
                     raise VOCEvalError(f"{where(i)}: expected (image_id, score, (xmin, ymin, xmax, ymax)), "
                                        f"got {d!r}") from None
             raise VOCEvalError(f"class {cls!r}: malformed detections ({err})") from err
-    img = np.fromiter((image_index.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+    get = image_index.get
+    img = np.fromiter((get(i if type(i) is str else str(i), -1) for i in ids), dtype=np.int64, count=len(ids))
     if (img < 0).any():
         i = int(np.flatnonzero(img < 0)[0])
         raise VOCEvalError(f"{where(i)}: unknown image id {ids[i]!r} (not in the evaluated split)")

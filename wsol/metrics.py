@@ -260,6 +260,7 @@ if numba is not None:
         bx1 = ws_i32[4]
         by1 = ws_i32[5]
         stamp = ws_i32[6]
+        dirty = ws_i32[7]
         for i in range(n):
             parent[i] = i
             weight[i] = 1
@@ -284,6 +285,7 @@ if numba is not None:
             if lo == hi:
                 best[level] = tree[1]
                 continue
+            nd = 0  # roots whose box (or frame contact) changed at this level
             for k in range(lo, hi):
                 p = order[k]
                 y = p // pw - 1
@@ -295,6 +297,7 @@ if numba is not None:
                 by1[p] = y
                 frame[p] = (x == 0) or (y == 0) or (x == w - 1) or (y == h - 1)
                 rp = p
+                changed = False
                 for d in range(offs.shape[0]):
                     q = p + offs[d]
                     if not active[q] or parent[q] == rp:  # inactive, or already ours (cheap test first)
@@ -306,15 +309,29 @@ if numba is not None:
                         rp, rq = rq, rp
                     parent[rq] = rp
                     weight[rp] += weight[rq]
-                    bx0[rp] = min(bx0[rp], bx0[rq])
-                    by0[rp] = min(by0[rp], by0[rq])
-                    bx1[rp] = max(bx1[rp], bx1[rq])
-                    by1[rp] = max(by1[rp], by1[rq])
-                    frame[rp] = frame[rp] or frame[rq]
-                    _tree_set(tree, size, rq, -1.0)
-            for k in range(lo, hi):
-                r = _find(parent, order[k])
-                if stamp[r] == step:
+                    if bx0[rq] < bx0[rp]:
+                        bx0[rp] = bx0[rq]
+                        changed = True
+                    if by0[rq] < by0[rp]:
+                        by0[rp] = by0[rq]
+                        changed = True
+                    if bx1[rq] > bx1[rp]:
+                        bx1[rp] = bx1[rq]
+                        changed = True
+                    if by1[rq] > by1[rp]:
+                        by1[rp] = by1[rq]
+                        changed = True
+                    if frame[rq] and not frame[rp]:
+                        frame[rp] = True
+                        changed = True
+                    if rq != p:  # an older component disappears into rp
+                        _tree_set(tree, size, rq, -1.0)
+                if changed or rp == p:
+                    dirty[nd] = rp
+                    nd += 1
+            for k in range(nd):
+                r = dirty[k]
+                if parent[r] != r or stamp[r] == step:
                     continue
                 stamp[r] = step
                 if foreground:
@@ -358,7 +375,7 @@ class _Workspace:
         self.size = 1 << max(0, (n - 1).bit_length())
         self.order = np.empty(h * w, np.int32)
         self.counts = np.zeros(257, np.int64)
-        self.ws_i32 = np.empty((7, n), np.int32)
+        self.ws_i32 = np.empty((8, n), np.int32)
         self.active = np.zeros(n, np.bool_)
         self.frame = np.zeros(n, np.bool_)
         self.tree = np.empty(2 * self.size)

@@ -1,0 +1,104 @@
+"""Training-step time of each mixing method relative to ERM (`tools/bench.py pretrain`).
+
+One model, one batch, one resolution; a step is forward + backward + SGD update. Methods are timed
+round-robin (every repeat times each method once) and the median is kept, so a noisy neighbour on a
+shared machine slows all methods alike instead of biasing one.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from pretrain.methods import ResNetStages, build_method
+
+# (label, method name, knobs). Feature-space methods are forced onto their mixing branch (prob 1,
+# AlignMix's aligned-feature mode) so that the ratio is the cost of the mixing itself, the worst case.
+FULL = [
+    ("erm", "erm", {}),
+    ("input_mixup", "input_mixup", {}),
+    ("multimix", "multimix", {"prob": 1.0}),
+    ("dense_multimix", "dense_multimix", {"prob": 1.0}),
+    ("alignmix", "alignmix", {"modes": ["feat", "feat_rev"]}),
+    ("multi_mix_manifold_embedding_k5", "multi_mix", {"base": "manifold", "layers": [5], "k": 5}),
+    ("multi_mix_manifold_layer2_k5", "multi_mix", {"base": "manifold", "layers": [2], "k": 5}),
+    ("multi_mix_input_k5", "multi_mix", {"base": "input", "k": 5}),
+    ("cutmix", "cutmix", {}),
+    ("puzzlemix", "puzzlemix", {}),
+]
+TARGETS = {"multimix": 1.03, "dense_multimix": 1.15, "alignmix": 1.10, "multi_mix_manifold_embedding_k5": 1.10}
+
+
+def run_pretrain_bench(quick: bool = False, arch: str = "resnet50", batch: int = 32, size: int = 112,
+                       num_classes: int = 1000, n: int = 1000, repeats: int = 5, warmup: int = 1,
+                       methods: list[str] | None = None, device: str = "cpu", seed: int = 0,
+                       threads: int | None = None, clock: str = "wall") -> dict:
+    """{"step_time_ratio": {label: time / erm time}, "step_time_s": {...}, "targets": ..., "setup": ...}.
+
+    quick: ResNet-18, batch 16, 64 px, 2 repeats (a smoke version that finishes in seconds).
+    methods: labels from FULL to time (erm is always included).
+    threads: torch.set_num_threads for the run (restored after); clock: "wall" (perf_counter) or
+    "process" (CPU time of this process: on a machine shared with other jobs, threads=1 with the
+    process clock measures the work itself rather than the neighbours).
+    """
+    if clock not in ("wall", "process"):
+        raise ValueError(f"clock must be wall or process, got {clock!r}")
+    timer = time.perf_counter if clock == "wall" else time.process_time
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, device, seed, timer,
+                      clock)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, device, seed, timer, clock):
+    if quick:
+        arch, batch, size, repeats = "resnet18", 16, 64, 2
+    todo = [t for t in FULL if methods is None or t[0] in methods or t[0] == "erm"]
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    model = ResNetStages(arch, num_classes).to(dev)
+    built = []
+    for label, name, knobs in todo:
+        if name in ("multimix", "dense_multimix"):
+            knobs = dict(knobs, n=n)
+        m = build_method(name, model, num_classes, **knobs)
+        m.generator = torch.Generator(device=dev).manual_seed(seed)
+        built.append((label, m))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, size, size, generator=g).to(dev)
+    labels = torch.randint(0, num_classes, (batch,), generator=g).to(dev)
+
+    def step(method):
+        out = method(images, labels)
+        loss = sum(v for k, v in out.items() if k.startswith("loss"))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    times: dict[str, list[float]] = {label: [] for label, _ in built}
+    for r in range(warmup + repeats):
+        for label, m in built:
+            t0 = timer()
+            step(m)
+            if r >= warmup:
+                times[label].append(timer() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = {k: round(v / med["erm"], 3) for k, v in med.items()}
+    return {
+        "step_time_ratio": ratio,
+        "step_time_s": {k: round(v, 4) for k, v in med.items()},
+        "targets": {k: {"target": t, "ratio": ratio.get(k), "ok": ratio.get(k) is not None and ratio[k] <= t}
+                    for k, t in TARGETS.items() if k in ratio},
+        "setup": {"arch": arch, "batch": batch, "size": size, "num_classes": num_classes, "n": n,
+                  "repeats": repeats, "device": str(dev), "threads": torch.get_num_threads(), "clock": clock,
+                  "note": "median of round-robin repeats; feature methods forced onto their mixing branch"},
+    }

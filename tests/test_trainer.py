@@ -1,0 +1,168 @@
+"""pretrain.trainer: schedules, the resumable sampler, an end-to-end toy run, exact resumption,
+non-finite loss handling and a 2-process gloo DDP run."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import yaml
+
+from pretrain.checkpoint import load_backbone
+from pretrain.runtime import NonFiniteLossError
+from pretrain.trainer import DEFAULTS, EpochSampler, Trainer, lr_factor, train
+
+
+def tiny_cfg(root, **method):
+    return {
+        "name": "t", "seed": 3,
+        "data": {"root": str(root), "crop_size": 32, "val_resize": 36, "num_workers": 0, "max_train": 48,
+                 "max_val": 20},
+        "model": {"arch": "resnet18"},
+        "method": {"name": "input_mixup", **method},
+        "optim": {"batch_size": 8, "epochs": 2, "lr": 0.05, "schedule": "cosine", "warmup_epochs": 0.5},
+        "runtime": {"precision": "fp32", "log_every_steps": 2, "flops": False, "figures": False},
+    }
+
+
+def test_lr_schedules_by_hand():
+    o = dict(DEFAULTS["optim"])
+    assert lr_factor(74.9, o) == 1.0 and lr_factor(75, o) == pytest.approx(0.1)
+    assert lr_factor(230, o) == pytest.approx(1e-3)
+    o.update(schedule="cosine", epochs=10, min_factor=0.0)
+    assert lr_factor(5, o) == pytest.approx(0.5) and lr_factor(10, o) == pytest.approx(0.0)
+    o.update(warmup_epochs=2, warmup_start=0.0)
+    assert lr_factor(1, o) == pytest.approx(0.5 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi / 10)).item()))
+    o = dict(DEFAULTS["optim"], schedule="piecewise", points=[[0, 0.5], [8, 1.0], [15, 0.125], [15, 0.2], [40, 0.02]])
+    assert lr_factor(4, o) == pytest.approx(0.75) and lr_factor(15, o) == pytest.approx(0.2)
+    assert lr_factor(27.5, o) == pytest.approx(0.11) and lr_factor(50, o) == pytest.approx(0.02)
+
+
+def test_sampler_shards_and_resumes():
+    s0, s1 = EpochSampler(50, 4, 0, 2, seed=1), EpochSampler(50, 4, 1, 2, seed=1)
+    a, b = [i for i, _ in s0], [i for i, _ in s1]
+    assert s0.steps == 6 and len(a) == len(b) == 24 and not set(a) & set(b)
+    s0.set_epoch(0, start_step=2)
+    assert [i for i, _ in s0] == a[8:]
+    s0.set_epoch(1)
+    assert [i for i, _ in s0] != a  # a new order each epoch
+    with pytest.raises(ValueError, match="larger than"):
+        EpochSampler(5, 4, 0, 2)
+
+
+@pytest.mark.slow
+def test_toy_run_writes_the_run_folder(toy_world, tmp_path, capsys):
+    """Through the CLI: YAML with _BASE_, KEY=VALUE overrides, the run folder in the contract layout."""
+    import importlib.util
+    from pathlib import Path
+
+    cfg = tiny_cfg(toy_world / "imagenet")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "cfg.yaml").write_text("_BASE_: base.yaml\nname: cli\n")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "pretrain.py"
+    spec = importlib.util.spec_from_file_location("pretrain_cli", tool)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    run = tmp_path / "run"
+    assert cli.main(["--config", str(tmp_path / "cfg.yaml"), "runtime.flops=true", "runtime.figures=true",
+                     "--run-dir", str(run)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    for f in ("config.yaml", "log.jsonl", "checkpoints/last.pth", "backbone.pth", "metrics.json",
+              "figures/curves.png"):
+        assert (run / f).is_file(), f
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    head = lines[0]
+    assert head["event"] == "header" and head["params"] == 11181642 and head["flops_per_image"] > 1e7
+    assert [x["epoch"] for x in lines if x["event"] == "epoch"] == [1, 2]
+    assert yaml.safe_load((run / "config.yaml").read_text())["method"]["name"] == "input_mixup"
+    state = load_backbone(run / "backbone.pth", arch="resnet18")
+    assert "fc.weight" not in state and "layer4.1.bn2.running_var" in state
+    assert json.loads((run / "metrics.json").read_text())["val_top1"] == metrics["val_top1"]
+    assert 0 <= metrics["val_top1"] <= 100 and metrics["steps"] == 12
+
+
+@pytest.mark.slow
+def test_resume_is_exact(toy_world, tmp_path):
+    cfg = tiny_cfg(toy_world / "imagenet", alpha=1.0)
+    cfg["method"] = {"name": "multimix", "n": 50, "prob": 0.5}
+    cfg["runtime"]["checkpoint_every_steps"] = 2
+    train(cfg, tmp_path / "a")
+    stopped = dict(cfg, runtime=dict(cfg["runtime"], stop_after_steps=3))
+    assert train(stopped, tmp_path / "b") == {"stopped_at_step": 3}  # killed after step 3; checkpoint at 2
+    assert torch.load(tmp_path / "b/checkpoints/last.pth", weights_only=True)["step"] == 2
+    train(cfg, tmp_path / "b", resume=True)
+    a = torch.load(tmp_path / "a/backbone.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b/backbone.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = (tmp_path / "b/log.jsonl").read_text()
+    assert '"event": "resume"' in logs
+
+
+def test_non_finite_loss_stops_naming_the_step(toy_world, tmp_path):
+    cfg = tiny_cfg(toy_world / "imagenet")
+    cfg["optim"].update(epochs=1, lr=1e30, warmup_epochs=0)
+    cfg["method"] = {"name": "erm"}
+    cfg["data"]["max_train"] = 32
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+"):
+        train(cfg, tmp_path / "nan")
+    assert not (tmp_path / "nan/backbone.pth").exists()
+    assert '"event": "error"' in (tmp_path / "nan/log.jsonl").read_text()
+
+
+def test_config_errors(toy_world, tmp_path):
+    from pretrain.config import ConfigError
+
+    cfg = tiny_cfg(toy_world / "imagenet")
+    cfg["optim"]["lrr"] = 1
+    with pytest.raises(ConfigError, match="lrr"):
+        Trainer(cfg, tmp_path)
+    cfg = tiny_cfg(toy_world / "imagenet", beta=3)
+    with pytest.raises(ValueError, match="unknown option"):
+        Trainer(cfg, tmp_path)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg, run_dir, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), MT_NO_PROGRESS="1")
+    torch.set_num_threads(1)
+    t = Trainer(cfg, run_dir)
+    t.fit()
+    torch.save(t.model.net.state_dict(), os.path.join(out_dir, f"rank{rank}.pth"))
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(toy_world, tmp_path):
+    import torch.multiprocessing as mp
+
+    cfg = tiny_cfg(toy_world / "imagenet")
+    cfg["method"] = {"name": "multimix", "n": 30, "prob": 1.0}
+    cfg["optim"]["epochs"] = 1
+    cfg["data"]["max_train"] = 32  # 32 / (8 x 2) = 2 steps
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path / "run"), str(tmp_path)), nprocs=2)
+    a, b = torch.load(tmp_path / "rank0.pth"), torch.load(tmp_path / "rank1.pth")
+    # parameters stay identical through DDP's gradient all-reduce (BN running stats are per process
+    # after the last step; DDP re-broadcasts rank 0's at the next forward)
+    params = [k for k in a if "running" not in k and "num_batches" not in k]
+    assert len(params) == 62 and all(torch.equal(a[k], b[k]) for k in params)
+    assert (tmp_path / "run/backbone.pth").is_file()
+    head = json.loads((tmp_path / "run/log.jsonl").read_text().splitlines()[0])
+    assert head["world_size"] == 2 and head["steps_per_epoch"] == 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The test machine's cores are shared: one thread avoids oversubscription (restored after)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Score saved CAM score maps like wsolevaluation (MaxBoxAcc / MaxBoxAccV2); prints JSON.
+
+    python tools/eval_wsol.py --metadata data/wsol_metadata/CUB/test --scoremaps SCOREMAP_DIR \
+        [--cam-curve-interval 0.001] [--iou-thresholds 30 50 70] [--multi-contour | --largest-contour]
+
+Score maps: <scoremaps>/<image_id>.npy, float in [0, 1], 224 x 224 (GT boxes are rescaled to the
+map's size with integer truncation). --reference uses the per-threshold OpenCV loop (same numbers).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--metadata", required=True, help="metadata folder of one split (image_ids.txt, ...)")
+    p.add_argument("--scoremaps", required=True)
+    p.add_argument("--cam-curve-interval", type=float, default=0.001)
+    p.add_argument("--iou-thresholds", type=int, nargs="+", default=[30, 50, 70])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--multi-contour", dest="multi_contour", action="store_true", default=True)
+    g.add_argument("--largest-contour", dest="multi_contour", action="store_false")
+    p.add_argument("--reference", action="store_true", help="use the slow per-threshold loop")
+    args = p.parse_args(argv)
+    from pretrain.runtime import progress
+    from wsol.evaluate import score_scoremap_dir
+
+    res = score_scoremap_dir(args.metadata, args.scoremaps, args.cam_curve_interval, args.iou_thresholds,
+                             args.multi_contour, "reference" if args.reference else "fast", progress=progress)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

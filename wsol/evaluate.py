@@ -1,0 +1,132 @@
+"""Evaluate a CAM model on a wsolevaluation split, and score saved score maps.
+
+All box metrics are computed at the score map's size (224 x 224 by default) with GT boxes
+rescaled by integer truncation, as wsolevaluation does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wsol.data import MetadataError, WSOLMetadata, read_wsol_metadata
+from wsol.metrics import (LocAccuracy, MaxBoxAccEvaluator, ScoreMapError, boxes_at_threshold,
+                          centred_box, check_scoremap, rescale_box)
+from wsol.model import normalise_cams
+
+__all__ = ["gt_boxes_resized", "score_scoremap_dir", "evaluate_model", "centred_box_baseline"]
+
+
+def gt_boxes_resized(meta: WSOLMetadata, image_id: str, size=(224, 224)) -> np.ndarray:
+    """GT boxes of one image in the score map's frame: int [K, 4], ``int(x * new / old)``."""
+    if image_id not in meta.boxes:
+        raise MetadataError(f"no GT box for image id {image_id!r}")
+    return np.asarray([rescale_box(b, meta.sizes[image_id], size) for b in meta.boxes[image_id]], np.int64)
+
+
+def score_scoremap_dir(metadata_dir, scoremap_dir, cam_curve_interval: float = 0.001,
+                       iou_thresholds=(30, 50, 70), multi_contour: bool = True, method: str = "fast",
+                       progress=None) -> dict:
+    """Score ``<scoremap_dir>/<image_id>.npy`` maps (float, [0, 1]) against a metadata split.
+
+    Returns {"maxboxacc": {delta: %}, "maxboxacc_v2": %, "best_threshold": {delta: tau}, ...}.
+    """
+    meta = read_wsol_metadata(metadata_dir, require_boxes=True)
+    ev = MaxBoxAccEvaluator(cam_curve_interval, iou_thresholds, multi_contour, method)
+    root = Path(scoremap_dir)
+    ids = meta.image_ids if progress is None else progress(meta.image_ids, desc="score maps")
+    for iid in ids:
+        path = root / f"{iid}.npy"
+        if not path.is_file():
+            raise ScoreMapError(f"score map for image {iid!r} missing: {path}")
+        smap = check_scoremap(np.load(path), iid)
+        h, w = smap.shape
+        ev.accumulate(smap, gt_boxes_resized(meta, iid, (w, h)), iid)
+    return ev.compute()
+
+
+def centred_box_baseline(metadata_dir, size=(224, 224), fraction: float = 0.5,
+                         iou_thresholds=(30, 50, 70)) -> dict:
+    """Accuracy of predicting one centred box (``fraction`` of each side) for every image.
+
+    Returns {"boxacc": {delta: %}, "boxacc_mean": % (comparable to MaxBoxAccV2), "fraction"}.
+    With ``fraction=None`` the best fraction on a 0.05 grid is picked (an optimistic baseline).
+    """
+    meta = read_wsol_metadata(metadata_dir, require_boxes=True) if not isinstance(metadata_dir, WSOLMetadata) \
+        else metadata_dir
+    gts = [gt_boxes_resized(meta, iid, size) for iid in meta.image_ids]
+    from wsol.metrics import iou_matrix
+
+    def score(frac):
+        box = centred_box(size, frac)
+        best = np.array([iou_matrix(box, g).max() for g in gts])
+        acc = {str(d): float((best >= d / 100).mean() * 100) for d in iou_thresholds}
+        return {"boxacc": acc, "boxacc_mean": float(np.mean(list(acc.values()))), "fraction": frac}
+
+    if fraction is not None:
+        return score(fraction)
+    return max((score(round(f, 2)) for f in np.arange(0.05, 1.0001, 0.05)), key=lambda r: r["boxacc_mean"])
+
+
+@torch.no_grad()
+def evaluate_model(model, loader, meta: WSOLMetadata, device, size=(224, 224), cam_curve_interval=0.001,
+                   iou_thresholds=(30, 50, 70), loc_threshold=0.15, loc_iou=0.5, loc_op=">=",
+                   scoremap_dir=None, keep_examples: int = 0, autocast_ctx=None, progress=None) -> dict:
+    """Classification + localization of a CAM model over one split (CAMs of the true class).
+
+    loader yields (images [B, 3, H, W] in [0, 1], labels [B], indices [B]) with indices into
+    ``meta.image_ids``. Returns percentages: top1_cls, top5_cls, maxboxacc (largest contour,
+    IoU 50), maxboxacc_v2 (all contours, mean over iou_thresholds), maxboxacc_per_iou, best
+    thresholds, gt_known_loc / top1_loc / top5_loc at ``loc_threshold`` and ``loc_iou``, the BoxAcc
+    curves, and up to ``keep_examples`` (image, cam, gt, pred boxes) for figures.
+    """
+    model.eval()
+    v2 = MaxBoxAccEvaluator(cam_curve_interval, iou_thresholds, multi_contour=True)
+    v1 = MaxBoxAccEvaluator(cam_curve_interval, (50,), multi_contour=False)
+    loc = LocAccuracy(loc_threshold, loc_iou, loc_op, multi_contour=False)
+    examples = []
+    if scoremap_dir is not None:
+        scoremap_dir = Path(scoremap_dir)
+    it = loader if progress is None else progress(loader, desc="evaluate")
+    for images, labels, indices in it:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device)
+        ctx = autocast_ctx() if autocast_ctx else torch.autocast("cpu", enabled=False)
+        with ctx:
+            logits, cams = model.logits_and_cams(images, labels)
+        maps = normalise_cams(cams.float(), size)[:, 0].cpu().numpy()
+        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu().tolist()
+        for j, idx in enumerate(indices.tolist()):
+            iid = meta.image_ids[idx]
+            gt = gt_boxes_resized(meta, iid, (size[1], size[0]))
+            smap = maps[j]
+            v2.accumulate(smap, gt, iid)
+            v1.accumulate(smap, gt, iid)
+            loc.accumulate(smap, gt, int(labels[j]), top5[j])
+            if scoremap_dir is not None:
+                out = scoremap_dir / f"{iid}.npy"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                np.save(out, smap.astype(np.float32))
+            if len(examples) < keep_examples:
+                examples.append({"image": images[j].float().cpu().permute(1, 2, 0).numpy(), "cam": smap,
+                                 "gt": gt, "image_id": iid, "label": int(labels[j]), "pred": top5[j][0]})
+    r2, r1, rl = v2.compute(), v1.compute(), loc.compute()
+    for ex in examples:  # boxes at the split's best IoU-50 threshold, all contours
+        ex["pred_boxes"] = boxes_at_threshold(ex["cam"], r2["best_threshold"].get("50", 0.5), True)
+    return {
+        "top1_cls": rl["top1_cls"],
+        "maxboxacc": r1["maxboxacc"]["50"],
+        "maxboxacc_v2": r2["maxboxacc_v2"],
+        "maxboxacc_per_iou": r2["maxboxacc"],
+        "best_threshold": r2["best_threshold"],
+        "best_threshold_v1": r1["best_threshold"]["50"],
+        "gt_known_loc": rl["gt_known_loc"],
+        "top1_loc": rl["top1_loc"],
+        "top5_loc": rl["top5_loc"],
+        "num_images": r2["num_images"],
+        "_box_acc": {str(d): a.tolist() for d, a in v2.box_acc().items()},
+        "_box_acc_v1": v1.box_acc()[50].tolist(),
+        "_thresholds": v2.thresholds.tolist(),
+        "_examples": examples,
+    }

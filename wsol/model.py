@@ -1,0 +1,124 @@
+"""The CAM model: a torchvision ResNet with layer4 at stride 1 and a new classifier.
+
+Inputs are RGB images in [0, 1]; ImageNet normalisation happens inside the model.
+The feature map is input/16 per side (14 x 14 at 224). CAM for class y is
+``mean_c(W_fc[y, c] * F[c])`` (no bias, no ReLU) — so the spatial mean of the CAM
+times the number of channels plus the bias is the logit of y.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.checkpoint import ARCHS, build_resnet, load_backbone
+
+__all__ = ["CAMModel", "build_cam_model", "normalise_cams", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _layer4_stride_one(resnet) -> None:
+    """Stride 1 in layer4's first block: the strided conv (conv2 in Bottleneck, conv1 in BasicBlock)
+    and the downsample 1x1 conv. Shapes of the weights are unchanged."""
+    block = resnet.layer4[0]
+    strided = block.conv2 if block.conv2.stride == (2, 2) else block.conv1
+    if strided.stride != (2, 2):
+        raise ValueError("layer4's first block has no stride-2 convolution to change")
+    strided.stride = (1, 1)
+    if block.downsample is not None:
+        block.downsample[0].stride = (1, 1)
+
+
+class CAMModel(nn.Module):
+    """ResNet trunk (layer4 stride 1) + global average pooling + linear classifier.
+
+    forward(x: [B, 3, H, W] in [0, 1]) -> logits [B, K].
+    """
+
+    def __init__(self, arch: str = "resnet50", num_classes: int = 200):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; supported: {list(ARCHS)}")
+        net = build_resnet(arch, num_classes=1000)
+        _layer4_stride_one(net)
+        self.arch = arch
+        self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                                   net.layer1, net.layer2, net.layer3, net.layer4)
+        self.fc = nn.Linear(net.fc.in_features, num_classes)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    # torchvision names, so that backbone checkpoints load with their own keys
+    _TRUNK_NAMES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+    def named_trunk(self) -> dict[str, nn.Module]:
+        return dict(zip(self._TRUNK_NAMES, self.trunk, strict=True))
+
+    def load_backbone_state(self, state) -> None:
+        """Load a torchvision-keyed backbone state dict (fc excluded) strictly."""
+        mapped = {}
+        index = {n: i for i, n in enumerate(self._TRUNK_NAMES)}
+        for k, v in state.items():
+            head, _, rest = k.partition(".")
+            if head not in index:
+                raise KeyError(f"unexpected backbone key {k!r}")
+            mapped[f"trunk.{index[head]}.{rest}"] = v
+        missing, unexpected = self.load_state_dict(mapped, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise KeyError(f"backbone does not fit: missing {missing[:8]}, unexpected {unexpected[:8]}")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, 3, H, W] in [0, 1] -> feature map [B, C, H/16, W/16] (asserted)."""
+        fmap = self.trunk((x - self.mean) / self.std)
+        want = (-(-x.shape[-2] // 16), -(-x.shape[-1] // 16))
+        if tuple(fmap.shape[-2:]) != want:
+            raise RuntimeError(f"feature map is {tuple(fmap.shape[-2:])} for input {tuple(x.shape[-2:])}, "
+                               f"expected {want} (layer4 must have stride 1)")
+        return fmap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+    def logits_and_cams(self, x: torch.Tensor, classes: torch.Tensor | None = None):
+        """x: [B, 3, H, W]; classes: [B] or [B, k] class indices (None: every class).
+
+        Returns (logits [B, K], cams [B, k or K, h, w] at feature resolution, unnormalised):
+        cam[b, j] = mean_c(W_fc[classes[b, j], c] * F[b, c]).
+        """
+        fmap = self.features(x)
+        logits = self.fc(fmap.mean((2, 3)))
+        w = self.fc.weight
+        if classes is None:
+            weights = w.unsqueeze(0).expand(x.shape[0], -1, -1)
+        else:
+            cls = classes.view(x.shape[0], -1)
+            weights = w[cls]  # [B, k, C]
+        cams = torch.einsum("bkc,bchw->bkhw", weights, fmap) / fmap.shape[1]
+        return logits, cams
+
+
+def normalise_cams(cams: torch.Tensor, size=(224, 224)) -> torch.Tensor:
+    """cams [B, k, h, w] -> bicubic upsample to ``size`` -> per-map min-max to [0, 1].
+
+    A constant (or NaN) map becomes all zeros, as in wsolevaluation.
+    """
+    up = F.interpolate(cams.float(), size=tuple(size), mode="bicubic", align_corners=False)
+    lo = up.amin(dim=(2, 3), keepdim=True)
+    hi = up.amax(dim=(2, 3), keepdim=True)
+    rng = hi - lo
+    out = (up - lo) / torch.where(rng > 0, rng, torch.ones_like(rng))
+    bad = ~(rng > 0) | torch.isnan(out).flatten(2).any(-1)[..., None, None]
+    out = torch.where(bad, torch.zeros_like(out), out)
+    return out.clamp_(0, 1)
+
+
+def build_cam_model(arch: str, num_classes: int, weights: str | None = None,
+                    allow_pickle: bool = False) -> CAMModel:
+    """A CAM model; backbone from a checkpoint (any layout ``load_backbone`` reads) or random."""
+    model = CAMModel(arch, num_classes)
+    if weights:
+        model.load_backbone_state(load_backbone(weights, arch=arch, allow_pickle=allow_pickle))
+    return model
