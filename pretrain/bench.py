@@ -28,7 +28,8 @@ FULL = [
     ("cutmix", "cutmix", {}),
     ("puzzlemix", "puzzlemix", {}),
 ]
-TARGETS = {"multimix": 1.03, "dense_multimix": 1.15, "alignmix": 1.10, "multi_mix_manifold_embedding_k5": 1.10}
+TARGETS = {"multimix": 1.03, "dense_multimix": 1.15, "alignmix": 1.10,
+           "multi_mix_manifold_embedding_k5": 1.10}
 
 
 def run_pretrain_bench(quick: bool = False, arch: str = "resnet50", batch: int = 32, size: int = 112,

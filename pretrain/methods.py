@@ -324,6 +324,9 @@ class MultiMix(Method):
             return self._input_mixup(images, y)
         b = images.shape[0]
         lam = self._lambda(b)  # [b, n]
+        if self.layer >= EMBEDDING and not self.dense_loss:  # the fast path: mix b logit vectors
+            logits = self.model.fc(self.model.pool(self.model.features(images)))
+            return {"loss": mx.multimix_loss_from_logits(logits, labels, lam)}
         y_mix = lam.t() @ y
         if self.layer >= EMBEDDING:
             logits = self.logits_of(self.model.features(images))  # [b, c] or [b, c, r]
@@ -390,7 +393,7 @@ class MultiMixK(Method):
         if base not in self.BASES:
             raise ValueError(f"multi_mix base must be one of {sorted(self.BASES)}, got {base!r}")
         if large_batch and base not in ("input", "manifold"):
-            raise ValueError("multi_mix large_batch (the paper's 'large-batch mixup' baseline) is defined for "
+            raise ValueError("multi_mix large_batch (the paper's 'large-batch mixup' baseline) needs "
                              "base input or manifold")
         self.large_batch = large_batch
         self.base, self.k = base, int(k)
@@ -406,13 +409,12 @@ class MultiMixK(Method):
         perm = self._perm(b)
         lams = mx.sorted_betas(self.k, self.alpha, self.generator, self._device())
         if self.large_batch:
-            # baseline: K*b mixes of K random pairings with one lam (same cost as multi-mix)
+            # baseline: K random pairings per example, all with one unsorted lam (same cost as multi-mix)
             layer = 0 if self.base == "input" else self._choice(self.layers)
-            lam = float(lams[0])
+            lam = self._beta(self.alpha)
             perms = [perm] + [self._perm(b) for _ in range(self.k - 1)]
-            x = torch.cat([mx.mixup(images, p, lam) for p in perms])
-            logits = self.logits_of(self.model.features(x)) if layer == 0 else torch.cat(
-                [_mix_at(self, images, p, lams[:1].clone().fill_(lam), layer) for p in perms])
+            one = torch.tensor([lam], device=images.device)
+            logits = torch.cat([_mix_at(self, images, p, one, layer) for p in perms])
             return {"loss": self.loss_of(logits, torch.cat([mx.mixup(y, p, lam) for p in perms]))}
         if self.base in ("input", "manifold"):
             layer = 0 if self.base == "input" else self._choice(self.layers)
@@ -420,8 +422,8 @@ class MultiMixK(Method):
             return {"loss": self.loss_of(logits, mx.multi_mixup(y, perm, lams))}
         if self.base == "cutmix":
             boxes, kept = mx.nested_boxes(h, w, lams.cpu(), self._cpu_generator())
-            x = torch.cat([mx.mask_mix(images, images[perm], mx.box_mask(h, w, bx, images.device, images.dtype))
-                           for bx in boxes])
+            masks = [mx.box_mask(h, w, bx, images.device, images.dtype) for bx in boxes]
+            x = torch.cat([mx.mask_mix(images, images[perm], mask) for mask in masks])
             kept = kept.to(images.device).repeat_interleave(b)
         else:
             self.puzzler.generator = self.generator

@@ -110,7 +110,8 @@ def dense_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -(y.unsqueeze(-1) * logp).sum(1).mean()
 
 
-def weighted_dense_cross_entropy(logits: torch.Tensor, y_mix: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def weighted_dense_cross_entropy(logits: torch.Tensor, y_mix: torch.Tensor,
+                                 weight: torch.Tensor) -> torch.Tensor:
     """Eq. (14) of the MultiMix paper at every position j, averaged over positions.
 
     logits, y_mix: [n, c, r]; weight s: [n, r]. Per position: -sum_k s_k sum_c y log p / sum_k s_k.
@@ -211,6 +212,17 @@ def multimix(z: torch.Tensor, y: torch.Tensor, lam: torch.Tensor):
     """z [b, d], y [b, c], lam [b, n] (columns on the simplex) -> (lam^T z [n, d], lam^T y [n, c])."""
     lam = lam.to(z.dtype)
     return lam.t() @ z, lam.t().to(y.dtype) @ y
+
+
+def multimix_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """The fast path of MultiMix with hard labels: H(Y Lambda, softmax(g(Z) Lambda)).
+
+    logits [b, c] = g(Z) (bias included: columns of Lambda sum to 1, so g(Z Lambda) = g(Z) Lambda),
+    labels [b] int, lam [b, n]. Never forms the n x c mixed targets: for one-hot y,
+    sum_c (Y lam_k)_c log p_kc = sum_i lam_ik log p_k[label_i].
+    """
+    logp = F.log_softmax(lam.t().float() @ logits.float(), dim=-1)  # [n, c]
+    return -(logp[:, labels] * lam.t().float()).sum(1).mean()
 
 
 def dense_attention(z: torch.Tensor, kind: str = "gap_l1relu", fc_weight: torch.Tensor | None = None,
@@ -403,7 +415,8 @@ def grid_labels_gco(unary: torch.Tensor, w_v: torch.Tensor, w_h: torch.Tensor, v
     vals = values.detach().cpu().double()
     pair = ((vals.view(-1, 1) - vals.view(1, -1)) ** 2).numpy()
     out = []
-    for u, v, h in zip(unary.detach().cpu().double(), w_v.detach().cpu().double(), w_h.detach().cpu().double()):
+    cpu = [t.detach().cpu().double() for t in (unary, w_v, w_h)]
+    for u, v, h in zip(*cpu):
         lab = gco.cut_grid_graph((scale * u).numpy().astype(np.int32), (scale * pair).astype(np.int32) // 1,
                                  (scale * v).numpy().astype(np.int32), (scale * h).numpy().astype(np.int32),
                                  algorithm="swap")

@@ -35,7 +35,7 @@ DEFAULTS = {
         "train_split": "train",
         "val_split": "val",
         "crop_size": 224,            # RandomResizedCrop output (train) and centre crop (val)
-        "crop_schedule": None,       # [[epoch, size], ...]: train crop size from that epoch on (fast protocol)
+        "crop_schedule": None,       # [[epoch, size], ...]: train crop size from that epoch on
         "val_resize": None,          # shorter side before the val centre crop; None = crop_size / 0.875
         "scale_min": 0.08,           # RandomResizedCrop scale range lower bound
         "hflip": True,
@@ -61,7 +61,7 @@ DEFAULTS = {
         "schedule": "step",          # step | cosine | piecewise
         "milestones": [75, 150, 225],  # step: epochs where lr *= gamma
         "gamma": 0.1,
-        "points": None,              # piecewise: [[epoch, factor], ...] linear in between (repeat an epoch to jump)
+        "points": None,              # piecewise: [[epoch, factor], ...], linear; repeat an epoch to jump
         "min_factor": 0.0,           # cosine: final lr / peak lr
         "warmup_epochs": 0.0,        # linear warm-up (fractional epochs allowed), multiplies the schedule
         "warmup_start": 0.01,        # warm-up starts at this fraction of the schedule's lr
@@ -78,7 +78,7 @@ DEFAULTS = {
         "tensorboard": False,        # needs the tensorboard package
         "flops": True,               # fvcore parameter / FLOP counts in the log header
         "figures": True,             # runs/<name>/figures/curves.png at the end
-        "grad_norm": True,           # log the mean squared gradient norm per epoch (multi-mix's variance proxy)
+        "grad_norm": True,           # mean squared gradient norm per epoch (multi-mix's variance proxy)
         "stop_after_steps": None,    # stop this invocation after N steps (simulates a kill; tests)
     },
 }
@@ -95,7 +95,8 @@ class Lighting:
     """AlexNet-style PCA lighting noise on a [3, h, w] tensor in [0, 1] (ImageNet eigen-decomposition)."""
 
     EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
-    EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+    EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140],
+                           [-0.5836, -0.6948, 0.4203]])
 
     def __init__(self, std: float):
         self.std = std
@@ -342,8 +343,8 @@ class Trainer:
         d = self.cfg["data"]
         idx = _subset(len(self.val_set), d["max_val"]) or list(range(len(self.val_set)))
         mine = idx[self.rank:: self.world]
-        ds = torch.utils.data.Subset(SeededTransform(self.val_set, val_transform(d["crop_size"], d["val_resize"])),
-                                     mine)
+        tf = val_transform(d["crop_size"], d["val_resize"])
+        ds = torch.utils.data.Subset(SeededTransform(self.val_set, tf), mine)
         return DataLoader(ds, batch_size=self.cfg["optim"]["batch_size"], shuffle=False,
                           num_workers=d["num_workers"], pin_memory=self.device.type == "cuda")
 
@@ -450,7 +451,8 @@ class Trainer:
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
             t0, sums, n_steps = time.time(), {}, 0
-            bar = rt.progress(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{ocfg['epochs']}")
+            bar = rt.progress(total=self.steps_per_epoch, initial=start,
+                              desc=f"epoch {epoch + 1}/{ocfg['epochs']}")
             for images, labels in self._loader(epoch, start):
                 images, labels = self._to_device(images, labels)
                 try:
@@ -525,15 +527,18 @@ class Trainer:
 
 def fvcore_flops(model: ResNetStages, size: int) -> float | None:
     """fvcore's count (multiply-adds, its "FLOP" convention) for one image at `size`, or None."""
+    import copy
+    import warnings
+
     try:
-        import copy
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fvcore's import and tracing use deprecated torch.jit APIs
+            from fvcore.nn import FlopCountAnalysis
 
-        from fvcore.nn import FlopCountAnalysis
-
-        m = copy.deepcopy(model).cpu().float().eval()
-        fca = FlopCountAnalysis(m, torch.zeros(1, 3, size, size))
-        fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        return float(fca.total())
+            m = copy.deepcopy(model).cpu().float().eval()
+            fca = FlopCountAnalysis(m, torch.zeros(1, 3, size, size))
+            fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            return float(fca.total())
     except Exception:  # noqa: BLE001 - a header nicety must never stop training
         return None
 
@@ -549,6 +554,7 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     for key in ("train_loss", "val_loss"):
         if all(key in h for h in history):
             a.plot(ep, [h[key] for h in history], marker="o", label=key)
+    a.set_yscale("log")  # the first epoch's val loss can be huge (BN running stats not settled yet)
     a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend()
     for key in ("val_top1", "val_top5", "train_top1"):
         if all(key in h for h in history):

@@ -115,8 +115,8 @@ def test_frozen_bn_default_is_frozen(backbone, toy_world):
     for k in before:
         if "running_" in k or (k.startswith("backbone.body.") and ("bn" in k or "downsample.1" in k)):
             assert torch.equal(before[k], after[k]), k
-    assert torch.equal(before["backbone.body.layer1.0.conv1.weight"], after["backbone.body.layer1.0.conv1.weight"])
-    assert not torch.equal(before["backbone.body.layer4.0.conv1.weight"], after["backbone.body.layer4.0.conv1.weight"])
+    frozen, trained = "backbone.body.layer1.0.conv1.weight", "backbone.body.layer4.0.conv1.weight"
+    assert torch.equal(before[frozen], after[frozen]) and not torch.equal(before[trained], after[trained])
 
 
 def test_random_init_uses_trainable_bn_everywhere():
@@ -153,7 +153,8 @@ def test_ssd_default_box_counts():
     assert ssd_plan(512)["fmap_sizes"] == [64, 32, 16, 8, 4, 2, 1]
     plan = ssd_plan(128)
     assert plan["fmap_sizes"] == [16, 8, 4, 2, 1]
-    assert count_priors(ssd_resnet(21, None, arch="resnet18", size=128)) == 16 * 16 * 4 + 8 * 8 * 6 + 4 * 4 * 6 + 4 * 4 + 4
+    expected = 16 * 16 * 4 + 8 * 8 * 6 + 4 * 4 * 6 + 2 * 2 * 4 + 1 * 4
+    assert count_priors(ssd_resnet(21, None, arch="resnet18", size=128)) == expected
 
 
 def _flip_pipeline():
@@ -168,7 +169,8 @@ def test_flip_gives_hand_computed_box():
     x, t = _flip_pipeline()(img, target)
     # x0' = W - x1, x1' = W - x0 in continuous pixel coordinates
     # (albumentations works in normalised float32 coordinates: exact up to rounding)
-    assert torch.allclose(t["boxes"], torch.tensor([[70.0, 20.0, 90.0, 50.0], [1.0, 5.0, 50.0, 59.0]]), atol=1e-4)
+    expected = torch.tensor([[70.0, 20.0, 90.0, 50.0], [1.0, 5.0, 50.0, 59.0]])
+    assert torch.allclose(t["boxes"], expected, atol=1e-4)
     assert t["labels"].tolist() == [1, 2] and t["difficult"].tolist() == [False, True]
     assert x.shape == (3, 60, 100) and t["scale"] == (1.0, 1.0)
 

@@ -34,8 +34,9 @@ def _cfg(toy_world, kind="ssd", fmt="voc", **solver):
         "model": {"type": kind, "arch": "resnet18", "size": 64, "max_size": 64, "train_sizes": [64],
                   "kwargs": {"detections_per_img": 10} if kind == "ssd" else
                   {"anchor_sizes": [16, 32, 64, 128, 256], "rpn_pre_nms_top_n_train": 100,
-                   "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20,
-                   "rpn_batch_size_per_image": 32, "box_batch_size_per_image": 16, "box_detections_per_img": 10}},
+                   "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 50,
+                   "rpn_post_nms_top_n_test": 20, "rpn_batch_size_per_image": 32,
+                   "box_batch_size_per_image": 16, "box_detections_per_img": 10}},
         "data": {"format": fmt, "root": str(toy_world / ("VOCdevkit" if fmt == "voc" else "coco")),
                  "voc_train": ["2007/trainval"], "max_train_images": 8, "max_test_images": 6, "workers": 0,
                  "zoom_out_ratio": 2.0},
@@ -112,7 +113,8 @@ def test_ssd_finetune_writes_metrics_figure_and_result_files(toy_world, backbone
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert on_disk["mAP"] == metrics["mAP"]
     assert (tmp_path / "run" / "figures" / "detections.png").stat().st_size > 1000
-    assert len(list((tmp_path / "run" / "seed_0" / "eval" / "voc_results").glob("comp4_det_test_*.txt"))) == 20
+    results = tmp_path / "run" / "seed_0" / "eval" / "voc_results"
+    assert len(list(results.glob("comp4_det_test_*.txt"))) == 20
     log = [json.loads(ln) for ln in (tmp_path / "run" / "seed_0" / "log.jsonl").read_text().splitlines()]
     assert log[0]["iter"] == 1 and log[-1]["final"]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pretrain import mixing as mx
-from pretrain.methods import METHODS, ResNetStages, build_method, method_knobs
+from pretrain.methods import ResNetStages, build_method, method_knobs
 
 C = 10
 
@@ -46,7 +46,8 @@ def test_model_is_plain_torchvision_with_normalisation_inside():
     assert list(m.net.state_dict()) == list(ref.state_dict())
     ref.load_state_dict(m.net.state_dict())
     x = torch.rand(2, 3, 32, 32)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     m.eval(), ref.eval()
     assert torch.allclose(m(x), ref((x - mean) / std), atol=1e-5)
     # stage split: forward_from(forward_to(x, k), k) is the full map for every k
@@ -108,17 +109,21 @@ VARIANTS = [
     ("multimix", {"prob": 1.0, "m": 3, "dense_loss": True}), ("dense_multimix", {"prob": 1.0}),
     ("dense_multimix", {"prob": 1.0, "attention": "cam_softmax"}),
     ("multi_mix", {"base": "input", "k": 3}), ("multi_mix", {"base": "manifold", "k": 3}),
-    ("multi_mix", {"base": "cutmix", "k": 3}), ("multi_mix", {"base": "manifold", "k": 2, "large_batch": True}), ("multi_mix", {"base": "puzzlemix", "k": 2}),
+    ("multi_mix", {"base": "cutmix", "k": 3}), ("multi_mix", {"base": "puzzlemix", "k": 2}),
+    ("multi_mix", {"base": "manifold", "k": 2, "large_batch": True}),
     ("alignmix", {"modes": ["feat"]}), ("alignmix", {"modes": ["feat_rev"], "dense_loss": True}),
     ("alignmix_official", {}),
 ]
 
 
-@pytest.mark.parametrize("name,knobs", VARIANTS, ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k in VARIANTS])
+IDS = [f"{n}-{'-'.join(map(str, k.values()))}" for n, k in VARIANTS]
+
+
+@pytest.mark.parametrize("name,knobs", VARIANTS, ids=IDS)
 def test_every_method_trains(batch, name, knobs):
     """Same batch and same draws every step: the loss must go down."""
     images, labels = batch
-    images = torch.nn.functional.interpolate(images, size=32, mode="bilinear", antialias=True)  # keep it quick
+    images = torch.nn.functional.interpolate(images, size=32, mode="bilinear", antialias=True)  # quick
     m = make(name, **knobs)
     opt = torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9)
     losses = []
@@ -132,6 +137,15 @@ def test_every_method_trains(batch, name, knobs):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0], losses
+
+
+def test_bench_returns_ratios():
+    from pretrain.bench import run_pretrain_bench
+
+    out = run_pretrain_bench(arch="resnet18", batch=4, size=32, num_classes=10, n=10, repeats=1, warmup=0,
+                             methods=["multimix"], clock="process")
+    assert set(out["step_time_ratio"]) == {"erm", "multimix"} and out["step_time_ratio"]["erm"] == 1.0
+    assert out["targets"]["multimix"]["target"] == 1.03
 
 
 def test_alignmix_feat_with_lam_one_is_clean_and_modes_validated(batch):

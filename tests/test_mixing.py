@@ -102,6 +102,10 @@ def test_multimix_hand_case_and_logit_fast_path():
     z = torch.randn(12, 16)
     lam = mx.dirichlet_weights(12, 300, generator=gen(0))
     assert torch.allclose(fc(mx.multimix(z, y.new_zeros(12, 2), lam)[0]), lam.t() @ fc(z), atol=1e-5)
+    labels = torch.randint(0, 10, (12,))
+    zm, ym = mx.multimix(z, mx.one_hot(labels, 10), lam)
+    pure = mx.soft_cross_entropy(fc(zm), ym)
+    assert mx.multimix_loss_from_logits(fc(z), labels, lam).item() == pytest.approx(pure.item(), rel=1e-5)
 
 
 def test_dense_attention_by_hand():
@@ -109,7 +113,8 @@ def test_dense_attention_by_hand():
     # u = GAP = (1, 2/3); scores (1, 2/3, 8/3); l1 -> (3, 2, 8) / 13
     a = mx.dense_attention(z, "gap_l1relu")
     assert torch.allclose(a, torch.tensor([[3.0, 2.0, 8.0]]) / 13)
-    assert torch.allclose(mx.dense_attention(z, "gap_softmax"), torch.softmax(torch.tensor([[1, 2 / 3, 8 / 3]]), -1))
+    soft = torch.softmax(torch.tensor([[1, 2 / 3, 8 / 3]]), -1)
+    assert torch.allclose(mx.dense_attention(z, "gap_softmax"), soft)
     assert torch.allclose(mx.dense_attention(z, "uniform"), torch.full((1, 3), 1 / 3))
     w = torch.tensor([[1.0, -1.0], [0.0, 1.0]])  # u = W^T y = row of class 1 = (0, 1): scores (0, 1, 1)
     a = mx.dense_attention(z, "cam_l1relu", w, mx.one_hot(torch.tensor([1]), 2))
@@ -171,11 +176,12 @@ def test_dense_fast_path_equals_pure_functions_random():
     attn = mx.dense_attention(z)
     lam = mx.dirichlet_weights(b, n, generator=gen(1), sets=r)
     zm, ym, weight = mx.dense_multimix(z, y, attn, lam)
-    pure = mx.weighted_dense_cross_entropy(torch.einsum("ndr,cd->ncr", zm, fc.weight) + fc.bias.view(1, -1, 1),
-                                           ym, weight)
+    logits_mix = torch.einsum("ndr,cd->ncr", zm, fc.weight) + fc.bias.view(1, -1, 1)
+    pure = mx.weighted_dense_cross_entropy(logits_mix, ym, weight)
     logits = torch.einsum("bdr,cd->bcr", z, fc.weight) + fc.bias.view(1, -1, 1)
     mhat, s = mx.dense_mix_weights(attn, lam)
-    assert mx.dense_multimix_loss_from_logits(logits, y, mhat, s).item() == pytest.approx(pure.item(), rel=1e-5)
+    fast = mx.dense_multimix_loss_from_logits(logits, y, mhat, s)
+    assert fast.item() == pytest.approx(pure.item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- Sinkhorn
@@ -228,7 +234,8 @@ def test_saliency_grid_and_block_permutation():
     x = torch.arange(16.0).view(1, 1, 4, 4)
     assert torch.equal(mx.permute_blocks(x, torch.tensor([[0, 1, 2, 3]]), 2), x)
     swapped = mx.permute_blocks(x, torch.tensor([[3, 1, 2, 0]]), 2)
-    assert torch.equal(swapped[..., :2, :2], x[..., 2:, 2:]) and torch.equal(swapped[..., 2:, 2:], x[..., :2, :2])
+    assert torch.equal(swapped[..., :2, :2], x[..., 2:, 2:])
+    assert torch.equal(swapped[..., 2:, 2:], x[..., :2, :2])
 
 
 def test_transport_moves_salient_block_to_revealed_place():

@@ -34,7 +34,8 @@ def test_lr_schedules_by_hand():
     assert lr_factor(5, o) == pytest.approx(0.5) and lr_factor(10, o) == pytest.approx(0.0)
     o.update(warmup_epochs=2, warmup_start=0.0)
     assert lr_factor(1, o) == pytest.approx(0.5 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi / 10)).item()))
-    o = dict(DEFAULTS["optim"], schedule="piecewise", points=[[0, 0.5], [8, 1.0], [15, 0.125], [15, 0.2], [40, 0.02]])
+    pts = [[0, 0.5], [8, 1.0], [15, 0.125], [15, 0.2], [40, 0.02]]
+    o = dict(DEFAULTS["optim"], schedule="piecewise", points=pts)
     assert lr_factor(4, o) == pytest.approx(0.75) and lr_factor(15, o) == pytest.approx(0.2)
     assert lr_factor(27.5, o) == pytest.approx(0.11) and lr_factor(50, o) == pytest.approx(0.02)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Robustness suites of pretrained classifiers on ImageNet-layout val.
 
-    tools/evaluate.py --checkpoint CKPT --imagenet DIR --suites clean,background,calibration,fgsm,pgd,ood \
+    tools/evaluate.py --checkpoint CKPT --imagenet DIR --suites clean,background,calibration,fgsm,pgd,ood
         [--ood DIR ...] [--out DIR] [--limit N]
 
 One checkpoint writes OUT/metrics.json and OUT/figures/. Several checkpoints (comparison mode; name them
@@ -35,6 +35,19 @@ OPTIONS = {
 }
 
 
+HELP = {
+    "suites": "comma-separated: clean,background,calibration,fgsm,pgd,ood (or all)",
+    "limit": "evaluate N evenly spaced val images (and at most N per OOD folder)",
+    "image_size": "centre-crop size", "resize": "short side before the crop",
+    "corrupt_at": "eval (after resize + crop, default) or original (stored resolution)",
+    "sigma": "background noise std in [0, 1] pixel units",
+    "export_corrupted": "write the corrupted val sets as PNG here",
+    "fgsm_eps": "e.g. 8/255", "pgd_eps": "e.g. 4/255", "pgd_step": "e.g. 2/255",
+    "ood_noise": "synthetic OOD sets: uniform,gaussian (empty for none)",
+    "precision": "fp32 | bf16 | fp16 (CUDA autocast)", "workers": "data-loading workers",
+}
+
+
 def parse_eps(v) -> float:
     """'8/255' or 0.0314 -> float."""
     return float(Fraction(str(v))) if "/" in str(v) else float(v)
@@ -60,7 +73,7 @@ def main(argv=None) -> int:
         if typ is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            ap.add_argument(flag, type=str if typ == "eps" else typ, default=None)
+            ap.add_argument(flag, type=str if typ == "eps" else typ, default=None, help=HELP.get(key))
     args = ap.parse_args(argv)
     if args.threads:
         import torch

@@ -18,9 +18,8 @@ from pathlib import Path
 # the repo root first: tools/pretrain.py would otherwise shadow the `pretrain` package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.config import load_config  # noqa: E402
 from pretrain.runtime import cleanup_distributed, init_distributed, is_main_process  # noqa: E402
-from transfer.det_train import DEFAULTS, finetune_detector  # noqa: E402
+from transfer.det_train import finetune_detector, load_det_config  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,7 +35,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
-    cfg = load_config(args.config, overrides, defaults=DEFAULTS)
+    cfg = load_det_config(args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / "detection" / Path(args.config).stem)
     if run_dir.exists() and any(run_dir.iterdir()) and not args.resume:
         p.error(f"{run_dir} exists and is not empty; pass --resume to continue it or choose --run-dir")

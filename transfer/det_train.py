@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from pretrain import runtime
-from pretrain.config import dump_config, validate
+from pretrain.config import dump_config, load_config, validate
 from transfer.det_transforms import build_transforms
 from transfer.detectors import build_detector
 
@@ -36,16 +36,17 @@ DEFAULTS = {
     "model": {
         "type": "ssd",                    # ssd | faster_rcnn_fpn | faster_rcnn_c4
         "arch": "resnet50",               # resnet18 | resnet34 | resnet50 | resnet101
-        "norm": "auto",                   # auto (frozen_bn with weights, bn without) | frozen_bn | bn | syncbn
+        "norm": "auto",                   # auto (frozen_bn with weights, bn without) | frozen_bn | bn
+                                          # | syncbn
         "trainable_layers": None,         # None: 3 (R-CNN) / 4 (SSD) with weights, 5 without
         "size": 300,                      # SSD input side; R-CNN test shorter side
         "max_size": 1333,                 # R-CNN longer-side cap
         "train_sizes": None,              # R-CNN multi-scale training shorter sides (None: [size])
-        "kwargs": {},                     # extra builder keyword arguments (anchor sizes, proposal counts, ...)
+        "kwargs": {},                     # extra builder keyword arguments (anchor sizes, proposal counts)
     },
     "data": {
         "format": "voc",                  # voc | coco
-        "root": "",                       # VOC: the VOCdevkit dir; COCO: the dir holding annotations/, train2017/
+        "root": "",                       # VOC: the VOCdevkit dir; COCO: the dir holding annotations/
         "voc_train": ["2007/trainval", "2012/trainval"],
         "voc_test": "2007/test",
         "coco_train": ["train2017", "annotations/instances_train2017.json"],
@@ -90,6 +91,11 @@ DEFAULTS = {
 def resolve_config(cfg: dict) -> dict:
     """Validate against :data:`DEFAULTS` (unknown keys rejected, missing ones filled)."""
     return validate(cfg, DEFAULTS)
+
+
+def load_det_config(path, overrides=()) -> dict:
+    """A detection YAML (``_BASE_`` chain, ``KEY=VALUE`` overrides) validated against :data:`DEFAULTS`."""
+    return load_config(path, overrides, defaults=DEFAULTS)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -268,7 +274,8 @@ def detection_figure(examples, classes, path: Path, score_thresh: float = 0.3) -
     for ax, ex in zip(axes.flat, examples):
         ax.imshow(ex["image"].permute(1, 2, 0).clamp(0, 1).numpy())
         for b, lab in zip(ex["gt_boxes"].tolist(), ex["gt_labels"].tolist()):
-            ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="lime", lw=1.5))
+            ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="lime",
+                                       lw=1.5))
         for b, s, lab in zip(ex["pred_boxes"].tolist(), ex["scores"].tolist(), ex["labels"].tolist()):
             if s < score_thresh:
                 continue
@@ -376,7 +383,8 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
             it += 1
             n_epoch += len(images) * world
             if it % rt["log_period"] == 0 or it == 1:
-                rec = {"iter": it, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "loss": float(loss.detach()),
+                rec = {"iter": it, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+                       "loss": float(loss.detach()),
                        **{k: float(v.detach()) for k, v in losses.items()}}
                 logger.log(rec)
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")

@@ -49,7 +49,8 @@ def sample_zoom_out(height: int, width: int, max_ratio: float, rng: np.random.Ge
     ratio = float(rng.uniform(1.0, max_ratio))
     canvas_h, canvas_w = int(height * ratio), int(width * ratio)
     return {"canvas_h": canvas_h, "canvas_w": canvas_w,
-            "left": int(rng.integers(0, canvas_w - width + 1)), "top": int(rng.integers(0, canvas_h - height + 1))}
+            "left": int(rng.integers(0, canvas_w - width + 1)),
+            "top": int(rng.integers(0, canvas_h - height + 1))}
 
 
 def sample_iou_crop(boxes: np.ndarray, height: int, width: int, rng: np.random.Generator,

@@ -116,11 +116,12 @@ class _NoResizeTransform(GeneralizedRCNNTransform):
         return image, target
 
 
-def _rcnn_kwargs(min_size, max_size, rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test, rpn_post_nms_top_n_train,
-                 rpn_post_nms_top_n_test, rpn_batch_size_per_image, box_batch_size_per_image,
-                 box_detections_per_img, box_score_thresh):
+def _rcnn_kwargs(min_size, max_size, rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test,
+                 rpn_post_nms_top_n_train, rpn_post_nms_top_n_test, rpn_batch_size_per_image,
+                 box_batch_size_per_image, box_detections_per_img, box_score_thresh):
     return dict(min_size=min_size, max_size=max_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
-                rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+                rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+                rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
                 rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
                 rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
                 rpn_batch_size_per_image=rpn_batch_size_per_image,
@@ -147,9 +148,9 @@ def faster_rcnn_fpn(num_classes: int, weights: str | None, arch: str = "resnet50
     pyramid level P2..P6. ``fpn_channels`` / ``box_head_dim`` (256 / 1024 in the reference) can shrink for
     toy runs. ``resize_inside=False`` leaves resizing to the data pipeline."""
     resnet, _, tl = build_trunk(arch, weights, norm, trainable_layers, allow_pickle=allow_pickle)
-    backbone = BackboneWithFPN(resnet, return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
-                               in_channels_list=_stage_channels(arch), out_channels=int(fpn_channels),
-                               extra_blocks=LastLevelMaxPool())
+    return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+    backbone = BackboneWithFPN(resnet, return_layers=return_layers, in_channels_list=_stage_channels(arch),
+                               out_channels=int(fpn_channels), extra_blocks=LastLevelMaxPool())
     if len(anchor_sizes) != 5:
         raise DetectorConfigError(f"anchor_sizes needs one size per FPN level (5), got {anchor_sizes}")
     anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), (tuple(aspect_ratios),) * 5)
@@ -257,7 +258,8 @@ class SSDResNetBackbone(nn.Module):
                                    resnet.layer1, resnet.layer2, resnet.layer3)
         layers, cin = [], c3
         for i, (stride, pad) in enumerate(extras):
-            cout, mid = extra_channels[min(i, len(extra_channels) - 1)], mid_channels[min(i, len(mid_channels) - 1)]
+            cout = extra_channels[min(i, len(extra_channels) - 1)]
+            mid = mid_channels[min(i, len(mid_channels) - 1)]
             layers.append(nn.Sequential(
                 nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
                 nn.Conv2d(mid, cout, 3, stride=stride, padding=pad, bias=False), nn.BatchNorm2d(cout),

@@ -133,7 +133,7 @@ def _cuts(thresholds, u8_max) -> np.ndarray:
 
 
 def _contours(u8: np.ndarray, cut: int):
-    mask = (u8 > cut).astype(np.uint8)
+    _, mask = cv2.threshold(u8, cut, 255, cv2.THRESH_BINARY)  # u8 > cut (strict)
     return cv2.findContours(mask, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
 
 
@@ -151,15 +151,14 @@ def _boxes_of_contours(contours, width, height, multi_contour) -> np.ndarray:
 
 def boxes_at_threshold(scoremap, threshold: float, multi_contour: bool = True) -> np.ndarray:
     """Predicted boxes [K, 4] (int) of one score map at one threshold (reference algorithm)."""
-    u8 = quantise(scoremap)
-    cut = int(threshold * np.max(u8))
-    h, w = u8.shape
-    return _boxes_of_contours(_contours(u8, cut), w, h, multi_contour)
+    return reference_boxes(scoremap, [threshold], multi_contour)[0]
 
 
 def reference_boxes(scoremap, thresholds, multi_contour: bool = True) -> list[np.ndarray]:
-    """The straightforward loop: boxes at every threshold, one findContours each."""
-    return [boxes_at_threshold(scoremap, t, multi_contour) for t in thresholds]
+    """The straightforward loop: quantise once, then one threshold + findContours per threshold."""
+    u8 = np.ascontiguousarray(quantise(scoremap))
+    h, w = u8.shape
+    return [_boxes_of_contours(_contours(u8, int(t * np.max(u8))), w, h, multi_contour) for t in thresholds]
 
 
 def reference_best_ious(scoremap, gt_boxes, thresholds, multi_contour: bool = True) -> np.ndarray:
@@ -192,8 +191,29 @@ def _distinct_mask_best_ious(u8, gt, cuts, multi_contour) -> np.ndarray:
     return out
 
 
+def _run_tables(n_bits: int, ring: bool):
+    """For every mask of active neighbours: one neighbour index per run of ring-adjacent active
+    neighbours (ring=True, 8-connectivity) or every active neighbour (ring=False)."""
+    reps = np.zeros((1 << n_bits, n_bits), np.int64)
+    nreps = np.zeros(1 << n_bits, np.int64)
+    for mask in range(1 << n_bits):
+        bits = [(mask >> d) & 1 for d in range(n_bits)]
+        if ring and all(bits):
+            chosen = [0]
+        elif ring:
+            chosen = [d for d in range(n_bits) if bits[d] and not bits[d - 1]]
+        else:
+            chosen = [d for d in range(n_bits) if bits[d]]
+        nreps[mask] = len(chosen)
+        reps[mask, :len(chosen)] = chosen
+    return reps, nreps
+
+
+_REPS8, _NREPS8 = _run_tables(8, ring=True)
+_REPS4, _NREPS4 = _run_tables(4, ring=False)
+
 if numba is not None:
-    _njit = numba.njit(cache=True, nogil=True)
+    _njit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
     @_njit
     def _find(parent, i):
@@ -208,6 +228,7 @@ if numba is not None:
 
     @_njit
     def _box_iou_max(x0, y0, x1, y1, gt):
+        """max over GT boxes of the inclusive-pixel IoU (same float64 arithmetic as iou_matrix)."""
         best = 0.0
         area_a = (x1 - x0 + 1) * (y1 - y0 + 1)
         for g in range(gt.shape[0]):
@@ -226,6 +247,7 @@ if numba is not None:
 
     @_njit
     def _tree_set(tree, size, i, v):
+        """Max segment tree: leaf i := v, refresh the ancestors (stop when one is unchanged)."""
         i += size
         tree[i] = v
         i //= 2
@@ -239,44 +261,37 @@ if numba is not None:
             i //= 2
 
     @_njit
-    def _sweep(u8, gt, foreground, order, counts, ws_i32, active, frame, tree, size, best):
-        """Best IoU per cut level for all-contour boxes, in one union-find pass.
+    def _sweep(h, w, gt, foreground, order, xs, ys, counts, parent, weight, box, dirty, stamp, tree, size, best,
+               reps, nreps):
+        """Best IoU per cut level for all-contour boxes, in one union-find pass over the pixels.
 
-        foreground=True: 8-connected components of {u8 > c}, c from 254 down to 0;
-        box [x0, y0, min(x1+1, W-1), min(y1+1, H-1)].
-        foreground=False: 4-connected components of {u8 <= c} not touching the frame
-        (holes), c from 0 up to 254; box of the hole contour
-        [x0-1, y0-1, min(x1+2, W-1), min(y1+2, H-1)].
-        Pixels are indices into the grid padded by one never-active pixel (no bounds tests).
+        foreground=True: 8-connected components of {u8 > c}, c from 254 down to 0 (level c gets
+        the pixels of value c + 1); box [x0, y0, min(x1+1, W-1), min(y1+1, H-1)].
+        foreground=False: 4-connected components of {u8 <= c} that do not touch the frame (the
+        holes), c from 0 up to 254 (level c gets the pixels of value c); box of the hole's
+        contour [x0-1, y0-1, min(x1+2, W-1), min(y1+2, H-1)].
+        Pixels (sorted by value in order / xs / ys) index a grid padded by one pixel that never
+        becomes active (parent -1), so neighbours need no bounds test. box[:, 4] marks frame
+        contact. A max segment tree over the roots holds each component's IoU.
+        Active neighbours are read into a bit mask without branches; ``reps[mask]`` lists one
+        neighbour per run of adjacent active neighbours (those are already one component), so
+        usually a single find per pixel.
         Writes best[256] (-1 where a level has no such box).
         """
-        h, w = u8.shape
         pw = w + 2
         n = (h + 2) * pw
-        parent = ws_i32[0]
-        weight = ws_i32[1]
-        bx0 = ws_i32[2]
-        by0 = ws_i32[3]
-        bx1 = ws_i32[4]
-        by1 = ws_i32[5]
-        stamp = ws_i32[6]
-        dirty = ws_i32[7]
         for i in range(n):
-            parent[i] = i
-            weight[i] = 1
-            stamp[i] = -1
-            active[i] = False
+            parent[i] = -1
         for i in range(2 * size):
             tree[i] = -1.0
         for i in range(256):
             best[i] = -1.0
-        if foreground:
-            offs = np.array([-pw - 1, -pw, -pw + 1, -1, 1, pw - 1, pw, pw + 1])
-        else:
-            offs = np.array([-pw, -1, 1, pw])
+        if foreground:  # around the ring E, NE, N, NW, W, SW, S, SE: neighbours in turn are 4-adjacent
+            offs = np.array([1, -pw + 1, -pw, -pw - 1, -1, pw - 1, pw, pw + 1])
+        else:  # N, E, S, W: no two are 4-adjacent
+            offs = np.array([-pw, 1, pw, -1])
+        nb = offs.shape[0]
         for step in range(256):
-            # foreground: level c = 255 - step gets the pixels of value c + 1 (none for c = 255)
-            # background: level c = step gets the pixels of value c
             level = 255 - step if foreground else step
             value = level + 1 if foreground else level
             if value > 255:
@@ -285,48 +300,69 @@ if numba is not None:
             if lo == hi:
                 best[level] = tree[1]
                 continue
-            nd = 0  # roots whose box (or frame contact) changed at this level
+            nd = 0
             for k in range(lo, hi):
                 p = order[k]
-                y = p // pw - 1
-                x = p - (y + 1) * pw - 1
-                active[p] = True
-                bx0[p] = x
-                bx1[p] = x
-                by0[p] = y
-                by1[p] = y
-                frame[p] = (x == 0) or (y == 0) or (x == w - 1) or (y == h - 1)
-                rp = p
+                x = xs[k]
+                y = ys[k]
+                on_frame = 1 if (x == 0 or y == 0 or x == w - 1 or y == h - 1) else 0
+                rp = -1  # p's root; -1 while p is alone
                 changed = False
-                for d in range(offs.shape[0]):
-                    q = p + offs[d]
-                    if not active[q] or parent[q] == rp:  # inactive, or already ours (cheap test first)
+                mask = 0
+                for d in range(nb):
+                    mask |= (parent[p + offs[d]] >= 0) << d
+                for t in range(nreps[mask]):
+                    q = p + offs[reps[mask, t]]
+                    if parent[q] == rp:
                         continue
                     rq = _find(parent, q)
-                    if rp == rq:
+                    if rq == rp:
+                        continue
+                    if rp < 0:  # first neighbour: p joins rq's component
+                        parent[p] = rq
+                        weight[rq] += 1
+                        if x < box[rq, 0]:
+                            box[rq, 0] = x
+                            changed = True
+                        elif x > box[rq, 2]:
+                            box[rq, 2] = x
+                            changed = True
+                        if y < box[rq, 1]:
+                            box[rq, 1] = y
+                            changed = True
+                        elif y > box[rq, 3]:
+                            box[rq, 3] = y
+                            changed = True
+                        if on_frame > box[rq, 4]:
+                            box[rq, 4] = 1
+                            changed = True
+                        rp = rq
                         continue
                     if weight[rp] < weight[rq]:  # union by size: the larger root survives
                         rp, rq = rq, rp
                     parent[rq] = rp
                     weight[rp] += weight[rq]
-                    if bx0[rq] < bx0[rp]:
-                        bx0[rp] = bx0[rq]
-                        changed = True
-                    if by0[rq] < by0[rp]:
-                        by0[rp] = by0[rq]
-                        changed = True
-                    if bx1[rq] > bx1[rp]:
-                        bx1[rp] = bx1[rq]
-                        changed = True
-                    if by1[rq] > by1[rp]:
-                        by1[rp] = by1[rq]
-                        changed = True
-                    if frame[rq] and not frame[rp]:
-                        frame[rp] = True
-                        changed = True
-                    if rq != p:  # an older component disappears into rp
-                        _tree_set(tree, size, rq, -1.0)
-                if changed or rp == p:
+                    for c in range(2):
+                        if box[rq, c] < box[rp, c]:
+                            box[rp, c] = box[rq, c]
+                            changed = True
+                    for c in range(2, 5):
+                        if box[rq, c] > box[rp, c]:
+                            box[rp, c] = box[rq, c]
+                            changed = True
+                    _tree_set(tree, size, rq, -1.0)  # that component is gone
+                if rp < 0:  # a new component of one pixel
+                    parent[p] = p
+                    weight[p] = 1
+                    box[p, 0] = x
+                    box[p, 1] = y
+                    box[p, 2] = x
+                    box[p, 3] = y
+                    box[p, 4] = on_frame
+                    stamp[p] = -1
+                    dirty[nd] = p
+                    nd += 1
+                elif changed:
                     dirty[nd] = rp
                     nd += 1
             for k in range(nd):
@@ -335,18 +371,20 @@ if numba is not None:
                     continue
                 stamp[r] = step
                 if foreground:
-                    v = _box_iou_max(bx0[r], by0[r], min(bx1[r] + 1, w - 1), min(by1[r] + 1, h - 1), gt)
-                elif frame[r]:
+                    v = _box_iou_max(box[r, 0], box[r, 1], min(box[r, 2] + 1, w - 1), min(box[r, 3] + 1, h - 1),
+                                     gt)
+                elif box[r, 4]:
                     v = -1.0
                 else:
-                    v = _box_iou_max(bx0[r] - 1, by0[r] - 1, min(bx1[r] + 2, w - 1),
-                                     min(by1[r] + 2, h - 1), gt)
+                    v = _box_iou_max(box[r, 0] - 1, box[r, 1] - 1, min(box[r, 2] + 2, w - 1),
+                                     min(box[r, 3] + 2, h - 1), gt)
                 _tree_set(tree, size, r, v)
             best[level] = tree[1]
 
     @_njit
-    def _all_contour_best(u8, gt, order, counts, ws_i32, active, frame, tree, size, best_fg, best_bg):
-        """Both sweeps; returns best IoU per cut level [256] (max of components and holes)."""
+    def _all_contour_best(u8, gt, order, xs, ys, counts, parent, weight, box, dirty, stamp, tree, size,
+                          best_fg, best_bg):
+        """Both sweeps; returns the best IoU per cut level [256] (components and holes)."""
         h, w = u8.shape
         pw = w + 2
         for i in range(257):
@@ -360,27 +398,41 @@ if numba is not None:
         for y in range(h):
             for x in range(w):
                 v = u8[y, x]
-                order[fill[v]] = (y + 1) * pw + x + 1
-                fill[v] += 1
-        _sweep(u8, gt, True, order, counts, ws_i32, active, frame, tree, size, best_fg)
-        _sweep(u8, gt, False, order, counts, ws_i32, active, frame, tree, size, best_bg)
+                k = fill[v]
+                order[k] = (y + 1) * pw + x + 1
+                xs[k] = x
+                ys[k] = y
+                fill[v] = k + 1
+        _sweep(h, w, gt, True, order, xs, ys, counts, parent, weight, box, dirty, stamp, tree, size, best_fg,
+               _REPS8, _NREPS8)
+        _sweep(h, w, gt, False, order, xs, ys, counts, parent, weight, box, dirty, stamp, tree, size, best_bg,
+               _REPS4, _NREPS4)
         return np.maximum(best_fg, best_bg)
 
 
 class _Workspace:
-    """Buffers for the union-find sweep, reused across maps of one shape (one per thread)."""
+    """Buffers for the union-find sweep, reused across maps of one shape (one set per thread)."""
 
     def __init__(self, h, w):
         n = (h + 2) * (w + 2)
         self.size = 1 << max(0, (n - 1).bit_length())
         self.order = np.empty(h * w, np.int32)
+        self.xs = np.empty(h * w, np.int32)
+        self.ys = np.empty(h * w, np.int32)
         self.counts = np.zeros(257, np.int64)
-        self.ws_i32 = np.empty((8, n), np.int32)
-        self.active = np.zeros(n, np.bool_)
-        self.frame = np.zeros(n, np.bool_)
+        self.parent = np.empty(n, np.int32)
+        self.weight = np.empty(n, np.int32)
+        self.box = np.empty((n, 5), np.int32)
+        self.dirty = np.empty(n, np.int32)
+        self.stamp = np.empty(n, np.int32)
         self.tree = np.empty(2 * self.size)
         self.best_fg = np.empty(256)
         self.best_bg = np.empty(256)
+
+    def run(self, u8, gt):
+        return _all_contour_best(u8, gt, self.order, self.xs, self.ys, self.counts, self.parent, self.weight,
+                                 self.box, self.dirty, self.stamp, self.tree, self.size, self.best_fg,
+                                 self.best_bg)
 
 
 _workspaces = threading.local()
@@ -393,9 +445,7 @@ def _numba_best_ious(u8, gt, cuts) -> np.ndarray:
     ws = cache.get(u8.shape)
     if ws is None:
         ws = cache[u8.shape] = _Workspace(*u8.shape)
-    per_cut = _all_contour_best(np.ascontiguousarray(u8), gt, ws.order, ws.counts, ws.ws_i32, ws.active,
-                                ws.frame, ws.tree, ws.size, ws.best_fg, ws.best_bg)
-    return per_cut[cuts]
+    return ws.run(np.ascontiguousarray(u8), gt)[cuts]
 
 
 def fast_best_ious(scoremap, gt_boxes, thresholds, multi_contour: bool = True,

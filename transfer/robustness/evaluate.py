@@ -80,16 +80,18 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model, loader, device, precision: str = "fp32", localize: bool = False,
-            cam_threshold: float = 0.25, iou_threshold: float = 0.5, keep: int = 0,
+            cam_threshold: float = 0.25, iou_threshold: float = 0.5, keep=(),
             desc: str = "predict") -> dict:
     """One pass: top-1 / top-5 correctness, max-softmax confidence and (``localize``) top-1 localization.
 
     Returns numpy arrays ``label [n]``, ``pred [n]``, ``correct1 [n]``, ``correct5 [n]``, ``confidence [n]``,
-    ``loc [n]`` (bool, or None), plus the first ``keep`` images / boxes / CAM boxes for figures.
+    ``loc [n]`` (bool, or None), plus the images / boxes / CAM boxes of the dataset indices in ``keep``
+    (the 4th item of each sample) for figures.
     """
     out = {k: [] for k in ("label", "pred", "correct1", "correct5", "confidence", "loc")}
     examples, ex_boxes, ex_pred_boxes = [], [], []
-    for images, labels, boxes, _ in progress(loader, desc=desc):
+    keep = set(keep)
+    for images, labels, boxes, idx in progress(loader, desc=desc):
         x = _to_device(images, device)
         y = labels.to(device)
         with autocast(device, precision):
@@ -113,12 +115,12 @@ def predict(model, loader, device, precision: str = "fp32", localize: bool = Fal
             ok = [bool(p == t) and localized(b, g.numpy(), iou_threshold)
                   for b, g, p, t in zip(pboxes, boxes, pred.tolist(), labels.tolist())]
             out["loc"].append(np.array(ok, dtype=bool))
-        if len(examples) < keep:
-            take = keep - len(examples)
-            examples.extend(images[:take])
-            ex_boxes.extend(b.numpy() for b in boxes[:take])
-            if localize:
-                ex_pred_boxes.extend(pboxes[:take])
+        for b, i in enumerate(idx.tolist()):
+            if i in keep:
+                examples.append(images[b])
+                ex_boxes.append(boxes[b].numpy())
+                if localize:
+                    ex_pred_boxes.append(pboxes[b])
     res = {k: (np.concatenate(v) if v else None) for k, v in out.items()}
     res["examples"] = torch.stack(examples) if examples else None
     res["example_boxes"], res["example_pred_boxes"] = ex_boxes, ex_pred_boxes
@@ -257,12 +259,13 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
         metrics["seconds"][name] = round(time.time() - t0, 2)
 
     clean = None
+    examples = [indices[p] for p in subset_indices(len(indices), n_examples)]  # spread over the classes
     want_loc = "background" in suites
     if {"clean", "background", "calibration", "ood"} & set(suites):
         t0 = time.time()
         ds = ValSet(base, indices, image_size, resize, need_boxes=want_loc)
         clean = predict(model, loader(ds), device, precision, localize=want_loc, cam_threshold=cam_threshold,
-                        iou_threshold=iou_threshold, keep=n_examples, desc="clean")
+                        iou_threshold=iou_threshold, keep=examples, desc="clean")
         timed("clean", t0)
     if "clean" in suites:
         e = _errors(clean)
@@ -276,7 +279,8 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
             ds = ValSet(base, indices, image_size, resize, corruption=corruption, at=corrupt_at, sigma=sigma,
                         seed=seed)
             p = predict(model, loader(ds), device, precision, localize=True, cam_threshold=cam_threshold,
-                        iou_threshold=iou_threshold, keep=n_examples, desc=f"background/{corruption}")
+                        iou_threshold=iou_threshold, keep=examples,
+                        desc=f"background/{corruption}")
             bg[corruption] = _errors(p)
             rows[corruption], pred_boxes[corruption] = p["examples"], p["example_pred_boxes"]
             if export_dir is not None:

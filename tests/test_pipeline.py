@@ -1,0 +1,80 @@
+"""The main job end to end on the tiny toy world: two methods, every stage, an interruption and a resume."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pretrain.pipeline import StopPipeline, run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_config(tmp: Path, data: Path, name: str) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs/pipeline/toy.yaml").read_text())
+    cfg.update(name=name, out_root=str(tmp / "runs"), methods=["erm", "multimix"])
+    cfg["data"] = {"root": str(data), "generate": None}
+    cfg["pretrain"]["config"] = str(ROOT / "configs/pretrain/toy_{method}.yaml")
+    cfg["pretrain"]["overrides"] += ["optim.epochs=1", "optim.batch_size=32", "data.crop_size=32",
+                                     "data.val_resize=36", "data.num_workers=0", "runtime.flops=false",
+                                     "runtime.figures=false"]
+    tiny_det = ["solver.epochs=1", "solver.batch_size=8", "solver.warmup_iters=2", "data.max_train_images=16",
+                "data.max_test_images=8", "model.size=64", "data.workers=0"]
+    for det in cfg["detection"]:
+        det["config"] = str(ROOT / det["config"])
+        det["overrides"] += tiny_det
+    cfg["wsol"]["config"] = str(ROOT / cfg["wsol"]["config"])
+    cfg["wsol"]["overrides"] += ["epochs=1", "input.resize=40", "input.crop=32", "input.test_size=32",
+                                 "data.num_workers=0", "eval.num_figure_images=2", "eval.cam_curve_interval=0.01"]
+    cfg["robustness"]["options"] = {"image_size": 32, "resize": 36, "batch_size": 20, "limit": 10, "pgd_iters": 2}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _numbers(report: Path) -> list[str]:
+    """The report's table rows without links and timings: what must not change across a resume."""
+    rows = [ln for ln in report.read_text().split("## Stage timings")[0].splitlines() if ln.startswith("| ")]
+    return [re.sub(r"\]\([^)]*\)", "]", ln) for ln in rows if "train time" not in ln]
+
+
+@pytest.mark.slow
+def test_pipeline_interrupt_resume_and_report(tmp_path, toy_world):
+    data = tmp_path / "data"
+    shutil.copytree(toy_world, data)
+    cfg = _tiny_config(tmp_path, data, "resumed")
+    with pytest.raises(StopPipeline):  # killed after three stages
+        run_pipeline(str(cfg), stop_after=3)
+    run_dir = tmp_path / "runs" / "resumed"
+    done = sorted(p.parent.relative_to(run_dir).as_posix() for p in run_dir.rglob("stage.json"))
+    assert done == ["erm/frcnn_coco", "erm/pretrain", "erm/ssd_voc"]
+    stamps = {d: (run_dir / d / "stage.json").stat().st_mtime_ns for d in done}
+    report = run_pipeline(str(cfg))
+    for d, t in stamps.items():  # finished stages were skipped, not redone
+        assert (run_dir / d / "stage.json").stat().st_mtime_ns == t
+    stages = sorted(p.parent.relative_to(run_dir).as_posix() for p in run_dir.rglob("stage.json"))
+    assert stages == sorted(["erm/pretrain", "erm/ssd_voc", "erm/frcnn_coco", "erm/wsol", "erm/robustness",
+                             "multimix/pretrain", "multimix/ssd_voc", "multimix/frcnn_coco", "multimix/wsol",
+                             "multimix/robustness", "baselines/ssd_voc", "baselines/frcnn_coco",
+                             "baselines/wsol"])
+    text = report.read_text()
+    for title in ("Classification", "Detection transfer", "Weakly-supervised localization",
+                  "Background corruption", "Calibration and adversarial", "Out-of-distribution"):
+        assert title in text
+    assert "—" not in "\n".join(_numbers(report)), "every table cell is filled"
+    assert (run_dir / "report.html").exists() and (run_dir / "figures" / "summary.png").exists()
+    backbone = json.loads((run_dir / "erm" / "pretrain" / "stage.json").read_text())["metrics"]
+    assert 0 <= backbone["top1"] <= 100
+
+    # the same pipeline without interruption gives the same numbers
+    fresh = run_pipeline(str(_tiny_config(tmp_path, data, "fresh")))
+    assert _numbers(fresh) == _numbers(report)
+
+    # --force redoes one stage and only that one
+    wsol_stamp = (run_dir / "erm" / "wsol" / "stage.json").stat().st_mtime_ns
+    run_pipeline(str(cfg), force=["robustness"])
+    assert (run_dir / "erm" / "wsol" / "stage.json").stat().st_mtime_ns == wsol_stamp
+    assert (run_dir / "erm" / "robustness" / "stage.json").stat().st_mtime_ns > stamps["erm/pretrain"]
