@@ -369,7 +369,7 @@ class DenseMultiMix(MultiMix):
         lam = mx.dirichlet_weights(b, self.n, self.alpha_low, self.alpha_high, self.generator,
                                    m=min(self.m, b) if self.m else None, sets=r, device=self._device())
         mhat, s = mx.dense_mix_weights(attn, lam)
-        loss = mx.dense_multimix_loss_from_logits(self.model.dense_logits(fmap), y, mhat, s)
+        loss = mx.dense_multimix_loss_from_logits(self.model.dense_logits(fmap), labels, mhat, s)
         return {"loss": loss}
 
 

@@ -285,11 +285,15 @@ def dense_multimix_loss_from_logits(logits: torch.Tensor, y: torch.Tensor, mhat:
     logits [b, c, r] (fc applied as a 1x1 conv, bias included: columns of Mhat sum to 1, so
     g(Z Mhat) = g(Z) Mhat), y [b, c], mhat [r, b, n], s [r, n]. Equals
     weighted_dense_cross_entropy(fc(z_mix), y_mix, weight) without ever forming z_mix or y_mix:
-    sum_c y_mix log p = sum_i Mhat_ik (y_i . log p_k).
+    sum_c y_mix log p = sum_i Mhat_ik (y_i . log p_k). `y` may also be hard labels [b] (int), then
+    y_i . log p_k is a gather instead of a product with the b x c targets.
     """
     mixed = torch.einsum("bcr,rbn->ncr", logits.float(), mhat.float())
     logp = F.log_softmax(mixed, dim=1)
-    ylogp = torch.einsum("ncr,bc->rnb", logp, y.float())  # y_i . log p_k at each position
+    if y.ndim == 1:
+        ylogp = logp[:, y, :].permute(2, 0, 1)  # [r, n, b]
+    else:
+        ylogp = torch.einsum("ncr,bc->rnb", logp, y.float())  # y_i . log p_k at each position
     per = -(ylogp * mhat.float().transpose(1, 2)).sum(-1)  # [r, n]
     w = s.float()
     return ((per * w).sum(1) / w.sum(1).clamp_min(1e-12)).mean()

@@ -507,6 +507,7 @@ class Trainer:
         metrics = {"method": self.cfg["method"]["name"], "arch": self.cfg["model"]["arch"],
                    "epochs": self.cfg["optim"]["epochs"], "steps": self.step,
                    "val_top1": last.get("val_top1"), "val_top5": last.get("val_top5"),
+                   "top1": last.get("val_top1"), "top5": last.get("val_top5"),  # short aliases (report)
                    "val_loss": last.get("val_loss"), "train_loss": last.get("train_loss"),
                    "best_val_top1": max((h.get("val_top1", 0.0) for h in self.history), default=None),
                    "train_time_s": sum(h.get("epoch_time_s", 0.0) for h in self.history)}

@@ -182,6 +182,8 @@ def test_dense_fast_path_equals_pure_functions_random():
     mhat, s = mx.dense_mix_weights(attn, lam)
     fast = mx.dense_multimix_loss_from_logits(logits, y, mhat, s)
     assert fast.item() == pytest.approx(pure.item(), rel=1e-5)
+    fast_labels = mx.dense_multimix_loss_from_logits(logits, y.argmax(1), mhat, s)  # hard-label gather path
+    assert fast_labels.item() == pytest.approx(pure.item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- Sinkhorn
