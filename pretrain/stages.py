@@ -9,10 +9,14 @@ from pretrain.config import load_config
 
 
 def pretrain(config: str, overrides: list[str], run_dir: Path) -> dict:
+    import torch
+
     from pretrain.trainer import train
 
     # resume=True: a pretraining run killed mid-way continues from its last checkpoint
-    return train(load_config(config, overrides), run_dir, resume=True)
+    metrics = train(load_config(config, overrides), run_dir, resume=True)
+    meta = torch.load(Path(run_dir) / "backbone.pth", map_location="cpu", weights_only=True)["meta"]
+    return {**metrics, "num_classes": meta["num_classes"]}
 
 
 def detection(config: str, overrides: list[str], weights: Path | None, run_dir: Path) -> dict:

@@ -218,14 +218,14 @@ def score_predictions(preds, ctx: dict, out_dir: Path, metric: str = "11point") 
     out_dir.mkdir(parents=True, exist_ok=True)
     ds = _base_dataset(ctx["dataset"])
     if ctx["format"] == "voc":
-        from transfer.voc_eval import voc_evaluate, write_voc_results
+        from transfer.voc_eval import boxes_to_voc_xml, voc_evaluate, write_voc_results
 
         classes = ctx["classes"]
         detections = {c: [] for c in classes}
         for image_id, boxes, scores, labels in preds:
-            for b, s, lab in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
-                # toolkit x0 = xmin - 1, x1 = xmax  ->  XML 1-based inclusive coordinates
-                detections[classes[lab - 1]].append((image_id, float(s), (b[0] + 1, b[1] + 1, b[2], b[3])))
+            # toolkit x0 = xmin - 1, x1 = xmax  ->  XML 1-based inclusive coordinates
+            for b, s, lab in zip(boxes_to_voc_xml(boxes).tolist(), scores.tolist(), labels.tolist()):
+                detections[classes[lab - 1]].append((image_id, float(s), tuple(b)))
         write_voc_results(out_dir / "voc_results", ctx["split"], detections)
         ids = {p[0] for p in preds}
         annotations = {i: a for i, a in ds.annotations.items() if i in ids}

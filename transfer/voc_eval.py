@@ -276,9 +276,14 @@ def voc_evaluate(detections: Mapping[str, Sequence], annotations: Mapping[str, M
 
 def boxes_to_voc_xml(boxes) -> np.ndarray:
     """The toolkit's x0, y0, x1, y1 (continuous pixels) -> VOC XML xmin, ymin, xmax, ymax (1-based
-    inclusive): xmin = x0 + 1, xmax = x1. boxes: [N, 4]."""
+    inclusive): xmin = x0 + 1, xmax = x1. boxes: [N, 4].
+
+    A predicted box less than one pixel wide (or high) would come out with xmax < xmin; the inclusive
+    convention cannot express it, so it becomes a one-pixel box (xmax = xmin).
+    """
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
     b[:, :2] += 1.0
+    b[:, 2:] = np.maximum(b[:, 2:], b[:, :2])
     return b
 
 
