@@ -5,6 +5,7 @@
     python tools/bench.py pretrain [--quick]            # training-step time of each method / ERM
     python tools/bench.py wsol                          # MaxBoxAccV2 evaluator speed-up vs the per-threshold loop
     python tools/bench.py eval                          # COCO / VOC evaluation speed
+    python tools/bench.py robustness                    # clean / FGSM / PGD images/s, AUROC vs pair count
     python tools/bench.py data                          # data-loading images/s per worker
 """
 
@@ -60,7 +61,8 @@ def to_markdown(results: dict) -> str:
         lines += ["## Training step time relative to ERM", "", "| method | ratio |", "|---|---:|"]
         lines += [f"| {m} | {r:.3f} |" for m, r in pre["step_time_ratio"].items()]
         lines.append("")
-    for key, title in (("wsol", "WSOL evaluator"), ("eval", "Detection evaluation")):
+    for key, title in (("wsol", "WSOL evaluator"), ("eval", "Detection evaluation"),
+                       ("robustness", "Robustness evaluation")):
         if results.get(key):
             lines += [f"## {title}", "", "```json", json.dumps(results[key], indent=2), "```", ""]
     if results.get("data"):
@@ -73,7 +75,7 @@ def to_markdown(results: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "data"])
+    p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "robustness", "data"])
     p.add_argument("--out", default=None, help="folder for bench.json and bench.md")
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
     args = p.parse_args(argv)
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
 
     results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                           f"torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}"}
-    todo = ["pretrain", "wsol", "eval", "data"] if args.what == "all" else [args.what]
+    todo = ["pretrain", "wsol", "eval", "robustness", "data"] if args.what == "all" else [args.what]
     for what in todo:
         t0 = time.time()
         if what == "pretrain":
@@ -93,6 +95,9 @@ def main(argv=None) -> int:
         elif what == "eval":
             from transfer.bench import run_eval_bench
             results["eval"] = run_eval_bench(quick=args.quick)
+        elif what == "robustness":
+            from transfer.robustness.bench import run_robustness_bench
+            results["robustness"] = run_robustness_bench(quick=args.quick)
         else:
             results["data"] = bench_data(batches=3 if args.quick else 8)
         print(f"[bench] {what}: {time.time() - t0:.0f} s", file=sys.stderr)
