@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsol.data import (MetadataError, WSOLDataset, cub_to_wsol_metadata, read_cub, read_wsol_metadata)
+from wsol.data import MetadataError, WSOLDataset, cub_to_wsol_metadata, read_cub, read_wsol_metadata
 from wsol.evaluate import centred_box_baseline, score_scoremap_dir
 from wsol.metrics import ScoreMapError
 

@@ -11,8 +11,15 @@ import numpy as np
 import torch
 
 from wsol.data import MetadataError, WSOLMetadata, read_wsol_metadata
-from wsol.metrics import (LocAccuracy, MaxBoxAccEvaluator, ScoreMapError, boxes_at_threshold,
-                          centred_box, check_scoremap, rescale_box)
+from wsol.metrics import (
+    LocAccuracy,
+    MaxBoxAccEvaluator,
+    ScoreMapError,
+    boxes_at_threshold,
+    centred_box,
+    check_scoremap,
+    rescale_box,
+)
 from wsol.model import normalise_cams
 
 __all__ = ["gt_boxes_resized", "score_scoremap_dir", "evaluate_model", "centred_box_baseline"]

@@ -24,9 +24,20 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
 from pretrain.config import dump_config, validate
-from pretrain.runtime import (JsonlLogger, atomic_save, atomic_write_text, autocast, check_finite,
-                              get_device, make_grad_scaler, progress, rng_state, seed_everything,
-                              set_rng_state, write_json)
+from pretrain.runtime import (
+    JsonlLogger,
+    atomic_save,
+    atomic_write_text,
+    autocast,
+    check_finite,
+    get_device,
+    make_grad_scaler,
+    progress,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    write_json,
+)
 from wsol.data import WSOLDataset
 from wsol.evaluate import centred_box_baseline, evaluate_model
 from wsol.figures import boxacc_curves, cam_grid, loc_curve
