@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("MT_NO_PROGRESS", "1")
 
@@ -13,3 +14,13 @@ def toy_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
     make_toy_world(out, preset="tiny", seed=0)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (restored after): on a shared 2-core machine several
+    threads per process oversubscribe the cores and run 10-20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from pretrain.checkpoint import (CheckpointError, build_resnet, infer_arch, load_backbone, load_classifier,
-                                 resnet_from_checkpoint, save_backbone)
+from pretrain.checkpoint import (
+    CheckpointError,
+    build_resnet,
+    infer_arch,
+    load_backbone,
+    load_classifier,
+    resnet_from_checkpoint,
+    save_backbone,
+)
 
 
 @pytest.fixture(scope="module")

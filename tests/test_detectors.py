@@ -30,13 +30,7 @@ TRUNK_KEYS = {
             "backbone.trunk.6.0.conv1.weight": "layer3.0.conv1.weight"}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine, several torch threads per process oversubscribe the cores (10x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,7 @@ from pretrain.checkpoint import build_resnet, save_backbone
 from transfer import det_train
 from transfer.datasets import VOC_CLASSES, COCODetection, VOCDetection
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_detectors.py: avoids oversubscribing a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

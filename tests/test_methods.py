@@ -159,10 +159,4 @@ def test_alignmix_feat_with_lam_one_is_clean_and_modes_validated(batch):
     assert m(images, labels)["loss"].item() == pytest.approx(clean.item(), rel=1e-5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine's cores are shared: one thread avoids oversubscription (restored after)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

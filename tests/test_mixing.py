@@ -278,10 +278,4 @@ def test_soft_and_dense_cross_entropy():
         F.cross_entropy(logits, labels).item(), rel=1e-6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine's cores are shared: one thread avoids oversubscription (restored after)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

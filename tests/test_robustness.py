@@ -28,14 +28,7 @@ from transfer.robustness.evaluate import subset_indices
 from transfer.robustness.localization import box_iou, cam_to_box, class_activation_maps
 from transfer.robustness.ood import auroc, average_precision, detection_accuracy, ood_metrics
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # on the shared 2-core machine two intra-op threads run 10-20x slower than one under load
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ---------------------------------------------------------------- a tiny ImageNet-layout folder (PNG, exact)

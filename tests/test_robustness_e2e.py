@@ -17,13 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(limit=6, image_size=32, resize=36, batch_size=4, pgd_iters=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # on the shared 2-core machine two intra-op threads run 10-20x slower than one under load
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _checkpoint(path, num_classes, method="erm", seed=0):

@@ -160,10 +160,4 @@ def test_ddp_two_processes_gloo(toy_world, tmp_path):
     assert head["world_size"] == 2 and head["steps_per_epoch"] == 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine's cores are shared: one thread avoids oversubscription (restored after)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
