@@ -96,15 +96,27 @@ VOC_CLASSES = (
     "train",
     "tvmonitor",
 )
-# (category id, name, supercategory): real COCO ids, deliberately non-contiguous.
+# (category id, name, supercategory): real COCO ids, deliberately non-contiguous (12 and 21 are absent).
 COCO_CATEGORIES = (
     (1, "person", "person"),
+    (2, "bicycle", "vehicle"),
     (3, "car", "vehicle"),
+    (4, "motorcycle", "vehicle"),
     (5, "airplane", "vehicle"),
+    (6, "bus", "vehicle"),
+    (7, "train", "vehicle"),
     (8, "truck", "vehicle"),
+    (9, "boat", "vehicle"),
+    (10, "traffic light", "outdoor"),
+    (11, "fire hydrant", "outdoor"),
     (13, "stop sign", "outdoor"),
+    (14, "parking meter", "outdoor"),
+    (15, "bench", "outdoor"),
+    (16, "bird", "animal"),
     (17, "cat", "animal"),
     (18, "dog", "animal"),
+    (19, "horse", "animal"),
+    (20, "sheep", "animal"),
     (22, "elephant", "animal"),
 )
 
@@ -185,8 +197,13 @@ VOC_OBJECT_CLASSES = tuple(
     ObjectClass(name, SHAPES[i % 10], _COLOUR_NAMES[(3 * i + i // 10) % 8], TEXTURES[(i + 2 * (i // 10)) % 5])
     for i, name in enumerate(VOC_CLASSES)
 )
+# COCO categories: like the VOC world, every colour, shape and texture is shared by several categories, so
+# that only their combination names a category. A detector has to learn the shape and texture features that
+# pretraining on the ImageNet world provides; with 8 colour-coded categories a randomly initialised Faster
+# R-CNN learned the task as fast as a pretrained one (COCO AP 13.7 vs 12.5 after one toy epoch).
 COCO_OBJECT_CLASSES = tuple(
-    ObjectClass(name, SHAPES[(3 * i + 1) % 10], _COLOUR_NAMES[(5 * i + 2) % 8], TEXTURES[(2 * i + 1) % 5])
+    ObjectClass(name, SHAPES[(i + 3) % 10], _COLOUR_NAMES[(3 * i + i // 10 + 1) % 8],
+                TEXTURES[(i + 2 * (i // 10) + 1) % 5])
     for i, (_, name, _) in enumerate(COCO_CATEGORIES)
 )
 CUB_CLASSES = (

@@ -1,4 +1,5 @@
 """WSOL metrics: hand-computed boxes / IoU / MaxBoxAcc, and fast == reference on many maps."""
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -208,3 +209,85 @@ def test_centred_box():
     assert M.centred_box((224, 224), 0.5).tolist() == [[56, 56, 167, 167]]
     # w 10: side 5 from x (10 - 5) // 2 = 2 to 6; h 6: side 3 from y 1 to 3
     assert M.centred_box((10, 6), 0.5).tolist() == [[2, 1, 6, 3]]
+
+
+def _edge_case_maps(rng):
+    """(name, map) pairs the compiled sweep must get exactly right."""
+    yy, xx = np.mgrid[:21, :21]
+    rings = (np.hypot(yy - 10, xx - 10) // 2 % 2) * 0.6 + 0.2  # concentric rings: nested holes
+    ring_hole = np.full((9, 9), 0.3)
+    ring_hole[2:7, 2:7] = 1.0
+    ring_hole[4, 4] = 0.9          # a hole that exists only at the top levels (u8 229..254)
+    framed = rng.random((12, 17)) * 0.5
+    framed[0, :] = framed[-1, :] = framed[:, 0] = framed[:, -1] = 1.0  # bright frame
+    return [
+        ("constant", np.full((5, 7), 0.5)),
+        ("all ones", np.ones((6, 4))),
+        ("one pixel", np.array([[0.7]])),
+        ("row", rng.random((1, 13))),
+        ("column", rng.random((11, 1))),
+        ("two levels", (rng.random((9, 23)) > 0.5) * 0.4 + 0.3),
+        ("plateaus", np.floor(rng.random((16, 10)) * 3) / 2),
+        ("ties", np.round(rng.random((17, 29)) * 4) / 4),
+        ("rings", rings),
+        ("ring hole", ring_hole),
+        ("bright frame", framed),
+        ("checkerboard", (yy + xx) % 2 * 1.0),
+        ("float32", _cam_like(rng, 5, 37).astype(np.float32)),
+        ("textured", np.clip(_cam_like(rng, 4, 40) + 0.15 * rng.standard_normal((40, 40)), 0, 1)),
+    ]
+
+
+def test_fast_equals_reference_edge_cases():
+    rng = np.random.default_rng(5)
+    thr = M.threshold_grid(0.001)
+    for name, m in _edge_case_maps(rng):
+        h, w = m.shape
+        gts = [[[0, 0, w - 1, h - 1]], [[w // 3, h // 4, w - 1, h // 2], [0, 0, 0, 0], [1, 1, w // 2, h - 1]]]
+        for gt in gts:
+            for multi in (True, False):
+                ref = M.reference_best_ious(m, gt, thr, multi)
+                np.testing.assert_array_equal(M.fast_best_ious(m, gt, thr, multi), ref, err_msg=f"{name} {multi}")
+                if multi:
+                    np.testing.assert_array_equal(M.fast_best_ious(m, gt, thr, multi, use_numba=False), ref,
+                                                  err_msg=name)
+
+
+def test_fast_equals_reference_non_square_several_boxes():
+    rng = np.random.default_rng(6)
+    thr = M.threshold_grid(0.001)
+    for i in range(12):
+        h, w = (int(v) for v in rng.integers(3, 48, 2))
+        m = _cam_like(rng, int(rng.integers(2, 7)), max(h, w))[:h, :w]
+        m = (m - m.min()) / (m.max() - m.min() + 1e-12)
+        if i % 3 == 2:  # fragmented, many small components and holes
+            m = np.clip(m + 0.2 * rng.standard_normal(m.shape), 0, 1)
+        k = int(rng.integers(1, 5))  # GT boxes
+        bx, by = np.sort(rng.integers(0, w, (k, 2)), 1), np.sort(rng.integers(0, h, (k, 2)), 1)
+        gt = np.stack([bx[:, 0], by[:, 0], bx[:, 1], by[:, 1]], 1)
+        ref = M.reference_best_ious(m, gt, thr, True)
+        np.testing.assert_array_equal(M.fast_best_ious(m, gt, thr, True), ref)
+
+
+def test_euler_table_counts_holes():
+    # adding pixels one by one, sum(_EULER8[mask]) / 4 = components (8-conn) - holes (4-conn, not on the frame)
+    rng = np.random.default_rng(7)
+    ring = [(0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1)]  # (dy, dx): E, NE, ..., SE
+    for _ in range(20):
+        fg = rng.random((10, 12)) < rng.uniform(0.2, 0.8)
+        on = np.zeros((12, 14), bool)
+        euler4 = 0
+        for y, x in rng.permutation(np.argwhere(fg)):
+            mask = sum(int(on[y + 1 + dy, x + 1 + dx]) << d for d, (dy, dx) in enumerate(ring))
+            euler4 += int(M._EULER8[mask])
+            on[y + 1, x + 1] = True
+        n_fg = cv2.connectedComponents(fg.astype(np.uint8), connectivity=8)[0] - 1
+        n_bg, lab = cv2.connectedComponents(np.pad(~fg, 1, constant_values=True).astype(np.uint8), connectivity=4)
+        assert euler4 == 4 * (n_fg - (n_bg - 2))  # background labels: 0 is fg, one touches the frame
+
+
+def test_fast_validates_maps():
+    for bad, msg in ((np.full((4, 4), np.nan), "NaN"), (np.full((4, 4), 1.5), "outside"),
+                     (np.full((4, 4), -0.1, np.float32), "outside"), (np.zeros((2, 2, 2)), "2-D")):
+        with pytest.raises(M.ScoreMapError, match=msg):
+            M.fast_best_ious(bad, [[0, 0, 1, 1]], [0.5], image_id="x")

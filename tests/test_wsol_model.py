@@ -1,6 +1,8 @@
 """CAM model (stride, identity, checkpoint loading), recipes (trainable layers, lrs), a tiny run."""
 import json
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -25,14 +27,41 @@ def test_cam_identity_and_stride():
     assert cams.min() < 0  # no ReLU
 
 
-def test_normalise_cams():
-    cams = torch.zeros(3, 1, 2, 2)
-    cams[0, 0] = torch.tensor([[0.0, 1.0], [2.0, 4.0]])
-    cams[2, 0, 0, 0] = float("nan")
-    out = normalise_cams(cams, (8, 8))
-    assert out.shape == (3, 1, 8, 8)
-    assert out[0].min() == 0 and out[0].max() == 1
-    assert out[1].abs().sum() == 0 and out[2].abs().sum() == 0  # constant / NaN -> zeros
+def _keys_resize_matrix(n_in, n_out, a=-0.75):
+    """[n_out, n_in] bicubic (Keys, a = -0.75) weights, half-pixel centres, edge pixels replicated."""
+    def kernel(t):
+        t = abs(t)
+        return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1 if t <= 1 else (a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a
+                                                                      if t < 2 else 0.0)
+    m = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        s = (o + 0.5) * n_in / n_out - 0.5
+        f = int(np.floor(s))
+        for k in range(f - 1, f + 3):
+            m[o, min(max(k, 0), n_in - 1)] += kernel(s - k)
+    return m
+
+
+def test_normalise_cams_matches_wsolevaluation():
+    cams = torch.zeros(3, 2, 2, 3)
+    cams[0, 0] = torch.tensor([[0.0, 1.0, -1.0], [2.0, 4.0, 0.5]])
+    cams[0, 1] = 7.0                     # constant -> zeros
+    cams[1, 0] = torch.tensor([[3.0, -2.0, 0.0], [1.0, 1.0, 5.0]])
+    cams[2, 0, 0, 0] = float("nan")      # NaN -> zeros
+    out = normalise_cams(cams, (8, 12))  # size = (H, W)
+    assert out.shape == (3, 2, 8, 12) and out.dtype == torch.float32
+    for b in (0, 1):
+        cam = cams[b, 0].numpy()
+        # wsolevaluation inference.py: cv2.resize(cam, (W, H), INTER_CUBIC), then min-max in float32
+        ref = cv2.resize(cam, (12, 8), interpolation=cv2.INTER_CUBIC)
+        ref -= ref.min()
+        ref /= ref.max()
+        np.testing.assert_array_equal(out[b, 0].numpy(), ref)
+        # independently: separable Keys bicubic in float64
+        up = _keys_resize_matrix(2, 8) @ cam.astype(np.float64) @ _keys_resize_matrix(3, 12).T
+        np.testing.assert_allclose(out[b, 0].numpy(), (up - up.min()) / (up.max() - up.min()), atol=2e-6)
+        assert out[b, 0].min() == 0 and out[b, 0].max() == 1
+    assert out[0, 1].abs().sum() == 0 and out[1, 1].abs().sum() == 0 and out[2].abs().sum() == 0
 
 
 def test_backbone_loading_strict(tmp_path):

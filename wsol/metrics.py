@@ -26,9 +26,12 @@ Two implementations of the per-image sweep:
   the components' bounding boxes) and 4-connected enclosed background
   components (holes; a hole's contour runs over the foreground pixels
   4-adjacent to it, so its rectangle is the hole's box grown by one pixel)
-  grow as the cut increases. That pass is compiled with numba when numba is
-  installed; otherwise (and for largest-contour mode, which needs polygon
-  areas) OpenCV runs once per distinct mask instead of once per threshold.
+  grow as the cut increases. The foreground pass also tracks the Euler number
+  (components - holes), so the hole pass stops at the highest cut that has a
+  hole. That pass is compiled with numba when numba is installed (validation
+  and quantisation too); otherwise (and for largest-contour mode, which needs
+  polygon areas) OpenCV runs once per distinct mask instead of once per
+  threshold.
 """
 from __future__ import annotations
 
@@ -191,40 +194,146 @@ def _distinct_mask_best_ious(u8, gt, cuts, multi_contour) -> np.ndarray:
     return out
 
 
-def _run_tables(n_bits: int, ring: bool):
-    """For every mask of active neighbours: one neighbour index per run of ring-adjacent active
-    neighbours (ring=True, 8-connectivity) or every active neighbour (ring=False)."""
-    reps = np.zeros((1 << n_bits, n_bits), np.int64)
-    nreps = np.zeros(1 << n_bits, np.int64)
-    for mask in range(1 << n_bits):
-        bits = [(mask >> d) & 1 for d in range(n_bits)]
-        if ring and all(bits):
-            chosen = [0]
-        elif ring:
-            chosen = [d for d in range(n_bits) if bits[d] and not bits[d - 1]]
+def _ring_tables(connectivity: int):
+    """Neighbour tables over the ring E, NE, N, NW, W, SW, S, SE (bits 0..7 of a mask of the
+    neighbours already in the set): reps[mask, :nreps[mask]] holds one ring position per group of
+    those neighbours that are already connected among themselves, so a pixel needs one find per
+    group. 8-connectivity: a group is a run of ring-adjacent neighbours. 4-connectivity: only the
+    4-neighbours (even positions) count, and two consecutive ones are connected through the
+    diagonal between them when it is in the set."""
+    reps = np.zeros((256, 8), np.uint64)  # unsigned: indexes without wraparound code in numba
+    nreps = np.zeros(256, np.int64)
+    for mask in range(256):
+        bits = [(mask >> d) & 1 for d in range(8)]
+        if connectivity == 8:
+            chosen = [0] if all(bits) else [d for d in range(8) if bits[d] and not bits[d - 1]]
         else:
-            chosen = [d for d in range(n_bits) if bits[d]]
+            groups = []
+            for d in (0, 2, 4, 6):
+                if bits[d]:
+                    if groups and groups[-1][-1] == d - 2 and bits[d - 1]:
+                        groups[-1].append(d)
+                    else:
+                        groups.append([d])
+            if len(groups) > 1 and groups[0][0] == 0 and groups[-1][-1] == 6 and bits[7]:
+                groups[0] = groups.pop() + groups[0]
+            chosen = [g[0] for g in groups]
         nreps[mask] = len(chosen)
         reps[mask, :len(chosen)] = chosen
     return reps, nreps
 
 
-_REPS8, _NREPS8 = _run_tables(8, ring=True)
-_REPS4, _NREPS4 = _run_tables(4, ring=False)
+def _euler_table():
+    """4 x the change of the Euler number (8-connected foreground: components - holes) when a pixel
+    joins the foreground, by its ring mask: Gray's bit quads, 4 chi = #(2 x 2 quads holding 1
+    pixel) - #(holding 3) - 2 #(holding a diagonal pair), over the four quads around the pixel."""
+    def quad(a, b, c, d):  # the quad's pixels in cyclic order
+        k = a + b + c + d
+        return 1 if k == 1 else -1 if k == 3 else -2 if (k == 2 and a == c) else 0
+
+    out = np.zeros(256, np.int64)
+    for mask in range(256):
+        bits = [(mask >> d) & 1 for d in range(8)]
+        # the quads around the pixel: (pixel, E, NE, N), (pixel, N, NW, W), (pixel, W, SW, S), (pixel, S, SE, E)
+        quads = [(bits[e], bits[e + 1], bits[(e + 2) % 8]) for e in (0, 2, 4, 6)]
+        out[mask] = sum(quad(1, *q) - quad(0, *q) for q in quads)
+    return out
+
+
+_REPS8, _NREPS8 = _ring_tables(8)
+_REPS4, _NREPS4 = _ring_tables(4)
+_EULER8 = _euler_table()
 
 if numba is not None:
     _njit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
     @_njit
-    def _find(parent, i):
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:  # path compression
-            nxt = parent[i]
-            parent[i] = root
-            i = nxt
-        return root
+    def _quantise_checked(scoremap, scale, out):
+        """out = uint8(scoremap * scale) (truncation; scale = 255 in the map's dtype, as numpy
+        computes it). Returns False when the map has a NaN or a value outside [0, 1] (out is then
+        meaningless). No branch in the loop, so that it vectorises."""
+        h, w = scoremap.shape
+        lo, hi = scale - scale, scale / scale  # 0 and 1 in the map's dtype: no float32 -> float64 promotion
+        ok = True
+        for y in range(h):
+            for x in range(w):
+                v = scoremap[y, x]
+                ok &= (v >= lo) & (v <= hi)
+                out[y, x] = np.uint8(min(max(v, lo), hi) * scale)  # the clamp only matters for bad maps
+        return ok
+
+    @_njit
+    def _counting_sort(u8, order, counts, hist):
+        """Pixels by value, raster order within a value: order[k] = y << 16 | x, and value v's
+        pixels are order[counts[v]:counts[v + 1]]. The raster is cut into 4 stretches walked in
+        step, so that the counter updates (maps have long runs of one value) form 4 independent
+        chains instead of one. hist: [4, 256] uint64 scratch."""
+        h, w = u8.shape
+        flat = u8.ravel()
+        n = h * w
+        q = n // 4
+        one = np.uint64(1)
+        hist[:] = 0
+        for i in range(q):
+            hist[0, flat[i]] += one
+            hist[1, flat[i + q]] += one
+            hist[2, flat[i + 2 * q]] += one
+            hist[3, flat[i + 3 * q]] += one
+        for i in range(4 * q, n):
+            hist[3, flat[i]] += one
+        counts[0] = 0
+        for v in range(256):
+            c = np.uint64(counts[v])
+            for b in range(4):
+                nb = hist[b, v]
+                hist[b, v] = c  # from here on: the next slot of stretch b's pixels of value v
+                c += nb
+            counts[v + 1] = c
+        y0, x0 = 0, 0
+        y1, x1 = divmod(q, w)
+        y2, x2 = divmod(2 * q, w)
+        y3, x3 = divmod(3 * q, w)
+        for i in range(q):
+            k = hist[0, flat[i]]
+            hist[0, flat[i]] = k + one
+            order[k] = (y0 << 16) | x0
+            k = hist[1, flat[i + q]]
+            hist[1, flat[i + q]] = k + one
+            order[k] = (y1 << 16) | x1
+            k = hist[2, flat[i + 2 * q]]
+            hist[2, flat[i + 2 * q]] = k + one
+            order[k] = (y2 << 16) | x2
+            k = hist[3, flat[i + 3 * q]]
+            hist[3, flat[i + 3 * q]] = k + one
+            order[k] = (y3 << 16) | x3
+            x0 += 1
+            x1 += 1
+            x2 += 1
+            x3 += 1
+            if x0 == w:
+                x0, y0 = 0, y0 + 1
+            if x1 == w:
+                x1, y1 = 0, y1 + 1
+            if x2 == w:
+                x2, y2 = 0, y2 + 1
+            if x3 == w:
+                x3, y3 = 0, y3 + 1
+        for i in range(4 * q, n):
+            k = hist[3, flat[i]]
+            hist[3, flat[i]] = k + one
+            order[k] = (y3 << 16) | x3
+            x3 += 1
+            if x3 == w:
+                x3, y3 = 0, y3 + 1
+
+    @_njit
+    def _find(comp, c):
+        """Root of component c (parents in comp[:, 4]; path halving)."""
+        while comp[c, 4] != c:
+            g = comp[comp[c, 4], 4]
+            comp[c, 4] = g
+            c = g
+        return c
 
     @_njit
     def _box_iou_max(x0, y0, x1, y1, gt):
@@ -239,6 +348,8 @@ if numba is not None:
             if ih < 0:
                 ih = 0
             inter = iw * ih
+            if inter == 0:  # IoU 0 (or a denominator <= 0, which also gives 0)
+                continue
             denom = area_a + (gt[g, 2] - gt[g, 0] + 1) * (gt[g, 3] - gt[g, 1] + 1) - inter
             v = inter / denom if denom > 0 else 0.0
             if v > best:
@@ -249,6 +360,8 @@ if numba is not None:
     def _tree_set(tree, size, i, v):
         """Max segment tree: leaf i := v, refresh the ancestors (stop when one is unchanged)."""
         i += size
+        if tree[i] == v:
+            return
         tree[i] = v
         i //= 2
         while i >= 1:
@@ -261,178 +374,217 @@ if numba is not None:
             i //= 2
 
     @_njit
-    def _sweep(h, w, gt, foreground, order, xs, ys, counts, parent, weight, box, dirty, stamp, tree, size, best,
-               reps, nreps):
-        """Best IoU per cut level for all-contour boxes, in one union-find pass over the pixels.
+    def _merge_box(comp, r, q):
+        """Root r's box := its union with q's; whether it grew."""
+        grew = False
+        for c in range(2):
+            if comp[q, c] < comp[r, c]:
+                comp[r, c] = comp[q, c]
+                grew = True
+        for c in range(2, 4):
+            if comp[q, c] > comp[r, c]:
+                comp[r, c] = comp[q, c]
+                grew = True
+        return grew
 
-        foreground=True: 8-connected components of {u8 > c}, c from 254 down to 0 (level c gets
-        the pixels of value c + 1); box [x0, y0, min(x1+1, W-1), min(y1+1, H-1)].
-        foreground=False: 4-connected components of {u8 <= c} that do not touch the frame (the
-        holes), c from 0 up to 254 (level c gets the pixels of value c); box of the hole's
-        contour [x0-1, y0-1, min(x1+2, W-1), min(y1+2, H-1)].
-        Pixels (sorted by value in order / xs / ys) index a grid padded by one pixel that never
-        becomes active (parent -1), so neighbours need no bounds test. box[:, 4] marks frame
-        contact. A max segment tree over the roots holds each component's IoU.
-        Active neighbours are read into a bit mask without branches; ``reps[mask]`` lists one
-        neighbour per run of adjacent active neighbours (those are already one component), so
-        usually a single find per pixel.
-        Writes best[256] (-1 where a level has no such box).
+    @_njit
+    def _sweep(foreground, h, w, gt, order, counts, active, cid, comp, dirty, tree, size, state, best):
+        """Best IoU per cut level (0..254) over one kind of contour, in one union-find pass.
+
+        foreground=True: the 8-connected components of {u8 > c}, c from 254 down (level c gets
+        the pixels of value c + 1); a component's contour box is [x0, y0, min(x1+1, W-1),
+        min(y1+1, H-1)]. Also finds the highest level with a hole (Euler number: components -
+        holes, updated per pixel from its ring mask) -> state[1].
+        foreground=False: the holes, 4-connected components of {u8 <= c} that do not touch the
+        frame, c from 0 up to state[1]; a hole's contour runs over the foreground pixels
+        4-adjacent to it, so its box is [x0-1, y0-1, min(x1+2, W-1), min(y1+2, H-1)].
+        Writes best[256] (-1 where a level has no such contour).
+
+        Grid indices are padded by one pixel, so neighbours need no bounds test: the padding is
+        never in the foreground, and in the background it is component 0, "outside", which every
+        pixel 4-adjacent to the frame joins, and which is no hole. The union-find runs over
+        components numbered in order of birth (cid[p]: the component pixel p joined, or its root;
+        comp[c] = x0, y0, x1, y1, parent, last level refreshed + 1); the older survives a union.
+        A max segment tree over the components holds each one's IoU once positive (leaves
+        0..state[0]-1 in use; boxes only grow, so a positive IoU stays positive).
+        Most pixels of a level join the component the previous one joined: its box lives in
+        locals (cr, cx0..cy1) until another component, a union or the level's end needs it.
+        Hot indices are unsigned (numba then emits no negative-index wraparound).
         """
         pw = w + 2
         n = (h + 2) * pw
-        for i in range(n):
-            parent[i] = -1
-        for i in range(2 * size):
-            tree[i] = -1.0
-        for i in range(256):
-            best[i] = -1.0
-        if foreground:  # around the ring E, NE, N, NW, W, SW, S, SE: neighbours in turn are 4-adjacent
-            offs = np.array([1, -pw + 1, -pw, -pw - 1, -1, pw - 1, pw, pw + 1])
-        else:  # N, E, S, W: no two are 4-adjacent
-            offs = np.array([-pw, 1, pw, -1])
-        nb = offs.shape[0]
-        for step in range(256):
-            level = 255 - step if foreground else step
-            value = level + 1 if foreground else level
-            if value > 255:
-                continue
-            lo, hi = counts[value], counts[value + 1]
-            if lo == hi:
-                best[level] = tree[1]
-                continue
+        upw = np.uint64(pw)
+        # ring E, NE, N, NW, W, SW, S, SE as offsets from the pixel's NW neighbour; the pixel: upw + 1
+        ring = np.array([upw + 2, 2, 1, 0, upw, 2 * upw, 2 * upw + 1, 2 * upw + 2], np.uint64)
+        o_e, o_ne, o_n, o_nw = ring[0], ring[1], ring[2], ring[3]
+        o_w, o_sw, o_s, o_se = ring[4], ring[5], ring[6], ring[7]
+        o_p = upw + np.uint64(1)
+        # reset the tree nodes the previous sweep touched (its leaves and their ancestors)
+        lo, hi = size, size + state[0]
+        while lo >= 1 and hi > lo:
+            tree[lo:hi] = -1.0
+            lo //= 2
+            hi = (hi - 1) // 2 + 1
+        tree[1] = -1.0
+        best[:] = -1.0
+        active[:] = 0
+        if foreground:
+            reps, nreps = _REPS8, _NREPS8
+            nc = 0
+            first, last, step, shift, grow = 254, -1, -1, 1, 0
+        else:
+            reps, nreps = _REPS4, _NREPS4
+            for i in range(pw):
+                active[i] = active[n - pw + i] = 1
+                cid[i] = cid[n - pw + i] = 0
+            for i in range(0, n, pw):
+                active[i] = active[i + pw - 1] = 1
+                cid[i] = cid[i + pw - 1] = 0
+            comp[0, 4] = 0
+            nc = 1
+            first, last, step, shift, grow = 0, state[1] + 1, 1, 0, 1
+        outside = 0 if not foreground else -2
+        rep0 = np.empty(256, np.uint64)  # the first group's neighbour as an offset from b: one load less
+        for m in range(256):
+            rep0[m] = ring[reps[m, 0]]
+        alive = 0  # components (holes for the background)
+        euler4 = 0  # 4 x (foreground components - holes)
+        top_hole = -1
+        for level in range(first, last, step):
             nd = 0
-            for k in range(lo, hi):
-                p = order[k]
-                x = xs[k]
-                y = ys[k]
-                on_frame = 1 if (x == 0 or y == 0 or x == w - 1 or y == h - 1) else 0
-                rp = -1  # p's root; -1 while p is alone
-                changed = False
-                mask = 0
-                for d in range(nb):
-                    mask |= (parent[p + offs[d]] >= 0) << d
-                for t in range(nreps[mask]):
-                    q = p + offs[reps[mask, t]]
-                    if parent[q] == rp:
-                        continue
-                    rq = _find(parent, q)
-                    if rq == rp:
-                        continue
-                    if rp < 0:  # first neighbour: p joins rq's component
-                        parent[p] = rq
-                        weight[rq] += 1
-                        if x < box[rq, 0]:
-                            box[rq, 0] = x
-                            changed = True
-                        elif x > box[rq, 2]:
-                            box[rq, 2] = x
-                            changed = True
-                        if y < box[rq, 1]:
-                            box[rq, 1] = y
-                            changed = True
-                        elif y > box[rq, 3]:
-                            box[rq, 3] = y
-                            changed = True
-                        if on_frame > box[rq, 4]:
-                            box[rq, 4] = 1
-                            changed = True
-                        rp = rq
-                        continue
-                    if weight[rp] < weight[rq]:  # union by size: the larger root survives
-                        rp, rq = rq, rp
-                    parent[rq] = rp
-                    weight[rp] += weight[rq]
-                    for c in range(2):
-                        if box[rq, c] < box[rp, c]:
-                            box[rp, c] = box[rq, c]
-                            changed = True
-                    for c in range(2, 5):
-                        if box[rq, c] > box[rp, c]:
-                            box[rp, c] = box[rq, c]
-                            changed = True
-                    _tree_set(tree, size, rq, -1.0)  # that component is gone
+            cr = -1  # the component whose box is in the locals
+            cx0 = cy0 = cx1 = cy1 = np.uint64(0)
+            cgrew = False
+            for k in range(np.uint64(counts[level + shift]), np.uint64(counts[level + shift + 1])):
+                yx = np.uint64(order[k])
+                x = yx & np.uint64(0xFFFF)
+                y = yx >> np.uint64(16)
+                b = y * upw + x  # the NW neighbour
+                mask = np.uint64(active[b + o_e] | (active[b + o_ne] << 1) | (active[b + o_n] << 2)
+                                 | (active[b + o_nw] << 3) | (active[b + o_w] << 4) | (active[b + o_sw] << 5)
+                                 | (active[b + o_s] << 6) | (active[b + o_se] << 7))
+                active[b + o_p] = 1
+                if foreground:
+                    euler4 += _EULER8[mask]
+                rp = -1  # p's component; -1 while p is alone
+                nr = nreps[mask]
+                if nr > 0:
+                    q = b + rep0[mask]
+                    c = cid[q]
+                    r = _find(comp, c)
+                    if r != c:  # point the neighbour at its root: it has more pixels to serve
+                        cid[q] = r
+                    rp = np.int64(r)
+                    for t in range(1, nr):
+                        q = b + ring[reps[mask, t]]
+                        c = cid[q]
+                        r = _find(comp, c)
+                        if r != c:
+                            cid[q] = r
+                        rq = np.int64(r)
+                        if rq == rp:
+                            continue
+                        if cr >= 0:  # write the cached box back first
+                            comp[cr, 0], comp[cr, 1], comp[cr, 2], comp[cr, 3] = cx0, cy0, cx1, cy1
+                            if cgrew:
+                                dirty[nd] = cr
+                                nd += 1
+                            cr = -1
+                        if rq < rp:  # the older survives (the outside always)
+                            rp, rq = rq, rp
+                        comp[rq, 4] = rp
+                        alive -= 1
+                        if rp != outside and _merge_box(comp, rp, rq):
+                            dirty[nd] = rp
+                            nd += 1
+                        _tree_set(tree, size, rq, -1.0)  # that component is gone
                 if rp < 0:  # a new component of one pixel
-                    parent[p] = p
-                    weight[p] = 1
-                    box[p, 0] = x
-                    box[p, 1] = y
-                    box[p, 2] = x
-                    box[p, 3] = y
-                    box[p, 4] = on_frame
-                    stamp[p] = -1
-                    dirty[nd] = p
-                    nd += 1
-                elif changed:
+                    rp = nc
+                    nc += 1
+                    alive += 1
+                    comp[rp, 0], comp[rp, 1], comp[rp, 2], comp[rp, 3] = x, y, x, y
+                    comp[rp, 4] = rp
+                    comp[rp, 5] = 0
                     dirty[nd] = rp
+                    nd += 1
+                elif rp != outside:
+                    if rp != cr:
+                        if cr >= 0:
+                            comp[cr, 0], comp[cr, 1], comp[cr, 2], comp[cr, 3] = cx0, cy0, cx1, cy1
+                            if cgrew:
+                                dirty[nd] = cr
+                                nd += 1
+                        cr = rp
+                        cx0, cy0 = np.uint64(comp[cr, 0]), np.uint64(comp[cr, 1])
+                        cx1, cy1 = np.uint64(comp[cr, 2]), np.uint64(comp[cr, 3])
+                        cgrew = False
+                    if x < cx0:
+                        cx0 = x
+                        cgrew = True
+                    elif x > cx1:
+                        cx1 = x
+                        cgrew = True
+                    if y < cy0:
+                        cy0 = y
+                        cgrew = True
+                    elif y > cy1:
+                        cy1 = y
+                        cgrew = True
+                cid[b + o_p] = rp
+            if cr >= 0:
+                comp[cr, 0], comp[cr, 1], comp[cr, 2], comp[cr, 3] = cx0, cy0, cx1, cy1
+                if cgrew:
+                    dirty[nd] = cr
                     nd += 1
             for k in range(nd):
                 r = dirty[k]
-                if parent[r] != r or stamp[r] == step:
+                if comp[r, 4] != r or comp[r, 5] == level + 1:
                     continue
-                stamp[r] = step
-                if foreground:
-                    v = _box_iou_max(box[r, 0], box[r, 1], min(box[r, 2] + 1, w - 1), min(box[r, 3] + 1, h - 1),
-                                     gt)
-                elif box[r, 4]:
-                    v = -1.0
-                else:
-                    v = _box_iou_max(box[r, 0] - 1, box[r, 1] - 1, min(box[r, 2] + 2, w - 1),
-                                     min(box[r, 3] + 2, h - 1), gt)
-                _tree_set(tree, size, r, v)
-            best[level] = tree[1]
+                comp[r, 5] = level + 1
+                v = _box_iou_max(np.int64(comp[r, 0]) - grow, np.int64(comp[r, 1]) - grow,
+                                 min(np.int64(comp[r, 2]) + 1 + grow, w - 1),
+                                 min(np.int64(comp[r, 3]) + 1 + grow, h - 1), gt)
+                if v > 0:
+                    _tree_set(tree, size, r, v)
+            best[level] = tree[1] if tree[1] > 0 else (0.0 if alive > 0 else -1.0)
+            if foreground and top_hole < 0 and euler4 != 4 * alive:
+                top_hole = level
+        state[0] = nc
+        if foreground:
+            state[1] = top_hole
 
     @_njit
-    def _all_contour_best(u8, gt, order, xs, ys, counts, parent, weight, box, dirty, stamp, tree, size,
-                          best_fg, best_bg):
+    def _all_contour_best(u8, gt, order, counts, hist, active, cid, comp, dirty, tree, size, state, best_fg,
+                          best_bg):
         """Both sweeps; returns the best IoU per cut level [256] (components and holes)."""
         h, w = u8.shape
-        pw = w + 2
-        for i in range(257):
-            counts[i] = 0
-        for y in range(h):
-            for x in range(w):
-                counts[u8[y, x] + 1] += 1
-        for v in range(256):
-            counts[v + 1] += counts[v]
-        fill = counts[:256].copy()
-        for y in range(h):
-            for x in range(w):
-                v = u8[y, x]
-                k = fill[v]
-                order[k] = (y + 1) * pw + x + 1
-                xs[k] = x
-                ys[k] = y
-                fill[v] = k + 1
-        _sweep(h, w, gt, True, order, xs, ys, counts, parent, weight, box, dirty, stamp, tree, size, best_fg,
-               _REPS8, _NREPS8)
-        _sweep(h, w, gt, False, order, xs, ys, counts, parent, weight, box, dirty, stamp, tree, size, best_bg,
-               _REPS4, _NREPS4)
+        _counting_sort(u8, order, counts, hist)
+        _sweep(True, h, w, gt, order, counts, active, cid, comp, dirty, tree, size, state, best_fg)
+        _sweep(False, h, w, gt, order, counts, active, cid, comp, dirty, tree, size, state, best_bg)
         return np.maximum(best_fg, best_bg)
 
 
 class _Workspace:
-    """Buffers for the union-find sweep, reused across maps of one shape (one set per thread)."""
+    """Buffers for the union-find sweeps, reused across maps of one shape (one set per thread)."""
 
     def __init__(self, h, w):
         n = (h + 2) * (w + 2)
-        self.size = 1 << max(0, (n - 1).bit_length())
-        self.order = np.empty(h * w, np.int32)
-        self.xs = np.empty(h * w, np.int32)
-        self.ys = np.empty(h * w, np.int32)
+        self.size = 1 << n.bit_length()  # > n >= number of components
+        self.order = np.empty(h * w, np.uint32)
         self.counts = np.zeros(257, np.int64)
-        self.parent = np.empty(n, np.int32)
-        self.weight = np.empty(n, np.int32)
-        self.box = np.empty((n, 5), np.int32)
-        self.dirty = np.empty(n, np.int32)
-        self.stamp = np.empty(n, np.int32)
-        self.tree = np.empty(2 * self.size)
+        self.hist = np.zeros((4, 256), np.uint64)
+        self.active = np.empty(n, np.uint8)
+        self.cid = np.empty(n, np.uint32)
+        self.comp = np.empty((n, 8), np.uint32)  # 6 fields used; 8 keep a component in one cache line
+        self.dirty = np.empty(4 * n + 8, np.int64)  # <= 4 entries per pixel, 1 per level
+        self.tree = np.full(2 * self.size, -1.0)
+        self.state = np.zeros(2, np.int64)  # components used by the last sweep, highest level with a hole
         self.best_fg = np.empty(256)
         self.best_bg = np.empty(256)
 
     def run(self, u8, gt):
-        return _all_contour_best(u8, gt, self.order, self.xs, self.ys, self.counts, self.parent, self.weight,
-                                 self.box, self.dirty, self.stamp, self.tree, self.size, self.best_fg,
-                                 self.best_bg)
+        return _all_contour_best(u8, gt, self.order, self.counts, self.hist, self.active, self.cid, self.comp,
+                                 self.dirty, self.tree, self.size, self.state, self.best_fg, self.best_bg)
 
 
 _workspaces = threading.local()
@@ -448,20 +600,33 @@ def _numba_best_ious(u8, gt, cuts) -> np.ndarray:
     return ws.run(np.ascontiguousarray(u8), gt)[cuts]
 
 
+def _checked_u8(scoremap, image_id, use_numba) -> np.ndarray:
+    """check_scoremap + quantise; one compiled pass for float32 / float64 maps."""
+    arr = np.asarray(scoremap)
+    if use_numba and arr.ndim == 2 and arr.dtype in (np.float32, np.float64):
+        u8 = np.empty(arr.shape, np.uint8)
+        if _quantise_checked(arr, arr.dtype.type(255), u8):
+            return u8
+    return quantise(check_scoremap(arr, image_id))  # raises ScoreMapError for a bad map
+
+
 def fast_best_ious(scoremap, gt_boxes, thresholds, multi_contour: bool = True,
-                   use_numba: bool | None = None) -> np.ndarray:
-    """Same result as :func:`reference_best_ious`, computed per distinct cut / in one pass."""
+                   use_numba: bool | None = None, image_id=None) -> np.ndarray:
+    """Same result as :func:`reference_best_ious`, computed per distinct cut / in one pass.
+
+    Also validates the map (:func:`check_scoremap`; ``image_id`` names it in the error).
+    """
+    if use_numba is None:
+        use_numba = HAVE_NUMBA
+    if use_numba and not HAVE_NUMBA:
+        raise RuntimeError("use_numba=True but numba is not installed")
     gt = np.ascontiguousarray(np.asarray(gt_boxes, dtype=np.int64).reshape(-1, 4))
-    u8 = quantise(scoremap)
+    u8 = _checked_u8(scoremap, image_id, use_numba)
     m = int(u8.max()) if u8.size else 0
     cuts = _cuts(thresholds, m)
     if m == 0:  # empty mask at every threshold: the reference's [0, 0, 0, 0]
         return np.full(len(cuts), float(iou_matrix(np.zeros((1, 4)), gt).max()))
-    if use_numba is None:
-        use_numba = HAVE_NUMBA
-    if multi_contour and use_numba:
-        if not HAVE_NUMBA:
-            raise RuntimeError("use_numba=True but numba is not installed")
+    if multi_contour and use_numba and max(u8.shape) < 1 << 15:
         return _numba_best_ious(u8, gt, cuts)
     return _distinct_mask_best_ious(u8, gt, cuts, multi_contour)
 
@@ -489,9 +654,9 @@ class MaxBoxAccEvaluator:
         self.count = 0
 
     def best_ious(self, scoremap, gt_boxes, image_id=None) -> np.ndarray:
-        scoremap = check_scoremap(scoremap, image_id)
-        fn = fast_best_ious if self.method == "fast" else reference_best_ious
-        return fn(scoremap, gt_boxes, self.thresholds, self.multi_contour)
+        if self.method == "fast":  # validates the map too
+            return fast_best_ious(scoremap, gt_boxes, self.thresholds, self.multi_contour, image_id=image_id)
+        return reference_best_ious(check_scoremap(scoremap, image_id), gt_boxes, self.thresholds, self.multi_contour)
 
     def accumulate(self, scoremap, gt_boxes, image_id=None) -> np.ndarray:
         """Add one image. gt_boxes: [G, 4] int, already in the score map's frame (224 x 224)."""

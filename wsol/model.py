@@ -7,8 +7,9 @@ times the number of channels plus the bias is the logit of y.
 """
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pretrain.checkpoint import ARCHS, build_resnet, load_backbone
@@ -101,18 +102,25 @@ class CAMModel(nn.Module):
 
 
 def normalise_cams(cams: torch.Tensor, size=(224, 224)) -> torch.Tensor:
-    """cams [B, k, h, w] -> bicubic upsample to ``size`` -> per-map min-max to [0, 1].
+    """cams [B, k, h, w] -> [B, k, size[0], size[1]] float32 score maps in [0, 1], on the CPU.
 
-    A constant (or NaN) map becomes all zeros, as in wsolevaluation.
+    As wsolevaluation (``inference.py``) does per CAM, in float32 numpy:
+    ``cv2.resize(cam, (W, H), interpolation=cv2.INTER_CUBIC)``, then ``cam -= cam.min();
+    cam /= cam.max()`` (no epsilon); a constant or non-finite map becomes all zeros.
+    size = (H, W).
     """
-    up = F.interpolate(cams.float(), size=tuple(size), mode="bicubic", align_corners=False)
-    lo = up.amin(dim=(2, 3), keepdim=True)
-    hi = up.amax(dim=(2, 3), keepdim=True)
-    rng = hi - lo
-    out = (up - lo) / torch.where(rng > 0, rng, torch.ones_like(rng))
-    bad = ~(rng > 0) | torch.isnan(out).flatten(2).any(-1)[..., None, None]
-    out = torch.where(bad, torch.zeros_like(out), out)
-    return out.clamp_(0, 1)
+    height, width = (int(s) for s in size)
+    src = cams.detach().float().cpu().numpy()
+    out = np.zeros((*src.shape[:2], height, width), np.float32)
+    for b in range(src.shape[0]):
+        for j in range(src.shape[1]):
+            up = cv2.resize(src[b, j], (width, height), interpolation=cv2.INTER_CUBIC)
+            if not np.isfinite(up).all() or up.min() == up.max():
+                continue
+            up -= up.min()
+            up /= up.max()
+            out[b, j] = up
+    return torch.from_numpy(out)
 
 
 def build_cam_model(arch: str, num_classes: int, weights: str | None = None,
