@@ -309,9 +309,11 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
     for m, s in timings:
         marker = run_dir / m / s / "stage.json"
         if marker.exists():
-            t_lines.append(f"| {m} | {s} | {json.loads(marker.read_text()).get('seconds', 0):.0f} |")
+            seconds = json.loads(marker.read_text()).get("seconds", 0)
+            t_lines.append(f"| {m} | {s} | {seconds:.0f} |")
     if t_lines:
-        sections.append("## Stage timings\n\n| method | stage | seconds |\n|---|---|---:|\n" + "\n".join(t_lines) + "\n")
+        header = "## Stage timings\n\n| method | stage | seconds |\n|---|---|---:|\n"
+        sections.append(header + "\n".join(t_lines) + "\n")
 
     md = "\n".join(sections)
     atomic_write_text(md, run_dir / "report.md")

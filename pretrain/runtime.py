@@ -55,7 +55,7 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - the global RNG is what third-party code draws from
     torch.manual_seed(seed)
 
 
@@ -64,7 +64,7 @@ def rng_state() -> dict:
     py = random.getstate()
     state = {
         "python": [py[0], list(py[1]), py[2]],
-        "numpy": _numpy_state_to_plain(np.random.get_state()),
+        "numpy": _numpy_state_to_plain(np.random.get_state()),  # noqa: NPY002 - global RNG on purpose
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -75,7 +75,7 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(_plain_to_numpy_state(state["numpy"]))
+    np.random.set_state(_plain_to_numpy_state(state["numpy"]))  # noqa: NPY002 - global RNG on purpose
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

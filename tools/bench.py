@@ -81,8 +81,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
+    device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
     results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                          f"torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}"}
+                          f"torch {torch.__version__}, {device}"}
     todo = ["pretrain", "wsol", "eval", "robustness", "data"] if args.what == "all" else [args.what]
     for what in todo:
         t0 = time.time()

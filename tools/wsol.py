@@ -2,7 +2,7 @@
 """WSOL on CUB: metadata conversion, CAM fine-tuning and evaluation.
 
     python tools/wsol.py metadata --cub data/CUB_200_2011 --out data/wsol_metadata/CUB
-    python tools/wsol.py finetune --config configs/wsol/cub_alignmix.yaml --weights BACKBONE [--run-dir DIR] [KEY=VALUE ...]
+    python tools/wsol.py finetune --config configs/wsol/cub_alignmix.yaml --weights CKPT [--run-dir DIR] [KEY=VALUE ...]
     python tools/wsol.py evaluate --config CFG --model RUN/cam_model.pth --scoremaps DIR [KEY=VALUE ...]
     python tools/wsol.py baseline --metadata data/wsol_metadata/CUB/test [--size 224] [--fraction 0.5]
 """
