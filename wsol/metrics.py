@@ -387,6 +387,16 @@ if numba is not None:
                 grew = True
         return grew
 
+    @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")  # inlined: it is on the hot path
+    def _flush_box(comp, dirty, nd, cr, x0, y0, x1, y1, grew):
+        """Write component cr's box (cached in the sweep's locals) back; queue cr if it grew.
+        Returns the new queue length."""
+        comp[cr, 0], comp[cr, 1], comp[cr, 2], comp[cr, 3] = x0, y0, x1, y1
+        if grew:
+            dirty[nd] = cr
+            nd += 1
+        return nd
+
     @_njit
     def _sweep(foreground, h, w, gt, order, counts, active, cid, comp, dirty, tree, size, state, best):
         """Best IoU per cut level (0..254) over one kind of contour, in one union-find pass.
@@ -485,10 +495,7 @@ if numba is not None:
                         if rq == rp:
                             continue
                         if cr >= 0:  # write the cached box back first
-                            comp[cr, 0], comp[cr, 1], comp[cr, 2], comp[cr, 3] = cx0, cy0, cx1, cy1
-                            if cgrew:
-                                dirty[nd] = cr
-                                nd += 1
+                            nd = _flush_box(comp, dirty, nd, cr, cx0, cy0, cx1, cy1, cgrew)
                             cr = -1
                         if rq < rp:  # the older survives (the outside always)
                             rp, rq = rq, rp
@@ -510,10 +517,7 @@ if numba is not None:
                 elif rp != outside:
                     if rp != cr:
                         if cr >= 0:
-                            comp[cr, 0], comp[cr, 1], comp[cr, 2], comp[cr, 3] = cx0, cy0, cx1, cy1
-                            if cgrew:
-                                dirty[nd] = cr
-                                nd += 1
+                            nd = _flush_box(comp, dirty, nd, cr, cx0, cy0, cx1, cy1, cgrew)
                         cr = rp
                         cx0, cy0 = np.uint64(comp[cr, 0]), np.uint64(comp[cr, 1])
                         cx1, cy1 = np.uint64(comp[cr, 2]), np.uint64(comp[cr, 3])
@@ -532,10 +536,7 @@ if numba is not None:
                         cgrew = True
                 cid[b + o_p] = rp
             if cr >= 0:
-                comp[cr, 0], comp[cr, 1], comp[cr, 2], comp[cr, 3] = cx0, cy0, cx1, cy1
-                if cgrew:
-                    dirty[nd] = cr
-                    nd += 1
+                nd = _flush_box(comp, dirty, nd, cr, cx0, cy0, cx1, cy1, cgrew)
             for k in range(nd):
                 r = dirty[k]
                 if comp[r, 4] != r or comp[r, 5] == level + 1:
