@@ -327,11 +327,11 @@ if numba is not None:
                 x3, y3 = 0, y3 + 1
 
     @_njit
-    def _find(comp, c):
-        """Root of component c (parents in comp[:, 4]; path halving)."""
-        while comp[c, 4] != c:
-            g = comp[comp[c, 4], 4]
-            comp[c, 4] = g
+    def _find(par, c):
+        """Root."""
+        while par[c] != c:
+            g = par[par[c]]
+            par[c] = g
             c = g
         return c
 
@@ -388,7 +388,7 @@ if numba is not None:
         return grew
 
     @_njit
-    def _sweep(foreground, h, w, gt, order, counts, active, cid, comp, dirty, tree, size, state, best):
+    def _sweep(foreground, h, w, gt, order, counts, active, cid, comp, par, dirty, tree, size, state, best):
         """Best IoU per cut level (0..254) over one kind of contour, in one union-find pass.
 
         foreground=True: the 8-connected components of {u8 > c}, c from 254 down (level c gets
@@ -441,7 +441,7 @@ if numba is not None:
             for i in range(0, n, pw):
                 active[i] = active[i + pw - 1] = 1
                 cid[i] = cid[i + pw - 1] = 0
-            comp[0, 4] = 0
+            par[0] = 0
             nc = 1
             first, last, step, shift, grow = 0, state[1] + 1, 1, 0, 1
         outside = 0 if not foreground else -2
@@ -469,14 +469,14 @@ if numba is not None:
                 if nr > 0:
                     q = b + rep0[mask]
                     c = cid[q]
-                    r = _find(comp, c)
+                    r = _find(par, c)
                     if r != c:  # point the neighbour at its root: it has more pixels to serve
                         cid[q] = r
                     rp = np.int64(r)
                     for t in range(1, nr):
                         q = b + ring[reps[mask, t]]
                         c = cid[q]
-                        r = _find(comp, c)
+                        r = _find(par, c)
                         if r != c:
                             cid[q] = r
                         rq = np.int64(r)
@@ -484,7 +484,7 @@ if numba is not None:
                             continue
                         if rq < rp:  # the older survives (the outside always)
                             rp, rq = rq, rp
-                        comp[rq, 4] = rp
+                        par[rq] = rp
                         alive -= 1
                         if rp != outside and _merge_box(comp, rp, rq):
                             dirty[nd] = rp
@@ -495,7 +495,7 @@ if numba is not None:
                     nc += 1
                     alive += 1
                     comp[rp, 0], comp[rp, 1], comp[rp, 2], comp[rp, 3] = x, y, x, y
-                    comp[rp, 4] = rp
+                    par[rp] = rp
                     comp[rp, 5] = 0
                     dirty[nd] = rp
                     nd += 1
@@ -512,7 +512,7 @@ if numba is not None:
                 cid[b + o_p] = rp
             for k in range(nd):
                 r = dirty[k]
-                if comp[r, 4] != r or comp[r, 5] == level + 1:
+                if par[r] != r or comp[r, 5] == level + 1:
                     continue
                 comp[r, 5] = level + 1
                 v = _box_iou_max(np.int64(comp[r, 0]) - grow, np.int64(comp[r, 1]) - grow,
@@ -528,13 +528,13 @@ if numba is not None:
             state[1] = top_hole
 
     @_njit
-    def _all_contour_best(u8, gt, order, counts, hist, active, cid, comp, dirty, tree, size, state, best_fg,
+    def _all_contour_best(u8, gt, order, counts, hist, active, cid, comp, par, dirty, tree, size, state, best_fg,
                           best_bg):
         """Both sweeps; returns the best IoU per cut level [256] (components and holes)."""
         h, w = u8.shape
         _counting_sort(u8, order, counts, hist)
-        _sweep(True, h, w, gt, order, counts, active, cid, comp, dirty, tree, size, state, best_fg)
-        _sweep(False, h, w, gt, order, counts, active, cid, comp, dirty, tree, size, state, best_bg)
+        _sweep(True, h, w, gt, order, counts, active, cid, comp, par, dirty, tree, size, state, best_fg)
+        _sweep(False, h, w, gt, order, counts, active, cid, comp, par, dirty, tree, size, state, best_bg)
         return np.maximum(best_fg, best_bg)
 
 
@@ -549,6 +549,7 @@ class _Workspace:
         self.hist = np.zeros((4, 256), np.uint64)
         self.active = np.empty(n, np.uint8)
         self.cid = np.empty(n, np.uint32)
+        self.par = np.empty(n, np.uint32)
         self.comp = np.empty((n, 8), np.uint32)  # 6 fields used; 8 keep a component in one cache line
         self.dirty = np.empty(4 * n + 8, np.int64)  # <= 4 entries per pixel, 1 per level
         self.tree = np.full(2 * self.size, -1.0)
@@ -557,7 +558,7 @@ class _Workspace:
         self.best_bg = np.empty(256)
 
     def run(self, u8, gt):
-        return _all_contour_best(u8, gt, self.order, self.counts, self.hist, self.active, self.cid, self.comp,
+        return _all_contour_best(u8, gt, self.order, self.counts, self.hist, self.active, self.cid, self.comp, self.par,
                                  self.dirty, self.tree, self.size, self.state, self.best_fg, self.best_bg)
 
 
