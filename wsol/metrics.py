@@ -328,7 +328,7 @@ if numba is not None:
 
     @_njit
     def _find(par, c):
-        """Root."""
+        """Root of component c (par: the union-find parents; path halving)."""
         while par[c] != c:
             g = par[par[c]]
             par[c] = g
@@ -404,7 +404,8 @@ if numba is not None:
         never in the foreground, and in the background it is component 0, "outside", which every
         pixel 4-adjacent to the frame joins, and which is no hole. The union-find runs over
         components numbered in order of birth (cid[p]: the component pixel p joined, or its root;
-        comp[c] = x0, y0, x1, y1, parent, last level refreshed + 1); the older survives a union.
+        par[c]: its parent; comp[c] = x0, y0, x1, y1, -, last level refreshed + 1); the older
+        survives a union.
         A max segment tree over the components holds each one's IoU once positive (leaves
         0..state[0]-1 in use; boxes only grow, so a positive IoU stays positive).
         The loop is bound by memory operations, so a joining pixel writes its component's box only
@@ -550,7 +551,7 @@ class _Workspace:
         self.active = np.empty(n, np.uint8)
         self.cid = np.empty(n, np.uint32)
         self.par = np.empty(n, np.uint32)
-        self.comp = np.empty((n, 8), np.uint32)  # 6 fields used; 8 keep a component in one cache line
+        self.comp = np.empty((n, 8), np.uint32)  # 5 fields used (col 4 free); 8 keep a component in one cache line
         self.dirty = np.empty(4 * n + 8, np.int64)  # <= 4 entries per pixel, 1 per level
         self.tree = np.full(2 * self.size, -1.0)
         self.state = np.zeros(2, np.int64)  # components used by the last sweep, highest level with a hole
