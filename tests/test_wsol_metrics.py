@@ -291,3 +291,17 @@ def test_fast_validates_maps():
                      (np.full((4, 4), -0.1, np.float32), "outside"), (np.zeros((2, 2, 2)), "2-D")):
         with pytest.raises(M.ScoreMapError, match=msg):
             M.fast_best_ious(bad, [[0, 0, 1, 1]], [0.5], image_id="x")
+
+
+def test_bench_families_identical_and_mixed_ratio():
+    # the bench's own exactness check and bookkeeping (not its timings): families 3:1, headline = mix of per-image times
+    from wsol.bench import run_wsol_bench
+
+    out = run_wsol_bench(n_maps=4, n_reference=4, repeats=1, interval=0.01)
+    assert out["identical"] and out["v2_identical"] and out["v1_identical"]
+    assert out["family_share"] == {"smooth": 0.75, "fragmented": 0.25}
+    ref, fast = out["v2_reference_ms_by_family"], out["v2_fast_ms_by_family"]
+    assert out["v2_reference_ms_per_image"] == pytest.approx(0.75 * ref["smooth"] + 0.25 * ref["fragmented"])
+    assert out["maxboxacc_v2_speedup"] == pytest.approx(
+        out["v2_reference_ms_per_image"] / (0.75 * fast["smooth"] + 0.25 * fast["fragmented"]))
+    assert out["maxboxacc_v2_speedup_by_family"]["smooth"] == pytest.approx(ref["smooth"] / fast["smooth"])
