@@ -295,10 +295,14 @@ def test_fast_validates_maps():
 
 def test_bench_families_identical_and_mixed_ratio():
     # the bench's own exactness check and bookkeeping (not its timings): families 3:1, headline = mix of per-image times
-    from wsol.bench import run_wsol_bench
+    from wsol.bench import make_bench_maps, run_wsol_bench
 
     out = run_wsol_bench(n_maps=4, n_reference=4, repeats=1, interval=0.01)
     assert out["identical"] and out["v2_identical"] and out["v1_identical"]
+    ref_ev = M.MaxBoxAccEvaluator(0.01, method="reference")  # the reported result over all maps, recomputed
+    for m, gt in make_bench_maps(4):
+        ref_ev.accumulate(m, gt)
+    assert out["v2_result_fast"] == ref_ev.compute()["maxboxacc_v2"]
     assert out["family_share"] == {"smooth": 0.75, "fragmented": 0.25}
     ref, fast = out["v2_reference_ms_by_family"], out["v2_fast_ms_by_family"]
     assert out["v2_reference_ms_per_image"] == pytest.approx(0.75 * ref["smooth"] + 0.25 * ref["fragmented"])
