@@ -21,11 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.checkpoint import build_resnet
+from core.constants import IMAGENET_MEAN, IMAGENET_STD
 from pretrain import mixing as mx
-from pretrain.checkpoint import build_resnet
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 EMBEDDING = 5
 ATTENTIONS = ("gap_l1relu", "gap_softmax", "cam_l1relu", "cam_softmax", "uniform")
 

@@ -8,11 +8,12 @@ os.environ.setdefault("MT_NO_PROGRESS", "1")
 
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory):
-    """The tiny toy world, generated once per test session (pretrain.toy)."""
-    from pretrain.toy import make_toy_world
+    """The tiny toy world, generated once per test session (toyworld)."""
+    from toyworld import make_toy_world
+    from wsol.data import cub_to_wsol_metadata
 
     out = tmp_path_factory.mktemp("toy")
-    make_toy_world(out, preset="tiny", seed=0)
+    make_toy_world(out, preset="tiny", seed=0, wsol_metadata=cub_to_wsol_metadata)
     return out
 
 

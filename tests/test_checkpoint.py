@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pretrain.checkpoint import (
+from core.checkpoint import (
     CheckpointError,
     build_resnet,
     infer_arch,

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from pretrain import runtime
-from pretrain.checkpoint import build_resnet, save_backbone
+from core import runtime
+from core.checkpoint import build_resnet, save_backbone
+from core.constants import VOC_CLASSES
 from transfer import det_train
-from transfer.datasets import VOC_CLASSES, COCODetection, VOCDetection
+from transfer.datasets import COCODetection, VOCDetection
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -43,13 +44,15 @@ def _cfg(toy_world, kind="ssd", fmt="voc", **solver):
 
 
 def test_lr_schedule_hand_values():
-    f = lambda it: det_train.lr_factor(it, 100, 10, 0.1, [0.5, 0.8], 0.1)  # noqa: E731
+    from core.schedule import lr_factor
+
+    f = lambda it: lr_factor(it, "step", milestones=[50, 80], gamma=0.1, warmup=10, warmup_start=0.1)  # noqa: E731
     assert f(0) == pytest.approx(0.1) and f(5) == pytest.approx(0.55) and f(10) == 1.0
     assert f(49) == 1.0 and f(50) == pytest.approx(0.1) and f(80) == pytest.approx(0.01)
 
 
 def test_unknown_config_key_is_rejected(toy_world):
-    from pretrain.config import ConfigError
+    from core.config import ConfigError
 
     with pytest.raises(ConfigError, match="solver.lrr"):
         det_train.resolve_config({"solver": {"lrr": 0.1}})
@@ -110,7 +113,8 @@ def test_ssd_finetune_writes_metrics_figure_and_result_files(toy_world, backbone
     results = tmp_path / "run" / "seed_0" / "eval" / "voc_results"
     assert len(list(results.glob("comp4_det_test_*.txt"))) == 20
     log = [json.loads(ln) for ln in (tmp_path / "run" / "seed_0" / "log.jsonl").read_text().splitlines()]
-    assert log[0]["iter"] == 1 and log[-1]["final"]
+    steps = [r for r in log if r.get("event") == "step"]
+    assert log[0]["event"] == "header" and steps[0]["step"] == 1 and log[-1]["final"]
 
 
 @pytest.mark.slow
@@ -128,11 +132,11 @@ def test_interrupted_finetune_resumes_to_the_same_result(toy_world, backbone, tm
     with pytest.raises(KeyboardInterrupt):
         det_train.finetune_detector(cfg, str(backbone), tmp_path / "cut")
     monkeypatch.setattr(runtime, "atomic_save", real_save)
-    state = torch.load(tmp_path / "cut" / "seed_0" / "checkpoints" / "last.pth", weights_only=False)
-    assert state["epoch"] == 1 and state["iteration"] == 2
+    state = torch.load(tmp_path / "cut" / "seed_0" / "checkpoints" / "last.pth", weights_only=True)
+    assert state["epoch"] == 1 and state["step"] == 2
     resumed = det_train.finetune_detector(cfg, str(backbone), tmp_path / "cut")
-    a = torch.load(tmp_path / "full" / "seed_0" / "checkpoints" / "last.pth", weights_only=False)["model"]
-    b = torch.load(tmp_path / "cut" / "seed_0" / "checkpoints" / "last.pth", weights_only=False)["model"]
+    a = torch.load(tmp_path / "full" / "seed_0" / "checkpoints" / "last.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "seed_0" / "checkpoints" / "last.pth", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["mAP"] == full["mAP"] and "AP50" in resumed
     # a finished seed is not trained again

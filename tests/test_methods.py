@@ -12,8 +12,8 @@ C = 10
 
 @pytest.fixture(scope="module")
 def batch(toy_world):
-    from pretrain.data import ImageNetFolder
-    from pretrain.trainer import val_transform
+    from core.data import ImageNetFolder
+    from pretrain.data import val_transform
 
     ds = ImageNetFolder(toy_world / "imagenet", "train", transform=val_transform(64, 64), boxes=None)
     idx = [int(i * len(ds) / 8) for i in range(8)]

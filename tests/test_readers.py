@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain.config import ConfigError, load_config
-from pretrain.data import DataError, ImageNetFolder, read_image
-from transfer.datasets import VOC_CLASSES, COCODetection, VOCDetection, voc0712_trainval
+from core.config import ConfigError, load_config
+from core.constants import VOC_CLASSES
+from core.data import DataError, ImageNetFolder, read_image
+from transfer.datasets import COCODetection, VOCDetection, voc0712_trainval
 
 # First object of VOC2007 000005.xml, as distributed in the devkit.
 VOC_XML = textwrap.dedent("""\

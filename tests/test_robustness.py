@@ -12,7 +12,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
 
-from pretrain.data import DataError, ImageNetFolder
+from core.data import DataError, ImageNetFolder
 from transfer.robustness import compare, parse_suites
 from transfer.robustness.attacks import fgsm, pgd
 from transfer.robustness.calibration import calibration_bins, ece_oe

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointError, build_resnet, save_backbone
-from pretrain.data import DataError
+from core.checkpoint import CheckpointError, build_resnet, save_backbone
+from core.data import DataError
 from transfer.robustness import evaluate_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pretrain import toy
+import toyworld as toy
 
 # pycocotools 2.0.x + NumPy 2 warns on every annToMask
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -459,7 +459,7 @@ def test_readers_if_present(world):
     """The lead's readers (when they exist) read the toy world without error."""
     out, _ = world
     try:
-        from pretrain.data import ImageNetFolder
+        from core.data import ImageNetFolder
     except ImportError:
         ImageNetFolder = None
     if ImageNetFolder is not None:

@@ -1,5 +1,5 @@
-"""pretrain.trainer: schedules, the resumable sampler, an end-to-end toy run, exact resumption,
-non-finite loss handling and a 2-process gloo DDP run."""
+"""Pretraining (pretrain.task on core.engine): schedules, the resumable sampler, the batch plan, an end-to-end
+toy run, exact resumption, non-finite loss handling and a 2-process gloo DDP run."""
 
 import json
 import os
@@ -9,9 +9,17 @@ import pytest
 import torch
 import yaml
 
-from pretrain.checkpoint import load_backbone
-from pretrain.runtime import NonFiniteLossError
-from pretrain.trainer import DEFAULTS, EpochSampler, Trainer, lr_factor, train
+from core.checkpoint import load_backbone
+from core.runtime import NonFiniteLossError
+from core.schedule import lr_factor as schedule_factor
+from pretrain.data import EpochSampler
+from pretrain.task import DEFAULTS, batch_plan, build, train
+
+
+def lr_factor(epoch, o):
+    return schedule_factor(epoch, o["schedule"], total=o["epochs"], milestones=o["milestones"], gamma=o["gamma"],
+                           points=o["points"], min_factor=o["min_factor"], warmup=o["warmup_epochs"],
+                           warmup_start=o["warmup_start"])
 
 
 def tiny_cfg(root, **method):
@@ -41,7 +49,7 @@ def test_lr_schedules_by_hand():
 
 
 def test_sampler_shards_and_resumes():
-    s0, s1 = EpochSampler(50, 4, 0, 2, seed=1), EpochSampler(50, 4, 1, 2, seed=1)
+    s0, s1 = EpochSampler(50, 8, 0, 2, seed=1), EpochSampler(50, 8, 1, 2, seed=1)
     a, b = [i for i, _ in s0], [i for i, _ in s1]
     assert s0.steps == 6 and len(a) == len(b) == 24 and not set(a) & set(b)
     s0.set_epoch(0, start_step=2)
@@ -49,7 +57,37 @@ def test_sampler_shards_and_resumes():
     s0.set_epoch(1)
     assert [i for i, _ in s0] != a  # a new order each epoch
     with pytest.raises(ValueError, match="larger than"):
-        EpochSampler(5, 4, 0, 2)
+        EpochSampler(5, 8, 0, 2)
+
+
+def test_sampler_position_is_kept_in_samples_across_world_sizes():
+    """After 2 steps of global batch 8, one process or four visit exactly the same remaining samples."""
+    one = EpochSampler(50, 8, 0, 1, seed=4)
+    one.set_epoch(0, start_step=2)
+    rest = [i for i, _ in one]
+    four = []
+    for r in range(4):
+        s = EpochSampler(50, 8, r, 4, seed=4)
+        s.set_epoch(0, start_step=2)
+        four.append([i for i, _ in s])
+    assert len(rest) == 32 and sorted(rest) == sorted(sum(four, []))
+    assert [rest[k] for k in range(1, 32, 4)] == four[1]  # rank r takes every 4th, from r
+
+
+def test_batch_plan_by_hand():
+    o = dict(DEFAULTS["optim"])
+    assert batch_plan(o, 8) == {"world_size": 8, "global_batch": 256, "per_process_batch": 32, "accumulate": 1,
+                                "micro_batch": 32}
+    o.update(max_batch_per_process=12)  # 32 per process, at most 12 at once: 4 micro-batches of 8
+    assert batch_plan(o, 8)["accumulate"] == 4 and batch_plan(o, 8)["micro_batch"] == 8
+    o = dict(DEFAULTS["optim"], batch_size=None, batch_per_process=128)  # MultiMix's b per GPU
+    assert batch_plan(o, 4)["global_batch"] == 512
+    with pytest.raises(ValueError, match="divisible"):
+        batch_plan(dict(DEFAULTS["optim"]), 3)
+    with pytest.raises(ValueError, match="exactly one"):
+        batch_plan(dict(DEFAULTS["optim"], batch_per_process=64), 1)
+    with pytest.raises(ValueError, match="does not divide"):
+        batch_plan(dict(DEFAULTS["optim"], accumulate=3), 1)
 
 
 @pytest.mark.slow
@@ -112,15 +150,24 @@ def test_non_finite_loss_stops_naming_the_step(toy_world, tmp_path):
 
 
 def test_config_errors(toy_world, tmp_path):
-    from pretrain.config import ConfigError
+    from core.config import ConfigError
 
     cfg = tiny_cfg(toy_world / "imagenet")
     cfg["optim"]["lrr"] = 1
     with pytest.raises(ConfigError, match="lrr"):
-        Trainer(cfg, tmp_path)
+        build(cfg, tmp_path)
     cfg = tiny_cfg(toy_world / "imagenet", beta=3)
     with pytest.raises(ValueError, match="unknown option"):
-        Trainer(cfg, tmp_path)
+        build(cfg, tmp_path)
+
+
+def test_classifier_learning_rate_group(toy_world, tmp_path):
+    cfg = tiny_cfg(toy_world / "imagenet")
+    cfg["optim"].update(lr=0.01, lr_classifier=0.1)
+    task, engine = build(cfg, tmp_path)
+    groups = {g["name"]: g for g in engine.optimizer.param_groups}
+    assert groups["classifier"]["initial_lr"] == 0.1 and groups["backbone"]["initial_lr"] == 0.01
+    assert {id(p) for p in groups["classifier"]["params"]} == {id(p) for p in task.net.fc.parameters()}
 
 
 def _free_port():
@@ -133,9 +180,9 @@ def _ddp_worker(rank, world, port, cfg, run_dir, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), MT_NO_PROGRESS="1")
     torch.set_num_threads(1)
-    t = Trainer(cfg, run_dir)
-    t.fit()
-    torch.save(t.model.net.state_dict(), os.path.join(out_dir, f"rank{rank}.pth"))
+    task, engine = build(cfg, run_dir)
+    engine.fit()
+    torch.save(task.net.net.state_dict(), os.path.join(out_dir, f"rank{rank}.pth"))
     import torch.distributed as dist
 
     dist.destroy_process_group()
@@ -148,7 +195,8 @@ def test_ddp_two_processes_gloo(toy_world, tmp_path):
     cfg = tiny_cfg(toy_world / "imagenet")
     cfg["method"] = {"name": "multimix", "n": 30, "prob": 1.0}
     cfg["optim"]["epochs"] = 1
-    cfg["data"]["max_train"] = 32  # 32 / (8 x 2) = 2 steps
+    cfg["optim"]["batch_size"] = 16  # global: 8 per process
+    cfg["data"]["max_train"] = 32  # 32 / 16 = 2 steps
     mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path / "run"), str(tmp_path)), nprocs=2)
     a, b = torch.load(tmp_path / "rank0.pth"), torch.load(tmp_path / "rank1.pth")
     # parameters stay identical through DDP's gradient all-reduce (BN running stats are per process

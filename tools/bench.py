@@ -27,13 +27,14 @@ def bench_data(root: str | None = None, workers=(0, 1, 2), size: int = 224, batc
     import torch
     from torchvision import transforms as T
 
-    from pretrain.data import ImageNetFolder
+    from core.data import ImageNetFolder
 
     if root is None:
-        from pretrain.toy import make_toy_world
+        from toyworld import make_toy_world
+        from wsol.data import cub_to_wsol_metadata
 
         root = Path(tempfile.mkdtemp()) / "toy"
-        make_toy_world(root, preset="tiny", seed=0)
+        make_toy_world(root, preset="tiny", seed=0, wsol_metadata=cub_to_wsol_metadata)
         root = root / "imagenet"
     tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()])
     ds = ImageNetFolder(root, "train", transform=tf)

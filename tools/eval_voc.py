@@ -12,7 +12,7 @@ from pathlib import Path
 # the repo root first: tools/pretrain.py would otherwise shadow the `pretrain` package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transfer.datasets import VOC_CLASSES  # noqa: E402
+from core.constants import VOC_CLASSES  # noqa: E402
 from transfer.voc_eval import METRICS, VOCEvalError, evaluate_voc_results  # noqa: E402
 
 

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     g.add_argument("--largest-contour", dest="multi_contour", action="store_false")
     p.add_argument("--reference", action="store_true", help="use the slow per-threshold loop")
     args = p.parse_args(argv)
-    from pretrain.runtime import progress
+    from core.runtime import progress
     from wsol.evaluate import score_scoremap_dir
 
     res = score_scoremap_dir(args.metadata, args.scoremaps, args.cam_curve_interval, args.iou_thresholds,

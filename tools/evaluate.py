@@ -15,42 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from fractions import Fraction
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.runtime import atomic_write_text, write_json  # noqa: E402
-from transfer.robustness import SUITES, compare, evaluate_checkpoint  # noqa: E402
-from transfer.robustness.evaluate import NOISE_SETS  # noqa: E402
-
-# option -> (type, default); also the keys a --config file may set
-OPTIONS = {
-    "suites": (str, ",".join(SUITES)), "out": (str, "runs/robustness"), "limit": (int, None),
-    "image_size": (int, 224), "resize": (int, 256), "batch_size": (int, 64), "seed": (int, 0),
-    "device": (str, "auto"), "precision": (str, "fp32"), "workers": (int, None), "arch": (str, None),
-    "corrupt_at": (str, "eval"), "sigma": (float, 0.1), "export_corrupted": (str, None),
-    "fgsm_eps": ("eps", "8/255"), "pgd_eps": ("eps", "4/255"), "pgd_step": ("eps", "2/255"),
-    "pgd_iters": (int, 10), "pgd_random_start": (bool, True), "ood_noise": (str, ",".join(NOISE_SETS)),
-}
-
-
-HELP = {
-    "suites": "comma-separated: clean,background,calibration,fgsm,pgd,ood (or all)",
-    "limit": "evaluate N evenly spaced val images (and at most N per OOD folder)",
-    "image_size": "centre-crop size", "resize": "short side before the crop",
-    "corrupt_at": "eval (after resize + crop, default) or original (stored resolution)",
-    "sigma": "background noise std in [0, 1] pixel units",
-    "export_corrupted": "write the corrupted val sets as PNG here",
-    "fgsm_eps": "e.g. 8/255", "pgd_eps": "e.g. 4/255", "pgd_step": "e.g. 2/255",
-    "ood_noise": "synthetic OOD sets: uniform,gaussian (empty for none)",
-    "precision": "fp32 | bf16 | fp16 (CUDA autocast)", "workers": "data-loading workers",
-}
-
-
-def parse_eps(v) -> float:
-    """'8/255' or 0.0314 -> float."""
-    return float(Fraction(str(v))) if "/" in str(v) else float(v)
+from core.config import load_config  # noqa: E402
+from core.runtime import atomic_write_text, write_json  # noqa: E402
+from transfer.robustness import SUITES, compare  # noqa: E402
+from transfer.robustness.stage import DEFAULTS, run  # noqa: E402
 
 
 def _name(spec: str) -> tuple[str, str]:
@@ -61,38 +35,31 @@ def _name(spec: str) -> tuple[str, str]:
     return (p.parent.name if p.stem == "backbone" and p.parent.name else p.stem), spec
 
 
+def _value(text: str):
+    """A flag's value read as YAML, like a config file's ('100' -> 100, '8/255' stays a string)."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", nargs="+", required=True, help="CKPT or NAME=CKPT, one or more")
     ap.add_argument("--imagenet", required=True, help="ImageNet-layout root (val/ and val_boxes/)")
-    ap.add_argument("--ood", nargs="*", default=[], help="OOD image folders (recursive)")
-    ap.add_argument("--config", help="YAML with defaults for the options below (configs/eval/)")
+    ap.add_argument("--config", help="YAML setting any of the options below (configs/eval/)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    for key, (typ, _) in OPTIONS.items():
+    for key, default in DEFAULTS.items():  # every option of the stage (transfer/robustness/stage.py)
         flag = "--" + key.replace("_", "-")
-        if typ is bool:
+        if key == "ood":
+            ap.add_argument(flag, nargs="*", default=None, help="OOD image folders (PATH or NAME=PATH)")
+        elif isinstance(default, bool):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            ap.add_argument(flag, type=str if typ == "eps" else typ, default=None, help=HELP.get(key))
+            ap.add_argument(flag, type=_value, default=None, help=f"default: {default}")
     args = ap.parse_args(argv)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-
-    opts = {k: d for k, (_, d) in OPTIONS.items()}
-    if args.config:
-        from pretrain.config import load_config
-        opts = load_config(args.config, defaults=opts)
-    opts.update({k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None})
-    kwargs = dict(
-        suites=opts["suites"], ood_dirs=args.ood, limit=opts["limit"], image_size=opts["image_size"],
-        resize=opts["resize"], batch_size=opts["batch_size"], seed=opts["seed"], device=opts["device"],
-        precision=opts["precision"], num_workers=opts["workers"], arch=opts["arch"],
-        corrupt_at=opts["corrupt_at"], sigma=opts["sigma"], fgsm_eps=parse_eps(opts["fgsm_eps"]),
-        pgd_eps=parse_eps(opts["pgd_eps"]), pgd_step=parse_eps(opts["pgd_step"]), pgd_iters=opts["pgd_iters"],
-        pgd_random_start=opts["pgd_random_start"],
-        ood_noise=tuple(s for s in str(opts["ood_noise"] or "").split(",") if s))
-
+    opts = load_config(args.config, defaults=DEFAULTS) if args.config else dict(DEFAULTS)
+    opts.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None})
     named = [_name(s) for s in args.checkpoint]
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
@@ -101,10 +68,9 @@ def main(argv=None) -> int:
     results = {}
     for name, path in named:
         run_out = out if len(named) == 1 else out / name
-        export = opts["export_corrupted"]
-        if export and len(named) > 1:
-            export = None if results else export  # the corrupted set does not depend on the model
-        results[name] = evaluate_checkpoint(path, args.imagenet, out_dir=run_out, export_dir=export, **kwargs)
+        # the corrupted sets do not depend on the model: export them once
+        one = {**opts, "export_corrupted": None if results else opts["export_corrupted"]}
+        results[name] = run(one, {"checkpoint": path, "imagenet": args.imagenet}, run_out)
         print(f"{name}: {run_out / 'metrics.json'}", file=sys.stderr)
     md, table = compare(results)
     if len(named) > 1:

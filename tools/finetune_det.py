@@ -18,7 +18,7 @@ from pathlib import Path
 # the repo root first: tools/pretrain.py would otherwise shadow the `pretrain` package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.runtime import cleanup_distributed, init_distributed, is_main_process  # noqa: E402
+from core.runtime import cleanup_distributed, init_distributed, is_main_process  # noqa: E402
 from transfer.det_train import finetune_detector, load_det_config  # noqa: E402
 
 

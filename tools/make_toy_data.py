@@ -12,7 +12,8 @@ from pathlib import Path
 # tools/ is sys.path[0] when run as a script, and tools/pretrain.py would shadow the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.toy import PRESETS, format_summary, make_toy_world  # noqa: E402
+from toyworld import PRESETS, format_summary, make_toy_world  # noqa: E402
+from wsol.data import cub_to_wsol_metadata  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -25,7 +26,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     summary = make_toy_world(
-        args.out, preset=args.preset, seed=args.seed, workers=args.workers, progress=not args.no_progress
+        args.out, preset=args.preset, seed=args.seed, workers=args.workers, progress=not args.no_progress,
+        wsol_metadata=cub_to_wsol_metadata,
     )
     print(format_summary(summary))
     print(f"generated in {time.perf_counter() - t0:.1f} s")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.config import ConfigError, load_config  # noqa: E402
-from pretrain.runtime import NonFiniteLossError, cleanup_distributed, is_main_process  # noqa: E402
-from pretrain.trainer import DEFAULTS, train  # noqa: E402
+from core.config import ConfigError, load_config  # noqa: E402
+from core.runtime import NonFiniteLossError, cleanup_distributed, is_main_process  # noqa: E402
+from pretrain.task import DEFAULTS, run  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, defaults=DEFAULTS)
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg["name"]
-        metrics = train(cfg, run_dir, resume=args.resume)
+        metrics = run(cfg, None, run_dir, resume=args.resume)
     except (ConfigError, NonFiniteLossError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

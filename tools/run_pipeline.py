@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The main job: pretraining -> detection / WSOL / robustness -> one report (pretrain/pipeline.py).
+"""The main job: pretraining -> detection / WSOL / robustness -> one report (pipeline/run.py).
 
     python tools/run_pipeline.py --config configs/pipeline/toy.yaml [--methods erm,multimix]
                                  [--force STAGE ...] [KEY=VALUE ...]
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.pipeline import STAGES, StopPipeline, run_pipeline  # noqa: E402
+from pipeline.run import STAGES, StopPipeline, run_pipeline  # noqa: E402
 
 
 def main(argv=None) -> int:

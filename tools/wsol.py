@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         frac = args.fraction if args.fraction > 0 else None
         print(json.dumps(centred_box_baseline(args.metadata, (args.size, args.size), frac), indent=2))
         return 0
-    from pretrain.config import load_config
+    from core.config import load_config
     cfg = load_config(args.config, args.overrides)
     if args.cmd == "finetune":
         from wsol.finetune import finetune

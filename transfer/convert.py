@@ -67,7 +67,7 @@ def _to_numpy(v) -> np.ndarray:
 
 
 def to_detectron2(backbone_state: Mapping[str, Any]) -> OrderedDict:
-    """torchvision-keyed ResNet state dict (as `pretrain.checkpoint.load_backbone` returns it; fc
+    """torchvision-keyed ResNet state dict (as `core.checkpoint.load_backbone` returns it; fc
     allowed and dropped) -> detectron2-named state dict of numpy arrays.
 
     Raises ConversionError listing keys that are not torchvision ResNet keys (e.g. a leftover
@@ -80,7 +80,7 @@ def to_detectron2(backbone_state: Mapping[str, Any]) -> OrderedDict:
     if bad:
         more = " ..." if len(bad) > 8 else ""
         raise ConversionError(f"not torchvision ResNet keys ({len(bad)}): {bad[:8]}{more}; "
-                              "load the checkpoint with pretrain.checkpoint.load_backbone, which strips "
+                              "load the checkpoint with core.checkpoint.load_backbone, which strips "
                               "foreign prefixes and checks the key set")
     out = OrderedDict()
     for k, v in backbone_state.items():
@@ -92,7 +92,7 @@ def to_detectron2(backbone_state: Mapping[str, Any]) -> OrderedDict:
 
 def expected_detectron2_shapes(arch: str) -> dict[str, tuple]:
     """detectron2 key -> shape for a torchvision `arch` converted by `to_detectron2`."""
-    from pretrain.checkpoint import expected_shapes
+    from core.checkpoint import expected_shapes
 
     return {_rename(k): s for k, s in expected_shapes(arch).items() if not k.endswith("num_batches_tracked")}
 
@@ -396,7 +396,7 @@ def convert_to_detectron2(in_path: str | os.PathLike, out_pkl: str | os.PathLike
     arch None: from the checkpoint's meta or inferred from its keys.
     Returns {"weights": path, <config name>: path}.
     """
-    from pretrain.checkpoint import infer_arch, load_backbone
+    from core.checkpoint import infer_arch, load_backbone
 
     state = load_backbone(in_path, arch, allow_pickle=allow_pickle)
     arch = arch or infer_arch(state)
@@ -410,8 +410,8 @@ def convert_to_torchvision(in_path: str | os.PathLike, out_pth: str | os.PathLik
                            arch: str | None = "resnet50", allow_pickle: bool = False) -> Path:
     """Any checkpoint layout load_backbone reads -> the plain contract file {"model": torchvision-keyed
     backbone state (no fc), "meta": {...}}, loadable with weights_only=True and by load_backbone."""
-    from pretrain.checkpoint import infer_arch, load_backbone
-    from pretrain.runtime import atomic_save
+    from core.checkpoint import infer_arch, load_backbone
+    from core.runtime import atomic_save
 
     state = load_backbone(in_path, arch, allow_pickle=allow_pickle)
     arch = arch or infer_arch(state)

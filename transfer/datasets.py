@@ -1,7 +1,7 @@
 """Detection datasets in their real on-disk layouts: Pascal VOC devkit and COCO.
 
 Items are `(image, target)`: a PIL RGB image and
-    target = {"boxes": float32 [N, 4] x0, y0, x1, y1 (pretrain.data's convention: VOC xmin-1, xmax),
+    target = {"boxes": float32 [N, 4] x0, y0, x1, y1 (core.data's convention: VOC xmin-1, xmax),
               "labels": int64 [N] in 1..C (0 is background, torchvision's convention),
               "difficult": bool [N] (VOC difficult flag; COCO iscrowd),
               "image_id": str (VOC) or int (COCO), "size": (height, width)}
@@ -23,13 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from pretrain.data import DataError, check_box, parse_pascal_xml, pascal_to_box, read_image
+from core.constants import VOC_CLASSES
+from core.data import DataError, check_box, parse_pascal_xml, pascal_to_box, read_image
 
 log = logging.getLogger(__name__)
 
-VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-               "train", "tvmonitor")
 
 parse_voc_xml = parse_pascal_xml  # VOC XML: {"filename", "width", "height", "objects": [...]}
 

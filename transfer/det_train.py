@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from pretrain import runtime
-from pretrain.config import dump_config, load_config, validate
+from core import runtime
+from core.config import dump_config, load_config, validate
+from core.engine import Engine, LoopSettings, Task, build_optimizer
+from core.schedule import lr_factor
 from transfer.det_transforms import build_transforms
 from transfer.detectors import build_detector
 
@@ -110,7 +112,8 @@ def _transform_kind(model_type: str) -> str:
 
 def build_datasets(cfg: dict, seed: int = 0):
     """(train dataset, test dataset, eval context) for ``cfg["data"]["format"]``."""
-    from transfer.datasets import VOC_CLASSES, COCODetection, VOCDetection
+    from core.constants import VOC_CLASSES
+    from transfer.datasets import COCODetection, VOCDetection
 
     d, m = cfg["data"], cfg["model"]
     kind = _transform_kind(m["type"])
@@ -151,18 +154,6 @@ def build_model(cfg: dict, num_classes: int, weights: str | None):
     else:
         kwargs.update(min_size=m["size"], max_size=m["max_size"], resize_inside=False)
     return build_detector(m["type"], num_classes, weights, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------- schedule
-
-def lr_factor(it: int, total: int, warmup_iters: int, warmup_factor: float, steps, gamma: float) -> float:
-    """Linear warm-up from ``warmup_factor`` over ``warmup_iters``, then x ``gamma`` at each step
-    (``steps`` as fractions of ``total``)."""
-    factor = gamma ** sum(it >= int(round(s * total)) for s in steps)
-    if it < warmup_iters:
-        alpha = it / warmup_iters
-        factor *= warmup_factor * (1 - alpha) + alpha
-    return factor
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -292,17 +283,85 @@ def detection_figure(examples, classes, path: Path, score_thresh: float = 0.3) -
 
 # ----------------------------------------------------------------------------------------- training
 
-def _sampler_and_loader(train, cfg, seed, epoch, world, rank):
-    s = cfg["solver"]
-    if world > 1:
-        sampler = torch.utils.data.DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True,
-                                                      seed=seed)
-        sampler.set_epoch(epoch)
-    else:
-        g = torch.Generator().manual_seed(seed * 100003 + epoch)  # epoch-determined order: exact resume
-        sampler = torch.utils.data.RandomSampler(train, generator=g)
-    return DataLoader(train, batch_size=s["batch_size"], sampler=sampler, num_workers=cfg["data"]["workers"],
-                      collate_fn=collate, drop_last=len(train) >= s["batch_size"] * world)
+class DetectionTask(Task):
+    """A torchvision detector fine-tuned on VOC or COCO; ``model(images, targets)`` returns its loss dict."""
+
+    sync_batchnorm = True  # trainable BN (random init, SSD extras) synchronised across GPUs
+
+    def __init__(self, cfg: dict, weights: str | None, seed: int, device: torch.device):
+        self.cfg, self.seed, self.device = cfg, seed, device
+        self.world = runtime.world_size()
+        self.rank = torch.distributed.get_rank() if self.world > 1 else 0
+        self.train_set, self.test_set, self.ctx, self.train_tf = build_datasets(cfg, seed)
+        self.model = build_model(cfg, self.ctx["num_classes"], weights).to(device)
+        if cfg["runtime"]["channels_last"] and device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.steps_per_epoch = len(self._loader(0))
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"training set has {len(self.train_set)} images, fewer than one batch")
+        s = cfg["solver"]
+        self.total = int(s["max_iter"]) or int(s["epochs"]) * self.steps_per_epoch
+        self.train_time, self.train_images, self.history = 0.0, 0, []
+
+    def _loader(self, epoch: int) -> DataLoader:
+        s, train = self.cfg["solver"], self.train_set
+        if self.world > 1:
+            sampler = torch.utils.data.DistributedSampler(train, num_replicas=self.world, rank=self.rank,
+                                                          shuffle=True, seed=self.seed)
+            sampler.set_epoch(epoch)
+        else:  # epoch-determined order: exact resume
+            sampler = torch.utils.data.RandomSampler(train, generator=torch.Generator().manual_seed(
+                self.seed * 100003 + epoch))
+        return DataLoader(train, batch_size=s["batch_size"], sampler=sampler, num_workers=self.cfg["data"]["workers"],
+                          collate_fn=collate, drop_last=len(train) >= s["batch_size"] * self.world)
+
+    def batches(self, epoch: int, start_step: int):
+        self.train_tf.augment.set_random_seed(self.seed * 100003 + epoch)  # augmentation stream fixed per epoch
+        if start_step:
+            raise RuntimeError("detection checkpoints are written at epoch ends only")
+        return self._loader(epoch)
+
+    def to_device(self, batch, device, channels_last):
+        images, targets = batch
+        images = [im.to(device, non_blocking=True) for im in images]
+        if channels_last:
+            images = [im.contiguous(memory_format=torch.channels_last) for im in images]
+        return images, [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+
+    def losses(self, out: dict) -> dict:
+        return out  # every entry of a torchvision detector's training output is a loss
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.cfg["solver"]["lr"]}]
+
+    def lr_lambda(self, it: int) -> float:
+        s = self.cfg["solver"]
+        return lr_factor(it, "step", milestones=[int(round(f * self.total)) for f in s["steps"]], gamma=s["gamma"],
+                         warmup=s["warmup_iters"], warmup_start=s["warmup_factor"])
+
+    def end_of_epoch(self, engine, epoch: int, record: dict) -> dict:
+        self.train_time += record["epoch_time_s"]
+        self.train_images += record["images"]
+        period = self.cfg["eval"]["period"]
+        if engine.step >= self.total or not period or epoch % period or not runtime.is_main_process():
+            return {}
+        preds, _, _, _ = predict(self.model, self.test_loader(), self.device, engine.precision,
+                                 engine.settings.channels_last)
+        m = score_predictions(preds, self.ctx, engine.run_dir / "eval", self.cfg["eval"]["metric"])
+        self.history.append({"epoch": epoch, "mAP": m["mAP"]})
+        return {"eval_mAP": m["mAP"]}
+
+    def test_loader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=self.cfg["eval"]["batch_size"], shuffle=False,
+                          num_workers=self.cfg["data"]["workers"], collate_fn=collate)
+
+    def state_dict(self) -> dict:
+        return {"train_time": self.train_time, "train_images": self.train_images, "history": self.history,
+                "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train_time, self.train_images = state["train_time"], state["train_images"]
+        self.history = list(state["history"])
 
 
 def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) -> dict:
@@ -313,111 +372,39 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
         log.info("%s exists: seed %d already finished", done, seed)
         return json.loads(done.read_text())
     rt, s = cfg["runtime"], cfg["solver"]
-    rank, world = (torch.distributed.get_rank(), runtime.world_size()) if runtime.world_size() > 1 else (0, 1)
     device = runtime.get_device(rt["device"])
     if rt["num_threads"]:
         torch.set_num_threads(int(rt["num_threads"]))
-    channels_last = bool(rt["channels_last"]) and device.type == "cuda"
     runtime.seed_everything(seed)
-    train, test, ctx, train_tf = build_datasets(cfg, seed)
-    model = build_model(cfg, ctx["num_classes"], weights).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    net = model
-    if world > 1:
-        if device.type == "cuda":  # trainable BN (random init, SSD extras) synchronised across GPUs
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
-    per_epoch = len(_sampler_and_loader(train, cfg, seed, 0, world, rank))
-    if per_epoch == 0:
-        raise ValueError(f"training set has {len(train)} images, fewer than one batch")
-    total = int(s["max_iter"]) or int(s["epochs"]) * per_epoch
-    epochs = math.ceil(total / per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda it: lr_factor(it, total, s["warmup_iters"], s["warmup_factor"], s["steps"], s["gamma"]))
-    scaler = runtime.make_grad_scaler(device, rt["precision"])
-    ckpt_path = seed_dir / "checkpoints" / "last.pth"
-    start_epoch, it, train_time, train_images = 0, 0, 0.0, 0
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, it = state["epoch"], state["iteration"]
-        train_time, train_images = state["train_time"], state["train_images"]
-        runtime.set_rng_state(state["rng"])
-        log.info("resumed %s at epoch %d, iteration %d", ckpt_path, start_epoch, it)
-    logger = runtime.JsonlLogger(seed_dir / "log.jsonl")
-    test_loader = DataLoader(test, batch_size=cfg["eval"]["batch_size"], shuffle=False,
-                             num_workers=cfg["data"]["workers"], collate_fn=collate)
-    history = []
-    for epoch in range(start_epoch, epochs):
-        train_tf.augment.set_random_seed(seed * 100003 + epoch)  # augmentation stream fixed per epoch
-        loader = _sampler_and_loader(train, cfg, seed, epoch, world, rank)
-        net.train()
-        t_epoch, n_epoch = time.perf_counter(), 0
-        bar = runtime.progress(loader, desc=f"seed {seed} epoch {epoch + 1}/{epochs}")
-        for images, targets in bar:
-            if it >= total:
-                break
-            images = [im.to(device, non_blocking=True) for im in images]
-            if channels_last:
-                images = [im.contiguous(memory_format=torch.channels_last) for im in images]
-            targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
-            with runtime.autocast(device, rt["precision"]):
-                losses = net(images, targets)
-            loss = sum(losses.values())
-            runtime.check_finite(loss, it)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if s["clip_grad_norm"]:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, s["clip_grad_norm"])
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            it += 1
-            n_epoch += len(images) * world
-            if it % rt["log_period"] == 0 or it == 1:
-                rec = {"iter": it, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
-                       "loss": float(loss.detach()),
-                       **{k: float(v.detach()) for k, v in losses.items()}}
-                logger.log(rec)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        train_time += time.perf_counter() - t_epoch
-        train_images += n_epoch
-        if runtime.is_main_process():
-            runtime.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                                 "epoch": epoch + 1, "iteration": it, "train_time": train_time,
-                                 "train_images": train_images, "rng": runtime.rng_state(),
-                                 "config": dump_config(cfg), "seed": seed}, ckpt_path)
-        last = epoch + 1 == epochs
-        period = cfg["eval"]["period"]
-        if not last and period and (epoch + 1) % period == 0 and runtime.is_main_process():
-            preds, _, _, _ = predict(model, test_loader, device, rt["precision"], channels_last)
-            m = score_predictions(preds, ctx, seed_dir / "eval", cfg["eval"]["metric"])
-            logger.log({"epoch": epoch + 1, "iter": it, "eval_mAP": m["mAP"]})
-            history.append({"epoch": epoch + 1, "mAP": m["mAP"]})
-        runtime.barrier()
+    task = DetectionTask(cfg, weights, seed, device)
+    optimizer = build_optimizer("sgd", task.param_groups(), s["lr"], s["momentum"], s["weight_decay"])
+    settings = LoopSettings(total_steps=task.total, device=device, precision=rt["precision"],
+                            channels_last=bool(rt["channels_last"]) and device.type == "cuda",
+                            clip_grad_norm=s["clip_grad_norm"], log_every=rt["log_period"],
+                            progress_desc=f"seed {seed} epoch")
+    engine = Engine(task, seed_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
+    engine.fit(resume=True, header={"seed": seed, "weights": weights, "steps_per_epoch": task.steps_per_epoch,
+                                    "total_steps": task.total, "device": str(device)})
     metrics = {}
     if runtime.is_main_process():
-        preds, examples, test_seconds, n_test = predict(model, test_loader, device, rt["precision"],
-                                                        channels_last, cfg["eval"]["figure_examples"])
-        metrics = score_predictions(preds, ctx, seed_dir / "eval", cfg["eval"]["metric"])
-        metrics.update(seed=seed, epochs=epochs, iterations=it, history=history,
-                       train_img_per_s=train_images / max(train_time, 1e-9),
-                       test_img_per_s=n_test / max(test_seconds, 1e-9), train_seconds=train_time,
-                       test_seconds=test_seconds, device=str(device))
-        logger.log({"final": True, **{k: v for k, v in metrics.items() if k != "AP"}})
-        detection_figure(examples, ctx["classes"], seed_dir / "figures" / "detections.png",
-                         cfg["eval"]["figure_score_thresh"])
+        metrics = _final_metrics(task, engine, seed_dir)
         runtime.write_json(metrics, done)
     runtime.barrier()
+    return metrics
+
+
+def _final_metrics(task: DetectionTask, engine: Engine, seed_dir: Path) -> dict:
+    cfg = task.cfg
+    preds, examples, test_seconds, n_test = predict(task.model, task.test_loader(), task.device, engine.precision,
+                                                    engine.settings.channels_last, cfg["eval"]["figure_examples"])
+    metrics = score_predictions(preds, task.ctx, seed_dir / "eval", cfg["eval"]["metric"])
+    metrics.update(seed=task.seed, epochs=math.ceil(task.total / task.steps_per_epoch), iterations=engine.step,
+                   history=task.history, train_img_per_s=task.train_images / max(task.train_time, 1e-9),
+                   test_img_per_s=n_test / max(test_seconds, 1e-9), train_seconds=task.train_time,
+                   test_seconds=test_seconds, device=str(task.device))
+    engine.logger.log({"final": True, **{k: v for k, v in metrics.items() if k != "AP"}})
+    detection_figure(examples, task.ctx["classes"], seed_dir / "figures" / "detections.png",
+                     cfg["eval"]["figure_score_thresh"])
     return metrics
 
 
@@ -439,10 +426,19 @@ def summarize(per_seed: list[dict]) -> dict:
     return out
 
 
+def run(cfg: dict, inputs: dict | None, run_dir) -> dict:
+    """The detection stage: fine-tune from ``inputs["weights"]`` (None or absent: a random backbone)."""
+    inputs = dict(inputs or {})
+    weights = inputs.pop("weights", None)
+    if inputs:
+        raise ValueError(f"detection takes only a 'weights' input, got {sorted(inputs)}")
+    return finetune_detector(cfg, weights, run_dir)
+
+
 def finetune_detector(cfg: dict, weights: str | None, run_dir) -> dict:
     """Fine-tune (every seed) and evaluate; returns and writes ``run_dir/metrics.json``.
 
-    ``weights``: a backbone checkpoint (loaded strictly by ``pretrain.checkpoint.load_backbone``) or None
+    ``weights``: a backbone checkpoint (loaded strictly by ``core.checkpoint.load_backbone``) or None
     for a randomly initialised backbone (trainable BN unless ``model.norm`` says otherwise)."""
     cfg = resolve_config(copy.deepcopy(cfg))
     run_dir = Path(run_dir)

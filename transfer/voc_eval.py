@@ -34,8 +34,9 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from pretrain.data import DataError
-from transfer.datasets import VOC_CLASSES, parse_voc_xml
+from core.constants import VOC_CLASSES
+from core.data import DataError
+from transfer.datasets import parse_voc_xml
 
 log = logging.getLogger(__name__)
 

@@ -14,30 +14,20 @@ curve, RNG; atomic), cam_model.pth (for ``tools/wsol.py evaluate``), metrics.jso
 """
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
-from pretrain.config import dump_config, validate
-from pretrain.runtime import (
-    JsonlLogger,
-    atomic_save,
-    atomic_write_text,
-    autocast,
-    check_finite,
-    get_device,
-    make_grad_scaler,
-    progress,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    write_json,
-)
+from core.config import dump_config, validate
+from core.engine import Engine, LoopSettings, Task
+from core.engine import build_optimizer as _build_optimizer
+from core.runtime import atomic_save, autocast, get_device, progress, seed_everything, write_json
+from core.schedule import lr_factor
+from pretrain.methods import build_method
 from wsol.data import WSOLDataset
 from wsol.evaluate import centred_box_baseline, evaluate_model
 from wsol.figures import boxacc_curves, cam_grid, loc_curve
@@ -80,14 +70,13 @@ DEFAULTS = {
         "momentum": 0.9,
         "weight_decay": 1.0e-4,
         "nesterov": False,
-        "schedule": "step",             # step | cosine | constant
+        "schedule": "step",             # step | cosine | constant (core.schedule)
         "step_size": 150,               # epochs between x gamma decays (step)
         "gamma": 0.1,
     },
     "mixing": {
-        "method": "none",               # none | mixup | cutmix (pretrain.mixing functions)
-        "alpha": 1.0,                   # Beta(alpha, alpha) for lambda
-        "prob": 1.0,                    # probability of mixing a batch
+        "name": "none",                 # none (cross-entropy) | a pretraining method (pretrain.methods.METHODS)
+        "knobs": {},                    # that method's options (its constructor's keyword arguments)
     },
     "eval": {
         "every": 0,                     # evaluate localization every N epochs (0: only at the end)
@@ -155,23 +144,8 @@ def param_groups(model: CAMModel, lr: float, lr_classifier: float, large_lr_laye
 
 def build_optimizer(model: CAMModel, optim: dict) -> torch.optim.Optimizer:
     groups = param_groups(model, optim["lr"], optim["lr_classifier"], optim["large_lr_layers"], optim["freeze"])
-    if optim["name"] == "sgd":
-        return torch.optim.SGD(groups, lr=optim["lr"], momentum=optim["momentum"],
-                               weight_decay=optim["weight_decay"], nesterov=optim["nesterov"])
-    if optim["name"] == "adam":
-        return torch.optim.Adam(groups, lr=optim["lr"], weight_decay=optim["weight_decay"])
-    raise ValueError(f"optim.name must be sgd or adam, got {optim['name']!r}")
-
-
-def lr_factor(epoch: int, optim: dict, epochs: int) -> float:
-    s = optim["schedule"]
-    if s == "step":
-        return optim["gamma"] ** (epoch // max(1, optim["step_size"]))
-    if s == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * epoch / max(1, epochs)))
-    if s == "constant":
-        return 1.0
-    raise ValueError(f"optim.schedule must be step, cosine or constant, got {s!r}")
+    return _build_optimizer(optim["name"], groups, optim["lr"], optim["momentum"], optim["weight_decay"],
+                            optim["nesterov"])
 
 
 def set_frozen_eval(model: CAMModel, freeze) -> None:
@@ -181,24 +155,25 @@ def set_frozen_eval(model: CAMModel, freeze) -> None:
             module.eval()
 
 
-def _mix_batch(images, labels, mixing: dict, generator: torch.Generator):
-    """Optional input mixing. Returns (images, labels_a, labels_b, lam) with lam the weight of labels_a."""
-    method = mixing["method"]
-    if method == "none" or torch.rand((), generator=generator).item() >= mixing["prob"]:
-        return images, labels, labels, 1.0
-    from pretrain import mixing as M  # pure functions only
+class WSOLObjective(nn.Module):
+    """The CAM model's training loss: plain cross-entropy (``mixing.name: none``) or any pretraining method of
+    the method registry wrapped around the CAM model. forward(images, labels) -> {"loss", "logits"?}."""
 
-    perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
-    lam = float(torch.distributions.Beta(mixing["alpha"], mixing["alpha"]).sample().item()) \
-        if mixing["alpha"] > 0 else 1.0
-    if method == "mixup":
-        return M.mixup(images, perm, lam), labels, labels[perm], lam
-    if method == "cutmix":
-        h, w = images.shape[-2:]
-        box, kept = M.cutmix_box(h, w, lam, generator)
-        mask = M.box_mask(h, w, box, device=images.device, dtype=images.dtype)
-        return M.mask_mix(images, images[perm], mask), labels, labels[perm], kept
-    raise ValueError(f"mixing.method must be none, mixup or cutmix, got {method!r}")
+    def __init__(self, cam: CAMModel, num_classes: int, mixing: dict):
+        super().__init__()
+        self.cam = cam
+        name = mixing["name"]
+        self.method = None if name == "none" else build_method(name, cam, num_classes, **(mixing.get("knobs") or {}))
+
+    @property
+    def generator(self):
+        return None if self.method is None else self.method.generator
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        if self.method is not None:
+            return self.method(images, labels)
+        logits = self.cam(images)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
 
 
 def _datasets(cfg):
@@ -231,99 +206,110 @@ def _public(res: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- fine-tuning
-def finetune(cfg: dict, weights: str | None, run_dir, resume: bool = True) -> dict:
-    """Fine-tune a CAM model from a backbone checkpoint (None: random init) and evaluate it.
+class WSOLTask(Task):
+    """Fine-tune a CAM model on the train split; localization every ``eval.every`` epochs (the curve)."""
 
-    Returns metrics in percent: top1_cls, maxboxacc, maxboxacc_v2, top1_loc, gt_known_loc,
-    top5_loc, maxboxacc_per_iou, best_threshold, centred_box baseline, curve (one entry per
-    evaluated epoch). Writes run_dir/metrics.json and figures/*.png. An existing
-    run_dir/checkpoints/last.pth is resumed (resume=True); a finished run just re-reports.
+    def __init__(self, cfg: dict, weights: str | None, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.train_set, self.test_set, self.num_classes = _datasets(cfg)
+        cam = build_cam_model(cfg["arch"], self.num_classes, weights, cfg["allow_pickle"]).to(device)
+        if device.type == "cuda" and cfg["runtime"]["channels_last"]:
+            cam = cam.to(memory_format=torch.channels_last)
+        self.cam = cam
+        self.model = WSOLObjective(cam, self.num_classes, cfg["mixing"]).to(device)
+        if self.model.method is not None:
+            self.model.method.generator = torch.Generator(device=device)
+        self.steps_per_epoch = len(self._loader(0))
+        self.curve: list[dict] = []
+
+    def _loader(self, epoch: int) -> DataLoader:
+        n, b = len(self.train_set), self.cfg["batch_size"]
+        return DataLoader(self.train_set, batch_size=b, shuffle=True, drop_last=n > b,
+                          num_workers=self.cfg["data"]["num_workers"],
+                          generator=torch.Generator().manual_seed(self.cfg["seed"] * 100003 + epoch))
+
+    def batches(self, epoch: int, start_step: int):
+        if start_step:
+            raise RuntimeError("WSOL checkpoints are written at epoch ends only")
+        return self._loader(epoch)
+
+    def before_step(self, micro_step: int) -> None:
+        if self.model.method is not None:  # draws depend only on (seed, step), as in pretraining
+            self.model.method.generator.manual_seed(self.cfg["seed"] * 1_000_003 + micro_step)
+
+    def param_groups(self) -> list[dict]:
+        o = self.cfg["optim"]
+        return param_groups(self.cam, o["lr"], o["lr_classifier"], o["large_lr_layers"], o["freeze"])
+
+    def lr_lambda(self, step: int) -> float:
+        o, epochs = self.cfg["optim"], self.cfg["epochs"]
+        kind = o["schedule"]
+        step_size = max(1, o["step_size"])
+        return lr_factor(step // self.steps_per_epoch, kind, total=epochs, gamma=o["gamma"],
+                         milestones=range(step_size, epochs + step_size, step_size) if kind == "step" else ())
+
+    def train_mode(self) -> None:
+        self.model.train()
+        set_frozen_eval(self.cam, self.cfg["optim"]["freeze"])
+
+    def end_of_epoch(self, engine, epoch: int, record: dict) -> dict:
+        every = self.cfg["eval"]["every"]
+        if not every or epoch % every or epoch >= self.cfg["epochs"]:
+            return {}
+        res = _public(_eval(self.cam, self.test_set, self.cfg, self.device))
+        point = {"epoch": epoch, **{k: res[k] for k in _CURVE_KEYS}}
+        self.curve.append(point)
+        return {"eval": point}
+
+    def state_dict(self) -> dict:
+        return {"curve": self.curve}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.curve = list(state["curve"])
+
+
+_CURVE_KEYS = ("top1_cls", "maxboxacc", "maxboxacc_v2", "top1_loc", "gt_known_loc")
+
+
+def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True) -> dict:
+    """The WSOL stage: fine-tune a CAM model from ``inputs["weights"]`` (a backbone checkpoint; None or absent:
+    random init) and evaluate it.
+
+    Returns metrics in percent: top1_cls, maxboxacc, maxboxacc_v2, top1_loc, gt_known_loc, top5_loc,
+    maxboxacc_per_iou, best_threshold, centred_box baseline, curve (one entry per evaluated epoch). Writes
+    run_dir/metrics.json and figures/*.png. An existing run_dir/checkpoints/last.pth is resumed (resume=True);
+    a finished run just re-reports.
     """
+    inputs = dict(inputs or {})
+    weights = inputs.pop("weights", None)
+    if inputs:
+        raise ValueError(f"WSOL takes only a 'weights' input, got {sorted(inputs)}")
     cfg = validate(cfg, DEFAULTS)
     run_dir = Path(run_dir)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(dump_config(cfg), run_dir / "config.yaml")
     seed_everything(cfg["seed"])
     device = get_device(cfg["runtime"]["device"])
-    train_set, test_set, num_classes = _datasets(cfg)
-    model = build_cam_model(cfg["arch"], num_classes, weights, cfg["allow_pickle"]).to(device)
-    if device.type == "cuda" and cfg["runtime"]["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    optim = cfg["optim"]
-    optimizer = build_optimizer(model, optim)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    scaler = make_grad_scaler(device, cfg["runtime"]["precision"])
-    logger = JsonlLogger(run_dir / "log.jsonl")
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    start_epoch, curve, step = 0, [], 0
-    ckpt_path = run_dir / "checkpoints" / "last.pth"
-    if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        set_rng_state(ck["rng"])
-        gen.set_state(ck["generator"])
-        start_epoch, curve, step = ck["epoch"], list(ck["curve"]), ck["step"]
-        logger.log({"event": "resume", "epoch": start_epoch, "time": time.time()})
-    else:
-        logger.log({"event": "start", "weights": weights, "num_classes": num_classes,
-                    "train_images": len(train_set), "test_images": len(test_set), "time": time.time()})
-    loader = DataLoader(train_set, batch_size=cfg["batch_size"], shuffle=True, drop_last=len(train_set) >
-                        cfg["batch_size"], num_workers=cfg["data"]["num_workers"],
-                        generator=torch.Generator().manual_seed(cfg["seed"]))
-    epochs = cfg["epochs"]
-    for epoch in range(start_epoch, epochs):
-        loader.generator.manual_seed(cfg["seed"] * 100003 + epoch)  # same order after a resume
-        factor = lr_factor(epoch, optim, epochs)
-        for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
-            g["lr"] = lr * factor
-        model.train()
-        set_frozen_eval(model, optim["freeze"])
-        t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
-        bar = progress(loader, desc=f"wsol epoch {epoch + 1}/{epochs}")
-        for images, labels, _ in bar:
-            images, labels = images.to(device, non_blocking=True), labels.to(device)
-            if device.type == "cuda" and cfg["runtime"]["channels_last"]:
-                images = images.contiguous(memory_format=torch.channels_last)
-            images, ya, yb, lam = _mix_batch(images, labels, cfg["mixing"], gen)
-            with autocast(device, cfg["runtime"]["precision"]):
-                logits = model(images)
-                loss = lam * F.cross_entropy(logits, ya) + (1 - lam) * F.cross_entropy(logits, yb)
-            check_finite(loss, step)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            seen += images.shape[0]
-            loss_sum += float(loss.detach()) * images.shape[0]
-            correct += int((logits.argmax(1) == ya).sum())
-            if step % cfg["log_every"] == 0:
-                logger.log({"step": step, "epoch": epoch + 1, "loss": float(loss.detach()),
-                            "lr": [g["lr"] for g in optimizer.param_groups]})
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(1, seen),
-                  "train_acc": 100.0 * correct / max(1, seen), "time": time.time() - t0}
-        every = cfg["eval"]["every"]
-        if every and (epoch + 1) % every == 0 and epoch + 1 < epochs:
-            res = _public(_eval(model, test_set, cfg, device))
-            point = {"epoch": epoch + 1, **{k: res[k] for k in ("top1_cls", "maxboxacc", "maxboxacc_v2",
-                                                                 "top1_loc", "gt_known_loc")}}
-            curve.append(point)
-            record.update({"eval": point})
-        logger.log(record)
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": rng_state(), "generator": gen.get_state(),
-                     "epoch": epoch + 1, "step": step, "curve": curve, "config": dump_config(cfg)}, ckpt_path)
-    atomic_save({"model": model.state_dict(), "arch": cfg["arch"], "num_classes": num_classes,
+    task = WSOLTask(cfg, weights, device)
+    o = cfg["optim"]
+    optimizer = build_optimizer(o["name"], task.param_groups(), o["lr"], o["momentum"], o["weight_decay"],
+                                o["nesterov"])
+    settings = LoopSettings(total_steps=task.steps_per_epoch * cfg["epochs"], device=device,
+                            precision=cfg["runtime"]["precision"],
+                            channels_last=device.type == "cuda" and cfg["runtime"]["channels_last"],
+                            log_every=cfg["log_every"], progress_desc="wsol epoch")
+    engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
+    engine.fit(resume=resume, header={"weights": weights, "num_classes": task.num_classes,
+                                      "train_images": len(task.train_set), "test_images": len(task.test_set)})
+    atomic_save({"model": task.cam.state_dict(), "arch": cfg["arch"], "num_classes": task.num_classes,
                  "config": dump_config(cfg)}, run_dir / "cam_model.pth")
-    metrics = _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights)
-    if ckpt_path.is_file():  # keep the final point, so that a longer resumed run reports the whole curve
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        ck["curve"] = metrics["curve"]
-        atomic_save(ck, ckpt_path)
+    metrics = _final_report(task.cam, task.test_set, cfg, device, run_dir, task.curve, engine.logger, weights)
+    task.curve = metrics["curve"]  # keep the final point, so that a longer resumed run reports the whole curve
+    engine.save_checkpoint()
     return metrics
+
+
+def finetune(cfg: dict, weights: str | None, run_dir, resume: bool = True) -> dict:
+    """``run`` with the backbone as an argument (the name scripts used)."""
+    return run(cfg, {"weights": weights}, run_dir, resume=resume)
 
 
 def _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights) -> dict:

@@ -12,12 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pretrain.checkpoint import ARCHS, build_resnet, load_backbone
+from core.checkpoint import ARCHS, build_resnet, load_backbone
+from core.constants import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["CAMModel", "build_cam_model", "normalise_cams", "IMAGENET_MEAN", "IMAGENET_STD"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _layer4_stride_one(resnet) -> None:
@@ -82,6 +81,31 @@ class CAMModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x).mean((2, 3)))
+
+    # The stage interface of pretrain.methods.ResNetStages, so that any mixing method of the method registry can
+    # wrap a CAM model. Layer 0 = input pixels in [0, 1], 1..4 = after layer1..layer4.
+    _STAGE_END = (0, 5, 6, 7, 8)  # trunk index after which stage i ends
+
+    def forward_to(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Features after `layer` (0..4) of images x [b, 3, H, W] in [0, 1]."""
+        if layer == 0:
+            return x
+        return self.trunk[: self._STAGE_END[min(layer, 4)]]((x - self.mean) / self.std)
+
+    def forward_from(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The layer4 map [b, d, h, w] from features after `layer` (0..4)."""
+        if layer == 0:
+            return self.features(h)
+        return self.trunk[self._STAGE_END[layer]:](h)
+
+    @staticmethod
+    def pool(fmap: torch.Tensor) -> torch.Tensor:
+        return fmap.mean((2, 3))
+
+    def dense_logits(self, fmap: torch.Tensor) -> torch.Tensor:
+        """fc applied as a 1x1 convolution: fmap [b, d, h, w] -> [b, c, h*w]."""
+        logits = torch.einsum("bdr,cd->bcr", fmap.flatten(2), self.fc.weight.to(fmap.dtype))
+        return logits + self.fc.bias.to(fmap.dtype).view(1, -1, 1)
 
     def logits_and_cams(self, x: torch.Tensor, classes: torch.Tensor | None = None):
         """x: [B, 3, H, W]; classes: [B] or [B, k] class indices (None: every class).

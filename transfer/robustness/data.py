@@ -17,7 +17,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset
 
-from pretrain.data import DataError, read_image
+from core.data import DataError, read_image
 
 from .corruption import (
     foreground_mask,
@@ -32,7 +32,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 
 
 def read_rgb(path) -> torch.Tensor:
-    """``[3, H, W]`` float in [0, 1] via ``pretrain.data.read_image`` (clear error naming the file)."""
+    """``[3, H, W]`` float in [0, 1] via ``core.data.read_image`` (clear error naming the file)."""
     return TF.pil_to_tensor(read_image(path)).float().div_(255.0)
 
 
@@ -85,7 +85,7 @@ def check_boxes(boxes: np.ndarray, height: int, width: int, image_path, tol: flo
 class ValSet(Dataset):
     """ImageNet-layout validation images, clean or with a corrupted background.
 
-    base: a ``pretrain.data.ImageNetFolder(root, split="val")`` (``.samples``, ``.boxes(i)``).
+    base: a ``core.data.ImageNetFolder(root, split="val")`` (``.samples``, ``.boxes(i)``).
     indices: which val images (positions in ``base``) to serve.
     corruption: None, "replace" or "noise"; at: "eval" corrupts after resize + crop (default), "original"
     corrupts at the stored resolution and then resizes. sigma: noise std in [0, 1] pixel units.

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pretrain.runtime import autocast, get_device, progress, write_json
+from core.runtime import autocast, get_device, progress, write_json
 
 from . import figures
 from .attacks import fgsm, pgd
@@ -210,11 +210,11 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
                         cam_threshold: float = 0.25, iou_threshold: float = 0.5, n_examples: int = 8) -> dict:
     """Run ``suites`` on the val split of ``imagenet_root``; write out_dir/metrics.json and out_dir/figures/.
 
-    checkpoint: a backbone checkpoint with its classifier head (``pretrain.checkpoint``) for the dataset's
+    checkpoint: a backbone checkpoint with its classifier head (``core.checkpoint``) for the dataset's
     classes. limit: evaluate this many evenly spaced val images (and at most this many per OOD folder).
     Returns the metrics dict (also written to ``out_dir/metrics.json`` when ``out_dir`` is given).
     """
-    from pretrain.data import ImageNetFolder
+    from core.data import ImageNetFolder
 
     suites = parse_suites(suites)
     if corrupt_at not in ("eval", "original"):

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from core.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 class NormalizedClassifier(nn.Module):
@@ -44,10 +43,10 @@ class NormalizedClassifier(nn.Module):
 def load_classifier_model(checkpoint, num_classes: int, arch: str | None = None) -> tuple[nn.Module, dict]:
     """A ``NormalizedClassifier`` (eval mode, frozen) from a backbone checkpoint with its fc.
 
-    Raises ``pretrain.checkpoint.CheckpointError`` naming the key and shapes when the checkpoint has no
+    Raises ``core.checkpoint.CheckpointError`` naming the key and shapes when the checkpoint has no
     classifier head for ``num_classes`` classes.
     """
-    from pretrain.checkpoint import resnet_from_checkpoint
+    from core.checkpoint import resnet_from_checkpoint
 
     net, meta = resnet_from_checkpoint(checkpoint, arch=arch, num_classes=num_classes)
     model = NormalizedClassifier(net).eval()

@@ -167,19 +167,35 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class JsonlLogger:
-    """Appends one JSON object per line to `path` (rank 0 only) and flushes each line."""
+    """Appends one JSON object per line to `path` (rank 0 only) and flushes each line; with `tensorboard` (a
+    folder) also writes every numeric field of "step" and "epoch" records as a scalar (needs tensorboard)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, tensorboard: str | os.PathLike | None = None):
         self.path = Path(path)
         self.enabled = is_main_process()
+        self.tb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard is not None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError as e:
+                    raise ImportError("tensorboard logging needs the tensorboard package "
+                                      "(pip install tensorboard)") from e
+                self.tb = SummaryWriter(str(tensorboard))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
+        kind = record.get("event")
+        if self.tb is not None and kind in ("step", "epoch"):
+            x = record["step"] if kind == "step" else record["epoch"]
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{kind}/{k}", v, x)
+            self.tb.flush()
 
 
 def _json_default(o):

@@ -14,9 +14,9 @@ Layout:
     runs/<name>/baselines/<stage>/                the same downstream stages from a random backbone
     runs/<name>/report.md, report.html, figures/  the report
 
-This module calls each stage's public Python entry point (`pretrain.trainer.train`,
-`transfer.det_train.finetune_detector`, `wsol.finetune.finetune`,
-`transfer.robustness.evaluate_checkpoint`); the downstream stages only see the backbone file.
+This module calls each stage's one entry point, `run(cfg, inputs, run_dir) -> metrics`, through the adapters of
+`pipeline/stages.py` (`pretrain.task`, `transfer.det_train`, `wsol.finetune`, `transfer.robustness.stage`); the
+downstream stages only see the backbone file.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pretrain.config import ConfigError, dump_config, load_config, validate
-from pretrain.runtime import write_json
+from core.config import ConfigError, dump_config, load_config, validate
+from core.runtime import write_json
 
 log = logging.getLogger("pipeline")
 
@@ -77,6 +77,7 @@ class Pipeline:
             self.cfg["methods"] = list(methods)
         self.run_dir = Path(self.cfg["out_root"]) / self.cfg["name"]
         self.data = Path(self.cfg["data"]["root"])
+        self._check_methods()
         self.force = set(force)
         bad = self.force - set(STAGES) - {d["name"] for d in self.cfg["detection"]}
         if bad:
@@ -87,6 +88,18 @@ class Pipeline:
         self.stop_after = stop_after
         self.stages_run = 0
         self.timings: dict[str, float] = {}
+
+    def _check_methods(self) -> None:
+        """Every method name and its pretraining config are checked before the first stage runs."""
+        from pretrain.methods import METHODS
+
+        unknown = [m for m in self.cfg["methods"] if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"unknown method(s) {unknown}; valid: {sorted(METHODS)}")
+        for m in self.cfg["methods"]:
+            path = Path(_fill(self.cfg["pretrain"], data=self.data, method=m)["config"])
+            if not path.is_file():
+                raise ConfigError(f"{path}: pretraining config of method {m!r} not found")
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _stage(self, key: str, folder: Path, forced_by: set[str], fn: Callable[[Path], dict]) -> dict:
@@ -113,7 +126,7 @@ class Pipeline:
 
     # -- the job -----------------------------------------------------------------------------------
     def run(self) -> dict:
-        from pretrain import stages  # the adapters to each package's entry point
+        from pipeline import stages  # the adapters to each package's entry point
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "pipeline.yaml").write_text(dump_config(self.cfg))
@@ -136,7 +149,7 @@ class Pipeline:
 
     def _downstream(self, res: dict, folder: Path, backbone: Path | None, subs: dict, prefix: str,
                     robustness: bool = True) -> None:
-        from pretrain import stages
+        from pipeline import stages
 
         for det in self.cfg["detection"]:
             det = _fill(det, **subs)
@@ -159,11 +172,13 @@ class Pipeline:
             return
         if not gen:
             raise ConfigError(f"data root {self.data} has no datasets, and data.generate is null")
-        from pretrain.toy import make_toy_world
+        from toyworld import make_toy_world
+        from wsol.data import cub_to_wsol_metadata
 
         log.info("generating the toy world (%s) in %s", gen, self.data)
         t0 = time.time()
-        make_toy_world(self.data, preset=gen.get("preset", "demo"), seed=gen.get("seed", 0))
+        make_toy_world(self.data, preset=gen.get("preset", "demo"), seed=gen.get("seed", 0),
+                       wsol_metadata=cub_to_wsol_metadata)
         self.timings["toy_world"] = round(time.time() - t0, 1)
 
 
@@ -173,7 +188,7 @@ class StopPipeline(RuntimeError):
 
 def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_after=None) -> Path:
     """Run (or resume) the pipeline of `config_path`; returns the path of the report."""
-    from pretrain.report import write_report
+    from pipeline.report import write_report
 
     cfg = load_config(config_path, overrides, DEFAULTS)
     pipe = Pipeline(cfg, methods=methods, force=tuple(force), stop_after=stop_after)

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 import torchvision
 
-from pretrain.runtime import atomic_save, unwrap
+from core.runtime import atomic_save, unwrap
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 

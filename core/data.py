@@ -1,0 +1,247 @@
+"""Image reading, box checks and the ImageNet-layout reader.
+
+Box convention of the whole toolkit (ARCHITECTURE.md "Boxes"): float `x0, y0, x1, y1` in continuous
+pixel coordinates of the image as stored on disk; pixel column i spans [i, i + 1). Readers convert on
+the way in:
+  - PASCAL-style XML (VOC, ImageNet val) `xmin..xmax`, 1-based inclusive  ->  x0 = xmin - 1, x1 = xmax
+  - COCO `[x, y, w, h]` and CUB `x y w h`                                  ->  x0 = x,        x1 = x + w
+Evaluators convert back to the convention of the reference they must agree with.
+
+Images are returned as PIL RGB images (torchvision transforms then make float tensors in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+# Annotation tools round box corners; a box may overhang the image by this much before it is an error.
+BOX_TOLERANCE = 1.0
+
+
+class DataError(ValueError):
+    """Malformed or missing data; the message names the file (and line or image id)."""
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """The image at `path` as a fully decoded PIL RGB image; DataError names the file otherwise."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"corrupt or unreadable image {path}: {e}") from e
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"corrupt or unreadable image {path}: {e}") from e
+
+
+def check_box(box, width: float, height: float, where: str) -> np.ndarray:
+    """Validate one x0, y0, x1, y1 box against the image size; clip overhangs within BOX_TOLERANCE."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not np.all(np.isfinite([x0, y0, x1, y1])):
+        raise DataError(f"{where}: non-finite box {box}")
+    if x1 < x0 or y1 < y0:
+        raise DataError(f"{where}: box {box} has x1 < x0 or y1 < y0")
+    t = BOX_TOLERANCE
+    if x0 < -t or y0 < -t or x1 > width + t or y1 > height + t:
+        raise DataError(f"{where}: box {box} lies outside the {width}x{height} image")
+    return np.array([max(x0, 0.0), max(y0, 0.0), min(x1, width), min(y1, height)], dtype=np.float32)
+
+
+def _xml_text(node: ET.Element, tag: str, where: str) -> str:
+    child = node.find(tag)
+    if child is None or child.text is None:
+        raise DataError(f"{where}: missing <{tag}>")
+    return child.text.strip()
+
+
+def parse_pascal_xml(path: str | os.PathLike) -> dict:
+    """A PASCAL-style annotation (VOC, ImageNet val boxes) as plain values, coordinates as in the file.
+
+    Returns {"filename", "width", "height", "objects": [{"name", "bbox": (xmin, ymin, xmax, ymax),
+    "difficult": bool, "truncated": bool}]}.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"annotation file not found: {path}")
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        raise DataError(f"{path}: malformed XML: {e}") from e
+    size = root.find("size")
+    if size is None:
+        raise DataError(f"{path}: missing <size>")
+    try:
+        width = int(float(_xml_text(size, "width", str(path))))
+        height = int(float(_xml_text(size, "height", str(path))))
+        objects = []
+        for i, obj in enumerate(root.findall("object")):
+            where = f"{path}: object {i}"
+            bb = obj.find("bndbox")
+            if bb is None:
+                raise DataError(f"{where}: missing <bndbox>")
+            coords = tuple(int(round(float(_xml_text(bb, t, where)))) for t in ("xmin", "ymin", "xmax", "ymax"))
+            flags = {}
+            for flag in ("difficult", "truncated"):
+                node = obj.find(flag)
+                flags[flag] = bool(int(node.text)) if node is not None and node.text else False
+            objects.append({"name": _xml_text(obj, "name", where), "bbox": coords, **flags})
+    except ValueError as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: malformed number: {e}") from e
+    filename = root.findtext("filename", default="").strip()
+    return {"filename": filename, "width": width, "height": height, "objects": objects}
+
+
+def pascal_to_box(bbox, width: int, height: int, where: str) -> np.ndarray:
+    """1-based inclusive (xmin, ymin, xmax, ymax) -> the toolkit's x0, y0, x1, y1."""
+    xmin, ymin, xmax, ymax = bbox
+    if xmax < xmin or ymax < ymin:
+        raise DataError(f"{where}: box {tuple(bbox)} has xmax < xmin or ymax < ymin")
+    return check_box((xmin - 1, ymin - 1, xmax, ymax), width, height, where)
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"image folder not found: {folder}")
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+class ImageNetFolder(Dataset):
+    """ImageNet layout: `root/<split>/<wnid>/*.JPEG`; labels are indices into sorted wnids.
+
+    Validation boxes (for localization and background corruption) come from one PASCAL-style XML per
+    image in `root/val_boxes/<image stem>.xml` (the ILSVRC bbox_val files) or from
+    `root/LOC_val_solution.csv` (Kaggle: `ImageId,PredictionString` with `wnid xmin ymin xmax ymax ...`);
+    both use 1-based inclusive corners, converted to the toolkit's convention by `boxes(index)`.
+
+    Items are `(transform(image) or PIL image, label)`.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", transform: Callable | None = None,
+                 boxes: str | None = "auto", box_dir: str | os.PathLike | None = None,
+                 classes: list[str] | None = None):
+        self.root = Path(root)
+        self.split = split
+        self.transform = transform
+        split_dir = self.root / split
+        if not split_dir.is_dir():
+            raise DataError(f"ImageNet split folder not found: {split_dir}")
+        found = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+        if not found:
+            raise DataError(f"{split_dir}: no class folders (<wnid>/)")
+        self.classes = list(classes) if classes is not None else found
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        extra = sorted(set(found) - set(self.class_to_idx))
+        if extra:
+            raise DataError(f"{split_dir}: class folders not in the class list: {extra[:10]}")
+        self.samples: list[tuple[str, int]] = []
+        for c in found:
+            for p in list_images(split_dir / c, recursive=False):
+                self.samples.append((str(p), self.class_to_idx[c]))
+        if not self.samples:
+            raise DataError(f"{split_dir}: no images")
+        self.targets = [s[1] for s in self.samples]
+        self._box_source = self._find_boxes(boxes, box_dir)
+        self._csv_boxes: dict[str, list] | None = None
+
+    def _find_boxes(self, boxes, box_dir):
+        if boxes is None:
+            return None
+        xml_dir = Path(box_dir) if box_dir is not None else self.root / "val_boxes"
+        csv_path = self.root / "LOC_val_solution.csv"
+        if boxes in ("auto", "xml") and xml_dir.is_dir():
+            return ("xml", xml_dir)
+        if boxes in ("auto", "csv") and csv_path.is_file():
+            return ("csv", csv_path)
+        if boxes == "auto":
+            return None
+        raise DataError(f"no {boxes} box annotations found for {self.root} "
+                        f"(looked for {xml_dir}/ and {csv_path})")
+
+    @property
+    def has_boxes(self) -> bool:
+        return self._box_source is not None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        image = read_image(path)
+        return (self.transform(image) if self.transform else image), label
+
+    def _load_csv(self, csv_path: Path) -> dict[str, list]:
+        out = {}
+        with open(csv_path, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+                raise DataError(f"{csv_path}:1: expected header 'ImageId,PredictionString', got {header}")
+            for lineno, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) != 2:
+                    raise DataError(f"{csv_path}:{lineno}: expected 2 fields, got {len(row)}")
+                parts = row[1].split()
+                if len(parts) % 5:
+                    raise DataError(f"{csv_path}:{lineno}: PredictionString must be groups of "
+                                    f"'wnid xmin ymin xmax ymax', got {len(parts)} tokens")
+                try:
+                    out[row[0].strip()] = [(parts[i], tuple(int(float(v)) for v in parts[i + 1:i + 5]))
+                                           for i in range(0, len(parts), 5)]
+                except ValueError as e:
+                    raise DataError(f"{csv_path}:{lineno}: malformed number: {e}") from e
+        return out
+
+    def boxes(self, index: int) -> np.ndarray:
+        """GT boxes of sample `index` as float32 [K, 4] (x0, y0, x1, y1); DataError if it has none."""
+        if self._box_source is None:
+            raise DataError(f"no box annotations for {self.root / self.split} "
+                            f"(expected {self.root / 'val_boxes'}/*.xml or {self.root / 'LOC_val_solution.csv'})")
+        path = Path(self.samples[index][0])
+        kind, src = self._box_source
+        if kind == "xml":
+            xml = src / (path.stem + ".xml")
+            if not xml.is_file():
+                raise DataError(f"image {path.name}: no box file {xml}")
+            ann = parse_pascal_xml(xml)
+            width, height = ann["width"], ann["height"]
+            objs = [(o["name"], o["bbox"]) for o in ann["objects"]]
+            where = str(xml)
+        else:
+            if self._csv_boxes is None:
+                self._csv_boxes = self._load_csv(src)
+            if path.stem not in self._csv_boxes:
+                raise DataError(f"image {path.name}: no row in {src}")
+            objs = self._csv_boxes[path.stem]
+            width, height = image_size(path)
+            where = f"{src} ({path.stem})"
+        if not objs:
+            raise DataError(f"{where}: no boxes")
+        for name, _ in objs:
+            if name not in self.class_to_idx:
+                raise DataError(f"{where}: unknown class name {name!r}")
+        return np.stack([pascal_to_box(b, width, height, where) for _, b in objs])

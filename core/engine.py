@@ -1,0 +1,339 @@
+"""The one training engine: pretraining, detection fine-tuning and WSOL fine-tuning all run through `Engine.fit`.
+
+The engine owns the loop, AMP and the gradient scaler, gradient accumulation, per-group learning-rate schedules,
+finite checks, resume, JSON-lines logging, atomic checkpoints and DDP. A task plugs in what differs (STYLE.md 1):
+
+    class MyTask(Task):
+        model            # nn.Module; model(*task.inputs(batch)) -> dict, its "loss*" tensors are summed
+        steps_per_epoch  # optimizer steps in one epoch
+        def batches(self, epoch, start_step): ...   # the epoch's micro-batches from optimizer step start_step
+        def param_groups(self): ...                 # [{"params": [...], "lr": float, "name": str}, ...]
+        def end_of_epoch(self, engine, epoch, record): ...  # evaluation; returns entries for the epoch record
+        def losses(self, out): ...                  # which outputs are summed (default: names starting "loss")
+        def state_dict(self) / load_state_dict(state)       # the task's own resumable state (primitives, tensors)
+
+A checkpoint (`run_dir/checkpoints/last.pth`, written atomically, loadable with ``weights_only=True``) holds the
+model, optimizer, scheduler and scaler states, the step, every global RNG state and the task's state, so a killed
+run continues bit for bit. Nothing non-finite is ever saved: the loss is checked every step and the parameters
+after the last update of every epoch, before the checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from core import runtime as rt
+
+CKPT = "checkpoints/last.pth"
+
+
+@dataclass
+class LoopSettings:
+    """How the engine runs a task (translated from each stage's config at its edge).
+
+    total_steps: optimizer steps of the whole run (the task's steps_per_epoch x epochs, or an iteration budget).
+    accumulate: micro-batches per optimizer step (the loss of each is divided by it).
+    clip_grad_norm: clip the global gradient norm to this (0: off). grad_norm: log the squared gradient norm.
+    log_every: steps between "step" log records. checkpoint_every: also checkpoint every N steps (0: epoch ends).
+    stop_after_steps: return after this many steps of this invocation (simulates a kill; tests).
+    """
+
+    total_steps: int
+    device: torch.device
+    precision: str = "fp32"
+    channels_last: bool = False
+    accumulate: int = 1
+    clip_grad_norm: float = 0.0
+    grad_norm: bool = False
+    log_every: int = 20
+    checkpoint_every: int = 0
+    stop_after_steps: int | None = None
+    progress_desc: str = "epoch"
+
+
+class Task:
+    """What a training task provides; see the module docstring. Defaults suit a task with no extra state."""
+
+    model: torch.nn.Module
+    steps_per_epoch: int
+    sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm under DDP on CUDA
+
+    def batches(self, epoch: int, start_step: int) -> Iterable:
+        raise NotImplementedError
+
+    def inputs(self, batch) -> tuple:
+        """The positional arguments of `model` for one micro-batch (already on the device)."""
+        return tuple(batch)
+
+    def to_device(self, batch, device: torch.device, channels_last: bool):
+        images, labels = batch[0], batch[1]
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(device, non_blocking=True)
+
+    def batch_size(self, batch) -> int:
+        return len(batch[0])
+
+    def losses(self, out: dict) -> dict:
+        """The entries of the model's output that are summed into the loss (default: names starting "loss")."""
+        return {k: v for k, v in out.items() if k.startswith("loss")}
+
+    def before_step(self, micro_step: int) -> None:
+        """Called before each micro-batch's forward (e.g. to seed the method's generator)."""
+
+    def param_groups(self) -> list[dict]:
+        raise NotImplementedError
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def end_of_epoch(self, engine: Engine, epoch: int, record: dict) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                    nesterov: bool = False) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW over `groups` (each with its own "lr"); `lr` is the default of groups without one."""
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=nesterov and momentum > 0)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of ['sgd', 'adam', 'adamw'], got {name!r}")
+
+
+class NonFiniteError(rt.NonFiniteLossError):
+    """A loss, gradient or parameter became NaN/inf; the last good checkpoint is kept."""
+
+
+class Engine:
+    """Runs `task` for `settings.total_steps` optimizer steps into `run_dir` (rank 0 writes)."""
+
+    def __init__(self, task: Task, run_dir: str | os.PathLike, settings: LoopSettings,
+                 optimizer: torch.optim.Optimizer, lr_lambda: Callable[[int], float] | Sequence[Callable],
+                 config_text: str = "", logger: rt.JsonlLogger | None = None):
+        self.task, self.settings = task, settings
+        self.run_dir = Path(run_dir)
+        self.device = settings.device
+        self.precision = settings.precision if self.device.type == "cuda" else "fp32"
+        self.world = rt.world_size()
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        self.optimizer = optimizer
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        self.scaler = rt.make_grad_scaler(self.device, self.precision)
+        self.ddp = self._wrap(task.model)
+        self.step = 0
+        self.config_text = config_text
+        self.logger = logger or rt.JsonlLogger(self.run_dir / "log.jsonl")
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world == 1:
+            return model
+        if self.task.sync_batchnorm and self.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.task.steps_per_epoch
+
+    def lrs(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "step": self.step, "epoch": self.epoch, "rng": rt.rng_state(), "task": self.task.state_dict(),
+                "world_size": self.world, "config": self.config_text}
+
+    def save_checkpoint(self) -> None:
+        self.check_parameters()
+        if rt.is_main_process():
+            rt.atomic_save(self.state_dict(), self.run_dir / CKPT)
+        rt.barrier()
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = sorted({"model", "optimizer", "scheduler", "scaler", "step", "rng", "task"} - set(state))
+        if missing:
+            raise ValueError(f"{path}: not a checkpoint of this engine (missing {missing})")
+        if state.get("world_size", 1) != self.world and not getattr(self.task, "resumable_across_world_sizes", False):
+            raise RuntimeError(f"{path}: saved with {state['world_size']} process(es), resuming with "
+                               f"{self.world}; the data order would change")
+        self.task.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.task.load_state_dict(state["task"])
+        rt.set_rng_state(state["rng"])
+
+    def check_parameters(self) -> None:
+        """Stop before anything non-finite is saved: every parameter and buffer must be finite."""
+        bad = [n for n, t in list(self.task.model.named_parameters()) + list(self.task.model.named_buffers())
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteError(f"non-finite values in {bad[:5]}{' ...' if len(bad) > 5 else ''} after step "
+                                 f"{self.step}; stopping. The last good checkpoint is kept.")
+
+    # -- one optimizer step -------------------------------------------------------------------------
+    def _forward(self, batch, micro_step: int) -> tuple[dict, dict, torch.Tensor]:
+        self.task.before_step(micro_step)
+        with rt.autocast(self.device, self.precision):
+            out = self.ddp(*self.task.inputs(batch))
+        losses = self.task.losses(out)
+        return out, losses, sum(losses.values())
+
+    def _check_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        value = loss.detach().float().reshape(1)
+        if self.world > 1:  # every rank must stop together
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world
+        rt.check_finite(value, self.step + 1)
+        return value
+
+    def train_step(self, micro_batches: list) -> dict:
+        """One optimizer step over `micro_batches`; returns the step's record (floats)."""
+        s, acc = self.settings, len(micro_batches)
+        record: dict[str, float] = {}
+        self.optimizer.zero_grad(set_to_none=True)
+        for k, batch in enumerate(micro_batches):
+            sync = k == acc - 1 or self.world == 1
+            ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+            with ctx:
+                out, losses, loss = self._forward(batch, self.step * s.accumulate + k)
+                value = self._check_loss(loss)
+                self.scaler.scale(loss / acc if acc > 1 else loss).backward()
+            for key, v in losses.items():
+                if key != "loss":
+                    record[key] = record.get(key, 0.0) + float(v.detach()) / acc
+            record["loss"] = record.get("loss", 0.0) + float(value) / acc  # the total (mean over ranks)
+            if "logits" in out:
+                labels = batch[1]
+                record["correct"] = record.get("correct", 0.0) + float((out["logits"].argmax(1) == labels).sum())
+                record["count"] = record.get("count", 0.0) + float(len(labels))
+        self._unscale_clip_and_measure(record)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return record
+
+    def _unscale_clip_and_measure(self, record: dict) -> None:
+        s = self.settings
+        if not (s.grad_norm or s.clip_grad_norm):
+            return
+        self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if s.grad_norm:
+            record["grad_norm2"] = float(sum(n.float() ** 2 for n in torch._foreach_norm(grads))) if grads else 0.0
+            if not math.isfinite(record["grad_norm2"]) and self.precision != "fp16":  # fp16: the scaler skips
+                raise NonFiniteError(f"non-finite gradient norm at step {self.step + 1}; stopping. "
+                                     "The last good checkpoint is kept.")
+        if s.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self._params, s.clip_grad_norm)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _grouped(self, batches: Iterable) -> Iterable[list]:
+        group = []
+        for batch in batches:
+            group.append(self.task.to_device(batch, self.device, self.settings.channels_last))
+            if len(group) == self.settings.accumulate:
+                yield group
+                group = []
+
+    def fit(self, resume: bool = False, header: dict | None = None) -> dict:
+        """Train to `total_steps` (resuming `run_dir/checkpoints/last.pth` if asked); returns a summary
+        ``{"stopped_at_step": n}`` when `stop_after_steps` interrupted the run, else ``{}``."""
+        ckpt = self.run_dir / CKPT
+        if resume and ckpt.is_file():
+            self.load_checkpoint(ckpt)
+            self.logger.log({"event": "resume", "step": self.step, "time": time.time()})
+        elif rt.is_main_process():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "log.jsonl").unlink(missing_ok=True)
+            ckpt.unlink(missing_ok=True)  # never resume a previous run by mistake
+            if self.config_text:
+                rt.atomic_write_text(self.config_text, self.run_dir / "config.yaml")
+            if header is not None:
+                self.logger.log({"event": "header", **header})
+        rt.barrier()
+        s, done_here = self.settings, 0
+        while self.step < s.total_steps:
+            stopped, done_here = self._run_epoch(done_here)
+            if stopped:
+                return {"stopped_at_step": self.step}
+        return {}
+
+    def _run_epoch(self, done_here: int) -> tuple[bool, int]:
+        s, spe = self.settings, self.task.steps_per_epoch
+        epoch, start = divmod(self.step, spe)
+        end = min((epoch + 1) * spe, s.total_steps)
+        t0, sums, n_steps, images = time.time(), {}, 0, 0
+        self.task.train_mode()
+        bar = rt.progress(total=end - epoch * spe, initial=start, desc=f"{s.progress_desc} {epoch + 1}")
+        for micro in self._grouped(self.task.batches(epoch, start)):
+            if self.step >= end:
+                break
+            record = self.train_step(micro)
+            images += sum(self.task.batch_size(b) for b in micro) * self.world
+            for k, v in record.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_steps, done_here = n_steps + 1, done_here + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if self.step % s.log_every == 0 or self.step == 1:
+                self.logger.log({"event": "step", "step": self.step, "epoch": epoch + 1, "lr": self.lrs()[0],
+                                 **{k: v for k, v in record.items() if k not in ("correct", "count")}})
+            end_of_epoch = self.step == end
+            if s.checkpoint_every and self.step % s.checkpoint_every == 0 and not end_of_epoch:
+                self.save_checkpoint()
+            if s.stop_after_steps is not None and done_here >= s.stop_after_steps and not end_of_epoch:
+                bar.close()
+                return True, done_here
+        bar.close()
+        seconds = time.time() - t0
+        rec: dict[str, Any] = {"event": "epoch", "epoch": epoch + 1, "step": self.step, "lr": self.lrs()[0],
+                               "epoch_time_s": seconds, "images": images}
+        if n_steps:
+            rec["train_loss"] = sums["loss"] / n_steps
+            rec["images_per_s"] = images / max(seconds, 1e-9)
+            if "grad_norm2" in sums:
+                rec["grad_norm2"] = sums["grad_norm2"] / n_steps
+            if sums.get("count"):
+                rec["train_top1"] = 100 * sums["correct"] / sums["count"]
+        self.check_parameters()
+        rec.update(self.task.end_of_epoch(self, epoch + 1, rec))
+        self.logger.log(rec)
+        self.save_checkpoint()
+        stop = s.stop_after_steps is not None and done_here >= s.stop_after_steps and self.step < s.total_steps
+        return stop, done_here
+
+
+def resume_sampler(indices: Sequence[int], start: int) -> list[int]:
+    """The indices an epoch still has to visit after `start` samples (resuming mid-epoch)."""
+    return list(indices)[start:]

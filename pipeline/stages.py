@@ -1,0 +1,38 @@
+"""Adapters from the pipeline to each stage's one entry point, `run(cfg, inputs, run_dir) -> metrics`: read the
+stage's YAML config with the pipeline's overrides, name its inputs, return its metrics (a JSON-able dict)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.config import load_config
+
+
+def pretrain(config: str, overrides: list[str], run_dir: Path) -> dict:
+    import torch
+
+    from pretrain.task import run
+
+    # resume=True: a pretraining run killed mid-way continues from its last checkpoint
+    metrics = run(load_config(config, overrides), None, run_dir, resume=True)
+    meta = torch.load(Path(run_dir) / "backbone.pth", map_location="cpu", weights_only=True)["meta"]
+    return {**metrics, "num_classes": meta["num_classes"]}
+
+
+def detection(config: str, overrides: list[str], weights: Path | None, run_dir: Path) -> dict:
+    from transfer.det_train import run
+
+    return run(load_config(config, overrides), {"weights": str(weights) if weights else None}, run_dir)
+
+
+def wsol(config: str, overrides: list[str], weights: Path | None, run_dir: Path) -> dict:
+    from wsol.finetune import run
+
+    return run(load_config(config, overrides), {"weights": str(weights) if weights else None}, run_dir)
+
+
+def robustness(backbone: Path, imagenet_root: Path, spec: dict, run_dir: Path) -> dict:
+    from transfer.robustness.stage import run
+
+    cfg = {"suites": spec.get("suites", "all"), "ood": spec.get("ood") or [], **(spec.get("options") or {})}
+    return run(cfg, {"checkpoint": backbone, "imagenet": imagenet_root}, run_dir)

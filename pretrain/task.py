@@ -1,0 +1,341 @@
+"""Pretraining as a task of the one engine (`core.engine`): any mixing method of `pretrain.methods`, CPU or CUDA,
+one process or DDP.
+
+`run(cfg, inputs, run_dir) -> metrics` is the stage entry point (`tools/pretrain.py` and the pipeline call it).
+`cfg` is a nested dict validated against `DEFAULTS` (every key documented there); pretraining has no upstream
+inputs.
+
+Batch sizes are global, as the papers state them: `optim.batch_size` images per optimizer step over all processes
+(or `optim.batch_per_process`, MultiMix's b per GPU), split into `world size x accumulate` micro-batches. Exact
+resumption: the data order of an epoch is a function of (seed, epoch), each sample's augmentation of (seed,
+epoch, index), and the method's draws of (seed, rank, micro-step), so a checkpoint needs only the engine state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from core import runtime as rt
+from core.checkpoint import save_backbone
+from core.config import ConfigError, dump_config, validate
+from core.data import ImageNetFolder
+from core.engine import Engine, LoopSettings, Task, build_optimizer
+from core.schedule import lr_factor
+from pretrain.data import EpochSampler, SeededTransform, evenly_spaced, sample_seed, train_transform, val_transform
+from pretrain.figures import plot_curves
+from pretrain.methods import ResNetStages, build_method
+from pretrain.mixing import have_gco
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {
+    "name": "pretrain",              # run name (runs/<name>/ when the CLI picks the folder)
+    "seed": 0,                       # one seed for data order, augmentation, initialisation and mixing
+    "data": {
+        "root": None,                # ImageNet-layout folder: root/train/<wnid>/*.JPEG, root/val/<wnid>/...
+        "train_split": "train",
+        "val_split": "val",
+        "crop_size": 224,            # RandomResizedCrop output (train) and centre crop (val)
+        "crop_schedule": None,       # [[epoch, size], ...]: train crop size from that epoch on
+        "val_resize": None,          # shorter side before the val centre crop; None = crop_size / 0.875
+        "scale_min": 0.08,           # RandomResizedCrop scale range lower bound
+        "hflip": True,
+        "color_jitter": 0.0,         # brightness/contrast/saturation strength (0 = off)
+        "lighting": 0.0,             # AlexNet PCA lighting std (0.1 in the CutMix/AlignMix code; 0 = off)
+        "num_workers": 4,            # DataLoader workers per process
+        "max_train": None,           # use an evenly spaced subset of this many train images (quick runs)
+        "max_val": None,
+    },
+    "model": {
+        "arch": "resnet50",          # resnet18 | resnet34 | resnet50 | resnet101 (torchvision)
+        "num_classes": None,         # None = number of train class folders
+        "zero_init_residual": False,
+    },
+    "method": {},                    # name: <METHODS key> plus that method's knobs (see pretrain.methods)
+    "optim": {
+        "batch_size": 256,           # GLOBAL batch: images per optimizer step over all processes
+        "batch_per_process": None,   # or the batch per process (MultiMix's b per GPU); then batch_size: null
+        "accumulate": None,          # micro-batches per step; None = 1 unless max_batch_per_process needs more
+        "max_batch_per_process": None,  # largest micro-batch one process holds (drives automatic accumulation)
+        "epochs": 300,
+        "lr": 0.1,                   # peak learning rate (multiplied by the schedule's factor)
+        "lr_classifier": None,       # lr of the classifier (fc); None = lr (AlignMix ImageNet: 0.1 vs 0.01)
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 1.0e-4,
+        "schedule": "step",          # step | cosine | piecewise | constant
+        "milestones": [75, 150, 225],  # step: epochs where lr *= gamma
+        "gamma": 0.1,
+        "points": None,              # piecewise: [[epoch, factor], ...], linear; repeat an epoch to jump
+        "min_factor": 0.0,           # cosine: final lr / peak lr
+        "warmup_epochs": 0.0,        # linear warm-up (fractional epochs allowed), multiplies the schedule
+        "warmup_start": 0.01,        # warm-up starts at this fraction of the schedule's lr
+    },
+    "runtime": {
+        "device": "auto",            # auto | cpu | cuda | cuda:N
+        "precision": "bf16",         # bf16 | fp16 (GradScaler) | fp32; CPU always runs fp32
+        "channels_last": True,       # CUDA only
+        "compile": False,            # torch.compile the network stages (CUDA)
+        "backend": None,             # DDP backend; None = nccl on CUDA, gloo on CPU
+        "num_threads": None,         # torch.set_num_threads for this process (None = torch's default)
+        "checkpoint_every_steps": 0,  # also checkpoint every N steps (0 = only at epoch ends)
+        "log_every_steps": 20,
+        "tensorboard": False,        # also write runs/<name>/tensorboard (needs the tensorboard package)
+        "flops": True,               # fvcore parameter / FLOP counts in the log header
+        "figures": True,             # runs/<name>/figures/curves.png at the end
+        "grad_norm": True,           # mean squared gradient norm per epoch (multi-mix's variance proxy)
+        "stop_after_steps": None,    # stop this invocation after N steps (simulates a kill; tests)
+    },
+}
+
+
+def resolve_config(cfg: dict) -> dict:
+    cfg = validate(cfg, DEFAULTS)
+    if not cfg["data"]["root"]:
+        raise ConfigError("data.root is required (an ImageNet-layout folder)")
+    if not isinstance(cfg["method"], dict) or "name" not in cfg["method"]:
+        raise ConfigError("method.name is required (e.g. method: {name: multimix})")
+    return cfg
+
+
+def batch_plan(optim: dict, world: int) -> dict:
+    """Split the configured batch over `world` processes: global, per process, accumulation, micro-batch."""
+    if (optim["batch_size"] is None) == (optim["batch_per_process"] is None):
+        raise ConfigError("set exactly one of optim.batch_size (global) and optim.batch_per_process")
+    if optim["batch_per_process"] is not None:
+        per_process = int(optim["batch_per_process"])
+    else:
+        if int(optim["batch_size"]) % world:
+            raise ConfigError(f"optim.batch_size={optim['batch_size']} is not divisible by {world} processes")
+        per_process = int(optim["batch_size"]) // world
+    acc = optim["accumulate"]
+    if acc is None:
+        acc, cap = 1, optim["max_batch_per_process"]
+        while cap and (per_process // acc > cap or per_process % acc):
+            acc += 1
+    if int(acc) < 1 or per_process % int(acc):
+        raise ConfigError(f"optim.accumulate={acc} does not divide the per-process batch {per_process}")
+    acc = int(acc)
+    return {"world_size": world, "global_batch": per_process * world, "per_process_batch": per_process,
+            "accumulate": acc, "micro_batch": per_process // acc}
+
+
+class PretrainTask(Task):
+    """One mixing method on an ImageNet-layout folder; the engine runs its steps."""
+
+    resumable_across_world_sizes = True
+
+    def __init__(self, cfg: dict, rank: int, world: int, device: torch.device):
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        dcfg, ocfg = cfg["data"], cfg["optim"]
+        self.plan = batch_plan(ocfg, world)
+        self.train_set = ImageNetFolder(dcfg["root"], dcfg["train_split"], boxes=None)
+        self.val_set = ImageNetFolder(dcfg["root"], dcfg["val_split"], boxes=None, classes=self.train_set.classes)
+        self.num_classes = cfg["model"]["num_classes"] or len(self.train_set.classes)
+        subset = evenly_spaced(len(self.train_set), dcfg["max_train"])
+        n_train = len(subset) if subset else len(self.train_set)
+        self.sampler = EpochSampler(n_train, self.plan["global_batch"], rank, world, cfg["seed"], subset)
+        self.steps_per_epoch = self.sampler.steps
+        net = ResNetStages(cfg["model"]["arch"], self.num_classes, cfg["model"]["zero_init_residual"])
+        knobs = {k: v for k, v in cfg["method"].items() if k != "name"}
+        self.model = build_method(cfg["method"]["name"], net, self.num_classes, **knobs).to(device)
+        if cfg["runtime"]["channels_last"] and device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        if cfg["runtime"]["compile"]:
+            net.enable_compile()
+        self.model.generator = torch.Generator(device=device)
+        self.history: list[dict] = []
+
+    @property
+    def net(self) -> ResNetStages:
+        return self.model.model
+
+    def param_groups(self) -> list[dict]:
+        o = self.cfg["optim"]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if o["lr_classifier"] is None:
+            return [{"params": params, "lr": o["lr"], "name": "all"}]
+        fc = {id(p) for p in self.net.fc.parameters()}
+        return [{"params": [p for p in params if id(p) not in fc], "lr": o["lr"], "name": "backbone"},
+                {"params": [p for p in params if id(p) in fc], "lr": o["lr_classifier"], "name": "classifier"}]
+
+    def lr_lambda(self, step: int) -> float:
+        o = self.cfg["optim"]
+        return lr_factor(step / self.steps_per_epoch, o["schedule"], total=o["epochs"], milestones=o["milestones"],
+                         gamma=o["gamma"], points=o["points"], min_factor=o["min_factor"],
+                         warmup=o["warmup_epochs"], warmup_start=o["warmup_start"])
+
+    def before_step(self, micro_step: int) -> None:
+        # the method's draws depend only on (seed, rank, micro-step): exact resumption without generator state
+        self.model.generator.manual_seed(sample_seed(self.cfg["seed"] + 1, self.rank, micro_step))
+
+    def batches(self, epoch: int, start_step: int):
+        d = self.cfg["data"]
+        tf = train_transform(crop_size_at(epoch, d), d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"])
+        self.sampler.set_epoch(epoch, start_step)
+        return DataLoader(SeededTransform(self.train_set, tf), batch_size=self.plan["micro_batch"],
+                          sampler=self.sampler, num_workers=d["num_workers"], drop_last=True,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False,
+                          generator=torch.Generator().manual_seed(self.cfg["seed"]))
+
+    def _val_loader(self) -> DataLoader:
+        d = self.cfg["data"]
+        idx = evenly_spaced(len(self.val_set), d["max_val"]) or list(range(len(self.val_set)))
+        ds = torch.utils.data.Subset(SeededTransform(self.val_set, val_transform(d["crop_size"], d["val_resize"])),
+                                     idx[self.rank:: self.world])
+        return DataLoader(ds, batch_size=self.plan["micro_batch"], shuffle=False, num_workers=d["num_workers"],
+                          pin_memory=self.device.type == "cuda")
+
+    @torch.no_grad()
+    def evaluate(self, precision: str) -> dict:
+        model = self.net
+        model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # n, top1, top5, loss
+        for images, labels in self._val_loader():
+            images, labels = self.to_device((images, labels), self.device, False)
+            with rt.autocast(self.device, precision):
+                logits = model(images).float()
+            hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.view(-1, 1)
+            sums += torch.stack([torch.tensor(float(len(labels)), device=self.device),
+                                 hit[:, :1].any(1).sum().double(), hit.any(1).sum().double(),
+                                 torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()])
+        if self.world > 1:
+            dist.all_reduce(sums)
+        model.train()
+        n = max(sums[0].item(), 1.0)
+        return {"val_top1": 100 * sums[1].item() / n, "val_top5": 100 * sums[2].item() / n,
+                "val_loss": sums[3].item() / n}
+
+    def end_of_epoch(self, engine: Engine, epoch: int, record: dict) -> dict:
+        out = self.evaluate(engine.precision)
+        if not all(map(lambda v: v == v and abs(v) != float("inf"), out.values())):
+            raise rt.NonFiniteLossError(f"non-finite validation metrics {out} after epoch {epoch}; stopping. "
+                                        "The last good checkpoint is kept.")
+        self.history.append({**record, **out})
+        return out
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state["history"])
+
+    def header(self, engine: Engine) -> dict:
+        head = {"method": self.cfg["method"]["name"], "arch": self.cfg["model"]["arch"],
+                "num_classes": self.num_classes, "params": sum(p.numel() for p in self.net.net.parameters()),
+                **self.plan, "device": str(self.device), "precision": engine.precision,
+                "train_images": self.sampler.steps * self.sampler.global_batch,
+                "steps_per_epoch": self.steps_per_epoch, "torch_threads": torch.get_num_threads(),
+                "puzzlemix_solver": "gco" if have_gco() else "icm (gco-wrapper not installed)", "config": self.cfg}
+        if self.cfg["runtime"]["flops"]:
+            head["flops_per_image"] = fvcore_flops(self.net, self.cfg["data"]["crop_size"])
+        return head
+
+
+def crop_size_at(epoch: int, data: dict) -> int:
+    size = data["crop_size"]
+    for e, s in sorted(data["crop_schedule"] or []):
+        if epoch >= e:
+            size = s
+    return int(size)
+
+
+def fvcore_flops(model: ResNetStages, size: int) -> float | None:
+    """fvcore's count (multiply-adds, its "FLOP" convention) for one image at `size`, or None."""
+    import copy
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fvcore's import and tracing use deprecated torch.jit APIs
+            from fvcore.nn import FlopCountAnalysis
+
+            m = copy.deepcopy(model).cpu().float().eval()
+            fca = FlopCountAnalysis(m, torch.zeros(1, 3, size, size))
+            fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            return float(fca.total())
+    except Exception:  # noqa: BLE001 - a header nicety must never stop training
+        return None
+
+
+def build(cfg: dict, run_dir: str | os.PathLike) -> tuple[PretrainTask, Engine]:
+    """The task and its engine for a resolved config (under torchrun every process builds its own)."""
+    cfg = resolve_config(cfg)
+    rcfg, ocfg = cfg["runtime"], cfg["optim"]
+    if rcfg["num_threads"]:
+        torch.set_num_threads(int(rcfg["num_threads"]))
+    rank, world, _ = rt.init_distributed(rcfg["backend"])
+    device = rt.get_device(rcfg["device"])
+    rt.seed_everything(cfg["seed"])
+    task = PretrainTask(cfg, rank, world, device)
+    optimizer = build_optimizer("sgd", task.param_groups(), ocfg["lr"], ocfg["momentum"], ocfg["weight_decay"],
+                                ocfg["nesterov"])
+    settings = LoopSettings(
+        total_steps=task.steps_per_epoch * ocfg["epochs"], device=device, precision=rcfg["precision"],
+        channels_last=rcfg["channels_last"] and device.type == "cuda", accumulate=task.plan["accumulate"],
+        grad_norm=rcfg["grad_norm"], log_every=rcfg["log_every_steps"],
+        checkpoint_every=rcfg["checkpoint_every_steps"], stop_after_steps=rcfg["stop_after_steps"])
+    tb = Path(run_dir) / "tensorboard" if rcfg["tensorboard"] else None
+    logger = rt.JsonlLogger(Path(run_dir) / "log.jsonl", tensorboard=tb)
+    engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg), logger=logger)
+    return task, engine
+
+
+def finish(task: PretrainTask, engine: Engine) -> dict:
+    """Export backbone.pth (the contract), metrics.json and the curves; returns the metrics."""
+    cfg, run_dir = task.cfg, engine.run_dir
+    last = task.history[-1] if task.history else task.evaluate(engine.precision)
+    metrics = {"method": cfg["method"]["name"], "arch": cfg["model"]["arch"], "epochs": cfg["optim"]["epochs"],
+               "steps": engine.step, "val_top1": last.get("val_top1"), "val_top5": last.get("val_top5"),
+               "top1": last.get("val_top1"), "top5": last.get("val_top5"),  # short aliases (report)
+               "val_loss": last.get("val_loss"), "train_loss": last.get("train_loss"),
+               "best_val_top1": max((h.get("val_top1", 0.0) for h in task.history), default=None),
+               "train_time_s": sum(h.get("epoch_time_s", 0.0) for h in task.history),
+               "global_batch": task.plan["global_batch"]}
+    if rt.is_main_process():
+        engine.check_parameters()
+        meta = {"arch": cfg["model"]["arch"], "num_classes": task.num_classes, "method": cfg["method"]["name"],
+                "epochs": cfg["optim"]["epochs"], "config": dump_config(cfg), "metrics": metrics}
+        save_backbone(run_dir / "backbone.pth", task.net.net, meta)
+        rt.write_json(metrics, run_dir / "metrics.json")
+        engine.logger.log({"event": "end", **metrics})
+        if cfg["runtime"]["figures"] and task.history:
+            plot_curves(task.history, run_dir / "figures" / "curves.png", cfg["method"]["name"])
+    rt.barrier()
+    return metrics
+
+
+def run(cfg: dict, inputs: dict | None, run_dir: str | os.PathLike, resume: bool = True) -> dict:
+    """Pretrain with `cfg` (nested dict, see DEFAULTS) into `run_dir`; returns the final metrics (the stage
+    interface; pretraining has no `inputs`). With resume=True an existing `run_dir/checkpoints/last.pth` is
+    continued exactly (a finished run only rewrites its outputs). Under torchrun every process calls this."""
+    if inputs:
+        raise ValueError(f"pretraining takes no upstream inputs, got {sorted(inputs)}")
+    task, engine = build(cfg, run_dir)
+    plan = task.plan
+    log.info("world size %d, per-process batch %d (%d micro-batch(es) of %d), effective global batch %d",
+             plan["world_size"], plan["per_process_batch"], plan["accumulate"], plan["micro_batch"],
+             plan["global_batch"])
+    t0 = time.time()
+    try:
+        stopped = engine.fit(resume=resume, header=task.header(engine))
+    except rt.NonFiniteLossError as e:
+        engine.logger.log({"event": "error", "step": engine.step + 1, "message": str(e)})
+        raise
+    if stopped:
+        return stopped
+    metrics = finish(task, engine)
+    log.info("pretraining finished in %.1f s", time.time() - t0)
+    return metrics
+
+
+def train(cfg: dict, run_dir: str | os.PathLike, resume: bool = False) -> dict:
+    """`run` without inputs (the name scripts and notebooks used)."""
+    return run(cfg, None, run_dir, resume=resume)

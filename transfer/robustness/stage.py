@@ -1,0 +1,66 @@
+"""The robustness stage: `run(cfg, inputs, run_dir) -> metrics`, with every option declared once in DEFAULTS.
+
+inputs: {"checkpoint": a backbone checkpoint with its classifier, "imagenet": an ImageNet-layout root with val/
+and val boxes}. The options are `evaluate_checkpoint`'s, translated here at the edge.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from core.config import ConfigError, validate
+from transfer.robustness.evaluate import NOISE_SETS, SUITES, evaluate_checkpoint
+
+DEFAULTS = {
+    "suites": ",".join(SUITES),      # comma-separated (or a list): clean,background,calibration,fgsm,pgd,ood
+    "out": "runs/robustness",        # output folder of tools/evaluate.py (the pipeline gives its own)
+    "limit": None,                   # evaluate N evenly spaced val images (and at most N per OOD folder)
+    "image_size": 224,               # centre-crop size
+    "resize": 256,                   # short side before the crop
+    "batch_size": 64,
+    "seed": 0,                       # replacement images, noise, PGD random starts, synthetic OOD images
+    "device": "auto",
+    "precision": "fp32",             # fp32 | bf16 | fp16 (CUDA autocast, attacks too)
+    "workers": None,                 # data-loading workers: 0 on CPU, min(8, cores) on CUDA
+    "arch": None,                    # from the checkpoint's meta
+    "corrupt_at": "eval",            # eval (after resize + crop) | original (stored resolution, then resize)
+    "sigma": 0.1,                    # background noise std in [0, 1] pixel units, clipped to [0, 1]
+    "export_corrupted": None,        # folder to write the corrupted val sets as PNG (+ index.json)
+    "fgsm_eps": "8/255",             # a number or a fraction string
+    "pgd_eps": "4/255",
+    "pgd_step": "2/255",
+    "pgd_iters": 10,
+    "pgd_random_start": True,
+    "ood_noise": ",".join(NOISE_SETS),  # synthetic OOD sets: uniform,gaussian (empty for none)
+    "ood": [],                       # OOD image folders, each PATH or NAME=PATH
+}
+
+
+def parse_eps(v) -> float:
+    """'8/255' or 0.0314 -> float."""
+    try:
+        return float(Fraction(str(v))) if "/" in str(v) else float(v)
+    except (ValueError, ZeroDivisionError) as e:
+        raise ConfigError(f"not a number or fraction: {v!r}") from e
+
+
+def evaluate_kwargs(cfg: dict) -> dict:
+    """DEFAULTS-shaped options -> keyword arguments of `evaluate_checkpoint`."""
+    return dict(suites=cfg["suites"], ood_dirs=list(cfg["ood"] or ()), limit=cfg["limit"], image_size=cfg["image_size"],
+                resize=cfg["resize"], batch_size=cfg["batch_size"], seed=cfg["seed"], device=cfg["device"],
+                precision=cfg["precision"], num_workers=cfg["workers"], arch=cfg["arch"],
+                corrupt_at=cfg["corrupt_at"], sigma=cfg["sigma"], fgsm_eps=parse_eps(cfg["fgsm_eps"]),
+                pgd_eps=parse_eps(cfg["pgd_eps"]), pgd_step=parse_eps(cfg["pgd_step"]), pgd_iters=cfg["pgd_iters"],
+                pgd_random_start=cfg["pgd_random_start"],
+                ood_noise=tuple(s for s in str(cfg["ood_noise"] or "").split(",") if s))
+
+
+def run(cfg: dict, inputs: dict, run_dir) -> dict:
+    """Every suite of `cfg` on `inputs["checkpoint"]` over `inputs["imagenet"]`; writes run_dir/metrics.json."""
+    cfg = validate(cfg, DEFAULTS)
+    missing = sorted({"checkpoint", "imagenet"} - set(inputs))
+    if missing:
+        raise ValueError(f"the robustness stage needs inputs {missing}")
+    return evaluate_checkpoint(inputs["checkpoint"], inputs["imagenet"], out_dir=run_dir,
+                               export_dir=cfg["export_corrupted"],
+                               **evaluate_kwargs(cfg))
