@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import torch
 import torchvision
 
+from pretrain.data import InputError
 from pretrain.runtime import atomic_save, unwrap
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -33,7 +34,7 @@ _PREFIXES = ("", "module.", "module.encoder_q.", "encoder_q.", "module.backbone.
 _WRAPPERS = ("state_dict", "model", "model_state", "net", "network")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that is unreadable or does not fit the requested architecture."""
 
 
@@ -94,18 +95,55 @@ def save_backbone(path: str | os.PathLike, model: torch.nn.Module, meta: Mapping
     atomic_save({"model": state, "meta": meta}, path)
 
 
-def _read(path, allow_pickle: bool) -> Any:
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
+_PICKLE_MAGIC = b"\x80"      # pickle protocol >= 2 (also torch.save's legacy format)
+
+
+def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
+    """The object in a `torch.save`d file, loaded with `weights_only=True` (tensors and primitives only).
+
+    Every failure is a `CheckpointError` that names the file and says what it is: missing, empty, not a
+    PyTorch file at all (random bytes, text), a truncated or corrupt archive, or a file holding pickled
+    Python objects. Only the last one can be loaded, and only with `allow_pickle=True` (CLI:
+    `--allow-pickle`), which unpickles arbitrary objects (it can run code: trusted files only) and warns.
+    """
+    path = os.fspath(path)
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{path}: checkpoint not found")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    if not head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a "
+                              f"pickle; it starts with bytes {head!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - rethrown with advice
-        if not allow_pickle:
+    except Exception as e:  # noqa: BLE001 - classified below, the file named
+        err = e
+    text = str(err)
+    if head.startswith(_ZIP_MAGIC) and "Unsupported global" not in text:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint (the archive cannot be read: "
+                              f"{text.splitlines()[0][:200]})") from err
+    if not allow_pickle:
+        if "Unsupported global" in text:
+            what = text[text.index("GLOBAL"):].split(" was not")[0] if "GLOBAL" in text else "Python objects"
             raise CheckpointError(
-                f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}: {e}). If you trust the "
-                "file, pass allow_pickle=True (CLI: --allow-pickle) to unpickle arbitrary objects.") from e
-    warnings.warn(f"{path}: loading with weights_only=False (arbitrary unpickling) as requested")
-    return torch.load(path, map_location="cpu", weights_only=False)
+                f"{path}: holds pickled Python objects ({what}) besides tensors; safe loading "
+                "(weights_only=True) refuses them. Only if you trust the file, pass --allow-pickle "
+                "(allow_pickle=True) to unpickle it.") from err
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint that safe loading can read (a plain Python pickle, a legacy "
+            "checkpoint holding Python objects, or a corrupt file). Only if you trust the file, pass "
+            "--allow-pickle (allow_pickle=True) to unpickle it.") from err
+    warnings.warn(f"{path}: unpickling with weights_only=False as requested by --allow-pickle: this can run "
+                  "arbitrary code; do it only for files you trust", stacklevel=2)
+    try:
+        # the one guarded full unpickling of the library (tests/test_bad_inputs.py checks it stays so)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - the file named
+        raise CheckpointError(f"{path}: not a checkpoint (unpickling failed: {type(e).__name__}: "
+                              f"{str(e)[:200]})") from e
 
 
 def _unwrap_container(obj: Any, path) -> tuple[dict, dict]:
@@ -113,7 +151,8 @@ def _unwrap_container(obj: Any, path) -> tuple[dict, dict]:
     meta = {}
     for _ in range(3):  # wrappers can nest: {"state_dict": {"model": ...}}
         if not isinstance(obj, Mapping):
-            raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+            raise CheckpointError(f"{path}: not a checkpoint: it holds a {type(obj).__name__}, expected a "
+                                  "dict of tensors")
         if isinstance(obj.get("meta"), Mapping):
             meta = dict(obj["meta"])
         if any(isinstance(v, torch.Tensor) for v in obj.values()) and not any(
@@ -164,7 +203,7 @@ def _check_keys(backbone: Mapping[str, torch.Tensor], arch: str, path) -> None:
 
 
 def _normalise(path, arch: str | None, allow_pickle: bool) -> tuple[OrderedDict, dict, str]:
-    tensors, meta = _unwrap_container(_read(path, allow_pickle), path)
+    tensors, meta = _unwrap_container(read_checkpoint(path, allow_pickle), path)
     state, _ = _strip_prefix(tensors, arch)
     # Older checkpoints lack BN step counters; they carry no information, so fill them in.
     for k in list(state):

@@ -20,6 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core import cli  # noqa: E402
+
+from pretrain.data import InputError  # noqa: E402
 from pretrain.runtime import atomic_write_text, write_json  # noqa: E402
 from transfer.robustness import SUITES, compare, evaluate_checkpoint  # noqa: E402
 from transfer.robustness.evaluate import NOISE_SETS  # noqa: E402
@@ -61,6 +64,7 @@ def _name(spec: str) -> tuple[str, str]:
     return (p.parent.name if p.stem == "backbone" and p.parent.name else p.stem), spec
 
 
+@cli.entry
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", nargs="+", required=True, help="CKPT or NAME=CKPT, one or more")
@@ -96,7 +100,7 @@ def main(argv=None) -> int:
     named = [_name(s) for s in args.checkpoint]
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
-        raise SystemExit(f"duplicate method names {names}; name them with NAME=PATH")
+        raise InputError(f"--checkpoint: duplicate method names {names}; name them with NAME=PATH")
     out = Path(opts["out"])
     results = {}
     for name, path in named:

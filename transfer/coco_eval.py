@@ -24,13 +24,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from pretrain.data import InputError
+
 log = logging.getLogger(__name__)
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 BACKENDS = ("auto", "pycocotools", "faster")
 
 
-class COCOEvalError(ValueError):
+class COCOEvalError(InputError):
     """Malformed ground truth or results (the message names the file and the entry)."""
 
 

@@ -32,6 +32,8 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from pretrain.data import InputError
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -40,7 +42,7 @@ NORMS = ("auto", "frozen_bn", "bn", "syncbn")
 _STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
 
 
-class DetectorConfigError(ValueError):
+class DetectorConfigError(InputError):
     """Bad detector settings (unknown type, arch, norm, sizes)."""
 
 

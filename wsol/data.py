@@ -23,6 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pretrain.data import InputError
+from pretrain.runtime import atomic_path
+
 __all__ = [
     "MetadataError", "CubRecord", "read_cub", "cub_to_wsol_metadata", "WSOLMetadata",
     "read_wsol_metadata", "write_wsol_metadata", "WSOLDataset", "METADATA_FILES",
@@ -31,7 +34,7 @@ __all__ = [
 METADATA_FILES = ("image_ids.txt", "class_labels.txt", "image_sizes.txt", "localization.txt")
 
 
-class MetadataError(ValueError):
+class MetadataError(InputError):
     """Malformed or inconsistent dataset annotation files (names the file and line)."""
 
 
@@ -155,10 +158,8 @@ def _fmt(v: float) -> str:
 
 
 def _atomic_write(path: Path, lines):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(line + "\n" for line in lines)
-    os.replace(tmp, path)
 
 
 def write_wsol_metadata(meta: WSOLMetadata, out_dir) -> Path:

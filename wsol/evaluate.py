@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pretrain.runtime import atomic_path
 from wsol.data import MetadataError, WSOLMetadata, read_wsol_metadata
 from wsol.metrics import (
     LocAccuracy,
@@ -112,9 +113,8 @@ def evaluate_model(model, loader, meta: WSOLMetadata, device, size=(224, 224), c
             v1.accumulate(smap, gt, iid)
             loc.accumulate(smap, gt, int(labels[j]), top5[j])
             if scoremap_dir is not None:
-                out = scoremap_dir / f"{iid}.npy"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                np.save(out, smap.astype(np.float32))
+                with atomic_path(scoremap_dir / f"{iid}.npy") as tmp, open(tmp, "wb") as f:
+                    np.save(f, smap.astype(np.float32))
             if len(examples) < keep_examples:
                 examples.append({"image": images[j].float().cpu().permute(1, 2, 0).numpy(), "cam": smap,
                                  "gt": gt, "image_id": iid, "label": int(labels[j]), "pred": top5[j][0]})

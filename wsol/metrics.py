@@ -42,6 +42,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from pretrain.data import InputError
+
 try:  # optional accelerator; results are identical without it
     import numba
 except ImportError:  # pragma: no cover - exercised when numba is absent
@@ -58,7 +60,7 @@ HAVE_NUMBA = numba is not None
 COMPARE_OPS = {">=": operator.ge, ">": operator.gt}
 
 
-class ScoreMapError(ValueError):
+class ScoreMapError(InputError):
     """A score map that is not 2-D, has NaNs, or lies outside [0, 1]."""
 
 
