@@ -23,7 +23,7 @@ from wsol.metrics import (
 )
 from wsol.model import normalise_cams
 
-__all__ = ["gt_boxes_resized", "score_scoremap_dir", "evaluate_model", "centred_box_baseline"]
+__all__ = ["gt_boxes_resized", "load_scoremap", "score_scoremap_dir", "evaluate_model", "centred_box_baseline"]
 
 
 def gt_boxes_resized(meta: WSOLMetadata, image_id: str, size=(224, 224)) -> np.ndarray:
@@ -31,6 +31,25 @@ def gt_boxes_resized(meta: WSOLMetadata, image_id: str, size=(224, 224)) -> np.n
     if image_id not in meta.boxes:
         raise MetadataError(f"no GT box for image id {image_id!r}")
     return np.asarray([rescale_box(b, meta.sizes[image_id], size) for b in meta.boxes[image_id]], np.int64)
+
+
+def load_scoremap(path, image_id=None) -> np.ndarray:
+    """A `.npy` score map read without unpickling (`allow_pickle=False`) and validated by `check_scoremap`;
+    `ScoreMapError` naming the file when it is missing, truncated, not a `.npy` file, an object array, or
+    not a valid map."""
+    path = Path(path)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ScoreMapError(f"{path}: score map not found") from None
+    except (ValueError, OSError, EOFError) as e:  # truncated, random bytes, pickled objects
+        raise ScoreMapError(f"{path}: not a readable .npy score map ({type(e).__name__}: {e})") from None
+    if not isinstance(arr, np.ndarray):  # np.load of an .npz gives an archive
+        raise ScoreMapError(f"{path}: expected one .npy array, found {type(arr).__name__}")
+    try:
+        return check_scoremap(arr, image_id)
+    except ScoreMapError as e:
+        raise ScoreMapError(f"{path}: {e}") from None
 
 
 def score_scoremap_dir(metadata_dir, scoremap_dir, cam_curve_interval: float = 0.001,
@@ -47,8 +66,8 @@ def score_scoremap_dir(metadata_dir, scoremap_dir, cam_curve_interval: float = 0
     for iid in ids:
         path = root / f"{iid}.npy"
         if not path.is_file():
-            raise ScoreMapError(f"score map for image {iid!r} missing: {path}")
-        smap = check_scoremap(np.load(path), iid)
+            raise ScoreMapError(f"{path}: score map for image {iid!r} missing")
+        smap = load_scoremap(path, iid)
         h, w = smap.shape
         ev.accumulate(smap, gt_boxes_resized(meta, iid, (w, h)), iid)
     return ev.compute()

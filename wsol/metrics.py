@@ -108,11 +108,17 @@ def centred_box(size=(224, 224), fraction: float = 0.5) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- score maps
 def check_scoremap(scoremap, image_id=None) -> np.ndarray:
-    """Validate a score map: 2-D, finite, in [0, 1]. Returns it as a float array."""
+    """Validate a score map: a non-empty 2-D array of real numbers, without NaN, in [0, 1].
+    Returns it as a float array; `ScoreMapError` naming the image otherwise."""
     name = f" for image {image_id!r}" if image_id is not None else ""
     arr = np.asarray(scoremap)
     if arr.ndim != 2:
         raise ScoreMapError(f"score map{name} must be 2-D, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ScoreMapError(f"score map{name} is empty (shape {arr.shape})")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+            or arr.dtype == np.bool_):
+        raise ScoreMapError(f"score map{name} must hold real numbers, got dtype {arr.dtype}")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float32)
     if np.isnan(arr).any():
