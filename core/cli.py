@@ -6,8 +6,7 @@ them into one line on stderr and an exit code:
     error: <file>[:line]: <what is wrong>
 
 - exit 2, bad input: `InputError` (DataError, VOCEvalError, COCOEvalError, MetadataError, ScoreMapError,
-  CheckpointError, ConversionError, ...), `ConfigError`, and a missing input file or folder
-  (FileNotFoundError, NotADirectoryError, IsADirectoryError);
+  CheckpointError, ConversionError, ...), `ConfigError`, and a missing input file (FileNotFoundError);
 - exit 1, a failure: anything else, e.g. an OSError while writing (disk full, unwritable folder) or a
   NonFiniteLossError;
 - exit 130 on Ctrl-C; argparse's own usage errors keep their exit code 2.
@@ -27,7 +26,7 @@ from typing import Callable, Sequence
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-_MISSING_INPUT = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+_MISSING_INPUT = (FileNotFoundError,)
 
 
 def _bad_input_types() -> tuple[type, ...]:
@@ -56,7 +55,7 @@ def format_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename is not None:
         names = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else f"{exc.filename}"
         what = exc.strerror or str(exc)
-        if isinstance(exc, _MISSING_INPUT) and not isinstance(exc, IsADirectoryError):
+        if isinstance(exc, _MISSING_INPUT):
             what = f"{what} (missing input)" if what else "missing input"
         return f"error: {names}: {what}"
     msg = str(exc).strip()

@@ -118,7 +118,9 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a "
                               f"pickle; it starts with bytes {head!r})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a plain pickle's protocol: we explain it below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - classified below, the file named
         err = e
     text = str(err)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import math
 import os
@@ -51,7 +52,13 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     write removes `path.tmp` and leaves `path` as it was.
     """
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (disk full...) this way
+            if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+                raise
+            raise OSError(errno.EIO, f"write failed (disk full or file too large?): {str(e).splitlines()[0]}",
+                          str(path)) from e
         f.flush()
         os.fsync(f.fileno())
 
