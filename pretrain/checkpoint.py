@@ -14,6 +14,7 @@ checkpoint that does not fit raises `CheckpointError` naming the missing, unexpe
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from collections import OrderedDict
 from functools import lru_cache
@@ -99,6 +100,20 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
 _PICKLE_MAGIC = b"\x80"      # pickle protocol >= 2 (also torch.save's legacy format)
 
 
+class _GlobalRefused(pickle.UnpicklingError):
+    pass
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """Unpickles plain data only (lists, dicts, numbers, strings): any class or function is refused."""
+
+    def find_class(self, module, name):
+        raise _GlobalRefused(f"GLOBAL {module}.{name}")
+
+    def persistent_load(self, pid):
+        raise _GlobalRefused("a persistent id (tensor storage)")
+
+
 def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
     """The object in a `torch.save`d file, loaded with `weights_only=True` (tensors and primitives only).
 
@@ -127,11 +142,22 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
     if head.startswith(_ZIP_MAGIC) and "Unsupported global" not in text:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint (the archive cannot be read: "
                               f"{text.splitlines()[0][:200]})") from err
+    if not head.startswith(_ZIP_MAGIC) and "Unsupported global" not in text:
+        # not torch's format: a plain pickle? Read it with every global refused (nothing can run), so that
+        # a pickled list or dict is reported as what it is
+        try:
+            with open(path, "rb") as f:
+                return _NoGlobalsUnpickler(f).load()
+        except _GlobalRefused as e:
+            text = f"Unsupported global: {e}"
+        except Exception as e:  # noqa: BLE001 - truncated or random bytes
+            raise CheckpointError(f"{path}: not a checkpoint (neither a torch.save archive nor a readable "
+                                  f"pickle: {type(e).__name__}: {str(e)[:120]})") from err
     if not allow_pickle:
         if "Unsupported global" in text:
             what = text[text.index("GLOBAL"):].split(" was not")[0] if "GLOBAL" in text else "Python objects"
             raise CheckpointError(
-                f"{path}: holds pickled Python objects ({what}) besides tensors; safe loading "
+                f"{path}: holds pickled Python objects ({what}); safe loading "
                 "(weights_only=True) refuses them. Only if you trust the file, pass --allow-pickle "
                 "(allow_pickle=True) to unpickle it.") from err
         raise CheckpointError(

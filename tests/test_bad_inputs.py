@@ -315,7 +315,7 @@ def test_wsol_good_input_scores(run, wsol_split):
 
 @pytest.mark.parametrize("write,what", [
     (lambda p: p.write_bytes(p.read_bytes()[:60]), "not a readable .npy"),
-    (lambda p: p.write_bytes(os.urandom(300)), "not a readable .npy"),
+    (lambda p: p.write_bytes(b"\x13" + os.urandom(300)), "not a readable .npy"),
     (lambda p: np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True), "not a readable .npy"),
     (lambda p: np.save(p, np.zeros((2, 8, 8), np.float32)), "must be 2-D"),
     (lambda p: np.save(p, np.full((8, 8), np.nan, np.float32)), "NaN"),
@@ -367,13 +367,15 @@ def _bad_checkpoint(kind: str, path: Path, good: Path) -> Path:
     if kind == "empty":
         path.write_bytes(b"")
     elif kind == "random":
-        path.write_bytes(os.urandom(4096))
+        path.write_bytes(b"\x13" + os.urandom(4096))
     elif kind == "text":
         path.write_text("model: resnet18\n")
     elif kind == "truncated":
         path.write_bytes(good.read_bytes()[:100_000])
     elif kind == "pickled_list":  # what the stray /bad.pkl was
         path.write_bytes(b"\x80\x04]\x94.")
+    elif kind == "pickled_junk":  # a pickle header, then garbage
+        path.write_bytes(b"\x80\x04\xff" + bytes(range(40)))
     elif kind == "torch_list":
         torch.save([1, 2, 3], path)
     elif kind == "namespace":
@@ -388,7 +390,8 @@ def _bad_checkpoint(kind: str, path: Path, good: Path) -> Path:
     ("random", "not a PyTorch checkpoint"),
     ("text", "not a PyTorch checkpoint"),
     ("truncated", "truncated or corrupt checkpoint"),
-    ("pickled_list", "not a PyTorch checkpoint"),
+    ("pickled_list", "not a checkpoint: it holds a list"),
+    ("pickled_junk", "not a checkpoint (neither a torch.save archive nor a readable pickle"),
     ("torch_list", "not a checkpoint: it holds a list"),
     ("namespace", "--allow-pickle"),
 ])
@@ -397,8 +400,8 @@ def test_convert_not_a_checkpoint(run, resnet18_ckpt, tmp_path, kind, what):
     line = expect(run("convert", "--to", "torchvision", src, tmp_path / "out.pth"), 2, what)
     assert line.startswith(f"error: {src}: "), line
     assert not (tmp_path / "out.pth").exists() and not list(tmp_path.glob("*.tmp"))
-    if kind in ("random", "text", "truncated", "pickled_list"):
-        assert "allow-pickle" not in line or kind == "pickled_list"
+    if kind != "namespace":  # not a checkpoint at all: no advice to unpickle it
+        assert "allow-pickle" not in line
 
 
 def test_planted_pickle_never_runs_without_allow_pickle(run, tmp_path):
@@ -518,7 +521,7 @@ def test_pretrain_missing_data_root(run, tmp_path):
 
 def test_finetune_det_bad_weights(run, toy_world, tmp_path):
     w = tmp_path / "w.pth"
-    w.write_bytes(os.urandom(2048))
+    w.write_bytes(b"\x13" + os.urandom(2048))
     expect(run("finetune_det", "--config", ROOT / "configs/detection/toy_ssd_voc.yaml", "--weights", w,
                "--run-dir", tmp_path / "r", f"data.root={toy_world}/VOCdevkit"), 2, w, "not a PyTorch checkpoint")
 
@@ -539,7 +542,7 @@ def _wsol_cfg(toy_world, tmp_path) -> list[str]:
 def test_wsol_evaluate_bad_model_file(run, toy_world, resnet18_ckpt, tmp_path, kind, what):
     model = {"random": tmp_path / "m.pth", "backbone": resnet18_ckpt, "missing": tmp_path / "none.pth"}[kind]
     if kind == "random":
-        model.write_bytes(os.urandom(1000))
+        model.write_bytes(b"\x13" + os.urandom(1000))
     cfg, *over = _wsol_cfg(toy_world, tmp_path)[1:]
     expect(run("wsol", "evaluate", "--config", cfg, "--model", model, *over), 2, model, what)
 
@@ -581,7 +584,7 @@ def _evaluate(run, ckpt, imagenet, tmp_path, *extra):
 
 def test_evaluate_bad_checkpoint(run, toy_world, tmp_path):
     ck = tmp_path / "x.pth"
-    ck.write_bytes(os.urandom(3000))
+    ck.write_bytes(b"\x13" + os.urandom(3000))
     expect(_evaluate(run, ck, toy_world / "imagenet", tmp_path), 2, ck)
 
 
