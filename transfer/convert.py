@@ -140,7 +140,8 @@ def detectron2_weights_problems(d: Any, arch: str | None = None) -> list[str]:
 # What a detectron2 weights file may contain: dicts, strings, numbers and numpy arrays.
 _SAFE_PICKLE_GLOBALS = {("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"),
                         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+                        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+                        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
