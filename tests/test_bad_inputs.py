@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import io
 import json
 import os
 import pickle
@@ -20,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -730,9 +728,10 @@ def _torch_loads_without_weights_only():
 
 
 def test_every_torch_load_is_weights_only():
-    bad = [(f, fn, line) for f, fn, line in _torch_loads_without_weights_only() if (f, fn) not in GUARDED | PENDING]
+    found = _torch_loads_without_weights_only()
+    bad = [(f, fn, line) for f, fn, line in found if (f, fn) not in GUARDED | PENDING]
     assert not bad, f"torch.load / pickle.load without weights_only=True: {bad}"
-    guarded = {(f, fn) for f, fn, _ in _torch_loads_without_weights_only()} & GUARDED
+    guarded = {(f, fn) for f, fn, _ in found} & GUARDED
     assert guarded == GUARDED  # the guarded call is where the allowlist says
 
 

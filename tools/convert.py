@@ -16,7 +16,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
-
 from pretrain.checkpoint import ARCHS  # noqa: E402
 from transfer.convert import convert_to_detectron2, convert_to_torchvision  # noqa: E402
 

@@ -21,7 +21,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
-
 from pretrain.data import InputError  # noqa: E402
 from pretrain.runtime import atomic_write_text, write_json  # noqa: E402
 from transfer.robustness import SUITES, compare, evaluate_checkpoint  # noqa: E402

@@ -19,7 +19,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
-
 from pretrain.runtime import cleanup_distributed, init_distributed, is_main_process  # noqa: E402
 from transfer.det_train import finetune_detector, load_det_config  # noqa: E402
 

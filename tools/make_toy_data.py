@@ -13,7 +13,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
-
 from pretrain.toy import PRESETS, format_summary, make_toy_world  # noqa: E402
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
-
 from pretrain.config import load_config  # noqa: E402
 from pretrain.runtime import cleanup_distributed, is_main_process  # noqa: E402
 from pretrain.trainer import DEFAULTS, train  # noqa: E402

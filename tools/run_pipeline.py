@@ -16,7 +16,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
-
 from pretrain.pipeline import STAGES, StopPipeline, run_pipeline  # noqa: E402
 
 

@@ -14,7 +14,6 @@ image); the evaluator rescales them to 224 x 224 with integer truncation like th
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
