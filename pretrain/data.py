@@ -13,6 +13,7 @@ Images are returned as PIL RGB images (torchvision transforms then make float te
 from __future__ import annotations
 
 import csv
+import io
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -37,6 +38,14 @@ class InputError(ValueError):
 
 class DataError(InputError):
     """Malformed or missing data; the message names the file (and line or image id)."""
+
+
+def read_text(path: str | os.PathLike, error: type = DataError) -> str:
+    """The UTF-8 text of an annotation or list file; `error` naming the file if it is binary or not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
@@ -217,7 +226,7 @@ class ImageNetFolder(Dataset):
         """{ImageId: [(wnid, (xmin, ymin, xmax, ymax))]}; a malformed row, a duplicate ImageId or an empty
         PredictionString is a `DataError` naming the file and line (nothing is skipped)."""
         out = {}
-        with open(csv_path, newline="") as f:
+        with io.StringIO(read_text(csv_path), newline="") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:

@@ -752,3 +752,28 @@ def test_every_tool_uses_the_cli_wrapper():
     for path in sorted((ROOT / "tools").glob("*.py")):
         text = path.read_text()
         assert "from core import cli" in text and "@cli.entry" in text, path.name
+
+
+# ------------------------------------------------------------------------------- binary where text is expected
+
+BINARY = b"\xff\xfe\x00\x81binary"
+
+
+def test_voc_binary_split_and_result_files(run, voc):
+    f = next(voc["results"].glob("comp4_det_test_*.txt"))
+    f.write_bytes(BINARY)
+    expect(eval_voc(run, voc), 2, f, "not a UTF-8 text file")
+    voc["split"].write_bytes(BINARY)
+    expect(eval_voc(run, voc), 2, voc["split"], "not a UTF-8 text file")
+
+
+def test_coco_binary_annotations(run, coco):
+    (coco["dir"] / "gt.json").write_bytes(BINARY)
+    expect(run("eval_coco", "--annotations", coco["dir"] / "gt.json", "--results", coco["dir"] / "gt.json"), 2,
+           "gt.json", "not a UTF-8 text file")
+
+
+def test_wsol_binary_metadata(run, wsol_split):
+    path = wsol_split["meta"] / "class_labels.txt"
+    path.write_bytes(BINARY)
+    expect(eval_wsol(run, wsol_split), 2, path, "not a UTF-8 text file")

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pretrain.data import BOX_TOLERANCE, InputError
+from pretrain.data import BOX_TOLERANCE, InputError, read_text
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,9 @@ def boxes_to_coco_xywh(boxes) -> np.ndarray:
 def _read_json(path: str | os.PathLike, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise COCOEvalError(f"{what} file not found: {path}")
+        raise COCOEvalError(f"{path}: {what} file not found")
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(read_text(path, COCOEvalError))
     except json.JSONDecodeError as e:
         raise COCOEvalError(f"{path}: malformed JSON: {e}") from e
 

@@ -379,7 +379,7 @@ def _merge(base: dict, over: Mapping) -> dict:
 
 def _load_yaml_chain(path: Path, depth: int = 0) -> dict:
     if not path.is_file():
-        raise ConversionError(f"config not found: {path}")
+        raise ConversionError(f"{path}: config not found")
     cfg = yaml.safe_load(path.read_text()) or {}
     base = cfg.pop("_BASE_", None)
     if base and depth < 10:

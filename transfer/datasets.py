@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from pretrain.data import DataError, check_box, parse_pascal_xml, pascal_to_box, read_image
+from pretrain.data import DataError, check_box, parse_pascal_xml, pascal_to_box, read_image, read_text
 from transfer.coco_eval import check_coco_annotation, check_coco_gt
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,9 @@ class VOCDetection(Dataset):
         self.class_to_label = {c: i + 1 for i, c in enumerate(self.classes)}
         list_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
         if not list_file.is_file():
-            raise DataError(f"VOC split file not found: {list_file}")
+            raise DataError(f"{list_file}: VOC split file not found")
         ids, seen = [], set()
-        for lineno, line in enumerate(list_file.read_text().splitlines(), start=1):
+        for lineno, line in enumerate(read_text(list_file).splitlines(), start=1):
             parts = line.split()
             if not parts:
                 continue
@@ -149,7 +149,7 @@ class COCODetection(Dataset):
         if not self.ann_file.is_file():
             raise DataError(f"{self.ann_file}: COCO annotation file not found")
         try:
-            data = json.loads(self.ann_file.read_text())
+            data = json.loads(read_text(self.ann_file))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{self.ann_file}: malformed JSON: {e}") from e
         check_coco_gt(data, str(self.ann_file), error=DataError, annotations=False)

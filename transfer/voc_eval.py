@@ -34,7 +34,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from pretrain.data import DataError, pascal_to_box
+from pretrain.data import DataError, pascal_to_box, read_text
 from pretrain.runtime import atomic_path
 from transfer.datasets import VOC_CLASSES, parse_voc_xml
 
@@ -328,9 +328,9 @@ def load_voc_annotations(devkit: str | os.PathLike, year: str = "2007", split: s
     root = _voc_root(devkit, str(year))
     list_file = root / "ImageSets" / "Main" / f"{split}.txt"
     if not list_file.is_file():
-        raise VOCEvalError(f"VOC split file not found: {list_file}")
+        raise VOCEvalError(f"{list_file}: VOC split file not found")
     annotations = {}
-    for lineno, line in enumerate(list_file.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text(list_file, VOCEvalError).splitlines(), start=1):
         parts = line.split()
         if not parts:
             continue
@@ -356,7 +356,7 @@ def read_voc_results(results_dir: str | os.PathLike, split: str, classes: Sequen
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
-        raise VOCEvalError(f"results folder not found: {results_dir}")
+        raise VOCEvalError(f"{results_dir}: results folder not found")
     prefix = f"comp4_det_{split}_"
     found = {p.name[len(prefix):-len(".txt")]: p for p in results_dir.iterdir()
              if p.name.startswith(prefix) and p.name.endswith(".txt")}
@@ -374,6 +374,7 @@ def read_voc_results(results_dir: str | os.PathLike, split: str, classes: Sequen
     detections, sources = {}, {}
     for cls, path in found.items():
         dets, where = [], []
+        read_text(path, VOCEvalError)  # a binary or non-UTF-8 file: an error naming it
         with open(path) as f:
             for lineno, line in enumerate(f, start=1):
                 parts = line.split()

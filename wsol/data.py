@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pretrain.data import InputError
+from pretrain.data import InputError, read_text
 from pretrain.runtime import atomic_path
 
 __all__ = [
@@ -42,11 +42,10 @@ def _lines(path: Path):
     path = Path(path)
     if not path.is_file():
         raise MetadataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            text = line.strip()
-            if text:
-                yield i, text
+    for i, line in enumerate(read_text(path, MetadataError).splitlines(), 1):
+        text = line.strip()
+        if text:
+            yield i, text
 
 
 def _fields(path, lineno, text, n, sep=None):
