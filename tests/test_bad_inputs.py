@@ -777,3 +777,18 @@ def test_wsol_binary_metadata(run, wsol_split):
     path = wsol_split["meta"] / "class_labels.txt"
     path.write_bytes(BINARY)
     expect(eval_wsol(run, wsol_split), 2, path, "not a UTF-8 text file")
+
+
+@pytest.mark.parametrize("args,what", [
+    (["--cam-curve-interval", "0"], "--cam-curve-interval"),
+    (["--cam-curve-interval", "1.5"], "--cam-curve-interval"),
+    (["--iou-thresholds", "0", "50"], "--iou-thresholds"),
+    (["--iou-thresholds", "150"], "--iou-thresholds"),
+])
+def test_wsol_bad_evaluator_arguments(run, wsol_split, args, what):
+    expect(run("eval_wsol", "--metadata", wsol_split["meta"], "--scoremaps", wsol_split["maps"], *args), 2, what)
+
+
+@pytest.mark.parametrize("args,what", [(["--fraction", "1.5"], "--fraction"), (["--size", "0"], "--size")])
+def test_wsol_baseline_bad_arguments(run, wsol_split, args, what):
+    expect(run("wsol", "baseline", "--metadata", wsol_split["meta"], *args), 2, what)

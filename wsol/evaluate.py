@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pretrain.data import InputError
 from pretrain.runtime import atomic_path
 from wsol.data import MetadataError, WSOLMetadata, read_wsol_metadata
 from wsol.metrics import (
@@ -80,6 +81,10 @@ def centred_box_baseline(metadata_dir, size=(224, 224), fraction: float = 0.5,
     Returns {"boxacc": {delta: %}, "boxacc_mean": % (comparable to MaxBoxAccV2), "fraction"}.
     With ``fraction=None`` the best fraction on a 0.05 grid is picked (an optimistic baseline).
     """
+    if fraction is not None and not 0 < fraction <= 1:
+        raise InputError(f"fraction (--fraction) must be in (0, 1], got {fraction}")
+    if min(size) <= 0:
+        raise InputError(f"size (--size) must be positive, got {size}")
     meta = read_wsol_metadata(metadata_dir, require_boxes=True) if not isinstance(metadata_dir, WSOLMetadata) \
         else metadata_dir
     gts = [gt_boxes_resized(meta, iid, size) for iid in meta.image_ids]

@@ -630,6 +630,12 @@ class MaxBoxAccEvaluator:
                  multi_contour: bool = True, method: str = "fast"):
         if method not in ("fast", "reference"):
             raise ValueError(f"method must be 'fast' or 'reference', got {method!r}")
+        if not (isinstance(cam_curve_interval, (int, float)) and 0 < cam_curve_interval < 1):
+            raise InputError(f"cam_curve_interval (--cam-curve-interval) must be in (0, 1), got {cam_curve_interval!r}")
+        bad = [d for d in iou_thresholds if not 0 < d <= 100]
+        if not iou_thresholds or bad:
+            raise InputError(f"iou_thresholds (--iou-thresholds) must be percentages in (0, 100], got "
+                             f"{list(iou_thresholds)}")
         self.thresholds = threshold_grid(cam_curve_interval)
         self.iou_thresholds = [int(d) for d in iou_thresholds]
         self.multi_contour = multi_contour
