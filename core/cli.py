@@ -101,5 +101,4 @@ def entry(fn: Callable[[list[str]], int | None]) -> Callable[..., int]:
     def wrapper(argv: Sequence[str] | None = None) -> int:
         return main(fn, argv)
 
-    wrapper.__wrapped__ = fn
     return wrapper

@@ -153,17 +153,12 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
         except Exception as e:  # noqa: BLE001 - truncated or random bytes
             raise CheckpointError(f"{path}: not a checkpoint (neither a torch.save archive nor a readable "
                                   f"pickle: {type(e).__name__}: {str(e)[:120]})") from err
+    # what is left: a file that pickles classes or functions (an argparse Namespace, numpy objects, ...)
     if not allow_pickle:
-        if "Unsupported global" in text:
-            what = text[text.index("GLOBAL"):].split(" was not")[0] if "GLOBAL" in text else "Python objects"
-            raise CheckpointError(
-                f"{path}: holds pickled Python objects ({what}); safe loading "
-                "(weights_only=True) refuses them. Only if you trust the file, pass --allow-pickle "
-                "(allow_pickle=True) to unpickle it.") from err
+        what = text[text.index("GLOBAL"):].split(" was not")[0] if "GLOBAL" in text else "Python objects"
         raise CheckpointError(
-            f"{path}: not a PyTorch checkpoint that safe loading can read (a plain Python pickle, a legacy "
-            "checkpoint holding Python objects, or a corrupt file). Only if you trust the file, pass "
-            "--allow-pickle (allow_pickle=True) to unpickle it.") from err
+            f"{path}: holds pickled Python objects ({what}); safe loading (weights_only=True) refuses "
+            "them. Only if you trust the file, pass --allow-pickle (allow_pickle=True) to unpickle it.") from err
     warnings.warn(f"{path}: unpickling with weights_only=False as requested by --allow-pickle: this can run "
                   "arbitrary code; do it only for files you trust", stacklevel=2)
     try:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
-from pretrain.checkpoint import CheckpointError, read_checkpoint
+from pretrain.checkpoint import ARCHS, CheckpointError, read_checkpoint
 from pretrain.config import dump_config, validate
 from pretrain.runtime import (
     JsonlLogger,
@@ -354,8 +354,10 @@ def read_cam_model(path) -> dict:
         keys = sorted(ck)[:10] if isinstance(ck, dict) else type(ck).__name__
         raise CheckpointError(f"{path}: not a CAM model file (expected keys 'arch', 'num_classes', 'model' "
                               f"as written by `tools/wsol.py finetune`, found {keys})")
-    if not isinstance(ck["model"], dict) or not isinstance(ck["num_classes"], int) or ck["num_classes"] <= 0:
-        raise CheckpointError(f"{path}: malformed CAM model file (num_classes={ck['num_classes']!r})")
+    if (not isinstance(ck["model"], dict) or ck["arch"] not in ARCHS or not isinstance(ck["num_classes"], int)
+            or ck["num_classes"] <= 0):
+        raise CheckpointError(f"{path}: malformed CAM model file (arch={ck['arch']!r}, "
+                              f"num_classes={ck['num_classes']!r})")
     return ck
 
 
