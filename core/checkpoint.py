@@ -14,6 +14,7 @@ checkpoint that does not fit raises `CheckpointError` naming the missing, unexpe
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from collections import OrderedDict
 from functools import lru_cache
@@ -22,6 +23,7 @@ from typing import Any, Mapping
 import torch
 import torchvision
 
+from core.data import InputError
 from core.runtime import atomic_save, unwrap
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -33,7 +35,7 @@ _PREFIXES = ("", "module.", "module.encoder_q.", "encoder_q.", "module.backbone.
 _WRAPPERS = ("state_dict", "model", "model_state", "net", "network")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that is unreadable or does not fit the requested architecture."""
 
 
@@ -94,18 +96,77 @@ def save_backbone(path: str | os.PathLike, model: torch.nn.Module, meta: Mapping
     atomic_save({"model": state, "meta": meta}, path)
 
 
-def _read(path, allow_pickle: bool) -> Any:
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
+_PICKLE_MAGIC = b"\x80"      # pickle protocol >= 2 (also torch.save's legacy format)
+
+
+class _GlobalRefused(pickle.UnpicklingError):
+    pass
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """Unpickles plain data only (lists, dicts, numbers, strings): any class or function is refused."""
+
+    def find_class(self, module, name):
+        raise _GlobalRefused(f"GLOBAL {module}.{name}")
+
+    def persistent_load(self, pid):
+        raise _GlobalRefused("a persistent id (tensor storage)")
+
+
+def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
+    """The object in a `torch.save`d file, loaded with `weights_only=True` (tensors and primitives only).
+
+    Every failure is a `CheckpointError` that names the file and says what it is: missing, empty, not a
+    PyTorch file at all (random bytes, text), a truncated or corrupt archive, or a file holding pickled
+    Python objects. Only the last one can be loaded, and only with `allow_pickle=True` (CLI:
+    `--allow-pickle`), which unpickles arbitrary objects (it can run code: trusted files only) and warns.
+    """
+    path = os.fspath(path)
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{path}: checkpoint not found")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    if not head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a "
+                              f"pickle; it starts with bytes {head!r})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - rethrown with advice
-        if not allow_pickle:
-            raise CheckpointError(
-                f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}: {e}). If you trust the "
-                "file, pass allow_pickle=True (CLI: --allow-pickle) to unpickle arbitrary objects.") from e
-    warnings.warn(f"{path}: loading with weights_only=False (arbitrary unpickling) as requested")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # torch's note on a plain pickle's protocol: we explain it below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - classified below, the file named
+        err = e
+    text = str(err)
+    if head.startswith(_ZIP_MAGIC) and "Unsupported global" not in text:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint (the archive cannot be read: "
+                              f"{text.splitlines()[0][:200]})") from err
+    if not head.startswith(_ZIP_MAGIC) and "Unsupported global" not in text:
+        # not torch's format: a plain pickle? Read it with every global refused (nothing can run), so that
+        # a pickled list or dict is reported as what it is
+        try:
+            with open(path, "rb") as f:
+                return _NoGlobalsUnpickler(f).load()
+        except _GlobalRefused as e:
+            text = f"Unsupported global: {e}"
+        except Exception as e:  # noqa: BLE001 - truncated or random bytes
+            raise CheckpointError(f"{path}: not a checkpoint (neither a torch.save archive nor a readable "
+                                  f"pickle: {type(e).__name__}: {str(e)[:120]})") from err
+    # what is left: a file that pickles classes or functions (an argparse Namespace, numpy objects, ...)
+    if not allow_pickle:
+        what = text[text.index("GLOBAL"):].split(" was not")[0] if "GLOBAL" in text else "Python objects"
+        raise CheckpointError(
+            f"{path}: holds pickled Python objects ({what}); safe loading (weights_only=True) refuses "
+            "them. Only if you trust the file, pass --allow-pickle (allow_pickle=True) to unpickle it.") from err
+    warnings.warn(f"{path}: unpickling with weights_only=False as requested by --allow-pickle: this can run "
+                  "arbitrary code; do it only for files you trust", stacklevel=2)
+    try:
+        # the one guarded full unpickling of the library (tests/test_bad_inputs.py checks it stays so)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - the file named
+        raise CheckpointError(f"{path}: not a checkpoint (unpickling failed: {type(e).__name__}: "
+                              f"{str(e)[:200]})") from e
 
 
 def _unwrap_container(obj: Any, path) -> tuple[dict, dict]:
@@ -113,7 +174,8 @@ def _unwrap_container(obj: Any, path) -> tuple[dict, dict]:
     meta = {}
     for _ in range(3):  # wrappers can nest: {"state_dict": {"model": ...}}
         if not isinstance(obj, Mapping):
-            raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+            raise CheckpointError(f"{path}: not a checkpoint: it holds a {type(obj).__name__}, expected a "
+                                  "dict of tensors")
         if isinstance(obj.get("meta"), Mapping):
             meta = dict(obj["meta"])
         if any(isinstance(v, torch.Tensor) for v in obj.values()) and not any(
@@ -164,7 +226,7 @@ def _check_keys(backbone: Mapping[str, torch.Tensor], arch: str, path) -> None:
 
 
 def _normalise(path, arch: str | None, allow_pickle: bool) -> tuple[OrderedDict, dict, str]:
-    tensors, meta = _unwrap_container(_read(path, allow_pickle), path)
+    tensors, meta = _unwrap_container(read_checkpoint(path, allow_pickle), path)
     state, _ = _strip_prefix(tensors, arch)
     # Older checkpoints lack BN step counters; they carry no information, so fill them in.
     for k in list(state):

@@ -13,6 +13,7 @@ Images are returned as PIL RGB images (torchvision transforms then make float te
 from __future__ import annotations
 
 import csv
+import io
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -27,8 +28,24 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 BOX_TOLERANCE = 1.0
 
 
-class DataError(ValueError):
+class InputError(ValueError):
+    """Base of every bad-input error (data, annotations, score maps, checkpoints, configs).
+
+    The message starts with the culprit: `<file>[:line]: <what is wrong>` (or names the id / key).
+    The CLIs (core/cli.py) print it as `error: <message>` and exit with code 2.
+    """
+
+
+class DataError(InputError):
     """Malformed or missing data; the message names the file (and line or image id)."""
+
+
+def read_text(path: str | os.PathLike, error: type = DataError) -> str:
+    """The UTF-8 text of an annotation or list file; `error` naming the file if it is binary or not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
@@ -38,9 +55,9 @@ def read_image(path: str | os.PathLike) -> Image.Image:
             im.load()
             return im.convert("RGB")
     except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
+        raise DataError(f"{path}: image not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"corrupt or unreadable image {path}: {e}") from e
+        raise DataError(f"{path}: corrupt or unreadable image: {e}") from e
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -49,18 +66,25 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
+        raise DataError(f"{path}: image not found") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"corrupt or unreadable image {path}: {e}") from e
+        raise DataError(f"{path}: corrupt or unreadable image: {e}") from e
 
 
 def check_box(box, width: float, height: float, where: str) -> np.ndarray:
-    """Validate one x0, y0, x1, y1 box against the image size; clip overhangs within BOX_TOLERANCE."""
-    x0, y0, x1, y1 = (float(v) for v in box)
+    """Validate one x0, y0, x1, y1 box against the image size; clip overhangs within BOX_TOLERANCE.
+
+    A box must have a positive width and height (x1 > x0, y1 > y0) and lie inside the image up to
+    BOX_TOLERANCE pixels; `DataError` naming `where` otherwise.
+    """
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: box must be 4 numbers x0, y0, x1, y1, got {box!r}") from None
     if not np.all(np.isfinite([x0, y0, x1, y1])):
         raise DataError(f"{where}: non-finite box {box}")
-    if x1 < x0 or y1 < y0:
-        raise DataError(f"{where}: box {box} has x1 < x0 or y1 < y0")
+    if x1 <= x0 or y1 <= y0:
+        raise DataError(f"{where}: box {box} has no area (x1 <= x0 or y1 <= y0)")
     t = BOX_TOLERANCE
     if x0 < -t or y0 < -t or x1 > width + t or y1 > height + t:
         raise DataError(f"{where}: box {box} lies outside the {width}x{height} image")
@@ -82,7 +106,7 @@ def parse_pascal_xml(path: str | os.PathLike) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"annotation file not found: {path}")
+        raise DataError(f"{path}: annotation file not found")
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as e:
@@ -93,6 +117,8 @@ def parse_pascal_xml(path: str | os.PathLike) -> dict:
     try:
         width = int(float(_xml_text(size, "width", str(path))))
         height = int(float(_xml_text(size, "height", str(path))))
+        if width <= 0 or height <= 0:
+            raise DataError(f"{path}: non-positive <size> {width}x{height}")
         objects = []
         for i, obj in enumerate(root.findall("object")):
             where = f"{path}: object {i}"
@@ -103,7 +129,10 @@ def parse_pascal_xml(path: str | os.PathLike) -> dict:
             flags = {}
             for flag in ("difficult", "truncated"):
                 node = obj.find(flag)
-                flags[flag] = bool(int(node.text)) if node is not None and node.text else False
+                value = int(node.text) if node is not None and node.text and node.text.strip() else 0
+                if value not in (0, 1):
+                    raise DataError(f"{where}: <{flag}> must be 0 or 1, got {node.text.strip()!r}")
+                flags[flag] = bool(value)
             objects.append({"name": _xml_text(obj, "name", where), "bbox": coords, **flags})
     except ValueError as e:
         if isinstance(e, DataError):
@@ -124,7 +153,7 @@ def pascal_to_box(bbox, width: int, height: int, where: str) -> np.ndarray:
 def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"image folder not found: {folder}")
+        raise DataError(f"{folder}: image folder not found")
     it = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
@@ -148,7 +177,7 @@ class ImageNetFolder(Dataset):
         self.transform = transform
         split_dir = self.root / split
         if not split_dir.is_dir():
-            raise DataError(f"ImageNet split folder not found: {split_dir}")
+            raise DataError(f"{split_dir}: ImageNet split folder not found")
         found = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
         if not found:
             raise DataError(f"{split_dir}: no class folders (<wnid>/)")
@@ -194,8 +223,10 @@ class ImageNetFolder(Dataset):
         return (self.transform(image) if self.transform else image), label
 
     def _load_csv(self, csv_path: Path) -> dict[str, list]:
+        """{ImageId: [(wnid, (xmin, ymin, xmax, ymax))]}; a malformed row, a duplicate ImageId or an empty
+        PredictionString is a `DataError` naming the file and line (nothing is skipped)."""
         out = {}
-        with open(csv_path, newline="") as f:
+        with io.StringIO(read_text(csv_path), newline="") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
@@ -209,9 +240,14 @@ class ImageNetFolder(Dataset):
                 if len(parts) % 5:
                     raise DataError(f"{csv_path}:{lineno}: PredictionString must be groups of "
                                     f"'wnid xmin ymin xmax ymax', got {len(parts)} tokens")
+                image_id = row[0].strip()
+                if image_id in out:
+                    raise DataError(f"{csv_path}:{lineno}: duplicate ImageId {image_id!r}")
+                if not parts:
+                    raise DataError(f"{csv_path}:{lineno}: image {image_id!r} has an empty PredictionString")
                 try:
-                    out[row[0].strip()] = [(parts[i], tuple(int(float(v)) for v in parts[i + 1:i + 5]))
-                                           for i in range(0, len(parts), 5)]
+                    out[image_id] = [(parts[i], tuple(int(float(v)) for v in parts[i + 1:i + 5]))
+                                     for i in range(0, len(parts), 5)]
                 except ValueError as e:
                     raise DataError(f"{csv_path}:{lineno}: malformed number: {e}") from e
         return out
@@ -229,6 +265,10 @@ class ImageNetFolder(Dataset):
                 raise DataError(f"image {path.name}: no box file {xml}")
             ann = parse_pascal_xml(xml)
             width, height = ann["width"], ann["height"]
+            if (width, height) != image_size(path):  # the header only: cheap
+                real = image_size(path)
+                raise DataError(f"{xml}: <size> says {width}x{height} but the image {path} is "
+                                f"{real[0]}x{real[1]}")
             objs = [(o["name"], o["bbox"]) for o in ann["objects"]]
             where = str(xml)
         else:

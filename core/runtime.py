@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import math
 import os
@@ -25,28 +26,47 @@ class NonFiniteLossError(RuntimeError):
     """Raised when a loss becomes NaN or infinite; the caller keeps its last good checkpoint."""
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield `path.tmp` (same directory) to write; on success it is renamed over `path`, on any failure
+    (disk full, unwritable folder, an exception while writing) it is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            # a failed write() names no file: say which one (disk full, file too large, ...)
+            raise type(e)(e.errno, e.strerror, str(path)) from e
+        raise
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save `obj` to `path` so that a reader never sees a half-written file.
 
-    Writes `path.tmp` in the same directory, flushes it to disk, then renames it over `path`.
+    Writes `path.tmp` in the same directory, flushes it to disk, then renames it over `path`; a failed
+    write removes `path.tmp` and leaves `path` as it was.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (disk full...) this way
+            if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+                raise
+            raise OSError(errno.EIO, f"write failed (disk full or file too large?): {str(e).splitlines()[0]}",
+                          str(path)) from e
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write a text file atomically (metrics.json, reports)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write a text file atomically (metrics.json, reports); a failed write leaves no `.tmp` behind."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:

@@ -9,13 +9,12 @@ from core.config import load_config
 
 
 def pretrain(config: str, overrides: list[str], run_dir: Path) -> dict:
-    import torch
-
+    from core.checkpoint import read_checkpoint
     from pretrain.task import run
 
     # resume=True: a pretraining run killed mid-way continues from its last checkpoint
     metrics = run(load_config(config, overrides), None, run_dir, resume=True)
-    meta = torch.load(Path(run_dir) / "backbone.pth", map_location="cpu", weights_only=True)["meta"]
+    meta = read_checkpoint(Path(run_dir) / "backbone.pth")["meta"]
     return {**metrics, "num_classes": meta["num_classes"]}
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core import cli  # noqa: E402
+
 
 def bench_data(root: str | None = None, workers=(0, 1, 2), size: int = 224, batches: int = 8,
                batch_size: int = 32) -> dict:
@@ -74,6 +76,7 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@cli.entry
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "robustness", "data"])
@@ -107,8 +110,10 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-        (out / "bench.md").write_text(to_markdown(results))
+        from core.runtime import atomic_write_text
+
+        atomic_write_text(json.dumps(results, indent=2) + "\n", out / "bench.json")
+        atomic_write_text(to_markdown(results), out / "bench.md")
     return 0
 
 

@@ -15,10 +15,12 @@ from pathlib import Path
 # the repo root first: tools/pretrain.py would otherwise shadow the `pretrain` package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.checkpoint import ARCHS, CheckpointError  # noqa: E402
-from transfer.convert import ConversionError, convert_to_detectron2, convert_to_torchvision  # noqa: E402
+from core import cli  # noqa: E402
+from core.checkpoint import ARCHS  # noqa: E402
+from transfer.convert import convert_to_detectron2, convert_to_torchvision  # noqa: E402
 
 
+@cli.entry
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--to", choices=("detectron2", "torchvision"), required=True)
@@ -30,16 +32,12 @@ def main(argv=None) -> int:
     p.add_argument("--allow-pickle", action="store_true",
                    help="load checkpoints that need full unpickling (only for files you trust)")
     args = p.parse_args(argv)
-    try:
-        if args.to == "detectron2":
-            written = convert_to_detectron2(args.input, args.output, args.arch, not args.no_configs,
-                                            args.allow_pickle)
-        else:
-            path = convert_to_torchvision(args.input, args.output, args.arch, args.allow_pickle)
-            written = {"weights": path}
-    except (CheckpointError, ConversionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.to == "detectron2":
+        written = convert_to_detectron2(args.input, args.output, args.arch, not args.no_configs,
+                                        args.allow_pickle)
+    else:
+        path = convert_to_torchvision(args.input, args.output, args.arch, args.allow_pickle)
+        written = {"weights": path}
     print(json.dumps({k: str(v) for k, v in written.items()}, indent=2))
     return 0
 

@@ -12,9 +12,11 @@ from pathlib import Path
 # the repo root first: tools/pretrain.py would otherwise shadow the `pretrain` package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transfer.coco_eval import BACKENDS, COCOEvalError, coco_evaluate  # noqa: E402
+from core import cli  # noqa: E402
+from transfer.coco_eval import BACKENDS, coco_evaluate  # noqa: E402
 
 
+@cli.entry
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--annotations", required=True, help="COCO ground-truth JSON (instances_*.json)")
@@ -22,12 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--per-category", action="store_true", help="also print AP per category")
     args = p.parse_args(argv)
-    try:
-        out = coco_evaluate(args.annotations, args.results, backend=args.backend,
-                            per_category=args.per_category)
-    except (COCOEvalError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = coco_evaluate(args.annotations, args.results, backend=args.backend, per_category=args.per_category)
     print(json.dumps(out, indent=2))
     return 0
 

@@ -12,10 +12,12 @@ from pathlib import Path
 # the repo root first: tools/pretrain.py would otherwise shadow the `pretrain` package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core import cli  # noqa: E402
 from core.constants import VOC_CLASSES  # noqa: E402
-from transfer.voc_eval import METRICS, VOCEvalError, evaluate_voc_results  # noqa: E402
+from transfer.voc_eval import METRICS, evaluate_voc_results  # noqa: E402
 
 
+@cli.entry
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devkit", required=True, help="VOCdevkit folder (holding VOC<year>) or VOC<year> itself")
@@ -29,14 +31,7 @@ def main(argv=None) -> int:
                    help="comma-separated class names (default: the 20 VOC classes)")
     args = p.parse_args(argv)
     classes = tuple(args.classes.split(",")) if args.classes else VOC_CLASSES
-    try:
-        out = evaluate_voc_results(args.devkit, args.results, args.year, args.split, args.metric, args.iou,
-                                   classes)
-    except (VOCEvalError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if out["mAP"] != out["mAP"]:  # NaN: no class has ground truth; JSON has no NaN
-        out["mAP"] = None
+    out = evaluate_voc_results(args.devkit, args.results, args.year, args.split, args.metric, args.iou, classes)
     print(json.dumps(out, indent=2))
     return 0
 

@@ -21,7 +21,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core import cli  # noqa: E402
 from core.config import load_config  # noqa: E402
+from core.data import InputError  # noqa: E402
 from core.runtime import atomic_write_text, write_json  # noqa: E402
 from transfer.robustness import SUITES, compare  # noqa: E402
 from transfer.robustness.stage import DEFAULTS, run  # noqa: E402
@@ -40,6 +42,7 @@ def _value(text: str):
     return yaml.safe_load(text) if text != "" else ""
 
 
+@cli.entry
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", nargs="+", required=True, help="CKPT or NAME=CKPT, one or more")
@@ -63,7 +66,7 @@ def main(argv=None) -> int:
     named = [_name(s) for s in args.checkpoint]
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
-        raise SystemExit(f"duplicate method names {names}; name them with NAME=PATH")
+        raise InputError(f"--checkpoint: duplicate method names {names}; name them with NAME=PATH")
     out = Path(opts["out"])
     results = {}
     for name, path in named:

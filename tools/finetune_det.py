@@ -18,10 +18,12 @@ from pathlib import Path
 # the repo root first: tools/pretrain.py would otherwise shadow the `pretrain` package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core import cli  # noqa: E402
 from core.runtime import cleanup_distributed, init_distributed, is_main_process  # noqa: E402
 from transfer.det_train import finetune_detector, load_det_config  # noqa: E402
 
 
+@cli.entry
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (configs/detection/*.yaml)")

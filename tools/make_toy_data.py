@@ -12,11 +12,13 @@ from pathlib import Path
 # tools/ is sys.path[0] when run as a script, and tools/pretrain.py would shadow the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core import cli  # noqa: E402
 from toyworld import PRESETS, format_summary, make_toy_world  # noqa: E402
 from wsol.data import cub_to_wsol_metadata  # noqa: E402
 
 
-def main(argv=None) -> None:
+@cli.entry
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="dataset sizes (default: demo)")
@@ -31,7 +33,8 @@ def main(argv=None) -> None:
     )
     print(format_summary(summary))
     print(f"generated in {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

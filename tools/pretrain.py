@@ -15,11 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.config import ConfigError, load_config  # noqa: E402
-from core.runtime import NonFiniteLossError, cleanup_distributed, is_main_process  # noqa: E402
+from core import cli  # noqa: E402
+from core.config import load_config  # noqa: E402
+from core.runtime import cleanup_distributed, is_main_process  # noqa: E402
 from pretrain.task import DEFAULTS, run  # noqa: E402
 
 
+@cli.entry
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (configs/pretrain/*.yaml)")
@@ -31,9 +33,6 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides, defaults=DEFAULTS)
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg["name"]
         metrics = run(cfg, None, run_dir, resume=args.resume)
-    except (ConfigError, NonFiniteLossError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     finally:
         cleanup_distributed()
     if is_main_process():

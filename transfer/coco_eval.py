@@ -24,13 +24,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from core.data import BOX_TOLERANCE, InputError, read_text
+
 log = logging.getLogger(__name__)
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 BACKENDS = ("auto", "pycocotools", "faster")
 
 
-class COCOEvalError(ValueError):
+class COCOEvalError(InputError):
     """Malformed ground truth or results (the message names the file and the entry)."""
 
 
@@ -68,10 +70,9 @@ def boxes_to_coco_xywh(boxes) -> np.ndarray:
 def _read_json(path: str | os.PathLike, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise COCOEvalError(f"{what} file not found: {path}")
+        raise COCOEvalError(f"{path}: {what} file not found")
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(read_text(path, COCOEvalError))
     except json.JSONDecodeError as e:
         raise COCOEvalError(f"{path}: malformed JSON: {e}") from e
 
@@ -87,16 +88,114 @@ def load_gt_dataset(gt) -> tuple[dict, str]:
         name, data = "<COCO object>", gt.dataset
     else:
         raise TypeError(f"ground truth must be a path, a dict or a COCO object, got {type(gt).__name__}")
+    check_coco_gt(data, name)
+    if not data["annotations"]:
+        raise COCOEvalError(f"{name}: no annotations: nothing to evaluate (every AP would be -1)")
+    return data, name
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_coco_annotation(ann: Mapping, image: Mapping, where: str, error: type = None,
+                          outside: str = "error") -> bool:
+    """Validate one COCO box annotation against its image entry (raises `error`, COCOEvalError by default).
+
+    bbox: 4 finite numbers [x, y, w, h] with w > 0, h > 0, inside the image up to BOX_TOLERANCE pixels;
+    area: a number >= 0 (COCOeval's area ranges use it: a negative area would silently drop the box from
+    every range); iscrowd: the integer 0 or 1.
+    outside="error" raises for a box beyond the image; outside="count" returns False for it instead
+    (True otherwise), for the caller to count and log.
+    """
+    error = error or COCOEvalError
+    bbox = ann.get("bbox")
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        raise error(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        raise error(f"{where}: bbox {list(bbox)} has a non-positive width or height")
+    t, iw, ih = BOX_TOLERANCE, image["width"], image["height"]
+    inside = not (x < -t or y < -t or x + w > iw + t or y + h > ih + t)
+    if not inside and outside == "error":
+        raise error(f"{where}: bbox {list(bbox)} lies outside the {iw}x{ih} image")
+    area = ann.get("area")
+    if not _is_number(area) or area < 0:
+        raise error(f"{where}: area must be a number >= 0, got {area!r}")
+    crowd = ann.get("iscrowd")
+    if not _is_int(crowd) or crowd not in (0, 1):
+        raise error(f"{where}: iscrowd must be 0 or 1, got {crowd!r}")
+    return inside
+
+
+def check_coco_gt(data: Mapping, name: str, error: type = None, annotations: bool = True) -> None:
+    """Validate a COCO ground-truth dict (raises `error`, COCOEvalError by default, naming `name` and the
+    entry: its list index and id).
+
+    images: integer ids, unique (pycocotools would silently merge duplicates), positive integer width and
+    height; categories: integer ids, unique; annotations: unique ids, `image_id` and `category_id` that
+    exist (COCOeval would silently ignore the rest), and with `annotations=True` each box checked by
+    `check_coco_annotation`. No images is an error (an empty split).
+
+    The one tolerance: COCOeval never looks at image sizes, so a ground-truth box reaching beyond its
+    image (by more than BOX_TOLERANCE) is scored as given, like the reference does; such boxes are
+    counted and logged as a warning. Nothing is skipped.
+    """
+    error = error or COCOEvalError
     if not isinstance(data, Mapping):
-        raise COCOEvalError(f"{name}: expected a JSON object, found {type(data).__name__}")
+        raise error(f"{name}: expected a JSON object, found {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise COCOEvalError(f"{name}: missing or malformed {key!r} list")
+            raise error(f"{name}: missing or malformed {key!r} list")
+        bad = next((i for i, e in enumerate(data[key]) if not isinstance(e, Mapping)), None)
+        if bad is not None:
+            raise error(f"{name}: {key}[{bad}] must be an object, got {data[key][bad]!r}")
+    if not data["images"]:
+        raise error(f"{name}: no images (an empty split)")
+    images: dict = {}
+    for i, img in enumerate(data["images"]):
+        iid = img.get("id")
+        if not _is_int(iid):
+            raise error(f"{name}: images[{i}]: id must be an integer, got {iid!r}")
+        if iid in images:
+            raise error(f"{name}: images[{i}]: duplicate image id {iid}")
+        for k in ("width", "height"):
+            v = img.get(k)
+            if not (_is_number(v) and float(v).is_integer() and v > 0):
+                raise error(f"{name}: images[{i}] (id {iid}): {k} must be a positive integer, got {v!r}")
+        images[iid] = img
+    cats = set()
+    for i, cat in enumerate(data["categories"]):
+        cid = cat.get("id")
+        if not _is_int(cid):
+            raise error(f"{name}: categories[{i}]: id must be an integer, got {cid!r}")
+        if cid in cats:
+            raise error(f"{name}: categories[{i}]: duplicate category id {cid}")
+        cats.add(cid)
+    ann_ids, outside = set(), []
     for i, ann in enumerate(data["annotations"]):
+        where = f"{name}: annotation id {ann.get('id')!r} (annotations[{i}], image id {ann.get('image_id')!r})"
         missing = [k for k in ("id", "image_id", "category_id", "bbox", "area", "iscrowd") if k not in ann]
         if missing:
-            raise COCOEvalError(f"{name}: annotations[{i}] lacks {missing} (COCOeval needs them)")
-    return data, name
+            raise error(f"{where}: lacks {missing} (COCOeval needs them)")
+        if not _is_int(ann["id"]):
+            raise error(f"{where}: id must be an integer, got {ann['id']!r}")
+        if ann["id"] in ann_ids:
+            raise error(f"{where}: duplicate annotation id {ann['id']!r}")
+        ann_ids.add(ann["id"])
+        if ann["image_id"] not in images or not _is_int(ann["image_id"]):
+            raise error(f"{where}: unknown image id {ann['image_id']!r} (not in 'images')")
+        if ann["category_id"] not in cats or not _is_int(ann["category_id"]):
+            raise error(f"{where}: unknown category id {ann['category_id']!r}; valid: {sorted(cats)[:20]}")
+        if annotations and not check_coco_annotation(ann, images[ann["image_id"]], where, error, "count"):
+            outside.append(where)
+    if outside:
+        log.warning("%s: %d ground-truth box(es) reach beyond their image (scored as given, as COCOeval "
+                    "does), e.g. %s", name, len(outside), outside[:3])
 
 
 def check_results(results, image_ids, cat_ids, name: str = "<results>") -> list[dict]:

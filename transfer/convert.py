@@ -27,6 +27,9 @@ from typing import Any, Mapping
 import numpy as np
 import yaml
 
+from core.data import InputError
+from core.runtime import atomic_path
+
 log = logging.getLogger(__name__)
 
 PIXEL_MEAN_RGB = [123.675, 116.28, 103.53]   # torchvision ImageNet mean x 255, RGB order
@@ -42,7 +45,7 @@ _D2_KEY = re.compile(r"^(stem\.conv1|res[2-5]\.\d+\.(conv[1-3]|shortcut))(\.norm
 _FOREIGN_PREFIXES = ("module.", "encoder_q.", "encoder.", "backbone.", "model.", "bottom_up.", "state_dict.")
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """A state dict, weights file or config that would give detectron2 wrong features."""
 
 
@@ -134,13 +137,38 @@ def detectron2_weights_problems(d: Any, arch: str | None = None) -> list[str]:
     return problems
 
 
+# What a detectron2 weights file may contain: dicts, strings, numbers and numpy arrays.
+_SAFE_PICKLE_GLOBALS = {("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"),
+                        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+                        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed in a weights file")
+
+
+def read_detectron2_weights(path: str | os.PathLike) -> Any:
+    """Unpickle a detectron2 `.pkl` weights file allowing only dicts and numpy arrays (no code can run);
+    `ConversionError` naming the file otherwise."""
+    try:
+        with open(path, "rb") as f:
+            return _ArraysOnlyUnpickler(f).load()
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: detectron2 weights file not found") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise ConversionError(f"{path}: not a detectron2 weights file ({type(e).__name__}: {e})") from e
+
+
 def check_detectron2_weights(d: Any, arch: str | None = None) -> None:
     """Raise ConversionError listing every problem of a detectron2 weights dict (or .pkl path)."""
     name = "detectron2 weights"
     if isinstance(d, (str, os.PathLike)):
         name = str(d)
-        with open(d, "rb") as f:
-            d = pickle.load(f)  # our own file format; detectron2 loads it the same way
+        d = read_detectron2_weights(d)
     problems = detectron2_weights_problems(d, arch)
     if problems:
         raise ConversionError(f"{name}:\n  - " + "\n  - ".join(problems))
@@ -155,10 +183,8 @@ def write_detectron2_weights(state: Mapping[str, Any], out_pkl: str | os.PathLik
     check_detectron2_weights(payload, arch)
     out_pkl = Path(out_pkl)
     out_pkl.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_pkl.with_name(out_pkl.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(out_pkl) as tmp, open(tmp, "wb") as f:
         pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, out_pkl)
     return out_pkl
 
 
@@ -273,9 +299,9 @@ def detectron2_configs(out_dir: str | os.PathLike, weights_pkl: str | os.PathLik
         path = out_dir / f"{name}.yaml"
         header = (f"# detectron2 config written by mixup-transfer (transfer/convert.py) for {weights.name}\n"
                   "# RGB input, torchvision mean/std and STRIDE_IN_1X1 False are REQUIRED for them.\n")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(header + yaml.dump(cfg, Dumper=_PlainDumper, sort_keys=False, default_flow_style=None))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(header + yaml.dump(cfg, Dumper=_PlainDumper, sort_keys=False,
+                                              default_flow_style=None))
         paths[name] = path
     return paths
 
@@ -353,7 +379,7 @@ def _merge(base: dict, over: Mapping) -> dict:
 
 def _load_yaml_chain(path: Path, depth: int = 0) -> dict:
     if not path.is_file():
-        raise ConversionError(f"config not found: {path}")
+        raise ConversionError(f"{path}: config not found")
     cfg = yaml.safe_load(path.read_text()) or {}
     base = cfg.pop("_BASE_", None)
     if base and depth < 10:

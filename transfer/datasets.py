@@ -8,12 +8,20 @@ Items are `(image, target)`: a PIL RGB image and
 and `transform(image, target) -> (image, target)` is applied when given.
 With `skip_bad=True`, samples whose annotation is malformed are left out, counted in `.skipped`
 (a list of (image id, reason)) and reported once; otherwise they raise `DataError`.
+
+Validated on the way in (a `DataError` naming the file and line, object index or id): split files
+without duplicate ids and not empty; XML with a positive `<size>`, 0/1 flags, known class names and
+boxes of positive size inside the image; COCO json with unique integer image / annotation / category ids,
+positive integer image sizes, known image and category ids, boxes of positive size inside the image,
+`area` a number >= 0 and `iscrowd` 0 or 1. File-level problems (ids, the json's structure) are never
+skipped, even with `skip_bad`. When an item is read, the image's real size must equal the annotation's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 from pathlib import Path
@@ -24,7 +32,8 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from core.constants import VOC_CLASSES
-from core.data import DataError, check_box, parse_pascal_xml, pascal_to_box, read_image
+from core.data import DataError, check_box, parse_pascal_xml, pascal_to_box, read_image, read_text
+from transfer.coco_eval import check_coco_annotation, check_coco_gt
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +65,20 @@ class VOCDetection(Dataset):
         self.class_to_label = {c: i + 1 for i, c in enumerate(self.classes)}
         list_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
         if not list_file.is_file():
-            raise DataError(f"VOC split file not found: {list_file}")
-        ids = []
-        for lineno, line in enumerate(list_file.read_text().splitlines(), start=1):
+            raise DataError(f"{list_file}: VOC split file not found")
+        ids, seen = [], set()
+        for lineno, line in enumerate(read_text(list_file).splitlines(), start=1):
             parts = line.split()
             if not parts:
                 continue
             if len(parts) != 1:
                 raise DataError(f"{list_file}:{lineno}: expected one image id, got {line!r}")
+            if parts[0] in seen:
+                raise DataError(f"{list_file}:{lineno}: duplicate image id {parts[0]!r}")
+            seen.add(parts[0])
             ids.append(parts[0])
+        if not ids:
+            raise DataError(f"{list_file}: empty split (no image ids)")
         self.ids, self.annotations, self.skipped = [], {}, []
         for image_id in ids:
             try:
@@ -75,6 +89,8 @@ class VOCDetection(Dataset):
                     raise
                 self.skipped.append((image_id, str(e)))
         _report_skipped(str(list_file), self.skipped)
+        if not self.ids:  # the caller decides (a training set needs images, see det_train)
+            log.warning("%s: no usable image left (%d skipped as bad)", list_file, len(self.skipped))
 
     def _load(self, image_id: str, keep_difficult: bool) -> dict:
         xml = self.root / "Annotations" / f"{image_id}.xml"
@@ -129,12 +145,20 @@ class COCODetection(Dataset):
 
         self.image_dir, self.ann_file, self.transform = Path(image_dir), Path(ann_file), transform
         if not self.ann_file.is_file():
-            raise DataError(f"COCO annotation file not found: {self.ann_file}")
+            raise DataError(f"{self.ann_file}: COCO annotation file not found")
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                self.coco = COCO(str(self.ann_file))
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{self.ann_file}: malformed COCO json: {type(e).__name__}: {e}") from e
+            data = json.loads(read_text(self.ann_file))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{self.ann_file}: malformed JSON: {e}") from e
+        check_coco_gt(data, str(self.ann_file), error=DataError, annotations=False)
+        bad = next((i for i, im in enumerate(data["images"]) if not isinstance(im.get("file_name"), str)), None)
+        if bad is not None:
+            raise DataError(f"{self.ann_file}: images[{bad}] (id {data['images'][bad]['id']}): missing "
+                            f"or bad file_name")
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco = COCO()
+            self.coco.dataset = data
+            self.coco.createIndex()
         self.cat_ids = sorted(self.coco.getCatIds())
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.label_to_cat = {i: c for c, i in self.cat_to_label.items()}
@@ -153,24 +177,20 @@ class COCODetection(Dataset):
             self.ids.append(image_id)
             self.targets[image_id] = target
         _report_skipped(str(self.ann_file), self.skipped)
+        if not self.ids:
+            log.warning("%s: no usable image left (%d skipped as bad%s)", self.ann_file, len(self.skipped),
+                        ", images without boxes removed" if remove_empty else "")
 
     def _load(self, image_id: int) -> dict:
         info = self.coco.imgs[image_id]
-        try:
-            width, height = int(info["width"]), int(info["height"])
-        except (KeyError, ValueError) as e:
-            raise DataError(f"{self.ann_file}: image id {image_id}: missing or bad width/height") from e
+        width, height = int(info["width"]), int(info["height"])  # positive integers (check_coco_gt)
         boxes, labels, crowd = [], [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
             where = f"{self.ann_file}: annotation id {ann.get('id')} (image id {image_id})"
             if ann.get("category_id") not in self.cat_to_label:
                 raise DataError(f"{where}: unknown category id {ann.get('category_id')}")
-            bbox = ann.get("bbox")
-            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                raise DataError(f"{where}: bbox must be [x, y, w, h], got {bbox!r}")
-            x, y, w, h = (float(v) for v in bbox)
-            if w <= 0 or h <= 0:
-                raise DataError(f"{where}: degenerate bbox {bbox} (w or h <= 0)")
+            check_coco_annotation(ann, info, where, DataError)
+            x, y, w, h = (float(v) for v in ann["bbox"])
             boxes.append(check_box((x, y, x + w, y + h), width, height, where))
             labels.append(self.cat_to_label[ann["category_id"]])
             crowd.append(bool(ann.get("iscrowd", 0)))

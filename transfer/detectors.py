@@ -33,6 +33,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from core.constants import IMAGENET_MEAN, IMAGENET_STD
+from core.data import InputError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 NORMS = ("auto", "frozen_bn", "bn", "syncbn")
@@ -40,7 +41,7 @@ NORMS = ("auto", "frozen_bn", "bn", "syncbn")
 _STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
 
 
-class DetectorConfigError(ValueError):
+class DetectorConfigError(InputError):
     """Bad detector settings (unknown type, arch, norm, sizes)."""
 
 

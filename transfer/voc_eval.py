@@ -35,7 +35,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from core.constants import VOC_CLASSES
-from core.data import DataError
+from core.data import DataError, pascal_to_box, read_text
+from core.runtime import atomic_path
 from transfer.datasets import parse_voc_xml
 
 log = logging.getLogger(__name__)
@@ -185,9 +186,9 @@ def _class_ap(tp: np.ndarray, fp: np.ndarray, npos: int, metric: str) -> float:
 
 def _check_args(metric: str, iou: float) -> None:
     if metric not in METRICS:
-        raise ValueError(f"unknown VOC metric {metric!r}; valid: {list(METRICS)}")
+        raise VOCEvalError(f"--metric: unknown VOC metric {metric!r}; valid: {list(METRICS)}")
     if not 0.0 < iou <= 1.0:
-        raise ValueError(f"iou threshold must be in (0, 1], got {iou}")
+        raise VOCEvalError(f"--iou: threshold must be in (0, 1], got {iou}")
 
 
 def _as_arrays(dets, image_index: Mapping[str, int], cls: str, source=None):
@@ -271,7 +272,10 @@ def voc_evaluate(detections: Mapping[str, Sequence], annotations: Mapping[str, M
         tp, fp = _class_tp_fp(img, score, box, gt[cls], iou)
         ap[cls] = 100.0 * _class_ap(tp, fp, npos, metric)
     defined = [v for v in ap.values() if v is not None]
-    mean = float(np.mean(defined)) if defined else math.nan
+    if not defined:  # an mAP of NaN is no result: say why instead
+        raise VOCEvalError(f"no ground-truth box of the evaluated classes {list(classes)} in the "
+                           f"{len(annotations)} annotated image(s) (only difficult ones, or none): mAP undefined")
+    mean = float(np.mean(defined))
     return {"metric": metric, "iou": iou, "mAP": mean, "AP": ap}
 
 
@@ -302,22 +306,44 @@ def _voc_root(devkit: str | os.PathLike, year: str) -> Path:
                        "Annotations)")
 
 
+def check_voc_annotation(ann: Mapping, xml: str | os.PathLike) -> None:
+    """Validate one parsed VOC annotation as the evaluator uses it: a positive `<size>`, and every box
+    with xmin <= xmax, ymin <= ymax (1-based inclusive: at least one pixel) inside the image (within
+    `core.data.BOX_TOLERANCE`). `VOCEvalError` naming the file and object otherwise; nothing is
+    skipped (the devkit would silently score a box outside the image)."""
+    if ann["width"] <= 0 or ann["height"] <= 0:
+        raise VOCEvalError(f"{xml}: non-positive <size> {ann['width']}x{ann['height']}")
+    for j, obj in enumerate(ann["objects"]):
+        try:
+            pascal_to_box(obj["bbox"], ann["width"], ann["height"], f"{xml}: object {j} ({obj['name']})")
+        except DataError as e:
+            raise VOCEvalError(str(e)) from None
+
+
 def load_voc_annotations(devkit: str | os.PathLike, year: str = "2007", split: str = "test") -> dict:
-    """{image_id: parse_voc_xml(...)} for the images of `ImageSets/Main/<split>.txt`, in file order."""
+    """{image_id: parse_voc_xml(...)} for the images of `ImageSets/Main/<split>.txt`, in file order.
+
+    Every annotation is validated (`check_voc_annotation`); a duplicate image id in the split file or an
+    empty split is a `VOCEvalError` naming the file and line.
+    """
     root = _voc_root(devkit, str(year))
     list_file = root / "ImageSets" / "Main" / f"{split}.txt"
     if not list_file.is_file():
-        raise VOCEvalError(f"VOC split file not found: {list_file}")
+        raise VOCEvalError(f"{list_file}: VOC split file not found")
     annotations = {}
-    for lineno, line in enumerate(list_file.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text(list_file, VOCEvalError).splitlines(), start=1):
         parts = line.split()
         if not parts:
             continue
         if len(parts) != 1:
             raise VOCEvalError(f"{list_file}:{lineno}: expected one image id, got {line!r}")
-        annotations[parts[0]] = parse_voc_xml(root / "Annotations" / f"{parts[0]}.xml")
+        if parts[0] in annotations:
+            raise VOCEvalError(f"{list_file}:{lineno}: duplicate image id {parts[0]!r}")
+        xml = root / "Annotations" / f"{parts[0]}.xml"
+        annotations[parts[0]] = parse_voc_xml(xml)
+        check_voc_annotation(annotations[parts[0]], xml)
     if not annotations:
-        raise VOCEvalError(f"{list_file}: no image ids")
+        raise VOCEvalError(f"{list_file}: empty split (no image ids)")
     return annotations
 
 
@@ -331,7 +357,7 @@ def read_voc_results(results_dir: str | os.PathLike, split: str, classes: Sequen
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
-        raise VOCEvalError(f"results folder not found: {results_dir}")
+        raise VOCEvalError(f"{results_dir}: results folder not found")
     prefix = f"comp4_det_{split}_"
     found = {p.name[len(prefix):-len(".txt")]: p for p in results_dir.iterdir()
              if p.name.startswith(prefix) and p.name.endswith(".txt")}
@@ -349,6 +375,7 @@ def read_voc_results(results_dir: str | os.PathLike, split: str, classes: Sequen
     detections, sources = {}, {}
     for cls, path in found.items():
         dets, where = [], []
+        read_text(path, VOCEvalError)  # a binary or non-UTF-8 file: an error naming it
         with open(path) as f:
             for lineno, line in enumerate(f, start=1):
                 parts = line.split()
@@ -386,12 +413,10 @@ def write_voc_results(out_dir: str | os.PathLike, split: str,
     paths = []
     for cls, dets in detections.items():
         path = out_dir / RESULT_TEMPLATE.format(split=split, cls=cls)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
             for image_id, score, box in dets:
                 nums = " ".join(repr(float(v)) for v in (score, *box))
                 f.write(f"{image_id} {nums}\n")
-        os.replace(tmp, path)
         paths.append(path)
     return paths
 

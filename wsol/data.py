@@ -14,7 +14,6 @@ image); the evaluator rescales them to 224 x 224 with integer truncation like th
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from core.data import InputError, read_text
+from core.runtime import atomic_path
 
 __all__ = [
     "MetadataError", "CubRecord", "read_cub", "cub_to_wsol_metadata", "WSOLMetadata",
@@ -31,7 +33,7 @@ __all__ = [
 METADATA_FILES = ("image_ids.txt", "class_labels.txt", "image_sizes.txt", "localization.txt")
 
 
-class MetadataError(ValueError):
+class MetadataError(InputError):
     """Malformed or inconsistent dataset annotation files (names the file and line)."""
 
 
@@ -40,11 +42,10 @@ def _lines(path: Path):
     path = Path(path)
     if not path.is_file():
         raise MetadataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            text = line.strip()
-            if text:
-                yield i, text
+    for i, line in enumerate(read_text(path, MetadataError).splitlines(), 1):
+        text = line.strip()
+        if text:
+            yield i, text
 
 
 def _fields(path, lineno, text, n, sep=None):
@@ -66,10 +67,25 @@ def _num(path, lineno, s, kind=float):
 def _check_box(where, box, size):
     x0, y0, x1, y1 = box
     w, h = size
+    if not all(np.isfinite(box)):
+        raise MetadataError(f"{where}: box {list(box)} has a non-finite coordinate")
     if not (x1 >= x0 and y1 >= y0):
         raise MetadataError(f"{where}: box {list(box)} has x1 < x0 or y1 < y0")
+    if x1 == x0 or y1 == y0:
+        raise MetadataError(f"{where}: box {list(box)} has no area (x1 == x0 or y1 == y0)")
     if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
         raise MetadataError(f"{where}: box {list(box)} lies outside the image of size {w}x{h}")
+
+
+def _image_size(path: Path, where: str) -> tuple[int, int]:
+    """(w, h) from the image header; MetadataError naming `where` and the file if it is missing or unreadable."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise MetadataError(f"{where}: file {path} not found") from None
+    except OSError as e:
+        raise MetadataError(f"{where}: cannot read {path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- CUB raw files
@@ -96,13 +112,21 @@ def _read_id_map(path, n_fields, parse):
 def read_cub(cub_root, check_images: bool = False) -> tuple[list[CubRecord], list[str]]:
     """Read the CUB_200_2011 raw files. Returns (records sorted by id, class names).
 
-    Raises MetadataError naming file and line for malformed lines, unknown ids or classes,
-    and boxes with x1 < x0 (w or h < 0). With ``check_images`` each image is opened to check
-    that the box lies inside it.
+    Raises MetadataError naming file and line (or image id) for malformed lines, duplicate or unknown
+    ids, classes or paths, and boxes without a positive size (w or h <= 0). With ``check_images`` each
+    image is opened to check that the box lies inside it. Nothing is skipped.
     """
     root = Path(cub_root)
     classes = _read_id_map(root / "classes.txt", 2, lambda p, i, f: f[0])
     images = _read_id_map(root / "images.txt", 2, lambda p, i, f: f[0])
+    seen: dict[str, int] = {}
+    for image_id, rel in images.items():
+        if rel in seen:
+            raise MetadataError(f"{root / 'images.txt'}: image ids {seen[rel]} and {image_id} share the "
+                                f"path {rel!r}")
+        seen[rel] = image_id
+    if not images:
+        raise MetadataError(f"{root / 'images.txt'}: no images")
     labels = _read_id_map(root / "image_class_labels.txt", 2, lambda p, i, f: _num(p, i, f[0], int))
     split = _read_id_map(root / "train_test_split.txt", 2, lambda p, i, f: _num(p, i, f[0], int))
     boxes = _read_id_map(root / "bounding_boxes.txt", 5,
@@ -127,13 +151,19 @@ def read_cub(cub_root, check_images: bool = False) -> tuple[list[CubRecord], lis
             raise MetadataError(f"{root / 'train_test_split.txt'}: image {image_id} has split "
                                 f"{split[image_id]} (expected 1 train / 0 test)")
         x, y, w, h = boxes[image_id]
+        if not all(np.isfinite([x, y, w, h])):
+            raise MetadataError(f"{root / 'bounding_boxes.txt'}: image {image_id} has a non-finite box "
+                                f"{[x, y, w, h]}")
         if w < 0 or h < 0:
             raise MetadataError(f"{root / 'bounding_boxes.txt'}: image {image_id} has negative box size "
                                 f"w={w} h={h} (x1 < x0)")
+        if w == 0 or h == 0:
+            raise MetadataError(f"{root / 'bounding_boxes.txt'}: image {image_id} has a box of zero size "
+                                f"w={w} h={h}")
         box = (x, y, x + w, y + h)
         if check_images:
-            with Image.open(root / "images" / rel) as im:
-                _check_box(f"{root / 'bounding_boxes.txt'}: image {image_id}", box, im.size)
+            size = _image_size(root / "images" / rel, f"{root / 'images.txt'}: image {image_id}")
+            _check_box(f"{root / 'bounding_boxes.txt'}: image {image_id}", box, size)
         records.append(CubRecord(image_id, rel, label - 1, split[image_id] == 1, box))
     records.sort(key=lambda r: r.image_id)
     return records, [classes[k] for k in class_ids]
@@ -155,10 +185,8 @@ def _fmt(v: float) -> str:
 
 
 def _atomic_write(path: Path, lines):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(line + "\n" for line in lines)
-    os.replace(tmp, path)
 
 
 def write_wsol_metadata(meta: WSOLMetadata, out_dir) -> Path:
@@ -177,8 +205,9 @@ def write_wsol_metadata(meta: WSOLMetadata, out_dir) -> Path:
 def read_wsol_metadata(metadata_dir, require_boxes: bool = True) -> WSOLMetadata:
     """Read one split of the wsolevaluation layout, validating every line.
 
-    Errors name the file and line: malformed lines, ids not in image_ids.txt, duplicate
-    labels/sizes, boxes with x1 < x0 or outside the image, images without a label, size or box.
+    Errors name the file and line: malformed lines, an empty split, ids not in image_ids.txt,
+    duplicate ids/labels/sizes, non-positive sizes, boxes without a positive size or outside the image,
+    images without a label, size or box. Nothing is skipped (wsolevaluation would assert or mis-score).
     """
     d = Path(metadata_dir)
     if not d.is_dir():
@@ -190,6 +219,8 @@ def read_wsol_metadata(metadata_dir, require_boxes: bool = True) -> WSOLMetadata
             raise MetadataError(f"{ids_path}:{lineno}: duplicate image id {text!r}")
         seen.add(text)
         image_ids.append(text)
+    if not image_ids:
+        raise MetadataError(f"{ids_path}: empty split (no image ids)")
 
     def per_id(name, n):
         path = d / name
@@ -249,13 +280,12 @@ def cub_to_wsol_metadata(cub_root, out_root, check_images: bool = True) -> dict[
     out = {}
     for split, is_train in (("train", True), ("test", False)):
         recs = [r for r in records if r.is_train == is_train]
+        if not recs:
+            raise MetadataError(f"{cub_root / 'train_test_split.txt'}: the {split} split is empty")
         sizes = {}
         for r in recs:
             p = cub_root / "images" / r.path
-            if not p.is_file():
-                raise MetadataError(f"{cub_root / 'images.txt'}: image {r.image_id} file {p} not found")
-            with Image.open(p) as im:
-                sizes[r.path] = im.size
+            sizes[r.path] = _image_size(p, f"{cub_root / 'images.txt'}: image {r.image_id}")
             if check_images:
                 _check_box(f"{cub_root / 'bounding_boxes.txt'}: image {r.image_id}", r.box, sizes[r.path])
         meta = WSOLMetadata([r.path for r in recs], {r.path: r.label for r in recs}, sizes,
@@ -299,9 +329,13 @@ class WSOLDataset(torch.utils.data.Dataset):
             with Image.open(path) as im:
                 img = im.convert("RGB")
         except FileNotFoundError:
-            raise MetadataError(f"image {iid!r}: file {path} not found") from None
+            raise MetadataError(f"{path}: image file not found (image id {iid!r})") from None
         except OSError as e:
             raise MetadataError(f"image {iid!r}: cannot read {path}: {e}") from None
+        if img.size != tuple(self.metadata.sizes[iid]):  # the boxes are in the annotated size's pixels
+            w, h = self.metadata.sizes[iid]
+            raise MetadataError(f"{path}: image is {img.size[0]}x{img.size[1]} but image_sizes.txt says "
+                                f"{w}x{h} for {iid!r}")
         if self.transform is not None:
             img = self.transform(img)
         return img, self.metadata.labels[iid], index

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.data import InputError
+from core.runtime import atomic_path
 from wsol.data import MetadataError, WSOLMetadata, read_wsol_metadata
 from wsol.metrics import (
     LocAccuracy,
@@ -22,7 +24,7 @@ from wsol.metrics import (
 )
 from wsol.model import normalise_cams
 
-__all__ = ["gt_boxes_resized", "score_scoremap_dir", "evaluate_model", "centred_box_baseline"]
+__all__ = ["gt_boxes_resized", "load_scoremap", "score_scoremap_dir", "evaluate_model", "centred_box_baseline"]
 
 
 def gt_boxes_resized(meta: WSOLMetadata, image_id: str, size=(224, 224)) -> np.ndarray:
@@ -30,6 +32,25 @@ def gt_boxes_resized(meta: WSOLMetadata, image_id: str, size=(224, 224)) -> np.n
     if image_id not in meta.boxes:
         raise MetadataError(f"no GT box for image id {image_id!r}")
     return np.asarray([rescale_box(b, meta.sizes[image_id], size) for b in meta.boxes[image_id]], np.int64)
+
+
+def load_scoremap(path, image_id=None) -> np.ndarray:
+    """A `.npy` score map read without unpickling (`allow_pickle=False`) and validated by `check_scoremap`;
+    `ScoreMapError` naming the file when it is missing, truncated, not a `.npy` file, an object array, or
+    not a valid map."""
+    path = Path(path)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ScoreMapError(f"{path}: score map not found") from None
+    except (ValueError, OSError, EOFError) as e:  # truncated, random bytes, pickled objects
+        raise ScoreMapError(f"{path}: not a readable .npy score map ({type(e).__name__}: {e})") from None
+    if not isinstance(arr, np.ndarray):  # np.load of an .npz gives an archive
+        raise ScoreMapError(f"{path}: expected one .npy array, found {type(arr).__name__}")
+    try:
+        return check_scoremap(arr, image_id)
+    except ScoreMapError as e:
+        raise ScoreMapError(f"{path}: {e}") from None
 
 
 def score_scoremap_dir(metadata_dir, scoremap_dir, cam_curve_interval: float = 0.001,
@@ -46,8 +67,8 @@ def score_scoremap_dir(metadata_dir, scoremap_dir, cam_curve_interval: float = 0
     for iid in ids:
         path = root / f"{iid}.npy"
         if not path.is_file():
-            raise ScoreMapError(f"score map for image {iid!r} missing: {path}")
-        smap = check_scoremap(np.load(path), iid)
+            raise ScoreMapError(f"{path}: score map for image {iid!r} missing")
+        smap = load_scoremap(path, iid)
         h, w = smap.shape
         ev.accumulate(smap, gt_boxes_resized(meta, iid, (w, h)), iid)
     return ev.compute()
@@ -60,6 +81,10 @@ def centred_box_baseline(metadata_dir, size=(224, 224), fraction: float = 0.5,
     Returns {"boxacc": {delta: %}, "boxacc_mean": % (comparable to MaxBoxAccV2), "fraction"}.
     With ``fraction=None`` the best fraction on a 0.05 grid is picked (an optimistic baseline).
     """
+    if fraction is not None and not 0 < fraction <= 1:
+        raise InputError(f"fraction (--fraction) must be in (0, 1], got {fraction}")
+    if min(size) <= 0:
+        raise InputError(f"size (--size) must be positive, got {size}")
     meta = read_wsol_metadata(metadata_dir, require_boxes=True) if not isinstance(metadata_dir, WSOLMetadata) \
         else metadata_dir
     gts = [gt_boxes_resized(meta, iid, size) for iid in meta.image_ids]
@@ -112,9 +137,8 @@ def evaluate_model(model, loader, meta: WSOLMetadata, device, size=(224, 224), c
             v1.accumulate(smap, gt, iid)
             loc.accumulate(smap, gt, int(labels[j]), top5[j])
             if scoremap_dir is not None:
-                out = scoremap_dir / f"{iid}.npy"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                np.save(out, smap.astype(np.float32))
+                with atomic_path(scoremap_dir / f"{iid}.npy") as tmp, open(tmp, "wb") as f:
+                    np.save(f, smap.astype(np.float32))
             if len(examples) < keep_examples:
                 examples.append({"image": images[j].float().cpu().permute(1, 2, 0).numpy(), "cam": smap,
                                  "gt": gt, "image_id": iid, "label": int(labels[j]), "pred": top5[j][0]})

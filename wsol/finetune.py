@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
+from core.checkpoint import ARCHS, CheckpointError, read_checkpoint
 from core.config import dump_config, validate
 from core.engine import Engine, LoopSettings, Task
 from core.engine import build_optimizer as _build_optimizer
@@ -331,15 +332,34 @@ def _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights)
     return metrics
 
 
+def read_cam_model(path) -> dict:
+    """A `cam_model.pth` file ({"arch", "num_classes", "model": state dict}) loaded safely; a
+    `CheckpointError` naming the file when it is not one (a backbone, random bytes, a pickle...)."""
+    ck = read_checkpoint(path)
+    if not isinstance(ck, dict) or not {"arch", "num_classes", "model"} <= set(ck):
+        keys = sorted(ck)[:10] if isinstance(ck, dict) else type(ck).__name__
+        raise CheckpointError(f"{path}: not a CAM model file (expected keys 'arch', 'num_classes', 'model' "
+                              f"as written by `tools/wsol.py finetune`, found {keys})")
+    if (not isinstance(ck["model"], dict) or ck["arch"] not in ARCHS or not isinstance(ck["num_classes"], int)
+            or ck["num_classes"] <= 0):
+        raise CheckpointError(f"{path}: malformed CAM model file (arch={ck['arch']!r}, "
+                              f"num_classes={ck['num_classes']!r})")
+    return ck
+
+
 def evaluate_run(cfg: dict, cam_model_path, scoremap_dir=None, out_json=None) -> dict:
     """Evaluate a fine-tuned CAM model file (``run_dir/cam_model.pth``) on the test split, saving
     score maps as ``<scoremap_dir>/<image_id>.npy`` (float32, [0, 1], test_size x test_size)."""
     cfg = validate(cfg, DEFAULTS)
     device = get_device(cfg["runtime"]["device"])
-    ck = torch.load(cam_model_path, map_location="cpu", weights_only=True)
+    ck = read_cam_model(cam_model_path)
     _, test_set, _ = _datasets(cfg)
     model = CAMModel(ck["arch"], ck["num_classes"])
-    model.load_state_dict(ck["model"])
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:  # missing / unexpected / mis-shaped keys
+        raise CheckpointError(f"{cam_model_path}: does not fit a {ck['arch']} CAM model with "
+                              f"{ck['num_classes']} classes: {str(e)[:500]}") from e
     res = _public(_eval(model.to(device), test_set, cfg, device, scoremap_dir=scoremap_dir))
     if out_json:
         write_json(res, out_json)

@@ -42,6 +42,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from core.data import InputError
+
 try:  # optional accelerator; results are identical without it
     import numba
 except ImportError:  # pragma: no cover - exercised when numba is absent
@@ -58,7 +60,7 @@ HAVE_NUMBA = numba is not None
 COMPARE_OPS = {">=": operator.ge, ">": operator.gt}
 
 
-class ScoreMapError(ValueError):
+class ScoreMapError(InputError):
     """A score map that is not 2-D, has NaNs, or lies outside [0, 1]."""
 
 
@@ -106,11 +108,17 @@ def centred_box(size=(224, 224), fraction: float = 0.5) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- score maps
 def check_scoremap(scoremap, image_id=None) -> np.ndarray:
-    """Validate a score map: 2-D, finite, in [0, 1]. Returns it as a float array."""
+    """Validate a score map: a non-empty 2-D array of real numbers, without NaN, in [0, 1].
+    Returns it as a float array; `ScoreMapError` naming the image otherwise."""
     name = f" for image {image_id!r}" if image_id is not None else ""
     arr = np.asarray(scoremap)
     if arr.ndim != 2:
         raise ScoreMapError(f"score map{name} must be 2-D, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ScoreMapError(f"score map{name} is empty (shape {arr.shape})")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+            or arr.dtype == np.bool_):
+        raise ScoreMapError(f"score map{name} must hold real numbers, got dtype {arr.dtype}")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float32)
     if np.isnan(arr).any():
@@ -622,6 +630,12 @@ class MaxBoxAccEvaluator:
                  multi_contour: bool = True, method: str = "fast"):
         if method not in ("fast", "reference"):
             raise ValueError(f"method must be 'fast' or 'reference', got {method!r}")
+        if not (isinstance(cam_curve_interval, (int, float)) and 0 < cam_curve_interval < 1):
+            raise InputError(f"cam_curve_interval (--cam-curve-interval) must be in (0, 1), got {cam_curve_interval!r}")
+        bad = [d for d in iou_thresholds if not 0 < d <= 100]
+        if not iou_thresholds or bad:
+            raise InputError(f"iou_thresholds (--iou-thresholds) must be percentages in (0, 100], got "
+                             f"{list(iou_thresholds)}")
         self.thresholds = threshold_grid(cam_curve_interval)
         self.iou_thresholds = [int(d) for d in iou_thresholds]
         self.multi_contour = multi_contour

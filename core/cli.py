@@ -1,0 +1,99 @@
+"""One error shape for every command-line tool in `tools/`.
+
+A tool's `main(argv)` is wrapped once (`@cli.entry`); the library raises exceptions, the wrapper turns
+them into one line on stderr and an exit code:
+
+    error: <file>[:line]: <what is wrong>
+
+- exit 2, bad input: `InputError` (DataError, VOCEvalError, COCOEvalError, MetadataError, ScoreMapError,
+  CheckpointError, ConversionError, ...), `ConfigError`, and a missing input file (FileNotFoundError);
+- exit 1, a failure: anything else, e.g. an OSError while writing (disk full, unwritable folder) or a
+  NonFiniteLossError;
+- exit 130 on Ctrl-C; argparse's own usage errors keep their exit code 2.
+
+The traceback is printed only with `--debug` (anywhere on the command line; it is removed before the
+tool parses its arguments) or `MT_DEBUG=1`. Partial outputs are not left behind: every writer goes through
+`core.runtime.atomic_path`, which removes its `.tmp` file when the write fails.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from typing import Callable, Sequence
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+_MISSING_INPUT = (FileNotFoundError,)
+
+
+def _bad_input_types() -> tuple[type, ...]:
+    from core.config import ConfigError
+    from core.data import InputError
+
+    return (InputError, ConfigError, *_MISSING_INPUT)
+
+
+def exit_code(exc: BaseException) -> int:
+    """2 for bad input, 130 for an interrupt, 1 for every other failure."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    return EXIT_BAD_INPUT if isinstance(exc, _bad_input_types()) else EXIT_FAILURE
+
+
+def format_error(exc: BaseException) -> str:
+    """The `error: ...` line(s) for `exc`: the culprit first, then what is wrong."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "error: interrupted"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        names = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else f"{exc.filename}"
+        what = exc.strerror or str(exc)
+        if isinstance(exc, _MISSING_INPUT):
+            what = f"{what} (missing input)" if what else "missing input"
+        return f"error: {names}: {what}"
+    msg = str(exc).strip()
+    if isinstance(exc, _bad_input_types()) and msg:
+        return f"error: {msg}"
+    name = type(exc).__name__
+    return f"error: {name}: {msg}" if msg else f"error: {name}"
+
+
+def split_debug(argv: Sequence[str] | None) -> tuple[list[str], bool]:
+    """(argv without `--debug`, whether a traceback was asked for)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("MT_DEBUG") == "1"
+    if "--" in args:  # keep a literal --debug after the end-of-options marker
+        cut = args.index("--")
+        return [a for a in args[:cut] if a != "--debug"] + args[cut:], debug
+    return [a for a in args if a != "--debug"], debug
+
+
+def main(fn: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run the tool function `fn(argv)` and return its exit code, printing failures as one error line."""
+    args, debug = split_debug(argv)
+    try:
+        code = fn(args)
+    except SystemExit:
+        raise  # argparse usage errors and --help
+    except BaseException as exc:  # noqa: BLE001 - the one place where every failure becomes an exit code
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        print(format_error(exc), file=sys.stderr)
+        code = exit_code(exc)
+        if not debug and code == EXIT_FAILURE:
+            print("(run again with --debug for the traceback)", file=sys.stderr)
+        sys.stderr.flush()
+        return code
+    return EXIT_OK if code is None else int(code)
+
+
+def entry(fn: Callable[[list[str]], int | None]) -> Callable[..., int]:
+    """Decorator for a tool's `main(argv)`: `main(argv=None)` then returns the exit code (see `main`)."""
+
+    @functools.wraps(fn)
+    def wrapper(argv: Sequence[str] | None = None) -> int:
+        return main(fn, argv)
+
+    return wrapper
