@@ -52,9 +52,17 @@ DEFAULTS = {
     },
     "method": {},                    # name: <METHODS key> plus that method's knobs (see pretrain.methods)
     "optim": {
-        "batch_size": 256,           # per process (MultiMix's b, n and m are per process as in the paper)
+        "batch_size": 256,           # GLOBAL batch over all processes (what the papers state); the engine
+                                     # splits it over the world size (null when batch_per_process is set)
+        "batch_per_process": None,   # null | int: state the batch per process instead (MultiMix's b = 128
+                                     # per GPU); then batch_size must be null and global = this x world size
+        "accumulate": None,          # null = automatic (from max_batch_per_process) | int micro-batches per step
+        "max_batch_per_process": None,  # null | int: largest micro-batch one process holds (drives automatic
+                                     # gradient accumulation; null = the whole per-process batch at once)
         "epochs": 300,
         "lr": 0.1,                   # peak learning rate (multiplied by the schedule's factor)
+        "lr_classifier": None,       # null | float: lr of the classifier fc parameters (the rest at lr);
+                                     # same schedule (AlignMix ImageNet: fc 0.1, rest 0.01)
         "momentum": 0.9,
         "nesterov": True,
         "weight_decay": 1.0e-4,
