@@ -32,6 +32,8 @@ OPTIONS = {
     "corrupt_at": (str, "eval"), "sigma": (float, 0.1), "export_corrupted": (str, None),
     "fgsm_eps": ("eps", "8/255"), "pgd_eps": ("eps", "4/255"), "pgd_step": ("eps", "2/255"),
     "pgd_iters": (int, 10), "pgd_random_start": (bool, True), "ood_noise": (str, ",".join(NOISE_SETS)),
+    "cam_threshold": (float, 0.25), "iou_threshold": (float, 0.5), "iou_op": (str, ">="),
+    "ood_threshold": (float, 0.5), "gaussian_std": (float, 0.5),
 }
 
 
@@ -45,6 +47,11 @@ HELP = {
     "fgsm_eps": "e.g. 8/255", "pgd_eps": "e.g. 4/255", "pgd_step": "e.g. 2/255",
     "ood_noise": "synthetic OOD sets: uniform,gaussian (empty for none)",
     "precision": "fp32 | bf16 | fp16 (CUDA autocast)", "workers": "data-loading workers",
+    "cam_threshold": "localization: CAM box at this fraction of the map's max",
+    "iou_threshold": "localization: IoU threshold against the GT boxes (multi-mix: 0.25)",
+    "iou_op": "localization: IoU comparison, >= or > (multi-mix: >)",
+    "ood_threshold": "OOD detection accuracy also reported at this max-softmax threshold (papers: 0.5)",
+    "gaussian_std": "std of the Gaussian OOD noise N(0.5, std) (AlignMix: 0.5)",
 }
 
 
@@ -90,7 +97,9 @@ def main(argv=None) -> int:
         precision=opts["precision"], num_workers=opts["workers"], arch=opts["arch"],
         corrupt_at=opts["corrupt_at"], sigma=opts["sigma"], fgsm_eps=parse_eps(opts["fgsm_eps"]),
         pgd_eps=parse_eps(opts["pgd_eps"]), pgd_step=parse_eps(opts["pgd_step"]), pgd_iters=opts["pgd_iters"],
-        pgd_random_start=opts["pgd_random_start"],
+        pgd_random_start=opts["pgd_random_start"], cam_threshold=opts["cam_threshold"],
+        iou_threshold=opts["iou_threshold"], iou_op=opts["iou_op"], ood_threshold=opts["ood_threshold"],
+        gaussian_std=opts["gaussian_std"],
         ood_noise=tuple(s for s in str(opts["ood_noise"] or "").split(",") if s))
 
     named = [_name(s) for s in args.checkpoint]
