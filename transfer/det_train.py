@@ -69,6 +69,8 @@ DEFAULTS = {
         "steps": [0.6667, 0.8889],        # lr drops, as fractions of the total iterations
         "gamma": 0.1,
         "clip_grad_norm": 0.0,            # 0: off
+        "reference_batch": None,          # null: lr as given; int: lr is for this effective batch and is
+                                          # scaled linearly to batch_size x world size (scaled_lr)
     },
     "eval": {
         "period": 0,                      # evaluate every N epochs (0: at the end only)
@@ -154,6 +156,18 @@ def build_model(cfg: dict, num_classes: int, weights: str | None):
 
 
 # ----------------------------------------------------------------------------------------- schedule
+
+def scaled_lr(lr: float, batch_per_process: int, world_size: int, reference_batch: int | None) -> float:
+    """The linear scaling rule (Goyal et al. 2017, as torchvision's detection reference states it: lr 0.02
+    for 8 GPUs x 2 images, "0.02/8*$NGPU" otherwise): ``lr * batch_per_process * world_size /
+    reference_batch``; ``reference_batch`` None returns ``lr`` unchanged."""
+    if reference_batch is None:
+        return float(lr)
+    if reference_batch <= 0 or batch_per_process <= 0 or world_size <= 0:
+        raise ValueError(f"scaled_lr needs positive batches and world size, got batch_per_process="
+                         f"{batch_per_process}, world_size={world_size}, reference_batch={reference_batch}")
+    return float(lr) * batch_per_process * world_size / reference_batch
+
 
 def lr_factor(it: int, total: int, warmup_iters: int, warmup_factor: float, steps, gamma: float) -> float:
     """Linear warm-up from ``warmup_factor`` over ``warmup_iters``, then x ``gamma`` at each step
@@ -330,7 +344,8 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
+    opt = torch.optim.SGD(params, lr=scaled_lr(s["lr"], s["batch_size"], world, s["reference_batch"]),
+                          momentum=s["momentum"], weight_decay=s["weight_decay"])
     per_epoch = len(_sampler_and_loader(train, cfg, seed, 0, world, rank))
     if per_epoch == 0:
         raise ValueError(f"training set has {len(train)} images, fewer than one batch")
