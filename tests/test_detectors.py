@@ -235,3 +235,58 @@ def test_box_iou_hand_value():
 def test_rcnn_resize_shape():
     assert dt.rcnn_resize_shape(480, 640, 800, 1333) == (800, 1067)
     assert dt.rcnn_resize_shape(400, 1600, 800, 1333) == (333, 1333)
+
+
+def _first_location_sizes(size, aspect_ratios, fmap_sizes, scales, steps):
+    """(w, h) in pixels of the default boxes at the first location of every level, from torchvision's
+    DefaultBoxGenerator run on zero feature maps of the plan's sizes (level k's boxes start after the
+    boxes of levels < k, row-major over locations)."""
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    gen = DefaultBoxGenerator(aspect_ratios, scales=scales, steps=steps)
+    images = torch.zeros(1, 3, size, size)
+    feats = [torch.zeros(1, 1, f, f) for f in fmap_sizes]
+    boxes = gen(ImageList(images, [(size, size)]), feats)[0]
+    out, start = [], 0
+    for f, ar in zip(fmap_sizes, aspect_ratios):
+        n = 2 + 2 * len(ar)
+        b = boxes[start:start + n]
+        out.append(sorted(zip((b[:, 2] - b[:, 0]).tolist(), (b[:, 3] - b[:, 1]).tolist())))
+        start += f * f * n
+    assert start == boxes.shape[0]
+    return out
+
+
+# The SSD reference VOC configs: (min sizes, max sizes, aspect ratios) per level, in pixels.
+# 300: amdegroot/ssd.pytorch data/config.py `voc` (= Caffe ssd_pascal.py); 512: Caffe ssd_pascal_512.py.
+SSD_VOC_REFERENCE = {
+    300: ([30, 60, 111, 162, 213, 264], [60, 111, 162, 213, 264, 315],
+          [[2], [2, 3], [2, 3], [2, 3], [2], [2]]),
+    512: ([35.84, 76.8, 153.6, 230.4, 307.2, 384.0, 460.8], [76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.6],
+          [[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]]),
+}
+
+
+@pytest.mark.parametrize("size", [300, 512])
+def test_ssd_voc_default_box_sizes_equal_the_reference_configs(size):
+    mins, maxs, ars = SSD_VOC_REFERENCE[size]
+    plan = ssd_plan(size, "voc")
+    assert plan["aspect_ratios"] == ars
+    got = _first_location_sizes(size, plan["aspect_ratios"], plan["fmap_sizes"], plan["scales"], plan["steps"])
+    for k, (lo, hi, ar) in enumerate(zip(mins, maxs, ars)):
+        # boxes of side min and sqrt(min * max), and min * sqrt(a) x min / sqrt(a) both ways, clipped to the image
+        want = [(lo, lo), (np.sqrt(lo * hi), np.sqrt(lo * hi))]
+        for a in ar:
+            want += [(lo * np.sqrt(a), lo / np.sqrt(a)), (lo / np.sqrt(a), lo * np.sqrt(a))]
+        want = sorted((min(w, size), min(h, size)) for w, h in want)
+        np.testing.assert_allclose(np.array(got[k]), np.array(want), rtol=1e-5, err_msg=f"level {k}")
+    # level 0 widths by hand: SSD300 30 / sqrt 2 = 21.21, 30, 30 sqrt 2 = sqrt(30 * 60) = 42.43;
+    # SSD512 35.84 / sqrt 2 = 25.34, 35.84, 35.84 sqrt 2 = 50.69, sqrt(35.84 * 76.8) = 52.46
+    by_hand = {300: [21.21, 30.0, 42.43], 512: [25.34, 35.84, 50.69, 52.46]}[size]
+    np.testing.assert_allclose(sorted(set(round(w, 2) for w, _ in got[0])), by_hand)
+    # the model uses these priors (voc by default); coco keeps the smaller COCO first scale
+    assert list(ssd_resnet(21, None, arch="resnet18", size=size).anchor_generator.scales) == plan["scales"]
+    assert ssd_plan(size, "coco")["scales"][0] < plan["scales"][0]
+    with pytest.raises(Exception, match="priors"):
+        ssd_plan(size, "kitti")

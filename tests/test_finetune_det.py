@@ -155,3 +155,14 @@ def test_detectron2_backend_without_detectron2_says_how_to_install(toy_world, ba
     cfg["backend"] = "detectron2"
     with pytest.raises(SystemExit, match="from source"):
         det_train.finetune_detector(cfg, str(backbone), tmp_path / "d2")
+
+
+def test_scaled_lr_is_the_linear_scaling_rule():
+    # torchvision's reference: lr 0.02 for 8 GPUs x 2 images; 0.02 / 8 * NGPU otherwise
+    assert det_train.scaled_lr(0.02, 2, 8, 16) == pytest.approx(0.02)
+    assert det_train.scaled_lr(0.02, 2, 1, 16) == pytest.approx(0.0025)
+    assert det_train.scaled_lr(0.001, 4, 2, 32) == pytest.approx(0.00025)
+    assert det_train.scaled_lr(0.001, 32, 1, 32) == pytest.approx(0.001)
+    assert det_train.scaled_lr(0.02, 2, 1, None) == 0.02  # no reference batch: lr as given
+    with pytest.raises(ValueError, match="positive"):
+        det_train.scaled_lr(0.02, 0, 1, 16)

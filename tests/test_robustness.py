@@ -25,8 +25,14 @@ from transfer.robustness.corruption import (
 )
 from transfer.robustness.data import NoiseImages, ValSet, check_boxes, list_images, resize_crop
 from transfer.robustness.evaluate import subset_indices
-from transfer.robustness.localization import box_iou, cam_to_box, class_activation_maps
-from transfer.robustness.ood import auroc, average_precision, detection_accuracy, ood_metrics
+from transfer.robustness.localization import box_iou, cam_to_box, class_activation_maps, localized
+from transfer.robustness.ood import (
+    auroc,
+    average_precision,
+    detection_accuracy,
+    detection_accuracy_at,
+    ood_metrics,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -288,6 +294,22 @@ def test_ood_metrics_match_direct_rank_computation(seed):
     assert detection_accuracy(pos, neg) == pytest.approx(_direct_det_acc(pos, neg))
 
 
+def test_ood_detection_accuracy_at_a_stated_threshold_by_hand():
+    id_s, ood_s = [0.9, 0.6, 0.4], [0.3, 0.55]
+    # t = 0.5: ID kept 2/3 (0.9, 0.6), OOD rejected 1/2 (0.3) -> (2/3 + 1/2) / 2 = 7/12
+    assert detection_accuracy_at(id_s, ood_s, 0.5) == pytest.approx(7 / 12)
+    # the best threshold is t = 0.6: (2/3 + 1) / 2 = 5/6
+    assert detection_accuracy(id_s, ood_s) == pytest.approx(5 / 6)
+    m = ood_metrics(id_s, ood_s)  # the papers' default 0.5
+    assert m["det_acc"] == pytest.approx(100 * 5 / 6) and m["det_acc_at_thr"] == pytest.approx(100 * 7 / 12)
+    assert m["det_acc_thr"] == 0.5
+    m = ood_metrics(id_s, ood_s, threshold=0.6)
+    assert m["det_acc_at_thr"] == pytest.approx(100 * 5 / 6) and m["det_acc_thr"] == 0.6
+    # a score equal to the threshold is called ID ("OOD if the maximum class probability is below")
+    assert detection_accuracy_at([0.5], [0.5], 0.5) == pytest.approx(0.5)
+    assert detection_accuracy_at([0.5], [0.4999], 0.5) == pytest.approx(1.0)
+
+
 def test_noise_images():
     u = NoiseImages("uniform", 3, 16, seed=0)
     gs = NoiseImages("gaussian", 3, 64, seed=0, std=0.5)
@@ -296,6 +318,9 @@ def test_noise_images():
     assert x.min() >= 0 and x.max() <= 1
     # clipped N(0.5, 0.25): P(x == 0) = P(z < -1) = 0.1587
     assert (x == 0).float().mean().item() == pytest.approx(0.1587, abs=0.02)
+    # the default is AlignMix App. C's N(mu, sigma), mu = sigma = 0.5 (sigma a standard deviation)
+    d = NoiseImages("gaussian", 3, 64, seed=0)
+    assert d.mean == 0.5 and d.std == 0.5 and torch.equal(d[0][0], x)
 
 
 # ---------------------------------------------------------------- localization, tables, helpers
@@ -312,6 +337,22 @@ def test_cam_box_and_iou_by_hand():
     feats[0, 0, 0, 0] = 3.0
     cams = class_activation_maps(feats, torch.tensor([[1.0, 0.0]]), torch.tensor([0]), (4, 4))
     assert cams.shape == (1, 4, 4) and cams.max() == 1.0 and cams.min() == 0.0 and cams[0, 0, 0] == 1.0
+
+
+def test_localized_iou_threshold_and_comparison_by_hand():
+    pred = np.array([0.0, 0.0, 4.0, 4.0])            # area 16
+    inside = np.array([[0.0, 0.0, 2.0, 2.0]])        # area 4 inside pred: IoU = 4 / 16 = 0.25 exactly
+    assert box_iou(pred, inside)[0] == pytest.approx(0.25)
+    assert localized(pred, inside, 0.25, ">=")
+    assert not localized(pred, inside, 0.25, ">")   # multi-mix §IV-D: "higher than 0.25"
+    assert not localized(pred, inside)               # default IoU >= 0.5
+    third = np.array([[0.0, 0.0, 4.0, 8.0 / 3.0]])  # area 32/3 inside pred: IoU = (32/3) / 16 = 2/3
+    assert localized(pred, third, 0.25, ">") and localized(pred, third)
+    # the best of several boxes counts; no box is never localized
+    assert localized(pred, np.concatenate([inside, third]), 0.5, ">")
+    assert not localized(pred, np.zeros((0, 4)), 0.0, ">=")
+    with pytest.raises(ValueError, match="IoU comparison"):
+        localized(pred, inside, 0.25, "=>")
 
 
 def test_compare_tables():

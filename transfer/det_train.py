@@ -71,6 +71,8 @@ DEFAULTS = {
         "steps": [0.6667, 0.8889],        # lr drops, as fractions of the total iterations
         "gamma": 0.1,
         "clip_grad_norm": 0.0,            # 0: off
+        "reference_batch": None,          # null: lr as given; int: lr is for this effective batch and is
+                                          # scaled linearly to batch_size x world size (scaled_lr)
     },
     "eval": {
         "period": 0,                      # evaluate every N epochs (0: at the end only)
@@ -154,6 +156,20 @@ def build_model(cfg: dict, num_classes: int, weights: str | None):
     else:
         kwargs.update(min_size=m["size"], max_size=m["max_size"], resize_inside=False)
     return build_detector(m["type"], num_classes, weights, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------- schedule
+
+def scaled_lr(lr: float, batch_per_process: int, world_size: int, reference_batch: int | None) -> float:
+    """The linear scaling rule (Goyal et al. 2017, as torchvision's detection reference states it: lr 0.02
+    for 8 GPUs x 2 images, "0.02/8*$NGPU" otherwise): ``lr * batch_per_process * world_size /
+    reference_batch``; ``reference_batch`` None returns ``lr`` unchanged."""
+    if reference_batch is None:
+        return float(lr)
+    if reference_batch <= 0 or batch_per_process <= 0 or world_size <= 0:
+        raise ValueError(f"scaled_lr needs positive batches and world size, got batch_per_process="
+                         f"{batch_per_process}, world_size={world_size}, reference_batch={reference_batch}")
+    return float(lr) * batch_per_process * world_size / reference_batch
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -331,8 +347,12 @@ class DetectionTask(Task):
     def losses(self, out: dict) -> dict:
         return out  # every entry of a torchvision detector's training output is a loss
 
+    def lr(self) -> float:
+        s = self.cfg["solver"]
+        return scaled_lr(s["lr"], s["batch_size"], self.world, s["reference_batch"])
+
     def param_groups(self) -> list[dict]:
-        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.cfg["solver"]["lr"]}]
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.lr()}]
 
     def lr_lambda(self, it: int) -> float:
         s = self.cfg["solver"]
@@ -377,7 +397,7 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
         torch.set_num_threads(int(rt["num_threads"]))
     runtime.seed_everything(seed)
     task = DetectionTask(cfg, weights, seed, device)
-    optimizer = build_optimizer("sgd", task.param_groups(), s["lr"], s["momentum"], s["weight_decay"])
+    optimizer = build_optimizer("sgd", task.param_groups(), task.lr(), s["momentum"], s["weight_decay"])
     settings = LoopSettings(total_steps=task.total, device=device, precision=rt["precision"],
                             channels_last=bool(rt["channels_last"]) and device.type == "cuda",
                             clip_grad_norm=s["clip_grad_norm"], log_every=rt["log_period"],

@@ -213,21 +213,39 @@ def faster_rcnn_c4(num_classes: int, weights: str | None, arch: str = "resnet50"
 
 # ---------------------------------------------------------------------------------------------- SSD
 
-def ssd_plan(size: int) -> dict:
+# Default-box scales (fractions of the input side) of the SSD reference configs: level k has boxes of
+# side min_k = s_k * size (ratio 1), sqrt(min_k * max_k) with max_k = s_{k+1} * size, and min_k * sqrt(a),
+# min_k / sqrt(a) for its aspect ratios a. VOC: the SSD paper's Caffe configs (ssd_pascal.py: 300 px
+# min_ratio 20 / max_ratio 90 -> min sizes 30, 60, 111, 162, 213, 264, max 60 ... 315; ssd_pascal_512.py:
+# min_ratio 15 / max_ratio 90 -> 35.84, 76.8, 153.6, 230.4, 307.2, 384, 460.8, max 76.8 ... 537.6), as in
+# amdegroot/ssd.pytorch data/config.py (voc, 300 px). COCO: the smaller first scales of the COCO configs
+# (torchvision's SSD300 and the Caffe SSD512 COCO scales).
+SSD_SCALES = {
+    (300, "voc"): [0.1, 0.2, 0.37, 0.54, 0.71, 0.88, 1.05],
+    (300, "coco"): [0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05],
+    (512, "voc"): [0.07, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05],
+    (512, "coco"): [0.04, 0.1, 0.26, 0.42, 0.58, 0.74, 0.9, 1.06],
+}
+
+
+def ssd_plan(size: int, priors: str = "voc") -> dict:
     """Feature-map plan for a square SSD input of ``size`` px on a stride-8 ResNet trunk.
 
     Returns ``{"extras": [(stride, padding), ...], "aspect_ratios": [...], "scales": [...] | None,
-    "steps": [...] | None, "fmap_sizes": [...]}``. 300 px is the NVIDIA SSD300 layout (38, 19, 10, 5, 3, 1
-    -> 8732 default boxes, torchvision's SSD300 scales and steps); 512 px is SSD512 (64, 32, ..., 1, 7 maps);
-    any other size halves with stride-2 3x3 convs until 1x1 and uses the generator's linear scales.
+    "steps": [...] | None, "fmap_sizes": [...]}``. 300 px is the SSD300 layout (38, 19, 10, 5, 3, 1 -> 8732
+    default boxes, steps 8, 16, 32, 64, 100, 300); 512 px is SSD512 (64, 32, ..., 1, 7 maps, steps 8 ... 512);
+    ``priors`` picks the reference default-box scales of the dataset, ``voc`` or ``coco`` (``SSD_SCALES``).
+    Any other size halves with stride-2 3x3 convs until 1x1 and uses the generator's linear scales.
     """
+    if priors not in ("voc", "coco"):
+        raise DetectorConfigError(f"SSD priors must be 'voc' or 'coco', got {priors!r}")
     if size == 300:
         extras = [(2, 1), (2, 1), (2, 1), (1, 0), (1, 0)]
-        scales = [0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05]
+        scales = SSD_SCALES[(300, priors)]
         steps = [8, 16, 32, 64, 100, 300]
     elif size == 512:
         extras = [(2, 1)] * 6  # 64 -> 32, 16, 8, 4, 2, 1
-        scales = [0.04, 0.1, 0.26, 0.42, 0.58, 0.74, 0.9, 1.06]
+        scales = SSD_SCALES[(512, priors)]
         steps = [8, 16, 32, 64, 128, 256, 512]
     else:
         extras, scales, steps = [], None, None
@@ -284,13 +302,13 @@ def ssd_resnet(num_classes: int, weights: str | None, arch: str = "resnet50", si
                norm: str = "auto", trainable_layers: int | None = None, min_ratio: float = 0.15,
                max_ratio: float = 0.9, score_thresh: float = 0.01, nms_thresh: float = 0.45,
                detections_per_img: int = 200, topk_candidates: int = 400,
-               allow_pickle: bool = False) -> SSD:
-    """SSD on a ResNet trunk (see :func:`ssd_plan`). ``min_ratio``/``max_ratio`` set the default-box scales
-    for sizes other than 300/512. Inputs are resized to ``size x size`` inside (a no-op when the data
-    pipeline already did it)."""
+               allow_pickle: bool = False, priors: str = "voc") -> SSD:
+    """SSD on a ResNet trunk (see :func:`ssd_plan`). ``priors`` (voc | coco) picks the reference default-box
+    scales at 300/512 px; ``min_ratio``/``max_ratio`` set them for other sizes. Inputs are resized to
+    ``size x size`` inside (a no-op when the data pipeline already did it)."""
     resnet, _, tl = build_trunk(arch, weights, norm, trainable_layers, allow_pickle=allow_pickle,
                                 default_trainable=4)
-    plan = ssd_plan(int(size))
+    plan = ssd_plan(int(size), priors)
     backbone = SSDResNetBackbone(resnet, _stage_channels(arch)[2], plan["extras"])
     if plan["scales"] is not None:
         anchors = DefaultBoxGenerator(plan["aspect_ratios"], scales=plan["scales"], steps=plan["steps"])

@@ -20,7 +20,8 @@ COLUMNS = {
     "pgd": [("PGD top-1 err", ("top1_err",), False),
             ("FGSM top-1 err at the PGD eps", ("fgsm_same_eps_top1_err",), False)],
 }
-OOD_COLUMNS = [("det acc", ("det_acc",), True), ("AUROC", ("auroc",), True), ("AUPR-in", ("aupr_in",), True),
+OOD_COLUMNS = [("det acc", ("det_acc",), True), ("det acc @thr", ("det_acc_at_thr",), True),
+               ("AUROC", ("auroc",), True), ("AUPR-in", ("aupr_in",), True),
                ("AUPR-out", ("aupr_out",), True)]
 TITLES = {"clean": "Clean ImageNet-val error (%)", "background": "Background-corrupted val (%)",
           "calibration": "Calibration (%)", "fgsm": "FGSM (%)", "pgd": "PGD (%)"}

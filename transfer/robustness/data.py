@@ -192,13 +192,14 @@ class ImageFiles(Dataset):
 
 
 class NoiseImages(Dataset):
-    """Synthetic OOD images ``[3, S, S]``: "uniform" U(0, 1) or "gaussian" N(mean, std^2) clipped to [0, 1].
+    """Synthetic OOD images ``[3, S, S]``: "uniform" U(0, 1) or "gaussian" N(mean, std^2) clipped to [0, 1]
+    (defaults mean = std = 0.5, AlignMix App. C).
 
     Image k is drawn from its own generator (seed, k), so the set does not depend on batching.
     """
 
     def __init__(self, kind: str, n: int, image_size: int, seed: int = 0, mean: float = 0.5,
-                 std: float = 0.5 ** 0.5):
+                 std: float = 0.5):
         if kind not in ("uniform", "gaussian"):
             raise ValueError(f"unknown noise kind {kind!r}; valid: 'uniform', 'gaussian'")
         self.kind, self.n, self.image_size, self.seed = kind, n, image_size, seed

@@ -4,19 +4,22 @@ Suites (``SUITES``) and what ``metrics.json`` holds (all percentages):
 
 - ``clean``: ``{top1_err, top5_err}`` after resize + centre crop.
 - ``background``: ``{clean_loc, replace: {top1_err, top5_err, top1_loc}, noise: {...}}``; ``clean_loc`` is
-  the top-1 localization of the clean images (CAM box at 0.25 of max, IoU >= 0.5 with any GT box).
+  the top-1 localization of the clean images (CAM box at ``cam_threshold`` 0.25 of max, best IoU with the GT
+  boxes ``iou_op`` ``iou_threshold``: >= 0.5 by default; multi-mix §IV-D counts IoU > 0.25).
 - ``calibration``: ``{ece, oe}`` (10 equal-width bins) + reliability diagram.
 - ``fgsm``: ``{top1_err}`` at eps 8/255; ``pgd``: ``{top1_err}`` at eps 4/255, step 2/255, 10 iterations,
   random start, plus ``fgsm_same_eps_top1_err`` (FGSM at the PGD budget: PGD must be at least as strong).
-- ``ood``: ``{<set>: {det_acc, auroc, aupr_in, aupr_out, ...}}`` with the maximum softmax probability;
+- ``ood``: ``{<set>: {det_acc, det_acc_at_thr, auroc, aupr_in, aupr_out, ...}}`` with the maximum softmax
+  probability (``det_acc``: best threshold; ``det_acc_at_thr``: at ``ood_threshold``, 0.5 as AlignMix §4.3);
   sets are the ``ood_dirs`` folders (``DIR`` named by its folder name, or ``NAME=DIR``; images found
   recursively) and synthetic ``uniform`` / ``gaussian`` noise images, as many as there are ID images.
 
 Choices the papers leave open (documented here and in ``settings``): the background is corrupted at the
 evaluation resolution (after resize + crop; ``corrupt_at="original"`` corrupts the stored image before
 resizing), the noise is clipped to [0, 1], the replacement image is another uniformly drawn validation
-image (seeded, never the image itself) resized to the same size, the Gaussian OOD noise has variance 0.5
-(N(0.5, 0.5) read as mean, variance like the reference's N(0, 0.1^2); ``gaussian_std``). Every per-image
+image (seeded, never the image itself) resized to the same size. The Gaussian OOD noise is N(mu, sigma) with
+mu = sigma = 0.5 as AlignMix App. C states it ("N(mu, sigma) with mu = sigma = 0.5": sigma the standard
+deviation; ``gaussian_std``), clipped to [0, 1]. Every per-image
 draw depends on (seed, image index) only; the PGD random start is drawn per batch from (seed, batch
 index), so it also depends on ``batch_size``.
 """
@@ -24,7 +27,6 @@ index), so it also depends on ``batch_size``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -40,7 +42,7 @@ from .attacks import fgsm, pgd
 from .calibration import calibration_bins, ece_oe
 from .corruption import CORRUPTIONS, sample_generator
 from .data import ImageFiles, NoiseImages, ValSet, collate, list_images
-from .localization import cam_to_box, class_activation_maps, localized
+from .localization import cam_to_box, check_iou_op, class_activation_maps, localized
 from .model import load_classifier_model
 from .ood import ood_metrics
 
@@ -81,7 +83,7 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 @torch.no_grad()
 def predict(model, loader, device, precision: str = "fp32", localize: bool = False,
             cam_threshold: float = 0.25, iou_threshold: float = 0.5, keep=(),
-            desc: str = "predict") -> dict:
+            desc: str = "predict", iou_op: str = ">=") -> dict:
     """One pass: top-1 / top-5 correctness, max-softmax confidence and (``localize``) top-1 localization.
 
     Returns numpy arrays ``label [n]``, ``pred [n]``, ``correct1 [n]``, ``correct5 [n]``, ``confidence [n]``,
@@ -112,7 +114,7 @@ def predict(model, loader, device, precision: str = "fp32", localize: bool = Fal
             cams = class_activation_maps(feats.float(), model.fc_weight.float(), pred, tuple(x.shape[-2:]))
             cams = cams.cpu().numpy()
             pboxes = [cam_to_box(c, cam_threshold) for c in cams]
-            ok = [bool(p == t) and localized(b, g.numpy(), iou_threshold)
+            ok = [bool(p == t) and localized(b, g.numpy(), iou_threshold, iou_op)
                   for b, g, p, t in zip(pboxes, boxes, pred.tolist(), labels.tolist())]
             out["loc"].append(np.array(ok, dtype=bool))
         for b, i in enumerate(idx.tolist()):
@@ -206,8 +208,9 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
                         arch: str | None = None, corrupt_at: str = "eval", sigma: float = 0.1,
                         export_dir=None, fgsm_eps: float = 8 / 255, pgd_eps: float = 4 / 255,
                         pgd_step: float = 2 / 255, pgd_iters: int = 10, pgd_random_start: bool = True,
-                        ood_noise=NOISE_SETS, gaussian_std: float = math.sqrt(0.5), n_bins: int = 10,
-                        cam_threshold: float = 0.25, iou_threshold: float = 0.5, n_examples: int = 8) -> dict:
+                        ood_noise=NOISE_SETS, gaussian_std: float = 0.5, n_bins: int = 10,
+                        cam_threshold: float = 0.25, iou_threshold: float = 0.5, iou_op: str = ">=",
+                        ood_threshold: float = 0.5, n_examples: int = 8) -> dict:
     """Run ``suites`` on the val split of ``imagenet_root``; write out_dir/metrics.json and out_dir/figures/.
 
     checkpoint: a backbone checkpoint with its classifier head (``core.checkpoint``) for the dataset's
@@ -219,6 +222,7 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
     suites = parse_suites(suites)
     if corrupt_at not in ("eval", "original"):
         raise ValueError(f"corrupt_at must be 'eval' or 'original', got {corrupt_at!r}")
+    check_iou_op(iou_op)
     unknown_noise = sorted(set(ood_noise) - set(NOISE_SETS))
     if unknown_noise:
         raise ValueError(f"unknown OOD noise sets {unknown_noise}; valid: {list(NOISE_SETS)}")
@@ -245,7 +249,8 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
                      "corrupt_at": corrupt_at, "sigma": sigma, "noise_clipped": True,
                      "fgsm_eps": fgsm_eps, "pgd_eps": pgd_eps, "pgd_step": pgd_step, "pgd_iters": pgd_iters,
                      "pgd_random_start": pgd_random_start, "n_bins": n_bins, "cam_threshold": cam_threshold,
-                     "iou_threshold": iou_threshold, "gaussian_ood_mean": 0.5,
+                     "iou_threshold": iou_threshold, "iou_op": iou_op, "ood_threshold": ood_threshold,
+                     "gaussian_ood_mean": 0.5,
                      "gaussian_ood_std": gaussian_std,
                      "precision": precision, "device": str(device)},
         "figures": {}, "seconds": {},
@@ -265,7 +270,7 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
         t0 = time.time()
         ds = ValSet(base, indices, image_size, resize, need_boxes=want_loc)
         clean = predict(model, loader(ds), device, precision, localize=want_loc, cam_threshold=cam_threshold,
-                        iou_threshold=iou_threshold, keep=examples, desc="clean")
+                        iou_threshold=iou_threshold, keep=examples, desc="clean", iou_op=iou_op)
         timed("clean", t0)
     if "clean" in suites:
         e = _errors(clean)
@@ -280,7 +285,7 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
                         seed=seed)
             p = predict(model, loader(ds), device, precision, localize=True, cam_threshold=cam_threshold,
                         iou_threshold=iou_threshold, keep=examples,
-                        desc=f"background/{corruption}")
+                        desc=f"background/{corruption}", iou_op=iou_op)
             bg[corruption] = _errors(p)
             rows[corruption], pred_boxes[corruption] = p["examples"], p["example_pred_boxes"]
             if export_dir is not None:
@@ -327,7 +332,7 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
         for name, ds in ood_sets.items():
             p = predict(model, loader(ds), device, precision, desc=f"ood/{name}")
             scores[name] = p["confidence"]
-            ood[name] = ood_metrics(clean["confidence"], p["confidence"])
+            ood[name] = ood_metrics(clean["confidence"], p["confidence"], ood_threshold)
         metrics["ood"] = ood
         if fig_dir is not None and scores:
             figures.score_histograms(clean["confidence"], scores, fig_dir / "ood_scores.png")

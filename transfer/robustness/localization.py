@@ -4,7 +4,8 @@ CAM of class c: ``sum_k w_ck f_k(x, y)`` over the last conv features ``f`` ``[K,
 (bilinear) to the input size, then min-max normalised to [0, 1]. The predicted box is the bounding box of
 the largest connected region (OpenCV external contour of largest area) of ``cam >= 0.25``
 ("0.25 of max" after the min shift). A sample is localized when the top-1 class is right and the box has
-IoU >= 0.5 with any ground-truth box.
+IoU >= 0.5 (the default; ``iou_threshold`` and the comparison ``op`` are options: multi-mix §IV-D counts
+IoU > 0.25) with any ground-truth box.
 
 Boxes: float ``x0, y0, x1, y1`` in continuous pixel coordinates of the (evaluation-size) image.
 """
@@ -65,7 +66,22 @@ def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area + areas - inter, 1e-12)
 
 
-def localized(pred_box: np.ndarray, gt_boxes: np.ndarray, iou_threshold: float = 0.5) -> bool:
-    """IoU >= threshold with any ground-truth box (no boxes -> False)."""
+IOU_OPS = (">=", ">")
+
+
+def check_iou_op(op: str) -> str:
+    """``op`` if it is a valid IoU comparison (``>=`` or ``>``), else ValueError naming the valid ones."""
+    if op not in IOU_OPS:
+        raise ValueError(f"IoU comparison must be one of {list(IOU_OPS)}, got {op!r}")
+    return op
+
+
+def localized(pred_box: np.ndarray, gt_boxes: np.ndarray, iou_threshold: float = 0.5, op: str = ">=") -> bool:
+    """Best IoU with the ground-truth boxes ``op`` threshold: ``>=`` (default) or ``>`` (strict, multi-mix
+    §IV-D "higher than 0.25"). No boxes -> False."""
+    check_iou_op(op)
     gt = np.asarray(gt_boxes).reshape(-1, 4)
-    return bool(gt.shape[0] and box_iou(pred_box, gt).max() >= iou_threshold)
+    if not gt.shape[0]:
+        return False
+    best = box_iou(pred_box, gt).max()
+    return bool(best > iou_threshold if op == ">" else best >= iou_threshold)

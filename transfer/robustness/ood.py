@@ -8,7 +8,9 @@ Scores: higher = more in-distribution (ID). Metrics, all computed by sorting (O(
   AP = sum_k (R_k - R_{k-1}) P_k over the distinct thresholds (every sample with score >= t is called
   positive), the step-wise area used by scikit-learn's ``average_precision_score``;
 - ``det_acc``: best balanced accuracy over thresholds, max_t 0.5 (TPR_id(t) + TNR_ood(t)) (ODIN's
-  "detection accuracy", both classes equally likely); ``det_acc_thr05`` the same at t = 0.5;
+  "detection accuracy", both classes equally likely); ``det_acc_at_thr`` the same at the stated threshold
+  ``det_acc_thr`` (default 0.5, AlignMix §4.3 / App. C "detection accuracy using a threshold of 0.5": a
+  sample is ID when its score >= the threshold, else OOD);
 - ``fpr95``: fraction of OOD samples called ID at the first threshold where TPR_id >= 95 %.
 """
 
@@ -72,8 +74,20 @@ def detection_accuracy(pos_scores, neg_scores) -> float:
     return float(max(acc.max(), 0.5))
 
 
-def ood_metrics(id_scores, ood_scores) -> dict:
-    """All OOD metrics as percentages. ID is the positive class for det_acc, auroc, aupr_in."""
+def detection_accuracy_at(pos_scores, neg_scores, threshold: float) -> float:
+    """0.5 * (P(s_pos >= threshold) + P(s_neg < threshold)): detection accuracy at one stated threshold."""
+    pos = np.asarray(pos_scores, dtype=np.float64).reshape(-1)
+    neg = np.asarray(neg_scores, dtype=np.float64).reshape(-1)
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError(f"need scores of both classes, got {pos.size} positive and {neg.size} negative")
+    return float(0.5 * (np.mean(pos >= threshold) + np.mean(neg < threshold)))
+
+
+def ood_metrics(id_scores, ood_scores, threshold: float = 0.5) -> dict:
+    """All OOD metrics as percentages. ID is the positive class for det_acc, auroc, aupr_in.
+
+    ``det_acc`` is the best-threshold value, ``det_acc_at_thr`` the value at ``threshold`` (reported as
+    ``det_acc_thr``; 0.5 is the papers' default)."""
     id_s = np.asarray(id_scores, dtype=np.float64).reshape(-1)
     ood_s = np.asarray(ood_scores, dtype=np.float64).reshape(-1)
     thr, tp, fp, n_pos, n_neg = _sorted_counts(id_s, ood_s)
@@ -84,7 +98,8 @@ def ood_metrics(id_scores, ood_scores) -> dict:
         "auroc": 100.0 * auroc(id_s, ood_s),
         "aupr_in": 100.0 * average_precision(id_s, ood_s),
         "aupr_out": 100.0 * average_precision(-ood_s, -id_s),
-        "det_acc_thr05": 100.0 * 0.5 * (np.mean(id_s >= 0.5) + np.mean(ood_s < 0.5)),
+        "det_acc_at_thr": 100.0 * detection_accuracy_at(id_s, ood_s, threshold),
+        "det_acc_thr": float(threshold),
         "fpr95": 100.0 * float(fp[min(k95, fp.size - 1)] / n_neg),
         "n_id": int(id_s.size),
         "n_ood": int(ood_s.size),

@@ -32,6 +32,11 @@ DEFAULTS = {
     "pgd_iters": 10,
     "pgd_random_start": True,
     "ood_noise": ",".join(NOISE_SETS),  # synthetic OOD sets: uniform,gaussian (empty for none)
+    "gaussian_std": 0.5,             # std of the Gaussian OOD noise N(0.5, std), clipped (AlignMix App. C)
+    "cam_threshold": 0.25,           # localization: CAM box at this fraction of the map's max
+    "iou_threshold": 0.5,            # localization: IoU against the GT boxes (multi-mix §IV-D: 0.25)
+    "iou_op": ">=",                  # localization: IoU comparison, >= or > (multi-mix: >)
+    "ood_threshold": 0.5,            # OOD detection accuracy also at this max-softmax threshold (AlignMix §4.3)
     "ood": [],                       # OOD image folders, each PATH or NAME=PATH
 }
 
@@ -51,8 +56,9 @@ def evaluate_kwargs(cfg: dict) -> dict:
                 precision=cfg["precision"], num_workers=cfg["workers"], arch=cfg["arch"],
                 corrupt_at=cfg["corrupt_at"], sigma=cfg["sigma"], fgsm_eps=parse_eps(cfg["fgsm_eps"]),
                 pgd_eps=parse_eps(cfg["pgd_eps"]), pgd_step=parse_eps(cfg["pgd_step"]), pgd_iters=cfg["pgd_iters"],
-                pgd_random_start=cfg["pgd_random_start"],
-                ood_noise=tuple(s for s in str(cfg["ood_noise"] or "").split(",") if s))
+                pgd_random_start=cfg["pgd_random_start"], gaussian_std=cfg["gaussian_std"],
+                cam_threshold=cfg["cam_threshold"], iou_threshold=cfg["iou_threshold"], iou_op=cfg["iou_op"],
+                ood_threshold=cfg["ood_threshold"], ood_noise=tuple(s for s in str(cfg["ood_noise"] or "").split(",") if s))
 
 
 def run(cfg: dict, inputs: dict, run_dir) -> dict:

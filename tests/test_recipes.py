@@ -1,0 +1,349 @@
+"""The real-data recipes equal the papers: every paper-stated value, with its citation, against the resolved
+configs (``_BASE_`` chain + the config family's DEFAULTS), so that an edit departing from a paper fails here.
+
+Papers: MultiMix = Venkataramanan et al., NeurIPS 2023 (papers/000); AlignMix = CVPR 2022 (papers/003);
+multi-mix = Shen et al. (papers/002). "source" rows are values the papers leave open, taken from the public
+script the config header names (they guard the choice, not a paper statement).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+from pathlib import Path
+
+import pytest
+from pretrain.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (config file, dotted key (list indices as numbers), value, citation)
+RECIPES = [
+    # ---------------------------------------------------------------- ImageNet pretraining, common
+    ("pretrain/_base_imagenet.yaml", "model.arch", "resnet50", "MultiMix A.1 / AlignMix B: R-50"),
+    ("pretrain/_base_imagenet.yaml", "optim.epochs", 300, "AlignMix B: SGD for 300 epochs"),
+    ("pretrain/_base_imagenet.yaml", "optim.lr", 0.1, "MultiMix A.1: initial learning rate 0.1"),
+    ("pretrain/_base_imagenet.yaml", "optim.momentum", 0.9, "MultiMix A.1 / AlignMix B: momentum 0.9"),
+    ("pretrain/_base_imagenet.yaml", "optim.weight_decay", 1e-4, "MultiMix A.1 / AlignMix B: wd 0.0001"),
+    ("pretrain/_base_imagenet.yaml", "optim.schedule", "step", "MultiMix A.1 / AlignMix B: decay by 0.1"),
+    ("pretrain/_base_imagenet.yaml", "optim.milestones", [100, 200], "MultiMix A.1 / AlignMix B: at 100 and 200"),
+    ("pretrain/_base_imagenet.yaml", "optim.gamma", 0.1, "MultiMix A.1 / AlignMix B: by 0.1"),
+    ("pretrain/_base_imagenet.yaml", "optim.nesterov", True, "source: PuzzleMix-300 / AlignMix code nesterov=True"),
+    ("pretrain/_base_imagenet.yaml", "data.color_jitter", 0.4, "source: PuzzleMix-300 / AlignMix code ColorJitter 0.4"),
+    ("pretrain/_base_imagenet.yaml", "data.lighting", 0.1, "source: PuzzleMix-300 / AlignMix code Lighting 0.1"),
+    ("pretrain/_base_imagenet.yaml", "data.crop_size", 224, "source: RandomResizedCrop(224)"),
+    ("pretrain/_base_imagenet.yaml", "data.val_resize", 256, "source: Resize(256) + CenterCrop(224)"),
+    # ---------------------------------------------------------------- AlignMix ImageNet (App. B)
+    ("pretrain/imagenet_alignmix.yaml", "optim.batch_size", 100, "AlignMix B: batch size of 100 on 4 GPUs"),
+    ("pretrain/imagenet_alignmix.yaml", "optim.batch_per_process", None, "AlignMix B: the batch is global"),
+    ("pretrain/imagenet_alignmix.yaml", "optim.lr_classifier", 0.1, "AlignMix B: classifier 0.1"),
+    ("pretrain/imagenet_alignmix.yaml", "optim.lr", 0.01, "AlignMix B: the remaining layers 0.01"),
+    ("pretrain/imagenet_alignmix.yaml", "optim.milestones", [100, 200], "AlignMix B: decay at 100 and 200"),
+    ("pretrain/imagenet_alignmix.yaml", "optim.epochs", 300, "AlignMix B: 300 epochs"),
+    ("pretrain/imagenet_alignmix.yaml", "method.alpha", 2.0, "AlignMix B: alpha = 2.0"),
+    ("pretrain/imagenet_alignmix.yaml", "method.eps", 0.1, "AlignMix B: eps = 0.1"),
+    ("pretrain/imagenet_alignmix.yaml", "method.n_iters", 100, "AlignMix B: 100 Sinkhorn iterations"),
+    ("pretrain/imagenet_alignmix.yaml", "method.modes", ["input", "feat", "feat_rev", "embedding"],
+     "AlignMix §4.1 Training: x, A (12), A (13) or e uniformly"),
+    ("pretrain/imagenet_alignmix_official.yaml", "optim.batch_size", 100, "AlignMix B: batch 100"),
+    ("pretrain/imagenet_alignmix_official.yaml", "optim.lr_classifier", 0.1, "AlignMix B: classifier 0.1"),
+    ("pretrain/imagenet_alignmix_official.yaml", "optim.lr", 0.01, "AlignMix B: the rest 0.01"),
+    ("pretrain/imagenet_alignmix_official.yaml", "method.alpha", 2.0, "AlignMix B: alpha = 2.0"),
+    ("pretrain/imagenet_alignmix_official.yaml", "method.eps", 0.1, "AlignMix B: eps = 0.1"),
+    ("pretrain/imagenet_alignmix_official.yaml", "method.n_iters", 100, "AlignMix B: 100 iterations"),
+    # ---------------------------------------------------------------- MultiMix / Dense MultiMix (A.1, §4.1)
+    *[(f"pretrain/imagenet_{m}.yaml", key, value, cite) for m in ("multimix", "dense_multimix")
+      for key, value, cite in [
+          ("optim.batch_size", None, "MultiMix A.1: the batch is stated per GPU"),
+          ("optim.batch_per_process", 128, "MultiMix A.1: b = 128, all hyperparameters per GPU"),
+          ("optim.lr", 0.1, "MultiMix A.1: lr 0.1"),
+          ("optim.lr_classifier", None, "MultiMix A.1: one lr"),
+          ("optim.milestones", [100, 200], "MultiMix A.1: decay by 0.1 at 100 and 200 epochs"),
+          ("method.n", 1000, "MultiMix A.1: n = 1000 tuples"),
+          ("method.m", None, "MultiMix §4.5 / A.1: m = b"),
+          ("method.alpha_low", 0.5, "MultiMix A.1: alpha ~ U[0.5, 2.0]"),
+          ("method.alpha_high", 2.0, "MultiMix A.1: alpha ~ U[0.5, 2.0]"),
+          ("method.prob", 0.5, "MultiMix §4.1: MultiMix with probability 0.5, else input mixup"),
+      ]],
+    ("pretrain/imagenet_multimix.yaml", "method.layer", 5, "MultiMix A.1: interpolate the embedding"),
+    ("pretrain/imagenet_dense_multimix.yaml", "method.attention", "gap_l1relu",
+     "MultiMix A.1: GAP for u, ReLU + l1 normalisation for h"),
+    ("pretrain/imagenet_dense_multimix.yaml", "method.resolution", None, "MultiMix A.1: r = 7 x 7 on ImageNet"),
+    # ---------------------------------------------------------------- multi-mix ImageNet (§IV-C)
+    ("pretrain/imagenet_multi_mix.yaml", "optim.epochs", 100, "multi-mix §IV-C: a total of 100 epochs"),
+    ("pretrain/imagenet_multi_mix.yaml", "optim.schedule", "piecewise", "multi-mix §IV-C: linear ramps"),
+    ("pretrain/imagenet_multi_mix.yaml", "optim.lr", 1.0, "points are absolute learning rates"),
+    ("pretrain/imagenet_multi_mix.yaml", "optim.points",
+     [[0, 0.5], [8, 1.0], [15, 0.125], [15, 0.2], [40, 0.02], [65, 0.002], [90, 0.0002], [100, 0.00002]],
+     "multi-mix §IV-C: 0.5 -> 1.0 (8) -> 0.125 (15); 0.2 -> 0.02 (40); x0.1 at 65 and 90"),
+    ("pretrain/imagenet_multi_mix.yaml", "data.crop_schedule", [[0, 128], [15, 224]],
+     "multi-mix §IV-C phases; source: PuzzleMix-fast crop_size 128 / 224 from the 160 / 352 px copies"),
+    ("pretrain/imagenet_multi_mix.yaml", "data.color_jitter", 0.0, "multi-mix §IV-C: only random crop and flip"),
+    ("pretrain/imagenet_multi_mix.yaml", "data.lighting", 0.0, "multi-mix §IV-C: only random crop and flip"),
+    ("pretrain/imagenet_multi_mix.yaml", "data.hflip", True, "multi-mix §IV-C: random horizon flip"),
+    ("pretrain/imagenet_multi_mix.yaml", "method.base", "puzzlemix", "multi-mix Table III: with Puzzle-mix"),
+    ("pretrain/imagenet_multi_mix.yaml", "method.k", 5, "multi-mix §IV-B1 / §IV-I: K = 5"),
+    ("pretrain/imagenet_multi_mix.yaml", "optim.nesterov", False, "source: PuzzleMix-fast SGD without nesterov"),
+    ("pretrain/imagenet_multi_mix.yaml", "optim.batch_size", 448, "source: PuzzleMix-fast phases 2-3 batch 448"),
+    ("pretrain/imagenet_multi_mix.yaml", "method.puzzle.beta", 1.5, "source: PuzzleMix-fast TRAIN.beta 1.5"),
+    # ---------------------------------------------------------------- baselines: the PuzzleMix-300 rows
+    *[(f"pretrain/imagenet_{m}.yaml", key, value, cite)
+      for m in ("erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix")
+      for key, value, cite in [
+          ("optim.batch_size", 256, "source: PuzzleMix-300 / CutMix README --batch_size 256"),
+          ("optim.milestones", [75, 150, 225], "source: PuzzleMix-300 lr * 0.1 ** (epoch // 75)"),
+          ("optim.epochs", 300, "source: PuzzleMix-300 --epochs 300"),
+          ("optim.lr", 0.1, "source: PuzzleMix-300 --lr 0.1"),
+      ]],
+    ("pretrain/imagenet_cutmix.yaml", "method.alpha", 1.0, "source: CutMix README --beta 1.0"),
+    ("pretrain/imagenet_cutmix.yaml", "method.prob", 1.0, "source: CutMix README --cutmix_prob 1.0"),
+    ("pretrain/imagenet_puzzlemix.yaml", "method.alpha", 1.0, "source: PuzzleMix-300 README --beta 1.0"),
+    ("pretrain/imagenet_puzzlemix.yaml", "method.beta", 1.2, "source: PuzzleMix-300 --p_beta 1.2"),
+    ("pretrain/imagenet_puzzlemix.yaml", "method.gamma", 0.5, "source: PuzzleMix-300 --p_gamma 0.5"),
+    ("pretrain/imagenet_puzzlemix.yaml", "method.eta", 0.2, "source: PuzzleMix-300 --p_eta 0.2"),
+    ("pretrain/imagenet_puzzlemix.yaml", "method.t_eps", 0.8, "source: PuzzleMix-300 --t_eps 0.8"),
+    ("pretrain/imagenet_puzzlemix.yaml", "method.grids", [2, 4, 8, 16], "source: PuzzleMix-300 2 ** randint(1, 5)"),
+    # ---------------------------------------------------------------- WSOL on CUB
+    ("wsol/_base_cub.yaml", "arch", "resnet50", "AlignMix §4.4 / Table 4: Resnet-50"),
+    ("wsol/_base_cub.yaml", "input.resize", 256, "AlignMix B: resize to 256 x 256"),
+    ("wsol/_base_cub.yaml", "input.crop", 224, "AlignMix B: random crop 224 x 224"),
+    ("wsol/_base_cub.yaml", "input.test_size", 224, "AlignMix B: testing, directly resize to 224 x 224"),
+    ("wsol/_base_cub.yaml", "eval.loc_threshold", 0.15, "AlignMix §4.4: binarize at 0.15"),
+    ("wsol/_base_cub.yaml", "eval.loc_iou", 0.5, "AlignMix §4.4: IoU threshold of 0.5"),
+    ("wsol/_base_cub.yaml", "eval.iou_thresholds", [30, 50, 70], "AlignMix §4.4: MaxBoxAcc-v2 (Choe et al.)"),
+    ("wsol/cub_alignmix.yaml", "epochs", 600, "AlignMix B: 600 epochs"),
+    ("wsol/cub_alignmix.yaml", "batch_size", 16, "AlignMix B: batch size of 16"),
+    ("wsol/cub_alignmix.yaml", "optim.name", "sgd", "AlignMix B: using SGD"),
+    ("wsol/cub_alignmix.yaml", "optim.lr", 0.001, "AlignMix B: R-50 remaining layers 0.001"),
+    ("wsol/cub_alignmix.yaml", "optim.lr_classifier", 0.01, "AlignMix B: R-50 classifier 0.01"),
+    ("wsol/cub_alignmix.yaml", "optim.large_lr_layers", ["fc"], "AlignMix B: the classifier"),
+    ("wsol/cub_alignmix.yaml", "optim.momentum", 0.9, "AlignMix B: momentum 0.9"),
+    ("wsol/cub_alignmix.yaml", "optim.weight_decay", 1e-4, "AlignMix B: weight decay 0.0001"),
+    ("wsol/cub_alignmix.yaml", "optim.schedule", "step", "AlignMix B: decay by 0.1 every 150 epochs"),
+    ("wsol/cub_alignmix.yaml", "optim.step_size", 150, "AlignMix B: every 150 epochs"),
+    ("wsol/cub_alignmix.yaml", "optim.gamma", 0.1, "AlignMix B: by 0.1"),
+    ("wsol/cub_alignmix.yaml", "mixing.name", "alignmix", "AlignMix §4.4: same procedure as classification"),
+    ("wsol/cub_alignmix.yaml", "mixing.knobs.alpha", 2.0, "AlignMix B: alpha = 2.0"),
+    ("wsol/cub_alignmix.yaml", "mixing.knobs.eps", 0.1, "AlignMix B: eps = 0.1"),
+    ("wsol/cub_alignmix.yaml", "mixing.knobs.n_iters", 100, "AlignMix B: 100 iterations"),
+    ("wsol/cub_alignmix.yaml", "mixing.knobs.modes", ["input", "feat", "feat_rev", "embedding"],
+     "AlignMix §4.1: four cases uniformly"),
+    ("wsol/cub_multimix.yaml", "epochs", 10, "multi-mix §IV-F: a maximum of 10 epochs"),
+    ("wsol/cub_multimix.yaml", "optim.name", "adam", "multi-mix §IV-F: the Adam optimizer"),
+    ("wsol/cub_multimix.yaml", "optim.lr", 1e-4, "multi-mix §IV-F: learning rate 0.0001"),
+    ("wsol/cub_multimix.yaml", "optim.lr_classifier", 1e-4, "multi-mix §IV-F: one learning rate"),
+    ("wsol/cub_multimix.yaml", "optim.freeze", ["conv1", "bn1", "layer1", "layer2", "layer3"],
+     "multi-mix §IV-F: fine-tune the last ResNet block and the fc layer"),
+    ("wsol/cub_multimix.yaml", "eval.every", 1, "multi-mix Table VI: fine-tuning steps 1..10"),
+    ("wsol/cub_multimix.yaml", "eval.loc_threshold", 0.75, "multi-mix §IV-F: binarization threshold 0.75"),
+    ("wsol/cub_multimix.yaml", "eval.loc_iou", 0.25, "multi-mix §IV-D: IoU higher than 0.25"),
+    ("wsol/cub_multimix.yaml", "eval.loc_op", ">", "multi-mix §IV-D: higher than (strict)"),
+    ("wsol/cub_multimix.yaml", "mixing.name", "none", "multi-mix §IV-F: plain fine-tuning"),
+    # ---------------------------------------------------------------- robustness on ImageNet val
+    ("eval/imagenet.yaml", "sigma", 0.1, "multi-mix §IV-E: Gaussian noise N(0, 0.1^2)"),
+    ("eval/imagenet.yaml", "iou_threshold", 0.25, "multi-mix §IV-D: IoU higher than 0.25"),
+    ("eval/imagenet.yaml", "iou_op", ">", "multi-mix §IV-D: higher than (strict)"),
+    ("eval/imagenet.yaml", "limit", None, "multi-mix §IV-D/E: the ImageNet validation set"),
+    ("eval/imagenet.yaml", "fgsm_eps", "8/255", "AlignMix §4.2 / MultiMix §4.2: FGSM 8/255"),
+    ("eval/imagenet.yaml", "pgd_eps", "4/255", "AlignMix §4.2 / MultiMix §4.2: PGD 4/255"),
+    ("eval/imagenet.yaml", "pgd_step", "2/255", "AlignMix §4.2 / MultiMix §4.2: step size 2/255"),
+    ("eval/imagenet.yaml", "ood_noise", "uniform,gaussian", "AlignMix App. C: U(0, 1) and N(mu, sigma)"),
+    ("eval/imagenet.yaml", "gaussian_std", 0.5, "AlignMix App. C: mu = sigma = 0.5"),
+    ("eval/imagenet.yaml", "ood_threshold", 0.5, "AlignMix §4.3 / App. C: Det Acc at threshold 0.5"),
+    ("eval/imagenet.yaml", "cam_threshold", 0.25, "source: Co-Mixup eval_loc.sh --th 0.25"),
+    ("eval/imagenet.yaml", "pgd_iters", 20, "source: PuzzleMix checkpoint/test_robust.py (4, 2, 20, True)"),
+    ("eval/imagenet.yaml", "pgd_random_start", True, "source: PuzzleMix test_robust.py random_init"),
+    # ---------------------------------------------------------------- detection (MultiMix Table 5)
+    ("detection/ssd300_r50_voc0712.yaml", "model.type", "ssd", "MultiMix §4.3: SSD [25]"),
+    ("detection/ssd300_r50_voc0712.yaml", "model.arch", "resnet50", "MultiMix §4.3: R-50 backbone"),
+    ("detection/ssd300_r50_voc0712.yaml", "data.voc_train", ["2007/trainval", "2012/trainval"],
+     "MultiMix Table 5: VOC07+12"),
+    ("detection/ssd300_r50_voc0712.yaml", "data.voc_test", "2007/test", "VOC07+12 protocol: VOC07 test"),
+    ("detection/ssd300_r50_voc0712.yaml", "eval.metric", "11point", "VOC07 test: 11-point AP"),
+    ("detection/ssd300_r50_voc0712.yaml", "solver.lr", 0.001, "source: SSD paper §3 lr 1e-3"),
+    ("detection/ssd300_r50_voc0712.yaml", "solver.momentum", 0.9, "source: SSD paper §3 momentum 0.9"),
+    ("detection/ssd300_r50_voc0712.yaml", "solver.weight_decay", 0.0005, "source: SSD paper §3 wd 0.0005"),
+    ("detection/ssd300_r50_voc0712.yaml", "solver.reference_batch", 32, "source: SSD paper §3 batch 32"),
+    ("detection/ssd300_r50_voc0712.yaml", "solver.batch_size", 32, "source: SSD paper §3 / ssd.pytorch 1 x 32"),
+    ("detection/ssd300_r50_voc0712.yaml", "solver.max_iter", 120000, "source: ssd.pytorch voc max_iter"),
+    ("detection/ssd300_r50_voc0712.yaml", "solver.warmup_iters", 0, "source: ssd.pytorch: no warm-up"),
+    ("detection/ssd300_r50_voc0712.yaml", "model.kwargs.priors", "voc", "source: SSD VOC default boxes"),
+    ("detection/ssd300_r50_voc0712.yaml", "data.zoom_out_ratio", 4.0, "source: SSD paper zoom out 16x area"),
+    ("detection/ssd512_r50_voc0712.yaml", "model.size", 512, "source: SSD paper SSD512"),
+    ("detection/ssd512_r50_voc0712.yaml", "model.kwargs.priors", "voc", "source: Caffe ssd_pascal_512.py"),
+    ("detection/frcnn_r50_fpn_1x_coco.yaml", "model.type", "faster_rcnn_fpn", "MultiMix §4.3: FasterRCNN"),
+    ("detection/frcnn_r50_fpn_1x_coco.yaml", "model.arch", "resnet50", "MultiMix §4.3: R-50 backbone"),
+    ("detection/frcnn_r50_fpn_1x_coco.yaml", "data.format", "coco", "MultiMix Table 5: MS-COCO"),
+    ("detection/frcnn_r50_fpn_1x_coco.yaml", "solver.lr", 0.02, "source: detectron2 1x BASE_LR 0.02"),
+    ("detection/frcnn_r50_fpn_1x_coco.yaml", "solver.reference_batch", 16, "source: detectron2 IMS_PER_BATCH 16"),
+    ("detection/frcnn_r50_fpn_1x_coco.yaml", "solver.max_iter", 90000, "source: detectron2 1x MAX_ITER"),
+    ("detection/frcnn_r50_fpn_1x_coco.yaml", "model.train_sizes", [640, 672, 704, 736, 768, 800],
+     "source: detectron2 faster_rcnn_R_50_FPN_1x MIN_SIZE_TRAIN"),
+    # ---------------------------------------------------------------- the paper pipeline
+    ("pipeline/paper.yaml", "pretrain.config", "configs/pretrain/imagenet_{method}.yaml", "the cited recipes"),
+    ("pipeline/paper.yaml", "detection.0.config", "configs/detection/ssd300_r50_voc0712.yaml",
+     "MultiMix Table 5 SSD"),
+    ("pipeline/paper.yaml", "detection.0.world_size", 1, "the pipeline's one process"),
+    ("pipeline/paper.yaml", "detection.1.config", "configs/detection/frcnn_r50_fpn_1x_coco.yaml",
+     "MultiMix Table 5 FR-CNN"),
+    ("pipeline/paper.yaml", "detection.1.world_size", 1, "the pipeline's one process"),
+    ("pipeline/paper.yaml", "wsol.config", "configs/wsol/cub_alignmix.yaml", "AlignMix Table 4"),
+    ("pipeline/paper.yaml", "robustness.options.iou_threshold", 0.25, "multi-mix §IV-D"),
+    ("pipeline/paper.yaml", "robustness.options.iou_op", ">", "multi-mix §IV-D"),
+    ("pipeline/paper.yaml", "robustness.options.gaussian_std", 0.5, "AlignMix App. C"),
+    ("pipeline/paper.yaml", "robustness.options.ood_threshold", 0.5, "AlignMix §4.3"),
+    ("pipeline/paper.yaml", "robustness.options.sigma", 0.1, "multi-mix §IV-E"),
+]
+
+
+def _evaluate_options() -> dict:
+    spec = importlib.util.spec_from_file_location("_tools_evaluate", ROOT / "tools" / "evaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return {k: d for k, (_, d) in mod.OPTIONS.items()}
+
+
+def _defaults(rel: str) -> dict:
+    family = rel.split("/")[0]
+    if family == "pretrain":
+        from pretrain.trainer import DEFAULTS
+    elif family == "wsol":
+        from wsol.finetune import DEFAULTS
+    elif family == "detection":
+        from transfer.det_train import DEFAULTS
+    elif family == "pipeline":
+        from pretrain.pipeline import DEFAULTS
+    elif family == "eval":
+        return _evaluate_options()
+    else:
+        raise AssertionError(f"no DEFAULTS for {rel}")
+    return DEFAULTS
+
+
+_CACHE: dict = {}
+
+
+def resolved(rel: str) -> dict:
+    if rel not in _CACHE:
+        _CACHE[rel] = load_config(ROOT / "configs" / rel, defaults=_defaults(rel))
+    return _CACHE[rel]
+
+
+def lookup(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if isinstance(node, list):
+            node = node[int(part)]
+        else:
+            assert isinstance(node, dict) and part in node, f"{dotted}: {part!r} missing"
+            node = node[part]
+    return node
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+            and math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b and type(a) is type(b)
+
+
+@pytest.mark.parametrize("rel,key,value,cite", RECIPES, ids=[f"{r}:{k}" for r, k, _, _ in RECIPES])
+def test_config_value_equals_the_paper(rel, key, value, cite):
+    got = lookup(resolved(rel), key)
+    assert _same(got, value), f"configs/{rel}: {key} = {got!r}, but {cite} says {value!r}"
+
+
+# ------------------------------------------------------------------------------- structural checks
+
+COVERED = sorted(
+    [p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs" / "pretrain").glob("*imagenet*.yaml")]
+    + [p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs" / "wsol").glob("*cub*.yaml")]
+    + [p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs" / "detection").glob("*.yaml")
+       if not p.name.startswith("toy_")]
+    + ["eval/imagenet.yaml", "pipeline/paper.yaml"])
+
+# keys that are paths or names, not recipe values
+_NO_CITATION = {"_BASE_", "name", "root", "image_root", "metadata_root", "config", "overrides", "out_root",
+                "generate", "methods", "suites", "ood", "export_corrupted", "arch", "format"}
+
+
+@pytest.mark.parametrize("rel", COVERED)
+def test_every_value_line_carries_a_comment(rel):
+    """Each `key: value` line of a real-data recipe says where its value comes from (a citation, "paper
+    silent" + the source, or "engine/machine setting")."""
+    missing = []
+    for n, line in enumerate((ROOT / "configs" / rel).read_text().splitlines(), 1):
+        m = re.match(r"^\s*(-\s+)?([A-Za-z_][\w]*):\s*(.*)$", line)
+        if not m or line.lstrip().startswith("#"):
+            continue
+        key, rest = m.group(2), m.group(3)
+        if key in _NO_CITATION or rest == "" or rest.startswith("#"):
+            continue  # a mapping header or a name / path
+        if "#" not in rest:
+            missing.append(f"line {n}: {line.strip()}")
+    assert not missing, f"configs/{rel}: value lines without a source comment:\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize("rel", [r for r in COVERED if r.startswith("pretrain/") and "_base_" not in r])
+def test_pretrain_method_knobs_are_the_methods_own(rel):
+    from pretrain.methods import method_knobs
+
+    method = dict(resolved(rel)["method"])
+    name = method.pop("name")
+    unknown = sorted(set(method) - set(method_knobs(name)))
+    assert not unknown, f"configs/{rel}: {unknown} are not knobs of {name}"
+    if name == "multi_mix" and method.get("puzzle"):
+        bad = sorted(set(method["puzzle"]) - set(method_knobs("puzzlemix")))
+        assert not bad, f"configs/{rel}: method.puzzle {bad} are not PuzzleMix knobs"
+
+
+def test_wsol_mixing_names_a_pretraining_method_with_its_knobs():
+    from pretrain.methods import METHODS, method_knobs
+
+    for rel in [r for r in COVERED if r.startswith("wsol/")]:
+        mixing = resolved(rel)["mixing"]
+        if mixing["name"] == "none":
+            assert mixing["knobs"] == {}, f"configs/{rel}: knobs without a method"
+            continue
+        assert mixing["name"] in METHODS, f"configs/{rel}: mixing.name {mixing['name']!r}"
+        unknown = sorted(set(mixing["knobs"]) - set(method_knobs(mixing["name"])))
+        assert not unknown, f"configs/{rel}: mixing.knobs {unknown} are not knobs of {mixing['name']}"
+
+
+def test_global_batch_is_stated_once():
+    """A pretraining recipe states the global batch or the per-process batch, never both (the engine
+    derives the other from the world size)."""
+    for rel in [r for r in COVERED if r.startswith("pretrain/")]:
+        o = resolved(rel)["optim"]
+        assert (o["batch_size"] is None) != (o["batch_per_process"] is None), \
+            f"configs/{rel}: optim.batch_size={o['batch_size']} and optim.batch_per_process={o['batch_per_process']}"
+
+
+def test_ssd_recipes_use_the_voc_default_boxes():
+    from transfer.detectors import SSD_SCALES
+
+    ssd300 = resolved("detection/ssd300_r50_voc0712.yaml")["model"]
+    ssd512 = resolved("detection/ssd512_r50_voc0712.yaml")["model"]
+    # SSD300 VOC min sizes 30, 60, 111, 162, 213, 264 and max 315 px; SSD512 35.84 ... 460.8, max 537.6 px
+    assert [round(s * 300, 6) for s in SSD_SCALES[(300, ssd300["kwargs"]["priors"])]] == \
+        [30, 60, 111, 162, 213, 264, 315]
+    assert [round(s * 512, 6) for s in SSD_SCALES[(512, ssd512["kwargs"]["priors"])]] == \
+        [35.84, 76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.6]
+
+
+def test_paper_pipeline_detection_batch_times_world_is_the_reference_batch():
+    """The paper pipeline's detection entries give each config its source's global batch at the stated
+    world size, so the lr is not rescaled."""
+    from pretrain.config import apply_overrides
+
+    from transfer.det_train import DEFAULTS as DET
+
+    for entry in resolved("pipeline/paper.yaml")["detection"]:
+        rel = entry["config"].removeprefix("configs/")
+        overrides = [o for o in entry["overrides"] if not o.startswith("data.root=")]
+        cfg = load_config(ROOT / "configs" / rel, overrides, defaults=DET)
+        s = cfg["solver"]
+        assert s["batch_size"] * entry["world_size"] == s["reference_batch"], (rel, s, entry)
+        assert apply_overrides({}, overrides)["solver"]["batch_size"] == s["batch_size"]
