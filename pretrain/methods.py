@@ -219,66 +219,71 @@ class CutMix(Method):
         return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
 
 
-def _puzzle_inputs(method: Method, images, labels, grid: int):
-    """Saliency of the clean loss w.r.t. the input (one extra forward/backward, no parameter
-    gradients), pooled to the block grid. -> sal [b, g, g]."""
-    x = images.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = F.cross_entropy(method.model(x).float(), labels)
-        (grad,) = torch.autograd.grad(loss, x)
-    return mx.saliency_grid(grad, grid)
+def _puzzle_saliency(method: Method, images, labels) -> torch.Tensor:
+    """PuzzleMix saliency as the official training script computes it: the model in eval mode
+    (BatchNorm running statistics, nothing updated), the mean cross-entropy of the clean batch
+    differentiated w.r.t. the *normalised* input, sqrt(mean over channels of grad^2); no parameter
+    gradients. -> [b, h, w]."""
+    model = method.model
+    mean, std = model.mean.to(images.dtype), model.std.to(images.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        xn = ((images.detach() - mean) / std).requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(xn * std + mean).float(), labels)
+            (grad,) = torch.autograd.grad(loss, xn)
+    finally:
+        model.train(was_training)
+    return mx.saliency_map(grad)
 
 
 class PuzzleMix(Method):
-    """PuzzleMix: saliency-guided 3-label mask on a random block grid + greedy transport.
-
-    The mask minimises -(revealed saliency) + eta * (-log Binomial prior of lam) + smoothness
-    (beta + gamma * local pixel difference) between neighbouring blocks, with the PuzzleMix code's
-    normalisation of the pairwise weight by 1 / (16 * grid). Solver: graph cut (alpha-beta swap) when
-    the optional `gco-wrapper` package is installed, otherwise checkerboard ICM (`solver` knob:
-    auto | gco | icm). The label weight of the first image is the mask mean.
+    """PuzzleMix as the official code runs it (snu-mllab/PuzzleMix `mixup.py:mixup_graph` and the
+    ImageNet `train.py`): lam ~ Beta(alpha, alpha), a block grid drawn uniformly from `grids`, a
+    3-label mask from the graph cut of -(revealed saliency) + eta * prior + smoothness (beta +
+    gamma * boundary differences of the `neigh_size`-pooled images), the greedy transport of each
+    image's salient blocks onto its visible places (t_eps), label weight = mask mean. Saliency: see
+    `_puzzle_saliency`. Solver: gco-wrapper's alpha-beta swap when installed, else the built-in
+    re-implementation of the same algorithm (`solver` knob: auto | gco | swap); `threads` solves the
+    per-image graph cuts in a thread pool (None: one per image up to the CPU count).
     """
 
     def __init__(self, model, num_classes, alpha: float = 1.0, grids=(2, 4, 8, 16), beta: float = 1.2,
-                 gamma: float = 0.5, eta: float = 0.2, n_labels: int = 3, transport: bool = True,
-                 t_eps: float = 0.8, solver: str = "auto", dense_loss: bool = False):
+                 gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2, n_labels: int = 3,
+                 transport: bool = True, t_eps: float = 0.8, solver: str = "auto", threads: int | None = None,
+                 dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
         self.alpha, self.grids, self.beta, self.gamma, self.eta = alpha, tuple(grids), beta, gamma, eta
-        self.n_labels, self.transport, self.t_eps, self.solver = n_labels, transport, t_eps, solver
-        if solver not in ("auto", "gco", "icm"):
-            raise ValueError(f"puzzlemix solver must be auto, gco or icm, got {solver!r}")
+        self.neigh_size, self.n_labels, self.transport, self.t_eps = neigh_size, n_labels, transport, t_eps
+        self.solver, self.threads = solver, threads
+        if solver not in ("auto", "gco", "swap"):
+            raise ValueError(f"puzzlemix solver must be auto, gco or swap, got {solver!r}")
         if solver == "gco" and not mx.have_gco():
             raise ImportError("puzzlemix solver='gco' needs the optional package gco-wrapper "
                               "(pip install gco-wrapper, or pip install 'mixup-transfer[puzzlemix]'); "
-                              "use solver=icm or auto for the built-in fallback")
+                              "use solver=swap or auto for the built-in fallback")
 
     def _grid(self, h: int, w: int) -> int:
-        ok = [g for g in self.grids if h % g == 0 and w % g == 0]
+        if h != w:
+            raise ValueError(f"PuzzleMix needs square inputs (the official code does too), got {h}x{w}")
+        ok = [g for g in self.grids if h % g == 0]
         if not ok:
             raise ValueError(f"no PuzzleMix grid in {self.grids} divides the input size {h}x{w}")
         return self._choice(ok)
 
     def puzzle(self, images, labels, perm, lams, grid):
         """K PuzzleMix images per pair for weights lams [K]: -> (x [K*b, 3, h, w], lam_kept [K*b])."""
-        b = images.shape[0]
-        sal = _puzzle_inputs(self, images, labels, grid)
-        sal2 = sal[perm]
-        x2 = images[perm]
-        dv1, dh1 = mx.block_smoothness(images, grid)
-        dv2, dh2 = mx.block_smoothness(x2, grid)
-        scale = 1.0 / (16 * grid)
-        w_v = scale * (self.beta + self.gamma * 0.5 * (dv1 + dv2))
-        w_h = scale * (self.beta + self.gamma * 0.5 * (dh1 + dh2))
+        sal_map = _puzzle_saliency(self, images, labels)
+        fill = self.model.mean.to(images.dtype)  # an empty transport place: 0 in the normalised input
         xs, kept = [], []
-        for lam in lams.tolist():
-            lam_b = torch.full((b,), lam, device=images.device)
-            mask = mx.puzzle_mask(sal, sal2, lam_b, w_v, w_h, self.eta, self.n_labels, self.solver)
-            a, a2 = images, x2
-            if self.transport:
-                a = mx.permute_blocks(images, mx.greedy_transport(sal, mask, self.t_eps), grid)
-                a2 = mx.permute_blocks(x2, mx.greedy_transport(sal2, 1 - mask, self.t_eps), grid)
-            xs.append(mx.mask_mix(a, a2, mask.unsqueeze(1)))
-            kept.append(mask.flatten(1).mean(1))
+        with torch.no_grad():
+            for lam in lams.tolist():
+                x, ratio, _ = mx.puzzle_mix(images, sal_map, perm, grid, lam, self.beta, self.gamma, self.eta,
+                                            self.neigh_size, self.n_labels, self.transport, self.t_eps,
+                                            self.solver, fill=fill, threads=self.threads)
+                xs.append(x)
+                kept.append(ratio)
         return torch.cat(xs).detach(), torch.cat(kept)
 
     def forward(self, images, labels):

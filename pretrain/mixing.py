@@ -568,9 +568,10 @@ def transport_cost(g: int, device=None) -> torch.Tensor:
 def transport_plan(sal: torch.Tensor, mask: torch.Tensor, t_eps: float = 0.8) -> torch.Tensor:
     """PuzzleMix transport (official `mask_transport`): cost of moving block i to place j is
     t_eps * |pos_i - pos_j|^2 / (g-1)^2 - sal_i * 1[mask_j > 0]; g rounds of: every block picks its
-    cheapest place, each place keeps the claimant with the lowest cost among its claims (a place no
-    block claims at a negative cost goes to nobody), losers pay +1 on that place. The last round's
-    winners are the plan.
+    cheapest place, each place keeps the row of the lowest entry of its column of (claims * cost), losers
+    pay +1 on that place. The last round's winners are the plan. As in the official code a place
+    whose claims all cost >= 0 ties with the zeros of the non-claims and goes to row 0 (to nobody
+    unless block 0 claimed it); such places are invisible to this image (mask 0) in practice.
 
     sal, mask [b, g, g] -> plan [b, g*g, g*g] in {0, 1}: plan[i, j] = 1 moves block i to place j;
     a row may be empty (block dropped) and a column too (place left empty).

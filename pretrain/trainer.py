@@ -27,6 +27,14 @@ from pretrain.config import ConfigError, dump_config, validate
 from pretrain.methods import ResNetStages, build_method
 from pretrain.mixing import have_gco
 
+
+def _puzzlemix_solver(method_cfg: dict) -> str:
+    """The PuzzleMix graph-cut solver a run uses (logged in the header)."""
+    asked = method_cfg.get("solver", (method_cfg.get("puzzle") or {}).get("solver", "auto"))
+    if asked == "swap" or (asked == "auto" and not have_gco()):
+        return "swap (built-in alpha-beta swap" + ("" if have_gco() else "; gco-wrapper not installed") + ")"
+    return "gco"
+
 DEFAULTS = {
     "name": "pretrain",              # run name (runs/<name>/ when the CLI picks the folder)
     "seed": 0,                       # one seed for data order, augmentation, initialisation and mixing
@@ -418,7 +426,7 @@ class Trainer:
                 "device": str(self.device), "precision": self.precision,
                 "train_images": self.sampler.steps * self.sampler.bs * self.world,
                 "steps_per_epoch": self.steps_per_epoch, "torch_threads": torch.get_num_threads(),
-                "puzzlemix_solver": "gco" if have_gco() else "icm (gco-wrapper not installed)",
+                "puzzlemix_solver": _puzzlemix_solver(self.cfg["method"]),
                 "config": self.cfg}
         if self.cfg["runtime"]["flops"]:
             head["flops_per_image"] = fvcore_flops(self.model, self.cfg["data"]["crop_size"])

@@ -105,7 +105,7 @@ def test_embedding_mixing_by_logits_equals_mixing_embeddings(batch):
 
 VARIANTS = [
     ("erm", {}), ("erm", {"dense_loss": True}), ("input_mixup", {}), ("manifold_mixup", {}),
-    ("cutmix", {}), ("puzzlemix", {"solver": "icm"}), ("multimix", {"prob": 1.0}),
+    ("cutmix", {}), ("puzzlemix", {"solver": "swap"}), ("puzzlemix", {}), ("multimix", {"prob": 1.0}),
     ("multimix", {"prob": 1.0, "m": 3, "dense_loss": True}), ("dense_multimix", {"prob": 1.0}),
     ("dense_multimix", {"prob": 1.0, "attention": "cam_softmax"}),
     ("multi_mix", {"base": "input", "k": 3}), ("multi_mix", {"base": "manifold", "k": 3}),
@@ -160,3 +160,29 @@ def test_alignmix_feat_with_lam_one_is_clean_and_modes_validated(batch):
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def test_puzzlemix_saliency_as_the_official_script(batch):
+    """Official train.py: model.eval(), mean cross-entropy of the clean batch, gradient w.r.t. the
+    normalised input, sqrt(mean_c grad^2); BatchNorm statistics untouched, train mode restored."""
+    import copy
+
+    import torchvision
+
+    from pretrain.methods import IMAGENET_MEAN, IMAGENET_STD, _puzzle_saliency
+
+    images, labels = batch
+    m = make("puzzlemix").train()
+    before = copy.deepcopy(m.model.net.state_dict())
+    sal = _puzzle_saliency(m, images, labels)
+    assert m.model.training
+    for k, v in m.model.net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    ref = torchvision.models.resnet18(num_classes=C)
+    ref.load_state_dict(before)
+    ref.eval()
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    xn = ((images - mean) / std).requires_grad_(True)
+    torch.nn.functional.cross_entropy(ref(xn), labels).backward()
+    expect = torch.sqrt(torch.mean(xn.grad**2, dim=1))
+    assert torch.allclose(sal, expect, rtol=1e-4, atol=1e-9 + 1e-4 * expect.abs().max().item())
