@@ -142,6 +142,10 @@ class Method(nn.Module):
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         return mx.one_hot(labels, self.num_classes)
 
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Clean-image logits for evaluation (methods with their own head override this)."""
+        return self.model(images)
+
 
 class ERM(Method):
     """Plain cross-entropy on clean images."""
@@ -440,51 +444,167 @@ class MultiMixK(Method):
 
 
 class AlignMix(Method):
-    """AlignMix: per batch one mode drawn uniformly from `modes`:
-    input (input mixup), feat (partner's layer4 map aligned to the example's by Sinkhorn, eq. 12),
-    feat_rev (the example's map aligned to the partner's, eq. 13), embedding (manifold mixup at the
-    embedding, logit trick). lam ~ Beta(alpha, alpha); Sinkhorn with `eps`, `n_iters` in the log
-    domain, plan detached. `resolution` average-pools the map before alignment (None keeps it).
+    """AlignMix (Venkataramanan et al., CVPR 2022) as published: per batch one mode drawn uniformly
+    from `modes`: input (input mixup), feat (the partner's feature tensor A' aligned to A and mixed,
+    eq. 12), feat_rev (A aligned to A', eq. 13; the same plan, as the official branch 1), embedding
+    (mixup of e = f(A), logit trick). lam ~ Beta(alpha, alpha); Sinkhorn in the log domain with
+    `eps`, at most `n_iters` iterations, optional early stop `tol` (see `mixing.sinkhorn`); the plan
+    is detached. The returned "stat_sinkhorn_*" numbers (iterations, row / column marginal errors)
+    are logged by the trainer.
+
+    head: "fc" (the paper, section 4.1): the layer4 map is average-pooled to resolution x resolution
+    (the paper's A is c x 4 x 4) and a fully-connected stage-2 encoder f maps the flattened c x r
+    tensor to the embedding e of the backbone's width (d = c, the paper's R-18 setting), so the
+    ResNet's fc is the classifier g. Its weights live in this module (`encoder2`), not in the exported backbone.
+    "gap": e = global average pool of A (the official code). With the GAP head aligned mixing
+    (eq. 12) equals embedding mixing (every column of R sums to 1), which tests pin.
     """
 
     MODES = ("input", "feat", "feat_rev", "embedding")
 
     def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
-                 modes=("input", "feat", "feat_rev", "embedding"), resolution: int | None = None,
-                 dense_loss: bool = False):
+                 tol: float | None = None, modes=("input", "feat", "feat_rev", "embedding"), head: str = "fc",
+                 resolution: int | None = 4, dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
-        bad = [m for m in modes if m not in self.MODES]
+        valid = self.MODES + (("clean",) if isinstance(self, AlignMixAE) else ())
+        bad = [m for m in modes if m not in valid]
         if bad or not modes:
-            raise ValueError(f"alignmix modes {bad or modes} invalid; valid: {list(self.MODES)}")
-        self.alpha, self.eps, self.n_iters = alpha, eps, n_iters
-        self.modes, self.resolution = tuple(modes), resolution
+            raise ValueError(f"alignmix modes {bad or modes} invalid; valid: {list(valid)}")
+        if head not in ("fc", "gap"):
+            raise ValueError(f"alignmix head must be fc or gap, got {head!r}")
+        if head == "fc" and not resolution:
+            raise ValueError("alignmix head fc needs a resolution (the paper pools A to 4 x 4)")
+        if head == "fc" and dense_loss:
+            raise ValueError("alignmix dense_loss needs head gap (the fc stage-2 encoder has no positions)")
+        self.alpha, self.eps, self.n_iters, self.tol = alpha, eps, n_iters, tol
+        self.modes, self.head, self.resolution = tuple(modes), head, resolution
+        c = model.fc.in_features
+        self.encoder2 = nn.Linear(c * resolution * resolution, c) if head == "fc" else None
+
+    # -- heads ------------------------------------------------------------------------------------
+    def tensor_of(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The feature tensor A that is aligned: the layer4 map, average-pooled to `resolution` where it
+        is larger (7 x 7 -> 4 x 4 at 224 px)."""
+        if not self.resolution or tuple(fmap.shape[-2:]) == (self.resolution, self.resolution):
+            return fmap
+        if min(fmap.shape[-2:]) < self.resolution:
+            if self.head == "fc":
+                raise ValueError(f"alignmix resolution {self.resolution} is larger than the layer4 map "
+                                 f"{tuple(fmap.shape[-2:])}; set method.resolution <= the map side "
+                                 "(input size / 32)")
+            return fmap
+        return F.adaptive_avg_pool2d(fmap, self.resolution)
+
+    def embed(self, a: torch.Tensor) -> torch.Tensor:
+        """e = f(A): A [b, c, h, w] (already `tensor_of`) -> [b, d]."""
+        return a.mean((2, 3)) if self.head == "gap" else self.encoder2(a.flatten(1))
+
+    def classify(self, a: torch.Tensor) -> torch.Tensor:
+        if self.head == "gap":
+            return self.logits_of(a)
+        return self.model.fc(self.embed(a))
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.fc(self.embed(self.tensor_of(self.model.features(images))))
+
+    def _mode(self) -> str:
+        return self._choice(self.modes)
 
     def forward(self, images, labels):
         y = self.targets(labels)
-        mode = self._choice(self.modes)
+        mode = self._mode()
         lam, perm = self._beta(self.alpha), self._perm(images.shape[0])
+        y_mix = mx.mixup(y, perm, lam)
+        if mode == "clean":
+            return self.reconstruct(images)
         if mode == "input":
-            logits = self.logits_of(self.model.features(mx.mixup(images, perm, lam)))
-            return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
-        fmap = self.model.features(images)
+            logits = self.classify(self.tensor_of(self.model.features(mx.mixup(images, perm, lam))))
+            return {"loss": self.loss_of(logits, y_mix)}
+        a = self.tensor_of(self.model.features(images))
         if mode == "embedding":
-            logits = mx.mixup(self.logits_of(fmap), perm, lam)
-            return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
-        if self.resolution:
-            fmap = F.adaptive_avg_pool2d(fmap, self.resolution)
-        a = fmap.flatten(2)
-        first, second, ya, yb = (a, a[perm], y, y[perm]) if mode == "feat" else (a[perm], a, y[perm], y)
-        mixed = lam * first + (1 - lam) * mx.align(first, second, self.eps, self.n_iters)
-        logits = self.logits_of(mixed.view_as(fmap))
-        return {"loss": self.loss_of(logits, lam * ya + (1 - lam) * yb)}
+            return {"loss": self.loss_of(mx.mixup(self.classify(a), perm, lam), y_mix)}
+        mixed, info = mx.aligned_mix(a.flatten(2), perm, lam, 0 if mode == "feat" else 1, self.eps, self.n_iters,
+                                     self.tol)
+        logits = self.classify(mixed.view_as(a))
+        return {"loss": self.loss_of(logits, y_mix), "stat_sinkhorn_iters": float(info["iters"]),
+                "stat_sinkhorn_row_err": info["row_err"], "stat_sinkhorn_col_err": info["col_err"]}
 
 
 class AlignMixOfficial(AlignMix):
-    """AlignMix as in the official code: input mixup or aligned-feature mixing, 50/50."""
+    """AlignMix as the official training code runs it (shashankvkt/AlignMixup_CVPR22 at ec01a68,
+    imagenet/models/resnet50_classifier.py): per batch input mixup with probability 1/2 (layer_mix 0),
+    else `mixup_aligned` with branch 0 (eq. 12) or branch 1 (A aligned to A', eq. 13) 1/2 each; GAP
+    head on the full layer4 map (7 x 7 at 224 px), Sinkhorn stopping at the code's threshold 0.1."""
 
     def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
-                 modes=("input", "feat"), resolution: int | None = None, dense_loss: bool = False):
-        super().__init__(model, num_classes, alpha, eps, n_iters, modes, resolution, dense_loss)
+                 tol: float | None = 0.1, dense_loss: bool = False):
+        super().__init__(model, num_classes, alpha, eps, n_iters, tol, ("input", "feat", "feat_rev"), "gap",
+                         None, dense_loss)
+
+    def _mode(self) -> str:
+        if self._choice((0, 1)) == 0:  # layer_mix = random.randint(0, 1)
+            return "input"
+        return self._choice(("feat", "feat_rev"))  # align_mix = random.randint(0, 1)
+
+
+class _ResUp(nn.Module):
+    """Residual up-sampling block of the WGAN-GP ResNet generator (Gulrajani et al., 2017):
+    BN-ReLU-up-conv3x3-BN-ReLU-conv3x3 plus an up-sampled 1x1 shortcut."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2, mode="nearest")
+        h = self.conv2(F.relu(self.bn2(self.conv1(h))))
+        return h + self.skip(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class ResidualDecoder(nn.Module):
+    """D: R^d -> images [b, 3, s, s] in [0, 1]: a linear layer to a width x s0 x s0 map (s0 = s halved
+    while even and >= 8: 7 for 224, 4 for 64 / 32), residual up-sampling blocks to s, BN-ReLU-conv3x3
+    and a sigmoid (the residual generator of the paper's AlignMix/AE, with a [0, 1] output)."""
+
+    def __init__(self, embed_dim: int, size: int = 224, width: int = 128):
+        super().__init__()
+        s0, n_up = size, 0
+        while s0 % 2 == 0 and s0 >= 8:
+            s0, n_up = s0 // 2, n_up + 1
+        self.size, self.s0, self.width = size, s0, width
+        self.fc = nn.Linear(embed_dim, width * s0 * s0)
+        self.blocks = nn.Sequential(*[_ResUp(width, width) for _ in range(n_up)])
+        self.bn, self.out = nn.BatchNorm2d(width), nn.Conv2d(width, 3, 3, padding=1)
+
+    def forward(self, e):
+        h = self.fc(e).view(-1, self.width, self.s0, self.s0)
+        return torch.sigmoid(self.out(F.relu(self.bn(self.blocks(h)))))
+
+
+class AlignMixAE(AlignMix):
+    """AlignMix/AE (paper section 4, Algorithm 1): a fifth mode "clean" drawn uniformly with the four
+    AlignMix modes, in which the embedding e = f(F(x)) of the clean images is decoded by a residual
+    decoder D and only the reconstruction loss trains F, f and D; the classifier never sees decoded
+    images. The paper's L_r = ||x - x_hat||^2 is averaged over pixels here (times recon_weight): its
+    sum is ~1e5 times the classification loss at 224 px. decoder_size: the decoder's output side (the
+    training crop; other input sizes are matched by bilinear resizing)."""
+
+    def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
+                 tol: float | None = None, modes=("clean", "input", "feat", "feat_rev", "embedding"),
+                 head: str = "fc", resolution: int | None = 4, decoder_size: int = 224, decoder_width: int = 128,
+                 recon_weight: float = 1.0):
+        super().__init__(model, num_classes, alpha, eps, n_iters, tol, modes, head, resolution)
+        self.decoder = ResidualDecoder(model.fc.in_features, decoder_size, decoder_width)
+        self.recon_weight = recon_weight
+
+    def reconstruct(self, images):
+        x_hat = self.decoder(self.embed(self.tensor_of(self.model.features(images))))
+        if x_hat.shape[-2:] != images.shape[-2:]:
+            x_hat = F.interpolate(x_hat, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        loss = F.mse_loss(x_hat.float(), images.float())
+        return {"loss": self.recon_weight * loss, "stat_recon_mse": float(loss.detach())}
 
 
 METHODS = {
@@ -498,6 +618,7 @@ METHODS = {
     "multi_mix": MultiMixK,
     "alignmix": AlignMix,
     "alignmix_official": AlignMixOfficial,
+    "alignmix_ae": AlignMixAE,
 }
 
 

@@ -307,12 +307,19 @@ def dense_multimix_loss_from_logits(logits: torch.Tensor, y: torch.Tensor, mhat:
 
 
 @torch.no_grad()
-def sinkhorn(cost: torch.Tensor, eps: float = 0.1, n_iters: int = 100) -> torch.Tensor:
+def sinkhorn(cost: torch.Tensor, eps: float = 0.1, n_iters: int = 100, tol: float | None = None,
+             return_info: bool = False):
     """Entropic OT plan with uniform marginals, in the log domain.
 
-    cost [B, r, r] -> P [B, r, r] = argmin <P, M> - eps H(P) s.t. P 1 = P^T 1 = 1/r, computed with
-    exactly `n_iters` Sinkhorn-Knopp iterations (each a row then a column normalisation) on
-    log K = -M / eps, so raw squared distances with a small eps never underflow. No gradient.
+    cost [B, r, r] -> P [B, r, r] = argmin <P, M> - eps H(P) s.t. P 1 = P^T 1 = 1/r, by Sinkhorn-Knopp
+    (each iteration a row then a column normalisation, so the columns are exact and the rows carry
+    the remaining error) on log K = -M / eps, so raw squared distances with a small eps never
+    underflow. No gradient.
+
+    n_iters: the most iterations. tol: stop early, as the official AlignMix code does (its threshold
+    is 0.1), once eps * mean over the batch of sum_i |change of the row potential| < tol (None: run
+    all n_iters). return_info: also return {"iters", "row_err", "col_err"} with the marginal errors
+    max |r P 1 - 1| and max |r P^T 1 - 1| over the batch, so a user can see whether the plan converged.
     """
     cost = cost.float()
     B, r, c = cost.shape
@@ -321,22 +328,63 @@ def sinkhorn(cost: torch.Tensor, eps: float = 0.1, n_iters: int = 100) -> torch.
     log_b = torch.full((B, c), -math.log(c), device=cost.device)
     u = torch.zeros_like(log_a)
     v = torch.zeros_like(log_b)
+    iters = 0
     for _ in range(n_iters):
+        u_old = u
         u = log_a - torch.logsumexp(logk + v.unsqueeze(1), dim=2)
         v = log_b - torch.logsumexp(logk + u.unsqueeze(2), dim=1)
-    return torch.exp(u.unsqueeze(2) + logk + v.unsqueeze(1))
+        iters += 1
+        if tol is not None and float(eps * (u - u_old).abs().sum(-1).mean()) < tol:
+            break
+    plan = torch.exp(u.unsqueeze(2) + logk + v.unsqueeze(1))
+    if not return_info:
+        return plan
+    info = {"iters": iters, "row_err": float((plan.sum(2) * r - 1).abs().max()),
+            "col_err": float((plan.sum(1) * c - 1).abs().max())}
+    return plan, info
 
 
-def align(a: torch.Tensor, a2: torch.Tensor, eps: float = 0.1, n_iters: int = 100) -> torch.Tensor:
-    """AlignMix eq. (10): A2 aligned to A. a, a2 [b, c, r] -> A2 R^T [b, c, r] with R = r P*,
+def feature_cost(a: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
+    """m_ij = ||a_i - a2_j||^2 between the columns of a, a2 [b, c, r] -> [b, r, r] (eq. 7), computed
+    from differences (not the |a|^2 + |b|^2 - 2ab expansion, which loses digits that exp(-m / 0.1)
+    amplifies)."""
+    d = torch.cdist(a.float().transpose(1, 2), a2.float().transpose(1, 2), compute_mode="donot_use_mm_for_euclid_dist")
+    return d**2
+
+
+def align(a: torch.Tensor, a2: torch.Tensor, eps: float = 0.1, n_iters: int = 100,
+          tol: float | None = None) -> torch.Tensor:
+    """AlignMix eq. (12): A2 aligned to A. a, a2 [b, c, r] -> A2 R^T [b, c, r] with R = r P*,
     P* the Sinkhorn plan for m_ij = ||a_i - a2_j||^2 (detached: no gradient through the plan).
     Column i of the result is a convex combination of A2's columns matched to column i of A.
     """
     r = a.shape[-1]
     with torch.no_grad():
-        cost = torch.cdist(a.detach().float().transpose(1, 2), a2.detach().float().transpose(1, 2)) ** 2
-        plan = sinkhorn(cost, eps, n_iters) * r
+        plan = sinkhorn(feature_cost(a.detach(), a2.detach()), eps, n_iters, tol) * r
     return torch.bmm(a2, plan.transpose(1, 2).to(a2.dtype))
+
+
+def aligned_mix(a: torch.Tensor, perm: torch.Tensor, lam: float, branch: int, eps: float = 0.1,
+                n_iters: int = 100, tol: float | None = None):
+    """AlignMix feature-tensor mixing, as the official `mixup_aligned` (AlignMixup_CVPR22,
+    imagenet/models/resnet50_classifier.py): one plan P for the cost between A (columns of a) and
+    A' = a[perm], R = r P (detached), then
+      branch 0 (eq. 12): lam * A + (1 - lam) * A' R^T   (A' aligned to A),
+      branch 1 (eq. 13): lam * A R + (1 - lam) * A'     (A aligned to A').
+    Either way the target is lam * y + (1 - lam) * y[perm].
+
+    a [b, c, r] -> (mixed [b, c, r], sinkhorn info dict: iters, row_err, col_err).
+    """
+    if branch not in (0, 1):
+        raise ValueError(f"aligned_mix branch must be 0 or 1, got {branch}")
+    a2 = a[perm]
+    r = a.shape[-1]
+    with torch.no_grad():
+        plan, info = sinkhorn(feature_cost(a.detach(), a2.detach()), eps, n_iters, tol, return_info=True)
+        plan = (plan * r).to(a.dtype)
+    if branch == 0:
+        return lam * a + (1 - lam) * torch.matmul(a2, plan.transpose(1, 2)), info
+    return lam * torch.matmul(a, plan) + (1 - lam) * a2, info
 
 
 # --------------------------------------------------------------------------------------------------

@@ -371,7 +371,7 @@ class Trainer:
         for images, labels in self._val_loader():
             images, labels = self._to_device(images, labels)
             with rt.autocast(self.device, self.precision):
-                logits = model(images).float()
+                logits = self.method.predict(images).float()  # model(images) unless the method has its own head
             k = min(5, logits.shape[1])
             top = logits.topk(k, dim=1).indices
             hit = top == labels.view(-1, 1)
@@ -413,6 +413,7 @@ class Trainer:
         self.step += 1
         record = {k: float(v.detach()) for k, v in losses.items()}
         record["loss"] = float(value)
+        record.update({k: float(v) for k, v in out.items() if k.startswith("stat_")})  # e.g. Sinkhorn marginals
         if "logits" in out:
             record["correct"] = float((out["logits"].argmax(1) == labels).sum())
             record["count"] = float(len(labels))

@@ -227,6 +227,52 @@ def test_sinkhorn_log_domain_does_not_underflow_and_align_recovers_permutation()
     assert torch.allclose(mx.align(a, a2, 0.1, 100), a, atol=1e-3)
 
 
+def test_sinkhorn_tolerance_and_marginal_errors():
+    torch.manual_seed(1)
+    a = torch.relu(torch.randn(2, 8, 16))
+    cost = mx.feature_cost(a, a.flip(0))
+    full, info = mx.sinkhorn(cost, 0.1, 100, return_info=True)
+    assert info["iters"] == 100 and info["col_err"] < 1e-5  # the last step normalises the columns
+    assert torch.allclose(full.sum(2) * 16, torch.ones(2, 16), atol=info["row_err"] + 1e-6)
+    early, info_early = mx.sinkhorn(cost, 0.1, 100, tol=0.1, return_info=True)
+    assert info_early["iters"] < 100 and info_early["row_err"] > info["row_err"]
+    assert torch.equal(early, mx.sinkhorn(cost, 0.1, info_early["iters"]))  # stopping = fewer iterations
+    # cost from differences: equals the expansion-free definition
+    ref = ((a.transpose(1, 2).unsqueeze(2) - a.flip(0).transpose(1, 2).unsqueeze(1)) ** 2).sum(-1)
+    assert torch.allclose(cost, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_aligned_mix_equals_official_mixup_aligned():
+    """tests/fixtures/alignmix_official.npz: shashankvkt/AlignMixup_CVPR22 imagenet/models/
+    resnet50_classifier.py:mixup_aligned and utils/OT.py:SinkhornDistance on 12 seeded feature tensors
+    (r = 4, 16, 49; both branches). Same number of Sinkhorn iterations; plan and output within 1e-5
+    (float32 rounding of a different summation order; measured <= 5.5e-6)."""
+    d = dict(np.load(FIXTURES / "alignmix_official.npz"))
+    assert set(d["branch"].tolist()) == {0, 1}
+    for c in range(len(d["lam"])):
+        b, ch, h, w = (int(v) for v in d["shape"][c])
+        r = h * w
+        a = torch.from_numpy(d["feat"][c][:b, :ch, :h, :w]).reshape(b, ch, r)
+        perm = torch.from_numpy(d["perm"][c][:b]).long()
+        plan, info = mx.sinkhorn(mx.feature_cost(a, a[perm]), 0.1, 100, tol=0.1, return_info=True)
+        assert info["iters"] == int(d["iters"][c]), c
+        np.testing.assert_allclose(plan.numpy() * r, d["plan"][c][:b, :r, :r] * r, rtol=0, atol=1e-5)
+        mixed, _ = mx.aligned_mix(a, perm, float(d["lam"][c]), int(d["branch"][c]), 0.1, 100, tol=0.1)
+        ref = d["mixed"][c][:b, :ch, :h, :w].reshape(b, ch, r)
+        np.testing.assert_allclose(mixed.numpy(), ref, rtol=0, atol=1e-5)
+
+
+def test_gap_of_aligned_tensor_is_gap_of_tensor():
+    """Why the paper needs its FC stage-2 encoder: every column of R = r P sums to 1, so global
+    average pooling of A' R^T is GAP(A'), and aligned mixing (eq. 12) under GAP = embedding mixing."""
+    torch.manual_seed(2)
+    a = torch.relu(torch.randn(4, 16, 9))
+    perm = torch.tensor([2, 0, 3, 1])
+    mixed, _ = mx.aligned_mix(a, perm, 0.3, 0, 0.1, 100)
+    assert torch.allclose(mixed.mean(-1), 0.3 * a.mean(-1) + 0.7 * a[perm].mean(-1), atol=1e-6)
+    assert not torch.allclose(mixed, 0.3 * a + 0.7 * a[perm], atol=1e-2)  # the tensors themselves differ
+
+
 # ---------------------------------------------------------------------------------------------- PuzzleMix
 
 FIXTURES = Path(__file__).parent / "fixtures"
