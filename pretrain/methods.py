@@ -271,9 +271,11 @@ class PuzzleMix(Method):
     def _grid(self, h: int, w: int) -> int:
         if h != w:
             raise ValueError(f"PuzzleMix needs square inputs (the official code does too), got {h}x{w}")
-        ok = [g for g in self.grids if h % g == 0]
+        # the block side must divide the input and be a multiple of neigh_size (or smaller than it)
+        ok = [g for g in self.grids if h % g == 0 and (h // g) % min(self.neigh_size, h // g) == 0]
         if not ok:
-            raise ValueError(f"no PuzzleMix grid in {self.grids} divides the input size {h}x{w}")
+            raise ValueError(f"no PuzzleMix grid in {self.grids} fits the input size {h}x{w} with "
+                             f"neigh_size {self.neigh_size} (block side = size / grid, a multiple of neigh_size)")
         return self._choice(ok)
 
     def puzzle(self, images, labels, perm, lams, grid):

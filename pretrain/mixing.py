@@ -419,6 +419,9 @@ def boundary_differences(pix: torch.Tensor, pix2: torch.Tensor, grid: int, neigh
     """
     block = pix.shape[-1] // grid
     neigh = min(neigh_size, block)
+    if block % neigh:
+        raise ValueError(f"PuzzleMix: the block side {block} (input {pix.shape[-1]} / grid {grid}) must be a "
+                         f"multiple of neigh_size {neigh} (as in the official code)")
     k = block // neigh
     pooled = {1: F.avg_pool2d(pix, neigh), 0: F.avg_pool2d(pix2, neigh)}
     b = pix.shape[0]
@@ -510,14 +513,50 @@ def _gco_integer_terms(unary, dist, w_v, w_h):
     return u, v, w, src, dst
 
 
+_ALL_BITS: dict = {}
+
+
+def _binary_cut(diff: np.ndarray, pi: np.ndarray, qi: np.ndarray, cw: np.ndarray) -> np.ndarray:
+    """argmin over x in {0, 1}^m of sum_p diff_p x_p + sum_e cw_e [x_pi != x_qi] (cw >= 0), and among
+    the minimisers the one with the fewest ones: the labels that can reach the sink in the residual
+    graph of a max flow (what Boykov-Kolmogorov's maxflow labels SINK). Exhaustive for m <= 12, else
+    an exact min cut with scipy's max-flow. -> bool [m] (True = 1)."""
+    m = diff.shape[0]
+    if m <= 12:
+        if m not in _ALL_BITS:
+            _ALL_BITS[m] = ((np.arange(2**m)[:, None] >> np.arange(m)[None, :]) & 1).astype(np.int64)
+        bits = _ALL_BITS[m]
+        e = bits @ diff + (bits[:, pi] != bits[:, qi]).astype(np.int64) @ cw
+        best = bits[e == e.min()]
+        return best.min(0).astype(bool)  # the intersection of the minimisers is one too (lattice)
+    import scipy.sparse as sp  # noqa: PLC0415
+    from scipy.sparse.csgraph import maximum_flow  # noqa: PLC0415
+
+    s, t = m, m + 1
+    cap = np.zeros((m + 2, m + 2), np.int64)
+    cap[s, :m] = np.maximum(diff, 0)  # cut when p takes 1 (sink side)
+    cap[:m, t] = np.maximum(-diff, 0)  # cut when p takes 0 (source side)
+    np.add.at(cap, (pi, qi), cw)
+    np.add.at(cap, (qi, pi), cw)
+    if cap.max() >= 2**31:
+        raise OverflowError("PuzzleMix fallback: a graph-cut capacity exceeds int32 (as it would in GCO)")
+    flow = maximum_flow(sp.csr_matrix(cap.astype(np.int32)), s, t).flow.toarray()
+    residual = (cap - flow) > 0  # flow is antisymmetric: reverse edges gain the flow
+    reach = np.zeros(m + 2, bool)
+    reach[t] = True
+    while True:
+        grown = reach | residual[:, reach].any(1)
+        if (grown == reach).all():
+            break
+        reach = grown
+    return reach[:m]
+
+
 def _cut_swap(unary, dist, w_v, w_h) -> np.ndarray:
     """The built-in fallback: GCO's alpha-beta swap (initial labels 0; per cycle the pairs (a, b) in
     GCO's order; each move an exact min cut; the labels that can still reach the sink in the residual
     graph take b, as in Boykov-Kolmogorov's maxflow; cycles until the energy stops decreasing) on the
     same integer energy, with scipy's max-flow."""
-    import scipy.sparse as sp  # noqa: PLC0415
-    from scipy.sparse.csgraph import breadth_first_order, maximum_flow  # noqa: PLC0415
-
     u, v, w, src, dst = _gco_integer_terms(unary, dist, w_v, w_h)
     n, L = u.shape
     lab = np.zeros(n, np.int64)
@@ -540,24 +579,9 @@ def _cut_swap(unary, dist, w_v, w_h) -> np.ndarray:
             half = act[x] & ~act[y]
             np.add.at(e0, loc[x[half]], w[half] * v[a, lab[y[half]]])
             np.add.at(e1, loc[x[half]], w[half] * v[b, lab[y[half]]])
-        s, t = m, m + 1
-        diff = e1 - e0
+        diff = e1 - e0  # extra cost of taking b
         pi, qi, cw = loc[src[inner]], loc[dst[inner]], w[inner] * v[a, b]
-        r = np.r_[np.full(m, s), np.arange(m), pi, qi]
-        c = np.r_[np.arange(m), np.full(m, t), qi, pi]
-        cap = np.r_[np.maximum(diff, 0), np.maximum(-diff, 0), cw, cw]
-        if cap.max(initial=0) >= 2**31:
-            raise OverflowError("PuzzleMix fallback: a graph-cut capacity exceeds int32 (as it would in GCO)")
-        keep = cap > 0
-        graph = sp.csr_matrix((cap[keep].astype(np.int32), (r[keep], c[keep])), shape=(m + 2, m + 2))
-        flow = maximum_flow(graph, s, t).flow
-        residual = (graph - flow).tocsr()  # both directions: cap - f, and f on reverse edges
-        residual.data = (residual.data > 0).astype(np.int8)
-        residual.eliminate_zeros()
-        reach_t = breadth_first_order(residual.T.tocsr(), t, directed=True, return_predecessors=False)
-        to_b = np.zeros(m + 2, bool)
-        to_b[reach_t] = True
-        lab[ids] = np.where(to_b[:m], b, a)
+        lab[ids] = np.where(_binary_cut(diff, pi, qi, cw), b, a)
 
     pairs = [(i, j) for i in range(L) for j in range(L - 1, -1, -1) if i < j]
     e_new, e_old = energy(lab), None
