@@ -74,6 +74,16 @@ def test_cutmix_lam_equals_kept_area():
     assert box == (6, 18, 8, 24) and kept == pytest.approx(0.75)
 
 
+def test_cutmix_boxes_equal_the_official_rand_bbox():
+    """tests/fixtures/cutmix_official.npz: 1500 boxes of rand_bbox (CutMix's sampler, as in
+    snu-mllab/PuzzleMix imagenet/train.py) for seeded lam and centre on square inputs: identical."""
+    d = dict(np.load(Path(__file__).parent / "fixtures" / "cutmix_official.npz"))
+    for size, lam, (c2, c3), (x1, y1, x2, y2) in zip(d["size"], d["lam"], d["centre"], d["box"]):
+        (r0, r1, q0, q1), kept = mx.cutmix_box(int(size), int(size), float(lam), centre=(int(c2), int(c3)))
+        assert (r0, r1, q0, q1) == (x1, x2, y1, y2)  # rows = the official dim-2 range
+        assert kept == pytest.approx(1 - (x2 - x1) * (y2 - y1) / size**2, abs=1e-12)
+
+
 def test_multi_mix_boxes_nested_and_share_a_centre():
     lams = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9])
     for seed in range(10):

@@ -133,6 +133,34 @@ def puzzlemix_cases(repo: Path, out: Path, n_cases: int = 48, b: int = 2, width:
                        f"[first {n_full} cases] = the normalised mixed images"}
 
 
+def cutmix_cases(repo: Path, out: Path, n: int = 1500):
+    """CutMix boxes from PuzzleMix imagenet/train.py:rand_bbox (the CutMix authors' function, copied
+    there from clovaai/CutMix-PyTorch train.py), seeded; square sizes (the function swaps H and W)."""
+    if not hasattr(np, "int"):
+        np.int = int  # the official code uses np.int (removed in numpy 1.24); same meaning
+    torch.Tensor.cuda = lambda self, *a, **k: self  # imagenet/mixup.py builds cuda tensors at import
+    sys.path.insert(0, str(repo / "imagenet"))
+    train = _load(repo / "imagenet" / "train.py", "official_puzzlemix_imagenet_train")
+    rng = np.random.default_rng(3)
+    sizes, lams, boxes, centres = [], [], [], []
+    for i in range(n):
+        size = [224, 64, 32, 7][i % 4]
+        lam = float(rng.beta(1.0, 1.0))
+        np.random.seed(i)
+        cx, cy = np.random.randint(size), np.random.randint(size)  # the draws rand_bbox makes
+        np.random.seed(i)
+        boxes.append([int(v) for v in train.rand_bbox((4, 3, size, size), lam)])
+        sizes.append(size), lams.append(lam), centres.append((cx, cy))
+    np.savez_compressed(out / "cutmix_official.npz", size=np.array(sizes), lam=np.array(lams),
+                        centre=np.array(centres), box=np.array(boxes))
+    return {"repository": "https://github.com/snu-mllab/PuzzleMix", "commit": _commit(repo),
+            "functions": ["imagenet/train.py:rand_bbox (CutMix's box sampler)"],
+            "inputs": "size (square), lam ~ Beta(1, 1), centre = rand_bbox's two np.random.randint draws "
+                      "(dim 2, dim 3)",
+            "outputs": "box = (bbx1, bby1, bbx2, bby2) as rand_bbox returns it; the pasted region is "
+                       "[:, :, bbx1:bbx2, bby1:bby2]"}
+
+
 def alignmix_cases(repo: Path, out: Path):
     torch.Tensor.cuda = lambda self, *a, **k: self  # the official code calls .cuda() everywhere
     base = repo / "imagenet"
@@ -205,6 +233,7 @@ def main(argv=None):
     notes = json.loads(notes_path.read_text()) if notes_path.exists() else {}
     if args.puzzlemix:
         notes["puzzlemix_official.npz"] = puzzlemix_cases(args.puzzlemix, args.out)
+        notes["cutmix_official.npz"] = cutmix_cases(args.puzzlemix, args.out)
     if args.alignmix:
         notes["alignmix_official.npz"] = alignmix_cases(args.alignmix, args.out)
     notes_path.write_text(json.dumps(notes, indent=2) + "\n")
