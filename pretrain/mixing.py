@@ -516,11 +516,62 @@ def _gco_integer_terms(unary, dist, w_v, w_h):
 _ALL_BITS: dict = {}
 
 
+def _sink_side_small(m: int, diff, pi, qi, cw) -> np.ndarray:
+    """`_binary_cut` by Edmonds-Karp on Python integers (shortest augmenting paths), then the nodes
+    that can reach the sink in the residual graph."""
+    s, t = m, m + 1
+    res: list[dict] = [{} for _ in range(m + 2)]
+
+    def add(a, b, c):
+        res[a][b] = res[a].get(b, 0) + c
+        res[b].setdefault(a, 0)
+
+    for p, d in enumerate(diff.tolist()):
+        if d > 0:
+            add(s, p, d)
+        elif d < 0:
+            add(p, t, -d)
+    for a, b, c in zip(pi.tolist(), qi.tolist(), cw.tolist()):
+        if c > 0:
+            add(a, b, c)
+            add(b, a, c)
+    while True:
+        parent, queue = {s: s}, [s]
+        for x in queue:
+            for y, c in res[x].items():
+                if c > 0 and y not in parent:
+                    parent[y] = x
+                    queue.append(y)
+            if t in parent:
+                break
+        if t not in parent:
+            break
+        f, y = None, t
+        while y != s:
+            x = parent[y]
+            f = res[x][y] if f is None else min(f, res[x][y])
+            y = x
+        y = t
+        while y != s:
+            x = parent[y]
+            res[x][y] -= f
+            res[y][x] += f
+            y = x
+    reach, queue = {t}, [t]
+    for y in queue:
+        for x in res[y]:  # neighbours (every edge has its reverse entry)
+            if x not in reach and res[x][y] > 0:
+                reach.add(x)
+                queue.append(x)
+    return np.array([p in reach for p in range(m)], dtype=bool)
+
+
 def _binary_cut(diff: np.ndarray, pi: np.ndarray, qi: np.ndarray, cw: np.ndarray) -> np.ndarray:
     """argmin over x in {0, 1}^m of sum_p diff_p x_p + sum_e cw_e [x_pi != x_qi] (cw >= 0), and among
     the minimisers the one with the fewest ones: the labels that can reach the sink in the residual
-    graph of a max flow (what Boykov-Kolmogorov's maxflow labels SINK). Exhaustive for m <= 12, else
-    an exact min cut with scipy's max-flow. -> bool [m] (True = 1)."""
+    graph of a max flow (what Boykov-Kolmogorov's maxflow labels SINK; the same set for every max flow).
+    Exhaustive for m <= 12, a small Edmonds-Karp for m <= 64 (cheaper than scipy's call overhead
+    there), else scipy's max-flow. -> bool [m] (True = 1)."""
     m = diff.shape[0]
     if m <= 12:
         if m not in _ALL_BITS:
@@ -529,6 +580,8 @@ def _binary_cut(diff: np.ndarray, pi: np.ndarray, qi: np.ndarray, cw: np.ndarray
         e = bits @ diff + (bits[:, pi] != bits[:, qi]).astype(np.int64) @ cw
         best = bits[e == e.min()]
         return best.min(0).astype(bool)  # the intersection of the minimisers is one too (lattice)
+    if m <= 64:
+        return _sink_side_small(m, diff, pi, qi, cw)
     import scipy.sparse as sp  # noqa: PLC0415
     from scipy.sparse.csgraph import maximum_flow  # noqa: PLC0415
 
@@ -650,7 +703,8 @@ def transport_plan(sal: torch.Tensor, mask: torch.Tensor, t_eps: float = 0.8) ->
     """
     b, g, _ = sal.shape
     n = g * g
-    cost = t_eps * transport_cost(g, sal.device).unsqueeze(0) - sal.reshape(-1, n, 1) * (mask > 0).float().reshape(-1, 1, n)
+    visible = (mask > 0).float().reshape(-1, 1, n)
+    cost = t_eps * transport_cost(g, sal.device).unsqueeze(0) - sal.reshape(-1, n, 1) * visible
     win = torch.zeros_like(cost)
     for _ in range(g):
         pick = torch.zeros_like(cost).scatter_(-1, cost.min(-1)[1].unsqueeze(-1), 1)

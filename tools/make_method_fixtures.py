@@ -12,6 +12,9 @@ Needs torch, numpy and (for PuzzleMix) gco-wrapper, the graph-cut package the au
 The official code calls `.cuda()`; on a machine without a GPU that call is made the identity.
 """
 
+# the official code draws from numpy's global RNG (and uses np.int): seeding it is the point here
+# ruff: noqa: NPY001, NPY002
+
 from __future__ import annotations
 
 import argparse
