@@ -149,6 +149,10 @@ def test_bench_returns_ratios():
                              methods=["multimix"], clock="process")
     assert set(out["step_time_ratio"]) == {"erm", "multimix"} and out["step_time_ratio"]["erm"] == 1.0
     assert out["targets"]["multimix"]["target"] == 1.03
+    out = run_pretrain_bench(arch="resnet18", batch=4, size=32, num_classes=10, repeats=1, warmup=0,
+                             methods=["puzzlemix", "puzzlemix_swap"], clock="process")
+    assert out["targets"]["puzzlemix_swap"]["target"] == 2.0  # the built-in solver is always timed
+    assert ("puzzlemix" in out["step_time_ratio"]) == mx.have_gco()
 
 
 def test_alignmix_feat_with_lam_one_is_clean_and_modes_validated(batch):
