@@ -232,6 +232,9 @@ class Engine:
                 if key != "loss":
                     record[key] = record.get(key, 0.0) + float(v.detach()) / acc
             record["loss"] = record.get("loss", 0.0) + float(value) / acc  # the total (mean over ranks)
+            for key, v in out.items():  # a method's diagnostics, e.g. Sinkhorn marginal errors
+                if key.startswith("stat_"):
+                    record[key] = record.get(key, 0.0) + float(v) / acc
             if "logits" in out:
                 labels = batch[1]
                 record["correct"] = record.get("correct", 0.0) + float((out["logits"].argmax(1) == labels).sum())

@@ -141,6 +141,10 @@ class Method(nn.Module):
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         return mx.one_hot(labels, self.num_classes)
 
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Clean-image logits for evaluation (methods with their own head override this)."""
+        return self.model(images)
+
 
 class ERM(Method):
     """Plain cross-entropy on clean images."""
@@ -218,66 +222,73 @@ class CutMix(Method):
         return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
 
 
-def _puzzle_inputs(method: Method, images, labels, grid: int):
-    """Saliency of the clean loss w.r.t. the input (one extra forward/backward, no parameter
-    gradients), pooled to the block grid. -> sal [b, g, g]."""
-    x = images.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = F.cross_entropy(method.model(x).float(), labels)
-        (grad,) = torch.autograd.grad(loss, x)
-    return mx.saliency_grid(grad, grid)
+def _puzzle_saliency(method: Method, images, labels) -> torch.Tensor:
+    """PuzzleMix saliency as the official training script computes it: the model in eval mode
+    (BatchNorm running statistics, nothing updated), the mean cross-entropy of the clean batch
+    differentiated w.r.t. the *normalised* input, sqrt(mean over channels of grad^2); no parameter
+    gradients. -> [b, h, w]."""
+    model = method.model
+    mean, std = model.mean.to(images.dtype), model.std.to(images.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        xn = ((images.detach() - mean) / std).requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(xn * std + mean).float(), labels)
+            (grad,) = torch.autograd.grad(loss, xn)
+    finally:
+        model.train(was_training)
+    return mx.saliency_map(grad)
 
 
 class PuzzleMix(Method):
-    """PuzzleMix: saliency-guided 3-label mask on a random block grid + greedy transport.
-
-    The mask minimises -(revealed saliency) + eta * (-log Binomial prior of lam) + smoothness
-    (beta + gamma * local pixel difference) between neighbouring blocks, with the PuzzleMix code's
-    normalisation of the pairwise weight by 1 / (16 * grid). Solver: graph cut (alpha-beta swap) when
-    the optional `gco-wrapper` package is installed, otherwise checkerboard ICM (`solver` knob:
-    auto | gco | icm). The label weight of the first image is the mask mean.
+    """PuzzleMix as the official code runs it (snu-mllab/PuzzleMix `mixup.py:mixup_graph` and the
+    ImageNet `train.py`): lam ~ Beta(alpha, alpha), a block grid drawn uniformly from `grids`, a
+    3-label mask from the graph cut of -(revealed saliency) + eta * prior + smoothness (beta +
+    gamma * boundary differences of the `neigh_size`-pooled images), the greedy transport of each
+    image's salient blocks onto its visible places (t_eps), label weight = mask mean. Saliency: see
+    `_puzzle_saliency`. Solver: gco-wrapper's alpha-beta swap when installed, else the built-in
+    re-implementation of the same algorithm (`solver` knob: auto | gco | swap); `threads` solves the
+    per-image graph cuts in a thread pool (None: one per image up to the CPU count).
     """
 
     def __init__(self, model, num_classes, alpha: float = 1.0, grids=(2, 4, 8, 16), beta: float = 1.2,
-                 gamma: float = 0.5, eta: float = 0.2, n_labels: int = 3, transport: bool = True,
-                 t_eps: float = 0.8, solver: str = "auto", dense_loss: bool = False):
+                 gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2, n_labels: int = 3,
+                 transport: bool = True, t_eps: float = 0.8, solver: str = "auto", threads: int | None = None,
+                 dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
         self.alpha, self.grids, self.beta, self.gamma, self.eta = alpha, tuple(grids), beta, gamma, eta
-        self.n_labels, self.transport, self.t_eps, self.solver = n_labels, transport, t_eps, solver
-        if solver not in ("auto", "gco", "icm"):
-            raise ValueError(f"puzzlemix solver must be auto, gco or icm, got {solver!r}")
+        self.neigh_size, self.n_labels, self.transport, self.t_eps = neigh_size, n_labels, transport, t_eps
+        self.solver, self.threads = solver, threads
+        if solver not in ("auto", "gco", "swap"):
+            raise ValueError(f"puzzlemix solver must be auto, gco or swap, got {solver!r}")
         if solver == "gco" and not mx.have_gco():
             raise ImportError("puzzlemix solver='gco' needs the optional package gco-wrapper "
                               "(pip install gco-wrapper, or pip install 'mixup-transfer[puzzlemix]'); "
-                              "use solver=icm or auto for the built-in fallback")
+                              "use solver=swap or auto for the built-in fallback")
 
     def _grid(self, h: int, w: int) -> int:
-        ok = [g for g in self.grids if h % g == 0 and w % g == 0]
+        if h != w:
+            raise ValueError(f"PuzzleMix needs square inputs (the official code does too), got {h}x{w}")
+        # the block side must divide the input and be a multiple of neigh_size (or smaller than it)
+        ok = [g for g in self.grids if h % g == 0 and (h // g) % min(self.neigh_size, h // g) == 0]
         if not ok:
-            raise ValueError(f"no PuzzleMix grid in {self.grids} divides the input size {h}x{w}")
+            raise ValueError(f"no PuzzleMix grid in {self.grids} fits the input size {h}x{w} with "
+                             f"neigh_size {self.neigh_size} (block side = size / grid, a multiple of neigh_size)")
         return self._choice(ok)
 
     def puzzle(self, images, labels, perm, lams, grid):
         """K PuzzleMix images per pair for weights lams [K]: -> (x [K*b, 3, h, w], lam_kept [K*b])."""
-        b = images.shape[0]
-        sal = _puzzle_inputs(self, images, labels, grid)
-        sal2 = sal[perm]
-        x2 = images[perm]
-        dv1, dh1 = mx.block_smoothness(images, grid)
-        dv2, dh2 = mx.block_smoothness(x2, grid)
-        scale = 1.0 / (16 * grid)
-        w_v = scale * (self.beta + self.gamma * 0.5 * (dv1 + dv2))
-        w_h = scale * (self.beta + self.gamma * 0.5 * (dh1 + dh2))
+        sal_map = _puzzle_saliency(self, images, labels)
+        fill = self.model.mean.to(images.dtype)  # an empty transport place: 0 in the normalised input
         xs, kept = [], []
-        for lam in lams.tolist():
-            lam_b = torch.full((b,), lam, device=images.device)
-            mask = mx.puzzle_mask(sal, sal2, lam_b, w_v, w_h, self.eta, self.n_labels, self.solver)
-            a, a2 = images, x2
-            if self.transport:
-                a = mx.permute_blocks(images, mx.greedy_transport(sal, mask, self.t_eps), grid)
-                a2 = mx.permute_blocks(x2, mx.greedy_transport(sal2, 1 - mask, self.t_eps), grid)
-            xs.append(mx.mask_mix(a, a2, mask.unsqueeze(1)))
-            kept.append(mask.flatten(1).mean(1))
+        with torch.no_grad():
+            for lam in lams.tolist():
+                x, ratio, _ = mx.puzzle_mix(images, sal_map, perm, grid, lam, self.beta, self.gamma, self.eta,
+                                            self.neigh_size, self.n_labels, self.transport, self.t_eps,
+                                            self.solver, fill=fill, threads=self.threads)
+                xs.append(x)
+                kept.append(ratio)
         return torch.cat(xs).detach(), torch.cat(kept)
 
     def forward(self, images, labels):
@@ -434,51 +445,167 @@ class MultiMixK(Method):
 
 
 class AlignMix(Method):
-    """AlignMix: per batch one mode drawn uniformly from `modes`:
-    input (input mixup), feat (partner's layer4 map aligned to the example's by Sinkhorn, eq. 12),
-    feat_rev (the example's map aligned to the partner's, eq. 13), embedding (manifold mixup at the
-    embedding, logit trick). lam ~ Beta(alpha, alpha); Sinkhorn with `eps`, `n_iters` in the log
-    domain, plan detached. `resolution` average-pools the map before alignment (None keeps it).
+    """AlignMix (Venkataramanan et al., CVPR 2022) as published: per batch one mode drawn uniformly
+    from `modes`: input (input mixup), feat (the partner's feature tensor A' aligned to A and mixed,
+    eq. 12), feat_rev (A aligned to A', eq. 13; the same plan, as the official branch 1), embedding
+    (mixup of e = f(A), logit trick). lam ~ Beta(alpha, alpha); Sinkhorn in the log domain with
+    `eps`, at most `n_iters` iterations, optional early stop `tol` (see `mixing.sinkhorn`); the plan
+    is detached. The returned "stat_sinkhorn_*" numbers (iterations, row / column marginal errors)
+    are logged by the trainer.
+
+    head: "fc" (the paper, section 4.1): the layer4 map is average-pooled to resolution x resolution
+    (the paper's A is c x 4 x 4) and a fully-connected stage-2 encoder f maps the flattened c x r
+    tensor to the embedding e of the backbone's width (d = c, the paper's R-18 setting), so the
+    ResNet's fc is the classifier g. Its weights live in this module (`encoder2`), not in the exported backbone.
+    "gap": e = global average pool of A (the official code). With the GAP head aligned mixing
+    (eq. 12) equals embedding mixing (every column of R sums to 1), which tests pin.
     """
 
     MODES = ("input", "feat", "feat_rev", "embedding")
 
     def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
-                 modes=("input", "feat", "feat_rev", "embedding"), resolution: int | None = None,
-                 dense_loss: bool = False):
+                 tol: float | None = None, modes=("input", "feat", "feat_rev", "embedding"), head: str = "fc",
+                 resolution: int | None = 4, dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
-        bad = [m for m in modes if m not in self.MODES]
+        valid = self.MODES + (("clean",) if isinstance(self, AlignMixAE) else ())
+        bad = [m for m in modes if m not in valid]
         if bad or not modes:
-            raise ValueError(f"alignmix modes {bad or modes} invalid; valid: {list(self.MODES)}")
-        self.alpha, self.eps, self.n_iters = alpha, eps, n_iters
-        self.modes, self.resolution = tuple(modes), resolution
+            raise ValueError(f"alignmix modes {bad or modes} invalid; valid: {list(valid)}")
+        if head not in ("fc", "gap"):
+            raise ValueError(f"alignmix head must be fc or gap, got {head!r}")
+        if head == "fc" and not resolution:
+            raise ValueError("alignmix head fc needs a resolution (the paper pools A to 4 x 4)")
+        if head == "fc" and dense_loss:
+            raise ValueError("alignmix dense_loss needs head gap (the fc stage-2 encoder has no positions)")
+        self.alpha, self.eps, self.n_iters, self.tol = alpha, eps, n_iters, tol
+        self.modes, self.head, self.resolution = tuple(modes), head, resolution
+        c = model.fc.in_features
+        self.encoder2 = nn.Linear(c * resolution * resolution, c) if head == "fc" else None
+
+    # -- heads ------------------------------------------------------------------------------------
+    def tensor_of(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The feature tensor A that is aligned: the layer4 map, average-pooled to `resolution` where it
+        is larger (7 x 7 -> 4 x 4 at 224 px)."""
+        if not self.resolution or tuple(fmap.shape[-2:]) == (self.resolution, self.resolution):
+            return fmap
+        if min(fmap.shape[-2:]) < self.resolution:
+            if self.head == "fc":
+                raise ValueError(f"alignmix resolution {self.resolution} is larger than the layer4 map "
+                                 f"{tuple(fmap.shape[-2:])}; set method.resolution <= the map side "
+                                 "(input size / 32)")
+            return fmap
+        return F.adaptive_avg_pool2d(fmap, self.resolution)
+
+    def embed(self, a: torch.Tensor) -> torch.Tensor:
+        """e = f(A): A [b, c, h, w] (already `tensor_of`) -> [b, d]."""
+        return a.mean((2, 3)) if self.head == "gap" else self.encoder2(a.flatten(1))
+
+    def classify(self, a: torch.Tensor) -> torch.Tensor:
+        if self.head == "gap":
+            return self.logits_of(a)
+        return self.model.fc(self.embed(a))
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.fc(self.embed(self.tensor_of(self.model.features(images))))
+
+    def _mode(self) -> str:
+        return self._choice(self.modes)
 
     def forward(self, images, labels):
         y = self.targets(labels)
-        mode = self._choice(self.modes)
+        mode = self._mode()
         lam, perm = self._beta(self.alpha), self._perm(images.shape[0])
+        y_mix = mx.mixup(y, perm, lam)
+        if mode == "clean":
+            return self.reconstruct(images)
         if mode == "input":
-            logits = self.logits_of(self.model.features(mx.mixup(images, perm, lam)))
-            return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
-        fmap = self.model.features(images)
+            logits = self.classify(self.tensor_of(self.model.features(mx.mixup(images, perm, lam))))
+            return {"loss": self.loss_of(logits, y_mix)}
+        a = self.tensor_of(self.model.features(images))
         if mode == "embedding":
-            logits = mx.mixup(self.logits_of(fmap), perm, lam)
-            return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
-        if self.resolution:
-            fmap = F.adaptive_avg_pool2d(fmap, self.resolution)
-        a = fmap.flatten(2)
-        first, second, ya, yb = (a, a[perm], y, y[perm]) if mode == "feat" else (a[perm], a, y[perm], y)
-        mixed = lam * first + (1 - lam) * mx.align(first, second, self.eps, self.n_iters)
-        logits = self.logits_of(mixed.view_as(fmap))
-        return {"loss": self.loss_of(logits, lam * ya + (1 - lam) * yb)}
+            return {"loss": self.loss_of(mx.mixup(self.classify(a), perm, lam), y_mix)}
+        mixed, info = mx.aligned_mix(a.flatten(2), perm, lam, 0 if mode == "feat" else 1, self.eps, self.n_iters,
+                                     self.tol)
+        logits = self.classify(mixed.view_as(a))
+        return {"loss": self.loss_of(logits, y_mix), "stat_sinkhorn_iters": float(info["iters"]),
+                "stat_sinkhorn_row_err": info["row_err"], "stat_sinkhorn_col_err": info["col_err"]}
 
 
 class AlignMixOfficial(AlignMix):
-    """AlignMix as in the official code: input mixup or aligned-feature mixing, 50/50."""
+    """AlignMix as the official training code runs it (shashankvkt/AlignMixup_CVPR22 at ec01a68,
+    imagenet/models/resnet50_classifier.py): per batch input mixup with probability 1/2 (layer_mix 0),
+    else `mixup_aligned` with branch 0 (eq. 12) or branch 1 (A aligned to A', eq. 13) 1/2 each; GAP
+    head on the full layer4 map (7 x 7 at 224 px), Sinkhorn stopping at the code's threshold 0.1."""
 
     def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
-                 modes=("input", "feat"), resolution: int | None = None, dense_loss: bool = False):
-        super().__init__(model, num_classes, alpha, eps, n_iters, modes, resolution, dense_loss)
+                 tol: float | None = 0.1, dense_loss: bool = False):
+        super().__init__(model, num_classes, alpha, eps, n_iters, tol, ("input", "feat", "feat_rev"), "gap",
+                         None, dense_loss)
+
+    def _mode(self) -> str:
+        if self._choice((0, 1)) == 0:  # layer_mix = random.randint(0, 1)
+            return "input"
+        return self._choice(("feat", "feat_rev"))  # align_mix = random.randint(0, 1)
+
+
+class _ResUp(nn.Module):
+    """Residual up-sampling block of the WGAN-GP ResNet generator (Gulrajani et al., 2017):
+    BN-ReLU-up-conv3x3-BN-ReLU-conv3x3 plus an up-sampled 1x1 shortcut."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2, mode="nearest")
+        h = self.conv2(F.relu(self.bn2(self.conv1(h))))
+        return h + self.skip(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class ResidualDecoder(nn.Module):
+    """D: R^d -> images [b, 3, s, s] in [0, 1]: a linear layer to a width x s0 x s0 map (s0 = s halved
+    while even and >= 8: 7 for 224, 4 for 64 / 32), residual up-sampling blocks to s, BN-ReLU-conv3x3
+    and a sigmoid (the residual generator of the paper's AlignMix/AE, with a [0, 1] output)."""
+
+    def __init__(self, embed_dim: int, size: int = 224, width: int = 128):
+        super().__init__()
+        s0, n_up = size, 0
+        while s0 % 2 == 0 and s0 >= 8:
+            s0, n_up = s0 // 2, n_up + 1
+        self.size, self.s0, self.width = size, s0, width
+        self.fc = nn.Linear(embed_dim, width * s0 * s0)
+        self.blocks = nn.Sequential(*[_ResUp(width, width) for _ in range(n_up)])
+        self.bn, self.out = nn.BatchNorm2d(width), nn.Conv2d(width, 3, 3, padding=1)
+
+    def forward(self, e):
+        h = self.fc(e).view(-1, self.width, self.s0, self.s0)
+        return torch.sigmoid(self.out(F.relu(self.bn(self.blocks(h)))))
+
+
+class AlignMixAE(AlignMix):
+    """AlignMix/AE (paper section 4, Algorithm 1): a fifth mode "clean" drawn uniformly with the four
+    AlignMix modes, in which the embedding e = f(F(x)) of the clean images is decoded by a residual
+    decoder D and only the reconstruction loss trains F, f and D; the classifier never sees decoded
+    images. The paper's L_r = ||x - x_hat||^2 is averaged over pixels here (times recon_weight): its
+    sum is ~1e5 times the classification loss at 224 px. decoder_size: the decoder's output side (the
+    training crop; other input sizes are matched by bilinear resizing)."""
+
+    def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
+                 tol: float | None = None, modes=("clean", "input", "feat", "feat_rev", "embedding"),
+                 head: str = "fc", resolution: int | None = 4, decoder_size: int = 224, decoder_width: int = 128,
+                 recon_weight: float = 1.0):
+        super().__init__(model, num_classes, alpha, eps, n_iters, tol, modes, head, resolution)
+        self.decoder = ResidualDecoder(model.fc.in_features, decoder_size, decoder_width)
+        self.recon_weight = recon_weight
+
+    def reconstruct(self, images):
+        x_hat = self.decoder(self.embed(self.tensor_of(self.model.features(images))))
+        if x_hat.shape[-2:] != images.shape[-2:]:
+            x_hat = F.interpolate(x_hat, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        loss = F.mse_loss(x_hat.float(), images.float())
+        return {"loss": self.recon_weight * loss, "stat_recon_mse": float(loss.detach())}
 
 
 METHODS = {
@@ -492,6 +619,7 @@ METHODS = {
     "multi_mix": MultiMixK,
     "alignmix": AlignMix,
     "alignmix_official": AlignMixOfficial,
+    "alignmix_ae": AlignMixAE,
 }
 
 

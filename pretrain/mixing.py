@@ -12,7 +12,9 @@ Conventions
 from __future__ import annotations
 
 import math
+import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -305,12 +307,19 @@ def dense_multimix_loss_from_logits(logits: torch.Tensor, y: torch.Tensor, mhat:
 
 
 @torch.no_grad()
-def sinkhorn(cost: torch.Tensor, eps: float = 0.1, n_iters: int = 100) -> torch.Tensor:
+def sinkhorn(cost: torch.Tensor, eps: float = 0.1, n_iters: int = 100, tol: float | None = None,
+             return_info: bool = False):
     """Entropic OT plan with uniform marginals, in the log domain.
 
-    cost [B, r, r] -> P [B, r, r] = argmin <P, M> - eps H(P) s.t. P 1 = P^T 1 = 1/r, computed with
-    exactly `n_iters` Sinkhorn-Knopp iterations (each a row then a column normalisation) on
-    log K = -M / eps, so raw squared distances with a small eps never underflow. No gradient.
+    cost [B, r, r] -> P [B, r, r] = argmin <P, M> - eps H(P) s.t. P 1 = P^T 1 = 1/r, by Sinkhorn-Knopp
+    (each iteration a row then a column normalisation, so the columns are exact and the rows carry
+    the remaining error) on log K = -M / eps, so raw squared distances with a small eps never
+    underflow. No gradient.
+
+    n_iters: the most iterations. tol: stop early, as the official AlignMix code does (its threshold
+    is 0.1), once eps * mean over the batch of sum_i |change of the row potential| < tol (None: run
+    all n_iters). return_info: also return {"iters", "row_err", "col_err"} with the marginal errors
+    max |r P 1 - 1| and max |r P^T 1 - 1| over the batch, so a user can see whether the plan converged.
     """
     cost = cost.float()
     B, r, c = cost.shape
@@ -319,113 +328,161 @@ def sinkhorn(cost: torch.Tensor, eps: float = 0.1, n_iters: int = 100) -> torch.
     log_b = torch.full((B, c), -math.log(c), device=cost.device)
     u = torch.zeros_like(log_a)
     v = torch.zeros_like(log_b)
+    iters = 0
     for _ in range(n_iters):
+        u_old = u
         u = log_a - torch.logsumexp(logk + v.unsqueeze(1), dim=2)
         v = log_b - torch.logsumexp(logk + u.unsqueeze(2), dim=1)
-    return torch.exp(u.unsqueeze(2) + logk + v.unsqueeze(1))
+        iters += 1
+        if tol is not None and float(eps * (u - u_old).abs().sum(-1).mean()) < tol:
+            break
+    plan = torch.exp(u.unsqueeze(2) + logk + v.unsqueeze(1))
+    if not return_info:
+        return plan
+    info = {"iters": iters, "row_err": float((plan.sum(2) * r - 1).abs().max()),
+            "col_err": float((plan.sum(1) * c - 1).abs().max())}
+    return plan, info
 
 
-def align(a: torch.Tensor, a2: torch.Tensor, eps: float = 0.1, n_iters: int = 100) -> torch.Tensor:
-    """AlignMix eq. (10): A2 aligned to A. a, a2 [b, c, r] -> A2 R^T [b, c, r] with R = r P*,
+def feature_cost(a: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
+    """m_ij = ||a_i - a2_j||^2 between the columns of a, a2 [b, c, r] -> [b, r, r] (eq. 7), computed
+    from differences (not the |a|^2 + |b|^2 - 2ab expansion, which loses digits that exp(-m / 0.1)
+    amplifies)."""
+    d = torch.cdist(a.float().transpose(1, 2), a2.float().transpose(1, 2), compute_mode="donot_use_mm_for_euclid_dist")
+    return d**2
+
+
+def align(a: torch.Tensor, a2: torch.Tensor, eps: float = 0.1, n_iters: int = 100,
+          tol: float | None = None) -> torch.Tensor:
+    """AlignMix eq. (12): A2 aligned to A. a, a2 [b, c, r] -> A2 R^T [b, c, r] with R = r P*,
     P* the Sinkhorn plan for m_ij = ||a_i - a2_j||^2 (detached: no gradient through the plan).
     Column i of the result is a convex combination of A2's columns matched to column i of A.
     """
     r = a.shape[-1]
     with torch.no_grad():
-        cost = torch.cdist(a.detach().float().transpose(1, 2), a2.detach().float().transpose(1, 2)) ** 2
-        plan = sinkhorn(cost, eps, n_iters) * r
+        plan = sinkhorn(feature_cost(a.detach(), a2.detach()), eps, n_iters, tol) * r
     return torch.bmm(a2, plan.transpose(1, 2).to(a2.dtype))
 
 
+def aligned_mix(a: torch.Tensor, perm: torch.Tensor, lam: float, branch: int, eps: float = 0.1,
+                n_iters: int = 100, tol: float | None = None):
+    """AlignMix feature-tensor mixing, as the official `mixup_aligned` (AlignMixup_CVPR22,
+    imagenet/models/resnet50_classifier.py): one plan P for the cost between A (columns of a) and
+    A' = a[perm], R = r P (detached), then
+      branch 0 (eq. 12): lam * A + (1 - lam) * A' R^T   (A' aligned to A),
+      branch 1 (eq. 13): lam * A R + (1 - lam) * A'     (A aligned to A').
+    Either way the target is lam * y + (1 - lam) * y[perm].
+
+    a [b, c, r] -> (mixed [b, c, r], sinkhorn info dict: iters, row_err, col_err).
+    """
+    if branch not in (0, 1):
+        raise ValueError(f"aligned_mix branch must be 0 or 1, got {branch}")
+    a2 = a[perm]
+    r = a.shape[-1]
+    with torch.no_grad():
+        plan, info = sinkhorn(feature_cost(a.detach(), a2.detach()), eps, n_iters, tol, return_info=True)
+        plan = (plan * r).to(a.dtype)
+    if branch == 0:
+        return lam * a + (1 - lam) * torch.matmul(a2, plan.transpose(1, 2)), info
+    return lam * torch.matmul(a, plan) + (1 - lam) * a2, info
+
+
 # --------------------------------------------------------------------------------------------------
-# PuzzleMix pieces: saliency, 3-label mask on a block grid, greedy transport
+# PuzzleMix (Kim et al., ICML 2020), equal to the official code (snu-mllab/PuzzleMix, mixup.py at
+# e2dbf3a: mixup_graph, graphcut_multi, mask_transport, transport_image); tests/test_mixing.py compares
+# every piece with tests/fixtures/puzzlemix_official.npz, produced by running that code.
 # --------------------------------------------------------------------------------------------------
 
 
-def saliency_grid(grad: torch.Tensor, grid: int) -> torch.Tensor:
-    """PuzzleMix saliency: sqrt(mean over channels of grad^2), average-pooled to grid x grid blocks
-    and normalised to sum 1 per image. grad [b, C, h, w] -> [b, grid, grid]."""
-    sal = torch.sqrt((grad.float() ** 2).mean(1, keepdim=True))
-    sal = F.adaptive_avg_pool2d(sal, grid).squeeze(1)
-    return sal / sal.flatten(1).sum(-1).clamp_min(1e-12).view(-1, 1, 1)
+def saliency_map(grad: torch.Tensor) -> torch.Tensor:
+    """PuzzleMix saliency: sqrt(mean over channels of grad^2). grad [b, C, h, w] -> [b, h, w].
+    The official training script differentiates the clean loss (model in eval mode) w.r.t. the
+    *normalised* input, so `grad` is that gradient."""
+    return torch.sqrt(torch.mean(grad**2, dim=1))
 
 
-def block_smoothness(x: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local-statistics pairwise term: mean absolute difference of the pixels on either side of each
-    block boundary. x [b, C, h, w] -> (vertical-neighbour weights [b, grid-1, grid],
-    horizontal-neighbour weights [b, grid, grid-1]), in pixel units (0..1)."""
-    b, _, h, w = x.shape
-    bh, bw = h // grid, w // grid
-    x = x[..., : bh * grid, : bw * grid].float().mean(1)  # [b, H, W]
-    rows_top = x[:, bh - 1: bh * grid - 1: bh, :]  # last row of blocks 0..g-2
-    rows_bot = x[:, bh: bh * grid: bh, :]
-    dv = (rows_top - rows_bot).abs().view(b, grid - 1, grid, bw).mean(-1)
-    cols_l = x[:, :, bw - 1: bw * grid - 1: bw]
-    cols_r = x[:, :, bw: bw * grid: bw]
-    dh = (cols_l - cols_r).abs().view(b, grid, bh, grid - 1).mean(2)
+def saliency_grid(sal: torch.Tensor, grid: int) -> torch.Tensor:
+    """Saliency map [b, h, w] average-pooled to grid x grid blocks (h, w divisible by grid) and
+    normalised to sum 1 per image -> [b, grid, grid]."""
+    b = sal.shape[0]
+    pooled = F.avg_pool2d(sal, sal.shape[-1] // grid)
+    return pooled / pooled.reshape(b, -1).sum(1).reshape(b, 1, 1)
+
+
+def boundary_differences(pix: torch.Tensor, pix2: torch.Tensor, grid: int, neigh_size: int = 2):
+    """Local-statistics term: for every pair of neighbouring blocks (p above/left of q) and every
+    choice of the image each shows, the mean absolute difference across their common boundary of the
+    images average-pooled by `neigh_size` (clipped to the block size).
+
+    pix, pix2 [b, 3, h, w] in pixel units (0..1; the first image and its partner) ->
+    (dv [b, 2, 2, g-1, g], dh [b, 2, 2, g, g-1]); index [s_p, s_q] with 1 = first image, 0 = partner.
+    """
+    block = pix.shape[-1] // grid
+    neigh = min(neigh_size, block)
+    if block % neigh:
+        raise ValueError(f"PuzzleMix: the block side {block} (input {pix.shape[-1]} / grid {grid}) must be a "
+                         f"multiple of neigh_size {neigh} (as in the official code)")
+    k = block // neigh
+    pooled = {1: F.avg_pool2d(pix, neigh), 0: F.avg_pool2d(pix2, neigh)}
+    b = pix.shape[0]
+    dv = pix.new_zeros(b, 2, 2, grid - 1, grid)
+    dh = pix.new_zeros(b, 2, 2, grid, grid - 1)
+    for sp in (0, 1):
+        for sq in (0, 1):
+            top, bot = pooled[sp], pooled[sq]
+            across_v = (top[:, :, :-1, :] - bot[:, :, 1:, :])[:, :, k - 1::k, :]
+            across_h = (top[:, :, :, :-1] - bot[:, :, :, 1:])[:, :, :, k - 1::k]
+            dv[:, sp, sq] = F.avg_pool2d(across_v.abs().mean(1), kernel_size=(1, k))
+            dh[:, sp, sq] = F.avg_pool2d(across_h.abs().mean(1), kernel_size=(k, 1))
     return dv, dh
 
 
-def puzzle_unary(sal1: torch.Tensor, sal2: torch.Tensor, lam: torch.Tensor, eta: float,
-                 n_labels: int = 3) -> torch.Tensor:
-    """Unary costs [b, g, g, L] for mask labels m in linspace(0, 1, L) (m = weight of image 1):
-    -(m s1 + (1 - m) s2) + eta * -log p(m | lam), p = Binomial(L - 1, lam) (the mixing prior).
-    sal1, sal2 [b, g, g] (normalised saliency); lam [b]."""
-    labels = torch.linspace(0, 1, n_labels, device=sal1.device)
-    k = torch.arange(n_labels, device=sal1.device, dtype=torch.float32)
+def mixing_prior(lam: float, n_labels: int = 3, eps: float = 1e-8) -> np.ndarray:
+    """-log p(label) for graph label i (mask value 1 - i / (L-1)): p = Binomial(L-1, lam) of the
+    number of partner halves, C(L-1, i) lam^(L-1-i) (1-lam)^i. float64 [L]."""
     nl = n_labels - 1
-    logc = torch.lgamma(torch.tensor(nl + 1.0)) - torch.lgamma(k + 1) - torch.lgamma(nl - k + 1)
-    lam = lam.float().clamp(1e-6, 1 - 1e-6).view(-1, 1)
-    logp = logc.to(lam.device) + k * torch.log(lam) + (nl - k) * torch.log1p(-lam)  # [b, L]
-    sal = -(labels * sal1.unsqueeze(-1) + (1 - labels) * sal2.unsqueeze(-1))
-    return sal - eta * logp.view(-1, 1, 1, n_labels)
+    p = [math.comb(nl, i) * lam ** (nl - i) * (1 - lam) ** i for i in range(n_labels)]
+    return -np.log(np.array(p) + eps)
 
 
-def grid_labels_icm(unary: torch.Tensor, w_v: torch.Tensor, w_h: torch.Tensor, values: torch.Tensor,
-                    n_sweeps: int = 8) -> torch.Tensor:
-    """Minimise sum_i U_i(l_i) + sum_{ij adjacent} w_ij (v_{l_i} - v_{l_j})^2 on a grid, batched, by
-    iterated conditional modes over the two checkerboard colours (a local minimiser; the fallback
-    when `gco-wrapper`'s alpha-beta swap is not installed).
+def puzzle_energy(sal: torch.Tensor, sal2: torch.Tensor, dv: torch.Tensor, dh: torch.Tensor, lam: float,
+                  beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, n_labels: int = 3):
+    """The integer graph-cut problem of one batch, built like the official `mixup_graph` +
+    `graphcut_multi`: the four-entry pairwise tables (beta * gamma * boundary differences) are split
+    into unary halves plus one edge weight, beta is normalised by 1 / (16 g), the prior by eta / g^2,
+    and everything is multiplied by 1000 g^2 and truncated to int32.
 
-    unary [b, g, g, L], w_v [b, g-1, g], w_h [b, g, g-1], values [L] -> labels [b, g, g] long.
+    sal, sal2 [b, g, g] (normalised saliency of the image and of its partner), dv, dh from
+    `boundary_differences`, lam the prior's weight of the first image ->
+    (unary int32 [b, g, g, L], label distance float32 [L, L], w_v int32 [b, g-1, g], w_h int32 [b, g, g-1]).
+    Graph label i means mask value 1 - i / (L-1) (1 = the first image).
     """
-    b, g, _, L = unary.shape
-    lab = unary.argmin(-1)
-    ii, jj = torch.meshgrid(torch.arange(g, device=unary.device), torch.arange(g, device=unary.device),
-                            indexing="ij")
-    colours = [(ii + jj) % 2 == 0, (ii + jj) % 2 == 1]
-    vals = values.to(unary.dtype)
-    for _ in range(n_sweeps):
-        for colour in colours:
-            v = vals[lab]  # [b, g, g] current values
-            cost = unary.clone()
-            diff = vals.view(1, 1, 1, L)  # candidate values
-            # neighbour above / below / left / right
-            cost[:, 1:] += w_v.unsqueeze(-1) * (diff - v[:, :-1].unsqueeze(-1)) ** 2
-            cost[:, :-1] += w_v.unsqueeze(-1) * (diff - v[:, 1:].unsqueeze(-1)) ** 2
-            cost[:, :, 1:] += w_h.unsqueeze(-1) * (diff - v[:, :, :-1].unsqueeze(-1)) ** 2
-            cost[:, :, :-1] += w_h.unsqueeze(-1) * (diff - v[:, :, 1:].unsqueeze(-1)) ** 2
-            lab = torch.where(colour, cost.argmin(-1), lab)
-    return lab
-
-
-def grid_labels_gco(unary: torch.Tensor, w_v: torch.Tensor, w_h: torch.Tensor, values: torch.Tensor):
-    """The same energy as `grid_labels_icm`, solved by gco-wrapper's alpha-beta swap graph cut
-    (`pip install gco-wrapper`). Raises ImportError when it is not installed."""
-    import gco  # noqa: PLC0415  (optional extra)
-    import numpy as np
-
-    scale = 1000.0 * unary.shape[1] ** 2  # gco works on integers
-    vals = values.detach().cpu().double()
-    pair = ((vals.view(-1, 1) - vals.view(1, -1)) ** 2).numpy()
-    out = []
-    cpu = [t.detach().cpu().double() for t in (unary, w_v, w_h)]
-    for u, v, h in zip(*cpu):
-        lab = gco.cut_grid_graph((scale * u).numpy().astype(np.int32), (scale * pair).astype(np.int32) // 1,
-                                 (scale * v).numpy().astype(np.int32), (scale * h).numpy().astype(np.int32),
-                                 algorithm="swap")
-        out.append(torch.as_tensor(np.asarray(lab).reshape(u.shape[:2])))
-    return torch.stack(out).to(unary.device).long()
+    g = sal.shape[-1]
+    beta = beta / g / 16
+    dv = beta * gamma * dv
+    dh = beta * gamma * dh
+    show1, show2 = sal2.clone(), sal.clone()  # cost of a block showing the first image / the partner
+    for tab, first, second in ((dv, (slice(None), slice(None, -1)), (slice(None), slice(1, None))),
+                               (dh, (slice(None), slice(None), slice(None, -1)),
+                                (slice(None), slice(None), slice(1, None)))):
+        # p (above / left) showing image s_p pays the mean over q's choice; q likewise over p's
+        show1[first] += (tab[:, 1, 0] + tab[:, 1, 1]) / 2.0
+        show2[first] += (tab[:, 0, 1] + tab[:, 0, 0]) / 2.0
+        show1[second] += (tab[:, 0, 1] + tab[:, 1, 1]) / 2.0
+        show2[second] += (tab[:, 1, 0] + tab[:, 0, 0]) / 2.0
+    w_v = (dv[:, 1, 0] + dv[:, 0, 1] - dv[:, 1, 1] - dv[:, 0, 0]) / 2
+    w_h = (dh[:, 1, 0] + dh[:, 0, 1] - dh[:, 1, 1] - dh[:, 0, 0]) / 2
+    large = 1000 * g**2
+    prior = eta * mixing_prior(lam, n_labels) / g**2
+    s1 = show1.detach().cpu().numpy().astype(np.float64)
+    s2 = show2.detach().cpu().numpy().astype(np.float64)
+    steps = np.linspace(0, 1, n_labels)
+    unary = (large * np.stack([(1 - t) * s1 + t * s2 + prior[i] for i, t in enumerate(steps)], -1)).astype(np.int32)
+    idx = np.arange(n_labels)
+    dist = ((idx[:, None] - idx[None, :]) ** 2 / (n_labels - 1) ** 2).astype(np.float32)
+    w_v = (large * (w_v.detach().cpu().numpy() + beta)).astype(np.int32)
+    w_h = (large * (w_h.detach().cpu().numpy() + beta)).astype(np.int32)
+    return unary, dist, w_v, w_h
 
 
 def have_gco() -> bool:
@@ -436,74 +493,262 @@ def have_gco() -> bool:
     return True
 
 
-def greedy_transport(sal: torch.Tensor, mask: torch.Tensor, t_eps: float = 0.8) -> torch.Tensor:
-    """PuzzleMix transport, greedy: move salient blocks of an image to where its mask reveals it.
+def _cut_gco(unary, dist, w_v, w_h) -> np.ndarray:
+    import gco  # noqa: PLC0415  (optional: pip install gco-wrapper)
 
-    Cost of moving block i to place j: t_eps * |pos_i - pos_j|_1 / g - sal_i * mask_j (mask = weight
-    of this image at j). Rows pick their cheapest free column, conflicts go to the cheapest row, until
-    every block is placed. sal, mask [b, g, g] -> perm [b, g*g]: place j receives block perm[:, j].
+    return np.asarray(gco.cut_grid_graph(unary, dist, w_v, w_h, algorithm="swap")).reshape(unary.shape[:2])
+
+
+def _gco_integer_terms(unary, dist, w_v, w_h):
+    """The integers gco-wrapper hands to GCO for these arrays: a float label-distance matrix makes it
+    treat the problem as real-valued and scale unaries by 1e5, edge weights by 1e3 and the distance
+    by 1e2 (int32 arithmetic, as numpy does it)."""
+    g, _, L = unary.shape
+    u = (unary.reshape(g * g, L) * 100000).astype(np.intc).astype(np.int64)
+    w = (np.r_[w_v.flatten(), w_h.flatten()] * 1000).astype(np.intc).astype(np.int64)
+    v = (dist * 100).astype(np.intc).astype(np.int64)
+    ids = np.arange(g * g).reshape(g, g)
+    src = np.r_[ids[:-1, :].flatten(), ids[:, :-1].flatten()]
+    dst = np.r_[ids[1:, :].flatten(), ids[:, 1:].flatten()]
+    return u, v, w, src, dst
+
+
+_ALL_BITS: dict = {}
+
+
+def _sink_side_small(m: int, diff, pi, qi, cw) -> np.ndarray:
+    """`_binary_cut` by Edmonds-Karp on Python integers (shortest augmenting paths), then the nodes
+    that can reach the sink in the residual graph."""
+    s, t = m, m + 1
+    res: list[dict] = [{} for _ in range(m + 2)]
+
+    def add(a, b, c):
+        res[a][b] = res[a].get(b, 0) + c
+        res[b].setdefault(a, 0)
+
+    for p, d in enumerate(diff.tolist()):
+        if d > 0:
+            add(s, p, d)
+        elif d < 0:
+            add(p, t, -d)
+    for a, b, c in zip(pi.tolist(), qi.tolist(), cw.tolist()):
+        if c > 0:
+            add(a, b, c)
+            add(b, a, c)
+    while True:
+        parent, queue = {s: s}, [s]
+        for x in queue:
+            for y, c in res[x].items():
+                if c > 0 and y not in parent:
+                    parent[y] = x
+                    queue.append(y)
+            if t in parent:
+                break
+        if t not in parent:
+            break
+        f, y = None, t
+        while y != s:
+            x = parent[y]
+            f = res[x][y] if f is None else min(f, res[x][y])
+            y = x
+        y = t
+        while y != s:
+            x = parent[y]
+            res[x][y] -= f
+            res[y][x] += f
+            y = x
+    reach, queue = {t}, [t]
+    for y in queue:
+        for x in res[y]:  # neighbours (every edge has its reverse entry)
+            if x not in reach and res[x][y] > 0:
+                reach.add(x)
+                queue.append(x)
+    return np.array([p in reach for p in range(m)], dtype=bool)
+
+
+def _binary_cut(diff: np.ndarray, pi: np.ndarray, qi: np.ndarray, cw: np.ndarray) -> np.ndarray:
+    """argmin over x in {0, 1}^m of sum_p diff_p x_p + sum_e cw_e [x_pi != x_qi] (cw >= 0), and among
+    the minimisers the one with the fewest ones: the labels that can reach the sink in the residual
+    graph of a max flow (what Boykov-Kolmogorov's maxflow labels SINK; the same set for every max flow).
+    Exhaustive for m <= 12, a small Edmonds-Karp for m <= 64 (cheaper than scipy's call overhead
+    there), else scipy's max-flow. -> bool [m] (True = 1)."""
+    m = diff.shape[0]
+    if m <= 12:
+        if m not in _ALL_BITS:
+            _ALL_BITS[m] = ((np.arange(2**m)[:, None] >> np.arange(m)[None, :]) & 1).astype(np.int64)
+        bits = _ALL_BITS[m]
+        e = bits @ diff + (bits[:, pi] != bits[:, qi]).astype(np.int64) @ cw
+        best = bits[e == e.min()]
+        return best.min(0).astype(bool)  # the intersection of the minimisers is one too (lattice)
+    if m <= 64:
+        return _sink_side_small(m, diff, pi, qi, cw)
+    import scipy.sparse as sp  # noqa: PLC0415
+    from scipy.sparse.csgraph import maximum_flow  # noqa: PLC0415
+
+    s, t = m, m + 1
+    cap = np.zeros((m + 2, m + 2), np.int64)
+    cap[s, :m] = np.maximum(diff, 0)  # cut when p takes 1 (sink side)
+    cap[:m, t] = np.maximum(-diff, 0)  # cut when p takes 0 (source side)
+    np.add.at(cap, (pi, qi), cw)
+    np.add.at(cap, (qi, pi), cw)
+    if cap.max() >= 2**31:
+        raise OverflowError("PuzzleMix fallback: a graph-cut capacity exceeds int32 (as it would in GCO)")
+    flow = maximum_flow(sp.csr_matrix(cap.astype(np.int32)), s, t).flow.toarray()
+    residual = (cap - flow) > 0  # flow is antisymmetric: reverse edges gain the flow
+    reach = np.zeros(m + 2, bool)
+    reach[t] = True
+    while True:
+        grown = reach | residual[:, reach].any(1)
+        if (grown == reach).all():
+            break
+        reach = grown
+    return reach[:m]
+
+
+def _cut_swap(unary, dist, w_v, w_h) -> np.ndarray:
+    """The built-in fallback: GCO's alpha-beta swap (initial labels 0; per cycle the pairs (a, b) in
+    GCO's order; each move an exact min cut; the labels that can still reach the sink in the residual
+    graph take b, as in Boykov-Kolmogorov's maxflow; cycles until the energy stops decreasing) on the
+    same integer energy, with scipy's max-flow."""
+    u, v, w, src, dst = _gco_integer_terms(unary, dist, w_v, w_h)
+    n, L = u.shape
+    lab = np.zeros(n, np.int64)
+    rows = np.arange(n)
+
+    def energy(lab):
+        return int(u[rows, lab].sum() + (w * v[lab[src], lab[dst]]).sum())
+
+    def move(a, b):
+        act = (lab == a) | (lab == b)
+        m = int(act.sum())
+        if m == 0:
+            return
+        ids = np.flatnonzero(act)
+        loc = np.full(n, -1)
+        loc[ids] = np.arange(m)
+        e0, e1 = u[ids, a].copy(), u[ids, b].copy()
+        inner = act[src] & act[dst]
+        for x, y in ((src, dst), (dst, src)):  # edges to fixed neighbours become unary terms
+            half = act[x] & ~act[y]
+            np.add.at(e0, loc[x[half]], w[half] * v[a, lab[y[half]]])
+            np.add.at(e1, loc[x[half]], w[half] * v[b, lab[y[half]]])
+        diff = e1 - e0  # extra cost of taking b
+        pi, qi, cw = loc[src[inner]], loc[dst[inner]], w[inner] * v[a, b]
+        lab[ids] = np.where(_binary_cut(diff, pi, qi, cw), b, a)
+
+    pairs = [(i, j) for i in range(L) for j in range(L - 1, -1, -1) if i < j]
+    e_new, e_old = energy(lab), None
+    while e_old is None or e_old > e_new:
+        e_old = e_new
+        for a, b in pairs:
+            move(a, b)
+        e_new = energy(lab)
+    return lab.reshape(unary.shape[:2])
+
+
+_POOL: dict = {}
+
+
+def _pool(threads: int):
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    if threads not in _POOL:
+        _POOL[threads] = ThreadPoolExecutor(threads)
+    return _POOL[threads]
+
+
+def grid_labels(unary, dist, w_v, w_h, solver: str = "auto", threads: int | None = None) -> np.ndarray:
+    """Solve the b graph cuts of `puzzle_energy`'s output -> labels int [b, g, g].
+    solver: "gco" (gco-wrapper's alpha-beta swap, what the authors call), "swap" (the built-in
+    re-implementation of the same algorithm on the same integers) or "auto" (gco if installed).
+    threads: solve the b problems in a thread pool (gco releases the GIL); None = min(b, cpu count)."""
+    if solver == "auto":
+        solver = "gco" if have_gco() else "swap"
+    if solver not in ("gco", "swap"):
+        raise ValueError(f"unknown PuzzleMix solver {solver!r}; valid: auto, gco, swap")
+    fn = _cut_gco if solver == "gco" else _cut_swap
+    b = unary.shape[0]
+    threads = min(b, os.cpu_count() or 1) if threads is None else threads
+    if threads <= 1 or b == 1:
+        return np.stack([fn(unary[i], dist, w_v[i], w_h[i]) for i in range(b)])
+    return np.stack(list(_pool(threads).map(fn, unary, [dist] * b, w_v, w_h)))
+
+
+def puzzle_mask(sal: torch.Tensor, sal2: torch.Tensor, dv: torch.Tensor, dh: torch.Tensor, lam: float,
+                beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, n_labels: int = 3,
+                solver: str = "auto", threads: int | None = None) -> torch.Tensor:
+    """The PuzzleMix mask [b, g, g] (values in {0, 1/(L-1), ..., 1}, 1 = the first image): the
+    official `graphcut_multi` on the energy of `puzzle_energy`."""
+    lab = grid_labels(*puzzle_energy(sal, sal2, dv, dh, lam, beta, gamma, eta, n_labels), solver, threads)
+    return 1.0 - torch.as_tensor(lab, dtype=torch.float32, device=sal.device) / (n_labels - 1)
+
+
+def transport_cost(g: int, device=None) -> torch.Tensor:
+    """Squared grid distance between block positions / (g - 1)^2. -> [g*g, g*g] float32."""
+    pos = torch.stack(torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij"), -1).view(-1, 2)
+    d2 = ((pos.unsqueeze(1) - pos.unsqueeze(0)) ** 2).sum(-1)
+    return (d2.float() / (g - 1) ** 2).to(device)
+
+
+def transport_plan(sal: torch.Tensor, mask: torch.Tensor, t_eps: float = 0.8) -> torch.Tensor:
+    """PuzzleMix transport (official `mask_transport`): cost of moving block i to place j is
+    t_eps * |pos_i - pos_j|^2 / (g-1)^2 - sal_i * 1[mask_j > 0]; g rounds of: every block picks its
+    cheapest place, each place keeps the row of the lowest entry of its column of (claims * cost), losers
+    pay +1 on that place. The last round's winners are the plan. As in the official code a place
+    whose claims all cost >= 0 ties with the zeros of the non-claims and goes to row 0 (to nobody
+    unless block 0 claimed it); such places are invisible to this image (mask 0) in practice.
+
+    sal, mask [b, g, g] -> plan [b, g*g, g*g] in {0, 1}: plan[i, j] = 1 moves block i to place j;
+    a row may be empty (block dropped) and a column too (place left empty).
     """
     b, g, _ = sal.shape
     n = g * g
-    pos = torch.stack(torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij"), -1).view(n, 2)
-    dist = (pos.unsqueeze(1) - pos.unsqueeze(0)).abs().sum(-1).to(sal.device, torch.float32) / g
-    cost = t_eps * dist - sal.float().view(b, n, 1) * mask.float().view(b, 1, n)
-    big = float("inf")
-    src_of = torch.full((b, n), -1, dtype=torch.long, device=sal.device)
-    row_free = torch.ones(b, n, dtype=torch.bool, device=sal.device)
-    col_free = torch.ones(b, n, dtype=torch.bool, device=sal.device)
-    for _ in range(n):
-        if not row_free.any():
-            break
-        c = cost.masked_fill(~col_free.unsqueeze(1), big).masked_fill(~row_free.unsqueeze(2), big)
-        best_col = c.argmin(2)  # [b, n] each row's choice
-        best_val = c.gather(2, best_col.unsqueeze(2)).squeeze(2)
-        # for each column, the cheapest row that chose it wins
-        claim = torch.full((b, n, n), big, device=sal.device)
-        claim.scatter_(2, best_col.unsqueeze(2), best_val.unsqueeze(2))
-        claim = claim.masked_fill(~row_free.unsqueeze(2), big)
-        win_val, win_row = claim.min(1)  # per column
-        won = torch.isfinite(win_val)
-        if not won.any():
-            break
-        bi, cj = won.nonzero(as_tuple=True)
-        ri = win_row[bi, cj]
-        src_of[bi, cj] = ri
-        row_free[bi, ri] = False
-        col_free[bi, cj] = False
-    # anything left (cannot happen with finite costs) keeps the identity on free slots
-    if (src_of < 0).any():
-        for i in range(b):
-            rows = row_free[i].nonzero().flatten()
-            cols = col_free[i].nonzero().flatten()
-            src_of[i, cols] = rows
-    return src_of
+    visible = (mask > 0).float().reshape(-1, 1, n)
+    cost = t_eps * transport_cost(g, sal.device).unsqueeze(0) - sal.reshape(-1, n, 1) * visible
+    win = torch.zeros_like(cost)
+    for _ in range(g):
+        pick = torch.zeros_like(cost).scatter_(-1, cost.min(-1)[1].unsqueeze(-1), 1)
+        claimed = pick * cost
+        win = torch.zeros_like(cost).scatter_(-2, claimed.min(-2)[1].unsqueeze(-2), 1) * pick
+        cost += (1 - win) * pick
+    return win
 
 
-def permute_blocks(x: torch.Tensor, perm: torch.Tensor, grid: int) -> torch.Tensor:
-    """Rearrange grid x grid blocks of images: block j of the output is block perm[:, j] of x.
-    x [b, C, h, w] (h, w divisible by grid), perm [b, grid*grid]."""
+def apply_transport(x: torch.Tensor, plan: torch.Tensor, grid: int, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Move blocks of x [b, C, h, w] by plan [b, g*g, g*g] (block i to place j where plan[i, j] = 1);
+    places that receive nothing take `fill` (the official code leaves them 0 in the normalised input,
+    i.e. the dataset mean: pass the mean [1, C, 1, 1] when x is in pixel units)."""
     b, C, h, w = x.shape
     bh, bw = h // grid, w // grid
-    blocks = x.view(b, C, grid, bh, grid, bw).permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, C, bh, bw)
-    idx = perm.view(b, -1, 1, 1, 1).expand(-1, -1, C, bh, bw)
-    out = blocks.gather(1, idx)
-    return out.view(b, grid, grid, C, bh, bw).permute(0, 3, 1, 4, 2, 5).reshape(b, C, h, w)
+    blocks = x.reshape(b, C, grid, bh, grid, bw).permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, C, bh, bw)
+    has, src = plan.max(1)  # per place: is it filled, and by which block
+    out = blocks.gather(1, src.view(b, -1, 1, 1, 1).expand(-1, -1, C, bh, bw))
+    out = out.view(b, grid, grid, C, bh, bw).permute(0, 3, 1, 4, 2, 5).reshape(b, C, h, w)
+    filled = has.view(b, 1, grid, 1, grid, 1).expand(b, 1, grid, bh, grid, bw).reshape(b, 1, h, w) > 0
+    fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device)
+    return torch.where(filled, out, fill.expand_as(out) if fill.ndim else fill)
 
 
-def puzzle_mask(sal1: torch.Tensor, sal2: torch.Tensor, lam: torch.Tensor, w_v: torch.Tensor,
-                w_h: torch.Tensor, eta: float = 0.2, n_labels: int = 3, solver: str = "auto") -> torch.Tensor:
-    """PuzzleMix mask [b, g, g] with values in linspace(0, 1, n_labels) (weight of image 1),
-    minimising saliency + prior unaries and smoothness pairwise terms (w_v, w_h already include
-    beta and gamma). solver: "gco" (graph cut, needs gco-wrapper), "icm", or "auto" (gco if installed)."""
-    values = torch.linspace(0, 1, n_labels, device=sal1.device)
-    unary = puzzle_unary(sal1, sal2, lam, eta, n_labels)
-    if solver == "auto":
-        solver = "gco" if have_gco() else "icm"
-    if solver == "gco":
-        lab = grid_labels_gco(unary, w_v, w_h, values)
-    elif solver == "icm":
-        lab = grid_labels_icm(unary, w_v, w_h, values)
-    else:
-        raise ValueError(f"unknown PuzzleMix solver {solver!r}; valid: auto, gco, icm")
-    return values[lab]
+def puzzle_mix(x: torch.Tensor, sal_map: torch.Tensor, perm: torch.Tensor, grid: int, lam: float,
+               beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2, n_labels: int = 3,
+               transport: bool = True, t_eps: float = 0.8, solver: str = "auto", pixels: torch.Tensor | None = None,
+               fill: torch.Tensor | float = 0.0, threads: int | None = None):
+    """One PuzzleMix batch, as the official `mixup_graph` (t_size = block size, no adversarial noise).
+
+    x [b, C, h, w] the images that are mixed; sal_map [b, h, w] (`saliency_map`); perm [b]; grid g
+    dividing h = w; lam the mixing weight of the prior. pixels: x in pixel units (0..1) for the
+    smoothness term (default x); fill: the value of an empty transport place (see `apply_transport`).
+    -> (mixed [b, C, h, w], ratio [b] = mask mean = label weight of x, mask [b, g, g]).
+    """
+    pixels = x if pixels is None else pixels
+    sal = saliency_grid(sal_map, grid)
+    sal2 = sal[perm]
+    dv, dh = boundary_differences(pixels, pixels[perm], grid, neigh_size)
+    mask = puzzle_mask(sal, sal2, dv, dh, lam, beta, gamma, eta, n_labels, solver, threads)
+    a, a2 = x, x[perm]
+    if transport:
+        a = apply_transport(a, transport_plan(sal, mask, t_eps), grid, fill)
+        a2 = apply_transport(a2, transport_plan(sal2, 1 - mask, t_eps), grid, fill)
+    up = F.interpolate(mask.unsqueeze(1), size=x.shape[-1])
+    ratio = up.reshape(x.shape[0], -1).mean(-1)
+    return up * a + (1 - up) * a2, ratio, mask

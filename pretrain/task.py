@@ -195,20 +195,19 @@ class PretrainTask(Task):
 
     @torch.no_grad()
     def evaluate(self, precision: str) -> dict:
-        model = self.net
-        model.eval()
+        self.model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # n, top1, top5, loss
         for images, labels in self._val_loader():
             images, labels = self.to_device((images, labels), self.device, False)
             with rt.autocast(self.device, precision):
-                logits = model(images).float()
+                logits = self.model.predict(images).float()  # the network's fc unless the method has its own head
             hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.view(-1, 1)
             sums += torch.stack([torch.tensor(float(len(labels)), device=self.device),
                                  hit[:, :1].any(1).sum().double(), hit.any(1).sum().double(),
                                  torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()])
         if self.world > 1:
             dist.all_reduce(sums)
-        model.train()
+        self.model.train()
         n = max(sums[0].item(), 1.0)
         return {"val_top1": 100 * sums[1].item() / n, "val_top5": 100 * sums[2].item() / n,
                 "val_loss": sums[3].item() / n}
@@ -233,10 +232,18 @@ class PretrainTask(Task):
                 **self.plan, "device": str(self.device), "precision": engine.precision,
                 "train_images": self.sampler.steps * self.sampler.global_batch,
                 "steps_per_epoch": self.steps_per_epoch, "torch_threads": torch.get_num_threads(),
-                "puzzlemix_solver": "gco" if have_gco() else "icm (gco-wrapper not installed)", "config": self.cfg}
+                "puzzlemix_solver": puzzlemix_solver(self.cfg["method"]), "config": self.cfg}
         if self.cfg["runtime"]["flops"]:
             head["flops_per_image"] = fvcore_flops(self.net, self.cfg["data"]["crop_size"])
         return head
+
+
+def puzzlemix_solver(method_cfg: dict) -> str:
+    """The PuzzleMix graph-cut solver a run uses (logged in the header)."""
+    asked = method_cfg.get("solver", (method_cfg.get("puzzle") or {}).get("solver", "auto"))
+    if asked == "swap" or (asked == "auto" and not have_gco()):
+        return "swap (built-in alpha-beta swap" + ("" if have_gco() else "; gco-wrapper not installed") + ")"
+    return "gco"
 
 
 def crop_size_at(epoch: int, data: dict) -> int:

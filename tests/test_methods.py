@@ -35,6 +35,7 @@ def test_registry_errors_list_valid_names():
     with pytest.raises(ValueError, match="valid: .*alpha_high"):
         build_method("multimix", ResNetStages("resnet18", C), C, nn=5)
     assert method_knobs("multimix")["n"] == 1000 and method_knobs("alignmix")["eps"] == 0.1
+    assert method_knobs("alignmix")["head"] == "fc" and method_knobs("alignmix_official")["tol"] == 0.1
     assert method_knobs("dense_multimix")["attention"] == "gap_l1relu"
 
 
@@ -105,14 +106,16 @@ def test_embedding_mixing_by_logits_equals_mixing_embeddings(batch):
 
 VARIANTS = [
     ("erm", {}), ("erm", {"dense_loss": True}), ("input_mixup", {}), ("manifold_mixup", {}),
-    ("cutmix", {}), ("puzzlemix", {"solver": "icm"}), ("multimix", {"prob": 1.0}),
+    ("cutmix", {}), ("puzzlemix", {"solver": "swap"}), ("puzzlemix", {}), ("multimix", {"prob": 1.0}),
     ("multimix", {"prob": 1.0, "m": 3, "dense_loss": True}), ("dense_multimix", {"prob": 1.0}),
     ("dense_multimix", {"prob": 1.0, "attention": "cam_softmax"}),
     ("multi_mix", {"base": "input", "k": 3}), ("multi_mix", {"base": "manifold", "k": 3}),
     ("multi_mix", {"base": "cutmix", "k": 3}), ("multi_mix", {"base": "puzzlemix", "k": 2}),
     ("multi_mix", {"base": "manifold", "k": 2, "large_batch": True}),
-    ("alignmix", {"modes": ["feat"]}), ("alignmix", {"modes": ["feat_rev"], "dense_loss": True}),
-    ("alignmix_official", {}),
+    ("alignmix", {"modes": ["feat"], "resolution": 1}), ("alignmix", {"modes": ["feat_rev"], "resolution": 1}),
+    ("alignmix", {"modes": ["feat_rev"], "head": "gap", "dense_loss": True}),
+    ("alignmix_official", {}), ("alignmix_ae", {"modes": ["clean"], "resolution": 1, "decoder_size": 32}),
+    ("alignmix_ae", {"resolution": 1, "decoder_size": 32}),
 ]
 
 
@@ -146,17 +149,136 @@ def test_bench_returns_ratios():
                              methods=["multimix"], clock="process")
     assert set(out["step_time_ratio"]) == {"erm", "multimix"} and out["step_time_ratio"]["erm"] == 1.0
     assert out["targets"]["multimix"]["target"] == 1.03
+    out = run_pretrain_bench(arch="resnet18", batch=4, size=32, num_classes=10, repeats=1, warmup=0,
+                             methods=["puzzlemix", "puzzlemix_swap"], clock="process")
+    assert out["targets"]["puzzlemix_swap"]["target"] == 2.0  # the built-in solver is always timed
+    assert ("puzzlemix" in out["step_time_ratio"]) == mx.have_gco()
 
 
 def test_alignmix_feat_with_lam_one_is_clean_and_modes_validated(batch):
     images, labels = batch
-    m = make("alignmix", modes=["feat"], alpha=1.0).eval()
+    m = make("alignmix", modes=["feat"], alpha=1.0, resolution=2).eval()
     with pytest.raises(ValueError, match="valid"):
         make("alignmix", modes=["pixels"])
-    # with lam forced to 1 the aligned partner has no weight: loss = clean cross-entropy
+    with pytest.raises(ValueError, match="resolution 4 is larger"):
+        make("alignmix")(images, labels)  # 64 px -> 2 x 2 map, the paper's 4 x 4 cannot be pooled from it
+    # with lam forced to 1 the aligned partner has no weight: loss = clean cross-entropy of the fc head
     m._beta = lambda a: 1.0
-    clean = torch.nn.functional.cross_entropy(m.model(images), labels)
+    clean = torch.nn.functional.cross_entropy(m.predict(images), labels)
     assert m(images, labels)["loss"].item() == pytest.approx(clean.item(), rel=1e-5)
 
 
+def test_alignmix_fc_head_is_the_papers_stage2_encoder_outside_the_backbone(batch):
+    import torchvision
+
+    images, labels = batch
+    m = make("alignmix", resolution=2).eval()
+    assert m.encoder2.in_features == 512 * 2 * 2 and m.encoder2.out_features == 512
+    keys = list(m.model.net.state_dict())
+    assert keys == list(torchvision.models.resnet18(num_classes=C).state_dict())  # exported backbone unchanged
+    assert "encoder2.weight" in m.state_dict() and not any("encoder2" in k for k in keys)
+    a = m.model.features(images)  # 2 x 2 already
+    ref = m.model.fc(m.encoder2(a.flatten(1)))
+    assert torch.allclose(m.predict(images), ref, atol=1e-6)
+    # on a 7 x 7 map the tensor is average-pooled to the paper's 4 x 4 first
+    big = make("alignmix", resolution=4)
+    assert big.tensor_of(torch.rand(2, 512, 7, 7)).shape == (2, 512, 4, 4)
+
+
+def test_gap_head_aligned_mixing_equals_embedding_mixing(batch):
+    """With a GAP head the alignment is invisible (columns of R sum to 1): the feat mode's loss equals
+    embedding mixup's with the same draws, to 1e-6. With the paper's fc head it is not. The feature
+    maps are crafted so that each partner is its example mirrored (R is a permutation, not identity;
+    a randomly initialised ResNet's maps are position-dominated and align to the identity)."""
+    images, labels = batch
+    torch.manual_seed(3)
+    half = torch.relu(torch.randn(4, 512, 2, 2))
+    feats = torch.cat([half, half.flip(-1)])
+    losses = {}
+    for head in ("gap", "fc"):
+        for mode in ("feat", "embedding"):
+            m = make("alignmix", modes=[mode], head=head, resolution=2).eval()
+            m.model.features = lambda x: feats
+            m._perm = lambda b: torch.tensor([4, 5, 6, 7, 0, 1, 2, 3])
+            m.generator.manual_seed(4)
+            losses[head, mode] = m(images, labels)["loss"].item()
+    assert losses["gap", "feat"] == pytest.approx(losses["gap", "embedding"], abs=1e-6)
+    assert abs(losses["fc", "feat"] - losses["fc", "embedding"]) > 1e-3
+
+
+def test_alignmix_official_modes_and_step_equal_the_official_code(batch):
+    """Official resnet50_classifier.py: layer_mix = randint(0, 1) (0: input mixup), else mixup_aligned
+    with align_mix = randint(0, 1): input 1/2, branch 0 1/4, branch 1 1/4. One step replayed with the
+    pure functions (the official mixup_aligned is pinned by tests/test_mixing.py's fixtures)."""
+    from collections import Counter
+
+    images, labels = batch
+    m = make("alignmix_official").eval()
+    m.generator.manual_seed(0)
+    freq = Counter(m._mode() for _ in range(4000))
+    assert freq["input"] / 4000 == pytest.approx(0.5, abs=0.03)
+    assert freq["feat"] / 4000 == pytest.approx(0.25, abs=0.03)
+    assert freq["feat_rev"] / 4000 == pytest.approx(0.25, abs=0.03)
+    for seed in range(40):  # find a branch-1 step
+        m.generator.manual_seed(seed)
+        if m._mode() == "feat_rev":
+            break
+    m.generator.manual_seed(seed)
+    out = m(images, labels)
+    g = torch.Generator().manual_seed(seed)
+    torch.randint(2, (), generator=g), torch.randint(2, (), generator=g)
+    lam = float(mx.sample_beta(2.0, 2.0, (), g))
+    perm = torch.randperm(8, generator=g)
+    a = m.model.features(images)
+    mixed, info = mx.aligned_mix(a.flatten(2), perm, lam, 1, 0.1, 100, tol=0.1)
+    y = mx.one_hot(labels, C)
+    ref = mx.soft_cross_entropy(m.model.fc(mixed.mean(-1)), lam * y + (1 - lam) * y[perm])
+    assert out["loss"].item() == pytest.approx(ref.item(), rel=1e-5)
+    assert out["stat_sinkhorn_iters"] == info["iters"] and "stat_sinkhorn_row_err" in out
+
+
+def test_alignmix_ae_clean_case_trains_the_autoencoder_only(batch):
+    images, labels = batch
+    m = make("alignmix_ae", modes=["clean"], resolution=2, decoder_size=64)
+    out = m(images, labels)
+    x_hat = m.decoder(m.embed(m.tensor_of(m.model.features(images))))
+    assert x_hat.shape == images.shape
+    assert out["loss"].item() == pytest.approx(torch.nn.functional.mse_loss(x_hat, images).item(), rel=1e-5)
+    out["loss"].backward()
+    assert m.model.fc.weight.grad is None  # the classifier is not in the clean case
+    assert m.decoder.fc.weight.grad is not None and m.encoder2.weight.grad is not None
+    m.zero_grad(set_to_none=True)
+    mixed = make("alignmix_ae", modes=["feat"], resolution=2, decoder_size=64)
+    mixed(images, labels)["loss"].backward()
+    assert mixed.decoder.fc.weight.grad is None  # decoded images never reach the classifier
+    # the fifth case is drawn uniformly with the four AlignMix cases
+    assert make("alignmix_ae", resolution=2).modes == ("clean", "input", "feat", "feat_rev", "embedding")
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def test_puzzlemix_saliency_as_the_official_script(batch):
+    """Official train.py: model.eval(), mean cross-entropy of the clean batch, gradient w.r.t. the
+    normalised input, sqrt(mean_c grad^2); BatchNorm statistics untouched, train mode restored."""
+    import copy
+
+    import torchvision
+
+    from pretrain.methods import IMAGENET_MEAN, IMAGENET_STD, _puzzle_saliency
+
+    images, labels = batch
+    m = make("puzzlemix").train()
+    before = copy.deepcopy(m.model.net.state_dict())
+    sal = _puzzle_saliency(m, images, labels)
+    assert m.model.training
+    for k, v in m.model.net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    ref = torchvision.models.resnet18(num_classes=C)
+    ref.load_state_dict(before)
+    ref.eval()
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    xn = ((images - mean) / std).requires_grad_(True)
+    torch.nn.functional.cross_entropy(ref(xn), labels).backward()
+    expect = torch.sqrt(torch.mean(xn.grad**2, dim=1))
+    assert torch.allclose(sal, expect, rtol=1e-4, atol=1e-9 + 1e-4 * expect.abs().max().item())

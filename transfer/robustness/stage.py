@@ -58,7 +58,8 @@ def evaluate_kwargs(cfg: dict) -> dict:
                 pgd_eps=parse_eps(cfg["pgd_eps"]), pgd_step=parse_eps(cfg["pgd_step"]), pgd_iters=cfg["pgd_iters"],
                 pgd_random_start=cfg["pgd_random_start"], gaussian_std=cfg["gaussian_std"],
                 cam_threshold=cfg["cam_threshold"], iou_threshold=cfg["iou_threshold"], iou_op=cfg["iou_op"],
-                ood_threshold=cfg["ood_threshold"], ood_noise=tuple(s for s in str(cfg["ood_noise"] or "").split(",") if s))
+                ood_threshold=cfg["ood_threshold"],
+                ood_noise=tuple(s for s in str(cfg["ood_noise"] or "").split(",") if s))
 
 
 def run(cfg: dict, inputs: dict, run_dir) -> dict:
