@@ -238,7 +238,6 @@ def test_voc_files_and_cli(voc_tree):
     ("im1 0.5 1 1 10", "expected 'image_id score"),
     ("im1 high 1 1 10 10", "malformed number"),
     ("im9 0.5 1 1 10 10", "unknown image id 'im9'"),
-    ("im1 0.5 10 1 5 10", "xmax < xmin"),
     ("im1 nan 1 1 10 10", "non-finite"),
 ])
 def test_voc_bad_result_lines_name_file_and_line(voc_tree, line, match):
@@ -248,6 +247,25 @@ def test_voc_bad_result_lines_name_file_and_line(voc_tree, line, match):
     with pytest.raises(VOCEvalError, match=match) as e:
         evaluate_voc_results(devkit, results, classes=CLASSES)
     assert f"{path}:2" in str(e.value)
+
+
+def test_voc_sub_pixel_reversed_boxes_are_scored_like_the_devkit(tmp_path, caplog):
+    # detectron2 writes x0 + 1 .. x1: a box under one pixel wide has xmax < xmin; the devkit scores it with
+    # width xmax - xmin + 1 and an overlap only where iw, ih > 0
+    ann = {"a": {"objects": [obj("cat", (3, 3, 3, 3)), obj("cat", (20, 20, 29, 29))]}}
+    dets = {"cat": [("a", 0.9, (3.2, 3.0, 3.0, 3.0)),     # 0.8 x 1 in a 1-pixel box: IoU 0.8 / 1, a TP
+                    ("a", 0.8, (25.0, 20.0, 23.5, 29.0)),  # reversed by 1.5: iw = -0.5, no overlap: FP
+                    ("a", 0.7, (20.0, 20.0, 29.0, 29.0))]}  # TP
+    # recall .5 .5 1, precision 1 .5 2/3: 11-point t=0..0.5 -> 1, t=0.6..1 -> 2/3
+    want = 100 * (6 * 1 + 5 * 2 / 3) / 11
+    assert devkit_ap(dets["cat"], ann, "cat", "11point") == pytest.approx(want)
+    with caplog.at_level("WARNING", logger="transfer.voc_eval"):
+        out = voc_evaluate(dets, ann, CLASSES, "11point")
+    assert out["AP"]["cat"] == pytest.approx(want, abs=1e-10) and out["reversed_boxes"] == 2
+    assert "2 of 3 detections have xmax < xmin" in caplog.text
+    write_voc_results(tmp_path, "test", dets)  # the result files are read, not rejected
+    read, sources = read_voc_results(tmp_path, "test", CLASSES, ann)
+    assert voc_evaluate(read, ann, CLASSES, "11point", _sources=sources)["AP"]["cat"] == pytest.approx(want)
 
 
 def test_voc_unknown_class_file_and_empty_dir(voc_tree, tmp_path):
