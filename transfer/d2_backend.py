@@ -690,7 +690,8 @@ def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
     if not runtime.is_main_process():
         return {}
     metrics = summarize(per_seed)
-    d2_keys = sorted(set.intersection(*(set(m["detectron2"]) for m in per_seed)))
+    d2_keys = sorted(k for k in set.intersection(*(set(m["detectron2"]) for m in per_seed))
+                     if not k.startswith("AP-"))  # the per-class APs stay in per_seed
     metrics.update(backend="detectron2", model=cfg["model"]["type"], arch=cfg["model"]["arch"],
                    dataset=cfg["data"]["format"], weights=str(weights), detectron2_config=str(yaml_path),
                    mapped=mapped, iterations=per_seed[0]["iterations"],
