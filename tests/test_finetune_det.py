@@ -210,13 +210,28 @@ def test_d2_config_maps_every_toolkit_override(toy_world):
     assert mapped["solver.epochs"] == "SOLVER.MAX_ITER=21"
     from transfer.convert import detectron2_config_problems
     assert detectron2_config_problems(d2, "resnet18") == []
-    # max_iter wins over epochs; keys left at the toolkit default keep the recipe's values
+    # max_iter wins over epochs; defaults are mapped too, resolved like transfer.detectors resolves them
     cfg = _d2_cfg(toy_world, solver__max_iter=40)
     _, d2, _ = d2_backend.build_detectron2_config(cfg, "/x/w.pkl", d2_backend.dataset_specs(cfg), n_train=60,
                                                   device="cuda")
     assert d2["SOLVER"]["MAX_ITER"] == 40 and d2["SOLVER"]["STEPS"] == [30]  # steps [0.75] of _cfg
-    assert d2["SOLVER"]["BASE_LR"] == 0.01 and d2["MODEL"]["DEVICE"] == "cuda"
+    assert d2["SOLVER"]["IMS_PER_BATCH"] == 4 and d2["SOLVER"]["WARMUP_ITERS"] == 2  # one process
+    assert d2["SOLVER"]["MOMENTUM"] == 0.9 and d2["SOLVER"]["WARMUP_FACTOR"] == 0.001  # DEFAULTS
+    assert d2["MODEL"]["DEVICE"] == "cuda"
+    # norm auto + trainable_layers null with a pretrained trunk: FrozenBN, 3 trainable stages
     assert d2["MODEL"]["RESNETS"]["NORM"] == "FrozenBN" and d2["MODEL"]["BACKBONE"]["FREEZE_AT"] == 2
+    # the toolkit's R50-C4 recipe file gives detectron2 MoCo's schedule: 24k at 16 on 8 processes, SyncBN
+    from pretrain.config import load_config
+    cfg = load_config(ROOT / "configs" / "detection" / "frcnn_r50_c4_voc0712.yaml",
+                      ["backend=detectron2", f"data.root={toy_world / 'VOCdevkit'}", "runtime.precision=fp16"],
+                      defaults=det_train.DEFAULTS)
+    kind, d2, _ = d2_backend.build_detectron2_config(cfg, "/x/w.pkl", d2_backend.dataset_specs(cfg), world=8,
+                                                     n_train=16551, device="cuda")
+    assert kind == "C4" and d2["MODEL"]["ROI_HEADS"]["NAME"] == "Res5ROIHeadsExtraNorm"
+    assert d2["SOLVER"]["IMS_PER_BATCH"] == 16 and d2["SOLVER"]["MAX_ITER"] == 24000
+    assert d2["SOLVER"]["STEPS"] == [18000, 22001] and d2["SOLVER"]["BASE_LR"] == 0.02  # 0.9167 x 24000
+    assert d2["MODEL"]["RESNETS"]["NORM"] == "SyncBN" and d2["MODEL"]["BACKBONE"]["FREEZE_AT"] == 0
+    assert d2["INPUT"]["MIN_SIZE_TEST"] == 800 and d2["SOLVER"]["AMP"]["ENABLED"] is True
 
 
 @pytest.mark.parametrize("over,match", [

@@ -10,11 +10,11 @@ order a detectron2 user would do it by hand:
    ``voc_2007_test``, whose metadata detectron2 has fixed) with their real class lists, read from
    ``data.root`` with detectron2's own loaders (``load_voc_instances``, ``load_coco_json``), so
    ``$DETECTRON2_DATASETS`` plays no part;
-3. writes one detectron2 YAML, ``run_dir/detectron2_<format>_<arch>_<C4|FPN>.yaml``: the recipe of
-   ``transfer/convert.py`` (VOC R-C4 24k, VOC FPN 18k, COCO FPN 1x) with DATASETS, NUM_CLASSES,
-   MODEL.DEVICE and every toolkit key that differs from ``det_train.DEFAULTS`` mapped to its detectron2 key
-   (:func:`detectron2_overrides`); a key with no detectron2 counterpart raises
-   :class:`Detectron2BackendError`;
+3. writes one detectron2 YAML, ``run_dir/detectron2_<format>_<arch>_<C4|FPN>.yaml``: the architecture of
+   the ``transfer/convert.py`` recipe that ``model.type`` selects (R-C4 with MoCo's extra norm, or FPN), with
+   DATASETS, NUM_CLASSES, MODEL.DEVICE and every toolkit key mapped to its detectron2 key
+   (:func:`detectron2_overrides`: the same config trains the same schedule in both backends); a setting
+   with no detectron2 counterpart raises :class:`Detectron2BackendError`;
 4. for each seed trains with detectron2's ``DefaultTrainer`` in ``run_dir/seed_<s>/detectron2/`` (its
    checkpoints, ``last_checkpoint``, event ``metrics.json``; a rerun resumes there), then evaluates ONCE:
    one inference pass feeds detectron2's evaluator (``PascalVOCDetectionEvaluator`` / ``COCOEvaluator``)
@@ -272,35 +272,38 @@ def recipe(cfg: dict, weights_pkl, specs: dict) -> tuple[str, dict]:
     m, fmt = cfg["model"], specs["format"]
     train, test = [s["name"] for s in specs["train"]], [specs["test"]["name"]]
     n = len(specs["classes"])
-    norm = None if m["norm"] == "auto" else NORMS.get(m["norm"])
-    if m["norm"] != "auto" and norm is None:
-        raise Detectron2BackendError(f"model.norm={m['norm']!r}: not one of {['auto', *NORMS]}")
+    norm = NORMS.get("frozen_bn" if m["norm"] == "auto" else m["norm"], "FrozenBN")  # overridden anyway
     if m["type"] == "faster_rcnn_c4":
         if convert.DEPTHS.get(m["arch"]) in (18, 34):
             raise Detectron2BackendError(
                 f"model.type=faster_rcnn_c4 with model.arch={m['arch']}: detectron2's C4 head builds bottleneck "
                 "res5 blocks, which a basic-block ResNet's layer4 does not fit; use model.type=faster_rcnn_fpn")
-        d2 = convert.voc_c4_config(weights_pkl, m["arch"], norm or "SyncBN", True, n, train, test)
+        d2 = convert.voc_c4_config(weights_pkl, m["arch"], norm, True, n, train, test)
         if fmt == "coco":  # detectron2's COCO R50-C4 1x schedule, MoCo's extra norm kept
             d2["SOLVER"].update(STEPS=[60000, 80000], MAX_ITER=90000)
             d2["INPUT"]["MIN_SIZE_TRAIN"] = list(range(640, 801, 32))
         return "C4", d2
     if m["type"] == "faster_rcnn_fpn":
         if fmt == "voc":
-            return "FPN", convert.voc_fpn_config(weights_pkl, m["arch"], norm or "FrozenBN", n, train, test)
-        return "FPN", convert.coco_fpn_config(weights_pkl, m["arch"], norm or "FrozenBN", n, "1x", train, test)
+            return "FPN", convert.voc_fpn_config(weights_pkl, m["arch"], norm, n, train, test)
+        return "FPN", convert.coco_fpn_config(weights_pkl, m["arch"], norm, n, "1x", train, test)
     raise Detectron2BackendError(f"model.type={m['type']!r}: the detectron2 backend trains faster_rcnn_fpn or "
                                  "faster_rcnn_c4 (detectron2 has no SSD); use --backend torchvision for SSD")
 
 
-def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, device: str,
-                         base_max_iter: int) -> tuple[dict, dict]:
-    """Toolkit config -> detectron2 keys. Only keys that differ from ``det_train.DEFAULTS`` override the
-    recipe (a key left at the toolkit default keeps the detectron2 recipe's value).
+def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, device: str) -> tuple[dict, dict]:
+    """Toolkit config -> detectron2 keys: the toolkit config is the truth, so the same config trains the
+    same schedule in both backends (the recipe only supplies what the toolkit has no key for: RPN / RoI
+    feature maps, aspect ratios, pooler, ...). Every key is mapped, defaults included, as the torchvision
+    backend reads it: ``model.norm: auto`` and ``trainable_layers: null`` resolve as
+    ``transfer.detectors`` resolves them for a pretrained trunk (FrozenBN, 3 trainable stages:
+    FREEZE_AT 2); ``solver.batch_size`` is per process (IMS_PER_BATCH = batch_size x processes);
+    ``solver.max_iter`` 0 means ``epochs`` x iterations per epoch (training images // IMS_PER_BATCH, at
+    least 1, like the torchvision loader's drop_last); ``solver.steps`` are fractions of MAX_ITER.
 
-    kind: "FPN" | "C4"; world: processes; n_train: training images after the prefix; base_max_iter: the
-    recipe's MAX_ITER. Returns ({dotted detectron2 key: value}, {toolkit key: what it became}).
-    Raises Detectron2BackendError listing every key that has no detectron2 counterpart.
+    kind: "FPN" | "C4"; world: processes; n_train: training images after the prefix. Returns
+    ({dotted detectron2 key: value}, {toolkit key: what it became}). Raises Detectron2BackendError listing
+    every setting that has no detectron2 counterpart.
     """
     from transfer.det_train import DEFAULTS
 
@@ -310,25 +313,31 @@ def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, devi
 
     def put(toolkit_key, d2_key, value):
         out[d2_key] = value
-        mapped[toolkit_key] = f"{d2_key}={value!r}" if toolkit_key not in mapped else \
-            f"{mapped[toolkit_key]}, {d2_key}={value!r}"
+        text = f"{d2_key}={value!r}"
+        mapped[toolkit_key] = f"{mapped[toolkit_key]}, {text}" if toolkit_key in mapped else text
 
     m, s, rt = cfg["model"], cfg["solver"], cfg["runtime"]
     put("runtime.device", "MODEL.DEVICE", device)
     put("data.workers", "DATALOADER.NUM_WORKERS", int(cfg["data"]["workers"]))
     out["TEST.EVAL_PERIOD"] = 0  # evaluation runs once, after training (not detectron2's EvalHook)
     # --- model
-    if "model.trainable_layers" in changed and m["trainable_layers"] is not None:
-        put("model.trainable_layers", "MODEL.BACKBONE.FREEZE_AT", 5 - int(m["trainable_layers"]))
-    if "model.size" in changed:
-        put("model.size", "INPUT.MIN_SIZE_TEST", int(m["size"]))
-        if m["train_sizes"] is None:
-            put("model.size", "INPUT.MIN_SIZE_TRAIN", [int(m["size"])])
-    if "model.train_sizes" in changed and m["train_sizes"] is not None:
-        put("model.train_sizes", "INPUT.MIN_SIZE_TRAIN", [int(v) for v in m["train_sizes"]])
-    if "model.max_size" in changed:
-        put("model.max_size", "INPUT.MAX_SIZE_TRAIN", int(m["max_size"]))
-        put("model.max_size", "INPUT.MAX_SIZE_TEST", int(m["max_size"]))
+    norm = "frozen_bn" if m["norm"] == "auto" else m["norm"]
+    if norm not in NORMS:
+        refused.append(f"model.norm={m['norm']!r} (not one of {['auto', *NORMS]})")
+    else:
+        d2_norm = NORMS[norm]
+        if d2_norm == "SyncBN" and world > 1 and not device.startswith("cuda"):
+            d2_norm = "NaiveSyncBN"  # torch's SyncBatchNorm needs CUDA; detectron2's gloo all_reduce one works
+        put("model.norm", "MODEL.RESNETS.NORM", d2_norm)
+    trainable = 3 if m["trainable_layers"] is None else int(m["trainable_layers"])
+    if not 0 <= trainable <= 5:
+        refused.append(f"model.trainable_layers={trainable} (must be in 0..5)")
+    put("model.trainable_layers", "MODEL.BACKBONE.FREEZE_AT", 5 - trainable)
+    put("model.size", "INPUT.MIN_SIZE_TEST", int(m["size"]))
+    train_sizes = [int(m["size"])] if m["train_sizes"] is None else [int(v) for v in m["train_sizes"]]
+    put("model.train_sizes", "INPUT.MIN_SIZE_TRAIN", train_sizes)
+    put("model.max_size", "INPUT.MAX_SIZE_TRAIN", int(m["max_size"]))
+    put("model.max_size", "INPUT.MAX_SIZE_TEST", int(m["max_size"]))
     for name, value in m["kwargs"].items():
         key = f"model.kwargs.{name}"
         if name not in KWARGS or (kind == "C4" and name in FPN_ONLY):
@@ -346,31 +355,22 @@ def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, devi
             put(key, KWARGS[name], float(value) if name == "box_score_thresh" else int(value))
     # --- solver
     ims = int(s["batch_size"]) * world
-    if "solver.batch_size" in changed:
-        put("solver.batch_size", "SOLVER.IMS_PER_BATCH", ims)
-    max_iter = base_max_iter
-    if "solver.max_iter" in changed and int(s["max_iter"]) > 0:
+    put("solver.batch_size", "SOLVER.IMS_PER_BATCH", ims)
+    if int(s["max_iter"]) > 0:
         max_iter = int(s["max_iter"])
         put("solver.max_iter", "SOLVER.MAX_ITER", max_iter)
-    elif "solver.epochs" in changed:
-        batch = ims if "solver.batch_size" in changed else None
-        if batch is None:
-            refused.append("solver.epochs without solver.batch_size (the recipe's batch is global; set "
-                           "solver.batch_size, per process, to count iterations per epoch)")
-        else:
-            per_epoch = max(1, n_train // batch) if n_train >= batch else 1
-            max_iter = int(s["epochs"]) * per_epoch
-            put("solver.epochs", "SOLVER.MAX_ITER", max_iter)
-    if max_iter != base_max_iter or "solver.steps" in changed:
-        steps = sorted({int(round(f * max_iter)) for f in s["steps"]})
-        kept = [v for v in steps if 0 < v < max_iter]
-        if kept != steps:
-            log.warning("solver.steps %s x %d iterations = %s: detectron2 needs 0 < step < MAX_ITER; keeping %s",
-                        s["steps"], max_iter, steps, kept)
-        put("solver.steps", "SOLVER.STEPS", kept)
+    else:
+        per_epoch = max(1, n_train // ims)
+        max_iter = int(s["epochs"]) * per_epoch
+        put("solver.epochs", "SOLVER.MAX_ITER", max_iter)
+    steps = sorted({int(round(f * max_iter)) for f in s["steps"]})
+    kept = [v for v in steps if 0 < v < max_iter]
+    if kept != steps:
+        log.warning("solver.steps %s x %d iterations = %s: detectron2 needs 0 < step < MAX_ITER; keeping %s",
+                    s["steps"], max_iter, steps, kept)
+    put("solver.steps", "SOLVER.STEPS", kept)
     for key, d2_key in SOLVER.items():
-        if f"solver.{key}" in changed:
-            put(f"solver.{key}", d2_key, float(s[key]) if key != "warmup_iters" else int(s[key]))
+        put(f"solver.{key}", d2_key, int(s[key]) if key == "warmup_iters" else float(s[key]))
     if float(s["clip_grad_norm"]) > 0:
         mapped["solver.clip_grad_norm"] = (f"clip_grad_norm_(all parameters, {s['clip_grad_norm']}) after each "
                                            "backward (a hook: detectron2's CLIP_GRADIENTS clips per parameter)")
@@ -391,9 +391,10 @@ def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, devi
         if key in changed:
             refused.append(f"{key}={flat[key]!r} (SSD augmentation; detectron2's R-CNN pipeline has none)")
     handled = STRUCTURAL | set(mapped) | {"model.norm", "solver.clip_grad_norm", "solver.epochs",
-                                          "solver.max_iter", "solver.steps", "solver.batch_size"}
+                                          "solver.max_iter", "data.zoom_out_ratio", "data.photometric",
+                                          "eval.period"}
     for key in sorted(changed - handled):
-        if not key.startswith("model.kwargs.") and not any(key in r for r in refused):
+        if not key.startswith("model.kwargs."):
             refused.append(f"{key}={flat[key]!r} (no detectron2 counterpart)")
     if refused:
         raise Detectron2BackendError("the detectron2 backend cannot honour these settings:\n  - "
@@ -405,10 +406,7 @@ def build_detectron2_config(cfg: dict, weights_pkl, specs: dict, *, world: int =
                             device: str) -> tuple[str, dict, dict]:
     """(kind, detectron2 config dict ready for write_detectron2_yaml, mapping report)."""
     kind, d2 = recipe(cfg, weights_pkl, specs)
-    if d2["MODEL"]["RESNETS"]["NORM"] == "SyncBN" and world > 1 and not device.startswith("cuda"):
-        d2["MODEL"]["RESNETS"]["NORM"] = "NaiveSyncBN"  # torch's SyncBatchNorm needs CUDA; gloo all_reduce works
-    overrides, mapped = detectron2_overrides(cfg, kind=kind, world=world, n_train=n_train, device=device,
-                                             base_max_iter=int(d2["SOLVER"]["MAX_ITER"]))
+    overrides, mapped = detectron2_overrides(cfg, kind=kind, world=world, n_train=n_train, device=device)
     for key, value in overrides.items():
         _set(d2, key, value)
     return kind, d2, mapped
