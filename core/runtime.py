@@ -28,11 +28,12 @@ class NonFiniteLossError(RuntimeError):
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield `path.tmp` (same directory) to write; on success it is renamed over `path`, on any failure
-    (disk full, unwritable folder, an exception while writing) it is removed and `path` is untouched."""
+    """Yield `path.<pid>.tmp` (same directory, one per process: never shared under torchrun) to write; on success
+    it is renamed over `path`, on any failure (disk full, unwritable folder, an exception while writing) it is
+    removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -238,7 +238,6 @@ def test_voc_files_and_cli(voc_tree):
     ("im1 0.5 1 1 10", "expected 'image_id score"),
     ("im1 high 1 1 10 10", "malformed number"),
     ("im9 0.5 1 1 10 10", "unknown image id 'im9'"),
-    ("im1 0.5 10 1 5 10", "xmax < xmin"),
     ("im1 nan 1 1 10 10", "non-finite"),
 ])
 def test_voc_bad_result_lines_name_file_and_line(voc_tree, line, match):
@@ -248,6 +247,25 @@ def test_voc_bad_result_lines_name_file_and_line(voc_tree, line, match):
     with pytest.raises(VOCEvalError, match=match) as e:
         evaluate_voc_results(devkit, results, classes=CLASSES)
     assert f"{path}:2" in str(e.value)
+
+
+def test_voc_sub_pixel_reversed_boxes_are_scored_like_the_devkit(tmp_path, caplog):
+    # detectron2 writes x0 + 1 .. x1: a box under one pixel wide has xmax < xmin; the devkit scores it with
+    # width xmax - xmin + 1 and an overlap only where iw, ih > 0
+    ann = {"a": {"objects": [obj("cat", (3, 3, 3, 3)), obj("cat", (20, 20, 29, 29))]}}
+    dets = {"cat": [("a", 0.9, (3.2, 3.0, 3.0, 3.0)),     # 0.8 x 1 in a 1-pixel box: IoU 0.8 / 1, a TP
+                    ("a", 0.8, (25.0, 20.0, 23.5, 29.0)),  # reversed by 1.5: iw = -0.5, no overlap: FP
+                    ("a", 0.7, (20.0, 20.0, 29.0, 29.0))]}  # TP
+    # recall .5 .5 1, precision 1 .5 2/3: 11-point t=0..0.5 -> 1, t=0.6..1 -> 2/3
+    want = 100 * (6 * 1 + 5 * 2 / 3) / 11
+    assert devkit_ap(dets["cat"], ann, "cat", "11point") == pytest.approx(want)
+    with caplog.at_level("WARNING", logger="transfer.voc_eval"):
+        out = voc_evaluate(dets, ann, CLASSES, "11point")
+    assert out["AP"]["cat"] == pytest.approx(want, abs=1e-10) and out["reversed_boxes"] == 2
+    assert "2 of 3 detections have xmax < xmin" in caplog.text
+    write_voc_results(tmp_path, "test", dets)  # the result files are read, not rejected
+    read, sources = read_voc_results(tmp_path, "test", CLASSES, ann)
+    assert voc_evaluate(read, ann, CLASSES, "11point", _sources=sources)["AP"]["cat"] == pytest.approx(want)
 
 
 def test_voc_unknown_class_file_and_empty_dir(voc_tree, tmp_path):
@@ -418,3 +436,97 @@ def test_toy_world_ground_truth_as_detections_scores_100(toy_world, tmp_path):
     assert stats["AP"] == pytest.approx(100.0) and stats["AR100"] == pytest.approx(100.0)
     if faster_available():
         assert coco_evaluate(gt_file, res, backend="faster") == pytest.approx(stats)
+
+
+# ------------------------------------------------------------------------------------------------
+# detectron2's own evaluators on the same detections (the `d2` group; skipped without detectron2)
+
+
+def _toy_detections(dicts, n_classes, seed=0):
+    """Per image: each ground-truth box jittered, one sub-pixel box (xmax < xmin once written in VOC's
+    inclusive coordinates) and two random boxes; distinct scores at 3 decimals (detectron2's VOC files
+    round to them and its sort is not stable)."""
+    import torch
+    from detectron2.structures import Boxes, BoxMode, Instances
+
+    rng = np.random.default_rng(seed)
+    scores = rng.permutation(np.arange(1, 1000)) / 1000.0
+    out, k = [], 0
+    for r in dicts:
+        w, h = r["width"], r["height"]
+        boxes, classes = [], []
+        for a in r["annotations"]:
+            b = np.asarray(BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS), dtype=np.float64)
+            boxes.append(b + rng.normal(0, 2.0, 4))
+            classes.append(a["category_id"])
+        x0, y0 = rng.uniform(0, w - 2), rng.uniform(0, h - 2)
+        boxes.append([x0, y0, x0 + 0.3, y0 + 0.6])
+        classes.append(int(rng.integers(n_classes)))
+        for _ in range(2):
+            x0, y0 = rng.uniform(0, w / 2), rng.uniform(0, h / 2)
+            boxes.append([x0, y0, x0 + rng.uniform(5, w / 2), y0 + rng.uniform(5, h / 2)])
+            classes.append(int(rng.integers(n_classes)))
+        inst = Instances((h, w))
+        inst.pred_boxes = Boxes(torch.tensor(np.asarray(boxes), dtype=torch.float32))
+        inst.scores = torch.tensor(scores[k:k + len(boxes)], dtype=torch.float32)
+        inst.pred_classes = torch.tensor(classes, dtype=torch.int64)
+        k += len(boxes)
+        out.append(({"image_id": r["image_id"], "height": h, "width": w}, {"instances": inst}))
+    return out
+
+
+@pytest.mark.d2
+def test_detectron2_evaluators_give_our_numbers_on_the_same_detections(toy_world, tmp_path, caplog):
+    pytest.importorskip("detectron2")
+    from detectron2.data import DatasetCatalog
+    from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+
+    from transfer import d2_backend
+    from transfer.datasets import VOC_CLASSES
+    from transfer.det_train import resolve_config
+    from transfer.voc_eval import load_voc_annotations
+
+    # VOC07 test, 11-point: detectron2's AP50 / AP75 / AP (mean over IoU .50:.95) vs voc_evaluate
+    specs = d2_backend.register_toolkit_datasets("voc", toy_world / "VOCdevkit")
+    name = specs["test"]["name"]
+    ev = PascalVOCDetectionEvaluator(name)
+    ev.reset()
+    for inp, out in _toy_detections(DatasetCatalog.get(name), len(VOC_CLASSES)):
+        ev.process([inp], [out])
+    lines = {VOC_CLASSES[c]: ls for c, ls in ev._predictions.items()}  # the lines of its result files
+    theirs = ev.evaluate()["bbox"]
+    dets = {c: [(p[0], float(p[1]), tuple(map(float, p[2:]))) for p in (ln.split() for ln in ls)]
+            for c, ls in lines.items()}
+    assert sum(x[2][2] < x[2][0] for d in dets.values() for x in d) > 0  # sub-pixel boxes are in there
+    ann = load_voc_annotations(toy_world / "VOCdevkit", "2007", "test")
+    with caplog.at_level("WARNING", logger="transfer.voc_eval"):
+        ours = {t: voc_evaluate(dets, ann, VOC_CLASSES, "11point", iou=t / 100) for t in range(50, 100, 5)}
+    assert "have xmax < xmin" in caplog.text
+    # a class without ground truth in the split: AP None for us (left out of our mAP), 0 in detectron2's mean
+    assert any(v is None for v in ours[50]["AP"].values())
+
+    def as_devkit(res):
+        return sum(v or 0.0 for v in res["AP"].values()) / len(VOC_CLASSES)
+
+    assert as_devkit(ours[50]) == pytest.approx(theirs["AP50"], abs=1e-9) and 5 < theirs["AP50"] < 95
+    assert as_devkit(ours[75]) == pytest.approx(theirs["AP75"], abs=1e-9)
+    assert np.mean([as_devkit(o) for o in ours.values()]) == pytest.approx(theirs["AP"], abs=1e-9)
+
+    # COCO val: detectron2's COCOEvaluator vs coco_evaluate (pycocotools) on the same json results
+    cfg = resolve_config({"data": {"format": "coco", "root": str(toy_world / "coco")}})
+    specs = d2_backend.register_toolkit_datasets(d2_backend.dataset_specs(cfg))
+    name, id_map = specs["test"]["name"], specs["test"]["id_map"]
+    ev = COCOEvaluator(name, tasks=("bbox",), distributed=False, output_dir=str(tmp_path / "coco"))
+    ev.reset()
+    for inp, out in _toy_detections(DatasetCatalog.get(name), len(id_map), seed=1):
+        ev.process([inp], [out])
+    to_cat = {i: c for c, i in id_map.items()}
+    results = [dict(r, category_id=to_cat[r["category_id"]]) for p in ev._predictions for r in p["instances"]]
+    theirs = ev.evaluate()["bbox"]
+    ours = coco_evaluate(specs["test"]["json_file"], results, backend="pycocotools")
+    for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        if ours[k] == -1.0:  # an area range without ground truth: detectron2 reports nan
+            assert math.isnan(theirs[k]), k
+        else:
+            assert ours[k] == pytest.approx(theirs[k], abs=1e-9), k
+    assert 5 < theirs["AP50"] < 95

@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 
 import pytest
-from pretrain.config import load_config
+
+from core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -336,8 +337,7 @@ def test_ssd_recipes_use_the_voc_default_boxes():
 def test_paper_pipeline_detection_batch_times_world_is_the_reference_batch():
     """The paper pipeline's detection entries give each config its source's global batch at the stated
     world size, so the lr is not rescaled."""
-    from pretrain.config import apply_overrides
-
+    from core.config import apply_overrides
     from transfer.det_train import DEFAULTS as DET
 
     for entry in resolved("pipeline/paper.yaml")["detection"]:

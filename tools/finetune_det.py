@@ -5,6 +5,7 @@
   tools/finetune_det.py --config configs/detection/ssd300_r50_voc0712.yaml --weights BACKBONE \\
       data.root=/data/VOCdevkit seeds=[0,1,2]
   torchrun --nproc_per_node 8 tools/finetune_det.py --config configs/detection/frcnn_r50_fpn_1x_coco.yaml ...
+  tools/finetune_det.py --backend detectron2 --num-gpus 8 --config ... --weights BACKBONE   # detectron2's launch
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
 from core.runtime import cleanup_distributed, init_distributed, is_main_process  # noqa: E402
+from transfer.d2_backend import Detectron2BackendError, launch_finetune  # noqa: E402
 from transfer.det_train import finetune_detector, load_det_config  # noqa: E402
 
 
@@ -31,6 +34,9 @@ def main(argv=None) -> int:
                    help="backbone checkpoint; omit (or 'none') for a randomly initialised backbone")
     p.add_argument("--run-dir", default=None, help="output directory (default runs/detection/<config name>)")
     p.add_argument("--backend", choices=["torchvision", "detectron2"], default=None)
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="detectron2 backend without torchrun: start this many processes with detectron2's "
+                        "launch (like its tools/train_net.py --num-gpus; gloo on CPU)")
     p.add_argument("--resume", action="store_true",
                    help="continue in an existing run dir (finished seeds are skipped, others resume)")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides (dotted keys)")
@@ -42,13 +48,23 @@ def main(argv=None) -> int:
     if run_dir.exists() and any(run_dir.iterdir()) and not args.resume:
         p.error(f"{run_dir} exists and is not empty; pass --resume to continue it or choose --run-dir")
     weights = None if args.weights in (None, "none", "None") else args.weights
-    init_distributed()
     try:
-        metrics = finetune_detector(cfg, weights, run_dir)
-    finally:
-        cleanup_distributed()
+        if args.num_gpus > 1:
+            if cfg["backend"] != "detectron2" or "RANK" in os.environ:
+                p.error("--num-gpus is for the detectron2 backend outside torchrun (torchrun starts its own)")
+            metrics = launch_finetune(cfg, weights, run_dir, args.num_gpus)
+        else:
+            init_distributed()
+            try:
+                metrics = finetune_detector(cfg, weights, run_dir)
+            finally:
+                cleanup_distributed()
+    except Detectron2BackendError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if is_main_process():
-        keys = ("mAP_mean", "mAP_std", "AP50", "train_img_per_s", "test_img_per_s", "seeds")
+        keys = ("mAP_mean", "mAP_std", "AP50", "train_img_per_s", "test_img_per_s", "seeds", "iterations",
+                "detectron2")
         print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=1))
     return 0
 

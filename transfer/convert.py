@@ -36,6 +36,13 @@ PIXEL_MEAN_RGB = [123.675, 116.28, 103.53]   # torchvision ImageNet mean x 255, 
 PIXEL_STD_RGB = [58.395, 57.12, 57.375]      # torchvision ImageNet std x 255, RGB order
 DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 AUTHOR = "mixup-transfer"
+# The toolkit's own detectron2 dataset names (registered by transfer.d2_backend.register_toolkit_datasets).
+# Never detectron2's built-in names (coco_2017_train, voc_2007_test, ...): detectron2 registers those itself,
+# with their metadata (the 80 COCO / 20 VOC classes) fixed, and looks for them under $DETECTRON2_DATASETS.
+VOC_TRAIN = ("mt_voc_2007_trainval", "mt_voc_2012_trainval")
+VOC_TEST = ("mt_voc_2007_test",)
+COCO_TRAIN = ("mt_coco_train2017",)
+COCO_TEST = ("mt_coco_val2017",)
 
 # torchvision ResNet backbone keys (fc excluded) and detectron2 ResNet keys.
 _TV_KEY = re.compile(r"^(conv1|bn1|layer[1-4]\.\d+\.(conv[1-3]|bn[1-3]|downsample\.[01]))\."
@@ -207,8 +214,7 @@ def _common(weights_pkl, arch: str, norm: str) -> dict:
 
 
 def voc_c4_config(weights_pkl, arch: str = "resnet50", norm: str = "SyncBN", extra_norm: bool = True,
-                  num_classes: int = 20, train=("voc_2007_trainval", "voc_2012_trainval"),
-                  test=("voc_2007_test",)) -> dict:
+                  num_classes: int = 20, train=VOC_TRAIN, test=VOC_TEST) -> dict:
     """MoCo's VOC R50-C4 recipe: VOC07+12 trainval -> VOC07 test, 24k iterations (steps 18k/22k),
     batch 16, lr 0.02, SyncBN everywhere (FREEZE_AT 0), precise BN, and an extra BN after res5
     (`Res5ROIHeadsExtraNorm`, registered by `register_detectron2_extras`)."""
@@ -233,13 +239,7 @@ def voc_c4_config(weights_pkl, arch: str = "resnet50", norm: str = "SyncBN", ext
     }
 
 
-def coco_fpn_config(weights_pkl, arch: str = "resnet50", norm: str = "FrozenBN", num_classes: int = 80,
-                    schedule: str = "1x", train=("coco_2017_train",), test=("coco_2017_val",)) -> dict:
-    """detectron2's COCO Faster R-CNN R50-FPN recipe: 1x = 90k iterations (steps 60k/80k), 2x = 180k
-    (120k/160k), batch 16, lr 0.02, multi-scale 640-800 training, FrozenBN with stem+res2 frozen."""
-    iters = {"1x": (90000, [60000, 80000]), "2x": (180000, [120000, 160000])}
-    if schedule not in iters:
-        raise ValueError(f"unknown schedule {schedule!r}; valid: {list(iters)}")
+def _fpn_model(weights_pkl, arch: str, norm: str, num_classes: int) -> dict:
     model = _common(weights_pkl, arch, norm)
     feats = ["res2", "res3", "res4", "res5"]
     model["BACKBONE"] = {"NAME": "build_resnet_fpn_backbone", "FREEZE_AT": 2 if norm == "FrozenBN" else 0}
@@ -252,12 +252,39 @@ def coco_fpn_config(weights_pkl, arch: str = "resnet50", norm: str = "FrozenBN",
     model["ROI_HEADS"] = {"NAME": "StandardROIHeads", "IN_FEATURES": ["p2", "p3", "p4", "p5"],
                           "NUM_CLASSES": num_classes}
     model["ROI_BOX_HEAD"] = {"NAME": "FastRCNNConvFCHead", "NUM_FC": 2, "POOLER_RESOLUTION": 7}
+    return model
+
+
+def coco_fpn_config(weights_pkl, arch: str = "resnet50", norm: str = "FrozenBN", num_classes: int = 80,
+                    schedule: str = "1x", train=COCO_TRAIN, test=COCO_TEST) -> dict:
+    """detectron2's COCO Faster R-CNN R50-FPN recipe: 1x = 90k iterations (steps 60k/80k), 2x = 180k
+    (120k/160k), batch 16, lr 0.02, multi-scale 640-800 training, FrozenBN with stem+res2 frozen."""
+    iters = {"1x": (90000, [60000, 80000]), "2x": (180000, [120000, 160000])}
+    if schedule not in iters:
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {list(iters)}")
+    model = _fpn_model(weights_pkl, arch, norm, num_classes)
     max_iter, steps = iters[schedule]
     return {
         "MODEL": model,
         "INPUT": {"FORMAT": "RGB", "MIN_SIZE_TRAIN": list(range(640, 801, 32))},
         "DATASETS": {"TRAIN": list(train), "TEST": list(test)},
         "SOLVER": {"IMS_PER_BATCH": 16, "BASE_LR": 0.02, "STEPS": steps, "MAX_ITER": max_iter},
+        "VERSION": 2,
+    }
+
+
+def voc_fpn_config(weights_pkl, arch: str = "resnet50", norm: str = "FrozenBN", num_classes: int = 20,
+                   train=VOC_TRAIN, test=VOC_TEST) -> dict:
+    """detectron2's PascalVOC-Detection/faster_rcnn_R_50_FPN recipe (any depth, R18/R34 included): VOC07+12
+    trainval -> VOC07 test, 18k iterations (steps 12k/16k), batch 16, lr 0.02, multi-scale 480-800,
+    test 800, FrozenBN with stem+res2 frozen."""
+    model = _fpn_model(weights_pkl, arch, norm, num_classes)
+    return {
+        "MODEL": model,
+        "INPUT": {"FORMAT": "RGB", "MIN_SIZE_TRAIN": list(range(480, 801, 32)), "MIN_SIZE_TEST": 800},
+        "DATASETS": {"TRAIN": list(train), "TEST": list(test)},
+        "SOLVER": {"IMS_PER_BATCH": 16, "BASE_LR": 0.02, "STEPS": [12000, 16000], "MAX_ITER": 18000,
+                   "WARMUP_ITERS": 100},
         "VERSION": 2,
     }
 
@@ -274,9 +301,12 @@ def detectron2_configs(out_dir: str | os.PathLike, weights_pkl: str | os.PathLik
                        voc_extra_norm: bool = True) -> dict[str, Path]:
     """Write ready detectron2 configs next to the weights; returns {name: path}.
 
-    `voc_<arch>_C4_24k.yaml` (MoCo-style VOC recipe; bottleneck ResNets only) and
-    `coco_<arch>_FPN_1x.yaml`. Train with detectron2's tools/train_net.py --config-file FILE (the VOC
-    one needs `register_detectron2_extras()` first for its extra-norm RoI head, or voc_extra_norm=False).
+    `voc_<arch>_C4_24k.yaml` (MoCo-style VOC recipe; bottleneck ResNets only), `voc_<arch>_FPN_18k.yaml`
+    (detectron2's VOC FPN recipe; every depth, the one for R18/R34) and `coco_<arch>_FPN_1x.yaml`. Their
+    DATASETS are the toolkit's own names (`mt_voc_2007_trainval`, ..., `mt_coco_val2017`): register them
+    with `transfer.d2_backend.register_toolkit_datasets(format, root)` before detectron2's
+    tools/train_net.py-style code builds its loaders (the VOC C4 one also needs
+    `register_detectron2_extras()` for its extra-norm RoI head, or voc_extra_norm=False).
     """
     if arch not in DEPTHS:
         raise ValueError(f"unknown arch {arch!r}; supported: {list(DEPTHS)}")
@@ -287,23 +317,25 @@ def detectron2_configs(out_dir: str | os.PathLike, weights_pkl: str | os.PathLik
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = Path(weights_pkl).resolve()
     configs = {}
-    if DEPTHS[arch] in (18, 34):
-        log.warning("no VOC C4 config for %s (detectron2's C4 head needs bottleneck blocks); "
-                    "writing FPN only", arch)
-    else:
+    if DEPTHS[arch] not in (18, 34):  # detectron2's C4 head builds bottleneck res5 blocks
         configs[f"voc_{arch}_C4_24k"] = voc_c4_config(weights, arch, voc_norm, voc_extra_norm)
+    configs[f"voc_{arch}_FPN_18k"] = voc_fpn_config(weights, arch)
     configs[f"coco_{arch}_FPN_1x"] = coco_fpn_config(weights, arch, coco_norm)
-    paths = {}
-    for name, cfg in configs.items():
-        check_detectron2_config(cfg, arch)
-        path = out_dir / f"{name}.yaml"
-        header = (f"# detectron2 config written by mixup-transfer (transfer/convert.py) for {weights.name}\n"
-                  "# RGB input, torchvision mean/std and STRIDE_IN_1X1 False are REQUIRED for them.\n")
-        with atomic_path(path) as tmp:
-            tmp.write_text(header + yaml.dump(cfg, Dumper=_PlainDumper, sort_keys=False,
-                                              default_flow_style=None))
-        paths[name] = path
-    return paths
+    return {name: write_detectron2_yaml(cfg, out_dir / f"{name}.yaml", arch, weights.name)
+            for name, cfg in configs.items()}
+
+
+def write_detectron2_yaml(cfg: Mapping, path: str | os.PathLike, arch: str | None = None,
+                          weights_name: str = "") -> Path:
+    """Check `cfg` (check_detectron2_config) and write it as a detectron2 YAML, atomically (a temporary
+    file per process, then a rename: an interrupted write never leaves a partial YAML behind)."""
+    check_detectron2_config(cfg, arch)
+    header = (f"# detectron2 config written by mixup-transfer (transfer/convert.py) for {weights_name}\n"
+              "# RGB input, torchvision mean/std and STRIDE_IN_1X1 False are REQUIRED for them.\n"
+              "# DATASETS are the toolkit's names: transfer.d2_backend.register_toolkit_datasets(format, root)\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(header + yaml.dump(dict(cfg), Dumper=_PlainDumper, sort_keys=False, default_flow_style=None))
+    return Path(path)
 
 
 def _get(cfg: Mapping, dotted: str, default):

@@ -26,6 +26,7 @@ from core import runtime
 from core.config import dump_config, load_config, validate
 from core.engine import Engine, LoopSettings, Task, build_optimizer
 from core.schedule import lr_factor
+from transfer import d2_backend
 from transfer.det_transforms import build_transforms
 from transfer.detectors import build_detector
 
@@ -463,7 +464,7 @@ def finetune_detector(cfg: dict, weights: str | None, run_dir) -> dict:
     cfg = resolve_config(copy.deepcopy(cfg))
     run_dir = Path(run_dir)
     if cfg["backend"] == "detectron2":
-        return finetune_detectron2(cfg, weights, run_dir)
+        return d2_backend.finetune(cfg, weights, run_dir)
     if cfg["backend"] != "torchvision":
         raise ValueError(f"backend={cfg['backend']!r} is not one of ['torchvision', 'detectron2']")
     if runtime.is_main_process():
@@ -481,67 +482,5 @@ def finetune_detector(cfg: dict, weights: str | None, run_dir) -> dict:
     if first.is_file():
         (run_dir / "figures").mkdir(exist_ok=True)
         (run_dir / "figures" / "detections.png").write_bytes(first.read_bytes())
-    runtime.write_json(metrics, run_dir / "metrics.json")
-    return metrics
-
-
-# -------------------------------------------------------------------------------------- detectron2
-
-DETECTRON2_INSTALL = (
-    "detectron2 is not importable. It is not on PyPI; build it from source (about 1.5 min on CPU):\n"
-    "  .venv/bin/pip install 'git+https://github.com/facebookresearch/detectron2.git' --no-build-isolation\n"
-    "or use the default backend: --backend torchvision")
-
-
-def finetune_detectron2(cfg: dict, weights: str | None, run_dir: Path) -> dict:
-    """Convert the backbone (transfer/convert.py), then train the generated detectron2 config (VOC R50-C4
-    24k or COCO R50-FPN 1x, by ``data.format``) with detectron2's DefaultTrainer and its evaluators.
-    ``data.root`` is the VOCdevkit dir (VOC) or the coco dir (COCO), laid out as detectron2 expects."""
-    import os
-
-    try:
-        import detectron2  # noqa: F401
-    except ImportError as e:
-        raise SystemExit(DETECTRON2_INSTALL) from e
-    if weights is None:
-        raise SystemExit("--backend detectron2 needs --weights (a backbone checkpoint to convert)")
-    root = Path(cfg["data"]["root"]).resolve()
-    # detectron2 registers its builtin datasets under $DETECTRON2_DATASETS when detectron2.data is imported
-    os.environ.setdefault("DETECTRON2_DATASETS", str(root if cfg["data"]["format"] == "voc" else root.parent))
-    from detectron2.config import get_cfg
-    from detectron2.engine import DefaultTrainer
-    from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
-
-    from transfer import convert
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    files = convert.convert_to_detectron2(weights, run_dir / "backbone_d2.pkl", arch=cfg["model"]["arch"])
-    key = "voc" if cfg["data"]["format"] == "voc" else "coco"
-    chosen = [p for name, p in files.items() if name.startswith(key)]
-    if not chosen:
-        raise SystemExit(f"no generated detectron2 config for {key} among {sorted(files)}")
-    if key == "voc":
-        convert.register_detectron2_extras()
-
-    class Trainer(DefaultTrainer):
-        @classmethod
-        def build_evaluator(cls, d2cfg, dataset_name, output_folder=None):
-            if "voc" in dataset_name:
-                return PascalVOCDetectionEvaluator(dataset_name)
-            return COCOEvaluator(dataset_name, output_dir=output_folder or d2cfg.OUTPUT_DIR)
-
-    d2 = get_cfg()
-    d2.set_new_allowed(True)
-    d2.merge_from_file(str(chosen[0]))
-    d2.OUTPUT_DIR = str(run_dir / "detectron2")
-    d2.SEED = int(cfg["seeds"][0])
-    trainer = Trainer(d2)
-    trainer.resume_or_load(resume=True)
-    trainer.train()
-    results = Trainer.test(d2, trainer.model)
-    flat = {k: {kk: float(vv) for kk, vv in v.items()} for k, v in results.items()}
-    box = flat.get("bbox", {})
-    metrics = {"backend": "detectron2", "results": flat,
-               "mAP": box.get("AP50" if key == "voc" else "AP", float("nan"))}
     runtime.write_json(metrics, run_dir / "metrics.json")
     return metrics

@@ -15,6 +15,9 @@ Rules, all as in the VOC devkit:
   empty); the thresholds are `np.arange(0, 1.1, 0.1)` like the python port (so t=0.3 is
   0.30000000000000004 and a recall of exactly 0.3 does not reach it);
   metric "area" (VOC2010+): area under the monotone (right-to-left running max) precision envelope.
+- boxes with xmax < xmin or ymax < ymin (sub-pixel detections in the inclusive convention; detectron2's
+  result files hold them) are scored with the same formula, as the devkit scores them, and counted in a
+  warning (`reversed_boxes`);
 - A class with no non-difficult ground truth in the split has no defined AP: it is reported as None
   and left out of the mean (the devkit would print 0 for it; on the real VOC test sets every class has
   ground truth, so the two agree there).
@@ -231,12 +234,22 @@ def _as_arrays(dets, image_index: Mapping[str, int], cls: str, source=None):
         i = int(np.flatnonzero(img < 0)[0])
         raise VOCEvalError(f"{where(i)}: unknown image id {ids[i]!r} (not in the evaluated split)")
     bad = ~(np.isfinite(score) & np.isfinite(box).all(axis=1))
-    wrong = (box[:, 2] < box[:, 0]) | (box[:, 3] < box[:, 1])
-    for mask, what in ((bad, "a non-finite number"), (wrong, "xmax < xmin or ymax < ymin")):
-        if mask.any():
-            i = int(np.flatnonzero(mask)[0])
-            raise VOCEvalError(f"{where(i)}: {what}: score {score[i]}, box {box[i].tolist()}")
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise VOCEvalError(f"{where(i)}: a non-finite number: score {score[i]}, box {box[i].tolist()}")
     return img, score, box
+
+
+def reversed_boxes(box: np.ndarray) -> np.ndarray:
+    """[D] bool: boxes with xmax < xmin or ymax < ymin (box: [D, 4] XML coordinates).
+
+    In the XML's inclusive convention a box narrower than one pixel has xmax < xmin (detectron2 writes
+    x0 + 1 and x1 for a predicted x0..x1, so 0.3 px wide gives xmax = xmin - 0.7). The devkit accepts them
+    and scores them with its formula: width xmax - xmin + 1 (here 0.3), and an overlap only where
+    iw = min(xmax) - max(xmin) + 1 > 0 and ih > 0, so a box reversed by a pixel or more never matches
+    (a false positive). `voc_evaluate` does the same and counts them in a warning."""
+    box = np.asarray(box, dtype=np.float64).reshape(-1, 4)
+    return (box[:, 2] < box[:, 0]) | (box[:, 3] < box[:, 1])
 
 
 def voc_evaluate(detections: Mapping[str, Sequence], annotations: Mapping[str, Mapping],
@@ -259,10 +272,18 @@ def voc_evaluate(detections: Mapping[str, Sequence], annotations: Mapping[str, M
     image_index = {str(k): i for i, k in enumerate(annotations)}
     gt = _gt_by_class(annotations, classes)
     ap = {}
+    n_reversed, n_total, first_reversed = 0, 0, None
     for cls in classes:
         npos = int((~gt[cls]["difficult"]).sum())
         source = _sources.get(cls) if _sources else None
         img, score, box = _as_arrays(detections.get(cls, ()), image_index, cls, source)
+        rev = reversed_boxes(box)
+        n_reversed += int(rev.sum())
+        n_total += len(box)
+        if first_reversed is None and rev.any():
+            i = int(np.flatnonzero(rev)[0])
+            first_reversed = (f"{source[i]}" if source is not None else f"class {cls!r}, detection {i}") + \
+                f": {box[i].tolist()}"
         if npos == 0:
             ap[cls] = None
             if len(score):
@@ -271,12 +292,16 @@ def voc_evaluate(detections: Mapping[str, Sequence], annotations: Mapping[str, M
             continue
         tp, fp = _class_tp_fp(img, score, box, gt[cls], iou)
         ap[cls] = 100.0 * _class_ap(tp, fp, npos, metric)
+    if n_reversed:
+        log.warning("VOC eval: %d of %d detections have xmax < xmin or ymax < ymin (sub-pixel boxes, as "
+                    "detectron2 writes them; first: %s); scored as the devkit scores them (width xmax - xmin "
+                    "+ 1)", n_reversed, n_total, first_reversed)
     defined = [v for v in ap.values() if v is not None]
     if not defined:  # an mAP of NaN is no result: say why instead
         raise VOCEvalError(f"no ground-truth box of the evaluated classes {list(classes)} in the "
                            f"{len(annotations)} annotated image(s) (only difficult ones, or none): mAP undefined")
     mean = float(np.mean(defined))
-    return {"metric": metric, "iou": iou, "mAP": mean, "AP": ap}
+    return {"metric": metric, "iou": iou, "mAP": mean, "AP": ap, "reversed_boxes": n_reversed}
 
 
 def boxes_to_voc_xml(boxes) -> np.ndarray:
@@ -353,7 +378,8 @@ def read_voc_results(results_dir: str | os.PathLike, split: str, classes: Sequen
 
     Returns (detections {class: [(image_id, score, box)]}, sources {class: ["file:line", ...]}).
     A missing file means no detections for that class (logged); no file at all, a file for an unknown
-    class, a malformed line, an unknown image id or xmax < xmin raise `VOCEvalError` naming file:line.
+    class, a malformed line or an unknown image id raise `VOCEvalError` naming file:line. Boxes with
+    xmax < xmin are kept, as the devkit keeps them (see `reversed_boxes`).
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
@@ -391,8 +417,6 @@ def read_voc_results(results_dir: str | os.PathLike, split: str, classes: Sequen
                     raise VOCEvalError(f"{loc}: malformed number in {line.strip()!r}") from None
                 if not all(map(math.isfinite, [score, *box])):
                     raise VOCEvalError(f"{loc}: non-finite number in {line.strip()!r}")
-                if box[2] < box[0] or box[3] < box[1]:
-                    raise VOCEvalError(f"{loc}: xmax < xmin or ymax < ymin in {line.strip()!r}")
                 if known is not None and parts[0] not in known:
                     raise VOCEvalError(f"{loc}: unknown image id {parts[0]!r} (not in the split)")
                 dets.append((parts[0], score, box))
