@@ -79,8 +79,30 @@ def _to_plain(value: Any, where: str) -> Any:
     raise TypeError(f"checkpoint meta {where} has a {type(value).__name__}; only primitives are allowed")
 
 
-def save_backbone(path: str | os.PathLike, model: torch.nn.Module, meta: Mapping) -> None:
-    """Write the contract file for a torchvision ResNet (DDP / compile wrappers are unwrapped)."""
+HEAD_KINDS = ("pooled_linear",)
+
+
+def check_head(head: Mapping) -> dict:
+    """A classifier head that sits between the layer4 map and fc (AlignMix's stage-2 encoder, paper §4.1):
+    ``{"kind": "pooled_linear", "resolution": r, "weight": [d, c*r*r], "bias": [d]}``: logits =
+    fc(weight @ flatten(adaptive_avg_pool(layer4, r)) + bias)."""
+    if head.get("kind") not in HEAD_KINDS:
+        raise ValueError(f"head kind must be one of {list(HEAD_KINDS)}, got {head.get('kind')!r}")
+    r, w, b = int(head["resolution"]), head["weight"], head["bias"]
+    if r < 1 or w.ndim != 2 or b.shape != (w.shape[0],) or w.shape[1] % (r * r):
+        raise ValueError(f"malformed pooled_linear head: resolution {r}, weight {tuple(w.shape)}, "
+                         f"bias {tuple(b.shape)}")
+    return {"kind": head["kind"], "resolution": r, "weight": w.detach().cpu().clone(),
+            "bias": b.detach().cpu().clone()}
+
+
+def save_backbone(path: str | os.PathLike, model: torch.nn.Module, meta: Mapping,
+                  head: Mapping | None = None) -> None:
+    """Write the contract file for a torchvision ResNet (DDP / compile wrappers are unwrapped).
+
+    head: the classifier's own layers between layer4 and fc when the method has them (`check_head`); stored
+    beside "model" as "head" (the "model" keys stay exactly torchvision's), and meta["classifier"] names it, so
+    that an evaluator never applies that fc to pooled features."""
     model = unwrap(model)
     state = OrderedDict((k, v.detach().cpu().clone()) for k, v in model.state_dict().items())
     meta = _to_plain(dict(meta), "meta")
@@ -93,7 +115,18 @@ def save_backbone(path: str | os.PathLike, model: torch.nn.Module, meta: Mapping
     meta.setdefault("num_classes", int(state["fc.weight"].shape[0]))
     for key in ("method", "epochs", "config", "metrics"):
         meta.setdefault(key, None if key != "metrics" else {})
-    atomic_save({"model": state, "meta": meta}, path)
+    meta["classifier"] = head["kind"] if head is not None else "fc"
+    obj = {"model": state, "meta": meta}
+    if head is not None:
+        obj["head"] = check_head(head)
+    atomic_save(obj, path)
+
+
+def classifier_head(path: str | os.PathLike, allow_pickle: bool = False) -> dict | None:
+    """The checkpoint's stage-2 classifier head (`check_head`), or None when its fc follows global pooling."""
+    obj = read_checkpoint(path, allow_pickle)
+    head = obj.get("head") if isinstance(obj, dict) else None
+    return check_head(head) if head is not None else None
 
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive

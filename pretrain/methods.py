@@ -145,6 +145,11 @@ class Method(nn.Module):
         """Clean-image logits for evaluation (methods with their own head override this)."""
         return self.model(images)
 
+    def export_head(self) -> dict | None:
+        """The classifier's layers between layer4 and fc for the exported backbone (core.checkpoint.check_head);
+        None when fc follows global average pooling."""
+        return None
+
 
 class ERM(Method):
     """Plain cross-entropy on clean images."""
@@ -507,6 +512,12 @@ class AlignMix(Method):
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.fc(self.embed(self.tensor_of(self.model.features(images))))
+
+    def export_head(self) -> dict | None:
+        if self.head == "gap":
+            return None
+        return {"kind": "pooled_linear", "resolution": self.resolution, "weight": self.encoder2.weight,
+                "bias": self.encoder2.bias}
 
     def _mode(self) -> str:
         return self._choice(self.modes)

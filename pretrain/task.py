@@ -310,7 +310,7 @@ def finish(task: PretrainTask, engine: Engine) -> dict:
         engine.check_parameters()
         meta = {"arch": cfg["model"]["arch"], "num_classes": task.num_classes, "method": cfg["method"]["name"],
                 "epochs": cfg["optim"]["epochs"], "config": dump_config(cfg), "metrics": metrics}
-        save_backbone(run_dir / "backbone.pth", task.net.net, meta)
+        save_backbone(run_dir / "backbone.pth", task.net.net, meta, head=task.model.export_head())
         rt.write_json(metrics, run_dir / "metrics.json")
         engine.logger.log({"event": "end", **metrics})
         if cfg["runtime"]["figures"] and task.history:

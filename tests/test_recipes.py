@@ -207,7 +207,7 @@ def _evaluate_options() -> dict:
 def _defaults(rel: str) -> dict:
     family = rel.split("/")[0]
     if family == "pretrain":
-        from pretrain.trainer import DEFAULTS
+        from pretrain.task import DEFAULTS
     elif family == "wsol":
         from wsol.finetune import DEFAULTS
     elif family == "detection":

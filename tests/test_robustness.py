@@ -374,3 +374,35 @@ def test_suites_and_subset():
         parse_suites("clean,bogus")
     assert subset_indices(10, 4) == [0, 3, 6, 9]
     assert subset_indices(3, None) == [0, 1, 2]
+
+
+def test_a_stage_two_head_is_exported_and_evaluated_through(tmp_path):
+    """AlignMix with the paper's fc stage-2 encoder: the exported backbone carries the head, and the robustness
+    classifier's logits equal the method's own predictions; its CAMs use the per-position class weights."""
+    from core.checkpoint import classifier_head, save_backbone
+    from pretrain.methods import ResNetStages, build_method
+    from transfer.robustness.localization import class_activation_maps
+    from transfer.robustness.model import load_classifier_model
+
+    torch.manual_seed(0)
+    method = build_method("alignmix", ResNetStages("resnet18", 5), 5, head="fc", resolution=2).eval()
+    path = tmp_path / "backbone.pth"
+    save_backbone(path, method.model.net, {"arch": "resnet18"}, head=method.export_head())
+    assert classifier_head(path)["resolution"] == 2
+    model, meta = load_classifier_model(path, num_classes=5)
+    assert meta["classifier"] == "pooled_linear"
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), method.predict(x), atol=1e-5)
+        feats, logits = model.features_logits(x)
+        assert feats.shape == (3, 512, 2, 2) and model.fc_weight.shape == (5, 512, 2, 2)
+        # the CAM sums to the class score minus the bias terms: check one by hand before normalisation
+        w = model.fc_weight[logits.argmax(1)]
+        const = model.model.fc.weight @ model.head.bias + model.model.fc.bias
+        score = (w * feats).sum((1, 2, 3)) + const[logits.argmax(1)]
+        assert torch.allclose(score, logits.max(1).values, atol=1e-4)
+        cams = class_activation_maps(feats, model.fc_weight, logits.argmax(1), (64, 64))
+        assert cams.shape == (3, 64, 64) and float(cams.max()) == pytest.approx(1.0)
+    plain = tmp_path / "plain.pth"
+    save_backbone(plain, method.model.net, {"arch": "resnet18"})
+    assert classifier_head(plain) is None

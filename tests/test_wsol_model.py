@@ -140,3 +140,28 @@ def test_tiny_finetune_resume_and_outputs(toy_world, tmp_path):
     assert any(r.get("event") == "resume" and r["epoch"] == 1 for r in log)
     for k in ("top1_cls", "maxboxacc", "maxboxacc_v2", "top1_loc", "gt_known_loc"):
         assert 0 <= m2[k] <= 100
+
+
+def test_cam_model_has_the_stage_interface_of_the_method_registry():
+    """Any pretraining method can wrap a CAM model: its stages compose to the features, at every layer."""
+    from wsol.finetune import WSOLObjective
+
+    torch.manual_seed(0)
+    cam = CAMModel("resnet18", 4).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        full = cam.features(x)
+        for layer in range(5):
+            assert torch.allclose(cam.forward_from(cam.forward_to(x, layer), layer), full, atol=1e-6), layer
+        assert torch.allclose(cam.fc(cam.pool(full)), cam(x), atol=1e-6)
+        dense = cam.dense_logits(full).mean(-1)
+        assert torch.allclose(dense, cam(x), atol=1e-5)  # fc is linear: the mean of the dense logits
+    plain = WSOLObjective(cam, 4, {"name": "none"})
+    labels = torch.tensor([1, 3])
+    out = plain(x, labels)
+    assert torch.allclose(out["loss"], torch.nn.functional.cross_entropy(cam(x), labels))
+    mixed = WSOLObjective(cam, 4, {"name": "cutmix", "knobs": {"alpha": 1.0}})
+    mixed.method.generator = torch.Generator().manual_seed(0)
+    assert torch.isfinite(mixed(x, labels)["loss"])
+    with pytest.raises(ValueError, match="head: gap"):
+        WSOLObjective(cam, 4, {"name": "alignmix", "knobs": {"head": "fc", "resolution": 2}})

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
 from core.checkpoint import ARCHS, CheckpointError, read_checkpoint
-from core.config import dump_config, validate
+from core.config import ConfigError, dump_config, validate
 from core.engine import Engine, LoopSettings, Task
 from core.engine import build_optimizer as _build_optimizer
 from core.runtime import atomic_save, autocast, get_device, progress, seed_everything, write_json
@@ -165,6 +165,9 @@ class WSOLObjective(nn.Module):
         self.cam = cam
         name = mixing["name"]
         self.method = None if name == "none" else build_method(name, cam, num_classes, **(mixing.get("knobs") or {}))
+        if self.method is not None and self.method.export_head() is not None:
+            raise ConfigError(f"mixing {name!r} trains its own classifier head; CAMs need fc on pooled features: "
+                              "set mixing.knobs.head: gap")
 
     @property
     def generator(self):

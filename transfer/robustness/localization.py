@@ -22,11 +22,14 @@ def class_activation_maps(features: torch.Tensor, fc_weight: torch.Tensor, class
                           size: tuple[int, int]) -> torch.Tensor:
     """CAMs ``[B, H, W]`` in [0, 1].
 
-    features: ``[B, K, h, w]`` last conv block output; fc_weight: ``[C, K]``; classes: ``[B]`` int64;
-    size: (H, W) of the input image.
+    features: ``[B, K, h, w]`` last conv block output; fc_weight: ``[C, K]`` (one weight per channel) or
+    ``[C, K, h, w]`` (per position: a stage-2 head); classes: ``[B]`` int64; size: (H, W) of the input image.
     """
-    w = fc_weight[classes].to(features.dtype)  # [B, K]
-    cams = torch.einsum("bk,bkhw->bhw", w, features).float()
+    w = fc_weight[classes].to(features.dtype)  # [B, K] or [B, K, h, w]
+    if w.ndim == 2:
+        cams = torch.einsum("bk,bkhw->bhw", w, features).float()
+    else:
+        cams = (w * features).sum(1).float()
     cams = F.interpolate(cams[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     flat = cams.flatten(1)
     lo = flat.min(1).values[:, None, None]

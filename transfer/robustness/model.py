@@ -1,7 +1,9 @@
 """The evaluated classifier: a torchvision ResNet (backbone + its fc) behind ImageNet normalisation.
 
 Inputs are RGB images in [0, 1]; the wrapper normalises them, so attack budgets and noise are pixel
-units. ``features_logits`` also returns the last conv features for CAMs.
+units. ``features_logits`` also returns the last conv features for CAMs. A checkpoint whose classifier has a
+stage-2 head (AlignMix's encoder on the pooled feature tensor, ``core.checkpoint.check_head``) is evaluated
+through that head, and its CAMs use the head's per-position class weights.
 """
 
 from __future__ import annotations
@@ -15,29 +17,45 @@ from core.constants import IMAGENET_MEAN, IMAGENET_STD
 class NormalizedClassifier(nn.Module):
     """``model((x - mean) / std)`` for x ``[B, 3, H, W]`` in [0, 1]; ``model`` a torchvision ResNet."""
 
-    def __init__(self, model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD, head: dict | None = None):
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.head = None
+        if head is not None:
+            self.resolution = int(head["resolution"])
+            self.head = nn.Linear(head["weight"].shape[1], head["weight"].shape[0])
+            self.head.load_state_dict({"weight": head["weight"], "bias": head["bias"]})
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalize(x))
+        if self.head is None:
+            return self.model(self.normalize(x))
+        return self.features_logits(x)[1]
 
     def features_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(layer4 features ``[B, K, h, w]``, logits ``[B, C]``) in one pass (torchvision ResNet layout)."""
+        """(CAM features ``[B, K, h, w]``, logits ``[B, C]``) in one pass (torchvision ResNet layout). The CAM
+        features are the layer4 map, or with a stage-2 head the map pooled to the head's resolution."""
         m = self.model
         f = m.maxpool(m.relu(m.bn1(m.conv1(self.normalize(x)))))
         f = m.layer4(m.layer3(m.layer2(m.layer1(f))))
-        logits = m.fc(torch.flatten(m.avgpool(f), 1))
-        return f, logits
+        if self.head is None:
+            return f, m.fc(torch.flatten(m.avgpool(f), 1))
+        a = nn.functional.adaptive_avg_pool2d(f, self.resolution)
+        return a, m.fc(self.head(a.flatten(1)))
 
     @property
     def fc_weight(self) -> torch.Tensor:
-        return self.model.fc.weight
+        """Class weights of the CAM features: ``[C, K]`` (fc after pooling) or ``[C, K, r, r]`` (stage-2 head:
+        the score of class c is the sum over positions of fc_c . W2[:, position] times the features, + const)."""
+        if self.head is None:
+            return self.model.fc.weight
+        r = self.resolution
+        w = self.model.fc.weight @ self.head.weight  # [C, K * r * r], flatten order (K, r, r)
+        return w.view(w.shape[0], -1, r, r)
 
 
 def load_classifier_model(checkpoint, num_classes: int, arch: str | None = None) -> tuple[nn.Module, dict]:
@@ -46,10 +64,10 @@ def load_classifier_model(checkpoint, num_classes: int, arch: str | None = None)
     Raises ``core.checkpoint.CheckpointError`` naming the key and shapes when the checkpoint has no
     classifier head for ``num_classes`` classes.
     """
-    from core.checkpoint import resnet_from_checkpoint
+    from core.checkpoint import classifier_head, resnet_from_checkpoint
 
     net, meta = resnet_from_checkpoint(checkpoint, arch=arch, num_classes=num_classes)
-    model = NormalizedClassifier(net).eval()
+    model = NormalizedClassifier(net, head=classifier_head(checkpoint)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, meta
