@@ -792,3 +792,11 @@ def test_wsol_bad_evaluator_arguments(run, wsol_split, args, what):
 @pytest.mark.parametrize("args,what", [(["--fraction", "1.5"], "--fraction"), (["--size", "0"], "--size")])
 def test_wsol_baseline_bad_arguments(run, wsol_split, args, what):
     expect(run("wsol", "baseline", "--metadata", wsol_split["meta"], *args), 2, what)
+
+
+def test_evaluate_xml_filename_of_another_image(run, toy_world, resnet18_ckpt, tmp_path):
+    root = _imagenet_copy(toy_world, tmp_path)
+    for xml in (root / "val_boxes").glob("*.xml"):
+        t = xml.read_text()
+        xml.write_text(re.sub(r"<filename>[^<]*</filename>", "<filename>ILSVRC2012_val_99999999</filename>", t))
+    expect(_evaluate(run, resnet18_ckpt, root, tmp_path), 2, "val_boxes", "<filename>")
