@@ -800,3 +800,12 @@ def test_evaluate_xml_filename_of_another_image(run, toy_world, resnet18_ckpt, t
         t = xml.read_text()
         xml.write_text(re.sub(r"<filename>[^<]*</filename>", "<filename>ILSVRC2012_val_99999999</filename>", t))
     expect(_evaluate(run, resnet18_ckpt, root, tmp_path), 2, "val_boxes", "<filename>")
+
+
+@pytest.mark.parametrize("where,key", [("gt", "image_id"), ("gt", "category_id"), ("res", "image_id"),
+                                       ("res", "category_id")])
+def test_coco_unhashable_ids(run, coco, where, key):
+    entry = _ann(coco) if where == "gt" else coco["res"][0]
+    entry[key] = [entry[key]]
+    expect(eval_coco(run, coco), 2, "gt.json" if where == "gt" else "res.json", key.replace("_", " ")
+           if where == "gt" else key)
