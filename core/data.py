@@ -165,6 +165,9 @@ class ImageNetFolder(Dataset):
     image in `root/val_boxes/<image stem>.xml` (the ILSVRC bbox_val files) or from
     `root/LOC_val_solution.csv` (Kaggle: `ImageId,PredictionString` with `wnid xmin ymin xmax ymax ...`);
     both use 1-based inclusive corners, converted to the toolkit's convention by `boxes(index)`.
+    `boxes(index)` validates them (a `DataError` naming the file and line or object): the XML's `<filename>`
+    and `<size>` must match the image (its header is read), every box must have a positive size inside
+    it, its class must be known; a CSV row must be well formed and its ImageId unique. Nothing is skipped.
 
     Items are `(transform(image) or PIL image, label)`.
     """
@@ -265,6 +268,8 @@ class ImageNetFolder(Dataset):
                 raise DataError(f"image {path.name}: no box file {xml}")
             ann = parse_pascal_xml(xml)
             width, height = ann["width"], ann["height"]
+            if ann["filename"] and Path(ann["filename"]).stem != path.stem:
+                raise DataError(f"{xml}: <filename> {ann['filename']!r} is not the image {path.name}")
             if (width, height) != image_size(path):  # the header only: cheap
                 real = image_size(path)
                 raise DataError(f"{xml}: <size> says {width}x{height} but the image {path} is "

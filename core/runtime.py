@@ -208,8 +208,13 @@ class JsonlLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, default=_json_default) + "\n")
+        except OSError as e:  # disk full: name the file (a failed write() names none)
+            if e.filename is not None or e.errno is None:
+                raise
+            raise type(e)(e.errno, e.strerror, str(self.path)) from e
         kind = record.get("event")
         if self.tb is not None and kind in ("step", "epoch"):
             x = record["step"] if kind == "step" else record["epoch"]

@@ -187,9 +187,9 @@ def check_coco_gt(data: Mapping, name: str, error: type = None, annotations: boo
         if ann["id"] in ann_ids:
             raise error(f"{where}: duplicate annotation id {ann['id']!r}")
         ann_ids.add(ann["id"])
-        if ann["image_id"] not in images or not _is_int(ann["image_id"]):
+        if not _is_int(ann["image_id"]) or ann["image_id"] not in images:
             raise error(f"{where}: unknown image id {ann['image_id']!r} (not in 'images')")
-        if ann["category_id"] not in cats or not _is_int(ann["category_id"]):
+        if not _is_int(ann["category_id"]) or ann["category_id"] not in cats:
             raise error(f"{where}: unknown category id {ann['category_id']!r}; valid: {sorted(cats)[:20]}")
         if annotations and not check_coco_annotation(ann, images[ann["image_id"]], where, error, "count"):
             outside.append(where)
@@ -222,6 +222,10 @@ def check_results(results, image_ids, cat_ids, name: str = "<results>") -> list[
         missing = [k for k in ("image_id", "category_id", "bbox", "score") if k not in r]
         if missing:
             raise COCOEvalError(f"{where}: missing {missing}")
+        for key in ("image_id", "category_id"):
+            v = _plain(r[key])
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise COCOEvalError(f"{where}: {key} must be an integer, got {r[key]!r}")
         if _plain(r["image_id"]) not in image_ids:
             raise COCOEvalError(f"{where}: unknown image_id {r['image_id']!r} (not in the ground truth)")
         if _plain(r["category_id"]) not in cat_ids:

@@ -5,6 +5,11 @@ Every item is an RGB float tensor ``[3, S, S]`` in [0, 1] after "resize the shor
 centre-crop ``S``" (torchvision's evaluation transform, done on tensors with antialiasing so that the
 boxes can follow exactly). Boxes: float ``[K, 4]`` ``x0, y0, x1, y1`` in continuous pixel coordinates,
 transformed along with the image.
+
+Validated on the way in (a `DataError` naming the image or file): the val boxes through
+`core.data.ImageNetFolder.boxes` (XML `<size>` equal to the image's, boxes of positive size inside
+it), then again against the decoded image (`check_boxes`); images that cannot be decoded; OOD folders
+that are missing or hold no image. Nothing is skipped.
 """
 
 from __future__ import annotations
