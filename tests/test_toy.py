@@ -5,7 +5,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -31,9 +30,9 @@ def _hashes(root: Path) -> dict[str, str]:
 
 
 def _make(out: Path, seed: int) -> dict:
-    with warnings.catch_warnings():  # "wsol metadata not written" until the WSOL reader exists
-        warnings.simplefilter("ignore", UserWarning)
-        return toy.make_toy_world(out, preset="tiny", seed=seed, workers=1)
+    from wsol.data import cub_to_wsol_metadata
+
+    return toy.make_toy_world(out, preset="tiny", seed=seed, workers=1, wsol_metadata=cub_to_wsol_metadata)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from core.checkpoint import load_backbone
 from core.runtime import NonFiniteLossError
 from core.schedule import lr_factor as schedule_factor
 from pretrain.data import EpochSampler
-from pretrain.task import DEFAULTS, batch_plan, build, train
+from pretrain.task import DEFAULTS, batch_plan, build, finish, train
 
 
 def lr_factor(epoch, o):
@@ -182,6 +182,7 @@ def _ddp_worker(rank, world, port, cfg, run_dir, out_dir):
     torch.set_num_threads(1)
     task, engine = build(cfg, run_dir)
     engine.fit()
+    finish(task, engine)
     torch.save(task.net.net.state_dict(), os.path.join(out_dir, f"rank{rank}.pth"))
     import torch.distributed as dist
 

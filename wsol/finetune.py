@@ -294,8 +294,8 @@ def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True) -> dict:
     device = get_device(cfg["runtime"]["device"])
     task = WSOLTask(cfg, weights, device)
     o = cfg["optim"]
-    optimizer = build_optimizer(o["name"], task.param_groups(), o["lr"], o["momentum"], o["weight_decay"],
-                                o["nesterov"])
+    optimizer = _build_optimizer(o["name"], task.param_groups(), o["lr"], o["momentum"], o["weight_decay"],
+                                 o["nesterov"])
     settings = LoopSettings(total_steps=task.steps_per_epoch * cfg["epochs"], device=device,
                             precision=cfg["runtime"]["precision"],
                             channels_last=device.type == "cuda" and cfg["runtime"]["channels_last"],
