@@ -109,12 +109,7 @@ def puzzlemix_cases(repo: Path, out: Path, n_cases: int = 48, b: int = 2, width:
                                            transport=True, t_eps=t_eps, t_size=-1, device="cpu", mp=None)
         mask = np.zeros((b, 16, 16), np.float32)
         mask[:, :g, :g] = np.stack(masks_seen)
-        src = []  # plan as "block i goes to place j": -1 where a row of the plan is empty
-        for p in plans_seen:
-            s = np.full((b, 256), -1, np.int16)
-            has, col = p.max(-1)
-            s[:, : g * g] = np.where(has.numpy() > 0, col.numpy(), -1)
-            src.append(s)
+        src = [_plan_sources(p, b, g) for p in plans_seen]
         for k, v in (("images", img), ("sal", sal), ("perm", perm), ("grid", g), ("lam", lam), ("beta", beta),
                      ("gamma", gamma), ("eta", eta), ("neigh", neigh), ("t_eps", t_eps), ("mask", mask),
                      ("src1", src[0]), ("src2", src[1]), ("ratio", ratio.numpy())):
@@ -125,6 +120,18 @@ def puzzlemix_cases(repo: Path, out: Path, n_cases: int = 48, b: int = 2, width:
     arrays["mixed"] = np.stack(full)
     arrays["mean"], arrays["std"] = MEAN, STD
     np.savez_compressed(out / "puzzlemix_official.npz", **arrays)
+    return _puzzlemix_note(repo, n_cases, b, width, n_full)
+
+
+def _plan_sources(plan, b: int, g: int) -> np.ndarray:
+    """A transport plan as "block i goes to place j" [b, 256]: -1 where a row of the plan is empty."""
+    s = np.full((b, 256), -1, np.int16)
+    has, col = plan.max(-1)
+    s[:, : g * g] = np.where(has.numpy() > 0, col.numpy(), -1)
+    return s
+
+
+def _puzzlemix_note(repo: Path, n_cases: int, b: int, width: int, n_full: int) -> dict:
     return {"repository": "https://github.com/snu-mllab/PuzzleMix", "commit": _commit(repo),
             "functions": ["mixup.py:mixup_graph", "mixup.py:graphcut_multi", "mixup.py:mask_transport",
                           "mixup.py:transport_image"],

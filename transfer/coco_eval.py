@@ -156,26 +156,7 @@ def check_coco_gt(data: Mapping, name: str, error: type = None, annotations: boo
             raise error(f"{name}: {key}[{bad}] must be an object, got {data[key][bad]!r}")
     if not data["images"]:
         raise error(f"{name}: no images (an empty split)")
-    images: dict = {}
-    for i, img in enumerate(data["images"]):
-        iid = img.get("id")
-        if not _is_int(iid):
-            raise error(f"{name}: images[{i}]: id must be an integer, got {iid!r}")
-        if iid in images:
-            raise error(f"{name}: images[{i}]: duplicate image id {iid}")
-        for k in ("width", "height"):
-            v = img.get(k)
-            if not (_is_number(v) and float(v).is_integer() and v > 0):
-                raise error(f"{name}: images[{i}] (id {iid}): {k} must be a positive integer, got {v!r}")
-        images[iid] = img
-    cats = set()
-    for i, cat in enumerate(data["categories"]):
-        cid = cat.get("id")
-        if not _is_int(cid):
-            raise error(f"{name}: categories[{i}]: id must be an integer, got {cid!r}")
-        if cid in cats:
-            raise error(f"{name}: categories[{i}]: duplicate category id {cid}")
-        cats.add(cid)
+    images, cats = _coco_images(data, name, error), _coco_categories(data, name, error)
     ann_ids, outside = set(), []
     for i, ann in enumerate(data["annotations"]):
         where = f"{name}: annotation id {ann.get('id')!r} (annotations[{i}], image id {ann.get('image_id')!r})"
@@ -196,6 +177,35 @@ def check_coco_gt(data: Mapping, name: str, error: type = None, annotations: boo
     if outside:
         log.warning("%s: %d ground-truth box(es) reach beyond their image (scored as given, as COCOeval "
                     "does), e.g. %s", name, len(outside), outside[:3])
+
+
+def _coco_images(data: Mapping, name: str, error: type) -> dict:
+    """{id: image entry}, ids unique integers, widths and heights positive integers."""
+    images: dict = {}
+    for i, img in enumerate(data["images"]):
+        iid = img.get("id")
+        if not _is_int(iid):
+            raise error(f"{name}: images[{i}]: id must be an integer, got {iid!r}")
+        if iid in images:
+            raise error(f"{name}: images[{i}]: duplicate image id {iid}")
+        for k in ("width", "height"):
+            v = img.get(k)
+            if not (_is_number(v) and float(v).is_integer() and v > 0):
+                raise error(f"{name}: images[{i}] (id {iid}): {k} must be a positive integer, got {v!r}")
+        images[iid] = img
+    return images
+
+
+def _coco_categories(data: Mapping, name: str, error: type) -> set:
+    cats = set()
+    for i, cat in enumerate(data["categories"]):
+        cid = cat.get("id")
+        if not _is_int(cid):
+            raise error(f"{name}: categories[{i}]: id must be an integer, got {cid!r}")
+        if cid in cats:
+            raise error(f"{name}: categories[{i}]: duplicate category id {cid}")
+        cats.add(cid)
+    return cats
 
 
 def check_results(results, image_ids, cat_ids, name: str = "<results>") -> list[dict]:

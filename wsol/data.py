@@ -212,42 +212,9 @@ def read_wsol_metadata(metadata_dir, require_boxes: bool = True) -> WSOLMetadata
     d = Path(metadata_dir)
     if not d.is_dir():
         raise MetadataError(f"{d}: metadata folder not found")
-    ids_path = d / "image_ids.txt"
-    image_ids, seen = [], set()
-    for lineno, text in _lines(ids_path):
-        if text in seen:
-            raise MetadataError(f"{ids_path}:{lineno}: duplicate image id {text!r}")
-        seen.add(text)
-        image_ids.append(text)
-    if not image_ids:
-        raise MetadataError(f"{ids_path}: empty split (no image ids)")
-
-    def per_id(name, n):
-        path = d / name
-        for lineno, text in _lines(path):
-            parts = text.split(",")
-            if len(parts) != n:
-                raise MetadataError(f"{path}:{lineno}: expected {n} comma-separated fields, got "
-                                    f"{len(parts)}: {text!r}")
-            if parts[0] not in seen:
-                raise MetadataError(f"{path}:{lineno}: unknown image id {parts[0]!r} (not in image_ids.txt)")
-            yield path, lineno, parts
-
-    labels = {}
-    for path, lineno, (iid, lab) in per_id("class_labels.txt", 2):
-        if iid in labels:
-            raise MetadataError(f"{path}:{lineno}: duplicate label for {iid!r}")
-        labels[iid] = _num(path, lineno, lab, int)
-        if labels[iid] < 0:
-            raise MetadataError(f"{path}:{lineno}: negative class label {labels[iid]}")
-    sizes = {}
-    for path, lineno, (iid, w, h) in per_id("image_sizes.txt", 3):
-        if iid in sizes:
-            raise MetadataError(f"{path}:{lineno}: duplicate size for {iid!r}")
-        w, h = _num(path, lineno, w, int), _num(path, lineno, h, int)
-        if w <= 0 or h <= 0:
-            raise MetadataError(f"{path}:{lineno}: non-positive image size {w}x{h}")
-        sizes[iid] = (w, h)
+    image_ids = _read_image_ids(d / "image_ids.txt")
+    seen = set(image_ids)
+    labels, sizes = _read_labels(d, seen), _read_sizes(d, seen)
     for name, table in (("class_labels.txt", labels), ("image_sizes.txt", sizes)):
         missing = [i for i in image_ids if i not in table]
         if missing:
@@ -255,7 +222,7 @@ def read_wsol_metadata(metadata_dir, require_boxes: bool = True) -> WSOLMetadata
     boxes: dict[str, list] = {}
     loc = d / "localization.txt"
     if loc.is_file() or require_boxes:
-        for path, lineno, parts in per_id("localization.txt", 5):
+        for path, lineno, parts in _per_id(d, seen, "localization.txt", 5):
             iid = parts[0]
             box = tuple(_num(path, lineno, v, float) for v in parts[1:])
             _check_box(f"{path}:{lineno}", box, sizes[iid])
@@ -266,6 +233,54 @@ def read_wsol_metadata(metadata_dir, require_boxes: bool = True) -> WSOLMetadata
                 raise MetadataError(f"{loc}: no box for image id(s) {missing[:5]}")
     return WSOLMetadata(image_ids, labels, sizes,
                         {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k, v in boxes.items()})
+
+
+def _read_image_ids(ids_path: Path) -> list[str]:
+    image_ids, seen = [], set()
+    for lineno, text in _lines(ids_path):
+        if text in seen:
+            raise MetadataError(f"{ids_path}:{lineno}: duplicate image id {text!r}")
+        seen.add(text)
+        image_ids.append(text)
+    if not image_ids:
+        raise MetadataError(f"{ids_path}: empty split (no image ids)")
+    return image_ids
+
+
+def _per_id(d: Path, seen: set, name: str, n: int):
+    """(path, line number, fields) of each line of `name`, checked for `n` fields and a known image id."""
+    path = d / name
+    for lineno, text in _lines(path):
+        parts = text.split(",")
+        if len(parts) != n:
+            raise MetadataError(f"{path}:{lineno}: expected {n} comma-separated fields, got "
+                                f"{len(parts)}: {text!r}")
+        if parts[0] not in seen:
+            raise MetadataError(f"{path}:{lineno}: unknown image id {parts[0]!r} (not in image_ids.txt)")
+        yield path, lineno, parts
+
+
+def _read_labels(d: Path, seen: set) -> dict[str, int]:
+    labels = {}
+    for path, lineno, (iid, lab) in _per_id(d, seen, "class_labels.txt", 2):
+        if iid in labels:
+            raise MetadataError(f"{path}:{lineno}: duplicate label for {iid!r}")
+        labels[iid] = _num(path, lineno, lab, int)
+        if labels[iid] < 0:
+            raise MetadataError(f"{path}:{lineno}: negative class label {labels[iid]}")
+    return labels
+
+
+def _read_sizes(d: Path, seen: set) -> dict[str, tuple[int, int]]:
+    sizes = {}
+    for path, lineno, (iid, w, h) in _per_id(d, seen, "image_sizes.txt", 3):
+        if iid in sizes:
+            raise MetadataError(f"{path}:{lineno}: duplicate size for {iid!r}")
+        w, h = _num(path, lineno, w, int), _num(path, lineno, h, int)
+        if w <= 0 or h <= 0:
+            raise MetadataError(f"{path}:{lineno}: non-positive image size {w}x{h}")
+        sizes[iid] = (w, h)
+    return sizes
 
 
 def cub_to_wsol_metadata(cub_root, out_root, check_images: bool = True) -> dict[str, Path]:

@@ -217,129 +217,152 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
     classes. limit: evaluate this many evenly spaced val images (and at most this many per OOD folder).
     Returns the metrics dict (also written to ``out_dir/metrics.json`` when ``out_dir`` is given).
     """
-    from core.data import ImageNetFolder
-
+    o = dict(locals())
     suites = parse_suites(suites)
+    _check_options(corrupt_at, iou_op, ood_noise)
+    ev = _Evaluation(o, suites)
+    ev.run_suites()
+    metrics = _rounded(json.loads(json.dumps(ev.metrics, default=float)))  # plain JSON values
+    if ev.out_dir is not None:
+        write_json(metrics, ev.out_dir / "metrics.json")
+    return metrics
+
+
+def _check_options(corrupt_at: str, iou_op: str, ood_noise) -> None:
     if corrupt_at not in ("eval", "original"):
         raise ValueError(f"corrupt_at must be 'eval' or 'original', got {corrupt_at!r}")
     check_iou_op(iou_op)
     unknown_noise = sorted(set(ood_noise) - set(NOISE_SETS))
     if unknown_noise:
         raise ValueError(f"unknown OOD noise sets {unknown_noise}; valid: {list(NOISE_SETS)}")
-    device = get_device(device) if isinstance(device, str) else device
-    if num_workers is None:
-        num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
-    out_dir = Path(out_dir) if out_dir is not None else None
-    fig_dir = out_dir / "figures" if out_dir is not None else None
 
-    base = ImageNetFolder(imagenet_root, split="val", boxes="auto")
-    indices = subset_indices(len(base), limit)
-    # fail before any compute on a checkpoint without a head for these classes, or on empty OOD folders
-    model, meta = load_classifier_model(checkpoint, num_classes=len(base.classes), arch=arch)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    ood_sets = _ood_sets(ood_dirs, limit, len(indices), image_size, resize, seed, tuple(ood_noise),
-                         gaussian_std) if "ood" in suites else {}
 
-    metrics: dict = {
-        "checkpoint": str(checkpoint), "method": meta.get("method"), "arch": meta.get("arch"),
-        "num_classes": len(base.classes), "n_images": len(indices),
-        "settings": {"image_size": image_size, "resize": resize, "seed": seed, "limit": limit,
-                     "corrupt_at": corrupt_at, "sigma": sigma, "noise_clipped": True,
-                     "fgsm_eps": fgsm_eps, "pgd_eps": pgd_eps, "pgd_step": pgd_step, "pgd_iters": pgd_iters,
-                     "pgd_random_start": pgd_random_start, "n_bins": n_bins, "cam_threshold": cam_threshold,
-                     "iou_threshold": iou_threshold, "iou_op": iou_op, "ood_threshold": ood_threshold,
-                     "gaussian_ood_mean": 0.5,
-                     "gaussian_ood_std": gaussian_std,
-                     "precision": precision, "device": str(device)},
-        "figures": {}, "seconds": {},
-    }
-    figs = metrics["figures"]
+_SETTINGS = ("image_size", "resize", "seed", "limit", "corrupt_at", "sigma", "fgsm_eps", "pgd_eps", "pgd_step",
+             "pgd_iters", "pgd_random_start", "n_bins", "cam_threshold", "iou_threshold", "iou_op", "ood_threshold")
 
-    def loader(ds):
-        return _loader(ds, batch_size, num_workers, device)
 
-    def timed(name, t0):
-        metrics["seconds"][name] = round(time.time() - t0, 2)
+class _Evaluation:
+    """One checkpoint's suites over one val set; `o` holds `evaluate_checkpoint`'s arguments."""
 
-    clean = None
-    examples = [indices[p] for p in subset_indices(len(indices), n_examples)]  # spread over the classes
-    want_loc = "background" in suites
-    if {"clean", "background", "calibration", "ood"} & set(suites):
-        t0 = time.time()
-        ds = ValSet(base, indices, image_size, resize, need_boxes=want_loc)
-        clean = predict(model, loader(ds), device, precision, localize=want_loc, cam_threshold=cam_threshold,
-                        iou_threshold=iou_threshold, keep=examples, desc="clean", iou_op=iou_op)
-        timed("clean", t0)
-    if "clean" in suites:
-        e = _errors(clean)
-        metrics["clean"] = {"top1_err": e["top1_err"], "top5_err": e["top5_err"]}
+    def __init__(self, o: dict, suites: list[str]):
+        from core.data import ImageNetFolder
 
-    if "background" in suites:
-        t0 = time.time()
+        self.o, self.suites = o, suites
+        self.device = get_device(o["device"]) if isinstance(o["device"], str) else o["device"]
+        workers = o["num_workers"]
+        self.num_workers = workers if workers is not None else (
+            min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0)
+        self.out_dir = Path(o["out_dir"]) if o["out_dir"] is not None else None
+        self.fig_dir = self.out_dir / "figures" if self.out_dir is not None else None
+        self.base = ImageNetFolder(o["imagenet_root"], split="val", boxes="auto")
+        self.indices = subset_indices(len(self.base), o["limit"])
+        # fail before any compute on a checkpoint without a head for these classes, or on empty OOD folders
+        model, self.meta = load_classifier_model(o["checkpoint"], num_classes=len(self.base.classes), arch=o["arch"])
+        self.model = model.to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ood_sets = _ood_sets(o["ood_dirs"], o["limit"], len(self.indices), o["image_size"], o["resize"],
+                                  o["seed"], tuple(o["ood_noise"]), o["gaussian_std"]) if "ood" in suites else {}
+        settings = {k: o[k] for k in _SETTINGS}
+        settings.update(noise_clipped=True, gaussian_ood_mean=0.5, gaussian_ood_std=o["gaussian_std"],
+                        precision=o["precision"], device=str(self.device))
+        self.metrics: dict = {"checkpoint": str(o["checkpoint"]), "method": self.meta.get("method"),
+                              "arch": self.meta.get("arch"), "num_classes": len(self.base.classes),
+                              "n_images": len(self.indices), "settings": settings, "figures": {}, "seconds": {}}
+        self.examples = [self.indices[p] for p in subset_indices(len(self.indices), o["n_examples"])]
+        self.clean = None
+
+    def loader(self, ds):
+        return _loader(ds, self.o["batch_size"], self.num_workers, self.device)
+
+    def timed(self, name: str, t0: float) -> None:
+        self.metrics["seconds"][name] = round(time.time() - t0, 2)
+
+    def predict(self, ds, localize: bool, desc: str) -> dict:
+        o = self.o
+        return predict(self.model, self.loader(ds), self.device, o["precision"], localize=localize,
+                       cam_threshold=o["cam_threshold"], iou_threshold=o["iou_threshold"], keep=self.examples,
+                       desc=desc, iou_op=o["iou_op"])
+
+    def run_suites(self) -> None:
+        o, suites = self.o, self.suites
+        if {"clean", "background", "calibration", "ood"} & set(suites):
+            t0 = time.time()
+            want_loc = "background" in suites
+            ds = ValSet(self.base, self.indices, o["image_size"], o["resize"], need_boxes=want_loc)
+            self.clean = self.predict(ds, want_loc, "clean")
+            self.timed("clean", t0)
+        if "clean" in suites:
+            e = _errors(self.clean)
+            self.metrics["clean"] = {"top1_err": e["top1_err"], "top5_err": e["top5_err"]}
+        if "background" in suites:
+            self.background()
+        if "calibration" in suites:
+            self.calibration()
+        if {"fgsm", "pgd"} & set(suites):
+            self.adversarial()
+        if "ood" in suites:
+            self.ood()
+
+    def background(self) -> None:
+        o, clean, t0 = self.o, self.clean, time.time()
         bg = {"clean_loc": _errors(clean)["top1_loc"]}
         rows, pred_boxes = {"clean": clean["examples"]}, {"clean": clean["example_pred_boxes"]}
         for corruption in CORRUPTIONS:
-            ds = ValSet(base, indices, image_size, resize, corruption=corruption, at=corrupt_at, sigma=sigma,
-                        seed=seed)
-            p = predict(model, loader(ds), device, precision, localize=True, cam_threshold=cam_threshold,
-                        iou_threshold=iou_threshold, keep=examples,
-                        desc=f"background/{corruption}", iou_op=iou_op)
+            ds = ValSet(self.base, self.indices, o["image_size"], o["resize"], corruption=corruption,
+                        at=o["corrupt_at"], sigma=o["sigma"], seed=o["seed"])
+            p = self.predict(ds, True, f"background/{corruption}")
             bg[corruption] = _errors(p)
             rows[corruption], pred_boxes[corruption] = p["examples"], p["example_pred_boxes"]
-            if export_dir is not None:
-                export_corrupted_set(base, indices, export_dir, corruption, corrupt_at, image_size, resize,
-                                     sigma, seed)
-        metrics["background"] = bg
-        if fig_dir is not None:
-            figures.image_grid(rows, fig_dir / "background_examples.png", boxes=clean["example_boxes"],
+            if o["export_dir"] is not None:
+                export_corrupted_set(self.base, self.indices, o["export_dir"], corruption, o["corrupt_at"],
+                                     o["image_size"], o["resize"], o["sigma"], o["seed"])
+        self.metrics["background"] = bg
+        if self.fig_dir is not None:
+            figures.image_grid(rows, self.fig_dir / "background_examples.png", boxes=clean["example_boxes"],
                                pred_boxes=pred_boxes)
-            figs["background_examples"] = "figures/background_examples.png"
-        timed("background", t0)
+            self.metrics["figures"]["background_examples"] = "figures/background_examples.png"
+        self.timed("background", t0)
 
-    if "calibration" in suites:
+    def calibration(self) -> None:
+        n_bins, clean = self.o["n_bins"], self.clean
         ece, oe = ece_oe(clean["confidence"], clean["correct1"], n_bins)
-        metrics["calibration"] = {"ece": 100.0 * ece, "oe": 100.0 * oe}
-        if fig_dir is not None:
+        self.metrics["calibration"] = {"ece": 100.0 * ece, "oe": 100.0 * oe}
+        if self.fig_dir is not None:
             bins = calibration_bins(clean["confidence"], clean["correct1"], n_bins)
-            figures.reliability_diagram(bins, fig_dir / "reliability.png",
-                                        title=str(meta.get("method") or ""), ece=ece)
-            figs["reliability"] = "figures/reliability.png"
+            figures.reliability_diagram(bins, self.fig_dir / "reliability.png",
+                                        title=str(self.meta.get("method") or ""), ece=ece)
+            self.metrics["figures"]["reliability"] = "figures/reliability.png"
 
-    attacks = {}
-    if "fgsm" in suites:
-        attacks["fgsm"] = lambda m, x, y, b: fgsm(m, x, y, fgsm_eps)
-    if "pgd" in suites:
-        attacks["pgd"] = lambda m, x, y, b: pgd(m, x, y, pgd_eps, pgd_step, pgd_iters, pgd_random_start,
-                                                generator=sample_generator(seed, b, stream=5))
-        attacks["fgsm_same_eps"] = lambda m, x, y, b: fgsm(m, x, y, pgd_eps)
-    if attacks:
-        t0 = time.time()
-        ds = ValSet(base, indices, image_size, resize, need_boxes=False)
-        err = adversarial_errors(model, loader(ds), attacks, device, precision, desc="+".join(attacks))
+    def adversarial(self) -> None:
+        o, suites, attacks = self.o, self.suites, {}
         if "fgsm" in suites:
-            metrics["fgsm"] = {"top1_err": err["fgsm"], "eps": fgsm_eps}
+            attacks["fgsm"] = lambda m, x, y, b: fgsm(m, x, y, o["fgsm_eps"])
         if "pgd" in suites:
-            metrics["pgd"] = {"top1_err": err["pgd"], "eps": pgd_eps, "step": pgd_step, "iters": pgd_iters,
-                              "random_start": pgd_random_start,
-                              "fgsm_same_eps_top1_err": err["fgsm_same_eps"]}
-        timed("adversarial", t0)
-
-    if "ood" in suites:
+            attacks["pgd"] = lambda m, x, y, b: pgd(m, x, y, o["pgd_eps"], o["pgd_step"], o["pgd_iters"],
+                                                    o["pgd_random_start"],
+                                                    generator=sample_generator(o["seed"], b, stream=5))
+            attacks["fgsm_same_eps"] = lambda m, x, y, b: fgsm(m, x, y, o["pgd_eps"])
         t0 = time.time()
-        ood, scores = {}, {}
-        for name, ds in ood_sets.items():
-            p = predict(model, loader(ds), device, precision, desc=f"ood/{name}")
-            scores[name] = p["confidence"]
-            ood[name] = ood_metrics(clean["confidence"], p["confidence"], ood_threshold)
-        metrics["ood"] = ood
-        if fig_dir is not None and scores:
-            figures.score_histograms(clean["confidence"], scores, fig_dir / "ood_scores.png")
-            figs["ood_scores"] = "figures/ood_scores.png"
-        timed("ood", t0)
+        ds = ValSet(self.base, self.indices, o["image_size"], o["resize"], need_boxes=False)
+        err = adversarial_errors(self.model, self.loader(ds), attacks, self.device, o["precision"],
+                                 desc="+".join(attacks))
+        if "fgsm" in suites:
+            self.metrics["fgsm"] = {"top1_err": err["fgsm"], "eps": o["fgsm_eps"]}
+        if "pgd" in suites:
+            self.metrics["pgd"] = {"top1_err": err["pgd"], "eps": o["pgd_eps"], "step": o["pgd_step"],
+                                   "iters": o["pgd_iters"], "random_start": o["pgd_random_start"],
+                                   "fgsm_same_eps_top1_err": err["fgsm_same_eps"]}
+        self.timed("adversarial", t0)
 
-    metrics = _rounded(json.loads(json.dumps(metrics, default=float)))  # plain JSON values
-    if out_dir is not None:
-        write_json(metrics, out_dir / "metrics.json")
-    return metrics
+    def ood(self) -> None:
+        t0, ood, scores = time.time(), {}, {}
+        for name, ds in self.ood_sets.items():
+            p = predict(self.model, self.loader(ds), self.device, self.o["precision"], desc=f"ood/{name}")
+            scores[name] = p["confidence"]
+            ood[name] = ood_metrics(self.clean["confidence"], p["confidence"], self.o["ood_threshold"])
+        self.metrics["ood"] = ood
+        if self.fig_dir is not None and scores:
+            figures.score_histograms(self.clean["confidence"], scores, self.fig_dir / "ood_scores.png")
+            self.metrics["figures"]["ood_scores"] = "figures/ood_scores.png"
+        self.timed("ood", t0)
