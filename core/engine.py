@@ -31,7 +31,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from core import fingerprint as fp
 from core import runtime as rt
+from core.config import ConfigError
 
 CKPT = "checkpoints/last.pth"
 
@@ -269,21 +271,35 @@ class Engine:
                 yield group
                 group = []
 
-    def fit(self, resume: bool = False, header: dict | None = None) -> dict:
-        """Train to `total_steps` (resuming `run_dir/checkpoints/last.pth` if asked); returns a summary
-        ``{"stopped_at_step": n}`` when `stop_after_steps` interrupted the run, else ``{}``."""
+    def fit(self, resume: bool = False, header: dict | None = None, fingerprint: dict | None = None,
+            force: bool = False) -> dict:
+        """Train to `total_steps`; returns ``{"stopped_at_step": n}`` when `stop_after_steps` interrupted the run,
+        else ``{}``.
+
+        resume: continue `run_dir/checkpoints/last.pth` when there is one, after checking that the run was made
+        from the same `fingerprint` (core.fingerprint: config and input hashes; the task's
+        `resume_may_change` keys excepted). Without `resume`, a run directory that already holds a checkpoint is
+        an error unless `force` (then it starts over)."""
         ckpt = self.run_dir / CKPT
+        may_change = getattr(self.task, "resume_may_change", ())
+        if ckpt.is_file() and not (resume or force):
+            raise ConfigError(f"{self.run_dir}: already holds a checkpoint ({ckpt}); pass --resume to continue "
+                              "it, or --force to start over")
         if resume and ckpt.is_file():
+            if fingerprint is not None:
+                fp.check(self.run_dir, fingerprint, may_change)
             self.load_checkpoint(ckpt)
-            self.logger.log({"event": "resume", "step": self.step, "time": time.time()})
+            self.logger.log({"event": "resume", "step": self.step, "epoch": self.epoch, "time": time.time()})
         elif rt.is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "log.jsonl").unlink(missing_ok=True)
-            ckpt.unlink(missing_ok=True)  # never resume a previous run by mistake
+            ckpt.unlink(missing_ok=True)
             if self.config_text:
                 rt.atomic_write_text(self.config_text, self.run_dir / "config.yaml")
             if header is not None:
                 self.logger.log({"event": "header", **header})
+        if fingerprint is not None and rt.is_main_process():
+            fp.write(self.run_dir, fingerprint)
         rt.barrier()
         s, done_here = self.settings, 0
         while self.step < s.total_steps:

@@ -35,6 +35,9 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
         ood = tables.ood_table(results)
         if ood:
             sections.append(ood)
+    reused = results.get("reused") or []
+    sections.append(f"Stages reused from an earlier run (same config and inputs): {', '.join(reused)}.\n"
+                    if reused else "Every stage ran in this invocation.\n")
     sections += figure_sections(run_dir, results, methods, dets)
     timings = timing_section(run_dir, methods, dets)
     if timings:

@@ -1,9 +1,11 @@
 """The main job: pretraining -> backbone -> detection, WSOL and robustness -> one report.
 
 Every stage writes into its own folder under `runs/<name>/` and, when it finishes, a `stage.json`
-marker holding its metrics. A stage whose marker exists is skipped, so an interrupted pipeline
-resumes where it stopped (stages that keep their own training checkpoints also resume inside the
-stage); `force` redoes stages by name.
+marker holding its metrics and its content key: the hash of its resolved config and of the keys of the
+stages it reads (the pipeline is a small DAG: pretraining -> detection, WSOL, robustness). A stage whose
+marker holds the same key is reused, so an interrupted pipeline resumes where it stopped (stages that keep
+their own training checkpoints also resume inside the stage), and a changed override reruns exactly the
+stages it affects and their dependents; `force` redoes stages by name. The report lists the reused stages.
 
 Layout:
     runs/<name>/pipeline.yaml                     resolved pipeline config
@@ -21,6 +23,7 @@ downstream stages only see the backbone file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -87,6 +90,7 @@ class Pipeline:
             self.force |= set(STAGES) | {d["name"] for d in self.cfg["detection"]}
         self.stop_after = stop_after
         self.stages_run = 0
+        self.reused: list[str] = []
         self.timings: dict[str, float] = {}
 
     def _check_methods(self) -> None:
@@ -102,15 +106,28 @@ class Pipeline:
                 raise ConfigError(f"{path}: pretraining config of method {m!r} not found")
 
     # -- bookkeeping -------------------------------------------------------------------------------
-    def _stage(self, key: str, folder: Path, forced_by: set[str], fn: Callable[[Path], dict]) -> dict:
-        """Run `fn(folder)` unless `folder/stage.json` exists; return the stage's metrics."""
+    def _stage(self, key: str, folder: Path, forced_by: set[str], fn: Callable[[Path], dict],
+               spec: dict) -> tuple[dict, str]:
+        """Run `fn(folder)` unless `folder/stage.json` holds the result of the same `spec`; returns the stage's
+        metrics and its content key.
+
+        spec: what the stage computes from (its resolved config and the content keys of the stages it reads);
+        its hash is the stage's content key, so a changed override reruns exactly the stages it affects and,
+        through their keys, everything downstream of them."""
+        content = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
         marker = folder / "stage.json"
-        if forced_by & self.force and marker.exists():
-            log.info("[%s] forced: removing %s", key, folder)
-            shutil.rmtree(folder)
         if marker.exists():
-            log.info("[%s] done already, skipping (%s)", key, marker)
-            return json.loads(marker.read_text())["metrics"]
+            stored = json.loads(marker.read_text())
+            if forced_by & self.force:
+                log.info("[%s] forced: removing %s", key, folder)
+            elif stored.get("key") != content:
+                log.info("[%s] its config or inputs changed (key %s -> %s): rerunning", key, stored.get("key"),
+                         content)
+            else:
+                log.info("[%s] done already, reusing (%s)", key, marker)
+                self.reused.append(key)
+                return stored["metrics"], content
+            shutil.rmtree(folder)
         if self.stop_after is not None and self.stages_run >= self.stop_after:
             raise StopPipeline(f"stopping before {key} as asked (--stop-after {self.stop_after})")
         folder.mkdir(parents=True, exist_ok=True)
@@ -119,10 +136,10 @@ class Pipeline:
         metrics = fn(folder)
         seconds = round(time.time() - t0, 1)
         self.timings[key] = seconds
-        write_json({"stage": key, "seconds": seconds, "metrics": metrics}, marker)
+        write_json({"stage": key, "key": content, "seconds": seconds, "metrics": metrics}, marker)
         self.stages_run += 1
         log.info("[%s] finished in %.1f s", key, seconds)
-        return metrics
+        return metrics, content
 
     # -- the job -----------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -137,34 +154,40 @@ class Pipeline:
             res = results["methods"][method] = {}
             mdir = self.run_dir / method
             pcfg = _fill(self.cfg["pretrain"], data=self.data, method=method)
-            res["pretrain"] = self._stage(
+            res["pretrain"], upstream = self._stage(
                 f"{method}/pretrain", mdir / "pretrain", {"pretrain"},
-                lambda d: stages.pretrain(pcfg["config"], pcfg["overrides"], d))
+                lambda d: stages.pretrain(pcfg["config"], pcfg["overrides"], d),
+                spec={"config": load_config(pcfg["config"], pcfg["overrides"])})
             backbone = mdir / "pretrain" / "backbone.pth"
-            self._downstream(res, mdir, backbone, subs, prefix=method)
+            self._downstream(res, mdir, backbone, subs, prefix=method, upstream=upstream)
         if self.cfg["baselines"]["random_init"]:
             self._downstream(results["baselines"], self.run_dir / "baselines", None, subs, prefix="baselines",
-                             robustness=False)
+                             robustness=False, upstream=None)
+        results["reused"] = list(self.reused)
         return results
 
     def _downstream(self, res: dict, folder: Path, backbone: Path | None, subs: dict, prefix: str,
-                    robustness: bool = True) -> None:
+                    upstream: str | None, robustness: bool = True) -> None:
         from pipeline import stages
 
         for det in self.cfg["detection"]:
             det = _fill(det, **subs)
-            res[det["name"]] = self._stage(
+            spec = {"config": load_config(det["config"], det.get("overrides", [])), "backbone": upstream}
+            res[det["name"]], _ = self._stage(
                 f"{prefix}/{det['name']}", folder / det["name"], {"detection", det["name"]},
-                lambda d, det=det: stages.detection(det["config"], det.get("overrides", []), backbone, d))
+                lambda d, det=det: stages.detection(det["config"], det.get("overrides", []), backbone, d), spec)
         if self.cfg["wsol"]:
             w = _fill(self.cfg["wsol"], **subs)
-            res["wsol"] = self._stage(f"{prefix}/wsol", folder / "wsol", {"wsol"},
-                                      lambda d: stages.wsol(w["config"], w.get("overrides", []), backbone, d))
+            spec = {"config": load_config(w["config"], w.get("overrides", [])), "backbone": upstream}
+            res["wsol"], _ = self._stage(
+                f"{prefix}/wsol", folder / "wsol", {"wsol"},
+                lambda d: stages.wsol(w["config"], w.get("overrides", []), backbone, d), spec)
         if robustness and self.cfg["robustness"]:
             r = _fill(self.cfg["robustness"], **subs)
-            res["robustness"] = self._stage(
+            res["robustness"], _ = self._stage(
                 f"{prefix}/robustness", folder / "robustness", {"robustness"},
-                lambda d: stages.robustness(backbone, self.data / "imagenet", r, d))
+                lambda d: stages.robustness(backbone, self.data / "imagenet", r, d),
+                {"spec": r, "backbone": upstream})
 
     def _ensure_data(self) -> None:
         gen = self.cfg["data"]["generate"]

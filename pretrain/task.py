@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from core import fingerprint
 from core import runtime as rt
 from core.checkpoint import save_backbone
 from core.config import ConfigError, dump_config, validate
@@ -131,6 +132,17 @@ class PretrainTask(Task):
     """One mixing method on an ImageNet-layout folder; the engine runs its steps."""
 
     resumable_across_world_sizes = True
+
+    @property
+    def resume_may_change(self) -> tuple[str, ...]:
+        """Config keys a resume may change: how the run is executed and logged, not what it computes; the
+        number of epochs too when the schedule does not depend on it."""
+        keys = ["name", "data.num_workers", "runtime.device", "runtime.backend", "runtime.num_threads",
+                "runtime.checkpoint_every_steps", "runtime.log_every_steps", "runtime.tensorboard", "runtime.flops",
+                "runtime.figures", "runtime.stop_after_steps"]
+        if self.cfg["optim"]["schedule"] != "cosine":
+            keys.append("optim.epochs")
+        return tuple(keys)
 
     def __init__(self, cfg: dict, rank: int, world: int, device: torch.device):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
@@ -319,10 +331,13 @@ def finish(task: PretrainTask, engine: Engine) -> dict:
     return metrics
 
 
-def run(cfg: dict, inputs: dict | None, run_dir: str | os.PathLike, resume: bool = True) -> dict:
+def run(cfg: dict, inputs: dict | None, run_dir: str | os.PathLike, resume: bool = True,
+        force: bool = False) -> dict:
     """Pretrain with `cfg` (nested dict, see DEFAULTS) into `run_dir`; returns the final metrics (the stage
     interface; pretraining has no `inputs`). With resume=True an existing `run_dir/checkpoints/last.pth` is
-    continued exactly (a finished run only rewrites its outputs). Under torchrun every process calls this."""
+    continued exactly (a finished run only rewrites its outputs) if it was made from the same config (runtime
+    settings excepted; see `PretrainTask.resume_may_change`); without it an existing checkpoint is an error
+    unless `force`. Under torchrun every process calls this."""
     if inputs:
         raise ValueError(f"pretraining takes no upstream inputs, got {sorted(inputs)}")
     task, engine = build(cfg, run_dir)
@@ -332,7 +347,8 @@ def run(cfg: dict, inputs: dict | None, run_dir: str | os.PathLike, resume: bool
              plan["global_batch"])
     t0 = time.time()
     try:
-        stopped = engine.fit(resume=resume, header=task.header(engine))
+        stopped = engine.fit(resume=resume, header=task.header(engine), force=force,
+                             fingerprint=fingerprint.make(task.cfg, {}))
     except rt.NonFiniteLossError as e:
         engine.logger.log({"event": "error", "step": engine.step + 1, "message": str(e)})
         raise

@@ -138,3 +138,37 @@ def test_a_foreign_file_is_not_resumed(tmp_path):
     torch.save({"model": {}}, tmp_path / "run" / CKPT)
     with pytest.raises(ValueError, match="not a checkpoint of this engine"):
         engine.fit(resume=True)
+
+
+def test_resume_refuses_another_config_or_input_and_names_the_difference(tmp_path):
+    from core import fingerprint as fp
+
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"one")
+    cfg = {"optim": {"lr": 0.1}, "runtime": {"log_every": 5}}
+    task, engine = make(tmp_path, epochs=2, stop_after_steps=3)
+    engine.fit(fingerprint=fp.make(cfg, {"weights": weights}))
+    task.resume_may_change = ("runtime.*",)
+    ok = fp.make({"optim": {"lr": 0.1}, "runtime": {"log_every": 50}}, {"weights": weights})
+    _, again = make(tmp_path, epochs=2)
+    again.task.resume_may_change = ("runtime.*",)
+    with pytest.raises(fp.FingerprintMismatch, match=r"config\.optim\.lr: 0\.1 -> 0\.2"):
+        again.fit(resume=True, fingerprint=fp.make({"optim": {"lr": 0.2}, "runtime": {"log_every": 5}},
+                                                   {"weights": weights}))
+    weights.write_bytes(b"two")
+    with pytest.raises(fp.FingerprintMismatch, match="input weights"):
+        again.fit(resume=True, fingerprint=fp.make(cfg, {"weights": weights}))
+    weights.write_bytes(b"one")
+    assert again.fit(resume=True, fingerprint=ok) == {} and again.step == 4  # a runtime key may change
+
+
+def test_an_existing_checkpoint_is_never_overwritten_without_resume_or_force(tmp_path):
+    task, engine = make(tmp_path, epochs=1)
+    engine.fit()
+    before = (tmp_path / "run" / CKPT).read_bytes()
+    _, again = make(tmp_path, epochs=1)
+    with pytest.raises(ValueError, match="--resume to continue it, or --force"):
+        again.fit()
+    assert (tmp_path / "run" / CKPT).read_bytes() == before
+    _, forced = make(tmp_path, epochs=1)
+    assert forced.fit(force=True) == {} and forced.step == 2

@@ -26,13 +26,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (configs/pretrain/*.yaml)")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides with dotted keys, e.g. optim.lr=0.05")
-    p.add_argument("--resume", action="store_true", help="continue the run's last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run's last checkpoint (refused if the config differs)")
+    p.add_argument("--force", action="store_true", help="start over in a run folder that holds a checkpoint")
     p.add_argument("--run-dir", default=None, help="output folder (default runs/<name>)")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, defaults=DEFAULTS)
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg["name"]
-        metrics = run(cfg, None, run_dir, resume=args.resume)
+        metrics = run(cfg, None, run_dir, resume=args.resume, force=args.force)
     finally:
         cleanup_distributed()
     if is_main_process():

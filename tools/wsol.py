@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     f.add_argument("--config", required=True)
     f.add_argument("--weights", default=None, help="backbone checkpoint (omit: random init)")
     f.add_argument("--run-dir", default=None, help="default runs/<name>")
-    f.add_argument("--no-resume", action="store_true")
+    f.add_argument("--no-resume", action="store_true", help="do not continue an existing checkpoint")
+    f.add_argument("--force", action="store_true", help="start over in a run folder that holds a checkpoint")
     f.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
     e = sub.add_parser("evaluate", help="evaluate a fine-tuned CAM model, saving <scoremaps>/<image_id>.npy")
     e.add_argument("--config", required=True)
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     if args.cmd == "finetune":
         from wsol.finetune import finetune
         run_dir = args.run_dir or str(Path("runs") / cfg.get("name", "wsol"))
-        metrics = finetune(cfg, args.weights, run_dir, resume=not args.no_resume)
+        metrics = finetune(cfg, args.weights, run_dir, resume=not args.no_resume, force=args.force)
     else:
         from wsol.finetune import evaluate_run
         metrics = evaluate_run(cfg, args.model, args.scoremaps, args.out)

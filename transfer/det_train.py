@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from core import fingerprint as fp
 from core import runtime
 from core.config import dump_config, load_config, validate
 from core.engine import Engine, LoopSettings, Task, build_optimizer
@@ -300,10 +301,16 @@ def detection_figure(examples, classes, path: Path, score_thresh: float = 0.3) -
 
 # ----------------------------------------------------------------------------------------- training
 
+# config keys a resume (or the reuse of a finished seed) may change: execution and reporting, not results
+RESUME_MAY_CHANGE = ("name", "data.workers", "runtime.device", "runtime.num_threads", "runtime.log_period",
+                     "eval.figure_examples", "eval.figure_score_thresh")
+
+
 class DetectionTask(Task):
     """A torchvision detector fine-tuned on VOC or COCO; ``model(images, targets)`` returns its loss dict."""
 
     sync_batchnorm = True  # trainable BN (random init, SSD extras) synchronised across GPUs
+    resume_may_change = RESUME_MAY_CHANGE
 
     def __init__(self, cfg: dict, weights: str | None, seed: int, device: torch.device):
         self.cfg, self.seed, self.device = cfg, seed, device
@@ -389,7 +396,11 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
     """Train + evaluate one seed in ``seed_dir``; returns its metrics (also written to metrics.json)."""
     seed_dir = Path(seed_dir)
     done = seed_dir / "metrics.json"
+    # what this seed is made from: the config (the list of seeds aside), the seed and the backbone's hash
+    seed_cfg = {k: v for k, v in cfg.items() if k != "seeds"}
+    fingerprint = fp.make({**seed_cfg, "seed": seed}, {"weights": weights})
     if done.is_file():
+        fp.check(seed_dir, fingerprint, RESUME_MAY_CHANGE)  # never relabel old results with new inputs
         log.info("%s exists: seed %d already finished", done, seed)
         return json.loads(done.read_text())
     rt, s = cfg["runtime"], cfg["solver"]
@@ -404,8 +415,9 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
                             clip_grad_norm=s["clip_grad_norm"], log_every=rt["log_period"],
                             progress_desc=f"seed {seed} epoch")
     engine = Engine(task, seed_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
-    engine.fit(resume=True, header={"seed": seed, "weights": weights, "steps_per_epoch": task.steps_per_epoch,
-                                    "total_steps": task.total, "device": str(device)})
+    engine.fit(resume=True, fingerprint=fingerprint,
+               header={"seed": seed, "weights": weights, "steps_per_epoch": task.steps_per_epoch,
+                       "total_steps": task.total, "device": str(device)})
     metrics = {}
     if runtime.is_main_process():
         metrics = _final_metrics(task, engine, seed_dir)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
+from core import fingerprint
 from core.checkpoint import ARCHS, CheckpointError, read_checkpoint
 from core.config import ConfigError, dump_config, validate
 from core.engine import Engine, LoopSettings, Task
@@ -265,6 +266,14 @@ class WSOLTask(Task):
         self.curve.append(point)
         return {"eval": point}
 
+    @property
+    def resume_may_change(self) -> tuple[str, ...]:
+        keys = ["name", "data.num_workers", "runtime.device", "log_every", "eval.num_figure_images",
+                "eval.batch_size"]
+        if self.cfg["optim"]["schedule"] != "cosine":
+            keys.append("epochs")  # train longer: the schedule does not depend on the total
+        return tuple(keys)
+
     def state_dict(self) -> dict:
         return {"curve": self.curve}
 
@@ -275,14 +284,15 @@ class WSOLTask(Task):
 _CURVE_KEYS = ("top1_cls", "maxboxacc", "maxboxacc_v2", "top1_loc", "gt_known_loc")
 
 
-def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True) -> dict:
+def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: bool = False) -> dict:
     """The WSOL stage: fine-tune a CAM model from ``inputs["weights"]`` (a backbone checkpoint; None or absent:
     random init) and evaluate it.
 
     Returns metrics in percent: top1_cls, maxboxacc, maxboxacc_v2, top1_loc, gt_known_loc, top5_loc,
     maxboxacc_per_iou, best_threshold, centred_box baseline, curve (one entry per evaluated epoch). Writes
-    run_dir/metrics.json and figures/*.png. An existing run_dir/checkpoints/last.pth is resumed (resume=True);
-    a finished run just re-reports.
+    run_dir/metrics.json and figures/*.png. An existing run_dir/checkpoints/last.pth is resumed (resume=True)
+    when it was made from the same config and weights (`WSOLTask.resume_may_change` excepted); a finished run
+    just re-reports. Without resume an existing checkpoint is an error unless `force`.
     """
     inputs = dict(inputs or {})
     weights = inputs.pop("weights", None)
@@ -301,8 +311,9 @@ def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True) -> dict:
                             channels_last=device.type == "cuda" and cfg["runtime"]["channels_last"],
                             log_every=cfg["log_every"], progress_desc="wsol epoch")
     engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
-    engine.fit(resume=resume, header={"weights": weights, "num_classes": task.num_classes,
-                                      "train_images": len(task.train_set), "test_images": len(task.test_set)})
+    engine.fit(resume=resume, force=force, fingerprint=fingerprint.make(cfg, {"weights": weights}),
+               header={"weights": weights, "num_classes": task.num_classes, "train_images": len(task.train_set),
+                       "test_images": len(task.test_set)})
     atomic_save({"model": task.cam.state_dict(), "arch": cfg["arch"], "num_classes": task.num_classes,
                  "config": dump_config(cfg)}, run_dir / "cam_model.pth")
     metrics = _final_report(task.cam, task.test_set, cfg, device, run_dir, task.curve, engine.logger, weights)
@@ -311,9 +322,9 @@ def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True) -> dict:
     return metrics
 
 
-def finetune(cfg: dict, weights: str | None, run_dir, resume: bool = True) -> dict:
+def finetune(cfg: dict, weights: str | None, run_dir, resume: bool = True, force: bool = False) -> dict:
     """``run`` with the backbone as an argument (the name scripts used)."""
-    return run(cfg, {"weights": weights}, run_dir, resume=resume)
+    return run(cfg, {"weights": weights}, run_dir, resume=resume, force=force)
 
 
 def _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights) -> dict:
