@@ -4,13 +4,16 @@
   and deep-merged under the file.
 - `KEY=VALUE` overrides use dotted keys (`optim.lr=0.05`); values are parsed as YAML (`true`, `[1, 2]`).
 - With `defaults` (a nested dict declaring every valid key), unknown keys are an error that lists the
-  valid ones, and keys the file leaves out take their defaults.
+  valid ones, keys the file leaves out take their defaults, and a value whose type differs from a declared
+  scalar default's (a string for a number, a number for a flag) is an error naming the key and both types.
+- Numbers are read as YAML 1.2 reads them: `1e-3` is a float (PyYAML's YAML 1.1 would make it a string).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -21,11 +24,29 @@ class ConfigError(ValueError):
     pass
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats: 1e-3, 1E5 and .5 are numbers, not strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
     if data is None:
@@ -67,7 +88,7 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
             raise ConfigError(f"override {item!r} is not KEY=VALUE")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = parse_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
         node = cfg
@@ -100,8 +121,31 @@ def validate(cfg: Mapping, defaults: Mapping, where: str = "") -> dict:
         elif isinstance(default, Mapping) and default and isinstance(cfg[k], Mapping):
             out[k] = validate(cfg[k], default, f"{where}.{k}" if where else k)
         else:
+            _check_type(f"{where}.{k}" if where else k, cfg[k], default)
             out[k] = copy.deepcopy(cfg[k])
     return out
+
+
+def _check_type(key: str, value, default) -> None:
+    """The value of a key whose default is a flag, a number, a list or a mapping must be one too (None and
+    string defaults accept any value; an integer is a valid float)."""
+    if value is None or default is None or isinstance(default, str):
+        return
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, (list, tuple)):
+        ok, want = isinstance(value, (list, tuple)), "a list"
+    elif isinstance(default, Mapping):
+        ok, want = isinstance(value, Mapping), "a mapping"
+    else:
+        return
+    if not ok:
+        raise ConfigError(f"config key {key}: expected {want} (like the default {default!r}), "
+                          f"got {value!r} ({type(value).__name__})")
 
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = (),
@@ -115,3 +159,26 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = (),
 
 def dump_config(cfg: Mapping) -> str:
     return yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+_OPS = {">": lambda v, b: v > b, ">=": lambda v, b: v >= b, "<": lambda v, b: v < b, "<=": lambda v, b: v <= b}
+
+
+def check_ranges(cfg: Mapping, ranges: Mapping[str, tuple]) -> None:
+    """Each dotted key's value (when not None) must satisfy every (op, bound) pair of `ranges[key]`, e.g.
+    ``{"optim.epochs": (">", 0), "optim.momentum": (">=", 0, "<", 1)}``; or be one of a set of choices
+    (``("in", ("sgd", "adam"))``). The error names the key, the value and the allowed range."""
+    for key, rule in ranges.items():
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is None:
+            continue
+        if rule[0] == "in":
+            if node not in rule[1]:
+                raise ConfigError(f"config key {key}: {node!r} is not one of {list(rule[1])}")
+            continue
+        pairs = list(zip(rule[::2], rule[1::2]))
+        if not all(_OPS[op](node, bound) for op, bound in pairs):
+            allowed = " and ".join(f"{op} {bound}" for op, bound in pairs)
+            raise ConfigError(f"config key {key}: {node!r} is out of range (must be {allowed})")

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from core import fingerprint
 from core import runtime as rt
 from core.checkpoint import save_backbone
-from core.config import ConfigError, dump_config, validate
+from core.config import ConfigError, check_ranges, dump_config, validate
 from core.data import ImageNetFolder
 from core.engine import Engine, LoopSettings, Task, build_optimizer
 from core.schedule import lr_factor
@@ -97,8 +97,22 @@ DEFAULTS = {
 }
 
 
+RANGES = {
+    "optim.epochs": (">", 0), "optim.batch_size": (">", 0), "optim.batch_per_process": (">", 0),
+    "optim.accumulate": (">", 0), "optim.max_batch_per_process": (">", 0), "optim.lr": (">", 0),
+    "optim.lr_classifier": (">", 0), "optim.momentum": (">=", 0, "<", 1), "optim.weight_decay": (">=", 0),
+    "optim.gamma": (">", 0), "optim.warmup_epochs": (">=", 0), "optim.warmup_start": (">=", 0, "<=", 1),
+    "optim.schedule": ("in", ("step", "cosine", "piecewise", "constant")), "data.crop_size": (">", 0),
+    "data.num_workers": (">=", 0), "data.max_train": (">", 0), "data.max_val": (">", 0),
+    "data.scale_min": (">", 0, "<=", 1), "runtime.precision": ("in", ("fp32", "bf16", "fp16")),
+    "runtime.log_every_steps": (">", 0), "runtime.checkpoint_every_steps": (">=", 0),
+    "model.arch": ("in", ("resnet18", "resnet34", "resnet50", "resnet101")), "model.num_classes": (">", 0),
+}
+
+
 def resolve_config(cfg: dict) -> dict:
     cfg = validate(cfg, DEFAULTS)
+    check_ranges(cfg, RANGES)
     if not cfg["data"]["root"]:
         raise ConfigError("data.root is required (an ImageNet-layout folder)")
     if not isinstance(cfg["method"], dict) or "name" not in cfg["method"]:

@@ -239,3 +239,35 @@ def test_method_heads_stats_and_solver_reach_the_run(toy_world, tmp_path):
     sd = load_backbone(run / "backbone.pth", arch="resnet18")
     ref = [k for k in torchvision.models.resnet18(num_classes=10).state_dict() if not k.startswith("fc.")]
     assert list(sd) == ref
+
+
+def _ddp_stop_worker(rank, world, port, cfg, run_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), MT_NO_PROGRESS="1")
+    torch.set_num_threads(1)
+    task, engine = build(cfg, run_dir)
+    engine.fit()
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_resume_with_another_world_size(toy_world, tmp_path):
+    """Two processes stop after step 1 of 4 (global batch 16); one process resumes at step 1 and finishes the
+    run (the epoch position is kept in samples: test_sampler_position_is_kept_in_samples_across_world_sizes)."""
+    import torch.multiprocessing as mp
+
+    cfg = tiny_cfg(toy_world / "imagenet")
+    cfg["method"] = {"name": "erm"}
+    cfg["optim"].update(epochs=1, batch_size=16)
+    cfg["data"]["max_train"] = 64  # 64 / 16 = 4 steps
+    cfg["runtime"].update(checkpoint_every_steps=1)
+    stopped = dict(cfg, runtime=dict(cfg["runtime"], stop_after_steps=1))  # checkpoint at step 1, then stop
+    mp.spawn(_ddp_stop_worker, args=(2, _free_port(), stopped, str(tmp_path / "run")), nprocs=2)
+    state = torch.load(tmp_path / "run/checkpoints/last.pth", weights_only=True)
+    assert state["step"] == 1 and state["world_size"] == 2
+    metrics = train(cfg, tmp_path / "run", resume=True)
+    assert metrics["steps"] == 4
+    log = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert any(r["event"] == "resume" and r["step"] == 1 for r in log)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 
 from core import fingerprint as fp
 from core import runtime
-from core.config import dump_config, load_config, validate
+from core.config import ConfigError, check_ranges, dump_config, load_config, validate
 from core.engine import Engine, LoopSettings, Task, build_optimizer
 from core.schedule import lr_factor
 from transfer import d2_backend
@@ -94,9 +94,25 @@ DEFAULTS = {
 }
 
 
+RANGES = {
+    "solver.epochs": (">", 0), "solver.max_iter": (">=", 0), "solver.batch_size": (">", 0), "solver.lr": (">", 0),
+    "solver.momentum": (">=", 0, "<", 1), "solver.weight_decay": (">=", 0), "solver.warmup_iters": (">=", 0),
+    "solver.warmup_factor": (">", 0, "<=", 1), "solver.gamma": (">", 0), "solver.clip_grad_norm": (">=", 0),
+    "solver.reference_batch": (">", 0), "model.size": (">", 0), "model.max_size": (">", 0),
+    "data.max_train_images": (">=", 0), "data.max_test_images": (">=", 0), "data.workers": (">=", 0),
+    "eval.period": (">=", 0), "eval.batch_size": (">", 0), "eval.metric": ("in", ("11point", "area")),
+    "data.format": ("in", ("voc", "coco")), "backend": ("in", ("torchvision", "detectron2")),
+    "runtime.precision": ("in", ("fp32", "bf16", "fp16")), "runtime.log_period": (">", 0),
+}
+
+
 def resolve_config(cfg: dict) -> dict:
-    """Validate against :data:`DEFAULTS` (unknown keys rejected, missing ones filled)."""
-    return validate(cfg, DEFAULTS)
+    """Validate against :data:`DEFAULTS` (unknown keys rejected, missing ones filled, types and RANGES checked)."""
+    cfg = validate(cfg, DEFAULTS)
+    check_ranges(cfg, RANGES)
+    if not cfg["seeds"] or len(set(cfg["seeds"])) != len(cfg["seeds"]):
+        raise ConfigError(f"config key seeds: {cfg['seeds']!r} must be a non-empty list of distinct seeds")
+    return cfg
 
 
 def load_det_config(path, overrides=()) -> dict:

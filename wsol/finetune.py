@@ -24,7 +24,7 @@ from torchvision.transforms import v2 as T
 
 from core import fingerprint
 from core.checkpoint import ARCHS, CheckpointError, read_checkpoint
-from core.config import ConfigError, dump_config, validate
+from core.config import ConfigError, check_ranges, dump_config, validate
 from core.engine import Engine, LoopSettings, Task
 from core.engine import build_optimizer as _build_optimizer
 from core.runtime import atomic_save, autocast, get_device, progress, seed_everything, write_json
@@ -155,6 +155,25 @@ def set_frozen_eval(model: CAMModel, freeze) -> None:
     for name, module in model.named_trunk().items():
         if name in freeze:
             module.eval()
+
+
+RANGES = {
+    "epochs": (">", 0), "batch_size": (">", 0), "optim.lr": (">", 0), "optim.lr_classifier": (">", 0),
+    "optim.momentum": (">=", 0, "<", 1), "optim.weight_decay": (">=", 0), "optim.gamma": (">", 0),
+    "optim.step_size": (">", 0), "optim.name": ("in", ("sgd", "adam", "adamw")),
+    "optim.schedule": ("in", ("step", "cosine", "constant")), "input.resize": (">", 0), "input.crop": (">", 0),
+    "input.test_size": (">", 0), "data.num_workers": (">=", 0), "data.limit_train": (">=", 0),
+    "data.limit_test": (">=", 0), "eval.every": (">=", 0), "eval.cam_curve_interval": (">", 0, "<", 1),
+    "eval.loc_threshold": (">=", 0, "<=", 1), "eval.loc_iou": (">", 0, "<=", 1), "eval.loc_op": ("in", (">=", ">")),
+    "eval.batch_size": (">", 0), "log_every": (">", 0), "runtime.precision": ("in", ("fp32", "bf16", "fp16")),
+}
+
+
+def resolve_config(cfg: dict) -> dict:
+    """Validate against DEFAULTS (unknown keys rejected, missing ones filled, types and RANGES checked)."""
+    cfg = validate(cfg, DEFAULTS)
+    check_ranges(cfg, RANGES)
+    return cfg
 
 
 class WSOLObjective(nn.Module):
@@ -298,7 +317,7 @@ def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: boo
     weights = inputs.pop("weights", None)
     if inputs:
         raise ValueError(f"WSOL takes only a 'weights' input, got {sorted(inputs)}")
-    cfg = validate(cfg, DEFAULTS)
+    cfg = resolve_config(cfg)
     run_dir = Path(run_dir)
     seed_everything(cfg["seed"])
     device = get_device(cfg["runtime"]["device"])
@@ -364,7 +383,7 @@ def read_cam_model(path) -> dict:
 def evaluate_run(cfg: dict, cam_model_path, scoremap_dir=None, out_json=None) -> dict:
     """Evaluate a fine-tuned CAM model file (``run_dir/cam_model.pth``) on the test split, saving
     score maps as ``<scoremap_dir>/<image_id>.npy`` (float32, [0, 1], test_size x test_size)."""
-    cfg = validate(cfg, DEFAULTS)
+    cfg = resolve_config(cfg)
     device = get_device(cfg["runtime"]["device"])
     ck = read_cam_model(cam_model_path)
     _, test_set, _ = _datasets(cfg)

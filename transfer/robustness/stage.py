@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from core.config import ConfigError, validate
+from core.config import ConfigError, check_ranges, validate
 from transfer.robustness.evaluate import NOISE_SETS, SUITES, evaluate_checkpoint
 
 DEFAULTS = {
@@ -41,6 +41,14 @@ DEFAULTS = {
 }
 
 
+RANGES = {
+    "limit": (">", 0), "image_size": (">", 0), "resize": (">", 0), "batch_size": (">", 0), "workers": (">=", 0),
+    "sigma": (">=", 0), "pgd_iters": (">=", 0), "gaussian_std": (">", 0), "cam_threshold": (">=", 0, "<=", 1),
+    "iou_threshold": (">=", 0, "<=", 1), "iou_op": ("in", (">=", ">")), "ood_threshold": (">=", 0, "<=", 1),
+    "corrupt_at": ("in", ("eval", "original")), "precision": ("in", ("fp32", "bf16", "fp16")),
+}
+
+
 def parse_eps(v) -> float:
     """'8/255' or 0.0314 -> float."""
     try:
@@ -65,6 +73,7 @@ def evaluate_kwargs(cfg: dict) -> dict:
 def run(cfg: dict, inputs: dict, run_dir) -> dict:
     """Every suite of `cfg` on `inputs["checkpoint"]` over `inputs["imagenet"]`; writes run_dir/metrics.json."""
     cfg = validate(cfg, DEFAULTS)
+    check_ranges(cfg, RANGES)
     missing = sorted({"checkpoint", "imagenet"} - set(inputs))
     if missing:
         raise ValueError(f"the robustness stage needs inputs {missing}")
