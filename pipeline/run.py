@@ -104,6 +104,32 @@ class Pipeline:
             path = Path(_fill(self.cfg["pretrain"], data=self.data, method=m)["config"])
             if not path.is_file():
                 raise ConfigError(f"{path}: pretraining config of method {m!r} not found")
+        self._check_stage_configs()
+
+    def _check_stage_configs(self) -> None:
+        """Every stage's resolved config (with the pipeline's overrides) is validated before anything runs."""
+        from core.config import check_ranges
+        from pretrain.task import resolve_config as pretrain_config
+        from transfer.det_train import resolve_config as detection_config
+        from transfer.robustness.stage import DEFAULTS as ROBUSTNESS
+        from transfer.robustness.stage import RANGES
+        from wsol.finetune import resolve_config as wsol_config
+
+        subs = {"data": self.data}
+        for m in self.cfg["methods"]:
+            p = _fill(self.cfg["pretrain"], data=self.data, method=m)
+            _named(pretrain_config, load_config(p["config"], p["overrides"]), f"{m} pretraining ({p['config']})")
+        for det in self.cfg["detection"]:
+            det = _fill(det, **subs)
+            _named(detection_config, load_config(det["config"], det.get("overrides", [])),
+                   f"detection {det['name']} ({det['config']})")
+        if self.cfg["wsol"]:
+            w = _fill(self.cfg["wsol"], **subs)
+            _named(wsol_config, load_config(w["config"], w.get("overrides", [])), f"wsol ({w['config']})")
+        if self.cfg["robustness"]:
+            r = self.cfg["robustness"]
+            cfg = {"suites": r.get("suites", "all"), "ood": r.get("ood") or [], **(r.get("options") or {})}
+            _named(lambda c: check_ranges(validate(c, ROBUSTNESS), RANGES), cfg, "robustness")
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _stage(self, key: str, folder: Path, forced_by: set[str], fn: Callable[[Path], dict],
@@ -203,6 +229,13 @@ class Pipeline:
         make_toy_world(self.data, preset=gen.get("preset", "demo"), seed=gen.get("seed", 0),
                        wsol_metadata=cub_to_wsol_metadata)
         self.timings["toy_world"] = round(time.time() - t0, 1)
+
+
+def _named(check, cfg: dict, what: str) -> None:
+    try:
+        check(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{what}: {e}") from e
 
 
 class StopPipeline(RuntimeError):
