@@ -478,7 +478,6 @@ def _trainer_class(clip: float, log_period: int):
                        JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
             try:
                 import tensorboard  # noqa: F401
-
                 from detectron2.utils.events import TensorboardXWriter
 
                 writers.append(TensorboardXWriter(self.cfg.OUTPUT_DIR))
@@ -553,8 +552,12 @@ def evaluate_once(d2cfg, model, specs: dict, cfg: dict, out_dir: Path) -> dict:
     Returns {"toolkit": metrics (mAP ...), "detectron2": {"AP", "AP50", "AP75", ...}, "test_seconds",
     "n_test", "predictions"} on rank 0 ({} elsewhere)."""
     from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader
-    from detectron2.evaluation import (COCOEvaluator, DatasetEvaluators, PascalVOCDetectionEvaluator,
-                                       inference_on_dataset)
+    from detectron2.evaluation import (
+        COCOEvaluator,
+        DatasetEvaluators,
+        PascalVOCDetectionEvaluator,
+        inference_on_dataset,
+    )
     from detectron2.utils import comm
 
     from transfer.det_train import score_predictions
@@ -567,8 +570,7 @@ def evaluate_once(d2cfg, model, specs: dict, cfg: dict, out_dir: Path) -> dict:
     if specs["test"]["kind"] == "voc":
         theirs = PascalVOCDetectionEvaluator(name)
     else:
-        theirs = COCOEvaluator(name, tasks=("bbox",), output_dir=str(out_dir / "detectron2"),
-                               max_dets_per_image=int(d2cfg.TEST.DETECTIONS_PER_IMAGE))
+        theirs = COCOEvaluator(name, tasks=("bbox",), output_dir=str(out_dir / "detectron2"))  # as DefaultTrainer
     ours = _collector()
     timed = _Timed(model)
     results = inference_on_dataset(timed, loader, DatasetEvaluators([theirs, ours]))
@@ -655,6 +657,8 @@ def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
     if device.startswith("cuda") and world > 1:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     specs = dataset_specs(cfg)
+    # every refusal before anything is written: a corrected rerun never meets files of the refused one
+    build_detectron2_config(cfg, run_dir / "backbone_d2.pkl", specs, world=world, n_train=1, device=device)
     specs = dict(specs, train=[_voc_subset_dir(s, run_dir / "d2_datasets") if s["kind"] == "voc" else s
                                for s in specs["train"]])
     if specs["test"]["kind"] == "voc":
