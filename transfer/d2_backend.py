@@ -220,14 +220,18 @@ def register_toolkit_datasets(fmt_or_specs, root: str | os.PathLike | None = Non
     return specs
 
 
-def _voc_subset_dir(spec: dict, out_dir: Path) -> dict:
+def _voc_subset_dir(spec: dict, out_dir: Path, write: bool = True) -> dict:
     """detectron2's VOC evaluator scores every image of ``<dirname>/ImageSets/Main/<split>.txt``; for a
-    prefix, a folder with links to the real Annotations / JPEGImages and the prefix as its split file."""
+    prefix, a folder with links to the real Annotations / JPEGImages and the prefix as its split file
+    (written by one process: ``write`` is False on the other ranks, which wait at a barrier)."""
     if not spec["limit"]:
         return spec
     src = Path(spec["dirname"])
     dst = out_dir / f"VOC{spec['year']}"
     split = f"{spec['split']}_first{len(spec['ids'])}"
+    out = dict(spec, dirname=str(dst), split=split, limit=0)
+    if not write:
+        return out
     (dst / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
     for sub in ("Annotations", "JPEGImages"):
         link = dst / sub
@@ -236,7 +240,7 @@ def _voc_subset_dir(spec: dict, out_dir: Path) -> dict:
             tmp.symlink_to(src / sub, target_is_directory=True)
             os.replace(tmp, link)
     runtime.atomic_write_text("".join(i + "\n" for i in spec["ids"]), dst / "ImageSets" / "Main" / f"{split}.txt")
-    return dict(spec, dirname=str(dst), split=split, limit=0)
+    return out
 
 
 # ---------------------------------------------------------------------------------- configuration
@@ -659,10 +663,12 @@ def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
     specs = dataset_specs(cfg)
     # every refusal before anything is written: a corrected rerun never meets files of the refused one
     build_detectron2_config(cfg, run_dir / "backbone_d2.pkl", specs, world=world, n_train=1, device=device)
-    specs = dict(specs, train=[_voc_subset_dir(s, run_dir / "d2_datasets") if s["kind"] == "voc" else s
+    main = runtime.is_main_process()
+    subsets = run_dir / "d2_datasets"
+    specs = dict(specs, train=[_voc_subset_dir(s, subsets, main) if s["kind"] == "voc" else s
                                for s in specs["train"]])
     if specs["test"]["kind"] == "voc":
-        specs["test"] = _voc_subset_dir(specs["test"], run_dir / "d2_datasets")
+        specs["test"] = _voc_subset_dir(specs["test"], subsets, main)
     pkl = run_dir / "backbone_d2.pkl"
     if runtime.is_main_process():  # only rank 0 converts; the others wait for the finished file
         run_dir.mkdir(parents=True, exist_ok=True)
