@@ -581,7 +581,9 @@ def evaluate_once(d2cfg, model, specs: dict, cfg: dict, out_dir: Path) -> dict:
     if not comm.is_main_process():
         return {}
     toolkit = score_predictions(ours.predictions, _toolkit_ctx(specs), out_dir, cfg["eval"]["metric"])
-    return {"toolkit": toolkit, "detectron2": {k: float(v) for k, v in results["bbox"].items()},
+    # detectron2 reports NaN where an area range has no ground truth: None here (JSON has no NaN)
+    theirs_bbox = {k: (None if v != v else float(v)) for k, v in results["bbox"].items()}
+    return {"toolkit": toolkit, "detectron2": theirs_bbox,
             "test_seconds": timed.seconds, "n_test": len(dicts), "predictions": ours.predictions}
 
 
@@ -703,7 +705,8 @@ def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
     metrics.update(backend="detectron2", model=cfg["model"]["type"], arch=cfg["model"]["arch"],
                    dataset=cfg["data"]["format"], weights=str(weights), detectron2_config=str(yaml_path),
                    mapped=mapped, iterations=per_seed[0]["iterations"],
-                   detectron2={k: float(np.mean([m["detectron2"][k] for m in per_seed])) for k in d2_keys})
+                   detectron2={k: (None if any(m["detectron2"][k] is None for m in per_seed) else
+                                   float(np.mean([m["detectron2"][k] for m in per_seed]))) for k in d2_keys})
     first = run_dir / f"seed_{cfg['seeds'][0]}" / "figures" / "detections.png"
     if first.is_file():
         (run_dir / "figures").mkdir(exist_ok=True)
