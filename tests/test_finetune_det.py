@@ -281,12 +281,15 @@ def _tiny_d2(toy_world, fmt, **over):
 @pytest.mark.d2
 def test_d2_toy_voc_end_to_end_two_seeds_one_evaluation_and_resume(toy_world, backbone, tmp_path, monkeypatch):
     pytest.importorskip("detectron2")
+    import detectron2.engine.defaults as d2defaults
     import detectron2.evaluation as d2eval
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     calls = []
     real = d2eval.inference_on_dataset
-    monkeypatch.setattr(d2eval, "inference_on_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
+    counted = lambda *a, **k: calls.append(1) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(d2eval, "inference_on_dataset", counted)
+    monkeypatch.setattr(d2defaults, "inference_on_dataset", counted)  # DefaultTrainer.test (the EvalHook's)
     cfg = _tiny_d2(toy_world, "voc", seeds=[0, 1])
     m = det_train.finetune_detector(cfg, str(backbone), tmp_path / "run")
     assert len(calls) == 2  # one evaluation per seed: no EvalHook + test
@@ -335,3 +338,4 @@ def test_d2_toy_coco_end_to_end_and_cli(toy_world, backbone, tmp_path, capsys):
     assert cli.main(["--config", str(cfg_path), "--weights", str(backbone), "--run-dir", str(tmp_path / "bad"),
                      "runtime.precision=bf16"]) == 2
     assert "bf16" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before anything is written: nothing blocks a rerun

@@ -220,14 +220,18 @@ def register_toolkit_datasets(fmt_or_specs, root: str | os.PathLike | None = Non
     return specs
 
 
-def _voc_subset_dir(spec: dict, out_dir: Path) -> dict:
+def _voc_subset_dir(spec: dict, out_dir: Path, write: bool = True) -> dict:
     """detectron2's VOC evaluator scores every image of ``<dirname>/ImageSets/Main/<split>.txt``; for a
-    prefix, a folder with links to the real Annotations / JPEGImages and the prefix as its split file."""
+    prefix, a folder with links to the real Annotations / JPEGImages and the prefix as its split file
+    (written by one process: ``write`` is False on the other ranks, which wait at a barrier)."""
     if not spec["limit"]:
         return spec
     src = Path(spec["dirname"])
     dst = out_dir / f"VOC{spec['year']}"
     split = f"{spec['split']}_first{len(spec['ids'])}"
+    out = dict(spec, dirname=str(dst), split=split, limit=0)
+    if not write:
+        return out
     (dst / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
     for sub in ("Annotations", "JPEGImages"):
         link = dst / sub
@@ -236,7 +240,7 @@ def _voc_subset_dir(spec: dict, out_dir: Path) -> dict:
             tmp.symlink_to(src / sub, target_is_directory=True)
             os.replace(tmp, link)
     runtime.atomic_write_text("".join(i + "\n" for i in spec["ids"]), dst / "ImageSets" / "Main" / f"{split}.txt")
-    return dict(spec, dirname=str(dst), split=split, limit=0)
+    return out
 
 
 # ---------------------------------------------------------------------------------- configuration
@@ -570,15 +574,16 @@ def evaluate_once(d2cfg, model, specs: dict, cfg: dict, out_dir: Path) -> dict:
     if specs["test"]["kind"] == "voc":
         theirs = PascalVOCDetectionEvaluator(name)
     else:
-        theirs = COCOEvaluator(name, tasks=("bbox",), output_dir=str(out_dir / "detectron2"),
-                               max_dets_per_image=int(d2cfg.TEST.DETECTIONS_PER_IMAGE))
+        theirs = COCOEvaluator(name, tasks=("bbox",), output_dir=str(out_dir / "detectron2"))  # as DefaultTrainer
     ours = _collector()
     timed = _Timed(model)
     results = inference_on_dataset(timed, loader, DatasetEvaluators([theirs, ours]))
     if not comm.is_main_process():
         return {}
     toolkit = score_predictions(ours.predictions, _toolkit_ctx(specs), out_dir, cfg["eval"]["metric"])
-    return {"toolkit": toolkit, "detectron2": {k: float(v) for k, v in results["bbox"].items()},
+    # detectron2 reports NaN where an area range has no ground truth: None here (JSON has no NaN)
+    theirs_bbox = {k: (None if v != v else float(v)) for k, v in results["bbox"].items()}
+    return {"toolkit": toolkit, "detectron2": theirs_bbox,
             "test_seconds": timed.seconds, "n_test": len(dicts), "predictions": ours.predictions}
 
 
@@ -658,10 +663,14 @@ def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
     if device.startswith("cuda") and world > 1:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     specs = dataset_specs(cfg)
-    specs = dict(specs, train=[_voc_subset_dir(s, run_dir / "d2_datasets") if s["kind"] == "voc" else s
+    # every refusal before anything is written: a corrected rerun never meets files of the refused one
+    build_detectron2_config(cfg, run_dir / "backbone_d2.pkl", specs, world=world, n_train=1, device=device)
+    main = runtime.is_main_process()
+    subsets = run_dir / "d2_datasets"
+    specs = dict(specs, train=[_voc_subset_dir(s, subsets, main) if s["kind"] == "voc" else s
                                for s in specs["train"]])
     if specs["test"]["kind"] == "voc":
-        specs["test"] = _voc_subset_dir(specs["test"], run_dir / "d2_datasets")
+        specs["test"] = _voc_subset_dir(specs["test"], subsets, main)
     pkl = run_dir / "backbone_d2.pkl"
     if runtime.is_main_process():  # only rank 0 converts; the others wait for the finished file
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -696,7 +705,8 @@ def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
     metrics.update(backend="detectron2", model=cfg["model"]["type"], arch=cfg["model"]["arch"],
                    dataset=cfg["data"]["format"], weights=str(weights), detectron2_config=str(yaml_path),
                    mapped=mapped, iterations=per_seed[0]["iterations"],
-                   detectron2={k: float(np.mean([m["detectron2"][k] for m in per_seed])) for k in d2_keys})
+                   detectron2={k: (None if any(m["detectron2"][k] is None for m in per_seed) else
+                                   float(np.mean([m["detectron2"][k] for m in per_seed]))) for k in d2_keys})
     first = run_dir / f"seed_{cfg['seeds'][0]}" / "figures" / "detections.png"
     if first.is_file():
         (run_dir / "figures").mkdir(exist_ok=True)
