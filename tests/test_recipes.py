@@ -7,7 +7,6 @@ script the config header names (they guard the choice, not a paper statement).
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 from pathlib import Path
@@ -197,13 +196,6 @@ RECIPES = [
 ]
 
 
-def _evaluate_options() -> dict:
-    spec = importlib.util.spec_from_file_location("_tools_evaluate", ROOT / "tools" / "evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return {k: d for k, (_, d) in mod.OPTIONS.items()}
-
-
 def _defaults(rel: str) -> dict:
     family = rel.split("/")[0]
     if family == "pretrain":
@@ -213,9 +205,9 @@ def _defaults(rel: str) -> dict:
     elif family == "detection":
         from transfer.det_train import DEFAULTS
     elif family == "pipeline":
-        from pretrain.pipeline import DEFAULTS
+        from pipeline.run import DEFAULTS
     elif family == "eval":
-        return _evaluate_options()
+        from transfer.robustness.stage import DEFAULTS
     else:
         raise AssertionError(f"no DEFAULTS for {rel}")
     return DEFAULTS

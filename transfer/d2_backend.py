@@ -119,7 +119,7 @@ def dataset_specs(cfg: dict) -> dict:
     ``name`` and where its images and annotations are. ``data.max_train_images`` takes a prefix of the
     concatenated training sets (like the torchvision backend's Subset of the ConcatDataset).
     """
-    from transfer.datasets import VOC_CLASSES
+    from core.constants import VOC_CLASSES
 
     d = cfg["data"]
     root = Path(d["root"]).expanduser().resolve()
