@@ -38,7 +38,7 @@ def test_roundtrip_is_plain_and_weights_only(tmp_path, r18):
     raw = torch.load(path, weights_only=True)
     assert set(raw) == {"model", "meta"}
     assert raw["meta"] == {"arch": "resnet18", "method": "erm", "epochs": 3, "config": "a: 1\n",
-                           "metrics": {"top1": 12.5}, "num_classes": 7}
+                           "metrics": {"top1": 12.5}, "num_classes": 7, "classifier": "fc"}
     assert "fc.weight" in raw["model"]
     state = load_backbone(path, "resnet18")
     expected = {k: v for k, v in r18.state_dict().items() if not k.startswith("fc.")}

@@ -244,7 +244,7 @@ def test_d2_config_maps_every_toolkit_override(toy_world):
                                                      n_train=16551, device="cuda")
     assert kind == "C4" and d2["MODEL"]["ROI_HEADS"]["NAME"] == "Res5ROIHeadsExtraNorm"
     assert d2["SOLVER"]["IMS_PER_BATCH"] == 16 and d2["SOLVER"]["MAX_ITER"] == 24000
-    assert d2["SOLVER"]["STEPS"] == [18000, 22001] and d2["SOLVER"]["BASE_LR"] == 0.02  # 0.9167 x 24000
+    assert d2["SOLVER"]["STEPS"] == [18000, 22000] and d2["SOLVER"]["BASE_LR"] == 0.02  # MoCo: 18k, 22k of 24k
     assert d2["MODEL"]["RESNETS"]["NORM"] == "SyncBN" and d2["MODEL"]["BACKBONE"]["FREEZE_AT"] == 0
     assert d2["INPUT"]["MIN_SIZE_TEST"] == 800 and d2["SOLVER"]["AMP"]["ENABLED"] is True
 

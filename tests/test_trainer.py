@@ -181,7 +181,7 @@ def _ddp_worker(rank, world, port, cfg, run_dir, out_dir):
                       LOCAL_RANK=str(rank), MT_NO_PROGRESS="1")
     torch.set_num_threads(1)
     task, engine = build(cfg, run_dir)
-    engine.fit()
+    engine.fit(header=task.header(engine))
     finish(task, engine)
     torch.save(task.net.net.state_dict(), os.path.join(out_dir, f"rank{rank}.pth"))
     import torch.distributed as dist

@@ -28,8 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
-STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core import cli  # noqa: E402
+from core.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+
+MEAN = np.array(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
+STD = np.array(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
 
 
 def _load(path: Path, name: str):
@@ -231,7 +236,8 @@ def alignmix_cases(repo: Path, out: Path):
                        "zero-padded, iters = Sinkhorn iterations run before the official stopping rule"}
 
 
-def main(argv=None):
+@cli.entry
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--puzzlemix", type=Path, help="checkout of github.com/snu-mllab/PuzzleMix")
     ap.add_argument("--alignmix", type=Path, help="checkout of github.com/shashankvkt/AlignMixup_CVPR22")
@@ -248,7 +254,8 @@ def main(argv=None):
         notes["alignmix_official.npz"] = alignmix_cases(args.alignmix, args.out)
     notes_path.write_text(json.dumps(notes, indent=2) + "\n")
     print(json.dumps(notes, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

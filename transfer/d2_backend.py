@@ -375,6 +375,11 @@ def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, devi
     put("solver.steps", "SOLVER.STEPS", kept)
     for key, d2_key in SOLVER.items():
         put(f"solver.{key}", d2_key, int(s[key]) if key == "warmup_iters" else float(s[key]))
+    if s["reference_batch"] is not None:  # the linear scaling rule, as the torchvision backend applies it
+        from transfer.det_train import scaled_lr
+
+        put("solver.reference_batch", "SOLVER.BASE_LR",
+            scaled_lr(s["lr"], s["batch_size"], world, s["reference_batch"]))
     if float(s["clip_grad_norm"]) > 0:
         mapped["solver.clip_grad_norm"] = (f"clip_grad_norm_(all parameters, {s['clip_grad_norm']}) after each "
                                            "backward (a hook: detectron2's CLIP_GRADIENTS clips per parameter)")
