@@ -313,92 +313,14 @@ def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, devi
 
     flat, defaults = _flat(cfg), _flat(DEFAULTS)
     changed = {k for k, v in flat.items() if k not in defaults or v != defaults[k]}
-    out, mapped, refused = {}, {}, []
-
-    def put(toolkit_key, d2_key, value):
-        out[d2_key] = value
-        text = f"{d2_key}={value!r}"
-        mapped[toolkit_key] = f"{mapped[toolkit_key]}, {text}" if toolkit_key in mapped else text
-
-    m, s, rt = cfg["model"], cfg["solver"], cfg["runtime"]
-    put("runtime.device", "MODEL.DEVICE", device)
-    put("data.workers", "DATALOADER.NUM_WORKERS", int(cfg["data"]["workers"]))
-    out["TEST.EVAL_PERIOD"] = 0  # evaluation runs once, after training (not detectron2's EvalHook)
-    # --- model
-    norm = "frozen_bn" if m["norm"] == "auto" else m["norm"]
-    if norm not in NORMS:
-        refused.append(f"model.norm={m['norm']!r} (not one of {['auto', *NORMS]})")
-    else:
-        d2_norm = NORMS[norm]
-        if d2_norm == "SyncBN" and world > 1 and not device.startswith("cuda"):
-            d2_norm = "NaiveSyncBN"  # torch's SyncBatchNorm needs CUDA; detectron2's gloo all_reduce one works
-        put("model.norm", "MODEL.RESNETS.NORM", d2_norm)
-    trainable = 3 if m["trainable_layers"] is None else int(m["trainable_layers"])
-    if not 0 <= trainable <= 5:
-        refused.append(f"model.trainable_layers={trainable} (must be in 0..5)")
-    put("model.trainable_layers", "MODEL.BACKBONE.FREEZE_AT", 5 - trainable)
-    put("model.size", "INPUT.MIN_SIZE_TEST", int(m["size"]))
-    train_sizes = [int(m["size"])] if m["train_sizes"] is None else [int(v) for v in m["train_sizes"]]
-    put("model.train_sizes", "INPUT.MIN_SIZE_TRAIN", train_sizes)
-    put("model.max_size", "INPUT.MAX_SIZE_TRAIN", int(m["max_size"]))
-    put("model.max_size", "INPUT.MAX_SIZE_TEST", int(m["max_size"]))
-    for name, value in m["kwargs"].items():
-        key = f"model.kwargs.{name}"
-        if name not in KWARGS or (kind == "C4" and name in FPN_ONLY):
-            refused.append(f"{key}={value!r} (no detectron2 key for it in the {kind} recipe; known: "
-                           f"{sorted(KWARGS)})")
-        elif name == "anchor_sizes":
-            sizes = [int(v) for v in value]
-            if kind == "FPN" and len(sizes) != 5:
-                refused.append(f"{key}={value!r} (one size per FPN level P2..P6: 5)")
-            else:
-                put(key, KWARGS[name], [[v] for v in sizes] if kind == "FPN" else [sizes])
-        elif name == "aspect_ratios":
-            put(key, KWARGS[name], [[float(v) for v in value]])
-        else:
-            put(key, KWARGS[name], float(value) if name == "box_score_thresh" else int(value))
-    # --- solver
-    ims = int(s["batch_size"]) * world
-    put("solver.batch_size", "SOLVER.IMS_PER_BATCH", ims)
-    if int(s["max_iter"]) > 0:
-        max_iter = int(s["max_iter"])
-        put("solver.max_iter", "SOLVER.MAX_ITER", max_iter)
-    else:
-        per_epoch = max(1, n_train // ims)
-        max_iter = int(s["epochs"]) * per_epoch
-        put("solver.epochs", "SOLVER.MAX_ITER", max_iter)
-    steps = sorted({int(round(f * max_iter)) for f in s["steps"]})
-    kept = [v for v in steps if 0 < v < max_iter]
-    if kept != steps:
-        log.warning("solver.steps %s x %d iterations = %s: detectron2 needs 0 < step < MAX_ITER; keeping %s",
-                    s["steps"], max_iter, steps, kept)
-    put("solver.steps", "SOLVER.STEPS", kept)
-    for key, d2_key in SOLVER.items():
-        put(f"solver.{key}", d2_key, int(s[key]) if key == "warmup_iters" else float(s[key]))
-    if s["reference_batch"] is not None:  # the linear scaling rule, as the torchvision backend applies it
-        from transfer.det_train import scaled_lr
-
-        put("solver.reference_batch", "SOLVER.BASE_LR",
-            scaled_lr(s["lr"], s["batch_size"], world, s["reference_batch"]))
-    if float(s["clip_grad_norm"]) > 0:
-        mapped["solver.clip_grad_norm"] = (f"clip_grad_norm_(all parameters, {s['clip_grad_norm']}) after each "
-                                           "backward (a hook: detectron2's CLIP_GRADIENTS clips per parameter)")
-    # --- runtime / eval
-    if rt["precision"] == "fp16":
-        if not device.startswith("cuda"):
-            refused.append("runtime.precision=fp16 on CPU (detectron2's AMP trainer is CUDA only)")
-        put("runtime.precision", "SOLVER.AMP.ENABLED", True)
-    elif rt["precision"] == "bf16":
-        refused.append("runtime.precision=bf16 (detectron2's AMPTrainer uses float16: set runtime.precision=fp16 "
-                       "or fp32)")
-    if rt["channels_last"] and device.startswith("cuda"):
-        log.warning("runtime.channels_last: detectron2 has no channels-last option; the model runs contiguous")
-    if cfg["eval"]["period"]:
-        refused.append(f"eval.period={cfg['eval']['period']} (the detectron2 backend evaluates once, after "
-                       "training)")
-    for key in ("data.zoom_out_ratio", "data.photometric"):
-        if key in changed:
-            refused.append(f"{key}={flat[key]!r} (SSD augmentation; detectron2's R-CNN pipeline has none)")
+    mp = _Mapped()
+    mp.put("runtime.device", "MODEL.DEVICE", device)
+    mp.put("data.workers", "DATALOADER.NUM_WORKERS", int(cfg["data"]["workers"]))
+    mp.out["TEST.EVAL_PERIOD"] = 0  # evaluation runs once, after training (not detectron2's EvalHook)
+    _map_model(mp, cfg["model"], kind, world, device)
+    _map_solver(mp, cfg["solver"], world, n_train)
+    _map_runtime(mp, cfg, device, changed, flat)
+    out, mapped, refused = mp.out, mp.mapped, mp.refused
     handled = STRUCTURAL | set(mapped) | {"model.norm", "solver.clip_grad_norm", "solver.epochs",
                                           "solver.max_iter", "data.zoom_out_ratio", "data.photometric",
                                           "eval.period"}
@@ -409,6 +331,104 @@ def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, devi
         raise Detectron2BackendError("the detectron2 backend cannot honour these settings:\n  - "
                                      + "\n  - ".join(refused))
     return out, mapped
+
+
+
+class _Mapped:
+    """The detectron2 keys a toolkit config maps to, what each toolkit key became, and what is refused."""
+
+    def __init__(self):
+        self.out, self.mapped, self.refused = {}, {}, []
+
+    def put(self, toolkit_key: str, d2_key: str, value) -> None:
+        self.out[d2_key] = value
+        text = f"{d2_key}={value!r}"
+        self.mapped[toolkit_key] = f"{self.mapped[toolkit_key]}, {text}" if toolkit_key in self.mapped else text
+
+
+def _map_model(mp: _Mapped, m: dict, kind: str, world: int, device: str) -> None:
+    """model.*: norm, trainable stages, sizes, the builder's keyword arguments."""
+    norm = "frozen_bn" if m["norm"] == "auto" else m["norm"]
+    if norm not in NORMS:
+        mp.refused.append(f"model.norm={m['norm']!r} (not one of {['auto', *NORMS]})")
+    else:
+        d2_norm = NORMS[norm]
+        if d2_norm == "SyncBN" and world > 1 and not device.startswith("cuda"):
+            d2_norm = "NaiveSyncBN"  # torch's SyncBatchNorm needs CUDA; detectron2's gloo all_reduce one works
+        mp.put("model.norm", "MODEL.RESNETS.NORM", d2_norm)
+    trainable = 3 if m["trainable_layers"] is None else int(m["trainable_layers"])
+    if not 0 <= trainable <= 5:
+        mp.refused.append(f"model.trainable_layers={trainable} (must be in 0..5)")
+    mp.put("model.trainable_layers", "MODEL.BACKBONE.FREEZE_AT", 5 - trainable)
+    mp.put("model.size", "INPUT.MIN_SIZE_TEST", int(m["size"]))
+    train_sizes = [int(m["size"])] if m["train_sizes"] is None else [int(v) for v in m["train_sizes"]]
+    mp.put("model.train_sizes", "INPUT.MIN_SIZE_TRAIN", train_sizes)
+    mp.put("model.max_size", "INPUT.MAX_SIZE_TRAIN", int(m["max_size"]))
+    mp.put("model.max_size", "INPUT.MAX_SIZE_TEST", int(m["max_size"]))
+    for name, value in m["kwargs"].items():
+        key = f"model.kwargs.{name}"
+        if name not in KWARGS or (kind == "C4" and name in FPN_ONLY):
+            mp.refused.append(f"{key}={value!r} (no detectron2 key for it in the {kind} recipe; known: "
+                           f"{sorted(KWARGS)})")
+        elif name == "anchor_sizes":
+            sizes = [int(v) for v in value]
+            if kind == "FPN" and len(sizes) != 5:
+                mp.refused.append(f"{key}={value!r} (one size per FPN level P2..P6: 5)")
+            else:
+                mp.put(key, KWARGS[name], [[v] for v in sizes] if kind == "FPN" else [sizes])
+        elif name == "aspect_ratios":
+            mp.put(key, KWARGS[name], [[float(v) for v in value]])
+        else:
+            mp.put(key, KWARGS[name], float(value) if name == "box_score_thresh" else int(value))
+
+
+def _map_solver(mp: _Mapped, s: dict, world: int, n_train: int) -> None:
+    """solver.*: batch over processes, iterations, steps, lr (scaled like the torchvision backend), warm-up."""
+    ims = int(s["batch_size"]) * world
+    mp.put("solver.batch_size", "SOLVER.IMS_PER_BATCH", ims)
+    if int(s["max_iter"]) > 0:
+        max_iter = int(s["max_iter"])
+        mp.put("solver.max_iter", "SOLVER.MAX_ITER", max_iter)
+    else:
+        per_epoch = max(1, n_train // ims)
+        max_iter = int(s["epochs"]) * per_epoch
+        mp.put("solver.epochs", "SOLVER.MAX_ITER", max_iter)
+    steps = sorted({int(round(f * max_iter)) for f in s["steps"]})
+    kept = [v for v in steps if 0 < v < max_iter]
+    if kept != steps:
+        log.warning("solver.steps %s x %d iterations = %s: detectron2 needs 0 < step < MAX_ITER; keeping %s",
+                    s["steps"], max_iter, steps, kept)
+    mp.put("solver.steps", "SOLVER.STEPS", kept)
+    for key, d2_key in SOLVER.items():
+        mp.put(f"solver.{key}", d2_key, int(s[key]) if key == "warmup_iters" else float(s[key]))
+    if s["reference_batch"] is not None:  # the linear scaling rule, as the torchvision backend applies it
+        from transfer.det_train import scaled_lr
+
+        mp.put("solver.reference_batch", "SOLVER.BASE_LR",
+            scaled_lr(s["lr"], s["batch_size"], world, s["reference_batch"]))
+    if float(s["clip_grad_norm"]) > 0:
+        mp.mapped["solver.clip_grad_norm"] = (f"clip_grad_norm_(all parameters, {s['clip_grad_norm']}) after each "
+                                           "backward (a hook: detectron2's CLIP_GRADIENTS clips per parameter)")
+
+
+def _map_runtime(mp: _Mapped, cfg: dict, device: str, changed: set, flat: dict) -> None:
+    """runtime.* and eval.*: precision, channels-last, evaluation period, SSD-only keys."""
+    rt = cfg["runtime"]
+    if rt["precision"] == "fp16":
+        if not device.startswith("cuda"):
+            mp.refused.append("runtime.precision=fp16 on CPU (detectron2's AMP trainer is CUDA only)")
+        mp.put("runtime.precision", "SOLVER.AMP.ENABLED", True)
+    elif rt["precision"] == "bf16":
+        mp.refused.append("runtime.precision=bf16 (detectron2's AMPTrainer uses float16: set runtime.precision=fp16 "
+                       "or fp32)")
+    if rt["channels_last"] and device.startswith("cuda"):
+        log.warning("runtime.channels_last: detectron2 has no channels-last option; the model runs contiguous")
+    if cfg["eval"]["period"]:
+        mp.refused.append(f"eval.period={cfg['eval']['period']} (the detectron2 backend evaluates once, after "
+                       "training)")
+    for key in ("data.zoom_out_ratio", "data.photometric"):
+        if key in changed:
+            mp.refused.append(f"{key}={flat[key]!r} (SSD augmentation; detectron2's R-CNN pipeline has none)")
 
 
 def build_detectron2_config(cfg: dict, weights_pkl, specs: dict, *, world: int = 1, n_train: int,
@@ -653,15 +673,32 @@ def train_one_seed(yaml_path: Path, cfg: dict, specs: dict, seed_dir: Path, seed
 def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
     """Convert, register, write the YAML, train every seed, evaluate each once; returns (rank 0) and writes
     ``run_dir/metrics.json``. ``cfg`` is a resolved det_train config with ``backend: detectron2``."""
-    from transfer.det_train import dump_config, summarize
+    from transfer.det_train import write_summary
 
     require_detectron2()
     if weights is None:
         raise Detectron2BackendError("the detectron2 backend needs --weights (a backbone checkpoint to convert)")
     run_dir = Path(run_dir)
-    rt = cfg["runtime"]
-    if rt["num_threads"]:
-        torch.set_num_threads(int(rt["num_threads"]))
+    if cfg["runtime"]["num_threads"]:
+        torch.set_num_threads(int(cfg["runtime"]["num_threads"]))
+    yaml_path, specs, mapped = _prepare(cfg, weights, run_dir)
+    per_seed = [train_one_seed(yaml_path, cfg, specs, run_dir / f"seed_{s}", int(s)) for s in cfg["seeds"]]
+    if not runtime.is_main_process():
+        return {}
+    d2_keys = sorted(k for k in set.intersection(*(set(m["detectron2"]) for m in per_seed))
+                     if not k.startswith("AP-"))  # the per-class APs stay in per_seed
+    d2_means = {k: (None if any(m["detectron2"][k] is None for m in per_seed) else
+                    float(np.mean([m["detectron2"][k] for m in per_seed]))) for k in d2_keys}
+    return write_summary(run_dir, cfg, per_seed, backend="detectron2", weights=str(weights),
+                         detectron2_config=str(yaml_path), mapped=mapped, iterations=per_seed[0]["iterations"],
+                         detectron2=d2_means)
+
+
+def _prepare(cfg: dict, weights: str, run_dir: Path) -> tuple[Path, dict, dict]:
+    """Refusals first, then (rank 0) the converted weights and the YAML; every rank registers the datasets.
+    Returns (YAML path, dataset specs, mapping report)."""
+    from transfer.det_train import dump_config
+
     _ensure_local_process_group()
     world = runtime.world_size()
     device = device_name(cfg)
@@ -677,7 +714,7 @@ def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
     if specs["test"]["kind"] == "voc":
         specs["test"] = _voc_subset_dir(specs["test"], subsets, main)
     pkl = run_dir / "backbone_d2.pkl"
-    if runtime.is_main_process():  # only rank 0 converts; the others wait for the finished file
+    if main:  # only rank 0 converts; the others wait for the finished file
         run_dir.mkdir(parents=True, exist_ok=True)
         runtime.atomic_write_text(dump_config(cfg), run_dir / "config.yaml")
         from core.checkpoint import load_backbone
@@ -692,32 +729,13 @@ def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
     kind, d2, mapped = build_detectron2_config(cfg, pkl.resolve(), specs, world=world, n_train=n_train,
                                                device=device)
     yaml_path = run_dir / f"detectron2_{specs['format']}_{cfg['model']['arch']}_{kind}.yaml"
-    if runtime.is_main_process():
+    if main:
         convert.write_detectron2_yaml(d2, yaml_path, cfg["model"]["arch"], pkl.name)
-        if kind == "C4":
-            convert.register_detectron2_extras()
-    else:
-        if kind == "C4":
-            convert.register_detectron2_extras()
+    if kind == "C4":
+        convert.register_detectron2_extras()
     runtime.barrier()
     log.info("detectron2 config %s; toolkit keys mapped: %s", yaml_path, mapped)
-    per_seed = [train_one_seed(yaml_path, cfg, specs, run_dir / f"seed_{s}", int(s)) for s in cfg["seeds"]]
-    if not runtime.is_main_process():
-        return {}
-    metrics = summarize(per_seed)
-    d2_keys = sorted(k for k in set.intersection(*(set(m["detectron2"]) for m in per_seed))
-                     if not k.startswith("AP-"))  # the per-class APs stay in per_seed
-    metrics.update(backend="detectron2", model=cfg["model"]["type"], arch=cfg["model"]["arch"],
-                   dataset=cfg["data"]["format"], weights=str(weights), detectron2_config=str(yaml_path),
-                   mapped=mapped, iterations=per_seed[0]["iterations"],
-                   detectron2={k: (None if any(m["detectron2"][k] is None for m in per_seed) else
-                                   float(np.mean([m["detectron2"][k] for m in per_seed]))) for k in d2_keys})
-    first = run_dir / f"seed_{cfg['seeds'][0]}" / "figures" / "detections.png"
-    if first.is_file():
-        (run_dir / "figures").mkdir(exist_ok=True)
-        (run_dir / "figures" / "detections.png").write_bytes(first.read_bytes())
-    runtime.write_json(metrics, run_dir / "metrics.json")
-    return metrics
+    return yaml_path, specs, mapped
 
 
 def _launched(cfg, weights, run_dir):

@@ -503,12 +503,17 @@ def finetune_detector(cfg: dict, weights: str | None, run_dir) -> dict:
         per_seed.append(train_one_seed(cfg, weights, run_dir / f"seed_{seed}", int(seed)))
     if not runtime.is_main_process():
         return {}
+    return write_summary(run_dir, cfg, per_seed, weights=str(weights) if weights else None)
+
+
+def write_summary(run_dir: Path, cfg: dict, per_seed: list[dict], **extra) -> dict:
+    """The run's metrics over its seeds (`summarize`, plus `extra`), the first seed's detection figure and
+    ``run_dir/metrics.json``; both backends end with it."""
     metrics = summarize(per_seed)
-    metrics.update(model=cfg["model"]["type"], arch=cfg["model"]["arch"], dataset=cfg["data"]["format"],
-                   weights=str(weights) if weights else None)
-    first = run_dir / f"seed_{cfg['seeds'][0]}" / "figures" / "detections.png"
+    metrics.update(model=cfg["model"]["type"], arch=cfg["model"]["arch"], dataset=cfg["data"]["format"], **extra)
+    first = Path(run_dir) / f"seed_{cfg['seeds'][0]}" / "figures" / "detections.png"
     if first.is_file():
-        (run_dir / "figures").mkdir(exist_ok=True)
-        (run_dir / "figures" / "detections.png").write_bytes(first.read_bytes())
-    runtime.write_json(metrics, run_dir / "metrics.json")
+        (Path(run_dir) / "figures").mkdir(exist_ok=True)
+        (Path(run_dir) / "figures" / "detections.png").write_bytes(first.read_bytes())
+    runtime.write_json(metrics, Path(run_dir) / "metrics.json")
     return metrics
