@@ -260,7 +260,10 @@ class Engine:
                 raise NonFiniteError(f"non-finite gradient norm at step {self.step + 1}; stopping. "
                                      "The last good checkpoint is kept.")
         if s.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self._params, s.clip_grad_norm)
+            total = torch.nn.utils.clip_grad_norm_(self._params, s.clip_grad_norm)
+            if self.precision != "fp16" and not bool(torch.isfinite(total)):  # fp16: the scaler skips the step
+                raise NonFiniteError(f"non-finite gradient norm at step {self.step + 1}; stopping. "
+                                     "The last good checkpoint is kept.")
 
     # -- the loop -----------------------------------------------------------------------------------
     def _grouped(self, batches: Iterable) -> Iterable[list]:

@@ -172,3 +172,11 @@ def test_an_existing_checkpoint_is_never_overwritten_without_resume_or_force(tmp
     assert (tmp_path / "run" / CKPT).read_bytes() == before
     _, forced = make(tmp_path, epochs=1)
     assert forced.fit(force=True) == {} and forced.step == 2
+
+
+def test_an_infinite_input_with_clipping_stops_before_anything_is_saved(tmp_path):
+    task, engine = make(tmp_path, epochs=1, clip_grad_norm=1.0)
+    task.x[3, 1] = float("inf")  # that batch's loss and gradient are non-finite
+    with pytest.raises(NonFiniteLossError):
+        engine.fit()
+    assert not (tmp_path / "run" / CKPT).exists()
