@@ -354,8 +354,3 @@ class Engine:
         self.save_checkpoint()
         stop = s.stop_after_steps is not None and done_here >= s.stop_after_steps and self.step < s.total_steps
         return stop, done_here
-
-
-def resume_sampler(indices: Sequence[int], start: int) -> list[int]:
-    """The indices an epoch still has to visit after `start` samples (resuming mid-epoch)."""
-    return list(indices)[start:]
