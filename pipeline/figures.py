@@ -93,11 +93,13 @@ def summary_bars(panels: list[tuple[str, dict[str, list[float]]]], out: Path) ->
         names = list(vals)
         stats = [mean_std(vals[n]) for n in names]
         ax.bar(range(len(names)), [m for m, _ in stats], color=[f"C{i}" for i in range(len(names))])
-        if any(len(vals[n]) > 1 for n in names):
+        runs = max(len(v) for v in vals.values())
+        if runs > 1:
             ax.errorbar(range(len(names)), [m for m, _ in stats], yerr=[s or 0.0 for _, s in stats], fmt="none",
                         ecolor="black", capsize=3, lw=1)
-            for i, n in enumerate(names):
-                ax.plot([i] * len(vals[n]), vals[n], "o", ms=3, color="black", alpha=0.6)
+            for i, n in enumerate(names):  # the runs, beside the error bar
+                ax.plot([i + 0.22] * len(vals[n]), vals[n], "o", ms=3, color="black", alpha=0.6)
+            title = f"{title} (n{'=' if len({len(v) for v in vals.values()}) == 1 else '≤'}{runs}, ± std)"
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
