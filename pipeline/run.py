@@ -242,7 +242,8 @@ class Pipeline:
                 ov = pcfg["overrides"] + ([] if k is None else [f"seed={k}"])
                 spec = {"config": load_config(pcfg["config"], ov)}
                 out.append(Stage(f"{base}/pretrain", method, "pretrain", frozenset({"pretrain"}), spec,
-                                 lambda d, c=pcfg["config"], ov=ov: stages.pretrain(c, ov, d), {"pretrain": k}))
+                                 lambda d, c=pcfg["config"], ov=ov: stages.pretrain(c, ov, d),
+                                 {"pretrain": k, "transfer": None}))
                 out += self._plan_downstream(method, base, self.run_dir / base / "pretrain" / "backbone.pth",
                                              content_key(spec), k)
         if self.cfg["baselines"]["random_init"]:

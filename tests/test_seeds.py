@@ -161,7 +161,7 @@ def test_default_plan_is_todays_stages_and_keys():
                      "backbone": pkey})
     by_label = {s.label: s for s in plan}
     assert by_label["erm/pretrain"].key == pkey and by_label["erm/ssd_voc"].key == dkey
-    assert by_label["erm/pretrain"].seeds == {"pretrain": None}  # no seed override: the config's own seed
+    assert by_label["erm/pretrain"].seeds == {"pretrain": None, "transfer": None}  # the config's own seed
 
 
 def test_seed_lists_expand_to_one_stage_per_seed():
