@@ -99,10 +99,18 @@ def distributed_env(job_id: str, hostnames: Sequence[str], num_nodes: int, num_t
             "LOCAL_WORLD_SIZE": str(num_tasks // num_nodes)}
 
 
+def _submitit():
+    try:
+        import submitit
+    except ImportError as e:
+        raise ImportError("launching jobs needs submitit: pip install 'mixup-transfer[cluster]' "
+                          "(or pip install submitit)") from e
+    return submitit
+
+
 def _job_environment():
     """submitit's JobEnvironment when running inside a submitit job, else None (a direct call)."""
-    import submitit
-
+    submitit = _submitit()
     try:
         return submitit.JobEnvironment()
     except RuntimeError:
@@ -163,9 +171,10 @@ def make_spec(stage: str, config: str | None, overrides: Sequence[str] = (), run
         raise ConfigError("stage evaluate needs --checkpoint and --imagenet")
     if stage not in ("finetune_det", "wsol") and weights:
         raise ConfigError(f"--weights is for finetune_det and wsol, not {stage}")
+    weights, checkpoint, imagenet = (_absolute(p, cwd) for p in (weights, checkpoint, imagenet))
     for name, path in (("--weights", weights), ("--checkpoint", checkpoint), ("--imagenet", imagenet)):
-        if path and not (cwd / path).exists():
-            raise FileNotFoundError(2, f"{name} does not exist", str(cwd / path))
+        if path and not Path(path).exists():
+            raise FileNotFoundError(2, f"{name} does not exist", path)
     out = Path(_absolute(run_dir, cwd)) if run_dir else default_run_dir(stage, config, cfg, cwd)
     if stage == "finetune_det" and force:
         raise ConfigError("detection has no --force (finished seeds are kept): choose another --run-dir")
@@ -173,8 +182,8 @@ def make_spec(stage: str, config: str | None, overrides: Sequence[str] = (), run
         raise ConfigError(f"{out} exists and is not empty; pass --resume to continue it or choose --run-dir")
     if out is not None and (out / CKPT).is_file() and not (resume or force):
         raise ConfigError(f"{out}: already holds a checkpoint; pass --resume to continue it, or --force to start over")
-    return JobSpec(stage, config, tuple(overrides), None if out is None else str(out), _absolute(weights, cwd),
-                   _absolute(checkpoint, cwd), _absolute(imagenet, cwd), resume, force, str(cwd))
+    return JobSpec(stage, config, tuple(overrides), None if out is None else str(out), weights, checkpoint, imagenet,
+                   resume, force, str(cwd))
 
 
 def run_stage(spec: JobSpec) -> dict:
@@ -202,7 +211,7 @@ def run_stage(spec: JobSpec) -> dict:
     return {"report": str(run_pipeline(spec.config, spec.overrides))}
 
 
-# -- the job ----------------------------------------------------------------------------------------------------------
+# -- the job --------------------------------------------------------------------------------------------------------
 class StageJob:
     """The callable submitit pickles and runs on every task; `checkpoint` makes it requeueable."""
 
@@ -238,7 +247,7 @@ class StageJob:
         return f"StageJob({self.spec.stage}, {self.spec.config})"
 
 
-# -- the executor -------------------------------------------------------------------------------------------------------
+# -- the executor ---------------------------------------------------------------------------------------------------
 def executor_parameters(res: Resources, cluster: str) -> dict:
     """submitit's update_parameters for SLURM (SlurmExecutor names) or the local executor."""
     if cluster == "local":
@@ -257,7 +266,7 @@ def executor_parameters(res: Resources, cluster: str) -> dict:
 
 def make_executor(job_dir: str | os.PathLike, res: Resources, cluster: str = "slurm"):
     """A submitit executor writing its scripts and logs in `job_dir` (`%j` becomes the job id)."""
-    import submitit
+    submitit = _submitit()
 
     params = executor_parameters(res, cluster)
     if cluster == "local":

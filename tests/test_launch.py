@@ -13,8 +13,16 @@ submitit = pytest.importorskip("submitit")
 
 from core.config import ConfigError  # noqa: E402
 from core.engine import Engine  # noqa: E402
-from pipeline.launch import (JobSpec, Resources, StageJob, distributed_env, executor_parameters,  # noqa: E402
-                             make_spec, master_port, submit)
+from pipeline.launch import (  # noqa: E402
+    JobSpec,
+    Resources,
+    StageJob,
+    distributed_env,
+    executor_parameters,
+    make_spec,
+    master_port,
+    submit,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -74,6 +82,7 @@ def test_checks_before_queueing(toy_world, tmp_path):
         make_spec("evaluate", None, cwd=tmp_path)
     with pytest.raises(FileNotFoundError):
         make_spec("wsol", cfg, weights="missing.pth", cwd=tmp_path)
+    assert make_spec("wsol", cfg, weights="none", cwd=tmp_path).weights is None  # random init, as tools/wsol.py
     (tmp_path / "runs/tiny/checkpoints").mkdir(parents=True)
     (tmp_path / "runs/tiny/checkpoints/last.pth").write_bytes(b"")
     with pytest.raises(ConfigError, match="--resume to continue"):

@@ -126,7 +126,7 @@ def test_global_batch_is_a_no_op_in_one_process():
         for global_batch in (False, True):
             m = _method(name, global_batch=global_batch)
             m.generator.manual_seed(SEED)
-            losses.append(float(m(images, labels)["loss"]))
+            losses.append(float(m(images, labels)["loss"].detach()))
         assert losses[0] == losses[1], name
     with pytest.raises(ValueError, match="embedding .layer 5. only"):
         build_method("multimix", ResNetStages("resnet18", C), C, layer=2, global_batch=True)

@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
 @cli.entry
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # the stage, options and KEY=VALUE overrides in any order
     spec = make_spec(args.stage, args.config, args.overrides, args.run_dir, args.weights, args.checkpoint,
                      args.imagenet, args.resume, args.force)
     gpus = args.gpus_per_node if args.gpus_per_node is not None else 8 if args.stage in DISTRIBUTED else 1
