@@ -145,3 +145,19 @@ def test_a_preempted_job_requeues_and_ends_with_the_uninterrupted_weights(toy_wo
     b = torch.load(tmp_path / "preempted/backbone.pth", weights_only=True)["model"]
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert metrics["val_top1"] == plain["val_top1"] and metrics["train_loss"] == plain["train_loss"]
+
+
+def test_submit_cli_refuses_a_bad_config_before_queueing(toy_world, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "submit.py"
+    spec = importlib.util.spec_from_file_location("submit_cli", tool)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    cfg = tiny_config(tmp_path, toy_world / "imagenet")
+    code = cli.main(["pretrain", "--config", cfg, "--local", "optim.lrr=1", "--job-dir", str(tmp_path / "jobs")])
+    assert code == 2 and "optim.lrr" in capsys.readouterr().err
+    assert not (tmp_path / "jobs").exists()  # nothing was queued
+    code = cli.main(["wsol", "--config", cfg, "--local", "--gpus-per-node", "2", "--job-dir", str(tmp_path / "j")])
+    assert code == 2 and "runs in one process" in capsys.readouterr().err
