@@ -38,7 +38,7 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
             sections.append(f"![WSOL localization vs fine-tuning epoch](figures/{curve.name})\n")
     if cfg.get("robustness"):
         more = [tables.background_table(results), tables.calibration_adversarial_table(results),
-                tables.ood_table(results)]
+                tables.ood_table(results), tables.embedding_table(results)]
         tabs += [t for t in more if t is not None]
         sections += [t.markdown() for t in more if t is not None]
     reused = results.get("reused") or []
@@ -93,7 +93,7 @@ def figure_sections(run_dir: Path, results: dict, methods: list[str], dets: list
         pics = []
         for stage, pats in (("wsol", ("figures/*cam*.png", "figures/*grid*.png")),
                             *[(d, ("figures/*example*.png", "figures/*.png")) for d in dets],
-                            ("robustness", ("figures/*reliab*.png",))):
+                            ("robustness", ("figures/*reliab*.png",)), ("robustness", ("figures/umap.png",))):
             runs = per_method[m].get(stage) or []
             p = figures.first_png(run_dir / runs[0]["folder"], pats) if runs else None
             if p:
