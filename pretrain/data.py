@@ -2,14 +2,33 @@
 
 Each sample's augmentation is drawn from torch's RNG seeded by (run seed, epoch, index) and epoch e's order is
 a function of (seed, e), so a run is the same in every worker layout and after a resume.
+
+Three data paths (`data.loader`, chosen by `select_loader`):
+  - "uint8" (default): workers decode with torchvision.io (libjpeg-turbo), crop, resize (antialiased) and flip
+    uint8 [3, h, w] tensors and return them as uint8; `batch_to_device` makes them float in [0, 1] on the
+    device (channels_last when asked). With `decode_device: cuda` the workers only read the bytes and draw the
+    crop; nvJPEG decodes the batch on the GPU (`decode_batch`). The draws are the PIL path's, in its order, so
+    the same seed gives the same crop, flip and jitter (pixels within 1/255 on crop + flip, see
+    tests/test_uint8_data.py).
+  - "pil": the original PIL path (float tensors made in the workers); kept for comparison (tools/bench.py data).
+  - "dali": NVIDIA DALI on the GPU (pretrain/dali.py), when installed and asked for (or "auto").
+ImageNet mean/std normalisation stays inside the model (ResNetStages), on the device, for every path: the
+mixing methods work in pixel units (ARCHITECTURE.md "Pixels").
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from core.config import ConfigError
+from core.data import decode_uint8, encoded_size, is_jpeg
+
+LOADERS = ("uint8", "pil", "dali", "auto")
+DECODE_DEVICES = ("cpu", "cuda")
+RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's aspect-ratio range (torchvision's default)
 
 
 class Lighting:
@@ -22,10 +41,13 @@ class Lighting:
     def __init__(self, std: float):
         self.std = std
 
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+    def offset(self) -> torch.Tensor:
+        """One draw: the RGB offset [3, 1, 1] (in [0, 1] units) added to every pixel."""
         alpha = torch.randn(3) * self.std
-        rgb = (self.EIGVEC * alpha.view(1, 3) * self.EIGVAL.view(1, 3)).sum(1)
-        return (img + rgb.view(3, 1, 1)).clamp(0, 1)
+        return (self.EIGVEC * alpha.view(1, 3) * self.EIGVAL.view(1, 3)).sum(1).view(3, 1, 1)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return (img + self.offset()).clamp(0, 1)
 
 
 def train_transform(size: int, scale_min: float, hflip: bool, color_jitter: float, lighting: float):
@@ -46,6 +68,166 @@ def val_transform(size: int, resize: int | None):
     from torchvision import transforms as T
 
     return T.Compose([T.Resize(resize or int(round(size / 0.875))), T.CenterCrop(size), T.ToTensor()])
+
+
+def resize_uint8(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Antialiased bilinear resize of uint8 [3, h, w] -> uint8 [3, height, width] (PIL's filter up to 1/255).
+
+    Runs on a channels-last copy (torch's vectorised uint8 kernel; the decoder's buffer is HWC already) and
+    returns a channels-last [3, height, width] tensor."""
+    if img.shape[-2:] == (height, width):
+        return img
+    x = img.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    return torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", antialias=True,
+                                           align_corners=False)[0]
+
+
+def add_lighting_uint8(img: torch.Tensor, std: float) -> torch.Tensor:
+    """`Lighting(std)` on uint8 [3, h, w]: the same draw, the offset rounded back to uint8 (error <= 0.5/255)."""
+    return (img.float() + Lighting(std).offset() * 255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class Uint8TrainTransform:
+    """RandomResizedCrop(size, scale=(scale_min, 1)) + horizontal flip + colour jitter + lighting on uint8
+    [3, h, w] tensors; draws torch's RNG in the order of `train_transform`'s PIL pipeline (same seed, same
+    crop). Returns uint8 [3, size, size]."""
+
+    def __init__(self, size: int, scale_min: float, hflip: bool, color_jitter: float, lighting: float):
+        from torchvision import transforms as T
+
+        self.size, self.scale, self.hflip, self.lighting = size, (scale_min, 1.0), hflip, lighting
+        self.jitter = T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
+        self.get_params = T.RandomResizedCrop.get_params
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        i, j, h, w = self.get_params(img, self.scale, RATIO)
+        img = resize_uint8(img[:, i:i + h, j:j + w], self.size, self.size)
+        if self.hflip and torch.rand(1) < 0.5:
+            img = img.flip(-1)
+        if self.jitter is not None:
+            img = self.jitter(img)  # torchvision's tensor ops on uint8 (PIL's ImageEnhance within 3/255)
+        if self.lighting > 0:
+            img = add_lighting_uint8(img, self.lighting)
+        return img
+
+
+class Uint8ValTransform:
+    """Resize the shorter side to `resize` (default size / 0.875, torchvision's rounding of the longer side),
+    then centre-crop `size`; uint8 [3, h, w] -> uint8 [3, size, size]."""
+
+    def __init__(self, size: int, resize: int | None):
+        self.size, self.resize = size, resize or int(round(size / 0.875))
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        h, w = img.shape[-2:]
+        short, long = (h, w) if h <= w else (w, h)
+        new_long = int(self.resize * long / short)
+        img = resize_uint8(img, *((self.resize, new_long) if h <= w else (new_long, self.resize)))
+        return F.center_crop(img, [self.size, self.size])
+
+
+class EncodedTrainTransform:
+    """For `decode_device: cuda`: encoded bytes -> (bytes, int64 [6] = top, left, height, width, flip, size).
+    The crop is drawn from the header's size with the same draws as `Uint8TrainTransform`; `decode_batch`
+    decodes and crops on the GPU. Colour jitter and lighting are not supported on this path."""
+
+    def __init__(self, size: int, scale_min: float, hflip: bool):
+        from torchvision import transforms as T
+
+        self.size, self.scale, self.hflip = size, (scale_min, 1.0), hflip
+        self.get_params = T.RandomResizedCrop.get_params
+
+    def __call__(self, data: torch.Tensor):
+        width, height = encoded_size(data)
+        i, j, h, w = self.get_params(torch.empty(3, height, width, device="meta"), self.scale, RATIO)
+        flip = int(bool(self.hflip and torch.rand(1) < 0.5))
+        return data, torch.tensor([i, j, h, w, flip, self.size])
+
+
+def collate_encoded(batch):
+    """[((bytes, params), label)] -> (list of bytes, params [b, 6], labels [b]) (bytes differ in length)."""
+    return ([b[0][0] for b in batch], torch.stack([b[0][1] for b in batch]),
+            torch.tensor([b[1] for b in batch]))
+
+
+def decode_batch(datas: list, params: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Decode (nvJPEG on CUDA; libjpeg-turbo on CPU, the same code) and crop, resize, flip a batch:
+    -> float [b, 3, size, size] in [0, 1] on `device`. Non-JPEG files are decoded on the CPU and moved. The
+    resize is antialiased bilinear in float, rounded to whole levels as the uint8 CPU path rounds (equal to
+    it within 1/255 where both decoders agree)."""
+    from torchvision import io as tio
+
+    jpeg = [k for k, d in enumerate(datas) if is_jpeg(d)]
+    images: list = [None] * len(datas)
+    if jpeg:
+        decoded = tio.decode_jpeg([datas[k] for k in jpeg], mode=tio.ImageReadMode.RGB, device=device)
+        for k, img in zip(jpeg, decoded):
+            images[k] = img
+    for k, img in enumerate(images):
+        if img is None:
+            images[k] = decode_uint8(datas[k], f"batch item {k}").to(device)
+    out = []
+    for img, (i, j, h, w, flip, size) in zip(images, params.tolist()):
+        x = img[:, i:i + h, j:j + w].unsqueeze(0).float()
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False).round_().clamp_(0, 255)
+        out.append(x.flip(-1) if flip else x)
+    return torch.cat(out).div_(255)
+
+
+def batch_to_device(batch, device: torch.device, channels_last: bool):
+    """A loader's batch -> (float images [b, 3, h, w] in [0, 1] on `device`, labels): uint8 images are moved as
+    uint8 (4x fewer bytes) and converted there; encoded batches (bytes, params, labels) are decoded there."""
+    if isinstance(batch[0], list):
+        images, labels = decode_batch(batch[0], batch[1], device), batch[2]
+    else:
+        images, labels = batch[0].to(device, non_blocking=True), batch[1]
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    elif not images.is_contiguous():
+        images = images.contiguous()
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255)  # .float() keeps the memory format; same op as ToTensor's
+    return images, labels.to(device, non_blocking=True)
+
+
+def dali_importable() -> bool:
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def select_loader(loader: str, decode_device: str, device: torch.device, color_jitter: float = 0.0,
+                  lighting: float = 0.0, dali_found: bool | None = None) -> str:
+    """The data path to use: "uint8", "pil" or "dali" (see the module docstring); ConfigError when the asked
+    one cannot run here. "auto" is DALI when it is importable, the device is CUDA and the augmentation is one
+    DALI runs (crop + flip), else "uint8"."""
+    if loader not in LOADERS:
+        raise ConfigError(f"data.loader must be one of {LOADERS}, got {loader!r}")
+    if decode_device not in DECODE_DEVICES:
+        raise ConfigError(f"data.decode_device must be one of {DECODE_DEVICES}, got {decode_device!r}")
+    found = dali_importable() if dali_found is None else dali_found
+    plain = color_jitter == 0 and lighting == 0
+    if loader == "auto":
+        loader = "dali" if found and device.type == "cuda" and plain else "uint8"
+    if loader == "dali":
+        if not found:
+            raise ConfigError("data.loader: dali needs NVIDIA DALI (pip install nvidia-dali-cuda120); it is not "
+                              "importable here. Use data.loader: uint8")
+        if device.type != "cuda":
+            raise ConfigError(f"data.loader: dali needs a CUDA device, the run is on {device}")
+        if not plain:
+            raise ConfigError("data.loader: dali runs crop + flip only; set data.color_jitter and data.lighting "
+                              "to 0 or use data.loader: uint8")
+    if decode_device == "cuda":
+        if loader != "uint8":
+            raise ConfigError(f"data.decode_device: cuda is for data.loader: uint8, not {loader}")
+        if device.type != "cuda":
+            raise ConfigError(f"data.decode_device: cuda needs a CUDA device, the run is on {device}")
+        if not plain:
+            raise ConfigError("data.decode_device: cuda runs crop + flip only; set data.color_jitter and "
+                              "data.lighting to 0 or decode on the cpu")
+    return loader
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
