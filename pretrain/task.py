@@ -29,9 +29,21 @@ from core.config import ConfigError, check_ranges, dump_config, validate
 from core.data import ImageNetFolder, read_bytes, read_image, read_image_uint8
 from core.engine import Engine, LoopSettings, Task, build_optimizer
 from core.schedule import lr_factor
-from pretrain.data import (EncodedTrainTransform, EpochSampler, SeededTransform, Uint8TrainTransform,
-                           Uint8ValTransform, batch_to_device, collate_encoded, evenly_spaced, sample_seed,
-                           select_loader, train_transform, val_transform)
+from pretrain.data import (
+    EncodedTrainTransform,
+    EpochSampler,
+    SeededTransform,
+    Uint8TrainTransform,
+    Uint8ValTransform,
+    batch_to_device,
+    collate_encoded,
+    collate_uint8,
+    evenly_spaced,
+    sample_seed,
+    select_loader,
+    train_transform,
+    val_transform,
+)
 from pretrain.figures import plot_curves
 from pretrain.methods import ResNetStages, build_method
 from pretrain.mixing import have_gco
@@ -241,7 +253,8 @@ class PretrainTask(Task):
         elif self.loader == "pil":
             tf, collate = train_transform(size, d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"]), None
         else:
-            tf, collate = Uint8TrainTransform(size, d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"]), None
+            tf = Uint8TrainTransform(size, d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"])
+            collate = collate_uint8
         return DataLoader(SeededTransform(self.train_set, tf), batch_size=self.plan["micro_batch"],
                           sampler=self.sampler, num_workers=d["num_workers"], drop_last=True, collate_fn=collate,
                           pin_memory=self.device.type == "cuda", persistent_workers=d["num_workers"] > 0,
@@ -256,6 +269,7 @@ class PretrainTask(Task):
         ds = torch.utils.data.Subset(SeededTransform(self.val_set, make(d["crop_size"], d["val_resize"])),
                                      idx[self.rank:: self.world])
         self._val = DataLoader(ds, batch_size=self.plan["micro_batch"], shuffle=False, num_workers=d["num_workers"],
+                               collate_fn=None if self.loader == "pil" else collate_uint8,
                                pin_memory=self.device.type == "cuda", persistent_workers=d["num_workers"] > 0)
         return self._val
 

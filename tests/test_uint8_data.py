@@ -12,9 +12,20 @@ from torchvision.transforms import functional as TF
 
 from core.config import ConfigError
 from core.data import DataError, decode_uint8, read_bytes, read_image, read_image_uint8
-from pretrain.data import (EncodedTrainTransform, EpochSampler, SeededTransform, Uint8TrainTransform,
-                           Uint8ValTransform, batch_to_device, collate_encoded, decode_batch, resize_uint8,
-                           select_loader, train_transform, val_transform)
+from pretrain.data import (
+    EncodedTrainTransform,
+    EpochSampler,
+    SeededTransform,
+    Uint8TrainTransform,
+    Uint8ValTransform,
+    batch_to_device,
+    collate_encoded,
+    decode_batch,
+    resize_uint8,
+    select_loader,
+    train_transform,
+    val_transform,
+)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
