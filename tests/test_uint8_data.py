@@ -226,3 +226,26 @@ def test_dali_module_imports_without_dali():
 
     mod = importlib.import_module("pretrain.dali")
     assert hasattr(mod, "DaliTrainLoader")
+
+
+@pytest.mark.slow
+def test_resume_with_persistent_workers_equals_an_uninterrupted_run(toy_world, tmp_path):
+    """The uint8 path (with jitter, lighting and a crop schedule) trained in one go without workers, and with two
+    persistent workers killed after step 3 (checkpoint at 2) then resumed: the same weights bit for bit, since
+    the order is a function of (seed, epoch) and each sample's augmentation of (seed, epoch, index)."""
+    from pretrain.task import train
+
+    cfg = {"name": "t", "seed": 3, "model": {"arch": "resnet18"}, "method": {"name": "erm"},
+           "data": {"root": str(toy_world / "imagenet"), "crop_size": 32, "crop_schedule": [[1, 24]],
+                    "val_resize": 36, "num_workers": 0, "max_train": 32, "max_val": 8, "color_jitter": 0.4,
+                    "lighting": 0.1},
+           "optim": {"batch_size": 8, "epochs": 2, "lr": 0.05, "schedule": "cosine"},
+           "runtime": {"precision": "fp32", "flops": False, "figures": False, "checkpoint_every_steps": 2}}
+    train(cfg, tmp_path / "a")
+    workers = dict(cfg, data=dict(cfg["data"], num_workers=2))
+    stopped = dict(workers, runtime=dict(cfg["runtime"], stop_after_steps=3))
+    assert train(stopped, tmp_path / "b") == {"stopped_at_step": 3}
+    train(workers, tmp_path / "b", resume=True)
+    a = torch.load(tmp_path / "a/backbone.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b/backbone.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
