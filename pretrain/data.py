@@ -5,11 +5,11 @@ a function of (seed, e), so a run is the same in every worker layout and after a
 
 Three data paths (`data.loader`, chosen by `select_loader`):
   - "uint8" (default): workers decode with torchvision.io (libjpeg-turbo), crop, resize (antialiased) and flip
-    uint8 [3, h, w] tensors and return them as uint8; `batch_to_device` makes them float in [0, 1] on the
-    device (channels_last when asked). With `decode_device: cuda` the workers only read the bytes and draw the
-    crop; nvJPEG decodes the batch on the GPU (`decode_batch`). The draws are the PIL path's, in its order, so
-    the same seed gives the same crop, flip and jitter (pixels within 1/255 on crop + flip, see
-    tests/test_uint8_data.py).
+    uint8 [3, h, w] tensors and return them as uint8, with the colour jitter / lighting factors they drew;
+    `batch_to_device` makes them float in [0, 1] on the device (channels_last when asked) and applies the colour
+    ops there, batched. With `decode_device: cuda` the workers only read the bytes and draw the crop; nvJPEG
+    decodes the batch on the GPU (`decode_batch`). The draws are the PIL path's, in its order, so the same seed
+    gives the same crop, flip and factors (pixels within 1/255 on crop + flip, see tests/test_uint8_data.py).
   - "pil": the original PIL path (float tensors made in the workers); kept for comparison (tools/bench.py data).
   - "dali": NVIDIA DALI on the GPU (pretrain/dali.py), when installed and asked for (or "auto").
 ImageNet mean/std normalisation stays inside the model (ResNetStages), on the device, for every path: the
@@ -82,33 +82,73 @@ def resize_uint8(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
                                            align_corners=False)[0]
 
 
-def add_lighting_uint8(img: torch.Tensor, std: float) -> torch.Tensor:
-    """`Lighting(std)` on uint8 [3, h, w]: the same draw, the offset rounded back to uint8 (error <= 0.5/255)."""
-    return (img.float() + Lighting(std).offset() * 255).round_().clamp_(0, 255).to(torch.uint8)
+class ColorDraws:
+    """Colour jitter and PCA lighting drawn in the worker, applied on the device (`color_augment`): the draws of
+    `train_transform`'s PIL pipeline in its order (ColorJitter.get_params: randperm(4), then the brightness,
+    contrast and saturation factors; then Lighting's randn(3)), packed as float [10] = the order (4), the three
+    factors, the lighting RGB offset (3). Doing the pixel work batched on the device instead of per image on
+    the CPU is what keeps the uint8 path fast with the ImageNet recipe's jitter 0.4 + lighting 0.1."""
+
+    def __init__(self, color_jitter: float, lighting: float):
+        from torchvision import transforms as T
+
+        self.jitter = T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
+        self.lighting = lighting
+
+    @property
+    def active(self) -> bool:
+        return self.jitter is not None or self.lighting > 0
+
+    def __call__(self) -> torch.Tensor:
+        out = torch.tensor([0.0, 1.0, 2.0, 3.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+        if self.jitter is not None:
+            j = self.jitter
+            order, b, c, s, _ = j.get_params(j.brightness, j.contrast, j.saturation, j.hue)
+            out[:4], out[4:7] = order.float(), torch.tensor([b, c, s])
+        if self.lighting > 0:
+            out[7:] = Lighting(self.lighting).offset().view(3)
+        return out
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's rgb_to_grayscale of float [b, 3, h, w] -> [b, 1, h, w]."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def color_augment(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """torchvision's float ColorJitter (brightness, contrast, saturation, in each image's drawn order) then PCA
+    lighting, batched: x float [b, 3, h, w] in [0, 1], params [b, 10] from `ColorDraws` -> [b, 3, h, w]."""
+    p = params.to(x.device, x.dtype)
+    view = (-1, 1, 1, 1)
+    bright, contrast, sat = p[:, 4].view(view), p[:, 5].view(view), p[:, 6].view(view)
+    for k in range(4):  # position k of each image's order (op 3, hue, is never drawn: a no-op here)
+        op = p[:, k].view(view)
+        x = torch.where(op == 0, (bright * x).clamp(0, 1), x)
+        mean = _gray(x).mean((1, 2, 3), keepdim=True)
+        x = torch.where(op == 1, (contrast * x + (1.0 - contrast) * mean).clamp(0, 1), x)
+        x = torch.where(op == 2, (sat * x + (1.0 - sat) * _gray(x)).clamp(0, 1), x)
+    return (x + p[:, 7:].view(-1, 3, 1, 1)).clamp(0, 1)
 
 
 class Uint8TrainTransform:
-    """RandomResizedCrop(size, scale=(scale_min, 1)) + horizontal flip + colour jitter + lighting on uint8
-    [3, h, w] tensors; draws torch's RNG in the order of `train_transform`'s PIL pipeline (same seed, same
-    crop). Returns uint8 [3, size, size]."""
+    """RandomResizedCrop(size, scale=(scale_min, 1)) + horizontal flip on uint8 [3, h, w] tensors, plus the
+    colour jitter / lighting draws (`ColorDraws`, applied later on the device); torch's RNG is drawn in the order
+    of `train_transform`'s PIL pipeline (same seed, same crop, flip and factors). Returns uint8 [3, size, size],
+    or (that, float [10] colour params) when jitter or lighting is on."""
 
     def __init__(self, size: int, scale_min: float, hflip: bool, color_jitter: float, lighting: float):
         from torchvision import transforms as T
 
-        self.size, self.scale, self.hflip, self.lighting = size, (scale_min, 1.0), hflip, lighting
-        self.jitter = T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
+        self.size, self.scale, self.hflip = size, (scale_min, 1.0), hflip
+        self.color = ColorDraws(color_jitter, lighting)
         self.get_params = T.RandomResizedCrop.get_params
 
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+    def __call__(self, img: torch.Tensor):
         i, j, h, w = self.get_params(img, self.scale, RATIO)
         img = resize_uint8(img[:, i:i + h, j:j + w], self.size, self.size)
         if self.hflip and torch.rand(1) < 0.5:
             img = img.flip(-1)
-        if self.jitter is not None:
-            img = self.jitter(img)  # torchvision's tensor ops on uint8 (PIL's ImageEnhance within 3/255)
-        if self.lighting > 0:
-            img = add_lighting_uint8(img, self.lighting)
-        return img
+        return (img, self.color()) if self.color.active else img
 
 
 class Uint8ValTransform:
@@ -129,28 +169,32 @@ class Uint8ValTransform:
 
 
 class EncodedTrainTransform:
-    """For `decode_device: cuda`: encoded bytes -> (bytes, int64 [6] = top, left, height, width, flip, size).
-    The crop is drawn from the header's size with the same draws as `Uint8TrainTransform`; `decode_batch`
-    decodes and crops on the GPU. Colour jitter and lighting are not supported on this path."""
+    """For `decode_device: cuda`: encoded bytes -> (bytes, int64 [6] = top, left, height, width, flip, size),
+    plus the float [10] colour params when jitter or lighting is on. The crop is drawn from the header's size
+    with the same draws as `Uint8TrainTransform`; `batch_to_device` decodes, crops and colours on the GPU."""
 
-    def __init__(self, size: int, scale_min: float, hflip: bool):
+    def __init__(self, size: int, scale_min: float, hflip: bool, color_jitter: float = 0.0, lighting: float = 0.0):
         from torchvision import transforms as T
 
         self.size, self.scale, self.hflip = size, (scale_min, 1.0), hflip
+        self.color = ColorDraws(color_jitter, lighting)
         self.get_params = T.RandomResizedCrop.get_params
 
     def __call__(self, data: torch.Tensor):
         width, height = encoded_size(data)
         i, j, h, w = self.get_params(torch.empty(3, height, width, device="meta"), self.scale, RATIO)
         flip = int(bool(self.hflip and torch.rand(1) < 0.5))
-        return data, torch.tensor([i, j, h, w, flip, self.size])
+        crop = torch.tensor([i, j, h, w, flip, self.size])
+        return (data, crop, self.color()) if self.color.active else (data, crop)
 
 
 def collate_uint8(batch):
-    """[(uint8 [3, h, w], label)] -> (uint8 [b, 3, h, w] in channels-last memory, labels [b]): one HWC copy per
-    image (the decoder's and the resize's layout; default_collate's NCHW stack of these is 6x slower), into
-    shared memory in a worker as default_collate does, so the batch reaches the main process without a copy."""
-    images = [b[0] for b in batch]
+    """[(uint8 [3, h, w] or (that, colour [10]), label)] -> (uint8 [b, 3, h, w] in channels-last memory, labels
+    [b][, colour [b, 10]]): one HWC copy per image (the decoder's and the resize's layout; default_collate's NCHW
+    stack of these is 6x slower), into shared memory in a worker as default_collate does, so the batch reaches
+    the main process without another copy."""
+    color = isinstance(batch[0][0], tuple)
+    images = [b[0][0] if color else b[0] for b in batch]
     c, h, w = images[0].shape
     if torch.utils.data.get_worker_info() is not None:
         out = images[0].new(images[0]._typed_storage()._new_shared(len(images) * c * h * w))
@@ -161,13 +205,17 @@ def collate_uint8(batch):
         if img.shape != (c, h, w):
             raise ValueError(f"batch item {k} is {tuple(img.shape)}, item 0 is {(c, h, w)}")
         out[k].copy_(img.permute(1, 2, 0))
-    return out.permute(0, 3, 1, 2), torch.tensor([b[1] for b in batch])
+    labels = torch.tensor([b[1] for b in batch])
+    if color:
+        return out.permute(0, 3, 1, 2), labels, torch.stack([b[0][1] for b in batch])
+    return out.permute(0, 3, 1, 2), labels
 
 
 def collate_encoded(batch):
-    """[((bytes, params), label)] -> (list of bytes, params [b, 6], labels [b]) (bytes differ in length)."""
-    return ([b[0][0] for b in batch], torch.stack([b[0][1] for b in batch]),
-            torch.tensor([b[1] for b in batch]))
+    """[((bytes, crop [6][, colour [10]]), label)] -> (list of bytes, crops [b, 6], labels [b][, colour [b, 10]])
+    (the bytes differ in length, so they stay a list)."""
+    out = ([b[0][0] for b in batch], torch.stack([b[0][1] for b in batch]), torch.tensor([b[1] for b in batch]))
+    return out + (torch.stack([b[0][2] for b in batch]),) if len(batch[0][0]) > 2 else out
 
 
 def decode_batch(datas: list, params: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -197,17 +245,22 @@ def decode_batch(datas: list, params: torch.Tensor, device: torch.device) -> tor
 
 def batch_to_device(batch, device: torch.device, channels_last: bool):
     """A loader's batch -> (float images [b, 3, h, w] in [0, 1] on `device`, labels): uint8 images are moved as
-    uint8 (4x fewer bytes) and converted there; encoded batches (bytes, params, labels) are decoded there."""
-    if isinstance(batch[0], list):
+    uint8 (4x fewer bytes) and converted there; encoded batches (bytes, crops, labels) are decoded there; colour
+    params, when the batch carries them, are applied there (`color_augment`)."""
+    encoded = isinstance(batch[0], list)
+    if encoded:
         images, labels = decode_batch(batch[0], batch[1], device), batch[2]
     else:
         images, labels = batch[0].to(device, non_blocking=True), batch[1]
+    color = batch[3 if encoded else 2] if len(batch) > (3 if encoded else 2) else None
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     elif not images.is_contiguous():
         images = images.contiguous()
     if images.dtype == torch.uint8:
         images = images.float().div_(255)  # .float() keeps the memory format; same op as ToTensor's
+    if color is not None:
+        images = color_augment(images, color)
     return images, labels.to(device, non_blocking=True)
 
 
@@ -242,9 +295,6 @@ def select_loader(loader: str, decode_device: str, device: torch.device, color_j
             raise ConfigError(f"data.decode_device: cuda is for data.loader: uint8, not {loader}")
         if device.type != "cuda":
             raise ConfigError(f"data.decode_device: cuda needs a CUDA device, the run is on {device}")
-        if not plain:
-            raise ConfigError("data.decode_device: cuda runs crop + flip only; set data.color_jitter and "
-                              "data.lighting to 0 or decode on the cpu")
     return loader
 
 

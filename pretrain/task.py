@@ -249,7 +249,8 @@ class PretrainTask(Task):
     def _make_train_loader(self, size: int) -> DataLoader:
         d = self.cfg["data"]
         if self.encoded:
-            tf, collate = EncodedTrainTransform(size, d["scale_min"], d["hflip"]), collate_encoded
+            tf = EncodedTrainTransform(size, d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"])
+            collate = collate_encoded
         elif self.loader == "pil":
             tf, collate = train_transform(size, d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"]), None
         else:
