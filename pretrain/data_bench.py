@@ -64,7 +64,7 @@ def _paths(root: Path, size: int, recipe: bool) -> dict:
     return out
 
 
-def run_data_bench(quick: bool = False, n: int = 400, size: int = 224, batch: int = 32, repeats: int = 3,
+def run_data_bench(quick: bool = False, n: int = 320, size: int = 224, batch: int = 32, repeats: int = 3,
                    root: str | None = None) -> dict:
     """{"img_per_s_per_core": {path: ...}, "ratios": ..., "targets": ..., "setup": ...} (see the module doc).
 

@@ -38,7 +38,8 @@ def to_markdown(results: dict) -> str:
                   "| path | img/s per core | ms / image |", "|---|---:|---:|"]
         lines += [f"| {k} | {v} | {d['ms_per_image'][k]} |" for k, v in d["img_per_s_per_core"].items()]
         lines += ["", "| ratio | measured | target | ok |", "|---|---:|---:|---|"]
-        lines += [f"| {k} | {v['ratio']} | {v['target']} | {v['ok']} |" for k, v in d["targets"].items()]
+        goals = {k: d["targets"].get(k, {"target": "", "ok": ""}) for k in d["ratios"]}
+        lines += [f"| {k} | {v} | {goals[k]['target']} | {goals[k]['ok']} |" for k, v in d["ratios"].items()]
     return "\n".join(lines) + "\n"
 
 
