@@ -7,7 +7,8 @@ the way in:
   - COCO `[x, y, w, h]` and CUB `x y w h`                                  ->  x0 = x,        x1 = x + w
 Evaluators convert back to the convention of the reference they must agree with.
 
-Images are returned as PIL RGB images (torchvision transforms then make float tensors in [0, 1]).
+Images are returned as PIL RGB images (torchvision transforms then make float tensors in [0, 1]), or, by
+`read_image_uint8`, as uint8 [3, h, w] tensors decoded by torchvision.io (libjpeg-turbo; the fast path).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -58,6 +60,65 @@ def read_image(path: str | os.PathLike) -> Image.Image:
         raise DataError(f"{path}: image not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"{path}: corrupt or unreadable image: {e}") from e
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def is_jpeg(data) -> bool:
+    """Whether encoded bytes (bytes or a uint8 tensor) start with the JPEG SOI marker (the content decides,
+    not the file name: ImageNet has a PNG and CMYK JPEGs under .JPEG names)."""
+    head = bytes(data[:3].tolist()) if hasattr(data, "tolist") else bytes(data[:3])
+    return head == JPEG_MAGIC
+
+
+def read_bytes(path: str | os.PathLike):
+    """The encoded file as a uint8 1-D tensor; DataError names the file if it is missing or empty."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: image not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: unreadable image: {e}") from e
+    if not data:
+        raise DataError(f"{path}: empty image file")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def decode_uint8(data, where: str):
+    """Encoded bytes (uint8 1-D tensor) -> RGB uint8 [3, h, w]: JPEG by torchvision's libjpeg-turbo
+    `decode_jpeg`, other formats by `decode_image`; what torchvision cannot decode (CMYK JPEGs on some builds,
+    BMP) goes through PIL, and an image nobody can decode is a DataError naming `where`. The result may be a
+    channels-last view (strides 1, 3w, 3) of the decoder's HWC buffer."""
+    from torchvision import io as tio
+
+    try:
+        if is_jpeg(data):
+            return tio.decode_jpeg(data, mode=tio.ImageReadMode.RGB)
+        return tio.decode_image(data, mode=tio.ImageReadMode.RGB)
+    except RuntimeError:
+        pass
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{where}: corrupt or unreadable image: {e}") from e
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+def read_image_uint8(path: str | os.PathLike):
+    """The image at `path` as RGB uint8 [3, h, w] (`decode_uint8`); equal to `read_image`'s pixels where both
+    use libjpeg-turbo with default settings (tests/test_uint8_data.py measures it)."""
+    return decode_uint8(read_bytes(path), str(path))
+
+
+def encoded_size(data) -> tuple[int, int]:
+    """(width, height) of encoded bytes from the header alone (no pixel decode)."""
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"corrupt or unreadable image: {e}") from e
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -169,15 +230,17 @@ class ImageNetFolder(Dataset):
     and `<size>` must match the image (its header is read), every box must have a positive size inside
     it, its class must be known; a CSV row must be well formed and its ImageId unique. Nothing is skipped.
 
-    Items are `(transform(image) or PIL image, label)`.
+    Items are `(transform(image) or image, label)`; `reader(path)` makes the image: `read_image` (PIL, the
+    default), `read_image_uint8` (uint8 [3, h, w] tensors) or `read_bytes` (the encoded file, for GPU decoding).
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", transform: Callable | None = None,
                  boxes: str | None = "auto", box_dir: str | os.PathLike | None = None,
-                 classes: list[str] | None = None):
+                 classes: list[str] | None = None, reader: Callable = read_image):
         self.root = Path(root)
         self.split = split
         self.transform = transform
+        self.reader = reader
         split_dir = self.root / split
         if not split_dir.is_dir():
             raise DataError(f"{split_dir}: ImageNet split folder not found")
@@ -222,7 +285,7 @@ class ImageNetFolder(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        image = read_image(path)
+        image = self.reader(path)
         return (self.transform(image) if self.transform else image), label
 
     def _load_csv(self, csv_path: Path) -> dict[str, list]:

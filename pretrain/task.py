@@ -26,10 +26,24 @@ from core import fingerprint
 from core import runtime as rt
 from core.checkpoint import save_backbone
 from core.config import ConfigError, check_ranges, dump_config, validate
-from core.data import ImageNetFolder
+from core.data import ImageNetFolder, read_bytes, read_image, read_image_uint8
 from core.engine import Engine, LoopSettings, Task, build_optimizer
 from core.schedule import lr_factor
-from pretrain.data import EpochSampler, SeededTransform, evenly_spaced, sample_seed, train_transform, val_transform
+from pretrain.data import (
+    EncodedTrainTransform,
+    EpochSampler,
+    SeededTransform,
+    Uint8TrainTransform,
+    Uint8ValTransform,
+    batch_to_device,
+    collate_encoded,
+    collate_uint8,
+    evenly_spaced,
+    sample_seed,
+    select_loader,
+    train_transform,
+    val_transform,
+)
 from pretrain.figures import plot_curves
 from pretrain.methods import ResNetStages, build_method
 from pretrain.mixing import have_gco
@@ -50,7 +64,10 @@ DEFAULTS = {
         "hflip": True,
         "color_jitter": 0.0,         # brightness/contrast/saturation strength (0 = off)
         "lighting": 0.0,             # AlexNet PCA lighting std (0.1 in the CutMix/AlignMix code; 0 = off)
-        "num_workers": 4,            # DataLoader workers per process
+        "num_workers": 4,            # DataLoader workers per process (persistent across epochs)
+        "loader": "uint8",           # uint8 (torchvision.io decode, uint8 crops) | pil (the old float path) |
+                                     # dali (NVIDIA DALI on the GPU) | auto (dali when importable on CUDA, else uint8)
+        "decode_device": "cpu",      # cpu | cuda: nvJPEG decodes each train batch on the GPU (loader uint8, CUDA)
         "max_train": None,           # use an evenly spaced subset of this many train images (quick runs)
         "max_val": None,
     },
@@ -104,7 +121,8 @@ RANGES = {
     "optim.gamma": (">", 0), "optim.warmup_epochs": (">=", 0), "optim.warmup_start": (">=", 0, "<=", 1),
     "optim.schedule": ("in", ("step", "cosine", "piecewise", "constant")), "data.crop_size": (">", 0),
     "data.num_workers": (">=", 0), "data.max_train": (">", 0), "data.max_val": (">", 0),
-    "data.scale_min": (">", 0, "<=", 1), "runtime.precision": ("in", ("fp32", "bf16", "fp16")),
+    "data.scale_min": (">", 0, "<=", 1), "data.loader": ("in", ("uint8", "pil", "dali", "auto")),
+    "data.decode_device": ("in", ("cpu", "cuda")), "runtime.precision": ("in", ("fp32", "bf16", "fp16")),
     "runtime.log_every_steps": (">", 0), "runtime.checkpoint_every_steps": (">=", 0),
     "model.arch": ("in", ("resnet18", "resnet34", "resnet50", "resnet101")), "model.num_classes": (">", 0),
 }
@@ -162,8 +180,15 @@ class PretrainTask(Task):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         dcfg, ocfg = cfg["data"], cfg["optim"]
         self.plan = batch_plan(ocfg, world)
-        self.train_set = ImageNetFolder(dcfg["root"], dcfg["train_split"], boxes=None)
-        self.val_set = ImageNetFolder(dcfg["root"], dcfg["val_split"], boxes=None, classes=self.train_set.classes)
+        self.loader = select_loader(dcfg["loader"], dcfg["decode_device"], device, dcfg["color_jitter"],
+                                    dcfg["lighting"])
+        self.encoded = dcfg["decode_device"] == "cuda"
+        train_reader = read_bytes if self.encoded else (read_image if self.loader == "pil" else read_image_uint8)
+        self.train_set = ImageNetFolder(dcfg["root"], dcfg["train_split"], boxes=None, reader=train_reader)
+        self.val_set = ImageNetFolder(dcfg["root"], dcfg["val_split"], boxes=None, classes=self.train_set.classes,
+                                      reader=read_image if self.loader == "pil" else read_image_uint8)
+        self._train_loader: tuple[int, DataLoader] | None = None  # (crop size, persistent loader)
+        self._val: DataLoader | None = None
         self.num_classes = cfg["model"]["num_classes"] or len(self.train_set.classes)
         subset = evenly_spaced(len(self.train_set), dcfg["max_train"])
         n_train = len(subset) if subset else len(self.train_set)
@@ -202,22 +227,52 @@ class PretrainTask(Task):
         # the method's draws depend only on (seed, rank, micro-step): exact resumption without generator state
         self.model.generator.manual_seed(sample_seed(self.cfg["seed"] + 1, self.rank, micro_step))
 
+    def to_device(self, batch, device: torch.device, channels_last: bool):
+        return batch_to_device(batch, device, channels_last)
+
     def batches(self, epoch: int, start_step: int):
+        """The epoch's micro-batches. The loader's workers persist across epochs (one loader per crop size of
+        `crop_schedule`); the shared sampler gives each epoch its own order from `set_epoch`."""
         d = self.cfg["data"]
-        tf = train_transform(crop_size_at(epoch, d), d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"])
+        size = crop_size_at(epoch, d)
         self.sampler.set_epoch(epoch, start_step)
+        if self.loader == "dali":
+            from pretrain.dali import DaliTrainLoader
+
+            return DaliTrainLoader(self.train_set.samples, self.sampler, size, d["scale_min"], d["hflip"],
+                                   self.plan["micro_batch"], self.device, self.cfg["seed"])
+        if self._train_loader is None or self._train_loader[0] != size:
+            self._train_loader = None  # let the old workers go before starting new ones
+            self._train_loader = (size, self._make_train_loader(size))
+        return self._train_loader[1]
+
+    def _make_train_loader(self, size: int) -> DataLoader:
+        d = self.cfg["data"]
+        if self.encoded:
+            tf = EncodedTrainTransform(size, d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"])
+            collate = collate_encoded
+        elif self.loader == "pil":
+            tf, collate = train_transform(size, d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"]), None
+        else:
+            tf = Uint8TrainTransform(size, d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"])
+            collate = collate_uint8
         return DataLoader(SeededTransform(self.train_set, tf), batch_size=self.plan["micro_batch"],
-                          sampler=self.sampler, num_workers=d["num_workers"], drop_last=True,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False,
+                          sampler=self.sampler, num_workers=d["num_workers"], drop_last=True, collate_fn=collate,
+                          pin_memory=self.device.type == "cuda", persistent_workers=d["num_workers"] > 0,
                           generator=torch.Generator().manual_seed(self.cfg["seed"]))
 
     def _val_loader(self) -> DataLoader:
+        if self._val is not None:
+            return self._val
         d = self.cfg["data"]
         idx = evenly_spaced(len(self.val_set), d["max_val"]) or list(range(len(self.val_set)))
-        ds = torch.utils.data.Subset(SeededTransform(self.val_set, val_transform(d["crop_size"], d["val_resize"])),
+        make = val_transform if self.loader == "pil" else Uint8ValTransform
+        ds = torch.utils.data.Subset(SeededTransform(self.val_set, make(d["crop_size"], d["val_resize"])),
                                      idx[self.rank:: self.world])
-        return DataLoader(ds, batch_size=self.plan["micro_batch"], shuffle=False, num_workers=d["num_workers"],
-                          pin_memory=self.device.type == "cuda")
+        self._val = DataLoader(ds, batch_size=self.plan["micro_batch"], shuffle=False, num_workers=d["num_workers"],
+                               collate_fn=None if self.loader == "pil" else collate_uint8,
+                               pin_memory=self.device.type == "cuda", persistent_workers=d["num_workers"] > 0)
+        return self._val
 
     @torch.no_grad()
     def evaluate(self, precision: str) -> dict:

@@ -6,7 +6,7 @@
     python tools/bench.py wsol                          # MaxBoxAccV2 evaluator speed-up vs the per-threshold loop
     python tools/bench.py eval                          # COCO / VOC evaluation speed
     python tools/bench.py robustness                    # clean / FGSM / PGD images/s, AUROC vs pair count
-    python tools/bench.py data                          # data-loading images/s per worker
+    python tools/bench.py data [--quick]                # training-data images/s per CPU core: PIL vs uint8 vs decode
 """
 
 import argparse
@@ -21,42 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core import cli  # noqa: E402
 
 
-def bench_data(root: str | None = None, workers=(0, 1, 2), size: int = 224, batches: int = 8,
-               batch_size: int = 32) -> dict:
-    """Images/s of the ImageNet-layout training loader (decode + RandomResizedCrop + flip) per worker count."""
-    import tempfile
-
-    import torch
-    from torchvision import transforms as T
-
-    from core.data import ImageNetFolder
-
-    if root is None:
-        from toyworld import make_toy_world
-        from wsol.data import cub_to_wsol_metadata
-
-        root = Path(tempfile.mkdtemp()) / "toy"
-        make_toy_world(root, preset="tiny", seed=0, wsol_metadata=cub_to_wsol_metadata)
-        root = root / "imagenet"
-    tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()])
-    ds = ImageNetFolder(root, "train", transform=tf)
-    out = {}
-    for w in workers:
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=w,
-                                             drop_last=False, persistent_workers=w > 0)
-        it, n = iter(loader), 0
-        next(it)  # start-up (worker spawn) is not throughput
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            try:
-                n += len(next(it)[0])
-            except StopIteration:
-                it = iter(loader)
-        dt = time.perf_counter() - t0
-        out[str(w)] = {"img_per_s": round(n / dt, 1), "img_per_s_per_worker": round(n / dt / max(w, 1), 1)}
-    return {"data_loading": out, "image_size": size, "dataset": str(root)}
-
-
 def to_markdown(results: dict) -> str:
     lines = [f"# Benchmarks\n\nMachine: {results['machine']}\n"]
     pre = results.get("pretrain") or {}
@@ -69,10 +33,13 @@ def to_markdown(results: dict) -> str:
         if results.get(key):
             lines += [f"## {title}", "", "```json", json.dumps(results[key], indent=2), "```", ""]
     if results.get("data"):
-        lines += ["## Data loading (ImageNet layout, training transform)", "", "| workers | img/s | img/s per worker |",
-                  "|---:|---:|---:|"]
-        lines += [f"| {w} | {v['img_per_s']} | {v['img_per_s_per_worker']} |"
-                  for w, v in results["data"]["data_loading"].items()]
+        d = results["data"]
+        lines += ["## Training data per CPU core (224 px RandomResizedCrop + flip, 500x375 JPEGs)", "",
+                  "| path | img/s per core | ms / image |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v} | {d['ms_per_image'][k]} |" for k, v in d["img_per_s_per_core"].items()]
+        lines += ["", "| ratio | measured | target | ok |", "|---|---:|---:|---|"]
+        goals = {k: d["targets"].get(k, {"target": "", "ok": ""}) for k in d["ratios"]}
+        lines += [f"| {k} | {v} | {goals[k]['target']} | {goals[k]['ok']} |" for k, v in d["ratios"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -104,7 +71,8 @@ def main(argv=None) -> int:
             from transfer.robustness.bench import run_robustness_bench
             results["robustness"] = run_robustness_bench(quick=args.quick)
         else:
-            results["data"] = bench_data(batches=3 if args.quick else 8)
+            from pretrain.data_bench import run_data_bench
+            results["data"] = run_data_bench(quick=args.quick)
         print(f"[bench] {what}: {time.time() - t0:.0f} s", file=sys.stderr)
     print(json.dumps(results, indent=2))
     if args.out:
