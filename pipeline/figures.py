@@ -136,9 +136,11 @@ def ablation_curve(points: list[tuple[object, list[float]]], baseline: list[floa
     means = [m for m, _ in stats]
     ax.errorbar(xs, means, yerr=[s or 0.0 for _, s in stats], fmt="-o", ms=4, capsize=3, color="C0", lw=1.5,
                 label="mean ± std" if any(s for _, s in stats) else "top-1")
-    for x, (_, vals) in zip(xs, points):
+    step = (max(xs) - min(xs)) / max(len(xs) - 1, 1) if len(xs) > 1 else 1.0
+    for x, (_, vals) in zip(xs, points):  # the seeds, just right of the error bar
         if len(vals) > 1:
-            ax.plot([x] * len(vals), vals, "o", ms=3, color="black", alpha=0.5)
+            xd = x * 1.08 if scale == "log" else x + 0.12 * step
+            ax.plot([xd] * len(vals), vals, "o", ms=3, color="black", alpha=0.5)
     if baseline:
         bm, bs = mean_std(baseline)
         ax.axhline(bm, ls="--", color="C3", lw=1.2, label=f"{baseline_label} (n={len(baseline)})")

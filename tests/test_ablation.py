@@ -2,7 +2,6 @@
 table on hand-made numbers, the figure, and one tiny sweep end to end (a second invocation reuses every run)."""
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -186,8 +185,8 @@ def test_a_missing_seed_and_one_seed(tmp_path):
     assert s["points"][0]["top1"] == {**s["points"][0]["top1"], "values": [50.0], "std": None, "n": 1}
     assert s["baseline"] is None and s["knob"]["name"] == "n_mix"
     out = write_outputs(tmp_path, res, {**KNOB, "name": "n_mix"})
-    assert "| n_mix = 1 | [50.00](n=1/seed0/) |" in out["markdown"].read_text() and out["figure"].name == "ablation_n_mix.png"
-    assert out["figure"].exists()
+    assert "| n_mix = 1 | [50.00](n=1/seed0/) |" in out["markdown"].read_text()
+    assert out["figure"].name == "ablation_n_mix.png" and out["figure"].exists()
 
 
 # -- end to end ----------------------------------------------------------------------------------------------------
