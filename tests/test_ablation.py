@@ -216,3 +216,26 @@ def test_tiny_sweep_end_to_end_and_reuse(tmp_path, toy_world, one_thread):
     run_ablation(str(path), force=["n=100"])  # --force one value: only that run is redone
     assert (run_dir / "n=1/seed0/stage.json").stat().st_mtime_ns == stamps["n=1/seed0"]
     assert (run_dir / "n=100/seed0/stage.json").stat().st_mtime_ns != stamps["n=100/seed0"]
+
+
+# -- the command line ----------------------------------------------------------------------------------------------
+def _cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablate_cli", ROOT / "tools" / "ablate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def test_cli_plan_and_a_bad_knob(tmp_path, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(_cfg(tmp_path, knob={"values": [1, 10]})))
+    assert _cli()(["--config", str(path), "--plan"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines] == ["n=1/seed0", "n=10/seed0", "baseline/seed0"]
+    assert all(ln.endswith("to run") for ln in lines)
+    assert _cli()(["--config", str(path), "knob.key=method.nn"]) == 2  # bad input: exit 2, one error line
+    err = capsys.readouterr().err
+    assert err.startswith("error: knob key 'method.nn': not an option of method 'multimix'; valid: [")
+    assert not (tmp_path / "runs").exists()
