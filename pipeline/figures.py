@@ -116,3 +116,49 @@ def first_png(folder: Path, patterns: tuple[str, ...]) -> Path | None:
     return None
 
 
+
+
+def _ablation_x(values: list, scale: str) -> tuple[list, list[str] | None]:
+    """x positions of the knob values and, for a categorical axis, their tick labels."""
+    if scale == "categorical":
+        return list(range(len(values))), [json.dumps(v) for v in values]
+    return [float(v) for v in values], None
+
+
+def ablation_curve(points: list[tuple[object, list[float]]], baseline: list[float] | None, out: Path,
+                   xlabel: str, scale: str = "linear", baseline_label: str = "ERM", title: str = "") -> Path:
+    """points: (knob value, the top-1 of each of its seeds) in order; scale: log | linear | categorical.
+    Line: the mean; error bars: the sample std (two or more seeds); dots: the seeds; dashed line and band: the
+    baseline's mean ± std."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    xs, ticks = _ablation_x([v for v, _ in points], scale)
+    stats = [mean_std(vals) if vals else (float("nan"), None) for _, vals in points]
+    means = [m for m, _ in stats]
+    ax.errorbar(xs, means, yerr=[s or 0.0 for _, s in stats], fmt="-o", ms=4, capsize=3, color="C0", lw=1.5,
+                label="mean ± std" if any(s for _, s in stats) else "top-1")
+    step = (max(xs) - min(xs)) / max(len(xs) - 1, 1) if len(xs) > 1 else 1.0
+    for x, (_, vals) in zip(xs, points):  # the seeds, just right of the error bar
+        if len(vals) > 1:
+            xd = x * 1.08 if scale == "log" else x + 0.12 * step
+            ax.plot([xd] * len(vals), vals, "o", ms=3, color="black", alpha=0.5)
+    if baseline:
+        bm, bs = mean_std(baseline)
+        ax.axhline(bm, ls="--", color="C3", lw=1.2, label=f"{baseline_label} (n={len(baseline)})")
+        if bs:
+            ax.axhspan(bm - bs, bm + bs, color="C3", alpha=0.12, lw=0)
+    if scale == "log":
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{v:g}" for v in xs])
+        ax.minorticks_off()
+    elif ticks is not None:
+        ax.set_xticks(xs, ticks)
+    else:
+        ax.set_xticks(xs, [f"{v:g}" for v in xs])
+    n = max((len(v) for _, v in points), default=0)
+    ax.set(xlabel=xlabel, ylabel="val top-1 (%)", title=f"{title} (n={n} seed{'s' if n != 1 else ''})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

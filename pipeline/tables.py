@@ -116,11 +116,13 @@ def best_rows(stats: list[tuple[float, float | None, int] | None], better: str |
 
 @dataclass
 class Table:
-    """title, note (the caption), columns, rows: (label, results of that row by stage, is_baseline)."""
+    """title, note (the caption), columns, rows: (label, results of that row by stage, is_baseline); row_header:
+    the first column's header."""
     title: str
     note: str
     columns: list[Column]
     rows: list[tuple[str, dict, bool]]
+    row_header: str = "method"
 
     def cells(self) -> list[list[Cell]]:
         out = []
@@ -157,7 +159,7 @@ class Table:
         caption = self.note + (f" Entries: mean ± sample std (ddof = 1) over the runs, {n}." if spread else
                                (f" One run per entry ({n})." if n else ""))
         lines = [f"### {self.title}", "", caption, "",
-                 "| method | " + " | ".join(c.header + arrow[c.better] for c in self.columns) + " |",
+                 f"| {self.row_header} | " + " | ".join(c.header + arrow[c.better] for c in self.columns) + " |",
                  "|---|" + "---:|" * len(self.columns)]
         for i, ((label, _, is_base), row) in enumerate(zip(self.rows, cells)):
             texts = []
