@@ -21,7 +21,6 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 # Annotation tools round box corners; a box may overhang the image by this much before it is an error.
@@ -158,8 +157,11 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
     return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-class ImageNetFolder(Dataset):
+class ImageNetFolder:
     """ImageNet layout: `root/<split>/<wnid>/*.JPEG`; labels are indices into sorted wnids.
+
+    A map-style dataset (`__len__`, `__getitem__`: all a DataLoader needs); it does not subclass torch's
+    `Dataset`, so that this module, which the stand-alone evaluators use, imports without torch.
 
     Validation boxes (for localization and background corruption) come from one PASCAL-style XML per
     image in `root/val_boxes/<image stem>.xml` (the ILSVRC bbox_val files) or from

@@ -3,7 +3,8 @@
 
     python tools/bench.py all --out runs/bench          # everything (minutes on 2 CPU cores)
     python tools/bench.py pretrain [--quick]            # training-step time of each method / ERM
-    python tools/bench.py wsol                          # MaxBoxAccV2 evaluator speed-up vs the per-threshold loop
+    python tools/bench.py wsol                          # MaxBoxAccV2 evaluator speed-up vs the per-threshold loop,
+                                                        # in this process and as whole tools/eval_wsol.py processes
     python tools/bench.py eval                          # COCO / VOC evaluation speed
     python tools/bench.py robustness                    # clean / FGSM / PGD images/s, AUROC vs pair count
     python tools/bench.py data                          # data-loading images/s per worker
@@ -95,8 +96,10 @@ def main(argv=None) -> int:
             from pretrain.bench import run_pretrain_bench
             results["pretrain"] = run_pretrain_bench(quick=args.quick)
         elif what == "wsol":
-            from wsol.bench import run_wsol_bench
+            from wsol.bench import run_whole_process_bench, run_wsol_bench
             results["wsol"] = run_wsol_bench(quick=args.quick)
+            results["wsol"]["whole_process"] = run_whole_process_bench(
+                Path(__file__).with_name("eval_wsol.py"), n_maps=2000, n_reference=16 if args.quick else 64)
         elif what == "eval":
             from transfer.bench import run_eval_bench
             results["eval"] = run_eval_bench(quick=args.quick)
