@@ -8,10 +8,12 @@
     python tools/bench.py eval                          # COCO / VOC evaluation speed
     python tools/bench.py robustness                    # clean / FGSM / PGD images/s, AUROC vs pair count
     python tools/bench.py data                          # data-loading images/s per worker
+    python tools/bench.py gpu                           # CUDA: training images/s per method, vs ERM and the loader
 """
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -58,6 +60,29 @@ def bench_data(root: str | None = None, workers=(0, 1, 2), size: int = 224, batc
     return {"data_loading": out, "image_size": size, "dataset": str(root)}
 
 
+def bench_gpu(quick: bool = False, loader_workers: int | None = None) -> dict:
+    """Training images/s per method on the CUDA device (ResNet-50, 224 px, bf16 autocast, channels_last),
+    step time relative to ERM, and the data-loader ceiling: images/s of the training data path
+    (`bench_data`, on the toy world unless it is given a root) with `loader_workers` workers (default: the
+    CPU cores, at most 16). Without CUDA: {"skipped": ...} and a printed line."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("[bench] gpu: skipped (no CUDA device)", file=sys.stderr)
+        return {"skipped": "no CUDA device"}
+    from pretrain.bench import run_gpu_bench
+
+    out = run_gpu_bench("cuda", **({"arch": "resnet18", "steps": 5} if quick else {}))
+    workers = loader_workers or min(16, os.cpu_count() or 1)
+    loader = bench_data(workers=(workers,), size=224, batch_size=out["setup"]["batch"], batches=3 if quick else 8)
+    ceiling = loader["data_loading"][str(workers)]["img_per_s"]
+    out["data_loader"] = {"workers": workers, "img_per_s": ceiling, "dataset": loader["dataset"],
+                          "note": "toy-world images are small: real ImageNet JPEGs decode slower"}
+    for row in out["rows"]:
+        row["loader_bound"] = row["img_per_s"] > ceiling
+    return out
+
+
 def to_markdown(results: dict) -> str:
     lines = [f"# Benchmarks\n\nMachine: {results['machine']}\n"]
     pre = results.get("pretrain") or {}
@@ -69,6 +94,18 @@ def to_markdown(results: dict) -> str:
                        ("robustness", "Robustness evaluation")):
         if results.get(key):
             lines += [f"## {title}", "", "```json", json.dumps(results[key], indent=2), "```", ""]
+    gpu = results.get("gpu") or {}
+    if gpu.get("skipped"):
+        lines += ["## GPU training throughput", "", f"Skipped: {gpu['skipped']}.", ""]
+    if gpu.get("rows"):
+        st, dl = gpu["setup"], gpu["data_loader"]
+        lines += [f"## GPU training throughput ({st['device']}, {st['arch']}, {st['size']} px, batch {st['batch']}, "
+                  f"{st['precision']}, channels_last {st['channels_last']})", "",
+                  f"Data-loader ceiling: {dl['img_per_s']} img/s with {dl['workers']} workers ({dl['note']}).", "",
+                  "| method | img/s | step time vs ERM | above the loader ceiling |", "|---|---:|---:|---|"]
+        lines += [f"| {r['method']} | {r['img_per_s']} | {r['step_time_ratio']:.3f} | "
+                  f"{'yes' if r['loader_bound'] else 'no'} |" for r in gpu["rows"]]
+        lines.append("")
     if results.get("data"):
         lines += ["## Data loading (ImageNet layout, training transform)", "", "| workers | img/s | img/s per worker |",
                   "|---:|---:|---:|"]
@@ -80,7 +117,7 @@ def to_markdown(results: dict) -> str:
 @cli.entry
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "robustness", "data"])
+    p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "robustness", "data", "gpu"])
     p.add_argument("--out", default=None, help="folder for bench.json and bench.md")
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
     args = p.parse_args(argv)
@@ -90,6 +127,10 @@ def main(argv=None) -> int:
     results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                           f"torch {torch.__version__}, {device}"}
     todo = ["pretrain", "wsol", "eval", "robustness", "data"] if args.what == "all" else [args.what]
+    if args.what == "all" and torch.cuda.is_available():
+        todo.append("gpu")
+    elif args.what == "all":
+        print("[bench] gpu: skipped (no CUDA device)", file=sys.stderr)
     for what in todo:
         t0 = time.time()
         if what == "pretrain":
@@ -106,6 +147,8 @@ def main(argv=None) -> int:
         elif what == "robustness":
             from transfer.robustness.bench import run_robustness_bench
             results["robustness"] = run_robustness_bench(quick=args.quick)
+        elif what == "gpu":
+            results["gpu"] = bench_gpu(quick=args.quick)
         else:
             results["data"] = bench_data(batches=3 if args.quick else 8)
         print(f"[bench] {what}: {time.time() - t0:.0f} s", file=sys.stderr)
