@@ -60,24 +60,29 @@ def bench_data(root: str | None = None, workers=(0, 1, 2), size: int = 224, batc
     return {"data_loading": out, "image_size": size, "dataset": str(root)}
 
 
-def bench_gpu(quick: bool = False, loader_workers: int | None = None) -> dict:
-    """Training images/s per method on the CUDA device (ResNet-50, 224 px, bf16 autocast, channels_last),
-    step time relative to ERM, and the data-loader ceiling: images/s of the training data path
-    (`bench_data`, on the toy world unless it is given a root) with `loader_workers` workers (default: the
-    CPU cores, at most 16). Without CUDA: {"skipped": ...} and a printed line."""
+def bench_gpu(quick: bool = False, device: str | None = None, loader_root=None, loader_workers: int | None = None,
+              **knobs) -> dict:
+    """Training images/s per method on the CUDA device (`pretrain.bench.run_gpu_bench`: ResNet-50, 224 px, bf16
+    autocast, channels_last; `knobs` override its arguments), step time relative to ERM, and the data-loader
+    ceiling: images/s of the training data path (`bench_data` on `loader_root`, the toy world by default) with
+    `loader_workers` workers (default: the CPU cores, at most 16). `device` defaults to CUDA; without it:
+    {"skipped": ...} and a printed line."""
     import torch
 
-    if not torch.cuda.is_available():
+    if device is None and not torch.cuda.is_available():
         print("[bench] gpu: skipped (no CUDA device)", file=sys.stderr)
         return {"skipped": "no CUDA device"}
     from pretrain.bench import run_gpu_bench
 
-    out = run_gpu_bench("cuda", **({"arch": "resnet18", "steps": 5} if quick else {}))
-    workers = loader_workers or min(16, os.cpu_count() or 1)
-    loader = bench_data(workers=(workers,), size=224, batch_size=out["setup"]["batch"], batches=3 if quick else 8)
+    out = run_gpu_bench(device or "cuda", **{**({"arch": "resnet18", "steps": 5} if quick else {}), **knobs})
+    workers = min(16, os.cpu_count() or 1) if loader_workers is None else loader_workers
+    st = out["setup"]
+    loader = bench_data(loader_root, workers=(workers,), size=st["size"], batch_size=st["batch"],
+                        batches=3 if quick else 8)
     ceiling = loader["data_loading"][str(workers)]["img_per_s"]
     out["data_loader"] = {"workers": workers, "img_per_s": ceiling, "dataset": loader["dataset"],
-                          "note": "toy-world images are small: real ImageNet JPEGs decode slower"}
+                          "note": "toy-world images are small: real ImageNet JPEGs decode slower"
+                          if loader_root is None else "the given dataset"}
     for row in out["rows"]:
         row["loader_bound"] = row["img_per_s"] > ceiling
     return out
