@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     g.add_argument("--largest-contour", dest="multi_contour", action="store_false")
     p.add_argument("--reference", action="store_true", help="use the slow per-threshold loop")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="threads scoring maps (default: the usable CPU cores, at most 8; same numbers)")
+                   help="threads scoring maps (default: the CPU cores, at most 8; same numbers)")
     args = p.parse_args(argv)
     from core.basics import progress
     from wsol.metrics import HAVE_NUMBA
