@@ -21,9 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 # Annotation tools round box corners; a box may overhang the image by this much before it is an error.
@@ -82,6 +80,8 @@ def read_bytes(path: str | os.PathLike):
         raise DataError(f"{path}: unreadable image: {e}") from e
     if not data:
         raise DataError(f"{path}: empty image file")
+    import torch  # here, not at the top: the stand-alone evaluators import this module without torch
+
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
@@ -90,6 +90,7 @@ def decode_uint8(data, where: str):
     `decode_jpeg`, other formats by `decode_image`; what torchvision cannot decode (CMYK JPEGs on some builds,
     BMP) goes through PIL, and an image nobody can decode is a DataError naming `where`. The result may be a
     channels-last view (strides 1, 3w, 3) of the decoder's HWC buffer."""
+    import torch
     from torchvision import io as tio
 
     try:
@@ -219,8 +220,11 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
     return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-class ImageNetFolder(Dataset):
+class ImageNetFolder:
     """ImageNet layout: `root/<split>/<wnid>/*.JPEG`; labels are indices into sorted wnids.
+
+    A map-style dataset (`__len__`, `__getitem__`: all a DataLoader needs); it does not subclass torch's
+    `Dataset`, so that this module, which the stand-alone evaluators use, imports without torch.
 
     Validation boxes (for localization and background corruption) come from one PASCAL-style XML per
     image in `root/val_boxes/<image stem>.xml` (the ILSVRC bbox_val files) or from

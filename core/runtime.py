@@ -1,7 +1,8 @@
 """Run infrastructure shared by every stage: atomic saves, seeding and RNG state, devices, AMP,
 torchrun/DDP set-up, JSON-lines logging and rank-aware progress bars.
 
-This module holds no training logic; `transfer/` and `wsol/` may use it (ARCHITECTURE.md).
+This module holds no training logic; `transfer/` and `wsol/` may use it (ARCHITECTURE.md). Its torch-free
+part (atomic writes, JSON, progress bars) lives in `core/basics.py` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -14,36 +15,17 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
+
+from core.basics import atomic_path, atomic_write_text, progress, write_json  # noqa: F401 (re-exported)
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a loss becomes NaN or infinite; the caller keeps its last good checkpoint."""
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield `path.<pid>.tmp` (same directory, one per process: never shared under torchrun) to write; on success
-    it is renamed over `path`, on any failure (disk full, unwritable folder, an exception while writing) it is
-    removed and `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
-            # a failed write() names no file: say which one (disk full, file too large, ...)
-            raise type(e)(e.errno, e.strerror, str(path)) from e
-        raise
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -62,16 +44,6 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
                           str(path)) from e
         f.flush()
         os.fsync(f.fileno())
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write a text file atomically (metrics.json, reports); a failed write leaves no `.tmp` behind."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> None:
-    atomic_write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
 
 
 def seed_everything(seed: int) -> None:
@@ -240,14 +212,6 @@ def check_finite(loss: torch.Tensor | float, step: int) -> None:
     if not math.isfinite(value):
         raise NonFiniteLossError(
             f"non-finite loss ({value}) at step {step}; stopping. The last good checkpoint is kept.")
-
-
-def progress(iterable: Iterable | None = None, **kwargs) -> tqdm:
-    """tqdm on rank 0 only; MT_NO_PROGRESS=1 silences it (CI logs, tests)."""
-    disable = not is_main_process() or os.environ.get("MT_NO_PROGRESS") == "1"
-    kwargs.setdefault("dynamic_ncols", True)
-    kwargs.setdefault("leave", False)
-    return tqdm(iterable, disable=disable, **kwargs)
 
 
 # -- collectives for losses that mix the whole global batch (pretrain.methods MultiMix global_batch) -------------

@@ -65,16 +65,12 @@ def run_pretrain_bench(quick: bool = False, arch: str = "resnet50", batch: int =
         torch.set_num_threads(old_threads)
 
 
-def _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, device, seed, timer, clock):
-    if quick:
-        arch, batch, size, repeats = "resnet18", 16, 64, 2
-    todo = [t for t in FULL if methods is None or t[0] in methods or t[0] == "erm"]
-    torch.manual_seed(seed)
-    dev = torch.device(device)
-    model = ResNetStages(arch, num_classes).to(dev)
-    built = []
-    skipped = []
-    for label, name, knobs in todo:
+def _build_methods(model, methods, num_classes, n, size, dev, seed):
+    """([(label, method)] for the FULL entries in `methods` (all when None; erm always), [skipped labels])."""
+    built, skipped = [], []
+    for label, name, knobs in FULL:
+        if methods is not None and label not in methods and label != "erm":
+            continue
         if name in ("multimix", "dense_multimix"):
             knobs = dict(knobs, n=n)
         if name == "alignmix":  # the paper's 4 x 4 tensor, or the whole map when the input is smaller
@@ -85,6 +81,16 @@ def _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, d
         m = build_method(name, model, num_classes, **knobs)
         m.generator = torch.Generator(device=dev).manual_seed(seed)
         built.append((label, m))
+    return built, skipped
+
+
+def _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, device, seed, timer, clock):
+    if quick:
+        arch, batch, size, repeats = "resnet18", 16, 64, 2
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    model = ResNetStages(arch, num_classes).to(dev)
+    built, skipped = _build_methods(model, methods, num_classes, n, size, dev, seed)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, 3, size, size, generator=g).to(dev)
@@ -124,3 +130,60 @@ def _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, d
                           "counts every thread's CPU time)",
                   "skipped": skipped},
     }
+
+
+def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224, batch: int = 128,
+                  warmup: int = 3, steps: int = 10, methods: list[str] | None = None, precision: str = "bf16",
+                  channels_last: bool | None = None, num_classes: int = 1000, n: int = 1000, seed: int = 0) -> dict:
+    """Training images/s of each method on one device (`tools/bench.py gpu`): {"rows": [{"method",
+    "img_per_s", "step_s", "step_time_ratio" (step time / ERM's; ERM 1.0)}], "skipped": [...], "setup": {...}}.
+
+    A step is forward + backward + SGD update under ``core.runtime.autocast(device, precision)`` (bf16 on
+    CUDA; CPU runs fp32) with the model and batch in channels_last (default: on CUDA only). Per method:
+    ``warmup`` untimed steps, then ``steps`` timed ones with the device synchronised only before and after
+    them (a synchronisation per step would stall the launch queue). One model serves every method.
+    """
+    from core.runtime import autocast, make_grad_scaler
+
+    dev = torch.device(device)
+    channels_last = dev.type == "cuda" if channels_last is None else channels_last
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(seed)
+    model = ResNetStages(arch, num_classes).to(dev, memory_format=fmt)
+    built, skipped = _build_methods(model, methods, num_classes, n, size, dev, seed)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    scaler = make_grad_scaler(dev, precision)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, size, size, generator=g).to(dev).contiguous(memory_format=fmt)
+    labels = torch.randint(0, num_classes, (batch,), generator=g).to(dev)
+
+    def step(method):
+        with autocast(dev, precision):
+            out = method(images, labels)
+            loss = sum(v for k, v in out.items() if k.startswith("loss"))
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    seconds = {}
+    for label, m in built:
+        for _ in range(warmup):
+            step(m)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(m)
+        sync()
+        seconds[label] = (time.perf_counter() - t0) / steps
+    rows = [{"method": k, "img_per_s": round(batch / v, 1), "step_s": round(v, 6),
+             "step_time_ratio": round(v / seconds["erm"], 3)} for k, v in seconds.items()]
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    return {"rows": rows, "skipped": skipped,
+            "setup": {"arch": arch, "size": size, "batch": batch, "warmup": warmup, "steps": steps,
+                      "precision": precision if dev.type == "cuda" else "fp32", "channels_last": channels_last,
+                      "device": f"{dev} ({name})", "num_classes": num_classes, "n": n, "clock": "wall"}}

@@ -3,14 +3,17 @@
 
     python tools/bench.py all --out runs/bench          # everything (minutes on 2 CPU cores)
     python tools/bench.py pretrain [--quick]            # training-step time of each method / ERM
-    python tools/bench.py wsol                          # MaxBoxAccV2 evaluator speed-up vs the per-threshold loop
+    python tools/bench.py wsol                          # MaxBoxAccV2 evaluator speed-up vs the per-threshold loop,
+                                                        # in this process and as whole tools/eval_wsol.py processes
     python tools/bench.py eval                          # COCO / VOC evaluation speed
     python tools/bench.py robustness                    # clean / FGSM / PGD images/s, AUROC vs pair count
     python tools/bench.py data [--quick]                # training-data images/s per CPU core: PIL vs uint8 vs decode
+    python tools/bench.py gpu                           # CUDA: training images/s per method, vs ERM and the loader
 """
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -19,6 +22,71 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
+
+
+def bench_data(root: str | None = None, workers=(0, 1, 2), size: int = 224, batches: int = 8,
+               batch_size: int = 32) -> dict:
+    """Images/s of the ImageNet-layout training loader (the default uint8 path: decode + RandomResizedCrop + flip
+    in the workers, `pretrain.data`) per worker count."""
+    import tempfile
+
+    import torch
+
+    from core.data import ImageNetFolder, read_image_uint8
+    from pretrain.data import Uint8TrainTransform, collate_uint8
+
+    if root is None:
+        from toyworld import make_toy_world
+        from wsol.data import cub_to_wsol_metadata
+
+        root = Path(tempfile.mkdtemp()) / "toy"
+        make_toy_world(root, preset="tiny", seed=0, wsol_metadata=cub_to_wsol_metadata)
+        root = root / "imagenet"
+    tf = Uint8TrainTransform(size, 0.08, True, 0.0, 0.0)
+    ds = ImageNetFolder(root, "train", transform=tf, reader=read_image_uint8)
+    out = {}
+    for w in workers:
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=w,
+                                             drop_last=False, persistent_workers=w > 0, collate_fn=collate_uint8)
+        it, n = iter(loader), 0
+        next(it)  # start-up (worker spawn) is not throughput
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            try:
+                n += len(next(it)[0])
+            except StopIteration:
+                it = iter(loader)
+        dt = time.perf_counter() - t0
+        out[str(w)] = {"img_per_s": round(n / dt, 1), "img_per_s_per_worker": round(n / dt / max(w, 1), 1)}
+    return {"data_loading": out, "image_size": size, "dataset": str(root)}
+
+
+def bench_gpu(quick: bool = False, device: str | None = None, loader_root=None, loader_workers: int | None = None,
+              **knobs) -> dict:
+    """Training images/s per method on the CUDA device (`pretrain.bench.run_gpu_bench`: ResNet-50, 224 px, bf16
+    autocast, channels_last; `knobs` override its arguments), step time relative to ERM, and the data-loader
+    ceiling: images/s of the training data path (`bench_data` on `loader_root`, the toy world by default) with
+    `loader_workers` workers (default: the CPU cores, at most 16). `device` defaults to CUDA; without it:
+    {"skipped": ...} and a printed line."""
+    import torch
+
+    if device is None and not torch.cuda.is_available():
+        print("[bench] gpu: skipped (no CUDA device)", file=sys.stderr)
+        return {"skipped": "no CUDA device"}
+    from pretrain.bench import run_gpu_bench
+
+    out = run_gpu_bench(device or "cuda", **{**({"arch": "resnet18", "steps": 5} if quick else {}), **knobs})
+    workers = min(16, os.cpu_count() or 1) if loader_workers is None else loader_workers
+    st = out["setup"]
+    loader = bench_data(loader_root, workers=(workers,), size=st["size"], batch_size=st["batch"],
+                        batches=3 if quick else 8)
+    ceiling = loader["data_loading"][str(workers)]["img_per_s"]
+    out["data_loader"] = {"workers": workers, "img_per_s": ceiling, "dataset": loader["dataset"],
+                          "note": "toy-world images are small: real ImageNet JPEGs decode slower"
+                          if loader_root is None else "the given dataset"}
+    for row in out["rows"]:
+        row["loader_bound"] = row["img_per_s"] > ceiling
+    return out
 
 
 def to_markdown(results: dict) -> str:
@@ -32,6 +100,18 @@ def to_markdown(results: dict) -> str:
                        ("robustness", "Robustness evaluation")):
         if results.get(key):
             lines += [f"## {title}", "", "```json", json.dumps(results[key], indent=2), "```", ""]
+    gpu = results.get("gpu") or {}
+    if gpu.get("skipped"):
+        lines += ["## GPU training throughput", "", f"Skipped: {gpu['skipped']}.", ""]
+    if gpu.get("rows"):
+        st, dl = gpu["setup"], gpu["data_loader"]
+        lines += [f"## GPU training throughput ({st['device']}, {st['arch']}, {st['size']} px, batch {st['batch']}, "
+                  f"{st['precision']}, channels_last {st['channels_last']})", "",
+                  f"Data-loader ceiling: {dl['img_per_s']} img/s with {dl['workers']} workers ({dl['note']}).", "",
+                  "| method | img/s | step time vs ERM | above the loader ceiling |", "|---|---:|---:|---|"]
+        lines += [f"| {r['method']} | {r['img_per_s']} | {r['step_time_ratio']:.3f} | "
+                  f"{'yes' if r['loader_bound'] else 'no'} |" for r in gpu["rows"]]
+        lines.append("")
     if results.get("data"):
         d = results["data"]
         lines += ["## Training data per CPU core (224 px RandomResizedCrop + flip, 500x375 JPEGs)", "",
@@ -46,7 +126,7 @@ def to_markdown(results: dict) -> str:
 @cli.entry
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "robustness", "data"])
+    p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "robustness", "data", "gpu"])
     p.add_argument("--out", default=None, help="folder for bench.json and bench.md")
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
     args = p.parse_args(argv)
@@ -56,20 +136,28 @@ def main(argv=None) -> int:
     results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                           f"torch {torch.__version__}, {device}"}
     todo = ["pretrain", "wsol", "eval", "robustness", "data"] if args.what == "all" else [args.what]
+    if args.what == "all" and torch.cuda.is_available():
+        todo.append("gpu")
+    elif args.what == "all":
+        print("[bench] gpu: skipped (no CUDA device)", file=sys.stderr)
     for what in todo:
         t0 = time.time()
         if what == "pretrain":
             from pretrain.bench import run_pretrain_bench
             results["pretrain"] = run_pretrain_bench(quick=args.quick)
         elif what == "wsol":
-            from wsol.bench import run_wsol_bench
+            from wsol.bench import run_whole_process_bench, run_wsol_bench
             results["wsol"] = run_wsol_bench(quick=args.quick)
+            results["wsol"]["whole_process"] = run_whole_process_bench(
+                Path(__file__).with_name("eval_wsol.py"), n_maps=2000, n_reference=16 if args.quick else 64)
         elif what == "eval":
             from transfer.bench import run_eval_bench
             results["eval"] = run_eval_bench(quick=args.quick)
         elif what == "robustness":
             from transfer.robustness.bench import run_robustness_bench
             results["robustness"] = run_robustness_bench(quick=args.quick)
+        elif what == "gpu":
+            results["gpu"] = bench_gpu(quick=args.quick)
         else:
             from pretrain.data_bench import run_data_bench
             results["data"] = run_data_bench(quick=args.quick)

@@ -37,10 +37,10 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from core.basics import atomic_path
 from core.constants import VOC_CLASSES
 from core.data import DataError, pascal_to_box, read_text
-from core.runtime import atomic_path
-from transfer.datasets import parse_voc_xml
+from core.data import parse_pascal_xml as parse_voc_xml  # not via transfer.datasets: that imports torch
 
 log = logging.getLogger(__name__)
 

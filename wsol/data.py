@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
+from core.basics import atomic_path
 from core.data import InputError, read_text
-from core.runtime import atomic_path
 
 __all__ = [
     "MetadataError", "CubRecord", "read_cub", "cub_to_wsol_metadata", "WSOLMetadata",
@@ -310,8 +309,9 @@ def cub_to_wsol_metadata(cub_root, out_root, check_images: bool = True) -> dict[
 
 
 # ----------------------------------------------------------------------------- dataset
-class WSOLDataset(torch.utils.data.Dataset):
-    """Images listed in a wsolevaluation metadata folder.
+class WSOLDataset:
+    """Images listed in a wsolevaluation metadata folder (a map-style dataset, not a subclass of torch's
+    `Dataset`, so that the metadata readers here import without torch).
 
     Item: ``(image, label, index)`` where image is ``transform(PIL RGB)`` (or the PIL image),
     label the 0-based class. ``.boxes(index)`` gives float [K, 4] boxes in the stored image's

@@ -1,4 +1,6 @@
-"""Evaluate a CAM model on a wsolevaluation split, and score saved score maps.
+"""Evaluate a CAM model on a wsolevaluation split; the centred-box baseline.
+
+Saved score maps are scored by `wsol/scoremaps.py` (torch-free; its functions are re-exported here).
 
 All box metrics are computed at the score map's size (224 x 224 by default) with GT boxes
 rescaled by integer truncation, as wsolevaluation does.
@@ -12,66 +14,12 @@ import torch
 
 from core.data import InputError
 from core.runtime import atomic_path
-from wsol.data import MetadataError, WSOLMetadata, read_wsol_metadata
-from wsol.metrics import (
-    LocAccuracy,
-    MaxBoxAccEvaluator,
-    ScoreMapError,
-    boxes_at_threshold,
-    centred_box,
-    check_scoremap,
-    rescale_box,
-)
+from wsol.data import WSOLMetadata, read_wsol_metadata
+from wsol.metrics import LocAccuracy, MaxBoxAccEvaluator, boxes_at_threshold, centred_box
 from wsol.model import normalise_cams
+from wsol.scoremaps import gt_boxes_resized, load_scoremap, score_scoremap_dir  # noqa: F401 (public here too)
 
 __all__ = ["gt_boxes_resized", "load_scoremap", "score_scoremap_dir", "evaluate_model", "centred_box_baseline"]
-
-
-def gt_boxes_resized(meta: WSOLMetadata, image_id: str, size=(224, 224)) -> np.ndarray:
-    """GT boxes of one image in the score map's frame: int [K, 4], ``int(x * new / old)``."""
-    if image_id not in meta.boxes:
-        raise MetadataError(f"no GT box for image id {image_id!r}")
-    return np.asarray([rescale_box(b, meta.sizes[image_id], size) for b in meta.boxes[image_id]], np.int64)
-
-
-def load_scoremap(path, image_id=None) -> np.ndarray:
-    """A `.npy` score map read without unpickling (`allow_pickle=False`) and validated by `check_scoremap`;
-    `ScoreMapError` naming the file when it is missing, truncated, not a `.npy` file, an object array, or
-    not a valid map."""
-    path = Path(path)
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise ScoreMapError(f"{path}: score map not found") from None
-    except (ValueError, OSError, EOFError) as e:  # truncated, random bytes, pickled objects
-        raise ScoreMapError(f"{path}: not a readable .npy score map ({type(e).__name__}: {e})") from None
-    if not isinstance(arr, np.ndarray):  # np.load of an .npz gives an archive
-        raise ScoreMapError(f"{path}: expected one .npy array, found {type(arr).__name__}")
-    try:
-        return check_scoremap(arr, image_id)
-    except ScoreMapError as e:
-        raise ScoreMapError(f"{path}: {e}") from None
-
-
-def score_scoremap_dir(metadata_dir, scoremap_dir, cam_curve_interval: float = 0.001,
-                       iou_thresholds=(30, 50, 70), multi_contour: bool = True, method: str = "fast",
-                       progress=None) -> dict:
-    """Score ``<scoremap_dir>/<image_id>.npy`` maps (float, [0, 1]) against a metadata split.
-
-    Returns {"maxboxacc": {delta: %}, "maxboxacc_v2": %, "best_threshold": {delta: tau}, ...}.
-    """
-    meta = read_wsol_metadata(metadata_dir, require_boxes=True)
-    ev = MaxBoxAccEvaluator(cam_curve_interval, iou_thresholds, multi_contour, method)
-    root = Path(scoremap_dir)
-    ids = meta.image_ids if progress is None else progress(meta.image_ids, desc="score maps")
-    for iid in ids:
-        path = root / f"{iid}.npy"
-        if not path.is_file():
-            raise ScoreMapError(f"{path}: score map for image {iid!r} missing")
-        smap = load_scoremap(path, iid)
-        h, w = smap.shape
-        ev.accumulate(smap, gt_boxes_resized(meta, iid, (w, h)), iid)
-    return ev.compute()
 
 
 def centred_box_baseline(metadata_dir, size=(224, 224), fraction: float = 0.5,

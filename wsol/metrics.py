@@ -44,7 +44,7 @@ import numpy as np
 
 from core.data import InputError
 
-try:  # optional accelerator; results are identical without it
+try:  # a dependency (pyproject.toml); the OpenCV fallback, identical numbers, covers platforms without its wheels
     import numba
 except ImportError:  # pragma: no cover - exercised when numba is absent
     numba = None
@@ -53,7 +53,7 @@ __all__ = [
     "ScoreMapError", "iou_matrix", "rescale_box", "check_scoremap", "quantise",
     "boxes_at_threshold", "reference_boxes", "reference_best_ious", "fast_best_ious",
     "threshold_grid", "MaxBoxAccEvaluator", "loc_at_threshold", "LocAccuracy",
-    "centred_box", "HAVE_NUMBA", "COMPARE_OPS",
+    "centred_box", "HAVE_NUMBA", "COMPARE_OPS", "sweep_name",
 ]
 
 HAVE_NUMBA = numba is not None
@@ -615,6 +615,16 @@ def fast_best_ious(scoremap, gt_boxes, thresholds, multi_contour: bool = True,
     return _distinct_mask_best_ious(u8, gt, cuts, multi_contour)
 
 
+def sweep_name(method: str = "fast", multi_contour: bool = True) -> str:
+    """Which implementation a `MaxBoxAccEvaluator(method=..., multi_contour=...)` runs on maps below
+    32768 pixels a side: "numba" (the compiled one-pass sweep), "opencv" (OpenCV once per distinct mask:
+    numba is not installed, or largest-contour mode, which needs contour areas) or "reference" (OpenCV
+    once per threshold). All three give identical numbers."""
+    if method == "reference":
+        return "reference"
+    return "numba" if multi_contour and HAVE_NUMBA else "opencv"
+
+
 # ----------------------------------------------------------------------------- evaluators
 class MaxBoxAccEvaluator:
     """Accumulates BoxAcc over a split; MaxBoxAcc picks the threshold over the whole split.
@@ -648,9 +658,17 @@ class MaxBoxAccEvaluator:
             return fast_best_ious(scoremap, gt_boxes, self.thresholds, self.multi_contour, image_id=image_id)
         return reference_best_ious(check_scoremap(scoremap, image_id), gt_boxes, self.thresholds, self.multi_contour)
 
+    @property
+    def sweep(self) -> str:
+        """The implementation that scores the maps (`sweep_name`)."""
+        return sweep_name(self.method, self.multi_contour)
+
     def accumulate(self, scoremap, gt_boxes, image_id=None) -> np.ndarray:
         """Add one image. gt_boxes: [G, 4] int, already in the score map's frame (224 x 224)."""
-        ious = self.best_ious(scoremap, gt_boxes, image_id)
+        return self.add(self.best_ious(scoremap, gt_boxes, image_id))
+
+    def add(self, ious) -> np.ndarray:
+        """Add one image given its `best_ious` ([T] float64), e.g. computed in another thread."""
         for d in self.iou_thresholds:
             self.num_correct[d] += ious >= (d / 100)
         self.count += 1

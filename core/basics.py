@@ -1,0 +1,64 @@
+"""The torch-free part of the run infrastructure: atomic file writes, JSON files and rank-0 progress bars.
+
+`core/runtime.py` re-exports all of it. Modules that must import without torch (the stand-alone evaluators
+behind `tools/eval_wsol.py`, `tools/eval_voc.py`, `tools/eval_coco.py`: importing torch costs seconds, more
+than scoring thousands of score maps) import it from here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from tqdm import tqdm
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield `path.<pid>.tmp` (same directory, one per process: never shared under torchrun) to write; on success
+    it is renamed over `path`, on any failure (disk full, unwritable folder, an exception while writing) it is
+    removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            # a failed write() names no file: say which one (disk full, file too large, ...)
+            raise type(e)(e.errno, e.strerror, str(path)) from e
+        raise
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write a text file atomically (metrics.json, reports); a failed write leaves no `.tmp` behind."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
+
+
+def rank() -> int:
+    """This process's rank in the initialised torch.distributed group, else 0. Never imports torch: a process
+    group can only exist once something else has imported torch.distributed."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def progress(iterable: Iterable | None = None, **kwargs) -> tqdm:
+    """tqdm on rank 0 only; MT_NO_PROGRESS=1 silences it (CI logs, tests)."""
+    disable = rank() != 0 or os.environ.get("MT_NO_PROGRESS") == "1"
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("leave", False)
+    return tqdm(iterable, disable=disable, **kwargs)
