@@ -131,7 +131,12 @@ def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 
 
 
 class NonFiniteError(rt.NonFiniteLossError):
-    """A loss, gradient or parameter became NaN/inf; the last good checkpoint is kept."""
+    """A loss, gradient or parameter became NaN/inf; the last good checkpoint is kept. `step`: the optimizer step
+    whose value was non-finite (found at a later read), when known."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 class Engine:
@@ -309,11 +314,11 @@ class Engine:
     def _check_record(self, step: int, rec: dict) -> None:
         if not math.isfinite(rec["loss"]):
             raise NonFiniteError(f"non-finite loss ({rec['loss']}) at step {step}; stopping. "
-                                 "The last good checkpoint is kept.")
+                                 "The last good checkpoint is kept.", step)
         for key in ("grad_norm2", "_clip_norm"):
             if key in rec and not math.isfinite(rec[key]) and self.precision != "fp16":
                 raise NonFiniteError(f"non-finite gradient norm at step {step}; stopping. "
-                                     "The last good checkpoint is kept.")
+                                     "The last good checkpoint is kept.", step)
 
     def _account(self, host: dict, rec: dict) -> None:
         for k, v in rec.items():

@@ -83,7 +83,8 @@ def _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, d
             skipped.append(f"{label} (gco-wrapper not installed)")
             continue
         m = build_method(name, model, num_classes, **knobs)
-        m.generator = torch.Generator(device=dev).manual_seed(seed)
+        m.generator = torch.Generator(device=dev)
+        m.seed(seed)
         built.append((label, m))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     g = torch.Generator().manual_seed(seed)

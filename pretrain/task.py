@@ -368,7 +368,7 @@ def run(cfg: dict, inputs: dict | None, run_dir: str | os.PathLike, resume: bool
         stopped = engine.fit(resume=resume, header=task.header(engine), force=force,
                              fingerprint=fingerprint.make(task.cfg, {}))
     except rt.NonFiniteLossError as e:
-        engine.logger.log({"event": "error", "step": engine.step + 1, "message": str(e)})
+        engine.logger.log({"event": "error", "step": getattr(e, "step", None) or engine.step + 1, "message": str(e)})
         raise
     if stopped:
         return stopped
