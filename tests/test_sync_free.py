@@ -134,13 +134,13 @@ CASES = [
     ("multi_mix", {"base": "input", "k": 3}), ("multi_mix", {"base": "manifold", "k": 3}),
     ("multi_mix", {"base": "cutmix", "k": 3}), ("multi_mix", {"base": "manifold", "k": 2, "large_batch": True}),
     ("alignmix", {"resolution": 1}), ("alignmix_official", {}),
-    ("alignmix_ae", {"resolution": 1, "decoder_size": 32}),
+    ("alignmix_ae", {"resolution": 1, "decoder_size": 16}),
 ]
 PUZZLE = {("mixing.py", "read_to_host", "numpy")}  # the graph cut's one host copy per step
 
 
 class TinyPretrain(Task):
-    """20 fixed batches of 4 random 32 px images; the method seeded before every micro-batch as pretrain.task does."""
+    """20 fixed batches of 4 random 16 px images; the method seeded before every micro-batch as pretrain.task does."""
 
     steps_per_epoch = STEPS
 
@@ -149,7 +149,7 @@ class TinyPretrain(Task):
         self.model = build_method(name, ResNetStages("resnet18", C), C, **knobs)
         self.model.generator = torch.Generator()
         g = torch.Generator().manual_seed(1)
-        self.data = [(torch.rand(4, 3, 32, 32, generator=g), torch.randint(C, (4,), generator=g))
+        self.data = [(torch.rand(4, 3, 16, 16, generator=g), torch.randint(C, (4,), generator=g))
                      for _ in range(STEPS)]
 
     def batches(self, epoch, start_step):
