@@ -1,7 +1,7 @@
 """The training step never waits for the device: over 20 steps of every pretraining method and of the detection
 loop, the calls that read a tensor's value back to the host (`item`, `__float__`, `__bool__`, `__int__`,
-`tolist`, `cpu`, `numpy`, `torch.cuda.synchronize`) are counted while the engine runs, and only the engine's
-one read per logging interval is allowed (log_every = 10: the reads after steps 10 and 20). Epoch-end work
+`__index__`, `tolist`, `cpu`, `numpy`, `torch.cuda.synchronize`) are counted while the engine runs, and only the
+engine's one read per logging interval is allowed (log_every = 10: the reads after steps 10 and 20). Epoch-end work
 (the parameter check before the checkpoint, evaluation) is counted apart; the data pipeline, which works on host
 tensors before the copy to the device, is not counted.
 
@@ -26,7 +26,7 @@ from pretrain.methods import METHODS, ResNetStages, build_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
-READS = ("item", "__float__", "__bool__", "__int__", "tolist", "cpu", "numpy")
+READS = ("item", "__float__", "__bool__", "__int__", "__index__", "tolist", "cpu", "numpy")
 TORCH_DIR = str(Path(torch.__file__).parent) + "/"  # torch itself (not torchvision)
 STEPS, LOG_EVERY = 20, 10
 
@@ -175,15 +175,15 @@ def test_a_pretraining_step_reads_nothing_back(tmp_path, monkeypatch, name, knob
     engine = Engine(task, tmp_path / "run", settings, opt, lambda step: 1.0)
     counter = run_counted(engine, monkeypatch)
     reads, exempted, other, epoch_end = split(counter.calls, PUZZLE)
-    assert other == []  # nothing but the engine's periodic read (and PuzzleMix's graph cut) inside the loop
-    assert reads == [10, 20]  # one read per logging interval
+    assert other == [], other  # nothing but the engine's periodic read (and PuzzleMix's graph cut) in the loop
+    assert reads == [10, 20], reads  # one read per logging interval
     if name == "puzzlemix" or (name == "multi_mix" and knobs.get("base", "puzzlemix") == "puzzlemix"):
         assert sorted(step for *_, step in exempted) == list(range(1, STEPS + 1))  # one copy per step
         assert set(exempted.values()) == {1}
     else:
-        assert not exempted
+        assert not exempted, exempted
     # epoch end: the parameter check before the epoch record and before the checkpoint, one read each
-    assert epoch_end == [("tolist", "engine.py", "check_parameters")] * 2
+    assert epoch_end == [("tolist", "engine.py", "check_parameters")] * 2, epoch_end
 
 
 # ---------------------------------------------------------------------------------------------- detection
@@ -216,9 +216,9 @@ def test_a_detection_step_reads_nothing_back(toy_world, tmp_path, monkeypatch):
     counter = run_counted(engine, monkeypatch)
     reads, exempted, other, epoch_end = split(counter.calls, TORCHVISION)
     assert other == [], other
-    assert reads == [10, 20]
+    assert reads == [10, 20], reads
     per_step = Counter()
     for (file, func, name, step), n in exempted.items():
         per_step[(file, func, name)] = max(per_step[(file, func, name)], n)
     assert all(n <= 2 for n in per_step.values()), per_step  # two images per step: at most one each per image
-    assert epoch_end == [("tolist", "engine.py", "check_parameters")] * 2
+    assert epoch_end == [("tolist", "engine.py", "check_parameters")] * 2, epoch_end
