@@ -280,7 +280,7 @@ class Engine:
         grads = [p.grad for p in self._params if p.grad is not None]
         if s.grad_norm:
             norms = torch._foreach_norm(grads) if grads else []
-            record["grad_norm2"] = torch.stack(norms).float().square().sum() if grads else 0.0
+            record["grad_norm2"] = torch.stack([n.float() for n in norms]).square().sum() if grads else 0.0
         if s.clip_grad_norm:  # the total norm before clipping: checked, not logged
             record["_clip_norm"] = torch.nn.utils.clip_grad_norm_(self._params, s.clip_grad_norm).float()
 
