@@ -14,8 +14,14 @@ finite checks, resume, JSON-lines logging, atomic checkpoints and DDP. A task pl
 
 A checkpoint (`run_dir/checkpoints/last.pth`, written atomically, loadable with ``weights_only=True``) holds the
 model, optimizer, scheduler and scaler states, the step, every global RNG state and the task's state, so a killed
-run continues bit for bit. Nothing non-finite is ever saved: the loss is checked every step and the parameters
-after the last update of every epoch, before the checkpoint is written.
+run continues bit for bit.
+
+The step never waits for the device: losses, gradient norms and a method's statistics stay on the device as
+0-d tensors and are read in one transfer every `log_every` steps (and before every checkpoint and at each epoch
+end), where they are checked, logged and summed. A non-finite loss or gradient norm is therefore found at that
+read, up to `log_every` steps after it happened, and stops the run with `NonFiniteError` naming its step.
+Nothing non-finite is ever saved: a checkpoint is written only right after a read that found every pending
+value finite and a check of every parameter and buffer.
 """
 
 from __future__ import annotations
@@ -44,8 +50,10 @@ class LoopSettings:
 
     total_steps: optimizer steps of the whole run (the task's steps_per_epoch x epochs, or an iteration budget).
     accumulate: micro-batches per optimizer step (the loss of each is divided by it).
-    clip_grad_norm: clip the global gradient norm to this (0: off). grad_norm: log the squared gradient norm.
-    log_every: steps between "step" log records. checkpoint_every: also checkpoint every N steps (0: epoch ends).
+    clip_grad_norm: clip the global gradient norm to this (0: off). grad_norm: log the squared gradient norm
+    (measured on the device, read with the other metrics). log_every: steps between "step" log records, which is
+    also how often the device's metrics are read and checked. checkpoint_every: also checkpoint every N steps
+    (0: epoch ends).
     stop_after_steps: return after this many steps of this invocation (simulates a kill; tests).
     """
 
@@ -123,7 +131,12 @@ def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 
 
 
 class NonFiniteError(rt.NonFiniteLossError):
-    """A loss, gradient or parameter became NaN/inf; the last good checkpoint is kept."""
+    """A loss, gradient or parameter became NaN/inf; the last good checkpoint is kept. `step`: the optimizer step
+    whose value was non-finite (found at a later read), when known."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 class Engine:
@@ -146,6 +159,10 @@ class Engine:
         self.config_text = config_text
         self.logger = logger or rt.JsonlLogger(self.run_dir / "log.jsonl")
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._pending: list[tuple[dict, dict]] = []  # (host facts, device metrics) of steps not read yet
+        self._epoch_sums: dict[str, float] = {}
+        self._epoch_steps = 0
+        self._bar = None
 
     # -- set-up -------------------------------------------------------------------------------------
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -172,6 +189,8 @@ class Engine:
                 "world_size": self.world, "config": self.config_text}
 
     def save_checkpoint(self) -> None:
+        """Read (and check) every pending metric, check the parameters, then write: never a non-finite state."""
+        self.read_metrics()
         self.check_parameters()
         if rt.is_main_process():
             rt.atomic_save(self.state_dict(), self.run_dir / CKPT)
@@ -194,9 +213,13 @@ class Engine:
         rt.set_rng_state(state["rng"])
 
     def check_parameters(self) -> None:
-        """Stop before anything non-finite is saved: every parameter and buffer must be finite."""
-        bad = [n for n, t in list(self.task.model.named_parameters()) + list(self.task.model.named_buffers())
-               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        """Stop before anything non-finite is saved: every parameter and buffer must be finite (one read)."""
+        named = [(n, t) for n, t in list(self.task.model.named_parameters()) + list(self.task.model.named_buffers())
+                 if t.is_floating_point()]
+        if not named:
+            return
+        finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).tolist()
+        bad = [n for (n, _), ok in zip(named, finite) if not ok]
         if bad:
             raise NonFiniteError(f"non-finite values in {bad[:5]}{' ...' if len(bad) > 5 else ''} after step "
                                  f"{self.step}; stopping. The last good checkpoint is kept.")
@@ -209,37 +232,36 @@ class Engine:
         losses = self.task.losses(out)
         return out, losses, sum(losses.values())
 
-    def _check_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        value = loss.detach().float().reshape(1)
-        if self.world > 1:  # every rank must stop together
-            value = value.clone()
-            dist.all_reduce(value)
-            value /= self.world
-        rt.check_finite(value, self.step + 1)
-        return value
+    def _add(self, record: dict, key: str, value, acc: int) -> None:
+        """record[key] += value / acc, on the device for tensors (never read here), on the host for numbers."""
+        if isinstance(value, torch.Tensor):
+            value = value.detach().to(self.device, torch.float32)
+        else:
+            value = float(value)
+        record[key] = record.get(key, 0.0) + (value / acc if acc > 1 else value)
 
     def train_step(self, micro_batches: list) -> dict:
-        """One optimizer step over `micro_batches`; returns the step's record (floats)."""
+        """One optimizer step over `micro_batches` without reading anything from the device; returns the step's
+        record: 0-d device tensors (read later by `read_metrics`) and host numbers."""
         s, acc = self.settings, len(micro_batches)
-        record: dict[str, float] = {}
+        record: dict = {}
         self.optimizer.zero_grad(set_to_none=True)
         for k, batch in enumerate(micro_batches):
             sync = k == acc - 1 or self.world == 1
             ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
             with ctx:
                 out, losses, loss = self._forward(batch, self.step * s.accumulate + k)
-                value = self._check_loss(loss)
                 self.scaler.scale(loss / acc if acc > 1 else loss).backward()
+            self._add(record, "loss", loss, acc)  # the total; averaged over ranks when read
             for key, v in losses.items():
                 if key != "loss":
-                    record[key] = record.get(key, 0.0) + float(v.detach()) / acc
-            record["loss"] = record.get("loss", 0.0) + float(value) / acc  # the total (mean over ranks)
+                    self._add(record, key, v, acc)
             for key, v in out.items():  # a method's diagnostics, e.g. Sinkhorn marginal errors
                 if key.startswith("stat_"):
-                    record[key] = record.get(key, 0.0) + float(v) / acc
+                    self._add(record, key, v, acc)
             if "logits" in out:
                 labels = batch[1]
-                record["correct"] = record.get("correct", 0.0) + float((out["logits"].argmax(1) == labels).sum())
+                self._add(record, "correct", (out["logits"].argmax(1) == labels).sum(), 1)
                 record["count"] = record.get("count", 0.0) + float(len(labels))
         self._unscale_clip_and_measure(record)
         self.scaler.step(self.optimizer)
@@ -249,21 +271,64 @@ class Engine:
         return record
 
     def _unscale_clip_and_measure(self, record: dict) -> None:
+        """Gradient norms stay on the device; `read_metrics` checks them (fp16 excepted: the scaler skips
+        steps with non-finite gradients)."""
         s = self.settings
         if not (s.grad_norm or s.clip_grad_norm):
             return
         self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self._params if p.grad is not None]
         if s.grad_norm:
-            record["grad_norm2"] = float(sum(n.float() ** 2 for n in torch._foreach_norm(grads))) if grads else 0.0
-            if not math.isfinite(record["grad_norm2"]) and self.precision != "fp16":  # fp16: the scaler skips
-                raise NonFiniteError(f"non-finite gradient norm at step {self.step + 1}; stopping. "
-                                     "The last good checkpoint is kept.")
-        if s.clip_grad_norm:
-            total = torch.nn.utils.clip_grad_norm_(self._params, s.clip_grad_norm)
-            if self.precision != "fp16" and not bool(torch.isfinite(total)):  # fp16: the scaler skips the step
-                raise NonFiniteError(f"non-finite gradient norm at step {self.step + 1}; stopping. "
-                                     "The last good checkpoint is kept.")
+            norms = torch._foreach_norm(grads) if grads else []
+            record["grad_norm2"] = torch.stack([n.float() for n in norms]).square().sum() if grads else 0.0
+        if s.clip_grad_norm:  # the total norm before clipping: checked, not logged
+            record["_clip_norm"] = torch.nn.utils.clip_grad_norm_(self._params, s.clip_grad_norm).float()
+
+    # -- reading the device's metrics ---------------------------------------------------------------
+    def read_metrics(self) -> list[dict]:
+        """Read every pending step's metrics in one device-to-host transfer (the loss averaged over ranks),
+        check them, log the due "step" records and add them to the epoch's sums. Returns the steps' records.
+        Raises NonFiniteError at the first step whose loss (or, outside fp16, gradient norm) is not finite."""
+        if not self._pending:
+            return []
+        pending, self._pending = self._pending, []
+        losses = torch.stack([m["loss"] for _, m in pending])
+        if self.world > 1:  # every rank reads the same mean and stops together
+            losses = losses.clone()
+            dist.all_reduce(losses)
+            losses /= self.world
+        keys = [[k for k, v in m.items() if k != "loss" and isinstance(v, torch.Tensor)] for _, m in pending]
+        flat = torch.cat([losses] + [torch.stack([m[k] for k in ks]) for (_, m), ks in zip(pending, keys) if ks])
+        values = iter(flat.tolist())  # the one read
+        records = [{"loss": next(values)} for _ in pending]
+        for (_, m), ks, rec in zip(pending, keys, records):
+            rec.update({k: v for k, v in m.items() if not isinstance(v, torch.Tensor)})
+            rec.update({k: next(values) for k in ks})
+        for (host, _), rec in zip(pending, records):
+            self._check_record(host["step"], rec)
+            self._account(host, rec)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{records[-1]['loss']:.3f}")
+        return records
+
+    def _check_record(self, step: int, rec: dict) -> None:
+        if not math.isfinite(rec["loss"]):
+            raise NonFiniteError(f"non-finite loss ({rec['loss']}) at step {step}; stopping. "
+                                 "The last good checkpoint is kept.", step)
+        for key in ("grad_norm2", "_clip_norm"):
+            if key in rec and not math.isfinite(rec[key]) and self.precision != "fp16":
+                raise NonFiniteError(f"non-finite gradient norm at step {step}; stopping. "
+                                     "The last good checkpoint is kept.", step)
+
+    def _account(self, host: dict, rec: dict) -> None:
+        for k, v in rec.items():
+            if not k.startswith("_"):
+                self._epoch_sums[k] = self._epoch_sums.get(k, 0.0) + v
+        self._epoch_steps += 1
+        step = host["step"]
+        if step % self.settings.log_every == 0 or step == 1:
+            self.logger.log({"event": "step", "step": step, "epoch": host["epoch"], "lr": host["lr"],
+                             **{k: v for k, v in rec.items() if k not in ("correct", "count") and k[0] != "_"}})
 
     # -- the loop -----------------------------------------------------------------------------------
     def _grouped(self, batches: Iterable) -> Iterable[list]:
@@ -315,30 +380,37 @@ class Engine:
         s, spe = self.settings, self.task.steps_per_epoch
         epoch, start = divmod(self.step, spe)
         end = min((epoch + 1) * spe, s.total_steps)
-        t0, sums, n_steps, images = time.time(), {}, 0, 0
+        t0, images = time.time(), 0
+        self._epoch_sums, self._epoch_steps = {}, 0
         self.task.train_mode()
-        bar = rt.progress(total=end - epoch * spe, initial=start, desc=f"{s.progress_desc} {epoch + 1}")
+        self._bar = bar = rt.progress(total=end - epoch * spe, initial=start, desc=f"{s.progress_desc} {epoch + 1}")
         for micro in self._grouped(self.task.batches(epoch, start)):
             if self.step >= end:
                 break
             record = self.train_step(micro)
+            self._pending.append(({"step": self.step, "epoch": epoch + 1, "lr": self.lrs()[0]}, record))
             images += sum(self.task.batch_size(b) for b in micro) * self.world
-            for k, v in record.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n_steps, done_here = n_steps + 1, done_here + 1
+            done_here += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if self.step % s.log_every == 0 or self.step == 1:
-                self.logger.log({"event": "step", "step": self.step, "epoch": epoch + 1, "lr": self.lrs()[0],
-                                 **{k: v for k, v in record.items() if k not in ("correct", "count")}})
+            if self.step % s.log_every == 0:
+                self.read_metrics()
             end_of_epoch = self.step == end
             if s.checkpoint_every and self.step % s.checkpoint_every == 0 and not end_of_epoch:
                 self.save_checkpoint()
             if s.stop_after_steps is not None and done_here >= s.stop_after_steps and not end_of_epoch:
+                self.read_metrics()
                 bar.close()
                 return True, done_here
         bar.close()
-        seconds = time.time() - t0
+        self._end_epoch(epoch, time.time() - t0, images)
+        stop = s.stop_after_steps is not None and done_here >= s.stop_after_steps and self.step < s.total_steps
+        return stop, done_here
+
+    def _end_epoch(self, epoch: int, seconds: float, images: int) -> None:
+        """Read the last steps, write the epoch record (the task's evaluation included) and the checkpoint."""
+        self.read_metrics()
+        self._bar = None
+        sums, n_steps = self._epoch_sums, self._epoch_steps
         rec: dict[str, Any] = {"event": "epoch", "epoch": epoch + 1, "step": self.step, "lr": self.lrs()[0],
                                "epoch_time_s": seconds, "images": images}
         if n_steps:
@@ -352,5 +424,3 @@ class Engine:
         rec.update(self.task.end_of_epoch(self, epoch + 1, rec))
         self.logger.log(rec)
         self.save_checkpoint()
-        stop = s.stop_after_steps is not None and done_here >= s.stop_after_steps and self.step < s.total_steps
-        return stop, done_here

@@ -79,7 +79,8 @@ def _build_methods(model, methods, num_classes, n, size, dev, seed):
             skipped.append(f"{label} (gco-wrapper not installed)")
             continue
         m = build_method(name, model, num_classes, **knobs)
-        m.generator = torch.Generator(device=dev).manual_seed(seed)
+        m.generator = torch.Generator(device=dev)
+        m.seed(seed)
         built.append((label, m))
     return built, skipped
 

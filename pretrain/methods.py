@@ -9,14 +9,18 @@ knobs with the valid ones listed.
 Layer indices (where feature-space methods mix): 0 = input pixels, 1..4 = after layer1..layer4
 (feature maps), 5 = embedding (after global average pooling, before fc).
 
-Draws come from `self.generator` (a torch.Generator on the model's device that the trainer seeds
-every step), so a run is repeatable and resumable.
+Draws come from two streams that the trainer seeds before every micro-batch (`Method.seed`), so a run is
+repeatable and resumable: draws that steer Python control flow or that the host needs (lam, which layer or
+mode, a box, a PuzzleMix grid, the branch of a probability) come from `self.host_rng`, a numpy Generator, so
+that nothing is read back from the device; tensors used only on the device (permutations, Dirichlet weights)
+come from `self.generator`, a torch.Generator on the model's device.
 """
 
 from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -106,29 +110,45 @@ class Method(nn.Module):
         self.model = model
         self.num_classes = num_classes
         self.dense_loss = dense_loss
-        self.generator: torch.Generator | None = None
+        self.generator: torch.Generator | None = None  # device draws
+        self.host_rng = np.random.default_rng(0)  # host draws (see the module docstring)
 
     # -- randomness -------------------------------------------------------------------------------
+    def seed(self, seed: int) -> None:
+        """Seed both streams: the device generator (when set) and the host generator."""
+        if self.generator is not None:
+            self.generator.manual_seed(seed)
+        self.host_rng = np.random.default_rng(seed)
+
     def _device(self) -> torch.device:
         return self.model.fc.weight.device
 
     def _rand(self) -> float:
-        return float(torch.rand((), generator=self.generator, device=self._device()))
+        return float(self.host_rng.random())
 
     def _perm(self, b: int) -> torch.Tensor:
         return torch.randperm(b, generator=self.generator, device=self._device())
 
     def _beta(self, alpha: float) -> float:
-        return float(mx.sample_beta(alpha, alpha, (), self.generator, self._device()))
+        if not alpha > 0:
+            raise ValueError(f"Beta parameter alpha must be > 0, got {alpha}")
+        return float(self.host_rng.beta(alpha, alpha))
 
-    def _cpu_generator(self) -> torch.Generator:
-        # box centres are scalars drawn on the CPU; seed a CPU generator from the method's stream
-        seed = int(torch.randint(2**62, (), generator=self.generator, device=self._device()))
-        return torch.Generator().manual_seed(seed)
+    def _sorted_betas(self, k: int, alpha: float) -> list[float]:
+        """K draws from Beta(alpha, alpha), ascending (multi-mix)."""
+        if not alpha > 0:
+            raise ValueError(f"Beta parameter alpha must be > 0, got {alpha}")
+        return np.sort(self.host_rng.beta(alpha, alpha, k)).tolist()
+
+    def _centre(self, h: int, w: int) -> tuple[int, int]:
+        """A uniform box centre (row, column), as CutMix's rand_bbox draws it."""
+        return int(self.host_rng.integers(h)), int(self.host_rng.integers(w))
 
     def _choice(self, options):
-        i = int(torch.randint(len(options), (), generator=self.generator, device=self._device()))
-        return options[i]
+        return options[int(self.host_rng.integers(len(options)))]
+
+    def _on_device(self, values) -> torch.Tensor:
+        return mx.host_to_device(values, self._device())
 
     # -- heads ------------------------------------------------------------------------------------
     def logits_of(self, fmap: torch.Tensor) -> torch.Tensor:
@@ -203,8 +223,7 @@ class ManifoldMixup(Method):
         y = self.targets(labels)
         layer = self._choice(self.layers)
         lam, perm = self._beta(self.alpha), self._perm(images.shape[0])
-        lams = torch.tensor([lam], device=images.device)
-        logits = _mix_at(self, images, perm, lams, layer)
+        logits = _mix_at(self, images, perm, self._on_device([lam]), layer)
         return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
 
 
@@ -222,7 +241,7 @@ class CutMix(Method):
         if self._rand() >= self.prob:
             return {"loss": self.loss_of(self.logits_of(self.model.features(images)), y)}
         perm = self._perm(b)
-        box, lam = mx.cutmix_box(h, w, self._beta(self.alpha), self._cpu_generator())
+        box, lam = mx.cutmix_box(h, w, self._beta(self.alpha), centre=self._centre(h, w))
         x = mx.mask_mix(images, images[perm], mx.box_mask(h, w, box, images.device, images.dtype))
         logits = self.logits_of(self.model.features(x))
         return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
@@ -284,25 +303,21 @@ class PuzzleMix(Method):
         return self._choice(ok)
 
     def puzzle(self, images, labels, perm, lams, grid):
-        """K PuzzleMix images per pair for weights lams [K]: -> (x [K*b, 3, h, w], lam_kept [K*b])."""
+        """K PuzzleMix images per pair for weights lams (K host floats): -> (x [K*b, 3, h, w], lam_kept [K*b]).
+        The graph cuts of all K run on the host after one device-to-host transfer (`mixing.puzzle_masks`)."""
         sal_map = _puzzle_saliency(self, images, labels)
         fill = self.model.mean.to(images.dtype)  # an empty transport place: 0 in the normalised input
-        xs, kept = [], []
         with torch.no_grad():
-            for lam in lams.tolist():
-                x, ratio, _ = mx.puzzle_mix(images, sal_map, perm, grid, lam, self.beta, self.gamma, self.eta,
-                                            self.neigh_size, self.n_labels, self.transport, self.t_eps,
+            x, kept, _ = mx.puzzle_mix_many(images, sal_map, perm, grid, list(lams), self.beta, self.gamma,
+                                            self.eta, self.neigh_size, self.n_labels, self.transport, self.t_eps,
                                             self.solver, fill=fill, threads=self.threads)
-                xs.append(x)
-                kept.append(ratio)
-        return torch.cat(xs).detach(), torch.cat(kept)
+        return x.detach(), kept
 
     def forward(self, images, labels):
         y = self.targets(labels)
         b, _, h, w = images.shape
         perm, grid = self._perm(b), self._grid(h, w)
-        lams = torch.tensor([self._beta(self.alpha)], device=images.device)
-        x, kept = self.puzzle(images, labels, perm, lams, grid)
+        x, kept = self.puzzle(images, labels, perm, [self._beta(self.alpha)], grid)
         logits = self.logits_of(self.model.features(x))
         return {"loss": self.loss_of(logits, mx.mixup(y, perm, kept))}
 
@@ -467,26 +482,27 @@ class MultiMixK(Method):
         y = self.targets(labels)
         b, _, h, w = images.shape
         perm = self._perm(b)
-        lams = mx.sorted_betas(self.k, self.alpha, self.generator, self._device())
+        lams = self._sorted_betas(self.k, self.alpha)  # host floats
         if self.large_batch:
             # baseline: K random pairings per example, all with one unsorted lam (same cost as multi-mix)
             layer = 0 if self.base == "input" else self._choice(self.layers)
             lam = self._beta(self.alpha)
             perms = [perm] + [self._perm(b) for _ in range(self.k - 1)]
-            one = torch.tensor([lam], device=images.device)
+            one = self._on_device([lam])
             logits = torch.cat([_mix_at(self, images, p, one, layer) for p in perms])
             return {"loss": self.loss_of(logits, torch.cat([mx.mixup(y, p, lam) for p in perms]))}
         if self.base in ("input", "manifold"):
             layer = 0 if self.base == "input" else self._choice(self.layers)
+            lams = self._on_device(lams)
             logits = _mix_at(self, images, perm, lams, layer)
             return {"loss": self.loss_of(logits, mx.multi_mixup(y, perm, lams))}
         if self.base == "cutmix":
-            boxes, kept = mx.nested_boxes(h, w, lams.cpu(), self._cpu_generator())
+            boxes, kept = mx.nested_box_list(h, w, lams, self._centre(h, w))
             masks = [mx.box_mask(h, w, bx, images.device, images.dtype) for bx in boxes]
             x = torch.cat([mx.mask_mix(images, images[perm], mask) for mask in masks])
-            kept = kept.to(images.device).repeat_interleave(b)
+            kept = self._on_device(np.repeat(kept, b))
         else:
-            self.puzzler.generator = self.generator
+            self.puzzler.generator, self.puzzler.host_rng = self.generator, self.host_rng
             x, kept = self.puzzler.puzzle(images, labels, perm, lams, self.puzzler._grid(h, w))
         logits = self.logits_of(self.model.features(x))
         kept = kept.view(-1, 1)  # [K*b, 1], block k holds pair weights lam_kept_k
@@ -583,7 +599,7 @@ class AlignMix(Method):
         mixed, info = mx.aligned_mix(a.flatten(2), perm, lam, 0 if mode == "feat" else 1, self.eps, self.n_iters,
                                      self.tol)
         logits = self.classify(mixed.view_as(a))
-        return {"loss": self.loss_of(logits, y_mix), "stat_sinkhorn_iters": float(info["iters"]),
+        return {"loss": self.loss_of(logits, y_mix), "stat_sinkhorn_iters": info["iters"],
                 "stat_sinkhorn_row_err": info["row_err"], "stat_sinkhorn_col_err": info["col_err"]}
 
 
@@ -661,7 +677,7 @@ class AlignMixAE(AlignMix):
         if x_hat.shape[-2:] != images.shape[-2:]:
             x_hat = F.interpolate(x_hat, size=images.shape[-2:], mode="bilinear", align_corners=False)
         loss = F.mse_loss(x_hat.float(), images.float())
-        return {"loss": self.recon_weight * loss, "stat_recon_mse": float(loss.detach())}
+        return {"loss": self.recon_weight * loss, "stat_recon_mse": loss.detach()}
 
 
 METHODS = {

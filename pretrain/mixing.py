@@ -5,7 +5,11 @@ Conventions
 - Targets are soft label matrices y [b, c] whose rows sum to 1 (`one_hot`).
 - `lam` is the weight of the *first* input: mix(x, x', lam) = lam * x + (1 - lam) * x'.
 - Randomness is passed in: every sampler takes a `torch.Generator` (on the device where the draws
-  are wanted), nothing here touches a global RNG, so a test can pin every draw.
+  are wanted) or the draw itself (a box centre, a lam), nothing here touches a global RNG, so a test can
+  pin every draw.
+- Nothing here reads a value back from the device except PuzzleMix's graph cut, which runs on the host by
+  the authors' algorithm (one transfer per batch: `puzzle_masks`): no `.item()`, no loop on a device value,
+  no shape that depends on the data.
 - Images are [b, 3, h, w] in [0, 1]; masks are [b, 1, h, w] with 1 = keep the first image.
 """
 
@@ -26,35 +30,30 @@ import torch.nn.functional as F
 def sample_log_gamma(alpha: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """log of Gamma(alpha, 1) draws, elementwise; alpha > 0, any shape, drawn with `generator`.
 
-    Marsaglia & Tsang's rejection sampler (vectorised; rejected entries are redrawn), with the
-    boost Gamma(a) = Gamma(a + 1) * U^(1/a) for a < 1. Returned in the log domain so that small
-    alphas never underflow to 0 (Dirichlet weights are a softmax of these).
+    torch's Gamma sampler (Marsaglia & Tsang's rejection loop runs inside the kernel, per entry, so no
+    shape depends on the data and nothing is read back from the device) on a = alpha + 1 where alpha < 1,
+    with the boost Gamma(alpha) = Gamma(alpha + 1) * U^(1/alpha); returned in the log domain so that small
+    alphas never underflow to 0 (Dirichlet weights are a softmax of these). alpha is not checked here
+    (that would read the device): the samplers below check their float parameters.
     """
     alpha = alpha.to(torch.float32) if not alpha.is_floating_point() else alpha
-    if (alpha <= 0).any():
-        raise ValueError("Gamma shape parameters must be > 0")
     boost = alpha < 1
-    a = torch.where(boost, alpha + 1, alpha).flatten()
-    d = a - 1.0 / 3.0
-    c = 1.0 / torch.sqrt(9.0 * d)
-    out = torch.empty_like(a)
-    todo = torch.arange(a.numel(), device=a.device)
-    while todo.numel():
-        dd, cc = d[todo], c[todo]
-        x = torch.randn(dd.shape, generator=generator, device=a.device, dtype=a.dtype)
-        u = torch.rand(dd.shape, generator=generator, device=a.device, dtype=a.dtype)
-        v = (1 + cc * x) ** 3
-        ok = (v > 0) & (torch.log(u) < 0.5 * x * x + dd - dd * v + dd * torch.log(v.clamp_min(1e-30)))
-        out[todo[ok]] = torch.log(dd[ok]) + torch.log(v[ok])
-        todo = todo[~ok]
-    out = out.view_as(alpha)
+    a = torch.where(boost, alpha + 1, alpha)
+    out = torch.log(torch._standard_gamma(a, generator=generator))  # a >= 1: never 0
     u = torch.rand(alpha.shape, generator=generator, device=a.device, dtype=a.dtype).clamp_min(1e-30)
     return torch.where(boost, out + torch.log(u) / alpha, out)
+
+
+def _check_shape(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0 (a Gamma / Beta / Dirichlet shape parameter), got {value}")
 
 
 def sample_beta(alpha: float, beta: float, size, generator: torch.Generator | None = None,
                 device=None) -> torch.Tensor:
     """Beta(alpha, beta) draws of shape `size` (float32), via two Gamma draws."""
+    _check_shape("alpha", alpha)
+    _check_shape("beta", beta)
     size = (size,) if isinstance(size, int) else tuple(size)
     ga = sample_log_gamma(torch.full(size, float(alpha), device=device), generator)
     gb = sample_log_gamma(torch.full(size, float(beta), device=device), generator)
@@ -78,6 +77,9 @@ def dirichlet_weights(b: int, n: int, alpha_low: float = 0.5, alpha_high: float 
     """
     if not 1 <= (m or b) <= b:
         raise ValueError(f"m must be in [1, b={b}], got {m}")
+    _check_shape("alpha_low", alpha_low)
+    if alpha_high < alpha_low:
+        raise ValueError(f"alpha_high ({alpha_high}) must be >= alpha_low ({alpha_low})")
     lead = () if sets is None else (sets,)
     u = torch.rand(lead + (1, n), generator=generator, device=device)
     alpha = alpha_low + (alpha_high - alpha_low) * u
@@ -176,17 +178,35 @@ def nested_boxes(h: int, w: int, lams: torch.Tensor, generator: torch.Generator 
     clipped. Box k is the region of x replaced by x'. With sorted lams the boxes are nested.
 
     Returns (boxes LongTensor [K, 4] as (y0, y1, x0, x1), lam_kept [K] = 1 - area_k / (h w)).
-    `centre` = (cy, cx) gives the draw explicitly.
+    `centre` = (cy, cx) gives the draw explicitly. `nested_box_list` is the same on host numbers.
     """
     cy, cx = centre if centre is not None else _centre(h, w, generator)
+    boxes, kept = nested_box_list(h, w, lams.tolist(), (cy, cx))
+    return torch.tensor(boxes, dtype=torch.long), torch.tensor(kept)
+
+
+def nested_box_list(h: int, w: int, lams, centre) -> tuple[list[tuple[int, int, int, int]], list[float]]:
+    """`nested_boxes` for host numbers: lams a sequence of K floats, centre (cy, cx) ->
+    (K boxes (y0, y1, x0, x1), K kept fractions)."""
+    cy, cx = centre
     boxes, kept = [], []
-    for lam in lams.tolist():
+    for lam in lams:
         bh, bw = int(h * math.sqrt(lam)), int(w * math.sqrt(lam))
         y0, y1 = max(cy - bh // 2, 0), min(cy + bh // 2, h)
         x0, x1 = max(cx - bw // 2, 0), min(cx + bw // 2, w)
         boxes.append((y0, y1, x0, x1))
         kept.append(1.0 - (y1 - y0) * (x1 - x0) / (h * w))
-    return torch.tensor(boxes, dtype=torch.long), torch.tensor(kept)
+    return boxes, kept
+
+
+def host_to_device(values, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Host numbers (a sequence or numpy array) as a tensor on `device`, copied without waiting for the device
+    (a pinned buffer and a non-blocking copy on CUDA; a plain pageable copy would synchronise)."""
+    t = torch.as_tensor(np.asarray(values), dtype=dtype)
+    device = torch.device(device) if device is not None else t.device
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def box_mask(h: int, w: int, box, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -321,8 +341,12 @@ def sinkhorn(cost: torch.Tensor, eps: float = 0.1, n_iters: int = 100, tol: floa
 
     n_iters: the most iterations. tol: stop early, as the official AlignMix code does (its threshold
     is 0.1), once eps * mean over the batch of sum_i |change of the row potential| < tol (None: run
-    all n_iters). return_info: also return {"iters", "row_err", "col_err"} with the marginal errors
-    max |r P 1 - 1| and max |r P^T 1 - 1| over the batch, so a user can see whether the plan converged.
+    all n_iters). The stop is decided on the device: the potentials freeze at the iteration that meets
+    tol and the remaining iterations change nothing (the same plan as breaking there, without reading the
+    criterion back every iteration; it costs the full n_iters of arithmetic). return_info: also return
+    {"iters", "row_err", "col_err"} as 0-d tensors (read them when logging): the iterations that changed
+    the plan and the marginal errors max |r P 1 - 1| and max |r P^T 1 - 1| over the batch, so a user can
+    see whether the plan converged.
     """
     cost = cost.float()
     B, r, c = cost.shape
@@ -331,19 +355,23 @@ def sinkhorn(cost: torch.Tensor, eps: float = 0.1, n_iters: int = 100, tol: floa
     log_b = torch.full((B, c), -math.log(c), device=cost.device)
     u = torch.zeros_like(log_a)
     v = torch.zeros_like(log_b)
-    iters = 0
+    iters = torch.full((), n_iters if tol is None else 0, dtype=torch.long, device=cost.device)
+    done = torch.zeros((), dtype=torch.bool, device=cost.device)
     for _ in range(n_iters):
-        u_old = u
-        u = log_a - torch.logsumexp(logk + v.unsqueeze(1), dim=2)
-        v = log_b - torch.logsumexp(logk + u.unsqueeze(2), dim=1)
-        iters += 1
-        if tol is not None and float(eps * (u - u_old).abs().sum(-1).mean()) < tol:
-            break
+        u_new = log_a - torch.logsumexp(logk + v.unsqueeze(1), dim=2)
+        v_new = log_b - torch.logsumexp(logk + u_new.unsqueeze(2), dim=1)
+        if tol is None:
+            u, v = u_new, v_new
+            continue
+        iters = iters + (~done).long()
+        converged = eps * (u_new - u).abs().sum(-1).mean() < tol
+        u, v = torch.where(done, u, u_new), torch.where(done, v, v_new)
+        done = done | converged
     plan = torch.exp(u.unsqueeze(2) + logk + v.unsqueeze(1))
     if not return_info:
         return plan
-    info = {"iters": iters, "row_err": float((plan.sum(2) * r - 1).abs().max()),
-            "col_err": float((plan.sum(1) * c - 1).abs().max())}
+    info = {"iters": iters, "row_err": (plan.sum(2) * r - 1).abs().max(),
+            "col_err": (plan.sum(1) * c - 1).abs().max()}
     return plan, info
 
 
@@ -460,6 +488,15 @@ def puzzle_energy(sal: torch.Tensor, sal2: torch.Tensor, dv: torch.Tensor, dh: t
     (unary int32 [b, g, g, L], label distance float32 [L, L], w_v int32 [b, g-1, g], w_h int32 [b, g, g-1]).
     Graph label i means mask value 1 - i / (L-1) (1 = the first image).
     """
+    host = read_to_host(puzzle_terms(sal, sal2, dv, dh, beta, gamma))
+    return energy_from_terms(host, lam, beta, eta, n_labels)
+
+
+def puzzle_terms(sal: torch.Tensor, sal2: torch.Tensor, dv: torch.Tensor, dh: torch.Tensor, beta: float = 1.2,
+                 gamma: float = 0.5) -> tuple[torch.Tensor, ...]:
+    """The part of `puzzle_energy` that does not depend on lam, on the device: the cost of each block showing
+    the first image / the partner (show1, show2 [b, g, g], saliency plus the unary halves of the smoothness
+    tables) and the edge weights (w_v [b, g-1, g], w_h [b, g, g-1], before adding the normalised beta)."""
     g = sal.shape[-1]
     beta = beta / g / 16
     dv = beta * gamma * dv
@@ -475,16 +512,33 @@ def puzzle_energy(sal: torch.Tensor, sal2: torch.Tensor, dv: torch.Tensor, dh: t
         show2[second] += (tab[:, 1, 0] + tab[:, 0, 0]) / 2.0
     w_v = (dv[:, 1, 0] + dv[:, 0, 1] - dv[:, 1, 1] - dv[:, 0, 0]) / 2
     w_h = (dh[:, 1, 0] + dh[:, 0, 1] - dh[:, 1, 1] - dh[:, 0, 0]) / 2
+    return show1, show2, w_v, w_h
+
+
+def read_to_host(tensors) -> list[np.ndarray]:
+    """float32 numpy copies of `tensors` in one device-to-host transfer (the one read of a PuzzleMix batch)."""
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors]).numpy(force=True)
+    out, i = [], 0
+    for t in tensors:
+        out.append(flat[i:i + t.numel()].reshape(tuple(t.shape)))
+        i += t.numel()
+    return out
+
+
+def energy_from_terms(host: list[np.ndarray], lam: float, beta: float = 1.2, eta: float = 0.2, n_labels: int = 3):
+    """`puzzle_energy` from the host copies of `puzzle_terms` (same arguments, same integers)."""
+    show1, show2, w_v, w_h = host
+    g = show1.shape[-1]
+    beta = beta / g / 16
     large = 1000 * g**2
     prior = eta * mixing_prior(lam, n_labels) / g**2
-    s1 = show1.detach().cpu().numpy().astype(np.float64)
-    s2 = show2.detach().cpu().numpy().astype(np.float64)
+    s1, s2 = show1.astype(np.float64), show2.astype(np.float64)
     steps = np.linspace(0, 1, n_labels)
     unary = (large * np.stack([(1 - t) * s1 + t * s2 + prior[i] for i, t in enumerate(steps)], -1)).astype(np.int32)
     idx = np.arange(n_labels)
     dist = ((idx[:, None] - idx[None, :]) ** 2 / (n_labels - 1) ** 2).astype(np.float32)
-    w_v = (large * (w_v.detach().cpu().numpy() + beta)).astype(np.int32)
-    w_h = (large * (w_h.detach().cpu().numpy() + beta)).astype(np.int32)
+    w_v = (large * (w_v + beta)).astype(np.int32)
+    w_h = (large * (w_h + beta)).astype(np.int32)
     return unary, dist, w_v, w_h
 
 
@@ -682,15 +736,26 @@ def puzzle_mask(sal: torch.Tensor, sal2: torch.Tensor, dv: torch.Tensor, dh: tor
                 solver: str = "auto", threads: int | None = None) -> torch.Tensor:
     """The PuzzleMix mask [b, g, g] (values in {0, 1/(L-1), ..., 1}, 1 = the first image): the
     official `graphcut_multi` on the energy of `puzzle_energy`."""
-    lab = grid_labels(*puzzle_energy(sal, sal2, dv, dh, lam, beta, gamma, eta, n_labels), solver, threads)
-    return 1.0 - torch.as_tensor(lab, dtype=torch.float32, device=sal.device) / (n_labels - 1)
+    return puzzle_masks(sal, sal2, dv, dh, [lam], beta, gamma, eta, n_labels, solver, threads)[0]
+
+
+def puzzle_masks(sal: torch.Tensor, sal2: torch.Tensor, dv: torch.Tensor, dh: torch.Tensor, lams,
+                 beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, n_labels: int = 3,
+                 solver: str = "auto", threads: int | None = None) -> torch.Tensor:
+    """`puzzle_mask` for K prior weights lams (host floats) -> [K, b, g, g]. The graph cut runs on the host (the
+    authors' algorithm): the lam-independent terms are read once (one device-to-host transfer for all K) and the
+    masks go back with a non-blocking copy."""
+    host = read_to_host(puzzle_terms(sal, sal2, dv, dh, beta, gamma))
+    labs = [grid_labels(*energy_from_terms(host, float(lam), beta, eta, n_labels), solver, threads) for lam in lams]
+    return 1.0 - host_to_device(np.stack(labs), sal.device) / (n_labels - 1)
 
 
 def transport_cost(g: int, device=None) -> torch.Tensor:
     """Squared grid distance between block positions / (g - 1)^2. -> [g*g, g*g] float32."""
-    pos = torch.stack(torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij"), -1).view(-1, 2)
+    r = torch.arange(g, device=device)  # built on the device: a host-built tensor would be a blocking copy
+    pos = torch.stack(torch.meshgrid(r, r, indexing="ij"), -1).view(-1, 2)
     d2 = ((pos.unsqueeze(1) - pos.unsqueeze(0)) ** 2).sum(-1)
-    return (d2.float() / (g - 1) ** 2).to(device)
+    return d2.float() / (g - 1) ** 2
 
 
 def transport_plan(sal: torch.Tensor, mask: torch.Tensor, t_eps: float = 0.8) -> torch.Tensor:
@@ -728,7 +793,9 @@ def apply_transport(x: torch.Tensor, plan: torch.Tensor, grid: int, fill: torch.
     out = blocks.gather(1, src.view(b, -1, 1, 1, 1).expand(-1, -1, C, bh, bw))
     out = out.view(b, grid, grid, C, bh, bw).permute(0, 3, 1, 4, 2, 5).reshape(b, C, h, w)
     filled = has.view(b, 1, grid, 1, grid, 1).expand(b, 1, grid, bh, grid, bw).reshape(b, 1, h, w) > 0
-    fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device)
+    if not isinstance(fill, torch.Tensor):  # a number stays a kernel argument (no host-to-device copy)
+        return torch.where(filled, out, float(fill))
+    fill = fill.to(x.dtype)
     return torch.where(filled, out, fill.expand_as(out) if fill.ndim else fill)
 
 
@@ -743,15 +810,33 @@ def puzzle_mix(x: torch.Tensor, sal_map: torch.Tensor, perm: torch.Tensor, grid:
     smoothness term (default x); fill: the value of an empty transport place (see `apply_transport`).
     -> (mixed [b, C, h, w], ratio [b] = mask mean = label weight of x, mask [b, g, g]).
     """
+    mixed, ratio, masks = puzzle_mix_many(x, sal_map, perm, grid, [lam], beta, gamma, eta, neigh_size, n_labels,
+                                          transport, t_eps, solver, pixels, fill, threads)
+    return mixed, ratio, masks[0]
+
+
+def puzzle_mix_many(x: torch.Tensor, sal_map: torch.Tensor, perm: torch.Tensor, grid: int, lams,
+                    beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2,
+                    n_labels: int = 3, transport: bool = True, t_eps: float = 0.8, solver: str = "auto",
+                    pixels: torch.Tensor | None = None, fill: torch.Tensor | float = 0.0,
+                    threads: int | None = None):
+    """`puzzle_mix` for K prior weights lams (host floats) sharing the saliency, the partner and one host
+    transfer -> (mixed [K*b, C, h, w], ratio [K*b], masks [K, b, g, g]); block k of the outputs uses lams[k]."""
     pixels = x if pixels is None else pixels
     sal = saliency_grid(sal_map, grid)
     sal2 = sal[perm]
     dv, dh = boundary_differences(pixels, pixels[perm], grid, neigh_size)
-    mask = puzzle_mask(sal, sal2, dv, dh, lam, beta, gamma, eta, n_labels, solver, threads)
-    a, a2 = x, x[perm]
+    masks = puzzle_masks(sal, sal2, dv, dh, lams, beta, gamma, eta, n_labels, solver, threads)
+    k = len(lams)
+
+    def rep(t):  # [b, ...] -> [K*b, ...], block k a copy
+        return t if k == 1 else t.repeat(k, *([1] * (t.ndim - 1)))
+
+    mask = masks.flatten(0, 1)
+    a, a2 = rep(x), rep(x[perm])
     if transport:
-        a = apply_transport(a, transport_plan(sal, mask, t_eps), grid, fill)
-        a2 = apply_transport(a2, transport_plan(sal2, 1 - mask, t_eps), grid, fill)
+        a = apply_transport(a, transport_plan(rep(sal), mask, t_eps), grid, fill)
+        a2 = apply_transport(a2, transport_plan(rep(sal2), 1 - mask, t_eps), grid, fill)
     up = F.interpolate(mask.unsqueeze(1), size=x.shape[-1])
-    ratio = up.reshape(x.shape[0], -1).mean(-1)
-    return up * a + (1 - up) * a2, ratio, mask
+    ratio = up.reshape(up.shape[0], -1).mean(-1)
+    return up * a + (1 - up) * a2, ratio, masks

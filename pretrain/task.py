@@ -8,7 +8,9 @@ inputs.
 Batch sizes are global, as the papers state them: `optim.batch_size` images per optimizer step over all processes
 (or `optim.batch_per_process`, MultiMix's b per GPU), split into `world size x accumulate` micro-batches. Exact
 resumption: the data order of an epoch is a function of (seed, epoch), each sample's augmentation of (seed,
-epoch, index), and the method's draws of (seed, rank, micro-step), so a checkpoint needs only the engine state.
+epoch, index), and the method's draws of (seed, rank, micro-step): both of its streams (the host generator that
+steers control flow and the device generator, `pretrain.methods`) are seeded from them before every micro-batch,
+and the host generator's state is saved in the task state as well.
 """
 
 from __future__ import annotations
@@ -224,8 +226,8 @@ class PretrainTask(Task):
                          warmup=o["warmup_epochs"], warmup_start=o["warmup_start"])
 
     def before_step(self, micro_step: int) -> None:
-        # the method's draws depend only on (seed, rank, micro-step): exact resumption without generator state
-        self.model.generator.manual_seed(sample_seed(self.cfg["seed"] + 1, self.rank, micro_step))
+        # the method's draws depend only on (seed, rank, micro-step): exact resumption, whatever was saved
+        self.model.seed(sample_seed(self.cfg["seed"] + 1, self.rank, micro_step))
 
     def to_device(self, batch, device: torch.device, channels_last: bool):
         return batch_to_device(batch, device, channels_last)
@@ -302,10 +304,12 @@ class PretrainTask(Task):
         return out
 
     def state_dict(self) -> dict:
-        return {"history": self.history}
+        return {"history": self.history, "host_rng": self.model.host_rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state["history"])
+        if "host_rng" in state:  # checkpoints from before the host generator have none
+            self.model.host_rng.bit_generator.state = state["host_rng"]
 
     def header(self, engine: Engine) -> dict:
         head = {"method": self.cfg["method"]["name"], "arch": self.cfg["model"]["arch"],
@@ -419,7 +423,7 @@ def run(cfg: dict, inputs: dict | None, run_dir: str | os.PathLike, resume: bool
         stopped = engine.fit(resume=resume, header=task.header(engine), force=force,
                              fingerprint=fingerprint.make(task.cfg, {}))
     except rt.NonFiniteLossError as e:
-        engine.logger.log({"event": "error", "step": engine.step + 1, "message": str(e)})
+        engine.logger.log({"event": "error", "step": getattr(e, "step", None) or engine.step + 1, "message": str(e)})
         raise
     if stopped:
         return stopped

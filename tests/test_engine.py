@@ -1,6 +1,7 @@
 """core.engine on a tiny synthetic task (linear regression, no images): gradient accumulation equals the full
 batch, per-group learning rates and schedules, exact resume, and nothing non-finite is ever saved."""
 
+import json
 import math
 
 import pytest
@@ -180,3 +181,44 @@ def test_an_infinite_input_with_clipping_stops_before_anything_is_saved(tmp_path
     with pytest.raises(NonFiniteLossError):
         engine.fit()
     assert not (tmp_path / "run" / CKPT).exists()
+
+
+def test_a_nan_is_found_at_the_next_read_and_the_checkpoint_stays_finite(tmp_path):
+    """Metrics are read every log_every steps, not every step: a NaN loss at step 11 (8 steps per epoch, log_every
+    4) is found at the read after step 12, names step 11, and the checkpoint of epoch 1 (step 8) is what is kept."""
+    class PoisonedAtStep11(RegressionTask):
+        def before_step(self, micro_step):
+            self.micro_step = micro_step
+
+        def inputs(self, batch):
+            x, y = batch
+            return (x * float("nan") if self.micro_step == 10 else x), y  # micro-steps count from 0
+
+    task = PoisonedAtStep11(batch=2, micro=2)
+    opt = build_optimizer("sgd", task.param_groups(), 0.1, momentum=0.9)
+    settings = LoopSettings(total_steps=16, device=torch.device("cpu"), log_every=4)
+    engine = Engine(task, tmp_path / "run", settings, opt, lambda step: 1.0)
+    with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at step 11;"):
+        engine.fit()
+    assert engine.step == 12  # the read after step 12 found it
+    kept = torch.load(tmp_path / "run" / CKPT, weights_only=True)
+    assert kept["step"] == 8 and all(torch.isfinite(v).all() for v in kept["model"].values())
+    logs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if r["event"] == "step"] == [1, 4, 8]  # step 1 is logged at the first read
+    assert all(math.isfinite(r["loss"]) for r in logs if r["event"] == "step")
+
+
+def test_grad_norm_is_measured_on_the_device_and_logged(tmp_path):
+    """grad_norm2 of step 1 equals the squared norm of the first batch's gradient computed by hand."""
+    task, engine = make(tmp_path, epochs=1, grad_norm=True)
+    ref = RegressionTask()
+    x, y = next(iter(ref.batches(0, 0)))
+    ref.model(x, y)["loss"].backward()
+    expect = sum(float((p.grad**2).sum()) for p in ref.model.parameters())
+    engine.fit()
+    logs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    first = next(r for r in logs if r["event"] == "step")
+    assert first["step"] == 1 and first["grad_norm2"] == pytest.approx(expect, rel=1e-5)
+    epoch = next(r for r in logs if r["event"] == "epoch")
+    steps = [r["grad_norm2"] for r in logs if r["event"] == "step"]
+    assert len(steps) == 2 and epoch["grad_norm2"] == pytest.approx(sum(steps) / 2, rel=1e-6)

@@ -1,6 +1,7 @@
 """pretrain.methods: registry, the fast paths against the pure functions, and a few training steps
 of every method on the tiny toy world."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,11 +60,10 @@ def test_model_is_plain_torchvision_with_normalisation_inside():
 def test_multimix_fast_path_equals_pure_function(batch):
     images, labels = batch
     m = make("multimix", prob=1.0, n=200).eval()
-    m.generator.manual_seed(7)
+    m.seed(7)
     loss = m(images, labels)["loss"]
-    # replay the same draws with the pure functions: branch draw, then Lambda
+    # replay the same draws with the pure functions: Lambda from the device stream (the branch is a host draw)
     g = torch.Generator().manual_seed(7)
-    torch.rand((), generator=g)
     lam = mx.dirichlet_weights(8, 200, 0.5, 2.0, g)
     z = m.model.pool(m.model.features(images))
     z_mix, y_mix = mx.multimix(z, mx.one_hot(labels, C), lam)
@@ -74,10 +74,9 @@ def test_multimix_fast_path_equals_pure_function(batch):
 def test_dense_multimix_fast_path_equals_pure_function(batch):
     images, labels = batch
     m = make("dense_multimix", prob=1.0, n=100).eval()
-    m.generator.manual_seed(3)
+    m.seed(3)
     loss = m(images, labels)["loss"]
-    g = torch.Generator().manual_seed(3)
-    torch.rand((), generator=g)
+    g = torch.Generator().manual_seed(3)  # the device stream; the branch draw is a host draw
     fmap = m.model.features(images)
     z = fmap.flatten(2)
     y = mx.one_hot(labels, C)
@@ -92,12 +91,11 @@ def test_dense_multimix_fast_path_equals_pure_function(batch):
 def test_embedding_mixing_by_logits_equals_mixing_embeddings(batch):
     images, labels = batch
     m = make("multi_mix", base="manifold", layers=[5], k=5).eval()
-    m.generator.manual_seed(11)
+    m.seed(11)
     loss = m(images, labels)["loss"]
-    g = torch.Generator().manual_seed(11)
-    perm = torch.randperm(8, generator=g)
-    lams = mx.sorted_betas(5, 2.0, g)
-    torch.randint(1, (), generator=g)  # the layer choice among one option
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(11))  # device stream
+    host = np.random.default_rng(11)  # host stream: the sorted lams, then the layer choice (one option)
+    lams = torch.tensor(np.sort(host.beta(2.0, 2.0, 5)), dtype=torch.float32)
     z = m.model.pool(m.model.features(images))
     y = mx.one_hot(labels, C)
     ref = mx.soft_cross_entropy(m.model.fc(mx.multi_mixup(z, perm, lams)), mx.multi_mixup(y, perm, lams))
@@ -131,7 +129,7 @@ def test_every_method_trains(batch, name, knobs):
     opt = torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9)
     losses = []
     for _ in range(3):
-        m.generator.manual_seed(5)
+        m.seed(5)
         out = m(images, labels)
         loss = sum(v for k, v in out.items() if k.startswith("loss"))
         opt.zero_grad()
@@ -200,7 +198,7 @@ def test_gap_head_aligned_mixing_equals_embedding_mixing(batch):
             m = make("alignmix", modes=[mode], head=head, resolution=2).eval()
             m.model.features = lambda x: feats
             m._perm = lambda b: torch.tensor([4, 5, 6, 7, 0, 1, 2, 3])
-            m.generator.manual_seed(4)
+            m.seed(4)
             losses[head, mode] = m(images, labels)["loss"].item()
     assert losses["gap", "feat"] == pytest.approx(losses["gap", "embedding"], abs=1e-6)
     assert abs(losses["fc", "feat"] - losses["fc", "embedding"]) > 1e-3
@@ -214,21 +212,21 @@ def test_alignmix_official_modes_and_step_equal_the_official_code(batch):
 
     images, labels = batch
     m = make("alignmix_official").eval()
-    m.generator.manual_seed(0)
+    m.seed(0)
     freq = Counter(m._mode() for _ in range(4000))
     assert freq["input"] / 4000 == pytest.approx(0.5, abs=0.03)
     assert freq["feat"] / 4000 == pytest.approx(0.25, abs=0.03)
     assert freq["feat_rev"] / 4000 == pytest.approx(0.25, abs=0.03)
     for seed in range(40):  # find a branch-1 step
-        m.generator.manual_seed(seed)
+        m.seed(seed)
         if m._mode() == "feat_rev":
             break
-    m.generator.manual_seed(seed)
+    m.seed(seed)
     out = m(images, labels)
-    g = torch.Generator().manual_seed(seed)
-    torch.randint(2, (), generator=g), torch.randint(2, (), generator=g)
-    lam = float(mx.sample_beta(2.0, 2.0, (), g))
-    perm = torch.randperm(8, generator=g)
+    host = np.random.default_rng(seed)  # host stream: the two mode draws, then lam
+    host.integers(2), host.integers(2)
+    lam = float(host.beta(2.0, 2.0))
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(seed))  # device stream
     a = m.model.features(images)
     mixed, info = mx.aligned_mix(a.flatten(2), perm, lam, 1, 0.1, 100, tol=0.1)
     y = mx.one_hot(labels, C)

@@ -129,7 +129,8 @@ def test_resume_is_exact(toy_world, tmp_path):
     train(cfg, tmp_path / "a")
     stopped = dict(cfg, runtime=dict(cfg["runtime"], stop_after_steps=3))
     assert train(stopped, tmp_path / "b") == {"stopped_at_step": 3}  # killed after step 3; checkpoint at 2
-    assert torch.load(tmp_path / "b/checkpoints/last.pth", weights_only=True)["step"] == 2
+    state = torch.load(tmp_path / "b/checkpoints/last.pth", weights_only=True)
+    assert state["step"] == 2 and state["task"]["host_rng"]["bit_generator"] == "PCG64"  # the method's host stream
     train(cfg, tmp_path / "b", resume=True)
     a = torch.load(tmp_path / "a/backbone.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "b/backbone.pth", weights_only=True)["model"]

@@ -259,7 +259,7 @@ class WSOLTask(Task):
 
     def before_step(self, micro_step: int) -> None:
         if self.model.method is not None:  # draws depend only on (seed, step), as in pretraining
-            self.model.method.generator.manual_seed(self.cfg["seed"] * 1_000_003 + micro_step)
+            self.model.method.seed(self.cfg["seed"] * 1_000_003 + micro_step)  # host and device streams
 
     def param_groups(self) -> list[dict]:
         o = self.cfg["optim"]
