@@ -33,7 +33,7 @@ from typing import Callable
 
 from core import distributed as ddist
 from core.config import ConfigError, dump_config, load_config, validate
-from core.runtime import atomic_write_text, barrier, is_main_process, write_json
+from core.runtime import atomic_write_text, barrier, init_distributed, is_main_process, write_json
 
 log = logging.getLogger("pipeline")
 
@@ -269,6 +269,7 @@ def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_af
     the stages' files, and the ranks meet at a barrier at each stage boundary."""
     from pipeline.report import write_report
 
+    init_distributed()  # under torchrun: join the group now (a no-op when the caller did, or outside torchrun)
     cfg = load_config(config_path, overrides, DEFAULTS)
     pipe = Pipeline(cfg, methods=methods, force=tuple(force), stop_after=stop_after)
     t0 = time.time()

@@ -63,6 +63,20 @@ def _spawn(worker, *args) -> None:
     mp.spawn(worker, args=(2, _free_port(), *args), nprocs=2)
 
 
+def _tiny_classification(n: int):
+    """n 2x2 images of 3 classes (sample k: pixel values k/10, label k % 3) and a fixed linear classifier."""
+    ds = [(torch.full((3, 2, 2), k / 10), k % 3, torch.zeros(0, 4), k) for k in range(n)]
+    torch.manual_seed(0)
+    return ds, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+
+
+def _robustness_predictions(n: int):
+    from transfer.robustness.evaluate import predict_sharded
+
+    ds, model = _tiny_classification(n)
+    return predict_sharded(model, ds, 2, 0, torch.device("cpu"), keep=range(n))
+
+
 def _gather_worker(rank, world, port, out):
     _join(rank, world, port)
     mine = ddist.shard_indices(7, 1)
@@ -70,11 +84,13 @@ def _gather_worker(rank, world, port, out):
     arrays = ddist.gather_arrays({"sq": np.asarray(mine, np.float32) ** 2, "odd": np.asarray(mine) % 2 == 1},
                                  mine, 7)
     counts = ddist.sum_counts([len(mine), sum(mine)])
-    torch.save({"items": items, "arrays": arrays, "counts": counts}, Path(out) / f"rank{rank}.pt")
+    # robustness predictions over 3 images in batches of 2 (ranks: [0, 1], [2]) and over 2 (rank 1: nothing)
+    preds = {n: _robustness_predictions(n) for n in (3, 2)}
+    torch.save({"items": items, "arrays": arrays, "counts": counts, "preds": preds}, Path(out) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_gather_of_seven_items_over_two_gloo_processes(tmp_path):
+def test_gather_of_seven_items_and_an_empty_shard_over_two_gloo_processes(tmp_path):
     _spawn(_gather_worker, str(tmp_path))
     for rank in (0, 1):
         r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
@@ -82,6 +98,10 @@ def test_gather_of_seven_items_over_two_gloo_processes(tmp_path):
         assert r["arrays"]["sq"].dtype == np.float32 and r["arrays"]["sq"].tolist() == [0, 1, 4, 9, 16, 25, 36]
         assert r["arrays"]["odd"].dtype == bool and r["arrays"]["odd"].tolist() == [i % 2 == 1 for i in range(7)]
         assert r["counts"] == [7, 21]
+        for n in (3, 2):
+            one = _robustness_predictions(n)
+            assert one["label"].tolist() == [k % 3 for k in range(n)] and one["example_index"] == list(range(n))
+            _assert_same(r["preds"][n], one)
 
 
 # ----------------------------------------------------------------------------- the three evaluations

@@ -81,6 +81,12 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
+# the per-image arrays `predict` returns
+_DTYPES = {"label": np.int64, "pred": np.int64, "correct1": bool, "correct5": bool, "confidence": np.float32,
+           "loc": bool}
+ARRAY_KEYS = tuple(_DTYPES)
+
+
 @torch.no_grad()
 def predict(model, loader, device, precision: str = "fp32", localize: bool = False,
             cam_threshold: float = 0.25, iou_threshold: float = 0.5, keep=(),
@@ -125,13 +131,13 @@ def predict(model, loader, device, precision: str = "fp32", localize: bool = Fal
                 ex_boxes.append(boxes[b].numpy())
                 if localize:
                     ex_pred_boxes.append(pboxes[b])
-    res = {k: (np.concatenate(v) if v else None) for k, v in out.items()}
+    # an empty loader (a rank whose shard is empty) gives empty arrays of the usual dtypes
+    res = {k: (np.concatenate(v) if v else np.zeros(0, _DTYPES[k])) for k, v in out.items()}
+    if not localize:
+        res["loc"] = None
     res["examples"] = torch.stack(examples) if examples else None
     res["example_boxes"], res["example_pred_boxes"], res["example_index"] = ex_boxes, ex_pred_boxes, ex_index
     return res
-
-
-ARRAY_KEYS = ("label", "pred", "correct1", "correct5", "confidence", "loc")
 
 
 def predict_sharded(model, ds, batch_size: int, num_workers: int, device, **kwargs) -> dict:
