@@ -106,27 +106,31 @@ def test_gather_of_seven_items_and_an_empty_shard_over_two_gloo_processes(tmp_pa
 
 # ----------------------------------------------------------------------------- the three evaluations
 
-def _det_cfg(toy_world):
+def _det_cfg(toy_world, fmt: str):
     from transfer import det_train
 
     return det_train.resolve_config({
         "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64, "kwargs": {"detections_per_img": 10}},
-        "data": {"format": "voc", "root": str(toy_world / "VOCdevkit"), "voc_train": ["2007/trainval"],
-                 "max_train_images": 2, "max_test_images": 7, "workers": 0},
+        "data": {"format": fmt, "root": str(toy_world / ("VOCdevkit" if fmt == "voc" else "coco")),
+                 "voc_train": ["2007/trainval"], "max_train_images": 2, "max_test_images": 7, "workers": 0},
         "eval": {"batch_size": 2}})  # 4 batches of 2, 2, 2, 1 images: 2 + 2 over the ranks
 
 
 def _detection(toy_world, out_dir):
+    """SSD predictions on 7 VOC07 test and 7 COCO val images, scored on rank 0 (VOC 11-point AP, COCO AP)."""
     from core.runtime import is_main_process
     from transfer import det_train
 
-    cfg = _det_cfg(toy_world)
-    _, test, ctx, _ = det_train.build_datasets(cfg)
-    torch.manual_seed(0)
-    model = det_train.build_model(cfg, ctx["num_classes"], None).eval()
-    preds, examples, _, n = det_train.predict_sharded(model, test, 2, 0, torch.device("cpu"), max_keep_examples=3)
-    metrics = det_train.score_predictions(preds, ctx, Path(out_dir), "11point") if is_main_process() else None
-    return {"preds": preds, "examples": [e["scores"] for e in examples], "n": n, "metrics": metrics}
+    out = {}
+    for fmt in ("voc", "coco"):
+        cfg = _det_cfg(toy_world, fmt)
+        _, test, ctx, _ = det_train.build_datasets(cfg)
+        torch.manual_seed(0)
+        model = det_train.build_model(cfg, ctx["num_classes"], None).eval()
+        preds, examples, _, n = det_train.predict_sharded(model, test, 2, 0, torch.device("cpu"), max_keep_examples=3)
+        metrics = det_train.score_predictions(preds, ctx, Path(out_dir) / fmt) if is_main_process() else None
+        out[fmt] = {"preds": preds, "examples": [e["scores"] for e in examples], "n": n, "metrics": metrics}
+    return out
 
 
 def _wsol_cfg(toy_world):
@@ -208,18 +212,21 @@ def test_two_gloo_processes_give_the_single_process_numbers(toy_world, tmp_path)
     one = {"detection": _detection(toy_world, tmp_path / "one" / "det"), "wsol": _wsol(toy_world),
            "robustness": _robustness(toy_world, ckpt, tmp_path / "one" / "rob")}
     r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert one["detection"]["n"] == 7 and len(one["detection"]["preds"]) == 7
+    for fmt in ("voc", "coco"):
+        assert one["detection"][fmt]["n"] == 7 and len(one["detection"][fmt]["preds"]) == 7
+        assert r1["detection"][fmt]["metrics"] is None  # rank 0 scores
+        r1["detection"][fmt]["metrics"] = r0["detection"][fmt]["metrics"]
     assert one["wsol"]["num_images"] == 7 and one["robustness"]["n_images"] == 7
-    assert r1["detection"]["metrics"] is None  # rank 0 scores
-    r1["detection"]["metrics"] = r0["detection"]["metrics"]
     _assert_same(one, r0)
     _assert_same(one, r1)
     # rank 0 wrote the files, the same ones as one process
     assert json.loads((tmp_path / "ddp" / "rob" / "metrics.json").read_text())["clean"] == one["robustness"]["clean"]
     for f in one["robustness"]["figures"].values():
         assert (tmp_path / "ddp" / "rob" / f).is_file()
-    one_files = sorted(p.name for p in (tmp_path / "one" / "det" / "voc_results").iterdir())
-    assert sorted(p.name for p in (tmp_path / "ddp" / "det" / "voc_results").iterdir()) == one_files
+    one_files = sorted(p.name for p in (tmp_path / "one" / "det" / "voc" / "voc_results").iterdir())
+    assert sorted(p.name for p in (tmp_path / "ddp" / "det" / "voc" / "voc_results").iterdir()) == one_files
+    results = (tmp_path / "ddp" / "det" / "coco" / "coco_results.json").read_text()
+    assert results == (tmp_path / "one" / "det" / "coco" / "coco_results.json").read_text()
     assert not list((tmp_path / "ddp").rglob("*.tmp"))
 
 
