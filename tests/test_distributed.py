@@ -86,7 +86,12 @@ def _gather_worker(rank, world, port, out):
     counts = ddist.sum_counts([len(mine), sum(mine)])
     # robustness predictions over 3 images in batches of 2 (ranks: [0, 1], [2]) and over 2 (rank 1: nothing)
     preds = {n: _robustness_predictions(n) for n in (3, 2)}
-    torch.save({"items": items, "arrays": arrays, "counts": counts, "preds": preds}, Path(out) / f"rank{rank}.pt")
+    bn = torch.nn.BatchNorm1d(2)
+    bn.running_mean.fill_(rank + 1.0)  # each rank's own statistics, as after DDP training
+    bn.num_batches_tracked.fill_(10 * (rank + 1))
+    ddist.broadcast_buffers(bn)
+    torch.save({"items": items, "arrays": arrays, "counts": counts, "preds": preds, "bn": bn.state_dict()},
+               Path(out) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -98,6 +103,7 @@ def test_gather_of_seven_items_and_an_empty_shard_over_two_gloo_processes(tmp_pa
         assert r["arrays"]["sq"].dtype == np.float32 and r["arrays"]["sq"].tolist() == [0, 1, 4, 9, 16, 25, 36]
         assert r["arrays"]["odd"].dtype == bool and r["arrays"]["odd"].tolist() == [i % 2 == 1 for i in range(7)]
         assert r["counts"] == [7, 21]
+        assert r["bn"]["running_mean"].tolist() == [1.0, 1.0] and int(r["bn"]["num_batches_tracked"]) == 10  # rank 0's
         for n in (3, 2):
             one = _robustness_predictions(n)
             assert one["label"].tolist() == [k % 3 for k in range(n)] and one["example_index"] == list(range(n))

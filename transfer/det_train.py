@@ -417,7 +417,9 @@ class DetectionTask(Task):
         return {"eval_mAP": m["mAP"]}
 
     def predict_test(self, engine, max_keep_examples: int = 0):
-        """``predict_sharded`` over the test set: (predictions, examples, seconds, images), on every rank."""
+        """``predict_sharded`` over the test set: (predictions, examples, seconds, images), on every rank (with
+        rank 0's BatchNorm statistics: every shard is scored with the same model)."""
+        ddist.broadcast_buffers(self.model)
         return predict_sharded(self.model, self.test_set, self.cfg["eval"]["batch_size"], self.cfg["data"]["workers"],
                                self.device, engine.precision, engine.settings.channels_last, max_keep_examples)
 

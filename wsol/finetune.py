@@ -226,6 +226,7 @@ def _datasets(cfg):
 
 def _eval(model, test, cfg, device, scoremap_dir=None, keep_examples=0):
     e = cfg["eval"]
+    ddist.broadcast_buffers(model)  # after DDP training: rank 0's BatchNorm statistics on every rank
     mine = ddist.shard_indices(len(test), block=e["batch_size"])  # this rank's whole batches (all of them alone)
     loader = DataLoader(Subset(test, mine), batch_size=e["batch_size"], shuffle=False,
                         num_workers=cfg["data"]["num_workers"])
