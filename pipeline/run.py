@@ -40,8 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from core import distributed as ddist
 from core.config import ConfigError, dump_config, load_config, validate
-from core.runtime import write_json
+from core.runtime import atomic_write_text, barrier, init_distributed, is_main_process, write_json
 
 log = logging.getLogger("pipeline")
 
@@ -189,38 +190,56 @@ class Pipeline:
         through their keys, everything downstream of them."""
         content = content_key(spec)
         marker = folder / "stage.json"
-        if marker.exists():
-            stored = json.loads(marker.read_text())
-            if forced_by & self.force:
-                log.info("[%s] forced: removing %s", key, folder)
-            elif stored.get("key") != content:
-                log.info("[%s] its config or inputs changed (key %s -> %s): rerunning", key, stored.get("key"),
-                         content)
-            else:
-                log.info("[%s] done already, reusing (%s)", key, marker)
-                self.reused.append(key)
-                return stored["metrics"], content
-            shutil.rmtree(folder)
+        # under torchrun rank 0 decides (and clears a stale folder) and every rank follows its decision
+        stored = ddist.all_gather_objects(self._reusable(key, folder, forced_by, content) if is_main_process()
+                                          else None)[0]
+        if stored is not None:
+            self.reused.append(key)
+            return stored["metrics"], content
         if self.stop_after is not None and self.stages_run >= self.stop_after:
             raise StopPipeline(f"stopping before {key} as asked (--stop-after {self.stop_after})")
-        folder.mkdir(parents=True, exist_ok=True)
+        if is_main_process():
+            folder.mkdir(parents=True, exist_ok=True)
+        barrier()
         log.info("[%s] running in %s", key, folder)
         t0 = time.time()
-        metrics = fn(folder)
-        seconds = round(time.time() - t0, 1)
+        metrics = fn(folder)  # every rank computes (DDP training, sharded evaluation); rank 0 writes
+        # rank 0's metrics (some stages return {} on the other ranks), so that every rank holds the same results
+        metrics, seconds = ddist.all_gather_objects((metrics, round(time.time() - t0, 1)))[0]
         self.timings[key] = seconds
-        write_json({"stage": key, "key": content, "seconds": seconds, "metrics": metrics}, marker)
+        if is_main_process():
+            write_json({"stage": key, "key": content, "seconds": seconds, "metrics": metrics}, marker)
+        barrier()
         self.stages_run += 1
         log.info("[%s] finished in %.1f s", key, seconds)
         return metrics, content
+
+    def _reusable(self, key: str, folder: Path, forced_by: set[str], content: str) -> dict | None:
+        """The stored `stage.json` of `folder` when it holds the result of `content` (and the stage is not
+        forced); otherwise None, after removing the folder's stale results."""
+        marker = folder / "stage.json"
+        if not marker.exists():
+            return None
+        stored = json.loads(marker.read_text())
+        if forced_by & self.force:
+            log.info("[%s] forced: removing %s", key, folder)
+        elif stored.get("key") != content:
+            log.info("[%s] its config or inputs changed (key %s -> %s): rerunning", key, stored.get("key"), content)
+        else:
+            log.info("[%s] done already, reusing (%s)", key, marker)
+            return stored
+        shutil.rmtree(folder)
+        return None
 
     # -- the job -----------------------------------------------------------------------------------
     def run(self) -> dict:
         """Every planned stage (reused where done); returns {"methods": {method: {stage name: [run, ...]}},
         "baselines": {stage name: [run, ...]}, "seeds", "reused"}, a run being {"metrics", "folder", "seeds"}."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "pipeline.yaml").write_text(dump_config(self.cfg))
-        self._ensure_data()
+        if is_main_process():  # under torchrun: rank 0 writes, the others wait for it at the barrier
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(dump_config(self.cfg), self.run_dir / "pipeline.yaml")
+            self._ensure_data()
+        barrier()
         results: dict = {"methods": {m: {} for m in self.cfg["methods"]}, "baselines": {}, "seeds": dict(self.seeds)}
         for st in self.plan():
             metrics, _ = self._stage(st.label, self.run_dir / st.label, set(st.forced_by), st.call, st.spec)
@@ -306,13 +325,21 @@ class StopPipeline(RuntimeError):
 
 
 def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_after=None) -> Path:
-    """Run (or resume) the pipeline of `config_path`; returns the path of the report."""
+    """Run (or resume) the pipeline of `config_path`; returns the path of the report.
+
+    Under torchrun (the process group joined by the caller, `core.distributed.torchrun_session`) every rank
+    runs every stage: training under DDP, evaluation sharded; rank 0 alone writes stage.json, the report and
+    the stages' files, and the ranks meet at a barrier at each stage boundary."""
     from pipeline.report import write_report
 
+    init_distributed()  # under torchrun: join the group now (a no-op when the caller did, or outside torchrun)
     cfg = load_config(config_path, overrides, DEFAULTS)
     pipe = Pipeline(cfg, methods=methods, force=tuple(force), stop_after=stop_after)
     t0 = time.time()
     results = pipe.run()
-    report = write_report(pipe.run_dir, results, pipe.cfg)
+    report = pipe.run_dir / "report.md"
+    if is_main_process():
+        report = write_report(pipe.run_dir, results, pipe.cfg)
+    barrier()
     log.info("pipeline finished in %.1f s; report: %s", time.time() - t0, report)
     return report

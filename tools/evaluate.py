@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core import cli  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.data import InputError  # noqa: E402
+from core.distributed import torchrun_session  # noqa: E402
 from core.runtime import atomic_write_text, write_json  # noqa: E402
 from transfer.robustness import SUITES, compare  # noqa: E402
 from transfer.robustness.stage import DEFAULTS, run  # noqa: E402
@@ -69,12 +70,16 @@ def main(argv=None) -> int:
         raise InputError(f"--checkpoint: duplicate method names {names}; name them with NAME=PATH")
     out = Path(opts["out"])
     results = {}
-    for name, path in named:
-        run_out = out if len(named) == 1 else out / name
-        # the corrupted sets do not depend on the model: export them once
-        one = {**opts, "export_corrupted": None if results else opts["export_corrupted"]}
-        results[name] = run(one, {"checkpoint": path, "imagenet": args.imagenet}, run_out)
-        print(f"{name}: {run_out / 'metrics.json'}", file=sys.stderr)
+    with torchrun_session() as (rank, _):  # under torchrun each rank evaluates a shard; rank 0 writes
+        for name, path in named:
+            run_out = out if len(named) == 1 else out / name
+            # the corrupted sets do not depend on the model: export them once
+            one = {**opts, "export_corrupted": None if results else opts["export_corrupted"]}
+            results[name] = run(one, {"checkpoint": path, "imagenet": args.imagenet}, run_out)
+            if rank == 0:
+                print(f"{name}: {run_out / 'metrics.json'}", file=sys.stderr)
+    if rank:
+        return 0
     md, table = compare(results)
     if len(named) > 1:
         atomic_write_text(md, out / "comparison.md")

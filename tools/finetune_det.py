@@ -54,11 +54,13 @@ def main(argv=None) -> int:
                 p.error("--num-gpus is for the detectron2 backend outside torchrun (torchrun starts its own)")
             metrics = launch_finetune(cfg, weights, run_dir, args.num_gpus)
         else:
-            init_distributed()
+            main_rank = init_distributed()[0] == 0  # asked before the group is left (then every rank is "main")
             try:
                 metrics = finetune_detector(cfg, weights, run_dir)
             finally:
                 cleanup_distributed()
+            if not main_rank:
+                return 0
     except Detectron2BackendError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

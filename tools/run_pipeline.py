@@ -5,6 +5,8 @@
                                  [--force STAGE ...] [KEY=VALUE ...]
 
 Finished stages are skipped, so running the same command again resumes an interrupted pipeline.
+Under `torchrun --nproc_per_node=N tools/run_pipeline.py ...` every rank runs every stage (DDP training, sharded
+evaluation) and rank 0 writes the files.
 """
 
 import argparse
@@ -16,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
+from core.distributed import torchrun_session  # noqa: E402
 from pipeline.run import STAGES, StopPipeline, run_pipeline  # noqa: E402
 
 
@@ -30,14 +33,18 @@ def main(argv=None) -> int:
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the pipeline config")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     t0 = time.time()
-    try:
-        report = run_pipeline(args.config, args.overrides, methods, args.force, args.stop_after)
-    except StopPipeline as e:
-        print(e)
-        return 3
+    with torchrun_session() as (rank, _):  # under torchrun: every rank runs every stage, rank 0 writes
+        logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                            format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        try:
+            report = run_pipeline(args.config, args.overrides, methods, args.force, args.stop_after)
+        except StopPipeline as e:
+            print(e)
+            return 3
+    if rank:
+        return 0
     print(f"\nReport: {report}  ({report.with_suffix('.html')})\nTotal time: {time.time() - t0:.0f} s")
     print(report.read_text())
     return 0

@@ -53,15 +53,18 @@ def main(argv=None) -> int:
         print(json.dumps(centred_box_baseline(args.metadata, (args.size, args.size), frac), indent=2))
         return 0
     from core.config import load_config
+    from core.distributed import torchrun_session
     cfg = load_config(args.config, args.overrides)
-    if args.cmd == "finetune":
-        from wsol.finetune import finetune
-        run_dir = args.run_dir or str(Path("runs") / cfg.get("name", "wsol"))
-        metrics = finetune(cfg, args.weights, run_dir, resume=not args.no_resume, force=args.force)
-    else:
-        from wsol.finetune import evaluate_run
-        metrics = evaluate_run(cfg, args.model, args.scoremaps, args.out)
-    print(json.dumps(metrics, indent=2))
+    with torchrun_session() as (rank, _):  # under torchrun: DDP fine-tuning, sharded evaluation, rank 0 writes
+        if args.cmd == "finetune":
+            from wsol.finetune import finetune
+            run_dir = args.run_dir or str(Path("runs") / cfg.get("name", "wsol"))
+            metrics = finetune(cfg, args.weights, run_dir, resume=not args.no_resume, force=args.force)
+        else:
+            from wsol.finetune import evaluate_run
+            metrics = evaluate_run(cfg, args.model, args.scoremaps, args.out)
+    if rank == 0:
+        print(json.dumps(metrics, indent=2))
     return 0
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from core import distributed as ddist
 from core import fingerprint as fp
 from core import runtime
 from core.config import ConfigError, check_ranges, dump_config, load_config, validate
@@ -231,6 +232,25 @@ def predict(model, loader, device, precision="fp32", channels_last=False, max_ke
     return preds, examples, seconds, n
 
 
+def predict_sharded(model, dataset, batch_size: int, workers: int, device, precision="fp32", channels_last=False,
+                    max_keep_examples=0):
+    """``predict`` over ``dataset`` with each rank taking its shard of whole test batches (core.distributed);
+    the per-image predictions and the first ``max_keep_examples`` examples are gathered to every rank in
+    dataset order, so scoring them gives the single-process numbers. Seconds: the slowest rank's."""
+    n = len(dataset)
+    mine = ddist.shard_indices(n, block=batch_size)
+    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=collate)
+    keep = sum(1 for i in mine if i < max_keep_examples)  # `mine` is increasing: the first `keep` are these
+    preds, examples, seconds, count = predict(model, loader, device, precision, channels_last, keep)
+    if ddist.rank_world()[1] == 1:
+        return preds, examples, seconds, count
+    preds = ddist.gather_ordered(preds, mine, n)
+    kept = sorted((i, ex) for part in ddist.all_gather_objects(list(zip(mine, examples))) for i, ex in part)
+    timing = ddist.all_gather_objects((seconds, count))
+    return preds, [ex for _, ex in kept], max(t[0] for t in timing), sum(t[1] for t in timing)
+
+
 def _base_dataset(ds):
     while isinstance(ds, Subset):
         ds = ds.dataset
@@ -389,17 +409,21 @@ class DetectionTask(Task):
         self.train_time += record["epoch_time_s"]
         self.train_images += record["images"]
         period = self.cfg["eval"]["period"]
-        if engine.step >= self.total or not period or epoch % period or not runtime.is_main_process():
+        if engine.step >= self.total or not period or epoch % period:
             return {}
-        preds, _, _, _ = predict(self.model, self.test_loader(), self.device, engine.precision,
-                                 engine.settings.channels_last)
+        preds, _, _, _ = self.predict_test(engine)  # every rank predicts its shard; rank 0 scores
+        if not runtime.is_main_process():
+            return {}
         m = score_predictions(preds, self.ctx, engine.run_dir / "eval", self.cfg["eval"]["metric"])
         self.history.append({"epoch": epoch, "mAP": m["mAP"]})
         return {"eval_mAP": m["mAP"]}
 
-    def test_loader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.cfg["eval"]["batch_size"], shuffle=False,
-                          num_workers=self.cfg["data"]["workers"], collate_fn=collate)
+    def predict_test(self, engine, max_keep_examples: int = 0):
+        """``predict_sharded`` over the test set: (predictions, examples, seconds, images), on every rank (with
+        rank 0's BatchNorm statistics: every shard is scored with the same model)."""
+        ddist.broadcast_buffers(self.model)
+        return predict_sharded(self.model, self.test_set, self.cfg["eval"]["batch_size"], self.cfg["data"]["workers"],
+                               self.device, engine.precision, engine.settings.channels_last, max_keep_examples)
 
     def state_dict(self) -> dict:
         return {"train_time": self.train_time, "train_images": self.train_images, "history": self.history,
@@ -436,18 +460,19 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
     engine.fit(resume=True, fingerprint=fingerprint,
                header={"seed": seed, "weights": weights, "steps_per_epoch": task.steps_per_epoch,
                        "total_steps": task.total, "device": str(device)})
-    metrics = {}
+    metrics = _final_metrics(task, engine, seed_dir)  # every rank predicts its shard of the test set
     if runtime.is_main_process():
-        metrics = _final_metrics(task, engine, seed_dir)
         runtime.write_json(metrics, done)
     runtime.barrier()
     return metrics
 
 
 def _final_metrics(task: DetectionTask, engine: Engine, seed_dir: Path) -> dict:
+    """Predictions gathered from every rank; rank 0 scores them and writes the figure ({} on the others)."""
     cfg = task.cfg
-    preds, examples, test_seconds, n_test = predict(task.model, task.test_loader(), task.device, engine.precision,
-                                                    engine.settings.channels_last, cfg["eval"]["figure_examples"])
+    preds, examples, test_seconds, n_test = task.predict_test(engine, cfg["eval"]["figure_examples"])
+    if not runtime.is_main_process():
+        return {}
     metrics = score_predictions(preds, task.ctx, seed_dir / "eval", cfg["eval"]["metric"])
     metrics.update(seed=task.seed, epochs=math.ceil(task.total / task.steps_per_epoch), iterations=engine.step,
                    history=task.history, train_img_per_s=task.train_images / max(task.train_time, 1e-9),

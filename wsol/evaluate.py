@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core import distributed as ddist
 from core.data import InputError
 from core.runtime import atomic_path
 from wsol.data import WSOLMetadata, read_wsol_metadata
@@ -49,6 +50,23 @@ def centred_box_baseline(metadata_dir, size=(224, 224), fraction: float = 0.5,
     return max((score(round(f, 2)) for f in np.arange(0.05, 1.0001, 0.05)), key=lambda r: r["boxacc_mean"])
 
 
+def _sum_over_ranks(v2: MaxBoxAccEvaluator, v1: MaxBoxAccEvaluator, loc: LocAccuracy, kept: list) -> list:
+    """Under torchrun each rank accumulated its shard: add every rank's counts into its evaluators (integer
+    counts per threshold: the sums are exactly the single-process counts) and return the kept examples of all
+    ranks in dataset order (the first ones of the split, as one process keeps them)."""
+    if ddist.rank_world()[1] > 1:
+        loc_keys = ("n", "gt_known", "top1", "top5", "top1_cls")
+        parts = ddist.all_gather_objects([(ev.num_correct, ev.count) for ev in (v2, v1)]
+                                         + [[getattr(loc, k) for k in loc_keys], kept])
+        for j, ev in enumerate((v2, v1)):
+            ev.num_correct = {d: sum(p[j][0][d] for p in parts) for d in ev.iou_thresholds}
+            ev.count = sum(p[j][1] for p in parts)
+        for j, k in enumerate(loc_keys):
+            setattr(loc, k, sum(p[2][j] for p in parts))
+        kept = [e for p in parts for e in p[3]]
+    return [ex for _, ex in sorted(kept, key=lambda e: e[0])]
+
+
 @torch.no_grad()
 def evaluate_model(model, loader, meta: WSOLMetadata, device, size=(224, 224), cam_curve_interval=0.001,
                    iou_thresholds=(30, 50, 70), loc_threshold=0.15, loc_iou=0.5, loc_op=">=",
@@ -56,19 +74,19 @@ def evaluate_model(model, loader, meta: WSOLMetadata, device, size=(224, 224), c
     """Classification + localization of a CAM model over one split (CAMs of the true class).
 
     loader yields (images [B, 3, H, W] in [0, 1], labels [B], indices [B]) with indices into
-    ``meta.image_ids``. Returns percentages: top1_cls, top5_cls, maxboxacc (largest contour,
-    IoU 50), maxboxacc_v2 (all contours, mean over iou_thresholds), maxboxacc_per_iou, best
-    thresholds, gt_known_loc / top1_loc / top5_loc at ``loc_threshold`` and ``loc_iou``, the BoxAcc
-    curves, and up to ``keep_examples`` (image, cam, gt, pred boxes) for figures.
+    ``meta.image_ids`` (torchrun: this rank's shard, counts summed by `_sum_over_ranks`). Returns percentages:
+    top1_cls, top5_cls, maxboxacc (largest contour, IoU 50), maxboxacc_v2 (all contours, mean over iou_thresholds),
+    maxboxacc_per_iou, best thresholds, gt_known_loc / top1_loc / top5_loc at ``loc_threshold`` and ``loc_iou``,
+    the BoxAcc curves, and up to ``keep_examples`` (image, cam, gt, pred boxes) for figures.
     """
     model.eval()
     v2 = MaxBoxAccEvaluator(cam_curve_interval, iou_thresholds, multi_contour=True)
     v1 = MaxBoxAccEvaluator(cam_curve_interval, (50,), multi_contour=False)
     loc = LocAccuracy(loc_threshold, loc_iou, loc_op, multi_contour=False)
-    examples = []
     if scoremap_dir is not None:
         scoremap_dir = Path(scoremap_dir)
     it = loader if progress is None else progress(loader, desc="evaluate")
+    kept = []  # (dataset index, example) pairs
     for images, labels, indices in it:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device)
@@ -87,9 +105,10 @@ def evaluate_model(model, loader, meta: WSOLMetadata, device, size=(224, 224), c
             if scoremap_dir is not None:
                 with atomic_path(scoremap_dir / f"{iid}.npy") as tmp, open(tmp, "wb") as f:
                     np.save(f, smap.astype(np.float32))
-            if len(examples) < keep_examples:
-                examples.append({"image": images[j].float().cpu().permute(1, 2, 0).numpy(), "cam": smap,
-                                 "gt": gt, "image_id": iid, "label": int(labels[j]), "pred": top5[j][0]})
+            if len(kept) < keep_examples:
+                kept.append((idx, {"image": images[j].float().cpu().permute(1, 2, 0).numpy(), "cam": smap,
+                                 "gt": gt, "image_id": iid, "label": int(labels[j]), "pred": top5[j][0]}))
+    examples = _sum_over_ranks(v2, v1, loc, kept)[:keep_examples]
     r2, r1, rl = v2.compute(), v1.compute(), loc.compute()
     for ex in examples:  # boxes at the split's best IoU-50 threshold, all contours
         ex["pred_boxes"] = boxes_at_threshold(ex["cam"], r2["best_threshold"].get("50", 0.5), True)

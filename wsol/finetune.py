@@ -19,15 +19,25 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import v2 as T
 
+from core import distributed as ddist
 from core import fingerprint
 from core.checkpoint import ARCHS, CheckpointError, read_checkpoint
 from core.config import ConfigError, check_ranges, dump_config, validate
 from core.engine import Engine, LoopSettings, Task
 from core.engine import build_optimizer as _build_optimizer
-from core.runtime import atomic_save, autocast, get_device, progress, seed_everything, write_json
+from core.runtime import (
+    atomic_save,
+    autocast,
+    barrier,
+    get_device,
+    is_main_process,
+    progress,
+    seed_everything,
+    write_json,
+)
 from core.schedule import lr_factor
 from pretrain.methods import build_method
 from wsol.data import WSOLDataset
@@ -216,7 +226,10 @@ def _datasets(cfg):
 
 def _eval(model, test, cfg, device, scoremap_dir=None, keep_examples=0):
     e = cfg["eval"]
-    loader = DataLoader(test, batch_size=e["batch_size"], shuffle=False, num_workers=cfg["data"]["num_workers"])
+    ddist.broadcast_buffers(model)  # after DDP training: rank 0's BatchNorm statistics on every rank
+    mine = ddist.shard_indices(len(test), block=e["batch_size"])  # this rank's whole batches (all of them alone)
+    loader = DataLoader(Subset(test, mine), batch_size=e["batch_size"], shuffle=False,
+                        num_workers=cfg["data"]["num_workers"])
     size = (cfg["input"]["test_size"],) * 2
     return evaluate_model(model, loader, test.metadata, device, size=size,
                           cam_curve_interval=e["cam_curve_interval"], iou_thresholds=e["iou_thresholds"],
@@ -333,8 +346,9 @@ def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: boo
     engine.fit(resume=resume, force=force, fingerprint=fingerprint.make(cfg, {"weights": weights}),
                header={"weights": weights, "num_classes": task.num_classes, "train_images": len(task.train_set),
                        "test_images": len(task.test_set)})
-    atomic_save({"model": task.cam.state_dict(), "arch": cfg["arch"], "num_classes": task.num_classes,
-                 "config": dump_config(cfg)}, run_dir / "cam_model.pth")
+    if is_main_process():
+        atomic_save({"model": task.cam.state_dict(), "arch": cfg["arch"], "num_classes": task.num_classes,
+                     "config": dump_config(cfg)}, run_dir / "cam_model.pth")
     metrics = _final_report(task.cam, task.test_set, cfg, device, run_dir, task.curve, engine.logger, weights)
     task.curve = metrics["curve"]  # keep the final point, so that a longer resumed run reports the whole curve
     engine.save_checkpoint()
@@ -354,6 +368,9 @@ def _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights)
     size = (cfg["input"]["test_size"],) * 2
     baseline = centred_box_baseline(test_set.metadata, size, 0.5, cfg["eval"]["iou_thresholds"])
     metrics = {**_public(res), "curve": curve, "weights": weights, "centred_box": baseline}
+    if not is_main_process():  # every rank evaluated its shard and holds the numbers; rank 0 writes
+        barrier()
+        return metrics
     fig = Path(run_dir) / "figures"
     cam_grid(res["_examples"], fig / "cam_grid.png")
     boxacc_curves(res["_thresholds"], {**{f"IoU {d} (all contours)": a for d, a in res["_box_acc"].items()},
@@ -362,6 +379,7 @@ def _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights)
     write_json(metrics, Path(run_dir) / "metrics.json")
     logger.log({"event": "done", **{k: metrics[k] for k in ("top1_cls", "maxboxacc", "maxboxacc_v2",
                                                              "top1_loc", "gt_known_loc")}})
+    barrier()
     return metrics
 
 
@@ -393,7 +411,8 @@ def evaluate_run(cfg: dict, cam_model_path, scoremap_dir=None, out_json=None) ->
     except RuntimeError as e:  # missing / unexpected / mis-shaped keys
         raise CheckpointError(f"{cam_model_path}: does not fit a {ck['arch']} CAM model with "
                               f"{ck['num_classes']} classes: {str(e)[:500]}") from e
+    # under torchrun each rank writes the score maps of its shard (distinct files), rank 0 the JSON
     res = _public(_eval(model.to(device), test_set, cfg, device, scoremap_dir=scoremap_dir))
-    if out_json:
+    if out_json and is_main_process():
         write_json(res, out_json)
     return res

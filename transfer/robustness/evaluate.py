@@ -33,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
-from core.runtime import autocast, get_device, progress, write_json
+from core import distributed as ddist
+from core.runtime import autocast, get_device, is_main_process, progress, write_json
 
 from . import figures
 from .attacks import fgsm, pgd
@@ -80,6 +81,12 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
+# the per-image arrays `predict` returns
+_DTYPES = {"label": np.int64, "pred": np.int64, "correct1": bool, "correct5": bool, "confidence": np.float32,
+           "loc": bool}
+ARRAY_KEYS = tuple(_DTYPES)
+
+
 @torch.no_grad()
 def predict(model, loader, device, precision: str = "fp32", localize: bool = False,
             cam_threshold: float = 0.25, iou_threshold: float = 0.5, keep=(),
@@ -88,10 +95,10 @@ def predict(model, loader, device, precision: str = "fp32", localize: bool = Fal
 
     Returns numpy arrays ``label [n]``, ``pred [n]``, ``correct1 [n]``, ``correct5 [n]``, ``confidence [n]``,
     ``loc [n]`` (bool, or None), plus the images / boxes / CAM boxes of the dataset indices in ``keep``
-    (the 4th item of each sample) for figures.
+    (the 4th item of each sample) for figures, and ``example_index`` (their dataset indices).
     """
-    out = {k: [] for k in ("label", "pred", "correct1", "correct5", "confidence", "loc")}
-    examples, ex_boxes, ex_pred_boxes = [], [], []
+    out = {k: [] for k in ARRAY_KEYS}
+    examples, ex_boxes, ex_pred_boxes, ex_index = [], [], [], []
     keep = set(keep)
     for images, labels, boxes, idx in progress(loader, desc=desc):
         x = _to_device(images, device)
@@ -119,13 +126,38 @@ def predict(model, loader, device, precision: str = "fp32", localize: bool = Fal
             out["loc"].append(np.array(ok, dtype=bool))
         for b, i in enumerate(idx.tolist()):
             if i in keep:
+                ex_index.append(i)
                 examples.append(images[b])
                 ex_boxes.append(boxes[b].numpy())
                 if localize:
                     ex_pred_boxes.append(pboxes[b])
-    res = {k: (np.concatenate(v) if v else None) for k, v in out.items()}
+    # an empty loader (a rank whose shard is empty) gives empty arrays of the usual dtypes
+    res = {k: (np.concatenate(v) if v else np.zeros(0, _DTYPES[k])) for k, v in out.items()}
+    if not localize:
+        res["loc"] = None
     res["examples"] = torch.stack(examples) if examples else None
-    res["example_boxes"], res["example_pred_boxes"] = ex_boxes, ex_pred_boxes
+    res["example_boxes"], res["example_pred_boxes"], res["example_index"] = ex_boxes, ex_pred_boxes, ex_index
+    return res
+
+
+def predict_sharded(model, ds, batch_size: int, num_workers: int, device, **kwargs) -> dict:
+    """``predict`` with each rank taking its shard of whole batches of ``ds`` (core.distributed); the per-image
+    arrays and the kept examples are gathered to every rank in dataset order: the single-process result."""
+    n = len(ds)
+    mine = ddist.shard_indices(n, block=batch_size)
+    p = predict(model, _loader(Subset(ds, mine), batch_size, num_workers, device), device, **kwargs)
+    if ddist.rank_world()[1] == 1:
+        return p
+    arrays = {k: p[k] for k in ARRAY_KEYS if p[k] is not None}
+    merged = ddist.gather_arrays(arrays, mine, n) if n else arrays
+    res = {k: merged.get(k) for k in ARRAY_KEYS}
+    ex = sorted(e for part in ddist.all_gather_objects(list(zip(
+        p["example_index"], [x for x in (p["examples"] if p["examples"] is not None else [])],
+        p["example_boxes"], p["example_pred_boxes"] or [None] * len(p["example_index"])))) for e in part)
+    res["examples"] = torch.stack([e[1] for e in ex]) if ex else None
+    res["example_boxes"] = [e[2] for e in ex]
+    res["example_pred_boxes"] = [e[3] for e in ex] if p["loc"] is not None else []
+    res["example_index"] = [e[0] for e in ex]
     return res
 
 
@@ -137,11 +169,15 @@ def _errors(p: dict) -> dict:
 
 
 def adversarial_errors(model, loader, attacks: dict, device, precision: str = "fp32",
-                       desc: str = "attacks") -> dict:
-    """Top-1 error (%) under each attack (``name -> fn(model, x, y, batch_index) -> x_adv``), one pass."""
+                       desc: str = "attacks", batch_ids=None) -> dict:
+    """Top-1 error (%) under each attack (``name -> fn(model, x, y, batch_index) -> x_adv``), one pass.
+
+    batch_ids: the batch index of each of the loader's batches (default 0, 1, ...: a shard passes the
+    single-process batch numbers, core.distributed.shard_blocks); the counts are summed over ranks."""
     wrong = {name: 0 for name in attacks}
     n = 0
-    for b, (images, labels, _, _) in enumerate(progress(loader, desc=desc)):
+    for k, (images, labels, _, _) in enumerate(progress(loader, desc=desc)):
+        b = k if batch_ids is None else batch_ids[k]
         x, y = _to_device(images, device), labels.to(device)
         for name, attack in attacks.items():
             with autocast(device, precision):
@@ -150,7 +186,8 @@ def adversarial_errors(model, loader, attacks: dict, device, precision: str = "f
                     pred = model(x_adv).argmax(1)
             wrong[name] += int((pred != y).sum())
         n += y.numel()
-    return {name: 100.0 * w / n for name, w in wrong.items()}
+    totals = ddist.sum_counts([n, *wrong.values()])
+    return {name: 100.0 * w / totals[0] for name, w in zip(wrong, totals[1:])}
 
 
 def export_corrupted_set(base, indices, out_dir, corruption: str, at: str = "eval", image_size: int = 224,
@@ -225,7 +262,7 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
     ev = _Evaluation(o, suites)
     ev.run_suites()
     metrics = _rounded(json.loads(json.dumps(ev.metrics, default=float)))  # plain JSON values
-    if ev.out_dir is not None:
+    if ev.out_dir is not None and is_main_process():
         write_json(metrics, ev.out_dir / "metrics.json")
     return metrics
 
@@ -257,6 +294,7 @@ class _Evaluation:
             min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0)
         self.out_dir = Path(o["out_dir"]) if o["out_dir"] is not None else None
         self.fig_dir = self.out_dir / "figures" if self.out_dir is not None else None
+        self.write = is_main_process()  # under torchrun every rank evaluates its shard, rank 0 writes
         self.base = ImageNetFolder(o["imagenet_root"], split="val", boxes="auto")
         self.indices = subset_indices(len(self.base), o["limit"])
         # fail before any compute on a checkpoint without a head for these classes, or on empty OOD folders
@@ -284,9 +322,9 @@ class _Evaluation:
 
     def predict(self, ds, localize: bool, desc: str) -> dict:
         o = self.o
-        return predict(self.model, self.loader(ds), self.device, o["precision"], localize=localize,
-                       cam_threshold=o["cam_threshold"], iou_threshold=o["iou_threshold"], keep=self.examples,
-                       desc=desc, iou_op=o["iou_op"])
+        return predict_sharded(self.model, ds, o["batch_size"], self.num_workers, self.device,
+                               precision=o["precision"], localize=localize, cam_threshold=o["cam_threshold"],
+                               iou_threshold=o["iou_threshold"], keep=self.examples, desc=desc, iou_op=o["iou_op"])
 
     def run_suites(self) -> None:
         o, suites = self.o, self.suites
@@ -318,13 +356,14 @@ class _Evaluation:
             p = self.predict(ds, True, f"background/{corruption}")
             bg[corruption] = _errors(p)
             rows[corruption], pred_boxes[corruption] = p["examples"], p["example_pred_boxes"]
-            if o["export_dir"] is not None:
+            if o["export_dir"] is not None and self.write:
                 export_corrupted_set(self.base, self.indices, o["export_dir"], corruption, o["corrupt_at"],
                                      o["image_size"], o["resize"], o["sigma"], o["seed"])
         self.metrics["background"] = bg
         if self.fig_dir is not None:
-            figures.image_grid(rows, self.fig_dir / "background_examples.png", boxes=clean["example_boxes"],
-                               pred_boxes=pred_boxes)
+            if self.write:
+                figures.image_grid(rows, self.fig_dir / "background_examples.png", boxes=clean["example_boxes"],
+                                   pred_boxes=pred_boxes)
             self.metrics["figures"]["background_examples"] = "figures/background_examples.png"
         self.timed("background", t0)
 
@@ -334,8 +373,9 @@ class _Evaluation:
         self.metrics["calibration"] = {"ece": 100.0 * ece, "oe": 100.0 * oe}
         if self.fig_dir is not None:
             bins = calibration_bins(clean["confidence"], clean["correct1"], n_bins)
-            figures.reliability_diagram(bins, self.fig_dir / "reliability.png",
-                                        title=str(self.meta.get("method") or ""), ece=ece)
+            if self.write:
+                figures.reliability_diagram(bins, self.fig_dir / "reliability.png",
+                                            title=str(self.meta.get("method") or ""), ece=ece)
             self.metrics["figures"]["reliability"] = "figures/reliability.png"
 
     def adversarial(self) -> None:
@@ -349,8 +389,9 @@ class _Evaluation:
             attacks["fgsm_same_eps"] = lambda m, x, y, b: fgsm(m, x, y, o["pgd_eps"])
         t0 = time.time()
         ds = ValSet(self.base, self.indices, o["image_size"], o["resize"], need_boxes=False)
-        err = adversarial_errors(self.model, self.loader(ds), attacks, self.device, o["precision"],
-                                 desc="+".join(attacks))
+        mine = ddist.shard_indices(len(ds), block=o["batch_size"])  # whole batches: PGD starts keep their index
+        err = adversarial_errors(self.model, self.loader(Subset(ds, mine)), attacks, self.device, o["precision"],
+                                 desc="+".join(attacks), batch_ids=ddist.shard_blocks(len(ds), o["batch_size"]))
         if "fgsm" in suites:
             self.metrics["fgsm"] = {"top1_err": err["fgsm"], "eps": o["fgsm_eps"]}
         if "pgd" in suites:
@@ -362,11 +403,13 @@ class _Evaluation:
     def ood(self) -> None:
         t0, ood, scores = time.time(), {}, {}
         for name, ds in self.ood_sets.items():
-            p = predict(self.model, self.loader(ds), self.device, self.o["precision"], desc=f"ood/{name}")
+            p = predict_sharded(self.model, ds, self.o["batch_size"], self.num_workers, self.device,
+                                precision=self.o["precision"], desc=f"ood/{name}")
             scores[name] = p["confidence"]
             ood[name] = ood_metrics(self.clean["confidence"], p["confidence"], self.o["ood_threshold"])
         self.metrics["ood"] = ood
         if self.fig_dir is not None and scores:
-            figures.score_histograms(self.clean["confidence"], scores, self.fig_dir / "ood_scores.png")
+            if self.write:
+                figures.score_histograms(self.clean["confidence"], scores, self.fig_dir / "ood_scores.png")
             self.metrics["figures"]["ood_scores"] = "figures/ood_scores.png"
         self.timed("ood", t0)
