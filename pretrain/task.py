@@ -24,12 +24,13 @@ from torch.utils.data import DataLoader
 
 from core import fingerprint
 from core import runtime as rt
-from core.checkpoint import save_backbone
+from core.checkpoint import ALL_ARCHS, save_backbone
 from core.config import ConfigError, check_ranges, dump_config, validate
-from core.data import ImageNetFolder
+from core.smalldata import DATASETS, detect_layout, open_classification
 from core.engine import Engine, LoopSettings, Task, build_optimizer
 from core.schedule import lr_factor
-from pretrain.data import EpochSampler, SeededTransform, evenly_spaced, sample_seed, train_transform, val_transform
+from pretrain.data import (EpochSampler, SeededTransform, evenly_spaced, padded_train_transform, padded_val_transform,
+                           sample_seed, train_transform, val_transform)
 from pretrain.figures import plot_curves
 from pretrain.methods import ResNetStages, build_method
 from pretrain.mixing import have_gco
@@ -40,10 +41,16 @@ DEFAULTS = {
     "name": "pretrain",              # run name (runs/<name>/ when the CLI picks the folder)
     "seed": 0,                       # one seed for data order, augmentation, initialisation and mixing
     "data": {
-        "root": None,                # ImageNet-layout folder: root/train/<wnid>/*.JPEG, root/val/<wnid>/...
+        "root": None,                # ImageNet-layout folder (root/train/<wnid>/*.JPEG, root/val/<wnid>/...), or a
+                                     # CIFAR / TinyImageNet folder (core/smalldata.py: the folder or its parent)
+        "dataset": "auto",           # auto (from the layout) | imagenet | cifar10 | cifar100 | tinyimagenet
         "train_split": "train",
-        "val_split": "val",
-        "crop_size": 224,            # RandomResizedCrop output (train) and centre crop (val)
+        "val_split": "val",          # CIFAR: val = its test batch (CIFAR has no validation split)
+        "crop": "auto",              # resized (RandomResizedCrop; val: resize + centre crop) | padded (random crop of
+                                     # the stored size after zero padding; val: the stored image) | auto: resized for
+                                     # ImageNet, padded for CIFAR / TinyImageNet
+        "padding": 4,                # padded crop: pixels of zero padding on each side
+        "crop_size": 224,            # the train crop (and the val centre crop); 32 for CIFAR, 64 for TinyImageNet
         "crop_schedule": None,       # [[epoch, size], ...]: train crop size from that epoch on
         "val_resize": None,          # shorter side before the val centre crop; None = crop_size / 0.875
         "scale_min": 0.08,           # RandomResizedCrop scale range lower bound
@@ -55,7 +62,8 @@ DEFAULTS = {
         "max_val": None,
     },
     "model": {
-        "arch": "resnet50",          # resnet18 | resnet34 | resnet50 | resnet101 (torchvision)
+        "arch": "resnet50",          # resnet18 | resnet34 | resnet50 | resnet101 (torchvision); small images:
+                                     # preactresnet18 | wrn16_8 | resnet18_cifar (core/smallnets.py)
         "num_classes": None,         # None = number of train class folders
         "zero_init_residual": False,
     },
@@ -106,7 +114,8 @@ RANGES = {
     "data.num_workers": (">=", 0), "data.max_train": (">", 0), "data.max_val": (">", 0),
     "data.scale_min": (">", 0, "<=", 1), "runtime.precision": ("in", ("fp32", "bf16", "fp16")),
     "runtime.log_every_steps": (">", 0), "runtime.checkpoint_every_steps": (">=", 0),
-    "model.arch": ("in", ("resnet18", "resnet34", "resnet50", "resnet101")), "model.num_classes": (">", 0),
+    "model.arch": ("in", ALL_ARCHS), "model.num_classes": (">", 0),
+    "data.dataset": ("in", DATASETS), "data.crop": ("in", ("auto", "resized", "padded")), "data.padding": (">=", 0),
 }
 
 
@@ -162,8 +171,11 @@ class PretrainTask(Task):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         dcfg, ocfg = cfg["data"], cfg["optim"]
         self.plan = batch_plan(ocfg, world)
-        self.train_set = ImageNetFolder(dcfg["root"], dcfg["train_split"], boxes=None)
-        self.val_set = ImageNetFolder(dcfg["root"], dcfg["val_split"], boxes=None, classes=self.train_set.classes)
+        self.layout = detect_layout(dcfg["root"], dcfg["dataset"])[0]
+        self.crop = dcfg["crop"] if dcfg["crop"] != "auto" else ("resized" if self.layout == "imagenet" else "padded")
+        self.train_set = open_classification(dcfg["root"], dcfg["train_split"], dcfg["dataset"])
+        self.val_set = open_classification(dcfg["root"], dcfg["val_split"], dcfg["dataset"],
+                                           classes=self.train_set.classes)
         self.num_classes = cfg["model"]["num_classes"] or len(self.train_set.classes)
         subset = evenly_spaced(len(self.train_set), dcfg["max_train"])
         n_train = len(subset) if subset else len(self.train_set)
@@ -204,7 +216,10 @@ class PretrainTask(Task):
 
     def batches(self, epoch: int, start_step: int):
         d = self.cfg["data"]
-        tf = train_transform(crop_size_at(epoch, d), d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"])
+        if self.crop == "padded":
+            tf = padded_train_transform(crop_size_at(epoch, d), d["padding"], d["hflip"])
+        else:
+            tf = train_transform(crop_size_at(epoch, d), d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"])
         self.sampler.set_epoch(epoch, start_step)
         return DataLoader(SeededTransform(self.train_set, tf), batch_size=self.plan["micro_batch"],
                           sampler=self.sampler, num_workers=d["num_workers"], drop_last=True,
@@ -214,7 +229,9 @@ class PretrainTask(Task):
     def _val_loader(self) -> DataLoader:
         d = self.cfg["data"]
         idx = evenly_spaced(len(self.val_set), d["max_val"]) or list(range(len(self.val_set)))
-        ds = torch.utils.data.Subset(SeededTransform(self.val_set, val_transform(d["crop_size"], d["val_resize"])),
+        tf = padded_val_transform(d["crop_size"]) if self.crop == "padded" else val_transform(d["crop_size"],
+                                                                                               d["val_resize"])
+        ds = torch.utils.data.Subset(SeededTransform(self.val_set, tf),
                                      idx[self.rank:: self.world])
         return DataLoader(ds, batch_size=self.plan["micro_batch"], shuffle=False, num_workers=d["num_workers"],
                           pin_memory=self.device.type == "cuda")
