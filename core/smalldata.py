@@ -303,16 +303,20 @@ def detect_layout(root: str | os.PathLike, dataset: str = "auto") -> tuple[str, 
     root = Path(root)
     marks = {"cifar10": ("batches.meta", CIFAR_DIRS["cifar10"]), "cifar100": ("meta", CIFAR_DIRS["cifar100"]),
              "tinyimagenet": ("wnids.txt", TINY_DIR)}
+    found = []
     for kind, (mark, sub) in marks.items():
         if dataset not in ("auto", kind):
             continue
         if (root / sub / mark).is_file():
-            return kind, root / sub
-        if (root / mark).is_file() and (kind != "cifar100" or (root / "train").is_file()):
-            return kind, root
-        if dataset == kind:
+            found.append((kind, root / sub))
+        elif (root / mark).is_file() and (kind != "cifar100" or (root / "train").is_file()):
+            found.append((kind, root))
+        elif dataset == kind:
             raise DataError(f"{root}: no {kind} layout here (looked for {root / mark} and {root / sub / mark})")
-    return "imagenet", root
+    if len(found) > 1:
+        raise DataError(f"{root}: holds several layouts ({', '.join(k for k, _ in found)}); set the dataset "
+                        "(data.dataset) or point at one of their folders")
+    return found[0] if found else ("imagenet", root)
 
 
 def open_classification(root: str | os.PathLike, split: str, dataset: str = "auto",
