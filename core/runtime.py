@@ -248,3 +248,62 @@ def progress(iterable: Iterable | None = None, **kwargs) -> tqdm:
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("leave", False)
     return tqdm(iterable, disable=disable, **kwargs)
+
+
+# -- collectives for losses that mix the whole global batch (pretrain.methods MultiMix global_batch) -------------
+def _group_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward returns to each rank the sum over ranks of the gradients of its rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # every rank's loss reads every rank's rows: this rank's rows get the sum of all ranks' gradients
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's x [b, ...] concatenated in rank order -> [world * b, ...] (the same b on every rank), with the
+    gradient flowing back to the rank that owns the rows: x receives sum_r d loss_r / dx over the ranks' losses, so
+    DDP's average of parameter gradients is the gradient of the mean of the ranks' losses. Without a process group
+    (one process) it returns x itself."""
+    return x if _group_size() == 1 else _GatherWithGrad.apply(x)
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's x [b, ...] concatenated in rank order, without gradient; x itself in one process."""
+    if _group_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_group_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of x over the ranks (a new tensor, no gradient); x itself in one process."""
+    if _group_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x
+
+
+def broadcast_from_main(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's value of x on every rank (a new tensor); x itself in one process."""
+    if _group_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.broadcast(x, 0)
+    return x

@@ -1,4 +1,5 @@
-"""The report's own figures: summary bars, pretraining curves, the WSOL fine-tuning curve."""
+"""The report's own figures: summary bars (mean, ± std, one dot per run), pretraining curves and the WSOL
+fine-tuning curve (one line per run, one colour per method)."""
 
 from __future__ import annotations
 
@@ -10,32 +11,43 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.tables import mean_std  # noqa: E402
 
-def pretrain_curves(run_dir: Path, methods: list[str], out: Path) -> Path | None:
-    curves = {}
-    for m in methods:
-        logf = run_dir / m / "pretrain" / "log.jsonl"
-        if not logf.exists():
+
+def _epoch_curve(logf: Path) -> tuple[list, list, list]:
+    """(epochs, training losses, val top-1) of a pretraining log.jsonl."""
+    ep, loss, acc = [], [], []
+    for line in logf.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
             continue
-        ep, loss, acc = [], [], []
-        for line in logf.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if r.get("event", "epoch") == "epoch" and "epoch" in r and ("val_top1" in r or "top1" in r):
-                ep.append(r["epoch"])
-                loss.append(r.get("train_loss", r.get("loss")))
-                acc.append(r.get("val_top1", r.get("top1")))
-        if ep:
-            curves[m] = (ep, loss, acc)
+        if r.get("event", "epoch") == "epoch" and "epoch" in r and ("val_top1" in r or "top1" in r):
+            ep.append(r["epoch"])
+            loss.append(r.get("train_loss", r.get("loss")))
+            acc.append(r.get("val_top1", r.get("top1")))
+    return ep, loss, acc
+
+
+def pretrain_curves(run_dir: Path, folders: dict[str, list[str]], out: Path) -> Path | None:
+    """folders: per method, its pretraining run folders (relative to run_dir); one line per run."""
+    curves = {}
+    for m, dirs in folders.items():
+        for f in dirs:
+            logf = run_dir / f / "log.jsonl"
+            ep, loss, acc = _epoch_curve(logf) if logf.exists() else ([], [], [])
+            if ep:
+                curves.setdefault(m, []).append((ep, loss, acc))
     if not curves:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for m, (ep, loss, acc) in curves.items():
-        if any(v is not None for v in loss):
-            axes[0].plot(ep, loss, marker="o", ms=3, label=m)
-        axes[1].plot(ep, acc, marker="o", ms=3, label=m)
+    for i, (m, runs) in enumerate(curves.items()):
+        style = {"marker": "o", "ms": 3, "color": f"C{i}", "lw": 1.5 if len(runs) == 1 else 1.0}
+        for r, (ep, loss, acc) in enumerate(runs):
+            label = m if r == 0 else None
+            if any(v is not None for v in loss):
+                axes[0].plot(ep, loss, label=label, **style)
+            axes[1].plot(ep, acc, label=label, **style)
     axes[0].set(xlabel="epoch", ylabel="training loss", title="Pretraining loss")
     axes[1].set(xlabel="epoch", ylabel="val top-1 (%)", title="Pretraining accuracy")
     axes[1].legend(fontsize=8)
@@ -45,18 +57,19 @@ def pretrain_curves(run_dir: Path, methods: list[str], out: Path) -> Path | None
     return out
 
 
-def wsol_curves(results: dict, out: Path) -> Path | None:
+def wsol_curves(series: list[tuple[str, list[dict]]], out: Path) -> Path | None:
+    """series: (label, the WSOL metrics of each of its runs); one line per run, the label's colour."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     drawn = False
-    series = [(m, r.get("wsol") or {}) for m, r in results["methods"].items()]
-    series.append(("random init", (results.get("baselines") or {}).get("wsol") or {}))
-    for m, w in series:
-        curve = w.get("curve") or []
-        pts = [(c.get("epoch"), c.get("maxboxacc_v2", c.get("top1_loc"))) for c in curve if isinstance(c, dict)]
-        pts = [(e, v) for e, v in pts if e is not None and v is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=m, ls="--" if m == "random init" else "-")
-            drawn = True
+    for i, (m, runs) in enumerate(series):
+        for r, w in enumerate(runs):
+            curve = w.get("curve") or []
+            pts = [(c.get("epoch"), c.get("maxboxacc_v2", c.get("top1_loc"))) for c in curve if isinstance(c, dict)]
+            pts = [(e, v) for e, v in pts if e is not None and v is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=m if r == 0 else None, color=f"C{i}",
+                        ls="--" if m == "random init" else "-")
+                drawn = True
     if not drawn:
         plt.close(fig)
         return None
@@ -68,14 +81,25 @@ def wsol_curves(results: dict, out: Path) -> Path | None:
     return out
 
 
-def summary_bars(panels: list[tuple[str, dict[str, float]]], out: Path) -> Path | None:
+def summary_bars(panels: list[tuple[str, dict[str, list[float]]]], out: Path) -> Path | None:
+    """panels: (title, per method the values of its runs). Bar: the mean; error bar: the sample std (two or more
+    runs); dots: the runs."""
+    panels = [(t, {k: v for k, v in vals.items() if v}) for t, vals in panels]
     panels = [(t, v) for t, v in panels if v]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
     for ax, (title, vals) in zip(axes[0], panels):
         names = list(vals)
-        ax.bar(range(len(names)), [vals[n] for n in names], color=[f"C{i}" for i in range(len(names))])
+        stats = [mean_std(vals[n]) for n in names]
+        ax.bar(range(len(names)), [m for m, _ in stats], color=[f"C{i}" for i in range(len(names))])
+        runs = max(len(v) for v in vals.values())
+        if runs > 1:
+            ax.errorbar(range(len(names)), [m for m, _ in stats], yerr=[s or 0.0 for _, s in stats], fmt="none",
+                        ecolor="black", capsize=3, lw=1)
+            for i, n in enumerate(names):  # the runs, beside the error bar
+                ax.plot([i + 0.22] * len(vals[n]), vals[n], "o", ms=3, color="black", alpha=0.6)
+            title = f"{title} (n{'=' if len({len(v) for v in vals.values()}) == 1 else '≤'}{runs}, ± std)"
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
     fig.tight_layout()

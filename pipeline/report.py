@@ -1,18 +1,19 @@
 """The pipeline's report: the papers' tables (pipeline/tables.py) with figures (pipeline/figures.py), written as
-Markdown and HTML (pipeline/html.py)."""
+Markdown and HTML (pipeline/html.py), and the same tables as data in summary.json."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from core.runtime import atomic_write_text
+from core.runtime import atomic_write_text, write_json
 from pipeline import figures, tables
 from pipeline.html import to_html
 
 
 def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
-    """runs/<name>/report.md and report.html (+ figures/) from the stages' metrics; returns report.md."""
+    """runs/<name>/report.md, report.html (+ figures/) and summary.json from the stages' metrics (`Pipeline.run`'s
+    results: per method and stage, a list of runs); returns report.md."""
     run_dir = Path(run_dir)
     fig_dir = run_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -20,61 +21,81 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
     dets = [d["name"] for d in cfg.get("detection") or []]
     sections = [f"# Mixup-family pretraining and transfer: report `{cfg.get('name')}`", "",
                 f"Methods: {', '.join(methods)}. Data: `{cfg['data']['root']}`. Every number links to the run "
-                "folder that produced it; **bold** is the best method in each column; rows in *italics* are "
-                "baselines. ↑: higher is better, ↓: lower is better. One pretraining seed per method unless a "
-                "table says otherwise.", "", tables.classification_table(results)]
+                "folder that produced it; **bold** is the best method in each column (the rule is under each "
+                "table); rows in *italics* are baselines. ↑: higher is better, ↓: lower is better. "
+                + seeds_sentence(results.get("seeds") or {}), ""]
+    tabs = [tables.classification_table(results)]
     if dets:
-        sections.append(tables.detection_table(results, dets))
+        tabs.append(tables.detection_table(results, dets))
+    sections += [t.markdown() for t in tabs]
     if cfg.get("wsol"):
-        sections.append(tables.wsol_table(results))
-        curve = figures.wsol_curves(results, fig_dir / "wsol_curve.png")
+        tabs.append(tables.wsol_table(results))
+        sections.append(tabs[-1].markdown())
+        series = [(m, [r["metrics"] for r in res.get("wsol") or []]) for m, res in results["methods"].items()]
+        series.append(("random init", [r["metrics"] for r in (results.get("baselines") or {}).get("wsol") or []]))
+        curve = figures.wsol_curves(series, fig_dir / "wsol_curve.png")
         if curve:
             sections.append(f"![WSOL localization vs fine-tuning epoch](figures/{curve.name})\n")
     if cfg.get("robustness"):
-        sections += [tables.background_table(results), tables.calibration_adversarial_table(results)]
-        ood = tables.ood_table(results)
-        if ood:
-            sections.append(ood)
+        more = [tables.background_table(results), tables.calibration_adversarial_table(results),
+                tables.ood_table(results), tables.embedding_table(results)]
+        tabs += [t for t in more if t is not None]
+        sections += [t.markdown() for t in more if t is not None]
     reused = results.get("reused") or []
     sections.append(f"Stages reused from an earlier run (same config and inputs): {', '.join(reused)}.\n"
                     if reused else "Every stage ran in this invocation.\n")
     sections += figure_sections(run_dir, results, methods, dets)
-    timings = timing_section(run_dir, methods, dets)
+    timings = timing_section(run_dir, results)
     if timings:
         sections.append(timings)
     md = "\n".join(sections)
+    write_json({"name": cfg.get("name"), "seeds": results.get("seeds") or {},
+                "tables": {t.title: t.summary() for t in tabs}}, run_dir / "summary.json")
     atomic_write_text(md, run_dir / "report.md")
     atomic_write_text(to_html(md, cfg.get("name", "")), run_dir / "report.html")
     return run_dir / "report.md"
 
 
+def seeds_sentence(seeds: dict) -> str:
+    """What the runs behind each entry are, in words."""
+    def words(key, what):
+        s = seeds.get(key)
+        return f"{what} seeds {s}" if s else f"each {what} config's own seed"
+    if not seeds.get("pretrain") and not seeds.get("transfer"):
+        return "One pretraining seed per method unless a table says otherwise (seeds: null)."
+    return (f"Runs per entry: {words('pretrain', 'pretraining')} × {words('transfer', 'transfer')} (robustness: one "
+            "evaluation per pretrained backbone); summary.json holds every run's value.")
+
+
 def figure_sections(run_dir: Path, results: dict, methods: list[str], dets: list[str]) -> list[str]:
-    """The summary bars, the pretraining curves and each method's stage figures, as Markdown."""
+    """The summary bars, the pretraining curves and each method's stage figures (of its first run), as Markdown."""
     fig_dir = run_dir / "figures"
     out = ["## Figures\n"]
     per_method = results["methods"]
+
+    def panel(stage, getter, per_seed=False):
+        return {m: [v for v, _ in tables.values(r, stage, getter, per_seed)] for m, r in per_method.items()}
     panels = [
-        ("val top-1 acc (%)", {m: tables.get(r.get("pretrain") or {}, "top1") for m, r in per_method.items()}),
-        *[(f"{d} {'AP' if 'coco' in d else 'mAP'}",
-           {m: tables.det_get("AP" if "coco" in d else "mAP")(r.get(d) or {}) for m, r in per_method.items()})
+        ("val top-1 acc (%)", panel("pretrain", lambda m: tables.get(m, "top1"))),
+        *[(f"{d} {tables.detection_key(d)}", panel(d, lambda m, k=tables.detection_key(d): tables.get(m, k), True))
           for d in dets],
-        ("MaxBoxAccV2 (%)", {m: tables.get(r.get("wsol") or {}, "maxboxacc_v2") for m, r in per_method.items()}),
-        ("bg-replace top-1 err", {m: tables.get(r.get("robustness") or {}, "background", "replace", "top1_err")
-                                  for m, r in per_method.items()}),
+        ("MaxBoxAccV2 (%)", panel("wsol", lambda m: tables.get(m, "maxboxacc_v2"))),
+        ("bg-replace top-1 err", panel("robustness", lambda m: tables.get(m, "background", "replace", "top1_err"))),
     ]
-    panels = [(t, {k: v for k, v in vals.items() if v is not None}) for t, vals in panels]
     bars = figures.summary_bars(panels, fig_dir / "summary.png")
     if bars:
         out.append(f"![Summary of the main numbers per method](figures/{bars.name})\n")
-    curves = figures.pretrain_curves(run_dir, methods, fig_dir / "pretrain_curves.png")
+    folders = {m: [r["folder"] for r in per_method[m].get("pretrain") or []] for m in methods}
+    curves = figures.pretrain_curves(run_dir, folders, fig_dir / "pretrain_curves.png")
     if curves:
         out.append(f"![Pretraining curves](figures/{curves.name})\n")
     for m in methods:
         pics = []
         for stage, pats in (("wsol", ("figures/*cam*.png", "figures/*grid*.png")),
                             *[(d, ("figures/*example*.png", "figures/*.png")) for d in dets],
-                            ("robustness", ("figures/*reliab*.png",))):
-            p = figures.first_png(run_dir / m / stage, pats)
+                            ("robustness", ("figures/*reliab*.png",)), ("robustness", ("figures/umap.png",))):
+            runs = per_method[m].get(stage) or []
+            p = figures.first_png(run_dir / runs[0]["folder"], pats) if runs else None
             if p:
                 pics.append(f"![{m} {stage}]({p.relative_to(run_dir).as_posix()})")
         if pics:
@@ -82,14 +103,17 @@ def figure_sections(run_dir: Path, results: dict, methods: list[str], dets: list
     return out
 
 
-def timing_section(run_dir: Path, methods: list[str], dets: list[str]) -> str | None:
+def timing_section(run_dir: Path, results: dict) -> str | None:
+    """Each method stage's time from its stage.json, one line per run (`erm/seed1 | pretrain`)."""
     t_lines = []
-    for m in methods:
-        for s in ("pretrain", *dets, "wsol", "robustness"):
-            marker = run_dir / m / s / "stage.json"
-            if marker.exists():
-                seconds = json.loads(marker.read_text()).get("seconds", 0)
-                t_lines.append(f"| {m} | {s} | {seconds:.0f} |")
+    for res in results["methods"].values():
+        for runs in res.values():
+            for r in runs:
+                marker = run_dir / r["folder"] / "stage.json"
+                if marker.exists():
+                    seconds = json.loads(marker.read_text()).get("seconds", 0)
+                    where, stage = r["folder"].rsplit("/", 1)
+                    t_lines.append(f"| {where} | {stage} | {seconds:.0f} |")
     if not t_lines:
         return None
     return "## Stage timings\n\n| method | stage | seconds |\n|---|---|---:|\n" + "\n".join(t_lines) + "\n"

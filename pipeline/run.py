@@ -7,7 +7,14 @@ marker holds the same key is reused, so an interrupted pipeline resumes where it
 their own training checkpoints also resume inside the stage), and a changed override reruns exactly the
 stages it affects and their dependents; `force` redoes stages by name. The report lists the reused stages.
 
-Layout:
+Seeds: `seeds.pretrain` and `seeds.transfer` (an int or a list; null: each stage config's own seed, one run) make
+one pretraining stage per (method, pretraining seed) and one detection / WSOL stage per (pretraining seed, transfer
+seed); the seed is an override of the stage's config, so it is part of the stage's key. Robustness evaluates each
+backbone once (its own draws stay those of `robustness.options`). `Pipeline.plan` lists the stages without running
+anything; the report shows mean ± std over the runs of each entry.
+
+Layout (with seeds given, `<method>/` becomes `<method>/seed<k>/` and each detection / WSOL folder moves into
+`transfer_seed<t>/`, e.g. `erm/seed1/transfer_seed0/ssd_voc/`; the random-init baselines get `transfer_seed<t>/`):
     runs/<name>/pipeline.yaml                     resolved pipeline config
     runs/<name>/<method>/pretrain/                pretraining run (backbone.pth, log.jsonl, ...)
     runs/<name>/<method>/<detector>/              one folder per detection config (ssd_voc, frcnn_coco)
@@ -15,6 +22,7 @@ Layout:
     runs/<name>/<method>/robustness/              clean / background / calibration / FGSM / PGD / OOD
     runs/<name>/baselines/<stage>/                the same downstream stages from a random backbone
     runs/<name>/report.md, report.html, figures/  the report
+    runs/<name>/summary.json                      every table entry: per-run values, mean, std, n
 
 This module calls each stage's one entry point, `run(cfg, inputs, run_dir) -> metrics`, through the adapters of
 `pipeline/stages.py` (`pretrain.task`, `transfer.det_train`, `wsol.finetune`, `transfer.robustness.stage`); the
@@ -28,6 +36,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -57,7 +66,44 @@ DEFAULTS = {
     "baselines": {
         "random_init": True,           # run detection and WSOL from a randomly initialised backbone too
     },
+    "seeds": {
+        "pretrain": None,              # int or list: one pretraining run per seed (config key seed); null: the config's
+        "transfer": None,              # int or list: one detection (seeds=[t]) and WSOL (seed=t) run per seed and
+    },                                 # backbone; null: each stage config's own seed(s)
 }
+
+
+def seed_list(value, key: str) -> list[int] | None:
+    """`seeds.<key>` as a list of distinct ints (an int is one seed), or None (the stage configs' own seeds)."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, int) else value
+    if (not isinstance(items, (list, tuple)) or not items or len(set(items)) != len(items)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items)):
+        raise ConfigError(f"config key seeds.{key}: {value!r} must be a seed (an int >= 0), a non-empty list of "
+                          "distinct seeds, or null")
+    return list(items)
+
+
+def content_key(spec: dict) -> str:
+    """A stage's content key: the hash of what it computes from (its resolved config, its inputs' keys)."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One planned stage. label: its folder relative to the run (also its name in logs and the reused list)."""
+    label: str
+    owner: str                 # the method, or "baselines"
+    name: str                  # "pretrain", a detection name, "wsol" or "robustness"
+    forced_by: frozenset
+    spec: dict                 # what it computes from; content_key(spec) is its key
+    call: Callable[[Path], dict]
+    seeds: dict                # {"pretrain": k or None, "transfer": t or None}
+
+    @property
+    def key(self) -> str:
+        return content_key(self.spec)
 
 
 def _fill(value, **subs):
@@ -80,6 +126,7 @@ class Pipeline:
             self.cfg["methods"] = list(methods)
         self.run_dir = Path(self.cfg["out_root"]) / self.cfg["name"]
         self.data = Path(self.cfg["data"]["root"])
+        self.seeds = {k: seed_list(self.cfg["seeds"][k], k) for k in ("pretrain", "transfer")}
         self._check_methods()
         self.force = set(force)
         bad = self.force - set(STAGES) - {d["name"] for d in self.cfg["detection"]}
@@ -140,7 +187,7 @@ class Pipeline:
         spec: what the stage computes from (its resolved config and the content keys of the stages it reads);
         its hash is the stage's content key, so a changed override reruns exactly the stages it affects and,
         through their keys, everything downstream of them."""
-        content = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        content = content_key(spec)
         marker = folder / "stage.json"
         if marker.exists():
             stored = json.loads(marker.read_text())
@@ -169,51 +216,67 @@ class Pipeline:
 
     # -- the job -----------------------------------------------------------------------------------
     def run(self) -> dict:
-        from pipeline import stages  # the adapters to each package's entry point
-
+        """Every planned stage (reused where done); returns {"methods": {method: {stage name: [run, ...]}},
+        "baselines": {stage name: [run, ...]}, "seeds", "reused"}, a run being {"metrics", "folder", "seeds"}."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "pipeline.yaml").write_text(dump_config(self.cfg))
         self._ensure_data()
-        results: dict = {"methods": {}, "baselines": {}}
-        subs = {"data": self.data}
-        for method in self.cfg["methods"]:
-            res = results["methods"][method] = {}
-            mdir = self.run_dir / method
-            pcfg = _fill(self.cfg["pretrain"], data=self.data, method=method)
-            res["pretrain"], upstream = self._stage(
-                f"{method}/pretrain", mdir / "pretrain", {"pretrain"},
-                lambda d: stages.pretrain(pcfg["config"], pcfg["overrides"], d),
-                spec={"config": load_config(pcfg["config"], pcfg["overrides"])})
-            backbone = mdir / "pretrain" / "backbone.pth"
-            self._downstream(res, mdir, backbone, subs, prefix=method, upstream=upstream)
-        if self.cfg["baselines"]["random_init"]:
-            self._downstream(results["baselines"], self.run_dir / "baselines", None, subs, prefix="baselines",
-                             robustness=False, upstream=None)
+        results: dict = {"methods": {m: {} for m in self.cfg["methods"]}, "baselines": {}, "seeds": dict(self.seeds)}
+        for st in self.plan():
+            metrics, _ = self._stage(st.label, self.run_dir / st.label, set(st.forced_by), st.call, st.spec)
+            owner = results["baselines"] if st.owner == "baselines" else results["methods"][st.owner]
+            owner.setdefault(st.name, []).append({"metrics": metrics, "folder": st.label, "seeds": st.seeds})
         results["reused"] = list(self.reused)
         return results
 
-    def _downstream(self, res: dict, folder: Path, backbone: Path | None, subs: dict, prefix: str,
-                    upstream: str | None, robustness: bool = True) -> None:
+    def plan(self) -> list[Stage]:
+        """The stages in running order: per method and pretraining seed, pretraining, then per transfer seed
+        detection and WSOL, then robustness; then the random-init baselines per transfer seed. Runs nothing."""
+        from pipeline import stages  # the adapters to each package's entry point
+
+        out = []
+        for method in self.cfg["methods"]:
+            pcfg = _fill(self.cfg["pretrain"], data=self.data, method=method)
+            for k in self.seeds["pretrain"] or [None]:
+                base = method if k is None else f"{method}/seed{k}"
+                ov = pcfg["overrides"] + ([] if k is None else [f"seed={k}"])
+                spec = {"config": load_config(pcfg["config"], ov)}
+                out.append(Stage(f"{base}/pretrain", method, "pretrain", frozenset({"pretrain"}), spec,
+                                 lambda d, c=pcfg["config"], ov=ov: stages.pretrain(c, ov, d),
+                                 {"pretrain": k, "transfer": None}))
+                out += self._plan_downstream(method, base, self.run_dir / base / "pretrain" / "backbone.pth",
+                                             content_key(spec), k)
+        if self.cfg["baselines"]["random_init"]:
+            out += self._plan_downstream("baselines", "baselines", None, None, None, robustness=False)
+        return out
+
+    def _plan_downstream(self, owner: str, base: str, backbone: Path | None, upstream: str | None,
+                         pseed: int | None, robustness: bool = True) -> list[Stage]:
         from pipeline import stages
 
-        for det in self.cfg["detection"]:
-            det = _fill(det, **subs)
-            spec = {"config": load_config(det["config"], det.get("overrides", [])), "backbone": upstream}
-            res[det["name"]], _ = self._stage(
-                f"{prefix}/{det['name']}", folder / det["name"], {"detection", det["name"]},
-                lambda d, det=det: stages.detection(det["config"], det.get("overrides", []), backbone, d), spec)
-        if self.cfg["wsol"]:
-            w = _fill(self.cfg["wsol"], **subs)
-            spec = {"config": load_config(w["config"], w.get("overrides", [])), "backbone": upstream}
-            res["wsol"], _ = self._stage(
-                f"{prefix}/wsol", folder / "wsol", {"wsol"},
-                lambda d: stages.wsol(w["config"], w.get("overrides", []), backbone, d), spec)
+        out, subs = [], {"data": self.data}
+        for t in self.seeds["transfer"] or [None]:
+            folder, seeds = (base if t is None else f"{base}/transfer_seed{t}"), {"pretrain": pseed, "transfer": t}
+            for det in self.cfg["detection"]:
+                det = _fill(det, **subs)
+                ov = det.get("overrides", []) + ([] if t is None else [f"seeds=[{t}]"])
+                spec = {"config": load_config(det["config"], ov), "backbone": upstream}
+                out.append(Stage(f"{folder}/{det['name']}", owner, det["name"],
+                                 frozenset({"detection", det["name"]}), spec,
+                                 lambda d, c=det["config"], ov=ov: stages.detection(c, ov, backbone, d), seeds))
+            if self.cfg["wsol"]:
+                w = _fill(self.cfg["wsol"], **subs)
+                ov = w.get("overrides", []) + ([] if t is None else [f"seed={t}"])
+                spec = {"config": load_config(w["config"], ov), "backbone": upstream}
+                out.append(Stage(f"{folder}/wsol", owner, "wsol", frozenset({"wsol"}), spec,
+                                 lambda d, c=w["config"], ov=ov: stages.wsol(c, ov, backbone, d), seeds))
         if robustness and self.cfg["robustness"]:
             r = _fill(self.cfg["robustness"], **subs)
-            res["robustness"], _ = self._stage(
-                f"{prefix}/robustness", folder / "robustness", {"robustness"},
-                lambda d: stages.robustness(backbone, self.data / "imagenet", r, d),
-                {"spec": r, "backbone": upstream})
+            out.append(Stage(f"{base}/robustness", owner, "robustness", frozenset({"robustness"}),
+                             {"spec": r, "backbone": upstream},
+                             lambda d: stages.robustness(backbone, self.data / "imagenet", r, d),
+                             {"pretrain": pseed, "transfer": None}))
+        return out
 
     def _ensure_data(self) -> None:
         gen = self.cfg["data"]["generate"]

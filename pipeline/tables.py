@@ -1,13 +1,24 @@
-"""Tables laid out like the papers': one function per table, each returning Markdown.
+"""Tables laid out like the papers': one function per table, each returning a `Table` (`.markdown()`, `.summary()`).
 
-Every number links to the run folder that produced it; the best method value of each column is in bold; baseline
-rows (chance, a centred box, a randomly initialised backbone) sit under the methods, in italics.
+An entry is the mean ± sample std (ddof = 1) over the runs behind it (pretraining seeds × transfer seeds × a
+detection config's own seeds), or the value alone for one run; it links to the run folder that produced it (their
+common parent for several runs). The best method entry of a column is in bold (`best_rows`); baseline rows (chance,
+a centred box, a randomly initialised backbone) sit under the methods, in italics.
+
+Results by stage are lists of runs, `{"metrics": {...}, "folder": "erm/seed0/pretrain", "seeds": {...}}`
+(pipeline/run.py `Pipeline.run`).
 """
 
 from __future__ import annotations
 
 import math
+import posixpath
+from dataclasses import dataclass
 from typing import Callable
+
+RULE_ONE = "**Bold**: the best value of each column (ties: all bold)."
+RULE_SPREAD = ("**Bold**: the best mean of a column, only where its gap to the next-best mean is larger than both "
+               "their stds (a column of single runs: the best value, ties all bold).")
 
 
 def get(d, *path):
@@ -19,70 +30,191 @@ def get(d, *path):
 
 
 class Column:
+    """per_seed: expand a stage's own seeds (detection's `per_seed` list) into separate runs."""
     def __init__(self, header: str, stage: str, getter: Callable[[dict], float | None], better: str | None = "high",
-                 fmt: str = "{:.2f}", spread: Callable[[dict], float | None] | None = None):
-        self.header, self.stage, self.getter, self.better, self.fmt, self.spread = (
-            header, stage, getter, better, fmt, spread)
+                 fmt: str = "{:.2f}", per_seed: bool = False):
+        self.header, self.stage, self.getter, self.better, self.fmt, self.per_seed = (
+            header, stage, getter, better, fmt, per_seed)
 
 
-def table(title: str, note: str, columns: list[Column], rows: list[tuple[str, str, dict, bool]]) -> str:
-    """rows: (label, folder relative to the run, results of that row by stage, is_baseline)."""
-    values = [[c.getter(res.get(c.stage) or {}) if res.get(c.stage) is not None else None for c in columns]
-              for _, _, res, _ in rows]
-    best = []
-    for j, c in enumerate(columns):
-        vals = [v[j] for v, r in zip(values, rows) if not r[3] and v[j] is not None and math.isfinite(v[j])]
-        best.append(None if not vals or c.better is None else (max(vals) if c.better == "high" else min(vals)))
-    arrow = {"high": " ↑", "low": " ↓", None: ""}
-    lines = [f"### {title}", "", note, "",
-             "| method | " + " | ".join(c.header + arrow[c.better] for c in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
-    for (label, folder, res, is_base), vals in zip(rows, values):
-        cells = []
-        for c, v, b in zip(columns, vals, best):
-            if v is None:
-                cells.append("—")
-                continue
-            text = c.fmt.format(v)
-            if c.spread is not None:
-                s = c.spread(res.get(c.stage) or {})
-                if s is not None:
-                    text += f" ± {s:.2f}"
-            text = f"[{text}]({folder}/{c.stage}/)" if folder else text
-            cells.append(f"**{text}**" if (b is not None and not is_base and v == b) else text)
-        lines.append(f"| {'*' + label + '*' if is_base else label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def const(stage: str, metrics: dict) -> dict:
+    """The results of a baseline row computed, not run (chance, a centred box): one run without a folder."""
+    return {stage: [{"metrics": metrics, "folder": "", "seeds": {}}]}
+
+
+def expand(run: dict) -> list[dict]:
+    """A run whose stage trained several seeds itself (detection's `per_seed`) as one run per seed."""
+    per_seed = run["metrics"].get("per_seed") if isinstance(run.get("metrics"), dict) else None
+    if not isinstance(per_seed, list) or len(per_seed) < 2:
+        return [run]
+    return [{"metrics": m, "folder": f"{run['folder']}/seed_{m.get('seed')}",
+             "seeds": {**run.get("seeds", {}), "stage": m.get("seed")}} for m in per_seed]
+
+
+def values(res: dict, stage: str, getter: Callable[[dict], float | None], per_seed: bool = False) -> list[tuple]:
+    """(value, run) of every run of `stage` in a row's results where `getter` finds a number."""
+    runs = [r for run in res.get(stage) or [] for r in (expand(run) if per_seed else [run])]
+    return [(v, r) for r in runs for v in [getter(r.get("metrics") or {})] if v is not None]
+
+
+def mean_std(vals: list[float]) -> tuple[float, float | None]:
+    """The mean and the sample std (ddof = 1; None for one value) of a non-empty list."""
+    n = len(vals)
+    mean = math.fsum(vals) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1))
+
+
+@dataclass
+class Cell:
+    values: list[float]
+    runs: list[dict]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    def stats(self) -> tuple[float, float | None] | None:
+        return mean_std(self.values) if self.values else None
+
+    def text(self, fmt: str) -> str:
+        if not self.values:
+            return "—"
+        mean, std = self.stats()
+        return fmt.format(mean) if std is None else f"{fmt.format(mean)} ± {fmt.format(std)}"
+
+    def link(self) -> str:
+        folders = [r["folder"] for r in self.runs if r.get("folder")]
+        if not folders:
+            return ""
+        return (folders[0] if len(set(folders)) == 1 else posixpath.commonpath(folders)) + "/"
+
+
+def best_rows(stats: list[tuple[float, float | None, int] | None], better: str | None) -> set[int]:
+    """The indices of the entries to bold among `stats` ((mean, std or None, n) per row, None: no entry).
+
+    All single runs: every entry equal to the best value (today's rule). Otherwise the best mean only, and only
+    where its gap to the next-best mean is larger than both their stds (a missing std counts as 0); a lone entry
+    is the best. better: "high", "low" or None (nothing is bold)."""
+    if better not in ("high", "low"):
+        return set()
+    sign = 1.0 if better == "high" else -1.0
+    cand = sorted(((i, s) for i, s in enumerate(stats) if s is not None and math.isfinite(s[0])),
+                  key=lambda x: -sign * x[1][0])
+    if not cand:
+        return set()
+    top = cand[0][1]
+    if all(s[2] < 2 for _, s in cand):
+        return {i for i, s in cand if s[0] == top[0]}
+    if len(cand) == 1:
+        return {cand[0][0]}
+    nxt = cand[1][1]
+    gap = sign * (top[0] - nxt[0])
+    return {cand[0][0]} if gap > (top[1] or 0.0) and gap > (nxt[1] or 0.0) else set()
+
+
+@dataclass
+class Table:
+    """title, note (the caption), columns, rows: (label, results of that row by stage, is_baseline)."""
+    title: str
+    note: str
+    columns: list[Column]
+    rows: list[tuple[str, dict, bool]]
+
+    def cells(self) -> list[list[Cell]]:
+        out = []
+        for _, res, _ in self.rows:
+            found = [values(res, c.stage, c.getter, c.per_seed) for c in self.columns]
+            out.append([Cell([v for v, _ in f], [r for _, r in f]) for f in found])
+        return out
+
+    def bold(self, cells: list[list[Cell]]) -> list[set[int]]:
+        """Per column, the rows to bold (baselines never are)."""
+        out = []
+        for j, c in enumerate(self.columns):
+            stats = [None if is_base or not row[j].values else (*row[j].stats(), row[j].n)
+                     for (_, _, is_base), row in zip(self.rows, cells)]
+            out.append(best_rows(stats, c.better))
+        return out
+
+    def counts(self, cells: list[list[Cell]]) -> str:
+        """'n=3' when every run-backed row has the same number of runs, else 'n=3 (erm, ...), n=1 (random init)'."""
+        by_n: dict[int, list[str]] = {}
+        for (label, res, _), row in zip(self.rows, cells):
+            if any(r.get("folder") for cell in row for r in cell.runs):  # computed rows (chance) are no runs
+                by_n.setdefault(max(cell.n for cell in row), []).append(label)
+        if len(by_n) <= 1:
+            return "".join(f"n={n}" for n in by_n)
+        return ", ".join(f"n={n} ({', '.join(labels)})" for n, labels in sorted(by_n.items(), reverse=True))
+
+    def markdown(self) -> str:
+        cells = self.cells()
+        bold = self.bold(cells)
+        arrow = {"high": " ↑", "low": " ↓", None: ""}
+        spread = any(cell.n > 1 for row in cells for cell in row)
+        n = self.counts(cells)
+        caption = self.note + (f" Entries: mean ± sample std (ddof = 1) over the runs, {n}." if spread else
+                               (f" One run per entry ({n})." if n else ""))
+        lines = [f"### {self.title}", "", caption, "",
+                 "| method | " + " | ".join(c.header + arrow[c.better] for c in self.columns) + " |",
+                 "|---|" + "---:|" * len(self.columns)]
+        for i, ((label, _, is_base), row) in enumerate(zip(self.rows, cells)):
+            texts = []
+            for j, (c, cell) in enumerate(zip(self.columns, row)):
+                text = cell.text(c.fmt)
+                if cell.values and cell.link():
+                    text = f"[{text}]({cell.link()})"
+                texts.append(f"**{text}**" if i in bold[j] else text)
+            lines.append(f"| {'*' + label + '*' if is_base else label} | " + " | ".join(texts) + " |")
+        return "\n".join(lines + ["", RULE_SPREAD if spread else RULE_ONE]) + "\n"
+
+    def summary(self) -> dict:
+        """The table as data: per row and column the per-run values (with their folders and seeds), mean, std, n
+        and whether the entry is bold."""
+        cells = self.cells()
+        bold = self.bold(cells)
+        rows = {}
+        for i, ((label, _, is_base), row) in enumerate(zip(self.rows, cells)):
+            entry: dict = {"baseline": is_base}
+            for j, (c, cell) in enumerate(zip(self.columns, row)):
+                mean, std = cell.stats() or (None, None)
+                entry[c.header] = {"values": [_finite(v) for v in cell.values], "mean": _finite(mean),
+                                   "std": _finite(std), "n": cell.n, "bold": i in bold[j],
+                                   "runs": [{"folder": r.get("folder"), "seeds": r.get("seeds")} for r in cell.runs]}
+            rows[label] = entry
+        return {"columns": {c.header: {"better": c.better} for c in self.columns}, "rows": rows}
+
+
+def _finite(v):
+    return v if v is None or math.isfinite(v) else None
 
 
 def method_rows(results: dict, stages_with_baselines: set[str]) -> list:
-    rows = [(m, m, res, False) for m, res in results["methods"].items()]
+    rows = [(m, res, False) for m, res in results["methods"].items()]
     base = results.get("baselines") or {}
     if any(k in base for k in stages_with_baselines):
-        rows.append(("random init", "baselines", base, True))
+        rows.append(("random init", base, True))
     return rows
 
 
-def det_get(key):
-    """A getter of a detection metric: the mean over seeds where there is one."""
-    def getter(m):
-        return get(m, key + "_mean") if get(m, key + "_mean") is not None else get(m, key)
-    return getter
+def first(results: dict, stage: str, key: str):
+    """`key` of the first run of `stage` (over the methods) whose metrics hold it."""
+    for res in results["methods"].values():
+        for run in res.get(stage) or []:
+            m = run.get("metrics")
+            if isinstance(m, dict) and m.get(key) is not None:
+                return m[key]
+    return None
 
 
-def det_spread(key):
-    return lambda m: get(m, key + "_std") if len(m.get("seeds") or []) > 1 else None
-
-
-
-
-def classification_table(results: dict) -> str:
-    num_classes = next((r["pretrain"].get("num_classes") for r in results["methods"].values()
-                        if isinstance(r.get("pretrain"), dict) and r["pretrain"].get("num_classes")), None)
-    rows = [(m, m, r, False) for m, r in results["methods"].items()]
+def classification_table(results: dict) -> Table:
+    num_classes = first(results, "pretrain", "num_classes")
+    rows = [(m, r, False) for m, r in results["methods"].items()]
     if num_classes:
-        chance = {"pretrain": {"top1": 100.0 / num_classes, "top5": min(100.0, 500.0 / num_classes)}}
-        rows.append((f"chance ({num_classes} classes)", "", chance, True))
-    return table(
+        chance = const("pretrain", {"top1": 100.0 / num_classes, "top5": min(100.0, 500.0 / num_classes)})
+        rows.append((f"chance ({num_classes} classes)", chance, True))
+    return Table(
         "Classification (ImageNet layout, validation)", "Pretraining on the ImageNet-layout training set.",
         [Column("top-1 acc (%)", "pretrain", lambda m: get(m, "top1")),
          Column("top-5 acc (%)", "pretrain", lambda m: get(m, "top5")),
@@ -90,35 +222,36 @@ def classification_table(results: dict) -> str:
         rows)
 
 
-def detection_table(results: dict, dets: list[str]) -> str:
+def detection_key(name: str) -> str:
+    return "AP" if "coco" in name else "mAP"
+
+
+def detection_table(results: dict, dets: list[str]) -> Table:
     cols = []
     for name in dets:
-        coco = "coco" in name
-        key = "AP" if coco else "mAP"
-        cols.append(Column(f"{name} {'AP' if coco else 'mAP'} (%)", name, det_get(key), spread=det_spread(key)))
-        if coco:
-            cols.append(Column(f"{name} AP50 (%)", name, det_get("AP50"), spread=det_spread("AP50")))
+        key = detection_key(name)
+        cols.append(Column(f"{name} {key} (%)", name, lambda m, key=key: get(m, key), per_seed=True))
+        if key == "AP":
+            cols.append(Column(f"{name} AP50 (%)", name, lambda m: get(m, "AP50"), per_seed=True))
         cols.append(Column(f"{name} train img/s", name, lambda m: get(m, "train_img_per_s"), better="high",
-                           fmt="{:.1f}"))
+                           fmt="{:.1f}", per_seed=True))
         cols.append(Column(f"{name} test img/s", name, lambda m: get(m, "test_img_per_s"), better="high",
-                           fmt="{:.1f}"))
-    seeds = {len((r.get(n) or {}).get("seeds") or [0]) for r in results["methods"].values() for n in dets}
-    return table(
+                           fmt="{:.1f}", per_seed=True))
+    return Table(
         "Detection transfer (MultiMix Table 5 layout)",
         "SSD fine-tuned on VOC07+12 trainval, scored on VOC07 test (11-point mAP at IoU 0.5); Faster R-CNN "
-        f"fine-tuned on COCO train, scored on val (COCO AP). Seeds per entry: {sorted(seeds)}; ± is the std "
-        "over seeds. The *random init* row trains the same detector from a randomly initialised backbone "
-        "with trainable BatchNorm.", cols, method_rows(results, set(dets)))
+        "fine-tuned on COCO train, scored on val (COCO AP). The runs of an entry: pretraining seeds × transfer "
+        "seeds × the detection config's own seeds. The *random init* row trains the same detector from a "
+        "randomly initialised backbone with trainable BatchNorm.", cols, method_rows(results, set(dets)))
 
 
-def wsol_table(results: dict) -> str:
+def wsol_table(results: dict) -> Table:
     rows = method_rows(results, {"wsol"})
-    centred = next((r["wsol"].get("centred_box") for r in results["methods"].values()
-                    if isinstance(r.get("wsol"), dict) and isinstance(r["wsol"].get("centred_box"), dict)), None)
-    if centred:  # the same box for every image: BoxAcc at IoU 50 and the mean over 30/50/70
-        rows.append(("centred box", "", {"wsol": {"maxboxacc": get(centred, "boxacc", "50"),
-                                                  "maxboxacc_v2": get(centred, "boxacc_mean")}}, True))
-    return table(
+    centred = first(results, "wsol", "centred_box")
+    if isinstance(centred, dict):  # the same box for every image: BoxAcc at IoU 50 and the mean over 30/50/70
+        rows.append(("centred box", const("wsol", {"maxboxacc": get(centred, "boxacc", "50"),
+                                                   "maxboxacc_v2": get(centred, "boxacc_mean")}), True))
+    return Table(
         "Weakly-supervised localization (CUB layout, AlignMix Table 4 / multi-mix Table VI)",
         "CAM of a ResNet with layer4 at stride 1, fine-tuned on CUB train without boxes; MaxBoxAccV2 is the "
         "mean over IoU 30/50/70 of the best-threshold BoxAcc (all contours); Top-1 Loc at the fixed CAM "
@@ -130,9 +263,9 @@ def wsol_table(results: dict) -> str:
          Column("GT-known Loc (%)", "wsol", lambda m: get(m, "gt_known_loc"))], rows)
 
 
-def background_table(results: dict) -> str:
-    rows = [(m, m, r, False) for m, r in results["methods"].items()]
-    return table(
+def background_table(results: dict) -> Table:
+    rows = [(m, r, False) for m, r in results["methods"].items()]
+    return Table(
         "Background corruption (multi-mix Table V protocol)",
         "Top-1 / top-5 error on the ImageNet-layout validation set, clean and with everything outside the GT "
         "boxes replaced by another image or with N(0, 0.1²) noise added; Loc: top-1 localization (CAM at 0.25 "
@@ -148,9 +281,9 @@ def background_table(results: dict) -> str:
          Column("noise Loc", "robustness", lambda m: get(m, "background", "noise", "top1_loc"))], rows)
 
 
-def calibration_adversarial_table(results: dict) -> str:
-    rows = [(m, m, r, False) for m, r in results["methods"].items()]
-    return table(
+def calibration_adversarial_table(results: dict) -> Table:
+    rows = [(m, r, False) for m, r in results["methods"].items()]
+    return Table(
         "Calibration and adversarial robustness (AlignMix / MultiMix tables)",
         "ECE and overconfidence error with 10 bins; top-1 error under FGSM (ε = 8/255) and PGD "
         "(ε = 4/255, step 2/255, 10 iterations, random start), pixel space.",
@@ -160,19 +293,44 @@ def calibration_adversarial_table(results: dict) -> str:
          Column("PGD top-1 err", "robustness", lambda m: get(m, "pgd", "top1_err"), better="low")], rows)
 
 
-def ood_table(results: dict) -> str | None:
+def ood_table(results: dict) -> Table | None:
     ood_sets = []
     for r in results["methods"].values():
-        for s in ((r.get("robustness") or {}).get("ood") or {}):
-            if isinstance((r["robustness"]["ood"]).get(s), dict) and s not in ood_sets:
-                ood_sets.append(s)
+        for run in r.get("robustness") or []:
+            ood = (run.get("metrics") or {}).get("ood") or {}
+            ood_sets += [s for s in ood if isinstance(ood.get(s), dict) and s not in ood_sets]
     if not ood_sets:
         return None
     cols = [Column(f"{s} {head}", "robustness", lambda m, s=s, key=key: get(m, "ood", s, key))
-            for s in ood_sets for key, head in (("det_acc", "det acc"), ("auroc", "AUROC"),
-                                                ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR-out"))]
-    rows = [(m, m, r, False) for m, r in results["methods"].items()]
-    return table(
+            for s in ood_sets for key, head in (("det_acc", "det acc"), ("det_acc_at_thr", "det acc @thr"),
+                                                ("auroc", "AUROC"), ("aupr_in", "AUPR-in"),
+                                                ("aupr_out", "AUPR-out"))]
+    rows = [(m, r, False) for m, r in results["methods"].items()]
+    return Table(
         "Out-of-distribution detection (maximum softmax probability)",
         "In-distribution: the ImageNet-layout validation set; OOD: the listed folders and synthetic noise. "
-        "Chance is 50 for detection accuracy and AUROC.", cols, rows)
+        "det acc: the best threshold; det acc @thr: at the stated max-softmax threshold (0.5: AlignMix §4.3 "
+        "\"Det Acc using a threshold of 0.5\", the papers' column). Chance is 50 for detection accuracy and "
+        "AUROC.", cols, rows)
+
+
+def embedding_table(results: dict) -> Table | None:
+    """Alignment / uniformity per method (MultiMix §4.4), or None when no method ran the embedding suite."""
+    def emb(run):
+        return (run.get("metrics") or {}).get("embedding") or {}
+    rows = [(m, r, False) for m, r in results["methods"].items()
+            if any(get(emb(run), "uniformity") is not None for run in r.get("robustness") or [])]
+    if not rows:
+        return None
+    e = next(emb(run) for run in rows[0][1]["robustness"] if emb(run))
+    norm = "L2-normalised" if e.get("normalized", True) else "unnormalised"
+    return Table(
+        "Embedding space: alignment and uniformity (MultiMix §4.4)",
+        f"Wang & Isola (2020) on the {norm} validation-set embeddings (the classifier's input): alignment = mean "
+        f"||f(x) - f(y)||^{e.get('alpha', 2):g} over pairs of the same class, uniformity = log mean "
+        f"exp(-{e.get('t', 2):g} ||f(x) - f(y)||^2) over all pairs. Lower is better for both.",
+        [Column("alignment", "robustness", lambda m: get(m, "embedding", "alignment"), better="low", fmt="{:.3f}"),
+         Column("uniformity", "robustness", lambda m: get(m, "embedding", "uniformity"), better="low",
+                fmt="{:.3f}"),
+         Column("images", "robustness", lambda m: get(m, "embedding", "n"), better=None, fmt="{:.0f}"),
+         Column("dim", "robustness", lambda m: get(m, "embedding", "dim"), better=None, fmt="{:.0f}")], rows)

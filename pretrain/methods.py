@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core import runtime as rt
 from core.checkpoint import build_resnet
 from core.constants import IMAGENET_MEAN, IMAGENET_STD
 from pretrain import mixing as mx
@@ -315,14 +316,43 @@ class MultiMix(Method):
     mixed (g(Z Lambda) = g(Z) Lambda); at layer < 5 the n mixed feature maps run through the rest of
     the network (the paper's layer ablation; costly). dense_loss mixes dense logits with the same
     Lambda at every position (Table 10's "dense loss only").
+
+    global_batch (this toolkit's extension, not in the paper, whose b, m and n are per GPU): under DDP
+    the logits g(Z) of every rank are gathered (gradients return to their rank through the gather), so
+    each process mixes the global batch of world x b examples (m up to world x b) with its own n
+    Dirichlet draws; DDP's gradient average then equals one process holding the whole batch with
+    world x n interpolations. The MultiMix / input-mixup coin of rank 0 is used by every rank. Embedding
+    only (layer 5). In one process it changes nothing (the local batch is the global batch).
     """
 
     def __init__(self, model, num_classes, n: int = 1000, m: int | None = None, alpha_low: float = 0.5,
                  alpha_high: float = 2.0, prob: float = 0.5, input_alpha: float = 1.0, layer: int = EMBEDDING,
-                 dense_loss: bool = False):
+                 dense_loss: bool = False, global_batch: bool = False):
         super().__init__(model, num_classes, dense_loss)
         self.n, self.m, self.alpha_low, self.alpha_high = n, m, alpha_low, alpha_high
         self.prob, self.input_alpha, self.layer = prob, input_alpha, int(layer)
+        self.global_batch = bool(global_batch)
+        if self.global_batch and self.layer < EMBEDDING:
+            raise ValueError(f"multimix global_batch mixes at the embedding (layer 5) only, got layer {layer}: "
+                             "gathering every rank's feature maps would not fit in memory")
+
+    def _branch_draw(self) -> float:
+        """The uniform draw that picks MultiMix or input mixup; rank 0's under global_batch (every rank must
+        take the same branch: only MultiMix gathers)."""
+        u = self._rand()
+        if not self.global_batch:
+            return u
+        return float(rt.broadcast_from_main(torch.tensor([u], device=self._device())))
+
+    def _global_multimix(self, images, labels):
+        """global_batch: mix the logits [world*b, c(, r)] of every rank with this rank's Lambda [world*b, n]."""
+        logits = rt.gather_with_grad(self.logits_of(self.model.features(images)))
+        labels = rt.all_gather(labels)
+        lam = self._lambda(labels.shape[0])
+        if not self.dense_loss:
+            return {"loss": mx.multimix_loss_from_logits(logits, labels, lam)}
+        mixed = torch.einsum("bc...,bn->nc...", logits.float(), lam)
+        return {"loss": self.loss_of(mixed, lam.t() @ self.targets(labels))}
 
     def _input_mixup(self, images, y):
         lam, perm = self._beta(self.input_alpha), self._perm(images.shape[0])
@@ -335,8 +365,10 @@ class MultiMix(Method):
 
     def forward(self, images, labels):
         y = self.targets(labels)
-        if self._rand() >= self.prob:
+        if self._branch_draw() >= self.prob:
             return self._input_mixup(images, y)
+        if self.global_batch:
+            return self._global_multimix(images, labels)
         b = images.shape[0]
         lam = self._lambda(b)  # [b, n]
         if self.layer >= EMBEDDING and not self.dense_loss:  # the fast path: mix b logit vectors
@@ -360,19 +392,25 @@ class DenseMultiMix(MultiMix):
     attention: gap_l1relu (default) | gap_softmax | cam_l1relu | cam_softmax | uniform (detached: it
     weights the interpolation, it is not trained through). resolution: average-pool the layer4 map to
     resolution x resolution first (None keeps it; 7x7 for 224 px inputs).
+
+    global_batch: as MultiMix's (this toolkit's extension): the dense logits [world*b, c, r], attention
+    and labels of every rank are gathered, and the weighted loss of eq. (14) is normalised by the sum of
+    the weights s over every rank's n columns (times world), so that DDP's average equals one process
+    with world x n interpolations. Memory: world*b*c*r floats per process (8 x 128 x 1000 x 49: 200 MB).
     """
 
     def __init__(self, model, num_classes, n: int = 1000, m: int | None = None, alpha_low: float = 0.5,
                  alpha_high: float = 2.0, prob: float = 0.5, input_alpha: float = 1.0,
-                 attention: str = "gap_l1relu", resolution: int | None = None):
-        super().__init__(model, num_classes, n, m, alpha_low, alpha_high, prob, input_alpha)
+                 attention: str = "gap_l1relu", resolution: int | None = None, global_batch: bool = False):
+        super().__init__(model, num_classes, n, m, alpha_low, alpha_high, prob, input_alpha,
+                         global_batch=global_batch)
         if attention not in ATTENTIONS:
             raise ValueError(f"dense_multimix attention must be one of {ATTENTIONS}, got {attention!r}")
         self.attention, self.resolution = attention, resolution
 
     def forward(self, images, labels):
         y = self.targets(labels)
-        if self._rand() >= self.prob:
+        if self._branch_draw() >= self.prob:
             return self._input_mixup(images, y)
         fmap = self.model.features(images)
         if self.resolution:
@@ -381,11 +419,18 @@ class DenseMultiMix(MultiMix):
         b, _, r = z.shape
         with torch.no_grad():
             attn = mx.dense_attention(z.detach().float(), self.attention, self.model.fc.weight.float(), y)
+        logits = self.model.dense_logits(fmap)
+        if self.global_batch:  # every rank's examples (see the class docstring)
+            logits, attn, labels = rt.gather_with_grad(logits), rt.all_gather(attn), rt.all_gather(labels)
+            b = labels.shape[0]
         lam = mx.dirichlet_weights(b, self.n, self.alpha_low, self.alpha_high, self.generator,
                                    m=min(self.m, b) if self.m else None, sets=r, device=self._device())
         mhat, s = mx.dense_mix_weights(attn, lam)
-        loss = mx.dense_multimix_loss_from_logits(self.model.dense_logits(fmap), labels, mhat, s)
-        return {"loss": loss}
+        if not self.global_batch:
+            return {"loss": mx.dense_multimix_loss_from_logits(logits, labels, mhat, s)}
+        total = rt.all_reduce_sum(s.float().sum(1))  # [r]: sum of s over every rank's n columns
+        loss = mx.dense_multimix_loss_from_logits(logits, labels, mhat, s, weight_total=total)
+        return {"loss": loss * rt.world_size()}
 
 
 class MultiMixK(Method):

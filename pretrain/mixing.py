@@ -281,14 +281,16 @@ def dense_multimix(z: torch.Tensor, y: torch.Tensor, attn: torch.Tensor, lam: to
 
 
 def dense_multimix_loss_from_logits(logits: torch.Tensor, y: torch.Tensor, mhat: torch.Tensor,
-                                    s: torch.Tensor) -> torch.Tensor:
+                                    s: torch.Tensor, weight_total: torch.Tensor | None = None) -> torch.Tensor:
     """The fast path of Dense MultiMix: mix the b dense logit maps instead of the embeddings.
 
     logits [b, c, r] (fc applied as a 1x1 conv, bias included: columns of Mhat sum to 1, so
     g(Z Mhat) = g(Z) Mhat), y [b, c], mhat [r, b, n], s [r, n]. Equals
     weighted_dense_cross_entropy(fc(z_mix), y_mix, weight) without ever forming z_mix or y_mix:
     sum_c y_mix log p = sum_i Mhat_ik (y_i . log p_k). `y` may also be hard labels [b] (int), then
-    y_i . log p_k is a gather instead of a product with the b x c targets.
+    y_i . log p_k is a gather instead of a product with the b x c targets. weight_total [r]: the
+    per-position denominator sum_k s_k (default: over these n columns; MultiMix global_batch passes the
+    sum over every rank's columns).
     """
     mixed = torch.einsum("bcr,rbn->ncr", logits.float(), mhat.float())
     logp = F.log_softmax(mixed, dim=1)
@@ -298,7 +300,8 @@ def dense_multimix_loss_from_logits(logits: torch.Tensor, y: torch.Tensor, mhat:
         ylogp = torch.einsum("ncr,bc->rnb", logp, y.float())  # y_i . log p_k at each position
     per = -(ylogp * mhat.float().transpose(1, 2)).sum(-1)  # [r, n]
     w = s.float()
-    return ((per * w).sum(1) / w.sum(1).clamp_min(1e-12)).mean()
+    total = w.sum(1) if weight_total is None else weight_total.float()
+    return ((per * w).sum(1) / total.clamp_min(1e-12)).mean()
 
 
 # --------------------------------------------------------------------------------------------------

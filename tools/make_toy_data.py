@@ -2,8 +2,11 @@
 """Write the toy world (ImageNet / VOC / COCO / CUB layouts; with --track small or all, also CIFAR-10/100 and
 TinyImageNet-200) and print a summary.
 
-python tools/make_toy_data.py --out data/toy --preset demo --seed 0
+python tools/make_toy_data.py --out data/toy --preset demo --seed 0 [--ood 200]
 python tools/make_toy_data.py --out data/toy_small --preset demo --track small
+
+--ood N also writes N images per 32 x 32 toy OOD set (LSUN, LSUN_resize, iSUN, Imagenet, Imagenet_resize
+shaped, toyworld/ood.py) under OUT/ood/.
 """
 
 import argparse
@@ -30,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--track", default="standard", choices=TRACKS,
                     help="standard: ImageNet, VOC, COCO, CUB; small: CIFAR-10/100, TinyImageNet; all: both")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--ood", type=int, default=0, metavar="N", help="N images per toy OOD set under OUT/ood")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     summary = make_toy_world(
@@ -37,6 +41,11 @@ def main(argv=None) -> int:
         wsol_metadata=cub_to_wsol_metadata, track=args.track,
     )
     print(format_summary(summary))
+    if args.ood > 0:
+        from toyworld.ood import write_ood_folders
+
+        for name, folder in write_ood_folders(Path(args.out) / "ood", seed=args.seed, n=args.ood).items():
+            print(f"  OOD {name:15s}: {args.ood} images   {folder}")
     print(f"generated in {time.perf_counter() - t0:.1f} s")
     return 0
 

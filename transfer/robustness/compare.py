@@ -19,12 +19,14 @@ COLUMNS = {
     "fgsm": [("FGSM top-1 err", ("top1_err",), False)],
     "pgd": [("PGD top-1 err", ("top1_err",), False),
             ("FGSM top-1 err at the PGD eps", ("fgsm_same_eps_top1_err",), False)],
+    "embedding": [("alignment", ("alignment",), False), ("uniformity", ("uniformity",), False)],
 }
 OOD_COLUMNS = [("det acc", ("det_acc",), True), ("det acc @thr", ("det_acc_at_thr",), True),
                ("AUROC", ("auroc",), True), ("AUPR-in", ("aupr_in",), True),
                ("AUPR-out", ("aupr_out",), True)]
 TITLES = {"clean": "Clean ImageNet-val error (%)", "background": "Background-corrupted val (%)",
-          "calibration": "Calibration (%)", "fgsm": "FGSM (%)", "pgd": "PGD (%)"}
+          "calibration": "Calibration (%)", "fgsm": "FGSM (%)", "pgd": "PGD (%)",
+          "embedding": "Embedding alignment / uniformity (MultiMix §4.4)"}
 
 
 def _get(d, path):

@@ -196,18 +196,62 @@ def list_images(root) -> list[Path]:
     return files
 
 
-class ImageFiles(Dataset):
-    """Image files as ``[3, S, S]`` after the same resize + crop. Item: (image, -1, no boxes, k)."""
+OOD_TRANSFORMS = ("eval", "crop", "resize")
 
-    def __init__(self, files, image_size: int, resize: int):
-        self.files, self.image_size, self.resize = list(files), image_size, resize
+
+def ood_transform(image: torch.Tensor, mode: str, image_size: int, resize: int, path="") -> torch.Tensor:
+    """One OOD image ``[3, H, W]`` -> ``[3, S, S]``.
+
+    mode: ``eval`` the val transform (short side to ``resize``, centre crop S); ``crop`` a centre S x S crop at
+    the stored resolution (AlignMix §4.3 "center-cropped to 32 x 32"; a DataError naming ``path`` if the image
+    is smaller than S); ``resize`` the whole image squeezed to S x S (AlignMix App. C "resizing OOD examples
+    to 32 x 32"). All three are the identity on an S x S image.
+    """
+    if mode == "eval":
+        return resize_crop(image, None, resize, image_size)[0]
+    _, h, w = image.shape
+    if mode == "crop":
+        if h < image_size or w < image_size:
+            raise DataError(f"{path}: {w}x{h} image is smaller than the {image_size}x{image_size} OOD crop")
+        top, left = int(round((h - image_size) / 2.0)), int(round((w - image_size) / 2.0))
+        return image[:, top:top + image_size, left:left + image_size].contiguous()
+    if mode == "resize":
+        if (h, w) == (image_size, image_size):
+            return image
+        return TF.resize(image, [image_size, image_size], interpolation=TF.InterpolationMode.BILINEAR,
+                         antialias=True).clamp_(0.0, 1.0)
+    raise ValueError(f"unknown OOD transform {mode!r}; valid: {', '.join(OOD_TRANSFORMS)}")
+
+
+class ImageFiles(Dataset):
+    """Image files as ``[3, S, S]`` through ``ood_transform`` (default: the val resize + crop).
+    Item: (image, -1, no boxes, k)."""
+
+    def __init__(self, files, image_size: int, resize: int, mode: str = "eval"):
+        if mode not in OOD_TRANSFORMS:
+            raise ValueError(f"unknown OOD transform {mode!r}; valid: {', '.join(OOD_TRANSFORMS)}")
+        self.files, self.image_size, self.resize, self.mode = list(files), image_size, resize, mode
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, k: int):
-        img, _ = resize_crop(read_rgb(self.files[k]), None, self.resize, self.image_size)
+        img = ood_transform(read_rgb(self.files[k]), self.mode, self.image_size, self.resize, self.files[k])
         return img, -1, torch.zeros(0, 4), k
+
+
+def ood_folder(root, image_size: int = 32, resize: int | None = None, mode: str = "crop",
+               limit: int | None = None) -> ImageFiles:
+    """An OOD image folder as the papers' OOD sets are distributed (ODIN, Liang et al. 2018: ``LSUN``,
+    ``LSUN_resize``, ``iSUN``, ``Imagenet`` (TinyImageNet crop), ``Imagenet_resize``, 32 x 32 JPEGs): the
+    images directly in ``root`` or in any sub-folder (``<name>/<name>/*.jpg``, ``<name>/test/*.jpg``), found
+    recursively and sorted. ``limit`` keeps that many evenly spaced files. A DataError (an InputError) names
+    the folder when it is missing or holds no image."""
+    files = list_images(root)
+    if limit is not None and limit < len(files):
+        keep = sorted(set(np.linspace(0, len(files) - 1, limit).round().astype(int).tolist()))
+        files = [files[i] for i in keep]
+    return ImageFiles(files, image_size, resize if resize is not None else image_size, mode)
 
 
 class NoiseImages(Dataset):

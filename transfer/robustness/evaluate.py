@@ -175,7 +175,8 @@ def export_corrupted_set(base, indices, out_dir, corruption: str, at: str = "eva
     return root
 
 
-def _ood_sets(ood_dirs, limit, n_id, image_size, resize, seed, ood_noise, gaussian_std) -> dict:
+def _ood_sets(ood_dirs, limit, n_id, image_size, resize, seed, ood_noise, gaussian_std,
+              ood_transform: str = "eval") -> dict:
     sets = {}
     for d in ood_dirs:
         d, name = str(d), None
@@ -186,7 +187,7 @@ def _ood_sets(ood_dirs, limit, n_id, image_size, resize, seed, ood_noise, gaussi
         name = name or Path(d).resolve().name or d
         while name in sets or name in ood_noise:
             name += "_"
-        sets[name] = ImageFiles(files, image_size, resize)
+        sets[name] = ImageFiles(files, image_size, resize, ood_transform)
     for kind in ood_noise:
         sets[kind] = NoiseImages(kind, n_id, image_size, seed=seed, std=gaussian_std)
     return sets
@@ -210,11 +211,12 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
                         pgd_step: float = 2 / 255, pgd_iters: int = 10, pgd_random_start: bool = True,
                         ood_noise=NOISE_SETS, gaussian_std: float = 0.5, n_bins: int = 10,
                         cam_threshold: float = 0.25, iou_threshold: float = 0.5, iou_op: str = ">=",
-                        ood_threshold: float = 0.5, n_examples: int = 8) -> dict:
+                        ood_threshold: float = 0.5, n_examples: int = 8, ood_transform: str = "eval") -> dict:
     """Run ``suites`` on the val split of ``imagenet_root``; write out_dir/metrics.json and out_dir/figures/.
 
     checkpoint: a backbone checkpoint with its classifier head (``core.checkpoint``) for the dataset's
     classes. limit: evaluate this many evenly spaced val images (and at most this many per OOD folder).
+    ood_transform: how OOD folder images become S x S (``data.ood_transform``: eval | crop | resize).
     Returns the metrics dict (also written to ``out_dir/metrics.json`` when ``out_dir`` is given).
     """
     o = dict(locals())
@@ -238,7 +240,8 @@ def _check_options(corrupt_at: str, iou_op: str, ood_noise) -> None:
 
 
 _SETTINGS = ("image_size", "resize", "seed", "limit", "corrupt_at", "sigma", "fgsm_eps", "pgd_eps", "pgd_step",
-             "pgd_iters", "pgd_random_start", "n_bins", "cam_threshold", "iou_threshold", "iou_op", "ood_threshold")
+             "pgd_iters", "pgd_random_start", "n_bins", "cam_threshold", "iou_threshold", "iou_op", "ood_threshold",
+             "ood_transform")
 
 
 class _Evaluation:
@@ -260,7 +263,8 @@ class _Evaluation:
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ood_sets = _ood_sets(o["ood_dirs"], o["limit"], len(self.indices), o["image_size"], o["resize"],
-                                  o["seed"], tuple(o["ood_noise"]), o["gaussian_std"]) if "ood" in suites else {}
+                                  o["seed"], tuple(o["ood_noise"]), o["gaussian_std"],
+                                  o["ood_transform"]) if "ood" in suites else {}
         settings = {k: o[k] for k in _SETTINGS}
         settings.update(noise_clipped=True, gaussian_ood_mean=0.5, gaussian_ood_std=o["gaussian_std"],
                         precision=o["precision"], device=str(self.device))

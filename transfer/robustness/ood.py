@@ -11,7 +11,17 @@ Scores: higher = more in-distribution (ID). Metrics, all computed by sorting (O(
   "detection accuracy", both classes equally likely); ``det_acc_at_thr`` the same at the stated threshold
   ``det_acc_thr`` (default 0.5, AlignMix §4.3 / App. C "detection accuracy using a threshold of 0.5": a
   sample is ID when its score >= the threshold, else OOD);
-- ``fpr95``: fraction of OOD samples called ID at the first threshold where TPR_id >= 95 %.
+- ``fpr95``: fraction of OOD samples called ID at the first threshold where TPR_id >= 95 %;
+- ``aupr_in_odin`` / ``aupr_out_odin``: the AUPR of ODIN's ``calMetric.py`` (Liang et al. 2018, the code most
+  OOD tables of the mixup papers descend from), in the limit of its fine threshold grid: precision from the
+  rates, TPR / (TPR + FPR) (class-balanced), and each recall drop weighted by the precision at the next
+  higher threshold: ``R_1 P_1 + sum_{k>=2} (R_k - R_{k-1}) P_{k-1}`` over the distinct thresholds descending.
+  It differs from ``aupr_in`` unless the sets are equal-sized and the scores separate cleanly.
+
+Which AUPR the papers computed is not stated: AlignMix §4.3 / App. C cite Hendrycks & Gimpel 2017 (whose code
+calls scikit-learn's ``average_precision_score``, our ``aupr_in`` / ``aupr_out``) and publish no OOD code
+(shashankvkt/AlignMixup_CVPR22 has none); MultiMix Table 9 copies AlignMix's numbers. Both variants are
+reported.
 """
 
 from __future__ import annotations
@@ -46,6 +56,16 @@ def average_precision(pos_scores, neg_scores) -> float:
     precision = tp / (tp + fp)
     recall = tp / n_pos
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def average_precision_odin(pos_scores, neg_scores) -> float:
+    """ODIN-style AUPR (positives = ``pos_scores``): the fine-grid limit of calMetric.py's ``auprIn`` loop,
+    ``R_1 P_1 + sum_{k>=2} (R_k - R_{k-1}) P_{k-1}`` with ``P_k = TPR_k / (TPR_k + FPR_k)``."""
+    _, tp, fp, n_pos, n_neg = _sorted_counts(pos_scores, neg_scores)
+    recall, fpr = tp / n_pos, fp / n_neg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(recall + fpr > 0, recall / (recall + fpr), 0.0)
+    return float(recall[0] * precision[0] + np.sum(np.diff(recall) * precision[:-1]))
 
 
 def auroc(pos_scores, neg_scores) -> float:
@@ -101,6 +121,8 @@ def ood_metrics(id_scores, ood_scores, threshold: float = 0.5) -> dict:
         "det_acc_at_thr": 100.0 * detection_accuracy_at(id_s, ood_s, threshold),
         "det_acc_thr": float(threshold),
         "fpr95": 100.0 * float(fp[min(k95, fp.size - 1)] / n_neg),
+        "aupr_in_odin": 100.0 * average_precision_odin(id_s, ood_s),
+        "aupr_out_odin": 100.0 * average_precision_odin(-ood_s, -id_s),
         "n_id": int(id_s.size),
         "n_ood": int(ood_s.size),
     }

@@ -1,7 +1,10 @@
 """The robustness stage: `run(cfg, inputs, run_dir) -> metrics`, with every option declared once in DEFAULTS.
 
 inputs: {"checkpoint": a backbone checkpoint with its classifier, "imagenet": an ImageNet-layout root with val/
-and val boxes}. The options are `evaluate_checkpoint`'s, translated here at the edge.
+and val boxes}. The options are `evaluate_checkpoint`'s, translated here at the edge. `protocol` (cifar,
+tinyimagenet, imagenet: `protocols.PROTOCOLS`) fills the options left at null (image size, attack budgets,
+OOD transform); null keeps the evaluator's defaults. The `embedding` suite (not part of "all": it needs
+umap-learn) adds alignment / uniformity and a UMAP figure (`embedding.py`).
 """
 
 from __future__ import annotations
@@ -9,14 +12,20 @@ from __future__ import annotations
 from fractions import Fraction
 
 from core.config import ConfigError, check_ranges, validate
-from transfer.robustness.evaluate import NOISE_SETS, SUITES, evaluate_checkpoint
+from transfer.robustness.data import OOD_TRANSFORMS
+from transfer.robustness.evaluate import NOISE_SETS, SUITES, evaluate_checkpoint, parse_suites
+from transfer.robustness.protocols import EVALUATOR_DEFAULTS, PROTOCOL_KEYS, PROTOCOLS, apply_protocol
+
+STAGE_SUITES = ("embedding",)  # suites of this stage beyond evaluate_checkpoint's; never in "all"
 
 DEFAULTS = {
     "suites": ",".join(SUITES),      # comma-separated (or a list): clean,background,calibration,fgsm,pgd,ood
+                                     # (+ embedding, only when listed)
+    "protocol": None,                # cifar | tinyimagenet | imagenet: fills the null keys below (null: none)
     "out": "runs/robustness",        # output folder of tools/evaluate.py (the pipeline gives its own)
     "limit": None,                   # evaluate N evenly spaced val images (and at most N per OOD folder)
-    "image_size": 224,               # centre-crop size
-    "resize": 256,                   # short side before the crop
+    "image_size": None,              # centre-crop size (protocol; evaluator default 224)
+    "resize": None,                  # short side before the crop (protocol; evaluator default 256)
     "batch_size": 64,
     "seed": 0,                       # replacement images, noise, PGD random starts, synthetic OOD images
     "device": "auto",
@@ -26,10 +35,10 @@ DEFAULTS = {
     "corrupt_at": "eval",            # eval (after resize + crop) | original (stored resolution, then resize)
     "sigma": 0.1,                    # background noise std in [0, 1] pixel units, clipped to [0, 1]
     "export_corrupted": None,        # folder to write the corrupted val sets as PNG (+ index.json)
-    "fgsm_eps": "8/255",             # a number or a fraction string
-    "pgd_eps": "4/255",
-    "pgd_step": "2/255",
-    "pgd_iters": 10,
+    "fgsm_eps": None,                # a number or a fraction string (protocol; default 8/255)
+    "pgd_eps": None,                 # (protocol; default 4/255)
+    "pgd_step": None,                # (protocol; default 2/255)
+    "pgd_iters": None,               # (protocol: 20; evaluator default 10)
     "pgd_random_start": True,
     "ood_noise": ",".join(NOISE_SETS),  # synthetic OOD sets: uniform,gaussian (empty for none)
     "gaussian_std": 0.5,             # std of the Gaussian OOD noise N(0.5, std), clipped (AlignMix App. C)
@@ -38,6 +47,15 @@ DEFAULTS = {
     "iou_op": ">=",                  # localization: IoU comparison, >= or > (multi-mix: >)
     "ood_threshold": 0.5,            # OOD detection accuracy also at this max-softmax threshold (AlignMix §4.3)
     "ood": [],                       # OOD image folders, each PATH or NAME=PATH
+    "ood_transform": None,           # OOD folder image -> S x S: eval (val resize + crop) | crop | resize (protocol)
+    "embedding_alpha": 2.0,          # alignment exponent (Wang & Isola 2020)
+    "embedding_t": 2.0,              # uniformity kernel scale t (Wang & Isola 2020)
+    "embedding_normalize": True,     # L2-normalise the embeddings first (Wang & Isola: on the hypersphere)
+    "umap": True,                    # embedding suite: also the UMAP figure
+    "umap_classes": 10,              # MultiMix Fig. 3: 10 randomly chosen classes ...
+    "umap_per_class": 100,           # ... 100 test examples each
+    "umap_neighbors": 15,            # umap-learn default
+    "umap_epochs": None,             # umap-learn default (200 for large sets, 500 for small)
 }
 
 
@@ -46,6 +64,9 @@ RANGES = {
     "sigma": (">=", 0), "pgd_iters": (">=", 0), "gaussian_std": (">", 0), "cam_threshold": (">=", 0, "<=", 1),
     "iou_threshold": (">=", 0, "<=", 1), "iou_op": ("in", (">=", ">")), "ood_threshold": (">=", 0, "<=", 1),
     "corrupt_at": ("in", ("eval", "original")), "precision": ("in", ("fp32", "bf16", "fp16")),
+    "protocol": ("in", tuple(PROTOCOLS)), "ood_transform": ("in", OOD_TRANSFORMS), "embedding_t": (">", 0),
+    "embedding_alpha": (">", 0), "umap_classes": (">", 0), "umap_per_class": (">", 0), "umap_neighbors": (">", 1),
+    "umap_epochs": (">", 0),
 }
 
 
@@ -57,8 +78,30 @@ def parse_eps(v) -> float:
         raise ConfigError(f"not a number or fraction: {v!r}") from e
 
 
+def resolve_config(cfg: dict) -> dict:
+    """Stage options: DEFAULTS filled in, the protocol's values for the keys left at null, types and ranges
+    checked (ConfigError naming the key)."""
+    cfg = validate(cfg, DEFAULTS)
+    check_ranges({"protocol": cfg["protocol"]}, {"protocol": RANGES["protocol"]})
+    cfg = apply_protocol(cfg)
+    validate({k: cfg[k] for k in PROTOCOL_KEYS}, EVALUATOR_DEFAULTS, "robustness")  # types of the filled keys
+    check_ranges(cfg, RANGES)
+    return cfg
+
+
+def split_suites(suites) -> tuple[list[str], list[str]]:
+    """(evaluate_checkpoint's suites, this stage's extra suites) of a comma-separated string or a list."""
+    if isinstance(suites, str):
+        suites = [s.strip() for s in suites.split(",") if s.strip()]
+    extra = [s for s in STAGE_SUITES if s in suites]
+    core = [s for s in suites if s not in STAGE_SUITES]
+    if not core and not extra:
+        raise ValueError(f"no suites given; valid: {', '.join(SUITES + STAGE_SUITES)} (or 'all')")
+    return (parse_suites(core) if core else []), extra
+
+
 def evaluate_kwargs(cfg: dict) -> dict:
-    """DEFAULTS-shaped options -> keyword arguments of `evaluate_checkpoint`."""
+    """DEFAULTS-shaped options (after `resolve_config`) -> keyword arguments of `evaluate_checkpoint`."""
     return dict(suites=cfg["suites"], ood_dirs=list(cfg["ood"] or ()), limit=cfg["limit"], image_size=cfg["image_size"],
                 resize=cfg["resize"], batch_size=cfg["batch_size"], seed=cfg["seed"], device=cfg["device"],
                 precision=cfg["precision"], num_workers=cfg["workers"], arch=cfg["arch"],
@@ -66,17 +109,24 @@ def evaluate_kwargs(cfg: dict) -> dict:
                 pgd_eps=parse_eps(cfg["pgd_eps"]), pgd_step=parse_eps(cfg["pgd_step"]), pgd_iters=cfg["pgd_iters"],
                 pgd_random_start=cfg["pgd_random_start"], gaussian_std=cfg["gaussian_std"],
                 cam_threshold=cfg["cam_threshold"], iou_threshold=cfg["iou_threshold"], iou_op=cfg["iou_op"],
-                ood_threshold=cfg["ood_threshold"],
+                ood_threshold=cfg["ood_threshold"], ood_transform=cfg["ood_transform"],
                 ood_noise=tuple(s for s in str(cfg["ood_noise"] or "").split(",") if s))
 
 
 def run(cfg: dict, inputs: dict, run_dir) -> dict:
     """Every suite of `cfg` on `inputs["checkpoint"]` over `inputs["imagenet"]`; writes run_dir/metrics.json."""
-    cfg = validate(cfg, DEFAULTS)
-    check_ranges(cfg, RANGES)
+    cfg = resolve_config(cfg)
     missing = sorted({"checkpoint", "imagenet"} - set(inputs))
     if missing:
         raise ValueError(f"the robustness stage needs inputs {missing}")
-    return evaluate_checkpoint(inputs["checkpoint"], inputs["imagenet"], out_dir=run_dir,
-                               export_dir=cfg["export_corrupted"],
-                               **evaluate_kwargs(cfg))
+    core, extra = split_suites(cfg["suites"])
+    metrics = {}
+    if core:
+        metrics = evaluate_checkpoint(inputs["checkpoint"], inputs["imagenet"], out_dir=run_dir,
+                                      export_dir=cfg["export_corrupted"],
+                                      **{**evaluate_kwargs(cfg), "suites": core})
+    if "embedding" in extra:
+        from transfer.robustness.embedding import run_embedding_suite
+
+        metrics = run_embedding_suite(cfg, inputs["checkpoint"], inputs["imagenet"], run_dir, metrics)
+    return metrics

@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Submit a stage (or the whole pipeline) to SLURM with submitit: N nodes x G GPUs, one DDP process per GPU,
+requeued on preemption / time-out and resumed from the run's last checkpoint (pipeline/launch.py).
+
+    tools/submit.py pretrain --config configs/pretrain/imagenet_multimix.yaml --nodes 4 --gpus-per-node 8 \\
+        --partition gpu --timeout 4320 [--account A] [--qos Q] [--mem 480] [KEY=VALUE ...]
+    tools/submit.py finetune_det --config configs/detection/frcnn_r50_fpn_1x_coco.yaml --weights BACKBONE ...
+    tools/submit.py wsol --config configs/wsol/cub_multimix.yaml --weights BACKBONE --gpus-per-node 1
+    tools/submit.py evaluate --config configs/eval/imagenet.yaml --checkpoint CKPT --imagenet DIR --gpus-per-node 1
+    tools/submit.py pipeline --config configs/pipeline/paper.yaml --gpus-per-node 1
+    tools/submit.py pretrain --local --gpus-per-node 0 --tasks-per-node 2 --wait --config ...   # try it here first
+
+Prints the job id and its log folder (--job-dir, default runs/submitit/<job id>); --wait blocks and prints the
+stage's metrics. wsol, evaluate and pipeline run in one process (one task).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core import cli  # noqa: E402
+from pipeline.launch import DISTRIBUTED, STAGES, Resources, make_spec, submit  # noqa: E402
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the stage's config (dotted keys)")
+    p.add_argument("--config", default=None, help="the stage's YAML (evaluate: optional)")
+    p.add_argument("--run-dir", default=None, help="output folder (default: the stage's own tool's)")
+    p.add_argument("--weights", default=None, help="finetune_det, wsol: backbone checkpoint (omit: random init)")
+    p.add_argument("--checkpoint", default=None, help="evaluate: the checkpoint")
+    p.add_argument("--imagenet", default=None, help="evaluate: ImageNet-layout root")
+    p.add_argument("--resume", action="store_true", help="continue the run folder's checkpoint")
+    p.add_argument("--force", action="store_true", help="start over in a run folder that holds a checkpoint")
+    r = p.add_argument_group("resources")
+    r.add_argument("--nodes", type=int, default=1)
+    r.add_argument("--gpus-per-node", type=int, default=None,
+                   help="default: 8 for pretrain and finetune_det, 1 for the one-process stages")
+    r.add_argument("--tasks-per-node", type=int, default=None, help="default: one per GPU")
+    r.add_argument("--cpus-per-task", type=int, default=10, help="data-loading workers need them")
+    r.add_argument("--mem", type=int, default=None, help="GB per node (default: the partition's)")
+    r.add_argument("--timeout", type=int, default=1440, help="time limit in minutes; requeued before it")
+    r.add_argument("--partition", default=None)
+    r.add_argument("--account", default=None)
+    r.add_argument("--qos", default=None)
+    r.add_argument("--name", default=None, help="job name (default: mt-<stage>)")
+    r.add_argument("--signal-delay", type=int, default=120, help="seconds before the limit the job is signalled")
+    r.add_argument("--max-requeues", type=int, default=3, help="time-outs before the job stops requeueing")
+    r.add_argument("--job-dir", default="runs/submitit/%j", help="submitit scripts and logs (%%j: job id)")
+    r.add_argument("--local", action="store_true", help="submitit's local executor: run the job on this machine")
+    r.add_argument("--wait", action="store_true", help="wait for the job and print its metrics")
+    return p
+
+
+@cli.entry
+def main(argv=None) -> int:
+    args = _parser().parse_intermixed_args(argv)  # the stage, options and KEY=VALUE overrides in any order
+    spec = make_spec(args.stage, args.config, args.overrides, args.run_dir, args.weights, args.checkpoint,
+                     args.imagenet, args.resume, args.force)
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else 8 if args.stage in DISTRIBUTED else 1
+    res = Resources(nodes=args.nodes, gpus_per_node=gpus, tasks_per_node=args.tasks_per_node,
+                    cpus_per_task=args.cpus_per_task, mem_gb=args.mem, timeout_min=args.timeout,
+                    partition=args.partition, account=args.account, qos=args.qos,
+                    name=args.name or f"mt-{args.stage}", signal_delay_s=args.signal_delay,
+                    max_requeues=args.max_requeues)
+    job = submit(spec, res, args.job_dir, "local" if args.local else "slurm")
+    print(json.dumps({"job_id": job.job_id, "stage": spec.stage, "run_dir": spec.run_dir,
+                      "logs": str(job.paths.folder)}))
+    if args.wait:
+        print(json.dumps(job.results()[0], indent=2, default=str))  # rank 0's metrics
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
