@@ -25,8 +25,11 @@ import torchvision
 
 from core.data import InputError
 from core.runtime import atomic_save, unwrap
+from core.smallnets import SMALL_ARCHS, build_small
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")  # torchvision's (detection, WSOL, conversion)
+# every architecture a backbone checkpoint may hold: torchvision's and the small-image ones (core/smallnets.py)
+ALL_ARCHS = ARCHS + SMALL_ARCHS
 
 # Prefixes tried when unwrapping foreign layouts; the one matching most backbone keys wins.
 _PREFIXES = ("", "module.", "module.encoder_q.", "encoder_q.", "module.backbone.", "backbone.",
@@ -39,11 +42,19 @@ class CheckpointError(InputError):
     """A checkpoint that is unreadable or does not fit the requested architecture."""
 
 
-def build_resnet(arch: str, num_classes: int = 1000, **kwargs) -> torchvision.models.ResNet:
-    """A randomly initialised torchvision ResNet (kwargs: norm_layer, replace_stride_with_dilation...)."""
+def build_resnet(arch: str, num_classes: int = 1000, **kwargs) -> torch.nn.Module:
+    """A randomly initialised torchvision ResNet (kwargs: norm_layer, replace_stride_with_dilation...), or one
+    of the small-image networks of `core.smallnets` (kwargs: zero_init_residual), same module layout."""
+    if arch in SMALL_ARCHS:
+        return build_small(arch, num_classes, **kwargs)
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; supported: {list(ARCHS)}")
+        raise ValueError(f"unknown arch {arch!r}; supported: {list(ALL_ARCHS)}")
     return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, **kwargs)
+
+
+def feature_dim(arch: str) -> int:
+    """Width of the pooled features that fc reads."""
+    return 2048 if arch in ("resnet50", "resnet101") else 512
 
 
 @lru_cache(maxsize=None)
@@ -55,7 +66,15 @@ def expected_shapes(arch: str) -> dict[str, tuple]:
 
 
 def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
-    """Guess the ResNet depth from the keys: BasicBlock vs Bottleneck and the number of layer3 blocks."""
+    """Guess the ResNet depth from the keys: BasicBlock vs Bottleneck and the number of layer3 blocks; the
+    small-image networks by their stem (3x3 conv1; no stem BN for the pre-activation ones; WRN's layer4.bn)."""
+    if "layer4.bn.weight" in state:
+        return "wrn16_8"
+    conv1 = state.get("conv1.weight")
+    if "layer1.0.conv1.weight" in state and "bn1.weight" not in state:
+        return "preactresnet18"
+    if conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3) and "layer1.0.conv3.weight" not in state:
+        return "resnet18_cifar"
     bottleneck = "layer1.0.conv3.weight" in state
     n3 = len({k.split(".")[1] for k in state if k.startswith("layer3.")})
     table = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
@@ -107,8 +126,8 @@ def save_backbone(path: str | os.PathLike, model: torch.nn.Module, meta: Mapping
     state = OrderedDict((k, v.detach().cpu().clone()) for k, v in model.state_dict().items())
     meta = _to_plain(dict(meta), "meta")
     arch = meta.get("arch")
-    if arch not in ARCHS:
-        raise ValueError(f"meta['arch'] must be one of {list(ARCHS)}, got {arch!r}")
+    if arch not in ALL_ARCHS:
+        raise ValueError(f"meta['arch'] must be one of {list(ALL_ARCHS)}, got {arch!r}")
     _check_keys({k: v for k, v in state.items() if not k.startswith("fc.")}, arch, path)
     if "fc.weight" not in state:
         raise ValueError("save_backbone expects a ResNet with its fc (the classifier is part of the contract)")
@@ -230,7 +249,7 @@ def _strip_prefix(state: Mapping[str, torch.Tensor], arch: str | None) -> tuple[
     AlignMixup keeps the trunk under `module.model.` and the classifier under `module.classifier.`:
     a `<x>model.` prefix also maps `<x>classifier.` to `fc.`.
     """
-    archs = [arch] if arch else list(ARCHS)
+    archs = [arch] if arch else list(ALL_ARCHS)
     wanted = set().union(*(expected_shapes(a) for a in archs))
     best, best_prefix, best_hits = None, "", -1
     for prefix in _PREFIXES:
@@ -266,9 +285,9 @@ def _normalise(path, arch: str | None, allow_pickle: bool) -> tuple[OrderedDict,
         if k.endswith(".running_mean"):
             state.setdefault(k[: -len("running_mean")] + "num_batches_tracked", torch.tensor(0))
     if arch is None:
-        arch = meta.get("arch") if meta.get("arch") in ARCHS else infer_arch(state)
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; supported: {list(ARCHS)}")
+        arch = meta.get("arch") if meta.get("arch") in ALL_ARCHS else infer_arch(state)
+    if arch not in ALL_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; supported: {list(ALL_ARCHS)}")
     backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
     # Heads other codebases add (MoCo MLP as fc.0/fc.2, ...) are not part of the backbone.
     _check_keys(backbone, arch, path)
@@ -305,7 +324,7 @@ def load_classifier(path: str | os.PathLike, arch: str | None = None, num_classe
         raise CheckpointError(
             f"{path}: classifier head fc.weight has {n} classes (shape {tuple(state['fc.weight'].shape)}), "
             f"the dataset has {num_classes}")
-    expected_in = 512 if arch in ("resnet18", "resnet34") else 2048
+    expected_in = feature_dim(arch)
     if state["fc.weight"].shape[1] != expected_in or tuple(state["fc.bias"].shape) != (n,):
         raise CheckpointError(f"{path}: mis-shaped head: fc.weight {tuple(state['fc.weight'].shape)}, "
                               f"fc.bias {tuple(state['fc.bias'].shape)} for {arch}")

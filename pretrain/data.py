@@ -298,6 +298,23 @@ def select_loader(loader: str, decode_device: str, device: torch.device, color_j
     return loader
 
 
+def padded_train_transform(size: int, padding: int, hflip: bool):
+    """The small-image augmentation of the reference codes (manifold mixup, PuzzleMix, AlignMixup; the papers
+    themselves do not state it): a random `size` crop of the image zero-padded by `padding` on each side, then a
+    horizontal flip with probability 1/2."""
+    from torchvision import transforms as T
+
+    ts = [T.RandomCrop(size, padding=padding)] + ([T.RandomHorizontalFlip()] if hflip else []) + [T.ToTensor()]
+    return T.Compose(ts)
+
+
+def padded_val_transform(size: int):
+    """The stored image (a centre crop of `size`, the identity at the stored size)."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.CenterCrop(size), T.ToTensor()])
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63 - 1)
 

@@ -26,11 +26,12 @@ from torch.utils.data import DataLoader
 
 from core import fingerprint
 from core import runtime as rt
-from core.checkpoint import save_backbone
+from core.checkpoint import ALL_ARCHS, save_backbone
 from core.config import ConfigError, check_ranges, dump_config, validate
-from core.data import ImageNetFolder, read_bytes, read_image, read_image_uint8
+from core.data import read_bytes, read_image, read_image_uint8
 from core.engine import Engine, LoopSettings, Task, build_optimizer
 from core.schedule import lr_factor
+from core.smalldata import DATASETS, detect_layout, open_classification
 from pretrain.data import (
     EncodedTrainTransform,
     EpochSampler,
@@ -41,6 +42,8 @@ from pretrain.data import (
     collate_encoded,
     collate_uint8,
     evenly_spaced,
+    padded_train_transform,
+    padded_val_transform,
     sample_seed,
     select_loader,
     train_transform,
@@ -56,10 +59,16 @@ DEFAULTS = {
     "name": "pretrain",              # run name (runs/<name>/ when the CLI picks the folder)
     "seed": 0,                       # one seed for data order, augmentation, initialisation and mixing
     "data": {
-        "root": None,                # ImageNet-layout folder: root/train/<wnid>/*.JPEG, root/val/<wnid>/...
+        "root": None,                # ImageNet-layout folder (root/train/<wnid>/*.JPEG, root/val/<wnid>/...), or a
+                                     # CIFAR / TinyImageNet folder (core/smalldata.py: the folder or its parent)
+        "dataset": "auto",           # auto (from the layout) | imagenet | cifar10 | cifar100 | tinyimagenet
         "train_split": "train",
-        "val_split": "val",
-        "crop_size": 224,            # RandomResizedCrop output (train) and centre crop (val)
+        "val_split": "val",          # CIFAR: val = its test batch (CIFAR has no validation split)
+        "crop": "auto",              # resized (RandomResizedCrop; val: resize + centre crop) | padded (random crop of
+                                     # the stored size after zero padding; val: the stored image) | auto: resized for
+                                     # ImageNet, padded for CIFAR / TinyImageNet
+        "padding": 4,                # padded crop: pixels of zero padding on each side
+        "crop_size": 224,            # the train crop (and the val centre crop); 32 for CIFAR, 64 for TinyImageNet
         "crop_schedule": None,       # [[epoch, size], ...]: train crop size from that epoch on
         "val_resize": None,          # shorter side before the val centre crop; None = crop_size / 0.875
         "scale_min": 0.08,           # RandomResizedCrop scale range lower bound
@@ -74,7 +83,8 @@ DEFAULTS = {
         "max_val": None,
     },
     "model": {
-        "arch": "resnet50",          # resnet18 | resnet34 | resnet50 | resnet101 (torchvision)
+        "arch": "resnet50",          # resnet18 | resnet34 | resnet50 | resnet101 (torchvision); small images:
+                                     # preactresnet18 | wrn16_8 | resnet18_cifar (core/smallnets.py)
         "num_classes": None,         # None = number of train class folders
         "zero_init_residual": False,
     },
@@ -126,7 +136,8 @@ RANGES = {
     "data.scale_min": (">", 0, "<=", 1), "data.loader": ("in", ("uint8", "pil", "dali", "auto")),
     "data.decode_device": ("in", ("cpu", "cuda")), "runtime.precision": ("in", ("fp32", "bf16", "fp16")),
     "runtime.log_every_steps": (">", 0), "runtime.checkpoint_every_steps": (">=", 0),
-    "model.arch": ("in", ("resnet18", "resnet34", "resnet50", "resnet101")), "model.num_classes": (">", 0),
+    "model.arch": ("in", ALL_ARCHS), "model.num_classes": (">", 0),
+    "data.dataset": ("in", DATASETS), "data.crop": ("in", ("auto", "resized", "padded")), "data.padding": (">=", 0),
 }
 
 
@@ -182,13 +193,15 @@ class PretrainTask(Task):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         dcfg, ocfg = cfg["data"], cfg["optim"]
         self.plan = batch_plan(ocfg, world)
-        self.loader = select_loader(dcfg["loader"], dcfg["decode_device"], device, dcfg["color_jitter"],
-                                    dcfg["lighting"])
+        self.layout = detect_layout(dcfg["root"], dcfg["dataset"])[0]
+        self.crop = dcfg["crop"] if dcfg["crop"] != "auto" else ("resized" if self.layout == "imagenet" else "padded")
+        self.loader = self._choose_loader(dcfg, device)
         self.encoded = dcfg["decode_device"] == "cuda"
         train_reader = read_bytes if self.encoded else (read_image if self.loader == "pil" else read_image_uint8)
-        self.train_set = ImageNetFolder(dcfg["root"], dcfg["train_split"], boxes=None, reader=train_reader)
-        self.val_set = ImageNetFolder(dcfg["root"], dcfg["val_split"], boxes=None, classes=self.train_set.classes,
-                                      reader=read_image if self.loader == "pil" else read_image_uint8)
+        self.train_set = open_classification(dcfg["root"], dcfg["train_split"], dcfg["dataset"], reader=train_reader)
+        self.val_set = open_classification(dcfg["root"], dcfg["val_split"], dcfg["dataset"],
+                                           classes=self.train_set.classes,
+                                           reader=read_image if self.loader == "pil" else read_image_uint8)
         self._train_loader: tuple[int, DataLoader] | None = None  # (crop size, persistent loader)
         self._val: DataLoader | None = None
         self.num_classes = cfg["model"]["num_classes"] or len(self.train_set.classes)
@@ -225,6 +238,18 @@ class PretrainTask(Task):
                          gamma=o["gamma"], points=o["points"], min_factor=o["min_factor"],
                          warmup=o["warmup_epochs"], warmup_start=o["warmup_start"])
 
+    def _choose_loader(self, dcfg: dict, device: torch.device) -> str:
+        """`select_loader`'s data path; the small-image sets (CIFAR, TinyImageNet: decoded arrays or tiny files)
+        and the padded crop always take the PIL path, and asking them for DALI or GPU decoding is an error."""
+        if self.layout == "imagenet" and self.crop != "padded":
+            return select_loader(dcfg["loader"], dcfg["decode_device"], device, dcfg["color_jitter"],
+                                 dcfg["lighting"])
+        if dcfg["loader"] == "dali" or dcfg["decode_device"] == "cuda":
+            raise ConfigError(f"data.loader: {dcfg['loader']} / data.decode_device: {dcfg['decode_device']} are "
+                              f"for ImageNet-layout JPEGs with the resized crop; this run is {self.layout} with "
+                              f"the {self.crop} crop (data.loader: uint8 or pil, data.decode_device: cpu)")
+        return "pil"
+
     def before_step(self, micro_step: int) -> None:
         # the method's draws depend only on (seed, rank, micro-step): exact resumption, whatever was saved
         self.model.seed(sample_seed(self.cfg["seed"] + 1, self.rank, micro_step))
@@ -253,6 +278,8 @@ class PretrainTask(Task):
         if self.encoded:
             tf = EncodedTrainTransform(size, d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"])
             collate = collate_encoded
+        elif self.crop == "padded":
+            tf, collate = padded_train_transform(size, d["padding"], d["hflip"]), None
         elif self.loader == "pil":
             tf, collate = train_transform(size, d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"]), None
         else:
@@ -268,8 +295,11 @@ class PretrainTask(Task):
             return self._val
         d = self.cfg["data"]
         idx = evenly_spaced(len(self.val_set), d["max_val"]) or list(range(len(self.val_set)))
-        make = val_transform if self.loader == "pil" else Uint8ValTransform
-        ds = torch.utils.data.Subset(SeededTransform(self.val_set, make(d["crop_size"], d["val_resize"])),
+        if self.crop == "padded":
+            tf = padded_val_transform(d["crop_size"])
+        else:
+            tf = (val_transform if self.loader == "pil" else Uint8ValTransform)(d["crop_size"], d["val_resize"])
+        ds = torch.utils.data.Subset(SeededTransform(self.val_set, tf),
                                      idx[self.rank:: self.world])
         self._val = DataLoader(ds, batch_size=self.plan["micro_batch"], shuffle=False, num_workers=d["num_workers"],
                                collate_fn=None if self.loader == "pil" else collate_uint8,

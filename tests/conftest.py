@@ -25,3 +25,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def small_toy_world(tmp_path_factory):
+    """The small-image track of the tiny toy world (CIFAR-10, CIFAR-100, TinyImageNet-200), once per session."""
+    from toyworld import make_toy_world
+
+    out = tmp_path_factory.mktemp("toy_small")
+    make_toy_world(out, preset="tiny", seed=0, track="small")
+    return out

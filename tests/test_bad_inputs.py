@@ -808,3 +808,82 @@ def test_coco_unhashable_ids(run, coco, where, key):
     entry[key] = [entry[key]]
     expect(eval_coco(run, coco), 2, "gt.json" if where == "gt" else "res.json", key.replace("_", " ")
            if where == "gt" else key)
+
+
+# ------------------------------------------------------------------------- small-image layouts (CIFAR, TinyImageNet)
+
+def _cifar_edit(name, change):
+    """Rewrite one batch of a CIFAR-10 copy: change(dict) edits it in place."""
+    def edit(root):
+        path = root / name
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")  # the test's own file, written by the toy world
+        change(d)
+        with open(path, "wb") as f:
+            pickle.dump(d, f, protocol=4)
+    return edit
+
+
+class _Opens:
+    def __reduce__(self):
+        return (open, ("/nonexistent/never", "w"))
+
+
+def _set(d, key, value):
+    d[key] = value
+
+
+SMALL_CASES = [  # (layout folder, edit of the copy, names the error must contain)
+    ("cifar-10-batches-py", lambda r: (r / "data_batch_3").unlink(), ["data_batch_3", "not found"]),
+    ("cifar-10-batches-py", _cifar_edit("data_batch_2", lambda d: _set(d, b"data", d[b"data"][:, :3000].copy())),
+     ["data_batch_2", "3072"]),
+    ("cifar-10-batches-py", _cifar_edit("test_batch", lambda d: d[b"labels"].__setitem__(1, 10)),
+     ["test_batch", "image 1 has label 10", "0..9"]),
+    ("cifar-10-batches-py", _cifar_edit("data_batch_1", lambda d: _set(d, b"labels", d[b"labels"][:-1])),
+     ["data_batch_1", "one per image"]),
+    ("cifar-10-batches-py", _cifar_edit("data_batch_4", lambda d: d.pop(b"labels")), ["data_batch_4", "b'labels'"]),
+    ("cifar-10-batches-py", lambda r: (r / "batches.meta").write_text("label_names: [a, b]\n"),
+     ["batches.meta", "not a readable CIFAR pickle"]),
+    ("cifar-10-batches-py", _cifar_edit("data_batch_5", lambda d: _set(d, b"filenames", _Opens())),
+     ["data_batch_5", "refused to unpickle", "open"]),
+    ("cifar-100-python", _cifar_edit("train", lambda d: d[b"fine_labels"].__setitem__(0, 100)),
+     ["train", "label 100", "0..99"]),
+    ("cifar-100-python", lambda r: (r / "test").unlink(), ["test", "not found"]),
+    ("tiny-imagenet-200", lambda r: _replace_line(r / "val" / "val_annotations.txt", 2,
+                                                  "val_1.JPEG\tn99999999\t0\t0\t10\t10"),
+     ["val_annotations.txt:2", "unknown wnid 'n99999999'"]),
+    ("tiny-imagenet-200", lambda r: _replace_line(r / "val" / "val_annotations.txt", 3, "val_2.JPEG\tn01000000\t0\t0"),
+     ["val_annotations.txt:3", "expected 6"]),
+    ("tiny-imagenet-200", lambda r: _replace_line(r / "val" / "val_annotations.txt", 1,
+                                                  "val_0.JPEG\tn01000000\t0\tzero\t10\t10"),
+     ["val_annotations.txt:1", "malformed box numbers"]),
+    ("tiny-imagenet-200", lambda r: _replace_line(r / "wnids.txt", 5, "n01000000"),
+     ["wnids.txt:5", "duplicate wnid"]),
+    ("tiny-imagenet-200", lambda r: _replace_line(r / "words.txt", 1, "n01000000 red solid circle"),
+     ["words.txt:1", "wnid<TAB>names"]),
+    ("tiny-imagenet-200", lambda r: (r / "val" / "images" / "val_4.JPEG").unlink(),
+     ["val_annotations.txt", "missing", "val_4.JPEG"]),
+]
+
+
+@pytest.mark.parametrize("layout,edit,names", SMALL_CASES,
+                         ids=[f"{lay.split('-')[0]}-{i}" for i, (lay, _, _) in enumerate(SMALL_CASES)])
+def test_pretrain_bad_small_image_layout(run, small_toy_world, tmp_path, layout, edit, names):
+    root = tmp_path / layout
+    shutil.copytree(small_toy_world / layout, root)
+    edit(root)
+    size = 64 if layout.startswith("tiny") else 32
+    result = run("pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", f"data.root={root}",
+                 "model.arch=preactresnet18", f"data.crop_size={size}", "data.num_workers=0", "optim.batch_size=4",
+                 "optim.epochs=1", "--run-dir", tmp_path / "r")
+    expect(result, 2, *names)  # the readers check everything when the task opens them, before any step
+
+
+def test_evaluate_cifar_without_boxes_says_so(run, small_toy_world, tmp_path):
+    from core.checkpoint import build_resnet, save_backbone
+
+    ck = tmp_path / "b.pth"
+    save_backbone(ck, build_resnet("preactresnet18", num_classes=10), {"arch": "preactresnet18", "method": "erm"})
+    expect(run("evaluate", "--checkpoint", ck, "--imagenet", small_toy_world / "cifar-10-batches-py", "--suites",
+               "background", "--limit", "2", "--image-size", "32", "--resize", "32", "--out", tmp_path / "out"),
+           2, "cifar-10-batches-py", "no box annotations")

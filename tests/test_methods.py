@@ -280,3 +280,51 @@ def test_puzzlemix_saliency_as_the_official_script(batch):
     torch.nn.functional.cross_entropy(ref(xn), labels).backward()
     expect = torch.sqrt(torch.mean(xn.grad**2, dim=1))
     assert torch.allclose(sal, expect, rtol=1e-4, atol=1e-9 + 1e-4 * expect.abs().max().item())
+
+
+SMALL_STEP_KNOBS = {"multimix": {"prob": 1.0}, "dense_multimix": {"prob": 1.0}, "puzzlemix": {"solver": "swap"},
+                    "multi_mix": {"base": "puzzlemix", "k": 2, "puzzle": {"solver": "swap"}},
+                    "alignmix_ae": {"decoder_size": 32}}
+
+
+@pytest.fixture(scope="module")
+def cifar_batch(small_toy_world):
+    from core.smalldata import open_classification
+    from pretrain.data import padded_val_transform
+
+    ds = open_classification(small_toy_world, "train", "cifar10", transform=padded_val_transform(32))
+    images = torch.stack([ds[i][0] for i in range(4)])
+    return images, torch.tensor([ds[i][1] for i in range(4)])
+
+
+def _small_cases():
+    from core.smallnets import SMALL_ARCHS
+    from pretrain.methods import METHODS
+
+    return [(a, n) for a in SMALL_ARCHS for n in METHODS]
+
+
+@pytest.mark.parametrize("arch,name", _small_cases(), ids=[f"{a}-{n}" for a, n in _small_cases()])
+def test_every_method_steps_on_the_small_image_models(cifar_batch, arch, name, one_thread):
+    """One SGD step of every method on PreAct-ResNet-18, WRN-16-8 and the CIFAR-stem ResNet-18 at 32 px (toy
+    CIFAR-10 images): finite loss, finite non-zero gradients at both ends of the network, and with the same
+    draws the loss is lower after the step."""
+    images, labels = cifar_batch
+    torch.manual_seed(0)
+    m = build_method(name, ResNetStages(arch, C), C, **SMALL_STEP_KNOBS.get(name, {}))
+    m.generator = torch.Generator()
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3)  # small: the first-order decrease must show in one step
+    losses = []
+    for step in range(2):
+        m.generator.manual_seed(3)
+        loss = sum(v for k, v in m(images, labels).items() if k.startswith("loss"))
+        losses.append(loss.item())
+        if step == 0:
+            opt.zero_grad()
+            loss.backward()
+            last = m.model.net.layer4.bn.weight if arch == "wrn16_8" else m.model.net.layer4[-1].conv2.weight
+            for p in (m.model.net.conv1.weight, last):
+                assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+            opt.step()
+    assert all(v == v for v in losses)
+    assert losses[1] < losses[0], losses

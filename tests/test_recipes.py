@@ -179,6 +179,60 @@ RECIPES = [
     ("detection/frcnn_r50_fpn_1x_coco.yaml", "solver.max_iter", 90000, "source: detectron2 1x MAX_ITER"),
     ("detection/frcnn_r50_fpn_1x_coco.yaml", "model.train_sizes", [640, 672, 704, 736, 768, 800],
      "source: detectron2 faster_rcnn_R_50_FPN_1x MIN_SIZE_TRAIN"),
+    # ---------------------------------------------------------------- CIFAR-10/100 (AlignMix App. B, MultiMix A.1)
+    *[(f"pretrain/{t}_{m}.yaml", key, value, cite) for t in ("cifar10", "cifar100")
+      for m in ("erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix", "multimix", "dense_multimix",
+                "alignmix", "alignmix_ae")
+      for key, value, cite in (
+          ("model.arch", "preactresnet18", "AlignMix §4.1 / MultiMix §4.1: PreActResnet18"),
+          ("data.dataset", t, "AlignMix §4.1 / MultiMix §4.1: CIFAR-10 and CIFAR-100"),
+          ("optim.epochs", 2000, "AlignMix B / MultiMix A.1: 2000 epochs"),
+          ("optim.milestones", [500, 1000, 1500], "AlignMix B / MultiMix A.1: decay every 500 epochs"),
+          ("optim.gamma", 0.1, "AlignMix B / MultiMix A.1: by a factor 0.1"),
+          ("optim.lr", 0.1, "AlignMix B / MultiMix A.1: initial lr 0.1"),
+          ("optim.batch_size", 128, "AlignMix B: batch 128; MultiMix A.1: b = 128 on one GPU"),
+          ("optim.momentum", 0.9, "AlignMix B / MultiMix A.1: momentum 0.9"),
+          ("optim.weight_decay", 1e-4, "AlignMix B / MultiMix A.1: weight decay 0.0001"),
+          ("data.crop_size", 32, "CIFAR's 32 x 32 images"),
+          ("data.padding", 4, "source: reference codes RandomCrop(32, padding=4)"))],
+    # ---------------------------------------------------------------- TinyImageNet (AlignMix App. B, MultiMix A.1)
+    *[(f"pretrain/tinyimagenet_{m}.yaml", key, value, cite)
+      for m in ("erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix", "multimix", "dense_multimix",
+                "alignmix", "alignmix_ae")
+      for key, value, cite in (
+          ("model.arch", "preactresnet18", "MultiMix §4.1: R-18 on TI (Table 2: R = PreActResnet)"),
+          ("optim.epochs", 1200, "AlignMix B / MultiMix A.1: 1200 epochs"),
+          ("optim.milestones", [600, 900], "AlignMix B / MultiMix A.1: decay at 600 and 900"),
+          ("optim.lr", 0.1, "AlignMix B / MultiMix A.1: initial lr 0.1"),
+          ("optim.weight_decay", 1e-4, "AlignMix B / MultiMix A.1: weight decay 0.0001"),
+          ("data.crop_size", 64, "TinyImageNet's 64 x 64 images"))],
+    ("pretrain/tinyimagenet_alignmix.yaml", "optim.batch_size", 128, "AlignMix B: batch 128 on 2 GPUs"),
+    ("pretrain/tinyimagenet_multimix.yaml", "optim.batch_per_process", 128, "MultiMix A.1: b = 128 per GPU"),
+    *[(f"pretrain/{t}_{m}.yaml", key, value, cite) for t in ("cifar10", "cifar100", "tinyimagenet")
+      for m in ("alignmix", "alignmix_ae")
+      for key, value, cite in (("method.alpha", 2.0, "AlignMix B: alpha = 2.0"),
+                               ("method.eps", 0.1, "AlignMix B: eps = 0.1"),
+                               ("method.n_iters", 100, "AlignMix B: 100 Sinkhorn iterations"),
+                               ("method.head", "fc", "AlignMix §4.1: fc stage-2 encoder"),
+                               ("method.resolution", 4, "AlignMix §4.1: A is c x 4 x 4"))],
+    *[(f"pretrain/{t}_{m}.yaml", key, value, cite) for t in ("cifar10", "cifar100", "tinyimagenet")
+      for m in ("multimix", "dense_multimix")
+      for key, value, cite in (("method.n", 1000, "MultiMix A.1: n = 1000"), ("method.m", None, "MultiMix A.1: m = b"),
+                               ("method.alpha_low", 0.5, "MultiMix A.1: U[0.5, 2]"),
+                               ("method.alpha_high", 2.0, "MultiMix A.1: U[0.5, 2]"),
+                               ("method.prob", 0.5, "MultiMix §4.1: probability 0.5"))],
+    ("pretrain/cifar10_multimix.yaml", "method.layer", 5, "MultiMix A.1: the embedding"),
+    ("pretrain/cifar100_dense_multimix.yaml", "method.resolution", 4, "MultiMix A.1: r = 4 x 4 on CIFAR"),
+    ("pretrain/cifar100_dense_multimix.yaml", "method.attention", "gap_l1relu", "MultiMix A.1: GAP, ReLU + l1"),
+    ("pretrain/cifar100_multi_mix.yaml", "optim.epochs", 300, "multi-mix §IV-B1: 300 epochs"),
+    ("pretrain/cifar100_multi_mix.yaml", "optim.milestones", [100, 200], "multi-mix §IV-B1: at 100 and 200"),
+    ("pretrain/cifar100_multi_mix.yaml", "optim.lr", 0.2, "multi-mix §IV-B1: initial lr 0.2"),
+    ("pretrain/cifar100_multi_mix.yaml", "optim.batch_size", 100, "multi-mix §IV-B1: batch 100"),
+    ("pretrain/cifar100_multi_mix.yaml", "method.k", 5, "multi-mix §IV-B1: K = 5"),
+    ("pretrain/tinyimagenet_multi_mix.yaml", "optim.epochs", 1200, "multi-mix §IV-B1: 1,200 epochs"),
+    ("pretrain/tinyimagenet_multi_mix.yaml", "optim.milestones", [600, 900], "multi-mix §IV-B1: at 600 and 900"),
+    ("pretrain/tinyimagenet_multi_mix.yaml", "optim.lr", 0.2, "multi-mix §IV-B1: initial lr 0.2"),
+    ("pretrain/tinyimagenet_multi_mix.yaml", "method.base", "puzzlemix", "multi-mix Table I: on Puzzle-mix"),
     # ---------------------------------------------------------------- the paper pipeline
     ("pipeline/paper.yaml", "pretrain.config", "configs/pretrain/imagenet_{method}.yaml", "the cited recipes"),
     ("pipeline/paper.yaml", "detection.0.config", "configs/detection/ssd300_r50_voc0712.yaml",
@@ -252,6 +306,7 @@ def test_config_value_equals_the_paper(rel, key, value, cite):
 
 COVERED = sorted(
     [p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs" / "pretrain").glob("*imagenet*.yaml")]
+    + [p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs" / "pretrain").glob("*cifar*.yaml")]
     + [p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs" / "wsol").glob("*cub*.yaml")]
     + [p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs" / "detection").glob("*.yaml")
        if not p.name.startswith("toy_")]

@@ -173,6 +173,20 @@ for _group in (IMAGENET_CLASSES, VOC_OBJECT_CLASSES, COCO_OBJECT_CLASSES):
     assert len({(c.shape, c.colour, c.texture) for c in _group}) == len(_group), "duplicate class combo"
 
 
+def small_image_classes(n: int) -> tuple[ObjectClass, ...]:
+    """The classes of the small-image worlds (CIFAR-10: n = 10, CIFAR-100: 100, TinyImageNet: 200): the ImageNet
+    world's classes first (so CIFAR-10 is the ImageNet world at 32 px), then further (shape, colour, texture)
+    combinations of the same vocabulary in a fixed shuffled order (up to 400 exist)."""
+    combos = [(s, c, t) for s in SHAPES for c in COLOURS for t in TEXTURES]
+    if n > len(combos):
+        raise ValueError(f"the vocabulary has {len(combos)} classes, {n} asked")
+    used = {(c.shape, c.colour, c.texture) for c in IMAGENET_CLASSES}
+    order = np.random.default_rng(20231204).permutation(len(combos))
+    extra = [combos[i] for i in order if combos[i] not in used]
+    more = tuple(ObjectClass(f"{c} {TEXTURE_ADJECTIVES[t]} {s}", s, c, t) for s, c, t in extra)
+    return (IMAGENET_CLASSES + more)[:n]
+
+
 def imagenet_wnids(n: int) -> list[str]:
     """Made-up, real-looking, sorted synset ids: ``n01000000``, ``n01104729``, ..."""
     return [f"n{1000000 + 104729 * k:08d}" for k in range(n)]
@@ -196,6 +210,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         cub_train=30,
         cub_test=20,
         cub_size=(112, 144),
+        cifar_train=50,      # per class (CIFAR-10; CIFAR-100 writes a fifth of it, at least 2)
+        cifar_test=10,
+        tiny_train=10,       # per class, 200 classes
+        tiny_val=3,
     ),
     "tiny": dict(
         imagenet_train=10,
@@ -211,6 +229,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         cub_train=3,
         cub_test=2,
         cub_size=(112, 144),
+        cifar_train=10,
+        cifar_test=3,
+        tiny_train=2,
+        tiny_val=1,
     ),
 }
 
@@ -224,9 +246,13 @@ WORLDS = {
     "coco_val2017": 6,
     "cub": 7,
     "splits": 8,
+    "cifar_train": 9,
+    "cifar_test": 10,
+    "tiny_train": 11,
+    "tiny_val": 12,
 }
 _W_IMNET_TRAIN, _W_IMNET_VAL, _W_VOC07, _W_VOC12, _W_COCO_TRAIN, _W_COCO_VAL, _W_CUB, _W_SPLITS = (
-    WORLDS.values()
+    list(WORLDS.values())[:8]
 )
 JPEG_QUALITY = 90
 

@@ -23,6 +23,7 @@ import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset
 
 from core.data import DataError, read_image
+from core.smalldata import open_classification
 
 from .corruption import (
     foreground_mask,
@@ -39,6 +40,21 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 def read_rgb(path) -> torch.Tensor:
     """``[3, H, W]`` float in [0, 1] via ``core.data.read_image`` (clear error naming the file)."""
     return TF.pil_to_tensor(read_image(path)).float().div_(255.0)
+
+
+def open_val_set(root):
+    """The labelled evaluation split of ``root`` in any classification layout (``core.smalldata``): ImageNet's
+    val (boxes from val_boxes/ or LOC_val_solution.csv when present), TinyImageNet's val (with its boxes),
+    CIFAR-10/100's test batch (no boxes: clean, calibration, FGSM, PGD and OOD only)."""
+    return open_classification(root, "val", boxes="auto")
+
+
+def base_image(base, i: int) -> torch.Tensor:
+    """Image ``i`` of a reader as ``[3, H, W]`` float in [0, 1]: from its ``image(i)`` (in-memory CIFAR arrays,
+    TinyImageNet) or its file ``samples[i][0]`` (ImageNet folders)."""
+    if hasattr(base, "image"):
+        return TF.pil_to_tensor(base.image(i)).float().div_(255.0)
+    return read_rgb(base.samples[i][0])
 
 
 def resized_size(height: int, width: int, resize: int) -> tuple[int, int]:
@@ -90,7 +106,8 @@ def check_boxes(boxes: np.ndarray, height: int, width: int, image_path, tol: flo
 class ValSet(Dataset):
     """ImageNet-layout validation images, clean or with a corrupted background.
 
-    base: a ``core.data.ImageNetFolder(root, split="val")`` (``.samples``, ``.boxes(i)``).
+    base: a reader of ``open_val_set`` (``.samples``, ``.boxes(i)``, optionally ``.image(i)``), e.g.
+    ``core.data.ImageNetFolder(root, split="val")``.
     indices: which val images (positions in ``base``) to serve.
     corruption: None, "replace" or "noise"; at: "eval" corrupts after resize + crop (default), "original"
     corrupts at the stored resolution and then resizes. sigma: noise std in [0, 1] pixel units.
@@ -114,16 +131,13 @@ class ValSet(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _path(self, i: int):
-        return self.base.samples[i][0]
-
     def _boxes(self, i: int) -> np.ndarray:
         return np.asarray(self.base.boxes(i), dtype=np.float32).reshape(-1, 4)
 
     def _load(self, k: int):
         i = self.indices[k]
         path, label = self.base.samples[i]
-        img = read_rgb(path)
+        img = base_image(self.base, i)
         _, h, w = img.shape
         boxes = check_boxes(self._boxes(i), h, w, path) if self.need_boxes else np.zeros((0, 4), np.float32)
         return img, boxes, int(label), i
@@ -154,7 +168,7 @@ class ValSet(Dataset):
         if self.corruption == "noise":
             return noise_background(img, fg, gaussian_noise(img.shape, self.sigma, self.seed, i))
         j = partner_index(i, len(self.base.samples), self.seed)
-        other = read_rgb(self._path(j))
+        other = base_image(self.base, j)
         if self.at == "eval":
             other, _ = resize_crop(other, None, self.resize, self.image_size)
         else:

@@ -214,16 +214,15 @@ def run_embedding_suite(cfg: dict, checkpoint, imagenet_root, out_dir, metrics: 
     ``out_dir/metrics.json``."""
     import time
 
-    from core.data import ImageNetFolder
     from core.runtime import get_device, write_json
 
-    from .data import ValSet
+    from .data import ValSet, open_val_set
     from .evaluate import _rounded, subset_indices
     from .model import load_classifier_model
 
     t0 = time.time()
     device = get_device(cfg["device"])
-    base = ImageNetFolder(imagenet_root, split="val", boxes="auto")
+    base = open_val_set(imagenet_root)  # ImageNet, TinyImageNet or CIFAR layout
     indices = subset_indices(len(base), cfg["limit"])
     model, meta = load_classifier_model(checkpoint, num_classes=len(base.classes), arch=cfg["arch"])
     model = model.to(device)

@@ -42,7 +42,7 @@ from . import figures
 from .attacks import fgsm, pgd
 from .calibration import calibration_bins, ece_oe
 from .corruption import CORRUPTIONS, sample_generator
-from .data import ImageFiles, NoiseImages, ValSet, collate, list_images
+from .data import ImageFiles, NoiseImages, ValSet, collate, list_images, open_val_set
 from .localization import cam_to_box, check_iou_op, class_activation_maps, localized
 from .model import load_classifier_model
 from .ood import ood_metrics
@@ -285,8 +285,6 @@ class _Evaluation:
     """One checkpoint's suites over one val set; `o` holds `evaluate_checkpoint`'s arguments."""
 
     def __init__(self, o: dict, suites: list[str]):
-        from core.data import ImageNetFolder
-
         self.o, self.suites = o, suites
         self.device = get_device(o["device"]) if isinstance(o["device"], str) else o["device"]
         workers = o["num_workers"]
@@ -295,7 +293,7 @@ class _Evaluation:
         self.out_dir = Path(o["out_dir"]) if o["out_dir"] is not None else None
         self.fig_dir = self.out_dir / "figures" if self.out_dir is not None else None
         self.write = is_main_process()  # under torchrun every rank evaluates its shard, rank 0 writes
-        self.base = ImageNetFolder(o["imagenet_root"], split="val", boxes="auto")
+        self.base = open_val_set(o["imagenet_root"])  # ImageNet, TinyImageNet or CIFAR (transfer/robustness/data.py)
         self.indices = subset_indices(len(self.base), o["limit"])
         # fail before any compute on a checkpoint without a head for these classes, or on empty OOD folders
         model, self.meta = load_classifier_model(o["checkpoint"], num_classes=len(self.base.classes), arch=o["arch"])
