@@ -112,13 +112,16 @@ class Method(nn.Module):
         self.dense_loss = dense_loss
         self.generator: torch.Generator | None = None  # device draws
         self.host_rng = np.random.default_rng(0)  # host draws (see the module docstring)
+        self.shared_rng = np.random.default_rng(0)  # host draws every rank makes alike (no broadcast needed)
 
     # -- randomness -------------------------------------------------------------------------------
-    def seed(self, seed: int) -> None:
-        """Seed both streams: the device generator (when set) and the host generator."""
+    def seed(self, seed: int, shared: int | None = None) -> None:
+        """Seed the streams: the device generator (when set), the host generator, and the host generator that
+        is the same on every rank (`shared`: a rank-independent seed; default `seed`)."""
         if self.generator is not None:
             self.generator.manual_seed(seed)
         self.host_rng = np.random.default_rng(seed)
+        self.shared_rng = np.random.default_rng(seed if shared is None else shared)
 
     def _device(self) -> torch.device:
         return self.model.fc.weight.device
@@ -336,8 +339,8 @@ class MultiMix(Method):
     the logits g(Z) of every rank are gathered (gradients return to their rank through the gather), so
     each process mixes the global batch of world x b examples (m up to world x b) with its own n
     Dirichlet draws; DDP's gradient average then equals one process holding the whole batch with
-    world x n interpolations. The MultiMix / input-mixup coin of rank 0 is used by every rank. Embedding
-    only (layer 5). In one process it changes nothing (the local batch is the global batch).
+    world x n interpolations. The MultiMix / input-mixup coin comes from the rank-independent host stream
+    (the same on every rank, no broadcast). Embedding only (layer 5). In one process it changes nothing (the local batch is the global batch).
     """
 
     def __init__(self, model, num_classes, n: int = 1000, m: int | None = None, alpha_low: float = 0.5,
@@ -352,12 +355,9 @@ class MultiMix(Method):
                              "gathering every rank's feature maps would not fit in memory")
 
     def _branch_draw(self) -> float:
-        """The uniform draw that picks MultiMix or input mixup; rank 0's under global_batch (every rank must
-        take the same branch: only MultiMix gathers)."""
-        u = self._rand()
-        if not self.global_batch:
-            return u
-        return float(rt.broadcast_from_main(torch.tensor([u], device=self._device())))
+        """The uniform draw that picks MultiMix or input mixup; under global_batch from the rank-independent host
+        stream (every rank must take the same branch: only MultiMix gathers), so no broadcast (no sync) is needed."""
+        return float((self.shared_rng if self.global_batch else self.host_rng).random())
 
     def _global_multimix(self, images, labels):
         """global_batch: mix the logits [world*b, c(, r)] of every rank with this rank's Lambda [world*b, n]."""

@@ -252,7 +252,8 @@ class PretrainTask(Task):
 
     def before_step(self, micro_step: int) -> None:
         # the method's draws depend only on (seed, rank, micro-step): exact resumption, whatever was saved
-        self.model.seed(sample_seed(self.cfg["seed"] + 1, self.rank, micro_step))
+        self.model.seed(sample_seed(self.cfg["seed"] + 1, self.rank, micro_step),
+                        shared=sample_seed(self.cfg["seed"] + 2, 0, micro_step))
 
     def to_device(self, batch, device: torch.device, channels_last: bool):
         return batch_to_device(batch, device, channels_last)

@@ -65,7 +65,7 @@ def _worker(rank, port, out_dir):
     coin = _method("multimix", prob=0.5)
     out["branch_draws"] = []
     for t in range(4):
-        coin.seed(100 * t + rank)
+        coin.seed(100 * t + rank, shared=100 * t)  # the task passes a rank-independent shared seed
         out["branch_draws"].append(coin._branch_draw())
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pth"))
     dist.destroy_process_group()
@@ -114,8 +114,8 @@ def test_global_batch_two_ranks_equal_one_process_with_both_ranks_draws(tmp_path
         assert sum(g.abs().sum() for g in ref_grads.values()) > 0
         for r in range(WORLD):  # a rank's rows get every rank's loss gradient: world x the mean's
             assert torch.allclose(got[r]["fmap_grad"] / WORLD, ref_fmap_grads[r], rtol=1e-5, atol=1e-8), (name, r)
-    # the MultiMix / input-mixup coin is rank 0's on both ranks
-    expected = [float(np.random.default_rng(100 * t).random()) for t in range(4)]  # rank 0's host draws
+    # the MultiMix / input-mixup coin is the same on both ranks, from the shared host stream (no broadcast)
+    expected = [float(np.random.default_rng(100 * t).random()) for t in range(4)]  # the shared stream's draws
     assert ranks[0]["branch_draws"] == ranks[1]["branch_draws"] == pytest.approx(expected)
 
 
