@@ -13,9 +13,9 @@ set `runtime.checkpoint_every_steps` (pretraining) so that a requeue loses minut
 |--------------|---------------------------------|-----------------------------------------|
 | pretrain     | `pretrain.task.run`             | N x G (DDP)                             |
 | finetune_det | `transfer.det_train.run`        | N x G (DDP, as under torchrun)          |
-| wsol         | `wsol.finetune.run`             | 1 (the stage runs in one process)       |
-| evaluate     | `transfer.robustness.stage.run` | 1 (evaluation only: restarts if requeued) |
-| pipeline     | `pipeline.run.run_pipeline`     | 1 (finished stages are skipped when requeued) |
+| wsol         | `wsol.finetune.run`             | N x G (every rank fine-tunes, evaluation sharded, rank 0 writes) |
+| evaluate     | `transfer.robustness.stage.run` | N x G (sharded; evaluation only: restarts if requeued) |
+| pipeline     | `pipeline.run.run_pipeline`     | N x G (as under torchrun; finished stages are skipped when requeued) |
 
 A job with one task sets none of the variables: it runs as `python tools/<stage>.py` would.
 """
@@ -36,8 +36,8 @@ from core.engine import CKPT
 
 log = logging.getLogger("launch")
 
-DISTRIBUTED = ("pretrain", "finetune_det")  # stages that run one DDP process per task
-SINGLE = ("wsol", "evaluate", "pipeline")   # stages that run in one process
+DISTRIBUTED = ("pretrain", "finetune_det")  # stages whose training is DDP (default: 8 GPUs per node)
+SINGLE = ("wsol", "evaluate", "pipeline")   # rank-aware (sharded evaluation, rank 0 writes; default: 1 GPU)
 STAGES = DISTRIBUTED + SINGLE
 
 
@@ -198,6 +198,7 @@ def run_stage(spec: JobSpec) -> dict:
 
         rt.init_distributed()
         return run(cfg, {"weights": spec.weights}, spec.run_dir)
+    rt.init_distributed()  # a no-op with one task; the stages below are rank-aware (core/distributed.py)
     if spec.stage == "wsol":
         from wsol.finetune import run
 
@@ -226,8 +227,6 @@ class StageJob:
             port = os.environ.get("MASTER_PORT")  # a user's choice wins over the one derived from the job id
             variables = distributed_env(env.job_id, env.hostnames, env.num_nodes, env.num_tasks, env.global_rank,
                                         env.local_rank, int(port) if port else None)
-            if variables and self.spec.stage in SINGLE:
-                raise ConfigError(f"stage {self.spec.stage} runs in one process; submit it with one task")
             os.environ.update(variables)
             log.info("%s: %s", env, variables or "one task, no process group")
         try:
@@ -281,9 +280,6 @@ def make_executor(job_dir: str | os.PathLike, res: Resources, cluster: str = "sl
 
 def submit(spec: JobSpec, res: Resources, job_dir: str | os.PathLike, cluster: str = "slurm"):
     """Queue `spec` with `res`; returns the submitit job (job.results()[0] waits for rank 0's metrics)."""
-    if spec.stage in SINGLE and res.nodes * res.tasks != 1:
-        raise ConfigError(f"stage {spec.stage} runs in one process; submit it with --nodes 1 and one task "
-                          f"(--gpus-per-node 1), not {res.nodes} x {res.tasks}")
     job = make_executor(job_dir, res, cluster).submit(StageJob(spec))
     log.info("submitted %s as job %s (%d node(s) x %d task(s)); logs in %s", spec.stage, job.job_id, res.nodes,
              res.tasks, job.paths.folder)

@@ -88,9 +88,6 @@ def test_checks_before_queueing(toy_world, tmp_path):
     with pytest.raises(ConfigError, match="--resume to continue"):
         make_spec("pretrain", cfg, cwd=tmp_path)
     assert make_spec("pretrain", cfg, resume=True, cwd=tmp_path).resume
-    one = JobSpec("wsol", cfg)
-    with pytest.raises(ConfigError, match="one process"):
-        submit(one, Resources(gpus_per_node=2), tmp_path / "jobs", "local")
 
 
 @pytest.mark.slow
@@ -106,6 +103,19 @@ def test_local_executor_runs_a_two_process_pretraining_job(toy_world, tmp_path):
     head = json.loads((run / "log.jsonl").read_text().splitlines()[0])
     assert head["world_size"] == 2 and head["per_process_batch"] == 8
     assert torch.load(run / "checkpoints/last.pth", weights_only=True)["world_size"] == 2
+
+    # every stage is rank-aware: a 2-task evaluate job shards the suites and gives one process's numbers
+    ev = tmp_path / "eval.yaml"
+    ev.write_text(yaml.safe_dump({"suites": "clean,calibration,fgsm", "image_size": 32, "resize": 36,
+                                  "batch_size": 8, "limit": 24}))
+    inputs = {"checkpoint": str(run / "backbone.pth"), "imagenet": str(toy_world / "imagenet")}
+    one = StageJob(make_spec("evaluate", str(ev), run_dir=str(tmp_path / "ev1"), cwd=tmp_path, **inputs))()
+    two = submit(make_spec("evaluate", str(ev), run_dir=str(tmp_path / "ev2"), cwd=tmp_path, **inputs),
+                 Resources(gpus_per_node=0, tasks_per_node=2, timeout_min=10), tmp_path / "jobs/%j", "local")
+    ranks = [{k: v for k, v in r.items() if k != "seconds"} for r in two.results()]  # timings differ
+    assert ranks[0] == ranks[1]  # every rank gets the gathered metrics
+    assert ranks[0] == {k: v for k, v in one.items() if k != "seconds"}  # the same numbers as one process
+    assert ranks[0]["clean"]["top1_err"] == one["clean"]["top1_err"]
 
 
 class Preempted(Exception):
@@ -159,5 +169,3 @@ def test_submit_cli_refuses_a_bad_config_before_queueing(toy_world, tmp_path, ca
     code = cli.main(["pretrain", "--config", cfg, "--local", "optim.lrr=1", "--job-dir", str(tmp_path / "jobs")])
     assert code == 2 and "optim.lrr" in capsys.readouterr().err
     assert not (tmp_path / "jobs").exists()  # nothing was queued
-    code = cli.main(["wsol", "--config", cfg, "--local", "--gpus-per-node", "2", "--job-dir", str(tmp_path / "j")])
-    assert code == 2 and "runs in one process" in capsys.readouterr().err
