@@ -91,8 +91,9 @@ def test_checks_before_queueing(toy_world, tmp_path):
 
 
 @pytest.mark.slow
-def test_local_executor_runs_a_two_process_pretraining_job(toy_world, tmp_path):
+def test_local_executor_runs_a_two_process_pretraining_job(toy_world, tmp_path, monkeypatch):
     """Two tasks of submitit's local executor join one gloo process group from the variables the job sets."""
+    monkeypatch.chdir(tmp_path)  # the in-process job below changes to the folder it was submitted from
     cfg = tiny_config(tmp_path, toy_world / "imagenet", epochs=1, batch_size=16)
     spec = make_spec("pretrain", cfg, cwd=tmp_path)
     job = submit(spec, Resources(gpus_per_node=0, tasks_per_node=2, timeout_min=10), tmp_path / "jobs/%j", "local")
