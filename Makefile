@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python tools/run_pipeline.py --config configs/pipeline/toy.yaml
 
 ## demo-cifar: the small-image track on the toy world (CIFAR-100 layout, 9 methods x 3 seeds, robustness;
-## runs/toy_cifar/report.md), about 20 minutes on 2 CPU cores
+## runs/toy_cifar/report.md), about 16 minutes on 2 CPU cores (measured once)
 demo-cifar: $(STAMP)
 	$(VENV)/bin/python tools/run_pipeline.py --config configs/pipeline/toy_cifar.yaml
 
