@@ -25,7 +25,7 @@ import torchvision
 
 from core.data import InputError
 from core.runtime import atomic_save, unwrap
-from core.smallnets import SMALL_ARCHS, build_small
+from core.smallnets import SMALL_ARCHS, SMALL_FEATURE_DIMS, build_small
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")  # torchvision's (detection, WSOL, conversion)
 # every architecture a backbone checkpoint may hold: torchvision's and the small-image ones (core/smallnets.py)
@@ -54,6 +54,8 @@ def build_resnet(arch: str, num_classes: int = 1000, **kwargs) -> torch.nn.Modul
 
 def feature_dim(arch: str) -> int:
     """Width of the pooled features that fc reads."""
+    if arch in SMALL_FEATURE_DIMS:
+        return SMALL_FEATURE_DIMS[arch]
     return 2048 if arch in ("resnet50", "resnet101") else 512
 
 
@@ -72,7 +74,7 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
         return "wrn16_8"
     conv1 = state.get("conv1.weight")
     if "layer1.0.conv1.weight" in state and "bn1.weight" not in state:
-        return "preactresnet18"
+        return "preactresnet18_w16" if conv1 is not None and conv1.shape[0] == 16 else "preactresnet18"
     if conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3) and "layer1.0.conv3.weight" not in state:
         return "resnet18_cifar"
     bottleneck = "layer1.0.conv3.weight" in state

@@ -26,7 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-SMALL_ARCHS = ("preactresnet18", "wrn16_8", "resnet18_cifar")
+SMALL_ARCHS = ("preactresnet18", "wrn16_8", "resnet18_cifar", "preactresnet18_w16")
+# width of the pooled features that fc reads, per small arch
+SMALL_FEATURE_DIMS = {"preactresnet18": 512, "wrn16_8": 512, "resnet18_cifar": 512, "preactresnet18_w16": 128}
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -87,14 +89,16 @@ class SmallNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def preactresnet18(num_classes: int = 10) -> SmallNet:
-    """PreAct-ResNet-18: 3x3 stem to 64 channels, four stages of two pre-activation blocks (64, 128, 256, 512;
-    strides 1, 2, 2, 2), no final BN-ReLU (11,171,146 parameters for 10 classes; tests/test_smallnets.py)."""
-    widths, layers, cin = (64, 128, 256, 512), [], 64
+def preactresnet18(num_classes: int = 10, width: int = 64) -> SmallNet:
+    """PreAct-ResNet-18: 3x3 stem to `width` (64) channels, four stages of two pre-activation blocks (64, 128,
+    256, 512; strides 1, 2, 2, 2), no final BN-ReLU (11,171,146 parameters for 10 classes;
+    tests/test_smallnets.py). width=16 is `preactresnet18_w16` (16, 32, 64, 128: 1/16 of the FLOPs), the toy
+    CIFAR pipeline's CPU network (configs/pipeline/toy_cifar.yaml), no paper's."""
+    widths, layers, cin = (width, 2 * width, 4 * width, 8 * width), [], width
     for i, w in enumerate(widths):
         layers.append(_group(cin, w, 2, 1 if i == 0 else 2))
         cin = w
-    return SmallNet(_conv3x3(3, 64), layers, 512, num_classes)
+    return SmallNet(_conv3x3(3, width), layers, 8 * width, num_classes)
 
 
 def wrn(depth: int = 16, widen: int = 8, num_classes: int = 10) -> SmallNet:
@@ -127,6 +131,8 @@ def build_small(arch: str, num_classes: int = 10, zero_init_residual: bool = Fal
         raise ValueError(f"zero_init_residual is for BN-ended residual blocks; {arch} has pre-activation blocks")
     if arch == "preactresnet18":
         return preactresnet18(num_classes)
+    if arch == "preactresnet18_w16":
+        return preactresnet18(num_classes, width=16)
     if arch == "wrn16_8":
         return wrn(16, 8, num_classes)
     raise ValueError(f"unknown small-image arch {arch!r}; supported: {list(SMALL_ARCHS)}")

@@ -37,8 +37,11 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
         if curve:
             sections.append(f"![WSOL localization vs fine-tuning epoch](figures/{curve.name})\n")
     if cfg.get("robustness"):
-        more = [tables.background_table(results), tables.calibration_adversarial_table(results),
-                tables.ood_table(results), tables.embedding_table(results)]
+        background = tables.background_table(results)
+        sets = tables.ood_sets(results)
+        ood = ([tables.ood_table(results, [s]) for s in sets] if len(sets) > 3 else [tables.ood_table(results)])
+        more = [background, tables.calibration_adversarial_table(results, with_clean=background is None),
+                *ood, tables.embedding_table(results)]
         tabs += [t for t in more if t is not None]
         sections += [t.markdown() for t in more if t is not None]
     reused = results.get("reused") or []
@@ -81,6 +84,9 @@ def figure_sections(run_dir: Path, results: dict, methods: list[str], dets: list
           for d in dets],
         ("MaxBoxAccV2 (%)", panel("wsol", lambda m: tables.get(m, "maxboxacc_v2"))),
         ("bg-replace top-1 err", panel("robustness", lambda m: tables.get(m, "background", "replace", "top1_err"))),
+        *([] if dets else [  # the small-image track (no detection): its robustness numbers
+            ("PGD top-1 err", panel("robustness", lambda m: tables.get(m, "pgd", "top1_err"))),
+            ("ECE (%)", panel("robustness", lambda m: tables.get(m, "calibration", "ece")))]),
     ]
     bars = figures.summary_bars(panels, fig_dir / "summary.png")
     if bars:

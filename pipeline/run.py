@@ -47,6 +47,8 @@ from core.runtime import atomic_write_text, barrier, init_distributed, is_main_p
 log = logging.getLogger("pipeline")
 
 STAGES = ("pretrain", "detection", "wsol", "robustness")
+ROBUSTNESS_KEYS = ("suites", "ood", "options", "root")
+GENERATE_KEYS = ("preset", "seed", "track", "ood")
 
 # Every key of a pipeline config, with its meaning.
 DEFAULTS = {
@@ -54,16 +56,20 @@ DEFAULTS = {
     "out_root": "runs",                # parent folder of the run
     "data": {
         "root": "data/toy",            # folder holding imagenet/, VOCdevkit/, coco/, CUB_200_2011/, wsol_metadata/
-        "generate": None,              # {preset, seed}: make the toy world there if it is missing; null: never
+        "generate": None,              # {preset, seed, track, ood}: make the toy world there if it is missing
+                                       # (track: standard | small | all, tools/make_toy_data.py --track; ood: N
+                                       # images per 32 px toy OOD set under <root>/ood/, 0: none); null: never
     },
     "methods": ["erm"],                # pretraining methods (pretrain.methods.METHODS names)
     "pretrain": {
         "config": "configs/pretrain/toy_{method}.yaml",   # {method} is filled in
         "overrides": [],               # KEY=VALUE strings; {data}, {method} are filled in
+        "per_method": {},              # {method: [KEY=VALUE, ...]}: one method's extra overrides (after those)
     },
     "detection": [],                   # list of {name, config, overrides}
     "wsol": None,                      # {config, overrides}, or null to skip
-    "robustness": None,                # {suites, ood, options}, or null to skip
+    "robustness": None,                # {suites, ood, options, root}, or null to skip (root: the evaluation
+                                       # set's layout folder, default {data}/imagenet; e.g. {data}/cifar-100-python)
     "baselines": {
         "random_init": True,           # run detection and WSOL from a randomly initialised backbone too
     },
@@ -148,6 +154,9 @@ class Pipeline:
         unknown = [m for m in self.cfg["methods"] if m not in METHODS]
         if unknown:
             raise ConfigError(f"unknown method(s) {unknown}; valid: {sorted(METHODS)}")
+        extra = sorted(set(self.cfg["pretrain"]["per_method"]) - set(METHODS))
+        if extra:
+            raise ConfigError(f"config key pretrain.per_method: unknown method(s) {extra}; valid: {sorted(METHODS)}")
         for m in self.cfg["methods"]:
             path = Path(_fill(self.cfg["pretrain"], data=self.data, method=m)["config"])
             if not path.is_file():
@@ -165,7 +174,7 @@ class Pipeline:
 
         subs = {"data": self.data}
         for m in self.cfg["methods"]:
-            p = _fill(self.cfg["pretrain"], data=self.data, method=m)
+            p = self._pretrain_spec(m)
             _named(pretrain_config, load_config(p["config"], p["overrides"]), f"{m} pretraining ({p['config']})")
         for det in self.cfg["detection"]:
             det = _fill(det, **subs)
@@ -176,6 +185,9 @@ class Pipeline:
             _named(wsol_config, load_config(w["config"], w.get("overrides", [])), f"wsol ({w['config']})")
         if self.cfg["robustness"]:
             r = self.cfg["robustness"]
+            unknown = sorted(set(r) - set(ROBUSTNESS_KEYS))
+            if unknown:
+                raise ConfigError(f"config key robustness: unknown key(s) {unknown}; valid: {list(ROBUSTNESS_KEYS)}")
             cfg = {"suites": r.get("suites", "all"), "ood": r.get("ood") or [], **(r.get("options") or {})}
             _named(lambda c: check_ranges(validate(c, ROBUSTNESS), RANGES), cfg, "robustness")
 
@@ -255,7 +267,7 @@ class Pipeline:
 
         out = []
         for method in self.cfg["methods"]:
-            pcfg = _fill(self.cfg["pretrain"], data=self.data, method=method)
+            pcfg = self._pretrain_spec(method)
             for k in self.seeds["pretrain"] or [None]:
                 base = method if k is None else f"{method}/seed{k}"
                 ov = pcfg["overrides"] + ([] if k is None else [f"seed={k}"])
@@ -268,6 +280,11 @@ class Pipeline:
         if self.cfg["baselines"]["random_init"]:
             out += self._plan_downstream("baselines", "baselines", None, None, None, robustness=False)
         return out
+
+    def _pretrain_spec(self, method: str) -> dict:
+        """{"config", "overrides"} of `method`'s pretraining: the shared overrides, then its `per_method` ones."""
+        p = _fill(self.cfg["pretrain"], data=self.data, method=method)
+        return {"config": p["config"], "overrides": list(p["overrides"]) + list(p["per_method"].get(method) or [])}
 
     def _plan_downstream(self, owner: str, base: str, backbone: Path | None, upstream: str | None,
                          pseed: int | None, robustness: bool = True) -> list[Stage]:
@@ -291,26 +308,36 @@ class Pipeline:
                                  lambda d, c=w["config"], ov=ov: stages.wsol(c, ov, backbone, d), seeds))
         if robustness and self.cfg["robustness"]:
             r = _fill(self.cfg["robustness"], **subs)
+            root = Path(r.get("root") or self.data / "imagenet")
             out.append(Stage(f"{base}/robustness", owner, "robustness", frozenset({"robustness"}),
                              {"spec": r, "backbone": upstream},
-                             lambda d: stages.robustness(backbone, self.data / "imagenet", r, d),
+                             lambda d: stages.robustness(backbone, root, r, d),
                              {"pretrain": pseed, "transfer": None}))
         return out
 
     def _ensure_data(self) -> None:
         gen = self.cfg["data"]["generate"]
-        if (self.data / "toy_world.json").exists() or (self.data / "imagenet").exists():
-            return
-        if not gen:
-            raise ConfigError(f"data root {self.data} has no datasets, and data.generate is null")
-        from toyworld import make_toy_world
-        from wsol.data import cub_to_wsol_metadata
-
-        log.info("generating the toy world (%s) in %s", gen, self.data)
+        unknown = sorted(set(gen or {}) - set(GENERATE_KEYS))
+        if unknown:
+            raise ConfigError(f"config key data.generate: unknown key(s) {unknown}; valid: {list(GENERATE_KEYS)}")
         t0 = time.time()
-        make_toy_world(self.data, preset=gen.get("preset", "demo"), seed=gen.get("seed", 0),
-                       wsol_metadata=cub_to_wsol_metadata)
-        self.timings["toy_world"] = round(time.time() - t0, 1)
+        if not ((self.data / "toy_world.json").exists() or (self.data / "imagenet").exists()):
+            if not gen:
+                raise ConfigError(f"data root {self.data} has no datasets, and data.generate is null")
+            from toyworld import make_toy_world
+            from wsol.data import cub_to_wsol_metadata
+
+            log.info("generating the toy world (%s) in %s", gen, self.data)
+            make_toy_world(self.data, preset=gen.get("preset", "demo"), seed=gen.get("seed", 0),
+                           wsol_metadata=cub_to_wsol_metadata, track=gen.get("track", "standard"))
+        n_ood = int((gen or {}).get("ood") or 0)
+        if n_ood > 0 and not (self.data / "ood").exists():
+            from toyworld.ood import write_ood_folders
+
+            log.info("writing the toy OOD sets (%d images each) in %s", n_ood, self.data / "ood")
+            write_ood_folders(self.data / "ood", seed=gen.get("seed", 0), n=n_ood)
+        if time.time() - t0 > 0.5:
+            self.timings["toy_world"] = round(time.time() - t0, 1)
 
 
 def _named(check, cfg: dict, what: str) -> None:

@@ -12,10 +12,15 @@ def pretrain(config: str, overrides: list[str], run_dir: Path) -> dict:
     from core.checkpoint import read_checkpoint
     from pretrain.task import run
 
+    from core.smalldata import detect_layout
+
+    cfg = load_config(config, overrides)
     # resume=True: a pretraining run killed mid-way continues from its last checkpoint
-    metrics = run(load_config(config, overrides), None, run_dir, resume=True)
+    metrics = run(cfg, None, run_dir, resume=True)
     meta = read_checkpoint(Path(run_dir) / "backbone.pth")["meta"]
-    return {**metrics, "num_classes": meta["num_classes"]}
+    data = cfg.get("data") or {}
+    dataset = detect_layout(data["root"], data.get("dataset") or "auto")[0] if data.get("root") else None
+    return {**metrics, "num_classes": meta["num_classes"], "dataset": dataset}
 
 
 def detection(config: str, overrides: list[str], weights: Path | None, run_dir: Path) -> dict:

@@ -210,14 +210,25 @@ def first(results: dict, stage: str, key: str):
     return None
 
 
+# the pretraining dataset kind (pipeline/stages.py `pretrain`) -> (layout name, its evaluation split)
+LAYOUTS = {"imagenet": ("ImageNet", "validation"), "cifar10": ("CIFAR-10", "test"),
+           "cifar100": ("CIFAR-100", "test"), "tinyimagenet": ("TinyImageNet", "validation")}
+
+
+def layout(results: dict) -> tuple[str, str]:
+    """(layout name, evaluation split) of the methods' pretraining data; ImageNet when the runs do not say."""
+    return LAYOUTS.get(first(results, "pretrain", "dataset"), LAYOUTS["imagenet"])
+
+
 def classification_table(results: dict) -> Table:
+    name, split = layout(results)
     num_classes = first(results, "pretrain", "num_classes")
     rows = [(m, r, False) for m, r in results["methods"].items()]
     if num_classes:
         chance = const("pretrain", {"top1": 100.0 / num_classes, "top5": min(100.0, 500.0 / num_classes)})
         rows.append((f"chance ({num_classes} classes)", chance, True))
     return Table(
-        "Classification (ImageNet layout, validation)", "Pretraining on the ImageNet-layout training set.",
+        f"Classification ({name} layout, {split})", f"Pretraining on the {name}-layout training set.",
         [Column("top-1 acc (%)", "pretrain", lambda m: get(m, "top1")),
          Column("top-5 acc (%)", "pretrain", lambda m: get(m, "top5")),
          Column("train time (s)", "pretrain", lambda m: get(m, "train_time_s"), better=None, fmt="{:.0f}")],
@@ -265,7 +276,11 @@ def wsol_table(results: dict) -> Table:
          Column("GT-known Loc (%)", "wsol", lambda m: get(m, "gt_known_loc"))], rows)
 
 
-def background_table(results: dict) -> Table:
+def background_table(results: dict) -> Table | None:
+    """None when no run has the background suite (CIFAR has no boxes)."""
+    if not any(get(run.get("metrics") or {}, "background", "replace", "top1_err") is not None
+               for r in results["methods"].values() for run in r.get("robustness") or []):
+        return None
     rows = [(m, r, False) for m, r in results["methods"].items()]
     return Table(
         "Background corruption (multi-mix Table V protocol)",
@@ -283,34 +298,45 @@ def background_table(results: dict) -> Table:
          Column("noise Loc", "robustness", lambda m: get(m, "background", "noise", "top1_loc"))], rows)
 
 
-def calibration_adversarial_table(results: dict) -> Table:
+def calibration_adversarial_table(results: dict, with_clean: bool = False) -> Table:
+    """with_clean: also the clean top-1 error (when no background table shows it)."""
     rows = [(m, r, False) for m, r in results["methods"].items()]
+    clean = [Column("clean top-1 err", "robustness", lambda m: get(m, "clean", "top1_err"), better="low")]
+    iters = next((get(run.get("metrics") or {}, "pgd", "iters") for r in results["methods"].values()
+                  for run in r.get("robustness") or [] if get(run.get("metrics") or {}, "pgd", "iters")), 10)
     return Table(
         "Calibration and adversarial robustness (AlignMix / MultiMix tables)",
         "ECE and overconfidence error with 10 bins; top-1 error under FGSM (ε = 8/255) and PGD "
-        "(ε = 4/255, step 2/255, 10 iterations, random start), pixel space.",
-        [Column("ECE (%)", "robustness", lambda m: get(m, "calibration", "ece"), better="low"),
+        f"(ε = 4/255, step 2/255, {iters:g} iterations, random start), pixel space.",
+        clean * with_clean + [Column("ECE (%)", "robustness", lambda m: get(m, "calibration", "ece"), better="low"),
          Column("OE (%)", "robustness", lambda m: get(m, "calibration", "oe"), better="low"),
          Column("FGSM top-1 err", "robustness", lambda m: get(m, "fgsm", "top1_err"), better="low"),
          Column("PGD top-1 err", "robustness", lambda m: get(m, "pgd", "top1_err"), better="low")], rows)
 
 
-def ood_table(results: dict) -> Table | None:
-    ood_sets = []
+def ood_sets(results: dict) -> list[str]:
+    """The OOD set names of the methods' robustness runs, in first-seen order."""
+    sets = []
     for r in results["methods"].values():
         for run in r.get("robustness") or []:
             ood = (run.get("metrics") or {}).get("ood") or {}
-            ood_sets += [s for s in ood if isinstance(ood.get(s), dict) and s not in ood_sets]
-    if not ood_sets:
+            sets += [s for s in ood if isinstance(ood.get(s), dict) and s not in sets]
+    return sets
+
+
+def ood_table(results: dict, only: list[str] | None = None) -> Table | None:
+    """All OOD sets in one table, or (`only`) those sets: the report gives each set its own table when there are
+    more than three."""
+    sets = [s for s in ood_sets(results) if only is None or s in only]
+    if not sets:
         return None
     cols = [Column(f"{s} {head}", "robustness", lambda m, s=s, key=key: get(m, "ood", s, key))
-            for s in ood_sets for key, head in (("det_acc", "det acc"), ("det_acc_at_thr", "det acc @thr"),
-                                                ("auroc", "AUROC"), ("aupr_in", "AUPR-in"),
-                                                ("aupr_out", "AUPR-out"))]
+            for s in sets for key, head in (("det_acc", "det acc"), ("det_acc_at_thr", "det acc @thr"),
+                                            ("auroc", "AUROC"), ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR-out"))]
     rows = [(m, r, False) for m, r in results["methods"].items()]
     return Table(
-        "Out-of-distribution detection (maximum softmax probability)",
-        "In-distribution: the ImageNet-layout validation set; OOD: the listed folders and synthetic noise. "
+        "Out-of-distribution detection (maximum softmax probability)" + (f": {', '.join(sets)}" if only else ""),
+        f"In-distribution: the {' '.join(layout(results))} set; OOD: the listed folders and synthetic noise. "
         "det acc: the best threshold; det acc @thr: at the stated max-softmax threshold (0.5: AlignMix §4.3 "
         "\"Det Acc using a threshold of 0.5\", the papers' column). Chance is 50 for detection accuracy and "
         "AUROC.", cols, rows)
