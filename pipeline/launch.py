@@ -13,9 +13,9 @@ set `runtime.checkpoint_every_steps` (pretraining) so that a requeue loses minut
 |--------------|---------------------------------|-----------------------------------------|
 | pretrain     | `pretrain.task.run`             | N x G (DDP)                             |
 | finetune_det | `transfer.det_train.run`        | N x G (DDP, as under torchrun)          |
-| wsol         | `wsol.finetune.run`             | N x G (every rank fine-tunes, evaluation sharded, rank 0 writes) |
+| wsol         | `wsol.finetune.run`             | N x G (all ranks fine-tune, evaluation sharded, rank 0 writes) |
 | evaluate     | `transfer.robustness.stage.run` | N x G (sharded; evaluation only: restarts if requeued) |
-| pipeline     | `pipeline.run.run_pipeline`     | N x G (as under torchrun; finished stages are skipped when requeued) |
+| pipeline     | `pipeline.run.run_pipeline`     | N x G (as under torchrun; finished stages skipped when requeued) |
 
 A job with one task sets none of the variables: it runs as `python tools/<stage>.py` would.
 """

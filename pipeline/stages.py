@@ -10,9 +10,8 @@ from core.config import load_config
 
 def pretrain(config: str, overrides: list[str], run_dir: Path) -> dict:
     from core.checkpoint import read_checkpoint
-    from pretrain.task import run
-
     from core.smalldata import detect_layout
+    from pretrain.task import run
 
     cfg = load_config(config, overrides)
     # resume=True: a pretraining run killed mid-way continues from its last checkpoint

@@ -340,7 +340,8 @@ class MultiMix(Method):
     each process mixes the global batch of world x b examples (m up to world x b) with its own n
     Dirichlet draws; DDP's gradient average then equals one process holding the whole batch with
     world x n interpolations. The MultiMix / input-mixup coin comes from the rank-independent host stream
-    (the same on every rank, no broadcast). Embedding only (layer 5). In one process it changes nothing (the local batch is the global batch).
+    (the same on every rank, no broadcast). Embedding only (layer 5). In one process it changes nothing (the
+    local batch is the global batch).
     """
 
     def __init__(self, model, num_classes, n: int = 1000, m: int | None = None, alpha_low: float = 0.5,

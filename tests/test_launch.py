@@ -14,7 +14,6 @@ submitit = pytest.importorskip("submitit")
 from core.config import ConfigError  # noqa: E402
 from core.engine import Engine  # noqa: E402
 from pipeline.launch import (  # noqa: E402
-    JobSpec,
     Resources,
     StageJob,
     distributed_env,

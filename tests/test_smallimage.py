@@ -11,7 +11,6 @@ import torch
 from core.data import DataError
 from core.smalldata import detect_layout, open_classification, read_cifar_pickle
 
-
 # ------------------------------------------------------------------------------------------------ readers
 
 def test_cifar_read_back_equals_the_renderer(small_toy_world):
@@ -199,8 +198,9 @@ def test_pretrain_on_toy_cifar_then_robustness(small_toy_world, tmp_path, one_th
 
 
 def test_padded_crop_by_hand():
-    from pretrain.data import padded_train_transform
     from PIL import Image
+
+    from pretrain.data import padded_train_transform
 
     img = Image.fromarray(np.full((32, 32, 3), 200, np.uint8))
     torch.manual_seed(0)

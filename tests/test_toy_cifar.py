@@ -99,9 +99,10 @@ def _run(folder, **metrics):
 def test_report_on_the_cifar_track(tmp_path):
     ood = {s: {"det_acc": 60.0 + i, "det_acc_at_thr": 50.0, "auroc": 55.0, "aupr_in": 70.0, "aupr_out": 40.0}
            for i, s in enumerate(("LSUN", "iSUN", "TinyImageNet", "uniform"))}
-    rob = lambda k, e: _run(f"erm/seed{k}/robustness", clean={"top1_err": e}, calibration={"ece": 3.0, "oe": 1.0},
-                            fgsm={"top1_err": 96.0}, pgd={"top1_err": 97.0, "iters": 20}, ood=ood,
-                            embedding={"alignment": 0.2, "uniformity": -2.0, "n": 200, "dim": 128})
+    def rob(k, e):
+        return _run(f"erm/seed{k}/robustness", clean={"top1_err": e}, calibration={"ece": 3.0, "oe": 1.0},
+                    fgsm={"top1_err": 96.0}, pgd={"top1_err": 97.0, "iters": 20}, ood=ood,
+                    embedding={"alignment": 0.2, "uniformity": -2.0, "n": 200, "dim": 128})
     results = {"methods": {"erm": {
         "pretrain": [_run(f"erm/seed{k}/pretrain", top1=t, top5=50.0, num_classes=100, dataset="cifar100")
                      for k, t in ((0, 14.0), (1, 16.0))],
@@ -111,7 +112,8 @@ def test_report_on_the_cifar_track(tmp_path):
     assert tables.background_table(results) is None
     cal = tables.calibration_adversarial_table(results, with_clean=True)
     assert [c.header for c in cal.columns][:2] == ["clean top-1 err", "ECE (%)"] and "20 iterations" in cal.note
-    md = write_report(tmp_path, results, {"name": "t", "data": {"root": "d"}, "robustness": {"suites": "all"}}).read_text()
+    cfg = {"name": "t", "data": {"root": "d"}, "robustness": {"suites": "all"}}
+    md = write_report(tmp_path, results, cfg).read_text()
     assert "| erm | **[15.00 ± 1.41](erm/)** |" in md  # mean ± sample std of 14 and 16 (a lone row: bold)
     assert "Background corruption" not in md
     assert md.count("### Out-of-distribution detection") == 4  # one table per set when more than three

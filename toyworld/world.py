@@ -33,8 +33,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from toyworld.coco import write_coco
 from toyworld.cifar import write_cifar10, write_cifar100
+from toyworld.coco import write_coco
 from toyworld.cub import write_cub
 from toyworld.imagenet import write_imagenet
 from toyworld.tinyimagenet import write_tinyimagenet
