@@ -69,12 +69,15 @@ def expected_shapes(arch: str) -> dict[str, tuple]:
 
 def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
     """Guess the ResNet depth from the keys: BasicBlock vs Bottleneck and the number of layer3 blocks; the
-    small-image networks by their stem (3x3 conv1; no stem BN for the pre-activation ones; WRN's layer4.bn)."""
+    small-image networks by their stem (3x3 conv1; no stem BN for the pre-activation ones but the AlignMixup one,
+    told from resnet18_cifar by its BN-free projection shortcut; WRN's layer4.bn)."""
     if "layer4.bn.weight" in state:
         return "wrn16_8"
     conv1 = state.get("conv1.weight")
     if "layer1.0.conv1.weight" in state and "bn1.weight" not in state:
         return "preactresnet18_w16" if conv1 is not None and conv1.shape[0] == 16 else "preactresnet18"
+    if "layer2.0.downsample.0.weight" in state and "layer2.0.downsample.1.weight" not in state:
+        return "preactresnet18_bnstem"  # a stem BN, and pre-activation blocks (their projection has no BN)
     if conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3) and "layer1.0.conv3.weight" not in state:
         return "resnet18_cifar"
     bottleneck = "layer1.0.conv3.weight" in state

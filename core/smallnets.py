@@ -9,10 +9,13 @@ Every network here exposes torchvision ResNet's attributes so that the stage int
 (`pretrain.methods.ResNetStages`) and the evaluators (`transfer.robustness.model`) run it unchanged:
     stem = maxpool(relu(bn1(conv1(x))));  layer1 .. layer4;  avgpool;  fc
 The pre-activation networks have no BN-ReLU after the stem convolution (each block starts with one), so their
-`bn1`, `relu` and `maxpool` are identities. WRN16-8 has three groups of blocks: they are `layer1..layer3`,
-and its final BN-ReLU (Zagoruyko's `bn` + `relu` before pooling) is `layer4`, so that layer 4 of the stage
-interface is the activated last feature map, as for the ResNets. At 32 px the last map is 4 x 4 (PreAct,
-resnet18_cifar: strides 1, 2, 2, 2) or 8 x 8 (WRN: strides 1, 2, 2); at 64 px twice that.
+`bn1`, `relu` and `maxpool` are identities; `preactresnet18_bnstem` is the PreAct-ResNet-18 of the AlignMixup code
+(shashankvkt/AlignMixup_CVPR22 at ec01a68, cifar10_100/models/resnet.py and tiny_imgnet/models/resnet.py:
+`ResNet.forward` applies conv1, bn1, relu before layer1), whose `bn1` and `relu` are a BatchNorm and a ReLU. WRN16-8 has
+three groups of blocks: they are `layer1..layer3`, and its final BN-ReLU (Zagoruyko's `bn` + `relu` before
+pooling) is `layer4`, so that layer 4 of the stage interface is the activated last feature map, as for the
+ResNets. At 32 px the last map is 4 x 4 (PreAct, resnet18_cifar: strides 1, 2, 2, 2) or 8 x 8 (WRN: strides
+1, 2, 2); at 64 px twice that.
 
 State-dict keys follow torchvision's names where the part exists there (`conv1`, `layerN.M.conv1`, `bn1`,
 `downsample.0` for a block's 1x1 projection shortcut, `fc`). Convolutions have no bias (as in both
@@ -26,9 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-SMALL_ARCHS = ("preactresnet18", "wrn16_8", "resnet18_cifar", "preactresnet18_w16")
+SMALL_ARCHS = ("preactresnet18", "wrn16_8", "resnet18_cifar", "preactresnet18_w16", "preactresnet18_bnstem")
 # width of the pooled features that fc reads, per small arch
-SMALL_FEATURE_DIMS = {"preactresnet18": 512, "wrn16_8": 512, "resnet18_cifar": 512, "preactresnet18_w16": 128}
+SMALL_FEATURE_DIMS = {"preactresnet18": 512, "wrn16_8": 512, "resnet18_cifar": 512, "preactresnet18_w16": 128,
+                      "preactresnet18_bnstem": 512}
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -89,16 +93,20 @@ class SmallNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def preactresnet18(num_classes: int = 10, width: int = 64) -> SmallNet:
+def preactresnet18(num_classes: int = 10, width: int = 64, stem_bn: bool = False) -> SmallNet:
     """PreAct-ResNet-18: 3x3 stem to `width` (64) channels, four stages of two pre-activation blocks (64, 128,
     256, 512; strides 1, 2, 2, 2), no final BN-ReLU (11,171,146 parameters for 10 classes;
     tests/test_smallnets.py). width=16 is `preactresnet18_w16` (16, 32, 64, 128: 1/16 of the FLOPs), the toy
-    CIFAR pipeline's CPU network (configs/pipeline/toy_cifar.yaml), no paper's."""
+    CIFAR pipeline's CPU network (configs/pipeline/toy_cifar.yaml), no paper's. stem_bn: BN + ReLU after the stem
+    convolution, as the AlignMixup code's network (`preactresnet18_bnstem`; 2 x 64 more parameters)."""
     widths, layers, cin = (width, 2 * width, 4 * width, 8 * width), [], width
     for i, w in enumerate(widths):
         layers.append(_group(cin, w, 2, 1 if i == 0 else 2))
         cin = w
-    return SmallNet(_conv3x3(3, width), layers, 8 * width, num_classes)
+    net = SmallNet(_conv3x3(3, width), layers, 8 * width, num_classes)
+    if stem_bn:
+        net.bn1, net.relu = nn.BatchNorm2d(width), nn.ReLU()
+    return net
 
 
 def wrn(depth: int = 16, widen: int = 8, num_classes: int = 10) -> SmallNet:
@@ -133,6 +141,8 @@ def build_small(arch: str, num_classes: int = 10, zero_init_residual: bool = Fal
         return preactresnet18(num_classes)
     if arch == "preactresnet18_w16":
         return preactresnet18(num_classes, width=16)
+    if arch == "preactresnet18_bnstem":
+        return preactresnet18(num_classes, stem_bn=True)
     if arch == "wrn16_8":
         return wrn(16, 8, num_classes)
     raise ValueError(f"unknown small-image arch {arch!r}; supported: {list(SMALL_ARCHS)}")

@@ -24,6 +24,7 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
                 "folder that produced it; **bold** is the best method in each column (the rule is under each "
                 "table); rows in *italics* are baselines. ↑: higher is better, ↓: lower is better. "
                 + seeds_sentence(results.get("seeds") or {}), ""]
+    sections += variants_sentence(results)
     tabs = [tables.classification_table(results)]
     if dets:
         tabs.append(tables.detection_table(results, dets))
@@ -57,6 +58,15 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
     atomic_write_text(md, run_dir / "report.md")
     atomic_write_text(to_html(md, cfg.get("name", "")), run_dir / "report.html")
     return run_dir / "report.md"
+
+
+def variants_sentence(results: dict) -> list[str]:
+    """One line naming the published form each method's pretraining ran where a method has several (its
+    checkpoint meta's `method_variant`, e.g. AlignMix's released code vs the paper's stage-2 encoder)."""
+    found = {m: ((res.get("pretrain") or [{}])[0].get("metrics") or {}).get("method_variant")
+             for m, res in results["methods"].items()}
+    named = [f"`{m}`: {v}" for m, v in found.items() if v]
+    return [f"Method variants: {'; '.join(named)}.", ""] if named else []
 
 
 def seeds_sentence(seeds: dict) -> str:

@@ -105,6 +105,9 @@ class Method(nn.Module):
     example's mixed target (MultiMix paper, Table 10), instead of after global pooling.
     """
 
+    # which published form the class reproduces where a method has several (recorded in the checkpoint meta)
+    variant = ""
+
     def __init__(self, model: ResNetStages, num_classes: int, dense_loss: bool = False):
         super().__init__()
         self.model = model
@@ -511,61 +514,47 @@ class MultiMixK(Method):
         return {"loss": self.loss_of(logits, y_k)}
 
 
-class AlignMix(Method):
-    """AlignMix (Venkataramanan et al., CVPR 2022) as published: per batch one mode drawn uniformly
-    from `modes`: input (input mixup), feat (the partner's feature tensor A' aligned to A and mixed,
-    eq. 12), feat_rev (A aligned to A', eq. 13; the same plan, as the official branch 1), embedding
-    (mixup of e = f(A), logit trick). lam ~ Beta(alpha, alpha); Sinkhorn in the log domain with
-    `eps`, at most `n_iters` iterations, optional early stop `tol` (see `mixing.sinkhorn`); the plan
-    is detached. The returned "stat_sinkhorn_*" numbers (iterations, row / column marginal errors)
-    are logged by the trainer.
+class _AlignMixBase(Method):
+    """The machinery the AlignMix variants share (AlignMixup, Venkataramanan et al., CVPR 2022, arXiv 2103.15375):
+    per batch one mode (`_mode`): input (input mixup), feat (the partner's feature tensor A' aligned to A and
+    mixed, eq. 12), feat_rev (A aligned to A', eq. 13; the same plan, as the released code's branch 1),
+    embedding (mixup of e = f(A), logit trick). lam ~ Beta(alpha, alpha); Sinkhorn in the log domain with `eps`,
+    at most `n_iters` iterations, optional early stop `tol` (see `mixing.sinkhorn`); the plan is detached. The
+    returned "stat_sinkhorn_*" numbers (iterations, row / column marginal errors) are logged by the trainer.
 
-    head: "fc" (the paper, section 4.1): the layer4 map is average-pooled to resolution x resolution
-    (the paper's A is c x 4 x 4) and a fully-connected stage-2 encoder f maps the flattened c x r
-    tensor to the embedding e of the backbone's width (d = c, the paper's R-18 setting), so the
-    ResNet's fc is the classifier g. Its weights live in this module (`encoder2`), not in the exported backbone.
-    "gap": e = global average pool of A (the official code). With the GAP head aligned mixing
-    (eq. 12) equals embedding mixing (every column of R sums to 1), which tests pin.
-    """
+    head "gap": e = global average pool of the full layer4 map (the released code). head "fc": the paper's
+    stage-2 encoder (`StageTwoEncoder`) on A pooled to resolution x resolution. With the GAP head aligned mixing
+    (eq. 12) equals embedding mixing (every column of R sums to 1), which tests pin."""
 
     MODES = ("input", "feat", "feat_rev", "embedding")
 
-    def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
-                 tol: float | None = None, modes=("input", "feat", "feat_rev", "embedding"), head: str = "fc",
-                 resolution: int | None = 4, dense_loss: bool = False):
+    def __init__(self, model, num_classes, alpha, eps, n_iters, tol, modes, head, resolution, dense_loss=False):
         super().__init__(model, num_classes, dense_loss)
         valid = self.MODES + (("clean",) if isinstance(self, AlignMixAE) else ())
         bad = [m for m in modes if m not in valid]
         if bad or not modes:
             raise ValueError(f"alignmix modes {bad or modes} invalid; valid: {list(valid)}")
-        if head not in ("fc", "gap"):
-            raise ValueError(f"alignmix head must be fc or gap, got {head!r}")
-        if head == "fc" and not resolution:
-            raise ValueError("alignmix head fc needs a resolution (the paper pools A to 4 x 4)")
-        if head == "fc" and dense_loss:
-            raise ValueError("alignmix dense_loss needs head gap (the fc stage-2 encoder has no positions)")
+        if head == "fc" and not (isinstance(resolution, int) and resolution >= 1):
+            raise ValueError(f"alignmix resolution must be an integer >= 1 (the paper pools A to 4 x 4), "
+                             f"got {resolution!r}")
         self.alpha, self.eps, self.n_iters, self.tol = alpha, eps, n_iters, tol
         self.modes, self.head, self.resolution = tuple(modes), head, resolution
-        c = model.fc.in_features
-        self.encoder2 = nn.Linear(c * resolution * resolution, c) if head == "fc" else None
+        self.encoder2 = StageTwoEncoder(model.fc.in_features, resolution) if head == "fc" else None
 
     # -- heads ------------------------------------------------------------------------------------
     def tensor_of(self, fmap: torch.Tensor) -> torch.Tensor:
-        """The feature tensor A that is aligned: the layer4 map, average-pooled to `resolution` where it
-        is larger (7 x 7 -> 4 x 4 at 224 px)."""
-        if not self.resolution or tuple(fmap.shape[-2:]) == (self.resolution, self.resolution):
+        """The feature tensor A that is aligned: the full layer4 map (GAP head), or that map average-pooled to
+        `resolution` (stage-2 encoder: 7 x 7 -> 4 x 4 at 224 px)."""
+        if self.head == "gap" or tuple(fmap.shape[-2:]) == (self.resolution, self.resolution):
             return fmap
         if min(fmap.shape[-2:]) < self.resolution:
-            if self.head == "fc":
-                raise ValueError(f"alignmix resolution {self.resolution} is larger than the layer4 map "
-                                 f"{tuple(fmap.shape[-2:])}; set method.resolution <= the map side "
-                                 "(input size / 32)")
-            return fmap
+            raise ValueError(f"alignmix resolution {self.resolution} is larger than the layer4 map "
+                             f"{tuple(fmap.shape[-2:])}; set method.resolution <= the map side (input size / 32)")
         return F.adaptive_avg_pool2d(fmap, self.resolution)
 
     def embed(self, a: torch.Tensor) -> torch.Tensor:
         """e = f(A): A [b, c, h, w] (already `tensor_of`) -> [b, d]."""
-        return a.mean((2, 3)) if self.head == "gap" else self.encoder2(a.flatten(1))
+        return a.mean((2, 3)) if self.head == "gap" else self.encoder2(a)
 
     def classify(self, a: torch.Tensor) -> torch.Tensor:
         if self.head == "gap":
@@ -576,10 +565,7 @@ class AlignMix(Method):
         return self.model.fc(self.embed(self.tensor_of(self.model.features(images))))
 
     def export_head(self) -> dict | None:
-        if self.head == "gap":
-            return None
-        return {"kind": "pooled_linear", "resolution": self.resolution, "weight": self.encoder2.weight,
-                "bias": self.encoder2.bias}
+        return None if self.head == "gap" else self.encoder2.export()
 
     def _mode(self) -> str:
         return self._choice(self.modes)
@@ -604,21 +590,69 @@ class AlignMix(Method):
                 "stat_sinkhorn_row_err": info["row_err"], "stat_sinkhorn_col_err": info["col_err"]}
 
 
-class AlignMixOfficial(AlignMix):
-    """AlignMix as the official training code runs it (shashankvkt/AlignMixup_CVPR22 at ec01a68,
-    imagenet/models/resnet50_classifier.py): per batch input mixup with probability 1/2 (layer_mix 0),
-    else `mixup_aligned` with branch 0 (eq. 12) or branch 1 (A aligned to A', eq. 13) 1/2 each; GAP
-    head on the full layer4 map (7 x 7 at 224 px), Sinkhorn stopping at the code's threshold 0.1."""
+class AlignMix(_AlignMixBase):
+    """AlignMix as the authors' released code trains it (shashankvkt/AlignMixup_CVPR22 at ec01a68, the same in
+    cifar10_100/models/resnet18_classifier.py, tiny_imgnet/models/resnet18_classifier.py and
+    imagenet/models/resnet50_classifier.py): per batch input mixup with probability 1/2 (`layer_mix = 0`), else
+    `mixup_aligned` on the full layer4 map (4 x 4 on CIFAR, 8 x 8 on TinyImageNet, 7 x 7 on ImageNet) with branch
+    0 (eq. 12) or branch 1 (A aligned to A', eq. 13), 1/2 each; then global average pooling and the classifier
+    (no stage-2 encoder, no embedding mode). Sinkhorn stops at the code's threshold `tol` = 0.1 (utils/OT.py
+    `thresh`), after at most 100 iterations. dense_loss: the loss at every position (MultiMix Table 10)."""
+
+    variant = "released code (shashankvkt/AlignMixup_CVPR22 @ ec01a68): GAP head, input 1/2, aligned 1/4 + 1/4"
 
     def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
                  tol: float | None = 0.1, dense_loss: bool = False):
-        super().__init__(model, num_classes, alpha, eps, n_iters, tol, ("input", "feat", "feat_rev"), "gap",
-                         None, dense_loss)
+        super().__init__(model, num_classes, alpha, eps, n_iters, tol, ("input", "feat", "feat_rev"), "gap", None,
+                         dense_loss)
 
     def _mode(self) -> str:
         if self._choice((0, 1)) == 0:  # layer_mix = random.randint(0, 1)
             return "input"
         return self._choice(("feat", "feat_rev"))  # align_mix = random.randint(0, 1)
+
+
+class StageTwoEncoder(nn.Module):
+    """The paper's stage-2 encoder f (AlignMixup §4.1, "a fully-connected layer"): A [b, c, r, r] -> e [b, c] =
+    W vec(A) / r + bias, W [c, c r r].
+
+    Initialised to global average pooling (W = [I ... I] / r, zero bias; e = GAP(A) at step 0) and scaled by
+    1 / r: a plain nn.Linear on vec(A), initialised at random, sees an input r^2 times the squared norm of the
+    pooled vector that fc sees, so at the backbone's learning rate its step on e, and with it the product with
+    fc, grows r^2 times faster than fc's step in a GAP head; on the toy world (r = 2, lr 0.1) the logits exploded
+    within the warm-up and the last ReLU block died (NOTES: measured). With the 1/r scale the step on e is that
+    of a GAP head's features; the function class (any linear map of vec(A)) is unchanged."""
+
+    def __init__(self, channels: int, resolution: int):
+        super().__init__()
+        self.resolution = resolution
+        self.linear = nn.Linear(channels * resolution * resolution, channels)
+        with torch.no_grad():  # vec(A) is channel-major: column ch * r * r + position
+            rr = resolution * resolution
+            self.linear.weight.copy_(torch.eye(channels).repeat_interleave(rr, dim=1) / resolution)
+            self.linear.bias.zero_()
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.linear(a.flatten(1) / self.resolution)
+
+    def export(self) -> dict:
+        """The head as `core.checkpoint.check_head` stores it (the 1 / r scale folded into the weight)."""
+        return {"kind": "pooled_linear", "resolution": self.resolution,
+                "weight": self.linear.weight / self.resolution, "bias": self.linear.bias}
+
+
+class AlignMixStage2(_AlignMixBase):
+    """AlignMix as the paper describes it (AlignMixup §4.1 and App. A; no released code): the layer4 map is
+    average-pooled to resolution x resolution (the paper's A is c x 4 x 4) and the stage-2 encoder f
+    (`StageTwoEncoder`) maps it to the embedding e, so the ResNet's fc is the classifier g; one of `modes`
+    (x, A by eq. 12, A by eq. 13, e) drawn uniformly per batch; Sinkhorn for all n_iters = 100 iterations (App. B;
+    tol None). f lives in this module and in the exported checkpoint's "head", not in the backbone."""
+
+    variant = "paper section 4.1 (arXiv 2103.15375): stage-2 encoder on A pooled to r x r, 4 modes uniform"
+
+    def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
+                 tol: float | None = None, modes=("input", "feat", "feat_rev", "embedding"), resolution: int = 4):
+        super().__init__(model, num_classes, alpha, eps, n_iters, tol, modes, "fc", resolution)
 
 
 class _ResUp(nn.Module):
@@ -657,19 +691,21 @@ class ResidualDecoder(nn.Module):
         return torch.sigmoid(self.out(F.relu(self.bn(self.blocks(h)))))
 
 
-class AlignMixAE(AlignMix):
-    """AlignMix/AE (paper section 4, Algorithm 1): a fifth mode "clean" drawn uniformly with the four
-    AlignMix modes, in which the embedding e = f(F(x)) of the clean images is decoded by a residual
-    decoder D and only the reconstruction loss trains F, f and D; the classifier never sees decoded
-    images. The paper's L_r = ||x - x_hat||^2 is averaged over pixels here (times recon_weight): its
-    sum is ~1e5 times the classification loss at 224 px. decoder_size: the decoder's output side (the
-    training crop; other input sizes are matched by bilinear resizing)."""
+class AlignMixAE(AlignMixStage2):
+    """AlignMix/AE (paper section 4, Algorithm 1; no released code): the paper's variant (`AlignMixStage2`, the
+    stage-2 encoder f makes the embedding e that the decoder reads) plus a fifth mode "clean" drawn uniformly with
+    the four AlignMix modes, in which e = f(F(x)) of the clean images is decoded by a residual decoder D and only
+    the reconstruction loss trains F, f and D; the classifier never sees decoded images. The paper's
+    L_r = ||x - x_hat||^2 is averaged over pixels here (times recon_weight): its sum is ~1e5 times the
+    classification loss at 224 px. decoder_size: the decoder's output side (the training crop; other input sizes
+    are matched by bilinear resizing)."""
+
+    variant = "paper section 4 / Algorithm 1 (arXiv 2103.15375): stage-2 encoder, 4 modes + clean reconstruction"
 
     def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
                  tol: float | None = None, modes=("clean", "input", "feat", "feat_rev", "embedding"),
-                 head: str = "fc", resolution: int | None = 4, decoder_size: int = 224, decoder_width: int = 128,
-                 recon_weight: float = 1.0):
-        super().__init__(model, num_classes, alpha, eps, n_iters, tol, modes, head, resolution)
+                 resolution: int = 4, decoder_size: int = 224, decoder_width: int = 128, recon_weight: float = 1.0):
+        super().__init__(model, num_classes, alpha, eps, n_iters, tol, modes, resolution)
         self.decoder = ResidualDecoder(model.fc.in_features, decoder_size, decoder_width)
         self.recon_weight = recon_weight
 
@@ -691,9 +727,11 @@ METHODS = {
     "dense_multimix": DenseMultiMix,
     "multi_mix": MultiMixK,
     "alignmix": AlignMix,
-    "alignmix_official": AlignMixOfficial,
+    "alignmix_stage2": AlignMixStage2,
     "alignmix_ae": AlignMixAE,
 }
+# names that no longer exist, with the one to use instead
+RENAMED = {"alignmix_official": "alignmix (the AlignMixup released code's variant)"}
 
 
 def method_knobs(name: str) -> dict:
@@ -704,6 +742,8 @@ def method_knobs(name: str) -> dict:
 
 
 def _lookup(name: str):
+    if name in RENAMED:
+        raise ValueError(f"method {name!r} was renamed: use {RENAMED[name]}; valid methods: {sorted(METHODS)}")
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {sorted(METHODS)}")
     return METHODS[name]

@@ -415,7 +415,8 @@ def finish(task: PretrainTask, engine: Engine) -> dict:
     """Export backbone.pth (the contract), metrics.json and the curves; returns the metrics."""
     cfg, run_dir = task.cfg, engine.run_dir
     last = task.history[-1] if task.history else task.evaluate(engine.precision)
-    metrics = {"method": cfg["method"]["name"], "arch": cfg["model"]["arch"], "epochs": cfg["optim"]["epochs"],
+    metrics = {"method": cfg["method"]["name"], "method_variant": task.model.variant, "arch": cfg["model"]["arch"],
+               "epochs": cfg["optim"]["epochs"],
                "steps": engine.step, "val_top1": last.get("val_top1"), "val_top5": last.get("val_top5"),
                "top1": last.get("val_top1"), "top5": last.get("val_top5"),  # short aliases (report)
                "val_loss": last.get("val_loss"), "train_loss": last.get("train_loss"),
@@ -425,7 +426,8 @@ def finish(task: PretrainTask, engine: Engine) -> dict:
     if rt.is_main_process():
         engine.check_parameters()
         meta = {"arch": cfg["model"]["arch"], "num_classes": task.num_classes, "method": cfg["method"]["name"],
-                "epochs": cfg["optim"]["epochs"], "config": dump_config(cfg), "metrics": metrics}
+                "method_variant": task.model.variant, "epochs": cfg["optim"]["epochs"], "config": dump_config(cfg),
+                "metrics": metrics}
         save_backbone(run_dir / "backbone.pth", task.net.net, meta, head=task.model.export_head())
         rt.write_json(metrics, run_dir / "metrics.json")
         engine.logger.log({"event": "end", **metrics})

@@ -35,8 +35,14 @@ def test_registry_errors_list_valid_names():
         build_method("mixmulti", ResNetStages("resnet18", C), C)
     with pytest.raises(ValueError, match="valid: .*alpha_high"):
         build_method("multimix", ResNetStages("resnet18", C), C, nn=5)
-    assert method_knobs("multimix")["n"] == 1000 and method_knobs("alignmix")["eps"] == 0.1
-    assert method_knobs("alignmix")["head"] == "fc" and method_knobs("alignmix_official")["tol"] == 0.1
+    assert method_knobs("multimix")["n"] == 1000
+    # alignmix is the released code's variant: its knobs are the code's constants (no head, modes or resolution)
+    assert method_knobs("alignmix") == {"alpha": 2.0, "eps": 0.1, "n_iters": 100, "tol": 0.1, "dense_loss": False}
+    assert method_knobs("alignmix_stage2")["resolution"] == 4 and method_knobs("alignmix_stage2")["tol"] is None
+    with pytest.raises(ValueError, match=r"'alignmix_official' was renamed: use alignmix \(the AlignMixup released"):
+        build_method("alignmix_official", ResNetStages("resnet18", C), C)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['head'\] for method 'alignmix'"):
+        build_method("alignmix", ResNetStages("resnet18", C), C, head="fc")
     assert method_knobs("dense_multimix")["attention"] == "gap_l1relu"
 
 
@@ -110,9 +116,10 @@ VARIANTS = [
     ("multi_mix", {"base": "input", "k": 3}), ("multi_mix", {"base": "manifold", "k": 3}),
     ("multi_mix", {"base": "cutmix", "k": 3}), ("multi_mix", {"base": "puzzlemix", "k": 2}),
     ("multi_mix", {"base": "manifold", "k": 2, "large_batch": True}),
-    ("alignmix", {"modes": ["feat"], "resolution": 1}), ("alignmix", {"modes": ["feat_rev"], "resolution": 1}),
-    ("alignmix", {"modes": ["feat_rev"], "head": "gap", "dense_loss": True}),
-    ("alignmix_official", {}), ("alignmix_ae", {"modes": ["clean"], "resolution": 1, "decoder_size": 32}),
+    ("alignmix_stage2", {"modes": ["feat"], "resolution": 1}),
+    ("alignmix_stage2", {"modes": ["feat_rev"], "resolution": 1}),
+    ("alignmix", {"dense_loss": True}), ("alignmix", {}),
+    ("alignmix_ae", {"modes": ["clean"], "resolution": 1, "decoder_size": 32}),
     ("alignmix_ae", {"resolution": 1, "decoder_size": 32}),
 ]
 
@@ -155,63 +162,79 @@ def test_bench_returns_ratios():
 
 def test_alignmix_feat_with_lam_one_is_clean_and_modes_validated(batch):
     images, labels = batch
-    m = make("alignmix", modes=["feat"], alpha=1.0, resolution=2).eval()
+    m = make("alignmix_stage2", modes=["feat"], alpha=1.0, resolution=2).eval()
     with pytest.raises(ValueError, match="valid"):
-        make("alignmix", modes=["pixels"])
+        make("alignmix_stage2", modes=["pixels"])
     with pytest.raises(ValueError, match="resolution 4 is larger"):
-        make("alignmix")(images, labels)  # 64 px -> 2 x 2 map, the paper's 4 x 4 cannot be pooled from it
+        make("alignmix_stage2")(images, labels)  # 64 px -> 2 x 2 map, the paper's 4 x 4 cannot be pooled from it
     # with lam forced to 1 the aligned partner has no weight: loss = clean cross-entropy of the fc head
     m._beta = lambda a: 1.0
     clean = torch.nn.functional.cross_entropy(m.predict(images), labels)
     assert m(images, labels)["loss"].item() == pytest.approx(clean.item(), rel=1e-5)
 
 
-def test_alignmix_fc_head_is_the_papers_stage2_encoder_outside_the_backbone(batch):
+def test_stage2_encoder_is_outside_the_backbone_starts_as_gap_and_exports_its_scale(batch):
     import torchvision
 
     images, labels = batch
-    m = make("alignmix", resolution=2).eval()
-    assert m.encoder2.in_features == 512 * 2 * 2 and m.encoder2.out_features == 512
+    m = make("alignmix_stage2", resolution=2).eval()
+    assert m.encoder2.linear.in_features == 512 * 2 * 2 and m.encoder2.linear.out_features == 512
     keys = list(m.model.net.state_dict())
     assert keys == list(torchvision.models.resnet18(num_classes=C).state_dict())  # exported backbone unchanged
-    assert "encoder2.weight" in m.state_dict() and not any("encoder2" in k for k in keys)
+    assert "encoder2.linear.weight" in m.state_dict() and not any("encoder2" in k for k in keys)
     a = m.model.features(images)  # 2 x 2 already
-    ref = m.model.fc(m.encoder2(a.flatten(1)))
+    # initialised to global average pooling: e = GAP(A) at step 0, as the released code's head
+    assert torch.allclose(m.encoder2(a), a.mean((2, 3)), atol=1e-6)
+    with torch.no_grad():
+        m.encoder2.linear.weight.normal_(0, 0.02)
+    ref = m.model.fc(m.encoder2.linear(a.flatten(1) / 2))  # e = W vec(A) / r + bias
     assert torch.allclose(m.predict(images), ref, atol=1e-6)
+    head = m.export_head()  # core.checkpoint's pooled_linear: weight @ vec(A) + bias, the 1 / r folded in
+    assert torch.allclose(a.flatten(1) @ head["weight"].T + head["bias"], m.encoder2(a), atol=1e-5)
     # on a 7 x 7 map the tensor is average-pooled to the paper's 4 x 4 first
-    big = make("alignmix", resolution=4)
+    big = make("alignmix_stage2", resolution=4)
     assert big.tensor_of(torch.rand(2, 512, 7, 7)).shape == (2, 512, 4, 4)
 
 
 def test_gap_head_aligned_mixing_equals_embedding_mixing(batch):
-    """With a GAP head the alignment is invisible (columns of R sum to 1): the feat mode's loss equals
-    embedding mixup's with the same draws, to 1e-6. With the paper's fc head it is not. The feature
-    maps are crafted so that each partner is its example mirrored (R is a permutation, not identity;
-    a randomly initialised ResNet's maps are position-dominated and align to the identity)."""
+    """With the released code's GAP head the alignment is invisible (columns of R sum to 1): the feat mode's loss
+    equals mixup of the pooled embeddings with the same draws, to 1e-6. With a trained stage-2 encoder it is
+    not. The feature maps are crafted so that each partner is its example mirrored (R is a permutation, not
+    identity; a randomly initialised ResNet's maps are position-dominated and align to the identity)."""
     images, labels = batch
     torch.manual_seed(3)
     half = torch.relu(torch.randn(4, 512, 2, 2))
     feats = torch.cat([half, half.flip(-1)])
+    perm = torch.tensor([4, 5, 6, 7, 0, 1, 2, 3])
+    y = mx.one_hot(labels, C)
+    released = make("alignmix").eval()
+    released.model.features = lambda x: feats
+    released._perm, released._mode, released._beta = (lambda b: perm), (lambda: "feat"), (lambda a: 0.3)
+    e_mix = 0.3 * feats.mean((2, 3)) + 0.7 * feats[perm].mean((2, 3))
+    ref = mx.soft_cross_entropy(released.model.fc(e_mix), 0.3 * y + 0.7 * y[perm])
+    assert released(images, labels)["loss"].item() == pytest.approx(ref.item(), abs=1e-6)
     losses = {}
-    for head in ("gap", "fc"):
-        for mode in ("feat", "embedding"):
-            m = make("alignmix", modes=[mode], head=head, resolution=2).eval()
-            m.model.features = lambda x: feats
-            m._perm = lambda b: torch.tensor([4, 5, 6, 7, 0, 1, 2, 3])
-            m.seed(4)
-            losses[head, mode] = m(images, labels)["loss"].item()
-    assert losses["gap", "feat"] == pytest.approx(losses["gap", "embedding"], abs=1e-6)
-    assert abs(losses["fc", "feat"] - losses["fc", "embedding"]) > 1e-3
+    for mode in ("feat", "embedding"):
+        m = make("alignmix_stage2", modes=[mode], resolution=2).eval()
+        with torch.no_grad():
+            m.encoder2.linear.weight.normal_(0, 0.05)  # away from its GAP initialisation
+        m.model.features = lambda x: feats
+        m._perm = lambda b: perm
+        m.seed(4)
+        losses[mode] = m(images, labels)["loss"].item()
+    assert abs(losses["feat"] - losses["embedding"]) > 1e-3
 
 
-def test_alignmix_official_modes_and_step_equal_the_official_code(batch):
-    """Official resnet50_classifier.py: layer_mix = randint(0, 1) (0: input mixup), else mixup_aligned
-    with align_mix = randint(0, 1): input 1/2, branch 0 1/4, branch 1 1/4. One step replayed with the
-    pure functions (the official mixup_aligned is pinned by tests/test_mixing.py's fixtures)."""
+def test_alignmix_modes_and_step_equal_the_released_code(batch):
+    """Released resnet50_classifier.py / resnet18_classifier.py (AlignMixup_CVPR22 at ec01a68): layer_mix =
+    randint(0, 1) (0: input mixup), else mixup_aligned with align_mix = randint(0, 1): input 1/2, branch 0 1/4,
+    branch 1 1/4, then GAP of the full map and the classifier. One step replayed with the pure functions (the
+    official mixup_aligned is pinned by tests/test_mixing.py's fixtures)."""
     from collections import Counter
 
     images, labels = batch
-    m = make("alignmix_official").eval()
+    m = make("alignmix").eval()
+    assert m.encoder2 is None and m.export_head() is None and "AlignMixup_CVPR22" in m.variant
     m.seed(0)
     freq = Counter(m._mode() for _ in range(4000))
     assert freq["input"] / 4000 == pytest.approx(0.5, abs=0.03)
@@ -244,7 +267,7 @@ def test_alignmix_ae_clean_case_trains_the_autoencoder_only(batch):
     assert out["loss"].item() == pytest.approx(torch.nn.functional.mse_loss(x_hat, images).item(), rel=1e-5)
     out["loss"].backward()
     assert m.model.fc.weight.grad is None  # the classifier is not in the clean case
-    assert m.decoder.fc.weight.grad is not None and m.encoder2.weight.grad is not None
+    assert m.decoder.fc.weight.grad is not None and m.encoder2.linear.weight.grad is not None
     m.zero_grad(set_to_none=True)
     mixed = make("alignmix_ae", modes=["feat"], resolution=2, decoder_size=64)
     mixed(images, labels)["loss"].backward()
@@ -303,7 +326,9 @@ def _small_cases():
 
     # the paper networks; preactresnet18_w16 is preactresnet18's code at width 16 (the toy CIFAR pipeline runs every
     # method on it), and there one lr-1e-3 step of cutmix on 4 images does not lower the loss
-    return [(a, n) for a in SMALL_ARCHS if a != "preactresnet18_w16" for n in METHODS]
+    # preactresnet18_bnstem is preactresnet18 with a stem BN-ReLU, selected by the AlignMix configs only
+    cases = [(a, n) for a in SMALL_ARCHS if a not in ("preactresnet18_w16", "preactresnet18_bnstem") for n in METHODS]
+    return cases + [("preactresnet18_bnstem", n) for n in ("erm", "alignmix", "alignmix_stage2")]
 
 
 @pytest.mark.parametrize("arch,name", _small_cases(), ids=[f"{a}-{n}" for a, n in _small_cases()])

@@ -385,7 +385,9 @@ def test_a_stage_two_head_is_exported_and_evaluated_through(tmp_path):
     from transfer.robustness.model import load_classifier_model
 
     torch.manual_seed(0)
-    method = build_method("alignmix", ResNetStages("resnet18", 5), 5, head="fc", resolution=2).eval()
+    method = build_method("alignmix_stage2", ResNetStages("resnet18", 5), 5, resolution=2).eval()
+    with torch.no_grad():
+        method.encoder2.linear.weight.normal_(0, 0.02)  # away from its GAP initialisation
     path = tmp_path / "backbone.pth"
     save_backbone(path, method.model.net, {"arch": "resnet18"}, head=method.export_head())
     assert classifier_head(path)["resolution"] == 2

@@ -133,7 +133,7 @@ CASES = [
     ("dense_multimix", {"n": 50}), ("multi_mix", {"k": 2, "puzzle": {"solver": "swap"}}),
     ("multi_mix", {"base": "input", "k": 3}), ("multi_mix", {"base": "manifold", "k": 3}),
     ("multi_mix", {"base": "cutmix", "k": 3}), ("multi_mix", {"base": "manifold", "k": 2, "large_batch": True}),
-    ("alignmix", {"resolution": 1}), ("alignmix_official", {}),
+    ("alignmix_stage2", {"resolution": 1}), ("alignmix", {}),
     ("alignmix_ae", {"resolution": 1, "decoder_size": 16}),
 ]
 PUZZLE = {("mixing.py", "read_to_host", "numpy")}  # the graph cut's one host copy per step

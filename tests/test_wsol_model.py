@@ -163,5 +163,5 @@ def test_cam_model_has_the_stage_interface_of_the_method_registry():
     mixed = WSOLObjective(cam, 4, {"name": "cutmix", "knobs": {"alpha": 1.0}})
     mixed.method.generator = torch.Generator().manual_seed(0)
     assert torch.isfinite(mixed(x, labels)["loss"])
-    with pytest.raises(ValueError, match="head: gap"):
-        WSOLObjective(cam, 4, {"name": "alignmix", "knobs": {"head": "fc", "resolution": 2}})
+    with pytest.raises(ValueError, match="own classifier head.*alignmix: the released code's GAP head"):
+        WSOLObjective(cam, 4, {"name": "alignmix_stage2", "knobs": {"resolution": 2}})

@@ -197,7 +197,7 @@ class WSOLObjective(nn.Module):
         self.method = None if name == "none" else build_method(name, cam, num_classes, **(mixing.get("knobs") or {}))
         if self.method is not None and self.method.export_head() is not None:
             raise ConfigError(f"mixing {name!r} trains its own classifier head; CAMs need fc on pooled features: "
-                              "set mixing.knobs.head: gap")
+                              "use a method without one (alignmix: the released code's GAP head)")
 
     @property
     def generator(self):
