@@ -1,4 +1,4 @@
-"""Write tests/fixtures/{puzzlemix,alignmix}_official.npz by running the AUTHORS' functions offline.
+"""Write tests/fixtures/{puzzlemix,alignmix}_official*.npz by running the AUTHORS' functions offline.
 
 Nothing of the authors' code is copied into this project: this script imports it from a checkout
 of the official repository whose path is given on the command line, feeds it seeded inputs and
@@ -236,6 +236,82 @@ def alignmix_cases(repo: Path, out: Path):
                        "zero-padded, iters = Sinkhorn iterations run before the official stopping rule"}
 
 
+def _official_alignmix_modules(base: Path, tag: str):
+    """(OT module, classifier module, counter of Sinkhorn iterations) of one folder of the AlignMixup code."""
+    torch.Tensor.cuda = lambda self, *a, **k: self  # the official code calls .cuda() everywhere
+    for name in ("models", "models.resnet", "utils", "utils.OT"):
+        sys.modules.pop(name, None)
+    sys.path.insert(0, str(base))
+    ot = _load(base / "utils" / "OT.py", f"official_alignmix_ot_{tag}")
+    sys.modules["utils.OT"] = ot
+    clf = _load(base / "models" / "resnet18_classifier.py", f"official_alignmix_classifier_{tag}")
+    sys.path.remove(str(base))
+    calls = [0]
+    real_m = ot.SinkhornDistance.M
+
+    def counted(self, C, u, v):
+        calls[0] += 1
+        return real_m(self, C, u, v)
+
+    ot.SinkhornDistance.M = counted
+    return ot, clf, calls
+
+
+def layer4_like(rng: np.random.Generator, b: int, c: int, side: int, scale: float) -> np.ndarray:
+    """float16-exact [b, c, side, side] maps shaped like a trained ResNet's layer4 output: ReLU of Gaussians
+    with a per-channel mean (some channels mostly off) and a per-image spatial bump, times `scale`."""
+    mu = rng.normal(-0.3, 0.8, (1, c, 1, 1))
+    yy, xx = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    cy, cx = rng.uniform(0, side - 1, (2, b, 1, 1, 1))
+    bump = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / side)
+    f = np.maximum(mu + bump + rng.normal(0, 1, (b, c, side, side)), 0) * scale
+    return f.astype(np.float16).astype(np.float32)
+
+
+def alignmix_c512_cases(repo: Path, out: Path):
+    """The released `mixup_aligned` (cifar10_100 and tiny_imgnet, whose copies are the same function) with
+    SinkhornDistance's threshold stop, at the channel count it runs at (c = 512) on 4 x 4 and 8 x 8 maps."""
+    rec: dict[str, list] = {}
+    rng = np.random.default_rng(512)
+    # feature scales: trained layer4 maps are O(1); the small ones make the threshold stop the iterations early
+    for folder, side, scales in (("cifar10_100", 4, (0.5, 1.0, 2.0, 0.05, 0.1, 1.0)), ("tiny_imgnet", 8, (1.0, 0.05))):
+        ot, clf, calls = _official_alignmix_modules(repo / folder, folder)
+        for case, scale in enumerate(scales):
+            feat = layer4_like(rng, 4, 512, side, scale)
+            lam, seed = float(rng.beta(2, 2)), 5120 + 100 * side + 10 * case
+            while (random.seed(seed), random.randint(0, 1))[1] != case % 2:  # both branches
+                seed += 1
+            np.random.seed(seed)
+            perm = np.random.permutation(4)
+            random.seed(seed)
+            branch = random.randint(0, 1)
+            np.random.seed(seed)
+            random.seed(seed)
+            x = torch.from_numpy(feat)
+            final, _, yb = clf.mixup_aligned(x, torch.arange(4), lam)
+            assert torch.equal(yb, torch.arange(4)[perm])
+            calls[0] = 0
+            a = x.view(4, 512, -1)
+            plan = ot.SinkhornDistance(eps=0.1, max_iter=100)(a.permute(0, 2, 1), a[perm].permute(0, 2, 1))
+            for k, v in (("feat", feat.reshape(4, 512, -1).astype(np.float16)), ("lam", lam), ("perm", perm),
+                         ("branch", branch), ("mixed", final.numpy().reshape(4, 512, -1)[:, :64]),
+                         ("plan", plan.numpy()), ("iters", (calls[0] - 1) // 2)):
+                rec.setdefault(f"{k}_s{side}", []).append(v)
+    np.savez_compressed(out / "alignmix_official_c512.npz", **{k: np.stack([np.asarray(v) for v in vs])
+                                                               for k, vs in rec.items()})
+    return {"repository": "https://github.com/shashankvkt/AlignMixup_CVPR22", "commit": _commit(repo),
+            "functions": ["cifar10_100/models/resnet18_classifier.py:mixup_aligned (side 4)",
+                          "tiny_imgnet/models/resnet18_classifier.py:mixup_aligned (side 8)",
+                          "{cifar10_100,tiny_imgnet}/utils/OT.py:SinkhornDistance (eps 0.1, max_iter 100, "
+                          "threshold 1e-1)"],
+            "inputs": "per map side s in (4, 8), key suffix _s<s>: feat [case, 4, 512, s*s] float16 (exact in float32: "
+                      "the layer4-like map [4, 512, s, s] flattened row-major); lam; perm and branch = the draws made "
+                      "inside mixup_aligned (seeded)",
+            "outputs": "mixed [case, 4, 64, s*s] = the function's output, first 64 of the 512 channels; plan = "
+                       "SinkhornDistance(A^T, A[perm]^T) [case, 4, s*s, s*s]; iters = Sinkhorn iterations run "
+                       "before the official stopping rule"}
+
+
 @cli.entry
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -252,6 +328,7 @@ def main(argv=None) -> int:
         notes["cutmix_official.npz"] = cutmix_cases(args.puzzlemix, args.out)
     if args.alignmix:
         notes["alignmix_official.npz"] = alignmix_cases(args.alignmix, args.out)
+        notes["alignmix_official_c512.npz"] = alignmix_c512_cases(args.alignmix, args.out)
     notes_path.write_text(json.dumps(notes, indent=2) + "\n")
     print(json.dumps(notes, indent=2))
     return 0
