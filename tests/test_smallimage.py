@@ -211,3 +211,24 @@ def test_padded_crop_by_hand():
     black = [int((c[0] == 0).sum()) for c in crops]
     assert max(black) <= 240 and max(black) > 0
     assert all(torch.allclose(c[c > 0], torch.tensor(200 / 255)) for c in crops)
+
+
+def test_preactresnet18_with_the_alignmixup_stem():
+    """The AlignMixup code's PreAct-ResNet-18 (shashankvkt/AlignMixup_CVPR22 at ec01a68, cifar10_100/models/
+    resnet.py: conv1, bn1, relu, then the pre-activation stages): preactresnet18 plus one BatchNorm2d(64), i.e.
+    11,171,146 + 2 * 64 = 11,171,274 parameters for 10 classes; its stem is BN-ReLU of the 3x3 convolution, and a
+    checkpoint of it is recognised (a stem BN, and projection shortcuts without BN unlike resnet18_cifar)."""
+    from core.checkpoint import build_resnet, infer_arch
+
+    net = build_resnet("preactresnet18_bnstem", 10).eval()
+    assert sum(p.numel() for p in net.parameters()) == 11_171_146 + 2 * 64 == 11_171_274
+    assert infer_arch(net.state_dict()) == "preactresnet18_bnstem"
+    assert infer_arch(build_resnet("resnet18_cifar", 10).state_dict()) == "resnet18_cifar"
+    plain = build_resnet("preactresnet18", 10).eval()
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("bn1.")})
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        net.bn1.weight.uniform_(0.5, 1.5), net.bn1.running_mean.normal_(), net.bn1.running_var.uniform_(0.5, 2)
+        stem = torch.relu(net.bn1(net.conv1(x)))
+        assert torch.allclose(net(x), plain.fc(plain.avgpool(plain.layer4(plain.layer3(plain.layer2(
+            plain.layer1(stem))))).flatten(1)), atol=1e-5)
