@@ -355,3 +355,15 @@ def test_every_method_steps_on_the_small_image_models(cifar_batch, arch, name, o
             opt.step()
     assert all(v == v for v in losses)
     assert losses[1] < losses[0], losses
+
+
+def test_the_report_names_each_methods_variant():
+    from pipeline.report import variants_sentence
+    from pretrain.methods import METHODS
+
+    assert METHODS["alignmix"].variant != METHODS["alignmix_stage2"].variant and METHODS["erm"].variant == ""
+    results = {"methods": {"erm": {"pretrain": [{"metrics": {"method_variant": ""}}]},
+                           "alignmix": {"pretrain": [{"metrics": {"method_variant": METHODS["alignmix"].variant}}]},
+                           "multimix": {}}}
+    assert variants_sentence(results) == [f"Method variants: `alignmix`: {METHODS['alignmix'].variant}.", ""]
+    assert variants_sentence({"methods": {"erm": {}}}) == []

@@ -237,6 +237,9 @@ def test_method_heads_stats_and_solver_reach_the_run(toy_world, tmp_path):
     raw = torch.load(run / "backbone.pth", weights_only=True)
     keys = list(raw.get("state_dict", raw))
     assert not any("encoder2" in k or "decoder" in k for k in keys)
+    # the checkpoint and the metrics name the published form the run reproduced (AlignMix has several)
+    assert raw["meta"]["method_variant"].startswith("paper section 4 / Algorithm 1")
+    assert json.loads((run / "metrics.json").read_text())["method_variant"] == raw["meta"]["method_variant"]
     sd = load_backbone(run / "backbone.pth", arch="resnet18")
     ref = [k for k in torchvision.models.resnet18(num_classes=10).state_dict() if not k.startswith("fc.")]
     assert list(sd) == ref
