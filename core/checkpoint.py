@@ -77,7 +77,7 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
     if "layer1.0.conv1.weight" in state and "bn1.weight" not in state:
         return "preactresnet18_w16" if conv1 is not None and conv1.shape[0] == 16 else "preactresnet18"
     if "layer2.0.downsample.0.weight" in state and "layer2.0.downsample.1.weight" not in state:
-        return "preactresnet18_bnstem"  # a stem BN, and pre-activation blocks (their projection has no BN)
+        return "preactresnet18_alignmixup"  # a stem BN, and pre-activation blocks (their projection has no BN)
     if conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3) and "layer1.0.conv3.weight" not in state:
         return "resnet18_cifar"
     bottleneck = "layer1.0.conv3.weight" in state

@@ -9,9 +9,10 @@ Every network here exposes torchvision ResNet's attributes so that the stage int
 (`pretrain.methods.ResNetStages`) and the evaluators (`transfer.robustness.model`) run it unchanged:
     stem = maxpool(relu(bn1(conv1(x))));  layer1 .. layer4;  avgpool;  fc
 The pre-activation networks have no BN-ReLU after the stem convolution (each block starts with one), so their
-`bn1`, `relu` and `maxpool` are identities; `preactresnet18_bnstem` is the PreAct-ResNet-18 of the AlignMixup code
-(shashankvkt/AlignMixup_CVPR22 at ec01a68, cifar10_100/models/resnet.py and tiny_imgnet/models/resnet.py:
-`ResNet.forward` applies conv1, bn1, relu before layer1), whose `bn1` and `relu` are a BatchNorm and a ReLU. WRN16-8 has
+`bn1`, `relu` and `maxpool` are identities; `preactresnet18_alignmixup` is the PreAct-ResNet-18 of the AlignMixup
+code (shashankvkt/AlignMixup_CVPR22 at ec01a68, cifar10_100/models/resnet.py and tiny_imgnet/models/resnet.py:
+`ResNet.forward` applies conv1, bn1, relu before layer1, and `PreActBlock` adds its identity shortcut to the
+pre-activated input), whose `bn1` and `relu` are a BatchNorm and a ReLU. WRN16-8 has
 three groups of blocks: they are `layer1..layer3`, and its final BN-ReLU (Zagoruyko's `bn` + `relu` before
 pooling) is `layer4`, so that layer 4 of the stage interface is the activated last feature map, as for the
 ResNets. At 32 px the last map is 4 x 4 (PreAct, resnet18_cifar: strides 1, 2, 2, 2) or 8 x 8 (WRN: strides
@@ -29,10 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-SMALL_ARCHS = ("preactresnet18", "wrn16_8", "resnet18_cifar", "preactresnet18_w16", "preactresnet18_bnstem")
+SMALL_ARCHS = ("preactresnet18", "wrn16_8", "resnet18_cifar", "preactresnet18_w16", "preactresnet18_alignmixup")
 # width of the pooled features that fc reads, per small arch
 SMALL_FEATURE_DIMS = {"preactresnet18": 512, "wrn16_8": 512, "resnet18_cifar": 512, "preactresnet18_w16": 128,
-                      "preactresnet18_bnstem": 512}
+                      "preactresnet18_alignmixup": 512}
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -41,10 +42,13 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 class PreActBlock(nn.Module):
     """BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3 plus the shortcut: identity, or a 1x1 stride convolution of the
-    pre-activated input when the shape changes (He et al., 2016, "Identity mappings"; also WRN's block)."""
+    pre-activated input when the shape changes (He et al., 2016, "Identity mappings"; also WRN's block).
+    preact_shortcut: the identity shortcut carries the pre-activated input relu(bn1(x)) instead of x, as the
+    AlignMixup code's block does (its `self.shortcut` is an empty nn.Sequential applied to `out`)."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1):
+    def __init__(self, cin: int, cout: int, stride: int = 1, preact_shortcut: bool = False):
         super().__init__()
+        self.preact_shortcut = preact_shortcut
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), _conv3x3(cin, cout, stride)
         self.bn2, self.conv2 = nn.BatchNorm2d(cout), _conv3x3(cout, cout)
         self.downsample = None
@@ -53,13 +57,14 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
-        shortcut = self.downsample(out) if self.downsample is not None else x
+        shortcut = self.downsample(out) if self.downsample is not None else (out if self.preact_shortcut else x)
         out = self.conv2(F.relu(self.bn2(self.conv1(out))))
         return out + shortcut
 
 
-def _group(cin: int, cout: int, n: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(*[PreActBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)])
+def _group(cin: int, cout: int, n: int, stride: int, preact_shortcut: bool = False) -> nn.Sequential:
+    return nn.Sequential(*[PreActBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, preact_shortcut)
+                           for i in range(n)])
 
 
 class PostActivation(nn.Module):
@@ -93,18 +98,19 @@ class SmallNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def preactresnet18(num_classes: int = 10, width: int = 64, stem_bn: bool = False) -> SmallNet:
+def preactresnet18(num_classes: int = 10, width: int = 64, alignmixup: bool = False) -> SmallNet:
     """PreAct-ResNet-18: 3x3 stem to `width` (64) channels, four stages of two pre-activation blocks (64, 128,
     256, 512; strides 1, 2, 2, 2), no final BN-ReLU (11,171,146 parameters for 10 classes;
     tests/test_smallnets.py). width=16 is `preactresnet18_w16` (16, 32, 64, 128: 1/16 of the FLOPs), the toy
-    CIFAR pipeline's CPU network (configs/pipeline/toy_cifar.yaml), no paper's. stem_bn: BN + ReLU after the stem
-    convolution, as the AlignMixup code's network (`preactresnet18_bnstem`; 2 x 64 more parameters)."""
+    CIFAR pipeline's CPU network (configs/pipeline/toy_cifar.yaml), no paper's. alignmixup: the AlignMixup code's
+    network (`preactresnet18_alignmixup`): BN + ReLU after the stem convolution (2 x 64 more parameters) and
+    identity shortcuts that carry the pre-activated input (`PreActBlock` preact_shortcut)."""
     widths, layers, cin = (width, 2 * width, 4 * width, 8 * width), [], width
     for i, w in enumerate(widths):
-        layers.append(_group(cin, w, 2, 1 if i == 0 else 2))
+        layers.append(_group(cin, w, 2, 1 if i == 0 else 2, preact_shortcut=alignmixup))
         cin = w
     net = SmallNet(_conv3x3(3, width), layers, 8 * width, num_classes)
-    if stem_bn:
+    if alignmixup:
         net.bn1, net.relu = nn.BatchNorm2d(width), nn.ReLU()
     return net
 
@@ -141,8 +147,8 @@ def build_small(arch: str, num_classes: int = 10, zero_init_residual: bool = Fal
         return preactresnet18(num_classes)
     if arch == "preactresnet18_w16":
         return preactresnet18(num_classes, width=16)
-    if arch == "preactresnet18_bnstem":
-        return preactresnet18(num_classes, stem_bn=True)
+    if arch == "preactresnet18_alignmixup":
+        return preactresnet18(num_classes, alignmixup=True)
     if arch == "wrn16_8":
         return wrn(16, 8, num_classes)
     raise ValueError(f"unknown small-image arch {arch!r}; supported: {list(SMALL_ARCHS)}")

@@ -65,7 +65,7 @@ RECIPES = [
           ("optim.warmup_epochs", 0, "main.py: no warm-up"))],
     *[(f"pretrain/{t}_alignmix.yaml", key, value, cite) for t in ("cifar10", "cifar100", "tinyimagenet")
       for key, value, cite in (
-          ("model.arch", "preactresnet18_bnstem", "resnet.py: ResNet18() = PreActBlock with a conv-BN-ReLU stem"),
+          ("model.arch", "preactresnet18_alignmixup", "resnet.py: ResNet18(): BN-ReLU stem, pre-act shortcuts"),
           ("seed", 8492, "README: --manualSeed 8492"),
           ("optim.nesterov", False, "main.py: optim.SGD without nesterov"),
           ("data.padding", 4, "main.py: RandomCrop(size, padding=4)"),
@@ -223,7 +223,7 @@ RECIPES = [
     *[(f"pretrain/{t}_{m}.yaml", "model.arch", "preactresnet18", "AlignMix §4.1 / MultiMix §4.1: PreActResnet18")
       for t in ("cifar10", "cifar100", "tinyimagenet")
       for m in ("erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix", "multimix", "dense_multimix")],
-    *[(f"pretrain/{t}_{m}.yaml", "model.arch", "preactresnet18_bnstem", "AlignMixup_CVPR22 resnet.py: stem BN-ReLU")
+    *[(f"pretrain/{t}_{m}.yaml", "model.arch", "preactresnet18_alignmixup", "AlignMixup_CVPR22 resnet.py: ResNet18()")
       for t in ("cifar10", "cifar100", "tinyimagenet") for m in ("alignmix", "alignmix_stage2", "alignmix_ae")],
     *[(f"pretrain/{t}_{m}.yaml", key, value, cite) for t in ("cifar10", "cifar100")
       for m in ("erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix", "multimix", "dense_multimix",

@@ -23,6 +23,7 @@ import json
 import random
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -312,6 +313,42 @@ def alignmix_c512_cases(repo: Path, out: Path):
                        "before the official stopping rule"}
 
 
+def fill_by_name(state: dict, rename=lambda k: k) -> dict:
+    """A deterministic state dict: each tensor drawn from a generator seeded with crc32 of its (renamed) key, so that
+    two implementations of one network get equal weights without storing them. BN weights in [0.5, 1.5], running
+    variances in [0.5, 2], other tensors N(0, 0.05); num_batches_tracked kept."""
+    out = {}
+    for k, v in state.items():
+        name = rename(k)
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        if k.endswith("num_batches_tracked"):
+            out[k] = v
+        elif k.endswith("running_var") or (k.endswith(".weight") and v.ndim == 1):
+            out[k] = torch.from_numpy(rng.uniform(0.5, 2.0 if "running" in k else 1.5, v.shape).astype(np.float32))
+        else:
+            out[k] = torch.from_numpy(rng.normal(0, 0.05, v.shape).astype(np.float32))
+    return out
+
+
+def alignmix_network_case(repo: Path, out: Path):
+    """The AlignMixup CIFAR PreAct-ResNet-18 (cifar10_100/models/resnet.py `ResNet18`, the encoder of
+    resnet18_classifier.py) with `fill_by_name` weights (keys renamed to the toolkit's: shortcut -> downsample):
+    its layer4 map of seeded images, in eval mode."""
+    resnet = _load(repo / "cifar10_100" / "models" / "resnet.py", "official_alignmix_resnet")
+    net = resnet.ResNet18().eval()
+    net.load_state_dict(fill_by_name(net.state_dict(), lambda k: k.replace("shortcut", "downsample")))
+    x = np.random.default_rng(18).uniform(0, 1, (2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        fmap = net(torch.from_numpy(x)).numpy()
+    np.savez_compressed(out / "alignmix_preactresnet18.npz", x=x, layer4=fmap)
+    return {"repository": "https://github.com/shashankvkt/AlignMixup_CVPR22", "commit": _commit(repo),
+            "functions": ["cifar10_100/models/resnet.py:ResNet18 (forward, eval mode)"],
+            "inputs": "x [2, 3, 32, 32] in [0, 1] (fed to the network as is); weights: "
+                      "make_method_fixtures.fill_by_name "
+                      "on the network's state dict with 'shortcut' renamed 'downsample'",
+            "outputs": "layer4 [2, 512, 4, 4] = ResNet18()(x) (stem conv-BN-ReLU, then layer1..layer4)"}
+
+
 @cli.entry
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -329,6 +366,7 @@ def main(argv=None) -> int:
     if args.alignmix:
         notes["alignmix_official.npz"] = alignmix_cases(args.alignmix, args.out)
         notes["alignmix_official_c512.npz"] = alignmix_c512_cases(args.alignmix, args.out)
+        notes["alignmix_preactresnet18.npz"] = alignmix_network_case(args.alignmix, args.out)
     notes_path.write_text(json.dumps(notes, indent=2) + "\n")
     print(json.dumps(notes, indent=2))
     return 0
