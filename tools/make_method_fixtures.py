@@ -1,4 +1,4 @@
-"""Write tests/fixtures/{puzzlemix,alignmix}_official*.npz by running the AUTHORS' functions offline.
+"""Write tests/fixtures/*.npz (PuzzleMix, CutMix, AlignMix) by running the AUTHORS' functions offline.
 
 Nothing of the authors' code is copied into this project: this script imports it from a checkout
 of the official repository whose path is given on the command line, feeds it seeded inputs and
