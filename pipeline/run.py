@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 from core import distributed as ddist
+from core.cli import format_error as cli_error_line
 from core.config import ConfigError, dump_config, load_config, validate
 from core.runtime import atomic_write_text, barrier, init_distributed, is_main_process, write_json
 
@@ -253,11 +254,27 @@ class Pipeline:
             self._ensure_data()
         barrier()
         results: dict = {"methods": {m: {} for m in self.cfg["methods"]}, "baselines": {}, "seeds": dict(self.seeds)}
+        failed: dict[str, str] = {}  # label -> why (its own error, or the upstream stage that failed)
         for st in self.plan():
-            metrics, _ = self._stage(st.label, self.run_dir / st.label, set(st.forced_by), st.call, st.spec)
             owner = results["baselines"] if st.owner == "baselines" else results["methods"][st.owner]
-            owner.setdefault(st.name, []).append({"metrics": metrics, "folder": st.label, "seeds": st.seeds})
+            run = {"metrics": None, "folder": st.label, "seeds": st.seeds}
+            upstream = next((lab for lab in failed if st.label.startswith(lab.rsplit("/", 1)[0] + "/")
+                             and lab.endswith("/pretrain")), None)
+            if upstream is not None:
+                run["failed"] = failed[st.label] = f"not run: {upstream} failed"
+            else:
+                try:
+                    run["metrics"], _ = self._stage(st.label, self.run_dir / st.label, set(st.forced_by), st.call,
+                                                    st.spec)
+                except (StopPipeline, KeyboardInterrupt):
+                    raise
+                except Exception as e:  # one stage's failure must not cost the others' results
+                    run["failed"] = failed[st.label] = cli_error_line(e).removeprefix("error: ")
+                    log.error("[%s] FAILED: %s (its folder %s is kept for inspection; the other stages go on)",
+                              st.label, run["failed"], self.run_dir / st.label)
+            owner.setdefault(st.name, []).append(run)
         results["reused"] = list(self.reused)
+        results["failed"] = failed
         return results
 
     def plan(self) -> list[Stage]:
@@ -369,4 +386,15 @@ def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_af
         report = write_report(pipe.run_dir, results, pipe.cfg)
     barrier()
     log.info("pipeline finished in %.1f s; report: %s", time.time() - t0, report)
+    if results["failed"]:
+        raise StagesFailed(report, results["failed"])
     return report
+
+
+class StagesFailed(RuntimeError):
+    """Some stages failed (and their dependents did not run); the report was written with them marked."""
+
+    def __init__(self, report: Path, failed: dict[str, str]):
+        self.report, self.failed = report, failed
+        lines = "\n".join(f"  {label}: {why}" for label, why in failed.items())
+        super().__init__(f"{len(failed)} stage(s) failed or did not run (marked in {report}):\n{lines}")

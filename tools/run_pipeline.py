@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
 from core.distributed import torchrun_session  # noqa: E402
-from pipeline.run import STAGES, StopPipeline, run_pipeline  # noqa: E402
+from pipeline.run import STAGES, StagesFailed, StopPipeline, run_pipeline  # noqa: E402
 
 
 @cli.entry
@@ -38,15 +38,21 @@ def main(argv=None) -> int:
     with torchrun_session() as (rank, _):  # under torchrun: every rank runs every stage, rank 0 writes
         logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        failed = None
         try:
             report = run_pipeline(args.config, args.overrides, methods, args.force, args.stop_after)
         except StopPipeline as e:
             print(e)
             return 3
+        except StagesFailed as e:
+            report, failed = e.report, e
     if rank:
-        return 0
+        return 1 if failed else 0
     print(f"\nReport: {report}  ({report.with_suffix('.html')})\nTotal time: {time.time() - t0:.0f} s")
     print(report.read_text())
+    if failed:
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 
