@@ -62,6 +62,7 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
         sections.append(timings)
     md = "\n".join(sections)
     write_json({"name": cfg.get("name"), "seeds": results.get("seeds") or {}, "failed": failed,
+                "provenance": results.get("provenance") or {},
                 "tables": {t.title: t.summary() for t in tabs}}, run_dir / "summary.json")
     atomic_write_text(md, run_dir / "report.md")
     atomic_write_text(to_html(md, cfg.get("name", "")), run_dir / "report.html")

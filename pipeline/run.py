@@ -368,7 +368,20 @@ class StopPipeline(RuntimeError):
     """Raised by --stop-after to simulate an interruption between stages."""
 
 
-def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_after=None) -> Path:
+def _provenance(pipe: Pipeline, command: str, t0: float) -> dict:
+    """This invocation's provenance, or the stored one when every stage was reused (the numbers are that run's)."""
+    from pipeline.publish import provenance
+
+    old = pipe.run_dir / "summary.json"
+    if pipe.stages_run == 0 and old.exists():
+        stored = json.loads(old.read_text()).get("provenance")
+        if stored:
+            return stored
+    return provenance(command, t0, time.time(), pipe.stages_run, pipe.reused)
+
+
+def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_after=None,
+                 command: str = "") -> Path:
     """Run (or resume) the pipeline of `config_path`; returns the path of the report.
 
     Under torchrun (the process group joined by the caller, `core.distributed.torchrun_session`) every rank
@@ -383,6 +396,7 @@ def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_af
     results = pipe.run()
     report = pipe.run_dir / "report.md"
     if is_main_process():
+        results["provenance"] = _provenance(pipe, command, t0)
         report = write_report(pipe.run_dir, results, pipe.cfg)
     barrier()
     log.info("pipeline finished in %.1f s; report: %s", time.time() - t0, report)

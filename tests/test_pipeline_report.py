@@ -1,5 +1,5 @@
-"""A stage that fails costs only what depends on it: the other methods run, the report marks the failed rows and
-says why, and the command exits non-zero."""
+"""The pipeline's outcome with fake stages: a failed stage costs only what depends on it (the report marks it, the
+command exits non-zero), the CI completeness check, and publishing a finished run into the docs."""
 
 import importlib.util
 import json
@@ -109,3 +109,22 @@ def test_check_report_lists_empty_entries_and_failed_stages(tmp_path, monkeypatc
     assert check.main([str(tmp_path / "ok.json")]) == 0
     (tmp_path / "bad.json").write_text("[1, 2]")
     assert check.main([str(tmp_path / "bad.json")]) == 2
+
+
+def test_publish_writes_numbers_provenance_and_figures(tmp_path, monkeypatch, capsys):
+    _fake_stages(monkeypatch, [])
+    cfg = _config(tmp_path)
+    text = cfg.read_text().replace("- input_mixup\n", "")
+    cfg.write_text(text)
+    out = tmp_path / "docs" / "results.md"
+    assert tool.main(["--config", str(cfg), "--publish", str(out)]) == 0
+    first = out.read_text()
+    assert "| commit | `" in first and "| hardware | " in first and "cores" in first
+    assert "2 min" not in first and "stages run, 0 reused" in first
+    assert "| erm | **61.50** |" in first  # the value without its run-folder link
+    assert "](erm/" not in first and "](multimix/" not in first
+    figures = sorted(p.name for p in (tmp_path / "docs" / "results_figures").iterdir())
+    assert "summary.png" in figures and all(f"results_figures/{f}" in first for f in figures)
+    # publishing again reuses every stage and keeps the provenance of the run that computed the numbers
+    assert tool.main(["--config", str(cfg), "--publish", str(out)]) == 0
+    assert out.read_text() == first
