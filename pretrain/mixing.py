@@ -570,6 +570,17 @@ def _gco_integer_terms(unary, dist, w_v, w_h):
     return u, v, w, src, dst
 
 
+def _wrap_int32(v: np.ndarray) -> np.ndarray:
+    """int64 values reduced to int32 the way C++ int arithmetic wraps (two's complement), kept as int64.
+
+    GCO adds every term of a node's terminal capacity into one int32 (`Graph::add_tweights`), so where the
+    unaries are large (gco-wrapper's unary * 1e5 already wrapped when one block carries more than about
+    21.5 / g^2 of the saliency) the capacity is the exact sum modulo 2^32. INT32_MIN, whose negation GCO cannot
+    represent, becomes -(2^31 - 1)."""
+    w = (v + 2**31) % 2**32 - 2**31
+    return np.maximum(w, -(2**31 - 1))
+
+
 _ALL_BITS: dict = {}
 
 
@@ -689,7 +700,7 @@ def _cut_swap(unary, dist, w_v, w_h) -> np.ndarray:
             half = act[x] & ~act[y]
             np.add.at(e0, loc[x[half]], w[half] * v[a, lab[y[half]]])
             np.add.at(e1, loc[x[half]], w[half] * v[b, lab[y[half]]])
-        diff = e1 - e0  # extra cost of taking b
+        diff = _wrap_int32(e1 - e0)  # extra cost of taking b, as GCO's int32 terminal capacity holds it
         pi, qi, cw = loc[src[inner]], loc[dst[inner]], w[inner] * v[a, b]
         lab[ids] = np.where(_binary_cut(diff, pi, qi, cw), b, a)
 
@@ -799,19 +810,33 @@ def apply_transport(x: torch.Tensor, plan: torch.Tensor, grid: int, fill: torch.
     return torch.where(filled, out, fill.expand_as(out) if fill.ndim else fill)
 
 
+def transport_grid(width: int, grid: int, t_size: int = -1) -> int:
+    """The grid the PuzzleMix transport runs on (official `mixup_graph`): t_size = -1 (the official default) or
+    min(t_size, block) equal to the block side -> the mask grid; a smaller t_size -> width // t_size, the mask
+    upsampled to it and the saliency re-pooled at t_size x t_size (the official CIFAR command: t_size 4)."""
+    block = width // grid
+    if t_size == -1 or min(t_size, block) >= block:
+        return grid
+    if t_size < 1 or block % t_size:
+        raise ValueError(f"PuzzleMix t_size {t_size} must be -1 or a positive divisor of the block side {block} "
+                         f"(input {width} / grid {grid}), as in the official code")
+    return width // t_size
+
+
 def puzzle_mix(x: torch.Tensor, sal_map: torch.Tensor, perm: torch.Tensor, grid: int, lam: float,
                beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2, n_labels: int = 3,
                transport: bool = True, t_eps: float = 0.8, solver: str = "auto", pixels: torch.Tensor | None = None,
-               fill: torch.Tensor | float = 0.0, threads: int | None = None):
-    """One PuzzleMix batch, as the official `mixup_graph` (t_size = block size, no adversarial noise).
+               fill: torch.Tensor | float = 0.0, threads: int | None = None, t_size: int = -1):
+    """One PuzzleMix batch, as the official `mixup_graph` (no adversarial noise).
 
     x [b, C, h, w] the images that are mixed; sal_map [b, h, w] (`saliency_map`); perm [b]; grid g
     dividing h = w; lam the mixing weight of the prior. pixels: x in pixel units (0..1) for the
-    smoothness term (default x); fill: the value of an empty transport place (see `apply_transport`).
+    smoothness term (default x); fill: the value of an empty transport place (see `apply_transport`);
+    t_size: the transport resolution in pixels (`transport_grid`; -1 = the mask's blocks).
     -> (mixed [b, C, h, w], ratio [b] = mask mean = label weight of x, mask [b, g, g]).
     """
     mixed, ratio, masks = puzzle_mix_many(x, sal_map, perm, grid, [lam], beta, gamma, eta, neigh_size, n_labels,
-                                          transport, t_eps, solver, pixels, fill, threads)
+                                          transport, t_eps, solver, pixels, fill, threads, t_size)
     return mixed, ratio, masks[0]
 
 
@@ -819,7 +844,7 @@ def puzzle_mix_many(x: torch.Tensor, sal_map: torch.Tensor, perm: torch.Tensor, 
                     beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2,
                     n_labels: int = 3, transport: bool = True, t_eps: float = 0.8, solver: str = "auto",
                     pixels: torch.Tensor | None = None, fill: torch.Tensor | float = 0.0,
-                    threads: int | None = None):
+                    threads: int | None = None, t_size: int = -1):
     """`puzzle_mix` for K prior weights lams (host floats) sharing the saliency, the partner and one host
     transfer -> (mixed [K*b, C, h, w], ratio [K*b], masks [K, b, g, g]); block k of the outputs uses lams[k]."""
     pixels = x if pixels is None else pixels
@@ -835,8 +860,11 @@ def puzzle_mix_many(x: torch.Tensor, sal_map: torch.Tensor, perm: torch.Tensor, 
     mask = masks.flatten(0, 1)
     a, a2 = rep(x), rep(x[perm])
     if transport:
-        a = apply_transport(a, transport_plan(rep(sal), mask, t_eps), grid, fill)
-        a2 = apply_transport(a2, transport_plan(rep(sal2), 1 - mask, t_eps), grid, fill)
+        tg = transport_grid(x.shape[-1], grid, t_size)
+        tmask = mask if tg == grid else F.interpolate(mask.unsqueeze(1), size=tg).squeeze(1)  # nearest
+        tsal = sal if tg == grid else saliency_grid(sal_map, tg)
+        a = apply_transport(a, transport_plan(rep(tsal), tmask, t_eps), tg, fill)
+        a2 = apply_transport(a2, transport_plan(rep(tsal[perm]), 1 - tmask, t_eps), tg, fill)
     up = F.interpolate(mask.unsqueeze(1), size=x.shape[-1])
     ratio = up.reshape(up.shape[0], -1).mean(-1)
     return up * a + (1 - up) * a2, ratio, masks
