@@ -38,7 +38,7 @@ CASES = [(32, 2, 4, 4), (32, 4, 4, 4), (32, 8, 4, 4), (32, 16, 4, 4), (32, 2, 8,
          (32, 2, 2, 2), (32, 4, 4, 2), (64, 2, 4, 4), (64, 4, 4, 4), (64, 8, 4, 2), (64, 16, 4, 4)]
 
 
-def tsize_cases(repo: Path, out: Path, b: int = 3) -> dict:
+def tsize_cases(repo: Path, out: Path, b: int = 2) -> dict:
     mod = _load(repo / "mixup.py", "official_puzzlemix_mixup_tsize")
     plans_seen = []
     real_transport = mod.mask_transport
@@ -67,13 +67,13 @@ def tsize_cases(repo: Path, out: Path, b: int = 3) -> dict:
             mixed, ratio = mod.mixup_graph(x.clone(), grad, perm, block_num=g, alpha=lam, beta=1.2, gamma=0.5,
                                            eta=0.2, neigh_size=neigh, n_labels=3, mean=mean, std=std,
                                            transport=True, t_eps=0.8, t_size=t_size, device="cpu", mp=None)
-        full = np.zeros((b, 3, 64, 64), np.float32)
-        full[:, :, :width, :width] = mixed.numpy()
         src = [_sources(p, b) for p in plans_seen]
         for k, v in (("width", width), ("grid", g), ("t_size", t_size), ("neigh", neigh), ("lam", lam),
                      ("perm", perm), ("images", img), ("sal", sal), ("src1", src[0]), ("src2", src[1]),
-                     ("ratio", ratio.numpy()), ("mixed", full)):
+                     ("ratio", ratio.numpy())):
             rec[k].append(v)
+        if width == 32:  # the mixed images of the 64 px cases follow from the same plans (kept out for size)
+            rec["mixed"].append(mixed.numpy().astype(np.float32))
     np.savez_compressed(out / "puzzlemix_tsize_official.npz", mean=MEAN, std=STD,
                         **{k: np.stack([np.asarray(v) for v in vs]) for k, vs in rec.items()})
     return _note(repo, b)
@@ -97,8 +97,8 @@ def _note(repo: Path, b: int) -> dict:
             "inputs": "images uint8 [case, b, 3, 64, 64] and sal float16 [case, b, 64, 64], the top-left width x "
                       "width used; x / 255 normalised with ImageNet mean / std",
             "outputs": "src1 / src2 [case, b, 256]: the place each transport block of x / x[perm] moves to (-1: "
-                       "dropped), on the transport grid; ratio [case, b]; mixed [case, b, 3, 64, 64] (top-left "
-                       "width x width) = the normalised mixed images"}
+                       "dropped), on the transport grid; ratio [case, b]; mixed [case with width 32, b, 3, 32, 32] "
+                       "= the normalised mixed images"}
 
 
 @cli.entry
