@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -550,8 +551,14 @@ def have_gco() -> bool:
     return True
 
 
+GCO_MAX_ENERGYTERM = 10_000_000  # GCoptimization.h: a larger scaled edge weight makes GCO abort the process
+
+
 def _cut_gco(unary, dist, w_v, w_h) -> np.ndarray:
-    import gco  # noqa: PLC0415  (optional: pip install gco-wrapper)
+    if max(int(w_v.max(initial=0)), int(w_h.max(initial=0))) * 1000 > GCO_MAX_ENERGYTERM:
+        raise ValueError("PuzzleMix: an edge weight exceeds what gco-wrapper accepts (it would abort the process); "
+                         "lower beta / gamma (the official 1.2 / 0.5 stay 5x below it) or use solver swap")
+    import gco  # noqa: PLC0415  (a dependency where its wheels exist: pip install gco-wrapper)
 
     return np.asarray(gco.cut_grid_graph(unary, dist, w_v, w_h, algorithm="swap")).reshape(unary.shape[:2])
 
@@ -635,7 +642,8 @@ def _sink_side_small(m: int, diff, pi, qi, cw) -> np.ndarray:
 
 
 def _binary_cut(diff: np.ndarray, pi: np.ndarray, qi: np.ndarray, cw: np.ndarray) -> np.ndarray:
-    """argmin over x in {0, 1}^m of sum_p diff_p x_p + sum_e cw_e [x_pi != x_qi] (cw >= 0), and among
+    """argmin over x in {0, 1}^m of sum_p diff_p x_p + sum_e cw_e [x_pi != x_qi] (cw >= 0; a negative, non-submodular
+    cw is exact in the exhaustive case and left out by the max-flows), and among
     the minimisers the one with the fewest ones: the labels that can reach the sink in the residual
     graph of a max flow (what Boykov-Kolmogorov's maxflow labels SINK; the same set for every max flow).
     Exhaustive for m <= 12, a small Edmonds-Karp for m <= 64 (cheaper than scipy's call overhead
@@ -657,10 +665,10 @@ def _binary_cut(diff: np.ndarray, pi: np.ndarray, qi: np.ndarray, cw: np.ndarray
     cap = np.zeros((m + 2, m + 2), np.int64)
     cap[s, :m] = np.maximum(diff, 0)  # cut when p takes 1 (sink side)
     cap[:m, t] = np.maximum(-diff, 0)  # cut when p takes 0 (source side)
-    np.add.at(cap, (pi, qi), cw)
-    np.add.at(cap, (qi, pi), cw)
-    if cap.max() >= 2**31:
-        raise OverflowError("PuzzleMix fallback: a graph-cut capacity exceeds int32 (as it would in GCO)")
+    np.add.at(cap, (pi, qi), np.maximum(cw, 0))  # a negative edge is left out, as in `_sink_side_small`
+    np.add.at(cap, (qi, pi), np.maximum(cw, 0))
+    # terminal capacities are int32 already (`_wrap_int32`); an edge can exceed it only with weights GCO refuses
+    cap = np.minimum(cap, 2**31 - 1)
     flow = maximum_flow(sp.csr_matrix(cap.astype(np.int32)), s, t).flow.toarray()
     residual = (cap - flow) > 0  # flow is antisymmetric: reverse edges gain the flow
     reach = np.zeros(m + 2, bool)
@@ -673,12 +681,27 @@ def _binary_cut(diff: np.ndarray, pi: np.ndarray, qi: np.ndarray, cw: np.ndarray
     return reach[:m]
 
 
+_WARNED: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def _cut_swap(unary, dist, w_v, w_h) -> np.ndarray:
     """The built-in fallback: GCO's alpha-beta swap (initial labels 0; per cycle the pairs (a, b) in
     GCO's order; each move an exact min cut; the labels that can still reach the sink in the residual
     graph take b, as in Boykov-Kolmogorov's maxflow; cycles until the energy stops decreasing) on the
-    same integer energy, with scipy's max-flow."""
+    same integers, in GCO's int32 arithmetic: gco-wrapper's scaled unaries and every node's terminal capacity
+    wrap as there (`_wrap_int32`), so the masks equal gco's also where one block holds a large share of the
+    saliency. A negative edge weight (gamma > 1 can make one) is a non-submodular move GCO's max-flow does not
+    define: the solver then warns once that the masks may differ from gco's."""
     u, v, w, src, dst = _gco_integer_terms(unary, dist, w_v, w_h)
+    if (w < 0).any():
+        _warn_once("negative", "PuzzleMix swap solver: a negative edge weight (gamma > 1 makes the energy "
+                               "non-submodular); the masks may differ from gco-wrapper's there")
     n, L = u.shape
     lab = np.zeros(n, np.int64)
     rows = np.arange(n)

@@ -406,6 +406,26 @@ def test_swap_wraps_int32_terminal_capacities_as_gco():
         assert mx._cut_gco(unary, dist, w_v, w_h).tolist() == [[0, 0], [0, 0]]
 
 
+def test_swap_warns_once_where_gco_is_undefined_and_gco_limit_is_an_error(monkeypatch):
+    """A negative edge weight (gamma > 1 can make one) is a non-submodular move: the swap solves it, warning once
+    that gco may differ there. Edge weights past GCO_MAX_ENERGYTERM make GCO abort the process: a ValueError."""
+    monkeypatch.setattr(mx, "_WARNED", set())
+    unary = np.zeros((2, 2, 3), np.int32)
+    unary[0, 0, 0] = 5  # site 0 prefers labels 1 and 2; the negative edges make the neighbours disagree
+    dist = np.array([[0, 0.25, 1], [0.25, 0, 0.25], [1, 0.25, 0]], np.float32)
+    w_v, w_h = -np.ones((1, 2), np.int32), -np.ones((2, 1), np.int32)
+    with pytest.warns(RuntimeWarning, match="non-submodular"):
+        lab = mx._cut_swap(unary, dist, w_v, w_h)
+    assert lab.tolist() == [[2, 0], [0, 2]]  # the exact minimum: every edge between labels 0 and 2 (-100000 each)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mx._cut_swap(unary, dist, w_v, w_h)  # once per run
+    with pytest.raises(ValueError, match="exceeds what gco-wrapper accepts"):
+        mx._cut_gco(unary, dist, np.full((1, 2), 10001, np.int32), w_h)
+
+
 def _swap_fixture():
     d = dict(np.load(FIXTURES / "puzzlemix_swap_gco.npz"))
     for i, g in enumerate(d["grid"].tolist()):
