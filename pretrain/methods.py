@@ -323,6 +323,9 @@ class PuzzleMix(Method):
         if not ok:
             raise ValueError(f"no PuzzleMix grid in {self.grids} fits the input size {h}x{w} with "
                              f"neigh_size {self.neigh_size} (block side = size / grid, a multiple of neigh_size)")
+        if self.transport:
+            for g in ok:  # a t_size that does not divide every drawable block fails at the first step, not later
+                mx.transport_grid(h, g, self.t_size)
         return self._choice(ok)
 
     def saliency(self, images, labels):

@@ -108,6 +108,8 @@ def test_knob_errors_name_the_knob():
         make(loss="bce", dense_loss=True)
     with pytest.raises(ValueError, match="t_size must be -1"):
         make(t_size=0)
+    with pytest.raises(ValueError, match="t_size 3 must be -1 or a positive divisor of the block side 16"):
+        make(t_size=3)._grid(32, 32)  # grids (2, 4): blocks 16 and 8, checked before the draw
     mm = build_method("multi_mix", ResNetStages("resnet18", C), C, base="puzzlemix", k=2,
                       puzzle={"clean_lam": 1.0, "saliency_mode": "train", "solver": "swap", "grids": [2]})
     mm.generator = torch.Generator()
