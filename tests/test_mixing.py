@@ -393,7 +393,7 @@ def test_swap_wraps_int32_terminal_capacities_as_gco():
     (`Graph::add_tweights`): both wrap. Site 0 costs 20000 for labels 0 and 1 (2e9 after scaling, no wrap) and
     22950 for label 2 (2.295e9, wraps to -1999967296). Its swap (0, 2) capacity -1999967296 - 2e9 = -3999967296
     wraps to +295000000: label 2 looks dearer, nothing moves, all labels stay 0 (exact arithmetic would move all
-    four sites to 2, whose true energy is lower). Without the wrap this raised OverflowError above 64 sites."""
+    four sites to 2, whose true energy is lower). Exact arithmetic overflows int32 above 64 active sites."""
     unary = np.zeros((2, 2, 3), np.int32)
     unary[0, 0] = [20000, 20000, 22950]
     dist = np.array([[0, 0.25, 1], [0.25, 0, 0.25], [1, 0.25, 0]], np.float32)
@@ -443,7 +443,7 @@ def test_swap_solver_equals_gco_on_300_random_problems():
     300 / 300 identical."""
     same = {False: 0, True: 0}
     for i, g, unary, dist, w_v, w_h, d in _swap_fixture():
-        lab = mx._cut_swap(unary, dist, w_v, w_h)  # never raises: it used to above 64 active sites in the band
+        lab = mx._cut_swap(unary, dist, w_v, w_h)  # never raises, also with more than 64 active sites
         same[_in_wrap_band(unary)] += int(np.array_equal(lab, d["labels"][i, :g, :g]))
     assert same == {False: 219, True: 81}  # every mask identical: 219 / 219 outside the band, 81 / 81 in it
 
