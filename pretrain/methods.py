@@ -250,50 +250,70 @@ class CutMix(Method):
         return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
 
 
-def _puzzle_saliency(method: Method, images, labels) -> torch.Tensor:
-    """PuzzleMix saliency as the official training script computes it: the model in eval mode
-    (BatchNorm running statistics, nothing updated), the mean cross-entropy of the clean batch
-    differentiated w.r.t. the *normalised* input, sqrt(mean over channels of grad^2); no parameter
-    gradients. -> [b, h, w]."""
+def _saliency_forward(method: Method, images, labels, train_mode: bool, weight: float = 1.0):
+    """The saliency forward of the official PuzzleMix scripts: the mean cross-entropy of the clean batch (times
+    `weight`) differentiated w.r.t. the *normalised* input, sqrt(mean over channels of grad^2), with the model in
+    eval or train mode (the mode is restored after). -> (sal [b, h, w], the weighted loss with its graph when
+    train_mode, else None)."""
     model = method.model
     mean, std = model.mean.to(images.dtype), model.std.to(images.dtype)
     was_training = model.training
-    model.eval()
+    model.train(train_mode)
     try:
         xn = ((images.detach() - mean) / std).requires_grad_(True)
         with torch.enable_grad():
-            loss = F.cross_entropy(model(xn * std + mean).float(), labels)
-            (grad,) = torch.autograd.grad(loss, xn)
+            loss = weight * F.cross_entropy(model(xn * std + mean).float(), labels)
+            (grad,) = torch.autograd.grad(loss, xn, retain_graph=train_mode)
     finally:
         model.train(was_training)
-    return mx.saliency_map(grad)
+    return mx.saliency_map(grad), (loss if train_mode else None)
+
+
+def _puzzle_saliency(method: Method, images, labels) -> torch.Tensor:
+    """PuzzleMix saliency as snu-mllab/PuzzleMix main.py and imagenet/train.py compute it with clean_lam 0: the
+    model in eval mode (BatchNorm running statistics, nothing updated), no parameter gradients. -> [b, h, w]."""
+    return _saliency_forward(method, images, labels, False)[0]
+
+
+def _puzzle_saliency_train(method: Method, images, labels, weight: float):
+    """The same scripts with clean_lam > 0: the model in train mode (batch statistics; this forward updates the
+    running statistics, as there), the gradient of weight * CE, and that weighted clean loss returned with its
+    graph: the scripts backpropagate it into the parameters together with the mixed loss.
+    -> (sal [b, h, w], loss 0-d)."""
+    return _saliency_forward(method, images, labels, True, weight)
 
 
 class PuzzleMix(Method):
-    """PuzzleMix as the official code runs it (snu-mllab/PuzzleMix `mixup.py:mixup_graph` and the
-    ImageNet `train.py`): lam ~ Beta(alpha, alpha), a block grid drawn uniformly from `grids`, a
-    3-label mask from the graph cut of -(revealed saliency) + eta * prior + smoothness (beta +
-    gamma * boundary differences of the `neigh_size`-pooled images), the greedy transport of each
-    image's salient blocks onto its visible places (t_eps), label weight = mask mean. Saliency: see
-    `_puzzle_saliency`. Solver: gco-wrapper's alpha-beta swap when installed, else the built-in
-    re-implementation of the same algorithm (`solver` knob: auto | gco | swap); `threads` solves the
-    per-image graph cuts in a thread pool (None: one per image up to the CPU count).
+    """PuzzleMix as the official code runs it (snu-mllab/PuzzleMix `mixup.py:mixup_graph`, the CIFAR /
+    TinyImageNet `main.py` and the ImageNet `imagenet/train.py`): lam ~ Beta(alpha, alpha), a block grid drawn
+    uniformly from `grids`, a 3-label mask from the graph cut of -(revealed saliency) + eta * prior + smoothness
+    (beta + gamma * boundary differences of the `neigh_size`-pooled images), the greedy transport of each image's
+    salient blocks onto its visible places (t_eps) at resolution `t_size` (pixels; -1 = the mask's blocks, see
+    `mixing.transport_grid`), label weight = mask mean. Saliency: see `_puzzle_saliency`; `saliency_mode`
+    eval | train. `clean_lam` > 0 adds the official clean-loss term, computed by the train-mode saliency forward:
+    clean_lam * CE(clean) with loss ce (imagenet/train.py), 2 * clean_lam / num_classes * CE(clean) with loss bce
+    (main.py). loss: ce = soft cross-entropy of the mixed targets (imagenet/train.py's lam-weighted CE); bce =
+    main.py's BCELoss(softmax(logits), mixed targets), the mean over examples and classes. Solver: gco-wrapper's
+    alpha-beta swap when installed, else the built-in re-implementation of the same algorithm (`solver` knob:
+    auto | gco | swap); `threads` solves the per-image graph cuts in a thread pool (None: one per image up to the
+    CPU count).
     """
 
     def __init__(self, model, num_classes, alpha: float = 1.0, grids=(2, 4, 8, 16), beta: float = 1.2,
                  gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2, n_labels: int = 3,
-                 transport: bool = True, t_eps: float = 0.8, solver: str = "auto", threads: int | None = None,
+                 transport: bool = True, t_eps: float = 0.8, t_size: int = -1, clean_lam: float = 0.0,
+                 saliency_mode: str = "eval", loss: str = "ce", solver: str = "auto", threads: int | None = None,
                  dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
         self.alpha, self.grids, self.beta, self.gamma, self.eta = alpha, tuple(grids), beta, gamma, eta
         self.neigh_size, self.n_labels, self.transport, self.t_eps = neigh_size, n_labels, transport, t_eps
+        self.t_size, self.clean_lam, self.saliency_mode, self.loss = int(t_size), float(clean_lam), saliency_mode, loss
         self.solver, self.threads = solver, threads
-        if solver not in ("auto", "gco", "swap"):
-            raise ValueError(f"puzzlemix solver must be auto, gco or swap, got {solver!r}")
+        _check_puzzle_knobs(self)
         if solver == "gco" and not mx.have_gco():
-            raise ImportError("puzzlemix solver='gco' needs the optional package gco-wrapper "
-                              "(pip install gco-wrapper, or pip install 'mixup-transfer[puzzlemix]'); "
-                              "use solver=swap or auto for the built-in fallback")
+            raise ImportError("puzzlemix solver='gco' needs gco-wrapper (pip install gco-wrapper; a regular "
+                              "dependency on CPython <= 3.11 x86 / x86-64); use solver=swap or auto for the built-in "
+                              "re-implementation")
 
     def _grid(self, h: int, w: int) -> int:
         if h != w:
@@ -303,26 +323,70 @@ class PuzzleMix(Method):
         if not ok:
             raise ValueError(f"no PuzzleMix grid in {self.grids} fits the input size {h}x{w} with "
                              f"neigh_size {self.neigh_size} (block side = size / grid, a multiple of neigh_size)")
+        if self.transport:
+            for g in ok:  # a t_size that does not divide every drawable block fails at the first step, not later
+                mx.transport_grid(h, g, self.t_size)
         return self._choice(ok)
 
-    def puzzle(self, images, labels, perm, lams, grid):
+    def saliency(self, images, labels):
+        """-> (saliency map [b, h, w], the weighted clean loss (0-d, with its graph) or None); see the class."""
+        if self.saliency_mode == "eval":
+            return _puzzle_saliency(self, images, labels), None
+        weight = self.clean_lam * (2.0 / self.num_classes if self.loss == "bce" else 1.0)
+        return _puzzle_saliency_train(self, images, labels, weight if weight > 0 else 1.0)
+
+    def puzzle(self, images, labels, perm, lams, grid, sal_map=None):
         """K PuzzleMix images per pair for weights lams (K host floats): -> (x [K*b, 3, h, w], lam_kept [K*b]).
-        The graph cuts of all K run on the host after one device-to-host transfer (`mixing.puzzle_masks`)."""
-        sal_map = _puzzle_saliency(self, images, labels)
+        The graph cuts of all K run on the host after one device-to-host transfer (`mixing.puzzle_masks`).
+        sal_map: the saliency (default: computed here; a clean-loss term needs `forward`, which adds it)."""
+        if sal_map is None:
+            if self.clean_lam > 0:
+                raise ValueError("puzzlemix clean_lam > 0 adds a loss term that only PuzzleMix.forward returns; "
+                                 "set clean_lam 0 where PuzzleMix is used as a mixing step (multi_mix puzzle)")
+            sal_map = self.saliency(images, labels)[0]
         fill = self.model.mean.to(images.dtype)  # an empty transport place: 0 in the normalised input
         with torch.no_grad():
-            x, kept, _ = mx.puzzle_mix_many(images, sal_map, perm, grid, list(lams), self.beta, self.gamma,
+            x, kept, _ = mx.puzzle_mix_many(images, sal_map.detach(), perm, grid, list(lams), self.beta, self.gamma,
                                             self.eta, self.neigh_size, self.n_labels, self.transport, self.t_eps,
-                                            self.solver, fill=fill, threads=self.threads)
+                                            self.solver, fill=fill, threads=self.threads, t_size=self.t_size)
         return x.detach(), kept
+
+    def mixed_loss(self, logits, y_mix):
+        """ce: soft cross-entropy (dense if dense_loss); bce: BCELoss(softmax(logits), y_mix) as main.py."""
+        if self.loss == "bce":
+            return F.binary_cross_entropy(torch.softmax(logits.float(), dim=-1), y_mix.float())
+        return self.loss_of(logits, y_mix)
 
     def forward(self, images, labels):
         y = self.targets(labels)
         b, _, h, w = images.shape
         perm, grid = self._perm(b), self._grid(h, w)
-        x, kept = self.puzzle(images, labels, perm, [self._beta(self.alpha)], grid)
+        sal_map, clean = self.saliency(images, labels)
+        x, kept = self.puzzle(images, labels, perm, [self._beta(self.alpha)], grid, sal_map)
         logits = self.logits_of(self.model.features(x))
-        return {"loss": self.loss_of(logits, mx.mixup(y, perm, kept))}
+        out = {"loss": self.mixed_loss(logits, mx.mixup(y, perm, kept))}
+        if self.clean_lam > 0:
+            out["loss_clean"] = clean
+        return out
+
+
+def _check_puzzle_knobs(m: PuzzleMix) -> None:
+    """One-line errors for PuzzleMix knob values the official scripts do not define."""
+    if m.solver not in ("auto", "gco", "swap"):
+        raise ValueError(f"puzzlemix solver must be auto, gco or swap, got {m.solver!r}")
+    if m.saliency_mode not in ("eval", "train"):
+        raise ValueError(f"puzzlemix saliency_mode must be eval or train, got {m.saliency_mode!r}")
+    if m.loss not in ("ce", "bce"):
+        raise ValueError(f"puzzlemix loss must be ce or bce, got {m.loss!r}")
+    if m.loss == "bce" and m.dense_loss:
+        raise ValueError("puzzlemix loss bce (main.py's BCE of the softmax) has no dense form; use loss ce")
+    if m.clean_lam < 0:
+        raise ValueError(f"puzzlemix clean_lam must be >= 0, got {m.clean_lam}")
+    if m.clean_lam > 0 and m.saliency_mode != "train":
+        raise ValueError("puzzlemix clean_lam > 0 needs saliency_mode train: the official scripts compute the "
+                         "clean loss and the saliency in one train-mode forward")
+    if m.t_size != -1 and m.t_size < 1:
+        raise ValueError(f"puzzlemix t_size must be -1 (the mask's blocks) or a size in pixels, got {m.t_size}")
 
 
 class MultiMix(Method):
