@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from core import runtime as rt
 from core.checkpoint import build_resnet
 from core.constants import IMAGENET_MEAN, IMAGENET_STD
+from pretrain import mixers
 from pretrain import mixing as mx
 from pretrain.adapters import EMBEDDING, Backbone, adapt, resnet_stages
 
@@ -141,12 +142,12 @@ class InputMixup(Method):
     def __init__(self, model, num_classes, alpha: float = 1.0, dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
         self.alpha = alpha
+        self.mixer = mixers.MixUp(alpha, num_classes)
 
     def forward(self, images, labels):
-        y = self.targets(labels)
         lam, perm = self._beta(self.alpha), self._perm(images.shape[0])
-        logits = self.logits_of(self.model.features(mx.mixup(images, perm, lam)))
-        return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
+        x, y_mix = self.mixer.apply(images, labels, mixers.Draw(perm, [lam]))
+        return {"loss": self.loss_of(self.logits_of(self.model.features(x)), y_mix)}
 
 
 def _mix_at(method: Method, images, perm, lams, layer: int):
@@ -187,17 +188,16 @@ class CutMix(Method):
     def __init__(self, model, num_classes, alpha: float = 1.0, prob: float = 1.0, dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
         self.alpha, self.prob = alpha, prob
+        self.mixer = mixers.CutMix(alpha, num_classes)
 
     def forward(self, images, labels):
         y = self.targets(labels)
         b, _, h, w = images.shape
         if self._rand() >= self.prob:
             return {"loss": self.loss_of(self.logits_of(self.model.features(images)), y)}
-        perm = self._perm(b)
-        box, lam = mx.cutmix_box(h, w, self._beta(self.alpha), centre=self._centre(h, w))
-        x = mx.mask_mix(images, images[perm], mx.box_mask(h, w, box, images.device, images.dtype))
-        logits = self.logits_of(self.model.features(x))
-        return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
+        perm, lam = self._perm(b), self._beta(self.alpha)
+        x, y_mix = self.mixer.apply(images, labels, mixers.Draw(perm, [lam], self._centre(h, w)))
+        return {"loss": self.loss_of(self.logits_of(self.model.features(x)), y_mix)}
 
 
 def _puzzle_saliency(method: Method, images, labels) -> torch.Tensor:
@@ -447,11 +447,10 @@ class MultiMixK(Method):
             lams = self._on_device(lams)
             logits = _mix_at(self, images, perm, lams, layer)
             return {"loss": self.loss_of(logits, mx.multi_mixup(y, perm, lams))}
-        if self.base == "cutmix":
-            boxes, kept = mx.nested_box_list(h, w, lams, self._centre(h, w))
-            masks = [mx.box_mask(h, w, bx, images.device, images.dtype) for bx in boxes]
-            x = torch.cat([mx.mask_mix(images, images[perm], mask) for mask in masks])
-            kept = self._on_device(np.repeat(kept, b))
+        if self.base == "cutmix":  # the library's multi-mix CutMix on these draws
+            draw = mixers.Draw(perm, lams, self._centre(h, w))
+            x, y_k = mixers.MultiMixK(mixers.CutMix(self.alpha, self.num_classes), self.k).apply(images, labels, draw)
+            return {"loss": self.loss_of(self.logits_of(self.model.features(x)), y_k)}
         else:
             self.puzzler.generator, self.puzzler.host_rng = self.generator, self.host_rng
             x, kept = self.puzzler.puzzle(images, labels, perm, lams, self.puzzler._grid(h, w))
