@@ -104,7 +104,8 @@ def _weight(lam, x: torch.Tensor):
 def _host(draw: Draw) -> Draw:
     """A per-batch draw made on the CPU as host numbers (reading a CPU tensor does not wait for a device), so
     that one box is a slice copy and one lam a kernel argument."""
-    if isinstance(draw.lam, torch.Tensor) and draw.lam.device.type == "cpu":
+    one_box = isinstance(draw.centre, torch.Tensor) and draw.centre.shape[0] == 1
+    if isinstance(draw.lam, torch.Tensor) and draw.lam.device.type == "cpu" and (draw.lam.numel() == 1 or one_box):
         centre = draw.centre
         if isinstance(centre, torch.Tensor) and centre.shape[0] == 1:
             centre = tuple(centre[0].tolist())
@@ -216,9 +217,9 @@ def paste_boxes(x: torch.Tensor, perm: torch.Tensor, boxes) -> torch.Tensor:
     if not isinstance(boxes, torch.Tensor):
         y0, y1, x0, x1 = boxes
         out = x.clone()
-        out[..., y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+        out[..., y0:y1, x0:x1] = x[..., y0:y1, x0:x1].index_select(0, perm)
         return out
-    return torch.where(box_masks(x.shape[-2], x.shape[-1], _to(boxes, x.device)), x[perm], x)
+    return torch.where(box_masks(x.shape[-2], x.shape[-1], _to(boxes, x.device)), x.index_select(0, perm), x)
 
 
 class CutMix(Mixer):

@@ -98,8 +98,10 @@ def dirichlet_weights(b: int, n: int, alpha_low: float = 0.5, alpha_high: float 
 
 
 def one_hot(labels: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
-    """labels [b] int -> y [b, c]."""
-    return F.one_hot(labels.long(), num_classes).to(dtype)
+    """labels [b] int -> y [b, c]. A scatter into zeros: no int64 intermediate, and on CUDA no range check read
+    back to the host (an out-of-range label fails the scatter's own bounds check instead)."""
+    y = torch.zeros(*labels.shape, num_classes, dtype=dtype, device=labels.device)
+    return y.scatter_(-1, labels.long().unsqueeze(-1), 1)
 
 
 def soft_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -131,18 +133,18 @@ def weighted_dense_cross_entropy(logits: torch.Tensor, y_mix: torch.Tensor,
 
 
 def _lam_view(lam, x: torch.Tensor):
-    if isinstance(lam, torch.Tensor) and lam.ndim == 1:
-        return lam.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    if isinstance(lam, torch.Tensor):
+        return (lam.view(-1, *([1] * (x.ndim - 1))) if lam.ndim == 1 else lam).to(x.dtype)
     return lam
 
 
 def mixup(x: torch.Tensor, perm: torch.Tensor, lam) -> torch.Tensor:
-    """lam * x + (1 - lam) * x[perm]. x [b, ...]; lam a float, 0-d tensor or [b] tensor.
+    """lam * x + (1 - lam) * x[perm]. x [b, ...] floating; lam a float, 0-d tensor or [b] tensor.
 
-    Also mixes targets: mixup(y, perm, lam) gives the mixed soft labels.
+    Also mixes targets: mixup(y, perm, lam) gives the mixed soft labels. Computed as one `torch.lerp` from the
+    partner (x[perm] + lam (x - x[perm])), in place on the gathered copy: one new tensor instead of four.
     """
-    lam = _lam_view(lam, x)
-    return lam * x + (1 - lam) * x[perm]
+    return x.index_select(0, perm).lerp_(x, _lam_view(lam, x))
 
 
 def multi_mixup(x: torch.Tensor, perm: torch.Tensor, lams: torch.Tensor) -> torch.Tensor:
