@@ -115,7 +115,11 @@ class Backbone(nn.Module):
         return fmap if fmap.ndim == 2 else fmap.mean(tuple(range(2, fmap.ndim)))
 
     def dense_logits(self, fmap: torch.Tensor) -> torch.Tensor:
-        """fc applied at every position (a 1x1 convolution): fmap [b, d, h, w] -> [b, c, h*w]."""
+        """fc applied at every position (a 1x1 convolution): fmap [b, d, h, w] -> [b, c, h*w]. Needs the default
+        global-average pooling (then the mean of these logits over the positions is the model's logits)."""
+        if self._pool_fn is not None:
+            raise ValueError("dense losses (dense_loss, Dense MultiMix) apply fc at every position of the feature map, "
+                             "which needs a backbone pooled by global averaging (pool=None)")
         if fmap.ndim == 2:
             fmap = fmap.unsqueeze(-1)
         w, bias = self.fc.weight, self.fc.bias
@@ -163,8 +167,16 @@ def from_sequential(net: nn.Sequential, stage_ends: Sequence[int], mean=None, st
                          f"(0..{len(net) - 2}), got {list(stage_ends)}")
     starts = [0] + [e + 1 for e in ends[:-1]]
     stages = [net[s:e + 1] for s, e in zip(starts, ends)]
-    pool = net[ends[-1] + 1:-1] if ends[-1] + 1 < len(net) - 1 else None
+    pool = net[ends[-1] + 1:-1]
+    if all(_is_global_average(m) for m in pool):  # the default pooling: dense losses stay available
+        pool = None
     return Backbone(net, stages, net[-1], pool, mean, std)
+
+
+def _is_global_average(m: nn.Module) -> bool:
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        return m.output_size in (1, (1, 1))
+    return isinstance(m, (nn.Flatten, nn.Identity))
 
 
 def has_stage_interface(model: nn.Module) -> bool:
