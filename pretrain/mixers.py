@@ -201,25 +201,28 @@ def cutmix_boxes(h: int, w: int, side: torch.Tensor, centre: torch.Tensor):
     return torch.stack([y0, y1, x0, x1], 1), kept
 
 
-def box_masks(h: int, w: int, boxes: torch.Tensor) -> torch.Tensor:
-    """boxes [n, 4] (y0, y1, x0, x1) -> bool [n, 1, h, w], True inside the box (the partner's pixels)."""
+def keep_masks(h: int, w: int, boxes: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """boxes [n, 4] (y0, y1, x0, x1) -> [n, 1, h, w] of `dtype`: 0 inside the box (the partner's pixels), 1 outside
+    (the first image's), as `mixing.box_mask` for n boxes."""
     rows = torch.arange(h, device=boxes.device)
     cols = torch.arange(w, device=boxes.device)
-    in_r = (rows >= boxes[:, :1]) & (rows < boxes[:, 1:2])  # [n, h]
-    in_c = (cols >= boxes[:, 2:3]) & (cols < boxes[:, 3:4])  # [n, w]
-    return (in_r[:, :, None] & in_c[:, None, :]).unsqueeze(1)
+    in_r = ((rows >= boxes[:, :1]) & (rows < boxes[:, 1:2])).to(dtype)  # [n, h]
+    in_c = ((cols >= boxes[:, 2:3]) & (cols < boxes[:, 3:4])).to(dtype)  # [n, w]
+    return (1 - in_r[:, :, None] * in_c[:, None, :]).unsqueeze(1)
 
 
 def paste_boxes(x: torch.Tensor, perm: torch.Tensor, boxes) -> torch.Tensor:
     """x with box i taken from the partner x[perm[i]]. x [b, C, h, w]; boxes: one host box (y0, y1, x0, x1) of
-    ints for the whole batch (a slice copy of the partners' box region), or a tensor [1 or b, 4] (one masked
-    select on the device)."""
+    ints for the whole batch (a slice copy of the partners' box region), or a tensor [1 or b, 4] (on the device:
+    the partners gathered, then the kept pixels written back by one in-place lerp with the 0/1 keep mask, which
+    returns either input exactly)."""
     if not isinstance(boxes, torch.Tensor):
         y0, y1, x0, x1 = boxes
         out = x.clone()
         out[..., y0:y1, x0:x1] = x[..., y0:y1, x0:x1].index_select(0, perm)
         return out
-    return torch.where(box_masks(x.shape[-2], x.shape[-1], _to(boxes, x.device)), x.index_select(0, perm), x)
+    keep = keep_masks(x.shape[-2], x.shape[-1], _to(boxes, x.device), x.dtype)
+    return x.index_select(0, perm).lerp_(x, keep)
 
 
 class CutMix(Mixer):

@@ -92,14 +92,15 @@ def bench_gpu(quick: bool = False, device: str | None = None, loader_root=None, 
 
 def bench_mixers(quick: bool = False, device: str | None = None) -> dict:
     """`pretrain.mixer_bench` at batch 256: 224 px (ImageNet) and 32 px (CIFAR; the per-example Python loop of
-    timm's elem / pair modes weighs most there); --quick: 32 px only, 2 repeats."""
+    timm's elem / pair modes weighs most there); --quick: 32 px only."""
     import torch
 
     from pretrain.mixer_bench import run_mixer_bench
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     sizes = (32,) if quick else (224, 32)
-    runs = [run_mixer_bench(batch=256, size=s, repeats=2 if quick else 5, device=device) for s in sizes]
+    repeats = {224: 5, 32: 10 if quick else 50}  # more repeats where a call takes a millisecond
+    runs = [run_mixer_bench(batch=256, size=s, repeats=repeats[s], device=device) for s in sizes]
     return {"runs": runs}
 
 
