@@ -51,12 +51,13 @@ def _check_shape(name: str, value: float) -> None:
 
 def sample_beta(alpha: float, beta: float, size, generator: torch.Generator | None = None,
                 device=None) -> torch.Tensor:
-    """Beta(alpha, beta) draws of shape `size` (float32), via two Gamma draws."""
+    """Beta(alpha, beta) draws of shape `size` (float32), via two Gamma draws (made in one call)."""
     _check_shape("alpha", alpha)
     _check_shape("beta", beta)
     size = (size,) if isinstance(size, int) else tuple(size)
-    ga = sample_log_gamma(torch.full(size, float(alpha), device=device), generator)
-    gb = sample_log_gamma(torch.full(size, float(beta), device=device), generator)
+    shape = torch.full((2, *size), float(alpha), device=device)
+    shape[1] = float(beta)
+    ga, gb = sample_log_gamma(shape, generator)
     return torch.sigmoid(ga - gb)
 
 
