@@ -206,9 +206,9 @@ def keep_masks(h: int, w: int, boxes: torch.Tensor, dtype=torch.float32) -> torc
     (the first image's), as `mixing.box_mask` for n boxes."""
     rows = torch.arange(h, device=boxes.device)
     cols = torch.arange(w, device=boxes.device)
-    in_r = ((rows >= boxes[:, :1]) & (rows < boxes[:, 1:2])).to(dtype)  # [n, h]
-    in_c = ((cols >= boxes[:, 2:3]) & (cols < boxes[:, 3:4])).to(dtype)  # [n, w]
-    return (1 - in_r[:, :, None] * in_c[:, None, :]).unsqueeze(1)
+    out_r = ((rows < boxes[:, :1]) | (rows >= boxes[:, 1:2])).to(dtype)  # [n, h]: row outside the box
+    out_c = ((cols < boxes[:, 2:3]) | (cols >= boxes[:, 3:4])).to(dtype)  # [n, w]
+    return torch.maximum(out_r[:, :, None], out_c[:, None, :]).unsqueeze(1)  # outside if the row or column is
 
 
 def paste_boxes(x: torch.Tensor, perm: torch.Tensor, boxes) -> torch.Tensor:
