@@ -74,6 +74,13 @@ def test_cutmix_per_sample_kept_fraction_is_the_label_weight():
     assert torch.allclose(t.sum(1), torch.ones(b))
 
 
+def test_keep_masks_equal_the_host_box_mask():
+    boxes = [(0, 5, 0, 7), (2, 9, 3, 7), (0, 0, 0, 0), (0, 12, 0, 10), (11, 12, 9, 10)]
+    masks = M.keep_masks(12, 10, torch.tensor(boxes))
+    for i, box in enumerate(boxes):
+        assert torch.equal(masks[i:i + 1], mx.box_mask(12, 10, box))
+
+
 def test_one_host_box_and_the_device_mask_paste_the_same():
     x = torch.rand(5, 3, 12, 12, generator=torch.Generator().manual_seed(4))
     perm = torch.tensor([4, 0, 1, 2, 3])
