@@ -158,8 +158,9 @@ class Mixer:
 
     def targets(self, y: torch.Tensor, perm: torch.Tensor, kept):
         """Targets of mixed examples whose first input keeps weight `kept` (a float or [b])."""
-        if self.target_kind == "pair":
-            lam = torch.as_tensor(kept, dtype=torch.float32, device=y.device).expand(y.shape[0])
+        if self.target_kind == "pair":  # a host float is filled in on the device (a copy would synchronise)
+            lam = kept.expand(y.shape[0]) if isinstance(kept, torch.Tensor) else torch.full(
+                (y.shape[0],), float(kept), device=y.device)
             return PairTargets(y, y[perm], lam, self.label_smoothing)
         return mx.mixup(smooth_one_hot(y, self.num_classes, self.label_smoothing), perm, kept)
 
