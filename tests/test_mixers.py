@@ -179,3 +179,16 @@ def test_puzzlemix_saliency_callback_and_bad_inputs():
         M.MixUp()
     with pytest.raises(ValueError, match="probabilities"):
         M.RandomChoice([M.MixUp(num_classes=3)], p=[0.5])
+
+
+def test_mixer_bench_times_every_row_and_skips_timm_when_missing(monkeypatch):
+    from pretrain import mixer_bench
+
+    out = mixer_bench.run_mixer_bench(batch=4, size=8, num_classes=5, repeats=1)
+    assert [r["row"] for r in out["rows"]] == ["mixup batch", "mixup per-sample", "cutmix batch", "cutmix per-sample"]
+    assert all(r["torchvision"]["ratio"] > 0 for r in out["rows"] if "batch" == r["row"].split()[1])
+    monkeypatch.setattr(mixer_bench, "_competitor",
+                        lambda kind, *a: None if kind == "timm" else (lambda x, y: (x, y)))
+    out = mixer_bench.run_mixer_bench(batch=4, size=8, num_classes=5, repeats=1)
+    assert out["skipped"] == ["timm"] and not any("timm elem" in r for r in out["rows"])
+    assert set(out["goals"]) == {"mixup batch vs torchvision", "cutmix batch vs torchvision"}
