@@ -28,74 +28,25 @@ import torch.nn.functional as F
 from core import runtime as rt
 from core.checkpoint import build_resnet
 from core.constants import IMAGENET_MEAN, IMAGENET_STD
+from pretrain import mixers
 from pretrain import mixing as mx
+from pretrain.adapters import EMBEDDING, Backbone, adapt, resnet_stages
 
-EMBEDDING = 5
 ATTENTIONS = ("gap_l1relu", "gap_softmax", "cam_l1relu", "cam_softmax", "uniform")
 
 
-class ResNetStages(nn.Module):
-    """A torchvision ResNet split at its stages, with ImageNet normalisation inside (inputs in [0, 1]).
+class ResNetStages(Backbone):
+    """A torchvision ResNet split at its stages, with ImageNet normalisation inside (inputs in [0, 1]):
+    `pretrain.adapters.Backbone` over `build_resnet(arch)`.
 
     `self.net` is the plain torchvision ResNet (its state_dict has exactly torchvision's keys; the
     normalisation buffers live outside it and are not persistent).
     """
 
     def __init__(self, arch: str = "resnet50", num_classes: int = 1000, zero_init_residual: bool = False):
-        super().__init__()
+        net = build_resnet(arch, num_classes=num_classes, zero_init_residual=zero_init_residual)
+        super().__init__(net, resnet_stages(net), net.fc, None, IMAGENET_MEAN, IMAGENET_STD)
         self.arch = arch
-        self.net = build_resnet(arch, num_classes=num_classes, zero_init_residual=zero_init_residual)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self._compiled = None
-
-    def enable_compile(self) -> None:
-        """torch.compile the stages (the module tree and state_dict keys stay torchvision's)."""
-        self._compiled = torch.compile(self._stage)
-
-    def _run_stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        return self._compiled(i, h) if self._compiled is not None else self._stage(i, h)
-
-    @property
-    def fc(self) -> nn.Linear:
-        return self.net.fc
-
-    def _stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        n = self.net
-        if i == 1:
-            h = (h - self.mean.to(h.dtype)) / self.std.to(h.dtype)
-            h = n.maxpool(n.relu(n.bn1(n.conv1(h))))
-            return n.layer1(h)
-        return getattr(n, f"layer{i}")(h)
-
-    def forward_to(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        """Features after `layer` (0..4) of images x [b, 3, H, W] in [0, 1]."""
-        for i in range(1, min(layer, 4) + 1):
-            x = self._run_stage(i, x)
-        return x
-
-    def forward_from(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        """The layer4 feature map [b, d, h, w] from features after `layer` (0..4)."""
-        for i in range(layer + 1, 5):
-            h = self._run_stage(i, h)
-        return h
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """layer4 map [b, d, h, w]."""
-        return self.forward_from(x, 0)
-
-    @staticmethod
-    def pool(fmap: torch.Tensor) -> torch.Tensor:
-        return fmap.mean((2, 3))
-
-    def dense_logits(self, fmap: torch.Tensor) -> torch.Tensor:
-        """fc applied as a 1x1 convolution: fmap [b, d, h, w] -> [b, c, h*w]."""
-        w, bias = self.fc.weight, self.fc.bias
-        logits = torch.einsum("bdr,cd->bcr", fmap.flatten(2), w.to(fmap.dtype))
-        return logits + bias.to(fmap.dtype).view(1, -1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.features(x)))
 
 
 class Method(nn.Module):
@@ -105,9 +56,9 @@ class Method(nn.Module):
     example's mixed target (MultiMix paper, Table 10), instead of after global pooling.
     """
 
-    def __init__(self, model: ResNetStages, num_classes: int, dense_loss: bool = False):
+    def __init__(self, model: nn.Module, num_classes: int, dense_loss: bool = False):
         super().__init__()
-        self.model = model
+        self.model = adapt(model)  # any network: `pretrain.adapters` gives it the stage interface
         self.num_classes = num_classes
         self.dense_loss = dense_loss
         self.generator: torch.Generator | None = None  # device draws
@@ -191,12 +142,12 @@ class InputMixup(Method):
     def __init__(self, model, num_classes, alpha: float = 1.0, dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
         self.alpha = alpha
+        self.mixer = mixers.MixUp(alpha, num_classes)
 
     def forward(self, images, labels):
-        y = self.targets(labels)
         lam, perm = self._beta(self.alpha), self._perm(images.shape[0])
-        logits = self.logits_of(self.model.features(mx.mixup(images, perm, lam)))
-        return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
+        x, y_mix = self.mixer.apply(images, labels, mixers.Draw(perm, [lam]))
+        return {"loss": self.loss_of(self.logits_of(self.model.features(x)), y_mix)}
 
 
 def _mix_at(method: Method, images, perm, lams, layer: int):
@@ -237,17 +188,16 @@ class CutMix(Method):
     def __init__(self, model, num_classes, alpha: float = 1.0, prob: float = 1.0, dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
         self.alpha, self.prob = alpha, prob
+        self.mixer = mixers.CutMix(alpha, num_classes)
 
     def forward(self, images, labels):
         y = self.targets(labels)
         b, _, h, w = images.shape
         if self._rand() >= self.prob:
             return {"loss": self.loss_of(self.logits_of(self.model.features(images)), y)}
-        perm = self._perm(b)
-        box, lam = mx.cutmix_box(h, w, self._beta(self.alpha), centre=self._centre(h, w))
-        x = mx.mask_mix(images, images[perm], mx.box_mask(h, w, box, images.device, images.dtype))
-        logits = self.logits_of(self.model.features(x))
-        return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
+        perm, lam = self._perm(b), self._beta(self.alpha)
+        x, y_mix = self.mixer.apply(images, labels, mixers.Draw(perm, [lam], self._centre(h, w)))
+        return {"loss": self.loss_of(self.logits_of(self.model.features(x)), y_mix)}
 
 
 def _saliency_forward(method: Method, images, labels, train_mode: bool, weight: float = 1.0):
@@ -561,11 +511,10 @@ class MultiMixK(Method):
             lams = self._on_device(lams)
             logits = _mix_at(self, images, perm, lams, layer)
             return {"loss": self.loss_of(logits, mx.multi_mixup(y, perm, lams))}
-        if self.base == "cutmix":
-            boxes, kept = mx.nested_box_list(h, w, lams, self._centre(h, w))
-            masks = [mx.box_mask(h, w, bx, images.device, images.dtype) for bx in boxes]
-            x = torch.cat([mx.mask_mix(images, images[perm], mask) for mask in masks])
-            kept = self._on_device(np.repeat(kept, b))
+        if self.base == "cutmix":  # the library's multi-mix CutMix on these draws
+            draw = mixers.Draw(perm, lams, self._centre(h, w))
+            x, y_k = mixers.MultiMixK(mixers.CutMix(self.alpha, self.num_classes), self.k).apply(images, labels, draw)
+            return {"loss": self.loss_of(self.logits_of(self.model.features(x)), y_k)}
         else:
             self.puzzler.generator, self.puzzler.host_rng = self.generator, self.host_rng
             x, kept = self.puzzler.puzzle(images, labels, perm, lams, self.puzzler._grid(h, w))

@@ -52,12 +52,13 @@ def _check_shape(name: str, value: float) -> None:
 
 def sample_beta(alpha: float, beta: float, size, generator: torch.Generator | None = None,
                 device=None) -> torch.Tensor:
-    """Beta(alpha, beta) draws of shape `size` (float32), via two Gamma draws."""
+    """Beta(alpha, beta) draws of shape `size` (float32), via two Gamma draws (made in one call)."""
     _check_shape("alpha", alpha)
     _check_shape("beta", beta)
     size = (size,) if isinstance(size, int) else tuple(size)
-    ga = sample_log_gamma(torch.full(size, float(alpha), device=device), generator)
-    gb = sample_log_gamma(torch.full(size, float(beta), device=device), generator)
+    shape = torch.full((2, *size), float(alpha), device=device)
+    shape[1] = float(beta)
+    ga, gb = sample_log_gamma(shape, generator)
     return torch.sigmoid(ga - gb)
 
 
@@ -99,8 +100,10 @@ def dirichlet_weights(b: int, n: int, alpha_low: float = 0.5, alpha_high: float 
 
 
 def one_hot(labels: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
-    """labels [b] int -> y [b, c]."""
-    return F.one_hot(labels.long(), num_classes).to(dtype)
+    """labels [b] int -> y [b, c]. A scatter into zeros: no int64 intermediate, and on CUDA no range check read
+    back to the host (an out-of-range label fails the scatter's own bounds check instead)."""
+    y = torch.zeros(*labels.shape, num_classes, dtype=dtype, device=labels.device)
+    return y.scatter_(-1, labels.long().unsqueeze(-1), 1)
 
 
 def soft_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -132,18 +135,18 @@ def weighted_dense_cross_entropy(logits: torch.Tensor, y_mix: torch.Tensor,
 
 
 def _lam_view(lam, x: torch.Tensor):
-    if isinstance(lam, torch.Tensor) and lam.ndim == 1:
-        return lam.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    if isinstance(lam, torch.Tensor):
+        return (lam.view(-1, *([1] * (x.ndim - 1))) if lam.ndim == 1 else lam).to(x.dtype)
     return lam
 
 
 def mixup(x: torch.Tensor, perm: torch.Tensor, lam) -> torch.Tensor:
-    """lam * x + (1 - lam) * x[perm]. x [b, ...]; lam a float, 0-d tensor or [b] tensor.
+    """lam * x + (1 - lam) * x[perm]. x [b, ...] floating; lam a float, 0-d tensor or [b] tensor.
 
-    Also mixes targets: mixup(y, perm, lam) gives the mixed soft labels.
+    Also mixes targets: mixup(y, perm, lam) gives the mixed soft labels. Computed as one `torch.lerp` from the
+    partner (x[perm] + lam (x - x[perm])), in place on the gathered copy: one new tensor instead of four.
     """
-    lam = _lam_view(lam, x)
-    return lam * x + (1 - lam) * x[perm]
+    return x.index_select(0, perm).lerp_(x, _lam_view(lam, x))
 
 
 def multi_mixup(x: torch.Tensor, perm: torch.Tensor, lams: torch.Tensor) -> torch.Tensor:
