@@ -40,6 +40,18 @@ class DataError(InputError):
     """Malformed or missing data; the message names the file (and line or image id)."""
 
 
+def inside(root: str | os.PathLike, name: str, what: str, error: type = None) -> Path:
+    """``root / name``, refused (`error`, DataError by default, naming `what` and the root) when it resolves
+    outside `root`: an id or file name read from an annotation or metadata file (``../../x.jpg``, an absolute
+    path, a symlinked escape) must never read or write outside the folder it belongs to."""
+    root = Path(root)
+    path = root / name
+    base = os.path.realpath(root)
+    if os.path.isabs(name) or os.path.commonpath([base, os.path.realpath(path)]) != base:
+        raise (error or DataError)(f"{what}: resolves outside {root} (a path that leaves its folder is refused)")
+    return path
+
+
 def read_text(path: str | os.PathLike, error: type = DataError) -> str:
     """The UTF-8 text of an annotation or list file; `error` naming the file if it is binary or not UTF-8."""
     try:

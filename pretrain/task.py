@@ -310,7 +310,7 @@ class PretrainTask(Task):
     @torch.no_grad()
     def evaluate(self, precision: str) -> dict:
         self.model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # n, top1, top5, loss
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # n, top1, top5, loss, non-finite logits
         for images, labels in self._val_loader():
             images, labels = self.to_device((images, labels), self.device, False)
             with rt.autocast(self.device, precision):
@@ -318,10 +318,12 @@ class PretrainTask(Task):
             hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.view(-1, 1)
             sums += torch.stack([torch.tensor(float(len(labels)), device=self.device),
                                  hit[:, :1].any(1).sum().double(), hit.any(1).sum().double(),
-                                 torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()])
+                                 torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+                                 rt.count_nonfinite(logits).double()])
         if self.world > 1:
             dist.all_reduce(sums)
         self.model.train()
+        rt.check_outputs_finite("pretraining", "val", {"logit": int(sums[4].item())})
         n = max(sums[0].item(), 1.0)
         return {"val_top1": 100 * sums[1].item() / n, "val_top5": 100 * sums[2].item() / n,
                 "val_loss": sums[3].item() / n}

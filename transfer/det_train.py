@@ -203,12 +203,41 @@ def _to_original(boxes: torch.Tensor, target: dict) -> torch.Tensor:
     return out
 
 
+# the modules whose raw outputs the detectors' post-processing would silently drop when NaN (a NaN score fails
+# every score threshold: a broken detector would report mAP 0); torchvision's FasterRCNN and SSD names
+_RAW_OUTPUTS = ("backbone", "rpn.head", "roi_heads.box_predictor", "head")
+
+
+class _NonFiniteCounter:
+    """Counts, on the device, the NaN / inf values of the raw outputs of `_RAW_OUTPUTS` during predictions."""
+
+    def __init__(self, model, device):
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.handles = []
+        for name in _RAW_OUTPUTS:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                continue
+            self.handles.append(module.register_forward_hook(self._hook))
+
+    def _hook(self, module, args, output) -> None:
+        self.count += runtime.count_nonfinite(output).to(self.count.device)
+
+    def close(self) -> int:
+        for h in self.handles:
+            h.remove()
+        return int(self.count)
+
+
 @torch.no_grad()
 def predict(model, loader, device, precision="fp32", channels_last=False, max_keep_examples=0):
     """Run the model over ``loader``. Returns (per-image list of (image_id, boxes [K,4] original pixels,
-    scores [K], labels [K]), examples for figures, seconds spent in the model, number of images)."""
+    scores [K], labels [K]), examples for figures, seconds spent in the model, number of images, the number of
+    NaN / inf values in the raw outputs and the final boxes and scores)."""
     model.eval()
     preds, examples, seconds, n = [], [], 0.0, 0
+    counter = _NonFiniteCounter(model, device)
     for images, targets in runtime.progress(loader, desc="eval"):
         images = [im.to(device) for im in images]
         if channels_last:
@@ -222,6 +251,7 @@ def predict(model, loader, device, precision="fp32", channels_last=False, max_ke
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - t0
         n += len(images)
+        counter.count += runtime.count_nonfinite([[o["boxes"], o["scores"]] for o in outputs]).to(counter.count.device)
         for im, out, tgt in zip(images, outputs, targets):
             boxes = _to_original(out["boxes"].float().cpu(), tgt)
             preds.append((tgt["image_id"], boxes, out["scores"].float().cpu(), out["labels"].cpu()))
@@ -229,20 +259,22 @@ def predict(model, loader, device, precision="fp32", channels_last=False, max_ke
                 examples.append({"image": im.float().cpu(), "pred_boxes": out["boxes"].float().cpu(),
                                  "scores": out["scores"].float().cpu(), "labels": out["labels"].cpu(),
                                  "gt_boxes": tgt["boxes"], "gt_labels": tgt["labels"]})
-    return preds, examples, seconds, n
+    return preds, examples, seconds, n, counter.close()
 
 
 def predict_sharded(model, dataset, batch_size: int, workers: int, device, precision="fp32", channels_last=False,
-                    max_keep_examples=0):
+                    max_keep_examples=0, split: str = "test"):
     """``predict`` over ``dataset`` with each rank taking its shard of whole test batches (core.distributed);
     the per-image predictions and the first ``max_keep_examples`` examples are gathered to every rank in
-    dataset order, so scoring them gives the single-process numbers. Seconds: the slowest rank's."""
+    dataset order, so scoring them gives the single-process numbers. Seconds: the slowest rank's. A NaN or
+    infinite output stops it on every rank (`NonFiniteOutputError` naming ``split``): nothing is scored."""
     n = len(dataset)
     mine = ddist.shard_indices(n, block=batch_size)
     loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate)
     keep = sum(1 for i in mine if i < max_keep_examples)  # `mine` is increasing: the first `keep` are these
-    preds, examples, seconds, count = predict(model, loader, device, precision, channels_last, keep)
+    preds, examples, seconds, count, bad = predict(model, loader, device, precision, channels_last, keep)
+    runtime.check_outputs_finite("detection", split, {"box, score or raw head output": ddist.sum_counts([bad])[0]})
     if ddist.rank_world()[1] == 1:
         return preds, examples, seconds, count
     preds = ddist.gather_ordered(preds, mine, n)
@@ -423,7 +455,8 @@ class DetectionTask(Task):
         rank 0's BatchNorm statistics: every shard is scored with the same model)."""
         ddist.broadcast_buffers(self.model)
         return predict_sharded(self.model, self.test_set, self.cfg["eval"]["batch_size"], self.cfg["data"]["workers"],
-                               self.device, engine.precision, engine.settings.channels_last, max_keep_examples)
+                               self.device, engine.precision, engine.settings.channels_last, max_keep_examples,
+                               split=str(self.cfg["data"]["voc_test" if self.ctx["format"] == "voc" else "coco_val"]))
 
     def state_dict(self) -> dict:
         return {"train_time": self.train_time, "train_images": self.train_images, "history": self.history,

@@ -235,7 +235,8 @@ def _eval(model, test, cfg, device, scoremap_dir=None, keep_examples=0):
                           cam_curve_interval=e["cam_curve_interval"], iou_thresholds=e["iou_thresholds"],
                           loc_threshold=e["loc_threshold"], loc_iou=e["loc_iou"], loc_op=e["loc_op"],
                           scoremap_dir=scoremap_dir, keep_examples=keep_examples,
-                          autocast_ctx=lambda: autocast(device, cfg["runtime"]["precision"]), progress=progress)
+                          autocast_ctx=lambda: autocast(device, cfg["runtime"]["precision"]), progress=progress,
+                          split=cfg["data"]["test_split"])
 
 
 def _public(res: dict) -> dict:
@@ -346,9 +347,8 @@ def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: boo
     engine.fit(resume=resume, force=force, fingerprint=fingerprint.make(cfg, {"weights": weights}),
                header={"weights": weights, "num_classes": task.num_classes, "train_images": len(task.train_set),
                        "test_images": len(task.test_set)})
-    if is_main_process():
-        atomic_save({"model": task.cam.state_dict(), "arch": cfg["arch"], "num_classes": task.num_classes,
-                     "config": dump_config(cfg)}, run_dir / "cam_model.pth")
+    engine.check_parameters()
+    # the final evaluation stops on non-finite logits or CAMs before the model or any result is written
     metrics = _final_report(task.cam, task.test_set, cfg, device, run_dir, task.curve, engine.logger, weights)
     task.curve = metrics["curve"]  # keep the final point, so that a longer resumed run reports the whole curve
     engine.save_checkpoint()
@@ -371,6 +371,8 @@ def _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights)
     if not is_main_process():  # every rank evaluated its shard and holds the numbers; rank 0 writes
         barrier()
         return metrics
+    atomic_save({"model": model.state_dict(), "arch": cfg["arch"], "num_classes": model.fc.out_features,
+                 "config": dump_config(cfg)}, Path(run_dir) / "cam_model.pth")
     fig = Path(run_dir) / "figures"
     cam_grid(res["_examples"], fig / "cam_grid.png")
     boxacc_curves(res["_thresholds"], {**{f"IoU {d} (all contours)": a for d, a in res["_box_acc"].items()},
