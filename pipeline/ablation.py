@@ -33,7 +33,7 @@ from pathlib import Path
 
 from core.config import ConfigError, check_ranges, dump_config, load_config, validate
 from core.runtime import write_json
-from pipeline.run import Pipeline, Stage, _fill, _named, content_key, seed_list
+from pipeline.run import Pipeline, Stage, _fill, _named, content_key, pretrain_spec, seed_list
 from pipeline.tables import Column, Table, get
 
 log = logging.getLogger("pipeline.ablation")
@@ -247,7 +247,7 @@ class AblationSweep(Pipeline):
         from pipeline import stages
 
         # the spec is the pipeline's pretraining spec: the same recipe and overrides give the same content key
-        return Stage(label, owner, "pretrain", frozenset({"all", owner}), {"config": load_config(recipe, ov)},
+        return Stage(label, owner, "pretrain", frozenset({"all", owner}), pretrain_spec(recipe, ov),
                      lambda d, c=recipe, ov=ov: stages.pretrain(c, ov, d), {"pretrain": seed, "transfer": None})
 
     def folder_of(self, st: Stage) -> Path:

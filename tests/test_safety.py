@@ -155,3 +155,88 @@ def test_detection_prediction_refuses_nan_outputs(toy_world, kind, one_thread):
             p.fill_(float("nan"))
     with pytest.raises(NonFiniteOutputError, match=r"detection: split 2007/test: .* non-finite"):
         det_train.predict_sharded(model, test, 3, 0, torch.device("cpu"), split="2007/test")
+
+
+# ------------------------------------------------------------------------------- content keys cover inputs
+
+
+def _pipeline_cfg(tmp_path: Path, data: Path) -> dict:
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs/pipeline/toy.yaml").read_text())
+    cfg.update(name="keys", out_root=str(tmp_path / "runs"), methods=["erm"])
+    cfg["data"] = {"root": str(data), "generate": None}
+    cfg["pretrain"]["config"] = str(ROOT / "configs/pretrain/toy_{method}.yaml")
+    for det in cfg["detection"]:
+        det["config"] = str(ROOT / det["config"])
+    cfg["wsol"]["config"] = str(ROOT / cfg["wsol"]["config"])
+    return cfg
+
+
+def _keys(cfg: dict) -> dict:
+    from pipeline.run import Pipeline
+
+    return {st.label: st.key for st in Pipeline(cfg).plan()}
+
+
+@pytest.fixture()
+def data_copy(toy_world, tmp_path):
+    """A copy of the toy world's index files (images by hard link: the keys list their names)."""
+    dst = tmp_path / "data"
+    import shutil
+
+    shutil.copytree(toy_world, dst, copy_function=os.link)
+    for p in dst.rglob("*"):  # index files are edited by the tests: private copies
+        if p.is_file() and p.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+            p.unlink()
+            shutil.copy(toy_world / p.relative_to(dst), p)
+    return dst
+
+
+def test_stage_keys_follow_the_backbone_and_the_datasets(data_copy, tmp_path):
+    cfg = _pipeline_cfg(tmp_path, data_copy)
+    before = _keys(cfg)
+    assert before == _keys(cfg)  # nothing changed: the same keys (an interrupted pipeline is reused)
+    # a retrained backbone (same pretraining config): every downstream stage of that method reruns
+    bb = tmp_path / "runs" / "keys" / "erm" / "pretrain" / "backbone.pth"
+    bb.parent.mkdir(parents=True)
+    bb.write_bytes(b"weights A")
+    with_a = _keys(cfg)
+    bb.write_bytes(b"weights B")
+    with_b = _keys(cfg)
+    changed = {k for k in with_a if with_a[k] != with_b[k]}
+    assert changed == {"erm/ssd_voc", "erm/frcnn_coco", "erm/wsol", "erm/robustness"}
+    # an edited VOC split file reruns the VOC detector only (the baseline's too)
+    split = data_copy / "VOCdevkit/VOC2007/ImageSets/Main/test.txt"
+    split.write_text("\n".join(split.read_text().split()[:-1]) + "\n")
+    after = _keys(cfg)
+    assert {k for k in after if after[k] != with_b[k]} == {"erm/ssd_voc", "baselines/ssd_voc"}
+    # edited WSOL metadata, a COCO json, an ImageNet image added: each reruns its readers
+    (data_copy / "wsol_metadata/CUB/test/image_sizes.txt").write_text("x")
+    again = _keys(cfg)
+    assert {k for k in again if again[k] != after[k]} == {"erm/wsol", "baselines/wsol"}
+    coco = next((data_copy / "coco/annotations").glob("instances_val*.json"))
+    coco.write_text(coco.read_text() + " ")
+    third = _keys(cfg)
+    assert {k for k in third if third[k] != again[k]} == {"erm/frcnn_coco", "baselines/frcnn_coco"}
+    wnid = next(p for p in (data_copy / "imagenet/val").iterdir() if p.is_dir())
+    (wnid / "new.JPEG").write_bytes(next(wnid.iterdir()).read_bytes())
+    fourth = _keys(cfg)
+    assert {k for k in fourth if fourth[k] != third[k]} >= {"erm/pretrain", "erm/robustness", "erm/ssd_voc"}
+
+
+@pytest.mark.parametrize("where,entry,what", [
+    ("detection", {"name": "ssd_voc", "config": "c.yaml", "overides": []}, "detection[0]: unknown key(s) ['overides']"),
+    ("wsol", {"config": "c.yaml", "overide": []}, "wsol: unknown key(s) ['overide']"),
+    ("wsol", {"config": "c.yaml", "overrides": "a=1"}, "wsol.overrides: expected a list"),
+    ("detection", {"config": "c.yaml"}, "detection[0]: 'name' must be a non-empty string"),
+])
+def test_unknown_keys_in_pipeline_entries_are_errors(data_copy, tmp_path, where, entry, what):
+    from core.config import ConfigError
+    from pipeline.run import Pipeline
+
+    cfg = _pipeline_cfg(tmp_path, data_copy)
+    cfg[where] = [entry] if where == "detection" else entry
+    with pytest.raises(ConfigError) as e:
+        Pipeline(cfg)
+    assert what in str(e.value)
