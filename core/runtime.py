@@ -21,7 +21,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from core.basics import atomic_path, atomic_write_text, progress, write_json  # noqa: F401 (re-exported)
+from core.basics import (  # noqa: F401 (re-exported)
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    progress,
+    save_figure,
+    write_json,
+)
 
 
 class NonFiniteLossError(RuntimeError):

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from core.config import ConfigError, check_ranges, dump_config, load_config, validate
-from core.runtime import write_json
+from core.runtime import atomic_write_text, write_json
 from pipeline.run import Pipeline, Stage, _fill, _named, content_key, pretrain_spec, seed_list
 from pipeline.tables import Column, Table, get
 
@@ -261,7 +261,7 @@ class AblationSweep(Pipeline):
         """Every run (reused where done); returns {"points": [{"value", "folder", "runs"}], "baseline": runs or
         None, "reused"}, a run being {"metrics", "folder", "seeds"} as in the pipeline."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "ablation.yaml").write_text(dump_config(self.cfg))
+        atomic_write_text(dump_config(self.cfg), self.run_dir / "ablation.yaml")
         self._ensure_data()
         points = {f"{self.name}={value_slug(v)}": {"value": v, "folder": f"{self.name}={value_slug(v)}", "runs": []}
                   for v in self.values}
@@ -348,7 +348,7 @@ def write_outputs(run_dir: Path, results: dict, knob: dict, baseline_label: str 
     summary["figure"] = fig.name
     write_json(summary, run_dir / "ablation.json")
     md = ablation_table(results, knob, baseline_label).markdown()
-    (run_dir / "ablation.md").write_text(md + f"\n![{knob['key']}]({fig.name})\n")
+    atomic_write_text(md + f"\n![{knob['key']}]({fig.name})\n", run_dir / "ablation.md")
     return {"json": run_dir / "ablation.json", "markdown": run_dir / "ablation.md", "figure": fig}
 
 

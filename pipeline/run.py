@@ -42,6 +42,7 @@ from typing import Callable
 
 from core import distributed as ddist
 from core.config import ConfigError, dump_config, load_config, validate
+from core.lock import run_lock
 from core.runtime import atomic_write_text, barrier, init_distributed, is_main_process, write_json
 from pipeline.inputs import Inputs, detection_inputs, pretrain_inputs, robustness_inputs, wsol_inputs
 
@@ -417,10 +418,11 @@ def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_af
     cfg = load_config(config_path, overrides, DEFAULTS)
     pipe = Pipeline(cfg, methods=methods, force=tuple(force), stop_after=stop_after)
     t0 = time.time()
-    results = pipe.run()
-    report = pipe.run_dir / "report.md"
-    if is_main_process():
-        report = write_report(pipe.run_dir, results, pipe.cfg)
-    barrier()
+    with run_lock(pipe.run_dir, "pipeline"):  # one pipeline per run folder (rank 0 holds it)
+        results = pipe.run()
+        report = pipe.run_dir / "report.md"
+        if is_main_process():
+            report = write_report(pipe.run_dir, results, pipe.cfg)
+        barrier()
     log.info("pipeline finished in %.1f s; report: %s", time.time() - t0, report)
     return report

@@ -240,3 +240,110 @@ def test_unknown_keys_in_pipeline_entries_are_errors(data_copy, tmp_path, where,
     with pytest.raises(ConfigError) as e:
         Pipeline(cfg)
     assert what in str(e.value)
+
+
+# ------------------------------------------------------------------------------------ one writer per run folder
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_replaced(tmp_path):
+    import json
+    import socket
+
+    from core.lock import LOCK_NAME, RunLockedError, run_lock
+
+    folder = tmp_path / "run"
+    with run_lock(folder, "pretraining run"):
+        holder = json.loads((folder / LOCK_NAME).read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        with pytest.raises(RunLockedError, match=rf"another process is writing this pretraining run folder \(pid "
+                                                  rf"{os.getpid()} "):
+            with run_lock(folder, "pretraining run"):
+                pass
+    assert not (folder / LOCK_NAME).exists()  # released on exit
+    # a lock left by a killed process (same host, no such pid) is stale: taken over
+    (folder / LOCK_NAME).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
+    with run_lock(folder):
+        assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
+    # a lock of another host cannot be checked: refused, naming the file to delete
+    (folder / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    with pytest.raises(RunLockedError, match="delete .*\\.lock"):
+        with run_lock(folder):
+            pass
+
+
+def test_pretrain_refuses_a_folder_another_process_writes(run, tmp_path):
+    from core.lock import run_lock
+
+    rd = tmp_path / "run"
+    with run_lock(rd):  # this process plays the first writer
+        line = expect(run("pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--run-dir", rd,
+                          f"data.root={tmp_path}/none"), 1, rd, "another process is writing")
+    assert "pid" in line
+
+
+def test_tmp_leftovers_of_a_killed_run_are_removed_on_the_next_start(run, toy_world, nan_ckpt, tmp_path):
+    out = tmp_path / "out"
+    (out / "figures").mkdir(parents=True)
+    dead = _dead_pid()
+    left = [out / f"metrics.json.{dead}.tmp", out / "figures" / f"reliability.png.{dead}.tmp"]
+    for p in left:
+        p.write_bytes(b"x" * 100)
+    live = out / f"other.json.{os.getpid()}.tmp"  # a live process's file is kept
+    live.write_bytes(b"y")
+    expect(run("evaluate", "--checkpoint", nan_ckpt, "--imagenet", toy_world / "imagenet", "--suites", "clean",
+               "--limit", "2", "--image-size", "32", "--resize", "36", "--out", out), 1, "non-finite")
+    assert not any(p.exists() for p in left) and live.exists()
+    assert not (out / ".lock").exists()
+
+
+def test_refused_detection_resume_changes_nothing_and_names_real_flags(run, toy_world, tmp_path):
+    from core import fingerprint as fp
+    from transfer.det_train import load_det_config, seed_fingerprint
+
+    config = ROOT / "configs/detection/toy_ssd_voc.yaml"
+    over = [f"data.root={toy_world}/VOCdevkit"]
+    rd = tmp_path / "det"
+    old = load_det_config(config, over)
+    fp.write(rd / "seed_0", seed_fingerprint(old, None, 0))
+    (rd / "config.yaml").write_text("the old run's config\n")
+    line = expect(run("finetune_det", "--config", config, "--run-dir", rd, "--resume", *over, "solver.lr=0.5"), 2,
+                  "seed_0", "solver.lr")
+    assert "--force" not in line and "--run-dir" in line
+    assert (rd / "config.yaml").read_text() == "the old run's config\n"
+    assert sorted(p.name for p in rd.iterdir()) == ["config.yaml", "seed_0"]
+
+
+def test_figures_are_written_atomically(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from core.basics import save_figure
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = tmp_path / "f.png"
+    save_figure(fig, path, dpi=50)
+    good = path.read_bytes()
+    assert good[:8] == b"\x89PNG\r\n\x1a\n"
+
+    class Broken:
+        def savefig(self, f, **kw):
+            f.write(b"half a figure")
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError) as e:
+        save_figure(Broken(), path)
+    assert str(path) in str(e.value)  # the error names the file
+    assert path.read_bytes() == good and list(tmp_path.iterdir()) == [path]
+    plt.close(fig)

@@ -25,6 +25,7 @@ from core import cli  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.data import InputError  # noqa: E402
 from core.distributed import torchrun_session  # noqa: E402
+from core.lock import run_lock  # noqa: E402
 from core.runtime import atomic_write_text, write_json  # noqa: E402
 from transfer.robustness import SUITES, compare  # noqa: E402
 from transfer.robustness.stage import DEFAULTS, run  # noqa: E402
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
         raise InputError(f"--checkpoint: duplicate method names {names}; name them with NAME=PATH")
     out = Path(opts["out"])
     results = {}
-    with torchrun_session() as (rank, _):  # under torchrun each rank evaluates a shard; rank 0 writes
+    # under torchrun each rank evaluates a shard; rank 0 writes (and holds the output folder's lock)
+    with torchrun_session() as (rank, _), run_lock(out, "evaluation output"):
         for name, path in named:
             run_out = out if len(named) == 1 else out / name
             # the corrupted sets do not depend on the model: export them once

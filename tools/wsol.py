@@ -54,11 +54,14 @@ def main(argv=None) -> int:
         return 0
     from core.config import load_config
     from core.distributed import torchrun_session
+    from core.lock import run_lock
     cfg = load_config(args.config, args.overrides)
-    with torchrun_session() as (rank, _):  # under torchrun: DDP fine-tuning, sharded evaluation, rank 0 writes
+    run_dir = args.run_dir or str(Path("runs") / cfg.get("name", "wsol")) if args.cmd == "finetune" else None
+    # one writer per run folder (finetune) or score-map folder (evaluate)
+    lock = run_lock(run_dir, "WSOL run") if run_dir else run_lock(args.scoremaps, "score map")
+    with torchrun_session() as (rank, _), lock:  # under torchrun: DDP fine-tuning, sharded evaluation, rank 0 writes
         if args.cmd == "finetune":
             from wsol.finetune import finetune
-            run_dir = args.run_dir or str(Path("runs") / cfg.get("name", "wsol"))
             metrics = finetune(cfg, args.weights, run_dir, resume=not args.no_resume, force=args.force)
         else:
             from wsol.finetune import evaluate_run

@@ -363,7 +363,7 @@ def detection_figure(examples, classes, path: Path, score_thresh: float = 0.3) -
     fig.suptitle("green: ground truth, red: predictions", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    runtime.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -471,11 +471,9 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
     """Train + evaluate one seed in ``seed_dir``; returns its metrics (also written to metrics.json)."""
     seed_dir = Path(seed_dir)
     done = seed_dir / "metrics.json"
-    # what this seed is made from: the config (the list of seeds aside), the seed and the backbone's hash
-    seed_cfg = {k: v for k, v in cfg.items() if k != "seeds"}
-    fingerprint = fp.make({**seed_cfg, "seed": seed}, {"weights": weights})
+    fingerprint = seed_fingerprint(cfg, weights, seed)
     if done.is_file():
-        fp.check(seed_dir, fingerprint, RESUME_MAY_CHANGE)  # never relabel old results with new inputs
+        fp.check(seed_dir, fingerprint, RESUME_MAY_CHANGE, RESTART)  # never relabel old results with new inputs
         log.info("%s exists: seed %d already finished", done, seed)
         return json.loads(done.read_text())
     rt, s = cfg["runtime"], cfg["solver"]
@@ -498,6 +496,24 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
         runtime.write_json(metrics, done)
     runtime.barrier()
     return metrics
+
+
+RESTART = "choose another --run-dir, or delete the seed's folder to start that seed over"
+
+
+def seed_fingerprint(cfg: dict, weights: str | None, seed: int) -> dict:
+    """What one seed is made from: the config (the list of seeds aside), the seed and the backbone's hash."""
+    seed_cfg = {k: v for k, v in cfg.items() if k != "seeds"}
+    return fp.make({**seed_cfg, "seed": seed}, {"weights": weights})
+
+
+def check_resume(cfg: dict, weights: str | None, run_dir: Path) -> None:
+    """Refuse (before anything is written) to continue a run folder whose seeds were made from another config
+    or backbone: a refused resume leaves the folder as it was."""
+    for seed in cfg["seeds"]:
+        seed_dir = Path(run_dir) / f"seed_{seed}"
+        if (seed_dir / fp.FILE).is_file():
+            fp.check(seed_dir, seed_fingerprint(cfg, weights, int(seed)), RESUME_MAY_CHANGE, RESTART)
 
 
 def _final_metrics(task: DetectionTask, engine: Engine, seed_dir: Path) -> dict:
@@ -555,6 +571,7 @@ def finetune_detector(cfg: dict, weights: str | None, run_dir) -> dict:
         return d2_backend.finetune(cfg, weights, run_dir)
     if cfg["backend"] != "torchvision":
         raise ValueError(f"backend={cfg['backend']!r} is not one of ['torchvision', 'detectron2']")
+    check_resume(cfg, weights, run_dir)
     if runtime.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         runtime.atomic_write_text(dump_config(cfg), run_dir / "config.yaml")
@@ -573,7 +590,6 @@ def write_summary(run_dir: Path, cfg: dict, per_seed: list[dict], **extra) -> di
     metrics.update(model=cfg["model"]["type"], arch=cfg["model"]["arch"], dataset=cfg["data"]["format"], **extra)
     first = Path(run_dir) / f"seed_{cfg['seeds'][0]}" / "figures" / "detections.png"
     if first.is_file():
-        (Path(run_dir) / "figures").mkdir(exist_ok=True)
-        (Path(run_dir) / "figures" / "detections.png").write_bytes(first.read_bytes())
+        runtime.atomic_write_bytes(first.read_bytes(), Path(run_dir) / "figures" / "detections.png")
     runtime.write_json(metrics, Path(run_dir) / "metrics.json")
     return metrics

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.runtime import autocast, progress
+from core.runtime import autocast, progress, save_figure
 
 
 def _pair_blocks(emb: torch.Tensor, block: int):
@@ -162,7 +162,7 @@ def umap_figure(points, labels, path, title: str = "", class_names=None) -> Path
     ax.set_yticks([])
     ax.set_title(title or "UMAP of the embeddings", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Subset
 
 from core import distributed as ddist
 from core.runtime import (
+    atomic_path,
     autocast,
     check_outputs_finite,
     count_nonfinite,
@@ -227,7 +228,8 @@ def export_corrupted_set(base, indices, out_dir, corruption: str, at: str = "eva
         rel = Path(wnid) / (Path(base.samples[i][0]).stem + ".png")
         (root / wnid).mkdir(parents=True, exist_ok=True)
         arr = (img.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(root / rel)
+        with atomic_path(root / rel) as tmp:
+            Image.fromarray(arr).save(tmp, format="PNG")
         index["images"][str(rel)] = {"label": label, "boxes": boxes.tolist()}
     write_json(index, root / "index.json")
     return root
