@@ -17,7 +17,7 @@ import csv
 import io
 import os
 import xml.etree.ElementTree as ET
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import numpy as np
@@ -38,6 +38,18 @@ class InputError(ValueError):
 
 class DataError(InputError):
     """Malformed or missing data; the message names the file (and line or image id)."""
+
+
+def safe_relative(name: str, where: str, error: type | None = None) -> str:
+    """`name`, an id or file name read from an annotation or metadata file, checked to be a relative path that
+    stays inside the folder it is joined to (no absolute path, drive or `..` component, no NUL byte); else
+    `error` (DataError by default) naming `where` and the name."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if (not name or "\x00" in name or name.startswith(("/", "\\")) or ".." in parts
+            or (len(name) > 1 and name[1] == ":")):
+        raise (error or DataError)(f"{where}: {name!r} is not a relative path inside its folder (an absolute path "
+                                   "or a '..' component is refused)")
+    return name
 
 
 def inside(root: str | os.PathLike, name: str, what: str, error: type = None) -> Path:

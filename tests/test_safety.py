@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -347,3 +348,90 @@ def test_figures_are_written_atomically(tmp_path):
     assert str(path) in str(e.value)  # the error names the file
     assert path.read_bytes() == good and list(tmp_path.iterdir()) == [path]
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ paths stay inside roots
+
+ESCAPES = ["../../victim/bird.jpg", "/etc/passwd", "a/../../b.jpg"]
+
+
+def _wsol_meta_with_id(toy_world, tmp_path, new_id: str) -> Path:
+    src = toy_world / "wsol_metadata" / "CUB" / "test"
+    first = (src / "image_ids.txt").read_text().splitlines()[0]
+    meta = tmp_path / "meta" / "test"
+    meta.mkdir(parents=True)
+    for name in ("image_ids.txt", "class_labels.txt", "image_sizes.txt", "localization.txt"):
+        lines = [ln.replace(first, new_id, 1) for ln in (src / name).read_text().splitlines()
+                 if ln.split(",")[0] == first]
+        (meta / name).write_text("\n".join(lines) + "\n")
+    import shutil
+
+    shutil.copytree(src.parent / "train", meta.parent / "train")
+    return meta.parent
+
+
+@pytest.mark.parametrize("bad", ESCAPES)
+def test_wsol_ids_never_leave_their_folders(run, toy_world, tmp_path, bad, one_thread):
+    victim = tmp_path / "victim" / "bird.jpg.npy"
+    victim.parent.mkdir()
+    victim.write_bytes(b"precious")
+    meta = _wsol_meta_with_id(toy_world, tmp_path, bad)
+    model = _cam_model(tmp_path / "cam_model.pth", toy_world, None)
+    maps = tmp_path / "maps" / "deep"
+    over = _wsol_over(toy_world) + [f"data.metadata_root={meta}"]
+    expect(run("wsol", "evaluate", "--config", WSOL_CFG, "--model", model, "--scoremaps", maps, *over), 2,
+           "image_ids.txt:1", repr(bad), "not a relative path inside its folder")
+    assert victim.read_bytes() == b"precious"
+
+
+def test_scoremap_writer_refuses_an_escaping_id(tmp_path):
+    from wsol.data import MetadataError
+    from wsol.evaluate import save_scoremap
+
+    save_scoremap(tmp_path / "maps", "001.A/x.jpg", np.zeros((2, 2), np.float32))
+    assert (tmp_path / "maps/001.A/x.jpg.npy").is_file()
+    with pytest.raises(MetadataError, match="resolves outside"):
+        save_scoremap(tmp_path / "maps", "../x.jpg", np.zeros((2, 2), np.float32))
+    assert not (tmp_path / "x.jpg.npy").exists()
+
+
+@pytest.mark.parametrize("bad", ESCAPES)
+def test_voc_and_coco_ids_never_leave_their_folders(toy_world, tmp_path, bad):
+    import json
+    import shutil
+
+    from core.data import DataError
+    from transfer.datasets import COCODetection, VOCDetection
+    from transfer.voc_eval import VOCEvalError, load_voc_annotations
+
+    dst = tmp_path / "VOCdevkit" / "VOC2007"
+    shutil.copytree(toy_world / "VOCdevkit/VOC2007/ImageSets", dst / "ImageSets")
+    shutil.copytree(toy_world / "VOCdevkit/VOC2007/Annotations", dst / "Annotations")
+    split = dst / "ImageSets/Main/test.txt"
+    split.write_text(split.read_text().replace(split.read_text().split()[1], bad, 1))
+    for call, err in ((lambda: VOCDetection(tmp_path / "VOCdevkit", "2007", "test"), DataError),
+                      (lambda: load_voc_annotations(tmp_path / "VOCdevkit", "2007", "test"), VOCEvalError)):
+        with pytest.raises(err, match=rf"test.txt:2: image id: {re.escape(repr(bad))} is not a relative path"):
+            call()
+    ann = json.loads(next((toy_world / "coco/annotations").glob("instances_val*.json")).read_text())
+    ann["images"][1]["file_name"] = bad
+    (tmp_path / "gt.json").write_text(json.dumps(ann))
+    with pytest.raises(DataError, match=r"gt.json: images\[1\] .*file_name: .* is not a relative path"):
+        COCODetection(toy_world / "coco/val2017", tmp_path / "gt.json")
+
+
+def test_cub_image_paths_never_leave_their_folder(toy_world, tmp_path):
+    import shutil
+
+    from wsol.data import MetadataError, read_cub
+
+    cub = tmp_path / "CUB_200_2011"
+    cub.mkdir()
+    for name in ("classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt",
+                 "bounding_boxes.txt"):
+        shutil.copy(toy_world / "CUB_200_2011" / name, cub / name)
+    lines = (cub / "images.txt").read_text().splitlines()
+    lines[0] = lines[0].split()[0] + " ../../outside.jpg"
+    (cub / "images.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(MetadataError, match="images.txt: image 1: '../../outside.jpg' is not a relative path"):
+        read_cub(cub)
