@@ -141,8 +141,15 @@ RANGES = {
 }
 
 
+# the types of the keys whose default is null (core.config.validate checks the others against their defaults)
+TYPES = {"data.root": str, "data.crop_schedule": list[list], "data.val_resize": int, "data.max_train": int,
+         "data.max_val": int, "model.num_classes": int, "optim.batch_per_process": int, "optim.accumulate": int,
+         "optim.max_batch_per_process": int, "optim.lr_classifier": float, "optim.points": list[list],
+         "runtime.backend": str, "runtime.num_threads": int, "runtime.stop_after_steps": int}
+
+
 def resolve_config(cfg: dict) -> dict:
-    cfg = validate(cfg, DEFAULTS)
+    cfg = validate(cfg, DEFAULTS, types=TYPES)
     check_ranges(cfg, RANGES)
     if not cfg["data"]["root"]:
         raise ConfigError("data.root is required (an ImageNet-layout folder)")

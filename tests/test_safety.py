@@ -435,3 +435,129 @@ def test_cub_image_paths_never_leave_their_folder(toy_world, tmp_path):
     (cub / "images.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(MetadataError, match="images.txt: image 1: '../../outside.jpg' is not a relative path"):
         read_cub(cub)
+
+
+# -------------------------------------------------------------------------------- clear errors on common paths
+
+
+class _BadImages(torch.utils.data.Dataset):
+    def __init__(self, path):
+        self.path = path
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        from core.data import read_image
+
+        return torch.zeros(1) if i == 0 else read_image(self.path)
+
+
+def test_a_bad_file_in_a_dataloader_worker_reads_as_in_the_main_process(tmp_path):
+    from core import cli
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)
+    main_line = None
+    for workers in (0, 1):
+        with pytest.raises(Exception) as e:
+            list(torch.utils.data.DataLoader(_BadImages(bad), batch_size=1, num_workers=workers))
+        line = cli.format_error(e.value)
+        assert cli.exit_code(e.value) == 2
+        assert line.startswith(f"error: {bad}: corrupt or unreadable image") and "\n" not in line
+        assert "Traceback" not in line and "worker" not in line
+        main_line = main_line or line
+        assert line == main_line
+
+
+def test_worker_message_keeps_a_multiline_original():
+    from core.cli import worker_message
+
+    msg = ("Caught DataError in DataLoader worker process 3.\nOriginal Traceback (most recent call last):\n"
+           '  File "x.py", line 1, in f\n    raise DataError("a: b")\ncore.data.DataError: a: b\nsecond line')
+    assert worker_message(msg) == "a: b\nsecond line"
+    assert worker_message("a plain message: x") is None
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    from core.data import DataError, read_image, read_image_uint8
+
+    g16 = np.array([[0, 257, 5000, 65535]], dtype=np.uint16)
+    Image.fromarray(g16).save(tmp_path / "g16.png")  # mode I;16
+    want = np.round(g16 / 257).astype(np.uint8)[0]   # 0, 1, 19, 255
+    assert want.tolist() == [0, 1, 19, 255]
+    pil = np.asarray(read_image(tmp_path / "g16.png"))
+    assert pil[0, :, 0].tolist() == want.tolist() and (pil[..., 0] == pil[..., 2]).all()  # gray, not white
+    t = read_image_uint8(tmp_path / "g16.png")  # torchvision decodes 16-bit PNGs to uint16
+    assert t.dtype == torch.uint8 and t[0, 0].tolist() == want.tolist()
+    import cv2
+
+    rgb16 = np.stack([g16, g16 // 2, g16 // 4], -1)[..., ::-1]  # cv2 writes BGR
+    cv2.imwrite(str(tmp_path / "rgb16.png"), rgb16)
+    t = read_image_uint8(tmp_path / "rgb16.png")
+    assert t.dtype == torch.uint8 and t[:, 0, 3].tolist() == [255, 127, 64]  # round(65535, 32767, 16383 / 257)
+    Image.fromarray(np.ones((2, 2), np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(DataError, match=r"f.tiff: unsupported image mode 'F'"):
+        read_image(tmp_path / "f.tiff")
+
+
+def test_sixteen_bit_png_trains_through_the_uint8_path(tmp_path):
+    """The uint8 crop + resize kernels take uint8 only: a 16-bit PNG reached them as uint16 and failed."""
+    from PIL import Image
+
+    from core.data import read_image_uint8
+
+    Image.fromarray((np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)).save(tmp_path / "a.png")
+    x = read_image_uint8(tmp_path / "a.png")
+    from torchvision.transforms.v2 import functional as F
+
+    assert F.resize(x, [24, 32], antialias=True).dtype == torch.uint8
+
+
+@pytest.mark.parametrize("value,what", [("inf", "<xmax> is not a finite number: 'inf'"),
+                                        ("nan", "<xmax> is not a finite number: 'nan'"),
+                                        ("1e999", "<xmax> is not a finite number"),
+                                        ("ten", "malformed number in <xmax>: 'ten'")])
+def test_voc_xml_with_a_non_finite_coordinate_is_a_named_error(tmp_path, value, what):
+    from core.data import DataError, parse_pascal_xml
+
+    xml = tmp_path / "a.xml"
+    xml.write_text("<annotation><size><width>10</width><height>10</height></size><object><name>dog</name>"
+                   f"<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>{value}</xmax><ymax>5</ymax></bndbox></object>"
+                   "</annotation>")
+    with pytest.raises(DataError) as e:
+        parse_pascal_xml(xml)
+    assert str(e.value).startswith(f"{xml}: object 0: ") and what in str(e.value)
+
+
+@pytest.mark.parametrize("stage,cfg,what", [
+    ("pretrain", {"data": {"root": "r", "max_train": "50"}}, "config key data.max_train: expected an integer"),
+    ("pretrain", {"data": {"root": "r"}, "optim": {"milestones": [75, "150"]}},
+     "config key optim.milestones: every item must be an integer"),
+    ("pretrain", {"data": {"root": "r"}, "optim": {"lr_classifier": "0.1"}}, "optim.lr_classifier: expected a number"),
+    ("pretrain", {"data": {"root": 5}}, "config key data.root: expected a string"),
+    ("detection", {"model": {"train_sizes": [64, "96"]}}, "model.train_sizes: expected a list of integers"),
+    ("detection", {"solver": {"steps": ["a"]}}, "solver.steps: every item must be a number"),
+    ("detection", {"seeds": [0, 1.5]}, "config key seeds: every item must be an integer"),
+    ("wsol", {"eval": {"iou_thresholds": [50, "70"]}}, "eval.iou_thresholds: every item must be an integer"),
+    ("robustness", {"limit": "10"}, "config key limit: expected an integer"),
+    ("robustness", {"pgd_eps": [1]}, "config key pgd_eps: expected a number or a string"),
+])
+def test_every_config_value_is_type_checked(stage, cfg, what):
+    from core.config import ConfigError
+    from pretrain.task import resolve_config as pretrain
+    from transfer.det_train import resolve_config as detection
+    from transfer.robustness.stage import resolve_config as robustness
+    from wsol.finetune import resolve_config as wsol
+
+    fn = {"pretrain": pretrain, "detection": detection, "wsol": wsol, "robustness": robustness}[stage]
+    with pytest.raises(ConfigError) as e:
+        fn(cfg)
+    assert what in str(e.value)
+
+
+def test_a_string_for_a_null_default_key_fails_at_the_edge_with_exit_2(run, tmp_path):
+    expect(run("pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--run-dir", tmp_path / "r",
+               f"data.root={tmp_path}", 'data.max_train="50"'), 2, "data.max_train", "expected an integer")

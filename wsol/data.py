@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from core.basics import atomic_path
-from core.data import InputError, read_text, safe_relative
+from core.data import InputError, read_text, safe_relative, to_rgb
 
 __all__ = [
     "MetadataError", "CubRecord", "read_cub", "cub_to_wsol_metadata", "WSOLMetadata",
@@ -344,7 +344,7 @@ class WSOLDataset:
         path = self.image_root / iid
         try:
             with Image.open(path) as im:
-                img = im.convert("RGB")
+                img = to_rgb(im, str(path))
         except FileNotFoundError:
             raise MetadataError(f"{path}: image file not found (image id {iid!r})") from None
         except OSError as e:
