@@ -561,3 +561,72 @@ def test_every_config_value_is_type_checked(stage, cfg, what):
 def test_a_string_for_a_null_default_key_fails_at_the_edge_with_exit_2(run, tmp_path):
     expect(run("pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--run-dir", tmp_path / "r",
                f"data.root={tmp_path}", 'data.max_train="50"'), 2, "data.max_train", "expected an integer")
+
+
+# ------------------------------------------------------------------------- unpickling only from the command line
+
+
+def _planted(path: Path, marker: Path) -> Path:
+    """A checkpoint that creates `marker` when fully unpickled."""
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(path, "wb") as f:
+        pickle.dump({"model": Boom()}, f)
+    return path
+
+
+@pytest.mark.parametrize("where", ["override", "config"])
+def test_allow_pickle_cannot_come_from_a_config_or_override(run, toy_world, tmp_path, where):
+    marker = tmp_path / "pwned"
+    w = _planted(tmp_path / "w.pth", marker)
+    cfg = WSOL_CFG
+    over = _wsol_over(toy_world)
+    if where == "override":
+        over.append("allow_pickle=true")
+    else:
+        cfg = tmp_path / "shared_recipe.yaml"
+        cfg.write_text(f"_BASE_: {WSOL_CFG}\nallow_pickle: true\n")
+    expect(run("wsol", "finetune", "--config", cfg, "--weights", w, "--run-dir", tmp_path / "r", *over), 2,
+           "config key allow_pickle", "--allow-pickle")
+    assert not marker.exists()
+
+
+def test_every_checkpoint_reading_tool_has_the_flag_and_the_message_is_accurate(run, toy_world, tmp_path):
+    import argparse
+
+    marker = tmp_path / "pwned"
+    planted = _planted(tmp_path / "p.pth", marker)
+    for tool, args in (("evaluate", ["--checkpoint", planted, "--imagenet", toy_world / "imagenet", "--out",
+                                     tmp_path / "o"]),
+                       ("finetune_det", ["--config", ROOT / "configs/detection/toy_ssd_voc.yaml", "--weights", planted,
+                                         "--run-dir", tmp_path / "d", f"data.root={toy_world}/VOCdevkit"]),
+                       ("wsol", ["finetune", "--config", WSOL_CFG, "--weights", planted, "--run-dir", tmp_path / "w",
+                                 *_wsol_over(toy_world)]),
+                       ("convert", ["--to", "torchvision", planted, tmp_path / "c.pth"])):
+        line = expect(run(tool, *args), 2, planted, "pickled Python objects", "tools/convert.py")
+        assert "--allow-pickle" in line
+    assert not marker.exists()
+    # --allow-pickle trusts the named file only, and the warning says who asked
+    foreign = tmp_path / "foreign.pth"
+    ckpt = _save_backbone(tmp_path / "good.pth")
+    torch.save({"args": argparse.Namespace(lr=0.1), **torch.load(ckpt)}, foreign)
+    with pytest.warns(UserWarning, match="requested by --allow-pickle on the command line"):
+        code, err = run("evaluate", "--checkpoint", foreign, "--imagenet", toy_world / "imagenet", "--suites",
+                        "clean", "--limit", "2", "--image-size", "32", "--resize", "36", "--out", tmp_path / "e",
+                        "--allow-pickle")
+    assert code == 0, err
+    from core.checkpoint import CheckpointError, read_checkpoint
+
+    other = tmp_path / "other.pth"
+    other.write_bytes(foreign.read_bytes())
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        read_checkpoint(other)
+
+
+def test_flag_present_on_every_tool_that_reads_a_checkpoint():
+    for tool in ("evaluate", "finetune_det", "convert", "wsol"):
+        assert '"--allow-pickle"' in (ROOT / "tools" / f"{tool}.py").read_text(), tool

@@ -55,7 +55,6 @@ DEFAULTS = {
     "name": "wsol",
     "seed": 0,
     "arch": "resnet50",                 # torchvision ResNet of the backbone checkpoint
-    "allow_pickle": False,              # load non-weights_only checkpoints (trusted files only)
     "data": {
         "image_root": "data/CUB_200_2011/images",   # image ids are paths relative to this
         "metadata_root": "data/wsol_metadata/CUB",  # holds <train_split>/ and <test_split>/
@@ -181,6 +180,9 @@ RANGES = {
 
 def resolve_config(cfg: dict) -> dict:
     """Validate against DEFAULTS (unknown keys rejected, missing ones filled, types and RANGES checked)."""
+    if "allow_pickle" in cfg:  # a recipe (someone else's, or an override) must never switch unpickling on
+        raise ConfigError("config key allow_pickle: unpickling cannot be turned on from a config or an override; "
+                          "pass --allow-pickle to tools/wsol.py for a checkpoint you trust")
     cfg = validate(cfg, DEFAULTS)
     check_ranges(cfg, RANGES)
     return cfg
@@ -250,7 +252,7 @@ class WSOLTask(Task):
     def __init__(self, cfg: dict, weights: str | None, device: torch.device):
         self.cfg, self.device = cfg, device
         self.train_set, self.test_set, self.num_classes = _datasets(cfg)
-        cam = build_cam_model(cfg["arch"], self.num_classes, weights, cfg["allow_pickle"]).to(device)
+        cam = build_cam_model(cfg["arch"], self.num_classes, weights).to(device)
         if device.type == "cuda" and cfg["runtime"]["channels_last"]:
             cam = cam.to(memory_format=torch.channels_last)
         self.cam = cam
