@@ -434,7 +434,8 @@ def finish(task: PretrainTask, engine: Engine) -> dict:
     if rt.is_main_process():
         engine.check_parameters()
         meta = {"arch": cfg["model"]["arch"], "num_classes": task.num_classes, "method": cfg["method"]["name"],
-                "epochs": cfg["optim"]["epochs"], "config": dump_config(cfg), "metrics": metrics}
+                "epochs": cfg["optim"]["epochs"], "config": dump_config(cfg), "metrics": metrics,
+                "classes": [str(c) for c in task.train_set.classes]}  # what each fc row means (checked downstream)
         save_backbone(run_dir / "backbone.pth", task.net.net, meta, head=task.model.export_head())
         rt.write_json(metrics, run_dir / "metrics.json")
         engine.logger.log({"event": "end", **metrics})

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ("pretrain", "finetune_det", "wsol", "evaluate", "run_pipeline", "convert")
+TOOLS = ("pretrain", "finetune_det", "wsol", "evaluate", "run_pipeline", "convert", "eval_voc", "eval_coco",
+         "eval_wsol")
 
 
 @pytest.fixture(scope="module")
@@ -630,3 +631,147 @@ def test_every_checkpoint_reading_tool_has_the_flag_and_the_message_is_accurate(
 def test_flag_present_on_every_tool_that_reads_a_checkpoint():
     for tool in ("evaluate", "finetune_det", "convert", "wsol"):
         assert '"--allow-pickle"' in (ROOT / "tools" / f"{tool}.py").read_text(), tool
+
+
+# ------------------------------------------------------------------- battery: every input truncated, cross-checks
+
+
+def _truncate(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+def _voc_results(devkit: Path, out: Path) -> None:
+    from transfer.voc_eval import load_voc_annotations, write_voc_results
+
+    dets: dict = {}
+    for image_id, a in load_voc_annotations(devkit, "2007", "test").items():
+        for o in a["objects"]:
+            dets.setdefault(o["name"], []).append((image_id, 0.9, o["bbox"]))
+    write_voc_results(out, "test", dets)
+
+
+@pytest.mark.parametrize("which,names", [
+    ("split", ["comp4_det_test_", "not in the 'test' split file"]),   # the results name ids the split lost
+    ("xml", ["Annotations/", "malformed XML"]),
+    ("results", ["comp4_det_test_", "expected 'image_id score"]),
+])
+def test_truncated_voc_inputs(run, toy_world, tmp_path, which, names):
+    import shutil
+
+    devkit = tmp_path / "VOCdevkit"
+    shutil.copytree(toy_world / "VOCdevkit/VOC2007/Annotations", devkit / "VOC2007/Annotations")
+    shutil.copytree(toy_world / "VOCdevkit/VOC2007/ImageSets", devkit / "VOC2007/ImageSets")
+    _voc_results(devkit, tmp_path / "res")
+    split = devkit / "VOC2007/ImageSets/Main/test.txt"
+    target = {"split": split, "xml": devkit / "VOC2007/Annotations" / f"{split.read_text().split()[0]}.xml",
+              "results": sorted((tmp_path / "res").glob("*.txt"))[0]}[which]
+    _truncate(target)
+    expect(run("eval_voc", "--devkit", devkit, "--results", tmp_path / "res"), 2, *names)
+
+
+@pytest.mark.parametrize("which", ["gt", "res"])
+def test_truncated_coco_inputs(run, toy_world, tmp_path, which):
+    import json
+
+    gt = json.loads(next((toy_world / "coco/annotations").glob("instances_val*.json")).read_text())
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "res.json").write_text(json.dumps([{"image_id": a["image_id"], "category_id": a["category_id"],
+                                                    "bbox": a["bbox"], "score": 0.9} for a in gt["annotations"]]))
+    f = _truncate(tmp_path / f"{which}.json")
+    expect(run("eval_coco", "--annotations", tmp_path / "gt.json", "--results", tmp_path / "res.json"), 2, f,
+           "malformed JSON")
+
+
+@pytest.mark.parametrize("which,what", [("image_ids.txt", "(not in image_ids.txt)"),
+                                        ("class_labels.txt", "expected 2 comma-separated fields"),
+                                        ("image_sizes.txt", "expected 3 comma-separated fields"),
+                                        ("localization.txt", "expected 5 comma-separated fields"),
+                                        ("map", "not a readable .npy score map")])
+def test_truncated_wsol_inputs(run, toy_world, tmp_path, which, what):
+    import shutil
+
+    meta = tmp_path / "meta"
+    shutil.copytree(toy_world / "wsol_metadata/CUB/test", meta)
+    ids = (meta / "image_ids.txt").read_text().split()
+    for i in ids:
+        (tmp_path / "maps" / i).parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / "maps" / f"{i}.npy", np.full((8, 8), 0.5, np.float32))
+    _truncate(meta / which if which != "map" else tmp_path / "maps" / f"{ids[0]}.npy")
+    expect(run("eval_wsol", "--metadata", meta, "--scoremaps", tmp_path / "maps", "--cam-curve-interval", "0.1"),
+           2, what, tmp_path)
+
+
+@pytest.mark.parametrize("which,what", [("classes.txt", "(not in classes.txt)"),
+                                        ("images.txt", "(not in images.txt)"),
+                                        ("image_class_labels.txt", "image_class_labels.txt:"),
+                                        ("train_test_split.txt", "train_test_split.txt: no entry for image id"),
+                                        ("bounding_boxes.txt", "bounding_boxes.txt:")])
+def test_truncated_cub_files(run, toy_world, tmp_path, which, what):
+    import shutil
+
+    cub = tmp_path / "CUB_200_2011"
+    cub.mkdir()
+    for name in ("classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt",
+                 "bounding_boxes.txt"):
+        shutil.copy(toy_world / "CUB_200_2011" / name, cub / name)
+    (cub / "images").symlink_to(toy_world / "CUB_200_2011/images")
+    _truncate(cub / which)
+    expect(run("wsol", "metadata", "--cub", cub, "--out", tmp_path / "m"), 2, what)
+
+
+@pytest.mark.parametrize("which,what", [("image", "corrupt or unreadable image"), ("xml", "malformed XML"),
+                                        ("checkpoint", "truncated or corrupt checkpoint")])
+def test_truncated_robustness_inputs(run, toy_world, tmp_path, which, what, one_thread):
+    import shutil
+
+    root = tmp_path / "imagenet"
+    shutil.copytree(toy_world / "imagenet/val", root / "val")
+    shutil.copytree(toy_world / "imagenet/val_boxes", root / "val_boxes")
+    ckpt = _save_backbone(tmp_path / "b.pth")
+    f = _truncate({"image": sorted(p for p in (root / "val").rglob("*") if p.is_file())[0],
+                   "xml": sorted((root / "val_boxes").glob("*.xml"))[0], "checkpoint": ckpt}[which])
+    expect(run("evaluate", "--checkpoint", ckpt, "--imagenet", root, "--suites", "background", "--image-size",
+                    "32", "--resize", "36", "--out", tmp_path / "out"), 2, f, what)
+
+
+def test_truncated_config_and_convert_input(run, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\noptim: {lr: 0.1, epochs: [1, 2\n")  # a flow sequence cut off
+    expect(run("pretrain", "--config", cfg), 2, cfg, "invalid YAML")
+    ck = _truncate(_save_backbone(tmp_path / "b.pth"))
+    expect(run("convert", "--to", "torchvision", ck, tmp_path / "o.pth"), 2, ck, "truncated or corrupt")
+
+
+def test_cross_check_checkpoint_classes_against_the_data(run, toy_world, tmp_path, one_thread):
+    """Same number of classes, other classes: every prediction would be scored against the wrong label."""
+    from core.checkpoint import build_resnet, save_backbone
+
+    classes = sorted(p.name for p in (toy_world / "imagenet/val").iterdir() if p.is_dir())
+    for order, code in ((classes, 0), (classes[::-1], 2)):
+        path = tmp_path / f"b{code}.pth"
+        torch.manual_seed(0)
+        save_backbone(path, build_resnet("resnet18", num_classes=len(classes)),
+                      {"arch": "resnet18", "method": "erm", "classes": order})
+        got = run("evaluate", "--checkpoint", path, "--imagenet", toy_world / "imagenet", "--suites", "clean",
+                       "--limit", "2", "--image-size", "32", "--resize", "36", "--out", tmp_path / f"o{code}")
+        expect(got, code, *([path, "trained on other classes", f"label 0 is {classes[-1]!r} in the checkpoint"]
+                            if code else []))
+
+
+def test_cross_check_voc_xml_filename_against_its_id(run, toy_world, tmp_path):
+    import shutil
+
+    from core.data import DataError
+    from transfer.datasets import VOCDetection
+
+    dst = tmp_path / "VOCdevkit" / "VOC2007"
+    shutil.copytree(toy_world / "VOCdevkit/VOC2007/Annotations", dst / "Annotations")
+    shutil.copytree(toy_world / "VOCdevkit/VOC2007/ImageSets", dst / "ImageSets")
+    first = (dst / "ImageSets/Main/test.txt").read_text().split()[0]
+    xml = dst / "Annotations" / f"{first}.xml"
+    xml.write_text(xml.read_text().replace(f"<filename>{first}.jpg</filename>", "<filename>999999.jpg</filename>"))
+    with pytest.raises(DataError, match=rf"{first}.xml: <filename> '999999.jpg' is not the image '{first}'"):
+        VOCDetection(tmp_path / "VOCdevkit", "2007", "test")
+

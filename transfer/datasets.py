@@ -96,6 +96,8 @@ class VOCDetection(Dataset):
     def _load(self, image_id: str, keep_difficult: bool) -> dict:
         xml = self.root / "Annotations" / f"{image_id}.xml"
         ann = parse_voc_xml(xml)
+        if ann["filename"] and Path(ann["filename"]).stem != image_id:  # the annotation of another image
+            raise DataError(f"{xml}: <filename> {ann['filename']!r} is not the image {image_id!r}")
         boxes, labels, difficult = [], [], []
         for i, obj in enumerate(ann["objects"]):
             where = f"{xml}: object {i}"

@@ -419,7 +419,7 @@ def read_voc_results(results_dir: str | os.PathLike, split: str, classes: Sequen
                 if not all(map(math.isfinite, [score, *box])):
                     raise VOCEvalError(f"{loc}: non-finite number in {line.strip()!r}")
                 if known is not None and parts[0] not in known:
-                    raise VOCEvalError(f"{loc}: unknown image id {parts[0]!r} (not in the split)")
+                    raise VOCEvalError(f"{loc}: unknown image id {parts[0]!r} (not in the {split!r} split file)")
                 dets.append((parts[0], score, box))
                 where.append(loc)
         detections[cls], sources[cls] = dets, where

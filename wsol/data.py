@@ -146,7 +146,8 @@ def read_cub(cub_root, check_images: bool = False) -> tuple[list[CubRecord], lis
     for image_id, rel in images.items():
         label = labels[image_id]
         if label not in classes:
-            raise MetadataError(f"{root / 'image_class_labels.txt'}: image {image_id} has unknown class {label}")
+            raise MetadataError(f"{root / 'image_class_labels.txt'}: image {image_id} has unknown class {label} "
+                                "(not in classes.txt)")
         if split[image_id] not in (0, 1):
             raise MetadataError(f"{root / 'train_test_split.txt'}: image {image_id} has split "
                                 f"{split[image_id]} (expected 1 train / 0 test)")

@@ -224,7 +224,8 @@ def run_embedding_suite(cfg: dict, checkpoint, imagenet_root, out_dir, metrics: 
     device = get_device(cfg["device"])
     base = open_val_set(imagenet_root)  # ImageNet, TinyImageNet or CIFAR layout
     indices = subset_indices(len(base), cfg["limit"])
-    model, meta = load_classifier_model(checkpoint, num_classes=len(base.classes), arch=cfg["arch"])
+    model, meta = load_classifier_model(checkpoint, num_classes=len(base.classes), arch=cfg["arch"],
+                                        classes=base.classes)
     model = model.to(device)
     ds = ValSet(base, indices, cfg["image_size"], cfg["resize"], need_boxes=False)
     workers = cfg["workers"] if cfg["workers"] is not None else 0

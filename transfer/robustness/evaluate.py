@@ -319,7 +319,8 @@ class _Evaluation:
         self.base = open_val_set(o["imagenet_root"])  # ImageNet, TinyImageNet or CIFAR (transfer/robustness/data.py)
         self.indices = subset_indices(len(self.base), o["limit"])
         # fail before any compute on a checkpoint without a head for these classes, or on empty OOD folders
-        model, self.meta = load_classifier_model(o["checkpoint"], num_classes=len(self.base.classes), arch=o["arch"])
+        model, self.meta = load_classifier_model(o["checkpoint"], num_classes=len(self.base.classes), arch=o["arch"],
+                                                    classes=self.base.classes)
         self.model = model.to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
