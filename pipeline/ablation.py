@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from core.config import ConfigError, check_ranges, dump_config, load_config, validate
+from core.lock import run_lock
 from core.runtime import atomic_write_text, write_json
 from pipeline.run import Pipeline, Stage, _fill, _named, content_key, pretrain_spec, seed_list
 from pipeline.tables import Column, Table, get
@@ -356,11 +357,12 @@ def run_ablation(config_path: str, overrides=(), force=(), stop_after=None) -> d
     """Run (or resume) the sweep of `config_path`; returns the paths of its outputs (see `write_outputs`)."""
     sweep = AblationSweep(load_config(config_path, overrides, DEFAULTS), force=tuple(force), stop_after=stop_after)
     t0 = time.time()
-    results = sweep.run()
-    cfg = sweep.cfg
-    extra = {"name": cfg["name"], "base": cfg["base"], "baseline_config": cfg["baseline"]["config"],
-             "seeds": sweep.seeds, "reused": results["reused"], "seconds": dict(sweep.timings)}
-    out = write_outputs(sweep.run_dir, results, cfg["knob"], cfg["baseline"]["label"], extra)
+    with run_lock(sweep.run_dir, "ablation"):  # one sweep per folder
+        results = sweep.run()
+        cfg = sweep.cfg
+        extra = {"name": cfg["name"], "base": cfg["base"], "baseline_config": cfg["baseline"]["config"],
+                 "seeds": sweep.seeds, "reused": results["reused"], "seconds": dict(sweep.timings)}
+        out = write_outputs(sweep.run_dir, results, cfg["knob"], cfg["baseline"]["label"], extra)
     log.info("ablation finished in %.1f s (%d run(s) reused); %s", time.time() - t0, len(results["reused"]),
              out["markdown"])
     return out

@@ -384,6 +384,9 @@ def check_entries(cfg: dict) -> None:
         raise ConfigError(f"config key detection: duplicate names {names}")
     if cfg["wsol"] is not None:
         _check_entry(cfg["wsol"], WSOL_KEYS, ("config",), "wsol")
+    ov = cfg["pretrain"]["overrides"]
+    if not all(isinstance(o, str) for o in ov):
+        raise ConfigError(f"config key pretrain.overrides: expected a list of KEY=VALUE strings, got {ov!r}")
     for m, ov in cfg["pretrain"]["per_method"].items():
         if ov is not None and not isinstance(ov, list) or not all(isinstance(o, str) for o in ov):
             raise ConfigError(f"config key pretrain.per_method.{m}: expected a list of KEY=VALUE strings, got {ov!r}")

@@ -775,3 +775,28 @@ def test_cross_check_voc_xml_filename_against_its_id(run, toy_world, tmp_path):
     with pytest.raises(DataError, match=rf"{first}.xml: <filename> '999999.jpg' is not the image '{first}'"):
         VOCDetection(tmp_path / "VOCdevkit", "2007", "test")
 
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("tool", ["pretrain", "wsol"])
+def test_refused_resumes_change_nothing_on_disk(run, toy_world, tmp_path, tool, one_thread):
+    from core import fingerprint as fp
+
+    rd = tmp_path / "r"
+    (rd / "checkpoints").mkdir(parents=True)
+    (rd / "checkpoints" / "last.pth").write_bytes(b"a checkpoint")
+    (rd / "config.yaml").write_text("the old run\n")
+    fp.write(rd, {"config": {"optim": {"lr": 123.0}}, "inputs": {}, "code": "x"})
+    before = _snapshot(rd)
+    if tool == "pretrain":
+        args = ["pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--run-dir", rd, "--resume",
+                f"data.root={toy_world}/imagenet", "data.num_workers=0"]
+    else:
+        args = ["wsol", "finetune", "--config", WSOL_CFG, "--run-dir", rd, *_wsol_over(toy_world)]
+    line = expect(run(*args), 2, rd, "was made from another config")
+    assert "--force" in line  # both tools have it
+    assert _snapshot(rd) == before

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.runtime import autocast, progress, save_figure
+from core.runtime import autocast, check_outputs_finite, count_nonfinite, progress, save_figure
 
 
 def _pair_blocks(emb: torch.Tensor, block: int):
@@ -111,7 +111,9 @@ def extract_embeddings(model: nn.Module, loader, device, precision: str = "fp32"
             labels.append(torch.as_tensor(y).reshape(-1))
     finally:
         handle.remove()
-    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+    out = torch.cat(feats)
+    check_outputs_finite("robustness", desc, {"embedding": int(count_nonfinite(out))})
+    return out.numpy(), torch.cat(labels).numpy()
 
 
 def umap_subset(labels, n_classes: int = 10, per_class: int = 100, seed: int = 0) -> np.ndarray:
