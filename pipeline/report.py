@@ -24,6 +24,13 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
                 "folder that produced it; **bold** is the best method in each column (the rule is under each "
                 "table); rows in *italics* are baselines. ↑: higher is better, ↓: lower is better. "
                 + seeds_sentence(results.get("seeds") or {}), ""]
+    failed = results.get("failed") or {}
+    if failed:
+        sections += ["## Failed stages", "",
+                     f"**{len(failed)} stage(s) failed or did not run**; their entries read *failed* in the tables "
+                     "below. A failed stage's folder is kept for inspection; run the same command again to retry "
+                     "it (finished stages are reused).", "", "| stage | why |", "|---|---|",
+                     *[f"| {label} | {why.replace('|', '/')} |" for label, why in failed.items()], ""]
     tabs = [tables.classification_table(results)]
     if dets:
         tabs.append(tables.detection_table(results, dets))
@@ -31,8 +38,10 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
     if cfg.get("wsol"):
         tabs.append(tables.wsol_table(results))
         sections.append(tabs[-1].markdown())
-        series = [(m, [r["metrics"] for r in res.get("wsol") or []]) for m, res in results["methods"].items()]
-        series.append(("random init", [r["metrics"] for r in (results.get("baselines") or {}).get("wsol") or []]))
+        series = [(m, [r["metrics"] for r in res.get("wsol") or [] if r["metrics"]])
+                  for m, res in results["methods"].items()]
+        series.append(("random init", [r["metrics"] for r in (results.get("baselines") or {}).get("wsol") or []
+                                        if r["metrics"]]))
         curve = figures.wsol_curves(series, fig_dir / "wsol_curve.png")
         if curve:
             sections.append(f"![WSOL localization vs fine-tuning epoch](figures/{curve.name})\n")
@@ -52,7 +61,8 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
     if timings:
         sections.append(timings)
     md = "\n".join(sections)
-    write_json({"name": cfg.get("name"), "seeds": results.get("seeds") or {},
+    write_json({"name": cfg.get("name"), "seeds": results.get("seeds") or {}, "failed": failed,
+                "provenance": results.get("provenance") or {},
                 "tables": {t.title: t.summary() for t in tabs}}, run_dir / "summary.json")
     atomic_write_text(md, run_dir / "report.md")
     atomic_write_text(to_html(md, cfg.get("name", "")), run_dir / "report.html")
@@ -123,3 +133,12 @@ def timing_section(run_dir: Path, results: dict) -> str | None:
     if not t_lines:
         return None
     return "## Stage timings\n\n| method | stage | seconds |\n|---|---|---:|\n" + "\n".join(t_lines) + "\n"
+
+
+def missing_entries(summary: dict) -> list[str]:
+    """'table: row: column' of every method row's entry that holds no run in summary.json (baseline rows, which
+    may leave columns empty by design, are not checked)."""
+    return [f"{title}: {label}: {column}"
+            for title, table in (summary.get("tables") or {}).items()
+            for label, row in table["rows"].items() if not row["baseline"]
+            for column, entry in row.items() if column != "baseline" and not entry["n"]]

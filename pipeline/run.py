@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 from core import distributed as ddist
+from core.cli import format_error as cli_error_line
 from core.config import ConfigError, dump_config, load_config, validate
 from core.lock import run_lock
 from core.runtime import atomic_write_text, barrier, init_distributed, is_main_process, write_json
@@ -261,11 +262,27 @@ class Pipeline:
             self._ensure_data()
         barrier()
         results: dict = {"methods": {m: {} for m in self.cfg["methods"]}, "baselines": {}, "seeds": dict(self.seeds)}
+        failed: dict[str, str] = {}  # label -> why (its own error, or the upstream stage that failed)
         for st in self.plan():
-            metrics, _ = self._stage(st.label, self.run_dir / st.label, set(st.forced_by), st.call, st.spec)
             owner = results["baselines"] if st.owner == "baselines" else results["methods"][st.owner]
-            owner.setdefault(st.name, []).append({"metrics": metrics, "folder": st.label, "seeds": st.seeds})
+            run = {"metrics": None, "folder": st.label, "seeds": st.seeds}
+            upstream = next((lab for lab in failed if st.label.startswith(lab.rsplit("/", 1)[0] + "/")
+                             and lab.endswith("/pretrain")), None)
+            if upstream is not None:
+                run["failed"] = failed[st.label] = f"not run: {upstream} failed"
+            else:
+                try:
+                    run["metrics"], _ = self._stage(st.label, self.run_dir / st.label, set(st.forced_by), st.call,
+                                                    st.spec)
+                except (StopPipeline, KeyboardInterrupt):
+                    raise
+                except Exception as e:  # one stage's failure must not cost the others' results
+                    run["failed"] = failed[st.label] = cli_error_line(e).removeprefix("error: ")
+                    log.error("[%s] FAILED: %s (its folder %s is kept for inspection; the other stages go on)",
+                              st.label, run["failed"], self.run_dir / st.label)
+            owner.setdefault(st.name, []).append(run)
         results["reused"] = list(self.reused)
+        results["failed"] = failed
         return results
 
     def plan(self) -> list[Stage]:
@@ -409,7 +426,20 @@ class StopPipeline(RuntimeError):
     """Raised by --stop-after to simulate an interruption between stages."""
 
 
-def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_after=None) -> Path:
+def _provenance(pipe: Pipeline, command: str, t0: float) -> dict:
+    """This invocation's provenance, or the stored one when every stage was reused (the numbers are that run's)."""
+    from pipeline.publish import provenance
+
+    old = pipe.run_dir / "summary.json"
+    if pipe.stages_run == 0 and old.exists():
+        stored = json.loads(old.read_text()).get("provenance")
+        if stored:
+            return stored
+    return provenance(command, t0, time.time(), pipe.stages_run, pipe.reused)
+
+
+def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_after=None,
+                 command: str = "") -> Path:
     """Run (or resume) the pipeline of `config_path`; returns the path of the report.
 
     Under torchrun (the process group joined by the caller, `core.distributed.torchrun_session`) every rank
@@ -425,7 +455,19 @@ def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_af
         results = pipe.run()
         report = pipe.run_dir / "report.md"
         if is_main_process():
+            results["provenance"] = _provenance(pipe, command, t0)
             report = write_report(pipe.run_dir, results, pipe.cfg)
         barrier()
     log.info("pipeline finished in %.1f s; report: %s", time.time() - t0, report)
+    if results["failed"]:
+        raise StagesFailed(report, results["failed"])
     return report
+
+
+class StagesFailed(RuntimeError):
+    """Some stages failed (and their dependents did not run); the report was written with them marked."""
+
+    def __init__(self, report: Path, failed: dict[str, str]):
+        self.report, self.failed = report, failed
+        lines = "\n".join(f"  {label}: {why}" for label, why in failed.items())
+        super().__init__(f"{len(failed)} stage(s) failed or did not run (marked in {report}):\n{lines}")

@@ -70,6 +70,7 @@ def mean_std(vals: list[float]) -> tuple[float, float | None]:
 class Cell:
     values: list[float]
     runs: list[dict]
+    failed: int = 0  # runs of the entry's stage that failed or did not run (pipeline/run.py)
 
     @property
     def n(self) -> int:
@@ -80,7 +81,7 @@ class Cell:
 
     def text(self, fmt: str) -> str:
         if not self.values:
-            return "—"
+            return "*failed*" if self.failed else "—"
         mean, std = self.stats()
         return fmt.format(mean) if std is None else f"{fmt.format(mean)} ± {fmt.format(std)}"
 
@@ -128,7 +129,8 @@ class Table:
         out = []
         for _, res, _ in self.rows:
             found = [values(res, c.stage, c.getter, c.per_seed) for c in self.columns]
-            out.append([Cell([v for v, _ in f], [r for _, r in f]) for f in found])
+            failed = [sum(1 for r in res.get(c.stage) or [] if r.get("failed")) for c in self.columns]
+            out.append([Cell([v for v, _ in f], [r for _, r in f], n) for f, n in zip(found, failed)])
         return out
 
     def bold(self, cells: list[list[Cell]]) -> list[set[int]]:

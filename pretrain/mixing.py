@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -51,12 +52,13 @@ def _check_shape(name: str, value: float) -> None:
 
 def sample_beta(alpha: float, beta: float, size, generator: torch.Generator | None = None,
                 device=None) -> torch.Tensor:
-    """Beta(alpha, beta) draws of shape `size` (float32), via two Gamma draws."""
+    """Beta(alpha, beta) draws of shape `size` (float32), via two Gamma draws (made in one call)."""
     _check_shape("alpha", alpha)
     _check_shape("beta", beta)
     size = (size,) if isinstance(size, int) else tuple(size)
-    ga = sample_log_gamma(torch.full(size, float(alpha), device=device), generator)
-    gb = sample_log_gamma(torch.full(size, float(beta), device=device), generator)
+    shape = torch.full((2, *size), float(alpha), device=device)
+    shape[1] = float(beta)
+    ga, gb = sample_log_gamma(shape, generator)
     return torch.sigmoid(ga - gb)
 
 
@@ -98,8 +100,10 @@ def dirichlet_weights(b: int, n: int, alpha_low: float = 0.5, alpha_high: float 
 
 
 def one_hot(labels: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
-    """labels [b] int -> y [b, c]."""
-    return F.one_hot(labels.long(), num_classes).to(dtype)
+    """labels [b] int -> y [b, c]. A scatter into zeros: no int64 intermediate, and on CUDA no range check read
+    back to the host (an out-of-range label fails the scatter's own bounds check instead)."""
+    y = torch.zeros(*labels.shape, num_classes, dtype=dtype, device=labels.device)
+    return y.scatter_(-1, labels.long().unsqueeze(-1), 1)
 
 
 def soft_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -131,18 +135,18 @@ def weighted_dense_cross_entropy(logits: torch.Tensor, y_mix: torch.Tensor,
 
 
 def _lam_view(lam, x: torch.Tensor):
-    if isinstance(lam, torch.Tensor) and lam.ndim == 1:
-        return lam.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    if isinstance(lam, torch.Tensor):
+        return (lam.view(-1, *([1] * (x.ndim - 1))) if lam.ndim == 1 else lam).to(x.dtype)
     return lam
 
 
 def mixup(x: torch.Tensor, perm: torch.Tensor, lam) -> torch.Tensor:
-    """lam * x + (1 - lam) * x[perm]. x [b, ...]; lam a float, 0-d tensor or [b] tensor.
+    """lam * x + (1 - lam) * x[perm]. x [b, ...] floating; lam a float, 0-d tensor or [b] tensor.
 
-    Also mixes targets: mixup(y, perm, lam) gives the mixed soft labels.
+    Also mixes targets: mixup(y, perm, lam) gives the mixed soft labels. Computed as one `torch.lerp` from the
+    partner (x[perm] + lam (x - x[perm])), in place on the gathered copy: one new tensor instead of four.
     """
-    lam = _lam_view(lam, x)
-    return lam * x + (1 - lam) * x[perm]
+    return x.index_select(0, perm).lerp_(x, _lam_view(lam, x))
 
 
 def multi_mixup(x: torch.Tensor, perm: torch.Tensor, lams: torch.Tensor) -> torch.Tensor:
@@ -550,8 +554,14 @@ def have_gco() -> bool:
     return True
 
 
+GCO_MAX_ENERGYTERM = 10_000_000  # GCoptimization.h: a larger scaled edge weight makes GCO abort the process
+
+
 def _cut_gco(unary, dist, w_v, w_h) -> np.ndarray:
-    import gco  # noqa: PLC0415  (optional: pip install gco-wrapper)
+    if max(int(w_v.max(initial=0)), int(w_h.max(initial=0))) * 1000 > GCO_MAX_ENERGYTERM:
+        raise ValueError("PuzzleMix: an edge weight exceeds what gco-wrapper accepts (it would abort the process); "
+                         "lower beta / gamma (the official 1.2 / 0.5 stay 5x below it) or use solver swap")
+    import gco  # noqa: PLC0415  (a dependency where its wheels exist: pip install gco-wrapper)
 
     return np.asarray(gco.cut_grid_graph(unary, dist, w_v, w_h, algorithm="swap")).reshape(unary.shape[:2])
 
@@ -568,6 +578,17 @@ def _gco_integer_terms(unary, dist, w_v, w_h):
     src = np.r_[ids[:-1, :].flatten(), ids[:, :-1].flatten()]
     dst = np.r_[ids[1:, :].flatten(), ids[:, 1:].flatten()]
     return u, v, w, src, dst
+
+
+def _wrap_int32(v: np.ndarray) -> np.ndarray:
+    """int64 values reduced to int32 the way C++ int arithmetic wraps (two's complement), kept as int64.
+
+    GCO adds every term of a node's terminal capacity into one int32 (`Graph::add_tweights`), so where the
+    unaries are large (gco-wrapper's unary * 1e5 already wrapped when one block carries more than about
+    21.5 / g^2 of the saliency) the capacity is the exact sum modulo 2^32. INT32_MIN, whose negation GCO cannot
+    represent, becomes -(2^31 - 1)."""
+    w = (v + 2**31) % 2**32 - 2**31
+    return np.maximum(w, -(2**31 - 1))
 
 
 _ALL_BITS: dict = {}
@@ -624,7 +645,8 @@ def _sink_side_small(m: int, diff, pi, qi, cw) -> np.ndarray:
 
 
 def _binary_cut(diff: np.ndarray, pi: np.ndarray, qi: np.ndarray, cw: np.ndarray) -> np.ndarray:
-    """argmin over x in {0, 1}^m of sum_p diff_p x_p + sum_e cw_e [x_pi != x_qi] (cw >= 0), and among
+    """argmin over x in {0, 1}^m of sum_p diff_p x_p + sum_e cw_e [x_pi != x_qi] (cw >= 0; a negative, non-submodular
+    cw is exact in the exhaustive case and left out by the max-flows), and among
     the minimisers the one with the fewest ones: the labels that can reach the sink in the residual
     graph of a max flow (what Boykov-Kolmogorov's maxflow labels SINK; the same set for every max flow).
     Exhaustive for m <= 12, a small Edmonds-Karp for m <= 64 (cheaper than scipy's call overhead
@@ -646,10 +668,10 @@ def _binary_cut(diff: np.ndarray, pi: np.ndarray, qi: np.ndarray, cw: np.ndarray
     cap = np.zeros((m + 2, m + 2), np.int64)
     cap[s, :m] = np.maximum(diff, 0)  # cut when p takes 1 (sink side)
     cap[:m, t] = np.maximum(-diff, 0)  # cut when p takes 0 (source side)
-    np.add.at(cap, (pi, qi), cw)
-    np.add.at(cap, (qi, pi), cw)
-    if cap.max() >= 2**31:
-        raise OverflowError("PuzzleMix fallback: a graph-cut capacity exceeds int32 (as it would in GCO)")
+    np.add.at(cap, (pi, qi), np.maximum(cw, 0))  # a negative edge is left out, as in `_sink_side_small`
+    np.add.at(cap, (qi, pi), np.maximum(cw, 0))
+    # terminal capacities are int32 already (`_wrap_int32`); an edge can exceed it only with weights GCO refuses
+    cap = np.minimum(cap, 2**31 - 1)
     flow = maximum_flow(sp.csr_matrix(cap.astype(np.int32)), s, t).flow.toarray()
     residual = (cap - flow) > 0  # flow is antisymmetric: reverse edges gain the flow
     reach = np.zeros(m + 2, bool)
@@ -662,12 +684,27 @@ def _binary_cut(diff: np.ndarray, pi: np.ndarray, qi: np.ndarray, cw: np.ndarray
     return reach[:m]
 
 
+_WARNED: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def _cut_swap(unary, dist, w_v, w_h) -> np.ndarray:
     """The built-in fallback: GCO's alpha-beta swap (initial labels 0; per cycle the pairs (a, b) in
     GCO's order; each move an exact min cut; the labels that can still reach the sink in the residual
     graph take b, as in Boykov-Kolmogorov's maxflow; cycles until the energy stops decreasing) on the
-    same integer energy, with scipy's max-flow."""
+    same integers, in GCO's int32 arithmetic: gco-wrapper's scaled unaries and every node's terminal capacity
+    wrap as there (`_wrap_int32`), so the masks equal gco's also where one block holds a large share of the
+    saliency. A negative edge weight (gamma > 1 can make one) is a non-submodular move GCO's max-flow does not
+    define: the solver then warns once that the masks may differ from gco's."""
     u, v, w, src, dst = _gco_integer_terms(unary, dist, w_v, w_h)
+    if (w < 0).any():
+        _warn_once("negative", "PuzzleMix swap solver: a negative edge weight (gamma > 1 makes the energy "
+                               "non-submodular); the masks may differ from gco-wrapper's there")
     n, L = u.shape
     lab = np.zeros(n, np.int64)
     rows = np.arange(n)
@@ -689,7 +726,7 @@ def _cut_swap(unary, dist, w_v, w_h) -> np.ndarray:
             half = act[x] & ~act[y]
             np.add.at(e0, loc[x[half]], w[half] * v[a, lab[y[half]]])
             np.add.at(e1, loc[x[half]], w[half] * v[b, lab[y[half]]])
-        diff = e1 - e0  # extra cost of taking b
+        diff = _wrap_int32(e1 - e0)  # extra cost of taking b, as GCO's int32 terminal capacity holds it
         pi, qi, cw = loc[src[inner]], loc[dst[inner]], w[inner] * v[a, b]
         lab[ids] = np.where(_binary_cut(diff, pi, qi, cw), b, a)
 
@@ -799,19 +836,33 @@ def apply_transport(x: torch.Tensor, plan: torch.Tensor, grid: int, fill: torch.
     return torch.where(filled, out, fill.expand_as(out) if fill.ndim else fill)
 
 
+def transport_grid(width: int, grid: int, t_size: int = -1) -> int:
+    """The grid the PuzzleMix transport runs on (official `mixup_graph`): t_size = -1 (the official default) or
+    min(t_size, block) equal to the block side -> the mask grid; a smaller t_size -> width // t_size, the mask
+    upsampled to it and the saliency re-pooled at t_size x t_size (the official CIFAR command: t_size 4)."""
+    block = width // grid
+    if t_size == -1 or min(t_size, block) >= block:
+        return grid
+    if t_size < 1 or block % t_size:
+        raise ValueError(f"PuzzleMix t_size {t_size} must be -1 or a positive divisor of the block side {block} "
+                         f"(input {width} / grid {grid}), as in the official code")
+    return width // t_size
+
+
 def puzzle_mix(x: torch.Tensor, sal_map: torch.Tensor, perm: torch.Tensor, grid: int, lam: float,
                beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2, n_labels: int = 3,
                transport: bool = True, t_eps: float = 0.8, solver: str = "auto", pixels: torch.Tensor | None = None,
-               fill: torch.Tensor | float = 0.0, threads: int | None = None):
-    """One PuzzleMix batch, as the official `mixup_graph` (t_size = block size, no adversarial noise).
+               fill: torch.Tensor | float = 0.0, threads: int | None = None, t_size: int = -1):
+    """One PuzzleMix batch, as the official `mixup_graph` (no adversarial noise).
 
     x [b, C, h, w] the images that are mixed; sal_map [b, h, w] (`saliency_map`); perm [b]; grid g
     dividing h = w; lam the mixing weight of the prior. pixels: x in pixel units (0..1) for the
-    smoothness term (default x); fill: the value of an empty transport place (see `apply_transport`).
+    smoothness term (default x); fill: the value of an empty transport place (see `apply_transport`);
+    t_size: the transport resolution in pixels (`transport_grid`; -1 = the mask's blocks).
     -> (mixed [b, C, h, w], ratio [b] = mask mean = label weight of x, mask [b, g, g]).
     """
     mixed, ratio, masks = puzzle_mix_many(x, sal_map, perm, grid, [lam], beta, gamma, eta, neigh_size, n_labels,
-                                          transport, t_eps, solver, pixels, fill, threads)
+                                          transport, t_eps, solver, pixels, fill, threads, t_size)
     return mixed, ratio, masks[0]
 
 
@@ -819,7 +870,7 @@ def puzzle_mix_many(x: torch.Tensor, sal_map: torch.Tensor, perm: torch.Tensor, 
                     beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2,
                     n_labels: int = 3, transport: bool = True, t_eps: float = 0.8, solver: str = "auto",
                     pixels: torch.Tensor | None = None, fill: torch.Tensor | float = 0.0,
-                    threads: int | None = None):
+                    threads: int | None = None, t_size: int = -1):
     """`puzzle_mix` for K prior weights lams (host floats) sharing the saliency, the partner and one host
     transfer -> (mixed [K*b, C, h, w], ratio [K*b], masks [K, b, g, g]); block k of the outputs uses lams[k]."""
     pixels = x if pixels is None else pixels
@@ -835,8 +886,11 @@ def puzzle_mix_many(x: torch.Tensor, sal_map: torch.Tensor, perm: torch.Tensor, 
     mask = masks.flatten(0, 1)
     a, a2 = rep(x), rep(x[perm])
     if transport:
-        a = apply_transport(a, transport_plan(rep(sal), mask, t_eps), grid, fill)
-        a2 = apply_transport(a2, transport_plan(rep(sal2), 1 - mask, t_eps), grid, fill)
+        tg = transport_grid(x.shape[-1], grid, t_size)
+        tmask = mask if tg == grid else F.interpolate(mask.unsqueeze(1), size=tg).squeeze(1)  # nearest
+        tsal = sal if tg == grid else saliency_grid(sal_map, tg)
+        a = apply_transport(a, transport_plan(rep(tsal), tmask, t_eps), tg, fill)
+        a2 = apply_transport(a2, transport_plan(rep(tsal[perm]), 1 - tmask, t_eps), tg, fill)
     up = F.interpolate(mask.unsqueeze(1), size=x.shape[-1])
     ratio = up.reshape(up.shape[0], -1).mean(-1)
     return up * a + (1 - up) * a2, ratio, masks

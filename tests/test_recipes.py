@@ -103,6 +103,25 @@ RECIPES = [
     ("pretrain/imagenet_puzzlemix.yaml", "method.eta", 0.2, "source: PuzzleMix-300 --p_eta 0.2"),
     ("pretrain/imagenet_puzzlemix.yaml", "method.t_eps", 0.8, "source: PuzzleMix-300 --t_eps 0.8"),
     ("pretrain/imagenet_puzzlemix.yaml", "method.grids", [2, 4, 8, 16], "source: PuzzleMix-300 2 ** randint(1, 5)"),
+    ("pretrain/imagenet_puzzlemix.yaml", "method.neigh_size", 2, "source: PuzzleMix-300 min(neigh_size, 2)"),
+    ("pretrain/imagenet_puzzlemix.yaml", "method.t_size", -1, "source: PuzzleMix-300 block-level transport"),
+    ("pretrain/imagenet_puzzlemix.yaml", "method.clean_lam", 0.0, "source: PuzzleMix-300 --clean_lam 0"),
+    ("pretrain/imagenet_puzzlemix.yaml", "method.saliency_mode", "eval", "source: PuzzleMix-300 model.eval()"),
+    ("pretrain/imagenet_puzzlemix.yaml", "method.loss", "ce", "source: PuzzleMix-300 lam-weighted CE"),
+    # ---------------------------------------------------------------- PuzzleMix: the authors' CIFAR-100 and
+    # Tiny-ImageNet commands (snu-mllab/PuzzleMix README.md @ e2dbf3a) and main.py's defaults and train();
+    # CIFAR-10 takes the CIFAR-100 command (the authors publish none for CIFAR-10; the same main.py)
+    *[(f"pretrain/{t}_puzzlemix.yaml", f"method.{key}", value, f"source: PuzzleMix README / main.py: {cite}")
+      for t in ("cifar10", "cifar100", "tinyimagenet")
+      for key, value, cite in (
+          ("alpha", 1.0, "--mixup_alpha 1.0"), ("beta", 1.2, "--beta 1.2"), ("gamma", 0.5, "--gamma 0.5"),
+          ("eta", 0.2, "--eta 0.2"), ("n_labels", 3, "--n_labels 3"), ("neigh_size", 4, "--neigh_size 4"),
+          ("transport", True, "--transport True"), ("t_eps", 0.8, "--t_eps 0.8"),
+          ("grids", [2, 4, 8, 16], "block_num = 2 ** randint(1, 5)"),
+          ("loss", "bce", "bce_loss(softmax(output), reweighted_target)"),
+          ("t_size", 4 if t != "tinyimagenet" else -1, "--t_size 4 (CIFAR); default -1 (Tiny-ImageNet)"),
+          ("clean_lam", 1.0 if t == "tinyimagenet" else 0.0, "--clean_lam 1 (Tiny-ImageNet); default 0"),
+          ("saliency_mode", "train" if t == "tinyimagenet" else "eval", "clean_lam > 0: model.train()"))],
     # ---------------------------------------------------------------- WSOL on CUB
     ("wsol/_base_cub.yaml", "arch", "resnet50", "AlignMix §4.4 / Table 4: Resnet-50"),
     ("wsol/_base_cub.yaml", "input.resize", 256, "AlignMix B: resize to 256 x 256"),
