@@ -179,8 +179,8 @@ def trust_pickled(path: str | os.PathLike) -> None:
 
 
 CONVERT_HINT = ("Only if you trust the file, pass --allow-pickle to the tool that reads it (tools/evaluate.py, "
-                "finetune_det.py, wsol.py, convert.py), or convert it once into a safe file: tools/convert.py "
-                "--to torchvision --allow-pickle FILE OUT.pth")
+                "finetune_det.py, wsol.py, convert.py, submit.py), or convert it once into a safe file: "
+                "tools/convert.py --to torchvision --allow-pickle FILE OUT.pth")
 
 
 def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:

@@ -629,7 +629,7 @@ def test_every_checkpoint_reading_tool_has_the_flag_and_the_message_is_accurate(
 
 
 def test_flag_present_on_every_tool_that_reads_a_checkpoint():
-    for tool in ("evaluate", "finetune_det", "convert", "wsol"):
+    for tool in ("evaluate", "finetune_det", "convert", "wsol", "submit"):
         assert '"--allow-pickle"' in (ROOT / "tools" / f"{tool}.py").read_text(), tool
 
 
