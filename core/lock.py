@@ -54,7 +54,10 @@ def pid_alive(pid: int) -> bool:
 
 
 def _holder_alive(holder: dict) -> bool:
-    """Whether the process described by a lock file still runs (True when that cannot be told: other host)."""
+    """Whether the process described by a lock file still runs (True when that cannot be told: other host; False
+    for an unreadable lock that stayed unreadable: a process killed while writing it)."""
+    if not holder:
+        return False
     if holder.get("host") != socket.gethostname():
         return True
     pid = holder.get("pid")
@@ -73,12 +76,21 @@ def _read_holder(path: Path) -> dict | None:
         return {}  # unreadable: never a live lock (the content is complete before the link exists)
 
 
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def _describe(holder: dict) -> str:
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
     return f"pid {holder.get('pid')} on {holder.get('host')} since {since}: {holder.get('command', '?')}"
 
 
 def _try_link(content: str, path: Path) -> bool:
+    """Create `path` holding `content` unless it exists: a hard link of a complete private file (never seen half
+    written), or an exclusive create where the file system has no hard links."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.new")
     tmp.write_text(content)
     try:
@@ -86,6 +98,14 @@ def _try_link(content: str, path: Path) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError:  # no hard links here (some network / FUSE file systems)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+        return True
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -97,12 +117,15 @@ def acquire(folder: str | os.PathLike, what: str = "run") -> Path:
     path = folder / LOCK_NAME
     me = {"pid": os.getpid(), "host": socket.gethostname(), "start_time": _start_time(os.getpid()),
           "time": time.time(), "command": " ".join(os.sys.argv)[:300], "what": what}
-    for _ in range(5):
+    for _ in range(25):
         if _try_link(json.dumps(me), path):
             return path
         holder = _read_holder(path)
         if holder is None:
             continue  # released meanwhile
+        if not holder and _age(path) < 10:  # being written by an exclusive create: look again
+            time.sleep(0.5)
+            continue
         if _holder_alive(holder):
             raise RunLockedError(
                 f"{folder}: another process is writing this {what} folder ({_describe(holder)}); wait for it to "

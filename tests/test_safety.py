@@ -800,3 +800,26 @@ def test_refused_resumes_change_nothing_on_disk(run, toy_world, tmp_path, tool, 
     line = expect(run(*args), 2, rd, "was made from another config")
     assert "--force" in line  # both tools have it
     assert _snapshot(rd) == before
+
+
+def test_lock_without_hard_links_and_a_corrupt_lock(tmp_path, monkeypatch):
+    import json
+
+    from core.lock import LOCK_NAME, acquire, release
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / LOCK_NAME).write_text("")  # an old unreadable lock (a crash while writing it): stale
+    os.utime(folder / LOCK_NAME, (0, 0))
+    path = acquire(folder)
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    release(path)
+
+    def no_link(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    path = acquire(folder)
+    assert json.loads(path.read_text())["pid"] == os.getpid() and not list(folder.glob("*.new"))
+    release(path)
+    assert not path.exists()
