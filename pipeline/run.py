@@ -83,6 +83,10 @@ DEFAULTS = {
 }
 
 
+# the types of the keys whose default is null (seeds.* are checked by `seed_list`)
+TYPES = {"data.generate": dict, "wsol": dict, "robustness": dict}
+
+
 def seed_list(value, key: str) -> list[int] | None:
     """`seeds.<key>` as a list of distinct ints (an int is one seed), or None (the stage configs' own seeds)."""
     if value is None:
@@ -136,7 +140,7 @@ def _fill(value, **subs):
 class Pipeline:
     def __init__(self, cfg: dict, methods: list[str] | None = None, force: tuple[str, ...] = (),
                  stop_after: int | None = None):
-        self.cfg = validate(cfg, DEFAULTS)
+        self.cfg = validate(cfg, DEFAULTS, types=TYPES)
         if methods:
             self.cfg["methods"] = list(methods)
         self.run_dir = Path(self.cfg["out_root"]) / self.cfg["name"]

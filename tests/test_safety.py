@@ -823,3 +823,15 @@ def test_lock_without_hard_links_and_a_corrupt_lock(tmp_path, monkeypatch):
     assert json.loads(path.read_text())["pid"] == os.getpid() and not list(folder.glob("*.new"))
     release(path)
     assert not path.exists()
+
+
+@pytest.mark.parametrize("key,value,what", [("wsol", "configs/wsol/x.yaml", "config key wsol: expected a mapping"),
+                                            ("robustness", ["clean"], "config key robustness: expected a mapping")])
+def test_pipeline_null_default_keys_are_type_checked(data_copy, tmp_path, key, value, what):
+    from core.config import ConfigError
+    from pipeline.run import Pipeline
+
+    cfg = _pipeline_cfg(tmp_path, data_copy)
+    cfg[key] = value
+    with pytest.raises(ConfigError, match=re.escape(what)):
+        Pipeline(cfg)
