@@ -1,11 +1,13 @@
 """The main job: pretraining -> backbone -> detection, WSOL and robustness -> one report.
 
 Every stage writes into its own folder under `runs/<name>/` and, when it finishes, a `stage.json`
-marker holding its metrics and its content key: the hash of its resolved config and of the keys of the
-stages it reads (the pipeline is a small DAG: pretraining -> detection, WSOL, robustness). A stage whose
-marker holds the same key is reused, so an interrupted pipeline resumes where it stopped (stages that keep
-their own training checkpoints also resume inside the stage), and a changed override reruns exactly the
-stages it affects and their dependents; `force` redoes stages by name. The report lists the reused stages.
+marker holding its metrics and its content key: the hash of its resolved config, of the keys of the stages it
+reads (the pipeline is a small DAG: pretraining -> detection, WSOL, robustness) and of the content of the files it
+reads (`pipeline/inputs.py`: the backbone, the dataset's index files). A stage whose marker holds the same key is
+reused, so an interrupted pipeline resumes where it stopped (stages that keep their own training checkpoints also
+resume inside the stage), and a changed override, backbone or dataset reruns exactly the stages it affects and
+their dependents; `force` redoes stages by name. The report lists the reused stages. One pipeline at a time
+writes a run folder (`core/lock.py`).
 
 Seeds: `seeds.pretrain` and `seeds.transfer` (an int or a list; null: each stage config's own seed, one run) make
 one pretraining stage per (method, pretraining seed) and one detection / WSOL stage per (pretraining seed, transfer
