@@ -5,7 +5,9 @@
 - `KEY=VALUE` overrides use dotted keys (`optim.lr=0.05`); values are parsed as YAML (`true`, `[1, 2]`).
 - With `defaults` (a nested dict declaring every valid key), unknown keys are an error that lists the
   valid ones, keys the file leaves out take their defaults, and a value whose type differs from a declared
-  scalar default's (a string for a number, a number for a flag) is an error naming the key and both types.
+  scalar default's (a string for a number, a number for a flag) is an error naming the key and both types; so
+  are the items of a list whose default items share one type, and, with `types` (each stage's `TYPES`), the
+  values of keys whose default is null (`data.max_train: "50"`).
 - Numbers are read as YAML 1.2 reads them: `1e-3` is a float (PyYAML's YAML 1.1 would make it a string).
 """
 
