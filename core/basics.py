@@ -43,6 +43,20 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
         tmp.write_text(text)
 
 
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write a binary file atomically (a copied figure, a PNG's encoded bytes)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
+    """`fig.savefig(path, **kwargs)` atomically: a full disk or a kill never truncates the previous figure (the
+    format comes from `path`'s suffix, as savefig would take it; the `.tmp` name would hide it)."""
+    fmt = kwargs.pop("format", None) or (Path(path).suffix[1:].lower() or "png")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, format=fmt, **kwargs)
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 import traceback
 from typing import Callable, Sequence
@@ -43,10 +44,32 @@ def exit_code(exc: BaseException) -> int:
     return EXIT_BAD_INPUT if isinstance(exc, _bad_input_types()) else EXIT_FAILURE
 
 
+_WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*: ")
+
+
+def worker_message(msg: str) -> str | None:
+    """The original message of an exception re-raised from a DataLoader worker (torch puts the worker's whole
+    traceback into the message; its last unindented `module.Type: message` line is the original), else None."""
+    if not _WORKER.match(msg):
+        return None
+    lines = msg.rstrip().splitlines()
+    for k in range(len(lines) - 1, 1, -1):
+        if _EXC_LINE.match(lines[k]):
+            return "\n".join([lines[k].split(": ", 1)[1], *lines[k + 1:]])
+    return None
+
+
 def format_error(exc: BaseException) -> str:
-    """The `error: ...` line(s) for `exc`: the culprit first, then what is wrong."""
+    """The `error: ...` line(s) for `exc`: the culprit first, then what is wrong. An error raised inside a
+    DataLoader worker reads as it would in the main process (the worker's traceback only with --debug)."""
     if isinstance(exc, KeyboardInterrupt):
         return "error: interrupted"
+    original = worker_message(str(exc))
+    if original is not None:
+        if isinstance(exc, _bad_input_types()):
+            return f"error: {original}"
+        return f"error: {type(exc).__name__}: {original}"
     if isinstance(exc, OSError) and exc.filename is not None:
         names = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else f"{exc.filename}"
         what = exc.strerror or str(exc)

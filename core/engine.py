@@ -351,8 +351,8 @@ class Engine:
         ckpt = self.run_dir / CKPT
         may_change = getattr(self.task, "resume_may_change", ())
         if ckpt.is_file() and not (resume or force):
-            raise ConfigError(f"{self.run_dir}: already holds a checkpoint ({ckpt}); pass --resume to continue "
-                              "it, or --force to start over")
+            raise ConfigError(f"{self.run_dir}: already holds a checkpoint ({ckpt}); continue it (pretrain.py "
+                              "--resume; wsol.py finetune without --no-resume), or pass --force to start over")
         if resume and ckpt.is_file():
             if fingerprint is not None:
                 fp.check(self.run_dir, fingerprint, may_change)

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from core.basics import atomic_path, atomic_write_text, progress, write_json  # noqa: F401 (re-exported)
+from core.basics import (  # noqa: F401 (re-exported)
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    progress,
+    save_figure,
+    write_json,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,6 +51,33 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
                           str(path)) from e
         f.flush()
         os.fsync(f.fileno())
+
+
+class NonFiniteOutputError(NonFiniteLossError):
+    """The outputs an evaluation scores (logits, CAMs, boxes, scores) hold NaN or infinite values: the network is
+    broken (diverged, or NaN weights), so no number is reported and nothing is saved (exit 1)."""
+
+
+def count_nonfinite(x: Any) -> torch.Tensor:
+    """The number of NaN / inf values in a tensor, or in every floating tensor of a (nested) dict, list or
+    tuple, as a 0-d int64 tensor on the tensors' device (nothing is read back: callers add it up)."""
+    if isinstance(x, torch.Tensor):
+        if not x.is_floating_point():
+            return torch.zeros((), dtype=torch.int64, device=x.device)
+        return (~torch.isfinite(x.detach())).sum()
+    items = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
+    counts = [count_nonfinite(v) for v in items]
+    return torch.stack(counts).sum() if counts else torch.zeros((), dtype=torch.int64)
+
+
+def check_outputs_finite(stage: str, split: str, counts: dict) -> None:
+    """Raise NonFiniteOutputError naming the stage, the split and how many values of each output were not finite
+    (`counts`: output name -> count, summed over the split, and over the ranks by the caller)."""
+    bad = {k: int(v) for k, v in counts.items() if int(v)}
+    if bad:
+        what = ", ".join(f"{v} non-finite {k} value{'s' if v != 1 else ''}" for k, v in bad.items())
+        raise NonFiniteOutputError(f"{stage}: split {split}: the model's outputs are not finite ({what}); the "
+                                   "network is broken (diverged or NaN weights), so nothing is scored or saved")
 
 
 def seed_everything(seed: int) -> None:

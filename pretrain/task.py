@@ -141,8 +141,15 @@ RANGES = {
 }
 
 
+# the types of the keys whose default is null (core.config.validate checks the others against their defaults)
+TYPES = {"data.root": str, "data.crop_schedule": list[list], "data.val_resize": int, "data.max_train": int,
+         "data.max_val": int, "model.num_classes": int, "optim.batch_per_process": int, "optim.accumulate": int,
+         "optim.max_batch_per_process": int, "optim.lr_classifier": float, "optim.points": list[list],
+         "runtime.backend": str, "runtime.num_threads": int, "runtime.stop_after_steps": int}
+
+
 def resolve_config(cfg: dict) -> dict:
-    cfg = validate(cfg, DEFAULTS)
+    cfg = validate(cfg, DEFAULTS, types=TYPES)
     check_ranges(cfg, RANGES)
     if not cfg["data"]["root"]:
         raise ConfigError("data.root is required (an ImageNet-layout folder)")
@@ -310,7 +317,7 @@ class PretrainTask(Task):
     @torch.no_grad()
     def evaluate(self, precision: str) -> dict:
         self.model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # n, top1, top5, loss
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # n, top1, top5, loss, non-finite logits
         for images, labels in self._val_loader():
             images, labels = self.to_device((images, labels), self.device, False)
             with rt.autocast(self.device, precision):
@@ -318,10 +325,12 @@ class PretrainTask(Task):
             hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.view(-1, 1)
             sums += torch.stack([torch.tensor(float(len(labels)), device=self.device),
                                  hit[:, :1].any(1).sum().double(), hit.any(1).sum().double(),
-                                 torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()])
+                                 torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+                                 rt.count_nonfinite(logits).double()])
         if self.world > 1:
             dist.all_reduce(sums)
         self.model.train()
+        rt.check_outputs_finite("pretraining", "val", {"logit": int(sums[4].item())})
         n = max(sums[0].item(), 1.0)
         return {"val_top1": 100 * sums[1].item() / n, "val_top5": 100 * sums[2].item() / n,
                 "val_loss": sums[3].item() / n}
@@ -425,7 +434,8 @@ def finish(task: PretrainTask, engine: Engine) -> dict:
     if rt.is_main_process():
         engine.check_parameters()
         meta = {"arch": cfg["model"]["arch"], "num_classes": task.num_classes, "method": cfg["method"]["name"],
-                "epochs": cfg["optim"]["epochs"], "config": dump_config(cfg), "metrics": metrics}
+                "epochs": cfg["optim"]["epochs"], "config": dump_config(cfg), "metrics": metrics,
+                "classes": [str(c) for c in task.train_set.classes]}  # what each fc row means (checked downstream)
         save_backbone(run_dir / "backbone.pth", task.net.net, meta, head=task.model.export_head())
         rt.write_json(metrics, run_dir / "metrics.json")
         engine.logger.log({"event": "end", **metrics})

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
-from core.checkpoint import ARCHS  # noqa: E402
+from core.checkpoint import ARCHS, trust_pickled  # noqa: E402
 from transfer.convert import convert_to_detectron2, convert_to_torchvision  # noqa: E402
 
 
@@ -34,11 +34,12 @@ def main(argv=None) -> int:
     p.add_argument("--allow-pickle", action="store_true",
                    help="load checkpoints that need full unpickling (only for files you trust)")
     args = p.parse_args(argv)
+    if args.allow_pickle:
+        trust_pickled(args.input)
     if args.to == "detectron2":
-        written = convert_to_detectron2(args.input, args.output, args.arch, not args.no_configs,
-                                        args.allow_pickle)
+        written = convert_to_detectron2(args.input, args.output, args.arch, not args.no_configs)
     else:
-        path = convert_to_torchvision(args.input, args.output, args.arch, args.allow_pickle)
+        path = convert_to_torchvision(args.input, args.output, args.arch)
         written = {"weights": path}
     print(json.dumps({k: str(v) for k, v in written.items()}, indent=2))
     return 0

@@ -22,9 +22,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
+from core.checkpoint import trust_pickled  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.data import InputError  # noqa: E402
 from core.distributed import torchrun_session  # noqa: E402
+from core.lock import run_lock  # noqa: E402
 from core.runtime import atomic_write_text, write_json  # noqa: E402
 from transfer.robustness import SUITES, compare  # noqa: E402
 from transfer.robustness.stage import DEFAULTS, run  # noqa: E402
@@ -50,6 +52,9 @@ def main(argv=None) -> int:
     ap.add_argument("--imagenet", required=True, help="ImageNet-layout root (val/ and val_boxes/)")
     ap.add_argument("--config", help="YAML setting any of the options below (configs/eval/)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="unpickle the checkpoints if they hold Python objects (it can run code: only files you "
+                         "trust)")
     for key, default in DEFAULTS.items():  # every option of the stage (transfer/robustness/stage.py)
         flag = "--" + key.replace("_", "-")
         if key == "ood":
@@ -65,12 +70,15 @@ def main(argv=None) -> int:
     opts = load_config(args.config, defaults=DEFAULTS) if args.config else dict(DEFAULTS)
     opts.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None})
     named = [_name(s) for s in args.checkpoint]
+    for _, path in named if args.allow_pickle else ():
+        trust_pickled(path)
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
         raise InputError(f"--checkpoint: duplicate method names {names}; name them with NAME=PATH")
     out = Path(opts["out"])
     results = {}
-    with torchrun_session() as (rank, _):  # under torchrun each rank evaluates a shard; rank 0 writes
+    # under torchrun each rank evaluates a shard; rank 0 writes (and holds the output folder's lock)
+    with torchrun_session() as (rank, _), run_lock(out, "evaluation output"):
         for name, path in named:
             run_out = out if len(named) == 1 else out / name
             # the corrupted sets do not depend on the model: export them once

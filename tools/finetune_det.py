@@ -21,6 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
+from core.checkpoint import trust_pickled  # noqa: E402
+from core.lock import LOCK_NAME, run_lock  # noqa: E402
 from core.runtime import cleanup_distributed, init_distributed, is_main_process  # noqa: E402
 from transfer.d2_backend import Detectron2BackendError, launch_finetune  # noqa: E402
 from transfer.det_train import finetune_detector, load_det_config  # noqa: E402
@@ -39,15 +41,24 @@ def main(argv=None) -> int:
                         "launch (like its tools/train_net.py --num-gpus; gloo on CPU)")
     p.add_argument("--resume", action="store_true",
                    help="continue in an existing run dir (finished seeds are skipped, others resume)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="unpickle --weights if it holds Python objects (it can run code: only files you trust)")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides (dotted keys)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
     cfg = load_det_config(args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / "detection" / Path(args.config).stem)
-    if run_dir.exists() and any(run_dir.iterdir()) and not args.resume:
+    if run_dir.exists() and any(f.name != LOCK_NAME for f in run_dir.iterdir()) and not args.resume:
         p.error(f"{run_dir} exists and is not empty; pass --resume to continue it or choose --run-dir")
     weights = None if args.weights in (None, "none", "None") else args.weights
+    if args.allow_pickle and weights:
+        trust_pickled(weights)
+    with run_lock(run_dir, "detection run"):  # one writer per run folder
+        return _finetune(p, args, cfg, weights, run_dir)
+
+
+def _finetune(p, args, cfg: dict, weights: str | None, run_dir: Path) -> int:
     try:
         if args.num_gpus > 1:
             if cfg["backend"] != "detectron2" or "RANK" in os.environ:

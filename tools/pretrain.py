@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
 from core.config import load_config  # noqa: E402
+from core.lock import run_lock  # noqa: E402
 from core.runtime import cleanup_distributed, is_main_process  # noqa: E402
 from pretrain.task import DEFAULTS, run  # noqa: E402
 
@@ -34,7 +35,8 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, defaults=DEFAULTS)
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg["name"]
-        metrics = run(cfg, None, run_dir, resume=args.resume, force=args.force)
+        with run_lock(run_dir, "pretraining run"):  # one writer per run folder
+            metrics = run(cfg, None, run_dir, resume=args.resume, force=args.force)
     finally:
         cleanup_distributed()
     if is_main_process():

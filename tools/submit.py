@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--imagenet", default=None, help="evaluate: ImageNet-layout root")
     p.add_argument("--resume", action="store_true", help="continue the run folder's checkpoint")
     p.add_argument("--force", action="store_true", help="start over in a run folder that holds a checkpoint")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="unpickle --weights / --checkpoint if they hold Python objects (it can run code: only "
+                        "files you trust)")
     r = p.add_argument_group("resources")
     r.add_argument("--nodes", type=int, default=1)
     r.add_argument("--gpus-per-node", type=int, default=None,
@@ -60,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_intermixed_args(argv)  # the stage, options and KEY=VALUE overrides in any order
     spec = make_spec(args.stage, args.config, args.overrides, args.run_dir, args.weights, args.checkpoint,
-                     args.imagenet, args.resume, args.force)
+                     args.imagenet, args.resume, args.force, allow_pickle=args.allow_pickle)
     gpus = args.gpus_per_node if args.gpus_per_node is not None else 8 if args.stage in DISTRIBUTED else 1
     res = Resources(nodes=args.nodes, gpus_per_node=gpus, tasks_per_node=args.tasks_per_node,
                     cpus_per_task=args.cpus_per_task, mem_gb=args.mem, timeout_min=args.timeout,

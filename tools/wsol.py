@@ -29,12 +29,16 @@ def main(argv=None) -> int:
     f.add_argument("--run-dir", default=None, help="default runs/<name>")
     f.add_argument("--no-resume", action="store_true", help="do not continue an existing checkpoint")
     f.add_argument("--force", action="store_true", help="start over in a run folder that holds a checkpoint")
+    f.add_argument("--allow-pickle", action="store_true",
+                   help="unpickle --weights if it holds Python objects (it can run code: only files you trust)")
     f.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
     e = sub.add_parser("evaluate", help="evaluate a fine-tuned CAM model, saving <scoremaps>/<image_id>.npy")
     e.add_argument("--config", required=True)
     e.add_argument("--model", required=True, help="run_dir/cam_model.pth")
     e.add_argument("--scoremaps", default=None)
     e.add_argument("--out", default=None, help="write the metrics JSON here too")
+    e.add_argument("--allow-pickle", action="store_true",
+                   help="unpickle --model if it holds Python objects (it can run code: only files you trust)")
     e.add_argument("overrides", nargs="*")
     b = sub.add_parser("baseline", help="the centred-box baseline on a metadata split")
     b.add_argument("--metadata", required=True)
@@ -52,13 +56,20 @@ def main(argv=None) -> int:
         frac = args.fraction if args.fraction > 0 else None
         print(json.dumps(centred_box_baseline(args.metadata, (args.size, args.size), frac), indent=2))
         return 0
+    from core.checkpoint import trust_pickled
     from core.config import load_config
     from core.distributed import torchrun_session
+    from core.lock import run_lock
+    trusted = getattr(args, "weights", None) if args.cmd == "finetune" else args.model
+    if args.allow_pickle and trusted:
+        trust_pickled(trusted)
     cfg = load_config(args.config, args.overrides)
-    with torchrun_session() as (rank, _):  # under torchrun: DDP fine-tuning, sharded evaluation, rank 0 writes
+    run_dir = args.run_dir or str(Path("runs") / cfg.get("name", "wsol")) if args.cmd == "finetune" else None
+    # one writer per run folder (finetune) or score-map folder (evaluate)
+    lock = run_lock(run_dir, "WSOL run") if run_dir else run_lock(args.scoremaps, "score map")
+    with torchrun_session() as (rank, _), lock:  # under torchrun: DDP fine-tuning, sharded evaluation, rank 0 writes
         if args.cmd == "finetune":
             from wsol.finetune import finetune
-            run_dir = args.run_dir or str(Path("runs") / cfg.get("name", "wsol"))
             metrics = finetune(cfg, args.weights, run_dir, resume=not args.no_resume, force=args.force)
         else:
             from wsol.finetune import evaluate_run

@@ -107,9 +107,13 @@ RANGES = {
 }
 
 
+# the types of the keys whose default is null (core.config.validate checks the others against their defaults)
+TYPES = {"model.trainable_layers": int, "model.train_sizes": list[int], "solver.reference_batch": int}
+
+
 def resolve_config(cfg: dict) -> dict:
     """Validate against :data:`DEFAULTS` (unknown keys rejected, missing ones filled, types and RANGES checked)."""
-    cfg = validate(cfg, DEFAULTS)
+    cfg = validate(cfg, DEFAULTS, types=TYPES)
     check_ranges(cfg, RANGES)
     if not cfg["seeds"] or len(set(cfg["seeds"])) != len(cfg["seeds"]):
         raise ConfigError(f"config key seeds: {cfg['seeds']!r} must be a non-empty list of distinct seeds")
@@ -203,12 +207,41 @@ def _to_original(boxes: torch.Tensor, target: dict) -> torch.Tensor:
     return out
 
 
+# the modules whose raw outputs the detectors' post-processing would silently drop when NaN (a NaN score fails
+# every score threshold: a broken detector would report mAP 0); torchvision's FasterRCNN and SSD names
+_RAW_OUTPUTS = ("backbone", "rpn.head", "roi_heads.box_predictor", "head")
+
+
+class _NonFiniteCounter:
+    """Counts, on the device, the NaN / inf values of the raw outputs of `_RAW_OUTPUTS` during predictions."""
+
+    def __init__(self, model, device):
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.handles = []
+        for name in _RAW_OUTPUTS:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                continue
+            self.handles.append(module.register_forward_hook(self._hook))
+
+    def _hook(self, module, args, output) -> None:
+        self.count += runtime.count_nonfinite(output).to(self.count.device)
+
+    def close(self) -> int:
+        for h in self.handles:
+            h.remove()
+        return int(self.count)
+
+
 @torch.no_grad()
 def predict(model, loader, device, precision="fp32", channels_last=False, max_keep_examples=0):
     """Run the model over ``loader``. Returns (per-image list of (image_id, boxes [K,4] original pixels,
-    scores [K], labels [K]), examples for figures, seconds spent in the model, number of images)."""
+    scores [K], labels [K]), examples for figures, seconds spent in the model, number of images, the number of
+    NaN / inf values in the raw outputs and the final boxes and scores)."""
     model.eval()
     preds, examples, seconds, n = [], [], 0.0, 0
+    counter = _NonFiniteCounter(model, device)
     for images, targets in runtime.progress(loader, desc="eval"):
         images = [im.to(device) for im in images]
         if channels_last:
@@ -222,6 +255,7 @@ def predict(model, loader, device, precision="fp32", channels_last=False, max_ke
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - t0
         n += len(images)
+        counter.count += runtime.count_nonfinite([[o["boxes"], o["scores"]] for o in outputs]).to(counter.count.device)
         for im, out, tgt in zip(images, outputs, targets):
             boxes = _to_original(out["boxes"].float().cpu(), tgt)
             preds.append((tgt["image_id"], boxes, out["scores"].float().cpu(), out["labels"].cpu()))
@@ -229,20 +263,22 @@ def predict(model, loader, device, precision="fp32", channels_last=False, max_ke
                 examples.append({"image": im.float().cpu(), "pred_boxes": out["boxes"].float().cpu(),
                                  "scores": out["scores"].float().cpu(), "labels": out["labels"].cpu(),
                                  "gt_boxes": tgt["boxes"], "gt_labels": tgt["labels"]})
-    return preds, examples, seconds, n
+    return preds, examples, seconds, n, counter.close()
 
 
 def predict_sharded(model, dataset, batch_size: int, workers: int, device, precision="fp32", channels_last=False,
-                    max_keep_examples=0):
+                    max_keep_examples=0, split: str = "test"):
     """``predict`` over ``dataset`` with each rank taking its shard of whole test batches (core.distributed);
     the per-image predictions and the first ``max_keep_examples`` examples are gathered to every rank in
-    dataset order, so scoring them gives the single-process numbers. Seconds: the slowest rank's."""
+    dataset order, so scoring them gives the single-process numbers. Seconds: the slowest rank's. A NaN or
+    infinite output stops it on every rank (`NonFiniteOutputError` naming ``split``): nothing is scored."""
     n = len(dataset)
     mine = ddist.shard_indices(n, block=batch_size)
     loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate)
     keep = sum(1 for i in mine if i < max_keep_examples)  # `mine` is increasing: the first `keep` are these
-    preds, examples, seconds, count = predict(model, loader, device, precision, channels_last, keep)
+    preds, examples, seconds, count, bad = predict(model, loader, device, precision, channels_last, keep)
+    runtime.check_outputs_finite("detection", split, {"box, score or raw head output": ddist.sum_counts([bad])[0]})
     if ddist.rank_world()[1] == 1:
         return preds, examples, seconds, count
     preds = ddist.gather_ordered(preds, mine, n)
@@ -331,7 +367,7 @@ def detection_figure(examples, classes, path: Path, score_thresh: float = 0.3) -
     fig.suptitle("green: ground truth, red: predictions", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    runtime.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -423,7 +459,8 @@ class DetectionTask(Task):
         rank 0's BatchNorm statistics: every shard is scored with the same model)."""
         ddist.broadcast_buffers(self.model)
         return predict_sharded(self.model, self.test_set, self.cfg["eval"]["batch_size"], self.cfg["data"]["workers"],
-                               self.device, engine.precision, engine.settings.channels_last, max_keep_examples)
+                               self.device, engine.precision, engine.settings.channels_last, max_keep_examples,
+                               split=str(self.cfg["data"]["voc_test" if self.ctx["format"] == "voc" else "coco_val"]))
 
     def state_dict(self) -> dict:
         return {"train_time": self.train_time, "train_images": self.train_images, "history": self.history,
@@ -438,11 +475,9 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
     """Train + evaluate one seed in ``seed_dir``; returns its metrics (also written to metrics.json)."""
     seed_dir = Path(seed_dir)
     done = seed_dir / "metrics.json"
-    # what this seed is made from: the config (the list of seeds aside), the seed and the backbone's hash
-    seed_cfg = {k: v for k, v in cfg.items() if k != "seeds"}
-    fingerprint = fp.make({**seed_cfg, "seed": seed}, {"weights": weights})
+    fingerprint = seed_fingerprint(cfg, weights, seed)
     if done.is_file():
-        fp.check(seed_dir, fingerprint, RESUME_MAY_CHANGE)  # never relabel old results with new inputs
+        fp.check(seed_dir, fingerprint, RESUME_MAY_CHANGE, RESTART)  # never relabel old results with new inputs
         log.info("%s exists: seed %d already finished", done, seed)
         return json.loads(done.read_text())
     rt, s = cfg["runtime"], cfg["solver"]
@@ -465,6 +500,24 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
         runtime.write_json(metrics, done)
     runtime.barrier()
     return metrics
+
+
+RESTART = "choose another --run-dir, or delete the seed's folder to start that seed over"
+
+
+def seed_fingerprint(cfg: dict, weights: str | None, seed: int) -> dict:
+    """What one seed is made from: the config (the list of seeds aside), the seed and the backbone's hash."""
+    seed_cfg = {k: v for k, v in cfg.items() if k != "seeds"}
+    return fp.make({**seed_cfg, "seed": seed}, {"weights": weights})
+
+
+def check_resume(cfg: dict, weights: str | None, run_dir: Path) -> None:
+    """Refuse (before anything is written) to continue a run folder whose seeds were made from another config
+    or backbone: a refused resume leaves the folder as it was."""
+    for seed in cfg["seeds"]:
+        seed_dir = Path(run_dir) / f"seed_{seed}"
+        if (seed_dir / fp.FILE).is_file():
+            fp.check(seed_dir, seed_fingerprint(cfg, weights, int(seed)), RESUME_MAY_CHANGE, RESTART)
 
 
 def _final_metrics(task: DetectionTask, engine: Engine, seed_dir: Path) -> dict:
@@ -522,6 +575,7 @@ def finetune_detector(cfg: dict, weights: str | None, run_dir) -> dict:
         return d2_backend.finetune(cfg, weights, run_dir)
     if cfg["backend"] != "torchvision":
         raise ValueError(f"backend={cfg['backend']!r} is not one of ['torchvision', 'detectron2']")
+    check_resume(cfg, weights, run_dir)
     if runtime.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         runtime.atomic_write_text(dump_config(cfg), run_dir / "config.yaml")
@@ -540,7 +594,6 @@ def write_summary(run_dir: Path, cfg: dict, per_seed: list[dict], **extra) -> di
     metrics.update(model=cfg["model"]["type"], arch=cfg["model"]["arch"], dataset=cfg["data"]["format"], **extra)
     first = Path(run_dir) / f"seed_{cfg['seeds'][0]}" / "figures" / "detections.png"
     if first.is_file():
-        (Path(run_dir) / "figures").mkdir(exist_ok=True)
-        (Path(run_dir) / "figures" / "detections.png").write_bytes(first.read_bytes())
+        runtime.atomic_write_bytes(first.read_bytes(), Path(run_dir) / "figures" / "detections.png")
     runtime.write_json(metrics, Path(run_dir) / "metrics.json")
     return metrics

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from albumentations.core.bbox_utils import denormalize_bboxes, normalize_bboxes
 
+from core.data import to_rgb
+
 MEAN_RGB_255 = (123.675, 116.28, 103.53)
 SSD_MIN_IOUS = (None, 0.1, 0.3, 0.5, 0.7, 0.9)  # None: keep the whole image
 
@@ -211,7 +213,7 @@ class DetectionTransform:
         self.augment, self.drop_difficult = augment, drop_difficult
 
     def __call__(self, image, target):
-        img = np.asarray(image.convert("RGB"))
+        img = np.asarray(image if image.mode == "RGB" else to_rgb(image, str(target.get("image_id", "image"))))
         h, w = img.shape[:2]
         boxes = target["boxes"].numpy().astype(np.float64).reshape(-1, 4)
         labels = target["labels"].numpy().tolist()

@@ -55,7 +55,6 @@ DEFAULTS = {
     "name": "wsol",
     "seed": 0,
     "arch": "resnet50",                 # torchvision ResNet of the backbone checkpoint
-    "allow_pickle": False,              # load non-weights_only checkpoints (trusted files only)
     "data": {
         "image_root": "data/CUB_200_2011/images",   # image ids are paths relative to this
         "metadata_root": "data/wsol_metadata/CUB",  # holds <train_split>/ and <test_split>/
@@ -181,6 +180,9 @@ RANGES = {
 
 def resolve_config(cfg: dict) -> dict:
     """Validate against DEFAULTS (unknown keys rejected, missing ones filled, types and RANGES checked)."""
+    if "allow_pickle" in cfg:  # a recipe (someone else's, or an override) must never switch unpickling on
+        raise ConfigError("config key allow_pickle: unpickling cannot be turned on from a config or an override; "
+                          "pass --allow-pickle to tools/wsol.py for a checkpoint you trust")
     cfg = validate(cfg, DEFAULTS)
     check_ranges(cfg, RANGES)
     return cfg
@@ -235,7 +237,8 @@ def _eval(model, test, cfg, device, scoremap_dir=None, keep_examples=0):
                           cam_curve_interval=e["cam_curve_interval"], iou_thresholds=e["iou_thresholds"],
                           loc_threshold=e["loc_threshold"], loc_iou=e["loc_iou"], loc_op=e["loc_op"],
                           scoremap_dir=scoremap_dir, keep_examples=keep_examples,
-                          autocast_ctx=lambda: autocast(device, cfg["runtime"]["precision"]), progress=progress)
+                          autocast_ctx=lambda: autocast(device, cfg["runtime"]["precision"]), progress=progress,
+                          split=cfg["data"]["test_split"])
 
 
 def _public(res: dict) -> dict:
@@ -249,7 +252,7 @@ class WSOLTask(Task):
     def __init__(self, cfg: dict, weights: str | None, device: torch.device):
         self.cfg, self.device = cfg, device
         self.train_set, self.test_set, self.num_classes = _datasets(cfg)
-        cam = build_cam_model(cfg["arch"], self.num_classes, weights, cfg["allow_pickle"]).to(device)
+        cam = build_cam_model(cfg["arch"], self.num_classes, weights).to(device)
         if device.type == "cuda" and cfg["runtime"]["channels_last"]:
             cam = cam.to(memory_format=torch.channels_last)
         self.cam = cam
@@ -346,9 +349,8 @@ def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: boo
     engine.fit(resume=resume, force=force, fingerprint=fingerprint.make(cfg, {"weights": weights}),
                header={"weights": weights, "num_classes": task.num_classes, "train_images": len(task.train_set),
                        "test_images": len(task.test_set)})
-    if is_main_process():
-        atomic_save({"model": task.cam.state_dict(), "arch": cfg["arch"], "num_classes": task.num_classes,
-                     "config": dump_config(cfg)}, run_dir / "cam_model.pth")
+    engine.check_parameters()
+    # the final evaluation stops on non-finite logits or CAMs before the model or any result is written
     metrics = _final_report(task.cam, task.test_set, cfg, device, run_dir, task.curve, engine.logger, weights)
     task.curve = metrics["curve"]  # keep the final point, so that a longer resumed run reports the whole curve
     engine.save_checkpoint()
@@ -371,6 +373,8 @@ def _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights)
     if not is_main_process():  # every rank evaluated its shard and holds the numbers; rank 0 writes
         barrier()
         return metrics
+    atomic_save({"model": model.state_dict(), "arch": cfg["arch"], "num_classes": model.fc.out_features,
+                 "config": dump_config(cfg)}, Path(run_dir) / "cam_model.pth")
     fig = Path(run_dir) / "figures"
     cam_grid(res["_examples"], fig / "cam_grid.png")
     boxacc_curves(res["_thresholds"], {**{f"IoU {d} (all contours)": a for d, a in res["_box_acc"].items()},

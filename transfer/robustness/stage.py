@@ -78,10 +78,16 @@ def parse_eps(v) -> float:
         raise ConfigError(f"not a number or fraction: {v!r}") from e
 
 
+# the types of the keys whose default is null (core.config.validate checks the others against their defaults)
+TYPES = {"protocol": str, "limit": int, "image_size": int, "resize": int, "workers": int, "arch": str,
+         "export_corrupted": str, "fgsm_eps": (float, str), "pgd_eps": (float, str), "pgd_step": (float, str),
+         "pgd_iters": int, "ood_transform": str, "umap_epochs": int}
+
+
 def resolve_config(cfg: dict) -> dict:
     """Stage options: DEFAULTS filled in, the protocol's values for the keys left at null, types and ranges
     checked (ConfigError naming the key)."""
-    cfg = validate(cfg, DEFAULTS)
+    cfg = validate(cfg, DEFAULTS, types=TYPES)
     check_ranges({"protocol": cfg["protocol"]}, {"protocol": RANGES["protocol"]})
     cfg = apply_protocol(cfg)
     validate({k: cfg[k] for k in PROTOCOL_KEYS}, EVALUATOR_DEFAULTS, "robustness")  # types of the filled keys
