@@ -30,6 +30,12 @@ def test_the_doc_has_the_snippets():
     assert "torchvision.models.resnet18(num_classes=10)" in snippets()[0]
 
 
+def test_the_readme_shows_two_snippets_exactly():
+    readme = (DOC.parents[1] / "README.md").read_text()
+    for i in (0, 2):  # a torchvision ResNet-18; a network that is not a ResNet
+        assert "```python\n" + snippets()[i] + "```" in readme
+
+
 @pytest.mark.parametrize("i", range(4))
 def test_doc_snippet_runs_as_written(i, one_thread):
     code = snippets()[i]
