@@ -76,7 +76,7 @@ DEFAULTS = {
         "color_jitter": 0.0,         # brightness/contrast/saturation strength (0 = off)
         "lighting": 0.0,             # AlexNet PCA lighting std (0.1 in the CutMix/AlignMix code; 0 = off)
         "num_workers": 4,            # DataLoader workers per process (persistent across epochs)
-        "loader": "uint8",           # uint8 (torchvision.io decode, uint8 crops) | pil (the old float path) |
+        "loader": "uint8",           # uint8 (torchvision.io decode, uint8 crops) | pil (the float PIL path) |
                                      # dali (NVIDIA DALI on the GPU) | auto (dali when importable on CUDA, else uint8)
         "decode_device": "cpu",      # cpu | cuda: nvJPEG decodes each train batch on the GPU (loader uint8, CUDA)
         "max_train": None,           # use an evenly spaced subset of this many train images (quick runs)

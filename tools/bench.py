@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Performance figures of the toolkit, as ratios measured in one run, gathered into one JSON + Markdown.
 
-    python tools/bench.py all --out runs/bench          # everything (minutes on 2 CPU cores)
+    python tools/bench.py all --out runs/bench          # everything (minutes on a laptop CPU)
     python tools/bench.py pretrain [--quick]            # training-step time of each method / ERM
     python tools/bench.py wsol                          # MaxBoxAccV2 evaluator speed-up vs the per-threshold loop,
                                                         # in this process and as whole tools/eval_wsol.py processes

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=["torchvision", "detectron2"], default=None)
     p.add_argument("--num-gpus", type=int, default=1,
                    help="detectron2 backend without torchrun: start this many processes with detectron2's "
-                        "launch (like its tools/train_net.py --num-gpus; gloo on CPU)")
+                        "launch (like detectron2's train_net.py --num-gpus; gloo on CPU)")
     p.add_argument("--resume", action="store_true",
                    help="continue in an existing run dir (finished seeds are skipped, others resume)")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides (dotted keys)")

@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--signal-delay", type=int, default=120, help="seconds before the limit the job is signalled")
     r.add_argument("--max-requeues", type=int, default=3, help="time-outs before the job stops requeueing")
     r.add_argument("--job-dir", default="runs/submitit/%j", help="submitit scripts and logs (%%j: job id)")
-    r.add_argument("--local", action="store_true", help="submitit's local executor: run the job on this machine")
+    r.add_argument("--local", action="store_true", help="submitit's local executor: run the job on the local machine")
     r.add_argument("--wait", action="store_true", help="wait for the job and print its metrics")
     return p
 
