@@ -56,9 +56,16 @@ def rank() -> int:
     return 0
 
 
+def bars_enabled() -> bool:
+    """Progress bars are drawn on rank 0 when stderr is a terminal and MT_NO_PROGRESS is not 1; elsewhere (a log
+    file, CI, a SLURM log) the training loop logs plain periodic lines instead of carriage-return bars."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return rank() == 0 and os.environ.get("MT_NO_PROGRESS") != "1" and bool(isatty and isatty())
+
+
 def progress(iterable: Iterable | None = None, **kwargs) -> tqdm:
-    """tqdm on rank 0 only; MT_NO_PROGRESS=1 silences it (CI logs, tests)."""
-    disable = rank() != 0 or os.environ.get("MT_NO_PROGRESS") == "1"
+    """tqdm where `bars_enabled()`, else a silent pass-through."""
+    disable = not bars_enabled()
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("leave", False)
     return tqdm(iterable, disable=disable, **kwargs)

@@ -27,6 +27,7 @@ value finite and a check of every parameter and buffer.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -39,9 +40,11 @@ import torch.distributed as dist
 
 from core import fingerprint as fp
 from core import runtime as rt
+from core.basics import bars_enabled
 from core.config import ConfigError
 
 CKPT = "checkpoints/last.pth"
+log = logging.getLogger("train")
 
 
 @dataclass
@@ -163,6 +166,7 @@ class Engine:
         self._epoch_sums: dict[str, float] = {}
         self._epoch_steps = 0
         self._bar = None
+        self._clock = (time.time(), 0)  # (time, step) where this invocation started: the eta's rate
 
     # -- set-up -------------------------------------------------------------------------------------
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -329,6 +333,32 @@ class Engine:
         if step % self.settings.log_every == 0 or step == 1:
             self.logger.log({"event": "step", "step": step, "epoch": host["epoch"], "lr": host["lr"],
                              **{k: v for k, v in rec.items() if k not in ("correct", "count") and k[0] != "_"}})
+            if not bars_enabled():
+                self._console_step(host, rec)
+
+    # -- the console (logging, rank 0): a header, periodic lines where no bar is drawn, one line per epoch -------
+    def _console_header(self, header: dict | None) -> None:
+        h, s = header or {}, self.settings
+        batch = h.get("per_process_batch")
+        batch_text = "" if batch is None else (f", per-process batch {batch} ({s.accumulate} micro-batch(es)), "
+                                               f"global batch {h.get('global_batch', batch * self.world)}")
+        log.info("run folder %s: world size %d%s, precision %s, device %s, %d steps (%d per epoch)", self.run_dir,
+                 self.world, batch_text, self.precision, self.device, s.total_steps, self.task.steps_per_epoch)
+
+    def _console_step(self, host: dict, rec: dict) -> None:
+        s, (t0, step0) = self.settings, self._clock
+        eta = (time.time() - t0) / max(host["step"] - step0, 1) * (s.total_steps - host["step"])
+        terms = "  ".join(f"{k} {v:.4g}" for k, v in rec.items() if k.startswith("loss"))
+        log.info("epoch %d/%d  step %d/%d  %s  lr %.4g  %.1f images/s  eta %s", host["epoch"],
+                 -(-s.total_steps // self.task.steps_per_epoch), host["step"], s.total_steps, terms, host["lr"],
+                 host["images_per_s"], _hms(eta))
+
+    def _console_epoch(self, rec: dict) -> None:
+        skip = ("event", "epoch", "step", "images")
+        values = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
+                           if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool))
+        log.info("epoch %d/%d done (step %d): %s", rec["epoch"],
+                 -(-self.settings.total_steps // self.task.steps_per_epoch), rec["step"], values)
 
     # -- the loop -----------------------------------------------------------------------------------
     def _grouped(self, batches: Iterable) -> Iterable[list]:
@@ -369,6 +399,9 @@ class Engine:
         if fingerprint is not None and rt.is_main_process():
             fp.write(self.run_dir, fingerprint)
         rt.barrier()
+        if rt.is_main_process():
+            self._console_header(header)
+        self._clock = (time.time(), self.step)
         s, done_here = self.settings, 0
         while self.step < s.total_steps:
             stopped, done_here = self._run_epoch(done_here)
@@ -388,8 +421,9 @@ class Engine:
             if self.step >= end:
                 break
             record = self.train_step(micro)
-            self._pending.append(({"step": self.step, "epoch": epoch + 1, "lr": self.lrs()[0]}, record))
             images += sum(self.task.batch_size(b) for b in micro) * self.world
+            self._pending.append(({"step": self.step, "epoch": epoch + 1, "lr": self.lrs()[0],
+                                   "images_per_s": images / max(time.time() - t0, 1e-9)}, record))
             done_here += 1
             bar.update(1)
             if self.step % s.log_every == 0:
@@ -423,4 +457,12 @@ class Engine:
         self.check_parameters()
         rec.update(self.task.end_of_epoch(self, epoch + 1, rec))
         self.logger.log(rec)
+        if rt.is_main_process():
+            self._console_epoch(rec)
         self.save_checkpoint()
+
+
+def _hms(seconds: float) -> str:
+    """0:04:12 for 252 seconds."""
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"

@@ -445,10 +445,6 @@ def run(cfg: dict, inputs: dict | None, run_dir: str | os.PathLike, resume: bool
     if inputs:
         raise ValueError(f"pretraining takes no upstream inputs, got {sorted(inputs)}")
     task, engine = build(cfg, run_dir)
-    plan = task.plan
-    log.info("world size %d, per-process batch %d (%d micro-batch(es) of %d), effective global batch %d",
-             plan["world_size"], plan["per_process_batch"], plan["accumulate"], plan["micro_batch"],
-             plan["global_batch"])
     t0 = time.time()
     try:
         stopped = engine.fit(resume=resume, header=task.header(engine), force=force,

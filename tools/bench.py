@@ -11,7 +11,6 @@
     python tools/bench.py gpu                           # CUDA: training images/s per method, vs ERM and the loader
 """
 
-import argparse
 import json
 import os
 import platform
@@ -125,7 +124,7 @@ def to_markdown(results: dict) -> str:
 
 @cli.entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "robustness", "data", "gpu"])
     p.add_argument("--out", default=None, help="folder for bench.json and bench.md")
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")

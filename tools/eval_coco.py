@@ -4,7 +4,6 @@
     python tools/eval_coco.py --annotations instances_val2017.json --results detections.json
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from transfer.coco_eval import BACKENDS, coco_evaluate  # noqa: E402
 
 @cli.entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--annotations", required=True, help="COCO ground-truth JSON (instances_*.json)")
     p.add_argument("--results", required=True, help="results JSON: [{image_id, category_id, bbox, score}]")
     p.add_argument("--backend", choices=BACKENDS, default="auto")

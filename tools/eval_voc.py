@@ -4,7 +4,6 @@
     python tools/eval_voc.py --devkit data/VOCdevkit --year 2007 --split test --results RESULTS_DIR
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from transfer.voc_eval import METRICS, evaluate_voc_results  # noqa: E402
 
 @cli.entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--devkit", required=True, help="VOCdevkit folder (holding VOC<year>) or VOC<year> itself")
     p.add_argument("--year", default="2007")
     p.add_argument("--split", default="test")

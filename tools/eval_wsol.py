@@ -10,7 +10,6 @@ map's size with integer truncation). The JSON's "sweep" says which implementatio
 installed, or --largest-contour) or "reference" (--reference: the per-threshold OpenCV loop).
 Imports neither torch nor model code (it would cost more than the scoring).
 """
-import argparse
 import json
 import os
 import sys
@@ -23,7 +22,7 @@ from core import cli  # noqa: E402
 
 @cli.entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--metadata", required=True, help="metadata folder of one split (image_ids.txt, ...)")
     p.add_argument("--scoremaps", required=True)
     p.add_argument("--cam-curve-interval", type=float, default=0.001)

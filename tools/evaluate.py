@@ -45,7 +45,7 @@ def _value(text: str):
 
 @cli.entry
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__)
     ap.add_argument("--checkpoint", nargs="+", required=True, help="CKPT or NAME=CKPT, one or more")
     ap.add_argument("--imagenet", required=True, help="ImageNet-layout root (val/ and val_boxes/)")
     ap.add_argument("--config", help="YAML setting any of the options below (configs/eval/)")

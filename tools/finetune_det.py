@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -21,14 +20,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
-from core.runtime import cleanup_distributed, init_distributed, is_main_process  # noqa: E402
+from core.runtime import cleanup_distributed, init_distributed  # noqa: E402
 from transfer.d2_backend import Detectron2BackendError, launch_finetune  # noqa: E402
 from transfer.det_train import finetune_detector, load_det_config  # noqa: E402
+
+log = logging.getLogger("finetune_det")
 
 
 @cli.entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--config", required=True, help="YAML config (configs/detection/*.yaml)")
     p.add_argument("--weights", default=None,
                    help="backbone checkpoint; omit (or 'none') for a randomly initialised backbone")
@@ -40,11 +41,12 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="continue in an existing run dir (finished seeds are skipped, others resume)")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides (dotted keys)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = p.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
     cfg = load_det_config(args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / "detection" / Path(args.config).stem)
+    log.info("detection fine-tuning with config %s into %s (backbone: %s)", args.config, run_dir,
+             args.weights or "random init")
     if run_dir.exists() and any(run_dir.iterdir()) and not args.resume:
         p.error(f"{run_dir} exists and is not empty; pass --resume to continue it or choose --run-dir")
     weights = None if args.weights in (None, "none", "None") else args.weights
@@ -64,7 +66,8 @@ def main(argv=None) -> int:
     except Detectron2BackendError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if is_main_process():
+    if cli.launch_rank() == 0:
+        cli.log_outputs(run_dir)
         keys = ("mAP_mean", "mAP_std", "AP50", "train_img_per_s", "test_img_per_s", "seeds", "iterations",
                 "detectron2")
         print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=1))

@@ -26,7 +26,7 @@ from pipeline.launch import DISTRIBUTED, STAGES, Resources, make_spec, submit  #
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("stage", choices=STAGES)
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the stage's config (dotted keys)")
     p.add_argument("--config", default=None, help="the stage's YAML (evaluate: optional)")

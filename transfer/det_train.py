@@ -459,6 +459,7 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
     engine = Engine(task, seed_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
     engine.fit(resume=True, fingerprint=fingerprint,
                header={"seed": seed, "weights": weights, "steps_per_epoch": task.steps_per_epoch,
+                       "per_process_batch": s["batch_size"],
                        "total_steps": task.total, "device": str(device)})
     metrics = _final_metrics(task, engine, seed_dir)  # every rank predicts its shard of the test set
     if runtime.is_main_process():

@@ -345,6 +345,7 @@ def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: boo
     engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
     engine.fit(resume=resume, force=force, fingerprint=fingerprint.make(cfg, {"weights": weights}),
                header={"weights": weights, "num_classes": task.num_classes, "train_images": len(task.train_set),
+                       "per_process_batch": cfg["batch_size"],
                        "test_images": len(task.test_set)})
     if is_main_process():
         atomic_save({"model": task.cam.state_dict(), "arch": cfg["arch"], "num_classes": task.num_classes,
