@@ -9,7 +9,7 @@ export MT_NO_PROGRESS ?= $(if $(CI),1,0)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -e '.[dev,fast,cluster]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,fast,cluster,tensorboard]'
 	touch $(STAMP)
 
 ## demo: the main job, the whole pipeline on the toy world (runs/toy/report.md)

@@ -56,6 +56,19 @@ def rank() -> int:
     return 0
 
 
+def metric_line(metrics: dict, prefix: str = "") -> str:
+    """`a 1.5  b.c 2` from a nested dict's numeric leaves (4 significant digits; None as null), for log lines."""
+    parts = []
+    for k, v in metrics.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            inner = metric_line(v, f"{name}.")
+            parts += [inner] if inner else []
+        elif v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+            parts.append(f"{name} {'null' if v is None else format(v, '.4g')}")
+    return "  ".join(parts)
+
+
 def bars_enabled() -> bool:
     """Progress bars are drawn on rank 0 when stderr is a terminal and MT_NO_PROGRESS is not 1; elsewhere (a log
     file, CI, a SLURM log) the training loop logs plain periodic lines instead of carriage-return bars."""

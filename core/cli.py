@@ -114,10 +114,16 @@ def launch_rank() -> int:
 
 
 class _ConsoleHandler(logging.StreamHandler):
-    """A stream handler that prints above the progress bars (tqdm.write) when its stream is a terminal."""
+    """A handler on the current sys.stderr (followed when it is swapped, e.g. by a test's capture) that prints
+    above the progress bars (tqdm.write) when it is a terminal."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not getattr(self.stream, "isatty", lambda: False)():
+        self.stream = sys.stderr
+        try:
+            tty = self.stream.isatty()
+        except (AttributeError, ValueError):  # no isatty, or a closed stream
+            tty = False
+        if not tty:
             return super().emit(record)
         try:
             from tqdm import tqdm

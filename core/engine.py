@@ -27,6 +27,7 @@ value finite and a check of every parameter and buffer.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
 import os
@@ -58,6 +59,8 @@ class LoopSettings:
     also how often the device's metrics are read and checked. checkpoint_every: also checkpoint every N steps
     (0: epoch ends).
     stop_after_steps: return after this many steps of this invocation (simulates a kill; tests).
+    tensorboard: also write run_dir/tensorboard (every numeric field of the step and epoch records): True,
+    False, or "auto" (when the tensorboard package is installed).
     """
 
     total_steps: int
@@ -71,6 +74,16 @@ class LoopSettings:
     checkpoint_every: int = 0
     stop_after_steps: int | None = None
     progress_desc: str = "epoch"
+    tensorboard: bool | str = False
+
+
+def tensorboard_dir(run_dir: str | os.PathLike, setting: bool | str) -> Path | None:
+    """run_dir/tensorboard when `setting` is True, or "auto" and the tensorboard package is installed; else None."""
+    if setting not in (True, False, "auto"):
+        raise ConfigError(f"tensorboard must be true, false or auto, got {setting!r}")
+    if setting == "auto":
+        setting = importlib.util.find_spec("tensorboard") is not None
+    return Path(run_dir) / "tensorboard" if setting else None
 
 
 class Task:
@@ -160,7 +173,8 @@ class Engine:
         self.ddp = self._wrap(task.model)
         self.step = 0
         self.config_text = config_text
-        self.logger = logger or rt.JsonlLogger(self.run_dir / "log.jsonl")
+        self.logger = logger or rt.JsonlLogger(self.run_dir / "log.jsonl",
+                                               tensorboard=tensorboard_dir(self.run_dir, settings.tensorboard))
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self._pending: list[tuple[dict, dict]] = []  # (host facts, device metrics) of steps not read yet
         self._epoch_sums: dict[str, float] = {}

@@ -172,6 +172,10 @@ class AblationSweep(Pipeline):
         self.run_dir = Path(self.cfg["out_root"]) / self.cfg["name"]
         root = self.cfg["data"]["root"]
         self.data = Path(root) if root else None
+        if root and not any("{data}" in str(o) for o in [*self.cfg["overrides"], *self.cfg["base_overrides"]]):
+            raise ConfigError(f"config key data.root: {root!r} would be ignored: no entry of overrides or "
+                              "base_overrides has a {data} placeholder; give the runs their data there instead, "
+                              f"e.g. 'overrides=[\"data.root={root}\"]'")
         knob = self.cfg["knob"]
         if knob["scale"] not in SCALES:
             raise ConfigError(f"config key knob.scale: {knob['scale']!r} is not one of {list(SCALES)}")

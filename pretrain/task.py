@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -50,7 +49,7 @@ from pretrain.data import (
     val_transform,
 )
 from pretrain.figures import plot_curves
-from pretrain.methods import ResNetStages, build_method
+from pretrain.methods import ResNetStages, build_configured, check_method_config
 from pretrain.mixing import have_gco
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,8 @@ DEFAULTS = {
         "num_threads": None,         # torch.set_num_threads for this process (None = torch's default)
         "checkpoint_every_steps": 0,  # also checkpoint every N steps (0 = only at epoch ends)
         "log_every_steps": 20,
-        "tensorboard": False,        # also write runs/<name>/tensorboard (needs the tensorboard package)
+        "tensorboard": "auto",       # auto | true | false: also write runs/<name>/tensorboard (auto: when the
+                                     # tensorboard package is installed: the `tensorboard` extra)
         "flops": True,               # fvcore parameter / FLOP counts in the log header
         "figures": True,             # runs/<name>/figures/curves.png at the end
         "grad_norm": True,           # mean squared gradient norm per epoch (multi-mix's variance proxy)
@@ -148,6 +148,7 @@ def resolve_config(cfg: dict) -> dict:
         raise ConfigError("data.root is required (an ImageNet-layout folder)")
     if not isinstance(cfg["method"], dict) or "name" not in cfg["method"]:
         raise ConfigError("method.name is required (e.g. method: {name: multimix})")
+    check_method_config(cfg["method"]["name"], {k: v for k, v in cfg["method"].items() if k != "name"})
     return cfg
 
 
@@ -211,7 +212,7 @@ class PretrainTask(Task):
         self.steps_per_epoch = self.sampler.steps
         net = ResNetStages(cfg["model"]["arch"], self.num_classes, cfg["model"]["zero_init_residual"])
         knobs = {k: v for k, v in cfg["method"].items() if k != "name"}
-        self.model = build_method(cfg["method"]["name"], net, self.num_classes, **knobs).to(device)
+        self.model = build_configured(cfg["method"]["name"], net, self.num_classes, knobs).to(device)
         if cfg["runtime"]["channels_last"] and device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
         if cfg["runtime"]["compile"]:
@@ -404,10 +405,9 @@ def build(cfg: dict, run_dir: str | os.PathLike) -> tuple[PretrainTask, Engine]:
         total_steps=task.steps_per_epoch * ocfg["epochs"], device=device, precision=rcfg["precision"],
         channels_last=rcfg["channels_last"] and device.type == "cuda", accumulate=task.plan["accumulate"],
         grad_norm=rcfg["grad_norm"], log_every=rcfg["log_every_steps"],
-        checkpoint_every=rcfg["checkpoint_every_steps"], stop_after_steps=rcfg["stop_after_steps"])
-    tb = Path(run_dir) / "tensorboard" if rcfg["tensorboard"] else None
-    logger = rt.JsonlLogger(Path(run_dir) / "log.jsonl", tensorboard=tb)
-    engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg), logger=logger)
+        checkpoint_every=rcfg["checkpoint_every_steps"], stop_after_steps=rcfg["stop_after_steps"],
+        tensorboard=rcfg["tensorboard"])
+    engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
     return task, engine
 
 

@@ -75,3 +75,54 @@ def test_pretrain_console_header_periodic_epoch_and_outputs(toy_world, tmp_path,
                           "--force"]) == 0
     out, err = capsys.readouterr()
     assert out == "" and "epoch 1/1" not in err
+
+
+def test_engine_console_lines_are_the_logged_numbers(tmp_path, caplog, monkeypatch):
+    """The periodic and epoch lines print the values log.jsonl holds (tiny regression task, 2 steps per epoch)."""
+    from test_engine import make
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal: plain lines
+    task, engine = make(tmp_path, epochs=2)
+    with caplog.at_level(logging.INFO, logger="train"):
+        engine.fit(header={"per_process_batch": 8})
+    lines = [r.getMessage() for r in caplog.records if r.name == "train"]
+    assert lines[0] == (f"run folder {tmp_path / 'run'}: world size 1, per-process batch 8 (1 micro-batch(es)), "
+                        "global batch 8, precision fp32, device cpu, 4 steps (2 per epoch)")
+    records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for rec, line in zip(steps, lines[1:3] + lines[4:6]):
+        epoch = 1 + (rec["step"] - 1) // 2
+        assert line.startswith(f"epoch {epoch}/2  step {rec['step']}/4  loss {rec['loss']:.4g}  loss_zero 0  "
+                               f"lr {rec['lr']:.4g}  "), line
+    epochs = [r for r in records if r["event"] == "epoch"]
+    for rec, line in zip(epochs, (lines[3], lines[6])):
+        assert line.startswith(f"epoch {rec['epoch']}/2 done (step {rec['step']}): lr {rec['lr']:.4g}  ")
+        assert f"train_loss {rec['train_loss']:.4g}" in line and line.endswith(f"seen {rec['seen']}")
+
+
+def test_tensorboard_setting(tmp_path, monkeypatch):
+    from core.config import ConfigError
+    from core.engine import tensorboard_dir
+
+    assert tensorboard_dir(tmp_path, True) == tmp_path / "tensorboard" and tensorboard_dir(tmp_path, False) is None
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    assert tensorboard_dir(tmp_path, "auto") is None  # not installed: no event files, no error
+    with pytest.raises(ConfigError, match="tensorboard must be true, false or auto, got 'yes'"):
+        tensorboard_dir(tmp_path, "yes")
+
+
+def test_tensorboard_scalars_are_the_logged_numbers(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_engine import make
+
+    _, engine = make(tmp_path, epochs=2, tensorboard=True)
+    engine.fit()
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    got = [(e.step, e.value) for e in acc.Scalars("epoch/train_loss")]
+    assert got == [(r["epoch"], pytest.approx(r["train_loss"], rel=1e-6)) for r in epochs]
+    assert [e.step for e in acc.Scalars("step/loss")] == [1, 2, 3, 4]

@@ -90,6 +90,8 @@ DEFAULTS = {
         "precision": "fp32",              # fp32 | bf16 | fp16 (CUDA only)
         "channels_last": True,            # CUDA only
         "log_period": 20,
+        "tensorboard": "auto",            # auto | true | false: also write RUN/tensorboard
+                                          # (auto: when the package is installed)
         "num_threads": 0,                 # torch CPU threads (0: torch's default)
     },
 }
@@ -339,6 +341,7 @@ def detection_figure(examples, classes, path: Path, score_thresh: float = 0.3) -
 
 # config keys a resume (or the reuse of a finished seed) may change: execution and reporting, not results
 RESUME_MAY_CHANGE = ("name", "data.workers", "runtime.device", "runtime.num_threads", "runtime.log_period",
+                     "runtime.tensorboard",
                      "eval.figure_examples", "eval.figure_score_thresh")
 
 
@@ -455,7 +458,7 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
     settings = LoopSettings(total_steps=task.total, device=device, precision=rt["precision"],
                             channels_last=bool(rt["channels_last"]) and device.type == "cuda",
                             clip_grad_norm=s["clip_grad_norm"], log_every=rt["log_period"],
-                            progress_desc=f"seed {seed} epoch")
+                            progress_desc=f"seed {seed} epoch", tensorboard=rt["tensorboard"])
     engine = Engine(task, seed_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
     engine.fit(resume=True, fingerprint=fingerprint,
                header={"seed": seed, "weights": weights, "steps_per_epoch": task.steps_per_epoch,

@@ -39,7 +39,7 @@ from core.runtime import (
     write_json,
 )
 from core.schedule import lr_factor
-from pretrain.methods import build_method
+from pretrain.methods import build_configured, check_method_config
 from wsol.data import WSOLDataset
 from wsol.evaluate import centred_box_baseline, evaluate_model
 from wsol.figures import boxacc_curves, cam_grid, loc_curve
@@ -104,6 +104,8 @@ DEFAULTS = {
         "device": "auto",
         "precision": "fp32",            # fp32 | bf16 | fp16 (CUDA only)
         "channels_last": True,          # CUDA only
+        "tensorboard": "auto",          # auto | true | false: also write RUN/tensorboard
+                                        # (auto: when the package is installed)
     },
     "log_every": 20,                    # iterations between log lines
 }
@@ -183,6 +185,12 @@ def resolve_config(cfg: dict) -> dict:
     """Validate against DEFAULTS (unknown keys rejected, missing ones filled, types and RANGES checked)."""
     cfg = validate(cfg, DEFAULTS)
     check_ranges(cfg, RANGES)
+    mixing = cfg["mixing"]
+    if mixing["name"] != "none":
+        check_method_config(mixing["name"], mixing.get("knobs") or {}, "mixing.knobs", "mixing.name")
+    elif mixing.get("knobs"):
+        raise ConfigError(f"config key mixing.knobs: {sorted(mixing['knobs'])} would be ignored: mixing.name is "
+                          "none (plain cross-entropy); name the method (e.g. mixing.name=multimix) or drop them")
     return cfg
 
 
@@ -194,7 +202,9 @@ class WSOLObjective(nn.Module):
         super().__init__()
         self.cam = cam
         name = mixing["name"]
-        self.method = None if name == "none" else build_method(name, cam, num_classes, **(mixing.get("knobs") or {}))
+        knobs = mixing.get("knobs") or {}
+        self.method = None if name == "none" else build_configured(name, cam, num_classes, knobs, "mixing.knobs",
+                                                                             "mixing.name")
         if self.method is not None and self.method.export_head() is not None:
             raise ConfigError(f"mixing {name!r} trains its own classifier head; CAMs need fc on pooled features: "
                               "set mixing.knobs.head: gap")
@@ -300,8 +310,8 @@ class WSOLTask(Task):
 
     @property
     def resume_may_change(self) -> tuple[str, ...]:
-        keys = ["name", "data.num_workers", "runtime.device", "log_every", "eval.num_figure_images",
-                "eval.batch_size"]
+        keys = ["name", "data.num_workers", "runtime.device", "runtime.tensorboard", "log_every",
+                "eval.num_figure_images", "eval.batch_size"]
         if self.cfg["optim"]["schedule"] != "cosine":
             keys.append("epochs")  # train longer: the schedule does not depend on the total
         return tuple(keys)
@@ -341,7 +351,8 @@ def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: boo
     settings = LoopSettings(total_steps=task.steps_per_epoch * cfg["epochs"], device=device,
                             precision=cfg["runtime"]["precision"],
                             channels_last=device.type == "cuda" and cfg["runtime"]["channels_last"],
-                            log_every=cfg["log_every"], progress_desc="wsol epoch")
+                            log_every=cfg["log_every"], progress_desc="wsol epoch",
+                            tensorboard=cfg["runtime"]["tensorboard"])
     engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
     engine.fit(resume=resume, force=force, fingerprint=fingerprint.make(cfg, {"weights": weights}),
                header={"weights": weights, "num_classes": task.num_classes, "train_images": len(task.train_set),

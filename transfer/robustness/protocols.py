@@ -33,7 +33,7 @@ from __future__ import annotations
 PROTOCOL_KEYS = ("image_size", "resize", "fgsm_eps", "pgd_eps", "pgd_step", "pgd_iters", "pgd_random_start",
                  "ood_transform")
 
-# the evaluator's own defaults (stage DEFAULTS before protocols existed)
+# what the protocol keys take when no protocol is chosen
 EVALUATOR_DEFAULTS = {"image_size": 224, "resize": 256, "fgsm_eps": "8/255", "pgd_eps": "4/255",
                       "pgd_step": "2/255", "pgd_iters": 10, "pgd_random_start": True, "ood_transform": "eval"}
 

@@ -9,37 +9,41 @@ umap-learn) adds alignment / uniformity and a UMAP figure (`embedding.py`).
 
 from __future__ import annotations
 
+import logging
 from fractions import Fraction
 
+from core.basics import metric_line
 from core.config import ConfigError, check_ranges, validate
 from transfer.robustness.data import OOD_TRANSFORMS
 from transfer.robustness.evaluate import NOISE_SETS, SUITES, evaluate_checkpoint, parse_suites
 from transfer.robustness.protocols import EVALUATOR_DEFAULTS, PROTOCOL_KEYS, PROTOCOLS, apply_protocol
 
+log = logging.getLogger("robustness")
+
 STAGE_SUITES = ("embedding",)  # suites of this stage beyond evaluate_checkpoint's; never in "all"
 
 DEFAULTS = {
-    "suites": ",".join(SUITES),      # comma-separated (or a list): clean,background,calibration,fgsm,pgd,ood
-                                     # (+ embedding, only when listed)
+    "suites": ",".join(SUITES),      # comma-separated (or a list) of clean, background, calibration, fgsm, pgd,
+                                     # ood, embedding, or all (every suite but embedding)
     "protocol": None,                # cifar | tinyimagenet | imagenet: fills the null keys below (null: none)
     "out": "runs/robustness",        # output folder of tools/evaluate.py (the pipeline gives its own)
     "limit": None,                   # evaluate N evenly spaced val images (and at most N per OOD folder)
     "image_size": None,              # centre-crop size (protocol; evaluator default 224)
     "resize": None,                  # short side before the crop (protocol; evaluator default 256)
-    "batch_size": 64,
+    "batch_size": 64,                # images per forward (per process)
     "seed": 0,                       # replacement images, noise, PGD random starts, synthetic OOD images
-    "device": "auto",
+    "device": "auto",                # auto | cpu | cuda | cuda:N
     "precision": "fp32",             # fp32 | bf16 | fp16 (CUDA autocast, attacks too)
     "workers": None,                 # data-loading workers: 0 on CPU, min(8, cores) on CUDA
     "arch": None,                    # from the checkpoint's meta
     "corrupt_at": "eval",            # eval (after resize + crop) | original (stored resolution, then resize)
     "sigma": 0.1,                    # background noise std in [0, 1] pixel units, clipped to [0, 1]
     "export_corrupted": None,        # folder to write the corrupted val sets as PNG (+ index.json)
-    "fgsm_eps": None,                # a number or a fraction string (protocol; default 8/255)
-    "pgd_eps": None,                 # (protocol; default 4/255)
-    "pgd_step": None,                # (protocol; default 2/255)
-    "pgd_iters": None,               # (protocol: 20; evaluator default 10)
-    "pgd_random_start": True,
+    "fgsm_eps": None,                # FGSM budget: a number or a fraction string (protocol; default 8/255)
+    "pgd_eps": None,                 # PGD budget (protocol; default 4/255)
+    "pgd_step": None,                # PGD step size (protocol; default 2/255)
+    "pgd_iters": None,               # PGD iterations (protocol: 20; without a protocol 10)
+    "pgd_random_start": True,        # PGD starts at a random point of the eps-ball
     "ood_noise": ",".join(NOISE_SETS),  # synthetic OOD sets: uniform,gaussian (empty for none)
     "gaussian_std": 0.5,             # std of the Gaussian OOD noise N(0.5, std), clipped (AlignMix App. C)
     "cam_threshold": 0.25,           # localization: CAM box at this fraction of the map's max
@@ -129,4 +133,7 @@ def run(cfg: dict, inputs: dict, run_dir) -> dict:
         from transfer.robustness.embedding import run_embedding_suite
 
         metrics = run_embedding_suite(cfg, inputs["checkpoint"], inputs["imagenet"], run_dir, metrics)
+    for suite in [*core, *extra]:  # one console line per suite
+        if isinstance(metrics.get(suite), dict):
+            log.info("%s: %s", suite, metric_line(metrics[suite]))
     return metrics
