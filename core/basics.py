@@ -57,7 +57,10 @@ def rank() -> int:
 
 
 def metric_line(metrics: dict, prefix: str = "") -> str:
-    """`a 1.5  b.c 2` from a nested dict's numeric leaves (4 significant digits; None as null), for log lines."""
+    """`top1_err 23.5 %  ood.auroc 91 %  epoch_time_s 12 s` from a nested dict's numeric leaves (4 significant
+    digits, the unit of core.units; None as null), for log lines."""
+    from core.units import unit_of
+
     parts = []
     for k, v in metrics.items():
         name = f"{prefix}{k}"
@@ -65,7 +68,9 @@ def metric_line(metrics: dict, prefix: str = "") -> str:
             inner = metric_line(v, f"{name}.")
             parts += [inner] if inner else []
         elif v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)):
-            parts.append(f"{name} {'null' if v is None else format(v, '.4g')}")
+            unit = unit_of(k) if v is not None else None
+            text = "null" if v is None else format(v, ".4g")
+            parts.append(f"{name} {text}{' ' + unit if unit and len(unit) < 9 else ''}")
     return "  ".join(parts)
 
 

@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from core import fingerprint as fp
 from core import runtime as rt
-from core.basics import bars_enabled
+from core.basics import bars_enabled, metric_line
 from core.config import ConfigError
 
 CKPT = "checkpoints/last.pth"
@@ -368,9 +368,7 @@ class Engine:
                  host["images_per_s"], _hms(eta))
 
     def _console_epoch(self, rec: dict) -> None:
-        skip = ("event", "epoch", "step", "images")
-        values = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
-                           if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool))
+        values = metric_line({k: v for k, v in rec.items() if k not in ("event", "epoch", "step", "images")})
         log.info("epoch %d/%d done (step %d): %s", rec["epoch"],
                  -(-self.settings.total_steps // self.task.steps_per_epoch), rec["step"], values)
 

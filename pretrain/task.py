@@ -31,6 +31,7 @@ from core.data import read_bytes, read_image, read_image_uint8
 from core.engine import Engine, LoopSettings, Task, build_optimizer
 from core.schedule import lr_factor
 from core.smalldata import DATASETS, detect_layout, open_classification
+from core.units import units
 from pretrain.data import (
     EncodedTrainTransform,
     EpochSampler,
@@ -422,6 +423,7 @@ def finish(task: PretrainTask, engine: Engine) -> dict:
                "best_val_top1": max((h.get("val_top1", 0.0) for h in task.history), default=None),
                "train_time_s": sum(h.get("epoch_time_s", 0.0) for h in task.history),
                "global_batch": task.plan["global_batch"]}
+    metrics["units"] = units(metrics)
     if rt.is_main_process():
         engine.check_parameters()
         meta = {"arch": cfg["model"]["arch"], "num_classes": task.num_classes, "method": cfg["method"]["name"],

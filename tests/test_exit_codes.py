@@ -160,3 +160,31 @@ def test_yaml_of_the_ablation_configs_use_their_data_root():
         cfg = yaml.safe_load(path.read_text())
         if (cfg.get("data") or {}).get("root"):
             assert any("{data}" in o for o in cfg.get("overrides", []) + cfg.get("base_overrides", [])), path
+
+
+def test_box_suites_on_data_without_boxes(call, toy_world, tmp_path, capsys):
+    """No box annotations: background (which needs them) is skipped with a note; asked for alone, exit 2 with
+    the suites that would run."""
+    import json
+    import shutil
+
+    import torch
+
+    from core.checkpoint import build_resnet, save_backbone
+
+    root = tmp_path / "imagenet"
+    shutil.copytree(toy_world / "imagenet" / "val", root / "val")  # no val_boxes/, no LOC_val_solution.csv
+    ckpt = tmp_path / "backbone.pth"
+    torch.manual_seed(0)
+    save_backbone(ckpt, build_resnet("resnet18", num_classes=10), {"arch": "resnet18", "method": "erm"})
+    evaluate = _tool("evaluate")
+    common = ["--checkpoint", ckpt, "--imagenet", root, "--limit", "2", "--image-size", "32", "--resize", "36",
+              "--out", tmp_path / "out"]
+    code, line = call(evaluate, *common, "--suites", "background")
+    assert code == 2 and "no box annotations" in line and "--suites" in line, line
+    capsys.readouterr()
+    assert evaluate.main([str(a) for a in common + ["--suites", "clean,background"]]) == 0
+    err = capsys.readouterr().err
+    assert "background: skipped:" in err and "--suites clean" in err, err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert "clean" in metrics and "background" not in metrics

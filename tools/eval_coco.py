@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
+from core.units import with_units  # noqa: E402
 from transfer.coco_eval import BACKENDS, coco_evaluate  # noqa: E402
 
 
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-category", action="store_true", help="also print AP per category")
     args = p.parse_args(argv)
     out = coco_evaluate(args.annotations, args.results, backend=args.backend, per_category=args.per_category)
-    print(json.dumps(out, indent=2))
+    print(json.dumps(with_units(out), indent=2))
     return 0
 
 

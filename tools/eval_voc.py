@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
 from core.constants import VOC_CLASSES  # noqa: E402
+from core.units import with_units  # noqa: E402
 from transfer.voc_eval import METRICS, evaluate_voc_results  # noqa: E402
 
 
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     classes = tuple(args.classes.split(",")) if args.classes else VOC_CLASSES
     out = evaluate_voc_results(args.devkit, args.results, args.year, args.split, args.metric, args.iou, classes)
-    print(json.dumps(out, indent=2))
+    print(json.dumps(with_units(out), indent=2))
     return 0
 
 

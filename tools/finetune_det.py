@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
 from core.runtime import cleanup_distributed, init_distributed  # noqa: E402
+from core.units import units  # noqa: E402
 from transfer.d2_backend import Detectron2BackendError, launch_finetune  # noqa: E402
 from transfer.det_train import finetune_detector, load_det_config  # noqa: E402
 
@@ -68,9 +69,11 @@ def main(argv=None) -> int:
         return 2
     if cli.launch_rank() == 0:
         cli.log_outputs(run_dir)
-        keys = ("mAP_mean", "mAP_std", "AP50", "train_img_per_s", "test_img_per_s", "seeds", "iterations",
+        key = metrics.get("primary", "mAP")  # VOC mAP or COCO AP
+        keys = (key, f"{key}_mean", f"{key}_std", "AP50", "train_img_per_s", "test_img_per_s", "seeds", "iterations",
                 "detectron2")
-        print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=1))
+        shown = {k: metrics[k] for k in keys if k in metrics}
+        print(json.dumps({**shown, "units": units(shown)}, indent=1))
     return 0
 
 

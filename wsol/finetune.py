@@ -39,6 +39,7 @@ from core.runtime import (
     write_json,
 )
 from core.schedule import lr_factor
+from core.units import with_units
 from pretrain.methods import build_configured, check_method_config
 from wsol.data import WSOLDataset
 from wsol.evaluate import centred_box_baseline, evaluate_model
@@ -323,18 +324,19 @@ class WSOLTask(Task):
         self.curve = list(state["curve"])
 
 
-_CURVE_KEYS = ("top1_cls", "maxboxacc", "maxboxacc_v2", "top1_loc", "gt_known_loc")
+_CURVE_KEYS = ("top1_cls", "maxboxacc_v1", "maxboxacc_v2", "top1_loc", "gt_known_loc")
 
 
 def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: bool = False) -> dict:
     """The WSOL stage: fine-tune a CAM model from ``inputs["weights"]`` (a backbone checkpoint; None or absent:
     random init) and evaluate it.
 
-    Returns metrics in percent: top1_cls, maxboxacc, maxboxacc_v2, top1_loc, gt_known_loc, top5_loc,
-    maxboxacc_per_iou, best_threshold, centred_box baseline, curve (one entry per evaluated epoch). Writes
-    run_dir/metrics.json and figures/*.png. An existing run_dir/checkpoints/last.pth is resumed (resume=True)
-    when it was made from the same config and weights (`WSOLTask.resume_may_change` excepted); a finished run
-    just re-reports. Without resume an existing checkpoint is an error unless `force`.
+    Returns metrics in percent (its "units" field says so): top1_cls, maxboxacc_v1 (largest contour, IoU 50),
+    maxboxacc_v2 (all contours, mean over IoU 30/50/70), top1_loc, gt_known_loc, top5_loc, maxboxacc_v2_per_iou,
+    best_threshold, centred_box baseline, curve (one entry per evaluated epoch). Writes run_dir/metrics.json and
+    figures/*.png. An existing run_dir/checkpoints/last.pth is resumed (resume=True) when it was made from the same
+    config and weights (`WSOLTask.resume_may_change` excepted); a finished run just re-reports. Without resume an
+    existing checkpoint is an error unless `force`.
     """
     inputs = dict(inputs or {})
     weights = inputs.pop("weights", None)
@@ -374,12 +376,12 @@ def finetune(cfg: dict, weights: str | None, run_dir, resume: bool = True, force
 
 def _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights) -> dict:
     res = _eval(model, test_set, cfg, device, keep_examples=cfg["eval"]["num_figure_images"])
-    final = {"epoch": cfg["epochs"], **{k: res[k] for k in ("top1_cls", "maxboxacc", "maxboxacc_v2",
+    final = {"epoch": cfg["epochs"], **{k: res[k] for k in ("top1_cls", "maxboxacc_v1", "maxboxacc_v2",
                                                              "top1_loc", "gt_known_loc")}}
     curve = [c for c in curve if c["epoch"] != final["epoch"]] + [final]
     size = (cfg["input"]["test_size"],) * 2
     baseline = centred_box_baseline(test_set.metadata, size, 0.5, cfg["eval"]["iou_thresholds"])
-    metrics = {**_public(res), "curve": curve, "weights": weights, "centred_box": baseline}
+    metrics = with_units({**_public(res), "curve": curve, "weights": weights, "centred_box": baseline})
     if not is_main_process():  # every rank evaluated its shard and holds the numbers; rank 0 writes
         barrier()
         return metrics
@@ -389,7 +391,7 @@ def _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights)
                                        "IoU 50 (largest contour)": res["_box_acc_v1"]}, fig / "boxacc.png")
     loc_curve(curve, fig / "loc_curve.png")
     write_json(metrics, Path(run_dir) / "metrics.json")
-    logger.log({"event": "done", **{k: metrics[k] for k in ("top1_cls", "maxboxacc", "maxboxacc_v2",
+    logger.log({"event": "done", **{k: metrics[k] for k in ("top1_cls", "maxboxacc_v1", "maxboxacc_v2",
                                                              "top1_loc", "gt_known_loc")}})
     barrier()
     return metrics

@@ -40,6 +40,7 @@ from core import distributed as ddist
 from core.config import ConfigError
 from core.data import DataError
 from core.runtime import autocast, get_device, is_main_process, progress, write_json
+from core.units import with_units
 
 from . import figures
 from .attacks import fgsm, pgd
@@ -267,7 +268,7 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
     _check_options(corrupt_at, iou_op, ood_noise)
     ev = _Evaluation(o, suites)
     ev.run_suites()
-    metrics = _rounded(json.loads(json.dumps(ev.metrics, default=float)))  # plain JSON values
+    metrics = with_units(_rounded(json.loads(json.dumps(ev.metrics, default=float))))  # plain JSON values
     if ev.out_dir is not None and is_main_process():
         write_json(metrics, ev.out_dir / "metrics.json")
     return metrics
