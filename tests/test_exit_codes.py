@@ -122,8 +122,19 @@ def test_overrides_anywhere_reach_the_config(call, tmp_path, monkeypatch):
     assert code == 0 and (seen["wcfg"]["epochs"], seen["wcfg"]["optim"]["lr"]) == (3, 0.5)
 
 
-def test_every_help_says_what_each_option_does(capsys):
-    """--help of every tool: --debug and the exit codes, and a help text for every option."""
+def test_every_help_says_what_each_option_does(capsys, monkeypatch):
+    """--help of every tool: --debug and the exit codes, and a help text for every option and argument."""
+    import argparse
+
+    silent = []
+    add = argparse._ActionsContainer.add_argument
+
+    def recording(self, *args, **kwargs):
+        if not kwargs.get("help"):
+            silent.append(args)
+        return add(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse._ActionsContainer, "add_argument", recording)
     for path in sorted((ROOT / "tools").glob("*.py")):
         mod = _tool(path.stem)
         with pytest.raises(SystemExit) as e:
@@ -131,6 +142,7 @@ def test_every_help_says_what_each_option_does(capsys):
         assert e.value.code == 0
         out = capsys.readouterr().out
         assert "--debug" in out and "2 bad input or config" in out, path.name
+        assert not silent, (path.name, silent)
     out = _evaluate_help(capsys)
     assert "embedding" in out and "default: " in out
     for flag in ("--precision", "--iou-op", "--corrupt-at", "--protocol"):

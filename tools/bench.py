@@ -125,7 +125,8 @@ def to_markdown(results: dict) -> str:
 @cli.entry
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
-    p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "robustness", "data", "gpu"])
+    p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "robustness", "data", "gpu"],
+                   help="which figures to measure (see above)")
     p.add_argument("--out", default=None, help="folder for bench.json and bench.md")
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
     args = p.parse_args(argv)

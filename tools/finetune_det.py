@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default=None,
                    help="backbone checkpoint; omit (or 'none') for a randomly initialised backbone")
     p.add_argument("--run-dir", default=None, help="output directory (default runs/detection/<config name>)")
-    p.add_argument("--backend", choices=["torchvision", "detectron2"], default=None)
+    p.add_argument("--backend", choices=["torchvision", "detectron2"], default=None,
+                   help="the detector implementation (default: the config's `backend`)")
     p.add_argument("--num-gpus", type=int, default=1,
                    help="detectron2 backend without torchrun: start this many processes with detectron2's "
                         "launch (like detectron2's train_net.py --num-gpus; gloo on CPU)")

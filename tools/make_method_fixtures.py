@@ -240,7 +240,8 @@ def main(argv=None) -> int:
     ap = cli.parser(__doc__)
     ap.add_argument("--puzzlemix", type=Path, help="checkout of github.com/snu-mllab/PuzzleMix")
     ap.add_argument("--alignmix", type=Path, help="checkout of github.com/shashankvkt/AlignMixup_CVPR22")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "fixtures")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "fixtures",
+                    help="output folder of the .npz fixtures (default tests/fixtures)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
