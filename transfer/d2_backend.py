@@ -125,7 +125,7 @@ def dataset_specs(cfg: dict) -> dict:
     root = Path(d["root"]).expanduser().resolve()
     limit_train, limit_test = int(d["max_train_images"] or 0), int(d["max_test_images"] or 0)
     if d["format"] == "voc":
-        classes = list(VOC_CLASSES)
+        classes = list(d.get("classes") or VOC_CLASSES)
 
         def voc(spec, limit):
             year, split = str(spec).split("/")
@@ -569,7 +569,7 @@ def _toolkit_ctx(specs: dict):
 
     t = specs["test"]
     if t["kind"] == "voc":
-        ds = VOCDetection(Path(t["dirname"]).parent, str(t["year"]), t["split"])
+        ds = VOCDetection(Path(t["dirname"]).parent, str(t["year"]), t["split"], classes=tuple(t["classes"]))
         return {"format": "voc", "classes": tuple(t["classes"]), "split": t["split"], "dataset": ds}
     ds = COCODetection(t["image_root"], t["json_file"])
     return {"format": "coco", "classes": ds.classes, "dataset": ds}

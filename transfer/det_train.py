@@ -55,6 +55,7 @@ DEFAULTS = {
         "root": "",                       # VOC: the VOCdevkit dir; COCO: the dir holding annotations/
         "voc_train": ["2007/trainval", "2012/trainval"],
         "voc_test": "2007/test",
+        "classes": None,                  # VOC layout: the class names, in label order (null: the 20 VOC classes)
         "coco_train": ["train2017", "annotations/instances_train2017.json"],
         "coco_val": ["val2017", "annotations/instances_val2017.json"],
         "max_train_images": 0,            # 0: all (a prefix otherwise: quick runs)
@@ -116,6 +117,11 @@ def resolve_config(cfg: dict) -> dict:
     check_ranges(cfg, RANGES)
     if not cfg["seeds"] or len(set(cfg["seeds"])) != len(cfg["seeds"]):
         raise ConfigError(f"config key seeds: {cfg['seeds']!r} must be a non-empty list of distinct seeds")
+    classes = cfg["data"]["classes"]
+    if classes is not None and (not isinstance(classes, list) or not classes or len(set(classes)) != len(classes)
+                                or not all(isinstance(c, str) and c for c in classes)):
+        raise ConfigError(f"config key data.classes: {classes!r} must be a non-empty list of distinct class names "
+                          "(or null: the 20 VOC classes)")
     return cfg
 
 
@@ -148,13 +154,14 @@ def build_datasets(cfg: dict, seed: int = 0):
     root = Path(d["root"])
     if d["format"] == "voc":
         parts = []
+        classes = tuple(d["classes"] or VOC_CLASSES)
         for spec in d["voc_train"]:
             year, split = str(spec).split("/")
-            parts.append(VOCDetection(root, year, split, transform=train_tf))
+            parts.append(VOCDetection(root, year, split, transform=train_tf, classes=classes))
         train = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
         year, split = str(d["voc_test"]).split("/")
-        test = VOCDetection(root, year, split, transform=test_tf)
-        ctx = {"format": "voc", "classes": VOC_CLASSES, "split": split, "dataset": test}
+        test = VOCDetection(root, year, split, transform=test_tf, classes=classes)
+        ctx = {"format": "voc", "classes": classes, "split": split, "dataset": test}
     elif d["format"] == "coco":
         train = COCODetection(root / d["coco_train"][0], root / d["coco_train"][1], transform=train_tf,
                               remove_empty=True)
