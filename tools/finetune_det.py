@@ -6,6 +6,10 @@
       data.root=/data/VOCdevkit seeds=[0,1,2]
   torchrun --nproc_per_node 8 tools/finetune_det.py --config configs/detection/frcnn_r50_fpn_1x_coco.yaml ...
   tools/finetune_det.py --backend detectron2 --num-gpus 8 --config ... --weights BACKBONE   # detectron2's launch
+  tools/finetune_det.py --eval-only --config CFG --checkpoint RUN/seed_0/checkpoints/last.pth [--run-dir OUT]
+
+--eval-only (detectron2's flag of the same name) evaluates a trained detector without training: the model of the
+config (the one it was trained with) with the checkpoint's weights, on the config's test set; torchvision backend.
 """
 
 from __future__ import annotations
@@ -42,10 +46,20 @@ def main(argv=None) -> int:
                         "launch (like detectron2's train_net.py --num-gpus; gloo on CPU)")
     p.add_argument("--resume", action="store_true",
                    help="continue in an existing run dir (finished seeds are skipped, others resume)")
-    p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides (dotted keys)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate the trained detector of --checkpoint on the config's test set; no training")
+    p.add_argument("--checkpoint", default=None,
+                   help="--eval-only: a detection run's seed_<s>/checkpoints/last.pth (or a detector state dict)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides with dotted keys, anywhere on the command line; an unknown key is an error")
     args = p.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
     cfg = load_det_config(args.config, overrides)
+    if args.eval_only or args.checkpoint:
+        if not (args.eval_only and args.checkpoint) or args.weights or args.resume or args.num_gpus > 1:
+            p.error("--eval-only takes --checkpoint (a trained detector), and neither --weights, --resume nor "
+                    "--num-gpus")
+        return _eval_only(cfg, args)
     run_dir = Path(args.run_dir or Path("runs") / "detection" / Path(args.config).stem)
     log.info("detection fine-tuning with config %s into %s (backbone: %s)", args.config, run_dir,
              args.weights or "random init")
@@ -75,6 +89,22 @@ def main(argv=None) -> int:
                 "detectron2")
         shown = {k: metrics[k] for k in keys if k in metrics}
         print(json.dumps({**shown, "units": units(shown)}, indent=1))
+    return 0
+
+
+def _eval_only(cfg: dict, args) -> int:
+    from transfer.det_evaluate import evaluate_detector
+
+    run_dir = Path(args.run_dir or Path("runs") / "detection" / f"{Path(args.config).stem}_eval")
+    log.info("evaluating %s with config %s into %s", args.checkpoint, args.config, run_dir)
+    init_distributed()
+    try:
+        metrics = evaluate_detector(cfg, args.checkpoint, run_dir)
+    finally:
+        cleanup_distributed()
+    if cli.launch_rank() == 0:
+        cli.log_outputs(run_dir)
+        print(json.dumps(metrics, indent=1))
     return 0
 
 

@@ -75,11 +75,9 @@ def evaluate_model(model, loader, meta: WSOLMetadata, device, size=(224, 224), c
 
     loader yields (images [B, 3, H, W] in [0, 1], labels [B], indices [B]) with indices into
     ``meta.image_ids`` (torchrun: this rank's shard, counts summed by `_sum_over_ranks`). Returns percentages:
-    top1_cls, top5_cls, maxboxacc_v1 (largest contour, IoU 50), maxboxacc_v2 (all contours, mean over
-    iou_thresholds), maxboxacc_v2_per_iou (all contours), best thresholds, gt_known_loc / top1_loc / top5_loc at
-    ``loc_threshold`` and ``loc_iou``, the BoxAcc curves, and up to ``keep_examples`` (image, cam, gt, pred
-    boxes) for figures.
-    """
+    top1_cls, top5_cls, maxboxacc_v1 (largest contour, IoU 50), maxboxacc_v2 (all contours, mean over the IoUs),
+    maxboxacc_v2_per_iou, best thresholds, gt_known / top1 / top5_loc at ``loc_threshold`` and ``loc_iou``, the
+    BoxAcc curves, and up to ``keep_examples`` (image, cam, gt, pred boxes) for figures."""
     model.eval()
     v2 = MaxBoxAccEvaluator(cam_curve_interval, iou_thresholds, multi_contour=True)
     v1 = MaxBoxAccEvaluator(cam_curve_interval, (50,), multi_contour=False)
