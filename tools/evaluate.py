@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from core.distributed import torchrun_session  # noqa: E402
 from core.runtime import atomic_write_text, write_json  # noqa: E402
 from transfer.robustness import SUITES, compare  # noqa: E402
 from transfer.robustness.stage import DEFAULTS, run  # noqa: E402
+
+log = logging.getLogger("evaluate")
 
 
 def _name(spec: str) -> tuple[str, str]:
@@ -106,21 +109,24 @@ def main(argv=None) -> int:
         raise InputError(f"--checkpoint: duplicate method names {names}; name them with NAME=PATH")
     out = Path(opts["out"])
     results = {}
-    with torchrun_session() as (rank, _):  # under torchrun each rank evaluates a shard; rank 0 writes
+    with torchrun_session() as (rank, world):  # under torchrun each rank evaluates a shard; rank 0 writes
+        log.info("robustness suites %s of %s on %s into %s (config %s): world size %d, batch %s per process, "
+                 "precision %s, device %s", opts["suites"], ", ".join(names), args.imagenet, out,
+                 args.config or "none", world, opts["batch_size"], opts["precision"], opts["device"])
         for name, path in named:
             run_out = out if len(named) == 1 else out / name
             # the corrupted sets do not depend on the model: export them once
             one = {**opts, "export_corrupted": None if results else opts["export_corrupted"]}
             results[name] = run(one, {"checkpoint": path, "imagenet": args.imagenet}, run_out)
-            if rank == 0:
-                print(f"{name}: {run_out / 'metrics.json'}", file=sys.stderr)
+            log.info("%s: %s", name, run_out / "metrics.json")
     if rank:
         return 0
     md, table = compare(results)
     if len(named) > 1:
         atomic_write_text(md, out / "comparison.md")
         write_json(table, out / "comparison.json")
-        print(f"comparison: {out / 'comparison.md'}", file=sys.stderr)
+        log.info("comparison: %s", out / "comparison.md")
+    cli.log_outputs(out, "output folder")
     print(md)
     if len(named) == 1:
         print(json.dumps({k: v for k, v in results[names[0]].items() if k in SUITES}, indent=1))
