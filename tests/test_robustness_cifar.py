@@ -352,4 +352,4 @@ def test_ood_table_has_the_papers_threshold_column():
 
     ood = {"LSUN": {"det_acc": 80.0, "det_acc_at_thr": 61.5, "auroc": 70.0, "aupr_in": 75.0, "aupr_out": 65.0}}
     md = ood_table({"methods": {"erm": {"robustness": _runs({"ood": ood}, "erm/robustness")}}}).markdown()
-    assert "LSUN det acc @thr ↑" in md and "[61.50](erm/robustness/)" in md
+    assert "LSUN det acc @thr (%) ↑" in md and "[61.50](erm/robustness/)" in md
