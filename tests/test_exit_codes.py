@@ -64,6 +64,9 @@ PIPELINE = ROOT / "configs/pipeline/toy.yaml"
     ("eval_voc", ["--devkit", "{tmp}/novoc", "--results", "{tmp}"], ["novoc"]),
     ("eval_wsol", ["--metadata", "{tmp}/nometa", "--scoremaps", "{tmp}"], ["nometa"]),
     ("convert", ["--to", "torchvision", "{tmp}/none.pth", "{tmp}/out.pth"], ["none.pth"]),
+    ("submit", ["pretrain", "--config", PRETRAIN, "--local", "optim.lrr=1", "--job-dir", "{tmp}/jobs"], ["optim.lrr"]),
+    ("make_toy_data", ["--out", "{tmp}/toy", "--preset", "huge"], ["--preset", "huge"]),
+    ("bench", ["everything"], ["everything"]),
 ])
 def test_bad_config_or_input_exits_2(call, tmp_path, tool, args, names):
     code, line = call(_tool(tool), *[str(a).replace("{tmp}", str(tmp_path)) for a in args])
@@ -83,6 +86,7 @@ def test_bad_config_or_input_exits_2(call, tmp_path, tool, args, names):
     ("convert", "convert_to_torchvision", ["--to", "torchvision", "{tmp}/a.pth", "{tmp}/b.pth"]),
     ("make_toy_data", "make_toy_world", ["--out", "{tmp}/toy"]),
     ("submit", "submit", ["pretrain", "--config", PRETRAIN, "--local", "--job-dir", "{tmp}/jobs"]),
+    ("bench", "bench_gpu", ["gpu"]),
 ])
 def test_a_failure_while_running_exits_1(call, tmp_path, monkeypatch, tool, target, args):
     mod = _tool(tool)
@@ -93,6 +97,14 @@ def test_a_failure_while_running_exits_1(call, tmp_path, monkeypatch, tool, targ
     monkeypatch.setattr(mod, target, boom)
     code, line = call(mod, *[str(a).replace("{tmp}", str(tmp_path)) for a in args])
     assert (code, line) == (1, "error: RuntimeError: the device went away")
+
+
+def test_eval_wsol_failure_while_running_exits_1(call, tmp_path, monkeypatch):
+    import wsol.scoremaps
+
+    monkeypatch.setattr(wsol.scoremaps, "score_scoremap_dir", lambda *a, **k: 1 / 0)
+    code, line = call(_tool("eval_wsol"), "--metadata", tmp_path, "--scoremaps", tmp_path)
+    assert (code, line) == (1, "error: ZeroDivisionError: division by zero")
 
 
 @pytest.mark.parametrize("cmd,target", [("finetune", "finetune"), ("evaluate", "evaluate_run")])
