@@ -6,6 +6,7 @@
     python tools/wsol.py evaluate --config CFG --model RUN/cam_model.pth --scoremaps DIR [KEY=VALUE ...]
     python tools/wsol.py baseline --metadata data/wsol_metadata/CUB/test [--size 224] [--fraction 0.5]
 """
+import argparse
 import json
 import logging
 import sys
@@ -21,16 +22,17 @@ log = logging.getLogger("wsol")
 def _parser():
     p = cli.parser(__doc__)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{metadata,finetune,evaluate,baseline}")
-    m = sub.add_parser("metadata", help="CUB_200_2011 raw files -> wsolevaluation metadata (train/, test/)")
+    common = dict(epilog=cli.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # --debug, exit codes
+    m = sub.add_parser("metadata", help="CUB_200_2011 raw files -> wsolevaluation metadata (train/, test/)", **common)
     m.add_argument("--cub", required=True, help="the CUB_200_2011 folder (images.txt, bounding_boxes.txt, ...)")
     m.add_argument("--out", required=True, help="output folder: OUT/train and OUT/test metadata")
-    f = sub.add_parser("finetune", help="fine-tune a CAM model and evaluate it")
+    f = sub.add_parser("finetune", help="fine-tune a CAM model and evaluate it", **common)
     f.add_argument("--config", required=True, help="WSOL YAML (configs/wsol/*.yaml)")
     f.add_argument("--weights", default=None, help="backbone checkpoint (omit: random init)")
     f.add_argument("--run-dir", default=None, help="output folder (default runs/<name>)")
     f.add_argument("--no-resume", action="store_true", help="do not continue an existing checkpoint")
     f.add_argument("--force", action="store_true", help="start over in a run folder that holds a checkpoint")
-    e = sub.add_parser("evaluate", help="evaluate a fine-tuned CAM model, saving <scoremaps>/<image_id>.npy")
+    e = sub.add_parser("evaluate", help="evaluate a fine-tuned CAM model, saving <scoremaps>/<image_id>.npy", **common)
     e.add_argument("--config", required=True, help="the WSOL YAML the model was fine-tuned with")
     e.add_argument("--model", required=True, help="run_dir/cam_model.pth")
     e.add_argument("--scoremaps", default=None, help="also save the score maps in this folder")
@@ -39,7 +41,7 @@ def _parser():
         s.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides with dotted keys, anywhere on the command line; an unknown key is "
                             "an error")
-    b = sub.add_parser("baseline", help="the centred-box baseline on a metadata split")
+    b = sub.add_parser("baseline", help="the centred-box baseline on a metadata split", **common)
     b.add_argument("--metadata", required=True, help="metadata folder of one split (e.g. .../CUB/test)")
     b.add_argument("--size", type=int, default=224, help="image side the boxes are scored at (default 224)")
     b.add_argument("--fraction", type=float, default=0.5, help="box side fraction; <= 0 picks the best")
