@@ -83,7 +83,7 @@ def differences(old: Mapping, new: Mapping, may_change: Iterable[str] = ()) -> l
 def check(run_dir: str | os.PathLike, current: Mapping, may_change: Iterable[str] = ()) -> None:
     """Refuse (FingerprintMismatch) when `run_dir/fingerprint.json` differs from `current`; a different code
     version is logged, not refused (resuming after a fix is legitimate). No stored fingerprint: nothing to
-    compare (a run from before fingerprints)."""
+    compare (a run folder without one)."""
     path = Path(run_dir) / FILE
     if not path.is_file():
         return

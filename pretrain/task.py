@@ -341,7 +341,7 @@ class PretrainTask(Task):
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state["history"])
-        if "host_rng" in state:  # checkpoints from before the host generator have none
+        if "host_rng" in state:  # a checkpoint without it: keep the seeded state
             self.model.host_rng.bit_generator.state = state["host_rng"]
 
     def header(self, engine: Engine) -> dict:
