@@ -22,7 +22,7 @@ HISTORY = {
     "a session": re.compile(r"\bsessions?\b[^=\n]{0,3}[0-9]|\b(this|earlier|previous|last|next) sessions?\b", re.I),
     "an issue number": re.compile(r"\bissues? #?[0-9]+|\bitems? [0-9]+-[0-9]+\b", re.I),
     "an earlier version": re.compile(r"\b(previous|earlier|old) (version|code|implementation|release)s?\b"
-                                     r"|\bonce it lands\b|\bbefore the (package )?move\b", re.I),
+                                     r"|\bonce it lands\b|\bbefore the (package )?move\b|\b(as|from) before\b", re.I),
     "a machine-specific timing": re.compile(r"\bon (\d+|two) (idle |shared )?(CPU )?cores\b|\b\d+-core (CPU|machine)\b"
                                             r"|\bthis machine\b|\bmeasured once\b", re.I),
     "a papers/ path": re.compile(r"\bpapers/\S"),
@@ -65,7 +65,8 @@ def history_lines(name: str, text: str) -> list[str]:
 def test_history_patterns_catch_what_they_should():
     bad = ["in session 4's run", "the previous sessions' AlignMix", "(issue 13)", "issue 14 items 5-7",
            "remove once it lands", "about 5.5 min on 2 CPU cores", "before the package move",
-           "see papers/000 §4", "the previous version of the loader", "declared in pretrain/trainer.py DEFAULTS"]
+           "see papers/000 §4", "the previous version of the loader", "a run from before fingerprints",
+           "declared in pretrain/trainer.py DEFAULTS"]
     assert all(history_lines("x", line) for line in bad), [b for b in bad if not history_lines("x", b)]
     good = ["scope='session'", "the pytest session", "pretrain/task.py DEFAULTS", "configs/pretrain/toy_{method}.yaml",
             "MultiMix (NeurIPS 2023, arXiv:2311.05538)", "the CPU cores, at most 8"]
