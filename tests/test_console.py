@@ -126,3 +126,20 @@ def test_tensorboard_scalars_are_the_logged_numbers(tmp_path):
     got = [(e.step, e.value) for e in acc.Scalars("epoch/train_loss")]
     assert got == [(r["epoch"], pytest.approx(r["train_loss"], rel=1e-6)) for r in epochs]
     assert [e.step for e in acc.Scalars("step/loss")] == [1, 2, 3, 4]
+
+
+def test_robustness_metrics_as_tensorboard_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from transfer.robustness.stage import write_tensorboard
+
+    metrics = {"clean": {"top1_err": 25.0}, "ood": {"lsun": {"auroc": 91.5}}, "settings": {"limit": 8},
+               "units": {"top1_err": "%"}, "arch": "resnet18"}
+    write_tensorboard(metrics, tmp_path, True)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert sorted(acc.Tags()["scalars"]) == ["clean/top1_err", "ood/lsun/auroc"]
+    assert [(e.step, e.value) for e in acc.Scalars("ood/lsun/auroc")] == [(0, 91.5)]
+    write_tensorboard(metrics, tmp_path / "off", False)
+    assert not (tmp_path / "off").exists()

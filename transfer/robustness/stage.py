@@ -60,6 +60,8 @@ DEFAULTS = {
     "umap_per_class": 100,           # ... 100 test examples each
     "umap_neighbors": 15,            # umap-learn default
     "umap_epochs": None,             # umap-learn default (200 for large sets, 500 for small)
+    "tensorboard": "auto",           # auto | true | false: also write every metric as a scalar to OUT/tensorboard
+                                     # (auto: when the tensorboard package is installed)
 }
 
 
@@ -70,7 +72,7 @@ RANGES = {
     "corrupt_at": ("in", ("eval", "original")), "precision": ("in", ("fp32", "bf16", "fp16")),
     "protocol": ("in", tuple(PROTOCOLS)), "ood_transform": ("in", OOD_TRANSFORMS), "embedding_t": (">", 0),
     "embedding_alpha": (">", 0), "umap_classes": (">", 0), "umap_per_class": (">", 0), "umap_neighbors": (">", 1),
-    "umap_epochs": (">", 0),
+    "umap_epochs": (">", 0), "tensorboard": ("in", (True, False, "auto")),
 }
 
 
@@ -136,4 +138,27 @@ def run(cfg: dict, inputs: dict, run_dir) -> dict:
     for suite in [*core, *extra]:  # one console line per suite
         if isinstance(metrics.get(suite), dict):
             log.info("%s: %s", suite, metric_line(metrics[suite]))
+    write_tensorboard(metrics, run_dir, cfg["tensorboard"])
     return metrics
+
+
+def write_tensorboard(metrics: dict, run_dir, setting) -> None:
+    """Every numeric metric as a scalar `suite/name` at step 0 of run_dir/tensorboard (rank 0)."""
+    from core.engine import tensorboard_dir
+    from core.runtime import is_main_process
+
+    folder = tensorboard_dir(run_dir, setting) if run_dir is not None else None
+    if folder is None or not is_main_process():
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    def leaves(d: dict, prefix: str = ""):
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "units":
+                yield from leaves(v, f"{prefix}{k}/")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                yield f"{prefix}{k}", v
+
+    with SummaryWriter(str(folder)) as writer:
+        for name, value in leaves({k: v for k, v in metrics.items() if k not in ("settings", "seconds")}):
+            writer.add_scalar(name, value, 0)
