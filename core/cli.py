@@ -146,7 +146,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def log_outputs(run_dir, what: str = "run folder") -> None:
-    """One closing line: the run folder and the files in it (top level and one folder down)."""
+    """One closing line: the run folder, its top-level files and each of its folders with its file count."""
     from pathlib import Path
 
     run_dir = Path(run_dir)
