@@ -328,7 +328,8 @@ def summarize(results: dict, knob: dict, baseline_label: str = "ERM") -> dict:
                 **{_metric_key(h): e for h, e in rows[baseline_label].items() if h != "baseline"}}
     return {"knob": {"key": knob["key"], "tied": list(knob.get("tied") or []), "name": knob_name(knob),
                      "label": knob.get("label") or knob["key"]},
-            "metric": "final validation accuracy (%) of each pretraining run", "points": points, "baseline": base}
+            "metric": "final validation accuracy (%) of each pretraining run", "units": {"top1": "%", "top5": "%"},
+            "points": points, "baseline": base}
 
 
 def _metric_key(header: str) -> str:
