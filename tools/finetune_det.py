@@ -59,6 +59,9 @@ def main(argv=None) -> int:
         if not (args.eval_only and args.checkpoint) or args.weights or args.resume or args.num_gpus > 1:
             p.error("--eval-only takes --checkpoint (a trained detector), and neither --weights, --resume nor "
                     "--num-gpus")
+        if cfg["backend"] != "torchvision":
+            p.error("--eval-only evaluates torchvision-backend runs; a detectron2 run: its train_net.py --eval-only "
+                    "with the run's detectron2_*.yaml")
         return _eval_only(cfg, args)
     run_dir = Path(args.run_dir or Path("runs") / "detection" / Path(args.config).stem)
     log.info("detection fine-tuning with config %s into %s (backbone: %s)", args.config, run_dir,
