@@ -9,7 +9,7 @@ export MT_NO_PROGRESS ?= $(if $(CI),1,0)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -e '.[dev,fast,cluster]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,fast,cluster,tensorboard]'
 	touch $(STAMP)
 
 ## demo: the main job, the whole pipeline on the toy world (runs/toy/report.md)
@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python tools/run_pipeline.py --config configs/pipeline/toy.yaml
 
 ## demo-cifar: the small-image track on the toy world (CIFAR-100 layout, 9 methods x 3 seeds, robustness;
-## runs/toy_cifar/report.md), about 16 minutes on 2 CPU cores (measured once)
+## runs/toy_cifar/report.md), sized for a laptop CPU
 demo-cifar: $(STAMP)
 	$(VENV)/bin/python tools/run_pipeline.py --config configs/pipeline/toy_cifar.yaml
 
@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 ## d2: build detectron2 from its public source into .venv, as a detectron2 user does (no wheel on PyPI;
-## about 5.5 min on 2 CPU cores), then run the detectron2 test group. `make test` skips that group without it.
+## it compiles C++ extensions: minutes), then run the detectron2 test group. `make test` skips that group without it.
 D2_SOURCE ?= git+https://github.com/facebookresearch/detectron2.git
 d2: $(STAMP)
 	$(VENV)/bin/pip install '$(D2_SOURCE)' --no-build-isolation

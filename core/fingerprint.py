@@ -86,7 +86,7 @@ RESTART = "use another run directory, or --force to start over"
 def check(run_dir: str | os.PathLike, current: Mapping, may_change: Iterable[str] = (), restart: str = RESTART) -> None:
     """Refuse (FingerprintMismatch) when `run_dir/fingerprint.json` differs from `current`; a different code
     version is logged, not refused (resuming after a fix is legitimate). No stored fingerprint: nothing to
-    compare (a run from before fingerprints). `restart`: how to start over with the calling tool's flags."""
+    compare (a run folder without one). `restart`: how to start over with the calling tool's flags."""
     path = Path(run_dir) / FILE
     if not path.is_file():
         return

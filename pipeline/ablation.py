@@ -173,6 +173,10 @@ class AblationSweep(Pipeline):
         self.run_dir = Path(self.cfg["out_root"]) / self.cfg["name"]
         root = self.cfg["data"]["root"]
         self.data = Path(root) if root else None
+        if root and not any("{data}" in str(o) for o in [*self.cfg["overrides"], *self.cfg["base_overrides"]]):
+            raise ConfigError(f"config key data.root: {root!r} would be ignored: no entry of overrides or "
+                              "base_overrides has a {data} placeholder; give the runs their data there instead, "
+                              f"e.g. 'overrides=[\"data.root={root}\"]'")
         knob = self.cfg["knob"]
         if knob["scale"] not in SCALES:
             raise ConfigError(f"config key knob.scale: {knob['scale']!r} is not one of {list(SCALES)}")
@@ -325,7 +329,8 @@ def summarize(results: dict, knob: dict, baseline_label: str = "ERM") -> dict:
                 **{_metric_key(h): e for h, e in rows[baseline_label].items() if h != "baseline"}}
     return {"knob": {"key": knob["key"], "tied": list(knob.get("tied") or []), "name": knob_name(knob),
                      "label": knob.get("label") or knob["key"]},
-            "metric": "final validation accuracy (%) of each pretraining run", "points": points, "baseline": base}
+            "metric": "final validation accuracy (%) of each pretraining run", "units": {"top1": "%", "top5": "%"},
+            "points": points, "baseline": base}
 
 
 def _metric_key(header: str) -> str:

@@ -259,7 +259,7 @@ def executor_parameters(res: Resources, cluster: str) -> dict:
     """submitit's update_parameters for SLURM (SlurmExecutor names) or the local executor."""
     if cluster == "local":
         if res.nodes != 1:
-            raise ConfigError(f"--local runs on this machine: one node, not {res.nodes}")
+            raise ConfigError(f"--local runs on the local machine: one node, not {res.nodes}")
         return {"tasks_per_node": res.tasks, "gpus_per_node": res.gpus_per_node, "timeout_min": res.timeout_min,
                 "signal_delay_s": res.signal_delay_s}
     if cluster != "slurm":

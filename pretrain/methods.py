@@ -730,3 +730,32 @@ def build_method(name: str, model: ResNetStages, num_classes: int, **knobs) -> M
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {name!r}; valid: {sorted(valid)}")
     return cls(model, num_classes, **knobs)
+
+
+def build_configured(name: str, model: ResNetStages, num_classes: int, knobs: dict, where: str = "method",
+                     name_key: str = "method.name") -> Method:
+    """`build_method` at a config's edge: a bad method name, knob name or knob value is a ConfigError naming the
+    config key (knobs under `where`, the name at `name_key`), so that a tool exits 2 on it like on any other bad
+    config."""
+    from core.config import ConfigError
+
+    check_method_config(name, knobs, where, name_key)
+    try:
+        return build_method(name, model, num_classes, **knobs)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def check_method_config(name: str, knobs: dict, where: str = "method", name_key: str = "method.name") -> None:
+    """The method's name and knob names (before any data is read): ConfigError naming the config key (the knobs
+    live under `where`, the name under `name_key`)."""
+    from core.config import ConfigError
+
+    if name not in METHODS:
+        raise ConfigError(f"{name_key}: unknown method {name!r}; valid methods: {sorted(METHODS)}")
+    unknown = sorted(set(knobs) - set(method_knobs(name)))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[f'{where}.{k}' for k in unknown]} for method {name!r}; "
+                          f"valid: {sorted(method_knobs(name))}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,6 +31,7 @@ from core.data import read_bytes, read_image, read_image_uint8
 from core.engine import Engine, LoopSettings, Task, build_optimizer
 from core.schedule import lr_factor
 from core.smalldata import DATASETS, detect_layout, open_classification
+from core.units import units
 from pretrain.data import (
     EncodedTrainTransform,
     EpochSampler,
@@ -50,7 +50,7 @@ from pretrain.data import (
     val_transform,
 )
 from pretrain.figures import plot_curves
-from pretrain.methods import ResNetStages, build_method
+from pretrain.methods import ResNetStages, build_configured, check_method_config
 from pretrain.mixing import have_gco
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ DEFAULTS = {
         "color_jitter": 0.0,         # brightness/contrast/saturation strength (0 = off)
         "lighting": 0.0,             # AlexNet PCA lighting std (0.1 in the CutMix/AlignMix code; 0 = off)
         "num_workers": 4,            # DataLoader workers per process (persistent across epochs)
-        "loader": "uint8",           # uint8 (torchvision.io decode, uint8 crops) | pil (the old float path) |
+        "loader": "uint8",           # uint8 (torchvision.io decode, uint8 crops) | pil (the float PIL path) |
                                      # dali (NVIDIA DALI on the GPU) | auto (dali when importable on CUDA, else uint8)
         "decode_device": "cpu",      # cpu | cuda: nvJPEG decodes each train batch on the GPU (loader uint8, CUDA)
         "max_train": None,           # use an evenly spaced subset of this many train images (quick runs)
@@ -117,7 +117,8 @@ DEFAULTS = {
         "num_threads": None,         # torch.set_num_threads for this process (None = torch's default)
         "checkpoint_every_steps": 0,  # also checkpoint every N steps (0 = only at epoch ends)
         "log_every_steps": 20,
-        "tensorboard": False,        # also write runs/<name>/tensorboard (needs the tensorboard package)
+        "tensorboard": "auto",       # auto | true | false: also write runs/<name>/tensorboard (auto: when the
+                                     # tensorboard package is installed: the `tensorboard` extra)
         "flops": True,               # fvcore parameter / FLOP counts in the log header
         "figures": True,             # runs/<name>/figures/curves.png at the end
         "grad_norm": True,           # mean squared gradient norm per epoch (multi-mix's variance proxy)
@@ -155,6 +156,7 @@ def resolve_config(cfg: dict) -> dict:
         raise ConfigError("data.root is required (an ImageNet-layout folder)")
     if not isinstance(cfg["method"], dict) or "name" not in cfg["method"]:
         raise ConfigError("method.name is required (e.g. method: {name: multimix})")
+    check_method_config(cfg["method"]["name"], {k: v for k, v in cfg["method"].items() if k != "name"})
     return cfg
 
 
@@ -218,7 +220,7 @@ class PretrainTask(Task):
         self.steps_per_epoch = self.sampler.steps
         net = ResNetStages(cfg["model"]["arch"], self.num_classes, cfg["model"]["zero_init_residual"])
         knobs = {k: v for k, v in cfg["method"].items() if k != "name"}
-        self.model = build_method(cfg["method"]["name"], net, self.num_classes, **knobs).to(device)
+        self.model = build_configured(cfg["method"]["name"], net, self.num_classes, knobs).to(device)
         if cfg["runtime"]["channels_last"] and device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
         if cfg["runtime"]["compile"]:
@@ -348,7 +350,7 @@ class PretrainTask(Task):
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state["history"])
-        if "host_rng" in state:  # checkpoints from before the host generator have none
+        if "host_rng" in state:  # a checkpoint without it: keep the seeded state
             self.model.host_rng.bit_generator.state = state["host_rng"]
 
     def header(self, engine: Engine) -> dict:
@@ -413,10 +415,9 @@ def build(cfg: dict, run_dir: str | os.PathLike) -> tuple[PretrainTask, Engine]:
         total_steps=task.steps_per_epoch * ocfg["epochs"], device=device, precision=rcfg["precision"],
         channels_last=rcfg["channels_last"] and device.type == "cuda", accumulate=task.plan["accumulate"],
         grad_norm=rcfg["grad_norm"], log_every=rcfg["log_every_steps"],
-        checkpoint_every=rcfg["checkpoint_every_steps"], stop_after_steps=rcfg["stop_after_steps"])
-    tb = Path(run_dir) / "tensorboard" if rcfg["tensorboard"] else None
-    logger = rt.JsonlLogger(Path(run_dir) / "log.jsonl", tensorboard=tb)
-    engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg), logger=logger)
+        checkpoint_every=rcfg["checkpoint_every_steps"], stop_after_steps=rcfg["stop_after_steps"],
+        tensorboard=rcfg["tensorboard"])
+    engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
     return task, engine
 
 
@@ -431,6 +432,7 @@ def finish(task: PretrainTask, engine: Engine) -> dict:
                "best_val_top1": max((h.get("val_top1", 0.0) for h in task.history), default=None),
                "train_time_s": sum(h.get("epoch_time_s", 0.0) for h in task.history),
                "global_batch": task.plan["global_batch"]}
+    metrics["units"] = units(metrics)
     if rt.is_main_process():
         engine.check_parameters()
         meta = {"arch": cfg["model"]["arch"], "num_classes": task.num_classes, "method": cfg["method"]["name"],
@@ -455,10 +457,6 @@ def run(cfg: dict, inputs: dict | None, run_dir: str | os.PathLike, resume: bool
     if inputs:
         raise ValueError(f"pretraining takes no upstream inputs, got {sorted(inputs)}")
     task, engine = build(cfg, run_dir)
-    plan = task.plan
-    log.info("world size %d, per-process batch %d (%d micro-batch(es) of %d), effective global batch %d",
-             plan["world_size"], plan["per_process_batch"], plan["accumulate"], plan["micro_batch"],
-             plan["global_batch"])
     t0 = time.time()
     try:
         stopped = engine.fit(resume=resume, header=task.header(engine), force=force,

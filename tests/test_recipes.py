@@ -1,8 +1,8 @@
 """The real-data recipes equal the papers: every paper-stated value, with its citation, against the resolved
 configs (``_BASE_`` chain + the config family's DEFAULTS), so that an edit departing from a paper fails here.
 
-Papers: MultiMix = Venkataramanan et al., NeurIPS 2023 (papers/000); AlignMix = CVPR 2022 (papers/003);
-multi-mix = Shen et al. (papers/002). "source" rows are values the papers leave open, taken from the public
+Papers: MultiMix = Venkataramanan et al., NeurIPS 2023 (arXiv:2311.05538); AlignMix = CVPR 2022 (arXiv:2103.15375);
+multi-mix = Shen et al. (arXiv:2406.01417). "source" rows are values the papers leave open, taken from the public
 script the config header names (they guard the choice, not a paper statement).
 """
 from __future__ import annotations

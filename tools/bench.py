@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Performance figures of the toolkit, as ratios measured in one run, gathered into one JSON + Markdown.
 
-    python tools/bench.py all --out runs/bench          # everything (minutes on 2 CPU cores)
+    python tools/bench.py all --out runs/bench          # everything (minutes on a laptop CPU)
     python tools/bench.py pretrain [--quick]            # training-step time of each method / ERM
     python tools/bench.py wsol                          # MaxBoxAccV2 evaluator speed-up vs the per-threshold loop,
                                                         # in this process and as whole tools/eval_wsol.py processes
@@ -12,7 +12,6 @@
     python tools/bench.py mixers [--quick] [--device cuda]  # mixup / CutMix calls vs timm's Mixup and torchvision v2
 """
 
-import argparse
 import json
 import os
 import platform
@@ -145,8 +144,9 @@ def to_markdown(results: dict) -> str:
 
 @cli.entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "robustness", "data", "gpu", "mixers"])
+    p = cli.parser(__doc__)
+    p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "robustness", "data", "gpu", "mixers"],
+                   help="which figures to measure (see above)")
     p.add_argument("--out", default=None, help="folder for bench.json and bench.md")
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
     p.add_argument("--device", default=None, help="mixers: the device of the batches (default: cuda if available)")

@@ -9,7 +9,6 @@
         -> {"model": torchvision-keyed backbone state, "meta": {...}}
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,8 +23,9 @@ from transfer.convert import convert_to_detectron2, convert_to_torchvision  # no
 
 @cli.entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--to", choices=("detectron2", "torchvision"), required=True)
+    p = cli.parser(__doc__)
+    p.add_argument("--to", choices=("detectron2", "torchvision"), required=True,
+                   help="the output layout: detectron2 (.pkl + YAMLs) or torchvision (.pth)")
     p.add_argument("input", help="backbone checkpoint (.pth / .pth.tar)")
     p.add_argument("output", help="OUT.pkl for detectron2, OUT.pth for torchvision")
     p.add_argument("--arch", choices=ARCHS, default=None,

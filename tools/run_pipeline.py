@@ -10,7 +10,6 @@ evaluation) and rank 0 writes the files.
 """
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pipeline.run import STAGES, StagesFailed, StopPipeline, run_pipeline  # noq
 
 @cli.entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--config", required=True, help="pipeline YAML (configs/pipeline/*.yaml)")
     p.add_argument("--methods", default=None, help="comma-separated methods, replacing the config's list")
     p.add_argument("--force", action="append", default=[],
@@ -36,12 +35,10 @@ def main(argv=None) -> int:
                         "and its figures beside it, e.g. docs/results.md")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the pipeline config")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     t0 = time.time()
     with torchrun_session() as (rank, _):  # under torchrun: every rank runs every stage, rank 0 writes
-        logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                            format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         failed = None
         try:
             report = run_pipeline(args.config, args.overrides, methods, args.force, args.stop_after,

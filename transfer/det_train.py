@@ -28,6 +28,7 @@ from core import runtime
 from core.config import ConfigError, check_ranges, dump_config, load_config, validate
 from core.engine import Engine, LoopSettings, Task, build_optimizer
 from core.schedule import lr_factor
+from core.units import units
 from transfer import d2_backend
 from transfer.det_transforms import build_transforms
 from transfer.detectors import build_detector
@@ -54,6 +55,7 @@ DEFAULTS = {
         "root": "",                       # VOC: the VOCdevkit dir; COCO: the dir holding annotations/
         "voc_train": ["2007/trainval", "2012/trainval"],
         "voc_test": "2007/test",
+        "classes": None,                  # VOC layout: the class names, in label order (null: the 20 VOC classes)
         "coco_train": ["train2017", "annotations/instances_train2017.json"],
         "coco_val": ["val2017", "annotations/instances_val2017.json"],
         "max_train_images": 0,            # 0: all (a prefix otherwise: quick runs)
@@ -90,6 +92,8 @@ DEFAULTS = {
         "precision": "fp32",              # fp32 | bf16 | fp16 (CUDA only)
         "channels_last": True,            # CUDA only
         "log_period": 20,
+        "tensorboard": "auto",            # auto | true | false: also write RUN/tensorboard
+                                          # (auto: when the package is installed)
         "num_threads": 0,                 # torch CPU threads (0: torch's default)
     },
 }
@@ -117,6 +121,11 @@ def resolve_config(cfg: dict) -> dict:
     check_ranges(cfg, RANGES)
     if not cfg["seeds"] or len(set(cfg["seeds"])) != len(cfg["seeds"]):
         raise ConfigError(f"config key seeds: {cfg['seeds']!r} must be a non-empty list of distinct seeds")
+    classes = cfg["data"]["classes"]
+    if classes is not None and (not isinstance(classes, list) or not classes or len(set(classes)) != len(classes)
+                                or not all(isinstance(c, str) and c for c in classes)):
+        raise ConfigError(f"config key data.classes: {classes!r} must be a non-empty list of distinct class names "
+                          "(or null: the 20 VOC classes)")
     return cfg
 
 
@@ -149,13 +158,14 @@ def build_datasets(cfg: dict, seed: int = 0):
     root = Path(d["root"])
     if d["format"] == "voc":
         parts = []
+        classes = tuple(d["classes"] or VOC_CLASSES)
         for spec in d["voc_train"]:
             year, split = str(spec).split("/")
-            parts.append(VOCDetection(root, year, split, transform=train_tf))
+            parts.append(VOCDetection(root, year, split, transform=train_tf, classes=classes))
         train = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
         year, split = str(d["voc_test"]).split("/")
-        test = VOCDetection(root, year, split, transform=test_tf)
-        ctx = {"format": "voc", "classes": VOC_CLASSES, "split": split, "dataset": test}
+        test = VOCDetection(root, year, split, transform=test_tf, classes=classes)
+        ctx = {"format": "voc", "classes": classes, "split": split, "dataset": test}
     elif d["format"] == "coco":
         train = COCODetection(root / d["coco_train"][0], root / d["coco_train"][1], transform=train_tf,
                               remove_empty=True)
@@ -294,8 +304,9 @@ def _base_dataset(ds):
 
 
 def score_predictions(preds, ctx: dict, out_dir: Path, metric: str = "11point") -> dict:
-    """VOC: comp4 files + ``voc_evaluate``; COCO: results json + ``coco_evaluate``. Returns metrics with
-    ``mAP`` in percent (VOC AP@0.5 with ``metric``; COCO AP@[.5:.95])."""
+    """VOC: comp4 files + ``voc_evaluate``; COCO: results json + ``coco_evaluate``. Returns metrics in percent
+    with the dataset's headline metric (`primary_key`): VOC ``mAP`` (AP@0.5 with ``metric``, averaged over the
+    classes) or COCO ``AP`` (AP@[.5:.95]), never both under one name."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ds = _base_dataset(ctx["dataset"])
     if ctx["format"] == "voc":
@@ -321,12 +332,17 @@ def score_predictions(preds, ctx: dict, out_dir: Path, metric: str = "11point") 
                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)})
     runtime.write_json(results, out_dir / "coco_results.json")
     if not results:  # pycocotools cannot load an empty result list
-        return {"mAP": 0.0, "AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
     gt = ds.coco.dataset
     if len(preds) < len(ds.ids):  # a subset: score only the images that were predicted
         gt = _coco_subset(gt, [p[0] for p in preds])
     stats = coco_evaluate(gt, results)
-    return {"mAP": float(stats["AP"]), **{k: float(v) for k, v in stats.items()}}
+    return dict(stats)  # percent; None for an area range without ground truth
+
+
+def primary_key(metrics: dict) -> str:
+    """The headline metric of detection metrics: VOC's ``mAP`` or COCO's ``AP``."""
+    return "mAP" if "mAP" in metrics else "AP"
 
 
 def _coco_subset(data: dict, image_ids) -> dict:
@@ -375,6 +391,7 @@ def detection_figure(examples, classes, path: Path, score_thresh: float = 0.3) -
 
 # config keys a resume (or the reuse of a finished seed) may change: execution and reporting, not results
 RESUME_MAY_CHANGE = ("name", "data.workers", "runtime.device", "runtime.num_threads", "runtime.log_period",
+                     "runtime.tensorboard",
                      "eval.figure_examples", "eval.figure_score_thresh")
 
 
@@ -451,8 +468,9 @@ class DetectionTask(Task):
         if not runtime.is_main_process():
             return {}
         m = score_predictions(preds, self.ctx, engine.run_dir / "eval", self.cfg["eval"]["metric"])
-        self.history.append({"epoch": epoch, "mAP": m["mAP"]})
-        return {"eval_mAP": m["mAP"]}
+        key = primary_key(m)
+        self.history.append({"epoch": epoch, key: m[key]})
+        return {f"eval_{key}": m[key]}
 
     def predict_test(self, engine, max_keep_examples: int = 0):
         """``predict_sharded`` over the test set: (predictions, examples, seconds, images), on every rank (with
@@ -490,10 +508,11 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
     settings = LoopSettings(total_steps=task.total, device=device, precision=rt["precision"],
                             channels_last=bool(rt["channels_last"]) and device.type == "cuda",
                             clip_grad_norm=s["clip_grad_norm"], log_every=rt["log_period"],
-                            progress_desc=f"seed {seed} epoch")
+                            progress_desc=f"seed {seed} epoch", tensorboard=rt["tensorboard"])
     engine = Engine(task, seed_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
     engine.fit(resume=True, fingerprint=fingerprint,
                header={"seed": seed, "weights": weights, "steps_per_epoch": task.steps_per_epoch,
+                       "per_process_batch": s["batch_size"],
                        "total_steps": task.total, "device": str(device)})
     metrics = _final_metrics(task, engine, seed_dir)  # every rank predicts its shard of the test set
     if runtime.is_main_process():
@@ -531,17 +550,19 @@ def _final_metrics(task: DetectionTask, engine: Engine, seed_dir: Path) -> dict:
                    history=task.history, train_img_per_s=task.train_images / max(task.train_time, 1e-9),
                    test_img_per_s=n_test / max(test_seconds, 1e-9), train_seconds=task.train_time,
                    test_seconds=test_seconds, device=str(task.device))
-    engine.logger.log({"final": True, **{k: v for k, v in metrics.items() if k != "AP"}})
+    engine.logger.log({"final": True, **{k: v for k, v in metrics.items() if not isinstance(v, dict)}})
     detection_figure(examples, task.ctx["classes"], seed_dir / "figures" / "detections.png",
                      cfg["eval"]["figure_score_thresh"])
     return metrics
 
 
 def summarize(per_seed: list[dict]) -> dict:
-    """mean +- std over seeds (std with ddof=1; 0 for a single seed)."""
-    maps = np.array([m["mAP"] for m in per_seed], dtype=np.float64)
-    out = {"mAP": float(maps.mean()), "mAP_mean": float(maps.mean()),
-           "mAP_std": float(maps.std(ddof=1)) if len(maps) > 1 else 0.0,
+    """mean +- std over seeds of the headline metric (`primary_key`: VOC mAP, COCO AP) as <key>, <key>_mean and
+    <key>_std (ddof=1; null for a single seed), the other AP numbers' means, and a `units` field."""
+    key = primary_key(per_seed[0])
+    maps = np.array([m[key] for m in per_seed], dtype=np.float64)
+    out = {"primary": key, key: float(maps.mean()), f"{key}_mean": float(maps.mean()),
+           f"{key}_std": float(maps.std(ddof=1)) if len(maps) > 1 else None,
            "seeds": [m["seed"] for m in per_seed], "per_seed": per_seed,
            "train_img_per_s": float(np.mean([m["train_img_per_s"] for m in per_seed])),
            "test_img_per_s": float(np.mean([m["test_img_per_s"] for m in per_seed]))}
@@ -549,6 +570,8 @@ def summarize(per_seed: list[dict]) -> dict:
         vals = [m.get(k) for m in per_seed]
         if all(isinstance(v, (int, float)) for v in vals):
             out[k] = float(np.mean(vals))
+        elif any(v is None for v in vals) and not any(isinstance(v, dict) for v in vals):
+            out[k] = None  # an area range without ground truth
     if isinstance(per_seed[0].get("AP"), dict):  # VOC per-class AP, averaged over seeds
         out["AP_per_class"] = {c: (None if per_seed[0]["AP"][c] is None else
                                    float(np.mean([m["AP"][c] for m in per_seed]))) for c in per_seed[0]["AP"]}
@@ -592,6 +615,7 @@ def write_summary(run_dir: Path, cfg: dict, per_seed: list[dict], **extra) -> di
     ``run_dir/metrics.json``; both backends end with it."""
     metrics = summarize(per_seed)
     metrics.update(model=cfg["model"]["type"], arch=cfg["model"]["arch"], dataset=cfg["data"]["format"], **extra)
+    metrics["units"] = units(metrics)
     first = Path(run_dir) / f"seed_{cfg['seeds'][0]}" / "figures" / "detections.png"
     if first.is_file():
         runtime.atomic_write_bytes(first.read_bytes(), Path(run_dir) / "figures" / "detections.png")

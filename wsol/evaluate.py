@@ -76,12 +76,11 @@ def evaluate_model(model, loader, meta: WSOLMetadata, device, size=(224, 224), c
 
     loader yields (images [B, 3, H, W] in [0, 1], labels [B], indices [B]) with indices into
     ``meta.image_ids`` (torchrun: this rank's shard, counts summed by `_sum_over_ranks`). Returns percentages:
-    top1_cls, top5_cls, maxboxacc (largest contour, IoU 50), maxboxacc_v2 (all contours, mean over iou_thresholds),
-    maxboxacc_per_iou, best thresholds, gt_known_loc / top1_loc / top5_loc at ``loc_threshold`` and ``loc_iou``,
-    the BoxAcc curves, and up to ``keep_examples`` (image, cam, gt, pred boxes) for figures. A NaN or infinite
+    top1_cls, top5_cls, maxboxacc_v1 (largest contour, IoU 50), maxboxacc_v2 (all contours, mean over the IoUs),
+    maxboxacc_v2_per_iou, best thresholds, gt_known / top1 / top5_loc at ``loc_threshold`` and ``loc_iou``, the
+    BoxAcc curves, and up to ``keep_examples`` (image, cam, gt, pred boxes) for figures. A NaN or infinite
     logit or CAM value stops it (`NonFiniteOutputError` naming ``split`` and the count, on every rank) and the
-    score map of such an image is never written.
-    """
+    score map of such an image is never written."""
     model.eval()
     v2 = MaxBoxAccEvaluator(cam_curve_interval, iou_thresholds, multi_contour=True)
     v1 = MaxBoxAccEvaluator(cam_curve_interval, (50,), multi_contour=False)
@@ -133,9 +132,9 @@ def _report(v2: MaxBoxAccEvaluator, v1: MaxBoxAccEvaluator, loc: LocAccuracy, ex
         ex["pred_boxes"] = boxes_at_threshold(ex["cam"], r2["best_threshold"].get("50", 0.5), True)
     return {
         "top1_cls": rl["top1_cls"],
-        "maxboxacc": r1["maxboxacc"]["50"],
+        "maxboxacc_v1": r1["maxboxacc_v1"],
         "maxboxacc_v2": r2["maxboxacc_v2"],
-        "maxboxacc_per_iou": r2["maxboxacc"],
+        "maxboxacc_v2_per_iou": r2["maxboxacc_per_iou"],
         "best_threshold": r2["best_threshold"],
         "best_threshold_v1": r1["best_threshold"]["50"],
         "gt_known_loc": rl["gt_known_loc"],

@@ -39,7 +39,8 @@ from core.runtime import (
     write_json,
 )
 from core.schedule import lr_factor
-from pretrain.methods import build_method
+from core.units import with_units
+from pretrain.methods import build_configured, check_method_config
 from wsol.data import WSOLDataset
 from wsol.evaluate import centred_box_baseline, evaluate_model
 from wsol.figures import boxacc_curves, cam_grid, loc_curve
@@ -103,6 +104,8 @@ DEFAULTS = {
         "device": "auto",
         "precision": "fp32",            # fp32 | bf16 | fp16 (CUDA only)
         "channels_last": True,          # CUDA only
+        "tensorboard": "auto",          # auto | true | false: also write RUN/tensorboard
+                                        # (auto: when the package is installed)
     },
     "log_every": 20,                    # iterations between log lines
 }
@@ -185,6 +188,12 @@ def resolve_config(cfg: dict) -> dict:
                           "pass --allow-pickle to tools/wsol.py for a checkpoint you trust")
     cfg = validate(cfg, DEFAULTS)
     check_ranges(cfg, RANGES)
+    mixing = cfg["mixing"]
+    if mixing["name"] != "none":
+        check_method_config(mixing["name"], mixing.get("knobs") or {}, "mixing.knobs", "mixing.name")
+    elif mixing.get("knobs"):
+        raise ConfigError(f"config key mixing.knobs: {sorted(mixing['knobs'])} would be ignored: mixing.name is "
+                          "none (plain cross-entropy); name the method (e.g. mixing.name=multimix) or drop them")
     return cfg
 
 
@@ -196,7 +205,9 @@ class WSOLObjective(nn.Module):
         super().__init__()
         self.cam = cam
         name = mixing["name"]
-        self.method = None if name == "none" else build_method(name, cam, num_classes, **(mixing.get("knobs") or {}))
+        knobs = mixing.get("knobs") or {}
+        self.method = None if name == "none" else build_configured(name, cam, num_classes, knobs, "mixing.knobs",
+                                                                             "mixing.name")
         if self.method is not None and self.method.export_head() is not None:
             raise ConfigError(f"mixing {name!r} trains its own classifier head; CAMs need fc on pooled features: "
                               "set mixing.knobs.head: gap")
@@ -303,8 +314,8 @@ class WSOLTask(Task):
 
     @property
     def resume_may_change(self) -> tuple[str, ...]:
-        keys = ["name", "data.num_workers", "runtime.device", "log_every", "eval.num_figure_images",
-                "eval.batch_size"]
+        keys = ["name", "data.num_workers", "runtime.device", "runtime.tensorboard", "log_every",
+                "eval.num_figure_images", "eval.batch_size"]
         if self.cfg["optim"]["schedule"] != "cosine":
             keys.append("epochs")  # train longer: the schedule does not depend on the total
         return tuple(keys)
@@ -316,18 +327,19 @@ class WSOLTask(Task):
         self.curve = list(state["curve"])
 
 
-_CURVE_KEYS = ("top1_cls", "maxboxacc", "maxboxacc_v2", "top1_loc", "gt_known_loc")
+_CURVE_KEYS = ("top1_cls", "maxboxacc_v1", "maxboxacc_v2", "top1_loc", "gt_known_loc")
 
 
 def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: bool = False) -> dict:
     """The WSOL stage: fine-tune a CAM model from ``inputs["weights"]`` (a backbone checkpoint; None or absent:
     random init) and evaluate it.
 
-    Returns metrics in percent: top1_cls, maxboxacc, maxboxacc_v2, top1_loc, gt_known_loc, top5_loc,
-    maxboxacc_per_iou, best_threshold, centred_box baseline, curve (one entry per evaluated epoch). Writes
-    run_dir/metrics.json and figures/*.png. An existing run_dir/checkpoints/last.pth is resumed (resume=True)
-    when it was made from the same config and weights (`WSOLTask.resume_may_change` excepted); a finished run
-    just re-reports. Without resume an existing checkpoint is an error unless `force`.
+    Returns metrics in percent (its "units" field says so): top1_cls, maxboxacc_v1 (largest contour, IoU 50),
+    maxboxacc_v2 (all contours, mean over IoU 30/50/70), top1_loc, gt_known_loc, top5_loc, maxboxacc_v2_per_iou,
+    best_threshold, centred_box baseline, curve (one entry per evaluated epoch). Writes run_dir/metrics.json and
+    figures/*.png. An existing run_dir/checkpoints/last.pth is resumed (resume=True) when it was made from the same
+    config and weights (`WSOLTask.resume_may_change` excepted); a finished run just re-reports. Without resume an
+    existing checkpoint is an error unless `force`.
     """
     inputs = dict(inputs or {})
     weights = inputs.pop("weights", None)
@@ -344,10 +356,12 @@ def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: boo
     settings = LoopSettings(total_steps=task.steps_per_epoch * cfg["epochs"], device=device,
                             precision=cfg["runtime"]["precision"],
                             channels_last=device.type == "cuda" and cfg["runtime"]["channels_last"],
-                            log_every=cfg["log_every"], progress_desc="wsol epoch")
+                            log_every=cfg["log_every"], progress_desc="wsol epoch",
+                            tensorboard=cfg["runtime"]["tensorboard"])
     engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
     engine.fit(resume=resume, force=force, fingerprint=fingerprint.make(cfg, {"weights": weights}),
                header={"weights": weights, "num_classes": task.num_classes, "train_images": len(task.train_set),
+                       "per_process_batch": cfg["batch_size"],
                        "test_images": len(task.test_set)})
     engine.check_parameters()
     # the final evaluation stops on non-finite logits or CAMs before the model or any result is written
@@ -364,12 +378,12 @@ def finetune(cfg: dict, weights: str | None, run_dir, resume: bool = True, force
 
 def _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights) -> dict:
     res = _eval(model, test_set, cfg, device, keep_examples=cfg["eval"]["num_figure_images"])
-    final = {"epoch": cfg["epochs"], **{k: res[k] for k in ("top1_cls", "maxboxacc", "maxboxacc_v2",
+    final = {"epoch": cfg["epochs"], **{k: res[k] for k in ("top1_cls", "maxboxacc_v1", "maxboxacc_v2",
                                                              "top1_loc", "gt_known_loc")}}
     curve = [c for c in curve if c["epoch"] != final["epoch"]] + [final]
     size = (cfg["input"]["test_size"],) * 2
     baseline = centred_box_baseline(test_set.metadata, size, 0.5, cfg["eval"]["iou_thresholds"])
-    metrics = {**_public(res), "curve": curve, "weights": weights, "centred_box": baseline}
+    metrics = with_units({**_public(res), "curve": curve, "weights": weights, "centred_box": baseline})
     if not is_main_process():  # every rank evaluated its shard and holds the numbers; rank 0 writes
         barrier()
         return metrics
@@ -381,7 +395,7 @@ def _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights)
                                        "IoU 50 (largest contour)": res["_box_acc_v1"]}, fig / "boxacc.png")
     loc_curve(curve, fig / "loc_curve.png")
     write_json(metrics, Path(run_dir) / "metrics.json")
-    logger.log({"event": "done", **{k: metrics[k] for k in ("top1_cls", "maxboxacc", "maxboxacc_v2",
+    logger.log({"event": "done", **{k: metrics[k] for k in ("top1_cls", "maxboxacc_v1", "maxboxacc_v2",
                                                              "top1_loc", "gt_known_loc")}})
     barrier()
     return metrics

@@ -1,4 +1,4 @@
-"""Analysis of the embedding space (MultiMix §4.4, papers/000): alignment and uniformity (Wang & Isola, ICML
+"""Analysis of the embedding space (MultiMix §4.4, arXiv:2311.05538): alignment and uniformity (Wang & Isola, ICML
 2020) of the validation-set embeddings, and a 2-D UMAP of them coloured by class (MultiMix Figure 3).
 
 Definitions (Wang & Isola 2020, eqs. 4-5; MultiMix §4.4 for the positive pairs):

@@ -27,6 +27,7 @@ index), so it also depends on ``batch_size``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -36,6 +37,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from core import distributed as ddist
+from core.config import ConfigError
+from core.data import DataError
 from core.runtime import (
     atomic_path,
     autocast,
@@ -46,6 +49,7 @@ from core.runtime import (
     progress,
     write_json,
 )
+from core.units import with_units
 
 from . import figures
 from .attacks import fgsm, pgd
@@ -55,6 +59,9 @@ from .data import ImageFiles, NoiseImages, ValSet, collate, list_images, open_va
 from .localization import cam_to_box, check_iou_op, class_activation_maps, localized
 from .model import load_classifier_model
 from .ood import ood_metrics
+
+log = logging.getLogger("robustness")
+BOX_SUITES = ("background",)  # suites that need the val set's boxes (background replacement, CAM localization)
 
 SUITES = ("clean", "background", "calibration", "fgsm", "pgd", "ood")
 NOISE_SETS = ("uniform", "gaussian")
@@ -67,7 +74,7 @@ def parse_suites(suites) -> list[str]:
     suites = list(SUITES) if list(suites) == ["all"] else list(suites)
     unknown = sorted(set(suites) - set(SUITES))
     if unknown or not suites:
-        raise ValueError(f"unknown suites {unknown}; valid: {', '.join(SUITES)} (or 'all')")
+        raise ConfigError(f"unknown suites {unknown}; valid: {', '.join(SUITES)} (or 'all')")
     return [s for s in SUITES if s in suites]
 
 
@@ -284,7 +291,7 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
     _check_options(corrupt_at, iou_op, ood_noise)
     ev = _Evaluation(o, suites)
     ev.run_suites()
-    metrics = _rounded(json.loads(json.dumps(ev.metrics, default=float)))  # plain JSON values
+    metrics = with_units(_rounded(json.loads(json.dumps(ev.metrics, default=float))))  # plain JSON values
     if ev.out_dir is not None and is_main_process():
         write_json(metrics, ev.out_dir / "metrics.json")
     return metrics
@@ -317,6 +324,7 @@ class _Evaluation:
         self.fig_dir = self.out_dir / "figures" if self.out_dir is not None else None
         self.write = is_main_process()  # under torchrun every rank evaluates its shard, rank 0 writes
         self.base = open_val_set(o["imagenet_root"])  # ImageNet, TinyImageNet or CIFAR (transfer/robustness/data.py)
+        self.suites = suites = self._drop_box_suites(suites)
         self.indices = subset_indices(len(self.base), o["limit"])
         # fail before any compute on a checkpoint without a head for these classes, or on empty OOD folders
         model, self.meta = load_classifier_model(o["checkpoint"], num_classes=len(self.base.classes), arch=o["arch"],
@@ -335,6 +343,22 @@ class _Evaluation:
                               "n_images": len(self.indices), "settings": settings, "figures": {}, "seconds": {}}
         self.examples = [self.indices[p] for p in subset_indices(len(self.indices), o["n_examples"])]
         self.clean = None
+
+    def _drop_box_suites(self, suites: list[str]) -> list[str]:
+        """Without box annotations the suites that need them are skipped, with a note saying so."""
+        skipped = [s for s in suites if s in BOX_SUITES]
+        if not skipped or self.base.has_boxes:
+            return suites
+        rest = [s for s in suites if s not in BOX_SUITES]
+        log.warning("%s: skipped: %s has no box annotations (val_boxes/*.xml or LOC_val_solution.csv), which "
+                    "%s needs%s", ", ".join(skipped), self.o["imagenet_root"], "it" if len(skipped) == 1 else "they",
+                    f"; running {','.join(rest)} (--suites {','.join(rest)} says so without this note)" if rest
+                    else "")
+        if not rest:
+            raise DataError(f"{self.o['imagenet_root']}: no box annotations, and every suite asked for "
+                             f"({', '.join(skipped)}) needs them; choose others with --suites "
+                             f"(e.g. clean,calibration,fgsm,pgd,ood)")
+        return rest
 
     def loader(self, ds):
         return _loader(ds, self.o["batch_size"], self.num_workers, self.device)
