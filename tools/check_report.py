@@ -7,7 +7,6 @@ Exit 0 when every method row of every table holds a number; 1 (listing the empty
 otherwise; 2 when the file is not a pipeline summary.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pipeline.report import missing_entries  # noqa: E402
 
 @cli.entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("summary", help="summary.json of a pipeline run (runs/<name>/summary.json)")
     args = p.parse_args(argv)
     try:
