@@ -13,7 +13,6 @@ official settings are in); boundary differences uniform. The integer energies ar
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -80,8 +79,9 @@ def build(seed: int = 20261207) -> dict:
 
 @cli.entry
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "fixtures")
+    ap = cli.parser(__doc__)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "fixtures",
+                    help="folder of the fixture file (default tests/fixtures)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     arrays = build()

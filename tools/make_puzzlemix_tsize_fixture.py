@@ -17,7 +17,6 @@ Needs torch, numpy and gco-wrapper (the official module imports it).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -103,9 +102,10 @@ def _note(repo: Path, b: int) -> dict:
 
 @cli.entry
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__)
     ap.add_argument("--puzzlemix", type=Path, required=True, help="checkout of github.com/snu-mllab/PuzzleMix")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "fixtures")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "fixtures",
+                    help="folder of the fixture file (default tests/fixtures)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     notes_path = args.out / "official_fixtures.json"
