@@ -60,8 +60,8 @@ def rng_state() -> dict:
         "numpy": _numpy_state_to_plain(np.random.get_state()),  # noqa: NPY002 - global RNG on purpose
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's device only: a resume may see fewer GPUs (or only its own)
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -71,7 +71,10 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(_plain_to_numpy_state(state["numpy"]))  # noqa: NPY002 - global RNG on purpose
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # one state per visible device, as older checkpoints hold them
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
 
 
 def _numpy_state_to_plain(st) -> dict:
@@ -86,12 +89,27 @@ def _plain_to_numpy_state(d: dict):
 
 
 def get_device(name: str = "auto") -> torch.device:
-    """'auto' picks this process's CUDA device when there is one (LOCAL_RANK under torchrun), else CPU."""
+    """'auto' picks this process's CUDA device when there is one (`local_cuda_index`), else CPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            index = local_cuda_index()
+            torch.cuda.set_device(index)  # the current device: default streams, RNG state, NCCL all use it
+            return torch.device("cuda", index)
         return torch.device("cpu")
     return torch.device(name)
+
+
+def local_cuda_index() -> int:
+    """This process's GPU among the visible ones: LOCAL_RANK when the process sees one GPU per local rank (torchrun
+    on a node), 0 when it sees a single GPU (SLURM with one GPU per task: every rank's GPU is its cuda:0)."""
+    local, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if visible == 1:
+        return 0
+    if local >= visible:
+        raise RuntimeError(f"LOCAL_RANK={local} but this process sees {visible} GPU(s) "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
+                           f"{visible} processes per node, or give each process one GPU")
+    return local
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -125,7 +143,7 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(local_cuda_index())
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     return rank, world, local_rank
 

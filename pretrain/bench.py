@@ -78,11 +78,19 @@ def _build_methods(model, methods, num_classes, n, size, dev, seed):
         if knobs.get("solver") == "gco" and not have_gco():
             skipped.append(f"{label} (gco-wrapper not installed)")
             continue
-        m = build_method(name, model, num_classes, **knobs)
-        m.generator = torch.Generator(device=dev)
+        m = build_method(name, model, num_classes, **knobs).to(dev)  # a method's own layers (AlignMix's encoder2)
+        m.generator = torch.Generator(device=dev) if dev.type in ("cpu", "cuda") else None  # meta: no generator
         m.seed(seed)
         built.append((label, m))
     return built, skipped
+
+
+def _all_parameters(built) -> list:
+    """Every parameter of the shared model and of the methods' own layers, once each."""
+    params: dict[int, torch.nn.Parameter] = {}
+    for _, m in built:
+        params.update((id(p), p) for p in m.parameters())
+    return list(params.values())
 
 
 def _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, device, seed, timer, clock):
@@ -92,7 +100,7 @@ def _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, d
     dev = torch.device(device)
     model = ResNetStages(arch, num_classes).to(dev)
     built, skipped = _build_methods(model, methods, num_classes, n, size, dev, seed)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    opt = torch.optim.SGD(_all_parameters(built), lr=1e-3, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, 3, size, size, generator=g).to(dev)
     labels = torch.randint(0, num_classes, (batch,), generator=g).to(dev)
@@ -152,7 +160,9 @@ def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224,
     torch.manual_seed(seed)
     model = ResNetStages(arch, num_classes).to(dev, memory_format=fmt)
     built, skipped = _build_methods(model, methods, num_classes, n, size, dev, seed)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    for _, m in built:
+        m.to(memory_format=fmt)
+    opt = torch.optim.SGD(_all_parameters(built), lr=1e-3, momentum=0.9)
     scaler = make_grad_scaler(dev, precision)
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, 3, size, size, generator=g).to(dev).contiguous(memory_format=fmt)

@@ -105,6 +105,9 @@ class Method(nn.Module):
     example's mixed target (MultiMix paper, Table 10), instead of after global pooling.
     """
 
+    # whether a step may leave parameters without a gradient (modes that use different heads): DDP must be told
+    find_unused_parameters = False
+
     def __init__(self, model: ResNetStages, num_classes: int, dense_loss: bool = False):
         super().__init__()
         self.model = model
@@ -664,6 +667,8 @@ class AlignMixAE(AlignMix):
     images. The paper's L_r = ||x - x_hat||^2 is averaged over pixels here (times recon_weight): its
     sum is ~1e5 times the classification loss at 224 px. decoder_size: the decoder's output side (the
     training crop; other input sizes are matched by bilinear resizing)."""
+
+    find_unused_parameters = True  # the clean mode never uses fc, the others never use the decoder
 
     def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
                  tol: float | None = None, modes=("clean", "input", "feat", "feat_rev", "embedding"),

@@ -220,6 +220,10 @@ class PretrainTask(Task):
         self.history: list[dict] = []
 
     @property
+    def find_unused_parameters(self) -> bool:
+        return self.model.find_unused_parameters
+
+    @property
     def net(self) -> ResNetStages:
         return self.model.model
 

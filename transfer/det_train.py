@@ -210,9 +210,9 @@ def predict(model, loader, device, precision="fp32", channels_last=False, max_ke
     model.eval()
     preds, examples, seconds, n = [], [], 0.0, 0
     for images, targets in runtime.progress(loader, desc="eval"):
-        images = [im.to(device) for im in images]
-        if channels_last:
-            images = [im.contiguous(memory_format=torch.channels_last) for im in images]
+        # per-image [3, h, w] tensors: channels_last needs rank 4. The detector batches them; with a channels_last
+        # model (`channels_last`) cuDNN's convolutions switch to that layout from the first layer on.
+        images = [im.to(device, non_blocking=True) for im in images]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -383,10 +383,10 @@ class DetectionTask(Task):
         return self._loader(epoch)
 
     def to_device(self, batch, device, channels_last):
+        """Images stay per-image [3, h, w] tensors (channels_last needs rank 4): the detector batches them, and
+        only the model is converted to channels_last (`DetectionTask.__init__`)."""
         images, targets = batch
         images = [im.to(device, non_blocking=True) for im in images]
-        if channels_last:
-            images = [im.contiguous(memory_format=torch.channels_last) for im in images]
         return images, [{"boxes": t["boxes"].to(device, non_blocking=True),
                          "labels": t["labels"].to(device, non_blocking=True)} for t in targets]
 

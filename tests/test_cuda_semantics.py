@@ -1,0 +1,240 @@
+"""CUDA semantics checked without a GPU (pytest marker `cuda_semantics`, part of `make test`).
+
+No GPU exists where these run, so each test rebuilds one CUDA behaviour on the CPU and says in its docstring what
+that shows and what it cannot: fake CUDA tensors (`torch._subclasses.fake_tensor.FakeTensorMode`: shapes, dtypes,
+devices and memory formats as CUDA would give them, no values, no kernels), CPU autocast (the same
+lower-precision casts as CUDA autocast, so fp16 underflow and bf16 rounding show), two gloo processes through the
+real `Engine` (DDP's bucketing and unused-parameter rules are the same on NCCL), the meta device (placement and
+the optimizer's parameter list, no values), and a stand-in for `torch.cuda` where the question is only how many
+devices a process sees. What none of them can show: kernel speed, cuDNN's algorithm choice, NCCL itself, and
+real stream ordering; `make gpu-check` (tools/gpu_check.py) runs those on a GPU node.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core import runtime as rt
+from core.engine import Engine, LoopSettings, Task, build_optimizer
+from pretrain import mixing as mx
+from pretrain.methods import ResNetStages, build_method
+
+pytestmark = [pytest.mark.cuda_semantics, pytest.mark.usefixtures("one_thread")]  # one_thread: conftest.py
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), MT_NO_PROGRESS="1")
+    torch.set_num_threads(1)
+    rt.init_distributed("gloo")
+
+
+def _spawn(worker, *args) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(2, _free_port(), *args), nprocs=2)
+
+
+class FakeCuda:
+    """A stand-in for the parts of `torch.cuda` that depend on how many GPUs a process sees: `visible` devices,
+    `current` the current one, one RNG state per device (a uint8 tensor holding the device index and a counter),
+    and torch's own rule that a device index past the visible ones is an error."""
+
+    def __init__(self, visible: int, current: int = 0):
+        self.visible, self.current = visible, current
+        self.states = {i: torch.tensor([i, 0], dtype=torch.uint8) for i in range(visible)}
+
+    def _check(self, index: int) -> int:
+        if not 0 <= index < self.visible:
+            raise RuntimeError(f"invalid device ordinal {index} ({self.visible} visible)")
+        return index
+
+    def install(self, monkeypatch) -> FakeCuda:
+        c = torch.cuda
+        monkeypatch.setattr(c, "is_available", lambda: True)
+        monkeypatch.setattr(c, "device_count", lambda: self.visible)
+        monkeypatch.setattr(c, "current_device", lambda: self.current)
+        monkeypatch.setattr(c, "set_device", lambda i: setattr(self, "current", self._check(int(i))))
+        monkeypatch.setattr(c, "get_rng_state", lambda device="cuda": self.states[self._index(device)].clone())
+        monkeypatch.setattr(c, "set_rng_state", self._set)
+        monkeypatch.setattr(c, "get_rng_state_all", lambda: [self.states[i].clone() for i in range(self.visible)])
+        monkeypatch.setattr(c, "set_rng_state_all", lambda states: [self._set(s, i) for i, s in enumerate(states)])
+        return self
+
+    def _index(self, device) -> int:
+        if isinstance(device, int):
+            return self._check(device)
+        d = torch.device(device)
+        return self._check(self.current if d.index is None else d.index)
+
+    def _set(self, state, device="cuda"):
+        self.states[self._index(device)] = state.clone()
+
+
+# ------------------------------------------------------------------------ 1. detection's channels_last
+
+def test_detection_batches_keep_per_image_tensors_with_channels_last(toy_world):
+    """`DetectionTask.to_device` and `predict` with channels_last on (what every detection config asks on CUDA).
+    Shows: per-image [3, h, w] tensors are never given a 4-D memory format (which raises "required rank 4
+    tensor", on the CPU exactly as on CUDA), and the detector still predicts. Cannot show: cuDNN choosing its
+    channels_last kernels for the converted model (a GPU run does)."""
+    from transfer import det_train
+
+    cfg = _det_cfg(toy_world)
+    task = det_train.DetectionTask(cfg, None, 0, torch.device("cpu"))
+    images = [torch.rand(3, 40, 56), torch.rand(3, 64, 48)]
+    targets = [{"boxes": torch.tensor([[1.0, 2.0, 20.0, 30.0]]), "labels": torch.tensor([3])}] * 2
+    moved, moved_targets = task.to_device((images, targets), torch.device("cpu"), True)
+    assert [m.shape for m in moved] == [im.shape for im in images]
+    assert all(torch.equal(a, b) for a, b in zip(moved, images))
+    assert moved_targets[0]["labels"].tolist() == [3]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(task.test_set, [0, 1]), batch_size=2,
+                                         collate_fn=det_train.collate)
+    preds, _, _, n = det_train.predict(task.model, loader, torch.device("cpu"), channels_last=True)
+    assert n == 2 and len(preds) == 2
+
+
+def _det_cfg(toy_world, workers: int = 0):
+    from transfer import det_train
+
+    return det_train.resolve_config({
+        "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64, "kwargs": {"detections_per_img": 10}},
+        "data": {"format": "voc", "root": str(toy_world / "VOCdevkit"), "voc_train": ["2007/trainval"],
+                 "max_train_images": 8, "max_test_images": 4, "workers": workers},
+        "solver": {"epochs": 1, "batch_size": 1}, "seeds": [0]})
+
+
+# ----------------------------------------------------------- 2. a method whose modes skip parameters, under DDP
+
+class _AETask(Task):
+    """AlignMix/AE on 4 fixed batches of 16 px images: "clean" steps never use fc, "input" steps never use the
+    decoder (the modes alternate: the seeds below give clean, input, ...)."""
+
+    steps_per_epoch = 4
+
+    def __init__(self, rank: int):
+        torch.manual_seed(0)
+        self.model = build_method("alignmix_ae", ResNetStages("resnet18", 5), 5, resolution=1, decoder_size=16,
+                                  modes=("clean", "input"))
+        self.find_unused_parameters = self.model.find_unused_parameters
+        self.model.generator = torch.Generator()
+        g = torch.Generator().manual_seed(10 + rank)
+        self.data = [(torch.rand(2, 3, 16, 16, generator=g), torch.randint(5, (2,), generator=g)) for _ in range(4)]
+        self.modes = []
+
+    def batches(self, epoch, start_step):
+        return iter(self.data[start_step:])
+
+    def before_step(self, micro_step):
+        self.model.seed(micro_step)
+        self.modes.append(self.model._choice(self.model.modes))  # the draw forward will make (same seed)
+        self.model.seed(micro_step)
+
+    def param_groups(self):
+        return [{"params": list(self.model.parameters()), "lr": 0.01}]
+
+
+def _ae_worker(rank, world, port, out):
+    _join(rank, world, port)
+    task = _AETask(rank)
+    opt = build_optimizer("sgd", task.param_groups(), 0.01, momentum=0.9)
+    settings = LoopSettings(total_steps=4, device=torch.device("cpu"), log_every=2)
+    engine = Engine(task, Path(out) / "run", settings, opt, lambda step: 1.0)
+    engine.fit()
+    torch.save({"params": [p.detach().clone() for p in task.model.parameters()], "modes": task.modes,
+                "bucket_view": engine.ddp.gradient_as_bucket_view}, Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_alignmix_ae_trains_under_ddp_with_two_gloo_processes(tmp_path):
+    """AlignMix/AE through the real `Engine` in 2 gloo processes (DDP's reducer is the same on NCCL; the engine
+    skips DDP in one process, so a one-GPU run never shows this). Shows: a method whose steps leave parameters
+    without a gradient declares it and DDP is built accordingly (without it, step 2 stops with "Expected to have
+    finished reduction"), the ranks end with identical parameters, and gradients are bucket views. Cannot show:
+    NCCL's speed with find_unused_parameters on."""
+    _spawn(_ae_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert set(r0["modes"]) == {"clean", "input"}  # both heads went unused in some step
+    assert r0["bucket_view"] is True
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
+
+
+# ------------------------------------------------------------------------------- 3. the GPU bench's AlignMix row
+
+def test_gpu_bench_moves_and_trains_every_methods_own_layers(monkeypatch):
+    """`run_gpu_bench` with AlignMix (its fc head `encoder2` lives in the method, not in the shared ResNet).
+    Shows, on the meta device (placement without values): every method runs with all of its layers on the
+    bench's device; and on the CPU: the SGD step updates encoder2 (it is in the optimizer). Cannot show:
+    the timings themselves."""
+    from pretrain import bench
+
+    built, initial = [], {}
+    real = bench.build_method
+
+    def capture(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        initial.update({len(built) - 1: [p.detach().clone() for p in built[-1].parameters()]})
+        return built[-1]
+
+    monkeypatch.setattr(bench, "build_method", capture)
+    out = bench.run_gpu_bench(device="meta", arch="resnet18", size=64, batch=2, warmup=0, steps=1, num_classes=10,
+                              n=4, methods=["alignmix"])
+    assert [r["method"] for r in out["rows"]] == ["erm", "alignmix"]
+    assert {p.device.type for m in built for p in m.parameters()} == {"meta"}
+    built.clear()
+    bench.run_gpu_bench(device="cpu", arch="resnet18", size=32, batch=2, warmup=0, steps=1, num_classes=10, n=4,
+                        methods=["alignmix"])
+    align = built[1]
+    assert align.encoder2 is not None
+    assert not torch.equal(align.encoder2.weight.detach(), initial[1][-2])  # weight, bias: the last two
+
+
+# ----------------------------------------------------------------- 4. and 5. how many GPUs a process sees
+
+def test_cuda_rng_state_resumes_on_fewer_visible_gpus(monkeypatch):
+    """A checkpoint written by a process that sees 8 GPUs is resumed by one that sees 1 (SLURM, one GPU per task)
+    or 4 (8 -> 4 GPUs). Shows, with a stand-in for `torch.cuda` that enforces torch's rule that a device index
+    past the visible ones is an error: the state saved is the current device's alone and it is restored onto the
+    current device. Cannot show: the real Philox generator state (its layout is torch's)."""
+    FakeCuda(visible=8, current=3).install(monkeypatch)
+    state = rt.rng_state()
+    assert torch.equal(state["cuda"], torch.tensor([3, 0], dtype=torch.uint8))  # device 3's state only
+    for visible, current in ((1, 0), (4, 2)):
+        fake = FakeCuda(visible, current).install(monkeypatch)
+        rt.set_rng_state(state)
+        assert torch.equal(fake.states[current], torch.tensor([3, 0], dtype=torch.uint8))
+    fake = FakeCuda(visible=2, current=1).install(monkeypatch)  # an older checkpoint: one state per device
+    rt.set_rng_state({**state, "cuda": [torch.tensor([k, 7], dtype=torch.uint8) for k in range(8)]})
+    assert fake.states[1].tolist() == [1, 7]
+
+
+@pytest.mark.parametrize("visible,local_rank,expected", [(8, 3, 3), (1, 3, 0), (1, 0, 0), (4, 0, 0)])
+def test_auto_device_is_one_the_process_can_see(monkeypatch, visible, local_rank, expected):
+    """`get_device("auto")` under torchrun (8 GPUs visible to every rank) and under SLURM with one GPU per task
+    (each rank sees one GPU, its cuda:0). Shows: the device index is valid for what the process sees, and it
+    becomes the current device. Cannot show: CUDA_VISIBLE_DEVICES itself (the stand-in sets the count)."""
+    fake = FakeCuda(visible).install(monkeypatch)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    assert rt.get_device("auto") == torch.device("cuda", expected)
+    assert fake.current == expected
+
+
+def test_more_local_ranks_than_visible_gpus_is_an_error_naming_both(monkeypatch):
+    FakeCuda(visible=2).install(monkeypatch)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(RuntimeError, match="LOCAL_RANK=3 but this process sees 2 GPU"):
+        rt.get_device("auto")
