@@ -124,6 +124,22 @@ def autocast(device: torch.device, precision: str = "fp32"):
     return torch.autocast(device_type="cuda", dtype=_DTYPES[precision])
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on `device_type` ("cuda", "cpu") right now, or None where it is off."""
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_off(device: torch.device | str):
+    """A block that runs in its tensors' own dtypes even inside `autocast` (the fp32 math of a mixing method:
+    under autocast a `.float()` operand of a matmul or einsum is cast back to bf16 / fp16)."""
+    device_type = torch.device(device).type
+    if device_type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 def make_grad_scaler(device: torch.device, precision: str = "fp32") -> torch.amp.GradScaler:
     """A GradScaler that is active only for CUDA fp16 (bf16 and fp32 need none)."""
     return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")

@@ -18,6 +18,7 @@ come from `self.generator`, a torch.Generator on the model's device.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import numpy as np
@@ -257,14 +258,16 @@ def _puzzle_saliency(method: Method, images, labels) -> torch.Tensor:
     """PuzzleMix saliency as the official training script computes it: the model in eval mode
     (BatchNorm running statistics, nothing updated), the mean cross-entropy of the clean batch
     differentiated w.r.t. the *normalised* input, sqrt(mean over channels of grad^2); no parameter
-    gradients. -> [b, h, w]."""
+    gradients. -> [b, h, w]. Under fp16 autocast this pass runs in fp32: the input gradient of a confidently
+    classified image underflows fp16 to an all-zero map (bf16 has fp32's range and keeps autocast)."""
     model = method.model
     mean, std = model.mean.to(images.dtype), model.std.to(images.dtype)
     was_training = model.training
+    fp16 = rt.autocast_dtype(images.device.type) == torch.float16
     model.eval()
     try:
         xn = ((images.detach() - mean) / std).requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), (rt.autocast_off(images.device) if fp16 else contextlib.nullcontext()):
             loss = F.cross_entropy(model(xn * std + mean).float(), labels)
             (grad,) = torch.autograd.grad(loss, xn)
     finally:
@@ -370,8 +373,9 @@ class MultiMix(Method):
         lam = self._lambda(labels.shape[0])
         if not self.dense_loss:
             return {"loss": mx.multimix_loss_from_logits(logits, labels, lam)}
-        mixed = torch.einsum("bc...,bn->nc...", logits.float(), lam)
-        return {"loss": self.loss_of(mixed, lam.t() @ self.targets(labels))}
+        with rt.autocast_off(logits.device):  # fp32 (see pretrain.mixing's conventions)
+            mixed = torch.einsum("bc...,bn->nc...", logits.float(), lam)
+            return {"loss": self.loss_of(mixed, lam.t() @ self.targets(labels))}
 
     def _input_mixup(self, images, y):
         lam, perm = self._beta(self.input_alpha), self._perm(images.shape[0])
@@ -393,10 +397,12 @@ class MultiMix(Method):
         if self.layer >= EMBEDDING and not self.dense_loss:  # the fast path: mix b logit vectors
             logits = self.model.fc(self.model.pool(self.model.features(images)))
             return {"loss": mx.multimix_loss_from_logits(logits, labels, lam)}
-        y_mix = lam.t() @ y
+        with rt.autocast_off(y.device):  # the targets in fp32
+            y_mix = lam.t() @ y
         if self.layer >= EMBEDDING:
             logits = self.logits_of(self.model.features(images))  # [b, c] or [b, c, r]
-            mixed = torch.einsum("bc...,bn->nc...", logits.float(), lam)
+            with rt.autocast_off(logits.device):  # the mixed logits in fp32, as the fast path's
+                mixed = torch.einsum("bc...,bn->nc...", logits.float(), lam)
         else:
             h = self.model.forward_to(images, self.layer)
             h_mix = torch.einsum("b...,bn->n...", h, lam.to(h.dtype))

@@ -16,7 +16,6 @@ import os
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -238,3 +237,110 @@ def test_more_local_ranks_than_visible_gpus_is_an_error_naming_both(monkeypatch)
     monkeypatch.setenv("LOCAL_RANK", "3")
     with pytest.raises(RuntimeError, match="LOCAL_RANK=3 but this process sees 2 GPU"):
         rt.get_device("auto")
+
+
+# ------------------------------------------------------------------------- 7. PuzzleMix saliency in fp16
+
+def _confident_puzzlemix():
+    """PuzzleMix on a ResNet-18 whose classifier is scaled until most of 8 images are classified with
+    probability ~1, so that the input gradient of the loss is tiny (1e-20 to 1e-5)."""
+    from pretrain.methods import _puzzle_saliency
+
+    torch.manual_seed(0)
+    net = ResNetStages("resnet18", 10)
+    method = build_method("puzzlemix", net, 10, solver="swap")
+    images = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        labels = net.eval()(images).argmax(1)
+        net.fc.weight.mul_(200)
+        net.fc.bias.zero_()
+    net.train()
+    return method, images, labels, _puzzle_saliency
+
+
+def test_puzzlemix_saliency_survives_fp16_autocast():
+    """PuzzleMix's saliency pass under fp16 autocast (CPU autocast casts the convolutions to fp16 as CUDA's
+    does, so the underflow is the same). Shows: no saliency map of a confidently classified image is all zero
+    (under fp16 3 of these 8 were before: their grid saliency was 0 / 0 = NaN, cast to int32 graph-cut
+    unaries), and the maps equal the fp32 ones. Cannot show: cuDNN's fp16 kernels' own rounding."""
+    method, images, labels, saliency = _confident_puzzlemix()
+    ref = saliency(method, images, labels)
+    with torch.autocast("cpu", dtype=torch.float16):
+        sal = saliency(method, images, labels)
+    assert (ref.flatten(1).amax(1) > 0).all()
+    assert (sal.flatten(1).amax(1) > 0).all()
+    torch.testing.assert_close(sal, ref, rtol=1e-5, atol=0)
+    grid = mx.saliency_grid(sal, 4)
+    assert torch.isfinite(grid).all() and torch.allclose(grid.sum((1, 2)), torch.ones(8))
+
+
+def test_an_all_zero_saliency_map_is_uniform_on_the_grid():
+    """The guard for a saliency gradient that underflowed anyway: 0 / 0 would be NaN, cast to int32 unaries
+    (garbage masks, no error); a zero map is uniform over the grid blocks instead."""
+    sal = torch.zeros(2, 8, 8)
+    sal[1, :4, :4] = 2.0  # all of image 1's saliency in its top-left quarter
+    grid = mx.saliency_grid(sal, 2)
+    assert grid[0].tolist() == [[0.25, 0.25], [0.25, 0.25]]
+    assert grid[1].tolist() == [[1.0, 0.0], [0.0, 0.0]]
+
+
+# --------------------------------------------------------------------- 12. the fp32 blocks stay fp32 under autocast
+
+def _in_bf16_autocast(fn, *args):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return fn(*args)
+
+
+def _mixing_inputs():
+    g = torch.Generator().manual_seed(0)
+    b, c, n, r, d = 6, 7, 40, 5, 9
+    logits = torch.randn(b, c, generator=g) * 4
+    dense = torch.randn(b, c, r, generator=g) * 4
+    labels = torch.randint(c, (b,), generator=g)
+    y = mx.one_hot(labels, c)
+    lam = mx.dirichlet_weights(b, n, generator=g)
+    mhat, s = mx.dense_mix_weights(torch.rand(b, r, generator=g), mx.dirichlet_weights(b, n, generator=g, sets=r))
+    z = torch.randn(b, d, r, generator=g)
+    return logits, dense, labels, y, lam, mhat, s, z, torch.randn(c, d, generator=g)
+
+
+@pytest.mark.parametrize("what", ["multimix_loss", "dense_loss_hard", "dense_loss_soft", "multimix_targets",
+                                  "dense_targets", "gap_attention", "cam_attention"])
+def test_mixing_math_is_fp32_inside_bf16_autocast(what):
+    """The mixing functions whose math must be fp32, called inside bf16 autocast (CPU autocast casts matmul and
+    einsum to bf16 exactly as CUDA autocast does). Shows: each gives its fp32 value to fp32 rounding (before, a
+    `.float()` operand was cast back to bf16: errors of 1e-3 relative). Cannot show: TF32 (an Ampere/Hopper
+    matmul mode, off by default for matmul in torch)."""
+    logits, dense, labels, y, lam, mhat, s, z, w = _mixing_inputs()
+    fn = {"multimix_loss": lambda: mx.multimix_loss_from_logits(logits, labels, lam),
+          "dense_loss_hard": lambda: mx.dense_multimix_loss_from_logits(dense, labels, mhat, s),
+          "dense_loss_soft": lambda: mx.dense_multimix_loss_from_logits(dense, y, mhat, s),
+          "multimix_targets": lambda: mx.multimix(z.flatten(1), y, lam)[1],
+          "dense_targets": lambda: mx.dense_multimix(z, y, torch.ones(6, 5) / 5, mx.dirichlet_weights(
+              6, 4, generator=torch.Generator().manual_seed(1), sets=5))[1],
+          "gap_attention": lambda: mx.dense_attention(z, "gap_l1relu"),
+          "cam_attention": lambda: mx.dense_attention(z, "cam_softmax", w, y)}[what]
+    ref = fn()
+    out = _in_bf16_autocast(fn)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_multimix_dense_loss_is_fp32_inside_bf16_autocast():
+    """MultiMix's embedding path that forms the soft targets Lambda^T y and mixes the dense logits in the method
+    itself (dense_loss), with the network's logits held fixed so that only the mixing runs under bf16 autocast.
+    Shows: the loss equals the fp32 one to fp32 rounding. Cannot show: the network's own bf16 error."""
+    torch.manual_seed(0)
+    method = build_method("multimix", ResNetStages("resnet18", 7), 7, n=40, prob=1.0, dense_loss=True)
+    method.generator = torch.Generator()
+    g = torch.Generator().manual_seed(2)
+    fixed = torch.randn(6, 7, 4, generator=g) * 4
+    method.logits_of = lambda fmap: fixed
+    method.model.features = lambda x: x
+    images, labels = torch.rand(6, 3, 8, 8, generator=g), torch.randint(7, (6,), generator=g)
+    losses = []
+    for ctx in (torch.autocast("cpu", enabled=False), torch.autocast("cpu", dtype=torch.bfloat16)):
+        method.seed(5)
+        with ctx:
+            losses.append(method(images, labels)["loss"])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
