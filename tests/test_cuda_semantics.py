@@ -344,3 +344,43 @@ def test_multimix_dense_loss_is_fp32_inside_bf16_autocast():
         with ctx:
             losses.append(method(images, labels)["loss"])
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------ 8. detection augmentation per worker and per rank
+
+class _Draws(torch.utils.data.Dataset):
+    """Stands in for the detection train set: item i is the next draw of the (worker's copy of the) transform's
+    albumentations generator, the one its random crops and flips draw from."""
+
+    def __init__(self, transform, n: int):
+        self.transform, self.n = transform, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return int(self.transform.augment.random_generator.integers(2**31)), i
+
+
+def _draws_by_worker(task, epoch: int) -> list[list[int]]:
+    draws = [b[0][0] for b in task.batches(epoch, 0)]  # batch k comes from worker k % 2
+    return [draws[0::2], draws[1::2]]
+
+
+def test_detection_augmentation_differs_between_workers_and_ranks(toy_world):
+    """`DetectionTask`'s train loader with 2 DataLoader workers, as rank 0 and as rank 1 (the rank is set on the
+    task: no process group is needed to build a loader). Shows: the two workers, the two ranks and two epochs
+    draw different augmentation streams, and the same (epoch, rank) draws the same again (resumable). Before,
+    the albumentations generator was seeded once in the parent: every worker and every rank repeated the same
+    crops and flips. Cannot show: a DistributedSampler's shard (the draws here are the transform's only)."""
+    from transfer import det_train
+
+    task = det_train.DetectionTask(_det_cfg(toy_world, workers=2), None, 0, torch.device("cpu"))
+    task.train_set = _Draws(task.train_tf, 8)
+    w0, w1 = _draws_by_worker(task, 0)
+    assert w0 != w1
+    assert _draws_by_worker(task, 0) == [w0, w1]
+    assert _draws_by_worker(task, 1)[0] != w0
+    task.rank = 1
+    r1 = _draws_by_worker(task, 0)
+    assert r1[0] != w0 and r1[1] != w1 and r1[0] != r1[1]

@@ -29,7 +29,7 @@ from core.config import ConfigError, check_ranges, dump_config, load_config, val
 from core.engine import Engine, LoopSettings, Task, build_optimizer
 from core.schedule import lr_factor
 from transfer import d2_backend
-from transfer.det_transforms import build_transforms
+from transfer.det_transforms import SeedWorker, augment_seed, build_transforms
 from transfer.detectors import build_detector
 
 log = logging.getLogger(__name__)
@@ -374,10 +374,12 @@ class DetectionTask(Task):
                 self.seed * 100003 + epoch))
         return DataLoader(train, batch_size=s["batch_size"], sampler=sampler, num_workers=self.cfg["data"]["workers"],
                           collate_fn=collate, drop_last=len(train) >= s["batch_size"] * self.world,
-                          pin_memory=self.device.type == "cuda")  # pinned: the copies to the GPU never wait
+                          pin_memory=self.device.type == "cuda",  # pinned: the copies to the GPU never wait
+                          worker_init_fn=SeedWorker(self.train_tf, self.seed, epoch, self.rank))
 
     def batches(self, epoch: int, start_step: int):
-        self.train_tf.augment.set_random_seed(self.seed * 100003 + epoch)  # augmentation stream fixed per epoch
+        # the augmentation streams are fixed per (epoch, rank, worker): see det_transforms.augment_seed
+        self.train_tf.augment.set_random_seed(augment_seed(self.seed, epoch, self.rank))
         if start_step:
             raise RuntimeError("detection checkpoints are written at epoch ends only")
         return self._loader(epoch)
