@@ -129,11 +129,14 @@ class _AETask(Task):
         torch.manual_seed(0)
         self.model = build_method("alignmix_ae", ResNetStages("resnet18", 5), 5, resolution=1, decoder_size=16,
                                   modes=("clean", "input"))
-        self.find_unused_parameters = self.model.find_unused_parameters
         self.model.generator = torch.Generator()
         g = torch.Generator().manual_seed(10 + rank)
         self.data = [(torch.rand(2, 3, 16, 16, generator=g), torch.randint(5, (2,), generator=g)) for _ in range(4)]
         self.modes = []
+
+    @property
+    def find_unused_parameters(self):  # as PretrainTask: what the method declares
+        return getattr(self.model, "find_unused_parameters", False)
 
     def batches(self, epoch, start_step):
         return iter(self.data[start_step:])
@@ -384,3 +387,41 @@ def test_detection_augmentation_differs_between_workers_and_ranks(toy_world):
     task.rank = 1
     r1 = _draws_by_worker(task, 0)
     assert r1[0] != w0 and r1[1] != w1 and r1[0] != r1[1]
+
+
+# -------------------------------------------------------------------------- 9. WSOL fine-tuning's shards
+
+def _wsol_cfg(toy_world):
+    from core.config import load_config
+    from wsol.finetune import resolve_config
+
+    meta = toy_world / "wsol_metadata" / "CUB"
+    overrides = [f"data.image_root={toy_world / 'CUB_200_2011' / 'images'}", f"data.metadata_root={meta}",
+                 "data.num_workers=0", "data.limit_train=8", "data.limit_test=2", "input.resize=40",
+                 "input.crop=32", "input.test_size=32", "batch_size=2", "runtime.device=cpu", "arch=resnet18"]
+    return resolve_config(load_config(str(Path(__file__).resolve().parents[1] / "configs/wsol/toy_multimix.yaml"),
+                                      overrides))
+
+
+def _indices(task, epoch: int) -> list[int]:
+    return [i for indices, _ in task._loader(epoch) for i in indices.tolist()]
+
+
+def test_wsol_ranks_train_on_disjoint_shards(toy_world, monkeypatch):
+    """`WSOLTask`'s train loader as rank 0 and rank 1 of 2 (the process group's rank and size are stood in for:
+    building a loader needs no communication). Shows: the two ranks read disjoint halves of the 8 images, a new
+    epoch reorders them, and the same epoch gives the same shards (resumable). Before, every rank shuffled the
+    whole set with the same generator: N copies of the same batches. Cannot show: DDP's gradient average."""
+    from wsol import finetune
+
+    cfg = _wsol_cfg(toy_world)
+    shards = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(finetune.ddist, "rank_world", lambda rank=rank: (rank, 2))
+        task = finetune.WSOLTask(cfg, None, torch.device("cpu"))
+        assert task.steps_per_epoch == 2  # 4 images per rank in batches of 2
+        task.train_set = [(i, 0) for i in range(8)]  # item i: its index
+        shards[rank] = [_indices(task, e) for e in (0, 1, 0)]
+    assert len(shards[0][0]) == len(shards[1][0]) == 4
+    assert not set(shards[0][0]) & set(shards[1][0])
+    assert shards[0][0] == shards[0][2] and shards[0][0] != shards[0][1]

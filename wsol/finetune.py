@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms import v2 as T
 
 from core import distributed as ddist
@@ -248,6 +248,7 @@ class WSOLTask(Task):
 
     def __init__(self, cfg: dict, weights: str | None, device: torch.device):
         self.cfg, self.device = cfg, device
+        self.rank, self.world = ddist.rank_world()
         self.train_set, self.test_set, self.num_classes = _datasets(cfg)
         cam = build_cam_model(cfg["arch"], self.num_classes, weights, cfg["allow_pickle"]).to(device)
         if device.type == "cuda" and cfg["runtime"]["channels_last"]:
@@ -259,11 +260,23 @@ class WSOLTask(Task):
         self.steps_per_epoch = len(self._loader(0))
         self.curve: list[dict] = []
 
+    @property
+    def find_unused_parameters(self) -> bool:  # a mixing method whose modes use different heads
+        return self.model.method is not None and self.model.method.find_unused_parameters
+
     def _loader(self, epoch: int) -> DataLoader:
-        n, b = len(self.train_set), self.cfg["batch_size"]
-        return DataLoader(self.train_set, batch_size=b, shuffle=True, drop_last=n > b,
-                          num_workers=self.cfg["data"]["num_workers"],
-                          generator=torch.Generator().manual_seed(self.cfg["seed"] * 100003 + epoch))
+        """The epoch's loader: `batch_size` images per process; under DDP each rank reads its own shard of the
+        epoch's order (DistributedSampler with the run seed, `set_epoch`), so the ranks train on different
+        images. The order is a function of (seed, epoch) either way: exact resume."""
+        n, b, workers = len(self.train_set), self.cfg["batch_size"], self.cfg["data"]["num_workers"]
+        if self.world == 1:
+            return DataLoader(self.train_set, batch_size=b, shuffle=True, drop_last=n > b, num_workers=workers,
+                              generator=torch.Generator().manual_seed(self.cfg["seed"] * 100003 + epoch))
+        sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                     seed=self.cfg["seed"])
+        sampler.set_epoch(epoch)
+        return DataLoader(self.train_set, batch_size=b, sampler=sampler, drop_last=n > b * self.world,
+                          num_workers=workers)
 
     def batches(self, epoch: int, start_step: int):
         if start_step:
