@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from core import distributed as ddist
 from core import fingerprint
 from core import runtime as rt
 from core.checkpoint import ALL_ARCHS, save_backbone
@@ -313,6 +314,9 @@ class PretrainTask(Task):
 
     @torch.no_grad()
     def evaluate(self, precision: str) -> dict:
+        """Top-1 / top-5 / loss on the val set, each rank its shard, summed over ranks. Rank 0's BatchNorm
+        statistics first: after DDP training each rank holds those of its own last batches."""
+        ddist.broadcast_buffers(self.model)
         self.model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # n, top1, top5, loss
         for images, labels in self._val_loader():

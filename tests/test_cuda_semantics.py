@@ -425,3 +425,50 @@ def test_wsol_ranks_train_on_disjoint_shards(toy_world, monkeypatch):
     assert len(shards[0][0]) == len(shards[1][0]) == 4
     assert not set(shards[0][0]) & set(shards[1][0])
     assert shards[0][0] == shards[0][2] and shards[0][0] != shards[0][1]
+
+
+# ------------------------------------------------------------ 10. pretraining evaluation with rank 0's statistics
+
+def _pretrain_cfg(root):
+    from pretrain.task import resolve_config
+
+    return resolve_config({
+        "name": "t", "seed": 3, "data": {"root": str(root), "crop_size": 32, "val_resize": 36, "num_workers": 0,
+                                         "max_train": 16, "max_val": 6},
+        "model": {"arch": "resnet18"}, "method": {"name": "erm"},
+        "optim": {"batch_size": 4, "epochs": 1}, "runtime": {"precision": "fp32", "flops": False}})
+
+
+def _pretrain_task(root, rank: int, world: int):
+    from pretrain.task import PretrainTask
+
+    torch.manual_seed(0)
+    task = PretrainTask(_pretrain_cfg(root), rank, world, torch.device("cpu"))
+    bns = [m for m in task.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:  # each rank's own statistics, as after DDP training: those of its own last batch
+        m.momentum = 1.0
+    with torch.no_grad():
+        task.net.train()(torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(rank)) * (1 + rank))
+    for m in bns:
+        m.momentum = 0.1
+    return task
+
+
+def _eval_worker(rank, world, port, root, out):
+    _join(rank, world, port)
+    metrics = _pretrain_task(root, rank, world).evaluate("fp32")
+    torch.save(metrics, Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_pretraining_evaluation_uses_rank_zeros_statistics(toy_world, tmp_path):
+    """`PretrainTask.evaluate` in 2 gloo processes whose BatchNorm statistics differ (as after DDP training: DDP
+    broadcasts rank 0's buffers only at the next forward). Shows: both ranks report the numbers of one process
+    evaluating the whole val set with rank 0's model. Before, each rank scored its shard with its own
+    statistics. Cannot show: SyncBatchNorm (not used in pretraining)."""
+    _spawn(_eval_worker, str(toy_world / "imagenet"), str(tmp_path))
+    one = _pretrain_task(toy_world / "imagenet", 0, 1).evaluate("fp32")
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got["val_top1"] == one["val_top1"] and got["val_top5"] == one["val_top5"]
+        assert got["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
