@@ -16,6 +16,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -472,3 +473,92 @@ def test_pretraining_evaluation_uses_rank_zeros_statistics(toy_world, tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert got["val_top1"] == one["val_top1"] and got["val_top5"] == one["val_top5"]
         assert got["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------ 6. the GPU JPEG decode path
+
+def _jpeg(seed: int, mode: str = "RGB") -> torch.Tensor:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    im = Image.fromarray((rng.random((24, 20, 3)) * 255).astype(np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def test_gpu_decode_falls_back_to_the_cpu_for_jpegs_nvjpeg_refuses(monkeypatch):
+    """`decode_batch` with a CMYK JPEG among RGB ones, the batched device decoder replaced by a stand-in that
+    refuses CMYK as nvJPEG does (the whole batch call fails) and decodes the rest with libjpeg-turbo. Shows: every
+    image comes out, with the pixels of the CPU decoder. Before, one CMYK image in a batch stopped the run.
+    Cannot show: nvJPEG's own pixels (make gpu-check compares them with the CPU decoder's)."""
+    from torchvision import io as tio
+
+    from pretrain import data as pdata
+
+    datas = [_jpeg(0), _jpeg(1, "CMYK"), _jpeg(2)]
+    cmyk = {datas[1].data_ptr()}
+    real = tio.decode_jpeg
+
+    def nvjpeg_like(items, mode, device=None):
+        if device is None:  # the CPU decoder (core.data.decode_uint8)
+            return real(items, mode=mode)
+        if any(d.data_ptr() in cmyk for d in items):
+            raise RuntimeError("nvjpegDecodeBatched failed: unsupported JPEG colour space")
+        return real(items, mode=mode, device=device)
+
+    monkeypatch.setattr(tio, "decode_jpeg", nvjpeg_like)
+    params = torch.tensor([[0, 0, 24, 20, 0, 8]] * 3)
+    out = pdata.decode_batch(datas, params, torch.device("cpu"))
+    monkeypatch.setattr(tio, "decode_jpeg", real)
+    ref = pdata.decode_batch(datas, params, torch.device("cpu"))
+    assert out.shape == (3, 3, 8, 8) and torch.equal(out, ref)
+
+
+class _Stream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits for {other.name}")
+
+
+def test_gpu_decode_is_ordered_after_the_callers_queued_kernels(monkeypatch):
+    """`decode_batch` on a CUDA device with stand-ins for torch.cuda's stream calls (recording what is called, in
+    order) and for the decoder. Shows the contract: a side stream first waits for the caller's stream (so the
+    decoder never writes memory that queued kernels still read), the decode runs with the side stream current
+    (its outputs come from that stream's memory pool), the caller's stream then waits for the side stream, and
+    every output is recorded on the caller's stream (not reused while the caller's kernels read it). Cannot show:
+    nvJPEG's real stream behaviour (make gpu-check runs it)."""
+    import contextlib
+
+    from torchvision import io as tio
+
+    from pretrain import data as pdata
+
+    log: list[str] = []
+    current, side = _Stream("current", log), _Stream("side", log)
+    active = [current]
+
+    @contextlib.contextmanager
+    def stream(s):
+        active.append(s)
+        log.append(f"enter {s.name}")
+        yield
+        active.pop()
+        log.append(f"exit {s.name}")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *args, **kwargs: side)
+    monkeypatch.setattr(pdata, "_SIDE_STREAMS", {}, raising=False)
+    monkeypatch.setattr(tio, "decode_jpeg", lambda items, mode, device: (
+        log.append(f"decode on {active[-1].name}") or [torch.zeros(3, 2, 2) for _ in items]))
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: log.append(f"record on {s.name}"),
+                        raising=False)
+    out = pdata.decode_batch([_jpeg(0), _jpeg(1)], torch.tensor([[0, 0, 2, 2, 0, 2]] * 2), torch.device("cuda", 0))
+    assert out.shape == (2, 3, 2, 2)
+    assert log == ["side waits for current", "enter side", "decode on side", "exit side",
+                   "current waits for side", "record on current", "record on current"]
