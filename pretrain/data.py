@@ -118,7 +118,7 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 def color_augment(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """torchvision's float ColorJitter (brightness, contrast, saturation, in each image's drawn order) then PCA
     lighting, batched: x float [b, 3, h, w] in [0, 1], params [b, 10] from `ColorDraws` -> [b, 3, h, w]."""
-    p = params.to(x.device, x.dtype)
+    p = params.to(x.device, non_blocking=True).to(x.dtype)  # from the loader's pinned memory: no wait
     view = (-1, 1, 1, 1)
     bright, contrast, sat = p[:, 4].view(view), p[:, 5].view(view), p[:, 6].view(view)
     for k in range(4):  # position k of each image's order (op 3, hue, is never drawn: a no-op here)
