@@ -145,7 +145,8 @@ def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224,
                   warmup: int = 3, steps: int = 10, methods: list[str] | None = None, precision: str = "bf16",
                   channels_last: bool | None = None, num_classes: int = 1000, n: int = 1000, seed: int = 0) -> dict:
     """Training images/s of each method on one device (`tools/bench.py gpu`): {"rows": [{"method",
-    "img_per_s", "step_s", "step_time_ratio" (step time / ERM's; ERM 1.0)}], "skipped": [...], "setup": {...}}.
+    "img_per_s", "step_s", "step_time_ratio" (step time / ERM's; ERM 1.0), "peak_memory_gib" (CUDA: the most
+    memory allocated during the method's steps; None elsewhere)}], "skipped": [...], "setup": {...}}.
 
     A step is forward + backward + SGD update under ``core.runtime.autocast(device, precision)`` (bf16 on
     CUDA; CPU runs fp32) with the model and batch in channels_last (default: on CUDA only). Per method:
@@ -181,8 +182,10 @@ def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224,
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    seconds = {}
+    seconds, peak = {}, {}
     for label, m in built:
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         for _ in range(warmup):
             step(m)
         sync()
@@ -191,8 +194,9 @@ def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224,
             step(m)
         sync()
         seconds[label] = (time.perf_counter() - t0) / steps
+        peak[label] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
     rows = [{"method": k, "img_per_s": round(batch / v, 1), "step_s": round(v, 6),
-             "step_time_ratio": round(v / seconds["erm"], 3)} for k, v in seconds.items()]
+             "step_time_ratio": round(v / seconds["erm"], 3), "peak_memory_gib": peak[k]} for k, v in seconds.items()]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     return {"rows": rows, "skipped": skipped,
             "setup": {"arch": arch, "size": size, "batch": batch, "warmup": warmup, "steps": steps,

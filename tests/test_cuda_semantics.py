@@ -609,3 +609,40 @@ def test_a_batch_reaches_a_cuda_device_without_a_blocking_copy(monkeypatch):
         assert x.device.type == "cuda" and x.dtype == torch.float32 and y.device.type == "cuda"
         assert x.is_contiguous(memory_format=torch.channels_last)
     assert counter.blocking == []
+
+
+# ------------------------------------------------------------------------------ 11. DALI's seed per rank
+
+def test_dali_draws_differ_between_ranks_and_epochs(monkeypatch):
+    """The seed `DaliTrainLoader` gives its pipeline, read by a stand-in for the DALI pipeline builder (DALI is not
+    installed here). Shows: rank 0 and rank 1 get different seeds in the same epoch (before, the seed omitted the
+    rank: every rank drew the same crops and flips for its own images), epochs differ, and a repeat is equal.
+    Cannot show: DALI's own random streams."""
+    import sys
+
+    from pretrain import dali
+    from pretrain.data import EpochSampler
+
+    class Built(Exception):  # the stand-in pipeline builder stops the loader and carries the seed out
+        pass
+
+    def pipeline(*args):
+        raise Built(args[-1])
+
+    monkeypatch.setattr(dali, "_pipeline", pipeline)
+    monkeypatch.setitem(sys.modules, "nvidia.dali.plugin.pytorch",
+                        type(sys)("nvidia.dali.plugin.pytorch"))  # what the loader imports from it is never reached
+    sys.modules["nvidia.dali.plugin.pytorch"].DALIGenericIterator = None
+    sys.modules["nvidia.dali.plugin.pytorch"].LastBatchPolicy = None
+
+    def seed_of(rank, epoch):
+        sampler = EpochSampler(16, 4, rank, 2, seed=0)
+        sampler.set_epoch(epoch, 0)
+        loader = dali.DaliTrainLoader([(f"{i}.jpg", 0) for i in range(16)], sampler, 8, 0.08, True, 2,
+                                      torch.device("cuda", 0), seed=0)
+        with pytest.raises(Built) as built:
+            list(iter(loader))
+        return built.value.args[0]
+
+    s00, s10, s01 = seed_of(0, 0), seed_of(1, 0), seed_of(0, 1)
+    assert s00 != s10 and s00 != s01 and seed_of(1, 0) == s10
