@@ -112,6 +112,35 @@ def local_cuda_index() -> int:
     return local
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which SLURM, taskset and containers set), not the
+    machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS)
+        return os.cpu_count() or 1
+
+
+def local_world_size() -> int:
+    """The processes of this run on this node (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    return max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+
+
+def default_workers(cap: int = 8) -> int:
+    """DataLoader workers for one process: the usable CPUs shared by this node's processes, one left to the main
+    process, at most `cap`."""
+    return max(0, min(cap, usable_cpus() // local_world_size() - 1))
+
+
+def configure_cuda(benchmark: bool) -> None:
+    """cuDNN autotuning (`benchmark`: for inputs of a fixed size, as pretraining's crops; it re-tunes at each new
+    shape, so variable-size detection leaves it off) and the TF32 policy, which is torch's default, kept on
+    purpose: matmuls in full fp32 (torch.backends.cuda.matmul.allow_tf32 False), cuDNN convolutions in TF32 on
+    Ampere and newer GPUs (torch.backends.cudnn.allow_tf32 True). So an "fp32" run's convolutions round their
+    inputs to 10-bit mantissas there; set torch.backends.cudnn.allow_tf32 = False where exact fp32 matters."""
+    torch.backends.cudnn.benchmark = bool(benchmark)
+
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

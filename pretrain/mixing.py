@@ -20,13 +20,12 @@ Conventions
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.runtime import autocast_off
+from core.runtime import autocast_off, local_world_size, usable_cpus
 
 # --------------------------------------------------------------------------------------------------
 # Sampling (Gamma / Beta / Dirichlet with an explicit generator)
@@ -728,14 +727,16 @@ def grid_labels(unary, dist, w_v, w_h, solver: str = "auto", threads: int | None
     """Solve the b graph cuts of `puzzle_energy`'s output -> labels int [b, g, g].
     solver: "gco" (gco-wrapper's alpha-beta swap, what the authors call), "swap" (the built-in
     re-implementation of the same algorithm on the same integers) or "auto" (gco if installed).
-    threads: solve the b problems in a thread pool (gco releases the GIL); None = min(b, cpu count)."""
+    threads: solve the b problems in a thread pool (gco releases the GIL); None = min(b, the CPUs this process may
+    use shared by the node's processes)."""
     if solver == "auto":
         solver = "gco" if have_gco() else "swap"
     if solver not in ("gco", "swap"):
         raise ValueError(f"unknown PuzzleMix solver {solver!r}; valid: auto, gco, swap")
     fn = _cut_gco if solver == "gco" else _cut_swap
     b = unary.shape[0]
-    threads = min(b, os.cpu_count() or 1) if threads is None else threads
+    if threads is None:
+        threads = min(b, max(1, usable_cpus() // local_world_size()))
     if threads <= 1 or b == 1:
         return np.stack([fn(unary[i], dist, w_v[i], w_h[i]) for i in range(b)])
     return np.stack(list(_pool(threads).map(fn, unary, [dist] * b, w_v, w_h)))

@@ -76,7 +76,8 @@ DEFAULTS = {
         "hflip": True,
         "color_jitter": 0.0,         # brightness/contrast/saturation strength (0 = off)
         "lighting": 0.0,             # AlexNet PCA lighting std (0.1 in the CutMix/AlignMix code; 0 = off)
-        "num_workers": 4,            # DataLoader workers per process (persistent across epochs)
+        "num_workers": None,         # DataLoader workers per process (persistent across epochs); None = the CPUs this
+                                     # process may use over the node's processes, minus one, at most 8
         "loader": "uint8",           # uint8 (torchvision.io decode, uint8 crops) | pil (the old float path) |
                                      # dali (NVIDIA DALI on the GPU) | auto (dali when importable on CUDA, else uint8)
         "decode_device": "cpu",      # cpu | cuda: nvJPEG decodes each train batch on the GPU (loader uint8, CUDA)
@@ -221,6 +222,11 @@ class PretrainTask(Task):
         self.history: list[dict] = []
 
     @property
+    def workers(self) -> int:
+        n = self.cfg["data"]["num_workers"]
+        return rt.default_workers() if n is None else int(n)
+
+    @property
     def find_unused_parameters(self) -> bool:
         return self.model.find_unused_parameters
 
@@ -292,8 +298,8 @@ class PretrainTask(Task):
             tf = Uint8TrainTransform(size, d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"])
             collate = collate_uint8
         return DataLoader(SeededTransform(self.train_set, tf), batch_size=self.plan["micro_batch"],
-                          sampler=self.sampler, num_workers=d["num_workers"], drop_last=True, collate_fn=collate,
-                          pin_memory=self.device.type == "cuda", persistent_workers=d["num_workers"] > 0,
+                          sampler=self.sampler, num_workers=self.workers, drop_last=True, collate_fn=collate,
+                          pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
                           generator=torch.Generator().manual_seed(self.cfg["seed"]))
 
     def _val_loader(self) -> DataLoader:
@@ -307,9 +313,9 @@ class PretrainTask(Task):
             tf = (val_transform if self.loader == "pil" else Uint8ValTransform)(d["crop_size"], d["val_resize"])
         ds = torch.utils.data.Subset(SeededTransform(self.val_set, tf),
                                      idx[self.rank:: self.world])
-        self._val = DataLoader(ds, batch_size=self.plan["micro_batch"], shuffle=False, num_workers=d["num_workers"],
+        self._val = DataLoader(ds, batch_size=self.plan["micro_batch"], shuffle=False, num_workers=self.workers,
                                collate_fn=None if self.loader == "pil" else collate_uint8,
-                               pin_memory=self.device.type == "cuda", persistent_workers=d["num_workers"] > 0)
+                               pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0)
         return self._val
 
     @torch.no_grad()
@@ -404,6 +410,8 @@ def build(cfg: dict, run_dir: str | os.PathLike) -> tuple[PretrainTask, Engine]:
         torch.set_num_threads(int(rcfg["num_threads"]))
     rank, world, _ = rt.init_distributed(rcfg["backend"])
     device = rt.get_device(rcfg["device"])
+    if device.type == "cuda":
+        rt.configure_cuda(benchmark=True)  # fixed crop sizes (a crop_schedule re-tunes once per size)
     rt.seed_everything(cfg["seed"])
     task = PretrainTask(cfg, rank, world, device)
     optimizer = build_optimizer("sgd", task.param_groups(), ocfg["lr"], ocfg["momentum"], ocfg["weight_decay"],

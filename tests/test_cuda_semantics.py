@@ -646,3 +646,39 @@ def test_dali_draws_differ_between_ranks_and_epochs(monkeypatch):
 
     s00, s10, s01 = seed_of(0, 0), seed_of(1, 0), seed_of(0, 1)
     assert s00 != s10 and s00 != s01 and seed_of(1, 0) == s10
+
+
+# ------------------------------------------------------------------------------------- throughput settings
+
+def test_workers_and_graph_cut_threads_follow_the_cpus_the_process_may_use(monkeypatch):
+    """DataLoader workers and PuzzleMix's graph-cut threads with 8 usable CPUs (the affinity mask SLURM or taskset
+    gives, whatever the machine has) shared by 2 processes on the node. Shows: 3 workers each (4 CPUs, one left to
+    the main process) and 4 graph-cut threads. Before, the thread pool took the machine's CPU count. Cannot show:
+    the throughput itself."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert rt.usable_cpus() == 8 and rt.default_workers() == 3 and rt.default_workers(cap=2) == 2
+    pools = []
+    monkeypatch.setattr(mx, "_pool", lambda threads: pools.append(threads) or __import__(
+        "concurrent.futures").futures.ThreadPoolExecutor(threads))
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    unary, dist, w_v, w_h = mx.puzzle_energy(*_puzzle_terms(6), lam=0.5)
+    mx.grid_labels(unary, dist, w_v, w_h, solver="swap")
+    assert pools == [4]
+
+
+def _puzzle_terms(b: int):
+    g = torch.Generator().manual_seed(0)
+    sal = mx.saliency_grid(torch.rand(b, 8, 8, generator=g), 2)
+    dv, dh = mx.boundary_differences(torch.rand(b, 3, 8, 8, generator=g), torch.rand(b, 3, 8, 8, generator=g), 2)
+    return sal, sal.flip(0), dv, dh
+
+
+def test_cuda_settings_autotune_and_keep_torchs_tf32_policy(monkeypatch):
+    """`configure_cuda` (pretraining calls it on CUDA): cuDNN autotuning on for fixed-size training, and the TF32
+    policy stated in its docstring is torch's default (matmul fp32, cuDNN convolutions TF32). Shows the flags;
+    cannot show their speed."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    rt.configure_cuda(benchmark=True)
+    assert torch.backends.cudnn.benchmark is True
+    assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is True
