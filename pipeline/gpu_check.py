@@ -185,7 +185,9 @@ def check_robustness(toy: Path, device: torch.device, out: Path) -> str:
            "pgd_iters": 2, "device": str(device), "precision": "bf16" if device.type == "cuda" else "fp32",
            "workers": 0, "ood_noise": ""}
     m = run(cfg, {"checkpoint": str(ckpt), "imagenet": str(toy / "imagenet")}, out / "robustness")
-    return f"suites {sorted(k for k in m if isinstance(m[k], dict))}"
+    err = {k: m[k]["top1_err"] for k in ("clean", "fgsm", "pgd")}
+    return (f"{m['n_images']} images: top-1 error clean {err['clean']:.1f}, FGSM {err['fgsm']:.1f}, "
+            f"PGD {err['pgd']:.1f}; ECE {m['calibration']['ece']:.3f}")
 
 
 # -- NCCL -------------------------------------------------------------------------------------------------------

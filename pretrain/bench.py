@@ -178,6 +178,20 @@ def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224,
         scaler.step(opt)
         scaler.update()
 
+    seconds, peak = _time_methods(built, step, dev, warmup, steps)
+    rows = [{"method": k, "img_per_s": round(batch / v, 1), "step_s": round(v, 6),
+             "step_time_ratio": round(v / seconds["erm"], 3), "peak_memory_gib": peak[k]} for k, v in seconds.items()]
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    return {"rows": rows, "skipped": skipped,
+            "setup": {"arch": arch, "size": size, "batch": batch, "warmup": warmup, "steps": steps,
+                      "precision": precision if dev.type == "cuda" else "fp32", "channels_last": channels_last,
+                      "device": f"{dev} ({name})", "num_classes": num_classes, "n": n, "clock": "wall"}}
+
+
+def _time_methods(built, step, dev: torch.device, warmup: int, steps: int) -> tuple[dict, dict]:
+    """Seconds per step of each method (the device synchronised only around the timed steps) and its peak
+    allocated CUDA memory in GiB (None elsewhere)."""
+
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -195,10 +209,4 @@ def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224,
         sync()
         seconds[label] = (time.perf_counter() - t0) / steps
         peak[label] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
-    rows = [{"method": k, "img_per_s": round(batch / v, 1), "step_s": round(v, 6),
-             "step_time_ratio": round(v / seconds["erm"], 3), "peak_memory_gib": peak[k]} for k, v in seconds.items()]
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-    return {"rows": rows, "skipped": skipped,
-            "setup": {"arch": arch, "size": size, "batch": batch, "warmup": warmup, "steps": steps,
-                      "precision": precision if dev.type == "cuda" else "fp32", "channels_last": channels_last,
-                      "device": f"{dev} ({name})", "num_classes": num_classes, "n": n, "clock": "wall"}}
+    return seconds, peak
