@@ -682,3 +682,55 @@ def test_cuda_settings_autotune_and_keep_torchs_tf32_policy(monkeypatch):
     rt.configure_cuda(benchmark=True)
     assert torch.backends.cudnn.benchmark is True
     assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is True
+
+
+# -------------------------------------------------------- every method's forward on fake CUDA, bf16 and fp16
+
+FORWARD_CASES = [
+    ("erm", {}), ("input_mixup", {}), ("manifold_mixup", {}), ("cutmix", {}), ("multimix", {"n": 50}),
+    ("multimix", {"n": 8, "layer": 2}), ("dense_multimix", {"n": 50}), ("multi_mix", {"base": "input", "k": 3}),
+    ("multi_mix", {"base": "cutmix", "k": 3}), ("alignmix", {"resolution": 1}), ("alignmix_official", {}),
+    ("alignmix_ae", {"resolution": 1, "decoder_size": 16}),
+]
+
+
+def _cuda_autocast(dtype):
+    """torch.autocast("cuda") built where torch sees no GPU (its constructor asks torch.cuda whether one exists and
+    whether it has bf16; once built it only sets the dispatcher's flags, which fake CUDA tensors obey)."""
+    from unittest import mock
+
+    with mock.patch.object(torch.cuda, "is_available", lambda: True), \
+            mock.patch.object(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True):
+        return torch.autocast("cuda", dtype=dtype)
+
+
+@pytest.mark.parametrize("name,knobs", FORWARD_CASES, ids=[f"{n}-{'-'.join(map(str, k.values()))}"
+                                                           for n, k in FORWARD_CASES])
+def test_every_method_forward_on_fake_cuda_in_bf16_and_fp16(monkeypatch, name, knobs):
+    """Each method's training forward on fake CUDA tensors (FakeTensorMode: CUDA's devices, dtypes and memory
+    formats, no values), channels_last, under CUDA autocast in bf16 and in fp16. Shows: it runs on the device
+    (no CPU tensor meets a CUDA one, no value is read back), the network computes in the autocast dtype in
+    channels_last while the loss is fp32, and no host-to-device copy is blocking. Cannot show: numbers, the
+    backward pass (autograd's CUDA threads need a driver), PuzzleMix (its graph cut reads the saliency back to
+    the host, which fake tensors cannot; CPU autocast covers its fp16 saliency above) and the speed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self)  # needs a driver
+    for dtype in (torch.bfloat16, torch.float16):
+        torch.manual_seed(0)
+        method = build_method(name, ResNetStages("resnet18", 10), 10, **knobs)  # real: fake ones cannot move
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            method.to("cuda", memory_format=torch.channels_last)
+            method.generator = None  # a CUDA generator needs a driver; draws use the default one
+            method.seed(0)
+            x = torch.rand(4, 3, 32, 32).to("cuda", non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = torch.randint(10, (4,)).to("cuda", non_blocking=True)
+            counter = CopyCounter(monkeypatch)
+            with _cuda_autocast(dtype):
+                out = method(x, y)
+                fmap = method.model.features(x)
+            monkeypatch.undo()  # the counter and the pin_memory stand-in
+            monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self)
+        assert out["loss"].device.type == "cuda" and out["loss"].dtype == torch.float32
+        assert fmap.dtype == dtype and fmap.is_contiguous(memory_format=torch.channels_last)
+        assert counter.blocking == [], counter.blocking
