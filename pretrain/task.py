@@ -112,7 +112,9 @@ DEFAULTS = {
     },
     "runtime": {
         "device": "auto",            # auto | cpu | cuda | cuda:N
-        "precision": "bf16",         # bf16 | fp16 (GradScaler) | fp32; CPU always runs fp32
+        "precision": "bf16",         # bf16 | fp16 (GradScaler) | fp32; CPU always runs fp32. bf16 is the precision
+                                     # whose step never waits for the GPU: fp16's GradScaler reads its inf flag
+                                     # every step (torch's design), one synchronisation per step
         "channels_last": True,       # CUDA only
         "compile": False,            # torch.compile the network stages (CUDA)
         "backend": None,             # DDP backend; None = nccl on CUDA, gloo on CPU

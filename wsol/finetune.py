@@ -32,6 +32,7 @@ from core.runtime import (
     atomic_save,
     autocast,
     barrier,
+    configure_cuda,
     get_device,
     is_main_process,
     progress,
@@ -347,6 +348,8 @@ def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: boo
     run_dir = Path(run_dir)
     seed_everything(cfg["seed"])
     device = get_device(cfg["runtime"]["device"])
+    if device.type == "cuda":
+        configure_cuda(benchmark=True)  # fixed-size crops
     task = WSOLTask(cfg, weights, device)
     o = cfg["optim"]
     optimizer = _build_optimizer(o["name"], task.param_groups(), o["lr"], o["momentum"], o["weight_decay"],
