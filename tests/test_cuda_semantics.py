@@ -122,7 +122,7 @@ def _det_cfg(toy_world, workers: int = 0):
 
 class _AETask(Task):
     """AlignMix/AE on 4 fixed batches of 16 px images: "clean" steps never use fc, "input" steps never use the
-    decoder (the modes alternate: the seeds below give clean, input, ...)."""
+    decoder (each step's mode is recorded: these seeds draw both)."""
 
     steps_per_epoch = 4
 
