@@ -21,7 +21,8 @@ demo: $(STAMP)
 demo-cifar: $(STAMP)
 	$(VENV)/bin/python tools/run_pipeline.py --config configs/pipeline/toy_cifar.yaml
 
-## test: the test suite
+## test: the test suite, the cuda_semantics group included (CUDA behaviour rebuilt on the CPU; that group alone:
+## pytest -m cuda_semantics)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
