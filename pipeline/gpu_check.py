@@ -100,7 +100,7 @@ def _method_task(name: str, knobs: dict, device: torch.device):
 
 
 def check_method(name: str, knobs: dict, precision: str, device: torch.device, out: Path) -> str:
-    """3 steps through the real engine (AMP, scaler, finite checks, a checkpoint) -> the last logged loss."""
+    """3 steps through the real engine (AMP, scaler, finite checks, a checkpoint) -> the mean loss."""
     from core.engine import Engine, LoopSettings, build_optimizer
 
     task = _method_task(name, knobs, device)
