@@ -326,21 +326,23 @@ class PretrainTask(Task):
         statistics first: after DDP training each rank holds those of its own last batches."""
         ddist.broadcast_buffers(self.model)
         self.model.eval()
+        channels_last = self.device.type == "cuda" and self.cfg["runtime"]["channels_last"]  # as the model
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # n, top1, top5, loss
         for images, labels in self._val_loader():
-            images, labels = self.to_device((images, labels), self.device, False)
+            images, labels = self.to_device((images, labels), self.device, channels_last)
             with rt.autocast(self.device, precision):
                 logits = self.model.predict(images).float()  # the network's fc unless the method has its own head
             hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.view(-1, 1)
-            sums += torch.stack([torch.tensor(float(len(labels)), device=self.device),
+            # torch.full fills on the device; torch.tensor(host value, device=...) would be a blocking copy
+            sums += torch.stack([torch.full((), float(len(labels)), dtype=torch.float64, device=self.device),
                                  hit[:, :1].any(1).sum().double(), hit.any(1).sum().double(),
                                  torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()])
         if self.world > 1:
             dist.all_reduce(sums)
         self.model.train()
-        n = max(sums[0].item(), 1.0)
-        return {"val_top1": 100 * sums[1].item() / n, "val_top5": 100 * sums[2].item() / n,
-                "val_loss": sums[3].item() / n}
+        n, top1, top5, loss = sums.tolist()  # the one read of the evaluation
+        n = max(n, 1.0)
+        return {"val_top1": 100 * top1 / n, "val_top5": 100 * top5 / n, "val_loss": loss / n}
 
     def end_of_epoch(self, engine: Engine, epoch: int, record: dict) -> dict:
         out = self.evaluate(engine.precision)

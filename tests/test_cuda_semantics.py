@@ -734,3 +734,22 @@ def test_every_method_forward_on_fake_cuda_in_bf16_and_fp16(monkeypatch, name, k
         assert out["loss"].device.type == "cuda" and out["loss"].dtype == torch.float32
         assert fmap.dtype == dtype and fmap.is_contiguous(memory_format=torch.channels_last)
         assert counter.blocking == [], counter.blocking
+
+
+def test_pretraining_evaluation_copies_nothing_from_the_host_per_batch(toy_world, monkeypatch):
+    """`PretrainTask.evaluate` over 6 toy val images (batches of 4 and 2), with `torch.tensor` watched for host values
+    sent to a device (on CUDA a `torch.tensor(x, device=...)` is a blocking copy: one per batch before). Shows:
+    none in the loop, and the metrics come from one read at the end. Cannot show: the CUDA copy itself."""
+    task = _pretrain_task(toy_world / "imagenet", 0, 1)
+    real, made = torch.tensor, []
+
+    def watched(*args, **kwargs):
+        if kwargs.get("device") is not None:
+            made.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", watched)
+    metrics = task.evaluate("fp32")
+    monkeypatch.undo()
+    assert made == []
+    assert 0 <= metrics["val_top1"] <= metrics["val_top5"] <= 100
