@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Progress bars are for people; CI logs get plain lines.
 export MT_NO_PROGRESS ?= $(if $(CI),1,0)
 
-.PHONY: demo demo-cifar test toy bench lint clean d2 test-d2
+.PHONY: demo demo-cifar test toy bench gpu-check lint clean d2 test-d2
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,8 @@ demo: $(STAMP)
 demo-cifar: $(STAMP)
 	$(VENV)/bin/python tools/run_pipeline.py --config configs/pipeline/toy_cifar.yaml
 
-## test: the test suite
+## test: the test suite, the cuda_semantics group included (CUDA behaviour rebuilt on the CPU; that group alone:
+## pytest -m cuda_semantics)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
@@ -43,6 +44,11 @@ toy: $(STAMP)
 ## bench: performance figures (runs/bench/bench.json and bench.md)
 bench: $(STAMP)
 	$(VENV)/bin/python tools/bench.py all --out runs/bench
+
+## gpu-check: what to run first on a new GPU node: every CUDA path for a few steps on the toy world, a pass/fail
+## table in runs/gpu_check/gpu_check.md (exits non-zero when a check fails, or when no CUDA device is visible)
+gpu-check: $(STAMP)
+	$(VENV)/bin/python tools/gpu_check.py --out runs/gpu_check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

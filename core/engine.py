@@ -92,6 +92,9 @@ class Task:
     model: torch.nn.Module
     steps_per_epoch: int
     sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm under DDP on CUDA
+    # True when a step may leave some parameters without a gradient (a method whose modes use different heads):
+    # DDP then looks for them every step (slower); with False such a step stops DDP at the next one
+    find_unused_parameters: bool = False
 
     def batches(self, epoch: int, start_step: int) -> Iterable:
         raise NotImplementedError
@@ -190,7 +193,9 @@ class Engine:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # gradient_as_bucket_view: the gradients are views into DDP's buckets (no copy in and out, less memory)
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                   find_unused_parameters=bool(self.task.find_unused_parameters), gradient_as_bucket_view=True)
 
     @property
     def epoch(self) -> int:

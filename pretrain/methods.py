@@ -18,6 +18,7 @@ come from `self.generator`, a torch.Generator on the model's device.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import numpy as np
@@ -55,6 +56,9 @@ class Method(nn.Module):
     dense_loss: apply the loss at every position of the layer4 map (fc as 1x1 conv) with the
     example's mixed target (MultiMix paper, Table 10), instead of after global pooling.
     """
+
+    # whether a step may leave parameters without a gradient (modes that use different heads): DDP must be told
+    find_unused_parameters = False
 
     def __init__(self, model: nn.Module, num_classes: int, dense_loss: bool = False):
         super().__init__()
@@ -204,14 +208,16 @@ def _saliency_forward(method: Method, images, labels, train_mode: bool, weight: 
     """The saliency forward of the official PuzzleMix scripts: the mean cross-entropy of the clean batch (times
     `weight`) differentiated w.r.t. the *normalised* input, sqrt(mean over channels of grad^2), with the model in
     eval or train mode (the mode is restored after). -> (sal [b, h, w], the weighted loss with its graph when
-    train_mode, else None)."""
+    train_mode, else None). Under fp16 autocast this pass runs in fp32: the input gradient of a confidently
+    classified image underflows fp16 to an all-zero map (bf16 has fp32's range and keeps autocast)."""
     model = method.model
     mean, std = model.mean.to(images.dtype), model.std.to(images.dtype)
     was_training = model.training
+    fp16 = rt.autocast_dtype(images.device.type) == torch.float16
     model.train(train_mode)
     try:
         xn = ((images.detach() - mean) / std).requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), (rt.autocast_off(images.device) if fp16 else contextlib.nullcontext()):
             loss = weight * F.cross_entropy(model(xn * std + mean).float(), labels)
             (grad,) = torch.autograd.grad(loss, xn, retain_graph=train_mode)
     finally:
@@ -381,8 +387,9 @@ class MultiMix(Method):
         lam = self._lambda(labels.shape[0])
         if not self.dense_loss:
             return {"loss": mx.multimix_loss_from_logits(logits, labels, lam)}
-        mixed = torch.einsum("bc...,bn->nc...", logits.float(), lam)
-        return {"loss": self.loss_of(mixed, lam.t() @ self.targets(labels))}
+        with rt.autocast_off(logits.device):  # fp32 (see pretrain.mixing's conventions)
+            mixed = torch.einsum("bc...,bn->nc...", logits.float(), lam)
+            return {"loss": self.loss_of(mixed, lam.t() @ self.targets(labels))}
 
     def _input_mixup(self, images, y):
         lam, perm = self._beta(self.input_alpha), self._perm(images.shape[0])
@@ -404,10 +411,12 @@ class MultiMix(Method):
         if self.layer >= EMBEDDING and not self.dense_loss:  # the fast path: mix b logit vectors
             logits = self.model.fc(self.model.pool(self.model.features(images)))
             return {"loss": mx.multimix_loss_from_logits(logits, labels, lam)}
-        y_mix = lam.t() @ y
+        with rt.autocast_off(y.device):  # the targets in fp32
+            y_mix = lam.t() @ y
         if self.layer >= EMBEDDING:
             logits = self.logits_of(self.model.features(images))  # [b, c] or [b, c, r]
-            mixed = torch.einsum("bc...,bn->nc...", logits.float(), lam)
+            with rt.autocast_off(logits.device):  # the mixed logits in fp32, as the fast path's
+                mixed = torch.einsum("bc...,bn->nc...", logits.float(), lam)
         else:
             h = self.model.forward_to(images, self.layer)
             h_mix = torch.einsum("b...,bn->n...", h, lam.to(h.dtype))
@@ -677,6 +686,8 @@ class AlignMixAE(AlignMix):
     images. The paper's L_r = ||x - x_hat||^2 is averaged over pixels here (times recon_weight): its
     sum is ~1e5 times the classification loss at 224 px. decoder_size: the decoder's output side (the
     training crop; other input sizes are matched by bilinear resizing)."""
+
+    find_unused_parameters = True  # the clean mode never uses fc, the others never use the decoder
 
     def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
                  tol: float | None = None, modes=("clean", "input", "feat", "feat_rev", "embedding"),

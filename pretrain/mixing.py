@@ -11,17 +11,22 @@ Conventions
   the authors' algorithm (one transfer per batch: `puzzle_masks`): no `.item()`, no loop on a device value,
   no shape that depends on the data.
 - Images are [b, 3, h, w] in [0, 1]; masks are [b, 1, h, w] with 1 = keep the first image.
+- Under autocast (bf16 / fp16 training) the feature mixes run in the features' dtype, while the math that must
+  stay fp32 runs with autocast off (`core.runtime.autocast_off`; a `.float()` operand of a matmul or einsum
+  would otherwise be cast back): the soft targets (rows sum to 1), the mixed-logit losses of MultiMix and Dense
+  MultiMix (their log-softmax of Lambda-weighted logits) and Dense MultiMix's attention.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from core.runtime import autocast_off, local_world_size, usable_cpus
 
 # --------------------------------------------------------------------------------------------------
 # Sampling (Gamma / Beta / Dirichlet with an explicit generator)
@@ -236,8 +241,9 @@ def mask_mix(x: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 
 def multimix(z: torch.Tensor, y: torch.Tensor, lam: torch.Tensor):
     """z [b, d], y [b, c], lam [b, n] (columns on the simplex) -> (lam^T z [n, d], lam^T y [n, c])."""
-    lam = lam.to(z.dtype)
-    return lam.t() @ z, lam.t().to(y.dtype) @ y
+    with autocast_off(y.device):  # the targets in fp32
+        y_mix = lam.t().to(y.dtype) @ y
+    return lam.to(z.dtype).t() @ z, y_mix
 
 
 def multimix_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -247,8 +253,9 @@ def multimix_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, lam: t
     labels [b] int, lam [b, n]. Never forms the n x c mixed targets: for one-hot y,
     sum_c (Y lam_k)_c log p_kc = sum_i lam_ik log p_k[label_i].
     """
-    logp = F.log_softmax(lam.t().float() @ logits.float(), dim=-1)  # [n, c]
-    return -(logp[:, labels] * lam.t().float()).sum(1).mean()
+    with autocast_off(logits.device):
+        logp = F.log_softmax(lam.t().float() @ logits.float(), dim=-1)  # [n, c]
+        return -(logp[:, labels] * lam.t().float()).sum(1).mean()
 
 
 def dense_attention(z: torch.Tensor, kind: str = "gap_l1relu", fc_weight: torch.Tensor | None = None,
@@ -268,13 +275,11 @@ def dense_attention(z: torch.Tensor, kind: str = "gap_l1relu", fc_weight: torch.
     except (ValueError, AssertionError):
         raise ValueError(f"unknown attention {kind!r}; valid: gap_l1relu, gap_softmax, cam_l1relu, "
                          "cam_softmax, uniform") from None
-    if u_kind == "gap":
-        u = z.mean(-1)
-    else:
-        if fc_weight is None or y is None:
-            raise ValueError("cam attention needs fc_weight and y")
-        u = y.to(fc_weight.dtype) @ fc_weight
-    s = torch.einsum("bdr,bd->br", z, u.to(z.dtype))
+    if u_kind == "cam" and (fc_weight is None or y is None):
+        raise ValueError("cam attention needs fc_weight and y")
+    with autocast_off(z.device):  # in z's dtype (fp32 as the methods call it), whatever autocast says
+        u = z.mean(-1) if u_kind == "gap" else y.to(fc_weight.dtype) @ fc_weight
+        s = torch.einsum("bdr,bd->br", z, u.to(z.dtype))
     if h_kind == "softmax":
         return torch.softmax(s.float(), dim=-1).to(z.dtype)
     s = torch.relu(s)
@@ -300,7 +305,8 @@ def dense_multimix(z: torch.Tensor, y: torch.Tensor, attn: torch.Tensor, lam: to
     """
     mhat, s = dense_mix_weights(attn, lam)
     z_mix = torch.einsum("bdr,rbn->ndr", z, mhat.to(z.dtype))
-    y_mix = torch.einsum("bc,rbn->ncr", y.to(mhat.dtype), mhat)
+    with autocast_off(y.device):  # the targets in fp32
+        y_mix = torch.einsum("bc,rbn->ncr", y.to(mhat.dtype), mhat)
     return z_mix, y_mix, s.t()
 
 
@@ -316,13 +322,14 @@ def dense_multimix_loss_from_logits(logits: torch.Tensor, y: torch.Tensor, mhat:
     per-position denominator sum_k s_k (default: over these n columns; MultiMix global_batch passes the
     sum over every rank's columns).
     """
-    mixed = torch.einsum("bcr,rbn->ncr", logits.float(), mhat.float())
-    logp = F.log_softmax(mixed, dim=1)
-    if y.ndim == 1:
-        ylogp = logp[:, y, :].permute(2, 0, 1)  # [r, n, b]
-    else:
-        ylogp = torch.einsum("ncr,bc->rnb", logp, y.float())  # y_i . log p_k at each position
-    per = -(ylogp * mhat.float().transpose(1, 2)).sum(-1)  # [r, n]
+    with autocast_off(logits.device):
+        mixed = torch.einsum("bcr,rbn->ncr", logits.float(), mhat.float())
+        logp = F.log_softmax(mixed, dim=1)
+        if y.ndim == 1:
+            ylogp = logp[:, y, :].permute(2, 0, 1)  # [r, n, b]
+        else:
+            ylogp = torch.einsum("ncr,bc->rnb", logp, y.float())  # y_i . log p_k at each position
+        per = -(ylogp * mhat.float().transpose(1, 2)).sum(-1)  # [r, n]
     w = s.float()
     total = w.sum(1) if weight_total is None else weight_total.float()
     return ((per * w).sum(1) / total.clamp_min(1e-12)).mean()
@@ -438,10 +445,12 @@ def saliency_map(grad: torch.Tensor) -> torch.Tensor:
 
 def saliency_grid(sal: torch.Tensor, grid: int) -> torch.Tensor:
     """Saliency map [b, h, w] average-pooled to grid x grid blocks (h, w divisible by grid) and
-    normalised to sum 1 per image -> [b, grid, grid]."""
+    normalised to sum 1 per image -> [b, grid, grid]. An all-zero map (a gradient that underflowed) becomes
+    uniform, 1 / grid^2 per block, instead of 0 / 0."""
     b = sal.shape[0]
     pooled = F.avg_pool2d(sal, sal.shape[-1] // grid)
-    return pooled / pooled.reshape(b, -1).sum(1).reshape(b, 1, 1)
+    total = pooled.reshape(b, -1).sum(1).reshape(b, 1, 1)
+    return torch.where(total > 0, pooled / total.clamp_min(torch.finfo(pooled.dtype).tiny), 1.0 / grid**2)
 
 
 def boundary_differences(pix: torch.Tensor, pix2: torch.Tensor, grid: int, neigh_size: int = 2):
@@ -755,14 +764,16 @@ def grid_labels(unary, dist, w_v, w_h, solver: str = "auto", threads: int | None
     """Solve the b graph cuts of `puzzle_energy`'s output -> labels int [b, g, g].
     solver: "gco" (gco-wrapper's alpha-beta swap, what the authors call), "swap" (the built-in
     re-implementation of the same algorithm on the same integers) or "auto" (gco if installed).
-    threads: solve the b problems in a thread pool (gco releases the GIL); None = min(b, cpu count)."""
+    threads: solve the b problems in a thread pool (gco releases the GIL); None = min(b, the CPUs this process may
+    use shared by the node's processes)."""
     if solver == "auto":
         solver = "gco" if have_gco() else "swap"
     if solver not in ("gco", "swap"):
         raise ValueError(f"unknown PuzzleMix solver {solver!r}; valid: auto, gco, swap")
     fn = _cut_gco if solver == "gco" else _cut_swap
     b = unary.shape[0]
-    threads = min(b, os.cpu_count() or 1) if threads is None else threads
+    if threads is None:
+        threads = min(b, max(1, usable_cpus() // local_world_size()))
     if threads <= 1 or b == 1:
         return np.stack([fn(unary[i], dist, w_v[i], w_h[i]) for i in range(b)])
     return np.stack(list(_pool(threads).map(fn, unary, [dist] * b, w_v, w_h)))

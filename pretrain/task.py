@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from core import distributed as ddist
 from core import fingerprint
 from core import runtime as rt
 from core.checkpoint import ALL_ARCHS, save_backbone
@@ -75,7 +76,8 @@ DEFAULTS = {
         "hflip": True,
         "color_jitter": 0.0,         # brightness/contrast/saturation strength (0 = off)
         "lighting": 0.0,             # AlexNet PCA lighting std (0.1 in the CutMix/AlignMix code; 0 = off)
-        "num_workers": 4,            # DataLoader workers per process (persistent across epochs)
+        "num_workers": None,         # DataLoader workers per process (persistent across epochs); None = the CPUs this
+                                     # process may use over the node's processes, minus one, at most 8
         "loader": "uint8",           # uint8 (torchvision.io decode, uint8 crops) | pil (the float PIL path) |
                                      # dali (NVIDIA DALI on the GPU) | auto (dali when importable on CUDA, else uint8)
         "decode_device": "cpu",      # cpu | cuda: nvJPEG decodes each train batch on the GPU (loader uint8, CUDA)
@@ -110,7 +112,9 @@ DEFAULTS = {
     },
     "runtime": {
         "device": "auto",            # auto | cpu | cuda | cuda:N
-        "precision": "bf16",         # bf16 | fp16 (GradScaler) | fp32; CPU always runs fp32
+        "precision": "bf16",         # bf16 | fp16 (GradScaler) | fp32; CPU always runs fp32. bf16 is the precision
+                                     # whose step never waits for the GPU: fp16's GradScaler reads its inf flag
+                                     # every step (torch's design), one synchronisation per step
         "channels_last": True,       # CUDA only
         "compile": False,            # torch.compile the network stages (CUDA)
         "backend": None,             # DDP backend; None = nccl on CUDA, gloo on CPU
@@ -143,7 +147,8 @@ RANGES = {
 
 
 # the types of the keys whose default is null (core.config.validate checks the others against their defaults)
-TYPES = {"data.root": str, "data.crop_schedule": list[list], "data.val_resize": int, "data.max_train": int,
+TYPES = {"data.root": str, "data.num_workers": int, "data.crop_schedule": list[list], "data.val_resize": int,
+         "data.max_train": int,
          "data.max_val": int, "model.num_classes": int, "optim.batch_per_process": int, "optim.accumulate": int,
          "optim.max_batch_per_process": int, "optim.lr_classifier": float, "optim.points": list[list],
          "runtime.backend": str, "runtime.num_threads": int, "runtime.stop_after_steps": int}
@@ -229,6 +234,15 @@ class PretrainTask(Task):
         self.history: list[dict] = []
 
     @property
+    def workers(self) -> int:
+        n = self.cfg["data"]["num_workers"]
+        return rt.default_workers() if n is None else int(n)
+
+    @property
+    def find_unused_parameters(self) -> bool:
+        return self.model.find_unused_parameters
+
+    @property
     def net(self) -> ResNetStages:
         return self.model.model
 
@@ -296,8 +310,8 @@ class PretrainTask(Task):
             tf = Uint8TrainTransform(size, d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"])
             collate = collate_uint8
         return DataLoader(SeededTransform(self.train_set, tf), batch_size=self.plan["micro_batch"],
-                          sampler=self.sampler, num_workers=d["num_workers"], drop_last=True, collate_fn=collate,
-                          pin_memory=self.device.type == "cuda", persistent_workers=d["num_workers"] > 0,
+                          sampler=self.sampler, num_workers=self.workers, drop_last=True, collate_fn=collate,
+                          pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
                           generator=torch.Generator().manual_seed(self.cfg["seed"]))
 
     def _val_loader(self) -> DataLoader:
@@ -311,31 +325,36 @@ class PretrainTask(Task):
             tf = (val_transform if self.loader == "pil" else Uint8ValTransform)(d["crop_size"], d["val_resize"])
         ds = torch.utils.data.Subset(SeededTransform(self.val_set, tf),
                                      idx[self.rank:: self.world])
-        self._val = DataLoader(ds, batch_size=self.plan["micro_batch"], shuffle=False, num_workers=d["num_workers"],
+        self._val = DataLoader(ds, batch_size=self.plan["micro_batch"], shuffle=False, num_workers=self.workers,
                                collate_fn=None if self.loader == "pil" else collate_uint8,
-                               pin_memory=self.device.type == "cuda", persistent_workers=d["num_workers"] > 0)
+                               pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0)
         return self._val
 
     @torch.no_grad()
     def evaluate(self, precision: str) -> dict:
+        """Top-1 / top-5 / loss on the val set, each rank its shard, summed over ranks. Rank 0's BatchNorm
+        statistics first: after DDP training each rank holds those of its own last batches."""
+        ddist.broadcast_buffers(self.model)
         self.model.eval()
+        channels_last = self.device.type == "cuda" and self.cfg["runtime"]["channels_last"]  # as the model
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # n, top1, top5, loss, non-finite logits
         for images, labels in self._val_loader():
-            images, labels = self.to_device((images, labels), self.device, False)
+            images, labels = self.to_device((images, labels), self.device, channels_last)
             with rt.autocast(self.device, precision):
                 logits = self.model.predict(images).float()  # the network's fc unless the method has its own head
             hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.view(-1, 1)
-            sums += torch.stack([torch.tensor(float(len(labels)), device=self.device),
+            # torch.full fills on the device; torch.tensor(host value, device=...) would be a blocking copy
+            sums += torch.stack([torch.full((), float(len(labels)), dtype=torch.float64, device=self.device),
                                  hit[:, :1].any(1).sum().double(), hit.any(1).sum().double(),
                                  torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
                                  rt.count_nonfinite(logits).double()])
         if self.world > 1:
             dist.all_reduce(sums)
         self.model.train()
-        rt.check_outputs_finite("pretraining", "val", {"logit": int(sums[4].item())})
-        n = max(sums[0].item(), 1.0)
-        return {"val_top1": 100 * sums[1].item() / n, "val_top5": 100 * sums[2].item() / n,
-                "val_loss": sums[3].item() / n}
+        n, top1, top5, loss, nonfinite = sums.tolist()  # the one read of the evaluation
+        rt.check_outputs_finite("pretraining", "val", {"logit": int(nonfinite)})
+        n = max(n, 1.0)
+        return {"val_top1": 100 * top1 / n, "val_top5": 100 * top5 / n, "val_loss": loss / n}
 
     def end_of_epoch(self, engine: Engine, epoch: int, record: dict) -> dict:
         out = self.evaluate(engine.precision)
@@ -407,6 +426,8 @@ def build(cfg: dict, run_dir: str | os.PathLike) -> tuple[PretrainTask, Engine]:
         torch.set_num_threads(int(rcfg["num_threads"]))
     rank, world, _ = rt.init_distributed(rcfg["backend"])
     device = rt.get_device(rcfg["device"])
+    if device.type == "cuda":
+        rt.configure_cuda(benchmark=True)  # fixed crop sizes (a crop_schedule re-tunes once per size)
     rt.seed_everything(cfg["seed"])
     task = PretrainTask(cfg, rank, world, device)
     optimizer = build_optimizer("sgd", task.param_groups(), ocfg["lr"], ocfg["momentum"], ocfg["weight_decay"],

@@ -30,7 +30,7 @@ from core.engine import Engine, LoopSettings, Task, build_optimizer
 from core.schedule import lr_factor
 from core.units import units
 from transfer import d2_backend
-from transfer.det_transforms import build_transforms
+from transfer.det_transforms import SeedWorker, augment_seed, build_transforms
 from transfer.detectors import build_detector
 
 log = logging.getLogger(__name__)
@@ -253,9 +253,9 @@ def predict(model, loader, device, precision="fp32", channels_last=False, max_ke
     preds, examples, seconds, n = [], [], 0.0, 0
     counter = _NonFiniteCounter(model, device)
     for images, targets in runtime.progress(loader, desc="eval"):
-        images = [im.to(device) for im in images]
-        if channels_last:
-            images = [im.contiguous(memory_format=torch.channels_last) for im in images]
+        # per-image [3, h, w] tensors: channels_last needs rank 4. The detector batches them; with a channels_last
+        # model (`channels_last`) cuDNN's convolutions switch to that layout from the first layer on.
+        images = [im.to(device, non_blocking=True) for im in images]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -427,19 +427,21 @@ class DetectionTask(Task):
                 self.seed * 100003 + epoch))
         return DataLoader(train, batch_size=s["batch_size"], sampler=sampler, num_workers=self.cfg["data"]["workers"],
                           collate_fn=collate, drop_last=len(train) >= s["batch_size"] * self.world,
-                          pin_memory=self.device.type == "cuda")  # pinned: the copies to the GPU never wait
+                          pin_memory=self.device.type == "cuda",  # pinned: the copies to the GPU never wait
+                          worker_init_fn=SeedWorker(self.train_tf, self.seed, epoch, self.rank))
 
     def batches(self, epoch: int, start_step: int):
-        self.train_tf.augment.set_random_seed(self.seed * 100003 + epoch)  # augmentation stream fixed per epoch
+        # the augmentation streams are fixed per (epoch, rank, worker): see det_transforms.augment_seed
+        self.train_tf.augment.set_random_seed(augment_seed(self.seed, epoch, self.rank))
         if start_step:
             raise RuntimeError("detection checkpoints are written at epoch ends only")
         return self._loader(epoch)
 
     def to_device(self, batch, device, channels_last):
+        """Images stay per-image [3, h, w] tensors (channels_last needs rank 4): the detector batches them, and
+        only the model is converted to channels_last (`DetectionTask.__init__`)."""
         images, targets = batch
         images = [im.to(device, non_blocking=True) for im in images]
-        if channels_last:
-            images = [im.contiguous(memory_format=torch.channels_last) for im in images]
         return images, [{"boxes": t["boxes"].to(device, non_blocking=True),
                          "labels": t["labels"].to(device, non_blocking=True)} for t in targets]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms import v2 as T
 
 from core import distributed as ddist
@@ -32,6 +32,7 @@ from core.runtime import (
     atomic_save,
     autocast,
     barrier,
+    configure_cuda,
     get_device,
     is_main_process,
     progress,
@@ -262,6 +263,7 @@ class WSOLTask(Task):
 
     def __init__(self, cfg: dict, weights: str | None, device: torch.device):
         self.cfg, self.device = cfg, device
+        self.rank, self.world = ddist.rank_world()
         self.train_set, self.test_set, self.num_classes = _datasets(cfg)
         cam = build_cam_model(cfg["arch"], self.num_classes, weights).to(device)
         if device.type == "cuda" and cfg["runtime"]["channels_last"]:
@@ -273,11 +275,23 @@ class WSOLTask(Task):
         self.steps_per_epoch = len(self._loader(0))
         self.curve: list[dict] = []
 
+    @property
+    def find_unused_parameters(self) -> bool:  # a mixing method whose modes use different heads
+        return self.model.method is not None and self.model.method.find_unused_parameters
+
     def _loader(self, epoch: int) -> DataLoader:
-        n, b = len(self.train_set), self.cfg["batch_size"]
-        return DataLoader(self.train_set, batch_size=b, shuffle=True, drop_last=n > b,
-                          num_workers=self.cfg["data"]["num_workers"],
-                          generator=torch.Generator().manual_seed(self.cfg["seed"] * 100003 + epoch))
+        """The epoch's loader: `batch_size` images per process; under DDP each rank reads its own shard of the
+        epoch's order (DistributedSampler with the run seed, `set_epoch`), so the ranks train on different
+        images. The order is a function of (seed, epoch) either way: exact resume."""
+        n, b, workers = len(self.train_set), self.cfg["batch_size"], self.cfg["data"]["num_workers"]
+        if self.world == 1:
+            return DataLoader(self.train_set, batch_size=b, shuffle=True, drop_last=n > b, num_workers=workers,
+                              generator=torch.Generator().manual_seed(self.cfg["seed"] * 100003 + epoch))
+        sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                     seed=self.cfg["seed"])
+        sampler.set_epoch(epoch)
+        return DataLoader(self.train_set, batch_size=b, sampler=sampler, drop_last=n > b * self.world,
+                          num_workers=workers)
 
     def batches(self, epoch: int, start_step: int):
         if start_step:
@@ -349,6 +363,8 @@ def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: boo
     run_dir = Path(run_dir)
     seed_everything(cfg["seed"])
     device = get_device(cfg["runtime"]["device"])
+    if device.type == "cuda":
+        configure_cuda(benchmark=True)  # fixed-size crops
     task = WSOLTask(cfg, weights, device)
     o = cfg["optim"]
     optimizer = _build_optimizer(o["name"], task.param_groups(), o["lr"], o["momentum"], o["weight_decay"],
