@@ -753,3 +753,22 @@ def test_pretraining_evaluation_copies_nothing_from_the_host_per_batch(toy_world
     monkeypatch.undo()
     assert made == []
     assert 0 <= metrics["val_top1"] <= metrics["val_top5"] <= 100
+
+
+def test_fp32_robustness_evaluation_turns_tf32_off_on_cuda():
+    """Can show: an fp32 robustness evaluation on a CUDA device runs with cuDNN's and matmul's TF32 off (torch's
+    default rounds cuDNN convolutions to TF32 on Ampere and newer) and restores the settings; bf16 and CPU runs are
+    left alone. Cannot show: the kernels cuDNN then picks."""
+    from transfer.robustness.evaluate import exact_fp32
+
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+        with exact_fp32(torch.device("cuda"), "fp32"):
+            assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, False)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+        for device, precision in ((torch.device("cuda"), "bf16"), (torch.device("cpu"), "fp32")):
+            with exact_fp32(device, precision):
+                assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

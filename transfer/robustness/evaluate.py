@@ -26,6 +26,7 @@ index), so it also depends on ``batch_size``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -290,11 +291,28 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
     suites = parse_suites(suites)
     _check_options(corrupt_at, iou_op, ood_noise)
     ev = _Evaluation(o, suites)
-    ev.run_suites()
+    with exact_fp32(ev.device, precision):
+        ev.run_suites()
     metrics = with_units(_rounded(json.loads(json.dumps(ev.metrics, default=float))))  # plain JSON values
     if ev.out_dir is not None and is_main_process():
         write_json(metrics, ev.out_dir / "metrics.json")
     return metrics
+
+
+@contextlib.contextmanager
+def exact_fp32(device: torch.device, precision: str):
+    """An fp32 evaluation on CUDA with TF32 off: torch's default runs cuDNN convolutions in TF32 on Ampere and newer
+    GPUs (`core.runtime.configure_cuda`), which rounds an "fp32" attack's gradients to 10-bit mantissas. The
+    previous settings are restored after."""
+    if device.type != "cuda" or precision != "fp32":
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _check_options(corrupt_at: str, iou_op: str, ood_noise) -> None:
