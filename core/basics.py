@@ -43,6 +43,20 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
         tmp.write_text(text)
 
 
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write a binary file atomically (a copied figure, a PNG's encoded bytes)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
+    """`fig.savefig(path, **kwargs)` atomically: a full disk or a kill never truncates the previous figure (the
+    format comes from `path`'s suffix, as savefig would take it; the `.tmp` name would hide it)."""
+    fmt = kwargs.pop("format", None) or (Path(path).suffix[1:].lower() or "png")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, format=fmt, **kwargs)
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
 
@@ -56,9 +70,34 @@ def rank() -> int:
     return 0
 
 
+def metric_line(metrics: dict, prefix: str = "") -> str:
+    """`top1_err 23.5 %  ood.auroc 91 %  epoch_time_s 12 s` from a nested dict's numeric leaves (4 significant
+    digits, the unit of core.units; None as null), for log lines."""
+    from core.units import unit_of
+
+    parts = []
+    for k, v in metrics.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            inner = metric_line(v, f"{name}.")
+            parts += [inner] if inner else []
+        elif v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+            unit = unit_of(k) if v is not None else None
+            text = "null" if v is None else format(v, ".4g")
+            parts.append(f"{name} {text}{' ' + unit if unit and len(unit) < 9 else ''}")
+    return "  ".join(parts)
+
+
+def bars_enabled() -> bool:
+    """Progress bars are drawn on rank 0 when stderr is a terminal and MT_NO_PROGRESS is not 1; elsewhere (a log
+    file, CI, a SLURM log) the training loop logs plain periodic lines instead of carriage-return bars."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return rank() == 0 and os.environ.get("MT_NO_PROGRESS") != "1" and bool(isatty and isatty())
+
+
 def progress(iterable: Iterable | None = None, **kwargs) -> tqdm:
-    """tqdm on rank 0 only; MT_NO_PROGRESS=1 silences it (CI logs, tests)."""
-    disable = rank() != 0 or os.environ.get("MT_NO_PROGRESS") == "1"
+    """tqdm where `bars_enabled()`, else a silent pass-through."""
+    disable = not bars_enabled()
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("leave", False)
     return tqdm(iterable, disable=disable, **kwargs)

@@ -171,13 +171,29 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
         raise _GlobalRefused("a persistent id (tensor storage)")
 
 
+_TRUSTED: set[str] = set()  # files named with --allow-pickle on this process's command line
+
+
+def trust_pickled(path: str | os.PathLike) -> None:
+    """Allow full unpickling of this one file: what a tool's `--allow-pickle` flag does for the checkpoint(s)
+    named on its command line. Never set from a config file or an override (a recipe shared by someone else
+    must not be able to run code)."""
+    _TRUSTED.add(os.path.realpath(path))
+
+
+CONVERT_HINT = ("Only if you trust the file, pass --allow-pickle to the tool that reads it (tools/evaluate.py, "
+                "finetune_det.py, wsol.py, convert.py, submit.py), or convert it once into a safe file: "
+                "tools/convert.py --to torchvision --allow-pickle FILE OUT.pth")
+
+
 def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
     """The object in a `torch.save`d file, loaded with `weights_only=True` (tensors and primitives only).
 
     Every failure is a `CheckpointError` that names the file and says what it is: missing, empty, not a
     PyTorch file at all (random bytes, text), a truncated or corrupt archive, or a file holding pickled
-    Python objects. Only the last one can be loaded, and only with `allow_pickle=True` (CLI:
-    `--allow-pickle`), which unpickles arbitrary objects (it can run code: trusted files only) and warns.
+    Python objects. Only the last one can be loaded, and only with `allow_pickle=True` or for a file the
+    command line trusted (`trust_pickled`, a tool's `--allow-pickle`), which unpickles arbitrary objects (it
+    can run code: trusted files only) and warns.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -211,13 +227,15 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
             raise CheckpointError(f"{path}: not a checkpoint (neither a torch.save archive nor a readable "
                                   f"pickle: {type(e).__name__}: {str(e)[:120]})") from err
     # what is left: a file that pickles classes or functions (an argparse Namespace, numpy objects, ...)
-    if not allow_pickle:
+    trusted = os.path.realpath(path) in _TRUSTED
+    if not (allow_pickle or trusted):
         what = text[text.index("GLOBAL"):].split(" was not")[0] if "GLOBAL" in text else "Python objects"
         raise CheckpointError(
             f"{path}: holds pickled Python objects ({what}); safe loading (weights_only=True) refuses "
-            "them. Only if you trust the file, pass --allow-pickle (allow_pickle=True) to unpickle it.") from err
-    warnings.warn(f"{path}: unpickling with weights_only=False as requested by --allow-pickle: this can run "
-                  "arbitrary code; do it only for files you trust", stacklevel=2)
+            f"them. {CONVERT_HINT} (from Python: allow_pickle=True)") from err
+    how = "by --allow-pickle on the command line" if trusted else "by the caller (allow_pickle=True)"
+    warnings.warn(f"{path}: unpickling with weights_only=False as requested {how}: this can run arbitrary "
+                  "code; do it only for files you trust", stacklevel=2)
     try:
         # the one guarded full unpickling of the library (tests/test_bad_inputs.py checks it stays so)
         return torch.load(path, map_location="cpu", weights_only=False)

@@ -5,7 +5,9 @@
 - `KEY=VALUE` overrides use dotted keys (`optim.lr=0.05`); values are parsed as YAML (`true`, `[1, 2]`).
 - With `defaults` (a nested dict declaring every valid key), unknown keys are an error that lists the
   valid ones, keys the file leaves out take their defaults, and a value whose type differs from a declared
-  scalar default's (a string for a number, a number for a flag) is an error naming the key and both types.
+  scalar default's (a string for a number, a number for a flag) is an error naming the key and both types; so
+  are the items of a list whose default items share one type, and, with `types` (each stage's `TYPES`), the
+  values of keys whose default is null (`data.max_train: "50"`).
 - Numbers are read as YAML 1.2 reads them: `1e-3` is a float (PyYAML's YAML 1.1 would make it a string).
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -22,6 +25,9 @@ import yaml
 
 class ConfigError(ValueError):
     pass
+
+
+_NONE = object()
 
 
 class _Loader(yaml.SafeLoader):
@@ -102,11 +108,13 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
     return cfg
 
 
-def validate(cfg: Mapping, defaults: Mapping, where: str = "") -> dict:
+def validate(cfg: Mapping, defaults: Mapping, where: str = "", types: Mapping | None = None) -> dict:
     """Fill missing keys from `defaults`; reject keys `defaults` does not declare.
 
-    A default of `None` or a non-dict value accepts any value; a dict default is checked recursively
-    unless it is empty (a free-form mapping).
+    A value must have its default's type (`_check_type`; the items of a list too); a dict default is checked
+    recursively unless it is empty (a free-form mapping). A key whose default is `None` accepts any value unless
+    `types` (dotted key -> `int`, `float` (any number), `str`, `bool`, `list`, `dict`, `list[int]`, a tuple of
+    those, ...) declares its type: then it must be None or of that type (`check_types`).
     """
     unknown = sorted(set(cfg) - set(defaults))
     if unknown:
@@ -123,7 +131,51 @@ def validate(cfg: Mapping, defaults: Mapping, where: str = "") -> dict:
         else:
             _check_type(f"{where}.{k}" if where else k, cfg[k], default)
             out[k] = copy.deepcopy(cfg[k])
+    if types:
+        check_types(out, types)
     return out
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+               dict: "a mapping"}
+
+
+def _is(value, spec) -> bool:
+    """Whether `value` is of `spec` (see `validate`): ints are numbers, bools are neither."""
+    if isinstance(spec, tuple):
+        return any(_is(value, s) for s in spec)
+    origin = typing.get_origin(spec)
+    if origin is list:
+        (item,) = typing.get_args(spec)
+        return isinstance(value, (list, tuple)) and all(_is(v, item) for v in value)
+    if spec is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if spec is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if spec is list:
+        return isinstance(value, (list, tuple))
+    if spec is dict:
+        return isinstance(value, Mapping)
+    return isinstance(value, spec)
+
+
+def _type_name(spec) -> str:
+    if isinstance(spec, tuple):
+        return " or ".join(_type_name(s) for s in spec)
+    if typing.get_origin(spec) is list:
+        return f"a list of {_type_name(typing.get_args(spec)[0]).split(' ', 1)[1]}s"
+    return _TYPE_NAMES.get(spec, getattr(spec, "__name__", str(spec)))
+
+
+def check_types(cfg: Mapping, types: Mapping) -> None:
+    """Each dotted key of `types` must be None or of its declared type; ConfigError naming the key otherwise."""
+    for key, spec in types.items():
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None and not _is(node, spec):
+            raise ConfigError(f"config key {key}: expected {_type_name(spec)} (or null), got {node!r} "
+                              f"({type(node).__name__})")
 
 
 def _check_type(key: str, value, default) -> None:
@@ -139,6 +191,13 @@ def _check_type(key: str, value, default) -> None:
         ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
     elif isinstance(default, (list, tuple)):
         ok, want = isinstance(value, (list, tuple)), "a list"
+        kinds = {type(v) for v in default}
+        if ok and default and len(kinds) == 1 and kinds <= {int, float, str, bool}:  # the items' type too
+            item = kinds.pop()
+            bad = next((v for v in value if not _is(v, item)), _NONE)
+            if bad is not _NONE:
+                raise ConfigError(f"config key {key}: every item must be {_TYPE_NAMES[item]} (like the default "
+                                  f"{default!r}), got {bad!r} ({type(bad).__name__}) in {value!r}")
     elif isinstance(default, Mapping):
         ok, want = isinstance(value, Mapping), "a mapping"
     else:
@@ -179,6 +238,10 @@ def check_ranges(cfg: Mapping, ranges: Mapping[str, tuple]) -> None:
                 raise ConfigError(f"config key {key}: {node!r} is not one of {list(rule[1])}")
             continue
         pairs = list(zip(rule[::2], rule[1::2]))
-        if not all(_OPS[op](node, bound) for op, bound in pairs):
+        try:
+            ok = all(_OPS[op](node, bound) for op, bound in pairs)
+        except TypeError:  # a string where a number belongs
+            raise ConfigError(f"config key {key}: expected a number, got {node!r} ({type(node).__name__})") from None
+        if not ok:
             allowed = " and ".join(f"{op} {bound}" for op, bound in pairs)
             raise ConfigError(f"config key {key}: {node!r} is out of range (must be {allowed})")

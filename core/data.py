@@ -17,7 +17,7 @@ import csv
 import io
 import os
 import xml.etree.ElementTree as ET
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import numpy as np
@@ -40,6 +40,30 @@ class DataError(InputError):
     """Malformed or missing data; the message names the file (and line or image id)."""
 
 
+def safe_relative(name: str, where: str, error: type | None = None) -> str:
+    """`name`, an id or file name read from an annotation or metadata file, checked to be a relative path that
+    stays inside the folder it is joined to (no absolute path, drive or `..` component, no NUL byte); else
+    `error` (DataError by default) naming `where` and the name."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if (not name or "\x00" in name or name.startswith(("/", "\\")) or ".." in parts
+            or (len(name) > 1 and name[1] == ":")):
+        raise (error or DataError)(f"{where}: {name!r} is not a relative path inside its folder (an absolute path "
+                                   "or a '..' component is refused)")
+    return name
+
+
+def inside(root: str | os.PathLike, name: str, what: str, error: type = None) -> Path:
+    """``root / name``, refused (`error`, DataError by default, naming `what` and the root) when it resolves
+    outside `root`: an id or file name read from an annotation or metadata file (``../../x.jpg``, an absolute
+    path, a symlinked escape) must never read or write outside the folder it belongs to."""
+    root = Path(root)
+    path = root / name
+    base = os.path.realpath(root)
+    if os.path.isabs(name) or os.path.commonpath([base, os.path.realpath(path)]) != base:
+        raise (error or DataError)(f"{what}: resolves outside {root} (a path that leaves its folder is refused)")
+    return path
+
+
 def read_text(path: str | os.PathLike, error: type = DataError) -> str:
     """The UTF-8 text of an annotation or list file; `error` naming the file if it is binary or not UTF-8."""
     try:
@@ -48,12 +72,34 @@ def read_text(path: str | os.PathLike, error: type = DataError) -> str:
         raise error(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
 
 
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def to_rgb(im: Image.Image, where: str) -> Image.Image:
+    """A decoded PIL image of any mode as 8-bit RGB. 16-bit grayscale (modes I;16*, and I holding 16-bit
+    values) is scaled to 8 bits (round(v / 257)) as 16-bit RGB is; PIL's own `convert("RGB")` would clip it
+    (every value above 255 white). Float pixels (mode F) and 32-bit values are refused (DataError naming
+    `where` and the mode): their range is unknown."""
+    if im.mode in _SIXTEEN_BIT:
+        arr = np.asarray(im).astype(np.float64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise DataError(f"{where}: unsupported image mode {im.mode!r} with values outside 0..65535; "
+                            "convert it to 8-bit RGB")
+        return Image.fromarray(np.round(arr / 257).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":
+        raise DataError(f"{where}: unsupported image mode 'F' (32-bit float pixels); convert it to 8-bit RGB")
+    try:
+        return im.convert("RGB")
+    except ValueError as e:
+        raise DataError(f"{where}: unsupported image mode {im.mode!r} ({e}); convert it to 8-bit RGB") from None
+
+
 def read_image(path: str | os.PathLike) -> Image.Image:
-    """The image at `path` as a fully decoded PIL RGB image; DataError names the file otherwise."""
+    """The image at `path` as a fully decoded PIL RGB image (`to_rgb`); DataError names the file otherwise."""
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im, str(path))
     except FileNotFoundError:
         raise DataError(f"{path}: image not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
@@ -96,12 +142,14 @@ def decode_uint8(data, where: str):
     try:
         if is_jpeg(data):
             return tio.decode_jpeg(data, mode=tio.ImageReadMode.RGB)
-        return tio.decode_image(data, mode=tio.ImageReadMode.RGB)
+        img = tio.decode_image(data, mode=tio.ImageReadMode.RGB)
+        # 16-bit PNGs decode to uint16: to 8 bits as `to_rgb` does (the resize kernels take uint8 only)
+        return img if img.dtype == torch.uint8 else (img.to(torch.float32) / 257).round().to(torch.uint8)
     except RuntimeError:
         pass
     try:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
-            rgb = np.asarray(im.convert("RGB"))
+            rgb = np.asarray(to_rgb(im, where))
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"{where}: corrupt or unreadable image: {e}") from e
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
@@ -160,6 +208,19 @@ def _xml_text(node: ET.Element, tag: str, where: str) -> str:
     return child.text.strip()
 
 
+def _xml_number(node: ET.Element, tag: str, where: str) -> float:
+    """The number in `<tag>`; DataError naming the tag for text, NaN or infinity (int() of those would raise a
+    bare ValueError or OverflowError)."""
+    text = _xml_text(node, tag, where)
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{where}: malformed number in <{tag}>: {text!r}") from None
+    if not np.isfinite(value):
+        raise DataError(f"{where}: <{tag}> is not a finite number: {text!r}")
+    return value
+
+
 def parse_pascal_xml(path: str | os.PathLike) -> dict:
     """A PASCAL-style annotation (VOC, ImageNet val boxes) as plain values, coordinates as in the file.
 
@@ -177,8 +238,8 @@ def parse_pascal_xml(path: str | os.PathLike) -> dict:
     if size is None:
         raise DataError(f"{path}: missing <size>")
     try:
-        width = int(float(_xml_text(size, "width", str(path))))
-        height = int(float(_xml_text(size, "height", str(path))))
+        width = int(_xml_number(size, "width", str(path)))
+        height = int(_xml_number(size, "height", str(path)))
         if width <= 0 or height <= 0:
             raise DataError(f"{path}: non-positive <size> {width}x{height}")
         objects = []
@@ -187,7 +248,7 @@ def parse_pascal_xml(path: str | os.PathLike) -> dict:
             bb = obj.find("bndbox")
             if bb is None:
                 raise DataError(f"{where}: missing <bndbox>")
-            coords = tuple(int(round(float(_xml_text(bb, t, where)))) for t in ("xmin", "ymin", "xmax", "ymax"))
+            coords = tuple(int(round(_xml_number(bb, t, where))) for t in ("xmin", "ymin", "xmax", "ymax"))
             flags = {}
             for flag in ("difficult", "truncated"):
                 node = obj.find(flag)

@@ -27,6 +27,8 @@ value finite and a check of every parameter and buffer.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
 import math
 import os
 import time
@@ -39,9 +41,11 @@ import torch.distributed as dist
 
 from core import fingerprint as fp
 from core import runtime as rt
+from core.basics import bars_enabled, metric_line
 from core.config import ConfigError
 
 CKPT = "checkpoints/last.pth"
+log = logging.getLogger("train")
 
 
 @dataclass
@@ -55,6 +59,8 @@ class LoopSettings:
     also how often the device's metrics are read and checked. checkpoint_every: also checkpoint every N steps
     (0: epoch ends).
     stop_after_steps: return after this many steps of this invocation (simulates a kill; tests).
+    tensorboard: also write run_dir/tensorboard (every numeric field of the step and epoch records): True,
+    False, or "auto" (when the tensorboard package is installed).
     """
 
     total_steps: int
@@ -68,6 +74,16 @@ class LoopSettings:
     checkpoint_every: int = 0
     stop_after_steps: int | None = None
     progress_desc: str = "epoch"
+    tensorboard: bool | str = False
+
+
+def tensorboard_dir(run_dir: str | os.PathLike, setting: bool | str) -> Path | None:
+    """run_dir/tensorboard when `setting` is True, or "auto" and the tensorboard package is installed; else None."""
+    if setting not in (True, False, "auto"):
+        raise ConfigError(f"tensorboard must be true, false or auto, got {setting!r}")
+    if setting == "auto":
+        setting = importlib.util.find_spec("tensorboard") is not None
+    return Path(run_dir) / "tensorboard" if setting else None
 
 
 class Task:
@@ -76,6 +92,9 @@ class Task:
     model: torch.nn.Module
     steps_per_epoch: int
     sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm under DDP on CUDA
+    # True when a step may leave some parameters without a gradient (a method whose modes use different heads):
+    # DDP then looks for them every step (slower); with False such a step stops DDP at the next one
+    find_unused_parameters: bool = False
 
     def batches(self, epoch: int, start_step: int) -> Iterable:
         raise NotImplementedError
@@ -157,12 +176,14 @@ class Engine:
         self.ddp = self._wrap(task.model)
         self.step = 0
         self.config_text = config_text
-        self.logger = logger or rt.JsonlLogger(self.run_dir / "log.jsonl")
+        self.logger = logger or rt.JsonlLogger(self.run_dir / "log.jsonl",
+                                               tensorboard=tensorboard_dir(self.run_dir, settings.tensorboard))
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self._pending: list[tuple[dict, dict]] = []  # (host facts, device metrics) of steps not read yet
         self._epoch_sums: dict[str, float] = {}
         self._epoch_steps = 0
         self._bar = None
+        self._clock = (time.time(), 0)  # (time, step) where this invocation started: the eta's rate
 
     # -- set-up -------------------------------------------------------------------------------------
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -172,7 +193,9 @@ class Engine:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # gradient_as_bucket_view: the gradients are views into DDP's buckets (no copy in and out, less memory)
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                   find_unused_parameters=bool(self.task.find_unused_parameters), gradient_as_bucket_view=True)
 
     @property
     def epoch(self) -> int:
@@ -329,6 +352,30 @@ class Engine:
         if step % self.settings.log_every == 0 or step == 1:
             self.logger.log({"event": "step", "step": step, "epoch": host["epoch"], "lr": host["lr"],
                              **{k: v for k, v in rec.items() if k not in ("correct", "count") and k[0] != "_"}})
+            if not bars_enabled():
+                self._console_step(host, rec)
+
+    # -- the console (logging, rank 0): a header, periodic lines where no bar is drawn, one line per epoch -------
+    def _console_header(self, header: dict | None) -> None:
+        h, s = header or {}, self.settings
+        batch = h.get("per_process_batch")
+        batch_text = "" if batch is None else (f", per-process batch {batch} ({s.accumulate} micro-batch(es)), "
+                                               f"global batch {h.get('global_batch', batch * self.world)}")
+        log.info("run folder %s: world size %d%s, precision %s, device %s, %d steps (%d per epoch)", self.run_dir,
+                 self.world, batch_text, self.precision, self.device, s.total_steps, self.task.steps_per_epoch)
+
+    def _console_step(self, host: dict, rec: dict) -> None:
+        s, (t0, step0) = self.settings, self._clock
+        eta = (time.time() - t0) / max(host["step"] - step0, 1) * (s.total_steps - host["step"])
+        terms = "  ".join(f"{k} {v:.4g}" for k, v in rec.items() if k.startswith("loss"))
+        log.info("epoch %d/%d  step %d/%d  %s  lr %.4g  %.1f images/s  eta %s", host["epoch"],
+                 -(-s.total_steps // self.task.steps_per_epoch), host["step"], s.total_steps, terms, host["lr"],
+                 host["images_per_s"], _hms(eta))
+
+    def _console_epoch(self, rec: dict) -> None:
+        values = metric_line({k: v for k, v in rec.items() if k not in ("event", "epoch", "step", "images")})
+        log.info("epoch %d/%d done (step %d): %s", rec["epoch"],
+                 -(-self.settings.total_steps // self.task.steps_per_epoch), rec["step"], values)
 
     # -- the loop -----------------------------------------------------------------------------------
     def _grouped(self, batches: Iterable) -> Iterable[list]:
@@ -351,8 +398,8 @@ class Engine:
         ckpt = self.run_dir / CKPT
         may_change = getattr(self.task, "resume_may_change", ())
         if ckpt.is_file() and not (resume or force):
-            raise ConfigError(f"{self.run_dir}: already holds a checkpoint ({ckpt}); pass --resume to continue "
-                              "it, or --force to start over")
+            raise ConfigError(f"{self.run_dir}: already holds a checkpoint ({ckpt}); continue it (pretrain.py "
+                              "--resume; wsol.py finetune without --no-resume), or pass --force to start over")
         if resume and ckpt.is_file():
             if fingerprint is not None:
                 fp.check(self.run_dir, fingerprint, may_change)
@@ -369,6 +416,9 @@ class Engine:
         if fingerprint is not None and rt.is_main_process():
             fp.write(self.run_dir, fingerprint)
         rt.barrier()
+        if rt.is_main_process():
+            self._console_header(header)
+        self._clock = (time.time(), self.step)
         s, done_here = self.settings, 0
         while self.step < s.total_steps:
             stopped, done_here = self._run_epoch(done_here)
@@ -388,8 +438,9 @@ class Engine:
             if self.step >= end:
                 break
             record = self.train_step(micro)
-            self._pending.append(({"step": self.step, "epoch": epoch + 1, "lr": self.lrs()[0]}, record))
             images += sum(self.task.batch_size(b) for b in micro) * self.world
+            self._pending.append(({"step": self.step, "epoch": epoch + 1, "lr": self.lrs()[0],
+                                   "images_per_s": images / max(time.time() - t0, 1e-9)}, record))
             done_here += 1
             bar.update(1)
             if self.step % s.log_every == 0:
@@ -423,4 +474,12 @@ class Engine:
         self.check_parameters()
         rec.update(self.task.end_of_epoch(self, epoch + 1, rec))
         self.logger.log(rec)
+        if rt.is_main_process():
+            self._console_epoch(rec)
         self.save_checkpoint()
+
+
+def _hms(seconds: float) -> str:
+    """0:04:12 for 252 seconds."""
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"

@@ -80,22 +80,25 @@ def differences(old: Mapping, new: Mapping, may_change: Iterable[str] = ()) -> l
     return out
 
 
-def check(run_dir: str | os.PathLike, current: Mapping, may_change: Iterable[str] = ()) -> None:
+RESTART = "use another run directory, or --force to start over"
+
+
+def check(run_dir: str | os.PathLike, current: Mapping, may_change: Iterable[str] = (), restart: str = RESTART) -> None:
     """Refuse (FingerprintMismatch) when `run_dir/fingerprint.json` differs from `current`; a different code
     version is logged, not refused (resuming after a fix is legitimate). No stored fingerprint: nothing to
-    compare (a run from before fingerprints)."""
+    compare (a run folder without one). `restart`: how to start over with the calling tool's flags."""
     path = Path(run_dir) / FILE
     if not path.is_file():
         return
     try:
         stored = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise FingerprintMismatch(f"{path}: unreadable fingerprint ({e}); use --force to start over") from e
+        raise FingerprintMismatch(f"{path}: unreadable fingerprint ({e}); {restart}") from e
     diff = differences(stored, current, may_change)
     if diff:
         raise FingerprintMismatch(
-            f"{run_dir}: was made from another config or other inputs; refusing to mix them (use another run "
-            f"directory, or --force to start over). Differences: " + "; ".join(diff))
+            f"{run_dir}: was made from another config or other inputs; refusing to mix them ({restart}). "
+            "Differences: " + "; ".join(diff))
     if stored.get("code") != current.get("code"):
         log.warning("%s: made with code %s, continuing with %s", run_dir, stored.get("code"), current.get("code"))
 

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from core.basics import atomic_path, atomic_write_text, progress, write_json  # noqa: F401 (re-exported)
+from core.basics import (  # noqa: F401 (re-exported)
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    progress,
+    save_figure,
+    write_json,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,6 +53,33 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         os.fsync(f.fileno())
 
 
+class NonFiniteOutputError(NonFiniteLossError):
+    """The outputs an evaluation scores (logits, CAMs, boxes, scores) hold NaN or infinite values: the network is
+    broken (diverged, or NaN weights), so no number is reported and nothing is saved (exit 1)."""
+
+
+def count_nonfinite(x: Any) -> torch.Tensor:
+    """The number of NaN / inf values in a tensor, or in every floating tensor of a (nested) dict, list or
+    tuple, as a 0-d int64 tensor on the tensors' device (nothing is read back: callers add it up)."""
+    if isinstance(x, torch.Tensor):
+        if not x.is_floating_point():
+            return torch.zeros((), dtype=torch.int64, device=x.device)
+        return (~torch.isfinite(x.detach())).sum()
+    items = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
+    counts = [count_nonfinite(v) for v in items]
+    return torch.stack(counts).sum() if counts else torch.zeros((), dtype=torch.int64)
+
+
+def check_outputs_finite(stage: str, split: str, counts: dict) -> None:
+    """Raise NonFiniteOutputError naming the stage, the split and how many values of each output were not finite
+    (`counts`: output name -> count, summed over the split, and over the ranks by the caller)."""
+    bad = {k: int(v) for k, v in counts.items() if int(v)}
+    if bad:
+        what = ", ".join(f"{v} non-finite {k} value{'s' if v != 1 else ''}" for k, v in bad.items())
+        raise NonFiniteOutputError(f"{stage}: split {split}: the model's outputs are not finite ({what}); the "
+                                   "network is broken (diverged or NaN weights), so nothing is scored or saved")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 - the global RNG is what third-party code draws from
@@ -60,8 +94,8 @@ def rng_state() -> dict:
         "numpy": _numpy_state_to_plain(np.random.get_state()),  # noqa: NPY002 - global RNG on purpose
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's device only: a resume may see fewer GPUs (or only its own)
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -71,7 +105,10 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(_plain_to_numpy_state(state["numpy"]))  # noqa: NPY002 - global RNG on purpose
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # one state per visible device, as older checkpoints hold them
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
 
 
 def _numpy_state_to_plain(st) -> dict:
@@ -86,12 +123,56 @@ def _plain_to_numpy_state(d: dict):
 
 
 def get_device(name: str = "auto") -> torch.device:
-    """'auto' picks this process's CUDA device when there is one (LOCAL_RANK under torchrun), else CPU."""
+    """'auto' picks this process's CUDA device when there is one (`local_cuda_index`), else CPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            index = local_cuda_index()
+            torch.cuda.set_device(index)  # the current device: default streams, RNG state, NCCL all use it
+            return torch.device("cuda", index)
         return torch.device("cpu")
     return torch.device(name)
+
+
+def local_cuda_index() -> int:
+    """This process's GPU among the visible ones: LOCAL_RANK when the process sees one GPU per local rank (torchrun
+    on a node), 0 when it sees a single GPU (SLURM with one GPU per task: every rank's GPU is its cuda:0)."""
+    local, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if visible == 1:
+        return 0
+    if local >= visible:
+        raise RuntimeError(f"LOCAL_RANK={local} but this process sees {visible} GPU(s) "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
+                           f"{visible} processes per node, or give each process one GPU")
+    return local
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which SLURM, taskset and containers set), not the
+    machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS)
+        return os.cpu_count() or 1
+
+
+def local_world_size() -> int:
+    """The processes of this run on this node (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    return max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+
+
+def default_workers(cap: int = 8) -> int:
+    """DataLoader workers for one process: the usable CPUs shared by this node's processes, one left to the main
+    process, at most `cap`."""
+    return max(0, min(cap, usable_cpus() // local_world_size() - 1))
+
+
+def configure_cuda(benchmark: bool) -> None:
+    """cuDNN autotuning (`benchmark`: for inputs of a fixed size, as pretraining's crops; it re-tunes at each new
+    shape, so variable-size detection leaves it off) and the TF32 policy, which is torch's default, kept on
+    purpose: matmuls in full fp32 (torch.backends.cuda.matmul.allow_tf32 False), cuDNN convolutions in TF32 on
+    Ampere and newer GPUs (torch.backends.cudnn.allow_tf32 True). So an "fp32" run's convolutions round their
+    inputs to 10-bit mantissas there; set torch.backends.cudnn.allow_tf32 = False where exact fp32 matters."""
+    torch.backends.cudnn.benchmark = bool(benchmark)
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,8 +187,26 @@ def autocast(device: torch.device, precision: str = "fp32"):
     return torch.autocast(device_type="cuda", dtype=_DTYPES[precision])
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on `device_type` ("cuda", "cpu") right now, or None where it is off."""
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_off(device: torch.device | str):
+    """A block that runs in its tensors' own dtypes even inside `autocast` (the fp32 math of a mixing method:
+    under autocast a `.float()` operand of a matmul or einsum is cast back to bf16 / fp16)."""
+    device_type = torch.device(device).type
+    if device_type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 def make_grad_scaler(device: torch.device, precision: str = "fp32") -> torch.amp.GradScaler:
-    """A GradScaler that is active only for CUDA fp16 (bf16 and fp32 need none)."""
+    """A GradScaler that is active only for CUDA fp16 (bf16 and fp32 need none). Its `step` reads the inf flag
+    back to the host every step (torch's implementation): fp16 costs one device synchronisation per step, which is
+    why bf16 is the default precision."""
     return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
 
 
@@ -125,7 +224,7 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(local_cuda_index())
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     return rank, world, local_rank
 

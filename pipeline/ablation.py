@@ -32,8 +32,9 @@ import time
 from pathlib import Path
 
 from core.config import ConfigError, check_ranges, dump_config, load_config, validate
-from core.runtime import write_json
-from pipeline.run import Pipeline, Stage, _fill, _named, content_key, seed_list
+from core.lock import run_lock
+from core.runtime import atomic_write_text, write_json
+from pipeline.run import Pipeline, Stage, _fill, _named, content_key, pretrain_spec, seed_list
 from pipeline.tables import Column, Table, get
 
 log = logging.getLogger("pipeline.ablation")
@@ -172,6 +173,10 @@ class AblationSweep(Pipeline):
         self.run_dir = Path(self.cfg["out_root"]) / self.cfg["name"]
         root = self.cfg["data"]["root"]
         self.data = Path(root) if root else None
+        if root and not any("{data}" in str(o) for o in [*self.cfg["overrides"], *self.cfg["base_overrides"]]):
+            raise ConfigError(f"config key data.root: {root!r} would be ignored: no entry of overrides or "
+                              "base_overrides has a {data} placeholder; give the runs their data there instead, "
+                              f"e.g. 'overrides=[\"data.root={root}\"]'")
         knob = self.cfg["knob"]
         if knob["scale"] not in SCALES:
             raise ConfigError(f"config key knob.scale: {knob['scale']!r} is not one of {list(SCALES)}")
@@ -247,7 +252,7 @@ class AblationSweep(Pipeline):
         from pipeline import stages
 
         # the spec is the pipeline's pretraining spec: the same recipe and overrides give the same content key
-        return Stage(label, owner, "pretrain", frozenset({"all", owner}), {"config": load_config(recipe, ov)},
+        return Stage(label, owner, "pretrain", frozenset({"all", owner}), pretrain_spec(recipe, ov),
                      lambda d, c=recipe, ov=ov: stages.pretrain(c, ov, d), {"pretrain": seed, "transfer": None})
 
     def folder_of(self, st: Stage) -> Path:
@@ -261,7 +266,7 @@ class AblationSweep(Pipeline):
         """Every run (reused where done); returns {"points": [{"value", "folder", "runs"}], "baseline": runs or
         None, "reused"}, a run being {"metrics", "folder", "seeds"} as in the pipeline."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "ablation.yaml").write_text(dump_config(self.cfg))
+        atomic_write_text(dump_config(self.cfg), self.run_dir / "ablation.yaml")
         self._ensure_data()
         points = {f"{self.name}={value_slug(v)}": {"value": v, "folder": f"{self.name}={value_slug(v)}", "runs": []}
                   for v in self.values}
@@ -324,7 +329,8 @@ def summarize(results: dict, knob: dict, baseline_label: str = "ERM") -> dict:
                 **{_metric_key(h): e for h, e in rows[baseline_label].items() if h != "baseline"}}
     return {"knob": {"key": knob["key"], "tied": list(knob.get("tied") or []), "name": knob_name(knob),
                      "label": knob.get("label") or knob["key"]},
-            "metric": "final validation accuracy (%) of each pretraining run", "points": points, "baseline": base}
+            "metric": "final validation accuracy (%) of each pretraining run", "units": {"top1": "%", "top5": "%"},
+            "points": points, "baseline": base}
 
 
 def _metric_key(header: str) -> str:
@@ -348,7 +354,7 @@ def write_outputs(run_dir: Path, results: dict, knob: dict, baseline_label: str 
     summary["figure"] = fig.name
     write_json(summary, run_dir / "ablation.json")
     md = ablation_table(results, knob, baseline_label).markdown()
-    (run_dir / "ablation.md").write_text(md + f"\n![{knob['key']}]({fig.name})\n")
+    atomic_write_text(md + f"\n![{knob['key']}]({fig.name})\n", run_dir / "ablation.md")
     return {"json": run_dir / "ablation.json", "markdown": run_dir / "ablation.md", "figure": fig}
 
 
@@ -356,11 +362,12 @@ def run_ablation(config_path: str, overrides=(), force=(), stop_after=None) -> d
     """Run (or resume) the sweep of `config_path`; returns the paths of its outputs (see `write_outputs`)."""
     sweep = AblationSweep(load_config(config_path, overrides, DEFAULTS), force=tuple(force), stop_after=stop_after)
     t0 = time.time()
-    results = sweep.run()
-    cfg = sweep.cfg
-    extra = {"name": cfg["name"], "base": cfg["base"], "baseline_config": cfg["baseline"]["config"],
-             "seeds": sweep.seeds, "reused": results["reused"], "seconds": dict(sweep.timings)}
-    out = write_outputs(sweep.run_dir, results, cfg["knob"], cfg["baseline"]["label"], extra)
+    with run_lock(sweep.run_dir, "ablation"):  # one sweep per folder
+        results = sweep.run()
+        cfg = sweep.cfg
+        extra = {"name": cfg["name"], "base": cfg["base"], "baseline_config": cfg["baseline"]["config"],
+                 "seeds": sweep.seeds, "reused": results["reused"], "seconds": dict(sweep.timings)}
+        out = write_outputs(sweep.run_dir, results, cfg["knob"], cfg["baseline"]["label"], extra)
     log.info("ablation finished in %.1f s (%d run(s) reused); %s", time.time() - t0, len(results["reused"]),
              out["markdown"])
     return out

@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from core.basics import save_figure  # noqa: E402
 from pipeline.tables import mean_std  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def pretrain_curves(run_dir: Path, folders: dict[str, list[str]], out: Path) -> 
     axes[1].set(xlabel="epoch", ylabel="val top-1 (%)", title="Pretraining accuracy")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 
@@ -76,7 +77,7 @@ def wsol_curves(series: list[tuple[str, list[dict]]], out: Path) -> Path | None:
     ax.set(xlabel="fine-tuning epoch", ylabel="MaxBoxAccV2 (%)", title="CUB localization vs fine-tuning")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 
@@ -103,7 +104,7 @@ def summary_bars(panels: list[tuple[str, dict[str, list[float]]]], out: Path) ->
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 
@@ -159,6 +160,6 @@ def ablation_curve(points: list[tuple[object, list[float]]], baseline: list[floa
     ax.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out

@@ -55,6 +55,7 @@ class JobSpec:
     resume: bool = False                # continue run_dir's checkpoint (set on every requeue)
     force: bool = False                 # start over in a run_dir that holds a checkpoint (first start only)
     cwd: str = "."                      # relative paths inside the config (data.root, ...) are read from here
+    allow_pickle: bool = False          # --allow-pickle: unpickle --weights / --checkpoint (trusted files only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +159,8 @@ def _absolute(path: str | None, cwd: Path) -> str | None:
 
 def make_spec(stage: str, config: str | None, overrides: Sequence[str] = (), run_dir: str | None = None,
               weights: str | None = None, checkpoint: str | None = None, imagenet: str | None = None,
-              resume: bool = False, force: bool = False, cwd: str | os.PathLike | None = None) -> JobSpec:
+              resume: bool = False, force: bool = False, cwd: str | os.PathLike | None = None,
+              allow_pickle: bool = False) -> JobSpec:
     """Check a job before it waits in the queue: the stage, its config and inputs, and that it will not start over
     (or refuse to start) in a run folder that already holds a checkpoint. Returns the spec with absolute paths."""
     cwd = Path(cwd or os.getcwd()).resolve()
@@ -183,12 +185,18 @@ def make_spec(stage: str, config: str | None, overrides: Sequence[str] = (), run
     if out is not None and (out / CKPT).is_file() and not (resume or force):
         raise ConfigError(f"{out}: already holds a checkpoint; pass --resume to continue it, or --force to start over")
     return JobSpec(stage, config, tuple(overrides), None if out is None else str(out), weights, checkpoint, imagenet,
-                   resume, force, str(cwd))
+                   resume, force, str(cwd), allow_pickle)
 
 
 def run_stage(spec: JobSpec) -> dict:
     """Run the stage of `spec` in this process (under DDP when the torchrun variables are set); its metrics."""
     cfg = load_stage_config(spec.stage, spec.config, spec.overrides)
+    if spec.allow_pickle:  # the submitting command line's --allow-pickle, for the files it named
+        from core.checkpoint import trust_pickled
+
+        for path in (spec.weights, spec.checkpoint):
+            if path:
+                trust_pickled(path)
     if spec.stage == "pretrain":
         from pretrain.task import run
 
@@ -251,7 +259,7 @@ def executor_parameters(res: Resources, cluster: str) -> dict:
     """submitit's update_parameters for SLURM (SlurmExecutor names) or the local executor."""
     if cluster == "local":
         if res.nodes != 1:
-            raise ConfigError(f"--local runs on this machine: one node, not {res.nodes}")
+            raise ConfigError(f"--local runs on the local machine: one node, not {res.nodes}")
         return {"tasks_per_node": res.tasks, "gpus_per_node": res.gpus_per_node, "timeout_min": res.timeout_min,
                 "signal_delay_s": res.signal_delay_s}
     if cluster != "slurm":

@@ -24,6 +24,13 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
                 "folder that produced it; **bold** is the best method in each column (the rule is under each "
                 "table); rows in *italics* are baselines. ↑: higher is better, ↓: lower is better. "
                 + seeds_sentence(results.get("seeds") or {}), ""]
+    failed = results.get("failed") or {}
+    if failed:
+        sections += ["## Failed stages", "",
+                     f"**{len(failed)} stage(s) failed or did not run**; their entries read *failed* in the tables "
+                     "below. A failed stage's folder is kept for inspection; run the same command again to retry "
+                     "it (finished stages are reused).", "", "| stage | why |", "|---|---|",
+                     *[f"| {label} | {why.replace('|', '/')} |" for label, why in failed.items()], ""]
     sections += variants_sentence(results)
     tabs = [tables.classification_table(results)]
     if dets:
@@ -32,8 +39,10 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
     if cfg.get("wsol"):
         tabs.append(tables.wsol_table(results))
         sections.append(tabs[-1].markdown())
-        series = [(m, [r["metrics"] for r in res.get("wsol") or []]) for m, res in results["methods"].items()]
-        series.append(("random init", [r["metrics"] for r in (results.get("baselines") or {}).get("wsol") or []]))
+        series = [(m, [r["metrics"] for r in res.get("wsol") or [] if r["metrics"]])
+                  for m, res in results["methods"].items()]
+        series.append(("random init", [r["metrics"] for r in (results.get("baselines") or {}).get("wsol") or []
+                                        if r["metrics"]]))
         curve = figures.wsol_curves(series, fig_dir / "wsol_curve.png")
         if curve:
             sections.append(f"![WSOL localization vs fine-tuning epoch](figures/{curve.name})\n")
@@ -53,7 +62,8 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
     if timings:
         sections.append(timings)
     md = "\n".join(sections)
-    write_json({"name": cfg.get("name"), "seeds": results.get("seeds") or {},
+    write_json({"name": cfg.get("name"), "seeds": results.get("seeds") or {}, "failed": failed,
+                "provenance": results.get("provenance") or {},
                 "tables": {t.title: t.summary() for t in tabs}}, run_dir / "summary.json")
     atomic_write_text(md, run_dir / "report.md")
     atomic_write_text(to_html(md, cfg.get("name", "")), run_dir / "report.html")
@@ -90,12 +100,12 @@ def figure_sections(run_dir: Path, results: dict, methods: list[str], dets: list
         return {m: [v for v, _ in tables.values(r, stage, getter, per_seed)] for m, r in per_method.items()}
     panels = [
         ("val top-1 acc (%)", panel("pretrain", lambda m: tables.get(m, "top1"))),
-        *[(f"{d} {tables.detection_key(d)}", panel(d, lambda m, k=tables.detection_key(d): tables.get(m, k), True))
+        *[(f"{d} {tables.detection_key(d)} (%)", panel(d, lambda m, k=tables.detection_key(d): tables.get(m, k), True))
           for d in dets],
         ("MaxBoxAccV2 (%)", panel("wsol", lambda m: tables.get(m, "maxboxacc_v2"))),
-        ("bg-replace top-1 err", panel("robustness", lambda m: tables.get(m, "background", "replace", "top1_err"))),
+        ("bg-replace top-1 err (%)", panel("robustness", lambda m: tables.get(m, "background", "replace", "top1_err"))),
         *([] if dets else [  # the small-image track (no detection): its robustness numbers
-            ("PGD top-1 err", panel("robustness", lambda m: tables.get(m, "pgd", "top1_err"))),
+            ("PGD top-1 err (%)", panel("robustness", lambda m: tables.get(m, "pgd", "top1_err"))),
             ("ECE (%)", panel("robustness", lambda m: tables.get(m, "calibration", "ece")))]),
     ]
     bars = figures.summary_bars(panels, fig_dir / "summary.png")
@@ -133,3 +143,12 @@ def timing_section(run_dir: Path, results: dict) -> str | None:
     if not t_lines:
         return None
     return "## Stage timings\n\n| method | stage | seconds |\n|---|---|---:|\n" + "\n".join(t_lines) + "\n"
+
+
+def missing_entries(summary: dict) -> list[str]:
+    """'table: row: column' of every method row's entry that holds no run in summary.json (baseline rows, which
+    may leave columns empty by design, are not checked)."""
+    return [f"{title}: {label}: {column}"
+            for title, table in (summary.get("tables") or {}).items()
+            for label, row in table["rows"].items() if not row["baseline"]
+            for column, entry in row.items() if column != "baseline" and not entry["n"]]

@@ -1,11 +1,13 @@
 """The main job: pretraining -> backbone -> detection, WSOL and robustness -> one report.
 
 Every stage writes into its own folder under `runs/<name>/` and, when it finishes, a `stage.json`
-marker holding its metrics and its content key: the hash of its resolved config and of the keys of the
-stages it reads (the pipeline is a small DAG: pretraining -> detection, WSOL, robustness). A stage whose
-marker holds the same key is reused, so an interrupted pipeline resumes where it stopped (stages that keep
-their own training checkpoints also resume inside the stage), and a changed override reruns exactly the
-stages it affects and their dependents; `force` redoes stages by name. The report lists the reused stages.
+marker holding its metrics and its content key: the hash of its resolved config, of the keys of the stages it
+reads (the pipeline is a small DAG: pretraining -> detection, WSOL, robustness) and of the content of the files it
+reads (`pipeline/inputs.py`: the backbone, the dataset's index files). A stage whose marker holds the same key is
+reused, so an interrupted pipeline resumes where it stopped (stages that keep their own training checkpoints also
+resume inside the stage), and a changed override, backbone or dataset reruns exactly the stages it affects and
+their dependents; `force` redoes stages by name. The report lists the reused stages. One pipeline at a time
+writes a run folder (`core/lock.py`).
 
 Seeds: `seeds.pretrain` and `seeds.transfer` (an int or a list; null: each stage config's own seed, one run) make
 one pretraining stage per (method, pretraining seed) and one detection / WSOL stage per (pretraining seed, transfer
@@ -41,8 +43,11 @@ from pathlib import Path
 from typing import Callable
 
 from core import distributed as ddist
+from core.cli import format_error as cli_error_line
 from core.config import ConfigError, dump_config, load_config, validate
+from core.lock import run_lock
 from core.runtime import atomic_write_text, barrier, init_distributed, is_main_process, write_json
+from pipeline.inputs import Inputs, detection_inputs, pretrain_inputs, robustness_inputs, wsol_inputs
 
 log = logging.getLogger("pipeline")
 
@@ -80,6 +85,10 @@ DEFAULTS = {
 }
 
 
+# the types of the keys whose default is null (seeds.* are checked by `seed_list`)
+TYPES = {"data.generate": dict, "wsol": dict, "robustness": dict}
+
+
 def seed_list(value, key: str) -> list[int] | None:
     """`seeds.<key>` as a list of distinct ints (an int is one seed), or None (the stage configs' own seeds)."""
     if value is None:
@@ -93,8 +102,13 @@ def seed_list(value, key: str) -> list[int] | None:
 
 
 def content_key(spec: dict) -> str:
-    """A stage's content key: the hash of what it computes from (its resolved config, its inputs' keys)."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A stage's content key: the hash of what it computes from (its resolved config, its upstream stages' keys
+    and the content identity of the files it reads, `pipeline.inputs.Inputs`, read now)."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=_identity).encode()).hexdigest()[:16]
+
+
+def _identity(obj):
+    return obj.identity() if isinstance(obj, Inputs) else str(obj)
 
 
 @dataclass(frozen=True)
@@ -128,7 +142,7 @@ def _fill(value, **subs):
 class Pipeline:
     def __init__(self, cfg: dict, methods: list[str] | None = None, force: tuple[str, ...] = (),
                  stop_after: int | None = None):
-        self.cfg = validate(cfg, DEFAULTS)
+        self.cfg = validate(cfg, DEFAULTS, types=TYPES)
         if methods:
             self.cfg["methods"] = list(methods)
         self.run_dir = Path(self.cfg["out_root"]) / self.cfg["name"]
@@ -173,6 +187,7 @@ class Pipeline:
         from wsol.finetune import resolve_config as wsol_config
 
         subs = {"data": self.data}
+        check_entries(self.cfg)
         for m in self.cfg["methods"]:
             p = self._pretrain_spec(m)
             _named(pretrain_config, load_config(p["config"], p["overrides"]), f"{m} pretraining ({p['config']})")
@@ -253,11 +268,27 @@ class Pipeline:
             self._ensure_data()
         barrier()
         results: dict = {"methods": {m: {} for m in self.cfg["methods"]}, "baselines": {}, "seeds": dict(self.seeds)}
+        failed: dict[str, str] = {}  # label -> why (its own error, or the upstream stage that failed)
         for st in self.plan():
-            metrics, _ = self._stage(st.label, self.run_dir / st.label, set(st.forced_by), st.call, st.spec)
             owner = results["baselines"] if st.owner == "baselines" else results["methods"][st.owner]
-            owner.setdefault(st.name, []).append({"metrics": metrics, "folder": st.label, "seeds": st.seeds})
+            run = {"metrics": None, "folder": st.label, "seeds": st.seeds}
+            upstream = next((lab for lab in failed if st.label.startswith(lab.rsplit("/", 1)[0] + "/")
+                             and lab.endswith("/pretrain")), None)
+            if upstream is not None:
+                run["failed"] = failed[st.label] = f"not run: {upstream} failed"
+            else:
+                try:
+                    run["metrics"], _ = self._stage(st.label, self.run_dir / st.label, set(st.forced_by), st.call,
+                                                    st.spec)
+                except (StopPipeline, KeyboardInterrupt):
+                    raise
+                except Exception as e:  # one stage's failure must not cost the others' results
+                    run["failed"] = failed[st.label] = cli_error_line(e).removeprefix("error: ")
+                    log.error("[%s] FAILED: %s (its folder %s is kept for inspection; the other stages go on)",
+                              st.label, run["failed"], self.run_dir / st.label)
+            owner.setdefault(st.name, []).append(run)
         results["reused"] = list(self.reused)
+        results["failed"] = failed
         return results
 
     def plan(self) -> list[Stage]:
@@ -271,7 +302,7 @@ class Pipeline:
             for k in self.seeds["pretrain"] or [None]:
                 base = method if k is None else f"{method}/seed{k}"
                 ov = pcfg["overrides"] + ([] if k is None else [f"seed={k}"])
-                spec = {"config": load_config(pcfg["config"], ov)}
+                spec = pretrain_spec(pcfg["config"], ov)
                 out.append(Stage(f"{base}/pretrain", method, "pretrain", frozenset({"pretrain"}), spec,
                                  lambda d, c=pcfg["config"], ov=ov: stages.pretrain(c, ov, d),
                                  {"pretrain": k, "transfer": None}))
@@ -296,21 +327,24 @@ class Pipeline:
             for det in self.cfg["detection"]:
                 det = _fill(det, **subs)
                 ov = det.get("overrides", []) + ([] if t is None else [f"seeds=[{t}]"])
-                spec = {"config": load_config(det["config"], ov), "backbone": upstream}
+                dcfg = load_config(det["config"], ov)
+                spec = {"config": dcfg, "backbone": upstream, "inputs": detection_inputs(dcfg, backbone)}
                 out.append(Stage(f"{folder}/{det['name']}", owner, det["name"],
                                  frozenset({"detection", det["name"]}), spec,
                                  lambda d, c=det["config"], ov=ov: stages.detection(c, ov, backbone, d), seeds))
             if self.cfg["wsol"]:
                 w = _fill(self.cfg["wsol"], **subs)
                 ov = w.get("overrides", []) + ([] if t is None else [f"seed={t}"])
-                spec = {"config": load_config(w["config"], ov), "backbone": upstream}
+                wcfg = load_config(w["config"], ov)
+                spec = {"config": wcfg, "backbone": upstream, "inputs": wsol_inputs(wcfg, backbone)}
                 out.append(Stage(f"{folder}/wsol", owner, "wsol", frozenset({"wsol"}), spec,
                                  lambda d, c=w["config"], ov=ov: stages.wsol(c, ov, backbone, d), seeds))
         if robustness and self.cfg["robustness"]:
             r = _fill(self.cfg["robustness"], **subs)
             root = Path(r.get("root") or self.data / "imagenet")
             out.append(Stage(f"{base}/robustness", owner, "robustness", frozenset({"robustness"}),
-                             {"spec": r, "backbone": upstream},
+                             {"spec": r, "backbone": upstream,
+                              "inputs": robustness_inputs(backbone, root, r.get("ood"))},
                              lambda d: stages.robustness(backbone, root, r, d),
                              {"pretrain": pseed, "transfer": None}))
         return out
@@ -340,6 +374,53 @@ class Pipeline:
             self.timings["toy_world"] = round(time.time() - t0, 1)
 
 
+DETECTION_KEYS = ("name", "config", "overrides")
+WSOL_KEYS = ("config", "overrides")
+
+
+def _check_entry(entry, keys: tuple, required: tuple, where: str) -> None:
+    """A stage entry of the pipeline config: a mapping of `keys` (`required` present), overrides a list."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"config key {where}: expected a mapping with keys {list(keys)}, got {entry!r}")
+    unknown = sorted(set(entry) - set(keys))
+    if unknown:
+        raise ConfigError(f"config key {where}: unknown key(s) {unknown}; valid: {list(keys)}")
+    missing = [k for k in required if not isinstance(entry.get(k), str) or not entry.get(k)]
+    if missing:
+        raise ConfigError(f"config key {where}: {missing[0]!r} must be a non-empty string")
+    ov = entry.get("overrides", [])
+    if not isinstance(ov, list) or not all(isinstance(o, str) for o in ov):
+        raise ConfigError(f"config key {where}.overrides: expected a list of KEY=VALUE strings, got {ov!r}")
+
+
+def check_entries(cfg: dict) -> None:
+    """Unknown or malformed keys in the detection, WSOL and per-method entries are errors naming the key (a
+    misspelled `overides:` would otherwise be dropped without a word)."""
+    if not isinstance(cfg["detection"], list):
+        raise ConfigError(f"config key detection: expected a list of {{name, config, overrides}}, "
+                          f"got {cfg['detection']!r}")
+    names = []
+    for i, det in enumerate(cfg["detection"]):
+        _check_entry(det, DETECTION_KEYS, ("name", "config"), f"detection[{i}]")
+        names.append(det["name"])
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config key detection: duplicate names {names}")
+    if cfg["wsol"] is not None:
+        _check_entry(cfg["wsol"], WSOL_KEYS, ("config",), "wsol")
+    ov = cfg["pretrain"]["overrides"]
+    if not all(isinstance(o, str) for o in ov):
+        raise ConfigError(f"config key pretrain.overrides: expected a list of KEY=VALUE strings, got {ov!r}")
+    for m, ov in cfg["pretrain"]["per_method"].items():
+        if ov is not None and not isinstance(ov, list) or not all(isinstance(o, str) for o in ov):
+            raise ConfigError(f"config key pretrain.per_method.{m}: expected a list of KEY=VALUE strings, got {ov!r}")
+
+
+def pretrain_spec(config: str, overrides: list[str]) -> dict:
+    """What a pretraining stage computes from: its config with the overrides and its dataset folder."""
+    cfg = load_config(config, overrides)
+    return {"config": cfg, "inputs": pretrain_inputs(cfg)}
+
+
 def _named(check, cfg: dict, what: str) -> None:
     try:
         check(cfg)
@@ -351,7 +432,20 @@ class StopPipeline(RuntimeError):
     """Raised by --stop-after to simulate an interruption between stages."""
 
 
-def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_after=None) -> Path:
+def _provenance(pipe: Pipeline, command: str, t0: float) -> dict:
+    """This invocation's provenance, or the stored one when every stage was reused (the numbers are that run's)."""
+    from pipeline.publish import provenance
+
+    old = pipe.run_dir / "summary.json"
+    if pipe.stages_run == 0 and old.exists():
+        stored = json.loads(old.read_text()).get("provenance")
+        if stored:
+            return stored
+    return provenance(command, t0, time.time(), pipe.stages_run, pipe.reused)
+
+
+def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_after=None,
+                 command: str = "") -> Path:
     """Run (or resume) the pipeline of `config_path`; returns the path of the report.
 
     Under torchrun (the process group joined by the caller, `core.distributed.torchrun_session`) every rank
@@ -363,10 +457,23 @@ def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_af
     cfg = load_config(config_path, overrides, DEFAULTS)
     pipe = Pipeline(cfg, methods=methods, force=tuple(force), stop_after=stop_after)
     t0 = time.time()
-    results = pipe.run()
-    report = pipe.run_dir / "report.md"
-    if is_main_process():
-        report = write_report(pipe.run_dir, results, pipe.cfg)
-    barrier()
+    with run_lock(pipe.run_dir, "pipeline"):  # one pipeline per run folder (rank 0 holds it)
+        results = pipe.run()
+        report = pipe.run_dir / "report.md"
+        if is_main_process():
+            results["provenance"] = _provenance(pipe, command, t0)
+            report = write_report(pipe.run_dir, results, pipe.cfg)
+        barrier()
     log.info("pipeline finished in %.1f s; report: %s", time.time() - t0, report)
+    if results["failed"]:
+        raise StagesFailed(report, results["failed"])
     return report
+
+
+class StagesFailed(RuntimeError):
+    """Some stages failed (and their dependents did not run); the report was written with them marked."""
+
+    def __init__(self, report: Path, failed: dict[str, str]):
+        self.report, self.failed = report, failed
+        lines = "\n".join(f"  {label}: {why}" for label, why in failed.items())
+        super().__init__(f"{len(failed)} stage(s) failed or did not run (marked in {report}):\n{lines}")

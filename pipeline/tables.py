@@ -70,6 +70,7 @@ def mean_std(vals: list[float]) -> tuple[float, float | None]:
 class Cell:
     values: list[float]
     runs: list[dict]
+    failed: int = 0  # runs of the entry's stage that failed or did not run (pipeline/run.py)
 
     @property
     def n(self) -> int:
@@ -80,7 +81,7 @@ class Cell:
 
     def text(self, fmt: str) -> str:
         if not self.values:
-            return "—"
+            return "*failed*" if self.failed else "—"
         mean, std = self.stats()
         return fmt.format(mean) if std is None else f"{fmt.format(mean)} ± {fmt.format(std)}"
 
@@ -128,7 +129,8 @@ class Table:
         out = []
         for _, res, _ in self.rows:
             found = [values(res, c.stage, c.getter, c.per_seed) for c in self.columns]
-            out.append([Cell([v for v, _ in f], [r for _, r in f]) for f in found])
+            failed = [sum(1 for r in res.get(c.stage) or [] if r.get("failed")) for c in self.columns]
+            out.append([Cell([v for v, _ in f], [r for _, r in f], n) for f, n in zip(found, failed)])
         return out
 
     def bold(self, cells: list[list[Cell]]) -> list[set[int]]:
@@ -246,9 +248,9 @@ def detection_table(results: dict, dets: list[str]) -> Table:
         cols.append(Column(f"{name} {key} (%)", name, lambda m, key=key: get(m, key), per_seed=True))
         if key == "AP":
             cols.append(Column(f"{name} AP50 (%)", name, lambda m: get(m, "AP50"), per_seed=True))
-        cols.append(Column(f"{name} train img/s", name, lambda m: get(m, "train_img_per_s"), better="high",
+        cols.append(Column(f"{name} train (images/s)", name, lambda m: get(m, "train_img_per_s"), better="high",
                            fmt="{:.1f}", per_seed=True))
-        cols.append(Column(f"{name} test img/s", name, lambda m: get(m, "test_img_per_s"), better="high",
+        cols.append(Column(f"{name} test (images/s)", name, lambda m: get(m, "test_img_per_s"), better="high",
                            fmt="{:.1f}", per_seed=True))
     return Table(
         "Detection transfer (MultiMix Table 5 layout)",
@@ -262,15 +264,16 @@ def wsol_table(results: dict) -> Table:
     rows = method_rows(results, {"wsol"})
     centred = first(results, "wsol", "centred_box")
     if isinstance(centred, dict):  # the same box for every image: BoxAcc at IoU 50 and the mean over 30/50/70
-        rows.append(("centred box", const("wsol", {"maxboxacc": get(centred, "boxacc", "50"),
+        rows.append(("centred box", const("wsol", {"maxboxacc_v1": get(centred, "boxacc", "50"),
                                                    "maxboxacc_v2": get(centred, "boxacc_mean")}), True))
     return Table(
         "Weakly-supervised localization (CUB layout, AlignMix Table 4 / multi-mix Table VI)",
-        "CAM of a ResNet with layer4 at stride 1, fine-tuned on CUB train without boxes; MaxBoxAccV2 is the "
+        "CAM of a ResNet with layer4 at stride 1, fine-tuned on CUB train without boxes; MaxBoxAcc is the "
+        "best-threshold BoxAcc of the largest contour at IoU 50, MaxBoxAccV2 "
         "mean over IoU 30/50/70 of the best-threshold BoxAcc (all contours); Top-1 Loc at the fixed CAM "
         "threshold. The *centred box* row predicts one centred box for every image.",
         [Column("top-1 cls (%)", "wsol", lambda m: get(m, "top1_cls")),
-         Column("MaxBoxAcc (%)", "wsol", lambda m: get(m, "maxboxacc")),
+         Column("MaxBoxAcc (%)", "wsol", lambda m: get(m, "maxboxacc_v1")),
          Column("MaxBoxAccV2 (%)", "wsol", lambda m: get(m, "maxboxacc_v2")),
          Column("Top-1 Loc (%)", "wsol", lambda m: get(m, "top1_loc")),
          Column("GT-known Loc (%)", "wsol", lambda m: get(m, "gt_known_loc"))], rows)
@@ -287,21 +290,21 @@ def background_table(results: dict) -> Table | None:
         "Top-1 / top-5 error on the ImageNet-layout validation set, clean and with everything outside the GT "
         "boxes replaced by another image or with N(0, 0.1²) noise added; Loc: top-1 localization (CAM at 0.25 "
         "of max, IoU ≥ 0.5).",
-        [Column("clean top-1 err", "robustness", lambda m: get(m, "clean", "top1_err"), better="low"),
-         Column("clean top-5 err", "robustness", lambda m: get(m, "clean", "top5_err"), better="low"),
-         Column("replace top-1 err", "robustness", lambda m: get(m, "background", "replace", "top1_err"),
+        [Column("clean top-1 err (%)", "robustness", lambda m: get(m, "clean", "top1_err"), better="low"),
+         Column("clean top-5 err (%)", "robustness", lambda m: get(m, "clean", "top5_err"), better="low"),
+         Column("replace top-1 err (%)", "robustness", lambda m: get(m, "background", "replace", "top1_err"),
                 better="low"),
-         Column("noise top-1 err", "robustness", lambda m: get(m, "background", "noise", "top1_err"),
+         Column("noise top-1 err (%)", "robustness", lambda m: get(m, "background", "noise", "top1_err"),
                 better="low"),
-         Column("clean Loc", "robustness", lambda m: get(m, "background", "clean_loc")),
-         Column("replace Loc", "robustness", lambda m: get(m, "background", "replace", "top1_loc")),
-         Column("noise Loc", "robustness", lambda m: get(m, "background", "noise", "top1_loc"))], rows)
+         Column("clean Loc (%)", "robustness", lambda m: get(m, "background", "clean_loc")),
+         Column("replace Loc (%)", "robustness", lambda m: get(m, "background", "replace", "top1_loc")),
+         Column("noise Loc (%)", "robustness", lambda m: get(m, "background", "noise", "top1_loc"))], rows)
 
 
 def calibration_adversarial_table(results: dict, with_clean: bool = False) -> Table:
     """with_clean: also the clean top-1 error (when no background table shows it)."""
     rows = [(m, r, False) for m, r in results["methods"].items()]
-    clean = [Column("clean top-1 err", "robustness", lambda m: get(m, "clean", "top1_err"), better="low")]
+    clean = [Column("clean top-1 err (%)", "robustness", lambda m: get(m, "clean", "top1_err"), better="low")]
     iters = next((get(run.get("metrics") or {}, "pgd", "iters") for r in results["methods"].values()
                   for run in r.get("robustness") or [] if get(run.get("metrics") or {}, "pgd", "iters")), 10)
     return Table(
@@ -310,8 +313,8 @@ def calibration_adversarial_table(results: dict, with_clean: bool = False) -> Ta
         f"(ε = 4/255, step 2/255, {iters:g} iterations, random start), pixel space.",
         clean * with_clean + [Column("ECE (%)", "robustness", lambda m: get(m, "calibration", "ece"), better="low"),
          Column("OE (%)", "robustness", lambda m: get(m, "calibration", "oe"), better="low"),
-         Column("FGSM top-1 err", "robustness", lambda m: get(m, "fgsm", "top1_err"), better="low"),
-         Column("PGD top-1 err", "robustness", lambda m: get(m, "pgd", "top1_err"), better="low")], rows)
+         Column("FGSM top-1 err (%)", "robustness", lambda m: get(m, "fgsm", "top1_err"), better="low"),
+         Column("PGD top-1 err (%)", "robustness", lambda m: get(m, "pgd", "top1_err"), better="low")], rows)
 
 
 def ood_sets(results: dict) -> list[str]:
@@ -331,15 +334,16 @@ def ood_table(results: dict, only: list[str] | None = None) -> Table | None:
     if not sets:
         return None
     cols = [Column(f"{s} {head}", "robustness", lambda m, s=s, key=key: get(m, "ood", s, key))
-            for s in sets for key, head in (("det_acc", "det acc"), ("det_acc_at_thr", "det acc @thr"),
-                                            ("auroc", "AUROC"), ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR-out"))]
+            for s in sets for key, head in (("det_acc", "det acc (%)"), ("det_acc_at_thr", "det acc @thr (%)"),
+                                            ("auroc", "AUROC (%)"), ("aupr_in", "AUPR-in (%)"),
+                                            ("aupr_out", "AUPR-out (%)"))]
     rows = [(m, r, False) for m, r in results["methods"].items()]
     return Table(
         "Out-of-distribution detection (maximum softmax probability)" + (f": {', '.join(sets)}" if only else ""),
         f"In-distribution: the {' '.join(layout(results))} set; OOD: the listed folders and synthetic noise. "
         "det acc: the best threshold; det acc @thr: at the stated max-softmax threshold (0.5: AlignMix §4.3 "
         "\"Det Acc using a threshold of 0.5\", the papers' column). Chance is 50 for detection accuracy and "
-        "AUROC.", cols, rows)
+        "AUROC (%).", cols, rows)
 
 
 def embedding_table(results: dict) -> Table | None:

@@ -78,11 +78,19 @@ def _build_methods(model, methods, num_classes, n, size, dev, seed):
         if knobs.get("solver") == "gco" and not have_gco():
             skipped.append(f"{label} (gco-wrapper not installed)")
             continue
-        m = build_method(name, model, num_classes, **knobs)
-        m.generator = torch.Generator(device=dev)
+        m = build_method(name, model, num_classes, **knobs).to(dev)  # a method's own layers (AlignMix's encoder2)
+        m.generator = torch.Generator(device=dev) if dev.type in ("cpu", "cuda") else None  # meta: no generator
         m.seed(seed)
         built.append((label, m))
     return built, skipped
+
+
+def _all_parameters(built) -> list:
+    """Every parameter of the shared model and of the methods' own layers, once each."""
+    params: dict[int, torch.nn.Parameter] = {}
+    for _, m in built:
+        params.update((id(p), p) for p in m.parameters())
+    return list(params.values())
 
 
 def _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, device, seed, timer, clock):
@@ -92,7 +100,7 @@ def _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, d
     dev = torch.device(device)
     model = ResNetStages(arch, num_classes).to(dev)
     built, skipped = _build_methods(model, methods, num_classes, n, size, dev, seed)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    opt = torch.optim.SGD(_all_parameters(built), lr=1e-3, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, 3, size, size, generator=g).to(dev)
     labels = torch.randint(0, num_classes, (batch,), generator=g).to(dev)
@@ -137,7 +145,8 @@ def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224,
                   warmup: int = 3, steps: int = 10, methods: list[str] | None = None, precision: str = "bf16",
                   channels_last: bool | None = None, num_classes: int = 1000, n: int = 1000, seed: int = 0) -> dict:
     """Training images/s of each method on one device (`tools/bench.py gpu`): {"rows": [{"method",
-    "img_per_s", "step_s", "step_time_ratio" (step time / ERM's; ERM 1.0)}], "skipped": [...], "setup": {...}}.
+    "img_per_s", "step_s", "step_time_ratio" (step time / ERM's; ERM 1.0), "peak_memory_gib" (CUDA: the most
+    memory allocated during the method's steps; None elsewhere)}], "skipped": [...], "setup": {...}}.
 
     A step is forward + backward + SGD update under ``core.runtime.autocast(device, precision)`` (bf16 on
     CUDA; CPU runs fp32) with the model and batch in channels_last (default: on CUDA only). Per method:
@@ -152,7 +161,9 @@ def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224,
     torch.manual_seed(seed)
     model = ResNetStages(arch, num_classes).to(dev, memory_format=fmt)
     built, skipped = _build_methods(model, methods, num_classes, n, size, dev, seed)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    for _, m in built:
+        m.to(memory_format=fmt)
+    opt = torch.optim.SGD(_all_parameters(built), lr=1e-3, momentum=0.9)
     scaler = make_grad_scaler(dev, precision)
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, 3, size, size, generator=g).to(dev).contiguous(memory_format=fmt)
@@ -167,12 +178,28 @@ def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224,
         scaler.step(opt)
         scaler.update()
 
+    seconds, peak = _time_methods(built, step, dev, warmup, steps)
+    rows = [{"method": k, "img_per_s": round(batch / v, 1), "step_s": round(v, 6),
+             "step_time_ratio": round(v / seconds["erm"], 3), "peak_memory_gib": peak[k]} for k, v in seconds.items()]
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    return {"rows": rows, "skipped": skipped,
+            "setup": {"arch": arch, "size": size, "batch": batch, "warmup": warmup, "steps": steps,
+                      "precision": precision if dev.type == "cuda" else "fp32", "channels_last": channels_last,
+                      "device": f"{dev} ({name})", "num_classes": num_classes, "n": n, "clock": "wall"}}
+
+
+def _time_methods(built, step, dev: torch.device, warmup: int, steps: int) -> tuple[dict, dict]:
+    """Seconds per step of each method (the device synchronised only around the timed steps) and its peak
+    allocated CUDA memory in GiB (None elsewhere)."""
+
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    seconds = {}
+    seconds, peak = {}, {}
     for label, m in built:
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         for _ in range(warmup):
             step(m)
         sync()
@@ -181,10 +208,5 @@ def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224,
             step(m)
         sync()
         seconds[label] = (time.perf_counter() - t0) / steps
-    rows = [{"method": k, "img_per_s": round(batch / v, 1), "step_s": round(v, 6),
-             "step_time_ratio": round(v / seconds["erm"], 3)} for k, v in seconds.items()]
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-    return {"rows": rows, "skipped": skipped,
-            "setup": {"arch": arch, "size": size, "batch": batch, "warmup": warmup, "steps": steps,
-                      "precision": precision if dev.type == "cuda" else "fp32", "channels_last": channels_last,
-                      "device": f"{dev} ({name})", "num_classes": num_classes, "n": n, "clock": "wall"}}
+        peak[label] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
+    return seconds, peak

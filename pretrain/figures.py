@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.basics import save_figure
+
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
     import matplotlib
@@ -25,5 +27,5 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

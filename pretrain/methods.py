@@ -18,6 +18,7 @@ come from `self.generator`, a torch.Generator on the model's device.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import numpy as np
@@ -28,74 +29,25 @@ import torch.nn.functional as F
 from core import runtime as rt
 from core.checkpoint import build_resnet
 from core.constants import IMAGENET_MEAN, IMAGENET_STD
+from pretrain import mixers
 from pretrain import mixing as mx
+from pretrain.adapters import EMBEDDING, Backbone, adapt, resnet_stages
 
-EMBEDDING = 5
 ATTENTIONS = ("gap_l1relu", "gap_softmax", "cam_l1relu", "cam_softmax", "uniform")
 
 
-class ResNetStages(nn.Module):
-    """A torchvision ResNet split at its stages, with ImageNet normalisation inside (inputs in [0, 1]).
+class ResNetStages(Backbone):
+    """A torchvision ResNet split at its stages, with ImageNet normalisation inside (inputs in [0, 1]):
+    `pretrain.adapters.Backbone` over `build_resnet(arch)`.
 
     `self.net` is the plain torchvision ResNet (its state_dict has exactly torchvision's keys; the
     normalisation buffers live outside it and are not persistent).
     """
 
     def __init__(self, arch: str = "resnet50", num_classes: int = 1000, zero_init_residual: bool = False):
-        super().__init__()
+        net = build_resnet(arch, num_classes=num_classes, zero_init_residual=zero_init_residual)
+        super().__init__(net, resnet_stages(net), net.fc, None, IMAGENET_MEAN, IMAGENET_STD)
         self.arch = arch
-        self.net = build_resnet(arch, num_classes=num_classes, zero_init_residual=zero_init_residual)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self._compiled = None
-
-    def enable_compile(self) -> None:
-        """torch.compile the stages (the module tree and state_dict keys stay torchvision's)."""
-        self._compiled = torch.compile(self._stage)
-
-    def _run_stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        return self._compiled(i, h) if self._compiled is not None else self._stage(i, h)
-
-    @property
-    def fc(self) -> nn.Linear:
-        return self.net.fc
-
-    def _stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        n = self.net
-        if i == 1:
-            h = (h - self.mean.to(h.dtype)) / self.std.to(h.dtype)
-            h = n.maxpool(n.relu(n.bn1(n.conv1(h))))
-            return n.layer1(h)
-        return getattr(n, f"layer{i}")(h)
-
-    def forward_to(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        """Features after `layer` (0..4) of images x [b, 3, H, W] in [0, 1]."""
-        for i in range(1, min(layer, 4) + 1):
-            x = self._run_stage(i, x)
-        return x
-
-    def forward_from(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        """The layer4 feature map [b, d, h, w] from features after `layer` (0..4)."""
-        for i in range(layer + 1, 5):
-            h = self._run_stage(i, h)
-        return h
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """layer4 map [b, d, h, w]."""
-        return self.forward_from(x, 0)
-
-    @staticmethod
-    def pool(fmap: torch.Tensor) -> torch.Tensor:
-        return fmap.mean((2, 3))
-
-    def dense_logits(self, fmap: torch.Tensor) -> torch.Tensor:
-        """fc applied as a 1x1 convolution: fmap [b, d, h, w] -> [b, c, h*w]."""
-        w, bias = self.fc.weight, self.fc.bias
-        logits = torch.einsum("bdr,cd->bcr", fmap.flatten(2), w.to(fmap.dtype))
-        return logits + bias.to(fmap.dtype).view(1, -1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.features(x)))
 
 
 class Method(nn.Module):
@@ -107,10 +59,12 @@ class Method(nn.Module):
 
     # which published form the class reproduces where a method has several (recorded in the checkpoint meta)
     variant = ""
+    # whether a step may leave parameters without a gradient (modes that use different heads): DDP must be told
+    find_unused_parameters = False
 
-    def __init__(self, model: ResNetStages, num_classes: int, dense_loss: bool = False):
+    def __init__(self, model: nn.Module, num_classes: int, dense_loss: bool = False):
         super().__init__()
-        self.model = model
+        self.model = adapt(model)  # any network: `pretrain.adapters` gives it the stage interface
         self.num_classes = num_classes
         self.dense_loss = dense_loss
         self.generator: torch.Generator | None = None  # device draws
@@ -194,12 +148,12 @@ class InputMixup(Method):
     def __init__(self, model, num_classes, alpha: float = 1.0, dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
         self.alpha = alpha
+        self.mixer = mixers.MixUp(alpha, num_classes)
 
     def forward(self, images, labels):
-        y = self.targets(labels)
         lam, perm = self._beta(self.alpha), self._perm(images.shape[0])
-        logits = self.logits_of(self.model.features(mx.mixup(images, perm, lam)))
-        return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
+        x, y_mix = self.mixer.apply(images, labels, mixers.Draw(perm, [lam]))
+        return {"loss": self.loss_of(self.logits_of(self.model.features(x)), y_mix)}
 
 
 def _mix_at(method: Method, images, perm, lams, layer: int):
@@ -240,63 +194,84 @@ class CutMix(Method):
     def __init__(self, model, num_classes, alpha: float = 1.0, prob: float = 1.0, dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
         self.alpha, self.prob = alpha, prob
+        self.mixer = mixers.CutMix(alpha, num_classes)
 
     def forward(self, images, labels):
         y = self.targets(labels)
         b, _, h, w = images.shape
         if self._rand() >= self.prob:
             return {"loss": self.loss_of(self.logits_of(self.model.features(images)), y)}
-        perm = self._perm(b)
-        box, lam = mx.cutmix_box(h, w, self._beta(self.alpha), centre=self._centre(h, w))
-        x = mx.mask_mix(images, images[perm], mx.box_mask(h, w, box, images.device, images.dtype))
-        logits = self.logits_of(self.model.features(x))
-        return {"loss": self.loss_of(logits, mx.mixup(y, perm, lam))}
+        perm, lam = self._perm(b), self._beta(self.alpha)
+        x, y_mix = self.mixer.apply(images, labels, mixers.Draw(perm, [lam], self._centre(h, w)))
+        return {"loss": self.loss_of(self.logits_of(self.model.features(x)), y_mix)}
 
 
-def _puzzle_saliency(method: Method, images, labels) -> torch.Tensor:
-    """PuzzleMix saliency as the official training script computes it: the model in eval mode
-    (BatchNorm running statistics, nothing updated), the mean cross-entropy of the clean batch
-    differentiated w.r.t. the *normalised* input, sqrt(mean over channels of grad^2); no parameter
-    gradients. -> [b, h, w]."""
+def _saliency_forward(method: Method, images, labels, train_mode: bool, weight: float = 1.0):
+    """The saliency forward of the official PuzzleMix scripts: the mean cross-entropy of the clean batch (times
+    `weight`) differentiated w.r.t. the *normalised* input, sqrt(mean over channels of grad^2), with the model in
+    eval or train mode (the mode is restored after). -> (sal [b, h, w], the weighted loss with its graph when
+    train_mode, else None). Under fp16 autocast this pass runs in fp32: the input gradient of a confidently
+    classified image underflows fp16 to an all-zero map (bf16 has fp32's range and keeps autocast)."""
     model = method.model
     mean, std = model.mean.to(images.dtype), model.std.to(images.dtype)
     was_training = model.training
-    model.eval()
+    fp16 = rt.autocast_dtype(images.device.type) == torch.float16
+    model.train(train_mode)
     try:
         xn = ((images.detach() - mean) / std).requires_grad_(True)
-        with torch.enable_grad():
-            loss = F.cross_entropy(model(xn * std + mean).float(), labels)
-            (grad,) = torch.autograd.grad(loss, xn)
+        with torch.enable_grad(), (rt.autocast_off(images.device) if fp16 else contextlib.nullcontext()):
+            loss = weight * F.cross_entropy(model(xn * std + mean).float(), labels)
+            (grad,) = torch.autograd.grad(loss, xn, retain_graph=train_mode)
     finally:
         model.train(was_training)
-    return mx.saliency_map(grad)
+    return mx.saliency_map(grad), (loss if train_mode else None)
+
+
+def _puzzle_saliency(method: Method, images, labels) -> torch.Tensor:
+    """PuzzleMix saliency as snu-mllab/PuzzleMix main.py and imagenet/train.py compute it with clean_lam 0: the
+    model in eval mode (BatchNorm running statistics, nothing updated), no parameter gradients. -> [b, h, w]."""
+    return _saliency_forward(method, images, labels, False)[0]
+
+
+def _puzzle_saliency_train(method: Method, images, labels, weight: float):
+    """The same scripts with clean_lam > 0: the model in train mode (batch statistics; this forward updates the
+    running statistics, as there), the gradient of weight * CE, and that weighted clean loss returned with its
+    graph: the scripts backpropagate it into the parameters together with the mixed loss.
+    -> (sal [b, h, w], loss 0-d)."""
+    return _saliency_forward(method, images, labels, True, weight)
 
 
 class PuzzleMix(Method):
-    """PuzzleMix as the official code runs it (snu-mllab/PuzzleMix `mixup.py:mixup_graph` and the
-    ImageNet `train.py`): lam ~ Beta(alpha, alpha), a block grid drawn uniformly from `grids`, a
-    3-label mask from the graph cut of -(revealed saliency) + eta * prior + smoothness (beta +
-    gamma * boundary differences of the `neigh_size`-pooled images), the greedy transport of each
-    image's salient blocks onto its visible places (t_eps), label weight = mask mean. Saliency: see
-    `_puzzle_saliency`. Solver: gco-wrapper's alpha-beta swap when installed, else the built-in
-    re-implementation of the same algorithm (`solver` knob: auto | gco | swap); `threads` solves the
-    per-image graph cuts in a thread pool (None: one per image up to the CPU count).
+    """PuzzleMix as the official code runs it (snu-mllab/PuzzleMix `mixup.py:mixup_graph`, the CIFAR /
+    TinyImageNet `main.py` and the ImageNet `imagenet/train.py`): lam ~ Beta(alpha, alpha), a block grid drawn
+    uniformly from `grids`, a 3-label mask from the graph cut of -(revealed saliency) + eta * prior + smoothness
+    (beta + gamma * boundary differences of the `neigh_size`-pooled images), the greedy transport of each image's
+    salient blocks onto its visible places (t_eps) at resolution `t_size` (pixels; -1 = the mask's blocks, see
+    `mixing.transport_grid`), label weight = mask mean. Saliency: see `_puzzle_saliency`; `saliency_mode`
+    eval | train. `clean_lam` > 0 adds the official clean-loss term, computed by the train-mode saliency forward:
+    clean_lam * CE(clean) with loss ce (imagenet/train.py), 2 * clean_lam / num_classes * CE(clean) with loss bce
+    (main.py). loss: ce = soft cross-entropy of the mixed targets (imagenet/train.py's lam-weighted CE); bce =
+    main.py's BCELoss(softmax(logits), mixed targets), the mean over examples and classes. Solver: gco-wrapper's
+    alpha-beta swap when installed, else the built-in re-implementation of the same algorithm (`solver` knob:
+    auto | gco | swap); `threads` solves the per-image graph cuts in a thread pool (None: one per image up to the
+    CPU count).
     """
 
     def __init__(self, model, num_classes, alpha: float = 1.0, grids=(2, 4, 8, 16), beta: float = 1.2,
                  gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2, n_labels: int = 3,
-                 transport: bool = True, t_eps: float = 0.8, solver: str = "auto", threads: int | None = None,
+                 transport: bool = True, t_eps: float = 0.8, t_size: int = -1, clean_lam: float = 0.0,
+                 saliency_mode: str = "eval", loss: str = "ce", solver: str = "auto", threads: int | None = None,
                  dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
         self.alpha, self.grids, self.beta, self.gamma, self.eta = alpha, tuple(grids), beta, gamma, eta
         self.neigh_size, self.n_labels, self.transport, self.t_eps = neigh_size, n_labels, transport, t_eps
+        self.t_size, self.clean_lam, self.saliency_mode, self.loss = int(t_size), float(clean_lam), saliency_mode, loss
         self.solver, self.threads = solver, threads
-        if solver not in ("auto", "gco", "swap"):
-            raise ValueError(f"puzzlemix solver must be auto, gco or swap, got {solver!r}")
+        _check_puzzle_knobs(self)
         if solver == "gco" and not mx.have_gco():
-            raise ImportError("puzzlemix solver='gco' needs the optional package gco-wrapper "
-                              "(pip install gco-wrapper, or pip install 'mixup-transfer[puzzlemix]'); "
-                              "use solver=swap or auto for the built-in fallback")
+            raise ImportError("puzzlemix solver='gco' needs gco-wrapper (pip install gco-wrapper; a regular "
+                              "dependency on CPython <= 3.11 x86 / x86-64); use solver=swap or auto for the built-in "
+                              "re-implementation")
 
     def _grid(self, h: int, w: int) -> int:
         if h != w:
@@ -306,26 +281,70 @@ class PuzzleMix(Method):
         if not ok:
             raise ValueError(f"no PuzzleMix grid in {self.grids} fits the input size {h}x{w} with "
                              f"neigh_size {self.neigh_size} (block side = size / grid, a multiple of neigh_size)")
+        if self.transport:
+            for g in ok:  # a t_size that does not divide every drawable block fails at the first step, not later
+                mx.transport_grid(h, g, self.t_size)
         return self._choice(ok)
 
-    def puzzle(self, images, labels, perm, lams, grid):
+    def saliency(self, images, labels):
+        """-> (saliency map [b, h, w], the weighted clean loss (0-d, with its graph) or None); see the class."""
+        if self.saliency_mode == "eval":
+            return _puzzle_saliency(self, images, labels), None
+        weight = self.clean_lam * (2.0 / self.num_classes if self.loss == "bce" else 1.0)
+        return _puzzle_saliency_train(self, images, labels, weight if weight > 0 else 1.0)
+
+    def puzzle(self, images, labels, perm, lams, grid, sal_map=None):
         """K PuzzleMix images per pair for weights lams (K host floats): -> (x [K*b, 3, h, w], lam_kept [K*b]).
-        The graph cuts of all K run on the host after one device-to-host transfer (`mixing.puzzle_masks`)."""
-        sal_map = _puzzle_saliency(self, images, labels)
+        The graph cuts of all K run on the host after one device-to-host transfer (`mixing.puzzle_masks`).
+        sal_map: the saliency (default: computed here; a clean-loss term needs `forward`, which adds it)."""
+        if sal_map is None:
+            if self.clean_lam > 0:
+                raise ValueError("puzzlemix clean_lam > 0 adds a loss term that only PuzzleMix.forward returns; "
+                                 "set clean_lam 0 where PuzzleMix is used as a mixing step (multi_mix puzzle)")
+            sal_map = self.saliency(images, labels)[0]
         fill = self.model.mean.to(images.dtype)  # an empty transport place: 0 in the normalised input
         with torch.no_grad():
-            x, kept, _ = mx.puzzle_mix_many(images, sal_map, perm, grid, list(lams), self.beta, self.gamma,
+            x, kept, _ = mx.puzzle_mix_many(images, sal_map.detach(), perm, grid, list(lams), self.beta, self.gamma,
                                             self.eta, self.neigh_size, self.n_labels, self.transport, self.t_eps,
-                                            self.solver, fill=fill, threads=self.threads)
+                                            self.solver, fill=fill, threads=self.threads, t_size=self.t_size)
         return x.detach(), kept
+
+    def mixed_loss(self, logits, y_mix):
+        """ce: soft cross-entropy (dense if dense_loss); bce: BCELoss(softmax(logits), y_mix) as main.py."""
+        if self.loss == "bce":
+            return F.binary_cross_entropy(torch.softmax(logits.float(), dim=-1), y_mix.float())
+        return self.loss_of(logits, y_mix)
 
     def forward(self, images, labels):
         y = self.targets(labels)
         b, _, h, w = images.shape
         perm, grid = self._perm(b), self._grid(h, w)
-        x, kept = self.puzzle(images, labels, perm, [self._beta(self.alpha)], grid)
+        sal_map, clean = self.saliency(images, labels)
+        x, kept = self.puzzle(images, labels, perm, [self._beta(self.alpha)], grid, sal_map)
         logits = self.logits_of(self.model.features(x))
-        return {"loss": self.loss_of(logits, mx.mixup(y, perm, kept))}
+        out = {"loss": self.mixed_loss(logits, mx.mixup(y, perm, kept))}
+        if self.clean_lam > 0:
+            out["loss_clean"] = clean
+        return out
+
+
+def _check_puzzle_knobs(m: PuzzleMix) -> None:
+    """One-line errors for PuzzleMix knob values the official scripts do not define."""
+    if m.solver not in ("auto", "gco", "swap"):
+        raise ValueError(f"puzzlemix solver must be auto, gco or swap, got {m.solver!r}")
+    if m.saliency_mode not in ("eval", "train"):
+        raise ValueError(f"puzzlemix saliency_mode must be eval or train, got {m.saliency_mode!r}")
+    if m.loss not in ("ce", "bce"):
+        raise ValueError(f"puzzlemix loss must be ce or bce, got {m.loss!r}")
+    if m.loss == "bce" and m.dense_loss:
+        raise ValueError("puzzlemix loss bce (main.py's BCE of the softmax) has no dense form; use loss ce")
+    if m.clean_lam < 0:
+        raise ValueError(f"puzzlemix clean_lam must be >= 0, got {m.clean_lam}")
+    if m.clean_lam > 0 and m.saliency_mode != "train":
+        raise ValueError("puzzlemix clean_lam > 0 needs saliency_mode train: the official scripts compute the "
+                         "clean loss and the saliency in one train-mode forward")
+    if m.t_size != -1 and m.t_size < 1:
+        raise ValueError(f"puzzlemix t_size must be -1 (the mask's blocks) or a size in pixels, got {m.t_size}")
 
 
 class MultiMix(Method):
@@ -370,8 +389,9 @@ class MultiMix(Method):
         lam = self._lambda(labels.shape[0])
         if not self.dense_loss:
             return {"loss": mx.multimix_loss_from_logits(logits, labels, lam)}
-        mixed = torch.einsum("bc...,bn->nc...", logits.float(), lam)
-        return {"loss": self.loss_of(mixed, lam.t() @ self.targets(labels))}
+        with rt.autocast_off(logits.device):  # fp32 (see pretrain.mixing's conventions)
+            mixed = torch.einsum("bc...,bn->nc...", logits.float(), lam)
+            return {"loss": self.loss_of(mixed, lam.t() @ self.targets(labels))}
 
     def _input_mixup(self, images, y):
         lam, perm = self._beta(self.input_alpha), self._perm(images.shape[0])
@@ -393,10 +413,12 @@ class MultiMix(Method):
         if self.layer >= EMBEDDING and not self.dense_loss:  # the fast path: mix b logit vectors
             logits = self.model.fc(self.model.pool(self.model.features(images)))
             return {"loss": mx.multimix_loss_from_logits(logits, labels, lam)}
-        y_mix = lam.t() @ y
+        with rt.autocast_off(y.device):  # the targets in fp32
+            y_mix = lam.t() @ y
         if self.layer >= EMBEDDING:
             logits = self.logits_of(self.model.features(images))  # [b, c] or [b, c, r]
-            mixed = torch.einsum("bc...,bn->nc...", logits.float(), lam)
+            with rt.autocast_off(logits.device):  # the mixed logits in fp32, as the fast path's
+                mixed = torch.einsum("bc...,bn->nc...", logits.float(), lam)
         else:
             h = self.model.forward_to(images, self.layer)
             h_mix = torch.einsum("b...,bn->n...", h, lam.to(h.dtype))
@@ -500,11 +522,10 @@ class MultiMixK(Method):
             lams = self._on_device(lams)
             logits = _mix_at(self, images, perm, lams, layer)
             return {"loss": self.loss_of(logits, mx.multi_mixup(y, perm, lams))}
-        if self.base == "cutmix":
-            boxes, kept = mx.nested_box_list(h, w, lams, self._centre(h, w))
-            masks = [mx.box_mask(h, w, bx, images.device, images.dtype) for bx in boxes]
-            x = torch.cat([mx.mask_mix(images, images[perm], mask) for mask in masks])
-            kept = self._on_device(np.repeat(kept, b))
+        if self.base == "cutmix":  # the library's multi-mix CutMix on these draws
+            draw = mixers.Draw(perm, lams, self._centre(h, w))
+            x, y_k = mixers.MultiMixK(mixers.CutMix(self.alpha, self.num_classes), self.k).apply(images, labels, draw)
+            return {"loss": self.loss_of(self.logits_of(self.model.features(x)), y_k)}
         else:
             self.puzzler.generator, self.puzzler.host_rng = self.generator, self.host_rng
             x, kept = self.puzzler.puzzle(images, labels, perm, lams, self.puzzler._grid(h, w))
@@ -706,6 +727,8 @@ class AlignMixAE(AlignMixStage2):
 
     variant = "paper section 4 / Algorithm 1 (arXiv 2103.15375): stage-2 encoder, 4 modes + clean reconstruction"
 
+    find_unused_parameters = True  # the clean mode never uses fc, the others never use the decoder
+
     def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
                  tol: float | None = None, modes=("clean", "input", "feat", "feat_rev", "embedding"),
                  resolution: int = 4, decoder_size: int = 224, decoder_width: int = 128, recon_weight: float = 1.0):
@@ -761,3 +784,32 @@ def build_method(name: str, model: ResNetStages, num_classes: int, **knobs) -> M
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {name!r}; valid: {sorted(valid)}")
     return cls(model, num_classes, **knobs)
+
+
+def build_configured(name: str, model: ResNetStages, num_classes: int, knobs: dict, where: str = "method",
+                     name_key: str = "method.name") -> Method:
+    """`build_method` at a config's edge: a bad method name, knob name or knob value is a ConfigError naming the
+    config key (knobs under `where`, the name at `name_key`), so that a tool exits 2 on it like on any other bad
+    config."""
+    from core.config import ConfigError
+
+    check_method_config(name, knobs, where, name_key)
+    try:
+        return build_method(name, model, num_classes, **knobs)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def check_method_config(name: str, knobs: dict, where: str = "method", name_key: str = "method.name") -> None:
+    """The method's name and knob names (before any data is read): ConfigError naming the config key (the knobs
+    live under `where`, the name under `name_key`)."""
+    from core.config import ConfigError
+
+    if name not in METHODS:
+        raise ConfigError(f"{name_key}: unknown method {name!r}; valid methods: {sorted(METHODS)}")
+    unknown = sorted(set(knobs) - set(method_knobs(name)))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[f'{where}.{k}' for k in unknown]} for method {name!r}; "
+                          f"valid: {sorted(method_knobs(name))}")

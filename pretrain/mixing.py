@@ -11,16 +11,22 @@ Conventions
   the authors' algorithm (one transfer per batch: `puzzle_masks`): no `.item()`, no loop on a device value,
   no shape that depends on the data.
 - Images are [b, 3, h, w] in [0, 1]; masks are [b, 1, h, w] with 1 = keep the first image.
+- Under autocast (bf16 / fp16 training) the feature mixes run in the features' dtype, while the math that must
+  stay fp32 runs with autocast off (`core.runtime.autocast_off`; a `.float()` operand of a matmul or einsum
+  would otherwise be cast back): the soft targets (rows sum to 1), the mixed-logit losses of MultiMix and Dense
+  MultiMix (their log-softmax of Lambda-weighted logits) and Dense MultiMix's attention.
 """
 
 from __future__ import annotations
 
 import math
-import os
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from core.runtime import autocast_off, local_world_size, usable_cpus
 
 # --------------------------------------------------------------------------------------------------
 # Sampling (Gamma / Beta / Dirichlet with an explicit generator)
@@ -51,12 +57,13 @@ def _check_shape(name: str, value: float) -> None:
 
 def sample_beta(alpha: float, beta: float, size, generator: torch.Generator | None = None,
                 device=None) -> torch.Tensor:
-    """Beta(alpha, beta) draws of shape `size` (float32), via two Gamma draws."""
+    """Beta(alpha, beta) draws of shape `size` (float32), via two Gamma draws (made in one call)."""
     _check_shape("alpha", alpha)
     _check_shape("beta", beta)
     size = (size,) if isinstance(size, int) else tuple(size)
-    ga = sample_log_gamma(torch.full(size, float(alpha), device=device), generator)
-    gb = sample_log_gamma(torch.full(size, float(beta), device=device), generator)
+    shape = torch.full((2, *size), float(alpha), device=device)
+    shape[1] = float(beta)
+    ga, gb = sample_log_gamma(shape, generator)
     return torch.sigmoid(ga - gb)
 
 
@@ -98,8 +105,10 @@ def dirichlet_weights(b: int, n: int, alpha_low: float = 0.5, alpha_high: float 
 
 
 def one_hot(labels: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
-    """labels [b] int -> y [b, c]."""
-    return F.one_hot(labels.long(), num_classes).to(dtype)
+    """labels [b] int -> y [b, c]. A scatter into zeros: no int64 intermediate, and on CUDA no range check read
+    back to the host (an out-of-range label fails the scatter's own bounds check instead)."""
+    y = torch.zeros(*labels.shape, num_classes, dtype=dtype, device=labels.device)
+    return y.scatter_(-1, labels.long().unsqueeze(-1), 1)
 
 
 def soft_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -131,18 +140,18 @@ def weighted_dense_cross_entropy(logits: torch.Tensor, y_mix: torch.Tensor,
 
 
 def _lam_view(lam, x: torch.Tensor):
-    if isinstance(lam, torch.Tensor) and lam.ndim == 1:
-        return lam.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    if isinstance(lam, torch.Tensor):
+        return (lam.view(-1, *([1] * (x.ndim - 1))) if lam.ndim == 1 else lam).to(x.dtype)
     return lam
 
 
 def mixup(x: torch.Tensor, perm: torch.Tensor, lam) -> torch.Tensor:
-    """lam * x + (1 - lam) * x[perm]. x [b, ...]; lam a float, 0-d tensor or [b] tensor.
+    """lam * x + (1 - lam) * x[perm]. x [b, ...] floating; lam a float, 0-d tensor or [b] tensor.
 
-    Also mixes targets: mixup(y, perm, lam) gives the mixed soft labels.
+    Also mixes targets: mixup(y, perm, lam) gives the mixed soft labels. Computed as one `torch.lerp` from the
+    partner (x[perm] + lam (x - x[perm])), in place on the gathered copy: one new tensor instead of four.
     """
-    lam = _lam_view(lam, x)
-    return lam * x + (1 - lam) * x[perm]
+    return x.index_select(0, perm).lerp_(x, _lam_view(lam, x))
 
 
 def multi_mixup(x: torch.Tensor, perm: torch.Tensor, lams: torch.Tensor) -> torch.Tensor:
@@ -232,8 +241,9 @@ def mask_mix(x: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 
 def multimix(z: torch.Tensor, y: torch.Tensor, lam: torch.Tensor):
     """z [b, d], y [b, c], lam [b, n] (columns on the simplex) -> (lam^T z [n, d], lam^T y [n, c])."""
-    lam = lam.to(z.dtype)
-    return lam.t() @ z, lam.t().to(y.dtype) @ y
+    with autocast_off(y.device):  # the targets in fp32
+        y_mix = lam.t().to(y.dtype) @ y
+    return lam.to(z.dtype).t() @ z, y_mix
 
 
 def multimix_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -243,8 +253,9 @@ def multimix_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, lam: t
     labels [b] int, lam [b, n]. Never forms the n x c mixed targets: for one-hot y,
     sum_c (Y lam_k)_c log p_kc = sum_i lam_ik log p_k[label_i].
     """
-    logp = F.log_softmax(lam.t().float() @ logits.float(), dim=-1)  # [n, c]
-    return -(logp[:, labels] * lam.t().float()).sum(1).mean()
+    with autocast_off(logits.device):
+        logp = F.log_softmax(lam.t().float() @ logits.float(), dim=-1)  # [n, c]
+        return -(logp[:, labels] * lam.t().float()).sum(1).mean()
 
 
 def dense_attention(z: torch.Tensor, kind: str = "gap_l1relu", fc_weight: torch.Tensor | None = None,
@@ -264,13 +275,11 @@ def dense_attention(z: torch.Tensor, kind: str = "gap_l1relu", fc_weight: torch.
     except (ValueError, AssertionError):
         raise ValueError(f"unknown attention {kind!r}; valid: gap_l1relu, gap_softmax, cam_l1relu, "
                          "cam_softmax, uniform") from None
-    if u_kind == "gap":
-        u = z.mean(-1)
-    else:
-        if fc_weight is None or y is None:
-            raise ValueError("cam attention needs fc_weight and y")
-        u = y.to(fc_weight.dtype) @ fc_weight
-    s = torch.einsum("bdr,bd->br", z, u.to(z.dtype))
+    if u_kind == "cam" and (fc_weight is None or y is None):
+        raise ValueError("cam attention needs fc_weight and y")
+    with autocast_off(z.device):  # in z's dtype (fp32 as the methods call it), whatever autocast says
+        u = z.mean(-1) if u_kind == "gap" else y.to(fc_weight.dtype) @ fc_weight
+        s = torch.einsum("bdr,bd->br", z, u.to(z.dtype))
     if h_kind == "softmax":
         return torch.softmax(s.float(), dim=-1).to(z.dtype)
     s = torch.relu(s)
@@ -296,7 +305,8 @@ def dense_multimix(z: torch.Tensor, y: torch.Tensor, attn: torch.Tensor, lam: to
     """
     mhat, s = dense_mix_weights(attn, lam)
     z_mix = torch.einsum("bdr,rbn->ndr", z, mhat.to(z.dtype))
-    y_mix = torch.einsum("bc,rbn->ncr", y.to(mhat.dtype), mhat)
+    with autocast_off(y.device):  # the targets in fp32
+        y_mix = torch.einsum("bc,rbn->ncr", y.to(mhat.dtype), mhat)
     return z_mix, y_mix, s.t()
 
 
@@ -312,13 +322,14 @@ def dense_multimix_loss_from_logits(logits: torch.Tensor, y: torch.Tensor, mhat:
     per-position denominator sum_k s_k (default: over these n columns; MultiMix global_batch passes the
     sum over every rank's columns).
     """
-    mixed = torch.einsum("bcr,rbn->ncr", logits.float(), mhat.float())
-    logp = F.log_softmax(mixed, dim=1)
-    if y.ndim == 1:
-        ylogp = logp[:, y, :].permute(2, 0, 1)  # [r, n, b]
-    else:
-        ylogp = torch.einsum("ncr,bc->rnb", logp, y.float())  # y_i . log p_k at each position
-    per = -(ylogp * mhat.float().transpose(1, 2)).sum(-1)  # [r, n]
+    with autocast_off(logits.device):
+        mixed = torch.einsum("bcr,rbn->ncr", logits.float(), mhat.float())
+        logp = F.log_softmax(mixed, dim=1)
+        if y.ndim == 1:
+            ylogp = logp[:, y, :].permute(2, 0, 1)  # [r, n, b]
+        else:
+            ylogp = torch.einsum("ncr,bc->rnb", logp, y.float())  # y_i . log p_k at each position
+        per = -(ylogp * mhat.float().transpose(1, 2)).sum(-1)  # [r, n]
     w = s.float()
     total = w.sum(1) if weight_total is None else weight_total.float()
     return ((per * w).sum(1) / total.clamp_min(1e-12)).mean()
@@ -434,10 +445,12 @@ def saliency_map(grad: torch.Tensor) -> torch.Tensor:
 
 def saliency_grid(sal: torch.Tensor, grid: int) -> torch.Tensor:
     """Saliency map [b, h, w] average-pooled to grid x grid blocks (h, w divisible by grid) and
-    normalised to sum 1 per image -> [b, grid, grid]."""
+    normalised to sum 1 per image -> [b, grid, grid]. An all-zero map (a gradient that underflowed) becomes
+    uniform, 1 / grid^2 per block, instead of 0 / 0."""
     b = sal.shape[0]
     pooled = F.avg_pool2d(sal, sal.shape[-1] // grid)
-    return pooled / pooled.reshape(b, -1).sum(1).reshape(b, 1, 1)
+    total = pooled.reshape(b, -1).sum(1).reshape(b, 1, 1)
+    return torch.where(total > 0, pooled / total.clamp_min(torch.finfo(pooled.dtype).tiny), 1.0 / grid**2)
 
 
 def boundary_differences(pix: torch.Tensor, pix2: torch.Tensor, grid: int, neigh_size: int = 2):
@@ -550,8 +563,14 @@ def have_gco() -> bool:
     return True
 
 
+GCO_MAX_ENERGYTERM = 10_000_000  # GCoptimization.h: a larger scaled edge weight makes GCO abort the process
+
+
 def _cut_gco(unary, dist, w_v, w_h) -> np.ndarray:
-    import gco  # noqa: PLC0415  (optional: pip install gco-wrapper)
+    if max(int(w_v.max(initial=0)), int(w_h.max(initial=0))) * 1000 > GCO_MAX_ENERGYTERM:
+        raise ValueError("PuzzleMix: an edge weight exceeds what gco-wrapper accepts (it would abort the process); "
+                         "lower beta / gamma (the official 1.2 / 0.5 stay 5x below it) or use solver swap")
+    import gco  # noqa: PLC0415  (a dependency where its wheels exist: pip install gco-wrapper)
 
     return np.asarray(gco.cut_grid_graph(unary, dist, w_v, w_h, algorithm="swap")).reshape(unary.shape[:2])
 
@@ -568,6 +587,17 @@ def _gco_integer_terms(unary, dist, w_v, w_h):
     src = np.r_[ids[:-1, :].flatten(), ids[:, :-1].flatten()]
     dst = np.r_[ids[1:, :].flatten(), ids[:, 1:].flatten()]
     return u, v, w, src, dst
+
+
+def _wrap_int32(v: np.ndarray) -> np.ndarray:
+    """int64 values reduced to int32 the way C++ int arithmetic wraps (two's complement), kept as int64.
+
+    GCO adds every term of a node's terminal capacity into one int32 (`Graph::add_tweights`), so where the
+    unaries are large (gco-wrapper's unary * 1e5 already wrapped when one block carries more than about
+    21.5 / g^2 of the saliency) the capacity is the exact sum modulo 2^32. INT32_MIN, whose negation GCO cannot
+    represent, becomes -(2^31 - 1)."""
+    w = (v + 2**31) % 2**32 - 2**31
+    return np.maximum(w, -(2**31 - 1))
 
 
 _ALL_BITS: dict = {}
@@ -624,7 +654,8 @@ def _sink_side_small(m: int, diff, pi, qi, cw) -> np.ndarray:
 
 
 def _binary_cut(diff: np.ndarray, pi: np.ndarray, qi: np.ndarray, cw: np.ndarray) -> np.ndarray:
-    """argmin over x in {0, 1}^m of sum_p diff_p x_p + sum_e cw_e [x_pi != x_qi] (cw >= 0), and among
+    """argmin over x in {0, 1}^m of sum_p diff_p x_p + sum_e cw_e [x_pi != x_qi] (cw >= 0; a negative, non-submodular
+    cw is exact in the exhaustive case and left out by the max-flows), and among
     the minimisers the one with the fewest ones: the labels that can reach the sink in the residual
     graph of a max flow (what Boykov-Kolmogorov's maxflow labels SINK; the same set for every max flow).
     Exhaustive for m <= 12, a small Edmonds-Karp for m <= 64 (cheaper than scipy's call overhead
@@ -646,10 +677,10 @@ def _binary_cut(diff: np.ndarray, pi: np.ndarray, qi: np.ndarray, cw: np.ndarray
     cap = np.zeros((m + 2, m + 2), np.int64)
     cap[s, :m] = np.maximum(diff, 0)  # cut when p takes 1 (sink side)
     cap[:m, t] = np.maximum(-diff, 0)  # cut when p takes 0 (source side)
-    np.add.at(cap, (pi, qi), cw)
-    np.add.at(cap, (qi, pi), cw)
-    if cap.max() >= 2**31:
-        raise OverflowError("PuzzleMix fallback: a graph-cut capacity exceeds int32 (as it would in GCO)")
+    np.add.at(cap, (pi, qi), np.maximum(cw, 0))  # a negative edge is left out, as in `_sink_side_small`
+    np.add.at(cap, (qi, pi), np.maximum(cw, 0))
+    # terminal capacities are int32 already (`_wrap_int32`); an edge can exceed it only with weights GCO refuses
+    cap = np.minimum(cap, 2**31 - 1)
     flow = maximum_flow(sp.csr_matrix(cap.astype(np.int32)), s, t).flow.toarray()
     residual = (cap - flow) > 0  # flow is antisymmetric: reverse edges gain the flow
     reach = np.zeros(m + 2, bool)
@@ -662,12 +693,27 @@ def _binary_cut(diff: np.ndarray, pi: np.ndarray, qi: np.ndarray, cw: np.ndarray
     return reach[:m]
 
 
+_WARNED: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def _cut_swap(unary, dist, w_v, w_h) -> np.ndarray:
     """The built-in fallback: GCO's alpha-beta swap (initial labels 0; per cycle the pairs (a, b) in
     GCO's order; each move an exact min cut; the labels that can still reach the sink in the residual
     graph take b, as in Boykov-Kolmogorov's maxflow; cycles until the energy stops decreasing) on the
-    same integer energy, with scipy's max-flow."""
+    same integers, in GCO's int32 arithmetic: gco-wrapper's scaled unaries and every node's terminal capacity
+    wrap as there (`_wrap_int32`), so the masks equal gco's also where one block holds a large share of the
+    saliency. A negative edge weight (gamma > 1 can make one) is a non-submodular move GCO's max-flow does not
+    define: the solver then warns once that the masks may differ from gco's."""
     u, v, w, src, dst = _gco_integer_terms(unary, dist, w_v, w_h)
+    if (w < 0).any():
+        _warn_once("negative", "PuzzleMix swap solver: a negative edge weight (gamma > 1 makes the energy "
+                               "non-submodular); the masks may differ from gco-wrapper's there")
     n, L = u.shape
     lab = np.zeros(n, np.int64)
     rows = np.arange(n)
@@ -689,7 +735,7 @@ def _cut_swap(unary, dist, w_v, w_h) -> np.ndarray:
             half = act[x] & ~act[y]
             np.add.at(e0, loc[x[half]], w[half] * v[a, lab[y[half]]])
             np.add.at(e1, loc[x[half]], w[half] * v[b, lab[y[half]]])
-        diff = e1 - e0  # extra cost of taking b
+        diff = _wrap_int32(e1 - e0)  # extra cost of taking b, as GCO's int32 terminal capacity holds it
         pi, qi, cw = loc[src[inner]], loc[dst[inner]], w[inner] * v[a, b]
         lab[ids] = np.where(_binary_cut(diff, pi, qi, cw), b, a)
 
@@ -718,14 +764,16 @@ def grid_labels(unary, dist, w_v, w_h, solver: str = "auto", threads: int | None
     """Solve the b graph cuts of `puzzle_energy`'s output -> labels int [b, g, g].
     solver: "gco" (gco-wrapper's alpha-beta swap, what the authors call), "swap" (the built-in
     re-implementation of the same algorithm on the same integers) or "auto" (gco if installed).
-    threads: solve the b problems in a thread pool (gco releases the GIL); None = min(b, cpu count)."""
+    threads: solve the b problems in a thread pool (gco releases the GIL); None = min(b, the CPUs this process may
+    use shared by the node's processes)."""
     if solver == "auto":
         solver = "gco" if have_gco() else "swap"
     if solver not in ("gco", "swap"):
         raise ValueError(f"unknown PuzzleMix solver {solver!r}; valid: auto, gco, swap")
     fn = _cut_gco if solver == "gco" else _cut_swap
     b = unary.shape[0]
-    threads = min(b, os.cpu_count() or 1) if threads is None else threads
+    if threads is None:
+        threads = min(b, max(1, usable_cpus() // local_world_size()))
     if threads <= 1 or b == 1:
         return np.stack([fn(unary[i], dist, w_v[i], w_h[i]) for i in range(b)])
     return np.stack(list(_pool(threads).map(fn, unary, [dist] * b, w_v, w_h)))
@@ -799,19 +847,33 @@ def apply_transport(x: torch.Tensor, plan: torch.Tensor, grid: int, fill: torch.
     return torch.where(filled, out, fill.expand_as(out) if fill.ndim else fill)
 
 
+def transport_grid(width: int, grid: int, t_size: int = -1) -> int:
+    """The grid the PuzzleMix transport runs on (official `mixup_graph`): t_size = -1 (the official default) or
+    min(t_size, block) equal to the block side -> the mask grid; a smaller t_size -> width // t_size, the mask
+    upsampled to it and the saliency re-pooled at t_size x t_size (the official CIFAR command: t_size 4)."""
+    block = width // grid
+    if t_size == -1 or min(t_size, block) >= block:
+        return grid
+    if t_size < 1 or block % t_size:
+        raise ValueError(f"PuzzleMix t_size {t_size} must be -1 or a positive divisor of the block side {block} "
+                         f"(input {width} / grid {grid}), as in the official code")
+    return width // t_size
+
+
 def puzzle_mix(x: torch.Tensor, sal_map: torch.Tensor, perm: torch.Tensor, grid: int, lam: float,
                beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2, n_labels: int = 3,
                transport: bool = True, t_eps: float = 0.8, solver: str = "auto", pixels: torch.Tensor | None = None,
-               fill: torch.Tensor | float = 0.0, threads: int | None = None):
-    """One PuzzleMix batch, as the official `mixup_graph` (t_size = block size, no adversarial noise).
+               fill: torch.Tensor | float = 0.0, threads: int | None = None, t_size: int = -1):
+    """One PuzzleMix batch, as the official `mixup_graph` (no adversarial noise).
 
     x [b, C, h, w] the images that are mixed; sal_map [b, h, w] (`saliency_map`); perm [b]; grid g
     dividing h = w; lam the mixing weight of the prior. pixels: x in pixel units (0..1) for the
-    smoothness term (default x); fill: the value of an empty transport place (see `apply_transport`).
+    smoothness term (default x); fill: the value of an empty transport place (see `apply_transport`);
+    t_size: the transport resolution in pixels (`transport_grid`; -1 = the mask's blocks).
     -> (mixed [b, C, h, w], ratio [b] = mask mean = label weight of x, mask [b, g, g]).
     """
     mixed, ratio, masks = puzzle_mix_many(x, sal_map, perm, grid, [lam], beta, gamma, eta, neigh_size, n_labels,
-                                          transport, t_eps, solver, pixels, fill, threads)
+                                          transport, t_eps, solver, pixels, fill, threads, t_size)
     return mixed, ratio, masks[0]
 
 
@@ -819,7 +881,7 @@ def puzzle_mix_many(x: torch.Tensor, sal_map: torch.Tensor, perm: torch.Tensor, 
                     beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2,
                     n_labels: int = 3, transport: bool = True, t_eps: float = 0.8, solver: str = "auto",
                     pixels: torch.Tensor | None = None, fill: torch.Tensor | float = 0.0,
-                    threads: int | None = None):
+                    threads: int | None = None, t_size: int = -1):
     """`puzzle_mix` for K prior weights lams (host floats) sharing the saliency, the partner and one host
     transfer -> (mixed [K*b, C, h, w], ratio [K*b], masks [K, b, g, g]); block k of the outputs uses lams[k]."""
     pixels = x if pixels is None else pixels
@@ -835,8 +897,11 @@ def puzzle_mix_many(x: torch.Tensor, sal_map: torch.Tensor, perm: torch.Tensor, 
     mask = masks.flatten(0, 1)
     a, a2 = rep(x), rep(x[perm])
     if transport:
-        a = apply_transport(a, transport_plan(rep(sal), mask, t_eps), grid, fill)
-        a2 = apply_transport(a2, transport_plan(rep(sal2), 1 - mask, t_eps), grid, fill)
+        tg = transport_grid(x.shape[-1], grid, t_size)
+        tmask = mask if tg == grid else F.interpolate(mask.unsqueeze(1), size=tg).squeeze(1)  # nearest
+        tsal = sal if tg == grid else saliency_grid(sal_map, tg)
+        a = apply_transport(a, transport_plan(rep(tsal), tmask, t_eps), tg, fill)
+        a2 = apply_transport(a2, transport_plan(rep(tsal[perm]), 1 - tmask, t_eps), tg, fill)
     up = F.interpolate(mask.unsqueeze(1), size=x.shape[-1])
     ratio = up.reshape(up.shape[0], -1).mean(-1)
     return up * a + (1 - up) * a2, ratio, masks

@@ -18,12 +18,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from core import distributed as ddist
 from core import fingerprint
 from core import runtime as rt
 from core.checkpoint import ALL_ARCHS, save_backbone
@@ -32,6 +32,7 @@ from core.data import read_bytes, read_image, read_image_uint8
 from core.engine import Engine, LoopSettings, Task, build_optimizer
 from core.schedule import lr_factor
 from core.smalldata import DATASETS, detect_layout, open_classification
+from core.units import units
 from pretrain.data import (
     EncodedTrainTransform,
     EpochSampler,
@@ -50,7 +51,7 @@ from pretrain.data import (
     val_transform,
 )
 from pretrain.figures import plot_curves
-from pretrain.methods import ResNetStages, build_method
+from pretrain.methods import ResNetStages, build_configured, check_method_config
 from pretrain.mixing import have_gco
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,9 @@ DEFAULTS = {
         "hflip": True,
         "color_jitter": 0.0,         # brightness/contrast/saturation strength (0 = off)
         "lighting": 0.0,             # AlexNet PCA lighting std (0.1 in the CutMix/AlignMix code; 0 = off)
-        "num_workers": 4,            # DataLoader workers per process (persistent across epochs)
-        "loader": "uint8",           # uint8 (torchvision.io decode, uint8 crops) | pil (the old float path) |
+        "num_workers": None,         # DataLoader workers per process (persistent across epochs); None = the CPUs this
+                                     # process may use over the node's processes, minus one, at most 8
+        "loader": "uint8",           # uint8 (torchvision.io decode, uint8 crops) | pil (the float PIL path) |
                                      # dali (NVIDIA DALI on the GPU) | auto (dali when importable on CUDA, else uint8)
         "decode_device": "cpu",      # cpu | cuda: nvJPEG decodes each train batch on the GPU (loader uint8, CUDA)
         "max_train": None,           # use an evenly spaced subset of this many train images (quick runs)
@@ -110,14 +112,17 @@ DEFAULTS = {
     },
     "runtime": {
         "device": "auto",            # auto | cpu | cuda | cuda:N
-        "precision": "bf16",         # bf16 | fp16 (GradScaler) | fp32; CPU always runs fp32
+        "precision": "bf16",         # bf16 | fp16 (GradScaler) | fp32; CPU always runs fp32. bf16 is the precision
+                                     # whose step never waits for the GPU: fp16's GradScaler reads its inf flag
+                                     # every step (torch's design), one synchronisation per step
         "channels_last": True,       # CUDA only
         "compile": False,            # torch.compile the network stages (CUDA)
         "backend": None,             # DDP backend; None = nccl on CUDA, gloo on CPU
         "num_threads": None,         # torch.set_num_threads for this process (None = torch's default)
         "checkpoint_every_steps": 0,  # also checkpoint every N steps (0 = only at epoch ends)
         "log_every_steps": 20,
-        "tensorboard": False,        # also write runs/<name>/tensorboard (needs the tensorboard package)
+        "tensorboard": "auto",       # auto | true | false: also write runs/<name>/tensorboard (auto: when the
+                                     # tensorboard package is installed: the `tensorboard` extra)
         "flops": True,               # fvcore parameter / FLOP counts in the log header
         "figures": True,             # runs/<name>/figures/curves.png at the end
         "grad_norm": True,           # mean squared gradient norm per epoch (multi-mix's variance proxy)
@@ -141,13 +146,22 @@ RANGES = {
 }
 
 
+# the types of the keys whose default is null (core.config.validate checks the others against their defaults)
+TYPES = {"data.root": str, "data.num_workers": int, "data.crop_schedule": list[list], "data.val_resize": int,
+         "data.max_train": int,
+         "data.max_val": int, "model.num_classes": int, "optim.batch_per_process": int, "optim.accumulate": int,
+         "optim.max_batch_per_process": int, "optim.lr_classifier": float, "optim.points": list[list],
+         "runtime.backend": str, "runtime.num_threads": int, "runtime.stop_after_steps": int}
+
+
 def resolve_config(cfg: dict) -> dict:
-    cfg = validate(cfg, DEFAULTS)
+    cfg = validate(cfg, DEFAULTS, types=TYPES)
     check_ranges(cfg, RANGES)
     if not cfg["data"]["root"]:
         raise ConfigError("data.root is required (an ImageNet-layout folder)")
     if not isinstance(cfg["method"], dict) or "name" not in cfg["method"]:
         raise ConfigError("method.name is required (e.g. method: {name: multimix})")
+    check_method_config(cfg["method"]["name"], {k: v for k, v in cfg["method"].items() if k != "name"})
     return cfg
 
 
@@ -211,13 +225,22 @@ class PretrainTask(Task):
         self.steps_per_epoch = self.sampler.steps
         net = ResNetStages(cfg["model"]["arch"], self.num_classes, cfg["model"]["zero_init_residual"])
         knobs = {k: v for k, v in cfg["method"].items() if k != "name"}
-        self.model = build_method(cfg["method"]["name"], net, self.num_classes, **knobs).to(device)
+        self.model = build_configured(cfg["method"]["name"], net, self.num_classes, knobs).to(device)
         if cfg["runtime"]["channels_last"] and device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
         if cfg["runtime"]["compile"]:
             net.enable_compile()
         self.model.generator = torch.Generator(device=device)
         self.history: list[dict] = []
+
+    @property
+    def workers(self) -> int:
+        n = self.cfg["data"]["num_workers"]
+        return rt.default_workers() if n is None else int(n)
+
+    @property
+    def find_unused_parameters(self) -> bool:
+        return self.model.find_unused_parameters
 
     @property
     def net(self) -> ResNetStages:
@@ -287,8 +310,8 @@ class PretrainTask(Task):
             tf = Uint8TrainTransform(size, d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"])
             collate = collate_uint8
         return DataLoader(SeededTransform(self.train_set, tf), batch_size=self.plan["micro_batch"],
-                          sampler=self.sampler, num_workers=d["num_workers"], drop_last=True, collate_fn=collate,
-                          pin_memory=self.device.type == "cuda", persistent_workers=d["num_workers"] > 0,
+                          sampler=self.sampler, num_workers=self.workers, drop_last=True, collate_fn=collate,
+                          pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
                           generator=torch.Generator().manual_seed(self.cfg["seed"]))
 
     def _val_loader(self) -> DataLoader:
@@ -302,29 +325,36 @@ class PretrainTask(Task):
             tf = (val_transform if self.loader == "pil" else Uint8ValTransform)(d["crop_size"], d["val_resize"])
         ds = torch.utils.data.Subset(SeededTransform(self.val_set, tf),
                                      idx[self.rank:: self.world])
-        self._val = DataLoader(ds, batch_size=self.plan["micro_batch"], shuffle=False, num_workers=d["num_workers"],
+        self._val = DataLoader(ds, batch_size=self.plan["micro_batch"], shuffle=False, num_workers=self.workers,
                                collate_fn=None if self.loader == "pil" else collate_uint8,
-                               pin_memory=self.device.type == "cuda", persistent_workers=d["num_workers"] > 0)
+                               pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0)
         return self._val
 
     @torch.no_grad()
     def evaluate(self, precision: str) -> dict:
+        """Top-1 / top-5 / loss on the val set, each rank its shard, summed over ranks. Rank 0's BatchNorm
+        statistics first: after DDP training each rank holds those of its own last batches."""
+        ddist.broadcast_buffers(self.model)
         self.model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # n, top1, top5, loss
+        channels_last = self.device.type == "cuda" and self.cfg["runtime"]["channels_last"]  # as the model
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # n, top1, top5, loss, non-finite logits
         for images, labels in self._val_loader():
-            images, labels = self.to_device((images, labels), self.device, False)
+            images, labels = self.to_device((images, labels), self.device, channels_last)
             with rt.autocast(self.device, precision):
                 logits = self.model.predict(images).float()  # the network's fc unless the method has its own head
             hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.view(-1, 1)
-            sums += torch.stack([torch.tensor(float(len(labels)), device=self.device),
+            # torch.full fills on the device; torch.tensor(host value, device=...) would be a blocking copy
+            sums += torch.stack([torch.full((), float(len(labels)), dtype=torch.float64, device=self.device),
                                  hit[:, :1].any(1).sum().double(), hit.any(1).sum().double(),
-                                 torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double()])
+                                 torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+                                 rt.count_nonfinite(logits).double()])
         if self.world > 1:
             dist.all_reduce(sums)
         self.model.train()
-        n = max(sums[0].item(), 1.0)
-        return {"val_top1": 100 * sums[1].item() / n, "val_top5": 100 * sums[2].item() / n,
-                "val_loss": sums[3].item() / n}
+        n, top1, top5, loss, nonfinite = sums.tolist()  # the one read of the evaluation
+        rt.check_outputs_finite("pretraining", "val", {"logit": int(nonfinite)})
+        n = max(n, 1.0)
+        return {"val_top1": 100 * top1 / n, "val_top5": 100 * top5 / n, "val_loss": loss / n}
 
     def end_of_epoch(self, engine: Engine, epoch: int, record: dict) -> dict:
         out = self.evaluate(engine.precision)
@@ -339,7 +369,7 @@ class PretrainTask(Task):
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state["history"])
-        if "host_rng" in state:  # checkpoints from before the host generator have none
+        if "host_rng" in state:  # a checkpoint without it: keep the seeded state
             self.model.host_rng.bit_generator.state = state["host_rng"]
 
     def header(self, engine: Engine) -> dict:
@@ -396,6 +426,8 @@ def build(cfg: dict, run_dir: str | os.PathLike) -> tuple[PretrainTask, Engine]:
         torch.set_num_threads(int(rcfg["num_threads"]))
     rank, world, _ = rt.init_distributed(rcfg["backend"])
     device = rt.get_device(rcfg["device"])
+    if device.type == "cuda":
+        rt.configure_cuda(benchmark=True)  # fixed crop sizes (a crop_schedule re-tunes once per size)
     rt.seed_everything(cfg["seed"])
     task = PretrainTask(cfg, rank, world, device)
     optimizer = build_optimizer("sgd", task.param_groups(), ocfg["lr"], ocfg["momentum"], ocfg["weight_decay"],
@@ -404,10 +436,9 @@ def build(cfg: dict, run_dir: str | os.PathLike) -> tuple[PretrainTask, Engine]:
         total_steps=task.steps_per_epoch * ocfg["epochs"], device=device, precision=rcfg["precision"],
         channels_last=rcfg["channels_last"] and device.type == "cuda", accumulate=task.plan["accumulate"],
         grad_norm=rcfg["grad_norm"], log_every=rcfg["log_every_steps"],
-        checkpoint_every=rcfg["checkpoint_every_steps"], stop_after_steps=rcfg["stop_after_steps"])
-    tb = Path(run_dir) / "tensorboard" if rcfg["tensorboard"] else None
-    logger = rt.JsonlLogger(Path(run_dir) / "log.jsonl", tensorboard=tb)
-    engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg), logger=logger)
+        checkpoint_every=rcfg["checkpoint_every_steps"], stop_after_steps=rcfg["stop_after_steps"],
+        tensorboard=rcfg["tensorboard"])
+    engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
     return task, engine
 
 
@@ -423,11 +454,13 @@ def finish(task: PretrainTask, engine: Engine) -> dict:
                "best_val_top1": max((h.get("val_top1", 0.0) for h in task.history), default=None),
                "train_time_s": sum(h.get("epoch_time_s", 0.0) for h in task.history),
                "global_batch": task.plan["global_batch"]}
+    metrics["units"] = units(metrics)
     if rt.is_main_process():
         engine.check_parameters()
         meta = {"arch": cfg["model"]["arch"], "num_classes": task.num_classes, "method": cfg["method"]["name"],
                 "method_variant": task.model.variant, "epochs": cfg["optim"]["epochs"], "config": dump_config(cfg),
-                "metrics": metrics}
+                "metrics": metrics,
+                "classes": [str(c) for c in task.train_set.classes]}  # what each fc row means (checked downstream)
         save_backbone(run_dir / "backbone.pth", task.net.net, meta, head=task.model.export_head())
         rt.write_json(metrics, run_dir / "metrics.json")
         engine.logger.log({"event": "end", **metrics})
@@ -447,10 +480,6 @@ def run(cfg: dict, inputs: dict | None, run_dir: str | os.PathLike, resume: bool
     if inputs:
         raise ValueError(f"pretraining takes no upstream inputs, got {sorted(inputs)}")
     task, engine = build(cfg, run_dir)
-    plan = task.plan
-    log.info("world size %d, per-process batch %d (%d micro-batch(es) of %d), effective global batch %d",
-             plan["world_size"], plan["per_process_batch"], plan["accumulate"], plan["micro_batch"],
-             plan["global_batch"])
     t0 = time.time()
     try:
         stopped = engine.fit(resume=resume, header=task.header(engine), force=force,

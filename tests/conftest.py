@@ -19,7 +19,7 @@ def toy_world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One intra-op thread for a test module (restored after): on a shared 2-core machine several
+    """One intra-op thread for a test module (restored after): on a machine with few cores several
     threads per process oversubscribe the cores and run 10-20x slower."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import ConfigError, load_config
+from core.config import ConfigError
 from pipeline.ablation import DEFAULTS, AblationSweep, axis_scale, summarize, value_slug, write_outputs
-from pipeline.run import content_key
+from pipeline.run import content_key, pretrain_spec
 from pipeline.tables import RULE_SPREAD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +47,7 @@ def test_values_times_seeds_are_distinct_stages(tmp_path):
     # the key is the pipeline's pretraining key: the hash of the resolved recipe with the same overrides
     ov = [f"data.root={tmp_path / 'data'}/imagenet", "optim.epochs=2", "runtime.figures=false",
           "runtime.flops=false", "method.n=10", "seed=3"]
-    assert st["n=10/seed3"].key == content_key({"config": load_config(ROOT / "configs/pretrain/toy_multimix.yaml",
-                                                                      ov)})
+    assert st["n=10/seed3"].key == content_key(pretrain_spec(ROOT / "configs/pretrain/toy_multimix.yaml", ov))
     # a shared baseline folder, named by its key; swept runs live in the sweep's folder
     assert sweep.folder_of(st["baseline/seed0"]) == tmp_path / "runs/baselines" / f"toy_erm-{st['baseline/seed0'].key}"
     assert sweep.folder_of(st["n=1/seed0"]) == tmp_path / "runs/toy_multimix_n/n=1/seed0"

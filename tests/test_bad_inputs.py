@@ -1,4 +1,4 @@
-"""Bad-input battery over the command-line tools (issue 14 items 5-7).
+"""Bad-input battery over the command-line tools.
 
 Every case runs a tool the way a user does (its `main(argv)`, wrapped by `core/cli.py`, in-process so the
 whole file stays fast; a few run as subprocesses where the process itself matters: disk full, --debug) and
@@ -684,8 +684,6 @@ def test_every_input_error_shares_one_base():
 
 # The one full unpickling of the library: core.checkpoint.read_checkpoint, behind allow_pickle.
 GUARDED = {("core/checkpoint.py", "read_checkpoint")}
-# Resume code the training-engine rewrite replaces (issue 14 items 1-4); remove once it lands.
-PENDING: set = set()  # every load in the library is safe now
 
 
 class _Loads(ast.NodeVisitor):
@@ -729,7 +727,7 @@ def _torch_loads_without_weights_only():
 
 def test_every_torch_load_is_weights_only():
     found = _torch_loads_without_weights_only()
-    bad = [(f, fn, line) for f, fn, line in found if (f, fn) not in GUARDED | PENDING]
+    bad = [(f, fn, line) for f, fn, line in found if (f, fn) not in GUARDED]
     assert not bad, f"torch.load / pickle.load without weights_only=True: {bad}"
     guarded = {(f, fn) for f, fn, _ in found} & GUARDED
     assert guarded == GUARDED  # the guarded call is where the allowlist says

@@ -317,7 +317,7 @@ def test_coco_perfect_detections(backend):
     assert list(stats) == list(STAT_NAMES)
     for k in ("AP", "AP50", "AP75", "APs", "APm", "AR1", "AR10", "AR100", "ARs", "ARm"):
         assert stats[k] == pytest.approx(100.0), k
-    assert stats["APl"] == -1.0 and stats["ARl"] == -1.0  # no large ground truth
+    assert stats["APl"] is None and stats["ARl"] is None  # no large ground truth: no value (pycocotools' -1)
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -346,7 +346,7 @@ def test_coco_hand_computed_precision_recall(backend):
 def test_coco_empty_results_and_bad_input(tmp_path):
     gt = coco_gt()
     stats = coco_evaluate(gt, [], backend="pycocotools")
-    assert stats["AP"] == 0.0 and stats["AR100"] == 0.0 and stats["APl"] == -1.0
+    assert stats["AP"] == 0.0 and stats["AR100"] == 0.0 and stats["APl"] is None
     with pytest.raises(COCOEvalError, match=r"results\[1\]: unknown image_id 42"):
         coco_evaluate(gt, [det(1, 3, [0, 0, 1, 1], 0.5), det(42, 3, [0, 0, 1, 1], 0.5)])
     with pytest.raises(COCOEvalError, match=r"results\[0\]: unknown category_id 5; valid: \[3, 7\]"):
@@ -399,7 +399,8 @@ def test_coco_cli(tmp_path):
                            str(gt_path), "--results", str(res_path), "--backend", "pycocotools"],
                           capture_output=True, text=True, check=True)
     printed = json.loads(proc.stdout)
-    assert printed["AP"] == pytest.approx(100.0) and printed["APl"] == -1.0
+    assert printed["AP"] == pytest.approx(100.0) and printed["APl"] is None
+    assert printed["units"]["AP"] == "%" and printed["units"]["AR100"] == "%"  # percent, not pycocotools' fraction
 
 
 def test_bench_reference_loop_agrees_on_synthetic_voc():
@@ -525,7 +526,7 @@ def test_detectron2_evaluators_give_our_numbers_on_the_same_detections(toy_world
     theirs = ev.evaluate()["bbox"]
     ours = coco_evaluate(specs["test"]["json_file"], results, backend="pycocotools")
     for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
-        if ours[k] == -1.0:  # an area range without ground truth: detectron2 reports nan
+        if ours[k] is None:  # an area range without ground truth: detectron2 reports nan
             assert math.isnan(theirs[k]), k
         else:
             assert ours[k] == pytest.approx(theirs[k], abs=1e-9), k

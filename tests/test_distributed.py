@@ -273,7 +273,7 @@ def _pipeline_worker(rank, world, port, out):
 def test_pipeline_stage_runner_under_two_gloo_processes(tmp_path):
     """Every rank runs a stage, rank 0 alone writes stage.json, every rank gets rank 0's metrics and takes the
     same reuse decision; the same sequence in one process gives the same results. (A whole tiny pipeline under
-    2 processes takes minutes on two shared cores; this checks the runner every stage goes through.)"""
+    2 processes takes minutes on a CPU; this checks the runner every stage goes through.)"""
     _spawn(_pipeline_worker, str(tmp_path / "ddp"))
     one = _stage_sequence(tmp_path / "one", 0)
     assert one["calls"] == ["stage", "stage"] and one["reused"] == ["fake"]

@@ -168,7 +168,7 @@ def test_an_existing_checkpoint_is_never_overwritten_without_resume_or_force(tmp
     engine.fit()
     before = (tmp_path / "run" / CKPT).read_bytes()
     _, again = make(tmp_path, epochs=1)
-    with pytest.raises(ValueError, match="--resume to continue it, or --force"):
+    with pytest.raises(ValueError, match=r"continue it \(pretrain.py --resume.*--force to start over"):
         again.fit()
     assert (tmp_path / "run" / CKPT).read_bytes() == before
     _, forced = make(tmp_path, epochs=1)

@@ -92,7 +92,8 @@ def test_coco_scoring_maps_labels_back_to_category_ids(toy_world, tmp_path):
         preds.append((t["image_id"], t["boxes"], torch.ones(len(t["boxes"])), t["labels"]))
     ctx = {"format": "coco", "classes": ds.classes, "dataset": ds}
     m = det_train.score_predictions(preds, ctx, tmp_path)
-    assert m["mAP"] == pytest.approx(100.0) and m["AP50"] == pytest.approx(100.0)
+    assert m["AP"] == pytest.approx(100.0) and m["AP50"] == pytest.approx(100.0)
+    assert "mAP" not in m and det_train.primary_key(m) == "AP"  # COCO AP is not called mAP
     results = json.loads((tmp_path / "coco_results.json").read_text())
     ann = ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=[results[0]["image_id"]]))
     assert {r["category_id"] for r in results} <= set(ds.cat_ids)
@@ -112,6 +113,8 @@ def test_ssd_finetune_writes_metrics_figure_and_result_files(toy_world, backbone
     for k in ("mAP", "mAP_mean", "mAP_std", "train_img_per_s", "test_img_per_s", "seeds"):
         assert k in metrics
     assert 0.0 <= metrics["mAP"] <= 100.0 and metrics["seeds"] == [0] and metrics["train_img_per_s"] > 0
+    assert metrics["mAP_std"] is None and metrics["primary"] == "mAP"  # one seed: no spread
+    assert metrics["units"]["mAP"] == "%" and metrics["units"]["train_img_per_s"] == "images/s"
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert on_disk["mAP"] == metrics["mAP"]
     assert (tmp_path / "run" / "figures" / "detections.png").stat().st_size > 1000
@@ -143,7 +146,7 @@ def test_interrupted_finetune_resumes_to_the_same_result(toy_world, backbone, tm
     a = torch.load(tmp_path / "full" / "seed_0" / "checkpoints" / "last.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "cut" / "seed_0" / "checkpoints" / "last.pth", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed["mAP"] == full["mAP"] and "AP50" in resumed
+    assert resumed["AP"] == full["AP"] and "AP50" in resumed and "mAP" not in resumed
     # a finished seed is not trained again
     again = det_train.finetune_detector(cfg, str(backbone), tmp_path / "cut")
     assert again["per_seed"][0]["train_seconds"] == resumed["per_seed"][0]["train_seconds"]
@@ -327,7 +330,7 @@ def test_d2_toy_coco_end_to_end_and_cli(toy_world, backbone, tmp_path, capsys):
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert cli.main(["--config", str(cfg_path), "--weights", str(backbone), "--run-dir", str(tmp_path / "run")]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["seeds"] == [0] and printed["iterations"] == 2 and "mAP_mean" in printed
+    assert printed["seeds"] == [0] and printed["iterations"] == 2 and "AP_mean" in printed
     assert set(printed["detectron2"]) >= {"AP", "AP50", "AP75"}  # real metrics, not {}
     meta = MetadataCatalog.get("mt_coco_val2017_first4")
     assert len(meta.thing_classes) == 20 and meta.thing_classes[0] == "person"

@@ -70,7 +70,8 @@ def test_eval_wsol_imports_no_torch_and_says_which_sweep_ran(wsol_split, extra, 
     out, modules = run_tool("eval_wsol", "--metadata", meta, "--scoremaps", maps, "--cam-curve-interval", "0.01",
                             *extra)
     assert not heavy(modules), heavy(modules)
-    assert out["maxboxacc"] == EXPECTED_WSOL and out["maxboxacc_v2"] == pytest.approx(500 / 9)
+    assert out["maxboxacc_per_iou"] == EXPECTED_WSOL and out["maxboxacc_v2"] == pytest.approx(500 / 9)
+    assert out["contours"] == "all" and "maxboxacc_v1" not in out and out["units"]["maxboxacc_v2"] == "%"
     assert out["sweep"] == sweep and out["num_images"] == 3
     if sweep == "numba":
         assert "numba" in modules
@@ -79,7 +80,8 @@ def test_eval_wsol_imports_no_torch_and_says_which_sweep_ran(wsol_split, extra, 
 def test_largest_contour_mode_runs_the_opencv_sweep(wsol_split):
     meta, maps = wsol_split  # one contour per map: the largest-contour numbers are the same
     res = score_scoremap_dir(meta, maps, 0.01, multi_contour=False)
-    assert res["sweep"] == "opencv" and res["maxboxacc"] == EXPECTED_WSOL
+    assert res["sweep"] == "opencv" and res["maxboxacc_per_iou"] == EXPECTED_WSOL and res["contours"] == "largest"
+    assert res["maxboxacc_v1"] == EXPECTED_WSOL["50"] and "maxboxacc_v2" not in res  # the other flavour's name
 
 
 def test_threads_give_the_same_numbers_and_the_first_error_in_id_order(wsol_split):
@@ -118,7 +120,7 @@ def test_eval_voc_imports_no_torch(tmp_path):
 @pytest.mark.parametrize("backend", ["pycocotools", "auto"])
 def test_eval_coco_imports_no_torch(tmp_path, backend):
     # one cat and one dog, both detected exactly: AP 100; the cat's box is 10 x 10 (small), the dog's
-    # 40 x 40 (medium), no large object: APl -1
+    # 40 x 40 (medium), no large object: APl null (no value)
     gt = {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "1.jpg"}],
           "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10], "area": 100,
@@ -133,4 +135,4 @@ def test_eval_coco_imports_no_torch(tmp_path, backend):
                             "--backend", backend)
     assert not heavy(modules), heavy(modules)
     assert out["AP"] == pytest.approx(100.0) and out["APs"] == pytest.approx(100.0)
-    assert out["APm"] == pytest.approx(100.0) and out["APl"] == -1.0
+    assert out["APm"] == pytest.approx(100.0) and out["APl"] is None and out["units"]["APm"] == "%"

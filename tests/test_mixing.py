@@ -432,6 +432,110 @@ def test_puzzlemix_fallback_agrees_with_official_graph_cut():
     assert same == total  # today the re-implementation reproduces GCO exactly
 
 
+def test_swap_wraps_int32_terminal_capacities_as_gco():
+    """gco-wrapper multiplies the int32 unaries by 1e5 in int32 and GCO sums a node's terminal capacity in int32
+    (`Graph::add_tweights`): both wrap. Site 0 costs 20000 for labels 0 and 1 (2e9 after scaling, no wrap) and
+    22950 for label 2 (2.295e9, wraps to -1999967296). Its swap (0, 2) capacity -1999967296 - 2e9 = -3999967296
+    wraps to +295000000: label 2 looks dearer, nothing moves, all labels stay 0 (exact arithmetic would move all
+    four sites to 2, whose true energy is lower). Exact arithmetic overflows int32 above 64 active sites."""
+    unary = np.zeros((2, 2, 3), np.int32)
+    unary[0, 0] = [20000, 20000, 22950]
+    dist = np.array([[0, 0.25, 1], [0.25, 0, 0.25], [1, 0.25, 0]], np.float32)
+    w_v, w_h = np.ones((1, 2), np.int32), np.ones((2, 1), np.int32)
+    assert mx._gco_integer_terms(unary, dist, w_v, w_h)[0][0].tolist() == [2000000000, 2000000000, -1999967296]
+    assert mx._wrap_int32(np.array([-1999967296 - 2000000000, -(2**31), 2**31 - 1])).tolist() == [
+        295000000, -(2**31 - 1), 2**31 - 1]
+    assert mx._cut_swap(unary, dist, w_v, w_h).tolist() == [[0, 0], [0, 0]]
+    if mx.have_gco():
+        assert mx._cut_gco(unary, dist, w_v, w_h).tolist() == [[0, 0], [0, 0]]
+
+
+def test_swap_warns_once_where_gco_is_undefined_and_gco_limit_is_an_error(monkeypatch):
+    """A negative edge weight (gamma > 1 can make one) is a non-submodular move: the swap solves it, warning once
+    that gco may differ there. Edge weights past GCO_MAX_ENERGYTERM make GCO abort the process: a ValueError."""
+    monkeypatch.setattr(mx, "_WARNED", set())
+    unary = np.zeros((2, 2, 3), np.int32)
+    unary[0, 0, 0] = 5  # site 0 prefers labels 1 and 2; the negative edges make the neighbours disagree
+    dist = np.array([[0, 0.25, 1], [0.25, 0, 0.25], [1, 0.25, 0]], np.float32)
+    w_v, w_h = -np.ones((1, 2), np.int32), -np.ones((2, 1), np.int32)
+    with pytest.warns(RuntimeWarning, match="non-submodular"):
+        lab = mx._cut_swap(unary, dist, w_v, w_h)
+    assert lab.tolist() == [[2, 0], [0, 2]]  # the exact minimum: every edge between labels 0 and 2 (-100000 each)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mx._cut_swap(unary, dist, w_v, w_h)  # once per run
+    with pytest.raises(ValueError, match="exceeds what gco-wrapper accepts"):
+        mx._cut_gco(unary, dist, np.full((1, 2), 10001, np.int32), w_h)
+
+
+def _swap_fixture():
+    d = dict(np.load(FIXTURES / "puzzlemix_swap_gco.npz"))
+    for i, g in enumerate(d["grid"].tolist()):
+        yield i, g, d["unary"][i, :g, :g], d["dist"], d["w_v"][i, : g - 1, :g], d["w_h"][i, :g, : g - 1], d
+
+
+def _in_wrap_band(unary) -> bool:
+    return bool((np.abs(unary.astype(np.int64)) * 100000 >= 2**31).any())
+
+
+def test_swap_solver_equals_gco_on_300_random_problems():
+    """tests/fixtures/puzzlemix_swap_gco.npz (tools/make_puzzlemix_swap_fixture.py): 300 seeded problems, grids
+    2 / 4 / 8 / 16, half with one block holding up to 97% of the saliency, 81 of them (31 at grid 8, 50 at grid 16)
+    in the band where gco-wrapper's unary * 1e5 wraps; the labels gco-wrapper 3.0.9 gave. The built-in swap:
+    300 / 300 identical."""
+    same = {False: 0, True: 0}
+    for i, g, unary, dist, w_v, w_h, d in _swap_fixture():
+        lab = mx._cut_swap(unary, dist, w_v, w_h)  # never raises, also with more than 64 active sites
+        same[_in_wrap_band(unary)] += int(np.array_equal(lab, d["labels"][i, :g, :g]))
+    assert same == {False: 219, True: 81}  # every mask identical: 219 / 219 outside the band, 81 / 81 in it
+
+
+def test_swap_fixture_is_what_gco_gives():
+    """The stored labels are gco-wrapper's own: re-run it on every stored problem (skips without gco-wrapper)."""
+    if not mx.have_gco():
+        pytest.skip("gco-wrapper not installed")
+    for i, g, unary, dist, w_v, w_h, d in _swap_fixture():
+        assert np.array_equal(mx._cut_gco(unary, dist, w_v, w_h), d["labels"][i, :g, :g]), i
+
+
+def test_transport_grid_follows_the_official_t_size():
+    """mixup_graph: t_size = min(t_size, block); -1 or >= block -> the mask grid, else width // t_size."""
+    assert mx.transport_grid(32, 2, 4) == 8 and mx.transport_grid(32, 4, 4) == 8  # blocks 16, 8 -> 4 px
+    assert mx.transport_grid(32, 8, 4) == 8 and mx.transport_grid(32, 16, 4) == 16  # blocks 4, 2: the mask grid
+    assert mx.transport_grid(32, 4, -1) == 4 and mx.transport_grid(64, 2, 2) == 32
+    with pytest.raises(ValueError, match="t_size 3 must be"):
+        mx.transport_grid(32, 2, 3)
+
+
+def test_puzzlemix_t_size_equals_official_mixup_graph():
+    """tests/fixtures/puzzlemix_tsize_official.npz (tools/make_puzzlemix_tsize_fixture.py): the official
+    `mixup_graph` with t_size 2 / 4 / 8 on 12 seeded cases (32 and 64 px, grids 2-16, neigh 2 / 4): transport
+    plans on the finer grid identical, label weights exact, the 32 px mixed images max |diff| 0."""
+    d = dict(np.load(FIXTURES / "puzzlemix_tsize_official.npz"))
+    mean, std = torch.from_numpy(d["mean"]), torch.from_numpy(d["std"])
+    n32 = 0
+    for c in range(len(d["grid"])):
+        w, g, t, neigh = (int(d[k][c]) for k in ("width", "grid", "t_size", "neigh"))
+        x = (torch.from_numpy(d["images"][c][:, :, :w, :w].astype(np.float32)) / 255 - mean) / std
+        sal_map = torch.from_numpy(d["sal"][c][:, :w, :w].astype(np.float32))
+        perm = torch.from_numpy(d["perm"][c]).long()
+        mixed, ratio, mask = mx.puzzle_mix(x, sal_map, perm, g, float(d["lam"][c]), neigh_size=neigh,
+                                           pixels=x * std + mean, t_size=t)
+        tg = mx.transport_grid(w, g, t)
+        tmask = F.interpolate(mask.unsqueeze(1), size=tg).squeeze(1)
+        tsal = mx.saliency_grid(sal_map, tg)
+        for s, m, key in ((tsal, tmask, "src1"), (tsal[perm], 1 - tmask, "src2")):
+            has, col = mx.transport_plan(s, m, 0.8).max(-1)
+            assert torch.equal(torch.where(has > 0, col, -1), torch.from_numpy(d[key][c][:, : tg * tg]).long())
+        np.testing.assert_allclose(ratio.numpy(), d["ratio"][c], rtol=0, atol=1e-7)
+        if w == 32:
+            np.testing.assert_allclose(mixed.numpy(), d["mixed"][n32], rtol=0, atol=1e-6)
+            n32 += 1
+    assert n32 == 8
+
+
 def test_soft_and_dense_cross_entropy():
     logits = torch.randn(4, 5)
     labels = torch.tensor([0, 3, 1, 4])

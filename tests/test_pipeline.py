@@ -43,7 +43,7 @@ def _numbers(report: Path) -> list[str]:
             continue
         cells = [c.strip() for c in line.strip("|").split("|")]
         if cells[0] == "method":  # a header: drop the columns that measure time
-            keep = [i for i, c in enumerate(cells) if "time" not in c and "img/s" not in c]
+            keep = [i for i, c in enumerate(cells) if "time" not in c and "images/s" not in c]
         out.append(" | ".join(re.sub(r"\]\([^)]*\)", "]", cells[i]) for i in keep if i < len(cells)))
     return out
 

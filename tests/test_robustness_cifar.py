@@ -40,8 +40,8 @@ def test_protocol_presets_fill_only_unset_keys():
     assert [parse_eps(c[k]) for k in ("fgsm_eps", "pgd_eps", "pgd_step")] == [8 / 255, 4 / 255, 2 / 255]
     t = resolve_config({"protocol": "tinyimagenet", "pgd_iters": 7})
     assert (t["image_size"], t["resize"], t["pgd_iters"]) == (64, 64, 7)  # a set key wins
-    legacy = resolve_config({})  # no protocol: the evaluator's defaults, as before protocols existed
-    assert (legacy["image_size"], legacy["resize"], legacy["pgd_iters"], legacy["ood_transform"]) == (
+    plain = resolve_config({})  # no protocol: the evaluator's own defaults
+    assert (plain["image_size"], plain["resize"], plain["pgd_iters"], plain["ood_transform"]) == (
         224, 256, 10, "eval")
     assert resolve_config({"protocol": "imagenet"})["pgd_iters"] == 20
     with pytest.raises(ConfigError, match="protocol"):
@@ -352,4 +352,4 @@ def test_ood_table_has_the_papers_threshold_column():
 
     ood = {"LSUN": {"det_acc": 80.0, "det_acc_at_thr": 61.5, "auroc": 70.0, "aupr_in": 75.0, "aupr_out": 65.0}}
     md = ood_table({"methods": {"erm": {"robustness": _runs({"ood": ood}, "erm/robustness")}}}).markdown()
-    assert "LSUN det acc @thr ↑" in md and "[61.50](erm/robustness/)" in md
+    assert "LSUN det acc @thr (%) ↑" in md and "[61.50](erm/robustness/)" in md

@@ -30,7 +30,7 @@ def test_mean_and_sample_std():
 def test_cell_text():
     assert Cell([1.0, 2.0, 3.0], []).text("{:.2f}") == "2.00 ± 1.00"
     assert Cell([10.0, 11.0], []).text("{:.1f}") == "10.5 ± 0.7"  # std of (10, 11) = 0.7071
-    assert Cell([61.234], []).text("{:.2f}") == "61.23"  # one run: the value alone, as before seeds
+    assert Cell([61.234], []).text("{:.2f}") == "61.23"  # one run: the value alone, no ± part
     assert Cell([], []).text("{:.2f}") == "—"
 
 

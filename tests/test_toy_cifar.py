@@ -111,7 +111,7 @@ def test_report_on_the_cifar_track(tmp_path):
     assert cls.title == "Classification (CIFAR-100 layout, test)"
     assert tables.background_table(results) is None
     cal = tables.calibration_adversarial_table(results, with_clean=True)
-    assert [c.header for c in cal.columns][:2] == ["clean top-1 err", "ECE (%)"] and "20 iterations" in cal.note
+    assert [c.header for c in cal.columns][:2] == ["clean top-1 err (%)", "ECE (%)"] and "20 iterations" in cal.note
     cfg = {"name": "t", "data": {"root": "d"}, "robustness": {"suites": "all"}}
     md = write_report(tmp_path, results, cfg).read_text()
     assert "| erm | **[15.00 ± 1.41](erm/)** |" in md  # mean ± sample std of 14 and 16 (a lone row: bold)

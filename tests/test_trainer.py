@@ -158,7 +158,7 @@ def test_config_errors(toy_world, tmp_path):
     with pytest.raises(ConfigError, match="lrr"):
         build(cfg, tmp_path)
     cfg = tiny_cfg(toy_world / "imagenet", beta=3)
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \[.method.beta.\] for method .input_mixup."):
         build(cfg, tmp_path)
 
 

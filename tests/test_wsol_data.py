@@ -137,12 +137,12 @@ def test_score_saved_maps_and_cli(tmp_path):
     m[1:5, 0:5] = 1.0  # box [0, 1, 5, 5] vs GT [0, 1, 4, 4]: 16 / 25 = 0.64 at every threshold
     np.save(maps / "a.jpg.npy", m)
     res = score_scoremap_dir(d, maps, 0.01, (30, 50, 70))
-    assert res["maxboxacc"] == {"30": 100.0, "50": 100.0, "70": 0.0}
+    assert res["maxboxacc_per_iou"] == {"30": 100.0, "50": 100.0, "70": 0.0}
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_wsol.py"), "--metadata", str(d),
                           "--scoremaps", str(maps), "--cam-curve-interval", "0.01"],
                          capture_output=True, text=True, check=True, env={"MT_NO_PROGRESS": "1", "PATH": ""})
     cli = json.loads(out.stdout)
-    assert cli["maxboxacc"] == res["maxboxacc"] and cli["maxboxacc_v2"] == pytest.approx(200 / 3)
+    assert cli["maxboxacc_per_iou"] == res["maxboxacc_per_iou"] and cli["maxboxacc_v2"] == pytest.approx(200 / 3)
     (maps / "a.jpg.npy").unlink()
     with pytest.raises(ScoreMapError, match=r"'a.jpg' missing"):
         score_scoremap_dir(d, maps)

@@ -109,7 +109,7 @@ def test_threshold_chosen_over_split_not_per_image():
         ib = ev.accumulate(m, gt_b)
         assert ia.max() == 1.0 and ib.max() == 1.0        # per image, each can be perfect
         res = ev.compute()
-        assert res["maxboxacc"]["50"] == 50.0             # but one threshold serves both: 50, not 100
+        assert res["maxboxacc_per_iou"]["50"] == 50.0             # but one threshold serves both: 50, not 100
         assert res["best_threshold"]["50"] == 0.0
 
 
@@ -118,7 +118,7 @@ def test_maxboxacc_v2_is_mean_over_ious():
     ev = M.MaxBoxAccEvaluator(0.001, (30, 50, 70))
     ev.accumulate(m, [[3, 2, 7, 6]])  # block box [3,2,6,5] vs this: 16 / 25 = 0.64
     res = ev.compute()
-    assert res["maxboxacc"] == {"30": 100.0, "50": 100.0, "70": 0.0}
+    assert res["maxboxacc_per_iou"] == {"30": 100.0, "50": 100.0, "70": 0.0}
     assert res["maxboxacc_v2"] == pytest.approx(200 / 3)
     assert len(ev.thresholds) == 1000
 

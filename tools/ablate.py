@@ -10,7 +10,6 @@ again resumes an interrupted sweep, and adding a value or a seed runs only the n
 """
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -24,15 +23,14 @@ from pipeline.run import StopPipeline  # noqa: E402
 
 @cli.entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--config", required=True, help="ablation YAML (configs/ablation/*.yaml)")
     p.add_argument("--force", action="append", default=[],
                    help="redo runs even if finished: all, a value's folder (e.g. n=100) or baseline (repeatable)")
     p.add_argument("--plan", action="store_true", help="list the planned runs and whether each is done; run nothing")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the ablation config (knob.values=[1,10])")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = p.parse_intermixed_args(argv)
     if args.plan:
         print("\n".join(plan_lines(args.config, args.overrides)))
         return 0

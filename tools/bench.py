@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Performance figures of the toolkit, as ratios measured in one run, gathered into one JSON + Markdown.
 
-    python tools/bench.py all --out runs/bench          # everything (minutes on 2 CPU cores)
+    python tools/bench.py all --out runs/bench          # everything (minutes on a laptop CPU)
     python tools/bench.py pretrain [--quick]            # training-step time of each method / ERM
     python tools/bench.py wsol                          # MaxBoxAccV2 evaluator speed-up vs the per-threshold loop,
                                                         # in this process and as whole tools/eval_wsol.py processes
@@ -9,9 +9,9 @@
     python tools/bench.py robustness                    # clean / FGSM / PGD images/s, AUROC vs pair count
     python tools/bench.py data [--quick]                # training-data images/s per CPU core: PIL vs uint8 vs decode
     python tools/bench.py gpu                           # CUDA: training images/s per method, vs ERM and the loader
+    python tools/bench.py mixers [--quick] [--device cuda]  # mixup / CutMix calls vs timm's Mixup and torchvision v2
 """
 
-import argparse
 import json
 import os
 import platform
@@ -89,6 +89,20 @@ def bench_gpu(quick: bool = False, device: str | None = None, loader_root=None, 
     return out
 
 
+def bench_mixers(quick: bool = False, device: str | None = None) -> dict:
+    """`pretrain.mixer_bench` at batch 256: 224 px (ImageNet) and 32 px (CIFAR; the per-example Python loop of
+    timm's elem / pair modes weighs most there); --quick: 32 px only."""
+    import torch
+
+    from pretrain.mixer_bench import run_mixer_bench
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sizes = (32,) if quick else (224, 32)
+    repeats = {224: 5, 32: 10 if quick else 50}  # more repeats where a call takes a millisecond
+    runs = [run_mixer_bench(batch=256, size=s, repeats=repeats[s], device=device) for s in sizes]
+    return {"runs": runs}
+
+
 def to_markdown(results: dict) -> str:
     lines = [f"# Benchmarks\n\nMachine: {results['machine']}\n"]
     pre = results.get("pretrain") or {}
@@ -112,6 +126,11 @@ def to_markdown(results: dict) -> str:
         lines += [f"| {r['method']} | {r['img_per_s']} | {r['step_time_ratio']:.3f} | "
                   f"{'yes' if r['loader_bound'] else 'no'} |" for r in gpu["rows"]]
         lines.append("")
+    if results.get("mixers"):
+        from pretrain.mixer_bench import to_markdown as mixers_markdown
+
+        for run in results["mixers"]["runs"]:
+            lines += mixers_markdown(run)
     if results.get("data"):
         d = results["data"]
         lines += ["## Training data per CPU core (224 px RandomResizedCrop + flip, 500x375 JPEGs)", "",
@@ -125,17 +144,19 @@ def to_markdown(results: dict) -> str:
 
 @cli.entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "robustness", "data", "gpu"])
+    p = cli.parser(__doc__)
+    p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "robustness", "data", "gpu", "mixers"],
+                   help="which figures to measure (see above)")
     p.add_argument("--out", default=None, help="folder for bench.json and bench.md")
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
+    p.add_argument("--device", default=None, help="mixers: the device of the batches (default: cuda if available)")
     args = p.parse_args(argv)
     import torch
 
     device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
     results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                           f"torch {torch.__version__}, {device}"}
-    todo = ["pretrain", "wsol", "eval", "robustness", "data"] if args.what == "all" else [args.what]
+    todo = ["pretrain", "wsol", "eval", "robustness", "data", "mixers"] if args.what == "all" else [args.what]
     if args.what == "all" and torch.cuda.is_available():
         todo.append("gpu")
     elif args.what == "all":
@@ -158,6 +179,8 @@ def main(argv=None) -> int:
             results["robustness"] = run_robustness_bench(quick=args.quick)
         elif what == "gpu":
             results["gpu"] = bench_gpu(quick=args.quick)
+        elif what == "mixers":
+            results["mixers"] = bench_mixers(args.quick, args.device)
         else:
             from pretrain.data_bench import run_data_bench
             results["data"] = run_data_bench(quick=args.quick)

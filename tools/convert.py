@@ -9,7 +9,6 @@
         -> {"model": torchvision-keyed backbone state, "meta": {...}}
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,14 +17,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
-from core.checkpoint import ARCHS  # noqa: E402
+from core.checkpoint import ARCHS, trust_pickled  # noqa: E402
 from transfer.convert import convert_to_detectron2, convert_to_torchvision  # noqa: E402
 
 
 @cli.entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--to", choices=("detectron2", "torchvision"), required=True)
+    p = cli.parser(__doc__)
+    p.add_argument("--to", choices=("detectron2", "torchvision"), required=True,
+                   help="the output layout: detectron2 (.pkl + YAMLs) or torchvision (.pth)")
     p.add_argument("input", help="backbone checkpoint (.pth / .pth.tar)")
     p.add_argument("output", help="OUT.pkl for detectron2, OUT.pth for torchvision")
     p.add_argument("--arch", choices=ARCHS, default=None,
@@ -34,11 +34,12 @@ def main(argv=None) -> int:
     p.add_argument("--allow-pickle", action="store_true",
                    help="load checkpoints that need full unpickling (only for files you trust)")
     args = p.parse_args(argv)
+    if args.allow_pickle:
+        trust_pickled(args.input)
     if args.to == "detectron2":
-        written = convert_to_detectron2(args.input, args.output, args.arch, not args.no_configs,
-                                        args.allow_pickle)
+        written = convert_to_detectron2(args.input, args.output, args.arch, not args.no_configs)
     else:
-        path = convert_to_torchvision(args.input, args.output, args.arch, args.allow_pickle)
+        path = convert_to_torchvision(args.input, args.output, args.arch)
         written = {"weights": path}
     print(json.dumps({k: str(v) for k, v in written.items()}, indent=2))
     return 0

@@ -4,7 +4,6 @@
     python tools/eval_coco.py --annotations instances_val2017.json --results detections.json
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -13,19 +12,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
+from core.units import with_units  # noqa: E402
 from transfer.coco_eval import BACKENDS, coco_evaluate  # noqa: E402
 
 
 @cli.entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--annotations", required=True, help="COCO ground-truth JSON (instances_*.json)")
     p.add_argument("--results", required=True, help="results JSON: [{image_id, category_id, bbox, score}]")
-    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto: faster-coco-eval when installed, else pycocotools (same numbers)")
     p.add_argument("--per-category", action="store_true", help="also print AP per category")
     args = p.parse_args(argv)
     out = coco_evaluate(args.annotations, args.results, backend=args.backend, per_category=args.per_category)
-    print(json.dumps(out, indent=2))
+    print(json.dumps(with_units(out), indent=2))
     return 0
 
 

@@ -10,7 +10,6 @@ map's size with integer truncation). The JSON's "sweep" says which implementatio
 installed, or --largest-contour) or "reference" (--reference: the per-threshold OpenCV loop).
 Imports neither torch nor model code (it would cost more than the scoring).
 """
-import argparse
 import json
 import os
 import sys
@@ -23,14 +22,18 @@ from core import cli  # noqa: E402
 
 @cli.entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--metadata", required=True, help="metadata folder of one split (image_ids.txt, ...)")
-    p.add_argument("--scoremaps", required=True)
-    p.add_argument("--cam-curve-interval", type=float, default=0.001)
-    p.add_argument("--iou-thresholds", type=int, nargs="+", default=[30, 50, 70])
+    p.add_argument("--scoremaps", required=True, help="folder of <image_id>.npy score maps")
+    p.add_argument("--cam-curve-interval", type=float, default=0.001,
+                   help="spacing of the CAM thresholds swept (default 0.001: 1,000 thresholds)")
+    p.add_argument("--iou-thresholds", type=int, nargs="+", default=[30, 50, 70],
+                   help="IoU thresholds in percent (default 30 50 70: MaxBoxAccV2)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--multi-contour", dest="multi_contour", action="store_true", default=True)
-    g.add_argument("--largest-contour", dest="multi_contour", action="store_false")
+    g.add_argument("--multi-contour", dest="multi_contour", action="store_true", default=True,
+                   help="a box around every contour of the thresholded map (MaxBoxAccV2; the default)")
+    g.add_argument("--largest-contour", dest="multi_contour", action="store_false",
+                   help="one box around the largest contour (MaxBoxAcc, reported as maxboxacc_v1 at IoU 50)")
     p.add_argument("--reference", action="store_true", help="use the slow per-threshold loop")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="threads scoring maps (default: the CPU cores, at most 8; same numbers)")

@@ -17,7 +17,6 @@ The official code calls `.cuda()`; on a machine without a GPU that call is made 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import random
@@ -351,10 +350,11 @@ def alignmix_network_case(repo: Path, out: Path):
 
 @cli.entry
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__)
     ap.add_argument("--puzzlemix", type=Path, help="checkout of github.com/snu-mllab/PuzzleMix")
     ap.add_argument("--alignmix", type=Path, help="checkout of github.com/shashankvkt/AlignMixup_CVPR22")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "fixtures")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "fixtures",
+                    help="output folder of the .npz fixtures (default tests/fixtures)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)

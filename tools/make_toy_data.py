@@ -9,7 +9,6 @@ python tools/make_toy_data.py --out data/toy_small --preset demo --track small
 shaped, toyworld/ood.py) under OUT/ood/.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from wsol.data import cub_to_wsol_metadata  # noqa: E402
 
 @cli.entry
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__)
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="dataset sizes (default: demo)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical files)")

@@ -8,8 +8,8 @@ Writes runs/<name>/ (or --run-dir): config.yaml, log.jsonl, checkpoints/last.pth
 metrics.json, figures/. `--resume` continues runs/<name>/checkpoints/last.pth exactly.
 """
 
-import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -17,27 +17,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
 from core.config import load_config  # noqa: E402
-from core.runtime import cleanup_distributed, is_main_process  # noqa: E402
+from core.lock import run_lock  # noqa: E402
+from core.runtime import cleanup_distributed  # noqa: E402
 from pretrain.task import DEFAULTS, run  # noqa: E402
+
+log = logging.getLogger("pretrain")
 
 
 @cli.entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config (configs/pretrain/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides with dotted keys, e.g. optim.lr=0.05")
+    p = cli.parser(__doc__)
+    p.add_argument("--config", required=True, help="pretraining YAML (configs/pretrain/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides with dotted keys, anywhere on the command line (e.g. optim.lr=0.05); "
+                        "an unknown key is an error")
     p.add_argument("--resume", action="store_true",
                    help="continue the run's last checkpoint (refused if the config differs)")
     p.add_argument("--force", action="store_true", help="start over in a run folder that holds a checkpoint")
     p.add_argument("--run-dir", default=None, help="output folder (default runs/<name>)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, defaults=DEFAULTS)
         run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg["name"]
-        metrics = run(cfg, None, run_dir, resume=args.resume, force=args.force)
+        log.info("pretraining %s with config %s into %s", cfg["method"]["name"], args.config, run_dir)
+        with run_lock(run_dir, "pretraining run"):  # one writer per run folder
+            metrics = run(cfg, None, run_dir, resume=args.resume, force=args.force)
     finally:
         cleanup_distributed()
-    if is_main_process():
+    if cli.launch_rank() == 0:  # the group is left: ask the launcher's environment, not torch.distributed
+        cli.log_outputs(run_dir)
         print(json.dumps(metrics, indent=2))
     return 0
 

@@ -10,7 +10,6 @@ evaluation) and rank 0 writes the files.
 """
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -19,34 +18,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import cli  # noqa: E402
 from core.distributed import torchrun_session  # noqa: E402
-from pipeline.run import STAGES, StopPipeline, run_pipeline  # noqa: E402
+from pipeline.publish import publish  # noqa: E402
+from pipeline.run import STAGES, StagesFailed, StopPipeline, run_pipeline  # noqa: E402
 
 
 @cli.entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--config", required=True, help="pipeline YAML (configs/pipeline/*.yaml)")
     p.add_argument("--methods", default=None, help="comma-separated methods, replacing the config's list")
     p.add_argument("--force", action="append", default=[],
                    help=f"redo a stage even if finished: one of {', '.join(STAGES)} or a detection name "
                         "(repeatable); forcing pretrain redoes everything downstream")
+    p.add_argument("--publish", default=None, metavar="FILE.md",
+                   help="after the run (finished stages are reused), write its report with provenance to FILE.md "
+                        "and its figures beside it, e.g. docs/results.md")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the pipeline config")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     t0 = time.time()
     with torchrun_session() as (rank, _):  # under torchrun: every rank runs every stage, rank 0 writes
-        logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                            format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        failed = None
         try:
-            report = run_pipeline(args.config, args.overrides, methods, args.force, args.stop_after)
+            report = run_pipeline(args.config, args.overrides, methods, args.force, args.stop_after,
+                                  command=" ".join(["python tools/run_pipeline.py", *(argv or sys.argv[1:])]))
         except StopPipeline as e:
             print(e)
             return 3
+        except StagesFailed as e:
+            report, failed = e.report, e
     if rank:
-        return 0
+        return 1 if failed else 0
     print(f"\nReport: {report}  ({report.with_suffix('.html')})\nTotal time: {time.time() - t0:.0f} s")
     print(report.read_text())
+    if failed:
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
+    if args.publish:
+        print(f"published: {publish(report.parent, Path(args.publish))}")
     return 0
 
 

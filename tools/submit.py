@@ -11,7 +11,10 @@ requeued on preemption / time-out and resumed from the run's last checkpoint (pi
     tools/submit.py pretrain --local --gpus-per-node 0 --tasks-per-node 2 --wait --config ...   # try it here first
 
 Prints the job id and its log folder (--job-dir, default runs/submitit/<job id>); --wait blocks and prints the
-stage's metrics. wsol, evaluate and pipeline run in one process (one task).
+stage's metrics (rank 0's). Every stage runs on N nodes x G tasks, one process per task, rank-aware as under
+torchrun: pretrain, finetune_det and wsol fine-tuning train under DDP, evaluation is sharded over the processes and
+rank 0 writes, and pipeline runs each of its stages that way. pretrain and finetune_det default to 8 GPUs per
+node, wsol, evaluate and pipeline to 1.
 """
 
 import argparse
@@ -26,9 +29,11 @@ from pipeline.launch import DISTRIBUTED, STAGES, Resources, make_spec, submit  #
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=STAGES)
-    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the stage's config (dotted keys)")
+    p = cli.parser(__doc__)
+    p.add_argument("stage", choices=STAGES, help="what the job runs: a stage's tool, or the whole pipeline")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides of the stage's config (dotted keys), anywhere on the command line; an unknown key "
+                        "is refused before the job is queued")
     p.add_argument("--config", default=None, help="the stage's YAML (evaluate: optional)")
     p.add_argument("--run-dir", default=None, help="output folder (default: the stage's own tool's)")
     p.add_argument("--weights", default=None, help="finetune_det, wsol: backbone checkpoint (omit: random init)")
@@ -36,22 +41,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--imagenet", default=None, help="evaluate: ImageNet-layout root")
     p.add_argument("--resume", action="store_true", help="continue the run folder's checkpoint")
     p.add_argument("--force", action="store_true", help="start over in a run folder that holds a checkpoint")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="unpickle --weights / --checkpoint if they hold Python objects (it can run code: only "
+                        "files you trust)")
     r = p.add_argument_group("resources")
-    r.add_argument("--nodes", type=int, default=1)
+    r.add_argument("--nodes", type=int, default=1, help="SLURM nodes (default 1)")
     r.add_argument("--gpus-per-node", type=int, default=None,
                    help="default: 8 for pretrain and finetune_det, 1 for the one-process stages")
     r.add_argument("--tasks-per-node", type=int, default=None, help="default: one per GPU")
     r.add_argument("--cpus-per-task", type=int, default=10, help="data-loading workers need them")
     r.add_argument("--mem", type=int, default=None, help="GB per node (default: the partition's)")
     r.add_argument("--timeout", type=int, default=1440, help="time limit in minutes; requeued before it")
-    r.add_argument("--partition", default=None)
-    r.add_argument("--account", default=None)
-    r.add_argument("--qos", default=None)
+    r.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
+    r.add_argument("--account", default=None, help="SLURM account to charge (default: yours)")
+    r.add_argument("--qos", default=None, help="SLURM quality of service (default: the partition's)")
     r.add_argument("--name", default=None, help="job name (default: mt-<stage>)")
     r.add_argument("--signal-delay", type=int, default=120, help="seconds before the limit the job is signalled")
     r.add_argument("--max-requeues", type=int, default=3, help="time-outs before the job stops requeueing")
     r.add_argument("--job-dir", default="runs/submitit/%j", help="submitit scripts and logs (%%j: job id)")
-    r.add_argument("--local", action="store_true", help="submitit's local executor: run the job on this machine")
+    r.add_argument("--local", action="store_true", help="submitit's local executor: run the job on the local machine")
     r.add_argument("--wait", action="store_true", help="wait for the job and print its metrics")
     return p
 
@@ -60,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_intermixed_args(argv)  # the stage, options and KEY=VALUE overrides in any order
     spec = make_spec(args.stage, args.config, args.overrides, args.run_dir, args.weights, args.checkpoint,
-                     args.imagenet, args.resume, args.force)
+                     args.imagenet, args.resume, args.force, allow_pickle=args.allow_pickle)
     gpus = args.gpus_per_node if args.gpus_per_node is not None else 8 if args.stage in DISTRIBUTED else 1
     res = Resources(nodes=args.nodes, gpus_per_node=gpus, tasks_per_node=args.tasks_per_node,
                     cpus_per_task=args.cpus_per_task, mem_gb=args.mem, timeout_min=args.timeout,

@@ -3,7 +3,7 @@
 `coco_evaluate` returns the 12 numbers COCOeval.summarize() prints, as percentages under names:
 AP (IoU .50:.95), AP50, AP75, APs, APm, APl (area small < 32^2 <= medium < 96^2 <= large, from the
 annotations' `area`), AR1, AR10, AR100 (max detections per image), ARs, ARm, ARl. An area range
-without ground truth gives -1, as in pycocotools (kept as -1, not scaled).
+without ground truth gives None (pycocotools' -1: no value, not a score).
 
 Results are the standard COCO results list: [{"image_id", "category_id", "bbox": [x, y, w, h],
 "score"}], boxes in the image's pixel coordinates (the toolkit's x0, y0, x1, y1 -> [x0, y0, x1 - x0,
@@ -302,11 +302,11 @@ def run_cocoeval(cocogt, cocodt, COCOeval, backend: str):
 
 
 def coco_evaluate(gt, results, backend: str = "auto", per_category: bool = False) -> dict:
-    """The 12 COCO box stats in percent (names in STAT_NAMES; -1 where an area range has no GT).
+    """The 12 COCO box stats in percent (names in STAT_NAMES; None where an area range has no GT).
 
     gt: annotation file path, COCO dict or COCO object. results: results list or JSON file path.
     backend: "auto" (faster-coco-eval when installed), "pycocotools" or "faster".
-    per_category: also return {"per_category": {category name: AP percent or -1}}.
+    per_category: also return {"per_category": {category name: AP percent, or None without ground truth}}.
     Images of the ground truth without any detection count as misses.
     """
     backend = resolve_backend(backend)
@@ -322,7 +322,7 @@ def coco_evaluate(gt, results, backend: str = "auto", per_category: bool = False
     ev, text = run_cocoeval(cocogt, cocodt, COCOeval, backend)
     log.debug("COCO eval (%s) of %s vs %s:\n%s", backend, res_name, gt_name, text)
     stats = np.asarray(ev.stats, dtype=np.float64)[: len(STAT_NAMES)]
-    result = {k: (float(v) * 100.0 if v != -1 else -1.0) for k, v in zip(STAT_NAMES, stats)}
+    result = {k: (float(v) * 100.0 if v != -1 else None) for k, v in zip(STAT_NAMES, stats)}
     if per_category:
         precision = np.asarray(ev.eval["precision"])  # [T iou, R recall, K category, A area, M maxDets]
         names = {c["id"]: c.get("name", str(c["id"])) for c in gt_data["categories"]}
@@ -330,6 +330,6 @@ def coco_evaluate(gt, results, backend: str = "auto", per_category: bool = False
         for k, cat_id in enumerate(ev.params.catIds):
             p = precision[:, :, k, 0, -1]
             p = p[p > -1]
-            per[names[cat_id]] = float(p.mean()) * 100.0 if p.size else -1.0
+            per[names[cat_id]] = float(p.mean()) * 100.0 if p.size else None
         result["per_category"] = per
     return result

@@ -305,7 +305,7 @@ def detectron2_configs(out_dir: str | os.PathLike, weights_pkl: str | os.PathLik
     (detectron2's VOC FPN recipe; every depth, the one for R18/R34) and `coco_<arch>_FPN_1x.yaml`. Their
     DATASETS are the toolkit's own names (`mt_voc_2007_trainval`, ..., `mt_coco_val2017`): register them
     with `transfer.d2_backend.register_toolkit_datasets(format, root)` before detectron2's
-    tools/train_net.py-style code builds its loaders (the VOC C4 one also needs
+    train_net.py-style code builds its loaders (the VOC C4 one also needs
     `register_detectron2_extras()` for its extra-norm RoI head, or voc_extra_norm=False).
     """
     if arch not in DEPTHS:

@@ -47,7 +47,7 @@ from transfer import convert
 log = logging.getLogger(__name__)
 
 INSTALL = (
-    "detectron2 is not importable. It is not on PyPI; build it from source (about 5.5 min on 2 CPU cores):\n"
+    "detectron2 is not importable. It is not on PyPI; build it from source (it compiles C++ extensions):\n"
     "  make d2\n"
     "  (= .venv/bin/pip install 'git+https://github.com/facebookresearch/detectron2.git' --no-build-isolation)\n"
     "or use the default backend: --backend torchvision")
@@ -125,7 +125,7 @@ def dataset_specs(cfg: dict) -> dict:
     root = Path(d["root"]).expanduser().resolve()
     limit_train, limit_test = int(d["max_train_images"] or 0), int(d["max_test_images"] or 0)
     if d["format"] == "voc":
-        classes = list(VOC_CLASSES)
+        classes = list(d.get("classes") or VOC_CLASSES)
 
         def voc(spec, limit):
             year, split = str(spec).split("/")
@@ -569,7 +569,7 @@ def _toolkit_ctx(specs: dict):
 
     t = specs["test"]
     if t["kind"] == "voc":
-        ds = VOCDetection(Path(t["dirname"]).parent, str(t["year"]), t["split"])
+        ds = VOCDetection(Path(t["dirname"]).parent, str(t["year"]), t["split"], classes=tuple(t["classes"]))
         return {"format": "voc", "classes": tuple(t["classes"]), "split": t["split"], "dataset": ds}
     ds = COCODetection(t["image_root"], t["json_file"])
     return {"format": "coco", "classes": ds.classes, "dataset": ds}
@@ -743,7 +743,7 @@ def _launched(cfg, weights, run_dir):
 
 
 def launch_finetune(cfg: dict, weights: str | None, run_dir, num_gpus: int, dist_url: str = "auto") -> dict:
-    """``finetune`` in ``num_gpus`` processes started by detectron2's ``launch`` (as tools/train_net.py
+    """``finetune`` in ``num_gpus`` processes started by detectron2's ``launch`` (as its train_net.py
     --num-gpus does; gloo on CPU). Returns the metrics rank 0 wrote."""
     require_detectron2()
     from detectron2.engine import launch

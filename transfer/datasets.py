@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from core.constants import VOC_CLASSES
-from core.data import DataError, check_box, parse_pascal_xml, pascal_to_box, read_image, read_text
+from core.data import DataError, check_box, parse_pascal_xml, pascal_to_box, read_image, read_text, safe_relative
 from transfer.coco_eval import check_coco_annotation, check_coco_gt
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class VOCDetection(Dataset):
                 continue
             if len(parts) != 1:
                 raise DataError(f"{list_file}:{lineno}: expected one image id, got {line!r}")
+            safe_relative(parts[0], f"{list_file}:{lineno}: image id")
             if parts[0] in seen:
                 raise DataError(f"{list_file}:{lineno}: duplicate image id {parts[0]!r}")
             seen.add(parts[0])
@@ -95,6 +96,8 @@ class VOCDetection(Dataset):
     def _load(self, image_id: str, keep_difficult: bool) -> dict:
         xml = self.root / "Annotations" / f"{image_id}.xml"
         ann = parse_voc_xml(xml)
+        if ann["filename"] and Path(ann["filename"]).stem != image_id:  # the annotation of another image
+            raise DataError(f"{xml}: <filename> {ann['filename']!r} is not the image {image_id!r}")
         boxes, labels, difficult = [], [], []
         for i, obj in enumerate(ann["objects"]):
             where = f"{xml}: object {i}"
@@ -155,6 +158,8 @@ class COCODetection(Dataset):
         if bad is not None:
             raise DataError(f"{self.ann_file}: images[{bad}] (id {data['images'][bad]['id']}): missing "
                             f"or bad file_name")
+        for i, im in enumerate(data["images"]):
+            safe_relative(im["file_name"], f"{self.ann_file}: images[{i}] (id {im['id']}): file_name")
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco = COCO()
             self.coco.dataset = data

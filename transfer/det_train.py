@@ -28,8 +28,9 @@ from core import runtime
 from core.config import ConfigError, check_ranges, dump_config, load_config, validate
 from core.engine import Engine, LoopSettings, Task, build_optimizer
 from core.schedule import lr_factor
+from core.units import units
 from transfer import d2_backend
-from transfer.det_transforms import build_transforms
+from transfer.det_transforms import SeedWorker, augment_seed, build_transforms
 from transfer.detectors import build_detector
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ DEFAULTS = {
         "root": "",                       # VOC: the VOCdevkit dir; COCO: the dir holding annotations/
         "voc_train": ["2007/trainval", "2012/trainval"],
         "voc_test": "2007/test",
+        "classes": None,                  # VOC layout: the class names, in label order (null: the 20 VOC classes)
         "coco_train": ["train2017", "annotations/instances_train2017.json"],
         "coco_val": ["val2017", "annotations/instances_val2017.json"],
         "max_train_images": 0,            # 0: all (a prefix otherwise: quick runs)
@@ -90,6 +92,8 @@ DEFAULTS = {
         "precision": "fp32",              # fp32 | bf16 | fp16 (CUDA only)
         "channels_last": True,            # CUDA only
         "log_period": 20,
+        "tensorboard": "auto",            # auto | true | false: also write RUN/tensorboard
+                                          # (auto: when the package is installed)
         "num_threads": 0,                 # torch CPU threads (0: torch's default)
     },
 }
@@ -107,12 +111,21 @@ RANGES = {
 }
 
 
+# the types of the keys whose default is null (core.config.validate checks the others against their defaults)
+TYPES = {"model.trainable_layers": int, "model.train_sizes": list[int], "solver.reference_batch": int}
+
+
 def resolve_config(cfg: dict) -> dict:
     """Validate against :data:`DEFAULTS` (unknown keys rejected, missing ones filled, types and RANGES checked)."""
-    cfg = validate(cfg, DEFAULTS)
+    cfg = validate(cfg, DEFAULTS, types=TYPES)
     check_ranges(cfg, RANGES)
     if not cfg["seeds"] or len(set(cfg["seeds"])) != len(cfg["seeds"]):
         raise ConfigError(f"config key seeds: {cfg['seeds']!r} must be a non-empty list of distinct seeds")
+    classes = cfg["data"]["classes"]
+    if classes is not None and (not isinstance(classes, list) or not classes or len(set(classes)) != len(classes)
+                                or not all(isinstance(c, str) and c for c in classes)):
+        raise ConfigError(f"config key data.classes: {classes!r} must be a non-empty list of distinct class names "
+                          "(or null: the 20 VOC classes)")
     return cfg
 
 
@@ -145,13 +158,14 @@ def build_datasets(cfg: dict, seed: int = 0):
     root = Path(d["root"])
     if d["format"] == "voc":
         parts = []
+        classes = tuple(d["classes"] or VOC_CLASSES)
         for spec in d["voc_train"]:
             year, split = str(spec).split("/")
-            parts.append(VOCDetection(root, year, split, transform=train_tf))
+            parts.append(VOCDetection(root, year, split, transform=train_tf, classes=classes))
         train = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
         year, split = str(d["voc_test"]).split("/")
-        test = VOCDetection(root, year, split, transform=test_tf)
-        ctx = {"format": "voc", "classes": VOC_CLASSES, "split": split, "dataset": test}
+        test = VOCDetection(root, year, split, transform=test_tf, classes=classes)
+        ctx = {"format": "voc", "classes": classes, "split": split, "dataset": test}
     elif d["format"] == "coco":
         train = COCODetection(root / d["coco_train"][0], root / d["coco_train"][1], transform=train_tf,
                               remove_empty=True)
@@ -203,16 +217,45 @@ def _to_original(boxes: torch.Tensor, target: dict) -> torch.Tensor:
     return out
 
 
+# the modules whose raw outputs the detectors' post-processing would silently drop when NaN (a NaN score fails
+# every score threshold: a broken detector would report mAP 0); torchvision's FasterRCNN and SSD names
+_RAW_OUTPUTS = ("backbone", "rpn.head", "roi_heads.box_predictor", "head")
+
+
+class _NonFiniteCounter:
+    """Counts, on the device, the NaN / inf values of the raw outputs of `_RAW_OUTPUTS` during predictions."""
+
+    def __init__(self, model, device):
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.handles = []
+        for name in _RAW_OUTPUTS:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                continue
+            self.handles.append(module.register_forward_hook(self._hook))
+
+    def _hook(self, module, args, output) -> None:
+        self.count += runtime.count_nonfinite(output).to(self.count.device)
+
+    def close(self) -> int:
+        for h in self.handles:
+            h.remove()
+        return int(self.count)
+
+
 @torch.no_grad()
 def predict(model, loader, device, precision="fp32", channels_last=False, max_keep_examples=0):
     """Run the model over ``loader``. Returns (per-image list of (image_id, boxes [K,4] original pixels,
-    scores [K], labels [K]), examples for figures, seconds spent in the model, number of images)."""
+    scores [K], labels [K]), examples for figures, seconds spent in the model, number of images, the number of
+    NaN / inf values in the raw outputs and the final boxes and scores)."""
     model.eval()
     preds, examples, seconds, n = [], [], 0.0, 0
+    counter = _NonFiniteCounter(model, device)
     for images, targets in runtime.progress(loader, desc="eval"):
-        images = [im.to(device) for im in images]
-        if channels_last:
-            images = [im.contiguous(memory_format=torch.channels_last) for im in images]
+        # per-image [3, h, w] tensors: channels_last needs rank 4. The detector batches them; with a channels_last
+        # model (`channels_last`) cuDNN's convolutions switch to that layout from the first layer on.
+        images = [im.to(device, non_blocking=True) for im in images]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -222,6 +265,7 @@ def predict(model, loader, device, precision="fp32", channels_last=False, max_ke
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - t0
         n += len(images)
+        counter.count += runtime.count_nonfinite([[o["boxes"], o["scores"]] for o in outputs]).to(counter.count.device)
         for im, out, tgt in zip(images, outputs, targets):
             boxes = _to_original(out["boxes"].float().cpu(), tgt)
             preds.append((tgt["image_id"], boxes, out["scores"].float().cpu(), out["labels"].cpu()))
@@ -229,20 +273,22 @@ def predict(model, loader, device, precision="fp32", channels_last=False, max_ke
                 examples.append({"image": im.float().cpu(), "pred_boxes": out["boxes"].float().cpu(),
                                  "scores": out["scores"].float().cpu(), "labels": out["labels"].cpu(),
                                  "gt_boxes": tgt["boxes"], "gt_labels": tgt["labels"]})
-    return preds, examples, seconds, n
+    return preds, examples, seconds, n, counter.close()
 
 
 def predict_sharded(model, dataset, batch_size: int, workers: int, device, precision="fp32", channels_last=False,
-                    max_keep_examples=0):
+                    max_keep_examples=0, split: str = "test"):
     """``predict`` over ``dataset`` with each rank taking its shard of whole test batches (core.distributed);
     the per-image predictions and the first ``max_keep_examples`` examples are gathered to every rank in
-    dataset order, so scoring them gives the single-process numbers. Seconds: the slowest rank's."""
+    dataset order, so scoring them gives the single-process numbers. Seconds: the slowest rank's. A NaN or
+    infinite output stops it on every rank (`NonFiniteOutputError` naming ``split``): nothing is scored."""
     n = len(dataset)
     mine = ddist.shard_indices(n, block=batch_size)
     loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate)
     keep = sum(1 for i in mine if i < max_keep_examples)  # `mine` is increasing: the first `keep` are these
-    preds, examples, seconds, count = predict(model, loader, device, precision, channels_last, keep)
+    preds, examples, seconds, count, bad = predict(model, loader, device, precision, channels_last, keep)
+    runtime.check_outputs_finite("detection", split, {"box, score or raw head output": ddist.sum_counts([bad])[0]})
     if ddist.rank_world()[1] == 1:
         return preds, examples, seconds, count
     preds = ddist.gather_ordered(preds, mine, n)
@@ -258,8 +304,9 @@ def _base_dataset(ds):
 
 
 def score_predictions(preds, ctx: dict, out_dir: Path, metric: str = "11point") -> dict:
-    """VOC: comp4 files + ``voc_evaluate``; COCO: results json + ``coco_evaluate``. Returns metrics with
-    ``mAP`` in percent (VOC AP@0.5 with ``metric``; COCO AP@[.5:.95])."""
+    """VOC: comp4 files + ``voc_evaluate``; COCO: results json + ``coco_evaluate``. Returns metrics in percent
+    with the dataset's headline metric (`primary_key`): VOC ``mAP`` (AP@0.5 with ``metric``, averaged over the
+    classes) or COCO ``AP`` (AP@[.5:.95]), never both under one name."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ds = _base_dataset(ctx["dataset"])
     if ctx["format"] == "voc":
@@ -285,12 +332,17 @@ def score_predictions(preds, ctx: dict, out_dir: Path, metric: str = "11point") 
                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)})
     runtime.write_json(results, out_dir / "coco_results.json")
     if not results:  # pycocotools cannot load an empty result list
-        return {"mAP": 0.0, "AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
     gt = ds.coco.dataset
     if len(preds) < len(ds.ids):  # a subset: score only the images that were predicted
         gt = _coco_subset(gt, [p[0] for p in preds])
     stats = coco_evaluate(gt, results)
-    return {"mAP": float(stats["AP"]), **{k: float(v) for k, v in stats.items()}}
+    return dict(stats)  # percent; None for an area range without ground truth
+
+
+def primary_key(metrics: dict) -> str:
+    """The headline metric of detection metrics: VOC's ``mAP`` or COCO's ``AP``."""
+    return "mAP" if "mAP" in metrics else "AP"
 
 
 def _coco_subset(data: dict, image_ids) -> dict:
@@ -331,7 +383,7 @@ def detection_figure(examples, classes, path: Path, score_thresh: float = 0.3) -
     fig.suptitle("green: ground truth, red: predictions", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    runtime.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -339,6 +391,7 @@ def detection_figure(examples, classes, path: Path, score_thresh: float = 0.3) -
 
 # config keys a resume (or the reuse of a finished seed) may change: execution and reporting, not results
 RESUME_MAY_CHANGE = ("name", "data.workers", "runtime.device", "runtime.num_threads", "runtime.log_period",
+                     "runtime.tensorboard",
                      "eval.figure_examples", "eval.figure_score_thresh")
 
 
@@ -374,19 +427,21 @@ class DetectionTask(Task):
                 self.seed * 100003 + epoch))
         return DataLoader(train, batch_size=s["batch_size"], sampler=sampler, num_workers=self.cfg["data"]["workers"],
                           collate_fn=collate, drop_last=len(train) >= s["batch_size"] * self.world,
-                          pin_memory=self.device.type == "cuda")  # pinned: the copies to the GPU never wait
+                          pin_memory=self.device.type == "cuda",  # pinned: the copies to the GPU never wait
+                          worker_init_fn=SeedWorker(self.train_tf, self.seed, epoch, self.rank))
 
     def batches(self, epoch: int, start_step: int):
-        self.train_tf.augment.set_random_seed(self.seed * 100003 + epoch)  # augmentation stream fixed per epoch
+        # the augmentation streams are fixed per (epoch, rank, worker): see det_transforms.augment_seed
+        self.train_tf.augment.set_random_seed(augment_seed(self.seed, epoch, self.rank))
         if start_step:
             raise RuntimeError("detection checkpoints are written at epoch ends only")
         return self._loader(epoch)
 
     def to_device(self, batch, device, channels_last):
+        """Images stay per-image [3, h, w] tensors (channels_last needs rank 4): the detector batches them, and
+        only the model is converted to channels_last (`DetectionTask.__init__`)."""
         images, targets = batch
         images = [im.to(device, non_blocking=True) for im in images]
-        if channels_last:
-            images = [im.contiguous(memory_format=torch.channels_last) for im in images]
         return images, [{"boxes": t["boxes"].to(device, non_blocking=True),
                          "labels": t["labels"].to(device, non_blocking=True)} for t in targets]
 
@@ -415,15 +470,17 @@ class DetectionTask(Task):
         if not runtime.is_main_process():
             return {}
         m = score_predictions(preds, self.ctx, engine.run_dir / "eval", self.cfg["eval"]["metric"])
-        self.history.append({"epoch": epoch, "mAP": m["mAP"]})
-        return {"eval_mAP": m["mAP"]}
+        key = primary_key(m)
+        self.history.append({"epoch": epoch, key: m[key]})
+        return {f"eval_{key}": m[key]}
 
     def predict_test(self, engine, max_keep_examples: int = 0):
         """``predict_sharded`` over the test set: (predictions, examples, seconds, images), on every rank (with
         rank 0's BatchNorm statistics: every shard is scored with the same model)."""
         ddist.broadcast_buffers(self.model)
         return predict_sharded(self.model, self.test_set, self.cfg["eval"]["batch_size"], self.cfg["data"]["workers"],
-                               self.device, engine.precision, engine.settings.channels_last, max_keep_examples)
+                               self.device, engine.precision, engine.settings.channels_last, max_keep_examples,
+                               split=str(self.cfg["data"]["voc_test" if self.ctx["format"] == "voc" else "coco_val"]))
 
     def state_dict(self) -> dict:
         return {"train_time": self.train_time, "train_images": self.train_images, "history": self.history,
@@ -438,11 +495,9 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
     """Train + evaluate one seed in ``seed_dir``; returns its metrics (also written to metrics.json)."""
     seed_dir = Path(seed_dir)
     done = seed_dir / "metrics.json"
-    # what this seed is made from: the config (the list of seeds aside), the seed and the backbone's hash
-    seed_cfg = {k: v for k, v in cfg.items() if k != "seeds"}
-    fingerprint = fp.make({**seed_cfg, "seed": seed}, {"weights": weights})
+    fingerprint = seed_fingerprint(cfg, weights, seed)
     if done.is_file():
-        fp.check(seed_dir, fingerprint, RESUME_MAY_CHANGE)  # never relabel old results with new inputs
+        fp.check(seed_dir, fingerprint, RESUME_MAY_CHANGE, RESTART)  # never relabel old results with new inputs
         log.info("%s exists: seed %d already finished", done, seed)
         return json.loads(done.read_text())
     rt, s = cfg["runtime"], cfg["solver"]
@@ -455,16 +510,35 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
     settings = LoopSettings(total_steps=task.total, device=device, precision=rt["precision"],
                             channels_last=bool(rt["channels_last"]) and device.type == "cuda",
                             clip_grad_norm=s["clip_grad_norm"], log_every=rt["log_period"],
-                            progress_desc=f"seed {seed} epoch")
+                            progress_desc=f"seed {seed} epoch", tensorboard=rt["tensorboard"])
     engine = Engine(task, seed_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
     engine.fit(resume=True, fingerprint=fingerprint,
                header={"seed": seed, "weights": weights, "steps_per_epoch": task.steps_per_epoch,
+                       "per_process_batch": s["batch_size"],
                        "total_steps": task.total, "device": str(device)})
     metrics = _final_metrics(task, engine, seed_dir)  # every rank predicts its shard of the test set
     if runtime.is_main_process():
         runtime.write_json(metrics, done)
     runtime.barrier()
     return metrics
+
+
+RESTART = "choose another --run-dir, or delete the seed's folder to start that seed over"
+
+
+def seed_fingerprint(cfg: dict, weights: str | None, seed: int) -> dict:
+    """What one seed is made from: the config (the list of seeds aside), the seed and the backbone's hash."""
+    seed_cfg = {k: v for k, v in cfg.items() if k != "seeds"}
+    return fp.make({**seed_cfg, "seed": seed}, {"weights": weights})
+
+
+def check_resume(cfg: dict, weights: str | None, run_dir: Path) -> None:
+    """Refuse (before anything is written) to continue a run folder whose seeds were made from another config
+    or backbone: a refused resume leaves the folder as it was."""
+    for seed in cfg["seeds"]:
+        seed_dir = Path(run_dir) / f"seed_{seed}"
+        if (seed_dir / fp.FILE).is_file():
+            fp.check(seed_dir, seed_fingerprint(cfg, weights, int(seed)), RESUME_MAY_CHANGE, RESTART)
 
 
 def _final_metrics(task: DetectionTask, engine: Engine, seed_dir: Path) -> dict:
@@ -478,17 +552,19 @@ def _final_metrics(task: DetectionTask, engine: Engine, seed_dir: Path) -> dict:
                    history=task.history, train_img_per_s=task.train_images / max(task.train_time, 1e-9),
                    test_img_per_s=n_test / max(test_seconds, 1e-9), train_seconds=task.train_time,
                    test_seconds=test_seconds, device=str(task.device))
-    engine.logger.log({"final": True, **{k: v for k, v in metrics.items() if k != "AP"}})
+    engine.logger.log({"final": True, **{k: v for k, v in metrics.items() if not isinstance(v, dict)}})
     detection_figure(examples, task.ctx["classes"], seed_dir / "figures" / "detections.png",
                      cfg["eval"]["figure_score_thresh"])
     return metrics
 
 
 def summarize(per_seed: list[dict]) -> dict:
-    """mean +- std over seeds (std with ddof=1; 0 for a single seed)."""
-    maps = np.array([m["mAP"] for m in per_seed], dtype=np.float64)
-    out = {"mAP": float(maps.mean()), "mAP_mean": float(maps.mean()),
-           "mAP_std": float(maps.std(ddof=1)) if len(maps) > 1 else 0.0,
+    """mean +- std over seeds of the headline metric (`primary_key`: VOC mAP, COCO AP) as <key>, <key>_mean and
+    <key>_std (ddof=1; null for a single seed), the other AP numbers' means, and a `units` field."""
+    key = primary_key(per_seed[0])
+    maps = np.array([m[key] for m in per_seed], dtype=np.float64)
+    out = {"primary": key, key: float(maps.mean()), f"{key}_mean": float(maps.mean()),
+           f"{key}_std": float(maps.std(ddof=1)) if len(maps) > 1 else None,
            "seeds": [m["seed"] for m in per_seed], "per_seed": per_seed,
            "train_img_per_s": float(np.mean([m["train_img_per_s"] for m in per_seed])),
            "test_img_per_s": float(np.mean([m["test_img_per_s"] for m in per_seed]))}
@@ -496,6 +572,8 @@ def summarize(per_seed: list[dict]) -> dict:
         vals = [m.get(k) for m in per_seed]
         if all(isinstance(v, (int, float)) for v in vals):
             out[k] = float(np.mean(vals))
+        elif any(v is None for v in vals) and not any(isinstance(v, dict) for v in vals):
+            out[k] = None  # an area range without ground truth
     if isinstance(per_seed[0].get("AP"), dict):  # VOC per-class AP, averaged over seeds
         out["AP_per_class"] = {c: (None if per_seed[0]["AP"][c] is None else
                                    float(np.mean([m["AP"][c] for m in per_seed]))) for c in per_seed[0]["AP"]}
@@ -522,6 +600,7 @@ def finetune_detector(cfg: dict, weights: str | None, run_dir) -> dict:
         return d2_backend.finetune(cfg, weights, run_dir)
     if cfg["backend"] != "torchvision":
         raise ValueError(f"backend={cfg['backend']!r} is not one of ['torchvision', 'detectron2']")
+    check_resume(cfg, weights, run_dir)
     if runtime.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         runtime.atomic_write_text(dump_config(cfg), run_dir / "config.yaml")
@@ -538,9 +617,9 @@ def write_summary(run_dir: Path, cfg: dict, per_seed: list[dict], **extra) -> di
     ``run_dir/metrics.json``; both backends end with it."""
     metrics = summarize(per_seed)
     metrics.update(model=cfg["model"]["type"], arch=cfg["model"]["arch"], dataset=cfg["data"]["format"], **extra)
+    metrics["units"] = units(metrics)
     first = Path(run_dir) / f"seed_{cfg['seeds'][0]}" / "figures" / "detections.png"
     if first.is_file():
-        (Path(run_dir) / "figures").mkdir(exist_ok=True)
-        (Path(run_dir) / "figures" / "detections.png").write_bytes(first.read_bytes())
+        runtime.atomic_write_bytes(first.read_bytes(), Path(run_dir) / "figures" / "detections.png")
     runtime.write_json(metrics, Path(run_dir) / "metrics.json")
     return metrics

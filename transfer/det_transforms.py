@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from albumentations.core.bbox_utils import denormalize_bboxes, normalize_bboxes
 
+from core.data import to_rgb
+
 MEAN_RGB_255 = (123.675, 116.28, 103.53)
 SSD_MIN_IOUS = (None, 0.1, 0.3, 0.5, 0.7, 0.9)  # None: keep the whole image
 
@@ -201,6 +203,28 @@ def rcnn_test_augment(size: int, max_size: int) -> A.Compose:
     return A.Compose([ResizeShortSide([size], max_size)], bbox_params=_bbox_params())
 
 
+def augment_seed(seed: int, epoch: int, rank: int = 0, worker: int = 0) -> int:
+    """The albumentations seed of one augmentation stream: the run seed, the epoch, the DDP rank and the
+    DataLoader worker (0: the main process, k: worker k - 1). Rank 0's main process keeps the plain per-epoch seed
+    ``seed * 100003 + epoch``; every other stream is a SeedSequence of the four, so no two ranks or workers draw
+    the same crops and flips."""
+    if rank == 0 and worker == 0:
+        return seed * 100003 + epoch
+    return int(np.random.SeedSequence([seed, epoch, rank, worker]).generate_state(1)[0])
+
+
+class SeedWorker:
+    """A DataLoader ``worker_init_fn``: reseeds ``transform``'s albumentations pipeline (the worker's own copy)
+    with ``augment_seed(seed, epoch, rank, worker_id + 1)``. Without it every worker starts from the copy of the
+    parent's generator and repeats the same draws."""
+
+    def __init__(self, transform: DetectionTransform, seed: int, epoch: int, rank: int):
+        self.transform, self.seed, self.epoch, self.rank = transform, seed, epoch, rank
+
+    def __call__(self, worker_id: int) -> None:
+        self.transform.augment.set_random_seed(augment_seed(self.seed, self.epoch, self.rank, worker_id + 1))
+
+
 class DetectionTransform:
     """``(PIL image, target) -> (float tensor [3, H, W] in [0, 1], target)`` through an albumentations
     pipeline. The target keeps ``image_id`` and ``size`` (original ``(h, w)``) and gains ``scale``
@@ -211,7 +235,7 @@ class DetectionTransform:
         self.augment, self.drop_difficult = augment, drop_difficult
 
     def __call__(self, image, target):
-        img = np.asarray(image.convert("RGB"))
+        img = np.asarray(image if image.mode == "RGB" else to_rgb(image, str(target.get("image_id", "image"))))
         h, w = img.shape[:2]
         boxes = target["boxes"].numpy().astype(np.float64).reshape(-1, 4)
         labels = target["labels"].numpy().tolist()

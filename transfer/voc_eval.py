@@ -39,7 +39,7 @@ import numpy as np
 
 from core.basics import atomic_path
 from core.constants import VOC_CLASSES
-from core.data import DataError, pascal_to_box, read_text
+from core.data import DataError, pascal_to_box, read_text, safe_relative
 from core.data import parse_pascal_xml as parse_voc_xml  # not via transfer.datasets: that imports torch
 
 log = logging.getLogger(__name__)
@@ -362,6 +362,7 @@ def load_voc_annotations(devkit: str | os.PathLike, year: str = "2007", split: s
             continue
         if len(parts) != 1:
             raise VOCEvalError(f"{list_file}:{lineno}: expected one image id, got {line!r}")
+        safe_relative(parts[0], f"{list_file}:{lineno}: image id", VOCEvalError)
         if parts[0] in annotations:
             raise VOCEvalError(f"{list_file}:{lineno}: duplicate image id {parts[0]!r}")
         xml = root / "Annotations" / f"{parts[0]}.xml"
@@ -418,7 +419,7 @@ def read_voc_results(results_dir: str | os.PathLike, split: str, classes: Sequen
                 if not all(map(math.isfinite, [score, *box])):
                     raise VOCEvalError(f"{loc}: non-finite number in {line.strip()!r}")
                 if known is not None and parts[0] not in known:
-                    raise VOCEvalError(f"{loc}: unknown image id {parts[0]!r} (not in the split)")
+                    raise VOCEvalError(f"{loc}: unknown image id {parts[0]!r} (not in the {split!r} split file)")
                 dets.append((parts[0], score, box))
                 where.append(loc)
         detections[cls], sources[cls] = dets, where

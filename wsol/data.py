@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from core.basics import atomic_path
-from core.data import InputError, read_text
+from core.data import InputError, read_text, safe_relative, to_rgb
 
 __all__ = [
     "MetadataError", "CubRecord", "read_cub", "cub_to_wsol_metadata", "WSOLMetadata",
@@ -120,6 +120,7 @@ def read_cub(cub_root, check_images: bool = False) -> tuple[list[CubRecord], lis
     images = _read_id_map(root / "images.txt", 2, lambda p, i, f: f[0])
     seen: dict[str, int] = {}
     for image_id, rel in images.items():
+        safe_relative(rel, f"{root / 'images.txt'}: image {image_id}", MetadataError)
         if rel in seen:
             raise MetadataError(f"{root / 'images.txt'}: image ids {seen[rel]} and {image_id} share the "
                                 f"path {rel!r}")
@@ -145,7 +146,8 @@ def read_cub(cub_root, check_images: bool = False) -> tuple[list[CubRecord], lis
     for image_id, rel in images.items():
         label = labels[image_id]
         if label not in classes:
-            raise MetadataError(f"{root / 'image_class_labels.txt'}: image {image_id} has unknown class {label}")
+            raise MetadataError(f"{root / 'image_class_labels.txt'}: image {image_id} has unknown class {label} "
+                                "(not in classes.txt)")
         if split[image_id] not in (0, 1):
             raise MetadataError(f"{root / 'train_test_split.txt'}: image {image_id} has split "
                                 f"{split[image_id]} (expected 1 train / 0 test)")
@@ -237,6 +239,7 @@ def read_wsol_metadata(metadata_dir, require_boxes: bool = True) -> WSOLMetadata
 def _read_image_ids(ids_path: Path) -> list[str]:
     image_ids, seen = [], set()
     for lineno, text in _lines(ids_path):
+        safe_relative(text, f"{ids_path}:{lineno}: image id", MetadataError)
         if text in seen:
             raise MetadataError(f"{ids_path}:{lineno}: duplicate image id {text!r}")
         seen.add(text)
@@ -342,7 +345,7 @@ class WSOLDataset:
         path = self.image_root / iid
         try:
             with Image.open(path) as im:
-                img = im.convert("RGB")
+                img = to_rgb(im, str(path))
         except FileNotFoundError:
             raise MetadataError(f"{path}: image file not found (image id {iid!r})") from None
         except OSError as e:

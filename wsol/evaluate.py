@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from core import distributed as ddist
-from core.data import InputError
-from core.runtime import atomic_path
-from wsol.data import WSOLMetadata, read_wsol_metadata
+from core.data import InputError, inside
+from core.runtime import atomic_path, check_outputs_finite
+from wsol.data import MetadataError, WSOLMetadata, read_wsol_metadata
 from wsol.metrics import LocAccuracy, MaxBoxAccEvaluator, boxes_at_threshold, centred_box
 from wsol.model import normalise_cams
 from wsol.scoremaps import gt_boxes_resized, load_scoremap, score_scoremap_dir  # noqa: F401 (public here too)
@@ -70,15 +70,17 @@ def _sum_over_ranks(v2: MaxBoxAccEvaluator, v1: MaxBoxAccEvaluator, loc: LocAccu
 @torch.no_grad()
 def evaluate_model(model, loader, meta: WSOLMetadata, device, size=(224, 224), cam_curve_interval=0.001,
                    iou_thresholds=(30, 50, 70), loc_threshold=0.15, loc_iou=0.5, loc_op=">=",
-                   scoremap_dir=None, keep_examples: int = 0, autocast_ctx=None, progress=None) -> dict:
+                   scoremap_dir=None, keep_examples: int = 0, autocast_ctx=None, progress=None,
+                   split: str = "test") -> dict:
     """Classification + localization of a CAM model over one split (CAMs of the true class).
 
     loader yields (images [B, 3, H, W] in [0, 1], labels [B], indices [B]) with indices into
     ``meta.image_ids`` (torchrun: this rank's shard, counts summed by `_sum_over_ranks`). Returns percentages:
-    top1_cls, top5_cls, maxboxacc (largest contour, IoU 50), maxboxacc_v2 (all contours, mean over iou_thresholds),
-    maxboxacc_per_iou, best thresholds, gt_known_loc / top1_loc / top5_loc at ``loc_threshold`` and ``loc_iou``,
-    the BoxAcc curves, and up to ``keep_examples`` (image, cam, gt, pred boxes) for figures.
-    """
+    top1_cls, top5_cls, maxboxacc_v1 (largest contour, IoU 50), maxboxacc_v2 (all contours, mean over the IoUs),
+    maxboxacc_v2_per_iou, best thresholds, gt_known / top1 / top5_loc at ``loc_threshold`` and ``loc_iou``, the
+    BoxAcc curves, and up to ``keep_examples`` (image, cam, gt, pred boxes) for figures. A NaN or infinite
+    logit or CAM value stops it (`NonFiniteOutputError` naming ``split`` and the count, on every rank) and the
+    score map of such an image is never written."""
     model.eval()
     v2 = MaxBoxAccEvaluator(cam_curve_interval, iou_thresholds, multi_contour=True)
     v1 = MaxBoxAccEvaluator(cam_curve_interval, (50,), multi_contour=False)
@@ -86,13 +88,17 @@ def evaluate_model(model, loader, meta: WSOLMetadata, device, size=(224, 224), c
     if scoremap_dir is not None:
         scoremap_dir = Path(scoremap_dir)
     it = loader if progress is None else progress(loader, desc="evaluate")
-    kept = []  # (dataset index, example) pairs
+    kept, nonfinite = [], 0  # (dataset index, example) pairs; non-finite logit and CAM values
     for images, labels, indices in it:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device)
         ctx = autocast_ctx() if autocast_ctx else torch.autocast("cpu", enabled=False)
         with ctx:
             logits, cams = model.logits_and_cams(images, labels)
+        # NaN logits or CAMs would score as a constant map and a wrong class: counted, never saved (checked below)
+        bad = ((~torch.isfinite(logits.float())).flatten(1).sum(1)
+               + (~torch.isfinite(cams.float())).flatten(1).sum(1)).cpu()
+        nonfinite += int(bad.sum())
         maps = normalise_cams(cams.float(), size)[:, 0].cpu().numpy()
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu().tolist()
         for j, idx in enumerate(indices.tolist()):
@@ -102,21 +108,33 @@ def evaluate_model(model, loader, meta: WSOLMetadata, device, size=(224, 224), c
             v2.accumulate(smap, gt, iid)
             v1.accumulate(smap, gt, iid)
             loc.accumulate(smap, gt, int(labels[j]), top5[j])
-            if scoremap_dir is not None:
-                with atomic_path(scoremap_dir / f"{iid}.npy") as tmp, open(tmp, "wb") as f:
-                    np.save(f, smap.astype(np.float32))
+            if scoremap_dir is not None and not bad[j]:
+                save_scoremap(scoremap_dir, iid, smap)
             if len(kept) < keep_examples:
                 kept.append((idx, {"image": images[j].float().cpu().permute(1, 2, 0).numpy(), "cam": smap,
                                  "gt": gt, "image_id": iid, "label": int(labels[j]), "pred": top5[j][0]}))
+    check_outputs_finite("wsol", split, {"logit or CAM": ddist.sum_counts([nonfinite])[0]})
     examples = _sum_over_ranks(v2, v1, loc, kept)[:keep_examples]
+    return _report(v2, v1, loc, examples)
+
+
+def save_scoremap(scoremap_dir: Path, image_id: str, smap: np.ndarray) -> None:
+    """Write ``<scoremap_dir>/<image_id>.npy`` atomically; an id that would leave the folder (``../x``, an
+    absolute path) is refused (`MetadataError` naming it): a metadata file never writes outside the folder."""
+    path = inside(scoremap_dir, f"{image_id}.npy", f"image id {image_id!r}", MetadataError)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, smap.astype(np.float32))
+
+
+def _report(v2: MaxBoxAccEvaluator, v1: MaxBoxAccEvaluator, loc: LocAccuracy, examples: list) -> dict:
     r2, r1, rl = v2.compute(), v1.compute(), loc.compute()
     for ex in examples:  # boxes at the split's best IoU-50 threshold, all contours
         ex["pred_boxes"] = boxes_at_threshold(ex["cam"], r2["best_threshold"].get("50", 0.5), True)
     return {
         "top1_cls": rl["top1_cls"],
-        "maxboxacc": r1["maxboxacc"]["50"],
+        "maxboxacc_v1": r1["maxboxacc_v1"],
         "maxboxacc_v2": r2["maxboxacc_v2"],
-        "maxboxacc_per_iou": r2["maxboxacc"],
+        "maxboxacc_v2_per_iou": r2["maxboxacc_per_iou"],
         "best_threshold": r2["best_threshold"],
         "best_threshold_v1": r1["best_threshold"]["50"],
         "gt_known_loc": rl["gt_known_loc"],

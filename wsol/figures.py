@@ -10,6 +10,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from core.basics import save_figure  # noqa: E402
+
 __all__ = ["cam_grid", "boxacc_curves", "loc_curve"]
 
 
@@ -45,7 +47,7 @@ def cam_grid(examples, path, cols: int = 4, class_names=None) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
     return path
 
@@ -65,7 +67,7 @@ def boxacc_curves(thresholds, box_acc: dict, path, title: str = "BoxAcc vs CAM t
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
     return path
 
@@ -85,6 +87,6 @@ def loc_curve(curve: list[dict], path, keys=("maxboxacc_v2", "top1_loc", "gt_kno
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
     return path

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms import v2 as T
 
 from core import distributed as ddist
@@ -32,6 +32,7 @@ from core.runtime import (
     atomic_save,
     autocast,
     barrier,
+    configure_cuda,
     get_device,
     is_main_process,
     progress,
@@ -39,7 +40,8 @@ from core.runtime import (
     write_json,
 )
 from core.schedule import lr_factor
-from pretrain.methods import build_method
+from core.units import with_units
+from pretrain.methods import build_configured, check_method_config
 from wsol.data import WSOLDataset
 from wsol.evaluate import centred_box_baseline, evaluate_model
 from wsol.figures import boxacc_curves, cam_grid, loc_curve
@@ -55,7 +57,6 @@ DEFAULTS = {
     "name": "wsol",
     "seed": 0,
     "arch": "resnet50",                 # torchvision ResNet of the backbone checkpoint
-    "allow_pickle": False,              # load non-weights_only checkpoints (trusted files only)
     "data": {
         "image_root": "data/CUB_200_2011/images",   # image ids are paths relative to this
         "metadata_root": "data/wsol_metadata/CUB",  # holds <train_split>/ and <test_split>/
@@ -104,6 +105,8 @@ DEFAULTS = {
         "device": "auto",
         "precision": "fp32",            # fp32 | bf16 | fp16 (CUDA only)
         "channels_last": True,          # CUDA only
+        "tensorboard": "auto",          # auto | true | false: also write RUN/tensorboard
+                                        # (auto: when the package is installed)
     },
     "log_every": 20,                    # iterations between log lines
 }
@@ -181,8 +184,17 @@ RANGES = {
 
 def resolve_config(cfg: dict) -> dict:
     """Validate against DEFAULTS (unknown keys rejected, missing ones filled, types and RANGES checked)."""
+    if "allow_pickle" in cfg:  # a recipe (someone else's, or an override) must never switch unpickling on
+        raise ConfigError("config key allow_pickle: unpickling cannot be turned on from a config or an override; "
+                          "pass --allow-pickle to tools/wsol.py for a checkpoint you trust")
     cfg = validate(cfg, DEFAULTS)
     check_ranges(cfg, RANGES)
+    mixing = cfg["mixing"]
+    if mixing["name"] != "none":
+        check_method_config(mixing["name"], mixing.get("knobs") or {}, "mixing.knobs", "mixing.name")
+    elif mixing.get("knobs"):
+        raise ConfigError(f"config key mixing.knobs: {sorted(mixing['knobs'])} would be ignored: mixing.name is "
+                          "none (plain cross-entropy); name the method (e.g. mixing.name=multimix) or drop them")
     return cfg
 
 
@@ -194,7 +206,9 @@ class WSOLObjective(nn.Module):
         super().__init__()
         self.cam = cam
         name = mixing["name"]
-        self.method = None if name == "none" else build_method(name, cam, num_classes, **(mixing.get("knobs") or {}))
+        knobs = mixing.get("knobs") or {}
+        self.method = None if name == "none" else build_configured(name, cam, num_classes, knobs, "mixing.knobs",
+                                                                             "mixing.name")
         if self.method is not None and self.method.export_head() is not None:
             raise ConfigError(f"mixing {name!r} trains its own classifier head; CAMs need fc on pooled features: "
                               "use a method without one (alignmix: the released code's GAP head)")
@@ -235,7 +249,8 @@ def _eval(model, test, cfg, device, scoremap_dir=None, keep_examples=0):
                           cam_curve_interval=e["cam_curve_interval"], iou_thresholds=e["iou_thresholds"],
                           loc_threshold=e["loc_threshold"], loc_iou=e["loc_iou"], loc_op=e["loc_op"],
                           scoremap_dir=scoremap_dir, keep_examples=keep_examples,
-                          autocast_ctx=lambda: autocast(device, cfg["runtime"]["precision"]), progress=progress)
+                          autocast_ctx=lambda: autocast(device, cfg["runtime"]["precision"]), progress=progress,
+                          split=cfg["data"]["test_split"])
 
 
 def _public(res: dict) -> dict:
@@ -248,8 +263,9 @@ class WSOLTask(Task):
 
     def __init__(self, cfg: dict, weights: str | None, device: torch.device):
         self.cfg, self.device = cfg, device
+        self.rank, self.world = ddist.rank_world()
         self.train_set, self.test_set, self.num_classes = _datasets(cfg)
-        cam = build_cam_model(cfg["arch"], self.num_classes, weights, cfg["allow_pickle"]).to(device)
+        cam = build_cam_model(cfg["arch"], self.num_classes, weights).to(device)
         if device.type == "cuda" and cfg["runtime"]["channels_last"]:
             cam = cam.to(memory_format=torch.channels_last)
         self.cam = cam
@@ -259,11 +275,23 @@ class WSOLTask(Task):
         self.steps_per_epoch = len(self._loader(0))
         self.curve: list[dict] = []
 
+    @property
+    def find_unused_parameters(self) -> bool:  # a mixing method whose modes use different heads
+        return self.model.method is not None and self.model.method.find_unused_parameters
+
     def _loader(self, epoch: int) -> DataLoader:
-        n, b = len(self.train_set), self.cfg["batch_size"]
-        return DataLoader(self.train_set, batch_size=b, shuffle=True, drop_last=n > b,
-                          num_workers=self.cfg["data"]["num_workers"],
-                          generator=torch.Generator().manual_seed(self.cfg["seed"] * 100003 + epoch))
+        """The epoch's loader: `batch_size` images per process; under DDP each rank reads its own shard of the
+        epoch's order (DistributedSampler with the run seed, `set_epoch`), so the ranks train on different
+        images. The order is a function of (seed, epoch) either way: exact resume."""
+        n, b, workers = len(self.train_set), self.cfg["batch_size"], self.cfg["data"]["num_workers"]
+        if self.world == 1:
+            return DataLoader(self.train_set, batch_size=b, shuffle=True, drop_last=n > b, num_workers=workers,
+                              generator=torch.Generator().manual_seed(self.cfg["seed"] * 100003 + epoch))
+        sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                     seed=self.cfg["seed"])
+        sampler.set_epoch(epoch)
+        return DataLoader(self.train_set, batch_size=b, sampler=sampler, drop_last=n > b * self.world,
+                          num_workers=workers)
 
     def batches(self, epoch: int, start_step: int):
         if start_step:
@@ -300,8 +328,8 @@ class WSOLTask(Task):
 
     @property
     def resume_may_change(self) -> tuple[str, ...]:
-        keys = ["name", "data.num_workers", "runtime.device", "log_every", "eval.num_figure_images",
-                "eval.batch_size"]
+        keys = ["name", "data.num_workers", "runtime.device", "runtime.tensorboard", "log_every",
+                "eval.num_figure_images", "eval.batch_size"]
         if self.cfg["optim"]["schedule"] != "cosine":
             keys.append("epochs")  # train longer: the schedule does not depend on the total
         return tuple(keys)
@@ -313,18 +341,19 @@ class WSOLTask(Task):
         self.curve = list(state["curve"])
 
 
-_CURVE_KEYS = ("top1_cls", "maxboxacc", "maxboxacc_v2", "top1_loc", "gt_known_loc")
+_CURVE_KEYS = ("top1_cls", "maxboxacc_v1", "maxboxacc_v2", "top1_loc", "gt_known_loc")
 
 
 def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: bool = False) -> dict:
     """The WSOL stage: fine-tune a CAM model from ``inputs["weights"]`` (a backbone checkpoint; None or absent:
     random init) and evaluate it.
 
-    Returns metrics in percent: top1_cls, maxboxacc, maxboxacc_v2, top1_loc, gt_known_loc, top5_loc,
-    maxboxacc_per_iou, best_threshold, centred_box baseline, curve (one entry per evaluated epoch). Writes
-    run_dir/metrics.json and figures/*.png. An existing run_dir/checkpoints/last.pth is resumed (resume=True)
-    when it was made from the same config and weights (`WSOLTask.resume_may_change` excepted); a finished run
-    just re-reports. Without resume an existing checkpoint is an error unless `force`.
+    Returns metrics in percent (its "units" field says so): top1_cls, maxboxacc_v1 (largest contour, IoU 50),
+    maxboxacc_v2 (all contours, mean over IoU 30/50/70), top1_loc, gt_known_loc, top5_loc, maxboxacc_v2_per_iou,
+    best_threshold, centred_box baseline, curve (one entry per evaluated epoch). Writes run_dir/metrics.json and
+    figures/*.png. An existing run_dir/checkpoints/last.pth is resumed (resume=True) when it was made from the same
+    config and weights (`WSOLTask.resume_may_change` excepted); a finished run just re-reports. Without resume an
+    existing checkpoint is an error unless `force`.
     """
     inputs = dict(inputs or {})
     weights = inputs.pop("weights", None)
@@ -334,6 +363,8 @@ def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: boo
     run_dir = Path(run_dir)
     seed_everything(cfg["seed"])
     device = get_device(cfg["runtime"]["device"])
+    if device.type == "cuda":
+        configure_cuda(benchmark=True)  # fixed-size crops
     task = WSOLTask(cfg, weights, device)
     o = cfg["optim"]
     optimizer = _build_optimizer(o["name"], task.param_groups(), o["lr"], o["momentum"], o["weight_decay"],
@@ -341,14 +372,15 @@ def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: boo
     settings = LoopSettings(total_steps=task.steps_per_epoch * cfg["epochs"], device=device,
                             precision=cfg["runtime"]["precision"],
                             channels_last=device.type == "cuda" and cfg["runtime"]["channels_last"],
-                            log_every=cfg["log_every"], progress_desc="wsol epoch")
+                            log_every=cfg["log_every"], progress_desc="wsol epoch",
+                            tensorboard=cfg["runtime"]["tensorboard"])
     engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
     engine.fit(resume=resume, force=force, fingerprint=fingerprint.make(cfg, {"weights": weights}),
                header={"weights": weights, "num_classes": task.num_classes, "train_images": len(task.train_set),
+                       "per_process_batch": cfg["batch_size"],
                        "test_images": len(task.test_set)})
-    if is_main_process():
-        atomic_save({"model": task.cam.state_dict(), "arch": cfg["arch"], "num_classes": task.num_classes,
-                     "config": dump_config(cfg)}, run_dir / "cam_model.pth")
+    engine.check_parameters()
+    # the final evaluation stops on non-finite logits or CAMs before the model or any result is written
     metrics = _final_report(task.cam, task.test_set, cfg, device, run_dir, task.curve, engine.logger, weights)
     task.curve = metrics["curve"]  # keep the final point, so that a longer resumed run reports the whole curve
     engine.save_checkpoint()
@@ -362,22 +394,24 @@ def finetune(cfg: dict, weights: str | None, run_dir, resume: bool = True, force
 
 def _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights) -> dict:
     res = _eval(model, test_set, cfg, device, keep_examples=cfg["eval"]["num_figure_images"])
-    final = {"epoch": cfg["epochs"], **{k: res[k] for k in ("top1_cls", "maxboxacc", "maxboxacc_v2",
+    final = {"epoch": cfg["epochs"], **{k: res[k] for k in ("top1_cls", "maxboxacc_v1", "maxboxacc_v2",
                                                              "top1_loc", "gt_known_loc")}}
     curve = [c for c in curve if c["epoch"] != final["epoch"]] + [final]
     size = (cfg["input"]["test_size"],) * 2
     baseline = centred_box_baseline(test_set.metadata, size, 0.5, cfg["eval"]["iou_thresholds"])
-    metrics = {**_public(res), "curve": curve, "weights": weights, "centred_box": baseline}
+    metrics = with_units({**_public(res), "curve": curve, "weights": weights, "centred_box": baseline})
     if not is_main_process():  # every rank evaluated its shard and holds the numbers; rank 0 writes
         barrier()
         return metrics
+    atomic_save({"model": model.state_dict(), "arch": cfg["arch"], "num_classes": model.fc.out_features,
+                 "config": dump_config(cfg)}, Path(run_dir) / "cam_model.pth")
     fig = Path(run_dir) / "figures"
     cam_grid(res["_examples"], fig / "cam_grid.png")
     boxacc_curves(res["_thresholds"], {**{f"IoU {d} (all contours)": a for d, a in res["_box_acc"].items()},
                                        "IoU 50 (largest contour)": res["_box_acc_v1"]}, fig / "boxacc.png")
     loc_curve(curve, fig / "loc_curve.png")
     write_json(metrics, Path(run_dir) / "metrics.json")
-    logger.log({"event": "done", **{k: metrics[k] for k in ("top1_cls", "maxboxacc", "maxboxacc_v2",
+    logger.log({"event": "done", **{k: metrics[k] for k in ("top1_cls", "maxboxacc_v1", "maxboxacc_v2",
                                                              "top1_loc", "gt_known_loc")}})
     barrier()
     return metrics

@@ -43,6 +43,7 @@ import cv2
 import numpy as np
 
 from core.data import InputError
+from core.units import with_units
 
 try:  # a dependency (pyproject.toml); the OpenCV fallback, identical numbers, covers platforms without its wheels
     import numba
@@ -684,14 +685,15 @@ class MaxBoxAccEvaluator:
         acc = self.box_acc()
         maxacc = {str(d): float(a.max()) for d, a in acc.items()}
         best_thr = {str(d): float(self.thresholds[int(a.argmax())]) for d, a in acc.items()}
-        return {
-            "maxboxacc": maxacc,
-            # MaxBoxAccV2 when multi-contour with IoU 30/50/70; the mean over the given IoUs otherwise
-            "maxboxacc_v2": float(np.mean(list(maxacc.values()))),
-            "best_threshold": best_thr,
-            "multi_contour": self.multi_contour,
-            "num_images": self.count,
-        }
+        # two flavours, two names: all contours -> MaxBoxAccV2 (the mean over the IoUs; wsolevaluation's at
+        # 30/50/70); the largest contour -> MaxBoxAcc (wsolevaluation's "V1", at IoU 50)
+        out = {"maxboxacc_per_iou": maxacc, "contours": "all" if self.multi_contour else "largest",
+               "best_threshold": best_thr, "num_images": self.count}
+        if self.multi_contour:
+            out["maxboxacc_v2"] = float(np.mean(list(maxacc.values())))
+        elif "50" in maxacc:
+            out["maxboxacc_v1"] = maxacc["50"]
+        return with_units(out)
 
 
 def loc_at_threshold(scoremap, gt_boxes, threshold: float = 0.15, iou: float = 0.5, op: str = ">=",

@@ -83,7 +83,8 @@ def score_scoremap_dir(metadata_dir, scoremap_dir, cam_curve_interval: float = 0
                        progress=None, workers: int = 1) -> dict:
     """Score ``<scoremap_dir>/<image_id>.npy`` maps (float, [0, 1]) against a metadata split.
 
-    Returns {"maxboxacc": {delta: %}, "maxboxacc_v2": %, "best_threshold": {delta: tau}, ...,
+    Returns {"maxboxacc_per_iou": {delta: %}, "contours": all | largest, "maxboxacc_v2": % (all contours) or
+    "maxboxacc_v1": % (largest contour, IoU 50), "best_threshold": {delta: tau}, "units", ...,
     "sweep": the implementation that ran (`wsol.metrics.sweep_name`)}. ``workers`` > 1 scores maps in
     that many threads; the numbers do not depend on it.
     """

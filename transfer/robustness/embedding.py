@@ -1,4 +1,4 @@
-"""Analysis of the embedding space (MultiMix §4.4, papers/000): alignment and uniformity (Wang & Isola, ICML
+"""Analysis of the embedding space (MultiMix §4.4, arXiv:2311.05538): alignment and uniformity (Wang & Isola, ICML
 2020) of the validation-set embeddings, and a 2-D UMAP of them coloured by class (MultiMix Figure 3).
 
 Definitions (Wang & Isola 2020, eqs. 4-5; MultiMix §4.4 for the positive pairs):
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.runtime import autocast, progress
+from core.runtime import autocast, check_outputs_finite, count_nonfinite, progress, save_figure
 
 
 def _pair_blocks(emb: torch.Tensor, block: int):
@@ -111,7 +111,9 @@ def extract_embeddings(model: nn.Module, loader, device, precision: str = "fp32"
             labels.append(torch.as_tensor(y).reshape(-1))
     finally:
         handle.remove()
-    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+    out = torch.cat(feats)
+    check_outputs_finite("robustness", desc, {"embedding": int(count_nonfinite(out))})
+    return out.numpy(), torch.cat(labels).numpy()
 
 
 def umap_subset(labels, n_classes: int = 10, per_class: int = 100, seed: int = 0) -> np.ndarray:
@@ -162,7 +164,7 @@ def umap_figure(points, labels, path, title: str = "", class_names=None) -> Path
     ax.set_yticks([])
     ax.set_title(title or "UMAP of the embeddings", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -224,7 +226,8 @@ def run_embedding_suite(cfg: dict, checkpoint, imagenet_root, out_dir, metrics: 
     device = get_device(cfg["device"])
     base = open_val_set(imagenet_root)  # ImageNet, TinyImageNet or CIFAR layout
     indices = subset_indices(len(base), cfg["limit"])
-    model, meta = load_classifier_model(checkpoint, num_classes=len(base.classes), arch=cfg["arch"])
+    model, meta = load_classifier_model(checkpoint, num_classes=len(base.classes), arch=cfg["arch"],
+                                        classes=base.classes)
     model = model.to(device)
     ds = ValSet(base, indices, cfg["image_size"], cfg["resize"], need_boxes=False)
     workers = cfg["workers"] if cfg["workers"] is not None else 0

@@ -26,7 +26,9 @@ index), so it also depends on ``batch_size``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -36,7 +38,19 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from core import distributed as ddist
-from core.runtime import autocast, get_device, is_main_process, progress, write_json
+from core.config import ConfigError
+from core.data import DataError
+from core.runtime import (
+    atomic_path,
+    autocast,
+    check_outputs_finite,
+    count_nonfinite,
+    get_device,
+    is_main_process,
+    progress,
+    write_json,
+)
+from core.units import with_units
 
 from . import figures
 from .attacks import fgsm, pgd
@@ -46,6 +60,9 @@ from .data import ImageFiles, NoiseImages, ValSet, collate, list_images, open_va
 from .localization import cam_to_box, check_iou_op, class_activation_maps, localized
 from .model import load_classifier_model
 from .ood import ood_metrics
+
+log = logging.getLogger("robustness")
+BOX_SUITES = ("background",)  # suites that need the val set's boxes (background replacement, CAM localization)
 
 SUITES = ("clean", "background", "calibration", "fgsm", "pgd", "ood")
 NOISE_SETS = ("uniform", "gaussian")
@@ -58,7 +75,7 @@ def parse_suites(suites) -> list[str]:
     suites = list(SUITES) if list(suites) == ["all"] else list(suites)
     unknown = sorted(set(suites) - set(SUITES))
     if unknown or not suites:
-        raise ValueError(f"unknown suites {unknown}; valid: {', '.join(SUITES)} (or 'all')")
+        raise ConfigError(f"unknown suites {unknown}; valid: {', '.join(SUITES)} (or 'all')")
     return [s for s in SUITES if s in suites]
 
 
@@ -83,7 +100,7 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 # the per-image arrays `predict` returns
 _DTYPES = {"label": np.int64, "pred": np.int64, "correct1": bool, "correct5": bool, "confidence": np.float32,
-           "loc": bool}
+           "loc": bool, "nonfinite": np.int64}
 ARRAY_KEYS = tuple(_DTYPES)
 
 
@@ -94,7 +111,8 @@ def predict(model, loader, device, precision: str = "fp32", localize: bool = Fal
     """One pass: top-1 / top-5 correctness, max-softmax confidence and (``localize``) top-1 localization.
 
     Returns numpy arrays ``label [n]``, ``pred [n]``, ``correct1 [n]``, ``correct5 [n]``, ``confidence [n]``,
-    ``loc [n]`` (bool, or None), plus the images / boxes / CAM boxes of the dataset indices in ``keep``
+    ``loc [n]`` (bool, or None), ``nonfinite [n]`` (how many logit and CAM values of each image are NaN or
+    infinite: `check_finite` stops on any), plus the images / boxes / CAM boxes of the dataset indices in ``keep``
     (the 4th item of each sample) for figures, and ``example_index`` (their dataset indices).
     """
     out = {k: [] for k in ARRAY_KEYS}
@@ -117,13 +135,16 @@ def predict(model, loader, device, precision: str = "fp32", localize: bool = Fal
         out["correct1"].append((pred == y).cpu().numpy())
         out["correct5"].append((top5 == y[:, None]).any(1).cpu().numpy())
         out["confidence"].append(conf.cpu().numpy())
+        bad = (~torch.isfinite(logits)).sum(1).cpu().numpy()
         if localize:
             cams = class_activation_maps(feats.float(), model.fc_weight.float(), pred, tuple(x.shape[-2:]))
             cams = cams.cpu().numpy()
+            bad = bad + (~np.isfinite(cams)).reshape(len(cams), -1).sum(1)
             pboxes = [cam_to_box(c, cam_threshold) for c in cams]
             ok = [bool(p == t) and localized(b, g.numpy(), iou_threshold, iou_op)
                   for b, g, p, t in zip(pboxes, boxes, pred.tolist(), labels.tolist())]
             out["loc"].append(np.array(ok, dtype=bool))
+        out["nonfinite"].append(bad.astype(np.int64))
         for b, i in enumerate(idx.tolist()):
             if i in keep:
                 ex_index.append(i)
@@ -161,6 +182,12 @@ def predict_sharded(model, ds, batch_size: int, num_workers: int, device, **kwar
     return res
 
 
+def check_finite(p: dict, split: str) -> None:
+    """Stop (NonFiniteOutputError, exit 1) when any logit or CAM value of `p` (a `predict` result) is not finite:
+    the top-1 error of NaN logits would be a number."""
+    check_outputs_finite("robustness", split, {"logit or CAM": int(p["nonfinite"].sum())})
+
+
 def _errors(p: dict) -> dict:
     r = {"top1_err": 100.0 * (1.0 - p["correct1"].mean()), "top5_err": 100.0 * (1.0 - p["correct5"].mean())}
     if p["loc"] is not None:
@@ -175,7 +202,7 @@ def adversarial_errors(model, loader, attacks: dict, device, precision: str = "f
     batch_ids: the batch index of each of the loader's batches (default 0, 1, ...: a shard passes the
     single-process batch numbers, core.distributed.shard_blocks); the counts are summed over ranks."""
     wrong = {name: 0 for name in attacks}
-    n = 0
+    n, bad = 0, torch.zeros((), dtype=torch.int64, device=device)
     for k, (images, labels, _, _) in enumerate(progress(loader, desc=desc)):
         b = k if batch_ids is None else batch_ids[k]
         x, y = _to_device(images, device), labels.to(device)
@@ -183,11 +210,14 @@ def adversarial_errors(model, loader, attacks: dict, device, precision: str = "f
             with autocast(device, precision):
                 x_adv = attack(model, x, y, b)
                 with torch.no_grad():
-                    pred = model(x_adv).argmax(1)
+                    logits = model(x_adv)
+                    bad += count_nonfinite(logits) + count_nonfinite(x_adv)
+                    pred = logits.argmax(1)
             wrong[name] += int((pred != y).sum())
         n += y.numel()
-    totals = ddist.sum_counts([n, *wrong.values()])
-    return {name: 100.0 * w / totals[0] for name, w in zip(wrong, totals[1:])}
+    totals = ddist.sum_counts([n, int(bad), *wrong.values()])
+    check_outputs_finite("robustness", desc, {"logit or adversarial image": totals[1]})
+    return {name: 100.0 * w / totals[0] for name, w in zip(wrong, totals[2:])}
 
 
 def export_corrupted_set(base, indices, out_dir, corruption: str, at: str = "eval", image_size: int = 224,
@@ -206,7 +236,8 @@ def export_corrupted_set(base, indices, out_dir, corruption: str, at: str = "eva
         rel = Path(wnid) / (Path(base.samples[i][0]).stem + ".png")
         (root / wnid).mkdir(parents=True, exist_ok=True)
         arr = (img.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(root / rel)
+        with atomic_path(root / rel) as tmp:
+            Image.fromarray(arr).save(tmp, format="PNG")
         index["images"][str(rel)] = {"label": label, "boxes": boxes.tolist()}
     write_json(index, root / "index.json")
     return root
@@ -260,11 +291,28 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
     suites = parse_suites(suites)
     _check_options(corrupt_at, iou_op, ood_noise)
     ev = _Evaluation(o, suites)
-    ev.run_suites()
-    metrics = _rounded(json.loads(json.dumps(ev.metrics, default=float)))  # plain JSON values
+    with exact_fp32(ev.device, precision):
+        ev.run_suites()
+    metrics = with_units(_rounded(json.loads(json.dumps(ev.metrics, default=float))))  # plain JSON values
     if ev.out_dir is not None and is_main_process():
         write_json(metrics, ev.out_dir / "metrics.json")
     return metrics
+
+
+@contextlib.contextmanager
+def exact_fp32(device: torch.device, precision: str):
+    """An fp32 evaluation on CUDA with TF32 off: torch's default runs cuDNN convolutions in TF32 on Ampere and newer
+    GPUs (`core.runtime.configure_cuda`), which rounds an "fp32" attack's gradients to 10-bit mantissas. The
+    previous settings are restored after."""
+    if device.type != "cuda" or precision != "fp32":
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _check_options(corrupt_at: str, iou_op: str, ood_noise) -> None:
@@ -294,9 +342,11 @@ class _Evaluation:
         self.fig_dir = self.out_dir / "figures" if self.out_dir is not None else None
         self.write = is_main_process()  # under torchrun every rank evaluates its shard, rank 0 writes
         self.base = open_val_set(o["imagenet_root"])  # ImageNet, TinyImageNet or CIFAR (transfer/robustness/data.py)
+        self.suites = suites = self._drop_box_suites(suites)
         self.indices = subset_indices(len(self.base), o["limit"])
         # fail before any compute on a checkpoint without a head for these classes, or on empty OOD folders
-        model, self.meta = load_classifier_model(o["checkpoint"], num_classes=len(self.base.classes), arch=o["arch"])
+        model, self.meta = load_classifier_model(o["checkpoint"], num_classes=len(self.base.classes), arch=o["arch"],
+                                                    classes=self.base.classes)
         self.model = model.to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -312,6 +362,22 @@ class _Evaluation:
         self.examples = [self.indices[p] for p in subset_indices(len(self.indices), o["n_examples"])]
         self.clean = None
 
+    def _drop_box_suites(self, suites: list[str]) -> list[str]:
+        """Without box annotations the suites that need them are skipped, with a note saying so."""
+        skipped = [s for s in suites if s in BOX_SUITES]
+        if not skipped or self.base.has_boxes:
+            return suites
+        rest = [s for s in suites if s not in BOX_SUITES]
+        log.warning("%s: skipped: %s has no box annotations (val_boxes/*.xml or LOC_val_solution.csv), which "
+                    "%s needs%s", ", ".join(skipped), self.o["imagenet_root"], "it" if len(skipped) == 1 else "they",
+                    f"; running {','.join(rest)} (--suites {','.join(rest)} says so without this note)" if rest
+                    else "")
+        if not rest:
+            raise DataError(f"{self.o['imagenet_root']}: no box annotations, and every suite asked for "
+                             f"({', '.join(skipped)}) needs them; choose others with --suites "
+                             f"(e.g. clean,calibration,fgsm,pgd,ood)")
+        return rest
+
     def loader(self, ds):
         return _loader(ds, self.o["batch_size"], self.num_workers, self.device)
 
@@ -320,9 +386,11 @@ class _Evaluation:
 
     def predict(self, ds, localize: bool, desc: str) -> dict:
         o = self.o
-        return predict_sharded(self.model, ds, o["batch_size"], self.num_workers, self.device,
-                               precision=o["precision"], localize=localize, cam_threshold=o["cam_threshold"],
-                               iou_threshold=o["iou_threshold"], keep=self.examples, desc=desc, iou_op=o["iou_op"])
+        p = predict_sharded(self.model, ds, o["batch_size"], self.num_workers, self.device,
+                            precision=o["precision"], localize=localize, cam_threshold=o["cam_threshold"],
+                            iou_threshold=o["iou_threshold"], keep=self.examples, desc=desc, iou_op=o["iou_op"])
+        check_finite(p, desc)
+        return p
 
     def run_suites(self) -> None:
         o, suites = self.o, self.suites
@@ -403,6 +471,7 @@ class _Evaluation:
         for name, ds in self.ood_sets.items():
             p = predict_sharded(self.model, ds, self.o["batch_size"], self.num_workers, self.device,
                                 precision=self.o["precision"], desc=f"ood/{name}")
+            check_finite(p, f"ood/{name}")
             scores[name] = p["confidence"]
             ood[name] = ood_metrics(self.clean["confidence"], p["confidence"], self.o["ood_threshold"])
         self.metrics["ood"] = ood

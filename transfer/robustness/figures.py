@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from core.basics import save_figure  # noqa: E402
+
 
 def reliability_diagram(bins: dict, path, title: str = "", ece: float | None = None) -> Path:
     """Accuracy vs confidence per bin (``calibration.calibration_bins``), gap shaded, counts below."""
@@ -39,7 +41,7 @@ def reliability_diagram(bins: dict, path, title: str = "", ece: float | None = N
     axc.set_xlabel("confidence")
     axc.set_ylabel("count")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -69,7 +71,7 @@ def image_grid(rows: dict, path, boxes=None, pred_boxes=None) -> Path:
             if c == 0:
                 ax.set_title(name, fontsize=8, loc="left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -87,6 +89,6 @@ def score_histograms(id_scores, ood_scores: dict, path) -> Path:
     ax.set_ylabel("density")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

@@ -58,15 +58,25 @@ class NormalizedClassifier(nn.Module):
         return w.view(w.shape[0], -1, r, r)
 
 
-def load_classifier_model(checkpoint, num_classes: int, arch: str | None = None) -> tuple[nn.Module, dict]:
+def load_classifier_model(checkpoint, num_classes: int, arch: str | None = None,
+                          classes=None) -> tuple[nn.Module, dict]:
     """A ``NormalizedClassifier`` (eval mode, frozen) from a backbone checkpoint with its fc.
 
     Raises ``core.checkpoint.CheckpointError`` naming the key and shapes when the checkpoint has no
-    classifier head for ``num_classes`` classes.
+    classifier head for ``num_classes`` classes, or, when the checkpoint lists the classes it was trained on
+    (``meta["classes"]``), when they are not ``classes`` (the evaluation set's, in label order): the same count
+    of other classes would score every prediction against the wrong label.
     """
-    from core.checkpoint import classifier_head, resnet_from_checkpoint
+    from core.checkpoint import CheckpointError, classifier_head, resnet_from_checkpoint
 
     net, meta = resnet_from_checkpoint(checkpoint, arch=arch, num_classes=num_classes)
+    trained = meta.get("classes")
+    if classes is not None and isinstance(trained, list) and list(map(str, classes)) != trained:
+        k = next((i for i, (a, b) in enumerate(zip(trained, map(str, classes))) if a != b), min(len(trained),
+                                                                                             len(classes)))
+        raise CheckpointError(f"{checkpoint}: trained on other classes than the evaluation set's: label {k} is "
+                              f"{trained[k] if k < len(trained) else '<none>'!r} in the checkpoint, "
+                              f"{str(list(classes)[k]) if k < len(classes) else '<none>'!r} in the data")
     model = NormalizedClassifier(net, head=classifier_head(checkpoint)).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -5,9 +5,9 @@ A protocol fills the options it names that the config leaves at null; a value th
 
 Sources (papers in /work/shared/papers; public code read for facts where the papers are silent):
 
-- Attack budgets: AlignMix §4.2 (papers/003) "Following the evaluation protocol of (Kim et al., 2020), we use
+- Attack budgets: AlignMix §4.2 (arXiv:2103.15375) "Following the evaluation protocol of (Kim et al., 2020), we use
   8/255 l_inf eps-ball for FGSM and 4/255 l_inf eps-ball with step size 2/255 for PGD"; MultiMix §4.2
-  (papers/000) "We follow the experimental settings of AlignMixup" with the same numbers. Same budgets for
+  (arXiv:2311.05538) "We follow the experimental settings of AlignMixup" with the same numbers. Same budgets for
   CIFAR-10/100, TinyImageNet (and ImageNet in AlignMix Table 2).
 - PGD iterations and random start (papers silent): Kim et al. 2020 = PuzzleMix, snu-mllab/PuzzleMix
   ``checkpoint/test_robust.py`` at 062ccac: ``param_set = [(8, 8, 1, False), (4, 2, 20, True)]``, i.e. FGSM eps
@@ -33,7 +33,7 @@ from __future__ import annotations
 PROTOCOL_KEYS = ("image_size", "resize", "fgsm_eps", "pgd_eps", "pgd_step", "pgd_iters", "pgd_random_start",
                  "ood_transform")
 
-# the evaluator's own defaults (stage DEFAULTS before protocols existed)
+# what the protocol keys take when no protocol is chosen
 EVALUATOR_DEFAULTS = {"image_size": 224, "resize": 256, "fgsm_eps": "8/255", "pgd_eps": "4/255",
                       "pgd_step": "2/255", "pgd_iters": 10, "pgd_random_start": True, "ood_transform": "eval"}
 

@@ -9,37 +9,41 @@ umap-learn) adds alignment / uniformity and a UMAP figure (`embedding.py`).
 
 from __future__ import annotations
 
+import logging
 from fractions import Fraction
 
+from core.basics import metric_line
 from core.config import ConfigError, check_ranges, validate
 from transfer.robustness.data import OOD_TRANSFORMS
 from transfer.robustness.evaluate import NOISE_SETS, SUITES, evaluate_checkpoint, parse_suites
 from transfer.robustness.protocols import EVALUATOR_DEFAULTS, PROTOCOL_KEYS, PROTOCOLS, apply_protocol
 
+log = logging.getLogger("robustness")
+
 STAGE_SUITES = ("embedding",)  # suites of this stage beyond evaluate_checkpoint's; never in "all"
 
 DEFAULTS = {
-    "suites": ",".join(SUITES),      # comma-separated (or a list): clean,background,calibration,fgsm,pgd,ood
-                                     # (+ embedding, only when listed)
+    "suites": ",".join(SUITES),      # comma-separated (or a list) of clean, background, calibration, fgsm, pgd,
+                                     # ood, embedding, or all (every suite but embedding)
     "protocol": None,                # cifar | tinyimagenet | imagenet: fills the null keys below (null: none)
     "out": "runs/robustness",        # output folder of tools/evaluate.py (the pipeline gives its own)
     "limit": None,                   # evaluate N evenly spaced val images (and at most N per OOD folder)
     "image_size": None,              # centre-crop size (protocol; evaluator default 224)
     "resize": None,                  # short side before the crop (protocol; evaluator default 256)
-    "batch_size": 64,
+    "batch_size": 64,                # images per forward (per process)
     "seed": 0,                       # replacement images, noise, PGD random starts, synthetic OOD images
-    "device": "auto",
+    "device": "auto",                # auto | cpu | cuda | cuda:N
     "precision": "fp32",             # fp32 | bf16 | fp16 (CUDA autocast, attacks too)
     "workers": None,                 # data-loading workers: 0 on CPU, min(8, cores) on CUDA
     "arch": None,                    # from the checkpoint's meta
     "corrupt_at": "eval",            # eval (after resize + crop) | original (stored resolution, then resize)
     "sigma": 0.1,                    # background noise std in [0, 1] pixel units, clipped to [0, 1]
     "export_corrupted": None,        # folder to write the corrupted val sets as PNG (+ index.json)
-    "fgsm_eps": None,                # a number or a fraction string (protocol; default 8/255)
-    "pgd_eps": None,                 # (protocol; default 4/255)
-    "pgd_step": None,                # (protocol; default 2/255)
-    "pgd_iters": None,               # (protocol: 20; evaluator default 10)
-    "pgd_random_start": True,
+    "fgsm_eps": None,                # FGSM budget: a number or a fraction string (protocol; default 8/255)
+    "pgd_eps": None,                 # PGD budget (protocol; default 4/255)
+    "pgd_step": None,                # PGD step size (protocol; default 2/255)
+    "pgd_iters": None,               # PGD iterations (protocol: 20; without a protocol 10)
+    "pgd_random_start": True,        # PGD starts at a random point of the eps-ball
     "ood_noise": ",".join(NOISE_SETS),  # synthetic OOD sets: uniform,gaussian (empty for none)
     "gaussian_std": 0.5,             # std of the Gaussian OOD noise N(0.5, std), clipped (AlignMix App. C)
     "cam_threshold": 0.25,           # localization: CAM box at this fraction of the map's max
@@ -56,6 +60,8 @@ DEFAULTS = {
     "umap_per_class": 100,           # ... 100 test examples each
     "umap_neighbors": 15,            # umap-learn default
     "umap_epochs": None,             # umap-learn default (200 for large sets, 500 for small)
+    "tensorboard": "auto",           # auto | true | false: also write every metric as a scalar to OUT/tensorboard
+                                     # (auto: when the tensorboard package is installed)
 }
 
 
@@ -66,7 +72,7 @@ RANGES = {
     "corrupt_at": ("in", ("eval", "original")), "precision": ("in", ("fp32", "bf16", "fp16")),
     "protocol": ("in", tuple(PROTOCOLS)), "ood_transform": ("in", OOD_TRANSFORMS), "embedding_t": (">", 0),
     "embedding_alpha": (">", 0), "umap_classes": (">", 0), "umap_per_class": (">", 0), "umap_neighbors": (">", 1),
-    "umap_epochs": (">", 0),
+    "umap_epochs": (">", 0), "tensorboard": ("in", (True, False, "auto")),
 }
 
 
@@ -78,10 +84,16 @@ def parse_eps(v) -> float:
         raise ConfigError(f"not a number or fraction: {v!r}") from e
 
 
+# the types of the keys whose default is null (core.config.validate checks the others against their defaults)
+TYPES = {"protocol": str, "limit": int, "image_size": int, "resize": int, "workers": int, "arch": str,
+         "export_corrupted": str, "fgsm_eps": (float, str), "pgd_eps": (float, str), "pgd_step": (float, str),
+         "pgd_iters": int, "ood_transform": str, "umap_epochs": int}
+
+
 def resolve_config(cfg: dict) -> dict:
     """Stage options: DEFAULTS filled in, the protocol's values for the keys left at null, types and ranges
     checked (ConfigError naming the key)."""
-    cfg = validate(cfg, DEFAULTS)
+    cfg = validate(cfg, DEFAULTS, types=TYPES)
     check_ranges({"protocol": cfg["protocol"]}, {"protocol": RANGES["protocol"]})
     cfg = apply_protocol(cfg)
     validate({k: cfg[k] for k in PROTOCOL_KEYS}, EVALUATOR_DEFAULTS, "robustness")  # types of the filled keys
@@ -129,4 +141,30 @@ def run(cfg: dict, inputs: dict, run_dir) -> dict:
         from transfer.robustness.embedding import run_embedding_suite
 
         metrics = run_embedding_suite(cfg, inputs["checkpoint"], inputs["imagenet"], run_dir, metrics)
+    for suite in [*core, *extra]:  # one console line per suite
+        if isinstance(metrics.get(suite), dict):
+            log.info("%s: %s", suite, metric_line(metrics[suite]))
+    write_tensorboard(metrics, run_dir, cfg["tensorboard"])
     return metrics
+
+
+def write_tensorboard(metrics: dict, run_dir, setting) -> None:
+    """Every numeric metric as a scalar `suite/name` at step 0 of run_dir/tensorboard (rank 0)."""
+    from core.engine import tensorboard_dir
+    from core.runtime import is_main_process
+
+    folder = tensorboard_dir(run_dir, setting) if run_dir is not None else None
+    if folder is None or not is_main_process():
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    def leaves(d: dict, prefix: str = ""):
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "units":
+                yield from leaves(v, f"{prefix}{k}/")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                yield f"{prefix}{k}", v
+
+    with SummaryWriter(str(folder)) as writer:
+        for name, value in leaves({k: v for k, v in metrics.items() if k not in ("settings", "seconds")}):
+            writer.add_scalar(name, value, 0)

@@ -1,0 +1,197 @@
+"""Any classifier as the stages + pooling + linear head that the feature-space methods mix inside.
+
+The methods of `pretrain.methods` (manifold mixup, MultiMix, Dense MultiMix, multi-mix, AlignMix, ...) read a
+model through six members: `forward_to(x, layer)`, `forward_from(h, layer)`, `features(x)`, `pool(fmap)`,
+`fc` (an `nn.Linear`) and `dense_logits(fmap)`, plus `mean` / `std` (the input normalisation, used by
+PuzzleMix's saliency). `Backbone` gives them to any network split into at most four stages:
+
+    from pretrain.adapters import adapt
+    from pretrain.methods import build_method
+
+    method = build_method("multimix", adapt(torchvision.models.resnet18(num_classes=10)), 10)
+    loss = method(images, labels)["loss"]
+
+`adapt` splits a torchvision ResNet at layer1..layer4 and a timm model at `forward_features` /
+`forward_head`; `from_sequential` splits an `nn.Sequential` where you say. The adapter owns no weights: the
+wrapped network is `backbone.net`, trained in place, its `state_dict` keys unchanged under `net.`.
+
+Layer indices: 0 = the input, 1..n = after stage 1..n (n <= 4), 5 = the embedding (after `pool`, before `fc`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+EMBEDDING = 5  # the layer index of the pooled embedding
+MAX_STAGES = 4
+
+
+class Backbone(nn.Module):
+    """A network seen as `stages` (callables, applied in turn; the last one gives the feature map), `pool`
+    (feature map -> embedding [b, d]; default: mean over the positions) and `fc` (nn.Linear, embedding -> logits).
+
+    net: the module that owns every parameter of stages, pool and fc (checked: a stage outside it would not be
+    trained or saved). mean, std: sequences of per-channel values; when given, inputs are normalised inside
+    (x - mean) / std at the start of stage 1, so the methods mix images in pixel units (0..1) as the toolkit's
+    trainer does; without them the network sees its input as given (identity mean 0 / std 1).
+    Feature maps are [b, d, h, w] (dense losses need this layout) or [b, d] (then `pool` is the identity).
+    """
+
+    def __init__(self, net: nn.Module, stages: Sequence[Callable], fc: nn.Linear, pool: Callable | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        super().__init__()
+        if not isinstance(fc, nn.Linear):
+            raise TypeError(f"the head fc must be an nn.Linear (the methods mix logits linearly), got "
+                            f"{type(fc).__name__}")
+        if not 1 <= len(stages) <= MAX_STAGES:
+            raise ValueError(f"a backbone has 1..{MAX_STAGES} stages (layer indices 1..4; 5 is the embedding), "
+                             f"got {len(stages)}")
+        self.net = net
+        _check_owned(net, list(stages) + [fc, pool])
+        # views of net's modules, kept out of the module tree so that nothing is registered twice
+        object.__setattr__(self, "_stages", tuple(stages))
+        object.__setattr__(self, "_fc", fc)
+        object.__setattr__(self, "_pool_fn", pool)
+        self.normalise = mean is not None
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std, or neither")
+        mean_t = torch.tensor(mean if mean is not None else [0.0]).view(1, -1, 1, 1)
+        std_t = torch.tensor(std if std is not None else [1.0]).view(1, -1, 1, 1)
+        self.register_buffer("mean", mean_t, persistent=False)
+        self.register_buffer("std", std_t, persistent=False)
+        self._compiled = None
+
+    @property
+    def num_stages(self) -> int:
+        return len(self._stages)
+
+    @property
+    def fc(self) -> nn.Linear:
+        return self._fc
+
+    def enable_compile(self) -> None:
+        """torch.compile the stages (the module tree and state_dict keys stay the network's own)."""
+        self._compiled = torch.compile(self._stage)
+
+    def _stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        if i == 1 and self.normalise:
+            h = (h - self.mean.to(h.dtype)) / self.std.to(h.dtype)
+        return self._stages[i - 1](h)
+
+    def _run_stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        return self._compiled(i, h) if self._compiled is not None else self._stage(i, h)
+
+    def _check_layer(self, layer: int) -> None:
+        if not (0 <= layer <= self.num_stages or layer == EMBEDDING):
+            raise ValueError(f"layer {layer} is not a mixing point of this backbone: 0 (input), 1..{self.num_stages} "
+                             f"(after each stage) or {EMBEDDING} (embedding)")
+
+    def forward_to(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Features after `layer` (0..n; the embedding index gives the feature map) of inputs x."""
+        self._check_layer(layer)
+        for i in range(1, min(layer, self.num_stages) + 1):
+            x = self._run_stage(i, x)
+        return x
+
+    def forward_from(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The feature map (the last stage's output) from features after `layer` (0..n)."""
+        self._check_layer(layer)
+        for i in range(layer + 1, self.num_stages + 1):
+            h = self._run_stage(i, h)
+        return h
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's output: [b, d, h, w] (or [b, d])."""
+        return self.forward_from(x, 0)
+
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Feature map -> embedding [b, d]."""
+        if self._pool_fn is not None:
+            return self._pool_fn(fmap)
+        return fmap if fmap.ndim == 2 else fmap.mean(tuple(range(2, fmap.ndim)))
+
+    def dense_logits(self, fmap: torch.Tensor) -> torch.Tensor:
+        """fc applied at every position (a 1x1 convolution): fmap [b, d, h, w] -> [b, c, h*w]. Needs the default
+        global-average pooling (then the mean of these logits over the positions is the model's logits)."""
+        if self._pool_fn is not None:
+            raise ValueError("dense losses (dense_loss, Dense MultiMix) apply fc at every position of the feature map, "
+                             "which needs a backbone pooled by global averaging (pool=None)")
+        if fmap.ndim == 2:
+            fmap = fmap.unsqueeze(-1)
+        w, bias = self.fc.weight, self.fc.bias
+        logits = torch.einsum("bdr,cd->bcr", fmap.flatten(2), w.to(fmap.dtype))
+        return logits if bias is None else logits + bias.to(fmap.dtype).view(1, -1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)))
+
+
+def _check_owned(net: nn.Module, parts) -> None:
+    owned = {id(p) for p in net.parameters()}
+    for part in parts:
+        if isinstance(part, nn.Module) and any(id(p) not in owned for p in part.parameters()):
+            raise ValueError(f"a stage, pool or head ({type(part).__name__}) has parameters outside the wrapped "
+                             "network: they would be neither trained by its optimiser nor saved with it")
+
+
+def resnet_stages(net: nn.Module) -> list[nn.Module]:
+    """A torchvision-layout ResNet's four stages: stem + layer1, layer2, layer3, layer4 (views of its modules)."""
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
+    return [stem, net.layer2, net.layer3, net.layer4]
+
+
+def from_resnet(net: nn.Module, mean=None, std=None) -> Backbone:
+    """A torchvision ResNet (or any module with conv1, bn1, relu, maxpool, layer1..layer4 and fc) split at its
+    four stages, pooled by global average as torchvision's forward does."""
+    return Backbone(net, resnet_stages(net), net.fc, None, mean, std)
+
+
+def from_timm(net: nn.Module, mean=None, std=None) -> Backbone:
+    """A timm model: one stage `forward_features`, pooled by `forward_head(..., pre_logits=True)`, head
+    `get_classifier()` (mixing points: 0 = input, 1 = the feature map, 5 = the embedding)."""
+    fc = net.get_classifier()
+    return Backbone(net, [net.forward_features], fc, partial(net.forward_head, pre_logits=True), mean, std)
+
+
+def from_sequential(net: nn.Sequential, stage_ends: Sequence[int], mean=None, std=None) -> Backbone:
+    """An nn.Sequential split after the modules at `stage_ends` (increasing indices; the last one ends the
+    feature extractor). What follows is the head: its last module must be the nn.Linear classifier and the
+    modules between (e.g. AdaptiveAvgPool2d + Flatten) are the pooling (none: global average pooling)."""
+    ends = [int(e) for e in stage_ends]
+    if not ends or ends != sorted(set(ends)) or ends[0] < 0 or ends[-1] >= len(net) - 1:
+        raise ValueError(f"stage_ends must be increasing indices of the Sequential before its last module "
+                         f"(0..{len(net) - 2}), got {list(stage_ends)}")
+    starts = [0] + [e + 1 for e in ends[:-1]]
+    stages = [net[s:e + 1] for s, e in zip(starts, ends)]
+    pool = net[ends[-1] + 1:-1]
+    if all(_is_global_average(m) for m in pool):  # the default pooling: dense losses stay available
+        pool = None
+    return Backbone(net, stages, net[-1], pool, mean, std)
+
+
+def _is_global_average(m: nn.Module) -> bool:
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        return m.output_size in (1, (1, 1))
+    return isinstance(m, (nn.Flatten, nn.Identity))
+
+
+def has_stage_interface(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("forward_to", "forward_from", "features", "pool", "fc", "dense_logits"))
+
+
+def adapt(model: nn.Module, mean=None, std=None) -> nn.Module:
+    """The stage interface for `model`: itself when it has it (a Backbone, the toolkit's ResNetStages), a split
+    ResNet (conv1 ... layer4, fc), a timm model (forward_features, forward_head, get_classifier); anything else
+    asks for `Backbone(...)` or `from_sequential(...)`."""
+    if has_stage_interface(model):
+        return model
+    if all(hasattr(model, a) for a in ("conv1", "bn1", "relu", "maxpool", "layer4", "fc")):
+        return from_resnet(model, mean, std)
+    if all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")):
+        return from_timm(model, mean, std)
+    raise TypeError(f"cannot split a {type(model).__name__} into stages and a linear head by itself: wrap it with "
+                    "pretrain.adapters.from_sequential(net, stage_ends) or Backbone(net, stages, fc, pool)")
