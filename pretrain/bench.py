@@ -23,7 +23,8 @@ FULL = [
     ("input_mixup", "input_mixup", {}),
     ("multimix", "multimix", {"prob": 1.0}),
     ("dense_multimix", "dense_multimix", {"prob": 1.0}),
-    ("alignmix", "alignmix", {"modes": ["feat", "feat_rev"]}),
+    ("alignmix", "alignmix", {}),  # the released code: its own mode draw (input 1/2, aligned 1/2)
+    ("alignmix_stage2", "alignmix_stage2", {"modes": ["feat", "feat_rev"]}),
     ("multi_mix_manifold_embedding_k5", "multi_mix", {"base": "manifold", "layers": [5], "k": 5}),
     ("multi_mix_manifold_layer2_k5", "multi_mix", {"base": "manifold", "layers": [2], "k": 5}),
     ("multi_mix_input_k5", "multi_mix", {"base": "input", "k": 5}),
@@ -31,7 +32,7 @@ FULL = [
     ("puzzlemix", "puzzlemix", {"solver": "gco"}),  # skipped when gco-wrapper is not installed
     ("puzzlemix_swap", "puzzlemix", {"solver": "swap"}),  # the built-in fallback
 ]
-TARGETS = {"multimix": 1.03, "dense_multimix": 1.15, "alignmix": 1.10,
+TARGETS = {"multimix": 1.03, "dense_multimix": 1.15, "alignmix": 1.10, "alignmix_stage2": 1.10,
            "multi_mix_manifold_embedding_k5": 1.10, "puzzlemix": 2.0, "puzzlemix_swap": 2.0}
 
 
@@ -73,7 +74,7 @@ def _build_methods(model, methods, num_classes, n, size, dev, seed):
             continue
         if name in ("multimix", "dense_multimix"):
             knobs = dict(knobs, n=n)
-        if name == "alignmix":  # the paper's 4 x 4 tensor, or the whole map when the input is smaller
+        if name == "alignmix_stage2":  # the paper's 4 x 4 tensor, or the whole map when the input is smaller
             knobs = dict(knobs, resolution=min(4, size // 32))
         if knobs.get("solver") == "gco" and not have_gco():
             skipped.append(f"{label} (gco-wrapper not installed)")

@@ -689,7 +689,7 @@ def test_cuda_settings_autotune_and_keep_torchs_tf32_policy(monkeypatch):
 FORWARD_CASES = [
     ("erm", {}), ("input_mixup", {}), ("manifold_mixup", {}), ("cutmix", {}), ("multimix", {"n": 50}),
     ("multimix", {"n": 8, "layer": 2}), ("dense_multimix", {"n": 50}), ("multi_mix", {"base": "input", "k": 3}),
-    ("multi_mix", {"base": "cutmix", "k": 3}), ("alignmix", {"resolution": 1}), ("alignmix_official", {}),
+    ("multi_mix", {"base": "cutmix", "k": 3}), ("alignmix", {}), ("alignmix_stage2", {"resolution": 1}),
     ("alignmix_ae", {"resolution": 1, "decoder_size": 16}),
 ]
 

@@ -52,7 +52,7 @@ CASES = [
     ("multimix", {"n": 20}), ("multimix", {"n": 8, "layer": 2, "dense_loss": True}), ("dense_multimix", {"n": 20}),
     ("multi_mix", {"k": 2, "puzzle": {"solver": "swap"}}), ("multi_mix", {"base": "input", "k": 3}),
     ("multi_mix", {"base": "manifold", "k": 3}), ("multi_mix", {"base": "cutmix", "k": 3}),
-    ("alignmix", {"resolution": 1}), ("alignmix_official", {}), ("alignmix_ae", {"resolution": 1, "decoder_size": 32}),
+    ("alignmix", {}), ("alignmix_stage2", {"resolution": 1}), ("alignmix_ae", {"resolution": 1, "decoder_size": 32}),
 ]
 
 
