@@ -265,7 +265,7 @@ class JsonlLogger:
     def __init__(self, path: str | os.PathLike, tensorboard: str | os.PathLike | None = None):
         self.path = Path(path)
         self.enabled = is_main_process()
-        self.tb = None
+        self.tb, self._tb_dir, self._tb_writer = None, None, None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard is not None:
@@ -274,7 +274,8 @@ class JsonlLogger:
                 except ImportError as e:
                     raise ImportError("tensorboard logging needs the tensorboard package "
                                       "(pip install tensorboard)") from e
-                self.tb = SummaryWriter(str(tensorboard))
+                # the event file is opened at the first record, so a run refused before it writes nothing
+                self._tb_dir, self._tb_writer, self.tb = str(tensorboard), SummaryWriter, True
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -288,6 +289,8 @@ class JsonlLogger:
             raise type(e)(e.errno, e.strerror, str(self.path)) from e
         kind = record.get("event")
         if self.tb is not None and kind in ("step", "epoch"):
+            if self.tb is True:
+                self.tb = self._tb_writer(self._tb_dir)
             x = record["step"] if kind == "step" else record["epoch"]
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):

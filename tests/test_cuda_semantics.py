@@ -104,7 +104,7 @@ def test_detection_batches_keep_per_image_tensors_with_channels_last(toy_world):
     assert moved_targets[0]["labels"].tolist() == [3]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(task.test_set, [0, 1]), batch_size=2,
                                          collate_fn=det_train.collate)
-    preds, _, _, n = det_train.predict(task.model, loader, torch.device("cpu"), channels_last=True)
+    preds, _, _, n, _ = det_train.predict(task.model, loader, torch.device("cpu"), channels_last=True)
     assert n == 2 and len(preds) == 2
 
 

@@ -99,7 +99,7 @@ def voc(tmp_path):
         (root / "Annotations").mkdir()
         (root / "ImageSets" / "Main" / "trainval.txt").write_text("\n".join(ids) + "\n")
         for i in ids:
-            (root / "Annotations" / f"{i}.xml").write_text(VOC_XML)
+            (root / "Annotations" / f"{i}.xml").write_text(VOC_XML.replace("000005.jpg", f"{i}.jpg"))
             _jpeg(root / "JPEGImages" / f"{i}.jpg", 500, 375)
     return tmp_path / "VOCdevkit"
 

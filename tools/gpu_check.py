@@ -19,7 +19,7 @@ from core import cli  # noqa: E402
 
 @cli.entry
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--out", default="runs/gpu_check", help="output folder (gpu_check.md, gpu_check.json, runs)")
     p.add_argument("--only", default=None, help="comma-separated checks (default: all)")
     p.add_argument("--toy", default=None, help="an existing toy world (default: a fresh tiny one)")
