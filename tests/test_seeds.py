@@ -1,6 +1,5 @@
 """Seeds end to end: the seed lists' stage plan, mean ± std in the tables, the bold rule, summary.json."""
 
-import hashlib
 import json
 import math
 import shutil
