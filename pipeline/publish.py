@@ -80,6 +80,7 @@ def publish(run_dir: Path, out: Path) -> Path:
 
     body = _IMAGE.sub(copy, _LINK.sub(r"\1", _REUSE.sub("", (run_dir / "report.md").read_text())))
     body = body.split("\n", 1)[1] if body.startswith("# ") else body  # our own title replaces the report's
+    body = body.replace("Every number links to the run folder that produced it; ", "")  # the links are gone here
     minutes, seconds = divmod(int(round(prov.get("wall_s", 0))), 60)
     head = [f"# Results of `{summary.get('name')}`", "",
             "Generated from a finished run; regenerate with the command below (finished stages are reused, so "
