@@ -1,4 +1,6 @@
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,3 +37,31 @@ def small_toy_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy_small")
     make_toy_world(out, preset="tiny", seed=0, track="small")
     return out
+
+
+_TOOLS: dict = {}
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module, loaded once per session (the tools are scripts, not a package)."""
+    if name not in _TOOLS:
+        path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{name}_cli", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _TOOLS[name] = mod
+    return _TOOLS[name]
+
+
+@pytest.fixture()
+def run(capsys):
+    """run(tool, *args) -> (exit code, stderr) of `tools/<tool>.py`'s main; argparse usage errors come back as their
+    SystemExit code."""
+    def _run(tool, *args):
+        capsys.readouterr()
+        try:
+            code = load_tool(tool).main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr().err
+    return _run

@@ -9,7 +9,6 @@ asserts the exit code (2 bad input, 1 failure) and that the one `error: ...` lin
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import pickle
@@ -26,33 +25,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ("eval_voc", "eval_coco", "eval_wsol", "convert", "make_toy_data", "pretrain", "finetune_det", "wsol",
-         "evaluate", "run_pipeline")
-
-
-@pytest.fixture(scope="module")
-def tools():
-    mods = {}
-    for name in TOOLS:
-        spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "tools" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        mods[name] = mod
-    return mods
-
-
-@pytest.fixture()
-def run(tools, capsys):
-    """run(tool, *args) -> (exit code, stderr); argparse usage errors come back as their SystemExit code."""
-    def _run(tool, *args):
-        capsys.readouterr()
-        try:
-            code = tools[tool].main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code
-        err = capsys.readouterr().err
-        return code, err
-    return _run
 
 
 def _error_line(err: str) -> str:

@@ -179,7 +179,8 @@ def test_alignmix_ae_trains_under_ddp_with_two_gloo_processes(tmp_path):
 # ------------------------------------------------------------------------------- 3. the GPU bench's AlignMix row
 
 def test_gpu_bench_moves_and_trains_every_methods_own_layers(monkeypatch):
-    """`run_gpu_bench` with AlignMix (its fc head `encoder2` lives in the method, not in the shared ResNet).
+    """`run_gpu_bench` with AlignMix's stage-2 variant (its encoder `encoder2` lives in the method, not in the shared
+    ResNet).
     Shows, on the meta device (placement without values): every method runs with all of its layers on the
     bench's device; and on the CPU: the SGD step updates encoder2 (it is in the optimizer). Cannot show:
     the timings themselves."""
@@ -195,15 +196,15 @@ def test_gpu_bench_moves_and_trains_every_methods_own_layers(monkeypatch):
 
     monkeypatch.setattr(bench, "build_method", capture)
     out = bench.run_gpu_bench(device="meta", arch="resnet18", size=64, batch=2, warmup=0, steps=1, num_classes=10,
-                              n=4, methods=["alignmix"])
-    assert [r["method"] for r in out["rows"]] == ["erm", "alignmix"]
+                              n=4, methods=["alignmix_stage2"])
+    assert [r["method"] for r in out["rows"]] == ["erm", "alignmix_stage2"]
     assert {p.device.type for m in built for p in m.parameters()} == {"meta"}
     built.clear()
     bench.run_gpu_bench(device="cpu", arch="resnet18", size=32, batch=2, warmup=0, steps=1, num_classes=10, n=4,
-                        methods=["alignmix"])
+                        methods=["alignmix_stage2"])
     align = built[1]
     assert align.encoder2 is not None
-    assert not torch.equal(align.encoder2.weight.detach(), initial[1][-2])  # weight, bias: the last two
+    assert not torch.equal(align.encoder2.linear.weight.detach(), initial[1][-2])  # weight, bias: the last two
 
 
 # ----------------------------------------------------------------- 4. and 5. how many GPUs a process sees

@@ -1,20 +1,18 @@
 """The pipeline's outcome with fake stages: a failed stage costs only what depends on it (the report marks it, the
 command exits non-zero), the CI completeness check, and publishing a finished run into the docs."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import load_tool
 
 from pipeline import stages
 from pipeline.run import StagesFailed, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("run_pipeline_cli", ROOT / "tools" / "run_pipeline.py")
-tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool)
+tool = load_tool("run_pipeline")
 
 
 def _fake_stages(monkeypatch, calls: list[str]) -> None:
@@ -90,9 +88,7 @@ def test_run_pipeline_tool_exits_1_after_writing_the_report(tmp_path, monkeypatc
 
 
 def test_check_report_lists_empty_entries_and_failed_stages(tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("check_report_cli", ROOT / "tools" / "check_report.py")
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
+    check = load_tool("check_report")
     _fake_stages(monkeypatch, [])
     with pytest.raises(StagesFailed):
         run_pipeline(str(_config(tmp_path)))

@@ -8,7 +8,6 @@ Each case runs a tool the way a user does (its `main(argv)`, in-process) and ass
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from pathlib import Path
@@ -18,32 +17,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ("pretrain", "finetune_det", "wsol", "evaluate", "run_pipeline", "convert", "eval_voc", "eval_coco",
-         "eval_wsol")
-
-
-@pytest.fixture(scope="module")
-def tools():
-    mods = {}
-    for name in TOOLS:
-        spec = importlib.util.spec_from_file_location(f"{name}_safety_cli", ROOT / "tools" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        mods[name] = mod
-    return mods
-
-
-@pytest.fixture()
-def run(tools, capsys):
-    """run(tool, *args) -> (exit code, stderr)."""
-    def _run(tool, *args):
-        capsys.readouterr()
-        try:
-            code = tools[tool].main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code
-        return code, capsys.readouterr().err
-    return _run
 
 
 def expect(result, code: int, *names) -> str:
