@@ -149,12 +149,12 @@ def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224,
     "img_per_s", "step_s", "step_time_ratio" (step time / ERM's; ERM 1.0), "peak_memory_gib" (CUDA: the most
     memory allocated during the method's steps; None elsewhere)}], "skipped": [...], "setup": {...}}.
 
-    A step is forward + backward + SGD update under ``core.runtime.autocast(device, precision)`` (bf16 on
+    A step is forward + backward + SGD update under ``mixup_transfer.core.runtime.autocast(device, precision)`` (bf16 on
     CUDA; CPU runs fp32) with the model and batch in channels_last (default: on CUDA only). Per method:
     ``warmup`` untimed steps, then ``steps`` timed ones with the device synchronised only before and after
     them (a synchronisation per step would stall the launch queue). One model serves every method.
     """
-    from core.runtime import autocast, make_grad_scaler
+    from mixup_transfer.core.runtime import autocast, make_grad_scaler
 
     dev = torch.device(device)
     channels_last = dev.type == "cuda" if channels_last is None else channels_last

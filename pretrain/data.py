@@ -23,8 +23,8 @@ import importlib.util
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from core.config import ConfigError
-from core.data import decode_uint8, encoded_size, is_jpeg
+from mixup_transfer.core.config import ConfigError
+from mixup_transfer.core.data import decode_uint8, encoded_size, is_jpeg
 
 LOADERS = ("uint8", "pil", "dali", "auto")
 DECODE_DEVICES = ("cpu", "cuda")

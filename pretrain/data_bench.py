@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from core.data import ImageNetFolder, read_image_uint8
+from mixup_transfer.core.data import ImageNetFolder, read_image_uint8
 from pretrain.data import EpochSampler, SeededTransform, Uint8TrainTransform, collate_uint8, train_transform
 
 TARGETS = {"uint8_over_pil": (">=", 2.0), "decode_over_uint8": ("<=", 1.5)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.basics import save_figure
+from mixup_transfer.core.basics import save_figure
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:

@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core import runtime as rt
-from core.checkpoint import build_resnet
-from core.constants import IMAGENET_MEAN, IMAGENET_STD
+from mixup_transfer.core import runtime as rt
+from mixup_transfer.core.checkpoint import build_resnet
+from mixup_transfer.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from pretrain import mixers
 from pretrain import mixing as mx
 from pretrain.adapters import EMBEDDING, Backbone, adapt, resnet_stages
@@ -127,7 +127,8 @@ class Method(nn.Module):
         return self.model(images)
 
     def export_head(self) -> dict | None:
-        """The classifier's layers between layer4 and fc for the exported backbone (core.checkpoint.check_head);
+        """The classifier's layers between layer4 and fc for the exported backbone
+        (mixup_transfer.core.checkpoint.check_head);
         None when fc follows global average pooling."""
         return None
 
@@ -661,7 +662,8 @@ class StageTwoEncoder(nn.Module):
         return self.linear(a.flatten(1) / self.resolution)
 
     def export(self) -> dict:
-        """The head as `core.checkpoint.check_head` stores it (the 1 / r scale folded into the weight)."""
+        """The head as `mixup_transfer.core.checkpoint.check_head` stores it (the 1 / r scale folded into the
+        weight)."""
         return {"kind": "pooled_linear", "resolution": self.resolution,
                 "weight": self.linear.weight / self.resolution, "bias": self.linear.bias}
 
@@ -791,7 +793,7 @@ def build_configured(name: str, model: ResNetStages, num_classes: int, knobs: di
     """`build_method` at a config's edge: a bad method name, knob name or knob value is a ConfigError naming the
     config key (knobs under `where`, the name at `name_key`), so that a tool exits 2 on it like on any other bad
     config."""
-    from core.config import ConfigError
+    from mixup_transfer.core.config import ConfigError
 
     check_method_config(name, knobs, where, name_key)
     try:
@@ -805,7 +807,7 @@ def build_configured(name: str, model: ResNetStages, num_classes: int, knobs: di
 def check_method_config(name: str, knobs: dict, where: str = "method", name_key: str = "method.name") -> None:
     """The method's name and knob names (before any data is read): ConfigError naming the config key (the knobs
     live under `where`, the name under `name_key`)."""
-    from core.config import ConfigError
+    from mixup_transfer.core.config import ConfigError
 
     if name not in METHODS:
         raise ConfigError(f"{name_key}: unknown method {name!r}; valid methods: {sorted(METHODS)}")

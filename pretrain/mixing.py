@@ -12,8 +12,8 @@ Conventions
   no shape that depends on the data.
 - Images are [b, 3, h, w] in [0, 1]; masks are [b, 1, h, w] with 1 = keep the first image.
 - Under autocast (bf16 / fp16 training) the feature mixes run in the features' dtype, while the math that must
-  stay fp32 runs with autocast off (`core.runtime.autocast_off`; a `.float()` operand of a matmul or einsum
-  would otherwise be cast back): the soft targets (rows sum to 1), the mixed-logit losses of MultiMix and Dense
+  stay fp32 runs with autocast off (`mixup_transfer.core.runtime.autocast_off`; a `.float()` operand of a matmul or
+  einsum would otherwise be cast back): the soft targets (rows sum to 1), the mixed-logit losses of MultiMix and Dense
   MultiMix (their log-softmax of Lambda-weighted logits) and Dense MultiMix's attention.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.runtime import autocast_off, local_world_size, usable_cpus
+from mixup_transfer.core.runtime import autocast_off, local_world_size, usable_cpus
 
 # --------------------------------------------------------------------------------------------------
 # Sampling (Gamma / Beta / Dirichlet with an explicit generator)

@@ -1,7 +1,8 @@
-"""Pretraining as a task of the one engine (`core.engine`): any mixing method of `pretrain.methods`, CPU or CUDA,
+"""Pretraining as a task of the one engine (`mixup_transfer.core.engine`): any mixing method of `pretrain.methods`, CPU
+or CUDA,
 one process or DDP.
 
-`run(cfg, inputs, run_dir) -> metrics` is the stage entry point (`tools/pretrain.py` and the pipeline call it).
+`run(cfg, inputs, run_dir) -> metrics` is the stage entry point (`tools/run_pretrain.py` and the pipeline call it).
 `cfg` is a nested dict validated against `DEFAULTS` (every key documented there); pretraining has no upstream
 inputs.
 
@@ -23,16 +24,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from core import distributed as ddist
-from core import fingerprint
-from core import runtime as rt
-from core.checkpoint import ALL_ARCHS, save_backbone
-from core.config import ConfigError, check_ranges, dump_config, validate
-from core.data import read_bytes, read_image, read_image_uint8
-from core.engine import Engine, LoopSettings, Task, build_optimizer
-from core.schedule import lr_factor
-from core.smalldata import DATASETS, detect_layout, open_classification
-from core.units import units
+from mixup_transfer.core import distributed as ddist
+from mixup_transfer.core import fingerprint
+from mixup_transfer.core import runtime as rt
+from mixup_transfer.core.checkpoint import ALL_ARCHS, save_backbone
+from mixup_transfer.core.config import ConfigError, check_ranges, dump_config, validate
+from mixup_transfer.core.data import read_bytes, read_image, read_image_uint8
+from mixup_transfer.core.engine import Engine, LoopSettings, Task, build_optimizer
+from mixup_transfer.core.schedule import lr_factor
+from mixup_transfer.core.smalldata import DATASETS, detect_layout, open_classification
+from mixup_transfer.core.units import units
 from pretrain.data import (
     EncodedTrainTransform,
     EpochSampler,
@@ -61,7 +62,8 @@ DEFAULTS = {
     "seed": 0,                       # one seed for data order, augmentation, initialisation and mixing
     "data": {
         "root": None,                # ImageNet-layout folder (root/train/<wnid>/*.JPEG, root/val/<wnid>/...), or a
-                                     # CIFAR / TinyImageNet folder (core/smalldata.py: the folder or its parent)
+                                     # CIFAR / TinyImageNet folder (mixup_transfer/core/smalldata.py: the folder or its
+                                     # parent)
         "dataset": "auto",           # auto (from the layout) | imagenet | cifar10 | cifar100 | tinyimagenet
         "train_split": "train",
         "val_split": "val",          # CIFAR: val = its test batch (CIFAR has no validation split)
@@ -86,7 +88,7 @@ DEFAULTS = {
     },
     "model": {
         "arch": "resnet50",          # resnet18 | resnet34 | resnet50 | resnet101 (torchvision); small images:
-                                     # preactresnet18 | wrn16_8 | resnet18_cifar (core/smallnets.py)
+                                     # preactresnet18 | wrn16_8 | resnet18_cifar (mixup_transfer/core/smallnets.py)
         "num_classes": None,         # None = number of train class folders
         "zero_init_residual": False,
     },
@@ -146,7 +148,8 @@ RANGES = {
 }
 
 
-# the types of the keys whose default is null (core.config.validate checks the others against their defaults)
+# the types of the keys whose default is null (mixup_transfer.core.config.validate checks the others against their
+# defaults)
 TYPES = {"data.root": str, "data.num_workers": int, "data.crop_schedule": list[list], "data.val_resize": int,
          "data.max_train": int,
          "data.max_val": int, "model.num_classes": int, "optim.batch_per_process": int, "optim.accumulate": int,

@@ -11,7 +11,7 @@ os.environ.setdefault("MT_NO_PROGRESS", "1")
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory):
     """The tiny toy world, generated once per test session (toyworld)."""
-    from toyworld import make_toy_world
+    from mixup_transfer.toyworld import make_toy_world
     from wsol.data import cub_to_wsol_metadata
 
     out = tmp_path_factory.mktemp("toy")
@@ -32,7 +32,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def small_toy_world(tmp_path_factory):
     """The small-image track of the tiny toy world (CIFAR-10, CIFAR-100, TinyImageNet-200), once per session."""
-    from toyworld import make_toy_world
+    from mixup_transfer.toyworld import make_toy_world
 
     out = tmp_path_factory.mktemp("toy_small")
     make_toy_world(out, preset="tiny", seed=0, track="small")

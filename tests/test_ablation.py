@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import ConfigError
-from pipeline.ablation import DEFAULTS, AblationSweep, axis_scale, summarize, value_slug, write_outputs
-from pipeline.run import content_key, pretrain_spec
-from pipeline.tables import RULE_SPREAD
+from mixup_transfer.core.config import ConfigError
+from mixup_transfer.pipeline.ablation import DEFAULTS, AblationSweep, axis_scale, summarize, value_slug, write_outputs
+from mixup_transfer.pipeline.run import content_key, pretrain_spec
+from mixup_transfer.pipeline.tables import RULE_SPREAD
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["optim.epochs=1", "optim.batch_size=32", "data.crop_size=32", "data.val_resize=36", "data.num_workers=0",
@@ -118,7 +118,7 @@ def test_other_config_errors(tmp_path):
 
 
 def load_config_dict(cfg):
-    from core.config import validate
+    from mixup_transfer.core.config import validate
 
     return validate(cfg, DEFAULTS)
 
@@ -191,7 +191,7 @@ def test_a_missing_seed_and_one_seed(tmp_path):
 # -- end to end ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end_and_reuse(tmp_path, toy_world, one_thread):
-    from pipeline.ablation import run_ablation
+    from mixup_transfer.pipeline.ablation import run_ablation
 
     shutil.copytree(toy_world / "imagenet", tmp_path / "data" / "imagenet")
     cfg = _cfg(tmp_path, knob={"values": [1, 100]}, baseline={"config": None})

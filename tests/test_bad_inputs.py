@@ -1,6 +1,6 @@
 """Bad-input battery over the command-line tools.
 
-Every case runs a tool the way a user does (its `main(argv)`, wrapped by `core/cli.py`, in-process so the
+Every case runs a tool the way a user does (its `main(argv)`, wrapped by `mixup_transfer/core/cli.py`, in-process so the
 whole file stays fast; a few run as subprocesses where the process itself matters: disk full, --debug) and
 asserts the exit code (2 bad input, 1 failure) and that the one `error: ...` line names the culprit
 (file, line, key or id). Inputs are tiny copies of the toy world's files, edited to be wrong.
@@ -49,7 +49,7 @@ def expect(result, code: int, *names):
 @pytest.fixture(scope="module")
 def resnet18_ckpt(tmp_path_factory, toy_world):
     """A contract backbone checkpoint (resnet18, fc for the toy world's 10 ImageNet classes)."""
-    from core.checkpoint import build_resnet, save_backbone
+    from mixup_transfer.core.checkpoint import build_resnet, save_backbone
 
     path = tmp_path_factory.mktemp("ckpt") / "backbone.pth"
     torch.manual_seed(0)
@@ -438,7 +438,7 @@ def test_debug_prints_the_traceback(run, tmp_path):
 
 
 def test_atomic_writers_remove_their_tmp_on_failure(tmp_path):
-    from core.runtime import atomic_save, atomic_write_text
+    from mixup_transfer.core.runtime import atomic_save, atomic_write_text
 
     class Unpicklable:
         def __reduce__(self):
@@ -464,15 +464,15 @@ def test_make_toy_data_out_is_a_file(run, tmp_path):
 
 
 @pytest.mark.parametrize("tool,args", [
-    ("pretrain", []), ("finetune_det", []), ("run_pipeline", []), ("wsol", ["finetune"]), ("wsol", ["evaluate",
-                                                                                          "--model", "m.pth"]),
+    ("run_pretrain", []), ("run_detection", []), ("run_pipeline", []), ("run_wsol", ["finetune"]),
+    ("run_wsol", ["evaluate", "--model", "m.pth"]),
 ])
 def test_missing_config_file(run, tool, args, tmp_path):
     cfg = tmp_path / "nope.yaml"
     expect(run(tool, *args, "--config", cfg), 2, cfg, "not found")
 
 
-@pytest.mark.parametrize("tool", ["pretrain", "finetune_det", "run_pipeline"])
+@pytest.mark.parametrize("tool", ["run_pretrain", "run_detection", "run_pipeline"])
 def test_invalid_yaml(run, tool, tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("name: [unclosed\n")
@@ -480,24 +480,24 @@ def test_invalid_yaml(run, tool, tmp_path):
 
 
 def test_pretrain_unknown_key(run, tmp_path):
-    expect(run("pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "optim.lrr=0.1",
+    expect(run("run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "optim.lrr=0.1",
                "--run-dir", tmp_path / "r"), 2, "optim.lrr")
 
 
 def test_pretrain_missing_data_root(run, tmp_path):
-    expect(run("pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", f"data.root={tmp_path}/nodata",
+    expect(run("run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", f"data.root={tmp_path}/nodata",
                "--run-dir", tmp_path / "r"), 2, f"{tmp_path}/nodata")
 
 
 def test_finetune_det_bad_weights(run, toy_world, tmp_path):
     w = tmp_path / "w.pth"
     w.write_bytes(b"\x13" + os.urandom(2048))
-    expect(run("finetune_det", "--config", ROOT / "configs/detection/toy_ssd_voc.yaml", "--weights", w,
+    expect(run("run_detection", "--config", ROOT / "configs/detection/toy_ssd_voc.yaml", "--weights", w,
                "--run-dir", tmp_path / "r", f"data.root={toy_world}/VOCdevkit"), 2, w, "not a PyTorch checkpoint")
 
 
 def test_finetune_det_missing_data_root(run, tmp_path):
-    expect(run("finetune_det", "--config", ROOT / "configs/detection/toy_ssd_voc.yaml",
+    expect(run("run_detection", "--config", ROOT / "configs/detection/toy_ssd_voc.yaml",
                "--run-dir", tmp_path / "r", f"data.root={tmp_path}/novoc"), 2, f"{tmp_path}/novoc")
 
 
@@ -514,14 +514,14 @@ def test_wsol_evaluate_bad_model_file(run, toy_world, resnet18_ckpt, tmp_path, k
     if kind == "random":
         model.write_bytes(b"\x13" + os.urandom(1000))
     cfg, *over = _wsol_cfg(toy_world, tmp_path)[1:]
-    expect(run("wsol", "evaluate", "--config", cfg, "--model", model, *over), 2, model, what)
+    expect(run("run_wsol", "evaluate", "--config", cfg, "--model", model, *over), 2, model, what)
 
 
 def test_wsol_finetune_bad_weights(run, toy_world, tmp_path):
     w = tmp_path / "w.pth"
     w.write_bytes(b"PK\x03\x04" + os.urandom(500))  # a zip header, then garbage
     cfg, *over = _wsol_cfg(toy_world, tmp_path)[1:]
-    expect(run("wsol", "finetune", "--config", cfg, "--weights", w, "--run-dir", tmp_path / "r", *over), 2, w,
+    expect(run("run_wsol", "finetune", "--config", cfg, "--weights", w, "--run-dir", tmp_path / "r", *over), 2, w,
            "truncated or corrupt")
 
 
@@ -534,20 +534,20 @@ def test_wsol_metadata_from_bad_cub(run, toy_world, tmp_path):
     boxes = cub / "bounding_boxes.txt"
     first = boxes.read_text().splitlines()[0].split()
     _replace_line(boxes, 1, f"{first[0]} {first[1]} {first[2]} 0 {first[4]}")
-    expect(run("wsol", "metadata", "--cub", cub, "--out", tmp_path / "meta"), 2, boxes, "zero size")
-    expect(run("wsol", "metadata", "--cub", tmp_path / "nocub", "--out", tmp_path / "meta"), 2, "nocub")
+    expect(run("run_wsol", "metadata", "--cub", cub, "--out", tmp_path / "meta"), 2, boxes, "zero size")
+    expect(run("run_wsol", "metadata", "--cub", tmp_path / "nocub", "--out", tmp_path / "meta"), 2, "nocub")
 
 
 def test_wsol_baseline_empty_split(run, wsol_split):
     (wsol_split["meta"] / "image_ids.txt").write_text("\n")
-    expect(run("wsol", "baseline", "--metadata", wsol_split["meta"]), 2, "image_ids.txt", "empty split")
+    expect(run("run_wsol", "baseline", "--metadata", wsol_split["meta"]), 2, "image_ids.txt", "empty split")
 
 
-# ----------------------------------------------------------------------------------------- tools/evaluate.py
+# ----------------------------------------------------------------------------------------- tools/run_robustness.py
 
 
 def _evaluate(run, ckpt, imagenet, tmp_path, *extra):
-    return run("evaluate", "--checkpoint", *([ckpt] if not isinstance(ckpt, list) else ckpt),
+    return run("run_robustness", "--checkpoint", *([ckpt] if not isinstance(ckpt, list) else ckpt),
                "--imagenet", imagenet, "--suites", "background", "--limit", "2", "--image-size", "32",
                "--resize", "36", "--out", tmp_path / "out", *extra)
 
@@ -595,7 +595,7 @@ def test_evaluate_val_box_outside_image(run, toy_world, resnet18_ckpt, tmp_path)
 
 
 def test_imagenet_csv_duplicate_image_id(toy_world, tmp_path):
-    from core.data import DataError, ImageNetFolder
+    from mixup_transfer.core.data import DataError, ImageNetFolder
     root = tmp_path / "imagenet"
     shutil.copytree(toy_world / "imagenet" / "val", root / "val")
     csv = toy_world / "imagenet" / "LOC_val_solution.csv"
@@ -607,7 +607,7 @@ def test_imagenet_csv_duplicate_image_id(toy_world, tmp_path):
 
 
 def test_coco_reader_refuses_duplicate_image_ids(toy_world, tmp_path):
-    from core.data import DataError
+    from mixup_transfer.core.data import DataError
     from transfer.datasets import COCODetection
     gt = json.loads((toy_world / "coco" / "annotations" / "instances_val2017.json").read_text())
     gt["images"].append(dict(gt["images"][0]))
@@ -617,7 +617,7 @@ def test_coco_reader_refuses_duplicate_image_ids(toy_world, tmp_path):
 
 
 def test_voc_reader_refuses_duplicate_and_empty_split(toy_world, tmp_path):
-    from core.data import DataError
+    from mixup_transfer.core.data import DataError
     from transfer.datasets import VOCDetection
     voc = tmp_path / "VOCdevkit" / "VOC2007"
     shutil.copytree(toy_world / "VOCdevkit" / "VOC2007" / "Annotations", voc / "Annotations")
@@ -642,8 +642,8 @@ def test_wsol_dataset_image_size_mismatch(toy_world, wsol_split):
 
 
 def test_every_input_error_shares_one_base():
-    from core.checkpoint import CheckpointError
-    from core.data import DataError, InputError
+    from mixup_transfer.core.checkpoint import CheckpointError
+    from mixup_transfer.core.data import DataError, InputError
     from transfer.coco_eval import COCOEvalError
     from transfer.voc_eval import VOCEvalError
     from wsol.data import MetadataError
@@ -654,8 +654,8 @@ def test_every_input_error_shares_one_base():
 
 # --------------------------------------------------------------------------------- safe loading, by the source
 
-# The one full unpickling of the library: core.checkpoint.read_checkpoint, behind allow_pickle.
-GUARDED = {("core/checkpoint.py", "read_checkpoint")}
+# The one full unpickling of the library: mixup_transfer.core.checkpoint.read_checkpoint, behind allow_pickle.
+GUARDED = {("mixup_transfer/core/checkpoint.py", "read_checkpoint")}
 
 
 class _Loads(ast.NodeVisitor):
@@ -689,7 +689,7 @@ class _Loads(ast.NodeVisitor):
 
 def _torch_loads_without_weights_only():
     found = []
-    for pkg in ("core", "toyworld", "pretrain", "transfer", "wsol", "pipeline", "tools"):
+    for pkg in ("mixup_transfer", "pretrain", "transfer", "wsol", "tools"):
         for path in sorted((ROOT / pkg).rglob("*.py")):
             v = _Loads(str(path.relative_to(ROOT)))
             v.visit(ast.parse(path.read_text(), str(path)))
@@ -707,7 +707,7 @@ def test_every_torch_load_is_weights_only():
 
 def test_no_system_exit_in_the_library():
     hits = []
-    for pkg in ("core", "toyworld", "pretrain", "transfer", "wsol", "pipeline"):
+    for pkg in ("mixup_transfer", "pretrain", "transfer", "wsol"):
         for path in sorted((ROOT / pkg).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Raise) and node.exc is not None:
@@ -720,7 +720,7 @@ def test_no_system_exit_in_the_library():
 def test_every_tool_uses_the_cli_wrapper():
     for path in sorted((ROOT / "tools").glob("*.py")):
         text = path.read_text()
-        assert "from core import cli" in text and "@cli.entry" in text, path.name
+        assert "from mixup_transfer.core import cli" in text and "@cli.entry" in text, path.name
 
 
 # ------------------------------------------------------------------------------- binary where text is expected
@@ -760,7 +760,7 @@ def test_wsol_bad_evaluator_arguments(run, wsol_split, args, what):
 
 @pytest.mark.parametrize("args,what", [(["--fraction", "1.5"], "--fraction"), (["--size", "0"], "--size")])
 def test_wsol_baseline_bad_arguments(run, wsol_split, args, what):
-    expect(run("wsol", "baseline", "--metadata", wsol_split["meta"], *args), 2, what)
+    expect(run("run_wsol", "baseline", "--metadata", wsol_split["meta"], *args), 2, what)
 
 
 def test_evaluate_xml_filename_of_another_image(run, toy_world, resnet18_ckpt, tmp_path):
@@ -843,17 +843,17 @@ def test_pretrain_bad_small_image_layout(run, small_toy_world, tmp_path, layout,
     shutil.copytree(small_toy_world / layout, root)
     edit(root)
     size = 64 if layout.startswith("tiny") else 32
-    result = run("pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", f"data.root={root}",
+    result = run("run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", f"data.root={root}",
                  "model.arch=preactresnet18", f"data.crop_size={size}", "data.num_workers=0", "optim.batch_size=4",
                  "optim.epochs=1", "--run-dir", tmp_path / "r")
     expect(result, 2, *names)  # the readers check everything when the task opens them, before any step
 
 
 def test_evaluate_cifar_without_boxes_says_so(run, small_toy_world, tmp_path):
-    from core.checkpoint import build_resnet, save_backbone
+    from mixup_transfer.core.checkpoint import build_resnet, save_backbone
 
     ck = tmp_path / "b.pth"
     save_backbone(ck, build_resnet("preactresnet18", num_classes=10), {"arch": "preactresnet18", "method": "erm"})
-    expect(run("evaluate", "--checkpoint", ck, "--imagenet", small_toy_world / "cifar-10-batches-py", "--suites",
+    expect(run("run_robustness", "--checkpoint", ck, "--imagenet", small_toy_world / "cifar-10-batches-py", "--suites",
                "background", "--limit", "2", "--image-size", "32", "--resize", "32", "--out", tmp_path / "out"),
            2, "cifar-10-batches-py", "no box annotations")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from core.checkpoint import (
+from mixup_transfer.core.checkpoint import (
     CheckpointError,
     build_resnet,
     infer_arch,

@@ -1,8 +1,9 @@
-"""core.config: YAML 1.2 numbers, _BASE_ inheritance, and every declared key checked for type and range."""
+"""mixup_transfer.core.config: YAML 1.2 numbers, _BASE_ inheritance, and every declared key checked for type and
+range."""
 
 import pytest
 
-from core.config import ConfigError, check_ranges, load_config, parse_yaml, validate
+from mixup_transfer.core.config import ConfigError, check_ranges, load_config, parse_yaml, validate
 
 
 def test_numbers_are_read_as_yaml_1_2_reads_them():

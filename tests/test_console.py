@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core import cli
-from core.basics import bars_enabled
-from core.engine import _hms
+from mixup_transfer.core import cli
+from mixup_transfer.core.basics import bars_enabled
+from mixup_transfer.core.engine import _hms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_pretrain_console_header_periodic_epoch_and_outputs(toy_world, tmp_path,
            "runtime": {"precision": "fp32", "log_every_steps": 2, "flops": False, "figures": False}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
-    pretrain = _tool("pretrain")
+    pretrain = _tool("run_pretrain")
     # overrides before and after options
     assert pretrain.main(["--config", str(tmp_path / "cfg.yaml"), "optim.epochs=1", "--run-dir", str(run),
                           "optim.lr=0.1"]) == 0
@@ -102,8 +102,8 @@ def test_engine_console_lines_are_the_logged_numbers(tmp_path, caplog, monkeypat
 
 
 def test_tensorboard_setting(tmp_path, monkeypatch):
-    from core.config import ConfigError
-    from core.engine import tensorboard_dir
+    from mixup_transfer.core.config import ConfigError
+    from mixup_transfer.core.engine import tensorboard_dir
 
     assert tensorboard_dir(tmp_path, True) == tmp_path / "tensorboard" and tensorboard_dir(tmp_path, False) is None
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)

@@ -320,7 +320,7 @@ def test_convert_files_from_a_foreign_layout_and_cli(tmp_path, capsys):
     assert "fc.weight" not in saved["model"]
     assert all(torch.equal(saved["model"][k], v)
                for k, v in tv.state_dict().items() if not k.startswith("fc."))
-    from core.checkpoint import load_backbone
+    from mixup_transfer.core.checkpoint import load_backbone
     assert set(load_backbone(tmp_path / "tv.pth", "resnet18")) == set(saved["model"])
 
     # a checkpoint that does not fit: the loader's error, nothing written

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from core import runtime as rt
-from core.engine import Engine, LoopSettings, Task, build_optimizer
+from mixup_transfer.core import runtime as rt
+from mixup_transfer.core.engine import Engine, LoopSettings, Task, build_optimizer
 from pretrain import mixing as mx
 from pretrain.methods import ResNetStages, build_method
 
@@ -394,7 +394,7 @@ def test_detection_augmentation_differs_between_workers_and_ranks(toy_world):
 # -------------------------------------------------------------------------- 9. WSOL fine-tuning's shards
 
 def _wsol_cfg(toy_world):
-    from core.config import load_config
+    from mixup_transfer.core.config import load_config
     from wsol.finetune import resolve_config
 
     meta = toy_world / "wsol_metadata" / "CUB"
@@ -504,7 +504,7 @@ def test_gpu_decode_falls_back_to_the_cpu_for_jpegs_nvjpeg_refuses(monkeypatch):
     real = tio.decode_jpeg
 
     def nvjpeg_like(items, mode, device=None):
-        if device is None:  # the CPU decoder (core.data.decode_uint8)
+        if device is None:  # the CPU decoder (mixup_transfer.core.data.decode_uint8)
             return real(items, mode=mode)
         if any(d.data_ptr() in cmyk for d in items):
             raise RuntimeError("nvjpegDecodeBatched failed: unsupported JPEG colour space")

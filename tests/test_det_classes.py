@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from core.constants import VOC_CLASSES
+from mixup_transfer.core.constants import VOC_CLASSES
 from transfer import det_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def test_labels_follow_the_configured_class_order(toy_world):
     ("[]", 2, ["data.classes"]), ("[cat,cat]", 2, ["data.classes"]),
 ])
 def test_bad_class_lists_exit_2(toy_world, tmp_path, capsys, classes, code, names):
-    spec = importlib.util.spec_from_file_location("finetune_det_classes", ROOT / "tools" / "finetune_det.py")
+    spec = importlib.util.spec_from_file_location("finetune_det_classes", ROOT / "tools" / "run_detection.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     got = tool.main(["--config", str(ROOT / "configs/detection/toy_ssd_voc.yaml"), "--run-dir", str(tmp_path / "r"),

@@ -415,7 +415,7 @@ def test_bench_reference_loop_agrees_on_synthetic_voc():
 
 def test_toy_world_ground_truth_as_detections_scores_100(toy_world, tmp_path):
     """The readers agree with the toy world's real layouts: its own boxes score 100 (VOC and COCO)."""
-    from core.constants import VOC_CLASSES
+    from mixup_transfer.core.constants import VOC_CLASSES
     from transfer.voc_eval import load_voc_annotations
 
     devkit = toy_world / "VOCdevkit"

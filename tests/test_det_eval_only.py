@@ -1,4 +1,4 @@
-"""`tools/finetune_det.py --eval-only`: a trained detector's checkpoint scored without training gives the
+"""`tools/run_detection.py --eval-only`: a trained detector's checkpoint scored without training gives the
 numbers its run reported."""
 
 import importlib.util
@@ -9,13 +9,13 @@ import pytest
 import torch
 import yaml
 
-from core.checkpoint import build_resnet, save_backbone
+from mixup_transfer.core.checkpoint import build_resnet, save_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("finetune_det_eval_only", ROOT / "tools" / "finetune_det.py")
+    spec = importlib.util.spec_from_file_location("finetune_det_eval_only", ROOT / "tools" / "run_detection.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

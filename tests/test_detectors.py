@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from core.checkpoint import CheckpointError, build_resnet, save_backbone
+from mixup_transfer.core.checkpoint import CheckpointError, build_resnet, save_backbone
 from transfer import det_transforms as dt
 from transfer.detectors import build_detector, count_priors, ssd_plan, ssd_resnet
 

@@ -1,4 +1,5 @@
-"""Sharded evaluation (core/distributed.py) and the rank-aware pipeline: the shards by hand, and 2 gloo processes
+"""Sharded evaluation (mixup_transfer/core/distributed.py) and the rank-aware pipeline: the shards by hand, and 2 gloo
+processes
 on CPU giving exactly the single-process numbers for detection, WSOL and robustness evaluation."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from core import distributed as ddist
+from mixup_transfer.core import distributed as ddist
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -52,7 +53,7 @@ def _join(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), MT_NO_PROGRESS="1")
     torch.set_num_threads(1)
-    from core.runtime import init_distributed
+    from mixup_transfer.core.runtime import init_distributed
 
     init_distributed("gloo")
 
@@ -124,7 +125,7 @@ def _det_cfg(toy_world, fmt: str):
 
 def _detection(toy_world, out_dir):
     """SSD predictions on 7 VOC07 test and 7 COCO val images, scored on rank 0 (VOC 11-point AP, COCO AP)."""
-    from core.runtime import is_main_process
+    from mixup_transfer.core.runtime import is_main_process
     from transfer import det_train
 
     out = {}
@@ -140,7 +141,7 @@ def _detection(toy_world, out_dir):
 
 
 def _wsol_cfg(toy_world):
-    from core.config import load_config
+    from mixup_transfer.core.config import load_config
     from wsol.finetune import resolve_config
 
     meta = toy_world / "wsol_metadata" / "CUB"
@@ -206,7 +207,7 @@ def _assert_same(a, b, path="") -> None:
 def test_two_gloo_processes_give_the_single_process_numbers(toy_world, tmp_path):
     """Detection (SSD predictions + VOC AP on rank 0), WSOL (MaxBoxAcc, MaxBoxAccV2, Top-1 Loc, kept CAMs) and
     every robustness suite (clean, background, calibration, FGSM, PGD, OOD) over 7 images: identical numbers."""
-    from core.checkpoint import build_resnet, save_backbone
+    from mixup_transfer.core.checkpoint import build_resnet, save_backbone
 
     n_classes = len([d for d in (toy_world / "imagenet" / "val").iterdir() if d.is_dir()])
     torch.manual_seed(0)
@@ -240,7 +241,7 @@ def test_two_gloo_processes_give_the_single_process_numbers(toy_world, tmp_path)
 
 def _stage_sequence(out: Path, rank: int) -> dict:
     """Three calls of `Pipeline._stage` with a fake stage: run, reuse, rerun after a changed spec."""
-    from pipeline import run as prun
+    from mixup_transfer.pipeline import run as prun
 
     calls, writes = [], []
     real_write = prun.write_json

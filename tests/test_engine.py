@@ -1,4 +1,5 @@
-"""core.engine on a tiny synthetic task (linear regression, no images): gradient accumulation equals the full
+"""mixup_transfer.core.engine on a tiny synthetic task (linear regression, no images): gradient accumulation equals the
+full
 batch, per-group learning rates and schedules, exact resume, and nothing non-finite is ever saved."""
 
 import json
@@ -8,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from core.engine import CKPT, Engine, LoopSettings, NonFiniteError, Task, build_optimizer
-from core.runtime import NonFiniteLossError
-from core.schedule import lr_factor
+from mixup_transfer.core.engine import CKPT, Engine, LoopSettings, NonFiniteError, Task, build_optimizer
+from mixup_transfer.core.runtime import NonFiniteLossError
+from mixup_transfer.core.schedule import lr_factor
 
 
 class Regression(nn.Module):
@@ -142,7 +143,7 @@ def test_a_foreign_file_is_not_resumed(tmp_path):
 
 
 def test_resume_refuses_another_config_or_input_and_names_the_difference(tmp_path):
-    from core import fingerprint as fp
+    from mixup_transfer.core import fingerprint as fp
 
     weights = tmp_path / "w.bin"
     weights.write_bytes(b"one")
@@ -168,7 +169,7 @@ def test_an_existing_checkpoint_is_never_overwritten_without_resume_or_force(tmp
     engine.fit()
     before = (tmp_path / "run" / CKPT).read_bytes()
     _, again = make(tmp_path, epochs=1)
-    with pytest.raises(ValueError, match=r"continue it \(pretrain.py --resume.*--force to start over"):
+    with pytest.raises(ValueError, match=r"continue it \(run_pretrain.py --resume.*--force to start over"):
         again.fit()
     assert (tmp_path / "run" / CKPT).read_bytes() == before
     _, forced = make(tmp_path, epochs=1)

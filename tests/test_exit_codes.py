@@ -44,22 +44,22 @@ PIPELINE = ROOT / "configs/pipeline/toy.yaml"
 
 
 @pytest.mark.parametrize("tool,args,names", [
-    ("pretrain", ["--config", PRETRAIN, "method.foo=1", "--run-dir", "{tmp}/r"], ["method.foo", "valid: ["]),
-    ("pretrain", ["--config", PRETRAIN, "--run-dir", "{tmp}/r", "optim.lrr=1"], ["optim.lrr"]),
-    ("pretrain", ["--config", PRETRAIN, "method.name=nomix", "--run-dir", "{tmp}/r"], ["method.name", "nomix"]),
-    ("finetune_det", ["--config", DET, "--run-dir", "{tmp}/r", "solver.lrr=1"], ["solver.lrr"]),
-    ("wsol", ["finetune", "--config", WSOL, "--run-dir", "{tmp}/r", "mixing.name=multimix", "mixing.knobs.foo=1"],
+    ("run_pretrain", ["--config", PRETRAIN, "method.foo=1", "--run-dir", "{tmp}/r"], ["method.foo", "valid: ["]),
+    ("run_pretrain", ["--config", PRETRAIN, "--run-dir", "{tmp}/r", "optim.lrr=1"], ["optim.lrr"]),
+    ("run_pretrain", ["--config", PRETRAIN, "method.name=nomix", "--run-dir", "{tmp}/r"], ["method.name", "nomix"]),
+    ("run_detection", ["--config", DET, "--run-dir", "{tmp}/r", "solver.lrr=1"], ["solver.lrr"]),
+    ("run_wsol", ["finetune", "--config", WSOL, "--run-dir", "{tmp}/r", "mixing.name=multimix", "mixing.knobs.foo=1"],
      ["mixing.knobs.foo"]),
-    ("wsol", ["finetune", "--config", WSOL, "--run-dir", "{tmp}/r", "mixing.knobs.n=100"],
+    ("run_wsol", ["finetune", "--config", WSOL, "--run-dir", "{tmp}/r", "mixing.knobs.n=100"],
      ["mixing.knobs", "would be ignored"]),
-    ("wsol", ["finetune", "--config", WSOL, "optim.lrr=1", "--run-dir", "{tmp}/r"], ["optim.lrr"]),
-    ("wsol", ["evaluate", "--config", WSOL, "--model", "{tmp}/m.pth", "evall.every=1"], ["evall"]),
+    ("run_wsol", ["finetune", "--config", WSOL, "optim.lrr=1", "--run-dir", "{tmp}/r"], ["optim.lrr"]),
+    ("run_wsol", ["evaluate", "--config", WSOL, "--model", "{tmp}/m.pth", "evall.every=1"], ["evall"]),
     ("run_pipeline", ["--config", PIPELINE, "pretrainn.config=x", "--methods", "erm"], ["pretrainn"]),
     ("ablate", ["--config", ROOT / "configs/ablation/multimix_n.yaml", "data.root={tmp}/d"],
      ["data.root", "{data}"]),
     ("ablate", ["--config", ROOT / "configs/ablation/toy_multimix_n.yaml", "knobb.key=method.n", "--plan"],
      ["knobb"]),
-    ("evaluate", ["--checkpoint", "{tmp}/c.pth", "--imagenet", "{tmp}", "--suites", "clean,bogus"], ["bogus"]),
+    ("run_robustness", ["--checkpoint", "{tmp}/c.pth", "--imagenet", "{tmp}", "--suites", "clean,bogus"], ["bogus"]),
     ("eval_coco", ["--annotations", "{tmp}/none.json", "--results", "{tmp}/r.json"], ["none.json"]),
     ("eval_voc", ["--devkit", "{tmp}/novoc", "--results", "{tmp}"], ["novoc"]),
     ("eval_wsol", ["--metadata", "{tmp}/nometa", "--scoremaps", "{tmp}"], ["nometa"]),
@@ -76,11 +76,11 @@ def test_bad_config_or_input_exits_2(call, tmp_path, tool, args, names):
 
 
 @pytest.mark.parametrize("tool,target,args", [
-    ("pretrain", "run", ["--config", PRETRAIN, "--run-dir", "{tmp}/r"]),
-    ("finetune_det", "finetune_detector", ["--config", DET, "--run-dir", "{tmp}/r"]),
+    ("run_pretrain", "run", ["--config", PRETRAIN, "--run-dir", "{tmp}/r"]),
+    ("run_detection", "finetune_detector", ["--config", DET, "--run-dir", "{tmp}/r"]),
     ("ablate", "run_ablation", ["--config", ROOT / "configs/ablation/toy_multimix_n.yaml"]),
     ("run_pipeline", "run_pipeline", ["--config", PIPELINE]),
-    ("evaluate", "run", ["--checkpoint", "{tmp}/c.pth", "--imagenet", "{tmp}"]),
+    ("run_robustness", "run", ["--checkpoint", "{tmp}/c.pth", "--imagenet", "{tmp}"]),
     ("eval_coco", "coco_evaluate", ["--annotations", "{tmp}/a.json", "--results", "{tmp}/r.json"]),
     ("eval_voc", "evaluate_voc_results", ["--devkit", "{tmp}", "--results", "{tmp}"]),
     ("convert", "convert_to_torchvision", ["--to", "torchvision", "{tmp}/a.pth", "{tmp}/b.pth"]),
@@ -113,20 +113,20 @@ def test_wsol_failure_while_running_exits_1(call, tmp_path, monkeypatch, cmd, ta
 
     monkeypatch.setattr(wsol.finetune, target, lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     extra = ["--model", tmp_path / "m.pth"] if cmd == "evaluate" else ["--run-dir", tmp_path / "r"]
-    code, line = call(_tool("wsol"), cmd, "--config", WSOL, *extra)
+    code, line = call(_tool("run_wsol"), cmd, "--config", WSOL, *extra)
     assert (code, line) == (1, "error: OSError: disk full")
 
 
 def test_overrides_anywhere_reach_the_config(call, tmp_path, monkeypatch):
     """`--config C a=1 --run-dir X b=2`: both overrides are applied, in order (the later one wins)."""
     seen = {}
-    mod = _tool("pretrain")
+    mod = _tool("run_pretrain")
     monkeypatch.setattr(mod, "run", lambda cfg, inputs, run_dir, **k: seen.update(cfg=cfg, run_dir=run_dir) or {})
     code, _ = call(mod, "--config", PRETRAIN, "optim.lr=0.1", "--run-dir", tmp_path / "x", "optim.epochs=2",
                    "--force", "optim.lr=0.2")
     assert code == 0 and seen["run_dir"] == tmp_path / "x"
     assert (seen["cfg"]["optim"]["lr"], seen["cfg"]["optim"]["epochs"]) == (0.2, 2)
-    mod = _tool("wsol")
+    mod = _tool("run_wsol")
     import wsol.finetune
 
     monkeypatch.setattr(wsol.finetune, "finetune", lambda cfg, *a, **k: seen.update(wcfg=cfg) or {})
@@ -163,14 +163,14 @@ def test_every_help_says_what_each_option_does(capsys, monkeypatch):
 
 def _evaluate_help(capsys) -> str:
     with pytest.raises(SystemExit):
-        _tool("evaluate").main(["--help"])
+        _tool("run_robustness").main(["--help"])
     return capsys.readouterr().out
 
 
 def test_evaluate_help_covers_every_stage_option():
     from transfer.robustness.stage import DEFAULTS
 
-    helps = _tool("evaluate").option_help()
+    helps = _tool("run_robustness").option_help()
     assert set(helps) == set(DEFAULTS)
     undocumented = [k for k, h in helps.items() if h.startswith(k.replace("_", " ") + " (")]
     assert not undocumented, undocumented
@@ -194,14 +194,14 @@ def test_box_suites_on_data_without_boxes(call, toy_world, tmp_path, capsys):
 
     import torch
 
-    from core.checkpoint import build_resnet, save_backbone
+    from mixup_transfer.core.checkpoint import build_resnet, save_backbone
 
     root = tmp_path / "imagenet"
     shutil.copytree(toy_world / "imagenet" / "val", root / "val")  # no val_boxes/, no LOC_val_solution.csv
     ckpt = tmp_path / "backbone.pth"
     torch.manual_seed(0)
     save_backbone(ckpt, build_resnet("resnet18", num_classes=10), {"arch": "resnet18", "method": "erm"})
-    evaluate = _tool("evaluate")
+    evaluate = _tool("run_robustness")
     common = ["--checkpoint", ckpt, "--imagenet", root, "--limit", "2", "--image-size", "32", "--resize", "36",
               "--out", tmp_path / "out"]
     code, line = call(evaluate, *common, "--suites", "background")

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from core import runtime
-from core.checkpoint import build_resnet, save_backbone
-from core.constants import VOC_CLASSES
+from mixup_transfer.core import runtime
+from mixup_transfer.core.checkpoint import build_resnet, save_backbone
+from mixup_transfer.core.constants import VOC_CLASSES
 from transfer import d2_backend, det_train
 from transfer.datasets import COCODetection, VOCDetection
 
@@ -49,7 +49,7 @@ def _cfg(toy_world, kind="ssd", fmt="voc", **solver):
 
 
 def test_lr_schedule_hand_values():
-    from core.schedule import lr_factor
+    from mixup_transfer.core.schedule import lr_factor
 
     f = lambda it: lr_factor(it, "step", milestones=[50, 80], gamma=0.1, warmup=10, warmup_start=0.1)  # noqa: E731
     assert f(0) == pytest.approx(0.1) and f(5) == pytest.approx(0.55) and f(10) == 1.0
@@ -57,7 +57,7 @@ def test_lr_schedule_hand_values():
 
 
 def test_unknown_config_key_is_rejected(toy_world):
-    from core.config import ConfigError
+    from mixup_transfer.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="solver.lrr"):
         det_train.resolve_config({"solver": {"lrr": 0.1}})
@@ -239,7 +239,7 @@ def test_d2_config_maps_every_toolkit_override(toy_world):
     # norm auto + trainable_layers null with a pretrained trunk: FrozenBN, 3 trainable stages
     assert d2["MODEL"]["RESNETS"]["NORM"] == "FrozenBN" and d2["MODEL"]["BACKBONE"]["FREEZE_AT"] == 2
     # the toolkit's R50-C4 recipe file gives detectron2 MoCo's schedule: 24k at 16 on 8 processes, SyncBN
-    from core.config import load_config
+    from mixup_transfer.core.config import load_config
     cfg = load_config(ROOT / "configs" / "detection" / "frcnn_r50_c4_voc0712.yaml",
                       ["backend=detectron2", f"data.root={toy_world / 'VOCdevkit'}", "runtime.precision=fp16"],
                       defaults=det_train.DEFAULTS)
@@ -322,7 +322,7 @@ def test_d2_toy_coco_end_to_end_and_cli(toy_world, backbone, tmp_path, capsys):
     pytest.importorskip("detectron2")
     from detectron2.data import MetadataCatalog
 
-    spec = importlib.util.spec_from_file_location("finetune_cli", ROOT / "tools" / "finetune_det.py")
+    spec = importlib.util.spec_from_file_location("finetune_cli", ROOT / "tools" / "run_detection.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     cfg_path = tmp_path / "toy.yaml"

@@ -1,4 +1,5 @@
-"""`make gpu-check` (tools/gpu_check.py over pipeline/gpu_check.py) on a machine without CUDA: it says so and exits
+"""`make gpu-check` (tools/gpu_check.py over mixup_transfer/pipeline/gpu_check.py) on a machine without CUDA: it says so
+and exits
 non-zero, and its checks and report run on the CPU (the same code; a GPU node runs them on CUDA)."""
 
 import importlib.util
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import gpu_check
+from mixup_transfer.pipeline import gpu_check
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]

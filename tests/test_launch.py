@@ -1,4 +1,5 @@
-"""pipeline/launch.py and tools/submit.py: the torchrun variables of a task, the sbatch file, the checks made before
+"""mixup_transfer/pipeline/launch.py and tools/submit.py: the torchrun variables of a task, the sbatch file, the checks
+made before
 a job waits in the queue, a 2-process pretraining job through submitit's local executor, and a preempted job that
 requeues and ends with the weights of an uninterrupted run."""
 
@@ -11,9 +12,9 @@ import yaml
 
 submitit = pytest.importorskip("submitit")
 
-from core.config import ConfigError  # noqa: E402
-from core.engine import Engine  # noqa: E402
-from pipeline.launch import (  # noqa: E402
+from mixup_transfer.core.config import ConfigError  # noqa: E402
+from mixup_transfer.core.engine import Engine  # noqa: E402
+from mixup_transfer.pipeline.launch import (  # noqa: E402
     Resources,
     StageJob,
     distributed_env,
@@ -78,10 +79,10 @@ def test_checks_before_queueing(toy_world, tmp_path):
     with pytest.raises(ConfigError, match="optim.lrr"):  # the stage's own key check, before the queue
         make_spec("pretrain", cfg, ["optim.lrr=0.1"], cwd=tmp_path)
     with pytest.raises(ConfigError, match="--checkpoint and --imagenet"):
-        make_spec("evaluate", None, cwd=tmp_path)
+        make_spec("robustness", None, cwd=tmp_path)
     with pytest.raises(FileNotFoundError):
         make_spec("wsol", cfg, weights="missing.pth", cwd=tmp_path)
-    assert make_spec("wsol", cfg, weights="none", cwd=tmp_path).weights is None  # random init, as tools/wsol.py
+    assert make_spec("wsol", cfg, weights="none", cwd=tmp_path).weights is None  # random init, as tools/run_wsol.py
     (tmp_path / "runs/tiny/checkpoints").mkdir(parents=True)
     (tmp_path / "runs/tiny/checkpoints/last.pth").write_bytes(b"")
     with pytest.raises(ConfigError, match="--resume to continue"):
@@ -104,13 +105,13 @@ def test_local_executor_runs_a_two_process_pretraining_job(toy_world, tmp_path, 
     assert head["world_size"] == 2 and head["per_process_batch"] == 8
     assert torch.load(run / "checkpoints/last.pth", weights_only=True)["world_size"] == 2
 
-    # every stage is rank-aware: a 2-task evaluate job shards the suites and gives one process's numbers
+    # every stage is rank-aware: a 2-task robustness job shards the suites and gives one process's numbers
     ev = tmp_path / "eval.yaml"
     ev.write_text(yaml.safe_dump({"suites": "clean,calibration,fgsm", "image_size": 32, "resize": 36,
                                   "batch_size": 8, "limit": 24}))
     inputs = {"checkpoint": str(run / "backbone.pth"), "imagenet": str(toy_world / "imagenet")}
-    one = StageJob(make_spec("evaluate", str(ev), run_dir=str(tmp_path / "ev1"), cwd=tmp_path, **inputs))()
-    two = submit(make_spec("evaluate", str(ev), run_dir=str(tmp_path / "ev2"), cwd=tmp_path, **inputs),
+    one = StageJob(make_spec("robustness", str(ev), run_dir=str(tmp_path / "ev1"), cwd=tmp_path, **inputs))()
+    two = submit(make_spec("robustness", str(ev), run_dir=str(tmp_path / "ev2"), cwd=tmp_path, **inputs),
                  Resources(gpus_per_node=0, tasks_per_node=2, timeout_min=10), tmp_path / "jobs/%j", "local")
     ranks = [{k: v for k, v in r.items() if k != "seconds"} for r in two.results()]  # timings differ
     assert ranks[0] == ranks[1]  # every rank gets the gathered metrics

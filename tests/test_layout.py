@@ -9,17 +9,33 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("core", "toyworld", "pretrain", "transfer", "wsol", "pipeline")
+# the project's packages, by import name (the toolkit's own live under one namespace, mixup_transfer)
+CORE, TOY, PIPE = "mixup_transfer.core", "mixup_transfer.toyworld", "mixup_transfer.pipeline"
+PACKAGES = (CORE, TOY, "pretrain", "transfer", "wsol", PIPE)
 # package -> (project packages it may import, extra modules it may import from a package not listed)
 RULES = {
-    "core": ((), ()),
-    "toyworld": (("core",), ()),
-    "pretrain": (("core",), ()),
-    "transfer": (("core",), ("pretrain.methods",)),
-    "wsol": (("core",), ("pretrain.methods",)),
-    "pipeline": (("core", "toyworld", "pretrain", "transfer", "wsol"), ()),
+    CORE: ((), ()),
+    TOY: ((CORE,), ()),
+    "pretrain": ((CORE,), ()),
+    "transfer": ((CORE,), ("pretrain.methods",)),
+    "wsol": ((CORE,), ("pretrain.methods",)),
+    PIPE: ((CORE, TOY, "pretrain", "transfer", "wsol"), ()),
 }
 MAX_FUNCTION_LINES = 60
+
+
+def package_of(name: str) -> str | None:
+    """The project package an imported module name belongs to (None: not the project's)."""
+    if name == "mixup_transfer":
+        return "mixup_transfer"
+    for package in PACKAGES + ("tools",):
+        if name == package or name.startswith(package + "."):
+            return package
+    return None
+
+
+def folder(package: str) -> Path:
+    return ROOT.joinpath(*package.split("."))
 
 
 def project_imports(path: Path):
@@ -33,19 +49,21 @@ def project_imports(path: Path):
         else:
             continue
         for name in names:
-            if name.split(".")[0] in PACKAGES + ("tools",):
+            if package_of(name) is not None:
                 yield node.lineno, name
 
 
 def violations(package: str) -> list[str]:
     allowed, extra = RULES[package]
     bad = []
-    for path in sorted((ROOT / package).rglob("*.py")):
+    for path in sorted(folder(package).rglob("*.py")):
         for line, name in project_imports(path):
-            top = name.split(".")[0]
-            if top == package or top in allowed or any(name == e or name.startswith(e + ".") for e in extra):
+            top = package_of(name)
+            if top in (package, "mixup_transfer") or top in allowed:
                 continue
-            if isinstance(name, str) and any(e.startswith(name + ".") for e in extra):
+            if any(name == e or name.startswith(e + ".") for e in extra):
+                continue
+            if any(e.startswith(name + ".") for e in extra):
                 continue  # `from pretrain import methods`
             bad.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
     return bad
@@ -58,19 +76,35 @@ def test_import_rules(package):
 
 
 def test_the_rule_checker_catches_a_violation(tmp_path, monkeypatch):
-    fake = tmp_path / "core"
-    fake.mkdir()
-    (fake / "bad.py").write_text("def f():\n    from pretrain.task import run\n    import wsol.metrics\n")
+    fake = tmp_path / "mixup_transfer" / "core"
+    fake.mkdir(parents=True)
+    (fake / "bad.py").write_text("def f():\n    from pretrain.task import run\n    import wsol.metrics\n"
+                                 "    from mixup_transfer.pipeline import run\n")
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
-    assert violations("core") == ["core/bad.py:2 imports pretrain.task", "core/bad.py:2 imports pretrain.task.run",
-                                  "core/bad.py:3 imports wsol.metrics"]
+    bad = "mixup_transfer/core/bad.py"
+    assert violations(CORE) == [f"{bad}:2 imports pretrain.task", f"{bad}:2 imports pretrain.task.run",
+                                f"{bad}:3 imports wsol.metrics", f"{bad}:4 imports {PIPE}",
+                                f"{bad}:4 imports {PIPE}.run"]
+
+
+def test_no_tool_edits_the_import_path():
+    """The tools import the installed packages; none prepends the repository to sys.path."""
+    for path in sorted((ROOT / "tools").glob("*.py")):
+        text = path.read_text()
+        assert "sys.path.insert(0, str(Path(__file__)" not in text, path.name
+
+
+def test_no_tool_shadows_a_package():
+    """A script's folder comes first on sys.path: tools/<package>.py would hide the package from its imports."""
+    packages = {p.split(".")[0] for p in PACKAGES} | {"torch", "torchvision", "yaml", "numpy"}
+    assert not [p.name for p in (ROOT / "tools").glob("*.py") if p.stem in packages]
 
 
 def long_functions(max_lines: int = MAX_FUNCTION_LINES) -> list[str]:
     """Functions longer than `max_lines`, numba kernels (decorated with njit / jit) excepted."""
     out = []
     for package in PACKAGES + ("tools",):
-        for path in sorted((ROOT / package).rglob("*.py")):
+        for path in sorted(folder(package).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
                 if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     continue

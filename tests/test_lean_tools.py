@@ -19,7 +19,8 @@ from wsol.metrics import HAVE_NUMBA, ScoreMapError
 from wsol.scoremaps import score_scoremap_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "torchvision", "pretrain", "wsol.model", "wsol.finetune", "transfer.datasets", "core.runtime")
+HEAVY = ("torch", "torchvision", "pretrain", "wsol.model", "wsol.finetune", "transfer.datasets",
+         "mixup_transfer.core.runtime")
 
 
 def run_tool(tool: str, *args) -> tuple[dict, list[str]]:

@@ -1,6 +1,6 @@
 """The library API as a user calls it: the snippets of docs/library.md run as written, a plain torchvision ResNet and
 a non-ResNet network train with every method, and the library and the toolkit's trainer (pretrain.task's
-PretrainTask, what tools/pretrain.py runs) give identical losses and gradients on the same draws."""
+PretrainTask, what tools/run_pretrain.py runs) give identical losses and gradients on the same draws."""
 
 import re
 from pathlib import Path
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from core.constants import IMAGENET_MEAN, IMAGENET_STD
+from mixup_transfer.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from pretrain import mixers as M
 from pretrain.adapters import Backbone, adapt, from_sequential
 from pretrain.data import sample_seed

@@ -13,7 +13,7 @@ C = 10
 
 @pytest.fixture(scope="module")
 def batch(toy_world):
-    from core.data import ImageNetFolder
+    from mixup_transfer.core.data import ImageNetFolder
     from pretrain.data import val_transform
 
     ds = ImageNetFolder(toy_world / "imagenet", "train", transform=val_transform(64, 64), boxes=None)
@@ -189,7 +189,8 @@ def test_stage2_encoder_is_outside_the_backbone_starts_as_gap_and_exports_its_sc
         m.encoder2.linear.weight.normal_(0, 0.02)
     ref = m.model.fc(m.encoder2.linear(a.flatten(1) / 2))  # e = W vec(A) / r + bias
     assert torch.allclose(m.predict(images), ref, atol=1e-6)
-    head = m.export_head()  # core.checkpoint's pooled_linear: weight @ vec(A) + bias, the 1 / r folded in
+    # mixup_transfer.core.checkpoint's pooled_linear: weight @ vec(A) + bias, the 1 / r folded in
+    head = m.export_head()
     assert torch.allclose(a.flatten(1) @ head["weight"].T + head["bias"], m.encoder2(a), atol=1e-5)
     # on a 7 x 7 map the tensor is average-pooled to the paper's 4 x 4 first
     big = make("alignmix_stage2", resolution=4)
@@ -312,7 +313,7 @@ SMALL_STEP_KNOBS = {"multimix": {"prob": 1.0}, "dense_multimix": {"prob": 1.0}, 
 
 @pytest.fixture(scope="module")
 def cifar_batch(small_toy_world):
-    from core.smalldata import open_classification
+    from mixup_transfer.core.smalldata import open_classification
     from pretrain.data import padded_val_transform
 
     ds = open_classification(small_toy_world, "train", "cifar10", transform=padded_val_transform(32))
@@ -321,7 +322,7 @@ def cifar_batch(small_toy_world):
 
 
 def _small_cases():
-    from core.smallnets import SMALL_ARCHS
+    from mixup_transfer.core.smallnets import SMALL_ARCHS
     from pretrain.methods import METHODS
 
     # the paper networks; preactresnet18_w16 is preactresnet18's code at width 16 (the toy CIFAR pipeline runs every
@@ -359,7 +360,7 @@ def test_every_method_steps_on_the_small_image_models(cifar_batch, arch, name, o
 
 
 def test_the_report_names_each_methods_variant():
-    from pipeline.report import variants_sentence
+    from mixup_transfer.pipeline.report import variants_sentence
     from pretrain.methods import METHODS
 
     assert METHODS["alignmix"].variant != METHODS["alignmix_stage2"].variant and METHODS["erm"].variant == ""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.run import StopPipeline, run_pipeline
+from mixup_transfer.pipeline.run import StopPipeline, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from conftest import load_tool
 
-from pipeline import stages
-from pipeline.run import StagesFailed, run_pipeline
+from mixup_transfer.pipeline import stages
+from mixup_transfer.pipeline.run import StagesFailed, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 tool = load_tool("run_pipeline")

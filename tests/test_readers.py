@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core.config import ConfigError, load_config
-from core.constants import VOC_CLASSES
-from core.data import DataError, ImageNetFolder, read_image
+from mixup_transfer.core.config import ConfigError, load_config
+from mixup_transfer.core.constants import VOC_CLASSES
+from mixup_transfer.core.data import DataError, ImageNetFolder, read_image
 from transfer.datasets import COCODetection, VOCDetection, voc0712_trainval
 
 # First object of VOC2007 000005.xml, as distributed in the devkit.

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import load_config
+from mixup_transfer.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,19 +199,19 @@ RECIPES = [
     ("wsol/cub_multimix.yaml", "eval.loc_op", ">", "multi-mix §IV-D: higher than (strict)"),
     ("wsol/cub_multimix.yaml", "mixing.name", "none", "multi-mix §IV-F: plain fine-tuning"),
     # ---------------------------------------------------------------- robustness on ImageNet val
-    ("eval/imagenet.yaml", "sigma", 0.1, "multi-mix §IV-E: Gaussian noise N(0, 0.1^2)"),
-    ("eval/imagenet.yaml", "iou_threshold", 0.25, "multi-mix §IV-D: IoU higher than 0.25"),
-    ("eval/imagenet.yaml", "iou_op", ">", "multi-mix §IV-D: higher than (strict)"),
-    ("eval/imagenet.yaml", "limit", None, "multi-mix §IV-D/E: the ImageNet validation set"),
-    ("eval/imagenet.yaml", "fgsm_eps", "8/255", "AlignMix §4.2 / MultiMix §4.2: FGSM 8/255"),
-    ("eval/imagenet.yaml", "pgd_eps", "4/255", "AlignMix §4.2 / MultiMix §4.2: PGD 4/255"),
-    ("eval/imagenet.yaml", "pgd_step", "2/255", "AlignMix §4.2 / MultiMix §4.2: step size 2/255"),
-    ("eval/imagenet.yaml", "ood_noise", "uniform,gaussian", "AlignMix App. C: U(0, 1) and N(mu, sigma)"),
-    ("eval/imagenet.yaml", "gaussian_std", 0.5, "AlignMix App. C: mu = sigma = 0.5"),
-    ("eval/imagenet.yaml", "ood_threshold", 0.5, "AlignMix §4.3 / App. C: Det Acc at threshold 0.5"),
-    ("eval/imagenet.yaml", "cam_threshold", 0.25, "source: Co-Mixup eval_loc.sh --th 0.25"),
-    ("eval/imagenet.yaml", "pgd_iters", 20, "source: PuzzleMix checkpoint/test_robust.py (4, 2, 20, True)"),
-    ("eval/imagenet.yaml", "pgd_random_start", True, "source: PuzzleMix test_robust.py random_init"),
+    ("robustness/imagenet.yaml", "sigma", 0.1, "multi-mix §IV-E: Gaussian noise N(0, 0.1^2)"),
+    ("robustness/imagenet.yaml", "iou_threshold", 0.25, "multi-mix §IV-D: IoU higher than 0.25"),
+    ("robustness/imagenet.yaml", "iou_op", ">", "multi-mix §IV-D: higher than (strict)"),
+    ("robustness/imagenet.yaml", "limit", None, "multi-mix §IV-D/E: the ImageNet validation set"),
+    ("robustness/imagenet.yaml", "fgsm_eps", "8/255", "AlignMix §4.2 / MultiMix §4.2: FGSM 8/255"),
+    ("robustness/imagenet.yaml", "pgd_eps", "4/255", "AlignMix §4.2 / MultiMix §4.2: PGD 4/255"),
+    ("robustness/imagenet.yaml", "pgd_step", "2/255", "AlignMix §4.2 / MultiMix §4.2: step size 2/255"),
+    ("robustness/imagenet.yaml", "ood_noise", "uniform,gaussian", "AlignMix App. C: U(0, 1) and N(mu, sigma)"),
+    ("robustness/imagenet.yaml", "gaussian_std", 0.5, "AlignMix App. C: mu = sigma = 0.5"),
+    ("robustness/imagenet.yaml", "ood_threshold", 0.5, "AlignMix §4.3 / App. C: Det Acc at threshold 0.5"),
+    ("robustness/imagenet.yaml", "cam_threshold", 0.25, "source: Co-Mixup eval_loc.sh --th 0.25"),
+    ("robustness/imagenet.yaml", "pgd_iters", 20, "source: PuzzleMix checkpoint/test_robust.py (4, 2, 20, True)"),
+    ("robustness/imagenet.yaml", "pgd_random_start", True, "source: PuzzleMix test_robust.py random_init"),
     # ---------------------------------------------------------------- detection (MultiMix Table 5)
     ("detection/ssd300_r50_voc0712.yaml", "model.type", "ssd", "MultiMix §4.3: SSD [25]"),
     ("detection/ssd300_r50_voc0712.yaml", "model.arch", "resnet50", "MultiMix §4.3: R-50 backbone"),
@@ -321,8 +321,8 @@ def _defaults(rel: str) -> dict:
     elif family == "detection":
         from transfer.det_train import DEFAULTS
     elif family == "pipeline":
-        from pipeline.run import DEFAULTS
-    elif family == "eval":
+        from mixup_transfer.pipeline.run import DEFAULTS
+    elif family == "robustness":
         from transfer.robustness.stage import DEFAULTS
     else:
         raise AssertionError(f"no DEFAULTS for {rel}")
@@ -372,7 +372,7 @@ COVERED = sorted(
     + [p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs" / "wsol").glob("*cub*.yaml")]
     + [p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs" / "detection").glob("*.yaml")
        if not p.name.startswith("toy_")]
-    + ["eval/imagenet.yaml", "pipeline/paper.yaml"])
+    + ["robustness/imagenet.yaml", "pipeline/paper.yaml"])
 
 # keys that are paths or names, not recipe values
 _NO_CITATION = {"_BASE_", "name", "root", "image_root", "metadata_root", "config", "overrides", "out_root",
@@ -446,7 +446,7 @@ def test_ssd_recipes_use_the_voc_default_boxes():
 def test_paper_pipeline_detection_batch_times_world_is_the_reference_batch():
     """The paper pipeline's detection entries give each config its source's global batch at the stated
     world size, so the lr is not rescaled."""
-    from core.config import apply_overrides
+    from mixup_transfer.core.config import apply_overrides
     from transfer.det_train import DEFAULTS as DET
 
     for entry in resolved("pipeline/paper.yaml")["detection"]:

@@ -27,8 +27,9 @@ HISTORY = {
                                             r"|\bthis machine\b|\bmeasured once\b", re.I),
     "a papers/ path": re.compile(r"\bpapers/\S"),
 }
-# a repository path in prose: configs/..., core/..., tools/x.py (placeholders such as {method}, X or * skipped)
-REPO_PATH = re.compile(r"(?<![\w./-])((?:configs|core|docs|pipeline|pretrain|tests|tools|toyworld|transfer|wsol)"
+# a repository path in prose: configs/..., mixup_transfer/..., tools/x.py (placeholders such as {method}, X or *
+# skipped)
+REPO_PATH = re.compile(r"(?<![\w./-])((?:configs|docs|mixup_transfer|pretrain|tests|tools|transfer|wsol)"
                        r"/[\w./-]*\w\.(?:py|ya?ml|md|json|txt))\b")
 
 

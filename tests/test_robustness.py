@@ -12,7 +12,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
 
-from core.data import DataError, ImageNetFolder
+from mixup_transfer.core.data import DataError, ImageNetFolder
 from transfer.robustness import compare, parse_suites
 from transfer.robustness.attacks import fgsm, pgd
 from transfer.robustness.calibration import calibration_bins, ece_oe
@@ -379,7 +379,7 @@ def test_suites_and_subset():
 def test_a_stage_two_head_is_exported_and_evaluated_through(tmp_path):
     """AlignMix with the paper's fc stage-2 encoder: the exported backbone carries the head, and the robustness
     classifier's logits equal the method's own predictions; its CAMs use the per-position class weights."""
-    from core.checkpoint import classifier_head, save_backbone
+    from mixup_transfer.core.checkpoint import classifier_head, save_backbone
     from pretrain.methods import ResNetStages, build_method
     from transfer.robustness.localization import class_activation_maps
     from transfer.robustness.model import load_classifier_model

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from core.config import ConfigError
-from core.data import DataError
+from mixup_transfer.core.config import ConfigError
+from mixup_transfer.core.data import DataError
 from transfer.robustness.attacks import fgsm, pgd
 from transfer.robustness.data import ImageFiles, ood_folder, ood_transform, read_rgb
 from transfer.robustness.embedding import (
@@ -79,7 +79,7 @@ def test_fgsm_through_normalisation_is_sign_of_w():
 
 
 def test_pgd_cifar_budget_on_resnet18_stays_in_ball():
-    from core.checkpoint import build_resnet
+    from mixup_transfer.core.checkpoint import build_resnet
 
     torch.manual_seed(0)
     model = NormalizedClassifier(build_resnet("resnet18", num_classes=10)).eval()
@@ -187,7 +187,7 @@ def test_ood_transforms_by_hand(tmp_path):
 
 
 def test_toy_ood_writer(tmp_path):
-    from toyworld.ood import OOD_SETS, write_ood_folders
+    from mixup_transfer.toyworld.ood import OOD_SETS, write_ood_folders
 
     folders = write_ood_folders(tmp_path / "ood", seed=3, n=4)
     assert set(folders) == set(OOD_SETS)
@@ -201,7 +201,7 @@ def test_toy_ood_writer(tmp_path):
     assert len(list((tmp_path / "ood" / "LSUN" / "LSUN").glob("*.jpg"))) == 2
     assert (tmp_path / "ood" / "Imagenet" / "Imagenet" / "Imagenet_00000.jpg").read_bytes() == first
     (tmp_path / "mine" / "LSUN").mkdir(parents=True)
-    with pytest.raises(FileExistsError, match="not written by toyworld.ood"):
+    with pytest.raises(FileExistsError, match="not written by mixup_transfer.toyworld.ood"):
         write_ood_folders(tmp_path / "mine", n=1, sets=["LSUN"])
 
 
@@ -244,7 +244,7 @@ def test_alignment_uniformity_equal_a_double_loop(normalize, alpha, t):
 
 
 def test_embeddings_are_the_classifier_input():
-    from core.checkpoint import build_resnet
+    from mixup_transfer.core.checkpoint import build_resnet
 
     torch.manual_seed(0)
     model = NormalizedClassifier(build_resnet("resnet18", num_classes=4)).eval()
@@ -289,8 +289,8 @@ def test_umap_subset_and_figure(tmp_path):
 def test_stage_cifar_protocol_with_toy_ood_and_embedding(toy_world, tmp_path):
     import json
 
-    from core.checkpoint import build_resnet, save_backbone
-    from toyworld.ood import write_ood_folders
+    from mixup_transfer.core.checkpoint import build_resnet, save_backbone
+    from mixup_transfer.toyworld.ood import write_ood_folders
     from transfer.robustness.stage import run
 
     imagenet = toy_world / "imagenet"
@@ -317,11 +317,11 @@ def test_stage_cifar_protocol_with_toy_ood_and_embedding(toy_world, tmp_path):
 
 
 def _runs(metrics: dict, folder: str) -> list:
-    return [{"metrics": metrics, "folder": folder, "seeds": {}}]  # pipeline/run.py's results by stage
+    return [{"metrics": metrics, "folder": folder, "seeds": {}}]  # mixup_transfer/pipeline/run.py's results by stage
 
 
 def test_embedding_table_in_the_report():
-    from pipeline.tables import embedding_table
+    from mixup_transfer.pipeline.tables import embedding_table
 
     e = {"alignment": 3.0, "uniformity": -1.9, "n": 10, "dim": 512, "alpha": 2.0, "t": 2.0, "normalized": True}
     res = {"methods": {
@@ -348,7 +348,7 @@ def test_compare_has_an_embedding_table_only_when_present():
 
 
 def test_ood_table_has_the_papers_threshold_column():
-    from pipeline.tables import ood_table
+    from mixup_transfer.pipeline.tables import ood_table
 
     ood = {"LSUN": {"det_acc": 80.0, "det_acc_at_thr": 61.5, "auroc": 70.0, "aupr_in": 75.0, "aupr_out": 65.0}}
     md = ood_table({"methods": {"erm": {"robustness": _runs({"ood": ood}, "erm/robustness")}}}).markdown()

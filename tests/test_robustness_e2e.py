@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.checkpoint import CheckpointError, build_resnet, save_backbone
-from core.data import DataError
+from mixup_transfer.core.checkpoint import CheckpointError, build_resnet, save_backbone
+from mixup_transfer.core.data import DataError
 from transfer.robustness import evaluate_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def test_all_suites_end_to_end(toy_world, tmp_path):
 
 @pytest.mark.slow
 def test_cli_comparison_and_bad_checkpoint(toy_world, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "tools" / "evaluate.py")
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "tools" / "run_robustness.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
 

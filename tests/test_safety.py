@@ -32,7 +32,7 @@ def expect(result, code: int, *names) -> str:
 
 
 def _save_backbone(path: Path, fill: float | None = None, seed: int = 0, num_classes: int = 10) -> Path:
-    from core.checkpoint import build_resnet, save_backbone
+    from mixup_transfer.core.checkpoint import build_resnet, save_backbone
 
     torch.manual_seed(seed)
     net = build_resnet("resnet18", num_classes=num_classes)
@@ -55,7 +55,8 @@ def nan_ckpt(tmp_path_factory):
 @pytest.mark.parametrize("suite", ["clean", "calibration", "background", "fgsm", "ood"])
 def test_evaluate_refuses_nan_network(run, toy_world, nan_ckpt, tmp_path, suite, one_thread):
     out = tmp_path / "out"
-    line = expect(run("evaluate", "--checkpoint", nan_ckpt, "--imagenet", toy_world / "imagenet", "--suites", suite,
+    line = expect(run("run_robustness", "--checkpoint", nan_ckpt, "--imagenet", toy_world / "imagenet", "--suites",
+    suite,
                       "--limit", "2", "--image-size", "32", "--resize", "36", "--out", out, "--ood-noise", "uniform",
                       "--workers", "0"), 1, "robustness", "non-finite")
     assert "split" in line
@@ -72,7 +73,7 @@ WSOL_CFG = ROOT / "configs/wsol/toy_multimix.yaml"
 
 
 def _cam_model(path: Path, toy_world, fill: float | None) -> Path:
-    from core.runtime import atomic_save
+    from mixup_transfer.core.runtime import atomic_save
     from wsol.model import CAMModel
 
     n = len({ln.rsplit(",", 1)[1] for ln in (toy_world / "wsol_metadata/CUB/train/class_labels.txt")
@@ -89,14 +90,14 @@ def _cam_model(path: Path, toy_world, fill: float | None) -> Path:
 def test_wsol_evaluate_refuses_nan_cams_and_saves_no_map(run, toy_world, tmp_path, one_thread):
     model = _cam_model(tmp_path / "cam_model.pth", toy_world, float("nan"))
     maps = tmp_path / "maps"
-    expect(run("wsol", "evaluate", "--config", WSOL_CFG, "--model", model, "--scoremaps", maps, "--out",
+    expect(run("run_wsol", "evaluate", "--config", WSOL_CFG, "--model", model, "--scoremaps", maps, "--out",
                tmp_path / "m.json", *_wsol_over(toy_world)), 1, "wsol", "split test", "non-finite")
     assert not list(maps.rglob("*.npy")) and not (tmp_path / "m.json").exists()
 
 
 def test_wsol_finetune_diverging_writes_no_model(run, toy_world, tmp_path, one_thread):
     rd = tmp_path / "r"
-    code, err = run("wsol", "finetune", "--config", WSOL_CFG, "--run-dir", rd, *_wsol_over(toy_world), "epochs=1",
+    code, err = run("run_wsol", "finetune", "--config", WSOL_CFG, "--run-dir", rd, *_wsol_over(toy_world), "epochs=1",
                     "optim.lr_classifier=1e30", "optim.lr=1e30", "eval.every=0")
     assert code == 1, err
     assert "non-finite" in err
@@ -119,7 +120,7 @@ def _det_cfg(toy_world, kind="ssd"):
 @pytest.mark.parametrize("kind", ["ssd", "faster_rcnn_fpn"])
 def test_detection_prediction_refuses_nan_outputs(toy_world, kind, one_thread):
     """NaN scores fail every score threshold: without the check a broken detector scores mAP 0 with exit 0."""
-    from core.runtime import NonFiniteOutputError
+    from mixup_transfer.core.runtime import NonFiniteOutputError
     from transfer import det_train
 
     cfg = _det_cfg(toy_world, kind)
@@ -149,7 +150,7 @@ def _pipeline_cfg(tmp_path: Path, data: Path) -> dict:
 
 
 def _keys(cfg: dict) -> dict:
-    from pipeline.run import Pipeline
+    from mixup_transfer.pipeline.run import Pipeline
 
     return {st.label: st.key for st in Pipeline(cfg).plan()}
 
@@ -207,8 +208,8 @@ def test_stage_keys_follow_the_backbone_and_the_datasets(data_copy, tmp_path):
     ("detection", {"config": "c.yaml"}, "detection[0]: 'name' must be a non-empty string"),
 ])
 def test_unknown_keys_in_pipeline_entries_are_errors(data_copy, tmp_path, where, entry, what):
-    from core.config import ConfigError
-    from pipeline.run import Pipeline
+    from mixup_transfer.core.config import ConfigError
+    from mixup_transfer.pipeline.run import Pipeline
 
     cfg = _pipeline_cfg(tmp_path, data_copy)
     cfg[where] = [entry] if where == "detection" else entry
@@ -233,7 +234,7 @@ def test_a_second_writer_is_refused_and_a_stale_lock_replaced(tmp_path):
     import json
     import socket
 
-    from core.lock import LOCK_NAME, RunLockedError, run_lock
+    from mixup_transfer.core.lock import LOCK_NAME, RunLockedError, run_lock
 
     folder = tmp_path / "run"
     with run_lock(folder, "pretraining run"):
@@ -256,11 +257,11 @@ def test_a_second_writer_is_refused_and_a_stale_lock_replaced(tmp_path):
 
 
 def test_pretrain_refuses_a_folder_another_process_writes(run, tmp_path):
-    from core.lock import run_lock
+    from mixup_transfer.core.lock import run_lock
 
     rd = tmp_path / "run"
     with run_lock(rd):  # this process plays the first writer
-        line = expect(run("pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--run-dir", rd,
+        line = expect(run("run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--run-dir", rd,
                           f"data.root={tmp_path}/none"), 1, rd, "another process is writing")
     assert "pid" in line
 
@@ -274,14 +275,14 @@ def test_tmp_leftovers_of_a_killed_run_are_removed_on_the_next_start(run, toy_wo
         p.write_bytes(b"x" * 100)
     live = out / f"other.json.{os.getpid()}.tmp"  # a live process's file is kept
     live.write_bytes(b"y")
-    expect(run("evaluate", "--checkpoint", nan_ckpt, "--imagenet", toy_world / "imagenet", "--suites", "clean",
+    expect(run("run_robustness", "--checkpoint", nan_ckpt, "--imagenet", toy_world / "imagenet", "--suites", "clean",
                "--limit", "2", "--image-size", "32", "--resize", "36", "--out", out), 1, "non-finite")
     assert not any(p.exists() for p in left) and live.exists()
     assert not (out / ".lock").exists()
 
 
 def test_refused_detection_resume_changes_nothing_and_names_real_flags(run, toy_world, tmp_path):
-    from core import fingerprint as fp
+    from mixup_transfer.core import fingerprint as fp
     from transfer.det_train import load_det_config, seed_fingerprint
 
     config = ROOT / "configs/detection/toy_ssd_voc.yaml"
@@ -290,7 +291,7 @@ def test_refused_detection_resume_changes_nothing_and_names_real_flags(run, toy_
     old = load_det_config(config, over)
     fp.write(rd / "seed_0", seed_fingerprint(old, None, 0))
     (rd / "config.yaml").write_text("the old run's config\n")
-    line = expect(run("finetune_det", "--config", config, "--run-dir", rd, "--resume", *over, "solver.lr=0.5"), 2,
+    line = expect(run("run_detection", "--config", config, "--run-dir", rd, "--resume", *over, "solver.lr=0.5"), 2,
                   "seed_0", "solver.lr")
     assert "--force" not in line and "--run-dir" in line
     assert (rd / "config.yaml").read_text() == "the old run's config\n"
@@ -303,7 +304,7 @@ def test_figures_are_written_atomically(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from core.basics import save_figure
+    from mixup_transfer.core.basics import save_figure
 
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
@@ -353,7 +354,7 @@ def test_wsol_ids_never_leave_their_folders(run, toy_world, tmp_path, bad, one_t
     model = _cam_model(tmp_path / "cam_model.pth", toy_world, None)
     maps = tmp_path / "maps" / "deep"
     over = _wsol_over(toy_world) + [f"data.metadata_root={meta}"]
-    expect(run("wsol", "evaluate", "--config", WSOL_CFG, "--model", model, "--scoremaps", maps, *over), 2,
+    expect(run("run_wsol", "evaluate", "--config", WSOL_CFG, "--model", model, "--scoremaps", maps, *over), 2,
            "image_ids.txt:1", repr(bad), "not a relative path inside its folder")
     assert victim.read_bytes() == b"precious"
 
@@ -374,7 +375,7 @@ def test_voc_and_coco_ids_never_leave_their_folders(toy_world, tmp_path, bad):
     import json
     import shutil
 
-    from core.data import DataError
+    from mixup_transfer.core.data import DataError
     from transfer.datasets import COCODetection, VOCDetection
     from transfer.voc_eval import VOCEvalError, load_voc_annotations
 
@@ -422,13 +423,13 @@ class _BadImages(torch.utils.data.Dataset):
         return 2
 
     def __getitem__(self, i):
-        from core.data import read_image
+        from mixup_transfer.core.data import read_image
 
         return torch.zeros(1) if i == 0 else read_image(self.path)
 
 
 def test_a_bad_file_in_a_dataloader_worker_reads_as_in_the_main_process(tmp_path):
-    from core import cli
+    from mixup_transfer.core import cli
 
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)
@@ -445,7 +446,7 @@ def test_a_bad_file_in_a_dataloader_worker_reads_as_in_the_main_process(tmp_path
 
 
 def test_worker_message_keeps_a_multiline_original():
-    from core.cli import worker_message
+    from mixup_transfer.core.cli import worker_message
 
     msg = ("Caught DataError in DataLoader worker process 3.\nOriginal Traceback (most recent call last):\n"
            '  File "x.py", line 1, in f\n    raise DataError("a: b")\ncore.data.DataError: a: b\nsecond line')
@@ -456,7 +457,7 @@ def test_worker_message_keeps_a_multiline_original():
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     from PIL import Image
 
-    from core.data import DataError, read_image, read_image_uint8
+    from mixup_transfer.core.data import DataError, read_image, read_image_uint8
 
     g16 = np.array([[0, 257, 5000, 65535]], dtype=np.uint16)
     Image.fromarray(g16).save(tmp_path / "g16.png")  # mode I;16
@@ -481,7 +482,7 @@ def test_sixteen_bit_png_trains_through_the_uint8_path(tmp_path):
     """The uint8 crop + resize kernels take uint8 only: a 16-bit PNG reached them as uint16 and failed."""
     from PIL import Image
 
-    from core.data import read_image_uint8
+    from mixup_transfer.core.data import read_image_uint8
 
     Image.fromarray((np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)).save(tmp_path / "a.png")
     x = read_image_uint8(tmp_path / "a.png")
@@ -495,7 +496,7 @@ def test_sixteen_bit_png_trains_through_the_uint8_path(tmp_path):
                                         ("1e999", "<xmax> is not a finite number"),
                                         ("ten", "malformed number in <xmax>: 'ten'")])
 def test_voc_xml_with_a_non_finite_coordinate_is_a_named_error(tmp_path, value, what):
-    from core.data import DataError, parse_pascal_xml
+    from mixup_transfer.core.data import DataError, parse_pascal_xml
 
     xml = tmp_path / "a.xml"
     xml.write_text("<annotation><size><width>10</width><height>10</height></size><object><name>dog</name>"
@@ -520,7 +521,7 @@ def test_voc_xml_with_a_non_finite_coordinate_is_a_named_error(tmp_path, value, 
     ("robustness", {"pgd_eps": [1]}, "config key pgd_eps: expected a number or a string"),
 ])
 def test_every_config_value_is_type_checked(stage, cfg, what):
-    from core.config import ConfigError
+    from mixup_transfer.core.config import ConfigError
     from pretrain.task import resolve_config as pretrain
     from transfer.det_train import resolve_config as detection
     from transfer.robustness.stage import resolve_config as robustness
@@ -533,7 +534,7 @@ def test_every_config_value_is_type_checked(stage, cfg, what):
 
 
 def test_a_string_for_a_null_default_key_fails_at_the_edge_with_exit_2(run, tmp_path):
-    expect(run("pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--run-dir", tmp_path / "r",
+    expect(run("run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--run-dir", tmp_path / "r",
                f"data.root={tmp_path}", 'data.max_train="50"'), 2, "data.max_train", "expected an integer")
 
 
@@ -564,7 +565,7 @@ def test_allow_pickle_cannot_come_from_a_config_or_override(run, toy_world, tmp_
     else:
         cfg = tmp_path / "shared_recipe.yaml"
         cfg.write_text(f"_BASE_: {WSOL_CFG}\nallow_pickle: true\n")
-    expect(run("wsol", "finetune", "--config", cfg, "--weights", w, "--run-dir", tmp_path / "r", *over), 2,
+    expect(run("run_wsol", "finetune", "--config", cfg, "--weights", w, "--run-dir", tmp_path / "r", *over), 2,
            "config key allow_pickle", "--allow-pickle")
     assert not marker.exists()
 
@@ -574,12 +575,13 @@ def test_every_checkpoint_reading_tool_has_the_flag_and_the_message_is_accurate(
 
     marker = tmp_path / "pwned"
     planted = _planted(tmp_path / "p.pth", marker)
-    for tool, args in (("evaluate", ["--checkpoint", planted, "--imagenet", toy_world / "imagenet", "--out",
-                                     tmp_path / "o"]),
-                       ("finetune_det", ["--config", ROOT / "configs/detection/toy_ssd_voc.yaml", "--weights", planted,
-                                         "--run-dir", tmp_path / "d", f"data.root={toy_world}/VOCdevkit"]),
-                       ("wsol", ["finetune", "--config", WSOL_CFG, "--weights", planted, "--run-dir", tmp_path / "w",
-                                 *_wsol_over(toy_world)]),
+    det_cfg = ROOT / "configs/detection/toy_ssd_voc.yaml"
+    for tool, args in (("run_robustness", ["--checkpoint", planted, "--imagenet", toy_world / "imagenet",
+                                           "--out", tmp_path / "o"]),
+                       ("run_detection", ["--config", det_cfg, "--weights", planted, "--run-dir", tmp_path / "d",
+                                          f"data.root={toy_world}/VOCdevkit"]),
+                       ("run_wsol", ["finetune", "--config", WSOL_CFG, "--weights", planted,
+                                     "--run-dir", tmp_path / "w", *_wsol_over(toy_world)]),
                        ("convert", ["--to", "torchvision", planted, tmp_path / "c.pth"])):
         line = expect(run(tool, *args), 2, planted, "pickled Python objects", "tools/convert.py")
         assert "--allow-pickle" in line
@@ -589,11 +591,11 @@ def test_every_checkpoint_reading_tool_has_the_flag_and_the_message_is_accurate(
     ckpt = _save_backbone(tmp_path / "good.pth")
     torch.save({"args": argparse.Namespace(lr=0.1), **torch.load(ckpt)}, foreign)
     with pytest.warns(UserWarning, match="requested by --allow-pickle on the command line"):
-        code, err = run("evaluate", "--checkpoint", foreign, "--imagenet", toy_world / "imagenet", "--suites",
+        code, err = run("run_robustness", "--checkpoint", foreign, "--imagenet", toy_world / "imagenet", "--suites",
                         "clean", "--limit", "2", "--image-size", "32", "--resize", "36", "--out", tmp_path / "e",
                         "--allow-pickle")
     assert code == 0, err
-    from core.checkpoint import CheckpointError, read_checkpoint
+    from mixup_transfer.core.checkpoint import CheckpointError, read_checkpoint
 
     other = tmp_path / "other.pth"
     other.write_bytes(foreign.read_bytes())
@@ -602,7 +604,7 @@ def test_every_checkpoint_reading_tool_has_the_flag_and_the_message_is_accurate(
 
 
 def test_flag_present_on_every_tool_that_reads_a_checkpoint():
-    for tool in ("evaluate", "finetune_det", "convert", "wsol", "submit"):
+    for tool in ("run_robustness", "run_detection", "convert", "run_wsol", "submit"):
         assert '"--allow-pickle"' in (ROOT / "tools" / f"{tool}.py").read_text(), tool
 
 
@@ -691,7 +693,7 @@ def test_truncated_cub_files(run, toy_world, tmp_path, which, what):
         shutil.copy(toy_world / "CUB_200_2011" / name, cub / name)
     (cub / "images").symlink_to(toy_world / "CUB_200_2011/images")
     _truncate(cub / which)
-    expect(run("wsol", "metadata", "--cub", cub, "--out", tmp_path / "m"), 2, what)
+    expect(run("run_wsol", "metadata", "--cub", cub, "--out", tmp_path / "m"), 2, what)
 
 
 @pytest.mark.parametrize("which,what", [("image", "corrupt or unreadable image"), ("xml", "malformed XML"),
@@ -705,21 +707,21 @@ def test_truncated_robustness_inputs(run, toy_world, tmp_path, which, what, one_
     ckpt = _save_backbone(tmp_path / "b.pth")
     f = _truncate({"image": sorted(p for p in (root / "val").rglob("*") if p.is_file())[0],
                    "xml": sorted((root / "val_boxes").glob("*.xml"))[0], "checkpoint": ckpt}[which])
-    expect(run("evaluate", "--checkpoint", ckpt, "--imagenet", root, "--suites", "background", "--image-size",
+    expect(run("run_robustness", "--checkpoint", ckpt, "--imagenet", root, "--suites", "background", "--image-size",
                     "32", "--resize", "36", "--out", tmp_path / "out"), 2, f, what)
 
 
 def test_truncated_config_and_convert_input(run, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("name: x\noptim: {lr: 0.1, epochs: [1, 2\n")  # a flow sequence cut off
-    expect(run("pretrain", "--config", cfg), 2, cfg, "invalid YAML")
+    expect(run("run_pretrain", "--config", cfg), 2, cfg, "invalid YAML")
     ck = _truncate(_save_backbone(tmp_path / "b.pth"))
     expect(run("convert", "--to", "torchvision", ck, tmp_path / "o.pth"), 2, ck, "truncated or corrupt")
 
 
 def test_cross_check_checkpoint_classes_against_the_data(run, toy_world, tmp_path, one_thread):
     """Same number of classes, other classes: every prediction would be scored against the wrong label."""
-    from core.checkpoint import build_resnet, save_backbone
+    from mixup_transfer.core.checkpoint import build_resnet, save_backbone
 
     classes = sorted(p.name for p in (toy_world / "imagenet/val").iterdir() if p.is_dir())
     for order, code in ((classes, 0), (classes[::-1], 2)):
@@ -727,7 +729,7 @@ def test_cross_check_checkpoint_classes_against_the_data(run, toy_world, tmp_pat
         torch.manual_seed(0)
         save_backbone(path, build_resnet("resnet18", num_classes=len(classes)),
                       {"arch": "resnet18", "method": "erm", "classes": order})
-        got = run("evaluate", "--checkpoint", path, "--imagenet", toy_world / "imagenet", "--suites", "clean",
+        got = run("run_robustness", "--checkpoint", path, "--imagenet", toy_world / "imagenet", "--suites", "clean",
                        "--limit", "2", "--image-size", "32", "--resize", "36", "--out", tmp_path / f"o{code}")
         expect(got, code, *([path, "trained on other classes", f"label 0 is {classes[-1]!r} in the checkpoint"]
                             if code else []))
@@ -736,7 +738,7 @@ def test_cross_check_checkpoint_classes_against_the_data(run, toy_world, tmp_pat
 def test_cross_check_voc_xml_filename_against_its_id(run, toy_world, tmp_path):
     import shutil
 
-    from core.data import DataError
+    from mixup_transfer.core.data import DataError
     from transfer.datasets import VOCDetection
 
     dst = tmp_path / "VOCdevkit" / "VOC2007"
@@ -757,7 +759,7 @@ def _snapshot(folder: Path) -> dict:
 
 @pytest.mark.parametrize("tool", ["pretrain", "wsol"])
 def test_refused_resumes_change_nothing_on_disk(run, toy_world, tmp_path, tool, one_thread):
-    from core import fingerprint as fp
+    from mixup_transfer.core import fingerprint as fp
 
     rd = tmp_path / "r"
     (rd / "checkpoints").mkdir(parents=True)
@@ -766,10 +768,10 @@ def test_refused_resumes_change_nothing_on_disk(run, toy_world, tmp_path, tool, 
     fp.write(rd, {"config": {"optim": {"lr": 123.0}}, "inputs": {}, "code": "x"})
     before = _snapshot(rd)
     if tool == "pretrain":
-        args = ["pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--run-dir", rd, "--resume",
+        args = ["run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--run-dir", rd, "--resume",
                 f"data.root={toy_world}/imagenet", "data.num_workers=0"]
     else:
-        args = ["wsol", "finetune", "--config", WSOL_CFG, "--run-dir", rd, *_wsol_over(toy_world)]
+        args = ["run_wsol", "finetune", "--config", WSOL_CFG, "--run-dir", rd, *_wsol_over(toy_world)]
     line = expect(run(*args), 2, rd, "was made from another config")
     assert "--force" in line  # both tools have it
     assert _snapshot(rd) == before
@@ -778,7 +780,7 @@ def test_refused_resumes_change_nothing_on_disk(run, toy_world, tmp_path, tool, 
 def test_lock_without_hard_links_and_a_corrupt_lock(tmp_path, monkeypatch):
     import json
 
-    from core.lock import LOCK_NAME, acquire, release
+    from mixup_transfer.core.lock import LOCK_NAME, acquire, release
 
     folder = tmp_path / "run"
     folder.mkdir()
@@ -801,8 +803,8 @@ def test_lock_without_hard_links_and_a_corrupt_lock(tmp_path, monkeypatch):
 @pytest.mark.parametrize("key,value,what", [("wsol", "configs/wsol/x.yaml", "config key wsol: expected a mapping"),
                                             ("robustness", ["clean"], "config key robustness: expected a mapping")])
 def test_pipeline_null_default_keys_are_type_checked(data_copy, tmp_path, key, value, what):
-    from core.config import ConfigError
-    from pipeline.run import Pipeline
+    from mixup_transfer.core.config import ConfigError
+    from mixup_transfer.pipeline.run import Pipeline
 
     cfg = _pipeline_cfg(tmp_path, data_copy)
     cfg[key] = value

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import ConfigError, load_config
-from pipeline import tables
-from pipeline.run import Pipeline
-from pipeline.tables import RULE_ONE, RULE_SPREAD, Cell, Column, Table, best_rows, mean_std
+from mixup_transfer.core.config import ConfigError, load_config
+from mixup_transfer.pipeline import tables
+from mixup_transfer.pipeline.run import Pipeline
+from mixup_transfer.pipeline.tables import RULE_ONE, RULE_SPREAD, Cell, Column, Table, best_rows, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -208,7 +208,7 @@ def test_unknown_seed_key():
 def test_pipeline_with_two_pretraining_seeds(tmp_path, toy_world):
     from test_pipeline import _tiny_config
 
-    from pipeline.run import run_pipeline
+    from mixup_transfer.pipeline.run import run_pipeline
 
     data = tmp_path / "data"
     shutil.copytree(toy_world, data)

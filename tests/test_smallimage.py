@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from core.data import DataError
-from core.smalldata import detect_layout, open_classification, read_cifar_pickle
+from mixup_transfer.core.data import DataError
+from mixup_transfer.core.smalldata import detect_layout, open_classification, read_cifar_pickle
 
 # ------------------------------------------------------------------------------------------------ readers
 
 def test_cifar_read_back_equals_the_renderer(small_toy_world):
-    from toyworld.cifar import cifar_split
-    from toyworld.vocab import PRESETS, small_image_classes
+    from mixup_transfer.toyworld.cifar import cifar_split
+    from mixup_transfer.toyworld.vocab import PRESETS, small_image_classes
 
     for kind, n, key in (("cifar10", 10, "cifar10"), ("cifar100", 100, "cifar100")):
         per = PRESETS["tiny"]["cifar_train"] if n == 10 else max(2, PRESETS["tiny"]["cifar_train"] // 5)
@@ -72,16 +72,16 @@ def test_cifar_unpickler_refuses_code(tmp_path):
 
 def _as_jpeg(img, tmp_path):
     """The rendered image through the writer's JPEG encoding, decoded as the reader decodes."""
-    from core.data import read_image
-    from toyworld.render import _write_jpeg
+    from mixup_transfer.core.data import read_image
+    from mixup_transfer.toyworld.render import _write_jpeg
 
     _write_jpeg(tmp_path / "x.JPEG", img)
     return np.asarray(read_image(tmp_path / "x.JPEG"))
 
 
 def test_tinyimagenet_read_back_equals_the_renderer(small_toy_world, tmp_path):
-    from toyworld.tinyimagenet import TINY_CLASSES, _scene
-    from toyworld.vocab import imagenet_wnids
+    from mixup_transfer.toyworld.tinyimagenet import TINY_CLASSES, _scene
+    from mixup_transfer.toyworld.vocab import imagenet_wnids
 
     train = open_classification(small_toy_world, "train", "tinyimagenet")
     assert train.classes == imagenet_wnids(TINY_CLASSES) and len(train) == 2 * TINY_CLASSES
@@ -115,7 +115,7 @@ def test_detect_layout(small_toy_world, tmp_path):
 # ------------------------------------------------------------------------------------------------ models
 
 def test_parameter_counts_by_hand():
-    from core.checkpoint import build_resnet
+    from mixup_transfer.core.checkpoint import build_resnet
 
     # PreAct-ResNet-18, 10 classes (BN: 2 per channel; convs without bias; 1x1 projection without BN):
     #   conv1 3*64*9                                                                  =      1,728
@@ -159,7 +159,7 @@ def test_stage_shapes_at_32_and_64_px(arch, maps):
 @pytest.mark.parametrize("arch", ["preactresnet18", "wrn16_8", "resnet18_cifar"])
 def test_checkpoint_contract_and_robustness_model(arch, tmp_path):
     """save_backbone -> load_classifier -> the robustness wrapper reproduces the pretraining model's logits."""
-    from core.checkpoint import infer_arch, load_backbone, save_backbone
+    from mixup_transfer.core.checkpoint import infer_arch, load_backbone, save_backbone
     from pretrain.methods import ResNetStages
     from transfer.robustness.model import load_classifier_model
 
@@ -218,7 +218,7 @@ def test_preactresnet18_alignmixup_parameters_and_checkpoint():
     resnet.py): preactresnet18 plus the stem's BatchNorm2d(64), i.e. 11,171,146 + 2 * 64 = 11,171,274 parameters
     for 10 classes (its other difference, identity shortcuts from the pre-activated input, has none); a checkpoint
     of it is recognised (a stem BN, and projection shortcuts without BN unlike resnet18_cifar)."""
-    from core.checkpoint import build_resnet, infer_arch
+    from mixup_transfer.core.checkpoint import build_resnet, infer_arch
 
     net = build_resnet("preactresnet18_alignmixup", 10).eval()
     assert sum(p.numel() for p in net.parameters()) == 11_171_146 + 2 * 64 == 11_171_274
@@ -235,7 +235,7 @@ def test_preactresnet18_alignmixup_equals_the_alignmixup_network():
     import importlib.util
     from pathlib import Path
 
-    from core.checkpoint import build_resnet
+    from mixup_transfer.core.checkpoint import build_resnet
 
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("fixture_tool", root / "tools" / "make_method_fixtures.py")

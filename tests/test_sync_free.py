@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.engine import Engine, LoopSettings, Task, build_optimizer
+from mixup_transfer.core.engine import Engine, LoopSettings, Task, build_optimizer
 from pretrain.methods import METHODS, ResNetStages, build_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

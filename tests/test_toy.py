@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-import toyworld as toy
+import mixup_transfer.toyworld as toy
 
 # pycocotools 2.0.x + NumPy 2 warns on every annToMask
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -458,7 +458,7 @@ def test_readers_if_present(world):
     """The lead's readers (when they exist) read the toy world without error."""
     out, _ = world
     try:
-        from core.data import ImageNetFolder
+        from mixup_transfer.core.data import ImageNetFolder
     except ImportError:
         ImageNetFolder = None
     if ImageNetFolder is not None:

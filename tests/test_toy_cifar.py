@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
-from core.checkpoint import build_resnet, feature_dim, infer_arch, resnet_from_checkpoint, save_backbone
-from core.config import ConfigError
-from pipeline import tables
-from pipeline.report import write_report
-from pipeline.run import Pipeline
+from mixup_transfer.core.checkpoint import build_resnet, feature_dim, infer_arch, resnet_from_checkpoint, save_backbone
+from mixup_transfer.core.config import ConfigError
+from mixup_transfer.pipeline import tables
+from mixup_transfer.pipeline.report import write_report
+from mixup_transfer.pipeline.run import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix", "alignmix", "multimix", "dense_multimix",

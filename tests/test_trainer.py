@@ -1,4 +1,5 @@
-"""Pretraining (pretrain.task on core.engine): schedules, the resumable sampler, the batch plan, an end-to-end
+"""Pretraining (pretrain.task on mixup_transfer.core.engine): schedules, the resumable sampler, the batch plan, an
+end-to-end
 toy run, exact resumption, non-finite loss handling and a 2-process gloo DDP run."""
 
 import json
@@ -9,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from core.checkpoint import load_backbone
-from core.runtime import NonFiniteLossError
-from core.schedule import lr_factor as schedule_factor
+from mixup_transfer.core.checkpoint import load_backbone
+from mixup_transfer.core.runtime import NonFiniteLossError
+from mixup_transfer.core.schedule import lr_factor as schedule_factor
 from pretrain.data import EpochSampler
 from pretrain.task import DEFAULTS, batch_plan, build, finish, train
 
@@ -99,7 +100,7 @@ def test_toy_run_writes_the_run_folder(toy_world, tmp_path, capsys):
     cfg = tiny_cfg(toy_world / "imagenet")
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "cfg.yaml").write_text("_BASE_: base.yaml\nname: cli\n")
-    tool = Path(__file__).resolve().parents[1] / "tools" / "pretrain.py"
+    tool = Path(__file__).resolve().parents[1] / "tools" / "run_pretrain.py"
     spec = importlib.util.spec_from_file_location("pretrain_cli", tool)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
@@ -151,7 +152,7 @@ def test_non_finite_loss_stops_naming_the_step(toy_world, tmp_path):
 
 
 def test_config_errors(toy_world, tmp_path):
-    from core.config import ConfigError
+    from mixup_transfer.core.config import ConfigError
 
     cfg = tiny_cfg(toy_world / "imagenet")
     cfg["optim"]["lrr"] = 1

@@ -1,4 +1,5 @@
-"""The uint8 data path of pretraining (pretrain/data.py, core/data.py decode): libjpeg-turbo decode equals PIL's,
+"""The uint8 data path of pretraining (pretrain/data.py, mixup_transfer/core/data.py decode): libjpeg-turbo decode
+equals PIL's,
 the uint8 crop / flip / jitter / lighting / val transforms equal the PIL path's for the same seed within the
 tolerances measured here, the device-side float conversion equals ToTensor's, the GPU-decode code path (run on
 the CPU) equals the uint8 path, persistent workers keep each epoch's order, and the loader selection refuses
@@ -10,8 +11,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from core.config import ConfigError
-from core.data import DataError, decode_uint8, read_bytes, read_image, read_image_uint8
+from mixup_transfer.core.config import ConfigError
+from mixup_transfer.core.data import DataError, decode_uint8, read_bytes, read_image, read_image_uint8
 from pretrain.data import (
     EncodedTrainTransform,
     EpochSampler,

@@ -1,6 +1,6 @@
-"""core.units: one unit per metric name, percent for every rate."""
+"""mixup_transfer.core.units: one unit per metric name, percent for every rate."""
 
-from core.units import unit_of, units, with_units
+from mixup_transfer.core.units import unit_of, units, with_units
 
 
 def test_units_of_the_toolkits_metric_names():

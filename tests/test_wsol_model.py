@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.checkpoint import CheckpointError, build_resnet, save_backbone
-from core.config import load_config
+from mixup_transfer.core.checkpoint import CheckpointError, build_resnet, save_backbone
+from mixup_transfer.core.config import load_config
 from wsol.finetune import DEFAULTS, build_optimizer, finetune, set_frozen_eval
 from wsol.model import CAMModel, build_cam_model, normalise_cams
 

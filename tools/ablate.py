@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """An ablation: one knob of a pretraining recipe swept over values x seeds -> table, ablation.json, curve
-(pipeline/ablation.py).
+(mixup_transfer/pipeline/ablation.py).
 
     python tools/ablate.py --config configs/ablation/toy_multimix_n.yaml [--force RUN ...] [--plan] [KEY=VALUE ...]
 
@@ -12,13 +12,10 @@ again resumes an interrupted sweep, and adding a value or a seed runs only the n
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core import cli  # noqa: E402
-from pipeline.ablation import plan_lines, run_ablation  # noqa: E402
-from pipeline.run import StopPipeline  # noqa: E402
+from mixup_transfer.core import cli
+from mixup_transfer.pipeline.ablation import plan_lines, run_ablation
+from mixup_transfer.pipeline.run import StopPipeline
 
 
 @cli.entry

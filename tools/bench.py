@@ -19,9 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core import cli  # noqa: E402
+from mixup_transfer.core import cli
 
 
 def bench_data(root: str | None = None, workers=(0, 1, 2), size: int = 224, batches: int = 8,
@@ -32,11 +30,11 @@ def bench_data(root: str | None = None, workers=(0, 1, 2), size: int = 224, batc
 
     import torch
 
-    from core.data import ImageNetFolder, read_image_uint8
+    from mixup_transfer.core.data import ImageNetFolder, read_image_uint8
     from pretrain.data import Uint8TrainTransform, collate_uint8
 
     if root is None:
-        from toyworld import make_toy_world
+        from mixup_transfer.toyworld import make_toy_world
         from wsol.data import cub_to_wsol_metadata
 
         root = Path(tempfile.mkdtemp()) / "toy"
@@ -189,7 +187,7 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        from core.runtime import atomic_write_text
+        from mixup_transfer.core.runtime import atomic_write_text
 
         atomic_write_text(json.dumps(results, indent=2) + "\n", out / "bench.json")
         atomic_write_text(to_markdown(results), out / "bench.md")

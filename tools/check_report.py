@@ -11,11 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core import cli  # noqa: E402
-from core.data import InputError  # noqa: E402
-from pipeline.report import missing_entries  # noqa: E402
+from mixup_transfer.core import cli
+from mixup_transfer.core.data import InputError
+from mixup_transfer.pipeline.report import missing_entries
 
 
 @cli.entry

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a backbone checkpoint (any layout core.checkpoint.load_backbone reads).
+"""Convert a backbone checkpoint (any layout mixup_transfer.core.checkpoint.load_backbone reads).
 
     python tools/convert.py --to detectron2 runs/x/backbone.pth out/R50.pkl [--arch resnet50]
         -> out/R50.pkl (detectron2 weights) + out/voc_resnet50_C4_24k.yaml (bottleneck ResNets only)
@@ -11,14 +11,10 @@
 
 import json
 import sys
-from pathlib import Path
 
-# the repo root first: tools/pretrain.py would otherwise shadow the `pretrain` package
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core import cli  # noqa: E402
-from core.checkpoint import ARCHS, trust_pickled  # noqa: E402
-from transfer.convert import convert_to_detectron2, convert_to_torchvision  # noqa: E402
+from mixup_transfer.core import cli
+from mixup_transfer.core.checkpoint import ARCHS, trust_pickled
+from transfer.convert import convert_to_detectron2, convert_to_torchvision
 
 
 @cli.entry

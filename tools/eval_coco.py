@@ -6,14 +6,10 @@
 
 import json
 import sys
-from pathlib import Path
 
-# the repo root first: tools/pretrain.py would otherwise shadow the `pretrain` package
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core import cli  # noqa: E402
-from core.units import with_units  # noqa: E402
-from transfer.coco_eval import BACKENDS, coco_evaluate  # noqa: E402
+from mixup_transfer.core import cli
+from mixup_transfer.core.units import with_units
+from transfer.coco_eval import BACKENDS, coco_evaluate
 
 
 @cli.entry

@@ -6,15 +6,11 @@
 
 import json
 import sys
-from pathlib import Path
 
-# the repo root first: tools/pretrain.py would otherwise shadow the `pretrain` package
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core import cli  # noqa: E402
-from core.constants import VOC_CLASSES  # noqa: E402
-from core.units import with_units  # noqa: E402
-from transfer.voc_eval import METRICS, evaluate_voc_results  # noqa: E402
+from mixup_transfer.core import cli
+from mixup_transfer.core.constants import VOC_CLASSES
+from mixup_transfer.core.units import with_units
+from transfer.voc_eval import METRICS, evaluate_voc_results
 
 
 @cli.entry

@@ -13,11 +13,8 @@ Imports neither torch nor model code (it would cost more than the scoring).
 import json
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core import cli  # noqa: E402
+from mixup_transfer.core import cli
 
 
 @cli.entry
@@ -38,7 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="threads scoring maps (default: the CPU cores, at most 8; same numbers)")
     args = p.parse_args(argv)
-    from core.basics import progress
+    from mixup_transfer.core.basics import progress
     from wsol.metrics import HAVE_NUMBA
     from wsol.scoremaps import score_scoremap_dir
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """What to run first on a new GPU node or cluster: every CUDA path of the toolkit for a few steps on the toy world
-(a few minutes on one GPU), with a pass/fail table (pipeline/gpu_check.py says what each check does).
+(a few minutes on one GPU), with a pass/fail table (mixup_transfer/pipeline/gpu_check.py says what each check does).
 
     python tools/gpu_check.py --out runs/gpu_check          # all checks -> runs/gpu_check/gpu_check.{md,json}
     python tools/gpu_check.py --only methods,decode         # a subset
@@ -12,9 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core import cli  # noqa: E402
+from mixup_transfer.core import cli
 
 
 @cli.entry
@@ -27,7 +25,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from pipeline import gpu_check
+    from mixup_transfer.pipeline import gpu_check
 
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device is visible here (torch.cuda.is_available() is False, torch "

@@ -28,10 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core import cli  # noqa: E402
-from core.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from mixup_transfer.core import cli
+from mixup_transfer.core.constants import IMAGENET_MEAN, IMAGENET_STD
 
 MEAN = np.array(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
 STD = np.array(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)

@@ -20,10 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core import cli  # noqa: E402
-from pretrain import mixing as mx  # noqa: E402
+from mixup_transfer.core import cli
+from pretrain import mixing as mx
 
 GRIDS = ((2, 40), (4, 60), (8, 100), (16, 100))
 

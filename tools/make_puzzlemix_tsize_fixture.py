@@ -17,6 +17,7 @@ Needs torch, numpy and gco-wrapper (the official module imports it).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -24,12 +25,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mixup_transfer.core import cli
 
-from make_method_fixtures import MEAN, STD, _commit, _load, saliency_maps, smooth_images  # noqa: E402
 
-from core import cli  # noqa: E402
+def _sibling(name: str):
+    """tools/<name>.py as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_fixtures = _sibling("make_method_fixtures")
+MEAN, STD, _commit, _load = _fixtures.MEAN, _fixtures.STD, _fixtures._commit, _fixtures._load
+saliency_maps, smooth_images = _fixtures.saliency_maps, _fixtures.smooth_images
 
 # (width, grid, t_size, neigh_size): t_size below the block side (a finer transport grid), equal to it, above it;
 # the official cost matrices exist for transport grids 2, 4, 8 and 16 only

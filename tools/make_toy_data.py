@@ -6,20 +6,17 @@ python tools/make_toy_data.py --out data/toy --preset demo --seed 0 [--ood 200]
 python tools/make_toy_data.py --out data/toy_small --preset demo --track small
 
 --ood N also writes N images per 32 x 32 toy OOD set (LSUN, LSUN_resize, iSUN, Imagenet, Imagenet_resize
-shaped, toyworld/ood.py) under OUT/ood/.
+shaped, mixup_transfer/toyworld/ood.py) under OUT/ood/.
 """
 
 import sys
 import time
 from pathlib import Path
 
-# tools/ is sys.path[0] when run as a script, and tools/pretrain.py would shadow the package
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core import cli  # noqa: E402
-from toyworld import PRESETS, format_summary, make_toy_world  # noqa: E402
-from toyworld.world import TRACKS  # noqa: E402
-from wsol.data import cub_to_wsol_metadata  # noqa: E402
+from mixup_transfer.core import cli
+from mixup_transfer.toyworld import PRESETS, format_summary, make_toy_world
+from mixup_transfer.toyworld.world import TRACKS
+from wsol.data import cub_to_wsol_metadata
 
 
 @cli.entry
@@ -41,7 +38,7 @@ def main(argv=None) -> int:
     )
     print(format_summary(summary))
     if args.ood > 0:
-        from toyworld.ood import write_ood_folders
+        from mixup_transfer.toyworld.ood import write_ood_folders
 
         for name, folder in write_ood_folders(Path(args.out) / "ood", seed=args.seed, n=args.ood).items():
             print(f"  OOD {name:15s}: {args.ood} images   {folder}")

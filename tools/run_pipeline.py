@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The main job: pretraining -> detection / WSOL / robustness -> one report (pipeline/run.py).
+"""The main job: pretraining -> detection / WSOL / robustness -> one report (mixup_transfer/pipeline/run.py).
 
     python tools/run_pipeline.py --config configs/pipeline/toy.yaml [--methods erm,multimix]
                                  [--force STAGE ...] [KEY=VALUE ...]
@@ -14,12 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core import cli  # noqa: E402
-from core.distributed import torchrun_session  # noqa: E402
-from pipeline.publish import publish  # noqa: E402
-from pipeline.run import STAGES, StagesFailed, StopPipeline, run_pipeline  # noqa: E402
+from mixup_transfer.core import cli
+from mixup_transfer.core.distributed import torchrun_session
+from mixup_transfer.pipeline.publish import publish
+from mixup_transfer.pipeline.run import STAGES, StagesFailed, StopPipeline, run_pipeline
 
 
 @cli.entry

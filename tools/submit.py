@@ -1,31 +1,28 @@
 #!/usr/bin/env python
 """Submit a stage (or the whole pipeline) to SLURM with submitit: N nodes x G GPUs, one DDP process per GPU,
-requeued on preemption / time-out and resumed from the run's last checkpoint (pipeline/launch.py).
+requeued on preemption / time-out and resumed from the run's last checkpoint (mixup_transfer/pipeline/launch.py).
 
     tools/submit.py pretrain --config configs/pretrain/imagenet_multimix.yaml --nodes 4 --gpus-per-node 8 \\
         --partition gpu --timeout 4320 [--account A] [--qos Q] [--mem 480] [KEY=VALUE ...]
-    tools/submit.py finetune_det --config configs/detection/frcnn_r50_fpn_1x_coco.yaml --weights BACKBONE ...
+    tools/submit.py detection --config configs/detection/frcnn_r50_fpn_1x_coco.yaml --weights BACKBONE ...
     tools/submit.py wsol --config configs/wsol/cub_multimix.yaml --weights BACKBONE --gpus-per-node 1
-    tools/submit.py evaluate --config configs/eval/imagenet.yaml --checkpoint CKPT --imagenet DIR --gpus-per-node 1
-    tools/submit.py pipeline --config configs/pipeline/paper.yaml --gpus-per-node 1
+    tools/submit.py robustness --config configs/robustness/imagenet.yaml --checkpoint CKPT --imagenet DIR
+    --gpus-per-node 1 tools/submit.py pipeline --config configs/pipeline/paper.yaml --gpus-per-node 1
     tools/submit.py pretrain --local --gpus-per-node 0 --tasks-per-node 2 --wait --config ...   # try it here first
 
 Prints the job id and its log folder (--job-dir, default runs/submitit/<job id>); --wait blocks and prints the
 stage's metrics (rank 0's). Every stage runs on N nodes x G tasks, one process per task, rank-aware as under
-torchrun: pretrain, finetune_det and wsol fine-tuning train under DDP, evaluation is sharded over the processes and
-rank 0 writes, and pipeline runs each of its stages that way. pretrain and finetune_det default to 8 GPUs per
-node, wsol, evaluate and pipeline to 1.
+torchrun: pretrain, detection and wsol fine-tuning train under DDP, evaluation is sharded over the processes and
+rank 0 writes, and pipeline runs each of its stages that way. pretrain and detection default to 8 GPUs per
+node, wsol, robustness and pipeline to 1.
 """
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core import cli  # noqa: E402
-from pipeline.launch import DISTRIBUTED, STAGES, Resources, make_spec, submit  # noqa: E402
+from mixup_transfer.core import cli
+from mixup_transfer.pipeline.launch import DISTRIBUTED, STAGES, Resources, make_spec, submit
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,11 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="overrides of the stage's config (dotted keys), anywhere on the command line; an unknown key "
                         "is refused before the job is queued")
-    p.add_argument("--config", default=None, help="the stage's YAML (evaluate: optional)")
+    p.add_argument("--config", default=None, help="the stage's YAML (robustness: optional)")
     p.add_argument("--run-dir", default=None, help="output folder (default: the stage's own tool's)")
-    p.add_argument("--weights", default=None, help="finetune_det, wsol: backbone checkpoint (omit: random init)")
-    p.add_argument("--checkpoint", default=None, help="evaluate: the checkpoint")
-    p.add_argument("--imagenet", default=None, help="evaluate: ImageNet-layout root")
+    p.add_argument("--weights", default=None, help="detection, wsol: backbone checkpoint (omit: random init)")
+    p.add_argument("--checkpoint", default=None, help="robustness: the checkpoint")
+    p.add_argument("--imagenet", default=None, help="robustness: ImageNet-layout root")
     p.add_argument("--resume", action="store_true", help="continue the run folder's checkpoint")
     p.add_argument("--force", action="store_true", help="start over in a run folder that holds a checkpoint")
     p.add_argument("--allow-pickle", action="store_true",
@@ -47,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("resources")
     r.add_argument("--nodes", type=int, default=1, help="SLURM nodes (default 1)")
     r.add_argument("--gpus-per-node", type=int, default=None,
-                   help="default: 8 for pretrain and finetune_det, 1 for the one-process stages")
+                   help="default: 8 for pretrain and detection, 1 for the one-process stages")
     r.add_argument("--tasks-per-node", type=int, default=None, help="default: one per GPU")
     r.add_argument("--cpus-per-task", type=int, default=10, help="data-loading workers need them")
     r.add_argument("--mem", type=int, default=None, help="GB per node (default: the partition's)")

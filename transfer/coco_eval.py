@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from core.data import BOX_TOLERANCE, InputError, read_text
+from mixup_transfer.core.data import BOX_TOLERANCE, InputError, read_text
 
 log = logging.getLogger(__name__)
 

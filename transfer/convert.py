@@ -27,8 +27,8 @@ from typing import Any, Mapping
 import numpy as np
 import yaml
 
-from core.data import InputError
-from core.runtime import atomic_path
+from mixup_transfer.core.data import InputError
+from mixup_transfer.core.runtime import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _to_numpy(v) -> np.ndarray:
 
 
 def to_detectron2(backbone_state: Mapping[str, Any]) -> OrderedDict:
-    """torchvision-keyed ResNet state dict (as `core.checkpoint.load_backbone` returns it; fc
+    """torchvision-keyed ResNet state dict (as `mixup_transfer.core.checkpoint.load_backbone` returns it; fc
     allowed and dropped) -> detectron2-named state dict of numpy arrays.
 
     Raises ConversionError listing keys that are not torchvision ResNet keys (e.g. a leftover
@@ -90,7 +90,7 @@ def to_detectron2(backbone_state: Mapping[str, Any]) -> OrderedDict:
     if bad:
         more = " ..." if len(bad) > 8 else ""
         raise ConversionError(f"not torchvision ResNet keys ({len(bad)}): {bad[:8]}{more}; "
-                              "load the checkpoint with core.checkpoint.load_backbone, which strips "
+                              "load the checkpoint with mixup_transfer.core.checkpoint.load_backbone, which strips "
                               "foreign prefixes and checks the key set")
     out = OrderedDict()
     for k, v in backbone_state.items():
@@ -102,7 +102,7 @@ def to_detectron2(backbone_state: Mapping[str, Any]) -> OrderedDict:
 
 def expected_detectron2_shapes(arch: str) -> dict[str, tuple]:
     """detectron2 key -> shape for a torchvision `arch` converted by `to_detectron2`."""
-    from core.checkpoint import expected_shapes
+    from mixup_transfer.core.checkpoint import expected_shapes
 
     return {_rename(k): s for k, s in expected_shapes(arch).items() if not k.endswith("num_batches_tracked")}
 
@@ -454,7 +454,7 @@ def convert_to_detectron2(in_path: str | os.PathLike, out_pkl: str | os.PathLike
     arch None: from the checkpoint's meta or inferred from its keys.
     Returns {"weights": path, <config name>: path}.
     """
-    from core.checkpoint import infer_arch, load_backbone
+    from mixup_transfer.core.checkpoint import infer_arch, load_backbone
 
     state = load_backbone(in_path, arch, allow_pickle=allow_pickle)
     arch = arch or infer_arch(state)
@@ -468,8 +468,8 @@ def convert_to_torchvision(in_path: str | os.PathLike, out_pth: str | os.PathLik
                            arch: str | None = "resnet50", allow_pickle: bool = False) -> Path:
     """Any checkpoint layout load_backbone reads -> the plain contract file {"model": torchvision-keyed
     backbone state (no fc), "meta": {...}}, loadable with weights_only=True and by load_backbone."""
-    from core.checkpoint import infer_arch, load_backbone
-    from core.runtime import atomic_save
+    from mixup_transfer.core.checkpoint import infer_arch, load_backbone
+    from mixup_transfer.core.runtime import atomic_save
 
     state = load_backbone(in_path, arch, allow_pickle=allow_pickle)
     arch = arch or infer_arch(state)

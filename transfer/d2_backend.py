@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core import runtime
+from mixup_transfer.core import runtime
 from transfer import convert
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def dataset_specs(cfg: dict) -> dict:
     ``name`` and where its images and annotations are. ``data.max_train_images`` takes a prefix of the
     concatenated training sets (like the torchvision backend's Subset of the ConcatDataset).
     """
-    from core.constants import VOC_CLASSES
+    from mixup_transfer.core.constants import VOC_CLASSES
 
     d = cfg["data"]
     root = Path(d["root"]).expanduser().resolve()
@@ -717,7 +717,7 @@ def _prepare(cfg: dict, weights: str, run_dir: Path) -> tuple[Path, dict, dict]:
     if main:  # only rank 0 converts; the others wait for the finished file
         run_dir.mkdir(parents=True, exist_ok=True)
         runtime.atomic_write_text(dump_config(cfg), run_dir / "config.yaml")
-        from core.checkpoint import load_backbone
+        from mixup_transfer.core.checkpoint import load_backbone
 
         state = load_backbone(weights, cfg["model"]["arch"])
         convert.write_detectron2_weights(convert.to_detectron2(state), pkl, cfg["model"]["arch"])

@@ -1,7 +1,7 @@
 """Detection datasets in their real on-disk layouts: Pascal VOC devkit and COCO.
 
 Items are `(image, target)`: a PIL RGB image and
-    target = {"boxes": float32 [N, 4] x0, y0, x1, y1 (core.data's convention: VOC xmin-1, xmax),
+    target = {"boxes": float32 [N, 4] x0, y0, x1, y1 (mixup_transfer.core.data's convention: VOC xmin-1, xmax),
               "labels": int64 [N] in 1..C (0 is background, torchvision's convention),
               "difficult": bool [N] (VOC difficult flag; COCO iscrowd),
               "image_id": str (VOC) or int (COCO), "size": (height, width)}
@@ -31,8 +31,16 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from core.constants import VOC_CLASSES
-from core.data import DataError, check_box, parse_pascal_xml, pascal_to_box, read_image, read_text, safe_relative
+from mixup_transfer.core.constants import VOC_CLASSES
+from mixup_transfer.core.data import (
+    DataError,
+    check_box,
+    parse_pascal_xml,
+    pascal_to_box,
+    read_image,
+    read_text,
+    safe_relative,
+)
 from transfer.coco_eval import check_coco_annotation, check_coco_gt
 
 log = logging.getLogger(__name__)

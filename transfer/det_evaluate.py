@@ -1,6 +1,6 @@
 """Evaluate a trained detector without training it (detectron2's `--eval-only`).
 
-    tools/finetune_det.py --eval-only --config CFG --checkpoint RUN/seed_0/checkpoints/last.pth [--run-dir OUT]
+    tools/run_detection.py --eval-only --config CFG --checkpoint RUN/seed_0/checkpoints/last.pth [--run-dir OUT]
 
 The detector is built from the config (the one it was trained with: same model type, arch, sizes and data
 format), its weights are read from an engine checkpoint (`checkpoints/last.pth`, its "model" entry) or a plain
@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from core import runtime
-from core.checkpoint import CheckpointError, read_checkpoint
-from core.units import units
+from mixup_transfer.core import runtime
+from mixup_transfer.core.checkpoint import CheckpointError, read_checkpoint
+from mixup_transfer.core.units import units
 from transfer.det_train import build_datasets, build_model, predict_sharded, resolve_config, score_predictions
 
 log = logging.getLogger("det_evaluate")

@@ -1,6 +1,6 @@
 """Fine-tune a torchvision detector from a backbone checkpoint, evaluate it like the devkits, time it.
 
-``finetune_detector(cfg, weights, run_dir)`` is the one entry point (``tools/finetune_det.py`` and the
+``finetune_detector(cfg, weights, run_dir)`` is the one entry point (``tools/run_detection.py`` and the
 pipeline call it). For each seed in ``cfg["seeds"]`` it trains in ``run_dir/seed_<s>/`` (``log.jsonl``,
 ``checkpoints/last.pth`` written atomically at each epoch end, ``metrics.json``), evaluates on VOC07 test
 (11-point AP, comp4 result files in the XML's 1-based coordinates) or COCO val (pycocotools stats, results
@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from core import distributed as ddist
-from core import fingerprint as fp
-from core import runtime
-from core.config import ConfigError, check_ranges, dump_config, load_config, validate
-from core.engine import Engine, LoopSettings, Task, build_optimizer
-from core.schedule import lr_factor
-from core.units import units
+from mixup_transfer.core import distributed as ddist
+from mixup_transfer.core import fingerprint as fp
+from mixup_transfer.core import runtime
+from mixup_transfer.core.config import ConfigError, check_ranges, dump_config, load_config, validate
+from mixup_transfer.core.engine import Engine, LoopSettings, Task, build_optimizer
+from mixup_transfer.core.schedule import lr_factor
+from mixup_transfer.core.units import units
 from transfer import d2_backend
 from transfer.det_transforms import SeedWorker, augment_seed, build_transforms
 from transfer.detectors import build_detector
@@ -111,7 +111,8 @@ RANGES = {
 }
 
 
-# the types of the keys whose default is null (core.config.validate checks the others against their defaults)
+# the types of the keys whose default is null (mixup_transfer.core.config.validate checks the others against their
+# defaults)
 TYPES = {"model.trainable_layers": int, "model.train_sizes": list[int], "solver.reference_batch": int}
 
 
@@ -146,7 +147,7 @@ def _transform_kind(model_type: str) -> str:
 
 def build_datasets(cfg: dict, seed: int = 0):
     """(train dataset, test dataset, eval context) for ``cfg["data"]["format"]``."""
-    from core.constants import VOC_CLASSES
+    from mixup_transfer.core.constants import VOC_CLASSES
     from transfer.datasets import COCODetection, VOCDetection
 
     d, m = cfg["data"], cfg["model"]
@@ -278,7 +279,8 @@ def predict(model, loader, device, precision="fp32", channels_last=False, max_ke
 
 def predict_sharded(model, dataset, batch_size: int, workers: int, device, precision="fp32", channels_last=False,
                     max_keep_examples=0, split: str = "test"):
-    """``predict`` over ``dataset`` with each rank taking its shard of whole test batches (core.distributed);
+    """``predict`` over ``dataset`` with each rank taking its shard of whole test batches
+    (mixup_transfer.core.distributed);
     the per-image predictions and the first ``max_keep_examples`` examples are gathered to every rank in
     dataset order, so scoring them gives the single-process numbers. Seconds: the slowest rank's. A NaN or
     infinite output stops it on every rank (`NonFiniteOutputError` naming ``split``): nothing is scored."""
@@ -592,7 +594,7 @@ def run(cfg: dict, inputs: dict | None, run_dir) -> dict:
 def finetune_detector(cfg: dict, weights: str | None, run_dir) -> dict:
     """Fine-tune (every seed) and evaluate; returns and writes ``run_dir/metrics.json``.
 
-    ``weights``: a backbone checkpoint (loaded strictly by ``core.checkpoint.load_backbone``) or None
+    ``weights``: a backbone checkpoint (loaded strictly by ``mixup_transfer.core.checkpoint.load_backbone``) or None
     for a randomly initialised backbone (trainable BN unless ``model.norm`` says otherwise)."""
     cfg = resolve_config(copy.deepcopy(cfg))
     run_dir = Path(run_dir)

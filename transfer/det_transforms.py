@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from albumentations.core.bbox_utils import denormalize_bboxes, normalize_bboxes
 
-from core.data import to_rgb
+from mixup_transfer.core.data import to_rgb
 
 MEAN_RGB_255 = (123.675, 116.28, 103.53)
 SSD_MIN_IOUS = (None, 0.1, 0.3, 0.5, 0.7, 0.9)  # None: keep the whole image

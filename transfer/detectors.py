@@ -9,7 +9,7 @@ internally with the ImageNet mean/std:
 - ``ssd``: SSD300/SSD512 (or any square size) on ``conv1..layer3`` with layer3's first block at stride 1
   and extra blocks (1x1 conv, BN, ReLU, 3x3 conv, BN, ReLU), NVIDIA-style.
 
-Backbone weights come only from :func:`core.checkpoint.load_backbone` (strict: a checkpoint that does
+Backbone weights come only from :func:`mixup_transfer.core.checkpoint.load_backbone` (strict: a checkpoint that does
 not fit raises its ``CheckpointError``). ``weights=None`` means a randomly initialised trunk (the
 from-scratch baseline); then ``norm="auto"`` picks trainable BatchNorm and trains every stage, because a
 random trunk with frozen statistics does not train.
@@ -32,8 +32,8 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from core.constants import IMAGENET_MEAN, IMAGENET_STD
-from core.data import InputError
+from mixup_transfer.core.constants import IMAGENET_MEAN, IMAGENET_STD
+from mixup_transfer.core.data import InputError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 NORMS = ("auto", "frozen_bn", "bn", "syncbn")
@@ -91,7 +91,7 @@ def build_trunk(arch: str, weights: str | None, norm: str = "auto", trainable_la
     resnet = getattr(torchvision.models, arch)(weights=None, norm_layer=build_norm,
                                                replace_stride_with_dilation=replace_stride_with_dilation)
     if weights is not None:
-        from core.checkpoint import load_backbone
+        from mixup_transfer.core.checkpoint import load_backbone
 
         state = load_backbone(weights, arch=arch, allow_pickle=allow_pickle)  # raises CheckpointError
         result = resnet.load_state_dict(state, strict=False)

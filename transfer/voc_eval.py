@@ -37,10 +37,10 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from core.basics import atomic_path
-from core.constants import VOC_CLASSES
-from core.data import DataError, pascal_to_box, read_text, safe_relative
-from core.data import parse_pascal_xml as parse_voc_xml  # not via transfer.datasets: that imports torch
+from mixup_transfer.core.basics import atomic_path
+from mixup_transfer.core.constants import VOC_CLASSES
+from mixup_transfer.core.data import DataError, pascal_to_box, read_text, safe_relative
+from mixup_transfer.core.data import parse_pascal_xml as parse_voc_xml  # not via transfer.datasets: that imports torch
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def _voc_root(devkit: str | os.PathLike, year: str) -> Path:
 def check_voc_annotation(ann: Mapping, xml: str | os.PathLike) -> None:
     """Validate one parsed VOC annotation as the evaluator uses it: a positive `<size>`, and every box
     with xmin <= xmax, ymin <= ymax (1-based inclusive: at least one pixel) inside the image (within
-    `core.data.BOX_TOLERANCE`). `VOCEvalError` naming the file and object otherwise; nothing is
+    `mixup_transfer.core.data.BOX_TOLERANCE`). `VOCEvalError` naming the file and object otherwise; nothing is
     skipped (the devkit would silently score a box outside the image)."""
     if ann["width"] <= 0 or ann["height"] <= 0:
         raise VOCEvalError(f"{xml}: non-positive <size> {ann['width']}x{ann['height']}")

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.basics import atomic_path
-from core.data import InputError, read_text, safe_relative, to_rgb
+from mixup_transfer.core.basics import atomic_path
+from mixup_transfer.core.data import InputError, read_text, safe_relative, to_rgb
 
 __all__ = [
     "MetadataError", "CubRecord", "read_cub", "cub_to_wsol_metadata", "WSOLMetadata",

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core import distributed as ddist
-from core.data import InputError, inside
-from core.runtime import atomic_path, check_outputs_finite
+from mixup_transfer.core import distributed as ddist
+from mixup_transfer.core.data import InputError, inside
+from mixup_transfer.core.runtime import atomic_path, check_outputs_finite
 from wsol.data import MetadataError, WSOLMetadata, read_wsol_metadata
 from wsol.metrics import LocAccuracy, MaxBoxAccEvaluator, boxes_at_threshold, centred_box
 from wsol.model import normalise_cams

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from core.basics import save_figure  # noqa: E402
+from mixup_transfer.core.basics import save_figure  # noqa: E402
 
 __all__ = ["cam_grid", "boxacc_curves", "loc_curve"]
 

@@ -1,6 +1,6 @@
 """WSOL fine-tuning of a CAM model on a wsolevaluation split (CUB), and its evaluation.
 
-``finetune(cfg, weights, run_dir) -> metrics`` is the entry point (``tools/wsol.py finetune``
+``finetune(cfg, weights, run_dir) -> metrics`` is the entry point (``tools/run_wsol.py finetune``
 and the pipeline). Two recipes are configs, not code paths:
 
 * AlignMix-style: SGD, ``optim.lr_classifier`` (0.01) for ``optim.large_lr_layers`` (fc, or
@@ -10,7 +10,7 @@ and the pipeline). Two recipes are configs, not code paths:
   (localization after every epoch -> the fine-tuning curve).
 
 Run folder: config.yaml, log.jsonl, checkpoints/last.pth (model, optimizer, scheduler, epoch,
-curve, RNG; atomic), cam_model.pth (for ``tools/wsol.py evaluate``), metrics.json, figures/*.png.
+curve, RNG; atomic), cam_model.pth (for ``tools/run_wsol.py evaluate``), metrics.json, figures/*.png.
 """
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms import v2 as T
 
-from core import distributed as ddist
-from core import fingerprint
-from core.checkpoint import ARCHS, CheckpointError, read_checkpoint
-from core.config import ConfigError, check_ranges, dump_config, validate
-from core.engine import Engine, LoopSettings, Task
-from core.engine import build_optimizer as _build_optimizer
-from core.runtime import (
+from mixup_transfer.core import distributed as ddist
+from mixup_transfer.core import fingerprint
+from mixup_transfer.core.checkpoint import ARCHS, CheckpointError, read_checkpoint
+from mixup_transfer.core.config import ConfigError, check_ranges, dump_config, validate
+from mixup_transfer.core.engine import Engine, LoopSettings, Task
+from mixup_transfer.core.engine import build_optimizer as _build_optimizer
+from mixup_transfer.core.runtime import (
     atomic_save,
     autocast,
     barrier,
@@ -39,8 +39,8 @@ from core.runtime import (
     seed_everything,
     write_json,
 )
-from core.schedule import lr_factor
-from core.units import with_units
+from mixup_transfer.core.schedule import lr_factor
+from mixup_transfer.core.units import with_units
 from pretrain.methods import build_configured, check_method_config
 from wsol.data import WSOLDataset
 from wsol.evaluate import centred_box_baseline, evaluate_model
@@ -83,7 +83,7 @@ DEFAULTS = {
         "momentum": 0.9,
         "weight_decay": 1.0e-4,
         "nesterov": False,
-        "schedule": "step",             # step | cosine | constant (core.schedule)
+        "schedule": "step",             # step | cosine | constant (mixup_transfer.core.schedule)
         "step_size": 150,               # epochs between x gamma decays (step)
         "gamma": 0.1,
     },
@@ -186,7 +186,7 @@ def resolve_config(cfg: dict) -> dict:
     """Validate against DEFAULTS (unknown keys rejected, missing ones filled, types and RANGES checked)."""
     if "allow_pickle" in cfg:  # a recipe (someone else's, or an override) must never switch unpickling on
         raise ConfigError("config key allow_pickle: unpickling cannot be turned on from a config or an override; "
-                          "pass --allow-pickle to tools/wsol.py for a checkpoint you trust")
+                          "pass --allow-pickle to tools/run_wsol.py for a checkpoint you trust")
     cfg = validate(cfg, DEFAULTS)
     check_ranges(cfg, RANGES)
     mixing = cfg["mixing"]
@@ -424,7 +424,7 @@ def read_cam_model(path) -> dict:
     if not isinstance(ck, dict) or not {"arch", "num_classes", "model"} <= set(ck):
         keys = sorted(ck)[:10] if isinstance(ck, dict) else type(ck).__name__
         raise CheckpointError(f"{path}: not a CAM model file (expected keys 'arch', 'num_classes', 'model' "
-                              f"as written by `tools/wsol.py finetune`, found {keys})")
+                              f"as written by `tools/run_wsol.py finetune`, found {keys})")
     if (not isinstance(ck["model"], dict) or ck["arch"] not in ARCHS or not isinstance(ck["num_classes"], int)
             or ck["num_classes"] <= 0):
         raise CheckpointError(f"{path}: malformed CAM model file (arch={ck['arch']!r}, "

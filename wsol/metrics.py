@@ -42,8 +42,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from core.data import InputError
-from core.units import with_units
+from mixup_transfer.core.data import InputError
+from mixup_transfer.core.units import with_units
 
 try:  # a dependency (pyproject.toml); the OpenCV fallback, identical numbers, covers platforms without its wheels
     import numba

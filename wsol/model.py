@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.checkpoint import ARCHS, build_resnet, load_backbone
-from core.constants import IMAGENET_MEAN, IMAGENET_STD
+from mixup_transfer.core.checkpoint import ARCHS, build_resnet, load_backbone
+from mixup_transfer.core.constants import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["CAMModel", "build_cam_model", "normalise_cams", "IMAGENET_MEAN", "IMAGENET_STD"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.data import InputError
+from mixup_transfer.core.data import InputError
 from wsol.data import MetadataError, WSOLMetadata, read_wsol_metadata
 from wsol.metrics import MaxBoxAccEvaluator, ScoreMapError, check_scoremap, rescale_box
 

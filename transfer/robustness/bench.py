@@ -12,8 +12,8 @@ import time
 import numpy as np
 import torch
 
-from core.checkpoint import build_resnet
-from core.runtime import get_device
+from mixup_transfer.core.checkpoint import build_resnet
+from mixup_transfer.core.runtime import get_device
 
 from .attacks import fgsm, pgd
 from .model import NormalizedClassifier

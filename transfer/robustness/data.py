@@ -7,7 +7,7 @@ boxes can follow exactly). Boxes: float ``[K, 4]`` ``x0, y0, x1, y1`` in continu
 transformed along with the image.
 
 Validated on the way in (a `DataError` naming the image or file): the val boxes through
-`core.data.ImageNetFolder.boxes` (XML `<size>` equal to the image's, boxes of positive size inside
+`mixup_transfer.core.data.ImageNetFolder.boxes` (XML `<size>` equal to the image's, boxes of positive size inside
 it), then again against the decoded image (`check_boxes`); images that cannot be decoded; OOD folders
 that are missing or hold no image. Nothing is skipped.
 """
@@ -22,8 +22,8 @@ import torch
 import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset
 
-from core.data import DataError, read_image
-from core.smalldata import open_classification
+from mixup_transfer.core.data import DataError, read_image
+from mixup_transfer.core.smalldata import open_classification
 
 from .corruption import (
     foreground_mask,
@@ -38,12 +38,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 
 
 def read_rgb(path) -> torch.Tensor:
-    """``[3, H, W]`` float in [0, 1] via ``core.data.read_image`` (clear error naming the file)."""
+    """``[3, H, W]`` float in [0, 1] via ``mixup_transfer.core.data.read_image`` (clear error naming the file)."""
     return TF.pil_to_tensor(read_image(path)).float().div_(255.0)
 
 
 def open_val_set(root):
-    """The labelled evaluation split of ``root`` in any classification layout (``core.smalldata``): ImageNet's
+    """The labelled evaluation split of ``root`` in any classification layout (``mixup_transfer.core.smalldata``):
+    ImageNet's
     val (boxes from val_boxes/ or LOC_val_solution.csv when present), TinyImageNet's val (with its boxes),
     CIFAR-10/100's test batch (no boxes: clean, calibration, FGSM, PGD and OOD only)."""
     return open_classification(root, "val", boxes="auto")
@@ -107,7 +108,7 @@ class ValSet(Dataset):
     """ImageNet-layout validation images, clean or with a corrupted background.
 
     base: a reader of ``open_val_set`` (``.samples``, ``.boxes(i)``, optionally ``.image(i)``), e.g.
-    ``core.data.ImageNetFolder(root, split="val")``.
+    ``mixup_transfer.core.data.ImageNetFolder(root, split="val")``.
     indices: which val images (positions in ``base``) to serve.
     corruption: None, "replace" or "noise"; at: "eval" corrupts after resize + crop (default), "original"
     corrupts at the stored resolution and then resizes. sigma: noise std in [0, 1] pixel units.

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.runtime import autocast, check_outputs_finite, count_nonfinite, progress, save_figure
+from mixup_transfer.core.runtime import autocast, check_outputs_finite, count_nonfinite, progress, save_figure
 
 
 def _pair_blocks(emb: torch.Tensor, block: int):
@@ -216,7 +216,7 @@ def run_embedding_suite(cfg: dict, checkpoint, imagenet_root, out_dir, metrics: 
     ``out_dir/metrics.json``."""
     import time
 
-    from core.runtime import get_device, write_json
+    from mixup_transfer.core.runtime import get_device, write_json
 
     from .data import ValSet, open_val_set
     from .evaluate import _rounded, subset_indices

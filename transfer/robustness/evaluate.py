@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from core import distributed as ddist
-from core.config import ConfigError
-from core.data import DataError
-from core.runtime import (
+from mixup_transfer.core import distributed as ddist
+from mixup_transfer.core.config import ConfigError
+from mixup_transfer.core.data import DataError
+from mixup_transfer.core.runtime import (
     atomic_path,
     autocast,
     check_outputs_finite,
@@ -50,7 +50,7 @@ from core.runtime import (
     progress,
     write_json,
 )
-from core.units import with_units
+from mixup_transfer.core.units import with_units
 
 from . import figures
 from .attacks import fgsm, pgd
@@ -162,7 +162,8 @@ def predict(model, loader, device, precision: str = "fp32", localize: bool = Fal
 
 
 def predict_sharded(model, ds, batch_size: int, num_workers: int, device, **kwargs) -> dict:
-    """``predict`` with each rank taking its shard of whole batches of ``ds`` (core.distributed); the per-image
+    """``predict`` with each rank taking its shard of whole batches of ``ds`` (mixup_transfer.core.distributed); the
+    per-image
     arrays and the kept examples are gathered to every rank in dataset order: the single-process result."""
     n = len(ds)
     mine = ddist.shard_indices(n, block=batch_size)
@@ -200,7 +201,7 @@ def adversarial_errors(model, loader, attacks: dict, device, precision: str = "f
     """Top-1 error (%) under each attack (``name -> fn(model, x, y, batch_index) -> x_adv``), one pass.
 
     batch_ids: the batch index of each of the loader's batches (default 0, 1, ...: a shard passes the
-    single-process batch numbers, core.distributed.shard_blocks); the counts are summed over ranks."""
+    single-process batch numbers, mixup_transfer.core.distributed.shard_blocks); the counts are summed over ranks."""
     wrong = {name: 0 for name in attacks}
     n, bad = 0, torch.zeros((), dtype=torch.int64, device=device)
     for k, (images, labels, _, _) in enumerate(progress(loader, desc=desc)):
@@ -282,7 +283,7 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
                         ood_threshold: float = 0.5, n_examples: int = 8, ood_transform: str = "eval") -> dict:
     """Run ``suites`` on the val split of ``imagenet_root``; write out_dir/metrics.json and out_dir/figures/.
 
-    checkpoint: a backbone checkpoint with its classifier head (``core.checkpoint``) for the dataset's
+    checkpoint: a backbone checkpoint with its classifier head (``mixup_transfer.core.checkpoint``) for the dataset's
     classes. limit: evaluate this many evenly spaced val images (and at most this many per OOD folder).
     ood_transform: how OOD folder images become S x S (``data.ood_transform``: eval | crop | resize).
     Returns the metrics dict (also written to ``out_dir/metrics.json`` when ``out_dir`` is given).
@@ -302,8 +303,8 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
 @contextlib.contextmanager
 def exact_fp32(device: torch.device, precision: str):
     """An fp32 evaluation on CUDA with TF32 off: torch's default runs cuDNN convolutions in TF32 on Ampere and newer
-    GPUs (`core.runtime.configure_cuda`), which rounds an "fp32" attack's gradients to 10-bit mantissas. The
-    previous settings are restored after."""
+    GPUs (`mixup_transfer.core.runtime.configure_cuda`), which rounds an "fp32" attack's gradients to 10-bit mantissas.
+    The previous settings are restored after."""
     if device.type != "cuda" or precision != "fp32":
         yield
         return

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from core.basics import save_figure  # noqa: E402
+from mixup_transfer.core.basics import save_figure  # noqa: E402
 
 
 def reliability_diagram(bins: dict, path, title: str = "", ece: float | None = None) -> Path:

@@ -2,8 +2,8 @@
 
 Inputs are RGB images in [0, 1]; the wrapper normalises them, so attack budgets and noise are pixel
 units. ``features_logits`` also returns the last conv features for CAMs. A checkpoint whose classifier has a
-stage-2 head (AlignMix's encoder on the pooled feature tensor, ``core.checkpoint.check_head``) is evaluated
-through that head, and its CAMs use the head's per-position class weights.
+stage-2 head (AlignMix's encoder on the pooled feature tensor, ``mixup_transfer.core.checkpoint.check_head``) is
+evaluated through that head, and its CAMs use the head's per-position class weights.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from core.constants import IMAGENET_MEAN, IMAGENET_STD
+from mixup_transfer.core.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 class NormalizedClassifier(nn.Module):
@@ -62,12 +62,12 @@ def load_classifier_model(checkpoint, num_classes: int, arch: str | None = None,
                           classes=None) -> tuple[nn.Module, dict]:
     """A ``NormalizedClassifier`` (eval mode, frozen) from a backbone checkpoint with its fc.
 
-    Raises ``core.checkpoint.CheckpointError`` naming the key and shapes when the checkpoint has no
+    Raises ``mixup_transfer.core.checkpoint.CheckpointError`` naming the key and shapes when the checkpoint has no
     classifier head for ``num_classes`` classes, or, when the checkpoint lists the classes it was trained on
     (``meta["classes"]``), when they are not ``classes`` (the evaluation set's, in label order): the same count
     of other classes would score every prediction against the wrong label.
     """
-    from core.checkpoint import CheckpointError, classifier_head, resnet_from_checkpoint
+    from mixup_transfer.core.checkpoint import CheckpointError, classifier_head, resnet_from_checkpoint
 
     net, meta = resnet_from_checkpoint(checkpoint, arch=arch, num_classes=num_classes)
     trained = meta.get("classes")

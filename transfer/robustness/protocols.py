@@ -23,7 +23,7 @@ Sources (papers in /work/shared/papers; public code read for facts where the pap
   released ODIN folders (LSUN, LSUN_resize, iSUN, Imagenet, Imagenet_resize) are stored at 32 x 32, where
   every ``ood_transform`` is the identity; ``crop`` centre-crops larger images without resizing, ``resize``
   squeezes the whole image to S x S.
-- ImageNet: configs/eval/imagenet.yaml's values (224 centre crop of the 256 short side, PuzzleMix
+- ImageNet: configs/robustness/imagenet.yaml's values (224 centre crop of the 256 short side, PuzzleMix
   imagenet_fast/main_fast.py; 20 PGD iterations as above).
 """
 

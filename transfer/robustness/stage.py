@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from fractions import Fraction
 
-from core.basics import metric_line
-from core.config import ConfigError, check_ranges, validate
+from mixup_transfer.core.basics import metric_line
+from mixup_transfer.core.config import ConfigError, check_ranges, validate
 from transfer.robustness.data import OOD_TRANSFORMS
 from transfer.robustness.evaluate import NOISE_SETS, SUITES, evaluate_checkpoint, parse_suites
 from transfer.robustness.protocols import EVALUATOR_DEFAULTS, PROTOCOL_KEYS, PROTOCOLS, apply_protocol
@@ -26,7 +26,7 @@ DEFAULTS = {
     "suites": ",".join(SUITES),      # comma-separated (or a list) of clean, background, calibration, fgsm, pgd,
                                      # ood, embedding, or all (every suite but embedding)
     "protocol": None,                # cifar | tinyimagenet | imagenet: fills the null keys below (null: none)
-    "out": "runs/robustness",        # output folder of tools/evaluate.py (the pipeline gives its own)
+    "out": "runs/robustness",        # output folder of tools/run_robustness.py (the pipeline gives its own)
     "limit": None,                   # evaluate N evenly spaced val images (and at most N per OOD folder)
     "image_size": None,              # centre-crop size (protocol; evaluator default 224)
     "resize": None,                  # short side before the crop (protocol; evaluator default 256)
@@ -84,7 +84,8 @@ def parse_eps(v) -> float:
         raise ConfigError(f"not a number or fraction: {v!r}") from e
 
 
-# the types of the keys whose default is null (core.config.validate checks the others against their defaults)
+# the types of the keys whose default is null (mixup_transfer.core.config.validate checks the others against their
+# defaults)
 TYPES = {"protocol": str, "limit": int, "image_size": int, "resize": int, "workers": int, "arch": str,
          "export_corrupted": str, "fgsm_eps": (float, str), "pgd_eps": (float, str), "pgd_step": (float, str),
          "pgd_iters": int, "ood_transform": str, "umap_epochs": int}
@@ -150,8 +151,8 @@ def run(cfg: dict, inputs: dict, run_dir) -> dict:
 
 def write_tensorboard(metrics: dict, run_dir, setting) -> None:
     """Every numeric metric as a scalar `suite/name` at step 0 of run_dir/tensorboard (rank 0)."""
-    from core.engine import tensorboard_dir
-    from core.runtime import is_main_process
+    from mixup_transfer.core.engine import tensorboard_dir
+    from mixup_transfer.core.runtime import is_main_process
 
     folder = tensorboard_dir(run_dir, setting) if run_dir is not None else None
     if folder is None or not is_main_process():

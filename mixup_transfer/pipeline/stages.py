@@ -1,0 +1,41 @@
+"""Adapters from the pipeline to each stage's one entry point, `run(cfg, inputs, run_dir) -> metrics`: read the
+stage's YAML config with the pipeline's overrides, name its inputs, return its metrics (a JSON-able dict)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mixup_transfer.core.config import load_config
+
+
+def pretrain(config: str, overrides: list[str], run_dir: Path) -> dict:
+    from mixup_transfer.core.checkpoint import read_checkpoint
+    from mixup_transfer.core.smalldata import detect_layout
+    from pretrain.task import run
+
+    cfg = load_config(config, overrides)
+    # resume=True: a pretraining run killed mid-way continues from its last checkpoint
+    metrics = run(cfg, None, run_dir, resume=True)
+    meta = read_checkpoint(Path(run_dir) / "backbone.pth")["meta"]
+    data = cfg.get("data") or {}
+    dataset = detect_layout(data["root"], data.get("dataset") or "auto")[0] if data.get("root") else None
+    return {**metrics, "num_classes": meta["num_classes"], "dataset": dataset}
+
+
+def detection(config: str, overrides: list[str], weights: Path | None, run_dir: Path) -> dict:
+    from transfer.det_train import run
+
+    return run(load_config(config, overrides), {"weights": str(weights) if weights else None}, run_dir)
+
+
+def wsol(config: str, overrides: list[str], weights: Path | None, run_dir: Path) -> dict:
+    from wsol.finetune import run
+
+    return run(load_config(config, overrides), {"weights": str(weights) if weights else None}, run_dir)
+
+
+def robustness(backbone: Path, imagenet_root: Path, spec: dict, run_dir: Path) -> dict:
+    from transfer.robustness.stage import run
+
+    cfg = {"suites": spec.get("suites", "all"), "ood": spec.get("ood") or [], **(spec.get("options") or {})}
+    return run(cfg, {"checkpoint": backbone, "imagenet": imagenet_root}, run_dir)
