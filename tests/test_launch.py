@@ -21,6 +21,7 @@ from mixup_transfer.pipeline.launch import (  # noqa: E402
     executor_parameters,
     make_spec,
     master_port,
+    run_stage,
     submit,
 )
 
@@ -170,3 +171,16 @@ def test_submit_cli_refuses_a_bad_config_before_queueing(toy_world, tmp_path, ca
     code = cli.main(["pretrain", "--config", cfg, "--local", "optim.lrr=1", "--job-dir", str(tmp_path / "jobs")])
     assert code == 2 and "optim.lrr" in capsys.readouterr().err
     assert not (tmp_path / "jobs").exists()  # nothing was queued
+
+
+def test_a_job_holds_its_run_folders_lock(toy_world, tmp_path):
+    from mixup_transfer.core.lock import RunLockedError, run_lock
+
+    cfg = tiny_config(tmp_path, toy_world / "imagenet")
+    spec = make_spec("pretrain", cfg, cwd=tmp_path)
+    folder = tmp_path / "runs" / "tiny"
+    folder.mkdir(parents=True)
+    with run_lock(folder, "a command run by hand"):  # a live writer: this process
+        with pytest.raises(RunLockedError, match="another process is writing this pretrain job folder"):
+            run_stage(spec)
+    assert sorted(p.name for p in folder.iterdir()) == []  # nothing written by the refused job

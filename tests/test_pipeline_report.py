@@ -124,3 +124,25 @@ def test_publish_writes_numbers_provenance_and_figures(tmp_path, monkeypatch, ca
     # publishing again reuses every stage and keeps the provenance of the run that computed the numbers
     assert tool.main(["--config", str(cfg), "--publish", str(out)]) == 0
     assert out.read_text() == first
+
+
+def test_a_failed_publish_keeps_the_published_page_and_figures(tmp_path, monkeypatch):
+    from mixup_transfer.pipeline import publish as pub
+
+    _fake_stages(monkeypatch, [])
+    cfg = _config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("- input_mixup\n", ""))
+    out = tmp_path / "docs" / "results.md"
+    assert tool.main(["--config", str(cfg), "--publish", str(out)]) == 0
+    fig_dir = tmp_path / "docs" / "results_figures"
+    before = {p.name: p.read_bytes() for p in fig_dir.iterdir()}
+    page = out.read_text()
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device", str(dst))
+
+    monkeypatch.setattr(pub.shutil, "copyfile", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        pub.publish(tmp_path / "runs" / "failing", out)
+    assert {p.name: p.read_bytes() for p in fig_dir.iterdir()} == before and out.read_text() == page
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["results.md", "results_figures"]

@@ -35,6 +35,7 @@ from typing import Sequence
 from mixup_transfer.core import runtime as rt
 from mixup_transfer.core.config import ConfigError, apply_overrides, load_config, validate
 from mixup_transfer.core.engine import CKPT
+from mixup_transfer.core.lock import run_lock
 
 log = logging.getLogger("launch")
 
@@ -192,7 +193,11 @@ def make_spec(stage: str, config: str | None, overrides: Sequence[str] = (), run
 
 
 def run_stage(spec: JobSpec) -> dict:
-    """Run the stage of `spec` in this process (under DDP when the torchrun variables are set); its metrics."""
+    """Run the stage of `spec` in this process (under DDP when the torchrun variables are set); its metrics.
+
+    The job holds its run folder's lock as the stage's own command line does (rank 0; the pipeline takes its
+    own), so a second job, or a command run by hand, into the same folder is refused while this one runs; a
+    requeued job finds the lock of its killed predecessor stale and takes it over."""
     cfg = load_stage_config(spec.stage, spec.config, spec.overrides)
     if spec.allow_pickle:  # the submitting command line's --allow-pickle, for the files it named
         from mixup_transfer.core.checkpoint import trust_pickled
@@ -200,6 +205,15 @@ def run_stage(spec: JobSpec) -> dict:
         for path in (spec.weights, spec.checkpoint):
             if path:
                 trust_pickled(path)
+    if spec.stage == "pipeline":
+        from mixup_transfer.pipeline.run import run_pipeline
+
+        return {"report": str(run_pipeline(spec.config, spec.overrides))}
+    with run_lock(spec.run_dir, f"{spec.stage} job"):
+        return _dispatch(spec, cfg)
+
+
+def _dispatch(spec: JobSpec, cfg: dict) -> dict:
     if spec.stage == "pretrain":
         from pretrain.task import run
 
@@ -218,9 +232,7 @@ def run_stage(spec: JobSpec) -> dict:
         from transfer.robustness.stage import run
 
         return run(cfg, {"checkpoint": spec.checkpoint, "imagenet": spec.imagenet}, spec.run_dir)
-    from mixup_transfer.pipeline.run import run_pipeline
-
-    return {"report": str(run_pipeline(spec.config, spec.overrides))}
+    raise ValueError(f"unknown stage {spec.stage!r}; one of {STAGES}")
 
 
 # -- the job --------------------------------------------------------------------------------------------------------

@@ -68,17 +68,21 @@ def publish(run_dir: Path, out: Path) -> Path:
     if summary.get("failed"):
         raise RuntimeError(f"{run_dir}: the run has failed stages {sorted(summary['failed'])}; not publishing it")
     fig_dir = out.parent / f"{out.stem}_figures"
-    if fig_dir.exists():
-        shutil.rmtree(fig_dir)
-    fig_dir.mkdir(parents=True)
+    staging = fig_dir.with_name(f"{fig_dir.name}.{os.getpid()}.tmp")  # the figures are copied here first
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
 
     def copy(match):
         src = run_dir / match.group(2)
         name = match.group(2).replace("/", "_").replace("figures_", "")
-        shutil.copyfile(src, fig_dir / name)
+        shutil.copyfile(src, staging / name)
         return f"![{match.group(1)}]({fig_dir.name}/{name})"
 
-    body = _IMAGE.sub(copy, _LINK.sub(r"\1", _REUSE.sub("", (run_dir / "report.md").read_text())))
+    try:
+        body = _IMAGE.sub(copy, _LINK.sub(r"\1", _REUSE.sub("", (run_dir / "report.md").read_text())))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     body = body.split("\n", 1)[1] if body.startswith("# ") else body  # our own title replaces the report's
     body = body.replace("Every number links to the run folder that produced it; ", "")  # the links are gone here
     minutes, seconds = divmod(int(round(prov.get("wall_s", 0))), 60)
@@ -91,5 +95,16 @@ def publish(run_dir: Path, out: Path) -> Path:
             f"| hardware | {prov.get('hardware', '?')} |",
             f"| run | {prov.get('started', '?')} to {prov.get('finished', '?')}: {minutes} min {seconds} s wall, "
             f"{prov.get('stages_run', '?')} stages run, {prov.get('stages_reused', '?')} reused |", ""]
+    _swap_in(staging, fig_dir)
     atomic_write_text("\n".join(head) + body, out)
     return out
+
+
+def _swap_in(staging: Path, fig_dir: Path) -> None:
+    """Replace `fig_dir` by the complete `staging` folder: a failure while copying (a full disk, a missing figure)
+    leaves the published figures as they were."""
+    old = fig_dir.with_name(f"{fig_dir.name}.{os.getpid()}.old")
+    if fig_dir.exists():
+        os.replace(fig_dir, old)
+    os.replace(staging, fig_dir)
+    shutil.rmtree(old, ignore_errors=True)
