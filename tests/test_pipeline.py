@@ -86,3 +86,25 @@ def test_pipeline_interrupt_resume_and_report(tmp_path, toy_world):
     run_pipeline(str(cfg), force=["robustness"])
     assert (run_dir / "erm" / "wsol" / "stage.json").stat().st_mtime_ns == wsol_stamp
     assert (run_dir / "erm" / "robustness" / "stage.json").stat().st_mtime_ns > stamps["erm/pretrain"]
+
+
+def test_the_method_is_an_override_checked_against_its_recipe(tmp_path, toy_world):
+    from mixup_transfer.core.config import ConfigError
+    from mixup_transfer.pipeline.run import Pipeline
+
+    path = _tiny_config(tmp_path, toy_world, "methods")
+    cfg = yaml.safe_load(path.read_text())
+    pipe = Pipeline(cfg)
+    stage = next(s for s in pipe.plan() if s.label == "multimix/pretrain")
+    assert stage.spec["config"]["method"]["name"] == "multimix"
+    assert pipe._pretrain_spec("multimix")["overrides"][-1] == "method.name=multimix"  # the pipeline's method
+    # a recipe that names another method (here: every method reads the ERM recipe) stops before anything runs
+    cfg["pretrain"]["config"] = str(ROOT / "configs/pretrain/toy_erm.yaml")
+    with pytest.raises(ConfigError, match=r"toy_erm.yaml: method.name is 'erm' .* as method 'multimix'"):
+        Pipeline(cfg)
+    # so does a per-method override that renames it
+    cfg["pretrain"]["config"] = str(ROOT / "configs/pretrain/toy_{method}.yaml")
+    cfg["pretrain"]["per_method"] = {"erm": ["method.name=input_mixup"]}
+    with pytest.raises(ConfigError, match="method.name is .input_mixup. .* as method .erm."):
+        Pipeline(cfg)
+    assert not (tmp_path / "runs" / "methods").exists()

@@ -191,7 +191,12 @@ class Pipeline:
         check_entries(self.cfg)
         for m in self.cfg["methods"]:
             p = self._pretrain_spec(m)
-            _named(pretrain_config, load_config(p["config"], p["overrides"]), f"{m} pretraining ({p['config']})")
+            resolved = _named(pretrain_config, load_config(p["config"], p["overrides"][:-1]),
+                              f"{m} pretraining ({p['config']})")
+            if resolved["method"]["name"] != m:
+                raise ConfigError(f"{p['config']}: method.name is {resolved['method']['name']!r} (with the "
+                                  f"pipeline's overrides), but the pipeline runs this config as method {m!r}; "
+                                  "point pretrain.config at that method's recipe")
         for det in self.cfg["detection"]:
             det = _fill(det, **subs)
             _named(detection_config, load_config(det["config"], det.get("overrides", [])),
@@ -316,7 +321,8 @@ class Pipeline:
     def _pretrain_spec(self, method: str) -> dict:
         """{"config", "overrides"} of `method`'s pretraining: the shared overrides, then its `per_method` ones."""
         p = _fill(self.cfg["pretrain"], data=self.data, method=method)
-        return {"config": p["config"], "overrides": list(p["overrides"]) + list(p["per_method"].get(method) or [])}
+        overrides = list(p["overrides"]) + list(p["per_method"].get(method) or [])
+        return {"config": p["config"], "overrides": overrides + [f"method.name={method}"]}  # checked to agree
 
     def _plan_downstream(self, owner: str, base: str, backbone: Path | None, upstream: str | None,
                          pseed: int | None, robustness: bool = True) -> list[Stage]:
@@ -422,9 +428,9 @@ def pretrain_spec(config: str, overrides: list[str]) -> dict:
     return {"config": cfg, "inputs": pretrain_inputs(cfg)}
 
 
-def _named(check, cfg: dict, what: str) -> None:
+def _named(check, cfg: dict, what: str):
     try:
-        check(cfg)
+        return check(cfg)
     except ConfigError as e:
         raise ConfigError(f"{what}: {e}") from e
 
