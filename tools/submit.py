@@ -22,7 +22,7 @@ import json
 import sys
 
 from mixup_transfer.core import cli
-from mixup_transfer.pipeline.launch import DISTRIBUTED, STAGES, Resources, make_spec, submit
+from mixup_transfer.pipeline.launch import STAGES, Resources, default_gpus_per_node, make_spec, submit
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     args = _parser().parse_intermixed_args(argv)  # the stage, options and KEY=VALUE overrides in any order
     spec = make_spec(args.stage, args.config, args.overrides, args.run_dir, args.weights, args.checkpoint,
                      args.imagenet, args.resume, args.force, allow_pickle=args.allow_pickle)
-    gpus = args.gpus_per_node if args.gpus_per_node is not None else 8 if args.stage in DISTRIBUTED else 1
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else default_gpus_per_node(args.stage)
     res = Resources(nodes=args.nodes, gpus_per_node=gpus, tasks_per_node=args.tasks_per_node,
                     cpus_per_task=args.cpus_per_task, mem_gb=args.mem, timeout_min=args.timeout,
                     partition=args.partition, account=args.account, qos=args.qos,

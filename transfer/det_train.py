@@ -28,6 +28,7 @@ from mixup_transfer.core import runtime
 from mixup_transfer.core.config import ConfigError, check_ranges, dump_config, load_config, validate
 from mixup_transfer.core.engine import Engine, LoopSettings, Task, build_optimizer
 from mixup_transfer.core.schedule import lr_factor
+from mixup_transfer.core.stage import Stage
 from mixup_transfer.core.units import units
 from transfer import d2_backend
 from transfer.det_transforms import SeedWorker, augment_seed, build_transforms
@@ -625,3 +626,17 @@ def write_summary(run_dir: Path, cfg: dict, per_seed: list[dict], **extra) -> di
         runtime.atomic_write_bytes(first.read_bytes(), Path(run_dir) / "figures" / "detections.png")
     runtime.write_json(metrics, Path(run_dir) / "metrics.json")
     return metrics
+
+
+STAGE = Stage(
+    name="detection",
+    entry="transfer.det_train:run",
+    schema="transfer.det_train:DEFAULTS",
+    inputs=(),
+    optional_inputs=("weights",),  # the backbone checkpoint; None: random init
+    outputs=("summary.json", "seed_<k>/metrics.json", "seed_<k>/model_final.pth"),
+    gpus_per_node=8,
+    options=(),  # finished seeds are always kept (no --force); --resume only allows a non-empty run folder
+    run_dir=lambda cfg, config, cwd: Path(cwd) / "runs" / "detection" / Path(config).stem,
+    description="fine-tune SSD or Faster R-CNN from a backbone and score it (VOC devkit, pycocotools)",
+)

@@ -33,15 +33,20 @@ from pathlib import Path
 from typing import Sequence
 
 from mixup_transfer.core import runtime as rt
-from mixup_transfer.core.config import ConfigError, apply_overrides, load_config, validate
+from mixup_transfer.core.config import ConfigError, load_config
 from mixup_transfer.core.engine import CKPT
 from mixup_transfer.core.lock import run_lock
+from mixup_transfer.pipeline.stages import NAMES, stage
 
 log = logging.getLogger("launch")
 
-DISTRIBUTED = ("pretrain", "detection")  # stages whose training is DDP (default: 8 GPUs per node)
-SINGLE = ("wsol", "robustness", "pipeline")   # rank-aware (sharded evaluation, rank 0 writes; default: 1 GPU)
-STAGES = DISTRIBUTED + SINGLE
+STAGES = NAMES + ("pipeline",)  # the declared stages (mixup_transfer/pipeline/stages.py) and the whole pipeline
+
+
+def default_gpus_per_node(name: str) -> int:
+    """A job's GPUs per node unless given: the stage's declared default; the pipeline 1 (it runs its stages in
+    one process group, as under torchrun)."""
+    return 1 if name == "pipeline" else stage(name).gpus_per_node
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,39 +127,20 @@ def _job_environment():
 
 
 # -- the stages -----------------------------------------------------------------------------------------------------
-def load_stage_config(stage: str, config: str | None, overrides: Sequence[str] = ()) -> dict:
+def load_stage_config(name: str, config: str | None, overrides: Sequence[str] = ()) -> dict:
     """The stage's config as its own command line reads it (unknown keys rejected)."""
-    if stage not in STAGES:
-        raise ConfigError(f"unknown stage {stage!r}; valid stages: {list(STAGES)}")
-    if config is None and stage != "robustness":
-        raise ConfigError(f"stage {stage} needs --config")
-    if stage == "pretrain":
-        from pretrain.task import DEFAULTS
-    elif stage == "detection":
-        from transfer.det_train import DEFAULTS
-    elif stage == "robustness":
-        from transfer.robustness.stage import DEFAULTS
+    if name == "pipeline":
         if config is None:
-            return validate(apply_overrides(DEFAULTS, overrides), DEFAULTS)
-    elif stage == "pipeline":
+            raise ConfigError("stage pipeline needs --config")
         from mixup_transfer.pipeline.run import DEFAULTS
-    else:  # wsol validates its keys when it resolves the config (tools/run_wsol.py reads it the same way)
-        DEFAULTS = None
-    return load_config(config, overrides, defaults=DEFAULTS)
+
+        return load_config(config, overrides, defaults=DEFAULTS)
+    return stage(name).load_config(config, overrides)
 
 
-def default_run_dir(stage: str, config: str | None, cfg: dict, cwd: Path) -> Path | None:
-    """Where the stage's own command line writes (tools/run_pretrain.py, run_detection.py, run_wsol.py,
-    run_robustness.py)."""
-    if stage == "pretrain":
-        return cwd / "runs" / cfg["name"]
-    if stage == "detection":
-        return cwd / "runs" / "detection" / Path(config).stem
-    if stage == "wsol":
-        return cwd / "runs" / cfg.get("name", "wsol")
-    if stage == "robustness":
-        return cwd / cfg["out"]
-    return None
+def default_run_dir(name: str, config: str | None, cfg: dict, cwd: Path) -> Path | None:
+    """Where the stage's own command line (tools/run_<stage>.py) writes; None for the pipeline (its config says)."""
+    return None if name == "pipeline" else stage(name).run_dir(cfg, config, cwd)
 
 
 def _absolute(path: str | None, cwd: Path) -> str | None:
@@ -173,23 +159,39 @@ def make_spec(stage: str, config: str | None, overrides: Sequence[str] = (), run
     if stage == "pipeline" and (run_dir or resume or force):
         raise ConfigError("the pipeline writes to its config's out_root/name and resumes by itself (finished stages "
                           "are skipped); --run-dir, --resume and --force are not for it")
-    if stage == "robustness" and not (checkpoint and imagenet):
-        raise ConfigError("stage robustness needs --checkpoint and --imagenet")
-    if stage not in ("detection", "wsol") and weights:
-        raise ConfigError(f"--weights is for detection and wsol, not {stage}")
+    _check_inputs(stage, {"weights": weights, "checkpoint": checkpoint, "imagenet": imagenet})
     weights, checkpoint, imagenet = (_absolute(p, cwd) for p in (weights, checkpoint, imagenet))
     for name, path in (("--weights", weights), ("--checkpoint", checkpoint), ("--imagenet", imagenet)):
         if path and not Path(path).exists():
             raise FileNotFoundError(2, f"{name} does not exist", path)
     out = Path(_absolute(run_dir, cwd)) if run_dir else default_run_dir(stage, config, cfg, cwd)
-    if stage == "detection" and force:
-        raise ConfigError("detection has no --force (finished seeds are kept): choose another --run-dir")
-    if stage == "detection" and out.is_dir() and any(out.iterdir()) and not resume:
-        raise ConfigError(f"{out} exists and is not empty; pass --resume to continue it or choose --run-dir")
+    if stage != "pipeline" and "force" not in _stage_of(stage).options:
+        if force:
+            raise ConfigError(f"{stage} has no --force (finished seeds are kept): choose another --run-dir")
+        if out.is_dir() and any(out.iterdir()) and not resume:
+            raise ConfigError(f"{out} exists and is not empty; pass --resume to continue it or choose --run-dir")
     if out is not None and (out / CKPT).is_file() and not (resume or force):
         raise ConfigError(f"{out}: already holds a checkpoint; pass --resume to continue it, or --force to start over")
     return JobSpec(stage, config, tuple(overrides), None if out is None else str(out), weights, checkpoint, imagenet,
                    resume, force, str(cwd), allow_pickle)
+
+
+def _stage_of(name: str):
+    return stage(name)
+
+
+def _check_inputs(name: str, given: dict) -> None:
+    """The stage's declared inputs: the required ones given, no others."""
+    flags = {"weights": "--weights", "checkpoint": "--checkpoint", "imagenet": "--imagenet"}
+    declared = () if name == "pipeline" else stage(name).inputs
+    optional = () if name == "pipeline" else stage(name).optional_inputs
+    missing = [flags[k] for k in declared if not given.get(k)]
+    if missing:
+        raise ConfigError(f"stage {name} needs {' and '.join(missing)}")
+    for key, value in given.items():
+        if value and key not in declared + optional:
+            users = [n for n in NAMES if key in stage(n).inputs + stage(n).optional_inputs]
+            raise ConfigError(f"{flags[key]} is for {' and '.join(users)}, not {name}")
 
 
 def run_stage(spec: JobSpec) -> dict:
@@ -214,25 +216,10 @@ def run_stage(spec: JobSpec) -> dict:
 
 
 def _dispatch(spec: JobSpec, cfg: dict) -> dict:
-    if spec.stage == "pretrain":
-        from pretrain.task import run
-
-        return run(cfg, None, spec.run_dir, resume=spec.resume, force=spec.force)
-    if spec.stage == "detection":  # as tools/run_detection.py under torchrun; finished seeds are skipped
-        from transfer.det_train import run
-
-        rt.init_distributed()
-        return run(cfg, {"weights": spec.weights}, spec.run_dir)
-    rt.init_distributed()  # a no-op with one task; the stages below are rank-aware (mixup_transfer/core/distributed.py)
-    if spec.stage == "wsol":
-        from wsol.finetune import run
-
-        return run(cfg, {"weights": spec.weights}, spec.run_dir, resume=spec.resume, force=spec.force)
-    if spec.stage == "robustness":
-        from transfer.robustness.stage import run
-
-        return run(cfg, {"checkpoint": spec.checkpoint, "imagenet": spec.imagenet}, spec.run_dir)
-    raise ValueError(f"unknown stage {spec.stage!r}; one of {STAGES}")
+    declared = stage(spec.stage)
+    inputs = {k: getattr(spec, k) for k in declared.inputs + declared.optional_inputs}
+    rt.init_distributed()  # a no-op with one task; every stage is rank-aware (mixup_transfer/core/distributed.py)
+    return declared.run(cfg, inputs or None, spec.run_dir, resume=spec.resume, force=spec.force)
 
 
 # -- the job --------------------------------------------------------------------------------------------------------

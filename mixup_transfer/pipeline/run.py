@@ -49,10 +49,11 @@ from mixup_transfer.core.config import ConfigError, dump_config, load_config, va
 from mixup_transfer.core.lock import run_lock
 from mixup_transfer.core.runtime import atomic_write_text, barrier, init_distributed, is_main_process, write_json
 from mixup_transfer.pipeline.inputs import Inputs, detection_inputs, pretrain_inputs, robustness_inputs, wsol_inputs
+from mixup_transfer.pipeline.stages import NAMES
 
 log = logging.getLogger("pipeline")
 
-STAGES = ("pretrain", "detection", "wsol", "robustness")
+STAGES = NAMES  # the declared stages (mixup_transfer/pipeline/stages.py)
 ROBUSTNESS_KEYS = ("suites", "ood", "options", "root")
 GENERATE_KEYS = ("preset", "seed", "track", "ood")
 

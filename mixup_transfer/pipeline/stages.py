@@ -1,11 +1,36 @@
-"""Adapters from the pipeline to each stage's one entry point, `run(cfg, inputs, run_dir) -> metrics`: read the
-stage's YAML config with the pipeline's overrides, name its inputs, return its metrics (a JSON-able dict)."""
+"""The toolkit's stages, one line each, and the pipeline's adapters to their entry points.
+
+`DECLARED` names where each stage package declares its stage (`mixup_transfer.core.stage.Stage`); `stage(name)`
+imports a declaration on first use, so listing the names imports nothing. Adding a stage: its package, its
+declaration (a `STAGE`), and one line here; the launcher (`tools/submit.py`), the tools and the pipeline read it.
+
+The adapters below call each stage's one entry point, `run(cfg, inputs, run_dir) -> metrics`: they read the
+stage's YAML config with the pipeline's overrides, name its inputs and return its metrics (a JSON-able dict)."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-from mixup_transfer.core.config import load_config
+from mixup_transfer.core.config import ConfigError, load_config
+from mixup_transfer.core.stage import Stage
+
+DECLARED = {
+    "pretrain": "pretrain.stage",
+    "detection": "transfer.det_train",
+    "wsol": "wsol.stage",
+    "robustness": "transfer.robustness.stage",
+}
+NAMES = tuple(DECLARED)
+
+
+def stage(name: str) -> Stage:
+    """The declared stage called `name`."""
+    if name not in DECLARED:
+        raise ConfigError(f"unknown stage {name!r}; valid stages: {list(NAMES)}")
+    declared = importlib.import_module(DECLARED[name]).STAGE
+    assert declared.name == name, (DECLARED[name], declared.name)
+    return declared
 
 
 def pretrain(config: str, overrides: list[str], run_dir: Path) -> dict:

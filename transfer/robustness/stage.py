@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 from fractions import Fraction
+from pathlib import Path
 
 from mixup_transfer.core.basics import metric_line
 from mixup_transfer.core.config import ConfigError, check_ranges, validate
+from mixup_transfer.core.stage import Stage
 from transfer.robustness.data import OOD_TRANSFORMS
 from transfer.robustness.evaluate import NOISE_SETS, SUITES, evaluate_checkpoint, parse_suites
 from transfer.robustness.protocols import EVALUATOR_DEFAULTS, PROTOCOL_KEYS, PROTOCOLS, apply_protocol
@@ -169,3 +171,16 @@ def write_tensorboard(metrics: dict, run_dir, setting) -> None:
     with SummaryWriter(str(folder)) as writer:
         for name, value in leaves({k: v for k, v in metrics.items() if k not in ("settings", "seconds")}):
             writer.add_scalar(name, value, 0)
+
+
+STAGE = Stage(
+    name="robustness",
+    entry="transfer.robustness.stage:run",
+    schema="transfer.robustness.stage:DEFAULTS",
+    inputs=("checkpoint", "imagenet"),  # a backbone with its classifier; an ImageNet-layout root with val/
+    outputs=("metrics.json",),
+    gpus_per_node=1,
+    config_required=False,  # the defaults are the protocol
+    run_dir=lambda cfg, config, cwd: Path(cwd) / cfg["out"],
+    description="background corruption, calibration, attacks, OOD and embedding suites on a backbone",
+)

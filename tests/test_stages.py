@@ -1,0 +1,69 @@
+"""The stage as a declared object (mixup_transfer/core/stage.py): every stage is declared once, by its package,
+with one name used for its package, configs/<name>/, tools/run_<name>.py, the launcher and its run folder."""
+
+from pathlib import Path
+
+import pytest
+
+from mixup_transfer.core.config import ConfigError
+from mixup_transfer.pipeline import launch
+from mixup_transfer.pipeline.stages import NAMES, stage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_one_name_everywhere():
+    assert NAMES == ("pretrain", "detection", "wsol", "robustness")
+    for name in NAMES:
+        declared = stage(name)
+        assert declared.name == name
+        assert (ROOT / "configs" / name).is_dir(), name
+        assert (ROOT / "tools" / f"run_{name}.py").is_file(), name
+        assert name in launch.STAGES
+    with pytest.raises(ConfigError, match="unknown stage 'evaluate'; valid stages"):
+        stage("evaluate")
+
+
+def test_declarations_resolve_to_their_schemas_and_entry_points():
+    from pretrain.task import DEFAULTS as PRETRAIN
+    from pretrain.task import run as pretrain_run
+    from transfer.robustness.stage import DEFAULTS as ROBUSTNESS
+
+    assert stage("pretrain").defaults() is PRETRAIN and stage("robustness").defaults() is ROBUSTNESS
+    assert stage("wsol").defaults() is None  # wsol.finetune.resolve_config checks its own keys
+    assert stage("pretrain").run.__self__ is stage("pretrain")
+    from mixup_transfer.core.stage import _resolve
+
+    assert _resolve(stage("pretrain").entry) is pretrain_run
+    for name in NAMES:
+        assert callable(_resolve(stage(name).entry)), name
+
+
+def test_the_launcher_reads_the_declarations(tmp_path):
+    assert [launch.default_gpus_per_node(n) for n in (*NAMES, "pipeline")] == [8, 8, 1, 1, 1]
+    cfg = stage("robustness").load_config(None, ["out=elsewhere"])  # its defaults are a valid config
+    assert launch.default_run_dir("robustness", None, cfg, tmp_path) == tmp_path / "elsewhere"
+    cfg = stage("pretrain").load_config(str(ROOT / "configs/pretrain/toy_erm.yaml"))
+    assert launch.default_run_dir("pretrain", None, cfg, tmp_path) == tmp_path / "runs" / cfg["name"]
+    with pytest.raises(ConfigError, match="stage pretrain needs --config"):
+        stage("pretrain").load_config(None)
+    with pytest.raises(ConfigError, match="stage robustness needs --checkpoint and --imagenet"):
+        launch._check_inputs("robustness", {})
+    with pytest.raises(ConfigError, match="stage robustness needs --imagenet$"):
+        launch._check_inputs("robustness", {"checkpoint": "c.pth"})
+    with pytest.raises(ConfigError, match="--weights is for detection and wsol, not pretrain"):
+        launch._check_inputs("pretrain", {"weights": "w.pth"})
+    launch._check_inputs("wsol", {"weights": None})  # random init
+
+
+def test_run_passes_only_the_options_a_stage_declares(monkeypatch):
+    from mixup_transfer.core import stage as core_stage
+
+    seen = {}
+    monkeypatch.setattr(core_stage, "_resolve", lambda ref: lambda cfg, inputs, run_dir, **kw: seen.update(kw) or {})
+    stage("detection").run({}, None, "r", resume=True, force=False)
+    assert seen == {}  # detection keeps finished seeds: neither option
+    stage("pretrain").run({}, None, "r", resume=True, force=False)
+    assert seen == {"resume": True, "force": False}
+    with pytest.raises(TypeError, match="unknown options"):
+        stage("pretrain").run({}, None, "r", restart=True)
