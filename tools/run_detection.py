@@ -28,7 +28,7 @@ from mixup_transfer.core.units import units
 from transfer.d2_backend import Detectron2BackendError, launch_finetune
 from transfer.det_train import finetune_detector, load_det_config
 
-log = logging.getLogger("finetune_det")
+log = logging.getLogger("detection")
 
 
 @cli.entry

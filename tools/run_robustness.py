@@ -36,7 +36,7 @@ from mixup_transfer.core.runtime import atomic_write_text, write_json
 from transfer.robustness import SUITES, compare
 from transfer.robustness.stage import DEFAULTS, run
 
-log = logging.getLogger("evaluate")
+log = logging.getLogger("robustness")
 
 
 def _name(spec: str) -> tuple[str, str]:
