@@ -5,8 +5,9 @@
     loss = mixed_loss(model(x_mixed), targets)     # soft-target cross-entropy, or your criterion
 
 Mixers: `MixUp`, `CutMix`, `PuzzleMix` (saliency passed in or computed by a callback), `MultiMixK` (multi-mix:
-K sorted interpolations of every pair over one of those) and `RandomChoice` (switch between mixers per batch,
-or per example for per-sample MixUp / CutMix, as timm's `switch_prob`).
+K sorted interpolations of every pair over one of those), `ZetaMixup` (every example a p-series combination of
+the whole batch) and `RandomChoice` (switch between mixers per batch, or per example for per-sample MixUp /
+CutMix, as timm's `switch_prob`).
 
 - `targets="soft"`: [n, c] rows on the simplex (label smoothing applied before mixing); `targets="pair"`:
   `PairTargets(y_a, y_b, lam)` for loss interpolation lam * L(y_a) + (1 - lam) * L(y_b), so any criterion works.
@@ -70,7 +71,8 @@ class Draw:
     """One call's randomness. perm [b] (the partner of example i is perm[i]); lam the weight of the first input
     as drawn, n values (n = 1 per batch, b per example, K for multi-mix); centre (row, column) of the CutMix
     box(es), [n or 1, 2]; grid: PuzzleMix's block grid; choice: RandomChoice's pick ([] per batch, [b] per
-    example) with the chosen mixers' draws in `parts`.
+    example) with the chosen mixers' draws in `parts`; order: ζ-Mixup's [b, b] uniform draws (row i ranks the
+    batch for example i).
 
     lam and centre are tensors (a mixer's own draws, on its generator's device) or host numbers (a list of
     floats, a (row, column) tuple), as the toolkit's trainer draws them from its host stream: host numbers are
@@ -82,6 +84,7 @@ class Draw:
     grid: int | None = None
     choice: torch.Tensor | None = None
     parts: tuple = ()
+    order: torch.Tensor | None = None
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -442,3 +445,50 @@ class RandomChoice:
             else:
                 t = torch.where(pick.view(-1, 1), ti, t)
         return x_mixed, t
+
+
+# --------------------------------------------------------------------------------------------------
+# zeta-mixup: every example a p-series combination of the whole batch
+# --------------------------------------------------------------------------------------------------
+
+
+def zeta_weights(order: torch.Tensor, gamma: float = 2.8) -> torch.Tensor:
+    """zeta-mixup's mixing matrix (Abhishek, Brown, Hamarneh, "Multi-sample zeta-mixup: richer, more realistic
+    synthetic samples from a p-series interpolant", arXiv:2204.03323; kakumarabhishek/zeta-mixup `utils.py`
+    `zeta_mixup_weights`). order [b, b]: independent uniform draws; row i sorted gives a random ranking 1..b of
+    the batch, which is rotated so that example i itself has rank 1 (the official code's circular shift).
+    W[i, j] = rank_ij^-gamma / sum_n n^-gamma: each row a convex combination dominated by example i. float32, as
+    the official code computes it."""
+    b = order.shape[0]
+    ranks = torch.argsort(order, dim=1) + 1  # row i: a random permutation of 1..b (np.argsort(rand) + 1)
+    cols = torch.arange(b, device=order.device)
+    shift = torch.argmax((ranks == 1).to(torch.int8), dim=1) - cols  # left shift that puts rank 1 on the diagonal
+    rotated = torch.gather(ranks, 1, (cols[None, :] + shift[:, None]) % b).to(torch.float32)
+    w = torch.reciprocal(torch.pow(rotated, gamma))
+    return w / w.sum(dim=1, keepdim=True)
+
+
+class ZetaMixup(Mixer):
+    """zeta-mixup (arXiv:2204.03323): x'_p = sum_i W[p, i] x_i and y'_p = sum_i W[p, i] onehot(y_i) with
+    W = `zeta_weights(order, gamma)` (gamma = 2.8, the official default). Soft targets only (a combination of
+    the whole batch has no pair to interpolate a loss between)."""
+
+    def __init__(self, gamma: float = 2.8, num_classes: int | None = None, label_smoothing: float = 0.0,
+                 generator: torch.Generator | None = None, seed: int = 0):
+        super().__init__(1.0, num_classes, label_smoothing=label_smoothing, targets="soft", generator=generator,
+                         seed=seed)
+        if not gamma > 0:
+            raise ValueError(f"gamma must be > 0 (the p-series exponent), got {gamma}")
+        self.gamma = float(gamma)
+
+    def draw(self, x, generator=None) -> Draw:
+        g = self._generator(x, generator)
+        b = x.shape[0]
+        order = torch.rand(b, b, generator=g, device=g.device, dtype=torch.float64)
+        return Draw(torch.arange(b, device=g.device), [1.0], order=order)
+
+    def apply(self, x, y, draw: Draw):
+        w = zeta_weights(_to(draw.order, x.device), self.gamma)
+        mixed = torch.einsum("i...,pi->p...", x.to(torch.float32), w).to(x.dtype)
+        soft = smooth_one_hot(y, self.num_classes, self.label_smoothing)
+        return mixed, torch.einsum("pq,qj->pj", w, soft)

@@ -1,6 +1,9 @@
 """pretrain.mixers: hand-computed mixes and targets, the vectorised boxes against the host function, any batch
 size, per-example draws, no global RNG, and timm's targets as a reference."""
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,3 +195,56 @@ def test_mixer_bench_times_every_row_and_skips_timm_when_missing(monkeypatch):
     out = mixer_bench.run_mixer_bench(batch=4, size=8, num_classes=5, repeats=1)
     assert out["skipped"] == ["timm"] and not any("timm elem" in r for r in out["rows"])
     assert set(out["goals"]) == {"mixup batch vs torchvision", "cutmix batch vs torchvision"}
+
+
+# ------------------------------------------------------------------------------------------ zeta-mixup
+ZETA = Path(__file__).parent / "fixtures" / "zeta_mixup_official.npz"
+
+
+def test_zeta_weights_equal_the_official_code():
+    """kakumarabhishek/zeta-mixup utils.py:zeta_mixup_weights on 8 seeded cases (b = 1 .. 128, gamma 1.5 .. 4):
+    the same uniform draws give the official matrix (float32 rounding: the official code divides by column
+    sums that equal the row sums only up to rounding)."""
+    from pretrain.mixers import zeta_weights
+
+    f = np.load(ZETA)
+    for k, gamma in enumerate(f["gamma"]):
+        w = zeta_weights(torch.from_numpy(f[f"order_{k}"]), float(gamma))
+        ref = torch.from_numpy(f[f"weights_{k}"])
+        assert w.dtype == torch.float32 and torch.allclose(w, ref, rtol=1e-6, atol=1e-7), k
+        b = ref.shape[0]
+        assert torch.equal(w.argmax(1), torch.arange(b))  # every example keeps the largest weight
+
+
+def test_zeta_mixup_equals_the_official_code():
+    from pretrain.mixers import Draw, ZetaMixup
+
+    f = np.load(ZETA)
+    for k, gamma in enumerate(f["gamma"]):
+        x, y = torch.from_numpy(f[f"x_{k}"]), torch.from_numpy(f[f"y_{k}"]).long()
+        mixer = ZetaMixup(gamma=float(gamma), num_classes=10)
+        draw = Draw(torch.arange(len(y)), [1.0], order=torch.from_numpy(f[f"order_{k}"]))
+        mixed, targets = mixer.apply(x, y, draw)
+        assert torch.allclose(mixed, torch.from_numpy(f[f"mixed_{k}"]), rtol=1e-5, atol=1e-6), k
+        assert torch.allclose(targets, torch.from_numpy(f[f"targets_{k}"]), rtol=1e-6, atol=1e-7), k
+
+
+def test_zeta_mixup_by_hand_and_its_draws():
+    from pretrain.mixers import ZetaMixup, zeta_weights
+
+    # b = 3, row 0 ranks examples (0, 1, 2) as (1, 2, 3); row 1 as (3, 1, 2) rotated so that example 1 is first
+    order = torch.tensor([[0.1, 0.5, 0.9], [0.2, 0.8, 0.3], [0.7, 0.1, 0.4]], dtype=torch.float64)
+    w = zeta_weights(order, gamma=2.0)
+    z = 1 + 1 / 4 + 1 / 9
+    # row 1: argsort (0, 2, 1) + 1 = (1, 3, 2); rank 1 at column 0, shifted left by -1 -> (2, 1, 3)
+    # row 2: argsort (1, 2, 0) + 1 = (2, 3, 1); rank 1 at column 2, shift 0 -> (2, 3, 1)
+    expect = torch.tensor([[1, 1 / 4, 1 / 9], [1 / 4, 1, 1 / 9], [1 / 4, 1 / 9, 1]]) / z
+    assert torch.allclose(w, expect, atol=1e-7)
+    mixer = ZetaMixup(gamma=2.8, num_classes=4, seed=3)
+    x, y = torch.rand(5, 3, 4, 4), torch.tensor([0, 1, 2, 3, 0])
+    a, ta = mixer(x, y)
+    b, tb = ZetaMixup(gamma=2.8, num_classes=4, seed=3)(x, y)
+    assert torch.equal(a, b) and torch.equal(ta, tb)  # seeded
+    assert torch.allclose(ta.sum(1), torch.ones(5)) and (ta.argmax(1) == y).all()
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        ZetaMixup(gamma=0, num_classes=4)
