@@ -13,7 +13,6 @@ draw (`order`, what `pretrain.mixers.zeta_weights` takes), reseeds and calls the
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import subprocess
