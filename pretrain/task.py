@@ -118,7 +118,9 @@ DEFAULTS = {
                                      # whose step never waits for the GPU: fp16's GradScaler reads its inf flag
                                      # every step (torch's design), one synchronisation per step
         "channels_last": True,       # CUDA only
-        "compile": False,            # torch.compile the network stages (CUDA)
+        "compile": False,            # torch.compile each network stage as its own region, batch size dynamic
+                                     # (pretrain.adapters.Backbone.enable_compile; a stage that reaches dynamo's
+                                     # recompile_limit is logged as a warning and runs eagerly)
         "backend": None,             # DDP backend; None = nccl on CUDA, gloo on CPU
         "num_threads": None,         # torch.set_num_threads for this process (None = torch's default)
         "checkpoint_every_steps": 0,  # also checkpoint every N steps (0 = only at epoch ends)

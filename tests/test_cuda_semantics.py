@@ -773,3 +773,72 @@ def test_fp32_robustness_evaluation_turns_tf32_off_on_cuda():
                 assert torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# ----------------------------------------------------------------------------- torch.compile's graphs per stage
+
+def _three_stage_backbone():
+    from pretrain.adapters import from_sequential
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 5))
+    return from_sequential(net, [2, 4, 5], mean=[0.5] * 3, std=[0.25] * 3)
+
+
+def _run_compiled(backbone, batches=(4, 6)):
+    """Every stage at each batch size, with gradients and without; -> the logits, in order."""
+    g, out = torch.Generator().manual_seed(1), []
+    for b in batches:
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                out.append(backbone(torch.rand(b, 3, 8, 8, generator=g)).detach())
+    return out
+
+
+def test_compiled_stages_stay_within_the_recompile_limit(caplog):
+    """`Backbone.enable_compile` with dynamo's "eager" backend (dynamo's tracing and guards as on CUDA, no code
+    generation) on a 3-stage network, run at batch sizes 4 and 6, with and without gradients, with
+    `recompile_limit` 2. Shows: each stage is a region with its own graphs (2 each: one per grad mode, the batch
+    size dynamic), so 6 graphs in all, nothing falls back to eager, nothing is warned, and the logits equal the
+    uncompiled network's. Cannot show: inductor's kernels or CUDA graphs."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from pretrain.adapters import recompile_limit_hits
+
+    eager = _run_compiled(_three_stage_backbone())
+    backbone = _three_stage_backbone()
+    torch._dynamo.reset()
+    graphs, hits = counters["stats"]["unique_graphs"], recompile_limit_hits()
+    backbone.enable_compile(backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level("WARNING", logger="pretrain.adapters"):
+        compiled = _run_compiled(backbone)
+    assert counters["stats"]["unique_graphs"] - graphs == 6
+    assert recompile_limit_hits() == hits and backbone.compile_fallbacks == 0
+    assert caplog.records == []
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_stage_that_falls_back_to_eager_is_reported(caplog):
+    """The same network with `recompile_limit` 1: each stage's first graph is the training one, and the
+    evaluation call (no gradients) would need a second. Shows: dynamo gives up on each of the 3 stages, each is
+    logged as a warning naming it, `compile_fallbacks` counts 3, and the logits are still the network's.
+    Cannot show: the speed lost."""
+    import torch._dynamo
+
+    eager = _run_compiled(_three_stage_backbone(), batches=(4,))
+    backbone = _three_stage_backbone()
+    torch._dynamo.reset()
+    backbone.enable_compile(backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level("WARNING", logger="pretrain.adapters"):
+        compiled = _run_compiled(backbone, batches=(4,))
+    assert backbone.compile_fallbacks == 3
+    messages = [r.getMessage() for r in caplog.records if r.name == "pretrain.adapters"]
+    assert [m.split(" of ")[0] for m in messages] == [f"torch.compile: stage {i}" for i in (1, 2, 3)]
+    assert all("recompile_limit (1 graphs)" in m for m in messages)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
