@@ -87,12 +87,17 @@ class Backbone(nn.Module):
         one budget, and the batch dimension is marked dynamic, so batch sizes (a method's mixed batches, the last
         val batch) share one graph. A stage then needs one graph per grad mode (training, evaluation), per
         dtype and per memory format. Where dynamo still reaches the limit it runs that stage eagerly; this is
-        logged as a warning naming the stage (`compile_fallbacks` counts them)."""
+        logged as a warning naming the stage (`compile_fallbacks` counts them). A copy (`copy.deepcopy`, pickle)
+        starts uncompiled."""
         import torch._dynamo  # 2 s to import: only when compiling
 
         self._compiled = tuple(torch.compile(_stage_function(self, i), backend=backend, mode=mode)
                                for i in range(1, self.num_stages + 1))
         self._dynamo_seen = (-1, recompile_limit_hits())
+
+    def __getstate__(self) -> dict:
+        # the compiled regions run this instance's stages: a copy (deepcopy, pickle) starts uncompiled
+        return {**self.__dict__, "_compiled": None, "_dynamo_seen": (-1, 0)}
 
     def _stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
         if i == 1 and self.normalise:

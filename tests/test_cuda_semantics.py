@@ -934,3 +934,25 @@ def test_a_compiled_stage_that_falls_back_to_eager_is_reported(caplog):
     assert all("recompile_limit (1 graphs)" in m for m in messages)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_copy_of_a_compiled_backbone_runs_its_own_stages():
+    """A deep copy of a compiled backbone (as the FLOP count in the pretraining log header makes), whose first
+    convolution is then zeroed. Shows: the copy is uncompiled and computes with its own weights (the bias of
+    the zeroed convolution alone reaches the head), the original is unchanged and still compiled. Cannot show:
+    inductor's code."""
+    import copy
+
+    backbone = _three_stage_backbone()
+    backbone.enable_compile(backend="eager")
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = backbone(x)
+        twin = copy.deepcopy(backbone)
+        twin.net[0].weight.zero_()
+        expected = _three_stage_backbone()
+        expected.net[0].weight.zero_()
+        torch.testing.assert_close(twin(x), expected(x))
+        assert not torch.allclose(twin(x), before)
+        torch.testing.assert_close(backbone(x), before)
+    assert twin._compiled is None and backbone._compiled is not None
