@@ -20,11 +20,15 @@ Layer indices: 0 = the input, 1..n = after stage 1..n (n <= 4), 5 = the embeddin
 
 from __future__ import annotations
 
+import logging
+import types
 from functools import partial
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
+
+log = logging.getLogger(__name__)
 
 EMBEDDING = 5  # the layer index of the pooled embedding
 MAX_STAGES = 4
@@ -64,6 +68,8 @@ class Backbone(nn.Module):
         self.register_buffer("mean", mean_t, persistent=False)
         self.register_buffer("std", std_t, persistent=False)
         self._compiled = None
+        self.compile_fallbacks = 0  # stages that dynamo gave up compiling (see enable_compile)
+        self._dynamo_seen = (-1, 0)  # (dynamo's frame count, its recompile-limit hits) at the last look
 
     @property
     def num_stages(self) -> int:
@@ -73,9 +79,25 @@ class Backbone(nn.Module):
     def fc(self) -> nn.Linear:
         return self._fc
 
-    def enable_compile(self) -> None:
-        """torch.compile the stages (the module tree and state_dict keys stay the network's own)."""
-        self._compiled = torch.compile(self._stage)
+    def enable_compile(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """torch.compile each stage as its own region (the module tree and state_dict keys stay the network's own).
+
+        Dynamo keeps compiled graphs, and counts recompilations against `torch._dynamo.config.recompile_limit`,
+        per code object: each stage runs through a function with its own code object, so the stages do not share
+        one budget, and the batch dimension is marked dynamic, so batch sizes (a method's mixed batches, the last
+        val batch) share one graph. A stage then needs one graph per grad mode (training, evaluation), per
+        dtype and per memory format. Where dynamo still reaches the limit it runs that stage eagerly; this is
+        logged as a warning naming the stage (`compile_fallbacks` counts them). A copy (`copy.deepcopy`, pickle)
+        starts uncompiled."""
+        import torch._dynamo  # 2 s to import: only when compiling
+
+        self._compiled = tuple(torch.compile(_stage_function(self, i), backend=backend, mode=mode)
+                               for i in range(1, self.num_stages + 1))
+        self._dynamo_seen = (-1, recompile_limit_hits())
+
+    def __getstate__(self) -> dict:
+        # the compiled regions run this instance's stages: a copy (deepcopy, pickle) starts uncompiled
+        return {**self.__dict__, "_compiled": None, "_dynamo_seen": (-1, 0)}
 
     def _stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
         if i == 1 and self.normalise:
@@ -83,7 +105,23 @@ class Backbone(nn.Module):
         return self._stages[i - 1](h)
 
     def _run_stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        return self._compiled(i, h) if self._compiled is not None else self._stage(i, h)
+        if self._compiled is None:
+            return self._stage(i, h)
+        torch._dynamo.maybe_mark_dynamic(h, 0)
+        out = self._compiled[i - 1](h)
+        if _dynamo_counters()["frames"]["total"] != self._dynamo_seen[0]:  # dynamo looked at a frame in this call
+            self._report_fallback(i)
+        return out
+
+    def _report_fallback(self, i: int) -> None:
+        hits = recompile_limit_hits()
+        new = hits - self._dynamo_seen[1]
+        self._dynamo_seen = (_dynamo_counters()["frames"]["total"], hits)
+        if new > 0:
+            self.compile_fallbacks += new
+            log.warning("torch.compile: stage %d of %s reached torch._dynamo.config.recompile_limit (%d graphs); "
+                        "inputs that match none of its graphs run eagerly (TORCH_LOGS=recompiles prints why it "
+                        "recompiled)", i, type(self.net).__name__, torch._dynamo.config.recompile_limit)
 
     def _check_layer(self, layer: int) -> None:
         if not (0 <= layer <= self.num_stages or layer == EMBEDDING):
@@ -128,6 +166,28 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.features(x)))
+
+
+def _stage_function(backbone: Backbone, i: int) -> Callable:
+    """`backbone._stage(i, h)` as a function of h with a code object of its own (named stage<i>): dynamo's cache
+    and recompile limit are per code object, and a closure alone would share the code of every stage."""
+    def stage(h):
+        return backbone._stage(i, h)
+
+    code = stage.__code__.replace(co_name=f"stage{i}")
+    return types.FunctionType(code, stage.__globals__, f"stage{i}", None, stage.__closure__)
+
+
+def _dynamo_counters():
+    from torch._dynamo.utils import counters
+
+    return counters
+
+
+def recompile_limit_hits() -> int:
+    """How many times dynamo reached a recompile limit in this process (and ran that frame eagerly after)."""
+    return sum(n for reason, n in _dynamo_counters()["unimplemented"].items()
+               if "recompile limit" in reason.lower() or "cache_size_limit" in reason.lower())
 
 
 def _check_owned(net: nn.Module, parts) -> None:

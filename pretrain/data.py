@@ -220,9 +220,9 @@ def collate_encoded(batch):
 
 def decode_batch(datas: list, params: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Decode (nvJPEG on CUDA; libjpeg-turbo on CPU, the same code) and crop, resize, flip a batch:
-    -> float [b, 3, size, size] in [0, 1] on `device`. Non-JPEG files are decoded on the CPU and moved. The
-    resize is antialiased bilinear in float, rounded to whole levels as the uint8 CPU path rounds (equal to
-    it within 1/255 where both decoders agree)."""
+    -> float [b, 3, size, size] in [0, 1] on `device`. Non-JPEG files are decoded on the CPU and moved
+    (`host_to_device`: pinned, non-blocking). The resize is antialiased bilinear in float, rounded to whole
+    levels as the uint8 CPU path rounds (equal to it within 1/255 where both decoders agree)."""
     jpeg = [k for k, d in enumerate(datas) if is_jpeg(d)]
     images: list = [None] * len(datas)
     if jpeg:
@@ -231,7 +231,7 @@ def decode_batch(datas: list, params: torch.Tensor, device: torch.device) -> tor
             images[k] = img
     for k, img in enumerate(images):
         if img is None:
-            images[k] = decode_uint8(datas[k], f"batch item {k}").to(device)
+            images[k] = host_to_device(decode_uint8(datas[k], f"batch item {k}"), device)
     out = []
     for img, (i, j, h, w, flip, size) in zip(images, params.tolist()):
         x = img[:, i:i + h, j:j + w].unsqueeze(0).float()
@@ -269,8 +269,16 @@ def decode_jpegs(datas: list, device: torch.device) -> list:
             try:
                 out.append(decode([data])[0])
             except RuntimeError:
-                out.append(decode_uint8(data, f"batch item {k}").to(device, non_blocking=True))
+                out.append(host_to_device(decode_uint8(data, f"batch item {k}"), device))
         return out
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor copied to `device` without making the host wait: on CUDA through pinned memory with a
+    non-blocking copy (a copy from pageable memory is staged through a pinned buffer by the host)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 _SIDE_STREAMS: dict = {}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -118,7 +119,9 @@ DEFAULTS = {
                                      # whose step never waits for the GPU: fp16's GradScaler reads its inf flag
                                      # every step (torch's design), one synchronisation per step
         "channels_last": True,       # CUDA only
-        "compile": False,            # torch.compile the network stages (CUDA)
+        "compile": False,            # torch.compile each network stage as its own region, batch size dynamic
+                                     # (pretrain.adapters.Backbone.enable_compile; a stage that reaches dynamo's
+                                     # recompile_limit is logged as a warning and runs eagerly)
         "backend": None,             # DDP backend; None = nccl on CUDA, gloo on CPU
         "num_threads": None,         # torch.set_num_threads for this process (None = torch's default)
         "checkpoint_every_steps": 0,  # also checkpoint every N steps (0 = only at epoch ends)
@@ -219,7 +222,7 @@ class PretrainTask(Task):
         self.val_set = open_classification(dcfg["root"], dcfg["val_split"], dcfg["dataset"],
                                            classes=self.train_set.classes,
                                            reader=read_image if self.loader == "pil" else read_image_uint8)
-        self._train_loader: tuple[int, DataLoader] | None = None  # (crop size, persistent loader)
+        self._train_loader: tuple[int, Iterable] | None = None  # (crop size, persistent loader)
         self._val: DataLoader | None = None
         self.num_classes = cfg["model"]["num_classes"] or len(self.train_set.classes)
         subset = evenly_spaced(len(self.train_set), dcfg["max_train"])
@@ -285,23 +288,23 @@ class PretrainTask(Task):
         return batch_to_device(batch, device, channels_last)
 
     def batches(self, epoch: int, start_step: int):
-        """The epoch's micro-batches. The loader's workers persist across epochs (one loader per crop size of
-        `crop_schedule`); the shared sampler gives each epoch its own order from `set_epoch`."""
-        d = self.cfg["data"]
-        size = crop_size_at(epoch, d)
+        """The epoch's micro-batches. The loader persists across epochs (one per crop size of `crop_schedule`:
+        the DataLoader's workers, DALI's pipeline); the shared sampler gives each epoch its own order from
+        `set_epoch`."""
+        size = crop_size_at(epoch, self.cfg["data"])
         self.sampler.set_epoch(epoch, start_step)
-        if self.loader == "dali":
-            from pretrain.dali import DaliTrainLoader
-
-            return DaliTrainLoader(self.train_set.samples, self.sampler, size, d["scale_min"], d["hflip"],
-                                   self.plan["micro_batch"], self.device, self.cfg["seed"])
         if self._train_loader is None or self._train_loader[0] != size:
             self._train_loader = None  # let the old workers go before starting new ones
             self._train_loader = (size, self._make_train_loader(size))
         return self._train_loader[1]
 
-    def _make_train_loader(self, size: int) -> DataLoader:
+    def _make_train_loader(self, size: int):
         d = self.cfg["data"]
+        if self.loader == "dali":
+            from pretrain.dali import DaliTrainLoader
+
+            return DaliTrainLoader(self.train_set.samples, self.sampler, size, d["scale_min"], d["hflip"],
+                                   self.plan["micro_batch"], self.device, self.cfg["seed"])
         if self.encoded:
             tf = EncodedTrainTransform(size, d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"])
             collate = collate_encoded

@@ -612,41 +612,133 @@ def test_a_batch_reaches_a_cuda_device_without_a_blocking_copy(monkeypatch):
     assert counter.blocking == []
 
 
-# ------------------------------------------------------------------------------ 11. DALI's seed per rank
+# ------------------------------------------------------------------ 11. DALI's pipeline: seeds, builds, resets
 
-def test_dali_draws_differ_between_ranks_and_epochs(monkeypatch):
-    """The seed `DaliTrainLoader` gives its pipeline, read by a stand-in for the DALI pipeline builder (DALI is not
-    installed here). Shows: rank 0 and rank 1 get different seeds in the same epoch (before, the seed omitted the
-    rank: every rank drew the same crops and flips for its own images), epochs differ, and a repeat is equal.
-    Cannot show: DALI's own random streams."""
-    import sys
+class StubDali:
+    """A stand-in for DALI (not installed here) behind `pretrain.dali`'s two seams: `_pipeline` records each build
+    (its seed) and returns the external source; `_iterator` follows DALIGenericIterator's contract over it: batch
+    k of the pipeline's epoch e is `source(BatchInfo(k, e))` until the source raises StopIteration, then the
+    iteration ends and `reset()` starts epoch e + 1. Images are the first byte of each file."""
 
+    def __init__(self, monkeypatch):
+        from pretrain import dali
+
+        self.seeds: list[int] = []
+        monkeypatch.setattr(dali, "_pipeline", lambda source, *args: self.seeds.append(args[-1]) or source)
+        monkeypatch.setattr(dali, "_iterator", StubDali.Iterator)
+
+    class Iterator:
+        def __init__(self, source):
+            self.source, self.epoch_idx, self.iteration, self.ended = source, 0, 0, False
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            from types import SimpleNamespace
+
+            try:
+                files, labels = self.source(SimpleNamespace(iteration=self.iteration, epoch_idx=self.epoch_idx))
+            except StopIteration:
+                self.ended = True
+                raise
+            self.iteration += 1
+            return [{"images": torch.tensor([int(f[0]) for f in files]),
+                     "labels": torch.tensor(np.concatenate(labels)).view(-1, 1)}]
+
+        def reset(self):
+            assert self.ended, "DALI resets an iterator only at the end of its epoch"
+            self.epoch_idx, self.iteration, self.ended = self.epoch_idx + 1, 0, False
+
+
+def _dali_loader(tmp_path, rank: int = 0):
+    """16 one-byte files (file i holds byte i, label i % 3), this rank's half of batches of 4: micro-batches of 2."""
     from pretrain import dali
     from pretrain.data import EpochSampler
 
-    class Built(Exception):  # the stand-in pipeline builder stops the loader and carries the seed out
-        pass
+    samples = []
+    for i in range(16):
+        (tmp_path / f"{i}.jpg").write_bytes(bytes([i]))
+        samples.append((str(tmp_path / f"{i}.jpg"), i % 3))
+    sampler = EpochSampler(16, 4, rank, 2, seed=0)
+    return dali.DaliTrainLoader(samples, sampler, 8, 0.08, True, 2, torch.device("cuda", 0), seed=0), sampler
 
-    def pipeline(*args):
-        raise Built(args[-1])
 
-    monkeypatch.setattr(dali, "_pipeline", pipeline)
-    monkeypatch.setitem(sys.modules, "nvidia.dali.plugin.pytorch",
-                        type(sys)("nvidia.dali.plugin.pytorch"))  # what the loader imports from it is never reached
-    sys.modules["nvidia.dali.plugin.pytorch"].DALIGenericIterator = None
-    sys.modules["nvidia.dali.plugin.pytorch"].LastBatchPolicy = None
+def _dali_epoch(loader, sampler, epoch: int, start: int = 0, stop_after: int | None = None):
+    """(images, labels) of one epoch read through the loader, and the sampler's own order for it."""
+    sampler.set_epoch(epoch, start)
+    expected = [index for index, _ in sampler]
+    images, labels = [], []
+    for k, (x, y) in enumerate(loader):
+        if k == stop_after:
+            break
+        images += x.tolist()
+        labels += y.tolist()
+    return (images, labels), (expected, [i % 3 for i in expected])
+
+
+def test_dali_pipeline_is_built_once_and_reset_each_epoch(tmp_path, monkeypatch):
+    """`DaliTrainLoader` over 3 epochs with the stand-in pipeline. Shows: one build, two resets, and each epoch
+    reads exactly this rank's files and labels in `EpochSampler`'s order of that epoch (whole micro-batches),
+    different orders in different epochs. Cannot show: DALI's decoding and its random streams."""
+    stub = StubDali(monkeypatch)
+    loader, sampler = _dali_loader(tmp_path)
+    epochs = [_dali_epoch(loader, sampler, e) for e in range(3)]
+    for got, expected in epochs:
+        assert got == expected and len(got[0]) == 8
+    assert epochs[0][0] != epochs[1][0] != epochs[2][0]
+    assert len(stub.seeds) == 1 and loader.builds == 1
+
+
+def test_dali_pipeline_is_built_again_after_a_resume_or_an_unfinished_epoch(tmp_path, monkeypatch):
+    """A resume at epoch 1, step 1, then epoch 2 read whole, epoch 3 left after one micro-batch, then epoch 4.
+    Shows: the build at the resume is seeded by (seed, rank, 1, 1) and reads the epoch's remaining files,
+    epoch 2 reuses the pipeline, epoch 4 needs a new one (an unfinished epoch cannot be reset), seeded by epoch 4,
+    and every epoch reads the sampler's order. Cannot show: DALI's own reset rules beyond this contract."""
+    from pretrain.dali import dali_seed
+
+    stub = StubDali(monkeypatch)
+    loader, sampler = _dali_loader(tmp_path)
+    got, expected = _dali_epoch(loader, sampler, 1, start=1)
+    assert got == expected and len(got[0]) == 6
+    got, expected = _dali_epoch(loader, sampler, 2)
+    assert got == expected and loader.builds == 1
+    got, expected = _dali_epoch(loader, sampler, 3, stop_after=1)
+    assert got[0] == expected[0][:2]
+    got, expected = _dali_epoch(loader, sampler, 4)
+    assert got == expected
+    assert stub.seeds == [dali_seed(0, 0, 1, 1), dali_seed(0, 0, 4, 0)]
+
+
+def test_dali_draws_differ_between_ranks_and_epochs(tmp_path, monkeypatch):
+    """The seed `DaliTrainLoader` gives the pipeline it builds, read by the stand-in. Shows: rank 0 and rank 1 get
+    different seeds (every rank draws its own crops and flips), a pipeline built at another epoch gets another
+    seed, and a repeat is equal. Cannot show: DALI's own random streams."""
+    stub = StubDali(monkeypatch)
 
     def seed_of(rank, epoch):
-        sampler = EpochSampler(16, 4, rank, 2, seed=0)
-        sampler.set_epoch(epoch, 0)
-        loader = dali.DaliTrainLoader([(f"{i}.jpg", 0) for i in range(16)], sampler, 8, 0.08, True, 2,
-                                      torch.device("cuda", 0), seed=0)
-        with pytest.raises(Built) as built:
-            list(iter(loader))
-        return built.value.args[0]
+        loader, sampler = _dali_loader(tmp_path, rank)
+        _dali_epoch(loader, sampler, epoch)
+        return stub.seeds[-1]
 
     s00, s10, s01 = seed_of(0, 0), seed_of(1, 0), seed_of(0, 1)
     assert s00 != s10 and s00 != s01 and seed_of(1, 0) == s10
+
+
+def test_pretraining_keeps_one_dali_loader_across_epochs(toy_world, tmp_path, monkeypatch):
+    """`PretrainTask.batches` for 3 epochs with `data.loader: dali` (the task built on the CPU, then switched to
+    DALI; the stand-in pipeline). Shows: the task keeps one loader, its pipeline is built once, and the labels of
+    each epoch are those of the sampler's order. Cannot show: DALI on a GPU (`make gpu-check`)."""
+    stub = StubDali(monkeypatch)
+    task = _pretrain_task(toy_world / "imagenet", 0, 1)
+    task.loader, task.device = "dali", torch.device("cuda", 0)
+    loaders = []
+    for epoch in range(3):
+        loaders.append(task.batches(epoch, 0))
+        labels = [y for _, ys in loaders[-1] for y in ys.tolist()]
+        assert labels == [task.train_set.samples[i][1] for i, _ in task.sampler]
+    assert loaders[0] is loaders[1] is loaders[2]
+    assert len(stub.seeds) == 1
 
 
 # ------------------------------------------------------------------------------------- throughput settings
@@ -773,3 +865,94 @@ def test_fp32_robustness_evaluation_turns_tf32_off_on_cuda():
                 assert torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# ----------------------------------------------------------------------------- torch.compile's graphs per stage
+
+def _three_stage_backbone():
+    from pretrain.adapters import from_sequential
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 5))
+    return from_sequential(net, [2, 4, 5], mean=[0.5] * 3, std=[0.25] * 3)
+
+
+def _run_compiled(backbone, batches=(4, 6)):
+    """Every stage at each batch size, with gradients and without; -> the logits, in order."""
+    g, out = torch.Generator().manual_seed(1), []
+    for b in batches:
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                out.append(backbone(torch.rand(b, 3, 8, 8, generator=g)).detach())
+    return out
+
+
+def test_compiled_stages_stay_within_the_recompile_limit(caplog):
+    """`Backbone.enable_compile` with dynamo's "eager" backend (dynamo's tracing and guards as on CUDA, no code
+    generation) on a 3-stage network, run at batch sizes 4 and 6, with and without gradients, with
+    `recompile_limit` 2. Shows: each stage is a region with its own graphs (2 each: one per grad mode, the batch
+    size dynamic), so 6 graphs in all, nothing falls back to eager, nothing is warned, and the logits equal the
+    uncompiled network's. Cannot show: inductor's kernels or CUDA graphs."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from pretrain.adapters import recompile_limit_hits
+
+    eager = _run_compiled(_three_stage_backbone())
+    backbone = _three_stage_backbone()
+    torch._dynamo.reset()
+    graphs, hits = counters["stats"]["unique_graphs"], recompile_limit_hits()
+    backbone.enable_compile(backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level("WARNING", logger="pretrain.adapters"):
+        compiled = _run_compiled(backbone)
+    assert counters["stats"]["unique_graphs"] - graphs == 6
+    assert recompile_limit_hits() == hits and backbone.compile_fallbacks == 0
+    assert caplog.records == []
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_stage_that_falls_back_to_eager_is_reported(caplog):
+    """The same network with `recompile_limit` 1: each stage's first graph is the training one, and the
+    evaluation call (no gradients) would need a second. Shows: dynamo gives up on each of the 3 stages, each is
+    logged as a warning naming it, `compile_fallbacks` counts 3, and the logits are still the network's.
+    Cannot show: the speed lost."""
+    import torch._dynamo
+
+    eager = _run_compiled(_three_stage_backbone(), batches=(4,))
+    backbone = _three_stage_backbone()
+    torch._dynamo.reset()
+    backbone.enable_compile(backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level("WARNING", logger="pretrain.adapters"):
+        compiled = _run_compiled(backbone, batches=(4,))
+    assert backbone.compile_fallbacks == 3
+    messages = [r.getMessage() for r in caplog.records if r.name == "pretrain.adapters"]
+    assert [m.split(" of ")[0] for m in messages] == [f"torch.compile: stage {i}" for i in (1, 2, 3)]
+    assert all("recompile_limit (1 graphs)" in m for m in messages)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_copy_of_a_compiled_backbone_runs_its_own_stages():
+    """A deep copy of a compiled backbone (as the FLOP count in the pretraining log header makes), whose first
+    convolution is then zeroed. Shows: the copy is uncompiled and computes with its own weights (the bias of
+    the zeroed convolution alone reaches the head), the original is unchanged and still compiled. Cannot show:
+    inductor's code."""
+    import copy
+
+    backbone = _three_stage_backbone()
+    backbone.enable_compile(backend="eager")
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = backbone(x)
+        twin = copy.deepcopy(backbone)
+        twin.net[0].weight.zero_()
+        expected = _three_stage_backbone()
+        expected.net[0].weight.zero_()
+        torch.testing.assert_close(twin(x), expected(x))
+        assert not torch.allclose(twin(x), before)
+        torch.testing.assert_close(backbone(x), before)
+    assert twin._compiled is None and backbone._compiled is not None

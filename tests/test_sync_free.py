@@ -12,6 +12,11 @@ CUDA run wait is a call here. Explicit exemptions, each with its reason and its 
 - torchvision's detectors check every target for degenerate boxes (`degenerate_boxes.any()`, one read per image,
   inside `SSD.forward` / `GeneralizedRCNN.forward`) and draw the training size with `torch_choice` from a CPU
   tensor (no device involved); neither is this toolkit's code.
+
+Copies from the host to the device wait too, unless they are non_blocking from pinned memory. The same loop runs
+on a fake CUDA device (FakeTensorMode) for every pretraining method and for the GPU-decode data path, with
+`Tensor.to`, `Tensor.cuda`, `Tensor.copy_` and `torch.tensor` / `torch.as_tensor` counted (`HostCopyCounter`):
+no copy in the step may make the host wait.
 """
 
 import sys
@@ -21,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mixup_transfer.core import runtime as rt
 from mixup_transfer.core.engine import Engine, LoopSettings, Task, build_optimizer
 from pretrain.methods import METHODS, ResNetStages, build_method
 
@@ -222,3 +228,187 @@ def test_a_detection_step_reads_nothing_back(toy_world, tmp_path, monkeypatch):
         per_step[(file, func, name)] = max(per_step[(file, func, name)], n)
     assert all(n <= 2 for n in per_step.values()), per_step  # two images per step: at most one each per image
     assert epoch_end == [("tolist", "engine.py", "check_parameters")] * 2, epoch_end
+
+
+# ---------------------------------------------------------------------------- host-to-device copies that wait
+
+class HostCopyCounter:
+    """Records every copy of host memory to a CUDA device made while it is installed, by `Tensor.to`,
+    `Tensor.cuda`, `Tensor.copy_` and `torch.tensor` / `torch.as_tensor` with a CUDA `device`, as (what, file,
+    function) of the innermost caller outside torch, when the copy would make the host wait: a copy that is not
+    non_blocking, or whose source is not pinned (CUDA stages a pageable source through a pinned buffer, on the
+    host). `Tensor.pin_memory` (which needs a driver) returns the tensor itself, marked as pinned."""
+
+    def __init__(self, monkeypatch):
+        self.waits: list[tuple[str, str, str]] = []
+        self.pinned: dict[int, torch.Tensor] = {}  # id -> the tensor (held, so that no other one takes its id)
+        to, cuda, copy, tensor, as_tensor = (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.copy_, torch.tensor,
+                                             torch.as_tensor)
+
+        def counted_to(t, *args, **kwargs):
+            target = [a for a in list(args) + [kwargs.get("device")] if isinstance(a, (str, torch.device))]
+            target += [a.device for a in args if isinstance(a, torch.Tensor)]
+            if any(torch.device(a).type == "cuda" for a in target):
+                self._check("to", t, kwargs.get("non_blocking", any(a is True for a in args)))
+            return to(t, *args, **kwargs)
+
+        def counted_cuda(t, device=None, non_blocking=False, **kwargs):
+            self._check("cuda", t, non_blocking)
+            return cuda(t, device, non_blocking, **kwargs)
+
+        def counted_copy(t, src, non_blocking=False):
+            if t.device.type == "cuda":
+                self._check("copy_", src, non_blocking)
+            return copy(t, src, non_blocking)
+
+        def made(factory, name):
+            def counted(data, *args, **kwargs):
+                device = kwargs.get("device")
+                if device is not None and torch.device(device).type == "cuda" and not (
+                        isinstance(data, torch.Tensor) and data.device.type == "cuda"):
+                    self._record(name)  # host data: a pageable copy
+                return factory(data, *args, **kwargs)
+            return counted
+
+        def pin(t, *args, **kwargs):
+            self.pinned[id(t)] = t
+            return t
+
+        monkeypatch.setattr(torch.Tensor, "to", counted_to)
+        monkeypatch.setattr(torch.Tensor, "cuda", counted_cuda)
+        monkeypatch.setattr(torch.Tensor, "copy_", counted_copy)
+        monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+        monkeypatch.setattr(torch, "tensor", made(tensor, "tensor"))
+        monkeypatch.setattr(torch, "as_tensor", made(as_tensor, "as_tensor"))
+
+    def _check(self, name: str, src: torch.Tensor, non_blocking: bool) -> None:
+        pinned = id(src) in self.pinned
+        if src.device.type == "cpu" and not (non_blocking and pinned):
+            self._record(f"{name}{'' if non_blocking else ' blocking'}{'' if pinned else ' pageable'}")
+
+    def _record(self, what: str) -> None:
+        f = sys._getframe(1)
+        while f is not None and (f.f_code.co_filename.startswith(TORCH_DIR) or f.f_code.co_filename == __file__):
+            f = f.f_back
+        where = (Path(f.f_code.co_filename).name, f.f_code.co_name) if f is not None else ("?", "?")
+        self.waits.append((what,) + where)
+
+
+class FakeCudaPretrain(TinyPretrain):
+    """TinyPretrain's method on a fake CUDA device; its batches are those of the uint8 loader with the ImageNet
+    recipe's colour augmentation (uint8 images, labels, colour parameters), pinned as the DataLoader pins them,
+    moved by pretraining's own `batch_to_device`."""
+
+    def __init__(self, name, knobs):
+        super().__init__(name, knobs)
+        g = torch.Generator().manual_seed(2)
+        self.data = [(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g),
+                      torch.randint(C, (4,), generator=g), torch.rand(4, 10, generator=g)) for _ in range(STEPS)]
+
+    def batches(self, epoch, start_step):
+        return (tuple(t.pin_memory() for t in batch) for batch in self.data[start_step:])
+
+    def to_device(self, batch, device, channels_last):
+        from pretrain.data import batch_to_device
+
+        return batch_to_device(batch, device, channels_last)
+
+    def before_step(self, micro_step):
+        self.model.seed(1000 + micro_step)
+
+
+def _cuda_autocast(device, precision):
+    """`runtime.autocast` built as on a CUDA machine (torch.autocast checks that a driver exists and whether it has
+    bf16; once built it only sets the dispatcher's flags, which fake CUDA tensors obey)."""
+    from unittest import mock
+
+    with mock.patch.object(torch.cuda, "is_available", lambda: True), \
+            mock.patch.object(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True):
+        return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+
+
+FAKE_CUDA_CASES = [(n, k) for n, k in CASES if n != "puzzlemix" and k.get("base", "puzzlemix" if n == "multi_mix"
+                                                                           else "") != "puzzlemix"]
+
+
+def _steps_on_fake_cuda(task, tmp_path, monkeypatch, steps: int = 3):
+    """`steps` optimizer steps of the engine's loop (`Engine._grouped`, which calls the task's `to_device`, and
+    `Engine.train_step`) on a fake CUDA device in bf16 and channels_last, counted by a HostCopyCounter. The
+    backward pass fills zero gradients instead (autograd's CUDA threads need a driver). -> (last record, counter)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(rt, "autocast", _cuda_autocast)
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *args, **kwargs: [
+        setattr(p, "grad", torch.zeros_like(p)) for p in task.model.parameters() if p.requires_grad])
+    device = torch.device("cuda", 0)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        task.model.to(device, memory_format=torch.channels_last)
+        task.model.generator = None  # a CUDA generator needs a driver; draws use the default one
+        opt = build_optimizer("sgd", task.param_groups(), 0.01, momentum=0.9)
+        settings = LoopSettings(total_steps=STEPS, device=device, precision="bf16", channels_last=True,
+                                log_every=LOG_EVERY, grad_norm=True, clip_grad_norm=10.0)
+        engine = Engine(task, tmp_path / "run", settings, opt, lambda step: 1.0)
+        counter = HostCopyCounter(monkeypatch)
+        for k, micro in enumerate(engine._grouped(task.batches(0, 0))):
+            record = engine.train_step(micro)
+            if k + 1 == steps:
+                break
+    return record, counter
+
+
+@pytest.mark.parametrize("name,knobs", FAKE_CUDA_CASES,
+                         ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k in FAKE_CUDA_CASES])
+def test_a_pretraining_step_copies_nothing_that_waits(tmp_path, monkeypatch, name, knobs):
+    """The engine's step loop (the task's `to_device`; the method's forward under bf16 autocast, the loss sums,
+    the gradient norm and clipping, the optimizer and scheduler steps) for 3 steps of every method on a fake CUDA
+    device (FakeTensorMode: the copies are dispatched as on CUDA, no data moves), the batches those of the uint8
+    loader with colour augmentation. Shows: no host-to-device copy in it makes the host wait (each is non_blocking
+    from pinned memory), and the step's metrics stay on the device. Cannot show: the backward pass (autograd's
+    CUDA threads need a driver; zero gradients stand in), PuzzleMix (its graph cut reads the saliency back, which
+    fake tensors cannot) and the real overlap of copies with compute."""
+    record, counter = _steps_on_fake_cuda(FakeCudaPretrain(name, knobs), tmp_path, monkeypatch)
+    assert record["loss"].device.type == "cuda" and record["grad_norm2"].device.type == "cuda"
+    assert counter.waits == [], counter.waits
+
+
+class FakeCudaEncoded(FakeCudaPretrain):
+    """Batches of `data.decode_device: cuda` (encoded bytes, crops [b, 6], labels): two JPEGs and two PNGs (ImageNet
+    has a PNG under a .JPEG name), the JPEGs decoded by a stand-in for nvJPEG (a driver is needed), the PNGs by the
+    CPU decoder's stand-in (fake tensors have no pixels to decode). The crops are read on the host (`tolist`) as
+    real tensors (FakeTensorMode would make them fake, without values)."""
+
+    def __init__(self, name, knobs, monkeypatch):
+        from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+        from torchvision import io as tio
+
+        from pretrain import data as pdata
+
+        super().__init__(name, knobs)
+        image = torch.zeros(3, 16, 16, dtype=torch.uint8)
+        datas = [bytes(tio.encode_jpeg(image).tolist()), bytes(tio.encode_png(image).tolist())] * 2
+        tolist = torch.Tensor.tolist
+
+        def host_tolist(t):
+            if isinstance(t, FakeTensor):
+                return tolist(t)
+            with unset_fake_temporarily():
+                return tolist(t)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", host_tolist)
+        crops = torch.tensor([[0, 0, 16, 16, 0, 16]] * 4)
+        self.data = [(datas, crops, torch.arange(4) % C) for _ in range(STEPS)]
+        monkeypatch.setattr(pdata, "decode_jpegs", lambda items, device: [
+            torch.zeros(3, 16, 16, dtype=torch.uint8, device=device) for _ in items])
+        monkeypatch.setattr(pdata, "decode_uint8", lambda data, where: torch.zeros(3, 16, 16, dtype=torch.uint8))
+
+    def batches(self, epoch, start_step):
+        return ((datas, crops.pin_memory(), labels.pin_memory()) for datas, crops, labels in self.data[start_step:])
+
+
+def test_a_gpu_decoded_pretraining_step_copies_nothing_that_waits(tmp_path, monkeypatch):
+    """The same loop for ERM on batches decoded on the device (`decode_batch`), where images that are not JPEGs
+    are decoded on the CPU and moved. Shows: those moves do not make the host wait either (pinned, non_blocking).
+    Cannot show: nvJPEG itself (`make gpu-check`)."""
+    record, counter = _steps_on_fake_cuda(FakeCudaEncoded("erm", {}, monkeypatch), tmp_path, monkeypatch)
+    assert record["loss"].device.type == "cuda"
+    assert counter.waits == [], counter.waits
