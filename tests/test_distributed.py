@@ -114,9 +114,9 @@ def test_gather_of_seven_items_and_an_empty_shard_over_two_gloo_processes(tmp_pa
 # ----------------------------------------------------------------------------- the three evaluations
 
 def _det_cfg(toy_world, fmt: str):
-    from transfer import det_train
+    from transfer.detection import config as det_config
 
-    return det_train.resolve_config({
+    return det_config.resolve_config({
         "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64, "kwargs": {"detections_per_img": 10}},
         "data": {"format": fmt, "root": str(toy_world / ("VOCdevkit" if fmt == "voc" else "coco")),
                  "voc_train": ["2007/trainval"], "max_train_images": 2, "max_test_images": 7, "workers": 0},
@@ -126,16 +126,17 @@ def _det_cfg(toy_world, fmt: str):
 def _detection(toy_world, out_dir):
     """SSD predictions on 7 VOC07 test and 7 COCO val images, scored on rank 0 (VOC 11-point AP, COCO AP)."""
     from mixup_transfer.core.runtime import is_main_process
-    from transfer import det_train
+    from transfer.detection import scoring
+    from transfer.detection import torchvision_backend as tvb
 
     out = {}
     for fmt in ("voc", "coco"):
         cfg = _det_cfg(toy_world, fmt)
-        _, test, ctx, _ = det_train.build_datasets(cfg)
+        _, test, ctx, _ = tvb.build_datasets(cfg)
         torch.manual_seed(0)
-        model = det_train.build_model(cfg, ctx["num_classes"], None).eval()
-        preds, examples, _, n = det_train.predict_sharded(model, test, 2, 0, torch.device("cpu"), max_keep_examples=3)
-        metrics = det_train.score_predictions(preds, ctx, Path(out_dir) / fmt) if is_main_process() else None
+        model = tvb.build_model(cfg, ctx["num_classes"], None).eval()
+        preds, examples, _, n = tvb.predict_sharded(model, test, 2, 0, torch.device("cpu"), max_keep_examples=3)
+        metrics = scoring.score_predictions(preds, ctx, Path(out_dir) / fmt) if is_main_process() else None
         out[fmt] = {"preds": preds, "examples": [e["scores"] for e in examples], "n": n, "metrics": metrics}
     return out
 

@@ -12,8 +12,10 @@ import yaml
 from mixup_transfer.core import runtime
 from mixup_transfer.core.checkpoint import build_resnet, save_backbone
 from mixup_transfer.core.constants import VOC_CLASSES
-from transfer import d2_backend, det_train
 from transfer.datasets import COCODetection, VOCDetection
+from transfer.detection import config as det_config
+from transfer.detection import d2_backend, scoring, stage
+from transfer.detection import torchvision_backend as tvb
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +47,7 @@ def _cfg(toy_world, kind="ssd", fmt="voc", **solver):
         "seeds": [0],
         "runtime": {"log_period": 1},
     }
-    return det_train.resolve_config(cfg)
+    return det_config.resolve_config(cfg)
 
 
 def test_lr_schedule_hand_values():
@@ -60,7 +62,7 @@ def test_unknown_config_key_is_rejected(toy_world):
     from mixup_transfer.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="solver.lrr"):
-        det_train.resolve_config({"solver": {"lrr": 0.1}})
+        det_config.resolve_config({"solver": {"lrr": 0.1}})
 
 
 def test_voc_scoring_of_ground_truth_is_perfect_and_uses_xml_coordinates(toy_world, tmp_path):
@@ -71,7 +73,7 @@ def test_voc_scoring_of_ground_truth_is_perfect_and_uses_xml_coordinates(toy_wor
         keep = ~t["difficult"]
         preds.append((t["image_id"], t["boxes"][keep], torch.ones(int(keep.sum())), t["labels"][keep]))
     ctx = {"format": "voc", "classes": VOC_CLASSES, "split": "test", "dataset": ds}
-    m = det_train.score_predictions(preds, ctx, tmp_path, "11point")
+    m = scoring.score_predictions(preds, ctx, tmp_path, "11point")
     assert m["mAP"] == pytest.approx(100.0)
     # comp4 line of the first detection: toolkit x0 = xmin - 1 -> written back as the XML's xmin
     image_id, boxes, _, labels = preds[0]
@@ -91,9 +93,9 @@ def test_coco_scoring_maps_labels_back_to_category_ids(toy_world, tmp_path):
         _, t = ds[i]
         preds.append((t["image_id"], t["boxes"], torch.ones(len(t["boxes"])), t["labels"]))
     ctx = {"format": "coco", "classes": ds.classes, "dataset": ds}
-    m = det_train.score_predictions(preds, ctx, tmp_path)
+    m = scoring.score_predictions(preds, ctx, tmp_path)
     assert m["AP"] == pytest.approx(100.0) and m["AP50"] == pytest.approx(100.0)
-    assert "mAP" not in m and det_train.primary_key(m) == "AP"  # COCO AP is not called mAP
+    assert "mAP" not in m and scoring.primary_key(m) == "AP"  # COCO AP is not called mAP
     results = json.loads((tmp_path / "coco_results.json").read_text())
     ann = ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=[results[0]["image_id"]]))
     assert {r["category_id"] for r in results} <= set(ds.cat_ids)
@@ -104,12 +106,12 @@ def test_coco_scoring_maps_labels_back_to_category_ids(toy_world, tmp_path):
 
 def test_to_original_undoes_the_test_resize():
     boxes = torch.tensor([[10.0, 20.0, 30.0, 200.0]])
-    out = det_train._to_original(boxes, {"scale": (2.0, 0.5), "size": (300, 100)})
+    out = tvb._to_original(boxes, {"scale": (2.0, 0.5), "size": (300, 100)})
     assert out.tolist() == [[5.0, 40.0, 15.0, 300.0]]  # y1 = 400 clipped to the height 300
 
 
 def test_ssd_finetune_writes_metrics_figure_and_result_files(toy_world, backbone, tmp_path):
-    metrics = det_train.finetune_detector(_cfg(toy_world, "ssd"), str(backbone), tmp_path / "run")
+    metrics = stage.finetune_detector(_cfg(toy_world, "ssd"), str(backbone), tmp_path / "run")
     for k in ("mAP", "mAP_mean", "mAP_std", "train_img_per_s", "test_img_per_s", "seeds"):
         assert k in metrics
     assert 0.0 <= metrics["mAP"] <= 100.0 and metrics["seeds"] == [0] and metrics["train_img_per_s"] > 0
@@ -128,7 +130,7 @@ def test_ssd_finetune_writes_metrics_figure_and_result_files(toy_world, backbone
 @pytest.mark.slow
 def test_interrupted_finetune_resumes_to_the_same_result(toy_world, backbone, tmp_path, monkeypatch):
     cfg = _cfg(toy_world, "ssd", "coco")
-    full = det_train.finetune_detector(cfg, str(backbone), tmp_path / "full")
+    full = stage.finetune_detector(cfg, str(backbone), tmp_path / "full")
 
     real_save = runtime.atomic_save
 
@@ -138,17 +140,17 @@ def test_interrupted_finetune_resumes_to_the_same_result(toy_world, backbone, tm
 
     monkeypatch.setattr(runtime, "atomic_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        det_train.finetune_detector(cfg, str(backbone), tmp_path / "cut")
+        stage.finetune_detector(cfg, str(backbone), tmp_path / "cut")
     monkeypatch.setattr(runtime, "atomic_save", real_save)
     state = torch.load(tmp_path / "cut" / "seed_0" / "checkpoints" / "last.pth", weights_only=True)
     assert state["epoch"] == 1 and state["step"] == 2
-    resumed = det_train.finetune_detector(cfg, str(backbone), tmp_path / "cut")
+    resumed = stage.finetune_detector(cfg, str(backbone), tmp_path / "cut")
     a = torch.load(tmp_path / "full" / "seed_0" / "checkpoints" / "last.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "cut" / "seed_0" / "checkpoints" / "last.pth", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["AP"] == full["AP"] and "AP50" in resumed and "mAP" not in resumed
     # a finished seed is not trained again
-    again = det_train.finetune_detector(cfg, str(backbone), tmp_path / "cut")
+    again = stage.finetune_detector(cfg, str(backbone), tmp_path / "cut")
     assert again["per_seed"][0]["train_seconds"] == resumed["per_seed"][0]["train_seconds"]
 
 
@@ -158,18 +160,18 @@ def test_detectron2_backend_without_detectron2_says_how_to_install(toy_world, ba
     cfg = _cfg(toy_world)
     cfg["backend"] = "detectron2"
     with pytest.raises(d2_backend.Detectron2BackendError, match="from source"):  # an exception, not SystemExit
-        det_train.finetune_detector(cfg, str(backbone), tmp_path / "d2")
+        stage.finetune_detector(cfg, str(backbone), tmp_path / "d2")
 
 
 def test_scaled_lr_is_the_linear_scaling_rule():
     # torchvision's reference: lr 0.02 for 8 GPUs x 2 images; 0.02 / 8 * NGPU otherwise
-    assert det_train.scaled_lr(0.02, 2, 8, 16) == pytest.approx(0.02)
-    assert det_train.scaled_lr(0.02, 2, 1, 16) == pytest.approx(0.0025)
-    assert det_train.scaled_lr(0.001, 4, 2, 32) == pytest.approx(0.00025)
-    assert det_train.scaled_lr(0.001, 32, 1, 32) == pytest.approx(0.001)
-    assert det_train.scaled_lr(0.02, 2, 1, None) == 0.02  # no reference batch: lr as given
+    assert det_config.scaled_lr(0.02, 2, 8, 16) == pytest.approx(0.02)
+    assert det_config.scaled_lr(0.02, 2, 1, 16) == pytest.approx(0.0025)
+    assert det_config.scaled_lr(0.001, 4, 2, 32) == pytest.approx(0.00025)
+    assert det_config.scaled_lr(0.001, 32, 1, 32) == pytest.approx(0.001)
+    assert det_config.scaled_lr(0.02, 2, 1, None) == 0.02  # no reference batch: lr as given
     with pytest.raises(ValueError, match="positive"):
-        det_train.scaled_lr(0.02, 0, 1, 16)
+        det_config.scaled_lr(0.02, 0, 1, 16)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +188,7 @@ def _d2_cfg(toy_world, fmt="voc", **over):
         for p in parents:
             node = node[p]
         node[last] = value
-    return det_train.resolve_config(cfg)
+    return det_config.resolve_config(cfg)
 
 
 def test_d2_datasets_use_the_toolkits_own_names_and_real_classes(toy_world):
@@ -242,7 +244,7 @@ def test_d2_config_maps_every_toolkit_override(toy_world):
     from mixup_transfer.core.config import load_config
     cfg = load_config(ROOT / "configs" / "detection" / "frcnn_r50_c4_voc0712.yaml",
                       ["backend=detectron2", f"data.root={toy_world / 'VOCdevkit'}", "runtime.precision=fp16"],
-                      defaults=det_train.DEFAULTS)
+                      defaults=det_config.DEFAULTS)
     kind, d2, _ = d2_backend.build_detectron2_config(cfg, "/x/w.pkl", d2_backend.dataset_specs(cfg), world=8,
                                                      n_train=16551, device="cuda")
     assert kind == "C4" and d2["MODEL"]["ROI_HEADS"]["NAME"] == "Res5ROIHeadsExtraNorm"
@@ -294,7 +296,7 @@ def test_d2_toy_voc_end_to_end_two_seeds_one_evaluation_and_resume(toy_world, ba
     monkeypatch.setattr(d2eval, "inference_on_dataset", counted)
     monkeypatch.setattr(d2defaults, "inference_on_dataset", counted)  # DefaultTrainer.test (the EvalHook's)
     cfg = _tiny_d2(toy_world, "voc", seeds=[0, 1])
-    m = det_train.finetune_detector(cfg, str(backbone), tmp_path / "run")
+    m = stage.finetune_detector(cfg, str(backbone), tmp_path / "run")
     assert len(calls) == 2  # one evaluation per seed: no EvalHook + test
     assert m["seeds"] == [0, 1] and m["backend"] == "detectron2" and m["iterations"] == 2
     maps = [s["mAP"] for s in m["per_seed"]]
@@ -311,7 +313,7 @@ def test_d2_toy_voc_end_to_end_two_seeds_one_evaluation_and_resume(toy_world, ba
     assert (tmp_path / "run" / "figures" / "detections.png").is_file()
     # a rerun skips finished seeds; a seed without metrics.json resumes from detectron2's last checkpoint
     (tmp_path / "run" / "seed_1" / "metrics.json").unlink()
-    again = det_train.finetune_detector(cfg, str(backbone), tmp_path / "run")
+    again = stage.finetune_detector(cfg, str(backbone), tmp_path / "run")
     assert len(calls) == 3 and again["per_seed"][0] == m["per_seed"][0]
     assert again["per_seed"][1]["mAP"] == pytest.approx(m["per_seed"][1]["mAP"])
     assert again["per_seed"][1]["resumed_at"] == 2

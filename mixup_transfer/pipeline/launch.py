@@ -12,7 +12,7 @@ ImageNet set `runtime.checkpoint_every_steps` (pretraining) so that a requeue lo
 | stage        | entry point                     | tasks                                   |
 |--------------|---------------------------------|-----------------------------------------|
 | pretrain     | `pretrain.task.run`             | N x G (DDP)                             |
-| detection    | `transfer.det_train.run`        | N x G (DDP, as under torchrun)          |
+| detection    | `transfer.detection.stage.run`  | N x G (DDP, as under torchrun)          |
 | wsol         | `wsol.finetune.run`             | N x G (all ranks fine-tune, evaluation sharded, rank 0 writes) |
 | robustness   | `transfer.robustness.stage.run` | N x G (sharded; evaluation only: restarts if requeued) |
 | pipeline     | `pipeline.run.run_pipeline`     | N x G (as under torchrun; finished stages skipped when requeued) |
@@ -130,7 +130,7 @@ def load_stage_config(stage: str, config: str | None, overrides: Sequence[str] =
     if stage == "pretrain":
         from pretrain.task import DEFAULTS
     elif stage == "detection":
-        from transfer.det_train import DEFAULTS
+        from transfer.detection.config import DEFAULTS
     elif stage == "robustness":
         from transfer.robustness.stage import DEFAULTS
         if config is None:
@@ -205,7 +205,7 @@ def run_stage(spec: JobSpec) -> dict:
 
         return run(cfg, None, spec.run_dir, resume=spec.resume, force=spec.force)
     if spec.stage == "detection":  # as tools/run_detection.py under torchrun; finished seeds are skipped
-        from transfer.det_train import run
+        from transfer.detection.stage import run
 
         rt.init_distributed()
         return run(cfg, {"weights": spec.weights}, spec.run_dir)

@@ -23,7 +23,7 @@ def pretrain(config: str, overrides: list[str], run_dir: Path) -> dict:
 
 
 def detection(config: str, overrides: list[str], weights: Path | None, run_dir: Path) -> dict:
-    from transfer.det_train import run
+    from transfer.detection.stage import run
 
     return run(load_config(config, overrides), {"weights": str(weights) if weights else None}, run_dir)
 

@@ -1,6 +1,6 @@
 """The detectron2 backend of detection fine-tuning: ``finetune(cfg, weights, run_dir)``.
 
-``transfer.det_train.finetune_detector`` dispatches here for ``backend: detectron2``. What it does, in the
+``transfer.detection.stage.finetune_detector`` dispatches here for ``backend: detectron2``. What it does, in the
 order a detectron2 user would do it by hand:
 
 1. converts the backbone checkpoint to ``run_dir/backbone_d2.pkl`` (``transfer/convert.py``; rank 0 only,
@@ -42,7 +42,10 @@ import numpy as np
 import torch
 
 from mixup_transfer.core import runtime
+from mixup_transfer.core.config import dump_config
 from transfer import convert
+from transfer.detection.config import DEFAULTS, resolve_config, scaled_lr
+from transfer.detection.scoring import detection_figure, score_predictions, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ INSTALL = (
     "  (= .venv/bin/pip install 'git+https://github.com/facebookresearch/detectron2.git' --no-build-isolation)\n"
     "or use the default backend: --backend torchvision")
 
-# toolkit model.kwargs -> detectron2 key (the torchvision builder's keyword names, transfer/detectors.py)
+# toolkit model.kwargs -> detectron2 key (the torchvision builder's keyword names, transfer/detection/models.py)
 KWARGS = {
     "anchor_sizes": "MODEL.ANCHOR_GENERATOR.SIZES",
     "aspect_ratios": "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
@@ -193,8 +196,6 @@ def register_toolkit_datasets(fmt_or_specs, root: str | os.PathLike | None = Non
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     if isinstance(fmt_or_specs, str):
-        from transfer.det_train import resolve_config
-
         specs = dataset_specs(resolve_config({"data": {"format": fmt_or_specs, "root": str(root)}}))
     else:
         specs = fmt_or_specs
@@ -300,7 +301,7 @@ def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, devi
     same schedule in both backends (the recipe only supplies what the toolkit has no key for: RPN / RoI
     feature maps, aspect ratios, pooler, ...). Every key is mapped, defaults included, as the torchvision
     backend reads it: ``model.norm: auto`` and ``trainable_layers: null`` resolve as
-    ``transfer.detectors`` resolves them for a pretrained trunk (FrozenBN, 3 trainable stages:
+    ``transfer.detection.models`` resolves them for a pretrained trunk (FrozenBN, 3 trainable stages:
     FREEZE_AT 2); ``solver.batch_size`` is per process (IMS_PER_BATCH = batch_size x processes);
     ``solver.max_iter`` 0 means ``epochs`` x iterations per epoch (training images // IMS_PER_BATCH, at
     least 1, like the torchvision loader's drop_last); ``solver.steps`` are fractions of MAX_ITER.
@@ -309,8 +310,6 @@ def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, devi
     ({dotted detectron2 key: value}, {toolkit key: what it became}). Raises Detectron2BackendError listing
     every setting that has no detectron2 counterpart.
     """
-    from transfer.det_train import DEFAULTS
-
     flat, defaults = _flat(cfg), _flat(DEFAULTS)
     changed = {k for k, v in flat.items() if k not in defaults or v != defaults[k]}
     mp = _Mapped()
@@ -402,8 +401,6 @@ def _map_solver(mp: _Mapped, s: dict, world: int, n_train: int) -> None:
     for key, d2_key in SOLVER.items():
         mp.put(f"solver.{key}", d2_key, int(s[key]) if key == "warmup_iters" else float(s[key]))
     if s["reference_batch"] is not None:  # the linear scaling rule, as the torchvision backend applies it
-        from transfer.det_train import scaled_lr
-
         mp.put("solver.reference_batch", "SOLVER.BASE_LR",
             scaled_lr(s["lr"], s["batch_size"], world, s["reference_batch"]))
     if float(s["clip_grad_norm"]) > 0:
@@ -564,7 +561,7 @@ def _collector():
 
 
 def _toolkit_ctx(specs: dict):
-    """The torchvision backend's evaluation context (its readers; det_train.score_predictions)."""
+    """The torchvision backend's evaluation context (its readers; scoring.score_predictions)."""
     from transfer.datasets import COCODetection, VOCDetection
 
     t = specs["test"]
@@ -589,8 +586,6 @@ def evaluate_once(d2cfg, model, specs: dict, cfg: dict, out_dir: Path) -> dict:
     )
     from detectron2.utils import comm
 
-    from transfer.det_train import score_predictions
-
     name = specs["test"]["name"]
     dicts = DatasetCatalog.get(name)
     loader = build_detection_test_loader(dicts, mapper=DatasetMapper(d2cfg, is_train=False),
@@ -613,8 +608,6 @@ def evaluate_once(d2cfg, model, specs: dict, cfg: dict, out_dir: Path) -> dict:
 
 
 def _figure(preds, ctx, path: Path, cfg: dict) -> None:
-    from transfer.det_train import detection_figure
-
     k = int(cfg["eval"]["figure_examples"])
     if not k:
         return
@@ -672,9 +665,8 @@ def train_one_seed(yaml_path: Path, cfg: dict, specs: dict, seed_dir: Path, seed
 
 def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
     """Convert, register, write the YAML, train every seed, evaluate each once; returns (rank 0) and writes
-    ``run_dir/metrics.json``. ``cfg`` is a resolved det_train config with ``backend: detectron2``."""
-    from transfer.det_train import write_summary
-
+    ``run_dir/metrics.json``. ``cfg`` is a resolved detection config (``transfer.detection.config``) with
+    ``backend: detectron2``."""
     require_detectron2()
     if weights is None:
         raise Detectron2BackendError("the detectron2 backend needs --weights (a backbone checkpoint to convert)")
@@ -697,8 +689,6 @@ def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
 def _prepare(cfg: dict, weights: str, run_dir: Path) -> tuple[Path, dict, dict]:
     """Refusals first, then (rank 0) the converted weights and the YAML; every rank registers the datasets.
     Returns (YAML path, dataset specs, mapping report)."""
-    from transfer.det_train import dump_config
-
     _ensure_local_process_group()
     world = runtime.world_size()
     device = device_name(cfg)

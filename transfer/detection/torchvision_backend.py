@@ -1,138 +1,39 @@
-"""Fine-tune a torchvision detector from a backbone checkpoint, evaluate it like the devkits, time it.
+"""The torchvision backend of the detection stage: fine-tune a torchvision detector from a backbone checkpoint,
+evaluate it like the devkits, time it.
 
-``finetune_detector(cfg, weights, run_dir)`` is the one entry point (``tools/run_detection.py`` and the
-pipeline call it). For each seed in ``cfg["seeds"]`` it trains in ``run_dir/seed_<s>/`` (``log.jsonl``,
-``checkpoints/last.pth`` written atomically at each epoch end, ``metrics.json``), evaluates on VOC07 test
-(11-point AP, comp4 result files in the XML's 1-based coordinates) or COCO val (pycocotools stats, results
-json with the original category ids), then writes ``run_dir/metrics.json`` with the mean and std over
-seeds, train and test images/s (Table 5's SPEED), and ``run_dir/figures/detections.png``.
-A seed whose ``metrics.json`` exists is skipped; one with ``checkpoints/last.pth`` resumes from it.
+``finetune(cfg, weights, run_dir)`` takes a resolved config (``transfer.detection.config``; the stage,
+``transfer.detection.stage``, dispatches here for ``backend: torchvision``). For each seed in ``cfg["seeds"]``
+it trains in ``run_dir/seed_<s>/`` (``log.jsonl``, ``checkpoints/last.pth`` written atomically at each epoch
+end, ``metrics.json``), evaluates on VOC07 test (11-point AP, comp4 result files in the XML's 1-based
+coordinates) or COCO val (pycocotools stats, results json with the original category ids), then writes
+``run_dir/metrics.json`` with the mean and std over seeds, train and test images/s (Table 5's SPEED), and
+``run_dir/figures/detections.png``. A seed whose ``metrics.json`` exists is skipped; one with
+``checkpoints/last.pth`` resumes from it.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
 from mixup_transfer.core import distributed as ddist
 from mixup_transfer.core import fingerprint as fp
 from mixup_transfer.core import runtime
-from mixup_transfer.core.config import ConfigError, check_ranges, dump_config, load_config, validate
+from mixup_transfer.core.config import dump_config
 from mixup_transfer.core.engine import Engine, LoopSettings, Task, build_optimizer
 from mixup_transfer.core.schedule import lr_factor
-from mixup_transfer.core.units import units
-from transfer import d2_backend
-from transfer.det_transforms import SeedWorker, augment_seed, build_transforms
-from transfer.detectors import build_detector
+from transfer.detection.config import scaled_lr
+from transfer.detection.models import build_detector
+from transfer.detection.scoring import detection_figure, primary_key, score_predictions, write_summary
+from transfer.detection.transforms import SeedWorker, augment_seed, build_transforms
 
 log = logging.getLogger(__name__)
-
-# Every key, with its meaning. Real recipes and toy configs in configs/detection/ override these.
-DEFAULTS = {
-    "name": "detection",                  # run name (informational)
-    "backend": "torchvision",             # torchvision | detectron2
-    "model": {
-        "type": "ssd",                    # ssd | faster_rcnn_fpn | faster_rcnn_c4
-        "arch": "resnet50",               # resnet18 | resnet34 | resnet50 | resnet101
-        "norm": "auto",                   # auto (frozen_bn with weights, bn without) | frozen_bn | bn
-                                          # | syncbn
-        "trainable_layers": None,         # None: 3 (R-CNN) / 4 (SSD) with weights, 5 without
-        "size": 300,                      # SSD input side; R-CNN test shorter side
-        "max_size": 1333,                 # R-CNN longer-side cap
-        "train_sizes": None,              # R-CNN multi-scale training shorter sides (None: [size])
-        "kwargs": {},                     # extra builder keyword arguments (anchor sizes, proposal counts)
-    },
-    "data": {
-        "format": "voc",                  # voc | coco
-        "root": "",                       # VOC: the VOCdevkit dir; COCO: the dir holding annotations/
-        "voc_train": ["2007/trainval", "2012/trainval"],
-        "voc_test": "2007/test",
-        "classes": None,                  # VOC layout: the class names, in label order (null: the 20 VOC classes)
-        "coco_train": ["train2017", "annotations/instances_train2017.json"],
-        "coco_val": ["val2017", "annotations/instances_val2017.json"],
-        "max_train_images": 0,            # 0: all (a prefix otherwise: quick runs)
-        "max_test_images": 0,
-        "workers": 2,
-        "zoom_out_ratio": 4.0,            # SSD zoom-out canvas ratio (1 disables)
-        "photometric": True,              # SSD photometric distortion
-    },
-    "solver": {
-        "epochs": 12,                     # used when max_iter is 0
-        "max_iter": 0,                    # >0: train this many iterations (the reference recipes' unit)
-        "batch_size": 2,                  # per process
-        "lr": 0.02,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
-        "warmup_iters": 500,
-        "warmup_factor": 0.001,
-        "steps": [0.6667, 0.8889],        # lr drops, as fractions of the total iterations
-        "gamma": 0.1,
-        "clip_grad_norm": 0.0,            # 0: off
-        "reference_batch": None,          # null: lr as given; int: lr is for this effective batch and is
-                                          # scaled linearly to batch_size x world size (scaled_lr)
-    },
-    "eval": {
-        "period": 0,                      # evaluate every N epochs (0: at the end only)
-        "metric": "11point",              # VOC metric: 11point (VOC07) | area
-        "batch_size": 4,
-        "figure_examples": 6,
-        "figure_score_thresh": 0.3,
-    },
-    "seeds": [0],
-    "runtime": {
-        "device": "auto",
-        "precision": "fp32",              # fp32 | bf16 | fp16 (CUDA only)
-        "channels_last": True,            # CUDA only
-        "log_period": 20,
-        "tensorboard": "auto",            # auto | true | false: also write RUN/tensorboard
-                                          # (auto: when the package is installed)
-        "num_threads": 0,                 # torch CPU threads (0: torch's default)
-    },
-}
-
-
-RANGES = {
-    "solver.epochs": (">", 0), "solver.max_iter": (">=", 0), "solver.batch_size": (">", 0), "solver.lr": (">", 0),
-    "solver.momentum": (">=", 0, "<", 1), "solver.weight_decay": (">=", 0), "solver.warmup_iters": (">=", 0),
-    "solver.warmup_factor": (">", 0, "<=", 1), "solver.gamma": (">", 0), "solver.clip_grad_norm": (">=", 0),
-    "solver.reference_batch": (">", 0), "model.size": (">", 0), "model.max_size": (">", 0),
-    "data.max_train_images": (">=", 0), "data.max_test_images": (">=", 0), "data.workers": (">=", 0),
-    "eval.period": (">=", 0), "eval.batch_size": (">", 0), "eval.metric": ("in", ("11point", "area")),
-    "data.format": ("in", ("voc", "coco")), "backend": ("in", ("torchvision", "detectron2")),
-    "runtime.precision": ("in", ("fp32", "bf16", "fp16")), "runtime.log_period": (">", 0),
-}
-
-
-# the types of the keys whose default is null (mixup_transfer.core.config.validate checks the others against their
-# defaults)
-TYPES = {"model.trainable_layers": int, "model.train_sizes": list[int], "solver.reference_batch": int}
-
-
-def resolve_config(cfg: dict) -> dict:
-    """Validate against :data:`DEFAULTS` (unknown keys rejected, missing ones filled, types and RANGES checked)."""
-    cfg = validate(cfg, DEFAULTS, types=TYPES)
-    check_ranges(cfg, RANGES)
-    if not cfg["seeds"] or len(set(cfg["seeds"])) != len(cfg["seeds"]):
-        raise ConfigError(f"config key seeds: {cfg['seeds']!r} must be a non-empty list of distinct seeds")
-    classes = cfg["data"]["classes"]
-    if classes is not None and (not isinstance(classes, list) or not classes or len(set(classes)) != len(classes)
-                                or not all(isinstance(c, str) and c for c in classes)):
-        raise ConfigError(f"config key data.classes: {classes!r} must be a non-empty list of distinct class names "
-                          "(or null: the 20 VOC classes)")
-    return cfg
-
-
-def load_det_config(path, overrides=()) -> dict:
-    """A detection YAML (``_BASE_`` chain, ``KEY=VALUE`` overrides) validated against :data:`DEFAULTS`."""
-    return load_config(path, overrides, defaults=DEFAULTS)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -190,20 +91,6 @@ def build_model(cfg: dict, num_classes: int, weights: str | None):
     else:
         kwargs.update(min_size=m["size"], max_size=m["max_size"], resize_inside=False)
     return build_detector(m["type"], num_classes, weights, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------- schedule
-
-def scaled_lr(lr: float, batch_per_process: int, world_size: int, reference_batch: int | None) -> float:
-    """The linear scaling rule (Goyal et al. 2017, as torchvision's detection reference states it: lr 0.02
-    for 8 GPUs x 2 images, "0.02/8*$NGPU" otherwise): ``lr * batch_per_process * world_size /
-    reference_batch``; ``reference_batch`` None returns ``lr`` unchanged."""
-    if reference_batch is None:
-        return float(lr)
-    if reference_batch <= 0 or batch_per_process <= 0 or world_size <= 0:
-        raise ValueError(f"scaled_lr needs positive batches and world size, got batch_per_process="
-                         f"{batch_per_process}, world_size={world_size}, reference_batch={reference_batch}")
-    return float(lr) * batch_per_process * world_size / reference_batch
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -299,96 +186,6 @@ def predict_sharded(model, dataset, batch_size: int, workers: int, device, preci
     return preds, [ex for _, ex in kept], max(t[0] for t in timing), sum(t[1] for t in timing)
 
 
-def _base_dataset(ds):
-    while isinstance(ds, Subset):
-        ds = ds.dataset
-    return ds
-
-
-def score_predictions(preds, ctx: dict, out_dir: Path, metric: str = "11point") -> dict:
-    """VOC: comp4 files + ``voc_evaluate``; COCO: results json + ``coco_evaluate``. Returns metrics in percent
-    with the dataset's headline metric (`primary_key`): VOC ``mAP`` (AP@0.5 with ``metric``, averaged over the
-    classes) or COCO ``AP`` (AP@[.5:.95]), never both under one name."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ds = _base_dataset(ctx["dataset"])
-    if ctx["format"] == "voc":
-        from transfer.voc_eval import boxes_to_voc_xml, voc_evaluate, write_voc_results
-
-        classes = ctx["classes"]
-        detections = {c: [] for c in classes}
-        for image_id, boxes, scores, labels in preds:
-            # toolkit x0 = xmin - 1, x1 = xmax  ->  XML 1-based inclusive coordinates
-            for b, s, lab in zip(boxes_to_voc_xml(boxes).tolist(), scores.tolist(), labels.tolist()):
-                detections[classes[lab - 1]].append((image_id, float(s), tuple(b)))
-        write_voc_results(out_dir / "voc_results", ctx["split"], detections)
-        ids = {p[0] for p in preds}
-        annotations = {i: a for i, a in ds.annotations.items() if i in ids}
-        res = voc_evaluate(detections, annotations, classes, metric=metric)
-        return {"mAP": float(res["mAP"]), "AP": res["AP"], "metric": res["metric"]}
-    from transfer.coco_eval import coco_evaluate
-
-    results = []
-    for image_id, boxes, scores, labels in preds:
-        for b, s, lab in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
-            results.append({"image_id": int(image_id), "category_id": int(ds.label_to_cat[int(lab)]),
-                            "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)})
-    runtime.write_json(results, out_dir / "coco_results.json")
-    if not results:  # pycocotools cannot load an empty result list
-        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
-    gt = ds.coco.dataset
-    if len(preds) < len(ds.ids):  # a subset: score only the images that were predicted
-        gt = _coco_subset(gt, [p[0] for p in preds])
-    stats = coco_evaluate(gt, results)
-    return dict(stats)  # percent; None for an area range without ground truth
-
-
-def primary_key(metrics: dict) -> str:
-    """The headline metric of detection metrics: VOC's ``mAP`` or COCO's ``AP``."""
-    return "mAP" if "mAP" in metrics else "AP"
-
-
-def _coco_subset(data: dict, image_ids) -> dict:
-    """The COCO ground-truth dict restricted to ``image_ids``."""
-    keep = set(int(i) for i in image_ids)
-    return {"images": [im for im in data["images"] if im["id"] in keep],
-            "annotations": [a for a in data["annotations"] if a["image_id"] in keep],
-            "categories": data["categories"]}
-
-
-def detection_figure(examples, classes, path: Path, score_thresh: float = 0.3) -> None:
-    """Grid of test images: ground truth in green, predictions (score >= thresh) in red with class/score."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not examples:
-        return
-    n = len(examples)
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, ex in zip(axes.flat, examples):
-        ax.imshow(ex["image"].permute(1, 2, 0).clamp(0, 1).numpy())
-        for b, lab in zip(ex["gt_boxes"].tolist(), ex["gt_labels"].tolist()):
-            ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="lime",
-                                       lw=1.5))
-        for b, s, lab in zip(ex["pred_boxes"].tolist(), ex["scores"].tolist(), ex["labels"].tolist()):
-            if s < score_thresh:
-                continue
-            ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="red",
-                                       lw=1.2, ls="--"))
-            ax.text(b[0], b[1], f"{classes[lab - 1]} {s:.2f}", color="white", fontsize=6,
-                    bbox=dict(facecolor="red", alpha=0.6, pad=0.5, lw=0))
-    fig.suptitle("green: ground truth, red: predictions", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    runtime.save_figure(fig, path, dpi=110)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------------------- training
 
 # config keys a resume (or the reuse of a finished seed) may change: execution and reporting, not results
@@ -433,7 +230,7 @@ class DetectionTask(Task):
                           worker_init_fn=SeedWorker(self.train_tf, self.seed, epoch, self.rank))
 
     def batches(self, epoch: int, start_step: int):
-        # the augmentation streams are fixed per (epoch, rank, worker): see det_transforms.augment_seed
+        # the augmentation streams are fixed per (epoch, rank, worker): see transforms.augment_seed
         self.train_tf.augment.set_random_seed(augment_seed(self.seed, epoch, self.rank))
         if start_step:
             raise RuntimeError("detection checkpoints are written at epoch ends only")
@@ -560,48 +357,9 @@ def _final_metrics(task: DetectionTask, engine: Engine, seed_dir: Path) -> dict:
     return metrics
 
 
-def summarize(per_seed: list[dict]) -> dict:
-    """mean +- std over seeds of the headline metric (`primary_key`: VOC mAP, COCO AP) as <key>, <key>_mean and
-    <key>_std (ddof=1; null for a single seed), the other AP numbers' means, and a `units` field."""
-    key = primary_key(per_seed[0])
-    maps = np.array([m[key] for m in per_seed], dtype=np.float64)
-    out = {"primary": key, key: float(maps.mean()), f"{key}_mean": float(maps.mean()),
-           f"{key}_std": float(maps.std(ddof=1)) if len(maps) > 1 else None,
-           "seeds": [m["seed"] for m in per_seed], "per_seed": per_seed,
-           "train_img_per_s": float(np.mean([m["train_img_per_s"] for m in per_seed])),
-           "test_img_per_s": float(np.mean([m["test_img_per_s"] for m in per_seed]))}
-    for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
-        vals = [m.get(k) for m in per_seed]
-        if all(isinstance(v, (int, float)) for v in vals):
-            out[k] = float(np.mean(vals))
-        elif any(v is None for v in vals) and not any(isinstance(v, dict) for v in vals):
-            out[k] = None  # an area range without ground truth
-    if isinstance(per_seed[0].get("AP"), dict):  # VOC per-class AP, averaged over seeds
-        out["AP_per_class"] = {c: (None if per_seed[0]["AP"][c] is None else
-                                   float(np.mean([m["AP"][c] for m in per_seed]))) for c in per_seed[0]["AP"]}
-    return out
-
-
-def run(cfg: dict, inputs: dict | None, run_dir) -> dict:
-    """The detection stage: fine-tune from ``inputs["weights"]`` (None or absent: a random backbone)."""
-    inputs = dict(inputs or {})
-    weights = inputs.pop("weights", None)
-    if inputs:
-        raise ValueError(f"detection takes only a 'weights' input, got {sorted(inputs)}")
-    return finetune_detector(cfg, weights, run_dir)
-
-
-def finetune_detector(cfg: dict, weights: str | None, run_dir) -> dict:
-    """Fine-tune (every seed) and evaluate; returns and writes ``run_dir/metrics.json``.
-
-    ``weights``: a backbone checkpoint (loaded strictly by ``mixup_transfer.core.checkpoint.load_backbone``) or None
-    for a randomly initialised backbone (trainable BN unless ``model.norm`` says otherwise)."""
-    cfg = resolve_config(copy.deepcopy(cfg))
-    run_dir = Path(run_dir)
-    if cfg["backend"] == "detectron2":
-        return d2_backend.finetune(cfg, weights, run_dir)
-    if cfg["backend"] != "torchvision":
-        raise ValueError(f"backend={cfg['backend']!r} is not one of ['torchvision', 'detectron2']")
+def finetune(cfg: dict, weights: str | None, run_dir: Path) -> dict:
+    """Every seed of a resolved config (``config.resolve_config``) with ``backend: torchvision``; returns (rank 0)
+    and writes ``run_dir/metrics.json``. A resume refused by ``check_resume`` writes nothing."""
     check_resume(cfg, weights, run_dir)
     if runtime.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -612,16 +370,3 @@ def finetune_detector(cfg: dict, weights: str | None, run_dir) -> dict:
     if not runtime.is_main_process():
         return {}
     return write_summary(run_dir, cfg, per_seed, weights=str(weights) if weights else None)
-
-
-def write_summary(run_dir: Path, cfg: dict, per_seed: list[dict], **extra) -> dict:
-    """The run's metrics over its seeds (`summarize`, plus `extra`), the first seed's detection figure and
-    ``run_dir/metrics.json``; both backends end with it."""
-    metrics = summarize(per_seed)
-    metrics.update(model=cfg["model"]["type"], arch=cfg["model"]["arch"], dataset=cfg["data"]["format"], **extra)
-    metrics["units"] = units(metrics)
-    first = Path(run_dir) / f"seed_{cfg['seeds'][0]}" / "figures" / "detections.png"
-    if first.is_file():
-        runtime.atomic_write_bytes(first.read_bytes(), Path(run_dir) / "figures" / "detections.png")
-    runtime.write_json(metrics, Path(run_dir) / "metrics.json")
-    return metrics
