@@ -230,7 +230,7 @@ def test_d2_config_maps_every_toolkit_override(toy_world):
     assert mapped["solver.epochs"] == "SOLVER.MAX_ITER=21"
     from transfer.convert import detectron2_config_problems
     assert detectron2_config_problems(d2, "resnet18") == []
-    # max_iter wins over epochs; defaults are mapped too, resolved like transfer.detectors resolves them
+    # max_iter wins over epochs; defaults are mapped too, resolved like transfer.detection.models resolves them
     cfg = _d2_cfg(toy_world, solver__max_iter=40)
     _, d2, _ = d2_backend.build_detectron2_config(cfg, "/x/w.pkl", d2_backend.dataset_specs(cfg), n_train=60,
                                                   device="cuda")

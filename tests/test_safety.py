@@ -282,9 +282,9 @@ def test_tmp_leftovers_of_a_killed_run_are_removed_on_the_next_start(run, toy_wo
 
 
 def test_refused_detection_resume_changes_nothing_and_names_real_flags(run, toy_world, tmp_path):
-    from transfer.det_train import load_det_config, seed_fingerprint
-
     from mixup_transfer.core import fingerprint as fp
+    from transfer.detection.config import load_det_config
+    from transfer.detection.torchvision_backend import seed_fingerprint
 
     config = ROOT / "configs/detection/toy_ssd_voc.yaml"
     over = [f"data.root={toy_world}/VOCdevkit"]
@@ -522,10 +522,9 @@ def test_voc_xml_with_a_non_finite_coordinate_is_a_named_error(tmp_path, value, 
     ("robustness", {"pgd_eps": [1]}, "config key pgd_eps: expected a number or a string"),
 ])
 def test_every_config_value_is_type_checked(stage, cfg, what):
-    from transfer.det_train import resolve_config as detection
-
     from mixup_transfer.core.config import ConfigError
     from pretrain.task import resolve_config as pretrain
+    from transfer.detection.config import resolve_config as detection
     from transfer.robustness.stage import resolve_config as robustness
     from wsol.finetune import resolve_config as wsol
 
