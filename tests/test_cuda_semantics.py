@@ -102,9 +102,8 @@ def test_detection_batches_keep_per_image_tensors_with_channels_last(toy_world):
     assert [m.shape for m in moved] == [im.shape for im in images]
     assert all(torch.equal(a, b) for a, b in zip(moved, images))
     assert moved_targets[0]["labels"].tolist() == [3]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(task.test_set, [0, 1]), batch_size=2,
-                                         collate_fn=tvb.collate)
-    preds, _, _, n, _ = tvb.predict(task.model, loader, torch.device("cpu"), channels_last=True)
+    preds, _, _, n = tvb.predict_sharded(task.model, torch.utils.data.Subset(task.test_set, [0, 1]), 2, 0,
+                                         torch.device("cpu"), channels_last=True)
     assert n == 2 and len(preds) == 2
 
 

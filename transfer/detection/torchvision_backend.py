@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from mixup_transfer.core import fingerprint as fp
 from mixup_transfer.core import runtime
 from mixup_transfer.core.config import dump_config
 from mixup_transfer.core.engine import Engine, LoopSettings, Task, build_optimizer
+from mixup_transfer.core.inference import inference_on_dataset, to_host
 from mixup_transfer.core.schedule import lr_factor
 from transfer.detection.config import scaled_lr
 from transfer.detection.models import build_detector
@@ -132,58 +132,42 @@ class _NonFiniteCounter:
         return int(self.count)
 
 
-@torch.no_grad()
-def predict(model, loader, device, precision="fp32", channels_last=False, max_keep_examples=0):
-    """Run the model over ``loader``. Returns (per-image list of (image_id, boxes [K,4] original pixels,
-    scores [K], labels [K]), examples for figures, seconds spent in the model, number of images, the number of
-    NaN / inf values in the raw outputs and the final boxes and scores)."""
-    model.eval()
-    preds, examples, seconds, n = [], [], 0.0, 0
-    counter = _NonFiniteCounter(model, device)
-    for images, targets in runtime.progress(loader, desc="eval"):
-        # per-image [3, h, w] tensors: channels_last needs rank 4. The detector batches them; with a channels_last
-        # model (`channels_last`) cuDNN's convolutions switch to that layout from the first layer on.
-        images = [im.to(device, non_blocking=True) for im in images]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        with runtime.autocast(device, precision):
-            outputs = model(images)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds += time.perf_counter() - t0
-        n += len(images)
+def _batch_records(counter: _NonFiniteCounter, max_keep_examples: int):
+    """The per-batch callable of `predict_sharded`: one record per image, ((image_id, boxes [K, 4] in original
+    pixels, scores [K], labels [K]), its example for figures or None), after one device -> host transfer; the
+    NaN / inf values of the final boxes and scores are added to ``counter`` on the device."""
+    def to_records(batch, outputs, indices):
+        images, targets = batch
         counter.count += runtime.count_nonfinite([[o["boxes"], o["scores"]] for o in outputs]).to(counter.count.device)
-        for im, out, tgt in zip(images, outputs, targets):
-            boxes = _to_original(out["boxes"].float().cpu(), tgt)
-            preds.append((tgt["image_id"], boxes, out["scores"].float().cpu(), out["labels"].cpu()))
-            if len(examples) < max_keep_examples:
-                examples.append({"image": im.float().cpu(), "pred_boxes": out["boxes"].float().cpu(),
-                                 "scores": out["scores"].float().cpu(), "labels": out["labels"].cpu(),
-                                 "gt_boxes": tgt["boxes"], "gt_labels": tgt["labels"]})
-    return preds, examples, seconds, n, counter.close()
+        host = to_host([t for o in outputs for t in (o["boxes"].float(), o["scores"].float(), o["labels"])])
+        records = []
+        for k, (i, im, tgt) in enumerate(zip(indices, images, targets)):
+            boxes, scores, labels = host[3 * k:3 * k + 3]
+            example = None
+            if i < max_keep_examples:
+                example = {"image": im.float(), "pred_boxes": boxes, "scores": scores, "labels": labels,
+                           "gt_boxes": tgt["boxes"], "gt_labels": tgt["labels"]}
+            records.append(((tgt["image_id"], _to_original(boxes, tgt), scores, labels), example))
+        return records
+    return to_records
 
 
 def predict_sharded(model, dataset, batch_size: int, workers: int, device, precision="fp32", channels_last=False,
                     max_keep_examples=0, split: str = "test"):
-    """``predict`` over ``dataset`` with each rank taking its shard of whole test batches
-    (mixup_transfer.core.distributed);
-    the per-image predictions and the first ``max_keep_examples`` examples are gathered to every rank in
-    dataset order, so scoring them gives the single-process numbers. Seconds: the slowest rank's. A NaN or
-    infinite output stops it on every rank (`NonFiniteOutputError` naming ``split``): nothing is scored."""
-    n = len(dataset)
-    mine = ddist.shard_indices(n, block=batch_size)
-    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=collate)
-    keep = sum(1 for i in mine if i < max_keep_examples)  # `mine` is increasing: the first `keep` are these
-    preds, examples, seconds, count, bad = predict(model, loader, device, precision, channels_last, keep)
-    runtime.check_outputs_finite("detection", split, {"box, score or raw head output": ddist.sum_counts([bad])[0]})
-    if ddist.rank_world()[1] == 1:
-        return preds, examples, seconds, count
-    preds = ddist.gather_ordered(preds, mine, n)
-    kept = sorted((i, ex) for part in ddist.all_gather_objects(list(zip(mine, examples))) for i, ex in part)
-    timing = ddist.all_gather_objects((seconds, count))
-    return preds, [ex for _, ex in kept], max(t[0] for t in timing), sum(t[1] for t in timing)
+    """The model over ``dataset`` (``mixup_transfer.core.inference``: each rank its shard of whole test batches,
+    rank 0's buffers). Returns, on every rank in dataset order, the per-image predictions (image_id, boxes [K, 4]
+    original pixels, scores [K], labels [K]), the examples of the first ``max_keep_examples`` images for
+    figures, the seconds spent in the model (the slowest rank's) and the number of images, so scoring them gives
+    the single-process numbers. A NaN or infinite box, score or raw head output stops it on every rank
+    (`NonFiniteOutputError` naming ``split``): nothing is scored. ``channels_last``: the model's format (set by
+    its owner); the per-image [3, h, w] inputs keep theirs (the detector batches them)."""
+    counter = _NonFiniteCounter(model, device)
+    res = inference_on_dataset(model, dataset, lambda m, inputs: m(list(inputs[0])),
+                               _batch_records(counter, max_keep_examples), batch_size=batch_size, device=device,
+                               workers=workers, collate_fn=collate, precision=precision, timed=True, desc="eval")
+    runtime.check_outputs_finite("detection", split, {"box, score or raw head output": ddist.sum_counts(
+        [counter.close()])[0]})
+    return ([r[0] for r in res.records], [r[1] for r in res.records if r[1] is not None], res.seconds, res.count)
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -276,7 +260,6 @@ class DetectionTask(Task):
     def predict_test(self, engine, max_keep_examples: int = 0):
         """``predict_sharded`` over the test set: (predictions, examples, seconds, images), on every rank (with
         rank 0's BatchNorm statistics: every shard is scored with the same model)."""
-        ddist.broadcast_buffers(self.model)
         return predict_sharded(self.model, self.test_set, self.cfg["eval"]["batch_size"], self.cfg["data"]["workers"],
                                self.device, engine.precision, engine.settings.channels_last, max_keep_examples,
                                split=str(self.cfg["data"]["voc_test" if self.ctx["format"] == "voc" else "coco_val"]))
