@@ -12,6 +12,7 @@ import yaml
 from mixup_transfer.core import runtime
 from mixup_transfer.core.checkpoint import build_resnet, save_backbone
 from mixup_transfer.core.constants import VOC_CLASSES
+from mixup_transfer.core.fingerprint import write as fp_write
 from transfer.datasets import COCODetection, VOCDetection
 from transfer.detection import config as det_config
 from transfer.detection import d2_backend, scoring, stage
@@ -271,6 +272,85 @@ def test_d2_config_refuses_what_it_cannot_honour(toy_world, over, match):
     with pytest.raises(d2_backend.Detectron2BackendError, match=match):
         d2_backend.build_detectron2_config(cfg, "/x/w.pkl", d2_backend.dataset_specs(cfg), n_train=60,
                                            device="cpu")
+
+
+def test_nonfinite_boxes_and_scores_are_counted_and_stop_by_hand():
+    """The one check both backends run on their predictions: 1 NaN + 1 inf box value, 1 NaN score."""
+    from mixup_transfer.core.runtime import NonFiniteOutputError
+
+    nan, inf = float("nan"), float("inf")
+    preds = [(1, torch.tensor([[0.0, 0.0, 1.0, 1.0], [nan, 0.0, inf, 1.0]]), torch.tensor([0.5, nan]),
+              torch.tensor([1, 2])),
+             (2, torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64))]
+    assert scoring.count_nonfinite(preds) == 3 and scoring.count_nonfinite(preds[1:]) == 0
+    with pytest.raises(NonFiniteOutputError, match=r"detection: split 2007/test: .*\(3 non-finite box, score or raw "
+                                                   r"head output values\)"):
+        scoring.check_finite("2007/test", 3)
+    scoring.check_finite("2007/test", 0)  # nothing to stop
+    assert scoring.split_name({"data": {"format": "voc", "voc_test": "2007/test"}}) == "2007/test"
+    coco = {"data": {"format": "coco", "coco_val": ["val2017", "a.json"]}}
+    assert scoring.split_name(coco) == "['val2017', 'a.json']"
+
+
+def test_a_refused_detectron2_resume_changes_nothing_on_disk(toy_world, tmp_path):
+    """Another config (or backbone) in a detectron2 run folder is refused before anything is written; the keys
+    a resume may change, and more seeds, are accepted. Runs without detectron2: the check comes first."""
+    from mixup_transfer.core.fingerprint import FingerprintMismatch
+
+    weights = tmp_path / "backbone.pth"
+    weights.write_bytes(b"the backbone")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    fp_write(run_dir, d2_backend.run_fingerprint(_d2_cfg(toy_world), str(weights)))
+    (run_dir / "config.yaml").write_text("the first run's config\n")
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*"))}
+    with pytest.raises(FingerprintMismatch, match=r"config.solver.lr: 0.01 -> 0.5"):
+        d2_backend._prepare(_d2_cfg(toy_world, solver__lr=0.5), str(weights), run_dir)
+    weights.write_bytes(b"another backbone")
+    with pytest.raises(FingerprintMismatch, match="input weights"):
+        d2_backend._prepare(_d2_cfg(toy_world), str(weights), run_dir)
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*"))} == before
+    weights.write_bytes(b"the backbone")
+    d2_backend.check_resume(_d2_cfg(toy_world, runtime__log_period=7, seeds=[0, 1]), str(weights), run_dir)
+
+
+def test_allow_pickle_reaches_the_processes_that_num_gpus_spawns(tmp_path, monkeypatch, run):
+    """detectron2's launch (faked: each "process" starts with nothing trusted, as a spawned one does) gets the
+    checkpoint named with --allow-pickle trusted again in every process; without the flag in none."""
+    import os
+    import sys
+    import types
+
+    from mixup_transfer.core import checkpoint
+
+    seen = []
+
+    def fake_launch(fn, num_gpus, num_machines, machine_rank, dist_url, args):
+        for _ in range(num_gpus):
+            monkeypatch.setattr(checkpoint, "_TRUSTED", set())  # a fresh process
+            fn(*args)
+
+    def fake_finetune(cfg, weights, run_dir):
+        seen.append(os.path.realpath(weights) in checkpoint._TRUSTED)
+        runtime.write_json({"primary": "mAP", "mAP": 1.0}, Path(run_dir) / "metrics.json")
+
+    engine = types.ModuleType("detectron2.engine")
+    engine.launch = fake_launch
+    monkeypatch.setitem(sys.modules, "detectron2", types.ModuleType("detectron2"))
+    monkeypatch.setitem(sys.modules, "detectron2.engine", engine)
+    monkeypatch.setattr(d2_backend, "require_detectron2", lambda: None)
+    monkeypatch.setattr(d2_backend, "finetune", fake_finetune)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(checkpoint, "_TRUSTED", set())
+    weights = tmp_path / "pickled.pth"
+    weights.write_bytes(b"a pickled checkpoint")
+    config = ROOT / "configs/detection/toy_frcnn_voc.yaml"
+    for flag, run_dir in ((["--allow-pickle"], "trusted"), ([], "untrusted")):
+        code, err = run("run_detection", "--config", config, "--backend", "detectron2", "--num-gpus", 2,
+                        "--weights", weights, "--run-dir", tmp_path / run_dir, *flag)
+        assert code == 0, err
+    assert seen == [True, True, False, False]
+
 
 
 # ------------------------------------------------------------------------------------------------

@@ -82,7 +82,8 @@ def _finetune(p, args, cfg: dict, weights: str | None, run_dir: Path) -> int:
         if args.num_gpus > 1:
             if cfg["backend"] != "detectron2" or "RANK" in os.environ:
                 p.error("--num-gpus is for the detectron2 backend outside torchrun (torchrun starts its own)")
-            metrics = launch_finetune(cfg, weights, run_dir, args.num_gpus)
+            trusted = [weights] if args.allow_pickle and weights else []  # each spawned process trusts it
+            metrics = launch_finetune(cfg, weights, run_dir, args.num_gpus, trusted=trusted)
         else:
             main_rank = init_distributed()[0] == 0  # asked before the group is left (then every rank is "main")
             try:

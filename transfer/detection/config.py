@@ -117,3 +117,10 @@ def scaled_lr(lr: float, batch_per_process: int, world_size: int, reference_batc
         raise ValueError(f"scaled_lr needs positive batches and world size, got batch_per_process="
                          f"{batch_per_process}, world_size={world_size}, reference_batch={reference_batch}")
     return float(lr) * batch_per_process * world_size / reference_batch
+
+
+# config keys a resume (or the reuse of a finished seed) may change, in both backends: execution and reporting,
+# not results
+RESUME_MAY_CHANGE = ("name", "data.workers", "runtime.device", "runtime.num_threads", "runtime.log_period",
+                     "runtime.tensorboard",
+                     "eval.figure_examples", "eval.figure_score_thresh")

@@ -3,6 +3,8 @@
 ``transfer.detection.stage.finetune_detector`` dispatches here for ``backend: detectron2``. What it does, in the
 order a detectron2 user would do it by hand:
 
+0. refuses a run folder made from another config or backbone (``run_dir/fingerprint.json``, :func:`check_resume`)
+   before anything is written;
 1. converts the backbone checkpoint to ``run_dir/backbone_d2.pkl`` (``transfer/convert.py``; rank 0 only,
    the others wait at a barrier);
 2. registers the datasets under the toolkit's own names (``mt_voc_2007_trainval``, ``mt_coco_val2017``,
@@ -18,7 +20,8 @@ order a detectron2 user would do it by hand:
 4. for each seed trains with detectron2's ``DefaultTrainer`` in ``run_dir/seed_<s>/detectron2/`` (its
    checkpoints, ``last_checkpoint``, event ``metrics.json``; a rerun resumes there), then evaluates ONCE:
    one inference pass feeds detectron2's evaluator (``PascalVOCDetectionEvaluator`` / ``COCOEvaluator``)
-   and the toolkit's (the same comp4 files / COCO json and numbers as the torchvision backend), and writes
+   and the toolkit's (the same comp4 files / COCO json and numbers as the torchvision backend; a NaN or
+   infinite box or score stops every rank first, ``scoring.check_finite``), and writes
    ``run_dir/seed_<s>/metrics.json``;
 5. writes ``run_dir/metrics.json``: mAP mean and std over seeds, train / test images per second, and
    detectron2's own AP / AP50 / AP75 under ``"detectron2"``.
@@ -41,11 +44,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mixup_transfer.core import distributed as ddist
+from mixup_transfer.core import fingerprint as fp
 from mixup_transfer.core import runtime
+from mixup_transfer.core.checkpoint import trust_pickled
 from mixup_transfer.core.config import dump_config
 from transfer import convert
-from transfer.detection.config import DEFAULTS, resolve_config, scaled_lr
-from transfer.detection.scoring import detection_figure, score_predictions, write_summary
+from transfer.detection.config import DEFAULTS, RESUME_MAY_CHANGE, resolve_config, scaled_lr
+from transfer.detection.scoring import (
+    check_finite,
+    count_nonfinite,
+    detection_figure,
+    score_predictions,
+    split_name,
+    write_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -534,13 +547,14 @@ class _Timed(torch.nn.Module):
         return out
 
 
-def _collector():
+def _collector(split: str):
     from detectron2.evaluation import DatasetEvaluator
     from detectron2.utils import comm
 
     class Collect(DatasetEvaluator):
         """Keeps every prediction (image id, boxes [K, 4] original pixels, scores [K], labels [K] 1-based),
-        gathered on rank 0, for the toolkit's evaluators."""
+        gathered on rank 0, for the toolkit's evaluators. Evaluated first: a NaN or infinite box or score stops
+        every rank (`scoring.check_finite` naming ``split``) before any evaluator scores them."""
 
         def reset(self):
             self._preds, self.predictions = [], []
@@ -552,6 +566,7 @@ def _collector():
                                     inst.pred_classes + 1))
 
         def evaluate(self):
+            check_finite(split, ddist.sum_counts([count_nonfinite(self._preds)])[0])
             gathered = comm.gather(self._preds, dst=0)
             if comm.is_main_process():
                 self.predictions = [p for part in gathered for p in part]
@@ -595,9 +610,9 @@ def evaluate_once(d2cfg, model, specs: dict, cfg: dict, out_dir: Path) -> dict:
         theirs = PascalVOCDetectionEvaluator(name)
     else:
         theirs = COCOEvaluator(name, tasks=("bbox",), output_dir=str(out_dir / "detectron2"))  # as DefaultTrainer
-    ours = _collector()
+    ours = _collector(split_name(cfg))
     timed = _Timed(model)
-    results = inference_on_dataset(timed, loader, DatasetEvaluators([theirs, ours]))
+    results = inference_on_dataset(timed, loader, DatasetEvaluators([ours, theirs]))
     if not comm.is_main_process():
         return {}
     toolkit = score_predictions(ours.predictions, _toolkit_ctx(specs), out_dir, cfg["eval"]["metric"])
@@ -689,6 +704,7 @@ def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
 def _prepare(cfg: dict, weights: str, run_dir: Path) -> tuple[Path, dict, dict]:
     """Refusals first, then (rank 0) the converted weights and the YAML; every rank registers the datasets.
     Returns (YAML path, dataset specs, mapping report)."""
+    check_resume(cfg, weights, run_dir)
     _ensure_local_process_group()
     world = runtime.world_size()
     device = device_name(cfg)
@@ -707,6 +723,7 @@ def _prepare(cfg: dict, weights: str, run_dir: Path) -> tuple[Path, dict, dict]:
     if main:  # only rank 0 converts; the others wait for the finished file
         run_dir.mkdir(parents=True, exist_ok=True)
         runtime.atomic_write_text(dump_config(cfg), run_dir / "config.yaml")
+        fp.write(run_dir, run_fingerprint(cfg, weights))
         from mixup_transfer.core.checkpoint import load_backbone
 
         state = load_backbone(weights, cfg["model"]["arch"])
@@ -728,16 +745,37 @@ def _prepare(cfg: dict, weights: str, run_dir: Path) -> tuple[Path, dict, dict]:
     return yaml_path, specs, mapped
 
 
-def _launched(cfg, weights, run_dir):
+RESTART = "choose another --run-dir, or delete the run folder to start it over"
+
+
+def run_fingerprint(cfg: dict, weights: str | None) -> dict:
+    """What a detectron2 run folder is made from: the resolved config (the list of seeds aside: a rerun may add
+    seeds) and the backbone's hash."""
+    return fp.make({k: v for k, v in cfg.items() if k != "seeds"}, {"weights": weights})
+
+
+def check_resume(cfg: dict, weights: str | None, run_dir: Path) -> None:
+    """Refuse (`FingerprintMismatch`, before anything is written) to continue a run folder made from another config
+    or backbone (keys outside `RESUME_MAY_CHANGE`): a refused resume leaves the folder as it was, and finished
+    seeds are never relabelled with new inputs."""
+    if (Path(run_dir) / fp.FILE).is_file():
+        fp.check(run_dir, run_fingerprint(cfg, weights), RESUME_MAY_CHANGE, RESTART)
+
+
+def _launched(cfg, weights, run_dir, trusted=()):
+    for path in trusted:  # a spawned process starts with nothing trusted: the parent's --allow-pickle again
+        trust_pickled(path)
     finetune(copy.deepcopy(cfg), weights, run_dir)
 
 
-def launch_finetune(cfg: dict, weights: str | None, run_dir, num_gpus: int, dist_url: str = "auto") -> dict:
+def launch_finetune(cfg: dict, weights: str | None, run_dir, num_gpus: int, dist_url: str = "auto",
+                    trusted=()) -> dict:
     """``finetune`` in ``num_gpus`` processes started by detectron2's ``launch`` (as its train_net.py
-    --num-gpus does; gloo on CPU). Returns the metrics rank 0 wrote."""
+    --num-gpus does; gloo on CPU). ``trusted``: the checkpoints the command line allowed to unpickle
+    (``--allow-pickle``), trusted again in every process. Returns the metrics rank 0 wrote."""
     require_detectron2()
     from detectron2.engine import launch
 
     launch(_launched, int(num_gpus), num_machines=1, machine_rank=0, dist_url=dist_url,
-           args=(cfg, weights, str(run_dir)))
+           args=(cfg, weights, str(run_dir), tuple(str(p) for p in trusted)))
     return json.loads((Path(run_dir) / "metrics.json").read_text())

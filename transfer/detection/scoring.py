@@ -12,10 +12,30 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import Subset
 
 from mixup_transfer.core import runtime
 from mixup_transfer.core.units import units
+
+
+def split_name(cfg: dict) -> str:
+    """The test split as messages name it: ``data.voc_test`` (VOC) or ``data.coco_val`` (COCO)."""
+    return str(cfg["data"]["voc_test" if cfg["data"]["format"] == "voc" else "coco_val"])
+
+
+def count_nonfinite(preds) -> int:
+    """The NaN / inf values among the boxes and scores of host predictions ``(image_id, boxes, scores, labels)``."""
+    return sum(int((~torch.isfinite(boxes)).sum()) + int((~torch.isfinite(scores)).sum())
+               for _, boxes, scores, _ in preds)
+
+
+def check_finite(split: str, count: int) -> None:
+    """Stop (NonFiniteOutputError, exit 1) naming the detection stage, ``split`` and ``count``, the NaN / inf values
+    of the boxes, scores or raw head outputs of the split (summed over the ranks by the caller): a NaN score fails
+    every score threshold, so a broken detector would score mAP 0. Both backends check their predictions with it
+    before scoring them."""
+    runtime.check_outputs_finite("detection", split, {"box, score or raw head output": count})
 
 
 def _base_dataset(ds):

@@ -28,9 +28,16 @@ from mixup_transfer.core.config import dump_config
 from mixup_transfer.core.engine import Engine, LoopSettings, Task, build_optimizer
 from mixup_transfer.core.inference import inference_on_dataset, to_host
 from mixup_transfer.core.schedule import lr_factor
-from transfer.detection.config import scaled_lr
+from transfer.detection.config import RESUME_MAY_CHANGE, scaled_lr
 from transfer.detection.models import build_detector
-from transfer.detection.scoring import detection_figure, primary_key, score_predictions, write_summary
+from transfer.detection.scoring import (
+    check_finite,
+    detection_figure,
+    primary_key,
+    score_predictions,
+    split_name,
+    write_summary,
+)
 from transfer.detection.transforms import SeedWorker, augment_seed, build_transforms
 
 log = logging.getLogger(__name__)
@@ -165,18 +172,11 @@ def predict_sharded(model, dataset, batch_size: int, workers: int, device, preci
     res = inference_on_dataset(model, dataset, lambda m, inputs: m(list(inputs[0])),
                                _batch_records(counter, max_keep_examples), batch_size=batch_size, device=device,
                                workers=workers, collate_fn=collate, precision=precision, timed=True, desc="eval")
-    runtime.check_outputs_finite("detection", split, {"box, score or raw head output": ddist.sum_counts(
-        [counter.close()])[0]})
+    check_finite(split, ddist.sum_counts([counter.close()])[0])
     return ([r[0] for r in res.records], [r[1] for r in res.records if r[1] is not None], res.seconds, res.count)
 
 
 # ----------------------------------------------------------------------------------------- training
-
-# config keys a resume (or the reuse of a finished seed) may change: execution and reporting, not results
-RESUME_MAY_CHANGE = ("name", "data.workers", "runtime.device", "runtime.num_threads", "runtime.log_period",
-                     "runtime.tensorboard",
-                     "eval.figure_examples", "eval.figure_score_thresh")
-
 
 class DetectionTask(Task):
     """A torchvision detector fine-tuned on VOC or COCO; ``model(images, targets)`` returns its loss dict."""
@@ -262,7 +262,7 @@ class DetectionTask(Task):
         rank 0's BatchNorm statistics: every shard is scored with the same model)."""
         return predict_sharded(self.model, self.test_set, self.cfg["eval"]["batch_size"], self.cfg["data"]["workers"],
                                self.device, engine.precision, engine.settings.channels_last, max_keep_examples,
-                               split=str(self.cfg["data"]["voc_test" if self.ctx["format"] == "voc" else "coco_val"]))
+                               split=split_name(self.cfg))
 
     def state_dict(self) -> dict:
         return {"train_time": self.train_time, "train_images": self.train_images, "history": self.history,
