@@ -119,7 +119,7 @@ def evaluate_model(model, dataset, meta: WSOLMetadata, device, batch_size: int, 
                                 keep_examples)
     res = inference_on_dataset(model, dataset, lambda m, inputs: m.logits_and_cams(inputs[0], inputs[1]), to_records,
                                batch_size=batch_size, device=device, workers=workers, precision=precision,
-                               desc="evaluate")
+                               select=lambda batch: batch[:2], desc="evaluate")
     check_outputs_finite("wsol", split, {"logit or CAM": sum(r[0] for r in res.records)})
     _sum_over_ranks(v2, v1, loc)
     return _report(v2, v1, loc, [r[1] for r in res.records if r[1] is not None][:keep_examples])

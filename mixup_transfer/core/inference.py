@@ -65,9 +65,9 @@ def to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def _forward(model, batch, forward, device, precision: str, channels_last: bool, timed: bool):
+def _forward(model, inputs, forward, device, precision: str, channels_last: bool, timed: bool):
     """(outputs, seconds in the model: 0 unless ``timed``, which waits for CUDA before and after)."""
-    inputs = to_device(batch, device, channels_last)
+    inputs = to_device(inputs, device, channels_last)
     if timed and device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -95,11 +95,13 @@ def _gather(records: list, mine: list[int], n: int, dst: int | None) -> list | N
 def inference_on_dataset(model, dataset, forward: Callable, to_records: Callable, *, batch_size: int,
                          device: torch.device, workers: int = 0, collate_fn=None, precision: str = "fp32",
                          channels_last: bool = False, pin_memory: bool = False, timed: bool = False,
-                         dst: int | None = None, desc: str = "inference") -> Inference:
+                         dst: int | None = None, select: Callable | None = None,
+                         desc: str = "inference") -> Inference:
     """Run ``model`` over this rank's shard of ``dataset`` and gather the records in dataset order.
 
-    forward(model, inputs) -> outputs: ``inputs`` is the loader's batch moved to ``device`` (`to_device`, rank-4
-    tensors channels_last when asked), called under autocast(``precision``); ``model`` is put in eval mode.
+    forward(model, inputs) -> outputs: ``inputs`` is ``select(batch)`` (default: the whole batch; the part the
+    model reads) moved to ``device`` (`to_device`, rank-4 tensors channels_last when asked), called under
+    autocast(``precision``); ``model`` is put in eval mode.
     to_records(batch, outputs, indices) -> list: one host record per image of the host ``batch`` (``indices``:
     their dataset indices), read back in one transfer (`to_host`). ``dst`` None gathers to every rank, an int to
     that rank only. Collective: every rank calls it (an empty shard included)."""
@@ -111,7 +113,8 @@ def inference_on_dataset(model, dataset, forward: Callable, to_records: Callable
     model.eval()
     records, seconds, start = [], 0.0, 0
     for batch in progress(loader, desc=desc):
-        outputs, dt = _forward(model, batch, forward, device, precision, channels_last, timed)
+        inputs = batch if select is None else select(batch)
+        outputs, dt = _forward(model, inputs, forward, device, precision, channels_last, timed)
         seconds += dt
         size = len(batch[0])
         got = to_records(batch, outputs, mine[start:start + size])

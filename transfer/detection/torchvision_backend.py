@@ -169,9 +169,10 @@ def predict_sharded(model, dataset, batch_size: int, workers: int, device, preci
     (`NonFiniteOutputError` naming ``split``): nothing is scored. ``channels_last``: the model's format (set by
     its owner); the per-image [3, h, w] inputs keep theirs (the detector batches them)."""
     counter = _NonFiniteCounter(model, device)
-    res = inference_on_dataset(model, dataset, lambda m, inputs: m(list(inputs[0])),
+    res = inference_on_dataset(model, dataset, lambda m, images: m(list(images)),
                                _batch_records(counter, max_keep_examples), batch_size=batch_size, device=device,
-                               workers=workers, collate_fn=collate, precision=precision, timed=True, desc="eval")
+                               workers=workers, collate_fn=collate, precision=precision, timed=True,
+                               select=lambda batch: batch[0], desc="eval")
     check_finite(split, ddist.sum_counts([counter.close()])[0])
     return ([r[0] for r in res.records], [r[1] for r in res.records if r[1] is not None], res.seconds, res.count)
 

@@ -158,7 +158,7 @@ def predict_sharded(model, ds, batch_size: int, num_workers: int, device, precis
                                _batch_records(model, localize, cam_threshold, iou_threshold, iou_op, set(keep)),
                                batch_size=batch_size, device=device, workers=num_workers, collate_fn=collate,
                                precision=precision, channels_last=device.type == "cuda",
-                               pin_memory=device.type == "cuda", desc=desc)
+                               pin_memory=device.type == "cuda", select=lambda batch: batch[:2], desc=desc)
     return _arrays(res.records, localize)
 
 
