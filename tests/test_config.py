@@ -46,7 +46,7 @@ def test_ranges_and_choices_name_the_allowed_values():
 
 def test_every_stage_checks_its_ranges():
     from pretrain.task import resolve_config as pretrain_cfg
-    from transfer.det_train import resolve_config as det_cfg
+    from transfer.detection.config import resolve_config as det_cfg
     from wsol.finetune import resolve_config as wsol_cfg
 
     with pytest.raises(ConfigError, match="optim.batch_size: -8"):

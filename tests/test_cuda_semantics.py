@@ -92,26 +92,25 @@ def test_detection_batches_keep_per_image_tensors_with_channels_last(toy_world):
     Shows: per-image [3, h, w] tensors are never given a 4-D memory format (which raises "required rank 4
     tensor", on the CPU exactly as on CUDA), and the detector still predicts. Cannot show: cuDNN choosing its
     channels_last kernels for the converted model (a GPU run does)."""
-    from transfer import det_train
+    from transfer.detection import torchvision_backend as tvb
 
     cfg = _det_cfg(toy_world)
-    task = det_train.DetectionTask(cfg, None, 0, torch.device("cpu"))
+    task = tvb.DetectionTask(cfg, None, 0, torch.device("cpu"))
     images = [torch.rand(3, 40, 56), torch.rand(3, 64, 48)]
     targets = [{"boxes": torch.tensor([[1.0, 2.0, 20.0, 30.0]]), "labels": torch.tensor([3])}] * 2
     moved, moved_targets = task.to_device((images, targets), torch.device("cpu"), True)
     assert [m.shape for m in moved] == [im.shape for im in images]
     assert all(torch.equal(a, b) for a, b in zip(moved, images))
     assert moved_targets[0]["labels"].tolist() == [3]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(task.test_set, [0, 1]), batch_size=2,
-                                         collate_fn=det_train.collate)
-    preds, _, _, n, _ = det_train.predict(task.model, loader, torch.device("cpu"), channels_last=True)
+    preds, _, _, n = tvb.predict_sharded(task.model, torch.utils.data.Subset(task.test_set, [0, 1]), 2, 0,
+                                         torch.device("cpu"), channels_last=True)
     assert n == 2 and len(preds) == 2
 
 
 def _det_cfg(toy_world, workers: int = 0):
-    from transfer import det_train
+    from transfer.detection import config as det_config
 
-    return det_train.resolve_config({
+    return det_config.resolve_config({
         "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64, "kwargs": {"detections_per_img": 10}},
         "data": {"format": "voc", "root": str(toy_world / "VOCdevkit"), "voc_train": ["2007/trainval"],
                  "max_train_images": 8, "max_test_images": 4, "workers": workers},
@@ -378,9 +377,9 @@ def test_detection_augmentation_differs_between_workers_and_ranks(toy_world):
     draw different augmentation streams, and the same (epoch, rank) draws the same again (resumable). Before,
     the albumentations generator was seeded once in the parent: every worker and every rank repeated the same
     crops and flips. Cannot show: a DistributedSampler's shard (the draws here are the transform's only)."""
-    from transfer import det_train
+    from transfer.detection import torchvision_backend as tvb
 
-    task = det_train.DetectionTask(_det_cfg(toy_world, workers=2), None, 0, torch.device("cpu"))
+    task = tvb.DetectionTask(_det_cfg(toy_world, workers=2), None, 0, torch.device("cpu"))
     task.train_set = _Draws(task.train_tf, 8)
     w0, w1 = _draws_by_worker(task, 0)
     assert w0 != w1

@@ -6,13 +6,14 @@ from pathlib import Path
 import pytest
 
 from mixup_transfer.core.constants import VOC_CLASSES
-from transfer import det_train
+from transfer.detection import config as det_config
+from transfer.detection import torchvision_backend as tvb
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(toy_world, classes):
-    return det_train.resolve_config({
+    return det_config.resolve_config({
         "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64},
         "data": {"format": "voc", "root": str(toy_world / "VOCdevkit"), "voc_train": ["2007/trainval"],
                  "workers": 0, "classes": classes}})
@@ -20,12 +21,12 @@ def _cfg(toy_world, classes):
 
 def test_labels_follow_the_configured_class_order(toy_world):
     classes = list(reversed(VOC_CLASSES))
-    _, test, ctx, _ = det_train.build_datasets(_cfg(toy_world, classes))
+    _, test, ctx, _ = tvb.build_datasets(_cfg(toy_world, classes))
     assert ctx["classes"] == tuple(classes) and ctx["num_classes"] == 21
     _, target = test[0]
     names = [o["name"] for o in test.annotations[test.ids[0]]["objects"]]
     assert target["labels"].tolist() == [classes.index(n) + 1 for n in names]  # label k = classes[k - 1]
-    default = det_train.build_datasets(_cfg(toy_world, None))[2]
+    default = tvb.build_datasets(_cfg(toy_world, None))[2]
     assert default["classes"] == VOC_CLASSES
 
 

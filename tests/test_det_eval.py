@@ -482,9 +482,9 @@ def test_detectron2_evaluators_give_our_numbers_on_the_same_detections(toy_world
     from detectron2.data import DatasetCatalog
     from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 
-    from transfer import d2_backend
     from transfer.datasets import VOC_CLASSES
-    from transfer.det_train import resolve_config
+    from transfer.detection import d2_backend
+    from transfer.detection.config import resolve_config
     from transfer.voc_eval import load_voc_annotations
 
     # VOC07 test, 11-point: detectron2's AP50 / AP75 / AP (mean over IoU .50:.95) vs voc_evaluate

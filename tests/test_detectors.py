@@ -8,8 +8,8 @@ from PIL import Image
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from mixup_transfer.core.checkpoint import CheckpointError, build_resnet, save_backbone
-from transfer import det_transforms as dt
-from transfer.detectors import build_detector, count_priors, ssd_plan, ssd_resnet
+from transfer.detection import transforms as dt
+from transfer.detection.models import build_detector, count_priors, ssd_plan, ssd_resnet
 
 TINY_RCNN = dict(min_size=64, max_size=64, anchor_sizes=(16, 32, 64, 128, 256), rpn_pre_nms_top_n_train=100,
                  rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20,

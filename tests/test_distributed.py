@@ -111,12 +111,71 @@ def test_gather_of_seven_items_and_an_empty_shard_over_two_gloo_processes(tmp_pa
             _assert_same(r["preds"][n], one)
 
 
+# ----------------------------------------------------------------------------- the one sharded inference
+
+class _Shift(torch.nn.Module):
+    """x + shift, with ``shift`` a buffer (as BatchNorm's statistics): the records show which rank's was used."""
+
+    def __init__(self, shift: float):
+        super().__init__()
+        self.register_buffer("shift", torch.tensor(shift))
+
+    def forward(self, x):
+        return x + self.shift
+
+
+def _inference(dst):
+    from mixup_transfer.core.inference import inference_on_dataset, to_host
+
+    rank = ddist.rank_world()[0]
+    model = _Shift(100.0 * rank)  # each rank its own buffer: rank 0's (0) must reach every rank
+    dataset = [(torch.tensor([float(k)]), k) for k in range(7)]  # 7 items in batches of 2: 4 batches, uneven shards
+
+    def to_records(batch, outputs, indices):
+        values, training = outputs
+        (values,) = to_host([values[:, 0]])
+        return [(i, int(label), float(v), rank, training) for i, label, v in zip(indices, batch[1], values)]
+
+    return inference_on_dataset(model, dataset, lambda m, inputs: (m(inputs[0]), m.training), to_records,
+                                batch_size=2, device=torch.device("cpu"), dst=dst)
+
+
+def _inference_worker(rank, world, port, out):
+    _join(rank, world, port)
+    res = {dst: _inference(dst) for dst in (None, 0)}
+    torch.save({k: (r.records, r.count) for k, r in res.items()}, Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_inference_on_dataset_gathers_records_in_dataset_order_over_two_gloo_processes(tmp_path):
+    _spawn(_inference_worker, str(tmp_path))
+    # blocks of 2 dealt round-robin: rank 0 predicts [0, 1] and [4, 5], rank 1 [2, 3] and [6]; rank 0's buffer
+    # (shift 0) on both, the model in eval mode: record k is (k, label k, value k, the rank that predicted it)
+    by_hand = [(0, 0, 0.0, 0, False), (1, 1, 1.0, 0, False), (2, 2, 2.0, 1, False), (3, 3, 3.0, 1, False),
+               (4, 4, 4.0, 0, False), (5, 5, 5.0, 0, False), (6, 6, 6.0, 1, False)]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0[None] == r1[None] == (by_hand, 7)  # gathered to every rank
+    assert r0[0] == (by_hand, 7) and r1[0] == (None, 7)  # gathered to rank 0 only
+    one = _inference(None)  # one process: the same records
+    assert one.records == [r[:3] + (0, False) for r in by_hand] and one.count == 7
+
+
+def test_to_host_copies_every_dtype_exactly_in_one_transfer():
+    from mixup_transfer.core.inference import to_host
+
+    tensors = [torch.tensor([[0.1, -3e38], [float("nan"), 1e-45]]), torch.tensor([0.1], dtype=torch.bfloat16),
+               torch.tensor([2 ** 53, -7]), torch.tensor([True, False]), torch.zeros(0, 4)]
+    for a, b in zip(to_host(tensors), tensors):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.nan_to_num(), b.nan_to_num())
+    assert to_host([]) == []
+
+
 # ----------------------------------------------------------------------------- the three evaluations
 
 def _det_cfg(toy_world, fmt: str):
-    from transfer import det_train
+    from transfer.detection import config as det_config
 
-    return det_train.resolve_config({
+    return det_config.resolve_config({
         "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64, "kwargs": {"detections_per_img": 10}},
         "data": {"format": fmt, "root": str(toy_world / ("VOCdevkit" if fmt == "voc" else "coco")),
                  "voc_train": ["2007/trainval"], "max_train_images": 2, "max_test_images": 7, "workers": 0},
@@ -126,16 +185,17 @@ def _det_cfg(toy_world, fmt: str):
 def _detection(toy_world, out_dir):
     """SSD predictions on 7 VOC07 test and 7 COCO val images, scored on rank 0 (VOC 11-point AP, COCO AP)."""
     from mixup_transfer.core.runtime import is_main_process
-    from transfer import det_train
+    from transfer.detection import scoring
+    from transfer.detection import torchvision_backend as tvb
 
     out = {}
     for fmt in ("voc", "coco"):
         cfg = _det_cfg(toy_world, fmt)
-        _, test, ctx, _ = det_train.build_datasets(cfg)
+        _, test, ctx, _ = tvb.build_datasets(cfg)
         torch.manual_seed(0)
-        model = det_train.build_model(cfg, ctx["num_classes"], None).eval()
-        preds, examples, _, n = det_train.predict_sharded(model, test, 2, 0, torch.device("cpu"), max_keep_examples=3)
-        metrics = det_train.score_predictions(preds, ctx, Path(out_dir) / fmt) if is_main_process() else None
+        model = tvb.build_model(cfg, ctx["num_classes"], None).eval()
+        preds, examples, _, n = tvb.predict_sharded(model, test, 2, 0, torch.device("cpu"), max_keep_examples=3)
+        metrics = scoring.score_predictions(preds, ctx, Path(out_dir) / fmt) if is_main_process() else None
         out[fmt] = {"preds": preds, "examples": [e["scores"] for e in examples], "n": n, "metrics": metrics}
     return out
 

@@ -12,8 +12,11 @@ import yaml
 from mixup_transfer.core import runtime
 from mixup_transfer.core.checkpoint import build_resnet, save_backbone
 from mixup_transfer.core.constants import VOC_CLASSES
-from transfer import d2_backend, det_train
+from mixup_transfer.core.fingerprint import write as fp_write
 from transfer.datasets import COCODetection, VOCDetection
+from transfer.detection import config as det_config
+from transfer.detection import d2_backend, scoring, stage
+from transfer.detection import torchvision_backend as tvb
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +48,7 @@ def _cfg(toy_world, kind="ssd", fmt="voc", **solver):
         "seeds": [0],
         "runtime": {"log_period": 1},
     }
-    return det_train.resolve_config(cfg)
+    return det_config.resolve_config(cfg)
 
 
 def test_lr_schedule_hand_values():
@@ -60,7 +63,7 @@ def test_unknown_config_key_is_rejected(toy_world):
     from mixup_transfer.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="solver.lrr"):
-        det_train.resolve_config({"solver": {"lrr": 0.1}})
+        det_config.resolve_config({"solver": {"lrr": 0.1}})
 
 
 def test_voc_scoring_of_ground_truth_is_perfect_and_uses_xml_coordinates(toy_world, tmp_path):
@@ -71,7 +74,7 @@ def test_voc_scoring_of_ground_truth_is_perfect_and_uses_xml_coordinates(toy_wor
         keep = ~t["difficult"]
         preds.append((t["image_id"], t["boxes"][keep], torch.ones(int(keep.sum())), t["labels"][keep]))
     ctx = {"format": "voc", "classes": VOC_CLASSES, "split": "test", "dataset": ds}
-    m = det_train.score_predictions(preds, ctx, tmp_path, "11point")
+    m = scoring.score_predictions(preds, ctx, tmp_path, "11point")
     assert m["mAP"] == pytest.approx(100.0)
     # comp4 line of the first detection: toolkit x0 = xmin - 1 -> written back as the XML's xmin
     image_id, boxes, _, labels = preds[0]
@@ -91,9 +94,9 @@ def test_coco_scoring_maps_labels_back_to_category_ids(toy_world, tmp_path):
         _, t = ds[i]
         preds.append((t["image_id"], t["boxes"], torch.ones(len(t["boxes"])), t["labels"]))
     ctx = {"format": "coco", "classes": ds.classes, "dataset": ds}
-    m = det_train.score_predictions(preds, ctx, tmp_path)
+    m = scoring.score_predictions(preds, ctx, tmp_path)
     assert m["AP"] == pytest.approx(100.0) and m["AP50"] == pytest.approx(100.0)
-    assert "mAP" not in m and det_train.primary_key(m) == "AP"  # COCO AP is not called mAP
+    assert "mAP" not in m and scoring.primary_key(m) == "AP"  # COCO AP is not called mAP
     results = json.loads((tmp_path / "coco_results.json").read_text())
     ann = ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=[results[0]["image_id"]]))
     assert {r["category_id"] for r in results} <= set(ds.cat_ids)
@@ -104,12 +107,12 @@ def test_coco_scoring_maps_labels_back_to_category_ids(toy_world, tmp_path):
 
 def test_to_original_undoes_the_test_resize():
     boxes = torch.tensor([[10.0, 20.0, 30.0, 200.0]])
-    out = det_train._to_original(boxes, {"scale": (2.0, 0.5), "size": (300, 100)})
+    out = tvb._to_original(boxes, {"scale": (2.0, 0.5), "size": (300, 100)})
     assert out.tolist() == [[5.0, 40.0, 15.0, 300.0]]  # y1 = 400 clipped to the height 300
 
 
 def test_ssd_finetune_writes_metrics_figure_and_result_files(toy_world, backbone, tmp_path):
-    metrics = det_train.finetune_detector(_cfg(toy_world, "ssd"), str(backbone), tmp_path / "run")
+    metrics = stage.finetune_detector(_cfg(toy_world, "ssd"), str(backbone), tmp_path / "run")
     for k in ("mAP", "mAP_mean", "mAP_std", "train_img_per_s", "test_img_per_s", "seeds"):
         assert k in metrics
     assert 0.0 <= metrics["mAP"] <= 100.0 and metrics["seeds"] == [0] and metrics["train_img_per_s"] > 0
@@ -128,7 +131,7 @@ def test_ssd_finetune_writes_metrics_figure_and_result_files(toy_world, backbone
 @pytest.mark.slow
 def test_interrupted_finetune_resumes_to_the_same_result(toy_world, backbone, tmp_path, monkeypatch):
     cfg = _cfg(toy_world, "ssd", "coco")
-    full = det_train.finetune_detector(cfg, str(backbone), tmp_path / "full")
+    full = stage.finetune_detector(cfg, str(backbone), tmp_path / "full")
 
     real_save = runtime.atomic_save
 
@@ -138,17 +141,17 @@ def test_interrupted_finetune_resumes_to_the_same_result(toy_world, backbone, tm
 
     monkeypatch.setattr(runtime, "atomic_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        det_train.finetune_detector(cfg, str(backbone), tmp_path / "cut")
+        stage.finetune_detector(cfg, str(backbone), tmp_path / "cut")
     monkeypatch.setattr(runtime, "atomic_save", real_save)
     state = torch.load(tmp_path / "cut" / "seed_0" / "checkpoints" / "last.pth", weights_only=True)
     assert state["epoch"] == 1 and state["step"] == 2
-    resumed = det_train.finetune_detector(cfg, str(backbone), tmp_path / "cut")
+    resumed = stage.finetune_detector(cfg, str(backbone), tmp_path / "cut")
     a = torch.load(tmp_path / "full" / "seed_0" / "checkpoints" / "last.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "cut" / "seed_0" / "checkpoints" / "last.pth", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["AP"] == full["AP"] and "AP50" in resumed and "mAP" not in resumed
     # a finished seed is not trained again
-    again = det_train.finetune_detector(cfg, str(backbone), tmp_path / "cut")
+    again = stage.finetune_detector(cfg, str(backbone), tmp_path / "cut")
     assert again["per_seed"][0]["train_seconds"] == resumed["per_seed"][0]["train_seconds"]
 
 
@@ -158,18 +161,18 @@ def test_detectron2_backend_without_detectron2_says_how_to_install(toy_world, ba
     cfg = _cfg(toy_world)
     cfg["backend"] = "detectron2"
     with pytest.raises(d2_backend.Detectron2BackendError, match="from source"):  # an exception, not SystemExit
-        det_train.finetune_detector(cfg, str(backbone), tmp_path / "d2")
+        stage.finetune_detector(cfg, str(backbone), tmp_path / "d2")
 
 
 def test_scaled_lr_is_the_linear_scaling_rule():
     # torchvision's reference: lr 0.02 for 8 GPUs x 2 images; 0.02 / 8 * NGPU otherwise
-    assert det_train.scaled_lr(0.02, 2, 8, 16) == pytest.approx(0.02)
-    assert det_train.scaled_lr(0.02, 2, 1, 16) == pytest.approx(0.0025)
-    assert det_train.scaled_lr(0.001, 4, 2, 32) == pytest.approx(0.00025)
-    assert det_train.scaled_lr(0.001, 32, 1, 32) == pytest.approx(0.001)
-    assert det_train.scaled_lr(0.02, 2, 1, None) == 0.02  # no reference batch: lr as given
+    assert det_config.scaled_lr(0.02, 2, 8, 16) == pytest.approx(0.02)
+    assert det_config.scaled_lr(0.02, 2, 1, 16) == pytest.approx(0.0025)
+    assert det_config.scaled_lr(0.001, 4, 2, 32) == pytest.approx(0.00025)
+    assert det_config.scaled_lr(0.001, 32, 1, 32) == pytest.approx(0.001)
+    assert det_config.scaled_lr(0.02, 2, 1, None) == 0.02  # no reference batch: lr as given
     with pytest.raises(ValueError, match="positive"):
-        det_train.scaled_lr(0.02, 0, 1, 16)
+        det_config.scaled_lr(0.02, 0, 1, 16)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +189,7 @@ def _d2_cfg(toy_world, fmt="voc", **over):
         for p in parents:
             node = node[p]
         node[last] = value
-    return det_train.resolve_config(cfg)
+    return det_config.resolve_config(cfg)
 
 
 def test_d2_datasets_use_the_toolkits_own_names_and_real_classes(toy_world):
@@ -228,7 +231,7 @@ def test_d2_config_maps_every_toolkit_override(toy_world):
     assert mapped["solver.epochs"] == "SOLVER.MAX_ITER=21"
     from transfer.convert import detectron2_config_problems
     assert detectron2_config_problems(d2, "resnet18") == []
-    # max_iter wins over epochs; defaults are mapped too, resolved like transfer.detectors resolves them
+    # max_iter wins over epochs; defaults are mapped too, resolved like transfer.detection.models resolves them
     cfg = _d2_cfg(toy_world, solver__max_iter=40)
     _, d2, _ = d2_backend.build_detectron2_config(cfg, "/x/w.pkl", d2_backend.dataset_specs(cfg), n_train=60,
                                                   device="cuda")
@@ -242,7 +245,7 @@ def test_d2_config_maps_every_toolkit_override(toy_world):
     from mixup_transfer.core.config import load_config
     cfg = load_config(ROOT / "configs" / "detection" / "frcnn_r50_c4_voc0712.yaml",
                       ["backend=detectron2", f"data.root={toy_world / 'VOCdevkit'}", "runtime.precision=fp16"],
-                      defaults=det_train.DEFAULTS)
+                      defaults=det_config.DEFAULTS)
     kind, d2, _ = d2_backend.build_detectron2_config(cfg, "/x/w.pkl", d2_backend.dataset_specs(cfg), world=8,
                                                      n_train=16551, device="cuda")
     assert kind == "C4" and d2["MODEL"]["ROI_HEADS"]["NAME"] == "Res5ROIHeadsExtraNorm"
@@ -271,6 +274,85 @@ def test_d2_config_refuses_what_it_cannot_honour(toy_world, over, match):
                                            device="cpu")
 
 
+def test_nonfinite_boxes_and_scores_are_counted_and_stop_by_hand():
+    """The one check both backends run on their predictions: 1 NaN + 1 inf box value, 1 NaN score."""
+    from mixup_transfer.core.runtime import NonFiniteOutputError
+
+    nan, inf = float("nan"), float("inf")
+    preds = [(1, torch.tensor([[0.0, 0.0, 1.0, 1.0], [nan, 0.0, inf, 1.0]]), torch.tensor([0.5, nan]),
+              torch.tensor([1, 2])),
+             (2, torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64))]
+    assert scoring.count_nonfinite(preds) == 3 and scoring.count_nonfinite(preds[1:]) == 0
+    with pytest.raises(NonFiniteOutputError, match=r"detection: split 2007/test: .*\(3 non-finite box, score or raw "
+                                                   r"head output values\)"):
+        scoring.check_finite("2007/test", 3)
+    scoring.check_finite("2007/test", 0)  # nothing to stop
+    assert scoring.split_name({"data": {"format": "voc", "voc_test": "2007/test"}}) == "2007/test"
+    coco = {"data": {"format": "coco", "coco_val": ["val2017", "a.json"]}}
+    assert scoring.split_name(coco) == "['val2017', 'a.json']"
+
+
+def test_a_refused_detectron2_resume_changes_nothing_on_disk(toy_world, tmp_path):
+    """Another config (or backbone) in a detectron2 run folder is refused before anything is written; the keys
+    a resume may change, and more seeds, are accepted. Runs without detectron2: the check comes first."""
+    from mixup_transfer.core.fingerprint import FingerprintMismatch
+
+    weights = tmp_path / "backbone.pth"
+    weights.write_bytes(b"the backbone")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    fp_write(run_dir, d2_backend.run_fingerprint(_d2_cfg(toy_world), str(weights)))
+    (run_dir / "config.yaml").write_text("the first run's config\n")
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*"))}
+    with pytest.raises(FingerprintMismatch, match=r"config.solver.lr: 0.01 -> 0.5"):
+        d2_backend._prepare(_d2_cfg(toy_world, solver__lr=0.5), str(weights), run_dir)
+    weights.write_bytes(b"another backbone")
+    with pytest.raises(FingerprintMismatch, match="input weights"):
+        d2_backend._prepare(_d2_cfg(toy_world), str(weights), run_dir)
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*"))} == before
+    weights.write_bytes(b"the backbone")
+    d2_backend.check_resume(_d2_cfg(toy_world, runtime__log_period=7, seeds=[0, 1]), str(weights), run_dir)
+
+
+def test_allow_pickle_reaches_the_processes_that_num_gpus_spawns(tmp_path, monkeypatch, run):
+    """detectron2's launch (faked: each "process" starts with nothing trusted, as a spawned one does) gets the
+    checkpoint named with --allow-pickle trusted again in every process; without the flag in none."""
+    import os
+    import sys
+    import types
+
+    from mixup_transfer.core import checkpoint
+
+    seen = []
+
+    def fake_launch(fn, num_gpus, num_machines, machine_rank, dist_url, args):
+        for _ in range(num_gpus):
+            monkeypatch.setattr(checkpoint, "_TRUSTED", set())  # a fresh process
+            fn(*args)
+
+    def fake_finetune(cfg, weights, run_dir):
+        seen.append(os.path.realpath(weights) in checkpoint._TRUSTED)
+        runtime.write_json({"primary": "mAP", "mAP": 1.0}, Path(run_dir) / "metrics.json")
+
+    engine = types.ModuleType("detectron2.engine")
+    engine.launch = fake_launch
+    monkeypatch.setitem(sys.modules, "detectron2", types.ModuleType("detectron2"))
+    monkeypatch.setitem(sys.modules, "detectron2.engine", engine)
+    monkeypatch.setattr(d2_backend, "require_detectron2", lambda: None)
+    monkeypatch.setattr(d2_backend, "finetune", fake_finetune)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(checkpoint, "_TRUSTED", set())
+    weights = tmp_path / "pickled.pth"
+    weights.write_bytes(b"a pickled checkpoint")
+    config = ROOT / "configs/detection/toy_frcnn_voc.yaml"
+    for flag, run_dir in ((["--allow-pickle"], "trusted"), ([], "untrusted")):
+        code, err = run("run_detection", "--config", config, "--backend", "detectron2", "--num-gpus", 2,
+                        "--weights", weights, "--run-dir", tmp_path / run_dir, *flag)
+        assert code == 0, err
+    assert seen == [True, True, False, False]
+
+
+
 # ------------------------------------------------------------------------------------------------
 # Through detectron2 (the `d2` group: `make d2` builds it; skipped where it is not importable)
 
@@ -294,7 +376,7 @@ def test_d2_toy_voc_end_to_end_two_seeds_one_evaluation_and_resume(toy_world, ba
     monkeypatch.setattr(d2eval, "inference_on_dataset", counted)
     monkeypatch.setattr(d2defaults, "inference_on_dataset", counted)  # DefaultTrainer.test (the EvalHook's)
     cfg = _tiny_d2(toy_world, "voc", seeds=[0, 1])
-    m = det_train.finetune_detector(cfg, str(backbone), tmp_path / "run")
+    m = stage.finetune_detector(cfg, str(backbone), tmp_path / "run")
     assert len(calls) == 2  # one evaluation per seed: no EvalHook + test
     assert m["seeds"] == [0, 1] and m["backend"] == "detectron2" and m["iterations"] == 2
     maps = [s["mAP"] for s in m["per_seed"]]
@@ -311,7 +393,7 @@ def test_d2_toy_voc_end_to_end_two_seeds_one_evaluation_and_resume(toy_world, ba
     assert (tmp_path / "run" / "figures" / "detections.png").is_file()
     # a rerun skips finished seeds; a seed without metrics.json resumes from detectron2's last checkpoint
     (tmp_path / "run" / "seed_1" / "metrics.json").unlink()
-    again = det_train.finetune_detector(cfg, str(backbone), tmp_path / "run")
+    again = stage.finetune_detector(cfg, str(backbone), tmp_path / "run")
     assert len(calls) == 3 and again["per_seed"][0] == m["per_seed"][0]
     assert again["per_seed"][1]["mAP"] == pytest.approx(m["per_seed"][1]["mAP"])
     assert again["per_seed"][1]["resumed_at"] == 2

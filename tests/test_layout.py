@@ -119,3 +119,58 @@ def long_functions(max_lines: int = MAX_FUNCTION_LINES) -> list[str]:
 
 def test_functions_are_short_enough_to_read_at_once():
     assert not long_functions(), "\n".join(long_functions())
+
+
+# the detection stage above its backends, the shared configuration and scoring below them (docs/architecture.md)
+DETECTION = "transfer.detection"
+DETECTION_BACKENDS = (f"{DETECTION}.torchvision_backend", f"{DETECTION}.d2_backend")
+DETECTION_STAGE = f"{DETECTION}.stage"
+# module -> the detection backends it may import: the stage dispatches to both; the eval-only evaluation
+# predicts with the torchvision backend's model, datasets and sharded prediction
+BACKEND_IMPORTERS = {DETECTION_STAGE: DETECTION_BACKENDS, f"{DETECTION}.evaluate": (DETECTION_BACKENDS[0],)}
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+def _imports_module(name: str, module: str) -> bool:
+    return name == module or name.startswith(module + ".")
+
+
+def detection_violations() -> list[str]:
+    """A backend imported by a module of transfer/detection/ other than the stage (and the eval-only evaluation,
+    the torchvision backend's); the stage imported by anything but the pipeline and the tools."""
+    bad = []
+    for package in PACKAGES + ("tools",):
+        for path in sorted(folder(package).rglob("*.py")):
+            name = module_name(path)
+            for line, imported in project_imports(path):
+                for backend in DETECTION_BACKENDS:
+                    if (name.startswith(DETECTION + ".") and _imports_module(imported, backend)
+                            and backend not in BACKEND_IMPORTERS.get(name, ())):
+                        bad.append(f"{path.relative_to(ROOT)}:{line} imports {imported}")
+                if _imports_module(imported, DETECTION_STAGE) and package not in (PIPE, "tools"):
+                    bad.append(f"{path.relative_to(ROOT)}:{line} imports {imported}")
+    return bad
+
+
+def test_detection_stage_above_its_backends():
+    bad = detection_violations()
+    assert not bad, "\n".join(bad)
+
+
+def test_the_detection_checker_catches_a_violation(tmp_path, monkeypatch):
+    det = tmp_path / "transfer" / "detection"
+    det.mkdir(parents=True)
+    (det / "scoring.py").write_text("from transfer.detection import d2_backend\n")
+    (det / "d2_backend.py").write_text("def f():\n    from transfer.detection.stage import run\n")
+    (det / "stage.py").write_text("from transfer.detection import d2_backend, torchvision_backend\n")
+    (tmp_path / "wsol").mkdir()
+    (tmp_path / "wsol" / "x.py").write_text("import transfer.detection.stage\n")
+    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
+    assert detection_violations() == [
+        "transfer/detection/d2_backend.py:2 imports transfer.detection.stage",
+        "transfer/detection/d2_backend.py:2 imports transfer.detection.stage.run",
+        "transfer/detection/scoring.py:1 imports transfer.detection.d2_backend",
+        "wsol/x.py:1 imports transfer.detection.stage"]

@@ -319,7 +319,7 @@ def _defaults(rel: str) -> dict:
     elif family == "wsol":
         from wsol.finetune import DEFAULTS
     elif family == "detection":
-        from transfer.det_train import DEFAULTS
+        from transfer.detection.config import DEFAULTS
     elif family == "pipeline":
         from mixup_transfer.pipeline.run import DEFAULTS
     elif family == "robustness":
@@ -432,7 +432,7 @@ def test_global_batch_is_stated_once():
 
 
 def test_ssd_recipes_use_the_voc_default_boxes():
-    from transfer.detectors import SSD_SCALES
+    from transfer.detection.models import SSD_SCALES
 
     ssd300 = resolved("detection/ssd300_r50_voc0712.yaml")["model"]
     ssd512 = resolved("detection/ssd512_r50_voc0712.yaml")["model"]
@@ -447,7 +447,7 @@ def test_paper_pipeline_detection_batch_times_world_is_the_reference_batch():
     """The paper pipeline's detection entries give each config its source's global batch at the stated
     world size, so the lr is not rescaled."""
     from mixup_transfer.core.config import apply_overrides
-    from transfer.det_train import DEFAULTS as DET
+    from transfer.detection.config import DEFAULTS as DET
 
     for entry in resolved("pipeline/paper.yaml")["detection"]:
         rel = entry["config"].removeprefix("configs/")

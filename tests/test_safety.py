@@ -105,9 +105,9 @@ def test_wsol_finetune_diverging_writes_no_model(run, toy_world, tmp_path, one_t
 
 
 def _det_cfg(toy_world, kind="ssd"):
-    from transfer import det_train
+    from transfer.detection import config as det_config
 
-    return det_train.resolve_config({
+    return det_config.resolve_config({
         "model": {"type": kind, "arch": "resnet18", "size": 64, "max_size": 64, "train_sizes": [64],
                   "kwargs": {"detections_per_img": 10} if kind == "ssd" else {"rpn_pre_nms_top_n_test": 50,
                                                                            "rpn_post_nms_top_n_test": 20}},
@@ -121,16 +121,16 @@ def _det_cfg(toy_world, kind="ssd"):
 def test_detection_prediction_refuses_nan_outputs(toy_world, kind, one_thread):
     """NaN scores fail every score threshold: without the check a broken detector scores mAP 0 with exit 0."""
     from mixup_transfer.core.runtime import NonFiniteOutputError
-    from transfer import det_train
+    from transfer.detection import torchvision_backend as tvb
 
     cfg = _det_cfg(toy_world, kind)
-    _, test, ctx, _ = det_train.build_datasets(cfg)
-    model = det_train.build_model(cfg, ctx["num_classes"], None)
+    _, test, ctx, _ = tvb.build_datasets(cfg)
+    model = tvb.build_model(cfg, ctx["num_classes"], None)
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(float("nan"))
     with pytest.raises(NonFiniteOutputError, match=r"detection: split 2007/test: .* non-finite"):
-        det_train.predict_sharded(model, test, 3, 0, torch.device("cpu"), split="2007/test")
+        tvb.predict_sharded(model, test, 3, 0, torch.device("cpu"), split="2007/test")
 
 
 # ------------------------------------------------------------------------------- content keys cover inputs
@@ -283,7 +283,8 @@ def test_tmp_leftovers_of_a_killed_run_are_removed_on_the_next_start(run, toy_wo
 
 def test_refused_detection_resume_changes_nothing_and_names_real_flags(run, toy_world, tmp_path):
     from mixup_transfer.core import fingerprint as fp
-    from transfer.det_train import load_det_config, seed_fingerprint
+    from transfer.detection.config import load_det_config
+    from transfer.detection.torchvision_backend import seed_fingerprint
 
     config = ROOT / "configs/detection/toy_ssd_voc.yaml"
     over = [f"data.root={toy_world}/VOCdevkit"]
@@ -523,7 +524,7 @@ def test_voc_xml_with_a_non_finite_coordinate_is_a_named_error(tmp_path, value, 
 def test_every_config_value_is_type_checked(stage, cfg, what):
     from mixup_transfer.core.config import ConfigError
     from pretrain.task import resolve_config as pretrain
-    from transfer.det_train import resolve_config as detection
+    from transfer.detection.config import resolve_config as detection
     from transfer.robustness.stage import resolve_config as robustness
     from wsol.finetune import resolve_config as wsol
 

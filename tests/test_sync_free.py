@@ -200,9 +200,10 @@ TORCHVISION = {("ssd.py", "forward", "__bool__"),  # degenerate-box check, one p
 
 def test_a_detection_step_reads_nothing_back(toy_world, tmp_path, monkeypatch):
     """DetectionTask (SSD, the tiny toy VOC setup of tests/test_finetune_det.py) for 20 steps of 2 images."""
-    from transfer import det_train
+    from transfer.detection import config as det_config
+    from transfer.detection import torchvision_backend as tvb
 
-    cfg = det_train.resolve_config({
+    cfg = det_config.resolve_config({
         "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64, "train_sizes": [64],
                   "kwargs": {"detections_per_img": 10}},
         "data": {"format": "voc", "root": str(toy_world / "VOCdevkit"), "voc_train": ["2007/trainval", "2012/trainval"],
@@ -212,7 +213,7 @@ def test_a_detection_step_reads_nothing_back(toy_world, tmp_path, monkeypatch):
         "seeds": [0], "runtime": {"log_period": LOG_EVERY}})
     torch.manual_seed(0)
     device = torch.device("cpu")
-    task = det_train.DetectionTask(cfg, None, 0, device)
+    task = tvb.DetectionTask(cfg, None, 0, device)
     s = cfg["solver"]
     opt = build_optimizer("sgd", task.param_groups(), task.lr(), s["momentum"], s["weight_decay"])
     settings = LoopSettings(total_steps=task.total, device=device, clip_grad_norm=s["clip_grad_norm"],

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tune and evaluate a detector from a backbone checkpoint (thin wrapper over transfer.det_train).
+"""Fine-tune and evaluate a detector from a backbone checkpoint (thin wrapper over transfer.detection.stage).
 
   tools/run_detection.py --config configs/detection/toy_ssd_voc.yaml --weights runs/erm/backbone.pth
   tools/run_detection.py --config configs/detection/ssd300_r50_voc0712.yaml --weights BACKBONE \\
@@ -25,8 +25,9 @@ from mixup_transfer.core.checkpoint import trust_pickled
 from mixup_transfer.core.lock import LOCK_NAME, run_lock
 from mixup_transfer.core.runtime import cleanup_distributed, init_distributed
 from mixup_transfer.core.units import units
-from transfer.d2_backend import Detectron2BackendError, launch_finetune
-from transfer.det_train import finetune_detector, load_det_config
+from transfer.detection.config import load_det_config
+from transfer.detection.d2_backend import Detectron2BackendError, launch_finetune
+from transfer.detection.stage import finetune_detector
 
 log = logging.getLogger("detection")
 
@@ -81,7 +82,8 @@ def _finetune(p, args, cfg: dict, weights: str | None, run_dir: Path) -> int:
         if args.num_gpus > 1:
             if cfg["backend"] != "detectron2" or "RANK" in os.environ:
                 p.error("--num-gpus is for the detectron2 backend outside torchrun (torchrun starts its own)")
-            metrics = launch_finetune(cfg, weights, run_dir, args.num_gpus)
+            trusted = [weights] if args.allow_pickle and weights else []  # each spawned process trusts it
+            metrics = launch_finetune(cfg, weights, run_dir, args.num_gpus, trusted=trusted)
         else:
             main_rank = init_distributed()[0] == 0  # asked before the group is left (then every rank is "main")
             try:
@@ -104,7 +106,7 @@ def _finetune(p, args, cfg: dict, weights: str | None, run_dir: Path) -> int:
 
 
 def _eval_only(cfg: dict, args) -> int:
-    from transfer.det_evaluate import evaluate_detector
+    from transfer.detection.evaluate import evaluate_detector
 
     run_dir = Path(args.run_dir or Path("runs") / "detection" / f"{Path(args.config).stem}_eval")
     log.info("evaluating %s with config %s into %s", args.checkpoint, args.config, run_dir)

@@ -36,7 +36,8 @@ PIXEL_MEAN_RGB = [123.675, 116.28, 103.53]   # torchvision ImageNet mean x 255, 
 PIXEL_STD_RGB = [58.395, 57.12, 57.375]      # torchvision ImageNet std x 255, RGB order
 DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 AUTHOR = "mixup-transfer"
-# The toolkit's own detectron2 dataset names (registered by transfer.d2_backend.register_toolkit_datasets).
+# The toolkit's own detectron2 dataset names (registered by
+# transfer.detection.d2_backend.register_toolkit_datasets).
 # Never detectron2's built-in names (coco_2017_train, voc_2007_test, ...): detectron2 registers those itself,
 # with their metadata (the 80 COCO / 20 VOC classes) fixed, and looks for them under $DETECTRON2_DATASETS.
 VOC_TRAIN = ("mt_voc_2007_trainval", "mt_voc_2012_trainval")
@@ -304,7 +305,7 @@ def detectron2_configs(out_dir: str | os.PathLike, weights_pkl: str | os.PathLik
     `voc_<arch>_C4_24k.yaml` (MoCo-style VOC recipe; bottleneck ResNets only), `voc_<arch>_FPN_18k.yaml`
     (detectron2's VOC FPN recipe; every depth, the one for R18/R34) and `coco_<arch>_FPN_1x.yaml`. Their
     DATASETS are the toolkit's own names (`mt_voc_2007_trainval`, ..., `mt_coco_val2017`): register them
-    with `transfer.d2_backend.register_toolkit_datasets(format, root)` before detectron2's
+    with `transfer.detection.d2_backend.register_toolkit_datasets(format, root)` before detectron2's
     train_net.py-style code builds its loaders (the VOC C4 one also needs
     `register_detectron2_extras()` for its extra-norm RoI head, or voc_extra_norm=False).
     """
@@ -332,7 +333,8 @@ def write_detectron2_yaml(cfg: Mapping, path: str | os.PathLike, arch: str | Non
     check_detectron2_config(cfg, arch)
     header = (f"# detectron2 config written by mixup-transfer (transfer/convert.py) for {weights_name}\n"
               "# RGB input, torchvision mean/std and STRIDE_IN_1X1 False are REQUIRED for them.\n"
-              "# DATASETS are the toolkit's names: transfer.d2_backend.register_toolkit_datasets(format, root)\n")
+              "# DATASETS are the toolkit's names: "
+              "transfer.detection.d2_backend.register_toolkit_datasets(format, root)\n")
     with atomic_path(path) as tmp:
         tmp.write_text(header + yaml.dump(dict(cfg), Dumper=_PlainDumper, sort_keys=False, default_flow_style=None))
     return Path(path)

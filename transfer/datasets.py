@@ -98,7 +98,7 @@ class VOCDetection(Dataset):
                     raise
                 self.skipped.append((image_id, str(e)))
         _report_skipped(str(list_file), self.skipped)
-        if not self.ids:  # the caller decides (a training set needs images, see det_train)
+        if not self.ids:  # the caller decides (a training set needs images: torchvision_backend)
             log.warning("%s: no usable image left (%d skipped as bad)", list_file, len(self.skipped))
 
     def _load(self, image_id: str, keep_difficult: bool) -> dict:

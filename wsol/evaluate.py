@@ -14,6 +14,7 @@ import torch
 
 from mixup_transfer.core import distributed as ddist
 from mixup_transfer.core.data import InputError, inside
+from mixup_transfer.core.inference import inference_on_dataset, to_host
 from mixup_transfer.core.runtime import atomic_path, check_outputs_finite
 from wsol.data import MetadataError, WSOLMetadata, read_wsol_metadata
 from wsol.metrics import LocAccuracy, MaxBoxAccEvaluator, boxes_at_threshold, centred_box
@@ -50,72 +51,78 @@ def centred_box_baseline(metadata_dir, size=(224, 224), fraction: float = 0.5,
     return max((score(round(f, 2)) for f in np.arange(0.05, 1.0001, 0.05)), key=lambda r: r["boxacc_mean"])
 
 
-def _sum_over_ranks(v2: MaxBoxAccEvaluator, v1: MaxBoxAccEvaluator, loc: LocAccuracy, kept: list) -> list:
+def _sum_over_ranks(v2: MaxBoxAccEvaluator, v1: MaxBoxAccEvaluator, loc: LocAccuracy) -> None:
     """Under torchrun each rank accumulated its shard: add every rank's counts into its evaluators (integer
-    counts per threshold: the sums are exactly the single-process counts) and return the kept examples of all
-    ranks in dataset order (the first ones of the split, as one process keeps them)."""
+    counts per threshold: the sums are exactly the single-process counts)."""
     if ddist.rank_world()[1] > 1:
         loc_keys = ("n", "gt_known", "top1", "top5", "top1_cls")
         parts = ddist.all_gather_objects([(ev.num_correct, ev.count) for ev in (v2, v1)]
-                                         + [[getattr(loc, k) for k in loc_keys], kept])
+                                         + [[getattr(loc, k) for k in loc_keys]])
         for j, ev in enumerate((v2, v1)):
             ev.num_correct = {d: sum(p[j][0][d] for p in parts) for d in ev.iou_thresholds}
             ev.count = sum(p[j][1] for p in parts)
         for j, k in enumerate(loc_keys):
             setattr(loc, k, sum(p[2][j] for p in parts))
-        kept = [e for p in parts for e in p[3]]
-    return [ex for _, ex in sorted(kept, key=lambda e: e[0])]
 
 
-@torch.no_grad()
-def evaluate_model(model, loader, meta: WSOLMetadata, device, size=(224, 224), cam_curve_interval=0.001,
-                   iou_thresholds=(30, 50, 70), loc_threshold=0.15, loc_iou=0.5, loc_op=">=",
-                   scoremap_dir=None, keep_examples: int = 0, autocast_ctx=None, progress=None,
-                   split: str = "test") -> dict:
-    """Classification + localization of a CAM model over one split (CAMs of the true class).
+def _batch_records(meta: WSOLMetadata, size, evaluators, scoremap_dir, keep_examples: int):
+    """The per-batch callable of `evaluate_model`: accumulates this rank's images into ``evaluators`` (v2, v1,
+    loc), writes their score maps, and returns one record per image: (non-finite logit and CAM values, its
+    example for figures or None), after one device -> host transfer."""
+    v2, v1, loc = evaluators
 
-    loader yields (images [B, 3, H, W] in [0, 1], labels [B], indices [B]) with indices into
-    ``meta.image_ids`` (torchrun: this rank's shard, counts summed by `_sum_over_ranks`). Returns percentages:
-    top1_cls, top5_cls, maxboxacc_v1 (largest contour, IoU 50), maxboxacc_v2 (all contours, mean over the IoUs),
-    maxboxacc_v2_per_iou, best thresholds, gt_known / top1 / top5_loc at ``loc_threshold`` and ``loc_iou``, the
-    BoxAcc curves, and up to ``keep_examples`` (image, cam, gt, pred boxes) for figures. A NaN or infinite
-    logit or CAM value stops it (`NonFiniteOutputError` naming ``split`` and the count, on every rank) and the
-    score map of such an image is never written."""
-    model.eval()
-    v2 = MaxBoxAccEvaluator(cam_curve_interval, iou_thresholds, multi_contour=True)
-    v1 = MaxBoxAccEvaluator(cam_curve_interval, (50,), multi_contour=False)
-    loc = LocAccuracy(loc_threshold, loc_iou, loc_op, multi_contour=False)
-    if scoremap_dir is not None:
-        scoremap_dir = Path(scoremap_dir)
-    it = loader if progress is None else progress(loader, desc="evaluate")
-    kept, nonfinite = [], 0  # (dataset index, example) pairs; non-finite logit and CAM values
-    for images, labels, indices in it:
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device)
-        ctx = autocast_ctx() if autocast_ctx else torch.autocast("cpu", enabled=False)
-        with ctx:
-            logits, cams = model.logits_and_cams(images, labels)
-        # NaN logits or CAMs would score as a constant map and a wrong class: counted, never saved (checked below)
-        bad = ((~torch.isfinite(logits.float())).flatten(1).sum(1)
-               + (~torch.isfinite(cams.float())).flatten(1).sum(1)).cpu()
-        nonfinite += int(bad.sum())
-        maps = normalise_cams(cams.float(), size)[:, 0].cpu().numpy()
-        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices.cpu().tolist()
-        for j, idx in enumerate(indices.tolist()):
+    def to_records(batch, outputs, indices):
+        images, labels, _ = batch
+        logits, cams = outputs
+        # NaN logits or CAMs would score as a constant map and a wrong class: counted, never saved
+        bad = ((~torch.isfinite(logits.float())).flatten(1).sum(1) + (~torch.isfinite(cams.float())).flatten(1).sum(1))
+        maps = normalise_cams(cams.float(), size)[:, 0]
+        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+        bad, maps, top5 = to_host([bad, maps, top5])
+        maps, top5 = maps.numpy(), top5.tolist()
+        records = []
+        for j, (idx, label) in enumerate(zip(indices, labels.tolist())):
             iid = meta.image_ids[idx]
             gt = gt_boxes_resized(meta, iid, (size[1], size[0]))
             smap = maps[j]
             v2.accumulate(smap, gt, iid)
             v1.accumulate(smap, gt, iid)
-            loc.accumulate(smap, gt, int(labels[j]), top5[j])
+            loc.accumulate(smap, gt, label, top5[j])
             if scoremap_dir is not None and not bad[j]:
                 save_scoremap(scoremap_dir, iid, smap)
-            if len(kept) < keep_examples:
-                kept.append((idx, {"image": images[j].float().cpu().permute(1, 2, 0).numpy(), "cam": smap,
-                                 "gt": gt, "image_id": iid, "label": int(labels[j]), "pred": top5[j][0]}))
-    check_outputs_finite("wsol", split, {"logit or CAM": ddist.sum_counts([nonfinite])[0]})
-    examples = _sum_over_ranks(v2, v1, loc, kept)[:keep_examples]
-    return _report(v2, v1, loc, examples)
+            example = None
+            if idx < keep_examples:
+                example = {"image": images[j].float().permute(1, 2, 0).numpy(), "cam": smap, "gt": gt,
+                           "image_id": iid, "label": label, "pred": top5[j][0]}
+            records.append((int(bad[j]), example))
+        return records
+    return to_records
+
+
+def evaluate_model(model, dataset, meta: WSOLMetadata, device, batch_size: int, workers: int = 0, size=(224, 224),
+                   cam_curve_interval=0.001, iou_thresholds=(30, 50, 70), loc_threshold=0.15, loc_iou=0.5,
+                   loc_op=">=", scoremap_dir=None, keep_examples: int = 0, precision: str = "fp32",
+                   split: str = "test") -> dict:
+    """Classification + localization of a CAM model over one split (CAMs of the true class).
+
+    ``dataset`` yields (image [3, H, W] in [0, 1], label, index into ``meta.image_ids``); each rank predicts its
+    shard (``mixup_transfer.core.inference``), counts summed by `_sum_over_ranks`. Returns percentages:
+    top1_cls, top5_cls, maxboxacc_v1 (largest contour, IoU 50), maxboxacc_v2 (all contours, mean over the IoUs),
+    maxboxacc_v2_per_iou, best thresholds, gt_known / top1 / top5_loc at ``loc_threshold`` and ``loc_iou``, the
+    BoxAcc curves, and the (image, cam, gt, pred boxes) of the first ``keep_examples`` images for figures. A NaN
+    or infinite logit or CAM value stops it (`NonFiniteOutputError` naming ``split`` and the count, on every
+    rank) and the score map of such an image is never written."""
+    v2 = MaxBoxAccEvaluator(cam_curve_interval, iou_thresholds, multi_contour=True)
+    v1 = MaxBoxAccEvaluator(cam_curve_interval, (50,), multi_contour=False)
+    loc = LocAccuracy(loc_threshold, loc_iou, loc_op, multi_contour=False)
+    to_records = _batch_records(meta, size, (v2, v1, loc), None if scoremap_dir is None else Path(scoremap_dir),
+                                keep_examples)
+    res = inference_on_dataset(model, dataset, lambda m, inputs: m.logits_and_cams(inputs[0], inputs[1]), to_records,
+                               batch_size=batch_size, device=device, workers=workers, precision=precision,
+                               select=lambda batch: batch[:2], desc="evaluate")
+    check_outputs_finite("wsol", split, {"logit or CAM": sum(r[0] for r in res.records)})
+    _sum_over_ranks(v2, v1, loc)
+    return _report(v2, v1, loc, [r[1] for r in res.records if r[1] is not None][:keep_examples])
 
 
 def save_scoremap(scoremap_dir: Path, image_id: str, smap: np.ndarray) -> None:

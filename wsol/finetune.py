@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2 as T
 
 from mixup_transfer.core import distributed as ddist
@@ -30,12 +30,10 @@ from mixup_transfer.core.engine import Engine, LoopSettings, Task
 from mixup_transfer.core.engine import build_optimizer as _build_optimizer
 from mixup_transfer.core.runtime import (
     atomic_save,
-    autocast,
     barrier,
     configure_cuda,
     get_device,
     is_main_process,
-    progress,
     seed_everything,
     write_json,
 )
@@ -240,17 +238,11 @@ def _datasets(cfg):
 
 def _eval(model, test, cfg, device, scoremap_dir=None, keep_examples=0):
     e = cfg["eval"]
-    ddist.broadcast_buffers(model)  # after DDP training: rank 0's BatchNorm statistics on every rank
-    mine = ddist.shard_indices(len(test), block=e["batch_size"])  # this rank's whole batches (all of them alone)
-    loader = DataLoader(Subset(test, mine), batch_size=e["batch_size"], shuffle=False,
-                        num_workers=cfg["data"]["num_workers"])
-    size = (cfg["input"]["test_size"],) * 2
-    return evaluate_model(model, loader, test.metadata, device, size=size,
-                          cam_curve_interval=e["cam_curve_interval"], iou_thresholds=e["iou_thresholds"],
-                          loc_threshold=e["loc_threshold"], loc_iou=e["loc_iou"], loc_op=e["loc_op"],
-                          scoremap_dir=scoremap_dir, keep_examples=keep_examples,
-                          autocast_ctx=lambda: autocast(device, cfg["runtime"]["precision"]), progress=progress,
-                          split=cfg["data"]["test_split"])
+    return evaluate_model(model, test, test.metadata, device, e["batch_size"], cfg["data"]["num_workers"],
+                          size=(cfg["input"]["test_size"],) * 2, cam_curve_interval=e["cam_curve_interval"],
+                          iou_thresholds=e["iou_thresholds"], loc_threshold=e["loc_threshold"], loc_iou=e["loc_iou"],
+                          loc_op=e["loc_op"], scoremap_dir=scoremap_dir, keep_examples=keep_examples,
+                          precision=cfg["runtime"]["precision"], split=cfg["data"]["test_split"])
 
 
 def _public(res: dict) -> dict:

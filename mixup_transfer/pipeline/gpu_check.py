@@ -149,7 +149,8 @@ def check_decode(toy: Path, device: torch.device, count: int = 16) -> str:
 # -- the downstream stages ----------------------------------------------------------------------------------------
 
 def check_detection(kind: str, toy: Path, device: torch.device, out: Path) -> str:
-    from transfer.det_train import finetune_detector, load_det_config
+    from transfer.detection.config import load_det_config
+    from transfer.detection.stage import finetune_detector
 
     overrides = [f"data.root={toy / 'VOCdevkit'}", "data.max_train_images=32", "data.max_test_images=16",
                  "solver.epochs=1", "solver.batch_size=8", "solver.warmup_iters=2", "eval.batch_size=8",

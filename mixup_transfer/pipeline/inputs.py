@@ -94,7 +94,7 @@ def pretrain_inputs(cfg: dict) -> Inputs:
 
 def detection_inputs(cfg: dict, backbone) -> Inputs:
     """A detection stage reads the backbone and its `data.root` (VOCdevkit or COCO folder)."""
-    from transfer.det_train import resolve_config
+    from transfer.detection.config import resolve_config
 
     return Inputs(files=[backbone], trees=[resolve_config(cfg)["data"]["root"]])
 

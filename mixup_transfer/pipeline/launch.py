@@ -12,7 +12,7 @@ ImageNet set `runtime.checkpoint_every_steps` (pretraining) so that a requeue lo
 | stage        | entry point                     | tasks                                   |
 |--------------|---------------------------------|-----------------------------------------|
 | pretrain     | `pretrain.task.run`             | N x G (DDP)                             |
-| detection    | `transfer.det_train.run`        | N x G (DDP, as under torchrun)          |
+| detection    | `transfer.detection.stage.run`  | N x G (DDP, as under torchrun)          |
 | wsol         | `wsol.finetune.run`             | N x G (all ranks fine-tune, evaluation sharded, rank 0 writes) |
 | robustness   | `transfer.robustness.stage.run` | N x G (sharded; evaluation only: restarts if requeued) |
 | pipeline     | `pipeline.run.run_pipeline`     | N x G (as under torchrun; finished stages skipped when requeued) |

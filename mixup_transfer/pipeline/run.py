@@ -27,7 +27,7 @@ Layout (with seeds given, `<method>/` becomes `<method>/seed<k>/` and each detec
     mean, std, n
 
 This module calls each stage's one entry point, `run(cfg, inputs, run_dir) -> metrics`, through the adapters of
-`mixup_transfer/pipeline/stages.py` (`pretrain.task`, `transfer.det_train`, `wsol.finetune`,
+`mixup_transfer/pipeline/stages.py` (`pretrain.task`, `transfer.detection.stage`, `wsol.finetune`,
 `transfer.robustness.stage`); the
 downstream stages only see the backbone file.
 """
@@ -183,7 +183,7 @@ class Pipeline:
         """Every stage's resolved config (with the pipeline's overrides) is validated before anything runs."""
         from mixup_transfer.core.config import check_ranges
         from pretrain.task import resolve_config as pretrain_config
-        from transfer.det_train import resolve_config as detection_config
+        from transfer.detection.config import resolve_config as detection_config
         from transfer.robustness.stage import DEFAULTS as ROBUSTNESS
         from transfer.robustness.stage import RANGES
         from wsol.finetune import resolve_config as wsol_config

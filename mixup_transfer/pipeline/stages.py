@@ -17,7 +17,7 @@ from mixup_transfer.core.stage import Stage
 
 DECLARED = {
     "pretrain": "pretrain.stage",
-    "detection": "transfer.det_train",
+    "detection": "transfer.detection.stage",
     "wsol": "wsol.stage",
     "robustness": "transfer.robustness.stage",
 }
@@ -48,7 +48,7 @@ def pretrain(config: str, overrides: list[str], run_dir: Path) -> dict:
 
 
 def detection(config: str, overrides: list[str], weights: Path | None, run_dir: Path) -> dict:
-    from transfer.det_train import run
+    from transfer.detection.stage import run
 
     return run(load_config(config, overrides), {"weights": str(weights) if weights else None}, run_dir)
 

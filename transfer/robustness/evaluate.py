@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Subset
 from mixup_transfer.core import distributed as ddist
 from mixup_transfer.core.config import ConfigError
 from mixup_transfer.core.data import DataError
+from mixup_transfer.core.inference import inference_on_dataset, to_host
 from mixup_transfer.core.runtime import (
     atomic_path,
     autocast,
@@ -104,83 +105,74 @@ _DTYPES = {"label": np.int64, "pred": np.int64, "correct1": bool, "correct5": bo
 ARRAY_KEYS = tuple(_DTYPES)
 
 
-@torch.no_grad()
-def predict(model, loader, device, precision: str = "fp32", localize: bool = False,
-            cam_threshold: float = 0.25, iou_threshold: float = 0.5, keep=(),
-            desc: str = "predict", iou_op: str = ">=") -> dict:
-    """One pass: top-1 / top-5 correctness, max-softmax confidence and (``localize``) top-1 localization.
+def _forward(localize: bool):
+    """The model call of `predict`: (features or None, logits, labels on the device)."""
+    def forward(model, inputs):
+        x, y = inputs[0], inputs[1]
+        return (*model.features_logits(x), y) if localize else (None, model(x), y)
+    return forward
+
+
+def _batch_records(model, localize: bool, cam_threshold: float, iou_threshold: float, iou_op: str, keep: set):
+    """The per-batch callable of `predict`: one record per image (its arrays' entries and, for a dataset index
+    in ``keep``, its example), read back in one transfer."""
+    def to_records(batch, outputs, indices):
+        images, labels, boxes, idx = batch
+        feats, logits, y = outputs
+        logits = logits.float()
+        conf, pred = logits.softmax(1).max(1)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        bad = (~torch.isfinite(logits)).sum(1)
+        cams = []
+        if localize:
+            cams = [class_activation_maps(feats.float(), model.fc_weight.float(), pred, tuple(images.shape[-2:]))]
+            bad = bad + (~torch.isfinite(cams[0])).reshape(len(cams[0]), -1).sum(1)
+        pred, c1, c5, conf, bad, *cams = to_host([pred, pred == y, (top5 == y[:, None]).any(1), conf, bad] + cams)
+        records = []
+        for b, (i, label) in enumerate(zip(idx.tolist(), labels.tolist())):
+            r = {"label": label, "pred": int(pred[b]), "correct1": bool(c1[b]), "correct5": bool(c5[b]),
+                 "confidence": conf[b].numpy(), "nonfinite": int(bad[b]), "loc": None, "example": None}
+            if localize:
+                r["pred_box"] = cam_to_box(cams[0][b].numpy(), cam_threshold)
+                r["loc"] = r["pred"] == label and localized(r["pred_box"], boxes[b].numpy(), iou_threshold, iou_op)
+            if i in keep:
+                r["example"] = (i, images[b], boxes[b].numpy(), r.get("pred_box"))
+            records.append(r)
+        return records
+    return to_records
+
+
+def predict_sharded(model, ds, batch_size: int, num_workers: int, device, precision: str = "fp32",
+                    localize: bool = False, cam_threshold: float = 0.25, iou_threshold: float = 0.5, keep=(),
+                    desc: str = "predict", iou_op: str = ">=") -> dict:
+    """One pass (``mixup_transfer.core.inference``: each rank its shard of whole batches of ``ds``, gathered to
+    every rank in dataset order): top-1 / top-5 correctness, max-softmax confidence and (``localize``) top-1
+    localization.
 
     Returns numpy arrays ``label [n]``, ``pred [n]``, ``correct1 [n]``, ``correct5 [n]``, ``confidence [n]``,
     ``loc [n]`` (bool, or None), ``nonfinite [n]`` (how many logit and CAM values of each image are NaN or
     infinite: `check_finite` stops on any), plus the images / boxes / CAM boxes of the dataset indices in ``keep``
     (the 4th item of each sample) for figures, and ``example_index`` (their dataset indices).
     """
-    out = {k: [] for k in ARRAY_KEYS}
-    examples, ex_boxes, ex_pred_boxes, ex_index = [], [], [], []
-    keep = set(keep)
-    for images, labels, boxes, idx in progress(loader, desc=desc):
-        x = _to_device(images, device)
-        y = labels.to(device)
-        with autocast(device, precision):
-            if localize:
-                feats, logits = model.features_logits(x)
-            else:
-                logits = model(x)
-        logits = logits.float()
-        prob = logits.softmax(1)
-        conf, pred = prob.max(1)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        out["label"].append(labels.numpy())
-        out["pred"].append(pred.cpu().numpy())
-        out["correct1"].append((pred == y).cpu().numpy())
-        out["correct5"].append((top5 == y[:, None]).any(1).cpu().numpy())
-        out["confidence"].append(conf.cpu().numpy())
-        bad = (~torch.isfinite(logits)).sum(1).cpu().numpy()
-        if localize:
-            cams = class_activation_maps(feats.float(), model.fc_weight.float(), pred, tuple(x.shape[-2:]))
-            cams = cams.cpu().numpy()
-            bad = bad + (~np.isfinite(cams)).reshape(len(cams), -1).sum(1)
-            pboxes = [cam_to_box(c, cam_threshold) for c in cams]
-            ok = [bool(p == t) and localized(b, g.numpy(), iou_threshold, iou_op)
-                  for b, g, p, t in zip(pboxes, boxes, pred.tolist(), labels.tolist())]
-            out["loc"].append(np.array(ok, dtype=bool))
-        out["nonfinite"].append(bad.astype(np.int64))
-        for b, i in enumerate(idx.tolist()):
-            if i in keep:
-                ex_index.append(i)
-                examples.append(images[b])
-                ex_boxes.append(boxes[b].numpy())
-                if localize:
-                    ex_pred_boxes.append(pboxes[b])
-    # an empty loader (a rank whose shard is empty) gives empty arrays of the usual dtypes
-    res = {k: (np.concatenate(v) if v else np.zeros(0, _DTYPES[k])) for k, v in out.items()}
+    res = inference_on_dataset(model, ds, _forward(localize),
+                               _batch_records(model, localize, cam_threshold, iou_threshold, iou_op, set(keep)),
+                               batch_size=batch_size, device=device, workers=num_workers, collate_fn=collate,
+                               precision=precision, channels_last=device.type == "cuda",
+                               pin_memory=device.type == "cuda", select=lambda batch: batch[:2], desc=desc)
+    return _arrays(res.records, localize)
+
+
+def _arrays(records: list[dict], localize: bool) -> dict:
+    """`predict_sharded`'s result from its per-image records (empty arrays of the usual dtypes for none)."""
+    out = {k: np.array([r[k] for r in records], dtype=_DTYPES[k]) for k in ARRAY_KEYS}
     if not localize:
-        res["loc"] = None
-    res["examples"] = torch.stack(examples) if examples else None
-    res["example_boxes"], res["example_pred_boxes"], res["example_index"] = ex_boxes, ex_pred_boxes, ex_index
-    return res
-
-
-def predict_sharded(model, ds, batch_size: int, num_workers: int, device, **kwargs) -> dict:
-    """``predict`` with each rank taking its shard of whole batches of ``ds`` (mixup_transfer.core.distributed); the
-    per-image
-    arrays and the kept examples are gathered to every rank in dataset order: the single-process result."""
-    n = len(ds)
-    mine = ddist.shard_indices(n, block=batch_size)
-    p = predict(model, _loader(Subset(ds, mine), batch_size, num_workers, device), device, **kwargs)
-    if ddist.rank_world()[1] == 1:
-        return p
-    arrays = {k: p[k] for k in ARRAY_KEYS if p[k] is not None}
-    merged = ddist.gather_arrays(arrays, mine, n) if n else arrays
-    res = {k: merged.get(k) for k in ARRAY_KEYS}
-    ex = sorted(e for part in ddist.all_gather_objects(list(zip(
-        p["example_index"], [x for x in (p["examples"] if p["examples"] is not None else [])],
-        p["example_boxes"], p["example_pred_boxes"] or [None] * len(p["example_index"])))) for e in part)
-    res["examples"] = torch.stack([e[1] for e in ex]) if ex else None
-    res["example_boxes"] = [e[2] for e in ex]
-    res["example_pred_boxes"] = [e[3] for e in ex] if p["loc"] is not None else []
-    res["example_index"] = [e[0] for e in ex]
-    return res
+        out["loc"] = None
+    ex = [r["example"] for r in records if r["example"] is not None]
+    out["examples"] = torch.stack([e[1] for e in ex]) if ex else None
+    out["example_boxes"] = [e[2] for e in ex]
+    out["example_pred_boxes"] = [e[3] for e in ex] if localize else []
+    out["example_index"] = [e[0] for e in ex]
+    return out
 
 
 def check_finite(p: dict, split: str) -> None:

@@ -1,8 +1,10 @@
 """The detectron2 backend of detection fine-tuning: ``finetune(cfg, weights, run_dir)``.
 
-``transfer.det_train.finetune_detector`` dispatches here for ``backend: detectron2``. What it does, in the
+``transfer.detection.stage.finetune_detector`` dispatches here for ``backend: detectron2``. What it does, in the
 order a detectron2 user would do it by hand:
 
+0. refuses a run folder made from another config or backbone (``run_dir/fingerprint.json``, :func:`check_resume`)
+   before anything is written;
 1. converts the backbone checkpoint to ``run_dir/backbone_d2.pkl`` (``transfer/convert.py``; rank 0 only,
    the others wait at a barrier);
 2. registers the datasets under the toolkit's own names (``mt_voc_2007_trainval``, ``mt_coco_val2017``,
@@ -18,7 +20,8 @@ order a detectron2 user would do it by hand:
 4. for each seed trains with detectron2's ``DefaultTrainer`` in ``run_dir/seed_<s>/detectron2/`` (its
    checkpoints, ``last_checkpoint``, event ``metrics.json``; a rerun resumes there), then evaluates ONCE:
    one inference pass feeds detectron2's evaluator (``PascalVOCDetectionEvaluator`` / ``COCOEvaluator``)
-   and the toolkit's (the same comp4 files / COCO json and numbers as the torchvision backend), and writes
+   and the toolkit's (the same comp4 files / COCO json and numbers as the torchvision backend; a NaN or
+   infinite box or score stops every rank first, ``scoring.check_finite``), and writes
    ``run_dir/seed_<s>/metrics.json``;
 5. writes ``run_dir/metrics.json``: mAP mean and std over seeds, train / test images per second, and
    detectron2's own AP / AP50 / AP75 under ``"detectron2"``.
@@ -41,8 +44,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mixup_transfer.core import distributed as ddist
+from mixup_transfer.core import fingerprint as fp
 from mixup_transfer.core import runtime
+from mixup_transfer.core.checkpoint import trust_pickled
+from mixup_transfer.core.config import dump_config
 from transfer import convert
+from transfer.detection.config import DEFAULTS, RESUME_MAY_CHANGE, resolve_config, scaled_lr
+from transfer.detection.scoring import (
+    check_finite,
+    count_nonfinite,
+    detection_figure,
+    score_predictions,
+    split_name,
+    write_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +68,7 @@ INSTALL = (
     "  (= .venv/bin/pip install 'git+https://github.com/facebookresearch/detectron2.git' --no-build-isolation)\n"
     "or use the default backend: --backend torchvision")
 
-# toolkit model.kwargs -> detectron2 key (the torchvision builder's keyword names, transfer/detectors.py)
+# toolkit model.kwargs -> detectron2 key (the torchvision builder's keyword names, transfer/detection/models.py)
 KWARGS = {
     "anchor_sizes": "MODEL.ANCHOR_GENERATOR.SIZES",
     "aspect_ratios": "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
@@ -193,8 +209,6 @@ def register_toolkit_datasets(fmt_or_specs, root: str | os.PathLike | None = Non
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     if isinstance(fmt_or_specs, str):
-        from transfer.det_train import resolve_config
-
         specs = dataset_specs(resolve_config({"data": {"format": fmt_or_specs, "root": str(root)}}))
     else:
         specs = fmt_or_specs
@@ -300,7 +314,7 @@ def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, devi
     same schedule in both backends (the recipe only supplies what the toolkit has no key for: RPN / RoI
     feature maps, aspect ratios, pooler, ...). Every key is mapped, defaults included, as the torchvision
     backend reads it: ``model.norm: auto`` and ``trainable_layers: null`` resolve as
-    ``transfer.detectors`` resolves them for a pretrained trunk (FrozenBN, 3 trainable stages:
+    ``transfer.detection.models`` resolves them for a pretrained trunk (FrozenBN, 3 trainable stages:
     FREEZE_AT 2); ``solver.batch_size`` is per process (IMS_PER_BATCH = batch_size x processes);
     ``solver.max_iter`` 0 means ``epochs`` x iterations per epoch (training images // IMS_PER_BATCH, at
     least 1, like the torchvision loader's drop_last); ``solver.steps`` are fractions of MAX_ITER.
@@ -309,8 +323,6 @@ def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, devi
     ({dotted detectron2 key: value}, {toolkit key: what it became}). Raises Detectron2BackendError listing
     every setting that has no detectron2 counterpart.
     """
-    from transfer.det_train import DEFAULTS
-
     flat, defaults = _flat(cfg), _flat(DEFAULTS)
     changed = {k for k, v in flat.items() if k not in defaults or v != defaults[k]}
     mp = _Mapped()
@@ -402,8 +414,6 @@ def _map_solver(mp: _Mapped, s: dict, world: int, n_train: int) -> None:
     for key, d2_key in SOLVER.items():
         mp.put(f"solver.{key}", d2_key, int(s[key]) if key == "warmup_iters" else float(s[key]))
     if s["reference_batch"] is not None:  # the linear scaling rule, as the torchvision backend applies it
-        from transfer.det_train import scaled_lr
-
         mp.put("solver.reference_batch", "SOLVER.BASE_LR",
             scaled_lr(s["lr"], s["batch_size"], world, s["reference_batch"]))
     if float(s["clip_grad_norm"]) > 0:
@@ -537,13 +547,14 @@ class _Timed(torch.nn.Module):
         return out
 
 
-def _collector():
+def _collector(split: str):
     from detectron2.evaluation import DatasetEvaluator
     from detectron2.utils import comm
 
     class Collect(DatasetEvaluator):
         """Keeps every prediction (image id, boxes [K, 4] original pixels, scores [K], labels [K] 1-based),
-        gathered on rank 0, for the toolkit's evaluators."""
+        gathered on rank 0, for the toolkit's evaluators. Evaluated first: a NaN or infinite box or score stops
+        every rank (`scoring.check_finite` naming ``split``) before any evaluator scores them."""
 
         def reset(self):
             self._preds, self.predictions = [], []
@@ -555,6 +566,7 @@ def _collector():
                                     inst.pred_classes + 1))
 
         def evaluate(self):
+            check_finite(split, ddist.sum_counts([count_nonfinite(self._preds)])[0])
             gathered = comm.gather(self._preds, dst=0)
             if comm.is_main_process():
                 self.predictions = [p for part in gathered for p in part]
@@ -564,7 +576,7 @@ def _collector():
 
 
 def _toolkit_ctx(specs: dict):
-    """The torchvision backend's evaluation context (its readers; det_train.score_predictions)."""
+    """The torchvision backend's evaluation context (its readers; scoring.score_predictions)."""
     from transfer.datasets import COCODetection, VOCDetection
 
     t = specs["test"]
@@ -589,8 +601,6 @@ def evaluate_once(d2cfg, model, specs: dict, cfg: dict, out_dir: Path) -> dict:
     )
     from detectron2.utils import comm
 
-    from transfer.det_train import score_predictions
-
     name = specs["test"]["name"]
     dicts = DatasetCatalog.get(name)
     loader = build_detection_test_loader(dicts, mapper=DatasetMapper(d2cfg, is_train=False),
@@ -600,9 +610,9 @@ def evaluate_once(d2cfg, model, specs: dict, cfg: dict, out_dir: Path) -> dict:
         theirs = PascalVOCDetectionEvaluator(name)
     else:
         theirs = COCOEvaluator(name, tasks=("bbox",), output_dir=str(out_dir / "detectron2"))  # as DefaultTrainer
-    ours = _collector()
+    ours = _collector(split_name(cfg))
     timed = _Timed(model)
-    results = inference_on_dataset(timed, loader, DatasetEvaluators([theirs, ours]))
+    results = inference_on_dataset(timed, loader, DatasetEvaluators([ours, theirs]))
     if not comm.is_main_process():
         return {}
     toolkit = score_predictions(ours.predictions, _toolkit_ctx(specs), out_dir, cfg["eval"]["metric"])
@@ -613,8 +623,6 @@ def evaluate_once(d2cfg, model, specs: dict, cfg: dict, out_dir: Path) -> dict:
 
 
 def _figure(preds, ctx, path: Path, cfg: dict) -> None:
-    from transfer.det_train import detection_figure
-
     k = int(cfg["eval"]["figure_examples"])
     if not k:
         return
@@ -672,9 +680,8 @@ def train_one_seed(yaml_path: Path, cfg: dict, specs: dict, seed_dir: Path, seed
 
 def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
     """Convert, register, write the YAML, train every seed, evaluate each once; returns (rank 0) and writes
-    ``run_dir/metrics.json``. ``cfg`` is a resolved det_train config with ``backend: detectron2``."""
-    from transfer.det_train import write_summary
-
+    ``run_dir/metrics.json``. ``cfg`` is a resolved detection config (``transfer.detection.config``) with
+    ``backend: detectron2``."""
     require_detectron2()
     if weights is None:
         raise Detectron2BackendError("the detectron2 backend needs --weights (a backbone checkpoint to convert)")
@@ -697,8 +704,7 @@ def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
 def _prepare(cfg: dict, weights: str, run_dir: Path) -> tuple[Path, dict, dict]:
     """Refusals first, then (rank 0) the converted weights and the YAML; every rank registers the datasets.
     Returns (YAML path, dataset specs, mapping report)."""
-    from transfer.det_train import dump_config
-
+    check_resume(cfg, weights, run_dir)
     _ensure_local_process_group()
     world = runtime.world_size()
     device = device_name(cfg)
@@ -717,6 +723,7 @@ def _prepare(cfg: dict, weights: str, run_dir: Path) -> tuple[Path, dict, dict]:
     if main:  # only rank 0 converts; the others wait for the finished file
         run_dir.mkdir(parents=True, exist_ok=True)
         runtime.atomic_write_text(dump_config(cfg), run_dir / "config.yaml")
+        fp.write(run_dir, run_fingerprint(cfg, weights))
         from mixup_transfer.core.checkpoint import load_backbone
 
         state = load_backbone(weights, cfg["model"]["arch"])
@@ -738,16 +745,37 @@ def _prepare(cfg: dict, weights: str, run_dir: Path) -> tuple[Path, dict, dict]:
     return yaml_path, specs, mapped
 
 
-def _launched(cfg, weights, run_dir):
+RESTART = "choose another --run-dir, or delete the run folder to start it over"
+
+
+def run_fingerprint(cfg: dict, weights: str | None) -> dict:
+    """What a detectron2 run folder is made from: the resolved config (the list of seeds aside: a rerun may add
+    seeds) and the backbone's hash."""
+    return fp.make({k: v for k, v in cfg.items() if k != "seeds"}, {"weights": weights})
+
+
+def check_resume(cfg: dict, weights: str | None, run_dir: Path) -> None:
+    """Refuse (`FingerprintMismatch`, before anything is written) to continue a run folder made from another config
+    or backbone (keys outside `RESUME_MAY_CHANGE`): a refused resume leaves the folder as it was, and finished
+    seeds are never relabelled with new inputs."""
+    if (Path(run_dir) / fp.FILE).is_file():
+        fp.check(run_dir, run_fingerprint(cfg, weights), RESUME_MAY_CHANGE, RESTART)
+
+
+def _launched(cfg, weights, run_dir, trusted=()):
+    for path in trusted:  # a spawned process starts with nothing trusted: the parent's --allow-pickle again
+        trust_pickled(path)
     finetune(copy.deepcopy(cfg), weights, run_dir)
 
 
-def launch_finetune(cfg: dict, weights: str | None, run_dir, num_gpus: int, dist_url: str = "auto") -> dict:
+def launch_finetune(cfg: dict, weights: str | None, run_dir, num_gpus: int, dist_url: str = "auto",
+                    trusted=()) -> dict:
     """``finetune`` in ``num_gpus`` processes started by detectron2's ``launch`` (as its train_net.py
-    --num-gpus does; gloo on CPU). Returns the metrics rank 0 wrote."""
+    --num-gpus does; gloo on CPU). ``trusted``: the checkpoints the command line allowed to unpickle
+    (``--allow-pickle``), trusted again in every process. Returns the metrics rank 0 wrote."""
     require_detectron2()
     from detectron2.engine import launch
 
     launch(_launched, int(num_gpus), num_machines=1, machine_rank=0, dist_url=dist_url,
-           args=(cfg, weights, str(run_dir)))
+           args=(cfg, weights, str(run_dir), tuple(str(p) for p in trusted)))
     return json.loads((Path(run_dir) / "metrics.json").read_text())

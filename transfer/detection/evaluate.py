@@ -16,9 +16,11 @@ from pathlib import Path
 from mixup_transfer.core import runtime
 from mixup_transfer.core.checkpoint import CheckpointError, read_checkpoint
 from mixup_transfer.core.units import units
-from transfer.det_train import build_datasets, build_model, predict_sharded, resolve_config, score_predictions
+from transfer.detection.config import resolve_config
+from transfer.detection.scoring import score_predictions
+from transfer.detection.torchvision_backend import build_datasets, build_model, predict_sharded
 
-log = logging.getLogger("det_evaluate")
+log = logging.getLogger(__name__)
 
 
 def load_detector_state(path) -> dict:

@@ -1,0 +1,126 @@
+"""The detection stage's configuration, shared by both backends: every key once in :data:`DEFAULTS`, the
+validation (:func:`resolve_config`, :func:`load_det_config`) and the linear lr scaling rule (:func:`scaled_lr`).
+Imports no backend."""
+
+from __future__ import annotations
+
+from mixup_transfer.core.config import ConfigError, check_ranges, load_config, validate
+
+# Every key, with its meaning. Real recipes and toy configs in configs/detection/ override these.
+DEFAULTS = {
+    "name": "detection",                  # run name (informational)
+    "backend": "torchvision",             # torchvision | detectron2
+    "model": {
+        "type": "ssd",                    # ssd | faster_rcnn_fpn | faster_rcnn_c4
+        "arch": "resnet50",               # resnet18 | resnet34 | resnet50 | resnet101
+        "norm": "auto",                   # auto (frozen_bn with weights, bn without) | frozen_bn | bn
+                                          # | syncbn
+        "trainable_layers": None,         # None: 3 (R-CNN) / 4 (SSD) with weights, 5 without
+        "size": 300,                      # SSD input side; R-CNN test shorter side
+        "max_size": 1333,                 # R-CNN longer-side cap
+        "train_sizes": None,              # R-CNN multi-scale training shorter sides (None: [size])
+        "kwargs": {},                     # extra builder keyword arguments (anchor sizes, proposal counts)
+    },
+    "data": {
+        "format": "voc",                  # voc | coco
+        "root": "",                       # VOC: the VOCdevkit dir; COCO: the dir holding annotations/
+        "voc_train": ["2007/trainval", "2012/trainval"],
+        "voc_test": "2007/test",
+        "classes": None,                  # VOC layout: the class names, in label order (null: the 20 VOC classes)
+        "coco_train": ["train2017", "annotations/instances_train2017.json"],
+        "coco_val": ["val2017", "annotations/instances_val2017.json"],
+        "max_train_images": 0,            # 0: all (a prefix otherwise: quick runs)
+        "max_test_images": 0,
+        "workers": 2,
+        "zoom_out_ratio": 4.0,            # SSD zoom-out canvas ratio (1 disables)
+        "photometric": True,              # SSD photometric distortion
+    },
+    "solver": {
+        "epochs": 12,                     # used when max_iter is 0
+        "max_iter": 0,                    # >0: train this many iterations (the reference recipes' unit)
+        "batch_size": 2,                  # per process
+        "lr": 0.02,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "warmup_iters": 500,
+        "warmup_factor": 0.001,
+        "steps": [0.6667, 0.8889],        # lr drops, as fractions of the total iterations
+        "gamma": 0.1,
+        "clip_grad_norm": 0.0,            # 0: off
+        "reference_batch": None,          # null: lr as given; int: lr is for this effective batch and is
+                                          # scaled linearly to batch_size x world size (scaled_lr)
+    },
+    "eval": {
+        "period": 0,                      # evaluate every N epochs (0: at the end only)
+        "metric": "11point",              # VOC metric: 11point (VOC07) | area
+        "batch_size": 4,
+        "figure_examples": 6,
+        "figure_score_thresh": 0.3,
+    },
+    "seeds": [0],
+    "runtime": {
+        "device": "auto",
+        "precision": "fp32",              # fp32 | bf16 | fp16 (CUDA only)
+        "channels_last": True,            # CUDA only
+        "log_period": 20,
+        "tensorboard": "auto",            # auto | true | false: also write RUN/tensorboard
+                                          # (auto: when the package is installed)
+        "num_threads": 0,                 # torch CPU threads (0: torch's default)
+    },
+}
+
+
+RANGES = {
+    "solver.epochs": (">", 0), "solver.max_iter": (">=", 0), "solver.batch_size": (">", 0), "solver.lr": (">", 0),
+    "solver.momentum": (">=", 0, "<", 1), "solver.weight_decay": (">=", 0), "solver.warmup_iters": (">=", 0),
+    "solver.warmup_factor": (">", 0, "<=", 1), "solver.gamma": (">", 0), "solver.clip_grad_norm": (">=", 0),
+    "solver.reference_batch": (">", 0), "model.size": (">", 0), "model.max_size": (">", 0),
+    "data.max_train_images": (">=", 0), "data.max_test_images": (">=", 0), "data.workers": (">=", 0),
+    "eval.period": (">=", 0), "eval.batch_size": (">", 0), "eval.metric": ("in", ("11point", "area")),
+    "data.format": ("in", ("voc", "coco")), "backend": ("in", ("torchvision", "detectron2")),
+    "runtime.precision": ("in", ("fp32", "bf16", "fp16")), "runtime.log_period": (">", 0),
+}
+
+
+# the types of the keys whose default is null (mixup_transfer.core.config.validate checks the others against their
+# defaults)
+TYPES = {"model.trainable_layers": int, "model.train_sizes": list[int], "solver.reference_batch": int}
+
+
+def resolve_config(cfg: dict) -> dict:
+    """Validate against :data:`DEFAULTS` (unknown keys rejected, missing ones filled, types and RANGES checked)."""
+    cfg = validate(cfg, DEFAULTS, types=TYPES)
+    check_ranges(cfg, RANGES)
+    if not cfg["seeds"] or len(set(cfg["seeds"])) != len(cfg["seeds"]):
+        raise ConfigError(f"config key seeds: {cfg['seeds']!r} must be a non-empty list of distinct seeds")
+    classes = cfg["data"]["classes"]
+    if classes is not None and (not isinstance(classes, list) or not classes or len(set(classes)) != len(classes)
+                                or not all(isinstance(c, str) and c for c in classes)):
+        raise ConfigError(f"config key data.classes: {classes!r} must be a non-empty list of distinct class names "
+                          "(or null: the 20 VOC classes)")
+    return cfg
+
+
+def load_det_config(path, overrides=()) -> dict:
+    """A detection YAML (``_BASE_`` chain, ``KEY=VALUE`` overrides) validated against :data:`DEFAULTS`."""
+    return load_config(path, overrides, defaults=DEFAULTS)
+
+
+
+def scaled_lr(lr: float, batch_per_process: int, world_size: int, reference_batch: int | None) -> float:
+    """The linear scaling rule (Goyal et al. 2017, as torchvision's detection reference states it: lr 0.02
+    for 8 GPUs x 2 images, "0.02/8*$NGPU" otherwise): ``lr * batch_per_process * world_size /
+    reference_batch``; ``reference_batch`` None returns ``lr`` unchanged."""
+    if reference_batch is None:
+        return float(lr)
+    if reference_batch <= 0 or batch_per_process <= 0 or world_size <= 0:
+        raise ValueError(f"scaled_lr needs positive batches and world size, got batch_per_process="
+                         f"{batch_per_process}, world_size={world_size}, reference_batch={reference_batch}")
+    return float(lr) * batch_per_process * world_size / reference_batch
+
+
+# config keys a resume (or the reuse of a finished seed) may change, in both backends: execution and reporting,
+# not results
+RESUME_MAY_CHANGE = ("name", "data.workers", "runtime.device", "runtime.num_threads", "runtime.log_period",
+                     "runtime.tensorboard",
+                     "eval.figure_examples", "eval.figure_score_thresh")
