@@ -52,8 +52,7 @@ from pretrain.data import (
     val_transform,
 )
 from pretrain.figures import plot_curves
-from pretrain.methods import ResNetStages, build_configured, check_method_config
-from pretrain.mixing import have_gco
+from pretrain.methods import ResNetStages, build_configured, check_method_config, have_gco
 
 log = logging.getLogger(__name__)
 
