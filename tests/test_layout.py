@@ -1,7 +1,8 @@
 """The package layout shows the data flow, and a test keeps it that way (docs/architecture.md):
 
 core <- toyworld; core <- pretrain; core (+ pretrain.methods, the method registry) <- transfer, wsol;
-everything <- pipeline; no library imports tools/. Checked on the import statements (AST) of every module."""
+everything <- pipeline; no library imports tools/; a method family of pretrain/methods/ imports `base` and its own
+solver, not another family. Checked on the import statements (AST) of every module."""
 
 import ast
 from pathlib import Path
