@@ -13,8 +13,7 @@ import time
 
 import torch
 
-from pretrain.methods import ResNetStages, build_method
-from pretrain.mixing import have_gco
+from pretrain.methods import ResNetStages, build_method, have_gco
 
 # (label, method name, knobs). Feature-space methods are forced onto their mixing branch (prob 1,
 # AlignMix's aligned-feature mode) so that the ratio is the cost of the mixing itself, the worst case.
@@ -25,15 +24,15 @@ FULL = [
     ("dense_multimix", "dense_multimix", {"prob": 1.0}),
     ("alignmix", "alignmix", {}),  # the released code: its own mode draw (input 1/2, aligned 1/2)
     ("alignmix_stage2", "alignmix_stage2", {"modes": ["feat", "feat_rev"]}),
-    ("multi_mix_manifold_embedding_k5", "multi_mix", {"base": "manifold", "layers": [5], "k": 5}),
-    ("multi_mix_manifold_layer2_k5", "multi_mix", {"base": "manifold", "layers": [2], "k": 5}),
-    ("multi_mix_input_k5", "multi_mix", {"base": "input", "k": 5}),
+    ("multi_interp_manifold_embedding_k5", "multi_interp", {"base": "manifold", "layers": [5], "k": 5}),
+    ("multi_interp_manifold_layer2_k5", "multi_interp", {"base": "manifold", "layers": [2], "k": 5}),
+    ("multi_interp_input_k5", "multi_interp", {"base": "input", "k": 5}),
     ("cutmix", "cutmix", {}),
     ("puzzlemix", "puzzlemix", {"solver": "gco"}),  # skipped when gco-wrapper is not installed
     ("puzzlemix_swap", "puzzlemix", {"solver": "swap"}),  # the built-in fallback
 ]
 TARGETS = {"multimix": 1.03, "dense_multimix": 1.15, "alignmix": 1.10, "alignmix_stage2": 1.10,
-           "multi_mix_manifold_embedding_k5": 1.10, "puzzlemix": 2.0, "puzzlemix_swap": 2.0}
+           "multi_interp_manifold_embedding_k5": 1.10, "puzzlemix": 2.0, "puzzlemix_swap": 2.0}
 
 
 def run_pretrain_bench(quick: bool = False, arch: str = "resnet50", batch: int = 32, size: int = 112,

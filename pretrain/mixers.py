@@ -18,7 +18,8 @@ CutMix, as timm's `switch_prob`).
   the `Draw` from its own seeded streams and calls the same `apply`, so both paths run one implementation.
 - With a generator on the input's device nothing is read back to the host (except PuzzleMix, whose graph cut runs
   on the host); a CPU generator with CUDA inputs sends its draws with a non-blocking copy.
-The math is `pretrain.mixing`'s; this module holds the draws and the vectorised boxes.
+The math is `pretrain.methods`' (`base`, `cutmix`, `puzzlemix`); this module holds the draws and the vectorised
+boxes.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain import mixing as mx
+from pretrain.methods import base as shared
+from pretrain.methods import cutmix, puzzlemix
 
 
 class PairTargets(NamedTuple):
@@ -47,7 +49,8 @@ def mixed_loss(logits: torch.Tensor, targets, criterion: Callable | None = None)
     """The mean loss of `logits` [n, c] against a mixer's targets: soft [n, c] or `PairTargets`.
 
     criterion(logits, target, reduction="none") -> [n]; default: cross-entropy (with the pair targets' label
-    smoothing). With soft targets the default is H(targets, softmax(logits)) (`mixing.soft_cross_entropy`)."""
+    smoothing). With soft targets the default is H(targets, softmax(logits))
+    (`pretrain.methods.base.soft_cross_entropy`)."""
     if isinstance(targets, PairTargets):
         if criterion is None:
             def criterion(z, t, reduction):
@@ -56,13 +59,13 @@ def mixed_loss(logits: torch.Tensor, targets, criterion: Callable | None = None)
         per = lam * criterion(logits, targets.y_a, reduction="none")
         return (per + (1 - lam) * criterion(logits, targets.y_b, reduction="none")).mean()
     if criterion is None:
-        return mx.soft_cross_entropy(logits, targets)
+        return shared.soft_cross_entropy(logits, targets)
     return criterion(logits, targets, reduction="none").mean()
 
 
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
     """[b] int -> [b, c]: 1 - smoothing + smoothing / c on the label, smoothing / c elsewhere (timm's convention)."""
-    y = mx.one_hot(labels, num_classes)
+    y = shared.one_hot(labels, num_classes)
     return y if smoothing == 0 else y * (1 - smoothing) + smoothing / num_classes
 
 
@@ -100,7 +103,7 @@ def _weight(lam, x: torch.Tensor):
     """A mixing weight for x: a Python float when it is one host number (a kernel argument, no copy), else a
     float32 tensor [n] on x's device."""
     if isinstance(lam, (list, tuple)):
-        return float(lam[0]) if len(lam) == 1 else mx.host_to_device(lam, x.device)
+        return float(lam[0]) if len(lam) == 1 else shared.host_to_device(lam, x.device)
     return _to(lam, x.device).to(torch.float32)
 
 
@@ -151,7 +154,7 @@ class Mixer:
 
     def _lam(self, n: int, g: torch.Generator) -> torch.Tensor:
         """[n] Beta(alpha, alpha) draws, replaced by 1 (no mixing) with probability 1 - prob."""
-        lam = mx.sample_beta(self.alpha, self.alpha, n, g, g.device)
+        lam = shared.sample_beta(self.alpha, self.alpha, n, g, g.device)
         if self.prob < 1:
             lam = torch.where(torch.rand(n, generator=g, device=g.device) < self.prob, lam, torch.ones_like(lam))
         return lam
@@ -165,7 +168,7 @@ class Mixer:
             lam = kept.expand(y.shape[0]) if isinstance(kept, torch.Tensor) else torch.full(
                 (y.shape[0],), float(kept), device=y.device)
             return PairTargets(y, y[perm], lam, self.label_smoothing)
-        return mx.mixup(smooth_one_hot(y, self.num_classes, self.label_smoothing), perm, kept)
+        return shared.mixup(smooth_one_hot(y, self.num_classes, self.label_smoothing), perm, kept)
 
     def draw(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Draw:
         raise NotImplementedError
@@ -183,7 +186,7 @@ class MixUp(Mixer):
 
     def apply(self, x, y, draw: Draw):
         perm, lam = _to(draw.perm, x.device), _weight(_host(draw).lam, x)
-        return mx.mixup(x, perm, lam), self.targets(y, perm, lam)
+        return shared.mixup(x, perm, lam), self.targets(y, perm, lam)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,7 +195,7 @@ class MixUp(Mixer):
 
 
 def cutmix_boxes(h: int, w: int, side: torch.Tensor, centre: torch.Tensor):
-    """`mixing.cutmix_box` for n boxes at once, on the tensors' device: side [n] the box side as a fraction of
+    """`cutmix.cutmix_box` for n boxes at once, on the tensors' device: side [n] the box side as a fraction of
     the image (sqrt(1 - lam) for CutMix), centre [n, 2] int (row, column) ->
     (boxes [n, 4] long (y0, y1, x0, x1), kept [n] float64 = 1 - box area / (h w)). Side in float64, so the
     integer sizes equal the host function's."""
@@ -207,7 +210,7 @@ def cutmix_boxes(h: int, w: int, side: torch.Tensor, centre: torch.Tensor):
 
 def keep_masks(h: int, w: int, boxes: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """boxes [n, 4] (y0, y1, x0, x1) -> [n, 1, h, w] of `dtype`: 0 inside the box (the partner's pixels), 1 outside
-    (the first image's), as `mixing.box_mask` for n boxes."""
+    (the first image's), as `cutmix.box_mask` for n boxes."""
     rows = torch.arange(h, device=boxes.device)
     cols = torch.arange(w, device=boxes.device)
     out_r = ((rows < boxes[:, :1]) | (rows >= boxes[:, 1:2])).to(dtype)  # [n, h]: row outside the box
@@ -232,7 +235,7 @@ def paste_boxes(x: torch.Tensor, perm: torch.Tensor, boxes) -> torch.Tensor:
 class CutMix(Mixer):
     """CutMix (Yun et al., "CutMix: Regularization Strategy to Train Strong Classifiers with Localizable
     Features"): a box of side sqrt(1 - lam) with a uniform centre, pasted from the partner; the label weight is
-    the kept area (`mixing.cutmix_box`, per example when per_sample)."""
+    the kept area (`cutmix.cutmix_box`, per example when per_sample)."""
 
     def draw(self, x, generator=None) -> Draw:
         g = self._generator(x, generator)
@@ -247,7 +250,7 @@ class CutMix(Mixer):
         h, w = x.shape[-2:]
         perm, draw = _to(draw.perm, x.device), _host(draw)
         if isinstance(draw.centre, tuple):  # one host box: the host function
-            box, kept = mx.cutmix_box(h, w, draw.lam[0], centre=draw.centre)
+            box, kept = cutmix.cutmix_box(h, w, draw.lam[0], centre=draw.centre)
             return paste_boxes(x, perm, box), self.targets(y, perm, kept)
         lam, centre = torch.as_tensor(draw.lam), torch.as_tensor(draw.centre)
         boxes, kept = cutmix_boxes(h, w, torch.sqrt(1 - lam.double()), centre)
@@ -287,14 +290,14 @@ def gradient_saliency(model: nn.Module) -> Callable:
                 (grad,) = torch.autograd.grad(F.cross_entropy(model(xg).float(), y), xg)
         finally:
             model.train(was_training)
-        return mx.saliency_map(grad)
+        return puzzlemix.saliency_map(grad)
 
     return saliency
 
 
 class PuzzleMix(Mixer):
     """PuzzleMix (Kim et al., "Puzzle Mix: Exploiting Saliency and Local Statistics for Optimal Mixup"),
-    `mixing.puzzle_mix_many`: a block grid drawn from `grids`, a graph-cut mask of the two saliency maps and the
+    `puzzlemix.puzzle_mix_many`: a block grid drawn from `grids`, a graph-cut mask of the two saliency maps and the
     transport of salient blocks; the label weight is the mask mean. The saliency [b, h, w] is passed to the call
     (`mixer(x, y, saliency=s)`) or computed by `saliency(x, y)` given at construction (`gradient_saliency(model)`
     is the official one). Per batch only (one lam); the graph cut runs on the host. pixels: a callable x -> x in
@@ -325,7 +328,7 @@ class PuzzleMix(Mixer):
         sal = saliency if saliency is not None else self._saliency(x, y)
         pixels = None if self.pixels is None else self.pixels(x)
         with torch.no_grad():
-            mixed, kept, _ = mx.puzzle_mix_many(x, sal, perm, grid, list(lams), pixels=pixels, fill=self.fill,
+            mixed, kept, _ = puzzlemix.puzzle_mix_many(x, sal, perm, grid, list(lams), pixels=pixels, fill=self.fill,
                                                 **self.knobs)
         return mixed.detach(), kept
 
@@ -342,10 +345,10 @@ class PuzzleMix(Mixer):
 
 
 class MultiMixK:
-    """multi-mix (Shen, Yu, Yang and Kwok; the toolkit's `multi_mix` method): K sorted weights
+    """multi-mix (Shen, Yu, Yang and Kwok; the toolkit's `multi_interp` method): K sorted weights
     lam_1 <= ... <= lam_K ~ Beta(alpha, alpha) (the base mixer's alpha) and one partner per example; every pair
     is mixed K times by the base mixer: MixUp (K interpolations), CutMix (K nested boxes of side sqrt(lam_k)
-    sharing one centre, `mixing.nested_boxes`) or PuzzleMix (K masks sharing the saliency). Output [K*b, ...],
+    sharing one centre, `cutmix.nested_box_list`) or PuzzleMix (K masks sharing the saliency). Output [K*b, ...],
     block k with lam_k; targets in the base mixer's kind."""
 
     def __init__(self, base: Mixer, k: int = 5):
@@ -361,7 +364,7 @@ class MultiMixK:
     def draw(self, x, generator=None) -> Draw:
         g = self.base._generator(x, generator)
         d = self.base.draw(x, g)  # the partner, and CutMix's centre / PuzzleMix's grid
-        d.lam = mx.sorted_betas(self.k, self.base.alpha, g, g.device)
+        d.lam = shared.sorted_betas(self.k, self.base.alpha, g, g.device)
         if d.centre is not None:
             d.centre = d.centre[:1]
         return d
@@ -370,8 +373,8 @@ class MultiMixK:
         b = x.shape[0]
         perm, draw = _to(draw.perm, x.device), _host(draw)
         if isinstance(self.base, MixUp):
-            kept = mx.host_to_device(draw.lam, x.device) if isinstance(draw.lam, list) else _to(draw.lam, x.device)
-            x_mixed, kept = mx.multi_mixup(x, perm, kept.float()), kept.float().repeat_interleave(b)
+            kept = shared.host_to_device(draw.lam, x.device) if isinstance(draw.lam, list) else _to(draw.lam, x.device)
+            x_mixed, kept = shared.multi_mixup(x, perm, kept.float()), kept.float().repeat_interleave(b)
         elif isinstance(self.base, CutMix):
             x_mixed, kept = self._nested(x, perm, draw)
             kept = kept.repeat_interleave(b)
@@ -384,8 +387,8 @@ class MultiMixK:
         """K nested boxes pasted from the partners -> (x [K*b, C, h, w], kept [K] on x's device)."""
         h, w = x.shape[-2:]
         if isinstance(draw.centre, tuple):  # host draws: the host function
-            boxes, kept = mx.nested_box_list(h, w, draw.lam, draw.centre)
-            kept = mx.host_to_device(kept, x.device)
+            boxes, kept = cutmix.nested_box_list(h, w, draw.lam, draw.centre)
+            kept = shared.host_to_device(kept, x.device)
         else:
             boxes, kept = cutmix_boxes(h, w, torch.sqrt(draw.lam.double()), draw.centre.expand(self.k, 2))
             boxes, kept = boxes.unsqueeze(1), _to(kept.float(), x.device)

@@ -31,7 +31,7 @@ from mixup_transfer.core import runtime as rt
 from mixup_transfer.core.checkpoint import ALL_ARCHS, save_backbone
 from mixup_transfer.core.config import ConfigError, check_ranges, dump_config, validate
 from mixup_transfer.core.data import read_bytes, read_image, read_image_uint8
-from mixup_transfer.core.engine import Engine, LoopSettings, Task, build_optimizer
+from mixup_transfer.core.engine import ClassificationTask, Engine, LoopSettings, build_optimizer
 from mixup_transfer.core.schedule import lr_factor
 from mixup_transfer.core.smalldata import DATASETS, detect_layout, open_classification
 from mixup_transfer.core.units import units
@@ -53,8 +53,7 @@ from pretrain.data import (
     val_transform,
 )
 from pretrain.figures import plot_curves
-from pretrain.methods import ResNetStages, build_configured, check_method_config
-from pretrain.mixing import have_gco
+from pretrain.methods import ResNetStages, build_configured, check_method_config, have_gco
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +192,9 @@ def batch_plan(optim: dict, world: int) -> dict:
             "accumulate": acc, "micro_batch": per_process // acc}
 
 
-class PretrainTask(Task):
-    """One mixing method on an ImageNet-layout folder; the engine runs its steps."""
+class PretrainTask(ClassificationTask):
+    """One mixing method on an ImageNet-layout folder; the engine runs its steps. The train top-1 of the epoch
+    record counts the steps whose method returns clean logits (ERM; `ClassificationTask`)."""
 
     resumable_across_world_sizes = True
 

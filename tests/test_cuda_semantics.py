@@ -16,14 +16,18 @@ import os
 import socket
 from pathlib import Path
 
+import mixing_reference as refmath
 import numpy as np
 import pytest
 import torch
 
 from mixup_transfer.core import runtime as rt
 from mixup_transfer.core.engine import Engine, LoopSettings, Task, build_optimizer
-from pretrain import mixing as mx
 from pretrain.methods import ResNetStages, build_method
+from pretrain.methods import base as shared
+from pretrain.methods import multimix as mm
+from pretrain.methods import puzzlemix as pz
+from pretrain.methods import puzzlemix_graphcut as graphcut
 
 pytestmark = [pytest.mark.cuda_semantics, pytest.mark.usefixtures("one_thread")]  # one_thread: conftest.py
 
@@ -248,7 +252,7 @@ def test_more_local_ranks_than_visible_gpus_is_an_error_naming_both(monkeypatch)
 def _confident_puzzlemix():
     """PuzzleMix on a ResNet-18 whose classifier is scaled until most of 8 images are classified with
     probability ~1, so that the input gradient of the loss is tiny (1e-20 to 1e-5)."""
-    from pretrain.methods import _puzzle_saliency
+    from pretrain.methods.puzzlemix import _puzzle_saliency
 
     torch.manual_seed(0)
     net = ResNetStages("resnet18", 10)
@@ -274,7 +278,7 @@ def test_puzzlemix_saliency_survives_fp16_autocast():
     assert (ref.flatten(1).amax(1) > 0).all()
     assert (sal.flatten(1).amax(1) > 0).all()
     torch.testing.assert_close(sal, ref, rtol=1e-5, atol=0)
-    grid = mx.saliency_grid(sal, 4)
+    grid = pz.saliency_grid(sal, 4)
     assert torch.isfinite(grid).all() and torch.allclose(grid.sum((1, 2)), torch.ones(8))
 
 
@@ -283,7 +287,7 @@ def test_an_all_zero_saliency_map_is_uniform_on_the_grid():
     (garbage masks, no error); a zero map is uniform over the grid blocks instead."""
     sal = torch.zeros(2, 8, 8)
     sal[1, :4, :4] = 2.0  # all of image 1's saliency in its top-left quarter
-    grid = mx.saliency_grid(sal, 2)
+    grid = pz.saliency_grid(sal, 2)
     assert grid[0].tolist() == [[0.25, 0.25], [0.25, 0.25]]
     assert grid[1].tolist() == [[1.0, 0.0], [0.0, 0.0]]
 
@@ -301,9 +305,9 @@ def _mixing_inputs():
     logits = torch.randn(b, c, generator=g) * 4
     dense = torch.randn(b, c, r, generator=g) * 4
     labels = torch.randint(c, (b,), generator=g)
-    y = mx.one_hot(labels, c)
-    lam = mx.dirichlet_weights(b, n, generator=g)
-    mhat, s = mx.dense_mix_weights(torch.rand(b, r, generator=g), mx.dirichlet_weights(b, n, generator=g, sets=r))
+    y = shared.one_hot(labels, c)
+    lam = shared.dirichlet_weights(b, n, generator=g)
+    mhat, s = mm.dense_mix_weights(torch.rand(b, r, generator=g), shared.dirichlet_weights(b, n, generator=g, sets=r))
     z = torch.randn(b, d, r, generator=g)
     return logits, dense, labels, y, lam, mhat, s, z, torch.randn(c, d, generator=g)
 
@@ -316,14 +320,14 @@ def test_mixing_math_is_fp32_inside_bf16_autocast(what):
     `.float()` operand was cast back to bf16: errors of 1e-3 relative). Cannot show: TF32 (an Ampere/Hopper
     matmul mode, off by default for matmul in torch)."""
     logits, dense, labels, y, lam, mhat, s, z, w = _mixing_inputs()
-    fn = {"multimix_loss": lambda: mx.multimix_loss_from_logits(logits, labels, lam),
-          "dense_loss_hard": lambda: mx.dense_multimix_loss_from_logits(dense, labels, mhat, s),
-          "dense_loss_soft": lambda: mx.dense_multimix_loss_from_logits(dense, y, mhat, s),
-          "multimix_targets": lambda: mx.multimix(z.flatten(1), y, lam)[1],
-          "dense_targets": lambda: mx.dense_multimix(z, y, torch.ones(6, 5) / 5, mx.dirichlet_weights(
+    fn = {"multimix_loss": lambda: mm.multimix_loss_from_logits(logits, labels, lam),
+          "dense_loss_hard": lambda: mm.dense_multimix_loss_from_logits(dense, labels, mhat, s),
+          "dense_loss_soft": lambda: mm.dense_multimix_loss_from_logits(dense, y, mhat, s),
+          "multimix_targets": lambda: refmath.multimix(z.flatten(1), y, lam)[1],
+          "dense_targets": lambda: refmath.dense_multimix(z, y, torch.ones(6, 5) / 5, shared.dirichlet_weights(
               6, 4, generator=torch.Generator().manual_seed(1), sets=5))[1],
-          "gap_attention": lambda: mx.dense_attention(z, "gap_l1relu"),
-          "cam_attention": lambda: mx.dense_attention(z, "cam_softmax", w, y)}[what]
+          "gap_attention": lambda: mm.dense_attention(z, "gap_l1relu"),
+          "cam_attention": lambda: mm.dense_attention(z, "cam_softmax", w, y)}[what]
     ref = fn()
     out = _in_bf16_autocast(fn)
     assert out.dtype == torch.float32
@@ -751,18 +755,18 @@ def test_workers_and_graph_cut_threads_follow_the_cpus_the_process_may_use(monke
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert rt.usable_cpus() == 8 and rt.default_workers() == 3 and rt.default_workers(cap=2) == 2
     pools = []
-    monkeypatch.setattr(mx, "_pool", lambda threads: pools.append(threads) or __import__(
+    monkeypatch.setattr(graphcut, "_pool", lambda threads: pools.append(threads) or __import__(
         "concurrent.futures").futures.ThreadPoolExecutor(threads))
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    unary, dist, w_v, w_h = mx.puzzle_energy(*_puzzle_terms(6), lam=0.5)
-    mx.grid_labels(unary, dist, w_v, w_h, solver="swap")
+    unary, dist, w_v, w_h = pz.puzzle_energy(*_puzzle_terms(6), lam=0.5)
+    graphcut.grid_labels(unary, dist, w_v, w_h, solver="swap")
     assert pools == [4]
 
 
 def _puzzle_terms(b: int):
     g = torch.Generator().manual_seed(0)
-    sal = mx.saliency_grid(torch.rand(b, 8, 8, generator=g), 2)
-    dv, dh = mx.boundary_differences(torch.rand(b, 3, 8, 8, generator=g), torch.rand(b, 3, 8, 8, generator=g), 2)
+    sal = pz.saliency_grid(torch.rand(b, 8, 8, generator=g), 2)
+    dv, dh = pz.boundary_differences(torch.rand(b, 3, 8, 8, generator=g), torch.rand(b, 3, 8, 8, generator=g), 2)
     return sal, sal.flip(0), dv, dh
 
 
@@ -780,8 +784,8 @@ def test_cuda_settings_autotune_and_keep_torchs_tf32_policy(monkeypatch):
 
 FORWARD_CASES = [
     ("erm", {}), ("input_mixup", {}), ("manifold_mixup", {}), ("cutmix", {}), ("multimix", {"n": 50}),
-    ("multimix", {"n": 8, "layer": 2}), ("dense_multimix", {"n": 50}), ("multi_mix", {"base": "input", "k": 3}),
-    ("multi_mix", {"base": "cutmix", "k": 3}), ("alignmix", {}), ("alignmix_stage2", {"resolution": 1}),
+    ("multimix", {"n": 8, "layer": 2}), ("dense_multimix", {"n": 50}), ("multi_interp", {"base": "input", "k": 3}),
+    ("multi_interp", {"base": "cutmix", "k": 3}), ("alignmix", {}), ("alignmix_stage2", {"resolution": 1}),
     ("alignmix_ae", {"resolution": 1, "decoder_size": 16}),
 ]
 

@@ -223,3 +223,27 @@ def test_grad_norm_is_measured_on_the_device_and_logged(tmp_path):
     epoch = next(r for r in logs if r["event"] == "epoch")
     steps = [r["grad_norm2"] for r in logs if r["event"] == "step"]
     assert len(steps) == 2 and epoch["grad_norm2"] == pytest.approx(sum(steps) / 2, rel=1e-6)
+
+
+def test_task_declares_everything_the_engine_reads():
+    """Every attribute the engine reads from its task is declared on `Task` (no getattr fallbacks), and the step's
+    accounting is the task's: a plain Task adds no counts, a ClassificationTask counts the clean logits' top-1."""
+    import ast
+    import inspect
+
+    from mixup_transfer.core import engine
+    from mixup_transfer.core.engine import ClassificationTask
+
+    source = inspect.getsource(engine.Engine)
+    read = {n.attr for n in ast.walk(ast.parse(source))
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute) and n.value.attr == "task"}
+    assert {"step_metrics", "epoch_metrics", "resume_may_change", "resumable_across_world_sizes"} <= read
+    assert read <= set(vars(Task)) | set(Task.__annotations__), sorted(read - set(vars(Task)))
+    assert "getattr" not in source
+    batch, out = (None, torch.tensor([1, 2, 0])), {"logits": torch.tensor([[0.0, 1, 0], [0, 0, 1], [0, 1, 0]])}
+    assert Task().step_metrics(batch, out) == {} and Task().epoch_metrics({"correct": 2.0, "count": 3.0}) == {}
+    counts = ClassificationTask().step_metrics(batch, out)
+    assert counts["correct"].item() == 2 and counts["count"] == 3.0
+    assert ClassificationTask().step_metrics(batch, {"loss": torch.tensor(1.0)}) == {}
+    assert ClassificationTask().epoch_metrics({"correct": 3.0, "count": 4.0}) == {"train_top1": 75.0}
+    assert ClassificationTask().epoch_metrics({"loss": 1.0}) == {}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pretrain.bench import FULL, run_gpu_bench
-from pretrain.mixing import have_gco
+from pretrain.methods import have_gco
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,8 @@
 """The package layout shows the data flow, and a test keeps it that way (docs/architecture.md):
 
 core <- toyworld; core <- pretrain; core (+ pretrain.methods, the method registry) <- transfer, wsol;
-everything <- pipeline; no library imports tools/. Checked on the import statements (AST) of every module."""
+everything <- pipeline; no library imports tools/; a method family of pretrain/methods/ imports `base` and its own
+solver, not another family. Checked on the import statements (AST) of every module."""
 
 import ast
 from pathlib import Path
@@ -73,6 +74,36 @@ def violations(package: str) -> list[str]:
 def test_import_rules(package):
     bad = violations(package)
     assert not bad, "\n".join(bad)
+
+
+# pretrain.methods' family modules may import `base`, their own solver (`<family>_graphcut`) and these others
+FAMILY_EXTRA = {"multi_interp": {"puzzlemix"}}  # multi_interp mixes with PuzzleMix's masks
+
+
+def family_violations(root: Path) -> list[str]:
+    """Imports of another family's module from a module of pretrain/methods/ (the registry, __init__, excepted)."""
+    bad = []
+    for path in sorted((root / "pretrain" / "methods").glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        allowed = {"base", path.stem, f"{path.stem}_graphcut"} | FAMILY_EXTRA.get(path.stem, set())
+        for line, name in project_imports(path):
+            parts = name.split(".")  # `from pretrain.methods import base` is judged by pretrain.methods.base
+            if parts[:2] == ["pretrain", "methods"] and len(parts) > 2 and parts[2] not in allowed:
+                bad.append(f"{path.relative_to(root)}:{line} imports {name}")
+    return bad
+
+
+def test_method_families_import_only_base_and_their_own_solver(tmp_path):
+    assert not family_violations(ROOT), "\n".join(family_violations(ROOT))
+    fake = tmp_path / "pretrain" / "methods"
+    fake.mkdir(parents=True)
+    (fake / "cutmix.py").write_text("from pretrain.methods import base\nfrom pretrain.methods.puzzlemix import x\n"
+                                    "from pretrain.methods import ERM\n")
+    (fake / "puzzlemix.py").write_text("from pretrain.methods.puzzlemix_graphcut import grid_labels\n")
+    assert family_violations(tmp_path) == ["pretrain/methods/cutmix.py:2 imports pretrain.methods.puzzlemix",
+                                           "pretrain/methods/cutmix.py:2 imports pretrain.methods.puzzlemix.x",
+                                           "pretrain/methods/cutmix.py:3 imports pretrain.methods.ERM"]
 
 
 def test_the_rule_checker_catches_a_violation(tmp_path, monkeypatch):

@@ -50,8 +50,8 @@ def test_doc_snippet_runs_as_written(i, one_thread):
 CASES = [
     ("erm", {}), ("input_mixup", {}), ("manifold_mixup", {}), ("cutmix", {}), ("puzzlemix", {"solver": "swap"}),
     ("multimix", {"n": 20}), ("multimix", {"n": 8, "layer": 2, "dense_loss": True}), ("dense_multimix", {"n": 20}),
-    ("multi_mix", {"k": 2, "puzzle": {"solver": "swap"}}), ("multi_mix", {"base": "input", "k": 3}),
-    ("multi_mix", {"base": "manifold", "k": 3}), ("multi_mix", {"base": "cutmix", "k": 3}),
+    ("multi_interp", {"k": 2, "puzzle": {"solver": "swap"}}), ("multi_interp", {"base": "input", "k": 3}),
+    ("multi_interp", {"base": "manifold", "k": 3}), ("multi_interp", {"base": "cutmix", "k": 3}),
     ("alignmix", {}), ("alignmix_stage2", {"resolution": 1}), ("alignmix_ae", {"resolution": 1, "decoder_size": 32}),
 ]
 
@@ -105,14 +105,14 @@ def trainer_method(toy_world, tmp_path, name, knobs):
     return task, sample_seed(3 + 1, 0, 5)  # the seed task.before_step(5) gives the method (rank 0)
 
 
-@pytest.mark.parametrize("name", ["input_mixup", "cutmix", "multi_mix_cutmix", "puzzlemix"])
+@pytest.mark.parametrize("name", ["input_mixup", "cutmix", "multi_interp_cutmix", "puzzlemix"])
 def test_a_user_loop_with_the_mixers_equals_the_trainer(toy_world, tmp_path, one_thread, name):
     """A user's loop (mixer.apply on the draws, the model's logits, mixed_loss) against the trainer's method on the
     same draws, replayed from the trainer's seeded streams (host numpy stream: lam, box centre, grid; device
     torch stream: the partners)."""
-    knobs = {"base": "cutmix", "k": 3} if name == "multi_mix_cutmix" else {"solver": "swap"} if name == "puzzlemix" \
+    knobs = {"base": "cutmix", "k": 3} if name == "multi_interp_cutmix" else {"solver": "swap"} if name == "puzzlemix" \
         else {}
-    task, seed = trainer_method(toy_world, tmp_path, "multi_mix" if name == "multi_mix_cutmix" else name, knobs)
+    task, seed = trainer_method(toy_world, tmp_path, "multi_interp" if name == "multi_interp_cutmix" else name, knobs)
     g = torch.Generator().manual_seed(0)
     images, labels = torch.rand(5, 3, 32, 32, generator=g), torch.randint(C, (5,), generator=g)
     model = task.net  # a Backbone: forward(x) -> logits
@@ -125,12 +125,12 @@ def test_a_user_loop_with_the_mixers_equals_the_trainer(toy_world, tmp_path, one
         host.random()  # the trainer's prob coin
         lam = host.beta(1.0, 1.0)
         x, t = M.CutMix(1.0, C).apply(images, labels, M.Draw(perm, [lam], (host.integers(32), host.integers(32))))
-    elif name == "multi_mix_cutmix":
+    elif name == "multi_interp_cutmix":
         lams = np.sort(host.beta(1.0, 1.0, 3)).tolist()
         draw = M.Draw(perm, lams, (int(host.integers(32)), int(host.integers(32))))
         x, t = M.MultiMixK(M.CutMix(1.0, C), 3).apply(images, labels, draw)
     else:
-        from pretrain.methods import _puzzle_saliency
+        from pretrain.methods.puzzlemix import _puzzle_saliency
 
         grids = M.puzzle_grid_options(32, 32, (2, 4, 8, 16))
         grid = grids[int(host.integers(len(grids)))]  # the trainer draws the grid, then lam

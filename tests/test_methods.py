@@ -1,12 +1,16 @@
 """pretrain.methods: registry, the fast paths against the pure functions, and a few training steps
 of every method on the tiny toy world."""
 
+import mixing_reference as refmath
 import numpy as np
 import pytest
 import torch
 
-from pretrain import mixing as mx
 from pretrain.methods import ResNetStages, build_method, method_knobs
+from pretrain.methods import alignmix as am
+from pretrain.methods import base as shared
+from pretrain.methods import multimix as mm
+from pretrain.methods import puzzlemix_graphcut as graphcut
 
 C = 10
 
@@ -46,6 +50,24 @@ def test_registry_errors_list_valid_names():
     assert method_knobs("dense_multimix")["attention"] == "gap_l1relu"
 
 
+def test_multi_mix_is_refused_with_the_name_of_multi_interp():
+    """Two papers, two unmistakable names: `multimix` (Venkataramanan et al.) and `multi_interp` (Shen et al.); the
+    retired `multi_mix` is refused, by the registry and at a config's edge, with the name to use."""
+    from mixup_transfer.core.config import ConfigError
+    from pretrain.methods import METHODS, MultiMix, build_configured, check_method_config
+    from pretrain.methods.multi_interp import MultiInterp
+
+    assert METHODS["multi_interp"] is MultiInterp and METHODS["multimix"] is MultiMix and "multi_mix" not in METHODS
+    with pytest.raises(ValueError, match=r"'multi_mix' was renamed: use multi_interp"):
+        build_method("multi_mix", ResNetStages("resnet18", C), C, k=2)
+    with pytest.raises(ValueError, match=r"'multi_mix' was renamed: use multi_interp"):
+        method_knobs("multi_mix")
+    with pytest.raises(ConfigError, match=r"method.name: unknown method 'multi_mix' \(renamed: use multi_interp"):
+        check_method_config("multi_mix", {"k": 2})
+    with pytest.raises(ConfigError, match=r"renamed: use multi_interp"):
+        build_configured("multi_mix", ResNetStages("resnet18", C), C, {"k": 2})
+
+
 def test_model_is_plain_torchvision_with_normalisation_inside():
     import torchvision
 
@@ -70,10 +92,10 @@ def test_multimix_fast_path_equals_pure_function(batch):
     loss = m(images, labels)["loss"]
     # replay the same draws with the pure functions: Lambda from the device stream (the branch is a host draw)
     g = torch.Generator().manual_seed(7)
-    lam = mx.dirichlet_weights(8, 200, 0.5, 2.0, g)
+    lam = shared.dirichlet_weights(8, 200, 0.5, 2.0, g)
     z = m.model.pool(m.model.features(images))
-    z_mix, y_mix = mx.multimix(z, mx.one_hot(labels, C), lam)
-    ref = mx.soft_cross_entropy(m.model.fc(z_mix), y_mix)
+    z_mix, y_mix = refmath.multimix(z, shared.one_hot(labels, C), lam)
+    ref = shared.soft_cross_entropy(m.model.fc(z_mix), y_mix)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
@@ -85,26 +107,26 @@ def test_dense_multimix_fast_path_equals_pure_function(batch):
     g = torch.Generator().manual_seed(3)  # the device stream; the branch draw is a host draw
     fmap = m.model.features(images)
     z = fmap.flatten(2)
-    y = mx.one_hot(labels, C)
-    lam = mx.dirichlet_weights(8, 100, 0.5, 2.0, g, sets=z.shape[-1])
-    z_mix, y_mix, weight = mx.dense_multimix(z, y, mx.dense_attention(z), lam)
+    y = shared.one_hot(labels, C)
+    lam = shared.dirichlet_weights(8, 100, 0.5, 2.0, g, sets=z.shape[-1])
+    z_mix, y_mix, weight = refmath.dense_multimix(z, y, mm.dense_attention(z), lam)
     logits = torch.einsum("ndr,cd->ncr", z_mix, m.model.fc.weight) + m.model.fc.bias.view(1, -1, 1)
-    ref = mx.weighted_dense_cross_entropy(logits, y_mix, weight)
+    ref = refmath.weighted_dense_cross_entropy(logits, y_mix, weight)
     assert z.shape[-1] == 4  # 64 px -> 2x2 layer4 map
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_embedding_mixing_by_logits_equals_mixing_embeddings(batch):
     images, labels = batch
-    m = make("multi_mix", base="manifold", layers=[5], k=5).eval()
+    m = make("multi_interp", base="manifold", layers=[5], k=5).eval()
     m.seed(11)
     loss = m(images, labels)["loss"]
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(11))  # device stream
     host = np.random.default_rng(11)  # host stream: the sorted lams, then the layer choice (one option)
     lams = torch.tensor(np.sort(host.beta(2.0, 2.0, 5)), dtype=torch.float32)
     z = m.model.pool(m.model.features(images))
-    y = mx.one_hot(labels, C)
-    ref = mx.soft_cross_entropy(m.model.fc(mx.multi_mixup(z, perm, lams)), mx.multi_mixup(y, perm, lams))
+    y = shared.one_hot(labels, C)
+    ref = shared.soft_cross_entropy(m.model.fc(shared.multi_mixup(z, perm, lams)), shared.multi_mixup(y, perm, lams))
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
@@ -113,9 +135,9 @@ VARIANTS = [
     ("cutmix", {}), ("puzzlemix", {"solver": "swap"}), ("puzzlemix", {}), ("multimix", {"prob": 1.0}),
     ("multimix", {"prob": 1.0, "m": 3, "dense_loss": True}), ("dense_multimix", {"prob": 1.0}),
     ("dense_multimix", {"prob": 1.0, "attention": "cam_softmax"}),
-    ("multi_mix", {"base": "input", "k": 3}), ("multi_mix", {"base": "manifold", "k": 3}),
-    ("multi_mix", {"base": "cutmix", "k": 3}), ("multi_mix", {"base": "puzzlemix", "k": 2}),
-    ("multi_mix", {"base": "manifold", "k": 2, "large_batch": True}),
+    ("multi_interp", {"base": "input", "k": 3}), ("multi_interp", {"base": "manifold", "k": 3}),
+    ("multi_interp", {"base": "cutmix", "k": 3}), ("multi_interp", {"base": "puzzlemix", "k": 2}),
+    ("multi_interp", {"base": "manifold", "k": 2, "large_batch": True}),
     ("alignmix_stage2", {"modes": ["feat"], "resolution": 1}),
     ("alignmix_stage2", {"modes": ["feat_rev"], "resolution": 1}),
     ("alignmix", {"dense_loss": True}), ("alignmix", {}),
@@ -157,7 +179,7 @@ def test_bench_returns_ratios():
     out = run_pretrain_bench(arch="resnet18", batch=4, size=32, num_classes=10, repeats=1, warmup=0,
                              methods=["puzzlemix", "puzzlemix_swap"], clock="process")
     assert out["targets"]["puzzlemix_swap"]["target"] == 2.0  # the built-in solver is always timed
-    assert ("puzzlemix" in out["step_time_ratio"]) == mx.have_gco()
+    assert ("puzzlemix" in out["step_time_ratio"]) == graphcut.have_gco()
 
 
 def test_alignmix_feat_with_lam_one_is_clean_and_modes_validated(batch):
@@ -207,12 +229,12 @@ def test_gap_head_aligned_mixing_equals_embedding_mixing(batch):
     half = torch.relu(torch.randn(4, 512, 2, 2))
     feats = torch.cat([half, half.flip(-1)])
     perm = torch.tensor([4, 5, 6, 7, 0, 1, 2, 3])
-    y = mx.one_hot(labels, C)
+    y = shared.one_hot(labels, C)
     released = make("alignmix").eval()
     released.model.features = lambda x: feats
     released._perm, released._mode, released._beta = (lambda b: perm), (lambda: "feat"), (lambda a: 0.3)
     e_mix = 0.3 * feats.mean((2, 3)) + 0.7 * feats[perm].mean((2, 3))
-    ref = mx.soft_cross_entropy(released.model.fc(e_mix), 0.3 * y + 0.7 * y[perm])
+    ref = shared.soft_cross_entropy(released.model.fc(e_mix), 0.3 * y + 0.7 * y[perm])
     assert released(images, labels)["loss"].item() == pytest.approx(ref.item(), abs=1e-6)
     losses = {}
     for mode in ("feat", "embedding"):
@@ -252,9 +274,9 @@ def test_alignmix_modes_and_step_equal_the_released_code(batch):
     lam = float(host.beta(2.0, 2.0))
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(seed))  # device stream
     a = m.model.features(images)
-    mixed, info = mx.aligned_mix(a.flatten(2), perm, lam, 1, 0.1, 100, tol=0.1)
-    y = mx.one_hot(labels, C)
-    ref = mx.soft_cross_entropy(m.model.fc(mixed.mean(-1)), lam * y + (1 - lam) * y[perm])
+    mixed, info = am.aligned_mix(a.flatten(2), perm, lam, 1, 0.1, 100, tol=0.1)
+    y = shared.one_hot(labels, C)
+    ref = shared.soft_cross_entropy(m.model.fc(mixed.mean(-1)), lam * y + (1 - lam) * y[perm])
     assert out["loss"].item() == pytest.approx(ref.item(), rel=1e-5)
     assert out["stat_sinkhorn_iters"] == info["iters"] and "stat_sinkhorn_row_err" in out
 
@@ -287,7 +309,8 @@ def test_puzzlemix_saliency_as_the_official_script(batch):
 
     import torchvision
 
-    from pretrain.methods import IMAGENET_MEAN, IMAGENET_STD, _puzzle_saliency
+    from mixup_transfer.core.constants import IMAGENET_MEAN, IMAGENET_STD
+    from pretrain.methods.puzzlemix import _puzzle_saliency
 
     images, labels = batch
     m = make("puzzlemix").train()
@@ -307,7 +330,7 @@ def test_puzzlemix_saliency_as_the_official_script(batch):
 
 
 SMALL_STEP_KNOBS = {"multimix": {"prob": 1.0}, "dense_multimix": {"prob": 1.0}, "puzzlemix": {"solver": "swap"},
-                    "multi_mix": {"base": "puzzlemix", "k": 2, "puzzle": {"solver": "swap"}},
+                    "multi_interp": {"base": "puzzlemix", "k": 2, "puzzle": {"solver": "swap"}},
                     "alignmix_ae": {"decoder_size": 32}}
 
 

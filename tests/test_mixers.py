@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from pretrain import mixers as M
-from pretrain import mixing as mx
+from pretrain.methods import base as shared
+from pretrain.methods import cutmix as cm
 
 
 def const_images(values, size=8):
@@ -51,7 +52,7 @@ def test_soft_targets_equal_timms():
 
 
 def test_vectorised_boxes_equal_the_host_function():
-    """cutmix_boxes on n draws at once == mixing.cutmix_box one by one (integer sizes included), on a
+    """cutmix_boxes on n draws at once == cutmix.cutmix_box one by one (integer sizes included), on a
     non-square image, lam near 0 and 1 included."""
     g = torch.Generator().manual_seed(2)
     h, w, n = 37, 23, 400
@@ -59,7 +60,7 @@ def test_vectorised_boxes_equal_the_host_function():
     centre = torch.stack([torch.randint(h, (n,), generator=g), torch.randint(w, (n,), generator=g)], 1)
     boxes, kept = M.cutmix_boxes(h, w, torch.sqrt(1 - lam), centre)
     for i in range(n):
-        box, k = mx.cutmix_box(h, w, float(lam[i]), centre=tuple(centre[i].tolist()))
+        box, k = cm.cutmix_box(h, w, float(lam[i]), centre=tuple(centre[i].tolist()))
         assert tuple(boxes[i].tolist()) == box and float(kept[i]) == pytest.approx(k, abs=1e-12)
 
 
@@ -81,7 +82,7 @@ def test_keep_masks_equal_the_host_box_mask():
     boxes = [(0, 5, 0, 7), (2, 9, 3, 7), (0, 0, 0, 0), (0, 12, 0, 10), (11, 12, 9, 10)]
     masks = M.keep_masks(12, 10, torch.tensor(boxes))
     for i, box in enumerate(boxes):
-        assert torch.equal(masks[i:i + 1], mx.box_mask(12, 10, box))
+        assert torch.equal(masks[i:i + 1], cm.box_mask(12, 10, box))
 
 
 def test_one_host_box_and_the_device_mask_paste_the_same():
@@ -102,7 +103,7 @@ def test_any_batch_size(kind, b):
     out, t = mixer(x, y)
     assert out.shape == x.shape and torch.allclose(t.sum(1), torch.ones(b))
     if b == 1:  # the only partner is itself: nothing changes
-        assert torch.allclose(out, x) and torch.equal(t, mx.one_hot(y, 3))
+        assert torch.allclose(out, x) and torch.equal(t, shared.one_hot(y, 3))
 
 
 def test_draws_come_from_the_generator_only():
@@ -123,12 +124,12 @@ def test_prob_zero_leaves_the_batch_clean():
     x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     for cls in (M.MixUp, M.CutMix):
         out, t = cls(num_classes=4, per_sample=True, prob=0.0)(x, y)
-        assert torch.equal(out, x) and torch.equal(t, mx.one_hot(y, 4))
+        assert torch.equal(out, x) and torch.equal(t, shared.one_hot(y, 4))
 
 
 def test_multi_mix_cutmix_nested_boxes_host_and_tensor_draws_agree():
     """K nested boxes sharing a centre: host draws (the trainer's) and tensor draws give the same images, and
-    block k keeps 1 - area_k of the first image (mixing.nested_box_list)."""
+    block k keeps 1 - area_k of the first image (cutmix.nested_box_list)."""
     x = const_images([1.0, 2.0, 3.0], 16)
     lams, centre = [0.1, 0.4, 0.8], (6, 9)
     mixer = M.MultiMixK(M.CutMix(num_classes=3), k=3)
@@ -136,7 +137,7 @@ def test_multi_mix_cutmix_nested_boxes_host_and_tensor_draws_agree():
     dev = mixer.apply(x, torch.arange(3), M.Draw(torch.tensor([2, 0, 1]), torch.tensor(lams, dtype=torch.float64),
                                                  torch.tensor([centre])))
     assert torch.equal(host[0], dev[0]) and torch.allclose(host[1], dev[1])
-    _, kept = mx.nested_box_list(16, 16, lams, centre)
+    _, kept = cm.nested_box_list(16, 16, lams, centre)
     own = (host[0][:, 0] == x[:, 0].repeat(3, 1, 1)).float().mean((1, 2))
     assert torch.allclose(own, torch.tensor(kept, dtype=torch.float32).repeat_interleave(3))
     assert torch.allclose(host[1][torch.arange(9), torch.arange(3).repeat(3)], own)

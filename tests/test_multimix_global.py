@@ -4,12 +4,14 @@ global batch give the loss and the gradients of one process holding the whole ba
 import os
 import socket
 
+import mixing_reference as refmath
 import numpy as np
 import pytest
 import torch
 
-from pretrain import mixing as mx
 from pretrain.methods import ResNetStages, build_method
+from pretrain.methods import base as shared
+from pretrain.methods import multimix as mm
 
 C, B, WORLD, N, SEED = 10, 4, 2, 40, 17  # classes, examples per rank, ranks, interpolations per rank, draw seed
 KNOBS = {"multimix": {"m": 6}, "dense_multimix": {}}  # m = 6 > b = 4: only the global batch (8) has 6 examples
@@ -79,19 +81,19 @@ def _reference(name):
     fmaps = [m.model.features(images[r * B:(r + 1) * B]) for r in range(WORLD)]
     for f in fmaps:
         f.retain_grad()
-    z, y = torch.cat(fmaps).flatten(2), mx.one_hot(labels, C)  # [world*b, d, r]
+    z, y = torch.cat(fmaps).flatten(2), shared.one_hot(labels, C)  # [world*b, d, r]
     lams = []
     for r in range(WORLD):
         g = torch.Generator().manual_seed(SEED + r)  # the device stream (the branch draw is a host draw)
         sets = None if name == "multimix" else z.shape[-1]
-        lams.append(mx.dirichlet_weights(WORLD * B, N, 0.5, 2.0, g, m=KNOBS[name].get("m"), sets=sets))
+        lams.append(shared.dirichlet_weights(WORLD * B, N, 0.5, 2.0, g, m=KNOBS[name].get("m"), sets=sets))
     if name == "multimix":
-        z_mix, y_mix = mx.multimix(z.mean(-1), y, torch.cat(lams, dim=1))  # [b, world*n]
-        loss = mx.soft_cross_entropy(m.model.fc(z_mix), y_mix)
+        z_mix, y_mix = refmath.multimix(z.mean(-1), y, torch.cat(lams, dim=1))  # [b, world*n]
+        loss = shared.soft_cross_entropy(m.model.fc(z_mix), y_mix)
     else:
-        z_mix, y_mix, weight = mx.dense_multimix(z, y, mx.dense_attention(z.detach()), torch.cat(lams, dim=2))
+        z_mix, y_mix, weight = refmath.dense_multimix(z, y, mm.dense_attention(z.detach()), torch.cat(lams, dim=2))
         logits = torch.einsum("ndr,cd->ncr", z_mix, m.model.fc.weight) + m.model.fc.bias.view(1, -1, 1)
-        loss = mx.weighted_dense_cross_entropy(logits, y_mix, weight)
+        loss = refmath.weighted_dense_cross_entropy(logits, y_mix, weight)
     loss.backward()
     return loss.detach(), [f.grad for f in fmaps], {k: p.grad for k, p in m.named_parameters()}
 

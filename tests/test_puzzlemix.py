@@ -5,11 +5,11 @@ procedure of snu-mllab/PuzzleMix main.py / imagenet/train.py @ e2dbf3a re-done o
 import copy
 import math
 
+import mixing_reference as refmath
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain import mixing as mx
 from pretrain.methods import ResNetStages, build_method
 
 C = 10
@@ -80,7 +80,7 @@ def test_bce_loss_by_hand():
 
 
 def test_t_size_reaches_the_transport():
-    """PuzzleMix(t_size=4) mixes as mixing.puzzle_mix(..., t_size=4) (pinned against the official code in
+    """PuzzleMix(t_size=4) mixes as puzzle_mix(..., t_size=4) (pinned against the official code in
     tests/test_mixing.py), and differs from the block-level transport on these images."""
     images, labels = batch()
     m = make(t_size=4, neigh_size=4)
@@ -90,10 +90,11 @@ def test_t_size_reaches_the_transport():
     sal_map[:, 24:, :] = 0.01
     x, kept = m.puzzle(images, labels, perm, [0.5], 2, sal_map)
     fill = m.model.mean
-    ref, ratio, mask = mx.puzzle_mix(images, sal_map, perm, 2, 0.5, neigh_size=4, solver="swap", fill=fill, t_size=4)
+    ref, ratio, mask = refmath.puzzle_mix(images, sal_map, perm, 2, 0.5, neigh_size=4, solver="swap", fill=fill,
+                                          t_size=4)
     assert torch.equal(x, ref) and torch.equal(kept, ratio)
     assert ((mask > 0) & (mask < 1)).any() or ((mask == 0).any() and (mask == 1).any())
-    block, _, _ = mx.puzzle_mix(images, sal_map, perm, 2, 0.5, neigh_size=4, solver="swap", fill=fill)
+    block, _, _ = refmath.puzzle_mix(images, sal_map, perm, 2, 0.5, neigh_size=4, solver="swap", fill=fill)
     assert not torch.equal(x, block)
 
 
@@ -110,7 +111,7 @@ def test_knob_errors_name_the_knob():
         make(t_size=0)
     with pytest.raises(ValueError, match="t_size 3 must be -1 or a positive divisor of the block side 16"):
         make(t_size=3)._grid(32, 32)  # grids (2, 4): blocks 16 and 8, checked before the draw
-    mm = build_method("multi_mix", ResNetStages("resnet18", C), C, base="puzzlemix", k=2,
+    mm = build_method("multi_interp", ResNetStages("resnet18", C), C, base="puzzlemix", k=2,
                       puzzle={"clean_lam": 1.0, "saliency_mode": "train", "solver": "swap", "grids": [2]})
     mm.generator = torch.Generator()
     with pytest.raises(ValueError, match="clean_lam > 0 adds a loss term"):

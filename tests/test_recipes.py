@@ -111,22 +111,22 @@ RECIPES = [
      "MultiMix A.1: GAP for u, ReLU + l1 normalisation for h"),
     ("pretrain/imagenet_dense_multimix.yaml", "method.resolution", None, "MultiMix A.1: r = 7 x 7 on ImageNet"),
     # ---------------------------------------------------------------- multi-mix ImageNet (§IV-C)
-    ("pretrain/imagenet_multi_mix.yaml", "optim.epochs", 100, "multi-mix §IV-C: a total of 100 epochs"),
-    ("pretrain/imagenet_multi_mix.yaml", "optim.schedule", "piecewise", "multi-mix §IV-C: linear ramps"),
-    ("pretrain/imagenet_multi_mix.yaml", "optim.lr", 1.0, "points are absolute learning rates"),
-    ("pretrain/imagenet_multi_mix.yaml", "optim.points",
+    ("pretrain/imagenet_multi_interp.yaml", "optim.epochs", 100, "multi-mix §IV-C: a total of 100 epochs"),
+    ("pretrain/imagenet_multi_interp.yaml", "optim.schedule", "piecewise", "multi-mix §IV-C: linear ramps"),
+    ("pretrain/imagenet_multi_interp.yaml", "optim.lr", 1.0, "points are absolute learning rates"),
+    ("pretrain/imagenet_multi_interp.yaml", "optim.points",
      [[0, 0.5], [8, 1.0], [15, 0.125], [15, 0.2], [40, 0.02], [65, 0.002], [90, 0.0002], [100, 0.00002]],
      "multi-mix §IV-C: 0.5 -> 1.0 (8) -> 0.125 (15); 0.2 -> 0.02 (40); x0.1 at 65 and 90"),
-    ("pretrain/imagenet_multi_mix.yaml", "data.crop_schedule", [[0, 128], [15, 224]],
+    ("pretrain/imagenet_multi_interp.yaml", "data.crop_schedule", [[0, 128], [15, 224]],
      "multi-mix §IV-C phases; source: PuzzleMix-fast crop_size 128 / 224 from the 160 / 352 px copies"),
-    ("pretrain/imagenet_multi_mix.yaml", "data.color_jitter", 0.0, "multi-mix §IV-C: only random crop and flip"),
-    ("pretrain/imagenet_multi_mix.yaml", "data.lighting", 0.0, "multi-mix §IV-C: only random crop and flip"),
-    ("pretrain/imagenet_multi_mix.yaml", "data.hflip", True, "multi-mix §IV-C: random horizon flip"),
-    ("pretrain/imagenet_multi_mix.yaml", "method.base", "puzzlemix", "multi-mix Table III: with Puzzle-mix"),
-    ("pretrain/imagenet_multi_mix.yaml", "method.k", 5, "multi-mix §IV-B1 / §IV-I: K = 5"),
-    ("pretrain/imagenet_multi_mix.yaml", "optim.nesterov", False, "source: PuzzleMix-fast SGD without nesterov"),
-    ("pretrain/imagenet_multi_mix.yaml", "optim.batch_size", 448, "source: PuzzleMix-fast phases 2-3 batch 448"),
-    ("pretrain/imagenet_multi_mix.yaml", "method.puzzle.beta", 1.5, "source: PuzzleMix-fast TRAIN.beta 1.5"),
+    ("pretrain/imagenet_multi_interp.yaml", "data.color_jitter", 0.0, "multi-mix §IV-C: only random crop and flip"),
+    ("pretrain/imagenet_multi_interp.yaml", "data.lighting", 0.0, "multi-mix §IV-C: only random crop and flip"),
+    ("pretrain/imagenet_multi_interp.yaml", "data.hflip", True, "multi-mix §IV-C: random horizon flip"),
+    ("pretrain/imagenet_multi_interp.yaml", "method.base", "puzzlemix", "multi-mix Table III: with Puzzle-mix"),
+    ("pretrain/imagenet_multi_interp.yaml", "method.k", 5, "multi-mix §IV-B1 / §IV-I: K = 5"),
+    ("pretrain/imagenet_multi_interp.yaml", "optim.nesterov", False, "source: PuzzleMix-fast SGD without nesterov"),
+    ("pretrain/imagenet_multi_interp.yaml", "optim.batch_size", 448, "source: PuzzleMix-fast phases 2-3 batch 448"),
+    ("pretrain/imagenet_multi_interp.yaml", "method.puzzle.beta", 1.5, "source: PuzzleMix-fast TRAIN.beta 1.5"),
     # ---------------------------------------------------------------- baselines: the PuzzleMix-300 rows
     *[(f"pretrain/imagenet_{m}.yaml", key, value, cite)
       for m in ("erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix")
@@ -286,15 +286,15 @@ RECIPES = [
     ("pretrain/cifar10_multimix.yaml", "method.layer", 5, "MultiMix A.1: the embedding"),
     ("pretrain/cifar100_dense_multimix.yaml", "method.resolution", 4, "MultiMix A.1: r = 4 x 4 on CIFAR"),
     ("pretrain/cifar100_dense_multimix.yaml", "method.attention", "gap_l1relu", "MultiMix A.1: GAP, ReLU + l1"),
-    ("pretrain/cifar100_multi_mix.yaml", "optim.epochs", 300, "multi-mix §IV-B1: 300 epochs"),
-    ("pretrain/cifar100_multi_mix.yaml", "optim.milestones", [100, 200], "multi-mix §IV-B1: at 100 and 200"),
-    ("pretrain/cifar100_multi_mix.yaml", "optim.lr", 0.2, "multi-mix §IV-B1: initial lr 0.2"),
-    ("pretrain/cifar100_multi_mix.yaml", "optim.batch_size", 100, "multi-mix §IV-B1: batch 100"),
-    ("pretrain/cifar100_multi_mix.yaml", "method.k", 5, "multi-mix §IV-B1: K = 5"),
-    ("pretrain/tinyimagenet_multi_mix.yaml", "optim.epochs", 1200, "multi-mix §IV-B1: 1,200 epochs"),
-    ("pretrain/tinyimagenet_multi_mix.yaml", "optim.milestones", [600, 900], "multi-mix §IV-B1: at 600 and 900"),
-    ("pretrain/tinyimagenet_multi_mix.yaml", "optim.lr", 0.2, "multi-mix §IV-B1: initial lr 0.2"),
-    ("pretrain/tinyimagenet_multi_mix.yaml", "method.base", "puzzlemix", "multi-mix Table I: on Puzzle-mix"),
+    ("pretrain/cifar100_multi_interp.yaml", "optim.epochs", 300, "multi-mix §IV-B1: 300 epochs"),
+    ("pretrain/cifar100_multi_interp.yaml", "optim.milestones", [100, 200], "multi-mix §IV-B1: at 100 and 200"),
+    ("pretrain/cifar100_multi_interp.yaml", "optim.lr", 0.2, "multi-mix §IV-B1: initial lr 0.2"),
+    ("pretrain/cifar100_multi_interp.yaml", "optim.batch_size", 100, "multi-mix §IV-B1: batch 100"),
+    ("pretrain/cifar100_multi_interp.yaml", "method.k", 5, "multi-mix §IV-B1: K = 5"),
+    ("pretrain/tinyimagenet_multi_interp.yaml", "optim.epochs", 1200, "multi-mix §IV-B1: 1,200 epochs"),
+    ("pretrain/tinyimagenet_multi_interp.yaml", "optim.milestones", [600, 900], "multi-mix §IV-B1: at 600 and 900"),
+    ("pretrain/tinyimagenet_multi_interp.yaml", "optim.lr", 0.2, "multi-mix §IV-B1: initial lr 0.2"),
+    ("pretrain/tinyimagenet_multi_interp.yaml", "method.base", "puzzlemix", "multi-mix Table I: on Puzzle-mix"),
     # ---------------------------------------------------------------- the paper pipeline
     ("pipeline/paper.yaml", "pretrain.config", "configs/pretrain/imagenet_{method}.yaml", "the cited recipes"),
     ("pipeline/paper.yaml", "detection.0.config", "configs/detection/ssd300_r50_voc0712.yaml",
@@ -404,7 +404,7 @@ def test_pretrain_method_knobs_are_the_methods_own(rel):
     name = method.pop("name")
     unknown = sorted(set(method) - set(method_knobs(name)))
     assert not unknown, f"configs/{rel}: {unknown} are not knobs of {name}"
-    if name == "multi_mix" and method.get("puzzle"):
+    if name == "multi_interp" and method.get("puzzle"):
         bad = sorted(set(method["puzzle"]) - set(method_knobs("puzzlemix")))
         assert not bad, f"configs/{rel}: method.puzzle {bad} are not PuzzleMix knobs"
 

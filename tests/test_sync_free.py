@@ -7,8 +7,8 @@ tensors before the copy to the device, is not counted.
 
 On the CPU every tensor is a host tensor, so the test counts the calls themselves: a call that would make a
 CUDA run wait is a call here. Explicit exemptions, each with its reason and its bound:
-- PuzzleMix's graph cut runs on the host by the authors' algorithm: `mixing.read_to_host` copies the terms of
-  the energy to the host once per step (all K masks of multi-mix at once).
+- PuzzleMix's graph cut runs on the host by the authors' algorithm: `pretrain.methods.puzzlemix.read_to_host` copies
+  the terms of the energy to the host once per step (all K masks of multi-mix at once).
 - torchvision's detectors check every target for degenerate boxes (`degenerate_boxes.any()`, one read per image,
   inside `SSD.forward` / `GeneralizedRCNN.forward`) and draw the training size with `torch_choice` from a CPU
   tensor (no device involved); neither is this toolkit's code.
@@ -136,13 +136,13 @@ C = 10
 CASES = [
     ("erm", {}), ("input_mixup", {}), ("manifold_mixup", {}), ("cutmix", {}), ("puzzlemix", {"solver": "swap"}),
     ("multimix", {"n": 50}), ("multimix", {"n": 50, "m": 3, "dense_loss": True}), ("multimix", {"n": 8, "layer": 2}),
-    ("dense_multimix", {"n": 50}), ("multi_mix", {"k": 2, "puzzle": {"solver": "swap"}}),
-    ("multi_mix", {"base": "input", "k": 3}), ("multi_mix", {"base": "manifold", "k": 3}),
-    ("multi_mix", {"base": "cutmix", "k": 3}), ("multi_mix", {"base": "manifold", "k": 2, "large_batch": True}),
+    ("dense_multimix", {"n": 50}), ("multi_interp", {"k": 2, "puzzle": {"solver": "swap"}}),
+    ("multi_interp", {"base": "input", "k": 3}), ("multi_interp", {"base": "manifold", "k": 3}),
+    ("multi_interp", {"base": "cutmix", "k": 3}), ("multi_interp", {"base": "manifold", "k": 2, "large_batch": True}),
     ("alignmix_stage2", {"resolution": 1}), ("alignmix", {}),
     ("alignmix_ae", {"resolution": 1, "decoder_size": 16}),
 ]
-PUZZLE = {("mixing.py", "read_to_host", "numpy")}  # the graph cut's one host copy per step
+PUZZLE = {("puzzlemix.py", "read_to_host", "numpy")}  # the graph cut's one host copy per step
 
 
 class TinyPretrain(Task):
@@ -183,7 +183,7 @@ def test_a_pretraining_step_reads_nothing_back(tmp_path, monkeypatch, name, knob
     reads, exempted, other, epoch_end = split(counter.calls, PUZZLE)
     assert other == [], other  # nothing but the engine's periodic read (and PuzzleMix's graph cut) in the loop
     assert reads == [10, 20], reads  # one read per logging interval
-    if name == "puzzlemix" or (name == "multi_mix" and knobs.get("base", "puzzlemix") == "puzzlemix"):
+    if name == "puzzlemix" or (name == "multi_interp" and knobs.get("base", "puzzlemix") == "puzzlemix"):
         assert sorted(step for *_, step in exempted) == list(range(1, STEPS + 1))  # one copy per step
         assert set(exempted.values()) == {1}
     else:

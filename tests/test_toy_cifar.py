@@ -16,7 +16,7 @@ from mixup_transfer.pipeline.run import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix", "alignmix", "multimix", "dense_multimix",
-           "multi_mix"]
+           "multi_interp"]
 
 
 def _cfg(**extra) -> dict:
@@ -33,7 +33,7 @@ def test_plan_is_nine_methods_three_seeds_pretrain_and_robustness_only():
     assert sum(s.name == "pretrain" for s in plan) == 27 and sum(s.name == "robustness" for s in plan) == 27
     assert len({s.key for s in plan}) == 54
     st = {s.label: s for s in plan}
-    cfg = st["multi_mix/seed2/pretrain"].spec["config"]
+    cfg = st["multi_interp/seed2/pretrain"].spec["config"]
     assert cfg["seed"] == 2 and cfg["method"]["base"] == "input" and cfg["method"]["k"] == 5  # per_method override
     erm = st["erm/seed1/pretrain"].spec["config"]
     assert erm["model"]["arch"] == "preactresnet18_w16" and erm["optim"]["epochs"] == 5

@@ -220,7 +220,7 @@ def test_method_heads_stats_and_solver_reach_the_run(toy_world, tmp_path):
     the header names the PuzzleMix solver."""
     import torchvision
 
-    from pretrain.mixing import have_gco
+    from pretrain.methods import have_gco
 
     cfg = tiny_cfg(toy_world / "imagenet", name="alignmix_ae", resolution=1, decoder_size=32,
                    modes=["feat", "clean"])

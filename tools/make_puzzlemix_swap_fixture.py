@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from mixup_transfer.core import cli
-from pretrain import mixing as mx
+from pretrain.methods import puzzlemix as pz
+from pretrain.methods import puzzlemix_graphcut as graphcut
 
 GRIDS = ((2, 40), (4, 60), (8, 100), (16, 100))
 
@@ -45,7 +46,7 @@ def problem(rng: np.random.Generator, g: int, concentrated: bool):
     beta = 1.2 if official else float(rng.uniform(0, 3))
     gamma = 0.5 if official else float(rng.uniform(0, 1))
     eta = 0.2 if official else float(rng.uniform(0, 1))
-    unary, _, w_v, w_h = mx.puzzle_energy(sal[:1], sal[1:], dv, dh, lam, beta, gamma, eta)
+    unary, _, w_v, w_h = pz.puzzle_energy(sal[:1], sal[1:], dv, dh, lam, beta, gamma, eta)
     return unary[0], w_v[0], w_h[0], lam, share
 
 
@@ -58,9 +59,9 @@ def build(seed: int = 20261207) -> dict:
     for g, n in GRIDS:
         for c in range(n):
             unary, w_v, w_h, lam, share = problem(rng, g, c % 2 == 1)
-            dist = mx.puzzle_energy(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), torch.zeros(1, 2, 2, 1, 2),
+            dist = pz.puzzle_energy(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), torch.zeros(1, 2, 2, 1, 2),
                                     torch.zeros(1, 2, 2, 2, 1), 0.5)[1]
-            labels = mx._cut_gco(unary, dist, w_v, w_h)
+            labels = graphcut._cut_gco(unary, dist, w_v, w_h)
             pad = np.zeros((16, 16, 3), np.int32)
             pad[:g, :g] = unary
             pv, ph = np.zeros((15, 16), np.int32), np.zeros((16, 15), np.int32)

@@ -26,7 +26,7 @@ from mixup_transfer.core import distributed as ddist
 from mixup_transfer.core import fingerprint
 from mixup_transfer.core.checkpoint import ARCHS, CheckpointError, read_checkpoint
 from mixup_transfer.core.config import ConfigError, check_ranges, dump_config, validate
-from mixup_transfer.core.engine import Engine, LoopSettings, Task
+from mixup_transfer.core.engine import ClassificationTask, Engine, LoopSettings
 from mixup_transfer.core.engine import build_optimizer as _build_optimizer
 from mixup_transfer.core.runtime import (
     atomic_save,
@@ -250,7 +250,7 @@ def _public(res: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- fine-tuning
-class WSOLTask(Task):
+class WSOLTask(ClassificationTask):
     """Fine-tune a CAM model on the train split; localization every ``eval.every`` epochs (the curve)."""
 
     def __init__(self, cfg: dict, weights: str | None, device: torch.device):

@@ -1,15 +1,17 @@
 """The one training engine: pretraining, detection fine-tuning and WSOL fine-tuning all run through `Engine.fit`.
 
 The engine owns the loop, AMP and the gradient scaler, gradient accumulation, per-group learning-rate schedules,
-finite checks, resume, JSON-lines logging, atomic checkpoints and DDP. A task plugs in what differs (STYLE.md 1):
+finite checks, resume, JSON-lines logging, atomic checkpoints and DDP. A task plugs in what differs (STYLE.md 1);
+`Task` declares everything the engine reads from it, each with its default:
 
     class MyTask(Task):
         model            # nn.Module; model(*task.inputs(batch)) -> dict, its "loss*" tensors are summed
-        steps_per_epoch # optimizer steps in one epoch def batches(self, epoch, start_step): ... # the epoch's
-        micro-batches from optimizer step start_step def param_groups(self): ... # [{"params": [...], "lr": float,
-        "name": str}, ...] def end_of_epoch(self, engine, epoch, record): ... # evaluation; returns entries for the
-        epoch record def losses(self, out): ... # which outputs are summed (default: names starting "loss")
-        def state_dict(self) / load_state_dict(state)       # the task's own resumable state (primitives, tensors)
+        steps_per_epoch  # optimizer steps in one epoch
+        def batches(self, epoch, start_step): ...     # the epoch's micro-batches from optimizer step start_step
+        def param_groups(self): ...                   # [{"params": [...], "lr": float, "name": str}, ...]
+        def end_of_epoch(self, engine, epoch, record): ...  # evaluation; returns entries for the epoch record
+        def step_metrics(self, batch, out): ...       # counts for the epoch record (ClassificationTask: top-1)
+        def state_dict(self) / load_state_dict(state) # the task's own resumable state (primitives, tensors)
 
 A checkpoint (`run_dir/checkpoints/last.pth`, written atomically, loadable with ``weights_only=True``) holds the
 model, optimizer, scheduler and scaler states, the step, every global RNG state and the task's state, so a killed
@@ -85,14 +87,21 @@ def tensorboard_dir(run_dir: str | os.PathLike, setting: bool | str) -> Path | N
 
 
 class Task:
-    """What a training task provides; see the module docstring. Defaults suit a task with no extra state."""
+    """What a training task provides: everything `Engine` reads from a task is declared here, with the default that
+    suits a task with no extra state (see the module docstring)."""
 
-    model: torch.nn.Module
-    steps_per_epoch: int
+    model: torch.nn.Module  # model(*inputs(batch)) -> dict; its "loss*" entries are summed (`losses`)
+    steps_per_epoch: int  # optimizer steps in one epoch
     sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm under DDP on CUDA
     # True when a step may leave some parameters without a gradient (a method whose modes use different heads):
     # DDP then looks for them every step (slower); with False such a step stops DDP at the next one
     find_unused_parameters: bool = False
+    # True when a checkpoint may be resumed by a different number of processes (the data order does not depend on
+    # it); otherwise such a resume is an error
+    resumable_across_world_sizes: bool = False
+    # config keys (fnmatch patterns, mixup_transfer.core.fingerprint) that a resume may change: how the run is
+    # executed and logged, not what it computes
+    resume_may_change: tuple[str, ...] = ()
 
     def batches(self, epoch: int, start_step: int) -> Iterable:
         raise NotImplementedError
@@ -118,6 +127,18 @@ class Task:
     def before_step(self, micro_step: int) -> None:
         """Called before each micro-batch's forward (e.g. to seed the method's generator)."""
 
+    def step_metrics(self, batch, out: dict) -> dict:
+        """Counts of one micro-batch for the epoch record (e.g. correct predictions and examples): 0-d device
+        tensors (read with the losses, never waited for) or host numbers, summed over the step's micro-batches and
+        the epoch. They stay out of the step records; `epoch_metrics` turns the epoch's sums into entries of the
+        epoch record. Default: none."""
+        return {}
+
+    def epoch_metrics(self, sums: dict) -> dict:
+        """Entries of the epoch record from the epoch's sums (of `step_metrics`, the losses and the statistics).
+        Default: none."""
+        return {}
+
     def param_groups(self) -> list[dict]:
         raise NotImplementedError
 
@@ -132,6 +153,21 @@ class Task:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class ClassificationTask(Task):
+    """A task whose model returns the clean-image `logits` [b, c] on the steps that have them (ERM, fine-tuning
+    without mixing), with the labels at batch[1]: the epoch record's `train_top1`, in percent of the examples of
+    those steps."""
+
+    def step_metrics(self, batch, out: dict) -> dict:
+        if "logits" not in out:
+            return {}
+        labels = batch[1]
+        return {"correct": (out["logits"].argmax(1) == labels).sum(), "count": float(len(labels))}
+
+    def epoch_metrics(self, sums: dict) -> dict:
+        return {"train_top1": 100 * sums["correct"] / sums["count"]} if sums.get("count") else {}
 
 
 def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -178,6 +214,7 @@ class Engine:
                                                tensorboard=tensorboard_dir(self.run_dir, settings.tensorboard))
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self._pending: list[tuple[dict, dict]] = []  # (host facts, device metrics) of steps not read yet
+        self._counts: set[str] = set()  # the keys of the task's step_metrics: summed, not written per step
         self._epoch_sums: dict[str, float] = {}
         self._epoch_steps = 0
         self._bar = None
@@ -222,7 +259,7 @@ class Engine:
         missing = sorted({"model", "optimizer", "scheduler", "scaler", "step", "rng", "task"} - set(state))
         if missing:
             raise ValueError(f"{path}: not a checkpoint of this engine (missing {missing})")
-        if state.get("world_size", 1) != self.world and not getattr(self.task, "resumable_across_world_sizes", False):
+        if state.get("world_size", 1) != self.world and not self.task.resumable_across_world_sizes:
             raise RuntimeError(f"{path}: saved with {state['world_size']} process(es), resuming with "
                                f"{self.world}; the data order would change")
         self.task.model.load_state_dict(state["model"])
@@ -280,10 +317,9 @@ class Engine:
             for key, v in out.items():  # a method's diagnostics, e.g. Sinkhorn marginal errors
                 if key.startswith("stat_"):
                     self._add(record, key, v, acc)
-            if "logits" in out:
-                labels = batch[1]
-                self._add(record, "correct", (out["logits"].argmax(1) == labels).sum(), 1)
-                record["count"] = record.get("count", 0.0) + float(len(labels))
+            for key, v in self.task.step_metrics(batch, out).items():  # summed over micro-batches, not averaged
+                self._counts.add(key)
+                self._add(record, key, v, 1)
         self._unscale_clip_and_measure(record)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -349,7 +385,7 @@ class Engine:
         step = host["step"]
         if step % self.settings.log_every == 0 or step == 1:
             self.logger.log({"event": "step", "step": step, "epoch": host["epoch"], "lr": host["lr"],
-                             **{k: v for k, v in rec.items() if k not in ("correct", "count") and k[0] != "_"}})
+                             **{k: v for k, v in rec.items() if k not in self._counts and k[0] != "_"}})
             if not bars_enabled():
                 self._console_step(host, rec)
 
@@ -394,7 +430,7 @@ class Engine:
         `resume_may_change` keys excepted). Without `resume`, a run directory that already holds a checkpoint is
         an error unless `force` (then it starts over)."""
         ckpt = self.run_dir / CKPT
-        may_change = getattr(self.task, "resume_may_change", ())
+        may_change = self.task.resume_may_change
         if ckpt.is_file() and not (resume or force):
             raise ConfigError(f"{self.run_dir}: already holds a checkpoint ({ckpt}); continue it (run_pretrain.py "
                               "--resume; run_wsol.py finetune without --no-resume), or pass --force to start over")
@@ -467,8 +503,7 @@ class Engine:
             rec["images_per_s"] = images / max(seconds, 1e-9)
             if "grad_norm2" in sums:
                 rec["grad_norm2"] = sums["grad_norm2"] / n_steps
-            if sums.get("count"):
-                rec["train_top1"] = 100 * sums["correct"] / sums["count"]
+            rec.update(self.task.epoch_metrics(sums))
         self.check_parameters()
         rec.update(self.task.end_of_epoch(self, epoch + 1, rec))
         self.logger.log(rec)

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHOD_CASES = [
     ("erm", {}), ("input_mixup", {}), ("manifold_mixup", {}), ("cutmix", {}), ("puzzlemix", {}),
     ("multimix", {"n": 50, "prob": 1.0}), ("dense_multimix", {"n": 50, "prob": 1.0}),
-    ("multi_mix", {"k": 2}), ("alignmix", {}), ("alignmix_stage2", {"resolution": 2}),
+    ("multi_interp", {"k": 2}), ("alignmix", {}), ("alignmix_stage2", {"resolution": 2}),
     ("alignmix_ae", {"resolution": 2, "decoder_size": 64}),
 ]
 
@@ -46,7 +46,7 @@ PAPER_BATCH = {
     "multimix": 128, "dense_multimix": 128,  # b = 128 per GPU (MultiMix A.1)
     "alignmix": 128,  # 1024 (the released ImageNet command, DataParallel) over 8 GPUs
     "alignmix_stage2": 25,  # 100 on 4 GPUs (AlignMix App. B)
-    "multi_mix_input_k5": 64, "multi_mix_manifold_embedding_k5": 64, "multi_mix_manifold_layer2_k5": 64,
+    "multi_interp_input_k5": 64, "multi_interp_manifold_embedding_k5": 64, "multi_interp_manifold_layer2_k5": 64,
 }
 
 
