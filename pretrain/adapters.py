@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import logging
 import types
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn

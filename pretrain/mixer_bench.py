@@ -84,7 +84,7 @@ def run_mixer_bench(batch: int = 256, size: int = 224, num_classes: int = 1000, 
     finally:
         torch.set_num_threads(old)
     setup = {"batch": batch, "size": size, "num_classes": num_classes, "repeats": repeats, "device": str(dev),
-             "threads": torch.get_num_threads() if not threads else threads, "clock": clock}
+             "threads": threads if threads else torch.get_num_threads(), "clock": clock}
     return {"rows": rows, "setup": setup, "skipped": skipped, "goals": _goals(rows)}
 
 

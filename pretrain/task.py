@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist

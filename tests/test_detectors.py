@@ -222,7 +222,7 @@ def test_iou_crop_sampler_meets_its_constraint():
         inside = (centres > c[:2]).all(1) & (centres < c[2:]).all(1)
         assert inside.any() and dt.box_iou_np(boxes[inside], c[None]).max() >= 0.3
         w, h = c[2] - c[0], c[3] - c[1]
-        assert 0.3 * 120 - 1 <= w <= 120 and 0.3 * 80 - 1 <= h <= 80 and 0 <= c[0] and c[2] <= 120
+        assert 0.3 * 120 - 1 <= w <= 120 and 0.3 * 80 - 1 <= h <= 80 and c[0] >= 0 and c[2] <= 120
     assert got > 10
     assert dt.sample_iou_crop(boxes, 80, 120, rng, min_ious=(None,)) is None
 

@@ -180,7 +180,7 @@ def test_a_job_holds_its_run_folders_lock(toy_world, tmp_path):
     spec = make_spec("pretrain", cfg, cwd=tmp_path)
     folder = tmp_path / "runs" / "tiny"
     folder.mkdir(parents=True)
-    with run_lock(folder, "a command run by hand"):  # a live writer: this process
-        with pytest.raises(RunLockedError, match="another process is writing this pretrain job folder"):
-            run_stage(spec)
+    with run_lock(folder, "a command run by hand"), \
+            pytest.raises(RunLockedError, match="another process is writing this pretrain job folder"):
+        run_stage(spec)  # a live writer: this process
     assert sorted(p.name for p in folder.iterdir()) == []  # nothing written by the refused job

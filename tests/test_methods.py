@@ -52,7 +52,7 @@ def test_registry_errors_list_valid_names():
 
 def test_multi_mix_is_refused_with_the_name_of_multi_interp():
     """Two papers, two unmistakable names: `multimix` (Venkataramanan et al.) and `multi_interp` (Shen et al.); the
-    retired `multi_mix` is refused, by the registry and at a config's edge, with the name to use."""
+    name `multi_mix` is refused, by the registry and at a config's edge, with the name to use."""
     from mixup_transfer.core.config import ConfigError
     from pretrain.methods import METHODS, MultiMix, build_configured, check_method_config
     from pretrain.methods.multi_interp import MultiInterp

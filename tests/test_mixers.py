@@ -190,7 +190,7 @@ def test_mixer_bench_times_every_row_and_skips_timm_when_missing(monkeypatch):
 
     out = mixer_bench.run_mixer_bench(batch=4, size=8, num_classes=5, repeats=1)
     assert [r["row"] for r in out["rows"]] == ["mixup batch", "mixup per-sample", "cutmix batch", "cutmix per-sample"]
-    assert all(r["torchvision"]["ratio"] > 0 for r in out["rows"] if "batch" == r["row"].split()[1])
+    assert all(r["torchvision"]["ratio"] > 0 for r in out["rows"] if r["row"].split()[1] == "batch")
     monkeypatch.setattr(mixer_bench, "_competitor",
                         lambda kind, *a: None if kind == "timm" else (lambda x, y: (x, y)))
     out = mixer_bench.run_mixer_bench(batch=4, size=8, num_classes=5, repeats=1)

@@ -425,7 +425,7 @@ def test_puzzlemix_equals_official_mixup_graph():
 def test_puzzlemix_fallback_agrees_with_official_graph_cut():
     """The built-in alpha-beta swap (no gco) on the same 48 official cases: >= 97% of blocks (measured: 100%)."""
     same = total = 0
-    for c, d, x, pix, kn in _official_cases():
+    for c, d, _x, pix, kn in _official_cases():
         g = int(d["grid"][c])
         sal = pz.saliency_grid(torch.from_numpy(d["sal"][c].astype(np.float32)), g)
         perm = torch.from_numpy(d["perm"][c]).long()

@@ -55,7 +55,7 @@ def tiny_val(tmp_path):
     (root / "val_boxes").mkdir(parents=True)
     sizes = [(40, 30), (36, 36), (30, 44), (48, 40), (40, 40), (33, 50)]  # (w, h)
     k = 0
-    for c, wnid in enumerate(["n0001", "n0002"]):
+    for _c, wnid in enumerate(["n0001", "n0002"]):
         (root / "val" / wnid).mkdir(parents=True)
         for _ in range(3):
             w, h = sizes[k]

@@ -193,7 +193,7 @@ def test_toy_ood_writer(tmp_path):
     assert set(folders) == set(OOD_SETS)
     assert len(list((tmp_path / "ood" / "LSUN" / "LSUN").glob("*.jpg"))) == 4
     assert len(list((tmp_path / "ood" / "iSUN").glob("*.jpg"))) == 4  # flat
-    for name, folder in folders.items():
+    for _name, folder in folders.items():
         ds = ood_folder(folder)
         assert len(ds) == 4 and Image.open(ds.files[0]).size == (32, 32)
     first = (tmp_path / "ood" / "Imagenet" / "Imagenet" / "Imagenet_00000.jpg").read_bytes()

@@ -241,9 +241,8 @@ def test_a_second_writer_is_refused_and_a_stale_lock_replaced(tmp_path):
         holder = json.loads((folder / LOCK_NAME).read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
         with pytest.raises(RunLockedError, match=rf"another process is writing this pretraining run folder \(pid "
-                                                  rf"{os.getpid()} "):
-            with run_lock(folder, "pretraining run"):
-                pass
+                                                  rf"{os.getpid()} "), run_lock(folder, "pretraining run"):
+            pass
     assert not (folder / LOCK_NAME).exists()  # released on exit
     # a lock left by a killed process (same host, no such pid) is stale: taken over
     (folder / LOCK_NAME).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
@@ -251,9 +250,8 @@ def test_a_second_writer_is_refused_and_a_stale_lock_replaced(tmp_path):
         assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
     # a lock of another host cannot be checked: refused, naming the file to delete
     (folder / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
-    with pytest.raises(RunLockedError, match="delete .*\\.lock"):
-        with run_lock(folder):
-            pass
+    with pytest.raises(RunLockedError, match="delete .*\\.lock"), run_lock(folder):
+        pass
 
 
 def test_pretrain_refuses_a_folder_another_process_writes(run, tmp_path):
@@ -485,7 +483,7 @@ def test_sixteen_bit_png_trains_through_the_uint8_path(tmp_path):
 
     from mixup_transfer.core.data import read_image_uint8
 
-    Image.fromarray((np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)).save(tmp_path / "a.png")
+    Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20).save(tmp_path / "a.png")
     x = read_image_uint8(tmp_path / "a.png")
     from torchvision.transforms.v2 import functional as F
 

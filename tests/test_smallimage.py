@@ -17,7 +17,7 @@ def test_cifar_read_back_equals_the_renderer(small_toy_world):
     from mixup_transfer.toyworld.cifar import cifar_split
     from mixup_transfer.toyworld.vocab import PRESETS, small_image_classes
 
-    for kind, n, key in (("cifar10", 10, "cifar10"), ("cifar100", 100, "cifar100")):
+    for _kind, n, key in (("cifar10", 10, "cifar10"), ("cifar100", 100, "cifar100")):
         per = PRESETS["tiny"]["cifar_train"] if n == 10 else max(2, PRESETS["tiny"]["cifar_train"] // 5)
         images, labels = cifar_split(0, n, per, test=False)
         ds = open_classification(small_toy_world, "train", key)

@@ -225,7 +225,7 @@ def test_a_detection_step_reads_nothing_back(toy_world, tmp_path, monkeypatch):
     assert other == [], other
     assert reads == [10, 20], reads
     per_step = Counter()
-    for (file, func, name, step), n in exempted.items():
+    for (file, func, name, _step), n in exempted.items():
         per_step[(file, func, name)] = max(per_step[(file, func, name)], n)
     assert all(n <= 2 for n in per_step.values()), per_step  # two images per step: at most one each per image
     assert epoch_end == [("tolist", "engine.py", "check_parameters")] * 2, epoch_end

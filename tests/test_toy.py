@@ -370,7 +370,7 @@ def test_coco_layout(world):
             x, y, bw, bh = a["bbox"]
             h, w = sizes[a["image_id"]]
             assert all(isinstance(v, float) for v in a["bbox"])
-            assert 0 <= x and 0 <= y and bw > 0 and bh > 0 and x + bw <= w and y + bh <= h
+            assert x >= 0 and y >= 0 and bw > 0 and bh > 0 and x + bw <= w and y + bh <= h
             assert a["iscrowd"] == 0 and 0 < a["area"] <= bw * bh
             m = coco.annToMask(a)
             assert m.shape == (h, w) and m.any()
@@ -421,13 +421,13 @@ def test_cub_layout(world):
     assert classes[0] == ["1", "001.Red_Capped_Warbler"]
     assert sum(r[1] == "1" for r in split) == summary["cub"]["num_train"]
     folders = dict(classes)
-    for (iid, rel), (_, lab), (_, box) in zip(images, labels, boxes):
+    for (_iid, rel), (_, lab), (_, box) in zip(images, labels, boxes):
         folder, fname = rel.split("/")
         assert folder == folders[lab]
         assert fname.startswith(folder.split(".", 1)[1] + "_") and fname.endswith(".jpg")
         h, w = _jpeg_hw(root / "images" / rel)
         x, y, bw, bh = (float(v) for v in box.split())
-        assert 0 <= x and 0 <= y and bw > 0 and bh > 0 and x + bw <= w and y + bh <= h
+        assert x >= 0 and y >= 0 and bw > 0 and bh > 0 and x + bw <= w and y + bh <= h
         assert bw >= 0.3 * w  # one big bird
     # boxes equal the regenerated bird's mask
     for idx in (0, 21, 49):

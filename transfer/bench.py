@@ -154,10 +154,10 @@ def run_eval_bench(quick: bool = False, repeats: int | None = None) -> dict:
     backends = ["pycocotools"] + (["faster"] if faster_available() else [])
     stats, full, core = {}, {}, {}
     for b in backends:
-        full[b], stats[b] = _best_time(lambda: coco_evaluate(gt, results, backend=b), repeats)
+        full[b], stats[b] = _best_time(lambda b=b: coco_evaluate(gt, results, backend=b), repeats)
         clean = check_results(results, [i["id"] for i in gt["images"]], [c["id"] for c in gt["categories"]])
 
-        def core_only():  # the library's own work (index, loadRes, evaluate, accumulate, summarize)
+        def core_only(b=b, clean=clean):  # the library's own work (index, loadRes, evaluate, accumulate, summarize)
             return run_cocoeval(*build_coco(b, gt, clean), b)
 
         core[b], _ = _best_time(core_only, repeats)

@@ -397,7 +397,7 @@ if numba is not None:
         return grew
 
     @_njit
-    def _sweep(foreground, h, w, gt, order, counts, active, cid, comp, par, dirty, tree, size, state, best):
+    def _sweep(foreground, h, w, gt, order, counts, active, cid, comp, par, dirty, tree, size, state, best):  # noqa: C901
         """Best IoU per cut level (0..254) over one kind of contour, in one union-find pass.
 
         foreground=True: the 8-connected components of {u8 > c}, c from 254 down (level c gets

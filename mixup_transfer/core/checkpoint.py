@@ -17,8 +17,9 @@ import os
 import pickle
 import warnings
 from collections import OrderedDict
-from functools import lru_cache
-from typing import Any, Mapping
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
 
 import torch
 import torchvision
@@ -60,7 +61,7 @@ def feature_dim(arch: str) -> int:
     return 2048 if arch in ("resnet50", "resnet101") else 512
 
 
-@lru_cache(maxsize=None)
+@cache
 def expected_shapes(arch: str) -> dict[str, tuple]:
     """Backbone key -> shape for `arch` (fc excluded)."""
     with torch.device("meta"):

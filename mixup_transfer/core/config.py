@@ -17,8 +17,8 @@ import copy
 import os
 import re
 import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import yaml
 

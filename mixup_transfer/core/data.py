@@ -17,8 +17,8 @@ import csv
 import io
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError

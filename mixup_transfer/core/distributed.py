@@ -16,7 +16,8 @@ unchanged. No index is padded or repeated: 7 items over 2 ranks with block 1 are
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch.distributed as dist

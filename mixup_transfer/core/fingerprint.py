@@ -9,9 +9,9 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from mixup_transfer.core.config import ConfigError
 

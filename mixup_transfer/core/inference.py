@@ -18,8 +18,9 @@ metric computed from them is the one a single process computes, bit for bit.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Subset

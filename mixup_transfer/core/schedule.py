@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from typing import Sequence
+from collections.abc import Sequence
 
 KINDS = ("step", "cosine", "piecewise", "constant")
 

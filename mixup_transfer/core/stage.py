@@ -14,9 +14,9 @@ Entry points and schemas are named as "module:attribute" and imported on first u
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from mixup_transfer.core.config import ConfigError, apply_overrides, load_config, validate
 

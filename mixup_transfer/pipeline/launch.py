@@ -29,8 +29,8 @@ import logging
 import os
 import shutil
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mixup_transfer.core import runtime as rt
 from mixup_transfer.core.config import ConfigError, load_config

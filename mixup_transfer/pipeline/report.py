@@ -101,7 +101,8 @@ def figure_sections(run_dir: Path, results: dict, methods: list[str], dets: list
         return {m: [v for v, _ in tables.values(r, stage, getter, per_seed)] for m, r in per_method.items()}
     panels = [
         ("val top-1 acc (%)", panel("pretrain", lambda m: tables.get(m, "top1"))),
-        *[(f"{d} {tables.detection_key(d)} (%)", panel(d, lambda m, k=tables.detection_key(d): tables.get(m, k), True))
+        *[(f"{d} {tables.detection_key(d)} (%)",
+           panel(d, lambda m, k=tables.detection_key(d): tables.get(m, k), True))  # noqa: B008 (binds each d's key)
           for d in dets],
         ("MaxBoxAccV2 (%)", panel("wsol", lambda m: tables.get(m, "maxboxacc_v2"))),
         ("bg-replace top-1 err (%)", panel("robustness", lambda m: tables.get(m, "background", "replace", "top1_err"))),

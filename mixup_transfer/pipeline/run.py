@@ -39,9 +39,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from mixup_transfer.core import distributed as ddist
 from mixup_transfer.core.cli import format_error as cli_error_line

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 RULE_ONE = "**Bold**: the best value of each column (ties: all bold)."
 RULE_SPREAD = ("**Bold**: the best mean of a column, only where its gap to the next-best mean is larger than both "
@@ -145,7 +145,7 @@ class Table:
     def counts(self, cells: list[list[Cell]]) -> str:
         """'n=3' when every run-backed row has the same number of runs, else 'n=3 (erm, ...), n=1 (random init)'."""
         by_n: dict[int, list[str]] = {}
-        for (label, res, _), row in zip(self.rows, cells):
+        for (label, _res, _), row in zip(self.rows, cells):
             if any(r.get("folder") for cell in row for r in cell.runs):  # computed rows (chance) are no runs
                 by_n.setdefault(max(cell.n for cell in row), []).append(label)
         if len(by_n) <= 1:

@@ -26,7 +26,7 @@ def write_coco(out: Path, seed: int, preset: str, workers: int, progress: bool) 
         "num_classes": len(cats),
     }
     ann_id = 1
-    for split, world, n, first_id, step in (
+    for split, _world, n, first_id, step in (
         ("train2017", WORLDS["coco_train2017"], cfg["coco_train"], 9, 13),
         ("val2017", WORLDS["coco_val2017"], cfg["coco_val"], 139, 7),
     ):

@@ -55,7 +55,7 @@ def write_imagenet(out: Path, seed: int, preset: str, workers: int, progress: bo
     recs = map_tasks(val_tasks, workers, "imagenet/val", progress)
     csv = ["ImageId,PredictionString"]
     n_boxes = 0
-    for (stem, label), rec in zip(stems, recs):
+    for (stem, _label), rec in zip(stems, recs):
         objs = [(wnids[lab], o) for lab, o in zip(rec["labels"], rec["objects"])]
         n_boxes += len(objs)
         write_xml(

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np

@@ -31,8 +31,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mixup_transfer.toyworld.cifar import write_cifar10, write_cifar100
 from mixup_transfer.toyworld.coco import write_coco

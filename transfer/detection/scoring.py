@@ -111,7 +111,7 @@ def detection_figure(examples, classes, path: Path, score_thresh: float = 0.3) -
         ax.axis("off")
     for ax, ex in zip(axes.flat, examples):
         ax.imshow(ex["image"].permute(1, 2, 0).clamp(0, 1).numpy())
-        for b, lab in zip(ex["gt_boxes"].tolist(), ex["gt_labels"].tolist()):
+        for b, _lab in zip(ex["gt_boxes"].tolist(), ex["gt_labels"].tolist()):
             ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="lime",
                                        lw=1.5))
         for b, s, lab in zip(ex["pred_boxes"].tolist(), ex["scores"].tolist(), ex["labels"].tolist()):
