@@ -140,7 +140,7 @@ CASES = [
     ("multi_interp", {"base": "input", "k": 3}), ("multi_interp", {"base": "manifold", "k": 3}),
     ("multi_interp", {"base": "cutmix", "k": 3}), ("multi_interp", {"base": "manifold", "k": 2, "large_batch": True}),
     ("alignmix_stage2", {"resolution": 1}), ("alignmix", {}),
-    ("alignmix_ae", {"resolution": 1, "decoder_size": 16}),
+    ("alignmix_ae", {"resolution": 1, "decoder_size": 16}), ("zeta_mixup", {}),
 ]
 PUZZLE = {("puzzlemix.py", "read_to_host", "numpy")}  # the graph cut's one host copy per step
 
@@ -328,7 +328,7 @@ def _cuda_autocast(device, precision):
         return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
-FAKE_CUDA_CASES = [(n, k) for n, k in CASES if n != "puzzlemix" and k.get("base", "puzzlemix" if n == "multi_mix"
+FAKE_CUDA_CASES = [(n, k) for n, k in CASES if n != "puzzlemix" and k.get("base", "puzzlemix" if n == "multi_interp"
                                                                            else "") != "puzzlemix"]
 
 

@@ -29,6 +29,7 @@ from pretrain.methods.multi_interp import MultiInterp
 from pretrain.methods.multimix import DenseMultiMix, MultiMix
 from pretrain.methods.puzzlemix import PuzzleMix
 from pretrain.methods.puzzlemix_graphcut import have_gco
+from pretrain.methods.zeta_mixup import ZetaMixup
 
 __all__ = ["METHODS", "RENAMED", "Method", "ResNetStages", "build_configured", "build_method", "check_method_config",
            "have_gco", "method_knobs"]
@@ -45,6 +46,7 @@ METHODS = {
     "alignmix": AlignMix,
     "alignmix_stage2": AlignMixStage2,
     "alignmix_ae": AlignMixAE,
+    "zeta_mixup": ZetaMixup,
 }
 # retired names, each with the one to use instead
 RENAMED = {"alignmix_official": "alignmix (the AlignMixup released code's variant)",
