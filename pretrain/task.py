@@ -23,6 +23,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from fvcore.nn.precise_bn import update_bn_stats
 from torch.utils.data import DataLoader
 
 from mixup_transfer.core import distributed as ddist
@@ -60,6 +61,10 @@ log = logging.getLogger(__name__)
 DEFAULTS = {
     "name": "pretrain",              # run name (runs/<name>/ when the CLI picks the folder)
     "seed": 0,                       # one seed for data order, augmentation, initialisation and mixing
+    "precise_bn_batches": 0,         # before each evaluation, replace the BatchNorm running statistics (an EMA over
+                                     # the batches the method trained on: mixed images for input-space mixing) by
+                                     # the population statistics of this many clean train batches (precise BN,
+                                     # `recompute_bn_statistics`); 0 = keep the running statistics
     "data": {
         "root": None,                # ImageNet-layout folder (root/train/<wnid>/*.JPEG, root/val/<wnid>/...), or a
                                      # CIFAR / TinyImageNet folder (mixup_transfer/core/smalldata.py: the folder or its
@@ -147,6 +152,7 @@ RANGES = {
     "runtime.log_every_steps": (">", 0), "runtime.checkpoint_every_steps": (">=", 0),
     "model.arch": ("in", ALL_ARCHS), "model.num_classes": (">", 0),
     "data.dataset": ("in", DATASETS), "data.crop": ("in", ("auto", "resized", "padded")), "data.padding": (">=", 0),
+    "precise_bn_batches": (">=", 0),
 }
 
 
@@ -362,7 +368,29 @@ class PretrainTask(ClassificationTask):
         n = max(n, 1.0)
         return {"val_top1": 100 * top1 / n, "val_top5": 100 * top5 / n, "val_loss": loss / n}
 
+    @torch.no_grad()
+    def recompute_bn_statistics(self, epoch: int, precision: str) -> int:
+        """Precise BN (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", section 3; detectron2's PreciseBN hook,
+        fvcore's `update_bn_stats`): the network's BatchNorm running statistics become the population statistics
+        of the first `precise_bn_batches` train batches of `epoch` (1-based) as the loader gives them: augmented
+        crops, not mixed. The running statistics otherwise describe the inputs the method trained on, which for
+        input-space mixing are blends with a smaller per-channel variance than clean images, while evaluation,
+        transfer and a detector's frozen BatchNorm see clean images. Returns the number of batches used (at most
+        one epoch's)."""
+        n = min(int(self.cfg["precise_bn_batches"]), self.steps_per_epoch)
+        if n == 0:
+            return 0
+        channels_last = self.device.type == "cuda" and self.cfg["runtime"]["channels_last"]
+        images = (self.to_device(b, self.device, channels_last)[0] for b in self.batches(epoch - 1, 0))
+        was_training = self.net.training
+        self.net.train()
+        with rt.autocast(self.device, precision):
+            update_bn_stats(self.net, images, n)
+        self.net.train(was_training)
+        return n
+
     def end_of_epoch(self, engine: Engine, epoch: int, record: dict) -> dict:
+        self.recompute_bn_statistics(epoch, engine.precision)
         out = self.evaluate(engine.precision)
         if not all(map(lambda v: v == v and abs(v) != float("inf"), out.values())):
             raise rt.NonFiniteLossError(f"non-finite validation metrics {out} after epoch {epoch}; stopping. "

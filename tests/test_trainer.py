@@ -276,3 +276,31 @@ def test_resume_with_another_world_size(toy_world, tmp_path):
     assert metrics["steps"] == 4
     log = [json.loads(x) for x in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     assert any(r["event"] == "resume" and r["step"] == 1 for r in log)
+
+
+def test_precise_bn_gives_the_clean_batches_population_statistics(toy_world, tmp_path):
+    """`recompute_bn_statistics`: bn1's running mean / variance become the mean and (biased) variance of conv1's
+    output over the first n clean train batches of the epoch, pooled over images and positions (computed here
+    from the same batches); n = 0 keeps the running statistics; n is capped at the batches of an epoch."""
+    from core.constants import IMAGENET_MEAN, IMAGENET_STD
+
+    cfg = tiny_cfg(toy_world / "imagenet")
+    cfg["precise_bn_batches"] = 2
+    task, _ = build(cfg, tmp_path)
+    net = task.net.net
+    bn = net.bn1
+    bn.running_mean.fill_(5.0)
+    assert task.recompute_bn_statistics(1, "fp32") == 2
+    batches = [task.to_device(b, task.device, False)[0] for _, b in zip(range(2), task.batches(0, 0))]
+    x = torch.cat(batches)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        h = net.conv1((x - mean) / std)
+    assert torch.allclose(bn.running_mean, h.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, h.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-6)
+    assert bn.momentum == 0.1 and net.training
+    task.cfg["precise_bn_batches"] = 0
+    bn.running_mean.fill_(5.0)
+    assert task.recompute_bn_statistics(1, "fp32") == 0 and torch.all(bn.running_mean == 5.0)
+    task.cfg["precise_bn_batches"] = 1000
+    assert task.recompute_bn_statistics(1, "fp32") == task.steps_per_epoch == 6
