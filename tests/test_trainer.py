@@ -282,7 +282,7 @@ def test_precise_bn_gives_the_clean_batches_population_statistics(toy_world, tmp
     """`recompute_bn_statistics`: bn1's running mean / variance become the mean and (biased) variance of conv1's
     output over the first n clean train batches of the epoch, pooled over images and positions (computed here
     from the same batches); n = 0 keeps the running statistics; n is capped at the batches of an epoch."""
-    from core.constants import IMAGENET_MEAN, IMAGENET_STD
+    from mixup_transfer.core.constants import IMAGENET_MEAN, IMAGENET_STD
 
     cfg = tiny_cfg(toy_world / "imagenet")
     cfg["precise_bn_batches"] = 2
