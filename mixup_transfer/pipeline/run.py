@@ -191,8 +191,8 @@ class Pipeline:
         subs = {"data": self.data}
         check_entries(self.cfg)
         for m in self.cfg["methods"]:
-            p = self._pretrain_spec(m)
-            resolved = _named(pretrain_config, load_config(p["config"], p["overrides"][:-1]),
+            p = self._pretrain_spec(m, name_override=False)  # the recipe's own method.name, to compare
+            resolved = _named(pretrain_config, load_config(p["config"], p["overrides"]),
                               f"{m} pretraining ({p['config']})")
             if resolved["method"]["name"] != m:
                 raise ConfigError(f"{p['config']}: method.name is {resolved['method']['name']!r} (with the "
@@ -319,11 +319,13 @@ class Pipeline:
             out += self._plan_downstream("baselines", "baselines", None, None, None, robustness=False)
         return out
 
-    def _pretrain_spec(self, method: str) -> dict:
+    def _pretrain_spec(self, method: str, name_override: bool = True) -> dict:
         """{"config", "overrides"} of `method`'s pretraining: the shared overrides, then its `per_method` ones."""
         p = _fill(self.cfg["pretrain"], data=self.data, method=method)
         overrides = list(p["overrides"]) + list(p["per_method"].get(method) or [])
-        return {"config": p["config"], "overrides": overrides + [f"method.name={method}"]}  # checked to agree
+        if name_override:  # the stage runs the pipeline's method (checked to agree with the recipe's)
+            overrides.append(f"method.name={method}")
+        return {"config": p["config"], "overrides": overrides}
 
     def _plan_downstream(self, owner: str, base: str, backbone: Path | None, upstream: str | None,
                          pseed: int | None, robustness: bool = True) -> list[Stage]:
