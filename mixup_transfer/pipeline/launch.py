@@ -36,7 +36,8 @@ from mixup_transfer.core import runtime as rt
 from mixup_transfer.core.config import ConfigError, load_config
 from mixup_transfer.core.engine import CKPT
 from mixup_transfer.core.lock import run_lock
-from mixup_transfer.pipeline.stages import NAMES, stage
+from mixup_transfer.pipeline import stages as declared_stages
+from mixup_transfer.pipeline.stages import NAMES
 
 log = logging.getLogger("launch")
 
@@ -46,7 +47,7 @@ STAGES = NAMES + ("pipeline",)  # the declared stages (mixup_transfer/pipeline/s
 def default_gpus_per_node(name: str) -> int:
     """A job's GPUs per node unless given: the stage's declared default; the pipeline 1 (it runs its stages in
     one process group, as under torchrun)."""
-    return 1 if name == "pipeline" else stage(name).gpus_per_node
+    return 1 if name == "pipeline" else declared_stages.stage(name).gpus_per_node
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,12 +136,12 @@ def load_stage_config(name: str, config: str | None, overrides: Sequence[str] = 
         from mixup_transfer.pipeline.run import DEFAULTS
 
         return load_config(config, overrides, defaults=DEFAULTS)
-    return stage(name).load_config(config, overrides)
+    return declared_stages.stage(name).load_config(config, overrides)
 
 
 def default_run_dir(name: str, config: str | None, cfg: dict, cwd: Path) -> Path | None:
     """Where the stage's own command line (tools/run_<stage>.py) writes; None for the pipeline (its config says)."""
-    return None if name == "pipeline" else stage(name).run_dir(cfg, config, cwd)
+    return None if name == "pipeline" else declared_stages.stage(name).run_dir(cfg, config, cwd)
 
 
 def _absolute(path: str | None, cwd: Path) -> str | None:
@@ -165,7 +166,7 @@ def make_spec(stage: str, config: str | None, overrides: Sequence[str] = (), run
         if path and not Path(path).exists():
             raise FileNotFoundError(2, f"{name} does not exist", path)
     out = Path(_absolute(run_dir, cwd)) if run_dir else default_run_dir(stage, config, cfg, cwd)
-    if stage != "pipeline" and "force" not in _stage_of(stage).options:
+    if stage != "pipeline" and "force" not in declared_stages.stage(stage).options:
         if force:
             raise ConfigError(f"{stage} has no --force (finished seeds are kept): choose another --run-dir")
         if out.is_dir() and any(out.iterdir()) and not resume:
@@ -176,21 +177,18 @@ def make_spec(stage: str, config: str | None, overrides: Sequence[str] = (), run
                    resume, force, str(cwd), allow_pickle)
 
 
-def _stage_of(name: str):
-    return stage(name)
-
-
 def _check_inputs(name: str, given: dict) -> None:
     """The stage's declared inputs: the required ones given, no others."""
     flags = {"weights": "--weights", "checkpoint": "--checkpoint", "imagenet": "--imagenet"}
-    declared = () if name == "pipeline" else stage(name).inputs
-    optional = () if name == "pipeline" else stage(name).optional_inputs
+    declared = () if name == "pipeline" else declared_stages.stage(name).inputs
+    optional = () if name == "pipeline" else declared_stages.stage(name).optional_inputs
     missing = [flags[k] for k in declared if not given.get(k)]
     if missing:
         raise ConfigError(f"stage {name} needs {' and '.join(missing)}")
     for key, value in given.items():
         if value and key not in declared + optional:
-            users = [n for n in NAMES if key in stage(n).inputs + stage(n).optional_inputs]
+            users = [n for n in NAMES
+                     if key in declared_stages.stage(n).inputs + declared_stages.stage(n).optional_inputs]
             raise ConfigError(f"{flags[key]} is for {' and '.join(users)}, not {name}")
 
 
@@ -216,7 +214,7 @@ def run_stage(spec: JobSpec) -> dict:
 
 
 def _dispatch(spec: JobSpec, cfg: dict) -> dict:
-    declared = stage(spec.stage)
+    declared = declared_stages.stage(spec.stage)
     inputs = {k: getattr(spec, k) for k in declared.inputs + declared.optional_inputs}
     rt.init_distributed()  # a no-op with one task; every stage is rank-aware (mixup_transfer/core/distributed.py)
     return declared.run(cfg, inputs or None, spec.run_dir, resume=spec.resume, force=spec.force)
