@@ -205,3 +205,17 @@ def test_the_detection_checker_catches_a_violation(tmp_path, monkeypatch):
         "transfer/detection/d2_backend.py:2 imports transfer.detection.stage.run",
         "transfer/detection/scoring.py:1 imports transfer.detection.d2_backend",
         "wsol/x.py:1 imports transfer.detection.stage"]
+
+
+def test_tests_mirror_the_packages():
+    """Each folder of tests/ is named after the package it tests; the files directly in tests/ check the whole
+    project (docs/testing.md)."""
+    mirrored = {"core", "toyworld", "pipeline", "pretrain", "transfer", "wsol"}
+    folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name not in ("fixtures", "__pycache__")}
+    assert folders == mirrored, sorted(folders ^ mirrored)
+    for name in mirrored:
+        package = name if name in ("pretrain", "transfer", "wsol") else f"mixup_transfer.{name}"
+        assert folder(package).is_dir(), package
+        assert list((ROOT / "tests" / name).glob("test_*.py")), name
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), "two test files share a name (pytest imports them by base name)"

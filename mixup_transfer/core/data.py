@@ -157,7 +157,7 @@ def decode_uint8(data, where: str):
 
 def read_image_uint8(path: str | os.PathLike):
     """The image at `path` as RGB uint8 [3, h, w] (`decode_uint8`); equal to `read_image`'s pixels where both
-    use libjpeg-turbo with default settings (tests/test_uint8_data.py measures it)."""
+    use libjpeg-turbo with default settings (tests/core/test_uint8_data.py measures it)."""
     return decode_uint8(read_bytes(path), str(path))
 
 

@@ -101,7 +101,7 @@ class SmallNet(nn.Module):
 def preactresnet18(num_classes: int = 10, width: int = 64, alignmixup: bool = False) -> SmallNet:
     """PreAct-ResNet-18: 3x3 stem to `width` (64) channels, four stages of two pre-activation blocks (64, 128,
     256, 512; strides 1, 2, 2, 2), no final BN-ReLU (11,171,146 parameters for 10 classes;
-    tests/test_smallimage.py). width=16 is `preactresnet18_w16` (16, 32, 64, 128: 1/16 of the FLOPs), the toy
+    tests/core/test_smallimage.py). width=16 is `preactresnet18_w16` (16, 32, 64, 128: 1/16 of the FLOPs), the toy
     CIFAR pipeline's CPU network (configs/pipeline/toy_cifar.yaml), no paper's. alignmixup: the AlignMixup code's
     network (`preactresnet18_alignmixup`): BN + ReLU after the stem convolution (2 x 64 more parameters) and
     identity shortcuts that carry the pre-activated input (`PreActBlock` preact_shortcut)."""

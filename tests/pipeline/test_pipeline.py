@@ -10,7 +10,7 @@ import yaml
 
 from mixup_transfer.pipeline.run import StopPipeline, run_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tiny_config(tmp: Path, data: Path, name: str) -> Path:

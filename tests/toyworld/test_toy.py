@@ -17,7 +17,7 @@ import mixup_transfer.toyworld as toy
 # pycocotools 2.0.x + NumPy 2 warns on every annToMask
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEED = 0
 
 

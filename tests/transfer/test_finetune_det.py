@@ -19,7 +19,7 @@ from transfer.detection import d2_backend, scoring, stage
 from transfer.detection import torchvision_backend as tvb
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,7 @@ def test_cutmix_lam_equals_kept_area():
 def test_cutmix_boxes_equal_the_official_rand_bbox():
     """tests/fixtures/cutmix_official.npz: 1500 boxes of rand_bbox (CutMix's sampler, as in
     snu-mllab/PuzzleMix imagenet/train.py) for seeded lam and centre on square inputs: identical."""
-    d = dict(np.load(Path(__file__).parent / "fixtures" / "cutmix_official.npz"))
+    d = dict(np.load(Path(__file__).parents[1] / "fixtures" / "cutmix_official.npz"))
     for size, lam, (c2, c3), (x1, y1, x2, y2) in zip(d["size"], d["lam"], d["centre"], d["box"]):
         (r0, r1, q0, q1), kept = cm.cutmix_box(int(size), int(size), float(lam), centre=(int(c2), int(c3)))
         assert (r0, r1, q0, q1) == (x1, x2, y1, y2)  # rows = the official dim-2 range
@@ -335,7 +335,7 @@ def test_gap_of_aligned_tensor_is_gap_of_tensor():
 
 # ---------------------------------------------------------------------------------------------- PuzzleMix
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 def test_saliency_grid_hand_case():

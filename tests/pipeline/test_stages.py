@@ -9,7 +9,7 @@ from mixup_transfer.core.config import ConfigError
 from mixup_transfer.pipeline import launch
 from mixup_transfer.pipeline.stages import NAMES, stage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_one_name_everywhere():

@@ -199,7 +199,7 @@ def test_mixer_bench_times_every_row_and_skips_timm_when_missing(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ zeta-mixup
-ZETA = Path(__file__).parent / "fixtures" / "zeta_mixup_official.npz"
+ZETA = Path(__file__).parents[1] / "fixtures" / "zeta_mixup_official.npz"
 
 
 def test_zeta_weights_equal_the_official_code():

@@ -163,7 +163,7 @@ def test_submit_cli_refuses_a_bad_config_before_queueing(toy_world, tmp_path, ca
     import importlib.util
     from pathlib import Path
 
-    tool = Path(__file__).resolve().parents[1] / "tools" / "submit.py"
+    tool = Path(__file__).resolve().parents[2] / "tools" / "submit.py"
     spec = importlib.util.spec_from_file_location("submit_cli", tool)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)

@@ -13,7 +13,7 @@ from mixup_transfer.core.checkpoint import CheckpointError, build_resnet, save_b
 from mixup_transfer.core.data import DataError
 from transfer.robustness import evaluate_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(limit=6, image_size=32, resize=36, batch_size=4, pgd_iters=2)
 
 

@@ -14,7 +14,7 @@ from mixup_transfer.pipeline import tables
 from mixup_transfer.pipeline.report import write_report
 from mixup_transfer.pipeline.run import Pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix", "alignmix", "multimix", "dense_multimix",
            "multi_interp"]
 

@@ -12,7 +12,7 @@ import torch
 from mixup_transfer.pipeline import gpu_check
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from transfer.convert import (
     write_detectron2_weights,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------

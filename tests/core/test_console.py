@@ -15,7 +15,7 @@ from mixup_transfer.core import cli
 from mixup_transfer.core.basics import bars_enabled
 from mixup_transfer.core.engine import _hms
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool(name: str):

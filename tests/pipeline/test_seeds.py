@@ -14,7 +14,7 @@ from mixup_transfer.pipeline import tables
 from mixup_transfer.pipeline.run import Pipeline
 from mixup_transfer.pipeline.tables import RULE_ONE, RULE_SPREAD, Cell, Column, Table, best_rows, mean_std
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- mean, std and their formatting ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from transfer.voc_eval import (
     write_voc_results,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------

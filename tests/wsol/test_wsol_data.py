@@ -12,7 +12,7 @@ from wsol.data import MetadataError, WSOLDataset, cub_to_wsol_metadata, read_cub
 from wsol.evaluate import centred_box_baseline, score_scoremap_dir
 from wsol.metrics import ScoreMapError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # First lines of the real CUB files (ids 1 and 2 train/test as in the real split), plus one more image.
 CUB = {

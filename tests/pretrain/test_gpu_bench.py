@@ -10,7 +10,7 @@ from pretrain.bench import FULL, run_gpu_bench
 from pretrain.methods import have_gco
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -252,7 +252,7 @@ def test_alignmix_modes_and_step_equal_the_released_code(batch):
     """Released resnet50_classifier.py / resnet18_classifier.py (AlignMixup_CVPR22 at ec01a68): layer_mix =
     randint(0, 1) (0: input mixup), else mixup_aligned with align_mix = randint(0, 1): input 1/2, branch 0 1/4,
     branch 1 1/4, then GAP of the full map and the classifier. One step replayed with the pure functions (the
-    official mixup_aligned is pinned by tests/test_mixing.py's fixtures)."""
+    official mixup_aligned is pinned by tests/pretrain/test_mixing.py's fixtures)."""
     from collections import Counter
 
     images, labels = batch

@@ -9,7 +9,7 @@ from mixup_transfer.core.constants import VOC_CLASSES
 from transfer.detection import config as det_config
 from transfer.detection import torchvision_backend as tvb
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(toy_world, classes):

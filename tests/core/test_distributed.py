@@ -15,7 +15,7 @@ import torch
 
 from mixup_transfer.core import distributed as ddist
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 

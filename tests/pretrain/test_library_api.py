@@ -17,7 +17,7 @@ from pretrain.data import sample_seed
 from pretrain.methods import METHODS, build_method
 from pretrain.task import build
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "library.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "library.md"
 C = 10
 
 
@@ -46,7 +46,7 @@ def test_doc_snippet_runs_as_written(i, one_thread):
     assert torch.isfinite(scope["loss"]) and scope["loss"].requires_grad
 
 
-# every registered method, with knobs that fit a 32 px input (as tests/test_sync_free.py's cases)
+# every registered method, with knobs that fit a 32 px input (as tests/pretrain/test_sync_free.py's cases)
 CASES = [
     ("erm", {}), ("input_mixup", {}), ("manifold_mixup", {}), ("cutmix", {}), ("puzzlemix", {"solver": "swap"}),
     ("multimix", {"n": 20}), ("multimix", {"n": 8, "layer": 2, "dense_loss": True}), ("dense_multimix", {"n": 20}),

@@ -11,7 +11,7 @@ import yaml
 
 from mixup_transfer.core.checkpoint import build_resnet, save_backbone
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool():

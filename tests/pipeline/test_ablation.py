@@ -13,7 +13,7 @@ from mixup_transfer.pipeline.ablation import DEFAULTS, AblationSweep, axis_scale
 from mixup_transfer.pipeline.run import content_key, pretrain_spec
 from mixup_transfer.pipeline.tables import RULE_SPREAD
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["optim.epochs=1", "optim.batch_size=32", "data.crop_size=32", "data.val_resize=36", "data.num_workers=0",
         "runtime.flops=false", "runtime.figures=false"]
 

@@ -199,7 +199,7 @@ TORCHVISION = {("ssd.py", "forward", "__bool__"),  # degenerate-box check, one p
 
 
 def test_a_detection_step_reads_nothing_back(toy_world, tmp_path, monkeypatch):
-    """DetectionTask (SSD, the tiny toy VOC setup of tests/test_finetune_det.py) for 20 steps of 2 images."""
+    """DetectionTask (SSD, the tiny toy VOC setup of tests/transfer/test_finetune_det.py) for 20 steps of 2 images."""
     from transfer.detection import config as det_config
     from transfer.detection import torchvision_backend as tvb
 

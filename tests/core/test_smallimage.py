@@ -237,7 +237,7 @@ def test_preactresnet18_alignmixup_equals_the_alignmixup_network():
 
     from mixup_transfer.core.checkpoint import build_resnet
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     spec = importlib.util.spec_from_file_location("fixture_tool", root / "tools" / "make_method_fixtures.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)

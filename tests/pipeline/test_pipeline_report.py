@@ -11,7 +11,7 @@ from conftest import load_tool
 from mixup_transfer.pipeline import stages
 from mixup_transfer.pipeline.run import StagesFailed, run_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 tool = load_tool("run_pipeline")
 
 

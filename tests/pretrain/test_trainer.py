@@ -100,7 +100,7 @@ def test_toy_run_writes_the_run_folder(toy_world, tmp_path, capsys):
     cfg = tiny_cfg(toy_world / "imagenet")
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "cfg.yaml").write_text("_BASE_: base.yaml\nname: cli\n")
-    tool = Path(__file__).resolve().parents[1] / "tools" / "run_pretrain.py"
+    tool = Path(__file__).resolve().parents[2] / "tools" / "run_pretrain.py"
     spec = importlib.util.spec_from_file_location("pretrain_cli", tool)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)

@@ -81,7 +81,7 @@ def test_bce_loss_by_hand():
 
 def test_t_size_reaches_the_transport():
     """PuzzleMix(t_size=4) mixes as puzzle_mix(..., t_size=4) (pinned against the official code in
-    tests/test_mixing.py), and differs from the block-level transport on these images."""
+    tests/pretrain/test_mixing.py), and differs from the block-level transport on these images."""
     images, labels = batch()
     m = make(t_size=4, neigh_size=4)
     perm = torch.tensor([1, 2, 3, 0])
