@@ -16,6 +16,7 @@ random streams are described there):
     multi_interp  K sorted interpolations of every pair (Shen et al.'s multi-mix)
     alignmix      AlignMix: the released code's variant, the paper's stage-2 encoder, AlignMix/AE
     zeta_mixup    zeta-mixup
+    comixup       Co-Mixup (joint saliency-guided masks of a partition); its optimisation in comixup_solver
     tokenmix      TokenMix (token-level masks; a teacher's activation maps or the area assign the labels)
 """
 
@@ -25,6 +26,7 @@ import inspect
 
 from pretrain.methods.alignmix import AlignMix, AlignMixAE, AlignMixStage2
 from pretrain.methods.base import Method, ResNetStages
+from pretrain.methods.comixup import CoMixup
 from pretrain.methods.cutmix import CutMix
 from pretrain.methods.mixup import ERM, InputMixup, ManifoldMixup
 from pretrain.methods.multi_interp import MultiInterp
@@ -51,6 +53,7 @@ METHODS = {
     "alignmix_ae": AlignMixAE,
     "zeta_mixup": ZetaMixup,
     "tokenmix": TokenMix,
+    "comixup": CoMixup,
 }
 # retired names, each with the one to use instead
 RENAMED = {"alignmix_official": "alignmix (the AlignMixup released code's variant)",
