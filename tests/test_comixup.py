@@ -1,4 +1,4 @@
-"""Co-Mixup (pretrain.methods.comixup, comixup_solver) against the official code (tests/fixtures/comixup_official.npz,
+"""Co-Mixup (pretrain.methods.comixup, comixup_graphcut) against the official code (tests/fixtures/comixup_official.npz,
 made by tools/make_comixup_fixture.py from snu-mllab/Co-Mixup) and hand computations."""
 
 from pathlib import Path
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pretrain.methods import build_method, have_gco
 from pretrain.methods import comixup as cm
-from pretrain.methods import comixup_solver as cs
+from pretrain.methods import comixup_graphcut as cs
 from pretrain.methods.base import ResNetStages
 
 FIX = Path(__file__).parent / "fixtures" / "comixup_official.npz"
@@ -47,7 +47,7 @@ def test_mixup_process_equals_the_official_code(fix, solver):
         priors, inits = _t(fix[f"p_priors_{k}"]), _t(fix[f"p_inits_{k}"])
         x, y = _t(fix[f"p_x_{k}"]), _t(fix[f"p_y_{k}"])
         xs, ys = [], []
-        for p, (cost, A) in enumerate(cm.partition_costs(pooled, _t(fix[f"p_adist_{k}"]), part, 0.001)):
+        for p, (cost, A) in enumerate(cs.partition_costs(pooled, _t(fix[f"p_adist_{k}"]), part, 0.001)):
             s, n = p * part, cost.shape[0]
             onehot = cs.comix_labelings(cost, A, inits[s:s + n], priors[s:s + n], 0.32, 1.0, 0.05, 0.83,
                                         solver=solver)
@@ -94,8 +94,8 @@ def test_salient_points_and_compatibility_by_hand():
     torch.testing.assert_close(pts, torch.tensor([[0.0, 0.0], [2.0, 2.0]]))
     a_dist = torch.tensor([[0.0, 4.0], [4.0, 0.0]])
     # n / sum = 2 / 8: off-diagonal 1 * omega
-    torch.testing.assert_close(cm.compatibility(a_dist, 0.1), torch.tensor([[0.9, 0.1], [0.1, 0.9]]))
-    torch.testing.assert_close(cm.compatibility(torch.zeros(2, 2), 0.1), 0.9 * torch.eye(2))
+    torch.testing.assert_close(cs.compatibility(a_dist, 0.1), torch.tensor([[0.9, 0.1], [0.1, 0.9]]))
+    torch.testing.assert_close(cs.compatibility(torch.zeros(2, 2), 0.1), 0.9 * torch.eye(2))
 
 
 def test_method_step_targets_are_block_shares():

@@ -6,7 +6,7 @@
 
 It needs gco-wrapper (match.py imports gco). The official code draws a Dirichlet prior (torch's global generator)
 and the initial labels (`random_initialize`, numpy's global generator) inside `get_onehot_matrix`: the script
-records both (`prior_*`, `init_*`, what `pretrain.methods.comixup_solver.comix_labelings` takes). `mixup_process`
+records both (`prior_*`, `init_*`, what `pretrain.methods.comixup_graphcut.comix_labelings` takes). `mixup_process`
 calls it with device "cuda": the script makes that the CPU.
 """
 

@@ -3,7 +3,7 @@ arXiv:2102.03065): every output image is a block-wise labeling by several inputs
 chosen jointly so that outputs show salient blocks and differ from each other; targets are the inputs' block shares.
 
 The method equals the official CIFAR / TinyImageNet code (snu-mllab/Co-Mixup main.py `train`, mixup.py
-`mixup_process`, match.py `mix_input`); the mask optimisation is `pretrain.methods.comixup_solver`, the saliency
+`mixup_process`, match.py `mix_input`); the mask optimisation is `pretrain.methods.comixup_graphcut`, the saliency
 PuzzleMix's (the same definition: sqrt of the channel mean of the squared input gradient of the clean loss).
 tests/test_comixup.py pins it with tests/fixtures/comixup_official.npz.
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.methods.base import Method, host_to_device
-from pretrain.methods.comixup_solver import comix_labelings
+from pretrain.methods.comixup_graphcut import batch_labelings
 from pretrain.methods.puzzlemix import _saliency_forward, read_to_host
 from pretrain.methods.puzzlemix_graphcut import have_gco
 
@@ -30,15 +30,6 @@ def salient_points(sal: torch.Tensor, window: int = PEAK_WINDOW) -> torch.Tensor
     return torch.stack([idx // z.shape[-1], idx % z.shape[-1]], 1).float()
 
 
-def compatibility(a_dist: torch.Tensor, omega: float) -> torch.Tensor:
-    """A = (1 - omega) I + omega * a_dist * n / sum(a_dist) (mixup_process) for one partition, a_dist [n, n] the l1
-    distances of the salient points. A partition whose points all coincide (sum 0) keeps A = (1 - omega) I."""
-    n = a_dist.shape[0]
-    total = a_dist.sum()
-    scaled = a_dist / total * n if total > 0 else torch.zeros_like(a_dist)
-    return (1 - omega) * torch.eye(n) + omega * scaled
-
-
 def mix_input(onehot: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One partition's outputs (`mix_input`): onehot [n_out, g, g, n] upsampled to the images by nearest neighbour;
     x [n, C, h, w], y [n, c] -> (images [n_out, C, h, w], targets [n_out, c]: the block shares of the inputs' targets,
@@ -47,18 +38,6 @@ def mix_input(onehot: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[t
     out = torch.einsum("oihw,ichw->ochw", mask, x)
     target = onehot.sum((1, 2)).float() @ y.float()
     return out, target / target.sum(-1, keepdim=True)
-
-
-def partition_costs(pooled: torch.Tensor, a_dist: torch.Tensor, part: int, omega: float):
-    """Per partition of `part` consecutive examples (the last may be smaller): (cost [n, g, g] = minus the block
-    saliency normalised to sum 1 per image, A [n, n]). pooled [b, g, g] block saliency, a_dist [b, b]."""
-    out = []
-    for s in range(0, pooled.shape[0], part):
-        sc = pooled[s:s + part]
-        n = sc.shape[0]
-        cost = -(sc / sc.reshape(n, -1).sum(1).reshape(n, 1, 1))
-        out.append((cost, compatibility(a_dist[s:s + part, s:s + part], omega)))
-    return out
 
 
 class CoMixup(Method):
@@ -100,16 +79,11 @@ class CoMixup(Method):
             return _saliency_forward(self, images, labels, True, 2 * self.clean_lam / self.num_classes)
         return _saliency_forward(self, images, labels, False)[0], None
 
-    def labelings(self, pooled: torch.Tensor, a_dist: torch.Tensor) -> list[torch.Tensor]:
-        """Host: one `comix_labelings` per partition, prior and initial labels from host_rng."""
-        out = []
-        for cost, A in partition_costs(pooled, a_dist, self.part, self.omega):
-            n, g, _ = cost.shape
-            prior = torch.from_numpy(self.host_rng.dirichlet(np.full(n, self.alpha)).astype(np.float32))
-            init = torch.from_numpy(self.host_rng.integers(0, n, (n, g, g)))
-            out.append(comix_labelings(cost, A, init, prior, self.beta, self.gamma, self.eta, self.thres,
-                                       self.thres_type, self.set_resolve, self.niter, self.solver))
-        return out
+    def labelings(self, pooled: np.ndarray, a_dist: np.ndarray) -> np.ndarray:
+        """Host: `batch_labelings` of the host copies, prior and initial labels from host_rng."""
+        return batch_labelings(pooled, a_dist, self.part, self.host_rng, self.alpha, self.omega, beta=self.beta,
+                               gamma=self.gamma, eta=self.eta, thres=self.thres, thres_type=self.thres_type,
+                               set_resolve=self.set_resolve, niter=self.niter, solver=self.solver)
 
     def mix(self, images, labels, sal):
         """-> (mixed images [b, 3, h, w], targets [b, c]) from the saliency sal [b, h, w]."""
@@ -118,8 +92,7 @@ class CoMixup(Method):
         pooled = F.avg_pool2d(sal, images.shape[-1] // g)
         pts = salient_points(sal)
         a_dist = (pts.unsqueeze(1) - pts.unsqueeze(0)).abs().sum(-1)
-        host = [torch.from_numpy(a) for a in read_to_host([pooled, a_dist])]
-        onehots = host_to_device(torch.cat([o.reshape(-1) for o in self.labelings(*host)]), images.device)
+        onehots = host_to_device(self.labelings(*read_to_host([pooled, a_dist])), images.device)
         y, xs, ys, i = self.targets(labels), [], [], 0
         for s in range(0, images.shape[0], self.part):
             n = min(self.part, images.shape[0] - s)

@@ -83,8 +83,9 @@ def token_activation(class_maps: torch.Tensor, labels: torch.Tensor, gh: int, gw
 
     b, _, _, w = class_maps.shape
     own = class_maps.gather(1, labels.view(b, 1, 1, 1).expand(b, 1, *class_maps.shape[2:])).float()
-    box = torch.tensor([-0.5, -0.5, w - 0.5, w - 0.5], device=own.device).expand(b, 4)
-    rois = torch.cat([torch.arange(b, device=own.device, dtype=own.dtype).view(b, 1), box], 1)
+    rois = torch.full((b, 5), -0.5, device=own.device)  # [index, x1, y1, x2, y2], filled on the device
+    rois[:, 0] = torch.arange(b, device=own.device)
+    rois[:, 3:] = w - 0.5
     return roi_align(own, rois, output_size=(gh, gw))[:, 0]
 
 

@@ -140,3 +140,39 @@ def comix_labelings(cost: torch.Tensor, A: torch.Tensor, init: torch.Tensor, pri
             break
         loss_prev = loss
     return onehot
+
+
+def compatibility(a_dist: torch.Tensor, omega: float) -> torch.Tensor:
+    """A = (1 - omega) I + omega * a_dist * n / sum(a_dist) (mixup_process) for one partition, a_dist [n, n] the l1
+    distances of the salient points. A partition whose points all coincide (sum 0) keeps A = (1 - omega) I."""
+    n = a_dist.shape[0]
+    total = a_dist.sum()
+    scaled = a_dist / total * n if total > 0 else torch.zeros_like(a_dist)
+    return (1 - omega) * torch.eye(n) + omega * scaled
+
+
+def partition_costs(pooled: torch.Tensor, a_dist: torch.Tensor, part: int, omega: float):
+    """Per partition of `part` consecutive examples (the last may be smaller): (cost [n, g, g] = minus the block
+    saliency normalised to sum 1 per image, A [n, n]). pooled [b, g, g] block saliency, a_dist [b, b]."""
+    out = []
+    for s in range(0, pooled.shape[0], part):
+        sc = pooled[s:s + part]
+        n = sc.shape[0]
+        cost = -(sc / sc.reshape(n, -1).sum(1).reshape(n, 1, 1))
+        out.append((cost, compatibility(a_dist[s:s + part, s:s + part], omega)))
+    return out
+
+
+def batch_labelings(pooled: np.ndarray, a_dist: np.ndarray, part: int, rng, alpha: float = 2.0,
+                    omega: float = 0.001, **knobs) -> np.ndarray:
+    """`comix_labelings` of every partition of a batch (`mixup_process`), from host copies of the block saliency
+    pooled [b, g, g] and the salient-point distances a_dist [b, b]; per partition the prior Dirichlet(alpha) and the
+    initial labels drawn from rng (a numpy Generator). knobs: those of `comix_labelings`. -> float32, the partitions'
+    [n, g, g, n] labelings flattened and concatenated."""
+    out = []
+    for cost, A in partition_costs(torch.from_numpy(pooled), torch.from_numpy(a_dist), part, omega):
+        n, g, _ = cost.shape
+        prior = torch.from_numpy(rng.dirichlet(np.full(n, alpha)).astype(np.float32))
+        init = torch.from_numpy(rng.integers(0, n, (n, g, g)))
+        out.append(comix_labelings(cost, A, init, prior, **knobs).reshape(-1).numpy())
+    return np.concatenate(out)
