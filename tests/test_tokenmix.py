@@ -137,6 +137,7 @@ def test_uniform_teacher_gives_the_kept_fraction_and_the_teacher_is_not_a_submod
 
 def test_activation_without_teacher_is_an_error_and_area_needs_none():
     m = _method(switch_prob=1.0, patch_size=8)
+    assert tm.TokenMix.needs_teacher and m.needs_teacher and not _method(labels="area").needs_teacher
     with pytest.raises(ValueError, match="needs a teacher"):
         m.mix(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
     y = _method(switch_prob=1.0, patch_size=8, labels="area").mix(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))[1]

@@ -145,7 +145,9 @@ class TokenMix(Method):
     mean over examples and classes) or ce (soft cross-entropy). Draws: the branch, lam and the mask on the host.
 
     `teacher` (a pretrained network, or None) is set after construction. It is deliberately not a submodule: it
-    stays out of parameters(), state_dict() and `.to()`, so the caller places it on the images' device."""
+    stays out of parameters(), state_dict() and `.to()`, so the caller places it on the images' device.
+    `needs_teacher`: True on the class (the official default, labels activation); an instance with labels area
+    says False."""
 
     needs_teacher = True
 
@@ -163,6 +165,7 @@ class TokenMix(Method):
         self.mask_type, self.mask_ratio, self.minimum_tokens = mask_type, float(mask_ratio), int(minimum_tokens)
         self.patch_size, self.labels, self.smoothing, self.loss = int(patch_size), labels, float(smoothing), loss
         self.teacher = None
+        self.needs_teacher = labels == "activation"  # this instance: the area assignment reads no teacher
 
     def __setattr__(self, name, value):
         if name == "teacher":  # a plain attribute, never registered as a submodule (see the class docstring)
