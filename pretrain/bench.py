@@ -31,6 +31,8 @@ FULL = [
     ("puzzlemix", "puzzlemix", {"solver": "gco"}),  # skipped when gco-wrapper is not installed
     ("puzzlemix_swap", "puzzlemix", {"solver": "swap"}),  # the built-in fallback
     ("zeta_mixup", "zeta_mixup", {}),  # a [b, b] combination of the whole batch
+    ("tokenmix", "tokenmix", {"switch_prob": 1.0, "labels": "area"}),  # the token branch; no teacher forward
+    ("comixup", "comixup", {"solver": "gco"}),  # the host optimisation (gco); skipped without gco-wrapper
 ]
 TARGETS = {"multimix": 1.03, "dense_multimix": 1.15, "alignmix": 1.10, "alignmix_stage2": 1.10,
            "multi_interp_manifold_embedding_k5": 1.10, "puzzlemix": 2.0, "puzzlemix_swap": 2.0}

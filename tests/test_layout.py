@@ -77,7 +77,9 @@ def test_import_rules(package):
 
 
 # pretrain.methods' family modules may import `base`, their own solver (`<family>_graphcut`) and these others
-FAMILY_EXTRA = {"multi_interp": {"puzzlemix"}}  # multi_interp mixes with PuzzleMix's masks
+FAMILY_EXTRA = {"multi_interp": {"puzzlemix"},  # multi_interp mixes with PuzzleMix's masks
+                # Co-Mixup computes PuzzleMix's saliency and solves its labelings with PuzzleMix's graph cut
+                "comixup": {"puzzlemix", "puzzlemix_graphcut"}, "comixup_graphcut": {"puzzlemix_graphcut"}}
 
 
 def family_violations(root: Path) -> list[str]:

@@ -37,6 +37,7 @@ METHOD_CASES = [
     ("multimix", {"n": 50, "prob": 1.0}), ("dense_multimix", {"n": 50, "prob": 1.0}),
     ("multi_interp", {"k": 2}), ("alignmix", {}), ("alignmix_stage2", {"resolution": 2}),
     ("alignmix_ae", {"resolution": 2, "decoder_size": 64}), ("zeta_mixup", {}),
+    ("tokenmix", {"switch_prob": 1.0, "labels": "area", "minimum_tokens": 1}), ("comixup", {}),
 ]
 
 # per-GPU batch of each ImageNet recipe (configs/pretrain/imagenet_*.yaml: global batches over the papers' GPUs)

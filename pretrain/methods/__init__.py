@@ -15,6 +15,9 @@ random streams are described there):
     multimix      MultiMix and Dense MultiMix (Venkataramanan et al.)
     multi_interp  K sorted interpolations of every pair (Shen et al.'s multi-mix)
     alignmix      AlignMix: the released code's variant, the paper's stage-2 encoder, AlignMix/AE
+    zeta_mixup    zeta-mixup
+    comixup       Co-Mixup (joint saliency-guided masks of a partition); its optimisation in comixup_graphcut
+    tokenmix      TokenMix (token-level masks; a teacher's activation maps or the area assign the labels)
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import inspect
 
 from pretrain.methods.alignmix import AlignMix, AlignMixAE, AlignMixStage2
 from pretrain.methods.base import Method, ResNetStages
+from pretrain.methods.comixup import CoMixup
 from pretrain.methods.cutmix import CutMix
 from pretrain.methods.mixup import ERM, InputMixup, ManifoldMixup
 from pretrain.methods.multi_interp import MultiInterp
 from pretrain.methods.multimix import DenseMultiMix, MultiMix
 from pretrain.methods.puzzlemix import PuzzleMix
 from pretrain.methods.puzzlemix_graphcut import have_gco
+from pretrain.methods.tokenmix import TokenMix
 from pretrain.methods.zeta_mixup import ZetaMixup
 
 __all__ = ["METHODS", "RENAMED", "Method", "ResNetStages", "build_configured", "build_method", "check_method_config",
@@ -47,6 +52,8 @@ METHODS = {
     "alignmix_stage2": AlignMixStage2,
     "alignmix_ae": AlignMixAE,
     "zeta_mixup": ZetaMixup,
+    "tokenmix": TokenMix,
+    "comixup": CoMixup,
 }
 # retired names, each with the one to use instead
 RENAMED = {"alignmix_official": "alignmix (the AlignMixup released code's variant)",

@@ -209,6 +209,17 @@ def _cut_swap(unary, dist, w_v, w_h) -> np.ndarray:
     return lab.reshape(unary.shape[:2])
 
 
+def cut_grid(unary, dist, w_v, w_h, solver: str = "auto") -> np.ndarray:
+    """One grid problem (unary [g, g, L], label distance [L, L], edge weights w_v [g-1, g], w_h [g, g-1]; int32, or
+    float32 which gco-wrapper scales to integers, see `_gco_integer_terms`) by `solver` gco | swap | auto (gco if
+    installed). -> labels int [g, g]."""
+    if solver == "auto":
+        solver = "gco" if have_gco() else "swap"
+    if solver not in ("gco", "swap"):
+        raise ValueError(f"unknown graph-cut solver {solver!r}; valid: auto, gco, swap")
+    return (_cut_gco if solver == "gco" else _cut_swap)(unary, dist, w_v, w_h)
+
+
 _POOL: dict = {}
 
 
