@@ -28,7 +28,7 @@ import torch
 
 from mixup_transfer.core import runtime as rt
 from mixup_transfer.core.engine import Engine, LoopSettings, Task, build_optimizer
-from pretrain.methods import METHODS, ResNetStages, build_method
+from pretrain.methods import METHODS, build_method, network_stages
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -141,7 +141,9 @@ CASES = [
     ("multi_interp", {"base": "cutmix", "k": 3}), ("multi_interp", {"base": "manifold", "k": 2, "large_batch": True}),
     ("alignmix_stage2", {"resolution": 1}), ("alignmix", {}),
     ("alignmix_ae", {"resolution": 1, "decoder_size": 16}), ("zeta_mixup", {}),
+    ("transmix", {}), ("transmix", {"switch_prob": 1.0}),
 ]
+ARCH = {"transmix": "vit_tiny_toy"}  # methods that need a ViT (the class token's attention); the others a ResNet-18
 PUZZLE = {("puzzlemix.py", "read_to_host", "numpy")}  # the graph cut's one host copy per step
 
 
@@ -152,7 +154,7 @@ class TinyPretrain(Task):
 
     def __init__(self, name, knobs):
         torch.manual_seed(0)
-        self.model = build_method(name, ResNetStages("resnet18", C), C, **knobs)
+        self.model = build_method(name, network_stages(ARCH.get(name, "resnet18"), C), C, **knobs)
         self.model.generator = torch.Generator()
         g = torch.Generator().manual_seed(1)
         self.data = [(torch.rand(4, 3, 16, 16, generator=g), torch.randint(C, (4,), generator=g))

@@ -15,6 +15,7 @@ random streams are described there):
     multimix      MultiMix and Dense MultiMix (Venkataramanan et al.)
     multi_interp  K sorted interpolations of every pair (Shen et al.'s multi-mix)
     alignmix      AlignMix: the released code's variant, the paper's stage-2 encoder, AlignMix/AE
+    transmix      TransMix (Chen et al.): Mixup / CutMix with attention-weighted labels, for Vision Transformers
 """
 
 from __future__ import annotations
@@ -22,17 +23,18 @@ from __future__ import annotations
 import inspect
 
 from pretrain.methods.alignmix import AlignMix, AlignMixAE, AlignMixStage2
-from pretrain.methods.base import Method, ResNetStages
+from pretrain.methods.base import Method, ResNetStages, ViTStages, network_stages
 from pretrain.methods.cutmix import CutMix
 from pretrain.methods.mixup import ERM, InputMixup, ManifoldMixup
 from pretrain.methods.multi_interp import MultiInterp
 from pretrain.methods.multimix import DenseMultiMix, MultiMix
 from pretrain.methods.puzzlemix import PuzzleMix
 from pretrain.methods.puzzlemix_graphcut import have_gco
+from pretrain.methods.transmix import TransMix
 from pretrain.methods.zeta_mixup import ZetaMixup
 
-__all__ = ["METHODS", "RENAMED", "Method", "ResNetStages", "build_configured", "build_method", "check_method_config",
-           "have_gco", "method_knobs"]
+__all__ = ["METHODS", "RENAMED", "Method", "ResNetStages", "ViTStages", "build_configured", "build_method",
+           "check_method_config", "have_gco", "method_knobs", "network_stages"]
 
 METHODS = {
     "erm": ERM,
@@ -47,6 +49,7 @@ METHODS = {
     "alignmix_stage2": AlignMixStage2,
     "alignmix_ae": AlignMixAE,
     "zeta_mixup": ZetaMixup,
+    "transmix": TransMix,
 }
 # retired names, each with the one to use instead
 RENAMED = {"alignmix_official": "alignmix (the AlignMixup released code's variant)",
