@@ -467,8 +467,8 @@ def build(cfg: dict, run_dir: str | os.PathLike) -> tuple[PretrainTask, Engine]:
         rt.configure_cuda(benchmark=True)  # fixed crop sizes (a crop_schedule re-tunes once per size)
     rt.seed_everything(cfg["seed"])
     task = PretrainTask(cfg, rank, world, device)
-    optimizer = build_optimizer(ocfg["optimizer"], task.param_groups(), ocfg["lr"], ocfg["momentum"], ocfg["weight_decay"],
-                                ocfg["nesterov"])
+    optimizer = build_optimizer(ocfg["optimizer"], task.param_groups(), ocfg["lr"], ocfg["momentum"],
+                                ocfg["weight_decay"], ocfg["nesterov"])
     settings = LoopSettings(
         total_steps=task.steps_per_epoch * ocfg["epochs"], device=device, precision=rcfg["precision"],
         channels_last=rcfg["channels_last"] and device.type == "cuda", accumulate=task.plan["accumulate"],

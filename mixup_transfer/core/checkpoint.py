@@ -339,7 +339,8 @@ def _check_keys(backbone: Mapping[str, torch.Tensor], arch: str, path) -> None:
         def show(items):
             return f"{len(items)} {items[:12]}{' ...' if len(items) > 12 else ''}"
         raise CheckpointError(
-            f"{path}: does not fit {'timm' if arch in VIT_ARCHS else 'torchvision'} {arch}:\n  missing keys: {show(missing)}\n"
+            f"{path}: does not fit {'timm' if arch in VIT_ARCHS else 'torchvision'} {arch}:\n"
+            f"  missing keys: {show(missing)}\n"
             f"  unexpected keys: {show(unexpected)}\n  mis-shaped keys: {show(misshaped)}")
 
 
