@@ -65,7 +65,7 @@ def transmix_targets(y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
 class TransMix(Method):
     """TransMix on a ViT (the model must give `features_and_attention`, as `pretrain.adapters.ViTBackbone` does).
 
-    Knobs (the official defaults: DeiT-S config `configs/deit_s_transmix.yaml` and train.py's arguments):
+    Knobs (the official defaults: DeiT-S config `deit_s_transmix.yaml` and train.py's arguments):
     mixup_alpha 0.8, cutmix_alpha 1.0, switch_prob 0.5 (P(CutMix) when both are active), prob 1.0 (P(mixing) per
     batch), smoothing 0.1 (label smoothing of the targets)."""
 
