@@ -314,6 +314,15 @@ def test_a_pretraining_step_of_erm_on_the_toy_vit_and_robustness_on_it(toy_world
     assert m["n_images"] == 6 and m["arch"] == "vit_tiny_toy"
     assert m["fgsm"]["top1_err"] == m["clean"]["top1_err"]  # a zero budget changes nothing
     assert 0.0 <= m["background"]["clean_loc"] <= 100.0  # CAMs from the patch tokens
+    from transfer.robustness.embedding import embedding_layer
+    from transfer.robustness.model import load_classifier_model
+
+    model, meta = load_classifier_model(ckpt, num_classes=state["meta"]["num_classes"])
+    assert embedding_layer(model) is model.model.head and model.fc_weight is model.model.head.weight
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        feats, logits = model.features_logits(x)
+        assert feats.shape == (2, 96, 4, 4) and torch.allclose(logits, model(x), atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- pipeline and ablation
