@@ -296,6 +296,8 @@ class ViTBackbone(Backbone):
     after the final norm on their square grid [b, d, s, s]; `features_and_attention` also gives the last block's
     class-token attention over the patches (TransMix)."""
 
+    tokens = True  # the stages give token tensors [b, T, d], not feature maps (methods that need maps refuse it)
+
     def __init__(self, net: nn.Module, mean=None, std=None, stages: int = MAX_STAGES):
         if getattr(net, "global_pool", "token") != "token" or net.cls_token is None:
             raise ValueError("the ViT adapter reads the class token: build the ViT with global_pool='token'")

@@ -286,6 +286,43 @@ def test_transmix_label_by_hand():
 def test_transmix_refuses_a_network_without_class_attention():
     with pytest.raises(ValueError, match="class-token attention of a Vision Transformer"):
         build_method("transmix", build_resnet("resnet18", C), C)
+    for name in ("alignmix", "alignmix_stage2", "alignmix_ae"):  # and AlignMix a network without a feature map
+        with pytest.raises(ValueError, match="a ViT's last stage gives tokens"):
+            build_method(name, ViTStages("vit_tiny_toy", C), C)
+
+
+VIT_METHODS = ["erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix", "multimix", "dense_multimix",
+               "multi_interp", "zeta_mixup", "transmix"]
+
+
+def test_the_cases_cover_every_method_but_alignmix():
+    from pretrain.methods import METHODS
+
+    assert set(VIT_METHODS) == {n for n in METHODS if not n.startswith("alignmix")}
+
+
+@pytest.mark.parametrize("name", VIT_METHODS)
+def test_every_method_steps_on_the_toy_vit(name):
+    """One step of each method on the toy ViT at 32 px: finite non-zero gradients at both ends (the patch embedding,
+    the last block) and, with the same draws, a lower loss after the step."""
+    torch.manual_seed(0)
+    m = build_method(name, ViTStages("vit_tiny_toy", C), C, **({"n": 20, "prob": 1.0} if "multimix" in name else {}))
+    m.generator = torch.Generator()
+    opt = torch.optim.SGD(m.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 3])
+    losses = []
+    for step in range(2):
+        m.seed(3)
+        loss = sum(v for k, v in m(images, labels).items() if k.startswith("loss"))
+        losses.append(float(loss))
+        if step == 0:
+            opt.zero_grad()
+            loss.backward()
+            for p in (m.model.net.patch_embed.proj.weight, m.model.net.blocks[-1].mlp.fc2.weight):
+                assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+            opt.step()
+    assert losses[1] < losses[0], losses
 
 
 # ------------------------------------------------------------------------------------------- stages end to end
