@@ -255,22 +255,29 @@ def vit_embed(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(x))))
 
 
-def vit_stages(net: nn.Module, n: int = MAX_STAGES) -> list[Callable]:
-    """A timm ViT's blocks in n consecutive groups of (nearly) equal depth: stage 1 embeds the image first, the last
-    stage ends with the final norm. Each stage maps tokens [b, T, d] to tokens."""
+class ViTStage:
+    """Blocks start..end - 1 of a timm ViT as one stage, with the embedding first (the first stage) and the final norm
+    last (the last stage): tokens [b, T, d] -> tokens. A plain object holding the network, so that a copy of the
+    adapter (`copy.deepcopy`) runs its own copy of the network."""
+
+    def __init__(self, net: nn.Module, start: int, end: int, first: bool, last: bool):
+        self.net, self.start, self.end, self.first, self.last = net, start, end, first, last
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            h = vit_embed(self.net, h)
+        for i in range(self.start, self.end):
+            h = self.net.blocks[i](h)
+        return self.net.norm(h) if self.last else h
+
+
+def vit_stages(net: nn.Module, n: int = MAX_STAGES) -> list[ViTStage]:
+    """A timm ViT's blocks in n consecutive groups of (nearly) equal depth (`ViTStage`): stage 1 embeds the image
+    first, the last stage ends with the final norm."""
     depth = len(net.blocks)
     n = min(n, depth)
     bounds = [round(i * depth / n) for i in range(n + 1)]
-
-    def make(i: int) -> Callable:
-        blocks = net.blocks[bounds[i]:bounds[i + 1]]  # a view: the same block modules
-
-        def stage(h):
-            h = blocks(vit_embed(net, h) if i == 0 else h)
-            return net.norm(h) if i == n - 1 else h
-        return stage
-
-    return [make(i) for i in range(n)]
+    return [ViTStage(net, bounds[i], bounds[i + 1], i == 0, i == n - 1) for i in range(n)]
 
 
 def cls_attention(attn: nn.Module, x: torch.Tensor, prefix: int = 1) -> torch.Tensor:
@@ -318,8 +325,7 @@ class ViTBackbone(Backbone):
         net, last = self.net, self.net.blocks[-1]
         if self.num_stages == 1:
             h = vit_embed(net, (h - self.mean.to(h.dtype)) / self.std.to(h.dtype) if self.normalise else h)
-        start = round((self.num_stages - 1) * len(net.blocks) / self.num_stages)
-        for block in net.blocks[start:-1]:
+        for block in net.blocks[self._stages[-1].start:-1]:
             h = block(h)
         with torch.no_grad():
             attn = cls_attention(last.attn, last.norm1(h), self.prefix)

@@ -122,6 +122,20 @@ def test_the_vit_adapter_splits_blocks_and_reads_the_class_token():
         assert torch.allclose(logits[:, :, 21], net.head(tokens[:, 22]), atol=1e-6)
 
 
+def test_a_copy_of_the_vit_adapter_runs_its_own_network():
+    import copy
+
+    vit = ViTStages("vit_tiny_toy", C)
+    twin = copy.deepcopy(vit)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        before = vit(x)
+        assert torch.equal(twin(x), before)
+        twin.net.blocks[2].mlp.fc2.weight.add_(1.0)  # a stage in the middle: the copy's own block
+        twin.net.norm.weight.mul_(2.0)
+        assert torch.equal(vit(x), before) and not torch.allclose(twin(x), before)
+
+
 def test_cls_attention_is_the_attention_timm_applies():
     """The class row of softmax(q k^T / sqrt(d_h)), averaged over heads: with it and v, timm's Attention output
     for the class token is reproduced."""
