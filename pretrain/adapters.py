@@ -11,11 +11,15 @@ PuzzleMix's saliency). `Backbone` gives them to any network split into at most f
     method = build_method("multimix", adapt(torchvision.models.resnet18(num_classes=10)), 10)
     loss = method(images, labels)["loss"]
 
-`adapt` splits a torchvision ResNet at layer1..layer4 and a timm model at `forward_features` /
-`forward_head`; `from_sequential` splits an `nn.Sequential` where you say. The adapter owns no weights: the
+`adapt` splits a torchvision ResNet at layer1..layer4, a timm Vision Transformer into four groups of blocks
+(`from_vit`), any other timm model at `forward_features` / `forward_head`; `from_sequential` splits an
+`nn.Sequential` where you say. The adapter owns no weights: the
 wrapped network is `backbone.net`, trained in place, its `state_dict` keys unchanged under `net.`.
 
 Layer indices: 0 = the input, 1..n = after stage 1..n (n <= 4), 5 = the embedding (after `pool`, before `fc`).
+
+Dense features (`dense_map`: what Dense MultiMix interpolates per position and the dense loss classifies): the
+last stage's map [b, d, h, w] for a CNN; for a ViT the patch tokens after the final norm, laid out on their grid.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +157,18 @@ class Backbone(nn.Module):
             return self._pool_fn(fmap)
         return fmap if fmap.ndim == 2 else fmap.mean(tuple(range(2, fmap.ndim)))
 
-    def dense_logits(self, fmap: torch.Tensor) -> torch.Tensor:
-        """fc applied at every position (a 1x1 convolution): fmap [b, d, h, w] -> [b, c, h*w]. Needs the default
-        global-average pooling (then the mean of these logits over the positions is the model's logits)."""
+    def dense_map(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The dense features of a last-stage output: [b, d, h, w] (or [b, d]), on which fc applies per position.
+        For this class the feature map itself, which needs the default global-average pooling (then the mean of the
+        dense logits over the positions is the model's logits)."""
         if self._pool_fn is not None:
             raise ValueError("dense losses (dense_loss, Dense MultiMix) apply fc at every position of the feature map, "
                              "which needs a backbone pooled by global averaging (pool=None)")
+        return fmap
+
+    def dense_logits(self, fmap: torch.Tensor) -> torch.Tensor:
+        """fc applied at every position (a 1x1 convolution) of dense features (`dense_map`): [b, d, h, w] ->
+        [b, c, h*w]."""
         if fmap.ndim == 2:
             fmap = fmap.unsqueeze(-1)
         w, bias = self.fc.weight, self.fc.bias
@@ -239,18 +250,112 @@ def _is_global_average(m: nn.Module) -> bool:
     return isinstance(m, (nn.Flatten, nn.Identity))
 
 
+def vit_embed(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A timm ViT's tokens before its first block: patch embedding, class token, position embedding. [b, T, d]"""
+    return net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(x))))
+
+
+class ViTStage:
+    """Blocks start..end - 1 of a timm ViT as one stage, with the embedding first (the first stage) and the final norm
+    last (the last stage): tokens [b, T, d] -> tokens. A plain object holding the network, so that a copy of the
+    adapter (`copy.deepcopy`) runs its own copy of the network."""
+
+    def __init__(self, net: nn.Module, start: int, end: int, first: bool, last: bool):
+        self.net, self.start, self.end, self.first, self.last = net, start, end, first, last
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            h = vit_embed(self.net, h)
+        for i in range(self.start, self.end):
+            h = self.net.blocks[i](h)
+        return self.net.norm(h) if self.last else h
+
+
+def vit_stages(net: nn.Module, n: int = MAX_STAGES) -> list[ViTStage]:
+    """A timm ViT's blocks in n consecutive groups of (nearly) equal depth (`ViTStage`): stage 1 embeds the image
+    first, the last stage ends with the final norm."""
+    depth = len(net.blocks)
+    n = min(n, depth)
+    bounds = [round(i * depth / n) for i in range(n + 1)]
+    return [ViTStage(net, bounds[i], bounds[i + 1], i == 0, i == n - 1) for i in range(n)]
+
+
+def cls_attention(attn: nn.Module, x: torch.Tensor, prefix: int = 1) -> torch.Tensor:
+    """The class token's attention over the patch tokens in a timm `Attention` module: softmax(q_cls k^T * scale)
+    of each head, averaged over the heads, the columns of the patches (the first `prefix` tokens dropped).
+
+    x: the tokens entering the attention (after the block's norm1) [b, T, d] -> [b, T - prefix]; rows do not sum
+    to 1 (the class token's attention to itself is left out). Only the class query is formed."""
+    b, t, d = x.shape
+    h = attn.num_heads
+    w, bias = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(x[:, :1], w[:d], None if bias is None else bias[:d]).view(b, 1, h, d // h).transpose(1, 2)
+    k = F.linear(x, w[d:2 * d], None if bias is None else bias[d:2 * d]).view(b, t, h, d // h).transpose(1, 2)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [b, heads, 1, T]
+    return a[:, :, 0, prefix:].mean(1)
+
+
+class ViTBackbone(Backbone):
+    """A timm VisionTransformer as the stage interface: four groups of blocks (`vit_stages`; layer indices 1..4 are
+    token tensors [b, T, d]), the embedding = the class token after the final norm (timm's `forward_head(...,
+    pre_logits=True)`, global_pool "token"), fc = `net.head`. Dense features (`dense_map`) are the patch tokens
+    after the final norm on their square grid [b, d, s, s]; `features_and_attention` also gives the last block's
+    class-token attention over the patches (TransMix)."""
+
+    tokens = True  # the stages give token tensors [b, T, d], not feature maps (methods that need maps refuse it)
+
+    def __init__(self, net: nn.Module, mean=None, std=None, stages: int = MAX_STAGES):
+        if getattr(net, "global_pool", "token") != "token" or net.cls_token is None:
+            raise ValueError("the ViT adapter reads the class token: build the ViT with global_pool='token'")
+        super().__init__(net, vit_stages(net, stages), net.head, partial(net.forward_head, pre_logits=True), mean, std)
+        self.prefix = int(net.num_prefix_tokens)
+
+    def dense_map(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Tokens [b, T, d] (the last stage's output, normed) -> the patch tokens [b, d, s, s]."""
+        from mixup_transfer.core.vits import vit_grid
+
+        s = vit_grid(fmap.shape[1], self.prefix)
+        return fmap[:, self.prefix:].transpose(1, 2).reshape(fmap.shape[0], fmap.shape[2], s, s)
+
+    def features_and_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the last stage's tokens [b, T, d], the last block's class-token attention over the patches [b, T - 1],
+        detached). One forward pass: the attention is read from the tokens entering the last block."""
+        h = self.forward_to(x, self.num_stages - 1)
+        net, last = self.net, self.net.blocks[-1]
+        if self.num_stages == 1:
+            h = vit_embed(net, (h - self.mean.to(h.dtype)) / self.std.to(h.dtype) if self.normalise else h)
+        for block in net.blocks[self._stages[-1].start:-1]:
+            h = block(h)
+        with torch.no_grad():
+            attn = cls_attention(last.attn, last.norm1(h), self.prefix)
+        return net.norm(last(h)), attn
+
+
+def from_vit(net: nn.Module, mean=None, std=None) -> ViTBackbone:
+    """A timm VisionTransformer split into four groups of blocks (`ViTBackbone`)."""
+    return ViTBackbone(net, mean, std)
+
+
+def is_timm_vit(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("blocks", "patch_embed", "cls_token", "_pos_embed", "head", "norm"))
+
+
 def has_stage_interface(model: nn.Module) -> bool:
     return all(hasattr(model, a) for a in ("forward_to", "forward_from", "features", "pool", "fc", "dense_logits"))
 
 
 def adapt(model: nn.Module, mean=None, std=None) -> nn.Module:
     """The stage interface for `model`: itself when it has it (a Backbone, the toolkit's ResNetStages), a split
-    ResNet (conv1 ... layer4, fc), a timm model (forward_features, forward_head, get_classifier); anything else
+    ResNet (conv1 ... layer4, fc), a timm ViT (`from_vit`), another timm model (forward_features, forward_head,
+    get_classifier); anything else
     asks for `Backbone(...)` or `from_sequential(...)`."""
     if has_stage_interface(model):
         return model
     if all(hasattr(model, a) for a in ("conv1", "bn1", "relu", "maxpool", "layer4", "fc")):
         return from_resnet(model, mean, std)
+    if is_timm_vit(model):
+        return from_vit(model, mean, std)
     if all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")):
         return from_timm(model, mean, std)
     raise TypeError(f"cannot split a {type(model).__name__} into stages and a linear head by itself: wrap it with "

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from pretrain.methods import ResNetStages, build_method, have_gco
+from pretrain.methods import build_method, have_gco, network_stages
 
 # (label, method name, knobs). Feature-space methods are forced onto their mixing branch (prob 1,
 # AlignMix's aligned-feature mode) so that the ratio is the cost of the mixing itself, the worst case.
@@ -33,7 +33,11 @@ FULL = [
     ("zeta_mixup", "zeta_mixup", {}),  # a [b, b] combination of the whole batch
     ("tokenmix", "tokenmix", {"switch_prob": 1.0, "labels": "area"}),  # the token branch; no teacher forward
     ("comixup", "comixup", {"solver": "gco"}),  # the host optimisation (gco); skipped without gco-wrapper
+    ("transmix", "transmix", {"switch_prob": 1.0}),  # ViT archs only; its CutMix branch (the attention read)
 ]
+# rows that need a ViT (the class token's attention), and rows that need a CNN's feature map (AlignMix's alignment)
+VIT_ONLY = {"transmix"}
+CNN_ONLY = {"alignmix", "alignmix_stage2"}
 TARGETS = {"multimix": 1.03, "dense_multimix": 1.15, "alignmix": 1.10, "alignmix_stage2": 1.10,
            "multi_interp_manifold_embedding_k5": 1.10, "puzzlemix": 2.0, "puzzlemix_swap": 2.0}
 
@@ -81,6 +85,10 @@ def _build_methods(model, methods, num_classes, n, size, dev, seed):
         if knobs.get("solver") == "gco" and not have_gco():
             skipped.append(f"{label} (gco-wrapper not installed)")
             continue
+        vit = hasattr(model, "features_and_attention")
+        if (name in VIT_ONLY and not vit) or (name in CNN_ONLY and vit):
+            skipped.append(f"{label} ({'a ViT arch only' if name in VIT_ONLY else 'a ResNet arch only'})")
+            continue
         m = build_method(name, model, num_classes, **knobs).to(dev)  # a method's own layers (AlignMix's encoder2)
         m.generator = torch.Generator(device=dev) if dev.type in ("cpu", "cuda") else None  # meta: no generator
         m.seed(seed)
@@ -101,7 +109,7 @@ def _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, d
         arch, batch, size, repeats = "resnet18", 16, 64, 2
     torch.manual_seed(seed)
     dev = torch.device(device)
-    model = ResNetStages(arch, num_classes).to(dev)
+    model = network_stages(arch, num_classes).to(dev)
     built, skipped = _build_methods(model, methods, num_classes, n, size, dev, seed)
     opt = torch.optim.SGD(_all_parameters(built), lr=1e-3, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
@@ -162,7 +170,7 @@ def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224,
     channels_last = dev.type == "cuda" if channels_last is None else channels_last
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(seed)
-    model = ResNetStages(arch, num_classes).to(dev, memory_format=fmt)
+    model = network_stages(arch, num_classes).to(dev, memory_format=fmt)
     built, skipped = _build_methods(model, methods, num_classes, n, size, dev, seed)
     for _, m in built:
         m.to(memory_format=fmt)

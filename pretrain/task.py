@@ -54,7 +54,7 @@ from pretrain.data import (
     val_transform,
 )
 from pretrain.figures import plot_curves
-from pretrain.methods import ResNetStages, build_configured, check_method_config, have_gco
+from pretrain.methods import ResNetStages, build_configured, check_method_config, have_gco, network_stages
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ DEFAULTS = {
     "model": {
         "arch": "resnet50",          # resnet18 | resnet34 | resnet50 | resnet101 (torchvision); small images:
                                      # preactresnet18 | wrn16_8 | resnet18_cifar (mixup_transfer/core/smallnets.py)
+                                     # ViTs (timm): vit_small_patch16_224 | vit_tiny_toy (mixup_transfer/core/vits.py)
         "num_classes": None,         # None = number of train class folders
         "zero_init_residual": False,
     },
@@ -106,6 +107,7 @@ DEFAULTS = {
         "epochs": 300,
         "lr": 0.1,                   # peak learning rate (multiplied by the schedule's factor)
         "lr_classifier": None,       # lr of the classifier (fc); None = lr (AlignMix ImageNet: 0.1 vs 0.01)
+        "optimizer": "sgd",          # sgd | adamw (torch's AdamW, betas (0.9, 0.999); momentum and nesterov unused)
         "momentum": 0.9,
         "nesterov": True,
         "weight_decay": 1.0e-4,
@@ -146,6 +148,7 @@ RANGES = {
     "optim.lr_classifier": (">", 0), "optim.momentum": (">=", 0, "<", 1), "optim.weight_decay": (">=", 0),
     "optim.gamma": (">", 0), "optim.warmup_epochs": (">=", 0), "optim.warmup_start": (">=", 0, "<=", 1),
     "optim.schedule": ("in", ("step", "cosine", "piecewise", "constant")), "data.crop_size": (">", 0),
+    "optim.optimizer": ("in", ("sgd", "adamw")),
     "data.num_workers": (">=", 0), "data.max_train": (">", 0), "data.max_val": (">", 0),
     "data.scale_min": (">", 0, "<=", 1), "data.loader": ("in", ("uint8", "pil", "dali", "auto")),
     "data.decode_device": ("in", ("cpu", "cuda")), "runtime.precision": ("in", ("fp32", "bf16", "fp16")),
@@ -235,7 +238,7 @@ class PretrainTask(ClassificationTask):
         n_train = len(subset) if subset else len(self.train_set)
         self.sampler = EpochSampler(n_train, self.plan["global_batch"], rank, world, cfg["seed"], subset)
         self.steps_per_epoch = self.sampler.steps
-        net = ResNetStages(cfg["model"]["arch"], self.num_classes, cfg["model"]["zero_init_residual"])
+        net = network_stages(cfg["model"]["arch"], self.num_classes, cfg["model"]["zero_init_residual"])
         knobs = {k: v for k, v in cfg["method"].items() if k != "name"}
         self.model = build_configured(cfg["method"]["name"], net, self.num_classes, knobs).to(device)
         if cfg["runtime"]["channels_last"] and device.type == "cuda":
@@ -464,8 +467,8 @@ def build(cfg: dict, run_dir: str | os.PathLike) -> tuple[PretrainTask, Engine]:
         rt.configure_cuda(benchmark=True)  # fixed crop sizes (a crop_schedule re-tunes once per size)
     rt.seed_everything(cfg["seed"])
     task = PretrainTask(cfg, rank, world, device)
-    optimizer = build_optimizer("sgd", task.param_groups(), ocfg["lr"], ocfg["momentum"], ocfg["weight_decay"],
-                                ocfg["nesterov"])
+    optimizer = build_optimizer(ocfg["optimizer"], task.param_groups(), ocfg["lr"], ocfg["momentum"],
+                                ocfg["weight_decay"], ocfg["nesterov"])
     settings = LoopSettings(
         total_steps=task.steps_per_epoch * ocfg["epochs"], device=device, precision=rcfg["precision"],
         channels_last=rcfg["channels_last"] and device.type == "cuda", accumulate=task.plan["accumulate"],

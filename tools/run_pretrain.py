@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pretrain a ResNet with one mixing method.
+"""Pretrain a ResNet or a ViT with one mixing method.
 
     python tools/run_pretrain.py --config configs/pretrain/toy_multimix.yaml [KEY=VALUE ...] [--resume]
     torchrun --nproc_per_node 8 tools/run_pretrain.py --config configs/pretrain/imagenet_multimix.yaml

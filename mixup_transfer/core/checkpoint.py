@@ -1,7 +1,7 @@
 """The backbone checkpoint: the one contract between pretraining and every downstream stage.
 
 File format (ARCHITECTURE.md): a `torch.save`d plain dict
-    {"model": <torchvision-keyed ResNet state_dict, fc included>,
+    {"model": <torchvision-keyed ResNet state_dict, fc included; or a timm-keyed ViT state_dict, head included>,
      "meta": {"arch", "num_classes", "method", "epochs", "config" (YAML text), "metrics" (dict)}}
 loadable with `torch.load(..., weights_only=True)`.
 
@@ -9,6 +9,11 @@ loadable with `torch.load(..., weights_only=True)`.
 MoCo `module.encoder_q.`, `backbone.`, `model.`, AlignMixup `module.model.` + `module.classifier.`,
 `{"state_dict": ...}` wrappers) and checks the exact key set and shapes for the architecture: a
 checkpoint that does not fit raises `CheckpointError` naming the missing, unexpected and mis-shaped keys.
+
+The Vision Transformers (`mixup_transfer/core/vits.py`) keep timm's own key layout (`cls_token`, `pos_embed`,
+`patch_embed.*`, `blocks.<i>.*`, `norm.*`) with the classifier `head.*` where a ResNet has `fc.*`
+(`classifier_prefix`); they are checked key by key in the same way, and `classifier_from_checkpoint` builds either
+family.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ import torchvision
 from mixup_transfer.core.data import InputError
 from mixup_transfer.core.runtime import atomic_save, unwrap
 from mixup_transfer.core.smallnets import SMALL_ARCHS, SMALL_FEATURE_DIMS, build_small
+from mixup_transfer.core.vits import VIT_ARCHS, VIT_FEATURE_DIMS, build_vit, infer_vit_arch, looks_like_vit
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")  # torchvision's (detection, WSOL, conversion)
-# every architecture a backbone checkpoint may hold: torchvision's and the small-image ones
-# (mixup_transfer/core/smallnets.py)
-ALL_ARCHS = ARCHS + SMALL_ARCHS
+RESNET_ARCHS = ARCHS + SMALL_ARCHS  # the torchvision ResNet layout (mixup_transfer/core/smallnets.py included)
+# every architecture a backbone checkpoint may hold: torchvision's, the small-image ones and the ViTs
+# (mixup_transfer/core/vits.py)
+ALL_ARCHS = RESNET_ARCHS + VIT_ARCHS
 
 # Prefixes tried when unwrapping foreign layouts; the one matching most backbone keys wins.
 _PREFIXES = ("", "module.", "module.encoder_q.", "encoder_q.", "module.backbone.", "backbone.",
@@ -49,30 +56,62 @@ def build_resnet(arch: str, num_classes: int = 1000, **kwargs) -> torch.nn.Modul
     of the small-image networks of `mixup_transfer.core.smallnets` (kwargs: zero_init_residual), same module layout."""
     if arch in SMALL_ARCHS:
         return build_small(arch, num_classes, **kwargs)
+    if arch in VIT_ARCHS:
+        raise ValueError(f"{arch} is a Vision Transformer, not a ResNet: build it with build_network")
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; supported: {list(ALL_ARCHS)}")
     return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, **kwargs)
 
 
+def build_network(arch: str, num_classes: int = 1000, **kwargs) -> torch.nn.Module:
+    """Any architecture of ALL_ARCHS, randomly initialised: a ResNet (`build_resnet`) or a timm ViT
+    (`mixup_transfer.core.vits.build_vit`)."""
+    if arch in VIT_ARCHS:
+        return build_vit(arch, num_classes, **kwargs)
+    return build_resnet(arch, num_classes, **kwargs)
+
+
+def is_vit(arch: str) -> bool:
+    return arch in VIT_ARCHS
+
+
+def classifier_prefix(arch: str) -> str:
+    """The key prefix of the classifier: `fc.` (torchvision ResNets) or `head.` (timm ViTs)."""
+    return "head." if arch in VIT_ARCHS else "fc."
+
+
 def feature_dim(arch: str) -> int:
-    """Width of the pooled features that fc reads."""
+    """Width of the pooled features (the embedding) that the classifier reads."""
     if arch in SMALL_FEATURE_DIMS:
         return SMALL_FEATURE_DIMS[arch]
+    if arch in VIT_FEATURE_DIMS:
+        return VIT_FEATURE_DIMS[arch]
     return 2048 if arch in ("resnet50", "resnet101") else 512
 
 
 @cache
 def expected_shapes(arch: str) -> dict[str, tuple]:
-    """Backbone key -> shape for `arch` (fc excluded)."""
+    """Backbone key -> shape for `arch` (the classifier, fc or head, excluded)."""
     with torch.device("meta"):
-        model = build_resnet(arch, num_classes=1000)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("fc.")}
+        model = build_network(arch, num_classes=1000)
+    head = classifier_prefix(arch)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(head)}
 
 
 def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
     """Guess the ResNet depth from the keys: BasicBlock vs Bottleneck and the number of layer3 blocks; the
     small-image networks by their stem (3x3 conv1; no stem BN for the pre-activation ones but the AlignMixup one,
-    told from resnet18_cifar by its BN-free projection shortcut; WRN's layer4.bn)."""
+    told from resnet18_cifar by its BN-free projection shortcut; WRN's layer4.bn); a ViT by its patch size, width
+    and depth."""
+    if looks_like_vit(state):
+        arch = infer_vit_arch(state)
+        if arch is None:
+            proj = state.get("patch_embed.proj.weight")
+            raise CheckpointError(
+                f"cannot infer the ViT architecture (patch embedding {None if proj is None else tuple(proj.shape)}, "
+                f"{len({k.split('.')[1] for k in state if k.startswith('blocks.')})} blocks); pass arch= one of "
+                f"{list(VIT_ARCHS)}")
+        return arch
     if "layer4.bn.weight" in state:
         return "wrn16_8"
     conv1 = state.get("conv1.weight")
@@ -124,7 +163,7 @@ def check_head(head: Mapping) -> dict:
 
 def save_backbone(path: str | os.PathLike, model: torch.nn.Module, meta: Mapping,
                   head: Mapping | None = None) -> None:
-    """Write the contract file for a torchvision ResNet (DDP / compile wrappers are unwrapped).
+    """Write the contract file for a torchvision ResNet or a timm ViT (DDP / compile wrappers are unwrapped).
 
     head: the classifier's own layers between layer4 and fc when the method has them (`check_head`); stored
     beside "model" as "head" (the "model" keys stay exactly torchvision's), and meta["classifier"] names it, so
@@ -135,10 +174,12 @@ def save_backbone(path: str | os.PathLike, model: torch.nn.Module, meta: Mapping
     arch = meta.get("arch")
     if arch not in ALL_ARCHS:
         raise ValueError(f"meta['arch'] must be one of {list(ALL_ARCHS)}, got {arch!r}")
-    _check_keys({k: v for k, v in state.items() if not k.startswith("fc.")}, arch, path)
-    if "fc.weight" not in state:
-        raise ValueError("save_backbone expects a ResNet with its fc (the classifier is part of the contract)")
-    meta.setdefault("num_classes", int(state["fc.weight"].shape[0]))
+    fc = classifier_prefix(arch)
+    _check_keys({k: v for k, v in state.items() if not k.startswith(fc)}, arch, path)
+    if fc + "weight" not in state:
+        raise ValueError(f"save_backbone expects a network with its classifier {fc}weight (the classifier is part "
+                         "of the contract)")
+    meta.setdefault("num_classes", int(state[fc + "weight"].shape[0]))
     for key in ("method", "epochs", "config", "metrics"):
         meta.setdefault(key, None if key != "metrics" else {})
     meta["classifier"] = head["kind"] if head is not None else "fc"
@@ -274,7 +315,7 @@ def _strip_prefix(state: Mapping[str, torch.Tensor], arch: str | None) -> tuple[
     AlignMixup keeps the trunk under `module.model.` and the classifier under `module.classifier.`:
     a `<x>model.` prefix also maps `<x>classifier.` to `fc.`.
     """
-    archs = [arch] if arch else list(ALL_ARCHS)
+    archs = [arch] if arch else list(VIT_ARCHS if looks_like_vit(state) else RESNET_ARCHS)
     wanted = set().union(*(expected_shapes(a) for a in archs))
     best, best_prefix, best_hits = None, "", -1
     for prefix in _PREFIXES:
@@ -298,7 +339,8 @@ def _check_keys(backbone: Mapping[str, torch.Tensor], arch: str, path) -> None:
         def show(items):
             return f"{len(items)} {items[:12]}{' ...' if len(items) > 12 else ''}"
         raise CheckpointError(
-            f"{path}: does not fit torchvision {arch}:\n  missing keys: {show(missing)}\n"
+            f"{path}: does not fit {'timm' if arch in VIT_ARCHS else 'torchvision'} {arch}:\n"
+            f"  missing keys: {show(missing)}\n"
             f"  unexpected keys: {show(unexpected)}\n  mis-shaped keys: {show(misshaped)}")
 
 
@@ -313,11 +355,12 @@ def _normalise(path, arch: str | None, allow_pickle: bool) -> tuple[OrderedDict,
         arch = meta.get("arch") if meta.get("arch") in ALL_ARCHS else infer_arch(state)
     if arch not in ALL_ARCHS:
         raise ValueError(f"unknown arch {arch!r}; supported: {list(ALL_ARCHS)}")
-    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    fc = classifier_prefix(arch)
+    backbone = {k: v for k, v in state.items() if not k.startswith(fc)}
     # Heads other codebases add (MoCo MLP as fc.0/fc.2, ...) are not part of the backbone.
     _check_keys(backbone, arch, path)
     ordered = OrderedDict((k, state[k]) for k in expected_shapes(arch))
-    for k in ("fc.weight", "fc.bias"):
+    for k in (fc + "weight", fc + "bias"):
         if k in state:
             ordered[k] = state[k]
     return ordered, meta, arch
@@ -325,13 +368,14 @@ def _normalise(path, arch: str | None, allow_pickle: bool) -> tuple[OrderedDict,
 
 def load_backbone(path: str | os.PathLike, arch: str | None = "resnet50",
                   allow_pickle: bool = False) -> OrderedDict:
-    """torchvision-keyed backbone state dict (fc excluded) from any supported layout.
+    """torchvision-keyed backbone state dict (fc excluded) from any supported layout; timm-keyed for a ViT (head
+    excluded).
 
     `arch=None` takes the architecture from the checkpoint's meta or infers it from the keys.
     Raises `CheckpointError` listing missing / unexpected / mis-shaped keys when it does not fit.
     """
-    state, _, _ = _normalise(path, arch, allow_pickle)
-    return OrderedDict((k, v) for k, v in state.items() if not k.startswith("fc."))
+    state, _, arch = _normalise(path, arch, allow_pickle)
+    return OrderedDict((k, v) for k, v in state.items() if not k.startswith(classifier_prefix(arch)))
 
 
 def load_classifier(path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None,
@@ -342,17 +386,18 @@ def load_classifier(path: str | os.PathLike, arch: str | None = None, num_classe
     has the wrong number of classes.
     """
     state, meta, arch = _normalise(path, arch, allow_pickle)
-    if "fc.weight" not in state or "fc.bias" not in state:
-        raise CheckpointError(f"{path}: no classifier head (fc.weight / fc.bias) in the checkpoint")
-    n = int(state["fc.weight"].shape[0])
+    w, b = classifier_prefix(arch) + "weight", classifier_prefix(arch) + "bias"
+    if w not in state or b not in state:
+        raise CheckpointError(f"{path}: no classifier head ({w} / {b}) in the checkpoint")
+    n = int(state[w].shape[0])
     if num_classes is not None and n != num_classes:
         raise CheckpointError(
-            f"{path}: classifier head fc.weight has {n} classes (shape {tuple(state['fc.weight'].shape)}), "
+            f"{path}: classifier head {w} has {n} classes (shape {tuple(state[w].shape)}), "
             f"the dataset has {num_classes}")
     expected_in = feature_dim(arch)
-    if state["fc.weight"].shape[1] != expected_in or tuple(state["fc.bias"].shape) != (n,):
-        raise CheckpointError(f"{path}: mis-shaped head: fc.weight {tuple(state['fc.weight'].shape)}, "
-                              f"fc.bias {tuple(state['fc.bias'].shape)} for {arch}")
+    if state[w].shape[1] != expected_in or tuple(state[b].shape) != (n,):
+        raise CheckpointError(f"{path}: mis-shaped head: {w} {tuple(state[w].shape)}, "
+                              f"{b} {tuple(state[b].shape)} for {arch}")
     meta = dict(meta)
     meta.update(arch=arch, num_classes=n)
     return state, meta
@@ -362,6 +407,19 @@ def resnet_from_checkpoint(path: str | os.PathLike, arch: str | None = None, num
                            allow_pickle: bool = False) -> tuple[torchvision.models.ResNet, dict]:
     """A torchvision ResNet classifier with the checkpoint's weights loaded strictly, and its meta."""
     state, meta = load_classifier(path, arch, num_classes, allow_pickle)
+    if meta["arch"] in VIT_ARCHS:
+        raise CheckpointError(f"{path}: holds a Vision Transformer ({meta['arch']}), not a ResNet: this stage needs "
+                              f"a ResNet backbone (one of {list(RESNET_ARCHS)})")
     model = build_resnet(meta["arch"], num_classes=meta["num_classes"])
+    model.load_state_dict(state, strict=True)
+    return model, meta
+
+
+def classifier_from_checkpoint(path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None,
+                               allow_pickle: bool = False) -> tuple[torch.nn.Module, dict]:
+    """The checkpoint's classifier, whatever its family (a torchvision ResNet or a timm ViT), with its weights
+    loaded strictly, and its meta."""
+    state, meta = load_classifier(path, arch, num_classes, allow_pickle)
+    model = build_network(meta["arch"], num_classes=meta["num_classes"])
     model.load_state_dict(state, strict=True)
     return model, meta

@@ -130,7 +130,7 @@ def check_values(values) -> list:
 def check_method_options(cfg: dict, what: str, nets: dict) -> None:
     """The method of a resolved recipe: option types (as the constructor's defaults), the ranges of
     `KNOB_RANGES`, and the method built once on the recipe's network (its constructor's own checks)."""
-    from pretrain.methods import ResNetStages, build_method, method_knobs
+    from pretrain.methods import build_method, method_knobs, network_stages
 
     name = cfg["method"]["name"]
     knobs = {k: v for k, v in cfg["method"].items() if k != "name"}
@@ -141,7 +141,7 @@ def check_method_options(cfg: dict, what: str, nets: dict) -> None:
         check_ranges({"method": knobs}, KNOB_RANGES)
         arch, classes = cfg["model"]["arch"], cfg["model"]["num_classes"] or 10
         if (arch, classes) not in nets:
-            nets[(arch, classes)] = ResNetStages(arch, classes)
+            nets[(arch, classes)] = network_stages(arch, classes)
         build_method(name, nets[(arch, classes)], classes, **knobs)
     except (ConfigError, ValueError, TypeError, ImportError) as e:
         raise ConfigError(f"{what}: {e}") from e

@@ -38,7 +38,10 @@ METHOD_CASES = [
     ("multi_interp", {"k": 2}), ("alignmix", {}), ("alignmix_stage2", {"resolution": 2}),
     ("alignmix_ae", {"resolution": 2, "decoder_size": 64}), ("zeta_mixup", {}),
     ("tokenmix", {"switch_prob": 1.0, "labels": "area", "minimum_tokens": 1}), ("comixup", {}),
+    ("transmix", {"switch_prob": 1.0}),
 ]
+# the network of a method's check where it is not a ResNet-18 (TransMix reads a ViT's class-token attention)
+METHOD_ARCH = {"transmix": "vit_tiny_toy"}
 
 # per-GPU batch of each ImageNet recipe (configs/pretrain/imagenet_*.yaml: global batches over the papers' GPUs)
 PAPER_BATCH = {
@@ -49,6 +52,7 @@ PAPER_BATCH = {
     "alignmix_stage2": 25,  # 100 on 4 GPUs (AlignMix App. B)
     "multi_interp_input_k5": 64, "multi_interp_manifold_embedding_k5": 64, "multi_interp_manifold_layer2_k5": 64,
     "zeta_mixup": 64,  # the input-mixing recipes' 256 on 4 GPUs (no ImageNet recipe in arXiv:2204.03323)
+    "transmix": 128,  # b = 128 per GPU (MultiMix A.1, its ViT-S/16 rows; configs/pretrain/imagenet_vit_s16_*.yaml)
 }
 
 
@@ -71,14 +75,15 @@ def _timed(check: str, fn, *args) -> dict:
 
 def _method_task(name: str, knobs: dict, device: torch.device):
     from mixup_transfer.core.engine import Task
-    from pretrain.methods import ResNetStages, build_method
+    from pretrain.methods import build_method, network_stages
 
     class Tiny(Task):
         steps_per_epoch = 3
 
         def __init__(self):
             torch.manual_seed(0)
-            self.model = build_method(name, ResNetStages("resnet18", 10), 10, **knobs).to(device)
+            net = network_stages(METHOD_ARCH.get(name, "resnet18"), 10)
+            self.model = build_method(name, net, 10, **knobs).to(device)
             if device.type == "cuda":
                 self.model.to(memory_format=torch.channels_last)
             self.model.generator = torch.Generator(device=device)

@@ -129,6 +129,16 @@ class Stage:
         return content_key(self.spec)
 
 
+def _check_vit_stages(arch: str, method: str, cfg: dict) -> None:
+    """A ViT backbone goes to the robustness stage only: detection and WSOL build ResNets from the checkpoint."""
+    from mixup_transfer.core.checkpoint import is_vit
+
+    if is_vit(arch) and (cfg["detection"] or cfg["wsol"]):
+        raise ConfigError(f"method {method!r} pretrains a Vision Transformer ({arch}), which detection and WSOL cannot "
+                          "read (they build ResNets): run it with a pipeline without them, e.g. "
+                          "configs/pipeline/toy_vit.yaml")
+
+
 def _fill(value, **subs):
     if isinstance(value, str):
         for k, v in subs.items():
@@ -198,6 +208,7 @@ class Pipeline:
                 raise ConfigError(f"{p['config']}: method.name is {resolved['method']['name']!r} (with the "
                                   f"pipeline's overrides), but the pipeline runs this config as method {m!r}; "
                                   "point pretrain.config at that method's recipe")
+            _check_vit_stages(resolved["model"]["arch"], m, self.cfg)
         for det in self.cfg["detection"]:
             det = _fill(det, **subs)
             _named(detection_config, load_config(det["config"], det.get("overrides", [])),

@@ -18,6 +18,7 @@ random streams are described there):
     zeta_mixup    zeta-mixup
     comixup       Co-Mixup (joint saliency-guided masks of a partition); its optimisation in comixup_graphcut
     tokenmix      TokenMix (token-level masks; a teacher's activation maps or the area assign the labels)
+    transmix      TransMix (Chen et al.): Mixup / CutMix with attention-weighted labels, for Vision Transformers
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import inspect
 
 from pretrain.methods.alignmix import AlignMix, AlignMixAE, AlignMixStage2
-from pretrain.methods.base import Method, ResNetStages
+from pretrain.methods.base import Method, ResNetStages, ViTStages, network_stages
 from pretrain.methods.comixup import CoMixup
 from pretrain.methods.cutmix import CutMix
 from pretrain.methods.mixup import ERM, InputMixup, ManifoldMixup
@@ -34,10 +35,11 @@ from pretrain.methods.multimix import DenseMultiMix, MultiMix
 from pretrain.methods.puzzlemix import PuzzleMix
 from pretrain.methods.puzzlemix_graphcut import have_gco
 from pretrain.methods.tokenmix import TokenMix
+from pretrain.methods.transmix import TransMix
 from pretrain.methods.zeta_mixup import ZetaMixup
 
-__all__ = ["METHODS", "RENAMED", "Method", "ResNetStages", "build_configured", "build_method", "check_method_config",
-           "have_gco", "method_knobs"]
+__all__ = ["METHODS", "RENAMED", "Method", "ResNetStages", "ViTStages", "build_configured", "build_method",
+           "check_method_config", "have_gco", "method_knobs", "network_stages"]
 
 METHODS = {
     "erm": ERM,
@@ -54,6 +56,7 @@ METHODS = {
     "zeta_mixup": ZetaMixup,
     "tokenmix": TokenMix,
     "comixup": CoMixup,
+    "transmix": TransMix,
 }
 # retired names, each with the one to use instead
 RENAMED = {"alignmix_official": "alignmix (the AlignMixup released code's variant)",

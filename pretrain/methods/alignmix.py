@@ -29,6 +29,9 @@ class _AlignMixBase(Method):
 
     def __init__(self, model, num_classes, alpha, eps, n_iters, tol, modes, head, resolution, dense_loss=False):
         super().__init__(model, num_classes, dense_loss)
+        if getattr(self.model, "tokens", False):
+            raise ValueError("alignmix aligns the spatial positions of a CNN's feature map [b, d, h, w]; a ViT's last "
+                             "stage gives tokens (use a ResNet arch)")
         bad = [m for m in modes if m not in self.MODES]
         if bad or not modes:
             raise ValueError(f"alignmix modes {bad or modes} invalid; valid: {list(self.MODES)}")

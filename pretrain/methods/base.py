@@ -33,9 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixup_transfer.core.checkpoint import build_resnet
+from mixup_transfer.core.checkpoint import build_network, build_resnet, is_vit
 from mixup_transfer.core.constants import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.adapters import EMBEDDING, Backbone, adapt, resnet_stages
+from pretrain.adapters import EMBEDDING, Backbone, ViTBackbone, adapt, resnet_stages
 
 
 def sample_log_gamma(alpha: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -168,6 +168,32 @@ class ResNetStages(Backbone):
         self.arch = arch
 
 
+class ViTStages(ViTBackbone):
+    """A timm Vision Transformer of `mixup_transfer.core.vits` (ViT-S/16, the toy ViT) as four groups of blocks, with
+    ImageNet normalisation inside: `pretrain.adapters.ViTBackbone` over `build_network(arch)`. `self.net` is the
+    plain timm model (its state_dict has exactly timm's keys)."""
+
+    def __init__(self, arch: str = "vit_small_patch16_224", num_classes: int = 1000, zero_init_residual: bool = False):
+        if zero_init_residual:
+            raise ValueError(f"zero_init_residual is for BN-ended residual blocks; {arch} is a Vision Transformer")
+        super().__init__(build_network(arch, num_classes=num_classes), IMAGENET_MEAN, IMAGENET_STD)
+        self.arch = arch
+
+
+def network_stages(arch: str, num_classes: int = 1000, zero_init_residual: bool = False) -> Backbone:
+    """The stage interface over a randomly initialised network of the checkpoint contract: `ViTStages` for a ViT,
+    `ResNetStages` otherwise."""
+    cls = ViTStages if is_vit(arch) else ResNetStages
+    return cls(arch, num_classes, zero_init_residual)
+
+
+def dense_features(model: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
+    """The dense features [b, d, h, w] of a last-stage output: the adapter's `dense_map` (a ViT's patch tokens on
+    their grid), or the map itself for a model without one (a CNN's stage interface)."""
+    dense_map = getattr(model, "dense_map", None)
+    return fmap if dense_map is None else dense_map(fmap)
+
+
 class Method(nn.Module):
     """Base: holds the model, the class count, the generator and the shared classifier/loss helpers.
 
@@ -231,7 +257,9 @@ class Method(nn.Module):
     # -- heads ------------------------------------------------------------------------------------
     def logits_of(self, fmap: torch.Tensor) -> torch.Tensor:
         """[b, c] (pooled) or [b, c, r] (dense loss) from a layer4 map."""
-        return self.model.dense_logits(fmap) if self.dense_loss else self.model.fc(self.model.pool(fmap))
+        if self.dense_loss:
+            return self.model.dense_logits(dense_features(self.model, fmap))
+        return self.model.fc(self.model.pool(fmap))
 
     @staticmethod
     def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from mixup_transfer.core import runtime as rt
 from mixup_transfer.core.runtime import autocast_off
 from pretrain.adapters import EMBEDDING
-from pretrain.methods.base import Method, dirichlet_weights, mixup
+from pretrain.methods.base import Method, dense_features, dirichlet_weights, mixup
 
 ATTENTIONS = ("gap_l1relu", "gap_softmax", "cam_l1relu", "cam_softmax", "uniform")
 
@@ -124,7 +124,7 @@ class DenseMultiMix(MultiMix):
         y = self.targets(labels)
         if self._branch_draw() >= self.prob:
             return self._input_mixup(images, y)
-        fmap = self.model.features(images)
+        fmap = dense_features(self.model, self.model.features(images))  # a ViT's patch tokens on their grid
         if self.resolution:
             fmap = F.adaptive_avg_pool2d(fmap, self.resolution)
         z = fmap.flatten(2)  # [b, d, r]

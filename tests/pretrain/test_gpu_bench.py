@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.bench import FULL, run_gpu_bench
+from pretrain.bench import FULL, VIT_ONLY, run_gpu_bench
 from pretrain.methods import have_gco
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,10 +25,11 @@ def bench():
 def test_gpu_section_on_cpu_gives_a_row_per_method(channels_last):
     out = run_gpu_bench(device="cpu", arch="resnet18", size=64, batch=2, warmup=1, steps=2, num_classes=10, n=4,
                         channels_last=channels_last)
-    expected = [label for label, _, knobs in FULL if knobs.get("solver") != "gco" or have_gco()]
+    expected = [label for label, name, knobs in FULL
+                if (knobs.get("solver") != "gco" or have_gco()) and name not in VIT_ONLY]
     assert [r["method"] for r in out["rows"]] == expected
-    assert out["skipped"] == ([] if have_gco() else [f"{label} (gco-wrapper not installed)"
-                                                     for label, _, knobs in FULL if knobs.get("solver") == "gco"])
+    gco_rows = [f"{label} (gco-wrapper not installed)" for label, _, knobs in FULL if knobs.get("solver") == "gco"]
+    assert out["skipped"] == ([] if have_gco() else gco_rows) + ["transmix (a ViT arch only)"]
     rows = {r["method"]: r for r in out["rows"]}
     assert rows["erm"]["step_time_ratio"] == 1.0
     for r in out["rows"]:  # the three numbers of a row describe one measurement
@@ -65,3 +66,10 @@ def test_bench_gpu_section_with_loader_ceiling_and_markdown(bench, toy_world):
     assert f"Data-loader ceiling: {ceiling} img/s with 0 workers" in md
     erm = out["rows"][0]
     assert f"| erm | {erm['img_per_s']} | 1.000 | {'yes' if erm['loader_bound'] else 'no'} |" in md
+
+
+def test_a_vit_arch_times_transmix_and_skips_the_feature_map_methods():
+    out = run_gpu_bench(device="cpu", arch="vit_tiny_toy", size=32, batch=2, warmup=0, steps=1, num_classes=10, n=4,
+                        methods=["multimix", "dense_multimix", "transmix", "alignmix"])
+    assert [r["method"] for r in out["rows"]] == ["erm", "multimix", "dense_multimix", "transmix"]
+    assert out["skipped"] == ["alignmix (a ResNet arch only)"]

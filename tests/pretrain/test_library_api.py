@@ -11,6 +11,7 @@ import torch
 import torchvision
 
 from mixup_transfer.core.constants import IMAGENET_MEAN, IMAGENET_STD
+from mixup_transfer.core.vits import build_vit
 from pretrain import mixers as M
 from pretrain.adapters import Backbone, adapt, from_sequential
 from pretrain.data import sample_seed
@@ -55,7 +56,9 @@ CASES = [
     ("alignmix", {}), ("alignmix_stage2", {"resolution": 1}), ("alignmix_ae", {"resolution": 1, "decoder_size": 32}),
     ("zeta_mixup", {}), ("tokenmix", {"labels": "area", "patch_size": 8, "minimum_tokens": 1}),
     ("comixup", {"solver": "swap"}),
+    ("zeta_mixup", {}), ("transmix", {}), ("transmix", {"switch_prob": 1.0}),
 ]
+ARCH = {"transmix": "vit_tiny_toy"}  # methods that need a ViT (the class token's attention); the others a ResNet-18
 
 
 def test_the_cases_cover_every_registered_method():
@@ -66,7 +69,7 @@ def tiny_cfg(root, name, knobs):
     return {"name": "lib", "seed": 3,
             "data": {"root": str(root), "crop_size": 32, "val_resize": 36, "num_workers": 0, "max_train": 16,
                      "max_val": 8},
-            "model": {"arch": "resnet18", "num_classes": C}, "method": {"name": name, **knobs},
+            "model": {"arch": ARCH.get(name, "resnet18"), "num_classes": C}, "method": {"name": name, **knobs},
             "optim": {"batch_size": 4, "epochs": 1, "lr": 0.05},
             "runtime": {"precision": "fp32", "flops": False, "figures": False}}
 
@@ -81,10 +84,11 @@ def loss_and_grads(method, net, images, labels):
 @pytest.mark.parametrize("name,knobs", CASES, ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k in CASES])
 def test_library_and_trainer_give_identical_losses_and_gradients(toy_world, tmp_path, one_thread, name, knobs):
     """The trainer's method (built by pretrain.task on its ResNetStages, seeded by the task) and the same method
-    built by a user on a plain torchvision.models.resnet18 with the same weights, seeded by the same task code."""
+    built by a user on a plain torchvision.models.resnet18 (a plain timm ViT for TransMix) with the same weights,
+    seeded by the same task code."""
     task, _ = build(tiny_cfg(toy_world / "imagenet", name, knobs), tmp_path)
     trainer = task.model
-    net = torchvision.models.resnet18(num_classes=C)
+    net = build_vit(ARCH[name], C) if name in ARCH else torchvision.models.resnet18(num_classes=C)
     net.load_state_dict(task.net.net.state_dict())
     lib = build_method(name, adapt(net, mean=IMAGENET_MEAN, std=IMAGENET_STD), C, **knobs)
     lib.load_state_dict(trainer.state_dict())  # the method's own parts (AlignMix's head, AlignMix/AE's decoder)

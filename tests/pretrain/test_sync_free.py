@@ -28,7 +28,7 @@ import torch
 
 from mixup_transfer.core import runtime as rt
 from mixup_transfer.core.engine import Engine, LoopSettings, Task, build_optimizer
-from pretrain.methods import METHODS, ResNetStages, build_method
+from pretrain.methods import METHODS, build_method, network_stages
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -142,7 +142,9 @@ CASES = [
     ("alignmix_stage2", {"resolution": 1}), ("alignmix", {}),
     ("alignmix_ae", {"resolution": 1, "decoder_size": 16}), ("zeta_mixup", {}),
     ("tokenmix", {"labels": "area", "patch_size": 4, "minimum_tokens": 1}), ("comixup", {"solver": "swap"}),
+    ("transmix", {}), ("transmix", {"switch_prob": 1.0}),
 ]
+ARCH = {"transmix": "vit_tiny_toy"}  # methods that need a ViT (the class token's attention); the others a ResNet-18
 # the graph cut's one host copy per step (PuzzleMix; Co-Mixup reads its saliency through the same function)
 PUZZLE = {("puzzlemix.py", "read_to_host", "numpy")}
 HOST_SOLVED = ("puzzlemix", "comixup")
@@ -155,7 +157,7 @@ class TinyPretrain(Task):
 
     def __init__(self, name, knobs):
         torch.manual_seed(0)
-        self.model = build_method(name, ResNetStages("resnet18", C), C, **knobs)
+        self.model = build_method(name, network_stages(ARCH.get(name, "resnet18"), C), C, **knobs)
         self.model.generator = torch.Generator()
         g = torch.Generator().manual_seed(1)
         self.data = [(torch.rand(4, 3, 16, 16, generator=g), torch.randint(C, (4,), generator=g))

@@ -76,13 +76,15 @@ def alignment_uniformity(embeddings, labels, alpha: float = 2.0, t: float = 2.0,
 
 def embedding_layer(model: nn.Module) -> nn.Module:
     """The layer whose input is the embedding: ``model.embedding_layer`` if the model names one, else the
-    classifier ``fc`` of a wrapped torchvision ResNet (``model.model.fc``) or of the model itself, else the
+    classifier ``fc`` of a wrapped torchvision ResNet (``model.model.fc``), the ``head`` of a wrapped timm ViT, or
+    the model's own ``fc``, else the
     last ``nn.Linear`` the model registers."""
     named = getattr(model, "embedding_layer", None)
     if isinstance(named, nn.Module):
         return named
-    for owner in (getattr(model, "model", None), model):
-        fc = getattr(owner, "fc", None)
+    # a wrapped ResNet's fc or ViT's head (timm), then the model's own fc
+    for owner, name in ((getattr(model, "model", None), "fc"), (getattr(model, "model", None), "head"), (model, "fc")):
+        fc = getattr(owner, name, None)
         if isinstance(fc, nn.Linear):
             return fc
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
