@@ -2,8 +2,8 @@
 
 The math equals the official code (snu-mllab/PuzzleMix, mixup.py at e2dbf3a: mixup_graph, graphcut_multi,
 mask_transport, transport_image); tests/pretrain/test_mixing.py compares every piece with
-tests/fixtures/puzzlemix_official.npz, produced by running that code. The graph cut itself (gco-wrapper's alpha-beta swap, or the built-in
-re-implementation) is in `pretrain.methods.puzzlemix_graphcut`.
+tests/fixtures/puzzlemix_official.npz, produced by running that code. The graph cut itself (gco-wrapper's alpha-beta
+swap, or the built-in re-implementation) is in `pretrain.methods.puzzlemix_graphcut`.
 """
 
 from __future__ import annotations

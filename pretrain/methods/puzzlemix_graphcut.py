@@ -1,9 +1,9 @@
 """PuzzleMix's graph cut: gco-wrapper's alpha-beta swap (what the authors call) and the built-in re-implementation of
 the same algorithm on the same integers (`_cut_swap`), one problem per image, in a thread pool.
 
-The problems come from `pretrain.methods.puzzlemix.puzzle_energy`: unary int32 [g, g, L], label distance [L, L],
-edge weights w_v int32 [g-1, g] and w_h int32 [g, g-1]; the labels are int [g, g].
-tests/pretrain/test_mixing.py pins the built-in solver against gco on 300 random problems (tests/fixtures/puzzlemix_swap_gco.npz).
+The problems come from `pretrain.methods.puzzlemix.puzzle_energy`: unary int32 [g, g, L], label distance [L, L], edge
+weights w_v int32 [g-1, g] and w_h int32 [g, g-1]; the labels are int [g, g]. tests/pretrain/test_mixing.py pins the
+built-in solver against gco on 300 random problems (tests/fixtures/puzzlemix_swap_gco.npz).
 """
 
 from __future__ import annotations
