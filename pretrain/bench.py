@@ -31,6 +31,7 @@ FULL = [
     ("puzzlemix", "puzzlemix", {"solver": "gco"}),  # skipped when gco-wrapper is not installed
     ("puzzlemix_swap", "puzzlemix", {"solver": "swap"}),  # the built-in fallback
     ("zeta_mixup", "zeta_mixup", {}),  # a [b, b] combination of the whole batch
+    ("saliencymix", "saliencymix", {"prob": 1.0}),  # one image to the host per batch for its saliency map
 ]
 TARGETS = {"multimix": 1.03, "dense_multimix": 1.15, "alignmix": 1.10, "alignmix_stage2": 1.10,
            "multi_interp_manifold_embedding_k5": 1.10, "puzzlemix": 2.0, "puzzlemix_swap": 2.0}

@@ -53,7 +53,7 @@ CASES = [
     ("multi_interp", {"k": 2, "puzzle": {"solver": "swap"}}), ("multi_interp", {"base": "input", "k": 3}),
     ("multi_interp", {"base": "manifold", "k": 3}), ("multi_interp", {"base": "cutmix", "k": 3}),
     ("alignmix", {}), ("alignmix_stage2", {"resolution": 1}), ("alignmix_ae", {"resolution": 1, "decoder_size": 32}),
-    ("zeta_mixup", {}),
+    ("zeta_mixup", {}), ("saliencymix", {"prob": 1.0}),
 ]
 
 

@@ -9,6 +9,8 @@ On the CPU every tensor is a host tensor, so the test counts the calls themselve
 CUDA run wait is a call here. Explicit exemptions, each with its reason and its bound:
 - PuzzleMix's graph cut runs on the host by the authors' algorithm: `pretrain.methods.puzzlemix.read_to_host` copies
   the terms of the energy to the host once per step (all K masks of multi-mix at once).
+- SaliencyMix's saliency map runs on the host as the authors' code computes it (OpenCV's detector):
+  `pretrain.methods.saliencymix.read_image` copies the one image it needs to the host once per mixed step.
 - torchvision's detectors check every target for degenerate boxes (`degenerate_boxes.any()`, one read per image,
   inside `SSD.forward` / `GeneralizedRCNN.forward`) and draw the training size with `torch_choice` from a CPU
   tensor (no device involved); neither is this toolkit's code.
@@ -141,8 +143,11 @@ CASES = [
     ("multi_interp", {"base": "cutmix", "k": 3}), ("multi_interp", {"base": "manifold", "k": 2, "large_batch": True}),
     ("alignmix_stage2", {"resolution": 1}), ("alignmix", {}),
     ("alignmix_ae", {"resolution": 1, "decoder_size": 16}), ("zeta_mixup", {}),
+    ("saliencymix", {"prob": 1.0}),
 ]
-PUZZLE = {("puzzlemix.py", "read_to_host", "numpy")}  # the graph cut's one host copy per step
+PUZZLE = {("puzzlemix.py", "read_to_host", "numpy"),  # the graph cut's one host copy per step
+          ("saliencymix.py", "read_image", "numpy")}  # the saliency map's one image per mixed step
+HOST_STEP = ("puzzlemix", "saliencymix")  # the methods with a host step (prob 1 here: one copy every step)
 
 
 class TinyPretrain(Task):
@@ -183,7 +188,8 @@ def test_a_pretraining_step_reads_nothing_back(tmp_path, monkeypatch, name, knob
     reads, exempted, other, epoch_end = split(counter.calls, PUZZLE)
     assert other == [], other  # nothing but the engine's periodic read (and PuzzleMix's graph cut) in the loop
     assert reads == [10, 20], reads  # one read per logging interval
-    if name == "puzzlemix" or (name == "multi_interp" and knobs.get("base", "puzzlemix") == "puzzlemix"):
+    host_step = name in HOST_STEP or (name == "multi_interp" and knobs.get("base", "puzzlemix") == "puzzlemix")
+    if host_step:
         assert sorted(step for *_, step in exempted) == list(range(1, STEPS + 1))  # one copy per step
         assert set(exempted.values()) == {1}
     else:
@@ -328,8 +334,8 @@ def _cuda_autocast(device, precision):
         return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
-FAKE_CUDA_CASES = [(n, k) for n, k in CASES if n != "puzzlemix" and k.get("base", "puzzlemix" if n == "multi_interp"
-                                                                           else "") != "puzzlemix"]
+FAKE_CUDA_CASES = [(n, k) for n, k in CASES if n not in HOST_STEP and k.get("base", "puzzlemix" if n == "multi_interp"
+                                                                          else "") != "puzzlemix"]
 
 
 def _steps_on_fake_cuda(task, tmp_path, monkeypatch, steps: int = 3):

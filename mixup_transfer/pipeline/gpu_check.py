@@ -37,6 +37,7 @@ METHOD_CASES = [
     ("multimix", {"n": 50, "prob": 1.0}), ("dense_multimix", {"n": 50, "prob": 1.0}),
     ("multi_interp", {"k": 2}), ("alignmix", {}), ("alignmix_stage2", {"resolution": 2}),
     ("alignmix_ae", {"resolution": 2, "decoder_size": 64}), ("zeta_mixup", {}),
+    ("saliencymix", {"prob": 1.0}),
 ]
 
 # per-GPU batch of each ImageNet recipe (configs/pretrain/imagenet_*.yaml: global batches over the papers' GPUs)
@@ -48,6 +49,7 @@ PAPER_BATCH = {
     "alignmix_stage2": 25,  # 100 on 4 GPUs (AlignMix App. B)
     "multi_interp_input_k5": 64, "multi_interp_manifold_embedding_k5": 64, "multi_interp_manifold_layer2_k5": 64,
     "zeta_mixup": 64,  # the input-mixing recipes' 256 on 4 GPUs (no ImageNet recipe in arXiv:2204.03323)
+    "saliencymix": 64,  # 256 on 4 GPUs (SaliencyMix README, ImageNet command)
 }
 
 

@@ -15,6 +15,7 @@ random streams are described there):
     multimix      MultiMix and Dense MultiMix (Venkataramanan et al.)
     multi_interp  K sorted interpolations of every pair (Shen et al.'s multi-mix)
     alignmix      AlignMix: the released code's variant, the paper's stage-2 encoder, AlignMix/AE
+    saliencymix   SaliencyMix (a CutMix box on the saliency peak)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pretrain.methods.multi_interp import MultiInterp
 from pretrain.methods.multimix import DenseMultiMix, MultiMix
 from pretrain.methods.puzzlemix import PuzzleMix
 from pretrain.methods.puzzlemix_graphcut import have_gco
+from pretrain.methods.saliencymix import SaliencyMix
 from pretrain.methods.zeta_mixup import ZetaMixup
 
 __all__ = ["METHODS", "RENAMED", "Method", "ResNetStages", "build_configured", "build_method", "check_method_config",
@@ -47,6 +49,7 @@ METHODS = {
     "alignmix_stage2": AlignMixStage2,
     "alignmix_ae": AlignMixAE,
     "zeta_mixup": ZetaMixup,
+    "saliencymix": SaliencyMix,
 }
 # retired names, each with the one to use instead
 RENAMED = {"alignmix_official": "alignmix (the AlignMixup released code's variant)",
