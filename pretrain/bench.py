@@ -8,6 +8,7 @@ reported too).
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -32,6 +33,7 @@ FULL = [
     ("puzzlemix_swap", "puzzlemix", {"solver": "swap"}),  # the built-in fallback
     ("zeta_mixup", "zeta_mixup", {}),  # a [b, b] combination of the whole batch
     ("saliencymix", "saliencymix", {"prob": 1.0}),  # one image to the host per batch for its saliency map
+    ("supermix", "supermix", {}),  # 50 teacher forward-backward-forward mask iterations per batch
 ]
 TARGETS = {"multimix": 1.03, "dense_multimix": 1.15, "alignmix": 1.10, "alignmix_stage2": 1.10,
            "multi_interp_manifold_embedding_k5": 1.10, "puzzlemix": 2.0, "puzzlemix_swap": 2.0}
@@ -81,6 +83,8 @@ def _build_methods(model, methods, num_classes, n, size, dev, seed):
             skipped.append(f"{label} (gco-wrapper not installed)")
             continue
         m = build_method(name, model, num_classes, **knobs).to(dev)  # a method's own layers (AlignMix's encoder2)
+        if m.needs_teacher:  # SuperMix: a frozen network of the same shape (its weights do not change the cost)
+            m.teacher = copy.deepcopy(model).to(dev)
         m.generator = torch.Generator(device=dev) if dev.type in ("cpu", "cuda") else None  # meta: no generator
         m.seed(seed)
         built.append((label, m))

@@ -143,7 +143,7 @@ CASES = [
     ("multi_interp", {"base": "cutmix", "k": 3}), ("multi_interp", {"base": "manifold", "k": 2, "large_batch": True}),
     ("alignmix_stage2", {"resolution": 1}), ("alignmix", {}),
     ("alignmix_ae", {"resolution": 1, "decoder_size": 16}), ("zeta_mixup", {}),
-    ("saliencymix", {"prob": 1.0}),
+    ("saliencymix", {"prob": 1.0}), ("supermix", {"max_iter": 2, "mask_w": 4}),
 ]
 PUZZLE = {("puzzlemix.py", "read_to_host", "numpy"),  # the graph cut's one host copy per step
           ("saliencymix.py", "read_image", "numpy")}  # the saliency map's one image per mixed step
@@ -159,6 +159,8 @@ class TinyPretrain(Task):
         torch.manual_seed(0)
         self.model = build_method(name, ResNetStages("resnet18", C), C, **knobs)
         self.model.generator = torch.Generator()
+        if self.model.needs_teacher:
+            self.model.teacher = ResNetStages("resnet18", C)
         g = torch.Generator().manual_seed(1)
         self.data = [(torch.rand(4, 3, 16, 16, generator=g), torch.randint(C, (4,), generator=g))
                      for _ in range(STEPS)]
@@ -334,8 +336,9 @@ def _cuda_autocast(device, precision):
         return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
-FAKE_CUDA_CASES = [(n, k) for n, k in CASES if n not in HOST_STEP and k.get("base", "puzzlemix" if n == "multi_interp"
-                                                                          else "") != "puzzlemix"]
+# SuperMix's forward differentiates the teacher (torch.autograd.grad): autograd's CUDA threads need a driver
+FAKE_CUDA_CASES = [(n, k) for n, k in CASES if n not in HOST_STEP + ("supermix",)
+                   and k.get("base", "puzzlemix" if n == "multi_interp" else "") != "puzzlemix"]
 
 
 def _steps_on_fake_cuda(task, tmp_path, monkeypatch, steps: int = 3):
@@ -350,6 +353,8 @@ def _steps_on_fake_cuda(task, tmp_path, monkeypatch, steps: int = 3):
     device = torch.device("cuda", 0)
     with FakeTensorMode(allow_non_fake_inputs=True):
         task.model.to(device, memory_format=torch.channels_last)
+        if task.model.teacher is not None:
+            task.model.teacher.to(device, memory_format=torch.channels_last)
         task.model.generator = None  # a CUDA generator needs a driver; draws use the default one
         opt = build_optimizer("sgd", task.param_groups(), 0.01, momentum=0.9)
         settings = LoopSettings(total_steps=STEPS, device=device, precision="bf16", channels_last=True,
@@ -371,8 +376,9 @@ def test_a_pretraining_step_copies_nothing_that_waits(tmp_path, monkeypatch, nam
     device (FakeTensorMode: the copies are dispatched as on CUDA, no data moves), the batches those of the uint8
     loader with colour augmentation. Shows: no host-to-device copy in it makes the host wait (each is non_blocking
     from pinned memory), and the step's metrics stay on the device. Cannot show: the backward pass (autograd's
-    CUDA threads need a driver; zero gradients stand in), PuzzleMix (its graph cut reads the saliency back, which
-    fake tensors cannot) and the real overlap of copies with compute."""
+    CUDA threads need a driver; zero gradients stand in), SuperMix (its forward differentiates the teacher),
+    PuzzleMix and SaliencyMix (their host steps read the saliency or an image back, which fake tensors cannot)
+    and the real overlap of copies with compute."""
     record, counter = _steps_on_fake_cuda(FakeCudaPretrain(name, knobs), tmp_path, monkeypatch)
     assert record["loss"].device.type == "cuda" and record["grad_norm2"].device.type == "cuda"
     assert counter.waits == [], counter.waits

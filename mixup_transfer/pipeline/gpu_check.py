@@ -37,7 +37,7 @@ METHOD_CASES = [
     ("multimix", {"n": 50, "prob": 1.0}), ("dense_multimix", {"n": 50, "prob": 1.0}),
     ("multi_interp", {"k": 2}), ("alignmix", {}), ("alignmix_stage2", {"resolution": 2}),
     ("alignmix_ae", {"resolution": 2, "decoder_size": 64}), ("zeta_mixup", {}),
-    ("saliencymix", {"prob": 1.0}),
+    ("saliencymix", {"prob": 1.0}), ("supermix", {"max_iter": 2}),
 ]
 
 # per-GPU batch of each ImageNet recipe (configs/pretrain/imagenet_*.yaml: global batches over the papers' GPUs)
@@ -50,6 +50,7 @@ PAPER_BATCH = {
     "multi_interp_input_k5": 64, "multi_interp_manifold_embedding_k5": 64, "multi_interp_manifold_layer2_k5": 64,
     "zeta_mixup": 64,  # the input-mixing recipes' 256 on 4 GPUs (no ImageNet recipe in arXiv:2204.03323)
     "saliencymix": 64,  # 256 on 4 GPUs (SaliencyMix README, ImageNet command)
+    "supermix": 16,  # the SuperMix README ImageNet command: --bs 16 (no ImageNet training recipe)
 }
 
 
@@ -80,6 +81,8 @@ def _method_task(name: str, knobs: dict, device: torch.device):
         def __init__(self):
             torch.manual_seed(0)
             self.model = build_method(name, ResNetStages("resnet18", 10), 10, **knobs).to(device)
+            if self.model.needs_teacher:  # SuperMix: a frozen network of the same shape
+                self.model.teacher = ResNetStages("resnet18", 10).to(device)
             if device.type == "cuda":
                 self.model.to(memory_format=torch.channels_last)
             self.model.generator = torch.Generator(device=device)

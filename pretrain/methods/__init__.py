@@ -16,6 +16,7 @@ random streams are described there):
     multi_interp  K sorted interpolations of every pair (Shen et al.'s multi-mix)
     alignmix      AlignMix: the released code's variant, the paper's stage-2 encoder, AlignMix/AE
     saliencymix   SaliencyMix (a CutMix box on the saliency peak)
+    supermix      SuperMix (masks optimised under a frozen teacher)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pretrain.methods.multimix import DenseMultiMix, MultiMix
 from pretrain.methods.puzzlemix import PuzzleMix
 from pretrain.methods.puzzlemix_graphcut import have_gco
 from pretrain.methods.saliencymix import SaliencyMix
+from pretrain.methods.supermix import SuperMix
 from pretrain.methods.zeta_mixup import ZetaMixup
 
 __all__ = ["METHODS", "RENAMED", "Method", "ResNetStages", "build_configured", "build_method", "check_method_config",
@@ -50,6 +52,7 @@ METHODS = {
     "alignmix_ae": AlignMixAE,
     "zeta_mixup": ZetaMixup,
     "saliencymix": SaliencyMix,
+    "supermix": SuperMix,
 }
 # retired names, each with the one to use instead
 RENAMED = {"alignmix_official": "alignmix (the AlignMixup released code's variant)",
