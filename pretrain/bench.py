@@ -8,6 +8,7 @@ reported too).
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -34,6 +35,8 @@ FULL = [
     ("tokenmix", "tokenmix", {"switch_prob": 1.0, "labels": "area"}),  # the token branch; no teacher forward
     ("comixup", "comixup", {"solver": "gco"}),  # the host optimisation (gco); skipped without gco-wrapper
     ("transmix", "transmix", {"switch_prob": 1.0}),  # ViT archs only; its CutMix branch (the attention read)
+    ("saliencymix", "saliencymix", {"prob": 1.0}),  # one image to the host per batch for its saliency map
+    ("supermix", "supermix", {}),  # 50 teacher forward-backward-forward mask iterations per batch
 ]
 # rows that need a ViT (the class token's attention), and rows that need a CNN's feature map (AlignMix's alignment)
 VIT_ONLY = {"transmix"}
@@ -90,6 +93,8 @@ def _build_methods(model, methods, num_classes, n, size, dev, seed):
             skipped.append(f"{label} ({'a ViT arch only' if name in VIT_ONLY else 'a ResNet arch only'})")
             continue
         m = build_method(name, model, num_classes, **knobs).to(dev)  # a method's own layers (AlignMix's encoder2)
+        if m.needs_teacher:  # SuperMix: a frozen network of the same shape (its weights do not change the cost)
+            m.teacher = copy.deepcopy(model).to(dev)
         m.generator = torch.Generator(device=dev) if dev.type in ("cpu", "cuda") else None  # meta: no generator
         m.seed(seed)
         built.append((label, m))

@@ -10,6 +10,7 @@ STAGE = Stage(
     entry="pretrain.task:run",
     schema="pretrain.task:DEFAULTS",
     inputs=(),  # its dataset is data.root in its config
+    optional_inputs=("teacher",),  # the frozen teacher of a method that needs one (supermix); or the teacher key
     outputs=("backbone.pth", "metrics.json", "log.jsonl", "checkpoints/last.pth"),
     gpus_per_node=8,
     options=("resume", "force"),

@@ -3,8 +3,8 @@ or CUDA,
 one process or DDP.
 
 `run(cfg, inputs, run_dir) -> metrics` is the stage entry point (`tools/run_pretrain.py` and the pipeline call it).
-`cfg` is a nested dict validated against `DEFAULTS` (every key documented there); pretraining has no upstream
-inputs.
+`cfg` is a nested dict validated against `DEFAULTS` (every key documented there); its one optional upstream input
+is the `teacher` checkpoint of a method that needs one (SuperMix).
 
 Batch sizes are global, as the papers state them: `optim.batch_size` images per optimizer step over all processes
 (or `optim.batch_per_process`, MultiMix's b per GPU), split into `world size x accumulate` micro-batches. Exact
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from mixup_transfer.core import distributed as ddist
 from mixup_transfer.core import fingerprint
 from mixup_transfer.core import runtime as rt
-from mixup_transfer.core.checkpoint import ALL_ARCHS, save_backbone
+from mixup_transfer.core.checkpoint import ALL_ARCHS, CheckpointError, classifier_head, load_classifier, save_backbone
 from mixup_transfer.core.config import ConfigError, check_ranges, dump_config, validate
 from mixup_transfer.core.data import read_bytes, read_image, read_image_uint8
 from mixup_transfer.core.engine import ClassificationTask, Engine, LoopSettings, build_optimizer
@@ -54,7 +54,7 @@ from pretrain.data import (
     val_transform,
 )
 from pretrain.figures import plot_curves
-from pretrain.methods import ResNetStages, build_configured, check_method_config, have_gco, network_stages
+from pretrain.methods import METHODS, ResNetStages, build_configured, check_method_config, have_gco, network_stages
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,10 @@ DEFAULTS = {
         "zero_init_residual": False,
     },
     "method": {},                    # name: <METHODS key> plus that method's knobs (see pretrain.methods)
+    "teacher": None,                 # the frozen teacher of a method that needs one (supermix): a classifier
+                                     # checkpoint with its head for this dataset's classes (backbone.pth of a
+                                     # pretraining run, or any layout of mixup_transfer/core/checkpoint.py); the
+                                     # stage's optional input `teacher` sets it; other methods refuse one
     "optim": {
         "batch_size": 256,           # GLOBAL batch: images per optimizer step over all processes
         "batch_per_process": None,   # or the batch per process (MultiMix's b per GPU); then batch_size: null
@@ -161,7 +165,8 @@ RANGES = {
 
 # the types of the keys whose default is null (mixup_transfer.core.config.validate checks the others against their
 # defaults)
-TYPES = {"data.root": str, "data.num_workers": int, "data.crop_schedule": list[list], "data.val_resize": int,
+TYPES = {"teacher": str,
+         "data.root": str, "data.num_workers": int, "data.crop_schedule": list[list], "data.val_resize": int,
          "data.max_train": int,
          "data.max_val": int, "model.num_classes": int, "optim.batch_per_process": int, "optim.accumulate": int,
          "optim.max_batch_per_process": int, "optim.lr_classifier": float, "optim.points": list[list],
@@ -176,7 +181,34 @@ def resolve_config(cfg: dict) -> dict:
     if not isinstance(cfg["method"], dict) or "name" not in cfg["method"]:
         raise ConfigError("method.name is required (e.g. method: {name: multimix})")
     check_method_config(cfg["method"]["name"], {k: v for k, v in cfg["method"].items() if k != "name"})
+    check_teacher(cfg["method"], cfg["teacher"])
     return cfg
+
+
+def check_teacher(method_cfg: dict, teacher: str | None) -> None:
+    """A method that needs a teacher gets one, and no other method does (ConfigError naming the key)."""
+    method = method_cfg["name"]
+    needs = METHODS[method].uses_teacher({k: v for k, v in method_cfg.items() if k != "name"})
+    if needs and not teacher:
+        raise ConfigError(f"teacher: method {method!r} needs a teacher checkpoint (set teacher: <path to a "
+                          "classifier checkpoint of this dataset, e.g. an erm run's backbone.pth>)")
+    if teacher and not needs:
+        raise ConfigError(f"teacher: method {method!r} does not use a teacher (got {teacher!r}); remove the key")
+
+
+def load_teacher(path: str, num_classes: int, device: torch.device) -> ResNetStages:
+    """The teacher network from a classifier checkpoint (its arch from the checkpoint, its head for
+    `num_classes`), in eval mode, frozen, on `device`; a checkpoint that does not fit is a ConfigError."""
+    try:
+        state, meta = load_classifier(path, None, num_classes)
+        if classifier_head(path) is not None:
+            raise CheckpointError(f"{path}: its classifier has its own head between layer4 and fc (a teacher here "
+                                  "is a network whose fc reads the pooled features)")
+    except (CheckpointError, OSError) as e:
+        raise ConfigError(f"teacher: {e}") from e
+    net = network_stages(meta["arch"], meta["num_classes"])
+    net.net.load_state_dict(state, strict=True)
+    return net.to(device).eval().requires_grad_(False)
 
 
 def batch_plan(optim: dict, world: int) -> dict:
@@ -241,6 +273,8 @@ class PretrainTask(ClassificationTask):
         net = network_stages(cfg["model"]["arch"], self.num_classes, cfg["model"]["zero_init_residual"])
         knobs = {k: v for k, v in cfg["method"].items() if k != "name"}
         self.model = build_configured(cfg["method"]["name"], net, self.num_classes, knobs).to(device)
+        if cfg["teacher"]:
+            self.model.teacher = load_teacher(cfg["teacher"], self.num_classes, device)
         if cfg["runtime"]["channels_last"] and device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
         if cfg["runtime"]["compile"]:
@@ -510,12 +544,11 @@ def finish(task: PretrainTask, engine: Engine) -> dict:
 def run(cfg: dict, inputs: dict | None, run_dir: str | os.PathLike, resume: bool = True,
         force: bool = False) -> dict:
     """Pretrain with `cfg` (nested dict, see DEFAULTS) into `run_dir`; returns the final metrics (the stage
-    interface; pretraining has no `inputs`). With resume=True an existing `run_dir/checkpoints/last.pth` is
-    continued exactly (a finished run only rewrites its outputs) if it was made from the same config (runtime
-    settings excepted; see `PretrainTask.resume_may_change`); without it an existing checkpoint is an error
-    unless `force`. Under torchrun every process calls this."""
-    if inputs:
-        raise ValueError(f"pretraining takes no upstream inputs, got {sorted(inputs)}")
+    interface; `inputs` may name the `teacher` checkpoint, see `with_inputs`). With resume=True an existing
+    `run_dir/checkpoints/last.pth` is continued exactly (a finished run only rewrites its outputs) if it was made
+    from the same config (runtime settings excepted; see `PretrainTask.resume_may_change`); without it an existing
+    checkpoint is an error unless `force`. Under torchrun every process calls this."""
+    cfg = with_inputs(cfg, inputs)
     task, engine = build(cfg, run_dir)
     t0 = time.time()
     try:
@@ -529,6 +562,21 @@ def run(cfg: dict, inputs: dict | None, run_dir: str | os.PathLike, resume: bool
     metrics = finish(task, engine)
     log.info("pretraining finished in %.1f s", time.time() - t0)
     return metrics
+
+
+def with_inputs(cfg: dict, inputs: dict | None) -> dict:
+    """cfg with the stage's inputs: the optional `teacher` checkpoint becomes the `teacher` key (the same path
+    given both ways is fine; two different ones are an error)."""
+    inputs = {k: v for k, v in (inputs or {}).items() if v}
+    unknown = sorted(set(inputs) - {"teacher"})
+    if unknown:
+        raise ValueError(f"pretraining takes only the optional input 'teacher', got {unknown}")
+    if "teacher" not in inputs:
+        return cfg
+    given = cfg.get("teacher")
+    if given and os.path.abspath(given) != os.path.abspath(inputs["teacher"]):
+        raise ConfigError(f"teacher: the config names {given!r} and the stage input {inputs['teacher']!r}")
+    return {**cfg, "teacher": str(inputs["teacher"])}
 
 
 def train(cfg: dict, run_dir: str | os.PathLike, resume: bool = False) -> dict:

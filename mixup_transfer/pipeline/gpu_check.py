@@ -39,6 +39,7 @@ METHOD_CASES = [
     ("alignmix_ae", {"resolution": 2, "decoder_size": 64}), ("zeta_mixup", {}),
     ("tokenmix", {"switch_prob": 1.0, "labels": "area", "minimum_tokens": 1}), ("comixup", {}),
     ("transmix", {"switch_prob": 1.0}),
+    ("saliencymix", {"prob": 1.0}), ("supermix", {"max_iter": 2}),
 ]
 # the network of a method's check where it is not a ResNet-18 (TransMix reads a ViT's class-token attention)
 METHOD_ARCH = {"transmix": "vit_tiny_toy"}
@@ -53,6 +54,8 @@ PAPER_BATCH = {
     "multi_interp_input_k5": 64, "multi_interp_manifold_embedding_k5": 64, "multi_interp_manifold_layer2_k5": 64,
     "zeta_mixup": 64,  # the input-mixing recipes' 256 on 4 GPUs (no ImageNet recipe in arXiv:2204.03323)
     "transmix": 128,  # b = 128 per GPU (MultiMix A.1, its ViT-S/16 rows; configs/pretrain/imagenet_vit_s16_*.yaml)
+    "saliencymix": 64,  # 256 on 4 GPUs (SaliencyMix README, ImageNet command)
+    "supermix": 16,  # the SuperMix README ImageNet command: --bs 16 (no ImageNet training recipe)
 }
 
 
@@ -84,6 +87,8 @@ def _method_task(name: str, knobs: dict, device: torch.device):
             torch.manual_seed(0)
             net = network_stages(METHOD_ARCH.get(name, "resnet18"), 10)
             self.model = build_method(name, net, 10, **knobs).to(device)
+            if self.model.needs_teacher:  # SuperMix: a frozen network of the same shape
+                self.model.teacher = network_stages(METHOD_ARCH.get(name, "resnet18"), 10).to(device)
             if device.type == "cuda":
                 self.model.to(memory_format=torch.channels_last)
             self.model.generator = torch.Generator(device=device)

@@ -61,6 +61,7 @@ class JobSpec:
     weights: str | None = None          # detection, wsol: backbone checkpoint (None: random init)
     checkpoint: str | None = None       # robustness: the checkpoint to evaluate
     imagenet: str | None = None         # robustness: ImageNet-layout root
+    teacher: str | None = None          # pretrain: the teacher checkpoint (supermix); or its config key teacher
     resume: bool = False                # continue run_dir's checkpoint (set on every requeue)
     force: bool = False                 # start over in a run_dir that holds a checkpoint (first start only)
     cwd: str = "."                      # relative paths inside the config (data.root, ...) are read from here
@@ -179,7 +180,7 @@ def make_spec(stage: str, config: str | None, overrides: Sequence[str] = (), run
 
 def _check_inputs(name: str, given: dict) -> None:
     """The stage's declared inputs: the required ones given, no others."""
-    flags = {"weights": "--weights", "checkpoint": "--checkpoint", "imagenet": "--imagenet"}
+    flags = {"weights": "--weights", "checkpoint": "--checkpoint", "imagenet": "--imagenet", "teacher": "--teacher"}
     declared = () if name == "pipeline" else declared_stages.stage(name).inputs
     optional = () if name == "pipeline" else declared_stages.stage(name).optional_inputs
     missing = [flags[k] for k in declared if not given.get(k)]

@@ -19,6 +19,8 @@ random streams are described there):
     comixup       Co-Mixup (joint saliency-guided masks of a partition); its optimisation in comixup_graphcut
     tokenmix      TokenMix (token-level masks; a teacher's activation maps or the area assign the labels)
     transmix      TransMix (Chen et al.): Mixup / CutMix with attention-weighted labels, for Vision Transformers
+    saliencymix   SaliencyMix (a CutMix box on the saliency peak)
+    supermix      SuperMix (masks optimised under a frozen teacher)
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from pretrain.methods.multi_interp import MultiInterp
 from pretrain.methods.multimix import DenseMultiMix, MultiMix
 from pretrain.methods.puzzlemix import PuzzleMix
 from pretrain.methods.puzzlemix_graphcut import have_gco
+from pretrain.methods.saliencymix import SaliencyMix
+from pretrain.methods.supermix import SuperMix
 from pretrain.methods.tokenmix import TokenMix
 from pretrain.methods.transmix import TransMix
 from pretrain.methods.zeta_mixup import ZetaMixup
@@ -57,6 +61,8 @@ METHODS = {
     "tokenmix": TokenMix,
     "comixup": CoMixup,
     "transmix": TransMix,
+    "saliencymix": SaliencyMix,
+    "supermix": SuperMix,
 }
 # retired names, each with the one to use instead
 RENAMED = {"alignmix_official": "alignmix (the AlignMixup released code's variant)",

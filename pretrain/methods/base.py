@@ -205,6 +205,12 @@ class Method(nn.Module):
     variant = ""
     # whether a step may leave parameters without a gradient (modes that use different heads): DDP must be told
     find_unused_parameters = False
+    # whether the method needs a frozen teacher network (SuperMix): the pretraining task loads the checkpoint that
+    # the config's `teacher` key names and sets `teacher`; a method without this flag refuses one
+    needs_teacher = False
+    # the teacher: images [b, 3, h, w] in [0, 1] -> logits [b, c]; in eval mode, no gradients, on the method's
+    # device; never a submodule (`__setattr__`): not trained, not in the state dict, not moved by `.to`
+    teacher: nn.Module | None = None
 
     def __init__(self, model: nn.Module, num_classes: int, dense_loss: bool = False):
         super().__init__()
@@ -214,6 +220,19 @@ class Method(nn.Module):
         self.generator: torch.Generator | None = None  # device draws
         self.host_rng = np.random.default_rng(0)  # host draws (see the module docstring)
         self.shared_rng = np.random.default_rng(0)  # host draws every rank makes alike (no broadcast needed)
+
+    @classmethod
+    def uses_teacher(cls, knobs: dict) -> bool:
+        """Whether the method built with `knobs` reads a teacher: the class flag, unless a knob decides it."""
+        return cls.needs_teacher
+
+    def __setattr__(self, name, value):
+        if name == "teacher":  # frozen and outside the module tree (see the class attribute)
+            if value is not None:
+                value.eval().requires_grad_(False)
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
 
     # -- randomness -------------------------------------------------------------------------------
     def seed(self, seed: int, shared: int | None = None) -> None:

@@ -167,11 +167,9 @@ class TokenMix(Method):
         self.teacher = None
         self.needs_teacher = labels == "activation"  # this instance: the area assignment reads no teacher
 
-    def __setattr__(self, name, value):
-        if name == "teacher":  # a plain attribute, never registered as a submodule (see the class docstring)
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+    @classmethod
+    def uses_teacher(cls, knobs: dict) -> bool:
+        return knobs.get("labels", "activation") == "activation"  # the area assignment reads no teacher
 
     def _draw(self) -> tuple[float, bool]:
         """(lam, use_tokenmix) per batch, in the official order (`_params_per_batch`)."""

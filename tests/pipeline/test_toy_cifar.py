@@ -16,7 +16,7 @@ from mixup_transfer.pipeline.run import Pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix", "alignmix", "multimix", "dense_multimix",
-           "multi_interp"]
+           "multi_interp", "saliencymix"]
 
 
 def _cfg(**extra) -> dict:
@@ -26,12 +26,12 @@ def _cfg(**extra) -> dict:
     return cfg
 
 
-def test_plan_is_nine_methods_three_seeds_pretrain_and_robustness_only():
+def test_plan_is_ten_methods_three_seeds_pretrain_and_robustness_only():
     plan = Pipeline(_cfg()).plan()
     want = [f"{m}/seed{k}/{s}" for m in METHODS for k in (0, 1, 2) for s in ("pretrain", "robustness")]
-    assert [s.label for s in plan] == want and len(plan) == 54
-    assert sum(s.name == "pretrain" for s in plan) == 27 and sum(s.name == "robustness" for s in plan) == 27
-    assert len({s.key for s in plan}) == 54
+    assert [s.label for s in plan] == want and len(plan) == 60
+    assert sum(s.name == "pretrain" for s in plan) == 30 and sum(s.name == "robustness" for s in plan) == 30
+    assert len({s.key for s in plan}) == 60
     st = {s.label: s for s in plan}
     cfg = st["multi_interp/seed2/pretrain"].spec["config"]
     assert cfg["seed"] == 2 and cfg["method"]["base"] == "input" and cfg["method"]["k"] == 5  # per_method override

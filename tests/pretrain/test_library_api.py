@@ -56,7 +56,8 @@ CASES = [
     ("alignmix", {}), ("alignmix_stage2", {"resolution": 1}), ("alignmix_ae", {"resolution": 1, "decoder_size": 32}),
     ("zeta_mixup", {}), ("tokenmix", {"labels": "area", "patch_size": 8, "minimum_tokens": 1}),
     ("comixup", {"solver": "swap"}),
-    ("zeta_mixup", {}), ("transmix", {}), ("transmix", {"switch_prob": 1.0}),
+    ("transmix", {}), ("transmix", {"switch_prob": 1.0}),
+    ("saliencymix", {"prob": 1.0}), ("supermix", {"max_iter": 2, "mask_w": 4}),
 ]
 ARCH = {"transmix": "vit_tiny_toy"}  # methods that need a ViT (the class token's attention); the others a ResNet-18
 
@@ -86,13 +87,20 @@ def test_library_and_trainer_give_identical_losses_and_gradients(toy_world, tmp_
     """The trainer's method (built by pretrain.task on its ResNetStages, seeded by the task) and the same method
     built by a user on a plain torchvision.models.resnet18 (a plain timm ViT for TransMix) with the same weights,
     seeded by the same task code."""
-    task, _ = build(tiny_cfg(toy_world / "imagenet", name, knobs), tmp_path)
+    cfg = tiny_cfg(toy_world / "imagenet", name, knobs)
+    if METHODS[name].needs_teacher:  # a teacher checkpoint through the task's contract (SuperMix)
+        from mixup_transfer.core.checkpoint import save_backbone
+
+        save_backbone(tmp_path / "teacher.pth", torchvision.models.resnet18(num_classes=C), {"arch": "resnet18"})
+        cfg["teacher"] = str(tmp_path / "teacher.pth")
+    task, _ = build(cfg, tmp_path)
     trainer = task.model
     net = build_vit(ARCH[name], C) if name in ARCH else torchvision.models.resnet18(num_classes=C)
     net.load_state_dict(task.net.net.state_dict())
     lib = build_method(name, adapt(net, mean=IMAGENET_MEAN, std=IMAGENET_STD), C, **knobs)
     lib.load_state_dict(trainer.state_dict())  # the method's own parts (AlignMix's head, AlignMix/AE's decoder)
     lib.generator = torch.Generator()
+    lib.teacher = trainer.teacher  # None unless the method needs one
     g = torch.Generator().manual_seed(0)
     images, labels = torch.rand(4, 3, 32, 32, generator=g), torch.randint(C, (4,), generator=g)
     results = []

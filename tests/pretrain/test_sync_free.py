@@ -9,6 +9,8 @@ On the CPU every tensor is a host tensor, so the test counts the calls themselve
 CUDA run wait is a call here. Explicit exemptions, each with its reason and its bound:
 - PuzzleMix's graph cut runs on the host by the authors' algorithm: `pretrain.methods.puzzlemix.read_to_host` copies
   the terms of the energy to the host once per step (all K masks of multi-mix at once).
+- SaliencyMix's saliency map runs on the host as the authors' code computes it (OpenCV's detector):
+  `pretrain.methods.saliencymix.read_image` copies the one image it needs to the host once per mixed step.
 - torchvision's detectors check every target for degenerate boxes (`degenerate_boxes.any()`, one read per image,
   inside `SSD.forward` / `GeneralizedRCNN.forward`) and draw the training size with `torch_choice` from a CPU
   tensor (no device involved); neither is this toolkit's code.
@@ -143,11 +145,13 @@ CASES = [
     ("alignmix_ae", {"resolution": 1, "decoder_size": 16}), ("zeta_mixup", {}),
     ("tokenmix", {"labels": "area", "patch_size": 4, "minimum_tokens": 1}), ("comixup", {"solver": "swap"}),
     ("transmix", {}), ("transmix", {"switch_prob": 1.0}),
+    ("saliencymix", {"prob": 1.0}), ("supermix", {"max_iter": 2, "mask_w": 4}),
 ]
 ARCH = {"transmix": "vit_tiny_toy"}  # methods that need a ViT (the class token's attention); the others a ResNet-18
 # the graph cut's one host copy per step (PuzzleMix; Co-Mixup reads its saliency through the same function)
-PUZZLE = {("puzzlemix.py", "read_to_host", "numpy")}
-HOST_SOLVED = ("puzzlemix", "comixup")
+PUZZLE = {("puzzlemix.py", "read_to_host", "numpy"),
+          ("saliencymix.py", "read_image", "numpy")}  # the saliency map's one image per mixed step
+HOST_STEP = ("puzzlemix", "comixup", "saliencymix")  # the methods with a host step (prob 1 here: one copy every step)
 
 
 class TinyPretrain(Task):
@@ -159,6 +163,8 @@ class TinyPretrain(Task):
         torch.manual_seed(0)
         self.model = build_method(name, network_stages(ARCH.get(name, "resnet18"), C), C, **knobs)
         self.model.generator = torch.Generator()
+        if self.model.needs_teacher:
+            self.model.teacher = network_stages("resnet18", C)
         g = torch.Generator().manual_seed(1)
         self.data = [(torch.rand(4, 3, 16, 16, generator=g), torch.randint(C, (4,), generator=g))
                      for _ in range(STEPS)]
@@ -191,7 +197,8 @@ def test_a_pretraining_step_reads_nothing_back(tmp_path, monkeypatch, name, knob
     reads, exempted, other, epoch_end = split(calls, PUZZLE)
     assert other == [], other  # nothing but the engine's periodic read (and PuzzleMix's graph cut) in the loop
     assert reads == [10, 20], reads  # one read per logging interval
-    if name in HOST_SOLVED or (name == "multi_interp" and knobs.get("base", "puzzlemix") == "puzzlemix"):
+    host_step = name in HOST_STEP or (name == "multi_interp" and knobs.get("base", "puzzlemix") == "puzzlemix")
+    if host_step:
         assert sorted(step for *_, step in exempted) == list(range(1, STEPS + 1))  # one copy per step
         assert set(exempted.values()) == {1}
     else:
@@ -336,8 +343,9 @@ def _cuda_autocast(device, precision):
         return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
-FAKE_CUDA_CASES = [(n, k) for n, k in CASES
-                   if n not in HOST_SOLVED and k.get("base", "puzzlemix" if n == "multi_interp" else "") != "puzzlemix"]
+# SuperMix's forward differentiates the teacher (torch.autograd.grad): autograd's CUDA threads need a driver
+FAKE_CUDA_CASES = [(n, k) for n, k in CASES if n not in HOST_STEP + ("supermix",)
+                   and k.get("base", "puzzlemix" if n == "multi_interp" else "") != "puzzlemix"]
 
 
 def _steps_on_fake_cuda(task, tmp_path, monkeypatch, steps: int = 3):
@@ -352,6 +360,8 @@ def _steps_on_fake_cuda(task, tmp_path, monkeypatch, steps: int = 3):
     device = torch.device("cuda", 0)
     with FakeTensorMode(allow_non_fake_inputs=True):
         task.model.to(device, memory_format=torch.channels_last)
+        if task.model.teacher is not None:
+            task.model.teacher.to(device, memory_format=torch.channels_last)
         task.model.generator = None  # a CUDA generator needs a driver; draws use the default one
         opt = build_optimizer("sgd", task.param_groups(), 0.01, momentum=0.9)
         settings = LoopSettings(total_steps=STEPS, device=device, precision="bf16", channels_last=True,
@@ -373,8 +383,9 @@ def test_a_pretraining_step_copies_nothing_that_waits(tmp_path, monkeypatch, nam
     device (FakeTensorMode: the copies are dispatched as on CUDA, no data moves), the batches those of the uint8
     loader with colour augmentation. Shows: no host-to-device copy in it makes the host wait (each is non_blocking
     from pinned memory), and the step's metrics stay on the device. Cannot show: the backward pass (autograd's
-    CUDA threads need a driver; zero gradients stand in), PuzzleMix (its graph cut reads the saliency back, which
-    fake tensors cannot) and the real overlap of copies with compute."""
+    CUDA threads need a driver; zero gradients stand in), SuperMix (its forward differentiates the teacher),
+    PuzzleMix and SaliencyMix (their host steps read the saliency or an image back, which fake tensors cannot)
+    and the real overlap of copies with compute."""
     record, counter = _steps_on_fake_cuda(FakeCudaPretrain(name, knobs), tmp_path, monkeypatch)
     assert record["loss"].device.type == "cuda" and record["grad_norm2"].device.type == "cuda"
     assert counter.waits == [], counter.waits

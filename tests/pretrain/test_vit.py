@@ -306,10 +306,11 @@ def test_transmix_refuses_a_network_without_class_attention():
 
 
 VIT_METHODS = ["erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix", "multimix", "dense_multimix",
-               "multi_interp", "zeta_mixup", "transmix", "tokenmix", "comixup"]
+               "multi_interp", "zeta_mixup", "transmix", "tokenmix", "comixup", "saliencymix", "supermix"]
 # knobs of the one-step case: TokenMix's token grid is the toy ViT's (8 px patches at 32 px), without a teacher
 VIT_KNOBS = {"multimix": {"n": 20, "prob": 1.0}, "dense_multimix": {"n": 20, "prob": 1.0},
-             "tokenmix": {"labels": "area", "patch_size": 8, "minimum_tokens": 1}, "comixup": {"solver": "swap"}}
+             "tokenmix": {"labels": "area", "patch_size": 8, "minimum_tokens": 1}, "comixup": {"solver": "swap"},
+             "saliencymix": {"prob": 1.0}, "supermix": {"max_iter": 2, "mask_w": 4}}
 
 
 def test_the_cases_cover_every_method_but_alignmix():
@@ -324,6 +325,8 @@ def test_every_method_steps_on_the_toy_vit(name):
     the last block) and, with the same draws, a lower loss after the step."""
     torch.manual_seed(0)
     m = build_method(name, ViTStages("vit_tiny_toy", C), C, **VIT_KNOBS.get(name, {}))
+    if m.needs_teacher:  # SuperMix: a frozen toy ViT as its teacher
+        m.teacher = ViTStages("vit_tiny_toy", C)
     m.generator = torch.Generator()
     opt = torch.optim.SGD(m.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
