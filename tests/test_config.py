@@ -51,8 +51,8 @@ def test_every_stage_checks_its_ranges():
 
     with pytest.raises(ConfigError, match="optim.batch_size: -8"):
         pretrain_cfg({"data": {"root": "x"}, "method": {"name": "erm"}, "optim": {"batch_size": -8}})
-    with pytest.raises(ConfigError, match="solver.lr: 0"):
-        det_cfg({"solver": {"lr": 0}})
+    with pytest.raises(ConfigError, match="optim.lr: 0"):
+        det_cfg({"optim": {"lr": 0}})
     with pytest.raises(ConfigError, match="seeds"):
         det_cfg({"seeds": [0, 0]})
     with pytest.raises(ConfigError, match="eval.loc_op"):

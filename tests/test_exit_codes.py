@@ -47,10 +47,10 @@ PIPELINE = ROOT / "configs/pipeline/toy.yaml"
     ("run_pretrain", ["--config", PRETRAIN, "method.foo=1", "--run-dir", "{tmp}/r"], ["method.foo", "valid: ["]),
     ("run_pretrain", ["--config", PRETRAIN, "--run-dir", "{tmp}/r", "optim.lrr=1"], ["optim.lrr"]),
     ("run_pretrain", ["--config", PRETRAIN, "method.name=nomix", "--run-dir", "{tmp}/r"], ["method.name", "nomix"]),
-    ("run_detection", ["--config", DET, "--run-dir", "{tmp}/r", "solver.lrr=1"], ["solver.lrr"]),
-    ("run_wsol", ["finetune", "--config", WSOL, "--run-dir", "{tmp}/r", "mixing.name=multimix", "mixing.knobs.foo=1"],
-     ["mixing.knobs.foo"]),
-    ("run_wsol", ["finetune", "--config", WSOL, "--run-dir", "{tmp}/r", "mixing.knobs.n=100"],
+    ("run_detection", ["--config", DET, "--run-dir", "{tmp}/r", "optim.lrr=1"], ["optim.lrr"]),
+    ("run_wsol", ["finetune", "--config", WSOL, "--run-dir", "{tmp}/r", "method.name=multimix", "method.foo=1"],
+     ["method.foo"]),
+    ("run_wsol", ["finetune", "--config", WSOL, "--run-dir", "{tmp}/r", "method.n=100"],
      ["mixing.knobs", "would be ignored"]),
     ("run_wsol", ["finetune", "--config", WSOL, "optim.lrr=1", "--run-dir", "{tmp}/r"], ["optim.lrr"]),
     ("run_wsol", ["evaluate", "--config", WSOL, "--model", "{tmp}/m.pth", "evall.every=1"], ["evall"]),
@@ -130,8 +130,8 @@ def test_overrides_anywhere_reach_the_config(call, tmp_path, monkeypatch):
     import wsol.finetune
 
     monkeypatch.setattr(wsol.finetune, "finetune", lambda cfg, *a, **k: seen.update(wcfg=cfg) or {})
-    code, _ = call(mod, "finetune", "--config", WSOL, "epochs=3", "--run-dir", tmp_path / "w", "optim.lr=0.5")
-    assert code == 0 and (seen["wcfg"]["epochs"], seen["wcfg"]["optim"]["lr"]) == (3, 0.5)
+    code, _ = call(mod, "finetune", "--config", WSOL, "optim.epochs=3", "--run-dir", tmp_path / "w", "optim.lr=0.5")
+    assert code == 0 and (seen["wcfg"]["optim"]["epochs"], seen["wcfg"]["optim"]["lr"]) == (3, 0.5)
 
 
 def test_every_help_says_what_each_option_does(capsys, monkeypatch):

@@ -65,7 +65,7 @@ def test_evaluate_refuses_nan_network(run, toy_world, nan_ckpt, tmp_path, suite,
 
 def _wsol_over(toy_world) -> list[str]:
     return [f"data.image_root={toy_world}/CUB_200_2011/images", f"data.metadata_root={toy_world}/wsol_metadata/CUB",
-            "data.num_workers=0", "data.limit_test=4", "data.limit_train=8", "input.resize=40", "input.crop=32",
+            "data.num_workers=0", "data.max_val=4", "data.max_train=8", "input.resize=40", "input.crop=32",
             "input.test_size=32", "eval.cam_curve_interval=0.1"]
 
 
@@ -97,8 +97,8 @@ def test_wsol_evaluate_refuses_nan_cams_and_saves_no_map(run, toy_world, tmp_pat
 
 def test_wsol_finetune_diverging_writes_no_model(run, toy_world, tmp_path, one_thread):
     rd = tmp_path / "r"
-    code, err = run("run_wsol", "finetune", "--config", WSOL_CFG, "--run-dir", rd, *_wsol_over(toy_world), "epochs=1",
-                    "optim.lr_classifier=1e30", "optim.lr=1e30", "eval.every=0")
+    code, err = run("run_wsol", "finetune", "--config", WSOL_CFG, "--run-dir", rd, *_wsol_over(toy_world),
+                    "optim.epochs=1", "optim.lr_classifier=1e30", "optim.lr=1e30", "eval.every_epochs=0")
     assert code == 1, err
     assert "non-finite" in err
     assert not (rd / "cam_model.pth").exists() and not (rd / "metrics.json").exists()
@@ -112,9 +112,9 @@ def _det_cfg(toy_world, kind="ssd"):
                   "kwargs": {"detections_per_img": 10} if kind == "ssd" else {"rpn_pre_nms_top_n_test": 50,
                                                                            "rpn_post_nms_top_n_test": 20}},
         "data": {"format": "voc", "root": str(toy_world / "VOCdevkit"), "voc_train": ["2007/trainval"],
-                 "max_train_images": 4, "max_test_images": 3, "workers": 0},
-        "solver": {"epochs": 1, "batch_size": 2, "lr": 0.01, "warmup_iters": 1},
-        "eval": {"batch_size": 3, "figure_examples": 0}, "seeds": [0], "runtime": {"log_period": 1}})
+                 "max_train": 4, "max_val": 3, "num_workers": 0},
+        "optim": {"epochs": 1, "batch_per_process": 2, "lr": 0.01, "warmup_iters": 1},
+        "eval": {"batch_size": 3, "figure_examples": 0}, "seeds": [0], "runtime": {"log_every_steps": 1}})
 
 
 @pytest.mark.parametrize("kind", ["ssd", "faster_rcnn_fpn"])
@@ -290,8 +290,8 @@ def test_refused_detection_resume_changes_nothing_and_names_real_flags(run, toy_
     old = load_det_config(config, over)
     fp.write(rd / "seed_0", seed_fingerprint(old, None, 0))
     (rd / "config.yaml").write_text("the old run's config\n")
-    line = expect(run("run_detection", "--config", config, "--run-dir", rd, "--resume", *over, "solver.lr=0.5"), 2,
-                  "seed_0", "solver.lr")
+    line = expect(run("run_detection", "--config", config, "--run-dir", rd, "--resume", *over, "optim.lr=0.5"), 2,
+                  "seed_0", "optim.lr")
     assert "--force" not in line and "--run-dir" in line
     assert (rd / "config.yaml").read_text() == "the old run's config\n"
     assert sorted(p.name for p in rd.iterdir()) == ["config.yaml", "seed_0"]
@@ -513,7 +513,7 @@ def test_voc_xml_with_a_non_finite_coordinate_is_a_named_error(tmp_path, value, 
     ("pretrain", {"data": {"root": "r"}, "optim": {"lr_classifier": "0.1"}}, "optim.lr_classifier: expected a number"),
     ("pretrain", {"data": {"root": 5}}, "config key data.root: expected a string"),
     ("detection", {"model": {"train_sizes": [64, "96"]}}, "model.train_sizes: expected a list of integers"),
-    ("detection", {"solver": {"steps": ["a"]}}, "solver.steps: every item must be a number"),
+    ("detection", {"optim": {"steps": ["a"]}}, "optim.steps: every item must be a number"),
     ("detection", {"seeds": [0, 1.5]}, "config key seeds: every item must be an integer"),
     ("wsol", {"eval": {"iou_thresholds": [50, "70"]}}, "eval.iou_thresholds: every item must be an integer"),
     ("robustness", {"limit": "10"}, "config key limit: expected an integer"),

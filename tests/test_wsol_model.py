@@ -123,8 +123,9 @@ def test_tiny_finetune_resume_and_outputs(toy_world, tmp_path):
     else:
         cub_to_wsol_metadata(toy_world / "CUB_200_2011", meta)
     overrides = [f"data.image_root={toy_world / 'CUB_200_2011' / 'images'}", f"data.metadata_root={meta}",
-                 "data.num_workers=0", "data.limit_train=8", "data.limit_test=6", "input.resize=40",
-                 "input.crop=32", "input.test_size=32", "batch_size=4", "epochs=1", "eval.every=1",
+                 "data.num_workers=0", "data.max_train=8", "data.max_val=6", "input.resize=40",
+                 "input.crop=32", "input.test_size=32", "optim.batch_per_process=4", "optim.epochs=1",
+                 "eval.every_epochs=1",
                  "eval.cam_curve_interval=0.01", "eval.num_figure_images=2", "runtime.device=cpu"]
     cfg = load_config("configs/wsol/toy_multimix.yaml", overrides)
     run = tmp_path / "run"
@@ -132,7 +133,7 @@ def test_tiny_finetune_resume_and_outputs(toy_world, tmp_path):
     assert json.loads((run / "metrics.json").read_text())["maxboxacc_v2"] == m1["maxboxacc_v2"]
     for f in ("cam_grid.png", "boxacc.png", "loc_curve.png"):
         assert (run / "figures" / f).stat().st_size > 1000
-    cfg2 = load_config("configs/wsol/toy_multimix.yaml", overrides + ["epochs=2"])
+    cfg2 = load_config("configs/wsol/toy_multimix.yaml", overrides + ["optim.epochs=2"])
     m2 = finetune(cfg2, None, run)  # resumes from epoch 1, trains epoch 2
     assert [c["epoch"] for c in m2["curve"]] == [1, 2]
     assert m2["curve"][0] == m1["curve"][0]

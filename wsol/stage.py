@@ -8,7 +8,7 @@ from mixup_transfer.core.stage import Stage
 STAGE = Stage(
     name="wsol",
     entry="wsol.finetune:run",
-    schema=None,  # wsol.finetune.resolve_config checks its keys (its recipes differ in their mixing knobs)
+    schema="wsol.finetune:DEFAULTS",
     inputs=(),
     optional_inputs=("weights",),  # the backbone checkpoint; None: random init
     outputs=("cam_model.pth", "metrics.json"),
