@@ -15,5 +15,7 @@ STAGE = Stage(
     gpus_per_node=1,
     options=("resume", "force"),
     run_dir=lambda cfg, config, cwd: Path(cwd) / "runs" / cfg.get("name", "wsol"),
+    cli="wsol.cli",  # the metadata, evaluate and baseline commands beside finetune
+    subcommand="finetune",
     description="fine-tune a CAM model on CUB and localize",
 )

@@ -30,8 +30,8 @@ DEFAULTS = {
                                      # ood, embedding, or all (every suite but embedding)
     "protocol": None,                # cifar | tinyimagenet | imagenet: fills the null keys below (null: none)
     "out": "runs/robustness",        # output folder of tools/run_robustness.py (the pipeline gives its own)
-    # the shared keys (mixup_transfer/core/vocabulary.py); data.num_workers null: 0 on CPU, min(8, cores) on CUDA
-    "data": fragment(DATA, "max_val", "num_workers"),
+    "data": fragment(DATA, "max_val", "num_workers"),  # the shared keys: mixup_transfer/core/vocabulary.py
+                                     # (data.num_workers null: 0 on CPU, min(8, cores) on CUDA)
     "eval": fragment(EVAL, "batch_size", batch_size=64),
     "runtime": fragment(RUNTIME, "device", "precision", "tensorboard"),
     "image_size": None,              # centre-crop size (protocol; evaluator default 224)
@@ -183,5 +183,8 @@ STAGE = Stage(
     gpus_per_node=1,
     config_required=False,  # the defaults are the protocol
     run_dir=lambda cfg, config, cwd: Path(cwd) / cfg["out"],
+    run_dir_flag=False,  # its `out` key (--out) names the output folder
+    multi_inputs=("checkpoint",),  # several checkpoints: one run each and a comparison table
+    cli="transfer.robustness.cli",  # a flag for each top-level option, --threads, the comparison mode
     description="background corruption, calibration, attacks, OOD and embedding suites on a backbone",
 )
