@@ -200,7 +200,7 @@ def test_d2_datasets_use_the_toolkits_own_names_and_real_classes(toy_world):
                                                                     ("mt_voc_2012_trainval_first10", 10)]
     assert specs["test"]["name"] == "mt_voc_2007_test_first6" and specs["test"]["year"] == 2007
     assert specs["classes"] == list(VOC_CLASSES)
-    coco = d2_backend.dataset_specs(_d2_cfg(toy_world, "coco", data__max_train=0, data__max_val=0))
+    coco = d2_backend.dataset_specs(_d2_cfg(toy_world, "coco", data__max_train=None, data__max_val=None))
     ds = COCODetection(toy_world / "coco" / "val2017", toy_world / "coco" / "annotations" / "instances_val2017.json")
     assert coco["classes"] == list(ds.classes) and len(coco["classes"]) == 20  # the json's, not COCO's 80
     assert coco["train"][0]["name"] == "mt_coco_train2017" and coco["test"]["name"] == "mt_coco_val2017"
@@ -210,7 +210,7 @@ def test_d2_datasets_use_the_toolkits_own_names_and_real_classes(toy_world):
 def test_d2_config_maps_every_toolkit_override(toy_world):
     cfg = _d2_cfg(toy_world, optim__epochs=3, optim__batch_per_process=4, optim__lr=0.005, optim__steps=[0.5, 0.75],
                   optim__warmup_iters=7, optim__gamma=0.2, optim__weight_decay=5e-4,
-                  model__trainable_layers=5, model__norm="bn", data__workers=1)
+                  model__trainable_layers=5, model__norm="bn", data__num_workers=1)
     specs = d2_backend.dataset_specs(cfg)
     kind, d2, mapped = d2_backend.build_detectron2_config(cfg, "/x/w.pkl", specs, world=2, n_train=60,
                                                           device="cpu")
@@ -304,7 +304,7 @@ def test_a_refused_detectron2_resume_changes_nothing_on_disk(toy_world, tmp_path
     fp_write(run_dir, d2_backend.run_fingerprint(_d2_cfg(toy_world), str(weights)))
     (run_dir / "config.yaml").write_text("the first run's config\n")
     before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*"))}
-    with pytest.raises(FingerprintMismatch, match=r"config.solver.lr: 0.01 -> 0.5"):
+    with pytest.raises(FingerprintMismatch, match=r"config.optim.lr: 0.01 -> 0.5"):
         d2_backend._prepare(_d2_cfg(toy_world, optim__lr=0.5), str(weights), run_dir)
     weights.write_bytes(b"another backbone")
     with pytest.raises(FingerprintMismatch, match="input weights"):

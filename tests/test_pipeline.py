@@ -29,7 +29,8 @@ def _tiny_config(tmp: Path, data: Path, name: str) -> Path:
     cfg["wsol"]["config"] = str(ROOT / cfg["wsol"]["config"])
     cfg["wsol"]["overrides"] += ["optim.epochs=1", "input.resize=40", "input.crop=32", "input.test_size=32",
                                  "data.num_workers=0", "eval.num_figure_images=2", "eval.cam_curve_interval=0.01"]
-    cfg["robustness"]["options"] = {"image_size": 32, "resize": 36, "batch_size": 20, "limit": 10, "pgd_iters": 2}
+    cfg["robustness"]["options"] = {"image_size": 32, "resize": 36, "eval": {"batch_size": 20},
+                                    "data": {"max_val": 10}, "pgd_iters": 2}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

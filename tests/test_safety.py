@@ -57,8 +57,8 @@ def test_evaluate_refuses_nan_network(run, toy_world, nan_ckpt, tmp_path, suite,
     out = tmp_path / "out"
     line = expect(run("run_robustness", "--checkpoint", nan_ckpt, "--imagenet", toy_world / "imagenet", "--suites",
     suite,
-                      "--limit", "2", "--image-size", "32", "--resize", "36", "--out", out, "--ood-noise", "uniform",
-                      "--workers", "0"), 1, "robustness", "non-finite")
+                      "data.max_val=2", "--image-size", "32", "--resize", "36", "--out", out, "--ood-noise", "uniform",
+                      "data.num_workers=0"), 1, "robustness", "non-finite")
     assert "split" in line
     assert not (out / "metrics.json").exists()
 
@@ -274,7 +274,7 @@ def test_tmp_leftovers_of_a_killed_run_are_removed_on_the_next_start(run, toy_wo
     live = out / f"other.json.{os.getpid()}.tmp"  # a live process's file is kept
     live.write_bytes(b"y")
     expect(run("run_robustness", "--checkpoint", nan_ckpt, "--imagenet", toy_world / "imagenet", "--suites", "clean",
-               "--limit", "2", "--image-size", "32", "--resize", "36", "--out", out), 1, "non-finite")
+               "data.max_val=2", "--image-size", "32", "--resize", "36", "--out", out), 1, "non-finite")
     assert not any(p.exists() for p in left) and live.exists()
     assert not (out / ".lock").exists()
 
@@ -290,9 +290,9 @@ def test_refused_detection_resume_changes_nothing_and_names_real_flags(run, toy_
     old = load_det_config(config, over)
     fp.write(rd / "seed_0", seed_fingerprint(old, None, 0))
     (rd / "config.yaml").write_text("the old run's config\n")
-    line = expect(run("run_detection", "--config", config, "--run-dir", rd, "--resume", *over, "optim.lr=0.5"), 2,
+    line = expect(run("run_detection", "--config", config, "--run-dir", rd, *over, "optim.lr=0.5"), 2,
                   "seed_0", "optim.lr")
-    assert "--force" not in line and "--run-dir" in line
+    assert "--force" in line and "--run-dir" in line
     assert (rd / "config.yaml").read_text() == "the old run's config\n"
     assert sorted(p.name for p in rd.iterdir()) == ["config.yaml", "seed_0"]
 
@@ -516,7 +516,8 @@ def test_voc_xml_with_a_non_finite_coordinate_is_a_named_error(tmp_path, value, 
     ("detection", {"optim": {"steps": ["a"]}}, "optim.steps: every item must be a number"),
     ("detection", {"seeds": [0, 1.5]}, "config key seeds: every item must be an integer"),
     ("wsol", {"eval": {"iou_thresholds": [50, "70"]}}, "eval.iou_thresholds: every item must be an integer"),
-    ("robustness", {"limit": "10"}, "config key limit: expected an integer"),
+    ("robustness", {"data": {"max_val": "10"}}, "config key data.max_val: expected an integer"),
+    ("detection", {"data": {"max_train": "8"}}, "config key data.max_train: expected an integer"),
     ("robustness", {"pgd_eps": [1]}, "config key pgd_eps: expected a number or a string"),
 ])
 def test_every_config_value_is_type_checked(stage, cfg, what):
@@ -591,7 +592,7 @@ def test_every_checkpoint_reading_tool_has_the_flag_and_the_message_is_accurate(
     torch.save({"args": argparse.Namespace(lr=0.1), **torch.load(ckpt)}, foreign)
     with pytest.warns(UserWarning, match="requested by --allow-pickle on the command line"):
         code, err = run("run_robustness", "--checkpoint", foreign, "--imagenet", toy_world / "imagenet", "--suites",
-                        "clean", "--limit", "2", "--image-size", "32", "--resize", "36", "--out", tmp_path / "e",
+                        "clean", "data.max_val=2", "--image-size", "32", "--resize", "36", "--out", tmp_path / "e",
                         "--allow-pickle")
     assert code == 0, err
     from mixup_transfer.core.checkpoint import CheckpointError, read_checkpoint
@@ -729,7 +730,7 @@ def test_cross_check_checkpoint_classes_against_the_data(run, toy_world, tmp_pat
         save_backbone(path, build_resnet("resnet18", num_classes=len(classes)),
                       {"arch": "resnet18", "method": "erm", "classes": order})
         got = run("run_robustness", "--checkpoint", path, "--imagenet", toy_world / "imagenet", "--suites", "clean",
-                       "--limit", "2", "--image-size", "32", "--resize", "36", "--out", tmp_path / f"o{code}")
+                       "data.max_val=2", "--image-size", "32", "--resize", "36", "--out", tmp_path / f"o{code}")
         expect(got, code, *([path, "trained on other classes", f"label 0 is {classes[-1]!r} in the checkpoint"]
                             if code else []))
 
@@ -767,7 +768,7 @@ def test_refused_resumes_change_nothing_on_disk(run, toy_world, tmp_path, tool, 
     fp.write(rd, {"config": {"optim": {"lr": 123.0}}, "inputs": {}, "code": "x"})
     before = _snapshot(rd)
     if tool == "pretrain":
-        args = ["run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--run-dir", rd, "--resume",
+        args = ["run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--run-dir", rd,
                 f"data.root={toy_world}/imagenet", "data.num_workers=0"]
     else:
         args = ["run_wsol", "finetune", "--config", WSOL_CFG, "--run-dir", rd, *_wsol_over(toy_world)]

@@ -119,4 +119,4 @@ def test_one_resume_convention_the_retired_flags_are_refused(tool, args, capsys)
         mod.main([str(a) for a in args])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "--resume and --no-resume are gone" in err and "--force starts over" in err, err
+    assert "--resume and --no-resume are not options" in err and "--force starts over" in err, err

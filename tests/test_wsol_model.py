@@ -110,7 +110,7 @@ def test_multimix_recipe_trains_layer4_and_fc_only():
     model.train()
     set_frozen_eval(model, cfg["optim"]["freeze"])
     assert not model.trunk[6].training and model.trunk[7].training  # frozen BN keeps its statistics
-    assert cfg["eval"]["every"] == 1 and cfg["eval"]["loc_threshold"] == 0.75
+    assert cfg["eval"]["every_epochs"] == 1 and cfg["eval"]["loc_threshold"] == 0.75
 
 
 @pytest.mark.slow
@@ -161,8 +161,8 @@ def test_cam_model_has_the_stage_interface_of_the_method_registry():
     labels = torch.tensor([1, 3])
     out = plain(x, labels)
     assert torch.allclose(out["loss"], torch.nn.functional.cross_entropy(cam(x), labels))
-    mixed = WSOLObjective(cam, 4, {"name": "cutmix", "knobs": {"alpha": 1.0}})
+    mixed = WSOLObjective(cam, 4, {"name": "cutmix", "alpha": 1.0})
     mixed.method.generator = torch.Generator().manual_seed(0)
     assert torch.isfinite(mixed(x, labels)["loss"])
     with pytest.raises(ValueError, match="own classifier head.*alignmix: the released code's GAP head"):
-        WSOLObjective(cam, 4, {"name": "alignmix_stage2", "knobs": {"resolution": 2}})
+        WSOLObjective(cam, 4, {"name": "alignmix_stage2", "resolution": 2})

@@ -58,8 +58,8 @@ def main(argv=None) -> int:
     p = _parser()
     args = p.parse_intermixed_args(argv)  # the stage, options and KEY=VALUE overrides in any order
     if args.retired_resume:
-        p.error("--resume and --no-resume are gone: a job continues its run folder's run by default (and on every "
-                "requeue); --force starts over")
+        p.error("--resume and --no-resume are not options: a job continues its run folder's run by default (and "
+                "on every requeue); --force starts over")
     spec = make_spec(args.stage, args.config, args.overrides, args.run_dir, args.weights, args.checkpoint,
                      args.imagenet, force=args.force, allow_pickle=args.allow_pickle)
     gpus = args.gpus_per_node if args.gpus_per_node is not None else default_gpus_per_node(args.stage)

@@ -231,7 +231,8 @@ def stage_parser(stage, description: str | None) -> argparse.ArgumentParser:
 def parse_stage_args(stage, p: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     args = parse_with_overrides(p, argv) if stage.subcommand else p.parse_intermixed_args(argv)
     if getattr(args, "retired_resume", None):
-        p.error("--resume and --no-resume are gone: a run folder's run is continued by default; --force starts over")
+        p.error("--resume and --no-resume are not options: a run folder's run is continued by default; --force "
+                "starts over")
     return args
 
 

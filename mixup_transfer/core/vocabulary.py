@@ -16,8 +16,8 @@ Fragments:
 - `method`: the mixing method, `{name: <pretrain.methods.METHODS key>, <its knobs>...}`, in pretraining and in
   WSOL fine-tuning alike.
 
-Keys that earlier spellings of the configs used are refused by `mixup_transfer.core.config` with the key to use
-(`RENAMED`), never silently accepted.
+Other spellings of a shared key (`solver.lr`, `data.workers`, ...: `RENAMED`) are refused by
+`mixup_transfer.core.config` with the key to use, never silently accepted.
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def meaning(dotted: str) -> str | None:
     return entry.meaning if entry else None
 
 
-# every key the configs once spelled otherwise -> the key(s) to use (dotted, from the config's top level); where
-# two stages renamed one key differently, the stage's schema picks the one it declares
+# other spellings of the shared keys -> the key(s) to use (dotted, from the config's top level); where one spelling
+# has two successors, the stage's schema picks the one it declares
 RENAMED = {
     # detection
     "solver": ("optim",),

@@ -745,7 +745,7 @@ def _prepare(cfg: dict, weights: str, run_dir: Path) -> tuple[Path, dict, dict]:
     return yaml_path, specs, mapped
 
 
-RESTART = "choose another --run-dir, or delete the run folder to start it over"
+RESTART = "choose another --run-dir, or pass --force to start over"
 
 
 def run_fingerprint(cfg: dict, weights: str | None) -> dict:
