@@ -8,7 +8,7 @@
   scalar default's (a string for a number, a number for a flag) is an error naming the key and both types; so
   are the items of a list whose default items share one type, and, with `types` (each stage's `TYPES`), the
   values of keys whose default is null (`data.max_train: "50"`).
-- A key of the shared vocabulary's earlier spellings (`solver.lr`, `data.workers`, ...:
+- Another spelling of a shared key (`solver.lr`, `data.workers`, ...:
   `mixup_transfer.core.vocabulary.RENAMED`) is refused with the key to use.
 - Numbers are read as YAML 1.2 reads them: `1e-3` is a float (PyYAML's YAML 1.1 would make it a string).
 """
