@@ -17,10 +17,11 @@ Running the same command again continues the run folder (finished seeds are kept
 import sys
 
 from mixup_transfer.core.cli import stage_main
+from mixup_transfer.pipeline.stages import stage
 
 
 def main(argv=None) -> int:
-    return stage_main("detection", argv, __doc__)
+    return stage_main(stage("detection"), argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ changed config is refused); --force starts over. The arguments come from the sta
 import sys
 
 from mixup_transfer.core.cli import stage_main
+from mixup_transfer.pipeline.stages import stage
 
 
 def main(argv=None) -> int:
-    return stage_main("pretrain", argv, __doc__)
+    return stage_main(stage("pretrain"), argv, __doc__)
 
 
 if __name__ == "__main__":

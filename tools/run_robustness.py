@@ -21,10 +21,11 @@ The arguments come from the stage's declaration (transfer/robustness/stage.py) a
 import sys
 
 from mixup_transfer.core.cli import stage_main
+from mixup_transfer.pipeline.stages import stage
 
 
 def main(argv=None) -> int:
-    return stage_main("robustness", argv, __doc__)
+    return stage_main(stage("robustness"), argv, __doc__)
 
 
 if __name__ == "__main__":

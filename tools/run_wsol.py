@@ -14,10 +14,11 @@
 import sys
 
 from mixup_transfer.core.cli import stage_main
+from mixup_transfer.pipeline.stages import stage
 
 
 def main(argv=None) -> int:
-    return stage_main("wsol", argv, __doc__)
+    return stage_main(stage("wsol"), argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -236,13 +236,11 @@ def parse_stage_args(stage, p: argparse.ArgumentParser, argv: Sequence[str]) -> 
     return args
 
 
-def stage_main(name: str, argv: Sequence[str] | None = None, description: str | None = None) -> int:
-    """The `main` of `tools/run_<name>.py`: the command line its declaration derives, then the stage's run (or its
-    `cli` module's `command`). Returns the exit code (`main`)."""
+def stage_main(stage, argv: Sequence[str] | None = None, description: str | None = None) -> int:
+    """The `main` of `tools/run_<name>.py`: the command line its declaration (`stage`, a
+    `mixup_transfer.core.stage.Stage`) derives, then the stage's run (or its `cli` module's `command`). Returns the
+    exit code (`main`)."""
     def tool(args: list[str]) -> int | None:
-        from mixup_transfer.pipeline.stages import stage as declared
-
-        stage = declared(name)
         p = stage_parser(stage, description)
         parsed = parse_stage_args(stage, p, args)
         module = stage.cli_module()
