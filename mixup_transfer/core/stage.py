@@ -27,6 +27,7 @@ adds flags (and sub-commands), its `command(stage, args)` replaces the generic r
 
 from __future__ import annotations
 
+import argparse
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -137,8 +138,9 @@ def add_stage_arguments(p, stages: Sequence[Stage]) -> None:
         p.add_argument("--run-dir", default=None, help="output folder (default: runs/..., as each stage declares)")
     if any("force" in s.options for s in stages):
         p.add_argument("--force", action="store_true", help=FORCE_HELP)
+        # refused with the rule (mixup_transfer.core.cli.parse_stage_args): continuing is the default
         p.add_argument("--resume", "--no-resume", dest="retired_resume", action="store_const", const=True,
-                       default=None, help="refused: resuming is the default; --force starts over")
+                       default=None, help=argparse.SUPPRESS)
     if any(INPUT_FLAGS[i][1] for s in stages for i in s.inputs + s.optional_inputs):
         p.add_argument("--allow-pickle", action="store_true",
                        help="unpickle the checkpoints given as inputs if they hold Python objects (it can run code: "
