@@ -119,6 +119,9 @@ def validate(cfg: Mapping, defaults: Mapping, where: str = "", types: Mapping | 
     those, ...) declares its type: then it must be None or of that type (`check_types`).
     """
     if not where:
+        if "allow_pickle" in cfg and "allow_pickle" not in defaults:  # never from a recipe or an override
+            raise ConfigError("config key allow_pickle: unpickling cannot be turned on from a config or an override; "
+                              "pass --allow-pickle to the tool, for a checkpoint you trust")
         _refuse_renamed(cfg, defaults)
     unknown = sorted(set(cfg) - set(defaults))
     if unknown:
