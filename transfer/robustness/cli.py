@@ -111,7 +111,12 @@ def command(stage, args, p) -> int:
         torch.set_num_threads(args.threads)
     _split_checkpoints(args)
     opts = _options(stage, args, p)
-    named = [_name(s) for s in cli.stage_inputs(stage, args)["checkpoint"]]
+    named = [_name(s) for s in args.checkpoint]  # NAME=PATH or PATH
+    if args.allow_pickle:
+        from mixup_transfer.core.checkpoint import trust_pickled
+
+        for _, path in named:
+            trust_pickled(path)
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
         raise InputError(f"--checkpoint: duplicate method names {names}; name them with NAME=PATH")
