@@ -117,8 +117,8 @@ def _det_cfg(toy_world, workers: int = 0):
     return det_config.resolve_config({
         "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64, "kwargs": {"detections_per_img": 10}},
         "data": {"format": "voc", "root": str(toy_world / "VOCdevkit"), "voc_train": ["2007/trainval"],
-                 "max_train_images": 8, "max_test_images": 4, "workers": workers},
-        "solver": {"epochs": 1, "batch_size": 1}, "seeds": [0]})
+                 "max_train": 8, "max_val": 4, "num_workers": workers},
+        "optim": {"epochs": 1, "batch_per_process": 1}, "seeds": [0]})
 
 
 # ----------------------------------------------------------- 2. a method whose modes skip parameters, under DDP
@@ -402,8 +402,9 @@ def _wsol_cfg(toy_world):
 
     meta = toy_world / "wsol_metadata" / "CUB"
     overrides = [f"data.image_root={toy_world / 'CUB_200_2011' / 'images'}", f"data.metadata_root={meta}",
-                 "data.num_workers=0", "data.limit_train=8", "data.limit_test=2", "input.resize=40",
-                 "input.crop=32", "input.test_size=32", "batch_size=2", "runtime.device=cpu", "arch=resnet18"]
+                 "data.num_workers=0", "data.max_train=8", "data.max_val=2", "input.resize=40",
+                 "input.crop=32", "input.test_size=32", "optim.batch_per_process=2", "runtime.device=cpu",
+                 "model.arch=resnet18"]
     return resolve_config(load_config(str(Path(__file__).resolve().parents[1] / "configs/wsol/toy_multimix.yaml"),
                                       overrides))
 

@@ -4,6 +4,7 @@ KEY=VALUE overrides anywhere on the command line."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 from pathlib import Path
@@ -47,11 +48,17 @@ PIPELINE = ROOT / "configs/pipeline/toy.yaml"
     ("run_pretrain", ["--config", PRETRAIN, "method.foo=1", "--run-dir", "{tmp}/r"], ["method.foo", "valid: ["]),
     ("run_pretrain", ["--config", PRETRAIN, "--run-dir", "{tmp}/r", "optim.lrr=1"], ["optim.lrr"]),
     ("run_pretrain", ["--config", PRETRAIN, "method.name=nomix", "--run-dir", "{tmp}/r"], ["method.name", "nomix"]),
-    ("run_detection", ["--config", DET, "--run-dir", "{tmp}/r", "solver.lrr=1"], ["solver.lrr"]),
-    ("run_wsol", ["finetune", "--config", WSOL, "--run-dir", "{tmp}/r", "mixing.name=multimix", "mixing.knobs.foo=1"],
-     ["mixing.knobs.foo"]),
-    ("run_wsol", ["finetune", "--config", WSOL, "--run-dir", "{tmp}/r", "mixing.knobs.n=100"],
-     ["mixing.knobs", "would be ignored"]),
+    ("run_detection", ["--config", DET, "--run-dir", "{tmp}/r", "optim.lrr=1"], ["optim.lrr"]),
+    ("run_wsol", ["finetune", "--config", WSOL, "--run-dir", "{tmp}/r", "method.name=multimix", "method.foo=1"],
+     ["method.foo"]),
+    ("run_wsol", ["finetune", "--config", WSOL, "--run-dir", "{tmp}/r", "method.n=100"],
+     ["method.n", "would be ignored"]),
+    ("run_wsol", ["finetune", "--config", WSOL, "--run-dir", "{tmp}/r", "mixing.name=multimix"],
+     ["mixing was renamed: use method"]),
+    ("run_detection", ["--config", DET, "--run-dir", "{tmp}/r", "solver.lr=0.1"],
+     ["solver.lr was renamed: use optim.lr"]),
+    ("run_robustness", ["--checkpoint", "{tmp}/c.pth", "--imagenet", "{tmp}", "--limit", "4"],
+     ["--limit was renamed: use data.max_val=VALUE"]),
     ("run_wsol", ["finetune", "--config", WSOL, "optim.lrr=1", "--run-dir", "{tmp}/r"], ["optim.lrr"]),
     ("run_wsol", ["evaluate", "--config", WSOL, "--model", "{tmp}/m.pth", "evall.every=1"], ["evall"]),
     ("run_pipeline", ["--config", PIPELINE, "pretrainn.config=x", "--methods", "erm"], ["pretrainn"]),
@@ -76,11 +83,11 @@ def test_bad_config_or_input_exits_2(call, tmp_path, tool, args, names):
 
 
 @pytest.mark.parametrize("tool,target,args", [
-    ("run_pretrain", "run", ["--config", PRETRAIN, "--run-dir", "{tmp}/r"]),
-    ("run_detection", "finetune_detector", ["--config", DET, "--run-dir", "{tmp}/r"]),
+    ("run_pretrain", "pretrain.task:run", ["--config", PRETRAIN, "--run-dir", "{tmp}/r"]),
+    ("run_detection", "transfer.detection.stage:finetune_detector", ["--config", DET, "--run-dir", "{tmp}/r"]),
     ("ablate", "run_ablation", ["--config", ROOT / "configs/ablation/toy_multimix_n.yaml"]),
     ("run_pipeline", "run_pipeline", ["--config", PIPELINE]),
-    ("run_robustness", "run", ["--checkpoint", "{tmp}/c.pth", "--imagenet", "{tmp}"]),
+    ("run_robustness", "transfer.robustness.stage:run", ["--checkpoint", "{tmp}/c.pth", "--imagenet", "{tmp}"]),
     ("eval_coco", "coco_evaluate", ["--annotations", "{tmp}/a.json", "--results", "{tmp}/r.json"]),
     ("eval_voc", "evaluate_voc_results", ["--devkit", "{tmp}", "--results", "{tmp}"]),
     ("convert", "convert_to_torchvision", ["--to", "torchvision", "{tmp}/a.pth", "{tmp}/b.pth"]),
@@ -94,7 +101,8 @@ def test_a_failure_while_running_exits_1(call, tmp_path, monkeypatch, tool, targ
     def boom(*a, **k):
         raise RuntimeError("the device went away")
 
-    monkeypatch.setattr(mod, target, boom)
+    owner, _, name = target.rpartition(":")  # a stage tool's work is its stage's (mixup_transfer/core/cli.py)
+    monkeypatch.setattr(importlib.import_module(owner) if owner else mod, name, boom)
     code, line = call(mod, *[str(a).replace("{tmp}", str(tmp_path)) for a in args])
     assert (code, line) == (1, "error: RuntimeError: the device went away")
 
@@ -107,7 +115,7 @@ def test_eval_wsol_failure_while_running_exits_1(call, tmp_path, monkeypatch):
     assert (code, line) == (1, "error: ZeroDivisionError: division by zero")
 
 
-@pytest.mark.parametrize("cmd,target", [("finetune", "finetune"), ("evaluate", "evaluate_run")])
+@pytest.mark.parametrize("cmd,target", [("finetune", "run"), ("evaluate", "evaluate_run")])
 def test_wsol_failure_while_running_exits_1(call, tmp_path, monkeypatch, cmd, target):
     import wsol.finetune
 
@@ -121,7 +129,10 @@ def test_overrides_anywhere_reach_the_config(call, tmp_path, monkeypatch):
     """`--config C a=1 --run-dir X b=2`: both overrides are applied, in order (the later one wins)."""
     seen = {}
     mod = _tool("run_pretrain")
-    monkeypatch.setattr(mod, "run", lambda cfg, inputs, run_dir, **k: seen.update(cfg=cfg, run_dir=run_dir) or {})
+    import pretrain.task
+
+    monkeypatch.setattr(pretrain.task, "run", lambda cfg, inputs, run_dir, **k: seen.update(cfg=cfg, run_dir=run_dir)
+                        or {})
     code, _ = call(mod, "--config", PRETRAIN, "optim.lr=0.1", "--run-dir", tmp_path / "x", "optim.epochs=2",
                    "--force", "optim.lr=0.2")
     assert code == 0 and seen["run_dir"] == tmp_path / "x"
@@ -129,9 +140,9 @@ def test_overrides_anywhere_reach_the_config(call, tmp_path, monkeypatch):
     mod = _tool("run_wsol")
     import wsol.finetune
 
-    monkeypatch.setattr(wsol.finetune, "finetune", lambda cfg, *a, **k: seen.update(wcfg=cfg) or {})
-    code, _ = call(mod, "finetune", "--config", WSOL, "epochs=3", "--run-dir", tmp_path / "w", "optim.lr=0.5")
-    assert code == 0 and (seen["wcfg"]["epochs"], seen["wcfg"]["optim"]["lr"]) == (3, 0.5)
+    monkeypatch.setattr(wsol.finetune, "run", lambda cfg, *a, **k: seen.update(wcfg=cfg) or {})
+    code, _ = call(mod, "finetune", "--config", WSOL, "optim.epochs=3", "--run-dir", tmp_path / "w", "optim.lr=0.5")
+    assert code == 0 and (seen["wcfg"]["optim"]["epochs"], seen["wcfg"]["optim"]["lr"]) == (3, 0.5)
 
 
 def test_every_help_says_what_each_option_does(capsys, monkeypatch):
@@ -157,7 +168,7 @@ def test_every_help_says_what_each_option_does(capsys, monkeypatch):
         assert not silent, (path.name, silent)
     out = _evaluate_help(capsys)
     assert "embedding" in out and "default: " in out
-    for flag in ("--precision", "--iou-op", "--corrupt-at", "--protocol"):
+    for flag in ("--iou-op", "--corrupt-at", "--protocol"):
         assert re.search(r"choices:\s", out.split(flag, 2)[-1].split("\n  --", 1)[0]), flag
 
 
@@ -168,14 +179,16 @@ def _evaluate_help(capsys) -> str:
 
 
 def test_evaluate_help_covers_every_stage_option():
+    """A flag for every top-level option (the shared keys, data.max_val or runtime.precision, are KEY=VALUE
+    overrides as in every stage, and their flags of the same old name are refused)."""
+    from transfer.robustness.cli import option_help
     from transfer.robustness.stage import DEFAULTS
 
-    helps = _tool("run_robustness").option_help()
-    assert set(helps) == set(DEFAULTS)
+    helps = option_help()
+    assert set(helps) == {k for k, v in DEFAULTS.items() if not isinstance(v, dict)}
     undocumented = [k for k, h in helps.items() if h.startswith(k.replace("_", " ") + " (")]
     assert not undocumented, undocumented
-    assert helps["precision"] == "fp32 | bf16 | fp16 (CUDA autocast, attacks too) (default: fp32; choices: fp32, " \
-                                 "bf16, fp16)"
+    assert helps["iou_op"] == "localization: IoU comparison, >= or > (multi-mix: >) (default: >=; choices: >=, >)"
 
 
 def test_yaml_of_the_ablation_configs_use_their_data_root():
@@ -202,7 +215,7 @@ def test_box_suites_on_data_without_boxes(call, toy_world, tmp_path, capsys):
     torch.manual_seed(0)
     save_backbone(ckpt, build_resnet("resnet18", num_classes=10), {"arch": "resnet18", "method": "erm"})
     evaluate = _tool("run_robustness")
-    common = ["--checkpoint", ckpt, "--imagenet", root, "--limit", "2", "--image-size", "32", "--resize", "36",
+    common = ["--checkpoint", ckpt, "data.max_val=2", "--imagenet", root, "--image-size", "32", "--resize", "36",
               "--out", tmp_path / "out"]
     code, line = call(evaluate, *common, "--suites", "background")
     assert code == 2 and "no box annotations" in line and "--suites" in line, line

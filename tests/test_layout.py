@@ -158,9 +158,12 @@ def test_functions_are_short_enough_to_read_at_once():
 DETECTION = "transfer.detection"
 DETECTION_BACKENDS = (f"{DETECTION}.torchvision_backend", f"{DETECTION}.d2_backend")
 DETECTION_STAGE = f"{DETECTION}.stage"
+DETECTION_CLI = f"{DETECTION}.cli"  # the stage's command line (tools/run_detection.py's flags and command)
 # module -> the detection backends it may import: the stage dispatches to both; the eval-only evaluation
-# predicts with the torchvision backend's model, datasets and sharded prediction
-BACKEND_IMPORTERS = {DETECTION_STAGE: DETECTION_BACKENDS, f"{DETECTION}.evaluate": (DETECTION_BACKENDS[0],)}
+# predicts with the torchvision backend's model, datasets and sharded prediction; the command line starts
+# detectron2's own launch (--num-gpus)
+BACKEND_IMPORTERS = {DETECTION_STAGE: DETECTION_BACKENDS, f"{DETECTION}.evaluate": (DETECTION_BACKENDS[0],),
+                     DETECTION_CLI: (DETECTION_BACKENDS[1],)}
 
 
 def module_name(path: Path) -> str:
@@ -173,7 +176,8 @@ def _imports_module(name: str, module: str) -> bool:
 
 def detection_violations() -> list[str]:
     """A backend imported by a module of transfer/detection/ other than the stage (and the eval-only evaluation,
-    the torchvision backend's); the stage imported by anything but the pipeline and the tools."""
+    the torchvision backend's); the stage imported by anything but the pipeline, the tools and the stage's command
+    line."""
     bad = []
     for package in PACKAGES + ("tools",):
         for path in sorted(folder(package).rglob("*.py")):
@@ -183,7 +187,8 @@ def detection_violations() -> list[str]:
                     if (name.startswith(DETECTION + ".") and _imports_module(imported, backend)
                             and backend not in BACKEND_IMPORTERS.get(name, ())):
                         bad.append(f"{path.relative_to(ROOT)}:{line} imports {imported}")
-                if _imports_module(imported, DETECTION_STAGE) and package not in (PIPE, "tools"):
+                if (_imports_module(imported, DETECTION_STAGE) and package not in (PIPE, "tools")
+                        and name != DETECTION_CLI):
                     bad.append(f"{path.relative_to(ROOT)}:{line} imports {imported}")
     return bad
 

@@ -181,15 +181,15 @@ RECIPES = [
           ("clean_lam", 1.0 if t == "tinyimagenet" else 0.0, "--clean_lam 1 (Tiny-ImageNet); default 0"),
           ("saliency_mode", "train" if t == "tinyimagenet" else "eval", "clean_lam > 0: model.train()"))],
     # ---------------------------------------------------------------- WSOL on CUB
-    ("wsol/_base_cub.yaml", "arch", "resnet50", "AlignMix §4.4 / Table 4: Resnet-50"),
+    ("wsol/_base_cub.yaml", "model.arch", "resnet50", "AlignMix §4.4 / Table 4: Resnet-50"),
     ("wsol/_base_cub.yaml", "input.resize", 256, "AlignMix B: resize to 256 x 256"),
     ("wsol/_base_cub.yaml", "input.crop", 224, "AlignMix B: random crop 224 x 224"),
     ("wsol/_base_cub.yaml", "input.test_size", 224, "AlignMix B: testing, directly resize to 224 x 224"),
     ("wsol/_base_cub.yaml", "eval.loc_threshold", 0.15, "AlignMix §4.4: binarize at 0.15"),
     ("wsol/_base_cub.yaml", "eval.loc_iou", 0.5, "AlignMix §4.4: IoU threshold of 0.5"),
     ("wsol/_base_cub.yaml", "eval.iou_thresholds", [30, 50, 70], "AlignMix §4.4: MaxBoxAcc-v2 (Choe et al.)"),
-    ("wsol/cub_alignmix.yaml", "epochs", 600, "AlignMix B: 600 epochs"),
-    ("wsol/cub_alignmix.yaml", "batch_size", 16, "AlignMix B: batch size of 16"),
+    ("wsol/cub_alignmix.yaml", "optim.epochs", 600, "AlignMix B: 600 epochs"),
+    ("wsol/cub_alignmix.yaml", "optim.batch_per_process", 16, "AlignMix B: batch size of 16"),
     ("wsol/cub_alignmix.yaml", "optim.name", "sgd", "AlignMix B: using SGD"),
     ("wsol/cub_alignmix.yaml", "optim.lr", 0.001, "AlignMix B: R-50 remaining layers 0.001"),
     ("wsol/cub_alignmix.yaml", "optim.lr_classifier", 0.01, "AlignMix B: R-50 classifier 0.01"),
@@ -199,27 +199,27 @@ RECIPES = [
     ("wsol/cub_alignmix.yaml", "optim.schedule", "step", "AlignMix B: decay by 0.1 every 150 epochs"),
     ("wsol/cub_alignmix.yaml", "optim.step_size", 150, "AlignMix B: every 150 epochs"),
     ("wsol/cub_alignmix.yaml", "optim.gamma", 0.1, "AlignMix B: by 0.1"),
-    ("wsol/cub_alignmix.yaml", "mixing.name", "alignmix", "AlignMix §4.4: same procedure as classification"),
-    ("wsol/cub_alignmix.yaml", "mixing.knobs.alpha", 2.0, "AlignMix B: alpha = 2.0"),
-    ("wsol/cub_alignmix.yaml", "mixing.knobs.eps", 0.1, "AlignMix B: eps = 0.1"),
-    ("wsol/cub_alignmix.yaml", "mixing.knobs.n_iters", 100, "AlignMix B: 100 iterations"),
-    ("wsol/cub_alignmix.yaml", "mixing.knobs.tol", 0.1, "AlignMixup_CVPR22 utils/OT.py: thresh = 1e-1"),
-    ("wsol/cub_multimix.yaml", "epochs", 10, "multi-mix §IV-F: a maximum of 10 epochs"),
+    ("wsol/cub_alignmix.yaml", "method.name", "alignmix", "AlignMix §4.4: same procedure as classification"),
+    ("wsol/cub_alignmix.yaml", "method.alpha", 2.0, "AlignMix B: alpha = 2.0"),
+    ("wsol/cub_alignmix.yaml", "method.eps", 0.1, "AlignMix B: eps = 0.1"),
+    ("wsol/cub_alignmix.yaml", "method.n_iters", 100, "AlignMix B: 100 iterations"),
+    ("wsol/cub_alignmix.yaml", "method.tol", 0.1, "AlignMixup_CVPR22 utils/OT.py: thresh = 1e-1"),
+    ("wsol/cub_multimix.yaml", "optim.epochs", 10, "multi-mix §IV-F: a maximum of 10 epochs"),
     ("wsol/cub_multimix.yaml", "optim.name", "adam", "multi-mix §IV-F: the Adam optimizer"),
     ("wsol/cub_multimix.yaml", "optim.lr", 1e-4, "multi-mix §IV-F: learning rate 0.0001"),
     ("wsol/cub_multimix.yaml", "optim.lr_classifier", 1e-4, "multi-mix §IV-F: one learning rate"),
     ("wsol/cub_multimix.yaml", "optim.freeze", ["conv1", "bn1", "layer1", "layer2", "layer3"],
      "multi-mix §IV-F: fine-tune the last ResNet block and the fc layer"),
-    ("wsol/cub_multimix.yaml", "eval.every", 1, "multi-mix Table VI: fine-tuning steps 1..10"),
+    ("wsol/cub_multimix.yaml", "eval.every_epochs", 1, "multi-mix Table VI: fine-tuning steps 1..10"),
     ("wsol/cub_multimix.yaml", "eval.loc_threshold", 0.75, "multi-mix §IV-F: binarization threshold 0.75"),
     ("wsol/cub_multimix.yaml", "eval.loc_iou", 0.25, "multi-mix §IV-D: IoU higher than 0.25"),
     ("wsol/cub_multimix.yaml", "eval.loc_op", ">", "multi-mix §IV-D: higher than (strict)"),
-    ("wsol/cub_multimix.yaml", "mixing.name", "none", "multi-mix §IV-F: plain fine-tuning"),
+    ("wsol/cub_multimix.yaml", "method.name", "none", "multi-mix §IV-F: plain fine-tuning"),
     # ---------------------------------------------------------------- robustness on ImageNet val
     ("robustness/imagenet.yaml", "sigma", 0.1, "multi-mix §IV-E: Gaussian noise N(0, 0.1^2)"),
     ("robustness/imagenet.yaml", "iou_threshold", 0.25, "multi-mix §IV-D: IoU higher than 0.25"),
     ("robustness/imagenet.yaml", "iou_op", ">", "multi-mix §IV-D: higher than (strict)"),
-    ("robustness/imagenet.yaml", "limit", None, "multi-mix §IV-D/E: the ImageNet validation set"),
+    ("robustness/imagenet.yaml", "data.max_val", None, "multi-mix §IV-D/E: the ImageNet validation set"),
     ("robustness/imagenet.yaml", "fgsm_eps", "8/255", "AlignMix §4.2 / MultiMix §4.2: FGSM 8/255"),
     ("robustness/imagenet.yaml", "pgd_eps", "4/255", "AlignMix §4.2 / MultiMix §4.2: PGD 4/255"),
     ("robustness/imagenet.yaml", "pgd_step", "2/255", "AlignMix §4.2 / MultiMix §4.2: step size 2/255"),
@@ -236,13 +236,13 @@ RECIPES = [
      "MultiMix Table 5: VOC07+12"),
     ("detection/ssd300_r50_voc0712.yaml", "data.voc_test", "2007/test", "VOC07+12 protocol: VOC07 test"),
     ("detection/ssd300_r50_voc0712.yaml", "eval.metric", "11point", "VOC07 test: 11-point AP"),
-    ("detection/ssd300_r50_voc0712.yaml", "solver.lr", 0.001, "source: SSD paper §3 lr 1e-3"),
-    ("detection/ssd300_r50_voc0712.yaml", "solver.momentum", 0.9, "source: SSD paper §3 momentum 0.9"),
-    ("detection/ssd300_r50_voc0712.yaml", "solver.weight_decay", 0.0005, "source: SSD paper §3 wd 0.0005"),
-    ("detection/ssd300_r50_voc0712.yaml", "solver.reference_batch", 32, "source: SSD paper §3 batch 32"),
-    ("detection/ssd300_r50_voc0712.yaml", "solver.batch_size", 32, "source: SSD paper §3 / ssd.pytorch 1 x 32"),
-    ("detection/ssd300_r50_voc0712.yaml", "solver.max_iter", 120000, "source: ssd.pytorch voc max_iter"),
-    ("detection/ssd300_r50_voc0712.yaml", "solver.warmup_iters", 0, "source: ssd.pytorch: no warm-up"),
+    ("detection/ssd300_r50_voc0712.yaml", "optim.lr", 0.001, "source: SSD paper §3 lr 1e-3"),
+    ("detection/ssd300_r50_voc0712.yaml", "optim.momentum", 0.9, "source: SSD paper §3 momentum 0.9"),
+    ("detection/ssd300_r50_voc0712.yaml", "optim.weight_decay", 0.0005, "source: SSD paper §3 wd 0.0005"),
+    ("detection/ssd300_r50_voc0712.yaml", "optim.reference_batch", 32, "source: SSD paper §3 batch 32"),
+    ("detection/ssd300_r50_voc0712.yaml", "optim.batch_per_process", 32, "source: SSD paper §3 / ssd.pytorch 1 x 32"),
+    ("detection/ssd300_r50_voc0712.yaml", "optim.max_iter", 120000, "source: ssd.pytorch voc max_iter"),
+    ("detection/ssd300_r50_voc0712.yaml", "optim.warmup_iters", 0, "source: ssd.pytorch: no warm-up"),
     ("detection/ssd300_r50_voc0712.yaml", "model.kwargs.priors", "voc", "source: SSD VOC default boxes"),
     ("detection/ssd300_r50_voc0712.yaml", "data.zoom_out_ratio", 4.0, "source: SSD paper zoom out 16x area"),
     ("detection/ssd512_r50_voc0712.yaml", "model.size", 512, "source: SSD paper SSD512"),
@@ -250,9 +250,9 @@ RECIPES = [
     ("detection/frcnn_r50_fpn_1x_coco.yaml", "model.type", "faster_rcnn_fpn", "MultiMix §4.3: FasterRCNN"),
     ("detection/frcnn_r50_fpn_1x_coco.yaml", "model.arch", "resnet50", "MultiMix §4.3: R-50 backbone"),
     ("detection/frcnn_r50_fpn_1x_coco.yaml", "data.format", "coco", "MultiMix Table 5: MS-COCO"),
-    ("detection/frcnn_r50_fpn_1x_coco.yaml", "solver.lr", 0.02, "source: detectron2 1x BASE_LR 0.02"),
-    ("detection/frcnn_r50_fpn_1x_coco.yaml", "solver.reference_batch", 16, "source: detectron2 IMS_PER_BATCH 16"),
-    ("detection/frcnn_r50_fpn_1x_coco.yaml", "solver.max_iter", 90000, "source: detectron2 1x MAX_ITER"),
+    ("detection/frcnn_r50_fpn_1x_coco.yaml", "optim.lr", 0.02, "source: detectron2 1x BASE_LR 0.02"),
+    ("detection/frcnn_r50_fpn_1x_coco.yaml", "optim.reference_batch", 16, "source: detectron2 IMS_PER_BATCH 16"),
+    ("detection/frcnn_r50_fpn_1x_coco.yaml", "optim.max_iter", 90000, "source: detectron2 1x MAX_ITER"),
     ("detection/frcnn_r50_fpn_1x_coco.yaml", "model.train_sizes", [640, 672, 704, 736, 768, 800],
      "source: detectron2 faster_rcnn_R_50_FPN_1x MIN_SIZE_TRAIN"),
     # ---------------------------------------------------------------- CIFAR-10/100 (AlignMix App. B, MultiMix A.1)
@@ -426,17 +426,18 @@ def test_pretrain_method_knobs_are_the_methods_own(rel):
         assert not bad, f"configs/{rel}: method.puzzle {bad} are not PuzzleMix knobs"
 
 
-def test_wsol_mixing_names_a_pretraining_method_with_its_knobs():
+def test_wsol_method_names_a_pretraining_method_with_its_knobs():
     from pretrain.methods import METHODS, method_knobs
 
     for rel in [r for r in COVERED if r.startswith("wsol/")]:
-        mixing = resolved(rel)["mixing"]
-        if mixing["name"] == "none":
-            assert mixing["knobs"] == {}, f"configs/{rel}: knobs without a method"
+        method = dict(resolved(rel)["method"])
+        name = method.pop("name", "none")
+        if name == "none":
+            assert method == {}, f"configs/{rel}: knobs without a method"
             continue
-        assert mixing["name"] in METHODS, f"configs/{rel}: mixing.name {mixing['name']!r}"
-        unknown = sorted(set(mixing["knobs"]) - set(method_knobs(mixing["name"])))
-        assert not unknown, f"configs/{rel}: mixing.knobs {unknown} are not knobs of {mixing['name']}"
+        assert name in METHODS, f"configs/{rel}: method.name {name!r}"
+        unknown = sorted(set(method) - set(method_knobs(name)))
+        assert not unknown, f"configs/{rel}: method knobs {unknown} are not knobs of {name}"
 
 
 def test_global_batch_is_stated_once():
@@ -470,9 +471,9 @@ def test_paper_pipeline_detection_batch_times_world_is_the_reference_batch():
         rel = entry["config"].removeprefix("configs/")
         overrides = [o for o in entry["overrides"] if not o.startswith("data.root=")]
         cfg = load_config(ROOT / "configs" / rel, overrides, defaults=DET)
-        s = cfg["solver"]
-        assert s["batch_size"] * entry["world_size"] == s["reference_batch"], (rel, s, entry)
-        assert apply_overrides({}, overrides)["solver"]["batch_size"] == s["batch_size"]
+        s = cfg["optim"]
+        assert s["batch_per_process"] * entry["world_size"] == s["reference_batch"], (rel, s, entry)
+        assert apply_overrides({}, overrides)["optim"]["batch_per_process"] == s["batch_per_process"]
 
 
 ALIGNMIX_CONFIGS = sorted(p.relative_to(ROOT / "configs").as_posix()
@@ -486,7 +487,7 @@ def test_every_alignmix_recipe_says_which_variant_it_runs_and_why(rel):
     text = (ROOT / "configs" / rel).read_text()
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     raw = yaml.safe_load(text)
-    section = raw.get("method") or raw.get("mixing") or {}
+    section = raw.get("method") or {}
     name = section if isinstance(section, str) else section.get("name")  # an ablation names the method directly
     if name is not None:
         assert f"`{name}`" in header or f"method {name}" in header or f"({name}" in header, rel

@@ -10,6 +10,7 @@ requeued on preemption / time-out and resumed from the run's last checkpoint (mi
     --gpus-per-node 1 tools/submit.py pipeline --config configs/pipeline/paper.yaml --gpus-per-node 1
     tools/submit.py pretrain --local --gpus-per-node 0 --tasks-per-node 2 --wait --config ...   # try it here first
 
+A job continues its run folder's run, as the stage's own tool does (and on every requeue); --force starts over.
 Prints the job id and its log folder (--job-dir, default runs/submitit/<job id>); --wait blocks and prints the
 stage's metrics (rank 0's). Every stage runs on N nodes x G tasks, one process per task, rank-aware as under
 torchrun: pretrain, detection and wsol fine-tuning train under DDP, evaluation is sharded over the processes and
@@ -22,25 +23,16 @@ import json
 import sys
 
 from mixup_transfer.core import cli
+from mixup_transfer.core.stage import add_stage_arguments
 from mixup_transfer.pipeline.launch import STAGES, Resources, default_gpus_per_node, make_spec, submit
+from mixup_transfer.pipeline.stages import NAMES, stage
 
 
 def _parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     p.add_argument("stage", choices=STAGES, help="what the job runs: a stage's tool, or the whole pipeline")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="overrides of the stage's config (dotted keys), anywhere on the command line; an unknown key "
-                        "is refused before the job is queued")
-    p.add_argument("--config", default=None, help="the stage's YAML (robustness: optional)")
-    p.add_argument("--run-dir", default=None, help="output folder (default: the stage's own tool's)")
-    p.add_argument("--weights", default=None, help="detection, wsol: backbone checkpoint (omit: random init)")
-    p.add_argument("--checkpoint", default=None, help="robustness: the checkpoint")
-    p.add_argument("--imagenet", default=None, help="robustness: ImageNet-layout root")
-    p.add_argument("--resume", action="store_true", help="continue the run folder's checkpoint")
-    p.add_argument("--force", action="store_true", help="start over in a run folder that holds a checkpoint")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="unpickle --weights / --checkpoint if they hold Python objects (it can run code: only "
-                        "files you trust)")
+    # the stages' own arguments, from their declarations (the same flags as tools/run_<stage>.py)
+    add_stage_arguments(p, [stage(name) for name in NAMES])
     r = p.add_argument_group("resources")
     r.add_argument("--nodes", type=int, default=1, help="SLURM nodes (default 1)")
     r.add_argument("--gpus-per-node", type=int, default=None,
@@ -63,9 +55,14 @@ def _parser() -> argparse.ArgumentParser:
 
 @cli.entry
 def main(argv=None) -> int:
-    args = _parser().parse_intermixed_args(argv)  # the stage, options and KEY=VALUE overrides in any order
+    p = _parser()
+    args = p.parse_intermixed_args(argv)  # the stage, options and KEY=VALUE overrides in any order
+    if args.retired_resume:
+        p.error("--resume and --no-resume are not options: a job continues its run folder's run by default (and "
+                "on every requeue); --force starts over")
     spec = make_spec(args.stage, args.config, args.overrides, args.run_dir, args.weights, args.checkpoint,
-                     args.imagenet, args.resume, args.force, allow_pickle=args.allow_pickle)
+                     args.imagenet, force=args.force, allow_pickle=args.allow_pickle,
+                     teacher=getattr(args, "teacher", None))
     gpus = args.gpus_per_node if args.gpus_per_node is not None else default_gpus_per_node(args.stage)
     res = Resources(nodes=args.nodes, gpus_per_node=gpus, tasks_per_node=args.tasks_per_node,
                     cpus_per_task=args.cpus_per_task, mem_gb=args.mem, timeout_min=args.timeout,

@@ -6,7 +6,7 @@ and the pipeline). Two recipes are configs, not code paths:
 * AlignMix-style: SGD, ``optim.lr_classifier`` (0.01) for ``optim.large_lr_layers`` (fc, or
   layer4 + fc) and ``optim.lr`` (0.001) for the rest, step decay; resize 256 / random crop 224 /
   flip for training, resize 224 for testing.
-* multi-mix-style: ``optim.freeze`` = everything but layer4 and fc, Adam lr 1e-4, ``eval.every: 1``
+* multi-mix-style: ``optim.freeze`` = everything but layer4 and fc, Adam lr 1e-4, ``eval.every_epochs: 1``
   (localization after every epoch -> the fine-tuning curve).
 
 Run folder: config.yaml, log.jsonl, checkpoints/last.pth (model, optimizer, scheduler, epoch,
@@ -39,6 +39,7 @@ from mixup_transfer.core.runtime import (
 )
 from mixup_transfer.core.schedule import lr_factor
 from mixup_transfer.core.units import with_units
+from mixup_transfer.core.vocabulary import DATA, EVAL, OPTIM, RUNTIME, fragment
 from pretrain.methods import build_configured, check_method_config
 from wsol.data import WSOLDataset
 from wsol.evaluate import centred_box_baseline, evaluate_model
@@ -50,19 +51,22 @@ __all__ = ["DEFAULTS", "finetune", "evaluate_run", "build_optimizer", "param_gro
 
 TRUNK_LAYERS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 
-# Every key of a WSOL config, with its meaning (unknown keys are rejected).
+# Every key of a WSOL config, with its meaning (unknown keys are rejected): the shared keys (optim.lr,
+# data.num_workers, method.name, ...) mean what mixup_transfer/core/vocabulary.py says; the stage's own keys are
+# commented here.
 DEFAULTS = {
     "name": "wsol",
     "seed": 0,
-    "arch": "resnet50",                 # torchvision ResNet of the backbone checkpoint
+    "model": {
+        "arch": "resnet50",             # torchvision ResNet of the backbone checkpoint
+    },
     "data": {
         "image_root": "data/CUB_200_2011/images",   # image ids are paths relative to this
         "metadata_root": "data/wsol_metadata/CUB",  # holds <train_split>/ and <test_split>/
         "train_split": "train",
         "test_split": "test",
-        "num_workers": 4,
-        "limit_train": 0,               # >0: use only the first N images (smoke runs)
-        "limit_test": 0,
+        # max_train / max_val: the first N images of each split (smoke runs)
+        **fragment(DATA, "num_workers", "max_train", "max_val", num_workers=4),
     },
     "input": {
         "resize": 256,                  # train: resize to resize x resize, random crop `crop`, flip
@@ -70,43 +74,28 @@ DEFAULTS = {
         "test_size": 224,               # test: resize to test_size x test_size; CAMs scored at this size
         "flip": True,
     },
-    "epochs": 600,
-    "batch_size": 16,
     "optim": {
         "name": "sgd",                  # sgd | adam
-        "lr": 0.001,                    # trunk layers
-        "lr_classifier": 0.01,          # layers in large_lr_layers
+        # lr: the trunk layers; lr_classifier: the layers in large_lr_layers
+        **fragment(OPTIM, "epochs", "batch_per_process", "lr", "lr_classifier", "momentum", "weight_decay",
+                   "nesterov", "schedule", "gamma", epochs=600, batch_per_process=16, lr=0.001, lr_classifier=0.01,
+                   nesterov=False),
         "large_lr_layers": ["fc"],      # which layers get lr_classifier: [fc] or [layer4, fc]
         "freeze": [],                   # trunk layers kept frozen (params and BN statistics)
-        "momentum": 0.9,
-        "weight_decay": 1.0e-4,
-        "nesterov": False,
-        "schedule": "step",             # step | cosine | constant (mixup_transfer.core.schedule)
-        "step_size": 150,               # epochs between x gamma decays (step)
-        "gamma": 0.1,
+        "step_size": 150,               # epochs between x gamma decays (schedule step)
     },
-    "mixing": {
-        "name": "none",                 # none (cross-entropy) | a pretraining method (pretrain.methods.METHODS)
-        "knobs": {},                    # that method's options (its constructor's keyword arguments)
-    },
+    "method": {},                       # name: none (cross-entropy; the default) | a pretraining method
+                                        # (pretrain.methods.METHODS), with that method's knobs beside it
     "eval": {
-        "every": 0,                     # evaluate localization every N epochs (0: only at the end)
+        **fragment(EVAL, "every_epochs", "batch_size", batch_size=32),  # every_epochs: the localization curve
         "cam_curve_interval": 0.001,
         "iou_thresholds": [30, 50, 70],
         "loc_threshold": 0.15,          # Top-1 / GT-known Loc: CAM threshold, IoU and comparison
         "loc_iou": 0.5,
         "loc_op": ">=",
-        "batch_size": 32,
         "num_figure_images": 16,
     },
-    "runtime": {
-        "device": "auto",
-        "precision": "fp32",            # fp32 | bf16 | fp16 (CUDA only)
-        "channels_last": True,          # CUDA only
-        "tensorboard": "auto",          # auto | true | false: also write RUN/tensorboard
-                                        # (auto: when the package is installed)
-    },
-    "log_every": 20,                    # iterations between log lines
+    "runtime": fragment(RUNTIME, "device", "precision", "channels_last", "tensorboard", "log_every_steps"),
 }
 
 
@@ -169,15 +158,21 @@ def set_frozen_eval(model: CAMModel, freeze) -> None:
 
 
 RANGES = {
-    "epochs": (">", 0), "batch_size": (">", 0), "optim.lr": (">", 0), "optim.lr_classifier": (">", 0),
+    "optim.epochs": (">", 0), "optim.batch_per_process": (">", 0), "optim.lr": (">", 0),
+    "optim.lr_classifier": (">", 0),
     "optim.momentum": (">=", 0, "<", 1), "optim.weight_decay": (">=", 0), "optim.gamma": (">", 0),
     "optim.step_size": (">", 0), "optim.name": ("in", ("sgd", "adam", "adamw")),
     "optim.schedule": ("in", ("step", "cosine", "constant")), "input.resize": (">", 0), "input.crop": (">", 0),
-    "input.test_size": (">", 0), "data.num_workers": (">=", 0), "data.limit_train": (">=", 0),
-    "data.limit_test": (">=", 0), "eval.every": (">=", 0), "eval.cam_curve_interval": (">", 0, "<", 1),
+    "input.test_size": (">", 0), "data.num_workers": (">=", 0), "data.max_train": (">", 0),
+    "data.max_val": (">", 0), "eval.every_epochs": (">=", 0), "eval.cam_curve_interval": (">", 0, "<", 1),
     "eval.loc_threshold": (">=", 0, "<=", 1), "eval.loc_iou": (">", 0, "<=", 1), "eval.loc_op": ("in", (">=", ">")),
-    "eval.batch_size": (">", 0), "log_every": (">", 0), "runtime.precision": ("in", ("fp32", "bf16", "fp16")),
+    "eval.batch_size": (">", 0), "runtime.log_every_steps": (">", 0),
+    "runtime.precision": ("in", ("fp32", "bf16", "fp16")),
 }
+
+
+# the types of the keys whose default is null
+TYPES = {"data.max_train": int, "data.max_val": int}
 
 
 def resolve_config(cfg: dict) -> dict:
@@ -185,28 +180,33 @@ def resolve_config(cfg: dict) -> dict:
     if "allow_pickle" in cfg:  # a recipe (someone else's, or an override) must never switch unpickling on
         raise ConfigError("config key allow_pickle: unpickling cannot be turned on from a config or an override; "
                           "pass --allow-pickle to tools/run_wsol.py for a checkpoint you trust")
-    cfg = validate(cfg, DEFAULTS)
+    cfg = validate(cfg, DEFAULTS, types=TYPES)
     check_ranges(cfg, RANGES)
-    mixing = cfg["mixing"]
-    if mixing["name"] != "none":
-        check_method_config(mixing["name"], mixing.get("knobs") or {}, "mixing.knobs", "mixing.name")
-    elif mixing.get("knobs"):
-        raise ConfigError(f"config key mixing.knobs: {sorted(mixing['knobs'])} would be ignored: mixing.name is "
-                          "none (plain cross-entropy); name the method (e.g. mixing.name=multimix) or drop them")
+    cfg["method"] = {"name": "none", **cfg["method"]}
+    name, knobs = cfg["method"]["name"], method_knobs(cfg["method"])
+    if name != "none":
+        check_method_config(name, knobs, "method", "method.name")
+    elif knobs:
+        raise ConfigError(f"config keys method.{', method.'.join(sorted(knobs))} would be ignored: method.name is "
+                          "none (plain cross-entropy); name the method (e.g. method.name=multimix) or drop them")
     return cfg
 
 
+def method_knobs(method: dict) -> dict:
+    """The knobs of a `method: {name, ...knobs}` mapping."""
+    return {k: v for k, v in method.items() if k != "name"}
+
+
 class WSOLObjective(nn.Module):
-    """The CAM model's training loss: plain cross-entropy (``mixing.name: none``) or any pretraining method of
+    """The CAM model's training loss: plain cross-entropy (``method.name: none``) or any pretraining method of
     the method registry wrapped around the CAM model. forward(images, labels) -> {"loss", "logits"?}."""
 
-    def __init__(self, cam: CAMModel, num_classes: int, mixing: dict):
+    def __init__(self, cam: CAMModel, num_classes: int, method: dict):
         super().__init__()
         self.cam = cam
-        name = mixing["name"]
-        knobs = mixing.get("knobs") or {}
-        self.method = None if name == "none" else build_configured(name, cam, num_classes, knobs, "mixing.knobs",
-                                                                             "mixing.name")
+        name = method.get("name", "none")
+        self.method = None if name == "none" else build_configured(name, cam, num_classes, method_knobs(method),
+                                                                   "method", "method.name")
         if self.method is not None and self.method.export_head() is not None:
             raise ConfigError(f"mixing {name!r} trains its own classifier head; CAMs need fc on pooled features: "
                               "use a method without one (alignmix: the released code's GAP head)")
@@ -228,7 +228,7 @@ def _datasets(cfg):
     root = Path(d["metadata_root"])
     train = WSOLDataset(d["image_root"], root / d["train_split"], train_tf)
     test = WSOLDataset(d["image_root"], root / d["test_split"], test_tf, require_boxes=True)
-    for ds, lim in ((train, d["limit_train"]), (test, d["limit_test"])):
+    for ds, lim in ((train, d["max_train"]), (test, d["max_val"])):
         if lim:
             ds.image_ids = ds.image_ids[:lim]
             ds.metadata.image_ids = ds.image_ids
@@ -257,11 +257,11 @@ class WSOLTask(ClassificationTask):
         self.cfg, self.device = cfg, device
         self.rank, self.world = ddist.rank_world()
         self.train_set, self.test_set, self.num_classes = _datasets(cfg)
-        cam = build_cam_model(cfg["arch"], self.num_classes, weights).to(device)
+        cam = build_cam_model(cfg["model"]["arch"], self.num_classes, weights).to(device)
         if device.type == "cuda" and cfg["runtime"]["channels_last"]:
             cam = cam.to(memory_format=torch.channels_last)
         self.cam = cam
-        self.model = WSOLObjective(cam, self.num_classes, cfg["mixing"]).to(device)
+        self.model = WSOLObjective(cam, self.num_classes, cfg["method"]).to(device)
         if self.model.method is not None:
             self.model.method.generator = torch.Generator(device=device)
         self.steps_per_epoch = len(self._loader(0))
@@ -275,7 +275,7 @@ class WSOLTask(ClassificationTask):
         """The epoch's loader: `batch_size` images per process; under DDP each rank reads its own shard of the
         epoch's order (DistributedSampler with the run seed, `set_epoch`), so the ranks train on different
         images. The order is a function of (seed, epoch) either way: exact resume."""
-        n, b, workers = len(self.train_set), self.cfg["batch_size"], self.cfg["data"]["num_workers"]
+        n, b, workers = len(self.train_set), self.cfg["optim"]["batch_per_process"], self.cfg["data"]["num_workers"]
         if self.world == 1:
             return DataLoader(self.train_set, batch_size=b, shuffle=True, drop_last=n > b, num_workers=workers,
                               generator=torch.Generator().manual_seed(self.cfg["seed"] * 100003 + epoch))
@@ -299,7 +299,8 @@ class WSOLTask(ClassificationTask):
         return param_groups(self.cam, o["lr"], o["lr_classifier"], o["large_lr_layers"], o["freeze"])
 
     def lr_lambda(self, step: int) -> float:
-        o, epochs = self.cfg["optim"], self.cfg["epochs"]
+        o = self.cfg["optim"]
+        epochs = o["epochs"]
         kind = o["schedule"]
         step_size = max(1, o["step_size"])
         return lr_factor(step // self.steps_per_epoch, kind, total=epochs, gamma=o["gamma"],
@@ -310,8 +311,8 @@ class WSOLTask(ClassificationTask):
         set_frozen_eval(self.cam, self.cfg["optim"]["freeze"])
 
     def end_of_epoch(self, engine, epoch: int, record: dict) -> dict:
-        every = self.cfg["eval"]["every"]
-        if not every or epoch % every or epoch >= self.cfg["epochs"]:
+        every = self.cfg["eval"]["every_epochs"]
+        if not every or epoch % every or epoch >= self.cfg["optim"]["epochs"]:
             return {}
         res = _public(_eval(self.cam, self.test_set, self.cfg, self.device))
         point = {"epoch": epoch, **{k: res[k] for k in _CURVE_KEYS}}
@@ -320,10 +321,10 @@ class WSOLTask(ClassificationTask):
 
     @property
     def resume_may_change(self) -> tuple[str, ...]:
-        keys = ["name", "data.num_workers", "runtime.device", "runtime.tensorboard", "log_every",
+        keys = ["name", "data.num_workers", "runtime.device", "runtime.tensorboard", "runtime.log_every_steps",
                 "eval.num_figure_images", "eval.batch_size"]
         if self.cfg["optim"]["schedule"] != "cosine":
-            keys.append("epochs")  # train longer: the schedule does not depend on the total
+            keys.append("optim.epochs")  # train longer: the schedule does not depend on the total
         return tuple(keys)
 
     def state_dict(self) -> dict:
@@ -361,15 +362,15 @@ def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: boo
     o = cfg["optim"]
     optimizer = _build_optimizer(o["name"], task.param_groups(), o["lr"], o["momentum"], o["weight_decay"],
                                  o["nesterov"])
-    settings = LoopSettings(total_steps=task.steps_per_epoch * cfg["epochs"], device=device,
+    settings = LoopSettings(total_steps=task.steps_per_epoch * o["epochs"], device=device,
                             precision=cfg["runtime"]["precision"],
                             channels_last=device.type == "cuda" and cfg["runtime"]["channels_last"],
-                            log_every=cfg["log_every"], progress_desc="wsol epoch",
+                            log_every=cfg["runtime"]["log_every_steps"], progress_desc="wsol epoch",
                             tensorboard=cfg["runtime"]["tensorboard"])
     engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
     engine.fit(resume=resume, force=force, fingerprint=fingerprint.make(cfg, {"weights": weights}),
                header={"weights": weights, "num_classes": task.num_classes, "train_images": len(task.train_set),
-                       "per_process_batch": cfg["batch_size"],
+                       "per_process_batch": o["batch_per_process"],
                        "test_images": len(task.test_set)})
     engine.check_parameters()
     # the final evaluation stops on non-finite logits or CAMs before the model or any result is written
@@ -386,7 +387,7 @@ def finetune(cfg: dict, weights: str | None, run_dir, resume: bool = True, force
 
 def _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights) -> dict:
     res = _eval(model, test_set, cfg, device, keep_examples=cfg["eval"]["num_figure_images"])
-    final = {"epoch": cfg["epochs"], **{k: res[k] for k in ("top1_cls", "maxboxacc_v1", "maxboxacc_v2",
+    final = {"epoch": cfg["optim"]["epochs"], **{k: res[k] for k in ("top1_cls", "maxboxacc_v1", "maxboxacc_v2",
                                                              "top1_loc", "gt_known_loc")}}
     curve = [c for c in curve if c["epoch"] != final["epoch"]] + [final]
     size = (cfg["input"]["test_size"],) * 2
@@ -395,7 +396,7 @@ def _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights)
     if not is_main_process():  # every rank evaluated its shard and holds the numbers; rank 0 writes
         barrier()
         return metrics
-    atomic_save({"model": model.state_dict(), "arch": cfg["arch"], "num_classes": model.fc.out_features,
+    atomic_save({"model": model.state_dict(), "arch": cfg["model"]["arch"], "num_classes": model.fc.out_features,
                  "config": dump_config(cfg)}, Path(run_dir) / "cam_model.pth")
     fig = Path(run_dir) / "figures"
     cam_grid(res["_examples"], fig / "cam_grid.png")

@@ -8,12 +8,14 @@ from mixup_transfer.core.stage import Stage
 STAGE = Stage(
     name="wsol",
     entry="wsol.finetune:run",
-    schema=None,  # wsol.finetune.resolve_config checks its keys (its recipes differ in their mixing knobs)
+    schema="wsol.finetune:DEFAULTS",
     inputs=(),
     optional_inputs=("weights",),  # the backbone checkpoint; None: random init
     outputs=("cam_model.pth", "metrics.json"),
     gpus_per_node=1,
     options=("resume", "force"),
     run_dir=lambda cfg, config, cwd: Path(cwd) / "runs" / cfg.get("name", "wsol"),
+    cli="wsol.cli",  # the metadata, evaluate and baseline commands beside finetune
+    subcommand="finetune",
     description="fine-tune a CAM model on CUB and localize",
 )

@@ -209,3 +209,86 @@ def entry(fn: Callable[[list[str]], int | None]) -> Callable[..., int]:
         return main(fn, argv)
 
     return wrapper
+
+
+# -- a stage's tool, from its declaration (mixup_transfer/core/stage.py) ---------------------------------------------
+def stage_parser(stage, description: str | None) -> argparse.ArgumentParser:
+    """The parser of `tools/run_<stage>.py`: the declared arguments (`Stage.add_arguments`), under the stage's
+    sub-command where it declares one, and whatever its `cli` module adds."""
+    p = parser(description)
+    target, sub = p, None
+    if stage.subcommand:
+        sub = p.add_subparsers(dest="cmd", required=True)
+        target = sub.add_parser(stage.subcommand, help=stage.description, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    stage.add_arguments(target)
+    module = stage.cli_module()
+    if module is not None and hasattr(module, "add_arguments"):
+        module.add_arguments(p, stage, sub)
+    return p
+
+
+def parse_stage_args(stage, p: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    args = parse_with_overrides(p, argv) if stage.subcommand else p.parse_intermixed_args(argv)
+    if getattr(args, "retired_resume", None):
+        p.error("--resume and --no-resume are not options: a run folder's run is continued by default; --force "
+                "starts over")
+    return args
+
+
+def stage_main(stage, argv: Sequence[str] | None = None, description: str | None = None) -> int:
+    """The `main` of `tools/run_<name>.py`: the command line its declaration (`stage`, a
+    `mixup_transfer.core.stage.Stage`) derives, then the stage's run (or its `cli` module's `command`). Returns the
+    exit code (`main`)."""
+    def tool(args: list[str]) -> int | None:
+        p = stage_parser(stage, description)
+        parsed = parse_stage_args(stage, p, args)
+        module = stage.cli_module()
+        if module is not None and hasattr(module, "command"):
+            return module.command(stage, parsed, p)
+        return run_stage_command(stage, parsed)
+
+    return main(tool, argv)
+
+
+def stage_inputs(stage, args: argparse.Namespace) -> dict:
+    """{input: path or None} from the command line ('none' means none); the checkpoints trusted with
+    --allow-pickle."""
+    from mixup_transfer.core.stage import INPUT_FLAGS
+
+    inputs = {}
+    for key in stage.inputs + stage.optional_inputs:
+        value = getattr(args, key, None)
+        inputs[key] = None if value in (None, "none", "None") else value
+    if getattr(args, "allow_pickle", False):
+        from mixup_transfer.core.checkpoint import trust_pickled
+
+        for key, value in inputs.items():
+            for path in ([value] if isinstance(value, str) else value or []):
+                if INPUT_FLAGS[key][1]:
+                    trust_pickled(path)
+    return inputs
+
+
+def run_stage_command(stage, args: argparse.Namespace) -> int:
+    """The generic run of a stage's tool: its config (overrides, unknown and renamed keys refused), its run folder
+    (locked: one writer), its inputs, then `Stage.run` under torchrun's process group when there is one; rank 0
+    prints the metrics as JSON."""
+    import json
+    from pathlib import Path
+
+    from mixup_transfer.core.distributed import torchrun_session
+    from mixup_transfer.core.lock import run_lock
+
+    cfg = stage.load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir) if getattr(args, "run_dir", None) else stage.run_dir(cfg, args.config, Path.cwd())
+    inputs = stage_inputs(stage, args)
+    force = bool(getattr(args, "force", False))
+    logging.getLogger(stage.name).info("%s with config %s into %s%s", stage.description or stage.name, args.config,
+                                       run_dir, "".join(f" ({k}: {v or 'none'})" for k, v in inputs.items()))
+    with torchrun_session(), run_lock(run_dir, f"{stage.name} run"):
+        metrics = stage.run(cfg, inputs or None, run_dir, resume=not force, force=force)
+    if launch_rank() == 0:  # the group is left: ask the launcher's environment, not torch.distributed
+        log_outputs(run_dir)
+        print(json.dumps(metrics, indent=2, default=str))
+    return EXIT_OK

@@ -8,6 +8,8 @@
   scalar default's (a string for a number, a number for a flag) is an error naming the key and both types; so
   are the items of a list whose default items share one type, and, with `types` (each stage's `TYPES`), the
   values of keys whose default is null (`data.max_train: "50"`).
+- Another spelling of a shared key (`solver.lr`, `data.workers`, ...:
+  `mixup_transfer.core.vocabulary.RENAMED`) is refused with the key to use.
 - Numbers are read as YAML 1.2 reads them: `1e-3` is a float (PyYAML's YAML 1.1 would make it a string).
 """
 
@@ -116,6 +118,11 @@ def validate(cfg: Mapping, defaults: Mapping, where: str = "", types: Mapping | 
     `types` (dotted key -> `int`, `float` (any number), `str`, `bool`, `list`, `dict`, `list[int]`, a tuple of
     those, ...) declares its type: then it must be None or of that type (`check_types`).
     """
+    if not where:
+        if "allow_pickle" in cfg and "allow_pickle" not in defaults:  # never from a recipe or an override
+            raise ConfigError("config key allow_pickle: unpickling cannot be turned on from a config or an override; "
+                              "pass --allow-pickle to the tool, for a checkpoint you trust")
+        _refuse_renamed(cfg, defaults)
     unknown = sorted(set(cfg) - set(defaults))
     if unknown:
         prefix = f"{where}." if where else ""
@@ -207,10 +214,23 @@ def _check_type(key: str, value, default) -> None:
                           f"got {value!r} ({type(value).__name__})")
 
 
+def _refuse_renamed(cfg: Mapping, defaults: Mapping, where: str = "") -> None:
+    """A ConfigError naming each renamed key of `cfg` (mixup_transfer.core.vocabulary.RENAMED) and the key to use."""
+    from mixup_transfer.core.vocabulary import renamed_keys, renamed_message
+
+    found = renamed_keys(dict(cfg), dict(defaults))
+    if found:
+        raise ConfigError(renamed_message(found, where))
+
+
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = (),
                 defaults: Mapping | None = None) -> dict:
-    """Read a YAML config with its `_BASE_` chain, apply overrides, validate against `defaults`."""
-    cfg = apply_overrides(_load_with_bases(Path(path)), overrides)
+    """Read a YAML config with its `_BASE_` chain, apply overrides, validate against `defaults` (a renamed key is
+    an error naming the file, or the override, and the key to use)."""
+    data = _load_with_bases(Path(path))
+    if defaults is not None:
+        _refuse_renamed(data, defaults, str(path))
+    cfg = apply_overrides(data, overrides)
     if defaults is not None:
         cfg = validate(cfg, defaults)
     return cfg

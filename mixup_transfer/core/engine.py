@@ -433,8 +433,8 @@ class Engine:
         ckpt = self.run_dir / CKPT
         may_change = self.task.resume_may_change
         if ckpt.is_file() and not (resume or force):
-            raise ConfigError(f"{self.run_dir}: already holds a checkpoint ({ckpt}); continue it (run_pretrain.py "
-                              "--resume; run_wsol.py finetune without --no-resume), or pass --force to start over")
+            raise ConfigError(f"{self.run_dir}: already holds a checkpoint ({ckpt}); continue it (resume=True; "
+                              "the tools continue by default), or start over (force=True; the tools' --force)")
         if resume and ckpt.is_file():
             if fingerprint is not None:
                 fp.check(self.run_dir, fingerprint, may_change)

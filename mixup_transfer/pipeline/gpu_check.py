@@ -164,8 +164,8 @@ def check_detection(kind: str, toy: Path, device: torch.device, out: Path) -> st
     from transfer.detection.config import load_det_config
     from transfer.detection.stage import finetune_detector
 
-    overrides = [f"data.root={toy / 'VOCdevkit'}", "data.max_train_images=32", "data.max_test_images=16",
-                 "solver.epochs=1", "solver.batch_size=8", "solver.warmup_iters=2", "eval.batch_size=8",
+    overrides = [f"data.root={toy / 'VOCdevkit'}", "data.max_train=32", "data.max_val=16",
+                 "optim.epochs=1", "optim.batch_per_process=8", "optim.warmup_iters=2", "eval.batch_size=8",
                  f"runtime.device={device}", f"runtime.precision={'bf16' if device.type == 'cuda' else 'fp32'}"]
     cfg = load_det_config(ROOT / "configs" / "detection" / f"toy_{kind}_voc.yaml", overrides)
     m = finetune_detector(cfg, None, out / f"detection_{kind}")
@@ -177,8 +177,9 @@ def check_wsol(toy: Path, device: torch.device, out: Path) -> str:
     from wsol.finetune import run
 
     overrides = [f"data.image_root={toy / 'CUB_200_2011' / 'images'}",
-                 f"data.metadata_root={toy / 'wsol_metadata' / 'CUB'}", "data.num_workers=0", "data.limit_train=32",
-                 "data.limit_test=16", "epochs=1", "batch_size=8", "eval.every=0", "eval.cam_curve_interval=0.01",
+                 f"data.metadata_root={toy / 'wsol_metadata' / 'CUB'}", "data.num_workers=0", "data.max_train=32",
+                 "data.max_val=16", "optim.epochs=1", "optim.batch_per_process=8", "eval.every_epochs=0",
+                 "eval.cam_curve_interval=0.01",
                  f"runtime.device={device}", f"runtime.precision={'bf16' if device.type == 'cuda' else 'fp32'}"]
     cfg = load_config(str(ROOT / "configs" / "wsol" / "toy_multimix.yaml"), overrides)
     m = run(cfg, {"weights": None}, out / "wsol", resume=False, force=True)
@@ -195,9 +196,9 @@ def check_robustness(toy: Path, device: torch.device, out: Path) -> str:
     save_backbone(ckpt, build_resnet("resnet18", num_classes=classes),
                   {"arch": "resnet18", "num_classes": classes, "method": "erm", "epochs": 0, "config": "",
                    "metrics": {}})
-    cfg = {"suites": "clean,calibration,fgsm,pgd", "limit": 16, "image_size": 64, "resize": 72, "batch_size": 8,
-           "pgd_iters": 2, "device": str(device), "precision": "bf16" if device.type == "cuda" else "fp32",
-           "workers": 0, "ood_noise": ""}
+    cfg = {"suites": "clean,calibration,fgsm,pgd", "data": {"max_val": 16, "num_workers": 0}, "image_size": 64,
+           "resize": 72, "eval": {"batch_size": 8}, "pgd_iters": 2, "ood_noise": "",
+           "runtime": {"device": str(device), "precision": "bf16" if device.type == "cuda" else "fp32"}}
     m = run(cfg, {"checkpoint": str(ckpt), "imagenet": str(toy / "imagenet")}, out / "robustness")
     err = {k: m[k]["top1_err"] for k in ("clean", "fgsm", "pgd")}
     return (f"{m['n_images']} images: top-1 error clean {err['clean']:.1f}, FGSM {err['fgsm']:.1f}, "

@@ -34,7 +34,6 @@ from pathlib import Path
 
 from mixup_transfer.core import runtime as rt
 from mixup_transfer.core.config import ConfigError, load_config
-from mixup_transfer.core.engine import CKPT
 from mixup_transfer.core.lock import run_lock
 from mixup_transfer.pipeline import stages as declared_stages
 from mixup_transfer.pipeline.stages import NAMES
@@ -62,8 +61,8 @@ class JobSpec:
     checkpoint: str | None = None       # robustness: the checkpoint to evaluate
     imagenet: str | None = None         # robustness: ImageNet-layout root
     teacher: str | None = None          # pretrain: the teacher checkpoint (supermix); or its config key teacher
-    resume: bool = False                # continue run_dir's checkpoint (set on every requeue)
-    force: bool = False                 # start over in a run_dir that holds a checkpoint (first start only)
+    resume: bool = True                 # continue run_dir's run (the default of every tool; False with force)
+    force: bool = False                 # start over in a run_dir that holds a run (first start only)
     cwd: str = "."                      # relative paths inside the config (data.root, ...) are read from here
     allow_pickle: bool = False          # --allow-pickle: unpickle --weights / --checkpoint (trusted files only)
 
@@ -151,31 +150,30 @@ def _absolute(path: str | None, cwd: Path) -> str | None:
 
 def make_spec(stage: str, config: str | None, overrides: Sequence[str] = (), run_dir: str | None = None,
               weights: str | None = None, checkpoint: str | None = None, imagenet: str | None = None,
-              resume: bool = False, force: bool = False, cwd: str | os.PathLike | None = None,
-              allow_pickle: bool = False) -> JobSpec:
-    """Check a job before it waits in the queue: the stage, its config and inputs, and that it will not start over
-    (or refuse to start) in a run folder that already holds a checkpoint. Returns the spec with absolute paths."""
+              force: bool = False, cwd: str | os.PathLike | None = None, allow_pickle: bool = False,
+              teacher: str | None = None) -> JobSpec:
+    """Check a job before it waits in the queue: the stage, its config and inputs. Like the stage's own tool, the
+    job continues a run folder that holds a run (a changed config is refused when it starts) unless `force`.
+    Returns the spec with absolute paths."""
     cwd = Path(cwd or os.getcwd()).resolve()
     config = _absolute(config, cwd)
     cfg = load_stage_config(stage, config, overrides)
-    if stage == "pipeline" and (run_dir or resume or force):
+    if stage == "pipeline" and (run_dir or force):
         raise ConfigError("the pipeline writes to its config's out_root/name and resumes by itself (finished stages "
-                          "are skipped); --run-dir, --resume and --force are not for it")
-    _check_inputs(stage, {"weights": weights, "checkpoint": checkpoint, "imagenet": imagenet})
-    weights, checkpoint, imagenet = (_absolute(p, cwd) for p in (weights, checkpoint, imagenet))
-    for name, path in (("--weights", weights), ("--checkpoint", checkpoint), ("--imagenet", imagenet)):
+                          "are skipped); --run-dir and --force are not for it (tools/run_pipeline.py --force STAGE "
+                          "redoes a stage)")
+    _check_inputs(stage, {"weights": weights, "checkpoint": checkpoint, "imagenet": imagenet, "teacher": teacher})
+    weights, checkpoint, imagenet, teacher = (_absolute(p, cwd) for p in (weights, checkpoint, imagenet, teacher))
+    for name, path in (("--weights", weights), ("--checkpoint", checkpoint), ("--imagenet", imagenet),
+                       ("--teacher", teacher)):
         if path and not Path(path).exists():
             raise FileNotFoundError(2, f"{name} does not exist", path)
     out = Path(_absolute(run_dir, cwd)) if run_dir else default_run_dir(stage, config, cfg, cwd)
-    if stage != "pipeline" and "force" not in declared_stages.stage(stage).options:
-        if force:
-            raise ConfigError(f"{stage} has no --force (finished seeds are kept): choose another --run-dir")
-        if out.is_dir() and any(out.iterdir()) and not resume:
-            raise ConfigError(f"{out} exists and is not empty; pass --resume to continue it or choose --run-dir")
-    if out is not None and (out / CKPT).is_file() and not (resume or force):
-        raise ConfigError(f"{out}: already holds a checkpoint; pass --resume to continue it, or --force to start over")
-    return JobSpec(stage, config, tuple(overrides), None if out is None else str(out), weights, checkpoint, imagenet,
-                   resume, force, str(cwd), allow_pickle)
+    if force and stage != "pipeline" and "force" not in declared_stages.stage(stage).options:
+        raise ConfigError(f"{stage} only evaluates (it starts over every time): it has no --force")
+    return JobSpec(stage, config, tuple(overrides), None if out is None else str(out), weights=weights,
+                   checkpoint=checkpoint, imagenet=imagenet, teacher=teacher, resume=not force, force=force,
+                   cwd=str(cwd), allow_pickle=allow_pickle)
 
 
 def _check_inputs(name: str, given: dict) -> None:
@@ -203,7 +201,7 @@ def run_stage(spec: JobSpec) -> dict:
     if spec.allow_pickle:  # the submitting command line's --allow-pickle, for the files it named
         from mixup_transfer.core.checkpoint import trust_pickled
 
-        for path in (spec.weights, spec.checkpoint):
+        for path in (spec.weights, spec.checkpoint, spec.teacher):
             if path:
                 trust_pickled(path)
     if spec.stage == "pipeline":

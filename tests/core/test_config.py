@@ -51,9 +51,82 @@ def test_every_stage_checks_its_ranges():
 
     with pytest.raises(ConfigError, match="optim.batch_size: -8"):
         pretrain_cfg({"data": {"root": "x"}, "method": {"name": "erm"}, "optim": {"batch_size": -8}})
-    with pytest.raises(ConfigError, match="solver.lr: 0"):
-        det_cfg({"solver": {"lr": 0}})
+    with pytest.raises(ConfigError, match="optim.lr: 0"):
+        det_cfg({"optim": {"lr": 0}})
     with pytest.raises(ConfigError, match="seeds"):
         det_cfg({"seeds": [0, 0]})
     with pytest.raises(ConfigError, match="eval.loc_op"):
         wsol_cfg({"eval": {"loc_op": "=="}})
+
+
+# -- the shared vocabulary (mixup_transfer/core/vocabulary.py) --------------------------------------------------------
+
+def _stage_defaults():
+    from pretrain.task import DEFAULTS as PRETRAIN
+    from transfer.detection.config import DEFAULTS as DETECTION
+    from transfer.robustness.stage import DEFAULTS as ROBUSTNESS
+    from wsol.finetune import DEFAULTS as WSOL
+
+    return {"pretrain": PRETRAIN, "detection": DETECTION, "wsol": WSOL, "robustness": ROBUSTNESS}
+
+
+@pytest.mark.parametrize("stage,text,message", [
+    ("detection", "solver: {lr: 0.01, batch_size: 4}",
+     "solver.lr was renamed: use optim.lr; solver.batch_size was renamed: use optim.batch_per_process"),
+    ("detection", "data: {workers: 2, max_train_images: 8}",
+     "data.workers was renamed: use data.num_workers; data.max_train_images was renamed: use data.max_train"),
+    ("detection", "runtime: {log_period: 5}", "runtime.log_period was renamed: use runtime.log_every_steps"),
+    ("wsol", "epochs: 3\nbatch_size: 8\nlog_every: 2",
+     "epochs was renamed: use optim.epochs; batch_size was renamed: use optim.batch_per_process; log_every was "
+     "renamed: use runtime.log_every_steps"),
+    ("wsol", "mixing: {name: multimix, knobs: {n: 10}}", "mixing was renamed: use method"),
+    ("wsol", "data: {limit_train: 8}", "data.limit_train was renamed: use data.max_train"),
+    # one old spelling, two stages: each stage's own new key
+    ("robustness", "batch_size: 8\nlimit: 4\nworkers: 0",
+     "batch_size was renamed: use eval.batch_size; limit was renamed: use data.max_val; workers was renamed: use "
+     "data.num_workers"),
+])
+def test_a_renamed_key_is_refused_with_the_file_and_the_key_to_use(tmp_path, stage, text, message):
+    path = tmp_path / f"{stage}.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, defaults=_stage_defaults()[stage])
+    assert str(e.value) == f"{path}: {message}"
+
+
+def test_a_renamed_key_in_a_base_file_or_an_override_is_refused(tmp_path):
+    from transfer.detection.config import DEFAULTS
+
+    (tmp_path / "base.yaml").write_text("solver: {epochs: 2}\n")
+    (tmp_path / "child.yaml").write_text("_BASE_: base.yaml\n")
+    with pytest.raises(ConfigError, match=r"child.yaml: solver.epochs was renamed: use optim.epochs$"):
+        load_config(tmp_path / "child.yaml", defaults=DEFAULTS)
+    (tmp_path / "ok.yaml").write_text("optim: {epochs: 2}\n")
+    with pytest.raises(ConfigError, match=r"^solver.lr was renamed: use optim.lr$"):
+        load_config(tmp_path / "ok.yaml", ["solver.lr=0.1"], defaults=DEFAULTS)
+    assert load_config(tmp_path / "ok.yaml", ["optim.lr=0.1"], defaults=DEFAULTS)["optim"]["lr"] == 0.1
+
+
+def test_a_key_a_stage_declares_is_its_own_not_a_renamed_one():
+    """`arch` is robustness's own key (WSOL's moved to model.arch); `batch_size` is pretraining's optim.batch_size."""
+    d = _stage_defaults()
+    assert validate({"arch": "resnet18"}, d["robustness"])["arch"] == "resnet18"
+    assert validate({"optim": {"batch_size": 64}}, d["pretrain"])["optim"]["batch_size"] == 64
+    with pytest.raises(ConfigError, match="^arch was renamed: use model.arch$"):
+        validate({"arch": "resnet18"}, d["wsol"])
+
+
+def test_every_stage_spells_a_shared_key_the_vocabulary_way():
+    """No stage declares a synonym of a shared key in a fragment, and each vocabulary key a stage declares has
+    the vocabulary's type (its default may differ)."""
+    from mixup_transfer.core.vocabulary import FRAGMENTS
+
+    synonyms = {"workers", "limit", "limit_train", "limit_test", "max_train_images", "max_test_images", "log_period",
+                "log_every", "period", "every"}
+    for stage, defaults in _stage_defaults().items():
+        for frag in FRAGMENTS:
+            keys = set(defaults.get(frag) or {}) if isinstance(defaults.get(frag), dict) else set()
+            assert not keys & synonyms, (stage, frag, keys & synonyms)
+            for key in keys & set(FRAGMENTS[frag]):
+                shared, own = FRAGMENTS[frag][key].default, defaults[frag][key]
+                assert shared is None or own is None or type(shared) is type(own), (stage, frag, key)

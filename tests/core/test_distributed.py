@@ -178,7 +178,7 @@ def _det_cfg(toy_world, fmt: str):
     return det_config.resolve_config({
         "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64, "kwargs": {"detections_per_img": 10}},
         "data": {"format": fmt, "root": str(toy_world / ("VOCdevkit" if fmt == "voc" else "coco")),
-                 "voc_train": ["2007/trainval"], "max_train_images": 2, "max_test_images": 7, "workers": 0},
+                 "voc_train": ["2007/trainval"], "max_train": 2, "max_val": 7, "num_workers": 0},
         "eval": {"batch_size": 2}})  # 4 batches of 2, 2, 2, 1 images: 2 + 2 over the ranks
 
 
@@ -206,7 +206,7 @@ def _wsol_cfg(toy_world):
 
     meta = toy_world / "wsol_metadata" / "CUB"
     overrides = [f"data.image_root={toy_world / 'CUB_200_2011' / 'images'}", f"data.metadata_root={meta}",
-                 "data.num_workers=0", "data.limit_train=2", "data.limit_test=7", "input.resize=40",
+                 "data.num_workers=0", "data.max_train=2", "data.max_val=7", "input.resize=40",
                  "input.crop=32", "input.test_size=32", "eval.batch_size=3", "eval.cam_curve_interval=0.01",
                  "runtime.device=cpu"]
     return resolve_config(load_config(str(ROOT / "configs/wsol/toy_multimix.yaml"), overrides))

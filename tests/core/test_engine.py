@@ -169,7 +169,8 @@ def test_an_existing_checkpoint_is_never_overwritten_without_resume_or_force(tmp
     engine.fit()
     before = (tmp_path / "run" / CKPT).read_bytes()
     _, again = make(tmp_path, epochs=1)
-    with pytest.raises(ValueError, match=r"continue it \(run_pretrain.py --resume.*--force to start over"):
+    with pytest.raises(ValueError, match=r"continue it \(resume=True; the tools continue by default\), or start "
+                                         r"over \(force=True; the tools' --force\)"):
         again.fit()
     assert (tmp_path / "run" / CKPT).read_bytes() == before
     _, forced = make(tmp_path, epochs=1)

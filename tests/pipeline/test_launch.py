@@ -5,6 +5,7 @@ requeues and ends with the weights of an uninterrupted run."""
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,14 +82,16 @@ def test_checks_before_queueing(toy_world, tmp_path):
         make_spec("pretrain", cfg, ["optim.lrr=0.1"], cwd=tmp_path)
     with pytest.raises(ConfigError, match="--checkpoint and --imagenet"):
         make_spec("robustness", None, cwd=tmp_path)
+    wsol = str(Path(__file__).resolve().parents[1] / "configs/wsol/toy_multimix.yaml")
     with pytest.raises(FileNotFoundError):
-        make_spec("wsol", cfg, weights="missing.pth", cwd=tmp_path)
-    assert make_spec("wsol", cfg, weights="none", cwd=tmp_path).weights is None  # random init, as tools/run_wsol.py
-    (tmp_path / "runs/tiny/checkpoints").mkdir(parents=True)
-    (tmp_path / "runs/tiny/checkpoints/last.pth").write_bytes(b"")
-    with pytest.raises(ConfigError, match="--resume to continue"):
-        make_spec("pretrain", cfg, cwd=tmp_path)
-    assert make_spec("pretrain", cfg, resume=True, cwd=tmp_path).resume
+        make_spec("wsol", wsol, weights="missing.pth", cwd=tmp_path)
+    assert make_spec("wsol", wsol, weights="none", cwd=tmp_path).weights is None  # random init, as tools/run_wsol.py
+    # a job continues its run folder, as the stage's tool does; --force starts over (not for evaluation-only stages)
+    assert make_spec("pretrain", cfg, cwd=tmp_path).resume
+    forced = make_spec("pretrain", cfg, force=True, cwd=tmp_path)
+    assert forced.force and not forced.resume
+    with pytest.raises(ConfigError, match="robustness only evaluates"):
+        make_spec("robustness", None, force=True, cwd=tmp_path, checkpoint=cfg, imagenet=str(tmp_path))
 
 
 @pytest.mark.slow
@@ -109,7 +112,7 @@ def test_local_executor_runs_a_two_process_pretraining_job(toy_world, tmp_path, 
     # every stage is rank-aware: a 2-task robustness job shards the suites and gives one process's numbers
     ev = tmp_path / "eval.yaml"
     ev.write_text(yaml.safe_dump({"suites": "clean,calibration,fgsm", "image_size": 32, "resize": 36,
-                                  "batch_size": 8, "limit": 24}))
+                                  "eval": {"batch_size": 8}, "data": {"max_val": 24}}))
     inputs = {"checkpoint": str(run / "backbone.pth"), "imagenet": str(toy_world / "imagenet")}
     one = StageJob(make_spec("robustness", str(ev), run_dir=str(tmp_path / "ev1"), cwd=tmp_path, **inputs))()
     two = submit(make_spec("robustness", str(ev), run_dir=str(tmp_path / "ev2"), cwd=tmp_path, **inputs),

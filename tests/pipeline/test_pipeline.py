@@ -21,15 +21,16 @@ def _tiny_config(tmp: Path, data: Path, name: str) -> Path:
     cfg["pretrain"]["overrides"] += ["optim.epochs=1", "optim.batch_size=32", "data.crop_size=32",
                                      "data.val_resize=36", "data.num_workers=0", "runtime.flops=false",
                                      "runtime.figures=false"]
-    tiny_det = ["solver.epochs=1", "solver.batch_size=8", "solver.warmup_iters=2", "data.max_train_images=16",
-                "data.max_test_images=8", "model.size=64", "data.workers=0"]
+    tiny_det = ["optim.epochs=1", "optim.batch_per_process=8", "optim.warmup_iters=2", "data.max_train=16",
+                "data.max_val=8", "model.size=64", "data.num_workers=0"]
     for det in cfg["detection"]:
         det["config"] = str(ROOT / det["config"])
         det["overrides"] += tiny_det
     cfg["wsol"]["config"] = str(ROOT / cfg["wsol"]["config"])
-    cfg["wsol"]["overrides"] += ["epochs=1", "input.resize=40", "input.crop=32", "input.test_size=32",
+    cfg["wsol"]["overrides"] += ["optim.epochs=1", "input.resize=40", "input.crop=32", "input.test_size=32",
                                  "data.num_workers=0", "eval.num_figure_images=2", "eval.cam_curve_interval=0.01"]
-    cfg["robustness"]["options"] = {"image_size": 32, "resize": 36, "batch_size": 20, "limit": 10, "pgd_iters": 2}
+    cfg["robustness"]["options"] = {"image_size": 32, "resize": 36, "eval": {"batch_size": 20},
+                                    "data": {"max_val": 10}, "pgd_iters": 2}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

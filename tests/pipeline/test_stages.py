@@ -30,7 +30,9 @@ def test_declarations_resolve_to_their_schemas_and_entry_points():
     from transfer.robustness.stage import DEFAULTS as ROBUSTNESS
 
     assert stage("pretrain").defaults() is PRETRAIN and stage("robustness").defaults() is ROBUSTNESS
-    assert stage("wsol").defaults() is None  # wsol.finetune.resolve_config checks its own keys
+    from wsol.finetune import DEFAULTS as WSOL
+
+    assert stage("wsol").defaults() is WSOL
     assert stage("pretrain").run.__self__ is stage("pretrain")
     from mixup_transfer.core.stage import _resolve
 
@@ -61,9 +63,60 @@ def test_run_passes_only_the_options_a_stage_declares(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(core_stage, "_resolve", lambda ref: lambda cfg, inputs, run_dir, **kw: seen.update(kw) or {})
-    stage("detection").run({}, None, "r", resume=True, force=False)
-    assert seen == {}  # detection keeps finished seeds: neither option
-    stage("pretrain").run({}, None, "r", resume=True, force=False)
-    assert seen == {"resume": True, "force": False}
+    stage("robustness").run({}, None, "r", resume=True, force=False)
+    assert seen == {}  # robustness only evaluates: neither option
+    for name in ("pretrain", "detection", "wsol"):
+        seen.clear()
+        stage(name).run({}, None, "r", resume=True, force=False)
+        assert seen == {"resume": True, "force": False}, name
     with pytest.raises(TypeError, match="unknown options"):
         stage("pretrain").run({}, None, "r", restart=True)
+
+
+def _flags(p) -> dict:
+    return {opt: a.help for a in p._actions for opt in a.option_strings}
+
+
+def test_every_tool_and_the_launcher_take_the_declared_arguments():
+    """tools/run_<stage>.py and tools/submit.py build their flags from the declarations: the same input flags with
+    the same help, --force where the stage trains, --run-dir where no config key names the run folder."""
+    import importlib.util
+
+    from mixup_transfer.core.cli import stage_parser
+    from mixup_transfer.core.stage import INPUT_FLAGS
+
+    for name in NAMES:
+        declared = stage(name)
+        p = stage_parser(declared, None)
+        if declared.subcommand:
+            p = p._subparsers._group_actions[0].choices[declared.subcommand]
+        flags = _flags(p)
+        for key in declared.inputs + declared.optional_inputs:
+            assert flags[f"--{key}"].startswith(INPUT_FLAGS[key][0]), (name, key)
+        assert "--config" in flags and ("--force" in flags) == ("force" in declared.options), name
+        assert ("--run-dir" in flags) == declared.run_dir_flag, name
+    spec = importlib.util.spec_from_file_location("submit_tool", ROOT / "tools" / "submit.py")
+    submit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(submit)
+    flags = _flags(submit._parser())
+    for key, (text, _) in INPUT_FLAGS.items():
+        assert flags[f"--{key}"].startswith(text), key
+    assert {"--config", "--run-dir", "--force", "--allow-pickle"} <= set(flags)
+
+
+@pytest.mark.parametrize("tool,args", [
+    ("run_pretrain", ["--config", ROOT / "configs/pretrain/toy_erm.yaml", "--resume"]),
+    ("run_wsol", ["finetune", "--config", ROOT / "configs/wsol/toy_multimix.yaml", "--no-resume"]),
+    ("submit", ["pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--resume"]),
+])
+def test_one_resume_convention_the_retired_flags_are_refused(tool, args, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{tool}_resume", ROOT / "tools" / f"{tool}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit) as e:
+        mod.main([str(a) for a in args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--resume and --no-resume are not options" in err and "--force starts over" in err, err

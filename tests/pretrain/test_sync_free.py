@@ -222,14 +222,14 @@ def test_a_detection_step_reads_nothing_back(toy_world, tmp_path, monkeypatch):
         "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64, "train_sizes": [64],
                   "kwargs": {"detections_per_img": 10}},
         "data": {"format": "voc", "root": str(toy_world / "VOCdevkit"), "voc_train": ["2007/trainval", "2012/trainval"],
-                 "max_train_images": 2 * STEPS, "max_test_images": 6, "workers": 0, "zoom_out_ratio": 2.0},
-        "solver": {"epochs": 1, "batch_size": 2, "lr": 0.01, "warmup_iters": 2, "steps": [0.75],
-                   "clip_grad_norm": 10.0},
-        "seeds": [0], "runtime": {"log_period": LOG_EVERY}})
+                 "max_train": 2 * STEPS, "max_val": 6, "num_workers": 0, "zoom_out_ratio": 2.0},
+        "optim": {"epochs": 1, "batch_per_process": 2, "lr": 0.01, "warmup_iters": 2, "steps": [0.75],
+                  "clip_grad_norm": 10.0},
+        "seeds": [0], "runtime": {"log_every_steps": LOG_EVERY}})
     torch.manual_seed(0)
     device = torch.device("cpu")
     task = tvb.DetectionTask(cfg, None, 0, device)
-    s = cfg["solver"]
+    s = cfg["optim"]
     opt = build_optimizer("sgd", task.param_groups(), task.lr(), s["momentum"], s["weight_decay"])
     settings = LoopSettings(total_steps=task.total, device=device, clip_grad_norm=s["clip_grad_norm"],
                             log_every=LOG_EVERY)

@@ -16,7 +16,7 @@ def _cfg(toy_world, classes):
     return det_config.resolve_config({
         "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64},
         "data": {"format": "voc", "root": str(toy_world / "VOCdevkit"), "voc_train": ["2007/trainval"],
-                 "workers": 0, "classes": classes}})
+                 "num_workers": 0, "classes": classes}})
 
 
 def test_labels_follow_the_configured_class_order(toy_world):

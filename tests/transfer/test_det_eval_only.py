@@ -29,9 +29,9 @@ def test_eval_only_reproduces_the_runs_score(toy_world, tmp_path, capsys):
     cfg = {"model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64,
                      "kwargs": {"detections_per_img": 10}},
            "data": {"format": "voc", "root": str(toy_world / "VOCdevkit"), "voc_train": ["2007/trainval"],
-                    "max_train_images": 8, "max_test_images": 6, "workers": 0, "zoom_out_ratio": 2.0},
-           "solver": {"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup_iters": 1, "steps": [0.75]},
-           "eval": {"batch_size": 6, "figure_examples": 0}, "seeds": [0], "runtime": {"log_period": 1}}
+                    "max_train": 8, "max_val": 6, "num_workers": 0, "zoom_out_ratio": 2.0},
+           "optim": {"epochs": 1, "batch_per_process": 4, "lr": 0.01, "warmup_iters": 1, "steps": [0.75]},
+           "eval": {"batch_size": 6, "figure_examples": 0}, "seeds": [0], "runtime": {"log_every_steps": 1}}
     path = tmp_path / "det.yaml"
     path.write_text(yaml.safe_dump(cfg))
     tool = _tool()

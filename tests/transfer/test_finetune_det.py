@@ -41,12 +41,12 @@ def _cfg(toy_world, kind="ssd", fmt="voc", **solver):
                    "rpn_post_nms_top_n_test": 20, "rpn_batch_size_per_image": 32,
                    "box_batch_size_per_image": 16, "box_detections_per_img": 10}},
         "data": {"format": fmt, "root": str(toy_world / ("VOCdevkit" if fmt == "voc" else "coco")),
-                 "voc_train": ["2007/trainval"], "max_train_images": 8, "max_test_images": 6, "workers": 0,
+                 "voc_train": ["2007/trainval"], "max_train": 8, "max_val": 6, "num_workers": 0,
                  "zoom_out_ratio": 2.0},
-        "solver": {"epochs": 2, "batch_size": 4, "lr": 0.01, "warmup_iters": 2, "steps": [0.75], **solver},
+        "optim": {"epochs": 2, "batch_per_process": 4, "lr": 0.01, "warmup_iters": 2, "steps": [0.75], **solver},
         "eval": {"batch_size": 6, "figure_examples": 2},
         "seeds": [0],
-        "runtime": {"log_period": 1},
+        "runtime": {"log_every_steps": 1},
     }
     return det_config.resolve_config(cfg)
 
@@ -62,8 +62,8 @@ def test_lr_schedule_hand_values():
 def test_unknown_config_key_is_rejected(toy_world):
     from mixup_transfer.core.config import ConfigError
 
-    with pytest.raises(ConfigError, match="solver.lrr"):
-        det_config.resolve_config({"solver": {"lrr": 0.1}})
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        det_config.resolve_config({"optim": {"lrr": 0.1}})
 
 
 def test_voc_scoring_of_ground_truth_is_perfect_and_uses_xml_coordinates(toy_world, tmp_path):
@@ -194,13 +194,13 @@ def _d2_cfg(toy_world, fmt="voc", **over):
 
 def test_d2_datasets_use_the_toolkits_own_names_and_real_classes(toy_world):
     specs = d2_backend.dataset_specs(_d2_cfg(toy_world, "voc", data__voc_train=["2007/trainval", "2012/trainval"],
-                                             data__max_train_images=40))
+                                             data__max_train=40))
     # the prefix of the concatenation, like the torchvision backend's Subset of the ConcatDataset: 30 + 10
     assert [(s["name"], len(s["ids"])) for s in specs["train"]] == [("mt_voc_2007_trainval_first30", 30),
                                                                     ("mt_voc_2012_trainval_first10", 10)]
     assert specs["test"]["name"] == "mt_voc_2007_test_first6" and specs["test"]["year"] == 2007
     assert specs["classes"] == list(VOC_CLASSES)
-    coco = d2_backend.dataset_specs(_d2_cfg(toy_world, "coco", data__max_train_images=0, data__max_test_images=0))
+    coco = d2_backend.dataset_specs(_d2_cfg(toy_world, "coco", data__max_train=None, data__max_val=None))
     ds = COCODetection(toy_world / "coco" / "val2017", toy_world / "coco" / "annotations" / "instances_val2017.json")
     assert coco["classes"] == list(ds.classes) and len(coco["classes"]) == 20  # the json's, not COCO's 80
     assert coco["train"][0]["name"] == "mt_coco_train2017" and coco["test"]["name"] == "mt_coco_val2017"
@@ -208,9 +208,9 @@ def test_d2_datasets_use_the_toolkits_own_names_and_real_classes(toy_world):
 
 
 def test_d2_config_maps_every_toolkit_override(toy_world):
-    cfg = _d2_cfg(toy_world, solver__epochs=3, solver__batch_size=4, solver__lr=0.005, solver__steps=[0.5, 0.75],
-                  solver__warmup_iters=7, solver__gamma=0.2, solver__weight_decay=5e-4,
-                  model__trainable_layers=5, model__norm="bn", data__workers=1)
+    cfg = _d2_cfg(toy_world, optim__epochs=3, optim__batch_per_process=4, optim__lr=0.005, optim__steps=[0.5, 0.75],
+                  optim__warmup_iters=7, optim__gamma=0.2, optim__weight_decay=5e-4,
+                  model__trainable_layers=5, model__norm="bn", data__num_workers=1)
     specs = d2_backend.dataset_specs(cfg)
     kind, d2, mapped = d2_backend.build_detectron2_config(cfg, "/x/w.pkl", specs, world=2, n_train=60,
                                                           device="cpu")
@@ -228,11 +228,11 @@ def test_d2_config_maps_every_toolkit_override(toy_world):
     assert d2["INPUT"]["MIN_SIZE_TRAIN"] == [64] and d2["INPUT"]["MIN_SIZE_TEST"] == 64
     assert d2["MODEL"]["ANCHOR_GENERATOR"]["SIZES"] == [[16], [32], [64], [128], [256]]
     assert d2["MODEL"]["RPN"]["POST_NMS_TOPK_TEST"] == 20 and d2["TEST"]["DETECTIONS_PER_IMAGE"] == 10
-    assert mapped["solver.epochs"] == "SOLVER.MAX_ITER=21"
+    assert mapped["optim.epochs"] == "SOLVER.MAX_ITER=21"
     from transfer.convert import detectron2_config_problems
     assert detectron2_config_problems(d2, "resnet18") == []
     # max_iter wins over epochs; defaults are mapped too, resolved like transfer.detection.models resolves them
-    cfg = _d2_cfg(toy_world, solver__max_iter=40)
+    cfg = _d2_cfg(toy_world, optim__max_iter=40)
     _, d2, _ = d2_backend.build_detectron2_config(cfg, "/x/w.pkl", d2_backend.dataset_specs(cfg), n_train=60,
                                                   device="cuda")
     assert d2["SOLVER"]["MAX_ITER"] == 40 and d2["SOLVER"]["STEPS"] == [30]  # steps [0.75] of _cfg
@@ -258,14 +258,14 @@ def test_d2_config_maps_every_toolkit_override(toy_world):
 @pytest.mark.parametrize("over,match", [
     (dict(model__type="ssd"), "detectron2 has no SSD"),
     (dict(model__type="faster_rcnn_c4"), "basic-block ResNet"),
-    (dict(eval__period=1), "eval.period=1"),
+    (dict(eval__every_epochs=1), "eval.every_epochs=1"),
     (dict(runtime__precision="bf16"), "bf16"),
     (dict(runtime__precision="fp16"), "fp16 on CPU"),
     (dict(data__photometric=False), "data.photometric"),
     (dict(model__kwargs={"anchor_sizes": [16, 32]}), "one size per FPN level"),
     (dict(model__kwargs={"box_nms_thresh": 0.4}), "model.kwargs.box_nms_thresh"),
-    (dict(solver__batch_size=2, solver__epochs=12, solver__max_iter=0, solver__momentum=0.8, eval__period=2),
-     "eval.period=2"),
+    (dict(optim__batch_per_process=2, optim__epochs=12, optim__max_iter=0, optim__momentum=0.8, eval__every_epochs=2),
+     "eval.every_epochs=2"),
 ])
 def test_d2_config_refuses_what_it_cannot_honour(toy_world, over, match):
     cfg = _d2_cfg(toy_world, **over)
@@ -304,14 +304,14 @@ def test_a_refused_detectron2_resume_changes_nothing_on_disk(toy_world, tmp_path
     fp_write(run_dir, d2_backend.run_fingerprint(_d2_cfg(toy_world), str(weights)))
     (run_dir / "config.yaml").write_text("the first run's config\n")
     before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*"))}
-    with pytest.raises(FingerprintMismatch, match=r"config.solver.lr: 0.01 -> 0.5"):
-        d2_backend._prepare(_d2_cfg(toy_world, solver__lr=0.5), str(weights), run_dir)
+    with pytest.raises(FingerprintMismatch, match=r"config.optim.lr: 0.01 -> 0.5"):
+        d2_backend._prepare(_d2_cfg(toy_world, optim__lr=0.5), str(weights), run_dir)
     weights.write_bytes(b"another backbone")
     with pytest.raises(FingerprintMismatch, match="input weights"):
         d2_backend._prepare(_d2_cfg(toy_world), str(weights), run_dir)
     assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*"))} == before
     weights.write_bytes(b"the backbone")
-    d2_backend.check_resume(_d2_cfg(toy_world, runtime__log_period=7, seeds=[0, 1]), str(weights), run_dir)
+    d2_backend.check_resume(_d2_cfg(toy_world, runtime__log_every_steps=7, seeds=[0, 1]), str(weights), run_dir)
 
 
 def test_allow_pickle_reaches_the_processes_that_num_gpus_spawns(tmp_path, monkeypatch, run):
@@ -357,8 +357,8 @@ def test_allow_pickle_reaches_the_processes_that_num_gpus_spawns(tmp_path, monke
 # Through detectron2 (the `d2` group: `make d2` builds it; skipped where it is not importable)
 
 def _tiny_d2(toy_world, fmt, **over):
-    base = dict(solver__max_iter=2, solver__batch_size=2, solver__warmup_iters=1, data__max_train_images=4,
-                data__max_test_images=4, eval__batch_size=4, eval__figure_examples=1, runtime__log_period=1)
+    base = dict(optim__max_iter=2, optim__batch_per_process=2, optim__warmup_iters=1, data__max_train=4,
+                data__max_val=4, eval__batch_size=4, eval__figure_examples=1, runtime__log_every_steps=1)
     base.update(over)
     return _d2_cfg(toy_world, fmt, **base)
 

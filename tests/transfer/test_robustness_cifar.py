@@ -301,7 +301,8 @@ def test_stage_cifar_protocol_with_toy_ood_and_embedding(toy_world, tmp_path):
                   {"arch": "resnet18", "num_classes": n_classes, "method": "erm", "epochs": 0, "config": "",
                    "metrics": {}})
     ood = write_ood_folders(tmp_path / "ood", n=5, sets=["LSUN", "iSUN"])
-    cfg = {"protocol": "cifar", "suites": "clean,pgd,ood,embedding", "limit": 18, "batch_size": 6,
+    cfg = {"protocol": "cifar", "suites": "clean,pgd,ood,embedding", "data": {"max_val": 18},
+           "eval": {"batch_size": 6},
            "pgd_iters": 2, "ood": [f"{k}={v}" for k, v in ood.items()], "ood_noise": "",
            "umap_classes": 3, "umap_per_class": 4, "umap_neighbors": 3, "umap_epochs": 10}
     m = run(cfg, {"checkpoint": ckpt, "imagenet": imagenet}, tmp_path / "out")

@@ -68,7 +68,7 @@ def test_cli_comparison_and_bad_checkpoint(toy_world, tmp_path, capsys):
     b = _checkpoint(tmp_path / "b.pth", n_classes, "mixup", 1)
     out = tmp_path / "cmp"
     cli.main(["--checkpoint", f"erm={a}", f"mixup={b}", "--imagenet", str(imagenet),
-              "--suites", "clean,calibration", "--out", str(out), "--limit", "4",
+              "--suites", "clean,calibration", "--out", str(out), "data.max_val=4",
               "--image-size", "32", "--resize", "36"])
     table = json.loads((out / "comparison.json").read_text())
     assert list(table["clean"]["rows"]) == ["erm", "mixup"]

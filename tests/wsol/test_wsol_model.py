@@ -110,7 +110,7 @@ def test_multimix_recipe_trains_layer4_and_fc_only():
     model.train()
     set_frozen_eval(model, cfg["optim"]["freeze"])
     assert not model.trunk[6].training and model.trunk[7].training  # frozen BN keeps its statistics
-    assert cfg["eval"]["every"] == 1 and cfg["eval"]["loc_threshold"] == 0.75
+    assert cfg["eval"]["every_epochs"] == 1 and cfg["eval"]["loc_threshold"] == 0.75
 
 
 @pytest.mark.slow
@@ -123,8 +123,9 @@ def test_tiny_finetune_resume_and_outputs(toy_world, tmp_path):
     else:
         cub_to_wsol_metadata(toy_world / "CUB_200_2011", meta)
     overrides = [f"data.image_root={toy_world / 'CUB_200_2011' / 'images'}", f"data.metadata_root={meta}",
-                 "data.num_workers=0", "data.limit_train=8", "data.limit_test=6", "input.resize=40",
-                 "input.crop=32", "input.test_size=32", "batch_size=4", "epochs=1", "eval.every=1",
+                 "data.num_workers=0", "data.max_train=8", "data.max_val=6", "input.resize=40",
+                 "input.crop=32", "input.test_size=32", "optim.batch_per_process=4", "optim.epochs=1",
+                 "eval.every_epochs=1",
                  "eval.cam_curve_interval=0.01", "eval.num_figure_images=2", "runtime.device=cpu"]
     cfg = load_config("configs/wsol/toy_multimix.yaml", overrides)
     run = tmp_path / "run"
@@ -132,7 +133,7 @@ def test_tiny_finetune_resume_and_outputs(toy_world, tmp_path):
     assert json.loads((run / "metrics.json").read_text())["maxboxacc_v2"] == m1["maxboxacc_v2"]
     for f in ("cam_grid.png", "boxacc.png", "loc_curve.png"):
         assert (run / "figures" / f).stat().st_size > 1000
-    cfg2 = load_config("configs/wsol/toy_multimix.yaml", overrides + ["epochs=2"])
+    cfg2 = load_config("configs/wsol/toy_multimix.yaml", overrides + ["optim.epochs=2"])
     m2 = finetune(cfg2, None, run)  # resumes from epoch 1, trains epoch 2
     assert [c["epoch"] for c in m2["curve"]] == [1, 2]
     assert m2["curve"][0] == m1["curve"][0]
@@ -160,8 +161,8 @@ def test_cam_model_has_the_stage_interface_of_the_method_registry():
     labels = torch.tensor([1, 3])
     out = plain(x, labels)
     assert torch.allclose(out["loss"], torch.nn.functional.cross_entropy(cam(x), labels))
-    mixed = WSOLObjective(cam, 4, {"name": "cutmix", "knobs": {"alpha": 1.0}})
+    mixed = WSOLObjective(cam, 4, {"name": "cutmix", "alpha": 1.0})
     mixed.method.generator = torch.Generator().manual_seed(0)
     assert torch.isfinite(mixed(x, labels)["loss"])
     with pytest.raises(ValueError, match="own classifier head.*alignmix: the released code's GAP head"):
-        WSOLObjective(cam, 4, {"name": "alignmix_stage2", "knobs": {"resolution": 2}})
+        WSOLObjective(cam, 4, {"name": "alignmix_stage2", "resolution": 2})

@@ -5,8 +5,11 @@ Imports no backend."""
 from __future__ import annotations
 
 from mixup_transfer.core.config import ConfigError, check_ranges, load_config, validate
+from mixup_transfer.core.vocabulary import DATA, EVAL, OPTIM, RUNTIME, fragment
 
-# Every key, with its meaning. Real recipes and toy configs in configs/detection/ override these.
+# Every key, with its meaning: the shared keys (optim.lr, data.num_workers, ...) mean what
+# mixup_transfer/core/vocabulary.py says; the stage's own keys are commented here. Real recipes and toy configs in
+# configs/detection/ override these.
 DEFAULTS = {
     "name": "detection",                  # run name (informational)
     "backend": "torchvision",             # torchvision | detectron2
@@ -23,68 +26,55 @@ DEFAULTS = {
     },
     "data": {
         "format": "voc",                  # voc | coco
-        "root": "",                       # VOC: the VOCdevkit dir; COCO: the dir holding annotations/
+        # root: VOC: the VOCdevkit dir; COCO: the dir holding annotations/. max_train / max_val: the first N images
+        **fragment(DATA, "root", "num_workers", "max_train", "max_val", root="", num_workers=2),
         "voc_train": ["2007/trainval", "2012/trainval"],
         "voc_test": "2007/test",
         "classes": None,                  # VOC layout: the class names, in label order (null: the 20 VOC classes)
         "coco_train": ["train2017", "annotations/instances_train2017.json"],
         "coco_val": ["val2017", "annotations/instances_val2017.json"],
-        "max_train_images": 0,            # 0: all (a prefix otherwise: quick runs)
-        "max_test_images": 0,
-        "workers": 2,
         "zoom_out_ratio": 4.0,            # SSD zoom-out canvas ratio (1 disables)
         "photometric": True,              # SSD photometric distortion
     },
-    "solver": {
-        "epochs": 12,                     # used when max_iter is 0
+    "optim": {                            # SGD; epochs are used when max_iter is 0
+        **fragment(OPTIM, "epochs", "batch_per_process", "lr", "momentum", "weight_decay", "gamma",
+                   epochs=12, batch_per_process=2, lr=0.02),
         "max_iter": 0,                    # >0: train this many iterations (the reference recipes' unit)
-        "batch_size": 2,                  # per process
-        "lr": 0.02,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
         "warmup_iters": 500,
         "warmup_factor": 0.001,
-        "steps": [0.6667, 0.8889],        # lr drops, as fractions of the total iterations
-        "gamma": 0.1,
+        "steps": [0.6667, 0.8889],        # lr drops (x gamma), as fractions of the total iterations
         "clip_grad_norm": 0.0,            # 0: off
-        "reference_batch": None,          # null: lr as given; int: lr is for this effective batch and is
-                                          # scaled linearly to batch_size x world size (scaled_lr)
+        "reference_batch": None,          # null: lr as given; int: lr is for this global batch and is
+                                          # scaled linearly to batch_per_process x world size (scaled_lr)
     },
     "eval": {
-        "period": 0,                      # evaluate every N epochs (0: at the end only)
+        **fragment(EVAL, "every_epochs", "batch_size", batch_size=4),
         "metric": "11point",              # VOC metric: 11point (VOC07) | area
-        "batch_size": 4,
         "figure_examples": 6,
         "figure_score_thresh": 0.3,
     },
     "seeds": [0],
-    "runtime": {
-        "device": "auto",
-        "precision": "fp32",              # fp32 | bf16 | fp16 (CUDA only)
-        "channels_last": True,            # CUDA only
-        "log_period": 20,
-        "tensorboard": "auto",            # auto | true | false: also write RUN/tensorboard
-                                          # (auto: when the package is installed)
-        "num_threads": 0,                 # torch CPU threads (0: torch's default)
-    },
+    "runtime": fragment(RUNTIME, "device", "precision", "channels_last", "log_every_steps", "tensorboard",
+                        "num_threads"),
 }
 
 
 RANGES = {
-    "solver.epochs": (">", 0), "solver.max_iter": (">=", 0), "solver.batch_size": (">", 0), "solver.lr": (">", 0),
-    "solver.momentum": (">=", 0, "<", 1), "solver.weight_decay": (">=", 0), "solver.warmup_iters": (">=", 0),
-    "solver.warmup_factor": (">", 0, "<=", 1), "solver.gamma": (">", 0), "solver.clip_grad_norm": (">=", 0),
-    "solver.reference_batch": (">", 0), "model.size": (">", 0), "model.max_size": (">", 0),
-    "data.max_train_images": (">=", 0), "data.max_test_images": (">=", 0), "data.workers": (">=", 0),
-    "eval.period": (">=", 0), "eval.batch_size": (">", 0), "eval.metric": ("in", ("11point", "area")),
+    "optim.epochs": (">", 0), "optim.max_iter": (">=", 0), "optim.batch_per_process": (">", 0), "optim.lr": (">", 0),
+    "optim.momentum": (">=", 0, "<", 1), "optim.weight_decay": (">=", 0), "optim.warmup_iters": (">=", 0),
+    "optim.warmup_factor": (">", 0, "<=", 1), "optim.gamma": (">", 0), "optim.clip_grad_norm": (">=", 0),
+    "optim.reference_batch": (">", 0), "model.size": (">", 0), "model.max_size": (">", 0),
+    "data.max_train": (">", 0), "data.max_val": (">", 0), "data.num_workers": (">=", 0),
+    "eval.every_epochs": (">=", 0), "eval.batch_size": (">", 0), "eval.metric": ("in", ("11point", "area")),
     "data.format": ("in", ("voc", "coco")), "backend": ("in", ("torchvision", "detectron2")),
-    "runtime.precision": ("in", ("fp32", "bf16", "fp16")), "runtime.log_period": (">", 0),
+    "runtime.precision": ("in", ("fp32", "bf16", "fp16")), "runtime.log_every_steps": (">", 0),
 }
 
 
 # the types of the keys whose default is null (mixup_transfer.core.config.validate checks the others against their
 # defaults)
-TYPES = {"model.trainable_layers": int, "model.train_sizes": list[int], "solver.reference_batch": int}
+TYPES = {"model.trainable_layers": int, "model.train_sizes": list[int], "optim.reference_batch": int,
+         "data.max_train": int, "data.max_val": int, "runtime.num_threads": int}
 
 
 def resolve_config(cfg: dict) -> dict:
@@ -121,6 +111,6 @@ def scaled_lr(lr: float, batch_per_process: int, world_size: int, reference_batc
 
 # config keys a resume (or the reuse of a finished seed) may change, in both backends: execution and reporting,
 # not results
-RESUME_MAY_CHANGE = ("name", "data.workers", "runtime.device", "runtime.num_threads", "runtime.log_period",
+RESUME_MAY_CHANGE = ("name", "data.num_workers", "runtime.device", "runtime.num_threads", "runtime.log_every_steps",
                      "runtime.tensorboard",
                      "eval.figure_examples", "eval.figure_score_thresh")

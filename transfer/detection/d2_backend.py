@@ -91,9 +91,9 @@ SOLVER = {"lr": "SOLVER.BASE_LR", "momentum": "SOLVER.MOMENTUM", "weight_decay":
 # toolkit keys that shape the run rather than a detectron2 key (datasets, seeds, evaluation, threads)
 STRUCTURAL = {
     "name", "backend", "model.type", "model.arch", "data.format", "data.root", "data.voc_train",
-    "data.voc_test", "data.coco_train", "data.coco_val", "data.max_train_images", "data.max_test_images",
-    "data.workers", "seeds", "eval.metric", "eval.batch_size", "eval.figure_examples",
-    "eval.figure_score_thresh", "runtime.device", "runtime.num_threads", "runtime.log_period",
+    "data.voc_test", "data.coco_train", "data.coco_val", "data.max_train", "data.max_val",
+    "data.num_workers", "seeds", "eval.metric", "eval.batch_size", "eval.figure_examples",
+    "eval.figure_score_thresh", "runtime.device", "runtime.num_threads", "runtime.log_every_steps",
     "runtime.precision", "runtime.channels_last",
 }
 
@@ -132,14 +132,14 @@ def dataset_specs(cfg: dict) -> dict:
     """What to register, from the toolkit's ``data`` section (no detectron2 needed).
 
     Returns {"format", "classes", "train": [spec], "test": spec}; a spec is a dict with the registered
-    ``name`` and where its images and annotations are. ``data.max_train_images`` takes a prefix of the
+    ``name`` and where its images and annotations are. ``data.max_train`` takes a prefix of the
     concatenated training sets (like the torchvision backend's Subset of the ConcatDataset).
     """
     from mixup_transfer.core.constants import VOC_CLASSES
 
     d = cfg["data"]
     root = Path(d["root"]).expanduser().resolve()
-    limit_train, limit_test = int(d["max_train_images"] or 0), int(d["max_test_images"] or 0)
+    limit_train, limit_test = int(d["max_train"] or 0), int(d["max_val"] or 0)
     if d["format"] == "voc":
         classes = list(d.get("classes") or VOC_CLASSES)
 
@@ -315,9 +315,9 @@ def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, devi
     feature maps, aspect ratios, pooler, ...). Every key is mapped, defaults included, as the torchvision
     backend reads it: ``model.norm: auto`` and ``trainable_layers: null`` resolve as
     ``transfer.detection.models`` resolves them for a pretrained trunk (FrozenBN, 3 trainable stages:
-    FREEZE_AT 2); ``solver.batch_size`` is per process (IMS_PER_BATCH = batch_size x processes);
-    ``solver.max_iter`` 0 means ``epochs`` x iterations per epoch (training images // IMS_PER_BATCH, at
-    least 1, like the torchvision loader's drop_last); ``solver.steps`` are fractions of MAX_ITER.
+    FREEZE_AT 2); ``optim.batch_per_process`` is per process (IMS_PER_BATCH = batch_size x processes);
+    ``optim.max_iter`` 0 means ``epochs`` x iterations per epoch (training images // IMS_PER_BATCH, at
+    least 1, like the torchvision loader's drop_last); ``optim.steps`` are fractions of MAX_ITER.
 
     kind: "FPN" | "C4"; world: processes; n_train: training images after the prefix. Returns
     ({dotted detectron2 key: value}, {toolkit key: what it became}). Raises Detectron2BackendError listing
@@ -327,15 +327,15 @@ def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, devi
     changed = {k for k, v in flat.items() if k not in defaults or v != defaults[k]}
     mp = _Mapped()
     mp.put("runtime.device", "MODEL.DEVICE", device)
-    mp.put("data.workers", "DATALOADER.NUM_WORKERS", int(cfg["data"]["workers"]))
+    mp.put("data.num_workers", "DATALOADER.NUM_WORKERS", int(cfg["data"]["num_workers"]))
     mp.out["TEST.EVAL_PERIOD"] = 0  # evaluation runs once, after training (not detectron2's EvalHook)
     _map_model(mp, cfg["model"], kind, world, device)
-    _map_solver(mp, cfg["solver"], world, n_train)
+    _map_solver(mp, cfg["optim"], world, n_train)
     _map_runtime(mp, cfg, device, changed, flat)
     out, mapped, refused = mp.out, mp.mapped, mp.refused
-    handled = STRUCTURAL | set(mapped) | {"model.norm", "solver.clip_grad_norm", "solver.epochs",
-                                          "solver.max_iter", "data.zoom_out_ratio", "data.photometric",
-                                          "eval.period"}
+    handled = STRUCTURAL | set(mapped) | {"model.norm", "optim.clip_grad_norm", "optim.epochs",
+                                          "optim.max_iter", "data.zoom_out_ratio", "data.photometric",
+                                          "eval.every_epochs"}
     for key in sorted(changed - handled):
         if not key.startswith("model.kwargs."):
             refused.append(f"{key}={flat[key]!r} (no detectron2 counterpart)")
@@ -395,29 +395,29 @@ def _map_model(mp: _Mapped, m: dict, kind: str, world: int, device: str) -> None
 
 
 def _map_solver(mp: _Mapped, s: dict, world: int, n_train: int) -> None:
-    """solver.*: batch over processes, iterations, steps, lr (scaled like the torchvision backend), warm-up."""
-    ims = int(s["batch_size"]) * world
-    mp.put("solver.batch_size", "SOLVER.IMS_PER_BATCH", ims)
+    """optim.*: batch over processes, iterations, steps, lr (scaled like the torchvision backend), warm-up."""
+    ims = int(s["batch_per_process"]) * world
+    mp.put("optim.batch_per_process", "SOLVER.IMS_PER_BATCH", ims)
     if int(s["max_iter"]) > 0:
         max_iter = int(s["max_iter"])
-        mp.put("solver.max_iter", "SOLVER.MAX_ITER", max_iter)
+        mp.put("optim.max_iter", "SOLVER.MAX_ITER", max_iter)
     else:
         per_epoch = max(1, n_train // ims)
         max_iter = int(s["epochs"]) * per_epoch
-        mp.put("solver.epochs", "SOLVER.MAX_ITER", max_iter)
+        mp.put("optim.epochs", "SOLVER.MAX_ITER", max_iter)
     steps = sorted({int(round(f * max_iter)) for f in s["steps"]})
     kept = [v for v in steps if 0 < v < max_iter]
     if kept != steps:
-        log.warning("solver.steps %s x %d iterations = %s: detectron2 needs 0 < step < MAX_ITER; keeping %s",
+        log.warning("optim.steps %s x %d iterations = %s: detectron2 needs 0 < step < MAX_ITER; keeping %s",
                     s["steps"], max_iter, steps, kept)
-    mp.put("solver.steps", "SOLVER.STEPS", kept)
+    mp.put("optim.steps", "SOLVER.STEPS", kept)
     for key, d2_key in SOLVER.items():
-        mp.put(f"solver.{key}", d2_key, int(s[key]) if key == "warmup_iters" else float(s[key]))
+        mp.put(f"optim.{key}", d2_key, int(s[key]) if key == "warmup_iters" else float(s[key]))
     if s["reference_batch"] is not None:  # the linear scaling rule, as the torchvision backend applies it
-        mp.put("solver.reference_batch", "SOLVER.BASE_LR",
-            scaled_lr(s["lr"], s["batch_size"], world, s["reference_batch"]))
+        mp.put("optim.reference_batch", "SOLVER.BASE_LR",
+            scaled_lr(s["lr"], s["batch_per_process"], world, s["reference_batch"]))
     if float(s["clip_grad_norm"]) > 0:
-        mp.mapped["solver.clip_grad_norm"] = (f"clip_grad_norm_(all parameters, {s['clip_grad_norm']}) after each "
+        mp.mapped["optim.clip_grad_norm"] = (f"clip_grad_norm_(all parameters, {s['clip_grad_norm']}) after each "
                                            "backward (a hook: detectron2's CLIP_GRADIENTS clips per parameter)")
 
 
@@ -433,9 +433,9 @@ def _map_runtime(mp: _Mapped, cfg: dict, device: str, changed: set, flat: dict) 
                        "or fp32)")
     if rt["channels_last"] and device.startswith("cuda"):
         log.warning("runtime.channels_last: detectron2 has no channels-last option; the model runs contiguous")
-    if cfg["eval"]["period"]:
-        mp.refused.append(f"eval.period={cfg['eval']['period']} (the detectron2 backend evaluates once, after "
-                       "training)")
+    if cfg["eval"]["every_epochs"]:
+        mp.refused.append(f"eval.every_epochs={cfg['eval']['every_epochs']} (the detectron2 backend evaluates once, "
+                          "after training)")
     for key in ("data.zoom_out_ratio", "data.photometric"):
         if key in changed:
             mp.refused.append(f"{key}={flat[key]!r} (SSD augmentation; detectron2's R-CNN pipeline has none)")
@@ -605,7 +605,7 @@ def evaluate_once(d2cfg, model, specs: dict, cfg: dict, out_dir: Path) -> dict:
     dicts = DatasetCatalog.get(name)
     loader = build_detection_test_loader(dicts, mapper=DatasetMapper(d2cfg, is_train=False),
                                          batch_size=int(cfg["eval"]["batch_size"]),
-                                         num_workers=int(cfg["data"]["workers"]))
+                                         num_workers=int(cfg["data"]["num_workers"]))
     if specs["test"]["kind"] == "voc":
         theirs = PascalVOCDetectionEvaluator(name)
     else:
@@ -654,7 +654,7 @@ def train_one_seed(yaml_path: Path, cfg: dict, specs: dict, seed_dir: Path, seed
     if runtime.is_main_process():
         runtime.atomic_write_text(d2cfg.dump(), seed_dir / "detectron2" / "config.yaml")
     runtime.barrier()
-    Trainer = _trainer_class(float(cfg["solver"]["clip_grad_norm"]), int(cfg["runtime"]["log_period"]))
+    Trainer = _trainer_class(float(cfg["optim"]["clip_grad_norm"]), int(cfg["runtime"]["log_every_steps"]))
     with _ddp_on_cpu():
         trainer = Trainer(d2cfg)
     trainer.resume_or_load(resume=True)
@@ -745,7 +745,7 @@ def _prepare(cfg: dict, weights: str, run_dir: Path) -> tuple[Path, dict, dict]:
     return yaml_path, specs, mapped
 
 
-RESTART = "choose another --run-dir, or delete the run folder to start it over"
+RESTART = "choose another --run-dir, or pass --force to start over"
 
 
 def run_fingerprint(cfg: dict, weights: str | None) -> dict:

@@ -48,7 +48,7 @@ def evaluate_detector(cfg: dict, checkpoint, out_dir) -> dict:
                               f"{cfg['model']['arch']} with {ctx['num_classes'] - 1} classes (missing "
                               f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     model.to(device)
-    preds, _, seconds, n = predict_sharded(model, test, cfg["eval"]["batch_size"], cfg["data"]["workers"], device,
+    preds, _, seconds, n = predict_sharded(model, test, cfg["eval"]["batch_size"], cfg["data"]["num_workers"], device,
                                            cfg["runtime"]["precision"])
     if not runtime.is_main_process():
         return {}

@@ -6,20 +6,47 @@ validate the config once and hand it to the backend that ``cfg["backend"]`` name
 from __future__ import annotations
 
 import copy
+import logging
+import shutil
 from pathlib import Path
 
+from mixup_transfer.core.config import ConfigError
 from mixup_transfer.core.stage import Stage
 from transfer.detection import d2_backend, torchvision_backend
 from transfer.detection.config import resolve_config
 
+log = logging.getLogger("detection")
 
-def run(cfg: dict, inputs: dict | None, run_dir) -> dict:
-    """The detection stage: fine-tune from ``inputs["weights"]`` (None or absent: a random backbone)."""
+
+def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: bool = False) -> dict:
+    """The detection stage: fine-tune from ``inputs["weights"]`` (None or absent: a random backbone).
+
+    resume: continue the run folder (finished seeds are kept, the others resume; a run made from another config
+    or backbone is refused). Without it a run folder that holds a run is an error unless ``force``, which removes
+    what the folder holds (its lock aside) and starts over."""
     inputs = dict(inputs or {})
     weights = inputs.pop("weights", None)
     if inputs:
         raise ValueError(f"detection takes only a 'weights' input, got {sorted(inputs)}")
+    _start_over_if_forced(Path(run_dir), resume, force)
     return finetune_detector(cfg, weights, run_dir)
+
+
+def _start_over_if_forced(run_dir: Path, resume: bool, force: bool) -> None:
+    from mixup_transfer.core.lock import LOCK_NAME
+    from mixup_transfer.core.runtime import barrier, is_main_process
+
+    held = [f for f in run_dir.iterdir() if f.name != LOCK_NAME] if run_dir.is_dir() else []
+    if not held:
+        return
+    if force:
+        if is_main_process():
+            log.warning("--force: removing the run in %s (%d entries) to start over", run_dir, len(held))
+            for f in held:
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+        barrier()
+    elif not resume:
+        raise ConfigError(f"{run_dir} holds a run; continue it (resume) or pass --force to start over")
 
 
 def finetune_detector(cfg: dict, weights: str | None, run_dir) -> dict:
@@ -44,7 +71,8 @@ STAGE = Stage(
     optional_inputs=("weights",),  # the backbone checkpoint; None: random init
     outputs=("summary.json", "seed_<k>/metrics.json", "seed_<k>/model_final.pth"),
     gpus_per_node=8,
-    options=(),  # finished seeds are always kept (no --force); --resume only allows a non-empty run folder
+    options=("resume", "force"),  # resume keeps finished seeds; force clears the run folder
     run_dir=lambda cfg, config, cwd: Path(cwd) / "runs" / "detection" / Path(config).stem,
+    cli="transfer.detection.cli",  # --backend, --num-gpus (detectron2's launch), --eval-only
     description="fine-tune SSD or Faster R-CNN from a backbone and score it (VOC devkit, pycocotools)",
 )

@@ -82,10 +82,10 @@ def build_datasets(cfg: dict, seed: int = 0):
         ctx = {"format": "coco", "classes": test.classes, "dataset": test}
     else:
         raise ValueError(f"data.format={d['format']!r} is not one of ['voc', 'coco']")
-    if d["max_train_images"]:
-        train = Subset(train, range(min(len(train), int(d["max_train_images"]))))
-    if d["max_test_images"]:
-        test = Subset(test, range(min(len(test), int(d["max_test_images"]))))
+    if d["max_train"]:
+        train = Subset(train, range(min(len(train), int(d["max_train"]))))
+    if d["max_val"]:
+        test = Subset(test, range(min(len(test), int(d["max_val"]))))
     ctx["num_classes"] = len(ctx["classes"]) + 1
     return train, test, ctx, train_tf
 
@@ -196,12 +196,12 @@ class DetectionTask(Task):
         self.steps_per_epoch = len(self._loader(0))
         if self.steps_per_epoch == 0:
             raise ValueError(f"training set has {len(self.train_set)} images, fewer than one batch")
-        s = cfg["solver"]
+        s = cfg["optim"]
         self.total = int(s["max_iter"]) or int(s["epochs"]) * self.steps_per_epoch
         self.train_time, self.train_images, self.history = 0.0, 0, []
 
     def _loader(self, epoch: int) -> DataLoader:
-        s, train = self.cfg["solver"], self.train_set
+        s, train = self.cfg["optim"], self.train_set
         if self.world > 1:
             sampler = torch.utils.data.DistributedSampler(train, num_replicas=self.world, rank=self.rank,
                                                           shuffle=True, seed=self.seed)
@@ -209,8 +209,9 @@ class DetectionTask(Task):
         else:  # epoch-determined order: exact resume
             sampler = torch.utils.data.RandomSampler(train, generator=torch.Generator().manual_seed(
                 self.seed * 100003 + epoch))
-        return DataLoader(train, batch_size=s["batch_size"], sampler=sampler, num_workers=self.cfg["data"]["workers"],
-                          collate_fn=collate, drop_last=len(train) >= s["batch_size"] * self.world,
+        return DataLoader(train, batch_size=s["batch_per_process"], sampler=sampler,
+                          num_workers=self.cfg["data"]["num_workers"],
+                          collate_fn=collate, drop_last=len(train) >= s["batch_per_process"] * self.world,
                           pin_memory=self.device.type == "cuda",  # pinned: the copies to the GPU never wait
                           worker_init_fn=SeedWorker(self.train_tf, self.seed, epoch, self.rank))
 
@@ -233,21 +234,21 @@ class DetectionTask(Task):
         return out  # every entry of a torchvision detector's training output is a loss
 
     def lr(self) -> float:
-        s = self.cfg["solver"]
-        return scaled_lr(s["lr"], s["batch_size"], self.world, s["reference_batch"])
+        s = self.cfg["optim"]
+        return scaled_lr(s["lr"], s["batch_per_process"], self.world, s["reference_batch"])
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.lr()}]
 
     def lr_lambda(self, it: int) -> float:
-        s = self.cfg["solver"]
+        s = self.cfg["optim"]
         return lr_factor(it, "step", milestones=[int(round(f * self.total)) for f in s["steps"]], gamma=s["gamma"],
                          warmup=s["warmup_iters"], warmup_start=s["warmup_factor"])
 
     def end_of_epoch(self, engine, epoch: int, record: dict) -> dict:
         self.train_time += record["epoch_time_s"]
         self.train_images += record["images"]
-        period = self.cfg["eval"]["period"]
+        period = self.cfg["eval"]["every_epochs"]
         if engine.step >= self.total or not period or epoch % period:
             return {}
         preds, _, _, _ = self.predict_test(engine)  # every rank predicts its shard; rank 0 scores
@@ -261,7 +262,8 @@ class DetectionTask(Task):
     def predict_test(self, engine, max_keep_examples: int = 0):
         """``predict_sharded`` over the test set: (predictions, examples, seconds, images), on every rank (with
         rank 0's BatchNorm statistics: every shard is scored with the same model)."""
-        return predict_sharded(self.model, self.test_set, self.cfg["eval"]["batch_size"], self.cfg["data"]["workers"],
+        return predict_sharded(self.model, self.test_set, self.cfg["eval"]["batch_size"],
+                               self.cfg["data"]["num_workers"],
                                self.device, engine.precision, engine.settings.channels_last, max_keep_examples,
                                split=split_name(self.cfg))
 
@@ -283,7 +285,7 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
         fp.check(seed_dir, fingerprint, RESUME_MAY_CHANGE, RESTART)  # never relabel old results with new inputs
         log.info("%s exists: seed %d already finished", done, seed)
         return json.loads(done.read_text())
-    rt, s = cfg["runtime"], cfg["solver"]
+    rt, s = cfg["runtime"], cfg["optim"]
     device = runtime.get_device(rt["device"])
     if rt["num_threads"]:
         torch.set_num_threads(int(rt["num_threads"]))
@@ -292,12 +294,12 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
     optimizer = build_optimizer("sgd", task.param_groups(), task.lr(), s["momentum"], s["weight_decay"])
     settings = LoopSettings(total_steps=task.total, device=device, precision=rt["precision"],
                             channels_last=bool(rt["channels_last"]) and device.type == "cuda",
-                            clip_grad_norm=s["clip_grad_norm"], log_every=rt["log_period"],
+                            clip_grad_norm=s["clip_grad_norm"], log_every=rt["log_every_steps"],
                             progress_desc=f"seed {seed} epoch", tensorboard=rt["tensorboard"])
     engine = Engine(task, seed_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
     engine.fit(resume=True, fingerprint=fingerprint,
                header={"seed": seed, "weights": weights, "steps_per_epoch": task.steps_per_epoch,
-                       "per_process_batch": s["batch_size"],
+                       "per_process_batch": s["batch_per_process"],
                        "total_steps": task.total, "device": str(device)})
     metrics = _final_metrics(task, engine, seed_dir)  # every rank predicts its shard of the test set
     if runtime.is_main_process():
@@ -306,7 +308,7 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
     return metrics
 
 
-RESTART = "choose another --run-dir, or delete the seed's folder to start that seed over"
+RESTART = "choose another --run-dir, or pass --force to start over (or delete one seed's folder to redo that seed)"
 
 
 def seed_fingerprint(cfg: dict, weights: str | None, seed: int) -> dict:

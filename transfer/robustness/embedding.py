@@ -225,16 +225,16 @@ def run_embedding_suite(cfg: dict, checkpoint, imagenet_root, out_dir, metrics: 
     from .model import load_classifier_model
 
     t0 = time.time()
-    device = get_device(cfg["device"])
+    device = get_device(cfg["runtime"]["device"])
     base = open_val_set(imagenet_root)  # ImageNet, TinyImageNet or CIFAR layout
-    indices = subset_indices(len(base), cfg["limit"])
+    indices = subset_indices(len(base), cfg["data"]["max_val"])
     model, meta = load_classifier_model(checkpoint, num_classes=len(base.classes), arch=cfg["arch"],
                                         classes=base.classes)
     model = model.to(device)
     ds = ValSet(base, indices, cfg["image_size"], cfg["resize"], need_boxes=False)
-    workers = cfg["workers"] if cfg["workers"] is not None else 0
-    res = embedding_analysis(model, ds, device, out_dir, batch_size=cfg["batch_size"], num_workers=workers,
-                             precision=cfg["precision"], alpha=cfg["embedding_alpha"], t=cfg["embedding_t"],
+    workers = cfg["data"]["num_workers"] if cfg["data"]["num_workers"] is not None else 0
+    res = embedding_analysis(model, ds, device, out_dir, batch_size=cfg["eval"]["batch_size"], num_workers=workers,
+                             precision=cfg["runtime"]["precision"], alpha=cfg["embedding_alpha"], t=cfg["embedding_t"],
                              normalize=cfg["embedding_normalize"], umap=cfg["umap"],
                              umap_classes=cfg["umap_classes"], umap_per_class=cfg["umap_per_class"],
                              umap_neighbors=cfg["umap_neighbors"], umap_epochs=cfg["umap_epochs"],

@@ -16,6 +16,7 @@ from pathlib import Path
 from mixup_transfer.core.basics import metric_line
 from mixup_transfer.core.config import ConfigError, check_ranges, validate
 from mixup_transfer.core.stage import Stage
+from mixup_transfer.core.vocabulary import DATA, EVAL, RUNTIME, fragment
 from transfer.robustness.data import OOD_TRANSFORMS
 from transfer.robustness.evaluate import NOISE_SETS, SUITES, evaluate_checkpoint, parse_suites
 from transfer.robustness.protocols import EVALUATOR_DEFAULTS, PROTOCOL_KEYS, PROTOCOLS, apply_protocol
@@ -29,14 +30,13 @@ DEFAULTS = {
                                      # ood, embedding, or all (every suite but embedding)
     "protocol": None,                # cifar | tinyimagenet | imagenet: fills the null keys below (null: none)
     "out": "runs/robustness",        # output folder of tools/run_robustness.py (the pipeline gives its own)
-    "limit": None,                   # evaluate N evenly spaced val images (and at most N per OOD folder)
+    "data": fragment(DATA, "max_val", "num_workers"),  # the shared keys: mixup_transfer/core/vocabulary.py
+                                     # (data.num_workers null: 0 on CPU, min(8, cores) on CUDA)
+    "eval": fragment(EVAL, "batch_size", batch_size=64),
+    "runtime": fragment(RUNTIME, "device", "precision", "tensorboard"),
     "image_size": None,              # centre-crop size (protocol; evaluator default 224)
     "resize": None,                  # short side before the crop (protocol; evaluator default 256)
-    "batch_size": 64,                # images per forward (per process)
     "seed": 0,                       # replacement images, noise, PGD random starts, synthetic OOD images
-    "device": "auto",                # auto | cpu | cuda | cuda:N
-    "precision": "fp32",             # fp32 | bf16 | fp16 (CUDA autocast, attacks too)
-    "workers": None,                 # data-loading workers: 0 on CPU, min(8, cores) on CUDA
     "arch": None,                    # from the checkpoint's meta
     "corrupt_at": "eval",            # eval (after resize + crop) | original (stored resolution, then resize)
     "sigma": 0.1,                    # background noise std in [0, 1] pixel units, clipped to [0, 1]
@@ -62,19 +62,18 @@ DEFAULTS = {
     "umap_per_class": 100,           # ... 100 test examples each
     "umap_neighbors": 15,            # umap-learn default
     "umap_epochs": None,             # umap-learn default (200 for large sets, 500 for small)
-    "tensorboard": "auto",           # auto | true | false: also write every metric as a scalar to OUT/tensorboard
-                                     # (auto: when the tensorboard package is installed)
 }
 
 
 RANGES = {
-    "limit": (">", 0), "image_size": (">", 0), "resize": (">", 0), "batch_size": (">", 0), "workers": (">=", 0),
+    "data.max_val": (">", 0), "image_size": (">", 0), "resize": (">", 0), "eval.batch_size": (">", 0),
+    "data.num_workers": (">=", 0),
     "sigma": (">=", 0), "pgd_iters": (">=", 0), "gaussian_std": (">", 0), "cam_threshold": (">=", 0, "<=", 1),
     "iou_threshold": (">=", 0, "<=", 1), "iou_op": ("in", (">=", ">")), "ood_threshold": (">=", 0, "<=", 1),
-    "corrupt_at": ("in", ("eval", "original")), "precision": ("in", ("fp32", "bf16", "fp16")),
+    "corrupt_at": ("in", ("eval", "original")), "runtime.precision": ("in", ("fp32", "bf16", "fp16")),
     "protocol": ("in", tuple(PROTOCOLS)), "ood_transform": ("in", OOD_TRANSFORMS), "embedding_t": (">", 0),
     "embedding_alpha": (">", 0), "umap_classes": (">", 0), "umap_per_class": (">", 0), "umap_neighbors": (">", 1),
-    "umap_epochs": (">", 0), "tensorboard": ("in", (True, False, "auto")),
+    "umap_epochs": (">", 0), "runtime.tensorboard": ("in", (True, False, "auto")),
 }
 
 
@@ -88,7 +87,7 @@ def parse_eps(v) -> float:
 
 # the types of the keys whose default is null (mixup_transfer.core.config.validate checks the others against their
 # defaults)
-TYPES = {"protocol": str, "limit": int, "image_size": int, "resize": int, "workers": int, "arch": str,
+TYPES = {"protocol": str, "data.max_val": int, "image_size": int, "resize": int, "data.num_workers": int, "arch": str,
          "export_corrupted": str, "fgsm_eps": (float, str), "pgd_eps": (float, str), "pgd_step": (float, str),
          "pgd_iters": int, "ood_transform": str, "umap_epochs": int}
 
@@ -117,9 +116,11 @@ def split_suites(suites) -> tuple[list[str], list[str]]:
 
 def evaluate_kwargs(cfg: dict) -> dict:
     """DEFAULTS-shaped options (after `resolve_config`) -> keyword arguments of `evaluate_checkpoint`."""
-    return dict(suites=cfg["suites"], ood_dirs=list(cfg["ood"] or ()), limit=cfg["limit"], image_size=cfg["image_size"],
-                resize=cfg["resize"], batch_size=cfg["batch_size"], seed=cfg["seed"], device=cfg["device"],
-                precision=cfg["precision"], num_workers=cfg["workers"], arch=cfg["arch"],
+    data, rt = cfg["data"], cfg["runtime"]
+    return dict(suites=cfg["suites"], ood_dirs=list(cfg["ood"] or ()), limit=data["max_val"],
+                image_size=cfg["image_size"], resize=cfg["resize"], batch_size=cfg["eval"]["batch_size"],
+                seed=cfg["seed"], device=rt["device"], precision=rt["precision"], num_workers=data["num_workers"],
+                arch=cfg["arch"],
                 corrupt_at=cfg["corrupt_at"], sigma=cfg["sigma"], fgsm_eps=parse_eps(cfg["fgsm_eps"]),
                 pgd_eps=parse_eps(cfg["pgd_eps"]), pgd_step=parse_eps(cfg["pgd_step"]), pgd_iters=cfg["pgd_iters"],
                 pgd_random_start=cfg["pgd_random_start"], gaussian_std=cfg["gaussian_std"],
@@ -147,7 +148,7 @@ def run(cfg: dict, inputs: dict, run_dir) -> dict:
     for suite in [*core, *extra]:  # one console line per suite
         if isinstance(metrics.get(suite), dict):
             log.info("%s: %s", suite, metric_line(metrics[suite]))
-    write_tensorboard(metrics, run_dir, cfg["tensorboard"])
+    write_tensorboard(metrics, run_dir, cfg["runtime"]["tensorboard"])
     return metrics
 
 
@@ -182,5 +183,8 @@ STAGE = Stage(
     gpus_per_node=1,
     config_required=False,  # the defaults are the protocol
     run_dir=lambda cfg, config, cwd: Path(cwd) / cfg["out"],
+    run_dir_flag=False,  # its `out` key (--out) names the output folder
+    multi_inputs=("checkpoint",),  # several checkpoints: one run each and a comparison table
+    cli="transfer.robustness.cli",  # a flag for each top-level option, --threads, the comparison mode
     description="background corruption, calibration, attacks, OOD and embedding suites on a backbone",
 )
