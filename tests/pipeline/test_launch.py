@@ -82,7 +82,7 @@ def test_checks_before_queueing(toy_world, tmp_path):
         make_spec("pretrain", cfg, ["optim.lrr=0.1"], cwd=tmp_path)
     with pytest.raises(ConfigError, match="--checkpoint and --imagenet"):
         make_spec("robustness", None, cwd=tmp_path)
-    wsol = str(Path(__file__).resolve().parents[1] / "configs/wsol/toy_multimix.yaml")
+    wsol = str(Path(__file__).resolve().parents[2] / "configs/wsol/toy_multimix.yaml")
     with pytest.raises(FileNotFoundError):
         make_spec("wsol", wsol, weights="missing.pth", cwd=tmp_path)
     assert make_spec("wsol", wsol, weights="none", cwd=tmp_path).weights is None  # random init, as tools/run_wsol.py

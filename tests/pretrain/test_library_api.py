@@ -88,7 +88,7 @@ def test_library_and_trainer_give_identical_losses_and_gradients(toy_world, tmp_
     built by a user on a plain torchvision.models.resnet18 (a plain timm ViT for TransMix) with the same weights,
     seeded by the same task code."""
     cfg = tiny_cfg(toy_world / "imagenet", name, knobs)
-    if METHODS[name].needs_teacher:  # a teacher checkpoint through the task's contract (SuperMix)
+    if METHODS[name].uses_teacher(knobs):  # a teacher checkpoint through the task's contract (SuperMix)
         from mixup_transfer.core.checkpoint import save_backbone
 
         save_backbone(tmp_path / "teacher.pth", torchvision.models.resnet18(num_classes=C), {"arch": "resnet18"})

@@ -332,7 +332,8 @@ def test_puzzlemix_saliency_as_the_official_script(batch):
 SMALL_STEP_KNOBS = {"multimix": {"prob": 1.0}, "dense_multimix": {"prob": 1.0}, "puzzlemix": {"solver": "swap"},
                     "multi_interp": {"base": "puzzlemix", "k": 2, "puzzle": {"solver": "swap"}},
                     "alignmix_ae": {"decoder_size": 32}, "comixup": {"solver": "swap"},
-                    "tokenmix": {"labels": "area", "patch_size": 4, "minimum_tokens": 1}}
+                    "tokenmix": {"labels": "area", "patch_size": 4, "minimum_tokens": 1},
+                    "supermix": {"max_iter": 2, "mask_w": 4}}
 
 
 @pytest.fixture(scope="module")
@@ -365,6 +366,8 @@ def test_every_method_steps_on_the_small_image_models(cifar_batch, arch, name, o
     images, labels = cifar_batch
     torch.manual_seed(0)
     m = build_method(name, ResNetStages(arch, C), C, **SMALL_STEP_KNOBS.get(name, {}))
+    if m.needs_teacher:  # SuperMix: a frozen network of the same shape
+        m.teacher = ResNetStages(arch, C)
     m.generator = torch.Generator()
     opt = torch.optim.SGD(m.parameters(), lr=1e-3)  # small: the first-order decrease must show in one step
     losses = []
