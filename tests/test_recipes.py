@@ -51,6 +51,26 @@ RECIPES = [
     ("pretrain/imagenet_vit_s16_transmix.yaml", "method.cutmix_alpha", 1.0, "source: TransMix deit_s_transmix.yaml"),
     ("pretrain/imagenet_vit_s16_transmix.yaml", "method.switch_prob", 0.5, "source: TransMix train.py default"),
     ("pretrain/imagenet_vit_s16_transmix.yaml", "method.smoothing", 0.1, "source: TransMix train.py --smoothing"),
+    # TokenMix: MultiMix Table 3 row, §4.2 "with our settings"; knobs: Sense-X/TokenMix at 0e17d5d
+    *[("pretrain/imagenet_vit_s16_tokenmix.yaml", key, value, cite) for key, value, cite in (
+        ("optim.optimizer", "adamw", "MultiMix A.1: ViT-S/16 using AdamW (not the official run.sh)"),
+        ("optim.lr", 0.01, "MultiMix A.1: initial learning rate 0.01 (ViT-S/16)"),
+        ("optim.milestones", [100, 200], "MultiMix A.1: decay by 0.1 at 100, 200"),
+        ("optim.batch_per_process", 128, "MultiMix A.1: b = 128 per GPU"),
+        ("teacher", None, "given at run time (--teacher); the activation labels read it"),
+        ("method.name", "tokenmix", "MultiMix Table 3: TokenMix"),
+        ("method.mixup_alpha", 0.8, "source: TokenMix run.sh --mixup 0.8"),
+        ("method.cutmix_alpha", 1.0, "source: TokenMix run.sh --cutmix 1.0"),
+        ("method.prob", 1.0, "source: TokenMix main.py --mixup-prob default"),
+        ("method.switch_prob", 0.5, "source: TokenMix main.py --mixup-switch-prob default"),
+        ("method.mask_type", "block", "source: TokenMix main.py --mask-type default"),
+        ("method.mask_ratio", 0.5, "source: TokenMix tokenmix.py Mixup lam_constant = 0.5"),
+        ("method.minimum_tokens", 14, "source: TokenMix tokenmix.py Mixup minimum_tokens=14"),
+        ("method.patch_size", 16, "source: TokenMix generate_mask 14 x 14 tokens on 224 px"),
+        ("method.labels", "activation", "source: TokenMix Mixup.__call__ label maps"),
+        ("method.smoothing", 0.1, "source: TokenMix main.py --smoothing default"),
+        ("method.loss", "bce", "source: TokenMix run.sh --use-bce"),
+    )],
     # ---------------------------------------------------------------- AlignMix ImageNet, paper variant (App. B)
     ("pretrain/imagenet_alignmix_stage2.yaml", "optim.batch_size", 100, "AlignMix B: batch size of 100 on 4 GPUs"),
     ("pretrain/imagenet_alignmix_stage2.yaml", "optim.batch_per_process", None, "AlignMix B: the batch is global"),
@@ -144,6 +164,41 @@ RECIPES = [
     ("pretrain/imagenet_multi_interp.yaml", "optim.nesterov", False, "source: PuzzleMix-fast SGD without nesterov"),
     ("pretrain/imagenet_multi_interp.yaml", "optim.batch_size", 448, "source: PuzzleMix-fast phases 2-3 batch 448"),
     ("pretrain/imagenet_multi_interp.yaml", "method.puzzle.beta", 1.5, "source: PuzzleMix-fast TRAIN.beta 1.5"),
+    # ---------------------------------------------------------------- Co-Mixup ImageNet, 100 epochs
+    # Co-Mixup (arXiv:2102.03065) 22.39 % error (AlignMix B Table 5, multi-mix Table III); "Co-Mixup-fast" =
+    # snu-mllab/Co-Mixup comix-imagenet/ at 2a76816
+    *[("pretrain/imagenet_comixup.yaml", key, value, cite) for key, value, cite in (
+        ("model.arch", "resnet50", "AlignMix B Table 5: ResNet-50; source: TRAIN.arch resnet50"),
+        ("optim.epochs", 100, "AlignMix B: 100 epochs, the protocol of Co-Mixup; source: README"),
+        ("optim.schedule", "piecewise", "source: Co-Mixup-fast np.interp(lr_epochs, lr_values)"),
+        ("optim.lr", 1.0, "the points are absolute learning rates"),
+        ("optim.points",
+         [[0, 0.5], [8, 1.0], [15, 0.125], [15, 0.2], [40, 0.02], [65, 0.002], [90, 0.0002], [100, 0.00002]],
+         "source: Co-Mixup-fast phases 1-3 lr_epochs / lr_values"),
+        ("data.crop_schedule", [[0, 128], [15, 224]], "source: Co-Mixup-fast DATA.crop_size 128 / 224"),
+        ("data.scale_min", 0.087, "source: Co-Mixup-fast phases 2-3 DATA.min_scale"),
+        ("data.color_jitter", 0.0, "source: Co-Mixup-fast train_transform: crop and flip only"),
+        ("data.lighting", 0.0, "source: Co-Mixup-fast train_transform: crop and flip only"),
+        ("model.zero_init_residual", True, "source: Co-Mixup-fast init_dist_weights"),
+        ("optim.batch_size", 448, "source: Co-Mixup-fast phases 2-3 DATA.batch_size"),
+        ("optim.nesterov", False, "source: Co-Mixup-fast SGD without nesterov"),
+        ("optim.momentum", 0.9, "source: Co-Mixup-fast TRAIN.momentum"),
+        ("optim.weight_decay", 1e-4, "source: Co-Mixup-fast TRAIN.weight_decay"),
+        ("method.name", "comixup", "AlignMix B Table 5: Co-Mixup"),
+        ("method.block_num", 4, "source: Co-Mixup-fast TRAIN.block_num"),
+        ("method.part", 16, "source: Co-Mixup-fast lib/utils.py m_part = 16"),
+        ("method.alpha", 1.0, "source: Co-Mixup-fast get_onehot_matrix Dirichlet(ones)"),
+        ("method.beta", 0.32, "source: Co-Mixup-fast TRAIN.m_beta"),
+        ("method.gamma", 1.0, "source: Co-Mixup-fast m_gamma = 1"),
+        ("method.thres", 0.83, "source: Co-Mixup-fast TRAIN.thres"),
+        ("method.thres_type", "hard", "source: Co-Mixup-fast m_thres_type = 'hard'"),
+        ("method.eta", 0.05, "source: Co-Mixup-fast m_eta = 0.05"),
+        ("method.omega", 0.001, "source: Co-Mixup-fast TRAIN.lam_dist"),
+        ("method.set_resolve", True, "source: Co-Mixup-fast TRAIN.set_resolve"),
+        ("method.niter", 3, "source: Co-Mixup-fast m_niter = 3"),
+        ("method.clean_lam", 500.0, "source: Co-Mixup-fast clean_lam 1 * CE = 2 * 500 / 1000 * CE"),
+        ("method.loss", "ce", "source: Co-Mixup-fast soft cross-entropy"),
+    )],
     # ---------------------------------------------------------------- baselines: the PuzzleMix-300 rows
     *[(f"pretrain/imagenet_{m}.yaml", key, value, cite)
       for m in ("erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix")
@@ -492,3 +547,22 @@ def test_every_alignmix_recipe_says_which_variant_it_runs_and_why(rel):
     if name is not None:
         assert f"`{name}`" in header or f"method {name}" in header or f"({name}" in header, rel
     assert "AlignMixup_CVPR22 at ec01a68" in header or "arXiv 2103.15375" in header, rel
+
+
+def test_tokenmix_recipe_takes_its_teacher_at_run_time():
+    """The TokenMix recipe keeps the official activation labels with `teacher: null`: reading it without a teacher is
+    refused, --teacher (the teacher key) or method.labels=area makes it whole, and its header says both."""
+    from mixup_transfer.core.config import ConfigError
+    from pretrain.task import DEFAULTS, resolve_config
+
+    path = ROOT / "configs/pretrain/imagenet_vit_s16_tokenmix.yaml"
+
+    def read(*overrides):
+        return resolve_config(load_config(path, ["data.root=/data/imagenet", *overrides], defaults=DEFAULTS))
+
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        read()
+    assert read("teacher=runs/imagenet_erm/backbone.pth")["teacher"] == "runs/imagenet_erm/backbone.pth"
+    assert read("method.labels=area")["teacher"] is None
+    header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    assert "--teacher" in header and "method.labels=area" in header
