@@ -3,6 +3,7 @@
 
     python tools/bench.py all --out runs/bench          # everything (minutes on a laptop CPU)
     python tools/bench.py pretrain [--quick]            # training-step time of each method / ERM
+        [--methods erm,tokenmix] [--arch vit_small_patch16_224] [--repeats 3]
     python tools/bench.py wsol                          # MaxBoxAccV2 evaluator speed-up vs the per-threshold loop,
                                                         # in this process and as whole tools/eval_wsol.py processes
     python tools/bench.py eval                          # COCO / VOC evaluation speed
@@ -148,6 +149,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for bench.json and bench.md")
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
     p.add_argument("--device", default=None, help="mixers: the device of the batches (default: cuda if available)")
+    p.add_argument("--methods", default=None,
+                   help="pretrain: comma-separated rows of pretrain.bench.FULL to time (default: all; erm always)")
+    p.add_argument("--arch", default="resnet50", help="pretrain: the network (a ViT arch times the ViT rows)")
+    p.add_argument("--repeats", type=int, default=5, help="pretrain: round-robin repeats (min and median reported)")
     args = p.parse_args(argv)
     import torch
 
@@ -163,7 +168,9 @@ def main(argv=None) -> int:
         t0 = time.time()
         if what == "pretrain":
             from pretrain.bench import run_pretrain_bench
-            results["pretrain"] = run_pretrain_bench(quick=args.quick)
+            rows = args.methods.split(",") if args.methods else None
+            results["pretrain"] = run_pretrain_bench(quick=args.quick, arch=args.arch, repeats=args.repeats,
+                                                     methods=rows)
         elif what == "wsol":
             from wsol.bench import run_whole_process_bench, run_wsol_bench
             results["wsol"] = run_wsol_bench(quick=args.quick)
