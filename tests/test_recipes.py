@@ -221,6 +221,23 @@ RECIPES = [
     ("pretrain/imagenet_puzzlemix.yaml", "method.clean_lam", 0.0, "source: PuzzleMix-300 --clean_lam 0"),
     ("pretrain/imagenet_puzzlemix.yaml", "method.saliency_mode", "eval", "source: PuzzleMix-300 model.eval()"),
     ("pretrain/imagenet_puzzlemix.yaml", "method.loss", "ce", "source: PuzzleMix-300 lam-weighted CE"),
+    # SuperMix: MultiMix Table 7 row, A.2 "using the same settings"; knobs: alldbi/SuperMix at d63d25a
+    *[("pretrain/imagenet_supermix.yaml", key, value, cite) for key, value, cite in (
+        ("optim.epochs", 300, "MultiMix A.2 same settings as A.1 (300 epochs)"),
+        ("optim.lr", 0.1, "MultiMix A.1: initial learning rate 0.1"),
+        ("optim.milestones", [100, 200], "MultiMix A.1: decay by 0.1 at 100, 200"),
+        ("model.arch", "resnet50", "MultiMix Table 7: R-50"),
+        ("teacher", None, "given at run time (--teacher); A.2: same network as teacher"),
+        ("method.name", "supermix", "MultiMix Table 7: SuperMix"),
+        ("method.mask_w", 16, "source: SuperMix README ImageNet command --w 16"),
+        ("method.sigma", 2.0, "source: SuperMix README ImageNet command --sigma 2"),
+        ("method.k", 2, "source: SuperMix supermix.py --k default 2"),
+        ("method.alpha", 3.0, "source: SuperMix supermix.py --alpha default 3"),
+        ("method.lambda_s", 25.0, "source: SuperMix supermix.py --lambda_s default 25"),
+        ("method.max_iter", 50, "source: SuperMix supermix.py --max_iter default 50"),
+        ("method.tol", 70.0, "source: SuperMix supermix.py --tol default 70"),
+        ("method.cls_weight", 2.0, "source: SuperMix train_student.py -r default 2"),
+    )],
     # ---------------------------------------------------------------- PuzzleMix: the authors' CIFAR-100 and
     # Tiny-ImageNet commands (snu-mllab/PuzzleMix README.md @ e2dbf3a) and main.py's defaults and train();
     # CIFAR-10 takes the CIFAR-100 command (the authors publish none for CIFAR-10; the same main.py)
@@ -566,3 +583,21 @@ def test_tokenmix_recipe_takes_its_teacher_at_run_time():
     assert read("method.labels=area")["teacher"] is None
     header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
     assert "--teacher" in header and "method.labels=area" in header
+
+
+def test_imagenet_supermix_recipe_takes_its_teacher_at_run_time():
+    """The ImageNet SuperMix recipe has `teacher: null`: reading it without a teacher is refused, --teacher (the
+    teacher key) makes it whole, and its header gives that command."""
+    from mixup_transfer.core.config import ConfigError
+    from pretrain.task import DEFAULTS, resolve_config
+
+    path = ROOT / "configs/pretrain/imagenet_supermix.yaml"
+
+    def read(*overrides):
+        return resolve_config(load_config(path, ["data.root=/data/imagenet", *overrides], defaults=DEFAULTS))
+
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        read()
+    assert read("teacher=runs/imagenet_erm/backbone.pth")["teacher"] == "runs/imagenet_erm/backbone.pth"
+    header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    assert "--teacher runs/imagenet_erm/backbone.pth" in header
