@@ -1,9 +1,9 @@
 """Training-step time of each mixing method relative to ERM (`tools/bench.py pretrain`).
 
 One model, one batch, one resolution; a step is forward + backward + SGD update. Methods are timed
-round-robin (every repeat times each method once), so a noisy neighbour on a shared machine slows all
-methods alike instead of biasing one; the ratio uses each method's fastest repeat (the median is
-reported too).
+round-robin (every repeat times each method once), so a noisy neighbour on a shared machine slows
+all methods alike instead of biasing one; the ratio uses each method's fastest repeat (the median
+is reported too).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 from pretrain.methods import build_method, have_gco, network_stages
 
 # (label, method name, knobs). Feature-space methods are forced onto their mixing branch (prob 1,
-# AlignMix's aligned-feature mode) so that the ratio is the cost of the mixing itself, the worst case.
+# AlignMix's aligned-feature mode) so that the ratio is the cost of the mixing itself, the worst
+# case.
 FULL = [
     ("erm", "erm", {}),
     ("input_mixup", "input_mixup", {}),
@@ -32,13 +33,18 @@ FULL = [
     ("puzzlemix", "puzzlemix", {"solver": "gco"}),  # skipped when gco-wrapper is not installed
     ("puzzlemix_swap", "puzzlemix", {"solver": "swap"}),  # the built-in fallback
     ("zeta_mixup", "zeta_mixup", {}),  # a [b, b] combination of the whole batch
-    ("tokenmix", "tokenmix", {"switch_prob": 1.0, "labels": "area"}),  # the token branch; no teacher forward
-    ("comixup", "comixup", {"solver": "gco"}),  # the host optimisation (gco); skipped without gco-wrapper
-    ("transmix", "transmix", {"switch_prob": 1.0}),  # ViT archs only; its CutMix branch (the attention read)
-    ("saliencymix", "saliencymix", {"prob": 1.0}),  # one image to the host per batch for its saliency map
+    # the token branch; no teacher forward
+    ("tokenmix", "tokenmix", {"switch_prob": 1.0, "labels": "area"}),
+    # the host optimisation (gco); skipped without gco-wrapper
+    ("comixup", "comixup", {"solver": "gco"}),
+    # ViT archs only; its CutMix branch (the attention read)
+    ("transmix", "transmix", {"switch_prob": 1.0}),
+    # one image to the host per batch for its saliency map
+    ("saliencymix", "saliencymix", {"prob": 1.0}),
     ("supermix", "supermix", {}),  # 50 teacher forward-backward-forward mask iterations per batch
 ]
-# rows that need a ViT (the class token's attention), and rows that need a CNN's feature map (AlignMix's alignment)
+# rows that need a ViT (the class token's attention), and rows that need a CNN's feature map
+# (AlignMix's alignment)
 VIT_ONLY = {"transmix"}
 CNN_ONLY = {"alignmix", "alignmix_stage2"}
 TARGETS = {"multimix": 1.03, "dense_multimix": 1.15, "alignmix": 1.10, "alignmix_stage2": 1.10,
@@ -49,14 +55,16 @@ def run_pretrain_bench(quick: bool = False, arch: str = "resnet50", batch: int =
                        num_classes: int = 1000, n: int = 1000, repeats: int = 5, warmup: int = 1,
                        methods: list[str] | None = None, device: str = "cpu", seed: int = 0,
                        threads: int | None = None, clock: str = "auto") -> dict:
-    """{"step_time_ratio": {label: time / erm time}, "step_time_s": {...}, "targets": ..., "setup": ...}.
+    """{"step_time_ratio": {label: time / erm time}, "step_time_s": {...}, "targets": ..., "setup":
+    ...}.
 
     quick: ResNet-18, batch 16, 64 px, 2 repeats (a smoke version that finishes in seconds).
     methods: labels from FULL to time (erm is always included).
-    threads: torch.set_num_threads for the run (restored after); None = 1 on CPU, untouched on CUDA.
-    clock: "wall" (perf_counter), "process" (CPU time of this process) or "auto" (process on CPU, wall
-    on CUDA). On a CPU shared with other jobs, one thread timed by the process clock measures the work
-    itself rather than the neighbours.
+    threads: torch.set_num_threads for the run (restored after); None = 1 on CPU, untouched on
+    CUDA.
+    clock: "wall" (perf_counter), "process" (CPU time of this process) or "auto" (process on CPU,
+    wall on CUDA). On a CPU shared with other jobs, one thread timed by the process clock measures
+    the work itself rather than the neighbours.
     """
     if clock == "auto":
         clock = "wall" if torch.device(device).type == "cuda" else "process"
@@ -76,14 +84,16 @@ def run_pretrain_bench(quick: bool = False, arch: str = "resnet50", batch: int =
 
 
 def _build_methods(model, methods, num_classes, n, size, dev, seed):
-    """([(label, method)] for the FULL entries in `methods` (all when None; erm always), [skipped labels])."""
+    """([(label, method)] for the FULL entries in `methods` (all when None; erm always), [skipped
+    labels])."""
     built, skipped = [], []
     for label, name, knobs in FULL:
         if methods is not None and label not in methods and label != "erm":
             continue
         if name in ("multimix", "dense_multimix"):
             knobs = dict(knobs, n=n)
-        if name == "alignmix_stage2":  # the paper's 4 x 4 tensor, or the whole map when the input is smaller
+        # the paper's 4 x 4 tensor, or the whole map when the input is smaller
+        if name == "alignmix_stage2":
             knobs = dict(knobs, resolution=min(4, size // 32))
         if knobs.get("solver") == "gco" and not have_gco():
             skipped.append(f"{label} (gco-wrapper not installed)")
@@ -92,10 +102,13 @@ def _build_methods(model, methods, num_classes, n, size, dev, seed):
         if (name in VIT_ONLY and not vit) or (name in CNN_ONLY and vit):
             skipped.append(f"{label} ({'a ViT arch only' if name in VIT_ONLY else 'a ResNet arch only'})")
             continue
-        m = build_method(name, model, num_classes, **knobs).to(dev)  # a method's own layers (AlignMix's encoder2)
-        if m.needs_teacher:  # SuperMix: a frozen network of the same shape (its weights do not change the cost)
+        # a method's own layers (AlignMix's encoder2)
+        m = build_method(name, model, num_classes, **knobs).to(dev)
+        # SuperMix: a frozen network of the same shape (its weights do not change the cost)
+        if m.needs_teacher:
             m.teacher = copy.deepcopy(model).to(dev)
-        m.generator = torch.Generator(device=dev) if dev.type in ("cpu", "cuda") else None  # meta: no generator
+        # meta: no generator
+        m.generator = torch.Generator(device=dev) if dev.type in ("cpu", "cuda") else None
         m.seed(seed)
         built.append((label, m))
     return built, skipped
@@ -161,13 +174,15 @@ def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224,
                   warmup: int = 3, steps: int = 10, methods: list[str] | None = None, precision: str = "bf16",
                   channels_last: bool | None = None, num_classes: int = 1000, n: int = 1000, seed: int = 0) -> dict:
     """Training images/s of each method on one device (`tools/bench.py gpu`): {"rows": [{"method",
-    "img_per_s", "step_s", "step_time_ratio" (step time / ERM's; ERM 1.0), "peak_memory_gib" (CUDA: the most
-    memory allocated during the method's steps; None elsewhere)}], "skipped": [...], "setup": {...}}.
+    "img_per_s", "step_s", "step_time_ratio" (step time / ERM's; ERM 1.0), "peak_memory_gib" (CUDA:
+    the most memory allocated during the method's steps; None elsewhere)}], "skipped": [...],
+    "setup": {...}}.
 
-    A step is forward + backward + SGD update under ``mixup_transfer.core.runtime.autocast(device, precision)`` (bf16 on
-    CUDA; CPU runs fp32) with the model and batch in channels_last (default: on CUDA only). Per method:
-    ``warmup`` untimed steps, then ``steps`` timed ones with the device synchronised only before and after
-    them (a synchronisation per step would stall the launch queue). One model serves every method.
+    A step is forward + backward + SGD update under ``mixup_transfer.core.runtime.autocast(device,
+    precision)`` (bf16 on CUDA; CPU runs fp32) with the model and batch in channels_last (default:
+    on CUDA only). Per method: ``warmup`` untimed steps, then ``steps`` timed ones with the device
+    synchronised only before and after them (a synchronisation per step would stall the launch
+    queue). One model serves every method.
     """
     from mixup_transfer.core.runtime import autocast, make_grad_scaler
 
@@ -205,8 +220,8 @@ def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224,
 
 
 def _time_methods(built, step, dev: torch.device, warmup: int, steps: int) -> tuple[dict, dict]:
-    """Seconds per step of each method (the device synchronised only around the timed steps) and its peak
-    allocated CUDA memory in GiB (None elsewhere)."""
+    """Seconds per step of each method (the device synchronised only around the timed steps) and
+    its peak allocated CUDA memory in GiB (None elsewhere)."""
 
     def sync():
         if dev.type == "cuda":

@@ -1,24 +1,25 @@
-"""NVIDIA DALI training loader (`data.loader: dali`): decode on the GPU (nvJPEG, `device="mixed"`), random
-resized crop, flip and the [0, 1] scaling in one DALI pipeline.
+"""NVIDIA DALI training loader (`data.loader: dali`): decode on the GPU (nvJPEG, `device="mixed"`),
+random resized crop, flip and the [0, 1] scaling in one DALI pipeline.
 
 Optional: DALI (`pip install nvidia-dali-cuda120`) is imported only when this loader is built, and
-`pretrain.data.select_loader` refuses it, with a clear error, where DALI or a GPU is missing. It has not
-been run in the toolkit's CPU-only test environment; the selection logic and the build / reset logic (with a
-stand-in pipeline) are tested there.
+`pretrain.data.select_loader` refuses it, with a clear error, where DALI or a GPU is missing. It
+has not been run in the toolkit's CPU-only test environment; the selection logic and the build /
+reset logic (with a stand-in pipeline) are tested there.
 
 What it keeps and what it does not:
-  - the order: the pipeline reads its files through an external source, `EpochFiles`, which gives each epoch
-    this process's files in `EpochSampler`'s order (no DALI shuffling), so the data order and a resume's
+  - the order: the pipeline reads its files through an external source, `EpochFiles`, which gives
+    each epoch this process's files in `EpochSampler`'s order (no DALI shuffling), so the data order and a resume's
     position are exactly those of the other loaders;
-  - the pipeline is built once per crop size and reset at each epoch; its files are read in `threads` Python
-    worker processes (DALI's parallel external source);
-  - the augmentation draws are DALI's, not torch's per sample seeds: the pipeline is seeded once, when it is
-    built, by (run seed, rank, epoch, start step) (`dali_seed`), and later epochs continue its random streams.
+  - the pipeline is built once per crop size and reset at each epoch; its files are read in
+    `threads` Python worker processes (DALI's parallel external source);
+  - the augmentation draws are DALI's, not torch's per sample seeds: the pipeline is seeded once,
+    when it is built, by (run seed, rank, epoch, start step) (`dali_seed`), and later epochs continue its random streams.
     A run is repeatable and no two ranks draw alike, but a resumed run (built at the resume's epoch and step)
     does not redraw the crops of an uninterrupted one, and the crops differ from the uint8 / PIL loaders'
     for the same seed;
   - crop + flip only (no colour jitter or PCA lighting; `select_loader` refuses them).
-Images come out as float [b, 3, size, size] in [0, 1] on the GPU (normalisation stays in the model).
+Images come out as float [b, 3, size, size] in [0, 1] on the GPU (normalisation stays in the
+model).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 def _pipeline(source: EpochFiles, size: int, scale_min: float, hflip: bool, batch: int, threads: int,
               device_id: int, seed: int):
-    """The built DALI pipeline: `source` (called with a BatchInfo in `threads` worker processes) -> (images
-    float [b, 3, size, size] in [0, 1], labels) on the GPU."""
+    """The built DALI pipeline: `source` (called with a BatchInfo in `threads` worker processes) ->
+    (images float [b, 3, size, size] in [0, 1], labels) on the GPU."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch, num_threads=threads, device_id=device_id, seed=seed, py_num_workers=threads,
@@ -56,7 +57,8 @@ def _pipeline(source: EpochFiles, size: int, scale_min: float, hflip: bool, batc
 
 
 def _iterator(pipe):
-    """DALI's PyTorch iterator over `pipe`, ending each epoch where the source does; reset by the caller."""
+    """DALI's PyTorch iterator over `pipe`, ending each epoch where the source does; reset by the
+    caller."""
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
     return DALIGenericIterator([pipe], ["images", "labels"], last_batch_policy=LastBatchPolicy.DROP,
@@ -64,18 +66,18 @@ def _iterator(pipe):
 
 
 def dali_seed(seed: int, rank: int, epoch: int, start_step: int) -> int:
-    """The DALI pipeline's seed for this process, built at (epoch, start_step): the run seed, the rank, the epoch
-    and the start step, so that no two ranks draw the same crops and flips (the rank 0 value is the one used
-    before the rank took part). In [0, 2**31 - 1)."""
+    """The DALI pipeline's seed for this process, built at (epoch, start_step): the run seed, the
+    rank, the epoch and the start step, so that no two ranks draw the same crops and flips (the
+    rank 0 value is the one used before the rank took part). In [0, 2**31 - 1)."""
     return (seed * 1_000_003 + epoch * 10_007 + start_step + rank * 1_000_000_007) % (2**31 - 1)
 
 
 class EpochFiles:
-    """DALI's external source: batch `info.iteration` of the pipeline's epoch `info.epoch_idx` (0 at the build,
-    +1 at each reset) is this process's files of the sampler's epoch `epoch + epoch_idx`, from `start_step` in
-    epoch 0 and from the start in later ones -> (encoded bytes, uint8 arrays; labels, int64 [1] arrays).
-    Raises StopIteration after the epoch's whole batches. A pure function of `info`: DALI calls it in worker
-    processes, each with its own copy."""
+    """DALI's external source: batch `info.iteration` of the pipeline's epoch `info.epoch_idx` (0
+    at the build, +1 at each reset) is this process's files of the sampler's epoch `epoch +
+    epoch_idx`, from `start_step` in epoch 0 and from the start in later ones -> (encoded bytes,
+    uint8 arrays; labels, int64 [1] arrays). Raises StopIteration after the epoch's whole batches.
+    A pure function of `info`: DALI calls it in worker processes, each with its own copy."""
 
     def __init__(self, samples, sampler, batch: int):
         self.samples, self.batch = samples, batch
@@ -101,20 +103,22 @@ class EpochFiles:
 
 
 class DaliTrainLoader:
-    """Iterable over one epoch's (images float [b, 3, size, size] on the GPU, labels int64 [b]) micro-batches,
-    once per epoch: the caller `set_epoch`s the shared `sampler` (an `EpochSampler`, this process's share of the
-    epoch from its start step) before each iteration.
+    """Iterable over one epoch's (images float [b, 3, size, size] on the GPU, labels int64 [b])
+    micro-batches,
+    once per epoch: the caller `set_epoch`s the shared `sampler` (an `EpochSampler`, this process's
+    share of the epoch from its start step) before each iteration.
 
-    The pipeline is built at the first iteration and reset at each next one when that one continues it (the
-    next epoch, from its start, after the previous epoch was read to its end); otherwise (a resume inside an
-    epoch, an epoch left unfinished) it is built again."""
+    The pipeline is built at the first iteration and reset at each next one when that one continues
+    it (the next epoch, from its start, after the previous epoch was read to its end); otherwise (a
+    resume inside an epoch, an epoch left unfinished) it is built again."""
 
     def __init__(self, samples, sampler, size: int, scale_min: float, hflip: bool, batch: int, device: torch.device,
                  seed: int, threads: int = 4):
         self.samples, self.sampler, self.size, self.scale_min, self.hflip = samples, sampler, size, scale_min, hflip
         self.batch, self.device, self.seed, self.threads = batch, device, seed, threads
         self._iter = None
-        self._next_epoch: int | None = None  # the epoch a reset continues with (None: build at the next iteration)
+        # the epoch a reset continues with (None: build at the next iteration)
+        self._next_epoch: int | None = None
         self.builds = 0
 
     def __len__(self) -> int:

@@ -1,19 +1,22 @@
 """Pretraining data: ImageNet-style augmentation and the resumable, sharded epoch sampler.
 
-Each sample's augmentation is drawn from torch's RNG seeded by (run seed, epoch, index) and epoch e's order is
-a function of (seed, e), so a run is the same in every worker layout and after a resume.
+Each sample's augmentation is drawn from torch's RNG seeded by (run seed, epoch, index) and epoch
+e's order is a function of (seed, e), so a run is the same in every worker layout and after a
+resume.
 
 Three data paths (`data.loader`, chosen by `select_loader`):
-  - "uint8" (default): workers decode with torchvision.io (libjpeg-turbo), crop, resize (antialiased) and flip
-    uint8 [3, h, w] tensors and return them as uint8, with the colour jitter / lighting factors they drew;
+  - "uint8" (default): workers decode with torchvision.io (libjpeg-turbo), crop, resize
+    (antialiased) and flip uint8 [3, h, w] tensors and return them as uint8, with the colour jitter
+                  / lighting factors they drew;
     `batch_to_device` makes them float in [0, 1] on the device (channels_last when asked) and applies the colour
     ops there, batched. With `decode_device: cuda` the workers only read the bytes and draw the crop; nvJPEG
     decodes the batch on the GPU (`decode_batch`). The draws are the PIL path's, in its order, so the same seed
     gives the same crop, flip and factors (pixels within 1/255 on crop + flip, see tests/core/test_uint8_data.py).
-  - "pil": the original PIL path (float tensors made in the workers); kept for comparison (tools/bench.py data).
+  - "pil": the original PIL path (float tensors made in the workers); kept for comparison
+    (tools/bench.py data).
   - "dali": NVIDIA DALI on the GPU (pretrain/dali.py), when installed and asked for (or "auto").
-ImageNet mean/std normalisation stays inside the model (ResNetStages), on the device, for every path: the
-mixing methods work in pixel units (ARCHITECTURE.md "Pixels").
+ImageNet mean/std normalisation stays inside the model (ResNetStages), on the device, for every
+path: the mixing methods work in pixel units (ARCHITECTURE.md "Pixels").
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's aspect-ratio range (torchv
 
 
 class Lighting:
-    """AlexNet-style PCA lighting noise on a [3, h, w] tensor in [0, 1] (ImageNet eigen-decomposition)."""
+    """AlexNet-style PCA lighting noise on a [3, h, w] tensor in [0, 1] (ImageNet
+    eigen-decomposition)."""
 
     EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
     EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140],
@@ -71,10 +75,11 @@ def val_transform(size: int, resize: int | None):
 
 
 def resize_uint8(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Antialiased bilinear resize of uint8 [3, h, w] -> uint8 [3, height, width] (PIL's filter up to 1/255).
+    """Antialiased bilinear resize of uint8 [3, h, w] -> uint8 [3, height, width] (PIL's filter up
+    to 1/255).
 
-    Runs on a channels-last copy (torch's vectorised uint8 kernel; the decoder's buffer is HWC already) and
-    returns a channels-last [3, height, width] tensor."""
+    Runs on a channels-last copy (torch's vectorised uint8 kernel; the decoder's buffer is HWC
+    already) and returns a channels-last [3, height, width] tensor."""
     if img.shape[-2:] == (height, width):
         return img
     x = img.unsqueeze(0).contiguous(memory_format=torch.channels_last)
@@ -83,11 +88,12 @@ def resize_uint8(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 class ColorDraws:
-    """Colour jitter and PCA lighting drawn in the worker, applied on the device (`color_augment`): the draws of
-    `train_transform`'s PIL pipeline in its order (ColorJitter.get_params: randperm(4), then the brightness,
-    contrast and saturation factors; then Lighting's randn(3)), packed as float [10] = the order (4), the three
-    factors, the lighting RGB offset (3). Doing the pixel work batched on the device instead of per image on
-    the CPU is what keeps the uint8 path fast with the ImageNet recipe's jitter 0.4 + lighting 0.1."""
+    """Colour jitter and PCA lighting drawn in the worker, applied on the device (`color_augment`):
+    the draws of `train_transform`'s PIL pipeline in its order (ColorJitter.get_params:
+    randperm(4), then the brightness, contrast and saturation factors; then Lighting's randn(3)),
+    packed as float [10] = the order (4), the three factors, the lighting RGB offset (3). Doing the
+    pixel work batched on the device instead of per image on the CPU is what keeps the uint8 path
+    fast with the ImageNet recipe's jitter 0.4 + lighting 0.1."""
 
     def __init__(self, color_jitter: float, lighting: float):
         from torchvision import transforms as T
@@ -116,12 +122,16 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def color_augment(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """torchvision's float ColorJitter (brightness, contrast, saturation, in each image's drawn order) then PCA
-    lighting, batched: x float [b, 3, h, w] in [0, 1], params [b, 10] from `ColorDraws` -> [b, 3, h, w]."""
-    p = params.to(x.device, non_blocking=True).to(x.dtype)  # from the loader's pinned memory: no wait
+    """torchvision's float ColorJitter (brightness, contrast, saturation, in each image's drawn
+    order) then PCA
+    lighting, batched: x float [b, 3, h, w] in [0, 1], params [b, 10] from `ColorDraws` -> [b, 3,
+    h, w]."""
+    # from the loader's pinned memory: no wait
+    p = params.to(x.device, non_blocking=True).to(x.dtype)
     view = (-1, 1, 1, 1)
     bright, contrast, sat = p[:, 4].view(view), p[:, 5].view(view), p[:, 6].view(view)
-    for k in range(4):  # position k of each image's order (op 3, hue, is never drawn: a no-op here)
+    # position k of each image's order (op 3, hue, is never drawn: a no-op here)
+    for k in range(4):
         op = p[:, k].view(view)
         x = torch.where(op == 0, (bright * x).clamp(0, 1), x)
         mean = _gray(x).mean((1, 2, 3), keepdim=True)
@@ -131,10 +141,11 @@ def color_augment(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 
 class Uint8TrainTransform:
-    """RandomResizedCrop(size, scale=(scale_min, 1)) + horizontal flip on uint8 [3, h, w] tensors, plus the
-    colour jitter / lighting draws (`ColorDraws`, applied later on the device); torch's RNG is drawn in the order
-    of `train_transform`'s PIL pipeline (same seed, same crop, flip and factors). Returns uint8 [3, size, size],
-    or (that, float [10] colour params) when jitter or lighting is on."""
+    """RandomResizedCrop(size, scale=(scale_min, 1)) + horizontal flip on uint8 [3, h, w] tensors,
+    plus the colour jitter / lighting draws (`ColorDraws`, applied later on the device); torch's
+    RNG is drawn in the order of `train_transform`'s PIL pipeline (same seed, same crop, flip and
+    factors). Returns uint8 [3, size, size], or (that, float [10] colour params) when jitter or
+    lighting is on."""
 
     def __init__(self, size: int, scale_min: float, hflip: bool, color_jitter: float, lighting: float):
         from torchvision import transforms as T
@@ -152,8 +163,8 @@ class Uint8TrainTransform:
 
 
 class Uint8ValTransform:
-    """Resize the shorter side to `resize` (default size / 0.875, torchvision's rounding of the longer side),
-    then centre-crop `size`; uint8 [3, h, w] -> uint8 [3, size, size]."""
+    """Resize the shorter side to `resize` (default size / 0.875, torchvision's rounding of the
+    longer side), then centre-crop `size`; uint8 [3, h, w] -> uint8 [3, size, size]."""
 
     def __init__(self, size: int, resize: int | None):
         self.size, self.resize = size, resize or int(round(size / 0.875))
@@ -169,9 +180,10 @@ class Uint8ValTransform:
 
 
 class EncodedTrainTransform:
-    """For `decode_device: cuda`: encoded bytes -> (bytes, int64 [6] = top, left, height, width, flip, size),
-    plus the float [10] colour params when jitter or lighting is on. The crop is drawn from the header's size
-    with the same draws as `Uint8TrainTransform`; `batch_to_device` decodes, crops and colours on the GPU."""
+    """For `decode_device: cuda`: encoded bytes -> (bytes, int64 [6] = top, left, height, width,
+    flip, size), plus the float [10] colour params when jitter or lighting is on. The crop is drawn
+    from the header's size with the same draws as `Uint8TrainTransform`; `batch_to_device` decodes,
+    crops and colours on the GPU."""
 
     def __init__(self, size: int, scale_min: float, hflip: bool, color_jitter: float = 0.0, lighting: float = 0.0):
         from torchvision import transforms as T
@@ -189,10 +201,10 @@ class EncodedTrainTransform:
 
 
 def collate_uint8(batch):
-    """[(uint8 [3, h, w] or (that, colour [10]), label)] -> (uint8 [b, 3, h, w] in channels-last memory, labels
-    [b][, colour [b, 10]]): one HWC copy per image (the decoder's and the resize's layout; default_collate's NCHW
-    stack of these is 6x slower), into shared memory in a worker as default_collate does, so the batch reaches
-    the main process without another copy."""
+    """[(uint8 [3, h, w] or (that, colour [10]), label)] -> (uint8 [b, 3, h, w] in channels-last
+    memory, labels [b][, colour [b, 10]]): one HWC copy per image (the decoder's and the resize's
+    layout; default_collate's NCHW stack of these is 6x slower), into shared memory in a worker as
+    default_collate does, so the batch reaches the main process without another copy."""
     color = isinstance(batch[0][0], tuple)
     images = [b[0][0] if color else b[0] for b in batch]
     c, h, w = images[0].shape
@@ -212,17 +224,18 @@ def collate_uint8(batch):
 
 
 def collate_encoded(batch):
-    """[((bytes, crop [6][, colour [10]]), label)] -> (list of bytes, crops [b, 6], labels [b][, colour [b, 10]])
-    (the bytes differ in length, so they stay a list)."""
+    """[((bytes, crop [6][, colour [10]]), label)] -> (list of bytes, crops [b, 6], labels [b][,
+    colour [b, 10]]) (the bytes differ in length, so they stay a list)."""
     out = ([b[0][0] for b in batch], torch.stack([b[0][1] for b in batch]), torch.tensor([b[1] for b in batch]))
     return out + (torch.stack([b[0][2] for b in batch]),) if len(batch[0][0]) > 2 else out
 
 
 def decode_batch(datas: list, params: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Decode (nvJPEG on CUDA; libjpeg-turbo on CPU, the same code) and crop, resize, flip a batch:
-    -> float [b, 3, size, size] in [0, 1] on `device`. Non-JPEG files are decoded on the CPU and moved
-    (`host_to_device`: pinned, non-blocking). The resize is antialiased bilinear in float, rounded to whole
-    levels as the uint8 CPU path rounds (equal to it within 1/255 where both decoders agree)."""
+    -> float [b, 3, size, size] in [0, 1] on `device`. Non-JPEG files are decoded on the CPU and
+    moved (`host_to_device`: pinned, non-blocking). The resize is antialiased bilinear in float,
+    rounded to whole levels as the uint8 CPU path rounds (equal to it within 1/255 where both
+    decoders agree)."""
     jpeg = [k for k, d in enumerate(datas) if is_jpeg(d)]
     images: list = [None] * len(datas)
     if jpeg:
@@ -242,11 +255,12 @@ def decode_batch(datas: list, params: torch.Tensor, device: torch.device) -> tor
 
 
 def decode_jpegs(datas: list, device: torch.device) -> list:
-    """JPEG bytes -> uint8 [3, h, w] RGB tensors on `device`: one batched nvJPEG call on CUDA (libjpeg-turbo on the
-    CPU). On CUDA the decode runs on a side stream that first waits for the caller's queued kernels, and its
-    outputs are recorded on the caller's stream: torchvision's decoder writes on its own stream, and memory the
-    caching allocator hands it must not be memory those kernels still read. Images nvJPEG refuses (CMYK JPEGs,
-    about 22 in ImageNet's train set) are decoded on the CPU and moved."""
+    """JPEG bytes -> uint8 [3, h, w] RGB tensors on `device`: one batched nvJPEG call on CUDA
+    (libjpeg-turbo on the CPU). On CUDA the decode runs on a side stream that first waits for the
+    caller's queued kernels, and its outputs are recorded on the caller's stream: torchvision's
+    decoder writes on its own stream, and memory the caching allocator hands it must not be memory
+    those kernels still read. Images nvJPEG refuses (CMYK JPEGs, about 22 in ImageNet's train set)
+    are decoded on the CPU and moved."""
     from torchvision import io as tio
 
     def decode(items):
@@ -263,7 +277,8 @@ def decode_jpegs(datas: list, device: torch.device) -> list:
 
     try:
         return decode(datas)
-    except RuntimeError:  # one image the device decoder cannot read fails the whole batch: retry one by one
+    # one image the device decoder cannot read fails the whole batch: retry one by one
+    except RuntimeError:
         out = []
         for k, data in enumerate(datas):
             try:
@@ -274,8 +289,9 @@ def decode_jpegs(datas: list, device: torch.device) -> list:
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor copied to `device` without making the host wait: on CUDA through pinned memory with a
-    non-blocking copy (a copy from pageable memory is staged through a pinned buffer by the host)."""
+    """A host tensor copied to `device` without making the host wait: on CUDA through pinned memory
+    with a non-blocking copy (a copy from pageable memory is staged through a pinned buffer by the
+    host)."""
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
@@ -292,9 +308,10 @@ def _side_stream(device: torch.device):
 
 
 def batch_to_device(batch, device: torch.device, channels_last: bool):
-    """A loader's batch -> (float images [b, 3, h, w] in [0, 1] on `device`, labels): uint8 images are moved as
-    uint8 (4x fewer bytes) and converted there; encoded batches (bytes, crops, labels) are decoded there; colour
-    params, when the batch carries them, are applied there (`color_augment`)."""
+    """A loader's batch -> (float images [b, 3, h, w] in [0, 1] on `device`, labels): uint8 images
+    are moved as uint8 (4x fewer bytes) and converted there; encoded batches (bytes, crops, labels)
+    are decoded there; colour params, when the batch carries them, are applied there
+    (`color_augment`)."""
     encoded = isinstance(batch[0], list)
     if encoded:
         images, labels = decode_batch(batch[0], batch[1], device), batch[2]
@@ -306,7 +323,8 @@ def batch_to_device(batch, device: torch.device, channels_last: bool):
     elif not images.is_contiguous():
         images = images.contiguous()
     if images.dtype == torch.uint8:
-        images = images.float().div_(255)  # .float() keeps the memory format; same op as ToTensor's
+        # .float() keeps the memory format; same op as ToTensor's
+        images = images.float().div_(255)
     if color is not None:
         images = color_augment(images, color)
     return images, labels.to(device, non_blocking=True)
@@ -318,9 +336,9 @@ def dali_importable() -> bool:
 
 def select_loader(loader: str, decode_device: str, device: torch.device, color_jitter: float = 0.0,
                   lighting: float = 0.0, dali_found: bool | None = None) -> str:
-    """The data path to use: "uint8", "pil" or "dali" (see the module docstring); ConfigError when the asked
-    one cannot run here. "auto" is DALI when it is importable, the device is CUDA and the augmentation is one
-    DALI runs (crop + flip), else "uint8"."""
+    """The data path to use: "uint8", "pil" or "dali" (see the module docstring); ConfigError when
+    the asked one cannot run here. "auto" is DALI when it is importable, the device is CUDA and the
+    augmentation is one DALI runs (crop + flip), else "uint8"."""
     if loader not in LOADERS:
         raise ConfigError(f"data.loader must be one of {LOADERS}, got {loader!r}")
     if decode_device not in DECODE_DEVICES:
@@ -347,9 +365,9 @@ def select_loader(loader: str, decode_device: str, device: torch.device, color_j
 
 
 def padded_train_transform(size: int, padding: int, hflip: bool):
-    """The small-image augmentation of the reference codes (manifold mixup, PuzzleMix, AlignMixup; the papers
-    themselves do not state it): a random `size` crop of the image zero-padded by `padding` on each side, then a
-    horizontal flip with probability 1/2."""
+    """The small-image augmentation of the reference codes (manifold mixup, PuzzleMix, AlignMixup;
+    the papers themselves do not state it): a random `size` crop of the image zero-padded by
+    `padding` on each side, then a horizontal flip with probability 1/2."""
     from torchvision import transforms as T
 
     ts = [T.RandomCrop(size, padding=padding)] + ([T.RandomHorizontalFlip()] if hflip else []) + [T.ToTensor()]
@@ -384,7 +402,9 @@ class SeededTransform(Dataset):
         if self.transform is not None:
             if seed is None:
                 img = self.transform(img)
-            else:  # the CPU generator only: torch.manual_seed would also reseed every accelerator (and cost 0.1 ms)
+            # the CPU generator only: torch.manual_seed would also reseed every accelerator (and
+            # cost 0.1 ms)
+            else:
                 with torch.random.fork_rng(devices=[]):
                     torch.default_generator.manual_seed(seed)
                     img = self.transform(img)
@@ -392,10 +412,11 @@ class SeededTransform(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Shuffled, sharded, resumable: epoch e's order is randperm(seed * 7919 + e), cut to whole global batches
-    (the remainder is dropped, as DistributedSampler with drop_last). The position in an epoch is kept in samples
-    (`start_step` x `global_batch`), and each process takes every world-th of the samples still to visit, so a run
-    resumes with another number of processes. Yields (index, sample seed)."""
+    """Shuffled, sharded, resumable: epoch e's order is randperm(seed * 7919 + e), cut to whole
+    global batches (the remainder is dropped, as DistributedSampler with drop_last). The position
+    in an epoch is kept in samples (`start_step` x `global_batch`), and each process takes every
+    world-th of the samples still to visit, so a run resumes with another number of processes.
+    Yields (index, sample seed)."""
 
     def __init__(self, n: int, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0, subset=None):
         if global_batch % world:

@@ -1,18 +1,22 @@
-"""Training-data throughput per CPU core (`tools/bench.py data`): the PIL path, the uint8 path and decode alone.
+"""Training-data throughput per CPU core (`tools/bench.py data`): the PIL path, the uint8 path and
+decode alone.
 
-A generated ImageNet-layout folder of photo-like JPEGs (smooth colour fields plus sensor-like noise, 500 x 375,
-quality 90, 4:2:0) is read through the real code: `ImageNetFolder` + `SeededTransform` + the collate function,
-the worker's work per batch (fetch each item, collate) done in this process on one thread
-(`torch.set_num_threads(1)`), so the process clock measures the work of one core. The paths are timed
-round-robin batch by batch (`run_data_bench`), so a busy neighbour slows them alike. Only ratios are targets.
+A generated ImageNet-layout folder of photo-like JPEGs (smooth colour fields plus sensor-like
+noise, 500 x 375, quality 90, 4:2:0) is read through the real code: `ImageNetFolder` +
+`SeededTransform` + the collate function, the worker's work per batch (fetch each item, collate)
+done in this process on one thread (`torch.set_num_threads(1)`), so the process clock measures the
+work of one core. The paths are timed round-robin batch by batch (`run_data_bench`), so a busy
+neighbour slows them alike. Only ratios are targets.
 
-  - pil:    read_image (PIL decode) -> RandomResizedCrop + flip (PIL) -> ToTensor (float) -> collate
-  - uint8:  read_image_uint8 (torchvision.io decode_jpeg) -> crop + antialiased resize + flip (uint8) ->
+  - pil:    read_image (PIL decode) -> RandomResizedCrop + flip (PIL) -> ToTensor (float) ->
+    collate
+  - uint8:  read_image_uint8 (torchvision.io decode_jpeg) -> crop + antialiased resize + flip
+    (uint8) ->
             collate_uint8
             (the float conversion runs on the device, `batch_to_device`, and is not counted here)
   - decode: read_image_uint8 alone: the ceiling of any path that decodes the whole image on the CPU
-  - pil_recipe, uint8_recipe (not with --quick): both with the ImageNet recipe's colour jitter 0.4 + lighting
-    0.1; the PIL path applies them in the worker, the uint8 path only draws them there (the pixel work runs on
+  - pil_recipe, uint8_recipe (not with --quick): both with the ImageNet recipe's colour jitter 0.4
+    + lighting 0.1; the PIL path applies them in the worker, the uint8 path only draws them there (the pixel work runs on
     the device, `color_augment`, not counted)
 """
 
@@ -50,9 +54,10 @@ def write_jpegs(root: Path, n: int, size=(500, 375), quality: int = 90, classes:
 
 
 def _paths(root: Path, size: int, recipe: bool) -> dict:
-    """{name: a function of one batch's sampler keys [(index, seed)]}: what a DataLoader worker does for a batch
-    (fetch every item through SeededTransform, then collate), or the decode alone. recipe: also both paths with
-    the ImageNet recipe's colour jitter 0.4 + lighting 0.1 (`_base_imagenet.yaml`)."""
+    """{name: a function of one batch's sampler keys [(index, seed)]}: what a DataLoader worker
+    does for a batch (fetch every item through SeededTransform, then collate), or the decode alone.
+    recipe: also both paths with the ImageNet recipe's colour jitter 0.4 + lighting 0.1
+    (`_base_imagenet.yaml`)."""
     pil_files = ImageNetFolder(root, "train", boxes=None)
     files = ImageNetFolder(root, "train", boxes=None, reader=read_image_uint8)
     out = {"decode": lambda keys: [files[index] for index, _ in keys]}
@@ -66,12 +71,14 @@ def _paths(root: Path, size: int, recipe: bool) -> dict:
 
 def run_data_bench(quick: bool = False, n: int = 320, size: int = 224, batch: int = 32, repeats: int = 3,
                    root: str | None = None) -> dict:
-    """{"img_per_s_per_core": {path: ...}, "ratios": ..., "targets": ..., "setup": ...} (see the module doc).
+    """{"img_per_s_per_core": {path: ...}, "ratios": ..., "targets": ..., "setup": ...} (see the
+    module doc).
 
-    Round-robin at the batch level: for every repeat and batch, each path processes that batch once; a path's
-    time is the sum over batches of its fastest repeat (noise on a shared machine only ever adds time).
-    quick: 96 images, 2 repeats, no recipe paths. root: an existing ImageNet-layout folder instead of the
-    generated JPEGs."""
+    Round-robin at the batch level: for every repeat and batch, each path processes that batch
+    once; a path's time is the sum over batches of its fastest repeat (noise on a shared machine
+    only ever adds time).
+    quick: 96 images, 2 repeats, no recipe paths. root: an existing ImageNet-layout folder instead
+    of the generated JPEGs."""
     if quick:
         n, repeats = 96, 2
     old_threads = torch.get_num_threads()

@@ -18,7 +18,8 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     for key in ("train_loss", "val_loss"):
         if all(key in h for h in history):
             a.plot(ep, [h[key] for h in history], marker="o", label=key)
-    a.set_yscale("log")  # the first epoch's val loss can be huge (BN running stats not settled yet)
+    # the first epoch's val loss can be huge (BN running stats not settled yet)
+    a.set_yscale("log")
     a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend()
     for key in ("val_top1", "val_top5", "train_top1"):
         if all(key in h for h in history):

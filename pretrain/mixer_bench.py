@@ -1,10 +1,11 @@
-"""Time of one mixing call of `pretrain.mixers` against timm's `Mixup` (modes batch / pair / elem) and
-torchvision's `v2.MixUp` / `v2.CutMix` on the same batches (`tools/bench.py mixers`).
+"""Time of one mixing call of `pretrain.mixers` against timm's `Mixup` (modes batch / pair / elem)
+and torchvision's `v2.MixUp` / `v2.CutMix` on the same batches (`tools/bench.py mixers`).
 
-Every call gets a fresh copy of one batch (timm mixes in place), made outside the timer; implementations are
-timed round-robin (every repeat times each once, so a noisy neighbour slows all alike) and each keeps its
-fastest repeat. Every call returns the mixed images and soft targets [b, c] (no label smoothing). timm is an
-optional extra (`pip install 'mixup-transfer[bench]'`): without it its rows are skipped with a printed line.
+Every call gets a fresh copy of one batch (timm mixes in place), made outside the timer;
+implementations are timed round-robin (every repeat times each once, so a noisy neighbour slows all
+alike) and each keeps its fastest repeat. Every call returns the mixed images and soft targets [b,
+c] (no label smoothing). timm is an optional extra (`pip install 'mixup-transfer[bench]'`): without
+it its rows are skipped with a printed line.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 
 from pretrain import mixers
 
-# (row, ours, [(competitor label, kind, knobs)]): per-sample rows compare against timm's per-sample modes
+# (row, ours, [(competitor label, kind, knobs)]): per-sample rows compare against timm's per-sample
+# modes
 ROWS = [
     ("mixup batch", ("mixup", False), [("timm batch", "timm", "mixup", "batch"), ("torchvision", "tv", "mixup", "")]),
     ("mixup per-sample", ("mixup", True), [("timm elem", "timm", "mixup", "elem"),
@@ -65,10 +67,11 @@ def _time_once(fn, x, y, timer, sync) -> float:
 
 def run_mixer_bench(batch: int = 256, size: int = 224, num_classes: int = 1000, repeats: int = 5,
                     device: str = "cpu", threads: int | None = 1, clock: str = "auto") -> dict:
-    """{"rows": [{"row", "ours_ms", competitor label: {"ms", "ratio"}}], "setup", "skipped", "goals"}; a ratio
-    is the competitor's time / ours (> 1: ours is faster). threads: torch threads on CPU (restored after).
-    clock: "process" (CPU time of this process, the work itself on a shared CPU), "wall", or "auto" (process on
-    CPU, wall on CUDA)."""
+    """{"rows": [{"row", "ours_ms", competitor label: {"ms", "ratio"}}], "setup", "skipped",
+    "goals"}; a ratio is the competitor's time / ours (> 1: ours is faster). threads: torch threads
+    on CPU (restored after).
+    clock: "process" (CPU time of this process, the work itself on a shared CPU), "wall", or "auto"
+    (process on CPU, wall on CUDA)."""
     dev = torch.device(device)
     clock = ("wall" if dev.type == "cuda" else "process") if clock == "auto" else clock
     timer = time.perf_counter if clock == "wall" else time.process_time
@@ -115,7 +118,8 @@ def _time_rows(x, y, num_classes, repeats, timer, sync, dev):
 
 
 def _goals(rows) -> dict:
-    """The measured ratio against each goal (competitor time / ours; the goal is the least acceptable)."""
+    """The measured ratio against each goal (competitor time / ours; the goal is the least
+    acceptable)."""
     out = {}
     for row in rows:
         kind = "per-sample" if "per-sample" in row["row"] else "batch"

@@ -4,22 +4,27 @@
     x_mixed, targets = mixer(images, labels)       # images [b, C, h, w], labels [b] int
     loss = mixed_loss(model(x_mixed), targets)     # soft-target cross-entropy, or your criterion
 
-Mixers: `MixUp`, `CutMix`, `PuzzleMix` (saliency passed in or computed by a callback), `MultiMixK` (multi-mix:
-K sorted interpolations of every pair over one of those), `ZetaMixup` (every example a p-series combination of
-the whole batch) and `RandomChoice` (switch between mixers per batch, or per example for per-sample MixUp /
-CutMix, as timm's `switch_prob`).
+Mixers: `MixUp`, `CutMix`, `PuzzleMix` (saliency passed in or computed by a callback), `MultiMixK`
+(multi-mix: K sorted interpolations of every pair over one of those), `ZetaMixup` (every example a
+p-series combination of the whole batch) and `RandomChoice` (switch between mixers per batch, or
+per example for per-sample MixUp / CutMix, as timm's `switch_prob`).
 
-- `targets="soft"`: [n, c] rows on the simplex (label smoothing applied before mixing); `targets="pair"`:
-  `PairTargets(y_a, y_b, lam)` for loss interpolation lam * L(y_a) + (1 - lam) * L(y_b), so any criterion works.
-- Any batch size (odd, 1: the partner of an example may be itself). `per_sample=True` draws one lam (and one box)
+- `targets="soft"`: [n, c] rows on the simplex (label smoothing applied before mixing);
+  `targets="pair"`: `PairTargets(y_a, y_b, lam)` for loss interpolation lam * L(y_a) + (1 - lam) *
+  L(y_b), so any criterion works.
+- Any batch size (odd, 1: the partner of an example may be itself). `per_sample=True` draws one lam
+  (and one box)
   per example, vectorised: no Python loop over examples.
-- Every draw comes from a `torch.Generator` (`generator=`, or one seeded with `seed=` on the input's device at the
-  first call): no global RNG. A call is `apply(x, y, draw(x))`: the toolkit's trainer (`pretrain.methods`) builds
-  the `Draw` from its own seeded streams and calls the same `apply`, so both paths run one implementation.
-- With a generator on the input's device nothing is read back to the host (except PuzzleMix, whose graph cut runs
-  on the host); a CPU generator with CUDA inputs sends its draws with a non-blocking copy.
-The math is `pretrain.methods`' (`base`, `cutmix`, `puzzlemix`); this module holds the draws and the vectorised
-boxes.
+- Every draw comes from a `torch.Generator` (`generator=`, or one seeded with `seed=` on the
+  input's device at the
+  first call): no global RNG. A call is `apply(x, y, draw(x))`: the toolkit's trainer
+  (`pretrain.methods`) builds the `Draw` from its own seeded streams and calls the same `apply`, so
+  both paths run one implementation.
+- With a generator on the input's device nothing is read back to the host (except PuzzleMix, whose
+  graph cut runs on the host); a CPU generator with CUDA inputs sends its draws with a non-blocking
+  copy.
+The math is `pretrain.methods`' (`base`, `cutmix`, `puzzlemix`); this module holds the draws and
+the vectorised boxes.
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ from pretrain.methods import cutmix, puzzlemix
 
 
 class PairTargets(NamedTuple):
-    """Targets for loss interpolation: lam * L(logits, y_a) + (1 - lam) * L(logits, y_b). y_a, y_b [n] int,
-    lam [n] float (the weight of y_a); label_smoothing is passed to the default criterion."""
+    """Targets for loss interpolation: lam * L(logits, y_a) + (1 - lam) * L(logits, y_b). y_a, y_b
+    [n] int, lam [n] float (the weight of y_a); label_smoothing is passed to the default
+    criterion."""
 
     y_a: torch.Tensor
     y_b: torch.Tensor
@@ -49,8 +55,8 @@ class PairTargets(NamedTuple):
 def mixed_loss(logits: torch.Tensor, targets, criterion: Callable | None = None) -> torch.Tensor:
     """The mean loss of `logits` [n, c] against a mixer's targets: soft [n, c] or `PairTargets`.
 
-    criterion(logits, target, reduction="none") -> [n]; default: cross-entropy (with the pair targets' label
-    smoothing). With soft targets the default is H(targets, softmax(logits))
+    criterion(logits, target, reduction="none") -> [n]; default: cross-entropy (with the pair
+    targets' label smoothing). With soft targets the default is H(targets, softmax(logits))
     (`pretrain.methods.base.soft_cross_entropy`)."""
     if isinstance(targets, PairTargets):
         if criterion is None:
@@ -65,22 +71,23 @@ def mixed_loss(logits: torch.Tensor, targets, criterion: Callable | None = None)
 
 
 def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
-    """[b] int -> [b, c]: 1 - smoothing + smoothing / c on the label, smoothing / c elsewhere (timm's convention)."""
+    """[b] int -> [b, c]: 1 - smoothing + smoothing / c on the label, smoothing / c elsewhere
+    (timm's convention)."""
     y = shared.one_hot(labels, num_classes)
     return y if smoothing == 0 else y * (1 - smoothing) + smoothing / num_classes
 
 
 @dataclass
 class Draw:
-    """One call's randomness. perm [b] (the partner of example i is perm[i]); lam the weight of the first input
-    as drawn, n values (n = 1 per batch, b per example, K for multi-mix); centre (row, column) of the CutMix
-    box(es), [n or 1, 2]; grid: PuzzleMix's block grid; choice: RandomChoice's pick ([] per batch, [b] per
-    example) with the chosen mixers' draws in `parts`; order: ζ-Mixup's [b, b] uniform draws (row i ranks the
-    batch for example i).
+    """One call's randomness. perm [b] (the partner of example i is perm[i]); lam the weight of the
+    first input as drawn, n values (n = 1 per batch, b per example, K for multi-mix); centre (row,
+    column) of the CutMix box(es), [n or 1, 2]; grid: PuzzleMix's block grid; choice:
+    RandomChoice's pick ([] per batch, [b] per example) with the chosen mixers' draws in `parts`;
+    order: ζ-Mixup's [b, b] uniform draws (row i ranks the batch for example i).
 
-    lam and centre are tensors (a mixer's own draws, on its generator's device) or host numbers (a list of
-    floats, a (row, column) tuple), as the toolkit's trainer draws them from its host stream: host numbers are
-    used as kernel arguments and never read back from a tensor."""
+    lam and centre are tensors (a mixer's own draws, on its generator's device) or host numbers (a
+    list of floats, a (row, column) tuple), as the toolkit's trainer draws them from its host
+    stream: host numbers are used as kernel arguments and never read back from a tensor."""
 
     perm: torch.Tensor
     lam: torch.Tensor | list
@@ -92,7 +99,8 @@ class Draw:
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """t on `device`; host tensors go to CUDA with a non-blocking copy from pinned memory (no synchronisation)."""
+    """t on `device`; host tensors go to CUDA with a non-blocking copy from pinned memory (no
+    synchronisation)."""
     if t.device == device:
         return t
     if t.device.type == "cpu" and device.type == "cuda":
@@ -101,16 +109,16 @@ def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _weight(lam, x: torch.Tensor):
-    """A mixing weight for x: a Python float when it is one host number (a kernel argument, no copy), else a
-    float32 tensor [n] on x's device."""
+    """A mixing weight for x: a Python float when it is one host number (a kernel argument, no
+    copy), else a float32 tensor [n] on x's device."""
     if isinstance(lam, (list, tuple)):
         return float(lam[0]) if len(lam) == 1 else shared.host_to_device(lam, x.device)
     return _to(lam, x.device).to(torch.float32)
 
 
 def _host(draw: Draw) -> Draw:
-    """A per-batch draw made on the CPU as host numbers (reading a CPU tensor does not wait for a device), so
-    that one box is a slice copy and one lam a kernel argument."""
+    """A per-batch draw made on the CPU as host numbers (reading a CPU tensor does not wait for a
+    device), so that one box is a slice copy and one lam a kernel argument."""
     one_box = isinstance(draw.centre, torch.Tensor) and draw.centre.shape[0] == 1
     if isinstance(draw.lam, torch.Tensor) and draw.lam.device.type == "cpu" and (draw.lam.numel() == 1 or one_box):
         centre = draw.centre
@@ -123,9 +131,12 @@ def _host(draw: Draw) -> Draw:
 class Mixer:
     """Shared by the mixers: the generator, the targets and the knobs every method has.
 
-    alpha: lam ~ Beta(alpha, alpha). num_classes: needed for soft targets. per_sample: one lam (and box) per
-    example. prob: the probability that an example (per_sample) or the batch is mixed at all (else lam = 1).
-    label_smoothing: applied to the targets before mixing. targets: "soft" or "pair" (see the module docstring).
+    alpha: lam ~ Beta(alpha, alpha). num_classes: needed for soft targets. per_sample: one lam (and
+    box) per
+    example. prob: the probability that an example (per_sample) or the batch is mixed at all (else
+    lam = 1).
+    label_smoothing: applied to the targets before mixing. targets: "soft" or "pair" (see the
+    module docstring).
     """
 
     def __init__(self, alpha: float = 1.0, num_classes: int | None = None, per_sample: bool = False,
@@ -165,7 +176,8 @@ class Mixer:
 
     def targets(self, y: torch.Tensor, perm: torch.Tensor, kept):
         """Targets of mixed examples whose first input keeps weight `kept` (a float or [b])."""
-        if self.target_kind == "pair":  # a host float is filled in on the device (a copy would synchronise)
+        # a host float is filled in on the device (a copy would synchronise)
+        if self.target_kind == "pair":
             lam = kept.expand(y.shape[0]) if isinstance(kept, torch.Tensor) else torch.full(
                 (y.shape[0],), float(kept), device=y.device)
             return PairTargets(y, y[perm], lam, self.label_smoothing)
@@ -179,7 +191,8 @@ class Mixer:
 
 
 class MixUp(Mixer):
-    """Input mixup (Zhang et al., "mixup: Beyond Empirical Risk Minimization"): lam x + (1 - lam) x[perm]."""
+    """Input mixup (Zhang et al., "mixup: Beyond Empirical Risk Minimization"): lam x + (1 - lam)
+    x[perm]."""
 
     def draw(self, x, generator=None) -> Draw:
         g = self._generator(x, generator)
@@ -196,10 +209,10 @@ class MixUp(Mixer):
 
 
 def cutmix_boxes(h: int, w: int, side: torch.Tensor, centre: torch.Tensor):
-    """`cutmix.cutmix_box` for n boxes at once, on the tensors' device: side [n] the box side as a fraction of
-    the image (sqrt(1 - lam) for CutMix), centre [n, 2] int (row, column) ->
-    (boxes [n, 4] long (y0, y1, x0, x1), kept [n] float64 = 1 - box area / (h w)). Side in float64, so the
-    integer sizes equal the host function's."""
+    """`cutmix.cutmix_box` for n boxes at once, on the tensors' device: side [n] the box side as a
+    fraction of the image (sqrt(1 - lam) for CutMix), centre [n, 2] int (row, column) ->
+    (boxes [n, 4] long (y0, y1, x0, x1), kept [n] float64 = 1 - box area / (h w)). Side in float64,
+    so the integer sizes equal the host function's."""
     side = side.to(torch.float64)
     ch, cw = torch.floor(h * side).long(), torch.floor(w * side).long()
     cy, cx = centre[:, 0].long(), centre[:, 1].long()
@@ -210,20 +223,22 @@ def cutmix_boxes(h: int, w: int, side: torch.Tensor, centre: torch.Tensor):
 
 
 def keep_masks(h: int, w: int, boxes: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """boxes [n, 4] (y0, y1, x0, x1) -> [n, 1, h, w] of `dtype`: 0 inside the box (the partner's pixels), 1 outside
-    (the first image's), as `cutmix.box_mask` for n boxes."""
+    """boxes [n, 4] (y0, y1, x0, x1) -> [n, 1, h, w] of `dtype`: 0 inside the box (the partner's
+    pixels), 1 outside (the first image's), as `cutmix.box_mask` for n boxes."""
     rows = torch.arange(h, device=boxes.device)
     cols = torch.arange(w, device=boxes.device)
-    out_r = ((rows < boxes[:, :1]) | (rows >= boxes[:, 1:2])).to(dtype)  # [n, h]: row outside the box
+    # [n, h]: row outside the box
+    out_r = ((rows < boxes[:, :1]) | (rows >= boxes[:, 1:2])).to(dtype)
     out_c = ((cols < boxes[:, 2:3]) | (cols >= boxes[:, 3:4])).to(dtype)  # [n, w]
-    return torch.maximum(out_r[:, :, None], out_c[:, None, :]).unsqueeze(1)  # outside if the row or column is
+    # outside if the row or column is
+    return torch.maximum(out_r[:, :, None], out_c[:, None, :]).unsqueeze(1)
 
 
 def paste_boxes(x: torch.Tensor, perm: torch.Tensor, boxes) -> torch.Tensor:
-    """x with box i taken from the partner x[perm[i]]. x [b, C, h, w]; boxes: one host box (y0, y1, x0, x1) of
-    ints for the whole batch (a slice copy of the partners' box region), or a tensor [1 or b, 4] (on the device:
-    the partners gathered, then the kept pixels written back by one in-place lerp with the 0/1 keep mask, which
-    returns either input exactly)."""
+    """x with box i taken from the partner x[perm[i]]. x [b, C, h, w]; boxes: one host box (y0, y1,
+    x0, x1) of ints for the whole batch (a slice copy of the partners' box region), or a tensor [1
+    or b, 4] (on the device: the partners gathered, then the kept pixels written back by one
+    in-place lerp with the 0/1 keep mask, which returns either input exactly)."""
     if not isinstance(boxes, torch.Tensor):
         y0, y1, x0, x1 = boxes
         out = x.clone()
@@ -234,9 +249,10 @@ def paste_boxes(x: torch.Tensor, perm: torch.Tensor, boxes) -> torch.Tensor:
 
 
 class CutMix(Mixer):
-    """CutMix (Yun et al., "CutMix: Regularization Strategy to Train Strong Classifiers with Localizable
-    Features"): a box of side sqrt(1 - lam) with a uniform centre, pasted from the partner; the label weight is
-    the kept area (`cutmix.cutmix_box`, per example when per_sample)."""
+    """CutMix (Yun et al., "CutMix: Regularization Strategy to Train Strong Classifiers with
+    Localizable
+    Features"): a box of side sqrt(1 - lam) with a uniform centre, pasted from the partner; the
+    label weight is the kept area (`cutmix.cutmix_box`, per example when per_sample)."""
 
     def draw(self, x, generator=None) -> Draw:
         g = self._generator(x, generator)
@@ -266,8 +282,8 @@ class CutMix(Mixer):
 
 
 def puzzle_grid_options(h: int, w: int, grids: Sequence[int], neigh_size: int = 2) -> list[int]:
-    """The PuzzleMix grids that fit an h x w input: square, the block side (h / grid) divides h and is a multiple
-    of neigh_size (or smaller than it), as the official code requires."""
+    """The PuzzleMix grids that fit an h x w input: square, the block side (h / grid) divides h and
+    is a multiple of neigh_size (or smaller than it), as the official code requires."""
     if h != w:
         raise ValueError(f"PuzzleMix needs square inputs (the official code does too), got {h}x{w}")
     ok = [g for g in grids if h % g == 0 and (h // g) % min(neigh_size, h // g) == 0]
@@ -278,9 +294,10 @@ def puzzle_grid_options(h: int, w: int, grids: Sequence[int], neigh_size: int = 
 
 
 def gradient_saliency(model: nn.Module) -> Callable:
-    """A PuzzleMix saliency callback (x, y) -> [b, h, w]: sqrt(mean over channels of the squared gradient of the
-    clean cross-entropy w.r.t. the input as `model` receives it), the model in eval mode, no parameter
-    gradients (the official training script's saliency, whose input is the normalised image)."""
+    """A PuzzleMix saliency callback (x, y) -> [b, h, w]: sqrt(mean over channels of the squared
+    gradient of the clean cross-entropy w.r.t. the input as `model` receives it), the model in eval
+    mode, no parameter gradients (the official training script's saliency, whose input is the
+    normalised image)."""
 
     def saliency(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         was_training = model.training
@@ -297,12 +314,14 @@ def gradient_saliency(model: nn.Module) -> Callable:
 
 
 class PuzzleMix(Mixer):
-    """PuzzleMix (Kim et al., "Puzzle Mix: Exploiting Saliency and Local Statistics for Optimal Mixup"),
-    `puzzlemix.puzzle_mix_many`: a block grid drawn from `grids`, a graph-cut mask of the two saliency maps and the
-    transport of salient blocks; the label weight is the mask mean. The saliency [b, h, w] is passed to the call
-    (`mixer(x, y, saliency=s)`) or computed by `saliency(x, y)` given at construction (`gradient_saliency(model)`
-    is the official one). Per batch only (one lam); the graph cut runs on the host. pixels: a callable x -> x in
-    pixel units for the smoothness term (default: x itself); fill: the value of an empty transport place."""
+    """PuzzleMix (Kim et al., "Puzzle Mix: Exploiting Saliency and Local Statistics for Optimal
+    Mixup"),
+    `puzzlemix.puzzle_mix_many`: a block grid drawn from `grids`, a graph-cut mask of the two
+    saliency maps and the transport of salient blocks; the label weight is the mask mean. The
+    saliency [b, h, w] is passed to the call (`mixer(x, y, saliency=s)`) or computed by
+    `saliency(x, y)` given at construction (`gradient_saliency(model)` is the official one). Per
+    batch only (one lam); the graph cut runs on the host. pixels: a callable x -> x in pixel units
+    for the smoothness term (default: x itself); fill: the value of an empty transport place."""
 
     def __init__(self, saliency: Callable | None = None, alpha: float = 1.0, num_classes: int | None = None,
                  grids=(2, 4, 8, 16), beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2,
@@ -321,7 +340,8 @@ class PuzzleMix(Mixer):
     def draw(self, x, generator=None) -> Draw:
         g = self._generator(x, generator)
         options = puzzle_grid_options(x.shape[-2], x.shape[-1], self.grids, self.knobs["neigh_size"])
-        pick = int(torch.randint(len(options), (1,), generator=g, device=g.device))  # a host number
+        # a host number
+        pick = int(torch.randint(len(options), (1,), generator=g, device=g.device))
         return Draw(self._perm(x.shape[0], g), self._lam(1, g), grid=options[pick])
 
     def mix(self, x, y, perm, lams, grid, saliency=None):
@@ -347,10 +367,11 @@ class PuzzleMix(Mixer):
 
 class MultiMixK:
     """multi-mix (Shen, Yu, Yang and Kwok; the toolkit's `multi_interp` method): K sorted weights
-    lam_1 <= ... <= lam_K ~ Beta(alpha, alpha) (the base mixer's alpha) and one partner per example; every pair
-    is mixed K times by the base mixer: MixUp (K interpolations), CutMix (K nested boxes of side sqrt(lam_k)
-    sharing one centre, `cutmix.nested_box_list`) or PuzzleMix (K masks sharing the saliency). Output [K*b, ...],
-    block k with lam_k; targets in the base mixer's kind."""
+    lam_1 <= ... <= lam_K ~ Beta(alpha, alpha) (the base mixer's alpha) and one partner per
+    example; every pair is mixed K times by the base mixer: MixUp (K interpolations), CutMix (K
+    nested boxes of side sqrt(lam_k) sharing one centre, `cutmix.nested_box_list`) or PuzzleMix (K
+    masks sharing the saliency). Output [K*b, ...], block k with lam_k; targets in the base mixer's
+    kind."""
 
     def __init__(self, base: Mixer, k: int = 5):
         if not isinstance(base, (MixUp, CutMix, PuzzleMix)) or base.per_sample:
@@ -385,7 +406,8 @@ class MultiMixK:
         return x_mixed, self.base.targets(y.repeat(self.k), perm_k, kept)
 
     def _nested(self, x, perm, draw: Draw):
-        """K nested boxes pasted from the partners -> (x [K*b, C, h, w], kept [K] on x's device)."""
+        """K nested boxes pasted from the partners -> (x [K*b, C, h, w], kept [K] on x's
+        device)."""
         h, w = x.shape[-2:]
         if isinstance(draw.centre, tuple):  # host draws: the host function
             boxes, kept = cutmix.nested_box_list(h, w, draw.lam, draw.centre)
@@ -393,7 +415,8 @@ class MultiMixK:
         else:
             boxes, kept = cutmix_boxes(h, w, torch.sqrt(draw.lam.double()), draw.centre.expand(self.k, 2))
             boxes, kept = boxes.unsqueeze(1), _to(kept.float(), x.device)
-        return torch.cat([paste_boxes(x, perm, box) for box in boxes]), kept  # a loop over the K boxes
+        # a loop over the K boxes
+        return torch.cat([paste_boxes(x, perm, box) for box in boxes]), kept
 
 
 def _host_list(lam) -> list:
@@ -401,11 +424,13 @@ def _host_list(lam) -> list:
 
 
 class RandomChoice:
-    """One of `mixers` per batch (probabilities p; default uniform), as timm's `switch_prob` between mixup and
-    CutMix. per_sample=True: one choice per example among mixers that keep the batch size (MixUp, CutMix): every
-    mixer runs and each example takes its chosen one's output (vectorised; the cost is the sum of the mixers').
-    The per-batch choice is drawn from a host generator (`host_generator`, or seeded with `seed`): a host number
-    steers which mixer runs, without reading the device."""
+    """One of `mixers` per batch (probabilities p; default uniform), as timm's `switch_prob`
+    between mixup and
+    CutMix. per_sample=True: one choice per example among mixers that keep the batch size (MixUp,
+    CutMix): every mixer runs and each example takes its chosen one's output (vectorised; the cost
+    is the sum of the mixers'). The per-batch choice is drawn from a host generator
+    (`host_generator`, or seeded with `seed`): a host number steers which mixer runs, without
+    reading the device."""
 
     def __init__(self, mixers: Sequence[Mixer], p: Sequence[float] | None = None, per_sample: bool = False,
                  host_generator: torch.Generator | None = None, seed: int = 0):
@@ -457,25 +482,28 @@ class RandomChoice:
 
 
 def zeta_weights(order: torch.Tensor, gamma: float = 2.8) -> torch.Tensor:
-    """zeta-mixup's mixing matrix (Abhishek, Brown, Hamarneh, "Multi-sample zeta-mixup: richer, more realistic
-    synthetic samples from a p-series interpolant", arXiv:2204.03323; kakumarabhishek/zeta-mixup `utils.py`
-    `zeta_mixup_weights`). order [b, b]: independent uniform draws; row i sorted gives a random ranking 1..b of
-    the batch, which is rotated so that example i itself has rank 1 (the official code's circular shift).
-    W[i, j] = rank_ij^-gamma / sum_n n^-gamma: each row a convex combination dominated by example i. float32, as
-    the official code computes it."""
+    """zeta-mixup's mixing matrix (Abhishek, Brown, Hamarneh, "Multi-sample zeta-mixup: richer,
+    more realistic synthetic samples from a p-series interpolant", arXiv:2204.03323;
+    kakumarabhishek/zeta-mixup `utils.py` `zeta_mixup_weights`). order [b, b]: independent uniform
+    draws; row i sorted gives a random ranking 1..b of the batch, which is rotated so that example
+    i itself has rank 1 (the official code's circular shift). W[i, j] = rank_ij^-gamma / sum_n
+    n^-gamma: each row a convex combination dominated by example i. float32, as the official code
+    computes it."""
     b = order.shape[0]
-    ranks = torch.argsort(order, dim=1) + 1  # row i: a random permutation of 1..b (np.argsort(rand) + 1)
+    # row i: a random permutation of 1..b (np.argsort(rand) + 1)
+    ranks = torch.argsort(order, dim=1) + 1
     cols = torch.arange(b, device=order.device)
-    shift = torch.argmax((ranks == 1).to(torch.int8), dim=1) - cols  # left shift that puts rank 1 on the diagonal
+    # left shift that puts rank 1 on the diagonal
+    shift = torch.argmax((ranks == 1).to(torch.int8), dim=1) - cols
     rotated = torch.gather(ranks, 1, (cols[None, :] + shift[:, None]) % b).to(torch.float32)
     w = torch.reciprocal(torch.pow(rotated, gamma))
     return w / w.sum(dim=1, keepdim=True)
 
 
 class ZetaMixup(Mixer):
-    """zeta-mixup (arXiv:2204.03323): x'_p = sum_i W[p, i] x_i and y'_p = sum_i W[p, i] onehot(y_i) with
-    W = `zeta_weights(order, gamma)` (gamma = 2.8, the official default). Soft targets only (a combination of
-    the whole batch has no pair to interpolate a loss between)."""
+    """zeta-mixup (arXiv:2204.03323): x'_p = sum_i W[p, i] x_i and y'_p = sum_i W[p, i] onehot(y_i)
+    with W = `zeta_weights(order, gamma)` (gamma = 2.8, the official default). Soft targets only (a
+    combination of the whole batch has no pair to interpolate a loss between)."""
 
     def __init__(self, gamma: float = 2.8, num_classes: int | None = None, label_smoothing: float = 0.0,
                  generator: torch.Generator | None = None, seed: int = 0):

@@ -1,5 +1,6 @@
-"""The pretraining stage's declaration (mixup_transfer/core/stage.py): a mixing method on an ImageNet-, CIFAR- or
-TinyImageNet-layout dataset -> backbone.pth (the backbone contract of mixup_transfer/core/checkpoint.py)."""
+"""The pretraining stage's declaration (mixup_transfer/core/stage.py): a mixing method on an
+ImageNet-, CIFAR- or TinyImageNet-layout dataset -> backbone.pth (the backbone contract of
+mixup_transfer/core/checkpoint.py)."""
 
 from pathlib import Path
 
@@ -10,7 +11,8 @@ STAGE = Stage(
     entry="pretrain.task:run",
     schema="pretrain.task:DEFAULTS",
     inputs=(),  # its dataset is data.root in its config
-    optional_inputs=("teacher",),  # the frozen teacher of a method that needs one (supermix); or the teacher key
+    # the frozen teacher of a method that needs one (supermix); or the teacher key
+    optional_inputs=("teacher",),
     outputs=("backbone.pth", "metrics.json", "log.jsonl", "checkpoints/last.pth"),
     gpus_per_node=8,
     options=("resume", "force"),

@@ -1,17 +1,20 @@
-"""Pretraining as a task of the one engine (`mixup_transfer.core.engine`): any mixing method of `pretrain.methods`, CPU
-or CUDA,
+"""Pretraining as a task of the one engine (`mixup_transfer.core.engine`): any mixing method of
+`pretrain.methods`, CPU or CUDA,
 one process or DDP.
 
-`run(cfg, inputs, run_dir) -> metrics` is the stage entry point (`tools/run_pretrain.py` and the pipeline call it).
-`cfg` is a nested dict validated against `DEFAULTS` (every key documented there); its one optional upstream input
-is the `teacher` checkpoint of a method that needs one (SuperMix).
+`run(cfg, inputs, run_dir) -> metrics` is the stage entry point (`tools/run_pretrain.py` and the
+pipeline call it). `cfg` is a nested dict validated against `DEFAULTS` (every key documented
+there); its one optional upstream input is the `teacher` checkpoint of a method that needs one
+(SuperMix).
 
-Batch sizes are global, as the papers state them: `optim.batch_size` images per optimizer step over all processes
-(or `optim.batch_per_process`, MultiMix's b per GPU), split into `world size x accumulate` micro-batches. Exact
-resumption: the data order of an epoch is a function of (seed, epoch), each sample's augmentation of (seed,
-epoch, index), and the method's draws of (seed, rank, micro-step): both of its streams (the host generator that
-steers control flow and the device generator, `pretrain.methods`) are seeded from them before every micro-batch,
-and the host generator's state is saved in the task state as well.
+Batch sizes are global, as the papers state them: `optim.batch_size` images per optimizer step over
+all processes (or `optim.batch_per_process`, MultiMix's b per GPU), split into `world size x
+accumulate` micro-batches. Exact
+resumption: the data order of an epoch is a function of (seed, epoch), each sample's augmentation
+of (seed, epoch, index), and the method's draws of (seed, rank, micro-step): both of its streams
+(the host generator that steers control flow and the device generator, `pretrain.methods`) are
+seeded from them before every micro-batch, and the host generator's state is saved in the task
+state as well.
 """
 
 from __future__ import annotations
@@ -60,87 +63,122 @@ log = logging.getLogger(__name__)
 
 DEFAULTS = {
     "name": "pretrain",              # run name (runs/<name>/ when the CLI picks the folder)
-    "seed": 0,                       # one seed for data order, augmentation, initialisation and mixing
-    "precise_bn_batches": 0,         # before each evaluation, replace the BatchNorm running statistics (an EMA over
-                                     # the batches the method trained on: mixed images for input-space mixing) by
-                                     # the population statistics of this many clean train batches (precise BN,
+    # one seed for data order, augmentation, initialisation and mixing
+    "seed": 0,
+    # before each evaluation, replace the BatchNorm running statistics (an EMA over
+    "precise_bn_batches": 0,
+                                     # the batches the method trained on: mixed images for
+                                     # input-space mixing) by the population statistics of this
+                                     # many clean train batches (precise BN,
                                      # `recompute_bn_statistics`); 0 = keep the running statistics
     "data": {
-        "root": None,                # ImageNet-layout folder (root/train/<wnid>/*.JPEG, root/val/<wnid>/...), or a
-                                     # CIFAR / TinyImageNet folder (mixup_transfer/core/smalldata.py: the folder or its
-                                     # parent)
-        "dataset": "auto",           # auto (from the layout) | imagenet | cifar10 | cifar100 | tinyimagenet
+        # ImageNet-layout folder (root/train/<wnid>/*.JPEG, root/val/<wnid>/...), or a
+        "root": None,
+                                     # CIFAR / TinyImageNet folder
+                                     # (mixup_transfer/core/smalldata.py: the folder or its parent)
+        # auto (from the layout) | imagenet | cifar10 | cifar100 | tinyimagenet
+        "dataset": "auto",
         "train_split": "train",
         "val_split": "val",          # CIFAR: val = its test batch (CIFAR has no validation split)
-        "crop": "auto",              # resized (RandomResizedCrop; val: resize + centre crop) | padded (random crop of
-                                     # the stored size after zero padding; val: the stored image) | auto: resized for
-                                     # ImageNet, padded for CIFAR / TinyImageNet
+        # resized (RandomResizedCrop; val: resize + centre crop) | padded (random crop of
+        "crop": "auto",
+                                     # the stored size after zero padding; val: the stored image) |
+                                     # auto: resized for ImageNet, padded for CIFAR / TinyImageNet
         "padding": 4,                # padded crop: pixels of zero padding on each side
-        "crop_size": 224,            # the train crop (and the val centre crop); 32 for CIFAR, 64 for TinyImageNet
+        # the train crop (and the val centre crop); 32 for CIFAR, 64 for TinyImageNet
+        "crop_size": 224,
         "crop_schedule": None,       # [[epoch, size], ...]: train crop size from that epoch on
-        "val_resize": None,          # shorter side before the val centre crop; None = crop_size / 0.875
+        # shorter side before the val centre crop; None = crop_size / 0.875
+        "val_resize": None,
         "scale_min": 0.08,           # RandomResizedCrop scale range lower bound
         "hflip": True,
         "color_jitter": 0.0,         # brightness/contrast/saturation strength (0 = off)
-        "lighting": 0.0,             # AlexNet PCA lighting std (0.1 in the CutMix/AlignMix code; 0 = off)
-        "num_workers": None,         # DataLoader workers per process (persistent across epochs); None = the CPUs this
-                                     # process may use over the node's processes, minus one, at most 8
-        "loader": "uint8",           # uint8 (torchvision.io decode, uint8 crops) | pil (the float PIL path) |
-                                     # dali (NVIDIA DALI on the GPU) | auto (dali when importable on CUDA, else uint8)
-        "decode_device": "cpu",      # cpu | cuda: nvJPEG decodes each train batch on the GPU (loader uint8, CUDA)
-        "max_train": None,           # use an evenly spaced subset of this many train images (quick runs)
+        # AlexNet PCA lighting std (0.1 in the CutMix/AlignMix code; 0 = off)
+        "lighting": 0.0,
+        # DataLoader workers per process (persistent across epochs); None = the CPUs this
+        "num_workers": None,
+                                     # process may use over the node's processes, minus one, at
+                                     # most 8
+        # uint8 (torchvision.io decode, uint8 crops) | pil (the float PIL path) |
+        "loader": "uint8",
+                                     # dali (NVIDIA DALI on the GPU) | auto (dali when importable
+                                     # on CUDA, else uint8)
+        # cpu | cuda: nvJPEG decodes each train batch on the GPU (loader uint8, CUDA)
+        "decode_device": "cpu",
+        # use an evenly spaced subset of this many train images (quick runs)
+        "max_train": None,
         "max_val": None,
     },
     "model": {
-        "arch": "resnet50",          # resnet18 | resnet34 | resnet50 | resnet101 (torchvision); small images:
-                                     # preactresnet18 | wrn16_8 | resnet18_cifar (mixup_transfer/core/smallnets.py)
-                                     # ViTs (timm): vit_small_patch16_224 | vit_tiny_toy (mixup_transfer/core/vits.py)
+        # resnet18 | resnet34 | resnet50 | resnet101 (torchvision); small images:
+        "arch": "resnet50",
+                                     # preactresnet18 | wrn16_8 | resnet18_cifar
+                                     # (mixup_transfer/core/smallnets.py)
+                                     # ViTs (timm): vit_small_patch16_224 | vit_tiny_toy
+                                     # (mixup_transfer/core/vits.py)
         "num_classes": None,         # None = number of train class folders
         "zero_init_residual": False,
     },
-    "method": {},                    # name: <METHODS key> plus that method's knobs (see pretrain.methods)
-    "teacher": None,                 # the frozen teacher of a method that needs one (supermix): a classifier
-                                     # checkpoint with its head for this dataset's classes (backbone.pth of a
-                                     # pretraining run, or any layout of mixup_transfer/core/checkpoint.py); the
-                                     # stage's optional input `teacher` sets it; other methods refuse one
+    # name: <METHODS key> plus that method's knobs (see pretrain.methods)
+    "method": {},
+    # the frozen teacher of a method that needs one (supermix): a classifier
+    "teacher": None,
+                                     # checkpoint with its head for this dataset's classes
+                                     # (backbone.pth of a pretraining run, or any layout of
+                                     # mixup_transfer/core/checkpoint.py); the stage's optional
+                                     # input `teacher` sets it; other methods refuse one
     "optim": {
         "batch_size": 256,           # GLOBAL batch: images per optimizer step over all processes
-        "batch_per_process": None,   # or the batch per process (MultiMix's b per GPU); then batch_size: null
-        "accumulate": None,          # micro-batches per step; None = 1 unless max_batch_per_process needs more
-        "max_batch_per_process": None,  # largest micro-batch one process holds (drives automatic accumulation)
+        # or the batch per process (MultiMix's b per GPU); then batch_size: null
+        "batch_per_process": None,
+        # micro-batches per step; None = 1 unless max_batch_per_process needs more
+        "accumulate": None,
+        # largest micro-batch one process holds (drives automatic accumulation)
+        "max_batch_per_process": None,
         "epochs": 300,
         "lr": 0.1,                   # peak learning rate (multiplied by the schedule's factor)
-        "lr_classifier": None,       # lr of the classifier (fc); None = lr (AlignMix ImageNet: 0.1 vs 0.01)
-        "optimizer": "sgd",          # sgd | adamw (torch's AdamW, betas (0.9, 0.999); momentum and nesterov unused)
+        # lr of the classifier (fc); None = lr (AlignMix ImageNet: 0.1 vs 0.01)
+        "lr_classifier": None,
+        # sgd | adamw (torch's AdamW, betas (0.9, 0.999); momentum and nesterov unused)
+        "optimizer": "sgd",
         "momentum": 0.9,
         "nesterov": True,
         "weight_decay": 1.0e-4,
         "schedule": "step",          # step | cosine | piecewise | constant
         "milestones": [75, 150, 225],  # step: epochs where lr *= gamma
         "gamma": 0.1,
-        "points": None,              # piecewise: [[epoch, factor], ...], linear; repeat an epoch to jump
+        # piecewise: [[epoch, factor], ...], linear; repeat an epoch to jump
+        "points": None,
         "min_factor": 0.0,           # cosine: final lr / peak lr
-        "warmup_epochs": 0.0,        # linear warm-up (fractional epochs allowed), multiplies the schedule
+        # linear warm-up (fractional epochs allowed), multiplies the schedule
+        "warmup_epochs": 0.0,
         "warmup_start": 0.01,        # warm-up starts at this fraction of the schedule's lr
     },
     "runtime": {
         "device": "auto",            # auto | cpu | cuda | cuda:N
-        "precision": "bf16",         # bf16 | fp16 (GradScaler) | fp32; CPU always runs fp32. bf16 is the precision
-                                     # whose step never waits for the GPU: fp16's GradScaler reads its inf flag
-                                     # every step (torch's design), one synchronisation per step
+        # bf16 | fp16 (GradScaler) | fp32; CPU always runs fp32. bf16 is the precision
+        "precision": "bf16",
+                                     # whose step never waits for the GPU: fp16's GradScaler reads
+                                     # its inf flag every step (torch's design), one
+                                     # synchronisation per step
         "channels_last": True,       # CUDA only
-        "compile": False,            # torch.compile each network stage as its own region, batch size dynamic
-                                     # (pretrain.adapters.Backbone.enable_compile; a stage that reaches dynamo's
-                                     # recompile_limit is logged as a warning and runs eagerly)
+        # torch.compile each network stage as its own region, batch size dynamic
+        "compile": False,
+                                     # (pretrain.adapters.Backbone.enable_compile; a stage that
+                                     # reaches dynamo's recompile_limit is logged as a warning and
+                                     # runs eagerly)
         "backend": None,             # DDP backend; None = nccl on CUDA, gloo on CPU
-        "num_threads": None,         # torch.set_num_threads for this process (None = torch's default)
+        # torch.set_num_threads for this process (None = torch's default)
+        "num_threads": None,
         "checkpoint_every_steps": 0,  # also checkpoint every N steps (0 = only at epoch ends)
         "log_every_steps": 20,
-        "tensorboard": "auto",       # auto | true | false: also write runs/<name>/tensorboard (auto: when the
+        # auto | true | false: also write runs/<name>/tensorboard (auto: when the
+        "tensorboard": "auto",
                                      # tensorboard package is installed: the `tensorboard` extra)
         "flops": True,               # fvcore parameter / FLOP counts in the log header
         "figures": True,             # runs/<name>/figures/curves.png at the end
-        "grad_norm": True,           # mean squared gradient norm per epoch (multi-mix's variance proxy)
+        # mean squared gradient norm per epoch (multi-mix's variance proxy)
+        "grad_norm": True,
         "stop_after_steps": None,    # stop this invocation after N steps (simulates a kill; tests)
     },
 }
@@ -163,8 +201,8 @@ RANGES = {
 }
 
 
-# the types of the keys whose default is null (mixup_transfer.core.config.validate checks the others against their
-# defaults)
+# the types of the keys whose default is null (mixup_transfer.core.config.validate checks the
+# others against their defaults)
 TYPES = {"teacher": str,
          "data.root": str, "data.num_workers": int, "data.crop_schedule": list[list], "data.val_resize": int,
          "data.max_train": int,
@@ -186,7 +224,8 @@ def resolve_config(cfg: dict) -> dict:
 
 
 def check_teacher(method_cfg: dict, teacher: str | None) -> None:
-    """A method that needs a teacher gets one, and no other method does (ConfigError naming the key)."""
+    """A method that needs a teacher gets one, and no other method does (ConfigError naming the
+    key)."""
     method = method_cfg["name"]
     needs = METHODS[method].uses_teacher({k: v for k, v in method_cfg.items() if k != "name"})
     if needs and not teacher:
@@ -198,7 +237,8 @@ def check_teacher(method_cfg: dict, teacher: str | None) -> None:
 
 def load_teacher(path: str, num_classes: int, device: torch.device) -> ResNetStages:
     """The teacher network from a classifier checkpoint (its arch from the checkpoint, its head for
-    `num_classes`), in eval mode, frozen, on `device`; a checkpoint that does not fit is a ConfigError."""
+    `num_classes`), in eval mode, frozen, on `device`; a checkpoint that does not fit is a
+    ConfigError."""
     try:
         state, meta = load_classifier(path, None, num_classes)
         if classifier_head(path) is not None:
@@ -212,7 +252,8 @@ def load_teacher(path: str, num_classes: int, device: torch.device) -> ResNetSta
 
 
 def batch_plan(optim: dict, world: int) -> dict:
-    """Split the configured batch over `world` processes: global, per process, accumulation, micro-batch."""
+    """Split the configured batch over `world` processes: global, per process, accumulation,
+    micro-batch."""
     if (optim["batch_size"] is None) == (optim["batch_per_process"] is None):
         raise ConfigError("set exactly one of optim.batch_size (global) and optim.batch_per_process")
     if optim["batch_per_process"] is not None:
@@ -234,15 +275,16 @@ def batch_plan(optim: dict, world: int) -> dict:
 
 
 class PretrainTask(ClassificationTask):
-    """One mixing method on an ImageNet-layout folder; the engine runs its steps. The train top-1 of the epoch
-    record counts the steps whose method returns clean logits (ERM; `ClassificationTask`)."""
+    """One mixing method on an ImageNet-layout folder; the engine runs its steps. The train top-1
+    of the epoch record counts the steps whose method returns clean logits (ERM;
+    `ClassificationTask`)."""
 
     resumable_across_world_sizes = True
 
     @property
     def resume_may_change(self) -> tuple[str, ...]:
-        """Config keys a resume may change: how the run is executed and logged, not what it computes; the
-        number of epochs too when the schedule does not depend on it."""
+        """Config keys a resume may change: how the run is executed and logged, not what it
+        computes; the number of epochs too when the schedule does not depend on it."""
         keys = ["name", "data.num_workers", "runtime.device", "runtime.backend", "runtime.num_threads",
                 "runtime.checkpoint_every_steps", "runtime.log_every_steps", "runtime.tensorboard", "runtime.flops",
                 "runtime.figures", "runtime.stop_after_steps"]
@@ -311,8 +353,9 @@ class PretrainTask(ClassificationTask):
                          warmup=o["warmup_epochs"], warmup_start=o["warmup_start"])
 
     def _choose_loader(self, dcfg: dict, device: torch.device) -> str:
-        """`select_loader`'s data path; the small-image sets (CIFAR, TinyImageNet: decoded arrays or tiny files)
-        and the padded crop always take the PIL path, and asking them for DALI or GPU decoding is an error."""
+        """`select_loader`'s data path; the small-image sets (CIFAR, TinyImageNet: decoded arrays
+        or tiny files) and the padded crop always take the PIL path, and asking them for DALI or
+        GPU decoding is an error."""
         if self.layout == "imagenet" and self.crop != "padded":
             return select_loader(dcfg["loader"], dcfg["decode_device"], device, dcfg["color_jitter"],
                                  dcfg["lighting"])
@@ -323,7 +366,8 @@ class PretrainTask(ClassificationTask):
         return "pil"
 
     def before_step(self, micro_step: int) -> None:
-        # the method's draws depend only on (seed, rank, micro-step): exact resumption, whatever was saved
+        # the method's draws depend only on (seed, rank, micro-step): exact resumption, whatever
+        # was saved
         self.model.seed(sample_seed(self.cfg["seed"] + 1, self.rank, micro_step),
                         shared=sample_seed(self.cfg["seed"] + 2, 0, micro_step))
 
@@ -331,9 +375,9 @@ class PretrainTask(ClassificationTask):
         return batch_to_device(batch, device, channels_last)
 
     def batches(self, epoch: int, start_step: int):
-        """The epoch's micro-batches. The loader persists across epochs (one per crop size of `crop_schedule`:
-        the DataLoader's workers, DALI's pipeline); the shared sampler gives each epoch its own order from
-        `set_epoch`."""
+        """The epoch's micro-batches. The loader persists across epochs (one per crop size of
+        `crop_schedule`: the DataLoader's workers, DALI's pipeline); the shared sampler gives each
+        epoch its own order from `set_epoch`."""
         size = crop_size_at(epoch, self.cfg["data"])
         self.sampler.set_epoch(epoch, start_step)
         if self._train_loader is None or self._train_loader[0] != size:
@@ -381,18 +425,23 @@ class PretrainTask(ClassificationTask):
 
     @torch.no_grad()
     def evaluate(self, precision: str) -> dict:
-        """Top-1 / top-5 / loss on the val set, each rank its shard, summed over ranks. Rank 0's BatchNorm
+        """Top-1 / top-5 / loss on the val set, each rank its shard, summed over ranks. Rank 0's
+        BatchNorm
         statistics first: after DDP training each rank holds those of its own last batches."""
         ddist.broadcast_buffers(self.model)
         self.model.eval()
-        channels_last = self.device.type == "cuda" and self.cfg["runtime"]["channels_last"]  # as the model
-        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # n, top1, top5, loss, non-finite logits
+        # as the model
+        channels_last = self.device.type == "cuda" and self.cfg["runtime"]["channels_last"]
+        # n, top1, top5, loss, non-finite logits
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         for images, labels in self._val_loader():
             images, labels = self.to_device((images, labels), self.device, channels_last)
             with rt.autocast(self.device, precision):
-                logits = self.model.predict(images).float()  # the network's fc unless the method has its own head
+                # the network's fc unless the method has its own head
+                logits = self.model.predict(images).float()
             hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.view(-1, 1)
-            # torch.full fills on the device; torch.tensor(host value, device=...) would be a blocking copy
+            # torch.full fills on the device; torch.tensor(host value, device=...) would be a
+            # blocking copy
             sums += torch.stack([torch.full((), float(len(labels)), dtype=torch.float64, device=self.device),
                                  hit[:, :1].any(1).sum().double(), hit.any(1).sum().double(),
                                  torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
@@ -407,13 +456,15 @@ class PretrainTask(ClassificationTask):
 
     @torch.no_grad()
     def recompute_bn_statistics(self, epoch: int, precision: str) -> int:
-        """Precise BN (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", section 3; detectron2's PreciseBN hook,
-        fvcore's `update_bn_stats`): the network's BatchNorm running statistics become the population statistics
-        of the first `precise_bn_batches` train batches of `epoch` (1-based) as the loader gives them: augmented
-        crops, not mixed. The running statistics otherwise describe the inputs the method trained on, which for
-        input-space mixing are blends with a smaller per-channel variance than clean images, while evaluation,
-        transfer and a detector's frozen BatchNorm see clean images. Returns the number of batches used (at most
-        one epoch's)."""
+        """Precise BN (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", section 3;
+        detectron2's PreciseBN hook,
+        fvcore's `update_bn_stats`): the network's BatchNorm running statistics become the
+        population statistics of the first `precise_bn_batches` train batches of `epoch` (1-based)
+        as the loader gives them: augmented crops, not mixed. The running statistics otherwise
+        describe the inputs the method trained on, which for input-space mixing are blends with a
+        smaller per-channel variance than clean images, while evaluation, transfer and a detector's
+        frozen BatchNorm see clean images. Returns the number of batches used (at most one
+        epoch's)."""
         n = min(int(self.cfg["precise_bn_batches"]), self.steps_per_epoch)
         if n == 0:
             return 0
@@ -478,7 +529,8 @@ def fvcore_flops(model: ResNetStages, size: int) -> float | None:
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # fvcore's import and tracing use deprecated torch.jit APIs
+            # fvcore's import and tracing use deprecated torch.jit APIs
+            warnings.simplefilter("ignore")
             from fvcore.nn import FlopCountAnalysis
 
             m = copy.deepcopy(model).cpu().float().eval()
@@ -490,7 +542,8 @@ def fvcore_flops(model: ResNetStages, size: int) -> float | None:
 
 
 def build(cfg: dict, run_dir: str | os.PathLike) -> tuple[PretrainTask, Engine]:
-    """The task and its engine for a resolved config (under torchrun every process builds its own)."""
+    """The task and its engine for a resolved config (under torchrun every process builds its
+    own)."""
     cfg = resolve_config(cfg)
     rcfg, ocfg = cfg["runtime"], cfg["optim"]
     if rcfg["num_threads"]:
@@ -498,7 +551,8 @@ def build(cfg: dict, run_dir: str | os.PathLike) -> tuple[PretrainTask, Engine]:
     rank, world, _ = rt.init_distributed(rcfg["backend"])
     device = rt.get_device(rcfg["device"])
     if device.type == "cuda":
-        rt.configure_cuda(benchmark=True)  # fixed crop sizes (a crop_schedule re-tunes once per size)
+        # fixed crop sizes (a crop_schedule re-tunes once per size)
+        rt.configure_cuda(benchmark=True)
     rt.seed_everything(cfg["seed"])
     task = PretrainTask(cfg, rank, world, device)
     optimizer = build_optimizer(ocfg["optimizer"], task.param_groups(), ocfg["lr"], ocfg["momentum"],
@@ -520,7 +574,8 @@ def finish(task: PretrainTask, engine: Engine) -> dict:
     metrics = {"method": cfg["method"]["name"], "method_variant": task.model.variant, "arch": cfg["model"]["arch"],
                "epochs": cfg["optim"]["epochs"],
                "steps": engine.step, "val_top1": last.get("val_top1"), "val_top5": last.get("val_top5"),
-               "top1": last.get("val_top1"), "top5": last.get("val_top5"),  # short aliases (report)
+               # short aliases (report)
+               "top1": last.get("val_top1"), "top5": last.get("val_top5"),
                "val_loss": last.get("val_loss"), "train_loss": last.get("train_loss"),
                "best_val_top1": max((h.get("val_top1", 0.0) for h in task.history), default=None),
                "train_time_s": sum(h.get("epoch_time_s", 0.0) for h in task.history),
@@ -531,7 +586,8 @@ def finish(task: PretrainTask, engine: Engine) -> dict:
         meta = {"arch": cfg["model"]["arch"], "num_classes": task.num_classes, "method": cfg["method"]["name"],
                 "method_variant": task.model.variant, "epochs": cfg["optim"]["epochs"], "config": dump_config(cfg),
                 "metrics": metrics,
-                "classes": [str(c) for c in task.train_set.classes]}  # what each fc row means (checked downstream)
+                # what each fc row means (checked downstream)
+                "classes": [str(c) for c in task.train_set.classes]}
         save_backbone(run_dir / "backbone.pth", task.net.net, meta, head=task.model.export_head())
         rt.write_json(metrics, run_dir / "metrics.json")
         engine.logger.log({"event": "end", **metrics})
@@ -543,11 +599,12 @@ def finish(task: PretrainTask, engine: Engine) -> dict:
 
 def run(cfg: dict, inputs: dict | None, run_dir: str | os.PathLike, resume: bool = True,
         force: bool = False) -> dict:
-    """Pretrain with `cfg` (nested dict, see DEFAULTS) into `run_dir`; returns the final metrics (the stage
-    interface; `inputs` may name the `teacher` checkpoint, see `with_inputs`). With resume=True an existing
-    `run_dir/checkpoints/last.pth` is continued exactly (a finished run only rewrites its outputs) if it was made
-    from the same config (runtime settings excepted; see `PretrainTask.resume_may_change`); without it an existing
-    checkpoint is an error unless `force`. Under torchrun every process calls this."""
+    """Pretrain with `cfg` (nested dict, see DEFAULTS) into `run_dir`; returns the final metrics
+    (the stage interface; `inputs` may name the `teacher` checkpoint, see `with_inputs`). With
+    resume=True an existing `run_dir/checkpoints/last.pth` is continued exactly (a finished run
+    only rewrites its outputs) if it was made from the same config (runtime settings excepted; see
+    `PretrainTask.resume_may_change`); without it an existing checkpoint is an error unless
+    `force`. Under torchrun every process calls this."""
     cfg = with_inputs(cfg, inputs)
     task, engine = build(cfg, run_dir)
     t0 = time.time()
@@ -565,8 +622,8 @@ def run(cfg: dict, inputs: dict | None, run_dir: str | os.PathLike, resume: bool
 
 
 def with_inputs(cfg: dict, inputs: dict | None) -> dict:
-    """cfg with the stage's inputs: the optional `teacher` checkpoint becomes the `teacher` key (the same path
-    given both ways is fine; two different ones are an error)."""
+    """cfg with the stage's inputs: the optional `teacher` checkpoint becomes the `teacher` key
+    (the same path given both ways is fine; two different ones are an error)."""
     inputs = {k: v for k, v in (inputs or {}).items() if v}
     unknown = sorted(set(inputs) - {"teacher"})
     if unknown:

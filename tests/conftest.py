@@ -31,7 +31,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def small_toy_world(tmp_path_factory):
-    """The small-image track of the tiny toy world (CIFAR-10, CIFAR-100, TinyImageNet-200), once per session."""
+    """The small-image track of the tiny toy world (CIFAR-10, CIFAR-100, TinyImageNet-200), once
+    per session."""
     from mixup_transfer.toyworld import make_toy_world
 
     out = tmp_path_factory.mktemp("toy_small")
@@ -43,7 +44,8 @@ _TOOLS: dict = {}
 
 
 def load_tool(name: str):
-    """tools/<name>.py as a module, loaded once per session (the tools are scripts, not a package)."""
+    """tools/<name>.py as a module, loaded once per session (the tools are scripts, not a
+    package)."""
     if name not in _TOOLS:
         path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
         spec = importlib.util.spec_from_file_location(f"{name}_cli", path)
@@ -55,8 +57,8 @@ def load_tool(name: str):
 
 @pytest.fixture()
 def run(capsys):
-    """run(tool, *args) -> (exit code, stderr) of `tools/<tool>.py`'s main; argparse usage errors come back as their
-    SystemExit code."""
+    """run(tool, *args) -> (exit code, stderr) of `tools/<tool>.py`'s main; argparse usage errors
+    come back as their SystemExit code."""
     def _run(tool, *args):
         capsys.readouterr()
         try:

@@ -1,6 +1,6 @@
-"""Reference forms of the mixing math that only the tests use: the equations as the papers write them (the methods
-compute the same numbers by cheaper routes, e.g. mixing logits instead of embeddings) and one-call wrappers of the
-methods' batched functions."""
+"""Reference forms of the mixing math that only the tests use: the equations as the papers write
+them (the methods compute the same numbers by cheaper routes, e.g. mixing logits instead of
+embeddings) and one-call wrappers of the methods' batched functions."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ def weighted_dense_cross_entropy(logits: torch.Tensor, y_mix: torch.Tensor,
 
 
 def nested_boxes(h: int, w: int, lams: torch.Tensor, generator: torch.Generator | None = None, centre=None):
-    """multi-mix CutMix: K boxes sharing one uniform centre, box k of size (h sqrt(lam_k), w sqrt(lam_k)),
-    clipped. Box k is the region of x replaced by x'. With sorted lams the boxes are nested.
+    """multi-mix CutMix: K boxes sharing one uniform centre, box k of size (h sqrt(lam_k), w
+    sqrt(lam_k)), clipped. Box k is the region of x replaced by x'. With sorted lams the boxes are
+    nested.
 
     Returns (boxes LongTensor [K, 4] as (y0, y1, x0, x1), lam_kept [K] = 1 - area_k / (h w)).
     `centre` = (cy, cx) gives the draw explicitly. `nested_box_list` is the same on host numbers.
@@ -38,7 +39,8 @@ def nested_boxes(h: int, w: int, lams: torch.Tensor, generator: torch.Generator 
 
 
 def mask_mix(x: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """mask * x + (1 - mask) * x2; mask [b or 1, 1, h, w] (resized to x's size with nearest if needed)."""
+    """mask * x + (1 - mask) * x2; mask [b or 1, 1, h, w] (resized to x's size with nearest if
+    needed)."""
     if mask.shape[-2:] != x.shape[-2:]:
         mask = F.interpolate(mask, size=x.shape[-2:], mode="nearest")
     mask = mask.to(x.dtype)
@@ -46,7 +48,8 @@ def mask_mix(x: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 
 
 def multimix(z: torch.Tensor, y: torch.Tensor, lam: torch.Tensor):
-    """z [b, d], y [b, c], lam [b, n] (columns on the simplex) -> (lam^T z [n, d], lam^T y [n, c])."""
+    """z [b, d], y [b, c], lam [b, n] (columns on the simplex) -> (lam^T z [n, d], lam^T y [n,
+    c])."""
     with autocast_off(y.device):  # the targets in fp32
         y_mix = lam.t().to(y.dtype) @ y
     return lam.to(z.dtype).t() @ z, y_mix
@@ -93,7 +96,8 @@ def puzzle_mix(x: torch.Tensor, sal_map: torch.Tensor, perm: torch.Tensor, grid:
 
     x [b, C, h, w] the images that are mixed; sal_map [b, h, w] (`saliency_map`); perm [b]; grid g
     dividing h = w; lam the mixing weight of the prior. pixels: x in pixel units (0..1) for the
-    smoothness term (default x); fill: the value of an empty transport place (see `apply_transport`);
+    smoothness term (default x); fill: the value of an empty transport place (see
+    `apply_transport`);
     t_size: the transport resolution in pixels (`transport_grid`; -1 = the mask's blocks).
     -> (mixed [b, C, h, w], ratio [b] = mask mean = label weight of x, mask [b, g, g]).
     """

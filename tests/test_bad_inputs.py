@@ -1,9 +1,10 @@
 """Bad-input battery over the command-line tools.
 
-Every case runs a tool the way a user does (its `main(argv)`, wrapped by `mixup_transfer/core/cli.py`, in-process so the
-whole file stays fast; a few run as subprocesses where the process itself matters: disk full, --debug) and
-asserts the exit code (2 bad input, 1 failure) and that the one `error: ...` line names the culprit
-(file, line, key or id). Inputs are tiny copies of the toy world's files, edited to be wrong.
+Every case runs a tool the way a user does (its `main(argv)`, wrapped by
+`mixup_transfer/core/cli.py`, in-process so the whole file stays fast; a few run as subprocesses
+where the process itself matters: disk full, --debug) and asserts the exit code (2 bad input, 1
+failure) and that the one `error: ...` line names the culprit (file, line, key or id). Inputs are
+tiny copies of the toy world's files, edited to be wrong.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def expect(result, code: int, *names):
     return line
 
 
-# ------------------------------------------------------------------------------------------------ fixtures
+# ------------------------------------------------------------------------------------------------
+# fixtures
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +61,9 @@ def resnet18_ckpt(tmp_path_factory, toy_world):
 
 @pytest.fixture()
 def voc(toy_world, tmp_path):
-    """A copy of the toy VOC2007 annotations + split files (no images: the evaluator reads none) and a
-    results folder with one correct detection per ground-truth box of the first test image."""
+    """A copy of the toy VOC2007 annotations + split files (no images: the evaluator reads none)
+    and a results folder with one correct detection per ground-truth box of the first test
+    image."""
     from transfer.voc_eval import load_voc_annotations, write_voc_results
 
     src = toy_world / "VOCdevkit" / "VOC2007"
@@ -100,7 +103,8 @@ def eval_coco(run, c, gt=None, res=None):
 
 @pytest.fixture()
 def wsol_split(toy_world, tmp_path):
-    """A one-image wsolevaluation split (copied from the toy test split) and a valid score map for it."""
+    """A one-image wsolevaluation split (copied from the toy test split) and a valid score map for
+    it."""
     src = toy_world / "wsol_metadata" / "CUB" / "test"
     first = (src / "image_ids.txt").read_text().splitlines()[0]
     meta = tmp_path / "meta"
@@ -124,7 +128,8 @@ def _replace_line(path: Path, lineno: int, text: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-# ------------------------------------------------------------------------------------------------ eval_voc
+# ------------------------------------------------------------------------------------------------
+# eval_voc
 
 
 def test_voc_good_input_scores(run, voc, capsys):
@@ -204,7 +209,8 @@ def test_voc_bad_iou_argument(run, voc):
     expect(eval_voc(run, voc, "--iou", "2"), 2, "--iou")
 
 
-# ----------------------------------------------------------------------------------------------- eval_coco
+# -----------------------------------------------------------------------------------------------
+# eval_coco
 
 
 def test_coco_good_input_scores(run, coco):
@@ -276,7 +282,8 @@ def test_coco_bad_results(run, coco, res, what):
     expect(eval_coco(run, coco, res=res), 2, "res.json", what)
 
 
-# ----------------------------------------------------------------------------------------------- eval_wsol
+# -----------------------------------------------------------------------------------------------
+# eval_wsol
 
 
 def test_wsol_good_input_scores(run, wsol_split):
@@ -318,11 +325,13 @@ def test_wsol_missing_metadata_folder(run, wsol_split, tmp_path):
     expect(eval_wsol(run, wsol_split), 2, tmp_path / "nometa")
 
 
-# ------------------------------------------------------------------------------------------ convert / loading
+# ------------------------------------------------------------------------------------------
+# convert / loading
 
 
 def _planted(path: Path, marker: Path) -> Path:
-    """A pickle that would create `marker` when unpickled (the attack --allow-pickle must be asked for)."""
+    """A pickle that would create `marker` when unpickled (the attack --allow-pickle must be asked
+    for)."""
     class Boom:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
@@ -413,7 +422,8 @@ def test_detectron2_weights_reader_refuses_code(tmp_path):
 
 def _fsize_limit(limit: int):
     def fn():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        # a write past the limit then fails with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     return fn
 
@@ -450,7 +460,8 @@ def test_atomic_writers_remove_their_tmp_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-# --------------------------------------------------------------------------- config-driven tools (fail early)
+# --------------------------------------------------------------------------- config-driven tools
+# (fail early)
 
 
 def test_make_toy_data_bad_preset(run, tmp_path):
@@ -543,7 +554,8 @@ def test_wsol_baseline_empty_split(run, wsol_split):
     expect(run("run_wsol", "baseline", "--metadata", wsol_split["meta"]), 2, "image_ids.txt", "empty split")
 
 
-# ----------------------------------------------------------------------------------------- tools/run_robustness.py
+# -----------------------------------------------------------------------------------------
+# tools/run_robustness.py
 
 
 def _evaluate(run, ckpt, imagenet, tmp_path, *extra):
@@ -591,7 +603,8 @@ def test_evaluate_val_box_outside_image(run, toy_world, resnet18_ckpt, tmp_path)
     expect(_evaluate(run, resnet18_ckpt, root, tmp_path), 2, "val_boxes", "outside")
 
 
-# ------------------------------------------------------------------------------------------------ readers
+# ------------------------------------------------------------------------------------------------
+# readers
 
 
 def test_imagenet_csv_duplicate_image_id(toy_world, tmp_path):
@@ -652,9 +665,11 @@ def test_every_input_error_shares_one_base():
         assert issubclass(cls, InputError) and issubclass(cls, ValueError)
 
 
-# --------------------------------------------------------------------------------- safe loading, by the source
+# --------------------------------------------------------------------------------- safe loading,
+# by the source
 
-# The one full unpickling of the library: mixup_transfer.core.checkpoint.read_checkpoint, behind allow_pickle.
+# The one full unpickling of the library: mixup_transfer.core.checkpoint.read_checkpoint, behind
+# allow_pickle.
 GUARDED = {("mixup_transfer/core/checkpoint.py", "read_checkpoint")}
 
 
@@ -718,14 +733,16 @@ def test_no_system_exit_in_the_library():
 
 
 def test_every_tool_uses_the_cli_wrapper():
-    """Each tool's main goes through mixup_transfer.core.cli.main: `@cli.entry`, or a stage's `stage_main`."""
+    """Each tool's main goes through mixup_transfer.core.cli.main: `@cli.entry`, or a stage's
+    `stage_main`."""
     for path in sorted((ROOT / "tools").glob("*.py")):
         text = path.read_text()
         wrapped = "from mixup_transfer.core import cli" in text and "@cli.entry" in text
         assert wrapped or "from mixup_transfer.core.cli import stage_main" in text, path.name
 
 
-# ------------------------------------------------------------------------------- binary where text is expected
+# ------------------------------------------------------------------------------- binary where text
+# is expected
 
 BINARY = b"\xff\xfe\x00\x81binary"
 
@@ -782,7 +799,8 @@ def test_coco_unhashable_ids(run, coco, where, key):
            if where == "gt" else key)
 
 
-# ------------------------------------------------------------------------- small-image layouts (CIFAR, TinyImageNet)
+# ------------------------------------------------------------------------- small-image layouts
+# (CIFAR, TinyImageNet)
 
 def _cifar_edit(name, change):
     """Rewrite one batch of a CIFAR-10 copy: change(dict) edits it in place."""
@@ -848,7 +866,8 @@ def test_pretrain_bad_small_image_layout(run, small_toy_world, tmp_path, layout,
     result = run("run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", f"data.root={root}",
                  "model.arch=preactresnet18", f"data.crop_size={size}", "data.num_workers=0", "optim.batch_size=4",
                  "optim.epochs=1", "--run-dir", tmp_path / "r")
-    expect(result, 2, *names)  # the readers check everything when the task opens them, before any step
+    # the readers check everything when the task opens them, before any step
+    expect(result, 2, *names)
 
 
 def test_evaluate_cifar_without_boxes_says_so(run, small_toy_world, tmp_path):

@@ -1,13 +1,15 @@
 """CUDA semantics checked without a GPU (pytest marker `cuda_semantics`, part of `make test`).
 
-No GPU exists where these run, so each test rebuilds one CUDA behaviour on the CPU and says in its docstring what
-that shows and what it cannot: fake CUDA tensors (`torch._subclasses.fake_tensor.FakeTensorMode`: shapes, dtypes,
-devices and memory formats as CUDA would give them, no values, no kernels), CPU autocast (the same
-lower-precision casts as CUDA autocast, so fp16 underflow and bf16 rounding show), two gloo processes through the
-real `Engine` (DDP's bucketing and unused-parameter rules are the same on NCCL), the meta device (placement and
-the optimizer's parameter list, no values), and a stand-in for `torch.cuda` where the question is only how many
-devices a process sees. What none of them can show: kernel speed, cuDNN's algorithm choice, NCCL itself, and
-real stream ordering; `make gpu-check` (tools/gpu_check.py) runs those on a GPU node.
+No GPU exists where these run, so each test rebuilds one CUDA behaviour on the CPU and says in its
+docstring what that shows and what it cannot: fake CUDA tensors
+(`torch._subclasses.fake_tensor.FakeTensorMode`: shapes, dtypes, devices and memory formats as CUDA
+would give them, no values, no kernels), CPU autocast (the same lower-precision casts as CUDA
+autocast, so fp16 underflow and bf16 rounding show), two gloo processes through the real `Engine`
+(DDP's bucketing and unused-parameter rules are the same on NCCL), the meta device (placement and
+the optimizer's parameter list, no values), and a stand-in for `torch.cuda` where the question is
+only how many devices a process sees. What none of them can show: kernel speed, cuDNN's algorithm
+choice, NCCL itself, and real stream ordering; `make gpu-check` (tools/gpu_check.py) runs those on
+a GPU node.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from pretrain.methods import multimix as mm
 from pretrain.methods import puzzlemix as pz
 from pretrain.methods import puzzlemix_graphcut as graphcut
 
-pytestmark = [pytest.mark.cuda_semantics, pytest.mark.usefixtures("one_thread")]  # one_thread: conftest.py
+# one_thread: conftest.py
+pytestmark = [pytest.mark.cuda_semantics, pytest.mark.usefixtures("one_thread")]
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -54,9 +57,10 @@ def _spawn(worker, *args) -> None:
 
 
 class FakeCuda:
-    """A stand-in for the parts of `torch.cuda` that depend on how many GPUs a process sees: `visible` devices,
-    `current` the current one, one RNG state per device (a uint8 tensor holding the device index and a counter),
-    and torch's own rule that a device index past the visible ones is an error."""
+    """A stand-in for the parts of `torch.cuda` that depend on how many GPUs a process sees:
+    `visible` devices, `current` the current one, one RNG state per device (a uint8 tensor holding
+    the device index and a counter), and torch's own rule that a device index past the visible ones
+    is an error."""
 
     def __init__(self, visible: int, current: int = 0):
         self.visible, self.current = visible, current
@@ -89,13 +93,15 @@ class FakeCuda:
         self.states[self._index(device)] = state.clone()
 
 
-# ------------------------------------------------------------------------ 1. detection's channels_last
+# ------------------------------------------------------------------------ 1. detection's
+# channels_last
 
 def test_detection_batches_keep_per_image_tensors_with_channels_last(toy_world):
-    """`DetectionTask.to_device` and `predict` with channels_last on (what every detection config asks on CUDA).
-    Shows: per-image [3, h, w] tensors are never given a 4-D memory format (which raises "required rank 4
-    tensor", on the CPU exactly as on CUDA), and the detector still predicts. Cannot show: cuDNN choosing its
-    channels_last kernels for the converted model (a GPU run does)."""
+    """`DetectionTask.to_device` and `predict` with channels_last on (what every detection config
+    asks on CUDA).
+    Shows: per-image [3, h, w] tensors are never given a 4-D memory format (which raises "required
+    rank 4 tensor", on the CPU exactly as on CUDA), and the detector still predicts. Cannot show:
+    cuDNN choosing its channels_last kernels for the converted model (a GPU run does)."""
     from transfer.detection import torchvision_backend as tvb
 
     cfg = _det_cfg(toy_world)
@@ -121,11 +127,12 @@ def _det_cfg(toy_world, workers: int = 0):
         "optim": {"epochs": 1, "batch_per_process": 1}, "seeds": [0]})
 
 
-# ----------------------------------------------------------- 2. a method whose modes skip parameters, under DDP
+# ----------------------------------------------------------- 2. a method whose modes skip
+# parameters, under DDP
 
 class _AETask(Task):
-    """AlignMix/AE on 4 fixed batches of 16 px images: "clean" steps never use fc, "input" steps never use the
-    decoder (each step's mode is recorded: these seeds draw both)."""
+    """AlignMix/AE on 4 fixed batches of 16 px images: "clean" steps never use fc, "input" steps
+    never use the decoder (each step's mode is recorded: these seeds draw both)."""
 
     steps_per_epoch = 4
 
@@ -147,7 +154,8 @@ class _AETask(Task):
 
     def before_step(self, micro_step):
         self.model.seed(micro_step)
-        self.modes.append(self.model._choice(self.model.modes))  # the draw forward will make (same seed)
+        # the draw forward will make (same seed)
+        self.modes.append(self.model._choice(self.model.modes))
         self.model.seed(micro_step)
 
     def param_groups(self):
@@ -167,11 +175,12 @@ def _ae_worker(rank, world, port, out):
 
 
 def test_alignmix_ae_trains_under_ddp_with_two_gloo_processes(tmp_path):
-    """AlignMix/AE through the real `Engine` in 2 gloo processes (DDP's reducer is the same on NCCL; the engine
-    skips DDP in one process, so a one-GPU run never shows this). Shows: a method whose steps leave parameters
-    without a gradient declares it and DDP is built accordingly (without it, step 2 stops with "Expected to have
-    finished reduction"), the ranks end with identical parameters, and gradients are bucket views. Cannot show:
-    NCCL's speed with find_unused_parameters on."""
+    """AlignMix/AE through the real `Engine` in 2 gloo processes (DDP's reducer is the same on
+    NCCL; the engine skips DDP in one process, so a one-GPU run never shows this). Shows: a method
+    whose steps leave parameters without a gradient declares it and DDP is built accordingly
+    (without it, step 2 stops with "Expected to have finished reduction"), the ranks end with
+    identical parameters, and gradients are bucket views. Cannot show: NCCL's speed with
+    find_unused_parameters on."""
     _spawn(_ae_worker, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert set(r0["modes"]) == {"clean", "input"}  # both heads went unused in some step
@@ -179,14 +188,15 @@ def test_alignmix_ae_trains_under_ddp_with_two_gloo_processes(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
 
 
-# ------------------------------------------------------------------------------- 3. the GPU bench's AlignMix row
+# ------------------------------------------------------------------------------- 3. the GPU
+# bench's AlignMix row
 
 def test_gpu_bench_moves_and_trains_every_methods_own_layers(monkeypatch):
-    """`run_gpu_bench` with AlignMix's stage-2 variant (its encoder `encoder2` lives in the method, not in the shared
-    ResNet).
-    Shows, on the meta device (placement without values): every method runs with all of its layers on the
-    bench's device; and on the CPU: the SGD step updates encoder2 (it is in the optimizer). Cannot show:
-    the timings themselves."""
+    """`run_gpu_bench` with AlignMix's stage-2 variant (its encoder `encoder2` lives in the method,
+    not in the shared ResNet).
+    Shows, on the meta device (placement without values): every method runs with all of its layers
+    on the bench's device; and on the CPU: the SGD step updates encoder2 (it is in the optimizer).
+    Cannot show: the timings themselves."""
     from pretrain import bench
 
     built, initial = [], {}
@@ -207,33 +217,39 @@ def test_gpu_bench_moves_and_trains_every_methods_own_layers(monkeypatch):
                         methods=["alignmix_stage2"])
     align = built[1]
     assert align.encoder2 is not None
-    assert not torch.equal(align.encoder2.linear.weight.detach(), initial[1][-2])  # weight, bias: the last two
+    # weight, bias: the last two
+    assert not torch.equal(align.encoder2.linear.weight.detach(), initial[1][-2])
 
 
-# ----------------------------------------------------------------- 4. and 5. how many GPUs a process sees
+# ----------------------------------------------------------------- 4. and 5. how many GPUs a
+# process sees
 
 def test_cuda_rng_state_resumes_on_fewer_visible_gpus(monkeypatch):
-    """A checkpoint written by a process that sees 8 GPUs is resumed by one that sees 1 (SLURM, one GPU per task)
-    or 4 (8 -> 4 GPUs). Shows, with a stand-in for `torch.cuda` that enforces torch's rule that a device index
-    past the visible ones is an error: the state saved is the current device's alone and it is restored onto the
-    current device. Cannot show: the real Philox generator state (its layout is torch's)."""
+    """A checkpoint written by a process that sees 8 GPUs is resumed by one that sees 1 (SLURM, one
+    GPU per task) or 4 (8 -> 4 GPUs). Shows, with a stand-in for `torch.cuda` that enforces torch's
+    rule that a device index past the visible ones is an error: the state saved is the current
+    device's alone and it is restored onto the current device. Cannot show: the real Philox
+    generator state (its layout is torch's)."""
     FakeCuda(visible=8, current=3).install(monkeypatch)
     state = rt.rng_state()
-    assert torch.equal(state["cuda"], torch.tensor([3, 0], dtype=torch.uint8))  # device 3's state only
+    # device 3's state only
+    assert torch.equal(state["cuda"], torch.tensor([3, 0], dtype=torch.uint8))
     for visible, current in ((1, 0), (4, 2)):
         fake = FakeCuda(visible, current).install(monkeypatch)
         rt.set_rng_state(state)
         assert torch.equal(fake.states[current], torch.tensor([3, 0], dtype=torch.uint8))
-    fake = FakeCuda(visible=2, current=1).install(monkeypatch)  # an older checkpoint: one state per device
+    # an older checkpoint: one state per device
+    fake = FakeCuda(visible=2, current=1).install(monkeypatch)
     rt.set_rng_state({**state, "cuda": [torch.tensor([k, 7], dtype=torch.uint8) for k in range(8)]})
     assert fake.states[1].tolist() == [1, 7]
 
 
 @pytest.mark.parametrize("visible,local_rank,expected", [(8, 3, 3), (1, 3, 0), (1, 0, 0), (4, 0, 0)])
 def test_auto_device_is_one_the_process_can_see(monkeypatch, visible, local_rank, expected):
-    """`get_device("auto")` under torchrun (8 GPUs visible to every rank) and under SLURM with one GPU per task
-    (each rank sees one GPU, its cuda:0). Shows: the device index is valid for what the process sees, and it
-    becomes the current device. Cannot show: CUDA_VISIBLE_DEVICES itself (the stand-in sets the count)."""
+    """`get_device("auto")` under torchrun (8 GPUs visible to every rank) and under SLURM with one
+    GPU per task (each rank sees one GPU, its cuda:0). Shows: the device index is valid for what
+    the process sees, and it becomes the current device. Cannot show: CUDA_VISIBLE_DEVICES itself
+    (the stand-in sets the count)."""
     fake = FakeCuda(visible).install(monkeypatch)
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
     assert rt.get_device("auto") == torch.device("cuda", expected)
@@ -247,11 +263,12 @@ def test_more_local_ranks_than_visible_gpus_is_an_error_naming_both(monkeypatch)
         rt.get_device("auto")
 
 
-# ------------------------------------------------------------------------- 7. PuzzleMix saliency in fp16
+# ------------------------------------------------------------------------- 7. PuzzleMix saliency
+# in fp16
 
 def _confident_puzzlemix():
-    """PuzzleMix on a ResNet-18 whose classifier is scaled until most of 8 images are classified with
-    probability ~1, so that the input gradient of the loss is tiny (1e-20 to 1e-5)."""
+    """PuzzleMix on a ResNet-18 whose classifier is scaled until most of 8 images are classified
+    with probability ~1, so that the input gradient of the loss is tiny (1e-20 to 1e-5)."""
     from pretrain.methods.puzzlemix import _puzzle_saliency
 
     torch.manual_seed(0)
@@ -267,10 +284,11 @@ def _confident_puzzlemix():
 
 
 def test_puzzlemix_saliency_survives_fp16_autocast():
-    """PuzzleMix's saliency pass under fp16 autocast (CPU autocast casts the convolutions to fp16 as CUDA's
-    does, so the underflow is the same). Shows: no saliency map of a confidently classified image is all zero
-    (under fp16 3 of these 8 were before: their grid saliency was 0 / 0 = NaN, cast to int32 graph-cut
-    unaries), and the maps equal the fp32 ones. Cannot show: cuDNN's fp16 kernels' own rounding."""
+    """PuzzleMix's saliency pass under fp16 autocast (CPU autocast casts the convolutions to fp16
+    as CUDA's does, so the underflow is the same). Shows: no saliency map of a confidently
+    classified image is all zero (under fp16 3 of these 8 were before: their grid saliency was 0 /
+    0 = NaN, cast to int32 graph-cut unaries), and the maps equal the fp32 ones. Cannot show:
+    cuDNN's fp16 kernels' own rounding."""
     method, images, labels, saliency = _confident_puzzlemix()
     ref = saliency(method, images, labels)
     with torch.autocast("cpu", dtype=torch.float16):
@@ -283,8 +301,8 @@ def test_puzzlemix_saliency_survives_fp16_autocast():
 
 
 def test_an_all_zero_saliency_map_is_uniform_on_the_grid():
-    """The guard for a saliency gradient that underflowed anyway: 0 / 0 would be NaN, cast to int32 unaries
-    (garbage masks, no error); a zero map is uniform over the grid blocks instead."""
+    """The guard for a saliency gradient that underflowed anyway: 0 / 0 would be NaN, cast to int32
+    unaries (garbage masks, no error); a zero map is uniform over the grid blocks instead."""
     sal = torch.zeros(2, 8, 8)
     sal[1, :4, :4] = 2.0  # all of image 1's saliency in its top-left quarter
     grid = pz.saliency_grid(sal, 2)
@@ -292,7 +310,8 @@ def test_an_all_zero_saliency_map_is_uniform_on_the_grid():
     assert grid[1].tolist() == [[1.0, 0.0], [0.0, 0.0]]
 
 
-# --------------------------------------------------------------------- 12. the fp32 blocks stay fp32 under autocast
+# --------------------------------------------------------------------- 12. the fp32 blocks stay
+# fp32 under autocast
 
 def _in_bf16_autocast(fn, *args):
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -315,10 +334,11 @@ def _mixing_inputs():
 @pytest.mark.parametrize("what", ["multimix_loss", "dense_loss_hard", "dense_loss_soft", "multimix_targets",
                                   "dense_targets", "gap_attention", "cam_attention"])
 def test_mixing_math_is_fp32_inside_bf16_autocast(what):
-    """The mixing functions whose math must be fp32, called inside bf16 autocast (CPU autocast casts matmul and
-    einsum to bf16 exactly as CUDA autocast does). Shows: each gives its fp32 value to fp32 rounding (before, a
-    `.float()` operand was cast back to bf16: errors of 1e-3 relative). Cannot show: TF32 (an Ampere/Hopper
-    matmul mode, off by default for matmul in torch)."""
+    """The mixing functions whose math must be fp32, called inside bf16 autocast (CPU autocast
+    casts matmul and einsum to bf16 exactly as CUDA autocast does). Shows: each gives its fp32
+    value to fp32 rounding (before, a `.float()` operand was cast back to bf16: errors of 1e-3
+    relative). Cannot show: TF32 (an Ampere/Hopper matmul mode, off by default for matmul in
+    torch)."""
     logits, dense, labels, y, lam, mhat, s, z, w = _mixing_inputs()
     fn = {"multimix_loss": lambda: mm.multimix_loss_from_logits(logits, labels, lam),
           "dense_loss_hard": lambda: mm.dense_multimix_loss_from_logits(dense, labels, mhat, s),
@@ -335,9 +355,11 @@ def test_mixing_math_is_fp32_inside_bf16_autocast(what):
 
 
 def test_multimix_dense_loss_is_fp32_inside_bf16_autocast():
-    """MultiMix's embedding path that forms the soft targets Lambda^T y and mixes the dense logits in the method
-    itself (dense_loss), with the network's logits held fixed so that only the mixing runs under bf16 autocast.
-    Shows: the loss equals the fp32 one to fp32 rounding. Cannot show: the network's own bf16 error."""
+    """MultiMix's embedding path that forms the soft targets Lambda^T y and mixes the dense logits
+    in the method itself (dense_loss), with the network's logits held fixed so that only the mixing
+    runs under bf16 autocast.
+    Shows: the loss equals the fp32 one to fp32 rounding. Cannot show: the network's own bf16
+    error."""
     torch.manual_seed(0)
     method = build_method("multimix", ResNetStages("resnet18", 7), 7, n=40, prob=1.0, dense_loss=True)
     method.generator = torch.Generator()
@@ -354,11 +376,12 @@ def test_multimix_dense_loss_is_fp32_inside_bf16_autocast():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
 
 
-# ------------------------------------------------------------ 8. detection augmentation per worker and per rank
+# ------------------------------------------------------------ 8. detection augmentation per worker
+# and per rank
 
 class _Draws(torch.utils.data.Dataset):
-    """Stands in for the detection train set: item i is the next draw of the (worker's copy of the) transform's
-    albumentations generator, the one its random crops and flips draw from."""
+    """Stands in for the detection train set: item i is the next draw of the (worker's copy of the)
+    transform's albumentations generator, the one its random crops and flips draw from."""
 
     def __init__(self, transform, n: int):
         self.transform, self.n = transform, n
@@ -376,11 +399,13 @@ def _draws_by_worker(task, epoch: int) -> list[list[int]]:
 
 
 def test_detection_augmentation_differs_between_workers_and_ranks(toy_world):
-    """`DetectionTask`'s train loader with 2 DataLoader workers, as rank 0 and as rank 1 (the rank is set on the
-    task: no process group is needed to build a loader). Shows: the two workers, the two ranks and two epochs
-    draw different augmentation streams, and the same (epoch, rank) draws the same again (resumable). Before,
-    the albumentations generator was seeded once in the parent: every worker and every rank repeated the same
-    crops and flips. Cannot show: a DistributedSampler's shard (the draws here are the transform's only)."""
+    """`DetectionTask`'s train loader with 2 DataLoader workers, as rank 0 and as rank 1 (the rank
+    is set on the
+    task: no process group is needed to build a loader). Shows: the two workers, the two ranks and
+    two epochs draw different augmentation streams, and the same (epoch, rank) draws the same again
+    (resumable). Before, the albumentations generator was seeded once in the parent: every worker
+    and every rank repeated the same crops and flips. Cannot show: a DistributedSampler's shard
+    (the draws here are the transform's only)."""
     from transfer.detection import torchvision_backend as tvb
 
     task = tvb.DetectionTask(_det_cfg(toy_world, workers=2), None, 0, torch.device("cpu"))
@@ -394,7 +419,8 @@ def test_detection_augmentation_differs_between_workers_and_ranks(toy_world):
     assert r1[0] != w0 and r1[1] != w1 and r1[0] != r1[1]
 
 
-# -------------------------------------------------------------------------- 9. WSOL fine-tuning's shards
+# -------------------------------------------------------------------------- 9. WSOL fine-tuning's
+# shards
 
 def _wsol_cfg(toy_world):
     from mixup_transfer.core.config import load_config
@@ -414,10 +440,11 @@ def _indices(task, epoch: int) -> list[int]:
 
 
 def test_wsol_ranks_train_on_disjoint_shards(toy_world, monkeypatch):
-    """`WSOLTask`'s train loader as rank 0 and rank 1 of 2 (the process group's rank and size are stood in for:
-    building a loader needs no communication). Shows: the two ranks read disjoint halves of the 8 images, a new
-    epoch reorders them, and the same epoch gives the same shards (resumable). Before, every rank shuffled the
-    whole set with the same generator: N copies of the same batches. Cannot show: DDP's gradient average."""
+    """`WSOLTask`'s train loader as rank 0 and rank 1 of 2 (the process group's rank and size are
+    stood in for: building a loader needs no communication). Shows: the two ranks read disjoint
+    halves of the 8 images, a new epoch reorders them, and the same epoch gives the same shards
+    (resumable). Before, every rank shuffled the whole set with the same generator: N copies of the
+    same batches. Cannot show: DDP's gradient average."""
     from wsol import finetune
 
     cfg = _wsol_cfg(toy_world)
@@ -433,7 +460,8 @@ def test_wsol_ranks_train_on_disjoint_shards(toy_world, monkeypatch):
     assert shards[0][0] == shards[0][2] and shards[0][0] != shards[0][1]
 
 
-# ------------------------------------------------------------ 10. pretraining evaluation with rank 0's statistics
+# ------------------------------------------------------------ 10. pretraining evaluation with rank
+# 0's statistics
 
 def _pretrain_cfg(root):
     from pretrain.task import resolve_config
@@ -468,9 +496,10 @@ def _eval_worker(rank, world, port, root, out):
 
 
 def test_pretraining_evaluation_uses_rank_zeros_statistics(toy_world, tmp_path):
-    """`PretrainTask.evaluate` in 2 gloo processes whose BatchNorm statistics differ (as after DDP training: DDP
-    broadcasts rank 0's buffers only at the next forward). Shows: both ranks report the numbers of one process
-    evaluating the whole val set with rank 0's model. Before, each rank scored its shard with its own
+    """`PretrainTask.evaluate` in 2 gloo processes whose BatchNorm statistics differ (as after DDP
+    training: DDP broadcasts rank 0's buffers only at the next forward). Shows: both ranks report
+    the numbers of one process evaluating the whole val set with rank 0's model. Before, each rank
+    scored its shard with its own
     statistics. Cannot show: SyncBatchNorm (not used in pretraining)."""
     _spawn(_eval_worker, str(toy_world / "imagenet"), str(tmp_path))
     one = _pretrain_task(toy_world / "imagenet", 0, 1).evaluate("fp32")
@@ -480,7 +509,8 @@ def test_pretraining_evaluation_uses_rank_zeros_statistics(toy_world, tmp_path):
         assert got["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
 
 
-# ------------------------------------------------------------------------ 6. the GPU JPEG decode path
+# ------------------------------------------------------------------------ 6. the GPU JPEG decode
+# path
 
 def _jpeg(seed: int, mode: str = "RGB") -> torch.Tensor:
     import io
@@ -495,9 +525,10 @@ def _jpeg(seed: int, mode: str = "RGB") -> torch.Tensor:
 
 
 def test_gpu_decode_falls_back_to_the_cpu_for_jpegs_nvjpeg_refuses(monkeypatch):
-    """`decode_batch` with a CMYK JPEG among RGB ones, the batched device decoder replaced by a stand-in that
-    refuses CMYK as nvJPEG does (the whole batch call fails) and decodes the rest with libjpeg-turbo. Shows: every
-    image comes out, with the pixels of the CPU decoder. Before, one CMYK image in a batch stopped the run.
+    """`decode_batch` with a CMYK JPEG among RGB ones, the batched device decoder replaced by a
+    stand-in that refuses CMYK as nvJPEG does (the whole batch call fails) and decodes the rest
+    with libjpeg-turbo. Shows: every image comes out, with the pixels of the CPU decoder. Before,
+    one CMYK image in a batch stopped the run.
     Cannot show: nvJPEG's own pixels (make gpu-check compares them with the CPU decoder's)."""
     from torchvision import io as tio
 
@@ -531,12 +562,13 @@ class _Stream:
 
 
 def test_gpu_decode_is_ordered_after_the_callers_queued_kernels(monkeypatch):
-    """`decode_batch` on a CUDA device with stand-ins for torch.cuda's stream calls (recording what is called, in
-    order) and for the decoder. Shows the contract: a side stream first waits for the caller's stream (so the
-    decoder never writes memory that queued kernels still read), the decode runs with the side stream current
-    (its outputs come from that stream's memory pool), the caller's stream then waits for the side stream, and
-    every output is recorded on the caller's stream (not reused while the caller's kernels read it). Cannot show:
-    nvJPEG's real stream behaviour (make gpu-check runs it)."""
+    """`decode_batch` on a CUDA device with stand-ins for torch.cuda's stream calls (recording what
+    is called, in order) and for the decoder. Shows the contract: a side stream first waits for the
+    caller's stream (so the decoder never writes memory that queued kernels still read), the decode
+    runs with the side stream current (its outputs come from that stream's memory pool), the
+    caller's stream then waits for the side stream, and every output is recorded on the caller's
+    stream (not reused while the caller's kernels read it). Cannot show: nvJPEG's real stream
+    behaviour (make gpu-check runs it)."""
     import contextlib
 
     from torchvision import io as tio
@@ -569,11 +601,13 @@ def test_gpu_decode_is_ordered_after_the_callers_queued_kernels(monkeypatch):
                    "current waits for side", "record on current", "record on current"]
 
 
-# ------------------------------------------------------------------ 13. host-to-device copies that would wait
+# ------------------------------------------------------------------ 13. host-to-device copies that
+# would wait
 
 class CopyCounter:
-    """Records every `Tensor.to` / `Tensor.copy_` that moves a host tensor to a CUDA device, with whether it may
-    run asynchronously (non_blocking=True; the loaders pin their batches, so such a copy does not wait)."""
+    """Records every `Tensor.to` / `Tensor.copy_` that moves a host tensor to a CUDA device, with
+    whether it may run asynchronously (non_blocking=True; the loaders pin their batches, so such a
+    copy does not wait)."""
 
     def __init__(self, monkeypatch):
         self.blocking: list[str] = []
@@ -597,11 +631,12 @@ class CopyCounter:
 
 
 def test_a_batch_reaches_a_cuda_device_without_a_blocking_copy(monkeypatch):
-    """`batch_to_device` of a uint8 batch with the ImageNet recipe's colour jitter and lighting parameters, onto a
-    fake CUDA device (FakeTensorMode: the copies are dispatched as on CUDA, no data moves). Shows: every
-    host-to-device copy is non-blocking (before, the colour parameters were copied with a blocking `.to`
-    every step), and the images arrive as float channels_last. Cannot show: that the source memory is pinned
-    (the DataLoader's pin_memory does that on CUDA) or the copy's real overlap with compute."""
+    """`batch_to_device` of a uint8 batch with the ImageNet recipe's colour jitter and lighting
+    parameters, onto a fake CUDA device (FakeTensorMode: the copies are dispatched as on CUDA, no
+    data moves). Shows: every host-to-device copy is non-blocking (before, the colour parameters
+    were copied with a blocking `.to` every step), and the images arrive as float channels_last.
+    Cannot show: that the source memory is pinned (the DataLoader's pin_memory does that on CUDA)
+    or the copy's real overlap with compute."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from pretrain.data import batch_to_device
@@ -616,13 +651,15 @@ def test_a_batch_reaches_a_cuda_device_without_a_blocking_copy(monkeypatch):
     assert counter.blocking == []
 
 
-# ------------------------------------------------------------------ 11. DALI's pipeline: seeds, builds, resets
+# ------------------------------------------------------------------ 11. DALI's pipeline: seeds,
+# builds, resets
 
 class StubDali:
-    """A stand-in for DALI (not installed here) behind `pretrain.dali`'s two seams: `_pipeline` records each build
-    (its seed) and returns the external source; `_iterator` follows DALIGenericIterator's contract over it: batch
-    k of the pipeline's epoch e is `source(BatchInfo(k, e))` until the source raises StopIteration, then the
-    iteration ends and `reset()` starts epoch e + 1. Images are the first byte of each file."""
+    """A stand-in for DALI (not installed here) behind `pretrain.dali`'s two seams: `_pipeline`
+    records each build (its seed) and returns the external source; `_iterator` follows
+    DALIGenericIterator's contract over it: batch k of the pipeline's epoch e is
+    `source(BatchInfo(k, e))` until the source raises StopIteration, then the iteration ends and
+    `reset()` starts epoch e + 1. Images are the first byte of each file."""
 
     def __init__(self, monkeypatch):
         from pretrain import dali
@@ -656,7 +693,8 @@ class StubDali:
 
 
 def _dali_loader(tmp_path, rank: int = 0):
-    """16 one-byte files (file i holds byte i, label i % 3), this rank's half of batches of 4: micro-batches of 2."""
+    """16 one-byte files (file i holds byte i, label i % 3), this rank's half of batches of 4:
+    micro-batches of 2."""
     from pretrain import dali
     from pretrain.data import EpochSampler
 
@@ -669,7 +707,8 @@ def _dali_loader(tmp_path, rank: int = 0):
 
 
 def _dali_epoch(loader, sampler, epoch: int, start: int = 0, stop_after: int | None = None):
-    """(images, labels) of one epoch read through the loader, and the sampler's own order for it."""
+    """(images, labels) of one epoch read through the loader, and the sampler's own order for
+    it."""
     sampler.set_epoch(epoch, start)
     expected = [index for index, _ in sampler]
     images, labels = [], []
@@ -682,9 +721,10 @@ def _dali_epoch(loader, sampler, epoch: int, start: int = 0, stop_after: int | N
 
 
 def test_dali_pipeline_is_built_once_and_reset_each_epoch(tmp_path, monkeypatch):
-    """`DaliTrainLoader` over 3 epochs with the stand-in pipeline. Shows: one build, two resets, and each epoch
-    reads exactly this rank's files and labels in `EpochSampler`'s order of that epoch (whole micro-batches),
-    different orders in different epochs. Cannot show: DALI's decoding and its random streams."""
+    """`DaliTrainLoader` over 3 epochs with the stand-in pipeline. Shows: one build, two resets,
+    and each epoch reads exactly this rank's files and labels in `EpochSampler`'s order of that
+    epoch (whole micro-batches), different orders in different epochs. Cannot show: DALI's decoding
+    and its random streams."""
     stub = StubDali(monkeypatch)
     loader, sampler = _dali_loader(tmp_path)
     epochs = [_dali_epoch(loader, sampler, e) for e in range(3)]
@@ -695,10 +735,12 @@ def test_dali_pipeline_is_built_once_and_reset_each_epoch(tmp_path, monkeypatch)
 
 
 def test_dali_pipeline_is_built_again_after_a_resume_or_an_unfinished_epoch(tmp_path, monkeypatch):
-    """A resume at epoch 1, step 1, then epoch 2 read whole, epoch 3 left after one micro-batch, then epoch 4.
-    Shows: the build at the resume is seeded by (seed, rank, 1, 1) and reads the epoch's remaining files,
-    epoch 2 reuses the pipeline, epoch 4 needs a new one (an unfinished epoch cannot be reset), seeded by epoch 4,
-    and every epoch reads the sampler's order. Cannot show: DALI's own reset rules beyond this contract."""
+    """A resume at epoch 1, step 1, then epoch 2 read whole, epoch 3 left after one micro-batch,
+    then epoch 4.
+    Shows: the build at the resume is seeded by (seed, rank, 1, 1) and reads the epoch's remaining
+    files, epoch 2 reuses the pipeline, epoch 4 needs a new one (an unfinished epoch cannot be
+    reset), seeded by epoch 4, and every epoch reads the sampler's order. Cannot show: DALI's own
+    reset rules beyond this contract."""
     from pretrain.dali import dali_seed
 
     stub = StubDali(monkeypatch)
@@ -715,9 +757,10 @@ def test_dali_pipeline_is_built_again_after_a_resume_or_an_unfinished_epoch(tmp_
 
 
 def test_dali_draws_differ_between_ranks_and_epochs(tmp_path, monkeypatch):
-    """The seed `DaliTrainLoader` gives the pipeline it builds, read by the stand-in. Shows: rank 0 and rank 1 get
-    different seeds (every rank draws its own crops and flips), a pipeline built at another epoch gets another
-    seed, and a repeat is equal. Cannot show: DALI's own random streams."""
+    """The seed `DaliTrainLoader` gives the pipeline it builds, read by the stand-in. Shows: rank 0
+    and rank 1 get different seeds (every rank draws its own crops and flips), a pipeline built at
+    another epoch gets another seed, and a repeat is equal. Cannot show: DALI's own random
+    streams."""
     stub = StubDali(monkeypatch)
 
     def seed_of(rank, epoch):
@@ -730,9 +773,10 @@ def test_dali_draws_differ_between_ranks_and_epochs(tmp_path, monkeypatch):
 
 
 def test_pretraining_keeps_one_dali_loader_across_epochs(toy_world, tmp_path, monkeypatch):
-    """`PretrainTask.batches` for 3 epochs with `data.loader: dali` (the task built on the CPU, then switched to
-    DALI; the stand-in pipeline). Shows: the task keeps one loader, its pipeline is built once, and the labels of
-    each epoch are those of the sampler's order. Cannot show: DALI on a GPU (`make gpu-check`)."""
+    """`PretrainTask.batches` for 3 epochs with `data.loader: dali` (the task built on the CPU,
+    then switched to DALI; the stand-in pipeline). Shows: the task keeps one loader, its pipeline
+    is built once, and the labels of each epoch are those of the sampler's order. Cannot show: DALI
+    on a GPU (`make gpu-check`)."""
     stub = StubDali(monkeypatch)
     task = _pretrain_task(toy_world / "imagenet", 0, 1)
     task.loader, task.device = "dali", torch.device("cuda", 0)
@@ -745,13 +789,14 @@ def test_pretraining_keeps_one_dali_loader_across_epochs(toy_world, tmp_path, mo
     assert len(stub.seeds) == 1
 
 
-# ------------------------------------------------------------------------------------- throughput settings
+# ------------------------------------------------------------------------------------- throughput
+# settings
 
 def test_workers_and_graph_cut_threads_follow_the_cpus_the_process_may_use(monkeypatch):
-    """DataLoader workers and PuzzleMix's graph-cut threads with 8 usable CPUs (the affinity mask SLURM or taskset
-    gives, whatever the machine has) shared by 2 processes on the node. Shows: 3 workers each (4 CPUs, one left to
-    the main process) and 4 graph-cut threads. Before, the thread pool took the machine's CPU count. Cannot show:
-    the throughput itself."""
+    """DataLoader workers and PuzzleMix's graph-cut threads with 8 usable CPUs (the affinity mask
+    SLURM or taskset gives, whatever the machine has) shared by 2 processes on the node. Shows: 3
+    workers each (4 CPUs, one left to the main process) and 4 graph-cut threads. Before, the thread
+    pool took the machine's CPU count. Cannot show: the throughput itself."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert rt.usable_cpus() == 8 and rt.default_workers() == 3 and rt.default_workers(cap=2) == 2
@@ -772,16 +817,17 @@ def _puzzle_terms(b: int):
 
 
 def test_cuda_settings_autotune_and_keep_torchs_tf32_policy(monkeypatch):
-    """`configure_cuda` (pretraining calls it on CUDA): cuDNN autotuning on for fixed-size training, and the TF32
-    policy stated in its docstring is torch's default (matmul fp32, cuDNN convolutions TF32). Shows the flags;
-    cannot show their speed."""
+    """`configure_cuda` (pretraining calls it on CUDA): cuDNN autotuning on for fixed-size
+    training, and the TF32 policy stated in its docstring is torch's default (matmul fp32, cuDNN
+    convolutions TF32). Shows the flags; cannot show their speed."""
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     rt.configure_cuda(benchmark=True)
     assert torch.backends.cudnn.benchmark is True
     assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is True
 
 
-# -------------------------------------------------------- every method's forward on fake CUDA, bf16 and fp16
+# -------------------------------------------------------- every method's forward on fake CUDA,
+# bf16 and fp16
 
 FORWARD_CASES = [
     ("erm", {}), ("input_mixup", {}), ("manifold_mixup", {}), ("cutmix", {}), ("multimix", {"n": 50}),
@@ -792,8 +838,9 @@ FORWARD_CASES = [
 
 
 def _cuda_autocast(dtype):
-    """torch.autocast("cuda") built where torch sees no GPU (its constructor asks torch.cuda whether one exists and
-    whether it has bf16; once built it only sets the dispatcher's flags, which fake CUDA tensors obey)."""
+    """torch.autocast("cuda") built where torch sees no GPU (its constructor asks torch.cuda
+    whether one exists and whether it has bf16; once built it only sets the dispatcher's flags,
+    which fake CUDA tensors obey)."""
     from unittest import mock
 
     with mock.patch.object(torch.cuda, "is_available", lambda: True), \
@@ -804,18 +851,21 @@ def _cuda_autocast(dtype):
 @pytest.mark.parametrize("name,knobs", FORWARD_CASES, ids=[f"{n}-{'-'.join(map(str, k.values()))}"
                                                            for n, k in FORWARD_CASES])
 def test_every_method_forward_on_fake_cuda_in_bf16_and_fp16(monkeypatch, name, knobs):
-    """Each method's training forward on fake CUDA tensors (FakeTensorMode: CUDA's devices, dtypes and memory
-    formats, no values), channels_last, under CUDA autocast in bf16 and in fp16. Shows: it runs on the device
-    (no CPU tensor meets a CUDA one, no value is read back), the network computes in the autocast dtype in
-    channels_last while the loss is fp32, and no host-to-device copy is blocking. Cannot show: numbers, the
-    backward pass (autograd's CUDA threads need a driver), PuzzleMix (its graph cut reads the saliency back to
-    the host, which fake tensors cannot; CPU autocast covers its fp16 saliency above) and the speed."""
+    """Each method's training forward on fake CUDA tensors (FakeTensorMode: CUDA's devices, dtypes
+    and memory formats, no values), channels_last, under CUDA autocast in bf16 and in fp16. Shows:
+    it runs on the device (no CPU tensor meets a CUDA one, no value is read back), the network
+    computes in the autocast dtype in channels_last while the loss is fp32, and no host-to-device
+    copy is blocking. Cannot show: numbers, the backward pass (autograd's CUDA threads need a
+    driver), PuzzleMix (its graph cut reads the saliency back to the host, which fake tensors
+    cannot; CPU autocast covers its fp16 saliency above) and the speed."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self)  # needs a driver
+    # needs a driver
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self)
     for dtype in (torch.bfloat16, torch.float16):
         torch.manual_seed(0)
-        method = build_method(name, ResNetStages("resnet18", 10), 10, **knobs)  # real: fake ones cannot move
+        # real: fake ones cannot move
+        method = build_method(name, ResNetStages("resnet18", 10), 10, **knobs)
         with FakeTensorMode(allow_non_fake_inputs=True):
             method.to("cuda", memory_format=torch.channels_last)
             method.generator = None  # a CUDA generator needs a driver; draws use the default one
@@ -834,9 +884,10 @@ def test_every_method_forward_on_fake_cuda_in_bf16_and_fp16(monkeypatch, name, k
 
 
 def test_pretraining_evaluation_copies_nothing_from_the_host_per_batch(toy_world, monkeypatch):
-    """`PretrainTask.evaluate` over 6 toy val images (batches of 4 and 2), with `torch.tensor` watched for host values
-    sent to a device (on CUDA a `torch.tensor(x, device=...)` is a blocking copy: one per batch before). Shows:
-    none in the loop, and the metrics come from one read at the end. Cannot show: the CUDA copy itself."""
+    """`PretrainTask.evaluate` over 6 toy val images (batches of 4 and 2), with `torch.tensor`
+    watched for host values sent to a device (on CUDA a `torch.tensor(x, device=...)` is a blocking
+    copy: one per batch before). Shows: none in the loop, and the metrics come from one read at the
+    end. Cannot show: the CUDA copy itself."""
     task = _pretrain_task(toy_world / "imagenet", 0, 1)
     real, made = torch.tensor, []
 
@@ -853,9 +904,9 @@ def test_pretraining_evaluation_copies_nothing_from_the_host_per_batch(toy_world
 
 
 def test_fp32_robustness_evaluation_turns_tf32_off_on_cuda():
-    """Can show: an fp32 robustness evaluation on a CUDA device runs with cuDNN's and matmul's TF32 off (torch's
-    default rounds cuDNN convolutions to TF32 on Ampere and newer) and restores the settings; bf16 and CPU runs are
-    left alone. Cannot show: the kernels cuDNN then picks."""
+    """Can show: an fp32 robustness evaluation on a CUDA device runs with cuDNN's and matmul's TF32
+    off (torch's default rounds cuDNN convolutions to TF32 on Ampere and newer) and restores the
+    settings; bf16 and CPU runs are left alone. Cannot show: the kernels cuDNN then picks."""
     from transfer.robustness.evaluate import exact_fp32
 
     old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -871,7 +922,8 @@ def test_fp32_robustness_evaluation_turns_tf32_off_on_cuda():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
-# ----------------------------------------------------------------------------- torch.compile's graphs per stage
+# ----------------------------------------------------------------------------- torch.compile's
+# graphs per stage
 
 def _three_stage_backbone():
     from pretrain.adapters import from_sequential
@@ -895,11 +947,13 @@ def _run_compiled(backbone, batches=(4, 6)):
 
 
 def test_compiled_stages_stay_within_the_recompile_limit(caplog):
-    """`Backbone.enable_compile` with dynamo's "eager" backend (dynamo's tracing and guards as on CUDA, no code
-    generation) on a 3-stage network, run at batch sizes 4 and 6, with and without gradients, with
-    `recompile_limit` 2. Shows: each stage is a region with its own graphs (2 each: one per grad mode, the batch
-    size dynamic), so 6 graphs in all, nothing falls back to eager, nothing is warned, and the logits equal the
-    uncompiled network's. Cannot show: inductor's kernels or CUDA graphs."""
+    """`Backbone.enable_compile` with dynamo's "eager" backend (dynamo's tracing and guards as on
+    CUDA, no code generation) on a 3-stage network, run at batch sizes 4 and 6, with and without
+    gradients, with
+    `recompile_limit` 2. Shows: each stage is a region with its own graphs (2 each: one per grad
+    mode, the batch size dynamic), so 6 graphs in all, nothing falls back to eager, nothing is
+    warned, and the logits equal the uncompiled network's. Cannot show: inductor's kernels or CUDA
+    graphs."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -920,9 +974,10 @@ def test_compiled_stages_stay_within_the_recompile_limit(caplog):
 
 
 def test_a_compiled_stage_that_falls_back_to_eager_is_reported(caplog):
-    """The same network with `recompile_limit` 1: each stage's first graph is the training one, and the
-    evaluation call (no gradients) would need a second. Shows: dynamo gives up on each of the 3 stages, each is
-    logged as a warning naming it, `compile_fallbacks` counts 3, and the logits are still the network's.
+    """The same network with `recompile_limit` 1: each stage's first graph is the training one, and
+    the evaluation call (no gradients) would need a second. Shows: dynamo gives up on each of the 3
+    stages, each is logged as a warning naming it, `compile_fallbacks` counts 3, and the logits are
+    still the network's.
     Cannot show: the speed lost."""
     import torch._dynamo
 
@@ -941,10 +996,10 @@ def test_a_compiled_stage_that_falls_back_to_eager_is_reported(caplog):
 
 
 def test_a_copy_of_a_compiled_backbone_runs_its_own_stages():
-    """A deep copy of a compiled backbone (as the FLOP count in the pretraining log header makes), whose first
-    convolution is then zeroed. Shows: the copy is uncompiled and computes with its own weights (the bias of
-    the zeroed convolution alone reaches the head), the original is unchanged and still compiled. Cannot show:
-    inductor's code."""
+    """A deep copy of a compiled backbone (as the FLOP count in the pretraining log header makes),
+    whose first convolution is then zeroed. Shows: the copy is uncompiled and computes with its own
+    weights (the bias of the zeroed convolution alone reaches the head), the original is unchanged
+    and still compiled. Cannot show: inductor's code."""
     import copy
 
     backbone = _three_stage_backbone()

@@ -1,6 +1,6 @@
-"""Every tool's exit codes: 2 for bad input or config (an unknown override key, an unknown method knob, a key
-that would be ignored), 1 for a failure while running, each with one `error:` line naming the culprit; and
-KEY=VALUE overrides anywhere on the command line."""
+"""Every tool's exit codes: 2 for bad input or config (an unknown override key, an unknown method
+knob, a key that would be ignored), 1 for a failure while running, each with one `error:` line
+naming the culprit; and KEY=VALUE overrides anywhere on the command line."""
 
 from __future__ import annotations
 
@@ -101,7 +101,8 @@ def test_a_failure_while_running_exits_1(call, tmp_path, monkeypatch, tool, targ
     def boom(*a, **k):
         raise RuntimeError("the device went away")
 
-    owner, _, name = target.rpartition(":")  # a stage tool's work is its stage's (mixup_transfer/core/cli.py)
+    # a stage tool's work is its stage's (mixup_transfer/core/cli.py)
+    owner, _, name = target.rpartition(":")
     monkeypatch.setattr(importlib.import_module(owner) if owner else mod, name, boom)
     code, line = call(mod, *[str(a).replace("{tmp}", str(tmp_path)) for a in args])
     assert (code, line) == (1, "error: RuntimeError: the device went away")
@@ -126,7 +127,8 @@ def test_wsol_failure_while_running_exits_1(call, tmp_path, monkeypatch, cmd, ta
 
 
 def test_overrides_anywhere_reach_the_config(call, tmp_path, monkeypatch):
-    """`--config C a=1 --run-dir X b=2`: both overrides are applied, in order (the later one wins)."""
+    """`--config C a=1 --run-dir X b=2`: both overrides are applied, in order (the later one
+    wins)."""
     seen = {}
     mod = _tool("run_pretrain")
     import pretrain.task
@@ -146,7 +148,8 @@ def test_overrides_anywhere_reach_the_config(call, tmp_path, monkeypatch):
 
 
 def test_every_help_says_what_each_option_does(capsys, monkeypatch):
-    """--help of every tool: --debug and the exit codes, and a help text for every option and argument."""
+    """--help of every tool: --debug and the exit codes, and a help text for every option and
+    argument."""
     import argparse
 
     silent = []
@@ -179,8 +182,8 @@ def _evaluate_help(capsys) -> str:
 
 
 def test_evaluate_help_covers_every_stage_option():
-    """A flag for every top-level option (the shared keys, data.max_val or runtime.precision, are KEY=VALUE
-    overrides as in every stage, and their flags of the same old name are refused)."""
+    """A flag for every top-level option (the shared keys, data.max_val or runtime.precision, are
+    KEY=VALUE overrides as in every stage, and their flags of the same old name are refused)."""
     from transfer.robustness.cli import option_help
     from transfer.robustness.stage import DEFAULTS
 
@@ -192,7 +195,8 @@ def test_evaluate_help_covers_every_stage_option():
 
 
 def test_yaml_of_the_ablation_configs_use_their_data_root():
-    """Every shipped ablation config that sets data.root also uses it (the check above would refuse it)."""
+    """Every shipped ablation config that sets data.root also uses it (the check above would refuse
+    it)."""
     for path in (ROOT / "configs/ablation").glob("*.yaml"):
         cfg = yaml.safe_load(path.read_text())
         if (cfg.get("data") or {}).get("root"):
@@ -200,8 +204,8 @@ def test_yaml_of_the_ablation_configs_use_their_data_root():
 
 
 def test_box_suites_on_data_without_boxes(call, toy_world, tmp_path, capsys):
-    """No box annotations: background (which needs them) is skipped with a note; asked for alone, exit 2 with
-    the suites that would run."""
+    """No box annotations: background (which needs them) is skipped with a note; asked for alone,
+    exit 2 with the suites that would run."""
     import json
     import shutil
 
@@ -210,7 +214,8 @@ def test_box_suites_on_data_without_boxes(call, toy_world, tmp_path, capsys):
     from mixup_transfer.core.checkpoint import build_resnet, save_backbone
 
     root = tmp_path / "imagenet"
-    shutil.copytree(toy_world / "imagenet" / "val", root / "val")  # no val_boxes/, no LOC_val_solution.csv
+    # no val_boxes/, no LOC_val_solution.csv
+    shutil.copytree(toy_world / "imagenet" / "val", root / "val")
     ckpt = tmp_path / "backbone.pth"
     torch.manual_seed(0)
     save_backbone(ckpt, build_resnet("resnet18", num_classes=10), {"arch": "resnet18", "method": "erm"})

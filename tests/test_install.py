@@ -1,6 +1,7 @@
-"""The toolkit as a user installs it: the wheel, in a fresh virtual environment, imported from a project that has
-packages of its own named `core` and `pipeline`. The toolkit's own packages live under `mixup_transfer`, so neither
-shadows the other, and a pretraining step runs from the installed files (not from this checkout)."""
+"""The toolkit as a user installs it: the wheel, in a fresh virtual environment, imported from a
+project that has packages of its own named `core` and `pipeline`. The toolkit's own packages live
+under `mixup_transfer`, so neither shadows the other, and a pretraining step runs from the
+installed files (not from this checkout)."""
 
 import shutil
 import subprocess
@@ -61,8 +62,8 @@ def test_the_wheel_beside_a_project_with_its_own_core_and_pipeline(tmp_path):
                           check=True, capture_output=True, text=True).stdout.strip()
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target", site,
                     str(wheel)], check=True, capture_output=True)
-    # torch and the other dependencies come from this environment (a path entry: its .pth files, among them the
-    # development install of this checkout, are not processed)
+    # torch and the other dependencies come from this environment (a path entry: its .pth files,
+    # among them the development install of this checkout, are not processed)
     (Path(site) / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     names = {p.name for p in Path(site).iterdir()}
     assert set(PACKAGES) <= names and not {"core", "pipeline", "toyworld"} & names

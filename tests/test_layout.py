@@ -1,8 +1,9 @@
 """The package layout shows the data flow, and a test keeps it that way (docs/architecture.md):
 
-core <- toyworld; core <- pretrain; core (+ pretrain.methods, the method registry) <- transfer, wsol;
-everything <- pipeline; no library imports tools/; a method family of pretrain/methods/ imports `base` and its own
-solver, not another family. Checked on the import statements (AST) of every module."""
+core <- toyworld; core <- pretrain; core (+ pretrain.methods, the method registry) <- transfer,
+wsol; everything <- pipeline; no library imports tools/; a method family of pretrain/methods/
+imports `base` and its own solver, not another family. Checked on the import statements (AST) of
+every module."""
 
 import ast
 from pathlib import Path
@@ -10,10 +11,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# the project's packages, by import name (the toolkit's own live under one namespace, mixup_transfer)
+# the project's packages, by import name (the toolkit's own live under one namespace,
+# mixup_transfer)
 CORE, TOY, PIPE = "mixup_transfer.core", "mixup_transfer.toyworld", "mixup_transfer.pipeline"
 PACKAGES = (CORE, TOY, "pretrain", "transfer", "wsol", PIPE)
-# package -> (project packages it may import, extra modules it may import from a package not listed)
+# package -> (project packages it may import, extra modules it may import from a package not
+# listed)
 RULES = {
     CORE: ((), ()),
     TOY: ((CORE,), ()),
@@ -40,7 +43,8 @@ def folder(package: str) -> Path:
 
 
 def project_imports(path: Path):
-    """(line, imported module) for every import of a project package in `path`, lazy imports included."""
+    """(line, imported module) for every import of a project package in `path`, lazy imports
+    included."""
     tree = ast.parse(path.read_text(), filename=str(path))
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -76,21 +80,25 @@ def test_import_rules(package):
     assert not bad, "\n".join(bad)
 
 
-# pretrain.methods' family modules may import `base`, their own solver (`<family>_graphcut`) and these others
+# pretrain.methods' family modules may import `base`, their own solver (`<family>_graphcut`) and
+# these others
 FAMILY_EXTRA = {"multi_interp": {"puzzlemix"},  # multi_interp mixes with PuzzleMix's masks
-                # Co-Mixup computes PuzzleMix's saliency and solves its labelings with PuzzleMix's graph cut
+                # Co-Mixup computes PuzzleMix's saliency and solves its labelings with PuzzleMix's
+                # graph cut
                 "comixup": {"puzzlemix", "puzzlemix_graphcut"}, "comixup_graphcut": {"puzzlemix_graphcut"}}
 
 
 def family_violations(root: Path) -> list[str]:
-    """Imports of another family's module from a module of pretrain/methods/ (the registry, __init__, excepted)."""
+    """Imports of another family's module from a module of pretrain/methods/ (the registry,
+    __init__, excepted)."""
     bad = []
     for path in sorted((root / "pretrain" / "methods").glob("*.py")):
         if path.stem == "__init__":
             continue
         allowed = {"base", path.stem, f"{path.stem}_graphcut"} | FAMILY_EXTRA.get(path.stem, set())
         for line, name in project_imports(path):
-            parts = name.split(".")  # `from pretrain.methods import base` is judged by pretrain.methods.base
+            # `from pretrain.methods import base` is judged by pretrain.methods.base
+            parts = name.split(".")
             if parts[:2] == ["pretrain", "methods"] and len(parts) > 2 and parts[2] not in allowed:
                 bad.append(f"{path.relative_to(root)}:{line} imports {name}")
     return bad
@@ -128,7 +136,8 @@ def test_no_tool_edits_the_import_path():
 
 
 def test_no_tool_shadows_a_package():
-    """A script's folder comes first on sys.path: tools/<package>.py would hide the package from its imports."""
+    """A script's folder comes first on sys.path: tools/<package>.py would hide the package from
+    its imports."""
     packages = {p.split(".")[0] for p in PACKAGES} | {"torch", "torchvision", "yaml", "numpy"}
     assert not [p.name for p in (ROOT / "tools").glob("*.py") if p.stem in packages]
 
@@ -154,14 +163,16 @@ def test_functions_are_short_enough_to_read_at_once():
     assert not long_functions(), "\n".join(long_functions())
 
 
-# the detection stage above its backends, the shared configuration and scoring below them (docs/architecture.md)
+# the detection stage above its backends, the shared configuration and scoring below them
+# (docs/architecture.md)
 DETECTION = "transfer.detection"
 DETECTION_BACKENDS = (f"{DETECTION}.torchvision_backend", f"{DETECTION}.d2_backend")
 DETECTION_STAGE = f"{DETECTION}.stage"
-DETECTION_CLI = f"{DETECTION}.cli"  # the stage's command line (tools/run_detection.py's flags and command)
-# module -> the detection backends it may import: the stage dispatches to both; the eval-only evaluation
-# predicts with the torchvision backend's model, datasets and sharded prediction; the command line starts
-# detectron2's own launch (--num-gpus)
+# the stage's command line (tools/run_detection.py's flags and command)
+DETECTION_CLI = f"{DETECTION}.cli"
+# module -> the detection backends it may import: the stage dispatches to both; the eval-only
+# evaluation predicts with the torchvision backend's model, datasets and sharded prediction; the
+# command line starts detectron2's own launch (--num-gpus)
 BACKEND_IMPORTERS = {DETECTION_STAGE: DETECTION_BACKENDS, f"{DETECTION}.evaluate": (DETECTION_BACKENDS[0],),
                      DETECTION_CLI: (DETECTION_BACKENDS[1],)}
 
@@ -175,9 +186,9 @@ def _imports_module(name: str, module: str) -> bool:
 
 
 def detection_violations() -> list[str]:
-    """A backend imported by a module of transfer/detection/ other than the stage (and the eval-only evaluation,
-    the torchvision backend's); the stage imported by anything but the pipeline, the tools and the stage's command
-    line."""
+    """A backend imported by a module of transfer/detection/ other than the stage (and the
+    eval-only evaluation, the torchvision backend's); the stage imported by anything but the
+    pipeline, the tools and the stage's command line."""
     bad = []
     for package in PACKAGES + ("tools",):
         for path in sorted(folder(package).rglob("*.py")):
@@ -215,8 +226,8 @@ def test_the_detection_checker_catches_a_violation(tmp_path, monkeypatch):
 
 
 def test_tests_mirror_the_packages():
-    """Each folder of tests/ is named after the package it tests; the files directly in tests/ check the whole
-    project (docs/testing.md)."""
+    """Each folder of tests/ is named after the package it tests; the files directly in tests/
+    check the whole project (docs/testing.md)."""
     mirrored = {"core", "toyworld", "pipeline", "pretrain", "transfer", "wsol"}
     folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name not in ("fixtures", "__pycache__")}
     assert folders == mirrored, sorted(folders ^ mirrored)

@@ -1,8 +1,9 @@
-"""The stand-alone evaluators (tools/eval_wsol.py, eval_voc.py, eval_coco.py) import neither torch nor model code.
+"""The stand-alone evaluators (tools/eval_wsol.py, eval_voc.py, eval_coco.py) import neither torch
+nor model code.
 
-Importing torch takes seconds, more than scoring thousands of saved score maps, so each tool is run end to end
-in its own process under `python -X importtime` (which lists every module the process imported) on small
-hand-made inputs whose scores are computed by hand below.
+Importing torch takes seconds, more than scoring thousands of saved score maps, so each tool is run
+end to end in its own process under `python -X importtime` (which lists every module the process
+imported) on small hand-made inputs whose scores are computed by hand below.
 """
 
 import json
@@ -45,7 +46,8 @@ def wsol_split(tmp_path):
        (inclusive 6 x 5 = 30 px) vs GT [0, 1, 4, 4] (5 x 4 = 20 px, inside it): IoU 20 / 30 = 2/3;
     b: an all-zero map -> no contour -> [0, 0, 0, 0] vs GT [2, 2, 6, 6]: IoU 0;
     c: the map of a vs GT [0, 1, 5, 5]: IoU 1.
-    BoxAcc at IoU 30 and 50: a, c -> 200/3 %; at 70: c -> 100/3 %; MaxBoxAccV2 = their mean = 500/9."""
+    BoxAcc at IoU 30 and 50: a, c -> 200/3 %; at 70: c -> 100/3 %; MaxBoxAccV2 = their mean =
+    500/9."""
     m = np.zeros((8, 8), np.float32)
     m[1:5, 0:5] = 1.0
     maps = {"a.jpg": m, "b.jpg": np.zeros((8, 8), np.float32), "c.jpg": m}
@@ -82,14 +84,16 @@ def test_largest_contour_mode_runs_the_opencv_sweep(wsol_split):
     meta, maps = wsol_split  # one contour per map: the largest-contour numbers are the same
     res = score_scoremap_dir(meta, maps, 0.01, multi_contour=False)
     assert res["sweep"] == "opencv" and res["maxboxacc_per_iou"] == EXPECTED_WSOL and res["contours"] == "largest"
-    assert res["maxboxacc_v1"] == EXPECTED_WSOL["50"] and "maxboxacc_v2" not in res  # the other flavour's name
+    # the other flavour's name
+    assert res["maxboxacc_v1"] == EXPECTED_WSOL["50"] and "maxboxacc_v2" not in res
 
 
 def test_threads_give_the_same_numbers_and_the_first_error_in_id_order(wsol_split):
     meta, maps = wsol_split
     one = score_scoremap_dir(meta, maps, 0.01, workers=1)
     assert score_scoremap_dir(meta, maps, 0.01, workers=3) == one
-    (maps / "b.jpg.npy").unlink()  # the 2nd map missing and the 3rd out of range: the 2nd is reported
+    # the 2nd map missing and the 3rd out of range: the 2nd is reported
+    (maps / "b.jpg.npy").unlink()
     np.save(maps / "c.jpg.npy", np.full((8, 8), 2.0, np.float32))
     with pytest.raises(ScoreMapError, match=r"b\.jpg\.npy: score map for image 'b\.jpg' missing"):
         score_scoremap_dir(meta, maps, 0.01, workers=2)
@@ -99,9 +103,9 @@ def test_threads_give_the_same_numbers_and_the_first_error_in_id_order(wsol_spli
 
 
 def test_eval_voc_imports_no_torch(tmp_path):
-    # one image, one cat (1-based inclusive 11..40 x 21..50); detections: a far-away box at score 0.9 (FP),
-    # the GT box itself at 0.8 (TP). Ranked FP, TP: precision 0, 1/2 at recall 0, 1, so the 11-point
-    # max-precision is 1/2 at every recall level: AP 50.
+    # one image, one cat (1-based inclusive 11..40 x 21..50); detections: a far-away box at score
+    # 0.9 (FP), the GT box itself at 0.8 (TP). Ranked FP, TP: precision 0, 1/2 at recall 0, 1, so
+    # the 11-point max-precision is 1/2 at every recall level: AP 50.
     root = tmp_path / "VOCdevkit" / "VOC2007"
     (root / "Annotations").mkdir(parents=True)
     (root / "ImageSets" / "Main").mkdir(parents=True)
@@ -120,8 +124,8 @@ def test_eval_voc_imports_no_torch(tmp_path):
 
 @pytest.mark.parametrize("backend", ["pycocotools", "auto"])
 def test_eval_coco_imports_no_torch(tmp_path, backend):
-    # one cat and one dog, both detected exactly: AP 100; the cat's box is 10 x 10 (small), the dog's
-    # 40 x 40 (medium), no large object: APl null (no value)
+    # one cat and one dog, both detected exactly: AP 100; the cat's box is 10 x 10 (small), the
+    # dog's 40 x 40 (medium), no large object: APl null (no value)
     gt = {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "1.jpg"}],
           "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10], "area": 100,

@@ -1,9 +1,11 @@
-"""The real-data recipes equal the papers: every paper-stated value, with its citation, against the resolved
-configs (``_BASE_`` chain + the config family's DEFAULTS), so that an edit departing from a paper fails here.
+"""The real-data recipes equal the papers: every paper-stated value, with its citation, against the
+resolved configs (``_BASE_`` chain + the config family's DEFAULTS), so that an edit departing from
+a paper fails here.
 
-Papers: MultiMix = Venkataramanan et al., NeurIPS 2023 (arXiv:2311.05538); AlignMix = CVPR 2022 (arXiv:2103.15375);
-multi-mix = Shen et al. (arXiv:2406.01417). "source" rows are values the papers leave open, taken from the public
-script the config header names (they guard the choice, not a paper statement).
+Papers: MultiMix = Venkataramanan et al., NeurIPS 2023 (arXiv:2311.05538); AlignMix = CVPR 2022
+(arXiv:2103.15375); multi-mix = Shen et al. (arXiv:2406.01417). "source" rows are values the papers
+leave open, taken from the public script the config header names (they guard the choice, not a
+paper statement).
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ RECIPES = [
     ("pretrain/_base_imagenet.yaml", "data.lighting", 0.1, "source: PuzzleMix-300 / AlignMix code Lighting 0.1"),
     ("pretrain/_base_imagenet.yaml", "data.crop_size", 224, "source: RandomResizedCrop(224)"),
     ("pretrain/_base_imagenet.yaml", "data.val_resize", 256, "source: Resize(256) + CenterCrop(224)"),
-    # ---------------------------------------------------------------- ImageNet ViT-S/16 (MultiMix Table 3, A.1)
+    # ---------------------------------------------------------------- ImageNet ViT-S/16 (MultiMix
+    # Table 3, A.1)
     ("pretrain/imagenet_vit_s16_erm.yaml", "model.arch", "vit_small_patch16_224", "MultiMix §4.1 / Table 3: ViT-S/16"),
     ("pretrain/imagenet_vit_s16_erm.yaml", "optim.optimizer", "adamw", "MultiMix A.1: ViT-S/16 using AdamW"),
     ("pretrain/imagenet_vit_s16_erm.yaml", "optim.lr", 0.01, "MultiMix A.1: initial learning rate 0.01 (ViT-S/16)"),
@@ -71,7 +74,8 @@ RECIPES = [
         ("method.smoothing", 0.1, "source: TokenMix main.py --smoothing default"),
         ("method.loss", "bce", "source: TokenMix run.sh --use-bce"),
     )],
-    # ---------------------------------------------------------------- AlignMix ImageNet, paper variant (App. B)
+    # ---------------------------------------------------------------- AlignMix ImageNet, paper
+    # variant (App. B)
     ("pretrain/imagenet_alignmix_stage2.yaml", "optim.batch_size", 100, "AlignMix B: batch size of 100 on 4 GPUs"),
     ("pretrain/imagenet_alignmix_stage2.yaml", "optim.batch_per_process", None, "AlignMix B: the batch is global"),
     ("pretrain/imagenet_alignmix_stage2.yaml", "optim.lr_classifier", 0.1, "AlignMix B: classifier 0.1"),
@@ -85,8 +89,10 @@ RECIPES = [
     ("pretrain/imagenet_alignmix_stage2.yaml", "method.resolution", 4, "AlignMix §4.1: A is c x 4 x 4"),
     ("pretrain/imagenet_alignmix_stage2.yaml", "method.modes", ["input", "feat", "feat_rev", "embedding"],
      "AlignMix §4.1 Training: x, A (12), A (13) or e uniformly"),
-    # ---------------------------------------------------------------- AlignMix, the authors' released commands
-    # shashankvkt/AlignMixup_CVPR22 at ec01a68: README commands + {cifar10_100,tiny_imgnet,imagenet}/main.py defaults
+    # ---------------------------------------------------------------- AlignMix, the authors'
+    # released commands
+    # shashankvkt/AlignMixup_CVPR22 at ec01a68: README commands +
+    # {cifar10_100,tiny_imgnet,imagenet}/main.py defaults
     *[(f"pretrain/{t}_alignmix.yaml", key, value, cite) for t in ("cifar10", "cifar100", "tinyimagenet", "imagenet")
       for key, value, cite in (
           ("method.name", "alignmix", "the released code's variant"),
@@ -129,7 +135,8 @@ RECIPES = [
     ("pretrain/imagenet_alignmix.yaml", "data.lighting", 0.1, "imagenet/main.py: Lighting(alphastd=0.1)"),
     ("pretrain/imagenet_alignmix.yaml", "data.crop_size", 224, "imagenet/main.py: RandomResizedCrop(224)"),
     ("pretrain/imagenet_alignmix.yaml", "data.val_resize", 256, "imagenet/main.py: Resize(256), CenterCrop(224)"),
-    # ---------------------------------------------------------------- MultiMix / Dense MultiMix (A.1, §4.1)
+    # ---------------------------------------------------------------- MultiMix / Dense MultiMix
+    # (A.1, §4.1)
     *[(f"pretrain/imagenet_{m}.yaml", key, value, cite) for m in ("multimix", "dense_multimix")
       for key, value, cite in [
           ("optim.batch_size", None, "MultiMix A.1: the batch is stated per GPU"),
@@ -164,9 +171,9 @@ RECIPES = [
     ("pretrain/imagenet_multi_interp.yaml", "optim.nesterov", False, "source: PuzzleMix-fast SGD without nesterov"),
     ("pretrain/imagenet_multi_interp.yaml", "optim.batch_size", 448, "source: PuzzleMix-fast phases 2-3 batch 448"),
     ("pretrain/imagenet_multi_interp.yaml", "method.puzzle.beta", 1.5, "source: PuzzleMix-fast TRAIN.beta 1.5"),
-    # ---------------------------------------------------------------- Co-Mixup ImageNet, 100 epochs
-    # Co-Mixup (arXiv:2102.03065) 22.39 % error (AlignMix B Table 5, multi-mix Table III); "Co-Mixup-fast" =
-    # snu-mllab/Co-Mixup comix-imagenet/ at 2a76816
+    # ---------------------------------------------------------------- Co-Mixup ImageNet, 100
+    # epochs Co-Mixup (arXiv:2102.03065) 22.39 % error (AlignMix B Table 5, multi-mix Table III);
+    # "Co-Mixup-fast" = snu-mllab/Co-Mixup comix-imagenet/ at 2a76816
     *[("pretrain/imagenet_comixup.yaml", key, value, cite) for key, value, cite in (
         ("model.arch", "resnet50", "AlignMix B Table 5: ResNet-50; source: TRAIN.arch resnet50"),
         ("optim.epochs", 100, "AlignMix B: 100 epochs, the protocol of Co-Mixup; source: README"),
@@ -199,7 +206,8 @@ RECIPES = [
         ("method.clean_lam", 500.0, "source: Co-Mixup-fast clean_lam 1 * CE = 2 * 500 / 1000 * CE"),
         ("method.loss", "ce", "source: Co-Mixup-fast soft cross-entropy"),
     )],
-    # ---------------------------------------------------------------- baselines: the PuzzleMix-300 rows
+    # ---------------------------------------------------------------- baselines: the PuzzleMix-300
+    # rows
     *[(f"pretrain/imagenet_{m}.yaml", key, value, cite)
       for m in ("erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix")
       for key, value, cite in [
@@ -221,7 +229,8 @@ RECIPES = [
     ("pretrain/imagenet_puzzlemix.yaml", "method.clean_lam", 0.0, "source: PuzzleMix-300 --clean_lam 0"),
     ("pretrain/imagenet_puzzlemix.yaml", "method.saliency_mode", "eval", "source: PuzzleMix-300 model.eval()"),
     ("pretrain/imagenet_puzzlemix.yaml", "method.loss", "ce", "source: PuzzleMix-300 lam-weighted CE"),
-    # SuperMix: MultiMix Table 7 row, A.2 "using the same settings"; knobs: alldbi/SuperMix at d63d25a
+    # SuperMix: MultiMix Table 7 row, A.2 "using the same settings"; knobs: alldbi/SuperMix at
+    # d63d25a
     *[("pretrain/imagenet_supermix.yaml", key, value, cite) for key, value, cite in (
         ("optim.epochs", 300, "MultiMix A.2 same settings as A.1 (300 epochs)"),
         ("optim.lr", 0.1, "MultiMix A.1: initial learning rate 0.1"),
@@ -238,9 +247,10 @@ RECIPES = [
         ("method.tol", 70.0, "source: SuperMix supermix.py --tol default 70"),
         ("method.cls_weight", 2.0, "source: SuperMix train_student.py -r default 2"),
     )],
-    # ---------------------------------------------------------------- PuzzleMix: the authors' CIFAR-100 and
-    # Tiny-ImageNet commands (snu-mllab/PuzzleMix README.md @ e2dbf3a) and main.py's defaults and train();
-    # CIFAR-10 takes the CIFAR-100 command (the authors publish none for CIFAR-10; the same main.py)
+    # ---------------------------------------------------------------- PuzzleMix: the authors'
+    # CIFAR-100 and Tiny-ImageNet commands (snu-mllab/PuzzleMix README.md @ e2dbf3a) and main.py's
+    # defaults and train(); CIFAR-10 takes the CIFAR-100 command (the authors publish none for
+    # CIFAR-10; the same main.py)
     *[(f"pretrain/{t}_puzzlemix.yaml", f"method.{key}", value, f"source: PuzzleMix README / main.py: {cite}")
       for t in ("cifar10", "cifar100", "tinyimagenet")
       for key, value, cite in (
@@ -327,7 +337,8 @@ RECIPES = [
     ("detection/frcnn_r50_fpn_1x_coco.yaml", "optim.max_iter", 90000, "source: detectron2 1x MAX_ITER"),
     ("detection/frcnn_r50_fpn_1x_coco.yaml", "model.train_sizes", [640, 672, 704, 736, 768, 800],
      "source: detectron2 faster_rcnn_R_50_FPN_1x MIN_SIZE_TRAIN"),
-    # ---------------------------------------------------------------- CIFAR-10/100 (AlignMix App. B, MultiMix A.1)
+    # ---------------------------------------------------------------- CIFAR-10/100 (AlignMix App.
+    # B, MultiMix A.1)
     *[(f"pretrain/{t}_{m}.yaml", "model.arch", "preactresnet18", "AlignMix §4.1 / MultiMix §4.1: PreActResnet18")
       for t in ("cifar10", "cifar100", "tinyimagenet")
       for m in ("erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix", "multimix", "dense_multimix")],
@@ -347,7 +358,8 @@ RECIPES = [
           ("optim.weight_decay", 1e-4, "AlignMix B / MultiMix A.1: weight decay 0.0001"),
           ("data.crop_size", 32, "CIFAR's 32 x 32 images"),
           ("data.padding", 4, "source: reference codes RandomCrop(32, padding=4)"))],
-    # ---------------------------------------------------------------- TinyImageNet (AlignMix App. B, MultiMix A.1)
+    # ---------------------------------------------------------------- TinyImageNet (AlignMix App.
+    # B, MultiMix A.1)
     *[(f"pretrain/tinyimagenet_{m}.yaml", key, value, cite)
       for m in ("erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix", "multimix", "dense_multimix",
                 "alignmix_stage2", "alignmix_ae")
@@ -470,8 +482,8 @@ _NO_CITATION = {"_BASE_", "name", "root", "image_root", "metadata_root", "config
 
 @pytest.mark.parametrize("rel", COVERED)
 def test_every_value_line_carries_a_comment(rel):
-    """Each `key: value` line of a real-data recipe says where its value comes from (a citation, "paper
-    silent" + the source, or "engine/machine setting")."""
+    """Each `key: value` line of a real-data recipe says where its value comes from (a citation,
+    "paper silent" + the source, or "engine/machine setting")."""
     missing = []
     for n, line in enumerate((ROOT / "configs" / rel).read_text().splitlines(), 1):
         m = re.match(r"^\s*(-\s+)?([A-Za-z_][\w]*):\s*(.*)$", line)
@@ -513,8 +525,8 @@ def test_wsol_method_names_a_pretraining_method_with_its_knobs():
 
 
 def test_global_batch_is_stated_once():
-    """A pretraining recipe states the global batch or the per-process batch, never both (the engine
-    derives the other from the world size)."""
+    """A pretraining recipe states the global batch or the per-process batch, never both (the
+    engine derives the other from the world size)."""
     for rel in [r for r in COVERED if r.startswith("pretrain/")]:
         o = resolved(rel)["optim"]
         assert (o["batch_size"] is None) != (o["batch_per_process"] is None), \
@@ -526,7 +538,8 @@ def test_ssd_recipes_use_the_voc_default_boxes():
 
     ssd300 = resolved("detection/ssd300_r50_voc0712.yaml")["model"]
     ssd512 = resolved("detection/ssd512_r50_voc0712.yaml")["model"]
-    # SSD300 VOC min sizes 30, 60, 111, 162, 213, 264 and max 315 px; SSD512 35.84 ... 460.8, max 537.6 px
+    # SSD300 VOC min sizes 30, 60, 111, 162, 213, 264 and max 315 px; SSD512 35.84 ... 460.8, max
+    # 537.6 px
     assert [round(s * 300, 6) for s in SSD_SCALES[(300, ssd300["kwargs"]["priors"])]] == \
         [30, 60, 111, 162, 213, 264, 315]
     assert [round(s * 512, 6) for s in SSD_SCALES[(512, ssd512["kwargs"]["priors"])]] == \
@@ -534,8 +547,8 @@ def test_ssd_recipes_use_the_voc_default_boxes():
 
 
 def test_paper_pipeline_detection_batch_times_world_is_the_reference_batch():
-    """The paper pipeline's detection entries give each config its source's global batch at the stated
-    world size, so the lr is not rescaled."""
+    """The paper pipeline's detection entries give each config its source's global batch at the
+    stated world size, so the lr is not rescaled."""
     from mixup_transfer.core.config import apply_overrides
     from transfer.detection.config import DEFAULTS as DET
 
@@ -554,21 +567,24 @@ ALIGNMIX_CONFIGS = sorted(p.relative_to(ROOT / "configs").as_posix()
 
 @pytest.mark.parametrize("rel", ALIGNMIX_CONFIGS)
 def test_every_alignmix_recipe_says_which_variant_it_runs_and_why(rel):
-    """Each AlignMix config names its variant (the released code's `alignmix`, the paper's `alignmix_stage2` or
-    `alignmix_ae`) in its header and cites the source it follows: the released code at a commit, or the paper."""
+    """Each AlignMix config names its variant (the released code's `alignmix`, the paper's
+    `alignmix_stage2` or `alignmix_ae`) in its header and cites the source it follows: the released
+    code at a commit, or the paper."""
     text = (ROOT / "configs" / rel).read_text()
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     raw = yaml.safe_load(text)
     section = raw.get("method") or {}
-    name = section if isinstance(section, str) else section.get("name")  # an ablation names the method directly
+    # an ablation names the method directly
+    name = section if isinstance(section, str) else section.get("name")
     if name is not None:
         assert f"`{name}`" in header or f"method {name}" in header or f"({name}" in header, rel
     assert "AlignMixup_CVPR22 at ec01a68" in header or "arXiv 2103.15375" in header, rel
 
 
 def test_tokenmix_recipe_takes_its_teacher_at_run_time():
-    """The TokenMix recipe keeps the official activation labels with `teacher: null`: reading it without a teacher is
-    refused, --teacher (the teacher key) or method.labels=area makes it whole, and its header says both."""
+    """The TokenMix recipe keeps the official activation labels with `teacher: null`: reading it
+    without a teacher is refused, --teacher (the teacher key) or method.labels=area makes it whole,
+    and its header says both."""
     from mixup_transfer.core.config import ConfigError
     from pretrain.task import DEFAULTS, resolve_config
 
@@ -586,8 +602,8 @@ def test_tokenmix_recipe_takes_its_teacher_at_run_time():
 
 
 def test_imagenet_supermix_recipe_takes_its_teacher_at_run_time():
-    """The ImageNet SuperMix recipe has `teacher: null`: reading it without a teacher is refused, --teacher (the
-    teacher key) makes it whole, and its header gives that command."""
+    """The ImageNet SuperMix recipe has `teacher: null`: reading it without a teacher is refused,
+    --teacher (the teacher key) makes it whole, and its header gives that command."""
     from mixup_transfer.core.config import ConfigError
     from pretrain.task import DEFAULTS, resolve_config
 

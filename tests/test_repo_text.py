@@ -1,9 +1,11 @@
 """The repository's text says what is, not how it came to be.
 
-Every tracked text file (code, comments, configs, tests, messages, docs) is scanned for development-history
-text: sessions, issue numbers, "previous version", machine-specific timings, and references to files that
-do not exist (such as the `papers/...` copies the toolkit was written from: cite a paper by its title or arXiv
-id). README.md is checked by a test of its own, so that its failures are told apart from the code's.
+Every tracked text file (code, comments, configs, tests, messages, docs) is scanned for
+development-history
+text: sessions, issue numbers, "previous version", machine-specific timings, and references to
+files that do not exist (such as the `papers/...` copies the toolkit was written from: cite a paper
+by its title or arXiv id). README.md is checked by a test of its own, so that its failures are told
+apart from the code's.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ HISTORY = {
                                             r"|\bthis machine\b|\bmeasured once\b", re.I),
     "a papers/ path": re.compile(r"\bpapers/\S"),
 }
-# a repository path in prose: configs/..., mixup_transfer/..., tools/x.py (placeholders such as {method}, X or *
-# skipped)
+# a repository path in prose: configs/..., mixup_transfer/..., tools/x.py (placeholders such as
+# {method}, X or * skipped)
 REPO_PATH = re.compile(r"(?<![\w./-])((?:configs|docs|mixup_transfer|pretrain|tests|tools|transfer|wsol)"
                        r"/[\w./-]*\w\.(?:py|ya?ml|md|json|txt))\b")
 
@@ -42,29 +44,32 @@ def _tracked() -> list[str]:
 
 
 def _dangling(path: str) -> bool:
-    """A path into one of the repository's folders (another repository's configs/COCO-Detection/... is not)
-    that names no file; placeholders ({method}, *, <run>, X.yaml) are not paths."""
+    """A path into one of the repository's folders (another repository's configs/COCO-Detection/...
+    is not) that names no file; placeholders ({method}, *, <run>, X.yaml) are not paths."""
     if re.search(r"[{}*<>]|(^|/)X\.", path) or not (ROOT / path).parent.is_dir():
         return False
     return not (ROOT / path).exists()
 
 
 def history_lines(name: str, text: str) -> list[str]:
-    """'file:line: what' for every development-history phrase and every missing repository path in `text`."""
+    """'file:line: what' for every development-history phrase and every missing repository path in
+    `text`."""
     found = []
     for n, line in enumerate(text.splitlines(), 1):
         for what, rx in HISTORY.items():
             m = rx.search(line)
             if m:
                 found.append(f"{name}:{n}: {what} ({m.group(0)!r})")
-        for path in [] if name.startswith("tests/") else REPO_PATH.findall(line):  # tests name missing files
+        # tests name missing files
+        for path in [] if name.startswith("tests/") else REPO_PATH.findall(line):
             if _dangling(path):
                 found.append(f"{name}:{n}: a file that does not exist ({path})")
     return found
 
 
 def test_history_patterns_catch_what_they_should():
-    # assembled from pieces so that this file does not itself read as history text to other scanners
+    # assembled from pieces so that this file does not itself read as history text to other
+    # scanners
     s, i, p = "sess" + "ion", "iss" + "ue", "pap" + "ers/"
     bad = [f"in {s} 4's run", f"the previous {s}s' AlignMix", f"({i} 13)", f"{i} 14 items 5-7",
            "remove once it lands", "about 5.5 min on 2 CPU cores", "before the package move",

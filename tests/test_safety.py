@@ -1,9 +1,9 @@
-"""Safety battery over the command-line tools and the pipeline: nothing non-finite is reported or saved, stale
-results are never reused, one writer per run folder, paths stay inside their roots, clear errors on the common
-paths and unpickling only on an explicit command-line flag.
+"""Safety battery over the command-line tools and the pipeline: nothing non-finite is reported or
+saved, stale results are never reused, one writer per run folder, paths stay inside their roots,
+clear errors on the common paths and unpickling only on an explicit command-line flag.
 
-Each case runs a tool the way a user does (its `main(argv)`, in-process) and asserts the exit code (2 bad input,
-1 failure) and that the one `error: ...` line names the culprit.
+Each case runs a tool the way a user does (its `main(argv)`, in-process) and asserts the exit code
+(2 bad input, 1 failure) and that the one `error: ...` line names the culprit.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def nan_ckpt(tmp_path_factory):
     return _save_backbone(tmp_path_factory.mktemp("nan") / "backbone.pth", fill=float("nan"))
 
 
-# ------------------------------------------------------------------------------------------- finite or nothing
+# -------------------------------------------------------------------------------------------
+# finite or nothing
 
 
 @pytest.mark.parametrize("suite", ["clean", "calibration", "background", "fgsm", "ood"])
@@ -119,7 +120,8 @@ def _det_cfg(toy_world, kind="ssd"):
 
 @pytest.mark.parametrize("kind", ["ssd", "faster_rcnn_fpn"])
 def test_detection_prediction_refuses_nan_outputs(toy_world, kind, one_thread):
-    """NaN scores fail every score threshold: without the check a broken detector scores mAP 0 with exit 0."""
+    """NaN scores fail every score threshold: without the check a broken detector scores mAP 0 with
+    exit 0."""
     from mixup_transfer.core.runtime import NonFiniteOutputError
     from transfer.detection import torchvision_backend as tvb
 
@@ -133,7 +135,8 @@ def test_detection_prediction_refuses_nan_outputs(toy_world, kind, one_thread):
         tvb.predict_sharded(model, test, 3, 0, torch.device("cpu"), split="2007/test")
 
 
-# ------------------------------------------------------------------------------- content keys cover inputs
+# ------------------------------------------------------------------------------- content keys
+# cover inputs
 
 
 def _pipeline_cfg(tmp_path: Path, data: Path) -> dict:
@@ -172,7 +175,8 @@ def data_copy(toy_world, tmp_path):
 def test_stage_keys_follow_the_backbone_and_the_datasets(data_copy, tmp_path):
     cfg = _pipeline_cfg(tmp_path, data_copy)
     before = _keys(cfg)
-    assert before == _keys(cfg)  # nothing changed: the same keys (an interrupted pipeline is reused)
+    # nothing changed: the same keys (an interrupted pipeline is reused)
+    assert before == _keys(cfg)
     # a retrained backbone (same pretraining config): every downstream stage of that method reruns
     bb = tmp_path / "runs" / "keys" / "erm" / "pretrain" / "backbone.pth"
     bb.parent.mkdir(parents=True)
@@ -218,7 +222,8 @@ def test_unknown_keys_in_pipeline_entries_are_errors(data_copy, tmp_path, where,
     assert what in str(e.value)
 
 
-# ------------------------------------------------------------------------------------ one writer per run folder
+# ------------------------------------------------------------------------------------ one writer
+# per run folder
 
 
 def _dead_pid() -> int:
@@ -324,7 +329,8 @@ def test_figures_are_written_atomically(tmp_path):
     plt.close(fig)
 
 
-# ------------------------------------------------------------------------------------ paths stay inside roots
+# ------------------------------------------------------------------------------------ paths stay
+# inside roots
 
 ESCAPES = ["../../victim/bird.jpg", "/etc/passwd", "a/../../b.jpg"]
 
@@ -411,7 +417,8 @@ def test_cub_image_paths_never_leave_their_folder(toy_world, tmp_path):
         read_cub(cub)
 
 
-# -------------------------------------------------------------------------------- clear errors on common paths
+# -------------------------------------------------------------------------------- clear errors on
+# common paths
 
 
 class _BadImages(torch.utils.data.Dataset):
@@ -463,7 +470,8 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     want = np.round(g16 / 257).astype(np.uint8)[0]   # 0, 1, 19, 255
     assert want.tolist() == [0, 1, 19, 255]
     pil = np.asarray(read_image(tmp_path / "g16.png"))
-    assert pil[0, :, 0].tolist() == want.tolist() and (pil[..., 0] == pil[..., 2]).all()  # gray, not white
+    # gray, not white
+    assert pil[0, :, 0].tolist() == want.tolist() and (pil[..., 0] == pil[..., 2]).all()
     t = read_image_uint8(tmp_path / "g16.png")  # torchvision decodes 16-bit PNGs to uint16
     assert t.dtype == torch.uint8 and t[0, 0].tolist() == want.tolist()
     import cv2
@@ -471,14 +479,16 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     rgb16 = np.stack([g16, g16 // 2, g16 // 4], -1)[..., ::-1]  # cv2 writes BGR
     cv2.imwrite(str(tmp_path / "rgb16.png"), rgb16)
     t = read_image_uint8(tmp_path / "rgb16.png")
-    assert t.dtype == torch.uint8 and t[:, 0, 3].tolist() == [255, 127, 64]  # round(65535, 32767, 16383 / 257)
+    # round(65535, 32767, 16383 / 257)
+    assert t.dtype == torch.uint8 and t[:, 0, 3].tolist() == [255, 127, 64]
     Image.fromarray(np.ones((2, 2), np.float32)).save(tmp_path / "f.tiff")
     with pytest.raises(DataError, match=r"f.tiff: unsupported image mode 'F'"):
         read_image(tmp_path / "f.tiff")
 
 
 def test_sixteen_bit_png_trains_through_the_uint8_path(tmp_path):
-    """The uint8 crop + resize kernels take uint8 only: a 16-bit PNG reached them as uint16 and failed."""
+    """The uint8 crop + resize kernels take uint8 only: a 16-bit PNG reached them as uint16 and
+    failed."""
     from PIL import Image
 
     from mixup_transfer.core.data import read_image_uint8
@@ -538,7 +548,8 @@ def test_a_string_for_a_null_default_key_fails_at_the_edge_with_exit_2(run, tmp_
                f"data.root={tmp_path}", 'data.max_train="50"'), 2, "data.max_train", "expected an integer")
 
 
-# ------------------------------------------------------------------------- unpickling only from the command line
+# ------------------------------------------------------------------------- unpickling only from
+# the command line
 
 
 def _planted(path: Path, marker: Path) -> Path:
@@ -616,7 +627,8 @@ def test_flag_present_on_every_tool_that_reads_a_checkpoint(capsys):
         assert "--allow-pickle" in capsys.readouterr().out, (tool, args)
 
 
-# ------------------------------------------------------------------- battery: every input truncated, cross-checks
+# ------------------------------------------------------------------- battery: every input
+# truncated, cross-checks
 
 
 def _truncate(path: Path) -> Path:
@@ -636,7 +648,8 @@ def _voc_results(devkit: Path, out: Path) -> None:
 
 
 @pytest.mark.parametrize("which,names", [
-    ("split", ["comp4_det_test_", "not in the 'test' split file"]),   # the results name ids the split lost
+    # the results name ids the split lost
+    ("split", ["comp4_det_test_", "not in the 'test' split file"]),
     ("xml", ["Annotations/", "malformed XML"]),
     ("results", ["comp4_det_test_", "expected 'image_id score"]),
 ])
@@ -728,7 +741,8 @@ def test_truncated_config_and_convert_input(run, tmp_path):
 
 
 def test_cross_check_checkpoint_classes_against_the_data(run, toy_world, tmp_path, one_thread):
-    """Same number of classes, other classes: every prediction would be scored against the wrong label."""
+    """Same number of classes, other classes: every prediction would be scored against the wrong
+    label."""
     from mixup_transfer.core.checkpoint import build_resnet, save_backbone
 
     classes = sorted(p.name for p in (toy_world / "imagenet/val").iterdir() if p.is_dir())

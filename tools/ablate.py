@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""An ablation: one knob of a pretraining recipe swept over values x seeds -> table, ablation.json, curve
-(mixup_transfer/pipeline/ablation.py).
+"""An ablation: one knob of a pretraining recipe swept over values x seeds -> table, ablation.json,
+curve (mixup_transfer/pipeline/ablation.py).
 
     python tools/ablate.py --config configs/ablation/toy_multimix_n.yaml [--force RUN ...] [--plan] [KEY=VALUE ...]
 
-Finished runs are reused (their content key is the hash of their resolved config), so running the same command
-again resumes an interrupted sweep, and adding a value or a seed runs only the new runs. --force redoes runs:
-`all`, a value's folder (e.g. n=100) or `baseline`. --plan lists the runs and whether each is done.
+Finished runs are reused (their content key is the hash of their resolved config), so running the
+same command again resumes an interrupted sweep, and adding a value or a seed runs only the new
+runs. --force redoes runs: `all`, a value's folder (e.g. n=100) or `baseline`. --plan lists the
+runs and whether each is done.
 """
 
 import argparse
@@ -25,7 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="append", default=[],
                    help="redo runs even if finished: all, a value's folder (e.g. n=100) or baseline (repeatable)")
     p.add_argument("--plan", action="store_true", help="list the planned runs and whether each is done; run nothing")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
+    # tests: simulate a kill
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the ablation config (knob.values=[1,10])")
     args = p.parse_intermixed_args(argv)
     if args.plan:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Performance figures of the toolkit, as ratios measured in one run, gathered into one JSON + Markdown.
+"""Performance figures of the toolkit, as ratios measured in one run, gathered into one JSON +
+Markdown.
 
     python tools/bench.py all --out runs/bench          # everything (minutes on a laptop CPU)
     python tools/bench.py pretrain [--quick]            # training-step time of each method / ERM
@@ -25,8 +26,8 @@ from mixup_transfer.core import cli
 
 def bench_data(root: str | None = None, workers=(0, 1, 2), size: int = 224, batches: int = 8,
                batch_size: int = 32) -> dict:
-    """Images/s of the ImageNet-layout training loader (the default uint8 path: decode + RandomResizedCrop + flip
-    in the workers, `pretrain.data`) per worker count."""
+    """Images/s of the ImageNet-layout training loader (the default uint8 path: decode +
+    RandomResizedCrop + flip in the workers, `pretrain.data`) per worker count."""
     import tempfile
 
     import torch
@@ -62,11 +63,13 @@ def bench_data(root: str | None = None, workers=(0, 1, 2), size: int = 224, batc
 
 def bench_gpu(quick: bool = False, device: str | None = None, loader_root=None, loader_workers: int | None = None,
               **knobs) -> dict:
-    """Training images/s per method on the CUDA device (`pretrain.bench.run_gpu_bench`: ResNet-50, 224 px, bf16
-    autocast, channels_last; `knobs` override its arguments), step time relative to ERM, and the data-loader
-    ceiling: images/s of the training data path (`bench_data` on `loader_root`, the toy world by default) with
-    `loader_workers` workers (default: the CPU cores, at most 16). `device` defaults to CUDA; without it:
-    {"skipped": ...} and a printed line."""
+    """Training images/s per method on the CUDA device (`pretrain.bench.run_gpu_bench`: ResNet-50,
+    224 px, bf16 autocast, channels_last; `knobs` override its arguments), step time relative to
+    ERM, and the data-loader
+    ceiling: images/s of the training data path (`bench_data` on `loader_root`, the toy world by
+    default) with
+    `loader_workers` workers (default: the CPU cores, at most 16). `device` defaults to CUDA;
+    without it: {"skipped": ...} and a printed line."""
     import torch
 
     if device is None and not torch.cuda.is_available():
@@ -89,8 +92,8 @@ def bench_gpu(quick: bool = False, device: str | None = None, loader_root=None, 
 
 
 def bench_mixers(quick: bool = False, device: str | None = None) -> dict:
-    """`pretrain.mixer_bench` at batch 256: 224 px (ImageNet) and 32 px (CIFAR; the per-example Python loop of
-    timm's elem / pair modes weighs most there); --quick: 32 px only."""
+    """`pretrain.mixer_bench` at batch 256: 224 px (ImageNet) and 32 px (CIFAR; the per-example
+    Python loop of timm's elem / pair modes weighs most there); --quick: 32 px only."""
     import torch
 
     from pretrain.mixer_bench import run_mixer_bench

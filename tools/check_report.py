@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Check that a finished pipeline run filled every method's entry of every table (CI runs it after `make demo`).
+"""Check that a finished pipeline run filled every method's entry of every table (CI runs it after
+`make demo`).
 
     python tools/check_report.py runs/toy/summary.json
 
-Exit 0 when every method row of every table holds a number; 1 (listing the empty entries and the failed stages)
-otherwise; 2 when the file is not a pipeline summary.
+Exit 0 when every method row of every table holds a number; 1 (listing the empty entries and the
+failed stages) otherwise; 2 when the file is not a pipeline summary.
 """
 
 import json

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Score a COCO box results JSON (pycocotools; faster-coco-eval when installed); prints the 12 stats as JSON.
+"""Score a COCO box results JSON (pycocotools; faster-coco-eval when installed); prints the 12
+stats as JSON.
 
     python tools/eval_coco.py --annotations instances_val2017.json --results detections.json
 """

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Score VOC detection result files (comp4_det_<split>_<class>.txt) with the devkit's rules; prints JSON.
+"""Score VOC detection result files (comp4_det_<split>_<class>.txt) with the devkit's rules; prints
+JSON.
 
     python tools/eval_voc.py --devkit data/VOCdevkit --year 2007 --split test --results RESULTS_DIR
 """

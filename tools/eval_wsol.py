@@ -5,10 +5,10 @@
         [--cam-curve-interval 0.001] [--iou-thresholds 30 50 70] [--multi-contour | --largest-contour]
 
 Score maps: <scoremaps>/<image_id>.npy, float in [0, 1], 224 x 224 (GT boxes are rescaled to the
-map's size with integer truncation). The JSON's "sweep" says which implementation ran (same numbers):
-"numba" (the compiled one-pass sweep, the default), "opencv" (OpenCV once per distinct mask: numba not
-installed, or --largest-contour) or "reference" (--reference: the per-threshold OpenCV loop).
-Imports neither torch nor model code (it would cost more than the scoring).
+map's size with integer truncation). The JSON's "sweep" says which implementation ran (same
+numbers): "numba" (the compiled one-pass sweep, the default), "opencv" (OpenCV once per distinct
+mask: numba not installed, or --largest-contour) or "reference" (--reference: the per-threshold
+OpenCV loop). Imports neither torch nor model code (it would cost more than the scoring).
 """
 import json
 import os

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""What to run first on a new GPU node or cluster: every CUDA path of the toolkit for a few steps on the toy world
-(a few minutes on one GPU), with a pass/fail table (mixup_transfer/pipeline/gpu_check.py says what each check does).
+"""What to run first on a new GPU node or cluster: every CUDA path of the toolkit for a few steps
+on the toy world (a few minutes on one GPU), with a pass/fail table
+(mixup_transfer/pipeline/gpu_check.py says what each check does).
 
     python tools/gpu_check.py --out runs/gpu_check          # all checks -> runs/gpu_check/gpu_check.{md,json}
     python tools/gpu_check.py --only methods,decode         # a subset
 
-Exit status: 0 when every check passed, 1 when one failed, 2 when no CUDA device is visible (nothing is checked).
+Exit status: 0 when every check passed, 1 when one failed, 2 when no CUDA device is visible
+(nothing is checked).
 """
 
 import argparse
@@ -21,7 +23,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/gpu_check", help="output folder (gpu_check.md, gpu_check.json, runs)")
     p.add_argument("--only", default=None, help="comma-separated checks (default: all)")
     p.add_argument("--toy", default=None, help="an existing toy world (default: a fresh tiny one)")
-    p.add_argument("--nccl-probe", action="store_true", help=argparse.SUPPRESS)  # run by the nccl check
+    # run by the nccl check
+    p.add_argument("--nccl-probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
 

@@ -1,13 +1,15 @@
-"""Write tests/fixtures/comixup_official.npz: the official Co-Mixup functions (snu-mllab/Co-Mixup, match.py:
-`get_onehot_matrix`, `obj_fn`, `mix_input`; mixup.py: `mixup_process`) run offline on seeded inputs, numbers only.
+"""Write tests/fixtures/comixup_official.npz: the official Co-Mixup functions (snu-mllab/Co-Mixup,
+match.py: `get_onehot_matrix`, `obj_fn`, `mix_input`; mixup.py: `mixup_process`) run offline on
+seeded inputs, numbers only.
 
     git --git-dir=<mirror of snu-mllab/Co-Mixup> archive HEAD | tar -x -C /tmp/Co-Mixup
     python tools/make_comixup_fixture.py --comixup /tmp/Co-Mixup [--out tests/fixtures]
 
-It needs gco-wrapper (match.py imports gco). The official code draws a Dirichlet prior (torch's global generator)
-and the initial labels (`random_initialize`, numpy's global generator) inside `get_onehot_matrix`: the script
-records both (`prior_*`, `init_*`, what `pretrain.methods.comixup_graphcut.comix_labelings` takes). `mixup_process`
-calls it with device "cuda": the script makes that the CPU.
+It needs gco-wrapper (match.py imports gco). The official code draws a Dirichlet prior (torch's
+global generator) and the initial labels (`random_initialize`, numpy's global generator) inside
+`get_onehot_matrix`: the script records both (`prior_*`, `init_*`, what
+`pretrain.methods.comixup_graphcut.comix_labelings` takes). `mixup_process` calls it with device
+"cuda": the script makes that the CPU.
 """
 
 # the official code draws from the global RNGs: seeding them is the point here

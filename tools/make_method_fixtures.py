@@ -1,4 +1,5 @@
-"""Write tests/fixtures/*.npz (PuzzleMix, CutMix, AlignMix) by running the AUTHORS' functions offline.
+"""Write tests/fixtures/*.npz (PuzzleMix, CutMix, AlignMix) by running the AUTHORS' functions
+offline.
 
 Nothing of the authors' code is copied into this project: this script imports it from a checkout
 of the official repository whose path is given on the command line, feeds it seeded inputs and
@@ -127,7 +128,8 @@ def puzzlemix_cases(repo: Path, out: Path, n_cases: int = 48, b: int = 2, width:
 
 
 def _plan_sources(plan, b: int, g: int) -> np.ndarray:
-    """A transport plan as "block i goes to place j" [b, 256]: -1 where a row of the plan is empty."""
+    """A transport plan as "block i goes to place j" [b, 256]: -1 where a row of the plan is
+    empty."""
     s = np.full((b, 256), -1, np.int16)
     has, col = plan.max(-1)
     s[:, : g * g] = np.where(has.numpy() > 0, col.numpy(), -1)
@@ -147,11 +149,13 @@ def _puzzlemix_note(repo: Path, n_cases: int, b: int, width: int, n_full: int) -
 
 
 def cutmix_cases(repo: Path, out: Path, n: int = 1500):
-    """CutMix boxes from PuzzleMix imagenet/train.py:rand_bbox (the CutMix authors' function, copied
-    there from clovaai/CutMix-PyTorch train.py), seeded; square sizes (the function swaps H and W)."""
+    """CutMix boxes from PuzzleMix imagenet/train.py:rand_bbox (the CutMix authors' function,
+    copied there from clovaai/CutMix-PyTorch train.py), seeded; square sizes (the function swaps H
+    and W)."""
     if not hasattr(np, "int"):
         np.int = int  # the official code uses np.int (removed in numpy 1.24); same meaning
-    torch.Tensor.cuda = lambda self, *a, **k: self  # imagenet/mixup.py builds cuda tensors at import
+    # imagenet/mixup.py builds cuda tensors at import
+    torch.Tensor.cuda = lambda self, *a, **k: self
     sys.path.insert(0, str(repo / "imagenet"))
     train = _load(repo / "imagenet" / "train.py", "official_puzzlemix_imagenet_train")
     rng = np.random.default_rng(3)
@@ -235,7 +239,8 @@ def alignmix_cases(repo: Path, out: Path):
 
 
 def _official_alignmix_modules(base: Path, tag: str):
-    """(OT module, classifier module, counter of Sinkhorn iterations) of one folder of the AlignMixup code."""
+    """(OT module, classifier module, counter of Sinkhorn iterations) of one folder of the
+    AlignMixup code."""
     torch.Tensor.cuda = lambda self, *a, **k: self  # the official code calls .cuda() everywhere
     for name in ("models", "models.resnet", "utils", "utils.OT"):
         sys.modules.pop(name, None)
@@ -256,8 +261,9 @@ def _official_alignmix_modules(base: Path, tag: str):
 
 
 def layer4_like(rng: np.random.Generator, b: int, c: int, side: int, scale: float) -> np.ndarray:
-    """float16-exact [b, c, side, side] maps shaped like a trained ResNet's layer4 output: ReLU of Gaussians
-    with a per-channel mean (some channels mostly off) and a per-image spatial bump, times `scale`."""
+    """float16-exact [b, c, side, side] maps shaped like a trained ResNet's layer4 output: ReLU of
+    Gaussians with a per-channel mean (some channels mostly off) and a per-image spatial bump,
+    times `scale`."""
     mu = rng.normal(-0.3, 0.8, (1, c, 1, 1))
     yy, xx = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
     cy, cx = rng.uniform(0, side - 1, (2, b, 1, 1, 1))
@@ -267,11 +273,13 @@ def layer4_like(rng: np.random.Generator, b: int, c: int, side: int, scale: floa
 
 
 def alignmix_c512_cases(repo: Path, out: Path):
-    """The released `mixup_aligned` (cifar10_100 and tiny_imgnet, whose copies are the same function) with
-    SinkhornDistance's threshold stop, at the channel count it runs at (c = 512) on 4 x 4 and 8 x 8 maps."""
+    """The released `mixup_aligned` (cifar10_100 and tiny_imgnet, whose copies are the same
+    function) with SinkhornDistance's threshold stop, at the channel count it runs at (c = 512) on
+    4 x 4 and 8 x 8 maps."""
     rec: dict[str, list] = {}
     rng = np.random.default_rng(512)
-    # feature scales: trained layer4 maps are O(1); the small ones make the threshold stop the iterations early
+    # feature scales: trained layer4 maps are O(1); the small ones make the threshold stop the
+    # iterations early
     for folder, side, scales in (("cifar10_100", 4, (0.5, 1.0, 2.0, 0.05, 0.1, 1.0)), ("tiny_imgnet", 8, (1.0, 0.05))):
         ot, clf, calls = _official_alignmix_modules(repo / folder, folder)
         for case, scale in enumerate(scales):
@@ -311,8 +319,9 @@ def alignmix_c512_cases(repo: Path, out: Path):
 
 
 def fill_by_name(state: dict, rename=lambda k: k) -> dict:
-    """A deterministic state dict: each tensor drawn from a generator seeded with crc32 of its (renamed) key, so that
-    two implementations of one network get equal weights without storing them. BN weights in [0.5, 1.5], running
+    """A deterministic state dict: each tensor drawn from a generator seeded with crc32 of its
+    (renamed) key, so that two implementations of one network get equal weights without storing
+              them. BN weights in [0.5, 1.5], running
     variances in [0.5, 2], other tensors N(0, 0.05); num_batches_tracked kept."""
     out = {}
     for k, v in state.items():
@@ -328,9 +337,9 @@ def fill_by_name(state: dict, rename=lambda k: k) -> dict:
 
 
 def alignmix_network_case(repo: Path, out: Path):
-    """The AlignMixup CIFAR PreAct-ResNet-18 (cifar10_100/models/resnet.py `ResNet18`, the encoder of
-    resnet18_classifier.py) with `fill_by_name` weights (keys renamed to the toolkit's: shortcut -> downsample):
-    its layer4 map of seeded images, in eval mode."""
+    """The AlignMixup CIFAR PreAct-ResNet-18 (cifar10_100/models/resnet.py `ResNet18`, the encoder
+    of resnet18_classifier.py) with `fill_by_name` weights (keys renamed to the toolkit's: shortcut
+    -> downsample): its layer4 map of seeded images, in eval mode."""
     resnet = _load(repo / "cifar10_100" / "models" / "resnet.py", "official_alignmix_resnet")
     net = resnet.ResNet18().eval()
     net.load_state_dict(fill_by_name(net.state_dict(), lambda k: k.replace("shortcut", "downsample")))

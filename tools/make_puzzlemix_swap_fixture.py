@@ -1,14 +1,16 @@
-"""Write tests/fixtures/puzzlemix_swap_gco.npz: seeded random PuzzleMix graph-cut problems and the labels that
-gco-wrapper (the graph cut the PuzzleMix authors call, `gco.cut_grid_graph(..., algorithm="swap")`) gives them,
-so that the built-in swap solver is pinned against it on machines without gco-wrapper too.
+"""Write tests/fixtures/puzzlemix_swap_gco.npz: seeded random PuzzleMix graph-cut problems and the
+labels that gco-wrapper (the graph cut the PuzzleMix authors call, `gco.cut_grid_graph(...,
+algorithm="swap")`) gives them, so that the built-in swap solver is pinned against it on machines
+without gco-wrapper too.
 
     python tools/make_puzzlemix_swap_fixture.py [--out tests/fixtures]
 
-Problems: grids 2 / 4 / 8 / 16 (40 / 60 / 100 / 100), half of them with one block holding a large share of an
-image's saliency (up to 0.97), which puts most grid-8 and grid-16 ones in the band where gco-wrapper's int32
-product unary * 1e5 wraps (a share above about 21.5 / g^2); lam ~ U(0.03, 0.97); beta, gamma, eta the official
-defaults or uniform in [0, 3] / [0, 1] / [0, 1] (gamma <= 1 keeps every edge weight >= 0, the submodular case the
-official settings are in); boundary differences uniform. The integer energies are stored (not recomputed).
+Problems: grids 2 / 4 / 8 / 16 (40 / 60 / 100 / 100), half of them with one block holding a large
+share of an image's saliency (up to 0.97), which puts most grid-8 and grid-16 ones in the band
+where gco-wrapper's int32 product unary * 1e5 wraps (a share above about 21.5 / g^2); lam ~ U(0.03,
+0.97); beta, gamma, eta the official defaults or uniform in [0, 3] / [0, 1] / [0, 1] (gamma <= 1
+keeps every edge weight >= 0, the submodular case the official settings are in); boundary
+differences uniform. The integer energies are stored (not recomputed).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ GRIDS = ((2, 40), (4, 60), (8, 100), (16, 100))
 
 
 def problem(rng: np.random.Generator, g: int, concentrated: bool):
-    """One seeded problem -> (unary int32 [g, g, 3], w_v int32 [g-1, g], w_h int32 [g, g-1], lam, share)."""
+    """One seeded problem -> (unary int32 [g, g, 3], w_v int32 [g-1, g], w_h int32 [g, g-1], lam,
+    share)."""
     sal = rng.gamma(float(rng.choice([0.2, 0.5, 2.0])), 1.0, (2, g, g))
     share = 0.0
     if concentrated:

@@ -1,10 +1,11 @@
-"""Write tests/fixtures/puzzlemix_tsize_official.npz by running the authors' PuzzleMix `mixup_graph` offline with a
-transport resolution `t_size` finer than the mask's blocks (the official CIFAR-100 command's `--t_size 4`).
+"""Write tests/fixtures/puzzlemix_tsize_official.npz by running the authors' PuzzleMix
+`mixup_graph` offline with a transport resolution `t_size` finer than the mask's blocks (the
+official CIFAR-100 command's `--t_size 4`).
 
-Nothing of the authors' code is copied into this project: the official `mixup.py` is imported from a checkout
-given on the command line (as in `tools/make_method_fixtures.py`, whose seeded image and saliency makers are
-reused), fed seeded inputs, and its inputs and outputs (numbers only) are stored with a note of repository,
-commit and functions in `tests/fixtures/official_fixtures.json`.
+Nothing of the authors' code is copied into this project: the official `mixup.py` is imported from
+a checkout given on the command line (as in `tools/make_method_fixtures.py`, whose seeded image and
+saliency makers are reused), fed seeded inputs, and its inputs and outputs (numbers only) are
+stored with a note of repository, commit and functions in `tests/fixtures/official_fixtures.json`.
 
     git --git-dir=<mirror of snu-mllab/PuzzleMix> archive HEAD | tar -x -C /tmp/PuzzleMix
     python tools/make_puzzlemix_tsize_fixture.py --puzzlemix /tmp/PuzzleMix
@@ -40,8 +41,8 @@ _fixtures = _sibling("make_method_fixtures")
 MEAN, STD, _commit, _load = _fixtures.MEAN, _fixtures.STD, _fixtures._commit, _fixtures._load
 saliency_maps, smooth_images = _fixtures.saliency_maps, _fixtures.smooth_images
 
-# (width, grid, t_size, neigh_size): t_size below the block side (a finer transport grid), equal to it, above it;
-# the official cost matrices exist for transport grids 2, 4, 8 and 16 only
+# (width, grid, t_size, neigh_size): t_size below the block side (a finer transport grid), equal to
+# it, above it; the official cost matrices exist for transport grids 2, 4, 8 and 16 only
 CASES = [(32, 2, 4, 4), (32, 4, 4, 4), (32, 8, 4, 4), (32, 16, 4, 4), (32, 2, 8, 4), (32, 4, 2, 4),
          (32, 2, 2, 2), (32, 4, 4, 2), (64, 2, 4, 4), (64, 4, 4, 4), (64, 8, 4, 2), (64, 16, 4, 4)]
 
@@ -80,7 +81,8 @@ def tsize_cases(repo: Path, out: Path, b: int = 2) -> dict:
                      ("perm", perm), ("images", img), ("sal", sal), ("src1", src[0]), ("src2", src[1]),
                      ("ratio", ratio.numpy())):
             rec[k].append(v)
-        if width == 32:  # the mixed images of the 64 px cases follow from the same plans (kept out for size)
+        # the mixed images of the 64 px cases follow from the same plans (kept out for size)
+        if width == 32:
             rec["mixed"].append(mixed.numpy().astype(np.float32))
     np.savez_compressed(out / "puzzlemix_tsize_official.npz", mean=MEAN, std=STD,
                         **{k: np.stack([np.asarray(v) for v in vs]) for k, vs in rec.items()})
@@ -88,7 +90,8 @@ def tsize_cases(repo: Path, out: Path, b: int = 2) -> dict:
 
 
 def _sources(plan, b: int) -> np.ndarray:
-    """A transport plan as "block i goes to place j" [b, 256]: -1 where a row is empty (or past the grid)."""
+    """A transport plan as "block i goes to place j" [b, 256]: -1 where a row is empty (or past the
+    grid)."""
     s = np.full((b, 256), -1, np.int16)
     has, col = plan.max(-1)
     n = plan.shape[-1]

@@ -1,13 +1,15 @@
-"""Write tests/fixtures/saliencymix_official.npz: the official SaliencyMix box (afm-shahab-uddin/SaliencyMix,
-`SaliencyMix_CIFAR/saliencymix.py:saliency_bbox`, the same function as SaliencyMix-ImageNet/train.py's) and the
-OpenCV fine-grained saliency it calls, run offline on seeded 8-bit images, numbers only.
+"""Write tests/fixtures/saliencymix_official.npz: the official SaliencyMix box
+(afm-shahab-uddin/SaliencyMix, `SaliencyMix_CIFAR/saliencymix.py:saliency_bbox`, the same function
+as SaliencyMix-ImageNet/train.py's) and the OpenCV fine-grained saliency it calls, run offline on
+seeded 8-bit images, numbers only.
 
     git --git-dir=<mirror of afm-shahab-uddin/SaliencyMix> archive HEAD | tar -x -C /tmp/SaliencyMix
     pip install --target /tmp/cv2-contrib opencv-contrib-python-headless==5.1.0.95
     PYTHONPATH=/tmp/cv2-contrib python tools/make_saliencymix_fixture.py --saliencymix /tmp/SaliencyMix
 
-The script's other lines parse arguments and train, so only `saliency_bbox` is taken from the file (by its syntax
-tree) and run with numpy, OpenCV (the contrib build: `cv2.saliency`) and `np.int = int` (numpy >= 1.24).
+The script's other lines parse arguments and train, so only `saliency_bbox` is taken from the file
+(by its syntax tree) and run with numpy, OpenCV (the contrib build: `cv2.saliency`) and `np.int =
+int` (numpy >= 1.24).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 from mixup_transfer.core import cli
 
 SOURCE = "SaliencyMix_CIFAR/saliencymix.py"
-SIZES = [(16, 16, 6), (32, 32, 9), (33, 33, 3), (64, 64, 6), (20, 48, 3), (96, 96, 3), (224, 224, 3)]  # h, w, cases
+# h, w, cases
+SIZES = [(16, 16, 6), (32, 32, 9), (33, 33, 3), (64, 64, 6), (20, 48, 3), (96, 96, 3), (224, 224, 3)]
 
 
 def _official(root: Path):
@@ -42,7 +45,8 @@ def _official(root: Path):
 
 
 def _image(rng: np.random.Generator, h: int, w: int, kind: int) -> np.ndarray:
-    """uint8 [3, h, w]: noise, a flat image with a patch, or smooth ramps (the kinds that stress the map)."""
+    """uint8 [3, h, w]: noise, a flat image with a patch, or smooth ramps (the kinds that stress
+    the map)."""
     if kind == 0:
         return rng.integers(0, 256, (3, h, w), dtype=np.uint8)
     if kind == 1:

@@ -1,14 +1,15 @@
-"""Write tests/fixtures/supermix_official.npz: the official SuperMix mask optimisation (alldbi/SuperMix,
-`supermix.py:mix_batch` with `Smoothing`, `mask_process`, `kldiv2`, `onehot`) run offline on seeded inputs with a
-small seeded teacher, numbers only.
+"""Write tests/fixtures/supermix_official.npz: the official SuperMix mask optimisation
+(alldbi/SuperMix, `supermix.py:mix_batch` with `Smoothing`, `mask_process`, `kldiv2`, `onehot`) run
+offline on seeded inputs with a small seeded teacher, numbers only.
 
     git --git-dir=<mirror of alldbi/SuperMix> archive HEAD | tar -x -C /tmp/SuperMix
     python tools/make_supermix_fixture.py --supermix /tmp/SuperMix
 
-The script's other lines load data and a teacher, so only those definitions are taken from the file (by its
-syntax tree). The official code calls `.cuda()`; this script makes it the identity (CPU), and records the
-Dirichlet weights `mix_batch` draws from numpy's global generator. The teacher is `teacher()` below (its
-weights are stored too): tests/pretrain/test_supermix.py builds the same network.
+The script's other lines load data and a teacher, so only those definitions are taken from the file
+(by its syntax tree). The official code calls `.cuda()`; this script makes it the identity (CPU),
+and records the Dirichlet weights `mix_batch` draws from numpy's global generator. The teacher is
+`teacher()` below (its weights are stored too): tests/pretrain/test_supermix.py builds the same
+network.
 """
 
 # the official code draws from numpy's global RNG: seeding it is the point here
@@ -42,7 +43,8 @@ CASES = [(6, 2, 4, 1.0, 25.0, 4, 0, 3.0, 16), (5, 3, 8, 1.0, 25.0, 4, 0, 1.0, 16
 
 
 def teacher() -> nn.Sequential:
-    """The fixture's teacher: 3 -> 6 channels (3 x 3), ReLU, 2 x 2 average pooling, a linear layer to 5 classes."""
+    """The fixture's teacher: 3 -> 6 channels (3 x 3), ReLU, 2 x 2 average pooling, a linear layer
+    to 5 classes."""
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                          nn.Linear(24, CLASSES))
 
@@ -68,7 +70,8 @@ def _run_case(root: Path, k: int, case) -> dict:
     draws, dirichlet, logits = [], np.random.dirichlet, []
     process = scope["mask_process"]
 
-    def recorded_mask(x, upsample_size):  # the last call gets the final mask logits of every example
+    # the last call gets the final mask logits of every example
+    def recorded_mask(x, upsample_size):
         logits[:] = [x.detach().clone()]
         return process(x, upsample_size)
 
@@ -95,7 +98,8 @@ def _run_case(root: Path, k: int, case) -> dict:
 
 
 def build(root: Path) -> dict:
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # the official code's .cuda(), on the CPU
+    # the official code's .cuda(), on the CPU
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
     nn.Module.cuda = lambda self, *args, **kwargs: self
     torch.set_num_threads(1)  # as the tests run (conftest.py one_thread): the same float sums
     out = {"cases": np.array(CASES, dtype=np.float64)}

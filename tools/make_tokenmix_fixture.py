@@ -1,15 +1,16 @@
-"""Write tests/fixtures/tokenmix_official.npz: the official TokenMix functions (Sense-X/TokenMix, tokenmix.py:
-`generate_mask`, `generate_mask_random`, `get_labelmaps_with_coords`, `mixup_target`, `Mixup.__call__`) run offline
-on seeded inputs, numbers only.
+"""Write tests/fixtures/tokenmix_official.npz: the official TokenMix functions (Sense-X/TokenMix,
+tokenmix.py: `generate_mask`, `generate_mask_random`, `get_labelmaps_with_coords`, `mixup_target`,
+`Mixup.__call__`) run offline on seeded inputs, numbers only.
 
     git --git-dir=<mirror of Sense-X/TokenMix> archive HEAD | tar -x -C /tmp/TokenMix
     python tools/make_tokenmix_fixture.py --tokenmix /tmp/TokenMix [--out tests/fixtures]
 
-`generate_mask` draws from Python's global `random`: the script seeds it and records every draw with its arguments
-(kind 0 = uniform(a, b), 1 = randint(a, b); `draws_k` rows [kind, a, b, value]) so that a test can replay them
-into `pretrain.methods.tokenmix.block_token_mask`. `generate_mask_random` draws `np.random.permutation(196)`,
-recorded the same way (`perm_k`). The official code needs opencv-python at import and `np.int` (numpy < 1.24):
-the script defines `np.int = int`, and makes the CPU the default device of `get_labelmaps_with_coords`.
+`generate_mask` draws from Python's global `random`: the script seeds it and records every draw
+with its arguments (kind 0 = uniform(a, b), 1 = randint(a, b); `draws_k` rows [kind, a, b, value])
+so that a test can replay them into `pretrain.methods.tokenmix.block_token_mask`.
+`generate_mask_random` draws `np.random.permutation(196)`, recorded the same way (`perm_k`). The
+official code needs opencv-python at import and `np.int` (numpy < 1.24): the script defines `np.int
+= int`, and makes the CPU the default device of `get_labelmaps_with_coords`.
 """
 
 # the official code draws from the global RNGs: seeding them is the point here
@@ -80,8 +81,9 @@ def _masks(mod, out: dict) -> None:
 
 
 def _label_maps(g: torch.Generator) -> torch.Tensor:
-    """TokenLabeling-format targets [B, 3, K, MAP, MAP]: top-K scores, their class indices, and in [:, 2, 0, 0]
-    the crop box (0, 0, 1, 1: the whole map; the official code adds x1, y1 to w, h) and the hard label at 5."""
+    """TokenLabeling-format targets [B, 3, K, MAP, MAP]: top-K scores, their class indices, and in
+    [:, 2, 0, 0] the crop box (0, 0, 1, 1: the whole map; the official code adds x1, y1 to w, h)
+    and the hard label at 5."""
     t = torch.zeros(B, 3, K, MAP, MAP)
     t[:, 0] = torch.rand(B, K, MAP, MAP, generator=g).sort(1, descending=True).values
     t[:, 1] = torch.stack([torch.randperm(CLASSES, generator=g)[:K] for _ in range(B * MAP * MAP)]

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Write the toy world (ImageNet / VOC / COCO / CUB layouts; with --track small or all, also CIFAR-10/100 and
-TinyImageNet-200) and print a summary.
+"""Write the toy world (ImageNet / VOC / COCO / CUB layouts; with --track small or all, also
+CIFAR-10/100 and TinyImageNet-200) and print a summary.
 
 python tools/make_toy_data.py --out data/toy --preset demo --seed 0 [--ood 200]
 python tools/make_toy_data.py --out data/toy_small --preset demo --track small
 
---ood N also writes N images per 32 x 32 toy OOD set (LSUN, LSUN_resize, iSUN, Imagenet, Imagenet_resize
-shaped, mixup_transfer/toyworld/ood.py) under OUT/ood/.
+--ood N also writes N images per 32 x 32 toy OOD set (LSUN, LSUN_resize, iSUN, Imagenet,
+Imagenet_resize shaped, mixup_transfer/toyworld/ood.py) under OUT/ood/.
 """
 
 import sys

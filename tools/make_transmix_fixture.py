@@ -1,15 +1,16 @@
 """Write tests/fixtures/transmix_official.npz: the official TransMix functions (Beckschen/TransMix,
-`transmix.py:Mixup_transmix.__call__` and `Mixup_transmix.transmix_label`, over timm 0.5.4's `Mixup`) run
-offline on seeded inputs, numbers only.
+`transmix.py:Mixup_transmix.__call__` and `Mixup_transmix.transmix_label`, over timm 0.5.4's
+`Mixup`) run offline on seeded inputs, numbers only.
 
     git --git-dir=<mirror of Beckschen/TransMix> archive HEAD | tar -x -C /tmp/TransMix
     pip install --no-deps --target /tmp/timm054 timm==0.5.4      # the version its requirements.txt pins
     PYTHONPATH=/tmp/timm054:$PYTHONPATH python tools/make_transmix_fixture.py --transmix /tmp/TransMix
 
-The official mixing draws from numpy's global generator (`np.random.rand` twice, `np.random.beta`, then
-`np.random.randint` for the box centre's row and column): each case seeds it and records every draw as it is made
-(what `pretrain.methods.transmix` takes from its own host generator), then keeps the mixed images, the box, the
-area-based lam and the final targets (`transmix_label` on a seeded positive attention [b, side^2] for CutMix).
+The official mixing draws from numpy's global generator (`np.random.rand` twice, `np.random.beta`,
+then `np.random.randint` for the box centre's row and column): each case seeds it and records every
+draw as it is made (what `pretrain.methods.transmix` takes from its own host generator), then keeps
+the mixed images, the box, the area-based lam and the final targets (`transmix_label` on a seeded
+positive attention [b, side^2] for CutMix).
 """
 
 # the official code draws from numpy's global RNG: seeding and recording it is the point here
@@ -28,9 +29,9 @@ import torch
 
 from mixup_transfer.core import cli
 
-# (batch, image side, patch-grid side, P(mixing)); one-channel images (the mixing treats channels alike), 8-bit
-# values as a decoded image's, kept small; knobs are the DeiT-S config's (mixup 0.8, cutmix 1.0) and
-# train.py's defaults (switch 0.5, smoothing 0.1)
+# (batch, image side, patch-grid side, P(mixing)); one-channel images (the mixing treats channels
+# alike), 8-bit values as a decoded image's, kept small; knobs are the DeiT-S config's (mixup 0.8,
+# cutmix 1.0) and train.py's defaults (switch 0.5, smoothing 0.1)
 CASES = [(4, 32, 4, 1.0), (4, 64, 8, 1.0), (2, 64, 8, 1.0), (2, 56, 7, 1.0), (4, 50, 7, 1.0), (4, 64, 8, 1.0),
          (4, 32, 4, 0.5), (4, 64, 8, 0.5), (2, 32, 4, 1.0), (4, 48, 6, 1.0), (6, 32, 4, 1.0), (4, 64, 8, 1.0),
          (4, 50, 7, 1.0), (2, 50, 7, 1.0), (4, 60, 8, 1.0), (4, 50, 7, 1.0), (2, 42, 6, 1.0), (4, 56, 7, 1.0)]
@@ -75,7 +76,8 @@ def _case(mixup_cls, k: int, b: int, size: int, side: int, prob: float) -> dict:
     pixels = torch.randint(256, (b, 1, size, size), generator=g, dtype=torch.uint8)
     x = pixels.float() / 255
     y = torch.randint(CLASSES, (b,), generator=g)
-    attn = torch.rand(b, side * side, generator=g) * 0.02  # positive, rows not normalised (cls -> cls left out)
+    # positive, rows not normalised (cls -> cls left out)
+    attn = torch.rand(b, side * side, generator=g) * 0.02
     fn = mixup_cls(mixup_alpha=MIXUP_ALPHA, cutmix_alpha=CUTMIX_ALPHA, prob=prob, switch_prob=SWITCH,
                    label_smoothing=SMOOTHING, num_classes=CLASSES)
     np.random.seed(seed)
@@ -93,7 +95,8 @@ def _case(mixup_cls, k: int, b: int, size: int, side: int, prob: float) -> dict:
 
 def build(root: Path) -> dict:
     if not torch.cuda.is_available():
-        torch.Tensor.cuda = lambda self, *a, **k: self  # transmix_label builds its mask with .cuda()
+        # transmix_label builds its mask with .cuda()
+        torch.Tensor.cuda = lambda self, *a, **k: self
     mixup_cls = _official(root)
     out = {}
     for k, (b, size, side, prob) in enumerate(CASES):

@@ -1,11 +1,13 @@
-"""Write tests/fixtures/zeta_mixup_official.npz: the official zeta-mixup functions (kakumarabhishek/zeta-mixup,
-`utils.py:zeta_mixup_weights` and `zeta_mixup.py:zeta_mixup`) run offline on seeded inputs, numbers only.
+"""Write tests/fixtures/zeta_mixup_official.npz: the official zeta-mixup functions
+(kakumarabhishek/zeta-mixup, `utils.py:zeta_mixup_weights` and `zeta_mixup.py:zeta_mixup`) run
+offline on seeded inputs, numbers only.
 
     git --git-dir=<mirror of kakumarabhishek/zeta-mixup> archive HEAD | tar -x -C /tmp/zeta-mixup
     python tools/make_zeta_mixup_fixture.py --zeta /tmp/zeta-mixup [--out tests/fixtures]
 
-The official weights draw `np.random.rand(b, b)` from numpy's global generator: each case seeds it, records that
-draw (`order`, what `pretrain.mixers.zeta_weights` takes), reseeds and calls the official functions.
+The official weights draw `np.random.rand(b, b)` from numpy's global generator: each case seeds it,
+records that draw (`order`, what `pretrain.mixers.zeta_weights` takes), reseeds and calls the
+official functions.
 """
 
 # the official code draws from numpy's global RNG: seeding it is the point here
@@ -29,7 +31,8 @@ CLASSES = 10
 
 
 def _official(root: Path):
-    """(zeta_mixup_weights, zeta_mixup) from a checkout, imported by file (their modules import `utils`)."""
+    """(zeta_mixup_weights, zeta_mixup) from a checkout, imported by file (their modules import
+    `utils`)."""
     loaded = {}
     for name in ("utils", "zeta_mixup"):
         spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")

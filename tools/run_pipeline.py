@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""The main job: pretraining -> detection / WSOL / robustness -> one report (mixup_transfer/pipeline/run.py).
+"""The main job: pretraining -> detection / WSOL / robustness -> one report
+(mixup_transfer/pipeline/run.py).
 
     python tools/run_pipeline.py --config configs/pipeline/toy.yaml [--methods erm,multimix]
                                  [--force STAGE ...] [KEY=VALUE ...]
 
 Finished stages are skipped, so running the same command again resumes an interrupted pipeline.
-Under `torchrun --nproc_per_node=N tools/run_pipeline.py ...` every rank runs every stage (DDP training, sharded
-evaluation) and rank 0 writes the files.
+Under `torchrun --nproc_per_node=N tools/run_pipeline.py ...` every rank runs every stage (DDP
+training, sharded evaluation) and rank 0 writes the files.
 """
 
 import argparse
@@ -31,12 +32,14 @@ def main(argv=None) -> int:
     p.add_argument("--publish", default=None, metavar="FILE.md",
                    help="after the run (finished stages are reused), write its report with provenance to FILE.md "
                         "and its figures beside it, e.g. docs/results.md")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
+    # tests: simulate a kill
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the pipeline config")
     args = p.parse_intermixed_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     t0 = time.time()
-    with torchrun_session() as (rank, _):  # under torchrun: every rank runs every stage, rank 0 writes
+    # under torchrun: every rank runs every stage, rank 0 writes
+    with torchrun_session() as (rank, _):
         failed = None
         try:
             report = run_pipeline(args.config, args.overrides, methods, args.force, args.stop_after,

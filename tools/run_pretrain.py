@@ -5,8 +5,9 @@
     torchrun --nproc_per_node 8 tools/run_pretrain.py --config configs/pretrain/imagenet_multimix.yaml
 
 Writes runs/<name>/ (or --run-dir): config.yaml, log.jsonl, checkpoints/last.pth, backbone.pth,
-metrics.json, figures/. Running the same command again continues runs/<name>/checkpoints/last.pth exactly (a
-changed config is refused); --force starts over. The arguments come from the stage's declaration (pretrain/stage.py).
+metrics.json, figures/. Running the same command again continues runs/<name>/checkpoints/last.pth
+exactly (a changed config is refused); --force starts over. The arguments come from the stage's
+declaration (pretrain/stage.py).
 """
 
 import sys

@@ -7,8 +7,9 @@
     python tools/run_wsol.py evaluate --config CFG --model RUN/cam_model.pth --scoremaps DIR [KEY=VALUE ...]
     python tools/run_wsol.py baseline --metadata data/wsol_metadata/CUB/test [--size 224] [--fraction 0.5]
 
-`finetune` takes the arguments of the stage's declaration (wsol/stage.py); running it again continues the run
-(a changed config is refused), --force starts over. The other commands are wsol/cli.py's.
+`finetune` takes the arguments of the stage's declaration (wsol/stage.py); running it again
+continues the run (a changed config is refused), --force starts over. The other commands are
+wsol/cli.py's.
 """
 
 import sys

@@ -66,7 +66,8 @@ def synthetic_coco(n_images: int, n_cats: int = 10, gt_per_image: int = 7,
 
 def synthetic_voc(n_images: int, classes: tuple[str, ...], gt_per_image: int = 3, fp_per_image: int = 25,
                   seed: int = 0):
-    """(annotations {image_id: {"objects": [...]}}, detections {class: [(image_id, score, box)]})."""
+    """(annotations {image_id: {"objects": [...]}}, detections {class: [(image_id, score,
+    box)]})."""
     rng = np.random.default_rng(seed)
     annotations, detections = {}, {c: [] for c in classes}
     for i in range(n_images):
@@ -144,7 +145,8 @@ def naive_voc_evaluate(detections, annotations, classes, metric: str = "11point"
 
 
 def run_eval_bench(quick: bool = False, repeats: int | None = None) -> dict:
-    """COCO (pycocotools vs faster-coco-eval) and VOC (vectorised vs naive loop) evaluation timings."""
+    """COCO (pycocotools vs faster-coco-eval) and VOC (vectorised vs naive loop) evaluation
+    timings."""
     repeats = repeats or (1 if quick else 3)
     out = {}
 
@@ -157,7 +159,8 @@ def run_eval_bench(quick: bool = False, repeats: int | None = None) -> dict:
         full[b], stats[b] = _best_time(lambda b=b: coco_evaluate(gt, results, backend=b), repeats)
         clean = check_results(results, [i["id"] for i in gt["images"]], [c["id"] for c in gt["categories"]])
 
-        def core_only(b=b, clean=clean):  # the library's own work (index, loadRes, evaluate, accumulate, summarize)
+        # the library's own work (index, loadRes, evaluate, accumulate, summarize)
+        def core_only(b=b, clean=clean):
             return run_cocoeval(*build_coco(b, gt, clean), b)
 
         core[b], _ = _best_time(core_only, repeats)

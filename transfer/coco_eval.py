@@ -6,7 +6,8 @@ annotations' `area`), AR1, AR10, AR100 (max detections per image), ARs, ARm, ARl
 without ground truth gives None (pycocotools' -1: no value, not a score).
 
 Results are the standard COCO results list: [{"image_id", "category_id", "bbox": [x, y, w, h],
-"score"}], boxes in the image's pixel coordinates (the toolkit's x0, y0, x1, y1 -> [x0, y0, x1 - x0,
+"score"}], boxes in the image's pixel coordinates (the toolkit's x0, y0, x1, y1 -> [x0, y0, x1 -
+x0,
 y1 - y0]: see `boxes_to_coco_xywh`).
 """
 
@@ -105,11 +106,13 @@ def _is_number(v) -> bool:
 
 def check_coco_annotation(ann: Mapping, image: Mapping, where: str, error: type = None,
                           outside: str = "error") -> bool:
-    """Validate one COCO box annotation against its image entry (raises `error`, COCOEvalError by default).
+    """Validate one COCO box annotation against its image entry (raises `error`, COCOEvalError by
+    default).
 
-    bbox: 4 finite numbers [x, y, w, h] with w > 0, h > 0, inside the image up to BOX_TOLERANCE pixels;
-    area: a number >= 0 (COCOeval's area ranges use it: a negative area would silently drop the box from
-    every range); iscrowd: the integer 0 or 1.
+    bbox: 4 finite numbers [x, y, w, h] with w > 0, h > 0, inside the image up to BOX_TOLERANCE
+    pixels;
+    area: a number >= 0 (COCOeval's area ranges use it: a negative area would silently drop the box
+    from every range); iscrowd: the integer 0 or 1.
     outside="error" raises for a box beyond the image; outside="count" returns False for it instead
     (True otherwise), for the caller to count and log.
     """
@@ -134,17 +137,18 @@ def check_coco_annotation(ann: Mapping, image: Mapping, where: str, error: type 
 
 
 def check_coco_gt(data: Mapping, name: str, error: type = None, annotations: bool = True) -> None:
-    """Validate a COCO ground-truth dict (raises `error`, COCOEvalError by default, naming `name` and the
+    """Validate a COCO ground-truth dict (raises `error`, COCOEvalError by default, naming `name`
+    and the
     entry: its list index and id).
 
-    images: integer ids, unique (pycocotools would silently merge duplicates), positive integer width and
-    height; categories: integer ids, unique; annotations: unique ids, `image_id` and `category_id` that
-    exist (COCOeval would silently ignore the rest), and with `annotations=True` each box checked by
-    `check_coco_annotation`. No images is an error (an empty split).
+    images: integer ids, unique (pycocotools would silently merge duplicates), positive integer
+    width and height; categories: integer ids, unique; annotations: unique ids, `image_id` and
+    `category_id` that exist (COCOeval would silently ignore the rest), and with `annotations=True`
+    each box checked by `check_coco_annotation`. No images is an error (an empty split).
 
-    The one tolerance: COCOeval never looks at image sizes, so a ground-truth box reaching beyond its
-    image (by more than BOX_TOLERANCE) is scored as given, like the reference does; such boxes are
-    counted and logged as a warning. Nothing is skipped.
+    The one tolerance: COCOeval never looks at image sizes, so a ground-truth box reaching beyond
+    its image (by more than BOX_TOLERANCE) is scored as given, like the reference does; such boxes
+    are counted and logged as a warning. Nothing is skipped.
     """
     error = error or COCOEvalError
     if not isinstance(data, Mapping):
@@ -210,8 +214,8 @@ def _coco_categories(data: Mapping, name: str, error: type) -> set:
 
 
 def check_results(results, image_ids, cat_ids, name: str = "<results>") -> list[dict]:
-    """Validate a COCO box results list; returns clean copies with plain Python numbers (the COCO API
-    writes into its input, and numpy scalars would upset the C++ backend)."""
+    """Validate a COCO box results list; returns clean copies with plain Python numbers (the COCO
+    API writes into its input, and numpy scalars would upset the C++ backend)."""
     if not isinstance(results, list):
         raise COCOEvalError(f"{name}: expected a JSON list of detections, found {type(results).__name__}")
     image_ids, cat_ids = set(image_ids), set(cat_ids)
@@ -254,7 +258,8 @@ def check_results(results, image_ids, cat_ids, name: str = "<results>") -> list[
         if bbox[2] < 0 or bbox[3] < 0:
             raise COCOEvalError(
                 f"{where}: negative width/height in bbox {list(bbox)} (COCO boxes are [x, y, w, h])")
-    raise COCOEvalError(f"{name}: malformed results")  # unreachable unless an unforeseen type slips by
+    # unreachable unless an unforeseen type slips by
+    raise COCOEvalError(f"{name}: malformed results")
 
 
 def _plain(v):
@@ -289,7 +294,8 @@ def build_coco(backend: str, gt_data: dict, results: list):
 
 
 def run_cocoeval(cocogt, cocodt, COCOeval, backend: str):
-    """evaluate + accumulate + summarize (bbox); returns (the COCOeval object, its printed summary)."""
+    """evaluate + accumulate + summarize (bbox); returns (the COCOeval object, its printed
+    summary)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         if backend == "faster":
@@ -307,8 +313,8 @@ def coco_evaluate(gt, results, backend: str = "auto", per_category: bool = False
 
     gt: annotation file path, COCO dict or COCO object. results: results list or JSON file path.
     backend: "auto" (faster-coco-eval when installed), "pycocotools" or "faster".
-    per_category: also return {"per_category": {category name: AP percent, or None without ground truth}}.
-    Images of the ground truth without any detection count as misses.
+    per_category: also return {"per_category": {category name: AP percent, or None without ground
+    truth}}. Images of the ground truth without any detection count as misses.
     """
     backend = resolve_backend(backend)
     gt_data, gt_name = load_gt_dataset(gt)
@@ -325,7 +331,8 @@ def coco_evaluate(gt, results, backend: str = "auto", per_category: bool = False
     stats = np.asarray(ev.stats, dtype=np.float64)[: len(STAT_NAMES)]
     result = {k: (float(v) * 100.0 if v != -1 else None) for k, v in zip(STAT_NAMES, stats)}
     if per_category:
-        precision = np.asarray(ev.eval["precision"])  # [T iou, R recall, K category, A area, M maxDets]
+        # [T iou, R recall, K category, A area, M maxDets]
+        precision = np.asarray(ev.eval["precision"])
         names = {c["id"]: c.get("name", str(c["id"])) for c in gt_data["categories"]}
         per = {}
         for k, cat_id in enumerate(ev.params.catIds):

@@ -1,13 +1,15 @@
 """Backbone checkpoint -> detectron2 weights + configs, and -> a plain torchvision state file.
 
 detectron2 (no import needed here):
-- keys are renamed, in this order: keys without "layer" get the prefix `stem.`; `layerN` -> `res{N+1}`;
-  `bnK` -> `convK.norm`; `downsample.0` -> `shortcut`; `downsample.1` -> `shortcut.norm`. Values become
-  numpy arrays. `fc.*` is dropped, and so are the BatchNorm step counters `num_batches_tracked` (like
-  detectron2's own ImageNet .pkl files: FrozenBN has no such buffer and they carry no information).
-- the file is a pickle of {"model": {...}, "__author__": "mixup-transfer", "matching_heuristics": True}:
-  detectron2 then matches keys by suffix, so `res5.*` lands in `roi_heads.res5.*` (C4) and in
-  `backbone.bottom_up.res5.*` (FPN). An author of "Caffe2" would trigger its Caffe2 renaming instead.
+- keys are renamed, in this order: keys without "layer" get the prefix `stem.`; `layerN` ->
+  `res{N+1}`; `bnK` -> `convK.norm`; `downsample.0` -> `shortcut`; `downsample.1` ->
+  `shortcut.norm`. Values become numpy arrays. `fc.*` is dropped, and so are the BatchNorm step
+  counters `num_batches_tracked` (like detectron2's own ImageNet .pkl files: FrozenBN has no such
+  buffer and they carry no information).
+- the file is a pickle of {"model": {...}, "__author__": "mixup-transfer", "matching_heuristics":
+  True}: detectron2 then matches keys by suffix, so `res5.*` lands in `roi_heads.res5.*` (C4) and
+  in `backbone.bottom_up.res5.*` (FPN). An author of "Caffe2" would trigger its Caffe2 renaming
+  instead.
 - the configs must say INPUT.FORMAT RGB, the torchvision pixel mean/std in 0-255 units and
   RESNETS.STRIDE_IN_1X1 False (torchvision puts the stride on the 3x3 conv). detectron2's defaults
   (BGR, std 1, stride in the 1x1) load these weights without any error and silently compute
@@ -39,8 +41,9 @@ DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 AUTHOR = "mixup-transfer"
 # The toolkit's own detectron2 dataset names (registered by
 # transfer.detection.d2_backend.register_toolkit_datasets).
-# Never detectron2's built-in names (coco_2017_train, voc_2007_test, ...): detectron2 registers those itself,
-# with their metadata (the 80 COCO / 20 VOC classes) fixed, and looks for them under $DETECTRON2_DATASETS.
+# Never detectron2's built-in names (coco_2017_train, voc_2007_test, ...): detectron2 registers
+# those itself, with their metadata (the 80 COCO / 20 VOC classes) fixed, and looks for them under
+# $DETECTRON2_DATASETS.
 VOC_TRAIN = ("mt_voc_2007_trainval", "mt_voc_2012_trainval")
 VOC_TEST = ("mt_voc_2007_test",)
 COCO_TRAIN = ("mt_coco_train2017",)
@@ -79,8 +82,8 @@ def _to_numpy(v) -> np.ndarray:
 
 
 def to_detectron2(backbone_state: Mapping[str, Any]) -> OrderedDict:
-    """torchvision-keyed ResNet state dict (as `mixup_transfer.core.checkpoint.load_backbone` returns it; fc
-    allowed and dropped) -> detectron2-named state dict of numpy arrays.
+    """torchvision-keyed ResNet state dict (as `mixup_transfer.core.checkpoint.load_backbone`
+    returns it; fc allowed and dropped) -> detectron2-named state dict of numpy arrays.
 
     Raises ConversionError listing keys that are not torchvision ResNet keys (e.g. a leftover
     `module.` prefix: run the checkpoint through load_backbone first).
@@ -161,8 +164,8 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
 
 
 def read_detectron2_weights(path: str | os.PathLike) -> Any:
-    """Unpickle a detectron2 `.pkl` weights file allowing only dicts and numpy arrays (no code can run);
-    `ConversionError` naming the file otherwise."""
+    """Unpickle a detectron2 `.pkl` weights file allowing only dicts and numpy arrays (no code can
+    run); `ConversionError` naming the file otherwise."""
     try:
         with open(path, "rb") as f:
             return _ArraysOnlyUnpickler(f).load()
@@ -185,7 +188,8 @@ def check_detectron2_weights(d: Any, arch: str | None = None) -> None:
 
 def write_detectron2_weights(state: Mapping[str, Any], out_pkl: str | os.PathLike,
                              arch: str | None = None) -> Path:
-    """Pickle detectron2-named `state` (from `to_detectron2`) as a detectron2 weights file, atomically."""
+    """Pickle detectron2-named `state` (from `to_detectron2`) as a detectron2 weights file,
+    atomically."""
     model = OrderedDict((k, v if isinstance(v, np.ndarray) else _to_numpy(v)) for k, v in state.items())
     payload = {"model": model,
                "__author__": AUTHOR, "matching_heuristics": True}
@@ -210,7 +214,8 @@ def _common(weights_pkl, arch: str, norm: str) -> dict:
         "PIXEL_MEAN": list(PIXEL_MEAN_RGB),
         "PIXEL_STD": list(PIXEL_STD_RGB),
         "RESNETS": {"DEPTH": depth, "NORM": norm, "STRIDE_IN_1X1": False,
-                    # detectron2 asserts 64 for the BasicBlock nets R18/R34 (its default 256 is for R50+)
+                    # detectron2 asserts 64 for the BasicBlock nets R18/R34 (its default 256 is for
+                    # R50+)
                     "RES2_OUT_CHANNELS": 64 if depth in (18, 34) else 256},
     }
 
@@ -259,8 +264,9 @@ def _fpn_model(weights_pkl, arch: str, norm: str, num_classes: int) -> dict:
 
 def coco_fpn_config(weights_pkl, arch: str = "resnet50", norm: str = "FrozenBN", num_classes: int = 80,
                     schedule: str = "1x", train=COCO_TRAIN, test=COCO_TEST) -> dict:
-    """detectron2's COCO Faster R-CNN R50-FPN recipe: 1x = 90k iterations (steps 60k/80k), 2x = 180k
-    (120k/160k), batch 16, lr 0.02, multi-scale 640-800 training, FrozenBN with stem+res2 frozen."""
+    """detectron2's COCO Faster R-CNN R50-FPN recipe: 1x = 90k iterations (steps 60k/80k), 2x =
+    180k (120k/160k), batch 16, lr 0.02, multi-scale 640-800 training, FrozenBN with stem+res2
+    frozen."""
     iters = {"1x": (90000, [60000, 80000]), "2x": (180000, [120000, 160000])}
     if schedule not in iters:
         raise ValueError(f"unknown schedule {schedule!r}; valid: {list(iters)}")
@@ -277,9 +283,9 @@ def coco_fpn_config(weights_pkl, arch: str = "resnet50", norm: str = "FrozenBN",
 
 def voc_fpn_config(weights_pkl, arch: str = "resnet50", norm: str = "FrozenBN", num_classes: int = 20,
                    train=VOC_TRAIN, test=VOC_TEST) -> dict:
-    """detectron2's PascalVOC-Detection/faster_rcnn_R_50_FPN recipe (any depth, R18/R34 included): VOC07+12
-    trainval -> VOC07 test, 18k iterations (steps 12k/16k), batch 16, lr 0.02, multi-scale 480-800,
-    test 800, FrozenBN with stem+res2 frozen."""
+    """detectron2's PascalVOC-Detection/faster_rcnn_R_50_FPN recipe (any depth, R18/R34 included):
+    VOC07+12 trainval -> VOC07 test, 18k iterations (steps 12k/16k), batch 16, lr 0.02, multi-scale
+    480-800, test 800, FrozenBN with stem+res2 frozen."""
     model = _fpn_model(weights_pkl, arch, norm, num_classes)
     return {
         "MODEL": model,
@@ -303,10 +309,11 @@ def detectron2_configs(out_dir: str | os.PathLike, weights_pkl: str | os.PathLik
                        voc_extra_norm: bool = True) -> dict[str, Path]:
     """Write ready detectron2 configs next to the weights; returns {name: path}.
 
-    `voc_<arch>_C4_24k.yaml` (MoCo-style VOC recipe; bottleneck ResNets only), `voc_<arch>_FPN_18k.yaml`
-    (detectron2's VOC FPN recipe; every depth, the one for R18/R34) and `coco_<arch>_FPN_1x.yaml`. Their
-    DATASETS are the toolkit's own names (`mt_voc_2007_trainval`, ..., `mt_coco_val2017`): register them
-    with `transfer.detection.d2_backend.register_toolkit_datasets(format, root)` before detectron2's
+    `voc_<arch>_C4_24k.yaml` (MoCo-style VOC recipe; bottleneck ResNets only),
+    `voc_<arch>_FPN_18k.yaml` (detectron2's VOC FPN recipe; every depth, the one for R18/R34) and
+    `coco_<arch>_FPN_1x.yaml`. Their DATASETS are the toolkit's own names (`mt_voc_2007_trainval`,
+    ..., `mt_coco_val2017`): register them with
+    `transfer.detection.d2_backend.register_toolkit_datasets(format, root)` before detectron2's
     train_net.py-style code builds its loaders (the VOC C4 one also needs
     `register_detectron2_extras()` for its extra-norm RoI head, or voc_extra_norm=False).
     """
@@ -329,8 +336,9 @@ def detectron2_configs(out_dir: str | os.PathLike, weights_pkl: str | os.PathLik
 
 def write_detectron2_yaml(cfg: Mapping, path: str | os.PathLike, arch: str | None = None,
                           weights_name: str = "") -> Path:
-    """Check `cfg` (check_detectron2_config) and write it as a detectron2 YAML, atomically (a temporary
-    file per process, then a rename: an interrupted write never leaves a partial YAML behind)."""
+    """Check `cfg` (check_detectron2_config) and write it as a detectron2 YAML, atomically (a
+    temporary file per process, then a rename: an interrupted write never leaves a partial YAML
+    behind)."""
     check_detectron2_config(cfg, arch)
     header = (f"# detectron2 config written by mixup-transfer (transfer/convert.py) for {weights_name}\n"
               "# RGB input, torchvision mean/std and STRIDE_IN_1X1 False are REQUIRED for them.\n"
@@ -469,8 +477,9 @@ def convert_to_detectron2(in_path: str | os.PathLike, out_pkl: str | os.PathLike
 
 def convert_to_torchvision(in_path: str | os.PathLike, out_pth: str | os.PathLike,
                            arch: str | None = "resnet50", allow_pickle: bool = False) -> Path:
-    """Any checkpoint layout load_backbone reads -> the plain contract file {"model": torchvision-keyed
-    backbone state (no fc), "meta": {...}}, loadable with weights_only=True and by load_backbone."""
+    """Any checkpoint layout load_backbone reads -> the plain contract file {"model":
+    torchvision-keyed backbone state (no fc), "meta": {...}}, loadable with weights_only=True and
+    by load_backbone."""
     from mixup_transfer.core.checkpoint import infer_arch, load_backbone
     from mixup_transfer.core.runtime import atomic_save
 

@@ -11,10 +11,11 @@ With `skip_bad=True`, samples whose annotation is malformed are left out, counte
 
 Validated on the way in (a `DataError` naming the file and line, object index or id): split files
 without duplicate ids and not empty; XML with a positive `<size>`, 0/1 flags, known class names and
-boxes of positive size inside the image; COCO json with unique integer image / annotation / category ids,
-positive integer image sizes, known image and category ids, boxes of positive size inside the image,
-`area` a number >= 0 and `iscrowd` 0 or 1. File-level problems (ids, the json's structure) are never
-skipped, even with `skip_bad`. When an item is read, the image's real size must equal the annotation's.
+boxes of positive size inside the image; COCO json with unique integer image / annotation /
+category ids, positive integer image sizes, known image and category ids, boxes of positive size
+inside the image, `area` a number >= 0 and `iscrowd` 0 or 1. File-level problems (ids, the json's
+structure) are never skipped, even with `skip_bad`. When an item is read, the image's real size
+must equal the annotation's.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class VOCDetection(Dataset):
     def _load(self, image_id: str, keep_difficult: bool) -> dict:
         xml = self.root / "Annotations" / f"{image_id}.xml"
         ann = parse_voc_xml(xml)
-        if ann["filename"] and Path(ann["filename"]).stem != image_id:  # the annotation of another image
+        # the annotation of another image
+        if ann["filename"] and Path(ann["filename"]).stem != image_id:
             raise DataError(f"{xml}: <filename> {ann['filename']!r} is not the image {image_id!r}")
         boxes, labels, difficult = [], [], []
         for i, obj in enumerate(ann["objects"]):
@@ -196,7 +198,8 @@ class COCODetection(Dataset):
 
     def _load(self, image_id: int) -> dict:
         info = self.coco.imgs[image_id]
-        width, height = int(info["width"]), int(info["height"])  # positive integers (check_coco_gt)
+        # positive integers (check_coco_gt)
+        width, height = int(info["width"]), int(info["height"])
         boxes, labels, crowd = [], [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
             where = f"{self.ann_file}: annotation id {ann.get('id')} (image id {image_id})"

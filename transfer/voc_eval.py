@@ -3,27 +3,29 @@
 Rules, all as in the VOC devkit:
 - boxes are compared in the XML's 1-based inclusive pixel coordinates: width = xmax - xmin + 1, and
   IoU = inter / union with the +1 on every side length;
-- detections of one class are ranked by score, descending (a stable sort: equal scores keep the order
-  of the result file, like MATLAB's `sort`);
+- detections of one class are ranked by score, descending (a stable sort: equal scores keep the
+  order of the result file, like MATLAB's `sort`);
 - each detection is compared with every ground-truth box of its image and class (difficult ones
-  included) and takes the one of largest IoU (the first on ties). If that IoU >= `iou` (the devkit's
-  `ovmax >= minoverlap`; the python port voc_eval.py uses `>`, which differs only at exactly 0.5):
-  a difficult box makes the detection "don't care" (neither TP nor FP), an undetected box makes it a
-  TP, an already detected box makes it a FP (duplicate). Below the threshold it is a FP;
+  included) and takes the one of largest IoU (the first on ties). If that IoU >= `iou` (the
+  devkit's `ovmax >= minoverlap`; the python port voc_eval.py uses `>`, which differs only at
+  exactly 0.5): a difficult box makes the detection "don't care" (neither TP nor FP), an undetected
+  box makes it a TP, an already detected box makes it a FP (duplicate). Below the threshold it is a
+  FP;
 - recall = TP / (number of non-difficult boxes), precision = TP / (TP + FP);
 - metric "11point" (VOC2007): mean over t in {0, 0.1, ..., 1} of max(precision[recall >= t]) (0 if
   empty); the thresholds are `np.arange(0, 1.1, 0.1)` like the python port (so t=0.3 is
   0.30000000000000004 and a recall of exactly 0.3 does not reach it);
   metric "area" (VOC2010+): area under the monotone (right-to-left running max) precision envelope.
-- boxes with xmax < xmin or ymax < ymin (sub-pixel detections in the inclusive convention; detectron2's
-  result files hold them) are scored with the same formula, as the devkit scores them, and counted in a
-  warning (`reversed_boxes`);
+- boxes with xmax < xmin or ymax < ymin (sub-pixel detections in the inclusive convention;
+  detectron2's result files hold them) are scored with the same formula, as the devkit scores them,
+  and counted in a warning (`reversed_boxes`);
 - A class with no non-difficult ground truth in the split has no defined AP: it is reported as None
-  and left out of the mean (the devkit would print 0 for it; on the real VOC test sets every class has
-  ground truth, so the two agree there).
+  and left out of the mean (the devkit would print 0 for it; on the real VOC test sets every class
+  has ground truth, so the two agree there).
 
 Result files follow the devkit: `<results>/comp4_det_<split>_<class>.txt`, one detection a line,
-`image_id score xmin ymin xmax ymax` in the XML's coordinates (the toolkit's internal x0 = xmin - 1,
+`image_id score xmin ymin xmax ymax` in the XML's coordinates (the toolkit's internal x0 = xmin -
+1,
 x1 = xmax: see `boxes_to_voc_xml`). All numbers returned are percentages.
 """
 
@@ -40,7 +42,8 @@ import numpy as np
 from mixup_transfer.core.basics import atomic_path
 from mixup_transfer.core.constants import VOC_CLASSES
 from mixup_transfer.core.data import DataError, pascal_to_box, read_text, safe_relative
-from mixup_transfer.core.data import parse_pascal_xml as parse_voc_xml  # not via transfer.datasets: that imports torch
+# not via transfer.datasets: that imports torch
+from mixup_transfer.core.data import parse_pascal_xml as parse_voc_xml
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,8 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, metric: str = "11point") -
     if metric == "area":
         mrec = np.concatenate(([0.0], recall, [1.0]))
         mpre = np.concatenate(([0.0], precision, [0.0]))
-        mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # precision envelope, non-increasing in recall
+        # precision envelope, non-increasing in recall
+        mpre = np.maximum.accumulate(mpre[::-1])[::-1]
         step = np.flatnonzero(mrec[1:] != mrec[:-1])
         return float(np.sum((mrec[step + 1] - mrec[step]) * mpre[step + 1]))
     raise ValueError(f"unknown VOC metric {metric!r}; valid: {list(METRICS)}")
@@ -83,8 +87,8 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, metric: str = "11point") -
 
 
 def _gt_by_class(annotations: Mapping[str, Mapping], classes: Sequence[str]) -> dict[str, dict]:
-    """Per class: boxes [G, 4] float64 (XML coords), difficult [G] bool, image index [G] int, sorted by
-    image so that each image's boxes are contiguous; plus per-image start / count [I]."""
+    """Per class: boxes [G, 4] float64 (XML coords), difficult [G] bool, image index [G] int,
+    sorted by image so that each image's boxes are contiguous; plus per-image start / count [I]."""
     image_ids = list(annotations)
     class_set = set(classes)
     per = {c: ([], [], []) for c in classes}
@@ -119,8 +123,9 @@ _CHUNK = 1 << 20  # detection x ground-truth pairs per vectorised IoU block
 
 def _best_overlap(box: np.ndarray, start: np.ndarray, count: np.ndarray, gt_boxes: np.ndarray,
                   k: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each detection, the first ground-truth box of largest inclusive-pixel IoU among the `count`
-    boxes from `start` (-inf IoU when none overlaps). box: [D, 4]; returns (jmax [D], ovmax [D])."""
+    """For each detection, the first ground-truth box of largest inclusive-pixel IoU among the
+    `count` boxes from `start` (-inf IoU when none overlaps). box: [D, 4]; returns (jmax [D], ovmax
+    [D])."""
     slot = start[:, None] + np.arange(k)[None, :]                 # [D, K] global GT index
     valid = np.arange(k)[None, :] < count[:, None]                # [D, K]
     g = gt_boxes[np.where(valid, slot, 0)]                        # [D, K, 4]
@@ -149,7 +154,8 @@ def _class_tp_fp(det_img: np.ndarray, det_score: np.ndarray, det_box: np.ndarray
     fp = np.zeros(n)
     if n == 0:
         return tp, fp
-    count = gt["count"][det_img]                                 # [D] boxes of this class in the image
+    # [D] boxes of this class in the image
+    count = gt["count"][det_img]
     k = int(count.max()) if count.size else 0
     if k == 0:
         fp[:] = 1.0
@@ -164,8 +170,8 @@ def _class_tp_fp(det_img: np.ndarray, det_score: np.ndarray, det_box: np.ndarray
     best = np.where(count > 0, gt["start"][det_img] + jmax, 0)
     hit = ovmax >= iou
     difficult = gt["difficult"][best]
-    # A non-difficult box is claimed by the first (highest-ranked) detection whose best match it is;
-    # later ones are duplicates. Which box a detection picks never depends on earlier matches.
+    # A non-difficult box is claimed by the first (highest-ranked) detection whose best match it
+    # is; later ones are duplicates. Which box a detection picks never depends on earlier matches.
     claim = np.flatnonzero(hit & ~difficult)
     _, first = np.unique(best[claim], return_index=True)
     tp[claim[first]] = 1.0
@@ -195,8 +201,9 @@ def _check_args(metric: str, iou: float) -> None:
 
 
 def _as_arrays(dets, image_index: Mapping[str, int], cls: str, source=None):
-    """(image index [D], score [D], box [D, 4]) from a list of (image_id, score, box) tuples or a dict
-    {"image_ids": [D], "scores": [D], "boxes": [D, 4]} (the fast path for large result sets)."""
+    """(image index [D], score [D], box [D, 4]) from a list of (image_id, score, box) tuples or a
+    dict {"image_ids": [D], "scores": [D], "boxes": [D, 4]} (the fast path for large result
+    sets)."""
     def where(i):
         return source[i] if source is not None else f"class {cls!r}, detection {i}"
 
@@ -243,11 +250,12 @@ def _as_arrays(dets, image_index: Mapping[str, int], cls: str, source=None):
 def reversed_boxes(box: np.ndarray) -> np.ndarray:
     """[D] bool: boxes with xmax < xmin or ymax < ymin (box: [D, 4] XML coordinates).
 
-    In the XML's inclusive convention a box narrower than one pixel has xmax < xmin (detectron2 writes
-    x0 + 1 and x1 for a predicted x0..x1, so 0.3 px wide gives xmax = xmin - 0.7). The devkit accepts them
-    and scores them with its formula: width xmax - xmin + 1 (here 0.3), and an overlap only where
-    iw = min(xmax) - max(xmin) + 1 > 0 and ih > 0, so a box reversed by a pixel or more never matches
-    (a false positive). `voc_evaluate` does the same and counts them in a warning."""
+    In the XML's inclusive convention a box narrower than one pixel has xmax < xmin (detectron2
+    writes x0 + 1 and x1 for a predicted x0..x1, so 0.3 px wide gives xmax = xmin - 0.7). The
+    devkit accepts them and scores them with its formula: width xmax - xmin + 1 (here 0.3), and an
+    overlap only where iw = min(xmax) - max(xmin) + 1 > 0 and ih > 0, so a box reversed by a pixel
+    or more never matches (a false positive). `voc_evaluate` does the same and counts them in a
+    warning."""
     box = np.asarray(box, dtype=np.float64).reshape(-1, 4)
     return (box[:, 2] < box[:, 0]) | (box[:, 3] < box[:, 1])
 
@@ -255,12 +263,14 @@ def reversed_boxes(box: np.ndarray) -> np.ndarray:
 def voc_evaluate(detections: Mapping[str, Sequence], annotations: Mapping[str, Mapping],
                  classes: Sequence[str] = VOC_CLASSES, metric: str = "11point", iou: float = 0.5,
                  _sources: Mapping[str, list] | None = None) -> dict:
-    """Score detections against VOC ground truth with the devkit's rules (see the module docstring).
+    """Score detections against VOC ground truth with the devkit's rules (see the module
+    docstring).
 
     detections: {class: [(image_id, score, (xmin, ymin, xmax, ymax)), ...]} in XML coordinates (or
         {class: {"image_ids": [D], "scores": [D], "boxes": [D, 4]}}); a class missing from the dict
         has no detections.
-    annotations: {image_id: parse_voc_xml(...)} for every image of the evaluated split (images without
+    annotations: {image_id: parse_voc_xml(...)} for every image of the evaluated split (images
+    without
         objects included: their detections are false positives).
     Returns {"metric": metric, "mAP": percent, "AP": {class: percent or None (no ground truth)},
     "iou": iou}; mAP averages the classes that have ground truth.
@@ -308,8 +318,8 @@ def boxes_to_voc_xml(boxes) -> np.ndarray:
     """The toolkit's x0, y0, x1, y1 (continuous pixels) -> VOC XML xmin, ymin, xmax, ymax (1-based
     inclusive): xmin = x0 + 1, xmax = x1. boxes: [N, 4].
 
-    A predicted box less than one pixel wide (or high) would come out with xmax < xmin; the inclusive
-    convention cannot express it, so it becomes a one-pixel box (xmax = xmin).
+    A predicted box less than one pixel wide (or high) would come out with xmax < xmin; the
+    inclusive convention cannot express it, so it becomes a one-pixel box (xmax = xmin).
     """
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
     b[:, :2] += 1.0
@@ -332,10 +342,10 @@ def _voc_root(devkit: str | os.PathLike, year: str) -> Path:
 
 
 def check_voc_annotation(ann: Mapping, xml: str | os.PathLike) -> None:
-    """Validate one parsed VOC annotation as the evaluator uses it: a positive `<size>`, and every box
-    with xmin <= xmax, ymin <= ymax (1-based inclusive: at least one pixel) inside the image (within
-    `mixup_transfer.core.data.BOX_TOLERANCE`). `VOCEvalError` naming the file and object otherwise; nothing is
-    skipped (the devkit would silently score a box outside the image)."""
+    """Validate one parsed VOC annotation as the evaluator uses it: a positive `<size>`, and every
+    box with xmin <= xmax, ymin <= ymax (1-based inclusive: at least one pixel) inside the image
+    (within `mixup_transfer.core.data.BOX_TOLERANCE`). `VOCEvalError` naming the file and object
+    otherwise; nothing is skipped (the devkit would silently score a box outside the image)."""
     if ann["width"] <= 0 or ann["height"] <= 0:
         raise VOCEvalError(f"{xml}: non-positive <size> {ann['width']}x{ann['height']}")
     for j, obj in enumerate(ann["objects"]):
@@ -346,10 +356,11 @@ def check_voc_annotation(ann: Mapping, xml: str | os.PathLike) -> None:
 
 
 def load_voc_annotations(devkit: str | os.PathLike, year: str = "2007", split: str = "test") -> dict:
-    """{image_id: parse_voc_xml(...)} for the images of `ImageSets/Main/<split>.txt`, in file order.
+    """{image_id: parse_voc_xml(...)} for the images of `ImageSets/Main/<split>.txt`, in file
+    order.
 
-    Every annotation is validated (`check_voc_annotation`); a duplicate image id in the split file or an
-    empty split is a `VOCEvalError` naming the file and line.
+    Every annotation is validated (`check_voc_annotation`); a duplicate image id in the split file
+    or an empty split is a `VOCEvalError` naming the file and line.
     """
     root = _voc_root(devkit, str(year))
     list_file = root / "ImageSets" / "Main" / f"{split}.txt"
@@ -378,9 +389,9 @@ def read_voc_results(results_dir: str | os.PathLike, split: str, classes: Sequen
     """Parse `comp4_det_<split>_<class>.txt` files.
 
     Returns (detections {class: [(image_id, score, box)]}, sources {class: ["file:line", ...]}).
-    A missing file means no detections for that class (logged); no file at all, a file for an unknown
-    class, a malformed line or an unknown image id raise `VOCEvalError` naming file:line. Boxes with
-    xmax < xmin are kept, as the devkit keeps them (see `reversed_boxes`).
+    A missing file means no detections for that class (logged); no file at all, a file for an
+    unknown class, a malformed line or an unknown image id raise `VOCEvalError` naming file:line.
+    Boxes with xmax < xmin are kept, as the devkit keeps them (see `reversed_boxes`).
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
@@ -428,7 +439,8 @@ def read_voc_results(results_dir: str | os.PathLike, split: str, classes: Sequen
 
 def write_voc_results(out_dir: str | os.PathLike, split: str,
                       detections: Mapping[str, Sequence]) -> list[Path]:
-    """Write one `comp4_det_<split>_<class>.txt` per class of `detections` (boxes in XML coordinates).
+    """Write one `comp4_det_<split>_<class>.txt` per class of `detections` (boxes in XML
+    coordinates).
 
     Numbers are written with Python's shortest round-trip repr, so reading the files back gives
     exactly the in-memory evaluation. Each file is written to a temporary name then renamed.

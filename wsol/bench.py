@@ -87,13 +87,15 @@ def run_wsol_bench(quick: bool = False, n_maps: int | None = None, n_reference: 
                 "fragmented": [m for i, m in enumerate(maps) if i % 4 == 3]}
     share = {f: len(fm) / n_maps for f, fm in families.items()}
     ious = (30, 50, 70)
-    fast_best_ious(maps[0][0], maps[0][1], threshold_grid(interval))  # JIT warm-up (numba), not timed
+    # JIT warm-up (numba), not timed
+    fast_best_ious(maps[0][0], maps[0][1], threshold_grid(interval))
     out = {"maps": n_maps, "reference_maps": n_reference, "map_size": 224, "interval": interval,
            "numba": HAVE_NUMBA, "repeats": repeats, "family_share": share}
     identical = True
     for tag, multi in (("v2", True), ("v1", False)):
         ref_ms, fast_ms, same = {}, {}, True
-        whole = MaxBoxAccEvaluator(interval, ious, multi_contour=multi)  # all maps: the families' counts summed
+        # all maps: the families' counts summed
+        whole = MaxBoxAccEvaluator(interval, ious, multi_contour=multi)
         for fam, fmaps in families.items():
             sub = fmaps[:max(1, round(n_reference * share[fam]))]
             ref, ref_cpu, _ = _time(lambda sub=sub, multi=multi: _run("reference", multi, sub, interval, ious),
@@ -124,17 +126,19 @@ def run_wsol_bench(quick: bool = False, n_maps: int | None = None, n_reference: 
 
 # ----------------------------------------------------------------------------- whole process
 def write_bench_split(root, n_maps: int, seed: int = 0, subsets=()) -> dict:
-    """The bench maps saved like ``tools/run_wsol.py evaluate`` saves them (``<root>/maps/<id>.npy``, float32,
-    224 x 224) with a wsolevaluation metadata split of all of them (``<root>/all``) and one per size k in
-    ``subsets`` (``<root>/first<k>``: the first k ids, the same 3:1 mix of families when k is a multiple
-    of 4). Returns {"maps": dir, n_maps: dir of all, k: dir, ...}."""
+    """The bench maps saved like ``tools/run_wsol.py evaluate`` saves them
+    (``<root>/maps/<id>.npy``, float32, 224 x 224) with a wsolevaluation metadata split of all of
+    them (``<root>/all``) and one per size k in
+    ``subsets`` (``<root>/first<k>``: the first k ids, the same 3:1 mix of families when k is a
+    multiple of 4). Returns {"maps": dir, n_maps: dir of all, k: dir, ...}."""
     from wsol.data import WSOLMetadata, write_wsol_metadata
 
     root = Path(root)
     (root / "maps").mkdir(parents=True, exist_ok=True)
     ids, boxes = [], {}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny interpolations: extra threads only contend (10x slower on a busy machine)
+    # tiny interpolations: extra threads only contend (10x slower on a busy machine)
+    torch.set_num_threads(1)
     try:
         maps = make_bench_maps(n_maps, seed=seed)
     finally:
@@ -184,14 +188,16 @@ def _extrapolate(t_one: float, t_sub: float, n_sub: int, n: int) -> float:
 
 def run_whole_process_bench(tool, n_maps: int = 2000, n_reference: int = 64, interval: float = 0.001,
                             workers: int | None = None, repeats: int = 1, seed: int = 0, workdir=None) -> dict:
-    """Whole processes timed: ``python <tool>`` (tools/eval_wsol.py: start-up, imports, reading the metadata
-    and ``n_maps`` .npy maps, the sweep, JSON) with its default threads (or ``workers``) and with one,
-    vs the same tool with ``--reference``, the straightforward per-threshold OpenCV loop, in its own process.
+    """Whole processes timed: ``python <tool>`` (tools/eval_wsol.py: start-up, imports, reading the
+    metadata and ``n_maps`` .npy maps, the sweep, JSON) with its default threads (or ``workers``)
+    and with one, vs the same tool with ``--reference``, the straightforward per-threshold OpenCV
+    loop, in its own process.
 
-    The reference is run on the first ``n_reference`` maps and on the first one (start-up + one map); its
-    time on all maps is extrapolated linearly from those two (measured when ``n_reference >= n_maps``).
-    Its numbers on those maps must equal the fast tool's on the same maps ("identical"). Ratios of wall
-    clock and of CPU time (user + sys of every thread, steadier on a shared machine) are reported.
+    The reference is run on the first ``n_reference`` maps and on the first one (start-up + one
+    map); its time on all maps is extrapolated linearly from those two (measured when ``n_reference
+    >= n_maps``). Its numbers on those maps must equal the fast tool's on the same maps
+    ("identical"). Ratios of wall clock and of CPU time (user + sys of every thread, steadier on a
+    shared machine) are reported.
     """
     n_reference = min(max(2, n_reference), n_maps)
     base = [sys.executable, str(tool), "--cam-curve-interval", str(interval)]
@@ -202,7 +208,8 @@ def run_whole_process_bench(tool, n_maps: int = 2000, n_reference: int = 64, int
         def run(k, *extra):  # the tool on the first k maps
             return _run_tool(base + ["--metadata", str(d[k]), "--scoremaps", str(d["maps"]), *extra], repeats)
 
-        run(1)  # warm-up: the first run after installation compiles the numba kernels into their cache
+        # warm-up: the first run after installation compiles the numba kernels into their cache
+        run(1)
         fast = run(n_maps, *threads)
         fast1 = run(n_maps, "--workers", "1")
         fast_one = run(1)

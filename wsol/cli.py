@@ -1,5 +1,6 @@
-"""The WSOL stage's own command line (its declaration's `cli`, mixup_transfer/core/stage.py): `tools/run_wsol.py
-finetune` takes the declared arguments; `metadata`, `evaluate` and `baseline` are added here."""
+"""The WSOL stage's own command line (its declaration's `cli`, mixup_transfer/core/stage.py):
+`tools/run_wsol.py finetune` takes the declared arguments; `metadata`, `evaluate` and `baseline`
+are added here."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ log = logging.getLogger("wsol")
 
 
 def add_arguments(p, stage, sub) -> None:
-    common = dict(epilog=cli.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)  # --debug, exit codes
+    # --debug, exit codes
+    common = dict(epilog=cli.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.metavar = "{metadata,finetune,evaluate,baseline}"
     m = sub.add_parser("metadata", help="CUB_200_2011 raw files -> wsolevaluation metadata (train/, test/)", **common)
     m.add_argument("--cub", required=True, help="the CUB_200_2011 folder (images.txt, bounding_boxes.txt, ...)")

@@ -37,7 +37,8 @@ class MetadataError(InputError):
 
 
 def _lines(path: Path):
-    """Yield (line number, stripped text) of non-empty lines; clear error if the file is missing."""
+    """Yield (line number, stripped text) of non-empty lines; clear error if the file is
+    missing."""
     path = Path(path)
     if not path.is_file():
         raise MetadataError(f"{path}: file not found")
@@ -77,7 +78,8 @@ def _check_box(where, box, size):
 
 
 def _image_size(path: Path, where: str) -> tuple[int, int]:
-    """(w, h) from the image header; MetadataError naming `where` and the file if it is missing or unreadable."""
+    """(w, h) from the image header; MetadataError naming `where` and the file if it is missing or
+    unreadable."""
     try:
         with Image.open(path) as im:
             return im.size
@@ -111,9 +113,9 @@ def _read_id_map(path, n_fields, parse):
 def read_cub(cub_root, check_images: bool = False) -> tuple[list[CubRecord], list[str]]:
     """Read the CUB_200_2011 raw files. Returns (records sorted by id, class names).
 
-    Raises MetadataError naming file and line (or image id) for malformed lines, duplicate or unknown
-    ids, classes or paths, and boxes without a positive size (w or h <= 0). With ``check_images`` each
-    image is opened to check that the box lies inside it. Nothing is skipped.
+    Raises MetadataError naming file and line (or image id) for malformed lines, duplicate or
+    unknown ids, classes or paths, and boxes without a positive size (w or h <= 0). With
+    ``check_images`` each image is opened to check that the box lies inside it. Nothing is skipped.
     """
     root = Path(cub_root)
     classes = _read_id_map(root / "classes.txt", 2, lambda p, i, f: f[0])
@@ -170,10 +172,12 @@ def read_cub(cub_root, check_images: bool = False) -> tuple[list[CubRecord], lis
     return records, [classes[k] for k in class_ids]
 
 
-# ----------------------------------------------------------------------------- wsolevaluation layout
+# ----------------------------------------------------------------------------- wsolevaluation
+# layout
 @dataclass
 class WSOLMetadata:
-    """One split of the wsolevaluation layout. ``boxes[image_id]`` is float [K, 4] (x0, y0, x1, y1)."""
+    """One split of the wsolevaluation layout. ``boxes[image_id]`` is float [K, 4] (x0, y0, x1,
+    y1)."""
     image_ids: list[str]
     labels: dict[str, int]
     sizes: dict[str, tuple[int, int]]  # (w, h)
@@ -207,8 +211,9 @@ def read_wsol_metadata(metadata_dir, require_boxes: bool = True) -> WSOLMetadata
     """Read one split of the wsolevaluation layout, validating every line.
 
     Errors name the file and line: malformed lines, an empty split, ids not in image_ids.txt,
-    duplicate ids/labels/sizes, non-positive sizes, boxes without a positive size or outside the image,
-    images without a label, size or box. Nothing is skipped (wsolevaluation would assert or mis-score).
+    duplicate ids/labels/sizes, non-positive sizes, boxes without a positive size or outside the
+    image, images without a label, size or box. Nothing is skipped (wsolevaluation would assert or
+    mis-score).
     """
     d = Path(metadata_dir)
     if not d.is_dir():
@@ -250,7 +255,8 @@ def _read_image_ids(ids_path: Path) -> list[str]:
 
 
 def _per_id(d: Path, seen: set, name: str, n: int):
-    """(path, line number, fields) of each line of `name`, checked for `n` fields and a known image id."""
+    """(path, line number, fields) of each line of `name`, checked for `n` fields and a known image
+    id."""
     path = d / name
     for lineno, text in _lines(path):
         parts = text.split(",")
@@ -313,8 +319,8 @@ def cub_to_wsol_metadata(cub_root, out_root, check_images: bool = True) -> dict[
 
 # ----------------------------------------------------------------------------- dataset
 class WSOLDataset:
-    """Images listed in a wsolevaluation metadata folder (a map-style dataset, not a subclass of torch's
-    `Dataset`, so that the metadata readers here import without torch).
+    """Images listed in a wsolevaluation metadata folder (a map-style dataset, not a subclass of
+    torch's `Dataset`, so that the metadata readers here import without torch).
 
     Item: ``(image, label, index)`` where image is ``transform(PIL RGB)`` (or the PIL image),
     label the 0-based class. ``.boxes(index)`` gives float [K, 4] boxes in the stored image's
@@ -350,7 +356,8 @@ class WSOLDataset:
             raise MetadataError(f"{path}: image file not found (image id {iid!r})") from None
         except OSError as e:
             raise MetadataError(f"image {iid!r}: cannot read {path}: {e}") from None
-        if img.size != tuple(self.metadata.sizes[iid]):  # the boxes are in the annotated size's pixels
+        # the boxes are in the annotated size's pixels
+        if img.size != tuple(self.metadata.sizes[iid]):
             w, h = self.metadata.sizes[iid]
             raise MetadataError(f"{path}: image is {img.size[0]}x{img.size[1]} but image_sizes.txt says "
                                 f"{w}x{h} for {iid!r}")

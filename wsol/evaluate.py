@@ -1,6 +1,7 @@
 """Evaluate a CAM model on a wsolevaluation split; the centred-box baseline.
 
-Saved score maps are scored by `wsol/scoremaps.py` (torch-free; its functions are re-exported here).
+Saved score maps are scored by `wsol/scoremaps.py` (torch-free; its functions are re-exported
+here).
 
 All box metrics are computed at the score map's size (224 x 224 by default) with GT boxes
 rescaled by integer truncation, as wsolevaluation does.
@@ -52,7 +53,8 @@ def centred_box_baseline(metadata_dir, size=(224, 224), fraction: float = 0.5,
 
 
 def _sum_over_ranks(v2: MaxBoxAccEvaluator, v1: MaxBoxAccEvaluator, loc: LocAccuracy) -> None:
-    """Under torchrun each rank accumulated its shard: add every rank's counts into its evaluators (integer
+    """Under torchrun each rank accumulated its shard: add every rank's counts into its evaluators
+    (integer
     counts per threshold: the sums are exactly the single-process counts)."""
     if ddist.rank_world()[1] > 1:
         loc_keys = ("n", "gt_known", "top1", "top5", "top1_cls")
@@ -66,9 +68,10 @@ def _sum_over_ranks(v2: MaxBoxAccEvaluator, v1: MaxBoxAccEvaluator, loc: LocAccu
 
 
 def _batch_records(meta: WSOLMetadata, size, evaluators, scoremap_dir, keep_examples: int):
-    """The per-batch callable of `evaluate_model`: accumulates this rank's images into ``evaluators`` (v2, v1,
-    loc), writes their score maps, and returns one record per image: (non-finite logit and CAM values, its
-    example for figures or None), after one device -> host transfer."""
+    """The per-batch callable of `evaluate_model`: accumulates this rank's images into
+    ``evaluators`` (v2, v1, loc), writes their score maps, and returns one record per image:
+    (non-finite logit and CAM values, its example for figures or None), after one device -> host
+    transfer."""
     v2, v1, loc = evaluators
 
     def to_records(batch, outputs, indices):
@@ -105,13 +108,14 @@ def evaluate_model(model, dataset, meta: WSOLMetadata, device, batch_size: int, 
                    split: str = "test") -> dict:
     """Classification + localization of a CAM model over one split (CAMs of the true class).
 
-    ``dataset`` yields (image [3, H, W] in [0, 1], label, index into ``meta.image_ids``); each rank predicts its
-    shard (``mixup_transfer.core.inference``), counts summed by `_sum_over_ranks`. Returns percentages:
-    top1_cls, top5_cls, maxboxacc_v1 (largest contour, IoU 50), maxboxacc_v2 (all contours, mean over the IoUs),
-    maxboxacc_v2_per_iou, best thresholds, gt_known / top1 / top5_loc at ``loc_threshold`` and ``loc_iou``, the
-    BoxAcc curves, and the (image, cam, gt, pred boxes) of the first ``keep_examples`` images for figures. A NaN
-    or infinite logit or CAM value stops it (`NonFiniteOutputError` naming ``split`` and the count, on every
-    rank) and the score map of such an image is never written."""
+    ``dataset`` yields (image [3, H, W] in [0, 1], label, index into ``meta.image_ids``); each rank
+    predicts its shard (``mixup_transfer.core.inference``), counts summed by `_sum_over_ranks`.
+    Returns percentages: top1_cls, top5_cls, maxboxacc_v1 (largest contour, IoU 50), maxboxacc_v2
+    (all contours, mean over the IoUs), maxboxacc_v2_per_iou, best thresholds, gt_known / top1 /
+    top5_loc at ``loc_threshold`` and ``loc_iou``, the BoxAcc curves, and the (image, cam, gt, pred
+    boxes) of the first ``keep_examples`` images for figures. A NaN or infinite logit or CAM value
+    stops it (`NonFiniteOutputError` naming ``split`` and the count, on every rank) and the score
+    map of such an image is never written."""
     v2 = MaxBoxAccEvaluator(cam_curve_interval, iou_thresholds, multi_contour=True)
     v1 = MaxBoxAccEvaluator(cam_curve_interval, (50,), multi_contour=False)
     loc = LocAccuracy(loc_threshold, loc_iou, loc_op, multi_contour=False)
@@ -126,8 +130,9 @@ def evaluate_model(model, dataset, meta: WSOLMetadata, device, batch_size: int, 
 
 
 def save_scoremap(scoremap_dir: Path, image_id: str, smap: np.ndarray) -> None:
-    """Write ``<scoremap_dir>/<image_id>.npy`` atomically; an id that would leave the folder (``../x``, an
-    absolute path) is refused (`MetadataError` naming it): a metadata file never writes outside the folder."""
+    """Write ``<scoremap_dir>/<image_id>.npy`` atomically; an id that would leave the folder
+    (``../x``, an absolute path) is refused (`MetadataError` naming it): a metadata file never
+    writes outside the folder."""
     path = inside(scoremap_dir, f"{image_id}.npy", f"image id {image_id!r}", MetadataError)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, smap.astype(np.float32))

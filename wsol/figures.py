@@ -21,8 +21,8 @@ def _box_patch(box, color):
 
 
 def cam_grid(examples, path, cols: int = 4, class_names=None) -> Path:
-    """examples: dicts with image [H, W, 3] in [0, 1], cam [H, W] in [0, 1], gt [K, 4], pred_boxes [M, 4]
-    (all in the CAM's frame). GT boxes green, predicted red."""
+    """examples: dicts with image [H, W, 3] in [0, 1], cam [H, W] in [0, 1], gt [K, 4], pred_boxes
+    [M, 4] (all in the CAM's frame). GT boxes green, predicted red."""
     n = max(1, len(examples))
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)

@@ -6,11 +6,12 @@ and the pipeline). Two recipes are configs, not code paths:
 * AlignMix-style: SGD, ``optim.lr_classifier`` (0.01) for ``optim.large_lr_layers`` (fc, or
   layer4 + fc) and ``optim.lr`` (0.001) for the rest, step decay; resize 256 / random crop 224 /
   flip for training, resize 224 for testing.
-* multi-mix-style: ``optim.freeze`` = everything but layer4 and fc, Adam lr 1e-4, ``eval.every_epochs: 1``
-  (localization after every epoch -> the fine-tuning curve).
+* multi-mix-style: ``optim.freeze`` = everything but layer4 and fc, Adam lr 1e-4,
+  ``eval.every_epochs: 1`` (localization after every epoch -> the fine-tuning curve).
 
 Run folder: config.yaml, log.jsonl, checkpoints/last.pth (model, optimizer, scheduler, epoch,
-curve, RNG; atomic), cam_model.pth (for ``tools/run_wsol.py evaluate``), metrics.json, figures/*.png.
+curve, RNG; atomic), cam_model.pth (for ``tools/run_wsol.py evaluate``), metrics.json,
+figures/*.png.
 """
 from __future__ import annotations
 
@@ -51,9 +52,9 @@ __all__ = ["DEFAULTS", "finetune", "evaluate_run", "build_optimizer", "param_gro
 
 TRUNK_LAYERS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 
-# Every key of a WSOL config, with its meaning (unknown keys are rejected): the shared keys (optim.lr,
-# data.num_workers, method.name, ...) mean what mixup_transfer/core/vocabulary.py says; the stage's own keys are
-# commented here.
+# Every key of a WSOL config, with its meaning (unknown keys are rejected): the shared keys
+# (optim.lr, data.num_workers, method.name, ...) mean what mixup_transfer/core/vocabulary.py says;
+# the stage's own keys are commented here.
 DEFAULTS = {
     "name": "wsol",
     "seed": 0,
@@ -69,9 +70,11 @@ DEFAULTS = {
         **fragment(DATA, "num_workers", "max_train", "max_val", num_workers=4),
     },
     "input": {
-        "resize": 256,                  # train: resize to resize x resize, random crop `crop`, flip
+        # train: resize to resize x resize, random crop `crop`, flip
+        "resize": 256,
         "crop": 224,
-        "test_size": 224,               # test: resize to test_size x test_size; CAMs scored at this size
+        # test: resize to test_size x test_size; CAMs scored at this size
+        "test_size": 224,
         "flip": True,
     },
     "optim": {
@@ -84,10 +87,13 @@ DEFAULTS = {
         "freeze": [],                   # trunk layers kept frozen (params and BN statistics)
         "step_size": 150,               # epochs between x gamma decays (schedule step)
     },
-    "method": {},                       # name: none (cross-entropy; the default) | a pretraining method
-                                        # (pretrain.methods.METHODS), with that method's knobs beside it
+    # name: none (cross-entropy; the default) | a pretraining method
+    "method": {},
+                                        # (pretrain.methods.METHODS), with that method's knobs
+                                        # beside it
     "eval": {
-        **fragment(EVAL, "every_epochs", "batch_size", batch_size=32),  # every_epochs: the localization curve
+        # every_epochs: the localization curve
+        **fragment(EVAL, "every_epochs", "batch_size", batch_size=32),
         "cam_curve_interval": 0.001,
         "iou_thresholds": [30, 50, 70],
         "loc_threshold": 0.15,          # Top-1 / GT-known Loc: CAM threshold, IoU and comparison
@@ -176,8 +182,10 @@ TYPES = {"data.max_train": int, "data.max_val": int}
 
 
 def resolve_config(cfg: dict) -> dict:
-    """Validate against DEFAULTS (unknown keys rejected, missing ones filled, types and RANGES checked)."""
-    if "allow_pickle" in cfg:  # a recipe (someone else's, or an override) must never switch unpickling on
+    """Validate against DEFAULTS (unknown keys rejected, missing ones filled, types and RANGES
+    checked)."""
+    # a recipe (someone else's, or an override) must never switch unpickling on
+    if "allow_pickle" in cfg:
         raise ConfigError("config key allow_pickle: unpickling cannot be turned on from a config or an override; "
                           "pass --allow-pickle to tools/run_wsol.py for a checkpoint you trust")
     cfg = validate(cfg, DEFAULTS, types=TYPES)
@@ -198,8 +206,9 @@ def method_knobs(method: dict) -> dict:
 
 
 class WSOLObjective(nn.Module):
-    """The CAM model's training loss: plain cross-entropy (``method.name: none``) or any pretraining method of
-    the method registry wrapped around the CAM model. forward(images, labels) -> {"loss", "logits"?}."""
+    """The CAM model's training loss: plain cross-entropy (``method.name: none``) or any
+    pretraining method of the method registry wrapped around the CAM model. forward(images, labels)
+    -> {"loss", "logits"?}."""
 
     def __init__(self, cam: CAMModel, num_classes: int, method: dict):
         super().__init__()
@@ -251,7 +260,8 @@ def _public(res: dict) -> dict:
 
 # ----------------------------------------------------------------------------- fine-tuning
 class WSOLTask(ClassificationTask):
-    """Fine-tune a CAM model on the train split; localization every ``eval.every`` epochs (the curve)."""
+    """Fine-tune a CAM model on the train split; localization every ``eval.every`` epochs (the
+    curve)."""
 
     def __init__(self, cfg: dict, weights: str | None, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -272,9 +282,10 @@ class WSOLTask(ClassificationTask):
         return self.model.method is not None and self.model.method.find_unused_parameters
 
     def _loader(self, epoch: int) -> DataLoader:
-        """The epoch's loader: `batch_size` images per process; under DDP each rank reads its own shard of the
-        epoch's order (DistributedSampler with the run seed, `set_epoch`), so the ranks train on different
-        images. The order is a function of (seed, epoch) either way: exact resume."""
+        """The epoch's loader: `batch_size` images per process; under DDP each rank reads its own
+        shard of the epoch's order (DistributedSampler with the run seed, `set_epoch`), so the
+        ranks train on different images. The order is a function of (seed, epoch) either way: exact
+        resume."""
         n, b, workers = len(self.train_set), self.cfg["optim"]["batch_per_process"], self.cfg["data"]["num_workers"]
         if self.world == 1:
             return DataLoader(self.train_set, batch_size=b, shuffle=True, drop_last=n > b, num_workers=workers,
@@ -292,7 +303,8 @@ class WSOLTask(ClassificationTask):
 
     def before_step(self, micro_step: int) -> None:
         if self.model.method is not None:  # draws depend only on (seed, step), as in pretraining
-            self.model.method.seed(self.cfg["seed"] * 1_000_003 + micro_step)  # host and device streams
+            # host and device streams
+            self.model.method.seed(self.cfg["seed"] * 1_000_003 + micro_step)
 
     def param_groups(self) -> list[dict]:
         o = self.cfg["optim"]
@@ -338,15 +350,16 @@ _CURVE_KEYS = ("top1_cls", "maxboxacc_v1", "maxboxacc_v2", "top1_loc", "gt_known
 
 
 def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: bool = False) -> dict:
-    """The WSOL stage: fine-tune a CAM model from ``inputs["weights"]`` (a backbone checkpoint; None or absent:
-    random init) and evaluate it.
+    """The WSOL stage: fine-tune a CAM model from ``inputs["weights"]`` (a backbone checkpoint;
+    None or absent: random init) and evaluate it.
 
-    Returns metrics in percent (its "units" field says so): top1_cls, maxboxacc_v1 (largest contour, IoU 50),
-    maxboxacc_v2 (all contours, mean over IoU 30/50/70), top1_loc, gt_known_loc, top5_loc, maxboxacc_v2_per_iou,
-    best_threshold, centred_box baseline, curve (one entry per evaluated epoch). Writes run_dir/metrics.json and
-    figures/*.png. An existing run_dir/checkpoints/last.pth is resumed (resume=True) when it was made from the same
-    config and weights (`WSOLTask.resume_may_change` excepted); a finished run just re-reports. Without resume an
-    existing checkpoint is an error unless `force`.
+    Returns metrics in percent (its "units" field says so): top1_cls, maxboxacc_v1 (largest
+    contour, IoU 50), maxboxacc_v2 (all contours, mean over IoU 30/50/70), top1_loc, gt_known_loc,
+    top5_loc, maxboxacc_v2_per_iou, best_threshold, centred_box baseline, curve (one entry per
+    evaluated epoch). Writes run_dir/metrics.json and figures/*.png. An existing
+    run_dir/checkpoints/last.pth is resumed (resume=True) when it was made from the same config and
+    weights (`WSOLTask.resume_may_change` excepted); a finished run just re-reports. Without resume
+    an existing checkpoint is an error unless `force`.
     """
     inputs = dict(inputs or {})
     weights = inputs.pop("weights", None)
@@ -373,9 +386,11 @@ def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: boo
                        "per_process_batch": o["batch_per_process"],
                        "test_images": len(task.test_set)})
     engine.check_parameters()
-    # the final evaluation stops on non-finite logits or CAMs before the model or any result is written
+    # the final evaluation stops on non-finite logits or CAMs before the model or any result is
+    # written
     metrics = _final_report(task.cam, task.test_set, cfg, device, run_dir, task.curve, engine.logger, weights)
-    task.curve = metrics["curve"]  # keep the final point, so that a longer resumed run reports the whole curve
+    # keep the final point, so that a longer resumed run reports the whole curve
+    task.curve = metrics["curve"]
     engine.save_checkpoint()
     return metrics
 
@@ -393,7 +408,8 @@ def _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights)
     size = (cfg["input"]["test_size"],) * 2
     baseline = centred_box_baseline(test_set.metadata, size, 0.5, cfg["eval"]["iou_thresholds"])
     metrics = with_units({**_public(res), "curve": curve, "weights": weights, "centred_box": baseline})
-    if not is_main_process():  # every rank evaluated its shard and holds the numbers; rank 0 writes
+    # every rank evaluated its shard and holds the numbers; rank 0 writes
+    if not is_main_process():
         barrier()
         return metrics
     atomic_save({"model": model.state_dict(), "arch": cfg["model"]["arch"], "num_classes": model.fc.out_features,
@@ -412,7 +428,8 @@ def _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights)
 
 def read_cam_model(path) -> dict:
     """A `cam_model.pth` file ({"arch", "num_classes", "model": state dict}) loaded safely; a
-    `CheckpointError` naming the file when it is not one (a backbone, random bytes, a pickle...)."""
+    `CheckpointError` naming the file when it is not one (a backbone, random bytes, a
+    pickle...)."""
     ck = read_checkpoint(path)
     if not isinstance(ck, dict) or not {"arch", "num_classes", "model"} <= set(ck):
         keys = sorted(ck)[:10] if isinstance(ck, dict) else type(ck).__name__

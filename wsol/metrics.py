@@ -45,7 +45,9 @@ import numpy as np
 from mixup_transfer.core.data import InputError
 from mixup_transfer.core.units import with_units
 
-try:  # a dependency (pyproject.toml); the OpenCV fallback, identical numbers, covers platforms without its wheels
+# a dependency (pyproject.toml); the OpenCV fallback, identical numbers, covers platforms without
+# its wheels
+try:
     import numba
 except ImportError:  # pragma: no cover - exercised when numba is absent
     numba = None
@@ -174,7 +176,8 @@ def reference_boxes(scoremap, thresholds, multi_contour: bool = True) -> list[np
 
 
 def reference_best_ious(scoremap, gt_boxes, thresholds, multi_contour: bool = True) -> np.ndarray:
-    """Best IoU (over predicted x GT boxes) at each threshold -> [T] float64 (per-threshold loop)."""
+    """Best IoU (over predicted x GT boxes) at each threshold -> [T] float64 (per-threshold
+    loop)."""
     gt = np.asarray(gt_boxes, dtype=np.int64).reshape(-1, 4)
     per_thr = reference_boxes(scoremap, thresholds, multi_contour)
     counts = [len(b) for b in per_thr]
@@ -243,7 +246,8 @@ def _euler_table():
     out = np.zeros(256, np.int64)
     for mask in range(256):
         bits = [(mask >> d) & 1 for d in range(8)]
-        # the quads around the pixel: (pixel, E, NE, N), (pixel, N, NW, W), (pixel, W, SW, S), (pixel, S, SE, E)
+        # the quads around the pixel: (pixel, E, NE, N), (pixel, N, NW, W), (pixel, W, SW, S),
+        # (pixel, S, SE, E)
         quads = [(bits[e], bits[e + 1], bits[(e + 2) % 8]) for e in (0, 2, 4, 6)]
         out[mask] = sum(quad(1, *q) - quad(0, *q) for q in quads)
     return out
@@ -268,7 +272,8 @@ if numba is not None:
             for x in range(w):
                 v = scoremap[y, x]
                 ok &= (v >= lo) & (v <= hi)
-                out[y, x] = np.uint8(min(max(v, lo), hi) * scale)  # the clamp only matters for bad maps
+                # the clamp only matters for bad maps
+                out[y, x] = np.uint8(min(max(v, lo), hi) * scale)
         return ok
 
     @_njit
@@ -425,7 +430,8 @@ if numba is not None:
         pw = w + 2
         n = (h + 2) * pw
         upw = np.uint64(pw)
-        # ring E, NE, N, NW, W, SW, S, SE as offsets from the pixel's NW neighbour; the pixel: upw + 1
+        # ring E, NE, N, NW, W, SW, S, SE as offsets from the pixel's NW neighbour; the pixel: upw
+        # + 1
         ring = np.array([upw + 2, 2, 1, 0, upw, 2 * upw, 2 * upw + 1, 2 * upw + 2], np.uint64)
         o_e, o_ne, o_n, o_nw = ring[0], ring[1], ring[2], ring[3]
         o_w, o_sw, o_s, o_se = ring[4], ring[5], ring[6], ring[7]
@@ -455,7 +461,8 @@ if numba is not None:
             nc = 1
             first, last, step, shift, grow = 0, state[1] + 1, 1, 0, 1
         outside = 0 if not foreground else -2
-        rep0 = np.empty(256, np.uint64)  # the first group's neighbour as an offset from b: one load less
+        # the first group's neighbour as an offset from b: one load less
+        rep0 = np.empty(256, np.uint64)
         for m in range(256):
             rep0[m] = ring[reps[m, 0]]
         alive = 0  # components (holes for the background)
@@ -509,7 +516,8 @@ if numba is not None:
                     comp[rp, 4] = 0
                     dirty[nd] = rp
                     nd += 1
-                elif rp != outside:  # grow p's component's box (rarely: one test, stores only then)
+                # grow p's component's box (rarely: one test, stores only then)
+                elif rp != outside:
                     px, py = np.uint32(x), np.uint32(y)
                     bx0, by0, bx1, by1 = comp[rp, 0], comp[rp, 1], comp[rp, 2], comp[rp, 3]
                     if (px < bx0) | (py < by0) | (px > bx1) | (py > by1):
@@ -560,10 +568,12 @@ class _Workspace:
         self.active = np.empty(n, np.uint8)
         self.cid = np.empty(n, np.uint32)
         self.par = np.empty(n, np.uint32)
-        self.comp = np.empty((n, 8), np.uint32)  # 5 fields used; 8 keep a component in one cache line
+        # 5 fields used; 8 keep a component in one cache line
+        self.comp = np.empty((n, 8), np.uint32)
         self.dirty = np.empty(4 * n + 8, np.int64)  # <= 4 entries per pixel, 1 per level
         self.tree = np.full(2 * self.size, -1.0)
-        self.state = np.zeros(2, np.int64)  # components used by the last sweep, highest level with a hole
+        # components used by the last sweep, highest level with a hole
+        self.state = np.zeros(2, np.int64)
         self.best_fg = np.empty(256)
         self.best_bg = np.empty(256)
 
@@ -617,10 +627,10 @@ def fast_best_ious(scoremap, gt_boxes, thresholds, multi_contour: bool = True,
 
 
 def sweep_name(method: str = "fast", multi_contour: bool = True) -> str:
-    """Which implementation a `MaxBoxAccEvaluator(method=..., multi_contour=...)` runs on maps below
-    32768 pixels a side: "numba" (the compiled one-pass sweep), "opencv" (OpenCV once per distinct mask:
-    numba is not installed, or largest-contour mode, which needs contour areas) or "reference" (OpenCV
-    once per threshold). All three give identical numbers."""
+    """Which implementation a `MaxBoxAccEvaluator(method=..., multi_contour=...)` runs on maps
+    below 32768 pixels a side: "numba" (the compiled one-pass sweep), "opencv" (OpenCV once per
+    distinct mask: numba is not installed, or largest-contour mode, which needs contour areas) or
+    "reference" (OpenCV once per threshold). All three give identical numbers."""
     if method == "reference":
         return "reference"
     return "numba" if multi_contour and HAVE_NUMBA else "opencv"
@@ -685,8 +695,9 @@ class MaxBoxAccEvaluator:
         acc = self.box_acc()
         maxacc = {str(d): float(a.max()) for d, a in acc.items()}
         best_thr = {str(d): float(self.thresholds[int(a.argmax())]) for d, a in acc.items()}
-        # two flavours, two names: all contours -> MaxBoxAccV2 (the mean over the IoUs; wsolevaluation's at
-        # 30/50/70); the largest contour -> MaxBoxAcc (wsolevaluation's "V1", at IoU 50)
+        # two flavours, two names: all contours -> MaxBoxAccV2 (the mean over the IoUs;
+        # wsolevaluation's at 30/50/70); the largest contour -> MaxBoxAcc (wsolevaluation's "V1",
+        # at IoU 50)
         out = {"maxboxacc_per_iou": maxacc, "contours": "all" if self.multi_contour else "largest",
                "best_threshold": best_thr, "num_images": self.count}
         if self.multi_contour:

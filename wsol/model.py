@@ -20,8 +20,8 @@ __all__ = ["CAMModel", "build_cam_model", "normalise_cams", "IMAGENET_MEAN", "IM
 
 
 def _layer4_stride_one(resnet) -> None:
-    """Stride 1 in layer4's first block: the strided conv (conv2 in Bottleneck, conv1 in BasicBlock)
-    and the downsample 1x1 conv. Shapes of the weights are unchanged."""
+    """Stride 1 in layer4's first block: the strided conv (conv2 in Bottleneck, conv1 in
+    BasicBlock) and the downsample 1x1 conv. Shapes of the weights are unchanged."""
     block = resnet.layer4[0]
     strided = block.conv2 if block.conv2.stride == (2, 2) else block.conv1
     if strided.stride != (2, 2):
@@ -82,8 +82,8 @@ class CAMModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x).mean((2, 3)))
 
-    # The stage interface of pretrain.methods.ResNetStages, so that any mixing method of the method registry can
-    # wrap a CAM model. Layer 0 = input pixels in [0, 1], 1..4 = after layer1..layer4.
+    # The stage interface of pretrain.methods.ResNetStages, so that any mixing method of the method
+    # registry can wrap a CAM model. Layer 0 = input pixels in [0, 1], 1..4 = after layer1..layer4.
     _STAGE_END = (0, 5, 6, 7, 8)  # trunk index after which stage i ends
 
     def forward_to(self, x: torch.Tensor, layer: int) -> torch.Tensor:

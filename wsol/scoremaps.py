@@ -26,9 +26,9 @@ def gt_boxes_resized(meta: WSOLMetadata, image_id: str, size=(224, 224)) -> np.n
 
 
 def load_scoremap(path, image_id=None) -> np.ndarray:
-    """A `.npy` score map read without unpickling (`allow_pickle=False`) and validated by `check_scoremap`;
-    `ScoreMapError` naming the file when it is missing, truncated, not a `.npy` file, an object array, or
-    not a valid map."""
+    """A `.npy` score map read without unpickling (`allow_pickle=False`) and validated by
+    `check_scoremap`; `ScoreMapError` naming the file when it is missing, truncated, not a `.npy`
+    file, an object array, or not a valid map."""
     path = Path(path)
     try:
         arr = np.load(path, allow_pickle=False)
@@ -54,9 +54,10 @@ def _best_ious_of_file(ev: MaxBoxAccEvaluator, meta: WSOLMetadata, root: Path, i
 
 
 def _in_order(fn, items, workers: int):
-    """fn(item) for each item, yielded in order; with workers > 1 computed by a thread pool (the compiled
-    sweep and OpenCV release the GIL) holding at most 4 x workers maps in flight. The first failure in
-    item order is raised (the maps after it may have been scored, their results are dropped)."""
+    """fn(item) for each item, yielded in order; with workers > 1 computed by a thread pool (the
+    compiled sweep and OpenCV release the GIL) holding at most 4 x workers maps in flight. The
+    first failure in item order is raised (the maps after it may have been scored, their results
+    are dropped)."""
     if workers <= 1:
         yield from map(fn, items)
         return
@@ -83,10 +84,10 @@ def score_scoremap_dir(metadata_dir, scoremap_dir, cam_curve_interval: float = 0
                        progress=None, workers: int = 1) -> dict:
     """Score ``<scoremap_dir>/<image_id>.npy`` maps (float, [0, 1]) against a metadata split.
 
-    Returns {"maxboxacc_per_iou": {delta: %}, "contours": all | largest, "maxboxacc_v2": % (all contours) or
-    "maxboxacc_v1": % (largest contour, IoU 50), "best_threshold": {delta: tau}, "units", ...,
-    "sweep": the implementation that ran (`wsol.metrics.sweep_name`)}. ``workers`` > 1 scores maps in
-    that many threads; the numbers do not depend on it.
+    Returns {"maxboxacc_per_iou": {delta: %}, "contours": all | largest, "maxboxacc_v2": % (all
+    contours) or "maxboxacc_v1": % (largest contour, IoU 50), "best_threshold": {delta: tau},
+    "units", ..., "sweep": the implementation that ran (`wsol.metrics.sweep_name`)}. ``workers`` >
+    1 scores maps in that many threads; the numbers do not depend on it.
     """
     if not isinstance(workers, int) or workers < 1:
         raise InputError(f"workers (--workers) must be a positive integer, got {workers!r}")

@@ -1,5 +1,5 @@
-"""The WSOL stage's declaration (mixup_transfer/core/stage.py): CAM fine-tuning of a backbone on CUB-200-2011 and
-its localization scores (MaxBoxAcc, MaxBoxAccV2, Top-1 Loc)."""
+"""The WSOL stage's declaration (mixup_transfer/core/stage.py): CAM fine-tuning of a backbone on
+CUB-200-2011 and its localization scores (MaxBoxAcc, MaxBoxAccV2, Top-1 Loc)."""
 
 from pathlib import Path
 

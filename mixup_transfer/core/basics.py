@@ -1,8 +1,9 @@
-"""The torch-free part of the run infrastructure: atomic file writes, JSON files and rank-0 progress bars.
+"""The torch-free part of the run infrastructure: atomic file writes, JSON files and rank-0
+progress bars.
 
-`mixup_transfer/core/runtime.py` re-exports all of it. Modules that must import without torch (the stand-alone
-evaluators behind `tools/eval_wsol.py`, `tools/eval_voc.py`, `tools/eval_coco.py`: importing torch costs seconds, more
-than scoring thousands of score maps) import it from here.
+`mixup_transfer/core/runtime.py` re-exports all of it. Modules that must import without torch (the
+stand-alone evaluators behind `tools/eval_wsol.py`, `tools/eval_voc.py`, `tools/eval_coco.py`:
+importing torch costs seconds, more than scoring thousands of score maps) import it from here.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from tqdm import tqdm
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield `path.<pid>.tmp` (same directory, one per process: never shared under torchrun) to write; on success
-    it is renamed over `path`, on any failure (disk full, unwritable folder, an exception while writing) it is
-    removed and `path` is untouched."""
+    """Yield `path.<pid>.tmp` (same directory, one per process: never shared under torchrun) to
+    write; on success it is renamed over `path`, on any failure (disk full, unwritable folder, an
+    exception while writing) it is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -39,7 +40,8 @@ def atomic_path(path: str | os.PathLike):
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write a text file atomically (metrics.json, reports); a failed write leaves no `.tmp` behind."""
+    """Write a text file atomically (metrics.json, reports); a failed write leaves no `.tmp`
+    behind."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
@@ -51,8 +53,9 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
 
 
 def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
-    """`fig.savefig(path, **kwargs)` atomically: a full disk or a kill never truncates the previous figure (the
-    format comes from `path`'s suffix, as savefig would take it; the `.tmp` name would hide it)."""
+    """`fig.savefig(path, **kwargs)` atomically: a full disk or a kill never truncates the previous
+    figure (the format comes from `path`'s suffix, as savefig would take it; the `.tmp` name would
+    hide it)."""
     fmt = kwargs.pop("format", None) or (Path(path).suffix[1:].lower() or "png")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         fig.savefig(f, format=fmt, **kwargs)
@@ -63,8 +66,8 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
 
 
 def rank() -> int:
-    """This process's rank in the initialised torch.distributed group, else 0. Never imports torch: a process
-    group can only exist once something else has imported torch.distributed."""
+    """This process's rank in the initialised torch.distributed group, else 0. Never imports torch:
+    a process group can only exist once something else has imported torch.distributed."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank()
@@ -72,8 +75,8 @@ def rank() -> int:
 
 
 def metric_line(metrics: dict, prefix: str = "") -> str:
-    """`top1_err 23.5 %  ood.auroc 91 %  epoch_time_s 12 s` from a nested dict's numeric leaves (4 significant
-    digits, the unit of mixup_transfer.core.units; None as null), for log lines."""
+    """`top1_err 23.5 %  ood.auroc 91 %  epoch_time_s 12 s` from a nested dict's numeric leaves (4
+    significant digits, the unit of mixup_transfer.core.units; None as null), for log lines."""
     from mixup_transfer.core.units import unit_of
 
     parts = []
@@ -90,8 +93,9 @@ def metric_line(metrics: dict, prefix: str = "") -> str:
 
 
 def bars_enabled() -> bool:
-    """Progress bars are drawn on rank 0 when stderr is a terminal and MT_NO_PROGRESS is not 1; elsewhere (a log
-    file, CI, a SLURM log) the training loop logs plain periodic lines instead of carriage-return bars."""
+    """Progress bars are drawn on rank 0 when stderr is a terminal and MT_NO_PROGRESS is not 1;
+    elsewhere (a log file, CI, a SLURM log) the training loop logs plain periodic lines instead of
+    carriage-return bars."""
     isatty = getattr(sys.stderr, "isatty", None)
     return rank() == 0 and os.environ.get("MT_NO_PROGRESS") != "1" and bool(isatty and isatty())
 

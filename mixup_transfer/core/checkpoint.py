@@ -8,12 +8,13 @@ loadable with `torch.load(..., weights_only=True)`.
 `load_backbone` also reads the layouts users bring from other codebases (DataParallel `module.`,
 MoCo `module.encoder_q.`, `backbone.`, `model.`, AlignMixup `module.model.` + `module.classifier.`,
 `{"state_dict": ...}` wrappers) and checks the exact key set and shapes for the architecture: a
-checkpoint that does not fit raises `CheckpointError` naming the missing, unexpected and mis-shaped keys.
+checkpoint that does not fit raises `CheckpointError` naming the missing, unexpected and mis-shaped
+keys.
 
-The Vision Transformers (`mixup_transfer/core/vits.py`) keep timm's own key layout (`cls_token`, `pos_embed`,
-`patch_embed.*`, `blocks.<i>.*`, `norm.*`) with the classifier `head.*` where a ResNet has `fc.*`
-(`classifier_prefix`); they are checked key by key in the same way, and `classifier_from_checkpoint` builds either
-family.
+The Vision Transformers (`mixup_transfer/core/vits.py`) keep timm's own key layout (`cls_token`,
+`pos_embed`, `patch_embed.*`, `blocks.<i>.*`, `norm.*`) with the classifier `head.*` where a ResNet
+has `fc.*` (`classifier_prefix`); they are checked key by key in the same way, and
+`classifier_from_checkpoint` builds either family.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from mixup_transfer.core.runtime import atomic_save, unwrap
 from mixup_transfer.core.smallnets import SMALL_ARCHS, SMALL_FEATURE_DIMS, build_small
 from mixup_transfer.core.vits import VIT_ARCHS, VIT_FEATURE_DIMS, build_vit, infer_vit_arch, looks_like_vit
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")  # torchvision's (detection, WSOL, conversion)
-RESNET_ARCHS = ARCHS + SMALL_ARCHS  # the torchvision ResNet layout (mixup_transfer/core/smallnets.py included)
-# every architecture a backbone checkpoint may hold: torchvision's, the small-image ones and the ViTs
-# (mixup_transfer/core/vits.py)
+# torchvision's (detection, WSOL, conversion)
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+# the torchvision ResNet layout (mixup_transfer/core/smallnets.py included)
+RESNET_ARCHS = ARCHS + SMALL_ARCHS
+# every architecture a backbone checkpoint may hold: torchvision's, the small-image ones and the
+# ViTs (mixup_transfer/core/vits.py)
 ALL_ARCHS = RESNET_ARCHS + VIT_ARCHS
 
 # Prefixes tried when unwrapping foreign layouts; the one matching most backbone keys wins.
@@ -52,8 +55,9 @@ class CheckpointError(InputError):
 
 
 def build_resnet(arch: str, num_classes: int = 1000, **kwargs) -> torch.nn.Module:
-    """A randomly initialised torchvision ResNet (kwargs: norm_layer, replace_stride_with_dilation...), or one
-    of the small-image networks of `mixup_transfer.core.smallnets` (kwargs: zero_init_residual), same module layout."""
+    """A randomly initialised torchvision ResNet (kwargs: norm_layer,
+    replace_stride_with_dilation...), or one of the small-image networks of
+    `mixup_transfer.core.smallnets` (kwargs: zero_init_residual), same module layout."""
     if arch in SMALL_ARCHS:
         return build_small(arch, num_classes, **kwargs)
     if arch in VIT_ARCHS:
@@ -99,10 +103,10 @@ def expected_shapes(arch: str) -> dict[str, tuple]:
 
 
 def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
-    """Guess the ResNet depth from the keys: BasicBlock vs Bottleneck and the number of layer3 blocks; the
-    small-image networks by their stem (3x3 conv1; no stem BN for the pre-activation ones but the AlignMixup one,
-    told from resnet18_cifar by its BN-free projection shortcut; WRN's layer4.bn); a ViT by its patch size, width
-    and depth."""
+    """Guess the ResNet depth from the keys: BasicBlock vs Bottleneck and the number of layer3
+    blocks; the small-image networks by their stem (3x3 conv1; no stem BN for the pre-activation
+    ones but the AlignMixup one, told from resnet18_cifar by its BN-free projection shortcut; WRN's
+    layer4.bn); a ViT by its patch size, width and depth."""
     if looks_like_vit(state):
         arch = infer_vit_arch(state)
         if arch is None:
@@ -118,7 +122,8 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
     if "layer1.0.conv1.weight" in state and "bn1.weight" not in state:
         return "preactresnet18_w16" if conv1 is not None and conv1.shape[0] == 16 else "preactresnet18"
     if "layer2.0.downsample.0.weight" in state and "layer2.0.downsample.1.weight" not in state:
-        return "preactresnet18_alignmixup"  # a stem BN, and pre-activation blocks (their projection has no BN)
+        # a stem BN, and pre-activation blocks (their projection has no BN)
+        return "preactresnet18_alignmixup"
     if conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3) and "layer1.0.conv3.weight" not in state:
         return "resnet18_cifar"
     bottleneck = "layer1.0.conv3.weight" in state
@@ -148,9 +153,9 @@ HEAD_KINDS = ("pooled_linear",)
 
 
 def check_head(head: Mapping) -> dict:
-    """A classifier head that sits between the layer4 map and fc (AlignMix's stage-2 encoder, paper §4.1):
-    ``{"kind": "pooled_linear", "resolution": r, "weight": [d, c*r*r], "bias": [d]}``: logits =
-    fc(weight @ flatten(adaptive_avg_pool(layer4, r)) + bias)."""
+    """A classifier head that sits between the layer4 map and fc (AlignMix's stage-2 encoder, paper
+    §4.1): ``{"kind": "pooled_linear", "resolution": r, "weight": [d, c*r*r], "bias": [d]}``:
+    logits = fc(weight @ flatten(adaptive_avg_pool(layer4, r)) + bias)."""
     if head.get("kind") not in HEAD_KINDS:
         raise ValueError(f"head kind must be one of {list(HEAD_KINDS)}, got {head.get('kind')!r}")
     r, w, b = int(head["resolution"]), head["weight"], head["bias"]
@@ -163,11 +168,13 @@ def check_head(head: Mapping) -> dict:
 
 def save_backbone(path: str | os.PathLike, model: torch.nn.Module, meta: Mapping,
                   head: Mapping | None = None) -> None:
-    """Write the contract file for a torchvision ResNet or a timm ViT (DDP / compile wrappers are unwrapped).
+    """Write the contract file for a torchvision ResNet or a timm ViT (DDP / compile wrappers are
+    unwrapped).
 
-    head: the classifier's own layers between layer4 and fc when the method has them (`check_head`); stored
-    beside "model" as "head" (the "model" keys stay exactly torchvision's), and meta["classifier"] names it, so
-    that an evaluator never applies that fc to pooled features."""
+    head: the classifier's own layers between layer4 and fc when the method has them
+    (`check_head`); stored beside "model" as "head" (the "model" keys stay exactly torchvision's),
+    and meta["classifier"] names it, so that an evaluator never applies that fc to pooled
+    features."""
     model = unwrap(model)
     state = OrderedDict((k, v.detach().cpu().clone()) for k, v in model.state_dict().items())
     meta = _to_plain(dict(meta), "meta")
@@ -190,7 +197,8 @@ def save_backbone(path: str | os.PathLike, model: torch.nn.Module, meta: Mapping
 
 
 def classifier_head(path: str | os.PathLike, allow_pickle: bool = False) -> dict | None:
-    """The checkpoint's stage-2 classifier head (`check_head`), or None when its fc follows global pooling."""
+    """The checkpoint's stage-2 classifier head (`check_head`), or None when its fc follows global
+    pooling."""
     obj = read_checkpoint(path, allow_pickle)
     head = obj.get("head") if isinstance(obj, dict) else None
     return check_head(head) if head is not None else None
@@ -205,7 +213,8 @@ class _GlobalRefused(pickle.UnpicklingError):
 
 
 class _NoGlobalsUnpickler(pickle.Unpickler):
-    """Unpickles plain data only (lists, dicts, numbers, strings): any class or function is refused."""
+    """Unpickles plain data only (lists, dicts, numbers, strings): any class or function is
+    refused."""
 
     def find_class(self, module, name):
         raise _GlobalRefused(f"GLOBAL {module}.{name}")
@@ -218,9 +227,9 @@ _TRUSTED: set[str] = set()  # files named with --allow-pickle on this process's 
 
 
 def trust_pickled(path: str | os.PathLike) -> None:
-    """Allow full unpickling of this one file: what a tool's `--allow-pickle` flag does for the checkpoint(s)
-    named on its command line. Never set from a config file or an override (a recipe shared by someone else
-    must not be able to run code)."""
+    """Allow full unpickling of this one file: what a tool's `--allow-pickle` flag does for the
+    checkpoint(s) named on its command line. Never set from a config file or an override (a recipe
+    shared by someone else must not be able to run code)."""
     _TRUSTED.add(os.path.realpath(path))
 
 
@@ -230,12 +239,14 @@ CONVERT_HINT = ("Only if you trust the file, pass --allow-pickle to the tool tha
 
 
 def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
-    """The object in a `torch.save`d file, loaded with `weights_only=True` (tensors and primitives only).
+    """The object in a `torch.save`d file, loaded with `weights_only=True` (tensors and primitives
+    only).
 
-    Every failure is a `CheckpointError` that names the file and says what it is: missing, empty, not a
-    PyTorch file at all (random bytes, text), a truncated or corrupt archive, or a file holding pickled
-    Python objects. Only the last one can be loaded, and only with `allow_pickle=True` or for a file the
-    command line trusted (`trust_pickled`, a tool's `--allow-pickle`), which unpickles arbitrary objects (it
+    Every failure is a `CheckpointError` that names the file and says what it is: missing, empty,
+    not a PyTorch file at all (random bytes, text), a truncated or corrupt archive, or a file
+    holding pickled Python objects. Only the last one can be loaded, and only with
+    `allow_pickle=True` or for a file the command line trusted (`trust_pickled`, a tool's
+    `--allow-pickle`), which unpickles arbitrary objects (it
     can run code: trusted files only) and warns.
     """
     path = os.fspath(path)
@@ -249,7 +260,8 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a "
                               f"pickle; it starts with bytes {head!r})")
     try:
-        with warnings.catch_warnings():  # torch's note on a plain pickle's protocol: we explain it below
+        # torch's note on a plain pickle's protocol: we explain it below
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - classified below, the file named
@@ -259,8 +271,8 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint (the archive cannot be read: "
                               f"{text.splitlines()[0][:200]})") from err
     if not head.startswith(_ZIP_MAGIC) and "Unsupported global" not in text:
-        # not torch's format: a plain pickle? Read it with every global refused (nothing can run), so that
-        # a pickled list or dict is reported as what it is
+        # not torch's format: a plain pickle? Read it with every global refused (nothing can run),
+        # so that a pickled list or dict is reported as what it is
         try:
             with open(path, "rb") as f:
                 return _NoGlobalsUnpickler(f).load()
@@ -269,7 +281,8 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
         except Exception as e:  # noqa: BLE001 - truncated or random bytes
             raise CheckpointError(f"{path}: not a checkpoint (neither a torch.save archive nor a readable "
                                   f"pickle: {type(e).__name__}: {str(e)[:120]})") from err
-    # what is left: a file that pickles classes or functions (an argparse Namespace, numpy objects, ...)
+    # what is left: a file that pickles classes or functions (an argparse Namespace, numpy objects,
+    # ...)
     trusted = os.path.realpath(path) in _TRUSTED
     if not (allow_pickle or trusted):
         what = text[text.index("GLOBAL"):].split(" was not")[0] if "GLOBAL" in text else "Python objects"
@@ -280,7 +293,8 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
     warnings.warn(f"{path}: unpickling with weights_only=False as requested {how}: this can run arbitrary "
                   "code; do it only for files you trust", stacklevel=2)
     try:
-        # the one guarded full unpickling of the library (tests/test_bad_inputs.py checks it stays so)
+        # the one guarded full unpickling of the library (tests/test_bad_inputs.py checks it stays
+        # so)
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - the file named
         raise CheckpointError(f"{path}: not a checkpoint (unpickling failed: {type(e).__name__}: "
@@ -368,8 +382,8 @@ def _normalise(path, arch: str | None, allow_pickle: bool) -> tuple[OrderedDict,
 
 def load_backbone(path: str | os.PathLike, arch: str | None = "resnet50",
                   allow_pickle: bool = False) -> OrderedDict:
-    """torchvision-keyed backbone state dict (fc excluded) from any supported layout; timm-keyed for a ViT (head
-    excluded).
+    """torchvision-keyed backbone state dict (fc excluded) from any supported layout; timm-keyed
+    for a ViT (head excluded).
 
     `arch=None` takes the architecture from the checkpoint's meta or infers it from the keys.
     Raises `CheckpointError` listing missing / unexpected / mis-shaped keys when it does not fit.
@@ -405,7 +419,8 @@ def load_classifier(path: str | os.PathLike, arch: str | None = None, num_classe
 
 def resnet_from_checkpoint(path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None,
                            allow_pickle: bool = False) -> tuple[torchvision.models.ResNet, dict]:
-    """A torchvision ResNet classifier with the checkpoint's weights loaded strictly, and its meta."""
+    """A torchvision ResNet classifier with the checkpoint's weights loaded strictly, and its
+    meta."""
     state, meta = load_classifier(path, arch, num_classes, allow_pickle)
     if meta["arch"] in VIT_ARCHS:
         raise CheckpointError(f"{path}: holds a Vision Transformer ({meta['arch']}), not a ResNet: this stage needs "
@@ -417,8 +432,8 @@ def resnet_from_checkpoint(path: str | os.PathLike, arch: str | None = None, num
 
 def classifier_from_checkpoint(path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None,
                                allow_pickle: bool = False) -> tuple[torch.nn.Module, dict]:
-    """The checkpoint's classifier, whatever its family (a torchvision ResNet or a timm ViT), with its weights
-    loaded strictly, and its meta."""
+    """The checkpoint's classifier, whatever its family (a torchvision ResNet or a timm ViT), with
+    its weights loaded strictly, and its meta."""
     state, meta = load_classifier(path, arch, num_classes, allow_pickle)
     model = build_network(meta["arch"], num_classes=meta["num_classes"])
     model.load_state_dict(state, strict=True)

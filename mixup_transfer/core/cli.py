@@ -1,24 +1,27 @@
 """One error shape for every command-line tool in `tools/`.
 
-A tool's `main(argv)` is wrapped once (`@cli.entry`); the library raises exceptions, the wrapper turns
-them into one line on stderr and an exit code:
+A tool's `main(argv)` is wrapped once (`@cli.entry`); the library raises exceptions, the wrapper
+turns them into one line on stderr and an exit code:
 
     error: <file>[:line]: <what is wrong>
 
-- exit 2, bad input: `InputError` (DataError, VOCEvalError, COCOEvalError, MetadataError, ScoreMapError,
-  CheckpointError, ConversionError, ...), `ConfigError`, and a missing input file (FileNotFoundError);
-- exit 1, a failure: anything else, e.g. an OSError while writing (disk full, unwritable folder) or a
-  NonFiniteLossError;
+- exit 2, bad input: `InputError` (DataError, VOCEvalError, COCOEvalError, MetadataError,
+  ScoreMapError, CheckpointError, ConversionError, ...), `ConfigError`, and a missing input file
+  (FileNotFoundError);
+- exit 1, a failure: anything else, e.g. an OSError while writing (disk full, unwritable folder) or
+  a NonFiniteLossError;
 - exit 130 on Ctrl-C; argparse's own usage errors keep their exit code 2.
 
-Every tool's console is set up here too (`setup_logging`, called by `main`): `logging` lines on stderr, INFO on
-rank 0 and warnings only on the other ranks (torchrun's RANK, SLURM's SLURM_PROCID); stdout keeps the tool's
-result (JSON or a table). Progress bars (mixup_transfer.core.basics.progress) appear only when stderr is a terminal;
-otherwise (a file, CI, a SLURM log) the training loop prints plain periodic lines instead.
+Every tool's console is set up here too (`setup_logging`, called by `main`): `logging` lines on
+stderr, INFO on rank 0 and warnings only on the other ranks (torchrun's RANK, SLURM's
+SLURM_PROCID); stdout keeps the tool's result (JSON or a table). Progress bars
+(mixup_transfer.core.basics.progress) appear only when stderr is a terminal; otherwise (a file, CI,
+a SLURM log) the training loop prints plain periodic lines instead.
 
-The traceback is printed only with `--debug` (anywhere on the command line; it is removed before the
-tool parses its arguments) or `MT_DEBUG=1`. Partial outputs are not left behind: every writer goes through
-`mixup_transfer.core.runtime.atomic_path`, which removes its `.tmp` file when the write fails.
+The traceback is printed only with `--debug` (anywhere on the command line; it is removed before
+the tool parses its arguments) or `MT_DEBUG=1`. Partial outputs are not left behind: every writer
+goes through `mixup_transfer.core.runtime.atomic_path`, which removes its `.tmp` file when the
+write fails.
 """
 
 from __future__ import annotations
@@ -62,8 +65,9 @@ _EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*: ")
 
 
 def worker_message(msg: str) -> str | None:
-    """The original message of an exception re-raised from a DataLoader worker (torch puts the worker's whole
-    traceback into the message; its last unindented `module.Type: message` line is the original), else None."""
+    """The original message of an exception re-raised from a DataLoader worker (torch puts the
+    worker's whole traceback into the message; its last unindented `module.Type: message` line is
+    the original), else None."""
     if not _WORKER.match(msg):
         return None
     lines = msg.rstrip().splitlines()
@@ -74,8 +78,9 @@ def worker_message(msg: str) -> str | None:
 
 
 def format_error(exc: BaseException) -> str:
-    """The `error: ...` line(s) for `exc`: the culprit first, then what is wrong. An error raised inside a
-    DataLoader worker reads as it would in the main process (the worker's traceback only with --debug)."""
+    """The `error: ...` line(s) for `exc`: the culprit first, then what is wrong. An error raised
+    inside a DataLoader worker reads as it would in the main process (the worker's traceback only
+    with --debug)."""
     if isinstance(exc, KeyboardInterrupt):
         return "error: interrupted"
     original = worker_message(str(exc))
@@ -107,16 +112,17 @@ def split_debug(argv: Sequence[str] | None) -> tuple[list[str], bool]:
 
 
 def parser(description: str | None, **kwargs) -> argparse.ArgumentParser:
-    """A tool's argument parser: its module docstring as the description, the common end (`--debug`, exit
-    codes) as the epilog."""
+    """A tool's argument parser: its module docstring as the description, the common end
+    (`--debug`, exit codes) as the epilog."""
     return argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=EPILOG, **kwargs)
 
 
 def parse_with_overrides(p: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-    """`p.parse_args(argv)` that also takes KEY=VALUE overrides anywhere on the command line, for parsers with
-    sub-commands (where `parse_intermixed_args` is not available): every left-over KEY=VALUE token is added,
-    in order, to `args.overrides`; any other left-over token is a usage error."""
+    """`p.parse_args(argv)` that also takes KEY=VALUE overrides anywhere on the command line, for
+    parsers with sub-commands (where `parse_intermixed_args` is not available): every left-over
+    KEY=VALUE token is added, in order, to `args.overrides`; any other left-over token is a usage
+    error."""
     args, extra = p.parse_known_args(argv)
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
@@ -127,8 +133,8 @@ def parse_with_overrides(p: argparse.ArgumentParser, argv: Sequence[str]) -> arg
 
 
 def launch_rank() -> int:
-    """This process's rank as its launcher set it (torchrun's RANK, else SLURM's SLURM_PROCID, else 0); valid
-    before the process group is joined and after it is left."""
+    """This process's rank as its launcher set it (torchrun's RANK, else SLURM's SLURM_PROCID, else
+    0); valid before the process group is joined and after it is left."""
     for var in ("RANK", "SLURM_PROCID"):
         value = os.environ.get(var, "")
         if value.isdigit():
@@ -137,8 +143,8 @@ def launch_rank() -> int:
 
 
 class _ConsoleHandler(logging.StreamHandler):
-    """A handler on the current sys.stderr (followed when it is swapped, e.g. by a test's capture) that prints
-    above the progress bars (tqdm.write) when it is a terminal."""
+    """A handler on the current sys.stderr (followed when it is swapped, e.g. by a test's capture)
+    that prints above the progress bars (tqdm.write) when it is a terminal."""
 
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
@@ -157,8 +163,9 @@ class _ConsoleHandler(logging.StreamHandler):
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Console logging for a tool, once per call of `main`: `[mm/dd HH:MM:SS] name: message` on the current
-    stderr; `level` on rank 0, warnings only on the other ranks. Replaces the handler an earlier call set."""
+    """Console logging for a tool, once per call of `main`: `[mm/dd HH:MM:SS] name: message` on the
+    current stderr; `level` on rank 0, warnings only on the other ranks. Replaces the handler an
+    earlier call set."""
     root = logging.getLogger()
     for h in [h for h in root.handlers if isinstance(h, _ConsoleHandler)]:
         root.removeHandler(h)
@@ -169,7 +176,8 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def log_outputs(run_dir, what: str = "run folder") -> None:
-    """One closing line: the run folder, its top-level files and each of its folders with its file count."""
+    """One closing line: the run folder, its top-level files and each of its folders with its file
+    count."""
     from pathlib import Path
 
     run_dir = Path(run_dir)
@@ -182,7 +190,8 @@ def log_outputs(run_dir, what: str = "run folder") -> None:
 
 
 def main(fn: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run the tool function `fn(argv)` and return its exit code, printing failures as one error line."""
+    """Run the tool function `fn(argv)` and return its exit code, printing failures as one error
+    line."""
     args, debug = split_debug(argv)
     setup_logging()
     try:
@@ -202,7 +211,8 @@ def main(fn: Callable[[list[str]], int | None], argv: Sequence[str] | None = Non
 
 
 def entry(fn: Callable[[list[str]], int | None]) -> Callable[..., int]:
-    """Decorator for a tool's `main(argv)`: `main(argv=None)` then returns the exit code (see `main`)."""
+    """Decorator for a tool's `main(argv)`: `main(argv=None)` then returns the exit code (see
+    `main`)."""
 
     @functools.wraps(fn)
     def wrapper(argv: Sequence[str] | None = None) -> int:
@@ -211,10 +221,11 @@ def entry(fn: Callable[[list[str]], int | None]) -> Callable[..., int]:
     return wrapper
 
 
-# -- a stage's tool, from its declaration (mixup_transfer/core/stage.py) ---------------------------------------------
+# -- a stage's tool, from its declaration (mixup_transfer/core/stage.py)
+# ---------------------------------------------
 def stage_parser(stage, description: str | None) -> argparse.ArgumentParser:
-    """The parser of `tools/run_<stage>.py`: the declared arguments (`Stage.add_arguments`), under the stage's
-    sub-command where it declares one, and whatever its `cli` module adds."""
+    """The parser of `tools/run_<stage>.py`: the declared arguments (`Stage.add_arguments`), under
+    the stage's sub-command where it declares one, and whatever its `cli` module adds."""
     p = parser(description)
     target, sub = p, None
     if stage.subcommand:
@@ -238,8 +249,8 @@ def parse_stage_args(stage, p: argparse.ArgumentParser, argv: Sequence[str]) -> 
 
 def stage_main(stage, argv: Sequence[str] | None = None, description: str | None = None) -> int:
     """The `main` of `tools/run_<name>.py`: the command line its declaration (`stage`, a
-    `mixup_transfer.core.stage.Stage`) derives, then the stage's run (or its `cli` module's `command`). Returns the
-    exit code (`main`)."""
+    `mixup_transfer.core.stage.Stage`) derives, then the stage's run (or its `cli` module's
+    `command`). Returns the exit code (`main`)."""
     def tool(args: list[str]) -> int | None:
         p = stage_parser(stage, description)
         parsed = parse_stage_args(stage, p, args)
@@ -252,8 +263,8 @@ def stage_main(stage, argv: Sequence[str] | None = None, description: str | None
 
 
 def stage_inputs(stage, args: argparse.Namespace) -> dict:
-    """{input: path or None} from the command line ('none' means none); the checkpoints trusted with
-    --allow-pickle."""
+    """{input: path or None} from the command line ('none' means none); the checkpoints trusted
+    with --allow-pickle."""
     from mixup_transfer.core.stage import INPUT_FLAGS
 
     inputs = {}
@@ -271,9 +282,9 @@ def stage_inputs(stage, args: argparse.Namespace) -> dict:
 
 
 def run_stage_command(stage, args: argparse.Namespace) -> int:
-    """The generic run of a stage's tool: its config (overrides, unknown and renamed keys refused), its run folder
-    (locked: one writer), its inputs, then `Stage.run` under torchrun's process group when there is one; rank 0
-    prints the metrics as JSON."""
+    """The generic run of a stage's tool: its config (overrides, unknown and renamed keys refused),
+    its run folder (locked: one writer), its inputs, then `Stage.run` under torchrun's process
+    group when there is one; rank 0 prints the metrics as JSON."""
     import json
     from pathlib import Path
 
@@ -288,7 +299,8 @@ def run_stage_command(stage, args: argparse.Namespace) -> int:
                                        run_dir, "".join(f" ({k}: {v or 'none'})" for k, v in inputs.items()))
     with torchrun_session(), run_lock(run_dir, f"{stage.name} run"):
         metrics = stage.run(cfg, inputs or None, run_dir, resume=not force, force=force)
-    if launch_rank() == 0:  # the group is left: ask the launcher's environment, not torch.distributed
+    # the group is left: ask the launcher's environment, not torch.distributed
+    if launch_rank() == 0:
         log_outputs(run_dir)
         print(json.dumps(metrics, indent=2, default=str))
     return EXIT_OK

@@ -2,15 +2,18 @@
 
 - `_BASE_: other.yaml` (path relative to the file that names it; a list is allowed) is loaded first
   and deep-merged under the file.
-- `KEY=VALUE` overrides use dotted keys (`optim.lr=0.05`); values are parsed as YAML (`true`, `[1, 2]`).
-- With `defaults` (a nested dict declaring every valid key), unknown keys are an error that lists the
-  valid ones, keys the file leaves out take their defaults, and a value whose type differs from a declared
-  scalar default's (a string for a number, a number for a flag) is an error naming the key and both types; so
-  are the items of a list whose default items share one type, and, with `types` (each stage's `TYPES`), the
-  values of keys whose default is null (`data.max_train: "50"`).
+- `KEY=VALUE` overrides use dotted keys (`optim.lr=0.05`); values are parsed as YAML (`true`, `[1,
+  2]`).
+- With `defaults` (a nested dict declaring every valid key), unknown keys are an error that lists
+  the valid ones, keys the file leaves out take their defaults, and a value whose type differs from
+  a declared scalar default's (a string for a number, a number for a flag) is an error naming the
+  key and both types; so are the items of a list whose default items share one type, and, with
+  `types` (each stage's `TYPES`), the values of keys whose default is null (`data.max_train:
+  "50"`).
 - Another spelling of a shared key (`solver.lr`, `data.workers`, ...:
   `mixup_transfer.core.vocabulary.RENAMED`) is refused with the key to use.
-- Numbers are read as YAML 1.2 reads them: `1e-3` is a float (PyYAML's YAML 1.1 would make it a string).
+- Numbers are read as YAML 1.2 reads them: `1e-3` is a float (PyYAML's YAML 1.1 would make it a
+  string).
 """
 
 from __future__ import annotations
@@ -113,13 +116,15 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
 def validate(cfg: Mapping, defaults: Mapping, where: str = "", types: Mapping | None = None) -> dict:
     """Fill missing keys from `defaults`; reject keys `defaults` does not declare.
 
-    A value must have its default's type (`_check_type`; the items of a list too); a dict default is checked
-    recursively unless it is empty (a free-form mapping). A key whose default is `None` accepts any value unless
-    `types` (dotted key -> `int`, `float` (any number), `str`, `bool`, `list`, `dict`, `list[int]`, a tuple of
-    those, ...) declares its type: then it must be None or of that type (`check_types`).
+    A value must have its default's type (`_check_type`; the items of a list too); a dict default
+    is checked recursively unless it is empty (a free-form mapping). A key whose default is `None`
+    accepts any value unless `types` (dotted key -> `int`, `float` (any number), `str`, `bool`,
+    `list`, `dict`, `list[int]`, a tuple of those, ...) declares its type: then it must be None or
+    of that type (`check_types`).
     """
     if not where:
-        if "allow_pickle" in cfg and "allow_pickle" not in defaults:  # never from a recipe or an override
+        # never from a recipe or an override
+        if "allow_pickle" in cfg and "allow_pickle" not in defaults:
             raise ConfigError("config key allow_pickle: unpickling cannot be turned on from a config or an override; "
                               "pass --allow-pickle to the tool, for a checkpoint you trust")
         _refuse_renamed(cfg, defaults)
@@ -175,7 +180,8 @@ def _type_name(spec) -> str:
 
 
 def check_types(cfg: Mapping, types: Mapping) -> None:
-    """Each dotted key of `types` must be None or of its declared type; ConfigError naming the key otherwise."""
+    """Each dotted key of `types` must be None or of its declared type; ConfigError naming the key
+    otherwise."""
     for key, spec in types.items():
         node = cfg
         for part in key.split("."):
@@ -186,8 +192,8 @@ def check_types(cfg: Mapping, types: Mapping) -> None:
 
 
 def _check_type(key: str, value, default) -> None:
-    """The value of a key whose default is a flag, a number, a list or a mapping must be one too (None and
-    string defaults accept any value; an integer is a valid float)."""
+    """The value of a key whose default is a flag, a number, a list or a mapping must be one too
+    (None and string defaults accept any value; an integer is a valid float)."""
     if value is None or default is None or isinstance(default, str):
         return
     if isinstance(default, bool):
@@ -199,7 +205,8 @@ def _check_type(key: str, value, default) -> None:
     elif isinstance(default, (list, tuple)):
         ok, want = isinstance(value, (list, tuple)), "a list"
         kinds = {type(v) for v in default}
-        if ok and default and len(kinds) == 1 and kinds <= {int, float, str, bool}:  # the items' type too
+        # the items' type too
+        if ok and default and len(kinds) == 1 and kinds <= {int, float, str, bool}:
             item = kinds.pop()
             bad = next((v for v in value if not _is(v, item)), _NONE)
             if bad is not _NONE:
@@ -215,7 +222,8 @@ def _check_type(key: str, value, default) -> None:
 
 
 def _refuse_renamed(cfg: Mapping, defaults: Mapping, where: str = "") -> None:
-    """A ConfigError naming each renamed key of `cfg` (mixup_transfer.core.vocabulary.RENAMED) and the key to use."""
+    """A ConfigError naming each renamed key of `cfg` (mixup_transfer.core.vocabulary.RENAMED) and
+    the key to use."""
     from mixup_transfer.core.vocabulary import renamed_keys, renamed_message
 
     found = renamed_keys(dict(cfg), dict(defaults))
@@ -225,8 +233,8 @@ def _refuse_renamed(cfg: Mapping, defaults: Mapping, where: str = "") -> None:
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = (),
                 defaults: Mapping | None = None) -> dict:
-    """Read a YAML config with its `_BASE_` chain, apply overrides, validate against `defaults` (a renamed key is
-    an error naming the file, or the override, and the key to use)."""
+    """Read a YAML config with its `_BASE_` chain, apply overrides, validate against `defaults` (a
+    renamed key is an error naming the file, or the override, and the key to use)."""
     data = _load_with_bases(Path(path))
     if defaults is not None:
         _refuse_renamed(data, defaults, str(path))
@@ -244,9 +252,10 @@ _OPS = {">": lambda v, b: v > b, ">=": lambda v, b: v >= b, "<": lambda v, b: v 
 
 
 def check_ranges(cfg: Mapping, ranges: Mapping[str, tuple]) -> None:
-    """Each dotted key's value (when not None) must satisfy every (op, bound) pair of `ranges[key]`, e.g.
-    ``{"optim.epochs": (">", 0), "optim.momentum": (">=", 0, "<", 1)}``; or be one of a set of choices
-    (``("in", ("sgd", "adam"))``). The error names the key, the value and the allowed range."""
+    """Each dotted key's value (when not None) must satisfy every (op, bound) pair of
+    `ranges[key]`, e.g. ``{"optim.epochs": (">", 0), "optim.momentum": (">=", 0, "<", 1)}``; or be
+    one of a set of choices (``("in", ("sgd", "adam"))``). The error names the key, the value and
+    the allowed range."""
     for key, rule in ranges.items():
         node = cfg
         for part in key.split("."):

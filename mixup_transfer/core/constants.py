@@ -1,6 +1,7 @@
 """Constants every stage shares: one definition each."""
 
-# ImageNet RGB mean / std of pixels in [0, 1] (torchvision's); models normalise inside, datasets yield [0, 1].
+# ImageNet RGB mean / std of pixels in [0, 1] (torchvision's); models normalise inside, datasets
+# yield [0, 1].
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -1,14 +1,18 @@
 """Image reading, box checks and the ImageNet-layout reader.
 
 Box convention of the whole toolkit (ARCHITECTURE.md "Boxes"): float `x0, y0, x1, y1` in continuous
-pixel coordinates of the image as stored on disk; pixel column i spans [i, i + 1). Readers convert on
+pixel coordinates of the image as stored on disk; pixel column i spans [i, i + 1). Readers convert
+on
 the way in:
-  - PASCAL-style XML (VOC, ImageNet val) `xmin..xmax`, 1-based inclusive  ->  x0 = xmin - 1, x1 = xmax
-  - COCO `[x, y, w, h]` and CUB `x y w h`                                  ->  x0 = x,        x1 = x + w
+  - PASCAL-style XML (VOC, ImageNet val) `xmin..xmax`, 1-based inclusive  ->  x0 = xmin - 1, x1 =
+    xmax
+  - COCO `[x, y, w, h]` and CUB `x y w h`                                  ->  x0 = x,        x1 =
+    x + w
 Evaluators convert back to the convention of the reference they must agree with.
 
-Images are returned as PIL RGB images (torchvision transforms then make float tensors in [0, 1]), or, by
-`read_image_uint8`, as uint8 [3, h, w] tensors decoded by torchvision.io (libjpeg-turbo; the fast path).
+Images are returned as PIL RGB images (torchvision transforms then make float tensors in [0, 1]),
+or, by `read_image_uint8`, as uint8 [3, h, w] tensors decoded by torchvision.io (libjpeg-turbo; the
+fast path).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
-# Annotation tools round box corners; a box may overhang the image by this much before it is an error.
+# Annotation tools round box corners; a box may overhang the image by this much before it is an
+# error.
 BOX_TOLERANCE = 1.0
 
 
@@ -41,9 +46,9 @@ class DataError(InputError):
 
 
 def safe_relative(name: str, where: str, error: type | None = None) -> str:
-    """`name`, an id or file name read from an annotation or metadata file, checked to be a relative path that
-    stays inside the folder it is joined to (no absolute path, drive or `..` component, no NUL byte); else
-    `error` (DataError by default) naming `where` and the name."""
+    """`name`, an id or file name read from an annotation or metadata file, checked to be a
+    relative path that stays inside the folder it is joined to (no absolute path, drive or `..`
+    component, no NUL byte); else `error` (DataError by default) naming `where` and the name."""
     parts = PurePosixPath(name.replace("\\", "/")).parts
     if (not name or "\x00" in name or name.startswith(("/", "\\")) or ".." in parts
             or (len(name) > 1 and name[1] == ":")):
@@ -53,9 +58,11 @@ def safe_relative(name: str, where: str, error: type | None = None) -> str:
 
 
 def inside(root: str | os.PathLike, name: str, what: str, error: type = None) -> Path:
-    """``root / name``, refused (`error`, DataError by default, naming `what` and the root) when it resolves
-    outside `root`: an id or file name read from an annotation or metadata file (``../../x.jpg``, an absolute
-    path, a symlinked escape) must never read or write outside the folder it belongs to."""
+    """``root / name``, refused (`error`, DataError by default, naming `what` and the root) when it
+    resolves
+    outside `root`: an id or file name read from an annotation or metadata file (``../../x.jpg``,
+    an absolute path, a symlinked escape) must never read or write outside the folder it belongs
+    to."""
     root = Path(root)
     path = root / name
     base = os.path.realpath(root)
@@ -65,7 +72,8 @@ def inside(root: str | os.PathLike, name: str, what: str, error: type = None) ->
 
 
 def read_text(path: str | os.PathLike, error: type = DataError) -> str:
-    """The UTF-8 text of an annotation or list file; `error` naming the file if it is binary or not UTF-8."""
+    """The UTF-8 text of an annotation or list file; `error` naming the file if it is binary or not
+    UTF-8."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -76,10 +84,10 @@ _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
 def to_rgb(im: Image.Image, where: str) -> Image.Image:
-    """A decoded PIL image of any mode as 8-bit RGB. 16-bit grayscale (modes I;16*, and I holding 16-bit
-    values) is scaled to 8 bits (round(v / 257)) as 16-bit RGB is; PIL's own `convert("RGB")` would clip it
-    (every value above 255 white). Float pixels (mode F) and 32-bit values are refused (DataError naming
-    `where` and the mode): their range is unknown."""
+    """A decoded PIL image of any mode as 8-bit RGB. 16-bit grayscale (modes I;16*, and I holding
+    16-bit values) is scaled to 8 bits (round(v / 257)) as 16-bit RGB is; PIL's own
+    `convert("RGB")` would clip it (every value above 255 white). Float pixels (mode F) and 32-bit
+    values are refused (DataError naming `where` and the mode): their range is unknown."""
     if im.mode in _SIXTEEN_BIT:
         arr = np.asarray(im).astype(np.float64)
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
@@ -95,7 +103,8 @@ def to_rgb(im: Image.Image, where: str) -> Image.Image:
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
-    """The image at `path` as a fully decoded PIL RGB image (`to_rgb`); DataError names the file otherwise."""
+    """The image at `path` as a fully decoded PIL RGB image (`to_rgb`); DataError names the file
+    otherwise."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -110,14 +119,15 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def is_jpeg(data) -> bool:
-    """Whether encoded bytes (bytes or a uint8 tensor) start with the JPEG SOI marker (the content decides,
-    not the file name: ImageNet has a PNG and CMYK JPEGs under .JPEG names)."""
+    """Whether encoded bytes (bytes or a uint8 tensor) start with the JPEG SOI marker (the content
+    decides, not the file name: ImageNet has a PNG and CMYK JPEGs under .JPEG names)."""
     head = bytes(data[:3].tolist()) if hasattr(data, "tolist") else bytes(data[:3])
     return head == JPEG_MAGIC
 
 
 def read_bytes(path: str | os.PathLike):
-    """The encoded file as a uint8 1-D tensor; DataError names the file if it is missing or empty."""
+    """The encoded file as a uint8 1-D tensor; DataError names the file if it is missing or
+    empty."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -126,16 +136,18 @@ def read_bytes(path: str | os.PathLike):
         raise DataError(f"{path}: unreadable image: {e}") from e
     if not data:
         raise DataError(f"{path}: empty image file")
-    import torch  # here, not at the top: the stand-alone evaluators import this module without torch
+    # here, not at the top: the stand-alone evaluators import this module without torch
+    import torch
 
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def decode_uint8(data, where: str):
     """Encoded bytes (uint8 1-D tensor) -> RGB uint8 [3, h, w]: JPEG by torchvision's libjpeg-turbo
-    `decode_jpeg`, other formats by `decode_image`; what torchvision cannot decode (CMYK JPEGs on some builds,
-    BMP) goes through PIL, and an image nobody can decode is a DataError naming `where`. The result may be a
-    channels-last view (strides 1, 3w, 3) of the decoder's HWC buffer."""
+    `decode_jpeg`, other formats by `decode_image`; what torchvision cannot decode (CMYK JPEGs on
+    some builds, BMP) goes through PIL, and an image nobody can decode is a DataError naming
+    `where`. The result may be a channels-last view (strides 1, 3w, 3) of the decoder's HWC
+    buffer."""
     import torch
     from torchvision import io as tio
 
@@ -143,7 +155,8 @@ def decode_uint8(data, where: str):
         if is_jpeg(data):
             return tio.decode_jpeg(data, mode=tio.ImageReadMode.RGB)
         img = tio.decode_image(data, mode=tio.ImageReadMode.RGB)
-        # 16-bit PNGs decode to uint16: to 8 bits as `to_rgb` does (the resize kernels take uint8 only)
+        # 16-bit PNGs decode to uint16: to 8 bits as `to_rgb` does (the resize kernels take uint8
+        # only)
         return img if img.dtype == torch.uint8 else (img.to(torch.float32) / 257).round().to(torch.uint8)
     except RuntimeError:
         pass
@@ -156,8 +169,9 @@ def decode_uint8(data, where: str):
 
 
 def read_image_uint8(path: str | os.PathLike):
-    """The image at `path` as RGB uint8 [3, h, w] (`decode_uint8`); equal to `read_image`'s pixels where both
-    use libjpeg-turbo with default settings (tests/core/test_uint8_data.py measures it)."""
+    """The image at `path` as RGB uint8 [3, h, w] (`decode_uint8`); equal to `read_image`'s pixels
+    where both use libjpeg-turbo with default settings (tests/core/test_uint8_data.py measures
+    it)."""
     return decode_uint8(read_bytes(path), str(path))
 
 
@@ -209,8 +223,8 @@ def _xml_text(node: ET.Element, tag: str, where: str) -> str:
 
 
 def _xml_number(node: ET.Element, tag: str, where: str) -> float:
-    """The number in `<tag>`; DataError naming the tag for text, NaN or infinity (int() of those would raise a
-    bare ValueError or OverflowError)."""
+    """The number in `<tag>`; DataError naming the tag for text, NaN or infinity (int() of those
+    would raise a bare ValueError or OverflowError)."""
     text = _xml_text(node, tag, where)
     try:
         value = float(text)
@@ -222,7 +236,8 @@ def _xml_number(node: ET.Element, tag: str, where: str) -> float:
 
 
 def parse_pascal_xml(path: str | os.PathLike) -> dict:
-    """A PASCAL-style annotation (VOC, ImageNet val boxes) as plain values, coordinates as in the file.
+    """A PASCAL-style annotation (VOC, ImageNet val boxes) as plain values, coordinates as in the
+    file.
 
     Returns {"filename", "width", "height", "objects": [{"name", "bbox": (xmin, ymin, xmax, ymax),
     "difficult": bool, "truncated": bool}]}.
@@ -284,19 +299,22 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
 class ImageNetFolder:
     """ImageNet layout: `root/<split>/<wnid>/*.JPEG`; labels are indices into sorted wnids.
 
-    A map-style dataset (`__len__`, `__getitem__`: all a DataLoader needs); it does not subclass torch's
-    `Dataset`, so that this module, which the stand-alone evaluators use, imports without torch.
+    A map-style dataset (`__len__`, `__getitem__`: all a DataLoader needs); it does not subclass
+    torch's `Dataset`, so that this module, which the stand-alone evaluators use, imports without
+    torch.
 
-    Validation boxes (for localization and background corruption) come from one PASCAL-style XML per
-    image in `root/val_boxes/<image stem>.xml` (the ILSVRC bbox_val files) or from
-    `root/LOC_val_solution.csv` (Kaggle: `ImageId,PredictionString` with `wnid xmin ymin xmax ymax ...`);
-    both use 1-based inclusive corners, converted to the toolkit's convention by `boxes(index)`.
-    `boxes(index)` validates them (a `DataError` naming the file and line or object): the XML's `<filename>`
-    and `<size>` must match the image (its header is read), every box must have a positive size inside
-    it, its class must be known; a CSV row must be well formed and its ImageId unique. Nothing is skipped.
+    Validation boxes (for localization and background corruption) come from one PASCAL-style XML
+    per image in `root/val_boxes/<image stem>.xml` (the ILSVRC bbox_val files) or from
+    `root/LOC_val_solution.csv` (Kaggle: `ImageId,PredictionString` with `wnid xmin ymin xmax ymax
+    ...`); both use 1-based inclusive corners, converted to the toolkit's convention by
+    `boxes(index)`. `boxes(index)` validates them (a `DataError` naming the file and line or
+    object): the XML's `<filename>` and `<size>` must match the image (its header is read), every
+    box must have a positive size inside it, its class must be known; a CSV row must be well formed
+    and its ImageId unique. Nothing is skipped.
 
-    Items are `(transform(image) or image, label)`; `reader(path)` makes the image: `read_image` (PIL, the
-    default), `read_image_uint8` (uint8 [3, h, w] tensors) or `read_bytes` (the encoded file, for GPU decoding).
+    Items are `(transform(image) or image, label)`; `reader(path)` makes the image: `read_image`
+    (PIL, the default), `read_image_uint8` (uint8 [3, h, w] tensors) or `read_bytes` (the encoded
+    file, for GPU decoding).
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", transform: Callable | None = None,
@@ -354,8 +372,9 @@ class ImageNetFolder:
         return (self.transform(image) if self.transform else image), label
 
     def _load_csv(self, csv_path: Path) -> dict[str, list]:
-        """{ImageId: [(wnid, (xmin, ymin, xmax, ymax))]}; a malformed row, a duplicate ImageId or an empty
-        PredictionString is a `DataError` naming the file and line (nothing is skipped)."""
+        """{ImageId: [(wnid, (xmin, ymin, xmax, ymax))]}; a malformed row, a duplicate ImageId or
+        an empty PredictionString is a `DataError` naming the file and line (nothing is
+        skipped)."""
         out = {}
         with io.StringIO(read_text(csv_path), newline="") as f:
             reader = csv.reader(f)
@@ -384,7 +403,8 @@ class ImageNetFolder:
         return out
 
     def boxes(self, index: int) -> np.ndarray:
-        """GT boxes of sample `index` as float32 [K, 4] (x0, y0, x1, y1); DataError if it has none."""
+        """GT boxes of sample `index` as float32 [K, 4] (x0, y0, x1, y1); DataError if it has
+        none."""
         if self._box_source is None:
             raise DataError(f"no box annotations for {self.root / self.split} "
                             f"(expected {self.root / 'val_boxes'}/*.xml or {self.root / 'LOC_val_solution.csv'})")

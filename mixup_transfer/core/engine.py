@@ -1,8 +1,10 @@
-"""The one training engine: pretraining, detection fine-tuning and WSOL fine-tuning all run through `Engine.fit`.
+"""The one training engine: pretraining, detection fine-tuning and WSOL fine-tuning all run through
+`Engine.fit`.
 
-The engine owns the loop, AMP and the gradient scaler, gradient accumulation, per-group learning-rate schedules,
-finite checks, resume, JSON-lines logging, atomic checkpoints and DDP. A task plugs in what differs (STYLE.md 1);
-`Task` declares everything the engine reads from it, each with its default:
+The engine owns the loop, AMP and the gradient scaler, gradient accumulation, per-group
+learning-rate schedules, finite checks, resume, JSON-lines logging, atomic checkpoints and DDP. A
+task plugs in what differs (STYLE.md 1); `Task` declares everything the engine reads from it, each
+with its default:
 
     class MyTask(Task):
         model            # nn.Module; model(*task.inputs(batch)) -> dict, its "loss*" tensors are summed
@@ -13,16 +15,17 @@ finite checks, resume, JSON-lines logging, atomic checkpoints and DDP. A task pl
         def step_metrics(self, batch, out): ...       # counts for the epoch record (ClassificationTask: top-1)
         def state_dict(self) / load_state_dict(state) # the task's own resumable state (primitives, tensors)
 
-A checkpoint (`run_dir/checkpoints/last.pth`, written atomically, loadable with ``weights_only=True``) holds the
-model, optimizer, scheduler and scaler states, the step, every global RNG state and the task's state, so a killed
-run continues bit for bit.
+A checkpoint (`run_dir/checkpoints/last.pth`, written atomically, loadable with
+``weights_only=True``) holds the model, optimizer, scheduler and scaler states, the step, every
+global RNG state and the task's state, so a killed run continues bit for bit.
 
-The step never waits for the device: losses, gradient norms and a method's statistics stay on the device as
-0-d tensors and are read in one transfer every `log_every` steps (and before every checkpoint and at each epoch
-end), where they are checked, logged and summed. A non-finite loss or gradient norm is therefore found at that
-read, up to `log_every` steps after it happened, and stops the run with `NonFiniteError` naming its step.
-Nothing non-finite is ever saved: a checkpoint is written only right after a read that found every pending
-value finite and a check of every parameter and buffer.
+The step never waits for the device: losses, gradient norms and a method's statistics stay on the
+device as 0-d tensors and are read in one transfer every `log_every` steps (and before every
+checkpoint and at each epoch end), where they are checked, logged and summed. A non-finite loss or
+gradient norm is therefore found at that read, up to `log_every` steps after it happened, and stops
+the run with `NonFiniteError` naming its step. Nothing non-finite is ever saved: a checkpoint is
+written only right after a read that found every pending value finite and a check of every
+parameter and buffer.
 """
 
 from __future__ import annotations
@@ -54,14 +57,16 @@ log = logging.getLogger("train")
 class LoopSettings:
     """How the engine runs a task (translated from each stage's config at its edge).
 
-    total_steps: optimizer steps of the whole run (the task's steps_per_epoch x epochs, or an iteration budget).
+    total_steps: optimizer steps of the whole run (the task's steps_per_epoch x epochs, or an
+    iteration budget).
     accumulate: micro-batches per optimizer step (the loss of each is divided by it).
-    clip_grad_norm: clip the global gradient norm to this (0: off). grad_norm: log the squared gradient norm
-    (measured on the device, read with the other metrics). log_every: steps between "step" log records, which is
-    also how often the device's metrics are read and checked. checkpoint_every: also checkpoint every N steps
-    (0: epoch ends). stop_after_steps: return after this many steps of this invocation (simulates a kill; tests).
-    tensorboard: also write run_dir/tensorboard (every numeric field of the step and epoch records): True,
-    False, or "auto" (when the tensorboard package is installed).
+    clip_grad_norm: clip the global gradient norm to this (0: off). grad_norm: log the squared
+    gradient norm (measured on the device, read with the other metrics). log_every: steps between
+    "step" log records, which is also how often the device's metrics are read and checked.
+    checkpoint_every: also checkpoint every N steps (0: epoch ends). stop_after_steps: return after
+    this many steps of this invocation (simulates a kill; tests).
+    tensorboard: also write run_dir/tensorboard (every numeric field of the step and epoch
+    records): True, False, or "auto" (when the tensorboard package is installed).
     """
 
     total_steps: int
@@ -79,7 +84,8 @@ class LoopSettings:
 
 
 def tensorboard_dir(run_dir: str | os.PathLike, setting: bool | str) -> Path | None:
-    """run_dir/tensorboard when `setting` is True, or "auto" and the tensorboard package is installed; else None."""
+    """run_dir/tensorboard when `setting` is True, or "auto" and the tensorboard package is
+    installed; else None."""
     if setting not in (True, False, "auto"):
         raise ConfigError(f"tensorboard must be true, false or auto, got {setting!r}")
     if setting == "auto":
@@ -88,20 +94,22 @@ def tensorboard_dir(run_dir: str | os.PathLike, setting: bool | str) -> Path | N
 
 
 class Task:
-    """What a training task provides: everything `Engine` reads from a task is declared here, with the default that
-    suits a task with no extra state (see the module docstring)."""
+    """What a training task provides: everything `Engine` reads from a task is declared here, with
+    the default that suits a task with no extra state (see the module docstring)."""
 
-    model: torch.nn.Module  # model(*inputs(batch)) -> dict; its "loss*" entries are summed (`losses`)
+    # model(*inputs(batch)) -> dict; its "loss*" entries are summed (`losses`)
+    model: torch.nn.Module
     steps_per_epoch: int  # optimizer steps in one epoch
     sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm under DDP on CUDA
-    # True when a step may leave some parameters without a gradient (a method whose modes use different heads):
-    # DDP then looks for them every step (slower); with False such a step stops DDP at the next one
+    # True when a step may leave some parameters without a gradient (a method whose modes use
+    # different heads): DDP then looks for them every step (slower); with False such a step stops
+    # DDP at the next one
     find_unused_parameters: bool = False
-    # True when a checkpoint may be resumed by a different number of processes (the data order does not depend on
-    # it); otherwise such a resume is an error
+    # True when a checkpoint may be resumed by a different number of processes (the data order does
+    # not depend on it); otherwise such a resume is an error
     resumable_across_world_sizes: bool = False
-    # config keys (fnmatch patterns, mixup_transfer.core.fingerprint) that a resume may change: how the run is
-    # executed and logged, not what it computes
+    # config keys (fnmatch patterns, mixup_transfer.core.fingerprint) that a resume may change: how
+    # the run is executed and logged, not what it computes
     resume_may_change: tuple[str, ...] = ()
 
     def batches(self, epoch: int, start_step: int) -> Iterable:
@@ -122,21 +130,24 @@ class Task:
         return len(batch[0])
 
     def losses(self, out: dict) -> dict:
-        """The entries of the model's output that are summed into the loss (default: names starting "loss")."""
+        """The entries of the model's output that are summed into the loss (default: names starting
+        "loss")."""
         return {k: v for k, v in out.items() if k.startswith("loss")}
 
     def before_step(self, micro_step: int) -> None:
         """Called before each micro-batch's forward (e.g. to seed the method's generator)."""
 
     def step_metrics(self, batch, out: dict) -> dict:
-        """Counts of one micro-batch for the epoch record (e.g. correct predictions and examples): 0-d device
-        tensors (read with the losses, never waited for) or host numbers, summed over the step's micro-batches and
-        the epoch. They stay out of the step records; `epoch_metrics` turns the epoch's sums into entries of the
+        """Counts of one micro-batch for the epoch record (e.g. correct predictions and examples):
+        0-d device tensors (read with the losses, never waited for) or host numbers, summed over
+        the step's micro-batches and the epoch. They stay out of the step records; `epoch_metrics`
+        turns the epoch's sums into entries of the
         epoch record. Default: none."""
         return {}
 
     def epoch_metrics(self, sums: dict) -> dict:
-        """Entries of the epoch record from the epoch's sums (of `step_metrics`, the losses and the statistics).
+        """Entries of the epoch record from the epoch's sums (of `step_metrics`, the losses and the
+        statistics).
         Default: none."""
         return {}
 
@@ -157,9 +168,9 @@ class Task:
 
 
 class ClassificationTask(Task):
-    """A task whose model returns the clean-image `logits` [b, c] on the steps that have them (ERM, fine-tuning
-    without mixing), with the labels at batch[1]: the epoch record's `train_top1`, in percent of the examples of
-    those steps."""
+    """A task whose model returns the clean-image `logits` [b, c] on the steps that have them (ERM,
+    fine-tuning without mixing), with the labels at batch[1]: the epoch record's `train_top1`, in
+    percent of the examples of those steps."""
 
     def step_metrics(self, batch, out: dict) -> dict:
         if "logits" not in out:
@@ -173,7 +184,8 @@ class ClassificationTask(Task):
 
 def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                     nesterov: bool = False) -> torch.optim.Optimizer:
-    """SGD / Adam / AdamW over `groups` (each with its own "lr"); `lr` is the default of groups without one."""
+    """SGD / Adam / AdamW over `groups` (each with its own "lr"); `lr` is the default of groups
+    without one."""
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                nesterov=nesterov and momentum > 0)
@@ -185,8 +197,8 @@ def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 
 
 
 class NonFiniteError(rt.NonFiniteLossError):
-    """A loss, gradient or parameter became NaN/inf; the last good checkpoint is kept. `step`: the optimizer step
-    whose value was non-finite (found at a later read), when known."""
+    """A loss, gradient or parameter became NaN/inf; the last good checkpoint is kept. `step`: the
+    optimizer step whose value was non-finite (found at a later read), when known."""
 
     def __init__(self, message: str, step: int | None = None):
         super().__init__(message)
@@ -214,14 +226,18 @@ class Engine:
         self.logger = logger or rt.JsonlLogger(self.run_dir / "log.jsonl",
                                                tensorboard=tensorboard_dir(self.run_dir, settings.tensorboard))
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
-        self._pending: list[tuple[dict, dict]] = []  # (host facts, device metrics) of steps not read yet
-        self._counts: set[str] = set()  # the keys of the task's step_metrics: summed, not written per step
+        # (host facts, device metrics) of steps not read yet
+        self._pending: list[tuple[dict, dict]] = []
+        # the keys of the task's step_metrics: summed, not written per step
+        self._counts: set[str] = set()
         self._epoch_sums: dict[str, float] = {}
         self._epoch_steps = 0
         self._bar = None
-        self._clock = (time.time(), 0)  # (time, step) where this invocation started: the eta's rate
+        # (time, step) where this invocation started: the eta's rate
+        self._clock = (time.time(), 0)
 
-    # -- set-up -------------------------------------------------------------------------------------
+    # -- set-up
+    # -------------------------------------------------------------------------------------
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world == 1:
             return model
@@ -229,7 +245,8 @@ class Engine:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # gradient_as_bucket_view: the gradients are views into DDP's buckets (no copy in and out, less memory)
+        # gradient_as_bucket_view: the gradients are views into DDP's buckets (no copy in and out,
+        # less memory)
         return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                    find_unused_parameters=bool(self.task.find_unused_parameters), gradient_as_bucket_view=True)
 
@@ -240,7 +257,8 @@ class Engine:
     def lrs(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups]
 
-    # -- checkpoints --------------------------------------------------------------------------------
+    # -- checkpoints
+    # --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
@@ -248,7 +266,8 @@ class Engine:
                 "world_size": self.world, "config": self.config_text}
 
     def save_checkpoint(self) -> None:
-        """Read (and check) every pending metric, check the parameters, then write: never a non-finite state."""
+        """Read (and check) every pending metric, check the parameters, then write: never a
+        non-finite state."""
         self.read_metrics()
         self.check_parameters()
         if rt.is_main_process():
@@ -272,7 +291,8 @@ class Engine:
         rt.set_rng_state(state["rng"])
 
     def check_parameters(self) -> None:
-        """Stop before anything non-finite is saved: every parameter and buffer must be finite (one read)."""
+        """Stop before anything non-finite is saved: every parameter and buffer must be finite (one
+        read)."""
         named = [(n, t) for n, t in list(self.task.model.named_parameters()) + list(self.task.model.named_buffers())
                  if t.is_floating_point()]
         if not named:
@@ -283,7 +303,8 @@ class Engine:
             raise NonFiniteError(f"non-finite values in {bad[:5]}{' ...' if len(bad) > 5 else ''} after step "
                                  f"{self.step}; stopping. The last good checkpoint is kept.")
 
-    # -- one optimizer step -------------------------------------------------------------------------
+    # -- one optimizer step
+    # -------------------------------------------------------------------------
     def _forward(self, batch, micro_step: int) -> tuple[dict, dict, torch.Tensor]:
         self.task.before_step(micro_step)
         with rt.autocast(self.device, self.precision):
@@ -292,7 +313,8 @@ class Engine:
         return out, losses, sum(losses.values())
 
     def _add(self, record: dict, key: str, value, acc: int) -> None:
-        """record[key] += value / acc, on the device for tensors (never read here), on the host for numbers."""
+        """record[key] += value / acc, on the device for tensors (never read here), on the host for
+        numbers."""
         if isinstance(value, torch.Tensor):
             value = value.detach().to(self.device, torch.float32)
         else:
@@ -300,7 +322,8 @@ class Engine:
         record[key] = record.get(key, 0.0) + (value / acc if acc > 1 else value)
 
     def train_step(self, micro_batches: list) -> dict:
-        """One optimizer step over `micro_batches` without reading anything from the device; returns the step's
+        """One optimizer step over `micro_batches` without reading anything from the device;
+        returns the step's
         record: 0-d device tensors (read later by `read_metrics`) and host numbers."""
         s, acc = self.settings, len(micro_batches)
         record: dict = {}
@@ -318,7 +341,8 @@ class Engine:
             for key, v in out.items():  # a method's diagnostics, e.g. Sinkhorn marginal errors
                 if key.startswith("stat_"):
                     self._add(record, key, v, acc)
-            for key, v in self.task.step_metrics(batch, out).items():  # summed over micro-batches, not averaged
+            # summed over micro-batches, not averaged
+            for key, v in self.task.step_metrics(batch, out).items():
                 self._counts.add(key)
                 self._add(record, key, v, 1)
         self._unscale_clip_and_measure(record)
@@ -329,8 +353,8 @@ class Engine:
         return record
 
     def _unscale_clip_and_measure(self, record: dict) -> None:
-        """Gradient norms stay on the device; `read_metrics` checks them (fp16 excepted: the scaler skips
-        steps with non-finite gradients)."""
+        """Gradient norms stay on the device; `read_metrics` checks them (fp16 excepted: the scaler
+        skips steps with non-finite gradients)."""
         s = self.settings
         if not (s.grad_norm or s.clip_grad_norm):
             return
@@ -342,11 +366,13 @@ class Engine:
         if s.clip_grad_norm:  # the total norm before clipping: checked, not logged
             record["_clip_norm"] = torch.nn.utils.clip_grad_norm_(self._params, s.clip_grad_norm).float()
 
-    # -- reading the device's metrics ---------------------------------------------------------------
+    # -- reading the device's metrics
+    # ---------------------------------------------------------------
     def read_metrics(self) -> list[dict]:
-        """Read every pending step's metrics in one device-to-host transfer (the loss averaged over ranks),
-        check them, log the due "step" records and add them to the epoch's sums. Returns the steps' records.
-        Raises NonFiniteError at the first step whose loss (or, outside fp16, gradient norm) is not finite."""
+        """Read every pending step's metrics in one device-to-host transfer (the loss averaged over
+        ranks), check them, log the due "step" records and add them to the epoch's sums. Returns
+        the steps' records. Raises NonFiniteError at the first step whose loss (or, outside fp16,
+        gradient norm) is not finite."""
         if not self._pending:
             return []
         pending, self._pending = self._pending, []
@@ -390,7 +416,8 @@ class Engine:
             if not bars_enabled():
                 self._console_step(host, rec)
 
-    # -- the console (logging, rank 0): a header, periodic lines where no bar is drawn, one line per epoch -------
+    # -- the console (logging, rank 0): a header, periodic lines where no bar is drawn, one line
+    # per epoch -------
     def _console_header(self, header: dict | None) -> None:
         h, s = header or {}, self.settings
         batch = h.get("per_process_batch")
@@ -412,7 +439,8 @@ class Engine:
         log.info("epoch %d/%d done (step %d): %s", rec["epoch"],
                  -(-self.settings.total_steps // self.task.steps_per_epoch), rec["step"], values)
 
-    # -- the loop -----------------------------------------------------------------------------------
+    # -- the loop
+    # -----------------------------------------------------------------------------------
     def _grouped(self, batches: Iterable) -> Iterable[list]:
         group = []
         for batch in batches:
@@ -423,13 +451,13 @@ class Engine:
 
     def fit(self, resume: bool = False, header: dict | None = None, fingerprint: dict | None = None,
             force: bool = False) -> dict:
-        """Train to `total_steps`; returns ``{"stopped_at_step": n}`` when `stop_after_steps` interrupted the run,
-        else ``{}``.
+        """Train to `total_steps`; returns ``{"stopped_at_step": n}`` when `stop_after_steps`
+        interrupted the run, else ``{}``.
 
-        resume: continue `run_dir/checkpoints/last.pth` when there is one, after checking that the run was made
-        from the same `fingerprint` (mixup_transfer.core.fingerprint: config and input hashes; the task's
-        `resume_may_change` keys excepted). Without `resume`, a run directory that already holds a checkpoint is
-        an error unless `force` (then it starts over)."""
+        resume: continue `run_dir/checkpoints/last.pth` when there is one, after checking that the
+        run was made from the same `fingerprint` (mixup_transfer.core.fingerprint: config and input
+        hashes; the task's `resume_may_change` keys excepted). Without `resume`, a run directory
+        that already holds a checkpoint is an error unless `force` (then it starts over)."""
         ckpt = self.run_dir / CKPT
         may_change = self.task.resume_may_change
         if ckpt.is_file() and not (resume or force):
@@ -493,7 +521,8 @@ class Engine:
         return stop, done_here
 
     def _end_epoch(self, epoch: int, seconds: float, images: int) -> None:
-        """Read the last steps, write the epoch record (the task's evaluation included) and the checkpoint."""
+        """Read the last steps, write the epoch record (the task's evaluation included) and the
+        checkpoint."""
         self.read_metrics()
         self._bar = None
         sums, n_steps = self._epoch_sums, self._epoch_steps

@@ -1,5 +1,6 @@
-"""Run fingerprints: what a run directory was made from (resolved config, code version, hashes of its input
-files), so that a resume or a reuse with anything different is refused, naming the difference."""
+"""Run fingerprints: what a run directory was made from (resolved config, code version, hashes of
+its input files), so that a resume or a reuse with anything different is refused, naming the
+difference."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def code_version() -> str:
 
 
 def make(config: Mapping, inputs: Mapping[str, str | os.PathLike | None]) -> dict:
-    """{"config": the resolved config, "inputs": {name: {"path", "sha256"}}, "code": code_version()}."""
+    """{"config": the resolved config, "inputs": {name: {"path", "sha256"}}, "code":
+    code_version()}."""
     hashed = {}
     for name, path in sorted(inputs.items()):
         hashed[name] = None if path is None else {"path": str(path), "sha256": file_sha256(path)}
@@ -84,9 +86,10 @@ RESTART = "use another run directory, or --force to start over"
 
 
 def check(run_dir: str | os.PathLike, current: Mapping, may_change: Iterable[str] = (), restart: str = RESTART) -> None:
-    """Refuse (FingerprintMismatch) when `run_dir/fingerprint.json` differs from `current`; a different code
-    version is logged, not refused (resuming after a fix is legitimate). No stored fingerprint: nothing to
-    compare (a run folder without one). `restart`: how to start over with the calling tool's flags."""
+    """Refuse (FingerprintMismatch) when `run_dir/fingerprint.json` differs from `current`; a
+    different code version is logged, not refused (resuming after a fix is legitimate). No stored
+    fingerprint: nothing to compare (a run folder without one). `restart`: how to start over with
+    the calling tool's flags."""
     path = Path(run_dir) / FILE
     if not path.is_file():
         return

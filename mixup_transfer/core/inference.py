@@ -1,11 +1,13 @@
-"""One sharded inference pass over a dataset, in the spirit of detectron2's ``inference_on_dataset``: every
-evaluation of the toolkit (detection, WSOL, robustness) runs its model through :func:`inference_on_dataset`.
+"""One sharded inference pass over a dataset, in the spirit of detectron2's
+``inference_on_dataset``: every evaluation of the toolkit (detection, WSOL, robustness) runs its
+model through :func:`inference_on_dataset`.
 
-Each rank takes its shard of whole batches (``distributed.shard_indices``; every batch is a batch of the
-single-process run), rank 0's buffers are broadcast once (after DDP training each rank holds its own BatchNorm
-statistics), the model runs in eval mode under ``no_grad`` and the precision's autocast, and a per-batch
-callable turns the outputs into host records, one per image. The records are gathered in dataset order, so a
-metric computed from them is the one a single process computes, bit for bit.
+Each rank takes its shard of whole batches (``distributed.shard_indices``; every batch is a batch
+of the single-process run), rank 0's buffers are broadcast once (after DDP training each rank holds
+its own BatchNorm statistics), the model runs in eval mode under ``no_grad`` and the precision's
+autocast, and a per-batch callable turns the outputs into host records, one per image. The records
+are gathered in dataset order, so a metric computed from them is the one a single process computes,
+bit for bit.
 
     def to_records(batch, outputs, indices):         # batch: the loader's (host) batch; indices: dataset indices
         pred, conf = to_host([outputs.argmax(1), outputs.amax(1)])   # one device -> host copy per batch
@@ -31,8 +33,9 @@ from mixup_transfer.core.runtime import autocast, progress
 
 @dataclass
 class Inference:
-    """The gathered result: ``records`` in dataset order (None on the ranks that were not sent them),
-    ``seconds`` in the model (the slowest rank's; measured only when ``timed``), ``count`` images over all ranks."""
+    """The gathered result: ``records`` in dataset order (None on the ranks that were not sent
+    them), ``seconds`` in the model (the slowest rank's; measured only when ``timed``), ``count``
+    images over all ranks."""
 
     records: list | None
     seconds: float
@@ -40,8 +43,9 @@ class Inference:
 
 
 def to_device(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
-    """Every tensor of a (nested) list, tuple or dict on ``device`` (non-blocking); with ``channels_last`` the
-    rank-4 ones (image batches) in that memory format. Per-image [3, h, w] tensors keep theirs (it needs rank 4)."""
+    """Every tensor of a (nested) list, tuple or dict on ``device`` (non-blocking); with
+    ``channels_last`` the rank-4 ones (image batches) in that memory format. Per-image [3, h, w]
+    tensors keep theirs (it needs rank 4)."""
     if isinstance(obj, torch.Tensor):
         obj = obj.to(device, non_blocking=True)
         return obj.contiguous(memory_format=torch.channels_last) if channels_last and obj.dim() == 4 else obj
@@ -53,9 +57,9 @@ def to_device(obj: Any, device: torch.device, channels_last: bool = False) -> An
 
 
 def to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``tensors`` (any shapes; bool, integer or floating) copied to the CPU in ONE transfer, each with its shape
-    and dtype. They travel as float64, which holds every float32 / bf16 / fp16 value and every integer up to
-    2**53 exactly: the copies equal ``t.cpu()`` bit for bit."""
+    """``tensors`` (any shapes; bool, integer or floating) copied to the CPU in ONE transfer, each
+    with its shape and dtype. They travel as float64, which holds every float32 / bf16 / fp16 value
+    and every integer up to 2**53 exactly: the copies equal ``t.cpu()`` bit for bit."""
     if not tensors:
         return []
     flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).cpu()
@@ -67,7 +71,8 @@ def to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _forward(model, inputs, forward, device, precision: str, channels_last: bool, timed: bool):
-    """(outputs, seconds in the model: 0 unless ``timed``, which waits for CUDA before and after)."""
+    """(outputs, seconds in the model: 0 unless ``timed``, which waits for CUDA before and
+    after)."""
     inputs = to_device(inputs, device, channels_last)
     if timed and device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -80,8 +85,8 @@ def _forward(model, inputs, forward, device, precision: str, channels_last: bool
 
 
 def _gather(records: list, mine: list[int], n: int, dst: int | None) -> list | None:
-    """This rank's records (``mine``'s order) -> every rank's, in dataset order, on every rank (``dst`` None) or on
-    rank ``dst`` only (None elsewhere)."""
+    """This rank's records (``mine``'s order) -> every rank's, in dataset order, on every rank
+    (``dst`` None) or on rank ``dst`` only (None elsewhere)."""
     rank, world = ddist.rank_world()
     if world == 1:
         return ddist.order_by_index([(mine, records)], n)
@@ -100,17 +105,19 @@ def inference_on_dataset(model, dataset, forward: Callable, to_records: Callable
                          desc: str = "inference") -> Inference:
     """Run ``model`` over this rank's shard of ``dataset`` and gather the records in dataset order.
 
-    forward(model, inputs) -> outputs: ``inputs`` is ``select(batch)`` (default: the whole batch; the part the
-    model reads) moved to ``device`` (`to_device`, rank-4 tensors channels_last when asked), called under
-    autocast(``precision``); ``model`` is put in eval mode.
-    to_records(batch, outputs, indices) -> list: one host record per image of the host ``batch`` (``indices``:
-    their dataset indices), read back in one transfer (`to_host`). ``dst`` None gathers to every rank, an int to
-    that rank only. Collective: every rank calls it (an empty shard included)."""
+    forward(model, inputs) -> outputs: ``inputs`` is ``select(batch)`` (default: the whole batch;
+    the part the model reads) moved to ``device`` (`to_device`, rank-4 tensors channels_last when
+    asked), called under autocast(``precision``); ``model`` is put in eval mode.
+    to_records(batch, outputs, indices) -> list: one host record per image of the host ``batch``
+    (``indices``: their dataset indices), read back in one transfer (`to_host`). ``dst`` None
+    gathers to every rank, an int to that rank only. Collective: every rank calls it (an empty
+    shard included)."""
     n = len(dataset)
     mine = ddist.shard_indices(n, block=batch_size)
     loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate_fn, pin_memory=pin_memory)
-    ddist.broadcast_buffers(model)  # rank 0's BatchNorm statistics: every shard is scored with one model
+    # rank 0's BatchNorm statistics: every shard is scored with one model
+    ddist.broadcast_buffers(model)
     model.eval()
     records, seconds, start = [], 0.0, 0
     for batch in progress(loader, desc=desc):

@@ -1,16 +1,19 @@
-"""One writer per run folder: an exclusive lock file, and the clean-up of a killed run's `.tmp` files.
+"""One writer per run folder: an exclusive lock file, and the clean-up of a killed run's `.tmp`
+files.
 
-`run_lock(folder)` creates `folder/.lock` (pid, host, process start time, command line) atomically: the content
-is written to a private file first and then hard-linked to `.lock`, which fails when the lock exists, so a
-second writer can never see a half-written lock. A second writer is refused (`RunLockedError`, exit 1) with a
-message naming the holder. A lock whose process is gone (same host, no such pid, or the pid now belongs to a
-process started later) is stale: it is replaced and logged. The lock is removed when the block exits (also on an
-exception or Ctrl-C); a killed process leaves it behind as a stale lock.
+`run_lock(folder)` creates `folder/.lock` (pid, host, process start time, command line) atomically:
+the content is written to a private file first and then hard-linked to `.lock`, which fails when
+the lock exists, so a second writer can never see a half-written lock. A second writer is refused
+(`RunLockedError`, exit 1) with a message naming the holder. A lock whose process is gone (same
+host, no such pid, or the pid now belongs to a process started later) is stale: it is replaced and
+logged. The lock is removed when the block exits (also on an exception or Ctrl-C); a killed process
+leaves it behind as a stale lock.
 
 Under torchrun only rank 0 takes the lock (the other ranks of the same job are the same writer).
 
-On taking the lock, the `.tmp` files that atomic writes (`mixup_transfer.core.basics.atomic_path`, `<name>.<pid>.tmp`)
-of a killed run left under the folder are removed: those whose process is gone and which are older than this one.
+On taking the lock, the `.tmp` files that atomic writes (`mixup_transfer.core.basics.atomic_path`,
+`<name>.<pid>.tmp`) of a killed run left under the folder are removed: those whose process is gone
+and which are older than this one.
 """
 
 from __future__ import annotations
@@ -54,8 +57,9 @@ def pid_alive(pid: int) -> bool:
 
 
 def _holder_alive(holder: dict) -> bool:
-    """Whether the process described by a lock file still runs (True when that cannot be told: other host; False
-    for an unreadable lock that stayed unreadable: a process killed while writing it)."""
+    """Whether the process described by a lock file still runs (True when that cannot be told:
+    other host; False for an unreadable lock that stayed unreadable: a process killed while writing
+    it)."""
     if not holder:
         return False
     if holder.get("host") != socket.gethostname():
@@ -89,8 +93,8 @@ def _describe(holder: dict) -> str:
 
 
 def _try_link(content: str, path: Path) -> bool:
-    """Create `path` holding `content` unless it exists: a hard link of a complete private file (never seen half
-    written), or an exclusive create where the file system has no hard links."""
+    """Create `path` holding `content` unless it exists: a hard link of a complete private file
+    (never seen half written), or an exclusive create where the file system has no hard links."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.new")
     tmp.write_text(content)
     try:
@@ -133,10 +137,12 @@ def acquire(folder: str | os.PathLike, what: str = "run") -> Path:
         log.warning("%s: removing the stale lock of a process that no longer runs (%s)", path, _describe(holder))
         with contextlib.suppress(FileNotFoundError):
             stale = path.with_name(f"{path.name}.{os.getpid()}.stale")
-            os.replace(path, stale)  # one remover wins; a new live lock created meanwhile is never deleted
+            # one remover wins; a new live lock created meanwhile is never deleted
+            os.replace(path, stale)
             if _read_holder(stale) == holder:
                 stale.unlink()
-            else:  # a live lock replaced the stale one between the read and the rename: put it back
+            # a live lock replaced the stale one between the read and the rename: put it back
+            else:
                 os.replace(stale, path)
     raise RunLockedError(f"{path}: could not take the lock (it keeps changing hands)")
 
@@ -148,9 +154,10 @@ def release(path: Path) -> None:
 
 
 def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
-    """Remove `<name>.<pid>.tmp` files under `folder` left by processes that no longer run (and written before
-    now: a live rank of this job on another node starts writing later): what an atomic write of a killed run
-    leaves. Returns the removed paths."""
+    """Remove `<name>.<pid>.tmp` files under `folder` left by processes that no longer run (and
+    written before
+    now: a live rank of this job on another node starts writing later): what an atomic write of a
+    killed run leaves. Returns the removed paths."""
     started, removed = time.time(), []
     for p in Path(folder).rglob("*.tmp"):
         parts = p.name.rsplit(".", 2)
@@ -172,7 +179,8 @@ def _is_rank_zero() -> bool:
 
 @contextlib.contextmanager
 def run_lock(folder: str | os.PathLike | None, what: str = "run"):
-    """Hold `folder`'s lock for the block (rank 0 only; no-op for None) and clean a killed run's `.tmp` files."""
+    """Hold `folder`'s lock for the block (rank 0 only; no-op for None) and clean a killed run's
+    `.tmp` files."""
     if folder is None or not _is_rank_zero():
         yield
         return

@@ -1,8 +1,9 @@
 """Run infrastructure shared by every stage: atomic saves, seeding and RNG state, devices, AMP,
 torchrun/DDP set-up, JSON-lines logging and rank-aware progress bars.
 
-This module holds no training logic; `transfer/` and `wsol/` may use it (ARCHITECTURE.md). Its torch-free
-part (atomic writes, JSON, progress bars) lives in `mixup_transfer/core/basics.py` and is re-exported here.
+This module holds no training logic; `transfer/` and `wsol/` may use it (ARCHITECTURE.md). Its
+torch-free part (atomic writes, JSON, progress bars) lives in `mixup_transfer/core/basics.py` and
+is re-exported here.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ class NonFiniteLossError(RuntimeError):
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save `obj` to `path` so that a reader never sees a half-written file.
 
-    Writes `path.tmp` in the same directory, flushes it to disk, then renames it over `path`; a failed
-    write removes `path.tmp` and leaves `path` as it was.
+    Writes `path.tmp` in the same directory, flushes it to disk, then renames it over `path`; a
+    failed write removes `path.tmp` and leaves `path` as it was.
     """
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         try:
             torch.save(obj, f)
-        except RuntimeError as e:  # torch's zip writer reports a failed write (disk full...) this way
+        # torch's zip writer reports a failed write (disk full...) this way
+        except RuntimeError as e:
             if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
                 raise
             raise OSError(errno.EIO, f"write failed (disk full or file too large?): {str(e).splitlines()[0]}",
@@ -54,13 +56,15 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 class NonFiniteOutputError(NonFiniteLossError):
-    """The outputs an evaluation scores (logits, CAMs, boxes, scores) hold NaN or infinite values: the network is
-    broken (diverged, or NaN weights), so no number is reported and nothing is saved (exit 1)."""
+    """The outputs an evaluation scores (logits, CAMs, boxes, scores) hold NaN or infinite values:
+    the network is broken (diverged, or NaN weights), so no number is reported and nothing is saved
+    (exit 1)."""
 
 
 def count_nonfinite(x: Any) -> torch.Tensor:
-    """The number of NaN / inf values in a tensor, or in every floating tensor of a (nested) dict, list or
-    tuple, as a 0-d int64 tensor on the tensors' device (nothing is read back: callers add it up)."""
+    """The number of NaN / inf values in a tensor, or in every floating tensor of a (nested) dict,
+    list or tuple, as a 0-d int64 tensor on the tensors' device (nothing is read back: callers add
+    it up)."""
     if isinstance(x, torch.Tensor):
         if not x.is_floating_point():
             return torch.zeros((), dtype=torch.int64, device=x.device)
@@ -71,8 +75,9 @@ def count_nonfinite(x: Any) -> torch.Tensor:
 
 
 def check_outputs_finite(stage: str, split: str, counts: dict) -> None:
-    """Raise NonFiniteOutputError naming the stage, the split and how many values of each output were not finite
-    (`counts`: output name -> count, summed over the split, and over the ranks by the caller)."""
+    """Raise NonFiniteOutputError naming the stage, the split and how many values of each output
+    were not finite (`counts`: output name -> count, summed over the split, and over the ranks by
+    the caller)."""
     bad = {k: int(v) for k, v in counts.items() if int(v)}
     if bad:
         what = ", ".join(f"{v} non-finite {k} value{'s' if v != 1 else ''}" for k, v in bad.items())
@@ -94,7 +99,8 @@ def rng_state() -> dict:
         "numpy": _numpy_state_to_plain(np.random.get_state()),  # noqa: NPY002 - global RNG on purpose
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():  # this process's device only: a resume may see fewer GPUs (or only its own)
+    # this process's device only: a resume may see fewer GPUs (or only its own)
+    if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
@@ -106,7 +112,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
-        if isinstance(cuda, (list, tuple)):  # one state per visible device, as older checkpoints hold them
+        # one state per visible device, as older checkpoints hold them
+        if isinstance(cuda, (list, tuple)):
             cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
         torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
 
@@ -127,15 +134,17 @@ def get_device(name: str = "auto") -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             index = local_cuda_index()
-            torch.cuda.set_device(index)  # the current device: default streams, RNG state, NCCL all use it
+            # the current device: default streams, RNG state, NCCL all use it
+            torch.cuda.set_device(index)
             return torch.device("cuda", index)
         return torch.device("cpu")
     return torch.device(name)
 
 
 def local_cuda_index() -> int:
-    """This process's GPU among the visible ones: LOCAL_RANK when the process sees one GPU per local rank (torchrun
-    on a node), 0 when it sees a single GPU (SLURM with one GPU per task: every rank's GPU is its cuda:0)."""
+    """This process's GPU among the visible ones: LOCAL_RANK when the process sees one GPU per
+    local rank (torchrun on a node), 0 when it sees a single GPU (SLURM with one GPU per task:
+    every rank's GPU is its cuda:0)."""
     local, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
     if visible == 1:
         return 0
@@ -147,8 +156,8 @@ def local_cuda_index() -> int:
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, which SLURM, taskset and containers set), not the
-    machine's count."""
+    """The CPUs this process may run on (its affinity mask, which SLURM, taskset and containers
+    set), not the machine's count."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # no affinity API (macOS)
@@ -161,17 +170,19 @@ def local_world_size() -> int:
 
 
 def default_workers(cap: int = 8) -> int:
-    """DataLoader workers for one process: the usable CPUs shared by this node's processes, one left to the main
-    process, at most `cap`."""
+    """DataLoader workers for one process: the usable CPUs shared by this node's processes, one
+    left to the main process, at most `cap`."""
     return max(0, min(cap, usable_cpus() // local_world_size() - 1))
 
 
 def configure_cuda(benchmark: bool) -> None:
-    """cuDNN autotuning (`benchmark`: for inputs of a fixed size, as pretraining's crops; it re-tunes at each new
-    shape, so variable-size detection leaves it off) and the TF32 policy, which is torch's default, kept on
-    purpose: matmuls in full fp32 (torch.backends.cuda.matmul.allow_tf32 False), cuDNN convolutions in TF32 on
-    Ampere and newer GPUs (torch.backends.cudnn.allow_tf32 True). So an "fp32" run's convolutions round their
-    inputs to 10-bit mantissas there; set torch.backends.cudnn.allow_tf32 = False where exact fp32 matters."""
+    """cuDNN autotuning (`benchmark`: for inputs of a fixed size, as pretraining's crops; it
+    re-tunes at each new shape, so variable-size detection leaves it off) and the TF32 policy,
+    which is torch's default, kept on
+    purpose: matmuls in full fp32 (torch.backends.cuda.matmul.allow_tf32 False), cuDNN convolutions
+    in TF32 on Ampere and newer GPUs (torch.backends.cudnn.allow_tf32 True). So an "fp32" run's
+    convolutions round their inputs to 10-bit mantissas there; set torch.backends.cudnn.allow_tf32
+    = False where exact fp32 matters."""
     torch.backends.cudnn.benchmark = bool(benchmark)
 
 
@@ -188,15 +199,17 @@ def autocast(device: torch.device, precision: str = "fp32"):
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast casts to on `device_type` ("cuda", "cpu") right now, or None where it is off."""
+    """The dtype autocast casts to on `device_type` ("cuda", "cpu") right now, or None where it is
+    off."""
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
 
 def autocast_off(device: torch.device | str):
-    """A block that runs in its tensors' own dtypes even inside `autocast` (the fp32 math of a mixing method:
-    under autocast a `.float()` operand of a matmul or einsum is cast back to bf16 / fp16)."""
+    """A block that runs in its tensors' own dtypes even inside `autocast` (the fp32 math of a
+    mixing method: under autocast a `.float()` operand of a matmul or einsum is cast back to bf16 /
+    fp16)."""
     device_type = torch.device(device).type
     if device_type not in ("cuda", "cpu"):
         return contextlib.nullcontext()
@@ -204,9 +217,9 @@ def autocast_off(device: torch.device | str):
 
 
 def make_grad_scaler(device: torch.device, precision: str = "fp32") -> torch.amp.GradScaler:
-    """A GradScaler that is active only for CUDA fp16 (bf16 and fp32 need none). Its `step` reads the inf flag
-    back to the host every step (torch's implementation): fp16 costs one device synchronisation per step, which is
-    why bf16 is the default precision."""
+    """A GradScaler that is active only for CUDA fp16 (bf16 and fp32 need none). Its `step` reads
+    the inf flag back to the host every step (torch's implementation): fp16 costs one device
+    synchronisation per step, which is why bf16 is the default precision."""
     return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
 
 
@@ -259,8 +272,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class JsonlLogger:
-    """Appends one JSON object per line to `path` (rank 0 only) and flushes each line; with `tensorboard` (a
-    folder) also writes every numeric field of "step" and "epoch" records as a scalar (needs tensorboard)."""
+    """Appends one JSON object per line to `path` (rank 0 only) and flushes each line; with
+    `tensorboard` (a folder) also writes every numeric field of "step" and "epoch" records as a
+    scalar (needs tensorboard)."""
 
     def __init__(self, path: str | os.PathLike, tensorboard: str | os.PathLike | None = None):
         self.path = Path(path)
@@ -274,7 +288,8 @@ class JsonlLogger:
                 except ImportError as e:
                     raise ImportError("tensorboard logging needs the tensorboard package "
                                       "(pip install tensorboard)") from e
-                # the event file is opened at the first record, so a run refused before it writes nothing
+                # the event file is opened at the first record, so a run refused before it writes
+                # nothing
                 self._tb_dir, self._tb_writer, self.tb = str(tensorboard), SummaryWriter, True
 
     def log(self, record: dict) -> None:
@@ -316,13 +331,15 @@ def check_finite(loss: torch.Tensor | float, step: int) -> None:
             f"non-finite loss ({value}) at step {step}; stopping. The last good checkpoint is kept.")
 
 
-# -- collectives for losses that mix the whole global batch (pretrain.methods MultiMix global_batch) -------------
+# -- collectives for losses that mix the whole global batch (pretrain.methods MultiMix
+# global_batch) -------------
 def _group_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward returns to each rank the sum over ranks of the gradients of its rows."""
+    """all_gather whose backward returns to each rank the sum over ranks of the gradients of its
+    rows."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -334,22 +351,24 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        # every rank's loss reads every rank's rows: this rank's rows get the sum of all ranks' gradients
+        # every rank's loss reads every rank's rows: this rank's rows get the sum of all ranks'
+        # gradients
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's x [b, ...] concatenated in rank order -> [world * b, ...] (the same b on every rank), with the
-    gradient flowing back to the rank that owns the rows: x receives sum_r d loss_r / dx over the ranks' losses, so
-    DDP's average of parameter gradients is the gradient of the mean of the ranks' losses. Without a process group
-    (one process) it returns x itself."""
+    """Every rank's x [b, ...] concatenated in rank order -> [world * b, ...] (the same b on every
+    rank), with the gradient flowing back to the rank that owns the rows: x receives sum_r d loss_r
+    / dx over the ranks' losses, so DDP's average of parameter gradients is the gradient of the
+    mean of the ranks' losses. Without a process group (one process) it returns x itself."""
     return x if _group_size() == 1 else _GatherWithGrad.apply(x)
 
 
 def all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's x [b, ...] concatenated in rank order, without gradient; x itself in one process."""
+    """Every rank's x [b, ...] concatenated in rank order, without gradient; x itself in one
+    process."""
     if _group_size() == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(_group_size())]

@@ -1,8 +1,8 @@
 """The one learning-rate schedule of every stage: a factor of each parameter group's base lr.
 
-`t` is measured in the schedule's own unit: fractional epochs for pretraining, iterations for detection (the
-reference recipes' unit), whole epochs for WSOL fine-tuning (the lr changes only at epoch starts). Each stage's
-config is translated to these arguments once, at its edge.
+`t` is measured in the schedule's own unit: fractional epochs for pretraining, iterations for
+detection (the reference recipes' unit), whole epochs for WSOL fine-tuning (the lr changes only at
+epoch starts). Each stage's config is translated to these arguments once, at its edge.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ def lr_factor(t: float, kind: str = "constant", *, total: float = 1.0, milestone
 
     step: ``gamma ** (number of milestones <= t)``; cosine: from 1 to `min_factor` over `total`;
     piecewise: linear between ``points`` ``[[t, factor], ...]`` (repeat a t to jump); constant: 1.
-    Warm-up (``t < warmup``) multiplies the schedule by ``warmup_start * (1 - a) + a`` with ``a = t / warmup``,
-    detectron2's linear warm-up.
+    Warm-up (``t < warmup``) multiplies the schedule by ``warmup_start * (1 - a) + a`` with ``a = t
+    / warmup``, detectron2's linear warm-up.
     """
     if kind == "step":
         f = gamma ** sum(1 for m in milestones if t >= m)

@@ -1,8 +1,9 @@
-"""Readers of the small-image classification layouts (CIFAR-10, CIFAR-100, TinyImageNet-200) and the one
-function that opens any classification layout the toolkit reads (`open_classification`).
+"""Readers of the small-image classification layouts (CIFAR-10, CIFAR-100, TinyImageNet-200) and
+the one function that opens any classification layout the toolkit reads (`open_classification`).
 
 Layouts, as distributed:
-  - CIFAR-10 (python version) `cifar-10-batches-py/`: `data_batch_1..5` (train), `test_batch`, `batches.meta`.
+  - CIFAR-10 (python version) `cifar-10-batches-py/`: `data_batch_1..5` (train), `test_batch`,
+    `batches.meta`.
   - CIFAR-100 (python version) `cifar-100-python/`: `train`, `test`, `meta`.
     Each batch is a pickled dict with bytes keys: b"data" a uint8 array [N, 3072] (per row the 1024 red, then
     green, then blue values of a 32 x 32 image, row-major), b"labels" (CIFAR-10) or b"fine_labels" and
@@ -11,17 +12,19 @@ Layouts, as distributed:
     `train/<wnid>/images/*.JPEG` with `train/<wnid>/<wnid>_boxes.txt` (`file x0 y0 x1 y1`), `val/images/*.JPEG`
     with `val/val_annotations.txt` (`file<TAB>wnid<TAB>x0<TAB>y0<TAB>x1<TAB>y1`). Its test split has no labels.
 
-Safety: the CIFAR batches are pickles, and unpickling can run code. The real files hold only a dict of bytes,
-lists of ints / bytes and numpy arrays (the b"data" array is a pickled numpy.ndarray, so the loader cannot be
-"plain Python objects only"); `_BatchUnpickler` allows exactly numpy's array reconstruction
-(`numpy.core.multiarray._reconstruct`, `numpy.ndarray`, `numpy.dtype`) and `_codecs.encode` (how Python 3
-writes bytes at protocol 2); any other global is refused with a `DataError` naming the file.
+Safety: the CIFAR batches are pickles, and unpickling can run code. The real files hold only a dict
+of bytes, lists of ints / bytes and numpy arrays (the b"data" array is a pickled numpy.ndarray, so
+the loader cannot be "plain Python objects only"); `_BatchUnpickler` allows exactly numpy's array
+reconstruction (`numpy.core.multiarray._reconstruct`, `numpy.ndarray`, `numpy.dtype`) and
+`_codecs.encode` (how Python 3 writes bytes at protocol 2); any other global is refused with a
+`DataError` naming the file.
 
-Labels: CIFAR's label indices as stored (names from the meta file); TinyImageNet's are indices into the sorted
-wnids (the order torchvision's ImageFolder gives a re-foldered val split, as the reference codes use).
-TinyImageNet boxes are 0-based inclusive pixel corners, converted to the toolkit's x0, y0, x1 + 1, y1 + 1.
-Items are `(transform(PIL RGB image) or the PIL image, label)`, as `mixup_transfer.core.data.ImageNetFolder`'s;
-`image(i)` is the untransformed PIL image, `samples[i]` a (name, label) pair naming the file (and row) it came from.
+Labels: CIFAR's label indices as stored (names from the meta file); TinyImageNet's are indices into
+the sorted wnids (the order torchvision's ImageFolder gives a re-foldered val split, as the
+reference codes use). TinyImageNet boxes are 0-based inclusive pixel corners, converted to the
+toolkit's x0, y0, x1 + 1, y1 + 1. Items are `(transform(PIL RGB image) or the PIL image, label)`,
+as `mixup_transfer.core.data.ImageNetFolder`'s; `image(i)` is the untransformed PIL image,
+`samples[i]` a (name, label) pair naming the file (and row) it came from.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ class _BatchUnpickler(pickle.Unpickler):
             raise DataError(f"{self.path}: refused to unpickle {module}.{name} (a CIFAR batch holds only a dict "
                             "of bytes, lists and numpy arrays; a file with other objects could run code)")
         if name == "_reconstruct":
-            return np.ndarray((0,)).__reduce__()[0]  # numpy's own reconstructor, whatever its module is called
+            # numpy's own reconstructor, whatever its module is called
+            return np.ndarray((0,)).__reduce__()[0]
         if name == "encode":
             import codecs
 
@@ -70,7 +74,8 @@ class _BatchUnpickler(pickle.Unpickler):
 
 
 def read_cifar_pickle(path: str | os.PathLike) -> dict:
-    """The dict of one CIFAR batch or meta file (bytes keys); DataError naming the file otherwise."""
+    """The dict of one CIFAR batch or meta file (bytes keys); DataError naming the file
+    otherwise."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: CIFAR batch file not found")
@@ -116,9 +121,11 @@ def _cifar_batch(path: Path, label_key: bytes, n_classes: int) -> tuple[np.ndarr
 
 
 class CIFARBatches(Dataset):
-    """CIFAR-10 / CIFAR-100 python batches. `folder` is the `cifar-10-batches-py` / `cifar-100-python` folder;
-    split: train | test (val = test: CIFAR has no separate validation split). Labels: CIFAR-10's, CIFAR-100's
-    fine labels. `data` is [N, 32, 32, 3] uint8 RGB, `targets` the labels, `classes` the meta's names."""
+    """CIFAR-10 / CIFAR-100 python batches. `folder` is the `cifar-10-batches-py` /
+    `cifar-100-python` folder;
+    split: train | test (val = test: CIFAR has no separate validation split). Labels: CIFAR-10's,
+    CIFAR-100's fine labels. `data` is [N, 32, 32, 3] uint8 RGB, `targets` the labels, `classes`
+    the meta's names."""
 
     def __init__(self, folder: str | os.PathLike, kind: str, split: str = "train", transform: Callable | None = None):
         if kind not in _CIFAR_FILES:
@@ -196,8 +203,9 @@ def _box_fields(fields: list[str], where: str) -> tuple[float, ...]:
 
 
 def _read_annotations(path: Path, n_fields: int, known: dict | None) -> dict[str, tuple]:
-    """{file name: (wnid or None, (x0, y0, x1, y1))} of a TinyImageNet box file (`val_annotations.txt`: file,
-    wnid, 4 numbers; `<wnid>_boxes.txt`: file, 4 numbers); every malformed line is a DataError (file:line)."""
+    """{file name: (wnid or None, (x0, y0, x1, y1))} of a TinyImageNet box file
+    (`val_annotations.txt`: file, wnid, 4 numbers; `<wnid>_boxes.txt`: file, 4 numbers); every
+    malformed line is a DataError (file:line)."""
     out = {}
     for lineno, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
@@ -216,9 +224,10 @@ def _read_annotations(path: Path, n_fields: int, known: dict | None) -> dict[str
 
 
 class TinyImageNetFolder(Dataset):
-    """TinyImageNet-200: `root` is the `tiny-imagenet-200` folder; split train | val. Labels index the sorted
-    wnids of `wnids.txt`; `names` maps a wnid to its words.txt names (when the file is there). `boxes(i)` gives
-    the image's box as float32 [1, 4] x0, y0, x1, y1 (val: val_annotations.txt; train: <wnid>_boxes.txt)."""
+    """TinyImageNet-200: `root` is the `tiny-imagenet-200` folder; split train | val. Labels index
+    the sorted wnids of `wnids.txt`; `names` maps a wnid to its words.txt names (when the file is
+    there). `boxes(i)` gives the image's box as float32 [1, 4] x0, y0, x1, y1 (val:
+    val_annotations.txt; train: <wnid>_boxes.txt)."""
 
     def __init__(self, root: str | os.PathLike, split: str = "train", transform: Callable | None = None):
         self.root, self.split, self.transform = Path(root), split, transform
@@ -275,7 +284,8 @@ class TinyImageNetFolder(Dataset):
         return (self.transform(img) if self.transform else img), self.targets[index]
 
     def boxes(self, index: int) -> np.ndarray:
-        """float32 [1, 4] in the toolkit's convention (0-based inclusive corners + 1 on the far side)."""
+        """float32 [1, 4] in the toolkit's convention (0-based inclusive corners + 1 on the far
+        side)."""
         path, label = Path(self.samples[index][0]), self.samples[index][1]
         if self.split == "val":
             box_file = self.root / "val" / "val_annotations.txt"
@@ -295,9 +305,9 @@ class TinyImageNetFolder(Dataset):
 
 
 def detect_layout(root: str | os.PathLike, dataset: str = "auto") -> tuple[str, Path]:
-    """(dataset kind, the folder its reader takes) for `root`: the layout folder itself or a folder holding it
-    (`cifar-10-batches-py/`, `cifar-100-python/`, `tiny-imagenet-200/`); `auto` recognises them by their files,
-    anything else is an ImageNet-layout folder."""
+    """(dataset kind, the folder its reader takes) for `root`: the layout folder itself or a folder
+    holding it (`cifar-10-batches-py/`, `cifar-100-python/`, `tiny-imagenet-200/`); `auto`
+    recognises them by their files, anything else is an ImageNet-layout folder."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; valid: {list(DATASETS)}")
     root = Path(root)
@@ -322,10 +332,11 @@ def detect_layout(root: str | os.PathLike, dataset: str = "auto") -> tuple[str, 
 def open_classification(root: str | os.PathLike, split: str, dataset: str = "auto",
                         transform: Callable | None = None, classes: list[str] | None = None,
                         boxes: str | None = None, reader: Callable | None = None):
-    """The classification set of `split` in any layout the toolkit reads (`detect_layout`). ImageNet takes
-    `classes`, `boxes` and `reader` (see `mixup_transfer.core.data.ImageNetFolder`); the small-image sets carry their
-    own class
-    lists (`classes`, when given, must equal them) and always give PIL images (`reader` is ignored)."""
+    """The classification set of `split` in any layout the toolkit reads (`detect_layout`).
+    ImageNet takes `classes`, `boxes` and `reader` (see `mixup_transfer.core.data.ImageNetFolder`);
+    the small-image sets carry their own class
+    lists (`classes`, when given, must equal them) and always give PIL images (`reader` is
+    ignored)."""
     kind, folder = detect_layout(root, dataset)
     if kind == "imagenet":
         extra = {"reader": reader} if reader is not None else {}

@@ -1,26 +1,31 @@
-"""The small-image (CIFAR / TinyImageNet) networks of the papers, in the torchvision ResNet module layout.
+"""The small-image (CIFAR / TinyImageNet) networks of the papers, in the torchvision ResNet module
+layout.
 
-MultiMix §4.1 and AlignMix §4.1 train PreActResnet-18 (He et al., 2016, "R-18") and WRN16-8 (Zagoruyko &
-Komodakis, 2016) on CIFAR-10/100 and R-18 on TinyImageNet; multi-mix §IV-B the same two on CIFAR-100 and
-PreActResNet18 on TinyImageNet. `resnet18_cifar` is torchvision's ResNet-18 with the usual CIFAR stem (3x3
-stride-1 convolution, no max-pool), for runs that want BN-after-conv blocks.
+MultiMix §4.1 and AlignMix §4.1 train PreActResnet-18 (He et al., 2016, "R-18") and WRN16-8
+(Zagoruyko & Komodakis, 2016) on CIFAR-10/100 and R-18 on TinyImageNet; multi-mix §IV-B the same
+two on CIFAR-100 and PreActResNet18 on TinyImageNet. `resnet18_cifar` is torchvision's ResNet-18
+with the usual CIFAR stem (3x3 stride-1 convolution, no max-pool), for runs that want BN-after-conv
+blocks.
 
 Every network here exposes torchvision ResNet's attributes so that the stage interface
-(`pretrain.methods.ResNetStages`) and the evaluators (`transfer.robustness.model`) run it unchanged:
+(`pretrain.methods.ResNetStages`) and the evaluators (`transfer.robustness.model`) run it
+unchanged:
     stem = maxpool(relu(bn1(conv1(x))));  layer1 .. layer4;  avgpool;  fc
-The pre-activation networks have no BN-ReLU after the stem convolution (each block starts with one), so their
-`bn1`, `relu` and `maxpool` are identities; `preactresnet18_alignmixup` is the PreAct-ResNet-18 of the AlignMixup
-code (shashankvkt/AlignMixup_CVPR22 at ec01a68, cifar10_100/models/resnet.py and tiny_imgnet/models/resnet.py:
-`ResNet.forward` applies conv1, bn1, relu before layer1, and `PreActBlock` adds its identity shortcut to the
-pre-activated input), whose `bn1` and `relu` are a BatchNorm and a ReLU. WRN16-8 has
-three groups of blocks: they are `layer1..layer3`, and its final BN-ReLU (Zagoruyko's `bn` + `relu` before
-pooling) is `layer4`, so that layer 4 of the stage interface is the activated last feature map, as for the
-ResNets. At 32 px the last map is 4 x 4 (PreAct, resnet18_cifar: strides 1, 2, 2, 2) or 8 x 8 (WRN: strides
-1, 2, 2); at 64 px twice that.
+The pre-activation networks have no BN-ReLU after the stem convolution (each block starts with
+one), so their `bn1`, `relu` and `maxpool` are identities; `preactresnet18_alignmixup` is the
+PreAct-ResNet-18 of the AlignMixup code (shashankvkt/AlignMixup_CVPR22 at ec01a68,
+cifar10_100/models/resnet.py and tiny_imgnet/models/resnet.py: `ResNet.forward` applies conv1, bn1,
+relu before layer1, and `PreActBlock` adds its identity shortcut to the pre-activated input), whose
+`bn1` and `relu` are a BatchNorm and a ReLU. WRN16-8 has three groups of blocks: they are
+`layer1..layer3`, and its final BN-ReLU (Zagoruyko's `bn` + `relu` before pooling) is `layer4`, so
+that layer 4 of the stage interface is the activated last feature map, as for the ResNets. At 32 px
+the last map is 4 x 4 (PreAct, resnet18_cifar: strides 1, 2, 2, 2) or 8 x 8 (WRN: strides 1, 2, 2);
+at 64 px twice that.
 
-State-dict keys follow torchvision's names where the part exists there (`conv1`, `layerN.M.conv1`, `bn1`,
-`downsample.0` for a block's 1x1 projection shortcut, `fc`). Convolutions have no bias (as in both
-reference codes' R-18 and in Zagoruyko's WRN); WRN dropout is 0 (not used by the papers' settings).
+State-dict keys follow torchvision's names where the part exists there (`conv1`, `layerN.M.conv1`,
+`bn1`, `downsample.0` for a block's 1x1 projection shortcut, `fc`). Convolutions have no bias (as
+in both reference codes' R-18 and in Zagoruyko's WRN); WRN dropout is 0 (not used by the papers'
+settings).
 """
 
 from __future__ import annotations
@@ -41,10 +46,12 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 class PreActBlock(nn.Module):
-    """BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3 plus the shortcut: identity, or a 1x1 stride convolution of the
-    pre-activated input when the shape changes (He et al., 2016, "Identity mappings"; also WRN's block).
-    preact_shortcut: the identity shortcut carries the pre-activated input relu(bn1(x)) instead of x, as the
-    AlignMixup code's block does (its `self.shortcut` is an empty nn.Sequential applied to `out`)."""
+    """BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3 plus the shortcut: identity, or a 1x1 stride
+    convolution of the pre-activated input when the shape changes (He et al., 2016, "Identity
+    mappings"; also WRN's block).
+    preact_shortcut: the identity shortcut carries the pre-activated input relu(bn1(x)) instead of
+    x, as the AlignMixup code's block does (its `self.shortcut` is an empty nn.Sequential applied
+    to `out`)."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1, preact_shortcut: bool = False):
         super().__init__()
@@ -79,7 +86,8 @@ class PostActivation(nn.Module):
 
 
 class SmallNet(nn.Module):
-    """conv1 -> (identity stem) -> layer1..layer4 -> global average pool -> fc (torchvision's forward)."""
+    """conv1 -> (identity stem) -> layer1..layer4 -> global average pool -> fc (torchvision's
+    forward)."""
 
     def __init__(self, conv1: nn.Module, layers: list[nn.Module], width: int, num_classes: int):
         super().__init__()
@@ -88,9 +96,11 @@ class SmallNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width, num_classes)
-        # PyTorch's default initialisation, as the reference codes' PreActResNet (manifold mixup, PuzzleMix,
-        # AlignMixup) keep it: with torchvision's kaiming fan_out the un-normalised residual sum that leaves the
-        # pre-activation stages is ~2.5x larger and plain SGD at lr 0.1 diverged on the toy CIFAR world
+        # PyTorch's default initialisation, as the reference codes' PreActResNet (manifold mixup,
+        # PuzzleMix,
+        # AlignMixup) keep it: with torchvision's kaiming fan_out the un-normalised residual sum
+        # that leaves the pre-activation stages is ~2.5x larger and plain SGD at lr 0.1 diverged on
+        # the toy CIFAR world
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -99,12 +109,14 @@ class SmallNet(nn.Module):
 
 
 def preactresnet18(num_classes: int = 10, width: int = 64, alignmixup: bool = False) -> SmallNet:
-    """PreAct-ResNet-18: 3x3 stem to `width` (64) channels, four stages of two pre-activation blocks (64, 128,
-    256, 512; strides 1, 2, 2, 2), no final BN-ReLU (11,171,146 parameters for 10 classes;
-    tests/core/test_smallimage.py). width=16 is `preactresnet18_w16` (16, 32, 64, 128: 1/16 of the FLOPs), the toy
-    CIFAR pipeline's CPU network (configs/pipeline/toy_cifar.yaml), no paper's. alignmixup: the AlignMixup code's
-    network (`preactresnet18_alignmixup`): BN + ReLU after the stem convolution (2 x 64 more parameters) and
-    identity shortcuts that carry the pre-activated input (`PreActBlock` preact_shortcut)."""
+    """PreAct-ResNet-18: 3x3 stem to `width` (64) channels, four stages of two pre-activation
+    blocks (64, 128, 256, 512; strides 1, 2, 2, 2), no final BN-ReLU (11,171,146 parameters for 10
+    classes; tests/core/test_smallimage.py). width=16 is `preactresnet18_w16` (16, 32, 64, 128:
+    1/16 of the FLOPs), the toy CIFAR pipeline's CPU network (configs/pipeline/toy_cifar.yaml), no
+    paper's. alignmixup: the AlignMixup code's
+    network (`preactresnet18_alignmixup`): BN + ReLU after the stem convolution (2 x 64 more
+    parameters) and identity shortcuts that carry the pre-activated input (`PreActBlock`
+    preact_shortcut)."""
     widths, layers, cin = (width, 2 * width, 4 * width, 8 * width), [], width
     for i, w in enumerate(widths):
         layers.append(_group(cin, w, 2, 1 if i == 0 else 2, preact_shortcut=alignmixup))
@@ -116,8 +128,8 @@ def preactresnet18(num_classes: int = 10, width: int = 64, alignmixup: bool = Fa
 
 
 def wrn(depth: int = 16, widen: int = 8, num_classes: int = 10) -> SmallNet:
-    """WRN-depth-widen: 3x3 stem to 16 channels, three groups of (depth - 4) / 6 blocks with 16k, 32k, 64k
-    channels (strides 1, 2, 2), then BN-ReLU (`layer4`), pool and fc."""
+    """WRN-depth-widen: 3x3 stem to 16 channels, three groups of (depth - 4) / 6 blocks with 16k,
+    32k, 64k channels (strides 1, 2, 2), then BN-ReLU (`layer4`), pool and fc."""
     if (depth - 4) % 6:
         raise ValueError(f"WRN depth must be 6n + 4, got {depth}")
     n, widths, layers, cin = (depth - 4) // 6, (16 * widen, 32 * widen, 64 * widen), [], 16
@@ -137,8 +149,9 @@ def resnet18_cifar(num_classes: int = 10, zero_init_residual: bool = False) -> t
 
 
 def build_small(arch: str, num_classes: int = 10, zero_init_residual: bool = False) -> nn.Module:
-    """One of SMALL_ARCHS, randomly initialised. zero_init_residual applies to resnet18_cifar (torchvision's
-    option); the pre-activation blocks end in a convolution, not a BN, so it is an error for them."""
+    """One of SMALL_ARCHS, randomly initialised. zero_init_residual applies to resnet18_cifar
+    (torchvision's option); the pre-activation blocks end in a convolution, not a BN, so it is an
+    error for them."""
     if arch == "resnet18_cifar":
         return resnet18_cifar(num_classes, zero_init_residual)
     if zero_init_residual:

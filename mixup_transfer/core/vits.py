@@ -1,15 +1,18 @@
-"""The Vision Transformers a backbone checkpoint may hold: timm's `VisionTransformer`, with timm's state-dict keys.
+"""The Vision Transformers a backbone checkpoint may hold: timm's `VisionTransformer`, with timm's
+state-dict keys.
 
-`vit_small_patch16_224` is ViT-S/16 (Dosovitskiy et al., "An image is worth 16x16 words", arXiv:2010.11929;
-the network of the MultiMix paper's ImageNet ViT rows, arXiv:2311.05538 Table 3), built by timm exactly as
-`timm.create_model("vit_small_patch16_224")`: 16 px patches, width 384, 12 blocks of 6 heads, a class token whose
-final-norm output is the embedding (`global_pool="token"`) and the classifier `head`. `vit_tiny_toy` is a narrow
-ViT of the same module layout for the toy world's 64 px crops and CPU runs: 8 px patches (an 8 x 8 grid), width
-96, 4 blocks of 3 heads.
+`vit_small_patch16_224` is ViT-S/16 (Dosovitskiy et al., "An image is worth 16x16 words",
+arXiv:2010.11929; the network of the MultiMix paper's ImageNet ViT rows, arXiv:2311.05538 Table 3),
+built by timm exactly as
+`timm.create_model("vit_small_patch16_224")`: 16 px patches, width 384, 12 blocks of 6 heads, a
+class token whose final-norm output is the embedding (`global_pool="token"`) and the classifier
+`head`. `vit_tiny_toy` is a narrow ViT of the same module layout for the toy world's 64 px crops
+and CPU runs: 8 px patches (an 8 x 8 grid), width 96, 4 blocks of 3 heads.
 
-Both are built with `dynamic_img_size=True` (timm interpolates the position embedding when an image is not the
-training size; the keys and shapes do not change), so evaluation may use another resolution than training.
-The checkpoint keys are timm's (`cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.<i>.*`, `norm.*`,
+Both are built with `dynamic_img_size=True` (timm interpolates the position embedding when an image
+is not the training size; the keys and shapes do not change), so evaluation may use another
+resolution than training. The checkpoint keys are timm's (`cls_token`, `pos_embed`,
+`patch_embed.proj.*`, `blocks.<i>.*`, `norm.*`,
 `head.*`): a file written by timm, or by this toolkit, loads into either.
 """
 
@@ -30,16 +33,19 @@ VIT_FEATURE_DIMS = {a: s["embed_dim"] for a, s in VIT_SPECS.items()}
 
 
 def build_vit(arch: str, num_classes: int = 1000, **kwargs) -> nn.Module:
-    """A randomly initialised timm VisionTransformer for `arch` (kwargs: timm's, e.g. drop_path_rate)."""
+    """A randomly initialised timm VisionTransformer for `arch` (kwargs: timm's, e.g.
+    drop_path_rate)."""
     if arch not in VIT_SPECS:
         raise ValueError(f"unknown ViT arch {arch!r}; supported: {list(VIT_ARCHS)}")
-    from timm.models.vision_transformer import VisionTransformer  # 1-2 s to import: only when a ViT is built
+    # 1-2 s to import: only when a ViT is built
+    from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(num_classes=num_classes, dynamic_img_size=True, **VIT_SPECS[arch], **kwargs)
 
 
 def looks_like_vit(keys) -> bool:
-    """Whether a state dict's keys (any prefix) are a ViT's: a class token and a patch embedding."""
+    """Whether a state dict's keys (any prefix) are a ViT's: a class token and a patch
+    embedding."""
     keys = list(keys)
     return any(k.endswith("cls_token") for k in keys) and any("patch_embed.proj.weight" in k for k in keys)
 
@@ -58,7 +64,8 @@ def infer_vit_arch(state: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def vit_grid(tokens: int, prefix: int = 1) -> int:
-    """The side of the square patch grid of a token sequence of length `tokens` (class token first)."""
+    """The side of the square patch grid of a token sequence of length `tokens` (class token
+    first)."""
     n = tokens - prefix
     side = int(round(n ** 0.5))
     if side * side != n:

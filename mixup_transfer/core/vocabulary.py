@@ -1,20 +1,22 @@
-"""The config vocabulary every stage shares: each shared key declared once, with its meaning and its default.
+"""The config vocabulary every stage shares: each shared key declared once, with its meaning and
+its default.
 
-A stage's schema (its DEFAULTS) composes the fragments it uses with `fragment(TABLE, key, ..., key=stage_default)`:
-the key is spelled and means the same in every stage, and a stage may only change its default (the learning rate of
-a detection recipe is not a pretraining one's). The stage adds its own keys beside them (`optim.max_iter` of
-detection, `optim.freeze` of WSOL).
+A stage's schema (its DEFAULTS) composes the fragments it uses with `fragment(TABLE, key, ...,
+key=stage_default)`: the key is spelled and means the same in every stage, and a stage may only
+change its default (the learning rate of a detection recipe is not a pretraining one's). The stage
+adds its own keys beside them (`optim.max_iter` of detection, `optim.freeze` of WSOL).
 
 Fragments:
 
-- `optim`: the optimizer and its schedule. Batch sizes are counted in images per optimizer step: `batch_size` over
-  all processes (GLOBAL), `batch_per_process` in each one (the global batch is then that times the world size). A
-  stage declares the one(s) it takes; pretraining takes either.
-- `data`: where the images come from and how they are loaded. `max_train` / `max_val` cap the images (null: all).
+- `optim`: the optimizer and its schedule. Batch sizes are counted in images per optimizer step:
+  `batch_size` over all processes (GLOBAL), `batch_per_process` in each one (the global batch is
+  then that times the world size). A stage declares the one(s) it takes; pretraining takes either.
+- `data`: where the images come from and how they are loaded. `max_train` / `max_val` cap the
+  images (null: all).
 - `runtime`: how a run executes (device, precision, threads, logging); never what it computes.
 - `eval`: evaluation during or after training.
-- `method`: the mixing method, `{name: <pretrain.methods.METHODS key>, <its knobs>...}`, in pretraining and in
-  WSOL fine-tuning alike.
+- `method`: the mixing method, `{name: <pretrain.methods.METHODS key>, <its knobs>...}`, in
+  pretraining and in WSOL fine-tuning alike.
 
 Other spellings of a shared key (`solver.lr`, `data.workers`, ...: `RENAMED`) are refused by
 `mixup_transfer.core.config` with the key to use, never silently accepted.
@@ -78,8 +80,9 @@ FRAGMENTS = {"optim": OPTIM, "data": DATA, "runtime": RUNTIME, "eval": EVAL, "me
 
 
 def fragment(table: dict[str, Key], *keys: str, **defaults) -> dict:
-    """{key: default} for `keys` of a vocabulary table, in that order; `defaults` are the stage's own defaults
-    (only for keys it takes). An unknown key is a programming error (KeyError naming it)."""
+    """{key: default} for `keys` of a vocabulary table, in that order; `defaults` are the stage's
+    own defaults (only for keys it takes). An unknown key is a programming error (KeyError naming
+    it)."""
     stray = sorted(set(defaults) - set(keys))
     if stray:
         raise KeyError(f"defaults for keys not taken: {stray}")
@@ -93,8 +96,8 @@ def meaning(dotted: str) -> str | None:
     return entry.meaning if entry else None
 
 
-# other spellings of the shared keys -> the key(s) to use (dotted, from the config's top level); where one spelling
-# has two successors, the stage's schema picks the one it declares
+# other spellings of the shared keys -> the key(s) to use (dotted, from the config's top level);
+# where one spelling has two successors, the stage's schema picks the one it declares
 RENAMED = {
     # detection
     "solver": ("optim",),
@@ -127,7 +130,8 @@ def _declared(schema: dict, dotted: str) -> bool:
 
 
 def rename_of(dotted: str, schema: dict) -> str | None:
-    """The key to use instead of `dotted` (a key `schema` does not declare), or None when it was never renamed."""
+    """The key to use instead of `dotted` (a key `schema` does not declare), or None when it was
+    never renamed."""
     if dotted not in RENAMED or _declared(schema, dotted):
         return None
     options = RENAMED[dotted]
@@ -135,15 +139,17 @@ def rename_of(dotted: str, schema: dict) -> str | None:
 
 
 def renamed_keys(cfg: dict, schema: dict) -> list[tuple[str, str]]:
-    """[(renamed dotted key, the key to use)] for every key of `cfg` that `schema` does not declare and RENAMED
-    lists (a mapping the schema leaves free-form, like pretraining's `method`, is not searched)."""
+    """[(renamed dotted key, the key to use)] for every key of `cfg` that `schema` does not declare
+    and RENAMED lists (a mapping the schema leaves free-form, like pretraining's `method`, is not
+    searched)."""
     found = []
 
     def walk(node: dict, prefix: str, declared) -> None:
         for k, v in node.items():
             dotted = f"{prefix}{k}"
             new = rename_of(dotted, schema)
-            if new is not None:  # a renamed mapping (solver): name its renamed keys (solver.lr), else itself
+            # a renamed mapping (solver): name its renamed keys (solver.lr), else itself
+            if new is not None:
                 inner = [(f"{dotted}.{c}", RENAMED[f"{dotted}.{c}"][0]) for c in (v if isinstance(v, dict) else ())
                          if f"{dotted}.{c}" in RENAMED]
                 found.extend(inner or [(dotted, new)])
@@ -155,6 +161,7 @@ def renamed_keys(cfg: dict, schema: dict) -> list[tuple[str, str]]:
 
 
 def renamed_message(found: list[tuple[str, str]], where: str = "") -> str:
-    """`solver.lr was renamed: use optim.lr` (one clause per key), prefixed with `where` (a file)."""
+    """`solver.lr was renamed: use optim.lr` (one clause per key), prefixed with `where` (a
+    file)."""
     text = "; ".join(f"{old} was renamed: use {new}" for old, new in found)
     return f"{where}: {text}" if where else text

@@ -1,1 +1,2 @@
-"""The main job on top of every stage: pretraining -> backbone -> detection, WSOL and robustness -> one report."""
+"""The main job on top of every stage: pretraining -> backbone -> detection, WSOL and robustness ->
+one report."""

@@ -1,14 +1,16 @@
-"""Ablations: sweep one knob of a pretraining recipe over values x seeds; a table, `ablation.json` and the curve.
+"""Ablations: sweep one knob of a pretraining recipe over values x seeds; a table, `ablation.json`
+and the curve.
 
 A config (configs/ablation/*.yaml, every key in `DEFAULTS`) names a pretraining recipe (`base`, a
-configs/pretrain/*.yaml), the knob (`knob.key`, a dotted key of that recipe such as `method.n`, plus `knob.tied`
-keys that take the same value, e.g. `method.alpha_high` for a fixed Dirichlet alpha), its `values` and the `seeds`.
-Each (value, seed) is one pretraining stage run by the pipeline's own stage machinery
-(`mixup_transfer.pipeline.run.Pipeline._stage`
-through `AblationSweep`, a `Pipeline`): its content key is the hash of its resolved config, a `stage.json` marker
-holds its metrics, so a finished run is reused exactly as the pipeline reuses it, an interrupted sweep resumes, a
-changed override reruns exactly the runs it changes, and `force` redoes runs by name. Every run's config is
-validated (recipe keys and ranges, the method's options, the method built once) before the first one starts.
+configs/pretrain/*.yaml), the knob (`knob.key`, a dotted key of that recipe such as `method.n`,
+plus `knob.tied` keys that take the same value, e.g. `method.alpha_high` for a fixed Dirichlet
+alpha), its `values` and the `seeds`. Each (value, seed) is one pretraining stage run by the
+pipeline's own stage machinery (`mixup_transfer.pipeline.run.Pipeline._stage`
+through `AblationSweep`, a `Pipeline`): its content key is the hash of its resolved config, a
+`stage.json` marker holds its metrics, so a finished run is reused exactly as the pipeline reuses
+it, an interrupted sweep resumes, a changed override reruns exactly the runs it changes, and
+`force` redoes runs by name. Every run's config is validated (recipe keys and ranges, the method's
+options, the method built once) before the first one starts.
 
 Layout (`<name>` is `knob.name`, the knob key's last part unless given):
     <out_root>/<config name>/ablation.yaml              resolved ablation config
@@ -19,8 +21,8 @@ Layout (`<name>` is `knob.name`, the knob key's last part unless given):
     <out_root>/<config name>/ablation.md                 the table (mean ± std, the pipeline's bold rule)
     <out_root>/<config name>/ablation_<name>.png         the curve: top-1 vs the knob, ± std, the seeds, ERM line
 
-The y-axis is the final validation top-1 of each run (the MultiMix paper's Fig. 4 plots top-1 accuracy; the
-multi-mix paper's Fig. 6 plots test error, 100 - top-1).
+The y-axis is the final validation top-1 of each run (the MultiMix paper's Fig. 4 plots top-1
+accuracy; the multi-mix paper's Fig. 6 plots test error, 100 - top-1).
 """
 
 from __future__ import annotations
@@ -45,37 +47,49 @@ DEFAULTS = {
     "name": "ablation",                # <out_root>/<name>/
     "out_root": "runs/ablation",       # parent folder of the sweep
     "data": {
-        "root": None,                  # filled into {data} of `overrides` (a toy world or a dataset folder)
-        "generate": None,              # {preset, seed}: make the toy world at data.root if it is missing
+        # filled into {data} of `overrides` (a toy world or a dataset folder)
+        "root": None,
+        # {preset, seed}: make the toy world at data.root if it is missing
+        "generate": None,
     },
-    "base": None,                      # the pretraining recipe whose knob is swept (configs/pretrain/*.yaml)
-    "method": None,                    # its method name (checked against the recipe's method.name); null: the recipe's
-    "overrides": [],                   # KEY=VALUE on every run (swept and baseline: data, epochs); {data} is filled in
-    "base_overrides": [],              # KEY=VALUE on the swept recipe only (method options); {data} is filled in
+    # the pretraining recipe whose knob is swept (configs/pretrain/*.yaml)
+    "base": None,
+    # its method name (checked against the recipe's method.name); null: the recipe's
+    "method": None,
+    # KEY=VALUE on every run (swept and baseline: data, epochs); {data} is filled in
+    "overrides": [],
+    # KEY=VALUE on the swept recipe only (method options); {data} is filled in
+    "base_overrides": [],
     "knob": {
         "key": None,                   # the dotted recipe key swept, e.g. method.n
         "values": [],                  # the values, in plotting order
-        "tied": [],                    # more dotted keys set to the same value (method.alpha_high for a fixed alpha)
-        "name": None,                  # short name (folders, the figure's file); null: the key's last part
+        # more dotted keys set to the same value (method.alpha_high for a fixed alpha)
+        "tied": [],
+        # short name (folders, the figure's file); null: the key's last part
+        "name": None,
         "label": None,                 # x-axis label; null: the key
-        "scale": "auto",               # auto | log | linear | categorical (auto: log where the values are geometric)
+        # auto | log | linear | categorical (auto: log where the values are geometric)
+        "scale": "auto",
     },
     "seeds": [0],                      # one run per seed and value (the recipe's `seed` key)
     "baseline": {
-        "config": None,                # a reference recipe (configs/pretrain/*_erm.yaml) run once per seed; null: none
+        # a reference recipe (configs/pretrain/*_erm.yaml) run once per seed; null: none
+        "config": None,
         "label": "ERM",                # its row and line label
     },
 }
 
 SCALES = ("auto", "log", "linear", "categorical")
-# Method options a sweep commonly sets whose out-of-range values the method constructors do not reject.
+# Method options a sweep commonly sets whose out-of-range values the method constructors do not
+# reject.
 KNOB_RANGES = {"method.n": (">", 0), "method.m": (">=", 2), "method.k": (">", 0), "method.alpha": (">", 0),
                "method.alpha_low": (">", 0), "method.alpha_high": (">", 0), "method.resolution": (">", 0),
                "method.prob": (">=", 0, "<=", 1)}
 
 
 def value_text(v) -> str:
-    """A knob value as YAML / JSON reads it (the override's right-hand side): 1000, 0.5, true, null, [1, 2]."""
+    """A knob value as YAML / JSON reads it (the override's right-hand side): 1000, 0.5, true,
+    null, [1, 2]."""
     return json.dumps(v)
 
 
@@ -89,8 +103,8 @@ def knob_name(knob: dict) -> str:
 
 
 def check_key(key, method: str) -> None:
-    """`key` must be a dotted key of a pretraining config: `method.<an option of method>` or a key of
-    `pretrain.task.DEFAULTS`; the error names the key and lists the valid ones."""
+    """`key` must be a dotted key of a pretraining config: `method.<an option of method>` or a key
+    of `pretrain.task.DEFAULTS`; the error names the key and lists the valid ones."""
     from pretrain.methods import method_knobs
     from pretrain.task import DEFAULTS as RECIPE
 
@@ -129,7 +143,8 @@ def check_values(values) -> list:
 
 def check_method_options(cfg: dict, what: str, nets: dict) -> None:
     """The method of a resolved recipe: option types (as the constructor's defaults), the ranges of
-    `KNOB_RANGES`, and the method built once on the recipe's network (its constructor's own checks)."""
+    `KNOB_RANGES`, and the method built once on the recipe's network (its constructor's own
+    checks)."""
     from pretrain.methods import build_method, method_knobs, network_stages
 
     name = cfg["method"]["name"]
@@ -148,7 +163,8 @@ def check_method_options(cfg: dict, what: str, nets: dict) -> None:
 
 
 def geometric(values: list) -> bool:
-    """Positive numbers (three or more) whose consecutive ratios are all >= 1.5 and within 2.5x of each other."""
+    """Positive numbers (three or more) whose consecutive ratios are all >= 1.5 and within 2.5x of
+    each other."""
     if len(values) < 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
         return False
     s = sorted(values)
@@ -157,7 +173,8 @@ def geometric(values: list) -> bool:
 
 
 def axis_scale(values: list, scale: str) -> str:
-    """The x-axis of the curve: `scale`, or for auto log (geometric values), linear (numbers) or categorical."""
+    """The x-axis of the curve: `scale`, or for auto log (geometric values), linear (numbers) or
+    categorical."""
     if scale != "auto":
         return scale
     if geometric(values):
@@ -167,7 +184,8 @@ def axis_scale(values: list, scale: str) -> str:
 
 
 class AblationSweep(Pipeline):
-    """The sweep's stages, run by `Pipeline._stage` (content keys, `stage.json` reuse, force, stop-after)."""
+    """The sweep's stages, run by `Pipeline._stage` (content keys, `stage.json` reuse, force,
+    stop-after)."""
 
     def __init__(self, cfg: dict, force: tuple[str, ...] = (), stop_after: int | None = None):
         self.cfg = validate(cfg, DEFAULTS)
@@ -252,20 +270,23 @@ class AblationSweep(Pipeline):
     def _stage_of(label: str, owner: str, recipe: str, ov: list[str], seed: int) -> Stage:
         from mixup_transfer.pipeline import stages
 
-        # the spec is the pipeline's pretraining spec: the same recipe and overrides give the same content key
+        # the spec is the pipeline's pretraining spec: the same recipe and overrides give the same
+        # content key
         return Stage(label, owner, "pretrain", frozenset({"all", owner}), pretrain_spec(recipe, ov),
                      lambda d, c=recipe, ov=ov: stages.pretrain(c, ov, d), {"pretrain": seed, "transfer": None})
 
     def folder_of(self, st: Stage) -> Path:
-        """A swept run's folder: <name>=<value>/seed<k>/ in the sweep's; a baseline run's: <out_root>/baselines/
-        <recipe>-<content key>/, shared by every sweep under out_root that runs the same baseline config."""
+        """A swept run's folder: <name>=<value>/seed<k>/ in the sweep's; a baseline run's:
+        <out_root>/baselines/ <recipe>-<content key>/, shared by every sweep under out_root that
+        runs the same baseline config."""
         if st.owner != "baseline":
             return self.run_dir / st.label
         return Path(self.cfg["out_root"]) / "baselines" / f"{Path(self.cfg['baseline']['config']).stem}-{st.key}"
 
     def run(self) -> dict:
-        """Every run (reused where done); returns {"points": [{"value", "folder", "runs"}], "baseline": runs or
-        None, "reused"}, a run being {"metrics", "folder", "seeds"} as in the pipeline."""
+        """Every run (reused where done); returns {"points": [{"value", "folder", "runs"}],
+        "baseline": runs or None, "reused"}, a run being {"metrics", "folder", "seeds"} as in the
+        pipeline."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(dump_config(self.cfg), self.run_dir / "ablation.yaml")
         self._ensure_data()
@@ -293,14 +314,16 @@ class AblationSweep(Pipeline):
         self.timings["toy_world"] = round(time.time() - t0, 1)
 
 
-# -- results: the table, ablation.json, the curve --------------------------------------------------------------
+# -- results: the table, ablation.json, the curve
+# --------------------------------------------------------------
 def _top(key: str):
     return lambda m: get(m, f"val_{key}") if get(m, f"val_{key}") is not None else get(m, key)
 
 
 def ablation_table(results: dict, knob: dict, baseline_label: str = "ERM") -> Table:
-    """Rows: the knob's values in order (then the baseline, in italics); columns: final val top-1 (and top-5 where
-    a run has it), mean ± std over the seeds, bold by the pipeline's rule (`best_rows`) among the values."""
+    """Rows: the knob's values in order (then the baseline, in italics); columns: final val top-1
+    (and top-5 where a run has it), mean ± std over the seeds, bold by the pipeline's rule
+    (`best_rows`) among the values."""
     name = knob_name(knob)
     rows = [(f"{name} = {value_text(p['value'])}", {"pretrain": p["runs"]}, False) for p in results["points"]]
     if results.get("baseline"):
@@ -316,8 +339,8 @@ def ablation_table(results: dict, knob: dict, baseline_label: str = "ERM") -> Ta
 
 
 def summarize(results: dict, knob: dict, baseline_label: str = "ERM") -> dict:
-    """The body of ablation.json: per value (in order) each column's per-seed values, mean, std, n, bold and runs;
-    the baseline the same way (or None)."""
+    """The body of ablation.json: per value (in order) each column's per-seed values, mean, std, n,
+    bold and runs; the baseline the same way (or None)."""
     table = ablation_table(results, knob, baseline_label)
     rows = table.summary()["rows"]
     labels = [label for label, _, _ in table.rows]
@@ -360,7 +383,8 @@ def write_outputs(run_dir: Path, results: dict, knob: dict, baseline_label: str 
 
 
 def run_ablation(config_path: str, overrides=(), force=(), stop_after=None) -> dict:
-    """Run (or resume) the sweep of `config_path`; returns the paths of its outputs (see `write_outputs`)."""
+    """Run (or resume) the sweep of `config_path`; returns the paths of its outputs (see
+    `write_outputs`)."""
     sweep = AblationSweep(load_config(config_path, overrides, DEFAULTS), force=tuple(force), stop_after=stop_after)
     t0 = time.time()
     with run_lock(sweep.run_dir, "ablation"):  # one sweep per folder

@@ -1,5 +1,5 @@
-"""The report's own figures: summary bars (mean, ± std, one dot per run), pretraining curves and the WSOL
-fine-tuning curve (one line per run, one colour per method)."""
+"""The report's own figures: summary bars (mean, ± std, one dot per run), pretraining curves and
+the WSOL fine-tuning curve (one line per run, one colour per method)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def pretrain_curves(run_dir: Path, folders: dict[str, list[str]], out: Path) -> 
 
 
 def wsol_curves(series: list[tuple[str, list[dict]]], out: Path) -> Path | None:
-    """series: (label, the WSOL metrics of each of its runs); one line per run, the label's colour."""
+    """series: (label, the WSOL metrics of each of its runs); one line per run, the label's
+    colour."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     drawn = False
     for i, (m, runs) in enumerate(series):
@@ -83,8 +84,8 @@ def wsol_curves(series: list[tuple[str, list[dict]]], out: Path) -> Path | None:
 
 
 def summary_bars(panels: list[tuple[str, dict[str, list[float]]]], out: Path) -> Path | None:
-    """panels: (title, per method the values of its runs). Bar: the mean; error bar: the sample std (two or more
-    runs); dots: the runs."""
+    """panels: (title, per method the values of its runs). Bar: the mean; error bar: the sample std
+    (two or more runs); dots: the runs."""
     panels = [(t, {k: v for k, v in vals.items() if v}) for t, vals in panels]
     panels = [(t, v) for t, v in panels if v]
     if not panels:
@@ -128,9 +129,10 @@ def _ablation_x(values: list, scale: str) -> tuple[list, list[str] | None]:
 
 def ablation_curve(points: list[tuple[object, list[float]]], baseline: list[float] | None, out: Path,
                    xlabel: str, scale: str = "linear", baseline_label: str = "ERM", title: str = "") -> Path:
-    """points: (knob value, the top-1 of each of its seeds) in order; scale: log | linear | categorical.
-    Line: the mean; error bars: the sample std (two or more seeds); dots: the seeds; dashed line and band: the
-    baseline's mean ± std."""
+    """points: (knob value, the top-1 of each of its seeds) in order; scale: log | linear |
+    categorical.
+    Line: the mean; error bars: the sample std (two or more seeds); dots: the seeds; dashed line
+    and band: the baseline's mean ± std."""
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     xs, ticks = _ablation_x([v for v, _ in points], scale)
     stats = [mean_std(vals) if vals else (float("nan"), None) for _, vals in points]

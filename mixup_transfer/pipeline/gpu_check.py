@@ -1,18 +1,21 @@
-"""The first thing to run on a new GPU node or cluster (`make gpu-check`, `tools/gpu_check.py`): every CUDA path
-of the toolkit for a few steps on the toy world, in a few minutes on one GPU, with a pass/fail table.
+"""The first thing to run on a new GPU node or cluster (`make gpu-check`, `tools/gpu_check.py`):
+every CUDA path of the toolkit for a few steps on the toy world, in a few minutes on one GPU, with
+a pass/fail table.
 
 Checks (each a row of `gpu_check.md` / `gpu_check.json` in the output folder):
-  - methods: 3 engine steps of every pretraining method (ResNet-18, 64 px, batch 8) in bf16 and in fp16 (the
-    GradScaler path), channels_last, finite losses and parameters;
-  - decode: the nvJPEG path (`pretrain.data.decode_jpegs`) against the CPU decoder on the toy ImageNet JPEGs and a
-    CMYK JPEG (which nvJPEG refuses and the CPU decodes): the largest pixel difference, identical to pass;
-  - detection: SSD and Faster R-CNN, one short epoch and their VOC evaluation (bf16, channels_last);
+  - methods: 3 engine steps of every pretraining method (ResNet-18, 64 px, batch 8) in bf16 and in
+    fp16 (the GradScaler path), channels_last, finite losses and parameters;
+  - decode: the nvJPEG path (`pretrain.data.decode_jpegs`) against the CPU decoder on the toy
+    ImageNet JPEGs and a CMYK JPEG (which nvJPEG refuses and the CPU decodes): the largest pixel difference, identical to pass;
+  - detection: SSD and Faster R-CNN, one short epoch and their VOC evaluation (bf16,
+    channels_last);
   - wsol: one short CAM fine-tuning epoch and its localization metrics;
   - robustness: the clean, calibration, FGSM and PGD suites on a few toy val images;
   - nccl: a one-process NCCL group under torchrun (init, all_reduce, destroy);
-  - throughput: training images/s, step time relative to ERM and peak memory of ResNet-50 at 224 px for each
-    method at the per-GPU batch of its ImageNet recipe (`PAPER_BATCH`).
-It lives in `mixup_transfer/pipeline/` because it drives every stage (docs/architecture.md's import rules).
+  - throughput: training images/s, step time relative to ERM and peak memory of ResNet-50 at 224 px
+    for each method at the per-GPU batch of its ImageNet recipe (`PAPER_BATCH`).
+It lives in `mixup_transfer/pipeline/` because it drives every stage (docs/architecture.md's import
+rules).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from mixup_transfer.core import runtime as rt
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (method, knobs) of the "methods" check: every registered method, on its mixing branch where it has a coin
+# (method, knobs) of the "methods" check: every registered method, on its mixing branch where it
+# has a coin
 METHOD_CASES = [
     ("erm", {}), ("input_mixup", {}), ("manifold_mixup", {}), ("cutmix", {}), ("puzzlemix", {}),
     ("multimix", {"n": 50, "prob": 1.0}), ("dense_multimix", {"n": 50, "prob": 1.0}),
@@ -41,10 +45,12 @@ METHOD_CASES = [
     ("transmix", {"switch_prob": 1.0}),
     ("saliencymix", {"prob": 1.0}), ("supermix", {"max_iter": 2}),
 ]
-# the network of a method's check where it is not a ResNet-18 (TransMix reads a ViT's class-token attention)
+# the network of a method's check where it is not a ResNet-18 (TransMix reads a ViT's class-token
+# attention)
 METHOD_ARCH = {"transmix": "vit_tiny_toy"}
 
-# per-GPU batch of each ImageNet recipe (configs/pretrain/imagenet_*.yaml: global batches over the papers' GPUs)
+# per-GPU batch of each ImageNet recipe (configs/pretrain/imagenet_*.yaml: global batches over the
+# papers' GPUs)
 PAPER_BATCH = {
     "erm": 64, "input_mixup": 64, "cutmix": 64,  # 256 on 4 GPUs (PuzzleMix / CutMix READMEs)
     "puzzlemix_swap": 64, "puzzlemix": 64,  # 256 on 4 GPUs
@@ -52,8 +58,10 @@ PAPER_BATCH = {
     "alignmix": 128,  # 1024 (the released ImageNet command, DataParallel) over 8 GPUs
     "alignmix_stage2": 25,  # 100 on 4 GPUs (AlignMix App. B)
     "multi_interp_input_k5": 64, "multi_interp_manifold_embedding_k5": 64, "multi_interp_manifold_layer2_k5": 64,
-    "zeta_mixup": 64,  # the input-mixing recipes' 256 on 4 GPUs (no ImageNet recipe in arXiv:2204.03323)
-    "transmix": 128,  # b = 128 per GPU (MultiMix A.1, its ViT-S/16 rows; configs/pretrain/imagenet_vit_s16_*.yaml)
+    # the input-mixing recipes' 256 on 4 GPUs (no ImageNet recipe in arXiv:2204.03323)
+    "zeta_mixup": 64,
+    # b = 128 per GPU (MultiMix A.1, its ViT-S/16 rows; configs/pretrain/imagenet_vit_s16_*.yaml)
+    "transmix": 128,
     "saliencymix": 64,  # 256 on 4 GPUs (SaliencyMix README, ImageNet command)
     "supermix": 16,  # the SuperMix README ImageNet command: --bs 16 (no ImageNet training recipe)
 }
@@ -64,7 +72,8 @@ def _row(check: str, ok: bool, seconds: float, detail: str) -> dict:
 
 
 def _timed(check: str, fn, *args) -> dict:
-    """Run one check; a failure is a row with the error's last line, never an abort of the others."""
+    """Run one check; a failure is a row with the error's last line, never an abort of the
+    others."""
     t0 = time.perf_counter()
     try:
         detail = fn(*args)
@@ -74,7 +83,8 @@ def _timed(check: str, fn, *args) -> dict:
         return _row(check, False, time.perf_counter() - t0, last[:300])
 
 
-# -- methods ----------------------------------------------------------------------------------------------------
+# -- methods
+# ----------------------------------------------------------------------------------------------------
 
 def _method_task(name: str, knobs: dict, device: torch.device):
     from mixup_transfer.core.engine import Task
@@ -113,7 +123,8 @@ def _method_task(name: str, knobs: dict, device: torch.device):
 
 
 def check_method(name: str, knobs: dict, precision: str, device: torch.device, out: Path) -> str:
-    """3 steps through the real engine (AMP, scaler, finite checks, a checkpoint) -> the mean loss."""
+    """3 steps through the real engine (AMP, scaler, finite checks, a checkpoint) -> the mean
+    loss."""
     from mixup_transfer.core.engine import Engine, LoopSettings, build_optimizer
 
     task = _method_task(name, knobs, device)
@@ -125,7 +136,8 @@ def check_method(name: str, knobs: dict, precision: str, device: torch.device, o
     return f"3 steps, loss {engine._epoch_sums['loss'] / max(engine._epoch_steps, 1):.3f}"
 
 
-# -- the JPEG decoders ------------------------------------------------------------------------------------------
+# -- the JPEG decoders
+# ------------------------------------------------------------------------------------------
 
 def _cmyk_jpeg() -> torch.Tensor:
     import io
@@ -158,7 +170,8 @@ def check_decode(toy: Path, device: torch.device, count: int = 16) -> str:
     return f"{len(datas)} images (1 CMYK) identical to the CPU decoder"
 
 
-# -- the downstream stages ----------------------------------------------------------------------------------------
+# -- the downstream stages
+# ----------------------------------------------------------------------------------------
 
 def check_detection(kind: str, toy: Path, device: torch.device, out: Path) -> str:
     from transfer.detection.config import load_det_config
@@ -205,10 +218,12 @@ def check_robustness(toy: Path, device: torch.device, out: Path) -> str:
             f"PGD {err['pgd']:.1f}; ECE {m['calibration']['ece']:.3f}")
 
 
-# -- NCCL -------------------------------------------------------------------------------------------------------
+# -- NCCL
+# -------------------------------------------------------------------------------------------------------
 
 def nccl_probe() -> None:
-    """Inside torchrun: a NCCL group of this one process, one all_reduce, then destroy (exits non-zero on error)."""
+    """Inside torchrun: a NCCL group of this one process, one all_reduce, then destroy (exits
+    non-zero on error)."""
     rank, world, _ = rt.init_distributed("nccl")
     x = torch.ones(4, device=rt.get_device("auto"))
     torch.distributed.all_reduce(x)
@@ -228,12 +243,14 @@ def check_nccl(timeout: float = 120) -> str:
     return next(ln for ln in lines if ln.startswith("nccl ok"))
 
 
-# -- throughput ---------------------------------------------------------------------------------------------------
+# -- throughput
+# ---------------------------------------------------------------------------------------------------
 
 def throughput(device: torch.device, methods=None, arch: str = "resnet50", size: int = 224, steps: int = 10,
                precision: str = "bf16") -> list[dict]:
-    """Each method of `pretrain.bench.FULL` (or `methods`) at its recipe's per-GPU batch (`PAPER_BATCH`), timed
-    beside ERM at the same batch: [{"method", "batch", "img_per_s", "step_time_ratio", "peak_memory_gib"}]."""
+    """Each method of `pretrain.bench.FULL` (or `methods`) at its recipe's per-GPU batch
+    (`PAPER_BATCH`), timed beside ERM at the same batch: [{"method", "batch", "img_per_s",
+    "step_time_ratio", "peak_memory_gib"}]."""
     from pretrain.bench import FULL, run_gpu_bench
 
     rows = []
@@ -251,14 +268,16 @@ def throughput(device: torch.device, methods=None, arch: str = "resnet50", size:
     return rows
 
 
-# -- all of it ----------------------------------------------------------------------------------------------------
+# -- all of it
+# ----------------------------------------------------------------------------------------------------
 
 CHECKS = ("methods", "decode", "detection", "wsol", "robustness", "nccl", "throughput")
 
 
 def run_checks(out: str | os.PathLike, device: str = "cuda", only=CHECKS, methods=None,
                precisions=("bf16", "fp16"), toy: str | os.PathLike | None = None) -> dict:
-    """Run the checks named in `only` on `device` into `out` -> {"rows": [...], "throughput": [...], "device"}.
+    """Run the checks named in `only` on `device` into `out` -> {"rows": [...], "throughput":
+    [...], "device"}.
     toy: an existing toy world (default: a fresh tiny one in a temporary folder)."""
     out, dev = Path(out), torch.device(device)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""A small Markdown subset (headings, tables, images, links, bold, italics) rendered to standalone HTML."""
+"""A small Markdown subset (headings, tables, images, links, bold, italics) rendered to standalone
+HTML."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import re
 
 
 def to_html(md: str, title: str) -> str:
-    """A small Markdown subset (headings, tables, images, links, bold, italics) to standalone HTML."""
+    """A small Markdown subset (headings, tables, images, links, bold, italics) to standalone
+    HTML."""
     def inline(text: str) -> str:
         text = html.escape(text, quote=False)
         text = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2" style="max-width:100%">', text)

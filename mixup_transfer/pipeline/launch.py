@@ -1,13 +1,15 @@
-"""A stage (or the whole pipeline) as a SLURM job through submitit: N nodes x G GPUs, requeued on preemption or
-time-out, continuing from the run's last checkpoint. `tools/submit.py` is the command line.
+"""A stage (or the whole pipeline) as a SLURM job through submitit: N nodes x G GPUs, requeued on
+preemption or time-out, continuing from the run's last checkpoint. `tools/submit.py` is the command
+line.
 
-One task of the job is one DDP process. `StageJob.__call__` turns submitit's `JobEnvironment` into the variables
-torchrun sets (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), so that
-`mixup_transfer.core.runtime.init_distributed` joins the process group exactly as under torchrun, and calls the stage's
-one entry point. When SLURM signals a preemption or the coming time limit, submitit calls `StageJob.checkpoint` on rank
-0: it returns the same job with resume=True, which submitit requeues; that job continues
-`run_dir/checkpoints/last.pth` bit for bit (mixup_transfer.core.engine). The steps after that checkpoint are redone: on
-ImageNet set `runtime.checkpoint_every_steps` (pretraining) so that a requeue loses minutes, not an epoch.
+One task of the job is one DDP process. `StageJob.__call__` turns submitit's `JobEnvironment` into
+the variables torchrun sets (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE), so that `mixup_transfer.core.runtime.init_distributed` joins the process group
+exactly as under torchrun, and calls the stage's one entry point. When SLURM signals a preemption
+or the coming time limit, submitit calls `StageJob.checkpoint` on rank 0: it returns the same job
+with resume=True, which submitit requeues; that job continues `run_dir/checkpoints/last.pth` bit
+for bit (mixup_transfer.core.engine). The steps after that checkpoint are redone: on ImageNet set
+`runtime.checkpoint_every_steps` (pretraining) so that a requeue loses minutes, not an epoch.
 
 | stage        | entry point                     | tasks                                   |
 |--------------|---------------------------------|-----------------------------------------|
@@ -40,18 +42,20 @@ from mixup_transfer.pipeline.stages import NAMES
 
 log = logging.getLogger("launch")
 
-STAGES = NAMES + ("pipeline",)  # the declared stages (mixup_transfer/pipeline/stages.py) and the whole pipeline
+# the declared stages (mixup_transfer/pipeline/stages.py) and the whole pipeline
+STAGES = NAMES + ("pipeline",)
 
 
 def default_gpus_per_node(name: str) -> int:
-    """A job's GPUs per node unless given: the stage's declared default; the pipeline 1 (it runs its stages in
-    one process group, as under torchrun)."""
+    """A job's GPUs per node unless given: the stage's declared default; the pipeline 1 (it runs
+    its stages in one process group, as under torchrun)."""
     return 1 if name == "pipeline" else declared_stages.stage(name).gpus_per_node
 
 
 @dataclasses.dataclass(frozen=True)
 class JobSpec:
-    """What a job runs; every path absolute (the job may start in another folder, on another node)."""
+    """What a job runs; every path absolute (the job may start in another folder, on another
+    node)."""
 
     stage: str                          # one of STAGES
     config: str | None                  # the stage's YAML (robustness: optional)
@@ -60,36 +64,45 @@ class JobSpec:
     weights: str | None = None          # detection, wsol: backbone checkpoint (None: random init)
     checkpoint: str | None = None       # robustness: the checkpoint to evaluate
     imagenet: str | None = None         # robustness: ImageNet-layout root
-    teacher: str | None = None          # pretrain: the teacher checkpoint (supermix); or its config key teacher
-    resume: bool = True                 # continue run_dir's run (the default of every tool; False with force)
-    force: bool = False                 # start over in a run_dir that holds a run (first start only)
-    cwd: str = "."                      # relative paths inside the config (data.root, ...) are read from here
-    allow_pickle: bool = False          # --allow-pickle: unpickle --weights / --checkpoint (trusted files only)
+    # pretrain: the teacher checkpoint (supermix); or its config key teacher
+    teacher: str | None = None
+    # continue run_dir's run (the default of every tool; False with force)
+    resume: bool = True
+    # start over in a run_dir that holds a run (first start only)
+    force: bool = False
+    # relative paths inside the config (data.root, ...) are read from here
+    cwd: str = "."
+    # --allow-pickle: unpickle --weights / --checkpoint (trusted files only)
+    allow_pickle: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class Resources:
-    """What the job asks the cluster for (translated to submitit's parameters in `executor_parameters`)."""
+    """What the job asks the cluster for (translated to submitit's parameters in
+    `executor_parameters`)."""
 
     nodes: int = 1
     gpus_per_node: int = 1
     tasks_per_node: int | None = None   # None: one per GPU (at least one)
     cpus_per_task: int = 10
     mem_gb: int | None = None           # per node; None: the partition's default
-    timeout_min: int = 1440             # the job's time limit; it is requeued before it (signal_delay_s)
+    # the job's time limit; it is requeued before it (signal_delay_s)
+    timeout_min: int = 1440
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     name: str = "mixup-transfer"
     signal_delay_s: int = 120           # SLURM signals USR2 this long before the time limit
-    max_requeues: int = 3               # time-outs after which the job is not requeued again (preemptions: any)
+    # time-outs after which the job is not requeued again (preemptions: any)
+    max_requeues: int = 3
 
     @property
     def tasks(self) -> int:
         return self.tasks_per_node or max(self.gpus_per_node, 1)
 
 
-# -- the distributed environment of one task ----------------------------------------------------------------------
+# -- the distributed environment of one task
+# ----------------------------------------------------------------------
 def master_port(job_id: str) -> int:
     """A port in [20000, 40000) that every task of the job derives alike from its id."""
     return 20000 + zlib.crc32(str(job_id).encode()) % 20000
@@ -97,8 +110,9 @@ def master_port(job_id: str) -> int:
 
 def distributed_env(job_id: str, hostnames: Sequence[str], num_nodes: int, num_tasks: int, global_rank: int,
                     local_rank: int, port: int | None = None) -> dict[str, str]:
-    """The torchrun variables for one task of a job ({} for a one-task job: no process group). The first node of
-    the job hosts the rendezvous (127.0.0.1 when the job has one node); `port` defaults to `master_port`."""
+    """The torchrun variables for one task of a job ({} for a one-task job: no process group). The
+    first node of the job hosts the rendezvous (127.0.0.1 when the job has one node); `port`
+    defaults to `master_port`."""
     if num_tasks == 1:
         return {}
     if num_tasks % num_nodes:
@@ -127,7 +141,8 @@ def _job_environment():
         return None
 
 
-# -- the stages -----------------------------------------------------------------------------------------------------
+# -- the stages
+# -----------------------------------------------------------------------------------------------------
 def load_stage_config(name: str, config: str | None, overrides: Sequence[str] = ()) -> dict:
     """The stage's config as its own command line reads it (unknown keys rejected)."""
     if name == "pipeline":
@@ -140,7 +155,8 @@ def load_stage_config(name: str, config: str | None, overrides: Sequence[str] = 
 
 
 def default_run_dir(name: str, config: str | None, cfg: dict, cwd: Path) -> Path | None:
-    """Where the stage's own command line (tools/run_<stage>.py) writes; None for the pipeline (its config says)."""
+    """Where the stage's own command line (tools/run_<stage>.py) writes; None for the pipeline (its
+    config says)."""
     return None if name == "pipeline" else declared_stages.stage(name).run_dir(cfg, config, cwd)
 
 
@@ -152,9 +168,9 @@ def make_spec(stage: str, config: str | None, overrides: Sequence[str] = (), run
               weights: str | None = None, checkpoint: str | None = None, imagenet: str | None = None,
               force: bool = False, cwd: str | os.PathLike | None = None, allow_pickle: bool = False,
               teacher: str | None = None) -> JobSpec:
-    """Check a job before it waits in the queue: the stage, its config and inputs. Like the stage's own tool, the
-    job continues a run folder that holds a run (a changed config is refused when it starts) unless `force`.
-    Returns the spec with absolute paths."""
+    """Check a job before it waits in the queue: the stage, its config and inputs. Like the stage's
+    own tool, the job continues a run folder that holds a run (a changed config is refused when it
+    starts) unless `force`. Returns the spec with absolute paths."""
     cwd = Path(cwd or os.getcwd()).resolve()
     config = _absolute(config, cwd)
     cfg = load_stage_config(stage, config, overrides)
@@ -192,11 +208,13 @@ def _check_inputs(name: str, given: dict) -> None:
 
 
 def run_stage(spec: JobSpec) -> dict:
-    """Run the stage of `spec` in this process (under DDP when the torchrun variables are set); its metrics.
+    """Run the stage of `spec` in this process (under DDP when the torchrun variables are set); its
+    metrics.
 
-    The job holds its run folder's lock as the stage's own command line does (rank 0; the pipeline takes its
-    own), so a second job, or a command run by hand, into the same folder is refused while this one runs; a
-    requeued job finds the lock of its killed predecessor stale and takes it over."""
+    The job holds its run folder's lock as the stage's own command line does (rank 0; the pipeline
+    takes its own), so a second job, or a command run by hand, into the same folder is refused
+    while this one runs; a requeued job finds the lock of its killed predecessor stale and takes it
+    over."""
     cfg = load_stage_config(spec.stage, spec.config, spec.overrides)
     if spec.allow_pickle:  # the submitting command line's --allow-pickle, for the files it named
         from mixup_transfer.core.checkpoint import trust_pickled
@@ -215,11 +233,13 @@ def run_stage(spec: JobSpec) -> dict:
 def _dispatch(spec: JobSpec, cfg: dict) -> dict:
     declared = declared_stages.stage(spec.stage)
     inputs = {k: getattr(spec, k) for k in declared.inputs + declared.optional_inputs}
-    rt.init_distributed()  # a no-op with one task; every stage is rank-aware (mixup_transfer/core/distributed.py)
+    # a no-op with one task; every stage is rank-aware (mixup_transfer/core/distributed.py)
+    rt.init_distributed()
     return declared.run(cfg, inputs or None, spec.run_dir, resume=spec.resume, force=spec.force)
 
 
-# -- the job --------------------------------------------------------------------------------------------------------
+# -- the job
+# --------------------------------------------------------------------------------------------------------
 class StageJob:
     """The callable submitit pickles and runs on every task; `checkpoint` makes it requeueable."""
 
@@ -231,7 +251,8 @@ class StageJob:
         os.chdir(self.spec.cwd)
         env = _job_environment()
         if env is not None:
-            port = os.environ.get("MASTER_PORT")  # a user's choice wins over the one derived from the job id
+            # a user's choice wins over the one derived from the job id
+            port = os.environ.get("MASTER_PORT")
             variables = distributed_env(env.job_id, env.hostnames, env.num_nodes, env.num_tasks, env.global_rank,
                                         env.local_rank, int(port) if port else None)
             os.environ.update(variables)
@@ -242,7 +263,8 @@ class StageJob:
             rt.cleanup_distributed()
 
     def checkpoint(self, *args, **kwargs):
-        """Called by submitit on preemption / time-out: the same job, continuing the run's last checkpoint (never
+        """Called by submitit on preemption / time-out: the same job, continuing the run's last
+        checkpoint (never
         starting over: force is dropped)."""
         from submitit.helpers import DelayedSubmission
 
@@ -253,7 +275,8 @@ class StageJob:
         return f"StageJob({self.spec.stage}, {self.spec.config})"
 
 
-# -- the executor ---------------------------------------------------------------------------------------------------
+# -- the executor
+# ---------------------------------------------------------------------------------------------------
 def executor_parameters(res: Resources, cluster: str) -> dict:
     """submitit's update_parameters for SLURM (SlurmExecutor names) or the local executor."""
     if cluster == "local":
@@ -286,7 +309,8 @@ def make_executor(job_dir: str | os.PathLike, res: Resources, cluster: str = "sl
 
 
 def submit(spec: JobSpec, res: Resources, job_dir: str | os.PathLike, cluster: str = "slurm"):
-    """Queue `spec` with `res`; returns the submitit job (job.results()[0] waits for rank 0's metrics)."""
+    """Queue `spec` with `res`; returns the submitit job (job.results()[0] waits for rank 0's
+    metrics)."""
     job = make_executor(job_dir, res, cluster).submit(StageJob(spec))
     log.info("submitted %s as job %s (%d node(s) x %d task(s)); logs in %s", spec.stage, job.job_id, res.nodes,
              res.tasks, job.paths.folder)

@@ -1,6 +1,6 @@
-"""Publish a finished pipeline run into the documentation: its report with provenance (command, commit,
-hardware, wall time), run-folder links removed and figures copied beside it, so the numbers in the docs are
-always regenerated from a run, never typed.
+"""Publish a finished pipeline run into the documentation: its report with provenance (command,
+commit, hardware, wall time), run-folder links removed and figures copied beside it, so the numbers
+in the docs are always regenerated from a run, never typed.
 
     python tools/run_pipeline.py --config configs/pipeline/toy.yaml --publish docs/results.md
 """
@@ -61,14 +61,16 @@ def provenance(command: str, started: float, finished: float, stages_run: int, r
 
 
 def publish(run_dir: Path, out: Path) -> Path:
-    """Write `out` (Markdown) from `run_dir`'s report.md and summary.json; figures go to `<out stem>_figures/`."""
+    """Write `out` (Markdown) from `run_dir`'s report.md and summary.json; figures go to `<out
+    stem>_figures/`."""
     run_dir, out = Path(run_dir), Path(out)
     summary = json.loads((run_dir / "summary.json").read_text())
     prov = summary.get("provenance") or {}
     if summary.get("failed"):
         raise RuntimeError(f"{run_dir}: the run has failed stages {sorted(summary['failed'])}; not publishing it")
     fig_dir = out.parent / f"{out.stem}_figures"
-    staging = fig_dir.with_name(f"{fig_dir.name}.{os.getpid()}.tmp")  # the figures are copied here first
+    # the figures are copied here first
+    staging = fig_dir.with_name(f"{fig_dir.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
 
@@ -83,8 +85,10 @@ def publish(run_dir: Path, out: Path) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    body = body.split("\n", 1)[1] if body.startswith("# ") else body  # our own title replaces the report's
-    body = body.replace("Every number links to the run folder that produced it; ", "")  # the links are gone here
+    # our own title replaces the report's
+    body = body.split("\n", 1)[1] if body.startswith("# ") else body
+    # the links are gone here
+    body = body.replace("Every number links to the run folder that produced it; ", "")
     minutes, seconds = divmod(int(round(prov.get("wall_s", 0))), 60)
     head = [f"# Results of `{summary.get('name')}`", "",
             "Generated from a finished run; regenerate with the command below (finished stages are reused, so "
@@ -101,8 +105,8 @@ def publish(run_dir: Path, out: Path) -> Path:
 
 
 def _swap_in(staging: Path, fig_dir: Path) -> None:
-    """Replace `fig_dir` by the complete `staging` folder: a failure while copying (a full disk, a missing figure)
-    leaves the published figures as they were."""
+    """Replace `fig_dir` by the complete `staging` folder: a failure while copying (a full disk, a
+    missing figure) leaves the published figures as they were."""
     old = fig_dir.with_name(f"{fig_dir.name}.{os.getpid()}.old")
     if fig_dir.exists():
         os.replace(fig_dir, old)

@@ -1,6 +1,7 @@
 """The pipeline's report: the papers' tables (mixup_transfer/pipeline/tables.py) with figures
 (mixup_transfer/pipeline/figures.py), written as
-Markdown and HTML (mixup_transfer/pipeline/html.py), and the same tables as data in summary.json."""
+Markdown and HTML (mixup_transfer/pipeline/html.py), and the same tables as data in
+summary.json."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from mixup_transfer.pipeline.html import to_html
 
 
 def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
-    """runs/<name>/report.md, report.html (+ figures/) and summary.json from the stages' metrics (`Pipeline.run`'s
+    """runs/<name>/report.md, report.html (+ figures/) and summary.json from the stages' metrics
+    (`Pipeline.run`'s
     results: per method and stage, a list of runs); returns report.md."""
     run_dir = Path(run_dir)
     fig_dir = run_dir / "figures"
@@ -72,8 +74,9 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
 
 
 def variants_sentence(results: dict) -> list[str]:
-    """One line naming the published form each method's pretraining ran where a method has several (its
-    checkpoint meta's `method_variant`, e.g. AlignMix's released code vs the paper's stage-2 encoder)."""
+    """One line naming the published form each method's pretraining ran where a method has several
+    (its checkpoint meta's `method_variant`, e.g. AlignMix's released code vs the paper's stage-2
+    encoder)."""
     found = {m: ((res.get("pretrain") or [{}])[0].get("metrics") or {}).get("method_variant")
              for m, res in results["methods"].items()}
     named = [f"`{m}`: {v}" for m, v in found.items() if v]
@@ -92,7 +95,8 @@ def seeds_sentence(seeds: dict) -> str:
 
 
 def figure_sections(run_dir: Path, results: dict, methods: list[str], dets: list[str]) -> list[str]:
-    """The summary bars, the pretraining curves and each method's stage figures (of its first run), as Markdown."""
+    """The summary bars, the pretraining curves and each method's stage figures (of its first run),
+    as Markdown."""
     fig_dir = run_dir / "figures"
     out = ["## Figures\n"]
     per_method = results["methods"]
@@ -148,8 +152,8 @@ def timing_section(run_dir: Path, results: dict) -> str | None:
 
 
 def missing_entries(summary: dict) -> list[str]:
-    """'table: row: column' of every method row's entry that holds no run in summary.json (baseline rows, which
-    may leave columns empty by design, are not checked)."""
+    """'table: row: column' of every method row's entry that holds no run in summary.json (baseline
+    rows, which may leave columns empty by design, are not checked)."""
     return [f"{title}: {label}: {column}"
             for title, table in (summary.get("tables") or {}).items()
             for label, row in table["rows"].items() if not row["baseline"]

@@ -1,22 +1,26 @@
 """The main job: pretraining -> backbone -> detection, WSOL and robustness -> one report.
 
 Every stage writes into its own folder under `runs/<name>/` and, when it finishes, a `stage.json`
-marker holding its metrics and its content key: the hash of its resolved config, of the keys of the stages it
-reads (the pipeline is a small DAG: pretraining -> detection, WSOL, robustness) and of the content of the files it
-reads (`mixup_transfer/pipeline/inputs.py`: the backbone, the dataset's index files). A stage whose marker holds the
-same key is reused, so an interrupted pipeline resumes where it stopped (stages that keep their own training checkpoints
-also resume inside the stage), and a changed override, backbone or dataset reruns exactly the stages it affects and
-their dependents; `force` redoes stages by name. The report lists the reused stages. One pipeline at a time
-writes a run folder (`mixup_transfer/core/lock.py`).
+marker holding its metrics and its content key: the hash of its resolved config, of the keys of the
+stages it reads (the pipeline is a small DAG: pretraining -> detection, WSOL, robustness) and of
+the content of the files it
+reads (`mixup_transfer/pipeline/inputs.py`: the backbone, the dataset's index files). A stage whose
+marker holds the same key is reused, so an interrupted pipeline resumes where it stopped (stages
+that keep their own training checkpoints also resume inside the stage), and a changed override,
+backbone or dataset reruns exactly the stages it affects and their dependents; `force` redoes
+stages by name. The report lists the reused stages. One pipeline at a time writes a run folder
+(`mixup_transfer/core/lock.py`).
 
-Seeds: `seeds.pretrain` and `seeds.transfer` (an int or a list; null: each stage config's own seed, one run) make
-one pretraining stage per (method, pretraining seed) and one detection / WSOL stage per (pretraining seed, transfer
-seed); the seed is an override of the stage's config, so it is part of the stage's key. Robustness evaluates each
-backbone once (its own draws stay those of `robustness.options`). `Pipeline.plan` lists the stages without running
-anything; the report shows mean ± std over the runs of each entry.
+Seeds: `seeds.pretrain` and `seeds.transfer` (an int or a list; null: each stage config's own seed,
+one run) make one pretraining stage per (method, pretraining seed) and one detection / WSOL stage
+per (pretraining seed, transfer seed); the seed is an override of the stage's config, so it is part
+of the stage's key. Robustness evaluates each backbone once (its own draws stay those of
+`robustness.options`). `Pipeline.plan` lists the stages without running anything; the report shows
+mean ± std over the runs of each entry.
 
-Layout (with seeds given, `<method>/` becomes `<method>/seed<k>/` and each detection / WSOL folder moves into
-`transfer_seed<t>/`, e.g. `erm/seed1/transfer_seed0/ssd_voc/`; the random-init baselines get `transfer_seed<t>/`):
+Layout (with seeds given, `<method>/` becomes `<method>/seed<k>/` and each detection / WSOL folder
+moves into `transfer_seed<t>/`, e.g. `erm/seed1/transfer_seed0/ssd_voc/`; the random-init baselines
+get `transfer_seed<t>/`):
     runs/<name>/pipeline.yaml                     resolved pipeline config
     runs/<name>/<method>/pretrain/                pretraining run (backbone.pth, log.jsonl, ...)
     runs/<name>/<method>/<detector>/              one folder per detection config (ssd_voc, frcnn_coco)
@@ -26,9 +30,9 @@ Layout (with seeds given, `<method>/` becomes `<method>/seed<k>/` and each detec
     runs/<name>/report.md, report.html, figures/ the report runs/<name>/summary.json every table entry: per-run values,
     mean, std, n
 
-This module calls each stage's one entry point, `run(cfg, inputs, run_dir) -> metrics`, through the adapters of
-`mixup_transfer/pipeline/stages.py` (`pretrain.task`, `transfer.detection.stage`, `wsol.finetune`,
-`transfer.robustness.stage`); the
+This module calls each stage's one entry point, `run(cfg, inputs, run_dir) -> metrics`, through the
+adapters of `mixup_transfer/pipeline/stages.py` (`pretrain.task`, `transfer.detection.stage`,
+`wsol.finetune`, `transfer.robustness.stage`); the
 downstream stages only see the backbone file.
 """
 
@@ -62,27 +66,36 @@ DEFAULTS = {
     "name": "toy",                     # runs/<name>/
     "out_root": "runs",                # parent folder of the run
     "data": {
-        "root": "data/toy",            # folder holding imagenet/, VOCdevkit/, coco/, CUB_200_2011/, wsol_metadata/
-        "generate": None,              # {preset, seed, track, ood}: make the toy world there if it is missing
-                                       # (track: standard | small | all, tools/make_toy_data.py --track; ood: N
-                                       # images per 32 px toy OOD set under <root>/ood/, 0: none); null: never
+        # folder holding imagenet/, VOCdevkit/, coco/, CUB_200_2011/, wsol_metadata/
+        "root": "data/toy",
+        # {preset, seed, track, ood}: make the toy world there if it is missing
+        "generate": None,
+                                       # (track: standard | small | all, tools/make_toy_data.py
+                                       # --track; ood: N images per 32 px toy OOD set under
+                                       # <root>/ood/, 0: none); null: never
     },
     "methods": ["erm"],                # pretraining methods (pretrain.methods.METHODS names)
     "pretrain": {
         "config": "configs/pretrain/toy_{method}.yaml",   # {method} is filled in
         "overrides": [],               # KEY=VALUE strings; {data}, {method} are filled in
-        "per_method": {},              # {method: [KEY=VALUE, ...]}: one method's extra overrides (after those)
+        # {method: [KEY=VALUE, ...]}: one method's extra overrides (after those)
+        "per_method": {},
     },
     "detection": [],                   # list of {name, config, overrides}
     "wsol": None,                      # {config, overrides}, or null to skip
-    "robustness": None,                # {suites, ood, options, root}, or null to skip (root: the evaluation
-                                       # set's layout folder, default {data}/imagenet; e.g. {data}/cifar-100-python)
+    # {suites, ood, options, root}, or null to skip (root: the evaluation
+    "robustness": None,
+                                       # set's layout folder, default {data}/imagenet; e.g.
+                                       # {data}/cifar-100-python)
     "baselines": {
-        "random_init": True,           # run detection and WSOL from a randomly initialised backbone too
+        # run detection and WSOL from a randomly initialised backbone too
+        "random_init": True,
     },
     "seeds": {
-        "pretrain": None,              # int or list: one pretraining run per seed (config key seed); null: the config's
-        "transfer": None,              # int or list: one detection (seeds=[t]) and WSOL (seed=t) run per seed and
+        # int or list: one pretraining run per seed (config key seed); null: the config's
+        "pretrain": None,
+        # int or list: one detection (seeds=[t]) and WSOL (seed=t) run per seed and
+        "transfer": None,
     },                                 # backbone; null: each stage config's own seed(s)
 }
 
@@ -92,7 +105,8 @@ TYPES = {"data.generate": dict, "wsol": dict, "robustness": dict}
 
 
 def seed_list(value, key: str) -> list[int] | None:
-    """`seeds.<key>` as a list of distinct ints (an int is one seed), or None (the stage configs' own seeds)."""
+    """`seeds.<key>` as a list of distinct ints (an int is one seed), or None (the stage configs'
+    own seeds)."""
     if value is None:
         return None
     items = [value] if isinstance(value, int) else value
@@ -104,8 +118,9 @@ def seed_list(value, key: str) -> list[int] | None:
 
 
 def content_key(spec: dict) -> str:
-    """A stage's content key: the hash of what it computes from (its resolved config, its upstream stages' keys
-    and the content identity of the files it reads, `mixup_transfer.pipeline.inputs.Inputs`, read now)."""
+    """A stage's content key: the hash of what it computes from (its resolved config, its upstream
+    stages' keys and the content identity of the files it reads,
+    `mixup_transfer.pipeline.inputs.Inputs`, read now)."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=_identity).encode()).hexdigest()[:16]
 
 
@@ -115,7 +130,8 @@ def _identity(obj):
 
 @dataclass(frozen=True)
 class Stage:
-    """One planned stage. label: its folder relative to the run (also its name in logs and the reused list)."""
+    """One planned stage. label: its folder relative to the run (also its name in logs and the
+    reused list)."""
     label: str
     owner: str                 # the method, or "baselines"
     name: str                  # "pretrain", a detection name, "wsol" or "robustness"
@@ -130,7 +146,8 @@ class Stage:
 
 
 def _check_vit_stages(arch: str, method: str, cfg: dict) -> None:
-    """A ViT backbone goes to the robustness stage only: detection and WSOL build ResNets from the checkpoint."""
+    """A ViT backbone goes to the robustness stage only: detection and WSOL build ResNets from the
+    checkpoint."""
     from mixup_transfer.core.checkpoint import is_vit
 
     if is_vit(arch) and (cfg["detection"] or cfg["wsol"]):
@@ -190,7 +207,8 @@ class Pipeline:
         self._check_stage_configs()
 
     def _check_stage_configs(self) -> None:
-        """Every stage's resolved config (with the pipeline's overrides) is validated before anything runs."""
+        """Every stage's resolved config (with the pipeline's overrides) is validated before
+        anything runs."""
         from mixup_transfer.core.config import check_ranges
         from pretrain.task import resolve_config as pretrain_config
         from transfer.detection.config import resolve_config as detection_config
@@ -201,7 +219,8 @@ class Pipeline:
         subs = {"data": self.data}
         check_entries(self.cfg)
         for m in self.cfg["methods"]:
-            p = self._pretrain_spec(m, name_override=False)  # the recipe's own method.name, to compare
+            # the recipe's own method.name, to compare
+            p = self._pretrain_spec(m, name_override=False)
             resolved = _named(pretrain_config, load_config(p["config"], p["overrides"]),
                               f"{m} pretraining ({p['config']})")
             if resolved["method"]["name"] != m:
@@ -224,18 +243,20 @@ class Pipeline:
             cfg = {"suites": r.get("suites", "all"), "ood": r.get("ood") or [], **(r.get("options") or {})}
             _named(lambda c: check_ranges(validate(c, ROBUSTNESS), RANGES), cfg, "robustness")
 
-    # -- bookkeeping -------------------------------------------------------------------------------
+    # -- bookkeeping
+    # -------------------------------------------------------------------------------
     def _stage(self, key: str, folder: Path, forced_by: set[str], fn: Callable[[Path], dict],
                spec: dict) -> tuple[dict, str]:
-        """Run `fn(folder)` unless `folder/stage.json` holds the result of the same `spec`; returns the stage's
-        metrics and its content key.
+        """Run `fn(folder)` unless `folder/stage.json` holds the result of the same `spec`; returns
+        the stage's metrics and its content key.
 
-        spec: what the stage computes from (its resolved config and the content keys of the stages it reads);
-        its hash is the stage's content key, so a changed override reruns exactly the stages it affects and,
-        through their keys, everything downstream of them."""
+        spec: what the stage computes from (its resolved config and the content keys of the stages
+        it reads); its hash is the stage's content key, so a changed override reruns exactly the
+        stages it affects and, through their keys, everything downstream of them."""
         content = content_key(spec)
         marker = folder / "stage.json"
-        # under torchrun rank 0 decides (and clears a stale folder) and every rank follows its decision
+        # under torchrun rank 0 decides (and clears a stale folder) and every rank follows its
+        # decision
         stored = ddist.all_gather_objects(self._reusable(key, folder, forced_by, content) if is_main_process()
                                           else None)[0]
         if stored is not None:
@@ -248,8 +269,10 @@ class Pipeline:
         barrier()
         log.info("[%s] running in %s", key, folder)
         t0 = time.time()
-        metrics = fn(folder)  # every rank computes (DDP training, sharded evaluation); rank 0 writes
-        # rank 0's metrics (some stages return {} on the other ranks), so that every rank holds the same results
+        # every rank computes (DDP training, sharded evaluation); rank 0 writes
+        metrics = fn(folder)
+        # rank 0's metrics (some stages return {} on the other ranks), so that every rank holds the
+        # same results
         metrics, seconds = ddist.all_gather_objects((metrics, round(time.time() - t0, 1)))[0]
         self.timings[key] = seconds
         if is_main_process():
@@ -260,8 +283,8 @@ class Pipeline:
         return metrics, content
 
     def _reusable(self, key: str, folder: Path, forced_by: set[str], content: str) -> dict | None:
-        """The stored `stage.json` of `folder` when it holds the result of `content` (and the stage is not
-        forced); otherwise None, after removing the folder's stale results."""
+        """The stored `stage.json` of `folder` when it holds the result of `content` (and the stage
+        is not forced); otherwise None, after removing the folder's stale results."""
         marker = folder / "stage.json"
         if not marker.exists():
             return None
@@ -276,17 +299,21 @@ class Pipeline:
         shutil.rmtree(folder)
         return None
 
-    # -- the job -----------------------------------------------------------------------------------
+    # -- the job
+    # -----------------------------------------------------------------------------------
     def run(self) -> dict:
-        """Every planned stage (reused where done); returns {"methods": {method: {stage name: [run, ...]}},
-        "baselines": {stage name: [run, ...]}, "seeds", "reused"}, a run being {"metrics", "folder", "seeds"}."""
-        if is_main_process():  # under torchrun: rank 0 writes, the others wait for it at the barrier
+        """Every planned stage (reused where done); returns {"methods": {method: {stage name: [run,
+        ...]}}, "baselines": {stage name: [run, ...]}, "seeds", "reused"}, a run being {"metrics",
+        "folder", "seeds"}."""
+        # under torchrun: rank 0 writes, the others wait for it at the barrier
+        if is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(dump_config(self.cfg), self.run_dir / "pipeline.yaml")
             self._ensure_data()
         barrier()
         results: dict = {"methods": {m: {} for m in self.cfg["methods"]}, "baselines": {}, "seeds": dict(self.seeds)}
-        failed: dict[str, str] = {}  # label -> why (its own error, or the upstream stage that failed)
+        # label -> why (its own error, or the upstream stage that failed)
+        failed: dict[str, str] = {}
         for st in self.plan():
             owner = results["baselines"] if st.owner == "baselines" else results["methods"][st.owner]
             run = {"metrics": None, "folder": st.label, "seeds": st.seeds}
@@ -310,8 +337,9 @@ class Pipeline:
         return results
 
     def plan(self) -> list[Stage]:
-        """The stages in running order: per method and pretraining seed, pretraining, then per transfer seed
-        detection and WSOL, then robustness; then the random-init baselines per transfer seed. Runs nothing."""
+        """The stages in running order: per method and pretraining seed, pretraining, then per
+        transfer seed detection and WSOL, then robustness; then the random-init baselines per
+        transfer seed. Runs nothing."""
         from mixup_transfer.pipeline import stages  # the adapters to each package's entry point
 
         out = []
@@ -331,10 +359,12 @@ class Pipeline:
         return out
 
     def _pretrain_spec(self, method: str, name_override: bool = True) -> dict:
-        """{"config", "overrides"} of `method`'s pretraining: the shared overrides, then its `per_method` ones."""
+        """{"config", "overrides"} of `method`'s pretraining: the shared overrides, then its
+        `per_method` ones."""
         p = _fill(self.cfg["pretrain"], data=self.data, method=method)
         overrides = list(p["overrides"]) + list(p["per_method"].get(method) or [])
-        if name_override:  # the stage runs the pipeline's method (checked to agree with the recipe's)
+        # the stage runs the pipeline's method (checked to agree with the recipe's)
+        if name_override:
             overrides.append(f"method.name={method}")
         return {"config": p["config"], "overrides": overrides}
 
@@ -400,7 +430,8 @@ WSOL_KEYS = ("config", "overrides")
 
 
 def _check_entry(entry, keys: tuple, required: tuple, where: str) -> None:
-    """A stage entry of the pipeline config: a mapping of `keys` (`required` present), overrides a list."""
+    """A stage entry of the pipeline config: a mapping of `keys` (`required` present), overrides a
+    list."""
     if not isinstance(entry, dict):
         raise ConfigError(f"config key {where}: expected a mapping with keys {list(keys)}, got {entry!r}")
     unknown = sorted(set(entry) - set(keys))
@@ -415,8 +446,8 @@ def _check_entry(entry, keys: tuple, required: tuple, where: str) -> None:
 
 
 def check_entries(cfg: dict) -> None:
-    """Unknown or malformed keys in the detection, WSOL and per-method entries are errors naming the key (a
-    misspelled `overides:` would otherwise be dropped without a word)."""
+    """Unknown or malformed keys in the detection, WSOL and per-method entries are errors naming
+    the key (a misspelled `overides:` would otherwise be dropped without a word)."""
     if not isinstance(cfg["detection"], list):
         raise ConfigError(f"config key detection: expected a list of {{name, config, overrides}}, "
                           f"got {cfg['detection']!r}")
@@ -437,7 +468,8 @@ def check_entries(cfg: dict) -> None:
 
 
 def pretrain_spec(config: str, overrides: list[str]) -> dict:
-    """What a pretraining stage computes from: its config with the overrides and its dataset folder."""
+    """What a pretraining stage computes from: its config with the overrides and its dataset
+    folder."""
     cfg = load_config(config, overrides)
     return {"config": cfg, "inputs": pretrain_inputs(cfg)}
 
@@ -454,7 +486,8 @@ class StopPipeline(RuntimeError):
 
 
 def _provenance(pipe: Pipeline, command: str, t0: float) -> dict:
-    """This invocation's provenance, or the stored one when every stage was reused (the numbers are that run's)."""
+    """This invocation's provenance, or the stored one when every stage was reused (the numbers are
+    that run's)."""
     from mixup_transfer.pipeline.publish import provenance
 
     old = pipe.run_dir / "summary.json"
@@ -469,13 +502,14 @@ def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_af
                  command: str = "") -> Path:
     """Run (or resume) the pipeline of `config_path`; returns the path of the report.
 
-    Under torchrun (the process group joined by the caller, `mixup_transfer.core.distributed.torchrun_session`) every
-    rank
-    runs every stage: training under DDP, evaluation sharded; rank 0 alone writes stage.json, the report and
-    the stages' files, and the ranks meet at a barrier at each stage boundary."""
+    Under torchrun (the process group joined by the caller,
+    `mixup_transfer.core.distributed.torchrun_session`) every rank
+    runs every stage: training under DDP, evaluation sharded; rank 0 alone writes stage.json, the
+    report and the stages' files, and the ranks meet at a barrier at each stage boundary."""
     from mixup_transfer.pipeline.report import write_report
 
-    init_distributed()  # under torchrun: join the group now (a no-op when the caller did, or outside torchrun)
+    # under torchrun: join the group now (a no-op when the caller did, or outside torchrun)
+    init_distributed()
     cfg = load_config(config_path, overrides, DEFAULTS)
     pipe = Pipeline(cfg, methods=methods, force=tuple(force), stop_after=stop_after)
     t0 = time.time()
@@ -493,7 +527,8 @@ def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_af
 
 
 class StagesFailed(RuntimeError):
-    """Some stages failed (and their dependents did not run); the report was written with them marked."""
+    """Some stages failed (and their dependents did not run); the report was written with them
+    marked."""
 
     def __init__(self, report: Path, failed: dict[str, str]):
         self.report, self.failed = report, failed

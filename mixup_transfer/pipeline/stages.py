@@ -1,11 +1,13 @@
 """The toolkit's stages, one line each, and the pipeline's adapters to their entry points.
 
-`DECLARED` names where each stage package declares its stage (`mixup_transfer.core.stage.Stage`); `stage(name)`
-imports a declaration on first use, so listing the names imports nothing. Adding a stage: its package, its
-declaration (a `STAGE`), and one line here; the launcher (`tools/submit.py`), the tools and the pipeline read it.
+`DECLARED` names where each stage package declares its stage (`mixup_transfer.core.stage.Stage`);
+`stage(name)` imports a declaration on first use, so listing the names imports nothing. Adding a
+stage: its package, its declaration (a `STAGE`), and one line here; the launcher
+(`tools/submit.py`), the tools and the pipeline read it.
 
-The adapters below call each stage's one entry point, `run(cfg, inputs, run_dir) -> metrics`: they read the
-stage's YAML config with the pipeline's overrides, name its inputs and return its metrics (a JSON-able dict)."""
+The adapters below call each stage's one entry point, `run(cfg, inputs, run_dir) -> metrics`: they
+read the stage's YAML config with the pipeline's overrides, name its inputs and return its metrics
+(a JSON-able dict)."""
 
 from __future__ import annotations
 

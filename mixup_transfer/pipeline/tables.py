@@ -1,12 +1,14 @@
-"""Tables laid out like the papers': one function per table, each returning a `Table` (`.markdown()`, `.summary()`).
+"""Tables laid out like the papers': one function per table, each returning a `Table`
+(`.markdown()`, `.summary()`).
 
-An entry is the mean ± sample std (ddof = 1) over the runs behind it (pretraining seeds × transfer seeds × a
-detection config's own seeds), or the value alone for one run; it links to the run folder that produced it (their
-common parent for several runs). The best method entry of a column is in bold (`best_rows`); baseline rows (chance,
-a centred box, a randomly initialised backbone) sit under the methods, in italics.
+An entry is the mean ± sample std (ddof = 1) over the runs behind it (pretraining seeds × transfer
+seeds × a detection config's own seeds), or the value alone for one run; it links to the run folder
+that produced it (their common parent for several runs). The best method entry of a column is in
+bold (`best_rows`); baseline rows (chance, a centred box, a randomly initialised backbone) sit
+under the methods, in italics.
 
-Results by stage are lists of runs, `{"metrics": {...}, "folder": "erm/seed0/pretrain", "seeds": {...}}`
-(mixup_transfer/pipeline/run.py `Pipeline.run`).
+Results by stage are lists of runs, `{"metrics": {...}, "folder": "erm/seed0/pretrain", "seeds":
+{...}}` (mixup_transfer/pipeline/run.py `Pipeline.run`).
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ class Column:
 
 
 def const(stage: str, metrics: dict) -> dict:
-    """The results of a baseline row computed, not run (chance, a centred box): one run without a folder."""
+    """The results of a baseline row computed, not run (chance, a centred box): one run without a
+    folder."""
     return {stage: [{"metrics": metrics, "folder": "", "seeds": {}}]}
 
 
 def expand(run: dict) -> list[dict]:
-    """A run whose stage trained several seeds itself (detection's `per_seed`) as one run per seed."""
+    """A run whose stage trained several seeds itself (detection's `per_seed`) as one run per
+    seed."""
     per_seed = run["metrics"].get("per_seed") if isinstance(run.get("metrics"), dict) else None
     if not isinstance(per_seed, list) or len(per_seed) < 2:
         return [run]
@@ -70,7 +74,8 @@ def mean_std(vals: list[float]) -> tuple[float, float | None]:
 class Cell:
     values: list[float]
     runs: list[dict]
-    failed: int = 0  # runs of the entry's stage that failed or did not run (mixup_transfer/pipeline/run.py)
+    # runs of the entry's stage that failed or did not run (mixup_transfer/pipeline/run.py)
+    failed: int = 0
 
     @property
     def n(self) -> int:
@@ -93,11 +98,12 @@ class Cell:
 
 
 def best_rows(stats: list[tuple[float, float | None, int] | None], better: str | None) -> set[int]:
-    """The indices of the entries to bold among `stats` ((mean, std or None, n) per row, None: no entry).
+    """The indices of the entries to bold among `stats` ((mean, std or None, n) per row, None: no
+    entry).
 
-    All single runs: every entry equal to the best value (today's rule). Otherwise the best mean only, and only
-    where its gap to the next-best mean is larger than both their stds (a missing std counts as 0); a lone entry
-    is the best. better: "high", "low" or None (nothing is bold)."""
+    All single runs: every entry equal to the best value (today's rule). Otherwise the best mean
+    only, and only where its gap to the next-best mean is larger than both their stds (a missing
+    std counts as 0); a lone entry is the best. better: "high", "low" or None (nothing is bold)."""
     if better not in ("high", "low"):
         return set()
     sign = 1.0 if better == "high" else -1.0
@@ -117,8 +123,8 @@ def best_rows(stats: list[tuple[float, float | None, int] | None], better: str |
 
 @dataclass
 class Table:
-    """title, note (the caption), columns, rows: (label, results of that row by stage, is_baseline); row_header:
-    the first column's header."""
+    """title, note (the caption), columns, rows: (label, results of that row by stage,
+    is_baseline); row_header: the first column's header."""
     title: str
     note: str
     columns: list[Column]
@@ -143,10 +149,12 @@ class Table:
         return out
 
     def counts(self, cells: list[list[Cell]]) -> str:
-        """'n=3' when every run-backed row has the same number of runs, else 'n=3 (erm, ...), n=1 (random init)'."""
+        """'n=3' when every run-backed row has the same number of runs, else 'n=3 (erm, ...), n=1
+        (random init)'."""
         by_n: dict[int, list[str]] = {}
         for (label, _res, _), row in zip(self.rows, cells):
-            if any(r.get("folder") for cell in row for r in cell.runs):  # computed rows (chance) are no runs
+            # computed rows (chance) are no runs
+            if any(r.get("folder") for cell in row for r in cell.runs):
                 by_n.setdefault(max(cell.n for cell in row), []).append(label)
         if len(by_n) <= 1:
             return "".join(f"n={n}" for n in by_n)
@@ -174,8 +182,8 @@ class Table:
         return "\n".join(lines + ["", RULE_SPREAD if spread else RULE_ONE]) + "\n"
 
     def summary(self) -> dict:
-        """The table as data: per row and column the per-run values (with their folders and seeds), mean, std, n
-        and whether the entry is bold."""
+        """The table as data: per row and column the per-run values (with their folders and seeds),
+        mean, std, n and whether the entry is bold."""
         cells = self.cells()
         bold = self.bold(cells)
         rows = {}
@@ -212,13 +220,15 @@ def first(results: dict, stage: str, key: str):
     return None
 
 
-# the pretraining dataset kind (mixup_transfer/pipeline/stages.py `pretrain`) -> (layout name, its evaluation split)
+# the pretraining dataset kind (mixup_transfer/pipeline/stages.py `pretrain`) -> (layout name, its
+# evaluation split)
 LAYOUTS = {"imagenet": ("ImageNet", "validation"), "cifar10": ("CIFAR-10", "test"),
            "cifar100": ("CIFAR-100", "test"), "tinyimagenet": ("TinyImageNet", "validation")}
 
 
 def layout(results: dict) -> tuple[str, str]:
-    """(layout name, evaluation split) of the methods' pretraining data; ImageNet when the runs do not say."""
+    """(layout name, evaluation split) of the methods' pretraining data; ImageNet when the runs do
+    not say."""
     return LAYOUTS.get(first(results, "pretrain", "dataset"), LAYOUTS["imagenet"])
 
 
@@ -263,7 +273,8 @@ def detection_table(results: dict, dets: list[str]) -> Table:
 def wsol_table(results: dict) -> Table:
     rows = method_rows(results, {"wsol"})
     centred = first(results, "wsol", "centred_box")
-    if isinstance(centred, dict):  # the same box for every image: BoxAcc at IoU 50 and the mean over 30/50/70
+    # the same box for every image: BoxAcc at IoU 50 and the mean over 30/50/70
+    if isinstance(centred, dict):
         rows.append(("centred box", const("wsol", {"maxboxacc_v1": get(centred, "boxacc", "50"),
                                                    "maxboxacc_v2": get(centred, "boxacc_mean")}), True))
     return Table(
@@ -328,8 +339,8 @@ def ood_sets(results: dict) -> list[str]:
 
 
 def ood_table(results: dict, only: list[str] | None = None) -> Table | None:
-    """All OOD sets in one table, or (`only`) those sets: the report gives each set its own table when there are
-    more than three."""
+    """All OOD sets in one table, or (`only`) those sets: the report gives each set its own table
+    when there are more than three."""
     sets = [s for s in ood_sets(results) if only is None or s in only]
     if not sets:
         return None
@@ -347,7 +358,8 @@ def ood_table(results: dict, only: list[str] | None = None) -> Table | None:
 
 
 def embedding_table(results: dict) -> Table | None:
-    """Alignment / uniformity per method (MultiMix §4.4), or None when no method ran the embedding suite."""
+    """Alignment / uniformity per method (MultiMix §4.4), or None when no method ran the embedding
+    suite."""
     def emb(run):
         return (run.get("metrics") or {}).get("embedding") or {}
     rows = [(m, r, False) for m, r in results["methods"].items()

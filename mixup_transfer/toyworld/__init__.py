@@ -1,6 +1,6 @@
-"""The toy world: small procedurally generated datasets written in the real on-disk layouts (ImageNet, VOC, COCO,
-CUB), one module per format over one shared visual vocabulary (``mixup_transfer.toyworld.vocab``). Imports only
-``core``."""
+"""The toy world: small procedurally generated datasets written in the real on-disk layouts
+(ImageNet, VOC, COCO, CUB), one module per format over one shared visual vocabulary
+(``mixup_transfer.toyworld.vocab``). Imports only ``core``."""
 
 from mixup_transfer.core.constants import VOC_CLASSES
 from mixup_transfer.toyworld.coco import coco_scene

@@ -1,14 +1,15 @@
-"""The CIFAR-layout toy worlds (32 x 32 images), written as the python-version batches of the real datasets:
+"""The CIFAR-layout toy worlds (32 x 32 images), written as the python-version batches of the real
+datasets:
 
 - ``cifar-10-batches-py/``: ``data_batch_1`` .. ``data_batch_5``, ``test_batch``, ``batches.meta``;
 - ``cifar-100-python/``: ``train``, ``test``, ``meta``.
 
-Each batch is a pickled dict with bytes keys, as in the real files (b"data" uint8 [N, 3072]: per row the red,
-green and blue 32 x 32 planes, row-major; b"labels" or b"fine_labels" / b"coarse_labels"; b"filenames";
-b"batch_label"). The pixels are stored raw, so a reader gets back exactly what the renderer drew. CIFAR-10's
-classes are the ImageNet world's, CIFAR-100's the first 100 of ``vocab.small_image_classes`` (coarse label =
-fine label // 5, 20 superclasses as in CIFAR-100). One object per image, filling a good part of the frame as
-CIFAR's objects do.
+Each batch is a pickled dict with bytes keys, as in the real files (b"data" uint8 [N, 3072]: per
+row the red, green and blue 32 x 32 planes, row-major; b"labels" or b"fine_labels" /
+b"coarse_labels"; b"filenames"; b"batch_label"). The pixels are stored raw, so a reader gets back
+exactly what the renderer drew. CIFAR-10's classes are the ImageNet world's, CIFAR-100's the first
+100 of ``vocab.small_image_classes`` (coarse label = fine label // 5, 20 superclasses as in
+CIFAR-100). One object per image, filling a good part of the frame as CIFAR's objects do.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ CIFAR_SIDE = 32
 
 
 def small_scene(seed: int, world: int, index: int, label: int, n_classes: int, side: int):
-    """One small-image scene (side x side): the class's object with radius 22-40% of the side, lighter clutter
-    than the larger worlds (at 32 px the ImageNet world's distractors would cover the object). -> (uint8
-    [side, side, 3], [SceneObject])."""
+    """One small-image scene (side x side): the class's object with radius 22-40% of the side,
+    lighter clutter than the larger worlds (at 32 px the ImageNet world's distractors would cover
+    the object). -> (uint8 [side, side, 3], [SceneObject])."""
     rng = image_rng(seed, world, index)
     placed = place_objects(rng, (side, side), [(0.22, 0.4)], inside=0.8)
     cls = small_image_classes(n_classes)[label]
@@ -36,8 +37,8 @@ def small_scene(seed: int, world: int, index: int, label: int, n_classes: int, s
 
 
 def cifar_split(seed: int, n_classes: int, per_class: int, test: bool) -> tuple[np.ndarray, list[int]]:
-    """The images [N, 32, 32, 3] uint8 and labels of one toy CIFAR split, in a shuffled class order (as the
-    real batches are); image i is a pure function of (seed, split, i)."""
+    """The images [N, 32, 32, 3] uint8 and labels of one toy CIFAR split, in a shuffled class order
+    (as the real batches are); image i is a pure function of (seed, split, i)."""
     n = n_classes * per_class
     order = np.random.default_rng([seed, WORLDS["splits"], 2 + int(test), n_classes]).permutation(n)
     labels = [int(k) % n_classes for k in order]
@@ -47,7 +48,8 @@ def cifar_split(seed: int, n_classes: int, per_class: int, test: bool) -> tuple[
 
 
 def _rows(images: np.ndarray) -> np.ndarray:
-    """[N, 32, 32, 3] -> [N, 3072]: the R, G, B planes of each image, row-major (CIFAR's b"data")."""
+    """[N, 32, 32, 3] -> [N, 3072]: the R, G, B planes of each image, row-major (CIFAR's
+    b"data")."""
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), -1))
 
 

@@ -1,5 +1,6 @@
-"""The COCO-layout toy world: ``annotations/instances_{train,val}2017.json`` with non-contiguous category ids
-(real COCO ids and names), polygon segmentations, images ``{train,val}2017/000000XXXXXX.jpg``."""
+"""The COCO-layout toy world: ``annotations/instances_{train,val}2017.json`` with non-contiguous
+category ids (real COCO ids and names), polygon segmentations, images
+``{train,val}2017/000000XXXXXX.jpg``."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def write_coco(out: Path, seed: int, preset: str, workers: int, progress: bool) 
 
 
 def _coco_records(img_ids: list[int], recs: list[dict], ann_id: int) -> tuple[list, list, int]:
-    """COCO ``images`` and ``annotations`` entries of one split (annotation ids continue from ``ann_id``)."""
+    """COCO ``images`` and ``annotations`` entries of one split (annotation ids continue from
+    ``ann_id``)."""
     images, anns = [], []
     for iid, rec in zip(img_ids, recs):
         images.append(

@@ -1,5 +1,6 @@
-"""The CUB-200-2011 toy world: fine-grained "birds" (one shape; classes differ only in markings and colours) with
-the raw CUB files (images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, bounding_boxes.txt)."""
+"""The CUB-200-2011 toy world: fine-grained "birds" (one shape; classes differ only in markings and
+colours) with the raw CUB files (images.txt, image_class_labels.txt, train_test_split.txt,
+classes.txt, bounding_boxes.txt)."""
 
 from __future__ import annotations
 

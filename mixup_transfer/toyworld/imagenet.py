@@ -1,6 +1,7 @@
-"""The ImageNet-layout toy world: ``train/<wnid>/<wnid>_<k>.JPEG``, ``val/<wnid>/ILSVRC2012_val_XXXXXXXX.JPEG``,
-val boxes as PASCAL-style XML (``val_boxes/*.xml``) and as Kaggle's ``LOC_val_solution.csv``,
-``LOC_synset_mapping.txt``. One main object (25-60% of the image side), sometimes a second instance."""
+"""The ImageNet-layout toy world: ``train/<wnid>/<wnid>_<k>.JPEG``,
+``val/<wnid>/ILSVRC2012_val_XXXXXXXX.JPEG``, val boxes as PASCAL-style XML (``val_boxes/*.xml``)
+and as Kaggle's ``LOC_val_solution.csv``, ``LOC_synset_mapping.txt``. One main object (25-60% of
+the image side), sometimes a second instance."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from mixup_transfer.toyworld.vocab import IMAGENET_CLASSES, PRESETS, WORLDS, ima
 
 
 def imagenet_scene(seed: int, val: bool, index: int, label: int, preset: str = "demo"):
-    """One ImageNet-world image: the class's object (radius 12.5-30% of the side = 25-60% box side),
-    sometimes (15%) a smaller second instance of the same class."""
+    """One ImageNet-world image: the class's object (radius 12.5-30% of the side = 25-60% box
+    side), sometimes (15%) a smaller second instance of the same class."""
     cfg = PRESETS[preset]
     rng = image_rng(seed, WORLDS["imagenet_val"] if val else WORLDS["imagenet_train"], index)
     size = image_size(rng, cfg["imagenet_size"])

@@ -1,11 +1,13 @@
-"""Toy out-of-distribution folders shaped like the 32 x 32 OOD sets of the CIFAR track (ODIN's ``LSUN``,
-``LSUN_resize``, ``iSUN``, ``Imagenet`` (TinyImageNet crop), ``Imagenet_resize``; AlignMix §4.3 / App. C).
+"""Toy out-of-distribution folders shaped like the 32 x 32 OOD sets of the CIFAR track (ODIN's
+``LSUN``, ``LSUN_resize``, ``iSUN``, ``Imagenet`` (TinyImageNet crop), ``Imagenet_resize``;
+AlignMix §4.3 / App. C).
 
-The idea is the toy pipeline's existing OOD set (CUB birds against the ImageNet world's shape classes): images
-outside the shape vocabulary. "Scene" sets (LSUN, iSUN) are cluttered backgrounds with no object; "object"
-sets (TinyImageNet) are birds, never a shape class. ``crop`` sets take the centre 32 x 32 of a larger render,
-``resize`` sets squeeze the whole render to 32 x 32. Layouts: ``<name>/<name>/*.jpg`` (nested) except iSUN,
-written flat (``iSUN/*.jpg``), so that both layouts the reader accepts are exercised.
+The idea is the toy pipeline's existing OOD set (CUB birds against the ImageNet world's shape
+classes): images outside the shape vocabulary. "Scene" sets (LSUN, iSUN) are cluttered backgrounds
+with no object; "object" sets (TinyImageNet) are birds, never a shape class. ``crop`` sets take the
+centre 32 x 32 of a larger render, ``resize`` sets squeeze the whole render to 32 x 32. Layouts:
+``<name>/<name>/*.jpg`` (nested) except iSUN, written flat (``iSUN/*.jpg``), so that both layouts
+the reader accepts are exercised.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def ood_image(seed: int, set_index: int, index: int, content: str, how: str, siz
                      flip=bool(rng.random() < 0.5))]
     img, _ = render_scene(rng, (h, w), spec)
     if how == "crop":
-        # a centre crop of half the render's short side, brought to size: the crop keeps the render's scale
+        # a centre crop of half the render's short side, brought to size: the crop keeps the
+        # render's scale
         c = min(h, w) // 2
         top, left = (h - c) // 2, (w - c) // 2
         img = img[top:top + c, left:left + c]
@@ -51,9 +54,10 @@ def ood_image(seed: int, set_index: int, index: int, content: str, how: str, siz
 
 
 def write_ood_folders(out, seed: int = 0, n: int = 20, size: int = 32, sets=None) -> dict:
-    """Write ``n`` images per OOD set under ``out`` (see ``OOD_SETS``); returns {name: folder} (the folder to
-    pass as ``ood: [NAME=FOLDER]``: ``out/<name>``). A set folder from an earlier call is replaced; any other
-    existing folder of that name is an error."""
+    """Write ``n`` images per OOD set under ``out`` (see ``OOD_SETS``); returns {name: folder} (the
+    folder to
+    pass as ``ood: [NAME=FOLDER]``: ``out/<name>``). A set folder from an earlier call is replaced;
+    any other existing folder of that name is an error."""
     out = Path(out)
     names = list(OOD_SETS) if sets is None else list(sets)
     unknown = sorted(set(names) - set(OOD_SETS))

@@ -1,9 +1,10 @@
-"""Rendering toy scenes (objects on cluttered backgrounds) and writing them in the real on-disk formats.
+"""Rendering toy scenes (objects on cluttered backgrounds) and writing them in the real on-disk
+formats.
 
-Box convention in memory (``SceneObject.box``): float ``x0, y0, x1, y1`` in continuous pixel coordinates, where
-pixel column ``i`` spans ``[i, i + 1)``, i.e. the tight box of a mask is ``(min col, min row, max col + 1,
-max row + 1)``. On disk each format keeps its own (VOC/ImageNet XML 1-based inclusive, COCO ``[x, y, w, h]``,
-CUB ``x y w h``).
+Box convention in memory (``SceneObject.box``): float ``x0, y0, x1, y1`` in continuous pixel
+coordinates, where pixel column ``i`` spans ``[i, i + 1)``, i.e. the tight box of a mask is ``(min
+col, min row, max col + 1, max row + 1)``. On disk each format keeps its own (VOC/ImageNet XML
+1-based inclusive, COCO ``[x, y, w, h]``, CUB ``x y w h``).
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ class SceneObject:
     """One rendered object.
 
     box: (x0, y0, x1, y1) floats, toolkit convention (tight box of ``mask``, ``x1 = max col + 1``).
-    mask: bool [H, W], the object's full silhouette clipped to the image (later objects may occlude it).
-    truncated: the silhouette extends beyond the image border. difficult: set by the VOC world only.
+    mask: bool [H, W], the object's full silhouette clipped to the image (later objects may occlude
+    it).
+    truncated: the silhouette extends beyond the image border. difficult: set by the VOC world
+    only.
     """
 
     cls: Any
@@ -124,9 +127,11 @@ def _fill(canvas: np.ndarray, polys: Sequence[np.ndarray], value: int) -> None:
 def _rasterize(
     h: int, w: int, filled: Sequence[np.ndarray], holes: Sequence[np.ndarray]
 ) -> tuple[np.ndarray, bool]:
-    """Rasterize image-coordinate polygons into a bool [h, w] mask; also whether it was cut by the border.
+    """Rasterize image-coordinate polygons into a bool [h, w] mask; also whether it was cut by the
+    border.
 
-    Pixel centres sit at integer coordinates here (OpenCV's convention) -- consistent for every shape.
+    Pixel centres sit at integer coordinates here (OpenCV's convention) -- consistent for every
+    shape.
     """
     allpts = np.concatenate(list(filled))
     pad = (
@@ -171,7 +176,8 @@ def _object_colour(rng: np.random.Generator, colour: str) -> np.ndarray:
 
 
 def _background(rng: np.random.Generator, h: int, w: int, clutter: float) -> np.ndarray:
-    """Smooth random colour field (mostly muted colours) + distractor strokes; float32 [h, w, 3] RGB."""
+    """Smooth random colour field (mostly muted colours) + distractor strokes; float32 [h, w, 3]
+    RGB."""
     gh, gw = int(rng.integers(2, 6)), int(rng.integers(2, 6))
     hsv = np.stack(
         [rng.uniform(0, 180, (gh, gw)), rng.uniform(0, 120, (gh, gw)), rng.uniform(60, 230, (gh, gw))], -1
@@ -213,7 +219,8 @@ def _background(rng: np.random.Generator, h: int, w: int, clutter: float) -> np.
 
 
 def _texture(rng: np.random.Generator, texture: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
-    """Mixing weight t in [0, 1] towards the secondary (dark) colour; u, v: object-frame coordinates."""
+    """Mixing weight t in [0, 1] towards the secondary (dark) colour; u, v: object-frame
+    coordinates."""
     period = max(4.0, r * rng.uniform(0.4, 0.55))
     if texture == "solid":
         return np.zeros_like(u)
@@ -337,10 +344,11 @@ def render_scene(
     """Render one scene.
 
     rng: the only source of randomness. size: (height, width).
-    objects_spec: painted in order (later ones occlude earlier ones); each a dict with ``cls`` (ObjectClass or
-    BirdClass), ``center`` (cx, cy) in pixels, ``radius`` (half-extent in pixels), optional ``angle``
-    (degrees), ``aspect`` (ObjectClass) or ``flip`` (BirdClass).
-    Returns the RGB image uint8 [H, W, 3] and one SceneObject per spec (full silhouette, tight box).
+    objects_spec: painted in order (later ones occlude earlier ones); each a dict with ``cls``
+    (ObjectClass or BirdClass), ``center`` (cx, cy) in pixels, ``radius`` (half-extent in pixels),
+    optional ``angle`` (degrees), ``aspect`` (ObjectClass) or ``flip`` (BirdClass).
+    Returns the RGB image uint8 [H, W, 3] and one SceneObject per spec (full silhouette, tight
+    box).
     """
     h, w = int(size[0]), int(size[1])
     img = _background(rng, h, w, clutter)
@@ -369,10 +377,12 @@ def place_objects(
     max_iou: float = 0.3,
     tries: int = 30,
 ) -> list[tuple[tuple[float, float], float]]:
-    """Random (center, radius) for each radius range (fractions of the shorter side), rejecting overlaps.
+    """Random (center, radius) for each radius range (fractions of the shorter side), rejecting
+    overlaps.
 
-    inside: how much of the radius must lie inside the image (1 = fully inside, < 1 allows truncation).
-    Objects that find no place after ``tries`` draws are dropped (the first one always fits).
+    inside: how much of the radius must lie inside the image (1 = fully inside, < 1 allows
+    truncation). Objects that find no place after ``tries`` draws are dropped (the first one always
+    fits).
     """
     h, w = size
     side = min(h, w)
@@ -408,9 +418,10 @@ def multi_object_scene(
     size_range: tuple[int, int],
     difficult_area: float | None = None,
 ):
-    """VOC/COCO image: 1-4 objects; the first one's class cycles through ``classes`` (every class appears in
-    every split), the others are random. Some objects cross the border (truncated). With ``difficult_area``
-    (pixels), objects whose box is smaller are marked difficult with probability 1/2."""
+    """VOC/COCO image: 1-4 objects; the first one's class cycles through ``classes`` (every class
+    appears in every split), the others are random. Some objects cross the border (truncated). With
+    ``difficult_area`` (pixels), objects whose box is smaller are marked difficult with probability
+    1/2."""
     rng = image_rng(seed, world, index)
     size = image_size(rng, size_range)
     n = int(rng.choice([1, 2, 3, 4], p=[0.3, 0.35, 0.2, 0.15]))
@@ -479,8 +490,8 @@ def _record(objs: list[SceneObject], size: tuple[int, int], with_polygons: bool)
 
 
 def _run_task(task: tuple) -> dict:
-    """Render one image with ``scene(*args)``, write its JPEG, return its annotation record (labels as indices
-    into ``labels_from``)."""
+    """Render one image with ``scene(*args)``, write its JPEG, return its annotation record (labels
+    as indices into ``labels_from``)."""
     scene, path, args, labels_from, with_polygons = task
     img, objs = scene(*args)
     _write_jpeg(Path(path), img)

@@ -1,12 +1,14 @@
 """The TinyImageNet-200-layout toy world (64 x 64 JPEGs), ``tiny-imagenet-200/``:
 
 - ``wnids.txt`` (the 200 wnids), ``words.txt`` (``wnid<TAB>names``);
-- ``train/<wnid>/images/<wnid>_<k>.JPEG`` with ``train/<wnid>/<wnid>_boxes.txt`` (``file<TAB>x0<TAB>y0<TAB>x1<TAB>y1``);
-- ``val/images/val_<i>.JPEG`` with ``val/val_annotations.txt`` (``file<TAB>wnid<TAB>x0<TAB>y0<TAB>x1<TAB>y1``);
+- ``train/<wnid>/images/<wnid>_<k>.JPEG`` with ``train/<wnid>/<wnid>_boxes.txt``
+  (``file<TAB>x0<TAB>y0<TAB>x1<TAB>y1``);
+- ``val/images/val_<i>.JPEG`` with ``val/val_annotations.txt``
+  (``file<TAB>wnid<TAB>x0<TAB>y0<TAB>x1<TAB>y1``);
 - ``test/images/test_<i>.JPEG`` (unlabelled, as in the real release).
 
-Box corners are 0-based inclusive pixel indices (the real files' 0..63 range): the tight box x0, y0, x1, y1 of
-the toolkit is written as x0, y0, x1 - 1, y1 - 1. The classes are the first 200 of
+Box corners are 0-based inclusive pixel indices (the real files' 0..63 range): the tight box x0,
+y0, x1, y1 of the toolkit is written as x0, y0, x1 - 1, y1 - 1. The classes are the first 200 of
 ``vocab.small_image_classes`` (the ImageNet world's ten first, with the ImageNet world's wnids).
 """
 

@@ -1,6 +1,6 @@
-"""The VOC-devkit toy world: ``VOCdevkit/VOC2007`` (trainval/test) and ``VOC2012`` (trainval), VOC XML with the
-20 VOC class names, 1-4 objects per image, ``truncated`` for objects cut by the border, ``difficult`` for some
-small ones."""
+"""The VOC-devkit toy world: ``VOCdevkit/VOC2007`` (trainval/test) and ``VOC2012`` (trainval), VOC
+XML with the 20 VOC class names, 1-4 objects per image, ``truncated`` for objects cut by the
+border, ``difficult`` for some small ones."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from mixup_transfer.toyworld.vocab import PRESETS, VOC_OBJECT_CLASSES, WORLDS
 
 
 def voc_scene(seed: int, year: str, index: int, preset: str = "demo"):
-    """Image ``index`` (0-based, in id order) of VOC``year``; objects below a box area of (0.16 * min size)^2
-    pixels are difficult with probability 1/2."""
+    """Image ``index`` (0-based, in id order) of VOC``year``; objects below a box area of (0.16 *
+    min size)^2 pixels are difficult with probability 1/2."""
     cfg = PRESETS[preset]
     world = {"2007": WORLDS["voc2007"], "2012": WORLDS["voc2012"]}[str(year)]
     return multi_object_scene(
@@ -31,7 +31,8 @@ def voc_scene(seed: int, year: str, index: int, preset: str = "demo"):
 def voc_ids(year: str, n: int) -> list[str]:
     """Sorted VOC image ids; image index i of ``voc_scene`` is ``voc_ids(year, n)[i]``.
 
-    2007: ``000001`` ...; 2012: ``2008_000001`` ... spread over the years 2008-2011 like the real set."""
+    2007: ``000001`` ...; 2012: ``2008_000001`` ... spread over the years 2008-2011 like the real
+    set."""
     if str(year) == "2007":
         return [f"{i + 1:06d}" for i in range(n)]
     per_year = -(-n // 4)

@@ -1,8 +1,8 @@
 """The shared visual vocabulary of the four toy worlds, their size presets and per-image seeding.
 
-An object class is a (colour, texture, shape) combination; the ImageNet, VOC, COCO and CUB worlds draw their
-classes from the same shapes, colours and textures, the way ImageNet shares its visual world with VOC, COCO and
-CUB, so that pretraining on the ImageNet-layout world helps on the others.
+An object class is a (colour, texture, shape) combination; the ImageNet, VOC, COCO and CUB worlds
+draw their classes from the same shapes, colours and textures, the way ImageNet shares its visual
+world with VOC, COCO and CUB, so that pretraining on the ImageNet-layout world helps on the others.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ TEXTURE_ADJECTIVES = {
     "gradient": "shaded",
 }
 
-# (category id, name, supercategory): real COCO ids, deliberately non-contiguous (12 and 21 are absent).
+# (category id, name, supercategory): real COCO ids, deliberately non-contiguous (12 and 21 are
+# absent).
 COCO_CATEGORIES = (
     (1, "person", "person"),
     (2, "bicycle", "vehicle"),
@@ -125,8 +126,8 @@ BIRD_COLOURS = {
     "brown": (110, 70, 35),
 }
 
-# The ImageNet world: pairs share a colour (so mean colour cannot separate them) and classes 4/5 share
-# shape and colour and differ only in texture; shapes recur across colours (star, hexagon).
+# The ImageNet world: pairs share a colour (so mean colour cannot separate them) and classes 4/5
+# share shape and colour and differ only in texture; shapes recur across colours (star, hexagon).
 IMAGENET_CLASSES = tuple(
     ObjectClass(f"{c} {TEXTURE_ADJECTIVES[t]} {s}", s, c, t)
     for s, c, t in (
@@ -147,10 +148,11 @@ VOC_OBJECT_CLASSES = tuple(
     ObjectClass(name, SHAPES[i % 10], COLOUR_NAMES[(3 * i + i // 10) % 8], TEXTURES[(i + 2 * (i // 10)) % 5])
     for i, name in enumerate(VOC_CLASSES)
 )
-# COCO categories: like the VOC world, every colour, shape and texture is shared by several categories, so
-# that only their combination names a category. A detector has to learn the shape and texture features that
-# pretraining on the ImageNet world provides; with 8 colour-coded categories a randomly initialised Faster
-# R-CNN learned the task as fast as a pretrained one (COCO AP 13.7 vs 12.5 after one toy epoch).
+# COCO categories: like the VOC world, every colour, shape and texture is shared by several
+# categories, so that only their combination names a category. A detector has to learn the shape
+# and texture features that pretraining on the ImageNet world provides; with 8 colour-coded
+# categories a randomly initialised Faster R-CNN learned the task as fast as a pretrained one (COCO
+# AP 13.7 vs 12.5 after one toy epoch).
 COCO_OBJECT_CLASSES = tuple(
     ObjectClass(name, SHAPES[(i + 3) % 10], COLOUR_NAMES[(3 * i + i // 10 + 1) % 8],
                 TEXTURES[(i + 2 * (i // 10) + 1) % 5])
@@ -174,9 +176,10 @@ for _group in (IMAGENET_CLASSES, VOC_OBJECT_CLASSES, COCO_OBJECT_CLASSES):
 
 
 def small_image_classes(n: int) -> tuple[ObjectClass, ...]:
-    """The classes of the small-image worlds (CIFAR-10: n = 10, CIFAR-100: 100, TinyImageNet: 200): the ImageNet
-    world's classes first (so CIFAR-10 is the ImageNet world at 32 px), then further (shape, colour, texture)
-    combinations of the same vocabulary in a fixed shuffled order (up to 400 exist)."""
+    """The classes of the small-image worlds (CIFAR-10: n = 10, CIFAR-100: 100, TinyImageNet: 200):
+    the ImageNet world's classes first (so CIFAR-10 is the ImageNet world at 32 px), then further
+    (shape, colour, texture) combinations of the same vocabulary in a fixed shuffled order (up to
+    400 exist)."""
     combos = [(s, c, t) for s in SHAPES for c in COLOURS for t in TEXTURES]
     if n > len(combos):
         raise ValueError(f"the vocabulary has {len(combos)} classes, {n} asked")
@@ -258,5 +261,6 @@ JPEG_QUALITY = 90
 
 
 def image_rng(seed: int, world: int, index: int) -> np.random.Generator:
-    """The generator of one image: independent of every other image and of the number of workers."""
+    """The generator of one image: independent of every other image and of the number of
+    workers."""
     return np.random.default_rng([int(seed), int(world), int(index)])

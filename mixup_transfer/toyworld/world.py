@@ -1,29 +1,33 @@
 """The toy world: small procedurally generated datasets written in the real on-disk layouts.
 
-One visual vocabulary (shapes x colours x textures, cluttered backgrounds, distractor strokes) is shared
-by four worlds, so that pretraining on the ImageNet-layout world helps on the others:
+One visual vocabulary (shapes x colours x textures, cluttered backgrounds, distractor strokes) is
+shared by four worlds, so that pretraining on the ImageNet-layout world helps on the others:
 
-- ``out/imagenet``: ``train/<wnid>/<wnid>_<k>.JPEG``, ``val/<wnid>/ILSVRC2012_val_XXXXXXXX.JPEG``, val boxes
-  as PASCAL-style XML (``val_boxes/ILSVRC2012_val_XXXXXXXX.xml``) and as Kaggle's ``LOC_val_solution.csv``,
-  ``LOC_synset_mapping.txt``. One main object (25-60% of the image side), sometimes a second instance.
-- ``out/VOCdevkit/VOC2007`` (trainval/test) and ``VOC2012`` (trainval): VOC XML with the 20 VOC class names,
-  1-4 objects per image, ``truncated`` for objects cut by the border, ``difficult`` for some small ones.
-- ``out/coco``: ``annotations/instances_{train,val}2017.json`` with non-contiguous category ids (real COCO ids
-  and names), polygon segmentations, images ``{train,val}2017/000000XXXXXX.jpg``.
-- ``out/CUB_200_2011``: fine-grained "birds" (one shape, classes differ only in markings / colours) with the
-  raw CUB files; the caller may pass a writer of the wsolevaluation metadata (``wsol.data.cub_to_wsol_metadata``).
-- the small-image track (``track="small"`` or ``"all"``): ``out/cifar-10-batches-py``, ``out/cifar-100-python``
-  (32 px, the python pickle batches; ``mixup_transfer/toyworld/cifar.py``) and ``out/tiny-imagenet-200`` (64 px JPEGs
-  with ``wnids.txt``, ``words.txt``, box files and ``val_annotations.txt``;
-  ``mixup_transfer/toyworld/tinyimagenet.py``).
+- ``out/imagenet``: ``train/<wnid>/<wnid>_<k>.JPEG``, ``val/<wnid>/ILSVRC2012_val_XXXXXXXX.JPEG``,
+  val boxes as PASCAL-style XML (``val_boxes/ILSVRC2012_val_XXXXXXXX.xml``) and as Kaggle's
+  ``LOC_val_solution.csv``, ``LOC_synset_mapping.txt``. One main object (25-60% of the image side),
+  sometimes a second instance.
+- ``out/VOCdevkit/VOC2007`` (trainval/test) and ``VOC2012`` (trainval): VOC XML with the 20 VOC
+  class names, 1-4 objects per image, ``truncated`` for objects cut by the border, ``difficult``
+  for some small ones.
+- ``out/coco``: ``annotations/instances_{train,val}2017.json`` with non-contiguous category ids
+  (real COCO ids and names), polygon segmentations, images ``{train,val}2017/000000XXXXXX.jpg``.
+- ``out/CUB_200_2011``: fine-grained "birds" (one shape, classes differ only in markings / colours)
+  with the raw CUB files; the caller may pass a writer of the wsolevaluation metadata
+  (``wsol.data.cub_to_wsol_metadata``).
+- the small-image track (``track="small"`` or ``"all"``): ``out/cifar-10-batches-py``,
+  ``out/cifar-100-python`` (32 px, the python pickle batches; ``mixup_transfer/toyworld/cifar.py``)
+  and ``out/tiny-imagenet-200`` (64 px JPEGs with ``wnids.txt``, ``words.txt``, box files and
+  ``val_annotations.txt``; ``mixup_transfer/toyworld/tinyimagenet.py``).
 
-Box conventions on disk are those of each format (VOC/ImageNet XML 1-based inclusive, COCO ``[x, y, w, h]``,
-CUB ``x y w h``); in memory (``SceneObject.box``) the toolkit convention: float ``x0, y0, x1, y1`` in
-continuous pixel coordinates, where pixel column ``i`` spans ``[i, i + 1)``, i.e. the tight box of a mask is
-``(min col, min row, max col + 1, max row + 1)``.
+Box conventions on disk are those of each format (VOC/ImageNet XML 1-based inclusive, COCO ``[x, y,
+w, h]``, CUB ``x y w h``); in memory (``SceneObject.box``) the toolkit convention: float ``x0, y0,
+x1, y1`` in continuous pixel coordinates, where pixel column ``i`` spans ``[i, i + 1)``, i.e. the
+tight box of a mask is ``(min col, min row, max col + 1, max row + 1)``.
 
-Everything is deterministic for a seed: each image draws from its own ``numpy.random.Generator`` seeded with
-``[seed, world code, image index]``, so the files are byte-identical whatever the number of worker processes.
+Everything is deterministic for a seed: each image draws from its own ``numpy.random.Generator``
+seeded with ``[seed, world code, image index]``, so the files are byte-identical whatever the
+number of worker processes.
 """
 
 from __future__ import annotations
@@ -123,12 +127,13 @@ def _readme(summary: dict) -> str:
 _MARKER = ".toy_world_incomplete"  # exists while a world is being written
 _OUTPUTS = ("imagenet", "VOCdevkit", "coco", "CUB_200_2011", "wsol_metadata", "cifar-10-batches-py",
             "cifar-100-python", "tiny-imagenet-200", "README.txt", "toy_world.json")
-TRACKS = ("standard", "small", "all")  # standard: ImageNet, VOC, COCO, CUB; small: CIFAR-10/100, TinyImageNet
+# standard: ImageNet, VOC, COCO, CUB; small: CIFAR-10/100, TinyImageNet
+TRACKS = ("standard", "small", "all")
 
 
 def _clear_previous(out: Path) -> None:
-    """Remove the outputs of an earlier (or interrupted) toy world, so that no stale files stay behind; refuse
-    to touch dataset folders that this module did not write."""
+    """Remove the outputs of an earlier (or interrupted) toy world, so that no stale files stay
+    behind; refuse to touch dataset folders that this module did not write."""
     present = [name for name in _OUTPUTS if (out / name).exists()]
     if not present:
         return
@@ -151,14 +156,15 @@ def make_toy_world(
     wsol_metadata: Callable[[Path, Path], Any] | None = None,
     track: str = "standard",
 ) -> dict:
-    """Write the four toy datasets (+ README.txt, toy_world.json) under ``out_dir``; with ``wsol_metadata``
-    (``wsol.data.cub_to_wsol_metadata``, passed in so that this package imports no stage) also
-    ``wsol_metadata/CUB/{train,test}`` from the CUB world.
+    """Write the four toy datasets (+ README.txt, toy_world.json) under ``out_dir``; with
+    ``wsol_metadata`` (``wsol.data.cub_to_wsol_metadata``, passed in so that this package imports
+    no stage) also ``wsol_metadata/CUB/{train,test}`` from the CUB world.
 
-    Returns the summary dict (also written to ``out_dir/toy_world.json`` with paths relative to ``out_dir``;
-    the returned dict adds ``root``, the absolute output directory). ``workers`` (default: up to 2 processes)
-    does not change the output. ``toy_world.json`` is written last: its presence marks a complete world.
-    A previous toy world in ``out_dir`` is replaced; other existing dataset folders there are an error.
+    Returns the summary dict (also written to ``out_dir/toy_world.json`` with paths relative to
+    ``out_dir``; the returned dict adds ``root``, the absolute output directory). ``workers``
+    (default: up to 2 processes) does not change the output. ``toy_world.json`` is written last:
+    its presence marks a complete world. A previous toy world in ``out_dir`` is replaced; other
+    existing dataset folders there are an error.
     track: standard (the four worlds above), small (only CIFAR-10, CIFAR-100, TinyImageNet) or all.
     """
     if preset not in PRESETS:

@@ -1,13 +1,15 @@
-"""The method registry: `build_method(name, model, num_classes, **knobs)` and the names it accepts (`METHODS`).
+"""The method registry: `build_method(name, model, num_classes, **knobs)` and the names it accepts
+(`METHODS`).
 
-A method is a small module, `method(images, targets) -> {"loss": ..., ...}`: every method wraps the same
-`ResNetStages` model (or any network `pretrain.adapters` gives the stage interface) and returns a dict whose tensors
-named `loss*` are summed by the trainer; `logits` (clean predictions, ERM only) feed the train accuracy. The training
-loop never asks which method it runs. Knobs are constructor keyword arguments whose defaults are the papers' defaults;
-`build_method` rejects unknown names and knobs with the valid ones listed.
+A method is a small module, `method(images, targets) -> {"loss": ..., ...}`: every method wraps the
+same `ResNetStages` model (or any network `pretrain.adapters` gives the stage interface) and
+returns a dict whose tensors named `loss*` are summed by the trainer; `logits` (clean predictions,
+ERM only) feed the train accuracy. The training loop never asks which method it runs. Knobs are
+constructor keyword arguments whose defaults are the papers' defaults; `build_method` rejects
+unknown names and knobs with the valid ones listed.
 
-One module per family holds its classes and their math (`base` what they share; conventions, layer indices and the
-random streams are described there):
+One module per family holds its classes and their math (`base` what they share; conventions, layer
+indices and the random streams are described there):
 
     mixup         ERM, input mixup, manifold mixup
     cutmix        CutMix
@@ -72,7 +74,8 @@ RENAMED = {"alignmix_official": "alignmix (the AlignMixup released code's varian
 def method_knobs(name: str) -> dict:
     """The knobs of a method and their defaults (the papers' defaults)."""
     cls = _lookup(name)
-    params = list(inspect.signature(cls.__init__).parameters.values())[3:]  # self, model, num_classes
+    # self, model, num_classes
+    params = list(inspect.signature(cls.__init__).parameters.values())[3:]
     return {p.name: p.default for p in params}
 
 
@@ -85,7 +88,8 @@ def _lookup(name: str):
 
 
 def build_method(name: str, model: ResNetStages, num_classes: int, **knobs) -> Method:
-    """METHODS[name](model, num_classes, **knobs), rejecting unknown knobs with the valid ones listed."""
+    """METHODS[name](model, num_classes, **knobs), rejecting unknown knobs with the valid ones
+    listed."""
     cls = _lookup(name)
     valid = method_knobs(name)
     unknown = sorted(set(knobs) - set(valid))
@@ -96,9 +100,9 @@ def build_method(name: str, model: ResNetStages, num_classes: int, **knobs) -> M
 
 def build_configured(name: str, model: ResNetStages, num_classes: int, knobs: dict, where: str = "method",
                      name_key: str = "method.name") -> Method:
-    """`build_method` at a config's edge: a bad method name, knob name or knob value is a ConfigError naming the
-    config key (knobs under `where`, the name at `name_key`), so that a tool exits 2 on it like on any other bad
-    config."""
+    """`build_method` at a config's edge: a bad method name, knob name or knob value is a
+    ConfigError naming the config key (knobs under `where`, the name at `name_key`), so that a tool
+    exits 2 on it like on any other bad config."""
     from mixup_transfer.core.config import ConfigError
 
     check_method_config(name, knobs, where, name_key)
@@ -111,8 +115,8 @@ def build_configured(name: str, model: ResNetStages, num_classes: int, knobs: di
 
 
 def check_method_config(name: str, knobs: dict, where: str = "method", name_key: str = "method.name") -> None:
-    """The method's name and knob names (before any data is read): ConfigError naming the config key (the knobs
-    live under `where`, the name under `name_key`)."""
+    """The method's name and knob names (before any data is read): ConfigError naming the config
+    key (the knobs live under `where`, the name under `name_key`)."""
     from mixup_transfer.core.config import ConfigError
 
     if name not in METHODS:

@@ -1,5 +1,6 @@
-"""AlignMix (AlignMixup, Venkataramanan et al., CVPR 2022, arXiv 2103.15375): the released code's variant, the paper's
-stage-2 encoder, AlignMix/AE, and the entropic optimal transport that aligns two feature tensors."""
+"""AlignMix (AlignMixup, Venkataramanan et al., CVPR 2022, arXiv 2103.15375): the released code's
+variant, the paper's stage-2 encoder, AlignMix/AE, and the entropic optimal transport that aligns
+two feature tensors."""
 
 from __future__ import annotations
 
@@ -13,18 +14,21 @@ from pretrain.methods.base import Method, mixup
 
 
 class _AlignMixBase(Method):
-    """The machinery the AlignMix variants share (AlignMixup, Venkataramanan et al., CVPR 2022, arXiv 2103.15375):
-    per batch one mode (`_mode`): input (input mixup), feat (the partner's feature tensor A' aligned to A and
-    mixed, eq. 12), feat_rev (A aligned to A', eq. 13; the same plan, as the released code's branch 1),
-    embedding (mixup of e = f(A), logit trick). lam ~ Beta(alpha, alpha); Sinkhorn in the log domain with `eps`,
-    at most `n_iters` iterations, optional early stop `tol` (see `sinkhorn`); the plan is detached. The
-    returned "stat_sinkhorn_*" numbers (iterations, row / column marginal errors) are logged by the trainer.
+    """The machinery the AlignMix variants share (AlignMixup, Venkataramanan et al., CVPR 2022,
+    arXiv 2103.15375): per batch one mode (`_mode`): input (input mixup), feat (the partner's
+    feature tensor A' aligned to A and mixed, eq. 12), feat_rev (A aligned to A', eq. 13; the same
+    plan, as the released code's branch 1), embedding (mixup of e = f(A), logit trick). lam ~
+    Beta(alpha, alpha); Sinkhorn in the log domain with `eps`, at most `n_iters` iterations,
+    optional early stop `tol` (see `sinkhorn`); the plan is detached. The returned
+    "stat_sinkhorn_*" numbers (iterations, row / column marginal errors) are logged by the trainer.
 
-    head "gap": e = global average pool of the full layer4 map (the released code). head "fc": the paper's
-    stage-2 encoder (`StageTwoEncoder`) on A pooled to resolution x resolution. With the GAP head aligned mixing
-    (eq. 12) equals embedding mixing (every column of R sums to 1), which tests pin."""
+    head "gap": e = global average pool of the full layer4 map (the released code). head "fc": the
+    paper's stage-2 encoder (`StageTwoEncoder`) on A pooled to resolution x resolution. With the
+    GAP head aligned mixing (eq. 12) equals embedding mixing (every column of R sums to 1), which
+    tests pin."""
 
-    # the modes a variant may draw (`modes`); AlignMix/AE adds "clean", the reconstruction of `reconstruct`
+    # the modes a variant may draw (`modes`); AlignMix/AE adds "clean", the reconstruction of
+    # `reconstruct`
     MODES = ("input", "feat", "feat_rev", "embedding")
 
     def __init__(self, model, num_classes, alpha, eps, n_iters, tol, modes, head, resolution, dense_loss=False):
@@ -44,7 +48,8 @@ class _AlignMixBase(Method):
 
     # -- heads ------------------------------------------------------------------------------------
     def tensor_of(self, fmap: torch.Tensor) -> torch.Tensor:
-        """The feature tensor A that is aligned: the full layer4 map (GAP head), or that map average-pooled to
+        """The feature tensor A that is aligned: the full layer4 map (GAP head), or that map
+        average-pooled to
         `resolution` (stage-2 encoder: 7 x 7 -> 4 x 4 at 224 px)."""
         if self.head == "gap" or tuple(fmap.shape[-2:]) == (self.resolution, self.resolution):
             return fmap
@@ -92,13 +97,15 @@ class _AlignMixBase(Method):
 
 
 class AlignMix(_AlignMixBase):
-    """AlignMix as the authors' released code trains it (shashankvkt/AlignMixup_CVPR22 at ec01a68, the same in
-    cifar10_100/models/resnet18_classifier.py, tiny_imgnet/models/resnet18_classifier.py and
-    imagenet/models/resnet50_classifier.py): per batch input mixup with probability 1/2 (`layer_mix = 0`), else
-    `mixup_aligned` on the full layer4 map (4 x 4 on CIFAR, 8 x 8 on TinyImageNet, 7 x 7 on ImageNet) with branch
-    0 (eq. 12) or branch 1 (A aligned to A', eq. 13), 1/2 each; then global average pooling and the classifier
-    (no stage-2 encoder, no embedding mode). Sinkhorn stops at the code's threshold `tol` = 0.1 (utils/OT.py
-    `thresh`), after at most 100 iterations. dense_loss: the loss at every position (MultiMix Table 10)."""
+    """AlignMix as the authors' released code trains it (shashankvkt/AlignMixup_CVPR22 at ec01a68,
+    the same in cifar10_100/models/resnet18_classifier.py,
+    tiny_imgnet/models/resnet18_classifier.py and
+    imagenet/models/resnet50_classifier.py): per batch input mixup with probability 1/2 (`layer_mix
+    = 0`), else `mixup_aligned` on the full layer4 map (4 x 4 on CIFAR, 8 x 8 on TinyImageNet, 7 x
+    7 on ImageNet) with branch 0 (eq. 12) or branch 1 (A aligned to A', eq. 13), 1/2 each; then
+    global average pooling and the classifier (no stage-2 encoder, no embedding mode). Sinkhorn
+    stops at the code's threshold `tol` = 0.1 (utils/OT.py `thresh`), after at most 100 iterations.
+    dense_loss: the loss at every position (MultiMix Table 10)."""
 
     variant = "released code (shashankvkt/AlignMixup_CVPR22 @ ec01a68): GAP head, input 1/2, aligned 1/4 + 1/4"
 
@@ -114,18 +121,19 @@ class AlignMix(_AlignMixBase):
 
 
 class StageTwoEncoder(nn.Module):
-    """The paper's stage-2 encoder f (AlignMixup §4.1, "a fully-connected layer"): A [b, c, r, r] -> e [b, c] =
-    W vec(A) / r + bias, W [c, c r r].
+    """The paper's stage-2 encoder f (AlignMixup §4.1, "a fully-connected layer"): A [b, c, r, r]
+    -> e [b, c] = W vec(A) / r + bias, W [c, c r r].
 
-    Initialised to global average pooling (W = [I ... I] / r, zero bias; e = GAP(A) at step 0, the released
-    code's head) and scaled by 1 / r. Why: a plain nn.Linear on vec(A) sees an input whose squared norm is about
-    r^2 times that of the pooled vector fc reads in a GAP head (the positions are correlated), so at the same
-    learning rate its step on e is r^2 larger and the product with fc grows unstably. Measured on the toy world
-    (ResNet-18, r = 2, lr 0.1, 6 epochs): the logits grew 100-fold within the warm-up, the last block's ReLUs died
-    (layer4 output rms 1.3 -> 0.008) and top-1 stayed at chance (10.5 %); initialised to GAP but unscaled it still
-    diverged (10.5 %); with the scale, 68 % (and 80.5-81.5 % over three seeds at lr 0.05, where lr 0.1 still
-    spiked on two of three: configs/pretrain/toy_alignmix_stage2.yaml). The function class (any linear map of
-    vec(A)) is unchanged; only SGD's steps are those of a GAP head.
+    Initialised to global average pooling (W = [I ... I] / r, zero bias; e = GAP(A) at step 0, the
+    released code's head) and scaled by 1 / r. Why: a plain nn.Linear on vec(A) sees an input whose
+    squared norm is about r^2 times that of the pooled vector fc reads in a GAP head (the positions
+    are correlated), so at the same learning rate its step on e is r^2 larger and the product with
+    fc grows unstably. Measured on the toy world (ResNet-18, r = 2, lr 0.1, 6 epochs): the logits
+    grew 100-fold within the warm-up, the last block's ReLUs died (layer4 output rms 1.3 -> 0.008)
+    and top-1 stayed at chance (10.5 %); initialised to GAP but unscaled it still diverged (10.5
+    %); with the scale, 68 % (and 80.5-81.5 % over three seeds at lr 0.05, where lr 0.1 still
+    spiked on two of three: configs/pretrain/toy_alignmix_stage2.yaml). The function class (any
+    linear map of vec(A)) is unchanged; only SGD's steps are those of a GAP head.
     """
 
     def __init__(self, channels: int, resolution: int):
@@ -141,18 +149,19 @@ class StageTwoEncoder(nn.Module):
         return self.linear(a.flatten(1) / self.resolution)
 
     def export(self) -> dict:
-        """The head as `mixup_transfer.core.checkpoint.check_head` stores it (the 1 / r scale folded into the
-        weight)."""
+        """The head as `mixup_transfer.core.checkpoint.check_head` stores it (the 1 / r scale
+        folded into the weight)."""
         return {"kind": "pooled_linear", "resolution": self.resolution,
                 "weight": self.linear.weight / self.resolution, "bias": self.linear.bias}
 
 
 class AlignMixStage2(_AlignMixBase):
-    """AlignMix as the paper describes it (AlignMixup §4.1 and App. A; no released code): the layer4 map is
-    average-pooled to resolution x resolution (the paper's A is c x 4 x 4) and the stage-2 encoder f
-    (`StageTwoEncoder`) maps it to the embedding e, so the ResNet's fc is the classifier g; one of `modes`
-    (x, A by eq. 12, A by eq. 13, e) drawn uniformly per batch; Sinkhorn for all n_iters = 100 iterations (App. B;
-    tol None). f lives in this module and in the exported checkpoint's "head", not in the backbone."""
+    """AlignMix as the paper describes it (AlignMixup §4.1 and App. A; no released code): the
+    layer4 map is average-pooled to resolution x resolution (the paper's A is c x 4 x 4) and the
+    stage-2 encoder f (`StageTwoEncoder`) maps it to the embedding e, so the ResNet's fc is the
+    classifier g; one of `modes` (x, A by eq. 12, A by eq. 13, e) drawn uniformly per batch;
+    Sinkhorn for all n_iters = 100 iterations (App. B; tol None). f lives in this module and in the
+    exported checkpoint's "head", not in the backbone."""
 
     variant = "paper section 4.1 (arXiv 2103.15375): stage-2 encoder on A pooled to r x r, 4 modes uniform"
 
@@ -178,9 +187,10 @@ class _ResUp(nn.Module):
 
 
 class ResidualDecoder(nn.Module):
-    """D: R^d -> images [b, 3, s, s] in [0, 1]: a linear layer to a width x s0 x s0 map (s0 = s halved
-    while even and >= 8: 7 for 224, 4 for 64 / 32), residual up-sampling blocks to s, BN-ReLU-conv3x3
-    and a sigmoid (the residual generator of the paper's AlignMix/AE, with a [0, 1] output)."""
+    """D: R^d -> images [b, 3, s, s] in [0, 1]: a linear layer to a width x s0 x s0 map (s0 = s
+    halved while even and >= 8: 7 for 224, 4 for 64 / 32), residual up-sampling blocks to s,
+    BN-ReLU-conv3x3 and a sigmoid (the residual generator of the paper's AlignMix/AE, with a [0, 1]
+    output)."""
 
     def __init__(self, embed_dim: int, size: int = 224, width: int = 128):
         super().__init__()
@@ -198,13 +208,14 @@ class ResidualDecoder(nn.Module):
 
 
 class AlignMixAE(AlignMixStage2):
-    """AlignMix/AE (paper section 4, Algorithm 1; no released code): the paper's variant (`AlignMixStage2`, the
-    stage-2 encoder f makes the embedding e that the decoder reads) plus a fifth mode "clean" drawn uniformly with
-    the four AlignMix modes, in which e = f(F(x)) of the clean images is decoded by a residual decoder D and only
-    the reconstruction loss trains F, f and D; the classifier never sees decoded images. The paper's
-    L_r = ||x - x_hat||^2 is averaged over pixels here (times recon_weight): its sum is ~1e5 times the
-    classification loss at 224 px. decoder_size: the decoder's output side (the training crop; other input sizes
-    are matched by bilinear resizing)."""
+    """AlignMix/AE (paper section 4, Algorithm 1; no released code): the paper's variant
+    (`AlignMixStage2`, the stage-2 encoder f makes the embedding e that the decoder reads) plus a
+    fifth mode "clean" drawn uniformly with the four AlignMix modes, in which e = f(F(x)) of the
+    clean images is decoded by a residual decoder D and only the reconstruction loss trains F, f
+    and D; the classifier never sees decoded images. The paper's L_r = ||x - x_hat||^2 is averaged
+    over pixels here (times recon_weight): its sum is ~1e5 times the classification loss at 224 px.
+    decoder_size: the decoder's output side (the training crop; other input sizes are matched by
+    bilinear resizing)."""
 
     variant = "paper section 4 / Algorithm 1 (arXiv 2103.15375): stage-2 encoder, 4 modes + clean reconstruction"
 
@@ -231,19 +242,19 @@ def sinkhorn(cost: torch.Tensor, eps: float = 0.1, n_iters: int = 100, tol: floa
              return_info: bool = False):
     """Entropic OT plan with uniform marginals, in the log domain.
 
-    cost [B, r, r] -> P [B, r, r] = argmin <P, M> - eps H(P) s.t. P 1 = P^T 1 = 1/r, by Sinkhorn-Knopp
-    (each iteration a row then a column normalisation, so the columns are exact and the rows carry
-    the remaining error) on log K = -M / eps, so raw squared distances with a small eps never
-    underflow. No gradient.
+    cost [B, r, r] -> P [B, r, r] = argmin <P, M> - eps H(P) s.t. P 1 = P^T 1 = 1/r, by
+    Sinkhorn-Knopp (each iteration a row then a column normalisation, so the columns are exact and
+    the rows carry the remaining error) on log K = -M / eps, so raw squared distances with a small
+    eps never underflow. No gradient.
 
-    n_iters: the most iterations. tol: stop early, as the official AlignMix code does (its threshold
-    is 0.1), once eps * mean over the batch of sum_i |change of the row potential| < tol (None: run
-    all n_iters). The stop is decided on the device: the potentials freeze at the iteration that meets
-    tol and the remaining iterations change nothing (the same plan as breaking there, without reading the
-    criterion back every iteration; it costs the full n_iters of arithmetic). return_info: also return
-    {"iters", "row_err", "col_err"} as 0-d tensors (read them when logging): the iterations that changed
-    the plan and the marginal errors max |r P 1 - 1| and max |r P^T 1 - 1| over the batch, so a user can
-    see whether the plan converged.
+    n_iters: the most iterations. tol: stop early, as the official AlignMix code does (its
+    threshold is 0.1), once eps * mean over the batch of sum_i |change of the row potential| < tol
+    (None: run all n_iters). The stop is decided on the device: the potentials freeze at the
+    iteration that meets tol and the remaining iterations change nothing (the same plan as breaking
+    there, without reading the criterion back every iteration; it costs the full n_iters of
+    arithmetic). return_info: also return {"iters", "row_err", "col_err"} as 0-d tensors (read them
+    when logging): the iterations that changed the plan and the marginal errors max |r P 1 - 1| and
+    max |r P^T 1 - 1| over the batch, so a user can see whether the plan converged.
     """
     cost = cost.float()
     B, r, c = cost.shape
@@ -273,9 +284,9 @@ def sinkhorn(cost: torch.Tensor, eps: float = 0.1, n_iters: int = 100, tol: floa
 
 
 def feature_cost(a: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
-    """m_ij = ||a_i - a2_j||^2 between the columns of a, a2 [b, c, r] -> [b, r, r] (eq. 7), computed
-    from differences (not the |a|^2 + |b|^2 - 2ab expansion, which loses digits that exp(-m / 0.1)
-    amplifies)."""
+    """m_ij = ||a_i - a2_j||^2 between the columns of a, a2 [b, c, r] -> [b, r, r] (eq. 7),
+    computed from differences (not the |a|^2 + |b|^2 - 2ab expansion, which loses digits that
+    exp(-m / 0.1) amplifies)."""
     d = torch.cdist(a.float().transpose(1, 2), a2.float().transpose(1, 2), compute_mode="donot_use_mm_for_euclid_dist")
     return d**2
 

@@ -1,11 +1,13 @@
-"""Co-Mixup (Kim, Choo, Jeong, Song, "Co-Mixup: Saliency Guided Joint Mixup with Supermodular Diversity", ICLR 2021,
-arXiv:2102.03065): every output image is a block-wise labeling by several inputs of its partition of the batch,
-chosen jointly so that outputs show salient blocks and differ from each other; targets are the inputs' block shares.
+"""Co-Mixup (Kim, Choo, Jeong, Song, "Co-Mixup: Saliency Guided Joint Mixup with Supermodular
+Diversity", ICLR 2021, arXiv:2102.03065): every output image is a block-wise labeling by several
+inputs of its partition of the batch, chosen jointly so that outputs show salient blocks and differ
+from each other; targets are the inputs' block shares.
 
-The method equals the official CIFAR / TinyImageNet code (snu-mllab/Co-Mixup main.py `train`, mixup.py
-`mixup_process`, match.py `mix_input`); the mask optimisation is `pretrain.methods.comixup_graphcut`, the saliency
-PuzzleMix's (the same definition: sqrt of the channel mean of the squared input gradient of the clean loss).
-tests/pretrain/test_comixup.py pins it with tests/fixtures/comixup_official.npz.
+The method equals the official CIFAR / TinyImageNet code (snu-mllab/Co-Mixup main.py `train`,
+mixup.py `mixup_process`, match.py `mix_input`); the mask optimisation is
+`pretrain.methods.comixup_graphcut`, the saliency PuzzleMix's (the same definition: sqrt of the
+channel mean of the squared input gradient of the clean loss). tests/pretrain/test_comixup.py pins
+it with tests/fixtures/comixup_official.npz.
 """
 
 from __future__ import annotations
@@ -23,17 +25,17 @@ PEAK_WINDOW = 8  # main.py: the most salient 8 x 8 window locates each image (in
 
 
 def salient_points(sal: torch.Tensor, window: int = PEAK_WINDOW) -> torch.Tensor:
-    """The corner (row, column) of each image's most salient window x window patch (main.py: avg_pool2d with
-    stride 1, argmax, the first on ties). sal [b, h, w] -> float [b, 2]."""
+    """The corner (row, column) of each image's most salient window x window patch (main.py:
+    avg_pool2d with stride 1, argmax, the first on ties). sal [b, h, w] -> float [b, 2]."""
     z = F.avg_pool2d(sal, kernel_size=window, stride=1)
     idx = z.reshape(sal.shape[0], -1).argmax(1)
     return torch.stack([idx // z.shape[-1], idx % z.shape[-1]], 1).float()
 
 
 def mix_input(onehot: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One partition's outputs (`mix_input`): onehot [n_out, g, g, n] upsampled to the images by nearest neighbour;
-    x [n, C, h, w], y [n, c] -> (images [n_out, C, h, w], targets [n_out, c]: the block shares of the inputs' targets,
-    normalised to sum 1)."""
+    """One partition's outputs (`mix_input`): onehot [n_out, g, g, n] upsampled to the images by
+    nearest neighbour; x [n, C, h, w], y [n, c] -> (images [n_out, C, h, w], targets [n_out, c]:
+    the block shares of the inputs' targets, normalised to sum 1)."""
     mask = F.interpolate(onehot.permute(0, 3, 1, 2).to(x.dtype), size=x.shape[-2:], mode="nearest")
     out = torch.einsum("oihw,ichw->ochw", mask, x)
     target = onehot.sum((1, 2)).float() @ y.float()
@@ -41,14 +43,16 @@ def mix_input(onehot: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[t
 
 
 class CoMixup(Method):
-    """Co-Mixup as the official CIFAR-100 / TinyImageNet command runs it (snu-mllab/Co-Mixup README, main.py): the
-    saliency of the clean batch (PuzzleMix's; `clean_lam` > 0: the model in train mode and the clean loss
-    2 clean_lam / num_classes * CE added, as main.py; 0: eval mode, no clean loss), pooled to a `block_num` x
-    `block_num` grid (-1: a grid drawn from 2, 4, 8, 16); the batch cut into partitions of `part`; per partition
-    `comix_labelings` (beta, gamma, thres, thres_type, eta, omega, set_resolve, niter; the prior
-    Dirichlet(alpha) and the initial labels drawn on the host), then `mix_input`. loss: bce (main.py:
-    BCELoss(softmax(logits), targets), the mean over examples and classes) or ce. The optimisation runs on the host
-    after one device-to-host copy per batch; solver: gco | swap | auto (as PuzzleMix)."""
+    """Co-Mixup as the official CIFAR-100 / TinyImageNet command runs it (snu-mllab/Co-Mixup
+    README, main.py): the saliency of the clean batch (PuzzleMix's; `clean_lam` > 0: the model in
+    train mode and the clean loss 2 clean_lam / num_classes * CE added, as main.py; 0: eval mode,
+    no clean loss), pooled to a `block_num` x
+    `block_num` grid (-1: a grid drawn from 2, 4, 8, 16); the batch cut into partitions of `part`;
+    per partition `comix_labelings` (beta, gamma, thres, thres_type, eta, omega, set_resolve,
+    niter; the prior Dirichlet(alpha) and the initial labels drawn on the host), then `mix_input`.
+    loss: bce (main.py: BCELoss(softmax(logits), targets), the mean over examples and classes) or
+    ce. The optimisation runs on the host after one device-to-host copy per batch; solver: gco |
+    swap | auto (as PuzzleMix)."""
 
     def __init__(self, model, num_classes, block_num: int = 4, part: int = 20, alpha: float = 2.0,
                  beta: float = 0.32, gamma: float = 1.0, thres: float = 0.83, thres_type: str = "hard",
@@ -74,7 +78,8 @@ class CoMixup(Method):
         return g
 
     def saliency(self, images, labels):
-        """-> (saliency [b, h, w], the weighted clean loss with its graph, or None when clean_lam is 0)."""
+        """-> (saliency [b, h, w], the weighted clean loss with its graph, or None when clean_lam
+        is 0)."""
         if self.clean_lam > 0:
             return _saliency_forward(self, images, labels, True, 2 * self.clean_lam / self.num_classes)
         return _saliency_forward(self, images, labels, False)[0], None

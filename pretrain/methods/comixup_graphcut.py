@@ -1,14 +1,16 @@
-"""Co-Mixup's mask optimisation (Kim, Choo, Jeong, Song, "Co-Mixup: Saliency Guided Joint Mixup with Supermodular
-Diversity", ICLR 2021, arXiv:2102.03065, Algorithm 1): n_out outputs, each a labeling of a g x g block grid by the n
-inputs, minimising -saliency + eta * prior + beta * smoothness + gamma * (supermodular) diversity, by coordinate
-descent over the outputs: the diversity term is made modular around the other outputs' labels and each output is one
-multi-label graph cut (PuzzleMix's, `pretrain.methods.puzzlemix_graphcut.cut_grid`: gco-wrapper's alpha-beta swap or
-the built-in re-implementation).
+"""Co-Mixup's mask optimisation (Kim, Choo, Jeong, Song, "Co-Mixup: Saliency Guided Joint Mixup
+with Supermodular Diversity", ICLR 2021, arXiv:2102.03065, Algorithm 1): n_out outputs, each a
+labeling of a g x g block grid by the n inputs, minimising -saliency + eta * prior + beta *
+smoothness + gamma * (supermodular) diversity, by coordinate descent over the outputs: the
+diversity term is made modular around the other outputs' labels and each output is one multi-label
+graph cut (PuzzleMix's, `pretrain.methods.puzzlemix_graphcut.cut_grid`: gco-wrapper's alpha-beta
+swap or the built-in re-implementation).
 
-The steps equal the official code (snu-mllab/Co-Mixup match.py: `get_onehot_matrix`, `graphcut_wrapper`,
-`graphcut_multi`, `resolve_label`, `obj_fn`), pinned by tests/fixtures/comixup_official.npz. It runs on the host, on
-CPU float32 tensors. Shapes: cost [n, g, g] (the unary of every input), A [n, n] (input compatibility), labelings
-as one-hot [n_out, g, g, n] (a block may hold two or three inputs at 0.5 each, see `cut_output`).
+The steps equal the official code (snu-mllab/Co-Mixup match.py: `get_onehot_matrix`,
+`graphcut_wrapper`, `graphcut_multi`, `resolve_label`, `obj_fn`), pinned by
+tests/fixtures/comixup_official.npz. It runs on the host, on CPU float32 tensors. Shapes: cost [n,
+g, g] (the unary of every input), A [n, n] (input compatibility), labelings as one-hot [n_out, g,
+g, n] (a block may hold two or three inputs at 0.5 each, see `cut_output`).
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ import torch.nn.functional as F
 
 from pretrain.methods.puzzlemix_graphcut import cut_grid
 
-# the official soft labels of the three-label extension: each new label mixes two of the top three inputs
+# the official soft labels of the three-label extension: each new label mixes two of the top three
+# inputs
 PAIRS3 = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.5]])
 NEAR = np.array([[0.25, 0.25, 1.0], [0.25, 1.0, 0.25], [1.0, 0.25, 0.25]], dtype=np.float32)
 
 
 def objective(cost: torch.Tensor, onehot: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
-    """Co-Mixup's objective without the threshold (`obj_fn`): unary + beta / 2 * squared label differences of
-    neighbouring blocks + gamma * sum over pairs of different outputs of their shared input counts. -> 0-d."""
+    """Co-Mixup's objective without the threshold (`obj_fn`): unary + beta / 2 * squared label
+    differences of neighbouring blocks + gamma * sum over pairs of different outputs of their
+    shared input counts. -> 0-d."""
     n_out, n = onehot.shape[0], onehot.shape[-1]
     counts = onehot.reshape(n_out, -1, n).sum(1)
     loss = torch.sum(cost.permute(1, 2, 0).unsqueeze(0) * onehot)
@@ -36,21 +40,23 @@ def objective(cost: torch.Tensor, onehot: torch.Tensor, beta: float, gamma: floa
 
 
 def modular_penalty(A: torch.Tensor, others: torch.Tensor, thres: float, gamma: float, kind: str = "hard"):
-    """The diversity term made modular for one output: others [n] the other outputs' input counts. hard: as the
-    official expression evaluates, 2 gamma (A with column j zeroed where (A others)_j <= thres) @ others; soft:
-    2 gamma [(A others) > thres] ((A others) - thres). -> [n]."""
+    """The diversity term made modular for one output: others [n] the other outputs' input counts.
+    hard: as the official expression evaluates, 2 gamma (A with column j zeroed where (A others)_j
+    <= thres) @ others; soft: 2 gamma [(A others) > thres] ((A others) - thres). -> [n]."""
     shared = A @ others
     over = (shared > thres).float()
     if kind == "hard":
-        return 2 * gamma * ((over * A) @ others)  # the official `(A @ p > thres).float() * A @ p` groups this way
+        # the official `(A @ p > thres).float() * A @ p` groups this way
+        return 2 * gamma * ((over * A) @ others)
     if kind == "soft":
         return 2 * gamma * (over * (shared - thres))
     raise ValueError(f"comixup: thres_type must be hard | soft, got {kind!r}")
 
 
 def _extended(unary: torch.Tensor, assigned: torch.Tensor, n_new: int):
-    """The official multi-label extension: n_new extra labels, each a pair of the assigned inputs at 0.5 each, with
-    cost the pair's mean unary - 5e-4 and label distance 0.25 to its own inputs. -> (unary, dist, soft [n_new, n])."""
+    """The official multi-label extension: n_new extra labels, each a pair of the assigned inputs
+    at 0.5 each, with cost the pair's mean unary - 5e-4 and label distance 0.25 to its own inputs.
+    -> (unary, dist, soft [n_new, n])."""
     n = unary.shape[-1]
     dist = np.ones((n + n_new, n + n_new), dtype=np.float32) - np.eye(n + n_new, dtype=np.float32)
     idx = assigned.numpy()
@@ -70,9 +76,10 @@ def _extended(unary: torch.Tensor, assigned: torch.Tensor, n_new: int):
 
 
 def cut_output(unary: torch.Tensor, counts: torch.Tensor, beta: float, first: bool, solver: str) -> torch.Tensor:
-    """One output's graph cut (`graphcut_wrapper`). unary [g, g, n]; counts [n] its previous input counts. After the
-    first round an output that used two inputs may also take their 50/50 mix, one that used three or more the 50/50
-    mixes of its three most used. -> one-hot labeling [g, g, n] (0.5 entries for the mixes)."""
+    """One output's graph cut (`graphcut_wrapper`). unary [g, g, n]; counts [n] its previous input
+    counts. After the first round an output that used two inputs may also take their 50/50 mix, one
+    that used three or more the 50/50 mixes of its three most used. -> one-hot labeling [g, g, n]
+    (0.5 entries for the mixes)."""
     g, _, n = unary.shape
     assigned = counts > 0
     used = 0 if first else int(assigned.sum())
@@ -94,8 +101,9 @@ def cut_output(unary: torch.Tensor, counts: torch.Tensor, beta: float, first: bo
 
 
 def resolve_cost(assigned: torch.Tensor) -> torch.Tensor:
-    """`resolve_label`: for each pair of outputs i1 < i2 that use the same set of inputs (more than one), an extra
-    unit of cost on i1's first input for i1 and on its second input for i2. assigned [n_out, n] in {0, 1}. -> same."""
+    """`resolve_label`: for each pair of outputs i1 < i2 that use the same set of inputs (more than
+    one), an extra unit of cost on i1's first input for i1 and on its second input for i2. assigned
+    [n_out, n] in {0, 1}. -> same."""
     add = torch.zeros_like(assigned)
     dist = torch.clamp((assigned.unsqueeze(1) - assigned.unsqueeze(0)).abs().sum(-1), max=1.0)
     for i1, i2 in torch.triu(1.0 - dist, diagonal=1).nonzero().tolist():
@@ -110,12 +118,13 @@ def comix_labelings(cost: torch.Tensor, A: torch.Tensor, init: torch.Tensor, pri
                     beta: float = 0.32, gamma: float = 1.0, eta: float = 0.05, thres: float = 0.83,
                     thres_type: str = "hard", set_resolve: bool = True, niter: int = 4,
                     solver: str = "auto") -> torch.Tensor:
-    """Co-Mixup's labelings of one partition (`get_onehot_matrix`). cost [n, g, g] (minus the normalised saliency);
-    A [n, n]; init [n_out, g, g] the initial labels (the official draws them uniformly); prior [n] a Dirichlet draw
-    (its -eta log is added to each input's cost). beta, gamma, eta and thres (a fraction of the g^2 blocks) are
-    per-grid coefficients, divided by g^2 as there. `niter` rounds over the outputs, stopped early when the
-    objective changes by less than 1e-6 (relative); before the last round, outputs with identical input sets are
-    pushed apart (`resolve_cost`). -> one-hot labelings [n_out, g, g, n]."""
+    """Co-Mixup's labelings of one partition (`get_onehot_matrix`). cost [n, g, g] (minus the
+    normalised saliency); A [n, n]; init [n_out, g, g] the initial labels (the official draws them
+    uniformly); prior [n] a Dirichlet draw (its -eta log is added to each input's cost). beta,
+    gamma, eta and thres (a fraction of the g^2 blocks) are per-grid coefficients, divided by g^2
+    as there. `niter` rounds over the outputs, stopped early when the objective changes by less
+    than 1e-6 (relative); before the last round, outputs with identical input sets are pushed apart
+    (`resolve_cost`). -> one-hot labelings [n_out, g, g, n]."""
     n, g, _ = cost.shape
     n_out = init.shape[0]
     thres, beta, gamma, eta = thres * g * g, beta / g / g, gamma / g / g, eta / g / g
@@ -143,8 +152,9 @@ def comix_labelings(cost: torch.Tensor, A: torch.Tensor, init: torch.Tensor, pri
 
 
 def compatibility(a_dist: torch.Tensor, omega: float) -> torch.Tensor:
-    """A = (1 - omega) I + omega * a_dist * n / sum(a_dist) (mixup_process) for one partition, a_dist [n, n] the l1
-    distances of the salient points. A partition whose points all coincide (sum 0) keeps A = (1 - omega) I."""
+    """A = (1 - omega) I + omega * a_dist * n / sum(a_dist) (mixup_process) for one partition,
+    a_dist [n, n] the l1 distances of the salient points. A partition whose points all coincide
+    (sum 0) keeps A = (1 - omega) I."""
     n = a_dist.shape[0]
     total = a_dist.sum()
     scaled = a_dist / total * n if total > 0 else torch.zeros_like(a_dist)
@@ -152,8 +162,9 @@ def compatibility(a_dist: torch.Tensor, omega: float) -> torch.Tensor:
 
 
 def partition_costs(pooled: torch.Tensor, a_dist: torch.Tensor, part: int, omega: float):
-    """Per partition of `part` consecutive examples (the last may be smaller): (cost [n, g, g] = minus the block
-    saliency normalised to sum 1 per image, A [n, n]). pooled [b, g, g] block saliency, a_dist [b, b]."""
+    """Per partition of `part` consecutive examples (the last may be smaller): (cost [n, g, g] =
+    minus the block saliency normalised to sum 1 per image, A [n, n]). pooled [b, g, g] block
+    saliency, a_dist [b, b]."""
     out = []
     for s in range(0, pooled.shape[0], part):
         sc = pooled[s:s + part]
@@ -165,10 +176,11 @@ def partition_costs(pooled: torch.Tensor, a_dist: torch.Tensor, part: int, omega
 
 def batch_labelings(pooled: np.ndarray, a_dist: np.ndarray, part: int, rng, alpha: float = 2.0,
                     omega: float = 0.001, **knobs) -> np.ndarray:
-    """`comix_labelings` of every partition of a batch (`mixup_process`), from host copies of the block saliency
-    pooled [b, g, g] and the salient-point distances a_dist [b, b]; per partition the prior Dirichlet(alpha) and the
-    initial labels drawn from rng (a numpy Generator). knobs: those of `comix_labelings`. -> float32, the partitions'
-    [n, g, g, n] labelings flattened and concatenated."""
+    """`comix_labelings` of every partition of a batch (`mixup_process`), from host copies of the
+    block saliency pooled [b, g, g] and the salient-point distances a_dist [b, b]; per partition
+    the prior Dirichlet(alpha) and the initial labels drawn from rng (a numpy Generator). knobs:
+    those of `comix_labelings`. -> float32, the partitions' [n, g, g, n] labelings flattened and
+    concatenated."""
     out = []
     for cost, A in partition_costs(torch.from_numpy(pooled), torch.from_numpy(a_dist), part, omega):
         n, g, _ = cost.shape

@@ -1,4 +1,5 @@
-"""CutMix (Yun et al., ICCV 2019): the method and its boxes (one box, K nested boxes for multi-interpolation)."""
+"""CutMix (Yun et al., ICCV 2019): the method and its boxes (one box, K nested boxes for
+multi-interpolation)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def nested_box_list(h: int, w: int, lams, centre) -> tuple[list[tuple[int, int, 
 
 
 def box_mask(h: int, w: int, box, device=None, dtype=torch.float32) -> torch.Tensor:
-    """[1, 1, h, w] mask: 1 outside the box (first image kept), 0 inside. box = (y0, y1, x0, x1)."""
+    """[1, 1, h, w] mask: 1 outside the box (first image kept), 0 inside. box = (y0, y1, x0,
+    x1)."""
     y0, y1, x0, x1 = (int(v) for v in box)
     m = torch.ones(1, 1, h, w, device=device, dtype=dtype)
     m[..., y0:y1, x0:x1] = 0

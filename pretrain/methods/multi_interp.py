@@ -1,8 +1,9 @@
-"""multi_interp: K sorted interpolations of every pair (Shen, Yu, Yang, Kwok, "Mixup Augmentation with Multiple
-Interpolations", arXiv 2406.01417, called multi-mix there) over input mixup, manifold mixup, CutMix or PuzzleMix.
+"""multi_interp: K sorted interpolations of every pair (Shen, Yu, Yang, Kwok, "Mixup Augmentation
+with Multiple Interpolations", arXiv 2406.01417, called multi-mix there) over input mixup, manifold
+mixup, CutMix or PuzzleMix.
 
-MultiMix (Venkataramanan et al., Dirichlet interpolations of the whole mini-batch) is another paper:
-`pretrain.methods.multimix`.
+MultiMix (Venkataramanan et al., Dirichlet interpolations of the whole mini-batch) is another
+paper: `pretrain.methods.multimix`.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from pretrain.methods.puzzlemix import PuzzleMix
 
 
 class MultiInterp(Method):
-    """multi-mix (Shen et al.): K sorted interpolations lam_1 <= ... <= lam_K ~ Beta(alpha, alpha) of
-    every pair; the loss is the mean over the K mixed samples.
+    """multi-mix (Shen et al.): K sorted interpolations lam_1 <= ... <= lam_K ~ Beta(alpha, alpha)
+    of every pair; the loss is the mean over the K mixed samples.
 
-    base: input | manifold (layer drawn from `layers`; 5 = embedding, logit trick) | cutmix (K nested
-    boxes sharing a uniform centre, box k of size H sqrt(lam_k) x W sqrt(lam_k) replaced by the
-    partner) | puzzlemix (K masks, one per lam_k, sharing the saliency). alpha None = the base
+    base: input | manifold (layer drawn from `layers`; 5 = embedding, logit trick) | cutmix (K
+    nested boxes sharing a uniform centre, box k of size H sqrt(lam_k) x W sqrt(lam_k) replaced by
+    the partner) | puzzlemix (K masks, one per lam_k, sharing the saliency). alpha None = the base
     method's default (input 1.0, manifold 2.0, cutmix 1.0, puzzlemix 1.0). large_batch: the paper's
-    "large-batch mixup" baseline instead (K random pairings per example, one lam), base input/manifold.
+    "large-batch mixup" baseline instead (K random pairings per example, one lam), base
+    input/manifold.
     """
 
     BASES = {"input": 1.0, "manifold": 2.0, "cutmix": 1.0, "puzzlemix": 1.0}
@@ -40,7 +42,8 @@ class MultiInterp(Method):
         self.base, self.k = base, int(k)
         self.alpha = self.BASES[base] if alpha is None else alpha
         self.layers = tuple(int(v) for v in layers)
-        # the PuzzleMix helper shares the model; kept out of the module tree so it is not registered twice
+        # the PuzzleMix helper shares the model; kept out of the module tree so it is not
+        # registered twice
         object.__setattr__(self, "puzzler",
                            PuzzleMix(model, num_classes, **(puzzle or {})) if base == "puzzlemix" else None)
 
@@ -50,7 +53,8 @@ class MultiInterp(Method):
         perm = self._perm(b)
         lams = self._sorted_betas(self.k, self.alpha)  # host floats
         if self.large_batch:
-            # baseline: K random pairings per example, all with one unsorted lam (same cost as multi-mix)
+            # baseline: K random pairings per example, all with one unsorted lam (same cost as
+            # multi-mix)
             layer = 0 if self.base == "input" else self._choice(self.layers)
             lam = self._beta(self.alpha)
             perms = [perm] + [self._perm(b) for _ in range(self.k - 1)]

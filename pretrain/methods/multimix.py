@@ -1,8 +1,10 @@
-"""MultiMix and Dense MultiMix (Venkataramanan et al., "Embedding Space Interpolation Beyond Mini-Batch, Beyond
-Pairs and Beyond Examples", NeurIPS 2023): n interpolations of the whole mini-batch with Dirichlet weights, at the
-embedding (eqs. (6)-(7)) or per position of the layer4 map with attention (eqs. (9)-(14)).
+"""MultiMix and Dense MultiMix (Venkataramanan et al., "Embedding Space Interpolation Beyond
+Mini-Batch, Beyond Pairs and Beyond Examples", NeurIPS 2023): n interpolations of the whole
+mini-batch with Dirichlet weights, at the embedding (eqs. (6)-(7)) or per position of the layer4
+map with attention (eqs. (9)-(14)).
 
-The multiple-interpolations method of Shen et al. is another paper: `pretrain.methods.multi_interp`.
+The multiple-interpolations method of Shen et al. is another paper:
+`pretrain.methods.multi_interp`.
 """
 
 from __future__ import annotations
@@ -21,20 +23,20 @@ ATTENTIONS = ("gap_l1relu", "gap_softmax", "cam_l1relu", "cam_softmax", "uniform
 class MultiMix(Method):
     """MultiMix: n interpolations of the whole mini-batch with Dirichlet weights, at the embedding.
 
-    With probability `prob` per batch MultiMix, else input mixup (alpha `input_alpha`). Lambda [b, n]
-    has columns ~ Dir(alpha_k) with alpha_k ~ U[alpha_low, alpha_high] (equal bounds: fixed alpha);
-    `m` < b restricts each column to a random m-subset. At the embedding (layer 5) the logits are
-    mixed (g(Z Lambda) = g(Z) Lambda); at layer < 5 the n mixed feature maps run through the rest of
-    the network (the paper's layer ablation; costly). dense_loss mixes dense logits with the same
-    Lambda at every position (Table 10's "dense loss only").
+    With probability `prob` per batch MultiMix, else input mixup (alpha `input_alpha`). Lambda [b,
+    n] has columns ~ Dir(alpha_k) with alpha_k ~ U[alpha_low, alpha_high] (equal bounds: fixed
+    alpha); `m` < b restricts each column to a random m-subset. At the embedding (layer 5) the
+    logits are mixed (g(Z Lambda) = g(Z) Lambda); at layer < 5 the n mixed feature maps run through
+    the rest of the network (the paper's layer ablation; costly). dense_loss mixes dense logits
+    with the same Lambda at every position (Table 10's "dense loss only").
 
-    global_batch (this toolkit's extension, not in the paper, whose b, m and n are per GPU): under DDP
-    the logits g(Z) of every rank are gathered (gradients return to their rank through the gather), so
-    each process mixes the global batch of world x b examples (m up to world x b) with its own n
-    Dirichlet draws; DDP's gradient average then equals one process holding the whole batch with
-    world x n interpolations. The MultiMix / input-mixup coin comes from the rank-independent host stream
-    (the same on every rank, no broadcast). Embedding only (layer 5). In one process it changes nothing (the
-    local batch is the global batch).
+    global_batch (this toolkit's extension, not in the paper, whose b, m and n are per GPU): under
+    DDP the logits g(Z) of every rank are gathered (gradients return to their rank through the
+    gather), so each process mixes the global batch of world x b examples (m up to world x b) with
+    its own n Dirichlet draws; DDP's gradient average then equals one process holding the whole
+    batch with world x n interpolations. The MultiMix / input-mixup coin comes from the
+    rank-independent host stream (the same on every rank, no broadcast). Embedding only (layer 5).
+    In one process it changes nothing (the local batch is the global batch).
     """
 
     def __init__(self, model, num_classes, n: int = 1000, m: int | None = None, alpha_low: float = 0.5,
@@ -49,12 +51,14 @@ class MultiMix(Method):
                              "gathering every rank's feature maps would not fit in memory")
 
     def _branch_draw(self) -> float:
-        """The uniform draw that picks MultiMix or input mixup; under global_batch from the rank-independent host
-        stream (every rank must take the same branch: only MultiMix gathers), so no broadcast (no sync) is needed."""
+        """The uniform draw that picks MultiMix or input mixup; under global_batch from the
+        rank-independent host stream (every rank must take the same branch: only MultiMix gathers),
+        so no broadcast (no sync) is needed."""
         return float((self.shared_rng if self.global_batch else self.host_rng).random())
 
     def _global_multimix(self, images, labels):
-        """global_batch: mix the logits [world*b, c(, r)] of every rank with this rank's Lambda [world*b, n]."""
+        """global_batch: mix the logits [world*b, c(, r)] of every rank with this rank's Lambda
+        [world*b, n]."""
         logits = rt.gather_with_grad(self.logits_of(self.model.features(images)))
         labels = rt.all_gather(labels)
         lam = self._lambda(labels.shape[0])
@@ -101,14 +105,15 @@ class DenseMultiMix(MultiMix):
     """Dense MultiMix (eqs. (9)-(14)): per-position Dirichlet interpolation of the layer4 map,
     weighted by attention, with the weighted dense loss. Fast path: the dense logit maps are mixed.
 
-    attention: gap_l1relu (default) | gap_softmax | cam_l1relu | cam_softmax | uniform (detached: it
-    weights the interpolation, it is not trained through). resolution: average-pool the layer4 map to
-    resolution x resolution first (None keeps it; 7x7 for 224 px inputs).
+    attention: gap_l1relu (default) | gap_softmax | cam_l1relu | cam_softmax | uniform (detached:
+    it weights the interpolation, it is not trained through). resolution: average-pool the layer4
+    map to resolution x resolution first (None keeps it; 7x7 for 224 px inputs).
 
-    global_batch: as MultiMix's (this toolkit's extension): the dense logits [world*b, c, r], attention
-    and labels of every rank are gathered, and the weighted loss of eq. (14) is normalised by the sum of
-    the weights s over every rank's n columns (times world), so that DDP's average equals one process
-    with world x n interpolations. Memory: world*b*c*r floats per process (8 x 128 x 1000 x 49: 200 MB).
+    global_batch: as MultiMix's (this toolkit's extension): the dense logits [world*b, c, r],
+    attention and labels of every rank are gathered, and the weighted loss of eq. (14) is
+    normalised by the sum of the weights s over every rank's n columns (times world), so that DDP's
+    average equals one process with world x n interpolations. Memory: world*b*c*r floats per
+    process (8 x 128 x 1000 x 49: 200 MB).
     """
 
     def __init__(self, model, num_classes, n: int = 1000, m: int | None = None, alpha_low: float = 0.5,
@@ -124,7 +129,8 @@ class DenseMultiMix(MultiMix):
         y = self.targets(labels)
         if self._branch_draw() >= self.prob:
             return self._input_mixup(images, y)
-        fmap = dense_features(self.model, self.model.features(images))  # a ViT's patch tokens on their grid
+        # a ViT's patch tokens on their grid
+        fmap = dense_features(self.model, self.model.features(images))
         if self.resolution:
             fmap = F.adaptive_avg_pool2d(fmap, self.resolution)
         z = fmap.flatten(2)  # [b, d, r]
@@ -176,7 +182,8 @@ def dense_attention(z: torch.Tensor, kind: str = "gap_l1relu", fc_weight: torch.
                          "cam_softmax, uniform") from None
     if u_kind == "cam" and (fc_weight is None or y is None):
         raise ValueError("cam attention needs fc_weight and y")
-    with autocast_off(z.device):  # in z's dtype (fp32 as the methods call it), whatever autocast says
+    # in z's dtype (fp32 as the methods call it), whatever autocast says
+    with autocast_off(z.device):
         u = z.mean(-1) if u_kind == "gap" else y.to(fc_weight.dtype) @ fc_weight
         s = torch.einsum("bdr,bd->br", z, u.to(z.dtype))
     if h_kind == "softmax":
@@ -205,8 +212,8 @@ def dense_multimix_loss_from_logits(logits: torch.Tensor, y: torch.Tensor, mhat:
     weighted_dense_cross_entropy(fc(z_mix), y_mix, weight) without ever forming z_mix or y_mix:
     sum_c y_mix log p = sum_i Mhat_ik (y_i . log p_k). `y` may also be hard labels [b] (int), then
     y_i . log p_k is a gather instead of a product with the b x c targets. weight_total [r]: the
-    per-position denominator sum_k s_k (default: over these n columns; MultiMix global_batch passes the
-    sum over every rank's columns).
+    per-position denominator sum_k s_k (default: over these n columns; MultiMix global_batch passes
+    the sum over every rank's columns).
     """
     with autocast_off(logits.device):
         mixed = torch.einsum("bcr,rbn->ncr", logits.float(), mhat.float())

@@ -1,9 +1,11 @@
-"""PuzzleMix's graph cut: gco-wrapper's alpha-beta swap (what the authors call) and the built-in re-implementation of
-the same algorithm on the same integers (`_cut_swap`), one problem per image, in a thread pool.
+"""PuzzleMix's graph cut: gco-wrapper's alpha-beta swap (what the authors call) and the built-in
+re-implementation of the same algorithm on the same integers (`_cut_swap`), one problem per image,
+in a thread pool.
 
-The problems come from `pretrain.methods.puzzlemix.puzzle_energy`: unary int32 [g, g, L], label distance [L, L], edge
-weights w_v int32 [g-1, g] and w_h int32 [g, g-1]; the labels are int [g, g]. tests/pretrain/test_mixing.py pins the
-built-in solver against gco on 300 random problems (tests/fixtures/puzzlemix_swap_gco.npz).
+The problems come from `pretrain.methods.puzzlemix.puzzle_energy`: unary int32 [g, g, L], label
+distance [L, L], edge weights w_v int32 [g-1, g] and w_h int32 [g, g-1]; the labels are int [g, g].
+tests/pretrain/test_mixing.py pins the built-in solver against gco on 300 random problems
+(tests/fixtures/puzzlemix_swap_gco.npz).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def have_gco() -> bool:
     return True
 
 
-GCO_MAX_ENERGYTERM = 10_000_000  # GCoptimization.h: a larger scaled edge weight makes GCO abort the process
+# GCoptimization.h: a larger scaled edge weight makes GCO abort the process
+GCO_MAX_ENERGYTERM = 10_000_000
 
 
 def _cut_gco(unary, dist, w_v, w_h) -> np.ndarray:
@@ -36,9 +39,9 @@ def _cut_gco(unary, dist, w_v, w_h) -> np.ndarray:
 
 
 def _gco_integer_terms(unary, dist, w_v, w_h):
-    """The integers gco-wrapper hands to GCO for these arrays: a float label-distance matrix makes it
-    treat the problem as real-valued and scale unaries by 1e5, edge weights by 1e3 and the distance
-    by 1e2 (int32 arithmetic, as numpy does it)."""
+    """The integers gco-wrapper hands to GCO for these arrays: a float label-distance matrix makes
+    it treat the problem as real-valued and scale unaries by 1e5, edge weights by 1e3 and the
+    distance by 1e2 (int32 arithmetic, as numpy does it)."""
     g, _, L = unary.shape
     u = (unary.reshape(g * g, L) * 100000).astype(np.intc).astype(np.int64)
     w = (np.r_[w_v.flatten(), w_h.flatten()] * 1000).astype(np.intc).astype(np.int64)
@@ -50,12 +53,13 @@ def _gco_integer_terms(unary, dist, w_v, w_h):
 
 
 def _wrap_int32(v: np.ndarray) -> np.ndarray:
-    """int64 values reduced to int32 the way C++ int arithmetic wraps (two's complement), kept as int64.
+    """int64 values reduced to int32 the way C++ int arithmetic wraps (two's complement), kept as
+    int64.
 
-    GCO adds every term of a node's terminal capacity into one int32 (`Graph::add_tweights`), so where the
-    unaries are large (gco-wrapper's unary * 1e5 already wrapped when one block carries more than about
-    21.5 / g^2 of the saliency) the capacity is the exact sum modulo 2^32. INT32_MIN, whose negation GCO cannot
-    represent, becomes -(2^31 - 1)."""
+    GCO adds every term of a node's terminal capacity into one int32 (`Graph::add_tweights`), so
+    where the unaries are large (gco-wrapper's unary * 1e5 already wrapped when one block carries
+    more than about 21.5 / g^2 of the saliency) the capacity is the exact sum modulo 2^32.
+    INT32_MIN, whose negation GCO cannot represent, becomes -(2^31 - 1)."""
     w = (v + 2**31) % 2**32 - 2**31
     return np.maximum(w, -(2**31 - 1))
 
@@ -114,12 +118,12 @@ def _sink_side_small(m: int, diff, pi, qi, cw) -> np.ndarray:  # noqa: C901 (one
 
 
 def _binary_cut(diff: np.ndarray, pi: np.ndarray, qi: np.ndarray, cw: np.ndarray) -> np.ndarray:
-    """argmin over x in {0, 1}^m of sum_p diff_p x_p + sum_e cw_e [x_pi != x_qi] (cw >= 0; a negative, non-submodular
-    cw is exact in the exhaustive case and left out by the max-flows), and among
-    the minimisers the one with the fewest ones: the labels that can reach the sink in the residual
-    graph of a max flow (what Boykov-Kolmogorov's maxflow labels SINK; the same set for every max flow).
-    Exhaustive for m <= 12, a small Edmonds-Karp for m <= 64 (cheaper than scipy's call overhead
-    there), else scipy's max-flow. -> bool [m] (True = 1)."""
+    """argmin over x in {0, 1}^m of sum_p diff_p x_p + sum_e cw_e [x_pi != x_qi] (cw >= 0; a
+    negative, non-submodular cw is exact in the exhaustive case and left out by the max-flows), and
+    among the minimisers the one with the fewest ones: the labels that can reach the sink in the
+    residual graph of a max flow (what Boykov-Kolmogorov's maxflow labels SINK; the same set for
+    every max flow). Exhaustive for m <= 12, a small Edmonds-Karp for m <= 64 (cheaper than scipy's
+    call overhead there), else scipy's max-flow. -> bool [m] (True = 1)."""
     m = diff.shape[0]
     if m <= 12:
         if m not in _ALL_BITS:
@@ -137,9 +141,11 @@ def _binary_cut(diff: np.ndarray, pi: np.ndarray, qi: np.ndarray, cw: np.ndarray
     cap = np.zeros((m + 2, m + 2), np.int64)
     cap[s, :m] = np.maximum(diff, 0)  # cut when p takes 1 (sink side)
     cap[:m, t] = np.maximum(-diff, 0)  # cut when p takes 0 (source side)
-    np.add.at(cap, (pi, qi), np.maximum(cw, 0))  # a negative edge is left out, as in `_sink_side_small`
+    # a negative edge is left out, as in `_sink_side_small`
+    np.add.at(cap, (pi, qi), np.maximum(cw, 0))
     np.add.at(cap, (qi, pi), np.maximum(cw, 0))
-    # terminal capacities are int32 already (`_wrap_int32`); an edge can exceed it only with weights GCO refuses
+    # terminal capacities are int32 already (`_wrap_int32`); an edge can exceed it only with
+    # weights GCO refuses
     cap = np.minimum(cap, 2**31 - 1)
     flow = maximum_flow(sp.csr_matrix(cap.astype(np.int32)), s, t).flow.toarray()
     residual = (cap - flow) > 0  # flow is antisymmetric: reverse edges gain the flow
@@ -163,12 +169,13 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def _cut_swap(unary, dist, w_v, w_h) -> np.ndarray:
-    """The built-in fallback: GCO's alpha-beta swap (initial labels 0; per cycle the pairs (a, b) in
-    GCO's order; each move an exact min cut; the labels that can still reach the sink in the residual
-    graph take b, as in Boykov-Kolmogorov's maxflow; cycles until the energy stops decreasing) on the
-    same integers, in GCO's int32 arithmetic: gco-wrapper's scaled unaries and every node's terminal capacity
-    wrap as there (`_wrap_int32`), so the masks equal gco's also where one block holds a large share of the
-    saliency. A negative edge weight (gamma > 1 can make one) is a non-submodular move GCO's max-flow does not
+    """The built-in fallback: GCO's alpha-beta swap (initial labels 0; per cycle the pairs (a, b)
+    in GCO's order; each move an exact min cut; the labels that can still reach the sink in the
+    residual graph take b, as in Boykov-Kolmogorov's maxflow; cycles until the energy stops
+    decreasing) on the same integers, in GCO's int32 arithmetic: gco-wrapper's scaled unaries and
+    every node's terminal capacity wrap as there (`_wrap_int32`), so the masks equal gco's also
+    where one block holds a large share of the saliency. A negative edge weight (gamma > 1 can make
+    one) is a non-submodular move GCO's max-flow does not
     define: the solver then warns once that the masks may differ from gco's."""
     u, v, w, src, dst = _gco_integer_terms(unary, dist, w_v, w_h)
     if (w < 0).any():
@@ -195,7 +202,8 @@ def _cut_swap(unary, dist, w_v, w_h) -> np.ndarray:
             half = act[x] & ~act[y]
             np.add.at(e0, loc[x[half]], w[half] * v[a, lab[y[half]]])
             np.add.at(e1, loc[x[half]], w[half] * v[b, lab[y[half]]])
-        diff = _wrap_int32(e1 - e0)  # extra cost of taking b, as GCO's int32 terminal capacity holds it
+        # extra cost of taking b, as GCO's int32 terminal capacity holds it
+        diff = _wrap_int32(e1 - e0)
         pi, qi, cw = loc[src[inner]], loc[dst[inner]], w[inner] * v[a, b]
         lab[ids] = np.where(_binary_cut(diff, pi, qi, cw), b, a)
 
@@ -210,9 +218,9 @@ def _cut_swap(unary, dist, w_v, w_h) -> np.ndarray:
 
 
 def cut_grid(unary, dist, w_v, w_h, solver: str = "auto") -> np.ndarray:
-    """One grid problem (unary [g, g, L], label distance [L, L], edge weights w_v [g-1, g], w_h [g, g-1]; int32, or
-    float32 which gco-wrapper scales to integers, see `_gco_integer_terms`) by `solver` gco | swap | auto (gco if
-    installed). -> labels int [g, g]."""
+    """One grid problem (unary [g, g, L], label distance [L, L], edge weights w_v [g-1, g], w_h [g,
+    g-1]; int32, or float32 which gco-wrapper scales to integers, see `_gco_integer_terms`) by
+    `solver` gco | swap | auto (gco if installed). -> labels int [g, g]."""
     if solver == "auto":
         solver = "gco" if have_gco() else "swap"
     if solver not in ("gco", "swap"):
@@ -235,8 +243,8 @@ def grid_labels(unary, dist, w_v, w_h, solver: str = "auto", threads: int | None
     """Solve the b graph cuts of `puzzle_energy`'s output -> labels int [b, g, g].
     solver: "gco" (gco-wrapper's alpha-beta swap, what the authors call), "swap" (the built-in
     re-implementation of the same algorithm on the same integers) or "auto" (gco if installed).
-    threads: solve the b problems in a thread pool (gco releases the GIL); None = min(b, the CPUs this process may
-    use shared by the node's processes)."""
+    threads: solve the b problems in a thread pool (gco releases the GIL); None = min(b, the CPUs
+    this process may use shared by the node's processes)."""
     if solver == "auto":
         solver = "gco" if have_gco() else "swap"
     if solver not in ("gco", "swap"):

@@ -1,14 +1,16 @@
 """SaliencyMix (Uddin et al., "SaliencyMix: A Saliency Guided Data Augmentation Strategy for Better
 Regularization", arXiv:2006.01791): a CutMix box centred on the saliency peak of the pasted image.
 
-The official code (afm-shahab-uddin/SaliencyMix, `saliency_bbox` in SaliencyMix_CIFAR/saliencymix.py and
-SaliencyMix-ImageNet/train.py) computes one saliency map per batch, of the partner of the first example, with
-OpenCV's `cv2.saliency.StaticSaliencyFineGrained` (opencv-contrib), and pastes the same box into every example.
-`fine_grained_saliency` is that detector (Montabone & Soto, "Human detection using a mobile platform and novel
-features derived from a visual saliency mechanism", 2010) written in numpy: it equals OpenCV's output (the
-contrib build of the OpenCV this project installs) on tests/fixtures/saliencymix_official.npz, so the project keeps
-its plain OpenCV dependency. The map runs on the host: one image of the batch crosses to it (`read_image`), one
-transfer per mixed batch, as PuzzleMix's graph cut (pretrain/methods/base.py).
+The official code (afm-shahab-uddin/SaliencyMix, `saliency_bbox` in
+SaliencyMix_CIFAR/saliencymix.py and SaliencyMix-ImageNet/train.py) computes one saliency map per
+batch, of the partner of the first example, with OpenCV's `cv2.saliency.StaticSaliencyFineGrained`
+(opencv-contrib), and pastes the same box into every example. `fine_grained_saliency` is that
+detector (Montabone & Soto, "Human detection using a mobile platform and novel features derived
+from a visual saliency mechanism", 2010) written in numpy: it equals OpenCV's output (the contrib
+build of the OpenCV this project installs) on tests/fixtures/saliencymix_official.npz, so the
+project keeps its plain OpenCV dependency. The map runs on the host: one image of the batch crosses
+to it (`read_image`), one transfer per mixed batch, as PuzzleMix's graph cut
+(pretrain/methods/base.py).
 """
 
 from __future__ import annotations
@@ -25,23 +27,26 @@ NEIGHBOURHOODS = (12, 24, 48, 28, 56, 112)
 
 
 def gray_bgr(image: np.ndarray) -> np.ndarray:
-    """uint8 [h, w, 3] -> uint8 [h, w]: OpenCV's 8-bit BGR2GRAY (15-bit fixed point, round half up). Channel 0 is
-    read as blue: the official code hands OpenCV an RGB tensor, so its red counts with blue's weight."""
+    """uint8 [h, w, 3] -> uint8 [h, w]: OpenCV's 8-bit BGR2GRAY (15-bit fixed point, round half
+    up). Channel 0 is
+    read as blue: the official code hands OpenCV an RGB tensor, so its red counts with blue's
+    weight."""
     c = image.astype(np.int64)
     return ((c[..., 0] * 3735 + c[..., 1] * 19235 + c[..., 2] * 9798 + (1 << 14)) >> 15).astype(np.uint8)
 
 
 def blur3(gray: np.ndarray) -> np.ndarray:
-    """uint8 [h, w] -> uint8: the 3 x 3 Gaussian [1, 2, 1] / 4 in both directions, border reflected about the edge
-    pixel, rounded half up (OpenCV's bit-exact 8-bit GaussianBlur with sigma 0)."""
+    """uint8 [h, w] -> uint8: the 3 x 3 Gaussian [1, 2, 1] / 4 in both directions, border reflected
+    about the edge pixel, rounded half up (OpenCV's bit-exact 8-bit GaussianBlur with sigma 0)."""
     p = np.pad(gray.astype(np.int64), 1, mode="reflect")
     rows = p[:-2] + 2 * p[1:-1] + p[2:]
     return ((rows[:, :-2] + 2 * rows[:, 1:-1] + rows[:, 2:] + 8) >> 4).astype(np.uint8)
 
 
 def centre_surround(integral: np.ndarray, gray: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """On- and off-centre contrast at half-width n: the mean of the (2n) x (2n) window (clipped to the image, the
-    centre pixel left out) against the pixel, truncated to uint8, in float32 as OpenCV computes it.
+    """On- and off-centre contrast at half-width n: the mean of the (2n) x (2n) window (clipped to
+    the image, the centre pixel left out) against the pixel, truncated to uint8, in float32 as
+    OpenCV computes it.
     integral: [h + 1, w + 1] float32 box sums; gray: uint8 [h, w] -> (on, off) uint8 [h, w]."""
     h, w = gray.shape
     ys, xs = np.arange(h), np.arange(w)
@@ -55,7 +60,8 @@ def centre_surround(integral: np.ndarray, gray: np.ndarray, n: int) -> tuple[np.
 
 
 def _to_255(total: np.ndarray) -> np.ndarray:
-    """A scale sum [h, w] (int) stretched so that its maximum is 255, truncated; an all-zero sum stays 0."""
+    """A scale sum [h, w] (int) stretched so that its maximum is 255, truncated; an all-zero sum
+    stays 0."""
     top = total.max()
     if top == 0:
         return np.zeros(total.shape, np.uint8)
@@ -63,10 +69,12 @@ def _to_255(total: np.ndarray) -> np.ndarray:
 
 
 def fine_grained_saliency(image: np.ndarray) -> np.ndarray:
-    """Montabone & Soto's fine-grained static saliency of uint8 [h, w, 3] -> uint8 [h, w], equal to OpenCV's
-    `StaticSaliencyFineGrained.computeSaliency` times 255: grey, blurred twice, on/off centre-surround contrast
-    summed over six scales, each sum stretched to 255, on + off stretched by the larger maximum. That last
-    stretch can exceed 255, and OpenCV's integer conversion keeps the low byte; so does this function."""
+    """Montabone & Soto's fine-grained static saliency of uint8 [h, w, 3] -> uint8 [h, w], equal to
+    OpenCV's
+    `StaticSaliencyFineGrained.computeSaliency` times 255: grey, blurred twice, on/off
+    centre-surround contrast summed over six scales, each sum stretched to 255, on + off stretched
+    by the larger maximum. That last stretch can exceed 255, and OpenCV's integer conversion keeps
+    the low byte; so does this function."""
     gray = blur3(blur3(gray_bgr(image)))
     integral = np.zeros((gray.shape[0] + 1, gray.shape[1] + 1), np.float32)
     integral[1:, 1:] = gray.astype(np.int64).cumsum(0).cumsum(1)
@@ -92,8 +100,9 @@ def saliency_peak(image: np.ndarray) -> tuple[int, int]:
 
 
 def peak_box(h: int, w: int, lam: float, peak: tuple[int, int]) -> tuple[tuple[int, int, int, int], float]:
-    """The official box of side ratio sqrt(1 - lam) around `peak`, clipped to the image: ((y0, y1, x0, x1),
-    lam_kept) with lam_kept = 1 - box area / (h * w), the label weight of the first image."""
+    """The official box of side ratio sqrt(1 - lam) around `peak`, clipped to the image: ((y0, y1,
+    x0, x1), lam_kept) with lam_kept = 1 - box area / (h * w), the label weight of the first
+    image."""
     cut = math.sqrt(1.0 - float(lam))
     ch, cw = int(h * cut), int(w * cut)
     (cy, cx) = peak
@@ -103,14 +112,15 @@ def peak_box(h: int, w: int, lam: float, peak: tuple[int, int]) -> tuple[tuple[i
 
 
 def read_image(images: torch.Tensor, index: torch.Tensor) -> np.ndarray:
-    """The image images[index] ([b, 3, h, w] in [0, 1]; index a 1-element LongTensor on the same device) as
-    uint8 [3, h, w], round(255 x): the one device-to-host transfer of a mixed batch."""
+    """The image images[index] ([b, 3, h, w] in [0, 1]; index a 1-element LongTensor on the same
+    device) as uint8 [3, h, w], round(255 x): the one device-to-host transfer of a mixed batch."""
     x = images.detach().index_select(0, index)[0].float().mul(255).round_().clamp_(0, 255)
     return x.to(torch.uint8).numpy(force=True)
 
 
 def paste_box(images: torch.Tensor, perm: torch.Tensor, box) -> torch.Tensor:
-    """[b, 3, h, w]: every image with the box (y0, y1, x0, x1) taken from its partner images[perm]."""
+    """[b, 3, h, w]: every image with the box (y0, y1, x0, x1) taken from its partner
+    images[perm]."""
     y0, y1, x0, x1 = box
     out = images.clone()
     out[..., y0:y1, x0:x1] = images[..., y0:y1, x0:x1].index_select(0, perm)
@@ -118,12 +128,13 @@ def paste_box(images: torch.Tensor, perm: torch.Tensor, box) -> torch.Tensor:
 
 
 class SaliencyMix(Method):
-    """SaliencyMix as the official code runs it: with probability `prob` (0.5 in the CIFAR script, 1.0 in the
-    ImageNet command), lam ~ Beta(alpha, alpha), the partners a permutation, one box of side ratio sqrt(1 - lam)
-    centred on the saliency peak of the first example's partner, pasted from the partners into every image; the
-    label weight is the kept area (the official lam-weighted cross-entropy, as a soft target). The saliency is
-    that of the 8-bit image round(255 x) (the official code hands OpenCV the normalised float tensor, whose bytes
-    OpenCV's 8-bit detector then reads; see docs/fidelity.md). Otherwise plain ERM."""
+    """SaliencyMix as the official code runs it: with probability `prob` (0.5 in the CIFAR script,
+    1.0 in the ImageNet command), lam ~ Beta(alpha, alpha), the partners a permutation, one box of
+    side ratio sqrt(1 - lam) centred on the saliency peak of the first example's partner, pasted
+    from the partners into every image; the label weight is the kept area (the official
+    lam-weighted cross-entropy, as a soft target). The saliency is that of the 8-bit image
+    round(255 x) (the official code hands OpenCV the normalised float tensor, whose bytes OpenCV's
+    8-bit detector then reads; see docs/fidelity.md). Otherwise plain ERM."""
 
     def __init__(self, model, num_classes, alpha: float = 1.0, prob: float = 0.5, dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)

@@ -1,6 +1,7 @@
-"""zeta-mixup (Abhishek, Brown, Hamarneh, "Multi-sample zeta-mixup: richer, more realistic synthetic samples from
-a p-series interpolant", arXiv:2204.03323): every example of the batch replaced by a convex combination of the
-whole batch, with p-series weights over a random order of the others (the example itself first)."""
+"""zeta-mixup (Abhishek, Brown, Hamarneh, "Multi-sample zeta-mixup: richer, more realistic
+synthetic samples from a p-series interpolant", arXiv:2204.03323): every example of the batch
+replaced by a convex combination of the whole batch, with p-series weights over a random order of
+the others (the example itself first)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pretrain.methods.base import Method
 
 
 class ZetaMixup(Method):
-    """The batch mixed by `pretrain.mixers.ZetaMixup` (the official `zeta_mixup`, pinned by its fixtures), then
-    soft-target cross-entropy. gamma: the p-series exponent (2.8, the official default). The [b, b] uniform
-    draws that order the batch come from the method's device generator."""
+    """The batch mixed by `pretrain.mixers.ZetaMixup` (the official `zeta_mixup`, pinned by its
+    fixtures), then
+    soft-target cross-entropy. gamma: the p-series exponent (2.8, the official default). The [b, b]
+    uniform draws that order the batch come from the method's device generator."""
 
     def __init__(self, model, num_classes, gamma: float = 2.8, dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)

@@ -1,5 +1,5 @@
-"""mixup_transfer.core.config: YAML 1.2 numbers, _BASE_ inheritance, and every declared key checked for type and
-range."""
+"""mixup_transfer.core.config: YAML 1.2 numbers, _BASE_ inheritance, and every declared key checked
+for type and range."""
 
 import pytest
 
@@ -59,7 +59,8 @@ def test_every_stage_checks_its_ranges():
         wsol_cfg({"eval": {"loc_op": "=="}})
 
 
-# -- the shared vocabulary (mixup_transfer/core/vocabulary.py) --------------------------------------------------------
+# -- the shared vocabulary (mixup_transfer/core/vocabulary.py)
+# --------------------------------------------------------
 
 def _stage_defaults():
     from pretrain.task import DEFAULTS as PRETRAIN
@@ -108,7 +109,8 @@ def test_a_renamed_key_in_a_base_file_or_an_override_is_refused(tmp_path):
 
 
 def test_a_key_a_stage_declares_is_its_own_not_a_renamed_one():
-    """`arch` is robustness's own key (WSOL's moved to model.arch); `batch_size` is pretraining's optim.batch_size."""
+    """`arch` is robustness's own key (WSOL's moved to model.arch); `batch_size` is pretraining's
+    optim.batch_size."""
     d = _stage_defaults()
     assert validate({"arch": "resnet18"}, d["robustness"])["arch"] == "resnet18"
     assert validate({"optim": {"batch_size": 64}}, d["pretrain"])["optim"]["batch_size"] == 64
@@ -117,8 +119,8 @@ def test_a_key_a_stage_declares_is_its_own_not_a_renamed_one():
 
 
 def test_every_stage_spells_a_shared_key_the_vocabulary_way():
-    """No stage declares a synonym of a shared key in a fragment, and each vocabulary key a stage declares has
-    the vocabulary's type (its default may differ)."""
+    """No stage declares a synonym of a shared key in a fragment, and each vocabulary key a stage
+    declares has the vocabulary's type (its default may differ)."""
     from mixup_transfer.core.vocabulary import FRAGMENTS
 
     synonyms = {"workers", "limit", "limit_train", "limit_test", "max_train_images", "max_test_images", "log_period",

@@ -1,5 +1,6 @@
-"""What a tool prints on the console: a header, periodic lines, one line per evaluation, the run folder and its
-files at the end; plain lines (no carriage-return bars) when stderr is not a terminal; rank 0 only."""
+"""What a tool prints on the console: a header, periodic lines, one line per evaluation, the run
+folder and its files at the end; plain lines (no carriage-return bars) when stderr is not a
+terminal; rank 0 only."""
 
 import importlib.util
 import io
@@ -78,7 +79,8 @@ def test_pretrain_console_header_periodic_epoch_and_outputs(toy_world, tmp_path,
 
 
 def test_engine_console_lines_are_the_logged_numbers(tmp_path, caplog, monkeypatch):
-    """The periodic and epoch lines print the values log.jsonl holds (tiny regression task, 2 steps per epoch)."""
+    """The periodic and epoch lines print the values log.jsonl holds (tiny regression task, 2 steps
+    per epoch)."""
     from test_engine import make
 
     monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal: plain lines

@@ -1,5 +1,5 @@
-"""Sharded evaluation (mixup_transfer/core/distributed.py) and the rank-aware pipeline: the shards by hand, and 2 gloo
-processes
+"""Sharded evaluation (mixup_transfer/core/distributed.py) and the rank-aware pipeline: the shards
+by hand, and 2 gloo processes
 on CPU giving exactly the single-process numbers for detection, WSOL and robustness evaluation."""
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def test_shards_of_seven_items_over_two_ranks_by_hand():
     assert ddist.shard_indices(5) == [0, 1, 2, 3, 4]  # no process group: everything
     for n, block, world in ((7, 1, 2), (7, 3, 2), (10, 4, 3), (1, 2, 4)):
         parts = [ddist.shard_indices(n, block, r, world) for r in range(world)]
-        assert sorted(i for p in parts for i in p) == list(range(n))  # disjoint, complete, no padding
+        # disjoint, complete, no padding
+        assert sorted(i for p in parts for i in p) == list(range(n))
     with pytest.raises(ValueError, match="rank 2 is not in a world of 2"):
         ddist.shard_indices(7, 1, 2, 2)
 
@@ -65,7 +66,8 @@ def _spawn(worker, *args) -> None:
 
 
 def _tiny_classification(n: int):
-    """n 2x2 images of 3 classes (sample k: pixel values k/10, label k % 3) and a fixed linear classifier."""
+    """n 2x2 images of 3 classes (sample k: pixel values k/10, label k % 3) and a fixed linear
+    classifier."""
     ds = [(torch.full((3, 2, 2), k / 10), k % 3, torch.zeros(0, 4), k) for k in range(n)]
     torch.manual_seed(0)
     return ds, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
@@ -85,7 +87,8 @@ def _gather_worker(rank, world, port, out):
     arrays = ddist.gather_arrays({"sq": np.asarray(mine, np.float32) ** 2, "odd": np.asarray(mine) % 2 == 1},
                                  mine, 7)
     counts = ddist.sum_counts([len(mine), sum(mine)])
-    # robustness predictions over 3 images in batches of 2 (ranks: [0, 1], [2]) and over 2 (rank 1: nothing)
+    # robustness predictions over 3 images in batches of 2 (ranks: [0, 1], [2]) and over 2 (rank 1:
+    # nothing)
     preds = {n: _robustness_predictions(n) for n in (3, 2)}
     bn = torch.nn.BatchNorm1d(2)
     bn.running_mean.fill_(rank + 1.0)  # each rank's own statistics, as after DDP training
@@ -104,17 +107,20 @@ def test_gather_of_seven_items_and_an_empty_shard_over_two_gloo_processes(tmp_pa
         assert r["arrays"]["sq"].dtype == np.float32 and r["arrays"]["sq"].tolist() == [0, 1, 4, 9, 16, 25, 36]
         assert r["arrays"]["odd"].dtype == bool and r["arrays"]["odd"].tolist() == [i % 2 == 1 for i in range(7)]
         assert r["counts"] == [7, 21]
-        assert r["bn"]["running_mean"].tolist() == [1.0, 1.0] and int(r["bn"]["num_batches_tracked"]) == 10  # rank 0's
+        # rank 0's
+        assert r["bn"]["running_mean"].tolist() == [1.0, 1.0] and int(r["bn"]["num_batches_tracked"]) == 10
         for n in (3, 2):
             one = _robustness_predictions(n)
             assert one["label"].tolist() == [k % 3 for k in range(n)] and one["example_index"] == list(range(n))
             _assert_same(r["preds"][n], one)
 
 
-# ----------------------------------------------------------------------------- the one sharded inference
+# ----------------------------------------------------------------------------- the one sharded
+# inference
 
 class _Shift(torch.nn.Module):
-    """x + shift, with ``shift`` a buffer (as BatchNorm's statistics): the records show which rank's was used."""
+    """x + shift, with ``shift`` a buffer (as BatchNorm's statistics): the records show which
+    rank's was used."""
 
     def __init__(self, shift: float):
         super().__init__()
@@ -129,7 +135,8 @@ def _inference(dst):
 
     rank = ddist.rank_world()[0]
     model = _Shift(100.0 * rank)  # each rank its own buffer: rank 0's (0) must reach every rank
-    dataset = [(torch.tensor([float(k)]), k) for k in range(7)]  # 7 items in batches of 2: 4 batches, uneven shards
+    # 7 items in batches of 2: 4 batches, uneven shards
+    dataset = [(torch.tensor([float(k)]), k) for k in range(7)]
 
     def to_records(batch, outputs, indices):
         values, training = outputs
@@ -149,8 +156,9 @@ def _inference_worker(rank, world, port, out):
 
 def test_inference_on_dataset_gathers_records_in_dataset_order_over_two_gloo_processes(tmp_path):
     _spawn(_inference_worker, str(tmp_path))
-    # blocks of 2 dealt round-robin: rank 0 predicts [0, 1] and [4, 5], rank 1 [2, 3] and [6]; rank 0's buffer
-    # (shift 0) on both, the model in eval mode: record k is (k, label k, value k, the rank that predicted it)
+    # blocks of 2 dealt round-robin: rank 0 predicts [0, 1] and [4, 5], rank 1 [2, 3] and [6]; rank
+    # 0's buffer (shift 0) on both, the model in eval mode: record k is (k, label k, value k, the
+    # rank that predicted it)
     by_hand = [(0, 0, 0.0, 0, False), (1, 1, 1.0, 0, False), (2, 2, 2.0, 1, False), (3, 3, 3.0, 1, False),
                (4, 4, 4.0, 0, False), (5, 5, 5.0, 0, False), (6, 6, 6.0, 1, False)]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
@@ -170,7 +178,8 @@ def test_to_host_copies_every_dtype_exactly_in_one_transfer():
     assert to_host([]) == []
 
 
-# ----------------------------------------------------------------------------- the three evaluations
+# ----------------------------------------------------------------------------- the three
+# evaluations
 
 def _det_cfg(toy_world, fmt: str):
     from transfer.detection import config as det_config
@@ -183,7 +192,8 @@ def _det_cfg(toy_world, fmt: str):
 
 
 def _detection(toy_world, out_dir):
-    """SSD predictions on 7 VOC07 test and 7 COCO val images, scored on rank 0 (VOC 11-point AP, COCO AP)."""
+    """SSD predictions on 7 VOC07 test and 7 COCO val images, scored on rank 0 (VOC 11-point AP,
+    COCO AP)."""
     from mixup_transfer.core.runtime import is_main_process
     from transfer.detection import scoring
     from transfer.detection import torchvision_backend as tvb
@@ -265,8 +275,9 @@ def _assert_same(a, b, path="") -> None:
 
 @pytest.mark.slow
 def test_two_gloo_processes_give_the_single_process_numbers(toy_world, tmp_path):
-    """Detection (SSD predictions + VOC AP on rank 0), WSOL (MaxBoxAcc, MaxBoxAccV2, Top-1 Loc, kept CAMs) and
-    every robustness suite (clean, background, calibration, FGSM, PGD, OOD) over 7 images: identical numbers."""
+    """Detection (SSD predictions + VOC AP on rank 0), WSOL (MaxBoxAcc, MaxBoxAccV2, Top-1 Loc,
+    kept CAMs) and every robustness suite (clean, background, calibration, FGSM, PGD, OOD) over 7
+    images: identical numbers."""
     from mixup_transfer.core.checkpoint import build_resnet, save_backbone
 
     n_classes = len([d for d in (toy_world / "imagenet" / "val").iterdir() if d.is_dir()])
@@ -297,10 +308,12 @@ def test_two_gloo_processes_give_the_single_process_numbers(toy_world, tmp_path)
     assert not list((tmp_path / "ddp").rglob("*.tmp"))
 
 
-# ----------------------------------------------------------------------------- the rank-aware pipeline
+# ----------------------------------------------------------------------------- the rank-aware
+# pipeline
 
 def _stage_sequence(out: Path, rank: int) -> dict:
-    """Three calls of `Pipeline._stage` with a fake stage: run, reuse, rerun after a changed spec."""
+    """Three calls of `Pipeline._stage` with a fake stage: run, reuse, rerun after a changed
+    spec."""
     from mixup_transfer.pipeline import run as prun
 
     calls, writes = [], []
@@ -332,9 +345,10 @@ def _pipeline_worker(rank, world, port, out):
 
 
 def test_pipeline_stage_runner_under_two_gloo_processes(tmp_path):
-    """Every rank runs a stage, rank 0 alone writes stage.json, every rank gets rank 0's metrics and takes the
-    same reuse decision; the same sequence in one process gives the same results. (A whole tiny pipeline under
-    2 processes takes minutes on a CPU; this checks the runner every stage goes through.)"""
+    """Every rank runs a stage, rank 0 alone writes stage.json, every rank gets rank 0's metrics
+    and takes the same reuse decision; the same sequence in one process gives the same results. (A
+    whole tiny pipeline under 2 processes takes minutes on a CPU; this checks the runner every
+    stage goes through.)"""
     _spawn(_pipeline_worker, str(tmp_path / "ddp"))
     one = _stage_sequence(tmp_path / "one", 0)
     assert one["calls"] == ["stage", "stage"] and one["reused"] == ["fake"]
@@ -343,6 +357,7 @@ def test_pipeline_stage_runner_under_two_gloo_processes(tmp_path):
     for r in (r0, r1):
         assert r["calls"] == one["calls"] and r["reused"] == one["reused"] and r["results"] == one["results"]
         assert r["files"] == ["result.txt", "stage.json"]
-    assert r0["writes"] == ["stage.json"] * 2 and r1["writes"] == []  # one marker per run, by rank 0
+    # one marker per run, by rank 0
+    assert r0["writes"] == ["stage.json"] * 2 and r1["writes"] == []
     marker = json.loads((tmp_path / "ddp" / "fake" / "stage" / "stage.json").read_text())
     assert marker["metrics"] == {"value": 42, "rank": 0}

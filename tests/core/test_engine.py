@@ -1,6 +1,7 @@
-"""mixup_transfer.core.engine on a tiny synthetic task (linear regression, no images): gradient accumulation equals the
-full
-batch, per-group learning rates and schedules, exact resume, and nothing non-finite is ever saved."""
+"""mixup_transfer.core.engine on a tiny synthetic task (linear regression, no images): gradient
+accumulation equals the full
+batch, per-group learning rates and schedules, exact resume, and nothing non-finite is ever
+saved."""
 
 import json
 import math
@@ -76,7 +77,8 @@ def test_accumulated_micro_batches_equal_the_full_batch(tmp_path):
     e1.fit()
     e2.fit()
     a, b = params(t1), params(t2)
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the mean of equal-size micro-batch losses
+    # the mean of equal-size micro-batch losses
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert e1.step == e2.step == 6
 
 
@@ -100,7 +102,8 @@ def test_resume_is_exact_and_keeps_task_state(tmp_path):
     full_task, full = make(tmp_path, "full", epochs=4)
     full.fit()
     cut_task, cut = make(tmp_path, "cut", epochs=4, stop_after_steps=3)
-    assert cut.fit() == {"stopped_at_step": 3}  # mid-epoch: the checkpoint is the one after epoch 1
+    # mid-epoch: the checkpoint is the one after epoch 1
+    assert cut.fit() == {"stopped_at_step": 3}
     state = torch.load(tmp_path / "cut" / CKPT, weights_only=True)
     assert state["step"] == 2 and state["task"] == {"epochs_seen": [1]}
     again_task, again = make(tmp_path, "cut", epochs=4)
@@ -125,7 +128,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_non_finite_parameters_after_the_last_update_are_never_saved(tmp_path):
-    """A loss that is finite but whose update overflows the weights: the epoch-end check stops the run."""
+    """A loss that is finite but whose update overflows the weights: the epoch-end check stops the
+    run."""
     task, engine = make(tmp_path, epochs=2, lr_lambda=lambda step: float("inf") if step == 3 else 1.0)
     with pytest.raises(NonFiniteError, match="non-finite values"):
         engine.fit()
@@ -161,7 +165,8 @@ def test_resume_refuses_another_config_or_input_and_names_the_difference(tmp_pat
     with pytest.raises(fp.FingerprintMismatch, match="input weights"):
         again.fit(resume=True, fingerprint=fp.make(cfg, {"weights": weights}))
     weights.write_bytes(b"one")
-    assert again.fit(resume=True, fingerprint=ok) == {} and again.step == 4  # a runtime key may change
+    # a runtime key may change
+    assert again.fit(resume=True, fingerprint=ok) == {} and again.step == 4
 
 
 def test_an_existing_checkpoint_is_never_overwritten_without_resume_or_force(tmp_path):
@@ -186,15 +191,18 @@ def test_an_infinite_input_with_clipping_stops_before_anything_is_saved(tmp_path
 
 
 def test_a_nan_is_found_at_the_next_read_and_the_checkpoint_stays_finite(tmp_path):
-    """Metrics are read every log_every steps, not every step: a NaN loss at step 11 (8 steps per epoch, log_every
-    4) is found at the read after step 12, names step 11, and the checkpoint of epoch 1 (step 8) is what is kept."""
+    """Metrics are read every log_every steps, not every step: a NaN loss at step 11 (8 steps per
+    epoch, log_every
+    4) is found at the read after step 12, names step 11, and the checkpoint of epoch 1 (step 8) is
+       what is kept."""
     class PoisonedAtStep11(RegressionTask):
         def before_step(self, micro_step):
             self.micro_step = micro_step
 
         def inputs(self, batch):
             x, y = batch
-            return (x * float("nan") if self.micro_step == 10 else x), y  # micro-steps count from 0
+            # micro-steps count from 0
+            return (x * float("nan") if self.micro_step == 10 else x), y
 
     task = PoisonedAtStep11(batch=2, micro=2)
     opt = build_optimizer("sgd", task.param_groups(), 0.1, momentum=0.9)
@@ -206,12 +214,14 @@ def test_a_nan_is_found_at_the_next_read_and_the_checkpoint_stays_finite(tmp_pat
     kept = torch.load(tmp_path / "run" / CKPT, weights_only=True)
     assert kept["step"] == 8 and all(torch.isfinite(v).all() for v in kept["model"].values())
     logs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logs if r["event"] == "step"] == [1, 4, 8]  # step 1 is logged at the first read
+    # step 1 is logged at the first read
+    assert [r["step"] for r in logs if r["event"] == "step"] == [1, 4, 8]
     assert all(math.isfinite(r["loss"]) for r in logs if r["event"] == "step")
 
 
 def test_grad_norm_is_measured_on_the_device_and_logged(tmp_path):
-    """grad_norm2 of step 1 equals the squared norm of the first batch's gradient computed by hand."""
+    """grad_norm2 of step 1 equals the squared norm of the first batch's gradient computed by
+    hand."""
     task, engine = make(tmp_path, epochs=1, grad_norm=True)
     ref = RegressionTask()
     x, y = next(iter(ref.batches(0, 0)))
@@ -227,8 +237,9 @@ def test_grad_norm_is_measured_on_the_device_and_logged(tmp_path):
 
 
 def test_task_declares_everything_the_engine_reads():
-    """Every attribute the engine reads from its task is declared on `Task` (no getattr fallbacks), and the step's
-    accounting is the task's: a plain Task adds no counts, a ClassificationTask counts the clean logits' top-1."""
+    """Every attribute the engine reads from its task is declared on `Task` (no getattr fallbacks),
+    and the step's accounting is the task's: a plain Task adds no counts, a ClassificationTask
+    counts the clean logits' top-1."""
     import ast
     import inspect
 

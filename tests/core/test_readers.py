@@ -264,4 +264,5 @@ def test_config_bases_overrides_and_unknown_keys(tmp_path):
     (tmp_path / "loop.yaml").write_text("_BASE_: loop.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_config(tmp_path / "loop.yaml")
-    assert torch.__version__  # the suite imports torch once; keeps this module's import cost honest
+    # the suite imports torch once; keeps this module's import cost honest
+    assert torch.__version__

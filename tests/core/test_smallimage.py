@@ -1,6 +1,6 @@
-"""The small-image track: CIFAR / TinyImageNet readers on the toy world's files, the restricted unpickler, the
-papers' small networks (parameter counts derived by hand) in the checkpoint contract, and their use by
-pretraining and the robustness evaluation."""
+"""The small-image track: CIFAR / TinyImageNet readers on the toy world's files, the restricted
+unpickler, the papers' small networks (parameter counts derived by hand) in the checkpoint
+contract, and their use by pretraining and the robustness evaluation."""
 
 import pickle
 
@@ -11,7 +11,8 @@ import torch
 from mixup_transfer.core.data import DataError
 from mixup_transfer.core.smalldata import detect_layout, open_classification, read_cifar_pickle
 
-# ------------------------------------------------------------------------------------------------ readers
+# ------------------------------------------------------------------------------------------------
+# readers
 
 def test_cifar_read_back_equals_the_renderer(small_toy_world):
     from mixup_transfer.toyworld.cifar import cifar_split
@@ -31,14 +32,16 @@ def test_cifar_read_back_equals_the_renderer(small_toy_world):
 
 
 def test_cifar_plane_order_by_hand(tmp_path):
-    """b"data" rows are the R, G, B planes, each row-major: pixel (row 1, col 2) of plane c is at c*1024 + 34."""
+    """b"data" rows are the R, G, B planes, each row-major: pixel (row 1, col 2) of plane c is at
+    c*1024 + 34."""
     root = tmp_path / "cifar-10-batches-py"
     root.mkdir()
     row = np.zeros((1, 3072), np.uint8)
     row[0, 0 * 1024 + 34], row[0, 1 * 1024 + 34], row[0, 2 * 1024 + 34] = 10, 20, 30
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         with open(root / name, "wb") as f:
-            pickle.dump({b"data": row, b"labels": [3]}, f, protocol=2)  # protocol 2 bytes: _codecs.encode
+            # protocol 2 bytes: _codecs.encode
+            pickle.dump({b"data": row, b"labels": [3]}, f, protocol=2)
     with open(root / "batches.meta", "wb") as f:
         pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f, protocol=2)
     ds = open_classification(tmp_path, "train")
@@ -47,7 +50,8 @@ def test_cifar_plane_order_by_hand(tmp_path):
 
 
 def test_real_cifar_pickles_numpy_globals_load(tmp_path):
-    """The real files (Python 2 cPickle) name numpy.core.multiarray._reconstruct; numpy 2 writes numpy._core."""
+    """The real files (Python 2 cPickle) name numpy.core.multiarray._reconstruct; numpy 2 writes
+    numpy._core."""
     data = pickle.dumps({b"data": np.arange(6, dtype=np.uint8).reshape(2, 3)}, protocol=2)
     legacy = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
     assert legacy != data
@@ -91,9 +95,11 @@ def test_tinyimagenet_read_back_equals_the_renderer(small_toy_world, tmp_path):
         img, objs = _scene(0, "tiny_train", k * 2 + j, k)
         got = np.asarray(train.image(i)).astype(float)
         assert train.targets[i] == k and got.shape == (64, 64, 3)
-        assert np.array_equal(got, _as_jpeg(img, tmp_path))  # the real files are JPEGs too (quality 90 here)
+        # the real files are JPEGs too (quality 90 here)
+        assert np.array_equal(got, _as_jpeg(img, tmp_path))
         assert np.abs(got - img).mean() < 8.0
-        assert train.boxes(i)[0].tolist() == list(objs[0].box)  # 0-based inclusive on disk, +1 on read
+        # 0-based inclusive on disk, +1 on read
+        assert train.boxes(i)[0].tolist() == list(objs[0].box)
     val = open_classification(small_toy_world, "val", "tinyimagenet")
     name = val.samples[0][0].rsplit("/", 1)[1]
     idx = int(name[4:-5])
@@ -112,30 +118,37 @@ def test_detect_layout(small_toy_world, tmp_path):
         detect_layout(tmp_path, "cifar10")
 
 
-# ------------------------------------------------------------------------------------------------ models
+# ------------------------------------------------------------------------------------------------
+# models
 
 def test_parameter_counts_by_hand():
     from mixup_transfer.core.checkpoint import build_resnet
 
-    # PreAct-ResNet-18, 10 classes (BN: 2 per channel; convs without bias; 1x1 projection without BN):
+    # PreAct-ResNet-18, 10 classes (BN: 2 per channel; convs without bias; 1x1 projection without
+    # BN):
     #   conv1 3*64*9                                                                  =      1,728
     #   layer1: 2 x (bn 128 + conv 36,864 + bn 128 + conv 36,864)                     =    147,968
-    #   layer2: (128 + 73,728 + 256 + 147,456 + proj 8,192) + (256 + 147,456 + 256 + 147,456)      =    525,184
-    #   layer3: (256 + 294,912 + 512 + 589,824 + 32,768) + (512 + 589,824 + 512 + 589,824)          =  2,098,944
-    #   layer4: (512 + 1,179,648 + 1,024 + 2,359,296 + 131,072) + (1,024 + 2,359,296 + 1,024 + 2,359,296) = 8,392,192
-    #   fc 512*10 + 10                                                                =      5,130
-    #   total                                                                          = 11,171,146
+    #   layer2: (128 + 73,728 + 256 + 147,456 + proj 8,192) + (256 + 147,456 + 256 + 147,456)
+    #   =    525,184
+    #   layer3: (256 + 294,912 + 512 + 589,824 + 32,768) + (512 + 589,824 + 512 + 589,824)
+    #   =  2,098,944
+    #   layer4: (512 + 1,179,648 + 1,024 + 2,359,296 + 131,072) + (1,024 + 2,359,296 + 1,024 +
+    #   2,359,296) = 8,392,192 fc 512*10 + 10
+    #   =      5,130 total
+    #   = 11,171,146
     assert sum(p.numel() for p in build_resnet("preactresnet18", 10).parameters()) == 11_171_146
     # WRN-16-8, 10 classes: (16 - 4) / 6 = 2 blocks per group, widths 128, 256, 512:
     #   conv1 3*16*9                                                                  =        432
-    #   group1: (bn 32 + conv 16*128*9 = 18,432 + bn 256 + conv 147,456 + proj 2,048) + (256 + 147,456 + 256 + 147,456)
+    #   group1: (bn 32 + conv 16*128*9 = 18,432 + bn 256 + conv 147,456 + proj 2,048) + (256 +
+    #   147,456 + 256 + 147,456)
     #         = 168,224 + 295,424                                                    =    463,648
     #   group2 (as PreAct layer3 above)                                               =  2,098,944
     #   group3 (as PreAct layer4 above)                                               =  8,392,192
     #   final bn 2*512 = 1,024; fc 5,130                                              =      6,154
     #   total                                                                          = 10,961,370
     assert sum(p.numel() for p in build_resnet("wrn16_8", 10).parameters()) == 10_961_370
-    # CIFAR-stem ResNet-18 = torchvision resnet18 (11,689,512 with 1000 classes) - fc 513,000 + fc 5,130
+    # CIFAR-stem ResNet-18 = torchvision resnet18 (11,689,512 with 1000 classes) - fc 513,000 + fc
+    # 5,130
     #   - (7x7 stem 9,408 - 3x3 stem 1,728)                                          = 11,173,962
     assert sum(p.numel() for p in build_resnet("resnet18_cifar", 10).parameters()) == 11_173_962
 
@@ -158,7 +171,8 @@ def test_stage_shapes_at_32_and_64_px(arch, maps):
 
 @pytest.mark.parametrize("arch", ["preactresnet18", "wrn16_8", "resnet18_cifar"])
 def test_checkpoint_contract_and_robustness_model(arch, tmp_path):
-    """save_backbone -> load_classifier -> the robustness wrapper reproduces the pretraining model's logits."""
+    """save_backbone -> load_classifier -> the robustness wrapper reproduces the pretraining
+    model's logits."""
     from mixup_transfer.core.checkpoint import infer_arch, load_backbone, save_backbone
     from pretrain.methods import ResNetStages
     from transfer.robustness.model import load_classifier_model
@@ -176,7 +190,8 @@ def test_checkpoint_contract_and_robustness_model(arch, tmp_path):
         assert torch.allclose(fmap, net.features(x), atol=1e-5) and torch.allclose(logits, net(x), atol=1e-5)
 
 
-# ------------------------------------------------------------------------------------------------ stages
+# ------------------------------------------------------------------------------------------------
+# stages
 
 def test_pretrain_on_toy_cifar_then_robustness(small_toy_world, tmp_path, one_thread):
     from pretrain.task import run
@@ -206,18 +221,20 @@ def test_padded_crop_by_hand():
     torch.manual_seed(0)
     crops = [padded_train_transform(32, 4, hflip=True)(img) for _ in range(20)]
     assert all(tuple(c.shape) == (3, 32, 32) for c in crops)
-    # zero padding: a crop offset by (dy, dx) holds 32*32 - (32-|dy|)(32-|dx|) black pixels, never more than
-    # 4*32 + 4*32 - 16 = 240 per channel; some crops are shifted
+    # zero padding: a crop offset by (dy, dx) holds 32*32 - (32-|dy|)(32-|dx|) black pixels, never
+    # more than 4*32 + 4*32 - 16 = 240 per channel; some crops are shifted
     black = [int((c[0] == 0).sum()) for c in crops]
     assert max(black) <= 240 and max(black) > 0
     assert all(torch.allclose(c[c > 0], torch.tensor(200 / 255)) for c in crops)
 
 
 def test_preactresnet18_alignmixup_parameters_and_checkpoint():
-    """The AlignMixup code's PreAct-ResNet-18 (shashankvkt/AlignMixup_CVPR22 at ec01a68, cifar10_100/models/
-    resnet.py): preactresnet18 plus the stem's BatchNorm2d(64), i.e. 11,171,146 + 2 * 64 = 11,171,274 parameters
-    for 10 classes (its other difference, identity shortcuts from the pre-activated input, has none); a checkpoint
-    of it is recognised (a stem BN, and projection shortcuts without BN unlike resnet18_cifar)."""
+    """The AlignMixup code's PreAct-ResNet-18 (shashankvkt/AlignMixup_CVPR22 at ec01a68,
+    cifar10_100/models/
+    resnet.py): preactresnet18 plus the stem's BatchNorm2d(64), i.e. 11,171,146 + 2 * 64 =
+    11,171,274 parameters for 10 classes (its other difference, identity shortcuts from the
+    pre-activated input, has none); a checkpoint of it is recognised (a stem BN, and projection
+    shortcuts without BN unlike resnet18_cifar)."""
     from mixup_transfer.core.checkpoint import build_resnet, infer_arch
 
     net = build_resnet("preactresnet18_alignmixup", 10).eval()
@@ -228,10 +245,11 @@ def test_preactresnet18_alignmixup_parameters_and_checkpoint():
 
 
 def test_preactresnet18_alignmixup_equals_the_alignmixup_network():
-    """tests/fixtures/alignmix_preactresnet18.npz: the AlignMixup code's ResNet18 (cifar10_100/models/resnet.py at
-    ec01a68) with deterministic weights (tools/make_method_fixtures.py `fill_by_name`, keyed by parameter name):
-    preactresnet18_alignmixup given the same weights gives the same layer4 map (eval mode; float32 rounding of a
-    different summation order)."""
+    """tests/fixtures/alignmix_preactresnet18.npz: the AlignMixup code's ResNet18
+    (cifar10_100/models/resnet.py at ec01a68) with deterministic weights
+    (tools/make_method_fixtures.py `fill_by_name`, keyed by parameter name):
+    preactresnet18_alignmixup given the same weights gives the same layer4 map (eval mode; float32
+    rounding of a different summation order)."""
     import importlib.util
     from pathlib import Path
 

@@ -1,9 +1,9 @@
-"""The uint8 data path of pretraining (pretrain/data.py, mixup_transfer/core/data.py decode): libjpeg-turbo decode
-equals PIL's,
-the uint8 crop / flip / jitter / lighting / val transforms equal the PIL path's for the same seed within the
-tolerances measured here, the device-side float conversion equals ToTensor's, the GPU-decode code path (run on
-the CPU) equals the uint8 path, persistent workers keep each epoch's order, and the loader selection refuses
-what cannot run."""
+"""The uint8 data path of pretraining (pretrain/data.py, mixup_transfer/core/data.py decode):
+libjpeg-turbo decode equals PIL's,
+the uint8 crop / flip / jitter / lighting / val transforms equal the PIL path's for the same seed
+within the tolerances measured here, the device-side float conversion equals ToTensor's, the
+GPU-decode code path (run on the CPU) equals the uint8 path, persistent workers keep each epoch's
+order, and the loader selection refuses what cannot run."""
 
 import numpy as np
 import pytest
@@ -34,7 +34,8 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """Four smooth-plus-noise photos-like images: three JPEGs (quality 90, 4:2:0) of odd sizes and one PNG."""
+    """Four smooth-plus-noise photos-like images: three JPEGs (quality 90, 4:2:0) of odd sizes and
+    one PNG."""
     out = tmp_path_factory.mktemp("img")
     g = np.random.default_rng(0)
     paths = []
@@ -53,8 +54,8 @@ def pil_u8(img: Image.Image) -> torch.Tensor:
 
 
 def test_decode_equals_pil(images, tmp_path):
-    """Measured: libjpeg-turbo through torchvision and through Pillow give identical pixels (max diff 0), PNG too;
-    the decode is a channels-last view of the decoder's HWC buffer."""
+    """Measured: libjpeg-turbo through torchvision and through Pillow give identical pixels (max
+    diff 0), PNG too; the decode is a channels-last view of the decoder's HWC buffer."""
     for p in images:
         x = read_image_uint8(p)
         assert x.dtype == torch.uint8 and x.shape == (3, *read_image(p).size[::-1])
@@ -63,7 +64,8 @@ def test_decode_equals_pil(images, tmp_path):
     gray = tmp_path / "gray.jpg"  # grayscale JPEG -> 3 equal channels, as PIL's convert("RGB")
     read_image(images[0]).convert("L").save(gray, quality=90)
     assert torch.equal(read_image_uint8(gray).int(), pil_u8(read_image(gray)))
-    cmyk = tmp_path / "cmyk.jpg"  # a content check, not the name: ImageNet has CMYK JPEGs and a PNG named .JPEG
+    # a content check, not the name: ImageNet has CMYK JPEGs and a PNG named .JPEG
+    cmyk = tmp_path / "cmyk.jpg"
     read_image(images[0]).convert("CMYK").save(cmyk, quality=90)
     assert torch.equal(read_image_uint8(cmyk).int(), pil_u8(read_image(cmyk)))
     png_named_jpeg = tmp_path / "png.JPEG"
@@ -88,32 +90,36 @@ def test_decode_errors_name_the_file(images, tmp_path):
 
 
 def test_hand_computed_crop_and_resize():
-    """A 2x antialiased bilinear downscale by hand: a triangle filter of radius 2 input pixels, so output pixel 0
-    weighs inputs 0, 1, 2 by 3/7, 3/7, 1/7 (centre at 1.0, inputs at 0.5, 1.5, 2.5) and output 1 weighs inputs
-    1, 2, 3 by 1/7, 3/7, 3/7; horizontal pass first, each pass rounded to uint8 (as PIL does). Channel 0 is
-    20 r + 5 c: the horizontal pass gives 20 r + 25/7 -> 4, 24, 44, 64 and 20 r + 80/7 -> 11, 31, 51, 71; the
-    vertical pass (4*3 + 24*3 + 44) / 7 = 18.29 -> 18, 177/7 -> 25, 348/7 -> 50, 397/7 -> 57."""
+    """A 2x antialiased bilinear downscale by hand: a triangle filter of radius 2 input pixels, so
+    output pixel 0 weighs inputs 0, 1, 2 by 3/7, 3/7, 1/7 (centre at 1.0, inputs at 0.5, 1.5, 2.5)
+    and output 1 weighs inputs 1, 2, 3 by 1/7, 3/7, 3/7; horizontal pass first, each pass rounded
+    to uint8 (as PIL does). Channel 0 is 20 r + 5 c: the horizontal pass gives 20 r + 25/7 -> 4,
+    24, 44, 64 and 20 r + 80/7 -> 11, 31, 51, 71; the vertical pass (4*3 + 24*3 + 44) / 7 = 18.29
+    -> 18, 177/7 -> 25, 348/7 -> 50, 397/7 -> 57."""
     img = torch.arange(48, dtype=torch.uint8).view(3, 4, 4) * 5
     out = resize_uint8(img, 2, 2)
     assert out[0].tolist() == [[18, 25], [50, 57]]
     assert torch.equal(out.int(), pil_u8(TF.to_pil_image(img).resize((2, 2), Image.BILINEAR)))
-    assert torch.equal(resize_uint8(img[:, 1:3, 0:3], 2, 3), img[:, 1:3, 0:3])  # same size: the slice itself
+    # same size: the slice itself
+    assert torch.equal(resize_uint8(img[:, 1:3, 0:3], 2, 3), img[:, 1:3, 0:3])
 
 
 def _new_path(transform, path, seed):
-    """The uint8 path for one image as training sees it: worker transform, collate, batch_to_device (CPU)."""
+    """The uint8 path for one image as training sees it: worker transform, collate, batch_to_device
+    (CPU)."""
     torch.manual_seed(seed)
     item = transform(read_image_uint8(path))
     return item, batch_to_device(collate_uint8([(item, 0)]), CPU, False)[0][0]
 
 
 def test_train_transform_equals_pil_path(images):
-    """Same seed -> the same crop, flip, jitter and lighting draws as the PIL pipeline, in the same order (the RNG
-    is left where the PIL path leaves it). Pixels, as measured on these images (levels of 1/255): crop + flip
-    (+ lighting) max 1, mean 0.24 (PIL and torch round the antialiased bilinear differently, most often on
-    upsampled small crops); + colour jitter 0.4 max 4.75, mean 1.67, all of it a bias: PIL's ImageEnhance rounds
-    to 8 bits after each of its three steps, the device-side ops are torchvision's float formulas (checked
-    exactly in test_color_augment_is_torchvisions_float_jitter)."""
+    """Same seed -> the same crop, flip, jitter and lighting draws as the PIL pipeline, in the same
+    order (the RNG is left where the PIL path leaves it). Pixels, as measured on these images
+    (levels of 1/255): crop + flip (+ lighting) max 1, mean 0.24 (PIL and torch round the
+    antialiased bilinear differently, most often on upsampled small crops); + colour jitter 0.4 max
+    4.75, mean 1.67, all of it a bias: PIL's ImageEnhance rounds to 8 bits after each of its three
+    steps, the device-side ops are torchvision's float formulas (checked exactly in
+    test_color_augment_is_torchvisions_float_jitter)."""
     cases = [(64, 0.0, 0.0, 1, 0.3), (48, 0.0, 0.1, 1, 0.3), (32, 0.4, 0.0, 5, 2.0), (48, 0.4, 0.1, 5, 2.0)]
     for size, cj, light, tol, mean_tol in cases:
         old, new = train_transform(size, 0.08, True, cj, light), Uint8TrainTransform(size, 0.08, True, cj, light)
@@ -130,8 +136,9 @@ def test_train_transform_equals_pil_path(images):
 
 
 def test_color_augment_is_torchvisions_float_jitter(images):
-    """The device-side colour ops equal torchvision's ColorJitter + the PIL path's Lighting applied to the float
-    crop with the same draws (replayed from the seed), to float rounding, for a batch of different orders."""
+    """The device-side colour ops equal torchvision's ColorJitter + the PIL path's Lighting applied
+    to the float crop with the same draws (replayed from the seed), to float rounding, for a batch
+    of different orders."""
     from torchvision import transforms as T
 
     from pretrain.data import Lighting, color_augment
@@ -167,8 +174,9 @@ def test_val_transform_equals_pil_path(images):
 
 
 def test_device_conversion_equals_float_normalisation(images):
-    """uint8 batch -> batch_to_device -> the model's normalisation equals ToTensor -> the same normalisation,
-    bit for bit (both divide the same integers by 255 in float32); channels_last is honoured."""
+    """uint8 batch -> batch_to_device -> the model's normalisation equals ToTensor -> the same
+    normalisation, bit for bit (both divide the same integers by 255 in float32); channels_last is
+    honoured."""
     from pretrain.methods import ResNetStages
 
     u8 = torch.stack([Uint8ValTransform(32, None)(read_image_uint8(p)) for p in images])
@@ -185,10 +193,10 @@ def test_device_conversion_equals_float_normalisation(images):
 
 
 def test_gpu_decode_path_on_cpu_equals_uint8_path(images):
-    """`decode_device: cuda`'s code path (worker: bytes + drawn crop; device: batch decode, crop, resize, flip)
-    run on the CPU: the same draws as the uint8 path and pixels within 1/255 (float resize rounded vs uint8
-    kernel), with and without the colour params; the PNG goes through the CPU fallback. nvJPEG itself is not
-    exercised here."""
+    """`decode_device: cuda`'s code path (worker: bytes + drawn crop; device: batch decode, crop,
+    resize, flip) run on the CPU: the same draws as the uint8 path and pixels within 1/255 (float
+    resize rounded vs uint8 kernel), with and without the colour params; the PNG goes through the
+    CPU fallback. nvJPEG itself is not exercised here."""
     for cj, light in [(0.0, 0.0), (0.4, 0.1)]:
         enc, ref = EncodedTrainTransform(40, 0.08, True, cj, light), Uint8TrainTransform(40, 0.08, True, cj, light)
         items, want = [], []
@@ -201,15 +209,16 @@ def test_gpu_decode_path_on_cpu_equals_uint8_path(images):
         assert len(batch) == (4 if cj else 3) and crops.shape == (4, 6) and crops[:, 5].tolist() == [40] * 4
         assert labels.tolist() == [0, 1, 2, 3]
         x, y = batch_to_device(batch, CPU, False)
-        tol = 1.96 if cj else 1.0  # a 1-level rounding difference, times contrast x saturation (each <= 1.4)
+        # a 1-level rounding difference, times contrast x saturation (each <= 1.4)
+        tol = 1.96 if cj else 1.0
         assert x.shape == (4, 3, 40, 40) and (x - torch.stack(want)).abs().max() * 255 <= tol + 1e-3
         if not cj:
             assert torch.equal(decode_batch(datas, crops, CPU), x)
 
 
 def test_persistent_workers_keep_each_epochs_order(images):
-    """Two workers that persist over epochs see each epoch's own permutation, the same as fresh loaders, and
-    a mid-epoch start (resume) gives the tail of that epoch."""
+    """Two workers that persist over epochs see each epoch's own permutation, the same as fresh
+    loaders, and a mid-epoch start (resume) gives the tail of that epoch."""
     class Files(torch.utils.data.Dataset):
         def __len__(self):
             return 12
@@ -230,7 +239,8 @@ def test_persistent_workers_keep_each_epochs_order(images):
     assert seen[0] != seen[1] != seen[2]
     sampler.set_epoch(1, start_step=2)
     assert torch.cat([b[1] for b in loader]).tolist() == seen[1][8:]
-    first = next(iter(loader))  # a partly consumed epoch, then a new one: the leftovers are discarded
+    # a partly consumed epoch, then a new one: the leftovers are discarded
+    first = next(iter(loader))
     sampler.set_epoch(2)
     assert first[1].tolist() == seen[1][8:] and torch.cat([b[1] for b in loader]).tolist() == seen[2]
 
@@ -240,7 +250,8 @@ def test_select_loader():
     assert select_loader("auto", "cpu", CUDA, dali_found=True) == "dali"
     assert select_loader("auto", "cpu", CPU, dali_found=True) == "uint8"
     assert select_loader("auto", "cpu", CUDA, dali_found=False) == "uint8"
-    assert select_loader("auto", "cpu", CUDA, 0.4, 0.1, dali_found=True) == "uint8"  # DALI runs crop + flip only
+    # DALI runs crop + flip only
+    assert select_loader("auto", "cpu", CUDA, 0.4, 0.1, dali_found=True) == "uint8"
     assert select_loader("dali", "cpu", CUDA, dali_found=True) == "dali"
     assert select_loader("uint8", "cuda", CUDA) == select_loader("uint8", "cuda", CUDA, 0.4, 0.1) == "uint8"
     bad = [(("dali", "cpu", CUDA), {"dali_found": False}, "pip install nvidia-dali-cuda120"),
@@ -256,8 +267,8 @@ def test_select_loader():
 
 
 def test_dali_module_imports_without_dali():
-    """pretrain.dali imports DALI lazily: the module loads where DALI is absent; building an iterator is where
-    it would be needed (select_loader refuses that first, tested above)."""
+    """pretrain.dali imports DALI lazily: the module loads where DALI is absent; building an
+    iterator is where it would be needed (select_loader refuses that first, tested above)."""
     import importlib
 
     mod = importlib.import_module("pretrain.dali")
@@ -266,9 +277,10 @@ def test_dali_module_imports_without_dali():
 
 @pytest.mark.slow
 def test_resume_with_persistent_workers_equals_an_uninterrupted_run(toy_world, tmp_path):
-    """The uint8 path (with jitter, lighting and a crop schedule) trained in one go without workers, and with two
-    persistent workers killed after step 3 (checkpoint at 2) then resumed: the same weights bit for bit, since
-    the order is a function of (seed, epoch) and each sample's augmentation of (seed, epoch, index)."""
+    """The uint8 path (with jitter, lighting and a crop schedule) trained in one go without
+    workers, and with two persistent workers killed after step 3 (checkpoint at 2) then resumed:
+    the same weights bit for bit, since the order is a function of (seed, epoch) and each sample's
+    augmentation of (seed, epoch, index)."""
     from pretrain.task import train
 
     cfg = {"name": "t", "seed": 3, "model": {"arch": "resnet18"}, "method": {"name": "erm"},

@@ -1,5 +1,6 @@
-"""Ablation sweeps: the plan (values x seeds -> stages), config errors before anything runs, aggregation and the
-table on hand-made numbers, the figure, and one tiny sweep end to end (a second invocation reuses every run)."""
+"""Ablation sweeps: the plan (values x seeds -> stages), config errors before anything runs,
+aggregation and the table on hand-made numbers, the figure, and one tiny sweep end to end (a second
+invocation reuses every run)."""
 
 import json
 import shutil
@@ -31,7 +32,8 @@ def _cfg(tmp_path, **extra) -> dict:
     return cfg
 
 
-# -- the plan ---------------------------------------------------------------------------------------------------
+# -- the plan
+# ---------------------------------------------------------------------------------------------------
 def test_values_times_seeds_are_distinct_stages(tmp_path):
     sweep = AblationSweep(_cfg(tmp_path, seeds=[0, 3], knob={"values": [1, 10, 100]}))
     plan = sweep.plan()
@@ -40,11 +42,13 @@ def test_values_times_seeds_are_distinct_stages(tmp_path):
     assert len({s.key for s in plan}) == 8
     st = {s.label: s for s in plan}
     cfg = st["n=10/seed3"].spec["config"]
-    assert cfg["method"]["n"] == 10 and cfg["seed"] == 3 and cfg["method"]["m"] == 4  # the recipe's other knobs
+    # the recipe's other knobs
+    assert cfg["method"]["n"] == 10 and cfg["seed"] == 3 and cfg["method"]["m"] == 4
     assert cfg["data"]["root"] == str(tmp_path / "data") + "/imagenet" and cfg["optim"]["epochs"] == 2
     assert st["baseline/seed3"].spec["config"]["method"] == {"name": "erm"}
     assert st["baseline/seed3"].spec["config"]["seed"] == 3
-    # the key is the pipeline's pretraining key: the hash of the resolved recipe with the same overrides
+    # the key is the pipeline's pretraining key: the hash of the resolved recipe with the same
+    # overrides
     ov = [f"data.root={tmp_path / 'data'}/imagenet", "optim.epochs=2", "runtime.figures=false",
           "runtime.flops=false", "method.n=10", "seed=3"]
     assert st["n=10/seed3"].key == content_key(pretrain_spec(ROOT / "configs/pretrain/toy_multimix.yaml", ov))
@@ -82,10 +86,12 @@ def test_unknown_recipe_key_lists_the_valid_ones(tmp_path):
 
 
 @pytest.mark.parametrize("knob, match", [
-    ({"values": [10, 0]}, r"n=0/seed0.*method.n: 0 is out of range"),         # a range the method does not check
+    # a range the method does not check
+    ({"values": [10, 0]}, r"n=0/seed0.*method.n: 0 is out of range"),
     ({"values": [10, 2.5]}, r"n=2.5/seed0.*method.n: expected an integer"),   # the option's type
     ({"key": "method.prob", "values": [0.5, 1.5]}, r"prob=1.5.*method.prob"),
-    ({"key": "optim.epochs", "values": [2, 0]}, r"epochs=0/seed0.*optim.epochs: 0 is out of range"),  # the recipe's
+    # the recipe's
+    ({"key": "optim.epochs", "values": [2, 0]}, r"epochs=0/seed0.*optim.epochs: 0 is out of range"),
     ({"values": []}, "knob.values"),
     ({"values": [1, 1]}, "repeats"),
     ({"scale": "cubic"}, "knob.scale"),
@@ -134,7 +140,8 @@ def test_value_slugs_and_axis():
     assert axis_scale([1, 10, 100], "categorical") == "categorical"
 
 
-# -- aggregation, table and figure on hand-made numbers -----------------------------------------------------------
+# -- aggregation, table and figure on hand-made numbers
+# -----------------------------------------------------------
 def _fake():
     def runs(folder, vals):
         return [{"metrics": {"top1": v, "top5": v + 10}, "folder": f"{folder}/seed{k}",
@@ -188,7 +195,8 @@ def test_a_missing_seed_and_one_seed(tmp_path):
     assert out["figure"].name == "ablation_n_mix.png" and out["figure"].exists()
 
 
-# -- end to end ----------------------------------------------------------------------------------------------------
+# -- end to end
+# ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end_and_reuse(tmp_path, toy_world, one_thread):
     from mixup_transfer.pipeline.ablation import run_ablation
@@ -209,7 +217,8 @@ def test_tiny_sweep_end_to_end_and_reuse(tmp_path, toy_world, one_thread):
         assert (run_dir / f"n={p['value']}/seed0/backbone.pth").exists()
     assert out["figure"].exists() and "| n = 100 |" in out["markdown"].read_text()
     stamps = {d: (run_dir / d / "stage.json").stat().st_mtime_ns for d in ("n=1/seed0", "n=100/seed0")}
-    again = json.loads(run_ablation(str(path))["json"].read_text())  # a second invocation: every run reused
+    # a second invocation: every run reused
+    again = json.loads(run_ablation(str(path))["json"].read_text())
     assert again["reused"] == ["n=1/seed0", "n=100/seed0"] and again["points"] == data["points"]
     assert {d: (run_dir / d / "stage.json").stat().st_mtime_ns for d in stamps} == stamps
     run_ablation(str(path), force=["n=100"])  # --force one value: only that run is redone
@@ -217,7 +226,8 @@ def test_tiny_sweep_end_to_end_and_reuse(tmp_path, toy_world, one_thread):
     assert (run_dir / "n=100/seed0/stage.json").stat().st_mtime_ns != stamps["n=100/seed0"]
 
 
-# -- the command line ----------------------------------------------------------------------------------------------
+# -- the command line
+# ----------------------------------------------------------------------------------------------
 def _cli():
     import importlib.util
 
@@ -234,7 +244,8 @@ def test_cli_plan_and_a_bad_knob(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [ln.split()[0] for ln in lines] == ["n=1/seed0", "n=10/seed0", "baseline/seed0"]
     assert all(ln.endswith("to run") for ln in lines)
-    assert _cli()(["--config", str(path), "knob.key=method.nn"]) == 2  # bad input: exit 2, one error line
+    # bad input: exit 2, one error line
+    assert _cli()(["--config", str(path), "knob.key=method.nn"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: knob key 'method.nn': not an option of method 'multimix'; valid: [")
     assert not (tmp_path / "runs").exists()

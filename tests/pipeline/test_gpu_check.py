@@ -1,6 +1,7 @@
-"""`make gpu-check` (tools/gpu_check.py over mixup_transfer/pipeline/gpu_check.py) on a machine without CUDA: it says so
-and exits
-non-zero, and its checks and report run on the CPU (the same code; a GPU node runs them on CUDA)."""
+"""`make gpu-check` (tools/gpu_check.py over mixup_transfer/pipeline/gpu_check.py) on a machine
+without CUDA: it says so and exits
+non-zero, and its checks and report run on the CPU (the same code; a GPU node runs them on
+CUDA)."""
 
 import importlib.util
 import json
@@ -31,7 +32,8 @@ def test_without_cuda_it_says_so_and_exits_non_zero(cli, capsys, monkeypatch, tm
 
 
 def test_checks_run_and_report_on_the_cpu(toy_world, tmp_path, monkeypatch):
-    """Two method checks and the decoder check on the CPU (fp32: CPU runs ignore bf16 / fp16), one check made to
+    """Two method checks and the decoder check on the CPU (fp32: CPU runs ignore bf16 / fp16), one
+    check made to
     fail: every row is reported, the failure with its error, and the table and JSON agree."""
     monkeypatch.setattr(gpu_check, "check_nccl", lambda: (_ for _ in ()).throw(RuntimeError("torchrun exited 1")))
     report = gpu_check.run_checks(tmp_path, "cpu", only=("methods", "decode", "nccl"), methods=["erm", "cutmix"],

@@ -1,7 +1,7 @@
-"""mixup_transfer/pipeline/launch.py and tools/submit.py: the torchrun variables of a task, the sbatch file, the checks
-made before
-a job waits in the queue, a 2-process pretraining job through submitit's local executor, and a preempted job that
-requeues and ends with the weights of an uninterrupted run."""
+"""mixup_transfer/pipeline/launch.py and tools/submit.py: the torchrun variables of a task, the
+sbatch file, the checks made before
+a job waits in the queue, a 2-process pretraining job through submitit's local executor, and a
+preempted job that requeues and ends with the weights of an uninterrupted run."""
 
 import json
 import pickle
@@ -50,7 +50,8 @@ def test_distributed_env_of_a_task_by_hand():
     assert 20000 <= master_port("4242") < 40000 and master_port("4242") == master_port("4242")
     one_node = distributed_env("7", ["me"], num_nodes=1, num_tasks=2, global_rank=0, local_rank=0, port=29500)
     assert one_node["MASTER_ADDR"] == "127.0.0.1" and one_node["MASTER_PORT"] == "29500"
-    assert distributed_env("7", ["me"], 1, 1, 0, 0) == {}  # one task: no process group, as a plain python run
+    # one task: no process group, as a plain python run
+    assert distributed_env("7", ["me"], 1, 1, 0, 0) == {}
     with pytest.raises(ConfigError, match="evenly"):
         distributed_env("7", ["a", "b"], 2, 3, 0, 0)
 
@@ -78,15 +79,18 @@ def test_checks_before_queueing(toy_world, tmp_path):
     assert spec.run_dir == str(tmp_path / "runs" / "tiny") and spec.overrides == ("optim.lr=0.1",)
     with pytest.raises(ConfigError, match="unknown stage"):
         make_spec("train", cfg)
-    with pytest.raises(ConfigError, match="optim.lrr"):  # the stage's own key check, before the queue
+    # the stage's own key check, before the queue
+    with pytest.raises(ConfigError, match="optim.lrr"):
         make_spec("pretrain", cfg, ["optim.lrr=0.1"], cwd=tmp_path)
     with pytest.raises(ConfigError, match="--checkpoint and --imagenet"):
         make_spec("robustness", None, cwd=tmp_path)
     wsol = str(Path(__file__).resolve().parents[2] / "configs/wsol/toy_multimix.yaml")
     with pytest.raises(FileNotFoundError):
         make_spec("wsol", wsol, weights="missing.pth", cwd=tmp_path)
-    assert make_spec("wsol", wsol, weights="none", cwd=tmp_path).weights is None  # random init, as tools/run_wsol.py
-    # a job continues its run folder, as the stage's tool does; --force starts over (not for evaluation-only stages)
+    # random init, as tools/run_wsol.py
+    assert make_spec("wsol", wsol, weights="none", cwd=tmp_path).weights is None
+    # a job continues its run folder, as the stage's tool does; --force starts over (not for
+    # evaluation-only stages)
     assert make_spec("pretrain", cfg, cwd=tmp_path).resume
     forced = make_spec("pretrain", cfg, force=True, cwd=tmp_path)
     assert forced.force and not forced.resume
@@ -96,20 +100,24 @@ def test_checks_before_queueing(toy_world, tmp_path):
 
 @pytest.mark.slow
 def test_local_executor_runs_a_two_process_pretraining_job(toy_world, tmp_path, monkeypatch):
-    """Two tasks of submitit's local executor join one gloo process group from the variables the job sets."""
-    monkeypatch.chdir(tmp_path)  # the in-process job below changes to the folder it was submitted from
+    """Two tasks of submitit's local executor join one gloo process group from the variables the
+    job sets."""
+    # the in-process job below changes to the folder it was submitted from
+    monkeypatch.chdir(tmp_path)
     cfg = tiny_config(tmp_path, toy_world / "imagenet", epochs=1, batch_size=16)
     spec = make_spec("pretrain", cfg, cwd=tmp_path)
     job = submit(spec, Resources(gpus_per_node=0, tasks_per_node=2, timeout_min=10), tmp_path / "jobs/%j", "local")
     metrics = job.results()[0]  # rank 0's (every task returns the metrics)
-    assert metrics["steps"] == 2 and metrics["global_batch"] == 16  # 32 images / 16 per step, over 2 processes
+    # 32 images / 16 per step, over 2 processes
+    assert metrics["steps"] == 2 and metrics["global_batch"] == 16
     run = tmp_path / "runs/tiny"
     assert (run / "checkpoints/last.pth").is_file() and (run / "backbone.pth").is_file()
     head = json.loads((run / "log.jsonl").read_text().splitlines()[0])
     assert head["world_size"] == 2 and head["per_process_batch"] == 8
     assert torch.load(run / "checkpoints/last.pth", weights_only=True)["world_size"] == 2
 
-    # every stage is rank-aware: a 2-task robustness job shards the suites and gives one process's numbers
+    # every stage is rank-aware: a 2-task robustness job shards the suites and gives one process's
+    # numbers
     ev = tmp_path / "eval.yaml"
     ev.write_text(yaml.safe_dump({"suites": "clean,calibration,fgsm", "image_size": 32, "resize": 36,
                                   "eval": {"batch_size": 8}, "data": {"max_val": 24}}))
@@ -117,9 +125,11 @@ def test_local_executor_runs_a_two_process_pretraining_job(toy_world, tmp_path, 
     one = StageJob(make_spec("robustness", str(ev), run_dir=str(tmp_path / "ev1"), cwd=tmp_path, **inputs))()
     two = submit(make_spec("robustness", str(ev), run_dir=str(tmp_path / "ev2"), cwd=tmp_path, **inputs),
                  Resources(gpus_per_node=0, tasks_per_node=2, timeout_min=10), tmp_path / "jobs/%j", "local")
-    ranks = [{k: v for k, v in r.items() if k != "seconds"} for r in two.results()]  # timings differ
+    # timings differ
+    ranks = [{k: v for k, v in r.items() if k != "seconds"} for r in two.results()]
     assert ranks[0] == ranks[1]  # every rank gets the gathered metrics
-    assert ranks[0] == {k: v for k, v in one.items() if k != "seconds"}  # the same numbers as one process
+    # the same numbers as one process
+    assert ranks[0] == {k: v for k, v in one.items() if k != "seconds"}
     assert ranks[0]["clean"]["top1_err"] == one["clean"]["top1_err"]
 
 
@@ -137,7 +147,8 @@ def test_a_preempted_job_requeues_and_ends_with_the_uninterrupted_weights(toy_wo
     job = StageJob(make_spec("pretrain", cfg, run_dir="preempted", cwd=tmp_path))
     save = Engine.save_checkpoint
 
-    def save_then_die(engine):  # the job is killed right after its first checkpoint (end of epoch 1)
+    # the job is killed right after its first checkpoint (end of epoch 1)
+    def save_then_die(engine):
         save(engine)
         raise Preempted
 

@@ -1,4 +1,5 @@
-"""The main job end to end on the tiny toy world: two methods, every stage, an interruption and a resume."""
+"""The main job end to end on the tiny toy world: two methods, every stage, an interruption and a
+resume."""
 
 import json
 import re
@@ -37,7 +38,8 @@ def _tiny_config(tmp: Path, data: Path, name: str) -> Path:
 
 
 def _numbers(report: Path) -> list[str]:
-    """The report's table rows without links, timings and speeds: what must not change across a resume."""
+    """The report's table rows without links, timings and speeds: what must not change across a
+    resume."""
     out, keep = [], []
     for line in report.read_text().split("## Stage timings")[0].splitlines():
         if not line.startswith("| ") or line.startswith("|---"):
@@ -98,8 +100,10 @@ def test_the_method_is_an_override_checked_against_its_recipe(tmp_path, toy_worl
     pipe = Pipeline(cfg)
     stage = next(s for s in pipe.plan() if s.label == "multimix/pretrain")
     assert stage.spec["config"]["method"]["name"] == "multimix"
-    assert pipe._pretrain_spec("multimix")["overrides"][-1] == "method.name=multimix"  # the pipeline's method
-    # a recipe that names another method (here: every method reads the ERM recipe) stops before anything runs
+    # the pipeline's method
+    assert pipe._pretrain_spec("multimix")["overrides"][-1] == "method.name=multimix"
+    # a recipe that names another method (here: every method reads the ERM recipe) stops before
+    # anything runs
     cfg["pretrain"]["config"] = str(ROOT / "configs/pretrain/toy_erm.yaml")
     with pytest.raises(ConfigError, match=r"toy_erm.yaml: method.name is 'erm' .* as method 'multimix'"):
         Pipeline(cfg)

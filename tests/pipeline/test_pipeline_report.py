@@ -1,5 +1,6 @@
-"""The pipeline's outcome with fake stages: a failed stage costs only what depends on it (the report marks it, the
-command exits non-zero), the CI completeness check, and publishing a finished run into the docs."""
+"""The pipeline's outcome with fake stages: a failed stage costs only what depends on it (the
+report marks it, the command exits non-zero), the CI completeness check, and publishing a finished
+run into the docs."""
 
 import json
 from pathlib import Path
@@ -75,7 +76,8 @@ def test_failed_method_costs_only_its_own_stages(tmp_path, monkeypatch):
     assert rows["input_mixup"].count("*failed*") == 3  # top-1, top-5, train time
     detection = [line for line in text.splitlines() if line.startswith("| input_mixup |")][1]
     assert detection.count("*failed*") == 7  # SSD mAP, Faster R-CNN AP, AP50 and the four speeds
-    assert (tmp_path / "runs" / "failing" / "input_mixup" / "pretrain").is_dir()  # kept for inspection
+    # kept for inspection
+    assert (tmp_path / "runs" / "failing" / "input_mixup" / "pretrain").is_dir()
     assert not (tmp_path / "runs" / "failing" / "input_mixup" / "pretrain" / "stage.json").exists()
 
 
@@ -121,7 +123,8 @@ def test_publish_writes_numbers_provenance_and_figures(tmp_path, monkeypatch, ca
     assert "](erm/" not in first and "](multimix/" not in first
     figures = sorted(p.name for p in (tmp_path / "docs" / "results_figures").iterdir())
     assert "summary.png" in figures and all(f"results_figures/{f}" in first for f in figures)
-    # publishing again reuses every stage and keeps the provenance of the run that computed the numbers
+    # publishing again reuses every stage and keeps the provenance of the run that computed the
+    # numbers
     assert tool.main(["--config", str(cfg), "--publish", str(out)]) == 0
     assert out.read_text() == first
 

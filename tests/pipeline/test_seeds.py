@@ -1,4 +1,5 @@
-"""Seeds end to end: the seed lists' stage plan, mean ± std in the tables, the bold rule, summary.json."""
+"""Seeds end to end: the seed lists' stage plan, mean ± std in the tables, the bold rule,
+summary.json."""
 
 import json
 import math
@@ -17,11 +18,13 @@ from mixup_transfer.pipeline.tables import RULE_ONE, RULE_SPREAD, Cell, Column, 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-# -- mean, std and their formatting ----------------------------------------------------------------------------
+# -- mean, std and their formatting
+# ----------------------------------------------------------------------------
 def test_mean_and_sample_std():
     mean, std = mean_std([1.0, 2.0, 3.0, 4.0])
     assert mean == 2.5
-    assert std == pytest.approx(math.sqrt((1.5**2 + 0.5**2 + 0.5**2 + 1.5**2) / 3))  # ddof = 1: 1.2910
+    # ddof = 1: 1.2910
+    assert std == pytest.approx(math.sqrt((1.5**2 + 0.5**2 + 0.5**2 + 1.5**2) / 3))
     assert mean_std([7.25]) == (7.25, None)  # one run: the value itself, no std
     assert mean_std([3.0, 3.0]) == (3.0, 0.0)
 
@@ -33,28 +36,35 @@ def test_cell_text():
     assert Cell([], []).text("{:.2f}") == "—"
 
 
-# -- the bold rule ------------------------------------------------------------------------------------------
+# -- the bold rule
+# ------------------------------------------------------------------------------------------
 def test_bold_clear_win_with_spread():
     # gap 2.0 beats both stds (0.5, 0.4)
     assert best_rows([(78.0, 0.5, 3), (80.0, 0.4, 3), (70.0, 0.1, 3)], "high") == {1}
 
 
 def test_no_bold_where_stds_overlap():
-    assert best_rows([(80.0, 1.5, 3), (79.0, 0.4, 3)], "high") == set()  # gap 1.0 < 1.5 (larger than 0.4 only)
-    assert best_rows([(80.0, 0.4, 3), (79.0, 1.5, 3)], "high") == set()  # the next-best's std counts too
-    assert best_rows([(80.0, 1.0, 3), (79.0, 0.5, 3)], "high") == set()  # gap equal to a std: not larger
+    # gap 1.0 < 1.5 (larger than 0.4 only)
+    assert best_rows([(80.0, 1.5, 3), (79.0, 0.4, 3)], "high") == set()
+    # the next-best's std counts too
+    assert best_rows([(80.0, 0.4, 3), (79.0, 1.5, 3)], "high") == set()
+    # gap equal to a std: not larger
+    assert best_rows([(80.0, 1.0, 3), (79.0, 0.5, 3)], "high") == set()
 
 
 def test_ties():
     assert best_rows([(80.0, 0.0, 2), (80.0, 0.0, 2)], "high") == set()  # runs: a tie is no win
-    assert best_rows([(80.0, None, 1), (80.0, None, 1), (70.0, None, 1)], "high") == {0, 1}  # one run: all tied
+    # one run: all tied
+    assert best_rows([(80.0, None, 1), (80.0, None, 1), (70.0, None, 1)], "high") == {0, 1}
 
 
 def test_one_run_is_todays_rule():
     assert best_rows([(78.0, None, 1), (78.1, None, 1)], "high") == {1}  # any gap wins
     assert best_rows([(5.0, None, 1)], "high") == {0}
-    assert best_rows([None, (5.0, None, 1), (float("nan"), None, 1)], "high") == {1}  # no entry, nan: never best
-    assert best_rows([(5.0, None, 1), (6.0, None, 1)], None) == set()  # a column without a direction
+    # no entry, nan: never best
+    assert best_rows([None, (5.0, None, 1), (float("nan"), None, 1)], "high") == {1}
+    # a column without a direction
+    assert best_rows([(5.0, None, 1), (6.0, None, 1)], None) == set()
 
 
 def test_lower_is_better():
@@ -70,7 +80,8 @@ def test_mixed_run_counts_and_a_lone_entry():
     assert best_rows([(80.0, 0.5, 3), None], "high") == {0}  # nothing to beat
 
 
-# -- tables from hand-made runs ---------------------------------------------------------------------------------
+# -- tables from hand-made runs
+# ---------------------------------------------------------------------------------
 def _runs(stage, method, vals, key="top1"):
     return [{"metrics": {key: v}, "folder": f"{method}/seed{k}/{stage}", "seeds": {"pretrain": k, "transfer": None}}
             for k, v in enumerate(vals)]
@@ -86,7 +97,8 @@ def _table(erm, mixup, base=None):
 
 def test_table_with_seeds():
     md = _table([80.0, 82.0, 81.0], [70.0, 71.0, 69.0], base=99.0).markdown()
-    assert "| erm | **[81.00 ± 1.00](erm/)** |" in md  # gap 11 > 1.00, 1.00; the link: the seeds' parent
+    # gap 11 > 1.00, 1.00; the link: the seeds' parent
+    assert "| erm | **[81.00 ± 1.00](erm/)** |" in md
     assert "| mixup | [70.00 ± 1.00](mixup/) |" in md
     assert "| *chance* | 99.00 |" in md  # a baseline is never bold, even when higher
     assert "n=3 runs" not in md and "over the runs, n=3." in md and RULE_SPREAD in md
@@ -102,7 +114,8 @@ def test_table_with_one_run_reads_as_before():
 
 
 def test_detection_seeds_inside_a_stage_are_runs():
-    """A detection config's own seeds (its `per_seed` list) count as runs; one seed keeps the stage's numbers."""
+    """A detection config's own seeds (its `per_seed` list) count as runs; one seed keeps the
+    stage's numbers."""
     per_seed = [{"seed": s, "mAP": v} for s, v in ((0, 10.0), (1, 14.0))]
     res = {"methods": {"erm": {"ssd_voc": [{"metrics": {"mAP": 12.0, "per_seed": per_seed}, "folder": "erm/ssd_voc",
                                             "seeds": {"pretrain": None, "transfer": None}}]},
@@ -128,7 +141,8 @@ def test_summary_holds_values_mean_std_and_bold():
     json.dumps(s, allow_nan=False)  # plain JSON
 
 
-# -- the stage plan ---------------------------------------------------------------------------------------------
+# -- the stage plan
+# ---------------------------------------------------------------------------------------------
 def _cfg(**extra) -> dict:
     cfg = yaml.safe_load((ROOT / "configs/pipeline/toy.yaml").read_text())
     cfg["methods"] = ["erm", "multimix"]
@@ -157,7 +171,8 @@ def test_default_plan_is_todays_stages_and_keys():
     assert by_label["erm/ssd_voc"].spec["config"] == load_config(
         det["config"], [o.replace("{data}", data) for o in det["overrides"]])
     assert by_label["erm/ssd_voc"].spec["backbone"] == by_label["erm/pretrain"].key
-    assert by_label["erm/pretrain"].seeds == {"pretrain": None, "transfer": None}  # the config's own seed
+    # the config's own seed
+    assert by_label["erm/pretrain"].seeds == {"pretrain": None, "transfer": None}
 
 
 def test_seed_lists_expand_to_one_stage_per_seed():
@@ -176,7 +191,8 @@ def test_seed_lists_expand_to_one_stage_per_seed():
     assert st["erm/seed1/pretrain"].spec["config"]["seed"] == 1
     assert st["erm/seed1/transfer_seed2/ssd_voc"].spec["config"]["seeds"] == [2]
     assert st["erm/seed1/transfer_seed2/wsol"].spec["config"]["seed"] == 2
-    for s in ("transfer_seed2/ssd_voc", "transfer_seed0/wsol", "robustness"):  # downstream reads its own backbone
+    # downstream reads its own backbone
+    for s in ("transfer_seed2/ssd_voc", "transfer_seed0/wsol", "robustness"):
         assert st[f"erm/seed1/{s}"].spec["backbone"] == st["erm/seed1/pretrain"].key
     assert st["erm/seed1/transfer_seed2/wsol"].seeds == {"pretrain": 1, "transfer": 2}
     assert st["baselines/transfer_seed2/wsol"].spec["backbone"] is None
@@ -203,7 +219,8 @@ def test_unknown_seed_key():
         Pipeline(_cfg(seeds={"detection": [0]}))
 
 
-# -- end to end: two pretraining seeds on the tiny toy world -------------------------------------------------------
+# -- end to end: two pretraining seeds on the tiny toy world
+# -------------------------------------------------------
 @pytest.mark.slow
 def test_pipeline_with_two_pretraining_seeds(tmp_path, toy_world):
     from test_pipeline import _tiny_config

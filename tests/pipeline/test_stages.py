@@ -1,5 +1,6 @@
-"""The stage as a declared object (mixup_transfer/core/stage.py): every stage is declared once, by its package,
-with one name used for its package, configs/<name>/, tools/run_<name>.py, the launcher and its run folder."""
+"""The stage as a declared object (mixup_transfer/core/stage.py): every stage is declared once, by
+its package, with one name used for its package, configs/<name>/, tools/run_<name>.py, the launcher
+and its run folder."""
 
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def test_declarations_resolve_to_their_schemas_and_entry_points():
 
 def test_the_launcher_reads_the_declarations(tmp_path):
     assert [launch.default_gpus_per_node(n) for n in (*NAMES, "pipeline")] == [8, 8, 1, 1, 1]
-    cfg = stage("robustness").load_config(None, ["out=elsewhere"])  # its defaults are a valid config
+    # its defaults are a valid config
+    cfg = stage("robustness").load_config(None, ["out=elsewhere"])
     assert launch.default_run_dir("robustness", None, cfg, tmp_path) == tmp_path / "elsewhere"
     cfg = stage("pretrain").load_config(str(ROOT / "configs/pretrain/toy_erm.yaml"))
     assert launch.default_run_dir("pretrain", None, cfg, tmp_path) == tmp_path / "runs" / cfg["name"]
@@ -78,8 +80,9 @@ def _flags(p) -> dict:
 
 
 def test_every_tool_and_the_launcher_take_the_declared_arguments():
-    """tools/run_<stage>.py and tools/submit.py build their flags from the declarations: the same input flags with
-    the same help, --force where the stage trains, --run-dir where no config key names the run folder."""
+    """tools/run_<stage>.py and tools/submit.py build their flags from the declarations: the same
+    input flags with the same help, --force where the stage trains, --run-dir where no config key
+    names the run folder."""
     import importlib.util
 
     from mixup_transfer.core.cli import stage_parser

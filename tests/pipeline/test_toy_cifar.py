@@ -1,6 +1,7 @@
-"""The small-image toy pipeline (configs/pipeline/toy_cifar.yaml): its stage plan, the pipeline keys it needs
-(pretrain.per_method, robustness.root, data.generate track / ood), the narrow PreAct-ResNet-18 and the report's
-CIFAR tables. The whole run (about 20 minutes) is `make demo-cifar`, not a test."""
+"""The small-image toy pipeline (configs/pipeline/toy_cifar.yaml): its stage plan, the pipeline
+keys it needs (pretrain.per_method, robustness.root, data.generate track / ood), the narrow
+PreAct-ResNet-18 and the report's CIFAR tables. The whole run (about 20 minutes) is `make
+demo-cifar`, not a test."""
 
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def test_plan_is_ten_methods_three_seeds_pretrain_and_robustness_only():
     assert len({s.key for s in plan}) == 60
     st = {s.label: s for s in plan}
     cfg = st["multi_interp/seed2/pretrain"].spec["config"]
-    assert cfg["seed"] == 2 and cfg["method"]["base"] == "input" and cfg["method"]["k"] == 5  # per_method override
+    # per_method override
+    assert cfg["seed"] == 2 and cfg["method"]["base"] == "input" and cfg["method"]["k"] == 5
     erm = st["erm/seed1/pretrain"].spec["config"]
     assert erm["model"]["arch"] == "preactresnet18_w16" and erm["optim"]["epochs"] == 5
     assert erm["data"]["root"] == "data/toy_cifar/cifar-100-python"
@@ -68,8 +70,8 @@ def test_unknown_keys_are_errors(tmp_path):
 
 
 def _params(w: int, c: int) -> int:
-    """PreAct-ResNet-18 of base width w counted by hand: stem, four stages of two blocks (BN, 3x3 convs, a 1x1
-    projection where the shape changes), fc."""
+    """PreAct-ResNet-18 of base width w counted by hand: stem, four stages of two blocks (BN, 3x3
+    convs, a 1x1 projection where the shape changes), fc."""
     total = 27 * w + 2 * (4 * w + 18 * w * w)
     for co in (2 * w, 4 * w, 8 * w):
         ci = co // 2
@@ -114,8 +116,10 @@ def test_report_on_the_cifar_track(tmp_path):
     assert [c.header for c in cal.columns][:2] == ["clean top-1 err (%)", "ECE (%)"] and "20 iterations" in cal.note
     cfg = {"name": "t", "data": {"root": "d"}, "robustness": {"suites": "all"}}
     md = write_report(tmp_path, results, cfg).read_text()
-    assert "| erm | **[15.00 ± 1.41](erm/)** |" in md  # mean ± sample std of 14 and 16 (a lone row: bold)
+    # mean ± sample std of 14 and 16 (a lone row: bold)
+    assert "| erm | **[15.00 ± 1.41](erm/)** |" in md
     assert "Background corruption" not in md
-    assert md.count("### Out-of-distribution detection") == 4  # one table per set when more than three
+    # one table per set when more than three
+    assert md.count("### Out-of-distribution detection") == 4
     assert "Out-of-distribution detection (maximum softmax probability): iSUN" in md
     assert "In-distribution: the CIFAR-100 test set" in md

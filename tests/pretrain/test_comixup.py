@@ -1,5 +1,6 @@
-"""Co-Mixup (pretrain.methods.comixup, comixup_graphcut) against the official code (tests/fixtures/comixup_official.npz,
-made by tools/make_comixup_fixture.py from snu-mllab/Co-Mixup) and hand computations."""
+"""Co-Mixup (pretrain.methods.comixup, comixup_graphcut) against the official code
+(tests/fixtures/comixup_official.npz, made by tools/make_comixup_fixture.py from
+snu-mllab/Co-Mixup) and hand computations."""
 
 from pathlib import Path
 
@@ -59,27 +60,31 @@ def test_mixup_process_equals_the_official_code(fix, solver):
 
 
 def test_objective_and_penalty_by_hand():
-    """2 outputs on a 1 x 2 grid, 2 inputs: output 0 = [0, 1], output 1 = [0, 0]. Unary: costs picked; smoothness:
-    output 0 differs once (2 squared differences -> beta / 2 * 2); diversity: counts [[1, 1], [2, 0]], sum over
-    inputs of (column sum)^2 - sum of squares = (9 + 1) - (1 + 1 + 4 + 0) = 4."""
+    """2 outputs on a 1 x 2 grid, 2 inputs: output 0 = [0, 1], output 1 = [0, 0]. Unary: costs
+    picked; smoothness: output 0 differs once (2 squared differences -> beta / 2 * 2); diversity:
+    counts [[1, 1], [2, 0]], sum over inputs of (column sum)^2 - sum of squares = (9 + 1) - (1 + 1
+    + 4 + 0) = 4."""
     cost = torch.tensor([[[1.0, 2.0]], [[3.0, 5.0]]])  # [n = 2, 1, 2]
     onehot = F.one_hot(torch.tensor([[[0, 1]], [[0, 0]]]), 2).float()
     assert cs.objective(cost, onehot, 0.5, 0.25).item() == pytest.approx((1 + 5 + 1 + 2) + 0.5 + 0.25 * 4)
     A, others = torch.tensor([[1.0, 0.5], [0.0, 1.0]]), torch.tensor([2.0, 4.0])
-    # A others = [4, 4]; thres 3.5: both over -> hard = 2 g (A @ others), soft = 2 g (A others - thres)
+    # A others = [4, 4]; thres 3.5: both over -> hard = 2 g (A @ others), soft = 2 g (A others -
+    # thres)
     torch.testing.assert_close(cs.modular_penalty(A, others, 3.5, 0.5, "hard"), torch.tensor([4.0, 4.0]))
     torch.testing.assert_close(cs.modular_penalty(A, others, 3.5, 0.5, "soft"), torch.tensor([0.5, 0.5]))
-    torch.testing.assert_close(cs.modular_penalty(A, others, 4.0, 0.5, "hard"), torch.zeros(2))  # none over
-    # others [2, 2]: A others = [3, 2], thres 2.5, only input 0 over. The official hard expression zeroes the columns
-    # of A not over: [[1, 0], [0, 0]] @ [2, 2] = [2, 0] (not [3, 0]); soft: [3 - 2.5, 0]
+    # none over
+    torch.testing.assert_close(cs.modular_penalty(A, others, 4.0, 0.5, "hard"), torch.zeros(2))
+    # others [2, 2]: A others = [3, 2], thres 2.5, only input 0 over. The official hard expression
+    # zeroes the columns of A not over: [[1, 0], [0, 0]] @ [2, 2] = [2, 0] (not [3, 0]); soft: [3 -
+    # 2.5, 0]
     two = torch.tensor([2.0, 2.0])
     torch.testing.assert_close(cs.modular_penalty(A, two, 2.5, 0.5, "hard"), torch.tensor([2.0, 0]))
     torch.testing.assert_close(cs.modular_penalty(A, two, 2.5, 0.5, "soft"), torch.tensor([0.5, 0]))
 
 
 def test_resolve_cost_by_hand():
-    """Outputs 0 and 2 use inputs {1, 2}: +1 on input 1 for output 0, on input 2 for output 2; output 1 uses {0}
-    alone (like output 3): single-input pairs are left."""
+    """Outputs 0 and 2 use inputs {1, 2}: +1 on input 1 for output 0, on input 2 for output 2;
+    output 1 uses {0} alone (like output 3): single-input pairs are left."""
     assigned = torch.tensor([[0, 1, 1], [1, 0, 0], [0, 1, 1], [1, 0, 0]]).float()
     expected = torch.zeros(4, 3)
     expected[0, 1] = expected[2, 2] = 1.0
@@ -88,7 +93,8 @@ def test_resolve_cost_by_hand():
 
 def test_salient_points_and_compatibility_by_hand():
     sal = torch.zeros(2, 10, 10)
-    sal[0, 1, 2] = 1.0  # windows covering (1, 2): corners rows 0-1, columns 0-2; the first is (0, 0)
+    # windows covering (1, 2): corners rows 0-1, columns 0-2; the first is (0, 0)
+    sal[0, 1, 2] = 1.0
     sal[1, 9, 9] = 1.0  # only the window at (2, 2)
     pts = cm.salient_points(sal)
     torch.testing.assert_close(pts, torch.tensor([[0.0, 0.0], [2.0, 2.0]]))
@@ -99,8 +105,8 @@ def test_salient_points_and_compatibility_by_hand():
 
 
 def test_method_step_targets_are_block_shares():
-    """A full step on a 32 px batch of 6 (partitions 4 + 2): every target row sums to 1 and equals the shares of
-    the inputs whose pixels the output shows."""
+    """A full step on a 32 px batch of 6 (partitions 4 + 2): every target row sums to 1 and equals
+    the shares of the inputs whose pixels the output shows."""
     torch.manual_seed(0)
     m = build_method("comixup", ResNetStages("resnet18", num_classes=6), 6, part=4, solver="swap")
     m.seed(3)
@@ -109,8 +115,10 @@ def test_method_step_targets_are_block_shares():
     assert clean is not None and clean.ndim == 0
     xm, y = m.mix(x, labels, sal)
     torch.testing.assert_close(y.sum(1), torch.ones(6))
-    assert (y[:4, 4:] == 0).all() and (y[4:, :4] == 0).all()  # partitions mix only their own inputs
-    # each 8 x 8 block of an output is one input or the mean of two: the share of input j is its pixel weight
+    # partitions mix only their own inputs
+    assert (y[:4, 4:] == 0).all() and (y[4:, :4] == 0).all()
+    # each 8 x 8 block of an output is one input or the mean of two: the share of input j is its
+    # pixel weight
     for o in range(6):
         d = torch.stack([(xm[o] - x[j]).abs().amax(0) for j in range(6)])  # [6, 32, 32]
         exact = (d < 1e-6).float().mean((1, 2))

@@ -1,4 +1,5 @@
-"""The GPU section of tools/bench.py (`pretrain.bench.run_gpu_bench`), run on the CPU: same code path, tiny sizes."""
+"""The GPU section of tools/bench.py (`pretrain.bench.run_gpu_bench`), run on the CPU: same code
+path, tiny sizes."""
 
 import importlib.util
 from pathlib import Path
@@ -33,10 +34,12 @@ def test_gpu_section_on_cpu_gives_a_row_per_method(channels_last):
     rows = {r["method"]: r for r in out["rows"]}
     assert rows["erm"]["step_time_ratio"] == 1.0
     for r in out["rows"]:  # the three numbers of a row describe one measurement
-        assert r["img_per_s"] == pytest.approx(2 / r["step_s"], rel=1e-3, abs=0.051)  # 0.1 img/s rounding
+        # 0.1 img/s rounding
+        assert r["img_per_s"] == pytest.approx(2 / r["step_s"], rel=1e-3, abs=0.051)
         assert r["step_time_ratio"] == pytest.approx(r["step_s"] / rows["erm"]["step_s"], rel=1e-3, abs=2e-3)
     setup = out["setup"]
-    assert setup["precision"] == "fp32" and setup["channels_last"] is channels_last  # CPU runs stay in fp32
+    # CPU runs stay in fp32
+    assert setup["precision"] == "fp32" and setup["channels_last"] is channels_last
     assert (setup["arch"], setup["size"], setup["batch"], setup["steps"]) == ("resnet18", 64, 2, 2)
 
 

@@ -1,6 +1,7 @@
-"""The library API as a user calls it: the snippets of docs/library.md run as written, a plain torchvision ResNet and
-a non-ResNet network train with every method, and the library and the toolkit's trainer (pretrain.task's
-PretrainTask, what tools/run_pretrain.py runs) give identical losses and gradients on the same draws."""
+"""The library API as a user calls it: the snippets of docs/library.md run as written, a plain
+torchvision ResNet and a non-ResNet network train with every method, and the library and the
+toolkit's trainer (pretrain.task's PretrainTask, what tools/run_pretrain.py runs) give identical
+losses and gradients on the same draws."""
 
 import re
 from pathlib import Path
@@ -47,7 +48,8 @@ def test_doc_snippet_runs_as_written(i, one_thread):
     assert torch.isfinite(scope["loss"]) and scope["loss"].requires_grad
 
 
-# every registered method, with knobs that fit a 32 px input (as tests/pretrain/test_sync_free.py's cases)
+# every registered method, with knobs that fit a 32 px input (as tests/pretrain/test_sync_free.py's
+# cases)
 CASES = [
     ("erm", {}), ("input_mixup", {}), ("manifold_mixup", {}), ("cutmix", {}), ("puzzlemix", {"solver": "swap"}),
     ("multimix", {"n": 20}), ("multimix", {"n": 8, "layer": 2, "dense_loss": True}), ("dense_multimix", {"n": 20}),
@@ -59,7 +61,8 @@ CASES = [
     ("transmix", {}), ("transmix", {"switch_prob": 1.0}),
     ("saliencymix", {"prob": 1.0}), ("supermix", {"max_iter": 2, "mask_w": 4}),
 ]
-ARCH = {"transmix": "vit_tiny_toy"}  # methods that need a ViT (the class token's attention); the others a ResNet-18
+# methods that need a ViT (the class token's attention); the others a ResNet-18
+ARCH = {"transmix": "vit_tiny_toy"}
 
 
 def test_the_cases_cover_every_registered_method():
@@ -84,11 +87,12 @@ def loss_and_grads(method, net, images, labels):
 
 @pytest.mark.parametrize("name,knobs", CASES, ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k in CASES])
 def test_library_and_trainer_give_identical_losses_and_gradients(toy_world, tmp_path, one_thread, name, knobs):
-    """The trainer's method (built by pretrain.task on its ResNetStages, seeded by the task) and the same method
-    built by a user on a plain torchvision.models.resnet18 (a plain timm ViT for TransMix) with the same weights,
-    seeded by the same task code."""
+    """The trainer's method (built by pretrain.task on its ResNetStages, seeded by the task) and
+    the same method built by a user on a plain torchvision.models.resnet18 (a plain timm ViT for
+    TransMix) with the same weights, seeded by the same task code."""
     cfg = tiny_cfg(toy_world / "imagenet", name, knobs)
-    if METHODS[name].uses_teacher(knobs):  # a teacher checkpoint through the task's contract (SuperMix)
+    # a teacher checkpoint through the task's contract (SuperMix)
+    if METHODS[name].uses_teacher(knobs):
         from mixup_transfer.core.checkpoint import save_backbone
 
         save_backbone(tmp_path / "teacher.pth", torchvision.models.resnet18(num_classes=C), {"arch": "resnet18"})
@@ -98,7 +102,8 @@ def test_library_and_trainer_give_identical_losses_and_gradients(toy_world, tmp_
     net = build_vit(ARCH[name], C) if name in ARCH else torchvision.models.resnet18(num_classes=C)
     net.load_state_dict(task.net.net.state_dict())
     lib = build_method(name, adapt(net, mean=IMAGENET_MEAN, std=IMAGENET_STD), C, **knobs)
-    lib.load_state_dict(trainer.state_dict())  # the method's own parts (AlignMix's head, AlignMix/AE's decoder)
+    # the method's own parts (AlignMix's head, AlignMix/AE's decoder)
+    lib.load_state_dict(trainer.state_dict())
     lib.generator = torch.Generator()
     lib.teacher = trainer.teacher  # None unless the method needs one
     g = torch.Generator().manual_seed(0)
@@ -121,8 +126,9 @@ def trainer_method(toy_world, tmp_path, name, knobs):
 
 @pytest.mark.parametrize("name", ["input_mixup", "cutmix", "multi_interp_cutmix", "puzzlemix"])
 def test_a_user_loop_with_the_mixers_equals_the_trainer(toy_world, tmp_path, one_thread, name):
-    """A user's loop (mixer.apply on the draws, the model's logits, mixed_loss) against the trainer's method on the
-    same draws, replayed from the trainer's seeded streams (host numpy stream: lam, box centre, grid; device
+    """A user's loop (mixer.apply on the draws, the model's logits, mixed_loss) against the
+    trainer's method on the same draws, replayed from the trainer's seeded streams (host numpy
+    stream: lam, box centre, grid; device
     torch stream: the partners)."""
     knobs = {"base": "cutmix", "k": 3} if name == "multi_interp_cutmix" else {"solver": "swap"} if name == "puzzlemix" \
         else {}

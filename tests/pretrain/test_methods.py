@@ -40,7 +40,8 @@ def test_registry_errors_list_valid_names():
     with pytest.raises(ValueError, match="valid: .*alpha_high"):
         build_method("multimix", ResNetStages("resnet18", C), C, nn=5)
     assert method_knobs("multimix")["n"] == 1000
-    # alignmix is the released code's variant: its knobs are the code's constants (no head, modes or resolution)
+    # alignmix is the released code's variant: its knobs are the code's constants (no head, modes
+    # or resolution)
     assert method_knobs("alignmix") == {"alpha": 2.0, "eps": 0.1, "n_iters": 100, "tol": 0.1, "dense_loss": False}
     assert method_knobs("alignmix_stage2")["resolution"] == 4 and method_knobs("alignmix_stage2")["tol"] is None
     with pytest.raises(ValueError, match=r"'alignmix_official' was renamed: use alignmix \(the AlignMixup released"):
@@ -51,8 +52,9 @@ def test_registry_errors_list_valid_names():
 
 
 def test_multi_mix_is_refused_with_the_name_of_multi_interp():
-    """Two papers, two unmistakable names: `multimix` (Venkataramanan et al.) and `multi_interp` (Shen et al.); the
-    name `multi_mix` is refused, by the registry and at a config's edge, with the name to use."""
+    """Two papers, two unmistakable names: `multimix` (Venkataramanan et al.) and `multi_interp`
+    (Shen et al.); the name `multi_mix` is refused, by the registry and at a config's edge, with
+    the name to use."""
     from mixup_transfer.core.config import ConfigError
     from pretrain.methods import METHODS, MultiMix, build_configured, check_method_config
     from pretrain.methods.multi_interp import MultiInterp
@@ -90,7 +92,8 @@ def test_multimix_fast_path_equals_pure_function(batch):
     m = make("multimix", prob=1.0, n=200).eval()
     m.seed(7)
     loss = m(images, labels)["loss"]
-    # replay the same draws with the pure functions: Lambda from the device stream (the branch is a host draw)
+    # replay the same draws with the pure functions: Lambda from the device stream (the branch is a
+    # host draw)
     g = torch.Generator().manual_seed(7)
     lam = shared.dirichlet_weights(8, 200, 0.5, 2.0, g)
     z = m.model.pool(m.model.features(images))
@@ -122,7 +125,8 @@ def test_embedding_mixing_by_logits_equals_mixing_embeddings(batch):
     m.seed(11)
     loss = m(images, labels)["loss"]
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(11))  # device stream
-    host = np.random.default_rng(11)  # host stream: the sorted lams, then the layer choice (one option)
+    # host stream: the sorted lams, then the layer choice (one option)
+    host = np.random.default_rng(11)
     lams = torch.tensor(np.sort(host.beta(2.0, 2.0, 5)), dtype=torch.float32)
     z = m.model.pool(m.model.features(images))
     y = shared.one_hot(labels, C)
@@ -153,7 +157,8 @@ IDS = [f"{n}-{'-'.join(map(str, k.values()))}" for n, k in VARIANTS]
 def test_every_method_trains(batch, name, knobs):
     """Same batch and same draws every step: the loss must go down."""
     images, labels = batch
-    images = torch.nn.functional.interpolate(images, size=32, mode="bilinear", antialias=True)  # quick
+    # quick
+    images = torch.nn.functional.interpolate(images, size=32, mode="bilinear", antialias=True)
     m = make(name, **knobs)
     opt = torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9)
     losses = []
@@ -188,8 +193,10 @@ def test_alignmix_feat_with_lam_one_is_clean_and_modes_validated(batch):
     with pytest.raises(ValueError, match="valid"):
         make("alignmix_stage2", modes=["pixels"])
     with pytest.raises(ValueError, match="resolution 4 is larger"):
-        make("alignmix_stage2")(images, labels)  # 64 px -> 2 x 2 map, the paper's 4 x 4 cannot be pooled from it
-    # with lam forced to 1 the aligned partner has no weight: loss = clean cross-entropy of the fc head
+        # 64 px -> 2 x 2 map, the paper's 4 x 4 cannot be pooled from it
+        make("alignmix_stage2")(images, labels)
+    # with lam forced to 1 the aligned partner has no weight: loss = clean cross-entropy of the fc
+    # head
     m._beta = lambda a: 1.0
     clean = torch.nn.functional.cross_entropy(m.predict(images), labels)
     assert m(images, labels)["loss"].item() == pytest.approx(clean.item(), rel=1e-5)
@@ -202,7 +209,8 @@ def test_stage2_encoder_is_outside_the_backbone_starts_as_gap_and_exports_its_sc
     m = make("alignmix_stage2", resolution=2).eval()
     assert m.encoder2.linear.in_features == 512 * 2 * 2 and m.encoder2.linear.out_features == 512
     keys = list(m.model.net.state_dict())
-    assert keys == list(torchvision.models.resnet18(num_classes=C).state_dict())  # exported backbone unchanged
+    # exported backbone unchanged
+    assert keys == list(torchvision.models.resnet18(num_classes=C).state_dict())
     assert "encoder2.linear.weight" in m.state_dict() and not any("encoder2" in k for k in keys)
     a = m.model.features(images)  # 2 x 2 already
     # initialised to global average pooling: e = GAP(A) at step 0, as the released code's head
@@ -220,10 +228,11 @@ def test_stage2_encoder_is_outside_the_backbone_starts_as_gap_and_exports_its_sc
 
 
 def test_gap_head_aligned_mixing_equals_embedding_mixing(batch):
-    """With the released code's GAP head the alignment is invisible (columns of R sum to 1): the feat mode's loss
-    equals mixup of the pooled embeddings with the same draws, to 1e-6. With a trained stage-2 encoder it is
-    not. The feature maps are crafted so that each partner is its example mirrored (R is a permutation, not
-    identity; a randomly initialised ResNet's maps are position-dominated and align to the identity)."""
+    """With the released code's GAP head the alignment is invisible (columns of R sum to 1): the
+    feat mode's loss equals mixup of the pooled embeddings with the same draws, to 1e-6. With a
+    trained stage-2 encoder it is not. The feature maps are crafted so that each partner is its
+    example mirrored (R is a permutation, not identity; a randomly initialised ResNet's maps are
+    position-dominated and align to the identity)."""
     images, labels = batch
     torch.manual_seed(3)
     half = torch.relu(torch.randn(4, 512, 2, 2))
@@ -249,10 +258,12 @@ def test_gap_head_aligned_mixing_equals_embedding_mixing(batch):
 
 
 def test_alignmix_modes_and_step_equal_the_released_code(batch):
-    """Released resnet50_classifier.py / resnet18_classifier.py (AlignMixup_CVPR22 at ec01a68): layer_mix =
-    randint(0, 1) (0: input mixup), else mixup_aligned with align_mix = randint(0, 1): input 1/2, branch 0 1/4,
-    branch 1 1/4, then GAP of the full map and the classifier. One step replayed with the pure functions (the
-    official mixup_aligned is pinned by tests/pretrain/test_mixing.py's fixtures)."""
+    """Released resnet50_classifier.py / resnet18_classifier.py (AlignMixup_CVPR22 at ec01a68):
+    layer_mix =
+    randint(0, 1) (0: input mixup), else mixup_aligned with align_mix = randint(0, 1): input 1/2,
+    branch 0 1/4, branch 1 1/4, then GAP of the full map and the classifier. One step replayed with
+    the pure functions (the official mixup_aligned is pinned by tests/pretrain/test_mixing.py's
+    fixtures)."""
     from collections import Counter
 
     images, labels = batch
@@ -350,26 +361,30 @@ def _small_cases():
     from mixup_transfer.core.smallnets import SMALL_ARCHS
     from pretrain.methods import METHODS
 
-    # the paper networks; preactresnet18_w16 is preactresnet18's code at width 16 (the toy CIFAR pipeline runs every
-    # method on it), and there one lr-1e-3 step of cutmix on 4 images does not lower the loss
-    # preactresnet18_alignmixup (the AlignMixup code's R-18) is selected by the AlignMix configs only
+    # the paper networks; preactresnet18_w16 is preactresnet18's code at width 16 (the toy CIFAR
+    # pipeline runs every method on it), and there one lr-1e-3 step of cutmix on 4 images does not
+    # lower the loss preactresnet18_alignmixup (the AlignMixup code's R-18) is selected by the
+    # AlignMix configs only
     skip = ("preactresnet18_w16", "preactresnet18_alignmixup")
-    cases = [(a, n) for a in SMALL_ARCHS if a not in skip for n in METHODS if n != "transmix"]  # transmix: ViTs only
+    # transmix: ViTs only
+    cases = [(a, n) for a in SMALL_ARCHS if a not in skip for n in METHODS if n != "transmix"]
     return cases + [("preactresnet18_alignmixup", n) for n in ("erm", "alignmix", "alignmix_stage2")]
 
 
 @pytest.mark.parametrize("arch,name", _small_cases(), ids=[f"{a}-{n}" for a, n in _small_cases()])
 def test_every_method_steps_on_the_small_image_models(cifar_batch, arch, name, one_thread):
-    """One SGD step of every method on PreAct-ResNet-18, WRN-16-8 and the CIFAR-stem ResNet-18 at 32 px (toy
-    CIFAR-10 images): finite loss, finite non-zero gradients at both ends of the network, and with the same
-    draws the loss is lower after the step."""
+    """One SGD step of every method on PreAct-ResNet-18, WRN-16-8 and the CIFAR-stem ResNet-18 at
+    32 px (toy
+    CIFAR-10 images): finite loss, finite non-zero gradients at both ends of the network, and with
+    the same draws the loss is lower after the step."""
     images, labels = cifar_batch
     torch.manual_seed(0)
     m = build_method(name, ResNetStages(arch, C), C, **SMALL_STEP_KNOBS.get(name, {}))
     if m.needs_teacher:  # SuperMix: a frozen network of the same shape
         m.teacher = ResNetStages(arch, C)
     m.generator = torch.Generator()
-    opt = torch.optim.SGD(m.parameters(), lr=1e-3)  # small: the first-order decrease must show in one step
+    # small: the first-order decrease must show in one step
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3)
     losses = []
     for step in range(2):
         m.generator.manual_seed(3)

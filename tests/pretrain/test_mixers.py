@@ -1,5 +1,5 @@
-"""pretrain.mixers: hand-computed mixes and targets, the vectorised boxes against the host function, any batch
-size, per-example draws, no global RNG, and timm's targets as a reference."""
+"""pretrain.mixers: hand-computed mixes and targets, the vectorised boxes against the host
+function, any batch size, per-example draws, no global RNG, and timm's targets as a reference."""
 
 from pathlib import Path
 
@@ -14,7 +14,8 @@ from pretrain.methods import cutmix as cm
 
 
 def const_images(values, size=8):
-    """Image i is the constant values[i] (so a mixed pixel tells where it came from). -> [b, 3, size, size]"""
+    """Image i is the constant values[i] (so a mixed pixel tells where it came from). -> [b, 3,
+    size, size]"""
     return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, size, size).clone()
 
 
@@ -27,8 +28,9 @@ def test_mixup_per_sample_by_hand():
 
 
 def test_label_smoothing_by_hand_and_pair_loss_equals_soft_loss():
-    """s = 0.2, C = 4: 0.85 on the label, 0.05 elsewhere; lam 0.25 between labels 0 and 1 -> [0.25, 0.65, .05, .05].
-    Cross-entropy is linear in the target, so interpolating two losses equals the loss of the mixed target."""
+    """s = 0.2, C = 4: 0.85 on the label, 0.05 elsewhere; lam 0.25 between labels 0 and 1 -> [0.25,
+    0.65, .05, .05]. Cross-entropy is linear in the target, so interpolating two losses equals the
+    loss of the mixed target."""
     y, draw = torch.tensor([0, 1]), M.Draw(torch.tensor([1, 0]), [0.25])
     x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     _, soft = M.MixUp(num_classes=4, label_smoothing=0.2).apply(x, y, draw)
@@ -42,7 +44,8 @@ def test_label_smoothing_by_hand_and_pair_loss_equals_soft_loss():
 
 
 def test_soft_targets_equal_timms():
-    """timm's mixup_target (flip pairing, label smoothing) is the reference for the soft targets."""
+    """timm's mixup_target (flip pairing, label smoothing) is the reference for the soft
+    targets."""
     timm_mixup = pytest.importorskip("timm.data.mixup")
     y = torch.tensor([3, 1, 4, 1, 5, 9])
     ref = timm_mixup.mixup_target(y, 10, lam=0.3, smoothing=0.1)
@@ -52,8 +55,8 @@ def test_soft_targets_equal_timms():
 
 
 def test_vectorised_boxes_equal_the_host_function():
-    """cutmix_boxes on n draws at once == cutmix.cutmix_box one by one (integer sizes included), on a
-    non-square image, lam near 0 and 1 included."""
+    """cutmix_boxes on n draws at once == cutmix.cutmix_box one by one (integer sizes included), on
+    a non-square image, lam near 0 and 1 included."""
     g = torch.Generator().manual_seed(2)
     h, w, n = 37, 23, 400
     lam = torch.cat([torch.rand(n - 2, generator=g, dtype=torch.float64), torch.tensor([0.0, 1.0])])
@@ -65,7 +68,8 @@ def test_vectorised_boxes_equal_the_host_function():
 
 
 def test_cutmix_per_sample_kept_fraction_is_the_label_weight():
-    """Constant images: the fraction of pixels still showing image i is its label weight, per example."""
+    """Constant images: the fraction of pixels still showing image i is its label weight, per
+    example."""
     b = 7  # odd
     x = const_images(range(10, 10 + b), 16)
     mixer = M.CutMix(num_classes=b, per_sample=True, generator=torch.Generator().manual_seed(3))
@@ -128,8 +132,8 @@ def test_prob_zero_leaves_the_batch_clean():
 
 
 def test_multi_mix_cutmix_nested_boxes_host_and_tensor_draws_agree():
-    """K nested boxes sharing a centre: host draws (the trainer's) and tensor draws give the same images, and
-    block k keeps 1 - area_k of the first image (cutmix.nested_box_list)."""
+    """K nested boxes sharing a centre: host draws (the trainer's) and tensor draws give the same
+    images, and block k keeps 1 - area_k of the first image (cutmix.nested_box_list)."""
     x = const_images([1.0, 2.0, 3.0], 16)
     lams, centre = [0.1, 0.4, 0.8], (6, 9)
     mixer = M.MultiMixK(M.CutMix(num_classes=3), k=3)
@@ -176,7 +180,8 @@ def test_puzzlemix_saliency_callback_and_bad_inputs():
     mixer = M.PuzzleMix(M.gradient_saliency(net), num_classes=3, grids=(4,), solver="swap")
     out, t = mixer(x, y)
     assert out.shape == x.shape and torch.allclose(t.sum(1), torch.ones(4))
-    assert all(p.grad is None for p in net.parameters())  # the saliency leaves no parameter gradient
+    # the saliency leaves no parameter gradient
+    assert all(p.grad is None for p in net.parameters())
     with pytest.raises(ValueError, match="saliency"):
         M.PuzzleMix(num_classes=3, grids=(4,))(x, y)
     with pytest.raises(ValueError, match="num_classes"):
@@ -198,14 +203,15 @@ def test_mixer_bench_times_every_row_and_skips_timm_when_missing(monkeypatch):
     assert set(out["goals"]) == {"mixup batch vs torchvision", "cutmix batch vs torchvision"}
 
 
-# ------------------------------------------------------------------------------------------ zeta-mixup
+# ------------------------------------------------------------------------------------------
+# zeta-mixup
 ZETA = Path(__file__).parents[1] / "fixtures" / "zeta_mixup_official.npz"
 
 
 def test_zeta_weights_equal_the_official_code():
-    """kakumarabhishek/zeta-mixup utils.py:zeta_mixup_weights on 8 seeded cases (b = 1 .. 128, gamma 1.5 .. 4):
-    the same uniform draws give the official matrix (float32 rounding: the official code divides by column
-    sums that equal the row sums only up to rounding)."""
+    """kakumarabhishek/zeta-mixup utils.py:zeta_mixup_weights on 8 seeded cases (b = 1 .. 128,
+    gamma 1.5 .. 4): the same uniform draws give the official matrix (float32 rounding: the
+    official code divides by column sums that equal the row sums only up to rounding)."""
     from pretrain.mixers import zeta_weights
 
     f = np.load(ZETA)
@@ -233,7 +239,8 @@ def test_zeta_mixup_equals_the_official_code():
 def test_zeta_mixup_by_hand_and_its_draws():
     from pretrain.mixers import ZetaMixup, zeta_weights
 
-    # b = 3, row 0 ranks examples (0, 1, 2) as (1, 2, 3); row 1 as (3, 1, 2) rotated so that example 1 is first
+    # b = 3, row 0 ranks examples (0, 1, 2) as (1, 2, 3); row 1 as (3, 1, 2) rotated so that
+    # example 1 is first
     order = torch.tensor([[0.1, 0.5, 0.9], [0.2, 0.8, 0.3], [0.7, 0.1, 0.4]], dtype=torch.float64)
     w = zeta_weights(order, gamma=2.0)
     z = 1 + 1 / 4 + 1 / 9

@@ -1,4 +1,5 @@
-"""pretrain.methods' math: every function against hand-computed or independently computed numbers."""
+"""pretrain.methods' math: every function against hand-computed or independently computed
+numbers."""
 
 import math
 from pathlib import Path
@@ -21,7 +22,8 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-# ---------------------------------------------------------------------------------------------- samplers
+# ----------------------------------------------------------------------------------------------
+# samplers
 
 def test_gamma_beta_dirichlet_moments():
     g = gen(1)
@@ -50,7 +52,8 @@ def test_dirichlet_is_repeatable_and_subsets():
     assert (s[1:] >= s[:-1]).all()
 
 
-# ---------------------------------------------------------------------------------------------- pairs
+# ----------------------------------------------------------------------------------------------
+# pairs
 
 def test_mixup_lam_one_gives_first_input_and_targets_sum_to_one():
     x = torch.randn(4, 3, 5, 5)
@@ -82,7 +85,8 @@ def test_cutmix_lam_equals_kept_area():
 
 def test_cutmix_boxes_equal_the_official_rand_bbox():
     """tests/fixtures/cutmix_official.npz: 1500 boxes of rand_bbox (CutMix's sampler, as in
-    snu-mllab/PuzzleMix imagenet/train.py) for seeded lam and centre on square inputs: identical."""
+    snu-mllab/PuzzleMix imagenet/train.py) for seeded lam and centre on square inputs:
+    identical."""
     d = dict(np.load(Path(__file__).parents[1] / "fixtures" / "cutmix_official.npz"))
     for size, lam, (c2, c3), (x1, y1, x2, y2) in zip(d["size"], d["lam"], d["centre"], d["box"]):
         (r0, r1, q0, q1), kept = cm.cutmix_box(int(size), int(size), float(lam), centre=(int(c2), int(c3)))
@@ -105,7 +109,8 @@ def test_multi_mix_boxes_nested_and_share_a_centre():
     assert torch.allclose(sides, 2 * torch.floor(400 * lams.sqrt() / 2), atol=0)
 
 
-# ---------------------------------------------------------------------------------------------- MultiMix
+# ----------------------------------------------------------------------------------------------
+# MultiMix
 
 def test_multimix_hand_case_and_logit_fast_path():
     z = torch.tensor([[1.0, 2.0, 3.0], [5.0, 6.0, 7.0]])
@@ -133,7 +138,8 @@ def test_dense_attention_by_hand():
     soft = torch.softmax(torch.tensor([[1, 2 / 3, 8 / 3]]), -1)
     assert torch.allclose(mm.dense_attention(z, "gap_softmax"), soft)
     assert torch.allclose(mm.dense_attention(z, "uniform"), torch.full((1, 3), 1 / 3))
-    w = torch.tensor([[1.0, -1.0], [0.0, 1.0]])  # u = W^T y = row of class 1 = (0, 1): scores (0, 1, 1)
+    # u = W^T y = row of class 1 = (0, 1): scores (0, 1, 1)
+    w = torch.tensor([[1.0, -1.0], [0.0, 1.0]])
     a = mm.dense_attention(z, "cam_l1relu", w, shared.one_hot(torch.tensor([1]), 2))
     assert torch.allclose(a, torch.tensor([[0.0, 0.5, 0.5]]))
     with pytest.raises(ValueError, match="valid"):
@@ -166,7 +172,8 @@ def test_dense_multimix_weights_by_hand():
 
 def test_dense_multimix_loss_by_hand_and_fast_path():
     z, y, attn, lam = _hand_case()
-    # classifier W = (1, -1)^T, no bias: logits (z, -z); log p0 = -log(1 + e^{-2z}), log p1 = -log(1 + e^{2z})
+    # classifier W = (1, -1)^T, no bias: logits (z, -z); log p0 = -log(1 + e^{-2z}), log p1 =
+    # -log(1 + e^{2z})
     zt = [[13 / 7, 30 / 7, 3.0], [4.0, 2.0, 87 / 17]]
     y0 = [[5 / 7, 5 / 21, 1.0], [0.0, 1.0, 5 / 17]]
     s = [[0.35, 0.21, 0.25], [0.2, 0.25, 0.425]]
@@ -199,11 +206,13 @@ def test_dense_fast_path_equals_pure_functions_random():
     mhat, s = mm.dense_mix_weights(attn, lam)
     fast = mm.dense_multimix_loss_from_logits(logits, y, mhat, s)
     assert fast.item() == pytest.approx(pure.item(), rel=1e-5)
-    fast_labels = mm.dense_multimix_loss_from_logits(logits, y.argmax(1), mhat, s)  # hard-label gather path
+    # hard-label gather path
+    fast_labels = mm.dense_multimix_loss_from_logits(logits, y.argmax(1), mhat, s)
     assert fast_labels.item() == pytest.approx(pure.item(), rel=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------- Sinkhorn
+# ----------------------------------------------------------------------------------------------
+# Sinkhorn
 
 def numpy_sinkhorn(cost, eps, n_iters):
     """Plain Sinkhorn-Knopp on K = exp(-M / eps) with uniform marginals (independent reference)."""
@@ -252,26 +261,28 @@ def test_sinkhorn_tolerance_and_marginal_errors():
     assert torch.allclose(full.sum(2) * 16, torch.ones(2, 16), atol=info["row_err"] + 1e-6)
     early, info_early = am.sinkhorn(cost, 0.1, 100, tol=0.1, return_info=True)
     assert info_early["iters"] < 100 and info_early["row_err"] > info["row_err"]
-    assert torch.equal(early, am.sinkhorn(cost, 0.1, info_early["iters"]))  # stopping = fewer iterations
+    # stopping = fewer iterations
+    assert torch.equal(early, am.sinkhorn(cost, 0.1, info_early["iters"]))
     # cost from differences: equals the expansion-free definition
     ref = ((a.transpose(1, 2).unsqueeze(2) - a.flip(0).transpose(1, 2).unsqueeze(1)) ** 2).sum(-1)
     assert torch.allclose(cost, ref, rtol=1e-6, atol=1e-6)
 
 
 def _check_against_official(a, perm, lam, branch, plan_ref, mixed_ref, iters_ref):
-    """Our Sinkhorn plan and aligned mixing against the released code's on one case (a [b, c, r]), with
-    tolerances derived from float32 rounding rather than fixed.
+    """Our Sinkhorn plan and aligned mixing against the released code's on one case (a [b, c, r]),
+    with tolerances derived from float32 rounding rather than fixed.
 
-    The plan is P_ij = exp((-C_ij + u_i + v_j) / eps). Both codes hold C, u and v in float32 and round them at
-    different places (the official potentials live in cost units, u += eps (log mu - lse(M)); ours in units of
-    eps), so -C + u + v differs by a few float32 roundings of numbers as large as max C, i.e. by
-    k * eps32 * max C, and each entry of R = r P by that divided by eps (R <= 1 and its error is relative).
-    With features at a trained network's scale and c = 512, max C is in the hundreds to thousands and eps = 0.1:
-    rho = eps32 * max C / eps is ~1e-3, far above a fixed 1e-5, and the plan is far from converged after 100
-    iterations (row sums off by up to 4.5), so differences are carried forward rather than contracted; k = 16
-    covers them (measured: at most 4.3 rho on the c = 512 cases). The mixed tensor then differs by at most
-    max|A| times the largest row / column L1 norm of the plan difference (triangle inequality on A' R^T or A R),
-    plus the float32 rounding of an r-term product."""
+    The plan is P_ij = exp((-C_ij + u_i + v_j) / eps). Both codes hold C, u and v in float32 and
+    round them at different places (the official potentials live in cost units, u += eps (log mu -
+    lse(M)); ours in units of eps), so -C + u + v differs by a few float32 roundings of numbers as
+    large as max C, i.e. by k * eps32 * max C, and each entry of R = r P by that divided by eps (R
+    <= 1 and its error is relative). With features at a trained network's scale and c = 512, max C
+    is in the hundreds to thousands and eps = 0.1: rho = eps32 * max C / eps is ~1e-3, far above a
+    fixed 1e-5, and the plan is far from converged after 100 iterations (row sums off by up to
+    4.5), so differences are carried forward rather than contracted; k = 16
+    covers them (measured: at most 4.3 rho on the c = 512 cases). The mixed tensor then differs by
+    at most max|A| times the largest row / column L1 norm of the plan difference (triangle
+    inequality on A' R^T or A R), plus the float32 rounding of an r-term product."""
     eps32 = float(np.finfo(np.float32).eps)
     r = a.shape[-1]
     cost = am.feature_cost(a, a[perm])
@@ -289,9 +300,9 @@ def _check_against_official(a, perm, lam, branch, plan_ref, mixed_ref, iters_ref
 
 def test_aligned_mix_equals_official_mixup_aligned():
     """tests/fixtures/alignmix_official.npz: shashankvkt/AlignMixup_CVPR22 imagenet/models/
-    resnet50_classifier.py:mixup_aligned and utils/OT.py:SinkhornDistance on 12 seeded feature tensors
-    (c <= 16; r = 4, 16, 49; both branches). Same number of Sinkhorn iterations; plan and output within the
-    float32 tolerances of `_check_against_official`."""
+    resnet50_classifier.py:mixup_aligned and utils/OT.py:SinkhornDistance on 12 seeded feature
+    tensors (c <= 16; r = 4, 16, 49; both branches). Same number of Sinkhorn iterations; plan and
+    output within the float32 tolerances of `_check_against_official`."""
     d = dict(np.load(FIXTURES / "alignmix_official.npz"))
     assert set(d["branch"].tolist()) == {0, 1}
     for c in range(len(d["lam"])):
@@ -304,10 +315,11 @@ def test_aligned_mix_equals_official_mixup_aligned():
 
 
 def test_aligned_mix_equals_official_at_512_channels():
-    """tests/fixtures/alignmix_official_c512.npz: the released cifar10_100 / tiny_imgnet mixup_aligned with
-    SinkhornDistance's threshold stop at c = 512 (the channel count of their ResNet-18) on 4 x 4 and 8 x 8
-    layer4-like maps at scales 0.05-2: iterations equal (2, 5, 12 and 100: the stop and the cap both occur),
-    plan and mixed tensor within the derived float32 tolerances."""
+    """tests/fixtures/alignmix_official_c512.npz: the released cifar10_100 / tiny_imgnet
+    mixup_aligned with SinkhornDistance's threshold stop at c = 512 (the channel count of their
+    ResNet-18) on 4 x 4 and 8 x 8 layer4-like maps at scales 0.05-2: iterations equal (2, 5, 12 and
+    100: the stop and the cap both occur), plan and mixed tensor within the derived float32
+    tolerances."""
     d = dict(np.load(FIXTURES / "alignmix_official_c512.npz"))
     errors, iters = [], set()
     for side in (4, 8):
@@ -319,21 +331,25 @@ def test_aligned_mix_equals_official_at_512_channels():
                                                   d[f"plan_s{side}"][c], d[f"mixed_s{side}"][c],
                                                   int(d[f"iters_s{side}"][c])))
     assert {2, 100} <= iters and set(d["branch_s4"].tolist()) == {0, 1}
-    assert max(errors) > 1e-3  # a fixed 1e-5 on R would fail here although both codes are right: the scale matters
+    # a fixed 1e-5 on R would fail here although both codes are right: the scale matters
+    assert max(errors) > 1e-3
 
 
 def test_gap_of_aligned_tensor_is_gap_of_tensor():
     """Why the paper needs its FC stage-2 encoder: every column of R = r P sums to 1, so global
-    average pooling of A' R^T is GAP(A'), and aligned mixing (eq. 12) under GAP = embedding mixing."""
+    average pooling of A' R^T is GAP(A'), and aligned mixing (eq. 12) under GAP = embedding
+    mixing."""
     torch.manual_seed(2)
     a = torch.relu(torch.randn(4, 16, 9))
     perm = torch.tensor([2, 0, 3, 1])
     mixed, _ = am.aligned_mix(a, perm, 0.3, 0, 0.1, 100)
     assert torch.allclose(mixed.mean(-1), 0.3 * a.mean(-1) + 0.7 * a[perm].mean(-1), atol=1e-6)
-    assert not torch.allclose(mixed, 0.3 * a + 0.7 * a[perm], atol=1e-2)  # the tensors themselves differ
+    # the tensors themselves differ
+    assert not torch.allclose(mixed, 0.3 * a + 0.7 * a[perm], atol=1e-2)
 
 
-# ---------------------------------------------------------------------------------------------- PuzzleMix
+# ----------------------------------------------------------------------------------------------
+# PuzzleMix
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 
@@ -350,7 +366,8 @@ def test_saliency_grid_hand_case():
 @pytest.mark.parametrize("solver", ["gco", "swap"])
 def test_puzzle_mask_hand_case_without_smoothness(solver):
     """beta = gamma = 0, lam = 1/2, eta = 0.2, g = 2: per block the cheapest of
-    mask 1: sal2 + 0.2 * -log(1/4) / 4, mask 1/2: (sal + sal2) / 2 + 0.2 * -log(1/2) / 4, mask 0: sal + ..."""
+    mask 1: sal2 + 0.2 * -log(1/4) / 4, mask 1/2: (sal + sal2) / 2 + 0.2 * -log(1/2) / 4, mask 0:
+    sal + ..."""
     if solver == "gco" and not graphcut.have_gco():
         pytest.skip("gco-wrapper not installed")
     sal = torch.tensor([[[0.5, 0.2], [0.2, 0.1]]])
@@ -365,10 +382,11 @@ def test_puzzle_mask_hand_case_without_smoothness(solver):
 
 
 def test_transport_hand_case():
-    """sal = [[0, 1], [0, 0]], the image visible only at the bottom-left place, t_eps = 0.1: block 1 costs
-    [0.1, 0, -0.8, 0.1] and wins place 2. Blocks 0, 2, 3 claim their own place at cost 0, which ties
-    with the zeros of the non-claims: the official column resolve (min over rows of plan * cost) gives
-    such a place to row 0, so only block 0 keeps its place and blocks 2, 3 are dropped (invisible here)."""
+    """sal = [[0, 1], [0, 0]], the image visible only at the bottom-left place, t_eps = 0.1: block
+    1 costs [0.1, 0, -0.8, 0.1] and wins place 2. Blocks 0, 2, 3 claim their own place at cost 0,
+    which ties with the zeros of the non-claims: the official column resolve (min over rows of plan
+    * cost) gives such a place to row 0, so only block 0 keeps its place and blocks 2, 3 are
+      dropped (invisible here)."""
     sal = torch.tensor([[[0.0, 1.0], [0.0, 0.0]]])
     mask = torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])
     plan = pz.transport_plan(sal, mask, t_eps=0.1)
@@ -393,16 +411,18 @@ def _official_cases():
     d = dict(np.load(FIXTURES / "puzzlemix_official.npz"))
     mean, std = torch.from_numpy(d["mean"]), torch.from_numpy(d["std"])
     for c in range(len(d["grid"])):
-        x = (torch.from_numpy(d["images"][c].astype(np.float32)) / 255 - mean) / std  # as the official script
+        # as the official script
+        x = (torch.from_numpy(d["images"][c].astype(np.float32)) / 255 - mean) / std
         knobs = dict(lam=float(d["lam"][c]), beta=float(d["beta"][c]), gamma=float(d["gamma"][c]),
                      eta=float(d["eta"][c]), neigh_size=int(d["neigh"][c]), t_eps=float(d["t_eps"][c]))
         yield c, d, x, x * std + mean, knobs
 
 
 def test_puzzlemix_equals_official_mixup_graph():
-    """tests/fixtures/puzzlemix_official.npz: snu-mllab/PuzzleMix mixup.py (mixup_graph, graphcut_multi,
-    mask_transport, transport_image) run on 48 seeded cases, grids 2-16, lam 0.1-0.9, several beta,
-    gamma, eta, neigh_size, t_eps. Masks and transport plans identical, mixed images and ratios exact."""
+    """tests/fixtures/puzzlemix_official.npz: snu-mllab/PuzzleMix mixup.py (mixup_graph,
+    graphcut_multi, mask_transport, transport_image) run on 48 seeded cases, grids 2-16, lam
+    0.1-0.9, several beta, gamma, eta, neigh_size, t_eps. Masks and transport plans identical,
+    mixed images and ratios exact."""
     if not graphcut.have_gco():
         pytest.skip("gco-wrapper not installed (the fallback is pinned by the next test)")
     for c, d, x, pix, kn in _official_cases():
@@ -423,7 +443,8 @@ def test_puzzlemix_equals_official_mixup_graph():
 
 
 def test_puzzlemix_fallback_agrees_with_official_graph_cut():
-    """The built-in alpha-beta swap (no gco) on the same 48 official cases: >= 97% of blocks (measured: 100%)."""
+    """The built-in alpha-beta swap (no gco) on the same 48 official cases: >= 97% of blocks
+    (measured: 100%)."""
     same = total = 0
     for c, d, _x, pix, kn in _official_cases():
         g = int(d["grid"][c])
@@ -439,11 +460,12 @@ def test_puzzlemix_fallback_agrees_with_official_graph_cut():
 
 
 def test_swap_wraps_int32_terminal_capacities_as_gco():
-    """gco-wrapper multiplies the int32 unaries by 1e5 in int32 and GCO sums a node's terminal capacity in int32
-    (`Graph::add_tweights`): both wrap. Site 0 costs 20000 for labels 0 and 1 (2e9 after scaling, no wrap) and
-    22950 for label 2 (2.295e9, wraps to -1999967296). Its swap (0, 2) capacity -1999967296 - 2e9 = -3999967296
-    wraps to +295000000: label 2 looks dearer, nothing moves, all labels stay 0 (exact arithmetic would move all
-    four sites to 2, whose true energy is lower). Exact arithmetic overflows int32 above 64 active sites."""
+    """gco-wrapper multiplies the int32 unaries by 1e5 in int32 and GCO sums a node's terminal
+    capacity in int32 (`Graph::add_tweights`): both wrap. Site 0 costs 20000 for labels 0 and 1
+    (2e9 after scaling, no wrap) and 22950 for label 2 (2.295e9, wraps to -1999967296). Its swap
+    (0, 2) capacity -1999967296 - 2e9 = -3999967296 wraps to +295000000: label 2 looks dearer,
+    nothing moves, all labels stay 0 (exact arithmetic would move all four sites to 2, whose true
+    energy is lower). Exact arithmetic overflows int32 above 64 active sites."""
     unary = np.zeros((2, 2, 3), np.int32)
     unary[0, 0] = [20000, 20000, 22950]
     dist = np.array([[0, 0.25, 1], [0.25, 0, 0.25], [1, 0.25, 0]], np.float32)
@@ -457,16 +479,19 @@ def test_swap_wraps_int32_terminal_capacities_as_gco():
 
 
 def test_swap_warns_once_where_gco_is_undefined_and_gco_limit_is_an_error(monkeypatch):
-    """A negative edge weight (gamma > 1 can make one) is a non-submodular move: the swap solves it, warning once
-    that gco may differ there. Edge weights past GCO_MAX_ENERGYTERM make GCO abort the process: a ValueError."""
+    """A negative edge weight (gamma > 1 can make one) is a non-submodular move: the swap solves
+    it, warning once that gco may differ there. Edge weights past GCO_MAX_ENERGYTERM make GCO abort
+    the process: a ValueError."""
     monkeypatch.setattr(graphcut, "_WARNED", set())
     unary = np.zeros((2, 2, 3), np.int32)
-    unary[0, 0, 0] = 5  # site 0 prefers labels 1 and 2; the negative edges make the neighbours disagree
+    # site 0 prefers labels 1 and 2; the negative edges make the neighbours disagree
+    unary[0, 0, 0] = 5
     dist = np.array([[0, 0.25, 1], [0.25, 0, 0.25], [1, 0.25, 0]], np.float32)
     w_v, w_h = -np.ones((1, 2), np.int32), -np.ones((2, 1), np.int32)
     with pytest.warns(RuntimeWarning, match="non-submodular"):
         lab = graphcut._cut_swap(unary, dist, w_v, w_h)
-    assert lab.tolist() == [[2, 0], [0, 2]]  # the exact minimum: every edge between labels 0 and 2 (-100000 each)
+    # the exact minimum: every edge between labels 0 and 2 (-100000 each)
+    assert lab.tolist() == [[2, 0], [0, 2]]
     import warnings
 
     with warnings.catch_warnings():
@@ -487,19 +512,22 @@ def _in_wrap_band(unary) -> bool:
 
 
 def test_swap_solver_equals_gco_on_300_random_problems():
-    """tests/fixtures/puzzlemix_swap_gco.npz (tools/make_puzzlemix_swap_fixture.py): 300 seeded problems, grids
-    2 / 4 / 8 / 16, half with one block holding up to 97% of the saliency, 81 of them (31 at grid 8, 50 at grid 16)
-    in the band where gco-wrapper's unary * 1e5 wraps; the labels gco-wrapper 3.0.9 gave. The built-in swap:
-    300 / 300 identical."""
+    """tests/fixtures/puzzlemix_swap_gco.npz (tools/make_puzzlemix_swap_fixture.py): 300 seeded
+    problems, grids 2 / 4 / 8 / 16, half with one block holding up to 97% of the saliency, 81 of
+    them (31 at grid 8, 50 at grid 16) in the band where gco-wrapper's unary * 1e5 wraps; the
+    labels gco-wrapper 3.0.9 gave. The built-in swap: 300 / 300 identical."""
     same = {False: 0, True: 0}
     for i, g, unary, dist, w_v, w_h, d in _swap_fixture():
-        lab = graphcut._cut_swap(unary, dist, w_v, w_h)  # never raises, also with more than 64 active sites
+        # never raises, also with more than 64 active sites
+        lab = graphcut._cut_swap(unary, dist, w_v, w_h)
         same[_in_wrap_band(unary)] += int(np.array_equal(lab, d["labels"][i, :g, :g]))
-    assert same == {False: 219, True: 81}  # every mask identical: 219 / 219 outside the band, 81 / 81 in it
+    # every mask identical: 219 / 219 outside the band, 81 / 81 in it
+    assert same == {False: 219, True: 81}
 
 
 def test_swap_fixture_is_what_gco_gives():
-    """The stored labels are gco-wrapper's own: re-run it on every stored problem (skips without gco-wrapper)."""
+    """The stored labels are gco-wrapper's own: re-run it on every stored problem (skips without
+    gco-wrapper)."""
     if not graphcut.have_gco():
         pytest.skip("gco-wrapper not installed")
     for i, g, unary, dist, w_v, w_h, d in _swap_fixture():
@@ -507,18 +535,22 @@ def test_swap_fixture_is_what_gco_gives():
 
 
 def test_transport_grid_follows_the_official_t_size():
-    """mixup_graph: t_size = min(t_size, block); -1 or >= block -> the mask grid, else width // t_size."""
-    assert pz.transport_grid(32, 2, 4) == 8 and pz.transport_grid(32, 4, 4) == 8  # blocks 16, 8 -> 4 px
-    assert pz.transport_grid(32, 8, 4) == 8 and pz.transport_grid(32, 16, 4) == 16  # blocks 4, 2: the mask grid
+    """mixup_graph: t_size = min(t_size, block); -1 or >= block -> the mask grid, else width //
+    t_size."""
+    # blocks 16, 8 -> 4 px
+    assert pz.transport_grid(32, 2, 4) == 8 and pz.transport_grid(32, 4, 4) == 8
+    # blocks 4, 2: the mask grid
+    assert pz.transport_grid(32, 8, 4) == 8 and pz.transport_grid(32, 16, 4) == 16
     assert pz.transport_grid(32, 4, -1) == 4 and pz.transport_grid(64, 2, 2) == 32
     with pytest.raises(ValueError, match="t_size 3 must be"):
         pz.transport_grid(32, 2, 3)
 
 
 def test_puzzlemix_t_size_equals_official_mixup_graph():
-    """tests/fixtures/puzzlemix_tsize_official.npz (tools/make_puzzlemix_tsize_fixture.py): the official
-    `mixup_graph` with t_size 2 / 4 / 8 on 12 seeded cases (32 and 64 px, grids 2-16, neigh 2 / 4): transport
-    plans on the finer grid identical, label weights exact, the 32 px mixed images max |diff| 0."""
+    """tests/fixtures/puzzlemix_tsize_official.npz (tools/make_puzzlemix_tsize_fixture.py): the
+    official `mixup_graph` with t_size 2 / 4 / 8 on 12 seeded cases (32 and 64 px, grids 2-16,
+    neigh 2 / 4): transport plans on the finer grid identical, label weights exact, the 32 px mixed
+    images max |diff| 0."""
     d = dict(np.load(FIXTURES / "puzzlemix_tsize_official.npz"))
     mean, std = torch.from_numpy(d["mean"]), torch.from_numpy(d["std"])
     n32 = 0

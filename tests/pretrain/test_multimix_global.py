@@ -1,5 +1,6 @@
-"""MultiMix / Dense MultiMix `global_batch` (this toolkit's extension): two gloo processes under DDP mixing the
-global batch give the loss and the gradients of one process holding the whole batch with both ranks' draws."""
+"""MultiMix / Dense MultiMix `global_batch` (this toolkit's extension): two gloo processes under
+DDP mixing the global batch give the loss and the gradients of one process holding the whole batch
+with both ranks' draws."""
 
 import os
 import socket
@@ -13,8 +14,10 @@ from pretrain.methods import ResNetStages, build_method
 from pretrain.methods import base as shared
 from pretrain.methods import multimix as mm
 
-C, B, WORLD, N, SEED = 10, 4, 2, 40, 17  # classes, examples per rank, ranks, interpolations per rank, draw seed
-KNOBS = {"multimix": {"m": 6}, "dense_multimix": {}}  # m = 6 > b = 4: only the global batch (8) has 6 examples
+# classes, examples per rank, ranks, interpolations per rank, draw seed
+C, B, WORLD, N, SEED = 10, 4, 2, 40, 17
+# m = 6 > b = 4: only the global batch (8) has 6 examples
+KNOBS = {"multimix": {"m": 6}, "dense_multimix": {}}
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -38,7 +41,8 @@ def _free_port():
 
 
 def _one_rank(name, rank):
-    """One DDP step of `name` on this rank's slice: its loss, the layer4 map's gradient, the averaged grads."""
+    """One DDP step of `name` on this rank's slice: its loss, the layer4 map's gradient, the
+    averaged grads."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     m = _method(name)
@@ -74,8 +78,9 @@ def _worker(rank, port, out_dir):
 
 
 def _reference(name):
-    """One process holding the whole batch: per-rank BatchNorm statistics (DDP without SyncBN) and both ranks'
-    draws replayed by the pure functions, world x n interpolations; the loss is their mean (eq. 14 for dense)."""
+    """One process holding the whole batch: per-rank BatchNorm statistics (DDP without SyncBN) and
+    both ranks' draws replayed by the pure functions, world x n interpolations; the loss is their
+    mean (eq. 14 for dense)."""
     m = _method(name)
     images, labels = _data()
     fmaps = [m.model.features(images[r * B:(r + 1) * B]) for r in range(WORLD)]
@@ -84,7 +89,8 @@ def _reference(name):
     z, y = torch.cat(fmaps).flatten(2), shared.one_hot(labels, C)  # [world*b, d, r]
     lams = []
     for r in range(WORLD):
-        g = torch.Generator().manual_seed(SEED + r)  # the device stream (the branch draw is a host draw)
+        # the device stream (the branch draw is a host draw)
+        g = torch.Generator().manual_seed(SEED + r)
         sets = None if name == "multimix" else z.shape[-1]
         lams.append(shared.dirichlet_weights(WORLD * B, N, 0.5, 2.0, g, m=KNOBS[name].get("m"), sets=sets))
     if name == "multimix":
@@ -109,15 +115,17 @@ def test_global_batch_two_ranks_equal_one_process_with_both_ranks_draws(tmp_path
         got = [r[name] for r in ranks]
         # DDP logs and optimises the mean over ranks of the ranks' losses
         assert float(sum(r["loss"] for r in got)) / WORLD == pytest.approx(float(ref_loss), abs=1e-6)
-        assert got[0]["loss"] != pytest.approx(got[1]["loss"])  # each rank mixes with its own draws
+        # each rank mixes with its own draws
+        assert got[0]["loss"] != pytest.approx(got[1]["loss"])
         for k, g in ref_grads.items():  # DDP's averaged gradients (identical on both ranks)
             assert torch.allclose(got[0]["grads"][k], g, rtol=1e-5, atol=1e-6), (name, k)
             assert torch.equal(got[0]["grads"][k], got[1]["grads"][k])
         assert sum(g.abs().sum() for g in ref_grads.values()) > 0
         for r in range(WORLD):  # a rank's rows get every rank's loss gradient: world x the mean's
             assert torch.allclose(got[r]["fmap_grad"] / WORLD, ref_fmap_grads[r], rtol=1e-5, atol=1e-8), (name, r)
-    # the MultiMix / input-mixup coin is the same on both ranks, from the shared host stream (no broadcast)
-    expected = [float(np.random.default_rng(100 * t).random()) for t in range(4)]  # the shared stream's draws
+    # the MultiMix / input-mixup coin is the same on both ranks, from the shared host stream (no
+    # broadcast) the shared stream's draws
+    expected = [float(np.random.default_rng(100 * t).random()) for t in range(4)]
     assert ranks[0]["branch_draws"] == ranks[1]["branch_draws"] == pytest.approx(expected)
 
 

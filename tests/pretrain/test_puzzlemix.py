@@ -1,6 +1,7 @@
-"""PuzzleMix's recipe knobs (pretrain.methods.PuzzleMix): the clean-loss term, train- or eval-mode saliency, the
-BCE loss of the CIFAR / TinyImageNet script and the transport resolution, against hand computations and the
-procedure of snu-mllab/PuzzleMix main.py / imagenet/train.py @ e2dbf3a re-done on a copy of the model."""
+"""PuzzleMix's recipe knobs (pretrain.methods.PuzzleMix): the clean-loss term, train- or eval-mode
+saliency, the BCE loss of the CIFAR / TinyImageNet script and the transport resolution, against
+hand computations and the procedure of snu-mllab/PuzzleMix main.py / imagenet/train.py @ e2dbf3a
+re-done on a copy of the model."""
 
 import copy
 import math
@@ -30,8 +31,9 @@ def batch(seed=1):
 
 
 def official_clean_forward(model, images, labels, weight):
-    """main.py with clean_lam > 0: model.train(), loss = weight * CE(model(x_normalised)), backward into the input
-    (and the parameters), unary = sqrt(mean_c grad^2). -> (loss, unary, the model after the forward)."""
+    """main.py with clean_lam > 0: model.train(), loss = weight * CE(model(x_normalised)), backward
+    into the input (and the parameters), unary = sqrt(mean_c grad^2). -> (loss, unary, the model
+    after the forward)."""
     ref = copy.deepcopy(model).train()
     xn = ((images - ref.mean) / ref.std).requires_grad_(True)
     loss = weight * F.cross_entropy(ref(xn * ref.std + ref.mean), labels)
@@ -41,9 +43,10 @@ def official_clean_forward(model, images, labels, weight):
 
 @pytest.mark.parametrize("loss, weight", [("ce", 0.5), ("bce", 2 * 0.5 / C)])
 def test_clean_lam_adds_the_official_clean_loss_in_train_mode(loss, weight):
-    """clean_lam 0.5: ce (imagenet/train.py) adds 0.5 * CE(clean), bce (main.py) 2 * 0.5 / C * CE(clean); the
-    saliency is the gradient of that weighted loss in train mode (batch statistics; the running statistics move
-    as after one train-mode forward), and the term backpropagates into the parameters."""
+    """clean_lam 0.5: ce (imagenet/train.py) adds 0.5 * CE(clean), bce (main.py) 2 * 0.5 / C *
+    CE(clean); the saliency is the gradient of that weighted loss in train mode (batch statistics;
+    the running statistics move as after one train-mode forward), and the term backpropagates into
+    the parameters."""
     images, labels = batch()
     m = make(clean_lam=0.5, saliency_mode="train", loss=loss)
     expect, unary, ref = official_clean_forward(m.model, images, labels, weight)
@@ -70,8 +73,9 @@ def test_eval_mode_saliency_has_no_clean_term_and_leaves_batchnorm_alone():
 
 
 def test_bce_loss_by_hand():
-    """main.py: BCELoss(softmax(logits), y) averaged over examples and classes. logits (log 3, 0) -> p = (3/4, 1/4);
-    y = (1/2, 1/2): -(1/2 log 3/4 + 1/2 log 1/4) for each class; logits (0, 0), y = (1, 0): log 2."""
+    """main.py: BCELoss(softmax(logits), y) averaged over examples and classes. logits (log 3, 0)
+    -> p = (3/4, 1/4); y = (1/2, 1/2): -(1/2 log 3/4 + 1/2 log 1/4) for each class; logits (0, 0),
+    y = (1, 0): log 2."""
     m = make(loss="bce")
     got = m.mixed_loss(torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]]), torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
     expect = (-(0.5 * math.log(0.75) + 0.5 * math.log(0.25)) + math.log(2.0)) / 2
@@ -86,7 +90,8 @@ def test_t_size_reaches_the_transport():
     m = make(t_size=4, neigh_size=4)
     perm = torch.tensor([1, 2, 3, 0])
     sal_map = torch.zeros(4, 32, 32)
-    sal_map[:, 2:6, 20:24] = 1.0  # each image's saliency in one 4 x 4 px cell of its top-right block
+    # each image's saliency in one 4 x 4 px cell of its top-right block
+    sal_map[:, 2:6, 20:24] = 1.0
     sal_map[:, 24:, :] = 0.01
     x, kept = m.puzzle(images, labels, perm, [0.5], 2, sal_map)
     fill = m.model.mean

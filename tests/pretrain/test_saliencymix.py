@@ -1,5 +1,6 @@
-"""SaliencyMix against the official code: OpenCV's fine-grained saliency and the official `saliency_bbox`
-(tests/fixtures/saliencymix_official.npz, tools/make_saliencymix_fixture.py), and the method's mixing by hand."""
+"""SaliencyMix against the official code: OpenCV's fine-grained saliency and the official
+`saliency_bbox` (tests/fixtures/saliencymix_official.npz, tools/make_saliencymix_fixture.py), and
+the method's mixing by hand."""
 
 from pathlib import Path
 
@@ -22,7 +23,8 @@ FIXTURE = Path(__file__).parents[1] / "fixtures" / "saliencymix_official.npz"
 
 
 def test_fine_grained_saliency_equals_opencv():
-    """33 images (16 px to 224 px, non-square too; noise, flat with a patch, ramps): every pixel equal."""
+    """33 images (16 px to 224 px, non-square too; noise, flat with a patch, ramps): every pixel
+    equal."""
     f = np.load(FIXTURE)
     for k in range(int(f["count"])):
         image = f[f"image_{k}"].transpose(1, 2, 0)

@@ -1,6 +1,6 @@
 """SuperMix against the official mask optimisation (tests/fixtures/supermix_official.npz, made by
-tools/make_supermix_fixture.py from alldbi/SuperMix supermix.py:mix_batch), its pieces by hand, and the teacher
-contract of the methods and the pretraining task."""
+tools/make_supermix_fixture.py from alldbi/SuperMix supermix.py:mix_batch), its pieces by hand, and
+the teacher contract of the methods and the pretraining task."""
 
 from pathlib import Path
 
@@ -34,8 +34,9 @@ def fixture_teacher(f, k: int) -> nn.Sequential:
 
 @pytest.mark.parametrize("k", range(6))
 def test_masks_equal_the_official_mix_batch(k, one_thread):
-    """Six cases (K = 2, 3; masks 4 and 8 px; sigma 0, 1, 2; an early stop by tol in three): the final mask
-    weights of every example, and the mixed images and teacher logits of those the official code keeps."""
+    """Six cases (K = 2, 3; masks 4 and 8 px; sigma 0, 1, 2; an early stop by tol in three): the
+    final mask weights of every example, and the mixed images and teacher logits of those the
+    official code keeps."""
     f = np.load(FIXTURE)
     b, kk, mask_w, sigma, lambda_s, max_iter, tol, _alpha, _side = f["cases"][k]
     b, kk, mask_w, max_iter, tol = int(b), int(kk), int(mask_w), int(max_iter), int(tol)
@@ -47,8 +48,9 @@ def test_masks_equal_the_official_mix_batch(k, one_thread):
     mixed, weights, logits, ok = optimise_masks(teacher, data[sets], targets, mask_w, float(sigma),
                                                 float(lambda_s), max_iter, tol)
     expect = mask_weights(torch.from_numpy(f[f"logits_{k}"]), data.shape[-2:])
-    # weights in [0, 1]: steps of up to 2000 in the logits amplify float rounding (thread count, BLAS) to ~3e-5
-    # after six iterations of a case that never mixes; bitwise equal with the fixture machine's threads
+    # weights in [0, 1]: steps of up to 2000 in the logits amplify float rounding (thread count,
+    # BLAS) to ~3e-5 after six iterations of a case that never mixes; bitwise equal with the
+    # fixture machine's threads
     assert torch.allclose(weights, expect, rtol=0, atol=1e-4)
     assert int(ok.sum()) == f[f"mixed_{k}"].shape[0]
     assert torch.allclose(weights[ok], torch.from_numpy(f[f"masks_{k}"]), rtol=1e-5, atol=1e-6)
@@ -68,9 +70,11 @@ def test_pieces_by_hand():
     assert torch.equal(smooth(x, 0.0), x)
     assert cyclic_sets(4, 3).tolist() == [[0, 1, 2], [1, 2, 3], [2, 3, 0], [3, 0, 1]]
     y = set_targets(torch.tensor([2, 0, 2]), cyclic_sets(3, 2), torch.tensor([[0.7, 0.3], [0.4, 0.6], [0.5, 0.5]]), 3)
-    assert torch.allclose(y, torch.tensor([[0.3, 0, 0.7], [0.4, 0, 0.6], [0, 0, 1.0]]))  # set 2 = (2, 0): labels 2, 2
+    # set 2 = (2, 0): labels 2, 2
+    assert torch.allclose(y, torch.tensor([[0.3, 0, 0.7], [0.4, 0, 0.6], [0, 0, 1.0]]))
     w = mask_weights(torch.zeros(2, 3, 1, 2, 2), (4, 4))
-    assert torch.allclose(w, torch.full((2, 3, 1, 4, 4), 1 / 3))  # equal logits: equal weights summing to 1
+    # equal logits: equal weights summing to 1
+    assert torch.allclose(w, torch.full((2, 3, 1, 4, 4), 1 / 3))
     logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
     assert torch.allclose(per_example_ce(logits, torch.tensor([0, 1])),
                           torch.tensor([np.log(1 + np.exp(-2.0)), np.log(2.0)], dtype=torch.float32))
@@ -83,7 +87,8 @@ def test_the_method_trains_on_the_mixed_examples_with_the_teachers_labels(one_th
         method(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
     method.teacher = ResNetStages("resnet18", 4)
     assert method.teacher.training is False and not any(p.requires_grad for p in method.teacher.parameters())
-    assert not any(k.startswith("teacher") for k in method.state_dict())  # never part of the trained model
+    # never part of the trained model
+    assert not any(k.startswith("teacher") for k in method.state_dict())
     method.train()
     assert method.teacher.training is False
     method.seed(3)
@@ -99,7 +104,8 @@ def test_the_method_trains_on_the_mixed_examples_with_the_teachers_labels(one_th
     assert torch.allclose(out["loss_mixed"], expect)
 
 
-# ---------------------------------------------------------------------------------------------- the task's teacher
+# ----------------------------------------------------------------------------------------------
+# the task's teacher
 def tiny_cfg(root, method: dict, teacher=None) -> dict:
     return {"name": "t", "seed": 0, "teacher": teacher,
             "data": {"root": str(root), "crop_size": 32, "val_resize": 36, "num_workers": 0, "max_train": 8,

@@ -1,24 +1,27 @@
-"""The training step never waits for the device: over 20 steps of every pretraining method and of the detection
-loop, the calls that read a tensor's value back to the host (`item`, `__float__`, `__bool__`, `__int__`,
-`__index__`, `tolist`, `cpu`, `numpy`, `torch.cuda.synchronize`) are counted while the engine runs, and only the
-engine's one read per logging interval is allowed (log_every = 10: the reads after steps 10 and 20). Epoch-end work
-(the parameter check before the checkpoint, evaluation) is counted apart; the data pipeline, which works on host
-tensors before the copy to the device, is not counted.
+"""The training step never waits for the device: over 20 steps of every pretraining method and of
+the detection loop, the calls that read a tensor's value back to the host (`item`, `__float__`,
+`__bool__`, `__int__`, `__index__`, `tolist`, `cpu`, `numpy`, `torch.cuda.synchronize`) are counted
+while the engine runs, and only the engine's one read per logging interval is allowed (log_every =
+10: the reads after steps 10 and 20). Epoch-end work (the parameter check before the checkpoint,
+evaluation) is counted apart; the data pipeline, which works on host tensors before the copy to the
+device, is not counted.
 
-On the CPU every tensor is a host tensor, so the test counts the calls themselves: a call that would make a
-CUDA run wait is a call here. Explicit exemptions, each with its reason and its bound:
-- PuzzleMix's graph cut runs on the host by the authors' algorithm: `pretrain.methods.puzzlemix.read_to_host` copies
-  the terms of the energy to the host once per step (all K masks of multi-mix at once).
+On the CPU every tensor is a host tensor, so the test counts the calls themselves: a call that
+would make a CUDA run wait is a call here. Explicit exemptions, each with its reason and its bound:
+- PuzzleMix's graph cut runs on the host by the authors' algorithm:
+  `pretrain.methods.puzzlemix.read_to_host` copies the terms of the energy to the host once per
+  step (all K masks of multi-mix at once).
 - SaliencyMix's saliency map runs on the host as the authors' code computes it (OpenCV's detector):
-  `pretrain.methods.saliencymix.read_image` copies the one image it needs to the host once per mixed step.
-- torchvision's detectors check every target for degenerate boxes (`degenerate_boxes.any()`, one read per image,
-  inside `SSD.forward` / `GeneralizedRCNN.forward`) and draw the training size with `torch_choice` from a CPU
-  tensor (no device involved); neither is this toolkit's code.
+  `pretrain.methods.saliencymix.read_image` copies the one image it needs to the host once per
+  mixed step.
+- torchvision's detectors check every target for degenerate boxes (`degenerate_boxes.any()`, one
+  read per image, inside `SSD.forward` / `GeneralizedRCNN.forward`) and draw the training size with
+  `torch_choice` from a CPU tensor (no device involved); neither is this toolkit's code.
 
-Copies from the host to the device wait too, unless they are non_blocking from pinned memory. The same loop runs
-on a fake CUDA device (FakeTensorMode) for every pretraining method and for the GPU-decode data path, with
-`Tensor.to`, `Tensor.cuda`, `Tensor.copy_` and `torch.tensor` / `torch.as_tensor` counted (`HostCopyCounter`):
-no copy in the step may make the host wait.
+Copies from the host to the device wait too, unless they are non_blocking from pinned memory. The
+same loop runs on a fake CUDA device (FakeTensorMode) for every pretraining method and for the
+GPU-decode data path, with `Tensor.to`, `Tensor.cuda`, `Tensor.copy_` and `torch.tensor` /
+`torch.as_tensor` counted (`HostCopyCounter`): no copy in the step may make the host wait.
 """
 
 import sys
@@ -40,9 +43,10 @@ STEPS, LOG_EVERY = 20, 10
 
 
 class SyncCounter:
-    """Records (phase, step, method, file, function) for every reading call made while it is installed; the
-    file and function are those of the innermost caller outside torch. `phase` is "step" unless the engine is in
-    `_end_epoch` ("epoch_end") or the task's data iterator is producing a batch ("data": not recorded)."""
+    """Records (phase, step, method, file, function) for every reading call made while it is
+    installed; the file and function are those of the innermost caller outside torch. `phase` is
+    "step" unless the engine is in `_end_epoch` ("epoch_end") or the task's data iterator is
+    producing a batch ("data": not recorded)."""
 
     def __init__(self):
         self.calls, self.phase, self.step, self._saved = [], "step", 0, []
@@ -80,7 +84,8 @@ class SyncCounter:
 
 
 def run_counted(engine: Engine, monkeypatch) -> SyncCounter:
-    """engine.fit() with a SyncCounter; the engine's step number and epoch-end phase are tracked."""
+    """engine.fit() with a SyncCounter; the engine's step number and epoch-end phase are
+    tracked."""
     counter = SyncCounter()
     train_step, end_epoch, batches = Engine.train_step, Engine._end_epoch, engine.task.batches
 
@@ -118,7 +123,8 @@ def run_counted(engine: Engine, monkeypatch) -> SyncCounter:
 
 
 def split(calls, exempt):
-    """-> (the engine's reads in the step phase, exempt calls by reason, other step-phase calls, epoch-end calls)."""
+    """-> (the engine's reads in the step phase, exempt calls by reason, other step-phase calls,
+    epoch-end calls)."""
     engine_reads, exempted, other, epoch_end = [], Counter(), [], []
     for phase, step, name, file, func in calls:
         if phase == "epoch_end":
@@ -132,7 +138,8 @@ def split(calls, exempt):
     return engine_reads, exempted, other, epoch_end
 
 
-# ---------------------------------------------------------------------------------------------- pretraining
+# ----------------------------------------------------------------------------------------------
+# pretraining
 
 C = 10
 CASES = [
@@ -147,15 +154,19 @@ CASES = [
     ("transmix", {}), ("transmix", {"switch_prob": 1.0}),
     ("saliencymix", {"prob": 1.0}), ("supermix", {"max_iter": 2, "mask_w": 4}),
 ]
-ARCH = {"transmix": "vit_tiny_toy"}  # methods that need a ViT (the class token's attention); the others a ResNet-18
-# the graph cut's one host copy per step (PuzzleMix; Co-Mixup reads its saliency through the same function)
+# methods that need a ViT (the class token's attention); the others a ResNet-18
+ARCH = {"transmix": "vit_tiny_toy"}
+# the graph cut's one host copy per step (PuzzleMix; Co-Mixup reads its saliency through the same
+# function)
 PUZZLE = {("puzzlemix.py", "read_to_host", "numpy"),
           ("saliencymix.py", "read_image", "numpy")}  # the saliency map's one image per mixed step
-HOST_STEP = ("puzzlemix", "comixup", "saliencymix")  # the methods with a host step (prob 1 here: one copy every step)
+# the methods with a host step (prob 1 here: one copy every step)
+HOST_STEP = ("puzzlemix", "comixup", "saliencymix")
 
 
 class TinyPretrain(Task):
-    """20 fixed batches of 4 random 16 px images; the method seeded before every micro-batch as pretrain.task does."""
+    """20 fixed batches of 4 random 16 px images; the method seeded before every micro-batch as
+    pretrain.task does."""
 
     steps_per_epoch = STEPS
 
@@ -188,33 +199,40 @@ def test_a_pretraining_step_reads_nothing_back(tmp_path, monkeypatch, name, knob
     task = TinyPretrain(name, knobs)
     opt = build_optimizer("sgd", task.param_groups(), 0.01, momentum=0.9)
     settings = LoopSettings(total_steps=STEPS, device=torch.device("cpu"), log_every=LOG_EVERY, grad_norm=True,
-                            clip_grad_norm=10.0)  # grad_norm: pretraining's default; clipping: its path too
+                            # grad_norm: pretraining's default; clipping: its path too
+                            clip_grad_norm=10.0)
     engine = Engine(task, tmp_path / "run", settings, opt, lambda step: 1.0)
     counter = run_counted(engine, monkeypatch)
-    # Co-Mixup's optimisation works on the host copies that read_to_host made (on CPU the counter cannot tell them
-    # from the device tensors): its solver module is host work by construction
+    # Co-Mixup's optimisation works on the host copies that read_to_host made (on CPU the counter
+    # cannot tell them from the device tensors): its solver module is host work by construction
     calls = [c for c in counter.calls if c[3] != "comixup_graphcut.py"]
     reads, exempted, other, epoch_end = split(calls, PUZZLE)
-    assert other == [], other  # nothing but the engine's periodic read (and PuzzleMix's graph cut) in the loop
+    # nothing but the engine's periodic read (and PuzzleMix's graph cut) in the loop
+    assert other == [], other
     assert reads == [10, 20], reads  # one read per logging interval
     host_step = name in HOST_STEP or (name == "multi_interp" and knobs.get("base", "puzzlemix") == "puzzlemix")
     if host_step:
-        assert sorted(step for *_, step in exempted) == list(range(1, STEPS + 1))  # one copy per step
+        # one copy per step
+        assert sorted(step for *_, step in exempted) == list(range(1, STEPS + 1))
         assert set(exempted.values()) == {1}
     else:
         assert not exempted, exempted
-    # epoch end: the parameter check before the epoch record and before the checkpoint, one read each
+    # epoch end: the parameter check before the epoch record and before the checkpoint, one read
+    # each
     assert epoch_end == [("tolist", "engine.py", "check_parameters")] * 2, epoch_end
 
 
-# ---------------------------------------------------------------------------------------------- detection
+# ----------------------------------------------------------------------------------------------
+# detection
 
 TORCHVISION = {("ssd.py", "forward", "__bool__"),  # degenerate-box check, one per image
-               ("transform.py", "torch_choice", "item")}  # training size from a CPU tensor, one per image
+               # training size from a CPU tensor, one per image
+               ("transform.py", "torch_choice", "item")}
 
 
 def test_a_detection_step_reads_nothing_back(toy_world, tmp_path, monkeypatch):
-    """DetectionTask (SSD, the tiny toy VOC setup of tests/transfer/test_finetune_det.py) for 20 steps of 2 images."""
+    """DetectionTask (SSD, the tiny toy VOC setup of tests/transfer/test_finetune_det.py) for 20
+    steps of 2 images."""
     from transfer.detection import config as det_config
     from transfer.detection import torchvision_backend as tvb
 
@@ -242,22 +260,26 @@ def test_a_detection_step_reads_nothing_back(toy_world, tmp_path, monkeypatch):
     per_step = Counter()
     for (file, func, name, _step), n in exempted.items():
         per_step[(file, func, name)] = max(per_step[(file, func, name)], n)
-    assert all(n <= 2 for n in per_step.values()), per_step  # two images per step: at most one each per image
+    # two images per step: at most one each per image
+    assert all(n <= 2 for n in per_step.values()), per_step
     assert epoch_end == [("tolist", "engine.py", "check_parameters")] * 2, epoch_end
 
 
-# ---------------------------------------------------------------------------- host-to-device copies that wait
+# ---------------------------------------------------------------------------- host-to-device
+# copies that wait
 
 class HostCopyCounter:
-    """Records every copy of host memory to a CUDA device made while it is installed, by `Tensor.to`,
-    `Tensor.cuda`, `Tensor.copy_` and `torch.tensor` / `torch.as_tensor` with a CUDA `device`, as (what, file,
-    function) of the innermost caller outside torch, when the copy would make the host wait: a copy that is not
-    non_blocking, or whose source is not pinned (CUDA stages a pageable source through a pinned buffer, on the
-    host). `Tensor.pin_memory` (which needs a driver) returns the tensor itself, marked as pinned."""
+    """Records every copy of host memory to a CUDA device made while it is installed, by
+    `Tensor.to`, `Tensor.cuda`, `Tensor.copy_` and `torch.tensor` / `torch.as_tensor` with a CUDA
+    `device`, as (what, file, function) of the innermost caller outside torch, when the copy would
+    make the host wait: a copy that is not non_blocking, or whose source is not pinned (CUDA stages
+    a pageable source through a pinned buffer, on the host). `Tensor.pin_memory` (which needs a
+    driver) returns the tensor itself, marked as pinned."""
 
     def __init__(self, monkeypatch):
         self.waits: list[tuple[str, str, str]] = []
-        self.pinned: dict[int, torch.Tensor] = {}  # id -> the tensor (held, so that no other one takes its id)
+        # id -> the tensor (held, so that no other one takes its id)
+        self.pinned: dict[int, torch.Tensor] = {}
         to, cuda, copy, tensor, as_tensor = (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.copy_, torch.tensor,
                                              torch.as_tensor)
 
@@ -311,9 +333,9 @@ class HostCopyCounter:
 
 
 class FakeCudaPretrain(TinyPretrain):
-    """TinyPretrain's method on a fake CUDA device; its batches are those of the uint8 loader with the ImageNet
-    recipe's colour augmentation (uint8 images, labels, colour parameters), pinned as the DataLoader pins them,
-    moved by pretraining's own `batch_to_device`."""
+    """TinyPretrain's method on a fake CUDA device; its batches are those of the uint8 loader with
+    the ImageNet recipe's colour augmentation (uint8 images, labels, colour parameters), pinned as
+    the DataLoader pins them, moved by pretraining's own `batch_to_device`."""
 
     def __init__(self, name, knobs):
         super().__init__(name, knobs)
@@ -334,8 +356,9 @@ class FakeCudaPretrain(TinyPretrain):
 
 
 def _cuda_autocast(device, precision):
-    """`runtime.autocast` built as on a CUDA machine (torch.autocast checks that a driver exists and whether it has
-    bf16; once built it only sets the dispatcher's flags, which fake CUDA tensors obey)."""
+    """`runtime.autocast` built as on a CUDA machine (torch.autocast checks that a driver exists
+    and whether it has bf16; once built it only sets the dispatcher's flags, which fake CUDA
+    tensors obey)."""
     from unittest import mock
 
     with mock.patch.object(torch.cuda, "is_available", lambda: True), \
@@ -343,15 +366,17 @@ def _cuda_autocast(device, precision):
         return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
-# SuperMix's forward differentiates the teacher (torch.autograd.grad): autograd's CUDA threads need a driver
+# SuperMix's forward differentiates the teacher (torch.autograd.grad): autograd's CUDA threads need
+# a driver
 FAKE_CUDA_CASES = [(n, k) for n, k in CASES if n not in HOST_STEP + ("supermix",)
                    and k.get("base", "puzzlemix" if n == "multi_interp" else "") != "puzzlemix"]
 
 
 def _steps_on_fake_cuda(task, tmp_path, monkeypatch, steps: int = 3):
-    """`steps` optimizer steps of the engine's loop (`Engine._grouped`, which calls the task's `to_device`, and
-    `Engine.train_step`) on a fake CUDA device in bf16 and channels_last, counted by a HostCopyCounter. The
-    backward pass fills zero gradients instead (autograd's CUDA threads need a driver). -> (last record, counter)"""
+    """`steps` optimizer steps of the engine's loop (`Engine._grouped`, which calls the task's
+    `to_device`, and `Engine.train_step`) on a fake CUDA device in bf16 and channels_last, counted
+    by a HostCopyCounter. The backward pass fills zero gradients instead (autograd's CUDA threads
+    need a driver). -> (last record, counter)"""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     monkeypatch.setattr(rt, "autocast", _cuda_autocast)
@@ -378,24 +403,27 @@ def _steps_on_fake_cuda(task, tmp_path, monkeypatch, steps: int = 3):
 @pytest.mark.parametrize("name,knobs", FAKE_CUDA_CASES,
                          ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k in FAKE_CUDA_CASES])
 def test_a_pretraining_step_copies_nothing_that_waits(tmp_path, monkeypatch, name, knobs):
-    """The engine's step loop (the task's `to_device`; the method's forward under bf16 autocast, the loss sums,
-    the gradient norm and clipping, the optimizer and scheduler steps) for 3 steps of every method on a fake CUDA
-    device (FakeTensorMode: the copies are dispatched as on CUDA, no data moves), the batches those of the uint8
-    loader with colour augmentation. Shows: no host-to-device copy in it makes the host wait (each is non_blocking
-    from pinned memory), and the step's metrics stay on the device. Cannot show: the backward pass (autograd's
-    CUDA threads need a driver; zero gradients stand in), SuperMix (its forward differentiates the teacher),
-    PuzzleMix and SaliencyMix (their host steps read the saliency or an image back, which fake tensors cannot)
-    and the real overlap of copies with compute."""
+    """The engine's step loop (the task's `to_device`; the method's forward under bf16 autocast,
+    the loss sums, the gradient norm and clipping, the optimizer and scheduler steps) for 3 steps
+    of every method on a fake CUDA
+    device (FakeTensorMode: the copies are dispatched as on CUDA, no data moves), the batches those
+    of the uint8 loader with colour augmentation. Shows: no host-to-device copy in it makes the
+    host wait (each is non_blocking from pinned memory), and the step's metrics stay on the device.
+    Cannot show: the backward pass (autograd's CUDA threads need a driver; zero gradients stand
+    in), SuperMix (its forward differentiates the teacher), PuzzleMix and SaliencyMix (their host
+    steps read the saliency or an image back, which fake tensors cannot) and the real overlap of
+    copies with compute."""
     record, counter = _steps_on_fake_cuda(FakeCudaPretrain(name, knobs), tmp_path, monkeypatch)
     assert record["loss"].device.type == "cuda" and record["grad_norm2"].device.type == "cuda"
     assert counter.waits == [], counter.waits
 
 
 class FakeCudaEncoded(FakeCudaPretrain):
-    """Batches of `data.decode_device: cuda` (encoded bytes, crops [b, 6], labels): two JPEGs and two PNGs (ImageNet
-    has a PNG under a .JPEG name), the JPEGs decoded by a stand-in for nvJPEG (a driver is needed), the PNGs by the
-    CPU decoder's stand-in (fake tensors have no pixels to decode). The crops are read on the host (`tolist`) as
-    real tensors (FakeTensorMode would make them fake, without values)."""
+    """Batches of `data.decode_device: cuda` (encoded bytes, crops [b, 6], labels): two JPEGs and
+    two PNGs (ImageNet has a PNG under a .JPEG name), the JPEGs decoded by a stand-in for nvJPEG (a
+    driver is needed), the PNGs by the CPU decoder's stand-in (fake tensors have no pixels to
+    decode). The crops are read on the host (`tolist`) as real tensors (FakeTensorMode would make
+    them fake, without values)."""
 
     def __init__(self, name, knobs, monkeypatch):
         from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
@@ -426,8 +454,9 @@ class FakeCudaEncoded(FakeCudaPretrain):
 
 
 def test_a_gpu_decoded_pretraining_step_copies_nothing_that_waits(tmp_path, monkeypatch):
-    """The same loop for ERM on batches decoded on the device (`decode_batch`), where images that are not JPEGs
-    are decoded on the CPU and moved. Shows: those moves do not make the host wait either (pinned, non_blocking).
+    """The same loop for ERM on batches decoded on the device (`decode_batch`), where images that
+    are not JPEGs are decoded on the CPU and moved. Shows: those moves do not make the host wait
+    either (pinned, non_blocking).
     Cannot show: nvJPEG itself (`make gpu-check`)."""
     record, counter = _steps_on_fake_cuda(FakeCudaEncoded("erm", {}, monkeypatch), tmp_path, monkeypatch)
     assert record["loss"].device.type == "cuda"

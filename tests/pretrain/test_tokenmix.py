@@ -1,5 +1,6 @@
-"""TokenMix (pretrain.methods.tokenmix) against the official code (tests/fixtures/tokenmix_official.npz, made by
-tools/make_tokenmix_fixture.py from Sense-X/TokenMix) and hand computations."""
+"""TokenMix (pretrain.methods.tokenmix) against the official code
+(tests/fixtures/tokenmix_official.npz, made by tools/make_tokenmix_fixture.py from
+Sense-X/TokenMix) and hand computations."""
 
 from pathlib import Path
 
@@ -16,8 +17,9 @@ FIX = Path(__file__).parents[1] / "fixtures" / "tokenmix_official.npz"
 
 
 class Replay:
-    """The official code's recorded draws (rows [kind, a, b, value]; kind 0 uniform(a, b), 1 randint(a, b)) served
-    through the host-generator interface `block_token_mask` uses; every call must ask for the recorded range."""
+    """The official code's recorded draws (rows [kind, a, b, value]; kind 0 uniform(a, b), 1
+    randint(a, b)) served through the host-generator interface `block_token_mask` uses; every call
+    must ask for the recorded range."""
 
     def __init__(self, rows):
         self.rows = [tuple(r) for r in rows]
@@ -64,7 +66,8 @@ def test_random_masks_equal_the_official_code(fix):
 
 
 def _class_maps(topk: np.ndarray, classes: int = 10) -> torch.Tensor:
-    """TokenLabeling top-k maps [b, 2, k, h, w] (scores, indices) -> dense [b, classes, h, w], 0 off the top-k."""
+    """TokenLabeling top-k maps [b, 2, k, h, w] (scores, indices) -> dense [b, classes, h, w], 0
+    off the top-k."""
     t = torch.from_numpy(topk)
     maps = torch.zeros(t.shape[0], classes, *t.shape[-2:])
     return maps.scatter_(1, t[:, 1].long(), t[:, 0])
@@ -93,8 +96,9 @@ def test_area_targets_equal_the_official_mixup_target(fix):
 
 
 def test_targets_by_hand():
-    """2 x 2 tokens, mask [[0, 1], [0, 0]]; image 0's map [[1, 1], [2, 0]] (sum 4), image 1's [[0, 3], [1, 0]]
-    (sum 4). Image 0 keeps 3 of its 4 mass units -> y1 = 0.75, receives image 1's top-right 3 / 4 -> y2 = 0.75."""
+    """2 x 2 tokens, mask [[0, 1], [0, 0]]; image 0's map [[1, 1], [2, 0]] (sum 4), image 1's [[0,
+    3], [1, 0]] (sum 4). Image 0 keeps 3 of its 4 mass units -> y1 = 0.75, receives image 1's
+    top-right 3 / 4 -> y2 = 0.75."""
     act = torch.tensor([[[1.0, 1.0], [2.0, 0.0]], [[0.0, 3.0], [1.0, 0.0]]])
     mask = torch.tensor([[0, 1], [0, 0]])
     y = tm.activation_targets(act, mask, torch.tensor([0, 2]), 4, smoothing=0.0)
@@ -120,8 +124,9 @@ def _method(**knobs):
 
 
 def test_uniform_teacher_gives_the_kept_fraction_and_the_teacher_is_not_a_submodule():
-    """With a constant activation map and no smoothing, the activation targets are the area targets: the kept token
-    fraction on the label. The teacher stays out of parameters() and state_dict()."""
+    """With a constant activation map and no smoothing, the activation targets are the area
+    targets: the kept token fraction on the label. The teacher stays out of parameters() and
+    state_dict()."""
     m = _method(switch_prob=1.0, patch_size=8, minimum_tokens=0, smoothing=0.0)
     m.teacher = Uniform()
     assert "teacher" not in dict(m.named_children()) and len(m.state_dict()) == len(_method().state_dict())
@@ -145,7 +150,8 @@ def test_activation_without_teacher_is_an_error_and_area_needs_none():
 
 
 def test_token_mask_is_aligned_with_vit_patches():
-    """Mixing whole 16 x 16 patches in pixel space equals mixing the patch tokens of a ViT's patch embedding."""
+    """Mixing whole 16 x 16 patches in pixel space equals mixing the patch tokens of a ViT's patch
+    embedding."""
     timm = pytest.importorskip("timm")
     vit = timm.models.vision_transformer.VisionTransformer(img_size=64, patch_size=16, embed_dim=24, depth=1,
                                                            num_heads=2, num_classes=5)

@@ -1,5 +1,5 @@
-"""Pretraining (pretrain.task on mixup_transfer.core.engine): schedules, the resumable sampler, the batch plan, an
-end-to-end
+"""Pretraining (pretrain.task on mixup_transfer.core.engine): schedules, the resumable sampler, the
+batch plan, an end-to-end
 toy run, exact resumption, non-finite loss handling and a 2-process gloo DDP run."""
 
 import json
@@ -62,7 +62,8 @@ def test_sampler_shards_and_resumes():
 
 
 def test_sampler_position_is_kept_in_samples_across_world_sizes():
-    """After 2 steps of global batch 8, one process or four visit exactly the same remaining samples."""
+    """After 2 steps of global batch 8, one process or four visit exactly the same remaining
+    samples."""
     one = EpochSampler(50, 8, 0, 1, seed=4)
     one.set_epoch(0, start_step=2)
     rest = [i for i, _ in one]
@@ -93,7 +94,8 @@ def test_batch_plan_by_hand():
 
 @pytest.mark.slow
 def test_toy_run_writes_the_run_folder(toy_world, tmp_path, capsys):
-    """Through the CLI: YAML with _BASE_, KEY=VALUE overrides, the run folder in the contract layout."""
+    """Through the CLI: YAML with _BASE_, KEY=VALUE overrides, the run folder in the contract
+    layout."""
     import importlib.util
     from pathlib import Path
 
@@ -129,9 +131,11 @@ def test_resume_is_exact(toy_world, tmp_path):
     cfg["runtime"]["checkpoint_every_steps"] = 2
     train(cfg, tmp_path / "a")
     stopped = dict(cfg, runtime=dict(cfg["runtime"], stop_after_steps=3))
-    assert train(stopped, tmp_path / "b") == {"stopped_at_step": 3}  # killed after step 3; checkpoint at 2
+    # killed after step 3; checkpoint at 2
+    assert train(stopped, tmp_path / "b") == {"stopped_at_step": 3}
     state = torch.load(tmp_path / "b/checkpoints/last.pth", weights_only=True)
-    assert state["step"] == 2 and state["task"]["host_rng"]["bit_generator"] == "PCG64"  # the method's host stream
+    # the method's host stream
+    assert state["step"] == 2 and state["task"]["host_rng"]["bit_generator"] == "PCG64"
     train(cfg, tmp_path / "b", resume=True)
     a = torch.load(tmp_path / "a/backbone.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "b/backbone.pth", weights_only=True)["model"]
@@ -215,9 +219,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_method_heads_stats_and_solver_reach_the_run(toy_world, tmp_path):
-    """AlignMix/AE with the paper's fc head: evaluation uses the method's head, the Sinkhorn marginal
-    errors reach log.jsonl, the exported backbone keeps torchvision's keys (no encoder2 / decoder);
-    the header names the PuzzleMix solver."""
+    """AlignMix/AE with the paper's fc head: evaluation uses the method's head, the Sinkhorn
+    marginal errors reach log.jsonl, the exported backbone keeps torchvision's keys (no encoder2 /
+    decoder); the header names the PuzzleMix solver."""
     import torchvision
 
     from pretrain.methods import have_gco
@@ -238,7 +242,8 @@ def test_method_heads_stats_and_solver_reach_the_run(toy_world, tmp_path):
     raw = torch.load(run / "backbone.pth", weights_only=True)
     keys = list(raw.get("state_dict", raw))
     assert not any("encoder2" in k or "decoder" in k for k in keys)
-    # the checkpoint and the metrics name the published form the run reproduced (AlignMix has several)
+    # the checkpoint and the metrics name the published form the run reproduced (AlignMix has
+    # several)
     assert raw["meta"]["method_variant"].startswith("paper section 4 / Algorithm 1")
     assert json.loads((run / "metrics.json").read_text())["method_variant"] == raw["meta"]["method_variant"]
     sd = load_backbone(run / "backbone.pth", arch="resnet18")
@@ -259,8 +264,9 @@ def _ddp_stop_worker(rank, world, port, cfg, run_dir):
 
 @pytest.mark.slow
 def test_resume_with_another_world_size(toy_world, tmp_path):
-    """Two processes stop after step 1 of 4 (global batch 16); one process resumes at step 1 and finishes the
-    run (the epoch position is kept in samples: test_sampler_position_is_kept_in_samples_across_world_sizes)."""
+    """Two processes stop after step 1 of 4 (global batch 16); one process resumes at step 1 and
+    finishes the run (the epoch position is kept in samples:
+    test_sampler_position_is_kept_in_samples_across_world_sizes)."""
     import torch.multiprocessing as mp
 
     cfg = tiny_cfg(toy_world / "imagenet")
@@ -268,7 +274,8 @@ def test_resume_with_another_world_size(toy_world, tmp_path):
     cfg["optim"].update(epochs=1, batch_size=16)
     cfg["data"]["max_train"] = 64  # 64 / 16 = 4 steps
     cfg["runtime"].update(checkpoint_every_steps=1)
-    stopped = dict(cfg, runtime=dict(cfg["runtime"], stop_after_steps=1))  # checkpoint at step 1, then stop
+    # checkpoint at step 1, then stop
+    stopped = dict(cfg, runtime=dict(cfg["runtime"], stop_after_steps=1))
     mp.spawn(_ddp_stop_worker, args=(2, _free_port(), stopped, str(tmp_path / "run")), nprocs=2)
     state = torch.load(tmp_path / "run/checkpoints/last.pth", weights_only=True)
     assert state["step"] == 1 and state["world_size"] == 2
@@ -279,9 +286,10 @@ def test_resume_with_another_world_size(toy_world, tmp_path):
 
 
 def test_precise_bn_gives_the_clean_batches_population_statistics(toy_world, tmp_path):
-    """`recompute_bn_statistics`: bn1's running mean / variance become the mean and (biased) variance of conv1's
-    output over the first n clean train batches of the epoch, pooled over images and positions (computed here
-    from the same batches); n = 0 keeps the running statistics; n is capped at the batches of an epoch."""
+    """`recompute_bn_statistics`: bn1's running mean / variance become the mean and (biased)
+    variance of conv1's output over the first n clean train batches of the epoch, pooled over
+    images and positions (computed here from the same batches); n = 0 keeps the running statistics;
+    n is capped at the batches of an epoch."""
     from mixup_transfer.core.constants import IMAGENET_MEAN, IMAGENET_STD
 
     cfg = tiny_cfg(toy_world / "imagenet")

@@ -1,6 +1,7 @@
-"""Vision Transformers: the checkpoint contract (timm's keys), the stage interface (groups of blocks, the class-token
-embedding, the patch tokens as dense features), MultiMix and Dense MultiMix on a ViT by hand, TransMix against the
-official code (tests/fixtures/transmix_official.npz), a pretraining run and the robustness stage on the toy ViT."""
+"""Vision Transformers: the checkpoint contract (timm's keys), the stage interface (groups of
+blocks, the class-token embedding, the patch tokens as dense features), MultiMix and Dense MultiMix
+on a ViT by hand, TransMix against the official code (tests/fixtures/transmix_official.npz), a
+pretraining run and the robustness stage on the toy ViT."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def _save(path, net, arch="vit_tiny_toy"):
     return path
 
 
-# ------------------------------------------------------------------------------------------- checkpoint contract
+# -------------------------------------------------------------------------------------------
+# checkpoint contract
 
 def test_vit_checkpoint_round_trip_keeps_timms_keys_and_the_logits(tmp_path):
     net = _toy()
@@ -78,12 +80,13 @@ def test_wrong_or_mismatched_vit_layouts_are_refused(tmp_path):
     path = _save(tmp_path / "vit.pth", net)
     with pytest.raises(CheckpointError, match="does not fit timm vit_small_patch16_224") as e:
         load_backbone(path, "vit_small_patch16_224")  # 4 blocks of width 96 vs 12 of 384
-    # blocks 4..11 (12 keys each) missing; the 4 blocks' 48 keys, cls_token, pos_embed, the patch projection's 2
-    # and the final norm's 2 mis-shaped
+    # blocks 4..11 (12 keys each) missing; the 4 blocks' 48 keys, cls_token, pos_embed, the patch
+    # projection's 2 and the final norm's 2 mis-shaped
     assert "missing keys: 96 ['blocks.10.attn.proj.bias'" in str(e.value) and "unexpected keys: 0 []" in str(e.value)
     assert "mis-shaped keys: 54 ['blocks.0.attn.proj.bias: checkpoint (96,) vs vit_small_patch16_224 (384,)'" in str(
         e.value)
-    renamed = {k.replace("attn.qkv", "attn.in_proj"): v for k, v in net.state_dict().items()}  # another layout
+    # another layout
+    renamed = {k.replace("attn.qkv", "attn.in_proj"): v for k, v in net.state_dict().items()}
     torch.save(renamed, tmp_path / "renamed.pth")
     layout = r"missing keys: 8 \['blocks.0.attn.qkv.bias'.*\n  unexpected keys: 8 \['blocks.0.attn.in_proj.bias'"
     with pytest.raises(CheckpointError, match=layout):
@@ -101,7 +104,8 @@ def test_wrong_or_mismatched_vit_layouts_are_refused(tmp_path):
         classifier_from_checkpoint(path, num_classes=7)
 
 
-# ------------------------------------------------------------------------------------------- stage interface
+# ------------------------------------------------------------------------------------------- stage
+# interface
 
 def test_the_vit_adapter_splits_blocks_and_reads_the_class_token():
     net = _toy()
@@ -137,13 +141,14 @@ def test_a_copy_of_the_vit_adapter_runs_its_own_network():
 
 
 def test_cls_attention_is_the_attention_timm_applies():
-    """The class row of softmax(q k^T / sqrt(d_h)), averaged over heads: with it and v, timm's Attention output
-    for the class token is reproduced."""
+    """The class row of softmax(q k^T / sqrt(d_h)), averaged over heads: with it and v, timm's
+    Attention output for the class token is reproduced."""
     net = _toy()
     attn = net.blocks[-1].attn
     x = torch.randn(2, 65, 96)
     with torch.no_grad():
-        a_all = torch.stack([cls_attention(attn, x, prefix=0)])[0]  # every column, the class token's own included
+        # every column, the class token's own included
+        a_all = torch.stack([cls_attention(attn, x, prefix=0)])[0]
         qkv = attn.qkv(x).view(2, 65, 3, 3, 32).permute(2, 0, 3, 1, 4)
         full = ((qkv[0] @ qkv[1].transpose(-2, -1)) / 32 ** 0.5).softmax(-1)  # [b, heads, T, T]
         assert torch.allclose(a_all, full[:, :, 0].mean(1), atol=1e-6)
@@ -159,7 +164,8 @@ def test_cls_attention_is_the_attention_timm_applies():
         assert torch.allclose(a, cls_attention(attn, net.blocks[-1].norm1(h)), atol=1e-6)
 
 
-# ------------------------------------------------------------------------------------------- MultiMix on a ViT
+# -------------------------------------------------------------------------------------------
+# MultiMix on a ViT
 
 def _draws(method, b, seed, sets=None):
     g = torch.Generator().manual_seed(seed)
@@ -167,8 +173,8 @@ def _draws(method, b, seed, sets=None):
 
 
 def test_multimix_on_a_vit_mixes_the_class_token_embedding():
-    """H(Y Lambda, softmax(g(Z Lambda))) with Z the class tokens after the final norm (the paper's embedding: the
-    whole network but the classifier, MultiMix A.1)."""
+    """H(Y Lambda, softmax(g(Z Lambda))) with Z the class tokens after the final norm (the paper's
+    embedding: the whole network but the classifier, MultiMix A.1)."""
     net = _toy()
     method = build_method("multimix", ViTStages("vit_tiny_toy", C), C, n=3, prob=1.0)
     method.model.net.load_state_dict(net.state_dict())
@@ -186,8 +192,9 @@ def test_multimix_on_a_vit_mixes_the_class_token_embedding():
 
 
 def test_dense_multimix_on_a_vit_interpolates_the_patch_tokens():
-    """Eqs. (9)-(14) position by position on the patch tokens after the final norm: GAP attention with ReLU and l1,
-    Mhat = diag(a) Lambda normalised per column, mixed tokens and targets, the s-weighted loss."""
+    """Eqs. (9)-(14) position by position on the patch tokens after the final norm: GAP attention
+    with ReLU and l1, Mhat = diag(a) Lambda normalised per column, mixed tokens and targets, the
+    s-weighted loss."""
     net = _toy()
     method = build_method("dense_multimix", ViTStages("vit_tiny_toy", C), C, n=2, prob=1.0)
     method.model.net.load_state_dict(net.state_dict())
@@ -213,11 +220,12 @@ def test_dense_multimix_on_a_vit_interpolates_the_patch_tokens():
     assert torch.allclose(loss.detach(), total / 16, atol=1e-5), (loss, total / 16)
 
 
-# ------------------------------------------------------------------------------------------- TransMix
+# -------------------------------------------------------------------------------------------
+# TransMix
 
 class _Draws:
-    """A host generator that returns the official code's recorded draws, in order (rand -> random, beta, randint ->
-    integers), checking that they are asked for in the official order."""
+    """A host generator that returns the official code's recorded draws, in order (rand -> random,
+    beta, randint -> integers), checking that they are asked for in the official order."""
 
     def __init__(self, names, values):
         self.queue = list(zip(names, values))
@@ -260,8 +268,8 @@ class _AttentionStub(torch.nn.Module):
 
 @pytest.mark.parametrize("k", range(18))
 def test_transmix_equals_the_official_code(k, monkeypatch):
-    """Beckschen/TransMix @ 0e4d31e (Mixup_transmix over timm 0.5.4): the images, the box and the targets of every
-    recorded case, the method fed the official draws."""
+    """Beckschen/TransMix @ 0e4d31e (Mixup_transmix over timm 0.5.4): the images, the box and the
+    targets of every recorded case, the method fed the official draws."""
     d = np.load(FIXTURES / "transmix_official.npz")
     b, size, side, prob = d["cases"][k]
     x, y = torch.from_numpy(d[f"pixels_{k}"]).float() / 255, torch.from_numpy(d[f"y_{k}"])
@@ -282,8 +290,8 @@ def test_transmix_equals_the_official_code(k, monkeypatch):
 
 
 def test_transmix_label_by_hand():
-    """8 x 8 image, 2 x 2 patches, box rows 0..4 and columns 0..4 = the top-left patch: area 1/4; attention
-    [0.1, 0.2, 0.3, 0.4] puts 0.1 of 1.0 there, so lam' = (1/4 + 1/10) / 2 = 0.175."""
+    """8 x 8 image, 2 x 2 patches, box rows 0..4 and columns 0..4 = the top-left patch: area 1/4;
+    attention [0.1, 0.2, 0.3, 0.4] puts 0.1 of 1.0 there, so lam' = (1/4 + 1/10) / 2 = 0.175."""
     box, area = tm.transmix_box(8, 8, 0.75, (2, 2))
     assert box == (0, 4, 0, 4) and area == 0.25
     mask = tm.patch_box_mask(8, 8, box, 2)
@@ -300,14 +308,16 @@ def test_transmix_label_by_hand():
 def test_transmix_refuses_a_network_without_class_attention():
     with pytest.raises(ValueError, match="class-token attention of a Vision Transformer"):
         build_method("transmix", build_resnet("resnet18", C), C)
-    for name in ("alignmix", "alignmix_stage2", "alignmix_ae"):  # and AlignMix a network without a feature map
+    # and AlignMix a network without a feature map
+    for name in ("alignmix", "alignmix_stage2", "alignmix_ae"):
         with pytest.raises(ValueError, match="a ViT's last stage gives tokens"):
             build_method(name, ViTStages("vit_tiny_toy", C), C)
 
 
 VIT_METHODS = ["erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix", "multimix", "dense_multimix",
                "multi_interp", "zeta_mixup", "transmix", "tokenmix", "comixup", "saliencymix", "supermix"]
-# knobs of the one-step case: TokenMix's token grid is the toy ViT's (8 px patches at 32 px), without a teacher
+# knobs of the one-step case: TokenMix's token grid is the toy ViT's (8 px patches at 32 px),
+# without a teacher
 VIT_KNOBS = {"multimix": {"n": 20, "prob": 1.0}, "dense_multimix": {"n": 20, "prob": 1.0},
              "tokenmix": {"labels": "area", "patch_size": 8, "minimum_tokens": 1}, "comixup": {"solver": "swap"},
              "saliencymix": {"prob": 1.0}, "supermix": {"max_iter": 2, "mask_w": 4}}
@@ -321,8 +331,8 @@ def test_the_cases_cover_every_method_but_alignmix():
 
 @pytest.mark.parametrize("name", VIT_METHODS)
 def test_every_method_steps_on_the_toy_vit(name):
-    """One step of each method on the toy ViT at 32 px: finite non-zero gradients at both ends (the patch embedding,
-    the last block) and, with the same draws, a lower loss after the step."""
+    """One step of each method on the toy ViT at 32 px: finite non-zero gradients at both ends (the
+    patch embedding, the last block) and, with the same draws, a lower loss after the step."""
     torch.manual_seed(0)
     m = build_method(name, ViTStages("vit_tiny_toy", C), C, **VIT_KNOBS.get(name, {}))
     if m.needs_teacher:  # SuperMix: a frozen toy ViT as its teacher
@@ -345,12 +355,13 @@ def test_every_method_steps_on_the_toy_vit(name):
     assert losses[1] < losses[0], losses
 
 
-# ------------------------------------------------------------------------------------------- stages end to end
+# -------------------------------------------------------------------------------------------
+# stages end to end
 
 @pytest.mark.slow
 def test_a_pretraining_step_of_erm_on_the_toy_vit_and_robustness_on_it(toy_world, tmp_path):
-    """One epoch of ERM (AdamW) on the toy ViT; its backbone.pth loads back into timm's network and the robustness
-    stage evaluates it (clean accuracy equals the network's own predictions)."""
+    """One epoch of ERM (AdamW) on the toy ViT; its backbone.pth loads back into timm's network and
+    the robustness stage evaluates it (clean accuracy equals the network's own predictions)."""
     from pretrain.task import run
     from transfer.robustness import evaluate_checkpoint
 
@@ -382,7 +393,8 @@ def test_a_pretraining_step_of_erm_on_the_toy_vit_and_robustness_on_it(toy_world
         assert feats.shape == (2, 96, 4, 4) and torch.allclose(logits, model(x), atol=1e-6)
 
 
-# ------------------------------------------------------------------------------------------- pipeline and ablation
+# -------------------------------------------------------------------------------------------
+# pipeline and ablation
 
 def _pipeline_cfg(name: str, **extra) -> dict:
     import yaml
@@ -412,7 +424,8 @@ def test_the_resnet_pipeline_takes_transmix_by_name_and_refuses_its_vit_downstre
     from mixup_transfer.pipeline.run import Pipeline
 
     with pytest.raises(ConfigError, match="'transmix' pretrains a Vision Transformer .*configs/pipeline/toy_vit.yaml"):
-        Pipeline(_pipeline_cfg("toy.yaml"), methods=["transmix"])  # configs/pretrain/toy_transmix.yaml is found
+        # configs/pretrain/toy_transmix.yaml is found
+        Pipeline(_pipeline_cfg("toy.yaml"), methods=["transmix"])
     plan = Pipeline(_pipeline_cfg("toy.yaml", detection=[], wsol=None), methods=["transmix"]).plan()
     assert [s.label for s in plan] == ["transmix/pretrain", "transmix/robustness"]
     assert plan[0].spec["config"]["model"]["arch"] == "vit_tiny_toy"

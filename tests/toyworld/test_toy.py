@@ -1,4 +1,5 @@
-"""The toy world: determinism, exact boxes, and the real on-disk formats (tiny preset, generated once)."""
+"""The toy world: determinism, exact boxes, and the real on-disk formats (tiny preset, generated
+once)."""
 
 import csv
 import hashlib
@@ -65,11 +66,13 @@ def _jpeg_hw(path: Path):
     return img.shape[:2]
 
 
-# ---------------------------------------------------------------------------------------------- rendering
+# ----------------------------------------------------------------------------------------------
+# rendering
 
 
 def test_square_box_hand_computed():
-    # square half-side 0.85 * 20 = 17 around (50, 40): pixel columns 33..67, rows 23..57 -> 35 x 35 pixels
+    # square half-side 0.85 * 20 = 17 around (50, 40): pixel columns 33..67, rows 23..57 -> 35 x 35
+    # pixels
     rng = np.random.default_rng(0)
     spec = dict(cls=toy.IMAGENET_CLASSES[2], center=(50, 40), radius=20, angle=0.0, aspect=1.0)
     img, (obj,) = toy.render_scene(rng, (80, 100), [spec])
@@ -125,7 +128,8 @@ def test_same_rng_same_image():
 
 
 def test_vocabulary_not_separable_by_colour_alone():
-    # every colour of the ImageNet world is shared by two classes; one pair shares shape and colour too
+    # every colour of the ImageNet world is shared by two classes; one pair shares shape and colour
+    # too
     colours = [c.colour for c in toy.IMAGENET_CLASSES]
     assert all(colours.count(c) >= 2 for c in colours)
     combos = [(c.shape, c.colour) for c in toy.IMAGENET_CLASSES]
@@ -138,12 +142,14 @@ def test_vocabulary_not_separable_by_colour_alone():
     )
 
 
-# ---------------------------------------------------------------------------------------------- determinism
+# ----------------------------------------------------------------------------------------------
+# determinism
 
 
 def test_deterministic_for_a_seed(world, tmp_path):
     out, _ = world
-    # second run through the CLI, with the default number of workers (2 processes): byte-identical files
+    # second run through the CLI, with the default number of workers (2 processes): byte-identical
+    # files
     again = tmp_path / "toy_b"
     res = subprocess.run(
         [
@@ -184,7 +190,8 @@ def test_refuses_to_overwrite_foreign_data(tmp_path):
     assert (tmp_path / "imagenet").is_dir()
 
 
-# ---------------------------------------------------------------------------------------------- layouts
+# ----------------------------------------------------------------------------------------------
+# layouts
 
 
 def test_imagenet_layout(world):
@@ -241,7 +248,8 @@ def test_imagenet_boxes_equal_regenerated_masks(world):
         assert (h, w) == img.shape[:2]
         for o, x in zip(objs, xml_objs, strict=True):
             ys, xs = np.nonzero(o.mask)
-            assert x["box"] == (xs.min() + 1, ys.min() + 1, xs.max() + 1, ys.max() + 1)  # 1-based inclusive
+            # 1-based inclusive
+            assert x["box"] == (xs.min() + 1, ys.min() + 1, xs.max() + 1, ys.max() + 1)
         # the JPEG on disk is the rendered image (up to compression)
         disk = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB).astype(float)
         assert np.abs(disk - img).mean() < 6

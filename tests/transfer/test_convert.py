@@ -1,4 +1,5 @@
-"""Backbone -> detectron2 conversion: exact features in a detectron2-named ResNet, config/weights checks."""
+"""Backbone -> detectron2 conversion: exact features in a detectron2-named ResNet, config/weights
+checks."""
 
 import copy
 import importlib.util
@@ -253,7 +254,8 @@ def test_generated_configs_are_right_and_checks_catch_traps(tmp_path):
         check_detectron2_config(tmp_path / "child.yaml")
 
 
-# Keys of detectron2/config/defaults.py that the generated configs may use (yacs rejects unknown keys).
+# Keys of detectron2/config/defaults.py that the generated configs may use (yacs rejects unknown
+# keys).
 D2_KEYS = {
     "VERSION", "MODEL.META_ARCHITECTURE", "MODEL.WEIGHTS", "MODEL.MASK_ON", "MODEL.PIXEL_MEAN",
     "MODEL.PIXEL_STD",
@@ -287,7 +289,8 @@ def test_generated_configs_use_only_detectron2_keys(tmp_path, arch):
 
 def test_r18_configs_need_res2_64_and_no_c4(tmp_path):
     paths = detectron2_configs(tmp_path, tmp_path / "w.pkl", "resnet18")
-    # detectron2's C4 head builds bottleneck res5 blocks: VOC gets detectron2's VOC FPN recipe instead
+    # detectron2's C4 head builds bottleneck res5 blocks: VOC gets detectron2's VOC FPN recipe
+    # instead
     assert list(paths) == ["voc_resnet18_FPN_18k", "coco_resnet18_FPN_1x"]
     voc = yaml.safe_load(paths["voc_resnet18_FPN_18k"].read_text())
     assert voc["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] == 20 and voc["SOLVER"]["MAX_ITER"] == 18000
@@ -336,8 +339,8 @@ def test_convert_files_from_a_foreign_layout_and_cli(tmp_path, capsys):
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_detectron2_loads_converted_weights(tmp_path, arch):
     """Every generated config builds in detectron2, the .pkl loads with only the heads missing (no
-    unexpected or mis-shaped key), and res2..res5 through detectron2's own preprocessing equal torchvision's
-    layer1..4 on the same image."""
+    unexpected or mis-shaped key), and res2..res5 through detectron2's own preprocessing equal
+    torchvision's layer1..4 on the same image."""
     pytest.importorskip("detectron2")
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
@@ -372,7 +375,8 @@ def test_detectron2_loads_converted_weights(tmp_path, arch):
                 got = model.backbone.bottom_up(x)
             else:
                 got = {"res4": model.backbone(x)["res4"]}
-                got["res5"] = model.roi_heads.res5[:-1](got["res4"])  # without MoCo's extra norm (missing)
+                # without MoCo's extra norm (missing)
+                got["res5"] = model.roi_heads.res5[:-1](got["res4"])
         for k, v in got.items():  # float32 reassociation only: relative to the feature's scale
             assert v.shape == want[k].shape
             assert float((v - want[k]).abs().max()) <= 1e-5 * float(want[k].abs().max()), (name, k)

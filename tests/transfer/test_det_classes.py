@@ -1,4 +1,5 @@
-"""User-defined class lists for VOC-layout detection data (`data.classes`; default the 20 VOC classes)."""
+"""User-defined class lists for VOC-layout detection data (`data.classes`; default the 20 VOC
+classes)."""
 
 import importlib.util
 from pathlib import Path
@@ -25,7 +26,8 @@ def test_labels_follow_the_configured_class_order(toy_world):
     assert ctx["classes"] == tuple(classes) and ctx["num_classes"] == 21
     _, target = test[0]
     names = [o["name"] for o in test.annotations[test.ids[0]]["objects"]]
-    assert target["labels"].tolist() == [classes.index(n) + 1 for n in names]  # label k = classes[k - 1]
+    # label k = classes[k - 1]
+    assert target["labels"].tolist() == [classes.index(n) + 1 for n in names]
     default = tvb.build_datasets(_cfg(toy_world, None))[2]
     assert default["classes"] == VOC_CLASSES
 

@@ -92,15 +92,18 @@ ANN = {
     "im4": {"objects": []},
 }
 CLASSES = ("cat", "dog")
-# Ranked: TP, (difficult: ignored), (difficult duplicate: ignored), FP (duplicate), TP, FP (no overlap), TP.
-# Only non-ignored: TP FP TP FP TP with npos 4 -> recall .25 .25 .5 .5 .75, precision 1 .5 2/3 .5 .6
+# Ranked: TP, (difficult: ignored), (difficult duplicate: ignored), FP (duplicate), TP, FP (no
+# overlap), TP.
+# Only non-ignored: TP FP TP FP TP with npos 4 -> recall .25 .25 .5 .5 .75, precision 1 .5 2/3 .5
+# .6
 DETS = {
     "cat": [("im1", 0.9, (1, 1, 10, 10)), ("im3", 0.86, (50, 50, 70, 70)), ("im3", 0.85, (51, 51, 70, 70)),
             ("im1", 0.8, (1, 1, 10, 10)), ("im2", 0.7, (5, 5, 30, 30)), ("im4", 0.6, (1, 1, 50, 50)),
             ("im3", 0.5, (10, 10, 20, 20))],
     "dog": [("im1", 0.9, (1, 1, 10, 10))],
 }
-AP_11 = 100 * (3 * 1 + 3 * 2 / 3 + 2 * 0.6) / 11       # t=0..0.2 -> 1, 0.3..0.5 -> 2/3, 0.6..0.7 -> .6
+# t=0..0.2 -> 1, 0.3..0.5 -> 2/3, 0.6..0.7 -> .6
+AP_11 = 100 * (3 * 1 + 3 * 2 / 3 + 2 * 0.6) / 11
 AP_AREA = 100 * (0.25 * 1 + 0.25 * 2 / 3 + 0.25 * 0.6)  # envelope over recall steps of .25
 
 
@@ -135,15 +138,16 @@ def test_voc_difficult_counted_wrongly_would_change_ap():
     ann = {k: {"objects": [dict(o, difficult=False) if o["bbox"] == (50, 50, 70, 70) else o
                            for o in v["objects"]]}
            for k, v in ANN.items()}
-    out = voc_evaluate(DETS, ann, CLASSES)  # now the box counts: 5 positives, the 0.86 detection is a TP
+    # now the box counts: 5 positives, the 0.86 detection is a TP
+    out = voc_evaluate(DETS, ann, CLASSES)
     assert out["AP"]["cat"] != pytest.approx(AP_11)
     assert out["AP"]["cat"] == pytest.approx(devkit_ap(DETS["cat"], ann, "cat", "11point"), abs=1e-10)
 
 
 def test_voc_iou_uses_inclusive_pixels_and_ge_threshold():
     ann = {"a": {"objects": [obj("cat", (1, 1, 10, 10))]}}
-    # +1 areas: GT 10x10=100, det 10x5=50, inter 50, union 100 -> IoU exactly 0.5 -> TP (devkit: >=).
-    # Without the +1 it would be 9*4/81 = 0.44 -> FP.
+    # +1 areas: GT 10x10=100, det 10x5=50, inter 50, union 100 -> IoU exactly 0.5 -> TP (devkit:
+    # >=). Without the +1 it would be 9*4/81 = 0.44 -> FP.
     half = voc_evaluate({"cat": [("a", 1.0, (1, 1, 10, 5))]}, ann, ("cat",))
     assert half["AP"]["cat"] == pytest.approx(100.0)
     below = voc_evaluate({"cat": [("a", 1.0, (1, 1, 10, 4))]}, ann, ("cat",))  # IoU 0.4
@@ -250,11 +254,13 @@ def test_voc_bad_result_lines_name_file_and_line(voc_tree, line, match):
 
 
 def test_voc_sub_pixel_reversed_boxes_are_scored_like_the_devkit(tmp_path, caplog):
-    # detectron2 writes x0 + 1 .. x1: a box under one pixel wide has xmax < xmin; the devkit scores it with
-    # width xmax - xmin + 1 and an overlap only where iw, ih > 0
+    # detectron2 writes x0 + 1 .. x1: a box under one pixel wide has xmax < xmin; the devkit scores
+    # it with width xmax - xmin + 1 and an overlap only where iw, ih > 0
     ann = {"a": {"objects": [obj("cat", (3, 3, 3, 3)), obj("cat", (20, 20, 29, 29))]}}
-    dets = {"cat": [("a", 0.9, (3.2, 3.0, 3.0, 3.0)),     # 0.8 x 1 in a 1-pixel box: IoU 0.8 / 1, a TP
-                    ("a", 0.8, (25.0, 20.0, 23.5, 29.0)),  # reversed by 1.5: iw = -0.5, no overlap: FP
+    # 0.8 x 1 in a 1-pixel box: IoU 0.8 / 1, a TP
+    dets = {"cat": [("a", 0.9, (3.2, 3.0, 3.0, 3.0)),
+                    # reversed by 1.5: iw = -0.5, no overlap: FP
+                    ("a", 0.8, (25.0, 20.0, 23.5, 29.0)),
                     ("a", 0.7, (20.0, 20.0, 29.0, 29.0))]}  # TP
     # recall .5 .5 1, precision 1 .5 2/3: 11-point t=0..0.5 -> 1, t=0.6..1 -> 2/3
     want = 100 * (6 * 1 + 5 * 2 / 3) / 11
@@ -317,7 +323,8 @@ def test_coco_perfect_detections(backend):
     assert list(stats) == list(STAT_NAMES)
     for k in ("AP", "AP50", "AP75", "APs", "APm", "AR1", "AR10", "AR100", "ARs", "ARm"):
         assert stats[k] == pytest.approx(100.0), k
-    assert stats["APl"] is None and stats["ARl"] is None  # no large ground truth: no value (pycocotools' -1)
+    # no large ground truth: no value (pycocotools' -1)
+    assert stats["APl"] is None and stats["ARl"] is None
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -328,15 +335,16 @@ def test_coco_hand_computed_precision_recall(backend):
            det(2, 3, [50, 50, 50, 50], 0.7),       # TP
            det(3, 7, [20, 30, 40, 60], 0.6)]       # TP, the only "dog"
     stats = coco_evaluate(gt, res, backend=backend, per_category=True)
-    # cat, at every IoU: recall .5 (p 1), .5 (p .5), 1 (p 2/3); envelope 1 on recall 0..0.5 (51 of the
-    # 101 recall points) and 2/3 on 0.51..1 (50 points) -> (51 + 50 * 2/3) / 101 = 253/303; dog 1.
+    # cat, at every IoU: recall .5 (p 1), .5 (p .5), 1 (p 2/3); envelope 1 on recall 0..0.5 (51 of
+    # the 101 recall points) and 2/3 on 0.51..1 (50 points) -> (51 + 50 * 2/3) / 101 = 253/303; dog
+    # 1.
     cat_ap = 253 / 303
     assert stats["per_category"] == {"cat": pytest.approx(100 * cat_ap), "dog": pytest.approx(100.0)}
     assert stats["AP"] == pytest.approx(100 * (cat_ap + 1) / 2)
     assert stats["AP50"] == stats["AP75"] == pytest.approx(stats["AP"])
     assert stats["APs"] == pytest.approx(100.0)          # cat small: one GT, one TP at 0.9 first
-    # medium: cat's medium GT (img 2) is preceded by the medium-size FP? The FP is 30x30 = 900 -> small
-    # and unmatched, so it is ignored in the medium range: cat medium AP = dog medium AP = 1.
+    # medium: cat's medium GT (img 2) is preceded by the medium-size FP? The FP is 30x30 = 900 ->
+    # small and unmatched, so it is ignored in the medium range: cat medium AP = dog medium AP = 1.
     assert stats["APm"] == pytest.approx(100.0)
     # AR1: image 2's top detection is the FP -> cat recall 1/2 with one detection per image; dog 1.
     assert stats["AR1"] == pytest.approx(100 * (0.5 + 1) / 2)
@@ -400,7 +408,8 @@ def test_coco_cli(tmp_path):
                           capture_output=True, text=True, check=True)
     printed = json.loads(proc.stdout)
     assert printed["AP"] == pytest.approx(100.0) and printed["APl"] is None
-    assert printed["units"]["AP"] == "%" and printed["units"]["AR100"] == "%"  # percent, not pycocotools' fraction
+    # percent, not pycocotools' fraction
+    assert printed["units"]["AP"] == "%" and printed["units"]["AR100"] == "%"
 
 
 def test_bench_reference_loop_agrees_on_synthetic_voc():
@@ -414,7 +423,8 @@ def test_bench_reference_loop_agrees_on_synthetic_voc():
 
 
 def test_toy_world_ground_truth_as_detections_scores_100(toy_world, tmp_path):
-    """The readers agree with the toy world's real layouts: its own boxes score 100 (VOC and COCO)."""
+    """The readers agree with the toy world's real layouts: its own boxes score 100 (VOC and
+    COCO)."""
     from mixup_transfer.core.constants import VOC_CLASSES
     from transfer.voc_eval import load_voc_annotations
 
@@ -444,9 +454,9 @@ def test_toy_world_ground_truth_as_detections_scores_100(toy_world, tmp_path):
 
 
 def _toy_detections(dicts, n_classes, seed=0):
-    """Per image: each ground-truth box jittered, one sub-pixel box (xmax < xmin once written in VOC's
-    inclusive coordinates) and two random boxes; distinct scores at 3 decimals (detectron2's VOC files
-    round to them and its sort is not stable)."""
+    """Per image: each ground-truth box jittered, one sub-pixel box (xmax < xmin once written in
+    VOC's inclusive coordinates) and two random boxes; distinct scores at 3 decimals (detectron2's
+    VOC files round to them and its sort is not stable)."""
     import torch
     from detectron2.structures import Boxes, BoxMode, Instances
 
@@ -494,16 +504,19 @@ def test_detectron2_evaluators_give_our_numbers_on_the_same_detections(toy_world
     ev.reset()
     for inp, out in _toy_detections(DatasetCatalog.get(name), len(VOC_CLASSES)):
         ev.process([inp], [out])
-    lines = {VOC_CLASSES[c]: ls for c, ls in ev._predictions.items()}  # the lines of its result files
+    # the lines of its result files
+    lines = {VOC_CLASSES[c]: ls for c, ls in ev._predictions.items()}
     theirs = ev.evaluate()["bbox"]
     dets = {c: [(p[0], float(p[1]), tuple(map(float, p[2:]))) for p in (ln.split() for ln in ls)]
             for c, ls in lines.items()}
-    assert sum(x[2][2] < x[2][0] for d in dets.values() for x in d) > 0  # sub-pixel boxes are in there
+    # sub-pixel boxes are in there
+    assert sum(x[2][2] < x[2][0] for d in dets.values() for x in d) > 0
     ann = load_voc_annotations(toy_world / "VOCdevkit", "2007", "test")
     with caplog.at_level("WARNING", logger="transfer.voc_eval"):
         ours = {t: voc_evaluate(dets, ann, VOC_CLASSES, "11point", iou=t / 100) for t in range(50, 100, 5)}
     assert "have xmax < xmin" in caplog.text
-    # a class without ground truth in the split: AP None for us (left out of our mAP), 0 in detectron2's mean
+    # a class without ground truth in the split: AP None for us (left out of our mAP), 0 in
+    # detectron2's mean
     assert any(v is None for v in ours[50]["AP"].values())
 
     def as_devkit(res):

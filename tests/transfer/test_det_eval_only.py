@@ -1,5 +1,5 @@
-"""`tools/run_detection.py --eval-only`: a trained detector's checkpoint scored without training gives the
-numbers its run reported."""
+"""`tools/run_detection.py --eval-only`: a trained detector's checkpoint scored without training
+gives the numbers its run reported."""
 
 import importlib.util
 import json

@@ -143,7 +143,8 @@ def test_ssd_default_box_counts():
         feats = model.eval().backbone(torch.zeros(1, 3, 300, 300))
     assert [tuple(f.shape[1:]) for f in feats.values()] == [
         (1024, 38, 38), (512, 19, 19), (512, 10, 10), (256, 5, 5), (256, 3, 3), (256, 1, 1)]
-    # SSD512: 64^2*4 + 32^2*6 + 16^2*6 + 8^2*6 + 4^2*6 + 2^2*4 + 1*4 = 24564; toy 128 px: 16, 8, 4, 2, 1
+    # SSD512: 64^2*4 + 32^2*6 + 16^2*6 + 8^2*6 + 4^2*6 + 2^2*4 + 1*4 = 24564; toy 128 px: 16, 8, 4,
+    # 2, 1
     assert ssd_plan(512)["fmap_sizes"] == [64, 32, 16, 8, 4, 2, 1]
     plan = ssd_plan(128)
     assert plan["fmap_sizes"] == [16, 8, 4, 2, 1]
@@ -238,9 +239,9 @@ def test_rcnn_resize_shape():
 
 
 def _first_location_sizes(size, aspect_ratios, fmap_sizes, scales, steps):
-    """(w, h) in pixels of the default boxes at the first location of every level, from torchvision's
-    DefaultBoxGenerator run on zero feature maps of the plan's sizes (level k's boxes start after the
-    boxes of levels < k, row-major over locations)."""
+    """(w, h) in pixels of the default boxes at the first location of every level, from
+    torchvision's DefaultBoxGenerator run on zero feature maps of the plan's sizes (level k's boxes
+    start after the boxes of levels < k, row-major over locations)."""
     from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
     from torchvision.models.detection.image_list import ImageList
 
@@ -259,7 +260,8 @@ def _first_location_sizes(size, aspect_ratios, fmap_sizes, scales, steps):
 
 
 # The SSD reference VOC configs: (min sizes, max sizes, aspect ratios) per level, in pixels.
-# 300: amdegroot/ssd.pytorch data/config.py `voc` (= Caffe ssd_pascal.py); 512: Caffe ssd_pascal_512.py.
+# 300: amdegroot/ssd.pytorch data/config.py `voc` (= Caffe ssd_pascal.py); 512: Caffe
+# ssd_pascal_512.py.
 SSD_VOC_REFERENCE = {
     300: ([30, 60, 111, 162, 213, 264], [60, 111, 162, 213, 264, 315],
           [[2], [2, 3], [2, 3], [2, 3], [2], [2]]),
@@ -275,7 +277,8 @@ def test_ssd_voc_default_box_sizes_equal_the_reference_configs(size):
     assert plan["aspect_ratios"] == ars
     got = _first_location_sizes(size, plan["aspect_ratios"], plan["fmap_sizes"], plan["scales"], plan["steps"])
     for k, (lo, hi, ar) in enumerate(zip(mins, maxs, ars)):
-        # boxes of side min and sqrt(min * max), and min * sqrt(a) x min / sqrt(a) both ways, clipped to the image
+        # boxes of side min and sqrt(min * max), and min * sqrt(a) x min / sqrt(a) both ways,
+        # clipped to the image
         want = [(lo, lo), (np.sqrt(lo * hi), np.sqrt(lo * hi))]
         for a in ar:
             want += [(lo * np.sqrt(a), lo / np.sqrt(a)), (lo / np.sqrt(a), lo * np.sqrt(a))]

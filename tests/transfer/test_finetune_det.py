@@ -160,7 +160,8 @@ def test_detectron2_backend_without_detectron2_says_how_to_install(toy_world, ba
         pytest.skip("detectron2 is installed")
     cfg = _cfg(toy_world)
     cfg["backend"] = "detectron2"
-    with pytest.raises(d2_backend.Detectron2BackendError, match="from source"):  # an exception, not SystemExit
+    # an exception, not SystemExit
+    with pytest.raises(d2_backend.Detectron2BackendError, match="from source"):
         stage.finetune_detector(cfg, str(backbone), tmp_path / "d2")
 
 
@@ -195,14 +196,16 @@ def _d2_cfg(toy_world, fmt="voc", **over):
 def test_d2_datasets_use_the_toolkits_own_names_and_real_classes(toy_world):
     specs = d2_backend.dataset_specs(_d2_cfg(toy_world, "voc", data__voc_train=["2007/trainval", "2012/trainval"],
                                              data__max_train=40))
-    # the prefix of the concatenation, like the torchvision backend's Subset of the ConcatDataset: 30 + 10
+    # the prefix of the concatenation, like the torchvision backend's Subset of the ConcatDataset:
+    # 30 + 10
     assert [(s["name"], len(s["ids"])) for s in specs["train"]] == [("mt_voc_2007_trainval_first30", 30),
                                                                     ("mt_voc_2012_trainval_first10", 10)]
     assert specs["test"]["name"] == "mt_voc_2007_test_first6" and specs["test"]["year"] == 2007
     assert specs["classes"] == list(VOC_CLASSES)
     coco = d2_backend.dataset_specs(_d2_cfg(toy_world, "coco", data__max_train=None, data__max_val=None))
     ds = COCODetection(toy_world / "coco" / "val2017", toy_world / "coco" / "annotations" / "instances_val2017.json")
-    assert coco["classes"] == list(ds.classes) and len(coco["classes"]) == 20  # the json's, not COCO's 80
+    # the json's, not COCO's 80
+    assert coco["classes"] == list(ds.classes) and len(coco["classes"]) == 20
     assert coco["train"][0]["name"] == "mt_coco_train2017" and coco["test"]["name"] == "mt_coco_val2017"
     assert coco["test"]["id_map"] == {c: i for i, c in enumerate(ds.cat_ids)}
 
@@ -231,7 +234,8 @@ def test_d2_config_maps_every_toolkit_override(toy_world):
     assert mapped["optim.epochs"] == "SOLVER.MAX_ITER=21"
     from transfer.convert import detectron2_config_problems
     assert detectron2_config_problems(d2, "resnet18") == []
-    # max_iter wins over epochs; defaults are mapped too, resolved like transfer.detection.models resolves them
+    # max_iter wins over epochs; defaults are mapped too, resolved like transfer.detection.models
+    # resolves them
     cfg = _d2_cfg(toy_world, optim__max_iter=40)
     _, d2, _ = d2_backend.build_detectron2_config(cfg, "/x/w.pkl", d2_backend.dataset_specs(cfg), n_train=60,
                                                   device="cuda")
@@ -241,7 +245,8 @@ def test_d2_config_maps_every_toolkit_override(toy_world):
     assert d2["MODEL"]["DEVICE"] == "cuda"
     # norm auto + trainable_layers null with a pretrained trunk: FrozenBN, 3 trainable stages
     assert d2["MODEL"]["RESNETS"]["NORM"] == "FrozenBN" and d2["MODEL"]["BACKBONE"]["FREEZE_AT"] == 2
-    # the toolkit's R50-C4 recipe file gives detectron2 MoCo's schedule: 24k at 16 on 8 processes, SyncBN
+    # the toolkit's R50-C4 recipe file gives detectron2 MoCo's schedule: 24k at 16 on 8 processes,
+    # SyncBN
     from mixup_transfer.core.config import load_config
     cfg = load_config(ROOT / "configs" / "detection" / "frcnn_r50_c4_voc0712.yaml",
                       ["backend=detectron2", f"data.root={toy_world / 'VOCdevkit'}", "runtime.precision=fp16"],
@@ -250,7 +255,8 @@ def test_d2_config_maps_every_toolkit_override(toy_world):
                                                      n_train=16551, device="cuda")
     assert kind == "C4" and d2["MODEL"]["ROI_HEADS"]["NAME"] == "Res5ROIHeadsExtraNorm"
     assert d2["SOLVER"]["IMS_PER_BATCH"] == 16 and d2["SOLVER"]["MAX_ITER"] == 24000
-    assert d2["SOLVER"]["STEPS"] == [18000, 22000] and d2["SOLVER"]["BASE_LR"] == 0.02  # MoCo: 18k, 22k of 24k
+    # MoCo: 18k, 22k of 24k
+    assert d2["SOLVER"]["STEPS"] == [18000, 22000] and d2["SOLVER"]["BASE_LR"] == 0.02
     assert d2["MODEL"]["RESNETS"]["NORM"] == "SyncBN" and d2["MODEL"]["BACKBONE"]["FREEZE_AT"] == 0
     assert d2["INPUT"]["MIN_SIZE_TEST"] == 800 and d2["SOLVER"]["AMP"]["ENABLED"] is True
 
@@ -275,7 +281,8 @@ def test_d2_config_refuses_what_it_cannot_honour(toy_world, over, match):
 
 
 def test_nonfinite_boxes_and_scores_are_counted_and_stop_by_hand():
-    """The one check both backends run on their predictions: 1 NaN + 1 inf box value, 1 NaN score."""
+    """The one check both backends run on their predictions: 1 NaN + 1 inf box value, 1 NaN
+    score."""
     from mixup_transfer.core.runtime import NonFiniteOutputError
 
     nan, inf = float("nan"), float("inf")
@@ -293,8 +300,9 @@ def test_nonfinite_boxes_and_scores_are_counted_and_stop_by_hand():
 
 
 def test_a_refused_detectron2_resume_changes_nothing_on_disk(toy_world, tmp_path):
-    """Another config (or backbone) in a detectron2 run folder is refused before anything is written; the keys
-    a resume may change, and more seeds, are accepted. Runs without detectron2: the check comes first."""
+    """Another config (or backbone) in a detectron2 run folder is refused before anything is
+    written; the keys a resume may change, and more seeds, are accepted. Runs without detectron2:
+    the check comes first."""
     from mixup_transfer.core.fingerprint import FingerprintMismatch
 
     weights = tmp_path / "backbone.pth"
@@ -315,8 +323,9 @@ def test_a_refused_detectron2_resume_changes_nothing_on_disk(toy_world, tmp_path
 
 
 def test_allow_pickle_reaches_the_processes_that_num_gpus_spawns(tmp_path, monkeypatch, run):
-    """detectron2's launch (faked: each "process" starts with nothing trusted, as a spawned one does) gets the
-    checkpoint named with --allow-pickle trusted again in every process; without the flag in none."""
+    """detectron2's launch (faked: each "process" starts with nothing trusted, as a spawned one
+    does) gets the checkpoint named with --allow-pickle trusted again in every process; without the
+    flag in none."""
     import os
     import sys
     import types
@@ -374,7 +383,8 @@ def test_d2_toy_voc_end_to_end_two_seeds_one_evaluation_and_resume(toy_world, ba
     real = d2eval.inference_on_dataset
     counted = lambda *a, **k: calls.append(1) or real(*a, **k)  # noqa: E731
     monkeypatch.setattr(d2eval, "inference_on_dataset", counted)
-    monkeypatch.setattr(d2defaults, "inference_on_dataset", counted)  # DefaultTrainer.test (the EvalHook's)
+    # DefaultTrainer.test (the EvalHook's)
+    monkeypatch.setattr(d2defaults, "inference_on_dataset", counted)
     cfg = _tiny_d2(toy_world, "voc", seeds=[0, 1])
     m = stage.finetune_detector(cfg, str(backbone), tmp_path / "run")
     assert len(calls) == 2  # one evaluation per seed: no EvalHook + test
@@ -391,7 +401,8 @@ def test_d2_toy_voc_end_to_end_two_seeds_one_evaluation_and_resume(toy_world, ba
     assert d2yaml["DATASETS"]["TRAIN"] == ["mt_voc_2007_trainval_first4"]
     assert len(list((tmp_path / "run" / "seed_1" / "eval" / "voc_results").glob("comp4_det_test_*.txt"))) == 20
     assert (tmp_path / "run" / "figures" / "detections.png").is_file()
-    # a rerun skips finished seeds; a seed without metrics.json resumes from detectron2's last checkpoint
+    # a rerun skips finished seeds; a seed without metrics.json resumes from detectron2's last
+    # checkpoint
     (tmp_path / "run" / "seed_1" / "metrics.json").unlink()
     again = stage.finetune_detector(cfg, str(backbone), tmp_path / "run")
     assert len(calls) == 3 and again["per_seed"][0] == m["per_seed"][0]
@@ -423,4 +434,5 @@ def test_d2_toy_coco_end_to_end_and_cli(toy_world, backbone, tmp_path, capsys):
     assert cli.main(["--config", str(cfg_path), "--weights", str(backbone), "--run-dir", str(tmp_path / "bad"),
                      "runtime.precision=bf16"]) == 2
     assert "bf16" in capsys.readouterr().err
-    assert not (tmp_path / "bad").exists()  # refused before anything is written: nothing blocks a rerun
+    # refused before anything is written: nothing blocks a rerun
+    assert not (tmp_path / "bad").exists()

@@ -37,7 +37,8 @@ from transfer.robustness.ood import (
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-# ---------------------------------------------------------------- a tiny ImageNet-layout folder (PNG, exact)
+# ---------------------------------------------------------------- a tiny ImageNet-layout folder
+# (PNG, exact)
 
 
 def _xml(path: Path, w: int, h: int, boxes, wnid: str) -> None:
@@ -49,7 +50,8 @@ def _xml(path: Path, w: int, h: int, boxes, wnid: str) -> None:
 
 @pytest.fixture()
 def tiny_val(tmp_path):
-    """2 classes x 3 val PNGs of random pixels (various sizes), one or two boxes each (1-based XML)."""
+    """2 classes x 3 val PNGs of random pixels (various sizes), one or two boxes each (1-based
+    XML)."""
     rng = np.random.default_rng(0)
     root = tmp_path / "imagenet"
     (root / "val_boxes").mkdir(parents=True)
@@ -71,7 +73,8 @@ def tiny_val(tmp_path):
 
 
 def test_foreground_mask_covers_every_touched_pixel():
-    m = foreground_mask(4, 6, np.array([[1.5, 0.2, 3.0, 2.0], [5.0, 3.0, 5.0, 4.0]]))  # 2nd box: no area
+    # 2nd box: no area
+    m = foreground_mask(4, 6, np.array([[1.5, 0.2, 3.0, 2.0], [5.0, 3.0, 5.0, 4.0]]))
     expected = torch.zeros(4, 6, dtype=torch.bool)
     expected[0:2, 1:3] = True
     assert torch.equal(m, expected)
@@ -121,7 +124,8 @@ def test_resize_crop_boxes_follow_by_hand():
     img[:, 2:8, 4:10] = 1.0  # box x0=4, y0=2, x1=10, y1=8
     out, boxes = resize_crop(img, np.array([[4, 2, 10, 8], [25, 0, 30, 5]]), resize=40, crop=40)
     assert out.shape == (3, 40, 40)
-    # box 1: [8, 4, 20, 16] - [10, 0] -> [-2, 4, 10, 16] clipped; box 2: [50, ...] - 10 = [40, ..] outside
+    # box 1: [8, 4, 20, 16] - [10, 0] -> [-2, 4, 10, 16] clipped; box 2: [50, ...] - 10 = [40, ..]
+    # outside
     np.testing.assert_allclose(boxes, [[0, 4, 10, 16]])
     assert out[:, 5:15, 0:9].min() > 0.99 and out[:, 5:15, 11:].max() < 0.01
 
@@ -139,7 +143,8 @@ def test_valset_corruption_at_eval_resolution(tiny_val):
             assert fg.any() and (~fg).any()
             assert torch.equal(x[:, fg], c_img[:, fg])          # every box pixel unchanged
             assert (x[:, ~fg] != c_img[:, ~fg]).float().mean() > 0.9  # the background changed
-            if corr == "replace":  # the background is the other image's, resized + cropped the same way
+            # the background is the other image's, resized + cropped the same way
+            if corr == "replace":
                 j = partner_index(i, 6, seed=1)
                 assert j != i
                 assert torch.equal(x[:, ~fg], clean[j][0][:, ~fg])
@@ -187,7 +192,8 @@ def test_bad_input_errors(tiny_val, tmp_path):
 def test_ece_oe_by_hand():
     conf = [0.95, 0.95, 0.65, 0.65, 0.25]
     correct = [1, 0, 1, 1, 0]
-    # bins (0.9,1]: acc .5 conf .95 w .4; (0.6,0.7]: acc 1 conf .65 w .4; (0.2,0.3]: acc 0 conf .25 w .2
+    # bins (0.9,1]: acc .5 conf .95 w .4; (0.6,0.7]: acc 1 conf .65 w .4; (0.2,0.3]: acc 0 conf .25
+    # w .2
     ece, oe = ece_oe(conf, correct, n_bins=10)
     assert ece == pytest.approx(0.4 * 0.45 + 0.4 * 0.35 + 0.2 * 0.25)
     assert oe == pytest.approx(0.4 * 0.95 * 0.45 + 0.2 * 0.25 * 0.25)
@@ -214,7 +220,8 @@ def test_fgsm_on_linear_model_by_hand():
     x = torch.tensor([0.5, 0.99, 0.3, 0.01]).view(1, 1, 2, 2)
     eps = 8 / 255
     adv = fgsm(model, x, torch.tensor([0]), eps)
-    expected = torch.tensor([0.5 - eps, 1.0, 0.3, 0.01 + eps]).view(1, 1, 2, 2)  # 0.99 + eps clipped to 1
+    # 0.99 + eps clipped to 1
+    expected = torch.tensor([0.5 - eps, 1.0, 0.3, 0.01 + eps]).view(1, 1, 2, 2)
     torch.testing.assert_close(adv, expected)
     assert adv.min() >= 0 and adv.max() <= 1
     assert not x.requires_grad and x[0, 0, 0, 1] == pytest.approx(0.99)  # input untouched
@@ -242,7 +249,8 @@ def test_pgd_stays_in_eps_ball_and_reduces_to_fgsm():
     # one step of size eps from x itself is FGSM
     one = pgd(model, x, y, eps, eps, 1, random_start=False)
     torch.testing.assert_close(one, fgsm(model, x, y, eps))
-    # the loss never goes down compared to the clean input for a true-gradient ascent of a few steps
+    # the loss never goes down compared to the clean input for a true-gradient ascent of a few
+    # steps
     ce = nn.functional.cross_entropy
     assert ce(model(pgd(model, x, y, eps, 1 / 255, 5, False)), y) > ce(model(x), y)
 
@@ -341,12 +349,14 @@ def test_cam_box_and_iou_by_hand():
 
 def test_localized_iou_threshold_and_comparison_by_hand():
     pred = np.array([0.0, 0.0, 4.0, 4.0])            # area 16
-    inside = np.array([[0.0, 0.0, 2.0, 2.0]])        # area 4 inside pred: IoU = 4 / 16 = 0.25 exactly
+    # area 4 inside pred: IoU = 4 / 16 = 0.25 exactly
+    inside = np.array([[0.0, 0.0, 2.0, 2.0]])
     assert box_iou(pred, inside)[0] == pytest.approx(0.25)
     assert localized(pred, inside, 0.25, ">=")
     assert not localized(pred, inside, 0.25, ">")   # multi-mix §IV-D: "higher than 0.25"
     assert not localized(pred, inside)               # default IoU >= 0.5
-    third = np.array([[0.0, 0.0, 4.0, 8.0 / 3.0]])  # area 32/3 inside pred: IoU = (32/3) / 16 = 2/3
+    # area 32/3 inside pred: IoU = (32/3) / 16 = 2/3
+    third = np.array([[0.0, 0.0, 4.0, 8.0 / 3.0]])
     assert localized(pred, third, 0.25, ">") and localized(pred, third)
     # the best of several boxes counts; no box is never localized
     assert localized(pred, np.concatenate([inside, third]), 0.5, ">")
@@ -377,8 +387,9 @@ def test_suites_and_subset():
 
 
 def test_a_stage_two_head_is_exported_and_evaluated_through(tmp_path):
-    """AlignMix with the paper's fc stage-2 encoder: the exported backbone carries the head, and the robustness
-    classifier's logits equal the method's own predictions; its CAMs use the per-position class weights."""
+    """AlignMix with the paper's fc stage-2 encoder: the exported backbone carries the head, and
+    the robustness classifier's logits equal the method's own predictions; its CAMs use the
+    per-position class weights."""
     from mixup_transfer.core.checkpoint import classifier_head, save_backbone
     from pretrain.methods import ResNetStages, build_method
     from transfer.robustness.localization import class_activation_maps
@@ -398,7 +409,8 @@ def test_a_stage_two_head_is_exported_and_evaluated_through(tmp_path):
         assert torch.allclose(model(x), method.predict(x), atol=1e-5)
         feats, logits = model.features_logits(x)
         assert feats.shape == (3, 512, 2, 2) and model.fc_weight.shape == (5, 512, 2, 2)
-        # the CAM sums to the class score minus the bias terms: check one by hand before normalisation
+        # the CAM sums to the class score minus the bias terms: check one by hand before
+        # normalisation
         w = model.fc_weight[logits.argmax(1)]
         const = model.model.fc.weight @ model.head.bias + model.model.fc.bias
         score = (w * feats).sum((1, 2, 3)) + const[logits.argmax(1)]

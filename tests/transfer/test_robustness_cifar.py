@@ -1,5 +1,6 @@
-"""The CIFAR / TinyImageNet robustness track: protocol presets, OOD metric variants, OOD folder readers, the
-toy OOD writer and the embedding analysis (alignment / uniformity, UMAP), with hand-computed numbers."""
+"""The CIFAR / TinyImageNet robustness track: protocol presets, OOD metric variants, OOD folder
+readers, the toy OOD writer and the embedding analysis (alignment / uniformity, UMAP), with
+hand-computed numbers."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def test_split_suites():
 
 
 def test_fgsm_through_normalisation_is_sign_of_w():
-    # logits [0, w . ((x - m) / s)], label 0: dCE/dx = p1 * w / s, and s > 0, so the step is eps * sign(w)
+    # logits [0, w . ((x - m) / s)], label 0: dCE/dx = p1 * w / s, and s > 0, so the step is eps *
+    # sign(w)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(3 * 4 * 4, generator=g)
     w[::7] = 0.0
@@ -96,7 +98,8 @@ def test_pgd_cifar_budget_on_resnet18_stays_in_ball():
     assert ce(model(adv), y) > ce(model(x), y)
 
 
-# ---------------------------------------------------------------- OOD metrics (Table 9 / Table 3 columns)
+# ---------------------------------------------------------------- OOD metrics (Table 9 / Table 3
+# columns)
 
 
 def test_four_point_ood_metrics_by_hand():
@@ -105,7 +108,8 @@ def test_four_point_ood_metrics_by_hand():
     assert auroc(id_s, ood_s) == pytest.approx(0.75)
     # step-wise AP, ID positive: order .9(I) .6(O) .4(I) .1(O): P = 1 at R = .5, 2/3 at R = 1
     assert average_precision(id_s, ood_s) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
-    # (the trapezoid through (0, 1), (.5, 1), (.5, .5), (1, 2/3) would give .5 + .5 * (.5 + 2/3) / 2 = .7917)
+    # (the trapezoid through (0, 1), (.5, 1), (.5, .5), (1, 2/3) would give .5 + .5 * (.5 + 2/3) /
+    # 2 = .7917)
     # ODIN-style: R1 P1 + (R3 - R2) P2 with P from rates: P2 = .5 / (.5 + .5) -> .5 + .5 * .5
     assert average_precision_odin(id_s, ood_s) == pytest.approx(0.75)
     m = ood_metrics(id_s, ood_s, threshold=0.5)
@@ -117,8 +121,9 @@ def test_four_point_ood_metrics_by_hand():
 
 
 def _odin_grid_aupr_in(pos, neg, steps=200000):
-    """The fine threshold-grid loop of ODIN's calMetric.py auprIn, vectorised: thresholds from min to max
-    (max excluded), recall = TPR, precision = TPR / (TPR + FPR), each drop of recall times the new precision."""
+    """The fine threshold-grid loop of ODIN's calMetric.py auprIn, vectorised: thresholds from min
+    to max (max excluded), recall = TPR, precision = TPR / (TPR + FPR), each drop of recall times
+    the new precision."""
     pos, neg = np.asarray(pos), np.asarray(neg)
     lo, hi = min(pos.min(), neg.min()), max(pos.max(), neg.max())
     deltas = np.arange(lo, hi, (hi - lo) / steps)
@@ -171,7 +176,8 @@ def test_ood_transforms_by_hand(tmp_path):
     arr = _png(tmp_path / "a.png", 40, 36)  # w 40, h 36
     img = read_rgb(tmp_path / "a.png")
     crop = ood_transform(img, "crop", 32, 32)
-    expected = torch.from_numpy(arr[2:34, 4:36]).permute(2, 0, 1).float() / 255  # centre: top 2, left 4
+    # centre: top 2, left 4
+    expected = torch.from_numpy(arr[2:34, 4:36]).permute(2, 0, 1).float() / 255
     torch.testing.assert_close(crop, expected)
     assert ood_transform(img, "resize", 32, 32).shape == (3, 32, 32)
     small = _png(tmp_path / "s.png", 32, 32, 1)
@@ -215,7 +221,8 @@ def test_alignment_uniformity_four_points_on_the_circle():
     assert r["alignment"] == pytest.approx(2.0) and r["n_positive_pairs"] == 2
     # six pairs: four at squared distance 2, two at 4
     assert r["uniformity"] == pytest.approx(math.log((4 * math.exp(-4) + 2 * math.exp(-8)) / 6))
-    r1 = alignment_uniformity(pts, [0, 1, 0, 1], alpha=1.0, t=1.0)  # positives (0, 2), (1, 3): distance 2
+    # positives (0, 2), (1, 3): distance 2
+    r1 = alignment_uniformity(pts, [0, 1, 0, 1], alpha=1.0, t=1.0)
     assert r1["alignment"] == pytest.approx(2.0)
     assert r1["uniformity"] == pytest.approx(math.log((4 * math.exp(-2) + 2 * math.exp(-4)) / 6))
     assert alignment_uniformity(pts, [0, 1, 2, 3])["alignment"] is None
@@ -239,7 +246,8 @@ def test_alignment_uniformity_equal_a_double_loop(normalize, alpha, t):
     assert r["alignment"] == pytest.approx(np.mean(align), rel=1e-9)
     assert r["uniformity"] == pytest.approx(math.log(np.mean(unif)), rel=1e-9)
     assert r["n_positive_pairs"] == len(align)
-    if normalize:  # Jensen on the sphere: uniformity >= -2t, alignment <= 4 (MultiMix's -5.68 is below)
+    # Jensen on the sphere: uniformity >= -2t, alignment <= 4 (MultiMix's -5.68 is below)
+    if normalize:
         assert r["uniformity"] >= -2 * t and r["alignment"] <= 4
 
 
@@ -260,7 +268,8 @@ def test_embeddings_are_the_classifier_input():
     assert lab.tolist() == [0, 1, 2, 3, 0]
 
 
-@pytest.mark.slow  # umap-learn compiles its numba kernels on first use (about a minute on 2 busy cores)
+# umap-learn compiles its numba kernels on first use (about a minute on 2 busy cores)
+@pytest.mark.slow
 def test_umap_subset_and_figure(tmp_path):
     labels = np.repeat(np.arange(6), 7)
     idx = umap_subset(labels, n_classes=3, per_class=5, seed=0)
@@ -274,7 +283,8 @@ def test_umap_subset_and_figure(tmp_path):
     pts = umap_2d(emb, n_neighbors=5, n_epochs=30, seed=0)
     assert pts.shape == (36, 2)
     np.testing.assert_array_equal(pts, umap_2d(emb, n_neighbors=5, n_epochs=30, seed=0))  # seeded
-    # three tight clusters stay apart: every point is nearer its own class's 2-D centre than any other
+    # three tight clusters stay apart: every point is nearer its own class's 2-D centre than any
+    # other
     c2 = np.stack([pts[lab == k].mean(0) for k in range(3)])
     nearest = np.argmin(((pts[:, None, :] - c2[None]) ** 2).sum(-1), 1)
     assert (nearest == lab).all()
@@ -282,7 +292,8 @@ def test_umap_subset_and_figure(tmp_path):
     assert path.stat().st_size > 2000
 
 
-# ---------------------------------------------------------------- the stage end to end (CIFAR protocol)
+# ---------------------------------------------------------------- the stage end to end (CIFAR
+# protocol)
 
 
 @pytest.mark.slow
@@ -318,7 +329,8 @@ def test_stage_cifar_protocol_with_toy_ood_and_embedding(toy_world, tmp_path):
 
 
 def _runs(metrics: dict, folder: str) -> list:
-    return [{"metrics": metrics, "folder": folder, "seeds": {}}]  # mixup_transfer/pipeline/run.py's results by stage
+    # mixup_transfer/pipeline/run.py's results by stage
+    return [{"metrics": metrics, "folder": folder, "seeds": {}}]
 
 
 def test_embedding_table_in_the_report():

@@ -1,4 +1,5 @@
-"""CUB raw reader, wsolevaluation metadata writer/reader, WSOLDataset, and the score-map CLI path."""
+"""CUB raw reader, wsolevaluation metadata writer/reader, WSOLDataset, and the score-map CLI
+path."""
 import json
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from wsol.metrics import ScoreMapError
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# First lines of the real CUB files (ids 1 and 2 train/test as in the real split), plus one more image.
+# First lines of the real CUB files (ids 1 and 2 train/test as in the real split), plus one more
+# image.
 CUB = {
     "classes.txt": "1 001.Black_footed_Albatross\n2 002.Laysan_Albatross\n",
     "images.txt": "1 001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg\n"
@@ -152,7 +154,8 @@ def test_score_saved_maps_and_cli(tmp_path):
 
 
 def test_centred_box_baseline(tmp_path):
-    # 8x8 frame: centred half box [2, 2, 5, 5]; GT a.jpg -> [0, 1, 4, 4]: inter 3x3=9, union 16+20-9=27
+    # 8x8 frame: centred half box [2, 2, 5, 5]; GT a.jpg -> [0, 1, 4, 4]: inter 3x3=9, union
+    # 16+20-9=27
     d = _write_meta(tmp_path / "m", loc="a.jpg,1,2,5,6\n", ids="a.jpg\n", labels="a.jpg,0\n",
                     sizes="a.jpg,10,10\n")
     res = centred_box_baseline(d, (8, 8), 0.5, (30, 50))

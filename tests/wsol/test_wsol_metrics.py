@@ -45,7 +45,8 @@ def _check_both(m, thr, expected, multi=True):
 
 def test_boxes_unimodal_each_threshold():
     m = _unimodal()
-    # tau 0 and 0.4: cut 0 / int(102.0) = 102 -> the block; boundingRect (3, 2, 3, 3) -> [3, 2, 6, 5]
+    # tau 0 and 0.4: cut 0 / int(102.0) = 102 -> the block; boundingRect (3, 2, 3, 3) -> [3, 2, 6,
+    # 5]
     _check_both(m, 0.0, [[3, 2, 6, 5]])
     _check_both(m, 0.4, [[3, 2, 6, 5]])
     # tau 0.625: cut int(159.375) = 159 -> only the centre (4, 3): [4, 3, 5, 4]
@@ -54,7 +55,8 @@ def test_boxes_unimodal_each_threshold():
 
 def test_strict_threshold_boundary():
     m = _unimodal()
-    # tau 0.5: cut int(127.5) = 127; the block's pixels are 127, and 127 > 127 is false -> centre only
+    # tau 0.5: cut int(127.5) = 127; the block's pixels are 127, and 127 > 127 is false -> centre
+    # only
     assert M.boxes_at_threshold(m, 0.5).tolist() == [[4, 3, 5, 4]]
     # tau 0.498: cut int(126.99) = 126 -> the block is in
     assert M.boxes_at_threshold(m, 0.498).tolist() == [[3, 2, 6, 5]]
@@ -109,7 +111,8 @@ def test_threshold_chosen_over_split_not_per_image():
         ib = ev.accumulate(m, gt_b)
         assert ia.max() == 1.0 and ib.max() == 1.0        # per image, each can be perfect
         res = ev.compute()
-        assert res["maxboxacc_per_iou"]["50"] == 50.0             # but one threshold serves both: 50, not 100
+        # but one threshold serves both: 50, not 100
+        assert res["maxboxacc_per_iou"]["50"] == 50.0
         assert res["best_threshold"]["50"] == 0.0
 
 
@@ -270,9 +273,11 @@ def test_fast_equals_reference_non_square_several_boxes():
 
 
 def test_euler_table_counts_holes():
-    # adding pixels one by one, sum(_EULER8[mask]) / 4 = components (8-conn) - holes (4-conn, not on the frame)
+    # adding pixels one by one, sum(_EULER8[mask]) / 4 = components (8-conn) - holes (4-conn, not
+    # on the frame)
     rng = np.random.default_rng(7)
-    ring = [(0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1)]  # (dy, dx): E, NE, ..., SE
+    # (dy, dx): E, NE, ..., SE
+    ring = [(0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1)]
     for _ in range(20):
         fg = rng.random((10, 12)) < rng.uniform(0.2, 0.8)
         on = np.zeros((12, 14), bool)
@@ -283,7 +288,8 @@ def test_euler_table_counts_holes():
             on[y + 1, x + 1] = True
         n_fg = cv2.connectedComponents(fg.astype(np.uint8), connectivity=8)[0] - 1
         n_bg, lab = cv2.connectedComponents(np.pad(~fg, 1, constant_values=True).astype(np.uint8), connectivity=4)
-        assert euler4 == 4 * (n_fg - (n_bg - 2))  # background labels: 0 is fg, one touches the frame
+        # background labels: 0 is fg, one touches the frame
+        assert euler4 == 4 * (n_fg - (n_bg - 2))
 
 
 def test_fast_validates_maps():
@@ -294,12 +300,14 @@ def test_fast_validates_maps():
 
 
 def test_bench_families_identical_and_mixed_ratio():
-    # the bench's own exactness check and bookkeeping (not its timings): families 3:1, headline = mix of per-image times
+    # the bench's own exactness check and bookkeeping (not its timings): families 3:1, headline =
+    # mix of per-image times
     from wsol.bench import make_bench_maps, run_wsol_bench
 
     out = run_wsol_bench(n_maps=4, n_reference=4, repeats=1, interval=0.01)
     assert out["identical"] and out["v2_identical"] and out["v1_identical"]
-    ref_ev = M.MaxBoxAccEvaluator(0.01, method="reference")  # the reported result over all maps, recomputed
+    # the reported result over all maps, recomputed
+    ref_ev = M.MaxBoxAccEvaluator(0.01, method="reference")
     for m, gt in make_bench_maps(4):
         ref_ev.accumulate(m, gt)
     assert out["v2_result_fast"] == ref_ev.compute()["maxboxacc_v2"]

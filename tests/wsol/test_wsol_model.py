@@ -1,4 +1,5 @@
-"""CAM model (stride, identity, checkpoint loading), recipes (trainable layers, lrs), a tiny run."""
+"""CAM model (stride, identity, checkpoint loading), recipes (trainable layers, lrs), a tiny
+run."""
 import json
 
 import cv2
@@ -28,7 +29,8 @@ def test_cam_identity_and_stride():
 
 
 def _keys_resize_matrix(n_in, n_out, a=-0.75):
-    """[n_out, n_in] bicubic (Keys, a = -0.75) weights, half-pixel centres, edge pixels replicated."""
+    """[n_out, n_in] bicubic (Keys, a = -0.75) weights, half-pixel centres, edge pixels
+    replicated."""
     def kernel(t):
         t = abs(t)
         return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1 if t <= 1 else (a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a
@@ -52,7 +54,8 @@ def test_normalise_cams_matches_wsolevaluation():
     assert out.shape == (3, 2, 8, 12) and out.dtype == torch.float32
     for b in (0, 1):
         cam = cams[b, 0].numpy()
-        # wsolevaluation inference.py: cv2.resize(cam, (W, H), INTER_CUBIC), then min-max in float32
+        # wsolevaluation inference.py: cv2.resize(cam, (W, H), INTER_CUBIC), then min-max in
+        # float32
         ref = cv2.resize(cam, (12, 8), interpolation=cv2.INTER_CUBIC)
         ref -= ref.min()
         ref /= ref.max()
@@ -72,7 +75,8 @@ def test_backbone_loading_strict(tmp_path):
     torch.testing.assert_close(model.trunk[7][1].bn2.running_var, net.layer4[1].bn2.running_var)
     assert model.fc.out_features == 7 and model.trunk[7][0].conv1.stride == (1, 1)
     with pytest.raises(CheckpointError):
-        build_cam_model("resnet50", 7, str(tmp_path / "b.pth"))  # a wrong arch never loads silently
+        # a wrong arch never loads silently
+        build_cam_model("resnet50", 7, str(tmp_path / "b.pth"))
 
 
 def _groups(cfg):
@@ -109,7 +113,8 @@ def test_multimix_recipe_trains_layer4_and_fc_only():
     assert all(n.startswith(("trunk.0.", "trunk.1.", "trunk.4.", "trunk.5.", "trunk.6.")) for n in frozen)
     model.train()
     set_frozen_eval(model, cfg["optim"]["freeze"])
-    assert not model.trunk[6].training and model.trunk[7].training  # frozen BN keeps its statistics
+    # frozen BN keeps its statistics
+    assert not model.trunk[6].training and model.trunk[7].training
     assert cfg["eval"]["every_epochs"] == 1 and cfg["eval"]["loc_threshold"] == 0.75
 
 
@@ -144,7 +149,8 @@ def test_tiny_finetune_resume_and_outputs(toy_world, tmp_path):
 
 
 def test_cam_model_has_the_stage_interface_of_the_method_registry():
-    """Any pretraining method can wrap a CAM model: its stages compose to the features, at every layer."""
+    """Any pretraining method can wrap a CAM model: its stages compose to the features, at every
+    layer."""
     from wsol.finetune import WSOLObjective
 
     torch.manual_seed(0)
@@ -156,7 +162,8 @@ def test_cam_model_has_the_stage_interface_of_the_method_registry():
             assert torch.allclose(cam.forward_from(cam.forward_to(x, layer), layer), full, atol=1e-6), layer
         assert torch.allclose(cam.fc(cam.pool(full)), cam(x), atol=1e-6)
         dense = cam.dense_logits(full).mean(-1)
-        assert torch.allclose(dense, cam(x), atol=1e-5)  # fc is linear: the mean of the dense logits
+        # fc is linear: the mean of the dense logits
+        assert torch.allclose(dense, cam(x), atol=1e-5)
     plain = WSOLObjective(cam, 4, {"name": "none"})
     labels = torch.tensor([1, 3])
     out = plain(x, labels)

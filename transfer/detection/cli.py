@@ -1,5 +1,6 @@
-"""The detection stage's own command-line flags and command (its declaration's `cli`, mixup_transfer/core/stage.py):
-`tools/run_detection.py` is the declared arguments plus --backend, --num-gpus (detectron2's launch) and --eval-only.
+"""The detection stage's own command-line flags and command (its declaration's `cli`,
+mixup_transfer/core/stage.py): `tools/run_detection.py` is the declared arguments plus --backend,
+--num-gpus (detectron2's launch) and --eval-only.
 """
 
 from __future__ import annotations
@@ -60,10 +61,12 @@ def _finetune(p, args, cfg: dict, weights: str | None, run_dir: Path) -> int:
             if cfg["backend"] != "detectron2" or "RANK" in os.environ:
                 p.error("--num-gpus is for the detectron2 backend outside torchrun (torchrun starts its own)")
             _start_over_if_forced(run_dir, True, args.force)
-            trusted = [weights] if args.allow_pickle and weights else []  # each spawned process trusts it
+            # each spawned process trusts it
+            trusted = [weights] if args.allow_pickle and weights else []
             metrics = launch_finetune(cfg, weights, run_dir, args.num_gpus, trusted=trusted)
         else:
-            main_rank = init_distributed()[0] == 0  # asked before the group is left (then every rank is "main")
+            # asked before the group is left (then every rank is "main")
+            main_rank = init_distributed()[0] == 0
             try:
                 metrics = run(cfg, {"weights": weights}, run_dir, resume=not args.force, force=args.force)
             finally:

@@ -1,34 +1,35 @@
 """The detectron2 backend of detection fine-tuning: ``finetune(cfg, weights, run_dir)``.
 
-``transfer.detection.stage.finetune_detector`` dispatches here for ``backend: detectron2``. What it does, in the
-order a detectron2 user would do it by hand:
+``transfer.detection.stage.finetune_detector`` dispatches here for ``backend: detectron2``. What it
+does, in the order a detectron2 user would do it by hand:
 
-0. refuses a run folder made from another config or backbone (``run_dir/fingerprint.json``, :func:`check_resume`)
-   before anything is written;
-1. converts the backbone checkpoint to ``run_dir/backbone_d2.pkl`` (``transfer/convert.py``; rank 0 only,
-   the others wait at a barrier);
-2. registers the datasets under the toolkit's own names (``mt_voc_2007_trainval``, ``mt_coco_val2017``,
-   ``..._first<N>`` for ``data.max_*_images`` prefixes; never detectron2's built-in ``coco_2017_train`` /
-   ``voc_2007_test``, whose metadata detectron2 has fixed) with their real class lists, read from
-   ``data.root`` with detectron2's own loaders (``load_voc_instances``, ``load_coco_json``), so
-   ``$DETECTRON2_DATASETS`` plays no part;
-3. writes one detectron2 YAML, ``run_dir/detectron2_<format>_<arch>_<C4|FPN>.yaml``: the architecture of
-   the ``transfer/convert.py`` recipe that ``model.type`` selects (R-C4 with MoCo's extra norm, or FPN), with
-   DATASETS, NUM_CLASSES, MODEL.DEVICE and every toolkit key mapped to its detectron2 key
-   (:func:`detectron2_overrides`: the same config trains the same schedule in both backends); a setting
-   with no detectron2 counterpart raises :class:`Detectron2BackendError`;
-4. for each seed trains with detectron2's ``DefaultTrainer`` in ``run_dir/seed_<s>/detectron2/`` (its
-   checkpoints, ``last_checkpoint``, event ``metrics.json``; a rerun resumes there), then evaluates ONCE:
-   one inference pass feeds detectron2's evaluator (``PascalVOCDetectionEvaluator`` / ``COCOEvaluator``)
-   and the toolkit's (the same comp4 files / COCO json and numbers as the torchvision backend; a NaN or
-   infinite box or score stops every rank first, ``scoring.check_finite``), and writes
-   ``run_dir/seed_<s>/metrics.json``;
-5. writes ``run_dir/metrics.json``: mAP mean and std over seeds, train / test images per second, and
-   detectron2's own AP / AP50 / AP75 under ``"detectron2"``.
+0. refuses a run folder made from another config or backbone (``run_dir/fingerprint.json``,
+   :func:`check_resume`) before anything is written;
+1. converts the backbone checkpoint to ``run_dir/backbone_d2.pkl`` (``transfer/convert.py``; rank 0
+   only, the others wait at a barrier);
+2. registers the datasets under the toolkit's own names (``mt_voc_2007_trainval``,
+   ``mt_coco_val2017``, ``..._first<N>`` for ``data.max_*_images`` prefixes; never detectron2's
+   built-in ``coco_2017_train`` / ``voc_2007_test``, whose metadata detectron2 has fixed) with
+   their real class lists, read from ``data.root`` with detectron2's own loaders
+   (``load_voc_instances``, ``load_coco_json``), so ``$DETECTRON2_DATASETS`` plays no part;
+3. writes one detectron2 YAML, ``run_dir/detectron2_<format>_<arch>_<C4|FPN>.yaml``: the
+   architecture of the ``transfer/convert.py`` recipe that ``model.type`` selects (R-C4 with MoCo's
+   extra norm, or FPN), with DATASETS, NUM_CLASSES, MODEL.DEVICE and every toolkit key mapped to
+   its detectron2 key (:func:`detectron2_overrides`: the same config trains the same schedule in
+   both backends); a setting with no detectron2 counterpart raises :class:`Detectron2BackendError`;
+4. for each seed trains with detectron2's ``DefaultTrainer`` in ``run_dir/seed_<s>/detectron2/``
+   (its checkpoints, ``last_checkpoint``, event ``metrics.json``; a rerun resumes there), then
+   evaluates ONCE: one inference pass feeds detectron2's evaluator (``PascalVOCDetectionEvaluator``
+   / ``COCOEvaluator``) and the toolkit's (the same comp4 files / COCO json and numbers as the
+   torchvision backend; a NaN or infinite box or score stops every rank first,
+   ``scoring.check_finite``), and writes ``run_dir/seed_<s>/metrics.json``;
+5. writes ``run_dir/metrics.json``: mAP mean and std over seeds, train / test images per second,
+   and detectron2's own AP / AP50 / AP75 under ``"detectron2"``.
 
-Distributed: under ``torchrun`` the process group is already up, and this module makes the per-machine
-group that detectron2's ``launch`` would make (``comm.create_local_process_group``); without torchrun,
-:func:`launch_finetune` runs the whole thing through detectron2's ``launch`` (``--num-gpus``).
+Distributed: under ``torchrun`` the process group is already up, and this module makes the
+per-machine group that detectron2's ``launch`` would make (``comm.create_local_process_group``);
+without torchrun, :func:`launch_finetune` runs the whole thing through detectron2's ``launch``
+(``--num-gpus``).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ INSTALL = (
     "  (= .venv/bin/pip install 'git+https://github.com/facebookresearch/detectron2.git' --no-build-isolation)\n"
     "or use the default backend: --backend torchvision")
 
-# toolkit model.kwargs -> detectron2 key (the torchvision builder's keyword names, transfer/detection/models.py)
+# toolkit model.kwargs -> detectron2 key (the torchvision builder's keyword names,
+# transfer/detection/models.py)
 KWARGS = {
     "anchor_sizes": "MODEL.ANCHOR_GENERATOR.SIZES",
     "aspect_ratios": "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
@@ -88,7 +90,8 @@ NORMS = {"frozen_bn": "FrozenBN", "bn": "BN", "syncbn": "SyncBN"}
 SOLVER = {"lr": "SOLVER.BASE_LR", "momentum": "SOLVER.MOMENTUM", "weight_decay": "SOLVER.WEIGHT_DECAY",
           "warmup_iters": "SOLVER.WARMUP_ITERS", "warmup_factor": "SOLVER.WARMUP_FACTOR",
           "gamma": "SOLVER.GAMMA"}
-# toolkit keys that shape the run rather than a detectron2 key (datasets, seeds, evaluation, threads)
+# toolkit keys that shape the run rather than a detectron2 key (datasets, seeds, evaluation,
+# threads)
 STRUCTURAL = {
     "name", "backend", "model.type", "model.arch", "data.format", "data.root", "data.voc_train",
     "data.voc_test", "data.coco_train", "data.coco_val", "data.max_train", "data.max_val",
@@ -99,7 +102,8 @@ STRUCTURAL = {
 
 
 class Detectron2BackendError(RuntimeError):
-    """detectron2 missing, or a toolkit setting the detectron2 backend cannot honour (the message names it)."""
+    """detectron2 missing, or a toolkit setting the detectron2 backend cannot honour (the message
+    names it)."""
 
 
 def require_detectron2():
@@ -110,7 +114,8 @@ def require_detectron2():
     return detectron2
 
 
-# ----------------------------------------------------------------------------------------- datasets
+# -----------------------------------------------------------------------------------------
+# datasets
 
 def _split_ids(list_file: Path) -> list[str]:
     if not list_file.is_file():
@@ -120,7 +125,8 @@ def _split_ids(list_file: Path) -> list[str]:
 
 
 def _coco_classes(json_file: Path) -> tuple[list[str], dict[int, int]]:
-    """(class names in sorted category-id order, {category id: contiguous index}) from a COCO json."""
+    """(class names in sorted category-id order, {category id: contiguous index}) from a COCO
+    json."""
     if not json_file.is_file():
         raise Detectron2BackendError(f"COCO annotation file not found: {json_file}")
     with open(json_file) as f:
@@ -131,9 +137,9 @@ def _coco_classes(json_file: Path) -> tuple[list[str], dict[int, int]]:
 def dataset_specs(cfg: dict) -> dict:
     """What to register, from the toolkit's ``data`` section (no detectron2 needed).
 
-    Returns {"format", "classes", "train": [spec], "test": spec}; a spec is a dict with the registered
-    ``name`` and where its images and annotations are. ``data.max_train`` takes a prefix of the
-    concatenated training sets (like the torchvision backend's Subset of the ConcatDataset).
+    Returns {"format", "classes", "train": [spec], "test": spec}; a spec is a dict with the
+    registered ``name`` and where its images and annotations are. ``data.max_train`` takes a prefix
+    of the concatenated training sets (like the torchvision backend's Subset of the ConcatDataset).
     """
     from mixup_transfer.core.constants import VOC_CLASSES
 
@@ -199,12 +205,13 @@ def _coco_dicts(spec: dict) -> list[dict]:
 
 
 def register_toolkit_datasets(fmt_or_specs, root: str | os.PathLike | None = None) -> dict:
-    """Register the toolkit's detectron2 datasets; idempotent, and re-registers a name whose files changed.
+    """Register the toolkit's detectron2 datasets; idempotent, and re-registers a name whose files
+    changed.
 
     ``register_toolkit_datasets("voc", "/data/VOCdevkit")`` registers the names the YAMLs of
-    ``tools/convert.py`` use (``mt_voc_2007_trainval``, ``mt_voc_2012_trainval``, ``mt_voc_2007_test`` /
-    ``mt_coco_train2017``, ``mt_coco_val2017``); the backend passes :func:`dataset_specs` instead.
-    Returns the specs.
+    ``tools/convert.py`` use (``mt_voc_2007_trainval``, ``mt_voc_2012_trainval``,
+    ``mt_voc_2007_test`` / ``mt_coco_train2017``, ``mt_coco_val2017``); the backend passes
+    :func:`dataset_specs` instead. Returns the specs.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -235,9 +242,10 @@ def register_toolkit_datasets(fmt_or_specs, root: str | os.PathLike | None = Non
 
 
 def _voc_subset_dir(spec: dict, out_dir: Path, write: bool = True) -> dict:
-    """detectron2's VOC evaluator scores every image of ``<dirname>/ImageSets/Main/<split>.txt``; for a
-    prefix, a folder with links to the real Annotations / JPEGImages and the prefix as its split file
-    (written by one process: ``write`` is False on the other ranks, which wait at a barrier)."""
+    """detectron2's VOC evaluator scores every image of ``<dirname>/ImageSets/Main/<split>.txt``;
+    for a prefix, a folder with links to the real Annotations / JPEGImages and the prefix as its
+    split file (written by one process: ``write`` is False on the other ranks, which wait at a
+    barrier)."""
     if not spec["limit"]:
         return spec
     src = Path(spec["dirname"])
@@ -285,12 +293,13 @@ def device_name(cfg: dict) -> str:
 
 
 def recipe(cfg: dict, weights_pkl, specs: dict) -> tuple[str, dict]:
-    """(short name, detectron2 config dict) of the recipe ``model.type`` x ``data.format`` selects, with the
-    toolkit's dataset names and class count (transfer/convert.py's recipes)."""
+    """(short name, detectron2 config dict) of the recipe ``model.type`` x ``data.format`` selects,
+    with the toolkit's dataset names and class count (transfer/convert.py's recipes)."""
     m, fmt = cfg["model"], specs["format"]
     train, test = [s["name"] for s in specs["train"]], [specs["test"]["name"]]
     n = len(specs["classes"])
-    norm = NORMS.get("frozen_bn" if m["norm"] == "auto" else m["norm"], "FrozenBN")  # overridden anyway
+    # overridden anyway
+    norm = NORMS.get("frozen_bn" if m["norm"] == "auto" else m["norm"], "FrozenBN")
     if m["type"] == "faster_rcnn_c4":
         if convert.DEPTHS.get(m["arch"]) in (18, 34):
             raise Detectron2BackendError(
@@ -310,25 +319,28 @@ def recipe(cfg: dict, weights_pkl, specs: dict) -> tuple[str, dict]:
 
 
 def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, device: str) -> tuple[dict, dict]:
-    """Toolkit config -> detectron2 keys: the toolkit config is the truth, so the same config trains the
-    same schedule in both backends (the recipe only supplies what the toolkit has no key for: RPN / RoI
-    feature maps, aspect ratios, pooler, ...). Every key is mapped, defaults included, as the torchvision
+    """Toolkit config -> detectron2 keys: the toolkit config is the truth, so the same config
+    trains the same schedule in both backends (the recipe only supplies what the toolkit has no key
+    for: RPN / RoI feature maps, aspect ratios, pooler, ...). Every key is mapped, defaults
+    included, as the torchvision
     backend reads it: ``model.norm: auto`` and ``trainable_layers: null`` resolve as
-    ``transfer.detection.models`` resolves them for a pretrained trunk (FrozenBN, 3 trainable stages:
-    FREEZE_AT 2); ``optim.batch_per_process`` is per process (IMS_PER_BATCH = batch_size x processes);
-    ``optim.max_iter`` 0 means ``epochs`` x iterations per epoch (training images // IMS_PER_BATCH, at
-    least 1, like the torchvision loader's drop_last); ``optim.steps`` are fractions of MAX_ITER.
+    ``transfer.detection.models`` resolves them for a pretrained trunk (FrozenBN, 3 trainable
+    stages: FREEZE_AT 2); ``optim.batch_per_process`` is per process (IMS_PER_BATCH = batch_size x
+    processes); ``optim.max_iter`` 0 means ``epochs`` x iterations per epoch (training images //
+    IMS_PER_BATCH, at least 1, like the torchvision loader's drop_last); ``optim.steps`` are
+    fractions of MAX_ITER.
 
     kind: "FPN" | "C4"; world: processes; n_train: training images after the prefix. Returns
-    ({dotted detectron2 key: value}, {toolkit key: what it became}). Raises Detectron2BackendError listing
-    every setting that has no detectron2 counterpart.
+    ({dotted detectron2 key: value}, {toolkit key: what it became}). Raises Detectron2BackendError
+    listing every setting that has no detectron2 counterpart.
     """
     flat, defaults = _flat(cfg), _flat(DEFAULTS)
     changed = {k for k, v in flat.items() if k not in defaults or v != defaults[k]}
     mp = _Mapped()
     mp.put("runtime.device", "MODEL.DEVICE", device)
     mp.put("data.num_workers", "DATALOADER.NUM_WORKERS", int(cfg["data"]["num_workers"]))
-    mp.out["TEST.EVAL_PERIOD"] = 0  # evaluation runs once, after training (not detectron2's EvalHook)
+    # evaluation runs once, after training (not detectron2's EvalHook)
+    mp.out["TEST.EVAL_PERIOD"] = 0
     _map_model(mp, cfg["model"], kind, world, device)
     _map_solver(mp, cfg["optim"], world, n_train)
     _map_runtime(mp, cfg, device, changed, flat)
@@ -347,7 +359,8 @@ def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, devi
 
 
 class _Mapped:
-    """The detectron2 keys a toolkit config maps to, what each toolkit key became, and what is refused."""
+    """The detectron2 keys a toolkit config maps to, what each toolkit key became, and what is
+    refused."""
 
     def __init__(self):
         self.out, self.mapped, self.refused = {}, {}, []
@@ -366,7 +379,8 @@ def _map_model(mp: _Mapped, m: dict, kind: str, world: int, device: str) -> None
     else:
         d2_norm = NORMS[norm]
         if d2_norm == "SyncBN" and world > 1 and not device.startswith("cuda"):
-            d2_norm = "NaiveSyncBN"  # torch's SyncBatchNorm needs CUDA; detectron2's gloo all_reduce one works
+            # torch's SyncBatchNorm needs CUDA; detectron2's gloo all_reduce one works
+            d2_norm = "NaiveSyncBN"
         mp.put("model.norm", "MODEL.RESNETS.NORM", d2_norm)
     trainable = 3 if m["trainable_layers"] is None else int(m["trainable_layers"])
     if not 0 <= trainable <= 5:
@@ -395,7 +409,8 @@ def _map_model(mp: _Mapped, m: dict, kind: str, world: int, device: str) -> None
 
 
 def _map_solver(mp: _Mapped, s: dict, world: int, n_train: int) -> None:
-    """optim.*: batch over processes, iterations, steps, lr (scaled like the torchvision backend), warm-up."""
+    """optim.*: batch over processes, iterations, steps, lr (scaled like the torchvision backend),
+    warm-up."""
     ims = int(s["batch_per_process"]) * world
     mp.put("optim.batch_per_process", "SOLVER.IMS_PER_BATCH", ims)
     if int(s["max_iter"]) > 0:
@@ -413,7 +428,8 @@ def _map_solver(mp: _Mapped, s: dict, world: int, n_train: int) -> None:
     mp.put("optim.steps", "SOLVER.STEPS", kept)
     for key, d2_key in SOLVER.items():
         mp.put(f"optim.{key}", d2_key, int(s[key]) if key == "warmup_iters" else float(s[key]))
-    if s["reference_batch"] is not None:  # the linear scaling rule, as the torchvision backend applies it
+    # the linear scaling rule, as the torchvision backend applies it
+    if s["reference_batch"] is not None:
         mp.put("optim.reference_batch", "SOLVER.BASE_LR",
             scaled_lr(s["lr"], s["batch_per_process"], world, s["reference_batch"]))
     if float(s["clip_grad_norm"]) > 0:
@@ -451,10 +467,12 @@ def build_detectron2_config(cfg: dict, weights_pkl, specs: dict, *, world: int =
     return kind, d2, mapped
 
 
-# ------------------------------------------------------------------------------------------ running
+# ------------------------------------------------------------------------------------------
+# running
 
 def _ensure_local_process_group() -> None:
-    """What detectron2's ``launch`` does in each worker after init_process_group, for torchrun's workers."""
+    """What detectron2's ``launch`` does in each worker after init_process_group, for torchrun's
+    workers."""
     if runtime.world_size() == 1:
         return
     from detectron2.utils import comm
@@ -467,7 +485,8 @@ def _ensure_local_process_group() -> None:
 
 @contextlib.contextmanager
 def _ddp_on_cpu():
-    """detectron2's create_ddp_model passes device_ids=[local rank], which DDP rejects for a CPU model."""
+    """detectron2's create_ddp_model passes device_ids=[local rank], which DDP rejects for a CPU
+    model."""
     from detectron2.engine import defaults
     from detectron2.utils import comm
 
@@ -490,7 +509,8 @@ def _trainer_class(clip: float, log_period: int):
     from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
     class ClipGradNorm(hooks.HookBase):
-        """The torchvision backend's clip_grad_norm_ over all trainable parameters (unscaled under AMP)."""
+        """The torchvision backend's clip_grad_norm_ over all trainable parameters (unscaled under
+        AMP)."""
 
         def after_backward(self):
             t = self.trainer
@@ -501,7 +521,8 @@ def _trainer_class(clip: float, log_period: int):
 
     class Trainer(DefaultTrainer):
         def build_hooks(self):
-            # no EvalHook: evaluation runs once, after training (finetune); writers every log_period
+            # no EvalHook: evaluation runs once, after training (finetune); writers every
+            # log_period
             ret = [h for h in super().build_hooks()
                    if not isinstance(h, (hooks.EvalHook, hooks.PeriodicWriter))]
             from detectron2.utils import comm
@@ -528,7 +549,8 @@ def _trainer_class(clip: float, log_period: int):
 
 
 class _Timed(torch.nn.Module):
-    """Wraps a detectron2 model; counts the seconds spent in its forward (the torchvision backend's test
+    """Wraps a detectron2 model; counts the seconds spent in its forward (the torchvision backend's
+    test
     speed: model time only, not data loading)."""
 
     def __init__(self, model):
@@ -552,9 +574,10 @@ def _collector(split: str):
     from detectron2.utils import comm
 
     class Collect(DatasetEvaluator):
-        """Keeps every prediction (image id, boxes [K, 4] original pixels, scores [K], labels [K] 1-based),
-        gathered on rank 0, for the toolkit's evaluators. Evaluated first: a NaN or infinite box or score stops
-        every rank (`scoring.check_finite` naming ``split``) before any evaluator scores them."""
+        """Keeps every prediction (image id, boxes [K, 4] original pixels, scores [K], labels [K]
+        1-based), gathered on rank 0, for the toolkit's evaluators. Evaluated first: a NaN or
+        infinite box or score stops every rank (`scoring.check_finite` naming ``split``) before any
+        evaluator scores them."""
 
         def reset(self):
             self._preds, self.predictions = [], []
@@ -590,8 +613,8 @@ def _toolkit_ctx(specs: dict):
 def evaluate_once(d2cfg, model, specs: dict, cfg: dict, out_dir: Path) -> dict:
     """One inference pass over the test set feeding detectron2's evaluator and the toolkit's.
 
-    Returns {"toolkit": metrics (mAP ...), "detectron2": {"AP", "AP50", "AP75", ...}, "test_seconds",
-    "n_test", "predictions"} on rank 0 ({} elsewhere)."""
+    Returns {"toolkit": metrics (mAP ...), "detectron2": {"AP", "AP50", "AP75", ...},
+    "test_seconds", "n_test", "predictions"} on rank 0 ({} elsewhere)."""
     from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader
     from detectron2.evaluation import (
         COCOEvaluator,
@@ -609,7 +632,8 @@ def evaluate_once(d2cfg, model, specs: dict, cfg: dict, out_dir: Path) -> dict:
     if specs["test"]["kind"] == "voc":
         theirs = PascalVOCDetectionEvaluator(name)
     else:
-        theirs = COCOEvaluator(name, tasks=("bbox",), output_dir=str(out_dir / "detectron2"))  # as DefaultTrainer
+        # as DefaultTrainer
+        theirs = COCOEvaluator(name, tasks=("bbox",), output_dir=str(out_dir / "detectron2"))
     ours = _collector(split_name(cfg))
     timed = _Timed(model)
     results = inference_on_dataset(timed, loader, DatasetEvaluators([ours, theirs]))
@@ -638,8 +662,9 @@ def _figure(preds, ctx, path: Path, cfg: dict) -> None:
 
 
 def train_one_seed(yaml_path: Path, cfg: dict, specs: dict, seed_dir: Path, seed: int) -> dict:
-    """Train one seed with DefaultTrainer (resuming from ``seed_dir/detectron2/last_checkpoint``), evaluate
-    once, write ``seed_dir/metrics.json``. A seed whose metrics.json exists is not run again."""
+    """Train one seed with DefaultTrainer (resuming from ``seed_dir/detectron2/last_checkpoint``),
+    evaluate once, write ``seed_dir/metrics.json``. A seed whose metrics.json exists is not run
+    again."""
     from detectron2.config import get_cfg
 
     done = seed_dir / "metrics.json"
@@ -679,8 +704,9 @@ def train_one_seed(yaml_path: Path, cfg: dict, specs: dict, seed_dir: Path, seed
 
 
 def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
-    """Convert, register, write the YAML, train every seed, evaluate each once; returns (rank 0) and writes
-    ``run_dir/metrics.json``. ``cfg`` is a resolved detection config (``transfer.detection.config``) with
+    """Convert, register, write the YAML, train every seed, evaluate each once; returns (rank 0)
+    and writes ``run_dir/metrics.json``. ``cfg`` is a resolved detection config
+    (``transfer.detection.config``) with
     ``backend: detectron2``."""
     require_detectron2()
     if weights is None:
@@ -702,8 +728,8 @@ def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
 
 
 def _prepare(cfg: dict, weights: str, run_dir: Path) -> tuple[Path, dict, dict]:
-    """Refusals first, then (rank 0) the converted weights and the YAML; every rank registers the datasets.
-    Returns (YAML path, dataset specs, mapping report)."""
+    """Refusals first, then (rank 0) the converted weights and the YAML; every rank registers the
+    datasets. Returns (YAML path, dataset specs, mapping report)."""
     check_resume(cfg, weights, run_dir)
     _ensure_local_process_group()
     world = runtime.world_size()
@@ -711,7 +737,8 @@ def _prepare(cfg: dict, weights: str, run_dir: Path) -> tuple[Path, dict, dict]:
     if device.startswith("cuda") and world > 1:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     specs = dataset_specs(cfg)
-    # every refusal before anything is written: a corrected rerun never meets files of the refused one
+    # every refusal before anything is written: a corrected rerun never meets files of the refused
+    # one
     build_detectron2_config(cfg, run_dir / "backbone_d2.pkl", specs, world=world, n_train=1, device=device)
     main = runtime.is_main_process()
     subsets = run_dir / "d2_datasets"
@@ -749,30 +776,32 @@ RESTART = "choose another --run-dir, or pass --force to start over"
 
 
 def run_fingerprint(cfg: dict, weights: str | None) -> dict:
-    """What a detectron2 run folder is made from: the resolved config (the list of seeds aside: a rerun may add
-    seeds) and the backbone's hash."""
+    """What a detectron2 run folder is made from: the resolved config (the list of seeds aside: a
+    rerun may add seeds) and the backbone's hash."""
     return fp.make({k: v for k, v in cfg.items() if k != "seeds"}, {"weights": weights})
 
 
 def check_resume(cfg: dict, weights: str | None, run_dir: Path) -> None:
-    """Refuse (`FingerprintMismatch`, before anything is written) to continue a run folder made from another config
-    or backbone (keys outside `RESUME_MAY_CHANGE`): a refused resume leaves the folder as it was, and finished
-    seeds are never relabelled with new inputs."""
+    """Refuse (`FingerprintMismatch`, before anything is written) to continue a run folder made
+    from another config or backbone (keys outside `RESUME_MAY_CHANGE`): a refused resume leaves the
+    folder as it was, and finished seeds are never relabelled with new inputs."""
     if (Path(run_dir) / fp.FILE).is_file():
         fp.check(run_dir, run_fingerprint(cfg, weights), RESUME_MAY_CHANGE, RESTART)
 
 
 def _launched(cfg, weights, run_dir, trusted=()):
-    for path in trusted:  # a spawned process starts with nothing trusted: the parent's --allow-pickle again
+    # a spawned process starts with nothing trusted: the parent's --allow-pickle again
+    for path in trusted:
         trust_pickled(path)
     finetune(copy.deepcopy(cfg), weights, run_dir)
 
 
 def launch_finetune(cfg: dict, weights: str | None, run_dir, num_gpus: int, dist_url: str = "auto",
                     trusted=()) -> dict:
-    """``finetune`` in ``num_gpus`` processes started by detectron2's ``launch`` (as its train_net.py
-    --num-gpus does; gloo on CPU). ``trusted``: the checkpoints the command line allowed to unpickle
-    (``--allow-pickle``), trusted again in every process. Returns the metrics rank 0 wrote."""
+    """``finetune`` in ``num_gpus`` processes started by detectron2's ``launch`` (as its
+    train_net.py --num-gpus does; gloo on CPU). ``trusted``: the checkpoints the command line
+    allowed to unpickle (``--allow-pickle``), trusted again in every process. Returns the metrics
+    rank 0 wrote."""
     require_detectron2()
     from detectron2.engine import launch
 

@@ -2,9 +2,10 @@
 
     tools/run_detection.py --eval-only --config CFG --checkpoint RUN/seed_0/checkpoints/last.pth [--run-dir OUT]
 
-The detector is built from the config (the one it was trained with: same model type, arch, sizes and data
-format), its weights are read from an engine checkpoint (`checkpoints/last.pth`, its "model" entry) or a plain
-state dict, and the test set of the config is predicted (sharded under torchrun) and scored with the stage's
+The detector is built from the config (the one it was trained with: same model type, arch, sizes
+and data format), its weights are read from an engine checkpoint (`checkpoints/last.pth`, its
+"model" entry) or a plain state dict, and the test set of the config is predicted (sharded under
+torchrun) and scored with the stage's
 own scorer: VOC mAP (`eval.metric`) or COCO AP, in percent, with a `units` field.
 """
 
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def load_detector_state(path) -> dict:
-    """The detector state dict of `path`: an engine checkpoint's "model" entry, or the file's dict itself."""
+    """The detector state dict of `path`: an engine checkpoint's "model" entry, or the file's dict
+    itself."""
     state = read_checkpoint(path)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
@@ -35,8 +37,8 @@ def load_detector_state(path) -> dict:
 
 
 def evaluate_detector(cfg: dict, checkpoint, out_dir) -> dict:
-    """Score the detector of `checkpoint` on the test set of `cfg`; writes out_dir/metrics.json (rank 0) and
-    returns the metrics ({} on the other ranks)."""
+    """Score the detector of `checkpoint` on the test set of `cfg`; writes out_dir/metrics.json
+    (rank 0) and returns the metrics ({} on the other ranks)."""
     cfg = resolve_config(cfg)
     out_dir = Path(out_dir)
     device = runtime.get_device(cfg["runtime"]["device"])

@@ -1,18 +1,18 @@
 """torchvision detectors on a ResNet trunk loaded from the backbone checkpoint.
 
-Three families, all taking a list of RGB images in [0, 1] (``[3, H, W]`` float tensors) and normalising
-internally with the ImageNet mean/std:
+Three families, all taking a list of RGB images in [0, 1] (``[3, H, W]`` float tensors) and
+normalising internally with the ImageNet mean/std:
 
 - ``faster_rcnn_fpn``: Faster R-CNN with a ResNet-FPN trunk (``layer1..layer4`` -> P2..P6).
 - ``faster_rcnn_c4``: Faster R-CNN R-C4 (trunk ``conv1..layer3``, one anchor level, RoIAlign 14x14,
   box head = ``layer4`` + global average pooling), which torchvision has no builder for.
-- ``ssd``: SSD300/SSD512 (or any square size) on ``conv1..layer3`` with layer3's first block at stride 1
-  and extra blocks (1x1 conv, BN, ReLU, 3x3 conv, BN, ReLU), NVIDIA-style.
+- ``ssd``: SSD300/SSD512 (or any square size) on ``conv1..layer3`` with layer3's first block at
+  stride 1 and extra blocks (1x1 conv, BN, ReLU, 3x3 conv, BN, ReLU), NVIDIA-style.
 
-Backbone weights come only from :func:`mixup_transfer.core.checkpoint.load_backbone` (strict: a checkpoint that does
-not fit raises its ``CheckpointError``). ``weights=None`` means a randomly initialised trunk (the
-from-scratch baseline); then ``norm="auto"`` picks trainable BatchNorm and trains every stage, because a
-random trunk with frozen statistics does not train.
+Backbone weights come only from :func:`mixup_transfer.core.checkpoint.load_backbone` (strict: a
+checkpoint that does not fit raises its ``CheckpointError``). ``weights=None`` means a randomly
+initialised trunk (the from-scratch baseline); then ``norm="auto"`` picks trainable BatchNorm and
+trains every stage, because a random trunk with frozen statistics does not train.
 """
 
 from __future__ import annotations
@@ -78,25 +78,28 @@ def build_trunk(arch: str, weights: str | None, norm: str = "auto", trainable_la
                 replace_stride_with_dilation=None, allow_pickle: bool = False, default_trainable: int = 3):
     """A torchvision ResNet (fc kept but unused) with the checkpoint's weights loaded strictly.
 
-    Returns ``(resnet, norm, trainable_layers)`` after resolving ``auto``/``None``. Stages not among the last
-    ``trainable_layers`` of ``(conv1, layer1, layer2, layer3, layer4)`` get ``requires_grad=False``.
+    Returns ``(resnet, norm, trainable_layers)`` after resolving ``auto``/``None``. Stages not
+    among the last ``trainable_layers`` of ``(conv1, layer1, layer2, layer3, layer4)`` get
+    ``requires_grad=False``.
     """
     if arch not in ARCHS:
         raise DetectorConfigError(f"arch={arch!r} is not one of {ARCHS}")
     norm = resolve_norm(norm, weights)
     trainable_layers = resolve_trainable_layers(trainable_layers, weights, default_trainable)
-    # SyncBN cannot be constructed inside the ResNet blocks directly on CPU-only builds without a process
-    # group at forward time, so build with BN and convert (the standard recipe).
+    # SyncBN cannot be constructed inside the ResNet blocks directly on CPU-only builds without a
+    # process group at forward time, so build with BN and convert (the standard recipe).
     build_norm = nn.BatchNorm2d if norm == "syncbn" else _norm_layer(norm)
     resnet = getattr(torchvision.models, arch)(weights=None, norm_layer=build_norm,
                                                replace_stride_with_dilation=replace_stride_with_dilation)
     if weights is not None:
         from mixup_transfer.core.checkpoint import load_backbone
 
-        state = load_backbone(weights, arch=arch, allow_pickle=allow_pickle)  # raises CheckpointError
+        # raises CheckpointError
+        state = load_backbone(weights, arch=arch, allow_pickle=allow_pickle)
         result = resnet.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith("fc.")]
-        if missing or result.unexpected_keys:  # load_backbone validated the key set; this is a guard
+        # load_backbone validated the key set; this is a guard
+        if missing or result.unexpected_keys:
             raise RuntimeError(f"backbone {weights} did not fit {arch}: missing {missing}, "
                                f"unexpected {result.unexpected_keys}")
     if norm == "syncbn":
@@ -110,8 +113,9 @@ def build_trunk(arch: str, weights: str | None, norm: str = "auto", trainable_la
 
 
 class _NoResizeTransform(GeneralizedRCNNTransform):
-    """Normalise and batch only: resizing (single- or multi-scale) is done by the albumentations pipeline,
-    so the boxes the model sees and returns are in the coordinates of the tensor it was given."""
+    """Normalise and batch only: resizing (single- or multi-scale) is done by the albumentations
+    pipeline, so the boxes the model sees and returns are in the coordinates of the tensor it was
+    given."""
 
     def resize(self, image, target=None):
         return image, target
@@ -145,9 +149,10 @@ def faster_rcnn_fpn(num_classes: int, weights: str | None, arch: str = "resnet50
                     box_detections_per_img: int = 100, box_score_thresh: float = 0.05,
                     fpn_channels: int = 256, box_head_dim: int = 1024,
                     resize_inside: bool = True, allow_pickle: bool = False) -> FasterRCNN:
-    """Faster R-CNN R-FPN. ``num_classes`` counts background (21 for VOC). ``anchor_sizes``: one size per
-    pyramid level P2..P6. ``fpn_channels`` / ``box_head_dim`` (256 / 1024 in the reference) can shrink for
-    toy runs. ``resize_inside=False`` leaves resizing to the data pipeline."""
+    """Faster R-CNN R-FPN. ``num_classes`` counts background (21 for VOC). ``anchor_sizes``: one
+    size per pyramid level P2..P6. ``fpn_channels`` / ``box_head_dim`` (256 / 1024 in the
+    reference) can shrink for toy runs. ``resize_inside=False`` leaves resizing to the data
+    pipeline."""
     resnet, _, tl = build_trunk(arch, weights, norm, trainable_layers, allow_pickle=allow_pickle)
     return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
     backbone = BackboneWithFPN(resnet, return_layers=return_layers, in_channels_list=_stage_channels(arch),
@@ -194,8 +199,9 @@ def faster_rcnn_c4(num_classes: int, weights: str | None, arch: str = "resnet50"
                    rpn_batch_size_per_image: int = 256, box_batch_size_per_image: int = 512,
                    box_detections_per_img: int = 100, box_score_thresh: float = 0.05,
                    resize_inside: bool = True, allow_pickle: bool = False) -> FasterRCNN:
-    """Faster R-CNN R-C4: one anchor level on layer3 (all ``anchor_sizes`` x ``aspect_ratios`` at each
-    position), RoIAlign 14x14 on it, layer4 + pooling as the box head, predictor from layer4's channels."""
+    """Faster R-CNN R-C4: one anchor level on layer3 (all ``anchor_sizes`` x ``aspect_ratios`` at
+    each position), RoIAlign 14x14 on it, layer4 + pooling as the box head, predictor from layer4's
+    channels."""
     resnet, _, tl = build_trunk(arch, weights, norm, trainable_layers, allow_pickle=allow_pickle)
     c3, c4 = _stage_channels(arch)[2:]
     backbone = _C4Trunk(resnet, c3)
@@ -211,15 +217,17 @@ def faster_rcnn_c4(num_classes: int, weights: str | None, arch: str = "resnet50"
     return _finish_rcnn(model, resize_inside, min_size, max_size)
 
 
-# ---------------------------------------------------------------------------------------------- SSD
+# ----------------------------------------------------------------------------------------------
+# SSD
 
-# Default-box scales (fractions of the input side) of the SSD reference configs: level k has boxes of
-# side min_k = s_k * size (ratio 1), sqrt(min_k * max_k) with max_k = s_{k+1} * size, and min_k * sqrt(a),
-# min_k / sqrt(a) for its aspect ratios a. VOC: the SSD paper's Caffe configs (ssd_pascal.py: 300 px
-# min_ratio 20 / max_ratio 90 -> min sizes 30, 60, 111, 162, 213, 264, max 60 ... 315; ssd_pascal_512.py:
-# min_ratio 15 / max_ratio 90 -> 35.84, 76.8, 153.6, 230.4, 307.2, 384, 460.8, max 76.8 ... 537.6), as in
-# amdegroot/ssd.pytorch data/config.py (voc, 300 px). COCO: the smaller first scales of the COCO configs
-# (torchvision's SSD300 and the Caffe SSD512 COCO scales).
+# Default-box scales (fractions of the input side) of the SSD reference configs: level k has boxes
+# of side min_k = s_k * size (ratio 1), sqrt(min_k * max_k) with max_k = s_{k+1} * size, and min_k
+# * sqrt(a), min_k / sqrt(a) for its aspect ratios a. VOC: the SSD paper's Caffe configs
+#   (ssd_pascal.py: 300 px
+# min_ratio 20 / max_ratio 90 -> min sizes 30, 60, 111, 162, 213, 264, max 60 ... 315;
+# ssd_pascal_512.py: min_ratio 15 / max_ratio 90 -> 35.84, 76.8, 153.6, 230.4, 307.2, 384, 460.8,
+# max 76.8 ... 537.6), as in amdegroot/ssd.pytorch data/config.py (voc, 300 px). COCO: the smaller
+# first scales of the COCO configs (torchvision's SSD300 and the Caffe SSD512 COCO scales).
 SSD_SCALES = {
     (300, "voc"): [0.1, 0.2, 0.37, 0.54, 0.71, 0.88, 1.05],
     (300, "coco"): [0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05],
@@ -232,10 +240,11 @@ def ssd_plan(size: int, priors: str = "voc") -> dict:
     """Feature-map plan for a square SSD input of ``size`` px on a stride-8 ResNet trunk.
 
     Returns ``{"extras": [(stride, padding), ...], "aspect_ratios": [...], "scales": [...] | None,
-    "steps": [...] | None, "fmap_sizes": [...]}``. 300 px is the SSD300 layout (38, 19, 10, 5, 3, 1 -> 8732
-    default boxes, steps 8, 16, 32, 64, 100, 300); 512 px is SSD512 (64, 32, ..., 1, 7 maps, steps 8 ... 512);
-    ``priors`` picks the reference default-box scales of the dataset, ``voc`` or ``coco`` (``SSD_SCALES``).
-    Any other size halves with stride-2 3x3 convs until 1x1 and uses the generator's linear scales.
+    "steps": [...] | None, "fmap_sizes": [...]}``. 300 px is the SSD300 layout (38, 19, 10, 5, 3, 1
+    -> 8732 default boxes, steps 8, 16, 32, 64, 100, 300); 512 px is SSD512 (64, 32, ..., 1, 7
+    maps, steps 8 ... 512); ``priors`` picks the reference default-box scales of the dataset,
+    ``voc`` or ``coco`` (``SSD_SCALES``). Any other size halves with stride-2 3x3 convs until 1x1
+    and uses the generator's linear scales.
     """
     if priors not in ("voc", "coco"):
         raise DetectorConfigError(f"SSD priors must be 'voc' or 'coco', got {priors!r}")
@@ -264,13 +273,15 @@ def ssd_plan(size: int, priors: str = "voc") -> dict:
 
 
 class SSDResNetBackbone(nn.Module):
-    """conv1..layer3 (layer3's first block at stride 1) + extra blocks; returns an OrderedDict of maps."""
+    """conv1..layer3 (layer3's first block at stride 1) + extra blocks; returns an OrderedDict of
+    maps."""
 
     def __init__(self, resnet, c3: int, extras, extra_channels=(512, 512, 256, 256, 256, 256),
                  mid_channels=(256, 256, 128, 128, 128, 128)):
         super().__init__()
         block = resnet.layer3[0]
-        # The stride sits on conv1 in a basic block and on conv2 (the 3x3) in torchvision's bottleneck.
+        # The stride sits on conv1 in a basic block and on conv2 (the 3x3) in torchvision's
+        # bottleneck.
         (block.conv2 if hasattr(block, "conv3") else block.conv1).stride = (1, 1)
         block.downsample[0].stride = (1, 1)
         self.trunk = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
@@ -303,9 +314,9 @@ def ssd_resnet(num_classes: int, weights: str | None, arch: str = "resnet50", si
                max_ratio: float = 0.9, score_thresh: float = 0.01, nms_thresh: float = 0.45,
                detections_per_img: int = 200, topk_candidates: int = 400,
                allow_pickle: bool = False, priors: str = "voc") -> SSD:
-    """SSD on a ResNet trunk (see :func:`ssd_plan`). ``priors`` (voc | coco) picks the reference default-box
-    scales at 300/512 px; ``min_ratio``/``max_ratio`` set them for other sizes. Inputs are resized to
-    ``size x size`` inside (a no-op when the data pipeline already did it)."""
+    """SSD on a ResNet trunk (see :func:`ssd_plan`). ``priors`` (voc | coco) picks the reference
+    default-box scales at 300/512 px; ``min_ratio``/``max_ratio`` set them for other sizes. Inputs
+    are resized to ``size x size`` inside (a no-op when the data pipeline already did it)."""
     resnet, _, tl = build_trunk(arch, weights, norm, trainable_layers, allow_pickle=allow_pickle,
                                 default_trainable=4)
     plan = ssd_plan(int(size), priors)

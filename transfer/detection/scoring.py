@@ -1,9 +1,11 @@
-"""Scoring, figures and summaries of detection predictions, shared by both backends (imports neither).
+"""Scoring, figures and summaries of detection predictions, shared by both backends (imports
+neither).
 
-A prediction is ``(image_id, boxes [K, 4] in original pixels (x0, y0, x1, y1), scores [K], labels [K])`` with
-1-based labels (0 is the background). :func:`score_predictions` scores them like the devkits (VOC comp4 files
-and 11-point or area AP; COCO results json and pycocotools stats), :func:`detection_figure` draws them,
-:func:`summarize` and :func:`write_summary` make a run's ``metrics.json`` over its seeds.
+A prediction is ``(image_id, boxes [K, 4] in original pixels (x0, y0, x1, y1), scores [K], labels
+[K])`` with 1-based labels (0 is the background). :func:`score_predictions` scores them like the
+devkits (VOC comp4 files and 11-point or area AP; COCO results json and pycocotools stats),
+:func:`detection_figure` draws them, :func:`summarize` and :func:`write_summary` make a run's
+``metrics.json`` over its seeds.
 """
 
 from __future__ import annotations
@@ -25,16 +27,17 @@ def split_name(cfg: dict) -> str:
 
 
 def count_nonfinite(preds) -> int:
-    """The NaN / inf values among the boxes and scores of host predictions ``(image_id, boxes, scores, labels)``."""
+    """The NaN / inf values among the boxes and scores of host predictions ``(image_id, boxes,
+    scores, labels)``."""
     return sum(int((~torch.isfinite(boxes)).sum()) + int((~torch.isfinite(scores)).sum())
                for _, boxes, scores, _ in preds)
 
 
 def check_finite(split: str, count: int) -> None:
-    """Stop (NonFiniteOutputError, exit 1) naming the detection stage, ``split`` and ``count``, the NaN / inf values
-    of the boxes, scores or raw head outputs of the split (summed over the ranks by the caller): a NaN score fails
-    every score threshold, so a broken detector would score mAP 0. Both backends check their predictions with it
-    before scoring them."""
+    """Stop (NonFiniteOutputError, exit 1) naming the detection stage, ``split`` and ``count``, the
+    NaN / inf values of the boxes, scores or raw head outputs of the split (summed over the ranks
+    by the caller): a NaN score fails every score threshold, so a broken detector would score mAP
+    0. Both backends check their predictions with it before scoring them."""
     runtime.check_outputs_finite("detection", split, {"box, score or raw head output": count})
 
 
@@ -45,9 +48,10 @@ def _base_dataset(ds):
 
 
 def score_predictions(preds, ctx: dict, out_dir: Path, metric: str = "11point") -> dict:
-    """VOC: comp4 files + ``voc_evaluate``; COCO: results json + ``coco_evaluate``. Returns metrics in percent
-    with the dataset's headline metric (`primary_key`): VOC ``mAP`` (AP@0.5 with ``metric``, averaged over the
-    classes) or COCO ``AP`` (AP@[.5:.95]), never both under one name."""
+    """VOC: comp4 files + ``voc_evaluate``; COCO: results json + ``coco_evaluate``. Returns metrics
+    in percent with the dataset's headline metric (`primary_key`): VOC ``mAP`` (AP@0.5 with
+    ``metric``, averaged over the classes) or COCO ``AP`` (AP@[.5:.95]), never both under one
+    name."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ds = _base_dataset(ctx["dataset"])
     if ctx["format"] == "voc":
@@ -95,7 +99,8 @@ def _coco_subset(data: dict, image_ids) -> dict:
 
 
 def detection_figure(examples, classes, path: Path, score_thresh: float = 0.3) -> None:
-    """Grid of test images: ground truth in green, predictions (score >= thresh) in red with class/score."""
+    """Grid of test images: ground truth in green, predictions (score >= thresh) in red with
+    class/score."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,8 +134,9 @@ def detection_figure(examples, classes, path: Path, score_thresh: float = 0.3) -
 
 
 def summarize(per_seed: list[dict]) -> dict:
-    """mean +- std over seeds of the headline metric (`primary_key`: VOC mAP, COCO AP) as <key>, <key>_mean and
-    <key>_std (ddof=1; null for a single seed), the other AP numbers' means, and a `units` field."""
+    """mean +- std over seeds of the headline metric (`primary_key`: VOC mAP, COCO AP) as <key>,
+    <key>_mean and <key>_std (ddof=1; null for a single seed), the other AP numbers' means, and a
+    `units` field."""
     key = primary_key(per_seed[0])
     maps = np.array([m[key] for m in per_seed], dtype=np.float64)
     out = {"primary": key, key: float(maps.mean()), f"{key}_mean": float(maps.mean()),
@@ -151,8 +157,8 @@ def summarize(per_seed: list[dict]) -> dict:
 
 
 def write_summary(run_dir: Path, cfg: dict, per_seed: list[dict], **extra) -> dict:
-    """The run's metrics over its seeds (`summarize`, plus `extra`), the first seed's detection figure and
-    ``run_dir/metrics.json``; both backends end with it."""
+    """The run's metrics over its seeds (`summarize`, plus `extra`), the first seed's detection
+    figure and ``run_dir/metrics.json``; both backends end with it."""
     metrics = summarize(per_seed)
     metrics.update(model=cfg["model"]["type"], arch=cfg["model"]["arch"], dataset=cfg["data"]["format"], **extra)
     metrics["units"] = units(metrics)

@@ -1,6 +1,7 @@
-"""The detection stage: ``run(cfg, inputs, run_dir)`` and ``finetune_detector(cfg, weights, run_dir)``, which
-validate the config once and hand it to the backend that ``cfg["backend"]`` names (``torchvision_backend`` or
-``d2_backend``). Only the pipeline and the tools import this module; the backends never do.
+"""The detection stage: ``run(cfg, inputs, run_dir)`` and ``finetune_detector(cfg, weights,
+run_dir)``, which validate the config once and hand it to the backend that ``cfg["backend"]`` names
+(``torchvision_backend`` or ``d2_backend``). Only the pipeline and the tools import this module;
+the backends never do.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ log = logging.getLogger("detection")
 
 
 def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: bool = False) -> dict:
-    """The detection stage: fine-tune from ``inputs["weights"]`` (None or absent: a random backbone).
+    """The detection stage: fine-tune from ``inputs["weights"]`` (None or absent: a random
+    backbone).
 
-    resume: continue the run folder (finished seeds are kept, the others resume; a run made from another config
-    or backbone is refused). Without it a run folder that holds a run is an error unless ``force``, which removes
-    what the folder holds (its lock aside) and starts over."""
+    resume: continue the run folder (finished seeds are kept, the others resume; a run made from
+    another config or backbone is refused). Without it a run folder that holds a run is an error
+    unless ``force``, which removes what the folder holds (its lock aside) and starts over."""
     inputs = dict(inputs or {})
     weights = inputs.pop("weights", None)
     if inputs:
@@ -52,8 +54,9 @@ def _start_over_if_forced(run_dir: Path, resume: bool, force: bool) -> None:
 def finetune_detector(cfg: dict, weights: str | None, run_dir) -> dict:
     """Fine-tune (every seed) and evaluate; returns and writes ``run_dir/metrics.json``.
 
-    ``weights``: a backbone checkpoint (loaded strictly by ``mixup_transfer.core.checkpoint.load_backbone``) or None
-    for a randomly initialised backbone (trainable BN unless ``model.norm`` says otherwise)."""
+    ``weights``: a backbone checkpoint (loaded strictly by
+    ``mixup_transfer.core.checkpoint.load_backbone``) or None for a randomly initialised backbone
+    (trainable BN unless ``model.norm`` says otherwise)."""
     cfg = resolve_config(copy.deepcopy(cfg))
     run_dir = Path(run_dir)
     if cfg["backend"] == "detectron2":

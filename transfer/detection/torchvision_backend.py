@@ -1,14 +1,14 @@
-"""The torchvision backend of the detection stage: fine-tune a torchvision detector from a backbone checkpoint,
-evaluate it like the devkits, time it.
+"""The torchvision backend of the detection stage: fine-tune a torchvision detector from a backbone
+checkpoint, evaluate it like the devkits, time it.
 
-``finetune(cfg, weights, run_dir)`` takes a resolved config (``transfer.detection.config``; the stage,
-``transfer.detection.stage``, dispatches here for ``backend: torchvision``). For each seed in ``cfg["seeds"]``
-it trains in ``run_dir/seed_<s>/`` (``log.jsonl``, ``checkpoints/last.pth`` written atomically at each epoch
-end, ``metrics.json``), evaluates on VOC07 test (11-point AP, comp4 result files in the XML's 1-based
-coordinates) or COCO val (pycocotools stats, results json with the original category ids), then writes
-``run_dir/metrics.json`` with the mean and std over seeds, train and test images/s (Table 5's SPEED), and
-``run_dir/figures/detections.png``. A seed whose ``metrics.json`` exists is skipped; one with
-``checkpoints/last.pth`` resumes from it.
+``finetune(cfg, weights, run_dir)`` takes a resolved config (``transfer.detection.config``; the
+stage, ``transfer.detection.stage``, dispatches here for ``backend: torchvision``). For each seed
+in ``cfg["seeds"]`` it trains in ``run_dir/seed_<s>/`` (``log.jsonl``, ``checkpoints/last.pth``
+written atomically at each epoch end, ``metrics.json``), evaluates on VOC07 test (11-point AP,
+comp4 result files in the XML's 1-based coordinates) or COCO val (pycocotools stats, results json
+with the original category ids), then writes ``run_dir/metrics.json`` with the mean and std over
+seeds, train and test images/s (Table 5's SPEED), and ``run_dir/figures/detections.png``. A seed
+whose ``metrics.json`` exists is skipped; one with ``checkpoints/last.pth`` resumes from it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from transfer.detection.transforms import SeedWorker, augment_seed, build_transf
 log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------------------------- data
+# -----------------------------------------------------------------------------------------------
+# data
 
 def collate(batch):
     return tuple(zip(*batch))
@@ -100,7 +101,8 @@ def build_model(cfg: dict, num_classes: int, weights: str | None):
     return build_detector(m["type"], num_classes, weights, **kwargs)
 
 
-# --------------------------------------------------------------------------------------- evaluation
+# ---------------------------------------------------------------------------------------
+# evaluation
 
 def _to_original(boxes: torch.Tensor, target: dict) -> torch.Tensor:
     """Boxes predicted on the resized tensor -> original image pixels (clipped)."""
@@ -112,13 +114,16 @@ def _to_original(boxes: torch.Tensor, target: dict) -> torch.Tensor:
     return out
 
 
-# the modules whose raw outputs the detectors' post-processing would silently drop when NaN (a NaN score fails
-# every score threshold: a broken detector would report mAP 0); torchvision's FasterRCNN and SSD names
+# the modules whose raw outputs the detectors' post-processing would silently drop when NaN (a NaN
+# score fails
+# every score threshold: a broken detector would report mAP 0); torchvision's FasterRCNN and SSD
+# names
 _RAW_OUTPUTS = ("backbone", "rpn.head", "roi_heads.box_predictor", "head")
 
 
 class _NonFiniteCounter:
-    """Counts, on the device, the NaN / inf values of the raw outputs of `_RAW_OUTPUTS` during predictions."""
+    """Counts, on the device, the NaN / inf values of the raw outputs of `_RAW_OUTPUTS` during
+    predictions."""
 
     def __init__(self, model, device):
         self.count = torch.zeros((), dtype=torch.int64, device=device)
@@ -140,9 +145,10 @@ class _NonFiniteCounter:
 
 
 def _batch_records(counter: _NonFiniteCounter, max_keep_examples: int):
-    """The per-batch callable of `predict_sharded`: one record per image, ((image_id, boxes [K, 4] in original
-    pixels, scores [K], labels [K]), its example for figures or None), after one device -> host transfer; the
-    NaN / inf values of the final boxes and scores are added to ``counter`` on the device."""
+    """The per-batch callable of `predict_sharded`: one record per image, ((image_id, boxes [K, 4]
+    in original pixels, scores [K], labels [K]), its example for figures or None), after one device
+    -> host transfer; the NaN / inf values of the final boxes and scores are added to ``counter``
+    on the device."""
     def to_records(batch, outputs, indices):
         images, targets = batch
         counter.count += runtime.count_nonfinite([[o["boxes"], o["scores"]] for o in outputs]).to(counter.count.device)
@@ -161,13 +167,14 @@ def _batch_records(counter: _NonFiniteCounter, max_keep_examples: int):
 
 def predict_sharded(model, dataset, batch_size: int, workers: int, device, precision="fp32", channels_last=False,
                     max_keep_examples=0, split: str = "test"):
-    """The model over ``dataset`` (``mixup_transfer.core.inference``: each rank its shard of whole test batches,
-    rank 0's buffers). Returns, on every rank in dataset order, the per-image predictions (image_id, boxes [K, 4]
-    original pixels, scores [K], labels [K]), the examples of the first ``max_keep_examples`` images for
-    figures, the seconds spent in the model (the slowest rank's) and the number of images, so scoring them gives
-    the single-process numbers. A NaN or infinite box, score or raw head output stops it on every rank
-    (`NonFiniteOutputError` naming ``split``): nothing is scored. ``channels_last``: the model's format (set by
-    its owner); the per-image [3, h, w] inputs keep theirs (the detector batches them)."""
+    """The model over ``dataset`` (``mixup_transfer.core.inference``: each rank its shard of whole
+    test batches, rank 0's buffers). Returns, on every rank in dataset order, the per-image
+    predictions (image_id, boxes [K, 4] original pixels, scores [K], labels [K]), the examples of
+    the first ``max_keep_examples`` images for figures, the seconds spent in the model (the slowest
+    rank's) and the number of images, so scoring them gives the single-process numbers. A NaN or
+    infinite box, score or raw head output stops it on every rank (`NonFiniteOutputError` naming
+    ``split``): nothing is scored. ``channels_last``: the model's format (set by its owner); the
+    per-image [3, h, w] inputs keep theirs (the detector batches them)."""
     counter = _NonFiniteCounter(model, device)
     res = inference_on_dataset(model, dataset, lambda m, images: m(list(images)),
                                _batch_records(counter, max_keep_examples), batch_size=batch_size, device=device,
@@ -177,10 +184,12 @@ def predict_sharded(model, dataset, batch_size: int, workers: int, device, preci
     return ([r[0] for r in res.records], [r[1] for r in res.records if r[1] is not None], res.seconds, res.count)
 
 
-# ----------------------------------------------------------------------------------------- training
+# -----------------------------------------------------------------------------------------
+# training
 
 class DetectionTask(Task):
-    """A torchvision detector fine-tuned on VOC or COCO; ``model(images, targets)`` returns its loss dict."""
+    """A torchvision detector fine-tuned on VOC or COCO; ``model(images, targets)`` returns its
+    loss dict."""
 
     sync_batchnorm = True  # trainable BN (random init, SSD extras) synchronised across GPUs
     resume_may_change = RESUME_MAY_CHANGE
@@ -212,7 +221,8 @@ class DetectionTask(Task):
         return DataLoader(train, batch_size=s["batch_per_process"], sampler=sampler,
                           num_workers=self.cfg["data"]["num_workers"],
                           collate_fn=collate, drop_last=len(train) >= s["batch_per_process"] * self.world,
-                          pin_memory=self.device.type == "cuda",  # pinned: the copies to the GPU never wait
+                          # pinned: the copies to the GPU never wait
+                          pin_memory=self.device.type == "cuda",
                           worker_init_fn=SeedWorker(self.train_tf, self.seed, epoch, self.rank))
 
     def batches(self, epoch: int, start_step: int):
@@ -223,8 +233,9 @@ class DetectionTask(Task):
         return self._loader(epoch)
 
     def to_device(self, batch, device, channels_last):
-        """Images stay per-image [3, h, w] tensors (channels_last needs rank 4): the detector batches them, and
-        only the model is converted to channels_last (`DetectionTask.__init__`)."""
+        """Images stay per-image [3, h, w] tensors (channels_last needs rank 4): the detector
+        batches them, and only the model is converted to channels_last
+        (`DetectionTask.__init__`)."""
         images, targets = batch
         images = [im.to(device, non_blocking=True) for im in images]
         return images, [{"boxes": t["boxes"].to(device, non_blocking=True),
@@ -260,8 +271,9 @@ class DetectionTask(Task):
         return {f"eval_{key}": m[key]}
 
     def predict_test(self, engine, max_keep_examples: int = 0):
-        """``predict_sharded`` over the test set: (predictions, examples, seconds, images), on every rank (with
-        rank 0's BatchNorm statistics: every shard is scored with the same model)."""
+        """``predict_sharded`` over the test set: (predictions, examples, seconds, images), on
+        every rank (with rank 0's BatchNorm statistics: every shard is scored with the same
+        model)."""
         return predict_sharded(self.model, self.test_set, self.cfg["eval"]["batch_size"],
                                self.cfg["data"]["num_workers"],
                                self.device, engine.precision, engine.settings.channels_last, max_keep_examples,
@@ -277,12 +289,14 @@ class DetectionTask(Task):
 
 
 def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) -> dict:
-    """Train + evaluate one seed in ``seed_dir``; returns its metrics (also written to metrics.json)."""
+    """Train + evaluate one seed in ``seed_dir``; returns its metrics (also written to
+    metrics.json)."""
     seed_dir = Path(seed_dir)
     done = seed_dir / "metrics.json"
     fingerprint = seed_fingerprint(cfg, weights, seed)
     if done.is_file():
-        fp.check(seed_dir, fingerprint, RESUME_MAY_CHANGE, RESTART)  # never relabel old results with new inputs
+        # never relabel old results with new inputs
+        fp.check(seed_dir, fingerprint, RESUME_MAY_CHANGE, RESTART)
         log.info("%s exists: seed %d already finished", done, seed)
         return json.loads(done.read_text())
     rt, s = cfg["runtime"], cfg["optim"]
@@ -301,7 +315,8 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
                header={"seed": seed, "weights": weights, "steps_per_epoch": task.steps_per_epoch,
                        "per_process_batch": s["batch_per_process"],
                        "total_steps": task.total, "device": str(device)})
-    metrics = _final_metrics(task, engine, seed_dir)  # every rank predicts its shard of the test set
+    # every rank predicts its shard of the test set
+    metrics = _final_metrics(task, engine, seed_dir)
     if runtime.is_main_process():
         runtime.write_json(metrics, done)
     runtime.barrier()
@@ -312,13 +327,15 @@ RESTART = "choose another --run-dir, or pass --force to start over (or delete on
 
 
 def seed_fingerprint(cfg: dict, weights: str | None, seed: int) -> dict:
-    """What one seed is made from: the config (the list of seeds aside), the seed and the backbone's hash."""
+    """What one seed is made from: the config (the list of seeds aside), the seed and the
+    backbone's hash."""
     seed_cfg = {k: v for k, v in cfg.items() if k != "seeds"}
     return fp.make({**seed_cfg, "seed": seed}, {"weights": weights})
 
 
 def check_resume(cfg: dict, weights: str | None, run_dir: Path) -> None:
-    """Refuse (before anything is written) to continue a run folder whose seeds were made from another config
+    """Refuse (before anything is written) to continue a run folder whose seeds were made from
+    another config
     or backbone: a refused resume leaves the folder as it was."""
     for seed in cfg["seeds"]:
         seed_dir = Path(run_dir) / f"seed_{seed}"
@@ -327,7 +344,8 @@ def check_resume(cfg: dict, weights: str | None, run_dir: Path) -> None:
 
 
 def _final_metrics(task: DetectionTask, engine: Engine, seed_dir: Path) -> dict:
-    """Predictions gathered from every rank; rank 0 scores them and writes the figure ({} on the others)."""
+    """Predictions gathered from every rank; rank 0 scores them and writes the figure ({} on the
+    others)."""
     cfg = task.cfg
     preds, examples, test_seconds, n_test = task.predict_test(engine, cfg["eval"]["figure_examples"])
     if not runtime.is_main_process():
@@ -344,8 +362,9 @@ def _final_metrics(task: DetectionTask, engine: Engine, seed_dir: Path) -> dict:
 
 
 def finetune(cfg: dict, weights: str | None, run_dir: Path) -> dict:
-    """Every seed of a resolved config (``config.resolve_config``) with ``backend: torchvision``; returns (rank 0)
-    and writes ``run_dir/metrics.json``. A resume refused by ``check_resume`` writes nothing."""
+    """Every seed of a resolved config (``config.resolve_config``) with ``backend: torchvision``;
+    returns (rank 0) and writes ``run_dir/metrics.json``. A resume refused by ``check_resume``
+    writes nothing."""
     check_resume(cfg, weights, run_dir)
     if runtime.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)

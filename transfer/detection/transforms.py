@@ -1,18 +1,18 @@
 """Detection augmentation through albumentations, boxes kept consistent by its bbox machinery.
 
-Boxes follow the toolkit's convention (float ``x0, y0, x1, y1`` continuous pixels), which is albumentations'
-``pascal_voc`` format. Two recipes:
+Boxes follow the toolkit's convention (float ``x0, y0, x1, y1`` continuous pixels), which is
+albumentations' ``pascal_voc`` format. Two recipes:
 
-- SSD (Liu et al. 2016): photometric distortion, zoom-out (``ZoomOut``: image pasted on a canvas up to
-  ``max_ratio`` times larger, filled with the mean colour), IoU-constrained random crop
+- SSD (Liu et al. 2016): photometric distortion, zoom-out (``ZoomOut``: image pasted on a canvas up
+  to ``max_ratio`` times larger, filled with the mean colour), IoU-constrained random crop
   (``MinIoURandomCrop``), horizontal flip, resize to ``size x size``.
-- Faster R-CNN: multi-scale resize of the shorter side (``ResizeShortSide``, capped by the longer side),
-  horizontal flip.
+- Faster R-CNN: multi-scale resize of the shorter side (``ResizeShortSide``, capped by the longer
+  side), horizontal flip.
 
-Test-time: a plain resize; ``target["scale"] = (sx, sy)`` maps predictions back to the original image
-(``x_orig = x / sx``). The random draws of the custom transforms are pure functions
-(:func:`sample_zoom_out`, :func:`sample_iou_crop`) of a ``numpy.random.Generator``, which the transforms take
-from albumentations (seeded by ``Compose(seed=...)``).
+Test-time: a plain resize; ``target["scale"] = (sx, sy)`` maps predictions back to the original
+image (``x_orig = x / sx``). The random draws of the custom transforms are pure functions
+(:func:`sample_zoom_out`, :func:`sample_iou_crop`) of a ``numpy.random.Generator``, which the
+transforms take from albumentations (seeded by ``Compose(seed=...)``).
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ def sample_zoom_out(height: int, width: int, max_ratio: float, rng: np.random.Ge
 def sample_iou_crop(boxes: np.ndarray, height: int, width: int, rng: np.random.Generator,
                     min_ious=SSD_MIN_IOUS, min_scale: float = 0.3, max_trials: int = 50):
     """SSD's crop sampler: pick a mode from ``min_ious``; None keeps the image, otherwise up to
-    ``max_trials`` crops with sides in [min_scale, 1] of the image's and aspect ratio in [1/2, 2] are drawn
-    until one contains a box centre and has IoU >= the mode's threshold with one of the boxes whose centre
-    it contains (the Caffe SSD / torchvision-references rule).
+    ``max_trials`` crops with sides in [min_scale, 1] of the image's and aspect ratio in [1/2, 2]
+    are drawn until one contains a box centre and has IoU >= the mode's threshold with one of the
+    boxes whose centre it contains (the Caffe SSD / torchvision-references rule).
 
     Returns ``(x0, y0, x1, y1)`` integer crop or None (no crop). ``boxes``: [N, 4] pixels.
     """
@@ -85,7 +85,8 @@ def sample_iou_crop(boxes: np.ndarray, height: int, width: int, rng: np.random.G
 
 
 class ZoomOut(A.DualTransform):
-    """Paste the image at a random place on a canvas up to ``max_ratio`` times larger (mean colour)."""
+    """Paste the image at a random place on a canvas up to ``max_ratio`` times larger (mean
+    colour)."""
 
     def __init__(self, max_ratio: float = 4.0, fill=MEAN_RGB_255, p: float = 0.5):
         super().__init__(p=p)
@@ -112,8 +113,8 @@ class ZoomOut(A.DualTransform):
 
 
 class MinIoURandomCrop(A.DualTransform):
-    """SSD's IoU-constrained crop (:func:`sample_iou_crop`); boxes whose centre falls outside the crop are
-    dropped, the others clipped to it."""
+    """SSD's IoU-constrained crop (:func:`sample_iou_crop`); boxes whose centre falls outside the
+    crop are dropped, the others clipped to it."""
 
     def __init__(self, min_ious=SSD_MIN_IOUS, min_scale: float = 0.3, max_trials: int = 50, p: float = 1.0):
         super().__init__(p=p)
@@ -149,8 +150,8 @@ class MinIoURandomCrop(A.DualTransform):
 
 
 class ResizeShortSide(A.DualTransform):
-    """Resize so the shorter side is one of ``sizes`` (drawn uniformly) and the longer side <= ``max_size``.
-    Normalised boxes are unchanged by a resize, so only the image is touched."""
+    """Resize so the shorter side is one of ``sizes`` (drawn uniformly) and the longer side <=
+    ``max_size``. Normalised boxes are unchanged by a resize, so only the image is touched."""
 
     def __init__(self, sizes, max_size: int, p: float = 1.0):
         super().__init__(p=p)
@@ -204,19 +205,20 @@ def rcnn_test_augment(size: int, max_size: int) -> A.Compose:
 
 
 def augment_seed(seed: int, epoch: int, rank: int = 0, worker: int = 0) -> int:
-    """The albumentations seed of one augmentation stream: the run seed, the epoch, the DDP rank and the
-    DataLoader worker (0: the main process, k: worker k - 1). Rank 0's main process keeps the plain per-epoch seed
-    ``seed * 100003 + epoch``; every other stream is a SeedSequence of the four, so no two ranks or workers draw
-    the same crops and flips."""
+    """The albumentations seed of one augmentation stream: the run seed, the epoch, the DDP rank
+    and the
+    DataLoader worker (0: the main process, k: worker k - 1). Rank 0's main process keeps the plain
+    per-epoch seed ``seed * 100003 + epoch``; every other stream is a SeedSequence of the four, so
+    no two ranks or workers draw the same crops and flips."""
     if rank == 0 and worker == 0:
         return seed * 100003 + epoch
     return int(np.random.SeedSequence([seed, epoch, rank, worker]).generate_state(1)[0])
 
 
 class SeedWorker:
-    """A DataLoader ``worker_init_fn``: reseeds ``transform``'s albumentations pipeline (the worker's own copy)
-    with ``augment_seed(seed, epoch, rank, worker_id + 1)``. Without it every worker starts from the copy of the
-    parent's generator and repeats the same draws."""
+    """A DataLoader ``worker_init_fn``: reseeds ``transform``'s albumentations pipeline (the
+    worker's own copy) with ``augment_seed(seed, epoch, rank, worker_id + 1)``. Without it every
+    worker starts from the copy of the parent's generator and repeats the same draws."""
 
     def __init__(self, transform: DetectionTransform, seed: int, epoch: int, rank: int):
         self.transform, self.seed, self.epoch, self.rank = transform, seed, epoch, rank
@@ -226,9 +228,9 @@ class SeedWorker:
 
 
 class DetectionTransform:
-    """``(PIL image, target) -> (float tensor [3, H, W] in [0, 1], target)`` through an albumentations
-    pipeline. The target keeps ``image_id`` and ``size`` (original ``(h, w)``) and gains ``scale``
-    ``(sx, sy)`` = new / original size (exact for the resize-only test pipelines).
+    """``(PIL image, target) -> (float tensor [3, H, W] in [0, 1], target)`` through an
+    albumentations pipeline. The target keeps ``image_id`` and ``size`` (original ``(h, w)``) and
+    gains ``scale`` ``(sx, sy)`` = new / original size (exact for the resize-only test pipelines).
     ``drop_difficult`` removes difficult / crowd objects (training)."""
 
     def __init__(self, augment: A.Compose, drop_difficult: bool = False):
@@ -262,8 +264,8 @@ class DetectionTransform:
 def build_transforms(kind: str, train: bool, size: int, train_sizes=None, max_size: int | None = None,
                      zoom_out_ratio: float = 4.0, photometric: bool = True, flip_p: float = 0.5,
                      seed: int | None = None, drop_difficult: bool = True) -> DetectionTransform:
-    """``kind`` = "ssd" | "rcnn". SSD resizes to ``size x size``; R-CNN resizes the shorter side to one of
-    ``train_sizes`` (train) or ``size`` (test), the longer side capped at ``max_size``."""
+    """``kind`` = "ssd" | "rcnn". SSD resizes to ``size x size``; R-CNN resizes the shorter side to
+    one of ``train_sizes`` (train) or ``size`` (test), the longer side capped at ``max_size``."""
     if kind == "ssd":
         aug = (ssd_train_augment(size, zoom_out_ratio, flip_p=flip_p, photometric=photometric, seed=seed)
                if train else ssd_test_augment(size))

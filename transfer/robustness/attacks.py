@@ -1,8 +1,8 @@
 """White-box l_inf attacks in [0, 1] pixel space: FGSM and PGD (Madry et al.).
 
-The model takes images in [0, 1] and normalises them itself, so ``eps`` and ``step`` are pixel units
-(8/255 means eight grey levels). Both attacks maximise the cross-entropy of the true label, work on a
-whole batch at once and return detached images clipped to [0, 1].
+The model takes images in [0, 1] and normalises them itself, so ``eps`` and ``step`` are pixel
+units (8/255 means eight grey levels). Both attacks maximise the cross-entropy of the true label,
+work on a whole batch at once and return detached images clipped to [0, 1].
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ def pgd(model, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, iters:
         random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
     """Projected gradient descent on the l_inf ball of radius ``eps`` around ``x``, inside [0, 1].
 
-    Start: ``x`` (or ``x + U(-eps, eps)`` with ``random_start``, drawn on CPU from ``generator`` so the
-    run is repeatable on any device). Each of ``iters`` steps: ``x += step * sign(grad)``, then project
-    onto ``[x0 - eps, x0 + eps]`` and ``[0, 1]``.
+    Start: ``x`` (or ``x + U(-eps, eps)`` with ``random_start``, drawn on CPU from ``generator`` so
+    the run is repeatable on any device). Each of ``iters`` steps: ``x += step * sign(grad)``, then
+    project onto ``[x0 - eps, x0 + eps]`` and ``[0, 1]``.
     """
     x0 = x.detach()
     lo, hi = (x0 - eps).clamp(min=0.0), (x0 + eps).clamp(max=1.0)

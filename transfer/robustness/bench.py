@@ -1,5 +1,5 @@
-"""Speed of the robustness suites: images/s of a clean forward, FGSM and PGD on the machine that runs it, and the
-sorting-based OOD metrics against the direct O(n^2) pair count.
+"""Speed of the robustness suites: images/s of a clean forward, FGSM and PGD on the machine that
+runs it, and the sorting-based OOD metrics against the direct O(n^2) pair count.
 
 ``run_robustness_bench(quick=False) -> dict`` (JSON-able).
 """

@@ -1,9 +1,11 @@
-"""Calibration: expected calibration error (ECE) and overconfidence error (OE) with equal-width bins.
+"""Calibration: expected calibration error (ECE) and overconfidence error (OE) with equal-width
+bins.
 
 ECE = sum_m |B_m|/n * |acc(B_m) - conf(B_m)|
 OE  = sum_m |B_m|/n * conf(B_m) * max(conf(B_m) - acc(B_m), 0)
 
-Bin m (1-based, M bins) holds confidences in ((m-1)/M, m/M]; a confidence of exactly 0 goes to bin 1.
+Bin m (1-based, M bins) holds confidences in ((m-1)/M, m/M]; a confidence of exactly 0 goes to bin
+1.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import numpy as np
 def calibration_bins(confidence, correct, n_bins: int = 10) -> dict:
     """Per-bin statistics.
 
-    confidence: ``[n]`` max softmax probability in [0, 1]; correct: ``[n]`` bool (top-1 prediction right).
-    Returns numpy arrays ``count [M]``, ``accuracy [M]``, ``confidence [M]`` (0 for empty bins),
-    ``lower [M]``, ``upper [M]`` bin edges.
+    confidence: ``[n]`` max softmax probability in [0, 1]; correct: ``[n]`` bool (top-1 prediction
+    right). Returns numpy arrays ``count [M]``, ``accuracy [M]``, ``confidence [M]`` (0 for empty
+    bins), ``lower [M]``, ``upper [M]`` bin edges.
     """
     conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
     corr = np.asarray(correct, dtype=np.float64).reshape(-1)

@@ -1,7 +1,7 @@
-"""The robustness stage's own command line (its declaration's `cli`, mixup_transfer/core/stage.py): a flag for each
-top-level option of the stage's DEFAULTS (documented once, there), --threads, and the comparison mode of several
-checkpoints. The shared keys (data.max_val, eval.batch_size, runtime.precision, ...) are KEY=VALUE overrides, as in
-every stage."""
+"""The robustness stage's own command line (its declaration's `cli`, mixup_transfer/core/stage.py):
+a flag for each top-level option of the stage's DEFAULTS (documented once, there), --threads, and
+the comparison mode of several checkpoints. The shared keys (data.max_val, eval.batch_size,
+runtime.precision, ...) are KEY=VALUE overrides, as in every stage."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def _comments(module) -> dict[str, str]:
 
 
 def option_help() -> dict[str, str]:
-    """Each top-level stage option's meaning: its comment in transfer/robustness/stage.py DEFAULTS, with its default
-    and, where the option has a fixed set, its choices."""
+    """Each top-level stage option's meaning: its comment in transfer/robustness/stage.py DEFAULTS,
+    with its default and, where the option has a fixed set, its choices."""
     from transfer.robustness import stage
 
     comments = _comments(stage)
@@ -81,7 +81,8 @@ def add_arguments(p, stage, sub) -> None:
 
 
 def _options(stage, args, p) -> dict:
-    """The config file, then the flags, then the KEY=VALUE overrides (a renamed flag is refused)."""
+    """The config file, then the flags, then the KEY=VALUE overrides (a renamed flag is
+    refused)."""
     from mixup_transfer.core.config import apply_overrides, validate
 
     for old in ("limit", "workers", "batch_size", "device", "precision", "tensorboard"):
@@ -94,7 +95,8 @@ def _options(stage, args, p) -> dict:
 
 
 def _split_checkpoints(args) -> None:
-    """`--checkpoint a.pth data.max_val=2`: the override after the checkpoints belongs to the overrides."""
+    """`--checkpoint a.pth data.max_val=2`: the override after the checkpoints belongs to the
+    overrides."""
     keep = []
     for spec in args.checkpoint:
         head = spec.split("=", 1)[0]
@@ -130,7 +132,8 @@ def _evaluate(stage, opts: dict, named: list, args) -> int:
     from transfer.robustness import SUITES, compare
 
     out, results = Path(opts["out"]), {}
-    # under torchrun each rank evaluates a shard; rank 0 writes (and holds the output folder's lock)
+    # under torchrun each rank evaluates a shard; rank 0 writes (and holds the output folder's
+    # lock)
     with torchrun_session() as (rank, world), run_lock(out, "evaluation output"):
         log.info("robustness suites %s of %s on %s into %s (config %s): world size %d, batch %s per process, "
                  "precision %s, device %s", opts["suites"], ", ".join(n for n, _ in named), args.imagenet, out,

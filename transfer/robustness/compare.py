@@ -1,5 +1,5 @@
-"""Comparison tables: several checkpoints' ``metrics.json`` -> one table per suite, methods as rows,
-laid out like the papers' tables (Markdown with the best value in bold, and JSON)."""
+"""Comparison tables: several checkpoints' ``metrics.json`` -> one table per suite, methods as
+rows, laid out like the papers' tables (Markdown with the best value in bold, and JSON)."""
 
 from __future__ import annotations
 
@@ -66,8 +66,9 @@ def _table(title: str, metrics_by_method: dict, suite_of, columns) -> tuple[str,
 def compare(metrics_by_method: dict) -> tuple[str, dict]:
     """(Markdown, JSON-able dict) with one table per suite present in any of the metrics dicts.
 
-    metrics_by_method: ``name -> metrics dict`` as written by ``evaluate_checkpoint``. OOD gives one table
-    per OOD set (JSON key ``ood/<set>``). Missing values show as "—"; the best value of each column is bold.
+    metrics_by_method: ``name -> metrics dict`` as written by ``evaluate_checkpoint``. OOD gives
+    one table per OOD set (JSON key ``ood/<set>``). Missing values show as "—"; the best value of
+    each column is bold.
     """
     if not metrics_by_method:
         raise ValueError("compare needs at least one method's metrics")

@@ -1,15 +1,15 @@
 """Evaluation datasets: ImageNet-layout val (clean or background-corrupted), OOD image folders and
 synthetic noise images.
 
-Every item is an RGB float tensor ``[3, S, S]`` in [0, 1] after "resize the short side to ``resize``,
-centre-crop ``S``" (torchvision's evaluation transform, done on tensors with antialiasing so that the
-boxes can follow exactly). Boxes: float ``[K, 4]`` ``x0, y0, x1, y1`` in continuous pixel coordinates,
-transformed along with the image.
+Every item is an RGB float tensor ``[3, S, S]`` in [0, 1] after "resize the short side to
+``resize``, centre-crop ``S``" (torchvision's evaluation transform, done on tensors with
+antialiasing so that the boxes can follow exactly). Boxes: float ``[K, 4]`` ``x0, y0, x1, y1`` in
+continuous pixel coordinates, transformed along with the image.
 
 Validated on the way in (a `DataError` naming the image or file): the val boxes through
-`mixup_transfer.core.data.ImageNetFolder.boxes` (XML `<size>` equal to the image's, boxes of positive size inside
-it), then again against the decoded image (`check_boxes`); images that cannot be decoded; OOD folders
-that are missing or hold no image. Nothing is skipped.
+`mixup_transfer.core.data.ImageNetFolder.boxes` (XML `<size>` equal to the image's, boxes of
+positive size inside it), then again against the decoded image (`check_boxes`); images that cannot
+be decoded; OOD folders that are missing or hold no image. Nothing is skipped.
 """
 
 from __future__ import annotations
@@ -38,28 +38,30 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 
 
 def read_rgb(path) -> torch.Tensor:
-    """``[3, H, W]`` float in [0, 1] via ``mixup_transfer.core.data.read_image`` (clear error naming the file)."""
+    """``[3, H, W]`` float in [0, 1] via ``mixup_transfer.core.data.read_image`` (clear error
+    naming the file)."""
     return TF.pil_to_tensor(read_image(path)).float().div_(255.0)
 
 
 def open_val_set(root):
-    """The labelled evaluation split of ``root`` in any classification layout (``mixup_transfer.core.smalldata``):
-    ImageNet's
-    val (boxes from val_boxes/ or LOC_val_solution.csv when present), TinyImageNet's val (with its boxes),
-    CIFAR-10/100's test batch (no boxes: clean, calibration, FGSM, PGD and OOD only)."""
+    """The labelled evaluation split of ``root`` in any classification layout
+    (``mixup_transfer.core.smalldata``): ImageNet's
+    val (boxes from val_boxes/ or LOC_val_solution.csv when present), TinyImageNet's val (with its
+    boxes), CIFAR-10/100's test batch (no boxes: clean, calibration, FGSM, PGD and OOD only)."""
     return open_classification(root, "val", boxes="auto")
 
 
 def base_image(base, i: int) -> torch.Tensor:
-    """Image ``i`` of a reader as ``[3, H, W]`` float in [0, 1]: from its ``image(i)`` (in-memory CIFAR arrays,
-    TinyImageNet) or its file ``samples[i][0]`` (ImageNet folders)."""
+    """Image ``i`` of a reader as ``[3, H, W]`` float in [0, 1]: from its ``image(i)`` (in-memory
+    CIFAR arrays, TinyImageNet) or its file ``samples[i][0]`` (ImageNet folders)."""
     if hasattr(base, "image"):
         return TF.pil_to_tensor(base.image(i)).float().div_(255.0)
     return read_rgb(base.samples[i][0])
 
 
 def resized_size(height: int, width: int, resize: int) -> tuple[int, int]:
-    """(h, w) after resizing the short side to ``resize`` (torchvision: long = int(resize * long / short))."""
+    """(h, w) after resizing the short side to ``resize`` (torchvision: long = int(resize * long /
+    short))."""
     if height <= width:
         return resize, int(resize * width / height)
     return int(resize * height / width), resize
@@ -68,8 +70,8 @@ def resized_size(height: int, width: int, resize: int) -> tuple[int, int]:
 def resize_crop(image: torch.Tensor, boxes: np.ndarray | None, resize: int, crop: int):
     """Resize short side to ``resize`` then centre-crop ``crop`` x ``crop``; boxes follow.
 
-    image: ``[3, H, W]`` float; boxes: ``[K, 4]`` or None. Returns (image ``[3, crop, crop]``, boxes
-    ``[K', 4]`` float32 clipped to the crop, boxes left with no area dropped; or None).
+    image: ``[3, H, W]`` float; boxes: ``[K, 4]`` or None. Returns (image ``[3, crop, crop]``,
+    boxes ``[K', 4]`` float32 clipped to the crop, boxes left with no area dropped; or None).
     """
     if resize < crop:
         raise ValueError(f"resize ({resize}) must be >= the crop size ({crop})")
@@ -88,8 +90,8 @@ def resize_crop(image: torch.Tensor, boxes: np.ndarray | None, resize: int, crop
 
 
 def check_boxes(boxes: np.ndarray, height: int, width: int, image_path, tol: float = 1.0) -> np.ndarray:
-    """Boxes ``[K, 4]`` clipped to the image; DataError naming the image if there are none, or one lies
-    outside the ``height`` x ``width`` image by more than ``tol`` pixels or has no area."""
+    """Boxes ``[K, 4]`` clipped to the image; DataError naming the image if there are none, or one
+    lies outside the ``height`` x ``width`` image by more than ``tol`` pixels or has no area."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if b.shape[0] == 0:
         raise DataError(f"{image_path}: no ground-truth boxes (background corruption and localization "
@@ -107,11 +109,12 @@ def check_boxes(boxes: np.ndarray, height: int, width: int, image_path, tol: flo
 class ValSet(Dataset):
     """ImageNet-layout validation images, clean or with a corrupted background.
 
-    base: a reader of ``open_val_set`` (``.samples``, ``.boxes(i)``, optionally ``.image(i)``), e.g.
-    ``mixup_transfer.core.data.ImageNetFolder(root, split="val")``.
+    base: a reader of ``open_val_set`` (``.samples``, ``.boxes(i)``, optionally ``.image(i)``),
+    e.g. ``mixup_transfer.core.data.ImageNetFolder(root, split="val")``.
     indices: which val images (positions in ``base``) to serve.
-    corruption: None, "replace" or "noise"; at: "eval" corrupts after resize + crop (default), "original"
-    corrupts at the stored resolution and then resizes. sigma: noise std in [0, 1] pixel units.
+    corruption: None, "replace" or "noise"; at: "eval" corrupts after resize + crop (default),
+    "original" corrupts at the stored resolution and then resizes. sigma: noise std in [0, 1] pixel
+    units.
     Item: (image ``[3, S, S]``, label, boxes ``[K, 4]`` float32 tensor, base index).
     Per-image draws depend on (seed, base index) only.
     """
@@ -153,8 +156,9 @@ class ValSet(Dataset):
         return img, label, torch.from_numpy(boxes), i
 
     def corrupted_image(self, k: int):
-        """(image, boxes ``[K, 4]`` numpy, label, base index) at the resolution the corruption is applied:
-        the stored size for ``at="original"``, the evaluation crop for ``at="eval"`` (for PNG export)."""
+        """(image, boxes ``[K, 4]`` numpy, label, base index) at the resolution the corruption is
+        applied: the stored size for ``at="original"``, the evaluation crop for ``at="eval"`` (for
+        PNG export)."""
         if self.at == "eval":
             img, label, boxes, i = self[k]
             return img, boxes.numpy(), label, i
@@ -185,7 +189,8 @@ def collate(batch):
 
 
 def list_images(root) -> list[Path]:
-    """Every image file under ``root`` (recursive, sorted); an error naming the folder if there is none."""
+    """Every image file under ``root`` (recursive, sorted); an error naming the folder if there is
+    none."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"OOD folder {root} does not exist or is not a directory")
@@ -203,10 +208,11 @@ OOD_TRANSFORMS = ("eval", "crop", "resize")
 def ood_transform(image: torch.Tensor, mode: str, image_size: int, resize: int, path="") -> torch.Tensor:
     """One OOD image ``[3, H, W]`` -> ``[3, S, S]``.
 
-    mode: ``eval`` the val transform (short side to ``resize``, centre crop S); ``crop`` a centre S x S crop at
-    the stored resolution (AlignMix §4.3 "center-cropped to 32 x 32"; a DataError naming ``path`` if the image
-    is smaller than S); ``resize`` the whole image squeezed to S x S (AlignMix App. C "resizing OOD examples
-    to 32 x 32"). All three are the identity on an S x S image.
+    mode: ``eval`` the val transform (short side to ``resize``, centre crop S); ``crop`` a centre S
+    x S crop at the stored resolution (AlignMix §4.3 "center-cropped to 32 x 32"; a DataError
+    naming ``path`` if the image is smaller than S); ``resize`` the whole image squeezed to S x S
+    (AlignMix App. C "resizing OOD examples to 32 x 32"). All three are the identity on an S x S
+    image.
     """
     if mode == "eval":
         return resize_crop(image, None, resize, image_size)[0]
@@ -243,11 +249,11 @@ class ImageFiles(Dataset):
 
 def ood_folder(root, image_size: int = 32, resize: int | None = None, mode: str = "crop",
                limit: int | None = None) -> ImageFiles:
-    """An OOD image folder as the papers' OOD sets are distributed (ODIN, Liang et al. 2018: ``LSUN``,
-    ``LSUN_resize``, ``iSUN``, ``Imagenet`` (TinyImageNet crop), ``Imagenet_resize``, 32 x 32 JPEGs): the
-    images directly in ``root`` or in any sub-folder (``<name>/<name>/*.jpg``, ``<name>/test/*.jpg``), found
-    recursively and sorted. ``limit`` keeps that many evenly spaced files. A DataError (an InputError) names
-    the folder when it is missing or holds no image."""
+    """An OOD image folder as the papers' OOD sets are distributed (ODIN, Liang et al. 2018:
+    ``LSUN``, ``LSUN_resize``, ``iSUN``, ``Imagenet`` (TinyImageNet crop), ``Imagenet_resize``, 32
+    x 32 JPEGs): the images directly in ``root`` or in any sub-folder (``<name>/<name>/*.jpg``,
+    ``<name>/test/*.jpg``), found recursively and sorted. ``limit`` keeps that many evenly spaced
+    files. A DataError (an InputError) names the folder when it is missing or holds no image."""
     files = list_images(root)
     if limit is not None and limit < len(files):
         keep = sorted(set(np.linspace(0, len(files) - 1, limit).round().astype(int).tolist()))
@@ -256,8 +262,8 @@ def ood_folder(root, image_size: int = 32, resize: int | None = None, mode: str 
 
 
 class NoiseImages(Dataset):
-    """Synthetic OOD images ``[3, S, S]``: "uniform" U(0, 1) or "gaussian" N(mean, std^2) clipped to [0, 1]
-    (defaults mean = std = 0.5, AlignMix App. C).
+    """Synthetic OOD images ``[3, S, S]``: "uniform" U(0, 1) or "gaussian" N(mean, std^2) clipped
+    to [0, 1] (defaults mean = std = 0.5, AlignMix App. C).
 
     Image k is drawn from its own generator (seed, k), so the set does not depend on batching.
     """

@@ -1,23 +1,27 @@
-"""Analysis of the embedding space (MultiMix §4.4, arXiv:2311.05538): alignment and uniformity (Wang & Isola, ICML
-2020) of the validation-set embeddings, and a 2-D UMAP of them coloured by class (MultiMix Figure 3).
+"""Analysis of the embedding space (MultiMix §4.4, arXiv:2311.05538): alignment and uniformity
+(Wang & Isola, ICML
+2020) of the validation-set embeddings, and a 2-D UMAP of them coloured by class (MultiMix Figure
+      3).
 
 Definitions (Wang & Isola 2020, eqs. 4-5; MultiMix §4.4 for the positive pairs):
 
-- ``alignment = E_{(i, j) positive} ||f_i - f_j||_2^alpha`` with ``alpha = 2``; MultiMix §4.4: "the expected
-  pairwise distance of examples in the same class", so a positive pair is two distinct validation examples of
-  the same class (every unordered pair counted once);
-- ``uniformity = log E_{i < j} exp(-t ||f_i - f_j||_2^2)`` with ``t = 2``, over every unordered pair of
-  distinct examples (Wang & Isola's reference code: ``torch.pdist(x).pow(2).mul(-t).exp().mean().log()``).
+- ``alignment = E_{(i, j) positive} ||f_i - f_j||_2^alpha`` with ``alpha = 2``; MultiMix §4.4: "the
+  expected pairwise distance of examples in the same class", so a positive pair is two distinct
+  validation examples of the same class (every unordered pair counted once);
+- ``uniformity = log E_{i < j} exp(-t ||f_i - f_j||_2^2)`` with ``t = 2``, over every unordered
+  pair of distinct examples (Wang & Isola's reference code:
+  ``torch.pdist(x).pow(2).mul(-t).exp().mean().log()``).
 
-``f`` is the embedding the classifier reads (the input of its last linear layer: the pooled backbone feature,
-or a stage-2 head's output), L2-normalised by default as Wang & Isola define both quantities on the
-hypersphere. On the sphere Jensen gives ``uniformity >= -t * E||f_i - f_j||^2 >= -2t = -4``, and
-``alignment <= 4``: MultiMix reports uniformity -4.77 and -5.68 (§4.4, poster table), below that bound, so its
-numbers cannot come from normalised embeddings with t = 2; the paper does not say what it computed.
-``normalize=False`` gives the unnormalised variant.
+``f`` is the embedding the classifier reads (the input of its last linear layer: the pooled
+backbone feature, or a stage-2 head's output), L2-normalised by default as Wang & Isola define both
+quantities on the hypersphere. On the sphere Jensen gives ``uniformity >= -t * E||f_i - f_j||^2 >=
+-2t = -4``, and
+``alignment <= 4``: MultiMix reports uniformity -4.77 and -5.68 (§4.4, poster table), below that
+bound, so its numbers cannot come from normalised embeddings with t = 2; the paper does not say
+what it computed. ``normalize=False`` gives the unnormalised variant.
 
-Everything is computed in float64 in row blocks of the pairwise-distance matrix (O(block * n) memory), with a
-running log-sum-exp for the uniformity term.
+Everything is computed in float64 in row blocks of the pairwise-distance matrix (O(block * n)
+memory), with a running log-sum-exp for the uniformity term.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from mixup_transfer.core.runtime import autocast, check_outputs_finite, count_no
 
 
 def _pair_blocks(emb: torch.Tensor, block: int):
-    """Yield (row slice start, squared distances ``[b, n]`` of rows ``start:start+b`` to every row)."""
+    """Yield (row slice start, squared distances ``[b, n]`` of rows ``start:start+b`` to every
+    row)."""
     sq = (emb * emb).sum(1)
     for s in range(0, emb.shape[0], block):
         e = emb[s:s + block]
@@ -43,10 +48,12 @@ def _pair_blocks(emb: torch.Tensor, block: int):
 
 def alignment_uniformity(embeddings, labels, alpha: float = 2.0, t: float = 2.0, normalize: bool = True,
                          block: int = 1024) -> dict:
-    """Alignment and uniformity of ``embeddings`` ``[n, d]`` with class ``labels`` ``[n]`` (definitions above).
+    """Alignment and uniformity of ``embeddings`` ``[n, d]`` with class ``labels`` ``[n]``
+    (definitions above).
 
-    Returns ``{alignment, uniformity, n, n_positive_pairs, alpha, t, normalized}``; ``alignment`` is None when
-    no class has two examples. Raises ValueError for fewer than two embeddings or mismatched lengths.
+    Returns ``{alignment, uniformity, n, n_positive_pairs, alpha, t, normalized}``; ``alignment``
+    is None when no class has two examples. Raises ValueError for fewer than two embeddings or
+    mismatched lengths.
     """
     emb = torch.as_tensor(np.asarray(embeddings), dtype=torch.float64)
     lab = torch.as_tensor(np.asarray(labels).reshape(-1), dtype=torch.int64)
@@ -75,9 +82,9 @@ def alignment_uniformity(embeddings, labels, alpha: float = 2.0, t: float = 2.0,
 
 
 def embedding_layer(model: nn.Module) -> nn.Module:
-    """The layer whose input is the embedding: ``model.embedding_layer`` if the model names one, else the
-    classifier ``fc`` of a wrapped torchvision ResNet (``model.model.fc``), the ``head`` of a wrapped timm ViT, or
-    the model's own ``fc``, else the
+    """The layer whose input is the embedding: ``model.embedding_layer`` if the model names one,
+    else the classifier ``fc`` of a wrapped torchvision ResNet (``model.model.fc``), the ``head``
+    of a wrapped timm ViT, or the model's own ``fc``, else the
     last ``nn.Linear`` the model registers."""
     named = getattr(model, "embedding_layer", None)
     if isinstance(named, nn.Module):
@@ -96,8 +103,8 @@ def embedding_layer(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def extract_embeddings(model: nn.Module, loader, device, precision: str = "fp32",
                        desc: str = "embeddings") -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings ``[n, d]`` float32, labels ``[n]``) over ``loader`` (items ``(images, labels, ...)``):
-    the input of ``embedding_layer(model)`` during the ordinary forward pass."""
+    """(embeddings ``[n, d]`` float32, labels ``[n]``) over ``loader`` (items ``(images, labels,
+    ...)``): the input of ``embedding_layer(model)`` during the ordinary forward pass."""
     layer, seen = embedding_layer(model), []
     handle = layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().float().flatten(1)))
     feats, labels = [], []
@@ -119,8 +126,10 @@ def extract_embeddings(model: nn.Module, loader, device, precision: str = "fp32"
 
 
 def umap_subset(labels, n_classes: int = 10, per_class: int = 100, seed: int = 0) -> np.ndarray:
-    """Indices for the UMAP figure (MultiMix Figure 3: "100 test examples per class of 10 randomly chosen
-    classes"): ``n_classes`` classes drawn with ``seed``, the first ``per_class`` examples of each, sorted."""
+    """Indices for the UMAP figure (MultiMix Figure 3: "100 test examples per class of 10 randomly
+    chosen
+    classes"): ``n_classes`` classes drawn with ``seed``, the first ``per_class`` examples of each,
+    sorted."""
     labels = np.asarray(labels).reshape(-1)
     classes = np.unique(labels)
     rng = np.random.default_rng(seed)
@@ -131,7 +140,8 @@ def umap_subset(labels, n_classes: int = 10, per_class: int = 100, seed: int = 0
 
 def umap_2d(embeddings, n_neighbors: int = 15, min_dist: float = 0.1, n_epochs: int | None = None,
             seed: int = 0, metric: str = "euclidean") -> np.ndarray:
-    """2-D UMAP (umap-learn) of ``embeddings`` ``[n, d]`` -> ``[n, 2]``; ``seed`` makes it repeatable."""
+    """2-D UMAP (umap-learn) of ``embeddings`` ``[n, d]`` -> ``[n, 2]``; ``seed`` makes it
+    repeatable."""
     import umap  # umap-learn: imported here, its numba start-up is slow
 
     emb = np.asarray(embeddings, dtype=np.float32)
@@ -146,7 +156,8 @@ def umap_2d(embeddings, n_neighbors: int = 15, min_dist: float = 0.1, n_epochs: 
 
 
 def umap_figure(points, labels, path, title: str = "", class_names=None) -> Path:
-    """Scatter of the 2-D ``points`` ``[n, 2]`` coloured by class (one colour per class, legend when <= 20)."""
+    """Scatter of the 2-D ``points`` ``[n, 2]`` coloured by class (one colour per class, legend
+    when <= 20)."""
     from .figures import plt
 
     path = Path(path)
@@ -176,11 +187,13 @@ def embedding_analysis(model: nn.Module, dataset, device, out_dir=None, batch_si
                        normalize: bool = True, umap: bool = True, umap_classes: int = 10,
                        umap_per_class: int = 100, umap_neighbors: int = 15, umap_epochs: int | None = None,
                        seed: int = 0, title: str = "", class_names=None) -> dict:
-    """Embeddings of every item of ``dataset`` (``(image [3, S, S] in [0, 1], label, ...)``, any classification
-    set) under ``model``: alignment / uniformity over all of them, and (``umap``) the UMAP figure of a
-    ``umap_classes`` x ``umap_per_class`` subset written to ``out_dir/figures/umap.png``.
+    """Embeddings of every item of ``dataset`` (``(image [3, S, S] in [0, 1], label, ...)``, any
+    classification
+    set) under ``model``: alignment / uniformity over all of them, and (``umap``) the UMAP figure
+    of a ``umap_classes`` x ``umap_per_class`` subset written to ``out_dir/figures/umap.png``.
 
-    Returns ``{"embedding": {alignment, uniformity, ..., dim, umap: {...}}, "figures": {"umap": path}}``.
+    Returns ``{"embedding": {alignment, uniformity, ..., dim, umap: {...}}, "figures": {"umap":
+    path}}``.
     """
     from torch.utils.data import DataLoader
 
@@ -213,7 +226,8 @@ def _has_boxes(dataset) -> bool:
 
 
 def run_embedding_suite(cfg: dict, checkpoint, imagenet_root, out_dir, metrics: dict) -> dict:
-    """The stage's ``embedding`` suite over the val split of ``imagenet_root`` (resolved stage options
+    """The stage's ``embedding`` suite over the val split of ``imagenet_root`` (resolved stage
+    options
     ``cfg``): adds ``embedding`` and ``figures.umap`` to ``metrics`` (or starts it) and rewrites
     ``out_dir/metrics.json``."""
     import time

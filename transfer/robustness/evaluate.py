@@ -3,23 +3,27 @@
 Suites (``SUITES``) and what ``metrics.json`` holds (all percentages):
 
 - ``clean``: ``{top1_err, top5_err}`` after resize + centre crop.
-- ``background``: ``{clean_loc, replace: {top1_err, top5_err, top1_loc}, noise: {...}}``; ``clean_loc`` is
-  the top-1 localization of the clean images (CAM box at ``cam_threshold`` 0.25 of max, best IoU with the GT
+- ``background``: ``{clean_loc, replace: {top1_err, top5_err, top1_loc}, noise: {...}}``;
+  ``clean_loc`` is the top-1 localization of the clean images (CAM box at ``cam_threshold`` 0.25 of
+  max, best IoU with the GT
   boxes ``iou_op`` ``iou_threshold``: >= 0.5 by default; multi-mix §IV-D counts IoU > 0.25).
 - ``calibration``: ``{ece, oe}`` (10 equal-width bins) + reliability diagram.
-- ``fgsm``: ``{top1_err}`` at eps 8/255; ``pgd``: ``{top1_err}`` at eps 4/255, step 2/255, 10 iterations,
-  random start, plus ``fgsm_same_eps_top1_err`` (FGSM at the PGD budget: PGD must be at least as strong).
-- ``ood``: ``{<set>: {det_acc, det_acc_at_thr, auroc, aupr_in, aupr_out, ...}}`` with the maximum softmax
-  probability (``det_acc``: best threshold; ``det_acc_at_thr``: at ``ood_threshold``, 0.5 as AlignMix §4.3);
-  sets are the ``ood_dirs`` folders (``DIR`` named by its folder name, or ``NAME=DIR``; images found
-  recursively) and synthetic ``uniform`` / ``gaussian`` noise images, as many as there are ID images.
+- ``fgsm``: ``{top1_err}`` at eps 8/255; ``pgd``: ``{top1_err}`` at eps 4/255, step 2/255, 10
+  iterations, random start, plus ``fgsm_same_eps_top1_err`` (FGSM at the PGD budget: PGD must be at
+  least as strong).
+- ``ood``: ``{<set>: {det_acc, det_acc_at_thr, auroc, aupr_in, aupr_out, ...}}`` with the maximum
+  softmax
+  probability (``det_acc``: best threshold; ``det_acc_at_thr``: at ``ood_threshold``, 0.5 as
+  AlignMix §4.3); sets are the ``ood_dirs`` folders (``DIR`` named by its folder name, or
+  ``NAME=DIR``; images found recursively) and synthetic ``uniform`` / ``gaussian`` noise images, as
+  many as there are ID images.
 
-Choices the papers leave open (documented here and in ``settings``): the background is corrupted at the
-evaluation resolution (after resize + crop; ``corrupt_at="original"`` corrupts the stored image before
-resizing), the noise is clipped to [0, 1], the replacement image is another uniformly drawn validation
-image (seeded, never the image itself) resized to the same size. The Gaussian OOD noise is N(mu, sigma) with
-mu = sigma = 0.5 as AlignMix App. C states it ("N(mu, sigma) with mu = sigma = 0.5": sigma the standard
-deviation; ``gaussian_std``), clipped to [0, 1]. Every per-image
+Choices the papers leave open (documented here and in ``settings``): the background is corrupted at
+the evaluation resolution (after resize + crop; ``corrupt_at="original"`` corrupts the stored image
+before resizing), the noise is clipped to [0, 1], the replacement image is another uniformly drawn
+validation image (seeded, never the image itself) resized to the same size. The Gaussian OOD noise
+is N(mu, sigma) with mu = sigma = 0.5 as AlignMix App. C states it ("N(mu, sigma) with mu = sigma =
+0.5": sigma the standard deviation; ``gaussian_std``), clipped to [0, 1]. Every per-image
 draw depends on (seed, image index) only; the PGD random start is drawn per batch from (seed, batch
 index), so it also depends on ``batch_size``.
 """
@@ -63,7 +67,8 @@ from .model import load_classifier_model
 from .ood import ood_metrics
 
 log = logging.getLogger("robustness")
-BOX_SUITES = ("background",)  # suites that need the val set's boxes (background replacement, CAM localization)
+# suites that need the val set's boxes (background replacement, CAM localization)
+BOX_SUITES = ("background",)
 
 SUITES = ("clean", "background", "calibration", "fgsm", "pgd", "ood")
 NOISE_SETS = ("uniform", "gaussian")
@@ -81,7 +86,8 @@ def parse_suites(suites) -> list[str]:
 
 
 def subset_indices(n: int, limit: int | None) -> list[int]:
-    """``limit`` evenly spaced indices of ``range(n)`` (every class of a class-sorted val set), or all."""
+    """``limit`` evenly spaced indices of ``range(n)`` (every class of a class-sorted val set), or
+    all."""
     if limit is None or limit >= n:
         return list(range(n))
     if limit < 1:
@@ -114,8 +120,8 @@ def _forward(localize: bool):
 
 
 def _batch_records(model, localize: bool, cam_threshold: float, iou_threshold: float, iou_op: str, keep: set):
-    """The per-batch callable of `predict`: one record per image (its arrays' entries and, for a dataset index
-    in ``keep``, its example), read back in one transfer."""
+    """The per-batch callable of `predict`: one record per image (its arrays' entries and, for a
+    dataset index in ``keep``, its example), read back in one transfer."""
     def to_records(batch, outputs, indices):
         images, labels, boxes, idx = batch
         feats, logits, y = outputs
@@ -145,14 +151,16 @@ def _batch_records(model, localize: bool, cam_threshold: float, iou_threshold: f
 def predict_sharded(model, ds, batch_size: int, num_workers: int, device, precision: str = "fp32",
                     localize: bool = False, cam_threshold: float = 0.25, iou_threshold: float = 0.5, keep=(),
                     desc: str = "predict", iou_op: str = ">=") -> dict:
-    """One pass (``mixup_transfer.core.inference``: each rank its shard of whole batches of ``ds``, gathered to
-    every rank in dataset order): top-1 / top-5 correctness, max-softmax confidence and (``localize``) top-1
-    localization.
+    """One pass (``mixup_transfer.core.inference``: each rank its shard of whole batches of ``ds``,
+    gathered to every rank in dataset order): top-1 / top-5 correctness, max-softmax confidence and
+    (``localize``) top-1 localization.
 
-    Returns numpy arrays ``label [n]``, ``pred [n]``, ``correct1 [n]``, ``correct5 [n]``, ``confidence [n]``,
-    ``loc [n]`` (bool, or None), ``nonfinite [n]`` (how many logit and CAM values of each image are NaN or
-    infinite: `check_finite` stops on any), plus the images / boxes / CAM boxes of the dataset indices in ``keep``
-    (the 4th item of each sample) for figures, and ``example_index`` (their dataset indices).
+    Returns numpy arrays ``label [n]``, ``pred [n]``, ``correct1 [n]``, ``correct5 [n]``,
+    ``confidence [n]``, ``loc [n]`` (bool, or None), ``nonfinite [n]`` (how many logit and CAM
+    values of each image are NaN or
+    infinite: `check_finite` stops on any), plus the images / boxes / CAM boxes of the dataset
+    indices in ``keep`` (the 4th item of each sample) for figures, and ``example_index`` (their
+    dataset indices).
     """
     res = inference_on_dataset(model, ds, _forward(localize),
                                _batch_records(model, localize, cam_threshold, iou_threshold, iou_op, set(keep)),
@@ -163,7 +171,8 @@ def predict_sharded(model, ds, batch_size: int, num_workers: int, device, precis
 
 
 def _arrays(records: list[dict], localize: bool) -> dict:
-    """`predict_sharded`'s result from its per-image records (empty arrays of the usual dtypes for none)."""
+    """`predict_sharded`'s result from its per-image records (empty arrays of the usual dtypes for
+    none)."""
     out = {k: np.array([r[k] for r in records], dtype=_DTYPES[k]) for k in ARRAY_KEYS}
     if not localize:
         out["loc"] = None
@@ -176,8 +185,8 @@ def _arrays(records: list[dict], localize: bool) -> dict:
 
 
 def check_finite(p: dict, split: str) -> None:
-    """Stop (NonFiniteOutputError, exit 1) when any logit or CAM value of `p` (a `predict` result) is not finite:
-    the top-1 error of NaN logits would be a number."""
+    """Stop (NonFiniteOutputError, exit 1) when any logit or CAM value of `p` (a `predict` result)
+    is not finite: the top-1 error of NaN logits would be a number."""
     check_outputs_finite("robustness", split, {"logit or CAM": int(p["nonfinite"].sum())})
 
 
@@ -190,10 +199,12 @@ def _errors(p: dict) -> dict:
 
 def adversarial_errors(model, loader, attacks: dict, device, precision: str = "fp32",
                        desc: str = "attacks", batch_ids=None) -> dict:
-    """Top-1 error (%) under each attack (``name -> fn(model, x, y, batch_index) -> x_adv``), one pass.
+    """Top-1 error (%) under each attack (``name -> fn(model, x, y, batch_index) -> x_adv``), one
+    pass.
 
-    batch_ids: the batch index of each of the loader's batches (default 0, 1, ...: a shard passes the
-    single-process batch numbers, mixup_transfer.core.distributed.shard_blocks); the counts are summed over ranks."""
+    batch_ids: the batch index of each of the loader's batches (default 0, 1, ...: a shard passes
+    the single-process batch numbers, mixup_transfer.core.distributed.shard_blocks); the counts are
+    summed over ranks."""
     wrong = {name: 0 for name in attacks}
     n, bad = 0, torch.zeros((), dtype=torch.int64, device=device)
     for k, (images, labels, _, _) in enumerate(progress(loader, desc=desc)):
@@ -215,8 +226,9 @@ def adversarial_errors(model, loader, attacks: dict, device, precision: str = "f
 
 def export_corrupted_set(base, indices, out_dir, corruption: str, at: str = "eval", image_size: int = 224,
                          resize: int = 256, sigma: float = 0.1, seed: int = 0) -> Path:
-    """Write the corrupted images as PNG (``out_dir/<corruption>/<wnid>/<stem>.png``, at the corruption
-    resolution) and ``out_dir/<corruption>/index.json`` (settings, image -> label and boxes)."""
+    """Write the corrupted images as PNG (``out_dir/<corruption>/<wnid>/<stem>.png``, at the
+    corruption resolution) and ``out_dir/<corruption>/index.json`` (settings, image -> label and
+    boxes)."""
     ds = ValSet(base, indices, image_size, resize, corruption=corruption, at=at, sigma=sigma, seed=seed)
     root = Path(out_dir) / corruption
     index = {"corruption": corruption, "at": at, "sigma": sigma, "seed": seed, "image_size": image_size,
@@ -273,12 +285,16 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
                         ood_noise=NOISE_SETS, gaussian_std: float = 0.5, n_bins: int = 10,
                         cam_threshold: float = 0.25, iou_threshold: float = 0.5, iou_op: str = ">=",
                         ood_threshold: float = 0.5, n_examples: int = 8, ood_transform: str = "eval") -> dict:
-    """Run ``suites`` on the val split of ``imagenet_root``; write out_dir/metrics.json and out_dir/figures/.
+    """Run ``suites`` on the val split of ``imagenet_root``; write out_dir/metrics.json and
+    out_dir/figures/.
 
-    checkpoint: a backbone checkpoint with its classifier head (``mixup_transfer.core.checkpoint``) for the dataset's
-    classes. limit: evaluate this many evenly spaced val images (and at most this many per OOD folder).
-    ood_transform: how OOD folder images become S x S (``data.ood_transform``: eval | crop | resize).
-    Returns the metrics dict (also written to ``out_dir/metrics.json`` when ``out_dir`` is given).
+    checkpoint: a backbone checkpoint with its classifier head (``mixup_transfer.core.checkpoint``)
+    for the dataset's
+    classes. limit: evaluate this many evenly spaced val images (and at most this many per OOD
+    folder).
+    ood_transform: how OOD folder images become S x S (``data.ood_transform``: eval | crop |
+    resize). Returns the metrics dict (also written to ``out_dir/metrics.json`` when ``out_dir`` is
+    given).
     """
     o = dict(locals())
     suites = parse_suites(suites)
@@ -286,7 +302,8 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
     ev = _Evaluation(o, suites)
     with exact_fp32(ev.device, precision):
         ev.run_suites()
-    metrics = with_units(_rounded(json.loads(json.dumps(ev.metrics, default=float))))  # plain JSON values
+    # plain JSON values
+    metrics = with_units(_rounded(json.loads(json.dumps(ev.metrics, default=float))))
     if ev.out_dir is not None and is_main_process():
         write_json(metrics, ev.out_dir / "metrics.json")
     return metrics
@@ -294,9 +311,9 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
 
 @contextlib.contextmanager
 def exact_fp32(device: torch.device, precision: str):
-    """An fp32 evaluation on CUDA with TF32 off: torch's default runs cuDNN convolutions in TF32 on Ampere and newer
-    GPUs (`mixup_transfer.core.runtime.configure_cuda`), which rounds an "fp32" attack's gradients to 10-bit mantissas.
-    The previous settings are restored after."""
+    """An fp32 evaluation on CUDA with TF32 off: torch's default runs cuDNN convolutions in TF32 on
+    Ampere and newer GPUs (`mixup_transfer.core.runtime.configure_cuda`), which rounds an "fp32"
+    attack's gradients to 10-bit mantissas. The previous settings are restored after."""
     if device.type != "cuda" or precision != "fp32":
         yield
         return
@@ -333,11 +350,14 @@ class _Evaluation:
             min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0)
         self.out_dir = Path(o["out_dir"]) if o["out_dir"] is not None else None
         self.fig_dir = self.out_dir / "figures" if self.out_dir is not None else None
-        self.write = is_main_process()  # under torchrun every rank evaluates its shard, rank 0 writes
-        self.base = open_val_set(o["imagenet_root"])  # ImageNet, TinyImageNet or CIFAR (transfer/robustness/data.py)
+        # under torchrun every rank evaluates its shard, rank 0 writes
+        self.write = is_main_process()
+        # ImageNet, TinyImageNet or CIFAR (transfer/robustness/data.py)
+        self.base = open_val_set(o["imagenet_root"])
         self.suites = suites = self._drop_box_suites(suites)
         self.indices = subset_indices(len(self.base), o["limit"])
-        # fail before any compute on a checkpoint without a head for these classes, or on empty OOD folders
+        # fail before any compute on a checkpoint without a head for these classes, or on empty OOD
+        # folders
         model, self.meta = load_classifier_model(o["checkpoint"], num_classes=len(self.base.classes), arch=o["arch"],
                                                     classes=self.base.classes)
         self.model = model.to(self.device)
@@ -448,7 +468,8 @@ class _Evaluation:
             attacks["fgsm_same_eps"] = lambda m, x, y, b: fgsm(m, x, y, o["pgd_eps"])
         t0 = time.time()
         ds = ValSet(self.base, self.indices, o["image_size"], o["resize"], need_boxes=False)
-        mine = ddist.shard_indices(len(ds), block=o["batch_size"])  # whole batches: PGD starts keep their index
+        # whole batches: PGD starts keep their index
+        mine = ddist.shard_indices(len(ds), block=o["batch_size"])
         err = adversarial_errors(self.model, self.loader(Subset(ds, mine)), attacks, self.device, o["precision"],
                                  desc="+".join(attacks), batch_ids=ddist.shard_blocks(len(ds), o["batch_size"]))
         if "fgsm" in suites:

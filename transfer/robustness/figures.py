@@ -15,7 +15,8 @@ from mixup_transfer.core.basics import save_figure  # noqa: E402
 
 
 def reliability_diagram(bins: dict, path, title: str = "", ece: float | None = None) -> Path:
-    """Accuracy vs confidence per bin (``calibration.calibration_bins``), gap shaded, counts below."""
+    """Accuracy vs confidence per bin (``calibration.calibration_bins``), gap shaded, counts
+    below."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lower, upper = bins["lower"], bins["upper"]
@@ -47,8 +48,8 @@ def reliability_diagram(bins: dict, path, title: str = "", ece: float | None = N
 
 
 def image_grid(rows: dict, path, boxes=None, pred_boxes=None) -> Path:
-    """One row per named set of images (``name -> [N, 3, H, W]`` tensor in [0, 1]); GT boxes in green,
-    predicted CAM boxes (``name -> list of [4]``) in red."""
+    """One row per named set of images (``name -> [N, 3, H, W]`` tensor in [0, 1]); GT boxes in
+    green, predicted CAM boxes (``name -> list of [4]``) in red."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(rows)

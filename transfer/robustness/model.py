@@ -1,11 +1,12 @@
-"""The evaluated classifier: a torchvision ResNet (backbone + its fc) or a timm ViT (+ its head) behind ImageNet
-normalisation.
+"""The evaluated classifier: a torchvision ResNet (backbone + its fc) or a timm ViT (+ its head)
+behind ImageNet normalisation.
 
 Inputs are RGB images in [0, 1]; the wrapper normalises them, so attack budgets and noise are pixel
-units. ``features_logits`` also returns the last conv features for CAMs. A checkpoint whose classifier has a
-stage-2 head (AlignMix's encoder on the pooled feature tensor, ``mixup_transfer.core.checkpoint.check_head``) is
-evaluated through that head, and its CAMs use the head's per-position class weights. A ViT's CAM features are its
-patch tokens after the final norm on their grid, weighted by the head (the class token is what it classifies).
+units. ``features_logits`` also returns the last conv features for CAMs. A checkpoint whose
+classifier has a stage-2 head (AlignMix's encoder on the pooled feature tensor,
+``mixup_transfer.core.checkpoint.check_head``) is evaluated through that head, and its CAMs use the
+head's per-position class weights. A ViT's CAM features are its patch tokens after the final norm
+on their grid, weighted by the head (the class token is what it classifies).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from mixup_transfer.core.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 class NormalizedClassifier(nn.Module):
-    """``model((x - mean) / std)`` for x ``[B, 3, H, W]`` in [0, 1]; ``model`` a torchvision ResNet or a timm ViT."""
+    """``model((x - mean) / std)`` for x ``[B, 3, H, W]`` in [0, 1]; ``model`` a torchvision ResNet
+    or a timm ViT."""
 
     def __init__(self, model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD, head: dict | None = None):
         super().__init__()
@@ -39,8 +41,9 @@ class NormalizedClassifier(nn.Module):
         return self.features_logits(x)[1]
 
     def features_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(CAM features ``[B, K, h, w]``, logits ``[B, C]``) in one pass (torchvision ResNet layout). The CAM
-        features are the layer4 map, or with a stage-2 head the map pooled to the head's resolution."""
+        """(CAM features ``[B, K, h, w]``, logits ``[B, C]``) in one pass (torchvision ResNet
+        layout). The CAM features are the layer4 map, or with a stage-2 head the map pooled to the
+        head's resolution."""
         m = self.model
         if self.is_vit:
             return self._vit_features_logits(x)
@@ -56,7 +59,8 @@ class NormalizedClassifier(nn.Module):
         return hasattr(self.model, "blocks") and hasattr(self.model, "forward_head")
 
     def _vit_features_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the patch tokens after the final norm on their grid ``[B, d, s, s]``, logits) of a timm ViT."""
+        """(the patch tokens after the final norm on their grid ``[B, d, s, s]``, logits) of a timm
+        ViT."""
         from mixup_transfer.core.vits import vit_grid
 
         tokens = self.model.forward_features(self.normalize(x))  # [B, T, d]
@@ -67,8 +71,9 @@ class NormalizedClassifier(nn.Module):
 
     @property
     def fc_weight(self) -> torch.Tensor:
-        """Class weights of the CAM features: ``[C, K]`` (fc after pooling) or ``[C, K, r, r]`` (stage-2 head:
-        the score of class c is the sum over positions of fc_c . W2[:, position] times the features, + const)."""
+        """Class weights of the CAM features: ``[C, K]`` (fc after pooling) or ``[C, K, r, r]``
+        (stage-2 head: the score of class c is the sum over positions of fc_c . W2[:, position]
+        times the features, + const)."""
         if self.head is None:
             return self.model.head.weight if self.is_vit else self.model.fc.weight
         r = self.resolution
@@ -78,13 +83,15 @@ class NormalizedClassifier(nn.Module):
 
 def load_classifier_model(checkpoint, num_classes: int, arch: str | None = None,
                           classes=None) -> tuple[nn.Module, dict]:
-    """A ``NormalizedClassifier`` (eval mode, frozen) from a backbone checkpoint with its classifier (a ResNet's fc
-    or a ViT's head: ``classifier_from_checkpoint`` dispatches on the checkpoint's architecture).
+    """A ``NormalizedClassifier`` (eval mode, frozen) from a backbone checkpoint with its
+    classifier (a ResNet's fc or a ViT's head: ``classifier_from_checkpoint`` dispatches on the
+    checkpoint's architecture).
 
-    Raises ``mixup_transfer.core.checkpoint.CheckpointError`` naming the key and shapes when the checkpoint has no
-    classifier head for ``num_classes`` classes, or, when the checkpoint lists the classes it was trained on
-    (``meta["classes"]``), when they are not ``classes`` (the evaluation set's, in label order): the same count
-    of other classes would score every prediction against the wrong label.
+    Raises ``mixup_transfer.core.checkpoint.CheckpointError`` naming the key and shapes when the
+    checkpoint has no classifier head for ``num_classes`` classes, or, when the checkpoint lists
+    the classes it was trained on (``meta["classes"]``), when they are not ``classes`` (the
+    evaluation set's, in label order): the same count of other classes would score every prediction
+    against the wrong label.
     """
     from mixup_transfer.core.checkpoint import CheckpointError, classifier_from_checkpoint, classifier_head
 

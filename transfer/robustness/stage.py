@@ -1,10 +1,12 @@
-"""The robustness stage: `run(cfg, inputs, run_dir) -> metrics`, with every option declared once in DEFAULTS.
+"""The robustness stage: `run(cfg, inputs, run_dir) -> metrics`, with every option declared once in
+DEFAULTS.
 
-inputs: {"checkpoint": a backbone checkpoint with its classifier, "imagenet": an ImageNet-layout root with val/
-and val boxes}. The options are `evaluate_checkpoint`'s, translated here at the edge. `protocol` (cifar,
-tinyimagenet, imagenet: `protocols.PROTOCOLS`) fills the options left at null (image size, attack budgets,
-OOD transform); null keeps the evaluator's defaults. The `embedding` suite (not part of "all": it needs
-umap-learn) adds alignment / uniformity and a UMAP figure (`embedding.py`).
+inputs: {"checkpoint": a backbone checkpoint with its classifier, "imagenet": an ImageNet-layout
+root with val/ and val boxes}. The options are `evaluate_checkpoint`'s, translated here at the
+edge. `protocol` (cifar,
+tinyimagenet, imagenet: `protocols.PROTOCOLS`) fills the options left at null (image size, attack
+budgets, OOD transform); null keeps the evaluator's defaults. The `embedding` suite (not part of
+"all": it needs umap-learn) adds alignment / uniformity and a UMAP figure (`embedding.py`).
 """
 
 from __future__ import annotations
@@ -26,37 +28,50 @@ log = logging.getLogger("robustness")
 STAGE_SUITES = ("embedding",)  # suites of this stage beyond evaluate_checkpoint's; never in "all"
 
 DEFAULTS = {
-    "suites": ",".join(SUITES),      # comma-separated (or a list) of clean, background, calibration, fgsm, pgd,
+    # comma-separated (or a list) of clean, background, calibration, fgsm, pgd,
+    "suites": ",".join(SUITES),
                                      # ood, embedding, or all (every suite but embedding)
-    "protocol": None,                # cifar | tinyimagenet | imagenet: fills the null keys below (null: none)
-    "out": "runs/robustness",        # output folder of tools/run_robustness.py (the pipeline gives its own)
-    "data": fragment(DATA, "max_val", "num_workers"),  # the shared keys: mixup_transfer/core/vocabulary.py
+    # cifar | tinyimagenet | imagenet: fills the null keys below (null: none)
+    "protocol": None,
+    # output folder of tools/run_robustness.py (the pipeline gives its own)
+    "out": "runs/robustness",
+    # the shared keys: mixup_transfer/core/vocabulary.py
+    "data": fragment(DATA, "max_val", "num_workers"),
                                      # (data.num_workers null: 0 on CPU, min(8, cores) on CUDA)
     "eval": fragment(EVAL, "batch_size", batch_size=64),
     "runtime": fragment(RUNTIME, "device", "precision", "tensorboard"),
     "image_size": None,              # centre-crop size (protocol; evaluator default 224)
     "resize": None,                  # short side before the crop (protocol; evaluator default 256)
-    "seed": 0,                       # replacement images, noise, PGD random starts, synthetic OOD images
+    # replacement images, noise, PGD random starts, synthetic OOD images
+    "seed": 0,
     "arch": None,                    # from the checkpoint's meta
-    "corrupt_at": "eval",            # eval (after resize + crop) | original (stored resolution, then resize)
-    "sigma": 0.1,                    # background noise std in [0, 1] pixel units, clipped to [0, 1]
+    # eval (after resize + crop) | original (stored resolution, then resize)
+    "corrupt_at": "eval",
+    # background noise std in [0, 1] pixel units, clipped to [0, 1]
+    "sigma": 0.1,
     "export_corrupted": None,        # folder to write the corrupted val sets as PNG (+ index.json)
-    "fgsm_eps": None,                # FGSM budget: a number or a fraction string (protocol; default 8/255)
+    # FGSM budget: a number or a fraction string (protocol; default 8/255)
+    "fgsm_eps": None,
     "pgd_eps": None,                 # PGD budget (protocol; default 4/255)
     "pgd_step": None,                # PGD step size (protocol; default 2/255)
     "pgd_iters": None,               # PGD iterations (protocol: 20; without a protocol 10)
     "pgd_random_start": True,        # PGD starts at a random point of the eps-ball
     "ood_noise": ",".join(NOISE_SETS),  # synthetic OOD sets: uniform,gaussian (empty for none)
-    "gaussian_std": 0.5,             # std of the Gaussian OOD noise N(0.5, std), clipped (AlignMix App. C)
+    # std of the Gaussian OOD noise N(0.5, std), clipped (AlignMix App. C)
+    "gaussian_std": 0.5,
     "cam_threshold": 0.25,           # localization: CAM box at this fraction of the map's max
-    "iou_threshold": 0.5,            # localization: IoU against the GT boxes (multi-mix §IV-D: 0.25)
+    # localization: IoU against the GT boxes (multi-mix §IV-D: 0.25)
+    "iou_threshold": 0.5,
     "iou_op": ">=",                  # localization: IoU comparison, >= or > (multi-mix: >)
-    "ood_threshold": 0.5,            # OOD detection accuracy also at this max-softmax threshold (AlignMix §4.3)
+    # OOD detection accuracy also at this max-softmax threshold (AlignMix §4.3)
+    "ood_threshold": 0.5,
     "ood": [],                       # OOD image folders, each PATH or NAME=PATH
-    "ood_transform": None,           # OOD folder image -> S x S: eval (val resize + crop) | crop | resize (protocol)
+    # OOD folder image -> S x S: eval (val resize + crop) | crop | resize (protocol)
+    "ood_transform": None,
     "embedding_alpha": 2.0,          # alignment exponent (Wang & Isola 2020)
     "embedding_t": 2.0,              # uniformity kernel scale t (Wang & Isola 2020)
-    "embedding_normalize": True,     # L2-normalise the embeddings first (Wang & Isola: on the hypersphere)
+    # L2-normalise the embeddings first (Wang & Isola: on the hypersphere)
+    "embedding_normalize": True,
     "umap": True,                    # embedding suite: also the UMAP figure
     "umap_classes": 10,              # MultiMix Fig. 3: 10 randomly chosen classes ...
     "umap_per_class": 100,           # ... 100 test examples each
@@ -85,26 +100,28 @@ def parse_eps(v) -> float:
         raise ConfigError(f"not a number or fraction: {v!r}") from e
 
 
-# the types of the keys whose default is null (mixup_transfer.core.config.validate checks the others against their
-# defaults)
+# the types of the keys whose default is null (mixup_transfer.core.config.validate checks the
+# others against their defaults)
 TYPES = {"protocol": str, "data.max_val": int, "image_size": int, "resize": int, "data.num_workers": int, "arch": str,
          "export_corrupted": str, "fgsm_eps": (float, str), "pgd_eps": (float, str), "pgd_step": (float, str),
          "pgd_iters": int, "ood_transform": str, "umap_epochs": int}
 
 
 def resolve_config(cfg: dict) -> dict:
-    """Stage options: DEFAULTS filled in, the protocol's values for the keys left at null, types and ranges
-    checked (ConfigError naming the key)."""
+    """Stage options: DEFAULTS filled in, the protocol's values for the keys left at null, types
+    and ranges checked (ConfigError naming the key)."""
     cfg = validate(cfg, DEFAULTS, types=TYPES)
     check_ranges({"protocol": cfg["protocol"]}, {"protocol": RANGES["protocol"]})
     cfg = apply_protocol(cfg)
-    validate({k: cfg[k] for k in PROTOCOL_KEYS}, EVALUATOR_DEFAULTS, "robustness")  # types of the filled keys
+    # types of the filled keys
+    validate({k: cfg[k] for k in PROTOCOL_KEYS}, EVALUATOR_DEFAULTS, "robustness")
     check_ranges(cfg, RANGES)
     return cfg
 
 
 def split_suites(suites) -> tuple[list[str], list[str]]:
-    """(evaluate_checkpoint's suites, this stage's extra suites) of a comma-separated string or a list."""
+    """(evaluate_checkpoint's suites, this stage's extra suites) of a comma-separated string or a
+    list."""
     if isinstance(suites, str):
         suites = [s.strip() for s in suites.split(",") if s.strip()]
     extra = [s for s in STAGE_SUITES if s in suites]
@@ -115,7 +132,8 @@ def split_suites(suites) -> tuple[list[str], list[str]]:
 
 
 def evaluate_kwargs(cfg: dict) -> dict:
-    """DEFAULTS-shaped options (after `resolve_config`) -> keyword arguments of `evaluate_checkpoint`."""
+    """DEFAULTS-shaped options (after `resolve_config`) -> keyword arguments of
+    `evaluate_checkpoint`."""
     data, rt = cfg["data"], cfg["runtime"]
     return dict(suites=cfg["suites"], ood_dirs=list(cfg["ood"] or ()), limit=data["max_val"],
                 image_size=cfg["image_size"], resize=cfg["resize"], batch_size=cfg["eval"]["batch_size"],
@@ -130,7 +148,8 @@ def evaluate_kwargs(cfg: dict) -> dict:
 
 
 def run(cfg: dict, inputs: dict, run_dir) -> dict:
-    """Every suite of `cfg` on `inputs["checkpoint"]` over `inputs["imagenet"]`; writes run_dir/metrics.json."""
+    """Every suite of `cfg` on `inputs["checkpoint"]` over `inputs["imagenet"]`; writes
+    run_dir/metrics.json."""
     cfg = resolve_config(cfg)
     missing = sorted({"checkpoint", "imagenet"} - set(inputs))
     if missing:
@@ -178,13 +197,15 @@ STAGE = Stage(
     name="robustness",
     entry="transfer.robustness.stage:run",
     schema="transfer.robustness.stage:DEFAULTS",
-    inputs=("checkpoint", "imagenet"),  # a backbone with its classifier; an ImageNet-layout root with val/
+    # a backbone with its classifier; an ImageNet-layout root with val/
+    inputs=("checkpoint", "imagenet"),
     outputs=("metrics.json",),
     gpus_per_node=1,
     config_required=False,  # the defaults are the protocol
     run_dir=lambda cfg, config, cwd: Path(cwd) / cfg["out"],
     run_dir_flag=False,  # its `out` key (--out) names the output folder
     multi_inputs=("checkpoint",),  # several checkpoints: one run each and a comparison table
-    cli="transfer.robustness.cli",  # a flag for each top-level option, --threads, the comparison mode
+    # a flag for each top-level option, --threads, the comparison mode
+    cli="transfer.robustness.cli",
     description="background corruption, calibration, attacks, OOD and embedding suites on a backbone",
 )
