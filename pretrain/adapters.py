@@ -55,15 +55,16 @@ class Backbone(nn.Module):
     or [b, d] (then `pool` is the identity).
     """
 
-    def __init__(self, net: nn.Module, stages: Sequence[Callable], fc: nn.Linear, pool: Callable | None = None,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    def __init__(self, net: nn.Module, stages: Sequence[Callable], fc: nn.Linear,
+                 pool: Callable | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None):
         super().__init__()
         if not isinstance(fc, nn.Linear):
-            raise TypeError(f"the head fc must be an nn.Linear (the methods mix logits linearly), got "
-                            f"{type(fc).__name__}")
+            raise TypeError("the head fc must be an nn.Linear (the methods mix logits "
+                            f"linearly), got {type(fc).__name__}")
         if not 1 <= len(stages) <= MAX_STAGES:
-            raise ValueError(f"a backbone has 1..{MAX_STAGES} stages (layer indices 1..4; 5 is the embedding), "
-                             f"got {len(stages)}")
+            raise ValueError(f"a backbone has 1..{MAX_STAGES} stages (layer indices 1..4; 5 is "
+                             f"the embedding), got {len(stages)}")
         self.net = net
         _check_owned(net, list(stages) + [fc, pool])
         # views of net's modules, kept out of the module tree so that nothing is registered twice
@@ -134,14 +135,16 @@ class Backbone(nn.Module):
         self._dynamo_seen = (_dynamo_counters()["frames"]["total"], hits)
         if new > 0:
             self.compile_fallbacks += new
-            log.warning("torch.compile: stage %d of %s reached torch._dynamo.config.recompile_limit (%d graphs); "
-                        "inputs that match none of its graphs run eagerly (TORCH_LOGS=recompiles prints why it "
-                        "recompiled)", i, type(self.net).__name__, torch._dynamo.config.recompile_limit)
+            log.warning("torch.compile: stage %d of %s reached "
+                        "torch._dynamo.config.recompile_limit (%d graphs); inputs that match "
+                        "none of its graphs run eagerly (TORCH_LOGS=recompiles prints why it "
+                        "recompiled)", i, type(self.net).__name__,
+                        torch._dynamo.config.recompile_limit)
 
     def _check_layer(self, layer: int) -> None:
         if not (0 <= layer <= self.num_stages or layer == EMBEDDING):
-            raise ValueError(f"layer {layer} is not a mixing point of this backbone: 0 (input), 1..{self.num_stages} "
-                             f"(after each stage) or {EMBEDDING} (embedding)")
+            raise ValueError(f"layer {layer} is not a mixing point of this backbone: 0 (input), "
+                             f"1..{self.num_stages} (after each stage) or {EMBEDDING} (embedding)")
 
     def forward_to(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Features after `layer` (0..n; the embedding index gives the feature map) of inputs x."""
@@ -172,8 +175,9 @@ class Backbone(nn.Module):
         per position. For this class the feature map itself, which needs the default global-average
         pooling (then the mean of the dense logits over the positions is the model's logits)."""
         if self._pool_fn is not None:
-            raise ValueError("dense losses (dense_loss, Dense MultiMix) apply fc at every position of the feature map, "
-                             "which needs a backbone pooled by global averaging (pool=None)")
+            raise ValueError("dense losses (dense_loss, Dense MultiMix) apply fc at every "
+                             "position of the feature map, which needs a backbone pooled by "
+                             "global averaging (pool=None)")
         return fmap
 
     def dense_logits(self, fmap: torch.Tensor) -> torch.Tensor:
@@ -217,8 +221,9 @@ def _check_owned(net: nn.Module, parts) -> None:
     owned = {id(p) for p in net.parameters()}
     for part in parts:
         if isinstance(part, nn.Module) and any(id(p) not in owned for p in part.parameters()):
-            raise ValueError(f"a stage, pool or head ({type(part).__name__}) has parameters outside the wrapped "
-                             "network: they would be neither trained by its optimiser nor saved with it")
+            raise ValueError(f"a stage, pool or head ({type(part).__name__}) has parameters "
+                             "outside the wrapped network: they would be neither trained by its "
+                             "optimiser nor saved with it")
 
 
 def resnet_stages(net: nn.Module) -> list[nn.Module]:
@@ -239,18 +244,20 @@ def from_timm(net: nn.Module, mean=None, std=None) -> Backbone:
     head
     `get_classifier()` (mixing points: 0 = input, 1 = the feature map, 5 = the embedding)."""
     fc = net.get_classifier()
-    return Backbone(net, [net.forward_features], fc, partial(net.forward_head, pre_logits=True), mean, std)
+    return Backbone(net, [net.forward_features], fc, partial(net.forward_head, pre_logits=True),
+                    mean, std)
 
 
-def from_sequential(net: nn.Sequential, stage_ends: Sequence[int], mean=None, std=None) -> Backbone:
+def from_sequential(net: nn.Sequential, stage_ends: Sequence[int], mean=None,
+                    std=None) -> Backbone:
     """An nn.Sequential split after the modules at `stage_ends` (increasing indices; the last one
     ends the feature extractor). What follows is the head: its last module must be the nn.Linear
     classifier and the modules between (e.g. AdaptiveAvgPool2d + Flatten) are the pooling (none:
     global average pooling)."""
     ends = [int(e) for e in stage_ends]
     if not ends or ends != sorted(set(ends)) or ends[0] < 0 or ends[-1] >= len(net) - 1:
-        raise ValueError(f"stage_ends must be increasing indices of the Sequential before its last module "
-                         f"(0..{len(net) - 2}), got {list(stage_ends)}")
+        raise ValueError("stage_ends must be increasing indices of the Sequential before its "
+                         f"last module (0..{len(net) - 2}), got {list(stage_ends)}")
     starts = [0] + [e + 1 for e in ends[:-1]]
     stages = [net[s:e + 1] for s, e in zip(starts, ends)]
     pool = net[ends[-1] + 1:-1]
@@ -309,8 +316,10 @@ def cls_attention(attn: nn.Module, x: torch.Tensor, prefix: int = 1) -> torch.Te
     b, t, d = x.shape
     h = attn.num_heads
     w, bias = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(x[:, :1], w[:d], None if bias is None else bias[:d]).view(b, 1, h, d // h).transpose(1, 2)
-    k = F.linear(x, w[d:2 * d], None if bias is None else bias[d:2 * d]).view(b, t, h, d // h).transpose(1, 2)
+    q = F.linear(x[:, :1], w[:d], None if bias is None
+                 else bias[:d]).view(b, 1, h, d // h).transpose(1, 2)
+    k = F.linear(x, w[d:2 * d], None if bias is None
+                 else bias[d:2 * d]).view(b, t, h, d // h).transpose(1, 2)
     q, k = attn.q_norm(q), attn.k_norm(k)
     a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [b, heads, 1, T]
     return a[:, :, 0, prefix:].mean(1)
@@ -329,8 +338,10 @@ class ViTBackbone(Backbone):
 
     def __init__(self, net: nn.Module, mean=None, std=None, stages: int = MAX_STAGES):
         if getattr(net, "global_pool", "token") != "token" or net.cls_token is None:
-            raise ValueError("the ViT adapter reads the class token: build the ViT with global_pool='token'")
-        super().__init__(net, vit_stages(net, stages), net.head, partial(net.forward_head, pre_logits=True), mean, std)
+            raise ValueError("the ViT adapter reads the class token: build the ViT with "
+                             "global_pool='token'")
+        super().__init__(net, vit_stages(net, stages), net.head,
+                         partial(net.forward_head, pre_logits=True), mean, std)
         self.prefix = int(net.num_prefix_tokens)
 
     def dense_map(self, fmap: torch.Tensor) -> torch.Tensor:
@@ -347,7 +358,8 @@ class ViTBackbone(Backbone):
         h = self.forward_to(x, self.num_stages - 1)
         net, last = self.net, self.net.blocks[-1]
         if self.num_stages == 1:
-            h = vit_embed(net, (h - self.mean.to(h.dtype)) / self.std.to(h.dtype) if self.normalise else h)
+            h = vit_embed(net, (h - self.mean.to(h.dtype)) / self.std.to(h.dtype) if self.normalise
+                          else h)
         for block in net.blocks[self._stages[-1].start:-1]:
             h = block(h)
         with torch.no_grad():
@@ -361,11 +373,13 @@ def from_vit(net: nn.Module, mean=None, std=None) -> ViTBackbone:
 
 
 def is_timm_vit(model: nn.Module) -> bool:
-    return all(hasattr(model, a) for a in ("blocks", "patch_embed", "cls_token", "_pos_embed", "head", "norm"))
+    return all(hasattr(model, a)
+               for a in ("blocks", "patch_embed", "cls_token", "_pos_embed", "head", "norm"))
 
 
 def has_stage_interface(model: nn.Module) -> bool:
-    return all(hasattr(model, a) for a in ("forward_to", "forward_from", "features", "pool", "fc", "dense_logits"))
+    return all(hasattr(model, a)
+               for a in ("forward_to", "forward_from", "features", "pool", "fc", "dense_logits"))
 
 
 def adapt(model: nn.Module, mean=None, std=None) -> nn.Module:
@@ -381,5 +395,6 @@ def adapt(model: nn.Module, mean=None, std=None) -> nn.Module:
         return from_vit(model, mean, std)
     if all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")):
         return from_timm(model, mean, std)
-    raise TypeError(f"cannot split a {type(model).__name__} into stages and a linear head by itself: wrap it with "
-                    "pretrain.adapters.from_sequential(net, stage_ends) or Backbone(net, stages, fc, pool)")
+    raise TypeError(f"cannot split a {type(model).__name__} into stages and a linear head by "
+                    "itself: wrap it with pretrain.adapters.from_sequential(net, stage_ends) or "
+                    "Backbone(net, stages, fc, pool)")

@@ -26,8 +26,10 @@ FULL = [
     ("dense_multimix", "dense_multimix", {"prob": 1.0}),
     ("alignmix", "alignmix", {}),  # the released code: its own mode draw (input 1/2, aligned 1/2)
     ("alignmix_stage2", "alignmix_stage2", {"modes": ["feat", "feat_rev"]}),
-    ("multi_interp_manifold_embedding_k5", "multi_interp", {"base": "manifold", "layers": [5], "k": 5}),
-    ("multi_interp_manifold_layer2_k5", "multi_interp", {"base": "manifold", "layers": [2], "k": 5}),
+    ("multi_interp_manifold_embedding_k5", "multi_interp",
+     {"base": "manifold", "layers": [5], "k": 5}),
+    ("multi_interp_manifold_layer2_k5", "multi_interp",
+     {"base": "manifold", "layers": [2], "k": 5}),
     ("multi_interp_input_k5", "multi_interp", {"base": "input", "k": 5}),
     ("cutmix", "cutmix", {}),
     ("puzzlemix", "puzzlemix", {"solver": "gco"}),  # skipped when gco-wrapper is not installed
@@ -51,10 +53,10 @@ TARGETS = {"multimix": 1.03, "dense_multimix": 1.15, "alignmix": 1.10, "alignmix
            "multi_interp_manifold_embedding_k5": 1.10, "puzzlemix": 2.0, "puzzlemix_swap": 2.0}
 
 
-def run_pretrain_bench(quick: bool = False, arch: str = "resnet50", batch: int = 32, size: int = 112,
-                       num_classes: int = 1000, n: int = 1000, repeats: int = 5, warmup: int = 1,
-                       methods: list[str] | None = None, device: str = "cpu", seed: int = 0,
-                       threads: int | None = None, clock: str = "auto") -> dict:
+def run_pretrain_bench(quick: bool = False, arch: str = "resnet50", batch: int = 32,
+                       size: int = 112, num_classes: int = 1000, n: int = 1000, repeats: int = 5,
+                       warmup: int = 1, methods: list[str] | None = None, device: str = "cpu",
+                       seed: int = 0, threads: int | None = None, clock: str = "auto") -> dict:
     """{"step_time_ratio": {label: time / erm time}, "step_time_s": {...}, "targets": ..., "setup":
     ...}.
 
@@ -77,8 +79,8 @@ def run_pretrain_bench(quick: bool = False, arch: str = "resnet50", batch: int =
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, device, seed, timer,
-                      clock)
+        return _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, device,
+                      seed, timer, clock)
     finally:
         torch.set_num_threads(old_threads)
 
@@ -100,7 +102,8 @@ def _build_methods(model, methods, num_classes, n, size, dev, seed):
             continue
         vit = hasattr(model, "features_and_attention")
         if (name in VIT_ONLY and not vit) or (name in CNN_ONLY and vit):
-            skipped.append(f"{label} ({'a ViT arch only' if name in VIT_ONLY else 'a ResNet arch only'})")
+            skipped.append(f"{label} "
+                           f"({'a ViT arch only' if name in VIT_ONLY else 'a ResNet arch only'})")
             continue
         # a method's own layers (AlignMix's encoder2)
         m = build_method(name, model, num_classes, **knobs).to(dev)
@@ -122,7 +125,8 @@ def _all_parameters(built) -> list:
     return list(params.values())
 
 
-def _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, device, seed, timer, clock):
+def _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, device, seed, timer,
+           clock):
     if quick:
         arch, batch, size, repeats = "resnet18", 16, 64, 2
     torch.manual_seed(seed)
@@ -158,21 +162,26 @@ def _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, d
         "step_time_ratio": ratio,
         "step_time_ratio_median": {k: round(v / med["erm"], 3) for k, v in med.items()},
         "step_time_s": {k: round(v, 4) for k, v in best.items()},
-        "targets": {k: {"target": t, "ratio": ratio.get(k), "ok": ratio.get(k) is not None and ratio[k] <= t}
+        "targets": {k: {"target": t, "ratio": ratio.get(k),
+                        "ok": ratio.get(k) is not None and ratio[k] <= t}
                     for k, t in TARGETS.items() if k in ratio},
         "setup": {"arch": arch, "batch": batch, "size": size, "num_classes": num_classes, "n": n,
-                  "repeats": repeats, "device": str(dev), "threads": torch.get_num_threads(), "clock": clock,
-                  "note": "min (and median) of round-robin repeats; feature methods forced onto their "
-                          "mixing branch; puzzlemix = gco-wrapper's graph cut, puzzlemix_swap = the built-in "
-                          "alpha-beta swap (both solve the per-image cuts in a thread pool; the process clock "
+                  "repeats": repeats, "device": str(dev), "threads": torch.get_num_threads(),
+                  "clock": clock, "note": "min (and median) of round-robin repeats; feature "
+                  "methods forced onto their "
+                          "mixing branch; puzzlemix = gco-wrapper's graph cut, puzzlemix_swap = "
+                          "the built-in "
+                          "alpha-beta swap (both solve the per-image cuts in a thread pool; the "
+                          "process clock "
                           "counts every thread's CPU time)",
                   "skipped": skipped},
     }
 
 
 def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224, batch: int = 128,
-                  warmup: int = 3, steps: int = 10, methods: list[str] | None = None, precision: str = "bf16",
-                  channels_last: bool | None = None, num_classes: int = 1000, n: int = 1000, seed: int = 0) -> dict:
+                  warmup: int = 3, steps: int = 10, methods: list[str] | None = None,
+                  precision: str = "bf16", channels_last: bool | None = None,
+                  num_classes: int = 1000, n: int = 1000, seed: int = 0) -> dict:
     """Training images/s of each method on one device (`tools/bench.py gpu`): {"rows": [{"method",
     "img_per_s", "step_s", "step_time_ratio" (step time / ERM's; ERM 1.0), "peak_memory_gib" (CUDA:
     the most memory allocated during the method's steps; None elsewhere)}], "skipped": [...],
@@ -211,12 +220,14 @@ def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224,
 
     seconds, peak = _time_methods(built, step, dev, warmup, steps)
     rows = [{"method": k, "img_per_s": round(batch / v, 1), "step_s": round(v, 6),
-             "step_time_ratio": round(v / seconds["erm"], 3), "peak_memory_gib": peak[k]} for k, v in seconds.items()]
+             "step_time_ratio": round(v / seconds["erm"], 3), "peak_memory_gib": peak[k]} for k,
+             v in seconds.items()]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     return {"rows": rows, "skipped": skipped,
             "setup": {"arch": arch, "size": size, "batch": batch, "warmup": warmup, "steps": steps,
-                      "precision": precision if dev.type == "cuda" else "fp32", "channels_last": channels_last,
-                      "device": f"{dev} ({name})", "num_classes": num_classes, "n": n, "clock": "wall"}}
+                      "precision": precision if dev.type == "cuda" else "fp32",
+                      "channels_last": channels_last, "device": f"{dev} ({name})",
+                      "num_classes": num_classes, "n": n, "clock": "wall"}}
 
 
 def _time_methods(built, step, dev: torch.device, warmup: int, steps: int) -> tuple[dict, dict]:
@@ -239,5 +250,6 @@ def _time_methods(built, step, dev: torch.device, warmup: int, steps: int) -> tu
             step(m)
         sync()
         seconds[label] = (time.perf_counter() - t0) / steps
-        peak[label] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
+        peak[label] = round(torch.cuda.max_memory_allocated(dev) / 2**30,
+                            2) if dev.type == "cuda" else None
     return seconds, peak

@@ -32,23 +32,24 @@ import torch
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
-def _pipeline(source: EpochFiles, size: int, scale_min: float, hflip: bool, batch: int, threads: int,
-              device_id: int, seed: int):
+def _pipeline(source: EpochFiles, size: int, scale_min: float, hflip: bool, batch: int,
+              threads: int, device_id: int, seed: int):
     """The built DALI pipeline: `source` (called with a BatchInfo in `threads` worker processes) ->
     (images float [b, 3, size, size] in [0, 1], labels) on the GPU."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=batch, num_threads=threads, device_id=device_id, seed=seed, py_num_workers=threads,
-                  py_start_method="spawn")
+    @pipeline_def(batch_size=batch, num_threads=threads, device_id=device_id, seed=seed,
+                  py_num_workers=threads, py_start_method="spawn")
     def pipe():
-        jpegs, label = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
-                                          parallel=True, dtype=[types.UINT8, types.INT64])
+        jpegs, label = fn.external_source(source=source, num_outputs=2, batch=True,
+                                          batch_info=True, parallel=True,
+                                          dtype=[types.UINT8, types.INT64])
         images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB)
         images = fn.random_resized_crop(images, size=[size, size], random_area=[scale_min, 1.0],
                                         random_aspect_ratio=list(RATIO))
         mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=[0.0] * 3,
-                                          std=[255.0] * 3, mirror=mirror)
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                          mean=[0.0] * 3, std=[255.0] * 3, mirror=mirror)
         return images, label.gpu()
 
     p = pipe()
@@ -61,8 +62,8 @@ def _iterator(pipe):
     caller."""
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-    return DALIGenericIterator([pipe], ["images", "labels"], last_batch_policy=LastBatchPolicy.DROP,
-                               auto_reset=False)
+    return DALIGenericIterator([pipe], ["images", "labels"],
+                               last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
 
 
 def dali_seed(seed: int, rank: int, epoch: int, start_step: int) -> int:
@@ -88,7 +89,8 @@ class EpochFiles:
     def order(self, epoch_idx: int) -> list[int]:
         """The sample indices of the pipeline's epoch `epoch_idx`, cut to whole batches."""
         if self._order[0] != epoch_idx:
-            self.sampler.set_epoch(self.epoch + epoch_idx, self.start_step if epoch_idx == 0 else 0)
+            self.sampler.set_epoch(self.epoch + epoch_idx,
+                                   self.start_step if epoch_idx == 0 else 0)
             indices = [index for index, _ in self.sampler]
             self._order = (epoch_idx, indices[: len(indices) // self.batch * self.batch])
         return self._order[1]
@@ -112,9 +114,15 @@ class DaliTrainLoader:
     it (the next epoch, from its start, after the previous epoch was read to its end); otherwise (a
     resume inside an epoch, an epoch left unfinished) it is built again."""
 
-    def __init__(self, samples, sampler, size: int, scale_min: float, hflip: bool, batch: int, device: torch.device,
-                 seed: int, threads: int = 4):
-        self.samples, self.sampler, self.size, self.scale_min, self.hflip = samples, sampler, size, scale_min, hflip
+    def __init__(self, samples, sampler, size: int, scale_min: float, hflip: bool, batch: int,
+                 device: torch.device, seed: int, threads: int = 4):
+        self.samples, self.sampler, self.size, self.scale_min, self.hflip = (
+            samples,
+            sampler,
+            size,
+            scale_min,
+            hflip,
+        )
         self.batch, self.device, self.seed, self.threads = batch, device, seed, threads
         self._iter = None
         # the epoch a reset continues with (None: build at the next iteration)
@@ -131,7 +139,8 @@ class DaliTrainLoader:
             return self._iter
         source = EpochFiles(self.samples, s, self.batch)
         pipe = _pipeline(source, self.size, self.scale_min, self.hflip, self.batch, self.threads,
-                         self.device.index or 0, dali_seed(self.seed, s.rank, s.epoch, s.start_step))
+                         self.device.index or 0,
+                         dali_seed(self.seed, s.rank, s.epoch, s.start_step))
         self._iter, self.builds = _iterator(pipe), self.builds + 1
         return self._iter
 

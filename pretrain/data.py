@@ -54,7 +54,8 @@ class Lighting:
         return (img + self.offset()).clamp(0, 1)
 
 
-def train_transform(size: int, scale_min: float, hflip: bool, color_jitter: float, lighting: float):
+def train_transform(size: int, scale_min: float, hflip: bool, color_jitter: float,
+                    lighting: float):
     from torchvision import transforms as T
 
     ts = [T.RandomResizedCrop(size, scale=(scale_min, 1.0))]
@@ -71,7 +72,8 @@ def train_transform(size: int, scale_min: float, hflip: bool, color_jitter: floa
 def val_transform(size: int, resize: int | None):
     from torchvision import transforms as T
 
-    return T.Compose([T.Resize(resize or int(round(size / 0.875))), T.CenterCrop(size), T.ToTensor()])
+    return T.Compose([T.Resize(resize or int(round(size / 0.875))), T.CenterCrop(size),
+                      T.ToTensor()])
 
 
 def resize_uint8(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -83,8 +85,8 @@ def resize_uint8(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if img.shape[-2:] == (height, width):
         return img
     x = img.unsqueeze(0).contiguous(memory_format=torch.channels_last)
-    return torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", antialias=True,
-                                           align_corners=False)[0]
+    return torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear",
+                                           antialias=True, align_corners=False)[0]
 
 
 class ColorDraws:
@@ -98,7 +100,8 @@ class ColorDraws:
     def __init__(self, color_jitter: float, lighting: float):
         from torchvision import transforms as T
 
-        self.jitter = T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
+        self.jitter = T.ColorJitter(color_jitter, color_jitter,
+                                    color_jitter) if color_jitter > 0 else None
         self.lighting = lighting
 
     @property
@@ -147,7 +150,8 @@ class Uint8TrainTransform:
     factors). Returns uint8 [3, size, size], or (that, float [10] colour params) when jitter or
     lighting is on."""
 
-    def __init__(self, size: int, scale_min: float, hflip: bool, color_jitter: float, lighting: float):
+    def __init__(self, size: int, scale_min: float, hflip: bool, color_jitter: float,
+                 lighting: float):
         from torchvision import transforms as T
 
         self.size, self.scale, self.hflip = size, (scale_min, 1.0), hflip
@@ -185,7 +189,8 @@ class EncodedTrainTransform:
     from the header's size with the same draws as `Uint8TrainTransform`; `batch_to_device` decodes,
     crops and colours on the GPU."""
 
-    def __init__(self, size: int, scale_min: float, hflip: bool, color_jitter: float = 0.0, lighting: float = 0.0):
+    def __init__(self, size: int, scale_min: float, hflip: bool, color_jitter: float = 0.0,
+                 lighting: float = 0.0):
         from torchvision import transforms as T
 
         self.size, self.scale, self.hflip = size, (scale_min, 1.0), hflip
@@ -194,7 +199,8 @@ class EncodedTrainTransform:
 
     def __call__(self, data: torch.Tensor):
         width, height = encoded_size(data)
-        i, j, h, w = self.get_params(torch.empty(3, height, width, device="meta"), self.scale, RATIO)
+        i, j, h, w = self.get_params(torch.empty(3, height, width, device="meta"), self.scale,
+                                     RATIO)
         flip = int(bool(self.hflip and torch.rand(1) < 0.5))
         crop = torch.tensor([i, j, h, w, flip, self.size])
         return (data, crop, self.color()) if self.color.active else (data, crop)
@@ -226,7 +232,8 @@ def collate_uint8(batch):
 def collate_encoded(batch):
     """[((bytes, crop [6][, colour [10]]), label)] -> (list of bytes, crops [b, 6], labels [b][,
     colour [b, 10]]) (the bytes differ in length, so they stay a list)."""
-    out = ([b[0][0] for b in batch], torch.stack([b[0][1] for b in batch]), torch.tensor([b[1] for b in batch]))
+    out = ([b[0][0] for b in batch], torch.stack([b[0][1] for b in batch]),
+           torch.tensor([b[1] for b in batch]))
     return out + (torch.stack([b[0][2] for b in batch]),) if len(batch[0][0]) > 2 else out
 
 
@@ -331,7 +338,10 @@ def batch_to_device(batch, device: torch.device, channels_last: bool):
 
 
 def dali_importable() -> bool:
-    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+    return (
+        importlib.util.find_spec("nvidia") is not None
+        and importlib.util.find_spec("nvidia.dali") is not None
+    )
 
 
 def select_loader(loader: str, decode_device: str, device: torch.device, color_jitter: float = 0.0,
@@ -342,25 +352,28 @@ def select_loader(loader: str, decode_device: str, device: torch.device, color_j
     if loader not in LOADERS:
         raise ConfigError(f"data.loader must be one of {LOADERS}, got {loader!r}")
     if decode_device not in DECODE_DEVICES:
-        raise ConfigError(f"data.decode_device must be one of {DECODE_DEVICES}, got {decode_device!r}")
+        raise ConfigError(f"data.decode_device must be one of {DECODE_DEVICES}, got "
+                          f"{decode_device!r}")
     found = dali_importable() if dali_found is None else dali_found
     plain = color_jitter == 0 and lighting == 0
     if loader == "auto":
         loader = "dali" if found and device.type == "cuda" and plain else "uint8"
     if loader == "dali":
         if not found:
-            raise ConfigError("data.loader: dali needs NVIDIA DALI (pip install nvidia-dali-cuda120); it is not "
-                              "importable here. Use data.loader: uint8")
+            raise ConfigError("data.loader: dali needs NVIDIA DALI (pip install "
+                              "nvidia-dali-cuda120); it is not importable here. Use "
+                              "data.loader: uint8")
         if device.type != "cuda":
             raise ConfigError(f"data.loader: dali needs a CUDA device, the run is on {device}")
         if not plain:
-            raise ConfigError("data.loader: dali runs crop + flip only; set data.color_jitter and data.lighting "
-                              "to 0 or use data.loader: uint8")
+            raise ConfigError("data.loader: dali runs crop + flip only; set data.color_jitter "
+                              "and data.lighting to 0 or use data.loader: uint8")
     if decode_device == "cuda":
         if loader != "uint8":
             raise ConfigError(f"data.decode_device: cuda is for data.loader: uint8, not {loader}")
         if device.type != "cuda":
-            raise ConfigError(f"data.decode_device: cuda needs a CUDA device, the run is on {device}")
+            raise ConfigError("data.decode_device: cuda needs a CUDA device, the run is on "
+                              f"{device}")
     return loader
 
 
@@ -370,7 +383,8 @@ def padded_train_transform(size: int, padding: int, hflip: bool):
     `padding` on each side, then a horizontal flip with probability 1/2."""
     from torchvision import transforms as T
 
-    ts = [T.RandomCrop(size, padding=padding)] + ([T.RandomHorizontalFlip()] if hflip else []) + [T.ToTensor()]
+    ts = [T.RandomCrop(size, padding=padding)] + ([T.RandomHorizontalFlip()] if hflip
+                                                  else []) + [T.ToTensor()]
     return T.Compose(ts)
 
 
@@ -418,14 +432,23 @@ class EpochSampler(Sampler):
     world-th of the samples still to visit, so a run resumes with another number of processes.
     Yields (index, sample seed)."""
 
-    def __init__(self, n: int, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0, subset=None):
+    def __init__(self, n: int, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 subset=None):
         if global_batch % world:
-            raise ConfigError(f"the global batch {global_batch} is not divisible by {world} process(es)")
-        self.n, self.global_batch, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
+            raise ConfigError(f"the global batch {global_batch} is not divisible by {world} "
+                              "process(es)")
+        self.n, self.global_batch, self.rank, self.world, self.seed = (
+            n,
+            global_batch,
+            rank,
+            world,
+            seed,
+        )
         self.subset = subset
         self.steps = n // global_batch
         if self.steps == 0:
-            raise ConfigError(f"the global batch {global_batch} is larger than the {n} training images")
+            raise ConfigError(f"the global batch {global_batch} is larger than the {n} training "
+                              "images")
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:

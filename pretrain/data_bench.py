@@ -32,12 +32,19 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from mixup_transfer.core.data import ImageNetFolder, read_image_uint8
-from pretrain.data import EpochSampler, SeededTransform, Uint8TrainTransform, collate_uint8, train_transform
+from pretrain.data import (
+    EpochSampler,
+    SeededTransform,
+    Uint8TrainTransform,
+    collate_uint8,
+    train_transform,
+)
 
 TARGETS = {"uint8_over_pil": (">=", 2.0), "decode_over_uint8": ("<=", 1.5)}
 
 
-def write_jpegs(root: Path, n: int, size=(500, 375), quality: int = 90, classes: int = 4, seed: int = 0) -> float:
+def write_jpegs(root: Path, n: int, size=(500, 375), quality: int = 90, classes: int = 4,
+                seed: int = 0) -> float:
     """`n` photo-like JPEGs in `root/train/<class>/`; returns their mean file size in KB."""
     g = np.random.default_rng(seed)
     w, h = size
@@ -45,7 +52,8 @@ def write_jpegs(root: Path, n: int, size=(500, 375), quality: int = 90, classes:
     for k in range(n):
         folder = root / "train" / f"n{k % classes:08d}"
         folder.mkdir(parents=True, exist_ok=True)
-        low = Image.fromarray((g.random((6, 8, 3)) * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+        low = Image.fromarray((g.random((6, 8, 3))
+                               * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
         pixels = np.asarray(low).astype(np.float32) + g.normal(0.0, 10.0, (h, w, 3))
         path = folder / f"img_{k:05d}.JPEG"
         Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=quality)
@@ -69,8 +77,8 @@ def _paths(root: Path, size: int, recipe: bool) -> dict:
     return out
 
 
-def run_data_bench(quick: bool = False, n: int = 320, size: int = 224, batch: int = 32, repeats: int = 3,
-                   root: str | None = None) -> dict:
+def run_data_bench(quick: bool = False, n: int = 320, size: int = 224, batch: int = 32,
+                   repeats: int = 3, root: str | None = None) -> dict:
     """{"img_per_s_per_core": {path: ...}, "ratios": ..., "targets": ..., "setup": ...} (see the
     module doc).
 
@@ -93,7 +101,8 @@ def run_data_bench(quick: bool = False, n: int = 320, size: int = 224, batch: in
             keys = list(EpochSampler(n, batch, seed=0, subset=list(range(n))))
             batches = [keys[b:b + batch] for b in range(0, n, batch)]
             runs = _paths(Path(root), size, recipe=not quick)
-            times = {name: torch.full((repeats, len(batches)), float("inf"), dtype=torch.float64) for name in runs}
+            times = {name: torch.full((repeats, len(batches)), float("inf"), dtype=torch.float64)
+                     for name in runs}
             for r in range(repeats + 1):
                 for b, ks in enumerate(batches):
                     for name, fn in runs.items():
@@ -108,7 +117,8 @@ def run_data_bench(quick: bool = False, n: int = 320, size: int = 224, batch: in
 
 def _summary(times: dict, n: int, size: int, batch: int, repeats: int, kb, root) -> dict:
     best = {k: n / float(v.min(0).values.sum()) for k, v in times.items()}  # [repeats, batches]
-    ratios = {"uint8_over_pil": best["uint8"] / best["pil"], "decode_over_uint8": best["decode"] / best["uint8"],
+    ratios = {"uint8_over_pil": best["uint8"] / best["pil"],
+              "decode_over_uint8": best["decode"] / best["uint8"],
               "decode_over_pil": best["decode"] / best["pil"]}
     if "pil_recipe" in best:
         ratios["uint8_over_pil_recipe"] = best["uint8_recipe"] / best["pil_recipe"]
@@ -118,13 +128,17 @@ def _summary(times: dict, n: int, size: int, batch: int, repeats: int, kb, root)
                       "ok": ratios[k] >= t if op == ">=" else ratios[k] <= t}
     return {
         "img_per_s_per_core": {k: round(v, 1) for k, v in best.items()},
-        "img_per_s_per_core_median": {k: round(n / float(v.sum(1).median()), 1) for k, v in times.items()},
+        "img_per_s_per_core_median": {k: round(n / float(v.sum(1).median()), 1) for k,
+                                      v in times.items()},
         "ms_per_image": {k: round(1000 / v, 3) for k, v in best.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "targets": targets,
         "setup": {"images": n, "image_size": "500x375 JPEG q90" if kb else str(root),
-                  "mean_file_kb": round(kb, 1) if kb else None, "crop": size, "batch": batch, "repeats": repeats,
-                  "threads": 1, "workers": 0, "clock": "process (CPU time of this process)",
-                  "note": "decode_over_pil is the most any full-decode path can gain over the PIL path; "
-                          "uint8_recipe counts only the worker's share (colour ops run on the device)"},
+                  "mean_file_kb": round(kb, 1) if kb else None, "crop": size, "batch": batch,
+                  "repeats": repeats, "threads": 1, "workers": 0,
+                  "clock": "process (CPU time of this process)",
+                  "note": "decode_over_pil is the most any full-decode path can gain over the "
+                  "PIL path; "
+                          "uint8_recipe counts only the worker's share (colour ops run on "
+                          "the device)"},
     }

@@ -20,7 +20,8 @@ from pretrain import mixers
 # (row, ours, [(competitor label, kind, knobs)]): per-sample rows compare against timm's per-sample
 # modes
 ROWS = [
-    ("mixup batch", ("mixup", False), [("timm batch", "timm", "mixup", "batch"), ("torchvision", "tv", "mixup", "")]),
+    ("mixup batch", ("mixup", False),
+     [("timm batch", "timm", "mixup", "batch"), ("torchvision", "tv", "mixup", "")]),
     ("mixup per-sample", ("mixup", True), [("timm elem", "timm", "mixup", "elem"),
                                            ("timm pair", "timm", "mixup", "pair")]),
     ("cutmix batch", ("cutmix", False), [("timm batch", "timm", "cutmix", "batch"),
@@ -49,8 +50,11 @@ def _competitor(kind: str, method: str, mode: str, num_classes: int):
         from timm.data import Mixup  # noqa: PLC0415
     except ImportError:
         return None
-    alphas = {"mixup_alpha": 1.0, "cutmix_alpha": 0.0} if method == "mixup" else {"mixup_alpha": 0.0,
-                                                                                   "cutmix_alpha": 1.0}
+    alphas = (
+        {"mixup_alpha": 1.0, "cutmix_alpha": 0.0}
+        if method == "mixup"
+        else {"mixup_alpha": 0.0, "cutmix_alpha": 1.0}
+    )
     return Mixup(**alphas, mode=mode, label_smoothing=0.0, num_classes=num_classes)
 
 
@@ -86,8 +90,9 @@ def run_mixer_bench(batch: int = 256, size: int = 224, num_classes: int = 1000, 
         rows, skipped = _time_rows(x, y, num_classes, repeats, timer, sync, dev)
     finally:
         torch.set_num_threads(old)
-    setup = {"batch": batch, "size": size, "num_classes": num_classes, "repeats": repeats, "device": str(dev),
-             "threads": threads if threads else torch.get_num_threads(), "clock": clock}
+    setup = {"batch": batch, "size": size, "num_classes": num_classes, "repeats": repeats,
+             "device": str(dev), "threads": threads if threads else torch.get_num_threads(),
+             "clock": clock}
     return {"rows": rows, "setup": setup, "skipped": skipped, "goals": _goals(rows)}
 
 
@@ -99,7 +104,8 @@ def _time_rows(x, y, num_classes, repeats, timer, sync, dev):
             fn = _competitor(kind, meth, mode, num_classes)
             if fn is None:
                 if "timm" not in skipped:
-                    print("[bench] mixers: timm rows skipped (timm not installed: pip install timm)", file=sys.stderr)
+                    print("[bench] mixers: timm rows skipped (timm not installed: pip install "
+                          "timm)", file=sys.stderr)
                     skipped.append("timm")
                 continue
             impls[name] = fn
@@ -127,13 +133,15 @@ def _goals(rows) -> dict:
             key = f"{kind} vs {name}"
             if name in row and key in GOALS:
                 r = row[name]["ratio"]
-                out[f"{row['row']} vs {name}"] = {"ratio": r, "goal": GOALS[key], "ok": r >= GOALS[key]}
+                out[f"{row['row']} vs {name}"] = {"ratio": r, "goal": GOALS[key],
+                                                  "ok": r >= GOALS[key]}
     return out
 
 
 def to_markdown(res: dict) -> list[str]:
     st = res["setup"]
-    lines = [f"## Mixing calls ({st['device']}, batch {st['batch']}, {st['size']} px, {st['clock']} clock, "
+    lines = [f"## Mixing calls ({st['device']}, batch {st['batch']}, {st['size']} px, "
+             f"{st['clock']} clock, "
              f"{st['threads']} thread(s)); ratio = their time / ours", "",
              "| row | ours ms | competitor | their ms | ratio |", "|---|---:|---|---:|---:|"]
     for row in res["rows"]:

@@ -61,7 +61,8 @@ def mixed_loss(logits: torch.Tensor, targets, criterion: Callable | None = None)
     if isinstance(targets, PairTargets):
         if criterion is None:
             def criterion(z, t, reduction):
-                return F.cross_entropy(z.float(), t, reduction=reduction, label_smoothing=targets.label_smoothing)
+                return F.cross_entropy(z.float(), t, reduction=reduction,
+                                       label_smoothing=targets.label_smoothing)
         lam = targets.lam.to(logits.device, torch.float32)
         per = lam * criterion(logits, targets.y_a, reduction="none")
         return (per + (1 - lam) * criterion(logits, targets.y_b, reduction="none")).mean()
@@ -120,7 +121,11 @@ def _host(draw: Draw) -> Draw:
     """A per-batch draw made on the CPU as host numbers (reading a CPU tensor does not wait for a
     device), so that one box is a slice copy and one lam a kernel argument."""
     one_box = isinstance(draw.centre, torch.Tensor) and draw.centre.shape[0] == 1
-    if isinstance(draw.lam, torch.Tensor) and draw.lam.device.type == "cpu" and (draw.lam.numel() == 1 or one_box):
+    if (
+        isinstance(draw.lam, torch.Tensor)
+        and draw.lam.device.type == "cpu"
+        and (draw.lam.numel() == 1 or one_box)
+    ):
         centre = draw.centre
         if isinstance(centre, torch.Tensor) and centre.shape[0] == 1:
             centre = tuple(centre[0].tolist())
@@ -139,9 +144,9 @@ class Mixer:
     module docstring).
     """
 
-    def __init__(self, alpha: float = 1.0, num_classes: int | None = None, per_sample: bool = False,
-                 prob: float = 1.0, label_smoothing: float = 0.0, targets: str = "soft",
-                 generator: torch.Generator | None = None, seed: int = 0):
+    def __init__(self, alpha: float = 1.0, num_classes: int | None = None,
+                 per_sample: bool = False, prob: float = 1.0, label_smoothing: float = 0.0,
+                 targets: str = "soft", generator: torch.Generator | None = None, seed: int = 0):
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0 (lam ~ Beta(alpha, alpha)), got {alpha}")
         if targets not in ("soft", "pair"):
@@ -149,7 +154,8 @@ class Mixer:
         if targets == "soft" and not num_classes:
             raise ValueError("soft targets need num_classes (or use targets='pair')")
         if not 0 <= prob <= 1 or not 0 <= label_smoothing < 1:
-            raise ValueError(f"prob must be in [0, 1] and label_smoothing in [0, 1), got {prob}, {label_smoothing}")
+            raise ValueError(f"prob must be in [0, 1] and label_smoothing in [0, 1), got {prob}, "
+                             f"{label_smoothing}")
         self.alpha, self.num_classes, self.per_sample = alpha, num_classes, per_sample
         self.prob, self.label_smoothing, self.target_kind = prob, label_smoothing, targets
         self.generator, self.seed = generator, seed
@@ -168,7 +174,8 @@ class Mixer:
         """[n] Beta(alpha, alpha) draws, replaced by 1 (no mixing) with probability 1 - prob."""
         lam = shared.sample_beta(self.alpha, self.alpha, n, g, g.device)
         if self.prob < 1:
-            lam = torch.where(torch.rand(n, generator=g, device=g.device) < self.prob, lam, torch.ones_like(lam))
+            lam = torch.where(torch.rand(n, generator=g, device=g.device) < self.prob, lam,
+                              torch.ones_like(lam))
         return lam
 
     def _perm(self, b: int, g: torch.Generator) -> torch.Tensor:
@@ -285,11 +292,13 @@ def puzzle_grid_options(h: int, w: int, grids: Sequence[int], neigh_size: int = 
     """The PuzzleMix grids that fit an h x w input: square, the block side (h / grid) divides h and
     is a multiple of neigh_size (or smaller than it), as the official code requires."""
     if h != w:
-        raise ValueError(f"PuzzleMix needs square inputs (the official code does too), got {h}x{w}")
+        raise ValueError("PuzzleMix needs square inputs (the official code does too), got "
+                         f"{h}x{w}")
     ok = [g for g in grids if h % g == 0 and (h // g) % min(neigh_size, h // g) == 0]
     if not ok:
-        raise ValueError(f"no PuzzleMix grid in {tuple(grids)} fits the input size {h}x{w} with neigh_size "
-                         f"{neigh_size} (block side = size / grid, a multiple of neigh_size)")
+        raise ValueError(f"no PuzzleMix grid in {tuple(grids)} fits the input size {h}x{w} with "
+                         f"neigh_size {neigh_size} (block side = size / grid, a multiple of "
+                         "neigh_size)")
     return ok
 
 
@@ -323,23 +332,26 @@ class PuzzleMix(Mixer):
     batch only (one lam); the graph cut runs on the host. pixels: a callable x -> x in pixel units
     for the smoothness term (default: x itself); fill: the value of an empty transport place."""
 
-    def __init__(self, saliency: Callable | None = None, alpha: float = 1.0, num_classes: int | None = None,
-                 grids=(2, 4, 8, 16), beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2,
-                 n_labels: int = 3, transport: bool = True, t_eps: float = 0.8, solver: str = "auto",
-                 threads: int | None = None, pixels: Callable | None = None, fill: torch.Tensor | float = 0.0,
-                 label_smoothing: float = 0.0, targets: str = "soft", generator: torch.Generator | None = None,
-                 seed: int = 0):
+    def __init__(self, saliency: Callable | None = None, alpha: float = 1.0,
+                 num_classes: int | None = None, grids=(2, 4, 8, 16), beta: float = 1.2,
+                 gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2, n_labels: int = 3,
+                 transport: bool = True, t_eps: float = 0.8, solver: str = "auto",
+                 threads: int | None = None, pixels: Callable | None = None,
+                 fill: torch.Tensor | float = 0.0, label_smoothing: float = 0.0,
+                 targets: str = "soft", generator: torch.Generator | None = None, seed: int = 0):
         super().__init__(alpha, num_classes, False, 1.0, label_smoothing, targets, generator, seed)
         self.saliency, self.grids, self.pixels, self.fill = saliency, tuple(grids), pixels, fill
-        self.knobs = dict(beta=beta, gamma=gamma, eta=eta, neigh_size=neigh_size, n_labels=n_labels,
-                          transport=transport, t_eps=t_eps, solver=solver, threads=threads)
+        self.knobs = dict(beta=beta, gamma=gamma, eta=eta, neigh_size=neigh_size,
+                          n_labels=n_labels, transport=transport, t_eps=t_eps, solver=solver,
+                          threads=threads)
 
     def __call__(self, x, y, generator=None, saliency: torch.Tensor | None = None):
         return self.apply(x, y, self.draw(x, generator), saliency)
 
     def draw(self, x, generator=None) -> Draw:
         g = self._generator(x, generator)
-        options = puzzle_grid_options(x.shape[-2], x.shape[-1], self.grids, self.knobs["neigh_size"])
+        options = puzzle_grid_options(x.shape[-2], x.shape[-1], self.grids,
+                                      self.knobs["neigh_size"])
         # a host number
         pick = int(torch.randint(len(options), (1,), generator=g, device=g.device))
         return Draw(self._perm(x.shape[0], g), self._lam(1, g), grid=options[pick])
@@ -349,14 +361,16 @@ class PuzzleMix(Mixer):
         sal = saliency if saliency is not None else self._saliency(x, y)
         pixels = None if self.pixels is None else self.pixels(x)
         with torch.no_grad():
-            mixed, kept, _ = puzzlemix.puzzle_mix_many(x, sal, perm, grid, list(lams), pixels=pixels, fill=self.fill,
+            mixed, kept, _ = puzzlemix.puzzle_mix_many(x, sal, perm, grid, list(lams),
+                                                       pixels=pixels, fill=self.fill,
                                                 **self.knobs)
         return mixed.detach(), kept
 
     def _saliency(self, x, y):
         if self.saliency is None:
-            raise ValueError("PuzzleMix needs a saliency map: pass saliency=[b, h, w] to the call or a callback "
-                             "saliency(x, y) (e.g. pretrain.mixers.gradient_saliency(model)) to the constructor")
+            raise ValueError("PuzzleMix needs a saliency map: pass saliency=[b, h, w] to the "
+                             "call or a callback saliency(x, y) (e.g. "
+                             "pretrain.mixers.gradient_saliency(model)) to the constructor")
         return self.saliency(x, y)
 
     def apply(self, x, y, draw: Draw, saliency: torch.Tensor | None = None):
@@ -395,8 +409,15 @@ class MultiMixK:
         b = x.shape[0]
         perm, draw = _to(draw.perm, x.device), _host(draw)
         if isinstance(self.base, MixUp):
-            kept = shared.host_to_device(draw.lam, x.device) if isinstance(draw.lam, list) else _to(draw.lam, x.device)
-            x_mixed, kept = shared.multi_mixup(x, perm, kept.float()), kept.float().repeat_interleave(b)
+            kept = (
+                shared.host_to_device(draw.lam, x.device)
+                if isinstance(draw.lam, list)
+                else _to(draw.lam, x.device)
+            )
+            x_mixed, kept = (
+                shared.multi_mixup(x, perm, kept.float()),
+                kept.float().repeat_interleave(b),
+            )
         elif isinstance(self.base, CutMix):
             x_mixed, kept = self._nested(x, perm, draw)
             kept = kept.repeat_interleave(b)
@@ -413,7 +434,8 @@ class MultiMixK:
             boxes, kept = cutmix.nested_box_list(h, w, draw.lam, draw.centre)
             kept = shared.host_to_device(kept, x.device)
         else:
-            boxes, kept = cutmix_boxes(h, w, torch.sqrt(draw.lam.double()), draw.centre.expand(self.k, 2))
+            boxes, kept = cutmix_boxes(h, w, torch.sqrt(draw.lam.double()),
+                                       draw.centre.expand(self.k, 2))
             boxes, kept = boxes.unsqueeze(1), _to(kept.float(), x.device)
         # a loop over the K boxes
         return torch.cat([paste_boxes(x, perm, box) for box in boxes]), kept
@@ -432,15 +454,19 @@ class RandomChoice:
     (`host_generator`, or seeded with `seed`): a host number steers which mixer runs, without
     reading the device."""
 
-    def __init__(self, mixers: Sequence[Mixer], p: Sequence[float] | None = None, per_sample: bool = False,
-                 host_generator: torch.Generator | None = None, seed: int = 0):
+    def __init__(self, mixers: Sequence[Mixer], p: Sequence[float] | None = None,
+                 per_sample: bool = False, host_generator: torch.Generator | None = None,
+                 seed: int = 0):
         if not mixers:
             raise ValueError("RandomChoice needs at least one mixer")
-        p = torch.full((len(mixers),), 1.0 / len(mixers)) if p is None else torch.as_tensor(p, dtype=torch.float64)
+        p = torch.full((len(mixers),), 1.0
+                       / len(mixers)) if p is None else torch.as_tensor(p, dtype=torch.float64)
         if p.shape != (len(mixers),) or (p < 0).any() or abs(float(p.sum()) - 1) > 1e-6:
-            raise ValueError(f"p must be {len(mixers)} probabilities summing to 1, got {p.tolist()}")
+            raise ValueError(f"p must be {len(mixers)} probabilities summing to 1, got "
+                             f"{p.tolist()}")
         if per_sample and not all(isinstance(m, (MixUp, CutMix)) for m in mixers):
-            raise ValueError("a per-example choice needs mixers that keep the batch size (MixUp, CutMix)")
+            raise ValueError("a per-example choice needs mixers that keep the batch size "
+                             "(MixUp, CutMix)")
         if len({m.target_kind for m in mixers}) > 1:
             raise ValueError("the mixers of a RandomChoice must give the same kind of targets")
         self.mixers, self.p, self.per_sample = list(mixers), p.float(), per_sample
@@ -469,8 +495,8 @@ class RandomChoice:
             pick = choice == i
             x_mixed = torch.where(pick.view(-1, *([1] * (x.ndim - 1))), xi, x_mixed)
             if isinstance(t, PairTargets):
-                t = PairTargets(t.y_a, torch.where(pick, ti.y_b, t.y_b), torch.where(pick, ti.lam, t.lam),
-                                t.label_smoothing)
+                t = PairTargets(t.y_a, torch.where(pick, ti.y_b, t.y_b),
+                                torch.where(pick, ti.lam, t.lam), t.label_smoothing)
             else:
                 t = torch.where(pick.view(-1, 1), ti, t)
         return x_mixed, t
@@ -505,10 +531,11 @@ class ZetaMixup(Mixer):
     with W = `zeta_weights(order, gamma)` (gamma = 2.8, the official default). Soft targets only (a
     combination of the whole batch has no pair to interpolate a loss between)."""
 
-    def __init__(self, gamma: float = 2.8, num_classes: int | None = None, label_smoothing: float = 0.0,
-                 generator: torch.Generator | None = None, seed: int = 0):
-        super().__init__(1.0, num_classes, label_smoothing=label_smoothing, targets="soft", generator=generator,
-                         seed=seed)
+    def __init__(self, gamma: float = 2.8, num_classes: int | None = None,
+                 label_smoothing: float = 0.0, generator: torch.Generator | None = None,
+                 seed: int = 0):
+        super().__init__(1.0, num_classes, label_smoothing=label_smoothing, targets="soft",
+                         generator=generator, seed=seed)
         if not gamma > 0:
             raise ValueError(f"gamma must be > 0 (the p-series exponent), got {gamma}")
         self.gamma = float(gamma)

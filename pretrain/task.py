@@ -32,7 +32,13 @@ from torch.utils.data import DataLoader
 from mixup_transfer.core import distributed as ddist
 from mixup_transfer.core import fingerprint
 from mixup_transfer.core import runtime as rt
-from mixup_transfer.core.checkpoint import ALL_ARCHS, CheckpointError, classifier_head, load_classifier, save_backbone
+from mixup_transfer.core.checkpoint import (
+    ALL_ARCHS,
+    CheckpointError,
+    classifier_head,
+    load_classifier,
+    save_backbone,
+)
 from mixup_transfer.core.config import ConfigError, check_ranges, dump_config, validate
 from mixup_transfer.core.data import read_bytes, read_image, read_image_uint8
 from mixup_transfer.core.engine import ClassificationTask, Engine, LoopSettings, build_optimizer
@@ -57,7 +63,14 @@ from pretrain.data import (
     val_transform,
 )
 from pretrain.figures import plot_curves
-from pretrain.methods import METHODS, ResNetStages, build_configured, check_method_config, have_gco, network_stages
+from pretrain.methods import (
+    METHODS,
+    ResNetStages,
+    build_configured,
+    check_method_config,
+    have_gco,
+    network_stages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,16 +200,18 @@ DEFAULTS = {
 RANGES = {
     "optim.epochs": (">", 0), "optim.batch_size": (">", 0), "optim.batch_per_process": (">", 0),
     "optim.accumulate": (">", 0), "optim.max_batch_per_process": (">", 0), "optim.lr": (">", 0),
-    "optim.lr_classifier": (">", 0), "optim.momentum": (">=", 0, "<", 1), "optim.weight_decay": (">=", 0),
-    "optim.gamma": (">", 0), "optim.warmup_epochs": (">=", 0), "optim.warmup_start": (">=", 0, "<=", 1),
-    "optim.schedule": ("in", ("step", "cosine", "piecewise", "constant")), "data.crop_size": (">", 0),
-    "optim.optimizer": ("in", ("sgd", "adamw")),
+    "optim.lr_classifier": (">", 0), "optim.momentum": (">=", 0, "<", 1),
+    "optim.weight_decay": (">=", 0), "optim.gamma": (">", 0), "optim.warmup_epochs": (">=", 0),
+    "optim.warmup_start": (">=", 0, "<=", 1),
+    "optim.schedule": ("in", ("step", "cosine", "piecewise", "constant")),
+    "data.crop_size": (">", 0), "optim.optimizer": ("in", ("sgd", "adamw")),
     "data.num_workers": (">=", 0), "data.max_train": (">", 0), "data.max_val": (">", 0),
     "data.scale_min": (">", 0, "<=", 1), "data.loader": ("in", ("uint8", "pil", "dali", "auto")),
-    "data.decode_device": ("in", ("cpu", "cuda")), "runtime.precision": ("in", ("fp32", "bf16", "fp16")),
-    "runtime.log_every_steps": (">", 0), "runtime.checkpoint_every_steps": (">=", 0),
-    "model.arch": ("in", ALL_ARCHS), "model.num_classes": (">", 0),
-    "data.dataset": ("in", DATASETS), "data.crop": ("in", ("auto", "resized", "padded")), "data.padding": (">=", 0),
+    "data.decode_device": ("in", ("cpu", "cuda")),
+    "runtime.precision": ("in", ("fp32", "bf16", "fp16")), "runtime.log_every_steps": (">", 0),
+    "runtime.checkpoint_every_steps": (">=", 0), "model.arch": ("in", ALL_ARCHS),
+    "model.num_classes": (">", 0), "data.dataset": ("in", DATASETS),
+    "data.crop": ("in", ("auto", "resized", "padded")), "data.padding": (">=", 0),
     "precise_bn_batches": (">=", 0),
 }
 
@@ -204,11 +219,12 @@ RANGES = {
 # the types of the keys whose default is null (mixup_transfer.core.config.validate checks the
 # others against their defaults)
 TYPES = {"teacher": str,
-         "data.root": str, "data.num_workers": int, "data.crop_schedule": list[list], "data.val_resize": int,
-         "data.max_train": int,
-         "data.max_val": int, "model.num_classes": int, "optim.batch_per_process": int, "optim.accumulate": int,
-         "optim.max_batch_per_process": int, "optim.lr_classifier": float, "optim.points": list[list],
-         "runtime.backend": str, "runtime.num_threads": int, "runtime.stop_after_steps": int}
+         "data.root": str, "data.num_workers": int, "data.crop_schedule": list[list],
+         "data.val_resize": int, "data.max_train": int,
+         "data.max_val": int, "model.num_classes": int, "optim.batch_per_process": int,
+         "optim.accumulate": int, "optim.max_batch_per_process": int, "optim.lr_classifier": float,
+         "optim.points": list[list], "runtime.backend": str, "runtime.num_threads": int,
+         "runtime.stop_after_steps": int}
 
 
 def resolve_config(cfg: dict) -> dict:
@@ -218,7 +234,8 @@ def resolve_config(cfg: dict) -> dict:
         raise ConfigError("data.root is required (an ImageNet-layout folder)")
     if not isinstance(cfg["method"], dict) or "name" not in cfg["method"]:
         raise ConfigError("method.name is required (e.g. method: {name: multimix})")
-    check_method_config(cfg["method"]["name"], {k: v for k, v in cfg["method"].items() if k != "name"})
+    check_method_config(cfg["method"]["name"],
+                        {k: v for k, v in cfg["method"].items() if k != "name"})
     check_teacher(cfg["method"], cfg["teacher"])
     return cfg
 
@@ -229,10 +246,12 @@ def check_teacher(method_cfg: dict, teacher: str | None) -> None:
     method = method_cfg["name"]
     needs = METHODS[method].uses_teacher({k: v for k, v in method_cfg.items() if k != "name"})
     if needs and not teacher:
-        raise ConfigError(f"teacher: method {method!r} needs a teacher checkpoint (set teacher: <path to a "
-                          "classifier checkpoint of this dataset, e.g. an erm run's backbone.pth>)")
+        raise ConfigError(f"teacher: method {method!r} needs a teacher checkpoint (set teacher: "
+                          "<path to a classifier checkpoint of this dataset, e.g. an erm run's "
+                          "backbone.pth>)")
     if teacher and not needs:
-        raise ConfigError(f"teacher: method {method!r} does not use a teacher (got {teacher!r}); remove the key")
+        raise ConfigError(f"teacher: method {method!r} does not use a teacher (got {teacher!r}); "
+                          "remove the key")
 
 
 def load_teacher(path: str, num_classes: int, device: torch.device) -> ResNetStages:
@@ -242,8 +261,9 @@ def load_teacher(path: str, num_classes: int, device: torch.device) -> ResNetSta
     try:
         state, meta = load_classifier(path, None, num_classes)
         if classifier_head(path) is not None:
-            raise CheckpointError(f"{path}: its classifier has its own head between layer4 and fc (a teacher here "
-                                  "is a network whose fc reads the pooled features)")
+            raise CheckpointError(f"{path}: its classifier has its own head between layer4 and "
+                                  "fc (a teacher here is a network whose fc reads the pooled "
+                                  "features)")
     except (CheckpointError, OSError) as e:
         raise ConfigError(f"teacher: {e}") from e
     net = network_stages(meta["arch"], meta["num_classes"])
@@ -255,12 +275,14 @@ def batch_plan(optim: dict, world: int) -> dict:
     """Split the configured batch over `world` processes: global, per process, accumulation,
     micro-batch."""
     if (optim["batch_size"] is None) == (optim["batch_per_process"] is None):
-        raise ConfigError("set exactly one of optim.batch_size (global) and optim.batch_per_process")
+        raise ConfigError("set exactly one of optim.batch_size (global) and "
+                          "optim.batch_per_process")
     if optim["batch_per_process"] is not None:
         per_process = int(optim["batch_per_process"])
     else:
         if int(optim["batch_size"]) % world:
-            raise ConfigError(f"optim.batch_size={optim['batch_size']} is not divisible by {world} processes")
+            raise ConfigError(f"optim.batch_size={optim['batch_size']} is not divisible by "
+                              f"{world} processes")
         per_process = int(optim["batch_size"]) // world
     acc = optim["accumulate"]
     if acc is None:
@@ -268,10 +290,11 @@ def batch_plan(optim: dict, world: int) -> dict:
         while cap and (per_process // acc > cap or per_process % acc):
             acc += 1
     if int(acc) < 1 or per_process % int(acc):
-        raise ConfigError(f"optim.accumulate={acc} does not divide the per-process batch {per_process}")
+        raise ConfigError(f"optim.accumulate={acc} does not divide the per-process batch "
+                          f"{per_process}")
     acc = int(acc)
-    return {"world_size": world, "global_batch": per_process * world, "per_process_batch": per_process,
-            "accumulate": acc, "micro_batch": per_process // acc}
+    return {"world_size": world, "global_batch": per_process * world,
+            "per_process_batch": per_process, "accumulate": acc, "micro_batch": per_process // acc}
 
 
 class PretrainTask(ClassificationTask):
@@ -285,9 +308,10 @@ class PretrainTask(ClassificationTask):
     def resume_may_change(self) -> tuple[str, ...]:
         """Config keys a resume may change: how the run is executed and logged, not what it
         computes; the number of epochs too when the schedule does not depend on it."""
-        keys = ["name", "data.num_workers", "runtime.device", "runtime.backend", "runtime.num_threads",
-                "runtime.checkpoint_every_steps", "runtime.log_every_steps", "runtime.tensorboard", "runtime.flops",
-                "runtime.figures", "runtime.stop_after_steps"]
+        keys = ["name", "data.num_workers", "runtime.device", "runtime.backend",
+                "runtime.num_threads", "runtime.checkpoint_every_steps", "runtime.log_every_steps",
+                "runtime.tensorboard", "runtime.flops", "runtime.figures",
+                "runtime.stop_after_steps"]
         if self.cfg["optim"]["schedule"] != "cosine":
             keys.append("optim.epochs")
         return tuple(keys)
@@ -297,24 +321,34 @@ class PretrainTask(ClassificationTask):
         dcfg, ocfg = cfg["data"], cfg["optim"]
         self.plan = batch_plan(ocfg, world)
         self.layout = detect_layout(dcfg["root"], dcfg["dataset"])[0]
-        self.crop = dcfg["crop"] if dcfg["crop"] != "auto" else ("resized" if self.layout == "imagenet" else "padded")
+        self.crop = (
+            dcfg["crop"]
+            if dcfg["crop"] != "auto"
+            else ("resized" if self.layout == "imagenet" else "padded")
+        )
         self.loader = self._choose_loader(dcfg, device)
         self.encoded = dcfg["decode_device"] == "cuda"
-        train_reader = read_bytes if self.encoded else (read_image if self.loader == "pil" else read_image_uint8)
-        self.train_set = open_classification(dcfg["root"], dcfg["train_split"], dcfg["dataset"], reader=train_reader)
+        train_reader = read_bytes if self.encoded else (read_image if self.loader == "pil"
+                                                        else read_image_uint8)
+        self.train_set = open_classification(dcfg["root"], dcfg["train_split"], dcfg["dataset"],
+                                             reader=train_reader)
         self.val_set = open_classification(dcfg["root"], dcfg["val_split"], dcfg["dataset"],
                                            classes=self.train_set.classes,
-                                           reader=read_image if self.loader == "pil" else read_image_uint8)
+                                           reader=read_image if self.loader == "pil"
+                                           else read_image_uint8)
         self._train_loader: tuple[int, Iterable] | None = None  # (crop size, persistent loader)
         self._val: DataLoader | None = None
         self.num_classes = cfg["model"]["num_classes"] or len(self.train_set.classes)
         subset = evenly_spaced(len(self.train_set), dcfg["max_train"])
         n_train = len(subset) if subset else len(self.train_set)
-        self.sampler = EpochSampler(n_train, self.plan["global_batch"], rank, world, cfg["seed"], subset)
+        self.sampler = EpochSampler(n_train, self.plan["global_batch"], rank, world, cfg["seed"],
+                                    subset)
         self.steps_per_epoch = self.sampler.steps
-        net = network_stages(cfg["model"]["arch"], self.num_classes, cfg["model"]["zero_init_residual"])
+        net = network_stages(cfg["model"]["arch"], self.num_classes,
+                             cfg["model"]["zero_init_residual"])
         knobs = {k: v for k, v in cfg["method"].items() if k != "name"}
-        self.model = build_configured(cfg["method"]["name"], net, self.num_classes, knobs).to(device)
+        self.model = build_configured(cfg["method"]["name"], net, self.num_classes,
+                                      knobs).to(device)
         if cfg["teacher"]:
             self.model.teacher = load_teacher(cfg["teacher"], self.num_classes, device)
         if cfg["runtime"]["channels_last"] and device.type == "cuda":
@@ -343,26 +377,30 @@ class PretrainTask(ClassificationTask):
         if o["lr_classifier"] is None:
             return [{"params": params, "lr": o["lr"], "name": "all"}]
         fc = {id(p) for p in self.net.fc.parameters()}
-        return [{"params": [p for p in params if id(p) not in fc], "lr": o["lr"], "name": "backbone"},
-                {"params": [p for p in params if id(p) in fc], "lr": o["lr_classifier"], "name": "classifier"}]
+        return [{"params": [p for p in params if id(p) not in fc], "lr": o["lr"],
+                 "name": "backbone"},
+                {"params": [p for p in params if id(p) in fc], "lr": o["lr_classifier"],
+                 "name": "classifier"}]
 
     def lr_lambda(self, step: int) -> float:
         o = self.cfg["optim"]
-        return lr_factor(step / self.steps_per_epoch, o["schedule"], total=o["epochs"], milestones=o["milestones"],
-                         gamma=o["gamma"], points=o["points"], min_factor=o["min_factor"],
-                         warmup=o["warmup_epochs"], warmup_start=o["warmup_start"])
+        return lr_factor(step / self.steps_per_epoch, o["schedule"], total=o["epochs"],
+                         milestones=o["milestones"], gamma=o["gamma"], points=o["points"],
+                         min_factor=o["min_factor"], warmup=o["warmup_epochs"],
+                         warmup_start=o["warmup_start"])
 
     def _choose_loader(self, dcfg: dict, device: torch.device) -> str:
         """`select_loader`'s data path; the small-image sets (CIFAR, TinyImageNet: decoded arrays
         or tiny files) and the padded crop always take the PIL path, and asking them for DALI or
         GPU decoding is an error."""
         if self.layout == "imagenet" and self.crop != "padded":
-            return select_loader(dcfg["loader"], dcfg["decode_device"], device, dcfg["color_jitter"],
-                                 dcfg["lighting"])
+            return select_loader(dcfg["loader"], dcfg["decode_device"], device,
+                                 dcfg["color_jitter"], dcfg["lighting"])
         if dcfg["loader"] == "dali" or dcfg["decode_device"] == "cuda":
-            raise ConfigError(f"data.loader: {dcfg['loader']} / data.decode_device: {dcfg['decode_device']} are "
-                              f"for ImageNet-layout JPEGs with the resized crop; this run is {self.layout} with "
-                              f"the {self.crop} crop (data.loader: uint8 or pil, data.decode_device: cpu)")
+            raise ConfigError(f"data.loader: {dcfg['loader']} / data.decode_device: "
+                              f"{dcfg['decode_device']} are for ImageNet-layout JPEGs with the "
+                              f"resized crop; this run is {self.layout} with the {self.crop} "
+                              "crop (data.loader: uint8 or pil, data.decode_device: cpu)")
         return "pil"
 
     def before_step(self, micro_step: int) -> None:
@@ -390,21 +428,26 @@ class PretrainTask(ClassificationTask):
         if self.loader == "dali":
             from pretrain.dali import DaliTrainLoader
 
-            return DaliTrainLoader(self.train_set.samples, self.sampler, size, d["scale_min"], d["hflip"],
-                                   self.plan["micro_batch"], self.device, self.cfg["seed"])
+            return DaliTrainLoader(self.train_set.samples, self.sampler, size, d["scale_min"],
+                                   d["hflip"], self.plan["micro_batch"], self.device,
+                                   self.cfg["seed"])
         if self.encoded:
-            tf = EncodedTrainTransform(size, d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"])
+            tf = EncodedTrainTransform(size, d["scale_min"], d["hflip"], d["color_jitter"],
+                                       d["lighting"])
             collate = collate_encoded
         elif self.crop == "padded":
             tf, collate = padded_train_transform(size, d["padding"], d["hflip"]), None
         elif self.loader == "pil":
-            tf, collate = train_transform(size, d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"]), None
+            tf, collate = train_transform(size, d["scale_min"], d["hflip"], d["color_jitter"],
+                                          d["lighting"]), None
         else:
-            tf = Uint8TrainTransform(size, d["scale_min"], d["hflip"], d["color_jitter"], d["lighting"])
+            tf = Uint8TrainTransform(size, d["scale_min"], d["hflip"], d["color_jitter"],
+                                     d["lighting"])
             collate = collate_uint8
         return DataLoader(SeededTransform(self.train_set, tf), batch_size=self.plan["micro_batch"],
-                          sampler=self.sampler, num_workers=self.workers, drop_last=True, collate_fn=collate,
-                          pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
+                          sampler=self.sampler, num_workers=self.workers, drop_last=True,
+                          collate_fn=collate, pin_memory=self.device.type == "cuda",
+                          persistent_workers=self.workers > 0,
                           generator=torch.Generator().manual_seed(self.cfg["seed"]))
 
     def _val_loader(self) -> DataLoader:
@@ -415,12 +458,15 @@ class PretrainTask(ClassificationTask):
         if self.crop == "padded":
             tf = padded_val_transform(d["crop_size"])
         else:
-            tf = (val_transform if self.loader == "pil" else Uint8ValTransform)(d["crop_size"], d["val_resize"])
+            tf = (val_transform if self.loader == "pil" else Uint8ValTransform)(d["crop_size"],
+                                                                                d["val_resize"])
         ds = torch.utils.data.Subset(SeededTransform(self.val_set, tf),
                                      idx[self.rank:: self.world])
-        self._val = DataLoader(ds, batch_size=self.plan["micro_batch"], shuffle=False, num_workers=self.workers,
+        self._val = DataLoader(ds, batch_size=self.plan["micro_batch"], shuffle=False,
+                               num_workers=self.workers,
                                collate_fn=None if self.loader == "pil" else collate_uint8,
-                               pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0)
+                               pin_memory=self.device.type == "cuda",
+                               persistent_workers=self.workers > 0)
         return self._val
 
     @torch.no_grad()
@@ -442,9 +488,11 @@ class PretrainTask(ClassificationTask):
             hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.view(-1, 1)
             # torch.full fills on the device; torch.tensor(host value, device=...) would be a
             # blocking copy
-            sums += torch.stack([torch.full((), float(len(labels)), dtype=torch.float64, device=self.device),
+            sums += torch.stack([torch.full((), float(len(labels)), dtype=torch.float64,
+                                            device=self.device),
                                  hit[:, :1].any(1).sum().double(), hit.any(1).sum().double(),
-                                 torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+                                 torch.nn.functional.cross_entropy(logits, labels,
+                                                                   reduction="sum").double(),
                                  rt.count_nonfinite(logits).double()])
         if self.world > 1:
             dist.all_reduce(sums)
@@ -469,7 +517,8 @@ class PretrainTask(ClassificationTask):
         if n == 0:
             return 0
         channels_last = self.device.type == "cuda" and self.cfg["runtime"]["channels_last"]
-        images = (self.to_device(b, self.device, channels_last)[0] for b in self.batches(epoch - 1, 0))
+        images = (self.to_device(b, self.device, channels_last)[0]
+                  for b in self.batches(epoch - 1, 0))
         was_training = self.net.training
         self.net.train()
         with rt.autocast(self.device, precision):
@@ -481,8 +530,8 @@ class PretrainTask(ClassificationTask):
         self.recompute_bn_statistics(epoch, engine.precision)
         out = self.evaluate(engine.precision)
         if not all(map(lambda v: v == v and abs(v) != float("inf"), out.values())):
-            raise rt.NonFiniteLossError(f"non-finite validation metrics {out} after epoch {epoch}; stopping. "
-                                        "The last good checkpoint is kept.")
+            raise rt.NonFiniteLossError(f"non-finite validation metrics {out} after epoch "
+                                        f"{epoch}; stopping. The last good checkpoint is kept.")
         self.history.append({**record, **out})
         return out
 
@@ -496,8 +545,9 @@ class PretrainTask(ClassificationTask):
 
     def header(self, engine: Engine) -> dict:
         head = {"method": self.cfg["method"]["name"], "arch": self.cfg["model"]["arch"],
-                "num_classes": self.num_classes, "params": sum(p.numel() for p in self.net.net.parameters()),
-                **self.plan, "device": str(self.device), "precision": engine.precision,
+                "num_classes": self.num_classes,
+                "params": sum(p.numel() for p in self.net.net.parameters()), **self.plan,
+                "device": str(self.device), "precision": engine.precision,
                 "train_images": self.sampler.steps * self.sampler.global_batch,
                 "steps_per_epoch": self.steps_per_epoch, "torch_threads": torch.get_num_threads(),
                 "puzzlemix_solver": puzzlemix_solver(self.cfg["method"]), "config": self.cfg}
@@ -510,7 +560,8 @@ def puzzlemix_solver(method_cfg: dict) -> str:
     """The PuzzleMix graph-cut solver a run uses (logged in the header)."""
     asked = method_cfg.get("solver", (method_cfg.get("puzzle") or {}).get("solver", "auto"))
     if asked == "swap" or (asked == "auto" and not have_gco()):
-        return "swap (built-in alpha-beta swap" + ("" if have_gco() else "; gco-wrapper not installed") + ")"
+        return "swap (built-in alpha-beta swap" + ("" if have_gco()
+                                                   else "; gco-wrapper not installed") + ")"
     return "gco"
 
 
@@ -555,15 +606,16 @@ def build(cfg: dict, run_dir: str | os.PathLike) -> tuple[PretrainTask, Engine]:
         rt.configure_cuda(benchmark=True)
     rt.seed_everything(cfg["seed"])
     task = PretrainTask(cfg, rank, world, device)
-    optimizer = build_optimizer(ocfg["optimizer"], task.param_groups(), ocfg["lr"], ocfg["momentum"],
-                                ocfg["weight_decay"], ocfg["nesterov"])
+    optimizer = build_optimizer(ocfg["optimizer"], task.param_groups(), ocfg["lr"],
+                                ocfg["momentum"], ocfg["weight_decay"], ocfg["nesterov"])
     settings = LoopSettings(
-        total_steps=task.steps_per_epoch * ocfg["epochs"], device=device, precision=rcfg["precision"],
-        channels_last=rcfg["channels_last"] and device.type == "cuda", accumulate=task.plan["accumulate"],
-        grad_norm=rcfg["grad_norm"], log_every=rcfg["log_every_steps"],
-        checkpoint_every=rcfg["checkpoint_every_steps"], stop_after_steps=rcfg["stop_after_steps"],
-        tensorboard=rcfg["tensorboard"])
-    engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
+        total_steps=task.steps_per_epoch * ocfg["epochs"], device=device,
+        precision=rcfg["precision"], channels_last=rcfg["channels_last"] and device.type == "cuda",
+        accumulate=task.plan["accumulate"], grad_norm=rcfg["grad_norm"],
+        log_every=rcfg["log_every_steps"], checkpoint_every=rcfg["checkpoint_every_steps"],
+        stop_after_steps=rcfg["stop_after_steps"], tensorboard=rcfg["tensorboard"])
+    engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda,
+                    config_text=dump_config(cfg))
     return task, engine
 
 
@@ -571,9 +623,10 @@ def finish(task: PretrainTask, engine: Engine) -> dict:
     """Export backbone.pth (the contract), metrics.json and the curves; returns the metrics."""
     cfg, run_dir = task.cfg, engine.run_dir
     last = task.history[-1] if task.history else task.evaluate(engine.precision)
-    metrics = {"method": cfg["method"]["name"], "method_variant": task.model.variant, "arch": cfg["model"]["arch"],
-               "epochs": cfg["optim"]["epochs"],
-               "steps": engine.step, "val_top1": last.get("val_top1"), "val_top5": last.get("val_top5"),
+    metrics = {"method": cfg["method"]["name"], "method_variant": task.model.variant,
+               "arch": cfg["model"]["arch"], "epochs": cfg["optim"]["epochs"],
+               "steps": engine.step, "val_top1": last.get("val_top1"),
+               "val_top5": last.get("val_top5"),
                # short aliases (report)
                "top1": last.get("val_top1"), "top5": last.get("val_top5"),
                "val_loss": last.get("val_loss"), "train_loss": last.get("train_loss"),
@@ -583,9 +636,9 @@ def finish(task: PretrainTask, engine: Engine) -> dict:
     metrics["units"] = units(metrics)
     if rt.is_main_process():
         engine.check_parameters()
-        meta = {"arch": cfg["model"]["arch"], "num_classes": task.num_classes, "method": cfg["method"]["name"],
-                "method_variant": task.model.variant, "epochs": cfg["optim"]["epochs"], "config": dump_config(cfg),
-                "metrics": metrics,
+        meta = {"arch": cfg["model"]["arch"], "num_classes": task.num_classes,
+                "method": cfg["method"]["name"], "method_variant": task.model.variant,
+                "epochs": cfg["optim"]["epochs"], "config": dump_config(cfg), "metrics": metrics,
                 # what each fc row means (checked downstream)
                 "classes": [str(c) for c in task.train_set.classes]}
         save_backbone(run_dir / "backbone.pth", task.net.net, meta, head=task.model.export_head())
@@ -612,7 +665,8 @@ def run(cfg: dict, inputs: dict | None, run_dir: str | os.PathLike, resume: bool
         stopped = engine.fit(resume=resume, header=task.header(engine), force=force,
                              fingerprint=fingerprint.make(task.cfg, {}))
     except rt.NonFiniteLossError as e:
-        engine.logger.log({"event": "error", "step": getattr(e, "step", None) or engine.step + 1, "message": str(e)})
+        engine.logger.log({"event": "error", "step": getattr(e, "step", None) or engine.step + 1,
+                           "message": str(e)})
         raise
     if stopped:
         return stopped
@@ -632,7 +686,8 @@ def with_inputs(cfg: dict, inputs: dict | None) -> dict:
         return cfg
     given = cfg.get("teacher")
     if given and os.path.abspath(given) != os.path.abspath(inputs["teacher"]):
-        raise ConfigError(f"teacher: the config names {given!r} and the stage input {inputs['teacher']!r}")
+        raise ConfigError(f"teacher: the config names {given!r} and the stage input "
+                          f"{inputs['teacher']!r}")
     return {**cfg, "teacher": str(inputs["teacher"])}
 
 

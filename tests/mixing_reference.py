@@ -25,7 +25,8 @@ def weighted_dense_cross_entropy(logits: torch.Tensor, y_mix: torch.Tensor,
     return ((per * weight).sum(0) / weight.sum(0).clamp_min(1e-12)).mean()
 
 
-def nested_boxes(h: int, w: int, lams: torch.Tensor, generator: torch.Generator | None = None, centre=None):
+def nested_boxes(h: int, w: int, lams: torch.Tensor, generator: torch.Generator | None = None,
+                 centre=None):
     """multi-mix CutMix: K boxes sharing one uniform centre, box k of size (h sqrt(lam_k), w
     sqrt(lam_k)), clipped. Box k is the region of x replaced by x'. With sorted lams the boxes are
     nested.
@@ -80,18 +81,20 @@ def align(a: torch.Tensor, a2: torch.Tensor, eps: float = 0.1, n_iters: int = 10
     return torch.bmm(a2, plan.transpose(1, 2).to(a2.dtype))
 
 
-def puzzle_mask(sal: torch.Tensor, sal2: torch.Tensor, dv: torch.Tensor, dh: torch.Tensor, lam: float,
-                beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, n_labels: int = 3,
-                solver: str = "auto", threads: int | None = None) -> torch.Tensor:
+def puzzle_mask(sal: torch.Tensor, sal2: torch.Tensor, dv: torch.Tensor, dh: torch.Tensor,
+                lam: float, beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2,
+                n_labels: int = 3, solver: str = "auto",
+                threads: int | None = None) -> torch.Tensor:
     """The PuzzleMix mask [b, g, g] (values in {0, 1/(L-1), ..., 1}, 1 = the first image): the
     official `graphcut_multi` on the energy of `puzzle_energy`."""
     return puzzle_masks(sal, sal2, dv, dh, [lam], beta, gamma, eta, n_labels, solver, threads)[0]
 
 
 def puzzle_mix(x: torch.Tensor, sal_map: torch.Tensor, perm: torch.Tensor, grid: int, lam: float,
-               beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2, n_labels: int = 3,
-               transport: bool = True, t_eps: float = 0.8, solver: str = "auto", pixels: torch.Tensor | None = None,
-               fill: torch.Tensor | float = 0.0, threads: int | None = None, t_size: int = -1):
+               beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2,
+               n_labels: int = 3, transport: bool = True, t_eps: float = 0.8, solver: str = "auto",
+               pixels: torch.Tensor | None = None, fill: torch.Tensor | float = 0.0,
+               threads: int | None = None, t_size: int = -1):
     """One PuzzleMix batch, as the official `mixup_graph` (no adversarial noise).
 
     x [b, C, h, w] the images that are mixed; sal_map [b, h, w] (`saliency_map`); perm [b]; grid g
@@ -101,6 +104,7 @@ def puzzle_mix(x: torch.Tensor, sal_map: torch.Tensor, perm: torch.Tensor, grid:
     t_size: the transport resolution in pixels (`transport_grid`; -1 = the mask's blocks).
     -> (mixed [b, C, h, w], ratio [b] = mask mean = label weight of x, mask [b, g, g]).
     """
-    mixed, ratio, masks = puzzle_mix_many(x, sal_map, perm, grid, [lam], beta, gamma, eta, neigh_size, n_labels,
-                                          transport, t_eps, solver, pixels, fill, threads, t_size)
+    mixed, ratio, masks = puzzle_mix_many(x, sal_map, perm, grid, [lam], beta, gamma, eta,
+                                          neigh_size, n_labels, transport, t_eps, solver, pixels,
+                                          fill, threads, t_size)
     return mixed, ratio, masks[0]

@@ -55,7 +55,8 @@ def resnet18_ckpt(tmp_path_factory, toy_world):
 
     path = tmp_path_factory.mktemp("ckpt") / "backbone.pth"
     torch.manual_seed(0)
-    save_backbone(path, build_resnet("resnet18", num_classes=10), {"arch": "resnet18", "method": "erm"})
+    save_backbone(path, build_resnet("resnet18", num_classes=10),
+                  {"arch": "resnet18", "method": "erm"})
     return path
 
 
@@ -89,7 +90,8 @@ def eval_voc(run, v, *extra):
 @pytest.fixture()
 def coco(toy_world, tmp_path):
     gt = json.loads((toy_world / "coco" / "annotations" / "instances_val2017.json").read_text())
-    res = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+    res = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+            "score": 0.9}
            for a in gt["annotations"]]
     return {"gt": gt, "res": res, "dir": tmp_path}
 
@@ -97,8 +99,10 @@ def coco(toy_world, tmp_path):
 def eval_coco(run, c, gt=None, res=None):
     gt_path, res_path = c["dir"] / "gt.json", c["dir"] / "res.json"
     gt_path.write_text(gt if isinstance(gt, str) else json.dumps(c["gt"] if gt is None else gt))
-    res_path.write_text(res if isinstance(res, str) else json.dumps(c["res"] if res is None else res))
-    return run("eval_coco", "--annotations", gt_path, "--results", res_path, "--backend", "pycocotools")
+    res_path.write_text(res if isinstance(res, str)
+                        else json.dumps(c["res"] if res is None else res))
+    return run("eval_coco", "--annotations", gt_path, "--results", res_path, "--backend",
+               "pycocotools")
 
 
 @pytest.fixture()
@@ -119,7 +123,8 @@ def wsol_split(toy_world, tmp_path):
 
 
 def eval_wsol(run, w):
-    return run("eval_wsol", "--metadata", w["meta"], "--scoremaps", w["maps"], "--cam-curve-interval", "0.1")
+    return run("eval_wsol", "--metadata", w["meta"], "--scoremaps", w["maps"],
+               "--cam-curve-interval", "0.1")
 
 
 def _replace_line(path: Path, lineno: int, text: str) -> None:
@@ -192,8 +197,10 @@ def test_voc_no_ground_truth_is_an_error_not_nan(run, voc):
 
 @pytest.mark.parametrize("edit,what", [
     (lambda t: t.replace("<xmax>", "<xmax>9999", 1), "outside"),
-    (lambda t: re.sub(r"<width>\d+</width>", "<width>0</width>", t, count=1), "non-positive <size>"),
-    (lambda t: t.replace("<difficult>0</difficult>", "<difficult>2</difficult>", 1), "<difficult> must be 0 or 1"),
+    (lambda t: re.sub(r"<width>\d+</width>", "<width>0</width>", t, count=1),
+     "non-positive <size>"),
+    (lambda t: t.replace("<difficult>0</difficult>", "<difficult>2</difficult>", 1),
+     "<difficult> must be 0 or 1"),
     (lambda t: t.replace("</annotation>", "</annot"), "malformed XML"),
     (lambda t: t.replace("<ymin>", "<ymin>x", 1), "malformed number"),
 ])
@@ -240,7 +247,8 @@ def test_coco_bad_annotation(run, coco, key, value, what):
 def test_coco_duplicate_image_id_is_an_error_not_merged(run, coco):
     imgs = coco["gt"]["images"]
     imgs.append(dict(imgs[0]))
-    expect(eval_coco(run, coco), 2, f"images[{len(imgs) - 1}]", f"duplicate image id {imgs[0]['id']}")
+    expect(eval_coco(run, coco), 2, f"images[{len(imgs) - 1}]",
+           f"duplicate image id {imgs[0]['id']}")
 
 
 def test_coco_duplicate_annotation_id(run, coco):
@@ -267,14 +275,16 @@ def test_coco_no_annotations(run, coco):
 
 def test_coco_malformed_json_and_missing_file(run, coco, tmp_path):
     expect(eval_coco(run, coco, gt="{not json"), 2, "gt.json", "malformed JSON")
-    expect(run("eval_coco", "--annotations", tmp_path / "none.json", "--results", tmp_path / "r.json"), 2,
+    expect(run("eval_coco", "--annotations", tmp_path / "none.json", "--results",
+               tmp_path / "r.json"), 2,
            "none.json", "not found")
 
 
 @pytest.mark.parametrize("res,what", [
     ({"a": 1}, "expected a JSON list"),
     ([{"image_id": 1, "category_id": 1, "bbox": [0, 0, -1, 4], "score": 1}], "results[0]"),
-    ([{"image_id": -7, "category_id": 1, "bbox": [0, 0, 1, 4], "score": 1}], "unknown image_id -7"),
+    ([{"image_id": -7, "category_id": 1, "bbox": [0, 0, 1, 4], "score": 1}],
+     "unknown image_id -7"),
 ])
 def test_coco_bad_results(run, coco, res, what):
     if isinstance(res, list) and res[0]["image_id"] == 1:
@@ -293,7 +303,8 @@ def test_wsol_good_input_scores(run, wsol_split):
 @pytest.mark.parametrize("write,what", [
     (lambda p: p.write_bytes(p.read_bytes()[:60]), "not a readable .npy"),
     (lambda p: p.write_bytes(b"\x13" + os.urandom(300)), "not a readable .npy"),
-    (lambda p: np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True), "not a readable .npy"),
+    (lambda p: np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True),
+     "not a readable .npy"),
     (lambda p: np.save(p, np.zeros((2, 8, 8), np.float32)), "must be 2-D"),
     (lambda p: np.save(p, np.full((8, 8), np.nan, np.float32)), "NaN"),
     (lambda p: np.save(p, np.zeros((0, 0), np.float32)), "empty"),
@@ -386,7 +397,8 @@ def test_convert_not_a_checkpoint(run, resnet18_ckpt, tmp_path, kind, what):
 def test_planted_pickle_never_runs_without_allow_pickle(run, tmp_path):
     marker = tmp_path / "pwned"
     src = _planted(tmp_path / "last.pth", marker)
-    expect(run("convert", "--to", "torchvision", src, tmp_path / "out.pth"), 2, src, "--allow-pickle")
+    expect(run("convert", "--to", "torchvision", src, tmp_path / "out.pth"), 2, src,
+           "--allow-pickle")
     expect(run("convert", "--to", "detectron2", src, tmp_path / "out.pkl"), 2, src)
     assert not marker.exists()
 
@@ -394,20 +406,24 @@ def test_planted_pickle_never_runs_without_allow_pickle(run, tmp_path):
 def test_allow_pickle_warns(run, resnet18_ckpt, tmp_path):
     import argparse
     src = tmp_path / "foreign.pth"
-    torch.save({"args": argparse.Namespace(lr=0.1), "state_dict": torch.load(resnet18_ckpt)["model"]}, src)
+    torch.save({"args": argparse.Namespace(lr=0.1),
+                "state_dict": torch.load(resnet18_ckpt)["model"]}, src)
     with pytest.warns(UserWarning, match="allow-pickle"):
-        code, err = run("convert", "--to", "torchvision", src, tmp_path / "out.pth", "--allow-pickle")
+        code, err = run("convert", "--to", "torchvision", src, tmp_path / "out.pth",
+                        "--allow-pickle")
     assert code == 0, err
 
 
 def test_convert_wrong_architecture(run, resnet18_ckpt, tmp_path):
-    expect(run("convert", "--to", "torchvision", resnet18_ckpt, tmp_path / "o.pth", "--arch", "resnet50"), 2,
+    expect(run("convert", "--to", "torchvision", resnet18_ckpt, tmp_path / "o.pth", "--arch",
+               "resnet50"), 2,
            resnet18_ckpt, "missing keys")
 
 
 def test_convert_output_under_a_file_is_a_failure(run, resnet18_ckpt, tmp_path):
     (tmp_path / "afile").write_text("x")
-    line = expect(run("convert", "--to", "torchvision", resnet18_ckpt, tmp_path / "afile" / "o.pth"), 1,
+    line = expect(run("convert", "--to", "torchvision", resnet18_ckpt,
+                      tmp_path / "afile" / "o.pth"), 1,
                   "afile")
     assert "FileExistsError" in line or "File exists" in line or "Not a directory" in line
 
@@ -430,10 +446,11 @@ def _fsize_limit(limit: int):
 
 def test_disk_full_leaves_no_tmp_and_exits_1(resnet18_ckpt, tmp_path):
     out = tmp_path / "out" / "backbone.pth"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert.py"), "--to", "torchvision",
-                           str(resnet18_ckpt), str(out)], capture_output=True, text=True,
-                          preexec_fn=_fsize_limit(1 << 20), env={**os.environ, "MT_NO_PROGRESS": "1"},
-                          timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert.py"), "--to",
+                           "torchvision", str(resnet18_ckpt), str(out)], capture_output=True,
+                           text=True,
+                          preexec_fn=_fsize_limit(1 << 20),
+                          env={**os.environ, "MT_NO_PROGRESS": "1"}, timeout=300)
     assert proc.returncode == 1, proc.stderr
     line = _error_line(proc.stderr)
     assert str(out) in line, line
@@ -441,7 +458,8 @@ def test_disk_full_leaves_no_tmp_and_exits_1(resnet18_ckpt, tmp_path):
 
 
 def test_debug_prints_the_traceback(run, tmp_path):
-    code, err = run("convert", "--to", "torchvision", tmp_path / "none.pth", tmp_path / "o.pth", "--debug")
+    code, err = run("convert", "--to", "torchvision", tmp_path / "none.pth", tmp_path / "o.pth",
+                    "--debug")
     assert code == 2 and "Traceback" in err and "error: " in err
     code, err = run("convert", "--to", "torchvision", tmp_path / "none.pth", tmp_path / "o.pth")
     assert code == 2 and "Traceback" not in err
@@ -471,7 +489,8 @@ def test_make_toy_data_bad_preset(run, tmp_path):
 
 def test_make_toy_data_out_is_a_file(run, tmp_path):
     (tmp_path / "f").write_text("x")
-    expect(run("make_toy_data", "--out", tmp_path / "f", "--preset", "tiny", "--no-progress"), 1, tmp_path / "f")
+    expect(run("make_toy_data", "--out", tmp_path / "f", "--preset", "tiny", "--no-progress"), 1,
+           tmp_path / "f")
 
 
 @pytest.mark.parametrize("tool,args", [
@@ -496,15 +515,17 @@ def test_pretrain_unknown_key(run, tmp_path):
 
 
 def test_pretrain_missing_data_root(run, tmp_path):
-    expect(run("run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", f"data.root={tmp_path}/nodata",
-               "--run-dir", tmp_path / "r"), 2, f"{tmp_path}/nodata")
+    expect(run("run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml",
+               f"data.root={tmp_path}/nodata", "--run-dir", tmp_path / "r"), 2,
+               f"{tmp_path}/nodata")
 
 
 def test_finetune_det_bad_weights(run, toy_world, tmp_path):
     w = tmp_path / "w.pth"
     w.write_bytes(b"\x13" + os.urandom(2048))
-    expect(run("run_detection", "--config", ROOT / "configs/detection/toy_ssd_voc.yaml", "--weights", w,
-               "--run-dir", tmp_path / "r", f"data.root={toy_world}/VOCdevkit"), 2, w, "not a PyTorch checkpoint")
+    expect(run("run_detection", "--config", ROOT / "configs/detection/toy_ssd_voc.yaml",
+               "--weights", w, "--run-dir", tmp_path / "r", f"data.root={toy_world}/VOCdevkit"), 2,
+               w, "not a PyTorch checkpoint")
 
 
 def test_finetune_det_missing_data_root(run, tmp_path):
@@ -518,10 +539,12 @@ def _wsol_cfg(toy_world, tmp_path) -> list[str]:
             f"data.metadata_root={toy_world}/wsol_metadata/CUB"]
 
 
-@pytest.mark.parametrize("kind,what", [("random", "not a PyTorch checkpoint"), ("backbone", "not a CAM model"),
+@pytest.mark.parametrize("kind,what",
+                         [("random", "not a PyTorch checkpoint"), ("backbone", "not a CAM model"),
                                        ("missing", "not found")])
 def test_wsol_evaluate_bad_model_file(run, toy_world, resnet18_ckpt, tmp_path, kind, what):
-    model = {"random": tmp_path / "m.pth", "backbone": resnet18_ckpt, "missing": tmp_path / "none.pth"}[kind]
+    model = {"random": tmp_path / "m.pth", "backbone": resnet18_ckpt,
+             "missing": tmp_path / "none.pth"}[kind]
     if kind == "random":
         model.write_bytes(b"\x13" + os.urandom(1000))
     cfg, *over = _wsol_cfg(toy_world, tmp_path)[1:]
@@ -532,7 +555,8 @@ def test_wsol_finetune_bad_weights(run, toy_world, tmp_path):
     w = tmp_path / "w.pth"
     w.write_bytes(b"PK\x03\x04" + os.urandom(500))  # a zip header, then garbage
     cfg, *over = _wsol_cfg(toy_world, tmp_path)[1:]
-    expect(run("run_wsol", "finetune", "--config", cfg, "--weights", w, "--run-dir", tmp_path / "r", *over), 2, w,
+    expect(run("run_wsol", "finetune", "--config", cfg, "--weights", w, "--run-dir",
+               tmp_path / "r", *over), 2, w,
            "truncated or corrupt")
 
 
@@ -545,13 +569,16 @@ def test_wsol_metadata_from_bad_cub(run, toy_world, tmp_path):
     boxes = cub / "bounding_boxes.txt"
     first = boxes.read_text().splitlines()[0].split()
     _replace_line(boxes, 1, f"{first[0]} {first[1]} {first[2]} 0 {first[4]}")
-    expect(run("run_wsol", "metadata", "--cub", cub, "--out", tmp_path / "meta"), 2, boxes, "zero size")
-    expect(run("run_wsol", "metadata", "--cub", tmp_path / "nocub", "--out", tmp_path / "meta"), 2, "nocub")
+    expect(run("run_wsol", "metadata", "--cub", cub, "--out", tmp_path / "meta"), 2, boxes,
+           "zero size")
+    expect(run("run_wsol", "metadata", "--cub", tmp_path / "nocub", "--out", tmp_path / "meta"), 2,
+           "nocub")
 
 
 def test_wsol_baseline_empty_split(run, wsol_split):
     (wsol_split["meta"] / "image_ids.txt").write_text("\n")
-    expect(run("run_wsol", "baseline", "--metadata", wsol_split["meta"]), 2, "image_ids.txt", "empty split")
+    expect(run("run_wsol", "baseline", "--metadata", wsol_split["meta"]), 2, "image_ids.txt",
+           "empty split")
 
 
 # -----------------------------------------------------------------------------------------
@@ -560,8 +587,8 @@ def test_wsol_baseline_empty_split(run, wsol_split):
 
 def _evaluate(run, ckpt, imagenet, tmp_path, *extra):
     return run("run_robustness", "--checkpoint", *([ckpt] if not isinstance(ckpt, list) else ckpt),
-               "--imagenet", imagenet, "--suites", "background", "data.max_val=2", "--image-size", "32",
-               "--resize", "36", "--out", tmp_path / "out", *extra)
+               "--imagenet", imagenet, "--suites", "background", "data.max_val=2", "--image-size",
+               "32", "--resize", "36", "--out", tmp_path / "out", *extra)
 
 
 def test_evaluate_bad_checkpoint(run, toy_world, tmp_path):
@@ -571,12 +598,14 @@ def test_evaluate_bad_checkpoint(run, toy_world, tmp_path):
 
 
 def test_evaluate_duplicate_names(run, toy_world, resnet18_ckpt, tmp_path):
-    expect(_evaluate(run, [f"a={resnet18_ckpt}", f"a={resnet18_ckpt}"], toy_world / "imagenet", tmp_path), 2,
+    expect(_evaluate(run, [f"a={resnet18_ckpt}", f"a={resnet18_ckpt}"], toy_world / "imagenet",
+                     tmp_path), 2,
            "--checkpoint", "duplicate method names")
 
 
 def test_evaluate_missing_imagenet(run, resnet18_ckpt, tmp_path):
-    expect(_evaluate(run, resnet18_ckpt, tmp_path / "noimagenet", tmp_path), 2, tmp_path / "noimagenet")
+    expect(_evaluate(run, resnet18_ckpt, tmp_path / "noimagenet", tmp_path), 2,
+           tmp_path / "noimagenet")
 
 
 def _imagenet_copy(toy_world, tmp_path) -> Path:
@@ -615,7 +644,8 @@ def test_imagenet_csv_duplicate_image_id(toy_world, tmp_path):
     lines = csv.read_text().splitlines()
     (root / "LOC_val_solution.csv").write_text("\n".join(lines + [lines[1]]) + "\n")
     ds = ImageNetFolder(root, "val", boxes="csv")
-    with pytest.raises(DataError, match=rf"LOC_val_solution.csv:{len(lines) + 1}: duplicate ImageId"):
+    with pytest.raises(DataError, match=rf"LOC_val_solution.csv:{len(lines) + 1}: "
+                       r"duplicate ImageId"):
         ds.boxes(0)
 
 
@@ -661,7 +691,8 @@ def test_every_input_error_shares_one_base():
     from transfer.voc_eval import VOCEvalError
     from wsol.data import MetadataError
     from wsol.metrics import ScoreMapError
-    for cls in (DataError, VOCEvalError, COCOEvalError, MetadataError, ScoreMapError, CheckpointError):
+    for cls in (DataError, VOCEvalError, COCOEvalError, MetadataError, ScoreMapError,
+                CheckpointError):
         assert issubclass(cls, InputError) and issubclass(cls, ValueError)
 
 
@@ -697,7 +728,8 @@ class _Loads(ast.NodeVisitor):
             mod, attr = f.value.id, f.attr
             if ((mod == "torch" and attr == "load" and const("weights_only") is not True)
                     or (mod == "pickle" and attr in ("load", "loads"))
-                    or (mod == "np" and attr == "load" and const("allow_pickle") not in (None, False))):
+                    or (mod == "np" and attr == "load"
+                        and const("allow_pickle") not in (None, False))):
                 self.found.append((self.path, self.stack[-1], node.lineno))
         self.generic_visit(node)
 
@@ -757,7 +789,8 @@ def test_voc_binary_split_and_result_files(run, voc):
 
 def test_coco_binary_annotations(run, coco):
     (coco["dir"] / "gt.json").write_bytes(BINARY)
-    expect(run("eval_coco", "--annotations", coco["dir"] / "gt.json", "--results", coco["dir"] / "gt.json"), 2,
+    expect(run("eval_coco", "--annotations", coco["dir"] / "gt.json", "--results",
+               coco["dir"] / "gt.json"), 2,
            "gt.json", "not a UTF-8 text file")
 
 
@@ -774,10 +807,12 @@ def test_wsol_binary_metadata(run, wsol_split):
     (["--iou-thresholds", "150"], "--iou-thresholds"),
 ])
 def test_wsol_bad_evaluator_arguments(run, wsol_split, args, what):
-    expect(run("eval_wsol", "--metadata", wsol_split["meta"], "--scoremaps", wsol_split["maps"], *args), 2, what)
+    expect(run("eval_wsol", "--metadata", wsol_split["meta"], "--scoremaps", wsol_split["maps"],
+               *args), 2, what)
 
 
-@pytest.mark.parametrize("args,what", [(["--fraction", "1.5"], "--fraction"), (["--size", "0"], "--size")])
+@pytest.mark.parametrize("args,what",
+                         [(["--fraction", "1.5"], "--fraction"), (["--size", "0"], "--size")])
 def test_wsol_baseline_bad_arguments(run, wsol_split, args, what):
     expect(run("run_wsol", "baseline", "--metadata", wsol_split["meta"], *args), 2, what)
 
@@ -786,16 +821,19 @@ def test_evaluate_xml_filename_of_another_image(run, toy_world, resnet18_ckpt, t
     root = _imagenet_copy(toy_world, tmp_path)
     for xml in (root / "val_boxes").glob("*.xml"):
         t = xml.read_text()
-        xml.write_text(re.sub(r"<filename>[^<]*</filename>", "<filename>ILSVRC2012_val_99999999</filename>", t))
+        xml.write_text(re.sub(r"<filename>[^<]*</filename>",
+                              "<filename>ILSVRC2012_val_99999999</filename>", t))
     expect(_evaluate(run, resnet18_ckpt, root, tmp_path), 2, "val_boxes", "<filename>")
 
 
-@pytest.mark.parametrize("where,key", [("gt", "image_id"), ("gt", "category_id"), ("res", "image_id"),
+@pytest.mark.parametrize("where,key",
+                         [("gt", "image_id"), ("gt", "category_id"), ("res", "image_id"),
                                        ("res", "category_id")])
 def test_coco_unhashable_ids(run, coco, where, key):
     entry = _ann(coco) if where == "gt" else coco["res"][0]
     entry[key] = [entry[key]]
-    expect(eval_coco(run, coco), 2, "gt.json" if where == "gt" else "res.json", key.replace("_", " ")
+    expect(eval_coco(run, coco), 2, "gt.json" if where == "gt" else "res.json",
+           key.replace("_", " ")
            if where == "gt" else key)
 
 
@@ -824,14 +862,18 @@ def _set(d, key, value):
 
 
 SMALL_CASES = [  # (layout folder, edit of the copy, names the error must contain)
-    ("cifar-10-batches-py", lambda r: (r / "data_batch_3").unlink(), ["data_batch_3", "not found"]),
-    ("cifar-10-batches-py", _cifar_edit("data_batch_2", lambda d: _set(d, b"data", d[b"data"][:, :3000].copy())),
+    ("cifar-10-batches-py", lambda r: (r / "data_batch_3").unlink(),
+     ["data_batch_3", "not found"]),
+    ("cifar-10-batches-py",
+     _cifar_edit("data_batch_2", lambda d: _set(d, b"data", d[b"data"][:, :3000].copy())),
      ["data_batch_2", "3072"]),
     ("cifar-10-batches-py", _cifar_edit("test_batch", lambda d: d[b"labels"].__setitem__(1, 10)),
      ["test_batch", "image 1 has label 10", "0..9"]),
-    ("cifar-10-batches-py", _cifar_edit("data_batch_1", lambda d: _set(d, b"labels", d[b"labels"][:-1])),
+    ("cifar-10-batches-py",
+     _cifar_edit("data_batch_1", lambda d: _set(d, b"labels", d[b"labels"][:-1])),
      ["data_batch_1", "one per image"]),
-    ("cifar-10-batches-py", _cifar_edit("data_batch_4", lambda d: d.pop(b"labels")), ["data_batch_4", "b'labels'"]),
+    ("cifar-10-batches-py", _cifar_edit("data_batch_4", lambda d: d.pop(b"labels")),
+     ["data_batch_4", "b'labels'"]),
     ("cifar-10-batches-py", lambda r: (r / "batches.meta").write_text("label_names: [a, b]\n"),
      ["batches.meta", "not a readable CIFAR pickle"]),
     ("cifar-10-batches-py", _cifar_edit("data_batch_5", lambda d: _set(d, b"filenames", _Opens())),
@@ -842,14 +884,16 @@ SMALL_CASES = [  # (layout folder, edit of the copy, names the error must contai
     ("tiny-imagenet-200", lambda r: _replace_line(r / "val" / "val_annotations.txt", 2,
                                                   "val_1.JPEG\tn99999999\t0\t0\t10\t10"),
      ["val_annotations.txt:2", "unknown wnid 'n99999999'"]),
-    ("tiny-imagenet-200", lambda r: _replace_line(r / "val" / "val_annotations.txt", 3, "val_2.JPEG\tn01000000\t0\t0"),
+    ("tiny-imagenet-200",
+     lambda r: _replace_line(r / "val" / "val_annotations.txt", 3, "val_2.JPEG\tn01000000\t0\t0"),
      ["val_annotations.txt:3", "expected 6"]),
     ("tiny-imagenet-200", lambda r: _replace_line(r / "val" / "val_annotations.txt", 1,
                                                   "val_0.JPEG\tn01000000\t0\tzero\t10\t10"),
      ["val_annotations.txt:1", "malformed box numbers"]),
     ("tiny-imagenet-200", lambda r: _replace_line(r / "wnids.txt", 5, "n01000000"),
      ["wnids.txt:5", "duplicate wnid"]),
-    ("tiny-imagenet-200", lambda r: _replace_line(r / "words.txt", 1, "n01000000 red solid circle"),
+    ("tiny-imagenet-200",
+     lambda r: _replace_line(r / "words.txt", 1, "n01000000 red solid circle"),
      ["words.txt:1", "wnid<TAB>names"]),
     ("tiny-imagenet-200", lambda r: (r / "val" / "images" / "val_4.JPEG").unlink(),
      ["val_annotations.txt", "missing", "val_4.JPEG"]),
@@ -857,15 +901,17 @@ SMALL_CASES = [  # (layout folder, edit of the copy, names the error must contai
 
 
 @pytest.mark.parametrize("layout,edit,names", SMALL_CASES,
-                         ids=[f"{lay.split('-')[0]}-{i}" for i, (lay, _, _) in enumerate(SMALL_CASES)])
+                         ids=[f"{lay.split('-')[0]}-{i}" for i,
+                              (lay, _, _) in enumerate(SMALL_CASES)])
 def test_pretrain_bad_small_image_layout(run, small_toy_world, tmp_path, layout, edit, names):
     root = tmp_path / layout
     shutil.copytree(small_toy_world / layout, root)
     edit(root)
     size = 64 if layout.startswith("tiny") else 32
-    result = run("run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", f"data.root={root}",
-                 "model.arch=preactresnet18", f"data.crop_size={size}", "data.num_workers=0", "optim.batch_size=4",
-                 "optim.epochs=1", "--run-dir", tmp_path / "r")
+    result = run("run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml",
+                 f"data.root={root}", "model.arch=preactresnet18", f"data.crop_size={size}",
+                 "data.num_workers=0", "optim.batch_size=4", "optim.epochs=1", "--run-dir",
+                 tmp_path / "r")
     # the readers check everything when the task opens them, before any step
     expect(result, 2, *names)
 
@@ -874,7 +920,9 @@ def test_evaluate_cifar_without_boxes_says_so(run, small_toy_world, tmp_path):
     from mixup_transfer.core.checkpoint import build_resnet, save_backbone
 
     ck = tmp_path / "b.pth"
-    save_backbone(ck, build_resnet("preactresnet18", num_classes=10), {"arch": "preactresnet18", "method": "erm"})
-    expect(run("run_robustness", "--checkpoint", ck, "--imagenet", small_toy_world / "cifar-10-batches-py", "--suites",
-               "background", "data.max_val=2", "--image-size", "32", "--resize", "32", "--out", tmp_path / "out"),
+    save_backbone(ck, build_resnet("preactresnet18", num_classes=10),
+                  {"arch": "preactresnet18", "method": "erm"})
+    expect(run("run_robustness", "--checkpoint", ck, "--imagenet",
+               small_toy_world / "cifar-10-batches-py", "--suites", "background", "data.max_val=2",
+               "--image-size", "32", "--resize", "32", "--out", tmp_path / "out"),
            2, "cifar-10-batches-py", "no box annotations")

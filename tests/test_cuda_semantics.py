@@ -44,8 +44,8 @@ def _free_port() -> int:
 
 
 def _join(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), MT_NO_PROGRESS="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MT_NO_PROGRESS="1")
     torch.set_num_threads(1)
     rt.init_distributed("gloo")
 
@@ -76,11 +76,15 @@ class FakeCuda:
         monkeypatch.setattr(c, "is_available", lambda: True)
         monkeypatch.setattr(c, "device_count", lambda: self.visible)
         monkeypatch.setattr(c, "current_device", lambda: self.current)
-        monkeypatch.setattr(c, "set_device", lambda i: setattr(self, "current", self._check(int(i))))
-        monkeypatch.setattr(c, "get_rng_state", lambda device="cuda": self.states[self._index(device)].clone())
+        monkeypatch.setattr(c, "set_device",
+                            lambda i: setattr(self, "current", self._check(int(i))))
+        monkeypatch.setattr(c, "get_rng_state",
+                            lambda device="cuda": self.states[self._index(device)].clone())
         monkeypatch.setattr(c, "set_rng_state", self._set)
-        monkeypatch.setattr(c, "get_rng_state_all", lambda: [self.states[i].clone() for i in range(self.visible)])
-        monkeypatch.setattr(c, "set_rng_state_all", lambda states: [self._set(s, i) for i, s in enumerate(states)])
+        monkeypatch.setattr(c, "get_rng_state_all",
+                            lambda: [self.states[i].clone() for i in range(self.visible)])
+        monkeypatch.setattr(c, "set_rng_state_all",
+                            lambda states: [self._set(s, i) for i, s in enumerate(states)])
         return self
 
     def _index(self, device) -> int:
@@ -112,7 +116,8 @@ def test_detection_batches_keep_per_image_tensors_with_channels_last(toy_world):
     assert [m.shape for m in moved] == [im.shape for im in images]
     assert all(torch.equal(a, b) for a, b in zip(moved, images))
     assert moved_targets[0]["labels"].tolist() == [3]
-    preds, _, _, n = tvb.predict_sharded(task.model, torch.utils.data.Subset(task.test_set, [0, 1]), 2, 0,
+    preds, _, _, n = tvb.predict_sharded(task.model, torch.utils.data.Subset(task.test_set,
+                                                                             [0, 1]), 2, 0,
                                          torch.device("cpu"), channels_last=True)
     assert n == 2 and len(preds) == 2
 
@@ -121,9 +126,11 @@ def _det_cfg(toy_world, workers: int = 0):
     from transfer.detection import config as det_config
 
     return det_config.resolve_config({
-        "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64, "kwargs": {"detections_per_img": 10}},
-        "data": {"format": "voc", "root": str(toy_world / "VOCdevkit"), "voc_train": ["2007/trainval"],
-                 "max_train": 8, "max_val": 4, "num_workers": workers},
+        "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64,
+                  "kwargs": {"detections_per_img": 10}},
+        "data": {"format": "voc", "root": str(toy_world / "VOCdevkit"),
+                 "voc_train": ["2007/trainval"], "max_train": 8, "max_val": 4,
+                 "num_workers": workers},
         "optim": {"epochs": 1, "batch_per_process": 1}, "seeds": [0]})
 
 
@@ -138,11 +145,12 @@ class _AETask(Task):
 
     def __init__(self, rank: int):
         torch.manual_seed(0)
-        self.model = build_method("alignmix_ae", ResNetStages("resnet18", 5), 5, resolution=1, decoder_size=16,
-                                  modes=("clean", "input"))
+        self.model = build_method("alignmix_ae", ResNetStages("resnet18", 5), 5, resolution=1,
+                                  decoder_size=16, modes=("clean", "input"))
         self.model.generator = torch.Generator()
         g = torch.Generator().manual_seed(10 + rank)
-        self.data = [(torch.rand(2, 3, 16, 16, generator=g), torch.randint(5, (2,), generator=g)) for _ in range(4)]
+        self.data = [(torch.rand(2, 3, 16, 16, generator=g), torch.randint(5, (2,), generator=g))
+                     for _ in range(4)]
         self.modes = []
 
     @property
@@ -169,8 +177,9 @@ def _ae_worker(rank, world, port, out):
     settings = LoopSettings(total_steps=4, device=torch.device("cpu"), log_every=2)
     engine = Engine(task, Path(out) / "run", settings, opt, lambda step: 1.0)
     engine.fit()
-    torch.save({"params": [p.detach().clone() for p in task.model.parameters()], "modes": task.modes,
-                "bucket_view": engine.ddp.gradient_as_bucket_view}, Path(out) / f"rank{rank}.pt")
+    torch.save({"params": [p.detach().clone() for p in task.model.parameters()],
+                "modes": task.modes, "bucket_view": engine.ddp.gradient_as_bucket_view},
+                Path(out) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -208,13 +217,13 @@ def test_gpu_bench_moves_and_trains_every_methods_own_layers(monkeypatch):
         return built[-1]
 
     monkeypatch.setattr(bench, "build_method", capture)
-    out = bench.run_gpu_bench(device="meta", arch="resnet18", size=64, batch=2, warmup=0, steps=1, num_classes=10,
-                              n=4, methods=["alignmix_stage2"])
+    out = bench.run_gpu_bench(device="meta", arch="resnet18", size=64, batch=2, warmup=0, steps=1,
+                              num_classes=10, n=4, methods=["alignmix_stage2"])
     assert [r["method"] for r in out["rows"]] == ["erm", "alignmix_stage2"]
     assert {p.device.type for m in built for p in m.parameters()} == {"meta"}
     built.clear()
-    bench.run_gpu_bench(device="cpu", arch="resnet18", size=32, batch=2, warmup=0, steps=1, num_classes=10, n=4,
-                        methods=["alignmix_stage2"])
+    bench.run_gpu_bench(device="cpu", arch="resnet18", size=32, batch=2, warmup=0, steps=1,
+                        num_classes=10, n=4, methods=["alignmix_stage2"])
     align = built[1]
     assert align.encoder2 is not None
     # weight, bias: the last two
@@ -240,11 +249,13 @@ def test_cuda_rng_state_resumes_on_fewer_visible_gpus(monkeypatch):
         assert torch.equal(fake.states[current], torch.tensor([3, 0], dtype=torch.uint8))
     # an older checkpoint: one state per device
     fake = FakeCuda(visible=2, current=1).install(monkeypatch)
-    rt.set_rng_state({**state, "cuda": [torch.tensor([k, 7], dtype=torch.uint8) for k in range(8)]})
+    rt.set_rng_state({**state, "cuda": [torch.tensor([k, 7], dtype=torch.uint8)
+                                        for k in range(8)]})
     assert fake.states[1].tolist() == [1, 7]
 
 
-@pytest.mark.parametrize("visible,local_rank,expected", [(8, 3, 3), (1, 3, 0), (1, 0, 0), (4, 0, 0)])
+@pytest.mark.parametrize("visible,local_rank,expected",
+                         [(8, 3, 3), (1, 3, 0), (1, 0, 0), (4, 0, 0)])
 def test_auto_device_is_one_the_process_can_see(monkeypatch, visible, local_rank, expected):
     """`get_device("auto")` under torchrun (8 GPUs visible to every rank) and under SLURM with one
     GPU per task (each rank sees one GPU, its cuda:0). Shows: the device index is valid for what
@@ -326,13 +337,15 @@ def _mixing_inputs():
     labels = torch.randint(c, (b,), generator=g)
     y = shared.one_hot(labels, c)
     lam = shared.dirichlet_weights(b, n, generator=g)
-    mhat, s = mm.dense_mix_weights(torch.rand(b, r, generator=g), shared.dirichlet_weights(b, n, generator=g, sets=r))
+    mhat, s = mm.dense_mix_weights(torch.rand(b, r, generator=g),
+                                   shared.dirichlet_weights(b, n, generator=g, sets=r))
     z = torch.randn(b, d, r, generator=g)
     return logits, dense, labels, y, lam, mhat, s, z, torch.randn(c, d, generator=g)
 
 
-@pytest.mark.parametrize("what", ["multimix_loss", "dense_loss_hard", "dense_loss_soft", "multimix_targets",
-                                  "dense_targets", "gap_attention", "cam_attention"])
+@pytest.mark.parametrize("what", ["multimix_loss", "dense_loss_hard", "dense_loss_soft",
+                                  "multimix_targets", "dense_targets", "gap_attention",
+                                  "cam_attention"])
 def test_mixing_math_is_fp32_inside_bf16_autocast(what):
     """The mixing functions whose math must be fp32, called inside bf16 autocast (CPU autocast
     casts matmul and einsum to bf16 exactly as CUDA autocast does). Shows: each gives its fp32
@@ -344,7 +357,8 @@ def test_mixing_math_is_fp32_inside_bf16_autocast(what):
           "dense_loss_hard": lambda: mm.dense_multimix_loss_from_logits(dense, labels, mhat, s),
           "dense_loss_soft": lambda: mm.dense_multimix_loss_from_logits(dense, y, mhat, s),
           "multimix_targets": lambda: refmath.multimix(z.flatten(1), y, lam)[1],
-          "dense_targets": lambda: refmath.dense_multimix(z, y, torch.ones(6, 5) / 5, shared.dirichlet_weights(
+          "dense_targets": lambda: refmath.dense_multimix(z, y, torch.ones(6, 5) / 5,
+                                                          shared.dirichlet_weights(
               6, 4, generator=torch.Generator().manual_seed(1), sets=5))[1],
           "gap_attention": lambda: mm.dense_attention(z, "gap_l1relu"),
           "cam_attention": lambda: mm.dense_attention(z, "cam_softmax", w, y)}[what]
@@ -361,7 +375,8 @@ def test_multimix_dense_loss_is_fp32_inside_bf16_autocast():
     Shows: the loss equals the fp32 one to fp32 rounding. Cannot show: the network's own bf16
     error."""
     torch.manual_seed(0)
-    method = build_method("multimix", ResNetStages("resnet18", 7), 7, n=40, prob=1.0, dense_loss=True)
+    method = build_method("multimix", ResNetStages("resnet18", 7), 7, n=40, prob=1.0,
+                          dense_loss=True)
     method.generator = torch.Generator()
     g = torch.Generator().manual_seed(2)
     fixed = torch.randn(6, 7, 4, generator=g) * 4
@@ -427,11 +442,12 @@ def _wsol_cfg(toy_world):
     from wsol.finetune import resolve_config
 
     meta = toy_world / "wsol_metadata" / "CUB"
-    overrides = [f"data.image_root={toy_world / 'CUB_200_2011' / 'images'}", f"data.metadata_root={meta}",
-                 "data.num_workers=0", "data.max_train=8", "data.max_val=2", "input.resize=40",
-                 "input.crop=32", "input.test_size=32", "optim.batch_per_process=2", "runtime.device=cpu",
-                 "model.arch=resnet18"]
-    return resolve_config(load_config(str(Path(__file__).resolve().parents[1] / "configs/wsol/toy_multimix.yaml"),
+    overrides = [f"data.image_root={toy_world / 'CUB_200_2011' / 'images'}",
+                 f"data.metadata_root={meta}", "data.num_workers=0", "data.max_train=8",
+                 "data.max_val=2", "input.resize=40", "input.crop=32", "input.test_size=32",
+                 "optim.batch_per_process=2", "runtime.device=cpu", "model.arch=resnet18"]
+    return resolve_config(load_config(str(Path(__file__).resolve().parents[1]
+                                          / "configs/wsol/toy_multimix.yaml"),
                                       overrides))
 
 
@@ -467,7 +483,8 @@ def _pretrain_cfg(root):
     from pretrain.task import resolve_config
 
     return resolve_config({
-        "name": "t", "seed": 3, "data": {"root": str(root), "crop_size": 32, "val_resize": 36, "num_workers": 0,
+        "name": "t", "seed": 3,
+        "data": {"root": str(root), "crop_size": 32, "val_resize": 36, "num_workers": 0,
                                          "max_train": 16, "max_val": 6},
         "model": {"arch": "resnet18"}, "method": {"name": "erm"},
         "optim": {"batch_size": 4, "epochs": 1}, "runtime": {"precision": "fp32", "flops": False}})
@@ -482,7 +499,8 @@ def _pretrain_task(root, rank: int, world: int):
     for m in bns:  # each rank's own statistics, as after DDP training: those of its own last batch
         m.momentum = 1.0
     with torch.no_grad():
-        task.net.train()(torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(rank)) * (1 + rank))
+        task.net.train()(torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
+                         * (1 + rank))
     for m in bns:
         m.momentum = 0.1
     return task
@@ -593,9 +611,10 @@ def test_gpu_decode_is_ordered_after_the_callers_queued_kernels(monkeypatch):
     monkeypatch.setattr(pdata, "_SIDE_STREAMS", {}, raising=False)
     monkeypatch.setattr(tio, "decode_jpeg", lambda items, mode, device: (
         log.append(f"decode on {active[-1].name}") or [torch.zeros(3, 2, 2) for _ in items]))
-    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: log.append(f"record on {s.name}"),
-                        raising=False)
-    out = pdata.decode_batch([_jpeg(0), _jpeg(1)], torch.tensor([[0, 0, 2, 2, 0, 2]] * 2), torch.device("cuda", 0))
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self,
+                        s: log.append(f"record on {s.name}"), raising=False)
+    out = pdata.decode_batch([_jpeg(0), _jpeg(1)], torch.tensor([[0, 0, 2, 2, 0, 2]] * 2),
+                             torch.device("cuda", 0))
     assert out.shape == (2, 3, 2, 2)
     assert log == ["side waits for current", "enter side", "decode on side", "exit side",
                    "current waits for side", "record on current", "record on current"]
@@ -614,7 +633,8 @@ class CopyCounter:
         to, copy = torch.Tensor.to, torch.Tensor.copy_
 
         def counted_to(t, *args, **kwargs):
-            target = [a for a in list(args) + [kwargs.get("device")] if isinstance(a, (str, torch.device))]
+            target = [a for a in list(args) + [kwargs.get("device")]
+                      if isinstance(a, (str, torch.device))]
             cuda = any(torch.device(a).type == "cuda" for a in target)
             non_blocking = kwargs.get("non_blocking", any(a is True for a in args))
             if cuda and t.device.type == "cpu" and not non_blocking:
@@ -665,7 +685,8 @@ class StubDali:
         from pretrain import dali
 
         self.seeds: list[int] = []
-        monkeypatch.setattr(dali, "_pipeline", lambda source, *args: self.seeds.append(args[-1]) or source)
+        monkeypatch.setattr(dali, "_pipeline", lambda source,
+                            *args: self.seeds.append(args[-1]) or source)
         monkeypatch.setattr(dali, "_iterator", StubDali.Iterator)
 
     class Iterator:
@@ -679,7 +700,8 @@ class StubDali:
             from types import SimpleNamespace
 
             try:
-                files, labels = self.source(SimpleNamespace(iteration=self.iteration, epoch_idx=self.epoch_idx))
+                files, labels = self.source(SimpleNamespace(iteration=self.iteration,
+                                                            epoch_idx=self.epoch_idx))
             except StopIteration:
                 self.ended = True
                 raise
@@ -703,7 +725,8 @@ def _dali_loader(tmp_path, rank: int = 0):
         (tmp_path / f"{i}.jpg").write_bytes(bytes([i]))
         samples.append((str(tmp_path / f"{i}.jpg"), i % 3))
     sampler = EpochSampler(16, 4, rank, 2, seed=0)
-    return dali.DaliTrainLoader(samples, sampler, 8, 0.08, True, 2, torch.device("cuda", 0), seed=0), sampler
+    return dali.DaliTrainLoader(samples, sampler, 8, 0.08, True, 2, torch.device("cuda", 0),
+                                seed=0), sampler
 
 
 def _dali_epoch(loader, sampler, epoch: int, start: int = 0, stop_after: int | None = None):
@@ -812,7 +835,8 @@ def test_workers_and_graph_cut_threads_follow_the_cpus_the_process_may_use(monke
 def _puzzle_terms(b: int):
     g = torch.Generator().manual_seed(0)
     sal = pz.saliency_grid(torch.rand(b, 8, 8, generator=g), 2)
-    dv, dh = pz.boundary_differences(torch.rand(b, 3, 8, 8, generator=g), torch.rand(b, 3, 8, 8, generator=g), 2)
+    dv, dh = pz.boundary_differences(torch.rand(b, 3, 8, 8, generator=g),
+                                     torch.rand(b, 3, 8, 8, generator=g), 2)
     return sal, sal.flip(0), dv, dh
 
 
@@ -823,16 +847,19 @@ def test_cuda_settings_autotune_and_keep_torchs_tf32_policy(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     rt.configure_cuda(benchmark=True)
     assert torch.backends.cudnn.benchmark is True
-    assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is True
+    assert (
+        torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is True
+    )
 
 
 # -------------------------------------------------------- every method's forward on fake CUDA,
 # bf16 and fp16
 
 FORWARD_CASES = [
-    ("erm", {}), ("input_mixup", {}), ("manifold_mixup", {}), ("cutmix", {}), ("multimix", {"n": 50}),
-    ("multimix", {"n": 8, "layer": 2}), ("dense_multimix", {"n": 50}), ("multi_interp", {"base": "input", "k": 3}),
-    ("multi_interp", {"base": "cutmix", "k": 3}), ("alignmix", {}), ("alignmix_stage2", {"resolution": 1}),
+    ("erm", {}), ("input_mixup", {}), ("manifold_mixup", {}), ("cutmix", {}),
+    ("multimix", {"n": 50}), ("multimix", {"n": 8, "layer": 2}), ("dense_multimix", {"n": 50}),
+    ("multi_interp", {"base": "input", "k": 3}), ("multi_interp", {"base": "cutmix", "k": 3}),
+    ("alignmix", {}), ("alignmix_stage2", {"resolution": 1}),
     ("alignmix_ae", {"resolution": 1, "decoder_size": 16}),
 ]
 
@@ -870,7 +897,11 @@ def test_every_method_forward_on_fake_cuda_in_bf16_and_fp16(monkeypatch, name, k
             method.to("cuda", memory_format=torch.channels_last)
             method.generator = None  # a CUDA generator needs a driver; draws use the default one
             method.seed(0)
-            x = torch.rand(4, 3, 32, 32).to("cuda", non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = (
+                torch.rand(4, 3, 32, 32)
+                .to("cuda", non_blocking=True)
+                .contiguous(memory_format=torch.channels_last)
+            )
             y = torch.randint(10, (4,)).to("cuda", non_blocking=True)
             counter = CopyCounter(monkeypatch)
             with _cuda_autocast(dtype):
@@ -913,8 +944,10 @@ def test_fp32_robustness_evaluation_turns_tf32_off_on_cuda():
     try:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
         with exact_fp32(torch.device("cuda"), "fp32"):
-            assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, False)
-        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+            assert (torch.backends.cudnn.allow_tf32,
+                    torch.backends.cuda.matmul.allow_tf32) == (False, False)
+        assert (torch.backends.cudnn.allow_tf32,
+                torch.backends.cuda.matmul.allow_tf32) == (True, True)
         for device, precision in ((torch.device("cuda"), "bf16"), (torch.device("cpu"), "fp32")):
             with exact_fp32(device, precision):
                 assert torch.backends.cudnn.allow_tf32
@@ -929,10 +962,11 @@ def _three_stage_backbone():
     from pretrain.adapters import from_sequential
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                              torch.nn.Conv2d(4, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
-                              torch.nn.Flatten(), torch.nn.Linear(8, 5))
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                              torch.nn.ReLU(), torch.nn.Conv2d(4, 8, 3, stride=2, padding=1),
+                              torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(8, 5))
     return from_sequential(net, [2, 4, 5], mean=[0.5] * 3, std=[0.25] * 3)
 
 
@@ -964,7 +998,10 @@ def test_compiled_stages_stay_within_the_recompile_limit(caplog):
     torch._dynamo.reset()
     graphs, hits = counters["stats"]["unique_graphs"], recompile_limit_hits()
     backbone.enable_compile(backend="eager")
-    with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level("WARNING", logger="pretrain.adapters"):
+    with (
+        torch._dynamo.config.patch(recompile_limit=2),
+        caplog.at_level("WARNING", logger="pretrain.adapters"),
+    ):
         compiled = _run_compiled(backbone)
     assert counters["stats"]["unique_graphs"] - graphs == 6
     assert recompile_limit_hits() == hits and backbone.compile_fallbacks == 0
@@ -985,11 +1022,15 @@ def test_a_compiled_stage_that_falls_back_to_eager_is_reported(caplog):
     backbone = _three_stage_backbone()
     torch._dynamo.reset()
     backbone.enable_compile(backend="eager")
-    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level("WARNING", logger="pretrain.adapters"):
+    with (
+        torch._dynamo.config.patch(recompile_limit=1),
+        caplog.at_level("WARNING", logger="pretrain.adapters"),
+    ):
         compiled = _run_compiled(backbone, batches=(4,))
     assert backbone.compile_fallbacks == 3
     messages = [r.getMessage() for r in caplog.records if r.name == "pretrain.adapters"]
-    assert [m.split(" of ")[0] for m in messages] == [f"torch.compile: stage {i}" for i in (1, 2, 3)]
+    assert [m.split(" of ")[0] for m in messages] == [f"torch.compile: stage {i}"
+                                                      for i in (1, 2, 3)]
     assert all("recompile_limit (1 graphs)" in m for m in messages)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

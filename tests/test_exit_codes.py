@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_exit_tool", ROOT / "tools" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_exit_tool",
+                                                  ROOT / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -45,11 +46,14 @@ PIPELINE = ROOT / "configs/pipeline/toy.yaml"
 
 
 @pytest.mark.parametrize("tool,args,names", [
-    ("run_pretrain", ["--config", PRETRAIN, "method.foo=1", "--run-dir", "{tmp}/r"], ["method.foo", "valid: ["]),
+    ("run_pretrain", ["--config", PRETRAIN, "method.foo=1", "--run-dir", "{tmp}/r"],
+     ["method.foo", "valid: ["]),
     ("run_pretrain", ["--config", PRETRAIN, "--run-dir", "{tmp}/r", "optim.lrr=1"], ["optim.lrr"]),
-    ("run_pretrain", ["--config", PRETRAIN, "method.name=nomix", "--run-dir", "{tmp}/r"], ["method.name", "nomix"]),
+    ("run_pretrain", ["--config", PRETRAIN, "method.name=nomix", "--run-dir", "{tmp}/r"],
+     ["method.name", "nomix"]),
     ("run_detection", ["--config", DET, "--run-dir", "{tmp}/r", "optim.lrr=1"], ["optim.lrr"]),
-    ("run_wsol", ["finetune", "--config", WSOL, "--run-dir", "{tmp}/r", "method.name=multimix", "method.foo=1"],
+    ("run_wsol", ["finetune", "--config", WSOL, "--run-dir", "{tmp}/r", "method.name=multimix",
+                  "method.foo=1"],
      ["method.foo"]),
     ("run_wsol", ["finetune", "--config", WSOL, "--run-dir", "{tmp}/r", "method.n=100"],
      ["method.n", "would be ignored"]),
@@ -59,19 +63,26 @@ PIPELINE = ROOT / "configs/pipeline/toy.yaml"
      ["solver.lr was renamed: use optim.lr"]),
     ("run_robustness", ["--checkpoint", "{tmp}/c.pth", "--imagenet", "{tmp}", "--limit", "4"],
      ["--limit was renamed: use data.max_val=VALUE"]),
-    ("run_wsol", ["finetune", "--config", WSOL, "optim.lrr=1", "--run-dir", "{tmp}/r"], ["optim.lrr"]),
-    ("run_wsol", ["evaluate", "--config", WSOL, "--model", "{tmp}/m.pth", "evall.every=1"], ["evall"]),
-    ("run_pipeline", ["--config", PIPELINE, "pretrainn.config=x", "--methods", "erm"], ["pretrainn"]),
+    ("run_wsol", ["finetune", "--config", WSOL, "optim.lrr=1", "--run-dir", "{tmp}/r"],
+     ["optim.lrr"]),
+    ("run_wsol", ["evaluate", "--config", WSOL, "--model", "{tmp}/m.pth", "evall.every=1"],
+     ["evall"]),
+    ("run_pipeline", ["--config", PIPELINE, "pretrainn.config=x", "--methods", "erm"],
+     ["pretrainn"]),
     ("ablate", ["--config", ROOT / "configs/ablation/multimix_n.yaml", "data.root={tmp}/d"],
      ["data.root", "{data}"]),
-    ("ablate", ["--config", ROOT / "configs/ablation/toy_multimix_n.yaml", "knobb.key=method.n", "--plan"],
+    ("ablate", ["--config", ROOT / "configs/ablation/toy_multimix_n.yaml", "knobb.key=method.n",
+                "--plan"],
      ["knobb"]),
-    ("run_robustness", ["--checkpoint", "{tmp}/c.pth", "--imagenet", "{tmp}", "--suites", "clean,bogus"], ["bogus"]),
-    ("eval_coco", ["--annotations", "{tmp}/none.json", "--results", "{tmp}/r.json"], ["none.json"]),
+    ("run_robustness",
+     ["--checkpoint", "{tmp}/c.pth", "--imagenet", "{tmp}", "--suites", "clean,bogus"], ["bogus"]),
+    ("eval_coco", ["--annotations", "{tmp}/none.json", "--results", "{tmp}/r.json"],
+     ["none.json"]),
     ("eval_voc", ["--devkit", "{tmp}/novoc", "--results", "{tmp}"], ["novoc"]),
     ("eval_wsol", ["--metadata", "{tmp}/nometa", "--scoremaps", "{tmp}"], ["nometa"]),
     ("convert", ["--to", "torchvision", "{tmp}/none.pth", "{tmp}/out.pth"], ["none.pth"]),
-    ("submit", ["pretrain", "--config", PRETRAIN, "--local", "optim.lrr=1", "--job-dir", "{tmp}/jobs"], ["optim.lrr"]),
+    ("submit", ["pretrain", "--config", PRETRAIN, "--local", "optim.lrr=1", "--job-dir",
+                "{tmp}/jobs"], ["optim.lrr"]),
     ("make_toy_data", ["--out", "{tmp}/toy", "--preset", "huge"], ["--preset", "huge"]),
     ("bench", ["everything"], ["everything"]),
 ])
@@ -84,10 +95,12 @@ def test_bad_config_or_input_exits_2(call, tmp_path, tool, args, names):
 
 @pytest.mark.parametrize("tool,target,args", [
     ("run_pretrain", "pretrain.task:run", ["--config", PRETRAIN, "--run-dir", "{tmp}/r"]),
-    ("run_detection", "transfer.detection.stage:finetune_detector", ["--config", DET, "--run-dir", "{tmp}/r"]),
+    ("run_detection", "transfer.detection.stage:finetune_detector",
+     ["--config", DET, "--run-dir", "{tmp}/r"]),
     ("ablate", "run_ablation", ["--config", ROOT / "configs/ablation/toy_multimix_n.yaml"]),
     ("run_pipeline", "run_pipeline", ["--config", PIPELINE]),
-    ("run_robustness", "transfer.robustness.stage:run", ["--checkpoint", "{tmp}/c.pth", "--imagenet", "{tmp}"]),
+    ("run_robustness", "transfer.robustness.stage:run",
+     ["--checkpoint", "{tmp}/c.pth", "--imagenet", "{tmp}"]),
     ("eval_coco", "coco_evaluate", ["--annotations", "{tmp}/a.json", "--results", "{tmp}/r.json"]),
     ("eval_voc", "evaluate_voc_results", ["--devkit", "{tmp}", "--results", "{tmp}"]),
     ("convert", "convert_to_torchvision", ["--to", "torchvision", "{tmp}/a.pth", "{tmp}/b.pth"]),
@@ -120,7 +133,8 @@ def test_eval_wsol_failure_while_running_exits_1(call, tmp_path, monkeypatch):
 def test_wsol_failure_while_running_exits_1(call, tmp_path, monkeypatch, cmd, target):
     import wsol.finetune
 
-    monkeypatch.setattr(wsol.finetune, target, lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(wsol.finetune, target, lambda *a,
+                        **k: (_ for _ in ()).throw(OSError("disk full")))
     extra = ["--model", tmp_path / "m.pth"] if cmd == "evaluate" else ["--run-dir", tmp_path / "r"]
     code, line = call(_tool("run_wsol"), cmd, "--config", WSOL, *extra)
     assert (code, line) == (1, "error: OSError: disk full")
@@ -133,17 +147,19 @@ def test_overrides_anywhere_reach_the_config(call, tmp_path, monkeypatch):
     mod = _tool("run_pretrain")
     import pretrain.task
 
-    monkeypatch.setattr(pretrain.task, "run", lambda cfg, inputs, run_dir, **k: seen.update(cfg=cfg, run_dir=run_dir)
+    monkeypatch.setattr(pretrain.task, "run", lambda cfg, inputs, run_dir,
+                        **k: seen.update(cfg=cfg, run_dir=run_dir)
                         or {})
-    code, _ = call(mod, "--config", PRETRAIN, "optim.lr=0.1", "--run-dir", tmp_path / "x", "optim.epochs=2",
-                   "--force", "optim.lr=0.2")
+    code, _ = call(mod, "--config", PRETRAIN, "optim.lr=0.1", "--run-dir", tmp_path / "x",
+                   "optim.epochs=2", "--force", "optim.lr=0.2")
     assert code == 0 and seen["run_dir"] == tmp_path / "x"
     assert (seen["cfg"]["optim"]["lr"], seen["cfg"]["optim"]["epochs"]) == (0.2, 2)
     mod = _tool("run_wsol")
     import wsol.finetune
 
     monkeypatch.setattr(wsol.finetune, "run", lambda cfg, *a, **k: seen.update(wcfg=cfg) or {})
-    code, _ = call(mod, "finetune", "--config", WSOL, "optim.epochs=3", "--run-dir", tmp_path / "w", "optim.lr=0.5")
+    code, _ = call(mod, "finetune", "--config", WSOL, "optim.epochs=3", "--run-dir",
+                   tmp_path / "w", "optim.lr=0.5")
     assert code == 0 and (seen["wcfg"]["optim"]["epochs"], seen["wcfg"]["optim"]["lr"]) == (3, 0.5)
 
 
@@ -191,7 +207,10 @@ def test_evaluate_help_covers_every_stage_option():
     assert set(helps) == {k for k, v in DEFAULTS.items() if not isinstance(v, dict)}
     undocumented = [k for k, h in helps.items() if h.startswith(k.replace("_", " ") + " (")]
     assert not undocumented, undocumented
-    assert helps["iou_op"] == "localization: IoU comparison, >= or > (multi-mix: >) (default: >=; choices: >=, >)"
+    assert (
+        helps["iou_op"]
+        == "localization: IoU comparison, >= or > (multi-mix: >) (default: >=; choices: >=, >)"
+    )
 
 
 def test_yaml_of_the_ablation_configs_use_their_data_root():
@@ -200,7 +219,8 @@ def test_yaml_of_the_ablation_configs_use_their_data_root():
     for path in (ROOT / "configs/ablation").glob("*.yaml"):
         cfg = yaml.safe_load(path.read_text())
         if (cfg.get("data") or {}).get("root"):
-            assert any("{data}" in o for o in cfg.get("overrides", []) + cfg.get("base_overrides", [])), path
+            assert any("{data}" in o for o in cfg.get("overrides", [])
+                       + cfg.get("base_overrides", [])), path
 
 
 def test_box_suites_on_data_without_boxes(call, toy_world, tmp_path, capsys):
@@ -218,10 +238,11 @@ def test_box_suites_on_data_without_boxes(call, toy_world, tmp_path, capsys):
     shutil.copytree(toy_world / "imagenet" / "val", root / "val")
     ckpt = tmp_path / "backbone.pth"
     torch.manual_seed(0)
-    save_backbone(ckpt, build_resnet("resnet18", num_classes=10), {"arch": "resnet18", "method": "erm"})
+    save_backbone(ckpt, build_resnet("resnet18", num_classes=10),
+                  {"arch": "resnet18", "method": "erm"})
     evaluate = _tool("run_robustness")
-    common = ["--checkpoint", ckpt, "data.max_val=2", "--imagenet", root, "--image-size", "32", "--resize", "36",
-              "--out", tmp_path / "out"]
+    common = ["--checkpoint", ckpt, "data.max_val=2", "--imagenet", root, "--image-size", "32",
+              "--resize", "36", "--out", tmp_path / "out"]
     code, line = call(evaluate, *common, "--suites", "background")
     assert code == 2 and "no box annotations" in line and "--suites" in line, line
     capsys.readouterr()

@@ -44,9 +44,11 @@ def _build_wheel(tmp: Path) -> Path:
     for name in ("pyproject.toml", "README.md", *PACKAGES):
         path = ROOT / name
         copy = shutil.copytree if path.is_dir() else shutil.copy2
-        copy(path, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if path.is_dir() else {}))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "-w", str(tmp / "dist"), str(src)], check=True, capture_output=True)
+        copy(path, src / name,
+             **({"ignore": shutil.ignore_patterns("__pycache__")} if path.is_dir() else {}))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--no-index", "-w", str(tmp / "dist"), str(src)],
+                    check=True, capture_output=True)
     (wheel,) = (tmp / "dist").glob("mixup_transfer-*.whl")
     return wheel
 
@@ -58,10 +60,11 @@ def test_the_wheel_beside_a_project_with_its_own_core_and_pipeline(tmp_path):
     env = tmp_path / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
     python = env / "bin" / "python"
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    site = subprocess.run([python, "-c", "import sysconfig; "
+                           "print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target", site,
-                    str(wheel)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    "--target", site, str(wheel)], check=True, capture_output=True)
     # torch and the other dependencies come from this environment (a path entry: its .pth files,
     # among them the development install of this checkout, are not processed)
     (Path(site) / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -71,7 +74,7 @@ def test_the_wheel_beside_a_project_with_its_own_core_and_pipeline(tmp_path):
     for own in ("core", "pipeline"):
         (project / own).mkdir(parents=True)
         (project / own / "__init__.py").write_text('OWNER = "user"\n')
-    out = subprocess.run([python, "-c", USER_SCRIPT, site], cwd=project, capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    out = subprocess.run([python, "-c", USER_SCRIPT, site], cwd=project, capture_output=True,
+                         text=True, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("step ")

@@ -85,7 +85,8 @@ def test_import_rules(package):
 FAMILY_EXTRA = {"multi_interp": {"puzzlemix"},  # multi_interp mixes with PuzzleMix's masks
                 # Co-Mixup computes PuzzleMix's saliency and solves its labelings with PuzzleMix's
                 # graph cut
-                "comixup": {"puzzlemix", "puzzlemix_graphcut"}, "comixup_graphcut": {"puzzlemix_graphcut"}}
+                "comixup": {"puzzlemix", "puzzlemix_graphcut"},
+                "comixup_graphcut": {"puzzlemix_graphcut"}}
 
 
 def family_violations(root: Path) -> list[str]:
@@ -108,22 +109,29 @@ def test_method_families_import_only_base_and_their_own_solver(tmp_path):
     assert not family_violations(ROOT), "\n".join(family_violations(ROOT))
     fake = tmp_path / "pretrain" / "methods"
     fake.mkdir(parents=True)
-    (fake / "cutmix.py").write_text("from pretrain.methods import base\nfrom pretrain.methods.puzzlemix import x\n"
+    (fake / "cutmix.py").write_text("from pretrain.methods import base\nfrom "
+                                    "pretrain.methods.puzzlemix import x\n"
                                     "from pretrain.methods import ERM\n")
-    (fake / "puzzlemix.py").write_text("from pretrain.methods.puzzlemix_graphcut import grid_labels\n")
-    assert family_violations(tmp_path) == ["pretrain/methods/cutmix.py:2 imports pretrain.methods.puzzlemix",
-                                           "pretrain/methods/cutmix.py:2 imports pretrain.methods.puzzlemix.x",
-                                           "pretrain/methods/cutmix.py:3 imports pretrain.methods.ERM"]
+    (fake / "puzzlemix.py").write_text("from pretrain.methods.puzzlemix_graphcut import "
+                                       "grid_labels\n")
+    assert family_violations(tmp_path) == ["pretrain/methods/cutmix.py:2 imports "
+                                           "pretrain.methods.puzzlemix",
+                                           "pretrain/methods/cutmix.py:2 imports "
+                                           "pretrain.methods.puzzlemix.x",
+                                           "pretrain/methods/cutmix.py:3 imports "
+                                           "pretrain.methods.ERM"]
 
 
 def test_the_rule_checker_catches_a_violation(tmp_path, monkeypatch):
     fake = tmp_path / "mixup_transfer" / "core"
     fake.mkdir(parents=True)
-    (fake / "bad.py").write_text("def f():\n    from pretrain.task import run\n    import wsol.metrics\n"
+    (fake / "bad.py").write_text("def f():\n    from pretrain.task import run\n    import "
+                                 "wsol.metrics\n"
                                  "    from mixup_transfer.pipeline import run\n")
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
     bad = "mixup_transfer/core/bad.py"
-    assert violations(CORE) == [f"{bad}:2 imports pretrain.task", f"{bad}:2 imports pretrain.task.run",
+    assert violations(CORE) == [f"{bad}:2 imports pretrain.task",
+                                f"{bad}:2 imports pretrain.task.run",
                                 f"{bad}:3 imports wsol.metrics", f"{bad}:4 imports {PIPE}",
                                 f"{bad}:4 imports {PIPE}.run"]
 
@@ -173,7 +181,8 @@ DETECTION_CLI = f"{DETECTION}.cli"
 # module -> the detection backends it may import: the stage dispatches to both; the eval-only
 # evaluation predicts with the torchvision backend's model, datasets and sharded prediction; the
 # command line starts detectron2's own launch (--num-gpus)
-BACKEND_IMPORTERS = {DETECTION_STAGE: DETECTION_BACKENDS, f"{DETECTION}.evaluate": (DETECTION_BACKENDS[0],),
+BACKEND_IMPORTERS = {DETECTION_STAGE: DETECTION_BACKENDS,
+                     f"{DETECTION}.evaluate": (DETECTION_BACKENDS[0],),
                      DETECTION_CLI: (DETECTION_BACKENDS[1],)}
 
 
@@ -214,7 +223,8 @@ def test_the_detection_checker_catches_a_violation(tmp_path, monkeypatch):
     det.mkdir(parents=True)
     (det / "scoring.py").write_text("from transfer.detection import d2_backend\n")
     (det / "d2_backend.py").write_text("def f():\n    from transfer.detection.stage import run\n")
-    (det / "stage.py").write_text("from transfer.detection import d2_backend, torchvision_backend\n")
+    (det / "stage.py").write_text("from transfer.detection import d2_backend, "
+                                  "torchvision_backend\n")
     (tmp_path / "wsol").mkdir()
     (tmp_path / "wsol" / "x.py").write_text("import transfer.detection.stage\n")
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
@@ -229,11 +239,14 @@ def test_tests_mirror_the_packages():
     """Each folder of tests/ is named after the package it tests; the files directly in tests/
     check the whole project (docs/testing.md)."""
     mirrored = {"core", "toyworld", "pipeline", "pretrain", "transfer", "wsol"}
-    folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name not in ("fixtures", "__pycache__")}
+    folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir()
+               and p.name not in ("fixtures", "__pycache__")}
     assert folders == mirrored, sorted(folders ^ mirrored)
     for name in mirrored:
         package = name if name in ("pretrain", "transfer", "wsol") else f"mixup_transfer.{name}"
         assert folder(package).is_dir(), package
         assert list((ROOT / "tests" / name).glob("test_*.py")), name
     names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
-    assert len(names) == len(set(names)), "two test files share a name (pytest imports them by base name)"
+    assert len(names) == len(set(names)), (
+        "two test files share a name (pytest imports them by base name)"
+    )

@@ -30,7 +30,8 @@ def run_tool(tool: str, *args) -> tuple[dict, list[str]]:
                            *map(str, args)], capture_output=True, text=True,
                           env=dict(os.environ, MT_NO_PROGRESS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    modules = [ln.rsplit("|", 1)[1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")]
+    modules = [ln.rsplit("|", 1)[1].strip() for ln in proc.stderr.splitlines()
+               if ln.startswith("import time:")]
     assert "numpy" in modules  # the listing works
     return json.loads(proc.stdout), modules
 
@@ -54,14 +55,16 @@ def wsol_split(tmp_path):
     gts = {"a.jpg": [0, 1, 4, 4], "b.jpg": [2, 2, 6, 6], "c.jpg": [0, 1, 5, 5]}
     ids = list(maps)
     meta = write_wsol_metadata(WSOLMetadata(ids, {i: 0 for i in ids}, {i: (8, 8) for i in ids},
-                                            {i: np.array([gts[i]], np.float64) for i in ids}), tmp_path / "meta")
+                                            {i: np.array([gts[i]], np.float64) for i in ids}),
+                                            tmp_path / "meta")
     (tmp_path / "maps").mkdir()
     for i, v in maps.items():
         np.save(tmp_path / "maps" / f"{i}.npy", v)
     return meta, tmp_path / "maps"
 
 
-EXPECTED_WSOL = {"30": pytest.approx(200 / 3), "50": pytest.approx(200 / 3), "70": pytest.approx(100 / 3)}
+EXPECTED_WSOL = {"30": pytest.approx(200 / 3), "50": pytest.approx(200 / 3),
+                 "70": pytest.approx(100 / 3)}
 
 
 @pytest.mark.parametrize("extra,sweep", [
@@ -70,11 +73,17 @@ EXPECTED_WSOL = {"30": pytest.approx(200 / 3), "50": pytest.approx(200 / 3), "70
 ])
 def test_eval_wsol_imports_no_torch_and_says_which_sweep_ran(wsol_split, extra, sweep):
     meta, maps = wsol_split
-    out, modules = run_tool("eval_wsol", "--metadata", meta, "--scoremaps", maps, "--cam-curve-interval", "0.01",
-                            *extra)
+    out, modules = run_tool("eval_wsol", "--metadata", meta, "--scoremaps", maps,
+                            "--cam-curve-interval", "0.01", *extra)
     assert not heavy(modules), heavy(modules)
-    assert out["maxboxacc_per_iou"] == EXPECTED_WSOL and out["maxboxacc_v2"] == pytest.approx(500 / 9)
-    assert out["contours"] == "all" and "maxboxacc_v1" not in out and out["units"]["maxboxacc_v2"] == "%"
+    assert out["maxboxacc_per_iou"] == EXPECTED_WSOL and out["maxboxacc_v2"] == pytest.approx(
+        500 / 9
+    )
+    assert (
+        out["contours"] == "all"
+        and "maxboxacc_v1" not in out
+        and out["units"]["maxboxacc_v2"] == "%"
+    )
     assert out["sweep"] == sweep and out["num_images"] == 3
     if sweep == "numba":
         assert "numba" in modules
@@ -83,7 +92,11 @@ def test_eval_wsol_imports_no_torch_and_says_which_sweep_ran(wsol_split, extra, 
 def test_largest_contour_mode_runs_the_opencv_sweep(wsol_split):
     meta, maps = wsol_split  # one contour per map: the largest-contour numbers are the same
     res = score_scoremap_dir(meta, maps, 0.01, multi_contour=False)
-    assert res["sweep"] == "opencv" and res["maxboxacc_per_iou"] == EXPECTED_WSOL and res["contours"] == "largest"
+    assert (
+        res["sweep"] == "opencv"
+        and res["maxboxacc_per_iou"] == EXPECTED_WSOL
+        and res["contours"] == "largest"
+    )
     # the other flavour's name
     assert res["maxboxacc_v1"] == EXPECTED_WSOL["50"] and "maxboxacc_v2" not in res
 
@@ -98,7 +111,8 @@ def test_threads_give_the_same_numbers_and_the_first_error_in_id_order(wsol_spli
     with pytest.raises(ScoreMapError, match=r"b\.jpg\.npy: score map for image 'b\.jpg' missing"):
         score_scoremap_dir(meta, maps, 0.01, workers=2)
     np.save(maps / "b.jpg.npy", np.zeros((8, 8), np.float32))
-    with pytest.raises(ScoreMapError, match=r"c\.jpg\.npy: score map for image 'c\.jpg' lies outside \[0, 1\]"):
+    with pytest.raises(ScoreMapError, match=r"c\.jpg\.npy: score map for image 'c\.jpg' lies "
+                       r"outside \[0, 1\]"):
         score_scoremap_dir(meta, maps, 0.01, workers=2)
 
 
@@ -110,14 +124,14 @@ def test_eval_voc_imports_no_torch(tmp_path):
     (root / "Annotations").mkdir(parents=True)
     (root / "ImageSets" / "Main").mkdir(parents=True)
     (root / "Annotations" / "im1.xml").write_text(
-        "<annotation><filename>im1.jpg</filename><size><width>100</width><height>80</height><depth>3</depth>"
-        "</size><object><name>cat</name><difficult>0</difficult><bndbox><xmin>11</xmin><ymin>21</ymin>"
-        "<xmax>40</xmax><ymax>50</ymax></bndbox></object></annotation>")
+        "<annotation><filename>im1.jpg</filename><size><width>100</width><height>80</height><depth>3</depth></size><object><name>cat</name><difficult>0</difficult><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>40</xmax><ymax>50</ymax></bndbox></object></annotation>"
+    )
     (root / "ImageSets" / "Main" / "test.txt").write_text("im1\n")
     (tmp_path / "res").mkdir()
-    (tmp_path / "res" / "comp4_det_test_cat.txt").write_text("im1 0.9 60 5 90 30\nim1 0.8 11 21 40 50\n")
-    out, modules = run_tool("eval_voc", "--devkit", tmp_path / "VOCdevkit", "--results", tmp_path / "res",
-                            "--classes", "cat")
+    (tmp_path / "res" / "comp4_det_test_cat.txt").write_text("im1 0.9 60 5 90 30\nim1 0.8 11 "
+                                                             "21 40 50\n")
+    out, modules = run_tool("eval_voc", "--devkit", tmp_path / "VOCdevkit", "--results",
+                            tmp_path / "res", "--classes", "cat")
     assert not heavy(modules), heavy(modules)
     assert out["metric"] == "11point" and out["AP"]["cat"] == pytest.approx(50.0)
 
@@ -128,16 +142,16 @@ def test_eval_coco_imports_no_torch(tmp_path, backend):
     # dog's 40 x 40 (medium), no large object: APl null (no value)
     gt = {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "1.jpg"}],
           "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
-          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10], "area": 100,
-                           "iscrowd": 0},
-                          {"id": 2, "image_id": 1, "category_id": 2, "bbox": [40, 40, 40, 40], "area": 1600,
-                           "iscrowd": 0}]}
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10],
+                           "area": 100, "iscrowd": 0},
+                          {"id": 2, "image_id": 1, "category_id": 2, "bbox": [40, 40, 40, 40],
+                           "area": 1600, "iscrowd": 0}]}
     res = [{"image_id": 1, "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
            for a in gt["annotations"]]
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     (tmp_path / "res.json").write_text(json.dumps(res))
-    out, modules = run_tool("eval_coco", "--annotations", tmp_path / "gt.json", "--results", tmp_path / "res.json",
-                            "--backend", backend)
+    out, modules = run_tool("eval_coco", "--annotations", tmp_path / "gt.json", "--results",
+                            tmp_path / "res.json", "--backend", backend)
     assert not heavy(modules), heavy(modules)
     assert out["AP"] == pytest.approx(100.0) and out["APs"] == pytest.approx(100.0)
     assert out["APm"] == pytest.approx(100.0) and out["APl"] is None and out["units"]["APm"] == "%"

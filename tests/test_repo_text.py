@@ -21,26 +21,34 @@ TEXT = re.compile(r"(\.(md|py|ya?ml|txt|toml|sh|cfg|ini)|Makefile|/run)$")
 SKIP = ("tests/fixtures/", "tests/test_repo_text.py")
 
 HISTORY = {
-    "a session": re.compile(r"\bsessions?\b[^=\n]{0,3}[0-9]|\b(this|earlier|previous|last|next) sessions?\b", re.I),
+    "a session": re.compile(r"\bsessions?\b[^=\n]{0,3}[0-9]|\b(this|earlier|previous|last|next) "
+                            r"sessions?\b", re.I),
     "an issue number": re.compile(r"\bissues? #?[0-9]+|\bitems? [0-9]+-[0-9]+\b", re.I),
-    "an earlier version": re.compile(r"\b(previous|earlier|old) (version|code|implementation|release)s?\b"
-                                     r"|\bonce it lands\b|\bbefore the (package )?move\b|\b(as|from) before\b", re.I),
-    "a machine-specific timing": re.compile(r"\bon (\d+|two) (idle |shared )?(CPU )?cores\b|\b\d+-core (CPU|machine)\b"
+    "an earlier version": re.compile(r"\b(previous|earlier|old) "
+                                     r"(version|code|implementation|release)s?\b"
+                                     r"|\bonce it lands\b|\bbefore the (package "
+                                     r")?move\b|\b(as|from) before\b", re.I),
+    "a machine-specific timing": re.compile(r"\bon (\d+|two) (idle |shared )?(CPU "
+                                            r")?cores\b|\b\d+-core (CPU|machine)\b"
                                             r"|\bthis machine\b|\bmeasured once\b", re.I),
     "a papers/ path": re.compile(r"\bpapers/\S"),
 }
 # a repository path in prose: configs/..., mixup_transfer/..., tools/x.py (placeholders such as
 # {method}, X or * skipped)
-REPO_PATH = re.compile(r"(?<![\w./-])((?:configs|docs|mixup_transfer|pretrain|tests|tools|transfer|wsol)"
-                       r"/[\w./-]*\w\.(?:py|ya?ml|md|json|txt))\b")
+REPO_PATH = re.compile(
+    r"(?<![\w./-])((?:configs|docs|mixup_transfer|pretrain|tests|tools|transfer|wsol)"
+    r"/[\w./-]*\w\.(?:py|ya?ml|md|json|txt))\b"
+)
 
 
 def _tracked() -> list[str]:
     try:
-        out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
-    return [f for f in out.splitlines() if TEXT.search(f) and not f.startswith(SKIP) and (ROOT / f).is_file()]
+    return [f for f in out.splitlines() if TEXT.search(f) and not f.startswith(SKIP)
+            and (ROOT / f).is_file()]
 
 
 def _dangling(path: str) -> bool:
@@ -73,11 +81,13 @@ def test_history_patterns_catch_what_they_should():
     s, i, p = "sess" + "ion", "iss" + "ue", "pap" + "ers/"
     bad = [f"in {s} 4's run", f"the previous {s}s' AlignMix", f"({i} 13)", f"{i} 14 items 5-7",
            "remove once it lands", "about 5.5 min on 2 CPU cores", "before the package move",
-           f"see {p}000 §4", "the previous version of the loader", "a run from before fingerprints",
-           "declared in pretrain/trainer.py DEFAULTS"]
-    assert all(history_lines("x", line) for line in bad), [b for b in bad if not history_lines("x", b)]
-    good = ["scope='session'", "the pytest session", "pretrain/task.py DEFAULTS", "configs/pretrain/toy_{method}.yaml",
-            "MultiMix (NeurIPS 2023, arXiv:2311.05538)", "the CPU cores, at most 8"]
+           f"see {p}000 §4", "the previous version of the loader",
+           "a run from before fingerprints", "declared in pretrain/trainer.py DEFAULTS"]
+    assert all(history_lines("x", line) for line in bad), [b for b in bad
+                                                           if not history_lines("x", b)]
+    good = ["scope='session'", "the pytest session", "pretrain/task.py DEFAULTS",
+            "configs/pretrain/toy_{method}.yaml", "MultiMix (NeurIPS 2023, arXiv:2311.05538)",
+            "the CPU cores, at most 8"]
     assert not [g for g in good if history_lines("x", g)]
 
 

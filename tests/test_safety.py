@@ -31,7 +31,8 @@ def expect(result, code: int, *names) -> str:
     return lines[0] if lines else ""
 
 
-def _save_backbone(path: Path, fill: float | None = None, seed: int = 0, num_classes: int = 10) -> Path:
+def _save_backbone(path: Path, fill: float | None = None, seed: int = 0,
+                   num_classes: int = 10) -> Path:
     from mixup_transfer.core.checkpoint import build_resnet, save_backbone
 
     torch.manual_seed(seed)
@@ -56,17 +57,20 @@ def nan_ckpt(tmp_path_factory):
 @pytest.mark.parametrize("suite", ["clean", "calibration", "background", "fgsm", "ood"])
 def test_evaluate_refuses_nan_network(run, toy_world, nan_ckpt, tmp_path, suite, one_thread):
     out = tmp_path / "out"
-    line = expect(run("run_robustness", "--checkpoint", nan_ckpt, "--imagenet", toy_world / "imagenet", "--suites",
+    line = expect(run("run_robustness", "--checkpoint", nan_ckpt, "--imagenet",
+                      toy_world / "imagenet", "--suites",
     suite,
-                      "data.max_val=2", "--image-size", "32", "--resize", "36", "--out", out, "--ood-noise", "uniform",
-                      "data.num_workers=0"), 1, "robustness", "non-finite")
+                      "data.max_val=2", "--image-size", "32", "--resize", "36", "--out", out,
+                      "--ood-noise", "uniform", "data.num_workers=0"), 1, "robustness",
+                      "non-finite")
     assert "split" in line
     assert not (out / "metrics.json").exists()
 
 
 def _wsol_over(toy_world) -> list[str]:
-    return [f"data.image_root={toy_world}/CUB_200_2011/images", f"data.metadata_root={toy_world}/wsol_metadata/CUB",
-            "data.num_workers=0", "data.max_val=4", "data.max_train=8", "input.resize=40", "input.crop=32",
+    return [f"data.image_root={toy_world}/CUB_200_2011/images",
+            f"data.metadata_root={toy_world}/wsol_metadata/CUB", "data.num_workers=0",
+            "data.max_val=4", "data.max_train=8", "input.resize=40", "input.crop=32",
             "input.test_size=32", "eval.cam_curve_interval=0.1"]
 
 
@@ -77,7 +81,8 @@ def _cam_model(path: Path, toy_world, fill: float | None) -> Path:
     from mixup_transfer.core.runtime import atomic_save
     from wsol.model import CAMModel
 
-    n = len({ln.rsplit(",", 1)[1] for ln in (toy_world / "wsol_metadata/CUB/train/class_labels.txt")
+    n = len({ln.rsplit(",", 1)[1]
+             for ln in (toy_world / "wsol_metadata/CUB/train/class_labels.txt")
              .read_text().split()})
     torch.manual_seed(0)
     model = CAMModel("resnet18", n)
@@ -91,15 +96,17 @@ def _cam_model(path: Path, toy_world, fill: float | None) -> Path:
 def test_wsol_evaluate_refuses_nan_cams_and_saves_no_map(run, toy_world, tmp_path, one_thread):
     model = _cam_model(tmp_path / "cam_model.pth", toy_world, float("nan"))
     maps = tmp_path / "maps"
-    expect(run("run_wsol", "evaluate", "--config", WSOL_CFG, "--model", model, "--scoremaps", maps, "--out",
-               tmp_path / "m.json", *_wsol_over(toy_world)), 1, "wsol", "split test", "non-finite")
+    expect(run("run_wsol", "evaluate", "--config", WSOL_CFG, "--model", model, "--scoremaps", maps,
+               "--out", tmp_path / "m.json", *_wsol_over(toy_world)), 1, "wsol", "split test",
+               "non-finite")
     assert not list(maps.rglob("*.npy")) and not (tmp_path / "m.json").exists()
 
 
 def test_wsol_finetune_diverging_writes_no_model(run, toy_world, tmp_path, one_thread):
     rd = tmp_path / "r"
-    code, err = run("run_wsol", "finetune", "--config", WSOL_CFG, "--run-dir", rd, *_wsol_over(toy_world),
-                    "optim.epochs=1", "optim.lr_classifier=1e30", "optim.lr=1e30", "eval.every_epochs=0")
+    code, err = run("run_wsol", "finetune", "--config", WSOL_CFG, "--run-dir", rd,
+                    *_wsol_over(toy_world), "optim.epochs=1", "optim.lr_classifier=1e30",
+                    "optim.lr=1e30", "eval.every_epochs=0")
     assert code == 1, err
     assert "non-finite" in err
     assert not (rd / "cam_model.pth").exists() and not (rd / "metrics.json").exists()
@@ -108,14 +115,32 @@ def test_wsol_finetune_diverging_writes_no_model(run, toy_world, tmp_path, one_t
 def _det_cfg(toy_world, kind="ssd"):
     from transfer.detection import config as det_config
 
-    return det_config.resolve_config({
-        "model": {"type": kind, "arch": "resnet18", "size": 64, "max_size": 64, "train_sizes": [64],
-                  "kwargs": {"detections_per_img": 10} if kind == "ssd" else {"rpn_pre_nms_top_n_test": 50,
-                                                                           "rpn_post_nms_top_n_test": 20}},
-        "data": {"format": "voc", "root": str(toy_world / "VOCdevkit"), "voc_train": ["2007/trainval"],
-                 "max_train": 4, "max_val": 3, "num_workers": 0},
-        "optim": {"epochs": 1, "batch_per_process": 2, "lr": 0.01, "warmup_iters": 1},
-        "eval": {"batch_size": 3, "figure_examples": 0}, "seeds": [0], "runtime": {"log_every_steps": 1}})
+    return det_config.resolve_config(
+        {
+            "model": {
+                "type": kind,
+                "arch": "resnet18",
+                "size": 64,
+                "max_size": 64,
+                "train_sizes": [64],
+                "kwargs": {"detections_per_img": 10}
+                if kind == "ssd"
+                else {"rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20},
+            },
+            "data": {
+                "format": "voc",
+                "root": str(toy_world / "VOCdevkit"),
+                "voc_train": ["2007/trainval"],
+                "max_train": 4,
+                "max_val": 3,
+                "num_workers": 0,
+            },
+            "optim": {"epochs": 1, "batch_per_process": 2, "lr": 0.01, "warmup_iters": 1},
+            "eval": {"batch_size": 3, "figure_examples": 0},
+            "seeds": [0],
+            "runtime": {"log_every_steps": 1},
+        }
+    )
 
 
 @pytest.mark.parametrize("kind", ["ssd", "faster_rcnn_fpn"])
@@ -202,11 +227,13 @@ def test_stage_keys_follow_the_backbone_and_the_datasets(data_copy, tmp_path):
     wnid = next(p for p in (data_copy / "imagenet/val").iterdir() if p.is_dir())
     (wnid / "new.JPEG").write_bytes(next(wnid.iterdir()).read_bytes())
     fourth = _keys(cfg)
-    assert {k for k in fourth if fourth[k] != third[k]} >= {"erm/pretrain", "erm/robustness", "erm/ssd_voc"}
+    assert {k for k in fourth if fourth[k] != third[k]} >= {"erm/pretrain", "erm/robustness",
+                                                            "erm/ssd_voc"}
 
 
 @pytest.mark.parametrize("where,entry,what", [
-    ("detection", {"name": "ssd_voc", "config": "c.yaml", "overides": []}, "detection[0]: unknown key(s) ['overides']"),
+    ("detection", {"name": "ssd_voc", "config": "c.yaml", "overides": []},
+     "detection[0]: unknown key(s) ['overides']"),
     ("wsol", {"config": "c.yaml", "overide": []}, "wsol: unknown key(s) ['overide']"),
     ("wsol", {"config": "c.yaml", "overrides": "a=1"}, "wsol.overrides: expected a list"),
     ("detection", {"config": "c.yaml"}, "detection[0]: 'name' must be a non-empty string"),
@@ -245,8 +272,15 @@ def test_a_second_writer_is_refused_and_a_stale_lock_replaced(tmp_path):
     with run_lock(folder, "pretraining run"):
         holder = json.loads((folder / LOCK_NAME).read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
-        with pytest.raises(RunLockedError, match=rf"another process is writing this pretraining run folder \(pid "
-                                                  rf"{os.getpid()} "), run_lock(folder, "pretraining run"):
+        with (
+            pytest.raises(
+                RunLockedError,
+                match=r"another process is writing this pretraining "
+                r"run folder \(pid "
+                rf"{os.getpid()} ",
+            ),
+            run_lock(folder, "pretraining run"),
+        ):
             pass
     assert not (folder / LOCK_NAME).exists()  # released on exit
     # a lock left by a killed process (same host, no such pid) is stale: taken over
@@ -264,12 +298,14 @@ def test_pretrain_refuses_a_folder_another_process_writes(run, tmp_path):
 
     rd = tmp_path / "run"
     with run_lock(rd):  # this process plays the first writer
-        line = expect(run("run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--run-dir", rd,
-                          f"data.root={tmp_path}/none"), 1, rd, "another process is writing")
+        line = expect(run("run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml",
+                          "--run-dir", rd, f"data.root={tmp_path}/none"), 1, rd,
+                          "another process is writing")
     assert "pid" in line
 
 
-def test_tmp_leftovers_of_a_killed_run_are_removed_on_the_next_start(run, toy_world, nan_ckpt, tmp_path):
+def test_tmp_leftovers_of_a_killed_run_are_removed_on_the_next_start(run, toy_world, nan_ckpt,
+                                                                     tmp_path):
     out = tmp_path / "out"
     (out / "figures").mkdir(parents=True)
     dead = _dead_pid()
@@ -278,8 +314,9 @@ def test_tmp_leftovers_of_a_killed_run_are_removed_on_the_next_start(run, toy_wo
         p.write_bytes(b"x" * 100)
     live = out / f"other.json.{os.getpid()}.tmp"  # a live process's file is kept
     live.write_bytes(b"y")
-    expect(run("run_robustness", "--checkpoint", nan_ckpt, "--imagenet", toy_world / "imagenet", "--suites", "clean",
-               "data.max_val=2", "--image-size", "32", "--resize", "36", "--out", out), 1, "non-finite")
+    expect(run("run_robustness", "--checkpoint", nan_ckpt, "--imagenet", toy_world / "imagenet",
+               "--suites", "clean", "data.max_val=2", "--image-size", "32", "--resize", "36",
+               "--out", out), 1, "non-finite")
     assert not any(p.exists() for p in left) and live.exists()
     assert not (out / ".lock").exists()
 
@@ -295,8 +332,8 @@ def test_refused_detection_resume_changes_nothing_and_names_real_flags(run, toy_
     old = load_det_config(config, over)
     fp.write(rd / "seed_0", seed_fingerprint(old, None, 0))
     (rd / "config.yaml").write_text("the old run's config\n")
-    line = expect(run("run_detection", "--config", config, "--run-dir", rd, *over, "optim.lr=0.5"), 2,
-                  "seed_0", "optim.lr")
+    line = expect(run("run_detection", "--config", config, "--run-dir", rd, *over, "optim.lr=0.5"),
+                  2, "seed_0", "optim.lr")
     assert "--force" in line and "--run-dir" in line
     assert (rd / "config.yaml").read_text() == "the old run's config\n"
     assert sorted(p.name for p in rd.iterdir()) == ["config.yaml", "seed_0"]
@@ -359,7 +396,8 @@ def test_wsol_ids_never_leave_their_folders(run, toy_world, tmp_path, bad, one_t
     model = _cam_model(tmp_path / "cam_model.pth", toy_world, None)
     maps = tmp_path / "maps" / "deep"
     over = _wsol_over(toy_world) + [f"data.metadata_root={meta}"]
-    expect(run("run_wsol", "evaluate", "--config", WSOL_CFG, "--model", model, "--scoremaps", maps, *over), 2,
+    expect(run("run_wsol", "evaluate", "--config", WSOL_CFG, "--model", model, "--scoremaps", maps,
+               *over), 2,
            "image_ids.txt:1", repr(bad), "not a relative path inside its folder")
     assert victim.read_bytes() == b"precious"
 
@@ -390,13 +428,18 @@ def test_voc_and_coco_ids_never_leave_their_folders(toy_world, tmp_path, bad):
     split = dst / "ImageSets/Main/test.txt"
     split.write_text(split.read_text().replace(split.read_text().split()[1], bad, 1))
     for call, err in ((lambda: VOCDetection(tmp_path / "VOCdevkit", "2007", "test"), DataError),
-                      (lambda: load_voc_annotations(tmp_path / "VOCdevkit", "2007", "test"), VOCEvalError)):
-        with pytest.raises(err, match=rf"test.txt:2: image id: {re.escape(repr(bad))} is not a relative path"):
+                      (lambda: load_voc_annotations(tmp_path / "VOCdevkit", "2007", "test"),
+                       VOCEvalError)):
+        with pytest.raises(err, match=rf"test.txt:2: image id: {re.escape(repr(bad))} is not a "
+                           r"relative path"):
             call()
-    ann = json.loads(next((toy_world / "coco/annotations").glob("instances_val*.json")).read_text())
+    ann = json.loads(
+        next((toy_world / "coco/annotations").glob("instances_val*.json")).read_text()
+    )
     ann["images"][1]["file_name"] = bad
     (tmp_path / "gt.json").write_text(json.dumps(ann))
-    with pytest.raises(DataError, match=r"gt.json: images\[1\] .*file_name: .* is not a relative path"):
+    with pytest.raises(DataError, match=r"gt.json: images\[1\] .*file_name: .* is not a "
+                       r"relative path"):
         COCODetection(toy_world / "coco/val2017", tmp_path / "gt.json")
 
 
@@ -413,7 +456,8 @@ def test_cub_image_paths_never_leave_their_folder(toy_world, tmp_path):
     lines = (cub / "images.txt").read_text().splitlines()
     lines[0] = lines[0].split()[0] + " ../../outside.jpg"
     (cub / "images.txt").write_text("\n".join(lines) + "\n")
-    with pytest.raises(MetadataError, match="images.txt: image 1: '../../outside.jpg' is not a relative path"):
+    with pytest.raises(MetadataError, match="images.txt: image 1: '../../outside.jpg' is not a "
+                                            "relative path"):
         read_cub(cub)
 
 
@@ -454,8 +498,10 @@ def test_a_bad_file_in_a_dataloader_worker_reads_as_in_the_main_process(tmp_path
 def test_worker_message_keeps_a_multiline_original():
     from mixup_transfer.core.cli import worker_message
 
-    msg = ("Caught DataError in DataLoader worker process 3.\nOriginal Traceback (most recent call last):\n"
-           '  File "x.py", line 1, in f\n    raise DataError("a: b")\ncore.data.DataError: a: b\nsecond line')
+    msg = ("Caught DataError in DataLoader worker process 3.\nOriginal Traceback (most recent "
+           "call last):\n"
+           '  File "x.py", line 1, in f\n    raise DataError("a: b")\ncore.data.DataError: a: '
+           'b\nsecond line')
     assert worker_message(msg) == "a: b\nsecond line"
     assert worker_message("a plain message: x") is None
 
@@ -493,7 +539,8 @@ def test_sixteen_bit_png_trains_through_the_uint8_path(tmp_path):
 
     from mixup_transfer.core.data import read_image_uint8
 
-    Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20).save(tmp_path / "a.png")
+    Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64)
+                    * 20).save(tmp_path / "a.png")
     x = read_image_uint8(tmp_path / "a.png")
     from torchvision.transforms.v2 import functional as F
 
@@ -508,24 +555,28 @@ def test_voc_xml_with_a_non_finite_coordinate_is_a_named_error(tmp_path, value, 
     from mixup_transfer.core.data import DataError, parse_pascal_xml
 
     xml = tmp_path / "a.xml"
-    xml.write_text("<annotation><size><width>10</width><height>10</height></size><object><name>dog</name>"
-                   f"<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>{value}</xmax><ymax>5</ymax></bndbox></object>"
-                   "</annotation>")
+    xml.write_text(
+        f"<annotation><size><width>10</width><height>10</height></size><object><name>dog</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>{value}</xmax><ymax>5</ymax></bndbox></object></annotation>"
+    )
     with pytest.raises(DataError) as e:
         parse_pascal_xml(xml)
     assert str(e.value).startswith(f"{xml}: object 0: ") and what in str(e.value)
 
 
 @pytest.mark.parametrize("stage,cfg,what", [
-    ("pretrain", {"data": {"root": "r", "max_train": "50"}}, "config key data.max_train: expected an integer"),
+    ("pretrain", {"data": {"root": "r", "max_train": "50"}},
+     "config key data.max_train: expected an integer"),
     ("pretrain", {"data": {"root": "r"}, "optim": {"milestones": [75, "150"]}},
      "config key optim.milestones: every item must be an integer"),
-    ("pretrain", {"data": {"root": "r"}, "optim": {"lr_classifier": "0.1"}}, "optim.lr_classifier: expected a number"),
+    ("pretrain", {"data": {"root": "r"}, "optim": {"lr_classifier": "0.1"}},
+     "optim.lr_classifier: expected a number"),
     ("pretrain", {"data": {"root": 5}}, "config key data.root: expected a string"),
-    ("detection", {"model": {"train_sizes": [64, "96"]}}, "model.train_sizes: expected a list of integers"),
+    ("detection", {"model": {"train_sizes": [64, "96"]}},
+     "model.train_sizes: expected a list of integers"),
     ("detection", {"optim": {"steps": ["a"]}}, "optim.steps: every item must be a number"),
     ("detection", {"seeds": [0, 1.5]}, "config key seeds: every item must be an integer"),
-    ("wsol", {"eval": {"iou_thresholds": [50, "70"]}}, "eval.iou_thresholds: every item must be an integer"),
+    ("wsol", {"eval": {"iou_thresholds": [50, "70"]}},
+     "eval.iou_thresholds: every item must be an integer"),
     ("robustness", {"data": {"max_val": "10"}}, "config key data.max_val: expected an integer"),
     ("detection", {"data": {"max_train": "8"}}, "config key data.max_train: expected an integer"),
     ("robustness", {"pgd_eps": [1]}, "config key pgd_eps: expected a number or a string"),
@@ -537,15 +588,17 @@ def test_every_config_value_is_type_checked(stage, cfg, what):
     from transfer.robustness.stage import resolve_config as robustness
     from wsol.finetune import resolve_config as wsol
 
-    fn = {"pretrain": pretrain, "detection": detection, "wsol": wsol, "robustness": robustness}[stage]
+    fn = {"pretrain": pretrain, "detection": detection, "wsol": wsol,
+          "robustness": robustness}[stage]
     with pytest.raises(ConfigError) as e:
         fn(cfg)
     assert what in str(e.value)
 
 
 def test_a_string_for_a_null_default_key_fails_at_the_edge_with_exit_2(run, tmp_path):
-    expect(run("run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--run-dir", tmp_path / "r",
-               f"data.root={tmp_path}", 'data.max_train="50"'), 2, "data.max_train", "expected an integer")
+    expect(run("run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--run-dir",
+               tmp_path / "r", f"data.root={tmp_path}", 'data.max_train="50"'), 2,
+               "data.max_train", "expected an integer")
 
 
 # ------------------------------------------------------------------------- unpickling only from
@@ -576,20 +629,24 @@ def test_allow_pickle_cannot_come_from_a_config_or_override(run, toy_world, tmp_
     else:
         cfg = tmp_path / "shared_recipe.yaml"
         cfg.write_text(f"_BASE_: {WSOL_CFG}\nallow_pickle: true\n")
-    expect(run("run_wsol", "finetune", "--config", cfg, "--weights", w, "--run-dir", tmp_path / "r", *over), 2,
+    expect(run("run_wsol", "finetune", "--config", cfg, "--weights", w, "--run-dir",
+               tmp_path / "r", *over), 2,
            "config key allow_pickle", "--allow-pickle")
     assert not marker.exists()
 
 
-def test_every_checkpoint_reading_tool_has_the_flag_and_the_message_is_accurate(run, toy_world, tmp_path):
+def test_every_checkpoint_reading_tool_has_the_flag_and_the_message_is_accurate(run, toy_world,
+                                                                                tmp_path):
     import argparse
 
     marker = tmp_path / "pwned"
     planted = _planted(tmp_path / "p.pth", marker)
     det_cfg = ROOT / "configs/detection/toy_ssd_voc.yaml"
-    for tool, args in (("run_robustness", ["--checkpoint", planted, "--imagenet", toy_world / "imagenet",
+    for tool, args in (("run_robustness",
+                        ["--checkpoint", planted, "--imagenet", toy_world / "imagenet",
                                            "--out", tmp_path / "o"]),
-                       ("run_detection", ["--config", det_cfg, "--weights", planted, "--run-dir", tmp_path / "d",
+                       ("run_detection",
+                        ["--config", det_cfg, "--weights", planted, "--run-dir", tmp_path / "d",
                                           f"data.root={toy_world}/VOCdevkit"]),
                        ("run_wsol", ["finetune", "--config", WSOL_CFG, "--weights", planted,
                                      "--run-dir", tmp_path / "w", *_wsol_over(toy_world)]),
@@ -602,8 +659,9 @@ def test_every_checkpoint_reading_tool_has_the_flag_and_the_message_is_accurate(
     ckpt = _save_backbone(tmp_path / "good.pth")
     torch.save({"args": argparse.Namespace(lr=0.1), **torch.load(ckpt)}, foreign)
     with pytest.warns(UserWarning, match="requested by --allow-pickle on the command line"):
-        code, err = run("run_robustness", "--checkpoint", foreign, "--imagenet", toy_world / "imagenet", "--suites",
-                        "clean", "data.max_val=2", "--image-size", "32", "--resize", "36", "--out", tmp_path / "e",
+        code, err = run("run_robustness", "--checkpoint", foreign, "--imagenet",
+                        toy_world / "imagenet", "--suites", "clean", "data.max_val=2",
+                        "--image-size", "32", "--resize", "36", "--out", tmp_path / "e",
                         "--allow-pickle")
     assert code == 0, err
     from mixup_transfer.core.checkpoint import CheckpointError, read_checkpoint
@@ -617,9 +675,10 @@ def test_every_checkpoint_reading_tool_has_the_flag_and_the_message_is_accurate(
 def test_flag_present_on_every_tool_that_reads_a_checkpoint(capsys):
     import importlib.util
 
-    for tool, args in (("run_robustness", []), ("run_detection", []), ("convert", []), ("run_wsol", ["finetune"]),
-                       ("run_wsol", ["evaluate"]), ("submit", [])):
-        spec = importlib.util.spec_from_file_location(f"{tool}_pickle_flag", ROOT / "tools" / f"{tool}.py")
+    for tool, args in (("run_robustness", []), ("run_detection", []), ("convert", []),
+                       ("run_wsol", ["finetune"]), ("run_wsol", ["evaluate"]), ("submit", [])):
+        spec = importlib.util.spec_from_file_location(f"{tool}_pickle_flag",
+                                                      ROOT / "tools" / f"{tool}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         with pytest.raises(SystemExit):
@@ -661,7 +720,8 @@ def test_truncated_voc_inputs(run, toy_world, tmp_path, which, names):
     shutil.copytree(toy_world / "VOCdevkit/VOC2007/ImageSets", devkit / "VOC2007/ImageSets")
     _voc_results(devkit, tmp_path / "res")
     split = devkit / "VOC2007/ImageSets/Main/test.txt"
-    target = {"split": split, "xml": devkit / "VOC2007/Annotations" / f"{split.read_text().split()[0]}.xml",
+    target = {"split": split, "xml": devkit / "VOC2007/Annotations"
+              / f"{split.read_text().split()[0]}.xml",
               "results": sorted((tmp_path / "res").glob("*.txt"))[0]}[which]
     _truncate(target)
     expect(run("eval_voc", "--devkit", devkit, "--results", tmp_path / "res"), 2, *names)
@@ -673,10 +733,13 @@ def test_truncated_coco_inputs(run, toy_world, tmp_path, which):
 
     gt = json.loads(next((toy_world / "coco/annotations").glob("instances_val*.json")).read_text())
     (tmp_path / "gt.json").write_text(json.dumps(gt))
-    (tmp_path / "res.json").write_text(json.dumps([{"image_id": a["image_id"], "category_id": a["category_id"],
-                                                    "bbox": a["bbox"], "score": 0.9} for a in gt["annotations"]]))
+    (tmp_path / "res.json").write_text(json.dumps([{"image_id": a["image_id"],
+                                                    "category_id": a["category_id"],
+                                                    "bbox": a["bbox"], "score": 0.9}
+                                                    for a in gt["annotations"]]))
     f = _truncate(tmp_path / f"{which}.json")
-    expect(run("eval_coco", "--annotations", tmp_path / "gt.json", "--results", tmp_path / "res.json"), 2, f,
+    expect(run("eval_coco", "--annotations", tmp_path / "gt.json", "--results",
+               tmp_path / "res.json"), 2, f,
            "malformed JSON")
 
 
@@ -695,14 +758,16 @@ def test_truncated_wsol_inputs(run, toy_world, tmp_path, which, what):
         (tmp_path / "maps" / i).parent.mkdir(parents=True, exist_ok=True)
         np.save(tmp_path / "maps" / f"{i}.npy", np.full((8, 8), 0.5, np.float32))
     _truncate(meta / which if which != "map" else tmp_path / "maps" / f"{ids[0]}.npy")
-    expect(run("eval_wsol", "--metadata", meta, "--scoremaps", tmp_path / "maps", "--cam-curve-interval", "0.1"),
+    expect(run("eval_wsol", "--metadata", meta, "--scoremaps", tmp_path / "maps",
+               "--cam-curve-interval", "0.1"),
            2, what, tmp_path)
 
 
 @pytest.mark.parametrize("which,what", [("classes.txt", "(not in classes.txt)"),
                                         ("images.txt", "(not in images.txt)"),
                                         ("image_class_labels.txt", "image_class_labels.txt:"),
-                                        ("train_test_split.txt", "train_test_split.txt: no entry for image id"),
+                                        ("train_test_split.txt",
+                                         "train_test_split.txt: no entry for image id"),
                                         ("bounding_boxes.txt", "bounding_boxes.txt:")])
 def test_truncated_cub_files(run, toy_world, tmp_path, which, what):
     import shutil
@@ -717,7 +782,8 @@ def test_truncated_cub_files(run, toy_world, tmp_path, which, what):
     expect(run("run_wsol", "metadata", "--cub", cub, "--out", tmp_path / "m"), 2, what)
 
 
-@pytest.mark.parametrize("which,what", [("image", "corrupt or unreadable image"), ("xml", "malformed XML"),
+@pytest.mark.parametrize("which,what",
+                         [("image", "corrupt or unreadable image"), ("xml", "malformed XML"),
                                         ("checkpoint", "truncated or corrupt checkpoint")])
 def test_truncated_robustness_inputs(run, toy_world, tmp_path, which, what, one_thread):
     import shutil
@@ -727,8 +793,10 @@ def test_truncated_robustness_inputs(run, toy_world, tmp_path, which, what, one_
     shutil.copytree(toy_world / "imagenet/val_boxes", root / "val_boxes")
     ckpt = _save_backbone(tmp_path / "b.pth")
     f = _truncate({"image": sorted(p for p in (root / "val").rglob("*") if p.is_file())[0],
-                   "xml": sorted((root / "val_boxes").glob("*.xml"))[0], "checkpoint": ckpt}[which])
-    expect(run("run_robustness", "--checkpoint", ckpt, "--imagenet", root, "--suites", "background", "--image-size",
+                   "xml": sorted((root / "val_boxes").glob("*.xml"))[0],
+                   "checkpoint": ckpt}[which])
+    expect(run("run_robustness", "--checkpoint", ckpt, "--imagenet", root, "--suites",
+               "background", "--image-size",
                     "32", "--resize", "36", "--out", tmp_path / "out"), 2, f, what)
 
 
@@ -737,7 +805,8 @@ def test_truncated_config_and_convert_input(run, tmp_path):
     cfg.write_text("name: x\noptim: {lr: 0.1, epochs: [1, 2\n")  # a flow sequence cut off
     expect(run("run_pretrain", "--config", cfg), 2, cfg, "invalid YAML")
     ck = _truncate(_save_backbone(tmp_path / "b.pth"))
-    expect(run("convert", "--to", "torchvision", ck, tmp_path / "o.pth"), 2, ck, "truncated or corrupt")
+    expect(run("convert", "--to", "torchvision", ck, tmp_path / "o.pth"), 2, ck,
+           "truncated or corrupt")
 
 
 def test_cross_check_checkpoint_classes_against_the_data(run, toy_world, tmp_path, one_thread):
@@ -751,9 +820,12 @@ def test_cross_check_checkpoint_classes_against_the_data(run, toy_world, tmp_pat
         torch.manual_seed(0)
         save_backbone(path, build_resnet("resnet18", num_classes=len(classes)),
                       {"arch": "resnet18", "method": "erm", "classes": order})
-        got = run("run_robustness", "--checkpoint", path, "--imagenet", toy_world / "imagenet", "--suites", "clean",
-                       "data.max_val=2", "--image-size", "32", "--resize", "36", "--out", tmp_path / f"o{code}")
-        expect(got, code, *([path, "trained on other classes", f"label 0 is {classes[-1]!r} in the checkpoint"]
+        got = run("run_robustness", "--checkpoint", path, "--imagenet", toy_world / "imagenet",
+                  "--suites", "clean",
+                       "data.max_val=2", "--image-size", "32", "--resize", "36", "--out",
+                       tmp_path / f"o{code}")
+        expect(got, code, *([path, "trained on other classes",
+                             f"label 0 is {classes[-1]!r} in the checkpoint"]
                             if code else []))
 
 
@@ -768,14 +840,17 @@ def test_cross_check_voc_xml_filename_against_its_id(run, toy_world, tmp_path):
     shutil.copytree(toy_world / "VOCdevkit/VOC2007/ImageSets", dst / "ImageSets")
     first = (dst / "ImageSets/Main/test.txt").read_text().split()[0]
     xml = dst / "Annotations" / f"{first}.xml"
-    xml.write_text(xml.read_text().replace(f"<filename>{first}.jpg</filename>", "<filename>999999.jpg</filename>"))
-    with pytest.raises(DataError, match=rf"{first}.xml: <filename> '999999.jpg' is not the image '{first}'"):
+    xml.write_text(xml.read_text().replace(f"<filename>{first}.jpg</filename>",
+                                           "<filename>999999.jpg</filename>"))
+    with pytest.raises(DataError, match=rf"{first}.xml: <filename> '999999.jpg' is not the image "
+                       rf"'{first}'"):
         VOCDetection(tmp_path / "VOCdevkit", "2007", "test")
 
 
 
 def _snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*")
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in folder.rglob("*")
             if p.is_file()}
 
 
@@ -790,10 +865,11 @@ def test_refused_resumes_change_nothing_on_disk(run, toy_world, tmp_path, tool, 
     fp.write(rd, {"config": {"optim": {"lr": 123.0}}, "inputs": {}, "code": "x"})
     before = _snapshot(rd)
     if tool == "pretrain":
-        args = ["run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--run-dir", rd,
-                f"data.root={toy_world}/imagenet", "data.num_workers=0"]
+        args = ["run_pretrain", "--config", ROOT / "configs/pretrain/toy_erm.yaml", "--run-dir",
+                rd, f"data.root={toy_world}/imagenet", "data.num_workers=0"]
     else:
-        args = ["run_wsol", "finetune", "--config", WSOL_CFG, "--run-dir", rd, *_wsol_over(toy_world)]
+        args = ["run_wsol", "finetune", "--config", WSOL_CFG, "--run-dir", rd,
+                *_wsol_over(toy_world)]
     line = expect(run(*args), 2, rd, "was made from another config")
     assert "--force" in line  # both tools have it
     assert _snapshot(rd) == before
@@ -822,8 +898,10 @@ def test_lock_without_hard_links_and_a_corrupt_lock(tmp_path, monkeypatch):
     assert not path.exists()
 
 
-@pytest.mark.parametrize("key,value,what", [("wsol", "configs/wsol/x.yaml", "config key wsol: expected a mapping"),
-                                            ("robustness", ["clean"], "config key robustness: expected a mapping")])
+@pytest.mark.parametrize("key,value,what",
+                         [("wsol", "configs/wsol/x.yaml", "config key wsol: expected a mapping"),
+                                            ("robustness", ["clean"],
+                                             "config key robustness: expected a mapping")])
 def test_pipeline_null_default_keys_are_type_checked(data_copy, tmp_path, key, value, what):
     from mixup_transfer.core.config import ConfigError
     from mixup_transfer.pipeline.run import Pipeline

@@ -24,11 +24,14 @@ def main(argv=None) -> int:
     p = cli.parser(__doc__)
     p.add_argument("--config", required=True, help="ablation YAML (configs/ablation/*.yaml)")
     p.add_argument("--force", action="append", default=[],
-                   help="redo runs even if finished: all, a value's folder (e.g. n=100) or baseline (repeatable)")
-    p.add_argument("--plan", action="store_true", help="list the planned runs and whether each is done; run nothing")
+                   help="redo runs even if finished: all, a value's folder (e.g. n=100) or "
+                        "baseline (repeatable)")
+    p.add_argument("--plan", action="store_true",
+                   help="list the planned runs and whether each is done; run nothing")
     # tests: simulate a kill
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the ablation config (knob.values=[1,10])")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the ablation config "
+                   "(knob.values=[1,10])")
     args = p.parse_intermixed_args(argv)
     if args.plan:
         print("\n".join(plan_lines(args.config, args.overrides)))
@@ -40,7 +43,8 @@ def main(argv=None) -> int:
         print(e)
         return 3
     print(out["markdown"].read_text())
-    print(f"Wrote {out['json']}, {out['markdown']}, {out['figure']}\nTotal time: {time.time() - t0:.0f} s")
+    print(f"Wrote {out['json']}, {out['markdown']}, {out['figure']}\nTotal time: "
+          f"{time.time() - t0:.0f} s")
     return 0
 
 

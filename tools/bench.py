@@ -46,8 +46,9 @@ def bench_data(root: str | None = None, workers=(0, 1, 2), size: int = 224, batc
     ds = ImageNetFolder(root, "train", transform=tf, reader=read_image_uint8)
     out = {}
     for w in workers:
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=w,
-                                             drop_last=False, persistent_workers=w > 0, collate_fn=collate_uint8)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True,
+                                             num_workers=w, drop_last=False,
+                                             persistent_workers=w > 0, collate_fn=collate_uint8)
         it, n = iter(loader), 0
         next(it)  # start-up (worker spawn) is not throughput
         t0 = time.perf_counter()
@@ -57,12 +58,13 @@ def bench_data(root: str | None = None, workers=(0, 1, 2), size: int = 224, batc
             except StopIteration:
                 it = iter(loader)
         dt = time.perf_counter() - t0
-        out[str(w)] = {"img_per_s": round(n / dt, 1), "img_per_s_per_worker": round(n / dt / max(w, 1), 1)}
+        out[str(w)] = {"img_per_s": round(n / dt, 1),
+                       "img_per_s_per_worker": round(n / dt / max(w, 1), 1)}
     return {"data_loading": out, "image_size": size, "dataset": str(root)}
 
 
-def bench_gpu(quick: bool = False, device: str | None = None, loader_root=None, loader_workers: int | None = None,
-              **knobs) -> dict:
+def bench_gpu(quick: bool = False, device: str | None = None, loader_root=None,
+              loader_workers: int | None = None, **knobs) -> dict:
     """Training images/s per method on the CUDA device (`pretrain.bench.run_gpu_bench`: ResNet-50,
     224 px, bf16 autocast, channels_last; `knobs` override its arguments), step time relative to
     ERM, and the data-loader
@@ -77,7 +79,8 @@ def bench_gpu(quick: bool = False, device: str | None = None, loader_root=None, 
         return {"skipped": "no CUDA device"}
     from pretrain.bench import run_gpu_bench
 
-    out = run_gpu_bench(device or "cuda", **{**({"arch": "resnet18", "steps": 5} if quick else {}), **knobs})
+    out = run_gpu_bench(device or "cuda",
+                        **{**({"arch": "resnet18", "steps": 5} if quick else {}), **knobs})
     workers = min(16, os.cpu_count() or 1) if loader_workers is None else loader_workers
     st = out["setup"]
     loader = bench_data(loader_root, workers=(workers,), size=st["size"], batch_size=st["batch"],
@@ -121,10 +124,13 @@ def to_markdown(results: dict) -> str:
         lines += ["## GPU training throughput", "", f"Skipped: {gpu['skipped']}.", ""]
     if gpu.get("rows"):
         st, dl = gpu["setup"], gpu["data_loader"]
-        lines += [f"## GPU training throughput ({st['device']}, {st['arch']}, {st['size']} px, batch {st['batch']}, "
+        lines += [f"## GPU training throughput ({st['device']}, {st['arch']}, {st['size']} px, "
+                  f"batch {st['batch']}, "
                   f"{st['precision']}, channels_last {st['channels_last']})", "",
-                  f"Data-loader ceiling: {dl['img_per_s']} img/s with {dl['workers']} workers ({dl['note']}).", "",
-                  "| method | img/s | step time vs ERM | above the loader ceiling |", "|---|---:|---:|---|"]
+                  f"Data-loader ceiling: {dl['img_per_s']} img/s with {dl['workers']} workers "
+                  f"({dl['note']}).", "",
+                  "| method | img/s | step time vs ERM | above the loader ceiling |",
+                  "|---|---:|---:|---|"]
         lines += [f"| {r['method']} | {r['img_per_s']} | {r['step_time_ratio']:.3f} | "
                   f"{'yes' if r['loader_bound'] else 'no'} |" for r in gpu["rows"]]
         lines.append("")
@@ -135,34 +141,44 @@ def to_markdown(results: dict) -> str:
             lines += mixers_markdown(run)
     if results.get("data"):
         d = results["data"]
-        lines += ["## Training data per CPU core (224 px RandomResizedCrop + flip, 500x375 JPEGs)", "",
-                  "| path | img/s per core | ms / image |", "|---|---:|---:|"]
-        lines += [f"| {k} | {v} | {d['ms_per_image'][k]} |" for k, v in d["img_per_s_per_core"].items()]
+        lines += ["## Training data per CPU core (224 px RandomResizedCrop + flip, 500x375 JPEGs)",
+                  "", "| path | img/s per core | ms / image |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v} | {d['ms_per_image'][k]} |" for k,
+                  v in d["img_per_s_per_core"].items()]
         lines += ["", "| ratio | measured | target | ok |", "|---|---:|---:|---|"]
         goals = {k: d["targets"].get(k, {"target": "", "ok": ""}) for k in d["ratios"]}
-        lines += [f"| {k} | {v} | {goals[k]['target']} | {goals[k]['ok']} |" for k, v in d["ratios"].items()]
+        lines += [f"| {k} | {v} | {goals[k]['target']} | {goals[k]['ok']} |" for k,
+                  v in d["ratios"].items()]
     return "\n".join(lines) + "\n"
 
 
 @cli.entry
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
-    p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "robustness", "data", "gpu", "mixers"],
+    p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "robustness", "data", "gpu",
+                                    "mixers"],
                    help="which figures to measure (see above)")
     p.add_argument("--out", default=None, help="folder for bench.json and bench.md")
-    p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
-    p.add_argument("--device", default=None, help="mixers: the device of the batches (default: cuda if available)")
+    p.add_argument("--quick", action="store_true",
+                   help="smaller sizes and fewer repeats (a smoke run)")
+    p.add_argument("--device", default=None, help="mixers: the device of the batches (default: "
+                   "cuda if available)")
     p.add_argument("--methods", default=None,
-                   help="pretrain: comma-separated rows of pretrain.bench.FULL to time (default: all; erm always)")
-    p.add_argument("--arch", default="resnet50", help="pretrain: the network (a ViT arch times the ViT rows)")
-    p.add_argument("--repeats", type=int, default=5, help="pretrain: round-robin repeats (min and median reported)")
+                   help="pretrain: comma-separated rows of pretrain.bench.FULL to time "
+                        "(default: all; erm always)")
+    p.add_argument("--arch", default="resnet50",
+                   help="pretrain: the network (a ViT arch times the ViT rows)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="pretrain: round-robin repeats (min and median reported)")
     args = p.parse_args(argv)
     import torch
 
     device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
-    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+    results = {"machine": f"{platform.processor() or platform.machine()}, "
+               f"{torch.get_num_threads()} threads, "
                           f"torch {torch.__version__}, {device}"}
-    todo = ["pretrain", "wsol", "eval", "robustness", "data", "mixers"] if args.what == "all" else [args.what]
+    todo = ["pretrain", "wsol", "eval", "robustness", "data",
+            "mixers"] if args.what == "all" else [args.what]
     if args.what == "all" and torch.cuda.is_available():
         todo.append("gpu")
     elif args.what == "all":
@@ -172,13 +188,14 @@ def main(argv=None) -> int:
         if what == "pretrain":
             from pretrain.bench import run_pretrain_bench
             rows = args.methods.split(",") if args.methods else None
-            results["pretrain"] = run_pretrain_bench(quick=args.quick, arch=args.arch, repeats=args.repeats,
-                                                     methods=rows)
+            results["pretrain"] = run_pretrain_bench(quick=args.quick, arch=args.arch,
+                                                     repeats=args.repeats, methods=rows)
         elif what == "wsol":
             from wsol.bench import run_whole_process_bench, run_wsol_bench
             results["wsol"] = run_wsol_bench(quick=args.quick)
             results["wsol"]["whole_process"] = run_whole_process_bench(
-                Path(__file__).with_name("eval_wsol.py"), n_maps=2000, n_reference=16 if args.quick else 64)
+                Path(__file__).with_name("eval_wsol.py"), n_maps=2000,
+                n_reference=16 if args.quick else 64)
         elif what == "eval":
             from transfer.bench import run_eval_bench
             results["eval"] = run_eval_bench(quick=args.quick)

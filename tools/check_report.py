@@ -26,14 +26,16 @@ def main(argv=None) -> int:
         summary = json.loads(Path(args.summary).read_text())
         tables = summary["tables"]
     except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{args.summary}: not a pipeline summary.json ({type(e).__name__}: {e})") from e
+        raise InputError(f"{args.summary}: not a pipeline summary.json "
+                         f"({type(e).__name__}: {e})") from e
     missing, failed = missing_entries(summary), summary.get("failed") or {}
     for label, why in failed.items():
         print(f"failed stage {label}: {why}", file=sys.stderr)
     for entry in missing:
         print(f"empty entry {entry}", file=sys.stderr)
     if missing or failed:
-        print(f"error: {args.summary}: {len(missing)} empty method entries, {len(failed)} failed stages",
+        print(f"error: {args.summary}: {len(missing)} empty method entries, {len(failed)} failed "
+              "stages",
               file=sys.stderr)
         return 1
     rows = sum(1 for t in tables.values() for r in t["rows"].values() if not r["baseline"])

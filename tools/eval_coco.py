@@ -16,13 +16,16 @@ from transfer.coco_eval import BACKENDS, coco_evaluate
 @cli.entry
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
-    p.add_argument("--annotations", required=True, help="COCO ground-truth JSON (instances_*.json)")
-    p.add_argument("--results", required=True, help="results JSON: [{image_id, category_id, bbox, score}]")
+    p.add_argument("--annotations", required=True,
+                   help="COCO ground-truth JSON (instances_*.json)")
+    p.add_argument("--results", required=True,
+                   help="results JSON: [{image_id, category_id, bbox, score}]")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: faster-coco-eval when installed, else pycocotools (same numbers)")
     p.add_argument("--per-category", action="store_true", help="also print AP per category")
     args = p.parse_args(argv)
-    out = coco_evaluate(args.annotations, args.results, backend=args.backend, per_category=args.per_category)
+    out = coco_evaluate(args.annotations, args.results, backend=args.backend,
+                        per_category=args.per_category)
     print(json.dumps(with_units(out), indent=2))
     return 0
 

@@ -20,7 +20,8 @@ from mixup_transfer.core import cli
 @cli.entry
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
-    p.add_argument("--metadata", required=True, help="metadata folder of one split (image_ids.txt, ...)")
+    p.add_argument("--metadata", required=True,
+                   help="metadata folder of one split (image_ids.txt, ...)")
     p.add_argument("--scoremaps", required=True, help="folder of <image_id>.npy score maps")
     p.add_argument("--cam-curve-interval", type=float, default=0.001,
                    help="spacing of the CAM thresholds swept (default 0.001: 1,000 thresholds)")
@@ -28,9 +29,11 @@ def main(argv=None) -> int:
                    help="IoU thresholds in percent (default 30 50 70: MaxBoxAccV2)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--multi-contour", dest="multi_contour", action="store_true", default=True,
-                   help="a box around every contour of the thresholded map (MaxBoxAccV2; the default)")
+                   help="a box around every contour of the thresholded map (MaxBoxAccV2; the "
+                        "default)")
     g.add_argument("--largest-contour", dest="multi_contour", action="store_false",
-                   help="one box around the largest contour (MaxBoxAcc, reported as maxboxacc_v1 at IoU 50)")
+                   help="one box around the largest contour (MaxBoxAcc, reported as "
+                        "maxboxacc_v1 at IoU 50)")
     p.add_argument("--reference", action="store_true", help="use the slow per-threshold loop")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="threads scoring maps (default: the CPU cores, at most 8; same numbers)")
@@ -39,8 +42,9 @@ def main(argv=None) -> int:
     from wsol.metrics import HAVE_NUMBA
     from wsol.scoremaps import score_scoremap_dir
 
-    res = score_scoremap_dir(args.metadata, args.scoremaps, args.cam_curve_interval, args.iou_thresholds,
-                             args.multi_contour, "reference" if args.reference else "fast", progress=progress,
+    res = score_scoremap_dir(args.metadata, args.scoremaps, args.cam_curve_interval,
+                             args.iou_thresholds, args.multi_contour,
+                             "reference" if args.reference else "fast", progress=progress,
                              workers=args.workers)
     if res["sweep"] == "opencv" and not HAVE_NUMBA:
         print("note: numba is not installed, so the OpenCV sweep ran (2-6x slower, same numbers); "

@@ -20,7 +20,8 @@ from mixup_transfer.core import cli
 @cli.entry
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
-    p.add_argument("--out", default="runs/gpu_check", help="output folder (gpu_check.md, gpu_check.json, runs)")
+    p.add_argument("--out", default="runs/gpu_check",
+                   help="output folder (gpu_check.md, gpu_check.json, runs)")
     p.add_argument("--only", default=None, help="comma-separated checks (default: all)")
     p.add_argument("--toy", default=None, help="an existing toy world (default: a fresh tiny one)")
     # run by the nccl check
@@ -31,8 +32,9 @@ def main(argv=None) -> int:
     from mixup_transfer.pipeline import gpu_check
 
     if not torch.cuda.is_available():
-        print("gpu-check: no CUDA device is visible here (torch.cuda.is_available() is False, torch "
-              f"{torch.__version__}, built for CUDA {torch.version.cuda}); nothing was checked", file=sys.stderr)
+        print("gpu-check: no CUDA device is visible here (torch.cuda.is_available() is False, "
+              f"torch {torch.__version__}, built for CUDA {torch.version.cuda}); nothing was "
+              "checked", file=sys.stderr)
         return 2
     if args.nccl_probe:
         gpu_check.nccl_probe()

@@ -31,8 +31,10 @@ from mixup_transfer.core import cli
 
 # (n inputs = outputs, grid, thres_type, set_resolve, niter, beta, gamma, thres)
 SOLVER_CASES = [(4, 4, "hard", True, 4, 0.32, 1.0, 0.83), (6, 4, "hard", True, 4, 0.32, 1.0, 0.83),
-                (8, 2, "hard", True, 3, 0.32, 1.0, 0.83), (5, 8, "soft", False, 4, 0.48, 0.5, 0.81),
-                (10, 4, "hard", True, 4, 0.16, 1.0, 0.84), (3, 4, "soft", True, 2, 0.32, 2.0, 0.83)]
+                (8, 2, "hard", True, 3, 0.32, 1.0, 0.83),
+                (5, 8, "soft", False, 4, 0.48, 0.5, 0.81),
+                (10, 4, "hard", True, 4, 0.16, 1.0, 0.84),
+                (3, 4, "soft", True, 2, 0.32, 2.0, 0.83)]
 # mixup_process: (batch, m_part, m_block_num, image size)
 PROCESS_CASES = [(8, 4, 4, 16), (10, 4, 2, 16)]
 ARGS = {"m_beta": 0.32, "m_gamma": 1.0, "m_thres": 0.83, "m_thres_type": "hard", "m_eta": 0.05,
@@ -65,7 +67,8 @@ class _Draws:
             self.inits.append(v.copy())
             return v
 
-        self.undo = lambda: (setattr(dirichlet, "sample", sample), setattr(match, "random_initialize", init))
+        self.undo = lambda: (setattr(dirichlet, "sample", sample),
+                             setattr(match, "random_initialize", init))
         dirichlet.sample, match.random_initialize = rec_sample, rec_init
 
 
@@ -81,14 +84,15 @@ def _solver_cases(match, out: dict) -> None:
         torch.manual_seed(7000 + k)
         np.random.seed(7000 + k)
         try:
-            onehot = match.get_onehot_matrix(cost.clone(), A, n, beta=beta, gamma=gamma, eta=0.05, mixup_alpha=2.0,
-                                             thres=thres, thres_type=kind, set_resolve=resolve, niter=niter,
-                                             device="cpu")
+            onehot = match.get_onehot_matrix(cost.clone(), A, n, beta=beta, gamma=gamma, eta=0.05,
+                                             mixup_alpha=2.0, thres=thres, thres_type=kind,
+                                             set_resolve=resolve, niter=niter, device="cpu")
         finally:
             draws.undo()
         obj = match.obj_fn(cost, onehot, beta / g / g, gamma / g / g)
         out.update({f"cost_{k}": cost.numpy(), f"A_{k}": A.numpy(), f"prior_{k}": draws.priors[0],
-                    f"init_{k}": draws.inits[0], f"onehot_{k}": onehot.numpy(), f"obj_{k}": obj.numpy()})
+                    f"init_{k}": draws.inits[0], f"onehot_{k}": onehot.numpy(),
+                    f"obj_{k}": obj.numpy()})
 
 
 def _process_cases(mixup, match, out: dict) -> None:
@@ -106,13 +110,15 @@ def _process_cases(mixup, match, out: dict) -> None:
         torch.manual_seed(9000 + k)
         np.random.seed(9000 + k)
         try:
-            mixed, target = mixup.mixup_process(x.clone(), y.clone(), args=args, sc=sc, A_dist=a_dist)
+            mixed, target = mixup.mixup_process(x.clone(), y.clone(), args=args, sc=sc,
+                                                A_dist=a_dist)
         finally:
             draws.undo()
         out.update({f"p_x_{k}": x.numpy(), f"p_y_{k}": y.numpy(), f"p_sc_{k}": sc.numpy(),
                     f"p_adist_{k}": a_dist.numpy(),
-                    f"p_priors_{k}": np.concatenate(draws.priors), f"p_inits_{k}": np.concatenate(draws.inits),
-                    f"p_mixed_{k}": mixed.numpy(), f"p_target_{k}": target.numpy()})
+                    f"p_priors_{k}": np.concatenate(draws.priors),
+                    f"p_inits_{k}": np.concatenate(draws.inits), f"p_mixed_{k}": mixed.numpy(),
+                    f"p_target_{k}": target.numpy()})
 
 
 def build(root: Path) -> dict:
@@ -126,8 +132,8 @@ def build(root: Path) -> dict:
 
 def _commit(root: Path) -> str:
     try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return (root / "COMMIT").read_text().strip()
 
@@ -144,15 +150,22 @@ def main(argv=None) -> int:
     entries["comixup_official.npz"] = {
         "repository": "https://github.com/snu-mllab/Co-Mixup", "commit": _commit(args.comixup),
         "functions": ["match.py:get_onehot_matrix", "match.py:obj_fn", "mixup.py:mixup_process"],
-        "cases": {"get_onehot_matrix (n, grid, thres_type, set_resolve, niter, beta, gamma, thres)":
+        "cases": {"get_onehot_matrix (n, grid, thres_type, set_resolve, niter, beta, "
+                  "gamma, thres)":
                   [list(c) for c in SOLVER_CASES],
-                  "mixup_process (batch, m_part, m_block_num, size)": [list(c) for c in PROCESS_CASES],
+                  "mixup_process (batch, m_part, "
+                  "m_block_num, size)": [list(c) for c in PROCESS_CASES],
                   "mixup_process args": ARGS},
-        "inputs": "torch seeded 6000 + k (solver cases: cost = minus a normalised saliency, A = 0.999 I + 0.001 "
-                  "normalised distances) and 8000 + k (process cases: images, one-hot targets of 5 classes, "
-                  "saliency, l1 distances of random points); the global generators seeded 7000 + k / 9000 + k "
-                  "before the call, their draws recorded (prior_k, init_k; p_priors_k, p_inits_k in partition order)",
-        "outputs": "onehot_k [n, g, g, n] and obj_k (obj_fn of it); p_mixed_k, p_target_k (mixup_process)"}
+        "inputs": "torch seeded 6000 + k (solver cases: cost = minus a normalised saliency, A = "
+        "0.999 I + 0.001 "
+                  "normalised distances) and 8000 + k (process cases: images, one-hot targets of "
+                  "5 classes, "
+                  "saliency, l1 distances of random points); the global generators seeded 7000 + "
+                  "k / 9000 + k "
+                  "before the call, their draws recorded (prior_k, init_k; p_priors_k, p_inits_k "
+                  "in partition order)",
+        "outputs": "onehot_k [n, g, g, n] and obj_k (obj_fn of it); p_mixed_k, p_target_k "
+        "(mixup_process)"}
     index.write_text(json.dumps(entries, indent=2) + "\n")
     print(f"wrote {args.out / 'comixup_official.npz'}")
     return 0

@@ -48,7 +48,8 @@ def _commit(repo: Path) -> str:
     if f.exists():
         return f.read_text().strip()
     try:
-        return subprocess.check_output(["git", "-C", str(repo), "rev-parse", "HEAD"], text=True).strip()
+        return subprocess.check_output(["git", "-C", str(repo), "rev-parse", "HEAD"],
+                                       text=True).strip()
     except Exception:  # noqa: BLE001
         return "unknown (pass a checkout with .git or a COMMIT file)"
 
@@ -69,12 +70,14 @@ def saliency_maps(rng: np.random.Generator, b: int, width: int) -> np.ndarray:
     for i in range(b):
         for _ in range(3):
             cy, cx, s = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.3)
-            out[i] += rng.uniform(0.5, 2) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+            out[i] += rng.uniform(0.5, 2) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2)
+                                                   / (2 * s * s))
     out += np.abs(rng.normal(0, 0.05, out.shape))
     return (out * 0.01).astype(np.float16)
 
 
-def puzzlemix_cases(repo: Path, out: Path, n_cases: int = 48, b: int = 2, width: int = 32, n_full: int = 12):
+def puzzlemix_cases(repo: Path, out: Path, n_cases: int = 48, b: int = 2, width: int = 32,
+                    n_full: int = 12):
     mod = _load(repo / "mixup.py", "official_puzzlemix_mixup")
     masks_seen, plans_seen = [], []
     real_cut, real_transport = mod.graphcut_multi, mod.mask_transport
@@ -92,9 +95,15 @@ def puzzlemix_cases(repo: Path, out: Path, n_cases: int = 48, b: int = 2, width:
     mod.graphcut_multi, mod.mask_transport = cut, transport
     rng = np.random.default_rng(20240613)
     grids, lams = [2, 4, 8, 16], [0.1, 0.3, 0.5, 0.7, 0.9, 0.2, 0.4, 0.6, 0.8]
-    betas, gammas, etas, neighs, t_epss = [1.2, 0.0, 3.0], [0.5, 0.0, 2.0], [0.2, 0.0, 1.0], [2, 4], [0.8, 0.2]
-    rec = {k: [] for k in ("images", "sal", "perm", "grid", "lam", "beta", "gamma", "eta", "neigh", "t_eps",
-                           "mask", "src1", "src2", "ratio")}
+    betas, gammas, etas, neighs, t_epss = (
+        [1.2, 0.0, 3.0],
+        [0.5, 0.0, 2.0],
+        [0.2, 0.0, 1.0],
+        [2, 4],
+        [0.8, 0.2],
+    )
+    rec = {k: [] for k in ("images", "sal", "perm", "grid", "lam", "beta", "gamma", "eta", "neigh",
+                           "t_eps", "mask", "src1", "src2", "ratio")}
     full = []
     mean, std = torch.from_numpy(MEAN), torch.from_numpy(STD)
     for c in range(n_cases):
@@ -108,15 +117,17 @@ def puzzlemix_cases(repo: Path, out: Path, n_cases: int = 48, b: int = 2, width:
         grad = torch.from_numpy(sal.astype(np.float32))
         masks_seen.clear(), plans_seen.clear()
         with torch.no_grad():
-            mixed, ratio = mod.mixup_graph(x.clone(), grad, perm, block_num=g, alpha=lam, beta=beta, gamma=gamma,
-                                           eta=eta, neigh_size=neigh, n_labels=3, mean=mean, std=std,
-                                           transport=True, t_eps=t_eps, t_size=-1, device="cpu", mp=None)
+            mixed, ratio = mod.mixup_graph(x.clone(), grad, perm, block_num=g, alpha=lam,
+                                           beta=beta, gamma=gamma, eta=eta, neigh_size=neigh,
+                                           n_labels=3, mean=mean, std=std, transport=True,
+                                           t_eps=t_eps, t_size=-1, device="cpu", mp=None)
         mask = np.zeros((b, 16, 16), np.float32)
         mask[:, :g, :g] = np.stack(masks_seen)
         src = [_plan_sources(p, b, g) for p in plans_seen]
-        for k, v in (("images", img), ("sal", sal), ("perm", perm), ("grid", g), ("lam", lam), ("beta", beta),
-                     ("gamma", gamma), ("eta", eta), ("neigh", neigh), ("t_eps", t_eps), ("mask", mask),
-                     ("src1", src[0]), ("src2", src[1]), ("ratio", ratio.numpy())):
+        for k, v in (("images", img), ("sal", sal), ("perm", perm), ("grid", g), ("lam", lam),
+                     ("beta", beta), ("gamma", gamma), ("eta", eta), ("neigh", neigh),
+                     ("t_eps", t_eps), ("mask", mask), ("src1", src[0]), ("src2", src[1]),
+                     ("ratio", ratio.numpy())):
             rec[k].append(v)
         if c < n_full:
             full.append(mixed.numpy().astype(np.float32))
@@ -138,13 +149,17 @@ def _plan_sources(plan, b: int, g: int) -> np.ndarray:
 
 def _puzzlemix_note(repo: Path, n_cases: int, b: int, width: int, n_full: int) -> dict:
     return {"repository": "https://github.com/snu-mllab/PuzzleMix", "commit": _commit(repo),
-            "functions": ["mixup.py:mixup_graph", "mixup.py:graphcut_multi", "mixup.py:mask_transport",
-                          "mixup.py:transport_image"],
+            "functions": ["mixup.py:mixup_graph", "mixup.py:graphcut_multi",
+                          "mixup.py:mask_transport", "mixup.py:transport_image"],
             "cases": n_cases, "batch": b, "width": width, "n_labels": 3, "t_size": -1,
-            "inputs": "images uint8 (x / 255 normalised with ImageNet mean/std, as the official ImageNet "
-                      "script feeds them), sal float16 = the unary map sqrt(mean_c grad^2) [b, w, w]",
-            "outputs": "mask [case, b, 16, 16] (top-left grid x grid used), src1/src2 [case, b, 256]: the "
-                       "place each block of x / x[perm] is moved to (-1: dropped), ratio [case, b], mixed "
+            "inputs": "images uint8 (x / 255 normalised with ImageNet mean/std, as the official "
+            "ImageNet "
+                      "script feeds them), sal float16 = the unary map sqrt(mean_c grad^2) "
+                      "[b, w, w]",
+            "outputs": "mask [case, b, 16, 16] (top-left grid x grid used), src1/src2 [case, b, "
+            "256]: the "
+                       "place each block of x / x[perm] is moved to (-1: dropped), ratio [case, "
+                       "b], mixed "
                        f"[first {n_full} cases] = the normalised mixed images"}
 
 
@@ -172,9 +187,11 @@ def cutmix_cases(repo: Path, out: Path, n: int = 1500):
                         centre=np.array(centres), box=np.array(boxes))
     return {"repository": "https://github.com/snu-mllab/PuzzleMix", "commit": _commit(repo),
             "functions": ["imagenet/train.py:rand_bbox (CutMix's box sampler)"],
-            "inputs": "size (square), lam ~ Beta(1, 1), centre = rand_bbox's two np.random.randint draws "
+            "inputs": "size (square), lam ~ Beta(1, 1), centre = rand_bbox's two "
+            "np.random.randint draws "
                       "(dim 2, dim 3)",
-            "outputs": "box = (bbx1, bby1, bbx2, bby2) as rand_bbox returns it; the pasted region is "
+            "outputs": "box = (bbx1, bby1, bbx2, bby2) as rand_bbox returns it; the pasted "
+            "region is "
                        "[:, :, bbx1:bbx2, bby1:bby2]"}
 
 
@@ -216,26 +233,34 @@ def alignmix_cases(repo: Path, out: Path):
         assert torch.equal(yb, y[perm])
         n_calls[0] = 0
         a = x.view(shape[0], shape[1], -1)
-        plan = ot.SinkhornDistance(eps=0.1, max_iter=100)(a.permute(0, 2, 1), a[perm].permute(0, 2, 1))
+        plan = ot.SinkhornDistance(eps=0.1, max_iter=100)(a.permute(0, 2, 1),
+                                                          a[perm].permute(0, 2, 1))
         mixed = np.zeros_like(feat)
         mixed[: shape[0], : shape[1], : shape[2], : shape[3]] = final.numpy()
         p = np.zeros((4, 49, 49), np.float32)
         r = shape[2] * shape[3]
         p[: shape[0], :r, :r] = plan.numpy()
-        for k, v in (("feat", feat), ("lam", lam), ("perm", np.pad(perm, (0, 4 - shape[0]))), ("branch", branch),
-                     ("mixed", mixed), ("plan", p), ("iters", (n_calls[0] - 1) // 2)):
+        for k, v in (("feat", feat), ("lam", lam), ("perm", np.pad(perm, (0, 4 - shape[0]))),
+                     ("branch", branch), ("mixed", mixed), ("plan", p),
+                     ("iters", (n_calls[0] - 1) // 2)):
             rec[k].append(v)
         rec.setdefault("shape", []).append(shape)
     arrays = {k: np.stack([np.asarray(v) for v in vs]) for k, vs in rec.items()}
     np.savez_compressed(out / "alignmix_official.npz", **arrays)
-    return {"repository": "https://github.com/shashankvkt/AlignMixup_CVPR22", "commit": _commit(repo),
+    return {"repository": "https://github.com/shashankvkt/AlignMixup_CVPR22",
+            "commit": _commit(repo),
             "functions": ["imagenet/models/resnet50_classifier.py:mixup_aligned",
-                          "imagenet/utils/OT.py:SinkhornDistance (eps 0.1, max_iter 100, threshold 1e-1)"],
-            "inputs": "feat [case, b, c, h, w] zero-padded to [4, 16, 7, 7]; shape gives the used part; lam; "
-                      "perm and branch = the draws np.random.permutation / random.randint(0, 1) made inside "
+                          "imagenet/utils/OT.py:SinkhornDistance (eps 0.1, max_iter 100, "
+                          "threshold 1e-1)"],
+            "inputs": "feat [case, b, c, h, w] zero-padded to [4, 16, 7, 7]; shape gives the used "
+            "part; lam; "
+                      "perm and branch = the draws np.random.permutation / random.randint(0, 1) "
+                      "made inside "
                       "mixup_aligned (seeded)",
-            "outputs": "mixed (the function's output), plan = SinkhornDistance(A^T, A[perm]^T) [case, b, 49, 49] "
-                       "zero-padded, iters = Sinkhorn iterations run before the official stopping rule"}
+            "outputs": "mixed (the function's output), plan = SinkhornDistance(A^T, A[perm]^T) "
+            "[case, b, 49, 49] "
+                       "zero-padded, iters = Sinkhorn iterations run before the official "
+                       "stopping rule"}
 
 
 def _official_alignmix_modules(base: Path, tag: str):
@@ -280,7 +305,8 @@ def alignmix_c512_cases(repo: Path, out: Path):
     rng = np.random.default_rng(512)
     # feature scales: trained layer4 maps are O(1); the small ones make the threshold stop the
     # iterations early
-    for folder, side, scales in (("cifar10_100", 4, (0.5, 1.0, 2.0, 0.05, 0.1, 1.0)), ("tiny_imgnet", 8, (1.0, 0.05))):
+    for folder, side, scales in (("cifar10_100", 4, (0.5, 1.0, 2.0, 0.05, 0.1, 1.0)),
+                                 ("tiny_imgnet", 8, (1.0, 0.05))):
         ot, clf, calls = _official_alignmix_modules(repo / folder, folder)
         for case, scale in enumerate(scales):
             feat = layer4_like(rng, 4, 512, side, scale)
@@ -298,23 +324,31 @@ def alignmix_c512_cases(repo: Path, out: Path):
             assert torch.equal(yb, torch.arange(4)[perm])
             calls[0] = 0
             a = x.view(4, 512, -1)
-            plan = ot.SinkhornDistance(eps=0.1, max_iter=100)(a.permute(0, 2, 1), a[perm].permute(0, 2, 1))
-            for k, v in (("feat", feat.reshape(4, 512, -1).astype(np.float16)), ("lam", lam), ("perm", perm),
-                         ("branch", branch), ("mixed", final.numpy().reshape(4, 512, -1)[:, :64]),
+            plan = ot.SinkhornDistance(eps=0.1, max_iter=100)(a.permute(0, 2, 1),
+                                                              a[perm].permute(0, 2, 1))
+            for k, v in (("feat", feat.reshape(4, 512, -1).astype(np.float16)), ("lam", lam),
+                         ("perm", perm), ("branch", branch),
+                         ("mixed", final.numpy().reshape(4, 512, -1)[:, :64]),
                          ("plan", plan.numpy()), ("iters", (calls[0] - 1) // 2)):
                 rec.setdefault(f"{k}_s{side}", []).append(v)
-    np.savez_compressed(out / "alignmix_official_c512.npz", **{k: np.stack([np.asarray(v) for v in vs])
+    np.savez_compressed(out / "alignmix_official_c512.npz",
+                        **{k: np.stack([np.asarray(v) for v in vs])
                                                                for k, vs in rec.items()})
-    return {"repository": "https://github.com/shashankvkt/AlignMixup_CVPR22", "commit": _commit(repo),
+    return {"repository": "https://github.com/shashankvkt/AlignMixup_CVPR22",
+            "commit": _commit(repo),
             "functions": ["cifar10_100/models/resnet18_classifier.py:mixup_aligned (side 4)",
                           "tiny_imgnet/models/resnet18_classifier.py:mixup_aligned (side 8)",
-                          "{cifar10_100,tiny_imgnet}/utils/OT.py:SinkhornDistance (eps 0.1, max_iter 100, "
-                          "threshold 1e-1)"],
-            "inputs": "per map side s in (4, 8), key suffix _s<s>: feat [case, 4, 512, s*s] float16 (exact in float32: "
-                      "the layer4-like map [4, 512, s, s] flattened row-major); lam; perm and branch = the draws made "
+                          "{cifar10_100,tiny_imgnet}/utils/OT.py:SinkhornDistance (eps 0.1, "
+                          "max_iter 100, threshold 1e-1)"],
+            "inputs": "per map side s in (4, 8), key suffix _s<s>: feat [case, 4, 512, s*s] "
+            "float16 (exact in float32: "
+                      "the layer4-like map [4, 512, s, s] flattened row-major); lam; perm and "
+                      "branch = the draws made "
                       "inside mixup_aligned (seeded)",
-            "outputs": "mixed [case, 4, 64, s*s] = the function's output, first 64 of the 512 channels; plan = "
-                       "SinkhornDistance(A^T, A[perm]^T) [case, 4, s*s, s*s]; iters = Sinkhorn iterations run "
+            "outputs": "mixed [case, 4, 64, s*s] = the function's output, first 64 of the 512 "
+            "channels; plan = "
+                       "SinkhornDistance(A^T, A[perm]^T) [case, 4, s*s, s*s]; iters = Sinkhorn "
+                       "iterations run "
                        "before the official stopping rule"}
 
 
@@ -330,7 +364,8 @@ def fill_by_name(state: dict, rename=lambda k: k) -> dict:
         if k.endswith("num_batches_tracked"):
             out[k] = v
         elif k.endswith("running_var") or (k.endswith(".weight") and v.ndim == 1):
-            out[k] = torch.from_numpy(rng.uniform(0.5, 2.0 if "running" in k else 1.5, v.shape).astype(np.float32))
+            out[k] = torch.from_numpy(rng.uniform(0.5, 2.0 if "running" in k else 1.5,
+                                                  v.shape).astype(np.float32))
         else:
             out[k] = torch.from_numpy(rng.normal(0, 0.05, v.shape).astype(np.float32))
     return out
@@ -342,25 +377,30 @@ def alignmix_network_case(repo: Path, out: Path):
     -> downsample): its layer4 map of seeded images, in eval mode."""
     resnet = _load(repo / "cifar10_100" / "models" / "resnet.py", "official_alignmix_resnet")
     net = resnet.ResNet18().eval()
-    net.load_state_dict(fill_by_name(net.state_dict(), lambda k: k.replace("shortcut", "downsample")))
+    net.load_state_dict(fill_by_name(net.state_dict(),
+                                     lambda k: k.replace("shortcut", "downsample")))
     x = np.random.default_rng(18).uniform(0, 1, (2, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         fmap = net(torch.from_numpy(x)).numpy()
     np.savez_compressed(out / "alignmix_preactresnet18.npz", x=x, layer4=fmap)
-    return {"repository": "https://github.com/shashankvkt/AlignMixup_CVPR22", "commit": _commit(repo),
+    return {"repository": "https://github.com/shashankvkt/AlignMixup_CVPR22",
+            "commit": _commit(repo),
             "functions": ["cifar10_100/models/resnet.py:ResNet18 (forward, eval mode)"],
             "inputs": "x [2, 3, 32, 32] in [0, 1] (fed to the network as is); weights: "
                       "make_method_fixtures.fill_by_name "
                       "on the network's state dict with 'shortcut' renamed 'downsample'",
-            "outputs": "layer4 [2, 512, 4, 4] = ResNet18()(x) (stem conv-BN-ReLU, then layer1..layer4)"}
+            "outputs": "layer4 [2, 512, 4, 4] = ResNet18()(x) (stem conv-BN-ReLU, then "
+            "layer1..layer4)"}
 
 
 @cli.entry
 def main(argv=None) -> int:
     ap = cli.parser(__doc__)
     ap.add_argument("--puzzlemix", type=Path, help="checkout of github.com/snu-mllab/PuzzleMix")
-    ap.add_argument("--alignmix", type=Path, help="checkout of github.com/shashankvkt/AlignMixup_CVPR22")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "fixtures",
+    ap.add_argument("--alignmix", type=Path, help="checkout of "
+                    "github.com/shashankvkt/AlignMixup_CVPR22")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests"
+                    / "fixtures",
                     help="output folder of the .npz fixtures (default tests/fixtures)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

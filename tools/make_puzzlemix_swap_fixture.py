@@ -62,8 +62,8 @@ def build(seed: int = 20261207) -> dict:
     for g, n in GRIDS:
         for c in range(n):
             unary, w_v, w_h, lam, share = problem(rng, g, c % 2 == 1)
-            dist = pz.puzzle_energy(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), torch.zeros(1, 2, 2, 1, 2),
-                                    torch.zeros(1, 2, 2, 2, 1), 0.5)[1]
+            dist = pz.puzzle_energy(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2),
+                                    torch.zeros(1, 2, 2, 1, 2), torch.zeros(1, 2, 2, 2, 1), 0.5)[1]
             labels = graphcut._cut_gco(unary, dist, w_v, w_h)
             pad = np.zeros((16, 16, 3), np.int32)
             pad[:g, :g] = unary
@@ -71,8 +71,8 @@ def build(seed: int = 20261207) -> dict:
             pv[: g - 1, :g], ph[:g, : g - 1] = w_v, w_h
             lab = np.full((16, 16), -1, np.int8)
             lab[:g, :g] = labels
-            for k, v in (("grid", g), ("unary", pad), ("w_v", pv), ("w_h", ph), ("labels", lab), ("lam", lam),
-                         ("share", share)):
+            for k, v in (("grid", g), ("unary", pad), ("w_v", pv), ("w_h", ph), ("labels", lab),
+                         ("lam", lam), ("share", share)):
                 rows[k].append(v)
     out = {k: np.stack([np.asarray(v) for v in vs]) for k, vs in rows.items()}
     out["dist"] = dist
@@ -82,7 +82,8 @@ def build(seed: int = 20261207) -> dict:
 @cli.entry
 def main(argv=None) -> int:
     ap = cli.parser(__doc__)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "fixtures",
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests"
+                    / "fixtures",
                     help="folder of the fixture file (default tests/fixtures)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -93,12 +94,17 @@ def main(argv=None) -> int:
     notes_path = args.out / "official_fixtures.json"
     notes = json.loads(notes_path.read_text()) if notes_path.exists() else {}
     notes["puzzlemix_swap_gco.npz"] = {
-        "repository": "https://github.com/Borda/pyGCO (gco-wrapper " + version("gco-wrapper") + ", PyPI wheel)",
-        "functions": ["gco.cut_grid_graph(unary, dist, w_v, w_h, algorithm='swap'), as snu-mllab/PuzzleMix "
+        "repository": "https://github.com/Borda/pyGCO "
+        "(gco-wrapper " + version("gco-wrapper") + ", PyPI wheel)",
+        "functions": ["gco.cut_grid_graph(unary, dist, w_v, w_h, algorithm='swap'), as "
+                      "snu-mllab/PuzzleMix "
                       "mixup.py:graphcut_multi calls it"],
-        "problems": {str(g): n for g, n in GRIDS}, "generator": "tools/make_puzzlemix_swap_fixture.py (seeded)",
-        "arrays": "grid [n]; unary int32 [n, 16, 16, 3], w_v int32 [n, 15, 16], w_h int32 [n, 16, 15] (top-left "
-                  "part used); dist float32 [3, 3]; labels int8 [n, 16, 16] = gco's labels (-1 outside the grid); "
+        "problems": {str(g): n for g, n in GRIDS},
+        "generator": "tools/make_puzzlemix_swap_fixture.py (seeded)",
+        "arrays": "grid [n]; unary int32 [n, 16, 16, 3], w_v int32 [n, 15, 16], w_h int32 [n, 16, "
+        "15] (top-left "
+                  "part used); dist float32 [3, 3]; labels int8 [n, 16, 16] = gco's labels (-1 "
+                  "outside the grid); "
                   "lam, share (the concentrated block's saliency share, 0 = none) [n]"}
     notes_path.write_text(json.dumps(notes, indent=2) + "\n")
     wrap = int(sum((np.abs(u.astype(np.int64)) * 100000 >= 2**31).any() for u in arrays["unary"]))

@@ -60,8 +60,8 @@ def tsize_cases(repo: Path, out: Path, b: int = 2) -> dict:
     mod.mask_transport = transport
     rng = np.random.default_rng(20261207)
     mean, std = torch.from_numpy(MEAN), torch.from_numpy(STD)
-    rec = {k: [] for k in ("width", "grid", "t_size", "neigh", "lam", "perm", "images", "sal", "src1", "src2",
-                           "ratio", "mixed")}
+    rec = {k: [] for k in ("width", "grid", "t_size", "neigh", "lam", "perm", "images", "sal",
+                           "src1", "src2", "ratio", "mixed")}
     for width, g, t_size, neigh in CASES:
         img = np.zeros((b, 3, 64, 64), np.uint8)
         sal = np.zeros((b, 64, 64), np.float16)
@@ -73,13 +73,14 @@ def tsize_cases(repo: Path, out: Path, b: int = 2) -> dict:
         grad = torch.from_numpy(sal[:, :width, :width].astype(np.float32))
         plans_seen.clear()
         with torch.no_grad():
-            mixed, ratio = mod.mixup_graph(x.clone(), grad, perm, block_num=g, alpha=lam, beta=1.2, gamma=0.5,
-                                           eta=0.2, neigh_size=neigh, n_labels=3, mean=mean, std=std,
-                                           transport=True, t_eps=0.8, t_size=t_size, device="cpu", mp=None)
+            mixed, ratio = mod.mixup_graph(x.clone(), grad, perm, block_num=g, alpha=lam, beta=1.2,
+                                           gamma=0.5, eta=0.2, neigh_size=neigh, n_labels=3,
+                                           mean=mean, std=std, transport=True, t_eps=0.8,
+                                           t_size=t_size, device="cpu", mp=None)
         src = [_sources(p, b) for p in plans_seen]
-        for k, v in (("width", width), ("grid", g), ("t_size", t_size), ("neigh", neigh), ("lam", lam),
-                     ("perm", perm), ("images", img), ("sal", sal), ("src1", src[0]), ("src2", src[1]),
-                     ("ratio", ratio.numpy())):
+        for k, v in (("width", width), ("grid", g), ("t_size", t_size), ("neigh", neigh),
+                     ("lam", lam), ("perm", perm), ("images", img), ("sal", sal), ("src1", src[0]),
+                     ("src2", src[1]), ("ratio", ratio.numpy())):
             rec[k].append(v)
         # the mixed images of the 64 px cases follow from the same plans (kept out for size)
         if width == 32:
@@ -103,20 +104,26 @@ def _note(repo: Path, b: int) -> dict:
     return {"repository": "https://github.com/snu-mllab/PuzzleMix", "commit": _commit(repo),
             "functions": ["mixup.py:mixup_graph (t_size >= 1)", "mixup.py:mask_transport",
                           "mixup.py:transport_image"],
-            "cases": [list(c) for c in CASES], "case_layout": "(width, grid, t_size, neigh_size)", "batch": b,
-            "knobs": "beta 1.2, gamma 0.5, eta 0.2, n_labels 3, t_eps 0.8, lam ~ U(0.1, 0.9) stored",
-            "inputs": "images uint8 [case, b, 3, 64, 64] and sal float16 [case, b, 64, 64], the top-left width x "
+            "cases": [list(c) for c in CASES], "case_layout": "(width, grid, t_size, neigh_size)",
+            "batch": b, "knobs": "beta 1.2, gamma 0.5, eta 0.2, n_labels 3, t_eps 0.8, lam ~ "
+            "U(0.1, 0.9) stored",
+            "inputs": "images uint8 [case, b, 3, 64, 64] and sal float16 [case, b, 64, 64], the "
+            "top-left width x "
                       "width used; x / 255 normalised with ImageNet mean / std",
-            "outputs": "src1 / src2 [case, b, 256]: the place each transport block of x / x[perm] moves to (-1: "
-                       "dropped), on the transport grid; ratio [case, b]; mixed [case with width 32, b, 3, 32, 32] "
+            "outputs": "src1 / src2 [case, b, 256]: the place each transport block of x / x[perm] "
+            "moves to (-1: "
+                       "dropped), on the transport grid; ratio [case, b]; mixed [case with width "
+                       "32, b, 3, 32, 32] "
                        "= the normalised mixed images"}
 
 
 @cli.entry
 def main(argv=None) -> int:
     ap = cli.parser(__doc__)
-    ap.add_argument("--puzzlemix", type=Path, required=True, help="checkout of github.com/snu-mllab/PuzzleMix")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests" / "fixtures",
+    ap.add_argument("--puzzlemix", type=Path, required=True,
+                    help="checkout of github.com/snu-mllab/PuzzleMix")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests"
+                    / "fixtures",
                     help="folder of the fixture file (default tests/fixtures)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -27,7 +27,8 @@ from mixup_transfer.core import cli
 
 SOURCE = "SaliencyMix_CIFAR/saliencymix.py"
 # h, w, cases
-SIZES = [(16, 16, 6), (32, 32, 9), (33, 33, 3), (64, 64, 6), (20, 48, 3), (96, 96, 3), (224, 224, 3)]
+SIZES = [(16, 16, 6), (32, 32, 9), (33, 33, 3), (64, 64, 6), (20, 48, 3), (96, 96, 3),
+         (224, 224, 3)]
 
 
 def _official(root: Path):
@@ -35,9 +36,11 @@ def _official(root: Path):
     import cv2
 
     if not hasattr(cv2, "saliency"):
-        raise SystemExit("cv2.saliency is missing: put opencv-contrib-python-headless first on PYTHONPATH")
+        raise SystemExit("cv2.saliency is missing: put opencv-contrib-python-headless first on "
+                         "PYTHONPATH")
     tree = ast.parse((root / SOURCE).read_text())
-    func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "saliency_bbox")
+    func = next(n for n in tree.body if isinstance(n, ast.FunctionDef)
+                and n.name == "saliency_bbox")
     np.int = int  # noqa: NPY001 - the official code's np.int, removed in numpy 1.24
     scope = {"np": np, "cv2": cv2}
     exec(compile(ast.Module([func], type_ignores=[]), SOURCE, "exec"), scope)
@@ -55,7 +58,8 @@ def _image(rng: np.random.Generator, h: int, w: int, kind: int) -> np.ndarray:
         img[:, y:y + h // 4, x:x + w // 4] = rng.integers(0, 256, (3, 1, 1))
         return img.astype(np.uint8)
     yy, xx = np.mgrid[:h, :w]
-    return np.stack([yy * 255 // (h - 1), xx * 255 // (w - 1), (3 * yy + xx) % 256]).astype(np.uint8)
+    return np.stack([yy * 255 // (h - 1), xx * 255 // (w - 1),
+                     (3 * yy + xx) % 256]).astype(np.uint8)
 
 
 def build(root: Path) -> dict:
@@ -79,8 +83,8 @@ def build(root: Path) -> dict:
 
 def _commit(root: Path) -> str:
     try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return (root / "COMMIT").read_text().strip()
 
@@ -88,7 +92,8 @@ def _commit(root: Path) -> str:
 @cli.entry
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
-    p.add_argument("--saliencymix", type=Path, required=True, help="a checkout of afm-shahab-uddin/SaliencyMix")
+    p.add_argument("--saliencymix", type=Path, required=True,
+                   help="a checkout of afm-shahab-uddin/SaliencyMix")
     p.add_argument("--out", type=Path, default=Path("tests/fixtures"), help="the fixtures folder")
     args = p.parse_args(argv)
     data = build(args.saliencymix)
@@ -98,14 +103,20 @@ def main(argv=None) -> int:
     index = args.out / "official_fixtures.json"
     entries = json.loads(index.read_text()) if index.is_file() else {}
     entries["saliencymix_official.npz"] = {
-        "repository": "https://github.com/afm-shahab-uddin/SaliencyMix", "commit": _commit(args.saliencymix),
-        "functions": [f"{SOURCE}:saliency_bbox", "cv2.saliency.StaticSaliencyFineGrained.computeSaliency"],
-        "opencv": f"opencv-contrib-python-headless {version('opencv-contrib-python-headless')}",
+        "repository": "https://github.com/afm-shahab-uddin/SaliencyMix",
+        "commit": _commit(args.saliencymix),
+        "functions": [f"{SOURCE}:saliency_bbox",
+                      "cv2.saliency.StaticSaliencyFineGrained.computeSaliency"],
+                      "opencv": "opencv-contrib-python-headless "
+                      f"{version('opencv-contrib-python-headless')}",
         "cases": int(data["count"]), "sizes": " ".join(f"{h}x{w}:{n}" for h, w, n in SIZES),
-        "inputs": "image_k uint8 [3, h, w] (noise, flat with a patch, ramps; numpy default_rng(2006)), lam_k a "
+        "inputs": "image_k uint8 [3, h, w] (noise, flat with a patch, ramps; numpy "
+        "default_rng(2006)), lam_k a "
                   "Beta(1, 1) draw of the same generator",
-        "outputs": "saliency_k uint8 [h, w] = 255 x computeSaliency(the HWC image), rounded (its float32 map is "
-                   "an 8-bit map / 255), box_k = saliency_bbox(image_k as a tensor, lam_k): (bbx1, bby1, bbx2, "
+        "outputs": "saliency_k uint8 [h, w] = 255 x computeSaliency(the HWC image), rounded (its "
+        "float32 map is "
+                   "an 8-bit map / 255), box_k = saliency_bbox(image_k as a tensor, lam_k): "
+                   "(bbx1, bby1, bbx2, "
                    "bby2), rows then columns"}
     index.write_text(json.dumps(entries, indent=2) + "\n")
     print(f"wrote {args.out / 'saliencymix_official.npz'} ({int(data['count'])} cases)")

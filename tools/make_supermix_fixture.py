@@ -45,14 +45,15 @@ CASES = [(6, 2, 4, 1.0, 25.0, 4, 0, 3.0, 16), (5, 3, 8, 1.0, 25.0, 4, 0, 1.0, 16
 def teacher() -> nn.Sequential:
     """The fixture's teacher: 3 -> 6 channels (3 x 3), ReLU, 2 x 2 average pooling, a linear layer
     to 5 classes."""
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                         nn.Linear(24, CLASSES))
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(24, CLASSES))
 
 
 def _official(root: Path, lambda_s: float):
     """The official definitions, compiled alone into one namespace with the globals they read."""
     tree = ast.parse((root / SOURCE).read_text())
-    nodes = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in NAMES]
+    nodes = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+             and n.name in NAMES]
     scope = {"np": np, "torch": torch, "nn": nn, "F": F, "math": math, "copy": copy,
              "Variable": lambda t, requires_grad=False: t.detach().requires_grad_(requires_grad),
              "opt": types.SimpleNamespace(n_classes=CLASSES, lambda_s=lambda_s)}
@@ -85,8 +86,9 @@ def _run_case(root: Path, k: int, case) -> dict:
     np.random.seed(200 + k)
     np.random.dirichlet = recorded
     try:
-        mixed, masks, pred, data_x, iters = scope["mix_batch"](net, data, kk, alpha=alpha, mask_w=mask_w,
-                                                               sigma_grad=sigma, max_iter=max_iter, toler=tol)
+        mixed, masks, pred, data_x, iters = scope["mix_batch"](net, data, kk, alpha=alpha,
+                                                               mask_w=mask_w, sigma_grad=sigma,
+                                                               max_iter=max_iter, toler=tol)
     finally:
         np.random.dirichlet = dirichlet
     out = {f"data_{k}": data.numpy(), f"lams_{k}": np.stack(draws).astype(np.float32),
@@ -110,8 +112,8 @@ def build(root: Path) -> dict:
 
 def _commit(root: Path) -> str:
     try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return (root / "COMMIT").read_text().strip()
 
@@ -129,12 +131,18 @@ def main(argv=None) -> int:
     entries["supermix_official.npz"] = {
         "repository": "https://github.com/alldbi/SuperMix", "commit": _commit(args.supermix),
         "functions": [f"{SOURCE}:{name}" for name in NAMES],
-        "cases": "rows of `cases`: batch, K, mask_w, sigma, lambda_s, max_iter, tol (examples), alpha, image side",
-        "inputs": "data_k [b, 3, s, s] (torch.randn after torch.manual_seed(100 + k), after the teacher's "
-                  "initialisation), teacher_k/<name> the teacher's weights (tools/make_supermix_fixture.py "
-                  "teacher()), lams_k [b, K] the Dirichlet draws of mix_batch (np.random.seed(200 + k))",
-        "outputs": "mix_batch's return: mixed_k, masks_k, pred_k (the successfully mixed examples only, in batch "
-                   "order), iters_k (iterations run); logits_k [b, K, 1, w, w] the final mask logits of every "
+        "cases": "rows of `cases`: batch, K, mask_w, sigma, lambda_s, max_iter, tol (examples), "
+        "alpha, image side",
+        "inputs": "data_k [b, 3, s, s] (torch.randn after torch.manual_seed(100 + k), after the "
+        "teacher's "
+                  "initialisation), teacher_k/<name> the teacher's weights "
+                  "(tools/make_supermix_fixture.py "
+                  "teacher()), lams_k [b, K] the Dirichlet draws of mix_batch "
+                  "(np.random.seed(200 + k))",
+        "outputs": "mix_batch's return: mixed_k, masks_k, pred_k (the successfully mixed examples "
+        "only, in batch "
+                   "order), iters_k (iterations run); logits_k [b, K, 1, w, w] the final mask "
+                   "logits of every "
                    "example (the argument of mix_batch's last mask_process call)"}
     index.write_text(json.dumps(entries, indent=2) + "\n")
     print(f"wrote {args.out / 'supermix_official.npz'} ({len(CASES)} cases)")

@@ -69,14 +69,16 @@ def _masks(mod, out: dict) -> None:
         mod.random = rec
         random.seed(2000 + k)
         mask, lam_out = mod.generate_mask(lam, "cpu", start)
-        out.update({f"block_mask_{k}": mask[0, 0].numpy().astype(np.int64), f"block_lam_{k}": np.float64(lam_out),
+        out.update({f"block_mask_{k}": mask[0, 0].numpy().astype(np.int64),
+                    f"block_lam_{k}": np.float64(lam_out),
                     f"draws_{k}": np.array(rec.rows, dtype=np.float64)})
     for k, (lam, start) in enumerate(RANDOM_CASES):
         np.random.seed(3000 + k)
         out[f"perm_{k}"] = np.random.permutation(196)
         np.random.seed(3000 + k)
         mask, lam_out = mod.generate_mask_random(lam, "cpu", start)
-        out.update({f"random_mask_{k}": mask[0, 0].numpy().astype(np.int64), f"random_lam_{k}": np.float64(lam_out)})
+        out.update({f"random_mask_{k}": mask[0, 0].numpy().astype(np.int64),
+                    f"random_lam_{k}": np.float64(lam_out)})
     out["block_cases"], out["random_cases"] = np.array(BLOCK_CASES), np.array(RANDOM_CASES)
 
 
@@ -98,21 +100,26 @@ def _targets(mod, out: dict) -> None:
     for k in range(3):
         target = _label_maps(g)
         x = torch.randint(0, 4, (B, 1, 224, 224), generator=g).float()
-        label_map = mod.get_labelmaps_with_coords(target.clone(), CLASSES, label_size=14, device="cpu")
-        mixer = mod.Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=CLASSES)
+        label_map = mod.get_labelmaps_with_coords(target.clone(), CLASSES, label_size=14,
+                                                  device="cpu")
+        mixer = mod.Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.1,
+                          num_classes=CLASSES)
         rec = _Recorder()
         mod.random = rec
         random.seed(5000 + k)
         np.random.seed(5000 + k)
         mixed, y = mixer(x.clone(), target.clone())
-        out.update({f"t_topk_{k}": target[:, :2].numpy(), f"t_labels_{k}": target[:, 2, 0, 0, 5].long().numpy(),
+        out.update({f"t_topk_{k}": target[:, :2].numpy(),
+                    f"t_labels_{k}": target[:, 2, 0, 0, 5].long().numpy(),
                     f"t_label_map_{k}": label_map.numpy(), f"t_target_{k}": y.numpy(),
                     f"t_draws_{k}": np.array(rec.rows, dtype=np.float64)})
         if k == 0:  # the images of one case (the mask of every case is pinned by its draws)
-            out.update({"t_x": x.numpy().astype(np.uint8), "t_mixed": mixed.numpy().astype(np.uint8)})
+            out.update({"t_x": x.numpy().astype(np.uint8),
+                        "t_mixed": mixed.numpy().astype(np.uint8)})
     labels = torch.tensor([3, 1, 4, 1, 5, 9])
     for k, lam in enumerate([0.0, 0.37, 1.0]):
-        out[f"mixup_target_{k}"] = mod.mixup_target(labels, CLASSES, lam, 0.1, device="cpu").numpy()
+        out[f"mixup_target_{k}"] = mod.mixup_target(labels, CLASSES, lam, 0.1,
+                                                    device="cpu").numpy()
     out["mixup_labels"], out["mixup_lams"] = labels.numpy(), np.array([0.0, 0.37, 1.0])
 
 
@@ -126,8 +133,8 @@ def build(root: Path) -> dict:
 
 def _commit(root: Path) -> str:
     try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return (root / "COMMIT").read_text().strip()
 
@@ -144,15 +151,21 @@ def main(argv=None) -> int:
     entries["tokenmix_official.npz"] = {
         "repository": "https://github.com/Sense-X/TokenMix", "commit": _commit(args.tokenmix),
         "functions": ["tokenmix.py:generate_mask", "tokenmix.py:generate_mask_random",
-                      "tokenmix.py:get_labelmaps_with_coords", "tokenmix.py:mixup_target", "tokenmix.py:Mixup"],
+                      "tokenmix.py:get_labelmaps_with_coords", "tokenmix.py:mixup_target",
+                      "tokenmix.py:Mixup"],
         "cases": {"block (lam, mask_token_num_start)": [list(c) for c in BLOCK_CASES],
                   "random (lam, mask_token_num_start)": [list(c) for c in RANDOM_CASES]},
-        "inputs": "Python random seeded 2000 + k (block masks, every draw recorded in draws_k), numpy seeded 3000 + k "
-                  "(perm_k: the permutation generate_mask_random draws); TokenLabeling-format targets of 4 images, "
-                  "10 classes, top-5 on 15 x 15 maps, the whole map as crop box (torch seeded 4000); images "
+        "inputs": "Python random seeded 2000 + k (block masks, every draw recorded in draws_k), "
+        "numpy seeded 3000 + k "
+                  "(perm_k: the permutation generate_mask_random draws); TokenLabeling-format "
+                  "targets of 4 images, "
+                  "10 classes, top-5 on 15 x 15 maps, the whole map as crop box (torch seeded "
+                  "4000); images "
                   "[4, 1, 224, 224] with values 0..3 (those of case 0 kept)",
-        "outputs": "block/random masks [14, 14] and lam; label maps [4, 10, 14, 14]; Mixup(cutmix only, smoothing "
-                   "0.1) mixed images and targets with its draws (t_draws_k); mixup_target for lam 0, 0.37, 1"}
+        "outputs": "block/random masks [14, 14] and lam; label maps [4, 10, 14, 14]; Mixup(cutmix "
+        "only, smoothing "
+                   "0.1) mixed images and targets with its draws (t_draws_k); mixup_target for "
+                   "lam 0, 0.37, 1"}
     index.write_text(json.dumps(entries, indent=2) + "\n")
     print(f"wrote {args.out / 'tokenmix_official.npz'}")
     return 0

@@ -32,9 +32,10 @@ from mixup_transfer.core import cli
 # (batch, image side, patch-grid side, P(mixing)); one-channel images (the mixing treats channels
 # alike), 8-bit values as a decoded image's, kept small; knobs are the DeiT-S config's (mixup 0.8,
 # cutmix 1.0) and train.py's defaults (switch 0.5, smoothing 0.1)
-CASES = [(4, 32, 4, 1.0), (4, 64, 8, 1.0), (2, 64, 8, 1.0), (2, 56, 7, 1.0), (4, 50, 7, 1.0), (4, 64, 8, 1.0),
-         (4, 32, 4, 0.5), (4, 64, 8, 0.5), (2, 32, 4, 1.0), (4, 48, 6, 1.0), (6, 32, 4, 1.0), (4, 64, 8, 1.0),
-         (4, 50, 7, 1.0), (2, 50, 7, 1.0), (4, 60, 8, 1.0), (4, 50, 7, 1.0), (2, 42, 6, 1.0), (4, 56, 7, 1.0)]
+CASES = [(4, 32, 4, 1.0), (4, 64, 8, 1.0), (2, 64, 8, 1.0), (2, 56, 7, 1.0), (4, 50, 7, 1.0),
+         (4, 64, 8, 1.0), (4, 32, 4, 0.5), (4, 64, 8, 0.5), (2, 32, 4, 1.0), (4, 48, 6, 1.0),
+         (6, 32, 4, 1.0), (4, 64, 8, 1.0), (4, 50, 7, 1.0), (2, 50, 7, 1.0), (4, 60, 8, 1.0),
+         (4, 50, 7, 1.0), (2, 42, 6, 1.0), (4, 56, 7, 1.0)]
 CLASSES, MIXUP_ALPHA, CUTMIX_ALPHA, SWITCH, SMOOTHING = 10, 0.8, 1.0, 0.5, 0.1
 
 
@@ -78,8 +79,8 @@ def _case(mixup_cls, k: int, b: int, size: int, side: int, prob: float) -> dict:
     y = torch.randint(CLASSES, (b,), generator=g)
     # positive, rows not normalised (cls -> cls left out)
     attn = torch.rand(b, side * side, generator=g) * 0.02
-    fn = mixup_cls(mixup_alpha=MIXUP_ALPHA, cutmix_alpha=CUTMIX_ALPHA, prob=prob, switch_prob=SWITCH,
-                   label_smoothing=SMOOTHING, num_classes=CLASSES)
+    fn = mixup_cls(mixup_alpha=MIXUP_ALPHA, cutmix_alpha=CUTMIX_ALPHA, prob=prob,
+                   switch_prob=SWITCH, label_smoothing=SMOOTHING, num_classes=CLASSES)
     np.random.seed(seed)
     with _Recorder() as rec:
         mixed, target = fn(x.clone(), y)
@@ -88,9 +89,9 @@ def _case(mixup_cls, k: int, b: int, size: int, side: int, prob: float) -> dict:
         box = np.array(target[3], dtype=np.int64)
         target = fn.transmix_label(target, attn, mixed.shape)
     names = [n for n, _ in rec.draws]
-    return {f"pixels_{k}": pixels.numpy(), f"y_{k}": y.numpy(), f"attn_{k}": attn.numpy(), f"mixed_{k}": mixed.numpy(),
-            f"targets_{k}": target.numpy(), f"box_{k}": box, f"draws_{k}": np.array([v for _, v in rec.draws]),
-            f"draw_names_{k}": np.array(names)}
+    return {f"pixels_{k}": pixels.numpy(), f"y_{k}": y.numpy(), f"attn_{k}": attn.numpy(),
+            f"mixed_{k}": mixed.numpy(), f"targets_{k}": target.numpy(), f"box_{k}": box,
+            f"draws_{k}": np.array([v for _, v in rec.draws]), f"draw_names_{k}": np.array(names)}
 
 
 def build(root: Path) -> dict:
@@ -107,8 +108,8 @@ def build(root: Path) -> dict:
 
 def _commit(root: Path) -> str:
     try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return (root / "COMMIT").read_text().strip()
 
@@ -126,18 +127,23 @@ def main(argv=None) -> int:
 
     entries["transmix_official.npz"] = {
         "repository": "https://github.com/Beckschen/TransMix", "commit": _commit(args.transmix),
-        "functions": ["transmix.py:Mixup_transmix.__call__", "transmix.py:Mixup_transmix.transmix_label"],
+        "functions": ["transmix.py:Mixup_transmix.__call__",
+                      "transmix.py:Mixup_transmix.transmix_label"],
         "timm": timm.__version__,
         "cases": [list(c) for c in CASES],
         "knobs": {"mixup_alpha": MIXUP_ALPHA, "cutmix_alpha": CUTMIX_ALPHA, "switch_prob": SWITCH,
                   "label_smoothing": SMOOTHING, "num_classes": CLASSES},
-        "inputs": "np.random.seed(2000 + k); x = pixels_k / 255 (pixels_k [b, 1, s, s] uint8), y_k [b], attn_k "
+        "inputs": "np.random.seed(2000 + k); x = pixels_k / 255 (pixels_k [b, 1, s, s] uint8), "
+        "y_k [b], attn_k "
                   "[b, side^2] uniform * 0.02 "
-                  "(torch, seeded with 2000 + k); draws_k / draw_names_k: every numpy draw of the call, in order",
-        "outputs": "mixed_k (the mixed images), box_k (yl, yh, xl, xh; -1 without CutMix), targets_k (transmix_label "
+                  "(torch, seeded with 2000 + k); draws_k / draw_names_k: every numpy draw of the "
+                  "call, in order",
+        "outputs": "mixed_k (the mixed images), box_k (yl, yh, xl, xh; -1 without CutMix), "
+        "targets_k (transmix_label "
                    "for CutMix, the smoothed mixup target otherwise)"}
     index.write_text(json.dumps(entries, indent=2) + "\n")
-    print(f"wrote {args.out / 'transmix_official.npz'} ({len(CASES)} cases, timm {timm.__version__})")
+    print(f"wrote {args.out / 'transmix_official.npz'} ({len(CASES)} cases, timm "
+          f"{timm.__version__})")
     return 0
 
 

@@ -65,8 +65,8 @@ def build(root: Path) -> dict:
 
 def _commit(root: Path) -> str:
     try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return (root / "COMMIT").read_text().strip()
 
@@ -74,19 +74,23 @@ def _commit(root: Path) -> str:
 @cli.entry
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
-    p.add_argument("--zeta", type=Path, required=True, help="a checkout of kakumarabhishek/zeta-mixup")
+    p.add_argument("--zeta", type=Path, required=True,
+                   help="a checkout of kakumarabhishek/zeta-mixup")
     p.add_argument("--out", type=Path, default=Path("tests/fixtures"), help="the fixtures folder")
     args = p.parse_args(argv)
     np.savez_compressed(args.out / "zeta_mixup_official.npz", **build(args.zeta))
     index = args.out / "official_fixtures.json"
     entries = json.loads(index.read_text()) if index.is_file() else {}
     entries["zeta_mixup_official.npz"] = {
-        "repository": "https://github.com/kakumarabhishek/zeta-mixup", "commit": _commit(args.zeta),
+        "repository": "https://github.com/kakumarabhishek/zeta-mixup",
+        "commit": _commit(args.zeta),
         "functions": ["utils.py:zeta_mixup_weights", "zeta_mixup.py:zeta_mixup"],
-        "cases": [list(c) for c in CASES],
-        "inputs": "order_k = np.random.rand(b, b) drawn after np.random.seed(1000 + k) (the draw inside "
+        "cases": [list(c) for c in CASES], "inputs": "order_k = np.random.rand(b, b) drawn after "
+        "np.random.seed(1000 + k) (the "
+        "draw inside "
                   "zeta_mixup_weights); x_k [b, 3, 8, 8] float32, y_k [b] in 0..9 (torch, seeded)",
-        "outputs": "weights_k [b, b] (zeta_mixup_weights), mixed_k and targets_k (zeta_mixup with 10 classes)"}
+        "outputs": "weights_k [b, b] (zeta_mixup_weights), mixed_k and targets_k (zeta_mixup with "
+        "10 classes)"}
     index.write_text(json.dumps(entries, indent=2) + "\n")
     print(f"wrote {args.out / 'zeta_mixup_official.npz'} ({len(CASES)} cases)")
     return 0

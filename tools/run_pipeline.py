@@ -25,13 +25,15 @@ from mixup_transfer.pipeline.run import STAGES, StagesFailed, StopPipeline, run_
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
     p.add_argument("--config", required=True, help="pipeline YAML (configs/pipeline/*.yaml)")
-    p.add_argument("--methods", default=None, help="comma-separated methods, replacing the config's list")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods, replacing the config's list")
     p.add_argument("--force", action="append", default=[],
-                   help=f"redo a stage even if finished: one of {', '.join(STAGES)} or a detection name "
-                        "(repeatable); forcing pretrain redoes everything downstream")
+                   help=f"redo a stage even if finished: one of {', '.join(STAGES)} or a "
+                        "detection name (repeatable); forcing pretrain redoes everything "
+                        "downstream")
     p.add_argument("--publish", default=None, metavar="FILE.md",
-                   help="after the run (finished stages are reused), write its report with provenance to FILE.md "
-                        "and its figures beside it, e.g. docs/results.md")
+                   help="after the run (finished stages are reused), write its report with "
+                        "provenance to FILE.md and its figures beside it, e.g. docs/results.md")
     # tests: simulate a kill
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the pipeline config")
@@ -42,8 +44,10 @@ def main(argv=None) -> int:
     with torchrun_session() as (rank, _):
         failed = None
         try:
-            report = run_pipeline(args.config, args.overrides, methods, args.force, args.stop_after,
-                                  command=" ".join(["python tools/run_pipeline.py", *(argv or sys.argv[1:])]))
+            report = run_pipeline(args.config, args.overrides, methods, args.force,
+                                  args.stop_after,
+                                  command=" ".join(["python tools/run_pipeline.py",
+                                                    *(argv or sys.argv[1:])]))
         except StopPipeline as e:
             print(e)
             return 3
@@ -51,7 +55,8 @@ def main(argv=None) -> int:
             report, failed = e.report, e
     if rank:
         return 1 if failed else 0
-    print(f"\nReport: {report}  ({report.with_suffix('.html')})\nTotal time: {time.time() - t0:.0f} s")
+    print(f"\nReport: {report}  ({report.with_suffix('.html')})\nTotal time: "
+          f"{time.time() - t0:.0f} s")
     print(report.read_text())
     if failed:
         print(f"error: {failed}", file=sys.stderr)

@@ -26,13 +26,20 @@ import sys
 
 from mixup_transfer.core import cli
 from mixup_transfer.core.stage import add_stage_arguments
-from mixup_transfer.pipeline.launch import STAGES, Resources, default_gpus_per_node, make_spec, submit
+from mixup_transfer.pipeline.launch import (
+    STAGES,
+    Resources,
+    default_gpus_per_node,
+    make_spec,
+    submit,
+)
 from mixup_transfer.pipeline.stages import NAMES, stage
 
 
 def _parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
-    p.add_argument("stage", choices=STAGES, help="what the job runs: a stage's tool, or the whole pipeline")
+    p.add_argument("stage", choices=STAGES, help="what the job runs: a stage's tool, or the whole "
+                   "pipeline")
     # the stages' own arguments, from their declarations (the same flags as tools/run_<stage>.py)
     add_stage_arguments(p, [stage(name) for name in NAMES])
     r = p.add_argument_group("resources")
@@ -42,15 +49,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tasks-per-node", type=int, default=None, help="default: one per GPU")
     r.add_argument("--cpus-per-task", type=int, default=10, help="data-loading workers need them")
     r.add_argument("--mem", type=int, default=None, help="GB per node (default: the partition's)")
-    r.add_argument("--timeout", type=int, default=1440, help="time limit in minutes; requeued before it")
+    r.add_argument("--timeout", type=int, default=1440,
+                   help="time limit in minutes; requeued before it")
     r.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
     r.add_argument("--account", default=None, help="SLURM account to charge (default: yours)")
-    r.add_argument("--qos", default=None, help="SLURM quality of service (default: the partition's)")
+    r.add_argument("--qos", default=None, help="SLURM quality of service (default: the "
+                   "partition's)")
     r.add_argument("--name", default=None, help="job name (default: mt-<stage>)")
-    r.add_argument("--signal-delay", type=int, default=120, help="seconds before the limit the job is signalled")
-    r.add_argument("--max-requeues", type=int, default=3, help="time-outs before the job stops requeueing")
-    r.add_argument("--job-dir", default="runs/submitit/%j", help="submitit scripts and logs (%%j: job id)")
-    r.add_argument("--local", action="store_true", help="submitit's local executor: run the job on the local machine")
+    r.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds before the limit the job is signalled")
+    r.add_argument("--max-requeues", type=int, default=3,
+                   help="time-outs before the job stops requeueing")
+    r.add_argument("--job-dir", default="runs/submitit/%j",
+                   help="submitit scripts and logs (%%j: job id)")
+    r.add_argument("--local", action="store_true",
+                   help="submitit's local executor: run the job on the local machine")
     r.add_argument("--wait", action="store_true", help="wait for the job and print its metrics")
     return p
 
@@ -60,12 +73,14 @@ def main(argv=None) -> int:
     p = _parser()
     args = p.parse_intermixed_args(argv)  # the stage, options and KEY=VALUE overrides in any order
     if args.retired_resume:
-        p.error("--resume and --no-resume are not options: a job continues its run folder's run by default (and "
-                "on every requeue); --force starts over")
-    spec = make_spec(args.stage, args.config, args.overrides, args.run_dir, args.weights, args.checkpoint,
-                     args.imagenet, force=args.force, allow_pickle=args.allow_pickle,
-                     teacher=getattr(args, "teacher", None))
-    gpus = args.gpus_per_node if args.gpus_per_node is not None else default_gpus_per_node(args.stage)
+        p.error("--resume and --no-resume are not options: a job continues its run folder's run "
+                "by default (and on every requeue); --force starts over")
+    spec = make_spec(args.stage, args.config, args.overrides, args.run_dir, args.weights,
+                     args.checkpoint, args.imagenet, force=args.force,
+                     allow_pickle=args.allow_pickle, teacher=getattr(args, "teacher", None))
+    gpus = (
+        args.gpus_per_node if args.gpus_per_node is not None else default_gpus_per_node(args.stage)
+    )
     res = Resources(nodes=args.nodes, gpus_per_node=gpus, tasks_per_node=args.tasks_per_node,
                     cpus_per_task=args.cpus_per_task, mem_gb=args.mem, timeout_min=args.timeout,
                     partition=args.partition, account=args.account, qos=args.qos,

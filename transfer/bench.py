@@ -52,7 +52,8 @@ def synthetic_coco(n_images: int, n_cats: int = 10, gt_per_image: int = 7,
                          "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
             for _ in range(rng.integers(1, 4)):
                 j = rng.normal(0, 0.08, 4) * [w, h, w, h]
-                results.append({"image_id": img["id"], "category_id": cat, "score": float(rng.random()),
+                results.append({"image_id": img["id"], "category_id": cat,
+                                "score": float(rng.random()),
                                 "bbox": [x + j[0], y + j[1], abs(w + j[2]), abs(h + j[3])]})
         for _ in range(rng.poisson(2 * gt_per_image)):
             w, h = np.exp(rng.uniform(np.log(8), np.log(300), 2))
@@ -64,8 +65,8 @@ def synthetic_coco(n_images: int, n_cats: int = 10, gt_per_image: int = 7,
     return {"images": images, "categories": cats, "annotations": anns}, results
 
 
-def synthetic_voc(n_images: int, classes: tuple[str, ...], gt_per_image: int = 3, fp_per_image: int = 25,
-                  seed: int = 0):
+def synthetic_voc(n_images: int, classes: tuple[str, ...], gt_per_image: int = 3,
+                  fp_per_image: int = 25, seed: int = 0):
     """(annotations {image_id: {"objects": [...]}}, detections {class: [(image_id, score,
     box)]})."""
     rng = np.random.default_rng(seed)
@@ -81,7 +82,8 @@ def synthetic_voc(n_images: int, classes: tuple[str, ...], gt_per_image: int = 3
                             "difficult": bool(rng.random() < 0.1), "truncated": False})
             for _ in range(rng.integers(1, 4)):
                 j = np.round(rng.normal(0, 0.08, 4) * [w, h, w, h])
-                box = (x0 + j[0], y0 + j[1], max(x0 + j[0], x0 + w + j[2]), max(y0 + j[1], y0 + h + j[3]))
+                box = (x0 + j[0], y0 + j[1], max(x0 + j[0], x0 + w + j[2]),
+                       max(y0 + j[1], y0 + h + j[3]))
                 detections[name].append((image_id, float(rng.random()), box))
         for _ in range(rng.poisson(fp_per_image)):
             w, h = rng.integers(10, 250, 2)
@@ -99,13 +101,15 @@ def synthetic_voc(n_images: int, classes: tuple[str, ...], gt_per_image: int = 3
 # The naive reference: one detection, one ground-truth box at a time
 
 
-def naive_voc_evaluate(detections, annotations, classes, metric: str = "11point", iou: float = 0.5) -> dict:
+def naive_voc_evaluate(detections, annotations, classes, metric: str = "11point",
+                       iou: float = 0.5) -> dict:
     ap = {}
     for cls in classes:
         gt, npos = {}, 0
         for image_id, ann in annotations.items():
             objs = [o for o in ann["objects"] if o["name"] == cls]
-            gt[image_id] = ([o["bbox"] for o in objs], [o["difficult"] for o in objs], [False] * len(objs))
+            gt[image_id] = ([o["bbox"] for o in objs], [o["difficult"] for o in objs],
+                            [False] * len(objs))
             npos += sum(not o["difficult"] for o in objs)
         dets = sorted(detections.get(cls, []), key=lambda d: -d[1])
         tp, fp = [], []
@@ -151,13 +155,14 @@ def run_eval_bench(quick: bool = False, repeats: int | None = None) -> dict:
     out = {}
 
     gt, results = synthetic_coco(100 if quick else 1000)
-    coco = {"n_images": len(gt["images"]), "n_gt": len(gt["annotations"]), "n_detections": len(results),
-            "repeats": repeats}
+    coco = {"n_images": len(gt["images"]), "n_gt": len(gt["annotations"]),
+            "n_detections": len(results), "repeats": repeats}
     backends = ["pycocotools"] + (["faster"] if faster_available() else [])
     stats, full, core = {}, {}, {}
     for b in backends:
         full[b], stats[b] = _best_time(lambda b=b: coco_evaluate(gt, results, backend=b), repeats)
-        clean = check_results(results, [i["id"] for i in gt["images"]], [c["id"] for c in gt["categories"]])
+        clean = check_results(results, [i["id"] for i in gt["images"]],
+                              [c["id"] for c in gt["categories"]])
 
         # the library's own work (index, loadRes, evaluate, accumulate, summarize)
         def core_only(b=b, clean=clean):
@@ -172,7 +177,8 @@ def run_eval_bench(quick: bool = False, repeats: int | None = None) -> dict:
         coco["faster_coco_eval_core_s"] = round(core["faster"], 4)
         coco["speedup_faster_vs_pycocotools"] = round(full["pycocotools"] / full["faster"], 2)
         coco["speedup_core_faster_vs_pycocotools"] = round(core["pycocotools"] / core["faster"], 2)
-        coco["max_abs_stat_diff"] = max(abs(stats["pycocotools"][k] - stats["faster"][k]) for k in STAT_NAMES)
+        coco["max_abs_stat_diff"] = max(abs(stats["pycocotools"][k] - stats["faster"][k])
+                                        for k in STAT_NAMES)
     else:
         coco["faster_coco_eval_s"] = None
         coco["note"] = "faster-coco-eval not installed (pip install -e .[fast])"
@@ -188,11 +194,12 @@ def run_eval_bench(quick: bool = False, repeats: int | None = None) -> dict:
               for c, v in detections.items()}
     t_ours, ours = _best_time(lambda: voc_evaluate(detections, annotations, classes), repeats)
     t_arr, ours_arr = _best_time(lambda: voc_evaluate(arrays, annotations, classes), repeats)
-    t_naive, naive = _best_time(lambda: naive_voc_evaluate(detections, annotations, classes), repeats)
+    t_naive, naive = _best_time(lambda: naive_voc_evaluate(detections, annotations, classes),
+                                repeats)
     diffs = [abs(r["AP"][c] - naive["AP"][c])
              for r in (ours, ours_arr) for c in classes if r["AP"][c] is not None]
-    voc.update(ours_s=round(t_ours, 4), ours_array_input_s=round(t_arr, 4), naive_s=round(t_naive, 4),
-               speedup_ours_vs_naive=round(t_naive / t_ours, 2),
+    voc.update(ours_s=round(t_ours, 4), ours_array_input_s=round(t_arr, 4),
+               naive_s=round(t_naive, 4), speedup_ours_vs_naive=round(t_naive / t_ours, 2),
                speedup_ours_array_input_vs_naive=round(t_naive / t_arr, 2),
                mAP=round(ours["mAP"], 3), max_abs_ap_diff=max(diffs))
     out["voc"] = voc

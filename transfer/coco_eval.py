@@ -30,7 +30,8 @@ from mixup_transfer.core.data import BOX_TOLERANCE, InputError, read_text
 
 log = logging.getLogger(__name__)
 
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
+              "ARl")
 BACKENDS = ("auto", "pycocotools", "faster")
 
 
@@ -89,7 +90,8 @@ def load_gt_dataset(gt) -> tuple[dict, str]:
     elif isinstance(getattr(gt, "dataset", None), Mapping):
         name, data = "<COCO object>", gt.dataset
     else:
-        raise TypeError(f"ground truth must be a path, a dict or a COCO object, got {type(gt).__name__}")
+        raise TypeError("ground truth must be a path, a dict or a COCO object, got "
+                        f"{type(gt).__name__}")
     check_coco_gt(data, name)
     if not data["annotations"]:
         raise COCOEvalError(f"{name}: no annotations: nothing to evaluate (every AP would be -1)")
@@ -118,7 +120,8 @@ def check_coco_annotation(ann: Mapping, image: Mapping, where: str, error: type 
     """
     error = error or COCOEvalError
     bbox = ann.get("bbox")
-    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+            and all(_is_number(v) for v in bbox)):
         raise error(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
     x, y, w, h = bbox
     if w <= 0 or h <= 0:
@@ -165,7 +168,8 @@ def check_coco_gt(data: Mapping, name: str, error: type = None, annotations: boo
     ann_ids, outside = set(), []
     for i, ann in enumerate(data["annotations"]):
         where = f"{name}: annotation id {ann.get('id')!r} (annotations[{i}], image id {ann.get('image_id')!r})"
-        missing = [k for k in ("id", "image_id", "category_id", "bbox", "area", "iscrowd") if k not in ann]
+        missing = [k for k in ("id", "image_id", "category_id", "bbox", "area", "iscrowd")
+                   if k not in ann]
         if missing:
             raise error(f"{where}: lacks {missing} (COCOeval needs them)")
         if not _is_int(ann["id"]):
@@ -176,12 +180,14 @@ def check_coco_gt(data: Mapping, name: str, error: type = None, annotations: boo
         if not _is_int(ann["image_id"]) or ann["image_id"] not in images:
             raise error(f"{where}: unknown image id {ann['image_id']!r} (not in 'images')")
         if not _is_int(ann["category_id"]) or ann["category_id"] not in cats:
-            raise error(f"{where}: unknown category id {ann['category_id']!r}; valid: {sorted(cats)[:20]}")
-        if annotations and not check_coco_annotation(ann, images[ann["image_id"]], where, error, "count"):
+            raise error(f"{where}: unknown category id {ann['category_id']!r}; valid: "
+                        f"{sorted(cats)[:20]}")
+        if annotations and not check_coco_annotation(ann, images[ann["image_id"]], where, error,
+                                                     "count"):
             outside.append(where)
     if outside:
-        log.warning("%s: %d ground-truth box(es) reach beyond their image (scored as given, as COCOeval "
-                    "does), e.g. %s", name, len(outside), outside[:3])
+        log.warning("%s: %d ground-truth box(es) reach beyond their image (scored as given, as "
+                    "COCOeval does), e.g. %s", name, len(outside), outside[:3])
 
 
 def _coco_images(data: Mapping, name: str, error: type) -> dict:
@@ -196,7 +202,8 @@ def _coco_images(data: Mapping, name: str, error: type) -> dict:
         for k in ("width", "height"):
             v = img.get(k)
             if not (_is_number(v) and float(v).is_integer() and v > 0):
-                raise error(f"{name}: images[{i}] (id {iid}): {k} must be a positive integer, got {v!r}")
+                raise error(f"{name}: images[{i}] (id {iid}): {k} must be a positive integer, "
+                            f"got {v!r}")
         images[iid] = img
     return images
 
@@ -217,11 +224,13 @@ def check_results(results, image_ids, cat_ids, name: str = "<results>") -> list[
     """Validate a COCO box results list; returns clean copies with plain Python numbers (the COCO
     API writes into its input, and numpy scalars would upset the C++ backend)."""
     if not isinstance(results, list):
-        raise COCOEvalError(f"{name}: expected a JSON list of detections, found {type(results).__name__}")
+        raise COCOEvalError(f"{name}: expected a JSON list of detections, found "
+                            f"{type(results).__name__}")
     image_ids, cat_ids = set(image_ids), set(cat_ids)
     try:  # vectorised checks; the per-entry loop below only runs to name the bad entry
         clean = [{"image_id": _plain(r["image_id"]), "category_id": _plain(r["category_id"]),
-                  "bbox": list(map(float, r["bbox"])), "score": float(r["score"])} for r in results]
+                  "bbox": list(map(float, r["bbox"])), "score": float(r["score"])}
+                  for r in results]
         boxes = np.array([c["bbox"] for c in clean], dtype=np.float64).reshape(len(clean), 4)
         scores = np.array([c["score"] for c in clean], dtype=np.float64)
         if (np.isfinite(boxes).all() and np.isfinite(scores).all() and (boxes[:, 2:] >= 0).all()
@@ -242,7 +251,8 @@ def check_results(results, image_ids, cat_ids, name: str = "<results>") -> list[
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise COCOEvalError(f"{where}: {key} must be an integer, got {r[key]!r}")
         if _plain(r["image_id"]) not in image_ids:
-            raise COCOEvalError(f"{where}: unknown image_id {r['image_id']!r} (not in the ground truth)")
+            raise COCOEvalError(f"{where}: unknown image_id {r['image_id']!r} (not in the ground "
+                                "truth)")
         if _plain(r["category_id"]) not in cat_ids:
             raise COCOEvalError(
                 f"{where}: unknown category_id {r['category_id']!r}; valid: {sorted(cat_ids)}")
@@ -253,11 +263,12 @@ def check_results(results, image_ids, cat_ids, name: str = "<results>") -> list[
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise COCOEvalError(f"{where}: bbox must be 4 finite numbers [x, y, w, h] and score finite, "
-                                f"got bbox={bbox!r} score={r['score']!r}")
+            raise COCOEvalError(f"{where}: bbox must be 4 finite numbers [x, y, w, h] and score "
+                                f"finite, got bbox={bbox!r} score={r['score']!r}")
         if bbox[2] < 0 or bbox[3] < 0:
             raise COCOEvalError(
-                f"{where}: negative width/height in bbox {list(bbox)} (COCO boxes are [x, y, w, h])")
+                f"{where}: negative width/height in bbox {list(bbox)} (COCO boxes are [x, y, w, "
+                "h])")
     # unreachable unless an unforeseen type slips by
     raise COCOEvalError(f"{name}: malformed results")
 

@@ -54,7 +54,8 @@ _TV_KEY = re.compile(r"^(conv1|bn1|layer[1-4]\.\d+\.(conv[1-3]|bn[1-3]|downsampl
                      r"(weight|bias|running_mean|running_var|num_batches_tracked)$")
 _D2_KEY = re.compile(r"^(stem\.conv1|res[2-5]\.\d+\.(conv[1-3]|shortcut))(\.norm)?\."
                      r"(weight|bias|running_mean|running_var)$")
-_FOREIGN_PREFIXES = ("module.", "encoder_q.", "encoder.", "backbone.", "model.", "bottom_up.", "state_dict.")
+_FOREIGN_PREFIXES = ("module.", "encoder_q.", "encoder.", "backbone.", "model.", "bottom_up.",
+                     "state_dict.")
 
 
 class ConversionError(InputError):
@@ -89,13 +90,14 @@ def to_detectron2(backbone_state: Mapping[str, Any]) -> OrderedDict:
     `module.` prefix: run the checkpoint through load_backbone first).
     """
     if not isinstance(backbone_state, Mapping):
-        raise TypeError(f"to_detectron2 takes a state dict, got {type(backbone_state).__name__}; for a "
-                        "checkpoint file use convert_to_detectron2(in_path, out_pkl, arch)")
+        raise TypeError(f"to_detectron2 takes a state dict, got {type(backbone_state).__name__}; "
+                        "for a checkpoint file use convert_to_detectron2(in_path, out_pkl, arch)")
     bad = [k for k in backbone_state if not k.startswith("fc.") and not _TV_KEY.match(k)]
     if bad:
         more = " ..." if len(bad) > 8 else ""
-        raise ConversionError(f"not torchvision ResNet keys ({len(bad)}): {bad[:8]}{more}; "
-                              "load the checkpoint with mixup_transfer.core.checkpoint.load_backbone, which strips "
+        raise ConversionError(f"not torchvision ResNet keys ({len(bad)}): {bad[:8]}{more}; load "
+                              "the checkpoint with "
+                              "mixup_transfer.core.checkpoint.load_backbone, which strips "
                               "foreign prefixes and checks the key set")
     out = OrderedDict()
     for k, v in backbone_state.items():
@@ -109,32 +111,38 @@ def expected_detectron2_shapes(arch: str) -> dict[str, tuple]:
     """detectron2 key -> shape for a torchvision `arch` converted by `to_detectron2`."""
     from mixup_transfer.core.checkpoint import expected_shapes
 
-    return {_rename(k): s for k, s in expected_shapes(arch).items() if not k.endswith("num_batches_tracked")}
+    return {_rename(k): s for k, s in expected_shapes(arch).items()
+            if not k.endswith("num_batches_tracked")}
 
 
 def detectron2_weights_problems(d: Any, arch: str | None = None) -> list[str]:
     """What would make detectron2 load `d` (the unpickled weights file) wrongly or not at all."""
     if not isinstance(d, Mapping) or not isinstance(d.get("model"), Mapping):
-        return ["not a detectron2 weights dict: expected {'model': {...}, 'matching_heuristics': True, ...}"]
+        return ["not a detectron2 weights dict: expected {'model': {...}, "
+                "'matching_heuristics': True, ...}"]
     problems = []
     if d.get("__author__") == "Caffe2":
-        problems.append("__author__ is 'Caffe2': detectron2 would apply its Caffe2 name conversion")
+        problems.append("__author__ is 'Caffe2': detectron2 would apply its Caffe2 name "
+                        "conversion")
     if d.get("matching_heuristics") is not True:
         problems.append("matching_heuristics is not True: detectron2 would need full model names "
                         "(backbone.bottom_up.res2...) and match nothing")
     model = d["model"]
     prefixes = sorted({p for k in model for p in _FOREIGN_PREFIXES if k.startswith(p)})
     if prefixes:
-        problems.append(f"leftover prefix {prefixes}: detectron2 matches nothing and only logs a warning")
+        problems.append(f"leftover prefix {prefixes}: detectron2 matches nothing and only logs a "
+                        "warning")
     fc = [k for k in model if k.startswith("fc.") or ".fc." in k]
     if fc:
         problems.append(f"classifier keys not dropped: {fc[:4]}")
     if any(k.startswith("layer") or k.startswith("conv1.") or k.startswith("bn1.") for k in model):
-        problems.append("torchvision key names (layer1..., conv1/bn1): not converted to detectron2 names")
+        problems.append("torchvision key names (layer1..., conv1/bn1): not converted to "
+                        "detectron2 names")
     other = [k for k in model if not _D2_KEY.match(k) and not k.endswith("num_batches_tracked")]
     if other and not prefixes and not fc:
         problems.append(f"keys that are not detectron2 ResNet names: {other[:8]}")
-    not_arrays = [k for k, v in model.items() if not isinstance(v, np.ndarray) and not hasattr(v, "detach")]
+    not_arrays = [k for k, v in model.items() if not isinstance(v, np.ndarray)
+                  and not hasattr(v, "detach")]
     if not_arrays:
         problems.append(f"values that are not arrays: {not_arrays[:4]}")
     if arch is not None and not problems:
@@ -142,8 +150,10 @@ def detectron2_weights_problems(d: Any, arch: str | None = None) -> list[str]:
         present = {k for k in model if not k.endswith("num_batches_tracked")}
         missing = sorted(set(shapes) - present)
         unexpected = sorted(present - set(shapes))
-        misshaped = sorted(k for k in set(shapes) & present if tuple(np.shape(model[k])) != shapes[k])
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        misshaped = sorted(k for k in set(shapes) & present
+                           if tuple(np.shape(model[k])) != shapes[k])
+        for what, keys in (("missing", missing), ("unexpected", unexpected),
+                           ("mis-shaped", misshaped)):
             if keys:
                 problems.append(f"{what} keys for {arch} ({len(keys)}): {keys[:8]}")
     return problems
@@ -151,9 +161,11 @@ def detectron2_weights_problems(d: Any, arch: str | None = None) -> list[str]:
 
 # What a detectron2 weights file may contain: dicts, strings, numbers and numpy arrays.
 _SAFE_PICKLE_GLOBALS = {("collections", "OrderedDict"), ("numpy", "ndarray"), ("numpy", "dtype"),
-                        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                        ("numpy.core.multiarray", "_reconstruct"),
+                        ("numpy._core.multiarray", "_reconstruct"),
                         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-                        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+                        ("numpy.core.numeric", "_frombuffer"),
+                        ("numpy._core.numeric", "_frombuffer")}
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
@@ -171,8 +183,10 @@ def read_detectron2_weights(path: str | os.PathLike) -> Any:
             return _ArraysOnlyUnpickler(f).load()
     except FileNotFoundError:
         raise ConversionError(f"{path}: detectron2 weights file not found") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise ConversionError(f"{path}: not a detectron2 weights file ({type(e).__name__}: {e})") from e
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError) as e:
+        raise ConversionError(f"{path}: not a detectron2 weights file "
+                              f"({type(e).__name__}: {e})") from e
 
 
 def check_detectron2_weights(d: Any, arch: str | None = None) -> None:
@@ -190,7 +204,8 @@ def write_detectron2_weights(state: Mapping[str, Any], out_pkl: str | os.PathLik
                              arch: str | None = None) -> Path:
     """Pickle detectron2-named `state` (from `to_detectron2`) as a detectron2 weights file,
     atomically."""
-    model = OrderedDict((k, v if isinstance(v, np.ndarray) else _to_numpy(v)) for k, v in state.items())
+    model = OrderedDict((k, v if isinstance(v, np.ndarray) else _to_numpy(v)) for k,
+                        v in state.items())
     payload = {"model": model,
                "__author__": AUTHOR, "matching_heuristics": True}
     check_detectron2_weights(payload, arch)
@@ -220,15 +235,16 @@ def _common(weights_pkl, arch: str, norm: str) -> dict:
     }
 
 
-def voc_c4_config(weights_pkl, arch: str = "resnet50", norm: str = "SyncBN", extra_norm: bool = True,
-                  num_classes: int = 20, train=VOC_TRAIN, test=VOC_TEST) -> dict:
+def voc_c4_config(weights_pkl, arch: str = "resnet50", norm: str = "SyncBN",
+                  extra_norm: bool = True, num_classes: int = 20, train=VOC_TRAIN,
+                  test=VOC_TEST) -> dict:
     """MoCo's VOC R50-C4 recipe: VOC07+12 trainval -> VOC07 test, 24k iterations (steps 18k/22k),
     batch 16, lr 0.02, SyncBN everywhere (FREEZE_AT 0), precise BN, and an extra BN after res5
     (`Res5ROIHeadsExtraNorm`, registered by `register_detectron2_extras`)."""
     if DEPTHS[arch] in (18, 34):
-        raise ConversionError(f"the C4 recipe needs a bottleneck ResNet: detectron2's Res5ROIHeads builds "
-                              f"res5 from bottleneck blocks, which {arch}'s layer4 weights do not fit; "
-                              "use the FPN config")
+        raise ConversionError("the C4 recipe needs a bottleneck ResNet: detectron2's "
+                              f"Res5ROIHeads builds res5 from bottleneck blocks, which {arch}'s "
+                              "layer4 weights do not fit; use the FPN config")
     model = _common(weights_pkl, arch, norm)
     model["BACKBONE"] = {"NAME": "build_resnet_backbone", "FREEZE_AT": 0}
     model["RESNETS"]["OUT_FEATURES"] = ["res4"]
@@ -237,10 +253,11 @@ def voc_c4_config(weights_pkl, arch: str = "resnet50", norm: str = "SyncBN", ext
                           "NUM_CLASSES": num_classes}
     return {
         "MODEL": model,
-        "INPUT": {"FORMAT": "RGB", "MIN_SIZE_TRAIN": list(range(480, 801, 32)), "MIN_SIZE_TEST": 800},
+        "INPUT": {"FORMAT": "RGB", "MIN_SIZE_TRAIN": list(range(480, 801, 32)),
+                  "MIN_SIZE_TEST": 800},
         "DATASETS": {"TRAIN": list(train), "TEST": list(test)},
-        "SOLVER": {"IMS_PER_BATCH": 16, "BASE_LR": 0.02, "STEPS": [18000, 22000], "MAX_ITER": 24000,
-                   "WARMUP_ITERS": 100},
+        "SOLVER": {"IMS_PER_BATCH": 16, "BASE_LR": 0.02, "STEPS": [18000, 22000],
+                   "MAX_ITER": 24000, "WARMUP_ITERS": 100},
         "TEST": {"PRECISE_BN": {"ENABLED": True}},
         "VERSION": 2,
     }
@@ -249,21 +266,24 @@ def voc_c4_config(weights_pkl, arch: str = "resnet50", norm: str = "SyncBN", ext
 def _fpn_model(weights_pkl, arch: str, norm: str, num_classes: int) -> dict:
     model = _common(weights_pkl, arch, norm)
     feats = ["res2", "res3", "res4", "res5"]
-    model["BACKBONE"] = {"NAME": "build_resnet_fpn_backbone", "FREEZE_AT": 2 if norm == "FrozenBN" else 0}
+    model["BACKBONE"] = {"NAME": "build_resnet_fpn_backbone",
+                         "FREEZE_AT": 2 if norm == "FrozenBN" else 0}
     model["RESNETS"]["OUT_FEATURES"] = feats
     model["FPN"] = {"IN_FEATURES": feats}
     model["ANCHOR_GENERATOR"] = {"SIZES": [[32], [64], [128], [256], [512]],
                                  "ASPECT_RATIOS": [[0.5, 1.0, 2.0]]}
     model["RPN"] = {"IN_FEATURES": ["p2", "p3", "p4", "p5", "p6"], "PRE_NMS_TOPK_TRAIN": 2000,
-                    "PRE_NMS_TOPK_TEST": 1000, "POST_NMS_TOPK_TRAIN": 1000, "POST_NMS_TOPK_TEST": 1000}
+                    "PRE_NMS_TOPK_TEST": 1000, "POST_NMS_TOPK_TRAIN": 1000,
+                    "POST_NMS_TOPK_TEST": 1000}
     model["ROI_HEADS"] = {"NAME": "StandardROIHeads", "IN_FEATURES": ["p2", "p3", "p4", "p5"],
                           "NUM_CLASSES": num_classes}
     model["ROI_BOX_HEAD"] = {"NAME": "FastRCNNConvFCHead", "NUM_FC": 2, "POOLER_RESOLUTION": 7}
     return model
 
 
-def coco_fpn_config(weights_pkl, arch: str = "resnet50", norm: str = "FrozenBN", num_classes: int = 80,
-                    schedule: str = "1x", train=COCO_TRAIN, test=COCO_TEST) -> dict:
+def coco_fpn_config(weights_pkl, arch: str = "resnet50", norm: str = "FrozenBN",
+                    num_classes: int = 80, schedule: str = "1x", train=COCO_TRAIN,
+                    test=COCO_TEST) -> dict:
     """detectron2's COCO Faster R-CNN R50-FPN recipe: 1x = 90k iterations (steps 60k/80k), 2x =
     180k (120k/160k), batch 16, lr 0.02, multi-scale 640-800 training, FrozenBN with stem+res2
     frozen."""
@@ -281,18 +301,19 @@ def coco_fpn_config(weights_pkl, arch: str = "resnet50", norm: str = "FrozenBN",
     }
 
 
-def voc_fpn_config(weights_pkl, arch: str = "resnet50", norm: str = "FrozenBN", num_classes: int = 20,
-                   train=VOC_TRAIN, test=VOC_TEST) -> dict:
+def voc_fpn_config(weights_pkl, arch: str = "resnet50", norm: str = "FrozenBN",
+                   num_classes: int = 20, train=VOC_TRAIN, test=VOC_TEST) -> dict:
     """detectron2's PascalVOC-Detection/faster_rcnn_R_50_FPN recipe (any depth, R18/R34 included):
     VOC07+12 trainval -> VOC07 test, 18k iterations (steps 12k/16k), batch 16, lr 0.02, multi-scale
     480-800, test 800, FrozenBN with stem+res2 frozen."""
     model = _fpn_model(weights_pkl, arch, norm, num_classes)
     return {
         "MODEL": model,
-        "INPUT": {"FORMAT": "RGB", "MIN_SIZE_TRAIN": list(range(480, 801, 32)), "MIN_SIZE_TEST": 800},
+        "INPUT": {"FORMAT": "RGB", "MIN_SIZE_TRAIN": list(range(480, 801, 32)),
+                  "MIN_SIZE_TEST": 800},
         "DATASETS": {"TRAIN": list(train), "TEST": list(test)},
-        "SOLVER": {"IMS_PER_BATCH": 16, "BASE_LR": 0.02, "STEPS": [12000, 16000], "MAX_ITER": 18000,
-                   "WARMUP_ITERS": 100},
+        "SOLVER": {"IMS_PER_BATCH": 16, "BASE_LR": 0.02, "STEPS": [12000, 16000],
+                   "MAX_ITER": 18000, "WARMUP_ITERS": 100},
         "VERSION": 2,
     }
 
@@ -304,8 +325,9 @@ class _PlainDumper(yaml.SafeDumper):
         return True
 
 
-def detectron2_configs(out_dir: str | os.PathLike, weights_pkl: str | os.PathLike, arch: str = "resnet50",
-                       voc_norm: str = "SyncBN", coco_norm: str = "FrozenBN",
+def detectron2_configs(out_dir: str | os.PathLike, weights_pkl: str | os.PathLike,
+                       arch: str = "resnet50", voc_norm: str = "SyncBN",
+                       coco_norm: str = "FrozenBN",
                        voc_extra_norm: bool = True) -> dict[str, Path]:
     """Write ready detectron2 configs next to the weights; returns {name: path}.
 
@@ -340,12 +362,13 @@ def write_detectron2_yaml(cfg: Mapping, path: str | os.PathLike, arch: str | Non
     temporary file per process, then a rename: an interrupted write never leaves a partial YAML
     behind)."""
     check_detectron2_config(cfg, arch)
-    header = (f"# detectron2 config written by mixup-transfer (transfer/convert.py) for {weights_name}\n"
-              "# RGB input, torchvision mean/std and STRIDE_IN_1X1 False are REQUIRED for them.\n"
-              "# DATASETS are the toolkit's names: "
+    header = ("# detectron2 config written by mixup-transfer (transfer/convert.py) for "
+              f"{weights_name}\n# RGB input, torchvision mean/std and STRIDE_IN_1X1 False are "
+              "REQUIRED for them.\n# DATASETS are the toolkit's names: "
               "transfer.detection.d2_backend.register_toolkit_datasets(format, root)\n")
     with atomic_path(path) as tmp:
-        tmp.write_text(header + yaml.dump(dict(cfg), Dumper=_PlainDumper, sort_keys=False, default_flow_style=None))
+        tmp.write_text(header + yaml.dump(dict(cfg), Dumper=_PlainDumper, sort_keys=False,
+                                          default_flow_style=None))
     return Path(path)
 
 
@@ -364,10 +387,12 @@ def detectron2_config_problems(cfg: Mapping, arch: str | None = None) -> list[st
     problems = []
     fmt = _get(cfg, "INPUT.FORMAT", "BGR")
     if fmt != "RGB":
-        problems.append(f"INPUT.FORMAT is {fmt!r} (detectron2 default BGR); torchvision weights need 'RGB'")
+        problems.append(f"INPUT.FORMAT is {fmt!r} (detectron2 default BGR); torchvision weights "
+                        "need 'RGB'")
     mean = _get(cfg, "MODEL.PIXEL_MEAN", [103.53, 116.28, 123.675])
     std = _get(cfg, "MODEL.PIXEL_STD", [1.0, 1.0, 1.0])
-    for name, value, want in (("PIXEL_MEAN", mean, PIXEL_MEAN_RGB), ("PIXEL_STD", std, PIXEL_STD_RGB)):
+    for name, value, want in (("PIXEL_MEAN", mean, PIXEL_MEAN_RGB),
+                              ("PIXEL_STD", std, PIXEL_STD_RGB)):
         try:
             ok = np.allclose(np.asarray(value, dtype=float), want, atol=1e-3)
         except (TypeError, ValueError):
@@ -384,16 +409,18 @@ def detectron2_config_problems(cfg: Mapping, arch: str | None = None) -> list[st
                 why = " (std 1: detectron2's default for caffe2 weights)"
             problems.append(f"MODEL.{name} is {value!r}{why}; torchvision weights need {want}")
     if _get(cfg, "MODEL.RESNETS.STRIDE_IN_1X1", True) is not False:
-        problems.append("MODEL.RESNETS.STRIDE_IN_1X1 is not False (detectron2 default True); torchvision "
-                        "ResNets stride in the 3x3 conv")
+        problems.append("MODEL.RESNETS.STRIDE_IN_1X1 is not False (detectron2 default True); "
+                        "torchvision ResNets stride in the 3x3 conv")
     depth = _get(cfg, "MODEL.RESNETS.DEPTH", 50)
     if arch is not None and depth != DEPTHS.get(arch):
         problems.append(f"MODEL.RESNETS.DEPTH is {depth} but the weights are {arch}")
     if depth in (18, 34):
         if _get(cfg, "MODEL.RESNETS.RES2_OUT_CHANNELS", 256) != 64:
-            problems.append("MODEL.RESNETS.RES2_OUT_CHANNELS must be 64 for R18/R34 (detectron2 asserts it)")
+            problems.append("MODEL.RESNETS.RES2_OUT_CHANNELS must be 64 for R18/R34 (detectron2 "
+                            "asserts it)")
         if "Res5ROIHeads" in str(_get(cfg, "MODEL.ROI_HEADS.NAME", "Res5ROIHeads")):
-            problems.append("C4 (Res5ROIHeads) needs bottleneck blocks; R18/R34 weights do not fit")
+            problems.append("C4 (Res5ROIHeads) needs bottleneck blocks; R18/R34 weights do not "
+                            "fit")
     weights = _get(cfg, "MODEL.WEIGHTS", "")
     if weights and str(weights).startswith("detectron2://ImageNetPretrained/MSRA"):
         problems.append(f"MODEL.WEIGHTS {weights!r} is detectron2's caffe2 ImageNet model, "
@@ -416,7 +443,9 @@ def check_detectron2_config(cfg: Mapping | str | os.PathLike, arch: str | None =
 def _merge(base: dict, over: Mapping) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+        out[k] = (
+            _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+        )
     return out
 
 
@@ -448,7 +477,8 @@ def register_detectron2_extras() -> None:
 
         def __init__(self, cfg, input_shape):
             super().__init__(cfg, input_shape)
-            self.res5.add_module("norm", get_norm(cfg.MODEL.RESNETS.NORM, self.res5[-1].out_channels))
+            self.res5.add_module("norm", get_norm(cfg.MODEL.RESNETS.NORM,
+                                                  self.res5[-1].out_channels))
 
     ROI_HEADS_REGISTRY.register(Res5ROIHeadsExtraNorm)
 

@@ -100,7 +100,8 @@ class VOCDetection(Dataset):
                 self.skipped.append((image_id, str(e)))
         _report_skipped(str(list_file), self.skipped)
         if not self.ids:  # the caller decides (a training set needs images: torchvision_backend)
-            log.warning("%s: no usable image left (%d skipped as bad)", list_file, len(self.skipped))
+            log.warning("%s: no usable image left (%d skipped as bad)", list_file,
+                        len(self.skipped))
 
     def _load(self, image_id: str, keep_difficult: bool) -> dict:
         xml = self.root / "Annotations" / f"{image_id}.xml"
@@ -132,8 +133,9 @@ class VOCDetection(Dataset):
         image = read_image(self.image_path(image_id))
         ann = self.annotations[image_id]
         if image.size != (ann["width"], ann["height"]):
-            raise DataError(f"{self.image_path(image_id)}: image is {image.size[0]}x{image.size[1]} but its "
-                            f"annotation says {ann['width']}x{ann['height']}")
+            raise DataError(f"{self.image_path(image_id)}: image is "
+                            f"{image.size[0]}x{image.size[1]} but its annotation says "
+                            f"{ann['width']}x{ann['height']}")
         target = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in ann["target"].items()}
         return self.transform(image, target) if self.transform else (image, target)
 
@@ -153,7 +155,8 @@ class COCODetection(Dataset):
     """
 
     def __init__(self, image_dir: str | os.PathLike, ann_file: str | os.PathLike,
-                 transform: Callable | None = None, remove_empty: bool = False, skip_bad: bool = False):
+                 transform: Callable | None = None, remove_empty: bool = False,
+                 skip_bad: bool = False):
         from pycocotools.coco import COCO
 
         self.image_dir, self.ann_file, self.transform = Path(image_dir), Path(ann_file), transform
@@ -164,12 +167,14 @@ class COCODetection(Dataset):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{self.ann_file}: malformed JSON: {e}") from e
         check_coco_gt(data, str(self.ann_file), error=DataError, annotations=False)
-        bad = next((i for i, im in enumerate(data["images"]) if not isinstance(im.get("file_name"), str)), None)
+        bad = next((i for i, im in enumerate(data["images"])
+                    if not isinstance(im.get("file_name"), str)), None)
         if bad is not None:
-            raise DataError(f"{self.ann_file}: images[{bad}] (id {data['images'][bad]['id']}): missing "
-                            f"or bad file_name")
+            raise DataError(f"{self.ann_file}: images[{bad}] (id {data['images'][bad]['id']}): "
+                            "missing or bad file_name")
         for i, im in enumerate(data["images"]):
-            safe_relative(im["file_name"], f"{self.ann_file}: images[{i}] (id {im['id']}): file_name")
+            safe_relative(im["file_name"], f"{self.ann_file}: images[{i}] (id {im['id']}): "
+                          "file_name")
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco = COCO()
             self.coco.dataset = data
@@ -193,8 +198,9 @@ class COCODetection(Dataset):
             self.targets[image_id] = target
         _report_skipped(str(self.ann_file), self.skipped)
         if not self.ids:
-            log.warning("%s: no usable image left (%d skipped as bad%s)", self.ann_file, len(self.skipped),
-                        ", images without boxes removed" if remove_empty else "")
+            log.warning("%s: no usable image left (%d skipped as bad%s)", self.ann_file,
+                        len(self.skipped), ", images without boxes removed" if remove_empty
+                        else "")
 
     def _load(self, image_id: int) -> dict:
         info = self.coco.imgs[image_id]
@@ -221,9 +227,10 @@ class COCODetection(Dataset):
     def __getitem__(self, index: int):
         image_id = self.ids[index]
         image = read_image(self.image_path(image_id))
-        target = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in self.targets[image_id].items()}
+        target = {k: (v.clone() if torch.is_tensor(v) else v) for k,
+                  v in self.targets[image_id].items()}
         h, w = target["size"]
         if image.size != (w, h):
-            raise DataError(f"{self.image_path(image_id)}: image is {image.size[0]}x{image.size[1]} but "
-                            f"{self.ann_file} says {w}x{h}")
+            raise DataError(f"{self.image_path(image_id)}: image is "
+                            f"{image.size[0]}x{image.size[1]} but {self.ann_file} says {w}x{h}")
         return self.transform(image, target) if self.transform else (image, target)

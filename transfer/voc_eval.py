@@ -96,8 +96,8 @@ def _gt_by_class(annotations: Mapping[str, Mapping], classes: Sequence[str]) -> 
         for j, obj in enumerate(annotations[image_id]["objects"]):
             name = obj["name"]
             if name not in class_set:
-                raise VOCEvalError(f"annotation of image {image_id!r}, object {j}: class {name!r} is not one "
-                                   f"of the evaluated classes {list(classes)}")
+                raise VOCEvalError(f"annotation of image {image_id!r}, object {j}: class "
+                                   f"{name!r} is not one of the evaluated classes {list(classes)}")
             boxes, difficult, index = per[name]
             boxes.append(obj["bbox"])
             difficult.append(bool(obj.get("difficult", False)))
@@ -165,7 +165,8 @@ def _class_tp_fp(det_img: np.ndarray, det_score: np.ndarray, det_box: np.ndarray
     step = max(1, _CHUNK // k)  # bounds the [chunk, K] temporaries for crowded classes
     for lo in range(0, n, step):
         sl = slice(lo, lo + step)
-        jmax[sl], ovmax[sl] = _best_overlap(det_box[sl], gt["start"][det_img[sl]], count[sl], gt["boxes"], k)
+        jmax[sl], ovmax[sl] = _best_overlap(det_box[sl], gt["start"][det_img[sl]], count[sl],
+                                            gt["boxes"], k)
     # [D] global index of the chosen box (0 where the image has none: never a hit then)
     best = np.where(count > 0, gt["start"][det_img] + jmax, 0)
     hit = ovmax >= iou
@@ -232,18 +233,20 @@ def _as_arrays(dets, image_index: Mapping[str, int], cls: str, source=None):
                     float(s)
                     np.asarray(b, dtype=np.float64).reshape(4)
                 except (TypeError, ValueError, IndexError):
-                    raise VOCEvalError(f"{where(i)}: expected (image_id, score, (xmin, ymin, xmax, ymax)), "
-                                       f"got {d!r}") from None
+                    raise VOCEvalError(f"{where(i)}: expected (image_id, score, (xmin, ymin, "
+                                       f"xmax, ymax)), got {d!r}") from None
             raise VOCEvalError(f"class {cls!r}: malformed detections ({err})") from err
     get = image_index.get
-    img = np.fromiter((get(i if type(i) is str else str(i), -1) for i in ids), dtype=np.int64, count=len(ids))
+    img = np.fromiter((get(i if type(i) is str else str(i), -1) for i in ids), dtype=np.int64,
+                      count=len(ids))
     if (img < 0).any():
         i = int(np.flatnonzero(img < 0)[0])
         raise VOCEvalError(f"{where(i)}: unknown image id {ids[i]!r} (not in the evaluated split)")
     bad = ~(np.isfinite(score) & np.isfinite(box).all(axis=1))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise VOCEvalError(f"{where(i)}: a non-finite number: score {score[i]}, box {box[i].tolist()}")
+        raise VOCEvalError(f"{where(i)}: a non-finite number: score {score[i]}, box "
+                           f"{box[i].tolist()}")
     return img, score, box
 
 
@@ -292,24 +295,26 @@ def voc_evaluate(detections: Mapping[str, Sequence], annotations: Mapping[str, M
         n_total += len(box)
         if first_reversed is None and rev.any():
             i = int(np.flatnonzero(rev)[0])
-            first_reversed = (f"{source[i]}" if source is not None else f"class {cls!r}, detection {i}") + \
+            first_reversed = (f"{source[i]}" if source is not None
+                              else f"class {cls!r}, detection {i}") + \
                 f": {box[i].tolist()}"
         if npos == 0:
             ap[cls] = None
             if len(score):
-                log.warning("VOC eval: class %r has %d detections but no ground truth; AP undefined, "
-                            "left out of the mAP", cls, len(score))
+                log.warning("VOC eval: class %r has %d detections but no ground truth; AP "
+                            "undefined, left out of the mAP", cls, len(score))
             continue
         tp, fp = _class_tp_fp(img, score, box, gt[cls], iou)
         ap[cls] = 100.0 * _class_ap(tp, fp, npos, metric)
     if n_reversed:
-        log.warning("VOC eval: %d of %d detections have xmax < xmin or ymax < ymin (sub-pixel boxes, as "
-                    "detectron2 writes them; first: %s); scored as the devkit scores them (width xmax - xmin "
-                    "+ 1)", n_reversed, n_total, first_reversed)
+        log.warning("VOC eval: %d of %d detections have xmax < xmin or ymax < ymin (sub-pixel "
+                    "boxes, as detectron2 writes them; first: %s); scored as the devkit scores "
+                    "them (width xmax - xmin + 1)", n_reversed, n_total, first_reversed)
     defined = [v for v in ap.values() if v is not None]
     if not defined:  # an mAP of NaN is no result: say why instead
         raise VOCEvalError(f"no ground-truth box of the evaluated classes {list(classes)} in the "
-                           f"{len(annotations)} annotated image(s) (only difficult ones, or none): mAP undefined")
+                           f"{len(annotations)} annotated image(s) (only difficult ones, or "
+                           "none): mAP undefined")
     mean = float(np.mean(defined))
     return {"metric": metric, "iou": iou, "mAP": mean, "AP": ap, "reversed_boxes": n_reversed}
 
@@ -337,8 +342,8 @@ def _voc_root(devkit: str | os.PathLike, year: str) -> Path:
     for root in (devkit / f"VOC{year}", devkit):
         if (root / "ImageSets" / "Main").is_dir() and (root / "Annotations").is_dir():
             return root
-    raise VOCEvalError(f"{devkit}: not a VOC devkit (expected {devkit}/VOC{year}/ImageSets/Main and "
-                       "Annotations)")
+    raise VOCEvalError(f"{devkit}: not a VOC devkit (expected {devkit}/VOC{year}/ImageSets/Main "
+                       "and Annotations)")
 
 
 def check_voc_annotation(ann: Mapping, xml: str | os.PathLike) -> None:
@@ -350,12 +355,14 @@ def check_voc_annotation(ann: Mapping, xml: str | os.PathLike) -> None:
         raise VOCEvalError(f"{xml}: non-positive <size> {ann['width']}x{ann['height']}")
     for j, obj in enumerate(ann["objects"]):
         try:
-            pascal_to_box(obj["bbox"], ann["width"], ann["height"], f"{xml}: object {j} ({obj['name']})")
+            pascal_to_box(obj["bbox"], ann["width"], ann["height"],
+                          f"{xml}: object {j} ({obj['name']})")
         except DataError as e:
             raise VOCEvalError(str(e)) from None
 
 
-def load_voc_annotations(devkit: str | os.PathLike, year: str = "2007", split: str = "test") -> dict:
+def load_voc_annotations(devkit: str | os.PathLike, year: str = "2007",
+                         split: str = "test") -> dict:
     """{image_id: parse_voc_xml(...)} for the images of `ImageSets/Main/<split>.txt`, in file
     order.
 
@@ -384,7 +391,8 @@ def load_voc_annotations(devkit: str | os.PathLike, year: str = "2007", split: s
     return annotations
 
 
-def read_voc_results(results_dir: str | os.PathLike, split: str, classes: Sequence[str] = VOC_CLASSES,
+def read_voc_results(results_dir: str | os.PathLike, split: str,
+                     classes: Sequence[str] = VOC_CLASSES,
                      image_ids: Iterable[str] | None = None) -> tuple[dict, dict]:
     """Parse `comp4_det_<split>_<class>.txt` files.
 
@@ -404,7 +412,8 @@ def read_voc_results(results_dir: str | os.PathLike, split: str, classes: Sequen
         raise VOCEvalError(f"{results_dir}: no result files {pattern}")
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise VOCEvalError(f"{found[unknown[0]]}: unknown class {unknown[0]!r}; valid: {list(classes)}")
+        raise VOCEvalError(f"{found[unknown[0]]}: unknown class {unknown[0]!r}; valid: "
+                           f"{list(classes)}")
     missing = [c for c in classes if c not in found]
     if missing:
         log.warning("VOC results in %s: no file for %d class(es) %s: counted as no detections",
@@ -422,7 +431,8 @@ def read_voc_results(results_dir: str | os.PathLike, split: str, classes: Sequen
                 loc = f"{path}:{lineno}"
                 if len(parts) != 6:
                     raise VOCEvalError(
-                        f"{loc}: expected 'image_id score xmin ymin xmax ymax', got {line.strip()!r}")
+                        f"{loc}: expected 'image_id score xmin ymin xmax ymax', got "
+                        f"{line.strip()!r}")
                 try:
                     score, *box = (float(v) for v in parts[1:])
                 except ValueError:
@@ -430,7 +440,8 @@ def read_voc_results(results_dir: str | os.PathLike, split: str, classes: Sequen
                 if not all(map(math.isfinite, [score, *box])):
                     raise VOCEvalError(f"{loc}: non-finite number in {line.strip()!r}")
                 if known is not None and parts[0] not in known:
-                    raise VOCEvalError(f"{loc}: unknown image id {parts[0]!r} (not in the {split!r} split file)")
+                    raise VOCEvalError(f"{loc}: unknown image id {parts[0]!r} (not in the "
+                                       f"{split!r} split file)")
                 dets.append((parts[0], score, box))
                 where.append(loc)
         detections[cls], sources[cls] = dets, where
@@ -458,9 +469,9 @@ def write_voc_results(out_dir: str | os.PathLike, split: str,
     return paths
 
 
-def evaluate_voc_results(devkit: str | os.PathLike, results_dir: str | os.PathLike, year: str = "2007",
-                         split: str = "test", metric: str | None = None, iou: float = 0.5,
-                         classes: Sequence[str] = VOC_CLASSES) -> dict:
+def evaluate_voc_results(devkit: str | os.PathLike, results_dir: str | os.PathLike,
+                         year: str = "2007", split: str = "test", metric: str | None = None,
+                         iou: float = 0.5, classes: Sequence[str] = VOC_CLASSES) -> dict:
     """Score result files against the devkit's annotations (what tools/eval_voc.py prints).
 
     metric None -> "11point" for 2007, "area" for later years (the devkit's choice).

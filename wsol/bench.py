@@ -34,7 +34,8 @@ def make_bench_maps(n: int, size: int = 224, seed: int = 0, texture_every: int =
     out = []
     for i in range(n):
         x = torch.from_numpy(rng.standard_normal((1, 1, 14, 14))).float()
-        m = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)[0, 0].double().numpy()
+        m = F.interpolate(x, size=(size, size), mode="bicubic",
+                          align_corners=False)[0, 0].double().numpy()
         if texture_every and i % texture_every == texture_every - 1:
             m = m + 0.15 * rng.standard_normal(m.shape)
         m = (m - m.min()) / (m.max() - m.min())
@@ -98,10 +99,12 @@ def run_wsol_bench(quick: bool = False, n_maps: int | None = None, n_reference: 
         whole = MaxBoxAccEvaluator(interval, ious, multi_contour=multi)
         for fam, fmaps in families.items():
             sub = fmaps[:max(1, round(n_reference * share[fam]))]
-            ref, ref_cpu, _ = _time(lambda sub=sub, multi=multi: _run("reference", multi, sub, interval, ious),
+            ref, ref_cpu, _ = _time(lambda sub=sub,
+                                    multi=multi: _run("reference", multi, sub, interval, ious),
                                     repeats)
             same &= _same(ref, _run("fast", multi, sub, interval, ious))
-            fast, fast_cpu, _ = _time(lambda fmaps=fmaps, multi=multi: _run("fast", multi, fmaps, interval, ious),
+            fast, fast_cpu, _ = _time(lambda fmaps=fmaps,
+                                      multi=multi: _run("fast", multi, fmaps, interval, ious),
                                       repeats)
             ref_ms[fam], fast_ms[fam] = 1000 * ref_cpu / len(sub), 1000 * fast_cpu / len(fmaps)
             whole.count += fast.count
@@ -110,7 +113,8 @@ def run_wsol_bench(quick: bool = False, n_maps: int | None = None, n_reference: 
         mix_ref = sum(share[f] * ref_ms[f] for f in families)
         mix_fast = sum(share[f] * fast_ms[f] for f in families)
         out[f"maxboxacc_{tag}_speedup"] = mix_ref / mix_fast if mix_fast > 0 else float("inf")
-        out[f"maxboxacc_{tag}_speedup_by_family"] = {f: ref_ms[f] / fast_ms[f] if fast_ms[f] > 0 else float("inf")
+        out[f"maxboxacc_{tag}_speedup_by_family"] = {f: ref_ms[f] / fast_ms[f] if fast_ms[f] > 0
+                                                     else float("inf")
                                                      for f in families}
         out[f"{tag}_reference_ms_per_image"] = mix_ref
         out[f"{tag}_fast_ms_per_image"] = mix_fast
@@ -151,10 +155,12 @@ def write_bench_split(root, n_maps: int, seed: int = 0, subsets=()) -> dict:
 
     def split(name, k):
         sub = ids[:k]
-        return write_wsol_metadata(WSOLMetadata(sub, {i: 0 for i in sub}, {i: (224, 224) for i in sub},
+        return write_wsol_metadata(WSOLMetadata(sub, {i: 0 for i in sub},
+                                                {i: (224, 224) for i in sub},
                                                 {i: boxes[i] for i in sub}), root / name)
 
-    return {"maps": root / "maps", n_maps: split("all", n_maps), **{k: split(f"first{k}", k) for k in subsets}}
+    return {"maps": root / "maps", n_maps: split("all", n_maps),
+            **{k: split(f"first{k}", k) for k in subsets}}
 
 
 def _run_tool(cmd: list[str], repeats: int) -> tuple[float, float, dict]:
@@ -169,7 +175,8 @@ def _run_tool(cmd: list[str], repeats: int) -> tuple[float, float, dict]:
         wall = time.perf_counter() - t0
         r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): "
+                               f"{proc.stderr.strip()[-2000:]}")
         cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
         if wall < best[0]:
             best = (wall, cpu, json.loads(proc.stdout))
@@ -186,8 +193,9 @@ def _extrapolate(t_one: float, t_sub: float, n_sub: int, n: int) -> float:
     return t_one + (n - 1) * (t_sub - t_one) / (n_sub - 1) if n_sub < n else t_sub
 
 
-def run_whole_process_bench(tool, n_maps: int = 2000, n_reference: int = 64, interval: float = 0.001,
-                            workers: int | None = None, repeats: int = 1, seed: int = 0, workdir=None) -> dict:
+def run_whole_process_bench(tool, n_maps: int = 2000, n_reference: int = 64,
+                            interval: float = 0.001, workers: int | None = None, repeats: int = 1,
+                            seed: int = 0, workdir=None) -> dict:
     """Whole processes timed: ``python <tool>`` (tools/eval_wsol.py: start-up, imports, reading the
     metadata and ``n_maps`` .npy maps, the sweep, JSON) with its default threads (or ``workers``)
     and with one, vs the same tool with ``--reference``, the straightforward per-threshold OpenCV
@@ -206,7 +214,8 @@ def run_whole_process_bench(tool, n_maps: int = 2000, n_reference: int = 64, int
         d = write_bench_split(Path(tmp), n_maps, seed, subsets=sorted({1, n_reference} - {n_maps}))
 
         def run(k, *extra):  # the tool on the first k maps
-            return _run_tool(base + ["--metadata", str(d[k]), "--scoremaps", str(d["maps"]), *extra], repeats)
+            return _run_tool(base + ["--metadata", str(d[k]), "--scoremaps", str(d["maps"]),
+                                     *extra], repeats)
 
         # warm-up: the first run after installation compiles the numba kernels into their cache
         run(1)
@@ -224,9 +233,10 @@ def run_whole_process_bench(tool, n_maps: int = 2000, n_reference: int = 64, int
         "whole_process_cpu_ratio": ref_cpu / fast[1],
         "maps": n_maps, "reference_maps": n_reference, "workers": workers or "tool default",
         "repeats": repeats, "sweep": fast[2]["sweep"], "reference_sweep": ref_sub[2]["sweep"],
-        "fast_s": fast[0], "fast_cpu_s": fast[1], "fast_1_thread_s": fast1[0], "fast_startup_s": fast_one[0],
-        "reference_s": ref_wall, "reference_cpu_s": ref_cpu, "reference_measured_s": ref_sub[0],
-        "reference_startup_s": ref_one[0], "reference_extrapolated": n_reference < n_maps,
+        "fast_s": fast[0], "fast_cpu_s": fast[1], "fast_1_thread_s": fast1[0],
+        "fast_startup_s": fast_one[0], "reference_s": ref_wall, "reference_cpu_s": ref_cpu,
+        "reference_measured_s": ref_sub[0], "reference_startup_s": ref_one[0],
+        "reference_extrapolated": n_reference < n_maps,
         "identical": _numbers(fast_sub[2]) == _numbers(ref_sub[2]) and fast[2] == fast1[2],
         "maxboxacc_v2": fast[2]["maxboxacc_v2"],
     }

@@ -124,12 +124,13 @@ def read_cub(cub_root, check_images: bool = False) -> tuple[list[CubRecord], lis
     for image_id, rel in images.items():
         safe_relative(rel, f"{root / 'images.txt'}: image {image_id}", MetadataError)
         if rel in seen:
-            raise MetadataError(f"{root / 'images.txt'}: image ids {seen[rel]} and {image_id} share the "
-                                f"path {rel!r}")
+            raise MetadataError(f"{root / 'images.txt'}: image ids {seen[rel]} and {image_id} "
+                                f"share the path {rel!r}")
         seen[rel] = image_id
     if not images:
         raise MetadataError(f"{root / 'images.txt'}: no images")
-    labels = _read_id_map(root / "image_class_labels.txt", 2, lambda p, i, f: _num(p, i, f[0], int))
+    labels = _read_id_map(root / "image_class_labels.txt", 2, lambda p, i,
+                          f: _num(p, i, f[0], int))
     split = _read_id_map(root / "train_test_split.txt", 2, lambda p, i, f: _num(p, i, f[0], int))
     boxes = _read_id_map(root / "bounding_boxes.txt", 5,
                          lambda p, i, f: tuple(_num(p, i, v, float) for v in f))
@@ -140,7 +141,8 @@ def read_cub(cub_root, check_images: bool = False) -> tuple[list[CubRecord], lis
                         ("bounding_boxes.txt", boxes)):
         unknown = sorted(set(table) - set(images))
         if unknown:
-            raise MetadataError(f"{root / name}: unknown image id(s) {unknown[:5]} (not in images.txt)")
+            raise MetadataError(f"{root / name}: unknown image id(s) {unknown[:5]} (not in "
+                                "images.txt)")
         missing = sorted(set(images) - set(table))
         if missing:
             raise MetadataError(f"{root / name}: no entry for image id(s) {missing[:5]}")
@@ -148,21 +150,21 @@ def read_cub(cub_root, check_images: bool = False) -> tuple[list[CubRecord], lis
     for image_id, rel in images.items():
         label = labels[image_id]
         if label not in classes:
-            raise MetadataError(f"{root / 'image_class_labels.txt'}: image {image_id} has unknown class {label} "
-                                "(not in classes.txt)")
+            raise MetadataError(f"{root / 'image_class_labels.txt'}: image {image_id} has "
+                                f"unknown class {label} (not in classes.txt)")
         if split[image_id] not in (0, 1):
             raise MetadataError(f"{root / 'train_test_split.txt'}: image {image_id} has split "
                                 f"{split[image_id]} (expected 1 train / 0 test)")
         x, y, w, h = boxes[image_id]
         if not all(np.isfinite([x, y, w, h])):
-            raise MetadataError(f"{root / 'bounding_boxes.txt'}: image {image_id} has a non-finite box "
-                                f"{[x, y, w, h]}")
+            raise MetadataError(f"{root / 'bounding_boxes.txt'}: image {image_id} has a "
+                                f"non-finite box {[x, y, w, h]}")
         if w < 0 or h < 0:
-            raise MetadataError(f"{root / 'bounding_boxes.txt'}: image {image_id} has negative box size "
-                                f"w={w} h={h} (x1 < x0)")
+            raise MetadataError(f"{root / 'bounding_boxes.txt'}: image {image_id} has negative "
+                                f"box size w={w} h={h} (x1 < x0)")
         if w == 0 or h == 0:
-            raise MetadataError(f"{root / 'bounding_boxes.txt'}: image {image_id} has a box of zero size "
-                                f"w={w} h={h}")
+            raise MetadataError(f"{root / 'bounding_boxes.txt'}: image {image_id} has a box of "
+                                f"zero size w={w} h={h}")
         box = (x, y, x + w, y + h)
         if check_images:
             size = _image_size(root / "images" / rel, f"{root / 'images.txt'}: image {image_id}")
@@ -201,9 +203,11 @@ def write_wsol_metadata(meta: WSOLMetadata, out_dir) -> Path:
     ids = meta.image_ids
     _atomic_write(out / "image_ids.txt", ids)
     _atomic_write(out / "class_labels.txt", [f"{i},{meta.labels[i]}" for i in ids])
-    _atomic_write(out / "image_sizes.txt", [f"{i},{meta.sizes[i][0]},{meta.sizes[i][1]}" for i in ids])
+    _atomic_write(out / "image_sizes.txt",
+                  [f"{i},{meta.sizes[i][0]},{meta.sizes[i][1]}" for i in ids])
     _atomic_write(out / "localization.txt",
-                  [f"{i}," + ",".join(_fmt(v) for v in b) for i in ids for b in meta.boxes.get(i, [])])
+                  [f"{i}," + ",".join(_fmt(v) for v in b) for i in ids
+                   for b in meta.boxes.get(i, [])])
     return out
 
 
@@ -238,7 +242,8 @@ def read_wsol_metadata(metadata_dir, require_boxes: bool = True) -> WSOLMetadata
             if missing:
                 raise MetadataError(f"{loc}: no box for image id(s) {missing[:5]}")
     return WSOLMetadata(image_ids, labels, sizes,
-                        {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k, v in boxes.items()})
+                        {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k,
+                         v in boxes.items()})
 
 
 def _read_image_ids(ids_path: Path) -> list[str]:
@@ -264,7 +269,8 @@ def _per_id(d: Path, seen: set, name: str, n: int):
             raise MetadataError(f"{path}:{lineno}: expected {n} comma-separated fields, got "
                                 f"{len(parts)}: {text!r}")
         if parts[0] not in seen:
-            raise MetadataError(f"{path}:{lineno}: unknown image id {parts[0]!r} (not in image_ids.txt)")
+            raise MetadataError(f"{path}:{lineno}: unknown image id {parts[0]!r} (not in "
+                                "image_ids.txt)")
         yield path, lineno, parts
 
 
@@ -310,7 +316,8 @@ def cub_to_wsol_metadata(cub_root, out_root, check_images: bool = True) -> dict[
             p = cub_root / "images" / r.path
             sizes[r.path] = _image_size(p, f"{cub_root / 'images.txt'}: image {r.image_id}")
             if check_images:
-                _check_box(f"{cub_root / 'bounding_boxes.txt'}: image {r.image_id}", r.box, sizes[r.path])
+                _check_box(f"{cub_root / 'bounding_boxes.txt'}: image {r.image_id}", r.box,
+                           sizes[r.path])
         meta = WSOLMetadata([r.path for r in recs], {r.path: r.label for r in recs}, sizes,
                             {r.path: np.asarray([r.box]) for r in recs})
         out[split] = write_wsol_metadata(meta, Path(out_root) / split)
@@ -359,8 +366,8 @@ class WSOLDataset:
         # the boxes are in the annotated size's pixels
         if img.size != tuple(self.metadata.sizes[iid]):
             w, h = self.metadata.sizes[iid]
-            raise MetadataError(f"{path}: image is {img.size[0]}x{img.size[1]} but image_sizes.txt says "
-                                f"{w}x{h} for {iid!r}")
+            raise MetadataError(f"{path}: image is {img.size[0]}x{img.size[1]} but "
+                                f"image_sizes.txt says {w}x{h} for {iid!r}")
         if self.transform is not None:
             img = self.transform(img)
         return img, self.metadata.labels[iid], index

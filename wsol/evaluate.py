@@ -22,7 +22,8 @@ from wsol.metrics import LocAccuracy, MaxBoxAccEvaluator, boxes_at_threshold, ce
 from wsol.model import normalise_cams
 from wsol.scoremaps import gt_boxes_resized, load_scoremap, score_scoremap_dir  # noqa: F401 (public here too)
 
-__all__ = ["gt_boxes_resized", "load_scoremap", "score_scoremap_dir", "evaluate_model", "centred_box_baseline"]
+__all__ = ["gt_boxes_resized", "load_scoremap", "score_scoremap_dir", "evaluate_model",
+           "centred_box_baseline"]
 
 
 def centred_box_baseline(metadata_dir, size=(224, 224), fraction: float = 0.5,
@@ -36,7 +37,8 @@ def centred_box_baseline(metadata_dir, size=(224, 224), fraction: float = 0.5,
         raise InputError(f"fraction (--fraction) must be in (0, 1], got {fraction}")
     if min(size) <= 0:
         raise InputError(f"size (--size) must be positive, got {size}")
-    meta = read_wsol_metadata(metadata_dir, require_boxes=True) if not isinstance(metadata_dir, WSOLMetadata) \
+    meta = read_wsol_metadata(metadata_dir, require_boxes=True) if not isinstance(metadata_dir,
+                                                                                  WSOLMetadata) \
         else metadata_dir
     gts = [gt_boxes_resized(meta, iid, size) for iid in meta.image_ids]
     from wsol.metrics import iou_matrix
@@ -49,7 +51,8 @@ def centred_box_baseline(metadata_dir, size=(224, 224), fraction: float = 0.5,
 
     if fraction is not None:
         return score(fraction)
-    return max((score(round(f, 2)) for f in np.arange(0.05, 1.0001, 0.05)), key=lambda r: r["boxacc_mean"])
+    return max((score(round(f, 2)) for f in np.arange(0.05, 1.0001, 0.05)),
+               key=lambda r: r["boxacc_mean"])
 
 
 def _sum_over_ranks(v2: MaxBoxAccEvaluator, v1: MaxBoxAccEvaluator, loc: LocAccuracy) -> None:
@@ -78,7 +81,8 @@ def _batch_records(meta: WSOLMetadata, size, evaluators, scoremap_dir, keep_exam
         images, labels, _ = batch
         logits, cams = outputs
         # NaN logits or CAMs would score as a constant map and a wrong class: counted, never saved
-        bad = ((~torch.isfinite(logits.float())).flatten(1).sum(1) + (~torch.isfinite(cams.float())).flatten(1).sum(1))
+        bad = ((~torch.isfinite(logits.float())).flatten(1).sum(1)
+               + (~torch.isfinite(cams.float())).flatten(1).sum(1))
         maps = normalise_cams(cams.float(), size)[:, 0]
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         bad, maps, top5 = to_host([bad, maps, top5])
@@ -95,17 +99,17 @@ def _batch_records(meta: WSOLMetadata, size, evaluators, scoremap_dir, keep_exam
                 save_scoremap(scoremap_dir, iid, smap)
             example = None
             if idx < keep_examples:
-                example = {"image": images[j].float().permute(1, 2, 0).numpy(), "cam": smap, "gt": gt,
-                           "image_id": iid, "label": label, "pred": top5[j][0]}
+                example = {"image": images[j].float().permute(1, 2, 0).numpy(), "cam": smap,
+                           "gt": gt, "image_id": iid, "label": label, "pred": top5[j][0]}
             records.append((int(bad[j]), example))
         return records
     return to_records
 
 
-def evaluate_model(model, dataset, meta: WSOLMetadata, device, batch_size: int, workers: int = 0, size=(224, 224),
-                   cam_curve_interval=0.001, iou_thresholds=(30, 50, 70), loc_threshold=0.15, loc_iou=0.5,
-                   loc_op=">=", scoremap_dir=None, keep_examples: int = 0, precision: str = "fp32",
-                   split: str = "test") -> dict:
+def evaluate_model(model, dataset, meta: WSOLMetadata, device, batch_size: int, workers: int = 0,
+                   size=(224, 224), cam_curve_interval=0.001, iou_thresholds=(30, 50, 70),
+                   loc_threshold=0.15, loc_iou=0.5, loc_op=">=", scoremap_dir=None,
+                   keep_examples: int = 0, precision: str = "fp32", split: str = "test") -> dict:
     """Classification + localization of a CAM model over one split (CAMs of the true class).
 
     ``dataset`` yields (image [3, H, W] in [0, 1], label, index into ``meta.image_ids``); each rank
@@ -119,11 +123,14 @@ def evaluate_model(model, dataset, meta: WSOLMetadata, device, batch_size: int, 
     v2 = MaxBoxAccEvaluator(cam_curve_interval, iou_thresholds, multi_contour=True)
     v1 = MaxBoxAccEvaluator(cam_curve_interval, (50,), multi_contour=False)
     loc = LocAccuracy(loc_threshold, loc_iou, loc_op, multi_contour=False)
-    to_records = _batch_records(meta, size, (v2, v1, loc), None if scoremap_dir is None else Path(scoremap_dir),
+    to_records = _batch_records(meta, size, (v2, v1, loc),
+                                None if scoremap_dir is None else Path(scoremap_dir),
                                 keep_examples)
-    res = inference_on_dataset(model, dataset, lambda m, inputs: m.logits_and_cams(inputs[0], inputs[1]), to_records,
-                               batch_size=batch_size, device=device, workers=workers, precision=precision,
-                               select=lambda batch: batch[:2], desc="evaluate")
+    res = inference_on_dataset(model, dataset, lambda m,
+                               inputs: m.logits_and_cams(inputs[0], inputs[1]), to_records,
+                               batch_size=batch_size, device=device, workers=workers,
+                               precision=precision, select=lambda batch: batch[:2],
+                               desc="evaluate")
     check_outputs_finite("wsol", split, {"logit or CAM": sum(r[0] for r in res.records)})
     _sum_over_ranks(v2, v1, loc)
     return _report(v2, v1, loc, [r[1] for r in res.records if r[1] is not None][:keep_examples])
@@ -138,7 +145,8 @@ def save_scoremap(scoremap_dir: Path, image_id: str, smap: np.ndarray) -> None:
         np.save(f, smap.astype(np.float32))
 
 
-def _report(v2: MaxBoxAccEvaluator, v1: MaxBoxAccEvaluator, loc: LocAccuracy, examples: list) -> dict:
+def _report(v2: MaxBoxAccEvaluator, v1: MaxBoxAccEvaluator, loc: LocAccuracy,
+            examples: list) -> dict:
     r2, r1, rl = v2.compute(), v1.compute(), loc.compute()
     for ex in examples:  # boxes at the split's best IoU-50 threshold, all contours
         ex["pred_boxes"] = boxes_at_threshold(ex["cam"], r2["best_threshold"].get("50", 0.5), True)

@@ -43,7 +43,8 @@ def cam_grid(examples, path, cols: int = 4, class_names=None) -> Path:
         name = (class_names[ex["label"]] if class_names else str(ex["label"]))
         mark = "ok" if ex.get("pred") == ex["label"] else f"pred {ex.get('pred')}"
         ax.set_title(f"{name[:18]} ({mark})", fontsize=8)
-    fig.suptitle("CAM (jet), GT boxes (green), boxes at the best IoU-50 threshold (red)", fontsize=9)
+    fig.suptitle("CAM (jet), GT boxes (green), boxes at the best IoU-50 threshold (red)",
+                 fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +73,8 @@ def boxacc_curves(thresholds, box_acc: dict, path, title: str = "BoxAcc vs CAM t
     return path
 
 
-def loc_curve(curve: list[dict], path, keys=("maxboxacc_v2", "top1_loc", "gt_known_loc", "top1_cls")) -> Path:
+def loc_curve(curve: list[dict], path,
+              keys=("maxboxacc_v2", "top1_loc", "gt_known_loc", "top1_cls")) -> Path:
     """curve: one dict per evaluated epoch with "epoch" and metric keys (percent)."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     epochs = [c["epoch"] for c in curve]

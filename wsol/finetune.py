@@ -47,8 +47,8 @@ from wsol.evaluate import centred_box_baseline, evaluate_model
 from wsol.figures import boxacc_curves, cam_grid, loc_curve
 from wsol.model import CAMModel, build_cam_model
 
-__all__ = ["DEFAULTS", "finetune", "evaluate_run", "build_optimizer", "param_groups", "build_transforms",
-           "TRUNK_LAYERS"]
+__all__ = ["DEFAULTS", "finetune", "evaluate_run", "build_optimizer", "param_groups",
+           "build_transforms", "TRUNK_LAYERS"]
 
 TRUNK_LAYERS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
 
@@ -80,9 +80,9 @@ DEFAULTS = {
     "optim": {
         "name": "sgd",                  # sgd | adam
         # lr: the trunk layers; lr_classifier: the layers in large_lr_layers
-        **fragment(OPTIM, "epochs", "batch_per_process", "lr", "lr_classifier", "momentum", "weight_decay",
-                   "nesterov", "schedule", "gamma", epochs=600, batch_per_process=16, lr=0.001, lr_classifier=0.01,
-                   nesterov=False),
+        **fragment(OPTIM, "epochs", "batch_per_process", "lr", "lr_classifier", "momentum",
+                   "weight_decay", "nesterov", "schedule", "gamma", epochs=600,
+                   batch_per_process=16, lr=0.001, lr_classifier=0.01, nesterov=False),
         "large_lr_layers": ["fc"],      # which layers get lr_classifier: [fc] or [layer4, fc]
         "freeze": [],                   # trunk layers kept frozen (params and BN statistics)
         "step_size": 150,               # epochs between x gamma decays (schedule step)
@@ -101,7 +101,8 @@ DEFAULTS = {
         "loc_op": ">=",
         "num_figure_images": 16,
     },
-    "runtime": fragment(RUNTIME, "device", "precision", "channels_last", "tensorboard", "log_every_steps"),
+    "runtime": fragment(RUNTIME, "device", "precision", "channels_last", "tensorboard",
+                        "log_every_steps"),
 }
 
 
@@ -124,7 +125,8 @@ def _layer_of(name: str) -> str:
     return CAMModel._TRUNK_NAMES[int(parts[1])]
 
 
-def param_groups(model: CAMModel, lr: float, lr_classifier: float, large_lr_layers, freeze) -> list[dict]:
+def param_groups(model: CAMModel, lr: float, lr_classifier: float, large_lr_layers,
+                 freeze) -> list[dict]:
     """Optimizer groups: ``large_lr_layers`` at lr_classifier, the rest at lr; ``freeze`` excluded
     (requires_grad=False). Each group carries "name" and "layers"."""
     known = set(TRUNK_LAYERS) | {"fc"}
@@ -151,9 +153,10 @@ def param_groups(model: CAMModel, lr: float, lr_classifier: float, large_lr_laye
 
 
 def build_optimizer(model: CAMModel, optim: dict) -> torch.optim.Optimizer:
-    groups = param_groups(model, optim["lr"], optim["lr_classifier"], optim["large_lr_layers"], optim["freeze"])
-    return _build_optimizer(optim["name"], groups, optim["lr"], optim["momentum"], optim["weight_decay"],
-                            optim["nesterov"])
+    groups = param_groups(model, optim["lr"], optim["lr_classifier"], optim["large_lr_layers"],
+                          optim["freeze"])
+    return _build_optimizer(optim["name"], groups, optim["lr"], optim["momentum"],
+                            optim["weight_decay"], optim["nesterov"])
 
 
 def set_frozen_eval(model: CAMModel, freeze) -> None:
@@ -168,10 +171,11 @@ RANGES = {
     "optim.lr_classifier": (">", 0),
     "optim.momentum": (">=", 0, "<", 1), "optim.weight_decay": (">=", 0), "optim.gamma": (">", 0),
     "optim.step_size": (">", 0), "optim.name": ("in", ("sgd", "adam", "adamw")),
-    "optim.schedule": ("in", ("step", "cosine", "constant")), "input.resize": (">", 0), "input.crop": (">", 0),
-    "input.test_size": (">", 0), "data.num_workers": (">=", 0), "data.max_train": (">", 0),
-    "data.max_val": (">", 0), "eval.every_epochs": (">=", 0), "eval.cam_curve_interval": (">", 0, "<", 1),
-    "eval.loc_threshold": (">=", 0, "<=", 1), "eval.loc_iou": (">", 0, "<=", 1), "eval.loc_op": ("in", (">=", ">")),
+    "optim.schedule": ("in", ("step", "cosine", "constant")), "input.resize": (">", 0),
+    "input.crop": (">", 0), "input.test_size": (">", 0), "data.num_workers": (">=", 0),
+    "data.max_train": (">", 0), "data.max_val": (">", 0), "eval.every_epochs": (">=", 0),
+    "eval.cam_curve_interval": (">", 0, "<", 1), "eval.loc_threshold": (">=", 0, "<=", 1),
+    "eval.loc_iou": (">", 0, "<=", 1), "eval.loc_op": ("in", (">=", ">")),
     "eval.batch_size": (">", 0), "runtime.log_every_steps": (">", 0),
     "runtime.precision": ("in", ("fp32", "bf16", "fp16")),
 }
@@ -186,8 +190,9 @@ def resolve_config(cfg: dict) -> dict:
     checked)."""
     # a recipe (someone else's, or an override) must never switch unpickling on
     if "allow_pickle" in cfg:
-        raise ConfigError("config key allow_pickle: unpickling cannot be turned on from a config or an override; "
-                          "pass --allow-pickle to tools/run_wsol.py for a checkpoint you trust")
+        raise ConfigError("config key allow_pickle: unpickling cannot be turned on from a "
+                          "config or an override; pass --allow-pickle to tools/run_wsol.py for "
+                          "a checkpoint you trust")
     cfg = validate(cfg, DEFAULTS, types=TYPES)
     check_ranges(cfg, RANGES)
     cfg["method"] = {"name": "none", **cfg["method"]}
@@ -195,8 +200,9 @@ def resolve_config(cfg: dict) -> dict:
     if name != "none":
         check_method_config(name, knobs, "method", "method.name")
     elif knobs:
-        raise ConfigError(f"config keys method.{', method.'.join(sorted(knobs))} would be ignored: method.name is "
-                          "none (plain cross-entropy); name the method (e.g. method.name=multimix) or drop them")
+        raise ConfigError(f"config keys method.{', method.'.join(sorted(knobs))} would be "
+                          "ignored: method.name is none (plain cross-entropy); name the method "
+                          "(e.g. method.name=multimix) or drop them")
     return cfg
 
 
@@ -214,11 +220,13 @@ class WSOLObjective(nn.Module):
         super().__init__()
         self.cam = cam
         name = method.get("name", "none")
-        self.method = None if name == "none" else build_configured(name, cam, num_classes, method_knobs(method),
-                                                                   "method", "method.name")
+        self.method = None if name == "none" else build_configured(name, cam, num_classes,
+                                                                   method_knobs(method), "method",
+                                                                   "method.name")
         if self.method is not None and self.method.export_head() is not None:
-            raise ConfigError(f"mixing {name!r} trains its own classifier head; CAMs need fc on pooled features: "
-                              "use a method without one (alignmix: the released code's GAP head)")
+            raise ConfigError(f"mixing {name!r} trains its own classifier head; CAMs need fc on "
+                              "pooled features: use a method without one (alignmix: the "
+                              "released code's GAP head)")
 
     @property
     def generator(self):
@@ -247,11 +255,13 @@ def _datasets(cfg):
 
 def _eval(model, test, cfg, device, scoremap_dir=None, keep_examples=0):
     e = cfg["eval"]
-    return evaluate_model(model, test, test.metadata, device, e["batch_size"], cfg["data"]["num_workers"],
-                          size=(cfg["input"]["test_size"],) * 2, cam_curve_interval=e["cam_curve_interval"],
-                          iou_thresholds=e["iou_thresholds"], loc_threshold=e["loc_threshold"], loc_iou=e["loc_iou"],
-                          loc_op=e["loc_op"], scoremap_dir=scoremap_dir, keep_examples=keep_examples,
-                          precision=cfg["runtime"]["precision"], split=cfg["data"]["test_split"])
+    return evaluate_model(model, test, test.metadata, device, e["batch_size"],
+                          cfg["data"]["num_workers"], size=(cfg["input"]["test_size"],) * 2,
+                          cam_curve_interval=e["cam_curve_interval"],
+                          iou_thresholds=e["iou_thresholds"], loc_threshold=e["loc_threshold"],
+                          loc_iou=e["loc_iou"], loc_op=e["loc_op"], scoremap_dir=scoremap_dir,
+                          keep_examples=keep_examples, precision=cfg["runtime"]["precision"],
+                          split=cfg["data"]["test_split"])
 
 
 def _public(res: dict) -> dict:
@@ -286,15 +296,21 @@ class WSOLTask(ClassificationTask):
         shard of the epoch's order (DistributedSampler with the run seed, `set_epoch`), so the
         ranks train on different images. The order is a function of (seed, epoch) either way: exact
         resume."""
-        n, b, workers = len(self.train_set), self.cfg["optim"]["batch_per_process"], self.cfg["data"]["num_workers"]
+        n, b, workers = (
+            len(self.train_set),
+            self.cfg["optim"]["batch_per_process"],
+            self.cfg["data"]["num_workers"],
+        )
         if self.world == 1:
-            return DataLoader(self.train_set, batch_size=b, shuffle=True, drop_last=n > b, num_workers=workers,
-                              generator=torch.Generator().manual_seed(self.cfg["seed"] * 100003 + epoch))
-        sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                     seed=self.cfg["seed"])
+            return DataLoader(self.train_set, batch_size=b, shuffle=True, drop_last=n > b,
+                              num_workers=workers,
+                              generator=torch.Generator().manual_seed(self.cfg["seed"] * 100003
+                                                                      + epoch))
+        sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank,
+                                     shuffle=True, seed=self.cfg["seed"])
         sampler.set_epoch(epoch)
-        return DataLoader(self.train_set, batch_size=b, sampler=sampler, drop_last=n > b * self.world,
-                          num_workers=workers)
+        return DataLoader(self.train_set, batch_size=b, sampler=sampler,
+                          drop_last=n > b * self.world, num_workers=workers)
 
     def batches(self, epoch: int, start_step: int):
         if start_step:
@@ -308,7 +324,8 @@ class WSOLTask(ClassificationTask):
 
     def param_groups(self) -> list[dict]:
         o = self.cfg["optim"]
-        return param_groups(self.cam, o["lr"], o["lr_classifier"], o["large_lr_layers"], o["freeze"])
+        return param_groups(self.cam, o["lr"], o["lr_classifier"], o["large_lr_layers"],
+                            o["freeze"])
 
     def lr_lambda(self, step: int) -> float:
         o = self.cfg["optim"]
@@ -316,7 +333,8 @@ class WSOLTask(ClassificationTask):
         kind = o["schedule"]
         step_size = max(1, o["step_size"])
         return lr_factor(step // self.steps_per_epoch, kind, total=epochs, gamma=o["gamma"],
-                         milestones=range(step_size, epochs + step_size, step_size) if kind == "step" else ())
+                         milestones=range(step_size, epochs + step_size, step_size)
+                         if kind == "step" else ())
 
     def train_mode(self) -> None:
         self.model.train()
@@ -333,8 +351,8 @@ class WSOLTask(ClassificationTask):
 
     @property
     def resume_may_change(self) -> tuple[str, ...]:
-        keys = ["name", "data.num_workers", "runtime.device", "runtime.tensorboard", "runtime.log_every_steps",
-                "eval.num_figure_images", "eval.batch_size"]
+        keys = ["name", "data.num_workers", "runtime.device", "runtime.tensorboard",
+                "runtime.log_every_steps", "eval.num_figure_images", "eval.batch_size"]
         if self.cfg["optim"]["schedule"] != "cosine":
             keys.append("optim.epochs")  # train longer: the schedule does not depend on the total
         return tuple(keys)
@@ -373,54 +391,65 @@ def run(cfg: dict, inputs: dict | None, run_dir, resume: bool = True, force: boo
         configure_cuda(benchmark=True)  # fixed-size crops
     task = WSOLTask(cfg, weights, device)
     o = cfg["optim"]
-    optimizer = _build_optimizer(o["name"], task.param_groups(), o["lr"], o["momentum"], o["weight_decay"],
-                                 o["nesterov"])
+    optimizer = _build_optimizer(o["name"], task.param_groups(), o["lr"], o["momentum"],
+                                 o["weight_decay"], o["nesterov"])
     settings = LoopSettings(total_steps=task.steps_per_epoch * o["epochs"], device=device,
                             precision=cfg["runtime"]["precision"],
-                            channels_last=device.type == "cuda" and cfg["runtime"]["channels_last"],
-                            log_every=cfg["runtime"]["log_every_steps"], progress_desc="wsol epoch",
-                            tensorboard=cfg["runtime"]["tensorboard"])
-    engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
+                            channels_last=device.type == "cuda"
+                            and cfg["runtime"]["channels_last"],
+                            log_every=cfg["runtime"]["log_every_steps"],
+                            progress_desc="wsol epoch", tensorboard=cfg["runtime"]["tensorboard"])
+    engine = Engine(task, run_dir, settings, optimizer, task.lr_lambda,
+                    config_text=dump_config(cfg))
     engine.fit(resume=resume, force=force, fingerprint=fingerprint.make(cfg, {"weights": weights}),
-               header={"weights": weights, "num_classes": task.num_classes, "train_images": len(task.train_set),
+               header={"weights": weights, "num_classes": task.num_classes,
+                       "train_images": len(task.train_set),
                        "per_process_batch": o["batch_per_process"],
                        "test_images": len(task.test_set)})
     engine.check_parameters()
     # the final evaluation stops on non-finite logits or CAMs before the model or any result is
     # written
-    metrics = _final_report(task.cam, task.test_set, cfg, device, run_dir, task.curve, engine.logger, weights)
+    metrics = _final_report(task.cam, task.test_set, cfg, device, run_dir, task.curve,
+                            engine.logger, weights)
     # keep the final point, so that a longer resumed run reports the whole curve
     task.curve = metrics["curve"]
     engine.save_checkpoint()
     return metrics
 
 
-def finetune(cfg: dict, weights: str | None, run_dir, resume: bool = True, force: bool = False) -> dict:
+def finetune(cfg: dict, weights: str | None, run_dir, resume: bool = True,
+             force: bool = False) -> dict:
     """``run`` with the backbone as an argument (the name scripts used)."""
     return run(cfg, {"weights": weights}, run_dir, resume=resume, force=force)
 
 
 def _final_report(model, test_set, cfg, device, run_dir, curve, logger, weights) -> dict:
     res = _eval(model, test_set, cfg, device, keep_examples=cfg["eval"]["num_figure_images"])
-    final = {"epoch": cfg["optim"]["epochs"], **{k: res[k] for k in ("top1_cls", "maxboxacc_v1", "maxboxacc_v2",
+    final = {"epoch": cfg["optim"]["epochs"],
+             **{k: res[k] for k in ("top1_cls", "maxboxacc_v1", "maxboxacc_v2",
                                                              "top1_loc", "gt_known_loc")}}
     curve = [c for c in curve if c["epoch"] != final["epoch"]] + [final]
     size = (cfg["input"]["test_size"],) * 2
     baseline = centred_box_baseline(test_set.metadata, size, 0.5, cfg["eval"]["iou_thresholds"])
-    metrics = with_units({**_public(res), "curve": curve, "weights": weights, "centred_box": baseline})
+    metrics = with_units({**_public(res), "curve": curve, "weights": weights,
+                          "centred_box": baseline})
     # every rank evaluated its shard and holds the numbers; rank 0 writes
     if not is_main_process():
         barrier()
         return metrics
-    atomic_save({"model": model.state_dict(), "arch": cfg["model"]["arch"], "num_classes": model.fc.out_features,
-                 "config": dump_config(cfg)}, Path(run_dir) / "cam_model.pth")
+    atomic_save({"model": model.state_dict(), "arch": cfg["model"]["arch"],
+                 "num_classes": model.fc.out_features, "config": dump_config(cfg)},
+                 Path(run_dir) / "cam_model.pth")
     fig = Path(run_dir) / "figures"
     cam_grid(res["_examples"], fig / "cam_grid.png")
-    boxacc_curves(res["_thresholds"], {**{f"IoU {d} (all contours)": a for d, a in res["_box_acc"].items()},
-                                       "IoU 50 (largest contour)": res["_box_acc_v1"]}, fig / "boxacc.png")
+    boxacc_curves(res["_thresholds"],
+                  {**{f"IoU {d} (all contours)": a for d, a in res["_box_acc"].items()},
+                                       "IoU 50 (largest contour)": res["_box_acc_v1"]},
+                                       fig / "boxacc.png")
     loc_curve(curve, fig / "loc_curve.png")
     write_json(metrics, Path(run_dir) / "metrics.json")
-    logger.log({"event": "done", **{k: metrics[k] for k in ("top1_cls", "maxboxacc_v1", "maxboxacc_v2",
+    logger.log({"event": "done",
+                **{k: metrics[k] for k in ("top1_cls", "maxboxacc_v1", "maxboxacc_v2",
                                                              "top1_loc", "gt_known_loc")}})
     barrier()
     return metrics
@@ -433,9 +462,11 @@ def read_cam_model(path) -> dict:
     ck = read_checkpoint(path)
     if not isinstance(ck, dict) or not {"arch", "num_classes", "model"} <= set(ck):
         keys = sorted(ck)[:10] if isinstance(ck, dict) else type(ck).__name__
-        raise CheckpointError(f"{path}: not a CAM model file (expected keys 'arch', 'num_classes', 'model' "
-                              f"as written by `tools/run_wsol.py finetune`, found {keys})")
-    if (not isinstance(ck["model"], dict) or ck["arch"] not in ARCHS or not isinstance(ck["num_classes"], int)
+        raise CheckpointError(f"{path}: not a CAM model file (expected keys 'arch', "
+                              "'num_classes', 'model' as written by `tools/run_wsol.py "
+                              f"finetune`, found {keys})")
+    if (not isinstance(ck["model"], dict) or ck["arch"] not in ARCHS
+        or not isinstance(ck["num_classes"], int)
             or ck["num_classes"] <= 0):
         raise CheckpointError(f"{path}: malformed CAM model file (arch={ck['arch']!r}, "
                               f"num_classes={ck['num_classes']!r})")

@@ -127,7 +127,8 @@ def check_scoremap(scoremap, image_id=None) -> np.ndarray:
     if np.isnan(arr).any():
         raise ScoreMapError(f"score map{name} contains NaN")
     if arr.size and (arr.min() < 0 or arr.max() > 1):
-        raise ScoreMapError(f"score map{name} lies outside [0, 1] (min {arr.min()}, max {arr.max()})")
+        raise ScoreMapError(f"score map{name} lies outside [0, 1] (min {arr.min()}, max "
+                            f"{arr.max()})")
     return arr
 
 
@@ -172,7 +173,8 @@ def reference_boxes(scoremap, thresholds, multi_contour: bool = True) -> list[np
     """The straightforward loop: quantise once, then one threshold + findContours per threshold."""
     u8 = np.ascontiguousarray(quantise(scoremap))
     h, w = u8.shape
-    return [_boxes_of_contours(_contours(u8, int(t * np.max(u8))), w, h, multi_contour) for t in thresholds]
+    return [_boxes_of_contours(_contours(u8, int(t * np.max(u8))), w, h, multi_contour)
+            for t in thresholds]
 
 
 def reference_best_ious(scoremap, gt_boxes, thresholds, multi_contour: bool = True) -> np.ndarray:
@@ -266,7 +268,10 @@ if numba is not None:
         computes it). Returns False when the map has a NaN or a value outside [0, 1] (out is then
         meaningless). No branch in the loop, so that it vectorises."""
         h, w = scoremap.shape
-        lo, hi = scale - scale, scale / scale  # 0 and 1 in the map's dtype: no float32 -> float64 promotion
+        lo, hi = (
+            scale - scale,
+            scale / scale,
+        )  # 0 and 1 in the map's dtype: no float32 -> float64 promotion
         ok = True
         for y in range(h):
             for x in range(w):
@@ -402,7 +407,8 @@ if numba is not None:
         return grew
 
     @_njit
-    def _sweep(foreground, h, w, gt, order, counts, active, cid, comp, par, dirty, tree, size, state, best):  # noqa: C901
+    def _sweep(foreground, h, w, gt, order, counts, active, cid, comp, par, dirty, tree, size,
+               state, best):  # noqa: C901
         """Best IoU per cut level (0..254) over one kind of contour, in one union-find pass.
 
         foreground=True: the 8-connected components of {u8 > c}, c from 254 down (level c gets
@@ -476,7 +482,8 @@ if numba is not None:
                 y = yx >> np.uint64(16)
                 b = y * upw + x  # the NW neighbour
                 mask = np.uint64(active[b + o_e] | (active[b + o_ne] << 1) | (active[b + o_n] << 2)
-                                 | (active[b + o_nw] << 3) | (active[b + o_w] << 4) | (active[b + o_sw] << 5)
+                                 | (active[b + o_nw] << 3) | (active[b + o_w] << 4)
+                                 | (active[b + o_sw] << 5)
                                  | (active[b + o_s] << 6) | (active[b + o_se] << 7))
                 active[b + o_p] = 1
                 if foreground:
@@ -546,13 +553,15 @@ if numba is not None:
             state[1] = top_hole
 
     @_njit
-    def _all_contour_best(u8, gt, order, counts, hist, active, cid, comp, par, dirty, tree, size, state, best_fg,
-                          best_bg):
+    def _all_contour_best(u8, gt, order, counts, hist, active, cid, comp, par, dirty, tree, size,
+                          state, best_fg, best_bg):
         """Both sweeps; returns the best IoU per cut level [256] (components and holes)."""
         h, w = u8.shape
         _counting_sort(u8, order, counts, hist)
-        _sweep(True, h, w, gt, order, counts, active, cid, comp, par, dirty, tree, size, state, best_fg)
-        _sweep(False, h, w, gt, order, counts, active, cid, comp, par, dirty, tree, size, state, best_bg)
+        _sweep(True, h, w, gt, order, counts, active, cid, comp, par, dirty, tree, size, state,
+               best_fg)
+        _sweep(False, h, w, gt, order, counts, active, cid, comp, par, dirty, tree, size, state,
+               best_bg)
         return np.maximum(best_fg, best_bg)
 
 
@@ -578,8 +587,9 @@ class _Workspace:
         self.best_bg = np.empty(256)
 
     def run(self, u8, gt):
-        return _all_contour_best(u8, gt, self.order, self.counts, self.hist, self.active, self.cid, self.comp, self.par,
-                                 self.dirty, self.tree, self.size, self.state, self.best_fg, self.best_bg)
+        return _all_contour_best(u8, gt, self.order, self.counts, self.hist, self.active, self.cid,
+                                 self.comp, self.par, self.dirty, self.tree, self.size, self.state,
+                                 self.best_fg, self.best_bg)
 
 
 _workspaces = threading.local()
@@ -647,27 +657,32 @@ class MaxBoxAccEvaluator:
         method: "fast" or "reference" (identical numbers).
     """
 
-    def __init__(self, cam_curve_interval: float = 0.001, iou_thresholds: Sequence[int] = (30, 50, 70),
-                 multi_contour: bool = True, method: str = "fast"):
+    def __init__(self, cam_curve_interval: float = 0.001,
+                 iou_thresholds: Sequence[int] = (30, 50, 70), multi_contour: bool = True,
+                 method: str = "fast"):
         if method not in ("fast", "reference"):
             raise ValueError(f"method must be 'fast' or 'reference', got {method!r}")
         if not (isinstance(cam_curve_interval, (int, float)) and 0 < cam_curve_interval < 1):
-            raise InputError(f"cam_curve_interval (--cam-curve-interval) must be in (0, 1), got {cam_curve_interval!r}")
+            raise InputError("cam_curve_interval (--cam-curve-interval) must be in (0, 1), got "
+                             f"{cam_curve_interval!r}")
         bad = [d for d in iou_thresholds if not 0 < d <= 100]
         if not iou_thresholds or bad:
-            raise InputError(f"iou_thresholds (--iou-thresholds) must be percentages in (0, 100], got "
-                             f"{list(iou_thresholds)}")
+            raise InputError("iou_thresholds (--iou-thresholds) must be percentages in (0, "
+                             f"100], got {list(iou_thresholds)}")
         self.thresholds = threshold_grid(cam_curve_interval)
         self.iou_thresholds = [int(d) for d in iou_thresholds]
         self.multi_contour = multi_contour
         self.method = method
-        self.num_correct = {d: np.zeros(len(self.thresholds), np.int64) for d in self.iou_thresholds}
+        self.num_correct = {d: np.zeros(len(self.thresholds), np.int64)
+                            for d in self.iou_thresholds}
         self.count = 0
 
     def best_ious(self, scoremap, gt_boxes, image_id=None) -> np.ndarray:
         if self.method == "fast":  # validates the map too
-            return fast_best_ious(scoremap, gt_boxes, self.thresholds, self.multi_contour, image_id=image_id)
-        return reference_best_ious(check_scoremap(scoremap, image_id), gt_boxes, self.thresholds, self.multi_contour)
+            return fast_best_ious(scoremap, gt_boxes, self.thresholds, self.multi_contour,
+                                  image_id=image_id)
+        return reference_best_ious(check_scoremap(scoremap, image_id), gt_boxes, self.thresholds,
+                                   self.multi_contour)
 
     @property
     def sweep(self) -> str:
@@ -724,7 +739,8 @@ class LocAccuracy:
     class among the top-k predictions.
     """
 
-    def __init__(self, threshold: float = 0.15, iou: float = 0.5, op: str = ">=", multi_contour: bool = False):
+    def __init__(self, threshold: float = 0.15, iou: float = 0.5, op: str = ">=",
+                 multi_contour: bool = False):
         if op not in COMPARE_OPS:
             raise ValueError(f"op must be one of {sorted(COMPARE_OPS)}, got {op!r}")
         self.threshold, self.iou, self.op, self.multi_contour = threshold, iou, op, multi_contour
@@ -732,7 +748,8 @@ class LocAccuracy:
 
     def accumulate(self, scoremap, gt_boxes, label: int, topk_pred: Sequence[int]) -> bool:
         topk = [int(p) for p in topk_pred]
-        ok = loc_at_threshold(scoremap, gt_boxes, self.threshold, self.iou, self.op, self.multi_contour)
+        ok = loc_at_threshold(scoremap, gt_boxes, self.threshold, self.iou, self.op,
+                              self.multi_contour)
         self.n += 1
         self.gt_known += ok
         self.top1_cls += bool(topk) and topk[0] == label

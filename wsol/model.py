@@ -47,7 +47,8 @@ class CAMModel(nn.Module):
         self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
                                    net.layer1, net.layer2, net.layer3, net.layer4)
         self.fc = nn.Linear(net.fc.in_features, num_classes)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+                             persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     # torchvision names, so that backbone checkpoints load with their own keys
@@ -68,15 +69,17 @@ class CAMModel(nn.Module):
         missing, unexpected = self.load_state_dict(mapped, strict=False)
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
-            raise KeyError(f"backbone does not fit: missing {missing[:8]}, unexpected {unexpected[:8]}")
+            raise KeyError(f"backbone does not fit: missing {missing[:8]}, unexpected "
+                           f"{unexpected[:8]}")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, 3, H, W] in [0, 1] -> feature map [B, C, H/16, W/16] (asserted)."""
         fmap = self.trunk((x - self.mean) / self.std)
         want = (-(-x.shape[-2] // 16), -(-x.shape[-1] // 16))
         if tuple(fmap.shape[-2:]) != want:
-            raise RuntimeError(f"feature map is {tuple(fmap.shape[-2:])} for input {tuple(x.shape[-2:])}, "
-                               f"expected {want} (layer4 must have stride 1)")
+            raise RuntimeError(f"feature map is {tuple(fmap.shape[-2:])} for input "
+                               f"{tuple(x.shape[-2:])}, expected {want} (layer4 must have stride "
+                               "1)")
         return fmap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,8 @@ def gt_boxes_resized(meta: WSOLMetadata, image_id: str, size=(224, 224)) -> np.n
     """GT boxes of one image in the score map's frame: int [K, 4], ``int(x * new / old)``."""
     if image_id not in meta.boxes:
         raise MetadataError(f"no GT box for image id {image_id!r}")
-    return np.asarray([rescale_box(b, meta.sizes[image_id], size) for b in meta.boxes[image_id]], np.int64)
+    return np.asarray([rescale_box(b, meta.sizes[image_id], size) for b in meta.boxes[image_id]],
+                      np.int64)
 
 
 def load_scoremap(path, image_id=None) -> np.ndarray:
@@ -35,7 +36,8 @@ def load_scoremap(path, image_id=None) -> np.ndarray:
     except FileNotFoundError:
         raise ScoreMapError(f"{path}: score map not found") from None
     except (ValueError, OSError, EOFError) as e:  # truncated, random bytes, pickled objects
-        raise ScoreMapError(f"{path}: not a readable .npy score map ({type(e).__name__}: {e})") from None
+        raise ScoreMapError(f"{path}: not a readable .npy score map "
+                            f"({type(e).__name__}: {e})") from None
     if not isinstance(arr, np.ndarray):  # np.load of an .npz gives an archive
         raise ScoreMapError(f"{path}: expected one .npy array, found {type(arr).__name__}")
     try:
@@ -44,7 +46,8 @@ def load_scoremap(path, image_id=None) -> np.ndarray:
         raise ScoreMapError(f"{path}: {e}") from None
 
 
-def _best_ious_of_file(ev: MaxBoxAccEvaluator, meta: WSOLMetadata, root: Path, iid: str) -> np.ndarray:
+def _best_ious_of_file(ev: MaxBoxAccEvaluator, meta: WSOLMetadata, root: Path,
+                       iid: str) -> np.ndarray:
     path = root / f"{iid}.npy"
     if not path.is_file():
         raise ScoreMapError(f"{path}: score map for image {iid!r} missing")
@@ -80,8 +83,8 @@ def _in_order(fn, items, workers: int):
 
 
 def score_scoremap_dir(metadata_dir, scoremap_dir, cam_curve_interval: float = 0.001,
-                       iou_thresholds=(30, 50, 70), multi_contour: bool = True, method: str = "fast",
-                       progress=None, workers: int = 1) -> dict:
+                       iou_thresholds=(30, 50, 70), multi_contour: bool = True,
+                       method: str = "fast", progress=None, workers: int = 1) -> dict:
     """Score ``<scoremap_dir>/<image_id>.npy`` maps (float, [0, 1]) against a metadata split.
 
     Returns {"maxboxacc_per_iou": {delta: %}, "contours": all | largest, "maxboxacc_v2": % (all
@@ -94,7 +97,8 @@ def score_scoremap_dir(metadata_dir, scoremap_dir, cam_curve_interval: float = 0
     meta = read_wsol_metadata(metadata_dir, require_boxes=True)
     ev = MaxBoxAccEvaluator(cam_curve_interval, iou_thresholds, multi_contour, method)
     root = Path(scoremap_dir)
-    results = _in_order(lambda iid: _best_ious_of_file(ev, meta, root, iid), meta.image_ids, workers)
+    results = _in_order(lambda iid: _best_ious_of_file(ev, meta, root, iid), meta.image_ids,
+                        workers)
     if progress is not None:
         results = progress(results, total=len(meta.image_ids), desc="score maps")
     for ious in results:

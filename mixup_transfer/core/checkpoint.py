@@ -33,7 +33,13 @@ import torchvision
 from mixup_transfer.core.data import InputError
 from mixup_transfer.core.runtime import atomic_save, unwrap
 from mixup_transfer.core.smallnets import SMALL_ARCHS, SMALL_FEATURE_DIMS, build_small
-from mixup_transfer.core.vits import VIT_ARCHS, VIT_FEATURE_DIMS, build_vit, infer_vit_arch, looks_like_vit
+from mixup_transfer.core.vits import (
+    VIT_ARCHS,
+    VIT_FEATURE_DIMS,
+    build_vit,
+    infer_vit_arch,
+    looks_like_vit,
+)
 
 # torchvision's (detection, WSOL, conversion)
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -61,7 +67,8 @@ def build_resnet(arch: str, num_classes: int = 1000, **kwargs) -> torch.nn.Modul
     if arch in SMALL_ARCHS:
         return build_small(arch, num_classes, **kwargs)
     if arch in VIT_ARCHS:
-        raise ValueError(f"{arch} is a Vision Transformer, not a ResNet: build it with build_network")
+        raise ValueError(f"{arch} is a Vision Transformer, not a ResNet: build it with "
+                         "build_network")
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; supported: {list(ALL_ARCHS)}")
     return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, **kwargs)
@@ -112,27 +119,37 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> str:
         if arch is None:
             proj = state.get("patch_embed.proj.weight")
             raise CheckpointError(
-                f"cannot infer the ViT architecture (patch embedding {None if proj is None else tuple(proj.shape)}, "
-                f"{len({k.split('.')[1] for k in state if k.startswith('blocks.')})} blocks); pass arch= one of "
-                f"{list(VIT_ARCHS)}")
+                "cannot infer the ViT architecture (patch embedding "
+                f"{None if proj is None else tuple(proj.shape)}, "
+                f"{len({k.split('.')[1] for k in state if k.startswith('blocks.')})} blocks); "
+                f"pass arch= one of {list(VIT_ARCHS)}")
         return arch
     if "layer4.bn.weight" in state:
         return "wrn16_8"
     conv1 = state.get("conv1.weight")
     if "layer1.0.conv1.weight" in state and "bn1.weight" not in state:
-        return "preactresnet18_w16" if conv1 is not None and conv1.shape[0] == 16 else "preactresnet18"
+        return (
+            "preactresnet18_w16"
+            if conv1 is not None and conv1.shape[0] == 16
+            else "preactresnet18"
+        )
     if "layer2.0.downsample.0.weight" in state and "layer2.0.downsample.1.weight" not in state:
         # a stem BN, and pre-activation blocks (their projection has no BN)
         return "preactresnet18_alignmixup"
-    if conv1 is not None and tuple(conv1.shape[-2:]) == (3, 3) and "layer1.0.conv3.weight" not in state:
+    if (
+        conv1 is not None
+        and tuple(conv1.shape[-2:]) == (3, 3)
+        and "layer1.0.conv3.weight" not in state
+    ):
         return "resnet18_cifar"
     bottleneck = "layer1.0.conv3.weight" in state
     n3 = len({k.split(".")[1] for k in state if k.startswith("layer3.")})
-    table = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
+    table = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50",
+             (True, 23): "resnet101"}
     if (bottleneck, n3) not in table:
         raise CheckpointError(
-            f"cannot infer the architecture (bottleneck={bottleneck}, layer3 blocks={n3}); pass arch= one of "
-            f"{list(ARCHS)}")
+            f"cannot infer the architecture (bottleneck={bottleneck}, layer3 blocks={n3}); pass "
+            f"arch= one of {list(ARCHS)}")
     return table[(bottleneck, n3)]
 
 
@@ -146,7 +163,8 @@ def _to_plain(value: Any, where: str) -> Any:
         return {str(k): _to_plain(v, f"{where}.{k}") for k, v in value.items()}
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
         return value.item()  # numpy / torch scalars
-    raise TypeError(f"checkpoint meta {where} has a {type(value).__name__}; only primitives are allowed")
+    raise TypeError(f"checkpoint meta {where} has a {type(value).__name__}; only primitives are "
+                    "allowed")
 
 
 HEAD_KINDS = ("pooled_linear",)
@@ -184,8 +202,8 @@ def save_backbone(path: str | os.PathLike, model: torch.nn.Module, meta: Mapping
     fc = classifier_prefix(arch)
     _check_keys({k: v for k, v in state.items() if not k.startswith(fc)}, arch, path)
     if fc + "weight" not in state:
-        raise ValueError(f"save_backbone expects a network with its classifier {fc}weight (the classifier is part "
-                         "of the contract)")
+        raise ValueError(f"save_backbone expects a network with its classifier {fc}weight (the "
+                         "classifier is part of the contract)")
     meta.setdefault("num_classes", int(state[fc + "weight"].shape[0]))
     for key in ("method", "epochs", "config", "metrics"):
         meta.setdefault(key, None if key != "metrics" else {})
@@ -233,9 +251,10 @@ def trust_pickled(path: str | os.PathLike) -> None:
     _TRUSTED.add(os.path.realpath(path))
 
 
-CONVERT_HINT = ("Only if you trust the file, pass --allow-pickle to the tool that reads it (tools/run_robustness.py, "
-                "run_detection.py, run_wsol.py, convert.py, submit.py), or convert it once into a safe file: "
-                "tools/convert.py --to torchvision --allow-pickle FILE OUT.pth")
+CONVERT_HINT = ("Only if you trust the file, pass --allow-pickle to the tool that reads it "
+                "(tools/run_robustness.py, run_detection.py, run_wsol.py, convert.py, "
+                "submit.py), or convert it once into a safe file: tools/convert.py --to "
+                "torchvision --allow-pickle FILE OUT.pth")
 
 
 def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
@@ -257,8 +276,8 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
     if not head:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
     if not head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a "
-                              f"pickle; it starts with bytes {head!r})")
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip "
+                              f"archive nor a pickle; it starts with bytes {head!r})")
     try:
         # torch's note on a plain pickle's protocol: we explain it below
         with warnings.catch_warnings():
@@ -268,8 +287,8 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
         err = e
     text = str(err)
     if head.startswith(_ZIP_MAGIC) and "Unsupported global" not in text:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint (the archive cannot be read: "
-                              f"{text.splitlines()[0][:200]})") from err
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint (the archive cannot be "
+                              f"read: {text.splitlines()[0][:200]})") from err
     if not head.startswith(_ZIP_MAGIC) and "Unsupported global" not in text:
         # not torch's format: a plain pickle? Read it with every global refused (nothing can run),
         # so that a pickled list or dict is reported as what it is
@@ -279,19 +298,25 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
         except _GlobalRefused as e:
             text = f"Unsupported global: {e}"
         except Exception as e:  # noqa: BLE001 - truncated or random bytes
-            raise CheckpointError(f"{path}: not a checkpoint (neither a torch.save archive nor a readable "
-                                  f"pickle: {type(e).__name__}: {str(e)[:120]})") from err
+            raise CheckpointError(f"{path}: not a checkpoint (neither a torch.save archive nor a "
+                                  f"readable pickle: {type(e).__name__}: {str(e)[:120]})") from err
     # what is left: a file that pickles classes or functions (an argparse Namespace, numpy objects,
     # ...)
     trusted = os.path.realpath(path) in _TRUSTED
     if not (allow_pickle or trusted):
-        what = text[text.index("GLOBAL"):].split(" was not")[0] if "GLOBAL" in text else "Python objects"
+        what = (
+            text[text.index("GLOBAL") :].split(" was not")[0]
+            if "GLOBAL" in text
+            else "Python objects"
+        )
         raise CheckpointError(
-            f"{path}: holds pickled Python objects ({what}); safe loading (weights_only=True) refuses "
-            f"them. {CONVERT_HINT} (from Python: allow_pickle=True)") from err
-    how = "by --allow-pickle on the command line" if trusted else "by the caller (allow_pickle=True)"
-    warnings.warn(f"{path}: unpickling with weights_only=False as requested {how}: this can run arbitrary "
-                  "code; do it only for files you trust", stacklevel=2)
+            f"{path}: holds pickled Python objects ({what}); safe loading (weights_only=True) "
+            f"refuses them. {CONVERT_HINT} (from Python: allow_pickle=True)") from err
+    how = (
+        "by --allow-pickle on the command line" if trusted else "by the caller (allow_pickle=True)"
+    )
+    warnings.warn(f"{path}: unpickling with weights_only=False as requested {how}: this can run "
+                  "arbitrary code; do it only for files you trust", stacklevel=2)
     try:
         # the one guarded full unpickling of the library (tests/test_bad_inputs.py checks it stays
         # so)
@@ -306,8 +331,8 @@ def _unwrap_container(obj: Any, path) -> tuple[dict, dict]:
     meta = {}
     for _ in range(3):  # wrappers can nest: {"state_dict": {"model": ...}}
         if not isinstance(obj, Mapping):
-            raise CheckpointError(f"{path}: not a checkpoint: it holds a {type(obj).__name__}, expected a "
-                                  "dict of tensors")
+            raise CheckpointError(f"{path}: not a checkpoint: it holds a {type(obj).__name__}, "
+                                  "expected a dict of tensors")
         if isinstance(obj.get("meta"), Mapping):
             meta = dict(obj["meta"])
         if any(isinstance(v, torch.Tensor) for v in obj.values()) and not any(
@@ -348,7 +373,8 @@ def _check_keys(backbone: Mapping[str, torch.Tensor], arch: str, path) -> None:
     missing = sorted(set(shapes) - set(backbone))
     unexpected = sorted(set(backbone) - set(shapes))
     misshaped = sorted(f"{k}: checkpoint {tuple(backbone[k].shape)} vs {arch} {shapes[k]}"
-                       for k in set(shapes) & set(backbone) if tuple(backbone[k].shape) != shapes[k])
+                       for k in set(shapes) & set(backbone)
+                       if tuple(backbone[k].shape) != shapes[k])
     if missing or unexpected or misshaped:
         def show(items):
             return f"{len(items)} {items[:12]}{' ...' if len(items) > 12 else ''}"
@@ -389,10 +415,12 @@ def load_backbone(path: str | os.PathLike, arch: str | None = "resnet50",
     Raises `CheckpointError` listing missing / unexpected / mis-shaped keys when it does not fit.
     """
     state, _, arch = _normalise(path, arch, allow_pickle)
-    return OrderedDict((k, v) for k, v in state.items() if not k.startswith(classifier_prefix(arch)))
+    return OrderedDict((k, v) for k, v in state.items()
+                       if not k.startswith(classifier_prefix(arch)))
 
 
-def load_classifier(path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None,
+def load_classifier(path: str | os.PathLike, arch: str | None = None,
+                    num_classes: int | None = None,
                     allow_pickle: bool = False) -> tuple[OrderedDict, dict]:
     """(state dict with fc, meta) for a checkpoint that carries its classifier head.
 
@@ -417,20 +445,23 @@ def load_classifier(path: str | os.PathLike, arch: str | None = None, num_classe
     return state, meta
 
 
-def resnet_from_checkpoint(path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None,
+def resnet_from_checkpoint(path: str | os.PathLike, arch: str | None = None,
+                           num_classes: int | None = None,
                            allow_pickle: bool = False) -> tuple[torchvision.models.ResNet, dict]:
     """A torchvision ResNet classifier with the checkpoint's weights loaded strictly, and its
     meta."""
     state, meta = load_classifier(path, arch, num_classes, allow_pickle)
     if meta["arch"] in VIT_ARCHS:
-        raise CheckpointError(f"{path}: holds a Vision Transformer ({meta['arch']}), not a ResNet: this stage needs "
-                              f"a ResNet backbone (one of {list(RESNET_ARCHS)})")
+        raise CheckpointError(f"{path}: holds a Vision Transformer ({meta['arch']}), not a "
+                              "ResNet: this stage needs a ResNet backbone (one of "
+                              f"{list(RESNET_ARCHS)})")
     model = build_resnet(meta["arch"], num_classes=meta["num_classes"])
     model.load_state_dict(state, strict=True)
     return model, meta
 
 
-def classifier_from_checkpoint(path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None,
+def classifier_from_checkpoint(path: str | os.PathLike, arch: str | None = None,
+                               num_classes: int | None = None,
                                allow_pickle: bool = False) -> tuple[torch.nn.Module, dict]:
     """The checkpoint's classifier, whatever its family (a torchvision ResNet or a timm ViT), with
     its weights loaded strictly, and its meta."""

@@ -114,7 +114,8 @@ def split_debug(argv: Sequence[str] | None) -> tuple[list[str], bool]:
 def parser(description: str | None, **kwargs) -> argparse.ArgumentParser:
     """A tool's argument parser: its module docstring as the description, the common end
     (`--debug`, exit codes) as the epilog."""
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    return argparse.ArgumentParser(description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=EPILOG, **kwargs)
 
 
@@ -124,7 +125,8 @@ def parse_with_overrides(p: argparse.ArgumentParser, argv: Sequence[str]) -> arg
     KEY=VALUE token is added, in order, to `args.overrides`; any other left-over token is a usage
     error."""
     args, extra = p.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    stray = [a for a in extra if a.startswith("-") or "=" not in a
+             or not hasattr(args, "overrides")]
     if stray:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
@@ -170,7 +172,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     for h in [h for h in root.handlers if isinstance(h, _ConsoleHandler)]:
         root.removeHandler(h)
     handler = _ConsoleHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s: %(message)s", "%m/%d %H:%M:%S"))
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s: %(message)s",
+                                           "%m/%d %H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level if launch_rank() == 0 else logging.WARNING)
 
@@ -186,7 +189,8 @@ def log_outputs(run_dir, what: str = "run folder") -> None:
     files = sorted(str(p.relative_to(run_dir)) for p in run_dir.glob("*") if p.is_file())
     files += sorted(f"{d.name}/ ({sum(1 for f in d.rglob('*') if f.is_file())} files)"
                     for d in run_dir.glob("*") if d.is_dir())
-    logging.getLogger("output").info("%s: %s\n  %s", what, run_dir, "\n  ".join(files) or "(empty)")
+    logging.getLogger("output").info("%s: %s\n  %s", what, run_dir,
+                                     "\n  ".join(files) or "(empty)")
 
 
 def main(fn: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
@@ -242,8 +246,8 @@ def stage_parser(stage, description: str | None) -> argparse.ArgumentParser:
 def parse_stage_args(stage, p: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     args = parse_with_overrides(p, argv) if stage.subcommand else p.parse_intermixed_args(argv)
     if getattr(args, "retired_resume", None):
-        p.error("--resume and --no-resume are not options: a run folder's run is continued by default; --force "
-                "starts over")
+        p.error("--resume and --no-resume are not options: a run folder's run is continued by "
+                "default; --force starts over")
     return args
 
 
@@ -292,11 +296,14 @@ def run_stage_command(stage, args: argparse.Namespace) -> int:
     from mixup_transfer.core.lock import run_lock
 
     cfg = stage.load_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir) if getattr(args, "run_dir", None) else stage.run_dir(cfg, args.config, Path.cwd())
+    run_dir = Path(args.run_dir) if getattr(args, "run_dir",
+                                            None) else stage.run_dir(cfg, args.config, Path.cwd())
     inputs = stage_inputs(stage, args)
     force = bool(getattr(args, "force", False))
-    logging.getLogger(stage.name).info("%s with config %s into %s%s", stage.description or stage.name, args.config,
-                                       run_dir, "".join(f" ({k}: {v or 'none'})" for k, v in inputs.items()))
+    logging.getLogger(stage.name).info("%s with config %s into %s%s",
+                                       stage.description or stage.name, args.config, run_dir,
+                                       "".join(f" ({k}: {v or 'none'})" for k,
+                                               v in inputs.items()))
     with torchrun_session(), run_lock(run_dir, f"{stage.name} run"):
         metrics = stage.run(cfg, inputs or None, run_dir, resume=not force, force=force)
     # the group is left: ask the launcher's environment, not torch.distributed

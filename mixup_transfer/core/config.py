@@ -113,7 +113,8 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
     return cfg
 
 
-def validate(cfg: Mapping, defaults: Mapping, where: str = "", types: Mapping | None = None) -> dict:
+def validate(cfg: Mapping, defaults: Mapping, where: str = "",
+             types: Mapping | None = None) -> dict:
     """Fill missing keys from `defaults`; reject keys `defaults` does not declare.
 
     A value must have its default's type (`_check_type`; the items of a list too); a dict default
@@ -125,8 +126,9 @@ def validate(cfg: Mapping, defaults: Mapping, where: str = "", types: Mapping | 
     if not where:
         # never from a recipe or an override
         if "allow_pickle" in cfg and "allow_pickle" not in defaults:
-            raise ConfigError("config key allow_pickle: unpickling cannot be turned on from a config or an override; "
-                              "pass --allow-pickle to the tool, for a checkpoint you trust")
+            raise ConfigError("config key allow_pickle: unpickling cannot be turned on from a "
+                              "config or an override; pass --allow-pickle to the tool, for a "
+                              "checkpoint you trust")
         _refuse_renamed(cfg, defaults)
     unknown = sorted(set(cfg) - set(defaults))
     if unknown:
@@ -148,8 +150,8 @@ def validate(cfg: Mapping, defaults: Mapping, where: str = "", types: Mapping | 
     return out
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
-               dict: "a mapping"}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               list: "a list", dict: "a mapping"}
 
 
 def _is(value, spec) -> bool:
@@ -187,8 +189,8 @@ def check_types(cfg: Mapping, types: Mapping) -> None:
         for part in key.split("."):
             node = node.get(part) if isinstance(node, Mapping) else None
         if node is not None and not _is(node, spec):
-            raise ConfigError(f"config key {key}: expected {_type_name(spec)} (or null), got {node!r} "
-                              f"({type(node).__name__})")
+            raise ConfigError(f"config key {key}: expected {_type_name(spec)} (or null), got "
+                              f"{node!r} ({type(node).__name__})")
 
 
 def _check_type(key: str, value, default) -> None:
@@ -210,8 +212,9 @@ def _check_type(key: str, value, default) -> None:
             item = kinds.pop()
             bad = next((v for v in value if not _is(v, item)), _NONE)
             if bad is not _NONE:
-                raise ConfigError(f"config key {key}: every item must be {_TYPE_NAMES[item]} (like the default "
-                                  f"{default!r}), got {bad!r} ({type(bad).__name__}) in {value!r}")
+                raise ConfigError(f"config key {key}: every item must be {_TYPE_NAMES[item]} "
+                                  f"(like the default {default!r}), got {bad!r} "
+                                  f"({type(bad).__name__}) in {value!r}")
     elif isinstance(default, Mapping):
         ok, want = isinstance(value, Mapping), "a mapping"
     else:
@@ -248,7 +251,8 @@ def dump_config(cfg: Mapping) -> str:
     return yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=None)
 
 
-_OPS = {">": lambda v, b: v > b, ">=": lambda v, b: v >= b, "<": lambda v, b: v < b, "<=": lambda v, b: v <= b}
+_OPS = {">": lambda v, b: v > b, ">=": lambda v, b: v >= b, "<": lambda v, b: v < b,
+        "<=": lambda v, b: v <= b}
 
 
 def check_ranges(cfg: Mapping, ranges: Mapping[str, tuple]) -> None:
@@ -270,7 +274,8 @@ def check_ranges(cfg: Mapping, ranges: Mapping[str, tuple]) -> None:
         try:
             ok = all(_OPS[op](node, bound) for op, bound in pairs)
         except TypeError:  # a string where a number belongs
-            raise ConfigError(f"config key {key}: expected a number, got {node!r} ({type(node).__name__})") from None
+            raise ConfigError(f"config key {key}: expected a number, got {node!r} "
+                              f"({type(node).__name__})") from None
         if not ok:
             allowed = " and ".join(f"{op} {bound}" for op, bound in pairs)
             raise ConfigError(f"config key {key}: {node!r} is out of range (must be {allowed})")

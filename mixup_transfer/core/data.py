@@ -52,8 +52,8 @@ def safe_relative(name: str, where: str, error: type | None = None) -> str:
     parts = PurePosixPath(name.replace("\\", "/")).parts
     if (not name or "\x00" in name or name.startswith(("/", "\\")) or ".." in parts
             or (len(name) > 1 and name[1] == ":")):
-        raise (error or DataError)(f"{where}: {name!r} is not a relative path inside its folder (an absolute path "
-                                   "or a '..' component is refused)")
+        raise (error or DataError)(f"{where}: {name!r} is not a relative path inside its folder "
+                                   "(an absolute path or a '..' component is refused)")
     return name
 
 
@@ -67,7 +67,8 @@ def inside(root: str | os.PathLike, name: str, what: str, error: type = None) ->
     path = root / name
     base = os.path.realpath(root)
     if os.path.isabs(name) or os.path.commonpath([base, os.path.realpath(path)]) != base:
-        raise (error or DataError)(f"{what}: resolves outside {root} (a path that leaves its folder is refused)")
+        raise (error or DataError)(f"{what}: resolves outside {root} (a path that leaves its "
+                                   "folder is refused)")
     return path
 
 
@@ -91,15 +92,17 @@ def to_rgb(im: Image.Image, where: str) -> Image.Image:
     if im.mode in _SIXTEEN_BIT:
         arr = np.asarray(im).astype(np.float64)
         if arr.size and (arr.min() < 0 or arr.max() > 65535):
-            raise DataError(f"{where}: unsupported image mode {im.mode!r} with values outside 0..65535; "
-                            "convert it to 8-bit RGB")
+            raise DataError(f"{where}: unsupported image mode {im.mode!r} with values outside "
+                            "0..65535; convert it to 8-bit RGB")
         return Image.fromarray(np.round(arr / 257).astype(np.uint8), "L").convert("RGB")
     if im.mode == "F":
-        raise DataError(f"{where}: unsupported image mode 'F' (32-bit float pixels); convert it to 8-bit RGB")
+        raise DataError(f"{where}: unsupported image mode 'F' (32-bit float pixels); convert it "
+                        "to 8-bit RGB")
     try:
         return im.convert("RGB")
     except ValueError as e:
-        raise DataError(f"{where}: unsupported image mode {im.mode!r} ({e}); convert it to 8-bit RGB") from None
+        raise DataError(f"{where}: unsupported image mode {im.mode!r} ({e}); convert it to 8-bit "
+                        "RGB") from None
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
@@ -157,7 +160,8 @@ def decode_uint8(data, where: str):
         img = tio.decode_image(data, mode=tio.ImageReadMode.RGB)
         # 16-bit PNGs decode to uint16: to 8 bits as `to_rgb` does (the resize kernels take uint8
         # only)
-        return img if img.dtype == torch.uint8 else (img.to(torch.float32) / 257).round().to(torch.uint8)
+        return img if img.dtype == torch.uint8 else (img.to(torch.float32)
+                                                     / 257).round().to(torch.uint8)
     except RuntimeError:
         pass
     try:
@@ -212,7 +216,8 @@ def check_box(box, width: float, height: float, where: str) -> np.ndarray:
     t = BOX_TOLERANCE
     if x0 < -t or y0 < -t or x1 > width + t or y1 > height + t:
         raise DataError(f"{where}: box {box} lies outside the {width}x{height} image")
-    return np.array([max(x0, 0.0), max(y0, 0.0), min(x1, width), min(y1, height)], dtype=np.float32)
+    return np.array([max(x0, 0.0), max(y0, 0.0), min(x1, width), min(y1, height)],
+                    dtype=np.float32)
 
 
 def _xml_text(node: ET.Element, tag: str, where: str) -> str:
@@ -263,11 +268,14 @@ def parse_pascal_xml(path: str | os.PathLike) -> dict:
             bb = obj.find("bndbox")
             if bb is None:
                 raise DataError(f"{where}: missing <bndbox>")
-            coords = tuple(int(round(_xml_number(bb, t, where))) for t in ("xmin", "ymin", "xmax", "ymax"))
+            coords = tuple(int(round(_xml_number(bb, t, where)))
+                           for t in ("xmin", "ymin", "xmax", "ymax"))
             flags = {}
             for flag in ("difficult", "truncated"):
                 node = obj.find(flag)
-                value = int(node.text) if node is not None and node.text and node.text.strip() else 0
+                value = (
+                    int(node.text) if node is not None and node.text and node.text.strip() else 0
+                )
                 if value not in (0, 1):
                     raise DataError(f"{where}: <{flag}> must be 0 or 1, got {node.text.strip()!r}")
                 flags[flag] = bool(value)
@@ -317,9 +325,10 @@ class ImageNetFolder:
     file, for GPU decoding).
     """
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", transform: Callable | None = None,
-                 boxes: str | None = "auto", box_dir: str | os.PathLike | None = None,
-                 classes: list[str] | None = None, reader: Callable = read_image):
+    def __init__(self, root: str | os.PathLike, split: str = "train",
+                 transform: Callable | None = None, boxes: str | None = "auto",
+                 box_dir: str | os.PathLike | None = None, classes: list[str] | None = None,
+                 reader: Callable = read_image):
         self.root = Path(root)
         self.split = split
         self.transform = transform
@@ -379,8 +388,12 @@ class ImageNetFolder:
         with io.StringIO(read_text(csv_path), newline="") as f:
             reader = csv.reader(f)
             header = next(reader, None)
-            if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
-                raise DataError(f"{csv_path}:1: expected header 'ImageId,PredictionString', got {header}")
+            if header is None or [h.strip() for h in header[:2]] != [
+                "ImageId",
+                "PredictionString",
+            ]:
+                raise DataError(f"{csv_path}:1: expected header 'ImageId,PredictionString', got "
+                                f"{header}")
             for lineno, row in enumerate(reader, start=2):
                 if not row:
                     continue
@@ -394,7 +407,8 @@ class ImageNetFolder:
                 if image_id in out:
                     raise DataError(f"{csv_path}:{lineno}: duplicate ImageId {image_id!r}")
                 if not parts:
-                    raise DataError(f"{csv_path}:{lineno}: image {image_id!r} has an empty PredictionString")
+                    raise DataError(f"{csv_path}:{lineno}: image {image_id!r} has an empty "
+                                    "PredictionString")
                 try:
                     out[image_id] = [(parts[i], tuple(int(float(v)) for v in parts[i + 1:i + 5]))
                                      for i in range(0, len(parts), 5)]
@@ -406,8 +420,9 @@ class ImageNetFolder:
         """GT boxes of sample `index` as float32 [K, 4] (x0, y0, x1, y1); DataError if it has
         none."""
         if self._box_source is None:
-            raise DataError(f"no box annotations for {self.root / self.split} "
-                            f"(expected {self.root / 'val_boxes'}/*.xml or {self.root / 'LOC_val_solution.csv'})")
+            raise DataError(f"no box annotations for {self.root / self.split} (expected "
+                            f"{self.root / 'val_boxes'}/*.xml or "
+                            f"{self.root / 'LOC_val_solution.csv'})")
         path = Path(self.samples[index][0])
         kind, src = self._box_source
         if kind == "xml":
@@ -417,7 +432,8 @@ class ImageNetFolder:
             ann = parse_pascal_xml(xml)
             width, height = ann["width"], ann["height"]
             if ann["filename"] and Path(ann["filename"]).stem != path.stem:
-                raise DataError(f"{xml}: <filename> {ann['filename']!r} is not the image {path.name}")
+                raise DataError(f"{xml}: <filename> {ann['filename']!r} is not the image "
+                                f"{path.name}")
             if (width, height) != image_size(path):  # the header only: cheap
                 real = image_size(path)
                 raise DataError(f"{xml}: <size> says {width}x{height} but the image {path} is "

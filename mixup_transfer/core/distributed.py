@@ -54,7 +54,8 @@ def _rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
     return rank, world
 
 
-def shard_blocks(n: int, block: int = 1, rank: int | None = None, world: int | None = None) -> list[int]:
+def shard_blocks(n: int, block: int = 1, rank: int | None = None,
+                 world: int | None = None) -> list[int]:
     """The block numbers (batch indices of the single-process run) of ``range(n)`` that ``rank``
     evaluates."""
     if n < 0 or block < 1:
@@ -63,12 +64,14 @@ def shard_blocks(n: int, block: int = 1, rank: int | None = None, world: int | N
     return list(range(rank, -(-n // block), world))
 
 
-def shard_indices(n: int, block: int = 1, rank: int | None = None, world: int | None = None) -> list[int]:
+def shard_indices(n: int, block: int = 1, rank: int | None = None,
+                  world: int | None = None) -> list[int]:
     """The dataset indices of ``range(n)`` that ``rank`` (default: this process) evaluates, in
     increasing order: whole blocks of ``block`` consecutive indices dealt round-robin. The shards
     of all ranks are disjoint and together cover ``range(n)`` exactly (uneven sizes differ by at
     most one block)."""
-    return [i for b in shard_blocks(n, block, rank, world) for i in range(b * block, min(n, (b + 1) * block))]
+    return [i for b in shard_blocks(n, block, rank, world)
+            for i in range(b * block, min(n, (b + 1) * block))]
 
 
 def all_gather_objects(obj: Any) -> list:
@@ -97,7 +100,8 @@ def order_by_index(parts: Sequence[tuple[Sequence[int], Sequence[Any]]], n: int)
             seen[int(i)] = True
             out[int(i)] = item
     if not seen.all():
-        raise ValueError(f"{int((~seen).sum())} of {n} indices were not gathered (first: {int(np.argmin(seen))})")
+        raise ValueError(f"{int((~seen).sum())} of {n} indices were not gathered (first: "
+                         f"{int(np.argmin(seen))})")
     return out
 
 
@@ -108,7 +112,8 @@ def gather_ordered(items: Sequence[Any], indices: Sequence[int], n: int) -> list
     return order_by_index(all_gather_objects((list(indices), list(items))), n)
 
 
-def gather_arrays(arrays: dict[str, np.ndarray], indices: Sequence[int], n: int) -> dict[str, np.ndarray]:
+def gather_arrays(arrays: dict[str, np.ndarray], indices: Sequence[int],
+                  n: int) -> dict[str, np.ndarray]:
     """Per-item numpy arrays (first axis = this rank's ``indices``) gathered to every rank and
     ordered by index: each ``[n, ...]``, with its dtype kept."""
     indices = np.asarray(list(indices), dtype=np.int64)

@@ -182,8 +182,8 @@ class ClassificationTask(Task):
         return {"train_top1": 100 * sums["correct"] / sums["count"]} if sums.get("count") else {}
 
 
-def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                    nesterov: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 0.9,
+                    weight_decay: float = 0.0, nesterov: bool = False) -> torch.optim.Optimizer:
     """SGD / Adam / AdamW over `groups` (each with its own "lr"); `lr` is the default of groups
     without one."""
     if name == "sgd":
@@ -209,8 +209,9 @@ class Engine:
     """Runs `task` for `settings.total_steps` optimizer steps into `run_dir` (rank 0 writes)."""
 
     def __init__(self, task: Task, run_dir: str | os.PathLike, settings: LoopSettings,
-                 optimizer: torch.optim.Optimizer, lr_lambda: Callable[[int], float] | Sequence[Callable],
-                 config_text: str = "", logger: rt.JsonlLogger | None = None):
+                 optimizer: torch.optim.Optimizer,
+                 lr_lambda: Callable[[int], float] | Sequence[Callable], config_text: str = "",
+                 logger: rt.JsonlLogger | None = None):
         self.task, self.settings = task, settings
         self.run_dir = Path(run_dir)
         self.device = settings.device
@@ -224,7 +225,8 @@ class Engine:
         self.step = 0
         self.config_text = config_text
         self.logger = logger or rt.JsonlLogger(self.run_dir / "log.jsonl",
-                                               tensorboard=tensorboard_dir(self.run_dir, settings.tensorboard))
+                                               tensorboard=tensorboard_dir(self.run_dir,
+                                                                           settings.tensorboard))
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         # (host facts, device metrics) of steps not read yet
         self._pending: list[tuple[dict, dict]] = []
@@ -248,7 +250,8 @@ class Engine:
         # gradient_as_bucket_view: the gradients are views into DDP's buckets (no copy in and out,
         # less memory)
         return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                   find_unused_parameters=bool(self.task.find_unused_parameters), gradient_as_bucket_view=True)
+                   find_unused_parameters=bool(self.task.find_unused_parameters),
+                   gradient_as_bucket_view=True)
 
     @property
     def epoch(self) -> int:
@@ -262,8 +265,9 @@ class Engine:
     def state_dict(self) -> dict:
         return {"model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "step": self.step, "epoch": self.epoch, "rng": rt.rng_state(), "task": self.task.state_dict(),
-                "world_size": self.world, "config": self.config_text}
+                "step": self.step, "epoch": self.epoch, "rng": rt.rng_state(),
+                "task": self.task.state_dict(), "world_size": self.world,
+                "config": self.config_text}
 
     def save_checkpoint(self) -> None:
         """Read (and check) every pending metric, check the parameters, then write: never a
@@ -276,12 +280,13 @@ class Engine:
 
     def load_checkpoint(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        missing = sorted({"model", "optimizer", "scheduler", "scaler", "step", "rng", "task"} - set(state))
+        missing = sorted({"model", "optimizer", "scheduler", "scaler", "step", "rng", "task"}
+                         - set(state))
         if missing:
             raise ValueError(f"{path}: not a checkpoint of this engine (missing {missing})")
         if state.get("world_size", 1) != self.world and not self.task.resumable_across_world_sizes:
-            raise RuntimeError(f"{path}: saved with {state['world_size']} process(es), resuming with "
-                               f"{self.world}; the data order would change")
+            raise RuntimeError(f"{path}: saved with {state['world_size']} process(es), resuming "
+                               f"with {self.world}; the data order would change")
         self.task.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -293,14 +298,16 @@ class Engine:
     def check_parameters(self) -> None:
         """Stop before anything non-finite is saved: every parameter and buffer must be finite (one
         read)."""
-        named = [(n, t) for n, t in list(self.task.model.named_parameters()) + list(self.task.model.named_buffers())
+        named = [(n, t) for n, t in list(self.task.model.named_parameters())
+                 + list(self.task.model.named_buffers())
                  if t.is_floating_point()]
         if not named:
             return
         finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).tolist()
         bad = [n for (n, _), ok in zip(named, finite) if not ok]
         if bad:
-            raise NonFiniteError(f"non-finite values in {bad[:5]}{' ...' if len(bad) > 5 else ''} after step "
+            raise NonFiniteError("non-finite values in "
+                                 f"{bad[:5]}{' ...' if len(bad) > 5 else ''} after step "
                                  f"{self.step}; stopping. The last good checkpoint is kept.")
 
     # -- one optimizer step
@@ -362,9 +369,12 @@ class Engine:
         grads = [p.grad for p in self._params if p.grad is not None]
         if s.grad_norm:
             norms = torch._foreach_norm(grads) if grads else []
-            record["grad_norm2"] = torch.stack([n.float() for n in norms]).square().sum() if grads else 0.0
+            record["grad_norm2"] = (
+                torch.stack([n.float() for n in norms]).square().sum() if grads else 0.0
+            )
         if s.clip_grad_norm:  # the total norm before clipping: checked, not logged
-            record["_clip_norm"] = torch.nn.utils.clip_grad_norm_(self._params, s.clip_grad_norm).float()
+            record["_clip_norm"] = torch.nn.utils.clip_grad_norm_(self._params,
+                                                                  s.clip_grad_norm).float()
 
     # -- reading the device's metrics
     # ---------------------------------------------------------------
@@ -381,8 +391,10 @@ class Engine:
             losses = losses.clone()
             dist.all_reduce(losses)
             losses /= self.world
-        keys = [[k for k, v in m.items() if k != "loss" and isinstance(v, torch.Tensor)] for _, m in pending]
-        flat = torch.cat([losses] + [torch.stack([m[k] for k in ks]) for (_, m), ks in zip(pending, keys) if ks])
+        keys = [[k for k, v in m.items() if k != "loss" and isinstance(v, torch.Tensor)] for _,
+                m in pending]
+        flat = torch.cat([losses] + [torch.stack([m[k] for k in ks]) for (_, m),
+                                     ks in zip(pending, keys) if ks])
         values = iter(flat.tolist())  # the one read
         records = [{"loss": next(values)} for _ in pending]
         for (_, m), ks, rec in zip(pending, keys, records):
@@ -411,8 +423,10 @@ class Engine:
         self._epoch_steps += 1
         step = host["step"]
         if step % self.settings.log_every == 0 or step == 1:
-            self.logger.log({"event": "step", "step": step, "epoch": host["epoch"], "lr": host["lr"],
-                             **{k: v for k, v in rec.items() if k not in self._counts and k[0] != "_"}})
+            self.logger.log({"event": "step", "step": step, "epoch": host["epoch"],
+                             "lr": host["lr"],
+                             **{k: v for k, v in rec.items() if k not in self._counts
+                                and k[0] != "_"}})
             if not bars_enabled():
                 self._console_step(host, rec)
 
@@ -421,21 +435,25 @@ class Engine:
     def _console_header(self, header: dict | None) -> None:
         h, s = header or {}, self.settings
         batch = h.get("per_process_batch")
-        batch_text = "" if batch is None else (f", per-process batch {batch} ({s.accumulate} micro-batch(es)), "
-                                               f"global batch {h.get('global_batch', batch * self.world)}")
-        log.info("run folder %s: world size %d%s, precision %s, device %s, %d steps (%d per epoch)", self.run_dir,
-                 self.world, batch_text, self.precision, self.device, s.total_steps, self.task.steps_per_epoch)
+        batch_text = "" if batch is None else (f", per-process batch {batch} ({s.accumulate} "
+                                               "micro-batch(es)), global batch "
+                                               f"{h.get('global_batch', batch * self.world)}")
+        log.info("run folder %s: world size %d%s, precision %s, device %s, %d steps (%d per "
+                 "epoch)", self.run_dir,
+                 self.world, batch_text, self.precision, self.device, s.total_steps,
+                 self.task.steps_per_epoch)
 
     def _console_step(self, host: dict, rec: dict) -> None:
         s, (t0, step0) = self.settings, self._clock
         eta = (time.time() - t0) / max(host["step"] - step0, 1) * (s.total_steps - host["step"])
         terms = "  ".join(f"{k} {v:.4g}" for k, v in rec.items() if k.startswith("loss"))
         log.info("epoch %d/%d  step %d/%d  %s  lr %.4g  %.1f images/s  eta %s", host["epoch"],
-                 -(-s.total_steps // self.task.steps_per_epoch), host["step"], s.total_steps, terms, host["lr"],
-                 host["images_per_s"], _hms(eta))
+                 -(-s.total_steps // self.task.steps_per_epoch), host["step"], s.total_steps,
+                 terms, host["lr"], host["images_per_s"], _hms(eta))
 
     def _console_epoch(self, rec: dict) -> None:
-        values = metric_line({k: v for k, v in rec.items() if k not in ("event", "epoch", "step", "images")})
+        values = metric_line({k: v for k, v in rec.items()
+                              if k not in ("event", "epoch", "step", "images")})
         log.info("epoch %d/%d done (step %d): %s", rec["epoch"],
                  -(-self.settings.total_steps // self.task.steps_per_epoch), rec["step"], values)
 
@@ -449,8 +467,8 @@ class Engine:
                 yield group
                 group = []
 
-    def fit(self, resume: bool = False, header: dict | None = None, fingerprint: dict | None = None,
-            force: bool = False) -> dict:
+    def fit(self, resume: bool = False, header: dict | None = None,
+            fingerprint: dict | None = None, force: bool = False) -> dict:
         """Train to `total_steps`; returns ``{"stopped_at_step": n}`` when `stop_after_steps`
         interrupted the run, else ``{}``.
 
@@ -461,13 +479,15 @@ class Engine:
         ckpt = self.run_dir / CKPT
         may_change = self.task.resume_may_change
         if ckpt.is_file() and not (resume or force):
-            raise ConfigError(f"{self.run_dir}: already holds a checkpoint ({ckpt}); continue it (resume=True; "
-                              "the tools continue by default), or start over (force=True; the tools' --force)")
+            raise ConfigError(f"{self.run_dir}: already holds a checkpoint ({ckpt}); continue it "
+                              "(resume=True; the tools continue by default), or start over "
+                              "(force=True; the tools' --force)")
         if resume and ckpt.is_file():
             if fingerprint is not None:
                 fp.check(self.run_dir, fingerprint, may_change)
             self.load_checkpoint(ckpt)
-            self.logger.log({"event": "resume", "step": self.step, "epoch": self.epoch, "time": time.time()})
+            self.logger.log({"event": "resume", "step": self.step, "epoch": self.epoch,
+                             "time": time.time()})
         elif rt.is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "log.jsonl").unlink(missing_ok=True)
@@ -496,7 +516,8 @@ class Engine:
         t0, images = time.time(), 0
         self._epoch_sums, self._epoch_steps = {}, 0
         self.task.train_mode()
-        self._bar = bar = rt.progress(total=end - epoch * spe, initial=start, desc=f"{s.progress_desc} {epoch + 1}")
+        self._bar = bar = rt.progress(total=end - epoch * spe, initial=start,
+                                      desc=f"{s.progress_desc} {epoch + 1}")
         for micro in self._grouped(self.task.batches(epoch, start)):
             if self.step >= end:
                 break
@@ -511,13 +532,21 @@ class Engine:
             end_of_epoch = self.step == end
             if s.checkpoint_every and self.step % s.checkpoint_every == 0 and not end_of_epoch:
                 self.save_checkpoint()
-            if s.stop_after_steps is not None and done_here >= s.stop_after_steps and not end_of_epoch:
+            if (
+                s.stop_after_steps is not None
+                and done_here >= s.stop_after_steps
+                and not end_of_epoch
+            ):
                 self.read_metrics()
                 bar.close()
                 return True, done_here
         bar.close()
         self._end_epoch(epoch, time.time() - t0, images)
-        stop = s.stop_after_steps is not None and done_here >= s.stop_after_steps and self.step < s.total_steps
+        stop = (
+            s.stop_after_steps is not None
+            and done_here >= s.stop_after_steps
+            and self.step < s.total_steps
+        )
         return stop, done_here
 
     def _end_epoch(self, epoch: int, seconds: float, images: int) -> None:
@@ -526,8 +555,8 @@ class Engine:
         self.read_metrics()
         self._bar = None
         sums, n_steps = self._epoch_sums, self._epoch_steps
-        rec: dict[str, Any] = {"event": "epoch", "epoch": epoch + 1, "step": self.step, "lr": self.lrs()[0],
-                               "epoch_time_s": seconds, "images": images}
+        rec: dict[str, Any] = {"event": "epoch", "epoch": epoch + 1, "step": self.step,
+                               "lr": self.lrs()[0], "epoch_time_s": seconds, "images": images}
         if n_steps:
             rec["train_loss"] = sums["loss"] / n_steps
             rec["images_per_s"] = images / max(seconds, 1e-9)

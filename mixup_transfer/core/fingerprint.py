@@ -38,9 +38,10 @@ def code_version() -> str:
     """The git commit of the toolkit's checkout (with "+dirty" for local changes), or "unknown"."""
     root = Path(__file__).resolve().parents[1]
     try:
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -53,7 +54,8 @@ def make(config: Mapping, inputs: Mapping[str, str | os.PathLike | None]) -> dic
     hashed = {}
     for name, path in sorted(inputs.items()):
         hashed[name] = None if path is None else {"path": str(path), "sha256": file_sha256(path)}
-    return {"config": json.loads(json.dumps(config, default=str)), "inputs": hashed, "code": code_version()}
+    return {"config": json.loads(json.dumps(config, default=str)), "inputs": hashed,
+            "code": code_version()}
 
 
 def _flatten(d, prefix: str = "") -> dict:
@@ -72,7 +74,8 @@ def differences(old: Mapping, new: Mapping, may_change: Iterable[str] = ()) -> l
     patterns = list(may_change)
     out = [f"config.{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
            for k in sorted(set(a) | set(b))
-           if a.get(k, "<absent>") != b.get(k, "<absent>") and not any(fnmatch.fnmatch(k, p) for p in patterns)]
+           if a.get(k, "<absent>") != b.get(k, "<absent>")
+           and not any(fnmatch.fnmatch(k, p) for p in patterns)]
     ia, ib = old.get("inputs") or {}, new.get("inputs") or {}
     for name in sorted(set(ia) | set(ib)):
         sa, sb = (ia.get(name) or {}).get("sha256"), (ib.get(name) or {}).get("sha256")
@@ -85,7 +88,8 @@ def differences(old: Mapping, new: Mapping, may_change: Iterable[str] = ()) -> l
 RESTART = "use another run directory, or --force to start over"
 
 
-def check(run_dir: str | os.PathLike, current: Mapping, may_change: Iterable[str] = (), restart: str = RESTART) -> None:
+def check(run_dir: str | os.PathLike, current: Mapping, may_change: Iterable[str] = (),
+          restart: str = RESTART) -> None:
     """Refuse (FingerprintMismatch) when `run_dir/fingerprint.json` differs from `current`; a
     different code version is logged, not refused (resuming after a fix is legitimate). No stored
     fingerprint: nothing to compare (a run folder without one). `restart`: how to start over with
@@ -100,10 +104,12 @@ def check(run_dir: str | os.PathLike, current: Mapping, may_change: Iterable[str
     diff = differences(stored, current, may_change)
     if diff:
         raise FingerprintMismatch(
-            f"{run_dir}: was made from another config or other inputs; refusing to mix them ({restart}). "
+            f"{run_dir}: was made from another config or other inputs; refusing to mix them "
+            f"({restart}). "
             "Differences: " + "; ".join(diff))
     if stored.get("code") != current.get("code"):
-        log.warning("%s: made with code %s, continuing with %s", run_dir, stored.get("code"), current.get("code"))
+        log.warning("%s: made with code %s, continuing with %s", run_dir, stored.get("code"),
+                    current.get("code"))
 
 
 def write(run_dir: str | os.PathLike, current: Mapping) -> None:

@@ -48,7 +48,11 @@ def to_device(obj: Any, device: torch.device, channels_last: bool = False) -> An
     tensors keep theirs (it needs rank 4)."""
     if isinstance(obj, torch.Tensor):
         obj = obj.to(device, non_blocking=True)
-        return obj.contiguous(memory_format=torch.channels_last) if channels_last and obj.dim() == 4 else obj
+        return (
+            obj.contiguous(memory_format=torch.channels_last)
+            if channels_last and obj.dim() == 4
+            else obj
+        )
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(o, device, channels_last) for o in obj)
     if isinstance(obj, dict):
@@ -98,11 +102,11 @@ def _gather(records: list, mine: list[int], n: int, dst: int | None) -> list | N
 
 
 @torch.no_grad()
-def inference_on_dataset(model, dataset, forward: Callable, to_records: Callable, *, batch_size: int,
-                         device: torch.device, workers: int = 0, collate_fn=None, precision: str = "fp32",
-                         channels_last: bool = False, pin_memory: bool = False, timed: bool = False,
-                         dst: int | None = None, select: Callable | None = None,
-                         desc: str = "inference") -> Inference:
+def inference_on_dataset(model, dataset, forward: Callable, to_records: Callable, *,
+                         batch_size: int, device: torch.device, workers: int = 0, collate_fn=None,
+                         precision: str = "fp32", channels_last: bool = False,
+                         pin_memory: bool = False, timed: bool = False, dst: int | None = None,
+                         select: Callable | None = None, desc: str = "inference") -> Inference:
     """Run ``model`` over this rank's shard of ``dataset`` and gather the records in dataset order.
 
     forward(model, inputs) -> outputs: ``inputs`` is ``select(batch)`` (default: the whole batch;
@@ -114,8 +118,8 @@ def inference_on_dataset(model, dataset, forward: Callable, to_records: Callable
     shard included)."""
     n = len(dataset)
     mine = ddist.shard_indices(n, block=batch_size)
-    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=collate_fn, pin_memory=pin_memory)
+    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, collate_fn=collate_fn, pin_memory=pin_memory)
     # rank 0's BatchNorm statistics: every shard is scored with one model
     ddist.broadcast_buffers(model)
     model.eval()
@@ -131,4 +135,5 @@ def inference_on_dataset(model, dataset, forward: Callable, to_records: Callable
         records += got
         start += size
     timing = ddist.all_gather_objects((seconds, len(records)))
-    return Inference(_gather(records, mine, n, dst), max(t[0] for t in timing), sum(t[1] for t in timing))
+    return Inference(_gather(records, mine, n, dst), max(t[0] for t in timing),
+                     sum(t[1] for t in timing))

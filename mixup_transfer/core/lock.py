@@ -132,9 +132,11 @@ def acquire(folder: str | os.PathLike, what: str = "run") -> Path:
             continue
         if _holder_alive(holder):
             raise RunLockedError(
-                f"{folder}: another process is writing this {what} folder ({_describe(holder)}); wait for it to "
-                f"finish or choose another folder. If that process no longer runs, delete {path}")
-        log.warning("%s: removing the stale lock of a process that no longer runs (%s)", path, _describe(holder))
+                f"{folder}: another process is writing this {what} folder ({_describe(holder)}); "
+                "wait for it to finish or choose another folder. If that process no longer "
+                f"runs, delete {path}")
+        log.warning("%s: removing the stale lock of a process that no longer runs (%s)", path,
+                    _describe(holder))
         with contextlib.suppress(FileNotFoundError):
             stale = path.with_name(f"{path.name}.{os.getpid()}.stale")
             # one remover wins; a new live lock created meanwhile is never deleted
@@ -165,7 +167,12 @@ def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
             continue
         pid = int(parts[1])
         with contextlib.suppress(OSError):
-            if pid != os.getpid() and not pid_alive(pid) and p.is_file() and p.stat().st_mtime < started:
+            if (
+                pid != os.getpid()
+                and not pid_alive(pid)
+                and p.is_file()
+                and p.stat().st_mtime < started
+            ):
                 p.unlink()
                 removed.append(p)
     if removed:

@@ -49,7 +49,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         except RuntimeError as e:
             if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
                 raise
-            raise OSError(errno.EIO, f"write failed (disk full or file too large?): {str(e).splitlines()[0]}",
+            raise OSError(errno.EIO, "write failed (disk full or file too large?): "
+                                     f"{str(e).splitlines()[0]}",
                           str(path)) from e
         f.flush()
         os.fsync(f.fileno())
@@ -80,9 +81,11 @@ def check_outputs_finite(stage: str, split: str, counts: dict) -> None:
     the caller)."""
     bad = {k: int(v) for k, v in counts.items() if int(v)}
     if bad:
-        what = ", ".join(f"{v} non-finite {k} value{'s' if v != 1 else ''}" for k, v in bad.items())
-        raise NonFiniteOutputError(f"{stage}: split {split}: the model's outputs are not finite ({what}); the "
-                                   "network is broken (diverged or NaN weights), so nothing is scored or saved")
+        what = ", ".join(f"{v} non-finite {k} value{'s' if v != 1 else ''}" for k,
+                         v in bad.items())
+        raise NonFiniteOutputError(f"{stage}: split {split}: the model's outputs are not finite "
+                                   f"({what}); the network is broken (diverged or NaN weights), "
+                                   "so nothing is scored or saved")
 
 
 def seed_everything(seed: int) -> None:
@@ -120,8 +123,8 @@ def set_rng_state(state: dict) -> None:
 
 def _numpy_state_to_plain(st) -> dict:
     name, keys, pos, has_gauss, cached = st
-    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
+    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
 
 
 def _plain_to_numpy_state(d: dict):
@@ -149,9 +152,12 @@ def local_cuda_index() -> int:
     if visible == 1:
         return 0
     if local >= visible:
-        raise RuntimeError(f"LOCAL_RANK={local} but this process sees {visible} GPU(s) "
-                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most "
-                           f"{visible} processes per node, or give each process one GPU")
+        raise RuntimeError(
+            f"LOCAL_RANK={local} but this process sees {visible} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
+            f"start at most {visible} processes per node, or give each process "
+            "one GPU"
+        )
     return local
 
 
@@ -328,7 +334,8 @@ def check_finite(loss: torch.Tensor | float, step: int) -> None:
     value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
     if not math.isfinite(value):
         raise NonFiniteLossError(
-            f"non-finite loss ({value}) at step {step}; stopping. The last good checkpoint is kept.")
+            f"non-finite loss ({value}) at step {step}; stopping. The last good checkpoint is "
+            "kept.")
 
 
 # -- collectives for losses that mix the whole global batch (pretrain.methods MultiMix

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 KINDS = ("step", "cosine", "piecewise", "constant")
 
 
-def lr_factor(t: float, kind: str = "constant", *, total: float = 1.0, milestones: Sequence[float] = (),
-              gamma: float = 0.1, points: Sequence[Sequence[float]] | None = None, min_factor: float = 0.0,
+def lr_factor(t: float, kind: str = "constant", *, total: float = 1.0,
+              milestones: Sequence[float] = (), gamma: float = 0.1,
+              points: Sequence[Sequence[float]] | None = None, min_factor: float = 0.0,
               warmup: float = 0.0, warmup_start: float = 1.0) -> float:
     """Multiplier of the base learning rate at time `t`.
 

@@ -38,18 +38,27 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mixup_transfer.core.data import DataError, ImageNetFolder, check_box, list_images, read_image, read_text
+from mixup_transfer.core.data import (
+    DataError,
+    ImageNetFolder,
+    check_box,
+    list_images,
+    read_image,
+    read_text,
+)
 
 DATASETS = ("auto", "imagenet", "cifar10", "cifar100", "tinyimagenet")
 CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 TINY_DIR = "tiny-imagenet-200"
 _CIFAR_FILES = {  # split -> batch files; the label key; the meta file and its names key
-    "cifar10": ({"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}, b"labels",
-                "batches.meta", b"label_names"),
-    "cifar100": ({"train": ["train"], "test": ["test"]}, b"fine_labels", "meta", b"fine_label_names"),
+    "cifar10": ({"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+                b"labels", "batches.meta", b"label_names"),
+    "cifar100": ({"train": ["train"], "test": ["test"]}, b"fine_labels", "meta",
+                 b"fine_label_names"),
 }
-_ALLOWED_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+_ALLOWED_GLOBALS = {("numpy.core.multiarray", "_reconstruct"),
+                    ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+                    ("numpy", "dtype"), ("_codecs", "encode")}
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -61,8 +70,9 @@ class _BatchUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in _ALLOWED_GLOBALS:
-            raise DataError(f"{self.path}: refused to unpickle {module}.{name} (a CIFAR batch holds only a dict "
-                            "of bytes, lists and numpy arrays; a file with other objects could run code)")
+            raise DataError(f"{self.path}: refused to unpickle {module}.{name} (a CIFAR batch "
+                            "holds only a dict of bytes, lists and numpy arrays; a file with "
+                            "other objects could run code)")
         if name == "_reconstruct":
             # numpy's own reconstructor, whatever its module is called
             return np.ndarray((0,)).__reduce__()[0]
@@ -85,7 +95,8 @@ def read_cifar_pickle(path: str | os.PathLike) -> dict:
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated, not a pickle, ...: the file named
-        raise DataError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {str(e)[:120]})") from None
+        raise DataError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: "
+                        f"{str(e)[:120]})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
     return obj
@@ -107,16 +118,27 @@ def _cifar_batch(path: Path, label_key: bytes, n_classes: int) -> tuple[np.ndarr
     """(images [N, 32, 32, 3] uint8, labels [N] int64) of one batch file, checked."""
     d = read_cifar_pickle(path)
     data, labels = _field(d, b"data", path), _field(d, label_key, path)
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        what = f"{data.dtype} array {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise DataError(f"{path}: b'data' must be a uint8 array N x 3072 (32 x 32 RGB planes), got {what}")
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3072
+    ):
+        what = (
+            f"{data.dtype} array {data.shape}"
+            if isinstance(data, np.ndarray)
+            else type(data).__name__
+        )
+        raise DataError(f"{path}: b'data' must be a uint8 array N x 3072 (32 x 32 RGB planes), "
+                        f"got {what}")
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{path}: {label_key!r} must be {len(data)} integers (one per image), "
                         f"got {labels.dtype} {labels.shape}")
     bad = np.nonzero((labels < 0) | (labels >= n_classes))[0]
     if len(bad):
-        raise DataError(f"{path}: image {int(bad[0])} has label {int(labels[bad[0]])}, outside 0..{n_classes - 1}")
+        raise DataError(f"{path}: image {int(bad[0])} has label {int(labels[bad[0]])}, outside "
+                        f"0..{n_classes - 1}")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels.astype(np.int64)
 
 
@@ -127,7 +149,8 @@ class CIFARBatches(Dataset):
     CIFAR-100's fine labels. `data` is [N, 32, 32, 3] uint8 RGB, `targets` the labels, `classes`
     the meta's names."""
 
-    def __init__(self, folder: str | os.PathLike, kind: str, split: str = "train", transform: Callable | None = None):
+    def __init__(self, folder: str | os.PathLike, kind: str, split: str = "train",
+                 transform: Callable | None = None):
         if kind not in _CIFAR_FILES:
             raise ValueError(f"unknown CIFAR kind {kind!r}; valid: {sorted(_CIFAR_FILES)}")
         split = "test" if split == "val" else split
@@ -136,11 +159,14 @@ class CIFARBatches(Dataset):
             raise ValueError(f"unknown {kind} split {split!r}; valid: train, test (or val)")
         self.root, self.split, self.transform = Path(folder), split, transform
         meta_path = self.root / meta_file
-        self.classes = _decode_names(_field(read_cifar_pickle(meta_path), names_key, meta_path), meta_path)
-        parts = [(name, *_cifar_batch(self.root / name, label_key, len(self.classes))) for name in files[split]]
+        self.classes = _decode_names(_field(read_cifar_pickle(meta_path), names_key, meta_path),
+                                     meta_path)
+        parts = [(name, *_cifar_batch(self.root / name, label_key, len(self.classes)))
+                 for name in files[split]]
         self.data = np.concatenate([p[1] for p in parts])
         self.targets = np.concatenate([p[2] for p in parts]).tolist()
-        self.samples = [(f"{self.root / name}#{i}", int(y)) for name, _, ys in parts for i, y in enumerate(ys)]
+        self.samples = [(f"{self.root / name}#{i}", int(y)) for name, _, ys in parts for i,
+                        y in enumerate(ys)]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         if not self.samples:
             raise DataError(f"{self.root}: no images in the {split} batches")
@@ -158,8 +184,8 @@ class CIFARBatches(Dataset):
         return (self.transform(img) if self.transform else img), self.targets[index]
 
     def boxes(self, index: int) -> np.ndarray:
-        raise DataError(f"{self.root}: CIFAR has no box annotations (background corruption and localization "
-                        "need boxes)")
+        raise DataError(f"{self.root}: CIFAR has no box annotations (background corruption and "
+                        "localization need boxes)")
 
 
 def _read_wnids(root: Path) -> list[str]:
@@ -213,7 +239,8 @@ def _read_annotations(path: Path, n_fields: int, known: dict | None) -> dict[str
         where = f"{path}:{lineno}"
         fields = line.split("\t") if "\t" in line else line.split()
         if len(fields) != n_fields:
-            raise DataError(f"{where}: expected {n_fields} tab-separated fields, got {len(fields)}: {line!r}")
+            raise DataError(f"{where}: expected {n_fields} tab-separated fields, got "
+                            f"{len(fields)}: {line!r}")
         name, wnid = fields[0].strip(), (fields[1].strip() if n_fields == 6 else None)
         if known is not None and wnid not in known:
             raise DataError(f"{where}: unknown wnid {wnid!r} (not in wnids.txt)")
@@ -229,10 +256,12 @@ class TinyImageNetFolder(Dataset):
     there). `boxes(i)` gives the image's box as float32 [1, 4] x0, y0, x1, y1 (val:
     val_annotations.txt; train: <wnid>_boxes.txt)."""
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", transform: Callable | None = None):
+    def __init__(self, root: str | os.PathLike, split: str = "train",
+                 transform: Callable | None = None):
         self.root, self.split, self.transform = Path(root), split, transform
         if split not in ("train", "val"):
-            raise ValueError(f"unknown TinyImageNet split {split!r}; valid: train, val (test has no labels)")
+            raise ValueError(f"unknown TinyImageNet split {split!r}; valid: train, val (test has "
+                             "no labels)")
         self.classes = _read_wnids(self.root)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         words = self.root / "words.txt"
@@ -249,7 +278,8 @@ class TinyImageNetFolder(Dataset):
         train = self.root / "train"
         if not train.is_dir():
             raise DataError(f"{train}: TinyImageNet train folder not found")
-        extra = sorted(d.name for d in train.iterdir() if d.is_dir() and d.name not in self.class_to_idx)
+        extra = sorted(d.name for d in train.iterdir() if d.is_dir()
+                       and d.name not in self.class_to_idx)
         if extra:
             raise DataError(f"{train}: class folders not in wnids.txt: {extra[:10]}")
         samples = []
@@ -266,7 +296,8 @@ class TinyImageNetFolder(Dataset):
         images = {p.name: p for p in list_images(self.root / "val" / "images", recursive=False)}
         missing = sorted(set(ann) - set(images))
         if missing:
-            raise DataError(f"{ann_path}: annotated images missing from {self.root / 'val' / 'images'}: {missing[:5]}")
+            raise DataError(f"{ann_path}: annotated images missing from "
+                            f"{self.root / 'val' / 'images'}: {missing[:5]}")
         unannotated = sorted(set(images) - set(ann))
         if unannotated:
             raise DataError(f"{ann_path}: no line for the images {unannotated[:5]}")
@@ -311,8 +342,8 @@ def detect_layout(root: str | os.PathLike, dataset: str = "auto") -> tuple[str, 
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; valid: {list(DATASETS)}")
     root = Path(root)
-    marks = {"cifar10": ("batches.meta", CIFAR_DIRS["cifar10"]), "cifar100": ("meta", CIFAR_DIRS["cifar100"]),
-             "tinyimagenet": ("wnids.txt", TINY_DIR)}
+    marks = {"cifar10": ("batches.meta", CIFAR_DIRS["cifar10"]),
+             "cifar100": ("meta", CIFAR_DIRS["cifar100"]), "tinyimagenet": ("wnids.txt", TINY_DIR)}
     found = []
     for kind, (mark, sub) in marks.items():
         if dataset not in ("auto", kind):
@@ -322,10 +353,11 @@ def detect_layout(root: str | os.PathLike, dataset: str = "auto") -> tuple[str, 
         elif (root / mark).is_file() and (kind != "cifar100" or (root / "train").is_file()):
             found.append((kind, root))
         elif dataset == kind:
-            raise DataError(f"{root}: no {kind} layout here (looked for {root / mark} and {root / sub / mark})")
+            raise DataError(f"{root}: no {kind} layout here (looked for {root / mark} and "
+                            f"{root / sub / mark})")
     if len(found) > 1:
-        raise DataError(f"{root}: holds several layouts ({', '.join(k for k, _ in found)}); set the dataset "
-                        "(data.dataset) or point at one of their folders")
+        raise DataError(f"{root}: holds several layouts ({', '.join(k for k, _ in found)}); set "
+                        "the dataset (data.dataset) or point at one of their folders")
     return found[0] if found else ("imagenet", root)
 
 
@@ -340,7 +372,8 @@ def open_classification(root: str | os.PathLike, split: str, dataset: str = "aut
     kind, folder = detect_layout(root, dataset)
     if kind == "imagenet":
         extra = {"reader": reader} if reader is not None else {}
-        return ImageNetFolder(folder, split, transform=transform, boxes=boxes, classes=classes, **extra)
+        return ImageNetFolder(folder, split, transform=transform, boxes=boxes, classes=classes,
+                              **extra)
     ds = CIFARBatches(folder, kind, split, transform) if kind in CIFAR_DIRS else \
         TinyImageNetFolder(folder, split, transform)
     if classes is not None and list(classes) != ds.classes:

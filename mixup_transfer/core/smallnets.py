@@ -35,10 +35,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-SMALL_ARCHS = ("preactresnet18", "wrn16_8", "resnet18_cifar", "preactresnet18_w16", "preactresnet18_alignmixup")
+SMALL_ARCHS = ("preactresnet18", "wrn16_8", "resnet18_cifar", "preactresnet18_w16",
+               "preactresnet18_alignmixup")
 # width of the pooled features that fc reads, per small arch
-SMALL_FEATURE_DIMS = {"preactresnet18": 512, "wrn16_8": 512, "resnet18_cifar": 512, "preactresnet18_w16": 128,
-                      "preactresnet18_alignmixup": 512}
+SMALL_FEATURE_DIMS = {"preactresnet18": 512, "wrn16_8": 512, "resnet18_cifar": 512,
+                      "preactresnet18_w16": 128, "preactresnet18_alignmixup": 512}
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -64,13 +65,19 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
-        shortcut = self.downsample(out) if self.downsample is not None else (out if self.preact_shortcut else x)
+        shortcut = (
+            self.downsample(out)
+            if self.downsample is not None
+            else (out if self.preact_shortcut else x)
+        )
         out = self.conv2(F.relu(self.bn2(self.conv1(out))))
         return out + shortcut
 
 
-def _group(cin: int, cout: int, n: int, stride: int, preact_shortcut: bool = False) -> nn.Sequential:
-    return nn.Sequential(*[PreActBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, preact_shortcut)
+def _group(cin: int, cout: int, n: int, stride: int,
+           preact_shortcut: bool = False) -> nn.Sequential:
+    return nn.Sequential(*[PreActBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1,
+                                       preact_shortcut)
                            for i in range(n)])
 
 
@@ -139,9 +146,11 @@ def wrn(depth: int = 16, widen: int = 8, num_classes: int = 10) -> SmallNet:
     return SmallNet(_conv3x3(3, 16), layers + [PostActivation(cin)], cin, num_classes)
 
 
-def resnet18_cifar(num_classes: int = 10, zero_init_residual: bool = False) -> torchvision.models.ResNet:
+def resnet18_cifar(num_classes: int = 10,
+                   zero_init_residual: bool = False) -> torchvision.models.ResNet:
     """torchvision ResNet-18 with the CIFAR stem: conv1 3x3 stride 1 (64 channels), no max-pool."""
-    net = torchvision.models.resnet18(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
+    net = torchvision.models.resnet18(weights=None, num_classes=num_classes,
+                                      zero_init_residual=zero_init_residual)
     net.conv1 = _conv3x3(3, 64)
     nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     net.maxpool = nn.Identity()
@@ -155,7 +164,8 @@ def build_small(arch: str, num_classes: int = 10, zero_init_residual: bool = Fal
     if arch == "resnet18_cifar":
         return resnet18_cifar(num_classes, zero_init_residual)
     if zero_init_residual:
-        raise ValueError(f"zero_init_residual is for BN-ended residual blocks; {arch} has pre-activation blocks")
+        raise ValueError(f"zero_init_residual is for BN-ended residual blocks; {arch} has "
+                         "pre-activation blocks")
     if arch == "preactresnet18":
         return preactresnet18(num_classes)
     if arch == "preactresnet18_w16":

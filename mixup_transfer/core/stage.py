@@ -43,14 +43,16 @@ from mixup_transfer.core.config import ConfigError, apply_overrides, load_config
 # help; the ones marked True are checkpoints (--allow-pickle applies to them)
 INPUT_FLAGS = {
     "weights": ("backbone checkpoint (omit, or 'none': a randomly initialised backbone)", True),
-    "checkpoint": ("the classifier checkpoint to evaluate (a pretraining run's backbone.pth)", True),
+    "checkpoint": ("the classifier checkpoint to evaluate (a pretraining run's backbone.pth)",
+                   True),
     "imagenet": ("ImageNet-layout root (val/, and val_boxes/ for the background suite)", False),
-    "teacher": ("the frozen teacher classifier of a method that reads one (supermix; tokenmix with activation "
+    "teacher": ("the frozen teacher classifier of a method that reads one (supermix; tokenmix "
+                "with activation "
                 "labels), or the config's teacher key", True),
 }
 
-FORCE_HELP = ("start over in a run folder that holds a run (without it, running the same command again continues "
-              "the run; a changed config is refused)")
+FORCE_HELP = ("start over in a run folder that holds a run (without it, running the same "
+              "command again continues the run; a changed config is refused)")
 
 
 def _resolve(ref: str):
@@ -142,8 +144,10 @@ def add_stage_arguments(p, stages: Sequence[Stage]) -> None:
     stage: each input flag once, required by none; the launcher checks them per stage)."""
     one = stages[0] if len(stages) == 1 else None
     p.add_argument("--config", default=None, required=bool(one and one.config_required),
-                   help="the stage's YAML (configs/<stage>/*.yaml)" + ("" if one and one.config_required else
-                                                                       "; optional where its defaults suffice"))
+                   help="the stage's YAML (configs/<stage>/*.yaml)"
+                   + ("" if one and one.config_required else
+                                                                       "; optional where its "
+                                                                       "defaults suffice"))
     for name, (text, _) in INPUT_FLAGS.items():
         users = [s.name for s in stages if name in s.inputs + s.optional_inputs]
         if not users:
@@ -151,23 +155,25 @@ def add_stage_arguments(p, stages: Sequence[Stage]) -> None:
         multi = bool(one and name in one.multi_inputs)
         p.add_argument(f"--{name}", default=None, required=bool(one and name in one.inputs),
                        nargs="+" if multi else None, metavar="PATH",
-                       help=text + ("" if one else f" ({' and '.join(users)})") + ("; several: one run each" if
+                       help=text + ("" if one else f" ({' and '.join(users)})")
+                       + ("; several: one run each" if
                                                                                     multi else ""))
     if any(s.run_dir_flag for s in stages):
-        p.add_argument("--run-dir", default=None, help="output folder (default: runs/..., as each stage declares)")
+        p.add_argument("--run-dir", default=None,
+                       help="output folder (default: runs/..., as each stage declares)")
     if any("force" in s.options for s in stages):
         p.add_argument("--force", action="store_true", help=FORCE_HELP)
         # refused with the rule (mixup_transfer.core.cli.parse_stage_args): continuing is the
         # default
-        p.add_argument("--resume", "--no-resume", dest="retired_resume", action="store_const", const=True,
-                       default=None, help=argparse.SUPPRESS)
+        p.add_argument("--resume", "--no-resume", dest="retired_resume", action="store_const",
+                       const=True, default=None, help=argparse.SUPPRESS)
     if any(INPUT_FLAGS[i][1] for s in stages for i in s.inputs + s.optional_inputs):
         p.add_argument("--allow-pickle", action="store_true",
-                       help="unpickle the checkpoints given as inputs if they hold Python objects (it can run code: "
-                            "only files you trust)")
+                       help="unpickle the checkpoints given as inputs if they hold Python "
+                            "objects (it can run code: only files you trust)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides with dotted keys, anywhere on the command line (e.g. optim.lr=0.05); an "
-                        "unknown or renamed key is an error")
+                   help="config overrides with dotted keys, anywhere on the command line (e.g. "
+                        "optim.lr=0.05); an unknown or renamed key is an error")
 
 
 def by_name(stages: Sequence[Stage], name: str) -> Stage:

@@ -16,9 +16,11 @@ import re
 PERCENT = "%"
 # leaf names in percent: accuracies, errors, COCO / VOC AP and AR, BoxAcc, localization,
 # calibration, OOD
-_PERCENT = re.compile(r"(^|_)(top[15]|err|acc|loc|cls|ece|oe|auroc|aupr|fpr95)($|_)|boxacc|^m?A[PR]")
-_EXACT = {"eps": "fraction of the [0, 1] pixel range", "step": "fraction of the [0, 1] pixel range",
-          "seconds": "s"}
+_PERCENT = re.compile(
+    r"(^|_)(top[15]|err|acc|loc|cls|ece|oe|auroc|aupr|fpr95)($|_)|boxacc|^m?A[PR]"
+)
+_EXACT = {"eps": "fraction of the [0, 1] pixel range",
+          "step": "fraction of the [0, 1] pixel range", "seconds": "s"}
 
 
 def unit_of(name: str) -> str | None:
@@ -49,11 +51,13 @@ def units(metrics: dict) -> dict[str, str]:
                 continue
             if isinstance(v, dict):
                 leaves = list(v.values())
-                if leaves and all(x is None or isinstance(x, (int, float)) for x in leaves) and unit_of(k):
+                if leaves and all(x is None or isinstance(x, (int, float))
+                                  for x in leaves) and unit_of(k):
                     out[k] = unit_of(k)  # {"30": .., "50": ..} or {class: AP}: the dict's unit
                 else:
                     walk(v)
-            elif (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))) and unit_of(k):
+            elif (v is None or (isinstance(v, (int, float))
+                                and not isinstance(v, bool))) and unit_of(k):
                 out[k] = unit_of(k)
 
     walk(metrics)

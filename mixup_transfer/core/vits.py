@@ -25,7 +25,8 @@ import torch.nn as nn
 
 # arch -> timm VisionTransformer keyword arguments (image size, patch, width, depth, heads)
 VIT_SPECS = {
-    "vit_small_patch16_224": {"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6},
+    "vit_small_patch16_224": {"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12,
+                              "num_heads": 6},
     "vit_tiny_toy": {"img_size": 64, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3},
 }
 VIT_ARCHS = tuple(VIT_SPECS)
@@ -40,14 +41,16 @@ def build_vit(arch: str, num_classes: int = 1000, **kwargs) -> nn.Module:
     # 1-2 s to import: only when a ViT is built
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(num_classes=num_classes, dynamic_img_size=True, **VIT_SPECS[arch], **kwargs)
+    return VisionTransformer(num_classes=num_classes, dynamic_img_size=True, **VIT_SPECS[arch],
+                             **kwargs)
 
 
 def looks_like_vit(keys) -> bool:
     """Whether a state dict's keys (any prefix) are a ViT's: a class token and a patch
     embedding."""
     keys = list(keys)
-    return any(k.endswith("cls_token") for k in keys) and any("patch_embed.proj.weight" in k for k in keys)
+    return any(k.endswith("cls_token") for k in keys) and any("patch_embed.proj.weight" in k
+                                                              for k in keys)
 
 
 def infer_vit_arch(state: Mapping[str, torch.Tensor]) -> str | None:
@@ -69,5 +72,6 @@ def vit_grid(tokens: int, prefix: int = 1) -> int:
     n = tokens - prefix
     side = int(round(n ** 0.5))
     if side * side != n:
-        raise ValueError(f"{n} patch tokens do not form a square grid: the ViT adapter expects square images")
+        raise ValueError(f"{n} patch tokens do not form a square grid: the ViT adapter expects "
+                         "square images")
     return side

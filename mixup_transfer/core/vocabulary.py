@@ -36,23 +36,28 @@ class Key:
 OPTIM = {
     "epochs": Key(300, "training epochs"),
     "batch_size": Key(256, "GLOBAL batch: images per optimizer step over all processes"),
-    "batch_per_process": Key(None, "images per optimizer step in each process (global batch = this x world size)"),
+    "batch_per_process": Key(None, "images per optimizer step in each process (global batch = "
+                             "this x world size)"),
     "lr": Key(0.1, "peak learning rate (multiplied by the schedule's factor)"),
     "lr_classifier": Key(None, "learning rate of the classifier layers (fc); null = lr"),
     "momentum": Key(0.9, "SGD momentum"),
     "nesterov": Key(True, "Nesterov momentum (SGD)"),
     "weight_decay": Key(1.0e-4, "L2 weight decay"),
-    "schedule": Key("step", "learning-rate schedule: step | cosine | piecewise | constant (those the stage has)"),
+    "schedule": Key("step", "learning-rate schedule: step | cosine | piecewise | constant (those "
+                    "the stage has)"),
     "gamma": Key(0.1, "step schedule: lr *= gamma at each drop"),
 }
 
 DATA = {
     "root": Key(None, "the dataset folder (its layout is the stage's)"),
     "num_workers": Key(None, "DataLoader worker processes per process"),
-    "max_train": Key(None, "use at most this many train images (null: all; quick runs). Pretraining takes an "
+    "max_train": Key(None, "use at most this many train images (null: all; quick runs). "
+                     "Pretraining takes an "
                            "evenly spaced subset, detection and WSOL the first N"),
-    "max_val": Key(None, "use at most this many evaluation images (null: all). Pretraining and robustness take an "
-                         "evenly spaced subset (robustness: also at most N per OOD folder), detection and WSOL the "
+    "max_val": Key(None, "use at most this many evaluation images (null: all). Pretraining and "
+                   "robustness take an "
+                         "evenly spaced subset (robustness: also at most N per OOD folder), "
+                         "detection and WSOL the "
                          "first N"),
 }
 
@@ -62,7 +67,8 @@ RUNTIME = {
     "channels_last": Key(True, "channels-last memory format (CUDA only)"),
     "num_threads": Key(None, "torch.set_num_threads for this process (null: torch's default)"),
     "log_every_steps": Key(20, "optimizer steps between log lines"),
-    "tensorboard": Key("auto", "auto | true | false: also write RUN/tensorboard (auto: when the tensorboard "
+    "tensorboard": Key("auto", "auto | true | false: also write RUN/tensorboard (auto: when the "
+                       "tensorboard "
                                "package is installed)"),
 }
 
@@ -72,7 +78,8 @@ EVAL = {
 }
 
 METHOD = {
-    "name": Key("none", "the mixing method (pretrain.methods.METHODS; none: plain cross-entropy where a stage "
+    "name": Key("none", "the mixing method (pretrain.methods.METHODS; none: plain cross-entropy "
+                "where a stage "
                         "allows it); the method's knobs sit beside name"),
 }
 
@@ -101,11 +108,12 @@ def meaning(dotted: str) -> str | None:
 RENAMED = {
     # detection
     "solver": ("optim",),
-    "solver.lr": ("optim.lr",), "solver.epochs": ("optim.epochs",), "solver.batch_size": ("optim.batch_per_process",),
-    "solver.momentum": ("optim.momentum",), "solver.weight_decay": ("optim.weight_decay",),
-    "solver.gamma": ("optim.gamma",), "solver.max_iter": ("optim.max_iter",),
-    "solver.warmup_iters": ("optim.warmup_iters",), "solver.warmup_factor": ("optim.warmup_factor",),
-    "solver.steps": ("optim.steps",), "solver.clip_grad_norm": ("optim.clip_grad_norm",),
+    "solver.lr": ("optim.lr",), "solver.epochs": ("optim.epochs",),
+    "solver.batch_size": ("optim.batch_per_process",), "solver.momentum": ("optim.momentum",),
+    "solver.weight_decay": ("optim.weight_decay",), "solver.gamma": ("optim.gamma",),
+    "solver.max_iter": ("optim.max_iter",), "solver.warmup_iters": ("optim.warmup_iters",),
+    "solver.warmup_factor": ("optim.warmup_factor",), "solver.steps": ("optim.steps",),
+    "solver.clip_grad_norm": ("optim.clip_grad_norm",),
     "solver.reference_batch": ("optim.reference_batch",),
     "data.max_train_images": ("data.max_train",), "data.max_test_images": ("data.max_val",),
     "data.workers": ("data.num_workers",), "runtime.log_period": ("runtime.log_every_steps",),
@@ -113,7 +121,8 @@ RENAMED = {
     # WSOL
     "epochs": ("optim.epochs",), "batch_size": ("optim.batch_per_process", "eval.batch_size"),
     "log_every": ("runtime.log_every_steps",), "arch": ("model.arch",), "mixing": ("method",),
-    "data.limit_train": ("data.max_train",), "data.limit_test": ("data.max_val",), "eval.every": ("eval.every_epochs",),
+    "data.limit_train": ("data.max_train",), "data.limit_test": ("data.max_val",),
+    "eval.every": ("eval.every_epochs",),
     # robustness
     "limit": ("data.max_val",), "workers": ("data.num_workers",), "device": ("runtime.device",),
     "precision": ("runtime.precision",), "tensorboard": ("runtime.tensorboard",),
@@ -150,7 +159,8 @@ def renamed_keys(cfg: dict, schema: dict) -> list[tuple[str, str]]:
             new = rename_of(dotted, schema)
             # a renamed mapping (solver): name its renamed keys (solver.lr), else itself
             if new is not None:
-                inner = [(f"{dotted}.{c}", RENAMED[f"{dotted}.{c}"][0]) for c in (v if isinstance(v, dict) else ())
+                inner = [(f"{dotted}.{c}", RENAMED[f"{dotted}.{c}"][0])
+                         for c in (v if isinstance(v, dict) else ())
                          if f"{dotted}.{c}" in RENAMED]
                 found.extend(inner or [(dotted, new)])
             elif isinstance(v, dict) and isinstance(declared, dict) and declared.get(k):

@@ -34,10 +34,24 @@ import re
 import time
 from pathlib import Path
 
-from mixup_transfer.core.config import ConfigError, check_ranges, dump_config, load_config, validate
+from mixup_transfer.core.config import (
+    ConfigError,
+    check_ranges,
+    dump_config,
+    load_config,
+    validate,
+)
 from mixup_transfer.core.lock import run_lock
 from mixup_transfer.core.runtime import atomic_write_text, write_json
-from mixup_transfer.pipeline.run import Pipeline, Stage, _fill, _named, content_key, pretrain_spec, seed_list
+from mixup_transfer.pipeline.run import (
+    Pipeline,
+    Stage,
+    _fill,
+    _named,
+    content_key,
+    pretrain_spec,
+    seed_list,
+)
 from mixup_transfer.pipeline.tables import Column, Table, get
 
 log = logging.getLogger("pipeline.ablation")
@@ -82,8 +96,9 @@ DEFAULTS = {
 SCALES = ("auto", "log", "linear", "categorical")
 # Method options a sweep commonly sets whose out-of-range values the method constructors do not
 # reject.
-KNOB_RANGES = {"method.n": (">", 0), "method.m": (">=", 2), "method.k": (">", 0), "method.alpha": (">", 0),
-               "method.alpha_low": (">", 0), "method.alpha_high": (">", 0), "method.resolution": (">", 0),
+KNOB_RANGES = {"method.n": (">", 0), "method.m": (">=", 2), "method.k": (">", 0),
+               "method.alpha": (">", 0), "method.alpha_low": (">", 0),
+               "method.alpha_high": (">", 0), "method.resolution": (">", 0),
                "method.prob": (">=", 0, "<=", 1)}
 
 
@@ -109,7 +124,8 @@ def check_key(key, method: str) -> None:
     from pretrain.task import DEFAULTS as RECIPE
 
     if not isinstance(key, str) or not key:
-        raise ConfigError(f"config key knob.key: {key!r} must be a dotted recipe key such as method.n")
+        raise ConfigError(f"config key knob.key: {key!r} must be a dotted recipe key such as "
+                          "method.n")
     parts = key.split(".")
     if parts[0] == "seed":
         raise ConfigError("config key knob.key: seed is swept by the `seeds` list, not as a knob")
@@ -123,12 +139,14 @@ def check_key(key, method: str) -> None:
     for p in parts:
         if not isinstance(node, dict) or p not in node:
             prefix = ".".join(where)
-            valid = sorted(f"{prefix}.{k}" if prefix else k for k in node) if isinstance(node, dict) else []
+            valid = sorted(f"{prefix}.{k}" if prefix else k
+                           for k in node) if isinstance(node, dict) else []
             raise ConfigError(f"knob key {key!r}: {p!r} is not a pretraining config key"
                               f"{' under ' + prefix if prefix else ''}; valid: {valid}")
         node, where = node[p], where + [p]
     if isinstance(node, dict) and node:
-        raise ConfigError(f"knob key {key!r} is a section; valid: {sorted(key + '.' + k for k in node)}")
+        raise ConfigError(f"knob key {key!r} is a section; valid: "
+                          f"{sorted(key + '.' + k for k in node)}")
 
 
 def check_values(values) -> list:
@@ -165,7 +183,8 @@ def check_method_options(cfg: dict, what: str, nets: dict) -> None:
 def geometric(values: list) -> bool:
     """Positive numbers (three or more) whose consecutive ratios are all >= 1.5 and within 2.5x of
     each other."""
-    if len(values) < 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+    if len(values) < 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                                  for v in values):
         return False
     s = sorted(values)
     ratios = [b / a for a, b in zip(s, s[1:])]
@@ -192,25 +211,29 @@ class AblationSweep(Pipeline):
         self.run_dir = Path(self.cfg["out_root"]) / self.cfg["name"]
         root = self.cfg["data"]["root"]
         self.data = Path(root) if root else None
-        if root and not any("{data}" in str(o) for o in [*self.cfg["overrides"], *self.cfg["base_overrides"]]):
-            raise ConfigError(f"config key data.root: {root!r} would be ignored: no entry of overrides or "
-                              "base_overrides has a {data} placeholder; give the runs their data there instead, "
-                              f"e.g. 'overrides=[\"data.root={root}\"]'")
+        if root and not any("{data}" in str(o)
+                            for o in [*self.cfg["overrides"], *self.cfg["base_overrides"]]):
+            raise ConfigError(f"config key data.root: {root!r} would be ignored: no entry of "
+                              "overrides or base_overrides has a {data} placeholder; give the "
+                              "runs their data there instead, e.g. "
+                              f"'overrides=[\"data.root={root}\"]'")
         knob = self.cfg["knob"]
         if knob["scale"] not in SCALES:
-            raise ConfigError(f"config key knob.scale: {knob['scale']!r} is not one of {list(SCALES)}")
+            raise ConfigError(f"config key knob.scale: {knob['scale']!r} is not one of "
+                              f"{list(SCALES)}")
         self.values = check_values(knob["values"])
         try:
             self.seeds = seed_list(self.cfg["seeds"], "pretrain")
         except ConfigError:
-            raise ConfigError(f"config key seeds: {self.cfg['seeds']!r} must be a non-empty list of distinct "
-                              "seeds (ints >= 0)") from None
+            raise ConfigError(f"config key seeds: {self.cfg['seeds']!r} must be a non-empty list "
+                              "of distinct seeds (ints >= 0)") from None
         self.name = knob_name(knob)
         self.force = set(force)
         names = self.stage_names()
         bad = self.force - names
         if bad:
-            raise ConfigError(f"--force: unknown run(s) {sorted(bad)}; valid: 'all' or {sorted(names - {'all'})}")
+            raise ConfigError(f"--force: unknown run(s) {sorted(bad)}; valid: 'all' or "
+                              f"{sorted(names - {'all'})}")
         self.stop_after, self.stages_run = stop_after, 0
         self.reused: list[str] = []
         self.timings: dict[str, float] = {}
@@ -243,7 +266,8 @@ class AblationSweep(Pipeline):
         recipe = load_config(base, self._overrides([]))
         method = (recipe.get("method") or {}).get("name")
         if self.cfg["method"] and self.cfg["method"] != method:
-            raise ConfigError(f"config key method: {self.cfg['method']!r}, but the recipe {base} trains {method!r}")
+            raise ConfigError(f"config key method: {self.cfg['method']!r}, but the recipe {base} "
+                              f"trains {method!r}")
         for key in [self.cfg["knob"]["key"], *self.cfg["knob"]["tied"]]:
             check_key(key, method)
         nets: dict = {}
@@ -263,7 +287,8 @@ class AblationSweep(Pipeline):
         if self.cfg["baseline"]["config"]:
             for k in self.seeds:
                 ov = self._overrides([f"seed={k}"], swept=False)
-                out.append(self._stage_of(f"baseline/seed{k}", "baseline", self.cfg["baseline"]["config"], ov, k))
+                out.append(self._stage_of(f"baseline/seed{k}", "baseline",
+                                          self.cfg["baseline"]["config"], ov, k))
         return out
 
     @staticmethod
@@ -272,8 +297,9 @@ class AblationSweep(Pipeline):
 
         # the spec is the pipeline's pretraining spec: the same recipe and overrides give the same
         # content key
-        return Stage(label, owner, "pretrain", frozenset({"all", owner}), pretrain_spec(recipe, ov),
-                     lambda d, c=recipe, ov=ov: stages.pretrain(c, ov, d), {"pretrain": seed, "transfer": None})
+        return Stage(label, owner, "pretrain", frozenset({"all", owner}),
+                     pretrain_spec(recipe, ov), lambda d, c=recipe,
+                     ov=ov: stages.pretrain(c, ov, d), {"pretrain": seed, "transfer": None})
 
     def folder_of(self, st: Stage) -> Path:
         """A swept run's folder: <name>=<value>/seed<k>/ in the sweep's; a baseline run's:
@@ -281,7 +307,11 @@ class AblationSweep(Pipeline):
         runs the same baseline config."""
         if st.owner != "baseline":
             return self.run_dir / st.label
-        return Path(self.cfg["out_root"]) / "baselines" / f"{Path(self.cfg['baseline']['config']).stem}-{st.key}"
+        return (
+            Path(self.cfg["out_root"])
+            / "baselines"
+            / f"{Path(self.cfg['baseline']['config']).stem}-{st.key}"
+        )
 
     def run(self) -> dict:
         """Every run (reused where done); returns {"points": [{"value", "folder", "runs"}],
@@ -290,13 +320,20 @@ class AblationSweep(Pipeline):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(dump_config(self.cfg), self.run_dir / "ablation.yaml")
         self._ensure_data()
-        points = {f"{self.name}={value_slug(v)}": {"value": v, "folder": f"{self.name}={value_slug(v)}", "runs": []}
-                  for v in self.values}
+        points = {
+            f"{self.name}={value_slug(v)}": {
+                "value": v,
+                "folder": f"{self.name}={value_slug(v)}",
+                "runs": [],
+            }
+            for v in self.values
+        }
         baseline = [] if self.cfg["baseline"]["config"] else None
         for st in self.plan():
             folder = self.folder_of(st)
             metrics, _ = self._stage(st.label, folder, set(st.forced_by), st.call, st.spec)
-            run = {"metrics": metrics, "folder": os.path.relpath(folder, self.run_dir), "seeds": st.seeds}
+            run = {"metrics": metrics, "folder": os.path.relpath(folder, self.run_dir),
+                   "seeds": st.seeds}
             (baseline if st.owner == "baseline" else points[st.owner]["runs"]).append(run)
         return {"points": list(points.values()), "baseline": baseline, "reused": list(self.reused)}
 
@@ -325,7 +362,8 @@ def ablation_table(results: dict, knob: dict, baseline_label: str = "ERM") -> Ta
     (and top-5 where a run has it), mean ± std over the seeds, bold by the pipeline's rule
     (`best_rows`) among the values."""
     name = knob_name(knob)
-    rows = [(f"{name} = {value_text(p['value'])}", {"pretrain": p["runs"]}, False) for p in results["points"]]
+    rows = [(f"{name} = {value_text(p['value'])}", {"pretrain": p["runs"]}, False)
+            for p in results["points"]]
     if results.get("baseline"):
         rows.append((baseline_label, {"pretrain": results["baseline"]}, True))
     runs = [r for _, res, _ in rows for r in res["pretrain"]]
@@ -334,7 +372,8 @@ def ablation_table(results: dict, knob: dict, baseline_label: str = "ERM") -> Ta
         cols.append(Column("top-5 acc (%)", "pretrain", _top("top5")))
     tied = f" (with {', '.join(knob['tied'])} = the same value)" if knob.get("tied") else ""
     return Table(f"Ablation: {knob.get('label') or knob['key']}",
-                 f"Final validation accuracy of each pretraining run, sweeping {knob['key']}{tied}.", cols, rows,
+                 "Final validation accuracy of each pretraining run, sweeping "
+                 f"{knob['key']}{tied}.", cols, rows,
                  row_header=name)
 
 
@@ -351,17 +390,18 @@ def summarize(results: dict, knob: dict, baseline_label: str = "ERM") -> dict:
     if results.get("baseline"):
         base = {"label": baseline_label,
                 **{_metric_key(h): e for h, e in rows[baseline_label].items() if h != "baseline"}}
-    return {"knob": {"key": knob["key"], "tied": list(knob.get("tied") or []), "name": knob_name(knob),
-                     "label": knob.get("label") or knob["key"]},
-            "metric": "final validation accuracy (%) of each pretraining run", "units": {"top1": "%", "top5": "%"},
-            "points": points, "baseline": base}
+    return {"knob": {"key": knob["key"], "tied": list(knob.get("tied") or []),
+                     "name": knob_name(knob), "label": knob.get("label") or knob["key"]},
+            "metric": "final validation accuracy (%) of each pretraining run",
+            "units": {"top1": "%", "top5": "%"}, "points": points, "baseline": base}
 
 
 def _metric_key(header: str) -> str:
     return {"top-1 acc (%)": "top1", "top-5 acc (%)": "top5"}[header]
 
 
-def write_outputs(run_dir: Path, results: dict, knob: dict, baseline_label: str = "ERM", extra: dict | None = None
+def write_outputs(run_dir: Path, results: dict, knob: dict, baseline_label: str = "ERM",
+                  extra: dict | None = None
                   ) -> dict:
     """ablation.json, ablation.md and ablation_<name>.png in run_dir; returns their paths."""
     from mixup_transfer.pipeline.figures import ablation_curve
@@ -373,7 +413,8 @@ def write_outputs(run_dir: Path, results: dict, knob: dict, baseline_label: str 
     points = [(p["value"], p["top1"]["values"]) for p in summary["points"]]
     base = summary["baseline"]["top1"]["values"] if summary["baseline"] else None
     ablation_curve(points, base, fig, xlabel=knob.get("label") or knob["key"],
-                   scale=axis_scale([p["value"] for p in summary["points"]], knob.get("scale", "auto")),
+                   scale=axis_scale([p["value"] for p in summary["points"]],
+                                    knob.get("scale", "auto")),
                    baseline_label=baseline_label, title=f"Ablation of {knob['key']}")
     summary["figure"] = fig.name
     write_json(summary, run_dir / "ablation.json")
@@ -385,16 +426,18 @@ def write_outputs(run_dir: Path, results: dict, knob: dict, baseline_label: str 
 def run_ablation(config_path: str, overrides=(), force=(), stop_after=None) -> dict:
     """Run (or resume) the sweep of `config_path`; returns the paths of its outputs (see
     `write_outputs`)."""
-    sweep = AblationSweep(load_config(config_path, overrides, DEFAULTS), force=tuple(force), stop_after=stop_after)
+    sweep = AblationSweep(load_config(config_path, overrides, DEFAULTS), force=tuple(force),
+                          stop_after=stop_after)
     t0 = time.time()
     with run_lock(sweep.run_dir, "ablation"):  # one sweep per folder
         results = sweep.run()
         cfg = sweep.cfg
-        extra = {"name": cfg["name"], "base": cfg["base"], "baseline_config": cfg["baseline"]["config"],
-                 "seeds": sweep.seeds, "reused": results["reused"], "seconds": dict(sweep.timings)}
+        extra = {"name": cfg["name"], "base": cfg["base"],
+                 "baseline_config": cfg["baseline"]["config"], "seeds": sweep.seeds,
+                 "reused": results["reused"], "seconds": dict(sweep.timings)}
         out = write_outputs(sweep.run_dir, results, cfg["knob"], cfg["baseline"]["label"], extra)
-    log.info("ablation finished in %.1f s (%d run(s) reused); %s", time.time() - t0, len(results["reused"]),
-             out["markdown"])
+    log.info("ablation finished in %.1f s (%d run(s) reused); %s", time.time() - t0,
+             len(results["reused"]), out["markdown"])
     return out
 
 
@@ -404,6 +447,8 @@ def plan_lines(config_path: str, overrides=()) -> list[str]:
     lines = []
     for st in sweep.plan():
         marker = sweep.folder_of(st) / "stage.json"
-        done = marker.exists() and json.loads(marker.read_text()).get("key") == content_key(st.spec)
+        done = marker.exists() and json.loads(marker.read_text()).get("key") == content_key(
+            st.spec
+        )
         lines.append(f"{st.label}  key {st.key}  {'done (reused)' if done else 'to run'}")
     return lines

@@ -23,7 +23,8 @@ def _epoch_curve(logf: Path) -> tuple[list, list, list]:
             r = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if r.get("event", "epoch") == "epoch" and "epoch" in r and ("val_top1" in r or "top1" in r):
+        if r.get("event", "epoch") == "epoch" and "epoch" in r and ("val_top1" in r
+                                                                    or "top1" in r):
             ep.append(r["epoch"])
             loss.append(r.get("train_loss", r.get("loss")))
             acc.append(r.get("val_top1", r.get("top1")))
@@ -66,7 +67,8 @@ def wsol_curves(series: list[tuple[str, list[dict]]], out: Path) -> Path | None:
     for i, (m, runs) in enumerate(series):
         for r, w in enumerate(runs):
             curve = w.get("curve") or []
-            pts = [(c.get("epoch"), c.get("maxboxacc_v2", c.get("top1_loc"))) for c in curve if isinstance(c, dict)]
+            pts = [(c.get("epoch"), c.get("maxboxacc_v2", c.get("top1_loc"))) for c in curve
+                   if isinstance(c, dict)]
             pts = [(e, v) for e, v in pts if e is not None and v is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=m if r == 0 else None, color=f"C{i}",
@@ -75,7 +77,8 @@ def wsol_curves(series: list[tuple[str, list[dict]]], out: Path) -> Path | None:
     if not drawn:
         plt.close(fig)
         return None
-    ax.set(xlabel="fine-tuning epoch", ylabel="MaxBoxAccV2 (%)", title="CUB localization vs fine-tuning")
+    ax.set(xlabel="fine-tuning epoch", ylabel="MaxBoxAccV2 (%)",
+           title="CUB localization vs fine-tuning")
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, out, dpi=110)
@@ -94,11 +97,13 @@ def summary_bars(panels: list[tuple[str, dict[str, list[float]]]], out: Path) ->
     for ax, (title, vals) in zip(axes[0], panels):
         names = list(vals)
         stats = [mean_std(vals[n]) for n in names]
-        ax.bar(range(len(names)), [m for m, _ in stats], color=[f"C{i}" for i in range(len(names))])
+        ax.bar(range(len(names)), [m for m, _ in stats],
+               color=[f"C{i}" for i in range(len(names))])
         runs = max(len(v) for v in vals.values())
         if runs > 1:
-            ax.errorbar(range(len(names)), [m for m, _ in stats], yerr=[s or 0.0 for _, s in stats], fmt="none",
-                        ecolor="black", capsize=3, lw=1)
+            ax.errorbar(range(len(names)), [m for m, _ in stats],
+                        yerr=[s or 0.0 for _, s in stats], fmt="none", ecolor="black", capsize=3,
+                        lw=1)
             for i, n in enumerate(names):  # the runs, beside the error bar
                 ax.plot([i + 0.22] * len(vals[n]), vals[n], "o", ms=3, color="black", alpha=0.6)
             title = f"{title} (n{'=' if len({len(v) for v in vals.values()}) == 1 else '≤'}{runs}, ± std)"
@@ -127,8 +132,9 @@ def _ablation_x(values: list, scale: str) -> tuple[list, list[str] | None]:
     return [float(v) for v in values], None
 
 
-def ablation_curve(points: list[tuple[object, list[float]]], baseline: list[float] | None, out: Path,
-                   xlabel: str, scale: str = "linear", baseline_label: str = "ERM", title: str = "") -> Path:
+def ablation_curve(points: list[tuple[object, list[float]]], baseline: list[float] | None,
+                   out: Path, xlabel: str, scale: str = "linear", baseline_label: str = "ERM",
+                   title: str = "") -> Path:
     """points: (knob value, the top-1 of each of its seeds) in order; scale: log | linear |
     categorical.
     Line: the mean; error bars: the sample std (two or more seeds); dots: the seeds; dashed line
@@ -137,8 +143,8 @@ def ablation_curve(points: list[tuple[object, list[float]]], baseline: list[floa
     xs, ticks = _ablation_x([v for v, _ in points], scale)
     stats = [mean_std(vals) if vals else (float("nan"), None) for _, vals in points]
     means = [m for m, _ in stats]
-    ax.errorbar(xs, means, yerr=[s or 0.0 for _, s in stats], fmt="-o", ms=4, capsize=3, color="C0", lw=1.5,
-                label="mean ± std" if any(s for _, s in stats) else "top-1")
+    ax.errorbar(xs, means, yerr=[s or 0.0 for _, s in stats], fmt="-o", ms=4, capsize=3,
+                color="C0", lw=1.5, label="mean ± std" if any(s for _, s in stats) else "top-1")
     step = (max(xs) - min(xs)) / max(len(xs) - 1, 1) if len(xs) > 1 else 1.0
     for x, (_, vals) in zip(xs, points):  # the seeds, just right of the error bar
         if len(vals) > 1:
@@ -158,7 +164,8 @@ def ablation_curve(points: list[tuple[object, list[float]]], baseline: list[floa
     else:
         ax.set_xticks(xs, [f"{v:g}" for v in xs])
     n = max((len(v) for _, v in points), default=0)
-    ax.set(xlabel=xlabel, ylabel="val top-1 (%)", title=f"{title} (n={n} seed{'s' if n != 1 else ''})")
+    ax.set(xlabel=xlabel, ylabel="val top-1 (%)",
+           title=f"{title} (n={n} seed{'s' if n != 1 else ''})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

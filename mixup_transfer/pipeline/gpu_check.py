@@ -57,7 +57,8 @@ PAPER_BATCH = {
     "multimix": 128, "dense_multimix": 128,  # b = 128 per GPU (MultiMix A.1)
     "alignmix": 128,  # 1024 (the released ImageNet command, DataParallel) over 8 GPUs
     "alignmix_stage2": 25,  # 100 on 4 GPUs (AlignMix App. B)
-    "multi_interp_input_k5": 64, "multi_interp_manifold_embedding_k5": 64, "multi_interp_manifold_layer2_k5": 64,
+    "multi_interp_input_k5": 64, "multi_interp_manifold_embedding_k5": 64,
+    "multi_interp_manifold_layer2_k5": 64,
     # the input-mixing recipes' 256 on 4 GPUs (no ImageNet recipe in arXiv:2204.03323)
     "zeta_mixup": 64,
     # b = 128 per GPU (MultiMix A.1, its ViT-S/16 rows; configs/pretrain/imagenet_vit_s16_*.yaml)
@@ -98,12 +99,14 @@ def _method_task(name: str, knobs: dict, device: torch.device):
             net = network_stages(METHOD_ARCH.get(name, "resnet18"), 10)
             self.model = build_method(name, net, 10, **knobs).to(device)
             if self.model.needs_teacher:  # SuperMix: a frozen network of the same shape
-                self.model.teacher = network_stages(METHOD_ARCH.get(name, "resnet18"), 10).to(device)
+                self.model.teacher = network_stages(METHOD_ARCH.get(name, "resnet18"),
+                                                    10).to(device)
             if device.type == "cuda":
                 self.model.to(memory_format=torch.channels_last)
             self.model.generator = torch.Generator(device=device)
             g = torch.Generator().manual_seed(1)
-            self.data = [(torch.rand(8, 3, 64, 64, generator=g), torch.randint(10, (8,), generator=g))
+            self.data = [(torch.rand(8, 3, 64, 64, generator=g),
+                          torch.randint(10, (8,), generator=g))
                          for _ in range(3)]
 
         @property
@@ -129,8 +132,8 @@ def check_method(name: str, knobs: dict, precision: str, device: torch.device, o
 
     task = _method_task(name, knobs, device)
     opt = build_optimizer("sgd", task.param_groups(), 0.01, momentum=0.9)
-    settings = LoopSettings(total_steps=3, device=device, precision=precision, channels_last=device.type == "cuda",
-                            grad_norm=True, log_every=3)
+    settings = LoopSettings(total_steps=3, device=device, precision=precision,
+                            channels_last=device.type == "cuda", grad_norm=True, log_every=3)
     engine = Engine(task, out / f"{name}_{precision}", settings, opt, lambda step: 1.0)
     engine.fit(force=True)
     return f"3 steps, loss {engine._epoch_sums['loss'] / max(engine._epoch_steps, 1):.3f}"
@@ -145,7 +148,8 @@ def _cmyk_jpeg() -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    im = Image.fromarray((np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8)).convert("CMYK")
+    im = Image.fromarray((np.random.default_rng(0).random((48, 40, 3))
+                          * 255).astype(np.uint8)).convert("CMYK")
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=90)
     return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
@@ -163,10 +167,12 @@ def check_decode(toy: Path, device: torch.device, count: int = 16) -> str:
     for k, (data, img) in enumerate(zip(datas, on_device)):
         ref = decode_uint8(data, f"image {k}")
         if tuple(img.shape) != tuple(ref.shape):
-            raise AssertionError(f"image {k}: device shape {tuple(img.shape)} != CPU shape {tuple(ref.shape)}")
+            raise AssertionError(f"image {k}: device shape {tuple(img.shape)} != CPU shape "
+                                 f"{tuple(ref.shape)}")
         worst = max(worst, int((img.cpu().int() - ref.int()).abs().max()))
     if worst:
-        raise AssertionError(f"{len(datas)} images: largest pixel difference {worst} (nvJPEG vs libjpeg-turbo)")
+        raise AssertionError(f"{len(datas)} images: largest pixel difference {worst} (nvJPEG vs "
+                             "libjpeg-turbo)")
     return f"{len(datas)} images (1 CMYK) identical to the CPU decoder"
 
 
@@ -178,8 +184,9 @@ def check_detection(kind: str, toy: Path, device: torch.device, out: Path) -> st
     from transfer.detection.stage import finetune_detector
 
     overrides = [f"data.root={toy / 'VOCdevkit'}", "data.max_train=32", "data.max_val=16",
-                 "optim.epochs=1", "optim.batch_per_process=8", "optim.warmup_iters=2", "eval.batch_size=8",
-                 f"runtime.device={device}", f"runtime.precision={'bf16' if device.type == 'cuda' else 'fp32'}"]
+                 "optim.epochs=1", "optim.batch_per_process=8", "optim.warmup_iters=2",
+                 "eval.batch_size=8", f"runtime.device={device}",
+                 f"runtime.precision={'bf16' if device.type == 'cuda' else 'fp32'}"]
     cfg = load_det_config(ROOT / "configs" / "detection" / f"toy_{kind}_voc.yaml", overrides)
     m = finetune_detector(cfg, None, out / f"detection_{kind}")
     return f"mAP {m['mAP']:.2f}, train {m['train_img_per_s']:.0f} img/s, test {m['test_img_per_s']:.0f} img/s"
@@ -190,10 +197,11 @@ def check_wsol(toy: Path, device: torch.device, out: Path) -> str:
     from wsol.finetune import run
 
     overrides = [f"data.image_root={toy / 'CUB_200_2011' / 'images'}",
-                 f"data.metadata_root={toy / 'wsol_metadata' / 'CUB'}", "data.num_workers=0", "data.max_train=32",
-                 "data.max_val=16", "optim.epochs=1", "optim.batch_per_process=8", "eval.every_epochs=0",
-                 "eval.cam_curve_interval=0.01",
-                 f"runtime.device={device}", f"runtime.precision={'bf16' if device.type == 'cuda' else 'fp32'}"]
+                 f"data.metadata_root={toy / 'wsol_metadata' / 'CUB'}", "data.num_workers=0",
+                 "data.max_train=32", "data.max_val=16", "optim.epochs=1",
+                 "optim.batch_per_process=8", "eval.every_epochs=0",
+                 "eval.cam_curve_interval=0.01", f"runtime.device={device}",
+                 f"runtime.precision={'bf16' if device.type == 'cuda' else 'fp32'}"]
     cfg = load_config(str(ROOT / "configs" / "wsol" / "toy_multimix.yaml"), overrides)
     m = run(cfg, {"weights": None}, out / "wsol", resume=False, force=True)
     return f"MaxBoxAccV2 {m['maxboxacc_v2']:.2f}, top-1 loc {m['top1_loc']:.2f}"
@@ -207,15 +215,16 @@ def check_robustness(toy: Path, device: torch.device, out: Path) -> str:
     torch.manual_seed(0)
     ckpt = out / "robustness_backbone.pth"
     save_backbone(ckpt, build_resnet("resnet18", num_classes=classes),
-                  {"arch": "resnet18", "num_classes": classes, "method": "erm", "epochs": 0, "config": "",
-                   "metrics": {}})
-    cfg = {"suites": "clean,calibration,fgsm,pgd", "data": {"max_val": 16, "num_workers": 0}, "image_size": 64,
-           "resize": 72, "eval": {"batch_size": 8}, "pgd_iters": 2, "ood_noise": "",
-           "runtime": {"device": str(device), "precision": "bf16" if device.type == "cuda" else "fp32"}}
+                  {"arch": "resnet18", "num_classes": classes, "method": "erm", "epochs": 0,
+                   "config": "", "metrics": {}})
+    cfg = {"suites": "clean,calibration,fgsm,pgd", "data": {"max_val": 16, "num_workers": 0},
+           "image_size": 64, "resize": 72, "eval": {"batch_size": 8}, "pgd_iters": 2,
+           "ood_noise": "", "runtime": {"device": str(device),
+                       "precision": "bf16" if device.type == "cuda" else "fp32"}}
     m = run(cfg, {"checkpoint": str(ckpt), "imagenet": str(toy / "imagenet")}, out / "robustness")
     err = {k: m[k]["top1_err"] for k in ("clean", "fgsm", "pgd")}
-    return (f"{m['n_images']} images: top-1 error clean {err['clean']:.1f}, FGSM {err['fgsm']:.1f}, "
-            f"PGD {err['pgd']:.1f}; ECE {m['calibration']['ece']:.3f}")
+    return (f"{m['n_images']} images: top-1 error clean {err['clean']:.1f}, FGSM "
+            f"{err['fgsm']:.1f}, PGD {err['pgd']:.1f}; ECE {m['calibration']['ece']:.3f}")
 
 
 # -- NCCL
@@ -239,15 +248,16 @@ def check_nccl(timeout: float = 120) -> str:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
     if p.returncode != 0 or not any(ln.startswith("nccl ok") for ln in lines):
-        raise RuntimeError(f"torchrun exited {p.returncode}: {lines[-1] if lines else 'no output'}")
+        raise RuntimeError(f"torchrun exited {p.returncode}: "
+                           f"{lines[-1] if lines else 'no output'}")
     return next(ln for ln in lines if ln.startswith("nccl ok"))
 
 
 # -- throughput
 # ---------------------------------------------------------------------------------------------------
 
-def throughput(device: torch.device, methods=None, arch: str = "resnet50", size: int = 224, steps: int = 10,
-               precision: str = "bf16") -> list[dict]:
+def throughput(device: torch.device, methods=None, arch: str = "resnet50", size: int = 224,
+               steps: int = 10, precision: str = "bf16") -> list[dict]:
     """Each method of `pretrain.bench.FULL` (or `methods`) at its recipe's per-GPU batch
     (`PAPER_BATCH`), timed beside ERM at the same batch: [{"method", "batch", "img_per_s",
     "step_time_ratio", "peak_memory_gib"}]."""
@@ -258,13 +268,14 @@ def throughput(device: torch.device, methods=None, arch: str = "resnet50", size:
         if label == "erm" or (methods is not None and label not in methods):
             continue
         batch = PAPER_BATCH.get(label, 64)
-        out = run_gpu_bench(device=str(device), arch=arch, size=size, batch=batch, warmup=3, steps=steps,
-                            methods=[label], precision=precision)
+        out = run_gpu_bench(device=str(device), arch=arch, size=size, batch=batch, warmup=3,
+                            steps=steps, methods=[label], precision=precision)
         have_erm = any(r["method"] == "erm" and r["batch"] == batch for r in rows)
         for r in out["rows"]:  # ERM once per batch size, then the method
             if r["method"] == label or not have_erm:
                 rows.append({"method": r["method"], "batch": batch, "img_per_s": r["img_per_s"],
-                             "step_time_ratio": r["step_time_ratio"], "peak_memory_gib": r["peak_memory_gib"]})
+                             "step_time_ratio": r["step_time_ratio"],
+                             "peak_memory_gib": r["peak_memory_gib"]})
     return rows
 
 
@@ -292,22 +303,27 @@ def run_checks(out: str | os.PathLike, device: str = "cuda", only=CHECKS, method
     if "methods" in only:
         for name, knobs in METHOD_CASES:
             if methods is None or name in methods:
-                rows += [_timed(f"{name} {p}", check_method, name, knobs, p, dev, out / "methods") for p in precisions]
+                rows += [_timed(f"{name} {p}", check_method, name, knobs, p, dev, out / "methods")
+                         for p in precisions]
     single = {"decode": (check_decode, toy, dev), "wsol": (check_wsol, toy, dev, out),
               "robustness": (check_robustness, toy, dev, out), "nccl": (check_nccl,)}
     for check in ("decode", "detection", "wsol", "robustness", "nccl"):
         if check in only and check == "detection":
-            rows += [_timed(f"detection {k}", check_detection, k, toy, dev, out) for k in ("ssd", "frcnn")]
+            rows += [_timed(f"detection {k}", check_detection, k, toy, dev, out)
+                     for k in ("ssd", "frcnn")]
         elif check in only:
             rows.append(_timed(check, *single[check]))
-    report = {"device": _device_name(dev), "torch": torch.__version__, "rows": rows, "throughput": []}
+    report = {"device": _device_name(dev), "torch": torch.__version__, "rows": rows,
+              "throughput": []}
     if "throughput" in only:
         t0 = time.perf_counter()
         try:
             report["throughput"] = throughput(dev, methods)
-            rows.append(_row("throughput", True, time.perf_counter() - t0, f"{len(report['throughput'])} rows"))
+            rows.append(_row("throughput", True, time.perf_counter() - t0,
+                             f"{len(report['throughput'])} rows"))
         except Exception as e:  # noqa: BLE001
-            rows.append(_row("throughput", False, time.perf_counter() - t0, str(e).splitlines()[-1][:300]))
+            rows.append(_row("throughput", False, time.perf_counter() - t0,
+                             str(e).splitlines()[-1][:300]))
     write_report(report, out)
     return report
 
@@ -325,13 +341,17 @@ def to_markdown(report: dict) -> str:
     lines = [f"# gpu-check: {ok} of {len(report['rows'])} passed", "",
              f"Device: {report['device']}; torch {report['torch']}", "",
              "| check | result | seconds | detail |", "|---|---|---|---|"]
-    lines += [f"| {r['check']} | {'pass' if r['ok'] else 'FAIL'} | {r['seconds']} | {r['detail']} |"
+    lines += [f"| {r['check']} | {'pass' if r['ok'] else 'FAIL'} | {r['seconds']} | "
+              f"{r['detail']} |"
               for r in report["rows"]]
     if report["throughput"]:
-        lines += ["", "ResNet-50, 224 px, bf16, channels_last; each method timed beside ERM at its recipe's "
-                  "per-GPU batch", "", "| method | batch | images/s | step time / ERM | peak memory (GiB) |",
+        lines += ["", "ResNet-50, 224 px, bf16, channels_last; each method timed beside ERM at "
+                  "its recipe's "
+                  "per-GPU batch", "", "| method | batch | images/s | step time / ERM | peak "
+                  "memory (GiB) |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {r['method']} | {r['batch']} | {r['img_per_s']} | {r['step_time_ratio']:.3f} | "
+        lines += [f"| {r['method']} | {r['batch']} | {r['img_per_s']} | "
+                  f"{r['step_time_ratio']:.3f} | "
                   f"{r['peak_memory_gib']} |" for r in report["throughput"]]
     return "\n".join(lines) + "\n"
 

@@ -26,7 +26,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm",
+                            ".pgm", ".gif"})
 # files up to this size are hashed whole; larger ones by size, mtime and this many bytes
 HEAD_BYTES = 1 << 20
 # (path, size, mtime_ns, whole) -> identity: each file hashed once a process
@@ -113,7 +114,8 @@ def wsol_inputs(cfg: dict, backbone) -> Inputs:
 
     d = resolve_config(cfg)["data"]
     meta = Path(d["metadata_root"])
-    return Inputs(files=[backbone], trees=[meta / d["train_split"], meta / d["test_split"], d["image_root"]])
+    return Inputs(files=[backbone],
+                  trees=[meta / d["train_split"], meta / d["test_split"], d["image_root"]])
 
 
 def robustness_inputs(backbone, root, ood: Iterable[str]) -> Inputs:

@@ -108,8 +108,8 @@ def master_port(job_id: str) -> int:
     return 20000 + zlib.crc32(str(job_id).encode()) % 20000
 
 
-def distributed_env(job_id: str, hostnames: Sequence[str], num_nodes: int, num_tasks: int, global_rank: int,
-                    local_rank: int, port: int | None = None) -> dict[str, str]:
+def distributed_env(job_id: str, hostnames: Sequence[str], num_nodes: int, num_tasks: int,
+                    global_rank: int, local_rank: int, port: int | None = None) -> dict[str, str]:
     """The torchrun variables for one task of a job ({} for a one-task job: no process group). The
     first node of the job hosts the rendezvous (127.0.0.1 when the job has one node); `port`
     defaults to `master_port`."""
@@ -164,9 +164,10 @@ def _absolute(path: str | None, cwd: Path) -> str | None:
     return None if path in (None, "", "none", "None") else str((cwd / path).resolve())
 
 
-def make_spec(stage: str, config: str | None, overrides: Sequence[str] = (), run_dir: str | None = None,
-              weights: str | None = None, checkpoint: str | None = None, imagenet: str | None = None,
-              force: bool = False, cwd: str | os.PathLike | None = None, allow_pickle: bool = False,
+def make_spec(stage: str, config: str | None, overrides: Sequence[str] = (),
+              run_dir: str | None = None, weights: str | None = None,
+              checkpoint: str | None = None, imagenet: str | None = None, force: bool = False,
+              cwd: str | os.PathLike | None = None, allow_pickle: bool = False,
               teacher: str | None = None) -> JobSpec:
     """Check a job before it waits in the queue: the stage, its config and inputs. Like the stage's
     own tool, the job continues a run folder that holds a run (a changed config is refused when it
@@ -175,26 +176,29 @@ def make_spec(stage: str, config: str | None, overrides: Sequence[str] = (), run
     config = _absolute(config, cwd)
     cfg = load_stage_config(stage, config, overrides)
     if stage == "pipeline" and (run_dir or force):
-        raise ConfigError("the pipeline writes to its config's out_root/name and resumes by itself (finished stages "
-                          "are skipped); --run-dir and --force are not for it (tools/run_pipeline.py --force STAGE "
-                          "redoes a stage)")
-    _check_inputs(stage, {"weights": weights, "checkpoint": checkpoint, "imagenet": imagenet, "teacher": teacher})
-    weights, checkpoint, imagenet, teacher = (_absolute(p, cwd) for p in (weights, checkpoint, imagenet, teacher))
-    for name, path in (("--weights", weights), ("--checkpoint", checkpoint), ("--imagenet", imagenet),
-                       ("--teacher", teacher)):
+        raise ConfigError("the pipeline writes to its config's out_root/name and resumes by "
+                          "itself (finished stages are skipped); --run-dir and --force are not "
+                          "for it (tools/run_pipeline.py --force STAGE redoes a stage)")
+    _check_inputs(stage, {"weights": weights, "checkpoint": checkpoint, "imagenet": imagenet,
+                          "teacher": teacher})
+    weights, checkpoint, imagenet, teacher = (_absolute(p, cwd)
+                                              for p in (weights, checkpoint, imagenet, teacher))
+    for name, path in (("--weights", weights), ("--checkpoint", checkpoint),
+                       ("--imagenet", imagenet), ("--teacher", teacher)):
         if path and not Path(path).exists():
             raise FileNotFoundError(2, f"{name} does not exist", path)
     out = Path(_absolute(run_dir, cwd)) if run_dir else default_run_dir(stage, config, cfg, cwd)
     if force and stage != "pipeline" and "force" not in declared_stages.stage(stage).options:
         raise ConfigError(f"{stage} only evaluates (it starts over every time): it has no --force")
-    return JobSpec(stage, config, tuple(overrides), None if out is None else str(out), weights=weights,
-                   checkpoint=checkpoint, imagenet=imagenet, teacher=teacher, resume=not force, force=force,
-                   cwd=str(cwd), allow_pickle=allow_pickle)
+    return JobSpec(stage, config, tuple(overrides), None if out is None else str(out),
+                   weights=weights, checkpoint=checkpoint, imagenet=imagenet, teacher=teacher,
+                   resume=not force, force=force, cwd=str(cwd), allow_pickle=allow_pickle)
 
 
 def _check_inputs(name: str, given: dict) -> None:
     """The stage's declared inputs: the required ones given, no others."""
-    flags = {"weights": "--weights", "checkpoint": "--checkpoint", "imagenet": "--imagenet", "teacher": "--teacher"}
+    flags = {"weights": "--weights", "checkpoint": "--checkpoint", "imagenet": "--imagenet",
+             "teacher": "--teacher"}
     declared = () if name == "pipeline" else declared_stages.stage(name).inputs
     optional = () if name == "pipeline" else declared_stages.stage(name).optional_inputs
     missing = [flags[k] for k in declared if not given.get(k)]
@@ -203,7 +207,8 @@ def _check_inputs(name: str, given: dict) -> None:
     for key, value in given.items():
         if value and key not in declared + optional:
             users = [n for n in NAMES
-                     if key in declared_stages.stage(n).inputs + declared_stages.stage(n).optional_inputs]
+                     if key in declared_stages.stage(n).inputs
+                     + declared_stages.stage(n).optional_inputs]
             raise ConfigError(f"{flags[key]} is for {' and '.join(users)}, not {name}")
 
 
@@ -253,8 +258,9 @@ class StageJob:
         if env is not None:
             # a user's choice wins over the one derived from the job id
             port = os.environ.get("MASTER_PORT")
-            variables = distributed_env(env.job_id, env.hostnames, env.num_nodes, env.num_tasks, env.global_rank,
-                                        env.local_rank, int(port) if port else None)
+            variables = distributed_env(env.job_id, env.hostnames, env.num_nodes, env.num_tasks,
+                                        env.global_rank, env.local_rank,
+                                        int(port) if port else None)
             os.environ.update(variables)
             log.info("%s: %s", env, variables or "one task, no process group")
         try:
@@ -268,8 +274,10 @@ class StageJob:
         starting over: force is dropped)."""
         from submitit.helpers import DelayedSubmission
 
-        log.info("requeueing %s; it resumes from %s", self.spec.stage, self.spec.run_dir or "its run folders")
-        return DelayedSubmission(StageJob(dataclasses.replace(self.spec, resume=True, force=False)))
+        log.info("requeueing %s; it resumes from %s", self.spec.stage,
+                 self.spec.run_dir or "its run folders")
+        return DelayedSubmission(StageJob(dataclasses.replace(self.spec, resume=True,
+                                                              force=False)))
 
     def __repr__(self) -> str:
         return f"StageJob({self.spec.stage}, {self.spec.config})"
@@ -282,15 +290,17 @@ def executor_parameters(res: Resources, cluster: str) -> dict:
     if cluster == "local":
         if res.nodes != 1:
             raise ConfigError(f"--local runs on the local machine: one node, not {res.nodes}")
-        return {"tasks_per_node": res.tasks, "gpus_per_node": res.gpus_per_node, "timeout_min": res.timeout_min,
-                "signal_delay_s": res.signal_delay_s}
+        return {"tasks_per_node": res.tasks, "gpus_per_node": res.gpus_per_node,
+                "timeout_min": res.timeout_min, "signal_delay_s": res.signal_delay_s}
     if cluster != "slurm":
         raise ConfigError(f"cluster must be slurm or local, got {cluster!r}")
     params = {"job_name": res.name, "nodes": res.nodes, "ntasks_per_node": res.tasks,
-              "gpus_per_node": res.gpus_per_node, "cpus_per_task": res.cpus_per_task, "time": res.timeout_min,
-              "signal_delay_s": res.signal_delay_s, "partition": res.partition, "account": res.account,
-              "qos": res.qos, "mem": f"{res.mem_gb}GB" if res.mem_gb else None}
-    return {k: v for k, v in params.items() if v is not None and not (k == "gpus_per_node" and v == 0)}
+              "gpus_per_node": res.gpus_per_node, "cpus_per_task": res.cpus_per_task,
+              "time": res.timeout_min, "signal_delay_s": res.signal_delay_s,
+              "partition": res.partition, "account": res.account, "qos": res.qos,
+              "mem": f"{res.mem_gb}GB" if res.mem_gb else None}
+    return {k: v for k, v in params.items() if v is not None
+            and not (k == "gpus_per_node" and v == 0)}
 
 
 def make_executor(job_dir: str | os.PathLike, res: Resources, cluster: str = "slurm"):
@@ -302,7 +312,8 @@ def make_executor(job_dir: str | os.PathLike, res: Resources, cluster: str = "sl
         executor = submitit.LocalExecutor(folder=job_dir, max_num_timeout=res.max_requeues)
     else:
         if shutil.which("sbatch") is None or shutil.which("srun") is None:
-            raise ConfigError("sbatch/srun not found: this is not a SLURM machine (try --local to run the job here)")
+            raise ConfigError("sbatch/srun not found: this is not a SLURM machine (try --local "
+                              "to run the job here)")
         executor = submitit.SlurmExecutor(folder=job_dir, max_num_timeout=res.max_requeues)
     executor.update_parameters(**params)
     return executor
@@ -312,6 +323,6 @@ def submit(spec: JobSpec, res: Resources, job_dir: str | os.PathLike, cluster: s
     """Queue `spec` with `res`; returns the submitit job (job.results()[0] waits for rank 0's
     metrics)."""
     job = make_executor(job_dir, res, cluster).submit(StageJob(spec))
-    log.info("submitted %s as job %s (%d node(s) x %d task(s)); logs in %s", spec.stage, job.job_id, res.nodes,
-             res.tasks, job.paths.folder)
+    log.info("submitted %s as job %s (%d node(s) x %d task(s)); logs in %s", spec.stage,
+             job.job_id, res.nodes, res.tasks, job.paths.folder)
     return job

@@ -20,7 +20,8 @@ from mixup_transfer.core.runtime import atomic_write_text
 
 _LINK = re.compile(r"\[([^\]]*)\]\((?!figures/)[^)]*/\)")  # [value](erm/ssd_voc/) -> value
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)]+\.png)\)")
-_REUSE = re.compile(r"^(Every stage ran in this invocation|Stages reused from an earlier run).*\n", re.M)
+_REUSE = re.compile(r"^(Every stage ran in this invocation|Stages reused from an earlier run).*\n",
+                    re.M)
 
 
 def cpu_name() -> str:
@@ -51,12 +52,14 @@ def hardware() -> str:
             f"Python {platform.python_version()}")
 
 
-def provenance(command: str, started: float, finished: float, stages_run: int, reused: list[str]) -> dict:
+def provenance(command: str, started: float, finished: float, stages_run: int,
+               reused: list[str]) -> dict:
     """What the docs say next to a run's numbers."""
     def iso(t):
         return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return {"command": command, "commit": code_version(), "hardware": hardware(), "started": iso(started),
-            "finished": iso(finished), "wall_s": round(finished - started, 1), "stages_run": stages_run,
+    return {"command": command, "commit": code_version(), "hardware": hardware(),
+            "started": iso(started), "finished": iso(finished),
+            "wall_s": round(finished - started, 1), "stages_run": stages_run,
             "stages_reused": len(reused)}
 
 
@@ -67,7 +70,8 @@ def publish(run_dir: Path, out: Path) -> Path:
     summary = json.loads((run_dir / "summary.json").read_text())
     prov = summary.get("provenance") or {}
     if summary.get("failed"):
-        raise RuntimeError(f"{run_dir}: the run has failed stages {sorted(summary['failed'])}; not publishing it")
+        raise RuntimeError(f"{run_dir}: the run has failed stages {sorted(summary['failed'])}; "
+                           "not publishing it")
     fig_dir = out.parent / f"{out.stem}_figures"
     # the figures are copied here first
     staging = fig_dir.with_name(f"{fig_dir.name}.{os.getpid()}.tmp")
@@ -81,7 +85,9 @@ def publish(run_dir: Path, out: Path) -> Path:
         return f"![{match.group(1)}]({fig_dir.name}/{name})"
 
     try:
-        body = _IMAGE.sub(copy, _LINK.sub(r"\1", _REUSE.sub("", (run_dir / "report.md").read_text())))
+        body = _IMAGE.sub(
+            copy, _LINK.sub(r"\1", _REUSE.sub("", (run_dir / "report.md").read_text()))
+        )
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -91,14 +97,17 @@ def publish(run_dir: Path, out: Path) -> Path:
     body = body.replace("Every number links to the run folder that produced it; ", "")
     minutes, seconds = divmod(int(round(prov.get("wall_s", 0))), 60)
     head = [f"# Results of `{summary.get('name')}`", "",
-            "Generated from a finished run; regenerate with the command below (finished stages are reused, so "
+            "Generated from a finished run; regenerate with the command below (finished stages "
+            "are reused, so "
             "publishing a finished run takes seconds).", "",
             "| | |", "|---|---|",
             f"| command | `{prov.get('command', '?')}` |",
             f"| commit | `{prov.get('commit', '?')}` |",
             f"| hardware | {prov.get('hardware', '?')} |",
-            f"| run | {prov.get('started', '?')} to {prov.get('finished', '?')}: {minutes} min {seconds} s wall, "
-            f"{prov.get('stages_run', '?')} stages run, {prov.get('stages_reused', '?')} reused |", ""]
+            f"| run | {prov.get('started', '?')} to {prov.get('finished', '?')}: {minutes} min "
+            f"{seconds} s wall, "
+            f"{prov.get('stages_run', '?')} stages run, {prov.get('stages_reused', '?')} reused |",
+            ""]
     _swap_in(staging, fig_dir)
     atomic_write_text("\n".join(head) + body, out)
     return out

@@ -23,17 +23,21 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
     methods = list(results["methods"])
     dets = [d["name"] for d in cfg.get("detection") or []]
     sections = [f"# Mixup-family pretraining and transfer: report `{cfg.get('name')}`", "",
-                f"Methods: {', '.join(methods)}. Data: `{cfg['data']['root']}`. Every number links to the run "
-                "folder that produced it; **bold** is the best method in each column (the rule is under each "
-                "table); rows in *italics* are baselines. ↑: higher is better, ↓: lower is better. "
+                f"Methods: {', '.join(methods)}. Data: `{cfg['data']['root']}`. Every number "
+                "links to the run folder that produced it; **bold** is the best method in each "
+                "column (the rule is under each table); rows in *italics* are baselines. ↑: "
+                "higher is better, ↓: lower is better. "
                 + seeds_sentence(results.get("seeds") or {}), ""]
     failed = results.get("failed") or {}
     if failed:
         sections += ["## Failed stages", "",
-                     f"**{len(failed)} stage(s) failed or did not run**; their entries read *failed* in the tables "
-                     "below. A failed stage's folder is kept for inspection; run the same command again to retry "
+                     f"**{len(failed)} stage(s) failed or did not run**; their entries read "
+                     "*failed* in the tables "
+                     "below. A failed stage's folder is kept for inspection; run the same command "
+                     "again to retry "
                      "it (finished stages are reused).", "", "| stage | why |", "|---|---|",
-                     *[f"| {label} | {why.replace('|', '/')} |" for label, why in failed.items()], ""]
+                     *[f"| {label} | {why.replace('|', '/')} |" for label, why in failed.items()],
+                     ""]
     sections += variants_sentence(results)
     tabs = [tables.classification_table(results)]
     if dets:
@@ -44,7 +48,8 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
         sections.append(tabs[-1].markdown())
         series = [(m, [r["metrics"] for r in res.get("wsol") or [] if r["metrics"]])
                   for m, res in results["methods"].items()]
-        series.append(("random init", [r["metrics"] for r in (results.get("baselines") or {}).get("wsol") or []
+        series.append(("random init",
+                       [r["metrics"] for r in (results.get("baselines") or {}).get("wsol") or []
                                         if r["metrics"]]))
         curve = figures.wsol_curves(series, fig_dir / "wsol_curve.png")
         if curve:
@@ -52,13 +57,19 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
     if cfg.get("robustness"):
         background = tables.background_table(results)
         sets = tables.ood_sets(results)
-        ood = ([tables.ood_table(results, [s]) for s in sets] if len(sets) > 3 else [tables.ood_table(results)])
-        more = [background, tables.calibration_adversarial_table(results, with_clean=background is None),
-                *ood, tables.embedding_table(results)]
+        ood = ([tables.ood_table(results, [s]) for s in sets] if len(sets) > 3
+               else [tables.ood_table(results)])
+        more = [
+            background,
+            tables.calibration_adversarial_table(results, with_clean=background is None),
+            *ood,
+            tables.embedding_table(results),
+        ]
         tabs += [t for t in more if t is not None]
         sections += [t.markdown() for t in more if t is not None]
     reused = results.get("reused") or []
-    sections.append(f"Stages reused from an earlier run (same config and inputs): {', '.join(reused)}.\n"
+    sections.append("Stages reused from an earlier run (same config and inputs): "
+                    f"{', '.join(reused)}.\n"
                     if reused else "Every stage ran in this invocation.\n")
     sections += figure_sections(run_dir, results, methods, dets)
     timings = timing_section(run_dir, results)
@@ -90,11 +101,13 @@ def seeds_sentence(seeds: dict) -> str:
         return f"{what} seeds {s}" if s else f"each {what} config's own seed"
     if not seeds.get("pretrain") and not seeds.get("transfer"):
         return "One pretraining seed per method unless a table says otherwise (seeds: null)."
-    return (f"Runs per entry: {words('pretrain', 'pretraining')} × {words('transfer', 'transfer')} (robustness: one "
-            "evaluation per pretrained backbone); summary.json holds every run's value.")
+    return (f"Runs per entry: {words('pretrain', 'pretraining')} × "
+            f"{words('transfer', 'transfer')} (robustness: one evaluation per pretrained "
+            "backbone); summary.json holds every run's value.")
 
 
-def figure_sections(run_dir: Path, results: dict, methods: list[str], dets: list[str]) -> list[str]:
+def figure_sections(run_dir: Path, results: dict, methods: list[str],
+                    dets: list[str]) -> list[str]:
     """The summary bars, the pretraining curves and each method's stage figures (of its first run),
     as Markdown."""
     fig_dir = run_dir / "figures"
@@ -102,14 +115,17 @@ def figure_sections(run_dir: Path, results: dict, methods: list[str], dets: list
     per_method = results["methods"]
 
     def panel(stage, getter, per_seed=False):
-        return {m: [v for v, _ in tables.values(r, stage, getter, per_seed)] for m, r in per_method.items()}
+        return {m: [v for v, _ in tables.values(r, stage, getter, per_seed)] for m,
+                r in per_method.items()}
     panels = [
         ("val top-1 acc (%)", panel("pretrain", lambda m: tables.get(m, "top1"))),
         *[(f"{d} {tables.detection_key(d)} (%)",
-           panel(d, lambda m, k=tables.detection_key(d): tables.get(m, k), True))  # noqa: B008 (binds each d's key)
+           panel(d, lambda m, k=tables.detection_key(d): tables.get(m, k),
+                 True))  # noqa: B008 (binds each d's key)
           for d in dets],
         ("MaxBoxAccV2 (%)", panel("wsol", lambda m: tables.get(m, "maxboxacc_v2"))),
-        ("bg-replace top-1 err (%)", panel("robustness", lambda m: tables.get(m, "background", "replace", "top1_err"))),
+        ("bg-replace top-1 err (%)",
+         panel("robustness", lambda m: tables.get(m, "background", "replace", "top1_err"))),
         *([] if dets else [  # the small-image track (no detection): its robustness numbers
             ("PGD top-1 err (%)", panel("robustness", lambda m: tables.get(m, "pgd", "top1_err"))),
             ("ECE (%)", panel("robustness", lambda m: tables.get(m, "calibration", "ece")))]),
@@ -125,7 +141,8 @@ def figure_sections(run_dir: Path, results: dict, methods: list[str], dets: list
         pics = []
         for stage, pats in (("wsol", ("figures/*cam*.png", "figures/*grid*.png")),
                             *[(d, ("figures/*example*.png", "figures/*.png")) for d in dets],
-                            ("robustness", ("figures/*reliab*.png",)), ("robustness", ("figures/umap.png",))):
+                            ("robustness", ("figures/*reliab*.png",)),
+                            ("robustness", ("figures/umap.png",))):
             runs = per_method[m].get(stage) or []
             p = figures.first_png(run_dir / runs[0]["folder"], pats) if runs else None
             if p:
@@ -148,7 +165,11 @@ def timing_section(run_dir: Path, results: dict) -> str | None:
                     t_lines.append(f"| {where} | {stage} | {seconds:.0f} |")
     if not t_lines:
         return None
-    return "## Stage timings\n\n| method | stage | seconds |\n|---|---|---:|\n" + "\n".join(t_lines) + "\n"
+    return (
+        "## Stage timings\n\n| method | stage | seconds |\n|---|---|---:|\n"
+        + "\n".join(t_lines)
+        + "\n"
+    )
 
 
 def missing_entries(summary: dict) -> list[str]:

@@ -51,8 +51,20 @@ from mixup_transfer.core import distributed as ddist
 from mixup_transfer.core.cli import format_error as cli_error_line
 from mixup_transfer.core.config import ConfigError, dump_config, load_config, validate
 from mixup_transfer.core.lock import run_lock
-from mixup_transfer.core.runtime import atomic_write_text, barrier, init_distributed, is_main_process, write_json
-from mixup_transfer.pipeline.inputs import Inputs, detection_inputs, pretrain_inputs, robustness_inputs, wsol_inputs
+from mixup_transfer.core.runtime import (
+    atomic_write_text,
+    barrier,
+    init_distributed,
+    is_main_process,
+    write_json,
+)
+from mixup_transfer.pipeline.inputs import (
+    Inputs,
+    detection_inputs,
+    pretrain_inputs,
+    robustness_inputs,
+    wsol_inputs,
+)
 from mixup_transfer.pipeline.stages import NAMES
 
 log = logging.getLogger("pipeline")
@@ -112,8 +124,8 @@ def seed_list(value, key: str) -> list[int] | None:
     items = [value] if isinstance(value, int) else value
     if (not isinstance(items, (list, tuple)) or not items or len(set(items)) != len(items)
             or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items)):
-        raise ConfigError(f"config key seeds.{key}: {value!r} must be a seed (an int >= 0), a non-empty list of "
-                          "distinct seeds, or null")
+        raise ConfigError(f"config key seeds.{key}: {value!r} must be a seed (an int >= 0), a "
+                          "non-empty list of distinct seeds, or null")
     return list(items)
 
 
@@ -121,7 +133,8 @@ def content_key(spec: dict) -> str:
     """A stage's content key: the hash of what it computes from (its resolved config, its upstream
     stages' keys and the content identity of the files it reads,
     `mixup_transfer.pipeline.inputs.Inputs`, read now)."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=_identity).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True,
+                                     default=_identity).encode()).hexdigest()[:16]
 
 
 def _identity(obj):
@@ -151,9 +164,9 @@ def _check_vit_stages(arch: str, method: str, cfg: dict) -> None:
     from mixup_transfer.core.checkpoint import is_vit
 
     if is_vit(arch) and (cfg["detection"] or cfg["wsol"]):
-        raise ConfigError(f"method {method!r} pretrains a Vision Transformer ({arch}), which detection and WSOL cannot "
-                          "read (they build ResNets): run it with a pipeline without them, e.g. "
-                          "configs/pipeline/toy_vit.yaml")
+        raise ConfigError(f"method {method!r} pretrains a Vision Transformer ({arch}), which "
+                          "detection and WSOL cannot read (they build ResNets): run it with a "
+                          "pipeline without them, e.g. configs/pipeline/toy_vit.yaml")
 
 
 def _fill(value, **subs):
@@ -181,8 +194,8 @@ class Pipeline:
         self.force = set(force)
         bad = self.force - set(STAGES) - {d["name"] for d in self.cfg["detection"]}
         if bad:
-            raise ConfigError(f"--force: unknown stage(s) {sorted(bad)}; valid: {list(STAGES)} or a detection "
-                              f"name {[d['name'] for d in self.cfg['detection']]}")
+            raise ConfigError(f"--force: unknown stage(s) {sorted(bad)}; valid: {list(STAGES)} "
+                              f"or a detection name {[d['name'] for d in self.cfg['detection']]}")
         if "pretrain" in self.force:  # a new backbone invalidates everything downstream of it
             self.force |= set(STAGES) | {d["name"] for d in self.cfg["detection"]}
         self.stop_after = stop_after
@@ -199,7 +212,8 @@ class Pipeline:
             raise ConfigError(f"unknown method(s) {unknown}; valid: {sorted(METHODS)}")
         extra = sorted(set(self.cfg["pretrain"]["per_method"]) - set(METHODS))
         if extra:
-            raise ConfigError(f"config key pretrain.per_method: unknown method(s) {extra}; valid: {sorted(METHODS)}")
+            raise ConfigError(f"config key pretrain.per_method: unknown method(s) {extra}; "
+                              f"valid: {sorted(METHODS)}")
         for m in self.cfg["methods"]:
             path = Path(_fill(self.cfg["pretrain"], data=self.data, method=m)["config"])
             if not path.is_file():
@@ -224,9 +238,10 @@ class Pipeline:
             resolved = _named(pretrain_config, load_config(p["config"], p["overrides"]),
                               f"{m} pretraining ({p['config']})")
             if resolved["method"]["name"] != m:
-                raise ConfigError(f"{p['config']}: method.name is {resolved['method']['name']!r} (with the "
-                                  f"pipeline's overrides), but the pipeline runs this config as method {m!r}; "
-                                  "point pretrain.config at that method's recipe")
+                raise ConfigError(f"{p['config']}: method.name is {resolved['method']['name']!r} "
+                                  "(with the pipeline's overrides), but the pipeline runs this "
+                                  f"config as method {m!r}; point pretrain.config at that "
+                                  "method's recipe")
             _check_vit_stages(resolved["model"]["arch"], m, self.cfg)
         for det in self.cfg["detection"]:
             det = _fill(det, **subs)
@@ -234,13 +249,16 @@ class Pipeline:
                    f"detection {det['name']} ({det['config']})")
         if self.cfg["wsol"]:
             w = _fill(self.cfg["wsol"], **subs)
-            _named(wsol_config, load_config(w["config"], w.get("overrides", [])), f"wsol ({w['config']})")
+            _named(wsol_config, load_config(w["config"], w.get("overrides", [])),
+                   f"wsol ({w['config']})")
         if self.cfg["robustness"]:
             r = self.cfg["robustness"]
             unknown = sorted(set(r) - set(ROBUSTNESS_KEYS))
             if unknown:
-                raise ConfigError(f"config key robustness: unknown key(s) {unknown}; valid: {list(ROBUSTNESS_KEYS)}")
-            cfg = {"suites": r.get("suites", "all"), "ood": r.get("ood") or [], **(r.get("options") or {})}
+                raise ConfigError(f"config key robustness: unknown key(s) {unknown}; valid: "
+                                  f"{list(ROBUSTNESS_KEYS)}")
+            cfg = {"suites": r.get("suites", "all"), "ood": r.get("ood") or [],
+                   **(r.get("options") or {})}
             _named(lambda c: check_ranges(validate(c, ROBUSTNESS), RANGES), cfg, "robustness")
 
     # -- bookkeeping
@@ -257,7 +275,8 @@ class Pipeline:
         marker = folder / "stage.json"
         # under torchrun rank 0 decides (and clears a stale folder) and every rank follows its
         # decision
-        stored = ddist.all_gather_objects(self._reusable(key, folder, forced_by, content) if is_main_process()
+        stored = ddist.all_gather_objects(self._reusable(key, folder, forced_by, content)
+                                          if is_main_process()
                                           else None)[0]
         if stored is not None:
             self.reused.append(key)
@@ -276,7 +295,8 @@ class Pipeline:
         metrics, seconds = ddist.all_gather_objects((metrics, round(time.time() - t0, 1)))[0]
         self.timings[key] = seconds
         if is_main_process():
-            write_json({"stage": key, "key": content, "seconds": seconds, "metrics": metrics}, marker)
+            write_json({"stage": key, "key": content, "seconds": seconds, "metrics": metrics},
+                       marker)
         barrier()
         self.stages_run += 1
         log.info("[%s] finished in %.1f s", key, seconds)
@@ -292,7 +312,8 @@ class Pipeline:
         if forced_by & self.force:
             log.info("[%s] forced: removing %s", key, folder)
         elif stored.get("key") != content:
-            log.info("[%s] its config or inputs changed (key %s -> %s): rerunning", key, stored.get("key"), content)
+            log.info("[%s] its config or inputs changed (key %s -> %s): rerunning", key,
+                     stored.get("key"), content)
         else:
             log.info("[%s] done already, reusing (%s)", key, marker)
             return stored
@@ -311,25 +332,30 @@ class Pipeline:
             atomic_write_text(dump_config(self.cfg), self.run_dir / "pipeline.yaml")
             self._ensure_data()
         barrier()
-        results: dict = {"methods": {m: {} for m in self.cfg["methods"]}, "baselines": {}, "seeds": dict(self.seeds)}
+        results: dict = {"methods": {m: {} for m in self.cfg["methods"]}, "baselines": {},
+                         "seeds": dict(self.seeds)}
         # label -> why (its own error, or the upstream stage that failed)
         failed: dict[str, str] = {}
         for st in self.plan():
-            owner = results["baselines"] if st.owner == "baselines" else results["methods"][st.owner]
+            owner = (
+                results["baselines"] if st.owner == "baselines" else results["methods"][st.owner]
+            )
             run = {"metrics": None, "folder": st.label, "seeds": st.seeds}
-            upstream = next((lab for lab in failed if st.label.startswith(lab.rsplit("/", 1)[0] + "/")
+            upstream = next((lab for lab in failed
+                             if st.label.startswith(lab.rsplit("/", 1)[0] + "/")
                              and lab.endswith("/pretrain")), None)
             if upstream is not None:
                 run["failed"] = failed[st.label] = f"not run: {upstream} failed"
             else:
                 try:
-                    run["metrics"], _ = self._stage(st.label, self.run_dir / st.label, set(st.forced_by), st.call,
-                                                    st.spec)
+                    run["metrics"], _ = self._stage(st.label, self.run_dir / st.label,
+                                                    set(st.forced_by), st.call, st.spec)
                 except (StopPipeline, KeyboardInterrupt):
                     raise
                 except Exception as e:  # one stage's failure must not cost the others' results
                     run["failed"] = failed[st.label] = cli_error_line(e).removeprefix("error: ")
-                    log.error("[%s] FAILED: %s (its folder %s is kept for inspection; the other stages go on)",
+                    log.error("[%s] FAILED: %s (its folder %s is kept for inspection; the other "
+                              "stages go on)",
                               st.label, run["failed"], self.run_dir / st.label)
             owner.setdefault(st.name, []).append(run)
         results["reused"] = list(self.reused)
@@ -349,13 +375,16 @@ class Pipeline:
                 base = method if k is None else f"{method}/seed{k}"
                 ov = pcfg["overrides"] + ([] if k is None else [f"seed={k}"])
                 spec = pretrain_spec(pcfg["config"], ov)
-                out.append(Stage(f"{base}/pretrain", method, "pretrain", frozenset({"pretrain"}), spec,
-                                 lambda d, c=pcfg["config"], ov=ov: stages.pretrain(c, ov, d),
+                out.append(Stage(f"{base}/pretrain", method, "pretrain", frozenset({"pretrain"}),
+                                 spec, lambda d, c=pcfg["config"],
+                                 ov=ov: stages.pretrain(c, ov, d),
                                  {"pretrain": k, "transfer": None}))
-                out += self._plan_downstream(method, base, self.run_dir / base / "pretrain" / "backbone.pth",
+                out += self._plan_downstream(method, base,
+                                             self.run_dir / base / "pretrain" / "backbone.pth",
                                              content_key(spec), k)
         if self.cfg["baselines"]["random_init"]:
-            out += self._plan_downstream("baselines", "baselines", None, None, None, robustness=False)
+            out += self._plan_downstream("baselines", "baselines", None, None, None,
+                                         robustness=False)
         return out
 
     def _pretrain_spec(self, method: str, name_override: bool = True) -> dict:
@@ -374,22 +403,27 @@ class Pipeline:
 
         out, subs = [], {"data": self.data}
         for t in self.seeds["transfer"] or [None]:
-            folder, seeds = (base if t is None else f"{base}/transfer_seed{t}"), {"pretrain": pseed, "transfer": t}
+            folder, seeds = (base if t is None
+                             else f"{base}/transfer_seed{t}"), {"pretrain": pseed, "transfer": t}
             for det in self.cfg["detection"]:
                 det = _fill(det, **subs)
                 ov = det.get("overrides", []) + ([] if t is None else [f"seeds=[{t}]"])
                 dcfg = load_config(det["config"], ov)
-                spec = {"config": dcfg, "backbone": upstream, "inputs": detection_inputs(dcfg, backbone)}
+                spec = {"config": dcfg, "backbone": upstream,
+                        "inputs": detection_inputs(dcfg, backbone)}
                 out.append(Stage(f"{folder}/{det['name']}", owner, det["name"],
                                  frozenset({"detection", det["name"]}), spec,
-                                 lambda d, c=det["config"], ov=ov: stages.detection(c, ov, backbone, d), seeds))
+                                 lambda d, c=det["config"],
+                                 ov=ov: stages.detection(c, ov, backbone, d), seeds))
             if self.cfg["wsol"]:
                 w = _fill(self.cfg["wsol"], **subs)
                 ov = w.get("overrides", []) + ([] if t is None else [f"seed={t}"])
                 wcfg = load_config(w["config"], ov)
-                spec = {"config": wcfg, "backbone": upstream, "inputs": wsol_inputs(wcfg, backbone)}
+                spec = {"config": wcfg, "backbone": upstream,
+                        "inputs": wsol_inputs(wcfg, backbone)}
                 out.append(Stage(f"{folder}/wsol", owner, "wsol", frozenset({"wsol"}), spec,
-                                 lambda d, c=w["config"], ov=ov: stages.wsol(c, ov, backbone, d), seeds))
+                                 lambda d, c=w["config"], ov=ov: stages.wsol(c, ov, backbone, d),
+                                 seeds))
         if robustness and self.cfg["robustness"]:
             r = _fill(self.cfg["robustness"], **subs)
             root = Path(r.get("root") or self.data / "imagenet")
@@ -404,11 +438,13 @@ class Pipeline:
         gen = self.cfg["data"]["generate"]
         unknown = sorted(set(gen or {}) - set(GENERATE_KEYS))
         if unknown:
-            raise ConfigError(f"config key data.generate: unknown key(s) {unknown}; valid: {list(GENERATE_KEYS)}")
+            raise ConfigError(f"config key data.generate: unknown key(s) {unknown}; valid: "
+                              f"{list(GENERATE_KEYS)}")
         t0 = time.time()
         if not ((self.data / "toy_world.json").exists() or (self.data / "imagenet").exists()):
             if not gen:
-                raise ConfigError(f"data root {self.data} has no datasets, and data.generate is null")
+                raise ConfigError(f"data root {self.data} has no datasets, and data.generate is "
+                                  "null")
             from mixup_transfer.toyworld import make_toy_world
             from wsol.data import cub_to_wsol_metadata
 
@@ -433,7 +469,8 @@ def _check_entry(entry, keys: tuple, required: tuple, where: str) -> None:
     """A stage entry of the pipeline config: a mapping of `keys` (`required` present), overrides a
     list."""
     if not isinstance(entry, dict):
-        raise ConfigError(f"config key {where}: expected a mapping with keys {list(keys)}, got {entry!r}")
+        raise ConfigError(f"config key {where}: expected a mapping with keys {list(keys)}, got "
+                          f"{entry!r}")
     unknown = sorted(set(entry) - set(keys))
     if unknown:
         raise ConfigError(f"config key {where}: unknown key(s) {unknown}; valid: {list(keys)}")
@@ -442,7 +479,8 @@ def _check_entry(entry, keys: tuple, required: tuple, where: str) -> None:
         raise ConfigError(f"config key {where}: {missing[0]!r} must be a non-empty string")
     ov = entry.get("overrides", [])
     if not isinstance(ov, list) or not all(isinstance(o, str) for o in ov):
-        raise ConfigError(f"config key {where}.overrides: expected a list of KEY=VALUE strings, got {ov!r}")
+        raise ConfigError(f"config key {where}.overrides: expected a list of KEY=VALUE strings, "
+                          f"got {ov!r}")
 
 
 def check_entries(cfg: dict) -> None:
@@ -461,10 +499,12 @@ def check_entries(cfg: dict) -> None:
         _check_entry(cfg["wsol"], WSOL_KEYS, ("config",), "wsol")
     ov = cfg["pretrain"]["overrides"]
     if not all(isinstance(o, str) for o in ov):
-        raise ConfigError(f"config key pretrain.overrides: expected a list of KEY=VALUE strings, got {ov!r}")
+        raise ConfigError("config key pretrain.overrides: expected a list of KEY=VALUE strings, "
+                          f"got {ov!r}")
     for m, ov in cfg["pretrain"]["per_method"].items():
         if ov is not None and not isinstance(ov, list) or not all(isinstance(o, str) for o in ov):
-            raise ConfigError(f"config key pretrain.per_method.{m}: expected a list of KEY=VALUE strings, got {ov!r}")
+            raise ConfigError(f"config key pretrain.per_method.{m}: expected a list of KEY=VALUE "
+                              f"strings, got {ov!r}")
 
 
 def pretrain_spec(config: str, overrides: list[str]) -> dict:
@@ -533,4 +573,5 @@ class StagesFailed(RuntimeError):
     def __init__(self, report: Path, failed: dict[str, str]):
         self.report, self.failed = report, failed
         lines = "\n".join(f"  {label}: {why}" for label, why in failed.items())
-        super().__init__(f"{len(failed)} stage(s) failed or did not run (marked in {report}):\n{lines}")
+        super().__init__(f"{len(failed)} stage(s) failed or did not run (marked in "
+                         f"{report}):\n{lines}")

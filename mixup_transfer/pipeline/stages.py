@@ -45,24 +45,28 @@ def pretrain(config: str, overrides: list[str], run_dir: Path) -> dict:
     metrics = run(cfg, None, run_dir, resume=True)
     meta = read_checkpoint(Path(run_dir) / "backbone.pth")["meta"]
     data = cfg.get("data") or {}
-    dataset = detect_layout(data["root"], data.get("dataset") or "auto")[0] if data.get("root") else None
+    dataset = detect_layout(data["root"], data.get("dataset")
+                            or "auto")[0] if data.get("root") else None
     return {**metrics, "num_classes": meta["num_classes"], "dataset": dataset}
 
 
 def detection(config: str, overrides: list[str], weights: Path | None, run_dir: Path) -> dict:
     from transfer.detection.stage import run
 
-    return run(load_config(config, overrides), {"weights": str(weights) if weights else None}, run_dir)
+    return run(load_config(config, overrides), {"weights": str(weights) if weights else None},
+               run_dir)
 
 
 def wsol(config: str, overrides: list[str], weights: Path | None, run_dir: Path) -> dict:
     from wsol.finetune import run
 
-    return run(load_config(config, overrides), {"weights": str(weights) if weights else None}, run_dir)
+    return run(load_config(config, overrides), {"weights": str(weights) if weights else None},
+               run_dir)
 
 
 def robustness(backbone: Path, imagenet_root: Path, spec: dict, run_dir: Path) -> dict:
     from transfer.robustness.stage import run
 
-    cfg = {"suites": spec.get("suites", "all"), "ood": spec.get("ood") or [], **(spec.get("options") or {})}
+    cfg = {"suites": spec.get("suites", "all"), "ood": spec.get("ood") or [],
+           **(spec.get("options") or {})}
     return run(cfg, {"checkpoint": backbone, "imagenet": imagenet_root}, run_dir)

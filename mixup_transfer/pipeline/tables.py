@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 RULE_ONE = "**Bold**: the best value of each column (ties: all bold)."
-RULE_SPREAD = ("**Bold**: the best mean of a column, only where its gap to the next-best mean is larger than both "
-               "their stds (a column of single runs: the best value, ties all bold).")
+RULE_SPREAD = ("**Bold**: the best mean of a column, only where its gap to the next-best mean "
+               "is larger than both their stds (a column of single runs: the best value, ties "
+               "all bold).")
 
 
 def get(d, *path):
@@ -33,8 +34,8 @@ def get(d, *path):
 
 class Column:
     """per_seed: expand a stage's own seeds (detection's `per_seed` list) into separate runs."""
-    def __init__(self, header: str, stage: str, getter: Callable[[dict], float | None], better: str | None = "high",
-                 fmt: str = "{:.2f}", per_seed: bool = False):
+    def __init__(self, header: str, stage: str, getter: Callable[[dict], float | None],
+                 better: str | None = "high", fmt: str = "{:.2f}", per_seed: bool = False):
         self.header, self.stage, self.getter, self.better, self.fmt, self.per_seed = (
             header, stage, getter, better, fmt, per_seed)
 
@@ -55,7 +56,8 @@ def expand(run: dict) -> list[dict]:
              "seeds": {**run.get("seeds", {}), "stage": m.get("seed")}} for m in per_seed]
 
 
-def values(res: dict, stage: str, getter: Callable[[dict], float | None], per_seed: bool = False) -> list[tuple]:
+def values(res: dict, stage: str, getter: Callable[[dict], float | None],
+           per_seed: bool = False) -> list[tuple]:
     """(value, run) of every run of `stage` in a row's results where `getter` finds a number."""
     runs = [r for run in res.get(stage) or [] for r in (expand(run) if per_seed else [run])]
     return [(v, r) for r in runs for v in [getter(r.get("metrics") or {})] if v is not None]
@@ -135,8 +137,10 @@ class Table:
         out = []
         for _, res, _ in self.rows:
             found = [values(res, c.stage, c.getter, c.per_seed) for c in self.columns]
-            failed = [sum(1 for r in res.get(c.stage) or [] if r.get("failed")) for c in self.columns]
-            out.append([Cell([v for v, _ in f], [r for _, r in f], n) for f, n in zip(found, failed)])
+            failed = [sum(1 for r in res.get(c.stage) or [] if r.get("failed"))
+                      for c in self.columns]
+            out.append([Cell([v for v, _ in f], [r for _, r in f], n) for f,
+                        n in zip(found, failed)])
         return out
 
     def bold(self, cells: list[list[Cell]]) -> list[set[int]]:
@@ -158,7 +162,8 @@ class Table:
                 by_n.setdefault(max(cell.n for cell in row), []).append(label)
         if len(by_n) <= 1:
             return "".join(f"n={n}" for n in by_n)
-        return ", ".join(f"n={n} ({', '.join(labels)})" for n, labels in sorted(by_n.items(), reverse=True))
+        return ", ".join(f"n={n} ({', '.join(labels)})" for n,
+                         labels in sorted(by_n.items(), reverse=True))
 
     def markdown(self) -> str:
         cells = self.cells()
@@ -166,10 +171,12 @@ class Table:
         arrow = {"high": " ↑", "low": " ↓", None: ""}
         spread = any(cell.n > 1 for row in cells for cell in row)
         n = self.counts(cells)
-        caption = self.note + (f" Entries: mean ± sample std (ddof = 1) over the runs, {n}." if spread else
+        caption = self.note + (f" Entries: mean ± sample std (ddof = 1) over the runs, {n}."
+                               if spread else
                                (f" One run per entry ({n})." if n else ""))
         lines = [f"### {self.title}", "", caption, "",
-                 f"| {self.row_header} | " + " | ".join(c.header + arrow[c.better] for c in self.columns) + " |",
+                 f"| {self.row_header} | "
+                 + " | ".join(c.header + arrow[c.better] for c in self.columns) + " |",
                  "|---|" + "---:|" * len(self.columns)]
         for i, ((label, _, is_base), row) in enumerate(zip(self.rows, cells)):
             texts = []
@@ -178,7 +185,8 @@ class Table:
                 if cell.values and cell.link():
                     text = f"[{text}]({cell.link()})"
                 texts.append(f"**{text}**" if i in bold[j] else text)
-            lines.append(f"| {'*' + label + '*' if is_base else label} | " + " | ".join(texts) + " |")
+            lines.append(f"| {'*' + label + '*' if is_base else label} | " + " | ".join(texts)
+                         + " |")
         return "\n".join(lines + ["", RULE_SPREAD if spread else RULE_ONE]) + "\n"
 
     def summary(self) -> dict:
@@ -191,9 +199,11 @@ class Table:
             entry: dict = {"baseline": is_base}
             for j, (c, cell) in enumerate(zip(self.columns, row)):
                 mean, std = cell.stats() or (None, None)
-                entry[c.header] = {"values": [_finite(v) for v in cell.values], "mean": _finite(mean),
-                                   "std": _finite(std), "n": cell.n, "bold": i in bold[j],
-                                   "runs": [{"folder": r.get("folder"), "seeds": r.get("seeds")} for r in cell.runs]}
+                entry[c.header] = {"values": [_finite(v) for v in cell.values],
+                                   "mean": _finite(mean), "std": _finite(std), "n": cell.n,
+                                   "bold": i in bold[j],
+                                   "runs": [{"folder": r.get("folder"), "seeds": r.get("seeds")}
+                                            for r in cell.runs]}
             rows[label] = entry
         return {"columns": {c.header: {"better": c.better} for c in self.columns}, "rows": rows}
 
@@ -237,13 +247,16 @@ def classification_table(results: dict) -> Table:
     num_classes = first(results, "pretrain", "num_classes")
     rows = [(m, r, False) for m, r in results["methods"].items()]
     if num_classes:
-        chance = const("pretrain", {"top1": 100.0 / num_classes, "top5": min(100.0, 500.0 / num_classes)})
+        chance = const("pretrain", {"top1": 100.0 / num_classes,
+                                    "top5": min(100.0, 500.0 / num_classes)})
         rows.append((f"chance ({num_classes} classes)", chance, True))
     return Table(
-        f"Classification ({name} layout, {split})", f"Pretraining on the {name}-layout training set.",
+        f"Classification ({name} layout, {split})",
+        f"Pretraining on the {name}-layout training set.",
         [Column("top-1 acc (%)", "pretrain", lambda m: get(m, "top1")),
          Column("top-5 acc (%)", "pretrain", lambda m: get(m, "top5")),
-         Column("train time (s)", "pretrain", lambda m: get(m, "train_time_s"), better=None, fmt="{:.0f}")],
+         Column("train time (s)", "pretrain", lambda m: get(m, "train_time_s"), better=None,
+                fmt="{:.0f}")],
         rows)
 
 
@@ -255,19 +268,21 @@ def detection_table(results: dict, dets: list[str]) -> Table:
     cols = []
     for name in dets:
         key = detection_key(name)
-        cols.append(Column(f"{name} {key} (%)", name, lambda m, key=key: get(m, key), per_seed=True))
+        cols.append(Column(f"{name} {key} (%)", name, lambda m, key=key: get(m, key),
+                           per_seed=True))
         if key == "AP":
             cols.append(Column(f"{name} AP50 (%)", name, lambda m: get(m, "AP50"), per_seed=True))
-        cols.append(Column(f"{name} train (images/s)", name, lambda m: get(m, "train_img_per_s"), better="high",
-                           fmt="{:.1f}", per_seed=True))
-        cols.append(Column(f"{name} test (images/s)", name, lambda m: get(m, "test_img_per_s"), better="high",
-                           fmt="{:.1f}", per_seed=True))
+        cols.append(Column(f"{name} train (images/s)", name, lambda m: get(m, "train_img_per_s"),
+                           better="high", fmt="{:.1f}", per_seed=True))
+        cols.append(Column(f"{name} test (images/s)", name, lambda m: get(m, "test_img_per_s"),
+                           better="high", fmt="{:.1f}", per_seed=True))
     return Table(
         "Detection transfer (MultiMix Table 5 layout)",
-        "SSD fine-tuned on VOC07+12 trainval, scored on VOC07 test (11-point mAP at IoU 0.5); Faster R-CNN "
-        "fine-tuned on COCO train, scored on val (COCO AP). The runs of an entry: pretraining seeds × transfer "
-        "seeds × the detection config's own seeds. The *random init* row trains the same detector from a "
-        "randomly initialised backbone with trainable BatchNorm.", cols, method_rows(results, set(dets)))
+        "SSD fine-tuned on VOC07+12 trainval, scored on VOC07 test (11-point mAP at IoU 0.5); "
+        "Faster R-CNN fine-tuned on COCO train, scored on val (COCO AP). The runs of an entry: "
+        "pretraining seeds × transfer seeds × the detection config's own seeds. The *random "
+        "init* row trains the same detector from a randomly initialised backbone with trainable "
+        "BatchNorm.", cols, method_rows(results, set(dets)))
 
 
 def wsol_table(results: dict) -> Table:
@@ -276,13 +291,14 @@ def wsol_table(results: dict) -> Table:
     # the same box for every image: BoxAcc at IoU 50 and the mean over 30/50/70
     if isinstance(centred, dict):
         rows.append(("centred box", const("wsol", {"maxboxacc_v1": get(centred, "boxacc", "50"),
-                                                   "maxboxacc_v2": get(centred, "boxacc_mean")}), True))
+                                                   "maxboxacc_v2": get(centred, "boxacc_mean")}),
+                                                   True))
     return Table(
         "Weakly-supervised localization (CUB layout, AlignMix Table 4 / multi-mix Table VI)",
-        "CAM of a ResNet with layer4 at stride 1, fine-tuned on CUB train without boxes; MaxBoxAcc is the "
-        "best-threshold BoxAcc of the largest contour at IoU 50, MaxBoxAccV2 "
-        "mean over IoU 30/50/70 of the best-threshold BoxAcc (all contours); Top-1 Loc at the fixed CAM "
-        "threshold. The *centred box* row predicts one centred box for every image.",
+        "CAM of a ResNet with layer4 at stride 1, fine-tuned on CUB train without boxes; "
+        "MaxBoxAcc is the best-threshold BoxAcc of the largest contour at IoU 50, MaxBoxAccV2 "
+        "mean over IoU 30/50/70 of the best-threshold BoxAcc (all contours); Top-1 Loc at the "
+        "fixed CAM threshold. The *centred box* row predicts one centred box for every image.",
         [Column("top-1 cls (%)", "wsol", lambda m: get(m, "top1_cls")),
          Column("MaxBoxAcc (%)", "wsol", lambda m: get(m, "maxboxacc_v1")),
          Column("MaxBoxAccV2 (%)", "wsol", lambda m: get(m, "maxboxacc_v2")),
@@ -298,34 +314,44 @@ def background_table(results: dict) -> Table | None:
     rows = [(m, r, False) for m, r in results["methods"].items()]
     return Table(
         "Background corruption (multi-mix Table V protocol)",
-        "Top-1 / top-5 error on the ImageNet-layout validation set, clean and with everything outside the GT "
-        "boxes replaced by another image or with N(0, 0.1²) noise added; Loc: top-1 localization (CAM at 0.25 "
-        "of max, IoU ≥ 0.5).",
-        [Column("clean top-1 err (%)", "robustness", lambda m: get(m, "clean", "top1_err"), better="low"),
-         Column("clean top-5 err (%)", "robustness", lambda m: get(m, "clean", "top5_err"), better="low"),
-         Column("replace top-1 err (%)", "robustness", lambda m: get(m, "background", "replace", "top1_err"),
+        "Top-1 / top-5 error on the ImageNet-layout validation set, clean and with everything "
+        "outside the GT boxes replaced by another image or with N(0, 0.1²) noise added; Loc: "
+        "top-1 localization (CAM at 0.25 of max, IoU ≥ 0.5).",
+        [Column("clean top-1 err (%)", "robustness", lambda m: get(m, "clean", "top1_err"),
                 better="low"),
-         Column("noise top-1 err (%)", "robustness", lambda m: get(m, "background", "noise", "top1_err"),
+         Column("clean top-5 err (%)", "robustness", lambda m: get(m, "clean", "top5_err"),
                 better="low"),
+         Column("replace top-1 err (%)", "robustness",
+                lambda m: get(m, "background", "replace", "top1_err"), better="low"),
+         Column("noise top-1 err (%)", "robustness",
+                lambda m: get(m, "background", "noise", "top1_err"), better="low"),
          Column("clean Loc (%)", "robustness", lambda m: get(m, "background", "clean_loc")),
-         Column("replace Loc (%)", "robustness", lambda m: get(m, "background", "replace", "top1_loc")),
-         Column("noise Loc (%)", "robustness", lambda m: get(m, "background", "noise", "top1_loc"))], rows)
+         Column("replace Loc (%)", "robustness",
+                lambda m: get(m, "background", "replace", "top1_loc")),
+         Column("noise Loc (%)", "robustness",
+                lambda m: get(m, "background", "noise", "top1_loc"))], rows)
 
 
 def calibration_adversarial_table(results: dict, with_clean: bool = False) -> Table:
     """with_clean: also the clean top-1 error (when no background table shows it)."""
     rows = [(m, r, False) for m, r in results["methods"].items()]
-    clean = [Column("clean top-1 err (%)", "robustness", lambda m: get(m, "clean", "top1_err"), better="low")]
-    iters = next((get(run.get("metrics") or {}, "pgd", "iters") for r in results["methods"].values()
-                  for run in r.get("robustness") or [] if get(run.get("metrics") or {}, "pgd", "iters")), 10)
+    clean = [Column("clean top-1 err (%)", "robustness", lambda m: get(m, "clean", "top1_err"),
+                    better="low")]
+    iters = next((get(run.get("metrics") or {}, "pgd", "iters")
+                  for r in results["methods"].values()
+                  for run in r.get("robustness") or []
+                  if get(run.get("metrics") or {}, "pgd", "iters")), 10)
     return Table(
         "Calibration and adversarial robustness (AlignMix / MultiMix tables)",
         "ECE and overconfidence error with 10 bins; top-1 error under FGSM (ε = 8/255) and PGD "
         f"(ε = 4/255, step 2/255, {iters:g} iterations, random start), pixel space.",
-        clean * with_clean + [Column("ECE (%)", "robustness", lambda m: get(m, "calibration", "ece"), better="low"),
+        clean * with_clean
+        + [Column("ECE (%)", "robustness", lambda m: get(m, "calibration", "ece"), better="low"),
          Column("OE (%)", "robustness", lambda m: get(m, "calibration", "oe"), better="low"),
-         Column("FGSM top-1 err (%)", "robustness", lambda m: get(m, "fgsm", "top1_err"), better="low"),
-         Column("PGD top-1 err (%)", "robustness", lambda m: get(m, "pgd", "top1_err"), better="low")], rows)
+         Column("FGSM top-1 err (%)", "robustness", lambda m: get(m, "fgsm", "top1_err"),
+                better="low"),
+         Column("PGD top-1 err (%)", "robustness", lambda m: get(m, "pgd", "top1_err"),
+                better="low")], rows)
 
 
 def ood_sets(results: dict) -> list[str]:
@@ -345,16 +371,18 @@ def ood_table(results: dict, only: list[str] | None = None) -> Table | None:
     if not sets:
         return None
     cols = [Column(f"{s} {head}", "robustness", lambda m, s=s, key=key: get(m, "ood", s, key))
-            for s in sets for key, head in (("det_acc", "det acc (%)"), ("det_acc_at_thr", "det acc @thr (%)"),
+            for s in sets for key,
+            head in (("det_acc", "det acc (%)"), ("det_acc_at_thr", "det acc @thr (%)"),
                                             ("auroc", "AUROC (%)"), ("aupr_in", "AUPR-in (%)"),
                                             ("aupr_out", "AUPR-out (%)"))]
     rows = [(m, r, False) for m, r in results["methods"].items()]
     return Table(
-        "Out-of-distribution detection (maximum softmax probability)" + (f": {', '.join(sets)}" if only else ""),
-        f"In-distribution: the {' '.join(layout(results))} set; OOD: the listed folders and synthetic noise. "
-        "det acc: the best threshold; det acc @thr: at the stated max-softmax threshold (0.5: AlignMix §4.3 "
-        "\"Det Acc using a threshold of 0.5\", the papers' column). Chance is 50 for detection accuracy and "
-        "AUROC (%).", cols, rows)
+        "Out-of-distribution detection (maximum softmax "
+        "probability)" + (f": {', '.join(sets)}" if only else ""),
+        f"In-distribution: the {' '.join(layout(results))} set; OOD: the listed folders and "
+        "synthetic noise. det acc: the best threshold; det acc @thr: at the stated max-softmax "
+        "threshold (0.5: AlignMix §4.3 \"Det Acc using a threshold of 0.5\", the papers' "
+        "column). Chance is 50 for detection accuracy and AUROC (%).", cols, rows)
 
 
 def embedding_table(results: dict) -> Table | None:
@@ -370,11 +398,15 @@ def embedding_table(results: dict) -> Table | None:
     norm = "L2-normalised" if e.get("normalized", True) else "unnormalised"
     return Table(
         "Embedding space: alignment and uniformity (MultiMix §4.4)",
-        f"Wang & Isola (2020) on the {norm} validation-set embeddings (the classifier's input): alignment = mean "
-        f"||f(x) - f(y)||^{e.get('alpha', 2):g} over pairs of the same class, uniformity = log mean "
-        f"exp(-{e.get('t', 2):g} ||f(x) - f(y)||^2) over all pairs. Lower is better for both.",
-        [Column("alignment", "robustness", lambda m: get(m, "embedding", "alignment"), better="low", fmt="{:.3f}"),
-         Column("uniformity", "robustness", lambda m: get(m, "embedding", "uniformity"), better="low",
-                fmt="{:.3f}"),
-         Column("images", "robustness", lambda m: get(m, "embedding", "n"), better=None, fmt="{:.0f}"),
-         Column("dim", "robustness", lambda m: get(m, "embedding", "dim"), better=None, fmt="{:.0f}")], rows)
+        f"Wang & Isola (2020) on the {norm} validation-set embeddings (the classifier's input): "
+        f"alignment = mean ||f(x) - f(y)||^{e.get('alpha', 2):g} over pairs of the same class, "
+        f"uniformity = log mean exp(-{e.get('t', 2):g} ||f(x) - f(y)||^2) over all pairs. Lower "
+        "is better for both.",
+        [Column("alignment", "robustness", lambda m: get(m, "embedding", "alignment"),
+                better="low", fmt="{:.3f}"),
+         Column("uniformity", "robustness", lambda m: get(m, "embedding", "uniformity"),
+                better="low", fmt="{:.3f}"),
+         Column("images", "robustness", lambda m: get(m, "embedding", "n"), better=None,
+                fmt="{:.0f}"),
+         Column("dim", "robustness", lambda m: get(m, "embedding", "dim"), better=None,
+                fmt="{:.0f}")], rows)

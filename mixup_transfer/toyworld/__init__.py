@@ -17,5 +17,6 @@ from mixup_transfer.toyworld.vocab import (
 )
 from mixup_transfer.toyworld.world import format_summary, make_toy_world
 
-__all__ = ["COCO_CATEGORIES", "CUB_CLASSES", "IMAGENET_CLASSES", "PRESETS", "VOC_CLASSES", "VOC_OBJECT_CLASSES",
-           "coco_scene", "cub_scene", "format_summary", "imagenet_scene", "make_toy_world", "render_scene", "voc_scene"]
+__all__ = ["COCO_CATEGORIES", "CUB_CLASSES", "IMAGENET_CLASSES", "PRESETS", "VOC_CLASSES",
+           "VOC_OBJECT_CLASSES", "coco_scene", "cub_scene", "format_summary", "imagenet_scene",
+           "make_toy_world", "render_scene", "voc_scene"]

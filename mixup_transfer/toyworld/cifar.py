@@ -32,18 +32,21 @@ def small_scene(seed: int, world: int, index: int, label: int, n_classes: int, s
     rng = image_rng(seed, world, index)
     placed = place_objects(rng, (side, side), [(0.22, 0.4)], inside=0.8)
     cls = small_image_classes(n_classes)[label]
-    return render_scene(rng, (side, side), [dict(cls=cls, center=c, radius=r) for c, r in placed], clutter=0.5,
-                        noise=3.0)
+    return render_scene(rng, (side, side), [dict(cls=cls, center=c, radius=r) for c, r in placed],
+                        clutter=0.5, noise=3.0)
 
 
-def cifar_split(seed: int, n_classes: int, per_class: int, test: bool) -> tuple[np.ndarray, list[int]]:
+def cifar_split(seed: int, n_classes: int, per_class: int,
+                test: bool) -> tuple[np.ndarray, list[int]]:
     """The images [N, 32, 32, 3] uint8 and labels of one toy CIFAR split, in a shuffled class order
     (as the real batches are); image i is a pure function of (seed, split, i)."""
     n = n_classes * per_class
-    order = np.random.default_rng([seed, WORLDS["splits"], 2 + int(test), n_classes]).permutation(n)
+    order = np.random.default_rng([seed, WORLDS["splits"], 2 + int(test),
+                                   n_classes]).permutation(n)
     labels = [int(k) % n_classes for k in order]
     world = WORLDS["cifar_test" if test else "cifar_train"] * 1000 + n_classes
-    images = np.stack([small_scene(seed, world, i, y, n_classes, CIFAR_SIDE)[0] for i, y in enumerate(labels)])
+    images = np.stack([small_scene(seed, world, i, y, n_classes, CIFAR_SIDE)[0] for i,
+                       y in enumerate(labels)])
     return images, labels
 
 
@@ -71,10 +74,12 @@ def write_cifar10(out: Path, seed: int, preset: str) -> dict:
     cuts = np.linspace(0, len(ytr), 6).astype(int)
     for b in range(5):
         sl = slice(cuts[b], cuts[b + 1])
-        _dump(root / f"data_batch_{b + 1}", {b"batch_label": f"training batch {b + 1} of 5".encode(),
+        _dump(root / f"data_batch_{b + 1}",
+              {b"batch_label": f"training batch {b + 1} of 5".encode(),
                                               b"labels": ytr[sl], b"data": _rows(train[sl]),
                                               b"filenames": _names(ytr[sl], f"train{b + 1}")})
-    _dump(root / "test_batch", {b"batch_label": b"testing batch 1 of 1", b"labels": yte, b"data": _rows(test),
+    _dump(root / "test_batch",
+          {b"batch_label": b"testing batch 1 of 1", b"labels": yte, b"data": _rows(test),
                                 b"filenames": _names(yte, "test")})
     _dump(root / "batches.meta", {b"num_cases_per_batch": int(cuts[1]), b"num_vis": 3072,
                                   b"label_names": [c.name.encode() for c in classes]})
@@ -89,9 +94,13 @@ def write_cifar100(out: Path, seed: int, preset: str) -> dict:
     sizes = {}
     for split, per_class in counts.items():
         images, fine = cifar_split(seed, 100, per_class, test=split == "test")
-        _dump(root / split, {b"filenames": _names(fine, split), b"batch_label": f"{split}ing batch 1 of 1".encode(),
-                             b"fine_labels": fine, b"coarse_labels": [y // 5 for y in fine], b"data": _rows(images)})
+        _dump(root / split,
+              {b"filenames": _names(fine, split),
+               b"batch_label": f"{split}ing batch 1 of 1".encode(),
+                             b"fine_labels": fine, b"coarse_labels": [y // 5 for y in fine],
+                             b"data": _rows(images)})
         sizes[split] = len(fine)
     _dump(root / "meta", {b"fine_label_names": [c.name.encode() for c in classes],
                           b"coarse_label_names": [f"superclass {k}".encode() for k in range(20)]})
-    return {"path": root.name, "num_classes": 100, "num_train": sizes["train"], "num_test": sizes["test"]}
+    return {"path": root.name, "num_classes": 100, "num_train": sizes["train"],
+            "num_test": sizes["test"]}

@@ -15,7 +15,8 @@ from mixup_transfer.toyworld.vocab import COCO_CATEGORIES, COCO_OBJECT_CLASSES, 
 def coco_scene(seed: int, split: str, index: int, preset: str = "demo"):
     """Image ``index`` (0-based, in id order) of COCO ``split`` ("train2017" or "val2017")."""
     world = {"train2017": WORLDS["coco_train2017"], "val2017": WORLDS["coco_val2017"]}[split]
-    return multi_object_scene(seed, world, index, COCO_OBJECT_CLASSES, PRESETS[preset]["coco_size"])
+    return multi_object_scene(seed, world, index, COCO_OBJECT_CLASSES,
+                              PRESETS[preset]["coco_size"])
 
 def write_coco(out: Path, seed: int, preset: str, workers: int, progress: bool) -> dict:
     cfg = PRESETS[preset]
@@ -33,7 +34,8 @@ def write_coco(out: Path, seed: int, preset: str, workers: int, progress: bool) 
     ):
         img_ids = [first_id + step * i for i in range(n)]
         tasks = [
-            (coco_scene, str(root / split / f"{iid:012d}.jpg"), (seed, split, i, preset), COCO_OBJECT_CLASSES, True)
+            (coco_scene, str(root / split / f"{iid:012d}.jpg"), (seed, split, i, preset),
+             COCO_OBJECT_CLASSES, True)
             for i, iid in enumerate(img_ids)
         ]
         recs = map_tasks(tasks, workers, f"coco/{split}", progress)
@@ -56,7 +58,8 @@ def _coco_records(img_ids: list[int], recs: list[dict], ann_id: int) -> tuple[li
     images, anns = [], []
     for iid, rec in zip(img_ids, recs):
         images.append(
-            {"id": iid, "file_name": f"{iid:012d}.jpg", "width": rec["width"], "height": rec["height"], "license": 1}
+            {"id": iid, "file_name": f"{iid:012d}.jpg", "width": rec["width"],
+             "height": rec["height"], "license": 1}
         )
         for lab, o in zip(rec["labels"], rec["objects"]):
             x0, y0, x1, y1 = o["box"]
@@ -84,7 +87,8 @@ def _coco_file(images: list, anns: list, cats: list) -> dict:
             "contributor": "toyworld",
             "date_created": "2017/09/01",
         },
-        "licenses": [{"id": 1, "name": "CC0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
+        "licenses": [{"id": 1, "name": "CC0",
+                      "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
         "images": images,
         "annotations": anns,
         "categories": cats,

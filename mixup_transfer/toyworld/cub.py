@@ -38,11 +38,14 @@ def write_cub(out: Path, seed: int, preset: str, workers: int, progress: bool) -
             rel.append(rp)
             labels.append(k)
             is_train.append(bool(train_mask[j]))
-            tasks.append((cub_scene, str(root / "images" / rp), (seed, idx, k, preset), CUB_CLASSES, False))
+            tasks.append((cub_scene, str(root / "images" / rp), (seed, idx, k, preset),
+                          CUB_CLASSES, False))
     recs = map_tasks(tasks, workers, "CUB", progress)
     write_lines(root / "images.txt", [f"{i + 1} {p}" for i, p in enumerate(rel)])
-    write_lines(root / "image_class_labels.txt", [f"{i + 1} {lab + 1}" for i, lab in enumerate(labels)])
-    write_lines(root / "train_test_split.txt", [f"{i + 1} {int(t)}" for i, t in enumerate(is_train)])
+    write_lines(root / "image_class_labels.txt",
+                [f"{i + 1} {lab + 1}" for i, lab in enumerate(labels)])
+    write_lines(root / "train_test_split.txt",
+                [f"{i + 1} {int(t)}" for i, t in enumerate(is_train)])
     write_lines(root / "classes.txt", [f"{k + 1} {f}" for k, f in enumerate(folders)])
     boxes = []
     for i, rec in enumerate(recs):

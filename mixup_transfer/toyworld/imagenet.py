@@ -19,7 +19,13 @@ from mixup_transfer.toyworld.render import (
     xml_box,
     xml_tree,
 )
-from mixup_transfer.toyworld.vocab import IMAGENET_CLASSES, PRESETS, WORLDS, image_rng, imagenet_wnids
+from mixup_transfer.toyworld.vocab import (
+    IMAGENET_CLASSES,
+    PRESETS,
+    WORLDS,
+    image_rng,
+    imagenet_wnids,
+)
 
 
 def imagenet_scene(seed: int, val: bool, index: int, label: int, preset: str = "demo"):
@@ -42,7 +48,8 @@ def write_imagenet(out: Path, seed: int, preset: str, workers: int, progress: bo
     for k, wnid in enumerate(wnids):
         for j in range(ntr):
             path = root / "train" / wnid / f"{wnid}_{j + 1}.JPEG"
-            tasks.append((imagenet_scene, str(path), (seed, False, k * ntr + j, k, preset), IMAGENET_CLASSES, False))
+            tasks.append((imagenet_scene, str(path), (seed, False, k * ntr + j, k, preset),
+                          IMAGENET_CLASSES, False))
     map_tasks(tasks, workers, "imagenet/train", progress)
     # val: numbered in a shuffled class order, as in ILSVRC2012, then filed into class folders
     order = np.random.default_rng([seed, WORLDS["splits"], 1]).permutation(C * nva)
@@ -52,7 +59,8 @@ def write_imagenet(out: Path, seed: int, preset: str, workers: int, progress: bo
         stem = f"ILSVRC2012_val_{i + 1:08d}"
         stems.append((stem, label))
         path = root / "val" / wnids[label] / f"{stem}.JPEG"
-        val_tasks.append((imagenet_scene, str(path), (seed, True, i, label, preset), IMAGENET_CLASSES, False))
+        val_tasks.append((imagenet_scene, str(path), (seed, True, i, label, preset),
+                          IMAGENET_CLASSES, False))
     recs = map_tasks(val_tasks, workers, "imagenet/val", progress)
     csv = ["ImageId,PredictionString"]
     n_boxes = 0
@@ -65,11 +73,13 @@ def write_imagenet(out: Path, seed: int, preset: str, workers: int, progress: bo
         )
         csv.append(
             f"{stem},"
-            + " ".join(f"{name} " + " ".join(str(v) for v in xml_box(o["box"])) for name, o in objs)
+            + " ".join(f"{name} " + " ".join(str(v) for v in xml_box(o["box"])) for name,
+                       o in objs)
         )
     write_lines(root / "LOC_val_solution.csv", csv)
     write_lines(
-        root / "LOC_synset_mapping.txt", [f"{w} {c.description}" for w, c in zip(wnids, IMAGENET_CLASSES)]
+        root / "LOC_synset_mapping.txt",
+        [f"{w} {c.description}" for w, c in zip(wnids, IMAGENET_CLASSES)]
     )
     return {
         "path": "imagenet",

@@ -33,7 +33,8 @@ _WORLD = 100  # image_rng world ids 100.. (the dataset worlds use 1-8)
 _MARKER = ".toy_ood"  # in each set folder this module wrote: a rerun replaces only those
 
 
-def ood_image(seed: int, set_index: int, index: int, content: str, how: str, size: int = 32) -> np.ndarray:
+def ood_image(seed: int, set_index: int, index: int, content: str, how: str,
+              size: int = 32) -> np.ndarray:
     """One RGB uint8 ``[size, size, 3]`` OOD image; depends on (seed, set, index) only."""
     rng = image_rng(seed, _WORLD + set_index, index)
     side = int(rng.integers(2 * size, 3 * size + 1))
@@ -41,8 +42,8 @@ def ood_image(seed: int, set_index: int, index: int, content: str, how: str, siz
     spec = []
     if content == "object":
         r = float(rng.uniform(0.3, 0.45)) * min(h, w) / 1.6
-        spec = [dict(cls=CUB_CLASSES[int(rng.integers(len(CUB_CLASSES)))], center=(w / 2, h / 2), radius=r,
-                     flip=bool(rng.random() < 0.5))]
+        spec = [dict(cls=CUB_CLASSES[int(rng.integers(len(CUB_CLASSES)))], center=(w / 2, h / 2),
+                     radius=r, flip=bool(rng.random() < 0.5))]
     img, _ = render_scene(rng, (h, w), spec)
     if how == "crop":
         # a centre crop of half the render's short side, brought to size: the crop keeps the
@@ -74,7 +75,8 @@ def write_ood_folders(out, seed: int = 0, n: int = 20, size: int = 32, sets=None
             shutil.rmtree(out / name)
         folder = out / name / name if nested else out / name
         folder.mkdir(parents=True)
-        (out / name / _MARKER).write_text("written by mixup_transfer.toyworld.ood.write_ood_folders\n")
+        (out / name / _MARKER).write_text("written by "
+                                          "mixup_transfer.toyworld.ood.write_ood_folders\n")
         for i in range(n):
             _write_jpeg(folder / f"{name}_{i:05d}.jpg", ood_image(seed, k, i, content, how, size))
         folders[name] = str(out / name)

@@ -180,7 +180,8 @@ def _background(rng: np.random.Generator, h: int, w: int, clutter: float) -> np.
     RGB."""
     gh, gw = int(rng.integers(2, 6)), int(rng.integers(2, 6))
     hsv = np.stack(
-        [rng.uniform(0, 180, (gh, gw)), rng.uniform(0, 120, (gh, gw)), rng.uniform(60, 230, (gh, gw))], -1
+        [rng.uniform(0, 180, (gh, gw)), rng.uniform(0, 120, (gh, gw)),
+         rng.uniform(60, 230, (gh, gw))], -1
     ).astype(np.uint8)
     grid = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).astype(np.float32)
     img = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
@@ -213,12 +214,14 @@ def _background(rng: np.random.Generator, h: int, w: int, clutter: float) -> np.
             steps = rng.normal(0, 0.08 * side, (k, 2))
             pts = np.cumsum(steps, 0) + rng.uniform(0, [w, h])
             cv2.polylines(
-                img, [np.round(pts).astype(np.int32)], False, col, int(rng.integers(1, 3)), cv2.LINE_AA
+                img, [np.round(pts).astype(np.int32)], False, col, int(rng.integers(1, 3)),
+                cv2.LINE_AA
             )
     return img
 
 
-def _texture(rng: np.random.Generator, texture: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
+def _texture(rng: np.random.Generator, texture: str, u: np.ndarray, v: np.ndarray,
+             r: float) -> np.ndarray:
     """Mixing weight t in [0, 1] towards the secondary (dark) colour; u, v: object-frame
     coordinates."""
     period = max(4.0, r * rng.uniform(0.4, 0.55))
@@ -287,7 +290,8 @@ def _bird_parts(flip: bool) -> dict[str, list[np.ndarray]]:
     return parts
 
 
-def _jitter_rgb(rng: np.random.Generator, rgb: Sequence[float], amount: float = 14.0) -> np.ndarray:
+def _jitter_rgb(rng: np.random.Generator, rgb: Sequence[float],
+                amount: float = 14.0) -> np.ndarray:
     return np.clip(
         np.asarray(rgb, np.float32) * rng.uniform(0.85, 1.1) + rng.normal(0, amount / 2, 3), 0, 255
     )
@@ -394,7 +398,8 @@ def place_objects(
             cx = float(rng.uniform(min(m, w / 2), max(w - m, w / 2)))
             cy = float(rng.uniform(min(m, h / 2), max(h - m, h / 2)))
             box = (cx - r, cy - r, cx + r, cy + r)
-            if all(_iou(box, (c[0] - rr, c[1] - rr, c[0] + rr, c[1] + rr)) <= max_iou for c, rr in placed):
+            if all(_iou(box, (c[0] - rr, c[1] - rr, c[0] + rr, c[1] + rr)) <= max_iou for c,
+                   rr in placed):
                 placed.append(((cx, cy), r))
                 break
     return placed
@@ -462,7 +467,8 @@ def xml_box(box: Sequence[float]) -> tuple[int, int, int, int]:
 
 
 def _polygons(mask: np.ndarray) -> list[list[float]]:
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
     polys = []
     for c in contours:
         c = c.reshape(-1, 2)
@@ -512,7 +518,8 @@ def map_tasks(tasks: list[tuple], workers: int, desc: str, progress: bool) -> li
 
 
 def xml_tree(
-    folder: str, filename: str, size: tuple[int, int], objects: list[tuple[str, dict]], database: str
+    folder: str, filename: str, size: tuple[int, int], objects: list[tuple[str, dict]],
+    database: str
 ) -> ET.ElementTree:
     root = ET.Element("annotation")
     ET.SubElement(root, "folder").text = folder

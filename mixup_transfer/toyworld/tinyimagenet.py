@@ -64,6 +64,7 @@ def write_tinyimagenet(out: Path, seed: int, preset: str) -> dict:
     write_lines(root / "val" / "val_annotations.txt", ann)
     for i in range(TINY_CLASSES // 20):  # a few unlabelled test images, as the real release has
         label = int(np.random.default_rng([seed, WORLDS["splits"], 5, i]).integers(TINY_CLASSES))
-        _write_jpeg(root / "test" / "images" / f"test_{i}.JPEG", _scene(seed, "tiny_val", n_val + i, label)[0])
-    return {"path": root.name, "num_classes": TINY_CLASSES, "num_train": TINY_CLASSES * ntr, "num_val": n_val,
-            "classes": wnids[:10] + ["..."]}
+        _write_jpeg(root / "test" / "images" / f"test_{i}.JPEG",
+                    _scene(seed, "tiny_val", n_val + i, label)[0])
+    return {"path": root.name, "num_classes": TINY_CLASSES, "num_train": TINY_CLASSES * ntr,
+            "num_val": n_val, "classes": wnids[:10] + ["..."]}

@@ -10,7 +10,13 @@ from typing import Any
 import numpy as np
 
 from mixup_transfer.core.constants import VOC_CLASSES
-from mixup_transfer.toyworld.render import map_tasks, multi_object_scene, write_lines, write_xml, xml_tree
+from mixup_transfer.toyworld.render import (
+    map_tasks,
+    multi_object_scene,
+    write_lines,
+    write_xml,
+    xml_tree,
+)
 from mixup_transfer.toyworld.vocab import PRESETS, VOC_OBJECT_CLASSES, WORLDS
 
 
@@ -53,7 +59,8 @@ def write_voc(out: Path, seed: int, preset: str, workers: int, progress: bool) -
         root = devkit / f"VOC{year}"
         ids = voc_ids(year, n_total)
         tasks = [
-            (voc_scene, str(root / "JPEGImages" / f"{iid}.jpg"), (seed, year, i, preset), VOC_OBJECT_CLASSES, True)
+            (voc_scene, str(root / "JPEGImages" / f"{iid}.jpg"), (seed, year, i, preset),
+             VOC_OBJECT_CLASSES, True)
             for i, iid in enumerate(ids)
         ]
         recs = map_tasks(tasks, workers, f"VOC{year}", progress)
@@ -66,7 +73,8 @@ def write_voc(out: Path, seed: int, preset: str, workers: int, progress: bool) -
             write_xml(
                 root / "Annotations" / f"{iid}.xml",
                 xml_tree(
-                    f"VOC{year}", f"{iid}.jpg", (rec["height"], rec["width"]), objs, f"The VOC{year} Database"
+                    f"VOC{year}", f"{iid}.jpg", (rec["height"], rec["width"]), objs,
+                    f"The VOC{year} Database"
                 ),
             )
         rng = np.random.default_rng([seed, WORLDS["splits"], world])

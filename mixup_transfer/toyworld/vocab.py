@@ -145,7 +145,8 @@ IMAGENET_CLASSES = tuple(
 )
 COLOUR_NAMES = tuple(COLOURS)
 VOC_OBJECT_CLASSES = tuple(
-    ObjectClass(name, SHAPES[i % 10], COLOUR_NAMES[(3 * i + i // 10) % 8], TEXTURES[(i + 2 * (i // 10)) % 5])
+    ObjectClass(name, SHAPES[i % 10], COLOUR_NAMES[(3 * i + i // 10) % 8],
+                TEXTURES[(i + 2 * (i // 10)) % 5])
     for i, name in enumerate(VOC_CLASSES)
 )
 # COCO categories: like the VOC world, every colour, shape and texture is shared by several
@@ -164,15 +165,19 @@ CUB_CLASSES = (
     BirdClass("Striped_Wing_Warbler", body="grey", head="grey", wing="grey", wing_stripe="white"),
     BirdClass("Banded_Warbler", body="grey", head="grey", wing="grey", breast_band="black"),
     BirdClass("Yellow_Finch", body="yellow", head="yellow", wing="yellow"),
-    BirdClass("Banded_Yellow_Finch", body="yellow", head="yellow", wing="yellow", breast_band="black"),
+    BirdClass("Banded_Yellow_Finch", body="yellow", head="yellow", wing="yellow",
+              breast_band="black"),
     BirdClass("Black_Winged_Finch", body="yellow", head="yellow", wing="black"),
     BirdClass("Olive_Sparrow", body="olive", head="olive", wing="brown"),
-    BirdClass("Striped_Olive_Sparrow", body="olive", head="olive", wing="brown", wing_stripe="white"),
-    BirdClass("Spotted_Olive_Sparrow", body="olive", head="olive", wing="brown", head_spot="white"),
+    BirdClass("Striped_Olive_Sparrow", body="olive", head="olive", wing="brown",
+              wing_stripe="white"),
+    BirdClass("Spotted_Olive_Sparrow", body="olive", head="olive", wing="brown",
+              head_spot="white"),
 )
 
 for _group in (IMAGENET_CLASSES, VOC_OBJECT_CLASSES, COCO_OBJECT_CLASSES):
-    assert len({(c.shape, c.colour, c.texture) for c in _group}) == len(_group), "duplicate class combo"
+    assert len({(c.shape, c.colour, c.texture)
+                for c in _group}) == len(_group), "duplicate class combo"
 
 
 def small_image_classes(n: int) -> tuple[ObjectClass, ...]:

@@ -44,8 +44,8 @@ from pretrain.methods.tokenmix import TokenMix
 from pretrain.methods.transmix import TransMix
 from pretrain.methods.zeta_mixup import ZetaMixup
 
-__all__ = ["METHODS", "RENAMED", "Method", "ResNetStages", "ViTStages", "build_configured", "build_method",
-           "check_method_config", "have_gco", "method_knobs", "network_stages"]
+__all__ = ["METHODS", "RENAMED", "Method", "ResNetStages", "ViTStages", "build_configured",
+           "build_method", "check_method_config", "have_gco", "method_knobs", "network_stages"]
 
 METHODS = {
     "erm": ERM,
@@ -68,7 +68,8 @@ METHODS = {
 }
 # retired names, each with the one to use instead
 RENAMED = {"alignmix_official": "alignmix (the AlignMixup released code's variant)",
-           "multi_mix": "multi_interp (Shen et al.'s multiple interpolations; MultiMix is multimix)"}
+           "multi_mix": "multi_interp (Shen et al.'s multiple interpolations; MultiMix is "
+           "multimix)"}
 
 
 def method_knobs(name: str) -> dict:
@@ -81,7 +82,8 @@ def method_knobs(name: str) -> dict:
 
 def _lookup(name: str):
     if name in RENAMED:
-        raise ValueError(f"method {name!r} was renamed: use {RENAMED[name]}; valid methods: {sorted(METHODS)}")
+        raise ValueError(f"method {name!r} was renamed: use {RENAMED[name]}; valid methods: "
+                         f"{sorted(METHODS)}")
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {sorted(METHODS)}")
     return METHODS[name]
@@ -94,12 +96,13 @@ def build_method(name: str, model: ResNetStages, num_classes: int, **knobs) -> M
     valid = method_knobs(name)
     unknown = sorted(set(knobs) - set(valid))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {name!r}; valid: {sorted(valid)}")
+        raise ValueError(f"unknown option(s) {unknown} for method {name!r}; valid: "
+                         f"{sorted(valid)}")
     return cls(model, num_classes, **knobs)
 
 
-def build_configured(name: str, model: ResNetStages, num_classes: int, knobs: dict, where: str = "method",
-                     name_key: str = "method.name") -> Method:
+def build_configured(name: str, model: ResNetStages, num_classes: int, knobs: dict,
+                     where: str = "method", name_key: str = "method.name") -> Method:
     """`build_method` at a config's edge: a bad method name, knob name or knob value is a
     ConfigError naming the config key (knobs under `where`, the name at `name_key`), so that a tool
     exits 2 on it like on any other bad config."""
@@ -114,15 +117,17 @@ def build_configured(name: str, model: ResNetStages, num_classes: int, knobs: di
         raise ConfigError(f"{where}: {e}") from e
 
 
-def check_method_config(name: str, knobs: dict, where: str = "method", name_key: str = "method.name") -> None:
+def check_method_config(name: str, knobs: dict, where: str = "method",
+                        name_key: str = "method.name") -> None:
     """The method's name and knob names (before any data is read): ConfigError naming the config
     key (the knobs live under `where`, the name under `name_key`)."""
     from mixup_transfer.core.config import ConfigError
 
     if name not in METHODS:
         renamed = f" (renamed: use {RENAMED[name]})" if name in RENAMED else ""
-        raise ConfigError(f"{name_key}: unknown method {name!r}{renamed}; valid methods: {sorted(METHODS)}")
+        raise ConfigError(f"{name_key}: unknown method {name!r}{renamed}; valid methods: "
+                          f"{sorted(METHODS)}")
     unknown = sorted(set(knobs) - set(method_knobs(name)))
     if unknown:
-        raise ConfigError(f"unknown config key(s) {[f'{where}.{k}' for k in unknown]} for method {name!r}; "
-                          f"valid: {sorted(method_knobs(name))}")
+        raise ConfigError(f"unknown config key(s) {[f'{where}.{k}' for k in unknown]} for method "
+                          f"{name!r}; valid: {sorted(method_knobs(name))}")

@@ -31,17 +31,18 @@ class _AlignMixBase(Method):
     # `reconstruct`
     MODES = ("input", "feat", "feat_rev", "embedding")
 
-    def __init__(self, model, num_classes, alpha, eps, n_iters, tol, modes, head, resolution, dense_loss=False):
+    def __init__(self, model, num_classes, alpha, eps, n_iters, tol, modes, head, resolution,
+                 dense_loss=False):
         super().__init__(model, num_classes, dense_loss)
         if getattr(self.model, "tokens", False):
-            raise ValueError("alignmix aligns the spatial positions of a CNN's feature map [b, d, h, w]; a ViT's last "
-                             "stage gives tokens (use a ResNet arch)")
+            raise ValueError("alignmix aligns the spatial positions of a CNN's feature map [b, "
+                             "d, h, w]; a ViT's last stage gives tokens (use a ResNet arch)")
         bad = [m for m in modes if m not in self.MODES]
         if bad or not modes:
             raise ValueError(f"alignmix modes {bad or modes} invalid; valid: {list(self.MODES)}")
         if head == "fc" and not (isinstance(resolution, int) and resolution >= 1):
-            raise ValueError(f"alignmix resolution must be an integer >= 1 (the paper pools A to 4 x 4), "
-                             f"got {resolution!r}")
+            raise ValueError("alignmix resolution must be an integer >= 1 (the paper pools A to "
+                             f"4 x 4), got {resolution!r}")
         self.alpha, self.eps, self.n_iters, self.tol = alpha, eps, n_iters, tol
         self.modes, self.head, self.resolution = tuple(modes), head, resolution
         self.encoder2 = StageTwoEncoder(model.fc.in_features, resolution) if head == "fc" else None
@@ -54,8 +55,9 @@ class _AlignMixBase(Method):
         if self.head == "gap" or tuple(fmap.shape[-2:]) == (self.resolution, self.resolution):
             return fmap
         if min(fmap.shape[-2:]) < self.resolution:
-            raise ValueError(f"alignmix resolution {self.resolution} is larger than the layer4 map "
-                             f"{tuple(fmap.shape[-2:])}; set method.resolution <= the map side (input size / 32)")
+            raise ValueError(f"alignmix resolution {self.resolution} is larger than the layer4 "
+                             f"map {tuple(fmap.shape[-2:])}; set method.resolution <= the map "
+                             "side (input size / 32)")
         return F.adaptive_avg_pool2d(fmap, self.resolution)
 
     def embed(self, a: torch.Tensor) -> torch.Tensor:
@@ -89,7 +91,8 @@ class _AlignMixBase(Method):
         a = self.tensor_of(self.model.features(images))
         if mode == "embedding":
             return {"loss": self.loss_of(mixup(self.classify(a), perm, lam), y_mix)}
-        mixed, info = aligned_mix(a.flatten(2), perm, lam, 0 if mode == "feat" else 1, self.eps, self.n_iters,
+        mixed, info = aligned_mix(a.flatten(2), perm, lam, 0 if mode == "feat" else 1, self.eps,
+                                  self.n_iters,
                                      self.tol)
         logits = self.classify(mixed.view_as(a))
         return {"loss": self.loss_of(logits, y_mix), "stat_sinkhorn_iters": info["iters"],
@@ -109,10 +112,10 @@ class AlignMix(_AlignMixBase):
 
     variant = "released code (shashankvkt/AlignMixup_CVPR22 @ ec01a68): GAP head, input 1/2, aligned 1/4 + 1/4"
 
-    def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
-                 tol: float | None = 0.1, dense_loss: bool = False):
-        super().__init__(model, num_classes, alpha, eps, n_iters, tol, ("input", "feat", "feat_rev"), "gap", None,
-                         dense_loss)
+    def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1,
+                 n_iters: int = 100, tol: float | None = 0.1, dense_loss: bool = False):
+        super().__init__(model, num_classes, alpha, eps, n_iters, tol,
+                         ("input", "feat", "feat_rev"), "gap", None, dense_loss)
 
     def _mode(self) -> str:
         if self._choice((0, 1)) == 0:  # layer_mix = random.randint(0, 1)
@@ -165,8 +168,9 @@ class AlignMixStage2(_AlignMixBase):
 
     variant = "paper section 4.1 (arXiv 2103.15375): stage-2 encoder on A pooled to r x r, 4 modes uniform"
 
-    def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
-                 tol: float | None = None, modes=("input", "feat", "feat_rev", "embedding"), resolution: int = 4):
+    def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1,
+                 n_iters: int = 100, tol: float | None = None,
+                 modes=("input", "feat", "feat_rev", "embedding"), resolution: int = 4):
         super().__init__(model, num_classes, alpha, eps, n_iters, tol, modes, "fc", resolution)
 
 
@@ -222,9 +226,10 @@ class AlignMixAE(AlignMixStage2):
     MODES = AlignMixStage2.MODES + ("clean",)
     find_unused_parameters = True  # the clean mode never uses fc, the others never use the decoder
 
-    def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1, n_iters: int = 100,
-                 tol: float | None = None, modes=("clean", "input", "feat", "feat_rev", "embedding"),
-                 resolution: int = 4, decoder_size: int = 224, decoder_width: int = 128, recon_weight: float = 1.0):
+    def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1,
+                 n_iters: int = 100, tol: float | None = None,
+                 modes=("clean", "input", "feat", "feat_rev", "embedding"), resolution: int = 4,
+                 decoder_size: int = 224, decoder_width: int = 128, recon_weight: float = 1.0):
         super().__init__(model, num_classes, alpha, eps, n_iters, tol, modes, resolution)
         self.decoder = ResidualDecoder(model.fc.in_features, decoder_size, decoder_width)
         self.recon_weight = recon_weight
@@ -232,7 +237,8 @@ class AlignMixAE(AlignMixStage2):
     def reconstruct(self, images):
         x_hat = self.decoder(self.embed(self.tensor_of(self.model.features(images))))
         if x_hat.shape[-2:] != images.shape[-2:]:
-            x_hat = F.interpolate(x_hat, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            x_hat = F.interpolate(x_hat, size=images.shape[-2:], mode="bilinear",
+                                  align_corners=False)
         loss = F.mse_loss(x_hat.float(), images.float())
         return {"loss": self.recon_weight * loss, "stat_recon_mse": loss.detach()}
 
@@ -287,7 +293,8 @@ def feature_cost(a: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
     """m_ij = ||a_i - a2_j||^2 between the columns of a, a2 [b, c, r] -> [b, r, r] (eq. 7),
     computed from differences (not the |a|^2 + |b|^2 - 2ab expansion, which loses digits that
     exp(-m / 0.1) amplifies)."""
-    d = torch.cdist(a.float().transpose(1, 2), a2.float().transpose(1, 2), compute_mode="donot_use_mm_for_euclid_dist")
+    d = torch.cdist(a.float().transpose(1, 2), a2.float().transpose(1, 2),
+                    compute_mode="donot_use_mm_for_euclid_dist")
     return d**2
 
 
@@ -307,7 +314,8 @@ def aligned_mix(a: torch.Tensor, perm: torch.Tensor, lam: float, branch: int, ep
     a2 = a[perm]
     r = a.shape[-1]
     with torch.no_grad():
-        plan, info = sinkhorn(feature_cost(a.detach(), a2.detach()), eps, n_iters, tol, return_info=True)
+        plan, info = sinkhorn(feature_cost(a.detach(), a2.detach()), eps, n_iters, tol,
+                              return_info=True)
         plan = (plan * r).to(a.dtype)
     if branch == 0:
         return lam * a + (1 - lam) * torch.matmul(a2, plan.transpose(1, 2)), info

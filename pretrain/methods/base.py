@@ -42,7 +42,8 @@ from mixup_transfer.core.constants import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.adapters import EMBEDDING, Backbone, ViTBackbone, adapt, resnet_stages
 
 
-def sample_log_gamma(alpha: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_log_gamma(alpha: torch.Tensor, generator: torch.Generator
+                     | None = None) -> torch.Tensor:
     """log of Gamma(alpha, 1) draws, elementwise; alpha > 0, any shape, drawn with `generator`.
 
     torch's Gamma sampler (Marsaglia & Tsang's rejection loop runs inside the kernel, per entry, so
@@ -56,13 +57,15 @@ def sample_log_gamma(alpha: torch.Tensor, generator: torch.Generator | None = No
     boost = alpha < 1
     a = torch.where(boost, alpha + 1, alpha)
     out = torch.log(torch._standard_gamma(a, generator=generator))  # a >= 1: never 0
-    u = torch.rand(alpha.shape, generator=generator, device=a.device, dtype=a.dtype).clamp_min(1e-30)
+    u = torch.rand(alpha.shape, generator=generator, device=a.device,
+                   dtype=a.dtype).clamp_min(1e-30)
     return torch.where(boost, out + torch.log(u) / alpha, out)
 
 
 def _check_shape(name: str, value: float) -> None:
     if not value > 0:
-        raise ValueError(f"{name} must be > 0 (a Gamma / Beta / Dirichlet shape parameter), got {value}")
+        raise ValueError(f"{name} must be > 0 (a Gamma / Beta / Dirichlet shape parameter), got "
+                         f"{value}")
 
 
 def sample_beta(alpha: float, beta: float, size, generator: torch.Generator | None = None,
@@ -78,7 +81,8 @@ def sample_beta(alpha: float, beta: float, size, generator: torch.Generator | No
     return torch.sigmoid(ga - gb)
 
 
-def sorted_betas(k: int, alpha: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def sorted_betas(k: int, alpha: float, generator: torch.Generator | None = None,
+                 device=None) -> torch.Tensor:
     """multi-mix: K draws from Beta(alpha, alpha) sorted ascending, lam_1 <= ... <= lam_K. [K]"""
     return torch.sort(sample_beta(alpha, alpha, k, generator, device)).values
 
@@ -173,7 +177,8 @@ class ResNetStages(Backbone):
     normalisation buffers live outside it and are not persistent).
     """
 
-    def __init__(self, arch: str = "resnet50", num_classes: int = 1000, zero_init_residual: bool = False):
+    def __init__(self, arch: str = "resnet50", num_classes: int = 1000,
+                 zero_init_residual: bool = False):
         net = build_resnet(arch, num_classes=num_classes, zero_init_residual=zero_init_residual)
         super().__init__(net, resnet_stages(net), net.fc, None, IMAGENET_MEAN, IMAGENET_STD)
         self.arch = arch
@@ -185,14 +190,17 @@ class ViTStages(ViTBackbone):
     ImageNet normalisation inside: `pretrain.adapters.ViTBackbone` over `build_network(arch)`.
     `self.net` is the plain timm model (its state_dict has exactly timm's keys)."""
 
-    def __init__(self, arch: str = "vit_small_patch16_224", num_classes: int = 1000, zero_init_residual: bool = False):
+    def __init__(self, arch: str = "vit_small_patch16_224", num_classes: int = 1000,
+                 zero_init_residual: bool = False):
         if zero_init_residual:
-            raise ValueError(f"zero_init_residual is for BN-ended residual blocks; {arch} is a Vision Transformer")
+            raise ValueError(f"zero_init_residual is for BN-ended residual blocks; {arch} is a "
+                             "Vision Transformer")
         super().__init__(build_network(arch, num_classes=num_classes), IMAGENET_MEAN, IMAGENET_STD)
         self.arch = arch
 
 
-def network_stages(arch: str, num_classes: int = 1000, zero_init_residual: bool = False) -> Backbone:
+def network_stages(arch: str, num_classes: int = 1000,
+                   zero_init_residual: bool = False) -> Backbone:
     """The stage interface over a randomly initialised network of the checkpoint contract:
     `ViTStages` for a ViT, `ResNetStages` otherwise."""
     cls = ViTStages if is_vit(arch) else ResNetStages
@@ -303,7 +311,9 @@ class Method(nn.Module):
 
     @staticmethod
     def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return dense_cross_entropy(logits, y) if logits.ndim == 3 else soft_cross_entropy(logits, y)
+        return (
+            dense_cross_entropy(logits, y) if logits.ndim == 3 else soft_cross_entropy(logits, y)
+        )
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         return one_hot(labels, self.num_classes)

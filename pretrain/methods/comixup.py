@@ -32,7 +32,8 @@ def salient_points(sal: torch.Tensor, window: int = PEAK_WINDOW) -> torch.Tensor
     return torch.stack([idx // z.shape[-1], idx % z.shape[-1]], 1).float()
 
 
-def mix_input(onehot: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mix_input(onehot: torch.Tensor, x: torch.Tensor,
+              y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One partition's outputs (`mix_input`): onehot [n_out, g, g, n] upsampled to the images by
     nearest neighbour; x [n, C, h, w], y [n, c] -> (images [n_out, C, h, w], targets [n_out, c]:
     the block shares of the inputs' targets, normalised to sum 1)."""
@@ -55,20 +56,36 @@ class CoMixup(Method):
     swap | auto (as PuzzleMix)."""
 
     def __init__(self, model, num_classes, block_num: int = 4, part: int = 20, alpha: float = 2.0,
-                 beta: float = 0.32, gamma: float = 1.0, thres: float = 0.83, thres_type: str = "hard",
-                 eta: float = 0.05, omega: float = 0.001, set_resolve: bool = True, niter: int = 4,
-                 clean_lam: float = 1.0, loss: str = "bce", solver: str = "auto", dense_loss: bool = False):
+                 beta: float = 0.32, gamma: float = 1.0, thres: float = 0.83,
+                 thres_type: str = "hard", eta: float = 0.05, omega: float = 0.001,
+                 set_resolve: bool = True, niter: int = 4, clean_lam: float = 1.0,
+                 loss: str = "bce", solver: str = "auto", dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
-        if thres_type not in ("hard", "soft") or loss not in ("bce", "ce") or solver not in ("auto", "gco", "swap"):
-            raise ValueError(f"comixup: thres_type hard | soft (got {thres_type!r}), loss bce | ce (got {loss!r}), "
-                             f"solver auto | gco | swap (got {solver!r})")
+        if (
+            thres_type not in ("hard", "soft")
+            or loss not in ("bce", "ce")
+            or solver not in ("auto", "gco", "swap")
+        ):
+            raise ValueError(f"comixup: thres_type hard | soft (got {thres_type!r}), loss bce | "
+                             f"ce (got {loss!r}), solver auto | gco | swap (got {solver!r})")
         if solver == "gco" and not have_gco():
-            raise ImportError("comixup solver='gco' needs gco-wrapper (pip install gco-wrapper); use swap or auto")
+            raise ImportError("comixup solver='gco' needs gco-wrapper (pip install "
+                              "gco-wrapper); use swap or auto")
         if dense_loss and loss == "bce":
             raise ValueError("comixup: dense_loss needs loss ce")
-        self.block_num, self.part, self.alpha, self.beta, self.gamma = int(block_num), int(part), alpha, beta, gamma
+        self.block_num, self.part, self.alpha, self.beta, self.gamma = (
+            int(block_num),
+            int(part),
+            alpha,
+            beta,
+            gamma,
+        )
         self.thres, self.thres_type, self.eta, self.omega = thres, thres_type, eta, omega
-        self.set_resolve, self.niter, self.clean_lam = bool(set_resolve), int(niter), float(clean_lam)
+        self.set_resolve, self.niter, self.clean_lam = (
+            bool(set_resolve),
+            int(niter),
+            float(clean_lam),
+        )
         self.loss, self.solver = loss, solver
 
     def _grid(self, h: int) -> int:
@@ -81,14 +98,16 @@ class CoMixup(Method):
         """-> (saliency [b, h, w], the weighted clean loss with its graph, or None when clean_lam
         is 0)."""
         if self.clean_lam > 0:
-            return _saliency_forward(self, images, labels, True, 2 * self.clean_lam / self.num_classes)
+            return _saliency_forward(self, images, labels, True,
+                                     2 * self.clean_lam / self.num_classes)
         return _saliency_forward(self, images, labels, False)[0], None
 
     def labelings(self, pooled: np.ndarray, a_dist: np.ndarray) -> np.ndarray:
         """Host: `batch_labelings` of the host copies, prior and initial labels from host_rng."""
-        return batch_labelings(pooled, a_dist, self.part, self.host_rng, self.alpha, self.omega, beta=self.beta,
-                               gamma=self.gamma, eta=self.eta, thres=self.thres, thres_type=self.thres_type,
-                               set_resolve=self.set_resolve, niter=self.niter, solver=self.solver)
+        return batch_labelings(pooled, a_dist, self.part, self.host_rng, self.alpha, self.omega,
+                               beta=self.beta, gamma=self.gamma, eta=self.eta, thres=self.thres,
+                               thres_type=self.thres_type, set_resolve=self.set_resolve,
+                               niter=self.niter, solver=self.solver)
 
     def mix(self, images, labels, sal):
         """-> (mixed images [b, 3, h, w], targets [b, c]) from the saliency sal [b, h, w]."""
@@ -114,7 +133,8 @@ class CoMixup(Method):
             x, y = self.mix(images, labels, sal)
         logits = self.logits_of(self.model.features(x))
         if self.loss == "bce":
-            out = {"loss": F.binary_cross_entropy(torch.softmax(logits.float(), dim=-1), y.float())}
+            out = {"loss": F.binary_cross_entropy(torch.softmax(logits.float(), dim=-1),
+                                                  y.float())}
         else:
             out = {"loss": self.loss_of(logits, y)}
         if clean is not None:

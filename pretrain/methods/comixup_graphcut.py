@@ -39,7 +39,8 @@ def objective(cost: torch.Tensor, onehot: torch.Tensor, beta: float, gamma: floa
     return loss + gamma * (torch.sum(counts.sum(0) ** 2) - torch.sum(counts**2))
 
 
-def modular_penalty(A: torch.Tensor, others: torch.Tensor, thres: float, gamma: float, kind: str = "hard"):
+def modular_penalty(A: torch.Tensor, others: torch.Tensor, thres: float, gamma: float,
+                    kind: str = "hard"):
     """The diversity term made modular for one output: others [n] the other outputs' input counts.
     hard: as the official expression evaluates, 2 gamma (A with column j zeroed where (A others)_j
     <= thres) @ others; soft: 2 gamma [(A others) > thres] ((A others) - thres). -> [n]."""
@@ -75,7 +76,8 @@ def _extended(unary: torch.Tensor, assigned: torch.Tensor, n_new: int):
     return torch.cat([unary, extra], -1), dist, soft
 
 
-def cut_output(unary: torch.Tensor, counts: torch.Tensor, beta: float, first: bool, solver: str) -> torch.Tensor:
+def cut_output(unary: torch.Tensor, counts: torch.Tensor, beta: float, first: bool,
+               solver: str) -> torch.Tensor:
     """One output's graph cut (`graphcut_wrapper`). unary [g, g, n]; counts [n] its previous input
     counts. After the first round an output that used two inputs may also take their 50/50 mix, one
     that used three or more the 50/50 mixes of its three most used. -> one-hot labeling [g, g, n]
@@ -93,7 +95,8 @@ def cut_output(unary: torch.Tensor, counts: torch.Tensor, beta: float, first: bo
         unary, dist, soft = _extended(unary, top, 3)
     w_v = beta * np.ones((g - 1, g), dtype=np.float32)
     w_h = beta * np.ones((g, g - 1), dtype=np.float32)
-    labels = torch.from_numpy(np.asarray(cut_grid(np.ascontiguousarray(unary.numpy()), dist, w_v, w_h, solver)))
+    labels = torch.from_numpy(np.asarray(cut_grid(np.ascontiguousarray(unary.numpy()), dist, w_v,
+                                                  w_h, solver)))
     onehot = F.one_hot(labels.long().reshape(g, g), unary.shape[-1]).float()
     if soft is None:
         return onehot
@@ -182,7 +185,8 @@ def batch_labelings(pooled: np.ndarray, a_dist: np.ndarray, part: int, rng, alph
     those of `comix_labelings`. -> float32, the partitions' [n, g, g, n] labelings flattened and
     concatenated."""
     out = []
-    for cost, A in partition_costs(torch.from_numpy(pooled), torch.from_numpy(a_dist), part, omega):
+    for cost, A in partition_costs(torch.from_numpy(pooled), torch.from_numpy(a_dist), part,
+                                   omega):
         n, g, _ = cost.shape
         prior = torch.from_numpy(rng.dirichlet(np.full(n, alpha)).astype(np.float32))
         init = torch.from_numpy(rng.integers(0, n, (n, g, g)))

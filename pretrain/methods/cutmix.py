@@ -15,7 +15,8 @@ class CutMix(Method):
     """CutMix: lam ~ Beta(alpha, alpha), a box of side sqrt(1 - lam) pasted from the partner, label
     weight recomputed from the clipped box; applied with probability `prob` (else plain ERM)."""
 
-    def __init__(self, model, num_classes, alpha: float = 1.0, prob: float = 1.0, dense_loss: bool = False):
+    def __init__(self, model, num_classes, alpha: float = 1.0, prob: float = 1.0,
+                 dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
         self.alpha, self.prob = alpha, prob
         self.mixer = mixers.CutMix(alpha, num_classes)
@@ -52,7 +53,8 @@ def _centre(h: int, w: int, generator) -> tuple[int, int]:
     return cy, cx
 
 
-def nested_box_list(h: int, w: int, lams, centre) -> tuple[list[tuple[int, int, int, int]], list[float]]:
+def nested_box_list(h: int, w: int, lams,
+                    centre) -> tuple[list[tuple[int, int, int, int]], list[float]]:
     """`nested_boxes` for host numbers: lams a sequence of K floats, centre (cy, cx) ->
     (K boxes (y0, y1, x0, x1), K kept fractions)."""
     cy, cx = centre

@@ -35,7 +35,8 @@ class ManifoldMixup(Method):
     """Manifold mixup: per batch a layer drawn uniformly from `layers` (0 = input, 1..4 after
     layer1..4, 5 = embedding), lam ~ Beta(alpha, alpha)."""
 
-    def __init__(self, model, num_classes, alpha: float = 2.0, layers=(0, 1, 2), dense_loss: bool = False):
+    def __init__(self, model, num_classes, alpha: float = 2.0, layers=(0, 1, 2),
+                 dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
         self.alpha, self.layers = alpha, tuple(int(v) for v in layers)
         if not self.layers or any(not 0 <= v <= EMBEDDING for v in self.layers):

@@ -29,15 +29,16 @@ class MultiInterp(Method):
 
     BASES = {"input": 1.0, "manifold": 2.0, "cutmix": 1.0, "puzzlemix": 1.0}
 
-    def __init__(self, model, num_classes, base: str = "puzzlemix", k: int = 5, alpha: float | None = None,
-                 layers=(0, 1, 2), puzzle: dict | None = None, large_batch: bool = False,
-                 dense_loss: bool = False):
+    def __init__(self, model, num_classes, base: str = "puzzlemix", k: int = 5,
+                 alpha: float | None = None, layers=(0, 1, 2), puzzle: dict | None = None,
+                 large_batch: bool = False, dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
         if base not in self.BASES:
-            raise ValueError(f"multi_interp base must be one of {sorted(self.BASES)}, got {base!r}")
+            raise ValueError(f"multi_interp base must be one of {sorted(self.BASES)}, got "
+                             f"{base!r}")
         if large_batch and base not in ("input", "manifold"):
-            raise ValueError("multi_interp large_batch (the paper's 'large-batch mixup' baseline) needs "
-                             "base input or manifold")
+            raise ValueError("multi_interp large_batch (the paper's 'large-batch mixup' "
+                             "baseline) needs base input or manifold")
         self.large_batch = large_batch
         self.base, self.k = base, int(k)
         self.alpha = self.BASES[base] if alpha is None else alpha
@@ -45,7 +46,8 @@ class MultiInterp(Method):
         # the PuzzleMix helper shares the model; kept out of the module tree so it is not
         # registered twice
         object.__setattr__(self, "puzzler",
-                           PuzzleMix(model, num_classes, **(puzzle or {})) if base == "puzzlemix" else None)
+                           PuzzleMix(model, num_classes, **(puzzle or {})) if base == "puzzlemix"
+                           else None)
 
     def forward(self, images, labels):
         y = self.targets(labels)
@@ -68,7 +70,8 @@ class MultiInterp(Method):
             return {"loss": self.loss_of(logits, multi_mixup(y, perm, lams))}
         if self.base == "cutmix":  # the library's multi-mix CutMix on these draws
             draw = mixers.Draw(perm, lams, self._centre(h, w))
-            x, y_k = mixers.MultiMixK(mixers.CutMix(self.alpha, self.num_classes), self.k).apply(images, labels, draw)
+            x, y_k = mixers.MultiMixK(mixers.CutMix(self.alpha, self.num_classes),
+                                      self.k).apply(images, labels, draw)
             return {"loss": self.loss_of(self.logits_of(self.model.features(x)), y_k)}
         else:
             self.puzzler.generator, self.puzzler.host_rng = self.generator, self.host_rng

@@ -39,16 +39,18 @@ class MultiMix(Method):
     In one process it changes nothing (the local batch is the global batch).
     """
 
-    def __init__(self, model, num_classes, n: int = 1000, m: int | None = None, alpha_low: float = 0.5,
-                 alpha_high: float = 2.0, prob: float = 0.5, input_alpha: float = 1.0, layer: int = EMBEDDING,
-                 dense_loss: bool = False, global_batch: bool = False):
+    def __init__(self, model, num_classes, n: int = 1000, m: int | None = None,
+                 alpha_low: float = 0.5, alpha_high: float = 2.0, prob: float = 0.5,
+                 input_alpha: float = 1.0, layer: int = EMBEDDING, dense_loss: bool = False,
+                 global_batch: bool = False):
         super().__init__(model, num_classes, dense_loss)
         self.n, self.m, self.alpha_low, self.alpha_high = n, m, alpha_low, alpha_high
         self.prob, self.input_alpha, self.layer = prob, input_alpha, int(layer)
         self.global_batch = bool(global_batch)
         if self.global_batch and self.layer < EMBEDDING:
-            raise ValueError(f"multimix global_batch mixes at the embedding (layer 5) only, got layer {layer}: "
-                             "gathering every rank's feature maps would not fit in memory")
+            raise ValueError("multimix global_batch mixes at the embedding (layer 5) only, got "
+                             f"layer {layer}: gathering every rank's feature maps would not fit "
+                             "in memory")
 
     def _branch_draw(self) -> float:
         """The uniform draw that picks MultiMix or input mixup; under global_batch from the
@@ -116,13 +118,15 @@ class DenseMultiMix(MultiMix):
     process (8 x 128 x 1000 x 49: 200 MB).
     """
 
-    def __init__(self, model, num_classes, n: int = 1000, m: int | None = None, alpha_low: float = 0.5,
-                 alpha_high: float = 2.0, prob: float = 0.5, input_alpha: float = 1.0,
-                 attention: str = "gap_l1relu", resolution: int | None = None, global_batch: bool = False):
+    def __init__(self, model, num_classes, n: int = 1000, m: int | None = None,
+                 alpha_low: float = 0.5, alpha_high: float = 2.0, prob: float = 0.5,
+                 input_alpha: float = 1.0, attention: str = "gap_l1relu",
+                 resolution: int | None = None, global_batch: bool = False):
         super().__init__(model, num_classes, n, m, alpha_low, alpha_high, prob, input_alpha,
                          global_batch=global_batch)
         if attention not in ATTENTIONS:
-            raise ValueError(f"dense_multimix attention must be one of {ATTENTIONS}, got {attention!r}")
+            raise ValueError(f"dense_multimix attention must be one of {ATTENTIONS}, got "
+                             f"{attention!r}")
         self.attention, self.resolution = attention, resolution
 
     def forward(self, images, labels):
@@ -136,13 +140,19 @@ class DenseMultiMix(MultiMix):
         z = fmap.flatten(2)  # [b, d, r]
         b, _, r = z.shape
         with torch.no_grad():
-            attn = dense_attention(z.detach().float(), self.attention, self.model.fc.weight.float(), y)
+            attn = dense_attention(z.detach().float(), self.attention,
+                                   self.model.fc.weight.float(), y)
         logits = self.model.dense_logits(fmap)
         if self.global_batch:  # every rank's examples (see the class docstring)
-            logits, attn, labels = rt.gather_with_grad(logits), rt.all_gather(attn), rt.all_gather(labels)
+            logits, attn, labels = (
+                rt.gather_with_grad(logits),
+                rt.all_gather(attn),
+                rt.all_gather(labels),
+            )
             b = labels.shape[0]
         lam = dirichlet_weights(b, self.n, self.alpha_low, self.alpha_high, self.generator,
-                                   m=min(self.m, b) if self.m else None, sets=r, device=self._device())
+                                   m=min(self.m, b) if self.m else None, sets=r,
+                                   device=self._device())
         mhat, s = dense_mix_weights(attn, lam)
         if not self.global_batch:
             return {"loss": dense_multimix_loss_from_logits(logits, labels, mhat, s)}
@@ -151,7 +161,8 @@ class DenseMultiMix(MultiMix):
         return {"loss": loss * rt.world_size()}
 
 
-def multimix_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+def multimix_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor,
+                              lam: torch.Tensor) -> torch.Tensor:
     """The fast path of MultiMix with hard labels: H(Y Lambda, softmax(g(Z) Lambda)).
 
     logits [b, c] = g(Z) (bias included: columns of Lambda sum to 1, so g(Z Lambda) = g(Z) Lambda),
@@ -163,7 +174,8 @@ def multimix_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, lam: t
         return -(logp[:, labels] * lam.t().float()).sum(1).mean()
 
 
-def dense_attention(z: torch.Tensor, kind: str = "gap_l1relu", fc_weight: torch.Tensor | None = None,
+def dense_attention(z: torch.Tensor, kind: str = "gap_l1relu",
+                    fc_weight: torch.Tensor | None = None,
                     y: torch.Tensor | None = None) -> torch.Tensor:
     """Attention a = h(z^T u) of eq. (9). z [b, d, r] -> a [b, r] (each row sums to 1).
 
@@ -178,8 +190,8 @@ def dense_attention(z: torch.Tensor, kind: str = "gap_l1relu", fc_weight: torch.
         u_kind, h_kind = kind.split("_")
         assert u_kind in ("gap", "cam") and h_kind in ("l1relu", "softmax")
     except (ValueError, AssertionError):
-        raise ValueError(f"unknown attention {kind!r}; valid: gap_l1relu, gap_softmax, cam_l1relu, "
-                         "cam_softmax, uniform") from None
+        raise ValueError(f"unknown attention {kind!r}; valid: gap_l1relu, gap_softmax, "
+                         "cam_l1relu, cam_softmax, uniform") from None
     if u_kind == "cam" and (fc_weight is None or y is None):
         raise ValueError("cam attention needs fc_weight and y")
     # in z's dtype (fp32 as the methods call it), whatever autocast says
@@ -204,7 +216,8 @@ def dense_mix_weights(attn: torch.Tensor, lam: torch.Tensor):
 
 
 def dense_multimix_loss_from_logits(logits: torch.Tensor, y: torch.Tensor, mhat: torch.Tensor,
-                                    s: torch.Tensor, weight_total: torch.Tensor | None = None) -> torch.Tensor:
+                                    s: torch.Tensor,
+                                    weight_total: torch.Tensor | None = None) -> torch.Tensor:
     """The fast path of Dense MultiMix: mix the b dense logit maps instead of the embeddings.
 
     logits [b, c, r] (fc applied as a 1x1 conv, bias included: columns of Mhat sum to 1, so

@@ -36,7 +36,8 @@ def _saliency_forward(method: Method, images, labels, train_mode: bool, weight: 
     model.train(train_mode)
     try:
         xn = ((images.detach() - mean) / std).requires_grad_(True)
-        with torch.enable_grad(), (rt.autocast_off(images.device) if fp16 else contextlib.nullcontext()):
+        with torch.enable_grad(), (rt.autocast_off(images.device) if fp16
+                                   else contextlib.nullcontext()):
             loss = weight * F.cross_entropy(model(xn * std + mean).float(), labels)
             (grad,) = torch.autograd.grad(loss, xn, retain_graph=train_mode)
     finally:
@@ -77,30 +78,49 @@ class PuzzleMix(Method):
     | swap); `threads` solves the per-image graph cuts in a thread pool (None: one per image up to the CPU count).
     """
 
-    def __init__(self, model, num_classes, alpha: float = 1.0, grids=(2, 4, 8, 16), beta: float = 1.2,
-                 gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2, n_labels: int = 3,
-                 transport: bool = True, t_eps: float = 0.8, t_size: int = -1, clean_lam: float = 0.0,
-                 saliency_mode: str = "eval", loss: str = "ce", solver: str = "auto", threads: int | None = None,
-                 dense_loss: bool = False):
+    def __init__(self, model, num_classes, alpha: float = 1.0, grids=(2, 4, 8, 16),
+                 beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2,
+                 n_labels: int = 3, transport: bool = True, t_eps: float = 0.8, t_size: int = -1,
+                 clean_lam: float = 0.0, saliency_mode: str = "eval", loss: str = "ce",
+                 solver: str = "auto", threads: int | None = None, dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
-        self.alpha, self.grids, self.beta, self.gamma, self.eta = alpha, tuple(grids), beta, gamma, eta
-        self.neigh_size, self.n_labels, self.transport, self.t_eps = neigh_size, n_labels, transport, t_eps
-        self.t_size, self.clean_lam, self.saliency_mode, self.loss = int(t_size), float(clean_lam), saliency_mode, loss
+        self.alpha, self.grids, self.beta, self.gamma, self.eta = (
+            alpha,
+            tuple(grids),
+            beta,
+            gamma,
+            eta,
+        )
+        self.neigh_size, self.n_labels, self.transport, self.t_eps = (
+            neigh_size,
+            n_labels,
+            transport,
+            t_eps,
+        )
+        self.t_size, self.clean_lam, self.saliency_mode, self.loss = (
+            int(t_size),
+            float(clean_lam),
+            saliency_mode,
+            loss,
+        )
         self.solver, self.threads = solver, threads
         _check_puzzle_knobs(self)
         if solver == "gco" and not have_gco():
-            raise ImportError("puzzlemix solver='gco' needs gco-wrapper (pip install gco-wrapper; a regular "
-                              "dependency on CPython <= 3.11 x86 / x86-64); use solver=swap or auto for the built-in "
+            raise ImportError("puzzlemix solver='gco' needs gco-wrapper (pip install "
+                              "gco-wrapper; a regular dependency on CPython <= 3.11 x86 / "
+                              "x86-64); use solver=swap or auto for the built-in "
                               "re-implementation")
 
     def _grid(self, h: int, w: int) -> int:
         if h != w:
-            raise ValueError(f"PuzzleMix needs square inputs (the official code does too), got {h}x{w}")
+            raise ValueError("PuzzleMix needs square inputs (the official code does too), got "
+                             f"{h}x{w}")
         # the block side must divide the input and be a multiple of neigh_size (or smaller than it)
         ok = [g for g in self.grids if h % g == 0 and (h // g) % min(self.neigh_size, h // g) == 0]
         if not ok:
-            raise ValueError(f"no PuzzleMix grid in {self.grids} fits the input size {h}x{w} with "
-                             f"neigh_size {self.neigh_size} (block side = size / grid, a multiple of neigh_size)")
+            raise ValueError(f"no PuzzleMix grid in {self.grids} fits the input size {h}x{w} "
+                             f"with neigh_size {self.neigh_size} (block side = size / grid, a "
+                             "multiple of neigh_size)")
         if self.transport:
             # a t_size that does not divide every drawable block fails at the first step, not later
             for g in ok:
@@ -123,15 +143,18 @@ class PuzzleMix(Method):
         adds it)."""
         if sal_map is None:
             if self.clean_lam > 0:
-                raise ValueError("puzzlemix clean_lam > 0 adds a loss term that only PuzzleMix.forward returns; "
-                                 "set clean_lam 0 where PuzzleMix is used as a mixing step (multi_interp puzzle)")
+                raise ValueError("puzzlemix clean_lam > 0 adds a loss term that only "
+                                 "PuzzleMix.forward returns; set clean_lam 0 where PuzzleMix is "
+                                 "used as a mixing step (multi_interp puzzle)")
             sal_map = self.saliency(images, labels)[0]
         # an empty transport place: 0 in the normalised input
         fill = self.model.mean.to(images.dtype)
         with torch.no_grad():
-            x, kept, _ = puzzle_mix_many(images, sal_map.detach(), perm, grid, list(lams), self.beta, self.gamma,
-                                            self.eta, self.neigh_size, self.n_labels, self.transport, self.t_eps,
-                                            self.solver, fill=fill, threads=self.threads, t_size=self.t_size)
+            x, kept, _ = puzzle_mix_many(images, sal_map.detach(), perm, grid, list(lams),
+                                         self.beta, self.gamma,
+                                            self.eta, self.neigh_size, self.n_labels,
+                                            self.transport, self.t_eps, self.solver, fill=fill,
+                                            threads=self.threads, t_size=self.t_size)
         return x.detach(), kept
 
     def mixed_loss(self, logits, y_mix):
@@ -163,14 +186,17 @@ def _check_puzzle_knobs(m: PuzzleMix) -> None:
     if m.loss not in ("ce", "bce"):
         raise ValueError(f"puzzlemix loss must be ce or bce, got {m.loss!r}")
     if m.loss == "bce" and m.dense_loss:
-        raise ValueError("puzzlemix loss bce (main.py's BCE of the softmax) has no dense form; use loss ce")
+        raise ValueError("puzzlemix loss bce (main.py's BCE of the softmax) has no dense form; "
+                         "use loss ce")
     if m.clean_lam < 0:
         raise ValueError(f"puzzlemix clean_lam must be >= 0, got {m.clean_lam}")
     if m.clean_lam > 0 and m.saliency_mode != "train":
-        raise ValueError("puzzlemix clean_lam > 0 needs saliency_mode train: the official scripts compute the "
-                         "clean loss and the saliency in one train-mode forward")
+        raise ValueError("puzzlemix clean_lam > 0 needs saliency_mode train: the official "
+                         "scripts compute the clean loss and the saliency in one train-mode "
+                         "forward")
     if m.t_size != -1 and m.t_size < 1:
-        raise ValueError(f"puzzlemix t_size must be -1 (the mask's blocks) or a size in pixels, got {m.t_size}")
+        raise ValueError("puzzlemix t_size must be -1 (the mask's blocks) or a size in pixels, "
+                         f"got {m.t_size}")
 
 
 def saliency_map(grad: torch.Tensor) -> torch.Tensor:
@@ -187,7 +213,8 @@ def saliency_grid(sal: torch.Tensor, grid: int) -> torch.Tensor:
     b = sal.shape[0]
     pooled = F.avg_pool2d(sal, sal.shape[-1] // grid)
     total = pooled.reshape(b, -1).sum(1).reshape(b, 1, 1)
-    return torch.where(total > 0, pooled / total.clamp_min(torch.finfo(pooled.dtype).tiny), 1.0 / grid**2)
+    return torch.where(total > 0, pooled / total.clamp_min(torch.finfo(pooled.dtype).tiny),
+                       1.0 / grid**2)
 
 
 def boundary_differences(pix: torch.Tensor, pix2: torch.Tensor, grid: int, neigh_size: int = 2):
@@ -202,8 +229,9 @@ def boundary_differences(pix: torch.Tensor, pix2: torch.Tensor, grid: int, neigh
     block = pix.shape[-1] // grid
     neigh = min(neigh_size, block)
     if block % neigh:
-        raise ValueError(f"PuzzleMix: the block side {block} (input {pix.shape[-1]} / grid {grid}) must be a "
-                         f"multiple of neigh_size {neigh} (as in the official code)")
+        raise ValueError(f"PuzzleMix: the block side {block} (input {pix.shape[-1]} / grid "
+                         f"{grid}) must be a multiple of neigh_size {neigh} (as in the official "
+                         "code)")
     k = block // neigh
     pooled = {1: F.avg_pool2d(pix, neigh), 0: F.avg_pool2d(pix2, neigh)}
     b = pix.shape[0]
@@ -227,8 +255,9 @@ def mixing_prior(lam: float, n_labels: int = 3, eps: float = 1e-8) -> np.ndarray
     return -np.log(np.array(p) + eps)
 
 
-def puzzle_energy(sal: torch.Tensor, sal2: torch.Tensor, dv: torch.Tensor, dh: torch.Tensor, lam: float,
-                  beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, n_labels: int = 3):
+def puzzle_energy(sal: torch.Tensor, sal2: torch.Tensor, dv: torch.Tensor, dh: torch.Tensor,
+                  lam: float, beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2,
+                  n_labels: int = 3):
     """The integer graph-cut problem of one batch, built like the official `mixup_graph` +
     `graphcut_multi`: the four-entry pairwise tables (beta * gamma * boundary differences) are
     split into unary halves plus one edge weight, beta is normalised by 1 / (16 g), the prior by
@@ -243,8 +272,8 @@ def puzzle_energy(sal: torch.Tensor, sal2: torch.Tensor, dv: torch.Tensor, dh: t
     return energy_from_terms(host, lam, beta, eta, n_labels)
 
 
-def puzzle_terms(sal: torch.Tensor, sal2: torch.Tensor, dv: torch.Tensor, dh: torch.Tensor, beta: float = 1.2,
-                 gamma: float = 0.5) -> tuple[torch.Tensor, ...]:
+def puzzle_terms(sal: torch.Tensor, sal2: torch.Tensor, dv: torch.Tensor, dh: torch.Tensor,
+                 beta: float = 1.2, gamma: float = 0.5) -> tuple[torch.Tensor, ...]:
     """The part of `puzzle_energy` that does not depend on lam, on the device: the cost of each
     block showing the first image / the partner (show1, show2 [b, g, g], saliency plus the unary
     halves of the smoothness tables) and the edge weights (w_v [b, g-1, g], w_h [b, g, g-1], before
@@ -279,7 +308,8 @@ def read_to_host(tensors) -> list[np.ndarray]:
     return out
 
 
-def energy_from_terms(host: list[np.ndarray], lam: float, beta: float = 1.2, eta: float = 0.2, n_labels: int = 3):
+def energy_from_terms(host: list[np.ndarray], lam: float, beta: float = 1.2, eta: float = 0.2,
+                      n_labels: int = 3):
     """`puzzle_energy` from the host copies of `puzzle_terms` (same arguments, same integers)."""
     show1, show2, w_v, w_h = host
     g = show1.shape[-1]
@@ -288,7 +318,8 @@ def energy_from_terms(host: list[np.ndarray], lam: float, beta: float = 1.2, eta
     prior = eta * mixing_prior(lam, n_labels) / g**2
     s1, s2 = show1.astype(np.float64), show2.astype(np.float64)
     steps = np.linspace(0, 1, n_labels)
-    unary = (large * np.stack([(1 - t) * s1 + t * s2 + prior[i] for i, t in enumerate(steps)], -1)).astype(np.int32)
+    unary = (large * np.stack([(1 - t) * s1 + t * s2 + prior[i] for i, t in enumerate(steps)],
+                              -1)).astype(np.int32)
     idx = np.arange(n_labels)
     dist = ((idx[:, None] - idx[None, :]) ** 2 / (n_labels - 1) ** 2).astype(np.float32)
     w_v = (large * (w_v + beta)).astype(np.int32)
@@ -304,7 +335,8 @@ def puzzle_masks(sal: torch.Tensor, sal2: torch.Tensor, dv: torch.Tensor, dh: to
     authors' algorithm): the lam-independent terms are read once (one device-to-host transfer for
     all K) and the masks go back with a non-blocking copy."""
     host = read_to_host(puzzle_terms(sal, sal2, dv, dh, beta, gamma))
-    labs = [grid_labels(*energy_from_terms(host, float(lam), beta, eta, n_labels), solver, threads) for lam in lams]
+    labs = [grid_labels(*energy_from_terms(host, float(lam), beta, eta, n_labels), solver, threads)
+            for lam in lams]
     return 1.0 - host_to_device(np.stack(labs), sal.device) / (n_labels - 1)
 
 
@@ -342,17 +374,20 @@ def transport_plan(sal: torch.Tensor, mask: torch.Tensor, t_eps: float = 0.8) ->
     return win
 
 
-def apply_transport(x: torch.Tensor, plan: torch.Tensor, grid: int, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+def apply_transport(x: torch.Tensor, plan: torch.Tensor, grid: int,
+                    fill: torch.Tensor | float = 0.0) -> torch.Tensor:
     """Move blocks of x [b, C, h, w] by plan [b, g*g, g*g] (block i to place j where plan[i, j] =
     1); places that receive nothing take `fill` (the official code leaves them 0 in the normalised
     input, i.e. the dataset mean: pass the mean [1, C, 1, 1] when x is in pixel units)."""
     b, C, h, w = x.shape
     bh, bw = h // grid, w // grid
-    blocks = x.reshape(b, C, grid, bh, grid, bw).permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, C, bh, bw)
+    blocks = x.reshape(b, C, grid, bh, grid, bw).permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid,
+                                                                                   C, bh, bw)
     has, src = plan.max(1)  # per place: is it filled, and by which block
     out = blocks.gather(1, src.view(b, -1, 1, 1, 1).expand(-1, -1, C, bh, bw))
     out = out.view(b, grid, grid, C, bh, bw).permute(0, 3, 1, 4, 2, 5).reshape(b, C, h, w)
-    filled = has.view(b, 1, grid, 1, grid, 1).expand(b, 1, grid, bh, grid, bw).reshape(b, 1, h, w) > 0
+    filled = has.view(b, 1, grid, 1, grid, 1).expand(b, 1, grid, bh, grid,
+                                                     bw).reshape(b, 1, h, w) > 0
     # a number stays a kernel argument (no host-to-device copy)
     if not isinstance(fill, torch.Tensor):
         return torch.where(filled, out, float(fill))
@@ -369,16 +404,18 @@ def transport_grid(width: int, grid: int, t_size: int = -1) -> int:
     if t_size == -1 or min(t_size, block) >= block:
         return grid
     if t_size < 1 or block % t_size:
-        raise ValueError(f"PuzzleMix t_size {t_size} must be -1 or a positive divisor of the block side {block} "
-                         f"(input {width} / grid {grid}), as in the official code")
+        raise ValueError(f"PuzzleMix t_size {t_size} must be -1 or a positive divisor of the "
+                         f"block side {block} (input {width} / grid {grid}), as in the official "
+                         "code")
     return width // t_size
 
 
 def puzzle_mix_many(x: torch.Tensor, sal_map: torch.Tensor, perm: torch.Tensor, grid: int, lams,
                     beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, neigh_size: int = 2,
-                    n_labels: int = 3, transport: bool = True, t_eps: float = 0.8, solver: str = "auto",
-                    pixels: torch.Tensor | None = None, fill: torch.Tensor | float = 0.0,
-                    threads: int | None = None, t_size: int = -1):
+                    n_labels: int = 3, transport: bool = True, t_eps: float = 0.8,
+                    solver: str = "auto", pixels: torch.Tensor | None = None,
+                    fill: torch.Tensor | float = 0.0, threads: int | None = None,
+                    t_size: int = -1):
     """`puzzle_mix` for K prior weights lams (host floats) sharing the saliency, the partner and
     one host transfer -> (mixed [K*b, C, h, w], ratio [K*b], masks [K, b, g, g]); block k of the
     outputs uses lams[k]."""

@@ -31,11 +31,13 @@ GCO_MAX_ENERGYTERM = 10_000_000
 
 def _cut_gco(unary, dist, w_v, w_h) -> np.ndarray:
     if max(int(w_v.max(initial=0)), int(w_h.max(initial=0))) * 1000 > GCO_MAX_ENERGYTERM:
-        raise ValueError("PuzzleMix: an edge weight exceeds what gco-wrapper accepts (it would abort the process); "
-                         "lower beta / gamma (the official 1.2 / 0.5 stay 5x below it) or use solver swap")
+        raise ValueError("PuzzleMix: an edge weight exceeds what gco-wrapper accepts (it would "
+                         "abort the process); lower beta / gamma (the official 1.2 / 0.5 stay "
+                         "5x below it) or use solver swap")
     import gco  # noqa: PLC0415  (a dependency where its wheels exist: pip install gco-wrapper)
 
-    return np.asarray(gco.cut_grid_graph(unary, dist, w_v, w_h, algorithm="swap")).reshape(unary.shape[:2])
+    return np.asarray(gco.cut_grid_graph(unary, dist, w_v, w_h,
+                                         algorithm="swap")).reshape(unary.shape[:2])
 
 
 def _gco_integer_terms(unary, dist, w_v, w_h):
@@ -67,7 +69,8 @@ def _wrap_int32(v: np.ndarray) -> np.ndarray:
 _ALL_BITS: dict = {}
 
 
-def _sink_side_small(m: int, diff, pi, qi, cw) -> np.ndarray:  # noqa: C901 (one max-flow algorithm, read at once)
+def _sink_side_small(m: int, diff, pi, qi,
+                     cw) -> np.ndarray:  # noqa: C901 (one max-flow algorithm, read at once)
     """`_binary_cut` by Edmonds-Karp on Python integers (shortest augmenting paths), then the nodes
     that can reach the sink in the residual graph."""
     s, t = m, m + 1
@@ -127,7 +130,8 @@ def _binary_cut(diff: np.ndarray, pi: np.ndarray, qi: np.ndarray, cw: np.ndarray
     m = diff.shape[0]
     if m <= 12:
         if m not in _ALL_BITS:
-            _ALL_BITS[m] = ((np.arange(2**m)[:, None] >> np.arange(m)[None, :]) & 1).astype(np.int64)
+            _ALL_BITS[m] = ((np.arange(2**m)[:, None] >> np.arange(m)[None, :])
+                            & 1).astype(np.int64)
         bits = _ALL_BITS[m]
         e = bits @ diff + (bits[:, pi] != bits[:, qi]).astype(np.int64) @ cw
         best = bits[e == e.min()]
@@ -179,7 +183,8 @@ def _cut_swap(unary, dist, w_v, w_h) -> np.ndarray:
     define: the solver then warns once that the masks may differ from gco's."""
     u, v, w, src, dst = _gco_integer_terms(unary, dist, w_v, w_h)
     if (w < 0).any():
-        _warn_once("negative", "PuzzleMix swap solver: a negative edge weight (gamma > 1 makes the energy "
+        _warn_once("negative", "PuzzleMix swap solver: a negative edge weight (gamma > 1 makes "
+                   "the energy "
                                "non-submodular); the masks may differ from gco-wrapper's there")
     n, L = u.shape
     lab = np.zeros(n, np.int64)
@@ -239,7 +244,8 @@ def _pool(threads: int):
     return _POOL[threads]
 
 
-def grid_labels(unary, dist, w_v, w_h, solver: str = "auto", threads: int | None = None) -> np.ndarray:
+def grid_labels(unary, dist, w_v, w_h, solver: str = "auto",
+                threads: int | None = None) -> np.ndarray:
     """Solve the b graph cuts of `puzzle_energy`'s output -> labels int [b, g, g].
     solver: "gco" (gco-wrapper's alpha-beta swap, what the authors call), "swap" (the built-in
     re-implementation of the same algorithm on the same integers) or "auto" (gco if installed).

@@ -32,7 +32,8 @@ def gray_bgr(image: np.ndarray) -> np.ndarray:
     read as blue: the official code hands OpenCV an RGB tensor, so its red counts with blue's
     weight."""
     c = image.astype(np.int64)
-    return ((c[..., 0] * 3735 + c[..., 1] * 19235 + c[..., 2] * 9798 + (1 << 14)) >> 15).astype(np.uint8)
+    return ((c[..., 0] * 3735 + c[..., 1] * 19235 + c[..., 2] * 9798
+             + (1 << 14)) >> 15).astype(np.uint8)
 
 
 def blur3(gray: np.ndarray) -> np.ndarray:
@@ -43,7 +44,8 @@ def blur3(gray: np.ndarray) -> np.ndarray:
     return ((rows[:, :-2] + 2 * rows[:, 1:-1] + rows[:, 2:] + 8) >> 4).astype(np.uint8)
 
 
-def centre_surround(integral: np.ndarray, gray: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+def centre_surround(integral: np.ndarray, gray: np.ndarray,
+                    n: int) -> tuple[np.ndarray, np.ndarray]:
     """On- and off-centre contrast at half-width n: the mean of the (2n) x (2n) window (clipped to
     the image, the centre pixel left out) against the pixel, truncated to uint8, in float32 as
     OpenCV computes it.
@@ -99,7 +101,8 @@ def saliency_peak(image: np.ndarray) -> tuple[int, int]:
     return int(row), int(col)
 
 
-def peak_box(h: int, w: int, lam: float, peak: tuple[int, int]) -> tuple[tuple[int, int, int, int], float]:
+def peak_box(h: int, w: int, lam: float,
+             peak: tuple[int, int]) -> tuple[tuple[int, int, int, int], float]:
     """The official box of side ratio sqrt(1 - lam) around `peak`, clipped to the image: ((y0, y1,
     x0, x1), lam_kept) with lam_kept = 1 - box area / (h * w), the label weight of the first
     image."""
@@ -136,7 +139,8 @@ class SaliencyMix(Method):
     round(255 x) (the official code hands OpenCV the normalised float tensor, whose bytes OpenCV's
     8-bit detector then reads; see docs/fidelity.md). Otherwise plain ERM."""
 
-    def __init__(self, model, num_classes, alpha: float = 1.0, prob: float = 0.5, dense_loss: bool = False):
+    def __init__(self, model, num_classes, alpha: float = 1.0, prob: float = 0.5,
+                 dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
         if not alpha > 0:
             raise ValueError(f"saliencymix alpha must be > 0, got {alpha}")
@@ -152,7 +156,8 @@ class SaliencyMix(Method):
 
     def forward(self, images, labels):
         if self._rand() >= self.prob:
-            return {"loss": self.loss_of(self.logits_of(self.model.features(images)), self.targets(labels))}
+            return {"loss": self.loss_of(self.logits_of(self.model.features(images)),
+                                         self.targets(labels))}
         perm, lam = self._perm(images.shape[0]), self._beta(self.alpha)
         with torch.no_grad():
             x, y_mix = self.mix(images, labels, perm, lam)

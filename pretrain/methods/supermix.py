@@ -51,7 +51,8 @@ def mask_weights(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """mask logits [b, K, 1, w, w] -> per-pixel mixing weights [b, K, 1, h, w'] (bilinear
     upsampling, sigmoid, normalised to sum 1 over the K images)."""
     b, k = mask.shape[:2]
-    m = F.interpolate(mask.reshape(b * k, 1, *mask.shape[-2:]), size=size, mode="bilinear", align_corners=False)
+    m = F.interpolate(mask.reshape(b * k, 1, *mask.shape[-2:]), size=size, mode="bilinear",
+                      align_corners=False)
     m = torch.sigmoid(m).view(b, k, 1, *size)
     return m / m.sum(1, keepdim=True)
 
@@ -59,10 +60,12 @@ def mask_weights(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def cyclic_sets(b: int, k: int, device=None) -> torch.Tensor:
     """[b, K]: set j mixes examples j, j + 1, ..., j + K - 1 (mod b), as the official code's
     shifted indexes."""
-    return (torch.arange(b, device=device).view(b, 1) + torch.arange(k, device=device).view(1, k)) % b
+    return (torch.arange(b, device=device).view(b, 1)
+            + torch.arange(k, device=device).view(1, k)) % b
 
 
-def set_targets(labels: torch.Tensor, sets: torch.Tensor, lams: torch.Tensor, num_classes: int) -> torch.Tensor:
+def set_targets(labels: torch.Tensor, sets: torch.Tensor, lams: torch.Tensor,
+                num_classes: int) -> torch.Tensor:
     """The official soft targets (paper Eq. 2): sum_k lams[j, k] one_hot(labels[sets[j, k]]).
     labels [b] (the teacher's predictions), sets [b, K], lams [b, K] -> [b, c]."""
     return (one_hot(labels[sets], num_classes) * lams.unsqueeze(-1)).sum(1)
@@ -94,8 +97,8 @@ def mask_step(teacher, inputs, mask, targets, active, lambda_s: float, sigma: fl
     return mask - step.view(b, 1, 1, 1, 1) * smoothed * active.view(b, 1, 1, 1, 1)
 
 
-def optimise_masks(teacher, inputs, targets, mask_w: int = 8, sigma: float = 1.0, lambda_s: float = 25.0,
-                   max_iter: int = 50, tol: int = 0):
+def optimise_masks(teacher, inputs, targets, mask_w: int = 8, sigma: float = 1.0,
+                   lambda_s: float = 25.0, max_iter: int = 50, tol: int = 0):
     """The official `mix_batch` loop, without its read-back. inputs [b, K, 3, h, w] (set j of the
     batch), targets [b, c] (`set_targets`), teacher: images -> logits (frozen, eval). Every
     iteration moves the examples whose teacher top-K labels (as a set) still differ from the
@@ -123,7 +126,9 @@ def per_example_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of every example: logits [n, c] or [n, c, r] (dense loss: averaged over the r
     positions), labels [n] -> [n]."""
     logp = F.log_softmax(logits.float(), dim=1)
-    picked = logp.gather(1, labels.view(-1, *([1] * (logits.ndim - 1))).expand(-1, 1, *logits.shape[2:]))
+    picked = logp.gather(
+        1, labels.view(-1, *([1] * (logits.ndim - 1))).expand(-1, 1, *logits.shape[2:])
+    )
     return -picked.flatten(1).mean(1)
 
 
@@ -139,29 +144,49 @@ class SuperMix(Method):
 
     needs_teacher = True
 
-    def __init__(self, model, num_classes, k: int = 2, alpha: float = 3.0, mask_w: int = 8, sigma: float = 1.0,
-                 lambda_s: float = 25.0, max_iter: int = 50, tol: float = 70.0, cls_weight: float = 2.0,
-                 dense_loss: bool = False):
+    def __init__(self, model, num_classes, k: int = 2, alpha: float = 3.0, mask_w: int = 8,
+                 sigma: float = 1.0, lambda_s: float = 25.0, max_iter: int = 50, tol: float = 70.0,
+                 cls_weight: float = 2.0, dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
-        if int(k) < 2 or not alpha > 0 or int(mask_w) < 1 or int(max_iter) < 1 or not 0 <= tol <= 100:
-            raise ValueError(f"supermix needs k >= 2, alpha > 0, mask_w >= 1, max_iter >= 1 and tol in [0, 100]; "
-                             f"got k={k}, alpha={alpha}, mask_w={mask_w}, max_iter={max_iter}, tol={tol}")
-        self.k, self.alpha, self.mask_w, self.sigma = int(k), float(alpha), int(mask_w), float(sigma)
-        self.lambda_s, self.max_iter, self.tol, self.cls_weight = float(lambda_s), int(max_iter), tol, cls_weight
+        if (
+            int(k) < 2
+            or not alpha > 0
+            or int(mask_w) < 1
+            or int(max_iter) < 1
+            or not 0 <= tol <= 100
+        ):
+            raise ValueError("supermix needs k >= 2, alpha > 0, mask_w >= 1, max_iter >= 1 and "
+                             f"tol in [0, 100]; got k={k}, alpha={alpha}, mask_w={mask_w}, "
+                             f"max_iter={max_iter}, tol={tol}")
+        self.k, self.alpha, self.mask_w, self.sigma = (
+            int(k),
+            float(alpha),
+            int(mask_w),
+            float(sigma),
+        )
+        self.lambda_s, self.max_iter, self.tol, self.cls_weight = (
+            float(lambda_s),
+            int(max_iter),
+            tol,
+            cls_weight,
+        )
 
     def mix(self, images):
         """-> (mixed images [b, 3, h, w], the teacher's labels of them [b], mixed_ok [b] bool)."""
         if self.teacher is None:
-            raise RuntimeError("supermix needs a teacher network: set the pretraining config's `teacher` key to a "
-                               "backbone checkpoint (or method.teacher in the library)")
+            raise RuntimeError("supermix needs a teacher network: set the pretraining config's "
+                               "`teacher` key to a backbone checkpoint (or method.teacher in "
+                               "the library)")
         b = images.shape[0]
         sets = cyclic_sets(b, self.k, images.device)
-        lams = host_to_device(self.host_rng.dirichlet(np.full(self.k, self.alpha), size=b), images.device)
+        lams = host_to_device(self.host_rng.dirichlet(np.full(self.k, self.alpha), size=b),
+                              images.device)
         with torch.no_grad():
             labels = self.teacher(images).argmax(1)
         targets = set_targets(labels, sets, lams, self.num_classes)
-        mixed, _, logits, ok = optimise_masks(self.teacher, images.detach()[sets], targets, self.mask_w, self.sigma,
-                                              self.lambda_s, self.max_iter, int(b * self.tol / 100))
+        mixed, _, logits, ok = optimise_masks(self.teacher, images.detach()[sets], targets,
+                                              self.mask_w, self.sigma, self.lambda_s,
+                                              self.max_iter, int(b * self.tol / 100))
         return mixed, logits.argmax(1), ok
 
     def forward(self, images, labels):

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from pretrain.methods.base import Method, host_to_device
 
 
-def block_token_mask(gh: int, gw: int, n_mask: int, rng, min_aspect: float = 0.3, min_patches: int = 1,
-                     attempts: int = 10) -> tuple[np.ndarray, int]:
+def block_token_mask(gh: int, gw: int, n_mask: int, rng, min_aspect: float = 0.3,
+                     min_patches: int = 1, attempts: int = 10) -> tuple[np.ndarray, int]:
     """Block-wise token mask (`generate_mask`): rectangles of tokens with a log-uniform aspect
     ratio in [min_aspect, 1 / min_aspect] are added until n_mask tokens are covered or `attempts`
     tries in a row add
@@ -80,7 +80,8 @@ def token_mix(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x * (1 - m) + x.flip(0) * m
 
 
-def token_activation(class_maps: torch.Tensor, labels: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+def token_activation(class_maps: torch.Tensor, labels: torch.Tensor, gh: int,
+                     gw: int) -> torch.Tensor:
     """The activation map of each image's own class on the token grid, as the official code reads
     TokenLabeling
     label maps: the label's channel of class_maps [b, C, h, w], RoIAligned (aligned=False, adaptive
@@ -97,16 +98,16 @@ def token_activation(class_maps: torch.Tensor, labels: torch.Tensor, gh: int, gw
     return roi_align(own, rois, output_size=(gh, gw))[:, 0]
 
 
-def smoothed_pair_targets(labels: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, num_classes: int,
-                          smoothing: float) -> torch.Tensor:
+def smoothed_pair_targets(labels: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                          num_classes: int, smoothing: float) -> torch.Tensor:
     """smoothing / C everywhere, plus w1 at each label and w2 at its partner's (the batch reversed)
     -> [b, C]."""
     eye = F.one_hot(labels, num_classes).float()
     return smoothing / num_classes + eye * w1.view(-1, 1) + eye.flip(0) * w2.view(-1, 1)
 
 
-def activation_targets(act: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                       smoothing: float = 0.1) -> torch.Tensor:
+def activation_targets(act: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                       num_classes: int, smoothing: float = 0.1) -> torch.Tensor:
     """TokenMix's targets from activation maps act [b, gh, gw] and the token mask [gh, gw] (1 =
     partner): each map normalised to sum 1 (+1e-8), y1 = its mass on the image's own visible
     tokens, y2 = the partner's mass on the pasted ones; label weight y - smoothing / 2 over
@@ -114,15 +115,17 @@ def activation_targets(act: torch.Tensor, mask: torch.Tensor, labels: torch.Tens
     a = act.float() / (act.float().sum((1, 2), keepdim=True) + 1e-8)
     m = mask.to(a.dtype)
     y1, y2 = (a * (1 - m)).sum((1, 2)), (a.flip(0) * m).sum((1, 2))
-    return smoothed_pair_targets(labels, y1 - smoothing / 2, y2 - smoothing / 2, num_classes, smoothing)
+    return smoothed_pair_targets(labels, y1 - smoothing / 2, y2 - smoothing / 2, num_classes,
+                                 smoothing)
 
 
-def area_targets(lam: float, labels: torch.Tensor, num_classes: int, smoothing: float = 0.1) -> torch.Tensor:
+def area_targets(lam: float, labels: torch.Tensor, num_classes: int,
+                 smoothing: float = 0.1) -> torch.Tensor:
     """Mixup-style targets (`mixup_target`): lam on the image's label, 1 - lam on its partner's,
     smoothed -> [b, C]. For a token mask lam = 1 - masked tokens / N (the area assignment)."""
     lam_t = torch.full((labels.shape[0],), float(lam), device=labels.device)
-    return smoothed_pair_targets(labels, (1 - smoothing) * lam_t, (1 - smoothing) * (1 - lam_t), num_classes,
-                                 smoothing)
+    return smoothed_pair_targets(labels, (1 - smoothing) * lam_t, (1 - smoothing) * (1 - lam_t),
+                                 num_classes, smoothing)
 
 
 def teacher_class_maps(teacher: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -142,7 +145,8 @@ def teacher_class_maps(teacher: torch.nn.Module, images: torch.Tensor) -> torch.
     finally:
         teacher.train(was_training)
     if scores.ndim != 4:
-        raise ValueError(f"tokenmix: the teacher must give class maps [b, C, h, w], got shape {tuple(scores.shape)}")
+        raise ValueError("tokenmix: the teacher must give class maps [b, C, h, w], got shape "
+                         f"{tuple(scores.shape)}")
     return scores.float().softmax(1)
 
 
@@ -165,19 +169,40 @@ class TokenMix(Method):
 
     needs_teacher = True
 
-    def __init__(self, model, num_classes, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
-                 switch_prob: float = 0.5, mask_type: str = "block", mask_ratio: float = 0.5,
-                 minimum_tokens: int = 14, patch_size: int = 16, labels: str = "activation",
-                 smoothing: float = 0.1, loss: str = "bce", dense_loss: bool = False):
+    def __init__(self, model, num_classes, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
+                 prob: float = 1.0, switch_prob: float = 0.5, mask_type: str = "block",
+                 mask_ratio: float = 0.5, minimum_tokens: int = 14, patch_size: int = 16,
+                 labels: str = "activation", smoothing: float = 0.1, loss: str = "bce",
+                 dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
-        if mask_type not in ("block", "random") or labels not in ("activation", "area") or loss not in ("bce", "ce"):
-            raise ValueError(f"tokenmix: mask_type must be block | random (got {mask_type!r}), labels activation | "
-                             f"area (got {labels!r}), loss bce | ce (got {loss!r})")
+        if (
+            mask_type not in ("block", "random")
+            or labels not in ("activation", "area")
+            or loss not in ("bce", "ce")
+        ):
+            raise ValueError(f"tokenmix: mask_type must be block | random (got {mask_type!r}), "
+                             f"labels activation | area (got {labels!r}), loss bce | ce (got "
+                             f"{loss!r})")
         if dense_loss and loss == "bce":
-            raise ValueError("tokenmix: dense_loss needs loss ce (the BCE of the official code is on pooled logits)")
-        self.mixup_alpha, self.cutmix_alpha, self.prob, self.switch_prob = mixup_alpha, cutmix_alpha, prob, switch_prob
-        self.mask_type, self.mask_ratio, self.minimum_tokens = mask_type, float(mask_ratio), int(minimum_tokens)
-        self.patch_size, self.labels, self.smoothing, self.loss = int(patch_size), labels, float(smoothing), loss
+            raise ValueError("tokenmix: dense_loss needs loss ce (the BCE of the official code "
+                             "is on pooled logits)")
+        self.mixup_alpha, self.cutmix_alpha, self.prob, self.switch_prob = (
+            mixup_alpha,
+            cutmix_alpha,
+            prob,
+            switch_prob,
+        )
+        self.mask_type, self.mask_ratio, self.minimum_tokens = (
+            mask_type,
+            float(mask_ratio),
+            int(minimum_tokens),
+        )
+        self.patch_size, self.labels, self.smoothing, self.loss = (
+            int(patch_size),
+            labels,
+            float(smoothing),
+            loss,
+        )
         self.teacher = None
         # this instance: the area assignment reads no teacher
         self.needs_teacher = labels == "activation"
@@ -196,7 +221,8 @@ class TokenMix(Method):
 
     def _token_mask(self, h: int, w: int) -> tuple[np.ndarray, int]:
         if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"tokenmix: patch_size {self.patch_size} must divide the input size {h}x{w}")
+            raise ValueError(f"tokenmix: patch_size {self.patch_size} must divide the input size "
+                             f"{h}x{w}")
         gh, gw = h // self.patch_size, w // self.patch_size
         n = masked_tokens(gh, gw, self.mask_ratio, self.minimum_tokens)
         fn = block_token_mask if self.mask_type == "block" else random_token_mask
@@ -212,10 +238,12 @@ class TokenMix(Method):
         mask = host_to_device(mask_np, images.device)
         x = token_mix(images, mask)
         if self.labels == "area":
-            return x, area_targets(1 - count / mask_np.size, labels, self.num_classes, self.smoothing)
+            return x, area_targets(1 - count / mask_np.size, labels, self.num_classes,
+                                   self.smoothing)
         if self.teacher is None:
-            raise ValueError("tokenmix labels=activation needs a teacher (method.teacher, a pretrained network); "
-                             "set labels: area to assign by the kept token fraction instead")
+            raise ValueError("tokenmix labels=activation needs a teacher (method.teacher, a "
+                             "pretrained network); set labels: area to assign by the kept token "
+                             "fraction instead")
         act = token_activation(teacher_class_maps(self.teacher, images), labels, *mask_np.shape)
         return x, activation_targets(act, mask, labels, self.num_classes, self.smoothing)
 

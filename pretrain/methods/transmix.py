@@ -27,7 +27,8 @@ from pretrain import mixers
 from pretrain.methods.base import Method, mixup, soft_cross_entropy
 
 
-def transmix_box(h: int, w: int, lam: float, centre: tuple[int, int]) -> tuple[tuple[int, int, int, int], float]:
+def transmix_box(h: int, w: int, lam: float,
+                 centre: tuple[int, int]) -> tuple[tuple[int, int, int, int], float]:
     """timm's `rand_bbox` for one box: side ratio sqrt(1 - lam), centre (cy, cx), clipped to the
     image.
 
@@ -82,9 +83,9 @@ class TransMix(Method):
                  switch_prob: float = 0.5, prob: float = 1.0, smoothing: float = 0.1):
         super().__init__(model, num_classes)
         if not hasattr(self.model, "features_and_attention"):
-            raise ValueError(f"transmix reads the class-token attention of a Vision Transformer; "
-                             f"{type(self.model).__name__} has none (use a ViT arch: vit_tiny_toy, "
-                             f"vit_small_patch16_224)")
+            raise ValueError("transmix reads the class-token attention of a Vision Transformer; "
+                             f"{type(self.model).__name__} has none (use a ViT arch: "
+                             "vit_tiny_toy, vit_small_patch16_224)")
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.switch_prob, self.prob, self.smoothing = switch_prob, prob, smoothing
 
@@ -105,7 +106,8 @@ class TransMix(Method):
         lam = self._beta(self.cutmix_alpha if cut else self.mixup_alpha)
         flip = torch.arange(b - 1, -1, -1, device=images.device)
         if not cut:
-            return {"loss": soft_cross_entropy(self._logits(mixup(images, flip, lam)), mixup(y, flip, lam))}
+            return {"loss": soft_cross_entropy(self._logits(mixup(images, flip, lam)),
+                                               mixup(y, flip, lam))}
         box, area = transmix_box(h, w, lam, self._centre(h, w))
         y0, y1, x0, x1 = box
         x = images.clone()
@@ -114,5 +116,6 @@ class TransMix(Method):
         side = math.isqrt(attn.shape[1])
         mask = self._on_device(patch_box_mask(h, w, box, side))
         lam_attn = transmix_lam(attn, mask, area)
-        return {"loss": soft_cross_entropy(self.model.fc(self.model.pool(tokens)), transmix_targets(y, lam_attn)),
+        return {"loss": soft_cross_entropy(self.model.fc(self.model.pool(tokens)),
+                                           transmix_targets(y, lam_attn)),
                 "stat_transmix_lam": lam_attn.detach().mean()}

@@ -24,7 +24,9 @@ class ZetaMixup(Method):
 
     def forward(self, images, labels):
         b = images.shape[0]
-        order = torch.rand(b, b, generator=self.generator, device=self._device(), dtype=torch.float64)
-        x, y_mix = self.mixer.apply(images, labels, mixers.Draw(torch.arange(b, device=images.device), [1.0],
+        order = torch.rand(b, b, generator=self.generator, device=self._device(),
+                           dtype=torch.float64)
+        x, y_mix = self.mixer.apply(images, labels,
+                                    mixers.Draw(torch.arange(b, device=images.device), [1.0],
                                                                  order=order))
         return {"loss": self.loss_of(self.logits_of(self.model.features(x)), y_mix)}

@@ -50,11 +50,12 @@ def test_save_rejects_non_primitive_meta(tmp_path, r18):
     import argparse
 
     with pytest.raises(TypeError, match="Namespace"):
-        save_backbone(tmp_path / "x.pth", r18, {"arch": "resnet18", "config": argparse.Namespace(a=1)})
+        save_backbone(tmp_path / "x.pth", r18,
+                      {"arch": "resnet18", "config": argparse.Namespace(a=1)})
 
 
-@pytest.mark.parametrize("layout", ["module", "moco", "backbone", "model", "alignmixup", "state_dict",
-                                    "state_dict_module"])
+@pytest.mark.parametrize("layout", ["module", "moco", "backbone", "model", "alignmixup",
+                                    "state_dict", "state_dict_module"])
 def test_foreign_layouts(tmp_path, r18, layout):
     sd = r18.state_dict()
     trunk = {k: v for k, v in sd.items() if not k.startswith("fc.")}
@@ -65,14 +66,16 @@ def test_foreign_layouts(tmp_path, r18, layout):
                               **{"module.encoder_k." + k: v for k, v in trunk.items()},
                               "module.encoder_q.fc.0.weight": torch.zeros(512, 512),
                               "module.encoder_q.fc.2.weight": torch.zeros(128, 512),
-                              "module.queue": torch.zeros(128, 16)}, "epoch": 200, "arch": "resnet18"}
+                              "module.queue": torch.zeros(128, 16)}, "epoch": 200,
+                              "arch": "resnet18"}
     elif layout == "backbone":
         obj = {"backbone." + k: v for k, v in trunk.items()}
     elif layout == "model":
         obj = {"model": {"model." + k: v for k, v in sd.items()}}
     elif layout == "alignmixup":
         obj = {**{"module.model." + k: v for k, v in trunk.items()},
-               "module.classifier.weight": sd["fc.weight"], "module.classifier.bias": sd["fc.bias"]}
+               "module.classifier.weight": sd["fc.weight"],
+               "module.classifier.bias": sd["fc.bias"]}
     elif layout == "state_dict":  # CutMix-style
         obj = {"state_dict": dict(sd), "epoch": 300, "best_err1": 21.4}
     else:
@@ -107,7 +110,8 @@ def test_partial_and_extra_keys(tmp_path, r18):
 
 
 def test_unrelated_checkpoint_never_loads(tmp_path):
-    torch.save({"encoder.weight": torch.zeros(3, 3), "decoder.bias": torch.zeros(3)}, tmp_path / "x.pth")
+    torch.save({"encoder.weight": torch.zeros(3, 3), "decoder.bias": torch.zeros(3)},
+               tmp_path / "x.pth")
     with pytest.raises(CheckpointError, match="missing keys"):
         load_backbone(tmp_path / "x.pth", "resnet18")
     with pytest.raises(CheckpointError, match="infer the architecture"):
@@ -130,7 +134,8 @@ def test_pickle_needs_opt_in(tmp_path, r18):
 def test_missing_file_and_head(tmp_path, r18):
     with pytest.raises(CheckpointError, match="not found"):
         load_backbone(tmp_path / "nope.pth")
-    torch.save({k: v for k, v in r18.state_dict().items() if not k.startswith("fc.")}, tmp_path / "h.pth")
+    torch.save({k: v for k, v in r18.state_dict().items() if not k.startswith("fc.")},
+               tmp_path / "h.pth")
     with pytest.raises(CheckpointError, match="no classifier head"):
         load_classifier(tmp_path / "h.pth")
     save_backbone(tmp_path / "ok.pth", r18, {"arch": "resnet18"})

@@ -27,18 +27,22 @@ def test_a_wrong_type_names_the_key(value, match):
 
 def test_types_by_default():
     d = {"n": 3, "flag": False, "xs": [1], "sub": {"a": 1}, "free": None, "s": "x"}
-    assert validate({"n": 4, "flag": True, "xs": [], "free": [1, 2], "s": 0.5}, d)["free"] == [1, 2]
-    for bad, key in (({"n": 2.5}, "n"), ({"flag": 1}, "flag"), ({"xs": 3}, "xs"), ({"sub": 3}, "sub")):
+    assert validate({"n": 4, "flag": True, "xs": [], "free": [1, 2], "s": 0.5},
+                    d)["free"] == [1, 2]
+    for bad, key in (({"n": 2.5}, "n"), ({"flag": 1}, "flag"), ({"xs": 3}, "xs"),
+                     ({"sub": 3}, "sub")):
         with pytest.raises(ConfigError, match=f"config key {key}"):
             validate(bad, d)
 
 
 def test_ranges_and_choices_name_the_allowed_values():
-    rules = {"optim.epochs": (">", 0), "optim.momentum": (">=", 0, "<", 1), "optim.name": ("in", ("sgd", "adam"))}
+    rules = {"optim.epochs": (">", 0), "optim.momentum": (">=", 0, "<", 1),
+             "optim.name": ("in", ("sgd", "adam"))}
     check_ranges({"optim": {"epochs": 1, "momentum": 0.9, "name": "sgd"}}, rules)
     with pytest.raises(ConfigError, match=r"optim\.epochs: 0 is out of range \(must be > 0\)"):
         check_ranges({"optim": {"epochs": 0}}, rules)
-    with pytest.raises(ConfigError, match=r"optim\.momentum: 1\.0 is out of range \(must be >= 0 and < 1\)"):
+    with pytest.raises(ConfigError, match=r"optim\.momentum: 1\.0 is out of range \(must be >= 0 "
+                       r"and < 1\)"):
         check_ranges({"optim": {"momentum": 1.0}}, rules)
     with pytest.raises(ConfigError, match=r"optim\.name: 'lamb' is not one of \['sgd', 'adam'\]"):
         check_ranges({"optim": {"name": "lamb"}}, rules)
@@ -50,7 +54,8 @@ def test_every_stage_checks_its_ranges():
     from wsol.finetune import resolve_config as wsol_cfg
 
     with pytest.raises(ConfigError, match="optim.batch_size: -8"):
-        pretrain_cfg({"data": {"root": "x"}, "method": {"name": "erm"}, "optim": {"batch_size": -8}})
+        pretrain_cfg({"data": {"root": "x"}, "method": {"name": "erm"},
+                      "optim": {"batch_size": -8}})
     with pytest.raises(ConfigError, match="optim.lr: 0"):
         det_cfg({"optim": {"lr": 0}})
     with pytest.raises(ConfigError, match="seeds"):
@@ -73,19 +78,22 @@ def _stage_defaults():
 
 @pytest.mark.parametrize("stage,text,message", [
     ("detection", "solver: {lr: 0.01, batch_size: 4}",
-     "solver.lr was renamed: use optim.lr; solver.batch_size was renamed: use optim.batch_per_process"),
+     "solver.lr was renamed: use optim.lr; solver.batch_size was renamed: use "
+     "optim.batch_per_process"),
     ("detection", "data: {workers: 2, max_train_images: 8}",
-     "data.workers was renamed: use data.num_workers; data.max_train_images was renamed: use data.max_train"),
-    ("detection", "runtime: {log_period: 5}", "runtime.log_period was renamed: use runtime.log_every_steps"),
+     "data.workers was renamed: use data.num_workers; data.max_train_images was renamed: use "
+     "data.max_train"),
+    ("detection", "runtime: {log_period: 5}",
+     "runtime.log_period was renamed: use runtime.log_every_steps"),
     ("wsol", "epochs: 3\nbatch_size: 8\nlog_every: 2",
-     "epochs was renamed: use optim.epochs; batch_size was renamed: use optim.batch_per_process; log_every was "
-     "renamed: use runtime.log_every_steps"),
+     "epochs was renamed: use optim.epochs; batch_size was renamed: use "
+     "optim.batch_per_process; log_every was renamed: use runtime.log_every_steps"),
     ("wsol", "mixing: {name: multimix, knobs: {n: 10}}", "mixing was renamed: use method"),
     ("wsol", "data: {limit_train: 8}", "data.limit_train was renamed: use data.max_train"),
     # one old spelling, two stages: each stage's own new key
     ("robustness", "batch_size: 8\nlimit: 4\nworkers: 0",
-     "batch_size was renamed: use eval.batch_size; limit was renamed: use data.max_val; workers was renamed: use "
-     "data.num_workers"),
+     "batch_size was renamed: use eval.batch_size; limit was renamed: use data.max_val; workers "
+     "was renamed: use data.num_workers"),
 ])
 def test_a_renamed_key_is_refused_with_the_file_and_the_key_to_use(tmp_path, stage, text, message):
     path = tmp_path / f"{stage}.yaml"
@@ -100,12 +108,14 @@ def test_a_renamed_key_in_a_base_file_or_an_override_is_refused(tmp_path):
 
     (tmp_path / "base.yaml").write_text("solver: {epochs: 2}\n")
     (tmp_path / "child.yaml").write_text("_BASE_: base.yaml\n")
-    with pytest.raises(ConfigError, match=r"child.yaml: solver.epochs was renamed: use optim.epochs$"):
+    with pytest.raises(ConfigError, match=r"child.yaml: solver.epochs was renamed: use "
+                       r"optim.epochs$"):
         load_config(tmp_path / "child.yaml", defaults=DEFAULTS)
     (tmp_path / "ok.yaml").write_text("optim: {epochs: 2}\n")
     with pytest.raises(ConfigError, match=r"^solver.lr was renamed: use optim.lr$"):
         load_config(tmp_path / "ok.yaml", ["solver.lr=0.1"], defaults=DEFAULTS)
-    assert load_config(tmp_path / "ok.yaml", ["optim.lr=0.1"], defaults=DEFAULTS)["optim"]["lr"] == 0.1
+    assert load_config(tmp_path / "ok.yaml", ["optim.lr=0.1"],
+                       defaults=DEFAULTS)["optim"]["lr"] == 0.1
 
 
 def test_a_key_a_stage_declares_is_its_own_not_a_renamed_one():
@@ -123,12 +133,13 @@ def test_every_stage_spells_a_shared_key_the_vocabulary_way():
     declares has the vocabulary's type (its default may differ)."""
     from mixup_transfer.core.vocabulary import FRAGMENTS
 
-    synonyms = {"workers", "limit", "limit_train", "limit_test", "max_train_images", "max_test_images", "log_period",
-                "log_every", "period", "every"}
+    synonyms = {"workers", "limit", "limit_train", "limit_test", "max_train_images",
+                "max_test_images", "log_period", "log_every", "period", "every"}
     for stage, defaults in _stage_defaults().items():
         for frag in FRAGMENTS:
             keys = set(defaults.get(frag) or {}) if isinstance(defaults.get(frag), dict) else set()
             assert not keys & synonyms, (stage, frag, keys & synonyms)
             for key in keys & set(FRAGMENTS[frag]):
                 shared, own = FRAGMENTS[frag][key].default, defaults[frag][key]
-                assert shared is None or own is None or type(shared) is type(own), (stage, frag, key)
+                assert shared is None or own is None or type(shared) is type(own), (stage, frag,
+                                                                                    key)

@@ -34,7 +34,8 @@ def test_eta_format_and_no_bars_off_a_terminal(monkeypatch):
 
 
 def test_logging_is_rank_aware(monkeypatch):
-    for env, level in (({}, logging.INFO), ({"RANK": "3"}, logging.WARNING), ({"SLURM_PROCID": "1"}, logging.WARNING),
+    for env, level in (({}, logging.INFO), ({"RANK": "3"}, logging.WARNING),
+                       ({"SLURM_PROCID": "1"}, logging.WARNING),
                        ({"RANK": "0", "SLURM_PROCID": "5"}, logging.INFO)):
         for var in ("RANK", "SLURM_PROCID"):
             monkeypatch.delenv(var, raising=False)
@@ -47,33 +48,38 @@ def test_logging_is_rank_aware(monkeypatch):
 
 
 @pytest.mark.slow
-def test_pretrain_console_header_periodic_epoch_and_outputs(toy_world, tmp_path, capsys, monkeypatch):
+def test_pretrain_console_header_periodic_epoch_and_outputs(toy_world, tmp_path, capsys,
+                                                            monkeypatch):
     cfg = {"name": "t", "seed": 3,
-           "data": {"root": str(toy_world / "imagenet"), "crop_size": 32, "val_resize": 36, "num_workers": 0,
-                    "max_train": 48, "max_val": 20},
+           "data": {"root": str(toy_world / "imagenet"), "crop_size": 32, "val_resize": 36,
+                    "num_workers": 0, "max_train": 48, "max_val": 20},
            "model": {"arch": "resnet18"}, "method": {"name": "input_mixup"},
            "optim": {"batch_size": 8, "epochs": 2, "lr": 0.05, "schedule": "constant"},
-           "runtime": {"precision": "fp32", "log_every_steps": 2, "flops": False, "figures": False}}
+           "runtime": {"precision": "fp32", "log_every_steps": 2, "flops": False,
+                       "figures": False}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
     pretrain = _tool("run_pretrain")
     # overrides before and after options
-    assert pretrain.main(["--config", str(tmp_path / "cfg.yaml"), "optim.epochs=1", "--run-dir", str(run),
-                          "optim.lr=0.1"]) == 0
+    assert pretrain.main(["--config", str(tmp_path / "cfg.yaml"), "optim.epochs=1", "--run-dir",
+                          str(run), "optim.lr=0.1"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["epochs"] == 1 and "\r" not in err
     assert f"config {tmp_path / 'cfg.yaml'} into {run}" in err
     # 48 images / batch 8 = 6 steps; one process, no accumulation
-    assert re.search(r"world size 1, per-process batch 8 \(1 micro-batch\(es\)\), global batch 8, precision fp32, "
+    assert re.search(r"world size 1, per-process batch 8 \(1 micro-batch\(es\)\), global batch 8, "
+                     r"precision fp32, "
                      r"device cpu, 6 steps \(6 per epoch\)", err), err
-    periodic = re.findall(r"epoch 1/1  step (\d+)/6  loss \S+  lr (\S+)  \S+ images/s  eta \d+:\d\d:\d\d", err)
-    assert [s for s, _ in periodic] == ["1", "2", "4", "6"] and {lr for _, lr in periodic} == {"0.1"}, err
+    periodic = re.findall(r"epoch 1/1  step (\d+)/6  loss \S+  lr (\S+)  \S+ images/s  eta "
+                          r"\d+:\d\d:\d\d", err)
+    assert [s for s, _ in periodic] == ["1", "2", "4",
+                                        "6"] and {lr for _, lr in periodic} == {"0.1"}, err
     assert re.search(r"epoch 1/1 done \(step 6\): .*train_loss \S+.*val_top1 \S+", err), err
     assert re.search(r"run folder: .*run\n(  .*\n)*  metrics\.json", err), err
     # another rank: neither the INFO lines nor the JSON
     monkeypatch.setenv("RANK", "1")
-    assert pretrain.main(["--config", str(tmp_path / "cfg.yaml"), "--run-dir", str(run), "optim.epochs=1",
-                          "--force"]) == 0
+    assert pretrain.main(["--config", str(tmp_path / "cfg.yaml"), "--run-dir", str(run),
+                          "optim.epochs=1", "--force"]) == 0
     out, err = capsys.readouterr()
     assert out == "" and "epoch 1/1" not in err
 
@@ -88,26 +94,33 @@ def test_engine_console_lines_are_the_logged_numbers(tmp_path, caplog, monkeypat
     with caplog.at_level(logging.INFO, logger="train"):
         engine.fit(header={"per_process_batch": 8})
     lines = [r.getMessage() for r in caplog.records if r.name == "train"]
-    assert lines[0] == (f"run folder {tmp_path / 'run'}: world size 1, per-process batch 8 (1 micro-batch(es)), "
-                        "global batch 8, precision fp32, device cpu, 4 steps (2 per epoch)")
+    assert lines[0] == (f"run folder {tmp_path / 'run'}: world size 1, per-process batch 8 (1 "
+                        "micro-batch(es)), global batch 8, precision fp32, device cpu, 4 steps "
+                        "(2 per epoch)")
     records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["event"] == "step"]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     for rec, line in zip(steps, lines[1:3] + lines[4:6]):
         epoch = 1 + (rec["step"] - 1) // 2
-        assert line.startswith(f"epoch {epoch}/2  step {rec['step']}/4  loss {rec['loss']:.4g}  loss_zero 0  "
-                               f"lr {rec['lr']:.4g}  "), line
+        assert line.startswith(f"epoch {epoch}/2  step {rec['step']}/4  loss {rec['loss']:.4g}  "
+                               f"loss_zero 0  lr {rec['lr']:.4g}  "), line
     epochs = [r for r in records if r["event"] == "epoch"]
     for rec, line in zip(epochs, (lines[3], lines[6])):
-        assert line.startswith(f"epoch {rec['epoch']}/2 done (step {rec['step']}): lr {rec['lr']:.4g}  ")
-        assert f"train_loss {rec['train_loss']:.4g}" in line and line.endswith(f"seen {rec['seen']}")
+        assert line.startswith(f"epoch {rec['epoch']}/2 done (step {rec['step']}): lr "
+                               f"{rec['lr']:.4g}  ")
+        assert f"train_loss {rec['train_loss']:.4g}" in line and line.endswith(
+            f"seen {rec['seen']}"
+        )
 
 
 def test_tensorboard_setting(tmp_path, monkeypatch):
     from mixup_transfer.core.config import ConfigError
     from mixup_transfer.core.engine import tensorboard_dir
 
-    assert tensorboard_dir(tmp_path, True) == tmp_path / "tensorboard" and tensorboard_dir(tmp_path, False) is None
+    assert (
+        tensorboard_dir(tmp_path, True) == tmp_path / "tensorboard"
+        and tensorboard_dir(tmp_path, False) is None
+    )
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     assert tensorboard_dir(tmp_path, "auto") is None  # not installed: no event files, no error
     with pytest.raises(ConfigError, match="tensorboard must be true, false or auto, got 'yes'"):
@@ -136,8 +149,8 @@ def test_robustness_metrics_as_tensorboard_scalars(tmp_path):
 
     from transfer.robustness.stage import write_tensorboard
 
-    metrics = {"clean": {"top1_err": 25.0}, "ood": {"lsun": {"auroc": 91.5}}, "settings": {"limit": 8},
-               "units": {"top1_err": "%"}, "arch": "resnet18"}
+    metrics = {"clean": {"top1_err": 25.0}, "ood": {"lsun": {"auroc": 91.5}},
+               "settings": {"limit": 8}, "units": {"top1_err": "%"}, "arch": "resnet18"}
     write_tensorboard(metrics, tmp_path, True)
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()

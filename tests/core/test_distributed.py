@@ -20,9 +20,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_shards_of_seven_items_over_two_ranks_by_hand():
-    assert ddist.shard_indices(7, 1, 0, 2) == [0, 2, 4, 6] and ddist.shard_indices(7, 1, 1, 2) == [1, 3, 5]
+    assert ddist.shard_indices(7, 1, 0, 2) == [0, 2, 4, 6] and ddist.shard_indices(7, 1, 1, 2) == [
+        1,
+        3,
+        5,
+    ]
     # blocks of 3 (the batch size): [0 1 2] [3 4 5] [6] dealt round-robin
-    assert ddist.shard_indices(7, 3, 0, 2) == [0, 1, 2, 6] and ddist.shard_indices(7, 3, 1, 2) == [3, 4, 5]
+    assert ddist.shard_indices(7, 3, 0, 2) == [0, 1, 2, 6] and ddist.shard_indices(7, 3, 1, 2) == [
+        3,
+        4,
+        5,
+    ]
     assert ddist.shard_blocks(7, 3, 0, 2) == [0, 2] and ddist.shard_blocks(7, 3, 1, 2) == [1]
     assert ddist.shard_indices(2, 1, 2, 3) == [] and ddist.shard_indices(0, 4, 0, 2) == []
     assert ddist.shard_indices(5) == [0, 1, 2, 3, 4]  # no process group: everything
@@ -35,7 +43,8 @@ def test_shards_of_seven_items_over_two_ranks_by_hand():
 
 
 def test_order_by_index_refuses_missing_or_repeated_indices():
-    assert ddist.order_by_index([([1, 3], ["b", "d"]), ([0, 2], ["a", "c"])], 4) == ["a", "b", "c", "d"]
+    assert ddist.order_by_index([([1, 3], ["b", "d"]), ([0, 2], ["a", "c"])], 4) == ["a", "b", "c",
+                                                                                     "d"]
     with pytest.raises(ValueError, match="gathered twice"):
         ddist.order_by_index([([0, 1], "ab"), ([1], "b")], 2)
     with pytest.raises(ValueError, match="1 of 3 indices were not gathered"):
@@ -51,8 +60,8 @@ def _free_port() -> int:
 
 
 def _join(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), MT_NO_PROGRESS="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MT_NO_PROGRESS="1")
     torch.set_num_threads(1)
     from mixup_transfer.core.runtime import init_distributed
 
@@ -84,7 +93,8 @@ def _gather_worker(rank, world, port, out):
     _join(rank, world, port)
     mine = ddist.shard_indices(7, 1)
     items = ddist.gather_ordered([f"item{i}" for i in mine], mine, 7)
-    arrays = ddist.gather_arrays({"sq": np.asarray(mine, np.float32) ** 2, "odd": np.asarray(mine) % 2 == 1},
+    arrays = ddist.gather_arrays({"sq": np.asarray(mine, np.float32) ** 2,
+                                  "odd": np.asarray(mine) % 2 == 1},
                                  mine, 7)
     counts = ddist.sum_counts([len(mine), sum(mine)])
     # robustness predictions over 3 images in batches of 2 (ranks: [0, 1], [2]) and over 2 (rank 1:
@@ -94,7 +104,8 @@ def _gather_worker(rank, world, port, out):
     bn.running_mean.fill_(rank + 1.0)  # each rank's own statistics, as after DDP training
     bn.num_batches_tracked.fill_(10 * (rank + 1))
     ddist.broadcast_buffers(bn)
-    torch.save({"items": items, "arrays": arrays, "counts": counts, "preds": preds, "bn": bn.state_dict()},
+    torch.save({"items": items, "arrays": arrays, "counts": counts, "preds": preds,
+                "bn": bn.state_dict()},
                Path(out) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -104,14 +115,29 @@ def test_gather_of_seven_items_and_an_empty_shard_over_two_gloo_processes(tmp_pa
     for rank in (0, 1):
         r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert r["items"] == [f"item{i}" for i in range(7)]
-        assert r["arrays"]["sq"].dtype == np.float32 and r["arrays"]["sq"].tolist() == [0, 1, 4, 9, 16, 25, 36]
-        assert r["arrays"]["odd"].dtype == bool and r["arrays"]["odd"].tolist() == [i % 2 == 1 for i in range(7)]
+        assert r["arrays"]["sq"].dtype == np.float32 and r["arrays"]["sq"].tolist() == [
+            0,
+            1,
+            4,
+            9,
+            16,
+            25,
+            36,
+        ]
+        assert r["arrays"]["odd"].dtype == bool and r["arrays"]["odd"].tolist() == [
+            i % 2 == 1 for i in range(7)
+        ]
         assert r["counts"] == [7, 21]
         # rank 0's
-        assert r["bn"]["running_mean"].tolist() == [1.0, 1.0] and int(r["bn"]["num_batches_tracked"]) == 10
+        assert (
+            r["bn"]["running_mean"].tolist() == [1.0, 1.0]
+            and int(r["bn"]["num_batches_tracked"]) == 10
+        )
         for n in (3, 2):
             one = _robustness_predictions(n)
-            assert one["label"].tolist() == [k % 3 for k in range(n)] and one["example_index"] == list(range(n))
+            assert one["label"].tolist() == [k % 3 for k in range(n)] and one[
+                "example_index"
+            ] == list(range(n))
             _assert_same(r["preds"][n], one)
 
 
@@ -141,10 +167,11 @@ def _inference(dst):
     def to_records(batch, outputs, indices):
         values, training = outputs
         (values,) = to_host([values[:, 0]])
-        return [(i, int(label), float(v), rank, training) for i, label, v in zip(indices, batch[1], values)]
+        return [(i, int(label), float(v), rank, training) for i, label,
+                v in zip(indices, batch[1], values)]
 
-    return inference_on_dataset(model, dataset, lambda m, inputs: (m(inputs[0]), m.training), to_records,
-                                batch_size=2, device=torch.device("cpu"), dst=dst)
+    return inference_on_dataset(model, dataset, lambda m, inputs: (m(inputs[0]), m.training),
+                                to_records, batch_size=2, device=torch.device("cpu"), dst=dst)
 
 
 def _inference_worker(rank, world, port, out):
@@ -159,8 +186,9 @@ def test_inference_on_dataset_gathers_records_in_dataset_order_over_two_gloo_pro
     # blocks of 2 dealt round-robin: rank 0 predicts [0, 1] and [4, 5], rank 1 [2, 3] and [6]; rank
     # 0's buffer (shift 0) on both, the model in eval mode: record k is (k, label k, value k, the
     # rank that predicted it)
-    by_hand = [(0, 0, 0.0, 0, False), (1, 1, 1.0, 0, False), (2, 2, 2.0, 1, False), (3, 3, 3.0, 1, False),
-               (4, 4, 4.0, 0, False), (5, 5, 5.0, 0, False), (6, 6, 6.0, 1, False)]
+    by_hand = [(0, 0, 0.0, 0, False), (1, 1, 1.0, 0, False), (2, 2, 2.0, 1, False),
+               (3, 3, 3.0, 1, False), (4, 4, 4.0, 0, False), (5, 5, 5.0, 0, False),
+               (6, 6, 6.0, 1, False)]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0[None] == r1[None] == (by_hand, 7)  # gathered to every rank
     assert r0[0] == (by_hand, 7) and r1[0] == (None, 7)  # gathered to rank 0 only
@@ -171,10 +199,12 @@ def test_inference_on_dataset_gathers_records_in_dataset_order_over_two_gloo_pro
 def test_to_host_copies_every_dtype_exactly_in_one_transfer():
     from mixup_transfer.core.inference import to_host
 
-    tensors = [torch.tensor([[0.1, -3e38], [float("nan"), 1e-45]]), torch.tensor([0.1], dtype=torch.bfloat16),
-               torch.tensor([2 ** 53, -7]), torch.tensor([True, False]), torch.zeros(0, 4)]
+    tensors = [torch.tensor([[0.1, -3e38], [float("nan"), 1e-45]]),
+               torch.tensor([0.1], dtype=torch.bfloat16), torch.tensor([2 ** 53, -7]),
+               torch.tensor([True, False]), torch.zeros(0, 4)]
     for a, b in zip(to_host(tensors), tensors):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.nan_to_num(), b.nan_to_num())
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.nan_to_num(),
+                                                                         b.nan_to_num())
     assert to_host([]) == []
 
 
@@ -185,7 +215,8 @@ def _det_cfg(toy_world, fmt: str):
     from transfer.detection import config as det_config
 
     return det_config.resolve_config({
-        "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64, "kwargs": {"detections_per_img": 10}},
+        "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64,
+                  "kwargs": {"detections_per_img": 10}},
         "data": {"format": fmt, "root": str(toy_world / ("VOCdevkit" if fmt == "voc" else "coco")),
                  "voc_train": ["2007/trainval"], "max_train": 2, "max_val": 7, "num_workers": 0},
         "eval": {"batch_size": 2}})  # 4 batches of 2, 2, 2, 1 images: 2 + 2 over the ranks
@@ -204,9 +235,12 @@ def _detection(toy_world, out_dir):
         _, test, ctx, _ = tvb.build_datasets(cfg)
         torch.manual_seed(0)
         model = tvb.build_model(cfg, ctx["num_classes"], None).eval()
-        preds, examples, _, n = tvb.predict_sharded(model, test, 2, 0, torch.device("cpu"), max_keep_examples=3)
-        metrics = scoring.score_predictions(preds, ctx, Path(out_dir) / fmt) if is_main_process() else None
-        out[fmt] = {"preds": preds, "examples": [e["scores"] for e in examples], "n": n, "metrics": metrics}
+        preds, examples, _, n = tvb.predict_sharded(model, test, 2, 0, torch.device("cpu"),
+                                                    max_keep_examples=3)
+        metrics = scoring.score_predictions(preds, ctx, Path(out_dir)
+                                            / fmt) if is_main_process() else None
+        out[fmt] = {"preds": preds, "examples": [e["scores"] for e in examples], "n": n,
+                    "metrics": metrics}
     return out
 
 
@@ -215,10 +249,10 @@ def _wsol_cfg(toy_world):
     from wsol.finetune import resolve_config
 
     meta = toy_world / "wsol_metadata" / "CUB"
-    overrides = [f"data.image_root={toy_world / 'CUB_200_2011' / 'images'}", f"data.metadata_root={meta}",
-                 "data.num_workers=0", "data.max_train=2", "data.max_val=7", "input.resize=40",
-                 "input.crop=32", "input.test_size=32", "eval.batch_size=3", "eval.cam_curve_interval=0.01",
-                 "runtime.device=cpu"]
+    overrides = [f"data.image_root={toy_world / 'CUB_200_2011' / 'images'}",
+                 f"data.metadata_root={meta}", "data.num_workers=0", "data.max_train=2",
+                 "data.max_val=7", "input.resize=40", "input.crop=32", "input.test_size=32",
+                 "eval.batch_size=3", "eval.cam_curve_interval=0.01", "runtime.device=cpu"]
     return resolve_config(load_config(str(ROOT / "configs/wsol/toy_multimix.yaml"), overrides))
 
 
@@ -239,8 +273,8 @@ def _robustness(toy_world, ckpt, out_dir):
     from transfer.robustness import evaluate_checkpoint
 
     m = evaluate_checkpoint(ckpt, toy_world / "imagenet", "all", out_dir,
-                            ood_dirs=[toy_world / "VOCdevkit" / "VOC2007" / "JPEGImages"], limit=7, image_size=32,
-                            resize=36, batch_size=2, pgd_iters=2, device="cpu")
+                            ood_dirs=[toy_world / "VOCdevkit" / "VOC2007" / "JPEGImages"], limit=7,
+                            image_size=32, resize=36, batch_size=2, pgd_iters=2, device="cpu")
     m.pop("seconds")
     return m
 
@@ -284,8 +318,8 @@ def test_two_gloo_processes_give_the_single_process_numbers(toy_world, tmp_path)
     torch.manual_seed(0)
     ckpt = tmp_path / "backbone.pth"
     save_backbone(ckpt, build_resnet("resnet18", num_classes=n_classes),
-                  {"arch": "resnet18", "num_classes": n_classes, "method": "erm", "epochs": 0, "config": "",
-                   "metrics": {}})
+                  {"arch": "resnet18", "num_classes": n_classes, "method": "erm", "epochs": 0,
+                   "config": "", "metrics": {}})
     _spawn(_evaluations_worker, str(toy_world), str(ckpt), str(tmp_path / "ddp"))
     one = {"detection": _detection(toy_world, tmp_path / "one" / "det"), "wsol": _wsol(toy_world),
            "robustness": _robustness(toy_world, ckpt, tmp_path / "one" / "rob")}
@@ -298,11 +332,14 @@ def test_two_gloo_processes_give_the_single_process_numbers(toy_world, tmp_path)
     _assert_same(one, r0)
     _assert_same(one, r1)
     # rank 0 wrote the files, the same ones as one process
-    assert json.loads((tmp_path / "ddp" / "rob" / "metrics.json").read_text())["clean"] == one["robustness"]["clean"]
+    assert json.loads((tmp_path / "ddp" / "rob"
+                       / "metrics.json").read_text())["clean"] == one["robustness"]["clean"]
     for f in one["robustness"]["figures"].values():
         assert (tmp_path / "ddp" / "rob" / f).is_file()
-    one_files = sorted(p.name for p in (tmp_path / "one" / "det" / "voc" / "voc_results").iterdir())
-    assert sorted(p.name for p in (tmp_path / "ddp" / "det" / "voc" / "voc_results").iterdir()) == one_files
+    one_files = sorted(p.name for p in (tmp_path / "one" / "det" / "voc"
+                                        / "voc_results").iterdir())
+    assert sorted(p.name for p in (tmp_path / "ddp" / "det" / "voc"
+                                   / "voc_results").iterdir()) == one_files
     results = (tmp_path / "ddp" / "det" / "coco" / "coco_results.json").read_text()
     assert results == (tmp_path / "one" / "det" / "coco" / "coco_results.json").read_text()
     assert not list((tmp_path / "ddp").rglob("*.tmp"))
@@ -319,8 +356,14 @@ def _stage_sequence(out: Path, rank: int) -> dict:
     calls, writes = [], []
     real_write = prun.write_json
     prun.write_json = lambda obj, path: (writes.append(Path(path).name), real_write(obj, path))
-    pipe = prun.Pipeline({"name": "fake", "out_root": str(out), "methods": ["erm"],
-                          "pretrain": {"config": str(ROOT / "configs/pretrain/toy_{method}.yaml")}})
+    pipe = prun.Pipeline(
+        {
+            "name": "fake",
+            "out_root": str(out),
+            "methods": ["erm"],
+            "pretrain": {"config": str(ROOT / "configs/pretrain/toy_{method}.yaml")},
+        }
+    )
     folder = out / "fake" / "stage"
 
     def fake_stage(d: Path) -> dict:
@@ -355,7 +398,11 @@ def test_pipeline_stage_runner_under_two_gloo_processes(tmp_path):
     assert one["results"] == [{"value": 42, "rank": 0}] * 3 and one["writes"] == ["stage.json"] * 2
     r0, r1 = (json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1))
     for r in (r0, r1):
-        assert r["calls"] == one["calls"] and r["reused"] == one["reused"] and r["results"] == one["results"]
+        assert (
+            r["calls"] == one["calls"]
+            and r["reused"] == one["reused"]
+            and r["results"] == one["results"]
+        )
         assert r["files"] == ["result.txt", "stage.json"]
     # one marker per run, by rank 0
     assert r0["writes"] == ["stage.json"] * 2 and r1["writes"] == []

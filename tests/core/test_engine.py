@@ -10,7 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from mixup_transfer.core.engine import CKPT, Engine, LoopSettings, NonFiniteError, Task, build_optimizer
+from mixup_transfer.core.engine import (
+    CKPT,
+    Engine,
+    LoopSettings,
+    NonFiniteError,
+    Task,
+    build_optimizer,
+)
 from mixup_transfer.core.runtime import NonFiniteLossError
 from mixup_transfer.core.schedule import lr_factor
 
@@ -22,7 +29,8 @@ class Regression(nn.Module):
         self.head = nn.Linear(4, 1)
 
     def forward(self, x, y):
-        return {"loss": ((self.head(torch.tanh(self.body(x))) - y) ** 2).mean(), "loss_zero": x.sum() * 0}
+        return {"loss": ((self.head(torch.tanh(self.body(x))) - y) ** 2).mean(),
+                "loss_zero": x.sum() * 0}
 
 
 class RegressionTask(Task):
@@ -38,7 +46,9 @@ class RegressionTask(Task):
         self.epochs_seen = []
 
     def batches(self, epoch, start_step):
-        order = torch.randperm(16, generator=torch.Generator().manual_seed(epoch))[start_step * self.batch:]
+        order = torch.randperm(16, generator=torch.Generator().manual_seed(epoch))[
+            start_step * self.batch :
+        ]
         for i in range(0, len(order), self.micro):
             idx = order[i:i + self.micro]
             yield self.x[idx], self.y[idx]
@@ -130,7 +140,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_non_finite_parameters_after_the_last_update_are_never_saved(tmp_path):
     """A loss that is finite but whose update overflows the weights: the epoch-end check stops the
     run."""
-    task, engine = make(tmp_path, epochs=2, lr_lambda=lambda step: float("inf") if step == 3 else 1.0)
+    task, engine = make(tmp_path, epochs=2, lr_lambda=lambda step: float("inf") if step == 3
+                        else 1.0)
     with pytest.raises(NonFiniteError, match="non-finite values"):
         engine.fit()
     kept = torch.load(tmp_path / "run" / CKPT, weights_only=True)
@@ -159,7 +170,8 @@ def test_resume_refuses_another_config_or_input_and_names_the_difference(tmp_pat
     _, again = make(tmp_path, epochs=2)
     again.task.resume_may_change = ("runtime.*",)
     with pytest.raises(fp.FingerprintMismatch, match=r"config\.optim\.lr: 0\.1 -> 0\.2"):
-        again.fit(resume=True, fingerprint=fp.make({"optim": {"lr": 0.2}, "runtime": {"log_every": 5}},
+        again.fit(resume=True,
+                  fingerprint=fp.make({"optim": {"lr": 0.2}, "runtime": {"log_every": 5}},
                                                    {"weights": weights}))
     weights.write_bytes(b"two")
     with pytest.raises(fp.FingerprintMismatch, match="input weights"):
@@ -174,7 +186,8 @@ def test_an_existing_checkpoint_is_never_overwritten_without_resume_or_force(tmp
     engine.fit()
     before = (tmp_path / "run" / CKPT).read_bytes()
     _, again = make(tmp_path, epochs=1)
-    with pytest.raises(ValueError, match=r"continue it \(resume=True; the tools continue by default\), or start "
+    with pytest.raises(ValueError, match=r"continue it \(resume=True; the tools continue by "
+                       r"default\), or start "
                                          r"over \(force=True; the tools' --force\)"):
         again.fit()
     assert (tmp_path / "run" / CKPT).read_bytes() == before
@@ -248,14 +261,19 @@ def test_task_declares_everything_the_engine_reads():
 
     source = inspect.getsource(engine.Engine)
     read = {n.attr for n in ast.walk(ast.parse(source))
-            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute) and n.value.attr == "task"}
-    assert {"step_metrics", "epoch_metrics", "resume_may_change", "resumable_across_world_sizes"} <= read
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)
+            and n.value.attr == "task"}
+    assert {"step_metrics", "epoch_metrics", "resume_may_change",
+            "resumable_across_world_sizes"} <= read
     assert read <= set(vars(Task)) | set(Task.__annotations__), sorted(read - set(vars(Task)))
     assert "getattr" not in source
-    batch, out = (None, torch.tensor([1, 2, 0])), {"logits": torch.tensor([[0.0, 1, 0], [0, 0, 1], [0, 1, 0]])}
-    assert Task().step_metrics(batch, out) == {} and Task().epoch_metrics({"correct": 2.0, "count": 3.0}) == {}
+    batch, out = (None, torch.tensor([1, 2, 0])), {"logits": torch.tensor([[0.0, 1, 0], [0, 0, 1],
+                                                                           [0, 1, 0]])}
+    assert Task().step_metrics(batch, out) == {} and Task().epoch_metrics({"correct": 2.0,
+                                                                           "count": 3.0}) == {}
     counts = ClassificationTask().step_metrics(batch, out)
     assert counts["correct"].item() == 2 and counts["count"] == 3.0
     assert ClassificationTask().step_metrics(batch, {"loss": torch.tensor(1.0)}) == {}
-    assert ClassificationTask().epoch_metrics({"correct": 3.0, "count": 4.0}) == {"train_top1": 75.0}
+    assert ClassificationTask().epoch_metrics({"correct": 3.0,
+                                               "count": 4.0}) == {"train_top1": 75.0}
     assert ClassificationTask().epoch_metrics({"loss": 1.0}) == {}

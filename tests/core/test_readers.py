@@ -99,7 +99,8 @@ def voc(tmp_path):
         (root / "Annotations").mkdir()
         (root / "ImageSets" / "Main" / "trainval.txt").write_text("\n".join(ids) + "\n")
         for i in ids:
-            (root / "Annotations" / f"{i}.xml").write_text(VOC_XML.replace("000005.jpg", f"{i}.jpg"))
+            (root / "Annotations"
+             / f"{i}.xml").write_text(VOC_XML.replace("000005.jpg", f"{i}.jpg"))
             _jpeg(root / "JPEGImages" / f"{i}.jpg", 500, 375)
     return tmp_path / "VOCdevkit"
 
@@ -128,8 +129,8 @@ def test_voc_reader(voc):
 def test_voc_bad_annotations(voc, bad, match):
     xml = voc / "VOC2007" / "Annotations" / "000005.xml"
     replacement = {"<xmin>263</xmin>": "<xmin>2x3</xmin>", "<xmax>324</xmax>": "<xmax>200</xmax>",
-                   "<name>chair</name>": "<name>sofa_bed</name>", "<ymax>339</ymax>": "<ymax>400</ymax>",
-                   "</annotation>": "</annotat"}[bad]
+                   "<name>chair</name>": "<name>sofa_bed</name>",
+                   "<ymax>339</ymax>": "<ymax>400</ymax>", "</annotation>": "</annotat"}[bad]
     xml.write_text(VOC_XML.replace(bad, replacement, 1))
     with pytest.raises(DataError, match=match or "malformed number") as e:
         VOCDetection(voc, "2007", "trainval")
@@ -155,7 +156,11 @@ def imagenet(tmp_path):
     for split in ("train", "val"):
         for k, wnid in enumerate(["n01751748", "n02119789"]):
             for j in range(2):
-                name = f"{wnid}_{j}.JPEG" if split == "train" else f"ILSVRC2012_val_0000000{2 * k + j + 1}.JPEG"
+                name = (
+                    f"{wnid}_{j}.JPEG"
+                    if split == "train"
+                    else f"ILSVRC2012_val_0000000{2 * k + j + 1}.JPEG"
+                )
                 _jpeg(root / split / wnid / name, 500, 375)
     (root / "val_boxes").mkdir()
     for i in range(1, 5):
@@ -210,11 +215,14 @@ def _coco_json():
         "info": {"description": "COCO 2017 Dataset", "version": "1.0", "year": 2017},
         "licenses": [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1,
                       "name": "Attribution-NonCommercial-ShareAlike License"}],
-        "images": [{"license": 4, "file_name": "000000397133.jpg", "height": 427, "width": 640, "id": 397133},
-                   {"license": 1, "file_name": "000000037777.jpg", "height": 230, "width": 352, "id": 37777}],
+        "images": [{"license": 4, "file_name": "000000397133.jpg", "height": 427, "width": 640,
+                    "id": 397133},
+                   {"license": 1, "file_name": "000000037777.jpg", "height": 230, "width": 352,
+                    "id": 37777}],
         "annotations": [
-            {"segmentation": [[10, 10, 20, 10, 20, 20]], "area": 702.1, "iscrowd": 0, "image_id": 397133,
-             "bbox": [102.49, 118.47, 7.9, 17.31], "category_id": 44, "id": 82445},
+            {"segmentation": [[10, 10, 20, 10, 20, 20]], "area": 702.1, "iscrowd": 0,
+             "image_id": 397133, "bbox": [102.49, 118.47, 7.9, 17.31], "category_id": 44,
+             "id": 82445},
             {"segmentation": [[0, 0, 1, 1, 2, 0]], "area": 100.0, "iscrowd": 1, "image_id": 397133,
              "bbox": [0.0, 0.0, 640.0, 427.0], "category_id": 1, "id": 82446},
         ],
@@ -236,8 +244,8 @@ def test_coco_reader(tmp_path):
     assert ds.ids == [37777, 397133]
     image, target = ds[1]
     assert image.size == (640, 427)
-    np.testing.assert_allclose(target["boxes"].numpy(), [[102.49, 118.47, 110.39, 135.78], [0, 0, 640, 427]],
-                               rtol=1e-6)
+    np.testing.assert_allclose(target["boxes"].numpy(),
+                               [[102.49, 118.47, 110.39, 135.78], [0, 0, 640, 427]], rtol=1e-6)
     assert target["labels"].tolist() == [3, 1] and target["difficult"].tolist() == [False, True]
     assert len(ds[0][1]["boxes"]) == 0 and ds[0][1]["boxes"].shape == (0, 4)
     assert len(COCODetection(tmp_path / "val2017", ann, remove_empty=True)) == 1
@@ -254,12 +262,16 @@ def test_coco_reader(tmp_path):
 
 
 def test_config_bases_overrides_and_unknown_keys(tmp_path):
-    (tmp_path / "base.yaml").write_text("model:\n  arch: resnet50\n  width: 1\noptim:\n  lr: 0.1\n")
+    (tmp_path / "base.yaml").write_text("model:\n  arch: resnet50\n  width: 1\noptim:\n  "
+                                        "lr: 0.1\n")
     (tmp_path / "child.yaml").write_text("_BASE_: base.yaml\nmodel:\n  arch: resnet18\n")
-    defaults = {"model": {"arch": "resnet50", "width": 1}, "optim": {"lr": 0.1, "wd": 1e-4}, "seed": 0}
+    defaults = {"model": {"arch": "resnet50", "width": 1}, "optim": {"lr": 0.1, "wd": 1e-4},
+                "seed": 0}
     cfg = load_config(tmp_path / "child.yaml", ["optim.lr=0.05", "seed=3"], defaults)
-    assert cfg == {"model": {"arch": "resnet18", "width": 1}, "optim": {"lr": 0.05, "wd": 1e-4}, "seed": 3}
-    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['optim.momentum'\]; valid keys under optim"):
+    assert cfg == {"model": {"arch": "resnet18", "width": 1}, "optim": {"lr": 0.05, "wd": 1e-4},
+                   "seed": 3}
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['optim.momentum'\]; valid "
+                       r"keys under optim"):
         load_config(tmp_path / "child.yaml", ["optim.momentum=0.9"], defaults)
     (tmp_path / "loop.yaml").write_text("_BASE_: loop.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):

@@ -19,14 +19,19 @@ def test_cifar_read_back_equals_the_renderer(small_toy_world):
     from mixup_transfer.toyworld.vocab import PRESETS, small_image_classes
 
     for _kind, n, key in (("cifar10", 10, "cifar10"), ("cifar100", 100, "cifar100")):
-        per = PRESETS["tiny"]["cifar_train"] if n == 10 else max(2, PRESETS["tiny"]["cifar_train"] // 5)
+        per = PRESETS["tiny"]["cifar_train"] if n == 10 else max(2, PRESETS["tiny"]["cifar_train"]
+                                                                 // 5)
         images, labels = cifar_split(0, n, per, test=False)
         ds = open_classification(small_toy_world, "train", key)
         assert ds.classes == [c.name for c in small_image_classes(n)]
         assert ds.targets == labels and len(ds) == n * per
         assert np.array_equal(ds.data, images)  # raw uint8: exactly the rendered pixels
         assert np.array_equal(np.asarray(ds.image(7)), images[7]) and ds[7][1] == labels[7]
-        per_test = PRESETS["tiny"]["cifar_test"] if n == 10 else max(1, PRESETS["tiny"]["cifar_test"] // 5)
+        per_test = (
+            PRESETS["tiny"]["cifar_test"]
+            if n == 10
+            else max(1, PRESETS["tiny"]["cifar_test"] // 5)
+        )
         test = open_classification(small_toy_world, "val", key)  # val = CIFAR's test batch
         assert np.array_equal(test.data, cifar_split(0, n, per_test, test=True)[0])
 
@@ -109,7 +114,8 @@ def test_tinyimagenet_read_back_equals_the_renderer(small_toy_world, tmp_path):
 
 
 def test_detect_layout(small_toy_world, tmp_path):
-    assert detect_layout(small_toy_world / "cifar-100-python") == ("cifar100", small_toy_world / "cifar-100-python")
+    assert detect_layout(small_toy_world / "cifar-100-python") == ("cifar100", small_toy_world
+                                                                   / "cifar-100-python")
     assert detect_layout(small_toy_world, "tinyimagenet")[0] == "tinyimagenet"
     with pytest.raises(DataError, match="several layouts"):
         detect_layout(small_toy_world)
@@ -153,7 +159,9 @@ def test_parameter_counts_by_hand():
     assert sum(p.numel() for p in build_resnet("resnet18_cifar", 10).parameters()) == 11_173_962
 
 
-@pytest.mark.parametrize("arch,maps", [("preactresnet18", [64, 128, 256, 512]), ("wrn16_8", [128, 256, 512, 512]),
+@pytest.mark.parametrize("arch,maps",
+                         [("preactresnet18", [64, 128, 256, 512]),
+                          ("wrn16_8", [128, 256, 512, 512]),
                                        ("resnet18_cifar", [64, 128, 256, 512])])
 def test_stage_shapes_at_32_and_64_px(arch, maps):
     from pretrain.methods import ResNetStages
@@ -164,7 +172,8 @@ def test_stage_shapes_at_32_and_64_px(arch, maps):
         x = torch.rand(2, 3, size, size)
         for k in range(1, 5):
             h = net.forward_to(x, k)
-            assert tuple(h.shape) == (2, maps[k - 1], sides[k - 1] * size // 32, sides[k - 1] * size // 32)
+            assert tuple(h.shape) == (2, maps[k - 1], sides[k - 1] * size // 32,
+                                      sides[k - 1] * size // 32)
             assert torch.allclose(net.forward_from(h, k), net.features(x), atol=1e-5)
         assert tuple(net(x).shape) == (2, 100)
 
@@ -187,7 +196,8 @@ def test_checkpoint_contract_and_robustness_model(arch, tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(x), net(x), atol=1e-5)
         fmap, logits = model.features_logits(x)
-        assert torch.allclose(fmap, net.features(x), atol=1e-5) and torch.allclose(logits, net(x), atol=1e-5)
+        assert torch.allclose(fmap, net.features(x), atol=1e-5) and torch.allclose(logits, net(x),
+                                                                                   atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,17 +207,20 @@ def test_pretrain_on_toy_cifar_then_robustness(small_toy_world, tmp_path, one_th
     from pretrain.task import run
     from transfer.robustness.evaluate import evaluate_checkpoint
 
-    cfg = {"data": {"root": str(small_toy_world / "cifar-10-batches-py"), "crop_size": 32, "num_workers": 0},
+    cfg = {"data": {"root": str(small_toy_world / "cifar-10-batches-py"), "crop_size": 32,
+                    "num_workers": 0},
            "model": {"arch": "preactresnet18"}, "method": {"name": "input_mixup"},
            "optim": {"batch_size": 20, "epochs": 1, "milestones": [1]},
            "runtime": {"device": "cpu", "precision": "fp32", "flops": False, "figures": False}}
     metrics = run(cfg, None, tmp_path / "run")
     assert metrics["arch"] == "preactresnet18" and metrics["steps"] == 100 // 20
-    header = [ln for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if "train_images" in ln][0]
+    header = [ln for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+              if "train_images" in ln][0]
     assert '"num_classes": 10' in header
-    out = evaluate_checkpoint(tmp_path / "run" / "backbone.pth", small_toy_world / "cifar-10-batches-py",
-                              suites="clean,calibration,fgsm", image_size=32, resize=32, batch_size=10,
-                              device="cpu", ood_noise=())
+    out = evaluate_checkpoint(tmp_path / "run" / "backbone.pth",
+                              small_toy_world / "cifar-10-batches-py",
+                              suites="clean,calibration,fgsm", image_size=32, resize=32,
+                              batch_size=10, device="cpu", ood_noise=())
     assert out["n_images"] == 30 and out["arch"] == "preactresnet18"
     assert 0 <= out["clean"]["top1_err"] <= 100
 
@@ -256,7 +269,8 @@ def test_preactresnet18_alignmixup_equals_the_alignmixup_network():
     from mixup_transfer.core.checkpoint import build_resnet
 
     root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("fixture_tool", root / "tools" / "make_method_fixtures.py")
+    spec = importlib.util.spec_from_file_location("fixture_tool",
+                                                  root / "tools" / "make_method_fixtures.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     d = np.load(root / "tests" / "fixtures" / "alignmix_preactresnet18.npz")
@@ -272,5 +286,7 @@ def test_preactresnet18_alignmixup_equals_the_alignmixup_network():
     plain = build_resnet("preactresnet18", 10).eval()
     plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("bn1.")})
     with torch.no_grad():
-        other = plain.layer4(plain.layer3(plain.layer2(plain.layer1(plain.conv1(torch.from_numpy(d["x"]))))))
+        other = plain.layer4(
+            plain.layer3(plain.layer2(plain.layer1(plain.conv1(torch.from_numpy(d["x"])))))
+        )
     assert not torch.allclose(other, ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())

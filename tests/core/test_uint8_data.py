@@ -12,7 +12,13 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from mixup_transfer.core.config import ConfigError
-from mixup_transfer.core.data import DataError, decode_uint8, read_bytes, read_image, read_image_uint8
+from mixup_transfer.core.data import (
+    DataError,
+    decode_uint8,
+    read_bytes,
+    read_image,
+    read_image_uint8,
+)
 from pretrain.data import (
     EncodedTrainTransform,
     EpochSampler,
@@ -40,7 +46,8 @@ def images(tmp_path_factory):
     g = np.random.default_rng(0)
     paths = []
     for k, (w, h) in enumerate([(160, 120), (97, 131), (200, 75), (90, 90)]):
-        low = Image.fromarray((g.random((6, 8, 3)) * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+        low = Image.fromarray((g.random((6, 8, 3))
+                               * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
         arr = np.asarray(low).astype(np.float32) + g.normal(0, 12, (h, w, 3))
         im = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
         path = out / (f"{k}.JPEG" if k < 3 else f"{k}.png")
@@ -120,9 +127,11 @@ def test_train_transform_equals_pil_path(images):
     4.75, mean 1.67, all of it a bias: PIL's ImageEnhance rounds to 8 bits after each of its three
     steps, the device-side ops are torchvision's float formulas (checked exactly in
     test_color_augment_is_torchvisions_float_jitter)."""
-    cases = [(64, 0.0, 0.0, 1, 0.3), (48, 0.0, 0.1, 1, 0.3), (32, 0.4, 0.0, 5, 2.0), (48, 0.4, 0.1, 5, 2.0)]
+    cases = [(64, 0.0, 0.0, 1, 0.3), (48, 0.0, 0.1, 1, 0.3), (32, 0.4, 0.0, 5, 2.0),
+             (48, 0.4, 0.1, 5, 2.0)]
     for size, cj, light, tol, mean_tol in cases:
-        old, new = train_transform(size, 0.08, True, cj, light), Uint8TrainTransform(size, 0.08, True, cj, light)
+        old, new = train_transform(size, 0.08, True, cj,
+                                   light), Uint8TrainTransform(size, 0.08, True, cj, light)
         for p in images:
             for seed in range(6):
                 torch.manual_seed(seed)
@@ -130,9 +139,14 @@ def test_train_transform_equals_pil_path(images):
                 after_old = torch.rand(1).item()
                 item, b = _new_path(new, p, seed)
                 assert torch.rand(1).item() == after_old  # the same draws consumed
-                assert isinstance(item, tuple) == (cj > 0 or light > 0) and b.shape == (3, size, size)
+                assert isinstance(item, tuple) == (cj > 0 or light > 0) and b.shape == (
+                    3,
+                    size,
+                    size,
+                )
                 d = (a - b).abs() * 255
-                assert d.max() <= tol + 1e-3 and d.mean() <= mean_tol, (p, seed, cj, light, d.max(), d.mean())
+                assert d.max() <= tol + 1e-3 and d.mean() <= mean_tol, (p, seed, cj, light,
+                                                                        d.max(), d.mean())
 
 
 def test_color_augment_is_torchvisions_float_jitter(images):
@@ -183,8 +197,13 @@ def test_device_conversion_equals_float_normalisation(images):
     old = torch.stack([TF.to_tensor(TF.to_pil_image(x)) for x in u8])
     for cl in (False, True):
         x, labels = batch_to_device((u8, torch.arange(4)), CPU, cl)
-        assert x.dtype == torch.float32 and torch.equal(x, old) and torch.equal(labels, torch.arange(4))
-        assert x.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        assert (
+            x.dtype == torch.float32
+            and torch.equal(x, old)
+            and torch.equal(labels, torch.arange(4))
+        )
+        assert x.is_contiguous(memory_format=torch.channels_last if cl
+                               else torch.contiguous_format)
     net = ResNetStages("resnet18", 10)
     normalised = (batch_to_device((u8, torch.arange(4)), CPU, False)[0] - net.mean) / net.std
     assert torch.equal(normalised, (old - net.mean) / net.std)
@@ -198,7 +217,8 @@ def test_gpu_decode_path_on_cpu_equals_uint8_path(images):
     resize rounded vs uint8 kernel), with and without the colour params; the PNG goes through the
     CPU fallback. nvJPEG itself is not exercised here."""
     for cj, light in [(0.0, 0.0), (0.4, 0.1)]:
-        enc, ref = EncodedTrainTransform(40, 0.08, True, cj, light), Uint8TrainTransform(40, 0.08, True, cj, light)
+        enc, ref = EncodedTrainTransform(40, 0.08, True, cj,
+                                         light), Uint8TrainTransform(40, 0.08, True, cj, light)
         items, want = [], []
         for k, p in enumerate(images):
             torch.manual_seed(k)
@@ -206,12 +226,18 @@ def test_gpu_decode_path_on_cpu_equals_uint8_path(images):
             want.append(_new_path(ref, p, k)[1])
         batch = collate_encoded(items)
         datas, crops, labels = batch[:3]
-        assert len(batch) == (4 if cj else 3) and crops.shape == (4, 6) and crops[:, 5].tolist() == [40] * 4
+        assert (
+            len(batch) == (4 if cj else 3)
+            and crops.shape == (4, 6)
+            and crops[:, 5].tolist() == [40] * 4
+        )
         assert labels.tolist() == [0, 1, 2, 3]
         x, y = batch_to_device(batch, CPU, False)
         # a 1-level rounding difference, times contrast x saturation (each <= 1.4)
         tol = 1.96 if cj else 1.0
-        assert x.shape == (4, 3, 40, 40) and (x - torch.stack(want)).abs().max() * 255 <= tol + 1e-3
+        assert (
+            x.shape == (4, 3, 40, 40) and (x - torch.stack(want)).abs().max() * 255 <= tol + 1e-3
+        )
         if not cj:
             assert torch.equal(decode_batch(datas, crops, CPU), x)
 
@@ -228,13 +254,16 @@ def test_persistent_workers_keep_each_epochs_order(images):
 
     sampler = EpochSampler(12, 4, seed=5)
     ds = SeededTransform(Files(), Uint8ValTransform(16, None))
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2, persistent_workers=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2,
+                                         persistent_workers=True)
     seen = []
     for epoch in range(3):
         sampler.set_epoch(epoch)
         seen.append(torch.cat([b[1] for b in loader]).tolist())
     for epoch in range(3):
-        want = torch.randperm(12, generator=torch.Generator().manual_seed(5 * 7919 + epoch)).tolist()
+        want = torch.randperm(
+            12, generator=torch.Generator().manual_seed(5 * 7919 + epoch)
+        ).tolist()
         assert seen[epoch] == want
     assert seen[0] != seen[1] != seen[2]
     sampler.set_epoch(1, start_step=2)
@@ -242,18 +271,22 @@ def test_persistent_workers_keep_each_epochs_order(images):
     # a partly consumed epoch, then a new one: the leftovers are discarded
     first = next(iter(loader))
     sampler.set_epoch(2)
-    assert first[1].tolist() == seen[1][8:] and torch.cat([b[1] for b in loader]).tolist() == seen[2]
+    assert (
+        first[1].tolist() == seen[1][8:] and torch.cat([b[1] for b in loader]).tolist() == seen[2]
+    )
 
 
 def test_select_loader():
-    assert select_loader("uint8", "cpu", CPU) == "uint8" and select_loader("pil", "cpu", CUDA) == "pil"
+    assert select_loader("uint8", "cpu", CPU) == "uint8" and select_loader("pil", "cpu",
+                                                                           CUDA) == "pil"
     assert select_loader("auto", "cpu", CUDA, dali_found=True) == "dali"
     assert select_loader("auto", "cpu", CPU, dali_found=True) == "uint8"
     assert select_loader("auto", "cpu", CUDA, dali_found=False) == "uint8"
     # DALI runs crop + flip only
     assert select_loader("auto", "cpu", CUDA, 0.4, 0.1, dali_found=True) == "uint8"
     assert select_loader("dali", "cpu", CUDA, dali_found=True) == "dali"
-    assert select_loader("uint8", "cuda", CUDA) == select_loader("uint8", "cuda", CUDA, 0.4, 0.1) == "uint8"
+    assert select_loader("uint8", "cuda", CUDA) == select_loader("uint8", "cuda", CUDA, 0.4,
+                                                                 0.1) == "uint8"
     bad = [(("dali", "cpu", CUDA), {"dali_found": False}, "pip install nvidia-dali-cuda120"),
            (("dali", "cpu", CPU), {"dali_found": True}, "needs a CUDA device"),
            (("dali", "cpu", CUDA, 0.4), {"dali_found": True}, "crop \\+ flip only"),
@@ -284,11 +317,12 @@ def test_resume_with_persistent_workers_equals_an_uninterrupted_run(toy_world, t
     from pretrain.task import train
 
     cfg = {"name": "t", "seed": 3, "model": {"arch": "resnet18"}, "method": {"name": "erm"},
-           "data": {"root": str(toy_world / "imagenet"), "crop_size": 32, "crop_schedule": [[1, 24]],
-                    "val_resize": 36, "num_workers": 0, "max_train": 32, "max_val": 8, "color_jitter": 0.4,
-                    "lighting": 0.1},
+           "data": {"root": str(toy_world / "imagenet"), "crop_size": 32,
+                    "crop_schedule": [[1, 24]], "val_resize": 36, "num_workers": 0,
+                    "max_train": 32, "max_val": 8, "color_jitter": 0.4, "lighting": 0.1},
            "optim": {"batch_size": 8, "epochs": 2, "lr": 0.05, "schedule": "cosine"},
-           "runtime": {"precision": "fp32", "flops": False, "figures": False, "checkpoint_every_steps": 2}}
+           "runtime": {"precision": "fp32", "flops": False, "figures": False,
+                       "checkpoint_every_steps": 2}}
     train(cfg, tmp_path / "a")
     workers = dict(cfg, data=dict(cfg["data"], num_workers=2))
     stopped = dict(workers, runtime=dict(cfg["runtime"], stop_after_steps=3))

@@ -35,9 +35,10 @@ def test_checks_run_and_report_on_the_cpu(toy_world, tmp_path, monkeypatch):
     """Two method checks and the decoder check on the CPU (fp32: CPU runs ignore bf16 / fp16), one
     check made to
     fail: every row is reported, the failure with its error, and the table and JSON agree."""
-    monkeypatch.setattr(gpu_check, "check_nccl", lambda: (_ for _ in ()).throw(RuntimeError("torchrun exited 1")))
-    report = gpu_check.run_checks(tmp_path, "cpu", only=("methods", "decode", "nccl"), methods=["erm", "cutmix"],
-                                  precisions=("fp32",), toy=toy_world)
+    monkeypatch.setattr(gpu_check, "check_nccl",
+                        lambda: (_ for _ in ()).throw(RuntimeError("torchrun exited 1")))
+    report = gpu_check.run_checks(tmp_path, "cpu", only=("methods", "decode", "nccl"),
+                                  methods=["erm", "cutmix"], precisions=("fp32",), toy=toy_world)
     rows = {r["check"]: r for r in report["rows"]}
     assert list(rows) == ["erm fp32", "cutmix fp32", "decode", "nccl"]
     assert [rows[k]["ok"] for k in rows] == [True, True, True, False]

@@ -26,7 +26,8 @@ def _fake_stages(monkeypatch, calls: list[str]) -> None:
 
     def detection(config, overrides, weights, run_dir):
         calls.append(f"{run_dir.parent.name}/{run_dir.name}")
-        return {"mAP": 12.5, "AP": 7.25, "AP50": 20.0, "train_img_per_s": 3.0, "test_img_per_s": 9.0}
+        return {"mAP": 12.5, "AP": 7.25, "AP50": 20.0, "train_img_per_s": 3.0,
+                "test_img_per_s": 9.0}
 
     def wsol(config, overrides, weights, run_dir):
         calls.append(f"{run_dir.parent.name}/wsol")
@@ -40,8 +41,9 @@ def _fake_stages(monkeypatch, calls: list[str]) -> None:
 def _config(tmp_path: Path) -> Path:
     cfg = yaml.safe_load((ROOT / "configs/pipeline/toy.yaml").read_text())
     (tmp_path / "data" / "imagenet").mkdir(parents=True)
-    cfg.update(name="failing", out_root=str(tmp_path / "runs"), methods=["erm", "input_mixup", "multimix"],
-               robustness=None, data={"root": str(tmp_path / "data"), "generate": None})
+    cfg.update(name="failing", out_root=str(tmp_path / "runs"),
+               methods=["erm", "input_mixup", "multimix"], robustness=None,
+               data={"root": str(tmp_path / "data"), "generate": None})
     for key in ("pretrain", "wsol"):
         cfg[key]["config"] = str(ROOT / cfg[key]["config"])
     for det in cfg["detection"]:
@@ -57,16 +59,20 @@ def test_failed_method_costs_only_its_own_stages(tmp_path, monkeypatch):
     with pytest.raises(StagesFailed) as err:
         run_pipeline(str(_config(tmp_path)))
     # input_mixup's pretraining failed: its downstream stages never ran, every other method's did
-    assert calls == ["erm/pretrain", "erm/ssd_voc", "erm/frcnn_coco", "erm/wsol", "input_mixup/pretrain",
-                     "multimix/pretrain", "multimix/ssd_voc", "multimix/frcnn_coco", "multimix/wsol",
-                     "baselines/ssd_voc", "baselines/frcnn_coco", "baselines/wsol"]
+    assert calls == ["erm/pretrain", "erm/ssd_voc", "erm/frcnn_coco", "erm/wsol",
+                     "input_mixup/pretrain", "multimix/pretrain", "multimix/ssd_voc",
+                     "multimix/frcnn_coco", "multimix/wsol", "baselines/ssd_voc",
+                     "baselines/frcnn_coco", "baselines/wsol"]
     assert err.value.failed == {
         "input_mixup/pretrain": "RuntimeError: non-finite loss (nan) at step 7; stopping",
         "input_mixup/ssd_voc": "not run: input_mixup/pretrain failed",
         "input_mixup/frcnn_coco": "not run: input_mixup/pretrain failed",
         "input_mixup/wsol": "not run: input_mixup/pretrain failed"}
     text = (tmp_path / "runs" / "failing" / "report.md").read_text()
-    assert "| input_mixup/pretrain | RuntimeError: non-finite loss (nan) at step 7; stopping |" in text
+    assert (
+        "| input_mixup/pretrain | RuntimeError: non-finite loss (nan) at step 7; stopping |"
+        in text
+    )
     rows = {}  # each row label's first line: the classification table
     for line in text.splitlines():
         if line.startswith("| "):
@@ -86,7 +92,9 @@ def test_run_pipeline_tool_exits_1_after_writing_the_report(tmp_path, monkeypatc
     assert tool.main(["--config", str(_config(tmp_path))]) == 1
     out, err = capsys.readouterr()
     assert "## Failed stages" in out
-    assert "4 stage(s) failed or did not run" in err and "input_mixup/pretrain: RuntimeError" in err
+    assert (
+        "4 stage(s) failed or did not run" in err and "input_mixup/pretrain: RuntimeError" in err
+    )
 
 
 def test_check_report_lists_empty_entries_and_failed_stages(tmp_path, monkeypatch, capsys):
@@ -99,10 +107,14 @@ def test_check_report_lists_empty_entries_and_failed_stages(tmp_path, monkeypatc
     assert check.main([str(summary)]) == 1
     err = capsys.readouterr().err
     assert "failed stage input_mixup/pretrain: RuntimeError" in err
-    assert "empty entry Classification (ImageNet layout, validation): input_mixup: top-1 acc (%)" in err
+    assert (
+        "empty entry Classification (ImageNet layout, validation): input_mixup: top-1 acc (%)"
+        in err
+    )
     assert "4 failed stages" in err
     complete = {"failed": {}, "tables": {"T": {"rows": {"erm": {"baseline": False, "a": {"n": 1}},
-                                                        "chance": {"baseline": True, "a": {"n": 0}}}}}}
+                                                        "chance": {"baseline": True,
+                                                                   "a": {"n": 0}}}}}}
     (tmp_path / "ok.json").write_text(json.dumps(complete))
     assert check.main([str(tmp_path / "ok.json")]) == 0
     (tmp_path / "bad.json").write_text("[1, 2]")
@@ -147,5 +159,7 @@ def test_a_failed_publish_keeps_the_published_page_and_figures(tmp_path, monkeyp
     monkeypatch.setattr(pub.shutil, "copyfile", full_disk)
     with pytest.raises(OSError, match="No space left"):
         pub.publish(tmp_path / "runs" / "failing", out)
-    assert {p.name: p.read_bytes() for p in fig_dir.iterdir()} == before and out.read_text() == page
-    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["results.md", "results_figures"]
+    assert {p.name: p.read_bytes()
+            for p in fig_dir.iterdir()} == before and out.read_text() == page
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["results.md",
+                                                                     "results_figures"]

@@ -13,7 +13,15 @@ import yaml
 from mixup_transfer.core.config import ConfigError, load_config
 from mixup_transfer.pipeline import tables
 from mixup_transfer.pipeline.run import Pipeline
-from mixup_transfer.pipeline.tables import RULE_ONE, RULE_SPREAD, Cell, Column, Table, best_rows, mean_std
+from mixup_transfer.pipeline.tables import (
+    RULE_ONE,
+    RULE_SPREAD,
+    Cell,
+    Column,
+    Table,
+    best_rows,
+    mean_std,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,7 +91,8 @@ def test_mixed_run_counts_and_a_lone_entry():
 # -- tables from hand-made runs
 # ---------------------------------------------------------------------------------
 def _runs(stage, method, vals, key="top1"):
-    return [{"metrics": {key: v}, "folder": f"{method}/seed{k}/{stage}", "seeds": {"pretrain": k, "transfer": None}}
+    return [{"metrics": {key: v}, "folder": f"{method}/seed{k}/{stage}",
+             "seeds": {"pretrain": k, "transfer": None}}
             for k, v in enumerate(vals)]
 
 
@@ -92,7 +101,8 @@ def _table(erm, mixup, base=None):
             ("mixup", {"pretrain": _runs("pretrain", "mixup", mixup)}, False)]
     if base is not None:
         rows.append(("chance", tables.const("pretrain", {"top1": base}), True))
-    return Table("T", "Caption.", [Column("top-1", "pretrain", lambda m: tables.get(m, "top1"))], rows)
+    return Table("T", "Caption.", [Column("top-1", "pretrain", lambda m: tables.get(m, "top1"))],
+                 rows)
 
 
 def test_table_with_seeds():
@@ -108,8 +118,10 @@ def test_table_with_seeds():
 
 def test_table_with_one_run_reads_as_before():
     md = _table([80.0], [80.0], base=99.0).markdown()
-    assert md == ("### T\n\nCaption. One run per entry (n=1).\n\n| method | top-1 ↑ |\n|---|---:|\n"
-                  "| erm | **[80.00](erm/seed0/pretrain/)** |\n| mixup | **[80.00](mixup/seed0/pretrain/)** |\n"
+    assert md == ("### T\n\nCaption. One run per entry (n=1).\n\n| method | top-1 ↑ "
+                  "|\n|---|---:|\n"
+                  "| erm | **[80.00](erm/seed0/pretrain/)** |\n| mixup | "
+                  "**[80.00](mixup/seed0/pretrain/)** |\n"
                   "| *chance* | 99.00 |\n\n" + RULE_ONE + "\n")
 
 
@@ -117,15 +129,20 @@ def test_detection_seeds_inside_a_stage_are_runs():
     """A detection config's own seeds (its `per_seed` list) count as runs; one seed keeps the
     stage's numbers."""
     per_seed = [{"seed": s, "mAP": v} for s, v in ((0, 10.0), (1, 14.0))]
-    res = {"methods": {"erm": {"ssd_voc": [{"metrics": {"mAP": 12.0, "per_seed": per_seed}, "folder": "erm/ssd_voc",
+    res = {"methods": {"erm": {"ssd_voc": [{"metrics": {"mAP": 12.0, "per_seed": per_seed},
+                                            "folder": "erm/ssd_voc",
                                             "seeds": {"pretrain": None, "transfer": None}}]},
                        "mixup": {"ssd_voc": [{"metrics": {"mAP": 3.0, "per_seed": per_seed[:1]},
                                               "folder": "mixup/ssd_voc", "seeds": {}}]}}}
     t = tables.detection_table(res, ["ssd_voc"])
     s = t.summary()["rows"]
-    assert s["erm"]["ssd_voc mAP (%)"]["values"] == [10.0, 14.0] and s["erm"]["ssd_voc mAP (%)"]["n"] == 2
+    assert (
+        s["erm"]["ssd_voc mAP (%)"]["values"] == [10.0, 14.0]
+        and s["erm"]["ssd_voc mAP (%)"]["n"] == 2
+    )
     assert s["erm"]["ssd_voc mAP (%)"]["std"] == pytest.approx(math.sqrt(8.0))
-    assert [r["folder"] for r in s["erm"]["ssd_voc mAP (%)"]["runs"]] == ["erm/ssd_voc/seed_0", "erm/ssd_voc/seed_1"]
+    assert [r["folder"] for r in s["erm"]["ssd_voc mAP (%)"]["runs"]] == ["erm/ssd_voc/seed_0",
+                                                                          "erm/ssd_voc/seed_1"]
     assert s["mixup"]["ssd_voc mAP (%)"]["values"] == [3.0]
     md = t.markdown()
     assert "[12.00 ± 2.83](erm/ssd_voc/)" in md and "n=2 (erm), n=1 (mixup)" in md
@@ -134,9 +151,15 @@ def test_detection_seeds_inside_a_stage_are_runs():
 def test_summary_holds_values_mean_std_and_bold():
     s = _table([80.0, 82.0, 81.0], [70.0, 71.0, 69.0]).summary()
     erm = s["rows"]["erm"]["top-1"]
-    assert erm["values"] == [80.0, 82.0, 81.0] and erm["mean"] == 81.0 and erm["std"] == 1.0 and erm["n"] == 3
+    assert (
+        erm["values"] == [80.0, 82.0, 81.0]
+        and erm["mean"] == 81.0
+        and erm["std"] == 1.0
+        and erm["n"] == 3
+    )
     assert erm["bold"] and not s["rows"]["mixup"]["top-1"]["bold"]
-    assert erm["runs"][1] == {"folder": "erm/seed1/pretrain", "seeds": {"pretrain": 1, "transfer": None}}
+    assert erm["runs"][1] == {"folder": "erm/seed1/pretrain",
+                              "seeds": {"pretrain": 1, "transfer": None}}
     assert s["columns"] == {"top-1": {"better": "high"}}
     json.dumps(s, allow_nan=False)  # plain JSON
 
@@ -167,7 +190,9 @@ def test_default_plan_is_todays_stages_and_keys():
     det = cfg["detection"][0]
     by_label = {s.label: s for s in plan}
     # a stage's key hashes its resolved config, its upstream stage's key and its inputs' identity
-    assert by_label["erm/pretrain"].spec["config"] == load_config(p["config"].replace("{method}", "erm"), ov)
+    assert by_label["erm/pretrain"].spec["config"] == load_config(
+        p["config"].replace("{method}", "erm"), ov
+    )
     assert by_label["erm/ssd_voc"].spec["config"] == load_config(
         det["config"], [o.replace("{data}", data) for o in det["overrides"]])
     assert by_label["erm/ssd_voc"].spec["backbone"] == by_label["erm/pretrain"].key
@@ -182,9 +207,11 @@ def test_seed_lists_expand_to_one_stage_per_seed():
     for m in ("erm", "multimix"):
         for k in (0, 1):
             want.append(f"{m}/seed{k}/pretrain")
-            want += [f"{m}/seed{k}/transfer_seed{t}/{s}" for t in (0, 2) for s in ("ssd_voc", "frcnn_coco", "wsol")]
+            want += [f"{m}/seed{k}/transfer_seed{t}/{s}" for t in (0, 2)
+                     for s in ("ssd_voc", "frcnn_coco", "wsol")]
             want.append(f"{m}/seed{k}/robustness")
-    want += [f"baselines/transfer_seed{t}/{s}" for t in (0, 2) for s in ("ssd_voc", "frcnn_coco", "wsol")]
+    want += [f"baselines/transfer_seed{t}/{s}" for t in (0, 2)
+             for s in ("ssd_voc", "frcnn_coco", "wsol")]
     assert labels == want and len(want) == 38
     assert len({s.key for s in plan}) == 38  # every run its own content key
     st = {s.label: s for s in plan}
@@ -198,7 +225,8 @@ def test_seed_lists_expand_to_one_stage_per_seed():
     assert st["baselines/transfer_seed2/wsol"].spec["backbone"] is None
 
     # adding a seed leaves the existing runs' keys alone: they are reused
-    more = {s.label: s.key for s in Pipeline(_cfg(seeds={"pretrain": [0, 1, 2], "transfer": [0, 2]})).plan()}
+    more = {s.label: s.key
+            for s in Pipeline(_cfg(seeds={"pretrain": [0, 1, 2], "transfer": [0, 2]})).plan()}
     assert all(more[label] == s.key for label, s in st.items())
 
 
@@ -231,23 +259,37 @@ def test_pipeline_with_two_pretraining_seeds(tmp_path, toy_world):
     shutil.copytree(toy_world, data)
     path = _tiny_config(tmp_path, data, "seeds")
     cfg = yaml.safe_load(path.read_text())
-    cfg.update(methods=["erm"], seeds={"pretrain": [0, 1], "transfer": [0]}, baselines={"random_init": False})
+    cfg.update(methods=["erm"], seeds={"pretrain": [0, 1], "transfer": [0]},
+               baselines={"random_init": False})
     cfg["detection"] = cfg["detection"][:1]  # ssd_voc
     path.write_text(yaml.safe_dump(cfg))
     report = run_pipeline(str(path))
     run_dir = tmp_path / "runs" / "seeds"
     stages = sorted(p.parent.relative_to(run_dir).as_posix() for p in run_dir.rglob("stage.json"))
     assert stages == sorted(f"erm/seed{k}/{s}" for k in (0, 1)
-                            for s in ("pretrain", "transfer_seed0/ssd_voc", "transfer_seed0/wsol", "robustness"))
+                            for s in ("pretrain", "transfer_seed0/ssd_voc", "transfer_seed0/wsol",
+                                      "robustness"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["seeds"] == {"pretrain": [0, 1], "transfer": [0]}
-    got = summary["tables"]["Classification (ImageNet layout, validation)"]["rows"]["erm"]["top-1 acc (%)"]
-    top1 = [json.loads((run_dir / f"erm/seed{k}/pretrain/stage.json").read_text())["metrics"]["top1"] for k in (0, 1)]
+    got = summary["tables"]["Classification (ImageNet layout, validation)"]["rows"]["erm"][
+        "top-1 acc (%)"
+    ]
+    top1 = [
+        json.loads((run_dir / f"erm/seed{k}/pretrain/stage.json").read_text())["metrics"]["top1"]
+        for k in (0, 1)
+    ]
     assert got["values"] == top1 and got["n"] == 2
-    assert got["mean"] == pytest.approx(statistics.mean(top1)) and got["std"] == pytest.approx(statistics.stdev(top1))
+    assert got["mean"] == pytest.approx(statistics.mean(top1)) and got["std"] == pytest.approx(
+        statistics.stdev(top1)
+    )
     text = report.read_text()
-    assert f"[{got['mean']:.2f} ± {got['std']:.2f}](erm/)" in text and "n=2" in text and RULE_SPREAD in text
-    wsol = summary["tables"][next(t for t in summary["tables"] if t.startswith("Weakly"))]["rows"]["erm"]
+    assert (
+        f"[{got['mean']:.2f} ± {got['std']:.2f}](erm/)" in text
+        and "n=2" in text
+        and RULE_SPREAD in text
+    )
+    wsol = summary["tables"][next(t for t in summary["tables"]
+                                  if t.startswith("Weakly"))]["rows"]["erm"]
     assert wsol["MaxBoxAccV2 (%)"]["n"] == 2
     stamps = {s: (run_dir / s / "stage.json").stat().st_mtime_ns for s in stages}
     run_pipeline(str(path))  # the same seeds again: every stage reused

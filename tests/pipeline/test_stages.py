@@ -30,7 +30,9 @@ def test_declarations_resolve_to_their_schemas_and_entry_points():
     from pretrain.task import run as pretrain_run
     from transfer.robustness.stage import DEFAULTS as ROBUSTNESS
 
-    assert stage("pretrain").defaults() is PRETRAIN and stage("robustness").defaults() is ROBUSTNESS
+    assert (
+        stage("pretrain").defaults() is PRETRAIN and stage("robustness").defaults() is ROBUSTNESS
+    )
     from wsol.finetune import DEFAULTS as WSOL
 
     assert stage("wsol").defaults() is WSOL
@@ -48,7 +50,8 @@ def test_the_launcher_reads_the_declarations(tmp_path):
     cfg = stage("robustness").load_config(None, ["out=elsewhere"])
     assert launch.default_run_dir("robustness", None, cfg, tmp_path) == tmp_path / "elsewhere"
     cfg = stage("pretrain").load_config(str(ROOT / "configs/pretrain/toy_erm.yaml"))
-    assert launch.default_run_dir("pretrain", None, cfg, tmp_path) == tmp_path / "runs" / cfg["name"]
+    assert launch.default_run_dir("pretrain", None, cfg,
+                                  tmp_path) == tmp_path / "runs" / cfg["name"]
     with pytest.raises(ConfigError, match="stage pretrain needs --config"):
         stage("pretrain").load_config(None)
     with pytest.raises(ConfigError, match="stage robustness needs --checkpoint and --imagenet"):
@@ -64,7 +67,8 @@ def test_run_passes_only_the_options_a_stage_declares(monkeypatch):
     from mixup_transfer.core import stage as core_stage
 
     seen = {}
-    monkeypatch.setattr(core_stage, "_resolve", lambda ref: lambda cfg, inputs, run_dir, **kw: seen.update(kw) or {})
+    monkeypatch.setattr(core_stage, "_resolve", lambda ref: lambda cfg, inputs, run_dir,
+                        **kw: seen.update(kw) or {})
     stage("robustness").run({}, None, "r", resume=True, force=False)
     assert seen == {}  # robustness only evaluates: neither option
     for name in ("pretrain", "detection", "wsol"):

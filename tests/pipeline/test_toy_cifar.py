@@ -9,15 +9,21 @@ import pytest
 import torch
 import yaml
 
-from mixup_transfer.core.checkpoint import build_resnet, feature_dim, infer_arch, resnet_from_checkpoint, save_backbone
+from mixup_transfer.core.checkpoint import (
+    build_resnet,
+    feature_dim,
+    infer_arch,
+    resnet_from_checkpoint,
+    save_backbone,
+)
 from mixup_transfer.core.config import ConfigError
 from mixup_transfer.pipeline import tables
 from mixup_transfer.pipeline.report import write_report
 from mixup_transfer.pipeline.run import Pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ["erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix", "alignmix", "multimix", "dense_multimix",
-           "multi_interp", "saliencymix"]
+METHODS = ["erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix", "alignmix", "multimix",
+           "dense_multimix", "multi_interp", "saliencymix"]
 
 
 def _cfg(**extra) -> dict:
@@ -29,9 +35,11 @@ def _cfg(**extra) -> dict:
 
 def test_plan_is_ten_methods_three_seeds_pretrain_and_robustness_only():
     plan = Pipeline(_cfg()).plan()
-    want = [f"{m}/seed{k}/{s}" for m in METHODS for k in (0, 1, 2) for s in ("pretrain", "robustness")]
+    want = [f"{m}/seed{k}/{s}" for m in METHODS for k in (0, 1, 2)
+            for s in ("pretrain", "robustness")]
     assert [s.label for s in plan] == want and len(plan) == 60
-    assert sum(s.name == "pretrain" for s in plan) == 30 and sum(s.name == "robustness" for s in plan) == 30
+    assert sum(s.name == "pretrain" for s in plan) == 30 and sum(s.name == "robustness"
+                                                                 for s in plan) == 30
     assert len({s.key for s in plan}) == 60
     st = {s.label: s for s in plan}
     cfg = st["multi_interp/seed2/pretrain"].spec["config"]
@@ -64,7 +72,8 @@ def test_unknown_keys_are_errors(tmp_path):
     cfg["robustness"]["roots"] = "x"
     with pytest.raises(ConfigError, match="robustness.*roots"):
         Pipeline(cfg)
-    cfg = _cfg(data={"root": str(tmp_path / "d"), "generate": {"preset": "tiny", "tracks": "small"}})
+    cfg = _cfg(data={"root": str(tmp_path / "d"),
+                     "generate": {"preset": "tiny", "tracks": "small"}})
     with pytest.raises(ConfigError, match="data.generate.*tracks"):
         Pipeline(cfg)._ensure_data()
 
@@ -99,21 +108,26 @@ def _run(folder, **metrics):
 
 
 def test_report_on_the_cifar_track(tmp_path):
-    ood = {s: {"det_acc": 60.0 + i, "det_acc_at_thr": 50.0, "auroc": 55.0, "aupr_in": 70.0, "aupr_out": 40.0}
+    ood = {s: {"det_acc": 60.0 + i, "det_acc_at_thr": 50.0, "auroc": 55.0, "aupr_in": 70.0,
+               "aupr_out": 40.0}
            for i, s in enumerate(("LSUN", "iSUN", "TinyImageNet", "uniform"))}
     def rob(k, e):
-        return _run(f"erm/seed{k}/robustness", clean={"top1_err": e}, calibration={"ece": 3.0, "oe": 1.0},
-                    fgsm={"top1_err": 96.0}, pgd={"top1_err": 97.0, "iters": 20}, ood=ood,
+        return _run(f"erm/seed{k}/robustness", clean={"top1_err": e},
+                    calibration={"ece": 3.0, "oe": 1.0}, fgsm={"top1_err": 96.0},
+                    pgd={"top1_err": 97.0, "iters": 20}, ood=ood,
                     embedding={"alignment": 0.2, "uniformity": -2.0, "n": 200, "dim": 128})
     results = {"methods": {"erm": {
-        "pretrain": [_run(f"erm/seed{k}/pretrain", top1=t, top5=50.0, num_classes=100, dataset="cifar100")
+        "pretrain": [_run(f"erm/seed{k}/pretrain", top1=t, top5=50.0, num_classes=100,
+                          dataset="cifar100")
                      for k, t in ((0, 14.0), (1, 16.0))],
-        "robustness": [rob(0, 86.0), rob(1, 84.0)]}}, "baselines": {}, "seeds": {"pretrain": [0, 1]}}
+        "robustness": [rob(0, 86.0), rob(1, 84.0)]}}, "baselines": {},
+        "seeds": {"pretrain": [0, 1]}}
     cls = tables.classification_table(results)
     assert cls.title == "Classification (CIFAR-100 layout, test)"
     assert tables.background_table(results) is None
     cal = tables.calibration_adversarial_table(results, with_clean=True)
-    assert [c.header for c in cal.columns][:2] == ["clean top-1 err (%)", "ECE (%)"] and "20 iterations" in cal.note
+    assert [c.header for c in cal.columns][:2] == ["clean top-1 err (%)",
+                                                   "ECE (%)"] and "20 iterations" in cal.note
     cfg = {"name": "t", "data": {"root": "d"}, "robustness": {"suites": "all"}}
     md = write_report(tmp_path, results, cfg).read_text()
     # mean ± sample std of 14 and 16 (a lone row: bold)

@@ -16,8 +16,10 @@ from pretrain.methods.base import ResNetStages
 
 FIX = Path(__file__).parents[1] / "fixtures" / "comixup_official.npz"
 SOLVER_CASES = [(4, 4, "hard", True, 4, 0.32, 1.0, 0.83), (6, 4, "hard", True, 4, 0.32, 1.0, 0.83),
-                (8, 2, "hard", True, 3, 0.32, 1.0, 0.83), (5, 8, "soft", False, 4, 0.48, 0.5, 0.81),
-                (10, 4, "hard", True, 4, 0.16, 1.0, 0.84), (3, 4, "soft", True, 2, 0.32, 2.0, 0.83)]
+                (8, 2, "hard", True, 3, 0.32, 1.0, 0.83),
+                (5, 8, "soft", False, 4, 0.48, 0.5, 0.81),
+                (10, 4, "hard", True, 4, 0.16, 1.0, 0.84),
+                (3, 4, "soft", True, 2, 0.32, 2.0, 0.83)]
 PROCESS_CASES = [(8, 4, 4, 16), (10, 4, 2, 16)]
 SOLVERS = ["swap"] + (["gco"] if have_gco() else [])
 
@@ -35,7 +37,8 @@ def _t(a):
 def test_labelings_equal_the_official_code(fix, solver):
     for k, (_, g, kind, resolve, niter, beta, gamma, thres) in enumerate(SOLVER_CASES):
         onehot = cs.comix_labelings(_t(fix[f"cost_{k}"]), _t(fix[f"A_{k}"]), _t(fix[f"init_{k}"]),
-                                    _t(fix[f"prior_{k}"]), beta, gamma, 0.05, thres, kind, resolve, niter, solver)
+                                    _t(fix[f"prior_{k}"]), beta, gamma, 0.05, thres, kind, resolve,
+                                    niter, solver)
         np.testing.assert_array_equal(onehot.numpy(), fix[f"onehot_{k}"], err_msg=f"case {k}")
         obj = cs.objective(_t(fix[f"cost_{k}"]), onehot, beta / g / g, gamma / g / g)
         np.testing.assert_allclose(obj.numpy(), fix[f"obj_{k}"], rtol=1e-6)
@@ -48,10 +51,11 @@ def test_mixup_process_equals_the_official_code(fix, solver):
         priors, inits = _t(fix[f"p_priors_{k}"]), _t(fix[f"p_inits_{k}"])
         x, y = _t(fix[f"p_x_{k}"]), _t(fix[f"p_y_{k}"])
         xs, ys = [], []
-        for p, (cost, A) in enumerate(cs.partition_costs(pooled, _t(fix[f"p_adist_{k}"]), part, 0.001)):
+        for p, (cost, A) in enumerate(cs.partition_costs(pooled, _t(fix[f"p_adist_{k}"]), part,
+                                                         0.001)):
             s, n = p * part, cost.shape[0]
-            onehot = cs.comix_labelings(cost, A, inits[s:s + n], priors[s:s + n], 0.32, 1.0, 0.05, 0.83,
-                                        solver=solver)
+            onehot = cs.comix_labelings(cost, A, inits[s:s + n], priors[s:s + n], 0.32, 1.0, 0.05,
+                                        0.83, solver=solver)
             out = cm.mix_input(onehot, x[s:s + n], y[s:s + n])
             xs.append(out[0])
             ys.append(out[1])
@@ -66,20 +70,25 @@ def test_objective_and_penalty_by_hand():
     + 4 + 0) = 4."""
     cost = torch.tensor([[[1.0, 2.0]], [[3.0, 5.0]]])  # [n = 2, 1, 2]
     onehot = F.one_hot(torch.tensor([[[0, 1]], [[0, 0]]]), 2).float()
-    assert cs.objective(cost, onehot, 0.5, 0.25).item() == pytest.approx((1 + 5 + 1 + 2) + 0.5 + 0.25 * 4)
+    assert cs.objective(cost, onehot, 0.5, 0.25).item() == pytest.approx((1 + 5 + 1 + 2) + 0.5
+                                                                         + 0.25 * 4)
     A, others = torch.tensor([[1.0, 0.5], [0.0, 1.0]]), torch.tensor([2.0, 4.0])
     # A others = [4, 4]; thres 3.5: both over -> hard = 2 g (A @ others), soft = 2 g (A others -
     # thres)
-    torch.testing.assert_close(cs.modular_penalty(A, others, 3.5, 0.5, "hard"), torch.tensor([4.0, 4.0]))
-    torch.testing.assert_close(cs.modular_penalty(A, others, 3.5, 0.5, "soft"), torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(cs.modular_penalty(A, others, 3.5, 0.5, "hard"),
+                               torch.tensor([4.0, 4.0]))
+    torch.testing.assert_close(cs.modular_penalty(A, others, 3.5, 0.5, "soft"),
+                               torch.tensor([0.5, 0.5]))
     # none over
     torch.testing.assert_close(cs.modular_penalty(A, others, 4.0, 0.5, "hard"), torch.zeros(2))
     # others [2, 2]: A others = [3, 2], thres 2.5, only input 0 over. The official hard expression
     # zeroes the columns of A not over: [[1, 0], [0, 0]] @ [2, 2] = [2, 0] (not [3, 0]); soft: [3 -
     # 2.5, 0]
     two = torch.tensor([2.0, 2.0])
-    torch.testing.assert_close(cs.modular_penalty(A, two, 2.5, 0.5, "hard"), torch.tensor([2.0, 0]))
-    torch.testing.assert_close(cs.modular_penalty(A, two, 2.5, 0.5, "soft"), torch.tensor([0.5, 0]))
+    torch.testing.assert_close(cs.modular_penalty(A, two, 2.5, 0.5, "hard"),
+                               torch.tensor([2.0, 0]))
+    torch.testing.assert_close(cs.modular_penalty(A, two, 2.5, 0.5, "soft"),
+                               torch.tensor([0.5, 0]))
 
 
 def test_resolve_cost_by_hand():
@@ -100,7 +109,8 @@ def test_salient_points_and_compatibility_by_hand():
     torch.testing.assert_close(pts, torch.tensor([[0.0, 0.0], [2.0, 2.0]]))
     a_dist = torch.tensor([[0.0, 4.0], [4.0, 0.0]])
     # n / sum = 2 / 8: off-diagonal 1 * omega
-    torch.testing.assert_close(cs.compatibility(a_dist, 0.1), torch.tensor([[0.9, 0.1], [0.1, 0.9]]))
+    torch.testing.assert_close(cs.compatibility(a_dist, 0.1),
+                               torch.tensor([[0.9, 0.1], [0.1, 0.9]]))
     torch.testing.assert_close(cs.compatibility(torch.zeros(2, 2), 0.1), 0.9 * torch.eye(2))
 
 

@@ -51,14 +51,15 @@ def test_doc_snippet_runs_as_written(i, one_thread):
 # every registered method, with knobs that fit a 32 px input (as tests/pretrain/test_sync_free.py's
 # cases)
 CASES = [
-    ("erm", {}), ("input_mixup", {}), ("manifold_mixup", {}), ("cutmix", {}), ("puzzlemix", {"solver": "swap"}),
-    ("multimix", {"n": 20}), ("multimix", {"n": 8, "layer": 2, "dense_loss": True}), ("dense_multimix", {"n": 20}),
-    ("multi_interp", {"k": 2, "puzzle": {"solver": "swap"}}), ("multi_interp", {"base": "input", "k": 3}),
-    ("multi_interp", {"base": "manifold", "k": 3}), ("multi_interp", {"base": "cutmix", "k": 3}),
-    ("alignmix", {}), ("alignmix_stage2", {"resolution": 1}), ("alignmix_ae", {"resolution": 1, "decoder_size": 32}),
+    ("erm", {}), ("input_mixup", {}), ("manifold_mixup", {}), ("cutmix", {}),
+    ("puzzlemix", {"solver": "swap"}), ("multimix", {"n": 20}),
+    ("multimix", {"n": 8, "layer": 2, "dense_loss": True}), ("dense_multimix", {"n": 20}),
+    ("multi_interp", {"k": 2, "puzzle": {"solver": "swap"}}),
+    ("multi_interp", {"base": "input", "k": 3}), ("multi_interp", {"base": "manifold", "k": 3}),
+    ("multi_interp", {"base": "cutmix", "k": 3}), ("alignmix", {}),
+    ("alignmix_stage2", {"resolution": 1}), ("alignmix_ae", {"resolution": 1, "decoder_size": 32}),
     ("zeta_mixup", {}), ("tokenmix", {"labels": "area", "patch_size": 8, "minimum_tokens": 1}),
-    ("comixup", {"solver": "swap"}),
-    ("transmix", {}), ("transmix", {"switch_prob": 1.0}),
+    ("comixup", {"solver": "swap"}), ("transmix", {}), ("transmix", {"switch_prob": 1.0}),
     ("saliencymix", {"prob": 1.0}), ("supermix", {"max_iter": 2, "mask_w": 4}),
 ]
 # methods that need a ViT (the class token's attention); the others a ResNet-18
@@ -71,22 +72,25 @@ def test_the_cases_cover_every_registered_method():
 
 def tiny_cfg(root, name, knobs):
     return {"name": "lib", "seed": 3,
-            "data": {"root": str(root), "crop_size": 32, "val_resize": 36, "num_workers": 0, "max_train": 16,
-                     "max_val": 8},
-            "model": {"arch": ARCH.get(name, "resnet18"), "num_classes": C}, "method": {"name": name, **knobs},
-            "optim": {"batch_size": 4, "epochs": 1, "lr": 0.05},
+            "data": {"root": str(root), "crop_size": 32, "val_resize": 36, "num_workers": 0,
+                     "max_train": 16, "max_val": 8},
+            "model": {"arch": ARCH.get(name, "resnet18"), "num_classes": C},
+            "method": {"name": name, **knobs}, "optim": {"batch_size": 4, "epochs": 1, "lr": 0.05},
             "runtime": {"precision": "fp32", "flops": False, "figures": False}}
 
 
 def loss_and_grads(method, net, images, labels):
     out = method(images, labels)
     loss = sum(v for k, v in out.items() if k.startswith("loss"))
-    grads = torch.autograd.grad(loss, [p for p in net.parameters() if p.requires_grad], allow_unused=True)
+    grads = torch.autograd.grad(loss, [p for p in net.parameters() if p.requires_grad],
+                                allow_unused=True)
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("name,knobs", CASES, ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k in CASES])
-def test_library_and_trainer_give_identical_losses_and_gradients(toy_world, tmp_path, one_thread, name, knobs):
+@pytest.mark.parametrize("name,knobs", CASES,
+                         ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k in CASES])
+def test_library_and_trainer_give_identical_losses_and_gradients(toy_world, tmp_path, one_thread,
+                                                                 name, knobs):
     """The trainer's method (built by pretrain.task on its ResNetStages, seeded by the task) and
     the same method built by a user on a plain torchvision.models.resnet18 (a plain timm ViT for
     TransMix) with the same weights, seeded by the same task code."""
@@ -95,7 +99,8 @@ def test_library_and_trainer_give_identical_losses_and_gradients(toy_world, tmp_
     if METHODS[name].uses_teacher(knobs):
         from mixup_transfer.core.checkpoint import save_backbone
 
-        save_backbone(tmp_path / "teacher.pth", torchvision.models.resnet18(num_classes=C), {"arch": "resnet18"})
+        save_backbone(tmp_path / "teacher.pth", torchvision.models.resnet18(num_classes=C),
+                      {"arch": "resnet18"})
         cfg["teacher"] = str(tmp_path / "teacher.pth")
     task, _ = build(cfg, tmp_path)
     trainer = task.model
@@ -130,21 +135,31 @@ def test_a_user_loop_with_the_mixers_equals_the_trainer(toy_world, tmp_path, one
     trainer's method on the same draws, replayed from the trainer's seeded streams (host numpy
     stream: lam, box centre, grid; device
     torch stream: the partners)."""
-    knobs = {"base": "cutmix", "k": 3} if name == "multi_interp_cutmix" else {"solver": "swap"} if name == "puzzlemix" \
+    knobs = (
+        {"base": "cutmix", "k": 3}
+        if name == "multi_interp_cutmix"
+        else {"solver": "swap"}
+        if name == "puzzlemix"
         else {}
-    task, seed = trainer_method(toy_world, tmp_path, "multi_interp" if name == "multi_interp_cutmix" else name, knobs)
+    )
+    task, seed = trainer_method(toy_world, tmp_path,
+                                "multi_interp" if name == "multi_interp_cutmix" else name, knobs)
     g = torch.Generator().manual_seed(0)
     images, labels = torch.rand(5, 3, 32, 32, generator=g), torch.randint(C, (5,), generator=g)
     model = task.net  # a Backbone: forward(x) -> logits
     task.before_step(5)
     loss_t = task.model(images, labels)["loss"]
-    host, perm = np.random.default_rng(seed), torch.randperm(5, generator=torch.Generator().manual_seed(seed))
+    host, perm = (
+        np.random.default_rng(seed),
+        torch.randperm(5, generator=torch.Generator().manual_seed(seed)),
+    )
     if name == "input_mixup":
         x, t = M.MixUp(1.0, C).apply(images, labels, M.Draw(perm, [host.beta(1.0, 1.0)]))
     elif name == "cutmix":
         host.random()  # the trainer's prob coin
         lam = host.beta(1.0, 1.0)
-        x, t = M.CutMix(1.0, C).apply(images, labels, M.Draw(perm, [lam], (host.integers(32), host.integers(32))))
+        x, t = M.CutMix(1.0, C).apply(images, labels,
+                                      M.Draw(perm, [lam], (host.integers(32), host.integers(32))))
     elif name == "multi_interp_cutmix":
         lams = np.sort(host.beta(1.0, 1.0, 3)).tolist()
         draw = M.Draw(perm, lams, (int(host.integers(32)), int(host.integers(32))))
@@ -170,9 +185,11 @@ def test_adapters_split_where_asked_and_refuse_what_they_cannot_train():
     assert torch.equal(bb(x), net(x)) and bb.num_stages == 4
     assert list(bb.state_dict()) == ["net." + k for k in net.state_dict()]
     seq = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 8, 3),
-                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, C)).eval()
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(8, C)).eval()
     sb = from_sequential(seq, [1, 2])
-    assert torch.equal(sb.forward_to(x, 1), seq[:2](x)) and torch.equal(sb.forward_from(seq[:2](x), 1), seq[:3](x))
+    assert torch.equal(sb.forward_to(x, 1),
+                       seq[:2](x)) and torch.equal(sb.forward_from(seq[:2](x), 1), seq[:3](x))
     assert torch.allclose(sb(x), seq(x), atol=1e-6)
     with pytest.raises(ValueError, match="mixing point"):
         sb.forward_to(x, 3)

@@ -20,7 +20,8 @@ def batch(toy_world):
     from mixup_transfer.core.data import ImageNetFolder
     from pretrain.data import val_transform
 
-    ds = ImageNetFolder(toy_world / "imagenet", "train", transform=val_transform(64, 64), boxes=None)
+    ds = ImageNetFolder(toy_world / "imagenet", "train", transform=val_transform(64, 64),
+                        boxes=None)
     idx = [int(i * len(ds) / 8) for i in range(8)]
     images = torch.stack([ds[i][0] for i in idx])
     labels = torch.tensor([ds[i][1] for i in idx])
@@ -42,9 +43,14 @@ def test_registry_errors_list_valid_names():
     assert method_knobs("multimix")["n"] == 1000
     # alignmix is the released code's variant: its knobs are the code's constants (no head, modes
     # or resolution)
-    assert method_knobs("alignmix") == {"alpha": 2.0, "eps": 0.1, "n_iters": 100, "tol": 0.1, "dense_loss": False}
-    assert method_knobs("alignmix_stage2")["resolution"] == 4 and method_knobs("alignmix_stage2")["tol"] is None
-    with pytest.raises(ValueError, match=r"'alignmix_official' was renamed: use alignmix \(the AlignMixup released"):
+    assert method_knobs("alignmix") == {"alpha": 2.0, "eps": 0.1, "n_iters": 100, "tol": 0.1,
+                                        "dense_loss": False}
+    assert (
+        method_knobs("alignmix_stage2")["resolution"] == 4
+        and method_knobs("alignmix_stage2")["tol"] is None
+    )
+    with pytest.raises(ValueError, match=r"'alignmix_official' was renamed: use alignmix \(the "
+                       r"AlignMixup released"):
         build_method("alignmix_official", ResNetStages("resnet18", C), C)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['head'\] for method 'alignmix'"):
         build_method("alignmix", ResNetStages("resnet18", C), C, head="fc")
@@ -59,12 +65,17 @@ def test_multi_mix_is_refused_with_the_name_of_multi_interp():
     from pretrain.methods import METHODS, MultiMix, build_configured, check_method_config
     from pretrain.methods.multi_interp import MultiInterp
 
-    assert METHODS["multi_interp"] is MultiInterp and METHODS["multimix"] is MultiMix and "multi_mix" not in METHODS
+    assert (
+        METHODS["multi_interp"] is MultiInterp
+        and METHODS["multimix"] is MultiMix
+        and "multi_mix" not in METHODS
+    )
     with pytest.raises(ValueError, match=r"'multi_mix' was renamed: use multi_interp"):
         build_method("multi_mix", ResNetStages("resnet18", C), C, k=2)
     with pytest.raises(ValueError, match=r"'multi_mix' was renamed: use multi_interp"):
         method_knobs("multi_mix")
-    with pytest.raises(ConfigError, match=r"method.name: unknown method 'multi_mix' \(renamed: use multi_interp"):
+    with pytest.raises(ConfigError, match=r"method.name: unknown method 'multi_mix' \(renamed: "
+                       r"use multi_interp"):
         check_method_config("multi_mix", {"k": 2})
     with pytest.raises(ConfigError, match=r"renamed: use multi_interp"):
         build_configured("multi_mix", ResNetStages("resnet18", C), C, {"k": 2})
@@ -130,14 +141,16 @@ def test_embedding_mixing_by_logits_equals_mixing_embeddings(batch):
     lams = torch.tensor(np.sort(host.beta(2.0, 2.0, 5)), dtype=torch.float32)
     z = m.model.pool(m.model.features(images))
     y = shared.one_hot(labels, C)
-    ref = shared.soft_cross_entropy(m.model.fc(shared.multi_mixup(z, perm, lams)), shared.multi_mixup(y, perm, lams))
+    ref = shared.soft_cross_entropy(m.model.fc(shared.multi_mixup(z, perm, lams)),
+                                    shared.multi_mixup(y, perm, lams))
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
 VARIANTS = [
     ("erm", {}), ("erm", {"dense_loss": True}), ("input_mixup", {}), ("manifold_mixup", {}),
-    ("cutmix", {}), ("puzzlemix", {"solver": "swap"}), ("puzzlemix", {}), ("multimix", {"prob": 1.0}),
-    ("multimix", {"prob": 1.0, "m": 3, "dense_loss": True}), ("dense_multimix", {"prob": 1.0}),
+    ("cutmix", {}), ("puzzlemix", {"solver": "swap"}), ("puzzlemix", {}),
+    ("multimix", {"prob": 1.0}), ("multimix", {"prob": 1.0, "m": 3, "dense_loss": True}),
+    ("dense_multimix", {"prob": 1.0}),
     ("dense_multimix", {"prob": 1.0, "attention": "cam_softmax"}),
     ("multi_interp", {"base": "input", "k": 3}), ("multi_interp", {"base": "manifold", "k": 3}),
     ("multi_interp", {"base": "cutmix", "k": 3}), ("multi_interp", {"base": "puzzlemix", "k": 2}),
@@ -177,12 +190,14 @@ def test_every_method_trains(batch, name, knobs):
 def test_bench_returns_ratios():
     from pretrain.bench import run_pretrain_bench
 
-    out = run_pretrain_bench(arch="resnet18", batch=4, size=32, num_classes=10, n=10, repeats=1, warmup=0,
-                             methods=["multimix"], clock="process")
-    assert set(out["step_time_ratio"]) == {"erm", "multimix"} and out["step_time_ratio"]["erm"] == 1.0
+    out = run_pretrain_bench(arch="resnet18", batch=4, size=32, num_classes=10, n=10, repeats=1,
+                             warmup=0, methods=["multimix"], clock="process")
+    assert (
+        set(out["step_time_ratio"]) == {"erm", "multimix"} and out["step_time_ratio"]["erm"] == 1.0
+    )
     assert out["targets"]["multimix"]["target"] == 1.03
-    out = run_pretrain_bench(arch="resnet18", batch=4, size=32, num_classes=10, repeats=1, warmup=0,
-                             methods=["puzzlemix", "puzzlemix_swap"], clock="process")
+    out = run_pretrain_bench(arch="resnet18", batch=4, size=32, num_classes=10, repeats=1,
+                             warmup=0, methods=["puzzlemix", "puzzlemix_swap"], clock="process")
     assert out["targets"]["puzzlemix_swap"]["target"] == 2.0  # the built-in solver is always timed
     assert ("puzzlemix" in out["step_time_ratio"]) == graphcut.have_gco()
 
@@ -241,7 +256,11 @@ def test_gap_head_aligned_mixing_equals_embedding_mixing(batch):
     y = shared.one_hot(labels, C)
     released = make("alignmix").eval()
     released.model.features = lambda x: feats
-    released._perm, released._mode, released._beta = (lambda b: perm), (lambda: "feat"), (lambda a: 0.3)
+    released._perm, released._mode, released._beta = (
+        (lambda b: perm),
+        (lambda: "feat"),
+        (lambda a: 0.3),
+    )
     e_mix = 0.3 * feats.mean((2, 3)) + 0.7 * feats[perm].mean((2, 3))
     ref = shared.soft_cross_entropy(released.model.fc(e_mix), 0.3 * y + 0.7 * y[perm])
     assert released(images, labels)["loss"].item() == pytest.approx(ref.item(), abs=1e-6)
@@ -298,7 +317,8 @@ def test_alignmix_ae_clean_case_trains_the_autoencoder_only(batch):
     out = m(images, labels)
     x_hat = m.decoder(m.embed(m.tensor_of(m.model.features(images))))
     assert x_hat.shape == images.shape
-    assert out["loss"].item() == pytest.approx(torch.nn.functional.mse_loss(x_hat, images).item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(torch.nn.functional.mse_loss(x_hat, images).item(),
+                                               rel=1e-5)
     out["loss"].backward()
     assert m.model.fc.weight.grad is None  # the classifier is not in the clean case
     assert m.decoder.fc.weight.grad is not None and m.encoder2.linear.weight.grad is not None
@@ -307,7 +327,8 @@ def test_alignmix_ae_clean_case_trains_the_autoencoder_only(batch):
     mixed(images, labels)["loss"].backward()
     assert mixed.decoder.fc.weight.grad is None  # decoded images never reach the classifier
     # the fifth case is drawn uniformly with the four AlignMix cases
-    assert make("alignmix_ae", resolution=2).modes == ("clean", "input", "feat", "feat_rev", "embedding")
+    assert make("alignmix_ae", resolution=2).modes == ("clean", "input", "feat", "feat_rev",
+                                                       "embedding")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -333,14 +354,18 @@ def test_puzzlemix_saliency_as_the_official_script(batch):
     ref = torchvision.models.resnet18(num_classes=C)
     ref.load_state_dict(before)
     ref.eval()
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = (
+        torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+        torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
+    )
     xn = ((images - mean) / std).requires_grad_(True)
     torch.nn.functional.cross_entropy(ref(xn), labels).backward()
     expect = torch.sqrt(torch.mean(xn.grad**2, dim=1))
     assert torch.allclose(sal, expect, rtol=1e-4, atol=1e-9 + 1e-4 * expect.abs().max().item())
 
 
-SMALL_STEP_KNOBS = {"multimix": {"prob": 1.0}, "dense_multimix": {"prob": 1.0}, "puzzlemix": {"solver": "swap"},
+SMALL_STEP_KNOBS = {"multimix": {"prob": 1.0}, "dense_multimix": {"prob": 1.0},
+                    "puzzlemix": {"solver": "swap"},
                     "multi_interp": {"base": "puzzlemix", "k": 2, "puzzle": {"solver": "swap"}},
                     "alignmix_ae": {"decoder_size": 32}, "comixup": {"solver": "swap"},
                     "tokenmix": {"labels": "area", "patch_size": 4, "minimum_tokens": 1},
@@ -352,7 +377,8 @@ def cifar_batch(small_toy_world):
     from mixup_transfer.core.smalldata import open_classification
     from pretrain.data import padded_val_transform
 
-    ds = open_classification(small_toy_world, "train", "cifar10", transform=padded_val_transform(32))
+    ds = open_classification(small_toy_world, "train", "cifar10",
+                             transform=padded_val_transform(32))
     images = torch.stack([ds[i][0] for i in range(4)])
     return images, torch.tensor([ds[i][1] for i in range(4)])
 
@@ -368,7 +394,8 @@ def _small_cases():
     skip = ("preactresnet18_w16", "preactresnet18_alignmixup")
     # transmix: ViTs only
     cases = [(a, n) for a in SMALL_ARCHS if a not in skip for n in METHODS if n != "transmix"]
-    return cases + [("preactresnet18_alignmixup", n) for n in ("erm", "alignmix", "alignmix_stage2")]
+    return cases + [("preactresnet18_alignmixup", n)
+                    for n in ("erm", "alignmix", "alignmix_stage2")]
 
 
 @pytest.mark.parametrize("arch,name", _small_cases(), ids=[f"{a}-{n}" for a, n in _small_cases()])
@@ -393,9 +420,15 @@ def test_every_method_steps_on_the_small_image_models(cifar_batch, arch, name, o
         if step == 0:
             opt.zero_grad()
             loss.backward()
-            last = m.model.net.layer4.bn.weight if arch == "wrn16_8" else m.model.net.layer4[-1].conv2.weight
+            last = (
+                m.model.net.layer4.bn.weight
+                if arch == "wrn16_8"
+                else m.model.net.layer4[-1].conv2.weight
+            )
             for p in (m.model.net.conv1.weight, last):
-                assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+                assert (
+                    p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+                )
             opt.step()
     assert all(v == v for v in losses)
     assert losses[1] < losses[0], losses
@@ -405,9 +438,19 @@ def test_the_report_names_each_methods_variant():
     from mixup_transfer.pipeline.report import variants_sentence
     from pretrain.methods import METHODS
 
-    assert METHODS["alignmix"].variant != METHODS["alignmix_stage2"].variant and METHODS["erm"].variant == ""
-    results = {"methods": {"erm": {"pretrain": [{"metrics": {"method_variant": ""}}]},
-                           "alignmix": {"pretrain": [{"metrics": {"method_variant": METHODS["alignmix"].variant}}]},
-                           "multimix": {}}}
-    assert variants_sentence(results) == [f"Method variants: `alignmix`: {METHODS['alignmix'].variant}.", ""]
+    assert (
+        METHODS["alignmix"].variant != METHODS["alignmix_stage2"].variant
+        and METHODS["erm"].variant == ""
+    )
+    results = {
+        "methods": {
+            "erm": {"pretrain": [{"metrics": {"method_variant": ""}}]},
+            "alignmix": {
+                "pretrain": [{"metrics": {"method_variant": METHODS["alignmix"].variant}}]
+            },
+            "multimix": {},
+        }
+    }
+    assert variants_sentence(results) == ["Method variants: `alignmix`: "
+                                          f"{METHODS['alignmix'].variant}.", ""]
     assert variants_sentence({"methods": {"erm": {}}}) == []

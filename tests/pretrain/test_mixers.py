@@ -16,14 +16,16 @@ from pretrain.methods import cutmix as cm
 def const_images(values, size=8):
     """Image i is the constant values[i] (so a mixed pixel tells where it came from). -> [b, 3,
     size, size]"""
-    return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, size, size).clone()
+    return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, size,
+                                                                              size).clone()
 
 
 def test_mixup_per_sample_by_hand():
     x = const_images([1.0, 2.0, 4.0], 2)
     draw = M.Draw(torch.tensor([1, 2, 0]), torch.tensor([0.25, 0.5, 1.0]))
     out, t = M.MixUp(num_classes=3, per_sample=True).apply(x, torch.tensor([0, 1, 2]), draw)
-    assert torch.allclose(out[:, 0, 0, 0], torch.tensor([0.25 * 1 + 0.75 * 2, 0.5 * 2 + 0.5 * 4, 4.0]))
+    assert torch.allclose(out[:, 0, 0, 0],
+                          torch.tensor([0.25 * 1 + 0.75 * 2, 0.5 * 2 + 0.5 * 4, 4.0]))
     assert torch.allclose(t, torch.tensor([[0.25, 0.75, 0], [0, 0.5, 0.5], [0, 0, 1.0]]))
 
 
@@ -36,9 +38,12 @@ def test_label_smoothing_by_hand_and_pair_loss_equals_soft_loss():
     _, soft = M.MixUp(num_classes=4, label_smoothing=0.2).apply(x, y, draw)
     assert torch.allclose(soft[0], torch.tensor([0.25, 0.65, 0.05, 0.05]))
     _, pair = M.MixUp(targets="pair", label_smoothing=0.2).apply(x, y, draw)
-    assert torch.equal(pair.y_b, torch.tensor([1, 0])) and torch.allclose(pair.lam, torch.tensor([0.25, 0.25]))
+    assert torch.equal(pair.y_b, torch.tensor([1, 0])) and torch.allclose(
+        pair.lam, torch.tensor([0.25, 0.25])
+    )
     logits = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
-    assert M.mixed_loss(logits, pair).item() == pytest.approx(M.mixed_loss(logits, soft).item(), rel=1e-6)
+    assert M.mixed_loss(logits, pair).item() == pytest.approx(M.mixed_loss(logits, soft).item(),
+                                                              rel=1e-6)
     assert M.mixed_loss(logits, soft).item() == pytest.approx(
         F.cross_entropy(logits, soft).item(), rel=1e-6)  # torch's soft-target cross-entropy
 
@@ -50,7 +55,8 @@ def test_soft_targets_equal_timms():
     y = torch.tensor([3, 1, 4, 1, 5, 9])
     ref = timm_mixup.mixup_target(y, 10, lam=0.3, smoothing=0.1)
     _, ours = M.MixUp(num_classes=10, label_smoothing=0.1).apply(torch.rand(6, 3, 2, 2), y,
-                                                                 M.Draw(torch.arange(5, -1, -1), [0.3]))
+                                                                 M.Draw(torch.arange(5, -1, -1),
+                                                                        [0.3]))
     assert torch.allclose(ours, ref, atol=1e-7)
 
 
@@ -59,8 +65,10 @@ def test_vectorised_boxes_equal_the_host_function():
     a non-square image, lam near 0 and 1 included."""
     g = torch.Generator().manual_seed(2)
     h, w, n = 37, 23, 400
-    lam = torch.cat([torch.rand(n - 2, generator=g, dtype=torch.float64), torch.tensor([0.0, 1.0])])
-    centre = torch.stack([torch.randint(h, (n,), generator=g), torch.randint(w, (n,), generator=g)], 1)
+    lam = torch.cat([torch.rand(n - 2, generator=g, dtype=torch.float64),
+                     torch.tensor([0.0, 1.0])])
+    centre = torch.stack([torch.randint(h, (n,), generator=g),
+                          torch.randint(w, (n,), generator=g)], 1)
     boxes, kept = M.cutmix_boxes(h, w, torch.sqrt(1 - lam), centre)
     for i in range(n):
         box, k = cm.cutmix_box(h, w, float(lam[i]), centre=tuple(centre[i].tolist()))
@@ -95,14 +103,16 @@ def test_one_host_box_and_the_device_mask_paste_the_same():
     by_slice = M.paste_boxes(x, perm, (2, 9, 3, 7))
     by_mask = M.paste_boxes(x, perm, torch.tensor([[2, 9, 3, 7]]))
     assert torch.equal(by_slice, by_mask)
-    assert torch.equal(by_slice[1, :, 2:9, 3:7], x[0, :, 2:9, 3:7]) and torch.equal(by_slice[1, :, :2], x[1, :, :2])
+    assert torch.equal(by_slice[1, :, 2:9, 3:7],
+                       x[0, :, 2:9, 3:7]) and torch.equal(by_slice[1, :, :2], x[1, :, :2])
 
 
 @pytest.mark.parametrize("b", [1, 2, 5])
 @pytest.mark.parametrize("kind", ["mixup", "cutmix", "mixup_elem", "cutmix_elem"])
 def test_any_batch_size(kind, b):
     cls = M.MixUp if kind.startswith("mixup") else M.CutMix
-    mixer = cls(num_classes=3, per_sample=kind.endswith("elem"), generator=torch.Generator().manual_seed(b))
+    mixer = cls(num_classes=3, per_sample=kind.endswith("elem"),
+                generator=torch.Generator().manual_seed(b))
     x, y = torch.rand(b, 3, 8, 8), torch.randint(3, (b,))
     out, t = mixer(x, y)
     assert out.shape == x.shape and torch.allclose(t.sum(1), torch.ones(b))
@@ -138,7 +148,8 @@ def test_multi_mix_cutmix_nested_boxes_host_and_tensor_draws_agree():
     lams, centre = [0.1, 0.4, 0.8], (6, 9)
     mixer = M.MultiMixK(M.CutMix(num_classes=3), k=3)
     host = mixer.apply(x, torch.arange(3), M.Draw(torch.tensor([2, 0, 1]), lams, centre))
-    dev = mixer.apply(x, torch.arange(3), M.Draw(torch.tensor([2, 0, 1]), torch.tensor(lams, dtype=torch.float64),
+    dev = mixer.apply(x, torch.arange(3),
+                      M.Draw(torch.tensor([2, 0, 1]), torch.tensor(lams, dtype=torch.float64),
                                                  torch.tensor([centre])))
     assert torch.equal(host[0], dev[0]) and torch.allclose(host[1], dev[1])
     _, kept = cm.nested_box_list(16, 16, lams, centre)
@@ -150,9 +161,11 @@ def test_multi_mix_cutmix_nested_boxes_host_and_tensor_draws_agree():
 def test_multi_mix_mixup_is_k_interpolations():
     x = const_images([1.0, 3.0], 2)
     out, t = M.MultiMixK(M.MixUp(targets="pair"), k=2).apply(x, torch.tensor([0, 1]),
-                                                             M.Draw(torch.tensor([1, 0]), [0.25, 0.75]))
+                                                             M.Draw(torch.tensor([1, 0]),
+                                                                    [0.25, 0.75]))
     assert torch.allclose(out[:, 0, 0, 0], torch.tensor([0.25 * 1 + 0.75 * 3, 0.25 * 3 + 0.75 * 1,
-                                                         0.75 * 1 + 0.25 * 3, 0.75 * 3 + 0.25 * 1]))
+                                                         0.75 * 1 + 0.25 * 3,
+                                                         0.75 * 3 + 0.25 * 1]))
     assert torch.allclose(t.lam, torch.tensor([0.25, 0.25, 0.75, 0.75]))
     assert torch.equal(t.y_b, torch.tensor([1, 0] * 2))
 
@@ -174,8 +187,8 @@ def test_random_choice_per_example_takes_each_examples_pick():
 
 
 def test_puzzlemix_saliency_callback_and_bad_inputs():
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                              torch.nn.Linear(4, 3))
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3))
     x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
     mixer = M.PuzzleMix(M.gradient_saliency(net), num_classes=3, grids=(4,), solver="swap")
     out, t = mixer(x, y)
@@ -194,8 +207,10 @@ def test_mixer_bench_times_every_row_and_skips_timm_when_missing(monkeypatch):
     from pretrain import mixer_bench
 
     out = mixer_bench.run_mixer_bench(batch=4, size=8, num_classes=5, repeats=1)
-    assert [r["row"] for r in out["rows"]] == ["mixup batch", "mixup per-sample", "cutmix batch", "cutmix per-sample"]
-    assert all(r["torchvision"]["ratio"] > 0 for r in out["rows"] if r["row"].split()[1] == "batch")
+    assert [r["row"] for r in out["rows"]] == ["mixup batch", "mixup per-sample", "cutmix batch",
+                                               "cutmix per-sample"]
+    assert all(r["torchvision"]["ratio"] > 0 for r in out["rows"]
+               if r["row"].split()[1] == "batch")
     monkeypatch.setattr(mixer_bench, "_competitor",
                         lambda kind, *a: None if kind == "timm" else (lambda x, y: (x, y)))
     out = mixer_bench.run_mixer_bench(batch=4, size=8, num_classes=5, repeats=1)
@@ -233,7 +248,8 @@ def test_zeta_mixup_equals_the_official_code():
         draw = Draw(torch.arange(len(y)), [1.0], order=torch.from_numpy(f[f"order_{k}"]))
         mixed, targets = mixer.apply(x, y, draw)
         assert torch.allclose(mixed, torch.from_numpy(f[f"mixed_{k}"]), rtol=1e-5, atol=1e-6), k
-        assert torch.allclose(targets, torch.from_numpy(f[f"targets_{k}"]), rtol=1e-6, atol=1e-7), k
+        assert torch.allclose(targets, torch.from_numpy(f[f"targets_{k}"]), rtol=1e-6,
+                              atol=1e-7), k
 
 
 def test_zeta_mixup_by_hand_and_its_draws():

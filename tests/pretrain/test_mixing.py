@@ -89,7 +89,8 @@ def test_cutmix_boxes_equal_the_official_rand_bbox():
     identical."""
     d = dict(np.load(Path(__file__).parents[1] / "fixtures" / "cutmix_official.npz"))
     for size, lam, (c2, c3), (x1, y1, x2, y2) in zip(d["size"], d["lam"], d["centre"], d["box"]):
-        (r0, r1, q0, q1), kept = cm.cutmix_box(int(size), int(size), float(lam), centre=(int(c2), int(c3)))
+        (r0, r1, q0, q1), kept = cm.cutmix_box(int(size), int(size), float(lam),
+                                               centre=(int(c2), int(c3)))
         assert (r0, r1, q0, q1) == (x1, x2, y1, y2)  # rows = the official dim-2 range
         assert kept == pytest.approx(1 - (x2 - x1) * (y2 - y1) / size**2, abs=1e-12)
 
@@ -123,11 +124,13 @@ def test_multimix_hand_case_and_logit_fast_path():
     fc = torch.nn.Linear(16, 10)
     z = torch.randn(12, 16)
     lam = shared.dirichlet_weights(12, 300, generator=gen(0))
-    assert torch.allclose(fc(refmath.multimix(z, y.new_zeros(12, 2), lam)[0]), lam.t() @ fc(z), atol=1e-5)
+    assert torch.allclose(fc(refmath.multimix(z, y.new_zeros(12, 2), lam)[0]), lam.t() @ fc(z),
+                          atol=1e-5)
     labels = torch.randint(0, 10, (12,))
     zm, ym = refmath.multimix(z, shared.one_hot(labels, 10), lam)
     pure = shared.soft_cross_entropy(fc(zm), ym)
-    assert mm.multimix_loss_from_logits(fc(z), labels, lam).item() == pytest.approx(pure.item(), rel=1e-5)
+    assert mm.multimix_loss_from_logits(fc(z), labels, lam).item() == pytest.approx(pure.item(),
+                                                                                    rel=1e-5)
 
 
 def test_dense_attention_by_hand():
@@ -181,12 +184,14 @@ def test_dense_multimix_loss_by_hand_and_fast_path():
     def ce(zv, p0):
         return -(p0 * -math.log1p(math.exp(-2 * zv)) + (1 - p0) * -math.log1p(math.exp(2 * zv)))
 
-    expected = sum((s[0][j] * ce(zt[0][j], y0[0][j]) + s[1][j] * ce(zt[1][j], y0[1][j])) / (s[0][j] + s[1][j])
+    expected = sum((s[0][j] * ce(zt[0][j], y0[0][j]) + s[1][j] * ce(zt[1][j], y0[1][j]))
+                   / (s[0][j] + s[1][j])
                    for j in range(3)) / 3
     zm, ym, weight = refmath.dense_multimix(z, y, attn, lam)
     w = torch.tensor([[1.0], [-1.0]])
     logits_mix = torch.einsum("ndr,cd->ncr", zm, w)
-    assert refmath.weighted_dense_cross_entropy(logits_mix, ym, weight).item() == pytest.approx(expected, rel=1e-5)
+    assert refmath.weighted_dense_cross_entropy(logits_mix, ym,
+                                                weight).item() == pytest.approx(expected, rel=1e-5)
     mhat, s_t = mm.dense_mix_weights(attn, lam)
     fast = mm.dense_multimix_loss_from_logits(torch.einsum("bdr,cd->bcr", z, w), y, mhat, s_t)
     assert fast.item() == pytest.approx(expected, rel=1e-5)
@@ -294,7 +299,8 @@ def _check_against_official(a, perm, lam, branch, plan_ref, mixed_ref, iters_ref
     mixed, _ = am.aligned_mix(a, perm, lam, branch, 0.1, 100, tol=0.1)
     amax = a.abs().max().item()
     bound = amax * max(d_r.sum(-1).max(), d_r.sum(-2).max()) + 4 * r * eps32 * amax
-    np.testing.assert_allclose(mixed.numpy()[:, : mixed_ref.shape[1]], mixed_ref, rtol=0, atol=bound)
+    np.testing.assert_allclose(mixed.numpy()[:, : mixed_ref.shape[1]], mixed_ref, rtol=0,
+                               atol=bound)
     return d_r.max()
 
 
@@ -310,8 +316,10 @@ def test_aligned_mix_equals_official_mixup_aligned():
         r = h * w
         a = torch.from_numpy(d["feat"][c][:b, :ch, :h, :w]).reshape(b, ch, r)
         perm = torch.from_numpy(d["perm"][c][:b]).long()
-        _check_against_official(a, perm, float(d["lam"][c]), int(d["branch"][c]), d["plan"][c][:b, :r, :r],
-                                d["mixed"][c][:b, :ch, :h, :w].reshape(b, ch, r), int(d["iters"][c]))
+        _check_against_official(a, perm, float(d["lam"][c]), int(d["branch"][c]),
+                                d["plan"][c][:b, :r, :r],
+                                d["mixed"][c][:b, :ch, :h, :w].reshape(b, ch, r),
+                                int(d["iters"][c]))
 
 
 def test_aligned_mix_equals_official_at_512_channels():
@@ -327,7 +335,8 @@ def test_aligned_mix_equals_official_at_512_channels():
             a = torch.from_numpy(d[f"feat_s{side}"][c].astype(np.float32))
             perm = torch.from_numpy(d[f"perm_s{side}"][c]).long()
             iters.add(int(d[f"iters_s{side}"][c]))
-            errors.append(_check_against_official(a, perm, float(d[f"lam_s{side}"][c]), int(d[f"branch_s{side}"][c]),
+            errors.append(_check_against_official(a, perm, float(d[f"lam_s{side}"][c]),
+                                                  int(d[f"branch_s{side}"][c]),
                                                   d[f"plan_s{side}"][c], d[f"mixed_s{side}"][c],
                                                   int(d[f"iters_s{side}"][c])))
     assert {2, 100} <= iters and set(d["branch_s4"].tolist()) == {0, 1}
@@ -376,7 +385,8 @@ def test_puzzle_mask_hand_case_without_smoothness(solver):
     m = refmath.puzzle_mask(sal, sal2, dv, dh, 0.5, beta=0.0, gamma=0.0, eta=0.2, solver=solver)
     assert torch.equal(m, torch.tensor([[[1.0, 0.5], [0.5, 0.0]]]))
     # the prior alone (equal saliency): lam = 0.9 -> mask 1 (p = 0.81), lam = 0.5 -> 1/2 (p = 1/2)
-    assert torch.equal(refmath.puzzle_mask(sal, sal, dv, dh, 0.9, 0.0, 0.0, 0.2, solver=solver), torch.ones(1, 2, 2))
+    assert torch.equal(refmath.puzzle_mask(sal, sal, dv, dh, 0.9, 0.0, 0.0, 0.2, solver=solver),
+                       torch.ones(1, 2, 2))
     assert torch.equal(refmath.puzzle_mask(sal, sal, dv, dh, 0.5, 0.0, 0.0, 0.2, solver=solver),
                        torch.full((1, 2, 2), 0.5))
 
@@ -414,7 +424,8 @@ def _official_cases():
         # as the official script
         x = (torch.from_numpy(d["images"][c].astype(np.float32)) / 255 - mean) / std
         knobs = dict(lam=float(d["lam"][c]), beta=float(d["beta"][c]), gamma=float(d["gamma"][c]),
-                     eta=float(d["eta"][c]), neigh_size=int(d["neigh"][c]), t_eps=float(d["t_eps"][c]))
+                     eta=float(d["eta"][c]), neigh_size=int(d["neigh"][c]),
+                     t_eps=float(d["t_eps"][c]))
         yield c, d, x, x * std + mean, knobs
 
 
@@ -429,8 +440,10 @@ def test_puzzlemix_equals_official_mixup_graph():
         g = int(d["grid"][c])
         perm = torch.from_numpy(d["perm"][c]).long()
         sal_map = torch.from_numpy(d["sal"][c].astype(np.float32))
-        mixed, ratio, mask = refmath.puzzle_mix(x, sal_map, perm, g, kn["lam"], kn["beta"], kn["gamma"], kn["eta"],
-                                           kn["neigh_size"], 3, True, kn["t_eps"], "gco", pixels=pix)
+        mixed, ratio, mask = refmath.puzzle_mix(x, sal_map, perm, g, kn["lam"], kn["beta"],
+                                                kn["gamma"], kn["eta"],
+                                           kn["neigh_size"], 3, True, kn["t_eps"], "gco",
+                                           pixels=pix)
         assert torch.equal(mask, torch.from_numpy(d["mask"][c][:, :g, :g])), c
         sal = pz.saliency_grid(sal_map, g)
         for s, m, key in ((sal, mask, "src1"), (sal[perm], 1 - mask, "src2")):
@@ -451,7 +464,8 @@ def test_puzzlemix_fallback_agrees_with_official_graph_cut():
         sal = pz.saliency_grid(torch.from_numpy(d["sal"][c].astype(np.float32)), g)
         perm = torch.from_numpy(d["perm"][c]).long()
         dv, dh = pz.boundary_differences(pix, pix[perm], g, kn["neigh_size"])
-        mask = refmath.puzzle_mask(sal, sal[perm], dv, dh, kn["lam"], kn["beta"], kn["gamma"], kn["eta"], solver="swap")
+        mask = refmath.puzzle_mask(sal, sal[perm], dv, dh, kn["lam"], kn["beta"], kn["gamma"],
+                                   kn["eta"], solver="swap")
         ref = torch.from_numpy(d["mask"][c][:, :g, :g])
         same += int((mask == ref).sum())
         total += ref.numel()
@@ -470,8 +484,10 @@ def test_swap_wraps_int32_terminal_capacities_as_gco():
     unary[0, 0] = [20000, 20000, 22950]
     dist = np.array([[0, 0.25, 1], [0.25, 0, 0.25], [1, 0.25, 0]], np.float32)
     w_v, w_h = np.ones((1, 2), np.int32), np.ones((2, 1), np.int32)
-    assert graphcut._gco_integer_terms(unary, dist, w_v, w_h)[0][0].tolist() == [2000000000, 2000000000, -1999967296]
-    assert graphcut._wrap_int32(np.array([-1999967296 - 2000000000, -(2**31), 2**31 - 1])).tolist() == [
+    assert graphcut._gco_integer_terms(unary, dist, w_v,
+                                       w_h)[0][0].tolist() == [2000000000, 2000000000, -1999967296]
+    assert graphcut._wrap_int32(np.array([-1999967296 - 2000000000, -(2**31),
+                                          2**31 - 1])).tolist() == [
         295000000, -(2**31 - 1), 2**31 - 1]
     assert graphcut._cut_swap(unary, dist, w_v, w_h).tolist() == [[0, 0], [0, 0]]
     if graphcut.have_gco():
@@ -504,7 +520,15 @@ def test_swap_warns_once_where_gco_is_undefined_and_gco_limit_is_an_error(monkey
 def _swap_fixture():
     d = dict(np.load(FIXTURES / "puzzlemix_swap_gco.npz"))
     for i, g in enumerate(d["grid"].tolist()):
-        yield i, g, d["unary"][i, :g, :g], d["dist"], d["w_v"][i, : g - 1, :g], d["w_h"][i, :g, : g - 1], d
+        yield (
+            i,
+            g,
+            d["unary"][i, :g, :g],
+            d["dist"],
+            d["w_v"][i, : g - 1, :g],
+            d["w_h"][i, :g, : g - 1],
+            d,
+        )
 
 
 def _in_wrap_band(unary) -> bool:
@@ -559,14 +583,16 @@ def test_puzzlemix_t_size_equals_official_mixup_graph():
         x = (torch.from_numpy(d["images"][c][:, :, :w, :w].astype(np.float32)) / 255 - mean) / std
         sal_map = torch.from_numpy(d["sal"][c][:, :w, :w].astype(np.float32))
         perm = torch.from_numpy(d["perm"][c]).long()
-        mixed, ratio, mask = refmath.puzzle_mix(x, sal_map, perm, g, float(d["lam"][c]), neigh_size=neigh,
+        mixed, ratio, mask = refmath.puzzle_mix(x, sal_map, perm, g, float(d["lam"][c]),
+                                                neigh_size=neigh,
                                            pixels=x * std + mean, t_size=t)
         tg = pz.transport_grid(w, g, t)
         tmask = F.interpolate(mask.unsqueeze(1), size=tg).squeeze(1)
         tsal = pz.saliency_grid(sal_map, tg)
         for s, m, key in ((tsal, tmask, "src1"), (tsal[perm], 1 - tmask, "src2")):
             has, col = pz.transport_plan(s, m, 0.8).max(-1)
-            assert torch.equal(torch.where(has > 0, col, -1), torch.from_numpy(d[key][c][:, : tg * tg]).long())
+            assert torch.equal(torch.where(has > 0, col, -1),
+                               torch.from_numpy(d[key][c][:, : tg * tg]).long())
         np.testing.assert_allclose(ratio.numpy(), d["ratio"][c], rtol=0, atol=1e-7)
         if w == 32:
             np.testing.assert_allclose(mixed.numpy(), d["mixed"][n32], rtol=0, atol=1e-6)

@@ -24,14 +24,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 def _method(name, global_batch=True, prob=1.0):
     torch.manual_seed(0)  # the same initial weights in every process
-    m = build_method(name, ResNetStages("resnet18", C), C, n=N, prob=prob, global_batch=global_batch, **KNOBS[name])
+    m = build_method(name, ResNetStages("resnet18", C), C, n=N, prob=prob,
+                     global_batch=global_batch, **KNOBS[name])
     m.generator = torch.Generator()
     return m
 
 
 def _data():
     g = torch.Generator().manual_seed(5)
-    return torch.rand(WORLD * B, 3, 64, 64, generator=g), torch.randint(C, (WORLD * B,), generator=g)
+    return torch.rand(WORLD * B, 3, 64, 64, generator=g), torch.randint(C, (WORLD * B,),
+                                                                        generator=g)
 
 
 def _free_port():
@@ -64,7 +66,8 @@ def _one_rank(name, rank):
 def _worker(rank, port, out_dir):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     out = {name: _one_rank(name, rank) for name in KNOBS}
@@ -92,13 +95,16 @@ def _reference(name):
         # the device stream (the branch draw is a host draw)
         g = torch.Generator().manual_seed(SEED + r)
         sets = None if name == "multimix" else z.shape[-1]
-        lams.append(shared.dirichlet_weights(WORLD * B, N, 0.5, 2.0, g, m=KNOBS[name].get("m"), sets=sets))
+        lams.append(shared.dirichlet_weights(WORLD * B, N, 0.5, 2.0, g, m=KNOBS[name].get("m"),
+                                             sets=sets))
     if name == "multimix":
         z_mix, y_mix = refmath.multimix(z.mean(-1), y, torch.cat(lams, dim=1))  # [b, world*n]
         loss = shared.soft_cross_entropy(m.model.fc(z_mix), y_mix)
     else:
-        z_mix, y_mix, weight = refmath.dense_multimix(z, y, mm.dense_attention(z.detach()), torch.cat(lams, dim=2))
-        logits = torch.einsum("ndr,cd->ncr", z_mix, m.model.fc.weight) + m.model.fc.bias.view(1, -1, 1)
+        z_mix, y_mix, weight = refmath.dense_multimix(z, y, mm.dense_attention(z.detach()),
+                                                      torch.cat(lams, dim=2))
+        logits = torch.einsum("ndr,cd->ncr", z_mix,
+                              m.model.fc.weight) + m.model.fc.bias.view(1, -1, 1)
         loss = refmath.weighted_dense_cross_entropy(logits, y_mix, weight)
     loss.backward()
     return loss.detach(), [f.grad for f in fmaps], {k: p.grad for k, p in m.named_parameters()}
@@ -114,7 +120,8 @@ def test_global_batch_two_ranks_equal_one_process_with_both_ranks_draws(tmp_path
         ref_loss, ref_fmap_grads, ref_grads = _reference(name)
         got = [r[name] for r in ranks]
         # DDP logs and optimises the mean over ranks of the ranks' losses
-        assert float(sum(r["loss"] for r in got)) / WORLD == pytest.approx(float(ref_loss), abs=1e-6)
+        assert float(sum(r["loss"] for r in got)) / WORLD == pytest.approx(float(ref_loss),
+                                                                           abs=1e-6)
         # each rank mixes with its own draws
         assert got[0]["loss"] != pytest.approx(got[1]["loss"])
         for k, g in ref_grads.items():  # DDP's averaged gradients (identical on both ranks)
@@ -122,7 +129,8 @@ def test_global_batch_two_ranks_equal_one_process_with_both_ranks_draws(tmp_path
             assert torch.equal(got[0]["grads"][k], got[1]["grads"][k])
         assert sum(g.abs().sum() for g in ref_grads.values()) > 0
         for r in range(WORLD):  # a rank's rows get every rank's loss gradient: world x the mean's
-            assert torch.allclose(got[r]["fmap_grad"] / WORLD, ref_fmap_grads[r], rtol=1e-5, atol=1e-8), (name, r)
+            assert torch.allclose(got[r]["fmap_grad"] / WORLD, ref_fmap_grads[r], rtol=1e-5,
+                                  atol=1e-8), (name, r)
     # the MultiMix / input-mixup coin is the same on both ranks, from the shared host stream (no
     # broadcast) the shared stream's draws
     expected = [float(np.random.default_rng(100 * t).random()) for t in range(4)]

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 def make(seed=0, **knobs):
     torch.manual_seed(seed)
-    m = build_method("puzzlemix", ResNetStages("resnet18", C), C, solver="swap", grids=(2, 4), **knobs)
+    m = build_method("puzzlemix", ResNetStages("resnet18", C), C, solver="swap", grids=(2, 4),
+                     **knobs)
     m.generator = torch.Generator()
     m.seed(seed)
     return m.train()
@@ -60,7 +61,9 @@ def test_clean_lam_adds_the_official_clean_loss_in_train_mode(loss, weight):
     w, w_ref = m.model.net.conv1.weight, ref.net.conv1.weight
     assert torch.allclose(w.grad, w_ref.grad, rtol=1e-4, atol=1e-9)
     out = make(clean_lam=0.5, saliency_mode="train", loss=loss)(images, labels)
-    assert set(out) == {"loss", "loss_clean"} and out["loss_clean"].item() == pytest.approx(expect.item(), rel=1e-6)
+    assert set(out) == {"loss", "loss_clean"} and out["loss_clean"].item() == pytest.approx(
+        expect.item(), rel=1e-6
+    )
 
 
 def test_eval_mode_saliency_has_no_clean_term_and_leaves_batchnorm_alone():
@@ -77,10 +80,12 @@ def test_bce_loss_by_hand():
     -> p = (3/4, 1/4); y = (1/2, 1/2): -(1/2 log 3/4 + 1/2 log 1/4) for each class; logits (0, 0),
     y = (1, 0): log 2."""
     m = make(loss="bce")
-    got = m.mixed_loss(torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]]), torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
+    got = m.mixed_loss(torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]]),
+                       torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
     expect = (-(0.5 * math.log(0.75) + 0.5 * math.log(0.25)) + math.log(2.0)) / 2
     assert got.item() == pytest.approx(expect, rel=1e-6)
-    assert make().mixed_loss(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]])).item() == pytest.approx(math.log(2.0))
+    assert make().mixed_loss(torch.zeros(1, 2),
+                             torch.tensor([[1.0, 0.0]])).item() == pytest.approx(math.log(2.0))
 
 
 def test_t_size_reaches_the_transport():
@@ -95,11 +100,12 @@ def test_t_size_reaches_the_transport():
     sal_map[:, 24:, :] = 0.01
     x, kept = m.puzzle(images, labels, perm, [0.5], 2, sal_map)
     fill = m.model.mean
-    ref, ratio, mask = refmath.puzzle_mix(images, sal_map, perm, 2, 0.5, neigh_size=4, solver="swap", fill=fill,
-                                          t_size=4)
+    ref, ratio, mask = refmath.puzzle_mix(images, sal_map, perm, 2, 0.5, neigh_size=4,
+                                          solver="swap", fill=fill, t_size=4)
     assert torch.equal(x, ref) and torch.equal(kept, ratio)
     assert ((mask > 0) & (mask < 1)).any() or ((mask == 0).any() and (mask == 1).any())
-    block, _, _ = refmath.puzzle_mix(images, sal_map, perm, 2, 0.5, neigh_size=4, solver="swap", fill=fill)
+    block, _, _ = refmath.puzzle_mix(images, sal_map, perm, 2, 0.5, neigh_size=4, solver="swap",
+                                     fill=fill)
     assert not torch.equal(x, block)
 
 
@@ -114,10 +120,12 @@ def test_knob_errors_name_the_knob():
         make(loss="bce", dense_loss=True)
     with pytest.raises(ValueError, match="t_size must be -1"):
         make(t_size=0)
-    with pytest.raises(ValueError, match="t_size 3 must be -1 or a positive divisor of the block side 16"):
+    with pytest.raises(ValueError, match="t_size 3 must be -1 or a positive divisor of the "
+                                         "block side 16"):
         make(t_size=3)._grid(32, 32)  # grids (2, 4): blocks 16 and 8, checked before the draw
     mm = build_method("multi_interp", ResNetStages("resnet18", C), C, base="puzzlemix", k=2,
-                      puzzle={"clean_lam": 1.0, "saliency_mode": "train", "solver": "swap", "grids": [2]})
+                      puzzle={"clean_lam": 1.0, "saliency_mode": "train", "solver": "swap",
+                              "grids": [2]})
     mm.generator = torch.Generator()
     with pytest.raises(ValueError, match="clean_lam > 0 adds a loss term"):
         mm(*batch())

@@ -28,14 +28,16 @@ def test_fine_grained_saliency_equals_opencv():
     f = np.load(FIXTURE)
     for k in range(int(f["count"])):
         image = f[f"image_{k}"].transpose(1, 2, 0)
-        np.testing.assert_array_equal(fine_grained_saliency(image), f[f"saliency_{k}"], err_msg=str(k))
+        np.testing.assert_array_equal(fine_grained_saliency(image), f[f"saliency_{k}"],
+                                      err_msg=str(k))
 
 
 def test_boxes_equal_the_official_saliency_bbox():
     f = np.load(FIXTURE)
     for k in range(int(f["count"])):
         image = f[f"image_{k}"]
-        (y0, y1, x0, x1), kept = peak_box(*image.shape[1:], float(f[f"lam_{k}"]), saliency_peak(image))
+        (y0, y1, x0, x1), kept = peak_box(*image.shape[1:], float(f[f"lam_{k}"]),
+                                          saliency_peak(image))
         assert [y0, x0, y1, x1] == f[f"box_{k}"].tolist(), k
         assert kept == pytest.approx(1 - (y1 - y0) * (x1 - x0) / (image.shape[1] * image.shape[2]))
 
@@ -48,7 +50,8 @@ def test_grey_and_blur_by_hand():
     g = np.zeros((5, 5), np.uint8)
     g[2, 2] = 160
     out = blur3(g)
-    assert out[1:4, 1:4].tolist() == [[10, 20, 10], [20, 40, 20], [10, 20, 10]] and out.sum() == 160
+    assert out[1:4, 1:4].tolist() == [[10, 20, 10], [20, 40, 20],
+                                      [10, 20, 10]] and out.sum() == 160
 
 
 def test_peak_box_by_hand():
@@ -74,7 +77,8 @@ def test_the_method_mixes_around_the_peak_of_the_first_partner():
     expect = torch.tensor([[kept, 0, 1 - kept, 0], [1 - kept, kept, 0, 0], [0, 1 - kept, kept, 0]])
     assert torch.allclose(y, expect)
     assert read_image(images, perm[:1]).dtype == np.uint8
-    assert np.array_equal(read_image(images, perm[:1]), np.round(images[2].numpy() * 255).astype(np.uint8))
+    assert np.array_equal(read_image(images, perm[:1]),
+                          np.round(images[2].numpy() * 255).astype(np.uint8))
 
 
 def test_knobs_are_checked():

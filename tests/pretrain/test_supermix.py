@@ -25,10 +25,11 @@ FIXTURE = Path(__file__).parents[1] / "fixtures" / "supermix_official.npz"
 
 def fixture_teacher(f, k: int) -> nn.Sequential:
     """tools/make_supermix_fixture.py teacher() with the case's weights."""
-    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                        nn.Linear(24, 5))
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                        nn.Flatten(), nn.Linear(24, 5))
     prefix = f"teacher_{k}/"
-    net.load_state_dict({n[len(prefix):]: torch.from_numpy(f[n]) for n in f.files if n.startswith(prefix)})
+    net.load_state_dict({n[len(prefix):]: torch.from_numpy(f[n]) for n in f.files
+                         if n.startswith(prefix)})
     return net.eval()
 
 
@@ -69,7 +70,8 @@ def test_pieces_by_hand():
     assert torch.allclose(smooth(x, 1.0)[0, 0, 1:6, 1:6], torch.outer(k, k), atol=1e-7)
     assert torch.equal(smooth(x, 0.0), x)
     assert cyclic_sets(4, 3).tolist() == [[0, 1, 2], [1, 2, 3], [2, 3, 0], [3, 0, 1]]
-    y = set_targets(torch.tensor([2, 0, 2]), cyclic_sets(3, 2), torch.tensor([[0.7, 0.3], [0.4, 0.6], [0.5, 0.5]]), 3)
+    y = set_targets(torch.tensor([2, 0, 2]), cyclic_sets(3, 2),
+                    torch.tensor([[0.7, 0.3], [0.4, 0.6], [0.5, 0.5]]), 3)
     # set 2 = (2, 0): labels 2, 2
     assert torch.allclose(y, torch.tensor([[0.3, 0, 0.7], [0.4, 0, 0.6], [0, 0, 1.0]]))
     w = mask_weights(torch.zeros(2, 3, 1, 2, 2), (4, 4))
@@ -77,7 +79,8 @@ def test_pieces_by_hand():
     assert torch.allclose(w, torch.full((2, 3, 1, 4, 4), 1 / 3))
     logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
     assert torch.allclose(per_example_ce(logits, torch.tensor([0, 1])),
-                          torch.tensor([np.log(1 + np.exp(-2.0)), np.log(2.0)], dtype=torch.float32))
+                          torch.tensor([np.log(1 + np.exp(-2.0)), np.log(2.0)],
+                                       dtype=torch.float32))
 
 
 def test_the_method_trains_on_the_mixed_examples_with_the_teachers_labels(one_thread):
@@ -86,7 +89,8 @@ def test_the_method_trains_on_the_mixed_examples_with_the_teachers_labels(one_th
     with pytest.raises(RuntimeError, match="teacher"):
         method(torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
     method.teacher = ResNetStages("resnet18", 4)
-    assert method.teacher.training is False and not any(p.requires_grad for p in method.teacher.parameters())
+    assert method.teacher.training is False and not any(p.requires_grad
+                                                        for p in method.teacher.parameters())
     # never part of the trained model
     assert not any(k.startswith("teacher") for k in method.state_dict())
     method.train()
@@ -108,9 +112,10 @@ def test_the_method_trains_on_the_mixed_examples_with_the_teachers_labels(one_th
 # the task's teacher
 def tiny_cfg(root, method: dict, teacher=None) -> dict:
     return {"name": "t", "seed": 0, "teacher": teacher,
-            "data": {"root": str(root), "crop_size": 32, "val_resize": 36, "num_workers": 0, "max_train": 8,
-                     "max_val": 4},
-            "model": {"arch": "resnet18"}, "method": method, "optim": {"batch_size": 4, "epochs": 1},
+            "data": {"root": str(root), "crop_size": 32, "val_resize": 36, "num_workers": 0,
+                     "max_train": 8, "max_val": 4},
+            "model": {"arch": "resnet18"}, "method": method,
+            "optim": {"batch_size": 4, "epochs": 1},
             "runtime": {"precision": "fp32", "flops": False, "figures": False}}
 
 
@@ -157,7 +162,8 @@ def test_the_task_loads_the_teacher_frozen(toy_world, tmp_path, one_thread):
     root = toy_world / "imagenet"
     task, _ = build(tiny_cfg(root, {"name": "erm"}), tmp_path / "probe")
     reference = write_teacher(tmp_path / "teacher.pth", task.num_classes)
-    task, _ = build(tiny_cfg(root, {"name": "supermix", "max_iter": 1}, str(tmp_path / "teacher.pth")),
+    task, _ = build(tiny_cfg(root, {"name": "supermix", "max_iter": 1},
+                             str(tmp_path / "teacher.pth")),
                     tmp_path / "run")
     teacher = task.model.teacher
     assert teacher.training is False and not any(p.requires_grad for p in teacher.parameters())

@@ -57,7 +57,8 @@ class SyncCounter:
         f = sys._getframe(2)
         while f is not None and f.f_code.co_filename.startswith(TORCH_DIR):
             f = f.f_back
-        where = (Path(f.f_code.co_filename).name, f.f_code.co_name) if f is not None else ("?", "?")
+        where = (Path(f.f_code.co_filename).name,
+                 f.f_code.co_name) if f is not None else ("?", "?")
         self.calls.append((self.phase, self.step, name) + where)
 
     def _wrap(self, name, orig):
@@ -143,15 +144,17 @@ def split(calls, exempt):
 
 C = 10
 CASES = [
-    ("erm", {}), ("input_mixup", {}), ("manifold_mixup", {}), ("cutmix", {}), ("puzzlemix", {"solver": "swap"}),
-    ("multimix", {"n": 50}), ("multimix", {"n": 50, "m": 3, "dense_loss": True}), ("multimix", {"n": 8, "layer": 2}),
+    ("erm", {}), ("input_mixup", {}), ("manifold_mixup", {}), ("cutmix", {}),
+    ("puzzlemix", {"solver": "swap"}), ("multimix", {"n": 50}),
+    ("multimix", {"n": 50, "m": 3, "dense_loss": True}), ("multimix", {"n": 8, "layer": 2}),
     ("dense_multimix", {"n": 50}), ("multi_interp", {"k": 2, "puzzle": {"solver": "swap"}}),
     ("multi_interp", {"base": "input", "k": 3}), ("multi_interp", {"base": "manifold", "k": 3}),
-    ("multi_interp", {"base": "cutmix", "k": 3}), ("multi_interp", {"base": "manifold", "k": 2, "large_batch": True}),
+    ("multi_interp", {"base": "cutmix", "k": 3}),
+    ("multi_interp", {"base": "manifold", "k": 2, "large_batch": True}),
     ("alignmix_stage2", {"resolution": 1}), ("alignmix", {}),
     ("alignmix_ae", {"resolution": 1, "decoder_size": 16}), ("zeta_mixup", {}),
-    ("tokenmix", {"labels": "area", "patch_size": 4, "minimum_tokens": 1}), ("comixup", {"solver": "swap"}),
-    ("transmix", {}), ("transmix", {"switch_prob": 1.0}),
+    ("tokenmix", {"labels": "area", "patch_size": 4, "minimum_tokens": 1}),
+    ("comixup", {"solver": "swap"}), ("transmix", {}), ("transmix", {"switch_prob": 1.0}),
     ("saliencymix", {"prob": 1.0}), ("supermix", {"max_iter": 2, "mask_w": 4}),
 ]
 # methods that need a ViT (the class token's attention); the others a ResNet-18
@@ -194,11 +197,13 @@ def test_the_cases_cover_every_registered_method():
     assert {name for name, _ in CASES} == set(METHODS)
 
 
-@pytest.mark.parametrize("name,knobs", CASES, ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k in CASES])
+@pytest.mark.parametrize("name,knobs", CASES,
+                         ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k in CASES])
 def test_a_pretraining_step_reads_nothing_back(tmp_path, monkeypatch, name, knobs):
     task = TinyPretrain(name, knobs)
     opt = build_optimizer("sgd", task.param_groups(), 0.01, momentum=0.9)
-    settings = LoopSettings(total_steps=STEPS, device=torch.device("cpu"), log_every=LOG_EVERY, grad_norm=True,
+    settings = LoopSettings(total_steps=STEPS, device=torch.device("cpu"), log_every=LOG_EVERY,
+                            grad_norm=True,
                             # grad_norm: pretraining's default; clipping: its path too
                             clip_grad_norm=10.0)
     engine = Engine(task, tmp_path / "run", settings, opt, lambda step: 1.0)
@@ -210,7 +215,8 @@ def test_a_pretraining_step_reads_nothing_back(tmp_path, monkeypatch, name, knob
     # nothing but the engine's periodic read (and PuzzleMix's graph cut) in the loop
     assert other == [], other
     assert reads == [10, 20], reads  # one read per logging interval
-    host_step = name in HOST_STEP or (name == "multi_interp" and knobs.get("base", "puzzlemix") == "puzzlemix")
+    host_step = name in HOST_STEP or (name == "multi_interp"
+                                      and knobs.get("base", "puzzlemix") == "puzzlemix")
     if host_step:
         # one copy per step
         assert sorted(step for *_, step in exempted) == list(range(1, STEPS + 1))
@@ -237,20 +243,21 @@ def test_a_detection_step_reads_nothing_back(toy_world, tmp_path, monkeypatch):
     from transfer.detection import torchvision_backend as tvb
 
     cfg = det_config.resolve_config({
-        "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64, "train_sizes": [64],
-                  "kwargs": {"detections_per_img": 10}},
-        "data": {"format": "voc", "root": str(toy_world / "VOCdevkit"), "voc_train": ["2007/trainval", "2012/trainval"],
-                 "max_train": 2 * STEPS, "max_val": 6, "num_workers": 0, "zoom_out_ratio": 2.0},
-        "optim": {"epochs": 1, "batch_per_process": 2, "lr": 0.01, "warmup_iters": 2, "steps": [0.75],
-                  "clip_grad_norm": 10.0},
+        "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64,
+                  "train_sizes": [64], "kwargs": {"detections_per_img": 10}},
+        "data": {"format": "voc", "root": str(toy_world / "VOCdevkit"),
+                 "voc_train": ["2007/trainval", "2012/trainval"], "max_train": 2 * STEPS,
+                 "max_val": 6, "num_workers": 0, "zoom_out_ratio": 2.0},
+        "optim": {"epochs": 1, "batch_per_process": 2, "lr": 0.01, "warmup_iters": 2,
+                  "steps": [0.75], "clip_grad_norm": 10.0},
         "seeds": [0], "runtime": {"log_every_steps": LOG_EVERY}})
     torch.manual_seed(0)
     device = torch.device("cpu")
     task = tvb.DetectionTask(cfg, None, 0, device)
     s = cfg["optim"]
     opt = build_optimizer("sgd", task.param_groups(), task.lr(), s["momentum"], s["weight_decay"])
-    settings = LoopSettings(total_steps=task.total, device=device, clip_grad_norm=s["clip_grad_norm"],
-                            log_every=LOG_EVERY)
+    settings = LoopSettings(total_steps=task.total, device=device,
+                            clip_grad_norm=s["clip_grad_norm"], log_every=LOG_EVERY)
     engine = Engine(task, tmp_path / "det", settings, opt, task.lr_lambda)
     assert task.total == STEPS
     counter = run_counted(engine, monkeypatch)
@@ -280,11 +287,12 @@ class HostCopyCounter:
         self.waits: list[tuple[str, str, str]] = []
         # id -> the tensor (held, so that no other one takes its id)
         self.pinned: dict[int, torch.Tensor] = {}
-        to, cuda, copy, tensor, as_tensor = (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.copy_, torch.tensor,
-                                             torch.as_tensor)
+        to, cuda, copy, tensor, as_tensor = (torch.Tensor.to, torch.Tensor.cuda,
+                                             torch.Tensor.copy_, torch.tensor, torch.as_tensor)
 
         def counted_to(t, *args, **kwargs):
-            target = [a for a in list(args) + [kwargs.get("device")] if isinstance(a, (str, torch.device))]
+            target = [a for a in list(args) + [kwargs.get("device")]
+                      if isinstance(a, (str, torch.device))]
             target += [a.device for a in args if isinstance(a, torch.Tensor)]
             if any(torch.device(a).type == "cuda" for a in target):
                 self._check("to", t, kwargs.get("non_blocking", any(a is True for a in args)))
@@ -322,13 +330,17 @@ class HostCopyCounter:
     def _check(self, name: str, src: torch.Tensor, non_blocking: bool) -> None:
         pinned = id(src) in self.pinned
         if src.device.type == "cpu" and not (non_blocking and pinned):
-            self._record(f"{name}{'' if non_blocking else ' blocking'}{'' if pinned else ' pageable'}")
+            self._record(
+                f"{name}{'' if non_blocking else ' blocking'}{'' if pinned else ' pageable'}"
+            )
 
     def _record(self, what: str) -> None:
         f = sys._getframe(1)
-        while f is not None and (f.f_code.co_filename.startswith(TORCH_DIR) or f.f_code.co_filename == __file__):
+        while f is not None and (f.f_code.co_filename.startswith(TORCH_DIR)
+                                 or f.f_code.co_filename == __file__):
             f = f.f_back
-        where = (Path(f.f_code.co_filename).name, f.f_code.co_name) if f is not None else ("?", "?")
+        where = (Path(f.f_code.co_filename).name,
+                 f.f_code.co_name) if f is not None else ("?", "?")
         self.waits.append((what,) + where)
 
 
@@ -341,7 +353,8 @@ class FakeCudaPretrain(TinyPretrain):
         super().__init__(name, knobs)
         g = torch.Generator().manual_seed(2)
         self.data = [(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g),
-                      torch.randint(C, (4,), generator=g), torch.rand(4, 10, generator=g)) for _ in range(STEPS)]
+                      torch.randint(C, (4,), generator=g), torch.rand(4, 10, generator=g))
+                      for _ in range(STEPS)]
 
     def batches(self, epoch, start_step):
         return (tuple(t.pin_memory() for t in batch) for batch in self.data[start_step:])
@@ -363,7 +376,8 @@ def _cuda_autocast(device, precision):
 
     with mock.patch.object(torch.cuda, "is_available", lambda: True), \
             mock.patch.object(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True):
-        return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+        return torch.autocast("cuda", dtype={"bf16": torch.bfloat16,
+                                             "fp16": torch.float16}[precision])
 
 
 # SuperMix's forward differentiates the teacher (torch.autograd.grad): autograd's CUDA threads need
@@ -381,7 +395,8 @@ def _steps_on_fake_cuda(task, tmp_path, monkeypatch, steps: int = 3):
 
     monkeypatch.setattr(rt, "autocast", _cuda_autocast)
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *args, **kwargs: [
-        setattr(p, "grad", torch.zeros_like(p)) for p in task.model.parameters() if p.requires_grad])
+        setattr(p, "grad", torch.zeros_like(p)) for p in task.model.parameters()
+        if p.requires_grad])
     device = torch.device("cuda", 0)
     with FakeTensorMode(allow_non_fake_inputs=True):
         task.model.to(device, memory_format=torch.channels_last)
@@ -389,8 +404,9 @@ def _steps_on_fake_cuda(task, tmp_path, monkeypatch, steps: int = 3):
             task.model.teacher.to(device, memory_format=torch.channels_last)
         task.model.generator = None  # a CUDA generator needs a driver; draws use the default one
         opt = build_optimizer("sgd", task.param_groups(), 0.01, momentum=0.9)
-        settings = LoopSettings(total_steps=STEPS, device=device, precision="bf16", channels_last=True,
-                                log_every=LOG_EVERY, grad_norm=True, clip_grad_norm=10.0)
+        settings = LoopSettings(total_steps=STEPS, device=device, precision="bf16",
+                                channels_last=True, log_every=LOG_EVERY, grad_norm=True,
+                                clip_grad_norm=10.0)
         engine = Engine(task, tmp_path / "run", settings, opt, lambda step: 1.0)
         counter = HostCopyCounter(monkeypatch)
         for k, micro in enumerate(engine._grouped(task.batches(0, 0))):
@@ -447,10 +463,12 @@ class FakeCudaEncoded(FakeCudaPretrain):
         self.data = [(datas, crops, torch.arange(4) % C) for _ in range(STEPS)]
         monkeypatch.setattr(pdata, "decode_jpegs", lambda items, device: [
             torch.zeros(3, 16, 16, dtype=torch.uint8, device=device) for _ in items])
-        monkeypatch.setattr(pdata, "decode_uint8", lambda data, where: torch.zeros(3, 16, 16, dtype=torch.uint8))
+        monkeypatch.setattr(pdata, "decode_uint8", lambda data,
+                            where: torch.zeros(3, 16, 16, dtype=torch.uint8))
 
     def batches(self, epoch, start_step):
-        return ((datas, crops.pin_memory(), labels.pin_memory()) for datas, crops, labels in self.data[start_step:])
+        return ((datas, crops.pin_memory(), labels.pin_memory()) for datas, crops,
+                labels in self.data[start_step:])
 
 
 def test_a_gpu_decoded_pretraining_step_copies_nothing_that_waits(tmp_path, monkeypatch):
@@ -458,6 +476,7 @@ def test_a_gpu_decoded_pretraining_step_copies_nothing_that_waits(tmp_path, monk
     are not JPEGs are decoded on the CPU and moved. Shows: those moves do not make the host wait
     either (pinned, non_blocking).
     Cannot show: nvJPEG itself (`make gpu-check`)."""
-    record, counter = _steps_on_fake_cuda(FakeCudaEncoded("erm", {}, monkeypatch), tmp_path, monkeypatch)
+    record, counter = _steps_on_fake_cuda(FakeCudaEncoded("erm", {}, monkeypatch), tmp_path,
+                                          monkeypatch)
     assert record["loss"].device.type == "cuda"
     assert counter.waits == [], counter.waits

@@ -43,7 +43,8 @@ def fix():
 def test_block_masks_equal_the_official_code(fix):
     for k, (lam, start) in enumerate(fix["block_cases"]):
         rng = Replay(fix[f"draws_{k}"])
-        mask, count = tm.block_token_mask(14, 14, tm.masked_tokens(14, 14, 1 - lam, int(start)), rng)
+        mask, count = tm.block_token_mask(14, 14, tm.masked_tokens(14, 14, 1 - lam, int(start)),
+                                          rng)
         assert rng.rows == []  # the same number of draws
         np.testing.assert_array_equal(mask, fix[f"block_mask_{k}"])
         assert 1 - count / 196 == pytest.approx(float(fix[f"block_lam_{k}"]), abs=1e-12)
@@ -103,10 +104,13 @@ def test_targets_by_hand():
     mask = torch.tensor([[0, 1], [0, 0]])
     y = tm.activation_targets(act, mask, torch.tensor([0, 2]), 4, smoothing=0.0)
     # image 1 keeps 1 / 4 of its map, receives image 0's top-right 1 / 4
-    torch.testing.assert_close(y, torch.tensor([[0.75, 0, 0.75, 0], [0.25, 0, 0.25, 0]]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(y, torch.tensor([[0.75, 0, 0.75, 0], [0.25, 0, 0.25, 0]]), rtol=0,
+                               atol=1e-6)
     s = 0.2  # smoothing: 0.05 everywhere and y - 0.1 on each label
-    torch.testing.assert_close(tm.activation_targets(act, mask, torch.tensor([0, 2]), 4, smoothing=s),
-                               torch.tensor([[0.7, 0.05, 0.7, 0.05], [0.2, 0.05, 0.2, 0.05]]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(tm.activation_targets(act, mask, torch.tensor([0, 2]), 4,
+                                                     smoothing=s),
+                               torch.tensor([[0.7, 0.05, 0.7, 0.05], [0.2, 0.05, 0.2, 0.05]]),
+                               rtol=0, atol=1e-6)
 
 
 class Uniform(nn.Module):
@@ -129,7 +133,9 @@ def test_uniform_teacher_gives_the_kept_fraction_and_the_teacher_is_not_a_submod
     state_dict()."""
     m = _method(switch_prob=1.0, patch_size=8, minimum_tokens=0, smoothing=0.0)
     m.teacher = Uniform()
-    assert "teacher" not in dict(m.named_children()) and len(m.state_dict()) == len(_method().state_dict())
+    assert "teacher" not in dict(m.named_children()) and len(m.state_dict()) == len(
+        _method().state_dict()
+    )
     x, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     xm, y = m.mix(x, labels)
     partner = (xm != x).any(1)[:, ::8, ::8].float()  # the tokens that changed: [4, 4, 4]
@@ -142,10 +148,13 @@ def test_uniform_teacher_gives_the_kept_fraction_and_the_teacher_is_not_a_submod
 
 def test_activation_without_teacher_is_an_error_and_area_needs_none():
     m = _method(switch_prob=1.0, patch_size=8)
-    assert tm.TokenMix.needs_teacher and m.needs_teacher and not _method(labels="area").needs_teacher
+    assert (
+        tm.TokenMix.needs_teacher and m.needs_teacher and not _method(labels="area").needs_teacher
+    )
     with pytest.raises(ValueError, match="needs a teacher"):
         m.mix(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))
-    y = _method(switch_prob=1.0, patch_size=8, labels="area").mix(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))[1]
+    y = _method(switch_prob=1.0, patch_size=8, labels="area").mix(torch.rand(2, 3, 32, 32),
+                                                                  torch.tensor([0, 1]))[1]
     torch.testing.assert_close(y.sum(1), torch.ones(2))
 
 
@@ -153,8 +162,9 @@ def test_token_mask_is_aligned_with_vit_patches():
     """Mixing whole 16 x 16 patches in pixel space equals mixing the patch tokens of a ViT's patch
     embedding."""
     timm = pytest.importorskip("timm")
-    vit = timm.models.vision_transformer.VisionTransformer(img_size=64, patch_size=16, embed_dim=24, depth=1,
-                                                           num_heads=2, num_classes=5)
+    vit = timm.models.vision_transformer.VisionTransformer(img_size=64, patch_size=16,
+                                                           embed_dim=24, depth=1, num_heads=2,
+                                                           num_classes=5)
     x = torch.rand(2, 3, 64, 64)
     mask, _ = tm.block_token_mask(4, 4, 7, np.random.default_rng(0))
     m = torch.from_numpy(mask)

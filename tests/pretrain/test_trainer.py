@@ -18,19 +18,20 @@ from pretrain.task import DEFAULTS, batch_plan, build, finish, train
 
 
 def lr_factor(epoch, o):
-    return schedule_factor(epoch, o["schedule"], total=o["epochs"], milestones=o["milestones"], gamma=o["gamma"],
-                           points=o["points"], min_factor=o["min_factor"], warmup=o["warmup_epochs"],
-                           warmup_start=o["warmup_start"])
+    return schedule_factor(epoch, o["schedule"], total=o["epochs"], milestones=o["milestones"],
+                           gamma=o["gamma"], points=o["points"], min_factor=o["min_factor"],
+                           warmup=o["warmup_epochs"], warmup_start=o["warmup_start"])
 
 
 def tiny_cfg(root, **method):
     return {
         "name": "t", "seed": 3,
-        "data": {"root": str(root), "crop_size": 32, "val_resize": 36, "num_workers": 0, "max_train": 48,
-                 "max_val": 20},
+        "data": {"root": str(root), "crop_size": 32, "val_resize": 36, "num_workers": 0,
+                 "max_train": 48, "max_val": 20},
         "model": {"arch": "resnet18"},
         "method": {"name": "input_mixup", **method},
-        "optim": {"batch_size": 8, "epochs": 2, "lr": 0.05, "schedule": "cosine", "warmup_epochs": 0.5},
+        "optim": {"batch_size": 8, "epochs": 2, "lr": 0.05, "schedule": "cosine",
+                  "warmup_epochs": 0.5},
         "runtime": {"precision": "fp32", "log_every_steps": 2, "flops": False, "figures": False},
     }
 
@@ -42,7 +43,9 @@ def test_lr_schedules_by_hand():
     o.update(schedule="cosine", epochs=10, min_factor=0.0)
     assert lr_factor(5, o) == pytest.approx(0.5) and lr_factor(10, o) == pytest.approx(0.0)
     o.update(warmup_epochs=2, warmup_start=0.0)
-    assert lr_factor(1, o) == pytest.approx(0.5 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi / 10)).item()))
+    assert lr_factor(1, o) == pytest.approx(
+        0.5 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi / 10)).item())
+    )
     pts = [[0, 0.5], [8, 1.0], [15, 0.125], [15, 0.2], [40, 0.02]]
     o = dict(DEFAULTS["optim"], schedule="piecewise", points=pts)
     assert lr_factor(4, o) == pytest.approx(0.75) and lr_factor(15, o) == pytest.approx(0.2)
@@ -78,8 +81,8 @@ def test_sampler_position_is_kept_in_samples_across_world_sizes():
 
 def test_batch_plan_by_hand():
     o = dict(DEFAULTS["optim"])
-    assert batch_plan(o, 8) == {"world_size": 8, "global_batch": 256, "per_process_batch": 32, "accumulate": 1,
-                                "micro_batch": 32}
+    assert batch_plan(o, 8) == {"world_size": 8, "global_batch": 256, "per_process_batch": 32,
+                                "accumulate": 1, "micro_batch": 32}
     o.update(max_batch_per_process=12)  # 32 per process, at most 12 at once: 4 micro-batches of 8
     assert batch_plan(o, 8)["accumulate"] == 4 and batch_plan(o, 8)["micro_batch"] == 8
     o = dict(DEFAULTS["optim"], batch_size=None, batch_per_process=128)  # MultiMix's b per GPU
@@ -107,15 +110,17 @@ def test_toy_run_writes_the_run_folder(toy_world, tmp_path, capsys):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     run = tmp_path / "run"
-    assert cli.main(["--config", str(tmp_path / "cfg.yaml"), "runtime.flops=true", "runtime.figures=true",
-                     "--run-dir", str(run)]) == 0
+    assert cli.main(["--config", str(tmp_path / "cfg.yaml"), "runtime.flops=true",
+                     "runtime.figures=true", "--run-dir", str(run)]) == 0
     metrics = json.loads(capsys.readouterr().out)
     for f in ("config.yaml", "log.jsonl", "checkpoints/last.pth", "backbone.pth", "metrics.json",
               "figures/curves.png"):
         assert (run / f).is_file(), f
     lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     head = lines[0]
-    assert head["event"] == "header" and head["params"] == 11181642 and head["flops_per_image"] > 1e7
+    assert (
+        head["event"] == "header" and head["params"] == 11181642 and head["flops_per_image"] > 1e7
+    )
     assert [x["epoch"] for x in lines if x["event"] == "epoch"] == [1, 2]
     assert yaml.safe_load((run / "config.yaml").read_text())["method"]["name"] == "input_mixup"
     state = load_backbone(run / "backbone.pth", arch="resnet18")
@@ -163,7 +168,8 @@ def test_config_errors(toy_world, tmp_path):
     with pytest.raises(ConfigError, match="lrr"):
         build(cfg, tmp_path)
     cfg = tiny_cfg(toy_world / "imagenet", beta=3)
-    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \[.method.beta.\] for method .input_mixup."):
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \[.method.beta.\] for method "
+                       r".input_mixup."):
         build(cfg, tmp_path)
 
 
@@ -173,7 +179,9 @@ def test_classifier_learning_rate_group(toy_world, tmp_path):
     task, engine = build(cfg, tmp_path)
     groups = {g["name"]: g for g in engine.optimizer.param_groups}
     assert groups["classifier"]["initial_lr"] == 0.1 and groups["backbone"]["initial_lr"] == 0.01
-    assert {id(p) for p in groups["classifier"]["params"]} == {id(p) for p in task.net.fc.parameters()}
+    assert {id(p) for p in groups["classifier"]["params"]} == {
+        id(p) for p in task.net.fc.parameters()
+    }
 
 
 def _free_port():
@@ -183,8 +191,8 @@ def _free_port():
 
 
 def _ddp_worker(rank, world, port, cfg, run_dir, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), MT_NO_PROGRESS="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MT_NO_PROGRESS="1")
     torch.set_num_threads(1)
     task, engine = build(cfg, run_dir)
     engine.fit(header=task.header(engine))
@@ -204,7 +212,8 @@ def test_ddp_two_processes_gloo(toy_world, tmp_path):
     cfg["optim"]["epochs"] = 1
     cfg["optim"]["batch_size"] = 16  # global: 8 per process
     cfg["data"]["max_train"] = 32  # 32 / 16 = 2 steps
-    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path / "run"), str(tmp_path)), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path / "run"), str(tmp_path)),
+             nprocs=2)
     a, b = torch.load(tmp_path / "rank0.pth"), torch.load(tmp_path / "rank1.pth")
     # parameters stay identical through DDP's gradient all-reduce (BN running stats are per process
     # after the last step; DDP re-broadcasts rank 0's at the next forward)
@@ -234,9 +243,11 @@ def test_method_heads_stats_and_solver_reach_the_run(toy_world, tmp_path):
     lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     head = next(r for r in lines if r["event"] == "header")
     assert head["puzzlemix_solver"] == ("gco" if have_gco() else
-                                        "swap (built-in alpha-beta swap; gco-wrapper not installed)")
+                                        "swap (built-in alpha-beta swap; gco-wrapper not "
+                                        "installed)")
     steps = [r for r in lines if r["event"] == "step"]
-    assert any("stat_sinkhorn_row_err" in r for r in steps) or any("stat_recon_mse" in r for r in steps)
+    assert any("stat_sinkhorn_row_err" in r for r in steps) or any("stat_recon_mse" in r
+                                                                   for r in steps)
     epoch = next(r for r in lines if r["event"] == "epoch")
     assert 0 <= epoch["val_top1"] <= 100
     raw = torch.load(run / "backbone.pth", weights_only=True)
@@ -245,15 +256,19 @@ def test_method_heads_stats_and_solver_reach_the_run(toy_world, tmp_path):
     # the checkpoint and the metrics name the published form the run reproduced (AlignMix has
     # several)
     assert raw["meta"]["method_variant"].startswith("paper section 4 / Algorithm 1")
-    assert json.loads((run / "metrics.json").read_text())["method_variant"] == raw["meta"]["method_variant"]
+    assert (
+        json.loads((run / "metrics.json").read_text())["method_variant"]
+        == raw["meta"]["method_variant"]
+    )
     sd = load_backbone(run / "backbone.pth", arch="resnet18")
-    ref = [k for k in torchvision.models.resnet18(num_classes=10).state_dict() if not k.startswith("fc.")]
+    ref = [k for k in torchvision.models.resnet18(num_classes=10).state_dict()
+           if not k.startswith("fc.")]
     assert list(sd) == ref
 
 
 def _ddp_stop_worker(rank, world, port, cfg, run_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), MT_NO_PROGRESS="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MT_NO_PROGRESS="1")
     torch.set_num_threads(1)
     task, engine = build(cfg, run_dir)
     engine.fit()
@@ -299,9 +314,13 @@ def test_precise_bn_gives_the_clean_batches_population_statistics(toy_world, tmp
     bn = net.bn1
     bn.running_mean.fill_(5.0)
     assert task.recompute_bn_statistics(1, "fp32") == 2
-    batches = [task.to_device(b, task.device, False)[0] for _, b in zip(range(2), task.batches(0, 0))]
+    batches = [task.to_device(b, task.device, False)[0] for _,
+               b in zip(range(2), task.batches(0, 0))]
     x = torch.cat(batches)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = (
+        torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+        torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
+    )
     with torch.no_grad():
         h = net.conv1((x - mean) / std)
     assert torch.allclose(bn.running_mean, h.mean((0, 2, 3)), atol=1e-5)

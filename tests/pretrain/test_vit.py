@@ -42,7 +42,8 @@ def _toy(seed: int = 0, classes: int = C):
 
 
 def _save(path, net, arch="vit_tiny_toy"):
-    save_backbone(path, net, {"arch": arch, "method": "erm", "epochs": 0, "config": "", "metrics": {}})
+    save_backbone(path, net, {"arch": arch, "method": "erm", "epochs": 0, "config": "",
+                              "metrics": {}})
     return path
 
 
@@ -56,14 +57,19 @@ def test_vit_checkpoint_round_trip_keeps_timms_keys_and_the_logits(tmp_path):
     assert list(raw["model"]) == list(net.state_dict())  # timm's keys, head included
     assert raw["meta"]["num_classes"] == C and raw["meta"]["arch"] == "vit_tiny_toy"
     backbone = load_backbone(path, None)  # arch from meta
-    assert "head.weight" not in backbone and "cls_token" in backbone and "blocks.3.mlp.fc2.weight" in backbone
+    assert (
+        "head.weight" not in backbone
+        and "cls_token" in backbone
+        and "blocks.3.mlp.fc2.weight" in backbone
+    )
     model, meta = classifier_from_checkpoint(path)
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), net(x))
     assert meta["arch"] == "vit_tiny_toy"
     # a timm state dict with no meta, under DataParallel's prefix: the arch is read from the keys
-    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "bare.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}},
+               tmp_path / "bare.pth")
     assert infer_arch(load_backbone(tmp_path / "bare.pth", None)) == "vit_tiny_toy"
 
 
@@ -71,7 +77,12 @@ def test_vit_s16_is_timms_network():
     shapes = expected_shapes("vit_small_patch16_224")
     n = sum(int(np.prod(s)) for s in shapes.values())
     assert n + 384 * 1000 + 1000 == 22_050_664  # timm's vit_small_patch16_224 parameter count
-    assert shapes["pos_embed"] == (1, 197, 384) and shapes["patch_embed.proj.weight"] == (384, 3, 16, 16)
+    assert shapes["pos_embed"] == (1, 197, 384) and shapes["patch_embed.proj.weight"] == (
+        384,
+        3,
+        16,
+        16,
+    )
     assert len({k.split(".")[1] for k in shapes if k.startswith("blocks.")}) == 12
 
 
@@ -82,9 +93,13 @@ def test_wrong_or_mismatched_vit_layouts_are_refused(tmp_path):
         load_backbone(path, "vit_small_patch16_224")  # 4 blocks of width 96 vs 12 of 384
     # blocks 4..11 (12 keys each) missing; the 4 blocks' 48 keys, cls_token, pos_embed, the patch
     # projection's 2 and the final norm's 2 mis-shaped
-    assert "missing keys: 96 ['blocks.10.attn.proj.bias'" in str(e.value) and "unexpected keys: 0 []" in str(e.value)
-    assert "mis-shaped keys: 54 ['blocks.0.attn.proj.bias: checkpoint (96,) vs vit_small_patch16_224 (384,)'" in str(
-        e.value)
+    assert "missing keys: 96 ['blocks.10.attn.proj.bias'" in str(
+        e.value
+    ) and "unexpected keys: 0 []" in str(e.value)
+    assert (
+        "mis-shaped keys: 54 ['blocks.0.attn.proj.bias: checkpoint (96,) vs vit_small_patch16_224 (384,)'"
+        in str(e.value)
+    )
     # another layout
     renamed = {k.replace("attn.qkv", "attn.in_proj"): v for k, v in net.state_dict().items()}
     torch.save(renamed, tmp_path / "renamed.pth")
@@ -121,7 +136,8 @@ def test_the_vit_adapter_splits_blocks_and_reads_the_class_token():
         assert torch.equal(h2, by_hand)
         assert torch.allclose(vit.forward_from(h2, 2), tokens, atol=1e-6)
         dense = vit.dense_map(tokens)  # [b, d, 8, 8]: patch (i, j) is token 1 + 8 i + j
-        assert dense.shape == (3, 96, 8, 8) and torch.equal(dense[:, :, 2, 5], tokens[:, 1 + 8 * 2 + 5])
+        assert dense.shape == (3, 96, 8, 8) and torch.equal(dense[:, :, 2, 5],
+                                                            tokens[:, 1 + 8 * 2 + 5])
         logits = vit.dense_logits(dense)
         assert torch.allclose(logits[:, :, 21], net.head(tokens[:, 22]), atol=1e-6)
 
@@ -184,7 +200,8 @@ def test_multimix_on_a_vit_mixes_the_class_token_embedding():
     loss = method(x, labels)["loss"]
     lam = _draws(method, 4, 7)  # [b, n]
     with torch.no_grad():
-        z = net.forward_head(net.forward_features((x - method.model.mean) / method.model.std), pre_logits=True)
+        z = net.forward_head(net.forward_features((x - method.model.mean) / method.model.std),
+                             pre_logits=True)
         mixed = net.head(lam.t() @ z)  # the n mixed embeddings through the classifier
         y = F.one_hot(labels, C).float()
         want = -((lam.t() @ y) * F.log_softmax(mixed, -1)).sum(-1).mean()
@@ -277,7 +294,8 @@ def test_transmix_equals_the_official_code(k, monkeypatch):
     method = build_method("transmix", stub, 10, prob=float(prob))
     method.host_rng = _Draws(d[f"draw_names_{k}"].tolist(), d[f"draws_{k}"].tolist())
     seen = {}
-    monkeypatch.setattr(tm, "soft_cross_entropy", lambda logits, t: seen.setdefault("targets", t).sum())
+    monkeypatch.setattr(tm, "soft_cross_entropy", lambda logits,
+                        t: seen.setdefault("targets", t).sum())
     method(x, y)
     assert method.host_rng.queue == []
     assert torch.allclose(stub.seen[0], torch.from_numpy(d[f"mixed_{k}"]), atol=1e-6)
@@ -299,10 +317,13 @@ def test_transmix_label_by_hand():
     lam = tm.transmix_lam(torch.tensor([[0.1, 0.2, 0.3, 0.4]]), torch.from_numpy(mask), area)
     assert torch.allclose(lam, torch.tensor([0.175]))
     y = mixers.smooth_one_hot(torch.tensor([0, 1]), 2, 0.0)
-    assert torch.allclose(tm.transmix_targets(y, torch.tensor([0.175, 0.5])), torch.tensor([[0.825, 0.175],
-                                                                                           [0.5, 0.5]]))
+    assert torch.allclose(
+        tm.transmix_targets(y, torch.tensor([0.175, 0.5])),
+        torch.tensor([[0.825, 0.175], [0.5, 0.5]]),
+    )
     # 50 px, 7 patches: nearest rows floor(i * 50 / 7) = 0, 7, 14, 21, 28, 35, 42
-    assert tm.patch_box_mask(50, 50, (7, 15, 0, 50), 7).reshape(7, 7)[:, 0].tolist() == [0, 1, 1, 0, 0, 0, 0]
+    assert tm.patch_box_mask(50, 50, (7, 15, 0, 50),
+                             7).reshape(7, 7)[:, 0].tolist() == [0, 1, 1, 0, 0, 0, 0]
 
 
 def test_transmix_refuses_a_network_without_class_attention():
@@ -314,13 +335,15 @@ def test_transmix_refuses_a_network_without_class_attention():
             build_method(name, ViTStages("vit_tiny_toy", C), C)
 
 
-VIT_METHODS = ["erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix", "multimix", "dense_multimix",
-               "multi_interp", "zeta_mixup", "transmix", "tokenmix", "comixup", "saliencymix", "supermix"]
+VIT_METHODS = ["erm", "input_mixup", "manifold_mixup", "cutmix", "puzzlemix", "multimix",
+               "dense_multimix", "multi_interp", "zeta_mixup", "transmix", "tokenmix", "comixup",
+               "saliencymix", "supermix"]
 # knobs of the one-step case: TokenMix's token grid is the toy ViT's (8 px patches at 32 px),
 # without a teacher
 VIT_KNOBS = {"multimix": {"n": 20, "prob": 1.0}, "dense_multimix": {"n": 20, "prob": 1.0},
-             "tokenmix": {"labels": "area", "patch_size": 8, "minimum_tokens": 1}, "comixup": {"solver": "swap"},
-             "saliencymix": {"prob": 1.0}, "supermix": {"max_iter": 2, "mask_w": 4}}
+             "tokenmix": {"labels": "area", "patch_size": 8, "minimum_tokens": 1},
+             "comixup": {"solver": "swap"}, "saliencymix": {"prob": 1.0},
+             "supermix": {"max_iter": 2, "mask_w": 4}}
 
 
 def test_the_cases_cover_every_method_but_alignmix():
@@ -350,7 +373,9 @@ def test_every_method_steps_on_the_toy_vit(name):
             opt.zero_grad()
             loss.backward()
             for p in (m.model.net.patch_embed.proj.weight, m.model.net.blocks[-1].mlp.fc2.weight):
-                assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+                assert (
+                    p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+                )
             opt.step()
     assert losses[1] < losses[0], losses
 
@@ -366,10 +391,11 @@ def test_a_pretraining_step_of_erm_on_the_toy_vit_and_robustness_on_it(toy_world
     from transfer.robustness import evaluate_checkpoint
 
     cfg = {"name": "vit", "seed": 0,
-           "data": {"root": str(toy_world / "imagenet"), "crop_size": 32, "val_resize": 36, "num_workers": 0,
-                    "max_train": 16, "max_val": 8},
+           "data": {"root": str(toy_world / "imagenet"), "crop_size": 32, "val_resize": 36,
+                    "num_workers": 0, "max_train": 16, "max_val": 8},
            "model": {"arch": "vit_tiny_toy"}, "method": {"name": "erm"},
-           "optim": {"batch_size": 8, "epochs": 1, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 0.05},
+           "optim": {"batch_size": 8, "epochs": 1, "lr": 1e-3, "optimizer": "adamw",
+                     "weight_decay": 0.05},
            "runtime": {"precision": "fp32", "flops": False, "figures": False}}
     run(cfg, {}, tmp_path / "run")
     ckpt = tmp_path / "run" / "backbone.pth"
@@ -377,8 +403,9 @@ def test_a_pretraining_step_of_erm_on_the_toy_vit_and_robustness_on_it(toy_world
     assert state["meta"]["arch"] == "vit_tiny_toy" and "head.weight" in state["model"]
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in log)
-    m = evaluate_checkpoint(ckpt, toy_world / "imagenet", ("clean", "background", "fgsm"), tmp_path / "rob",
-                            limit=6, image_size=32, resize=36, batch_size=3, fgsm_eps=0.0)
+    m = evaluate_checkpoint(ckpt, toy_world / "imagenet", ("clean", "background", "fgsm"),
+                            tmp_path / "rob", limit=6, image_size=32, resize=36, batch_size=3,
+                            fgsm_eps=0.0)
     assert m["n_images"] == 6 and m["arch"] == "vit_tiny_toy"
     assert m["fgsm"]["top1_err"] == m["clean"]["top1_err"]  # a zero budget changes nothing
     assert 0.0 <= m["background"]["clean_loc"] <= 100.0  # CAMs from the patch tokens
@@ -386,7 +413,9 @@ def test_a_pretraining_step_of_erm_on_the_toy_vit_and_robustness_on_it(toy_world
     from transfer.robustness.model import load_classifier_model
 
     model, meta = load_classifier_model(ckpt, num_classes=state["meta"]["num_classes"])
-    assert embedding_layer(model) is model.model.head and model.fc_weight is model.model.head.weight
+    assert (
+        embedding_layer(model) is model.model.head and model.fc_weight is model.model.head.weight
+    )
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         feats, logits = model.features_logits(x)
@@ -411,7 +440,8 @@ def test_the_vit_pipeline_plans_pretraining_and_robustness_of_each_method_by_nam
 
     plan = Pipeline(_pipeline_cfg("toy_vit.yaml")).plan()
     methods = ["erm", "multimix", "dense_multimix", "transmix"]
-    assert [s.label for s in plan] == [f"{m}/{s}" for m in methods for s in ("pretrain", "robustness")]
+    assert [s.label for s in plan] == [f"{m}/{s}" for m in methods
+                                       for s in ("pretrain", "robustness")]
     st = {s.label: s for s in plan}
     for m in methods:
         cfg = st[f"{m}/pretrain"].spec["config"]
@@ -423,10 +453,12 @@ def test_the_resnet_pipeline_takes_transmix_by_name_and_refuses_its_vit_downstre
     from mixup_transfer.core.config import ConfigError
     from mixup_transfer.pipeline.run import Pipeline
 
-    with pytest.raises(ConfigError, match="'transmix' pretrains a Vision Transformer .*configs/pipeline/toy_vit.yaml"):
+    with pytest.raises(ConfigError, match="'transmix' pretrains a Vision Transformer "
+                                          ".*configs/pipeline/toy_vit.yaml"):
         # configs/pretrain/toy_transmix.yaml is found
         Pipeline(_pipeline_cfg("toy.yaml"), methods=["transmix"])
-    plan = Pipeline(_pipeline_cfg("toy.yaml", detection=[], wsol=None), methods=["transmix"]).plan()
+    plan = Pipeline(_pipeline_cfg("toy.yaml", detection=[], wsol=None),
+                    methods=["transmix"]).plan()
     assert [s.label for s in plan] == ["transmix/pretrain", "transmix/robustness"]
     assert plan[0].spec["config"]["model"]["arch"] == "vit_tiny_toy"
 

@@ -33,7 +33,8 @@ def _hashes(root: Path) -> dict[str, str]:
 def _make(out: Path, seed: int) -> dict:
     from wsol.data import cub_to_wsol_metadata
 
-    return toy.make_toy_world(out, preset="tiny", seed=seed, workers=1, wsol_metadata=cub_to_wsol_metadata)
+    return toy.make_toy_world(out, preset="tiny", seed=seed, workers=1,
+                              wsol_metadata=cub_to_wsol_metadata)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,8 @@ def test_truncation_flag():
     rng = np.random.default_rng(2)
     cls = toy.IMAGENET_CLASSES[0]
     _, objs = toy.render_scene(
-        rng, (64, 64), [dict(cls=cls, center=(32, 32), radius=10), dict(cls=cls, center=(2, 30), radius=10)]
+        rng, (64, 64),
+        [dict(cls=cls, center=(32, 32), radius=10), dict(cls=cls, center=(2, 30), radius=10)]
     )
     assert [o.truncated for o in objs] == [False, True]
     assert objs[1].box[0] == 0.0
@@ -134,10 +136,12 @@ def test_vocabulary_not_separable_by_colour_alone():
     assert all(colours.count(c) >= 2 for c in colours)
     combos = [(c.shape, c.colour) for c in toy.IMAGENET_CLASSES]
     assert len(set(combos)) < len(combos)
-    assert len({(c.shape, c.colour, c.texture) for c in toy.IMAGENET_CLASSES}) == len(toy.IMAGENET_CLASSES)
+    assert len({(c.shape, c.colour, c.texture)
+                for c in toy.IMAGENET_CLASSES}) == len(toy.IMAGENET_CLASSES)
     # CUB classes share one silhouette: they differ only in colours / markings
     assert (
-        len({(b.body, b.head, b.wing, b.wing_stripe, b.breast_band, b.head_spot) for b in toy.CUB_CLASSES})
+        len({(b.body, b.head, b.wing, b.wing_stripe, b.breast_band, b.head_spot)
+             for b in toy.CUB_CLASSES})
         == 10
     )
 
@@ -205,7 +209,8 @@ def test_imagenet_layout(world):
     assert (root / "train" / wnids[3] / f"{wnids[3]}_1.JPEG").is_file()
     val = sorted((root / "val").rglob("*.JPEG"))
     assert len(val) == im["num_val"]
-    mapping = dict(line.split(" ", 1) for line in (root / "LOC_synset_mapping.txt").read_text().splitlines())
+    mapping = dict(line.split(" ", 1)
+                   for line in (root / "LOC_synset_mapping.txt").read_text().splitlines())
     assert list(mapping) == wnids
     with open(root / "LOC_val_solution.csv", newline="") as f:
         rows = list(csv.reader(f))
@@ -230,7 +235,8 @@ def test_imagenet_layout(world):
     assert n_boxes == im["num_val_boxes"]
     # the main object is 25-60% of the image side
     _, (h, w), objs = _xml_objects(root / "val_boxes" / f"{val[0].stem}.xml")
-    side = max(objs[0]["box"][2] - objs[0]["box"][0] + 1, objs[0]["box"][3] - objs[0]["box"][1] + 1)
+    side = max(objs[0]["box"][2] - objs[0]["box"][0] + 1,
+               objs[0]["box"][3] - objs[0]["box"][1] + 1)
     assert 0.15 * min(h, w) <= side <= 0.75 * max(h, w)
 
 
@@ -304,7 +310,8 @@ def test_voc_layout_and_boxes(world):
         for iid in all_ids:
             xml_root, (h, w), objs = _xml_objects(root / "Annotations" / f"{iid}.xml")
             assert (
-                xml_root.findtext("filename") == f"{iid}.jpg" and xml_root.findtext("folder") == f"VOC{year}"
+                xml_root.findtext("filename") == f"{iid}.jpg"
+                and xml_root.findtext("folder") == f"VOC{year}"
             )
             assert xml_root.findtext("size/depth") == "3" and xml_root.findtext("segmented") == "0"
             assert _jpeg_hw(root / "JPEGImages" / f"{iid}.jpg") == (h, w)
@@ -323,7 +330,8 @@ def test_voc_layout_and_boxes(world):
         # the test split holds every class (the first object of image i is class i mod 20)
         if year == "2007":
             test_names = {
-                o["name"] for i in ids["test"] for o in _xml_objects(root / "Annotations" / f"{i}.xml")[2]
+                o["name"] for i in ids["test"]
+                for o in _xml_objects(root / "Annotations" / f"{i}.xml")[2]
             }
             assert len(test_names) >= 15
     assert seen == set(toy.VOC_CLASSES)
@@ -424,7 +432,12 @@ def test_cub_layout(world):
     n = len(images)
     assert n == summary["cub"]["num_train"] + summary["cub"]["num_test"] == 50
     assert [int(r[0]) for r in images] == list(range(1, n + 1))
-    assert [r[0] for r in labels] == [r[0] for r in split] == [r[0] for r in boxes] == [r[0] for r in images]
+    assert (
+        [r[0] for r in labels]
+        == [r[0] for r in split]
+        == [r[0] for r in boxes]
+        == [r[0] for r in images]
+    )
     assert [r[1] for r in classes] == summary["cub"]["classes"]
     assert classes[0] == ["1", "001.Red_Capped_Warbler"]
     assert sum(r[1] == "1" for r in split) == summary["cub"]["num_train"]

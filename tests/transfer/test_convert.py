@@ -43,7 +43,8 @@ class FrozenBN(nn.Module):
             self.register_buffer(name, torch.zeros(c))
 
     def forward(self, x):
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 1e-5)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
+                            0.0, 1e-5)
 
 
 class Conv(nn.Conv2d):
@@ -104,7 +105,8 @@ class D2ResNet(nn.Module):
         for i, n in enumerate(counts):
             cout = 64 * 2 ** i * expansion
             first_stride = 1 if i == 0 else 2
-            blocks = [block(cin if j == 0 else cout, cout, first_stride if j == 0 else 1, stride_in_1x1)
+            blocks = [block(cin if j == 0 else cout, cout, first_stride if j == 0 else 1,
+                            stride_in_1x1)
                       for j in range(n)]
             setattr(self, f"res{i + 2}", nn.Sequential(*blocks))
             cin = cout
@@ -165,16 +167,22 @@ def test_rename_table_and_dropped_keys():
     state = random_torchvision("resnet50").state_dict()
     d2 = to_detectron2(state)
     assert d2["stem.conv1.weight"].shape == (64, 3, 7, 7)
-    np.testing.assert_array_equal(d2["stem.conv1.norm.running_var"], state["bn1.running_var"].numpy())
-    np.testing.assert_array_equal(d2["res2.0.shortcut.weight"], state["layer1.0.downsample.0.weight"].numpy())
+    np.testing.assert_array_equal(d2["stem.conv1.norm.running_var"],
+                                  state["bn1.running_var"].numpy())
+    np.testing.assert_array_equal(d2["res2.0.shortcut.weight"],
+                                  state["layer1.0.downsample.0.weight"].numpy())
     np.testing.assert_array_equal(d2["res2.0.shortcut.norm.bias"],
                                   state["layer1.0.downsample.1.bias"].numpy())
-    np.testing.assert_array_equal(d2["res5.2.conv3.norm.weight"], state["layer4.2.bn3.weight"].numpy())
-    np.testing.assert_array_equal(d2["res4.5.conv2.weight"], state["layer3.5.conv2.weight"].numpy())
-    assert not any(k.startswith("fc") or "num_batches_tracked" in k or "layer" in k or "bn" in k for k in d2)
+    np.testing.assert_array_equal(d2["res5.2.conv3.norm.weight"],
+                                  state["layer4.2.bn3.weight"].numpy())
+    np.testing.assert_array_equal(d2["res4.5.conv2.weight"],
+                                  state["layer3.5.conv2.weight"].numpy())
+    assert not any(k.startswith("fc") or "num_batches_tracked" in k or "layer" in k or "bn" in k
+                   for k in d2)
     n_tv = sum(not k.startswith("fc.") and not k.endswith("num_batches_tracked") for k in state)
     assert len(d2) == n_tv == 265  # resnet50: 53 convs + 53 norms x 4
-    assert detectron2_weights_problems({"model": d2, "__author__": "x", "matching_heuristics": True},
+    assert detectron2_weights_problems({"model": d2, "__author__": "x",
+                                        "matching_heuristics": True},
                                        "resnet50") == []
     with pytest.raises(ConversionError, match="not torchvision ResNet keys.*module.conv1.weight"):
         to_detectron2({"module." + k: v for k, v in state.items()})
@@ -213,7 +221,9 @@ def test_generated_configs_are_right_and_checks_catch_traps(tmp_path):
         assert cfg["MODEL"]["RESNETS"]["STRIDE_IN_1X1"] is False
         assert cfg["MODEL"]["RESNETS"]["DEPTH"] == 50
         assert cfg["MODEL"]["WEIGHTS"] == str((tmp_path / "w.pkl").resolve())
-    assert voc["MODEL"]["RESNETS"]["NORM"] == "SyncBN" and voc["MODEL"]["BACKBONE"]["FREEZE_AT"] == 0
+    assert (
+        voc["MODEL"]["RESNETS"]["NORM"] == "SyncBN" and voc["MODEL"]["BACKBONE"]["FREEZE_AT"] == 0
+    )
     assert voc["SOLVER"]["MAX_ITER"] == 24000 and voc["SOLVER"]["STEPS"] == [18000, 22000]
     # the toolkit's own dataset names, never detectron2's built-in voc_2007_* / coco_2017_*
     assert voc["DATASETS"] == {"TRAIN": ["mt_voc_2007_trainval", "mt_voc_2012_trainval"],
@@ -249,7 +259,8 @@ def test_generated_configs_are_right_and_checks_catch_traps(tmp_path):
         with pytest.raises(ConversionError, match=match):
             check_detectron2_config(broken(coco, **changes), "resnet50")
     # a YAML written by hand with a leftover default is caught through its _BASE_ chain too
-    (tmp_path / "child.yaml").write_text("_BASE_: coco_resnet50_FPN_1x.yaml\nINPUT:\n  FORMAT: BGR\n")
+    (tmp_path / "child.yaml").write_text("_BASE_: coco_resnet50_FPN_1x.yaml\nINPUT:\n  "
+                                         "FORMAT: BGR\n")
     with pytest.raises(ConversionError, match="child.yaml:\n  - INPUT.FORMAT"):
         check_detectron2_config(tmp_path / "child.yaml")
 
@@ -261,14 +272,15 @@ D2_KEYS = {
     "MODEL.PIXEL_STD",
     "MODEL.BACKBONE.NAME", "MODEL.BACKBONE.FREEZE_AT", "MODEL.RESNETS.DEPTH", "MODEL.RESNETS.NORM",
     "MODEL.RESNETS.STRIDE_IN_1X1", "MODEL.RESNETS.RES2_OUT_CHANNELS", "MODEL.RESNETS.OUT_FEATURES",
-    "MODEL.FPN.IN_FEATURES", "MODEL.ANCHOR_GENERATOR.SIZES", "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
-    "MODEL.RPN.IN_FEATURES", "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "MODEL.RPN.PRE_NMS_TOPK_TEST",
-    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "MODEL.RPN.POST_NMS_TOPK_TEST", "MODEL.ROI_HEADS.NAME",
-    "MODEL.ROI_HEADS.IN_FEATURES", "MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.ROI_BOX_HEAD.NAME",
-    "MODEL.ROI_BOX_HEAD.NUM_FC", "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "INPUT.FORMAT",
-    "INPUT.MIN_SIZE_TRAIN",
-    "INPUT.MIN_SIZE_TEST", "DATASETS.TRAIN", "DATASETS.TEST", "SOLVER.IMS_PER_BATCH", "SOLVER.BASE_LR",
-    "SOLVER.STEPS", "SOLVER.MAX_ITER", "SOLVER.WARMUP_ITERS", "TEST.PRECISE_BN.ENABLED",
+    "MODEL.FPN.IN_FEATURES", "MODEL.ANCHOR_GENERATOR.SIZES",
+    "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "MODEL.RPN.IN_FEATURES",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "MODEL.RPN.PRE_NMS_TOPK_TEST", "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "MODEL.RPN.POST_NMS_TOPK_TEST", "MODEL.ROI_HEADS.NAME", "MODEL.ROI_HEADS.IN_FEATURES",
+    "MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.ROI_BOX_HEAD.NAME", "MODEL.ROI_BOX_HEAD.NUM_FC",
+    "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "INPUT.FORMAT", "INPUT.MIN_SIZE_TRAIN",
+    "INPUT.MIN_SIZE_TEST", "DATASETS.TRAIN", "DATASETS.TEST", "SOLVER.IMS_PER_BATCH",
+    "SOLVER.BASE_LR", "SOLVER.STEPS", "SOLVER.MAX_ITER", "SOLVER.WARMUP_ITERS",
+    "TEST.PRECISE_BN.ENABLED",
 }
 
 
@@ -296,15 +308,20 @@ def test_r18_configs_need_res2_64_and_no_c4(tmp_path):
     assert voc["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] == 20 and voc["SOLVER"]["MAX_ITER"] == 18000
     assert voc["MODEL"]["RESNETS"]["NORM"] == "FrozenBN" and voc["INPUT"]["MIN_SIZE_TEST"] == 800
     cfg = yaml.safe_load(paths["coco_resnet18_FPN_1x"].read_text())
-    assert cfg["MODEL"]["RESNETS"]["RES2_OUT_CHANNELS"] == 64 and cfg["MODEL"]["RESNETS"]["DEPTH"] == 18
+    assert (
+        cfg["MODEL"]["RESNETS"]["RES2_OUT_CHANNELS"] == 64
+        and cfg["MODEL"]["RESNETS"]["DEPTH"] == 18
+    )
     cfg["MODEL"]["RESNETS"]["RES2_OUT_CHANNELS"] = 256
-    assert any("RES2_OUT_CHANNELS must be 64" in p for p in detectron2_config_problems(cfg, "resnet18"))
+    assert any("RES2_OUT_CHANNELS must be 64" in p
+               for p in detectron2_config_problems(cfg, "resnet18"))
 
 
 def test_convert_files_from_a_foreign_layout_and_cli(tmp_path, capsys):
     tv = random_torchvision("resnet18")
     foreign = tmp_path / "dp.pth.tar"  # DataParallel-style wrapper, as other codebases save it
-    torch.save({"state_dict": {"module." + k: v for k, v in tv.state_dict().items()}, "epoch": 3}, foreign)
+    torch.save({"state_dict": {"module." + k: v for k, v in tv.state_dict().items()}, "epoch": 3},
+               foreign)
     out = convert_to_detectron2(foreign, tmp_path / "d2" / "r18.pkl", arch="resnet18")
     assert set(out) == {"weights", "voc_resnet18_FPN_18k", "coco_resnet18_FPN_1x"}
     with open(out["weights"], "rb") as f:
@@ -327,7 +344,8 @@ def test_convert_files_from_a_foreign_layout_and_cli(tmp_path, capsys):
     assert set(load_backbone(tmp_path / "tv.pth", "resnet18")) == set(saved["model"])
 
     # a checkpoint that does not fit: the loader's error, nothing written
-    assert cli.main(["--to", "detectron2", str(foreign), str(tmp_path / "x.pkl"), "--arch", "resnet50"]) == 2
+    assert cli.main(["--to", "detectron2", str(foreign), str(tmp_path / "x.pkl"), "--arch",
+                     "resnet50"]) == 2
     assert "missing keys" in capsys.readouterr().err and not (tmp_path / "x.pkl").exists()
 
 
@@ -354,8 +372,12 @@ def test_detectron2_loads_converted_weights(tmp_path, arch):
     paths = detectron2_configs(tmp_path, pkl, arch, voc_norm="FrozenBN")
     assert sorted(paths) == sorted([f"voc_{arch}_FPN_18k", f"coco_{arch}_FPN_1x"]
                                    + ([f"voc_{arch}_C4_24k"] if arch == "resnet50" else []))
-    image = torch.randint(0, 256, (3, 64, 64), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
-    mean, std = torch.tensor(PIXEL_MEAN_RGB).view(3, 1, 1), torch.tensor(PIXEL_STD_RGB).view(3, 1, 1)
+    image = torch.randint(0, 256, (3, 64, 64), generator=torch.Generator().manual_seed(2),
+                          dtype=torch.uint8)
+    mean, std = (
+        torch.tensor(PIXEL_MEAN_RGB).view(3, 1, 1),
+        torch.tensor(PIXEL_STD_RGB).view(3, 1, 1),
+    )
     with torch.no_grad():  # torchvision's input: RGB in [0, 1], ImageNet mean / std
         want = torchvision_features(tv, ((image.float() / 255 - mean / 255) / (std / 255))[None])
     for name, path in paths.items():
@@ -366,7 +388,8 @@ def test_detectron2_loads_converted_weights(tmp_path, arch):
         ckpt = DetectionCheckpointer(model)
         loaded = ckpt._load_model(ckpt._load_file(str(pkl)))
         assert loaded.unexpected_keys == [] and loaded.incorrect_shapes == [], name
-        heads = ("backbone.fpn_", "proposal_generator.", "roi_heads.box_head.", "roi_heads.box_predictor.",
+        heads = ("backbone.fpn_", "proposal_generator.", "roi_heads.box_head.",
+                 "roi_heads.box_predictor.",
                  "roi_heads.res5.norm.")  # C4: MoCo's extra norm after res5
         assert loaded.missing_keys and all(k.startswith(heads) for k in loaded.missing_keys), name
         with torch.no_grad():

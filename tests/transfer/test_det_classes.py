@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def _cfg(toy_world, classes):
     return det_config.resolve_config({
         "model": {"type": "ssd", "arch": "resnet18", "size": 64, "max_size": 64},
-        "data": {"format": "voc", "root": str(toy_world / "VOCdevkit"), "voc_train": ["2007/trainval"],
-                 "num_workers": 0, "classes": classes}})
+        "data": {"format": "voc", "root": str(toy_world / "VOCdevkit"),
+                 "voc_train": ["2007/trainval"], "num_workers": 0, "classes": classes}})
 
 
 def test_labels_follow_the_configured_class_order(toy_world):
@@ -37,11 +37,13 @@ def test_labels_follow_the_configured_class_order(toy_world):
     ("[]", 2, ["data.classes"]), ("[cat,cat]", 2, ["data.classes"]),
 ])
 def test_bad_class_lists_exit_2(toy_world, tmp_path, capsys, classes, code, names):
-    spec = importlib.util.spec_from_file_location("finetune_det_classes", ROOT / "tools" / "run_detection.py")
+    spec = importlib.util.spec_from_file_location("finetune_det_classes",
+                                                  ROOT / "tools" / "run_detection.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    got = tool.main(["--config", str(ROOT / "configs/detection/toy_ssd_voc.yaml"), "--run-dir", str(tmp_path / "r"),
-                     f"data.root={toy_world}/VOCdevkit", f"data.classes={classes}"])
+    got = tool.main(["--config", str(ROOT / "configs/detection/toy_ssd_voc.yaml"), "--run-dir",
+                     str(tmp_path / "r"), f"data.root={toy_world}/VOCdevkit",
+                     f"data.classes={classes}"])
     err = capsys.readouterr().err
     assert got == code, err
     for n in names:

@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transfer.coco_eval import STAT_NAMES, COCOEvalError, boxes_to_coco_xywh, coco_evaluate, faster_available
+from transfer.coco_eval import (
+    STAT_NAMES,
+    COCOEvalError,
+    boxes_to_coco_xywh,
+    coco_evaluate,
+    faster_available,
+)
 from transfer.voc_eval import (
     VOCEvalError,
     boxes_to_voc_xml,
@@ -42,7 +48,8 @@ def devkit_ap(dets, annotations, cls, metric, iou=0.5):
         g = gt[image_id]
         ovmax, jmax = -math.inf, None
         for j, bbgt in enumerate(g["BB"]):
-            bi = [max(bb[0], bbgt[0]), max(bb[1], bbgt[1]), min(bb[2], bbgt[2]), min(bb[3], bbgt[3])]
+            bi = [max(bb[0], bbgt[0]), max(bb[1], bbgt[1]), min(bb[2], bbgt[2]),
+                  min(bb[3], bbgt[3])]
             iw = bi[2] - bi[0] + 1
             ih = bi[3] - bi[1] + 1
             if iw > 0 and ih > 0:
@@ -88,7 +95,8 @@ def obj(name, bbox, difficult=False):
 ANN = {
     "im1": {"objects": [obj("cat", (1, 1, 10, 10)), obj("cat", (21, 21, 40, 40))]},
     "im2": {"objects": [obj("cat", (5, 5, 30, 30))]},
-    "im3": {"objects": [obj("cat", (10, 10, 20, 20)), obj("cat", (50, 50, 70, 70), difficult=True)]},
+    "im3": {"objects": [obj("cat", (10, 10, 20, 20)),
+                        obj("cat", (50, 50, 70, 70), difficult=True)]},
     "im4": {"objects": []},
 }
 CLASSES = ("cat", "dog")
@@ -97,8 +105,9 @@ CLASSES = ("cat", "dog")
 # Only non-ignored: TP FP TP FP TP with npos 4 -> recall .25 .25 .5 .5 .75, precision 1 .5 2/3 .5
 # .6
 DETS = {
-    "cat": [("im1", 0.9, (1, 1, 10, 10)), ("im3", 0.86, (50, 50, 70, 70)), ("im3", 0.85, (51, 51, 70, 70)),
-            ("im1", 0.8, (1, 1, 10, 10)), ("im2", 0.7, (5, 5, 30, 30)), ("im4", 0.6, (1, 1, 50, 50)),
+    "cat": [("im1", 0.9, (1, 1, 10, 10)), ("im3", 0.86, (50, 50, 70, 70)),
+            ("im3", 0.85, (51, 51, 70, 70)), ("im1", 0.8, (1, 1, 10, 10)),
+            ("im2", 0.7, (5, 5, 30, 30)), ("im4", 0.6, (1, 1, 50, 50)),
             ("im3", 0.5, (10, 10, 20, 20))],
     "dog": [("im1", 0.9, (1, 1, 10, 10))],
 }
@@ -141,7 +150,8 @@ def test_voc_difficult_counted_wrongly_would_change_ap():
     # now the box counts: 5 positives, the 0.86 detection is a TP
     out = voc_evaluate(DETS, ann, CLASSES)
     assert out["AP"]["cat"] != pytest.approx(AP_11)
-    assert out["AP"]["cat"] == pytest.approx(devkit_ap(DETS["cat"], ann, "cat", "11point"), abs=1e-10)
+    assert out["AP"]["cat"] == pytest.approx(devkit_ap(DETS["cat"], ann, "cat", "11point"),
+                                             abs=1e-10)
 
 
 def test_voc_iou_uses_inclusive_pixels_and_ge_threshold():
@@ -167,7 +177,8 @@ def test_voc_vectorised_matches_devkit_transcription_on_random_data(monkeypatch)
         for _ in range(rng.integers(0, 5)):
             x0, y0 = rng.integers(1, 60, size=2)
             w, h = rng.integers(5, 40, size=2)
-            objs.append(obj(classes[rng.integers(0, 3)], (x0, y0, x0 + w, y0 + h), bool(rng.random() < 0.2)))
+            objs.append(obj(classes[rng.integers(0, 3)], (x0, y0, x0 + w, y0 + h),
+                            bool(rng.random() < 0.2)))
         ann[f"img{i:03d}"] = {"objects": objs}
     ids = list(ann)
     dets = {c: [] for c in classes}
@@ -185,9 +196,11 @@ def test_voc_vectorised_matches_devkit_transcription_on_random_data(monkeypatch)
         for iou in (0.5, 0.7):
             out = voc_evaluate(dets, ann, classes, metric=metric, iou=iou)
             for c in classes:
-                assert out["AP"][c] == pytest.approx(devkit_ap(dets[c], ann, c, metric, iou), abs=1e-9)
+                assert out["AP"][c] == pytest.approx(devkit_ap(dets[c], ann, c, metric, iou),
+                                                     abs=1e-9)
     # the array fast path gives the same
-    arrays = {c: {"image_ids": [d[0] for d in v], "scores": [d[1] for d in v], "boxes": [d[2] for d in v]}
+    arrays = {c: {"image_ids": [d[0] for d in v], "scores": [d[1] for d in v],
+                  "boxes": [d[2] for d in v]}
               for c, v in dets.items()}
     assert voc_evaluate(arrays, ann, classes) == voc_evaluate(dets, ann, classes)
     # the IoU blocks are chunked for crowded classes: tiny chunks give the same numbers
@@ -212,7 +225,8 @@ def voc_tree(tmp_path):
     for image_id, ann in ANN.items():
         objects = "".join(VOC_OBJ.format(name=o["name"], d=int(o["difficult"]), b=o["bbox"])
                           for o in ann["objects"])
-        (root / "Annotations" / f"{image_id}.xml").write_text(VOC_XML.format(id=image_id, objects=objects))
+        (root / "Annotations"
+         / f"{image_id}.xml").write_text(VOC_XML.format(id=image_id, objects=objects))
     (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(ANN) + "\n")
     results = tmp_path / "results"
     write_voc_results(results, "test", DETS)
@@ -230,9 +244,10 @@ def test_voc_files_and_cli(voc_tree):
     dets, _ = read_voc_results(results, "test", CLASSES)
     assert ([(i, s, tuple(b)) for i, s, b in dets["cat"]]
             == [(i, s, tuple(map(float, b))) for i, s, b in DETS["cat"]])
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_voc.py"), "--devkit", str(devkit),
-                           "--year", "2007", "--split", "test", "--results", str(results), "--metric", "area",
-                           "--classes", "cat,dog"], capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_voc.py"), "--devkit",
+                           str(devkit), "--year", "2007", "--split", "test", "--results",
+                           str(results), "--metric", "area", "--classes", "cat,dog"],
+                           capture_output=True, text=True, check=True)
     printed = json.loads(proc.stdout)
     assert printed["metric"] == "area" and printed["mAP"] == pytest.approx(AP_AREA, abs=1e-6)
     assert printed["AP"] == {"cat": pytest.approx(AP_AREA, abs=1e-6), "dog": None}
@@ -271,7 +286,8 @@ def test_voc_sub_pixel_reversed_boxes_are_scored_like_the_devkit(tmp_path, caplo
     assert "2 of 3 detections have xmax < xmin" in caplog.text
     write_voc_results(tmp_path, "test", dets)  # the result files are read, not rejected
     read, sources = read_voc_results(tmp_path, "test", CLASSES, ann)
-    assert voc_evaluate(read, ann, CLASSES, "11point", _sources=sources)["AP"]["cat"] == pytest.approx(want)
+    assert voc_evaluate(read, ann, CLASSES, "11point",
+                        _sources=sources)["AP"]["cat"] == pytest.approx(want)
 
 
 def test_voc_unknown_class_file_and_empty_dir(voc_tree, tmp_path):
@@ -294,10 +310,11 @@ def test_voc_unknown_class_file_and_empty_dir(voc_tree, tmp_path):
 
 def coco_gt():
     def ann(i, image_id, cat, box):
-        return {"id": i, "image_id": image_id, "category_id": cat, "bbox": box, "area": box[2] * box[3],
-                "iscrowd": 0}
+        return {"id": i, "image_id": image_id, "category_id": cat, "bbox": box,
+                "area": box[2] * box[3], "iscrowd": 0}
     return {
-        "images": [{"id": i, "width": 200, "height": 200, "file_name": f"{i}.jpg"} for i in (1, 2, 3)],
+        "images": [{"id": i, "width": 200, "height": 200, "file_name": f"{i}.jpg"}
+                   for i in (1, 2, 3)],
         "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}],
         "annotations": [
             ann(1, 1, 3, [10, 10, 20, 20]),    # small (area 400 < 32^2)
@@ -339,7 +356,8 @@ def test_coco_hand_computed_precision_recall(backend):
     # the 101 recall points) and 2/3 on 0.51..1 (50 points) -> (51 + 50 * 2/3) / 101 = 253/303; dog
     # 1.
     cat_ap = 253 / 303
-    assert stats["per_category"] == {"cat": pytest.approx(100 * cat_ap), "dog": pytest.approx(100.0)}
+    assert stats["per_category"] == {"cat": pytest.approx(100 * cat_ap),
+                                     "dog": pytest.approx(100.0)}
     assert stats["AP"] == pytest.approx(100 * (cat_ap + 1) / 2)
     assert stats["AP50"] == stats["AP75"] == pytest.approx(stats["AP"])
     assert stats["APs"] == pytest.approx(100.0)          # cat small: one GT, one TP at 0.9 first
@@ -357,7 +375,8 @@ def test_coco_empty_results_and_bad_input(tmp_path):
     assert stats["AP"] == 0.0 and stats["AR100"] == 0.0 and stats["APl"] is None
     with pytest.raises(COCOEvalError, match=r"results\[1\]: unknown image_id 42"):
         coco_evaluate(gt, [det(1, 3, [0, 0, 1, 1], 0.5), det(42, 3, [0, 0, 1, 1], 0.5)])
-    with pytest.raises(COCOEvalError, match=r"results\[0\]: unknown category_id 5; valid: \[3, 7\]"):
+    with pytest.raises(COCOEvalError, match=r"results\[0\]: unknown category_id 5; valid: "
+                       r"\[3, 7\]"):
         coco_evaluate(gt, [det(1, 5, [0, 0, 1, 1], 0.5)])
     with pytest.raises(COCOEvalError, match="negative width"):
         coco_evaluate(gt, [det(1, 3, [5, 5, -1, 1], 0.5)])
@@ -379,11 +398,12 @@ def test_coco_backends_agree_on_random_data():
             x, y = rng.uniform(0, 200, 2)
             w, h = rng.uniform(4, 120, 2)
             c = int(rng.choice([1, 4, 9]))
-            anns.append({"id": len(anns) + 1, "image_id": img["id"], "category_id": c, "bbox": [x, y, w, h],
-                         "area": w * h, "iscrowd": int(rng.random() < 0.05)})
+            anns.append({"id": len(anns) + 1, "image_id": img["id"], "category_id": c,
+                         "bbox": [x, y, w, h], "area": w * h, "iscrowd": int(rng.random() < 0.05)})
             for _ in range(rng.integers(0, 3)):
                 jit = rng.normal(0, 0.1 * min(w, h), 4)
-                res.append(det(img["id"], c, [x + jit[0], y + jit[1], abs(w + jit[2]), abs(h + jit[3])],
+                res.append(det(img["id"], c,
+                               [x + jit[0], y + jit[1], abs(w + jit[2]), abs(h + jit[3])],
                                float(rng.random())))
         for _ in range(rng.integers(0, 4)):
             res.append(det(img["id"], int(rng.choice([1, 4, 9])), list(rng.uniform(0, 150, 4)),
@@ -418,7 +438,8 @@ def test_bench_reference_loop_agrees_on_synthetic_voc():
     classes = tuple(f"c{i}" for i in range(5))
     ann, dets = synthetic_voc(40, classes, fp_per_image=5, seed=3)
     for metric in ("11point", "area"):
-        ours, naive = voc_evaluate(dets, ann, classes, metric), naive_voc_evaluate(dets, ann, classes, metric)
+        ours, naive = voc_evaluate(dets, ann, classes,
+                                   metric), naive_voc_evaluate(dets, ann, classes, metric)
         assert ours["AP"] == pytest.approx(naive["AP"], abs=1e-9) and 10 < ours["mAP"] < 95
 
 
@@ -467,7 +488,8 @@ def _toy_detections(dicts, n_classes, seed=0):
         w, h = r["width"], r["height"]
         boxes, classes = [], []
         for a in r["annotations"]:
-            b = np.asarray(BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS), dtype=np.float64)
+            b = np.asarray(BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS),
+                           dtype=np.float64)
             boxes.append(b + rng.normal(0, 2.0, 4))
             classes.append(a["category_id"])
         x0, y0 = rng.uniform(0, w - 2), rng.uniform(0, h - 2)
@@ -487,7 +509,8 @@ def _toy_detections(dicts, n_classes, seed=0):
 
 
 @pytest.mark.d2
-def test_detectron2_evaluators_give_our_numbers_on_the_same_detections(toy_world, tmp_path, caplog):
+def test_detectron2_evaluators_give_our_numbers_on_the_same_detections(toy_world, tmp_path,
+                                                                       caplog):
     pytest.importorskip("detectron2")
     from detectron2.data import DatasetCatalog
     from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
@@ -513,7 +536,8 @@ def test_detectron2_evaluators_give_our_numbers_on_the_same_detections(toy_world
     assert sum(x[2][2] < x[2][0] for d in dets.values() for x in d) > 0
     ann = load_voc_annotations(toy_world / "VOCdevkit", "2007", "test")
     with caplog.at_level("WARNING", logger="transfer.voc_eval"):
-        ours = {t: voc_evaluate(dets, ann, VOC_CLASSES, "11point", iou=t / 100) for t in range(50, 100, 5)}
+        ours = {t: voc_evaluate(dets, ann, VOC_CLASSES, "11point", iou=t / 100)
+                for t in range(50, 100, 5)}
     assert "have xmax < xmin" in caplog.text
     # a class without ground truth in the split: AP None for us (left out of our mAP), 0 in
     # detectron2's mean
@@ -522,7 +546,8 @@ def test_detectron2_evaluators_give_our_numbers_on_the_same_detections(toy_world
     def as_devkit(res):
         return sum(v or 0.0 for v in res["AP"].values()) / len(VOC_CLASSES)
 
-    assert as_devkit(ours[50]) == pytest.approx(theirs["AP50"], abs=1e-9) and 5 < theirs["AP50"] < 95
+    assert as_devkit(ours[50]) == pytest.approx(theirs["AP50"],
+                                                abs=1e-9) and 5 < theirs["AP50"] < 95
     assert as_devkit(ours[75]) == pytest.approx(theirs["AP75"], abs=1e-9)
     assert np.mean([as_devkit(o) for o in ours.values()]) == pytest.approx(theirs["AP"], abs=1e-9)
 
@@ -535,7 +560,8 @@ def test_detectron2_evaluators_give_our_numbers_on_the_same_detections(toy_world
     for inp, out in _toy_detections(DatasetCatalog.get(name), len(id_map), seed=1):
         ev.process([inp], [out])
     to_cat = {i: c for c, i in id_map.items()}
-    results = [dict(r, category_id=to_cat[r["category_id"]]) for p in ev._predictions for r in p["instances"]]
+    results = [dict(r, category_id=to_cat[r["category_id"]]) for p in ev._predictions
+               for r in p["instances"]]
     theirs = ev.evaluate()["bbox"]
     ours = coco_evaluate(specs["test"]["json_file"], results, backend="pycocotools")
     for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"):

@@ -11,11 +11,13 @@ from mixup_transfer.core.checkpoint import CheckpointError, build_resnet, save_b
 from transfer.detection import transforms as dt
 from transfer.detection.models import build_detector, count_priors, ssd_plan, ssd_resnet
 
-TINY_RCNN = dict(min_size=64, max_size=64, anchor_sizes=(16, 32, 64, 128, 256), rpn_pre_nms_top_n_train=100,
-                 rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20,
-                 rpn_batch_size_per_image=32, box_batch_size_per_image=16, box_detections_per_img=10,
-                 resize_inside=False)
-TINY = {"faster_rcnn_fpn": TINY_RCNN, "faster_rcnn_c4": {**TINY_RCNN, "anchor_sizes": (16, 32, 64)},
+TINY_RCNN = dict(min_size=64, max_size=64, anchor_sizes=(16, 32, 64, 128, 256),
+                 rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
+                 rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20,
+                 rpn_batch_size_per_image=32, box_batch_size_per_image=16,
+                 box_detections_per_img=10, resize_inside=False)
+TINY = {"faster_rcnn_fpn": TINY_RCNN,
+        "faster_rcnn_c4": {**TINY_RCNN, "anchor_sizes": (16, 32, 64)},
         "ssd": dict(size=64, detections_per_img=10)}
 
 TRUNK_KEYS = {
@@ -43,7 +45,8 @@ def backbone(tmp_path_factory):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     path = tmp_path_factory.mktemp("bb") / "r18.pth"
-    save_backbone(path, model, {"arch": "resnet18", "num_classes": 10, "method": "erm", "epochs": 0,
+    save_backbone(path, model,
+                  {"arch": "resnet18", "num_classes": 10, "method": "erm", "epochs": 0,
                                 "config": "", "metrics": {}})
     return path, {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -84,7 +87,11 @@ def test_train_step_and_eval_with_loaded_backbone(kind, backbone, toy_world):
     for o, im in zip(out, images):
         b = o["boxes"]
         assert b.shape[1] == 4 and len(b) <= 10
-        assert (b[:, 0] >= 0).all() and (b[:, 2] <= im.shape[2]).all() and (b[:, 3] <= im.shape[1]).all()
+        assert (
+            (b[:, 0] >= 0).all()
+            and (b[:, 2] <= im.shape[2]).all()
+            and (b[:, 3] <= im.shape[1]).all()
+        )
         assert ((o["labels"] >= 1) & (o["labels"] <= 20)).all()
 
 
@@ -95,7 +102,8 @@ def test_frozen_bn_default_is_frozen(backbone, toy_world):
     body = model.backbone.body
     norms = [m for m in body.modules() if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d))]
     assert norms and all(isinstance(m, FrozenBatchNorm2d) for m in norms)
-    assert not any(p.requires_grad for n, p in body.named_parameters() if "bn" in n or "downsample.1" in n)
+    assert not any(p.requires_grad for n, p in body.named_parameters() if "bn" in n
+                   or "downsample.1" in n)
     # trainable_layers=3: layer2..4 train, conv1 and layer1 are frozen
     assert not body.conv1.weight.requires_grad and not body.layer1[0].conv1.weight.requires_grad
     assert body.layer2[0].conv1.weight.requires_grad and body.layer4[0].conv1.weight.requires_grad
@@ -107,10 +115,12 @@ def test_frozen_bn_default_is_frozen(backbone, toy_world):
     opt.step()
     after = model.state_dict()
     for k in before:
-        if "running_" in k or (k.startswith("backbone.body.") and ("bn" in k or "downsample.1" in k)):
+        if "running_" in k or (k.startswith("backbone.body.")
+                               and ("bn" in k or "downsample.1" in k)):
             assert torch.equal(before[k], after[k]), k
     frozen, trained = "backbone.body.layer1.0.conv1.weight", "backbone.body.layer4.0.conv1.weight"
-    assert torch.equal(before[frozen], after[frozen]) and not torch.equal(before[trained], after[trained])
+    assert torch.equal(before[frozen], after[frozen]) and not torch.equal(before[trained],
+                                                                          after[trained])
 
 
 def test_random_init_uses_trainable_bn_everywhere():
@@ -153,14 +163,15 @@ def test_ssd_default_box_counts():
 
 
 def _flip_pipeline():
-    return dt.DetectionTransform(A.Compose([A.HorizontalFlip(p=1.0)], bbox_params=dt._bbox_params()))
+    return dt.DetectionTransform(A.Compose([A.HorizontalFlip(p=1.0)],
+                                           bbox_params=dt._bbox_params()))
 
 
 def test_flip_gives_hand_computed_box():
     img = Image.new("RGB", (100, 60))
     target = {"boxes": torch.tensor([[10.0, 20.0, 30.0, 50.0], [50.0, 5.0, 99.0, 59.0]]),
-              "labels": torch.tensor([1, 2]), "difficult": torch.tensor([False, True]), "image_id": "a",
-              "size": (60, 100)}
+              "labels": torch.tensor([1, 2]), "difficult": torch.tensor([False, True]),
+              "image_id": "a", "size": (60, 100)}
     x, t = _flip_pipeline()(img, target)
     # x0' = W - x1, x1' = W - x0 in continuous pixel coordinates
     # (albumentations works in normalised float32 coordinates: exact up to rounding)
@@ -173,8 +184,9 @@ def test_flip_gives_hand_computed_box():
 def _painted(h=80, w=120, box=(30, 20, 70, 60)):
     img = np.zeros((h, w, 3), np.uint8)
     img[box[1]:box[3], box[0]:box[2]] = (255, 0, 255)
-    return Image.fromarray(img), {"boxes": torch.tensor([list(map(float, box))]), "labels": torch.tensor([3]),
-                                  "difficult": torch.tensor([False]), "image_id": "p", "size": (h, w)}
+    return Image.fromarray(img), {"boxes": torch.tensor([list(map(float, box))]),
+                                  "labels": torch.tensor([3]), "difficult": torch.tensor([False]),
+                                  "image_id": "p", "size": (h, w)}
 
 
 @pytest.mark.parametrize("kind", ["ssd", "rcnn"])
@@ -230,7 +242,8 @@ def test_iou_crop_sampler_meets_its_constraint():
 
 def test_box_iou_hand_value():
     # continuous coordinates: [1,2,5,6] vs [3,1,4,5]: inter 1*3 = 3, union 16 + 4 - 3 = 17
-    assert np.isclose(dt.box_iou_np(np.array([[1.0, 2, 5, 6]]), np.array([[3.0, 1, 4, 5]]))[0, 0], 3 / 17)
+    assert np.isclose(dt.box_iou_np(np.array([[1.0, 2, 5, 6]]), np.array([[3.0, 1, 4, 5]]))[0, 0],
+                      3 / 17)
 
 
 def test_rcnn_resize_shape():
@@ -265,7 +278,8 @@ def _first_location_sizes(size, aspect_ratios, fmap_sizes, scales, steps):
 SSD_VOC_REFERENCE = {
     300: ([30, 60, 111, 162, 213, 264], [60, 111, 162, 213, 264, 315],
           [[2], [2, 3], [2, 3], [2, 3], [2], [2]]),
-    512: ([35.84, 76.8, 153.6, 230.4, 307.2, 384.0, 460.8], [76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.6],
+    512: ([35.84, 76.8, 153.6, 230.4, 307.2, 384.0, 460.8],
+          [76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.6],
           [[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]]),
 }
 
@@ -275,7 +289,8 @@ def test_ssd_voc_default_box_sizes_equal_the_reference_configs(size):
     mins, maxs, ars = SSD_VOC_REFERENCE[size]
     plan = ssd_plan(size, "voc")
     assert plan["aspect_ratios"] == ars
-    got = _first_location_sizes(size, plan["aspect_ratios"], plan["fmap_sizes"], plan["scales"], plan["steps"])
+    got = _first_location_sizes(size, plan["aspect_ratios"], plan["fmap_sizes"], plan["scales"],
+                                plan["steps"])
     for k, (lo, hi, ar) in enumerate(zip(mins, maxs, ars)):
         # boxes of side min and sqrt(min * max), and min * sqrt(a) x min / sqrt(a) both ways,
         # clipped to the image
@@ -283,13 +298,15 @@ def test_ssd_voc_default_box_sizes_equal_the_reference_configs(size):
         for a in ar:
             want += [(lo * np.sqrt(a), lo / np.sqrt(a)), (lo / np.sqrt(a), lo * np.sqrt(a))]
         want = sorted((min(w, size), min(h, size)) for w, h in want)
-        np.testing.assert_allclose(np.array(got[k]), np.array(want), rtol=1e-5, err_msg=f"level {k}")
+        np.testing.assert_allclose(np.array(got[k]), np.array(want), rtol=1e-5,
+                                   err_msg=f"level {k}")
     # level 0 widths by hand: SSD300 30 / sqrt 2 = 21.21, 30, 30 sqrt 2 = sqrt(30 * 60) = 42.43;
     # SSD512 35.84 / sqrt 2 = 25.34, 35.84, 35.84 sqrt 2 = 50.69, sqrt(35.84 * 76.8) = 52.46
     by_hand = {300: [21.21, 30.0, 42.43], 512: [25.34, 35.84, 50.69, 52.46]}[size]
     np.testing.assert_allclose(sorted(set(round(w, 2) for w, _ in got[0])), by_hand)
     # the model uses these priors (voc by default); coco keeps the smaller COCO first scale
-    assert list(ssd_resnet(21, None, arch="resnet18", size=size).anchor_generator.scales) == plan["scales"]
+    assert list(ssd_resnet(21, None, arch="resnet18",
+                           size=size).anchor_generator.scales) == plan["scales"]
     assert ssd_plan(size, "coco")["scales"][0] < plan["scales"][0]
     with pytest.raises(Exception, match="priors"):
         ssd_plan(size, "kitti")

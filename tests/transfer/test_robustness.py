@@ -44,8 +44,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 def _xml(path: Path, w: int, h: int, boxes, wnid: str) -> None:
     objs = "".join(f"<object><name>{wnid}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
                    f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for b in boxes)
-    path.write_text(f"<annotation><size><width>{w}</width><height>{h}</height><depth>3</depth></size>{objs}"
-                    f"</annotation>")
+    path.write_text(
+        f"<annotation><size><width>{w}</width><height>{h}</height><depth>3</depth></size>{objs}</annotation>"
+    )
 
 
 @pytest.fixture()
@@ -155,7 +156,8 @@ def test_valset_corruption_at_eval_resolution(tiny_val):
 
 def test_valset_corruption_at_original_resolution(tiny_val):
     base = ImageNetFolder(tiny_val, split="val")
-    ds = ValSet(base, range(6), image_size=24, resize=28, corruption="replace", at="original", seed=0)
+    ds = ValSet(base, range(6), image_size=24, resize=28, corruption="replace", at="original",
+                seed=0)
     img, boxes, label, i = ds.corrupted_image(1)
     orig = TF.pil_to_tensor(Image.open(base.samples[i][0]).convert("RGB")).float() / 255
     fg = foreground_mask(orig.shape[1], orig.shape[2], base.boxes(i))
@@ -229,8 +231,8 @@ def test_fgsm_on_linear_model_by_hand():
 
 def _small_cnn():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                         nn.Linear(16, 5)).eval()
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(16, 5)).eval()
 
 
 def test_pgd_stays_in_eps_ball_and_reduces_to_fgsm():
@@ -259,7 +261,8 @@ def test_pgd_stays_in_eps_ball_and_reduces_to_fgsm():
 
 
 def _direct_auroc(pos, neg):
-    return np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg)])
+    return np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p,
+                    n in itertools.product(pos, neg)])
 
 
 def _direct_ap(pos, neg):
@@ -309,7 +312,9 @@ def test_ood_detection_accuracy_at_a_stated_threshold_by_hand():
     # the best threshold is t = 0.6: (2/3 + 1) / 2 = 5/6
     assert detection_accuracy(id_s, ood_s) == pytest.approx(5 / 6)
     m = ood_metrics(id_s, ood_s)  # the papers' default 0.5
-    assert m["det_acc"] == pytest.approx(100 * 5 / 6) and m["det_acc_at_thr"] == pytest.approx(100 * 7 / 12)
+    assert m["det_acc"] == pytest.approx(100 * 5 / 6) and m["det_acc_at_thr"] == pytest.approx(
+        100 * 7 / 12
+    )
     assert m["det_acc_thr"] == 0.5
     m = ood_metrics(id_s, ood_s, threshold=0.6)
     assert m["det_acc_at_thr"] == pytest.approx(100 * 5 / 6) and m["det_acc_thr"] == 0.6
@@ -321,7 +326,8 @@ def test_ood_detection_accuracy_at_a_stated_threshold_by_hand():
 def test_noise_images():
     u = NoiseImages("uniform", 3, 16, seed=0)
     gs = NoiseImages("gaussian", 3, 64, seed=0, std=0.5)
-    assert u[0][0].shape == (3, 16, 16) and torch.equal(u[1][0], NoiseImages("uniform", 3, 16, seed=0)[1][0])
+    assert u[0][0].shape == (3, 16, 16) and torch.equal(u[1][0], NoiseImages("uniform", 3, 16,
+                                                                             seed=0)[1][0])
     x = gs[0][0]
     assert x.min() >= 0 and x.max() <= 1
     # clipped N(0.5, 0.25): P(x == 0) = P(z < -1) = 0.1587
@@ -339,12 +345,18 @@ def test_cam_box_and_iou_by_hand():
     cam[2:5, 5:9] = 1.0    # 3 x 4 blob: the largest region
     cam[8, 1] = 0.5        # a one-pixel region above 0.25
     np.testing.assert_allclose(cam_to_box(cam, 0.25), [5, 2, 9, 5])
-    assert box_iou(np.array([0, 0, 2, 2]), np.array([[1, 1, 3, 3], [0, 0, 2, 2]])).tolist() == pytest.approx(
+    assert box_iou(np.array([0, 0, 2, 2]),
+                   np.array([[1, 1, 3, 3], [0, 0, 2, 2]])).tolist() == pytest.approx(
         [1 / 7, 1.0])
     feats = torch.zeros(1, 2, 2, 2)
     feats[0, 0, 0, 0] = 3.0
     cams = class_activation_maps(feats, torch.tensor([[1.0, 0.0]]), torch.tensor([0]), (4, 4))
-    assert cams.shape == (1, 4, 4) and cams.max() == 1.0 and cams.min() == 0.0 and cams[0, 0, 0] == 1.0
+    assert (
+        cams.shape == (1, 4, 4)
+        and cams.max() == 1.0
+        and cams.min() == 0.0
+        and cams[0, 0, 0] == 1.0
+    )
 
 
 def test_localized_iou_threshold_and_comparison_by_hand():

@@ -37,8 +37,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 def test_protocol_presets_fill_only_unset_keys():
     c = resolve_config({"protocol": "cifar"})
-    assert (c["image_size"], c["resize"], c["pgd_iters"], c["ood_transform"]) == (32, 32, 20, "crop")
-    assert [parse_eps(c[k]) for k in ("fgsm_eps", "pgd_eps", "pgd_step")] == [8 / 255, 4 / 255, 2 / 255]
+    assert (c["image_size"], c["resize"], c["pgd_iters"],
+            c["ood_transform"]) == (32, 32, 20, "crop")
+    assert [parse_eps(c[k]) for k in ("fgsm_eps", "pgd_eps", "pgd_step")] == [8 / 255, 4 / 255,
+                                                                              2 / 255]
     t = resolve_config({"protocol": "tinyimagenet", "pgd_iters": 7})
     assert (t["image_size"], t["resize"], t["pgd_iters"]) == (64, 64, 7)  # a set key wins
     plain = resolve_config({})  # no protocol: the evaluator's own defaults
@@ -54,7 +56,8 @@ def test_protocol_presets_fill_only_unset_keys():
 
 
 def test_split_suites():
-    assert split_suites("all") == (["clean", "background", "calibration", "fgsm", "pgd", "ood"], [])
+    assert split_suites("all") == (["clean", "background", "calibration", "fgsm", "pgd", "ood"],
+                                   [])
     assert split_suites("pgd,embedding,clean") == (["clean", "pgd"], ["embedding"])
     assert split_suites(["embedding"]) == ([], ["embedding"])
     with pytest.raises(ValueError, match="unknown suites"):
@@ -73,7 +76,8 @@ def test_fgsm_through_normalisation_is_sign_of_w():
     lin = nn.Linear(48, 2, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.stack([torch.zeros(48), w]))
-    model = NormalizedClassifier(nn.Sequential(nn.Flatten(), lin), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    model = NormalizedClassifier(nn.Sequential(nn.Flatten(), lin), mean=(0.5, 0.4, 0.3),
+                                 std=(0.2, 0.25, 0.3))
     x = torch.rand(1, 3, 4, 4, generator=g)
     eps = parse_eps(resolve_config({"protocol": "cifar"})["fgsm_eps"])
     expected = (x + eps * torch.sign(w).view(1, 3, 4, 4)).clamp(0, 1)
@@ -90,7 +94,8 @@ def test_pgd_cifar_budget_on_resnet18_stays_in_ball():
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     x[:, :, :4] = 1.0  # saturated pixels: the [0, 1] clip binds
     y = torch.tensor([3, 7])
-    adv = pgd(model, x, y, eps, step, c["pgd_iters"], True, generator=torch.Generator().manual_seed(2))
+    adv = pgd(model, x, y, eps, step, c["pgd_iters"], True,
+              generator=torch.Generator().manual_seed(2))
     assert (adv - x).abs().max() <= eps + 1e-6
     assert adv.min() >= 0.0 and adv.max() <= 1.0
     assert (adv[:, :, :4] <= 1.0).all() and not torch.equal(adv, x)
@@ -141,7 +146,8 @@ def test_odin_aupr_is_the_fine_grid_limit(seed):
     vals = rng.permutation(np.arange(1, 1000))[: rng.integers(6, 30)] / 1000.0
     k = int(rng.integers(2, vals.size - 2))
     pos, neg = vals[:k], vals[k:]
-    assert average_precision_odin(pos, neg) == pytest.approx(_odin_grid_aupr_in(pos, neg), abs=1e-9)
+    assert average_precision_odin(pos, neg) == pytest.approx(_odin_grid_aupr_in(pos, neg),
+                                                             abs=1e-9)
     # equal-sized, well-separated sets: every variant is 1
     assert average_precision_odin([0.9, 0.8], [0.1, 0.2]) == pytest.approx(1.0)
     assert average_precision([0.9, 0.8], [0.1, 0.2]) == pytest.approx(1.0)
@@ -205,7 +211,8 @@ def test_toy_ood_writer(tmp_path):
     first = (tmp_path / "ood" / "Imagenet" / "Imagenet" / "Imagenet_00000.jpg").read_bytes()
     write_ood_folders(tmp_path / "ood", seed=3, n=2)  # a rerun replaces the sets: no stale files
     assert len(list((tmp_path / "ood" / "LSUN" / "LSUN").glob("*.jpg"))) == 2
-    assert (tmp_path / "ood" / "Imagenet" / "Imagenet" / "Imagenet_00000.jpg").read_bytes() == first
+    assert (tmp_path / "ood" / "Imagenet" / "Imagenet"
+            / "Imagenet_00000.jpg").read_bytes() == first
     (tmp_path / "mine" / "LSUN").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="not written by mixup_transfer.toyworld.ood"):
         write_ood_folders(tmp_path / "mine", n=1, sets=["LSUN"])
@@ -263,7 +270,8 @@ def test_embeddings_are_the_classifier_input():
     with torch.no_grad():
         feats, logits = model.features_logits(x)
     torch.testing.assert_close(torch.from_numpy(emb), feats.mean((2, 3)), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.from_numpy(emb) @ model.model.fc.weight.T + model.model.fc.bias, logits,
+    torch.testing.assert_close(torch.from_numpy(emb) @ model.model.fc.weight.T
+                               + model.model.fc.bias, logits,
                                rtol=1e-4, atol=1e-4)
     assert lab.tolist() == [0, 1, 2, 3, 0]
 
@@ -288,7 +296,8 @@ def test_umap_subset_and_figure(tmp_path):
     c2 = np.stack([pts[lab == k].mean(0) for k in range(3)])
     nearest = np.argmin(((pts[:, None, :] - c2[None]) ** 2).sum(-1), 1)
     assert (nearest == lab).all()
-    path = umap_figure(pts, lab, tmp_path / "fig" / "umap.png", title="toy", class_names=["a", "b", "c"])
+    path = umap_figure(pts, lab, tmp_path / "fig" / "umap.png", title="toy",
+                       class_names=["a", "b", "c"])
     assert path.stat().st_size > 2000
 
 
@@ -309,8 +318,8 @@ def test_stage_cifar_protocol_with_toy_ood_and_embedding(toy_world, tmp_path):
     torch.manual_seed(0)
     ckpt = tmp_path / "erm" / "backbone.pth"
     save_backbone(ckpt, build_resnet("resnet18", num_classes=n_classes),
-                  {"arch": "resnet18", "num_classes": n_classes, "method": "erm", "epochs": 0, "config": "",
-                   "metrics": {}})
+                  {"arch": "resnet18", "num_classes": n_classes, "method": "erm", "epochs": 0,
+                   "config": "", "metrics": {}})
     ood = write_ood_folders(tmp_path / "ood", n=5, sets=["LSUN", "iSUN"])
     cfg = {"protocol": "cifar", "suites": "clean,pgd,ood,embedding", "data": {"max_val": 18},
            "eval": {"batch_size": 6},
@@ -319,12 +328,21 @@ def test_stage_cifar_protocol_with_toy_ood_and_embedding(toy_world, tmp_path):
     m = run(cfg, {"checkpoint": ckpt, "imagenet": imagenet}, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == m
     s = m["settings"]
-    assert (s["image_size"], s["resize"], s["pgd_iters"], s["ood_transform"]) == (32, 32, 2, "crop")
-    assert s["pgd_eps"] == pytest.approx(4 / 255, abs=1e-6) and s["pgd_step"] == pytest.approx(2 / 255, abs=1e-6)
+    assert (s["image_size"], s["resize"], s["pgd_iters"],
+            s["ood_transform"]) == (32, 32, 2, "crop")
+    assert s["pgd_eps"] == pytest.approx(4 / 255, abs=1e-6) and s["pgd_step"] == pytest.approx(
+        2 / 255, abs=1e-6
+    )
     assert set(m["ood"]) == {"LSUN", "iSUN"} and m["ood"]["LSUN"]["n_ood"] == 5
     e = m["embedding"]
-    assert e["n"] == 18 and e["dim"] == 512 and 0 <= e["alignment"] <= 4 and -4 <= e["uniformity"] <= 0
-    assert m["figures"]["umap"] == "figures/umap.png" and (tmp_path / "out" / "figures" / "umap.png").is_file()
+    assert (
+        e["n"] == 18
+        and e["dim"] == 512
+        and 0 <= e["alignment"] <= 4
+        and -4 <= e["uniformity"] <= 0
+    )
+    assert m["figures"]["umap"] == "figures/umap.png" and (tmp_path / "out" / "figures"
+                                                           / "umap.png").is_file()
     assert "fgsm" not in m and "calibration" not in m
 
 
@@ -336,17 +354,24 @@ def _runs(metrics: dict, folder: str) -> list:
 def test_embedding_table_in_the_report():
     from mixup_transfer.pipeline.tables import embedding_table
 
-    e = {"alignment": 3.0, "uniformity": -1.9, "n": 10, "dim": 512, "alpha": 2.0, "t": 2.0, "normalized": True}
+    e = {"alignment": 3.0, "uniformity": -1.9, "n": 10, "dim": 512, "alpha": 2.0, "t": 2.0,
+         "normalized": True}
     res = {"methods": {
         "erm": {"robustness": _runs({"embedding": e}, "erm/robustness")},
-        "multimix": {"robustness": _runs({"embedding": {"alignment": 1.25, "uniformity": -3.5, "n": 10,
-                                                        "dim": 512}}, "multimix/robustness")},
+        "multimix": {"robustness": _runs({"embedding": {"alignment": 1.25, "uniformity": -3.5,
+                                                        "n": 10, "dim": 512}},
+                                                        "multimix/robustness")},
         "none": {"robustness": _runs({"clean": {"top1_err": 1.0}}, "none/robustness")}}}
     md = embedding_table(res).markdown()
     assert "| erm | [3.000](erm/robustness/) | [-1.900](erm/robustness/) |" in md
-    assert "| multimix | **[1.250](multimix/robustness/)** | **[-3.500](multimix/robustness/)** |" in md
+    assert (
+        "| multimix | **[1.250](multimix/robustness/)** | **[-3.500](multimix/robustness/)** |"
+        in md
+    )
     assert "| none |" not in md and "L2-normalised" in md
-    assert embedding_table({"methods": {"erm": {"robustness": _runs({}, "erm/robustness")}}}) is None
+    assert (
+        embedding_table({"methods": {"erm": {"robustness": _runs({}, "erm/robustness")}}}) is None
+    )
 
 
 def test_compare_has_an_embedding_table_only_when_present():
@@ -363,6 +388,8 @@ def test_compare_has_an_embedding_table_only_when_present():
 def test_ood_table_has_the_papers_threshold_column():
     from mixup_transfer.pipeline.tables import ood_table
 
-    ood = {"LSUN": {"det_acc": 80.0, "det_acc_at_thr": 61.5, "auroc": 70.0, "aupr_in": 75.0, "aupr_out": 65.0}}
-    md = ood_table({"methods": {"erm": {"robustness": _runs({"ood": ood}, "erm/robustness")}}}).markdown()
+    ood = {"LSUN": {"det_acc": 80.0, "det_acc_at_thr": 61.5, "auroc": 70.0, "aupr_in": 75.0,
+                    "aupr_out": 65.0}}
+    md = ood_table({"methods": {"erm": {"robustness": _runs({"ood": ood},
+                                                            "erm/robustness")}}}).markdown()
     assert "LSUN det acc @thr (%) ↑" in md and "[61.50](erm/robustness/)" in md

@@ -39,8 +39,8 @@ def test_all_suites_end_to_end(toy_world, tmp_path):
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == m
     assert m["n_images"] == 6 and m["method"] == "erm"
     pct = [m["clean"]["top1_err"], m["clean"]["top5_err"], m["background"]["clean_loc"],
-           m["calibration"]["ece"], m["calibration"]["oe"], m["fgsm"]["top1_err"], m["pgd"]["top1_err"],
-           m["pgd"]["fgsm_same_eps_top1_err"]]
+           m["calibration"]["ece"], m["calibration"]["oe"], m["fgsm"]["top1_err"],
+           m["pgd"]["top1_err"], m["pgd"]["fgsm_same_eps_top1_err"]]
     for c in ("replace", "noise"):
         pct += [m["background"][c][k] for k in ("top1_err", "top5_err", "top1_loc")]
     assert set(m["ood"]) == {"JPEGImages", "uniform", "gaussian"}
@@ -58,7 +58,8 @@ def test_all_suites_end_to_end(toy_world, tmp_path):
 
 @pytest.mark.slow
 def test_cli_comparison_and_bad_checkpoint(toy_world, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "tools" / "run_robustness.py")
+    spec = importlib.util.spec_from_file_location("evaluate_cli",
+                                                  ROOT / "tools" / "run_robustness.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
 
@@ -75,7 +76,9 @@ def test_cli_comparison_and_bad_checkpoint(toy_world, tmp_path, capsys):
     for name in ("erm", "mixup"):
         m = json.loads((out / name / "metrics.json").read_text())
         assert table["calibration"]["rows"][name]["ECE"] == m["calibration"]["ece"]
-    assert "| mixup |" in (out / "comparison.md").read_text() and "| erm |" in capsys.readouterr().out
+    assert (
+        "| mixup |" in (out / "comparison.md").read_text() and "| erm |" in capsys.readouterr().out
+    )
 
     wrong = _checkpoint(tmp_path / "wrong.pth", n_classes + 3)
     with pytest.raises(CheckpointError, match=r"fc\.weight"):

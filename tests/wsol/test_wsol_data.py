@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsol.data import MetadataError, WSOLDataset, cub_to_wsol_metadata, read_cub, read_wsol_metadata
+from wsol.data import (
+    MetadataError,
+    WSOLDataset,
+    cub_to_wsol_metadata,
+    read_cub,
+    read_wsol_metadata,
+)
 from wsol.evaluate import centred_box_baseline, score_scoremap_dir
 from wsol.metrics import ScoreMapError
 
@@ -24,7 +30,8 @@ CUB = {
                   "3 002.Laysan_Albatross/Laysan_Albatross_0002_1027.jpg\n",
     "image_class_labels.txt": "1 1\n2 1\n3 2\n",
     "train_test_split.txt": "1 0\n2 1\n3 1\n",
-    "bounding_boxes.txt": "1 60.0 27.0 325.0 304.0\n2 139.0 30.0 153.0 264.0\n3 10.5 20.0 100.0 80.0\n",
+    "bounding_boxes.txt": "1 60.0 27.0 325.0 304.0\n2 139.0 30.0 153.0 264.0\n3 10.5 20.0 "
+    "100.0 80.0\n",
 }
 SIZES = {1: (500, 400), 2: (500, 350), 3: (200, 120)}
 
@@ -46,7 +53,8 @@ def test_read_cub_and_convert(tmp_path):
     cub = _make_cub(tmp_path / "CUB_200_2011")
     records, classes = read_cub(cub)
     assert classes == ["001.Black_footed_Albatross", "002.Laysan_Albatross"]
-    assert [(r.image_id, r.label, r.is_train) for r in records] == [(1, 0, False), (2, 0, True), (3, 1, True)]
+    assert [(r.image_id, r.label, r.is_train) for r in records] == [(1, 0, False), (2, 0, True),
+                                                                    (3, 1, True)]
     assert records[0].box == (60.0, 27.0, 385.0, 331.0)  # x1 = x + w, y1 = y + h
     out = cub_to_wsol_metadata(cub, tmp_path / "meta")
     assert set(out) == {"train", "test"}
@@ -72,10 +80,13 @@ def test_read_cub_and_convert(tmp_path):
     ("bounding_boxes.txt", "1 60.0 27.0 325.0 304.0\n2 139.0 30.0 abc 264.0\n3 1 1 1 1\n",
      r"bounding_boxes.txt:2: cannot parse 'abc'"),
     ("bounding_boxes.txt", "1 60.0 27.0 325.0\n", r"bounding_boxes.txt:1: expected 5 fields"),
-    ("bounding_boxes.txt", "1 60.0 27.0 -5.0 304.0\n2 1 1 1 1\n3 1 1 1 1\n", r"image 1 has negative box size"),
+    ("bounding_boxes.txt", "1 60.0 27.0 -5.0 304.0\n2 1 1 1 1\n3 1 1 1 1\n",
+     r"image 1 has negative box size"),
     ("image_class_labels.txt", "1 1\n2 1\n3 7\n", r"image 3 has unknown class 7"),
-    ("train_test_split.txt", "1 0\n2 1\n9 1\n", r"train_test_split.txt: unknown image id\(s\) \[9\]"),
-    ("train_test_split.txt", "1 0\n2 1\n", r"train_test_split.txt: no entry for image id\(s\) \[3\]"),
+    ("train_test_split.txt", "1 0\n2 1\n9 1\n",
+     r"train_test_split.txt: unknown image id\(s\) \[9\]"),
+    ("train_test_split.txt", "1 0\n2 1\n", r"train_test_split.txt: no entry for image "
+     r"id\(s\) \[3\]"),
     ("images.txt", "1 a.jpg\n1 b.jpg\n", r"images.txt:2: duplicate id 1"),
 ])
 def test_cub_errors_name_file_and_line(tmp_path, name, text, match):
@@ -109,7 +120,8 @@ def _write_meta(d: Path, loc="a.jpg,1,2,5,6\nb.jpg,0,0,9,9\n", ids="a.jpg\nb.jpg
 @pytest.mark.parametrize("kw,match", [
     ({"loc": "a.jpg,1,2,5\n"}, r"localization.txt:1: expected 5 comma-separated fields"),
     ({"loc": "a.jpg,1,2,5,6\nb.jpg,5,0,4,9\n"}, r"localization.txt:2: box .* x1 < x0"),
-    ({"loc": "a.jpg,1,2,5,6\nb.jpg,0,0,11,21\n"}, r"localization.txt:2: box .* outside the image of size 10x20"),
+    ({"loc": "a.jpg,1,2,5,6\nb.jpg,0,0,11,21\n"},
+     r"localization.txt:2: box .* outside the image of size 10x20"),
     ({"loc": "a.jpg,1,2,5,6\nc.jpg,0,0,1,1\n"}, r"localization.txt:2: unknown image id 'c.jpg'"),
     ({"loc": "a.jpg,1,2,5,6\n"}, r"no box for image id\(s\) \['b.jpg'\]"),
     ({"labels": "a.jpg,0\nb.jpg,x\n"}, r"class_labels.txt:2: cannot parse 'x'"),
@@ -140,11 +152,14 @@ def test_score_saved_maps_and_cli(tmp_path):
     np.save(maps / "a.jpg.npy", m)
     res = score_scoremap_dir(d, maps, 0.01, (30, 50, 70))
     assert res["maxboxacc_per_iou"] == {"30": 100.0, "50": 100.0, "70": 0.0}
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_wsol.py"), "--metadata", str(d),
-                          "--scoremaps", str(maps), "--cam-curve-interval", "0.01"],
-                         capture_output=True, text=True, check=True, env={"MT_NO_PROGRESS": "1", "PATH": ""})
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_wsol.py"), "--metadata",
+                          str(d), "--scoremaps", str(maps), "--cam-curve-interval", "0.01"],
+                         capture_output=True, text=True, check=True,
+                         env={"MT_NO_PROGRESS": "1", "PATH": ""})
     cli = json.loads(out.stdout)
-    assert cli["maxboxacc_per_iou"] == res["maxboxacc_per_iou"] and cli["maxboxacc_v2"] == pytest.approx(200 / 3)
+    assert cli["maxboxacc_per_iou"] == res["maxboxacc_per_iou"] and cli[
+        "maxboxacc_v2"
+    ] == pytest.approx(200 / 3)
     (maps / "a.jpg.npy").unlink()
     with pytest.raises(ScoreMapError, match=r"'a.jpg' missing"):
         score_scoremap_dir(d, maps)

@@ -161,7 +161,8 @@ def test_fast_equals_reference_on_random_maps(multi):
         ref = M.reference_best_ious(m, gt, thr, multi)
         np.testing.assert_array_equal(M.fast_best_ious(m, gt, thr, multi), ref)
         if multi:
-            np.testing.assert_array_equal(M.fast_best_ious(m, gt, thr, multi, use_numba=False), ref)
+            np.testing.assert_array_equal(M.fast_best_ious(m, gt, thr, multi, use_numba=False),
+                                          ref)
 
 
 def test_fast_equals_reference_cam_sized_maps():
@@ -246,13 +247,16 @@ def test_fast_equals_reference_edge_cases():
     thr = M.threshold_grid(0.001)
     for name, m in _edge_case_maps(rng):
         h, w = m.shape
-        gts = [[[0, 0, w - 1, h - 1]], [[w // 3, h // 4, w - 1, h // 2], [0, 0, 0, 0], [1, 1, w // 2, h - 1]]]
+        gts = [[[0, 0, w - 1, h - 1]],
+               [[w // 3, h // 4, w - 1, h // 2], [0, 0, 0, 0], [1, 1, w // 2, h - 1]]]
         for gt in gts:
             for multi in (True, False):
                 ref = M.reference_best_ious(m, gt, thr, multi)
-                np.testing.assert_array_equal(M.fast_best_ious(m, gt, thr, multi), ref, err_msg=f"{name} {multi}")
+                np.testing.assert_array_equal(M.fast_best_ious(m, gt, thr, multi), ref,
+                                              err_msg=f"{name} {multi}")
                 if multi:
-                    np.testing.assert_array_equal(M.fast_best_ious(m, gt, thr, multi, use_numba=False), ref,
+                    np.testing.assert_array_equal(M.fast_best_ious(m, gt, thr, multi,
+                                                                   use_numba=False), ref,
                                                   err_msg=name)
 
 
@@ -287,7 +291,8 @@ def test_euler_table_counts_holes():
             euler4 += int(M._EULER8[mask])
             on[y + 1, x + 1] = True
         n_fg = cv2.connectedComponents(fg.astype(np.uint8), connectivity=8)[0] - 1
-        n_bg, lab = cv2.connectedComponents(np.pad(~fg, 1, constant_values=True).astype(np.uint8), connectivity=4)
+        n_bg, lab = cv2.connectedComponents(np.pad(~fg, 1, constant_values=True).astype(np.uint8),
+                                            connectivity=4)
         # background labels: 0 is fg, one touches the frame
         assert euler4 == 4 * (n_fg - (n_bg - 2))
 
@@ -313,7 +318,9 @@ def test_bench_families_identical_and_mixed_ratio():
     assert out["v2_result_fast"] == ref_ev.compute()["maxboxacc_v2"]
     assert out["family_share"] == {"smooth": 0.75, "fragmented": 0.25}
     ref, fast = out["v2_reference_ms_by_family"], out["v2_fast_ms_by_family"]
-    assert out["v2_reference_ms_per_image"] == pytest.approx(0.75 * ref["smooth"] + 0.25 * ref["fragmented"])
+    assert out["v2_reference_ms_per_image"] == pytest.approx(0.75 * ref["smooth"] + 0.25
+                                                             * ref["fragmented"])
     assert out["maxboxacc_v2_speedup"] == pytest.approx(
         out["v2_reference_ms_per_image"] / (0.75 * fast["smooth"] + 0.25 * fast["fragmented"]))
-    assert out["maxboxacc_v2_speedup_by_family"]["smooth"] == pytest.approx(ref["smooth"] / fast["smooth"])
+    assert out["maxboxacc_v2_speedup_by_family"]["smooth"] == pytest.approx(ref["smooth"]
+                                                                            / fast["smooth"])

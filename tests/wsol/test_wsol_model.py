@@ -33,7 +33,8 @@ def _keys_resize_matrix(n_in, n_out, a=-0.75):
     replicated."""
     def kernel(t):
         t = abs(t)
-        return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1 if t <= 1 else (a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a
+        return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1 if t <= 1 else (a * t ** 3 - 5 * a * t ** 2
+                                                                       + 8 * a * t - 4 * a
                                                                       if t < 2 else 0.0)
     m = np.zeros((n_out, n_in))
     for o in range(n_out):
@@ -62,7 +63,8 @@ def test_normalise_cams_matches_wsolevaluation():
         np.testing.assert_array_equal(out[b, 0].numpy(), ref)
         # independently: separable Keys bicubic in float64
         up = _keys_resize_matrix(2, 8) @ cam.astype(np.float64) @ _keys_resize_matrix(3, 12).T
-        np.testing.assert_allclose(out[b, 0].numpy(), (up - up.min()) / (up.max() - up.min()), atol=2e-6)
+        np.testing.assert_allclose(out[b, 0].numpy(), (up - up.min()) / (up.max() - up.min()),
+                                   atol=2e-6)
         assert out[b, 0].min() == 0 and out[b, 0].max() == 1
     assert out[0, 1].abs().sum() == 0 and out[1, 1].abs().sum() == 0 and out[2].abs().sum() == 0
 
@@ -83,7 +85,8 @@ def _groups(cfg):
     model = CAMModel("resnet18", 4)
     opt = build_optimizer(model, cfg["optim"])
     names = {id(p): n for n, p in model.named_parameters()}
-    layers = {g["name"]: (g["lr"], sorted({names[id(p)].split(".")[0] if names[id(p)].startswith("fc")
+    layers = {g["name"]: (g["lr"], sorted({names[id(p)].split(".")[0]
+                                           if names[id(p)].startswith("fc")
                                            else model._TRUNK_NAMES[int(names[id(p)].split(".")[1])]
                                            for p in g["params"]})) for g in opt.param_groups}
     frozen = sorted({n for n, p in model.named_parameters() if not p.requires_grad})
@@ -97,7 +100,8 @@ def test_alignmix_recipe_lrs():
     assert layers["large_lr"] == (0.01, ["fc"])
     assert layers["trunk"] == (0.001, ["bn1", "conv1", "layer1", "layer2", "layer3", "layer4"])
     assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["weight_decay"] == 1e-4
-    cfg = load_config("configs/wsol/cub_alignmix.yaml", ["optim.large_lr_layers=[layer4, fc]"], DEFAULTS)
+    cfg = load_config("configs/wsol/cub_alignmix.yaml", ["optim.large_lr_layers=[layer4, fc]"],
+                      DEFAULTS)
     _, _, layers, _ = _groups(cfg)
     assert layers["large_lr"] == (0.01, ["fc", "layer4"])
 
@@ -110,7 +114,8 @@ def test_multimix_recipe_trains_layer4_and_fc_only():
         [p for n, p in model.named_parameters() if n.startswith(("trunk.7.", "fc."))])
     assert {lr for lr, _ in layers.values()} == {1e-4}
     assert sorted({layer for _, ls in layers.values() for layer in ls}) == ["fc", "layer4"]
-    assert all(n.startswith(("trunk.0.", "trunk.1.", "trunk.4.", "trunk.5.", "trunk.6.")) for n in frozen)
+    assert all(n.startswith(("trunk.0.", "trunk.1.", "trunk.4.", "trunk.5.", "trunk.6."))
+               for n in frozen)
     model.train()
     set_frozen_eval(model, cfg["optim"]["freeze"])
     # frozen BN keeps its statistics
@@ -127,10 +132,10 @@ def test_tiny_finetune_resume_and_outputs(toy_world, tmp_path):
         meta = toy_world / "wsol_metadata" / "CUB"
     else:
         cub_to_wsol_metadata(toy_world / "CUB_200_2011", meta)
-    overrides = [f"data.image_root={toy_world / 'CUB_200_2011' / 'images'}", f"data.metadata_root={meta}",
-                 "data.num_workers=0", "data.max_train=8", "data.max_val=6", "input.resize=40",
-                 "input.crop=32", "input.test_size=32", "optim.batch_per_process=4", "optim.epochs=1",
-                 "eval.every_epochs=1",
+    overrides = [f"data.image_root={toy_world / 'CUB_200_2011' / 'images'}",
+                 f"data.metadata_root={meta}", "data.num_workers=0", "data.max_train=8",
+                 "data.max_val=6", "input.resize=40", "input.crop=32", "input.test_size=32",
+                 "optim.batch_per_process=4", "optim.epochs=1", "eval.every_epochs=1",
                  "eval.cam_curve_interval=0.01", "eval.num_figure_images=2", "runtime.device=cpu"]
     cfg = load_config("configs/wsol/toy_multimix.yaml", overrides)
     run = tmp_path / "run"
@@ -159,7 +164,8 @@ def test_cam_model_has_the_stage_interface_of_the_method_registry():
     with torch.no_grad():
         full = cam.features(x)
         for layer in range(5):
-            assert torch.allclose(cam.forward_from(cam.forward_to(x, layer), layer), full, atol=1e-6), layer
+            assert torch.allclose(cam.forward_from(cam.forward_to(x, layer), layer), full,
+                                  atol=1e-6), layer
         assert torch.allclose(cam.fc(cam.pool(full)), cam(x), atol=1e-6)
         dense = cam.dense_logits(full).mean(-1)
         # fc is linear: the mean of the dense logits
@@ -171,5 +177,6 @@ def test_cam_model_has_the_stage_interface_of_the_method_registry():
     mixed = WSOLObjective(cam, 4, {"name": "cutmix", "alpha": 1.0})
     mixed.method.generator = torch.Generator().manual_seed(0)
     assert torch.isfinite(mixed(x, labels)["loss"])
-    with pytest.raises(ValueError, match="own classifier head.*alignmix: the released code's GAP head"):
+    with pytest.raises(ValueError, match="own classifier head.*alignmix: the released code's "
+                                         "GAP head"):
         WSOLObjective(cam, 4, {"name": "alignmix_stage2", "resolution": 2})

@@ -20,12 +20,15 @@ def add_arguments(p, stage, sub) -> None:
     p.add_argument("--backend", choices=["torchvision", "detectron2"], default=None,
                    help="the detector implementation (default: the config's `backend`)")
     p.add_argument("--num-gpus", type=int, default=1,
-                   help="detectron2 backend without torchrun: start this many processes with detectron2's "
-                        "launch (like detectron2's train_net.py --num-gpus; gloo on CPU)")
+                   help="detectron2 backend without torchrun: start this many processes with "
+                        "detectron2's launch (like detectron2's train_net.py --num-gpus; gloo "
+                        "on CPU)")
     p.add_argument("--eval-only", action="store_true",
-                   help="evaluate the trained detector of --checkpoint on the config's test set; no training")
+                   help="evaluate the trained detector of --checkpoint on the config's test "
+                        "set; no training")
     p.add_argument("--checkpoint", default=None,
-                   help="--eval-only: a detection run's seed_<s>/checkpoints/last.pth (or a detector state dict)")
+                   help="--eval-only: a detection run's seed_<s>/checkpoints/last.pth (or a "
+                        "detector state dict)")
 
 
 def command(stage, args, p) -> int:
@@ -34,12 +37,13 @@ def command(stage, args, p) -> int:
     overrides = list(args.overrides) + ([f"backend={args.backend}"] if args.backend else [])
     cfg = load_det_config(args.config, overrides)
     if args.eval_only or args.checkpoint:
-        if not (args.eval_only and args.checkpoint) or args.weights or args.force or args.num_gpus > 1:
-            p.error("--eval-only takes --checkpoint (a trained detector), and neither --weights, --force nor "
-                    "--num-gpus")
+        if not (args.eval_only
+                and args.checkpoint) or args.weights or args.force or args.num_gpus > 1:
+            p.error("--eval-only takes --checkpoint (a trained detector), and neither "
+                    "--weights, --force nor --num-gpus")
         if cfg["backend"] != "torchvision":
-            p.error("--eval-only evaluates torchvision-backend runs; a detectron2 run: its train_net.py --eval-only "
-                    "with the run's detectron2_*.yaml")
+            p.error("--eval-only evaluates torchvision-backend runs; a detectron2 run: its "
+                    "train_net.py --eval-only with the run's detectron2_*.yaml")
         return _eval_only(cfg, args)
     run_dir = Path(args.run_dir or stage.run_dir(cfg, args.config, Path.cwd()))
     weights = cli.stage_inputs(stage, args)["weights"]
@@ -59,7 +63,8 @@ def _finetune(p, args, cfg: dict, weights: str | None, run_dir: Path) -> int:
     try:
         if args.num_gpus > 1:
             if cfg["backend"] != "detectron2" or "RANK" in os.environ:
-                p.error("--num-gpus is for the detectron2 backend outside torchrun (torchrun starts its own)")
+                p.error("--num-gpus is for the detectron2 backend outside torchrun (torchrun "
+                        "starts its own)")
             _start_over_if_forced(run_dir, True, args.force)
             # each spawned process trusts it
             trusted = [weights] if args.allow_pickle and weights else []
@@ -68,7 +73,8 @@ def _finetune(p, args, cfg: dict, weights: str | None, run_dir: Path) -> int:
             # asked before the group is left (then every rank is "main")
             main_rank = init_distributed()[0] == 0
             try:
-                metrics = run(cfg, {"weights": weights}, run_dir, resume=not args.force, force=args.force)
+                metrics = run(cfg, {"weights": weights}, run_dir, resume=not args.force,
+                              force=args.force)
             finally:
                 cleanup_distributed()
             if not main_rank:
@@ -86,8 +92,8 @@ def _print_summary(run_dir: Path, metrics: dict) -> None:
 
     cli.log_outputs(run_dir)
     key = metrics.get("primary", "mAP")  # VOC mAP or COCO AP
-    keys = (key, f"{key}_mean", f"{key}_std", "AP50", "train_img_per_s", "test_img_per_s", "seeds", "iterations",
-            "detectron2")
+    keys = (key, f"{key}_mean", f"{key}_std", "AP50", "train_img_per_s", "test_img_per_s", "seeds",
+            "iterations", "detectron2")
     shown = {k: metrics[k] for k in keys if k in metrics}
     print(json.dumps({**shown, "units": units(shown)}, indent=1))
 

@@ -62,18 +62,19 @@ DEFAULTS = {
         "figure_score_thresh": 0.3,
     },
     "seeds": [0],
-    "runtime": fragment(RUNTIME, "device", "precision", "channels_last", "log_every_steps", "tensorboard",
-                        "num_threads"),
+    "runtime": fragment(RUNTIME, "device", "precision", "channels_last", "log_every_steps",
+                        "tensorboard", "num_threads"),
 }
 
 
 RANGES = {
-    "optim.epochs": (">", 0), "optim.max_iter": (">=", 0), "optim.batch_per_process": (">", 0), "optim.lr": (">", 0),
-    "optim.momentum": (">=", 0, "<", 1), "optim.weight_decay": (">=", 0), "optim.warmup_iters": (">=", 0),
-    "optim.warmup_factor": (">", 0, "<=", 1), "optim.gamma": (">", 0), "optim.clip_grad_norm": (">=", 0),
-    "optim.reference_batch": (">", 0), "model.size": (">", 0), "model.max_size": (">", 0),
-    "data.max_train": (">", 0), "data.max_val": (">", 0), "data.num_workers": (">=", 0),
-    "eval.every_epochs": (">=", 0), "eval.batch_size": (">", 0), "eval.metric": ("in", ("11point", "area")),
+    "optim.epochs": (">", 0), "optim.max_iter": (">=", 0), "optim.batch_per_process": (">", 0),
+    "optim.lr": (">", 0), "optim.momentum": (">=", 0, "<", 1), "optim.weight_decay": (">=", 0),
+    "optim.warmup_iters": (">=", 0), "optim.warmup_factor": (">", 0, "<=", 1),
+    "optim.gamma": (">", 0), "optim.clip_grad_norm": (">=", 0), "optim.reference_batch": (">", 0),
+    "model.size": (">", 0), "model.max_size": (">", 0), "data.max_train": (">", 0),
+    "data.max_val": (">", 0), "data.num_workers": (">=", 0), "eval.every_epochs": (">=", 0),
+    "eval.batch_size": (">", 0), "eval.metric": ("in", ("11point", "area")),
     "data.format": ("in", ("voc", "coco")), "backend": ("in", ("torchvision", "detectron2")),
     "runtime.precision": ("in", ("fp32", "bf16", "fp16")), "runtime.log_every_steps": (">", 0),
 }
@@ -81,8 +82,9 @@ RANGES = {
 
 # the types of the keys whose default is null (mixup_transfer.core.config.validate checks the
 # others against their defaults)
-TYPES = {"model.trainable_layers": int, "model.train_sizes": list[int], "optim.reference_batch": int,
-         "data.max_train": int, "data.max_val": int, "runtime.num_threads": int}
+TYPES = {"model.trainable_layers": int, "model.train_sizes": list[int],
+         "optim.reference_batch": int, "data.max_train": int, "data.max_val": int,
+         "runtime.num_threads": int}
 
 
 def resolve_config(cfg: dict) -> dict:
@@ -91,12 +93,14 @@ def resolve_config(cfg: dict) -> dict:
     cfg = validate(cfg, DEFAULTS, types=TYPES)
     check_ranges(cfg, RANGES)
     if not cfg["seeds"] or len(set(cfg["seeds"])) != len(cfg["seeds"]):
-        raise ConfigError(f"config key seeds: {cfg['seeds']!r} must be a non-empty list of distinct seeds")
+        raise ConfigError(f"config key seeds: {cfg['seeds']!r} must be a non-empty list of "
+                          "distinct seeds")
     classes = cfg["data"]["classes"]
-    if classes is not None and (not isinstance(classes, list) or not classes or len(set(classes)) != len(classes)
+    if classes is not None and (not isinstance(classes, list) or not classes
+                                or len(set(classes)) != len(classes)
                                 or not all(isinstance(c, str) and c for c in classes)):
-        raise ConfigError(f"config key data.classes: {classes!r} must be a non-empty list of distinct class names "
-                          "(or null: the 20 VOC classes)")
+        raise ConfigError(f"config key data.classes: {classes!r} must be a non-empty list of "
+                          "distinct class names (or null: the 20 VOC classes)")
     return cfg
 
 
@@ -107,20 +111,22 @@ def load_det_config(path, overrides=()) -> dict:
 
 
 
-def scaled_lr(lr: float, batch_per_process: int, world_size: int, reference_batch: int | None) -> float:
+def scaled_lr(lr: float, batch_per_process: int, world_size: int,
+              reference_batch: int | None) -> float:
     """The linear scaling rule (Goyal et al. 2017, as torchvision's detection reference states it:
     lr 0.02 for 8 GPUs x 2 images, "0.02/8*$NGPU" otherwise): ``lr * batch_per_process * world_size
     / reference_batch``; ``reference_batch`` None returns ``lr`` unchanged."""
     if reference_batch is None:
         return float(lr)
     if reference_batch <= 0 or batch_per_process <= 0 or world_size <= 0:
-        raise ValueError(f"scaled_lr needs positive batches and world size, got batch_per_process="
-                         f"{batch_per_process}, world_size={world_size}, reference_batch={reference_batch}")
+        raise ValueError("scaled_lr needs positive batches and world size, got "
+                         f"batch_per_process={batch_per_process}, world_size={world_size}, "
+                         f"reference_batch={reference_batch}")
     return float(lr) * batch_per_process * world_size / reference_batch
 
 
 # config keys a resume (or the reuse of a finished seed) may change, in both backends: execution
 # and reporting, not results
-RESUME_MAY_CHANGE = ("name", "data.num_workers", "runtime.device", "runtime.num_threads", "runtime.log_every_steps",
-                     "runtime.tensorboard",
+RESUME_MAY_CHANGE = ("name", "data.num_workers", "runtime.device", "runtime.num_threads",
+                     "runtime.log_every_steps", "runtime.tensorboard",
                      "eval.figure_examples", "eval.figure_score_thresh")

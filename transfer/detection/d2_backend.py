@@ -64,10 +64,10 @@ from transfer.detection.scoring import (
 log = logging.getLogger(__name__)
 
 INSTALL = (
-    "detectron2 is not importable. It is not on PyPI; build it from source (it compiles C++ extensions):\n"
-    "  make d2\n"
-    "  (= .venv/bin/pip install 'git+https://github.com/facebookresearch/detectron2.git' --no-build-isolation)\n"
-    "or use the default backend: --backend torchvision")
+    "detectron2 is not importable. It is not on PyPI; build it from source (it compiles C++ "
+    "extensions):\n  make d2\n  (= .venv/bin/pip install "
+    "'git+https://github.com/facebookresearch/detectron2.git' --no-build-isolation)\nor use the "
+    "default backend: --backend torchvision")
 
 # toolkit model.kwargs -> detectron2 key (the torchvision builder's keyword names,
 # transfer/detection/models.py)
@@ -87,9 +87,9 @@ KWARGS = {
 }
 FPN_ONLY = ("fpn_channels", "box_head_dim")
 NORMS = {"frozen_bn": "FrozenBN", "bn": "BN", "syncbn": "SyncBN"}
-SOLVER = {"lr": "SOLVER.BASE_LR", "momentum": "SOLVER.MOMENTUM", "weight_decay": "SOLVER.WEIGHT_DECAY",
-          "warmup_iters": "SOLVER.WARMUP_ITERS", "warmup_factor": "SOLVER.WARMUP_FACTOR",
-          "gamma": "SOLVER.GAMMA"}
+SOLVER = {"lr": "SOLVER.BASE_LR", "momentum": "SOLVER.MOMENTUM",
+          "weight_decay": "SOLVER.WEIGHT_DECAY", "warmup_iters": "SOLVER.WARMUP_ITERS",
+          "warmup_factor": "SOLVER.WARMUP_FACTOR", "gamma": "SOLVER.GAMMA"}
 # toolkit keys that shape the run rather than a detectron2 key (datasets, seeds, evaluation,
 # threads)
 STRUCTURAL = {
@@ -119,8 +119,8 @@ def require_detectron2():
 
 def _split_ids(list_file: Path) -> list[str]:
     if not list_file.is_file():
-        raise Detectron2BackendError(f"VOC split file not found: {list_file} (data.root must be the VOCdevkit "
-                                     "folder holding VOC<year>/)")
+        raise Detectron2BackendError(f"VOC split file not found: {list_file} (data.root must be "
+                                     "the VOCdevkit folder holding VOC<year>/)")
     return [ln.split()[0] for ln in list_file.read_text().splitlines() if ln.strip()]
 
 
@@ -154,10 +154,11 @@ def dataset_specs(cfg: dict) -> dict:
             dirname = root / f"VOC{year}"
             ids = _split_ids(dirname / "ImageSets" / "Main" / f"{split}.txt")
             if int(year) not in (2007, 2012):
-                raise Detectron2BackendError(f"data: VOC year {year} (detectron2's VOC evaluator knows 2007 "
-                                             "and 2012)")
+                raise Detectron2BackendError(f"data: VOC year {year} (detectron2's VOC evaluator "
+                                             "knows 2007 and 2012)")
             n = min(limit, len(ids)) if limit else len(ids)
-            return {"kind": "voc", "name": f"mt_voc_{year}_{split}" + (f"_first{n}" if limit else ""),
+            return {"kind": "voc", "name": f"mt_voc_{year}_{split}"
+                    + (f"_first{n}" if limit else ""),
                     "dirname": str(dirname), "year": int(year), "split": split, "ids": ids[:n],
                     "limit": limit, "classes": classes}
 
@@ -174,7 +175,8 @@ def dataset_specs(cfg: dict) -> dict:
         classes, id_map = _coco_classes(root / te_json)
 
         def coco(img, ann, limit, train):
-            return {"kind": "coco", "name": f"mt_coco_{Path(img).name}" + (f"_first{limit}" if limit else ""),
+            return {"kind": "coco", "name": f"mt_coco_{Path(img).name}"
+                    + (f"_first{limit}" if limit else ""),
                     "json_file": str(root / ann), "image_root": str(root / img), "limit": limit,
                     "drop_empty": train, "classes": classes, "id_map": id_map}
 
@@ -200,7 +202,8 @@ def _coco_dicts(spec: dict) -> list[dict]:
 
     dicts = load_coco_json(spec["json_file"], spec["image_root"], spec["name"])
     if spec["drop_empty"]:  # the torchvision backend's remove_empty: images with a non-crowd box
-        dicts = [r for r in dicts if any(a.get("iscrowd", 0) == 0 for a in r.get("annotations", ()))]
+        dicts = [r for r in dicts
+                 if any(a.get("iscrowd", 0) == 0 for a in r.get("annotations", ()))]
     return dicts[:spec["limit"]] if spec["limit"] else dicts
 
 
@@ -216,12 +219,14 @@ def register_toolkit_datasets(fmt_or_specs, root: str | os.PathLike | None = Non
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     if isinstance(fmt_or_specs, str):
-        specs = dataset_specs(resolve_config({"data": {"format": fmt_or_specs, "root": str(root)}}))
+        specs = dataset_specs(resolve_config({"data": {"format": fmt_or_specs,
+                                                       "root": str(root)}}))
     else:
         specs = fmt_or_specs
     for spec in [*specs["train"], specs["test"]]:
         name = spec["name"]
-        key = json.dumps({k: v for k, v in spec.items() if k not in ("ids", "id_map")}, sort_keys=True)
+        key = json.dumps({k: v for k, v in spec.items() if k not in ("ids", "id_map")},
+                         sort_keys=True)
         if name in DatasetCatalog.list():
             if MetadataCatalog.get(name).get("toolkit_spec") == key:
                 continue
@@ -229,15 +234,17 @@ def register_toolkit_datasets(fmt_or_specs, root: str | os.PathLike | None = Non
             MetadataCatalog.remove(name)
         if spec["kind"] == "voc":
             DatasetCatalog.register(name, lambda s=spec: _voc_dicts(s))
-            MetadataCatalog.get(name).set(thing_classes=list(spec["classes"]), dirname=spec["dirname"],
-                                          year=spec["year"], split=spec["split"], evaluator_type="pascal_voc",
+            MetadataCatalog.get(name).set(thing_classes=list(spec["classes"]),
+                                          dirname=spec["dirname"], year=spec["year"],
+                                          split=spec["split"], evaluator_type="pascal_voc",
                                           toolkit_spec=key)
         else:
             DatasetCatalog.register(name, lambda s=spec: _coco_dicts(s))
             MetadataCatalog.get(name).set(thing_classes=list(spec["classes"]),
                                           thing_dataset_id_to_contiguous_id=dict(spec["id_map"]),
-                                          json_file=spec["json_file"], image_root=spec["image_root"],
-                                          evaluator_type="coco", toolkit_spec=key)
+                                          json_file=spec["json_file"],
+                                          image_root=spec["image_root"], evaluator_type="coco",
+                                          toolkit_spec=key)
     return specs
 
 
@@ -261,7 +268,8 @@ def _voc_subset_dir(spec: dict, out_dir: Path, write: bool = True) -> dict:
             tmp = dst / f".{sub}.{os.getpid()}"
             tmp.symlink_to(src / sub, target_is_directory=True)
             os.replace(tmp, link)
-    runtime.atomic_write_text("".join(i + "\n" for i in spec["ids"]), dst / "ImageSets" / "Main" / f"{split}.txt")
+    runtime.atomic_write_text("".join(i + "\n" for i in spec["ids"]),
+                              dst / "ImageSets" / "Main" / f"{split}.txt")
     return out
 
 
@@ -303,8 +311,9 @@ def recipe(cfg: dict, weights_pkl, specs: dict) -> tuple[str, dict]:
     if m["type"] == "faster_rcnn_c4":
         if convert.DEPTHS.get(m["arch"]) in (18, 34):
             raise Detectron2BackendError(
-                f"model.type=faster_rcnn_c4 with model.arch={m['arch']}: detectron2's C4 head builds bottleneck "
-                "res5 blocks, which a basic-block ResNet's layer4 does not fit; use model.type=faster_rcnn_fpn")
+                f"model.type=faster_rcnn_c4 with model.arch={m['arch']}: detectron2's C4 head "
+                "builds bottleneck res5 blocks, which a basic-block ResNet's layer4 does not "
+                "fit; use model.type=faster_rcnn_fpn")
         d2 = convert.voc_c4_config(weights_pkl, m["arch"], norm, True, n, train, test)
         if fmt == "coco":  # detectron2's COCO R50-C4 1x schedule, MoCo's extra norm kept
             d2["SOLVER"].update(STEPS=[60000, 80000], MAX_ITER=90000)
@@ -314,11 +323,13 @@ def recipe(cfg: dict, weights_pkl, specs: dict) -> tuple[str, dict]:
         if fmt == "voc":
             return "FPN", convert.voc_fpn_config(weights_pkl, m["arch"], norm, n, train, test)
         return "FPN", convert.coco_fpn_config(weights_pkl, m["arch"], norm, n, "1x", train, test)
-    raise Detectron2BackendError(f"model.type={m['type']!r}: the detectron2 backend trains faster_rcnn_fpn or "
-                                 "faster_rcnn_c4 (detectron2 has no SSD); use --backend torchvision for SSD")
+    raise Detectron2BackendError(f"model.type={m['type']!r}: the detectron2 backend trains "
+                                 "faster_rcnn_fpn or faster_rcnn_c4 (detectron2 has no SSD); "
+                                 "use --backend torchvision for SSD")
 
 
-def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, device: str) -> tuple[dict, dict]:
+def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int,
+                         device: str) -> tuple[dict, dict]:
     """Toolkit config -> detectron2 keys: the toolkit config is the truth, so the same config
     trains the same schedule in both backends (the recipe only supplies what the toolkit has no key
     for: RPN / RoI feature maps, aspect ratios, pooler, ...). Every key is mapped, defaults
@@ -346,8 +357,8 @@ def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int, devi
     _map_runtime(mp, cfg, device, changed, flat)
     out, mapped, refused = mp.out, mp.mapped, mp.refused
     handled = STRUCTURAL | set(mapped) | {"model.norm", "optim.clip_grad_norm", "optim.epochs",
-                                          "optim.max_iter", "data.zoom_out_ratio", "data.photometric",
-                                          "eval.every_epochs"}
+                                          "optim.max_iter", "data.zoom_out_ratio",
+                                          "data.photometric", "eval.every_epochs"}
     for key in sorted(changed - handled):
         if not key.startswith("model.kwargs."):
             refused.append(f"{key}={flat[key]!r} (no detectron2 counterpart)")
@@ -368,7 +379,9 @@ class _Mapped:
     def put(self, toolkit_key: str, d2_key: str, value) -> None:
         self.out[d2_key] = value
         text = f"{d2_key}={value!r}"
-        self.mapped[toolkit_key] = f"{self.mapped[toolkit_key]}, {text}" if toolkit_key in self.mapped else text
+        self.mapped[toolkit_key] = (
+            f"{self.mapped[toolkit_key]}, {text}" if toolkit_key in self.mapped else text
+        )
 
 
 def _map_model(mp: _Mapped, m: dict, kind: str, world: int, device: str) -> None:
@@ -387,15 +400,17 @@ def _map_model(mp: _Mapped, m: dict, kind: str, world: int, device: str) -> None
         mp.refused.append(f"model.trainable_layers={trainable} (must be in 0..5)")
     mp.put("model.trainable_layers", "MODEL.BACKBONE.FREEZE_AT", 5 - trainable)
     mp.put("model.size", "INPUT.MIN_SIZE_TEST", int(m["size"]))
-    train_sizes = [int(m["size"])] if m["train_sizes"] is None else [int(v) for v in m["train_sizes"]]
+    train_sizes = (
+        [int(m["size"])] if m["train_sizes"] is None else [int(v) for v in m["train_sizes"]]
+    )
     mp.put("model.train_sizes", "INPUT.MIN_SIZE_TRAIN", train_sizes)
     mp.put("model.max_size", "INPUT.MAX_SIZE_TRAIN", int(m["max_size"]))
     mp.put("model.max_size", "INPUT.MAX_SIZE_TEST", int(m["max_size"]))
     for name, value in m["kwargs"].items():
         key = f"model.kwargs.{name}"
         if name not in KWARGS or (kind == "C4" and name in FPN_ONLY):
-            mp.refused.append(f"{key}={value!r} (no detectron2 key for it in the {kind} recipe; known: "
-                           f"{sorted(KWARGS)})")
+            mp.refused.append(f"{key}={value!r} (no detectron2 key for it in the {kind} recipe; "
+                              f"known: {sorted(KWARGS)})")
         elif name == "anchor_sizes":
             sizes = [int(v) for v in value]
             if kind == "FPN" and len(sizes) != 5:
@@ -423,7 +438,8 @@ def _map_solver(mp: _Mapped, s: dict, world: int, n_train: int) -> None:
     steps = sorted({int(round(f * max_iter)) for f in s["steps"]})
     kept = [v for v in steps if 0 < v < max_iter]
     if kept != steps:
-        log.warning("optim.steps %s x %d iterations = %s: detectron2 needs 0 < step < MAX_ITER; keeping %s",
+        log.warning("optim.steps %s x %d iterations = %s: detectron2 needs 0 < step < MAX_ITER; "
+                    "keeping %s",
                     s["steps"], max_iter, steps, kept)
     mp.put("optim.steps", "SOLVER.STEPS", kept)
     for key, d2_key in SOLVER.items():
@@ -433,8 +449,10 @@ def _map_solver(mp: _Mapped, s: dict, world: int, n_train: int) -> None:
         mp.put("optim.reference_batch", "SOLVER.BASE_LR",
             scaled_lr(s["lr"], s["batch_per_process"], world, s["reference_batch"]))
     if float(s["clip_grad_norm"]) > 0:
-        mp.mapped["optim.clip_grad_norm"] = (f"clip_grad_norm_(all parameters, {s['clip_grad_norm']}) after each "
-                                           "backward (a hook: detectron2's CLIP_GRADIENTS clips per parameter)")
+        mp.mapped["optim.clip_grad_norm"] = ("clip_grad_norm_(all parameters, "
+                                             f"{s['clip_grad_norm']}) after each "
+                                           "backward (a hook: detectron2's CLIP_GRADIENTS clips "
+                                           "per parameter)")
 
 
 def _map_runtime(mp: _Mapped, cfg: dict, device: str, changed: set, flat: dict) -> None:
@@ -442,26 +460,30 @@ def _map_runtime(mp: _Mapped, cfg: dict, device: str, changed: set, flat: dict) 
     rt = cfg["runtime"]
     if rt["precision"] == "fp16":
         if not device.startswith("cuda"):
-            mp.refused.append("runtime.precision=fp16 on CPU (detectron2's AMP trainer is CUDA only)")
+            mp.refused.append("runtime.precision=fp16 on CPU (detectron2's AMP trainer is CUDA "
+                              "only)")
         mp.put("runtime.precision", "SOLVER.AMP.ENABLED", True)
     elif rt["precision"] == "bf16":
-        mp.refused.append("runtime.precision=bf16 (detectron2's AMPTrainer uses float16: set runtime.precision=fp16 "
-                       "or fp32)")
+        mp.refused.append("runtime.precision=bf16 (detectron2's AMPTrainer uses float16: set "
+                          "runtime.precision=fp16 or fp32)")
     if rt["channels_last"] and device.startswith("cuda"):
-        log.warning("runtime.channels_last: detectron2 has no channels-last option; the model runs contiguous")
+        log.warning("runtime.channels_last: detectron2 has no channels-last option; the model "
+                    "runs contiguous")
     if cfg["eval"]["every_epochs"]:
-        mp.refused.append(f"eval.every_epochs={cfg['eval']['every_epochs']} (the detectron2 backend evaluates once, "
-                          "after training)")
+        mp.refused.append(f"eval.every_epochs={cfg['eval']['every_epochs']} (the detectron2 "
+                          "backend evaluates once, after training)")
     for key in ("data.zoom_out_ratio", "data.photometric"):
         if key in changed:
-            mp.refused.append(f"{key}={flat[key]!r} (SSD augmentation; detectron2's R-CNN pipeline has none)")
+            mp.refused.append(f"{key}={flat[key]!r} (SSD augmentation; detectron2's R-CNN "
+                              "pipeline has none)")
 
 
 def build_detectron2_config(cfg: dict, weights_pkl, specs: dict, *, world: int = 1, n_train: int,
                             device: str) -> tuple[str, dict, dict]:
     """(kind, detectron2 config dict ready for write_detectron2_yaml, mapping report)."""
     kind, d2 = recipe(cfg, weights_pkl, specs)
-    overrides, mapped = detectron2_overrides(cfg, kind=kind, world=world, n_train=n_train, device=device)
+    overrides, mapped = detectron2_overrides(cfg, kind=kind, world=world, n_train=n_train,
+                                             device=device)
     for key, value in overrides.items():
         _set(d2, key, value)
     return kind, d2, mapped
@@ -480,7 +502,8 @@ def _ensure_local_process_group() -> None:
     try:
         comm.get_local_rank()
     except AssertionError:  # "Local process group is not yet created"
-        comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size())))
+        comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE",
+                                                           runtime.world_size())))
 
 
 @contextlib.contextmanager
@@ -516,7 +539,8 @@ def _trainer_class(clip: float, log_period: int):
             t = self.trainer
             if getattr(t, "grad_scaler", None) is not None:
                 t.grad_scaler.unscale_(t.optimizer)
-            params = [p for g in t.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            params = [p for g in t.optimizer.param_groups for p in g["params"]
+                      if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, clip)
 
     class Trainer(DefaultTrainer):
@@ -585,8 +609,8 @@ def _collector(split: str):
         def process(self, inputs, outputs):
             for inp, out in zip(inputs, outputs):
                 inst = out["instances"].to("cpu")
-                self._preds.append((inp["image_id"], inst.pred_boxes.tensor.float(), inst.scores.float(),
-                                    inst.pred_classes + 1))
+                self._preds.append((inp["image_id"], inst.pred_boxes.tensor.float(),
+                                    inst.scores.float(), inst.pred_classes + 1))
 
         def evaluate(self):
             check_finite(split, ddist.sum_counts([count_nonfinite(self._preds)])[0])
@@ -604,8 +628,10 @@ def _toolkit_ctx(specs: dict):
 
     t = specs["test"]
     if t["kind"] == "voc":
-        ds = VOCDetection(Path(t["dirname"]).parent, str(t["year"]), t["split"], classes=tuple(t["classes"]))
-        return {"format": "voc", "classes": tuple(t["classes"]), "split": t["split"], "dataset": ds}
+        ds = VOCDetection(Path(t["dirname"]).parent, str(t["year"]), t["split"],
+                          classes=tuple(t["classes"]))
+        return {"format": "voc", "classes": tuple(t["classes"]), "split": t["split"],
+                "dataset": ds}
     ds = COCODetection(t["image_root"], t["json_file"])
     return {"format": "coco", "classes": ds.classes, "dataset": ds}
 
@@ -639,7 +665,8 @@ def evaluate_once(d2cfg, model, specs: dict, cfg: dict, out_dir: Path) -> dict:
     results = inference_on_dataset(timed, loader, DatasetEvaluators([ours, theirs]))
     if not comm.is_main_process():
         return {}
-    toolkit = score_predictions(ours.predictions, _toolkit_ctx(specs), out_dir, cfg["eval"]["metric"])
+    toolkit = score_predictions(ours.predictions, _toolkit_ctx(specs), out_dir,
+                                cfg["eval"]["metric"])
     # detectron2 reports NaN where an area range has no ground truth: None here (JSON has no NaN)
     theirs_bbox = {k: (None if v != v else float(v)) for k, v in results["bbox"].items()}
     return {"toolkit": toolkit, "detectron2": theirs_bbox,
@@ -679,7 +706,8 @@ def train_one_seed(yaml_path: Path, cfg: dict, specs: dict, seed_dir: Path, seed
     if runtime.is_main_process():
         runtime.atomic_write_text(d2cfg.dump(), seed_dir / "detectron2" / "config.yaml")
     runtime.barrier()
-    Trainer = _trainer_class(float(cfg["optim"]["clip_grad_norm"]), int(cfg["runtime"]["log_every_steps"]))
+    Trainer = _trainer_class(float(cfg["optim"]["clip_grad_norm"]),
+                             int(cfg["runtime"]["log_every_steps"]))
     with _ddp_on_cpu():
         trainer = Trainer(d2cfg)
     trainer.resume_or_load(resume=True)
@@ -692,12 +720,14 @@ def train_one_seed(yaml_path: Path, cfg: dict, specs: dict, seed_dir: Path, seed
     metrics = {}
     if runtime.is_main_process():
         metrics = dict(res["toolkit"])
-        metrics.update(seed=seed, iterations=int(d2cfg.SOLVER.MAX_ITER), ims_per_batch=d2cfg.SOLVER.IMS_PER_BATCH,
-                       detectron2=res["detectron2"], train_img_per_s=train_images / max(train_seconds, 1e-9),
+        metrics.update(seed=seed, iterations=int(d2cfg.SOLVER.MAX_ITER),
+                       ims_per_batch=d2cfg.SOLVER.IMS_PER_BATCH, detectron2=res["detectron2"],
+                       train_img_per_s=train_images / max(train_seconds, 1e-9),
                        test_img_per_s=res["n_test"] / max(res["test_seconds"], 1e-9),
-                       train_seconds=train_seconds, test_seconds=res["test_seconds"], device=d2cfg.MODEL.DEVICE,
-                       resumed_at=start)
-        _figure(res["predictions"], _toolkit_ctx(specs), seed_dir / "figures" / "detections.png", cfg)
+                       train_seconds=train_seconds, test_seconds=res["test_seconds"],
+                       device=d2cfg.MODEL.DEVICE, resumed_at=start)
+        _figure(res["predictions"], _toolkit_ctx(specs), seed_dir / "figures" / "detections.png",
+                cfg)
         runtime.write_json(metrics, done)
     runtime.barrier()
     return metrics
@@ -710,12 +740,14 @@ def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
     ``backend: detectron2``."""
     require_detectron2()
     if weights is None:
-        raise Detectron2BackendError("the detectron2 backend needs --weights (a backbone checkpoint to convert)")
+        raise Detectron2BackendError("the detectron2 backend needs --weights (a backbone "
+                                     "checkpoint to convert)")
     run_dir = Path(run_dir)
     if cfg["runtime"]["num_threads"]:
         torch.set_num_threads(int(cfg["runtime"]["num_threads"]))
     yaml_path, specs, mapped = _prepare(cfg, weights, run_dir)
-    per_seed = [train_one_seed(yaml_path, cfg, specs, run_dir / f"seed_{s}", int(s)) for s in cfg["seeds"]]
+    per_seed = [train_one_seed(yaml_path, cfg, specs, run_dir / f"seed_{s}", int(s))
+                for s in cfg["seeds"]]
     if not runtime.is_main_process():
         return {}
     d2_keys = sorted(k for k in set.intersection(*(set(m["detectron2"]) for m in per_seed))
@@ -723,8 +755,8 @@ def finetune(cfg: dict, weights: str | None, run_dir) -> dict:
     d2_means = {k: (None if any(m["detectron2"][k] is None for m in per_seed) else
                     float(np.mean([m["detectron2"][k] for m in per_seed]))) for k in d2_keys}
     return write_summary(run_dir, cfg, per_seed, backend="detectron2", weights=str(weights),
-                         detectron2_config=str(yaml_path), mapped=mapped, iterations=per_seed[0]["iterations"],
-                         detectron2=d2_means)
+                         detectron2_config=str(yaml_path), mapped=mapped,
+                         iterations=per_seed[0]["iterations"], detectron2=d2_means)
 
 
 def _prepare(cfg: dict, weights: str, run_dir: Path) -> tuple[Path, dict, dict]:
@@ -739,7 +771,8 @@ def _prepare(cfg: dict, weights: str, run_dir: Path) -> tuple[Path, dict, dict]:
     specs = dataset_specs(cfg)
     # every refusal before anything is written: a corrected rerun never meets files of the refused
     # one
-    build_detectron2_config(cfg, run_dir / "backbone_d2.pkl", specs, world=world, n_train=1, device=device)
+    build_detectron2_config(cfg, run_dir / "backbone_d2.pkl", specs, world=world, n_train=1,
+                            device=device)
     main = runtime.is_main_process()
     subsets = run_dir / "d2_datasets"
     specs = dict(specs, train=[_voc_subset_dir(s, subsets, main) if s["kind"] == "voc" else s
@@ -760,8 +793,8 @@ def _prepare(cfg: dict, weights: str, run_dir: Path) -> tuple[Path, dict, dict]:
     from detectron2.data import DatasetCatalog
 
     n_train = sum(len(DatasetCatalog.get(s["name"])) for s in specs["train"])
-    kind, d2, mapped = build_detectron2_config(cfg, pkl.resolve(), specs, world=world, n_train=n_train,
-                                               device=device)
+    kind, d2, mapped = build_detectron2_config(cfg, pkl.resolve(), specs, world=world,
+                                               n_train=n_train, device=device)
     yaml_path = run_dir / f"detectron2_{specs['format']}_{cfg['model']['arch']}_{kind}.yaml"
     if main:
         convert.write_detectron2_yaml(d2, yaml_path, cfg["model"]["arch"], pkl.name)

@@ -31,8 +31,8 @@ def load_detector_state(path) -> dict:
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not state:
-        raise CheckpointError(f"{path}: not a detector checkpoint (expected checkpoints/last.pth of a "
-                              "detection run, or a state dict)")
+        raise CheckpointError(f"{path}: not a detector checkpoint (expected checkpoints/last.pth "
+                              "of a detection run, or a state dict)")
     return state
 
 
@@ -47,15 +47,18 @@ def evaluate_detector(cfg: dict, checkpoint, out_dir) -> dict:
     missing, unexpected = model.load_state_dict(load_detector_state(checkpoint), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{checkpoint}: does not fit the config's {cfg['model']['type']} "
-                              f"{cfg['model']['arch']} with {ctx['num_classes'] - 1} classes (missing "
-                              f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+                              f"{cfg['model']['arch']} with {ctx['num_classes'] - 1} classes "
+                              f"(missing {sorted(missing)[:3]}, unexpected "
+                              f"{sorted(unexpected)[:3]})")
     model.to(device)
-    preds, _, seconds, n = predict_sharded(model, test, cfg["eval"]["batch_size"], cfg["data"]["num_workers"], device,
+    preds, _, seconds, n = predict_sharded(model, test, cfg["eval"]["batch_size"],
+                                           cfg["data"]["num_workers"], device,
                                            cfg["runtime"]["precision"])
     if not runtime.is_main_process():
         return {}
     metrics = score_predictions(preds, ctx, out_dir / "eval", cfg["eval"]["metric"])
-    metrics.update(checkpoint=str(checkpoint), test_images=n, test_img_per_s=n / max(seconds, 1e-9))
+    metrics.update(checkpoint=str(checkpoint), test_images=n,
+                   test_img_per_s=n / max(seconds, 1e-9))
     metrics["units"] = units(metrics)
     runtime.write_json(metrics, out_dir / "metrics.json")
     return metrics

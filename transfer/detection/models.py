@@ -61,7 +61,8 @@ def resolve_norm(norm: str, weights: str | None) -> str:
     return norm
 
 
-def resolve_trainable_layers(trainable_layers: int | None, weights: str | None, default: int = 3) -> int:
+def resolve_trainable_layers(trainable_layers: int | None, weights: str | None,
+                             default: int = 3) -> int:
     """``None`` -> ``default`` stages for a pretrained trunk, all 5 for a random one."""
     if trainable_layers is None:
         return default if weights is not None else 5
@@ -74,8 +75,9 @@ def _norm_layer(norm: str):
     return {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "syncbn": nn.SyncBatchNorm}[norm]
 
 
-def build_trunk(arch: str, weights: str | None, norm: str = "auto", trainable_layers: int | None = None,
-                replace_stride_with_dilation=None, allow_pickle: bool = False, default_trainable: int = 3):
+def build_trunk(arch: str, weights: str | None, norm: str = "auto",
+                trainable_layers: int | None = None, replace_stride_with_dilation=None,
+                allow_pickle: bool = False, default_trainable: int = 3):
     """A torchvision ResNet (fc kept but unused) with the checkpoint's weights loaded strictly.
 
     Returns ``(resnet, norm, trainable_layers)`` after resolving ``auto``/``None``. Stages not
@@ -89,8 +91,11 @@ def build_trunk(arch: str, weights: str | None, norm: str = "auto", trainable_la
     # SyncBN cannot be constructed inside the ResNet blocks directly on CPU-only builds without a
     # process group at forward time, so build with BN and convert (the standard recipe).
     build_norm = nn.BatchNorm2d if norm == "syncbn" else _norm_layer(norm)
-    resnet = getattr(torchvision.models, arch)(weights=None, norm_layer=build_norm,
-                                               replace_stride_with_dilation=replace_stride_with_dilation)
+    resnet = getattr(torchvision.models, arch)(
+        weights=None,
+        norm_layer=build_norm,
+        replace_stride_with_dilation=replace_stride_with_dilation,
+    )
     if weights is not None:
         from mixup_transfer.core.checkpoint import load_backbone
 
@@ -124,8 +129,8 @@ class _NoResizeTransform(GeneralizedRCNNTransform):
 def _rcnn_kwargs(min_size, max_size, rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test,
                  rpn_post_nms_top_n_train, rpn_post_nms_top_n_test, rpn_batch_size_per_image,
                  box_batch_size_per_image, box_detections_per_img, box_score_thresh):
-    return dict(min_size=min_size, max_size=max_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
-                rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+    return dict(min_size=min_size, max_size=max_size, image_mean=IMAGENET_MEAN,
+                image_std=IMAGENET_STD, rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
                 rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
                 rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
                 rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
@@ -134,39 +139,44 @@ def _rcnn_kwargs(min_size, max_size, rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_
                 box_detections_per_img=box_detections_per_img, box_score_thresh=box_score_thresh)
 
 
-def _finish_rcnn(model: FasterRCNN, resize_inside: bool, min_size: int, max_size: int) -> FasterRCNN:
+def _finish_rcnn(model: FasterRCNN, resize_inside: bool, min_size: int,
+                 max_size: int) -> FasterRCNN:
     if not resize_inside:
         model.transform = _NoResizeTransform(min_size, max_size, IMAGENET_MEAN, IMAGENET_STD)
     return model
 
 
-def faster_rcnn_fpn(num_classes: int, weights: str | None, arch: str = "resnet50", norm: str = "auto",
-                    trainable_layers: int | None = None, anchor_sizes=(32, 64, 128, 256, 512),
-                    aspect_ratios=(0.5, 1.0, 2.0), min_size: int = 800, max_size: int = 1333,
-                    rpn_pre_nms_top_n_train: int = 2000, rpn_pre_nms_top_n_test: int = 1000,
-                    rpn_post_nms_top_n_train: int = 2000, rpn_post_nms_top_n_test: int = 1000,
-                    rpn_batch_size_per_image: int = 256, box_batch_size_per_image: int = 512,
-                    box_detections_per_img: int = 100, box_score_thresh: float = 0.05,
-                    fpn_channels: int = 256, box_head_dim: int = 1024,
-                    resize_inside: bool = True, allow_pickle: bool = False) -> FasterRCNN:
+def faster_rcnn_fpn(num_classes: int, weights: str | None, arch: str = "resnet50",
+                    norm: str = "auto", trainable_layers: int | None = None,
+                    anchor_sizes=(32, 64, 128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0),
+                    min_size: int = 800, max_size: int = 1333, rpn_pre_nms_top_n_train: int = 2000,
+                    rpn_pre_nms_top_n_test: int = 1000, rpn_post_nms_top_n_train: int = 2000,
+                    rpn_post_nms_top_n_test: int = 1000, rpn_batch_size_per_image: int = 256,
+                    box_batch_size_per_image: int = 512, box_detections_per_img: int = 100,
+                    box_score_thresh: float = 0.05, fpn_channels: int = 256,
+                    box_head_dim: int = 1024, resize_inside: bool = True,
+                    allow_pickle: bool = False) -> FasterRCNN:
     """Faster R-CNN R-FPN. ``num_classes`` counts background (21 for VOC). ``anchor_sizes``: one
     size per pyramid level P2..P6. ``fpn_channels`` / ``box_head_dim`` (256 / 1024 in the
     reference) can shrink for toy runs. ``resize_inside=False`` leaves resizing to the data
     pipeline."""
     resnet, _, tl = build_trunk(arch, weights, norm, trainable_layers, allow_pickle=allow_pickle)
     return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
-    backbone = BackboneWithFPN(resnet, return_layers=return_layers, in_channels_list=_stage_channels(arch),
+    backbone = BackboneWithFPN(resnet, return_layers=return_layers,
+                               in_channels_list=_stage_channels(arch),
                                out_channels=int(fpn_channels), extra_blocks=LastLevelMaxPool())
     if len(anchor_sizes) != 5:
-        raise DetectorConfigError(f"anchor_sizes needs one size per FPN level (5), got {anchor_sizes}")
+        raise DetectorConfigError("anchor_sizes needs one size per FPN level (5), got "
+                                  f"{anchor_sizes}")
     anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), (tuple(aspect_ratios),) * 5)
     box_head = TwoMLPHead(int(fpn_channels) * 7 * 7, int(box_head_dim))
     model = FasterRCNN(backbone, rpn_anchor_generator=anchors, box_head=box_head,
                        box_predictor=FastRCNNPredictor(int(box_head_dim), num_classes),
-                       **_rcnn_kwargs(min_size, max_size, rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test,
-                                      rpn_post_nms_top_n_train, rpn_post_nms_top_n_test,
-                                      rpn_batch_size_per_image, box_batch_size_per_image,
-                                      box_detections_per_img, box_score_thresh))
+                       **_rcnn_kwargs(min_size, max_size, rpn_pre_nms_top_n_train,
+                                      rpn_pre_nms_top_n_test, rpn_post_nms_top_n_train,
+                                      rpn_post_nms_top_n_test, rpn_batch_size_per_image,
+                                      box_batch_size_per_image, box_detections_per_img,
+                                      box_score_thresh))
     model.trainable_layers = tl
     return _finish_rcnn(model, resize_inside, min_size, max_size)
 
@@ -176,7 +186,8 @@ class _C4Trunk(nn.Sequential):
 
     def __init__(self, resnet, out_channels: int):
         super().__init__(OrderedDict((n, getattr(resnet, n)) for n in
-                                     ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")))
+                                     ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2",
+                                      "layer3")))
         self.out_channels = out_channels
 
 
@@ -191,14 +202,15 @@ class _C4BoxHead(nn.Module):
         return torch.flatten(nn.functional.adaptive_avg_pool2d(self.layer4(x), 1), 1)
 
 
-def faster_rcnn_c4(num_classes: int, weights: str | None, arch: str = "resnet50", norm: str = "auto",
-                   trainable_layers: int | None = None, anchor_sizes=(32, 64, 128, 256, 512),
-                   aspect_ratios=(0.5, 1.0, 2.0), min_size: int = 800, max_size: int = 1333,
-                   rpn_pre_nms_top_n_train: int = 12000, rpn_pre_nms_top_n_test: int = 6000,
-                   rpn_post_nms_top_n_train: int = 2000, rpn_post_nms_top_n_test: int = 1000,
-                   rpn_batch_size_per_image: int = 256, box_batch_size_per_image: int = 512,
-                   box_detections_per_img: int = 100, box_score_thresh: float = 0.05,
-                   resize_inside: bool = True, allow_pickle: bool = False) -> FasterRCNN:
+def faster_rcnn_c4(num_classes: int, weights: str | None, arch: str = "resnet50",
+                   norm: str = "auto", trainable_layers: int | None = None,
+                   anchor_sizes=(32, 64, 128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0),
+                   min_size: int = 800, max_size: int = 1333, rpn_pre_nms_top_n_train: int = 12000,
+                   rpn_pre_nms_top_n_test: int = 6000, rpn_post_nms_top_n_train: int = 2000,
+                   rpn_post_nms_top_n_test: int = 1000, rpn_batch_size_per_image: int = 256,
+                   box_batch_size_per_image: int = 512, box_detections_per_img: int = 100,
+                   box_score_thresh: float = 0.05, resize_inside: bool = True,
+                   allow_pickle: bool = False) -> FasterRCNN:
     """Faster R-CNN R-C4: one anchor level on layer3 (all ``anchor_sizes`` x ``aspect_ratios`` at
     each position), RoIAlign 14x14 on it, layer4 + pooling as the box head, predictor from layer4's
     channels."""
@@ -208,11 +220,13 @@ def faster_rcnn_c4(num_classes: int, weights: str | None, arch: str = "resnet50"
     anchors = AnchorGenerator((tuple(int(s) for s in anchor_sizes),), (tuple(aspect_ratios),))
     roi_pool = MultiScaleRoIAlign(featmap_names=["0"], output_size=14, sampling_ratio=0)
     model = FasterRCNN(backbone, rpn_anchor_generator=anchors, box_roi_pool=roi_pool,
-                       box_head=_C4BoxHead(resnet.layer4), box_predictor=FastRCNNPredictor(c4, num_classes),
-                       **_rcnn_kwargs(min_size, max_size, rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test,
-                                      rpn_post_nms_top_n_train, rpn_post_nms_top_n_test,
-                                      rpn_batch_size_per_image, box_batch_size_per_image,
-                                      box_detections_per_img, box_score_thresh))
+                       box_head=_C4BoxHead(resnet.layer4),
+                       box_predictor=FastRCNNPredictor(c4, num_classes),
+                       **_rcnn_kwargs(min_size, max_size, rpn_pre_nms_top_n_train,
+                                      rpn_pre_nms_top_n_test, rpn_post_nms_top_n_train,
+                                      rpn_post_nms_top_n_test, rpn_batch_size_per_image,
+                                      box_batch_size_per_image, box_detections_per_img,
+                                      box_score_thresh))
     model.trainable_layers = tl
     return _finish_rcnn(model, resize_inside, min_size, max_size)
 
@@ -269,7 +283,8 @@ def ssd_plan(size: int, priors: str = "voc") -> dict:
         fmap.append((fmap[-1] + 2 * pad - 3) // stride + 1)
     n = len(fmap)
     aspect = [[2]] + [[2, 3]] * max(n - 3, 0) + [[2]] * min(2, n - 1)
-    return {"extras": extras, "aspect_ratios": aspect, "scales": scales, "steps": steps, "fmap_sizes": fmap}
+    return {"extras": extras, "aspect_ratios": aspect, "scales": scales, "steps": steps,
+            "fmap_sizes": fmap}
 
 
 class SSDResNetBackbone(nn.Module):
@@ -292,8 +307,8 @@ class SSDResNetBackbone(nn.Module):
             mid = mid_channels[min(i, len(mid_channels) - 1)]
             layers.append(nn.Sequential(
                 nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
-                nn.Conv2d(mid, cout, 3, stride=stride, padding=pad, bias=False), nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True)))
+                nn.Conv2d(mid, cout, 3, stride=stride, padding=pad, bias=False),
+                nn.BatchNorm2d(cout), nn.ReLU(inplace=True)))
             cin = cout
         self.extras = nn.ModuleList(layers)
         for m in self.extras.modules():
@@ -322,9 +337,11 @@ def ssd_resnet(num_classes: int, weights: str | None, arch: str = "resnet50", si
     plan = ssd_plan(int(size), priors)
     backbone = SSDResNetBackbone(resnet, _stage_channels(arch)[2], plan["extras"])
     if plan["scales"] is not None:
-        anchors = DefaultBoxGenerator(plan["aspect_ratios"], scales=plan["scales"], steps=plan["steps"])
+        anchors = DefaultBoxGenerator(plan["aspect_ratios"], scales=plan["scales"],
+                                      steps=plan["steps"])
     else:
-        anchors = DefaultBoxGenerator(plan["aspect_ratios"], min_ratio=min_ratio, max_ratio=max_ratio)
+        anchors = DefaultBoxGenerator(plan["aspect_ratios"], min_ratio=min_ratio,
+                                      max_ratio=max_ratio)
     model = SSD(backbone, anchors, (int(size), int(size)), num_classes, image_mean=IMAGENET_MEAN,
                 image_std=IMAGENET_STD, score_thresh=score_thresh, nms_thresh=nms_thresh,
                 detections_per_img=detections_per_img, topk_candidates=topk_candidates)
@@ -332,7 +349,8 @@ def ssd_resnet(num_classes: int, weights: str | None, arch: str = "resnet50", si
     return model
 
 
-BUILDERS = {"faster_rcnn_fpn": faster_rcnn_fpn, "faster_rcnn_c4": faster_rcnn_c4, "ssd": ssd_resnet}
+BUILDERS = {"faster_rcnn_fpn": faster_rcnn_fpn, "faster_rcnn_c4": faster_rcnn_c4,
+            "ssd": ssd_resnet}
 
 
 def build_detector(type: str, num_classes: int, weights: str | None, **kwargs) -> nn.Module:

@@ -61,7 +61,8 @@ def score_predictions(preds, ctx: dict, out_dir: Path, metric: str = "11point") 
         detections = {c: [] for c in classes}
         for image_id, boxes, scores, labels in preds:
             # toolkit x0 = xmin - 1, x1 = xmax  ->  XML 1-based inclusive coordinates
-            for b, s, lab in zip(boxes_to_voc_xml(boxes).tolist(), scores.tolist(), labels.tolist()):
+            for b, s, lab in zip(boxes_to_voc_xml(boxes).tolist(), scores.tolist(),
+                                 labels.tolist()):
                 detections[classes[lab - 1]].append((image_id, float(s), tuple(b)))
         write_voc_results(out_dir / "voc_results", ctx["split"], detections)
         ids = {p[0] for p in preds}
@@ -73,7 +74,8 @@ def score_predictions(preds, ctx: dict, out_dir: Path, metric: str = "11point") 
     results = []
     for image_id, boxes, scores, labels in preds:
         for b, s, lab in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
-            results.append({"image_id": int(image_id), "category_id": int(ds.label_to_cat[int(lab)]),
+            results.append({"image_id": int(image_id),
+                            "category_id": int(ds.label_to_cat[int(lab)]),
                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)})
     runtime.write_json(results, out_dir / "coco_results.json")
     if not results:  # pycocotools cannot load an empty result list
@@ -117,13 +119,14 @@ def detection_figure(examples, classes, path: Path, score_thresh: float = 0.3) -
     for ax, ex in zip(axes.flat, examples):
         ax.imshow(ex["image"].permute(1, 2, 0).clamp(0, 1).numpy())
         for b, _lab in zip(ex["gt_boxes"].tolist(), ex["gt_labels"].tolist()):
-            ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="lime",
-                                       lw=1.5))
-        for b, s, lab in zip(ex["pred_boxes"].tolist(), ex["scores"].tolist(), ex["labels"].tolist()):
+            ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False,
+                                       color="lime", lw=1.5))
+        for b, s, lab in zip(ex["pred_boxes"].tolist(), ex["scores"].tolist(),
+                             ex["labels"].tolist()):
             if s < score_thresh:
                 continue
-            ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="red",
-                                       lw=1.2, ls="--"))
+            ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False,
+                                       color="red", lw=1.2, ls="--"))
             ax.text(b[0], b[1], f"{classes[lab - 1]} {s:.2f}", color="white", fontsize=6,
                     bbox=dict(facecolor="red", alpha=0.6, pad=0.5, lw=0))
     fig.suptitle("green: ground truth, red: predictions", fontsize=9)
@@ -152,7 +155,8 @@ def summarize(per_seed: list[dict]) -> dict:
             out[k] = None  # an area range without ground truth
     if isinstance(per_seed[0].get("AP"), dict):  # VOC per-class AP, averaged over seeds
         out["AP_per_class"] = {c: (None if per_seed[0]["AP"][c] is None else
-                                   float(np.mean([m["AP"][c] for m in per_seed]))) for c in per_seed[0]["AP"]}
+                                   float(np.mean([m["AP"][c] for m in per_seed])))
+                                   for c in per_seed[0]["AP"]}
     return out
 
 
@@ -160,10 +164,12 @@ def write_summary(run_dir: Path, cfg: dict, per_seed: list[dict], **extra) -> di
     """The run's metrics over its seeds (`summarize`, plus `extra`), the first seed's detection
     figure and ``run_dir/metrics.json``; both backends end with it."""
     metrics = summarize(per_seed)
-    metrics.update(model=cfg["model"]["type"], arch=cfg["model"]["arch"], dataset=cfg["data"]["format"], **extra)
+    metrics.update(model=cfg["model"]["type"], arch=cfg["model"]["arch"],
+                   dataset=cfg["data"]["format"], **extra)
     metrics["units"] = units(metrics)
     first = Path(run_dir) / f"seed_{cfg['seeds'][0]}" / "figures" / "detections.png"
     if first.is_file():
-        runtime.atomic_write_bytes(first.read_bytes(), Path(run_dir) / "figures" / "detections.png")
+        runtime.atomic_write_bytes(first.read_bytes(),
+                                   Path(run_dir) / "figures" / "detections.png")
     runtime.write_json(metrics, Path(run_dir) / "metrics.json")
     return metrics

@@ -43,12 +43,14 @@ def _start_over_if_forced(run_dir: Path, resume: bool, force: bool) -> None:
         return
     if force:
         if is_main_process():
-            log.warning("--force: removing the run in %s (%d entries) to start over", run_dir, len(held))
+            log.warning("--force: removing the run in %s (%d entries) to start over", run_dir,
+                        len(held))
             for f in held:
                 shutil.rmtree(f) if f.is_dir() else f.unlink()
         barrier()
     elif not resume:
-        raise ConfigError(f"{run_dir} holds a run; continue it (resume) or pass --force to start over")
+        raise ConfigError(f"{run_dir} holds a run; continue it (resume) or pass --force to start "
+                          "over")
 
 
 def finetune_detector(cfg: dict, weights: str | None, run_dir) -> dict:
@@ -77,5 +79,6 @@ STAGE = Stage(
     options=("resume", "force"),  # resume keeps finished seeds; force clears the run folder
     run_dir=lambda cfg, config, cwd: Path(cwd) / "runs" / "detection" / Path(config).stem,
     cli="transfer.detection.cli",  # --backend, --num-gpus (detectron2's launch), --eval-only
-    description="fine-tune SSD or Faster R-CNN from a backbone and score it (VOC devkit, pycocotools)",
+    description="fine-tune SSD or Faster R-CNN from a backbone and score it (VOC devkit, "
+                "pycocotools)",
 )

@@ -62,8 +62,9 @@ def build_datasets(cfg: dict, seed: int = 0):
     d, m = cfg["data"], cfg["model"]
     kind = _transform_kind(m["type"])
     common = dict(size=m["size"], max_size=m["max_size"])
-    train_tf = build_transforms(kind, True, train_sizes=m["train_sizes"], zoom_out_ratio=d["zoom_out_ratio"],
-                                photometric=d["photometric"], seed=seed, **common)
+    train_tf = build_transforms(kind, True, train_sizes=m["train_sizes"],
+                                zoom_out_ratio=d["zoom_out_ratio"], photometric=d["photometric"],
+                                seed=seed, **common)
     test_tf = build_transforms(kind, False, **common)
     root = Path(d["root"])
     if d["format"] == "voc":
@@ -77,8 +78,8 @@ def build_datasets(cfg: dict, seed: int = 0):
         test = VOCDetection(root, year, split, transform=test_tf, classes=classes)
         ctx = {"format": "voc", "classes": classes, "split": split, "dataset": test}
     elif d["format"] == "coco":
-        train = COCODetection(root / d["coco_train"][0], root / d["coco_train"][1], transform=train_tf,
-                              remove_empty=True)
+        train = COCODetection(root / d["coco_train"][0], root / d["coco_train"][1],
+                              transform=train_tf, remove_empty=True)
         test = COCODetection(root / d["coco_val"][0], root / d["coco_val"][1], transform=test_tf)
         ctx = {"format": "coco", "classes": test.classes, "dataset": test}
     else:
@@ -93,7 +94,8 @@ def build_datasets(cfg: dict, seed: int = 0):
 
 def build_model(cfg: dict, num_classes: int, weights: str | None):
     m = cfg["model"]
-    kwargs = dict(arch=m["arch"], norm=m["norm"], trainable_layers=m["trainable_layers"], **m["kwargs"])
+    kwargs = dict(arch=m["arch"], norm=m["norm"], trainable_layers=m["trainable_layers"],
+                  **m["kwargs"])
     if m["type"] == "ssd":
         kwargs["size"] = m["size"]
     else:
@@ -151,22 +153,24 @@ def _batch_records(counter: _NonFiniteCounter, max_keep_examples: int):
     on the device."""
     def to_records(batch, outputs, indices):
         images, targets = batch
-        counter.count += runtime.count_nonfinite([[o["boxes"], o["scores"]] for o in outputs]).to(counter.count.device)
-        host = to_host([t for o in outputs for t in (o["boxes"].float(), o["scores"].float(), o["labels"])])
+        counter.count += runtime.count_nonfinite([[o["boxes"], o["scores"]]
+                                                  for o in outputs]).to(counter.count.device)
+        host = to_host([t for o in outputs
+                        for t in (o["boxes"].float(), o["scores"].float(), o["labels"])])
         records = []
         for k, (i, im, tgt) in enumerate(zip(indices, images, targets)):
             boxes, scores, labels = host[3 * k:3 * k + 3]
             example = None
             if i < max_keep_examples:
-                example = {"image": im.float(), "pred_boxes": boxes, "scores": scores, "labels": labels,
-                           "gt_boxes": tgt["boxes"], "gt_labels": tgt["labels"]}
+                example = {"image": im.float(), "pred_boxes": boxes, "scores": scores,
+                           "labels": labels, "gt_boxes": tgt["boxes"], "gt_labels": tgt["labels"]}
             records.append(((tgt["image_id"], _to_original(boxes, tgt), scores, labels), example))
         return records
     return to_records
 
 
-def predict_sharded(model, dataset, batch_size: int, workers: int, device, precision="fp32", channels_last=False,
-                    max_keep_examples=0, split: str = "test"):
+def predict_sharded(model, dataset, batch_size: int, workers: int, device, precision="fp32",
+                    channels_last=False, max_keep_examples=0, split: str = "test"):
     """The model over ``dataset`` (``mixup_transfer.core.inference``: each rank its shard of whole
     test batches, rank 0's buffers). Returns, on every rank in dataset order, the per-image
     predictions (image_id, boxes [K, 4] original pixels, scores [K], labels [K]), the examples of
@@ -177,11 +181,13 @@ def predict_sharded(model, dataset, batch_size: int, workers: int, device, preci
     per-image [3, h, w] inputs keep theirs (the detector batches them)."""
     counter = _NonFiniteCounter(model, device)
     res = inference_on_dataset(model, dataset, lambda m, images: m(list(images)),
-                               _batch_records(counter, max_keep_examples), batch_size=batch_size, device=device,
-                               workers=workers, collate_fn=collate, precision=precision, timed=True,
-                               select=lambda batch: batch[0], desc="eval")
+                               _batch_records(counter, max_keep_examples), batch_size=batch_size,
+                               device=device, workers=workers, collate_fn=collate,
+                               precision=precision, timed=True, select=lambda batch: batch[0],
+                               desc="eval")
     check_finite(split, ddist.sum_counts([counter.close()])[0])
-    return ([r[0] for r in res.records], [r[1] for r in res.records if r[1] is not None], res.seconds, res.count)
+    return ([r[0] for r in res.records], [r[1] for r in res.records if r[1] is not None],
+            res.seconds, res.count)
 
 
 # -----------------------------------------------------------------------------------------
@@ -204,7 +210,8 @@ class DetectionTask(Task):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.steps_per_epoch = len(self._loader(0))
         if self.steps_per_epoch == 0:
-            raise ValueError(f"training set has {len(self.train_set)} images, fewer than one batch")
+            raise ValueError(f"training set has {len(self.train_set)} images, fewer than one "
+                             "batch")
         s = cfg["optim"]
         self.total = int(s["max_iter"]) or int(s["epochs"]) * self.steps_per_epoch
         self.train_time, self.train_images, self.history = 0.0, 0, []
@@ -212,15 +219,18 @@ class DetectionTask(Task):
     def _loader(self, epoch: int) -> DataLoader:
         s, train = self.cfg["optim"], self.train_set
         if self.world > 1:
-            sampler = torch.utils.data.DistributedSampler(train, num_replicas=self.world, rank=self.rank,
-                                                          shuffle=True, seed=self.seed)
+            sampler = torch.utils.data.DistributedSampler(train, num_replicas=self.world,
+                                                          rank=self.rank, shuffle=True,
+                                                          seed=self.seed)
             sampler.set_epoch(epoch)
         else:  # epoch-determined order: exact resume
-            sampler = torch.utils.data.RandomSampler(train, generator=torch.Generator().manual_seed(
-                self.seed * 100003 + epoch))
+            sampler = torch.utils.data.RandomSampler(
+                train, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            )
         return DataLoader(train, batch_size=s["batch_per_process"], sampler=sampler,
                           num_workers=self.cfg["data"]["num_workers"],
-                          collate_fn=collate, drop_last=len(train) >= s["batch_per_process"] * self.world,
+                          collate_fn=collate,
+                          drop_last=len(train) >= s["batch_per_process"] * self.world,
                           # pinned: the copies to the GPU never wait
                           pin_memory=self.device.type == "cuda",
                           worker_init_fn=SeedWorker(self.train_tf, self.seed, epoch, self.rank))
@@ -249,12 +259,14 @@ class DetectionTask(Task):
         return scaled_lr(s["lr"], s["batch_per_process"], self.world, s["reference_batch"])
 
     def param_groups(self) -> list[dict]:
-        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.lr()}]
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad],
+                 "lr": self.lr()}]
 
     def lr_lambda(self, it: int) -> float:
         s = self.cfg["optim"]
-        return lr_factor(it, "step", milestones=[int(round(f * self.total)) for f in s["steps"]], gamma=s["gamma"],
-                         warmup=s["warmup_iters"], warmup_start=s["warmup_factor"])
+        return lr_factor(it, "step", milestones=[int(round(f * self.total)) for f in s["steps"]],
+                         gamma=s["gamma"], warmup=s["warmup_iters"],
+                         warmup_start=s["warmup_factor"])
 
     def end_of_epoch(self, engine, epoch: int, record: dict) -> dict:
         self.train_time += record["epoch_time_s"]
@@ -276,12 +288,12 @@ class DetectionTask(Task):
         model)."""
         return predict_sharded(self.model, self.test_set, self.cfg["eval"]["batch_size"],
                                self.cfg["data"]["num_workers"],
-                               self.device, engine.precision, engine.settings.channels_last, max_keep_examples,
-                               split=split_name(self.cfg))
+                               self.device, engine.precision, engine.settings.channels_last,
+                               max_keep_examples, split=split_name(self.cfg))
 
     def state_dict(self) -> dict:
-        return {"train_time": self.train_time, "train_images": self.train_images, "history": self.history,
-                "seed": self.seed}
+        return {"train_time": self.train_time, "train_images": self.train_images,
+                "history": self.history, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         self.train_time, self.train_images = state["train_time"], state["train_images"]
@@ -305,12 +317,14 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
         torch.set_num_threads(int(rt["num_threads"]))
     runtime.seed_everything(seed)
     task = DetectionTask(cfg, weights, seed, device)
-    optimizer = build_optimizer("sgd", task.param_groups(), task.lr(), s["momentum"], s["weight_decay"])
+    optimizer = build_optimizer("sgd", task.param_groups(), task.lr(), s["momentum"],
+                                s["weight_decay"])
     settings = LoopSettings(total_steps=task.total, device=device, precision=rt["precision"],
                             channels_last=bool(rt["channels_last"]) and device.type == "cuda",
                             clip_grad_norm=s["clip_grad_norm"], log_every=rt["log_every_steps"],
                             progress_desc=f"seed {seed} epoch", tensorboard=rt["tensorboard"])
-    engine = Engine(task, seed_dir, settings, optimizer, task.lr_lambda, config_text=dump_config(cfg))
+    engine = Engine(task, seed_dir, settings, optimizer, task.lr_lambda,
+                    config_text=dump_config(cfg))
     engine.fit(resume=True, fingerprint=fingerprint,
                header={"seed": seed, "weights": weights, "steps_per_epoch": task.steps_per_epoch,
                        "per_process_batch": s["batch_per_process"],
@@ -340,22 +354,27 @@ def check_resume(cfg: dict, weights: str | None, run_dir: Path) -> None:
     for seed in cfg["seeds"]:
         seed_dir = Path(run_dir) / f"seed_{seed}"
         if (seed_dir / fp.FILE).is_file():
-            fp.check(seed_dir, seed_fingerprint(cfg, weights, int(seed)), RESUME_MAY_CHANGE, RESTART)
+            fp.check(seed_dir, seed_fingerprint(cfg, weights, int(seed)), RESUME_MAY_CHANGE,
+                     RESTART)
 
 
 def _final_metrics(task: DetectionTask, engine: Engine, seed_dir: Path) -> dict:
     """Predictions gathered from every rank; rank 0 scores them and writes the figure ({} on the
     others)."""
     cfg = task.cfg
-    preds, examples, test_seconds, n_test = task.predict_test(engine, cfg["eval"]["figure_examples"])
+    preds, examples, test_seconds, n_test = task.predict_test(
+        engine, cfg["eval"]["figure_examples"]
+    )
     if not runtime.is_main_process():
         return {}
     metrics = score_predictions(preds, task.ctx, seed_dir / "eval", cfg["eval"]["metric"])
-    metrics.update(seed=task.seed, epochs=math.ceil(task.total / task.steps_per_epoch), iterations=engine.step,
-                   history=task.history, train_img_per_s=task.train_images / max(task.train_time, 1e-9),
+    metrics.update(seed=task.seed, epochs=math.ceil(task.total / task.steps_per_epoch),
+                   iterations=engine.step, history=task.history,
+                   train_img_per_s=task.train_images / max(task.train_time, 1e-9),
                    test_img_per_s=n_test / max(test_seconds, 1e-9), train_seconds=task.train_time,
                    test_seconds=test_seconds, device=str(task.device))
-    engine.logger.log({"final": True, **{k: v for k, v in metrics.items() if not isinstance(v, dict)}})
+    engine.logger.log({"final": True,
+                       **{k: v for k, v in metrics.items() if not isinstance(v, dict)}})
     detection_figure(examples, task.ctx["classes"], seed_dir / "figures" / "detections.png",
                      cfg["eval"]["figure_score_thresh"])
     return metrics

@@ -116,16 +116,21 @@ class MinIoURandomCrop(A.DualTransform):
     """SSD's IoU-constrained crop (:func:`sample_iou_crop`); boxes whose centre falls outside the
     crop are dropped, the others clipped to it."""
 
-    def __init__(self, min_ious=SSD_MIN_IOUS, min_scale: float = 0.3, max_trials: int = 50, p: float = 1.0):
+    def __init__(self, min_ious=SSD_MIN_IOUS, min_scale: float = 0.3, max_trials: int = 50,
+                 p: float = 1.0):
         super().__init__(p=p)
-        self.min_ious, self.min_scale, self.max_trials = tuple(min_ious), float(min_scale), int(max_trials)
+        self.min_ious, self.min_scale, self.max_trials = (
+            tuple(min_ious),
+            float(min_scale),
+            int(max_trials),
+        )
 
     def get_params_dependent_on_data(self, params, data):
         h, w = params["shape"][:2]
         bboxes = np.asarray(data.get("bboxes", np.zeros((0, 4))), dtype=np.float64)
         px = denormalize_bboxes(bboxes[:, :4].copy(), (h, w)) if len(bboxes) else np.zeros((0, 4))
-        return {"crop": sample_iou_crop(px, h, w, self.random_generator, self.min_ious, self.min_scale,
-                                        self.max_trials)}
+        return {"crop": sample_iou_crop(px, h, w, self.random_generator, self.min_ious,
+                                        self.min_scale, self.max_trials)}
 
     def apply(self, img, crop, **params):
         if crop is None:
@@ -139,7 +144,12 @@ class MinIoURandomCrop(A.DualTransform):
         px = denormalize_bboxes(bboxes.copy(), params["shape"][:2])
         x0, y0, x1, y1 = crop
         centres = (px[:, :2] + px[:, 2:4]) / 2
-        keep = (centres[:, 0] > x0) & (centres[:, 0] < x1) & (centres[:, 1] > y0) & (centres[:, 1] < y1)
+        keep = (
+            (centres[:, 0] > x0)
+            & (centres[:, 0] < x1)
+            & (centres[:, 1] > y0)
+            & (centres[:, 1] < y1)
+        )
         px = px[keep]
         px[:, [0, 2]] = np.clip(px[:, [0, 2]], x0, x1) - x0
         px[:, [1, 3]] = np.clip(px[:, [1, 3]], y0, y1) - y0
@@ -155,7 +165,8 @@ class ResizeShortSide(A.DualTransform):
 
     def __init__(self, sizes, max_size: int, p: float = 1.0):
         super().__init__(p=p)
-        self.sizes = tuple(int(s) for s in (sizes if isinstance(sizes, (list, tuple)) else [sizes]))
+        self.sizes = tuple(int(s) for s in (sizes if isinstance(sizes, (list, tuple))
+                                            else [sizes]))
         self.max_size = int(max_size)
 
     def get_params_dependent_on_data(self, params, data):
@@ -179,19 +190,22 @@ def _bbox_params(min_visibility: float = 0.0) -> A.BboxParams:
                         min_visibility=min_visibility, min_width=1.0, min_height=1.0)
 
 
-def ssd_train_augment(size: int, zoom_out_ratio: float = 4.0, zoom_out_p: float = 0.5, flip_p: float = 0.5,
-                      photometric: bool = True, seed: int | None = None) -> A.Compose:
+def ssd_train_augment(size: int, zoom_out_ratio: float = 4.0, zoom_out_p: float = 0.5,
+                      flip_p: float = 0.5, photometric: bool = True,
+                      seed: int | None = None) -> A.Compose:
     ops = []
     if photometric:
         ops += [A.RandomBrightnessContrast(brightness_limit=32 / 255, contrast_limit=0.5, p=0.5),
-                A.HueSaturationValue(hue_shift_limit=18, sat_shift_limit=30, val_shift_limit=0, p=0.5)]
+                A.HueSaturationValue(hue_shift_limit=18, sat_shift_limit=30, val_shift_limit=0,
+                                     p=0.5)]
     if zoom_out_ratio > 1:
         ops.append(ZoomOut(zoom_out_ratio, p=zoom_out_p))
     ops += [MinIoURandomCrop(), A.HorizontalFlip(p=flip_p), A.Resize(size, size)]
     return A.Compose(ops, bbox_params=_bbox_params(), seed=seed)
 
 
-def rcnn_train_augment(sizes, max_size: int, flip_p: float = 0.5, seed: int | None = None) -> A.Compose:
+def rcnn_train_augment(sizes, max_size: int, flip_p: float = 0.5,
+                       seed: int | None = None) -> A.Compose:
     return A.Compose([ResizeShortSide(sizes, max_size), A.HorizontalFlip(p=flip_p)],
                      bbox_params=_bbox_params(), seed=seed)
 
@@ -224,7 +238,8 @@ class SeedWorker:
         self.transform, self.seed, self.epoch, self.rank = transform, seed, epoch, rank
 
     def __call__(self, worker_id: int) -> None:
-        self.transform.augment.set_random_seed(augment_seed(self.seed, self.epoch, self.rank, worker_id + 1))
+        self.transform.augment.set_random_seed(augment_seed(self.seed, self.epoch, self.rank,
+                                                            worker_id + 1))
 
 
 class DetectionTransform:
@@ -237,7 +252,8 @@ class DetectionTransform:
         self.augment, self.drop_difficult = augment, drop_difficult
 
     def __call__(self, image, target):
-        img = np.asarray(image if image.mode == "RGB" else to_rgb(image, str(target.get("image_id", "image"))))
+        img = np.asarray(image if image.mode == "RGB"
+                         else to_rgb(image, str(target.get("image_id", "image"))))
         h, w = img.shape[:2]
         boxes = target["boxes"].numpy().astype(np.float64).reshape(-1, 4)
         labels = target["labels"].numpy().tolist()
@@ -261,17 +277,20 @@ class DetectionTransform:
         return tensor, new_target
 
 
-def build_transforms(kind: str, train: bool, size: int, train_sizes=None, max_size: int | None = None,
-                     zoom_out_ratio: float = 4.0, photometric: bool = True, flip_p: float = 0.5,
-                     seed: int | None = None, drop_difficult: bool = True) -> DetectionTransform:
+def build_transforms(kind: str, train: bool, size: int, train_sizes=None,
+                     max_size: int | None = None, zoom_out_ratio: float = 4.0,
+                     photometric: bool = True, flip_p: float = 0.5, seed: int | None = None,
+                     drop_difficult: bool = True) -> DetectionTransform:
     """``kind`` = "ssd" | "rcnn". SSD resizes to ``size x size``; R-CNN resizes the shorter side to
     one of ``train_sizes`` (train) or ``size`` (test), the longer side capped at ``max_size``."""
     if kind == "ssd":
-        aug = (ssd_train_augment(size, zoom_out_ratio, flip_p=flip_p, photometric=photometric, seed=seed)
+        aug = (ssd_train_augment(size, zoom_out_ratio, flip_p=flip_p, photometric=photometric,
+                                 seed=seed)
                if train else ssd_test_augment(size))
     elif kind == "rcnn":
         max_size = int(max_size or round(size * 1333 / 800))
-        aug = (rcnn_train_augment(train_sizes or [size], max_size, flip_p=flip_p, seed=seed) if train
+        aug = (rcnn_train_augment(train_sizes or [size], max_size, flip_p=flip_p, seed=seed)
+               if train
                else rcnn_test_augment(size, max_size))
     else:
         raise ValueError(f"transform kind {kind!r} is not one of ['ssd', 'rcnn']")

@@ -56,7 +56,11 @@ def option_help() -> dict[str, str]:
         rule = stage.RANGES.get(key, ())
         choices = f"; choices: {', '.join(str(c) for c in rule[1])}" if rule[:1] == ("in",) else ""
         shown = "null" if default is None else default if default != "" else "''"
-        out[key] = f"{comments.get(key) or key.replace('_', ' ')} (default: {shown}{choices})".replace("%", "%%")
+        out[key] = (
+            f"{comments.get(key) or key.replace('_', ' ')} (default: {shown}{choices})".replace(
+                "%", "%%"
+            )
+        )
     return out
 
 
@@ -66,7 +70,8 @@ def _value(text: str):
 
 
 def add_arguments(p, stage, sub) -> None:
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
     for key, text in option_help().items():  # every top-level option of the stage
         flag = "--" + key.replace("_", "-")
         if key == "ood":
@@ -76,8 +81,8 @@ def add_arguments(p, stage, sub) -> None:
         else:
             p.add_argument(flag, type=_value, default=None, metavar=key.upper(), help=text)
     for old in ("limit", "workers", "batch_size", "device", "precision", "tensorboard"):
-        p.add_argument("--" + old.replace("_", "-"), dest=f"renamed_{old}", default=None, nargs="?", const=True,
-                       help=argparse.SUPPRESS)
+        p.add_argument("--" + old.replace("_", "-"), dest=f"renamed_{old}", default=None,
+                       nargs="?", const=True, help=argparse.SUPPRESS)
 
 
 def _options(stage, args, p) -> dict:
@@ -100,7 +105,8 @@ def _split_checkpoints(args) -> None:
     keep = []
     for spec in args.checkpoint:
         head = spec.split("=", 1)[0]
-        (args.overrides.append if "=" in spec and "." in head and not Path(spec).exists() else keep.append)(spec)
+        (args.overrides.append if "=" in spec and "." in head and not Path(spec).exists()
+         else keep.append)(spec)
     args.checkpoint = keep
 
 
@@ -135,15 +141,17 @@ def _evaluate(stage, opts: dict, named: list, args) -> int:
     # under torchrun each rank evaluates a shard; rank 0 writes (and holds the output folder's
     # lock)
     with torchrun_session() as (rank, world), run_lock(out, "evaluation output"):
-        log.info("robustness suites %s of %s on %s into %s (config %s): world size %d, batch %s per process, "
-                 "precision %s, device %s", opts["suites"], ", ".join(n for n, _ in named), args.imagenet, out,
-                 args.config or "none", world, opts["eval"]["batch_size"], opts["runtime"]["precision"],
-                 opts["runtime"]["device"])
+        log.info("robustness suites %s of %s on %s into %s (config %s): world size %d, batch %s "
+                 "per process, "
+                 "precision %s, device %s", opts["suites"], ", ".join(n for n, _ in named),
+                 args.imagenet, out, args.config or "none", world, opts["eval"]["batch_size"],
+                 opts["runtime"]["precision"], opts["runtime"]["device"])
         for name, path in named:
             run_out = out if len(named) == 1 else out / name
             # the corrupted sets do not depend on the model: export them once
             one = {**opts, "export_corrupted": None if results else opts["export_corrupted"]}
-            results[name] = stage.run(one, {"checkpoint": path, "imagenet": args.imagenet}, run_out)
+            results[name] = stage.run(one, {"checkpoint": path, "imagenet": args.imagenet},
+                                      run_out)
             log.info("%s: %s", name, run_out / "metrics.json")
     if rank:
         return 0

@@ -39,7 +39,8 @@ def _get(d, path):
 
 def _table(title: str, metrics_by_method: dict, suite_of, columns) -> tuple[str, dict]:
     names = list(metrics_by_method)
-    values = {m: [_get(suite_of(metrics_by_method[m]), path) for _, path, _ in columns] for m in names}
+    values = {m: [_get(suite_of(metrics_by_method[m]), path) for _, path, _ in columns]
+              for m in names}
     best = {}
     for c, (col, _, higher) in enumerate(columns):
         present = [(values[m][c], m) for m in names if values[m][c] is not None]
@@ -59,7 +60,8 @@ def _table(title: str, metrics_by_method: dict, suite_of, columns) -> tuple[str,
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     table = {"title": title, "columns": [col for col, _, _ in columns],
              "higher_is_better": {col: h for col, _, h in columns},
-             "rows": {m: dict(zip([col for col, _, _ in columns], values[m])) for m in names}, "best": best}
+             "rows": {m: dict(zip([col for col, _, _ in columns], values[m])) for m in names},
+             "best": best}
     return "\n".join(lines) + "\n", table
 
 
@@ -75,7 +77,8 @@ def compare(metrics_by_method: dict) -> tuple[str, dict]:
     parts, out = [], {}
     for suite, columns in COLUMNS.items():
         if any(suite in m for m in metrics_by_method.values()):
-            md, table = _table(TITLES[suite], metrics_by_method, lambda m, s=suite: m.get(s, {}), columns)
+            md, table = _table(TITLES[suite], metrics_by_method, lambda m, s=suite: m.get(s, {}),
+                               columns)
             parts.append(md)
             out[suite] = table
     ood_sets = []

@@ -50,7 +50,8 @@ def replace_background(image: torch.Tensor, other: torch.Tensor, fg: torch.Tenso
     image, other: ``[3, H, W]`` (``other`` already resized to the same size); fg: bool ``[H, W]``.
     """
     if other.shape != image.shape:
-        raise ValueError(f"replacement image has shape {tuple(other.shape)}, expected {tuple(image.shape)}")
+        raise ValueError(f"replacement image has shape {tuple(other.shape)}, expected "
+                         f"{tuple(image.shape)}")
     return torch.where(fg.to(image.device), image, other.to(image.dtype))
 
 

@@ -34,7 +34,8 @@ from .corruption import (
     sample_generator,
 )
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+                    ".gif")
 
 
 def read_rgb(path) -> torch.Tensor:
@@ -82,27 +83,29 @@ def resize_crop(image: torch.Tensor, boxes: np.ndarray | None, resize: int, crop
     out = out[:, top:top + crop, left:left + crop].clamp_(0.0, 1.0)
     if boxes is None:
         return out, None
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * np.array([nw / w, nh / h, nw / w, nh / h])
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * np.array([nw / w, nh / h, nw / w,
+                                                                       nh / h])
     b = b - np.array([left, top, left, top])
     b = np.clip(b, 0.0, float(crop))
     keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
     return out, b[keep].astype(np.float32)
 
 
-def check_boxes(boxes: np.ndarray, height: int, width: int, image_path, tol: float = 1.0) -> np.ndarray:
+def check_boxes(boxes: np.ndarray, height: int, width: int, image_path,
+                tol: float = 1.0) -> np.ndarray:
     """Boxes ``[K, 4]`` clipped to the image; DataError naming the image if there are none, or one
     lies outside the ``height`` x ``width`` image by more than ``tol`` pixels or has no area."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if b.shape[0] == 0:
-        raise DataError(f"{image_path}: no ground-truth boxes (background corruption and localization "
-                            f"need the val boxes)")
+        raise DataError(f"{image_path}: no ground-truth boxes (background corruption and "
+                        "localization need the val boxes)")
     bad = ((b[:, 0] < -tol) | (b[:, 1] < -tol) | (b[:, 2] > width + tol) | (b[:, 3] > height + tol)
            | (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1]))
     if bad.any():
         k = int(np.nonzero(bad)[0][0])
         raise DataError(
-            f"{image_path}: box {k} {b[k].tolist()} (x0, y0, x1, y1) lies outside the {width}x{height} "
-            f"image or has no area")
+            f"{image_path}: box {k} {b[k].tolist()} (x0, y0, x1, y1) lies outside the "
+            f"{width}x{height} image or has no area")
     return np.clip(b, 0.0, [width, height, width, height]).astype(np.float32)
 
 
@@ -143,7 +146,8 @@ class ValSet(Dataset):
         path, label = self.base.samples[i]
         img = base_image(self.base, i)
         _, h, w = img.shape
-        boxes = check_boxes(self._boxes(i), h, w, path) if self.need_boxes else np.zeros((0, 4), np.float32)
+        boxes = check_boxes(self._boxes(i), h, w,
+                            path) if self.need_boxes else np.zeros((0, 4), np.float32)
         return img, boxes, int(label), i
 
     def __getitem__(self, k: int):
@@ -185,7 +189,12 @@ class ValSet(Dataset):
 def collate(batch):
     """Stack images and labels; keep the variable-length boxes as a list."""
     images, labels, boxes, idx = zip(*batch)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(boxes), torch.tensor(idx)
+    return (
+        torch.stack(images),
+        torch.tensor(labels, dtype=torch.int64),
+        list(boxes),
+        torch.tensor(idx),
+    )
 
 
 def list_images(root) -> list[Path]:
@@ -205,7 +214,8 @@ def list_images(root) -> list[Path]:
 OOD_TRANSFORMS = ("eval", "crop", "resize")
 
 
-def ood_transform(image: torch.Tensor, mode: str, image_size: int, resize: int, path="") -> torch.Tensor:
+def ood_transform(image: torch.Tensor, mode: str, image_size: int, resize: int,
+                  path="") -> torch.Tensor:
     """One OOD image ``[3, H, W]`` -> ``[3, S, S]``.
 
     mode: ``eval`` the val transform (short side to ``resize``, centre crop S); ``crop`` a centre S
@@ -219,13 +229,15 @@ def ood_transform(image: torch.Tensor, mode: str, image_size: int, resize: int, 
     _, h, w = image.shape
     if mode == "crop":
         if h < image_size or w < image_size:
-            raise DataError(f"{path}: {w}x{h} image is smaller than the {image_size}x{image_size} OOD crop")
+            raise DataError(f"{path}: {w}x{h} image is smaller than the "
+                            f"{image_size}x{image_size} OOD crop")
         top, left = int(round((h - image_size) / 2.0)), int(round((w - image_size) / 2.0))
         return image[:, top:top + image_size, left:left + image_size].contiguous()
     if mode == "resize":
         if (h, w) == (image_size, image_size):
             return image
-        return TF.resize(image, [image_size, image_size], interpolation=TF.InterpolationMode.BILINEAR,
+        return TF.resize(image, [image_size, image_size],
+                         interpolation=TF.InterpolationMode.BILINEAR,
                          antialias=True).clamp_(0.0, 1.0)
     raise ValueError(f"unknown OOD transform {mode!r}; valid: {', '.join(OOD_TRANSFORMS)}")
 
@@ -243,7 +255,8 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, k: int):
-        img = ood_transform(read_rgb(self.files[k]), self.mode, self.image_size, self.resize, self.files[k])
+        img = ood_transform(read_rgb(self.files[k]), self.mode, self.image_size, self.resize,
+                            self.files[k])
         return img, -1, torch.zeros(0, 4), k
 
 

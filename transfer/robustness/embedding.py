@@ -33,7 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from mixup_transfer.core.runtime import autocast, check_outputs_finite, count_nonfinite, progress, save_figure
+from mixup_transfer.core.runtime import (
+    autocast,
+    check_outputs_finite,
+    count_nonfinite,
+    progress,
+    save_figure,
+)
 
 
 def _pair_blocks(emb: torch.Tensor, block: int):
@@ -46,8 +52,8 @@ def _pair_blocks(emb: torch.Tensor, block: int):
         yield s, d2.clamp_(min=0.0)
 
 
-def alignment_uniformity(embeddings, labels, alpha: float = 2.0, t: float = 2.0, normalize: bool = True,
-                         block: int = 1024) -> dict:
+def alignment_uniformity(embeddings, labels, alpha: float = 2.0, t: float = 2.0,
+                         normalize: bool = True, block: int = 1024) -> dict:
     """Alignment and uniformity of ``embeddings`` ``[n, d]`` with class ``labels`` ``[n]``
     (definitions above).
 
@@ -58,7 +64,8 @@ def alignment_uniformity(embeddings, labels, alpha: float = 2.0, t: float = 2.0,
     emb = torch.as_tensor(np.asarray(embeddings), dtype=torch.float64)
     lab = torch.as_tensor(np.asarray(labels).reshape(-1), dtype=torch.int64)
     if emb.ndim != 2 or emb.shape[0] != lab.shape[0]:
-        raise ValueError(f"embeddings {tuple(emb.shape)} and labels {tuple(lab.shape)} do not match ([n, d], [n])")
+        raise ValueError(f"embeddings {tuple(emb.shape)} and labels {tuple(lab.shape)} do not "
+                         "match ([n, d], [n])")
     n = emb.shape[0]
     if n < 2:
         raise ValueError(f"alignment and uniformity need at least two embeddings, got {n}")
@@ -71,14 +78,15 @@ def alignment_uniformity(embeddings, labels, alpha: float = 2.0, t: float = 2.0,
         upper = cols[None, :] > rows[:, None]  # each unordered pair i < j once
         vals = -t * d2[upper]
         if vals.numel():
-            lse = float(torch.logaddexp(torch.tensor(lse, dtype=torch.float64), torch.logsumexp(vals, 0)))
+            lse = float(torch.logaddexp(torch.tensor(lse, dtype=torch.float64),
+                                        torch.logsumexp(vals, 0)))
         pos = upper & (lab[rows][:, None] == lab[None, :])
         align_sum += float(d2[pos].pow(alpha / 2.0).sum())
         n_pos += int(pos.sum())
     n_pairs = n * (n - 1) // 2
-    return {"alignment": align_sum / n_pos if n_pos else None, "uniformity": lse - math.log(n_pairs),
-            "n": int(n), "n_positive_pairs": n_pos, "alpha": float(alpha), "t": float(t),
-            "normalized": bool(normalize)}
+    return {"alignment": align_sum / n_pos if n_pos else None,
+            "uniformity": lse - math.log(n_pairs), "n": int(n), "n_positive_pairs": n_pos,
+            "alpha": float(alpha), "t": float(t), "normalized": bool(normalize)}
 
 
 def embedding_layer(model: nn.Module) -> nn.Module:
@@ -90,13 +98,15 @@ def embedding_layer(model: nn.Module) -> nn.Module:
     if isinstance(named, nn.Module):
         return named
     # a wrapped ResNet's fc or ViT's head (timm), then the model's own fc
-    for owner, name in ((getattr(model, "model", None), "fc"), (getattr(model, "model", None), "head"), (model, "fc")):
+    for owner, name in ((getattr(model, "model", None), "fc"),
+                        (getattr(model, "model", None), "head"), (model, "fc")):
         fc = getattr(owner, name, None)
         if isinstance(fc, nn.Linear):
             return fc
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"{type(model).__name__} has no linear classifier to read the embedding from")
+        raise ValueError(f"{type(model).__name__} has no linear classifier to read the embedding "
+                         "from")
     return linears[-1]
 
 
@@ -106,7 +116,9 @@ def extract_embeddings(model: nn.Module, loader, device, precision: str = "fp32"
     """(embeddings ``[n, d]`` float32, labels ``[n]``) over ``loader`` (items ``(images, labels,
     ...)``): the input of ``embedding_layer(model)`` during the ordinary forward pass."""
     layer, seen = embedding_layer(model), []
-    handle = layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().float().flatten(1)))
+    handle = layer.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].detach().float().flatten(1))
+    )
     feats, labels = [], []
     try:
         for batch in progress(loader, desc=desc):
@@ -115,7 +127,8 @@ def extract_embeddings(model: nn.Module, loader, device, precision: str = "fp32"
             with autocast(device, precision):
                 model(images.to(device))
             if len(seen) != 1:
-                raise RuntimeError(f"the embedding layer ran {len(seen)} times in one forward pass (expected 1)")
+                raise RuntimeError(f"the embedding layer ran {len(seen)} times in one forward "
+                                   "pass (expected 1)")
             feats.append(seen[0].cpu())
             labels.append(torch.as_tensor(y).reshape(-1))
     finally:
@@ -149,9 +162,9 @@ def umap_2d(embeddings, n_neighbors: int = 15, min_dist: float = 0.1, n_epochs: 
         raise ValueError(f"UMAP needs more than two embeddings, got {emb.shape[0]}")
     # the spectral initialisation needs more points than eigenvectors; tiny sets start at random
     init = "spectral" if emb.shape[0] >= 16 else "random"
-    reducer = umap.UMAP(n_components=2, n_neighbors=min(n_neighbors, emb.shape[0] - 1), min_dist=min_dist,
-                        init=init, n_epochs=n_epochs, random_state=seed, metric=metric, transform_seed=seed,
-                        n_jobs=1)
+    reducer = umap.UMAP(n_components=2, n_neighbors=min(n_neighbors, emb.shape[0] - 1),
+                        min_dist=min_dist, init=init, n_epochs=n_epochs, random_state=seed,
+                        metric=metric, transform_seed=seed, n_jobs=1)
     return reducer.fit_transform(emb)
 
 
@@ -164,12 +177,14 @@ def umap_figure(points, labels, path, title: str = "", class_names=None) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     pts, labels = np.asarray(points), np.asarray(labels).reshape(-1)
     classes = np.unique(labels)
-    cmap = plt.get_cmap("tab10" if classes.size <= 10 else "tab20" if classes.size <= 20 else "hsv")
+    cmap = plt.get_cmap("tab10" if classes.size <= 10 else "tab20" if classes.size <= 20
+                        else "hsv")
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     for k, c in enumerate(classes):
         m = labels == c
         name = class_names[int(c)] if class_names is not None else str(int(c))
-        ax.scatter(pts[m, 0], pts[m, 1], s=6, color=cmap(k / max(1, classes.size - 1) if classes.size > 20 else k),
+        ax.scatter(pts[m, 0], pts[m, 1], s=6,
+                   color=cmap(k / max(1, classes.size - 1) if classes.size > 20 else k),
                    label=name, alpha=0.8, linewidths=0)
     if classes.size <= 20:
         ax.legend(fontsize=6, markerscale=2, loc="best", frameon=False)
@@ -183,10 +198,11 @@ def umap_figure(points, labels, path, title: str = "", class_names=None) -> Path
 
 
 def embedding_analysis(model: nn.Module, dataset, device, out_dir=None, batch_size: int = 64,
-                       num_workers: int = 0, precision: str = "fp32", alpha: float = 2.0, t: float = 2.0,
-                       normalize: bool = True, umap: bool = True, umap_classes: int = 10,
-                       umap_per_class: int = 100, umap_neighbors: int = 15, umap_epochs: int | None = None,
-                       seed: int = 0, title: str = "", class_names=None) -> dict:
+                       num_workers: int = 0, precision: str = "fp32", alpha: float = 2.0,
+                       t: float = 2.0, normalize: bool = True, umap: bool = True,
+                       umap_classes: int = 10, umap_per_class: int = 100, umap_neighbors: int = 15,
+                       umap_epochs: int | None = None, seed: int = 0, title: str = "",
+                       class_names=None) -> dict:
     """Embeddings of every item of ``dataset`` (``(image [3, S, S] in [0, 1], label, ...)``, any
     classification
     set) under ``model``: alignment / uniformity over all of them, and (``umap``) the UMAP figure
@@ -207,11 +223,13 @@ def embedding_analysis(model: nn.Module, dataset, device, out_dir=None, batch_si
     figs = {}
     if umap:
         idx = umap_subset(labels, umap_classes, umap_per_class, seed)
-        pts = umap_2d(emb[idx] / (np.linalg.norm(emb[idx], axis=1, keepdims=True) + 1e-12) if normalize
+        pts = umap_2d(emb[idx] / (np.linalg.norm(emb[idx], axis=1, keepdims=True) + 1e-12)
+                      if normalize
                       else emb[idx], n_neighbors=umap_neighbors, n_epochs=umap_epochs, seed=seed)
-        res["umap"] = {"n": int(idx.size), "classes": sorted(int(c) for c in np.unique(labels[idx])),
-                       "n_neighbors": int(min(umap_neighbors, idx.size - 1)), "n_epochs": umap_epochs,
-                       "seed": int(seed), "normalized": bool(normalize)}
+        res["umap"] = {"n": int(idx.size),
+                       "classes": sorted(int(c) for c in np.unique(labels[idx])),
+                       "n_neighbors": int(min(umap_neighbors, idx.size - 1)),
+                       "n_epochs": umap_epochs, "seed": int(seed), "normalized": bool(normalize)}
         if out_dir is not None:
             umap_figure(pts, labels[idx], Path(out_dir) / "figures" / "umap.png", title=title,
                         class_names=class_names)
@@ -242,19 +260,23 @@ def run_embedding_suite(cfg: dict, checkpoint, imagenet_root, out_dir, metrics: 
     device = get_device(cfg["runtime"]["device"])
     base = open_val_set(imagenet_root)  # ImageNet, TinyImageNet or CIFAR layout
     indices = subset_indices(len(base), cfg["data"]["max_val"])
-    model, meta = load_classifier_model(checkpoint, num_classes=len(base.classes), arch=cfg["arch"],
-                                        classes=base.classes)
+    model, meta = load_classifier_model(checkpoint, num_classes=len(base.classes),
+                                        arch=cfg["arch"], classes=base.classes)
     model = model.to(device)
     ds = ValSet(base, indices, cfg["image_size"], cfg["resize"], need_boxes=False)
     workers = cfg["data"]["num_workers"] if cfg["data"]["num_workers"] is not None else 0
-    res = embedding_analysis(model, ds, device, out_dir, batch_size=cfg["eval"]["batch_size"], num_workers=workers,
-                             precision=cfg["runtime"]["precision"], alpha=cfg["embedding_alpha"], t=cfg["embedding_t"],
+    res = embedding_analysis(model, ds, device, out_dir, batch_size=cfg["eval"]["batch_size"],
+                             num_workers=workers, precision=cfg["runtime"]["precision"],
+                             alpha=cfg["embedding_alpha"], t=cfg["embedding_t"],
                              normalize=cfg["embedding_normalize"], umap=cfg["umap"],
-                             umap_classes=cfg["umap_classes"], umap_per_class=cfg["umap_per_class"],
+                             umap_classes=cfg["umap_classes"],
+                             umap_per_class=cfg["umap_per_class"],
                              umap_neighbors=cfg["umap_neighbors"], umap_epochs=cfg["umap_epochs"],
-                             seed=cfg["seed"], title=str(meta.get("method") or ""), class_names=base.classes)
-    out = dict(metrics) if metrics else {"checkpoint": str(checkpoint), "method": meta.get("method"),
-                                         "arch": meta.get("arch"), "num_classes": len(base.classes),
+                             seed=cfg["seed"], title=str(meta.get("method") or ""),
+                             class_names=base.classes)
+    out = dict(metrics) if metrics else {"checkpoint": str(checkpoint),
+                                         "method": meta.get("method"), "arch": meta.get("arch"),
+                                         "num_classes": len(base.classes),
                                          "n_images": len(indices), "figures": {}, "seconds": {}}
     out["embedding"] = res["embedding"]
     out.setdefault("figures", {}).update(res["figures"])

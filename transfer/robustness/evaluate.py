@@ -96,8 +96,8 @@ def subset_indices(n: int, limit: int | None) -> list[int]:
 
 
 def _loader(ds, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
-                      pin_memory=device.type == "cuda")
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate, pin_memory=device.type == "cuda")
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -106,8 +106,8 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 # the per-image arrays `predict` returns
-_DTYPES = {"label": np.int64, "pred": np.int64, "correct1": bool, "correct5": bool, "confidence": np.float32,
-           "loc": bool, "nonfinite": np.int64}
+_DTYPES = {"label": np.int64, "pred": np.int64, "correct1": bool, "correct5": bool,
+           "confidence": np.float32, "loc": bool, "nonfinite": np.int64}
 ARRAY_KEYS = tuple(_DTYPES)
 
 
@@ -119,7 +119,8 @@ def _forward(localize: bool):
     return forward
 
 
-def _batch_records(model, localize: bool, cam_threshold: float, iou_threshold: float, iou_op: str, keep: set):
+def _batch_records(model, localize: bool, cam_threshold: float, iou_threshold: float, iou_op: str,
+                   keep: set):
     """The per-batch callable of `predict`: one record per image (its arrays' entries and, for a
     dataset index in ``keep``, its example), read back in one transfer."""
     def to_records(batch, outputs, indices):
@@ -131,16 +132,20 @@ def _batch_records(model, localize: bool, cam_threshold: float, iou_threshold: f
         bad = (~torch.isfinite(logits)).sum(1)
         cams = []
         if localize:
-            cams = [class_activation_maps(feats.float(), model.fc_weight.float(), pred, tuple(images.shape[-2:]))]
+            cams = [class_activation_maps(feats.float(), model.fc_weight.float(), pred,
+                                          tuple(images.shape[-2:]))]
             bad = bad + (~torch.isfinite(cams[0])).reshape(len(cams[0]), -1).sum(1)
-        pred, c1, c5, conf, bad, *cams = to_host([pred, pred == y, (top5 == y[:, None]).any(1), conf, bad] + cams)
+        pred, c1, c5, conf, bad, *cams = to_host([pred, pred == y, (top5 == y[:, None]).any(1),
+                                                  conf, bad] + cams)
         records = []
         for b, (i, label) in enumerate(zip(idx.tolist(), labels.tolist())):
-            r = {"label": label, "pred": int(pred[b]), "correct1": bool(c1[b]), "correct5": bool(c5[b]),
-                 "confidence": conf[b].numpy(), "nonfinite": int(bad[b]), "loc": None, "example": None}
+            r = {"label": label, "pred": int(pred[b]), "correct1": bool(c1[b]),
+                 "correct5": bool(c5[b]), "confidence": conf[b].numpy(), "nonfinite": int(bad[b]),
+                 "loc": None, "example": None}
             if localize:
                 r["pred_box"] = cam_to_box(cams[0][b].numpy(), cam_threshold)
-                r["loc"] = r["pred"] == label and localized(r["pred_box"], boxes[b].numpy(), iou_threshold, iou_op)
+                r["loc"] = r["pred"] == label and localized(r["pred_box"], boxes[b].numpy(),
+                                                            iou_threshold, iou_op)
             if i in keep:
                 r["example"] = (i, images[b], boxes[b].numpy(), r.get("pred_box"))
             records.append(r)
@@ -149,8 +154,9 @@ def _batch_records(model, localize: bool, cam_threshold: float, iou_threshold: f
 
 
 def predict_sharded(model, ds, batch_size: int, num_workers: int, device, precision: str = "fp32",
-                    localize: bool = False, cam_threshold: float = 0.25, iou_threshold: float = 0.5, keep=(),
-                    desc: str = "predict", iou_op: str = ">=") -> dict:
+                    localize: bool = False, cam_threshold: float = 0.25,
+                    iou_threshold: float = 0.5, keep=(), desc: str = "predict",
+                    iou_op: str = ">=") -> dict:
     """One pass (``mixup_transfer.core.inference``: each rank its shard of whole batches of ``ds``,
     gathered to every rank in dataset order): top-1 / top-5 correctness, max-softmax confidence and
     (``localize``) top-1 localization.
@@ -163,10 +169,13 @@ def predict_sharded(model, ds, batch_size: int, num_workers: int, device, precis
     dataset indices).
     """
     res = inference_on_dataset(model, ds, _forward(localize),
-                               _batch_records(model, localize, cam_threshold, iou_threshold, iou_op, set(keep)),
-                               batch_size=batch_size, device=device, workers=num_workers, collate_fn=collate,
-                               precision=precision, channels_last=device.type == "cuda",
-                               pin_memory=device.type == "cuda", select=lambda batch: batch[:2], desc=desc)
+                               _batch_records(model, localize, cam_threshold, iou_threshold,
+                                              iou_op, set(keep)),
+                               batch_size=batch_size, device=device, workers=num_workers,
+                               collate_fn=collate, precision=precision,
+                               channels_last=device.type == "cuda",
+                               pin_memory=device.type == "cuda", select=lambda batch: batch[:2],
+                               desc=desc)
     return _arrays(res.records, localize)
 
 
@@ -191,7 +200,8 @@ def check_finite(p: dict, split: str) -> None:
 
 
 def _errors(p: dict) -> dict:
-    r = {"top1_err": 100.0 * (1.0 - p["correct1"].mean()), "top5_err": 100.0 * (1.0 - p["correct5"].mean())}
+    r = {"top1_err": 100.0 * (1.0 - p["correct1"].mean()),
+         "top5_err": 100.0 * (1.0 - p["correct5"].mean())}
     if p["loc"] is not None:
         r["top1_loc"] = 100.0 * p["loc"].mean()
     return r
@@ -224,15 +234,18 @@ def adversarial_errors(model, loader, attacks: dict, device, precision: str = "f
     return {name: 100.0 * w / totals[0] for name, w in zip(wrong, totals[2:])}
 
 
-def export_corrupted_set(base, indices, out_dir, corruption: str, at: str = "eval", image_size: int = 224,
-                         resize: int = 256, sigma: float = 0.1, seed: int = 0) -> Path:
+def export_corrupted_set(base, indices, out_dir, corruption: str, at: str = "eval",
+                         image_size: int = 224, resize: int = 256, sigma: float = 0.1,
+                         seed: int = 0) -> Path:
     """Write the corrupted images as PNG (``out_dir/<corruption>/<wnid>/<stem>.png``, at the
     corruption resolution) and ``out_dir/<corruption>/index.json`` (settings, image -> label and
     boxes)."""
-    ds = ValSet(base, indices, image_size, resize, corruption=corruption, at=at, sigma=sigma, seed=seed)
+    ds = ValSet(base, indices, image_size, resize, corruption=corruption, at=at, sigma=sigma,
+                seed=seed)
     root = Path(out_dir) / corruption
-    index = {"corruption": corruption, "at": at, "sigma": sigma, "seed": seed, "image_size": image_size,
-             "resize": resize, "box_convention": "x0,y0,x1,y1 continuous pixel coordinates", "images": {}}
+    index = {"corruption": corruption, "at": at, "sigma": sigma, "seed": seed,
+             "image_size": image_size, "resize": resize,
+             "box_convention": "x0,y0,x1,y1 continuous pixel coordinates", "images": {}}
     from PIL import Image
 
     for k in progress(range(len(ds)), desc=f"export {corruption}"):
@@ -276,15 +289,17 @@ def _rounded(obj, digits: int = 6):
     return obj
 
 
-def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, ood_dirs=(), limit=None,
-                        image_size: int = 224, resize: int = 256, batch_size: int = 64, seed: int = 0,
-                        device="auto", precision: str = "fp32", num_workers: int | None = None,
-                        arch: str | None = None, corrupt_at: str = "eval", sigma: float = 0.1,
-                        export_dir=None, fgsm_eps: float = 8 / 255, pgd_eps: float = 4 / 255,
-                        pgd_step: float = 2 / 255, pgd_iters: int = 10, pgd_random_start: bool = True,
-                        ood_noise=NOISE_SETS, gaussian_std: float = 0.5, n_bins: int = 10,
-                        cam_threshold: float = 0.25, iou_threshold: float = 0.5, iou_op: str = ">=",
-                        ood_threshold: float = 0.5, n_examples: int = 8, ood_transform: str = "eval") -> dict:
+def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, ood_dirs=(),
+                        limit=None, image_size: int = 224, resize: int = 256, batch_size: int = 64,
+                        seed: int = 0, device="auto", precision: str = "fp32",
+                        num_workers: int | None = None, arch: str | None = None,
+                        corrupt_at: str = "eval", sigma: float = 0.1, export_dir=None,
+                        fgsm_eps: float = 8 / 255, pgd_eps: float = 4 / 255,
+                        pgd_step: float = 2 / 255, pgd_iters: int = 10,
+                        pgd_random_start: bool = True, ood_noise=NOISE_SETS,
+                        gaussian_std: float = 0.5, n_bins: int = 10, cam_threshold: float = 0.25,
+                        iou_threshold: float = 0.5, iou_op: str = ">=", ood_threshold: float = 0.5,
+                        n_examples: int = 8, ood_transform: str = "eval") -> dict:
     """Run ``suites`` on the val split of ``imagenet_root``; write out_dir/metrics.json and
     out_dir/figures/.
 
@@ -334,9 +349,9 @@ def _check_options(corrupt_at: str, iou_op: str, ood_noise) -> None:
         raise ValueError(f"unknown OOD noise sets {unknown_noise}; valid: {list(NOISE_SETS)}")
 
 
-_SETTINGS = ("image_size", "resize", "seed", "limit", "corrupt_at", "sigma", "fgsm_eps", "pgd_eps", "pgd_step",
-             "pgd_iters", "pgd_random_start", "n_bins", "cam_threshold", "iou_threshold", "iou_op", "ood_threshold",
-             "ood_transform")
+_SETTINGS = ("image_size", "resize", "seed", "limit", "corrupt_at", "sigma", "fgsm_eps", "pgd_eps",
+             "pgd_step", "pgd_iters", "pgd_random_start", "n_bins", "cam_threshold",
+             "iou_threshold", "iou_op", "ood_threshold", "ood_transform")
 
 
 class _Evaluation:
@@ -358,21 +373,26 @@ class _Evaluation:
         self.indices = subset_indices(len(self.base), o["limit"])
         # fail before any compute on a checkpoint without a head for these classes, or on empty OOD
         # folders
-        model, self.meta = load_classifier_model(o["checkpoint"], num_classes=len(self.base.classes), arch=o["arch"],
+        model, self.meta = load_classifier_model(o["checkpoint"],
+                                                 num_classes=len(self.base.classes),
+                                                 arch=o["arch"],
                                                     classes=self.base.classes)
         self.model = model.to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.ood_sets = _ood_sets(o["ood_dirs"], o["limit"], len(self.indices), o["image_size"], o["resize"],
-                                  o["seed"], tuple(o["ood_noise"]), o["gaussian_std"],
+        self.ood_sets = _ood_sets(o["ood_dirs"], o["limit"], len(self.indices), o["image_size"],
+                                  o["resize"], o["seed"], tuple(o["ood_noise"]), o["gaussian_std"],
                                   o["ood_transform"]) if "ood" in suites else {}
         settings = {k: o[k] for k in _SETTINGS}
-        settings.update(noise_clipped=True, gaussian_ood_mean=0.5, gaussian_ood_std=o["gaussian_std"],
-                        precision=o["precision"], device=str(self.device))
-        self.metrics: dict = {"checkpoint": str(o["checkpoint"]), "method": self.meta.get("method"),
-                              "arch": self.meta.get("arch"), "num_classes": len(self.base.classes),
-                              "n_images": len(self.indices), "settings": settings, "figures": {}, "seconds": {}}
-        self.examples = [self.indices[p] for p in subset_indices(len(self.indices), o["n_examples"])]
+        settings.update(noise_clipped=True, gaussian_ood_mean=0.5,
+                        gaussian_ood_std=o["gaussian_std"], precision=o["precision"],
+                        device=str(self.device))
+        self.metrics: dict = {"checkpoint": str(o["checkpoint"]),
+                              "method": self.meta.get("method"), "arch": self.meta.get("arch"),
+                              "num_classes": len(self.base.classes), "n_images": len(self.indices),
+                              "settings": settings, "figures": {}, "seconds": {}}
+        self.examples = [self.indices[p]
+                         for p in subset_indices(len(self.indices), o["n_examples"])]
         self.clean = None
 
     def _drop_box_suites(self, suites: list[str]) -> list[str]:
@@ -381,14 +401,17 @@ class _Evaluation:
         if not skipped or self.base.has_boxes:
             return suites
         rest = [s for s in suites if s not in BOX_SUITES]
-        log.warning("%s: skipped: %s has no box annotations (val_boxes/*.xml or LOC_val_solution.csv), which "
-                    "%s needs%s", ", ".join(skipped), self.o["imagenet_root"], "it" if len(skipped) == 1 else "they",
-                    f"; running {','.join(rest)} (--suites {','.join(rest)} says so without this note)" if rest
+        log.warning("%s: skipped: %s has no box annotations (val_boxes/*.xml or "
+                    "LOC_val_solution.csv), which "
+                    "%s needs%s", ", ".join(skipped), self.o["imagenet_root"],
+                    "it" if len(skipped) == 1 else "they",
+                    f"; running {','.join(rest)} (--suites {','.join(rest)} says so without this "
+                    "note)" if rest
                     else "")
         if not rest:
-            raise DataError(f"{self.o['imagenet_root']}: no box annotations, and every suite asked for "
-                             f"({', '.join(skipped)}) needs them; choose others with --suites "
-                             f"(e.g. clean,calibration,fgsm,pgd,ood)")
+            raise DataError(f"{self.o['imagenet_root']}: no box annotations, and every suite "
+                            f"asked for ({', '.join(skipped)}) needs them; choose others with "
+                            "--suites (e.g. clean,calibration,fgsm,pgd,ood)")
         return rest
 
     def loader(self, ds):
@@ -400,8 +423,9 @@ class _Evaluation:
     def predict(self, ds, localize: bool, desc: str) -> dict:
         o = self.o
         p = predict_sharded(self.model, ds, o["batch_size"], self.num_workers, self.device,
-                            precision=o["precision"], localize=localize, cam_threshold=o["cam_threshold"],
-                            iou_threshold=o["iou_threshold"], keep=self.examples, desc=desc, iou_op=o["iou_op"])
+                            precision=o["precision"], localize=localize,
+                            cam_threshold=o["cam_threshold"], iou_threshold=o["iou_threshold"],
+                            keep=self.examples, desc=desc, iou_op=o["iou_op"])
         check_finite(p, desc)
         return p
 
@@ -430,19 +454,21 @@ class _Evaluation:
         bg = {"clean_loc": _errors(clean)["top1_loc"]}
         rows, pred_boxes = {"clean": clean["examples"]}, {"clean": clean["example_pred_boxes"]}
         for corruption in CORRUPTIONS:
-            ds = ValSet(self.base, self.indices, o["image_size"], o["resize"], corruption=corruption,
-                        at=o["corrupt_at"], sigma=o["sigma"], seed=o["seed"])
+            ds = ValSet(self.base, self.indices, o["image_size"], o["resize"],
+                        corruption=corruption, at=o["corrupt_at"], sigma=o["sigma"],
+                        seed=o["seed"])
             p = self.predict(ds, True, f"background/{corruption}")
             bg[corruption] = _errors(p)
             rows[corruption], pred_boxes[corruption] = p["examples"], p["example_pred_boxes"]
             if o["export_dir"] is not None and self.write:
-                export_corrupted_set(self.base, self.indices, o["export_dir"], corruption, o["corrupt_at"],
-                                     o["image_size"], o["resize"], o["sigma"], o["seed"])
+                export_corrupted_set(self.base, self.indices, o["export_dir"], corruption,
+                                     o["corrupt_at"], o["image_size"], o["resize"], o["sigma"],
+                                     o["seed"])
         self.metrics["background"] = bg
         if self.fig_dir is not None:
             if self.write:
-                figures.image_grid(rows, self.fig_dir / "background_examples.png", boxes=clean["example_boxes"],
-                                   pred_boxes=pred_boxes)
+                figures.image_grid(rows, self.fig_dir / "background_examples.png",
+                                   boxes=clean["example_boxes"], pred_boxes=pred_boxes)
             self.metrics["figures"]["background_examples"] = "figures/background_examples.png"
         self.timed("background", t0)
 
@@ -462,35 +488,40 @@ class _Evaluation:
         if "fgsm" in suites:
             attacks["fgsm"] = lambda m, x, y, b: fgsm(m, x, y, o["fgsm_eps"])
         if "pgd" in suites:
-            attacks["pgd"] = lambda m, x, y, b: pgd(m, x, y, o["pgd_eps"], o["pgd_step"], o["pgd_iters"],
-                                                    o["pgd_random_start"],
-                                                    generator=sample_generator(o["seed"], b, stream=5))
+            attacks["pgd"] = lambda m, x, y, b: pgd(m, x, y, o["pgd_eps"], o["pgd_step"],
+                                                    o["pgd_iters"], o["pgd_random_start"],
+                                                    generator=sample_generator(o["seed"], b,
+                                                                               stream=5))
             attacks["fgsm_same_eps"] = lambda m, x, y, b: fgsm(m, x, y, o["pgd_eps"])
         t0 = time.time()
         ds = ValSet(self.base, self.indices, o["image_size"], o["resize"], need_boxes=False)
         # whole batches: PGD starts keep their index
         mine = ddist.shard_indices(len(ds), block=o["batch_size"])
-        err = adversarial_errors(self.model, self.loader(Subset(ds, mine)), attacks, self.device, o["precision"],
-                                 desc="+".join(attacks), batch_ids=ddist.shard_blocks(len(ds), o["batch_size"]))
+        err = adversarial_errors(self.model, self.loader(Subset(ds, mine)), attacks, self.device,
+                                 o["precision"], desc="+".join(attacks),
+                                 batch_ids=ddist.shard_blocks(len(ds), o["batch_size"]))
         if "fgsm" in suites:
             self.metrics["fgsm"] = {"top1_err": err["fgsm"], "eps": o["fgsm_eps"]}
         if "pgd" in suites:
-            self.metrics["pgd"] = {"top1_err": err["pgd"], "eps": o["pgd_eps"], "step": o["pgd_step"],
-                                   "iters": o["pgd_iters"], "random_start": o["pgd_random_start"],
+            self.metrics["pgd"] = {"top1_err": err["pgd"], "eps": o["pgd_eps"],
+                                   "step": o["pgd_step"], "iters": o["pgd_iters"],
+                                   "random_start": o["pgd_random_start"],
                                    "fgsm_same_eps_top1_err": err["fgsm_same_eps"]}
         self.timed("adversarial", t0)
 
     def ood(self) -> None:
         t0, ood, scores = time.time(), {}, {}
         for name, ds in self.ood_sets.items():
-            p = predict_sharded(self.model, ds, self.o["batch_size"], self.num_workers, self.device,
-                                precision=self.o["precision"], desc=f"ood/{name}")
+            p = predict_sharded(self.model, ds, self.o["batch_size"], self.num_workers,
+                                self.device, precision=self.o["precision"], desc=f"ood/{name}")
             check_finite(p, f"ood/{name}")
             scores[name] = p["confidence"]
-            ood[name] = ood_metrics(self.clean["confidence"], p["confidence"], self.o["ood_threshold"])
+            ood[name] = ood_metrics(self.clean["confidence"], p["confidence"],
+                                    self.o["ood_threshold"])
         self.metrics["ood"] = ood
         if self.fig_dir is not None and scores:
             if self.write:
-                figures.score_histograms(self.clean["confidence"], scores, self.fig_dir / "ood_scores.png")
+                figures.score_histograms(self.clean["confidence"], scores,
+                                         self.fig_dir / "ood_scores.png")
             self.metrics["figures"]["ood_scores"] = "figures/ood_scores.png"
         self.timed("ood", t0)

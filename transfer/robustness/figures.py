@@ -63,12 +63,12 @@ def image_grid(rows: dict, path, boxes=None, pred_boxes=None) -> Path:
                 continue
             ax.imshow(rows[name][c].permute(1, 2, 0).clamp(0, 1).cpu().numpy())
             for b in (boxes[c] if boxes is not None else []):
-                ax.add_patch(plt.Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False,
-                                           color="lime", lw=1))
+                ax.add_patch(plt.Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1],
+                                           fill=False, color="lime", lw=1))
             if pred_boxes is not None and name in pred_boxes and c < len(pred_boxes[name]):
                 b = pred_boxes[name][c]
-                ax.add_patch(plt.Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False,
-                                           color="red", lw=1))
+                ax.add_patch(plt.Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1],
+                                           fill=False, color="red", lw=1))
             if c == 0:
                 ax.set_title(name, fontsize=8, loc="left")
     fig.tight_layout()
@@ -85,7 +85,8 @@ def score_histograms(id_scores, ood_scores: dict, path) -> Path:
     bins = np.linspace(0, 1, 41)
     ax.hist(np.asarray(id_scores), bins=bins, alpha=0.6, density=True, label="in-distribution")
     for name, s in ood_scores.items():
-        ax.hist(np.asarray(s), bins=bins, alpha=0.45, density=True, histtype="stepfilled", label=name)
+        ax.hist(np.asarray(s), bins=bins, alpha=0.45, density=True, histtype="stepfilled",
+                label=name)
     ax.set_xlabel("max softmax probability")
     ax.set_ylabel("density")
     ax.legend(fontsize=7)

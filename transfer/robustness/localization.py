@@ -84,7 +84,8 @@ def check_iou_op(op: str) -> str:
     return op
 
 
-def localized(pred_box: np.ndarray, gt_boxes: np.ndarray, iou_threshold: float = 0.5, op: str = ">=") -> bool:
+def localized(pred_box: np.ndarray, gt_boxes: np.ndarray, iou_threshold: float = 0.5,
+              op: str = ">=") -> bool:
     """Best IoU with the ground-truth boxes ``op`` threshold: ``>=`` (default) or ``>`` (strict,
     multi-mix §IV-D "higher than 0.25"). No boxes -> False."""
     check_iou_op(op)

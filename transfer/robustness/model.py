@@ -21,7 +21,8 @@ class NormalizedClassifier(nn.Module):
     """``model((x - mean) / std)`` for x ``[B, 3, H, W]`` in [0, 1]; ``model`` a torchvision ResNet
     or a timm ViT."""
 
-    def __init__(self, model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD, head: dict | None = None):
+    def __init__(self, model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 head: dict | None = None):
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -66,7 +67,8 @@ class NormalizedClassifier(nn.Module):
         tokens = self.model.forward_features(self.normalize(x))  # [B, T, d]
         prefix = int(self.model.num_prefix_tokens)
         side = vit_grid(tokens.shape[1], prefix)
-        patches = tokens[:, prefix:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+        patches = tokens[:, prefix:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2],
+                                                             side, side)
         return patches, self.model.forward_head(tokens)
 
     @property
@@ -93,16 +95,25 @@ def load_classifier_model(checkpoint, num_classes: int, arch: str | None = None,
     evaluation set's, in label order): the same count of other classes would score every prediction
     against the wrong label.
     """
-    from mixup_transfer.core.checkpoint import CheckpointError, classifier_from_checkpoint, classifier_head
+    from mixup_transfer.core.checkpoint import (
+        CheckpointError,
+        classifier_from_checkpoint,
+        classifier_head,
+    )
 
     net, meta = classifier_from_checkpoint(checkpoint, arch=arch, num_classes=num_classes)
     trained = meta.get("classes")
     if classes is not None and isinstance(trained, list) and list(map(str, classes)) != trained:
-        k = next((i for i, (a, b) in enumerate(zip(trained, map(str, classes))) if a != b), min(len(trained),
-                                                                                             len(classes)))
-        raise CheckpointError(f"{checkpoint}: trained on other classes than the evaluation set's: label {k} is "
-                              f"{trained[k] if k < len(trained) else '<none>'!r} in the checkpoint, "
-                              f"{str(list(classes)[k]) if k < len(classes) else '<none>'!r} in the data")
+        k = next(
+            (i for i, (a, b) in enumerate(zip(trained, map(str, classes))) if a != b),
+            min(len(trained), len(classes)),
+        )
+        raise CheckpointError(f"{checkpoint}: trained on other classes than the evaluation "
+                              f"set's: label {k} is "
+                              f"{trained[k] if k < len(trained) else '<none>'!r} in the "
+                              "checkpoint, "
+                              f"{str(list(classes)[k]) if k < len(classes) else '<none>'!r} in "
+                              "the data")
     model = NormalizedClassifier(net, head=classifier_head(checkpoint)).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -40,7 +40,8 @@ def _sorted_counts(pos_scores, neg_scores):
     pos = np.asarray(pos_scores, dtype=np.float64).reshape(-1)
     neg = np.asarray(neg_scores, dtype=np.float64).reshape(-1)
     if pos.size == 0 or neg.size == 0:
-        raise ValueError(f"need scores of both classes, got {pos.size} positive and {neg.size} negative")
+        raise ValueError(f"need scores of both classes, got {pos.size} positive and {neg.size} "
+                         "negative")
     scores = np.concatenate([pos, neg])
     labels = np.concatenate([np.ones(pos.size), np.zeros(neg.size)])
     order = np.argsort(-scores, kind="mergesort")
@@ -76,7 +77,8 @@ def auroc(pos_scores, neg_scores) -> float:
     pos = np.asarray(pos_scores, dtype=np.float64).reshape(-1)
     neg = np.asarray(neg_scores, dtype=np.float64).reshape(-1)
     if pos.size == 0 or neg.size == 0:
-        raise ValueError(f"need scores of both classes, got {pos.size} positive and {neg.size} negative")
+        raise ValueError(f"need scores of both classes, got {pos.size} positive and {neg.size} "
+                         "negative")
     scores = np.concatenate([pos, neg])
     order = np.argsort(scores, kind="mergesort")
     sorted_scores = scores[order]
@@ -103,7 +105,8 @@ def detection_accuracy_at(pos_scores, neg_scores, threshold: float) -> float:
     pos = np.asarray(pos_scores, dtype=np.float64).reshape(-1)
     neg = np.asarray(neg_scores, dtype=np.float64).reshape(-1)
     if pos.size == 0 or neg.size == 0:
-        raise ValueError(f"need scores of both classes, got {pos.size} positive and {neg.size} negative")
+        raise ValueError(f"need scores of both classes, got {pos.size} positive and {neg.size} "
+                         "negative")
     return float(0.5 * (np.mean(pos >= threshold) + np.mean(neg < threshold)))
 
 

@@ -34,12 +34,13 @@ Sources (papers in /work/shared/papers; public code read for facts where the pap
 from __future__ import annotations
 
 # the options a protocol sets; None in the stage's DEFAULTS means "the protocol's value"
-PROTOCOL_KEYS = ("image_size", "resize", "fgsm_eps", "pgd_eps", "pgd_step", "pgd_iters", "pgd_random_start",
-                 "ood_transform")
+PROTOCOL_KEYS = ("image_size", "resize", "fgsm_eps", "pgd_eps", "pgd_step", "pgd_iters",
+                 "pgd_random_start", "ood_transform")
 
 # what the protocol keys take when no protocol is chosen
 EVALUATOR_DEFAULTS = {"image_size": 224, "resize": 256, "fgsm_eps": "8/255", "pgd_eps": "4/255",
-                      "pgd_step": "2/255", "pgd_iters": 10, "pgd_random_start": True, "ood_transform": "eval"}
+                      "pgd_step": "2/255", "pgd_iters": 10, "pgd_random_start": True,
+                      "ood_transform": "eval"}
 
 _ATTACKS = {"fgsm_eps": "8/255", "pgd_eps": "4/255", "pgd_step": "2/255", "pgd_iters": 20,
             "pgd_random_start": True}

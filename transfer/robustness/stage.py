@@ -21,7 +21,12 @@ from mixup_transfer.core.stage import Stage
 from mixup_transfer.core.vocabulary import DATA, EVAL, RUNTIME, fragment
 from transfer.robustness.data import OOD_TRANSFORMS
 from transfer.robustness.evaluate import NOISE_SETS, SUITES, evaluate_checkpoint, parse_suites
-from transfer.robustness.protocols import EVALUATOR_DEFAULTS, PROTOCOL_KEYS, PROTOCOLS, apply_protocol
+from transfer.robustness.protocols import (
+    EVALUATOR_DEFAULTS,
+    PROTOCOL_KEYS,
+    PROTOCOLS,
+    apply_protocol,
+)
 
 log = logging.getLogger("robustness")
 
@@ -81,13 +86,15 @@ DEFAULTS = {
 
 
 RANGES = {
-    "data.max_val": (">", 0), "image_size": (">", 0), "resize": (">", 0), "eval.batch_size": (">", 0),
-    "data.num_workers": (">=", 0),
-    "sigma": (">=", 0), "pgd_iters": (">=", 0), "gaussian_std": (">", 0), "cam_threshold": (">=", 0, "<=", 1),
-    "iou_threshold": (">=", 0, "<=", 1), "iou_op": ("in", (">=", ">")), "ood_threshold": (">=", 0, "<=", 1),
-    "corrupt_at": ("in", ("eval", "original")), "runtime.precision": ("in", ("fp32", "bf16", "fp16")),
-    "protocol": ("in", tuple(PROTOCOLS)), "ood_transform": ("in", OOD_TRANSFORMS), "embedding_t": (">", 0),
-    "embedding_alpha": (">", 0), "umap_classes": (">", 0), "umap_per_class": (">", 0), "umap_neighbors": (">", 1),
+    "data.max_val": (">", 0), "image_size": (">", 0), "resize": (">", 0),
+    "eval.batch_size": (">", 0), "data.num_workers": (">=", 0),
+    "sigma": (">=", 0), "pgd_iters": (">=", 0), "gaussian_std": (">", 0),
+    "cam_threshold": (">=", 0, "<=", 1), "iou_threshold": (">=", 0, "<=", 1),
+    "iou_op": ("in", (">=", ">")), "ood_threshold": (">=", 0, "<=", 1),
+    "corrupt_at": ("in", ("eval", "original")),
+    "runtime.precision": ("in", ("fp32", "bf16", "fp16")), "protocol": ("in", tuple(PROTOCOLS)),
+    "ood_transform": ("in", OOD_TRANSFORMS), "embedding_t": (">", 0), "embedding_alpha": (">", 0),
+    "umap_classes": (">", 0), "umap_per_class": (">", 0), "umap_neighbors": (">", 1),
     "umap_epochs": (">", 0), "runtime.tensorboard": ("in", (True, False, "auto")),
 }
 
@@ -102,9 +109,10 @@ def parse_eps(v) -> float:
 
 # the types of the keys whose default is null (mixup_transfer.core.config.validate checks the
 # others against their defaults)
-TYPES = {"protocol": str, "data.max_val": int, "image_size": int, "resize": int, "data.num_workers": int, "arch": str,
-         "export_corrupted": str, "fgsm_eps": (float, str), "pgd_eps": (float, str), "pgd_step": (float, str),
-         "pgd_iters": int, "ood_transform": str, "umap_epochs": int}
+TYPES = {"protocol": str, "data.max_val": int, "image_size": int, "resize": int,
+         "data.num_workers": int, "arch": str, "export_corrupted": str, "fgsm_eps": (float, str),
+         "pgd_eps": (float, str), "pgd_step": (float, str), "pgd_iters": int, "ood_transform": str,
+         "umap_epochs": int}
 
 
 def resolve_config(cfg: dict) -> dict:
@@ -136,14 +144,16 @@ def evaluate_kwargs(cfg: dict) -> dict:
     `evaluate_checkpoint`."""
     data, rt = cfg["data"], cfg["runtime"]
     return dict(suites=cfg["suites"], ood_dirs=list(cfg["ood"] or ()), limit=data["max_val"],
-                image_size=cfg["image_size"], resize=cfg["resize"], batch_size=cfg["eval"]["batch_size"],
-                seed=cfg["seed"], device=rt["device"], precision=rt["precision"], num_workers=data["num_workers"],
-                arch=cfg["arch"],
-                corrupt_at=cfg["corrupt_at"], sigma=cfg["sigma"], fgsm_eps=parse_eps(cfg["fgsm_eps"]),
-                pgd_eps=parse_eps(cfg["pgd_eps"]), pgd_step=parse_eps(cfg["pgd_step"]), pgd_iters=cfg["pgd_iters"],
+                image_size=cfg["image_size"], resize=cfg["resize"],
+                batch_size=cfg["eval"]["batch_size"], seed=cfg["seed"], device=rt["device"],
+                precision=rt["precision"], num_workers=data["num_workers"], arch=cfg["arch"],
+                corrupt_at=cfg["corrupt_at"], sigma=cfg["sigma"],
+                fgsm_eps=parse_eps(cfg["fgsm_eps"]), pgd_eps=parse_eps(cfg["pgd_eps"]),
+                pgd_step=parse_eps(cfg["pgd_step"]), pgd_iters=cfg["pgd_iters"],
                 pgd_random_start=cfg["pgd_random_start"], gaussian_std=cfg["gaussian_std"],
-                cam_threshold=cfg["cam_threshold"], iou_threshold=cfg["iou_threshold"], iou_op=cfg["iou_op"],
-                ood_threshold=cfg["ood_threshold"], ood_transform=cfg["ood_transform"],
+                cam_threshold=cfg["cam_threshold"], iou_threshold=cfg["iou_threshold"],
+                iou_op=cfg["iou_op"], ood_threshold=cfg["ood_threshold"],
+                ood_transform=cfg["ood_transform"],
                 ood_noise=tuple(s for s in str(cfg["ood_noise"] or "").split(",") if s))
 
 
@@ -163,7 +173,8 @@ def run(cfg: dict, inputs: dict, run_dir) -> dict:
     if "embedding" in extra:
         from transfer.robustness.embedding import run_embedding_suite
 
-        metrics = run_embedding_suite(cfg, inputs["checkpoint"], inputs["imagenet"], run_dir, metrics)
+        metrics = run_embedding_suite(cfg, inputs["checkpoint"], inputs["imagenet"], run_dir,
+                                      metrics)
     for suite in [*core, *extra]:  # one console line per suite
         if isinstance(metrics.get(suite), dict):
             log.info("%s: %s", suite, metric_line(metrics[suite]))
@@ -189,7 +200,8 @@ def write_tensorboard(metrics: dict, run_dir, setting) -> None:
                 yield f"{prefix}{k}", v
 
     with SummaryWriter(str(folder)) as writer:
-        for name, value in leaves({k: v for k, v in metrics.items() if k not in ("settings", "seconds")}):
+        for name, value in leaves({k: v for k, v in metrics.items()
+                                   if k not in ("settings", "seconds")}):
             writer.add_scalar(name, value, 0)
 
 
@@ -207,5 +219,6 @@ STAGE = Stage(
     multi_inputs=("checkpoint",),  # several checkpoints: one run each and a comparison table
     # a flag for each top-level option, --threads, the comparison mode
     cli="transfer.robustness.cli",
-    description="background corruption, calibration, attacks, OOD and embedding suites on a backbone",
+    description="background corruption, calibration, attacks, OOD and embedding suites on a "
+                "backbone",
 )
