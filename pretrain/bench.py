@@ -168,12 +168,11 @@ def _bench(quick, arch, batch, size, num_classes, n, repeats, warmup, methods, d
         "setup": {"arch": arch, "batch": batch, "size": size, "num_classes": num_classes, "n": n,
                   "repeats": repeats, "device": str(dev), "threads": torch.get_num_threads(),
                   "clock": clock, "note": "min (and median) of round-robin repeats; feature "
-                  "methods forced onto their "
-                          "mixing branch; puzzlemix = gco-wrapper's graph cut, puzzlemix_swap = "
-                          "the built-in "
-                          "alpha-beta swap (both solve the per-image cuts in a thread pool; the "
-                          "process clock "
-                          "counts every thread's CPU time)",
+                                          "methods forced onto their mixing branch; puzzlemix = "
+                                          "gco-wrapper's graph cut, puzzlemix_swap = the "
+                                          "built-in alpha-beta swap (both solve the per-image "
+                                          "cuts in a thread pool; the process clock counts "
+                                          "every thread's CPU time)",
                   "skipped": skipped},
     }
 

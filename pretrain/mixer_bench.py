@@ -141,8 +141,7 @@ def _goals(rows) -> dict:
 def to_markdown(res: dict) -> list[str]:
     st = res["setup"]
     lines = [f"## Mixing calls ({st['device']}, batch {st['batch']}, {st['size']} px, "
-             f"{st['clock']} clock, "
-             f"{st['threads']} thread(s)); ratio = their time / ours", "",
+             f"{st['clock']} clock, {st['threads']} thread(s)); ratio = their time / ours", "",
              "| row | ours ms | competitor | their ms | ratio |", "|---|---:|---|---:|---:|"]
     for row in res["rows"]:
         others = [(k, v) for k, v in row.items() if isinstance(v, dict)]

@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="smaller sizes and fewer repeats (a smoke run)")
     p.add_argument("--device", default=None, help="mixers: the device of the batches (default: "
-                   "cuda if available)")
+                                                  "cuda if available)")
     p.add_argument("--methods", default=None,
                    help="pretrain: comma-separated rows of pretrain.bench.FULL to time "
                         "(default: all; erm always)")
@@ -175,8 +175,8 @@ def main(argv=None) -> int:
 
     device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
     results = {"machine": f"{platform.processor() or platform.machine()}, "
-               f"{torch.get_num_threads()} threads, "
-                          f"torch {torch.__version__}, {device}"}
+                          f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+                          f"{device}"}
     todo = ["pretrain", "wsol", "eval", "robustness", "data",
             "mixers"] if args.what == "all" else [args.what]
     if args.what == "all" and torch.cuda.is_available():

@@ -19,8 +19,8 @@ def main(argv=None) -> int:
     p = cli.parser(__doc__)
     p.add_argument("--devkit", required=True,
                    help="VOCdevkit folder (holding VOC<year>) or VOC<year> itself")
-    p.add_argument("--year", default="2007", help="the VOC<year> folder of the devkit "
-                   "(default 2007)")
+    p.add_argument("--year", default="2007", help="the VOC<year> folder of the devkit (default "
+                                                  "2007)")
     p.add_argument("--split", default="test", help="ImageSets/Main/<split>.txt (default test)")
     p.add_argument("--results", required=True,
                    help="folder with comp4_det_<split>_<class>.txt files")

@@ -157,15 +157,12 @@ def main(argv=None) -> int:
                   "m_block_num, size)": [list(c) for c in PROCESS_CASES],
                   "mixup_process args": ARGS},
         "inputs": "torch seeded 6000 + k (solver cases: cost = minus a normalised saliency, A = "
-        "0.999 I + 0.001 "
-                  "normalised distances) and 8000 + k (process cases: images, one-hot targets of "
-                  "5 classes, "
-                  "saliency, l1 distances of random points); the global generators seeded 7000 + "
-                  "k / 9000 + k "
-                  "before the call, their draws recorded (prior_k, init_k; p_priors_k, p_inits_k "
-                  "in partition order)",
+                  "0.999 I + 0.001 normalised distances) and 8000 + k (process cases: images, "
+                  "one-hot targets of 5 classes, saliency, l1 distances of random points); the "
+                  "global generators seeded 7000 + k / 9000 + k before the call, their draws "
+                  "recorded (prior_k, init_k; p_priors_k, p_inits_k in partition order)",
         "outputs": "onehot_k [n, g, g, n] and obj_k (obj_fn of it); p_mixed_k, p_target_k "
-        "(mixup_process)"}
+                   "(mixup_process)"}
     index.write_text(json.dumps(entries, indent=2) + "\n")
     print(f"wrote {args.out / 'comixup_official.npz'}")
     return 0

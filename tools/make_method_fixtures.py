@@ -153,14 +153,12 @@ def _puzzlemix_note(repo: Path, n_cases: int, b: int, width: int, n_full: int) -
                           "mixup.py:mask_transport", "mixup.py:transport_image"],
             "cases": n_cases, "batch": b, "width": width, "n_labels": 3, "t_size": -1,
             "inputs": "images uint8 (x / 255 normalised with ImageNet mean/std, as the official "
-            "ImageNet "
-                      "script feeds them), sal float16 = the unary map sqrt(mean_c grad^2) "
-                      "[b, w, w]",
+                      "ImageNet script feeds them), sal float16 = the unary map sqrt(mean_c "
+                      "grad^2) [b, w, w]",
             "outputs": "mask [case, b, 16, 16] (top-left grid x grid used), src1/src2 [case, b, "
-            "256]: the "
-                       "place each block of x / x[perm] is moved to (-1: dropped), ratio [case, "
-                       "b], mixed "
-                       f"[first {n_full} cases] = the normalised mixed images"}
+                       "256]: the place each block of x / x[perm] is moved to (-1: dropped), "
+                       f"ratio [case, b], mixed [first {n_full} cases] = the normalised mixed "
+                       "images"}
 
 
 def cutmix_cases(repo: Path, out: Path, n: int = 1500):
@@ -188,11 +186,9 @@ def cutmix_cases(repo: Path, out: Path, n: int = 1500):
     return {"repository": "https://github.com/snu-mllab/PuzzleMix", "commit": _commit(repo),
             "functions": ["imagenet/train.py:rand_bbox (CutMix's box sampler)"],
             "inputs": "size (square), lam ~ Beta(1, 1), centre = rand_bbox's two "
-            "np.random.randint draws "
-                      "(dim 2, dim 3)",
+                      "np.random.randint draws (dim 2, dim 3)",
             "outputs": "box = (bbx1, bby1, bbx2, bby2) as rand_bbox returns it; the pasted "
-            "region is "
-                       "[:, :, bbx1:bbx2, bby1:bby2]"}
+                       "region is [:, :, bbx1:bbx2, bby1:bby2]"}
 
 
 def alignmix_cases(repo: Path, out: Path):
@@ -252,15 +248,12 @@ def alignmix_cases(repo: Path, out: Path):
             "functions": ["imagenet/models/resnet50_classifier.py:mixup_aligned",
                           "imagenet/utils/OT.py:SinkhornDistance (eps 0.1, max_iter 100, "
                           "threshold 1e-1)"],
-            "inputs": "feat [case, b, c, h, w] zero-padded to [4, 16, 7, 7]; shape gives the used "
-            "part; lam; "
-                      "perm and branch = the draws np.random.permutation / random.randint(0, 1) "
-                      "made inside "
-                      "mixup_aligned (seeded)",
+            "inputs": "feat [case, b, c, h, w] zero-padded to [4, 16, 7, 7]; shape gives the "
+                      "used part; lam; perm and branch = the draws np.random.permutation / "
+                      "random.randint(0, 1) made inside mixup_aligned (seeded)",
             "outputs": "mixed (the function's output), plan = SinkhornDistance(A^T, A[perm]^T) "
-            "[case, b, 49, 49] "
-                       "zero-padded, iters = Sinkhorn iterations run before the official "
-                       "stopping rule"}
+                       "[case, b, 49, 49] zero-padded, iters = Sinkhorn iterations run before "
+                       "the official stopping rule"}
 
 
 def _official_alignmix_modules(base: Path, tag: str):
@@ -341,15 +334,12 @@ def alignmix_c512_cases(repo: Path, out: Path):
                           "{cifar10_100,tiny_imgnet}/utils/OT.py:SinkhornDistance (eps 0.1, "
                           "max_iter 100, threshold 1e-1)"],
             "inputs": "per map side s in (4, 8), key suffix _s<s>: feat [case, 4, 512, s*s] "
-            "float16 (exact in float32: "
-                      "the layer4-like map [4, 512, s, s] flattened row-major); lam; perm and "
-                      "branch = the draws made "
-                      "inside mixup_aligned (seeded)",
+                      "float16 (exact in float32: the layer4-like map [4, 512, s, s] flattened "
+                      "row-major); lam; perm and branch = the draws made inside mixup_aligned "
+                      "(seeded)",
             "outputs": "mixed [case, 4, 64, s*s] = the function's output, first 64 of the 512 "
-            "channels; plan = "
-                       "SinkhornDistance(A^T, A[perm]^T) [case, 4, s*s, s*s]; iters = Sinkhorn "
-                       "iterations run "
-                       "before the official stopping rule"}
+                       "channels; plan = SinkhornDistance(A^T, A[perm]^T) [case, 4, s*s, s*s]; "
+                       "iters = Sinkhorn iterations run before the official stopping rule"}
 
 
 def fill_by_name(state: dict, rename=lambda k: k) -> dict:
@@ -387,10 +377,10 @@ def alignmix_network_case(repo: Path, out: Path):
             "commit": _commit(repo),
             "functions": ["cifar10_100/models/resnet.py:ResNet18 (forward, eval mode)"],
             "inputs": "x [2, 3, 32, 32] in [0, 1] (fed to the network as is); weights: "
-                      "make_method_fixtures.fill_by_name "
-                      "on the network's state dict with 'shortcut' renamed 'downsample'",
+                      "make_method_fixtures.fill_by_name on the network's state dict with "
+                      "'shortcut' renamed 'downsample'",
             "outputs": "layer4 [2, 512, 4, 4] = ResNet18()(x) (stem conv-BN-ReLU, then "
-            "layer1..layer4)"}
+                       "layer1..layer4)"}
 
 
 @cli.entry
@@ -398,7 +388,7 @@ def main(argv=None) -> int:
     ap = cli.parser(__doc__)
     ap.add_argument("--puzzlemix", type=Path, help="checkout of github.com/snu-mllab/PuzzleMix")
     ap.add_argument("--alignmix", type=Path, help="checkout of "
-                    "github.com/shashankvkt/AlignMixup_CVPR22")
+                                                  "github.com/shashankvkt/AlignMixup_CVPR22")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests"
                     / "fixtures",
                     help="output folder of the .npz fixtures (default tests/fixtures)")

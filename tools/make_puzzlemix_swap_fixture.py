@@ -97,15 +97,13 @@ def main(argv=None) -> int:
         "repository": "https://github.com/Borda/pyGCO "
         "(gco-wrapper " + version("gco-wrapper") + ", PyPI wheel)",
         "functions": ["gco.cut_grid_graph(unary, dist, w_v, w_h, algorithm='swap'), as "
-                      "snu-mllab/PuzzleMix "
-                      "mixup.py:graphcut_multi calls it"],
+                      "snu-mllab/PuzzleMix mixup.py:graphcut_multi calls it"],
         "problems": {str(g): n for g, n in GRIDS},
         "generator": "tools/make_puzzlemix_swap_fixture.py (seeded)",
-        "arrays": "grid [n]; unary int32 [n, 16, 16, 3], w_v int32 [n, 15, 16], w_h int32 [n, 16, "
-        "15] (top-left "
-                  "part used); dist float32 [3, 3]; labels int8 [n, 16, 16] = gco's labels (-1 "
-                  "outside the grid); "
-                  "lam, share (the concentrated block's saliency share, 0 = none) [n]"}
+        "arrays": "grid [n]; unary int32 [n, 16, 16, 3], w_v int32 [n, 15, 16], w_h int32 [n, "
+                  "16, 15] (top-left part used); dist float32 [3, 3]; labels int8 [n, 16, 16] = "
+                  "gco's labels (-1 outside the grid); lam, share (the concentrated block's "
+                  "saliency share, 0 = none) [n]"}
     notes_path.write_text(json.dumps(notes, indent=2) + "\n")
     wrap = int(sum((np.abs(u.astype(np.int64)) * 100000 >= 2**31).any() for u in arrays["unary"]))
     print(f"{len(arrays['grid'])} problems, {wrap} in the wrap band")

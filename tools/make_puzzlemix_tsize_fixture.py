@@ -106,15 +106,12 @@ def _note(repo: Path, b: int) -> dict:
                           "mixup.py:transport_image"],
             "cases": [list(c) for c in CASES], "case_layout": "(width, grid, t_size, neigh_size)",
             "batch": b, "knobs": "beta 1.2, gamma 0.5, eta 0.2, n_labels 3, t_eps 0.8, lam ~ "
-            "U(0.1, 0.9) stored",
+                                 "U(0.1, 0.9) stored",
             "inputs": "images uint8 [case, b, 3, 64, 64] and sal float16 [case, b, 64, 64], the "
-            "top-left width x "
-                      "width used; x / 255 normalised with ImageNet mean / std",
-            "outputs": "src1 / src2 [case, b, 256]: the place each transport block of x / x[perm] "
-            "moves to (-1: "
-                       "dropped), on the transport grid; ratio [case, b]; mixed [case with width "
-                       "32, b, 3, 32, 32] "
-                       "= the normalised mixed images"}
+                      "top-left width x width used; x / 255 normalised with ImageNet mean / std",
+            "outputs": "src1 / src2 [case, b, 256]: the place each transport block of x / "
+                       "x[perm] moves to (-1: dropped), on the transport grid; ratio [case, b]; "
+                       "mixed [case with width 32, b, 3, 32, 32] = the normalised mixed images"}
 
 
 @cli.entry

@@ -132,18 +132,15 @@ def main(argv=None) -> int:
         "repository": "https://github.com/alldbi/SuperMix", "commit": _commit(args.supermix),
         "functions": [f"{SOURCE}:{name}" for name in NAMES],
         "cases": "rows of `cases`: batch, K, mask_w, sigma, lambda_s, max_iter, tol (examples), "
-        "alpha, image side",
+                 "alpha, image side",
         "inputs": "data_k [b, 3, s, s] (torch.randn after torch.manual_seed(100 + k), after the "
-        "teacher's "
-                  "initialisation), teacher_k/<name> the teacher's weights "
-                  "(tools/make_supermix_fixture.py "
-                  "teacher()), lams_k [b, K] the Dirichlet draws of mix_batch "
-                  "(np.random.seed(200 + k))",
-        "outputs": "mix_batch's return: mixed_k, masks_k, pred_k (the successfully mixed examples "
-        "only, in batch "
-                   "order), iters_k (iterations run); logits_k [b, K, 1, w, w] the final mask "
-                   "logits of every "
-                   "example (the argument of mix_batch's last mask_process call)"}
+                  "teacher's initialisation), teacher_k/<name> the teacher's weights "
+                  "(tools/make_supermix_fixture.py teacher()), lams_k [b, K] the Dirichlet "
+                  "draws of mix_batch (np.random.seed(200 + k))",
+        "outputs": "mix_batch's return: mixed_k, masks_k, pred_k (the successfully mixed "
+                   "examples only, in batch order), iters_k (iterations run); logits_k [b, K, "
+                   "1, w, w] the final mask logits of every example (the argument of "
+                   "mix_batch's last mask_process call)"}
     index.write_text(json.dumps(entries, indent=2) + "\n")
     print(f"wrote {args.out / 'supermix_official.npz'} ({len(CASES)} cases)")
     return 0

@@ -156,16 +156,13 @@ def main(argv=None) -> int:
         "cases": {"block (lam, mask_token_num_start)": [list(c) for c in BLOCK_CASES],
                   "random (lam, mask_token_num_start)": [list(c) for c in RANDOM_CASES]},
         "inputs": "Python random seeded 2000 + k (block masks, every draw recorded in draws_k), "
-        "numpy seeded 3000 + k "
-                  "(perm_k: the permutation generate_mask_random draws); TokenLabeling-format "
-                  "targets of 4 images, "
-                  "10 classes, top-5 on 15 x 15 maps, the whole map as crop box (torch seeded "
-                  "4000); images "
-                  "[4, 1, 224, 224] with values 0..3 (those of case 0 kept)",
-        "outputs": "block/random masks [14, 14] and lam; label maps [4, 10, 14, 14]; Mixup(cutmix "
-        "only, smoothing "
-                   "0.1) mixed images and targets with its draws (t_draws_k); mixup_target for "
-                   "lam 0, 0.37, 1"}
+                  "numpy seeded 3000 + k (perm_k: the permutation generate_mask_random draws); "
+                  "TokenLabeling-format targets of 4 images, 10 classes, top-5 on 15 x 15 maps, "
+                  "the whole map as crop box (torch seeded 4000); images [4, 1, 224, 224] with "
+                  "values 0..3 (those of case 0 kept)",
+        "outputs": "block/random masks [14, 14] and lam; label maps [4, 10, 14, 14]; "
+                   "Mixup(cutmix only, smoothing 0.1) mixed images and targets with its draws "
+                   "(t_draws_k); mixup_target for lam 0, 0.37, 1"}
     index.write_text(json.dumps(entries, indent=2) + "\n")
     print(f"wrote {args.out / 'tokenmix_official.npz'}")
     return 0

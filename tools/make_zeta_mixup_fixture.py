@@ -85,12 +85,13 @@ def main(argv=None) -> int:
         "repository": "https://github.com/kakumarabhishek/zeta-mixup",
         "commit": _commit(args.zeta),
         "functions": ["utils.py:zeta_mixup_weights", "zeta_mixup.py:zeta_mixup"],
-        "cases": [list(c) for c in CASES], "inputs": "order_k = np.random.rand(b, b) drawn after "
-        "np.random.seed(1000 + k) (the "
-        "draw inside "
-                  "zeta_mixup_weights); x_k [b, 3, 8, 8] float32, y_k [b] in 0..9 (torch, seeded)",
-        "outputs": "weights_k [b, b] (zeta_mixup_weights), mixed_k and targets_k (zeta_mixup with "
-        "10 classes)"}
+        "cases": [list(c) for c in CASES], "inputs": "order_k = np.random.rand(b, b) drawn "
+                                                     "after np.random.seed(1000 + k) (the draw "
+                                                     "inside zeta_mixup_weights); x_k [b, 3, 8, "
+                                                     "8] float32, y_k [b] in 0..9 (torch, "
+                                                     "seeded)",
+        "outputs": "weights_k [b, b] (zeta_mixup_weights), mixed_k and targets_k (zeta_mixup "
+                   "with 10 classes)"}
     index.write_text(json.dumps(entries, indent=2) + "\n")
     print(f"wrote {args.out / 'zeta_mixup_official.npz'} ({len(CASES)} cases)")
     return 0

@@ -18,12 +18,12 @@ def add_arguments(p, stage, sub) -> None:
     common = dict(epilog=cli.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.metavar = "{metadata,finetune,evaluate,baseline}"
     m = sub.add_parser("metadata", help="CUB_200_2011 raw files -> wsolevaluation metadata "
-                       "(train/, test/)", **common)
+                                        "(train/, test/)", **common)
     m.add_argument("--cub", required=True, help="the CUB_200_2011 folder (images.txt, "
-                   "bounding_boxes.txt, ...)")
+                                                "bounding_boxes.txt, ...)")
     m.add_argument("--out", required=True, help="output folder: OUT/train and OUT/test metadata")
     e = sub.add_parser("evaluate", help="evaluate a fine-tuned CAM model, saving "
-                       "<scoremaps>/<image_id>.npy", **common)
+                                        "<scoremaps>/<image_id>.npy", **common)
     e.add_argument("--config", required=True, help="the WSOL YAML the model was fine-tuned with")
     e.add_argument("--model", required=True, help="run_dir/cam_model.pth")
     e.add_argument("--scoremaps", default=None, help="also save the score maps in this folder")

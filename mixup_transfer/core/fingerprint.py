@@ -105,8 +105,7 @@ def check(run_dir: str | os.PathLike, current: Mapping, may_change: Iterable[str
     if diff:
         raise FingerprintMismatch(
             f"{run_dir}: was made from another config or other inputs; refusing to mix them "
-            f"({restart}). "
-            "Differences: " + "; ".join(diff))
+            f"({restart}). Differences: " + "; ".join(diff))
     if stored.get("code") != current.get("code"):
         log.warning("%s: made with code %s, continuing with %s", run_dir, stored.get("code"),
                     current.get("code"))

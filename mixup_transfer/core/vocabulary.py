@@ -37,14 +37,14 @@ OPTIM = {
     "epochs": Key(300, "training epochs"),
     "batch_size": Key(256, "GLOBAL batch: images per optimizer step over all processes"),
     "batch_per_process": Key(None, "images per optimizer step in each process (global batch = "
-                             "this x world size)"),
+                                   "this x world size)"),
     "lr": Key(0.1, "peak learning rate (multiplied by the schedule's factor)"),
     "lr_classifier": Key(None, "learning rate of the classifier layers (fc); null = lr"),
     "momentum": Key(0.9, "SGD momentum"),
     "nesterov": Key(True, "Nesterov momentum (SGD)"),
     "weight_decay": Key(1.0e-4, "L2 weight decay"),
-    "schedule": Key("step", "learning-rate schedule: step | cosine | piecewise | constant (those "
-                    "the stage has)"),
+    "schedule": Key("step", "learning-rate schedule: step | cosine | piecewise | constant "
+                            "(those the stage has)"),
     "gamma": Key(0.1, "step schedule: lr *= gamma at each drop"),
 }
 
@@ -52,13 +52,11 @@ DATA = {
     "root": Key(None, "the dataset folder (its layout is the stage's)"),
     "num_workers": Key(None, "DataLoader worker processes per process"),
     "max_train": Key(None, "use at most this many train images (null: all; quick runs). "
-                     "Pretraining takes an "
-                           "evenly spaced subset, detection and WSOL the first N"),
+                           "Pretraining takes an evenly spaced subset, detection and WSOL the "
+                           "first N"),
     "max_val": Key(None, "use at most this many evaluation images (null: all). Pretraining and "
-                   "robustness take an "
-                         "evenly spaced subset (robustness: also at most N per OOD folder), "
-                         "detection and WSOL the "
-                         "first N"),
+                         "robustness take an evenly spaced subset (robustness: also at most N "
+                         "per OOD folder), detection and WSOL the first N"),
 }
 
 RUNTIME = {
@@ -68,8 +66,7 @@ RUNTIME = {
     "num_threads": Key(None, "torch.set_num_threads for this process (null: torch's default)"),
     "log_every_steps": Key(20, "optimizer steps between log lines"),
     "tensorboard": Key("auto", "auto | true | false: also write RUN/tensorboard (auto: when the "
-                       "tensorboard "
-                               "package is installed)"),
+                               "tensorboard package is installed)"),
 }
 
 EVAL = {
@@ -79,8 +76,7 @@ EVAL = {
 
 METHOD = {
     "name": Key("none", "the mixing method (pretrain.methods.METHODS; none: plain cross-entropy "
-                "where a stage "
-                        "allows it); the method's knobs sit beside name"),
+                        "where a stage allows it); the method's knobs sit beside name"),
 }
 
 FRAGMENTS = {"optim": OPTIM, "data": DATA, "runtime": RUNTIME, "eval": EVAL, "method": METHOD}

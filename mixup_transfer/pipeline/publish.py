@@ -98,15 +98,14 @@ def publish(run_dir: Path, out: Path) -> Path:
     minutes, seconds = divmod(int(round(prov.get("wall_s", 0))), 60)
     head = [f"# Results of `{summary.get('name')}`", "",
             "Generated from a finished run; regenerate with the command below (finished stages "
-            "are reused, so "
-            "publishing a finished run takes seconds).", "",
+            "are reused, so publishing a finished run takes seconds).", "",
             "| | |", "|---|---|",
             f"| command | `{prov.get('command', '?')}` |",
             f"| commit | `{prov.get('commit', '?')}` |",
             f"| hardware | {prov.get('hardware', '?')} |",
             f"| run | {prov.get('started', '?')} to {prov.get('finished', '?')}: {minutes} min "
-            f"{seconds} s wall, "
-            f"{prov.get('stages_run', '?')} stages run, {prov.get('stages_reused', '?')} reused |",
+            f"{seconds} s wall, {prov.get('stages_run', '?')} stages run, "
+            f"{prov.get('stages_reused', '?')} reused |",
             ""]
     _swap_in(staging, fig_dir)
     atomic_write_text("\n".join(head) + body, out)

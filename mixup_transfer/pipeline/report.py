@@ -32,10 +32,9 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
     if failed:
         sections += ["## Failed stages", "",
                      f"**{len(failed)} stage(s) failed or did not run**; their entries read "
-                     "*failed* in the tables "
-                     "below. A failed stage's folder is kept for inspection; run the same command "
-                     "again to retry "
-                     "it (finished stages are reused).", "", "| stage | why |", "|---|---|",
+                     "*failed* in the tables below. A failed stage's folder is kept for "
+                     "inspection; run the same command again to retry it (finished stages are "
+                     "reused).", "", "| stage | why |", "|---|---|",
                      *[f"| {label} | {why.replace('|', '/')} |" for label, why in failed.items()],
                      ""]
     sections += variants_sentence(results)

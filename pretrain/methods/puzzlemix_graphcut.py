@@ -184,8 +184,8 @@ def _cut_swap(unary, dist, w_v, w_h) -> np.ndarray:
     u, v, w, src, dst = _gco_integer_terms(unary, dist, w_v, w_h)
     if (w < 0).any():
         _warn_once("negative", "PuzzleMix swap solver: a negative edge weight (gamma > 1 makes "
-                   "the energy "
-                               "non-submodular); the masks may differ from gco-wrapper's there")
+                               "the energy non-submodular); the masks may differ from "
+                               "gco-wrapper's there")
     n, L = u.shape
     lab = np.zeros(n, np.int64)
     rows = np.arange(n)

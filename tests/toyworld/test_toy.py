@@ -456,7 +456,7 @@ def test_cub_layout(world):
         ys, xs = np.nonzero(objs[0].mask)
         assert (
             boxes[idx][1] == f"{xs.min():.1f} {ys.min():.1f} {xs.max() - xs.min() + 1:.1f} "
-            f"{ys.max() - ys.min() + 1:.1f}"
+                             f"{ys.max() - ys.min() + 1:.1f}"
         )
     if summary["wsol_metadata"]:
         meta = out / summary["wsol_metadata"]

@@ -450,9 +450,9 @@ def _map_solver(mp: _Mapped, s: dict, world: int, n_train: int) -> None:
             scaled_lr(s["lr"], s["batch_per_process"], world, s["reference_batch"]))
     if float(s["clip_grad_norm"]) > 0:
         mp.mapped["optim.clip_grad_norm"] = ("clip_grad_norm_(all parameters, "
-                                             f"{s['clip_grad_norm']}) after each "
-                                           "backward (a hook: detectron2's CLIP_GRADIENTS clips "
-                                           "per parameter)")
+                                             f"{s['clip_grad_norm']}) after each backward (a "
+                                             "hook: detectron2's CLIP_GRADIENTS clips per "
+                                             "parameter)")
 
 
 def _map_runtime(mp: _Mapped, cfg: dict, device: str, changed: set, flat: dict) -> None:

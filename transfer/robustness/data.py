@@ -207,7 +207,7 @@ def list_images(root) -> list[Path]:
                    if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
         raise DataError(f"OOD folder {root} contains no images (looked recursively for "
-                            f"{', '.join(IMAGE_EXTENSIONS)})")
+                        f"{', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
