@@ -219,8 +219,8 @@ def run_gpu_bench(device: str = "cuda", arch: str = "resnet50", size: int = 224,
 
     seconds, peak = _time_methods(built, step, dev, warmup, steps)
     rows = [{"method": k, "img_per_s": round(batch / v, 1), "step_s": round(v, 6),
-             "step_time_ratio": round(v / seconds["erm"], 3), "peak_memory_gib": peak[k]} for k,
-             v in seconds.items()]
+             "step_time_ratio": round(v / seconds["erm"], 3), "peak_memory_gib": peak[k]}
+             for k, v in seconds.items()]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     return {"rows": rows, "skipped": skipped,
             "setup": {"arch": arch, "size": size, "batch": batch, "warmup": warmup, "steps": steps,

@@ -78,25 +78,23 @@ DEFAULTS = {
     "name": "pretrain",              # run name (runs/<name>/ when the CLI picks the folder)
     # one seed for data order, augmentation, initialisation and mixing
     "seed": 0,
-    # before each evaluation, replace the BatchNorm running statistics (an EMA over
+    # before each evaluation, replace the BatchNorm running statistics (an EMA over the batches the
+    # method trained on: mixed images for input-space mixing) by the population statistics of this
+    # many clean train batches (precise BN, `recompute_bn_statistics`); 0 = keep the running
+    # statistics
     "precise_bn_batches": 0,
-                                     # the batches the method trained on: mixed images for
-                                     # input-space mixing) by the population statistics of this
-                                     # many clean train batches (precise BN,
-                                     # `recompute_bn_statistics`); 0 = keep the running statistics
     "data": {
-        # ImageNet-layout folder (root/train/<wnid>/*.JPEG, root/val/<wnid>/...), or a
+        # ImageNet-layout folder (root/train/<wnid>/*.JPEG, root/val/<wnid>/...), or a CIFAR /
+        # TinyImageNet folder (mixup_transfer/core/smalldata.py: the folder or its parent)
         "root": None,
-                                     # CIFAR / TinyImageNet folder
-                                     # (mixup_transfer/core/smalldata.py: the folder or its parent)
         # auto (from the layout) | imagenet | cifar10 | cifar100 | tinyimagenet
         "dataset": "auto",
         "train_split": "train",
         "val_split": "val",          # CIFAR: val = its test batch (CIFAR has no validation split)
-        # resized (RandomResizedCrop; val: resize + centre crop) | padded (random crop of
+        # resized (RandomResizedCrop; val: resize + centre crop) | padded (random crop of the
+        # stored size after zero padding; val: the stored image) | auto: resized for ImageNet,
+        # padded for CIFAR / TinyImageNet
         "crop": "auto",
-                                     # the stored size after zero padding; val: the stored image) |
-                                     # auto: resized for ImageNet, padded for CIFAR / TinyImageNet
         "padding": 4,                # padded crop: pixels of zero padding on each side
         # the train crop (and the val centre crop); 32 for CIFAR, 64 for TinyImageNet
         "crop_size": 224,
@@ -108,14 +106,12 @@ DEFAULTS = {
         "color_jitter": 0.0,         # brightness/contrast/saturation strength (0 = off)
         # AlexNet PCA lighting std (0.1 in the CutMix/AlignMix code; 0 = off)
         "lighting": 0.0,
-        # DataLoader workers per process (persistent across epochs); None = the CPUs this
+        # DataLoader workers per process (persistent across epochs); None = the CPUs this process
+        # may use over the node's processes, minus one, at most 8
         "num_workers": None,
-                                     # process may use over the node's processes, minus one, at
-                                     # most 8
-        # uint8 (torchvision.io decode, uint8 crops) | pil (the float PIL path) |
+        # uint8 (torchvision.io decode, uint8 crops) | pil (the float PIL path) | dali (NVIDIA DALI
+        # on the GPU) | auto (dali when importable on CUDA, else uint8)
         "loader": "uint8",
-                                     # dali (NVIDIA DALI on the GPU) | auto (dali when importable
-                                     # on CUDA, else uint8)
         # cpu | cuda: nvJPEG decodes each train batch on the GPU (loader uint8, CUDA)
         "decode_device": "cpu",
         # use an evenly spaced subset of this many train images (quick runs)
@@ -123,23 +119,20 @@ DEFAULTS = {
         "max_val": None,
     },
     "model": {
-        # resnet18 | resnet34 | resnet50 | resnet101 (torchvision); small images:
+        # resnet18 | resnet34 | resnet50 | resnet101 (torchvision); small images: preactresnet18 |
+        # wrn16_8 | resnet18_cifar (mixup_transfer/core/smallnets.py) ViTs (timm):
+        # vit_small_patch16_224 | vit_tiny_toy (mixup_transfer/core/vits.py)
         "arch": "resnet50",
-                                     # preactresnet18 | wrn16_8 | resnet18_cifar
-                                     # (mixup_transfer/core/smallnets.py)
-                                     # ViTs (timm): vit_small_patch16_224 | vit_tiny_toy
-                                     # (mixup_transfer/core/vits.py)
         "num_classes": None,         # None = number of train class folders
         "zero_init_residual": False,
     },
     # name: <METHODS key> plus that method's knobs (see pretrain.methods)
     "method": {},
-    # the frozen teacher of a method that needs one (supermix): a classifier
+    # the frozen teacher of a method that needs one (supermix): a classifier checkpoint with its
+    # head for this dataset's classes (backbone.pth of a pretraining run, or any layout of
+    # mixup_transfer/core/checkpoint.py); the stage's optional input `teacher` sets it; other
+    # methods refuse one
     "teacher": None,
-                                     # checkpoint with its head for this dataset's classes
-                                     # (backbone.pth of a pretraining run, or any layout of
-                                     # mixup_transfer/core/checkpoint.py); the stage's optional
-                                     # input `teacher` sets it; other methods refuse one
     "optim": {
         "batch_size": 256,           # GLOBAL batch: images per optimizer step over all processes
         # or the batch per process (MultiMix's b per GPU); then batch_size: null
@@ -169,25 +162,23 @@ DEFAULTS = {
     },
     "runtime": {
         "device": "auto",            # auto | cpu | cuda | cuda:N
-        # bf16 | fp16 (GradScaler) | fp32; CPU always runs fp32. bf16 is the precision
+        # bf16 | fp16 (GradScaler) | fp32; CPU always runs fp32. bf16 is the precision whose step
+        # never waits for the GPU: fp16's GradScaler reads its inf flag every step (torch's
+        # design), one synchronisation per step
         "precision": "bf16",
-                                     # whose step never waits for the GPU: fp16's GradScaler reads
-                                     # its inf flag every step (torch's design), one
-                                     # synchronisation per step
         "channels_last": True,       # CUDA only
         # torch.compile each network stage as its own region, batch size dynamic
+        # (pretrain.adapters.Backbone.enable_compile; a stage that reaches dynamo's recompile_limit
+        # is logged as a warning and runs eagerly)
         "compile": False,
-                                     # (pretrain.adapters.Backbone.enable_compile; a stage that
-                                     # reaches dynamo's recompile_limit is logged as a warning and
-                                     # runs eagerly)
         "backend": None,             # DDP backend; None = nccl on CUDA, gloo on CPU
         # torch.set_num_threads for this process (None = torch's default)
         "num_threads": None,
         "checkpoint_every_steps": 0,  # also checkpoint every N steps (0 = only at epoch ends)
         "log_every_steps": 20,
-        # auto | true | false: also write runs/<name>/tensorboard (auto: when the
+        # auto | true | false: also write runs/<name>/tensorboard (auto: when the tensorboard
+        # package is installed: the `tensorboard` extra)
         "tensorboard": "auto",
-                                     # tensorboard package is installed: the `tensorboard` extra)
         "flops": True,               # fvcore parameter / FLOP counts in the log header
         "figures": True,             # runs/<name>/figures/curves.png at the end
         # mean squared gradient norm per epoch (multi-mix's variance proxy)

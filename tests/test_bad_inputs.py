@@ -699,9 +699,9 @@ def test_every_input_error_shares_one_base():
 # --------------------------------------------------------------------------------- safe loading,
 # by the source
 
-# The one full unpickling of the library: mixup_transfer.core.checkpoint.read_checkpoint, behind
-# allow_pickle.
-GUARDED = {("mixup_transfer/core/checkpoint.py", "read_checkpoint")}
+# The one full unpickling of the library: mixup_transfer.core.checkpoint._load_pickled (called by
+# read_checkpoint), behind allow_pickle.
+GUARDED = {("mixup_transfer/core/checkpoint.py", "_load_pickled")}
 
 
 class _Loads(ast.NodeVisitor):
@@ -901,8 +901,8 @@ SMALL_CASES = [  # (layout folder, edit of the copy, names the error must contai
 
 
 @pytest.mark.parametrize("layout,edit,names", SMALL_CASES,
-                         ids=[f"{lay.split('-')[0]}-{i}" for i,
-                              (lay, _, _) in enumerate(SMALL_CASES)])
+                         ids=[f"{lay.split('-')[0]}-{i}"
+                              for i, (lay, _, _) in enumerate(SMALL_CASES)])
 def test_pretrain_bad_small_image_layout(run, small_toy_world, tmp_path, layout, edit, names):
     root = tmp_path / layout
     shutil.copytree(small_toy_world / layout, root)

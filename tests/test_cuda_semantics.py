@@ -611,8 +611,9 @@ def test_gpu_decode_is_ordered_after_the_callers_queued_kernels(monkeypatch):
     monkeypatch.setattr(pdata, "_SIDE_STREAMS", {}, raising=False)
     monkeypatch.setattr(tio, "decode_jpeg", lambda items, mode, device: (
         log.append(f"decode on {active[-1].name}") or [torch.zeros(3, 2, 2) for _ in items]))
-    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self,
-                        s: log.append(f"record on {s.name}"), raising=False)
+    monkeypatch.setattr(torch.Tensor,
+                        "record_stream", lambda self, s: log.append(f"record on {s.name}"),
+                        raising=False)
     out = pdata.decode_batch([_jpeg(0), _jpeg(1)], torch.tensor([[0, 0, 2, 2, 0, 2]] * 2),
                              torch.device("cuda", 0))
     assert out.shape == (2, 3, 2, 2)
@@ -685,8 +686,8 @@ class StubDali:
         from pretrain import dali
 
         self.seeds: list[int] = []
-        monkeypatch.setattr(dali, "_pipeline", lambda source,
-                            *args: self.seeds.append(args[-1]) or source)
+        monkeypatch.setattr(dali, "_pipeline", lambda source, *args: self.seeds.append(args[-1])
+                            or source)
         monkeypatch.setattr(dali, "_iterator", StubDali.Iterator)
 
     class Iterator:

@@ -147,9 +147,9 @@ def test_overrides_anywhere_reach_the_config(call, tmp_path, monkeypatch):
     mod = _tool("run_pretrain")
     import pretrain.task
 
-    monkeypatch.setattr(pretrain.task, "run", lambda cfg, inputs, run_dir,
-                        **k: seen.update(cfg=cfg, run_dir=run_dir)
-                        or {})
+    monkeypatch.setattr(pretrain.task, "run",
+                        lambda cfg, inputs, run_dir, **k:
+                        seen.update(cfg=cfg, run_dir=run_dir) or {})
     code, _ = call(mod, "--config", PRETRAIN, "optim.lr=0.1", "--run-dir", tmp_path / "x",
                    "optim.epochs=2", "--force", "optim.lr=0.2")
     assert code == 0 and seen["run_dir"] == tmp_path / "x"

@@ -2,16 +2,18 @@
 """Performance figures of the toolkit, as ratios measured in one run, gathered into one JSON +
 Markdown.
 
-    python tools/bench.py all --out runs/bench          # everything (minutes on a laptop CPU)
-    python tools/bench.py pretrain [--quick]            # training-step time of each method / ERM
+    python tools/bench.py all --out runs/bench   # everything (minutes on a laptop CPU)
+    python tools/bench.py pretrain [--quick]     # training-step time of each method / ERM
         [--methods erm,tokenmix] [--arch vit_small_patch16_224] [--repeats 3]
-    python tools/bench.py wsol                          # MaxBoxAccV2 evaluator speed-up vs the per-threshold loop,
-                                                        # in this process and as whole tools/eval_wsol.py processes
-    python tools/bench.py eval                          # COCO / VOC evaluation speed
-    python tools/bench.py robustness                    # clean / FGSM / PGD images/s, AUROC vs pair count
-    python tools/bench.py data [--quick]                # training-data images/s per CPU core: PIL vs uint8 vs decode
-    python tools/bench.py gpu                           # CUDA: training images/s per method, vs ERM and the loader
-    python tools/bench.py mixers [--quick] [--device cuda]  # mixup / CutMix calls vs timm's Mixup and torchvision v2
+    python tools/bench.py wsol         # MaxBoxAccV2 evaluator speed-up vs the per-threshold
+                                       # loop, in this process and as whole eval_wsol.py processes
+    python tools/bench.py eval         # COCO / VOC evaluation speed
+    python tools/bench.py robustness   # clean / FGSM / PGD images/s, AUROC vs pair count
+    python tools/bench.py data [--quick]   # training-data images/s per CPU core: PIL vs uint8
+                                           # vs decode
+    python tools/bench.py gpu          # CUDA: training images/s per method, vs ERM and the loader
+    python tools/bench.py mixers [--quick] [--device cuda]
+                                       # mixup / CutMix calls vs timm's Mixup and torchvision v2
 """
 
 import json
@@ -143,17 +145,16 @@ def to_markdown(results: dict) -> str:
         d = results["data"]
         lines += ["## Training data per CPU core (224 px RandomResizedCrop + flip, 500x375 JPEGs)",
                   "", "| path | img/s per core | ms / image |", "|---|---:|---:|"]
-        lines += [f"| {k} | {v} | {d['ms_per_image'][k]} |" for k,
-                  v in d["img_per_s_per_core"].items()]
+        lines += [f"| {k} | {v} | {d['ms_per_image'][k]} |"
+                  for k, v in d["img_per_s_per_core"].items()]
         lines += ["", "| ratio | measured | target | ok |", "|---|---:|---:|---|"]
         goals = {k: d["targets"].get(k, {"target": "", "ok": ""}) for k in d["ratios"]}
-        lines += [f"| {k} | {v} | {goals[k]['target']} | {goals[k]['ok']} |" for k,
-                  v in d["ratios"].items()]
+        lines += [f"| {k} | {v} | {goals[k]['target']} | {goals[k]['ok']} |"
+                  for k, v in d["ratios"].items()]
     return "\n".join(lines) + "\n"
 
 
-@cli.entry
-def main(argv=None) -> int:
+def _parser():
     p = cli.parser(__doc__)
     p.add_argument("what", choices=["all", "pretrain", "wsol", "eval", "robustness", "data", "gpu",
                                     "mixers"],
@@ -161,8 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for bench.json and bench.md")
     p.add_argument("--quick", action="store_true",
                    help="smaller sizes and fewer repeats (a smoke run)")
-    p.add_argument("--device", default=None, help="mixers: the device of the batches (default: "
-                                                  "cuda if available)")
+    p.add_argument("--device", default=None,
+                   help="mixers: the device of the batches (default: cuda if available)")
     p.add_argument("--methods", default=None,
                    help="pretrain: comma-separated rows of pretrain.bench.FULL to time "
                         "(default: all; erm always)")
@@ -170,45 +171,55 @@ def main(argv=None) -> int:
                    help="pretrain: the network (a ViT arch times the ViT rows)")
     p.add_argument("--repeats", type=int, default=5,
                    help="pretrain: round-robin repeats (min and median reported)")
-    args = p.parse_args(argv)
+    return p
+
+
+def _measure(what: str, args) -> dict:
+    """The figures of one part of the bench."""
+    if what == "pretrain":
+        from pretrain.bench import run_pretrain_bench
+        rows = args.methods.split(",") if args.methods else None
+        return run_pretrain_bench(quick=args.quick, arch=args.arch, repeats=args.repeats,
+                                  methods=rows)
+    if what == "wsol":
+        from wsol.bench import run_whole_process_bench, run_wsol_bench
+        out = run_wsol_bench(quick=args.quick)
+        out["whole_process"] = run_whole_process_bench(
+            Path(__file__).with_name("eval_wsol.py"), n_maps=2000,
+            n_reference=16 if args.quick else 64)
+        return out
+    if what == "eval":
+        from transfer.bench import run_eval_bench
+        return run_eval_bench(quick=args.quick)
+    if what == "robustness":
+        from transfer.robustness.bench import run_robustness_bench
+        return run_robustness_bench(quick=args.quick)
+    if what == "gpu":
+        return bench_gpu(quick=args.quick)
+    if what == "mixers":
+        return bench_mixers(args.quick, args.device)
+    from pretrain.data_bench import run_data_bench
+    return run_data_bench(quick=args.quick)
+
+
+@cli.entry
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     import torch
 
     device = "CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
     results = {"machine": f"{platform.processor() or platform.machine()}, "
                           f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
                           f"{device}"}
-    todo = ["pretrain", "wsol", "eval", "robustness", "data",
-            "mixers"] if args.what == "all" else [args.what]
+    todo = (["pretrain", "wsol", "eval", "robustness", "data", "mixers"]
+            if args.what == "all" else [args.what])
     if args.what == "all" and torch.cuda.is_available():
         todo.append("gpu")
     elif args.what == "all":
         print("[bench] gpu: skipped (no CUDA device)", file=sys.stderr)
     for what in todo:
         t0 = time.time()
-        if what == "pretrain":
-            from pretrain.bench import run_pretrain_bench
-            rows = args.methods.split(",") if args.methods else None
-            results["pretrain"] = run_pretrain_bench(quick=args.quick, arch=args.arch,
-                                                     repeats=args.repeats, methods=rows)
-        elif what == "wsol":
-            from wsol.bench import run_whole_process_bench, run_wsol_bench
-            results["wsol"] = run_wsol_bench(quick=args.quick)
-            results["wsol"]["whole_process"] = run_whole_process_bench(
-                Path(__file__).with_name("eval_wsol.py"), n_maps=2000,
-                n_reference=16 if args.quick else 64)
-        elif what == "eval":
-            from transfer.bench import run_eval_bench
-            results["eval"] = run_eval_bench(quick=args.quick)
-        elif what == "robustness":
-            from transfer.robustness.bench import run_robustness_bench
-            results["robustness"] = run_robustness_bench(quick=args.quick)
-        elif what == "gpu":
-            results["gpu"] = bench_gpu(quick=args.quick)
-        elif what == "mixers":
-            results["mixers"] = bench_mixers(args.quick, args.device)
-        else:
-            from pretrain.data_bench import run_data_bench
-            results["data"] = run_data_bench(quick=args.quick)
+        results[what] = _measure(what, args)
         print(f"[bench] {what}: {time.time() - t0:.0f} s", file=sys.stderr)
     print(json.dumps(results, indent=2))
     if args.out:

@@ -191,6 +191,21 @@ def cutmix_cases(repo: Path, out: Path, n: int = 1500):
                        "region is [:, :, bbx1:bbx2, bby1:bby2]"}
 
 
+def _alignmix_note(repo: Path) -> dict:
+    """The fixture's provenance entry (official_fixtures.json)."""
+    return {"repository": "https://github.com/shashankvkt/AlignMixup_CVPR22",
+            "commit": _commit(repo),
+            "functions": ["imagenet/models/resnet50_classifier.py:mixup_aligned",
+                          "imagenet/utils/OT.py:SinkhornDistance (eps 0.1, max_iter 100, "
+                          "threshold 1e-1)"],
+            "inputs": "feat [case, b, c, h, w] zero-padded to [4, 16, 7, 7]; shape gives the "
+                      "used part; lam; perm and branch = the draws np.random.permutation / "
+                      "random.randint(0, 1) made inside mixup_aligned (seeded)",
+            "outputs": "mixed (the function's output), plan = SinkhornDistance(A^T, A[perm]^T) "
+                       "[case, b, 49, 49] zero-padded, iters = Sinkhorn iterations run before "
+                       "the official stopping rule"}
+
+
 def alignmix_cases(repo: Path, out: Path):
     torch.Tensor.cuda = lambda self, *a, **k: self  # the official code calls .cuda() everywhere
     base = repo / "imagenet"
@@ -243,17 +258,7 @@ def alignmix_cases(repo: Path, out: Path):
         rec.setdefault("shape", []).append(shape)
     arrays = {k: np.stack([np.asarray(v) for v in vs]) for k, vs in rec.items()}
     np.savez_compressed(out / "alignmix_official.npz", **arrays)
-    return {"repository": "https://github.com/shashankvkt/AlignMixup_CVPR22",
-            "commit": _commit(repo),
-            "functions": ["imagenet/models/resnet50_classifier.py:mixup_aligned",
-                          "imagenet/utils/OT.py:SinkhornDistance (eps 0.1, max_iter 100, "
-                          "threshold 1e-1)"],
-            "inputs": "feat [case, b, c, h, w] zero-padded to [4, 16, 7, 7]; shape gives the "
-                      "used part; lam; perm and branch = the draws np.random.permutation / "
-                      "random.randint(0, 1) made inside mixup_aligned (seeded)",
-            "outputs": "mixed (the function's output), plan = SinkhornDistance(A^T, A[perm]^T) "
-                       "[case, b, 49, 49] zero-padded, iters = Sinkhorn iterations run before "
-                       "the official stopping rule"}
+    return _alignmix_note(repo)
 
 
 def _official_alignmix_modules(base: Path, tag: str):

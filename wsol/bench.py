@@ -99,12 +99,12 @@ def run_wsol_bench(quick: bool = False, n_maps: int | None = None, n_reference: 
         whole = MaxBoxAccEvaluator(interval, ious, multi_contour=multi)
         for fam, fmaps in families.items():
             sub = fmaps[:max(1, round(n_reference * share[fam]))]
-            ref, ref_cpu, _ = _time(lambda sub=sub,
-                                    multi=multi: _run("reference", multi, sub, interval, ious),
+            ref, ref_cpu, _ = _time(lambda sub=sub, multi=multi: _run("reference", multi, sub,
+                                                                      interval, ious),
                                     repeats)
             same &= _same(ref, _run("fast", multi, sub, interval, ious))
-            fast, fast_cpu, _ = _time(lambda fmaps=fmaps,
-                                      multi=multi: _run("fast", multi, fmaps, interval, ious),
+            fast, fast_cpu, _ = _time(lambda fmaps=fmaps, multi=multi: _run("fast", multi, fmaps,
+                                                                            interval, ious),
                                       repeats)
             ref_ms[fam], fast_ms[fam] = 1000 * ref_cpu / len(sub), 1000 * fast_cpu / len(fmaps)
             whole.count += fast.count

@@ -110,6 +110,32 @@ def _read_id_map(path, n_fields, parse):
     return out
 
 
+def _cub_record(root: Path, image_id: int, rel: str, label: int, split: int, box: tuple,
+               classes: dict, check_images: bool) -> CubRecord:
+    """One image's record, its class, split and box checked (MetadataError naming the file)."""
+    if label not in classes:
+        raise MetadataError(f"{root / 'image_class_labels.txt'}: image {image_id} has "
+                            f"unknown class {label} (not in classes.txt)")
+    if split not in (0, 1):
+        raise MetadataError(f"{root / 'train_test_split.txt'}: image {image_id} has split "
+                            f"{split} (expected 1 train / 0 test)")
+    x, y, w, h = box
+    if not all(np.isfinite([x, y, w, h])):
+        raise MetadataError(f"{root / 'bounding_boxes.txt'}: image {image_id} has a "
+                            f"non-finite box {[x, y, w, h]}")
+    if w < 0 or h < 0:
+        raise MetadataError(f"{root / 'bounding_boxes.txt'}: image {image_id} has negative "
+                            f"box size w={w} h={h} (x1 < x0)")
+    if w == 0 or h == 0:
+        raise MetadataError(f"{root / 'bounding_boxes.txt'}: image {image_id} has a box of "
+                            f"zero size w={w} h={h}")
+    xyxy = (x, y, x + w, y + h)
+    if check_images:
+        size = _image_size(root / "images" / rel, f"{root / 'images.txt'}: image {image_id}")
+        _check_box(f"{root / 'bounding_boxes.txt'}: image {image_id}", xyxy, size)
+    return CubRecord(image_id, rel, label - 1, split == 1, xyxy)
+
+
 def read_cub(cub_root, check_images: bool = False) -> tuple[list[CubRecord], list[str]]:
     """Read the CUB_200_2011 raw files. Returns (records sorted by id, class names).
 
@@ -129,8 +155,8 @@ def read_cub(cub_root, check_images: bool = False) -> tuple[list[CubRecord], lis
         seen[rel] = image_id
     if not images:
         raise MetadataError(f"{root / 'images.txt'}: no images")
-    labels = _read_id_map(root / "image_class_labels.txt", 2, lambda p, i,
-                          f: _num(p, i, f[0], int))
+    labels = _read_id_map(root / "image_class_labels.txt", 2,
+                          lambda p, i, f: _num(p, i, f[0], int))
     split = _read_id_map(root / "train_test_split.txt", 2, lambda p, i, f: _num(p, i, f[0], int))
     boxes = _read_id_map(root / "bounding_boxes.txt", 5,
                          lambda p, i, f: tuple(_num(p, i, v, float) for v in f))
@@ -146,30 +172,9 @@ def read_cub(cub_root, check_images: bool = False) -> tuple[list[CubRecord], lis
         missing = sorted(set(images) - set(table))
         if missing:
             raise MetadataError(f"{root / name}: no entry for image id(s) {missing[:5]}")
-    records = []
-    for image_id, rel in images.items():
-        label = labels[image_id]
-        if label not in classes:
-            raise MetadataError(f"{root / 'image_class_labels.txt'}: image {image_id} has "
-                                f"unknown class {label} (not in classes.txt)")
-        if split[image_id] not in (0, 1):
-            raise MetadataError(f"{root / 'train_test_split.txt'}: image {image_id} has split "
-                                f"{split[image_id]} (expected 1 train / 0 test)")
-        x, y, w, h = boxes[image_id]
-        if not all(np.isfinite([x, y, w, h])):
-            raise MetadataError(f"{root / 'bounding_boxes.txt'}: image {image_id} has a "
-                                f"non-finite box {[x, y, w, h]}")
-        if w < 0 or h < 0:
-            raise MetadataError(f"{root / 'bounding_boxes.txt'}: image {image_id} has negative "
-                                f"box size w={w} h={h} (x1 < x0)")
-        if w == 0 or h == 0:
-            raise MetadataError(f"{root / 'bounding_boxes.txt'}: image {image_id} has a box of "
-                                f"zero size w={w} h={h}")
-        box = (x, y, x + w, y + h)
-        if check_images:
-            size = _image_size(root / "images" / rel, f"{root / 'images.txt'}: image {image_id}")
-            _check_box(f"{root / 'bounding_boxes.txt'}: image {image_id}", box, size)
-        records.append(CubRecord(image_id, rel, label - 1, split[image_id] == 1, box))
+    records = [_cub_record(root, image_id, rel, labels[image_id], split[image_id],
+                           boxes[image_id], classes, check_images)
+               for image_id, rel in images.items()]
     records.sort(key=lambda r: r.image_id)
     return records, [classes[k] for k in class_ids]
 
@@ -242,8 +247,8 @@ def read_wsol_metadata(metadata_dir, require_boxes: bool = True) -> WSOLMetadata
             if missing:
                 raise MetadataError(f"{loc}: no box for image id(s) {missing[:5]}")
     return WSOLMetadata(image_ids, labels, sizes,
-                        {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k,
-                         v in boxes.items()})
+                        {k: np.asarray(v, dtype=np.float64).reshape(-1, 4)
+                         for k, v in boxes.items()})
 
 
 def _read_image_ids(ids_path: Path) -> list[str]:

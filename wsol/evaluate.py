@@ -126,8 +126,9 @@ def evaluate_model(model, dataset, meta: WSOLMetadata, device, batch_size: int, 
     to_records = _batch_records(meta, size, (v2, v1, loc),
                                 None if scoremap_dir is None else Path(scoremap_dir),
                                 keep_examples)
-    res = inference_on_dataset(model, dataset, lambda m,
-                               inputs: m.logits_and_cams(inputs[0], inputs[1]), to_records,
+    res = inference_on_dataset(model, dataset,
+                               lambda m, inputs: m.logits_and_cams(inputs[0], inputs[1]),
+                               to_records,
                                batch_size=batch_size, device=device, workers=workers,
                                precision=precision, select=lambda batch: batch[:2],
                                desc="evaluate")

@@ -87,10 +87,9 @@ DEFAULTS = {
         "freeze": [],                   # trunk layers kept frozen (params and BN statistics)
         "step_size": 150,               # epochs between x gamma decays (schedule step)
     },
-    # name: none (cross-entropy; the default) | a pretraining method
+    # name: none (cross-entropy; the default) | a pretraining method (pretrain.methods.METHODS),
+    # with that method's knobs beside it
     "method": {},
-                                        # (pretrain.methods.METHODS), with that method's knobs
-                                        # beside it
     "eval": {
         # every_epochs: the localization curve
         **fragment(EVAL, "every_epochs", "batch_size", batch_size=32),

@@ -407,8 +407,8 @@ if numba is not None:
         return grew
 
     @_njit
-    def _sweep(foreground, h, w, gt, order, counts, active, cid, comp, par, dirty, tree, size,
-               state, best):  # noqa: C901
+    def _sweep(foreground, h, w, gt, order, counts, active, cid, comp, par,  # noqa: C901
+               dirty, tree, size, state, best):
         """Best IoU per cut level (0..254) over one kind of contour, in one union-find pass.
 
         foreground=True: the 8-connected components of {u8 > c}, c from 254 down (level c gets

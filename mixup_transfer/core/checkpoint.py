@@ -1,7 +1,7 @@
 """The backbone checkpoint: the one contract between pretraining and every downstream stage.
 
 File format (ARCHITECTURE.md): a `torch.save`d plain dict
-    {"model": <torchvision-keyed ResNet state_dict, fc included; or a timm-keyed ViT state_dict, head included>,
+    {"model": <torchvision-keyed ResNet state_dict (fc included), or timm-keyed ViT (head incl.)>,
      "meta": {"arch", "num_classes", "method", "epochs", "config" (YAML text), "metrics" (dict)}}
 loadable with `torch.load(..., weights_only=True)`.
 
@@ -265,8 +265,8 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
     not a PyTorch file at all (random bytes, text), a truncated or corrupt archive, or a file
     holding pickled Python objects. Only the last one can be loaded, and only with
     `allow_pickle=True` or for a file the command line trusted (`trust_pickled`, a tool's
-    `--allow-pickle`), which unpickles arbitrary objects (it
-    can run code: trusted files only) and warns.
+    `--allow-pickle`), which unpickles arbitrary objects (it can run code: trusted files only)
+    and warns.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -300,8 +300,12 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
         except Exception as e:  # noqa: BLE001 - truncated or random bytes
             raise CheckpointError(f"{path}: not a checkpoint (neither a torch.save archive nor a "
                                   f"readable pickle: {type(e).__name__}: {str(e)[:120]})") from err
-    # what is left: a file that pickles classes or functions (an argparse Namespace, numpy objects,
-    # ...)
+    return _load_pickled(path, text, err, allow_pickle)
+
+
+def _load_pickled(path: str, text: str, err: Exception, allow_pickle: bool) -> Any:
+    """A file that pickles classes or functions (an argparse Namespace, numpy objects, ...):
+    refused unless the caller or the command line trusts it, then unpickled with a warning."""
     trusted = os.path.realpath(path) in _TRUSTED
     if not (allow_pickle or trusted):
         what = (
@@ -316,7 +320,7 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
         "by --allow-pickle on the command line" if trusted else "by the caller (allow_pickle=True)"
     )
     warnings.warn(f"{path}: unpickling with weights_only=False as requested {how}: this can run "
-                  "arbitrary code; do it only for files you trust", stacklevel=2)
+                  "arbitrary code; do it only for files you trust", stacklevel=3)
     try:
         # the one guarded full unpickling of the library (tests/test_bad_inputs.py checks it stays
         # so)

@@ -81,8 +81,8 @@ def check_outputs_finite(stage: str, split: str, counts: dict) -> None:
     the caller)."""
     bad = {k: int(v) for k, v in counts.items() if int(v)}
     if bad:
-        what = ", ".join(f"{v} non-finite {k} value{'s' if v != 1 else ''}" for k,
-                         v in bad.items())
+        what = ", ".join(f"{v} non-finite {k} value{'s' if v != 1 else ''}"
+                         for k, v in bad.items())
         raise NonFiniteOutputError(f"{stage}: split {split}: the model's outputs are not finite "
                                    f"({what}); the network is broken (diverged or NaN weights), "
                                    "so nothing is scored or saved")

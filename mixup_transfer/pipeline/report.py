@@ -15,8 +15,7 @@ from mixup_transfer.pipeline.html import to_html
 
 def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
     """runs/<name>/report.md, report.html (+ figures/) and summary.json from the stages' metrics
-    (`Pipeline.run`'s
-    results: per method and stage, a list of runs); returns report.md."""
+    (`Pipeline.run`'s results: per method and stage, a list of runs); returns report.md."""
     run_dir = Path(run_dir)
     fig_dir = run_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -29,14 +28,7 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
                 "higher is better, ↓: lower is better. "
                 + seeds_sentence(results.get("seeds") or {}), ""]
     failed = results.get("failed") or {}
-    if failed:
-        sections += ["## Failed stages", "",
-                     f"**{len(failed)} stage(s) failed or did not run**; their entries read "
-                     "*failed* in the tables below. A failed stage's folder is kept for "
-                     "inspection; run the same command again to retry it (finished stages are "
-                     "reused).", "", "| stage | why |", "|---|---|",
-                     *[f"| {label} | {why.replace('|', '/')} |" for label, why in failed.items()],
-                     ""]
+    sections += failed_section(failed)
     sections += variants_sentence(results)
     tabs = [tables.classification_table(results)]
     if dets:
@@ -45,14 +37,7 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
     if cfg.get("wsol"):
         tabs.append(tables.wsol_table(results))
         sections.append(tabs[-1].markdown())
-        series = [(m, [r["metrics"] for r in res.get("wsol") or [] if r["metrics"]])
-                  for m, res in results["methods"].items()]
-        series.append(("random init",
-                       [r["metrics"] for r in (results.get("baselines") or {}).get("wsol") or []
-                                        if r["metrics"]]))
-        curve = figures.wsol_curves(series, fig_dir / "wsol_curve.png")
-        if curve:
-            sections.append(f"![WSOL localization vs fine-tuning epoch](figures/{curve.name})\n")
+        sections += wsol_curve_section(results, fig_dir)
     if cfg.get("robustness"):
         background = tables.background_table(results)
         sets = tables.ood_sets(results)
@@ -81,6 +66,30 @@ def write_report(run_dir: Path, results: dict, cfg: dict) -> Path:
     atomic_write_text(md, run_dir / "report.md")
     atomic_write_text(to_html(md, cfg.get("name", "")), run_dir / "report.html")
     return run_dir / "report.md"
+
+
+def failed_section(failed: dict) -> list[str]:
+    """The report's list of failed stages (nothing when every stage finished)."""
+    if not failed:
+        return []
+    return ["## Failed stages", "",
+            f"**{len(failed)} stage(s) failed or did not run**; their entries read *failed* in "
+            "the tables below. A failed stage's folder is kept for inspection; run the same "
+            "command again to retry it (finished stages are reused).", "",
+            "| stage | why |", "|---|---|",
+            *[f"| {label} | {why.replace('|', '/')} |" for label, why in failed.items()], ""]
+
+
+def wsol_curve_section(results: dict, fig_dir: Path) -> list[str]:
+    """The WSOL localization-vs-epoch figure of every method and random init (if it was drawn)."""
+    series = [(m, [r["metrics"] for r in res.get("wsol") or [] if r["metrics"]])
+              for m, res in results["methods"].items()]
+    baseline = (results.get("baselines") or {}).get("wsol") or []
+    series.append(("random init", [r["metrics"] for r in baseline if r["metrics"]]))
+    curve = figures.wsol_curves(series, fig_dir / "wsol_curve.png")
+    if not curve:
+        return []
+    return [f"![WSOL localization vs fine-tuning epoch](figures/{curve.name})\n"]
 
 
 def variants_sentence(results: dict) -> list[str]:
@@ -114,13 +123,13 @@ def figure_sections(run_dir: Path, results: dict, methods: list[str],
     per_method = results["methods"]
 
     def panel(stage, getter, per_seed=False):
-        return {m: [v for v, _ in tables.values(r, stage, getter, per_seed)] for m,
-                r in per_method.items()}
+        return {m: [v for v, _ in tables.values(r, stage, getter, per_seed)]
+                for m, r in per_method.items()}
     panels = [
         ("val top-1 acc (%)", panel("pretrain", lambda m: tables.get(m, "top1"))),
         *[(f"{d} {tables.detection_key(d)} (%)",
-           panel(d, lambda m, k=tables.detection_key(d): tables.get(m, k),
-                 True))  # noqa: B008 (binds each d's key)
+           # the default binds each d's key
+           panel(d, lambda m, k=tables.detection_key(d): tables.get(m, k), True))  # noqa: B008
           for d in dets],
         ("MaxBoxAccV2 (%)", panel("wsol", lambda m: tables.get(m, "maxboxacc_v2"))),
         ("bg-replace top-1 err (%)",

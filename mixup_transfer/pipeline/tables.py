@@ -139,8 +139,8 @@ class Table:
             found = [values(res, c.stage, c.getter, c.per_seed) for c in self.columns]
             failed = [sum(1 for r in res.get(c.stage) or [] if r.get("failed"))
                       for c in self.columns]
-            out.append([Cell([v for v, _ in f], [r for _, r in f], n) for f,
-                        n in zip(found, failed)])
+            out.append([Cell([v for v, _ in f], [r for _, r in f], n)
+                        for f, n in zip(found, failed)])
         return out
 
     def bold(self, cells: list[list[Cell]]) -> list[set[int]]:
@@ -162,8 +162,8 @@ class Table:
                 by_n.setdefault(max(cell.n for cell in row), []).append(label)
         if len(by_n) <= 1:
             return "".join(f"n={n}" for n in by_n)
-        return ", ".join(f"n={n} ({', '.join(labels)})" for n,
-                         labels in sorted(by_n.items(), reverse=True))
+        return ", ".join(f"n={n} ({', '.join(labels)})"
+                         for n, labels in sorted(by_n.items(), reverse=True))
 
     def markdown(self) -> str:
         cells = self.cells()
@@ -371,8 +371,8 @@ def ood_table(results: dict, only: list[str] | None = None) -> Table | None:
     if not sets:
         return None
     cols = [Column(f"{s} {head}", "robustness", lambda m, s=s, key=key: get(m, "ood", s, key))
-            for s in sets for key,
-            head in (("det_acc", "det acc (%)"), ("det_acc_at_thr", "det acc @thr (%)"),
+            for s in sets
+            for key, head in (("det_acc", "det acc (%)"), ("det_acc_at_thr", "det acc @thr (%)"),
                                             ("auroc", "AUROC (%)"), ("aupr_in", "AUPR-in (%)"),
                                             ("aupr_out", "AUPR-out (%)"))]
     rows = [(m, r, False) for m, r in results["methods"].items()]

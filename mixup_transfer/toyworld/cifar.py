@@ -45,8 +45,8 @@ def cifar_split(seed: int, n_classes: int, per_class: int,
                                    n_classes]).permutation(n)
     labels = [int(k) % n_classes for k in order]
     world = WORLDS["cifar_test" if test else "cifar_train"] * 1000 + n_classes
-    images = np.stack([small_scene(seed, world, i, y, n_classes, CIFAR_SIDE)[0] for i,
-                       y in enumerate(labels)])
+    images = np.stack([small_scene(seed, world, i, y, n_classes, CIFAR_SIDE)[0]
+                       for i, y in enumerate(labels)])
     return images, labels
 
 

@@ -73,8 +73,8 @@ def write_imagenet(out: Path, seed: int, preset: str, workers: int, progress: bo
         )
         csv.append(
             f"{stem},"
-            + " ".join(f"{name} " + " ".join(str(v) for v in xml_box(o["box"])) for name,
-                       o in objs)
+            + " ".join(f"{name} " + " ".join(str(v) for v in xml_box(o["box"]))
+                       for name, o in objs)
         )
     write_lines(root / "LOC_val_solution.csv", csv)
     write_lines(

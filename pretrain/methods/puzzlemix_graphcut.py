@@ -69,8 +69,8 @@ def _wrap_int32(v: np.ndarray) -> np.ndarray:
 _ALL_BITS: dict = {}
 
 
-def _sink_side_small(m: int, diff, pi, qi,
-                     cw) -> np.ndarray:  # noqa: C901 (one max-flow algorithm, read at once)
+# one max-flow algorithm, read at once
+def _sink_side_small(m: int, diff, pi, qi, cw) -> np.ndarray:  # noqa: C901
     """`_binary_cut` by Edmonds-Karp on Python integers (shortest augmenting paths), then the nodes
     that can reach the sink in the residual graph."""
     s, t = m, m + 1

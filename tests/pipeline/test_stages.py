@@ -67,8 +67,9 @@ def test_run_passes_only_the_options_a_stage_declares(monkeypatch):
     from mixup_transfer.core import stage as core_stage
 
     seen = {}
-    monkeypatch.setattr(core_stage, "_resolve", lambda ref: lambda cfg, inputs, run_dir,
-                        **kw: seen.update(kw) or {})
+    def resolve(ref):
+        return lambda cfg, inputs, run_dir, **kw: seen.update(kw) or {}
+    monkeypatch.setattr(core_stage, "_resolve", resolve)
     stage("robustness").run({}, None, "r", resume=True, force=False)
     assert seen == {}  # robustness only evaluates: neither option
     for name in ("pretrain", "detection", "wsol"):

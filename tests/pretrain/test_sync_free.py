@@ -463,8 +463,8 @@ class FakeCudaEncoded(FakeCudaPretrain):
         self.data = [(datas, crops, torch.arange(4) % C) for _ in range(STEPS)]
         monkeypatch.setattr(pdata, "decode_jpegs", lambda items, device: [
             torch.zeros(3, 16, 16, dtype=torch.uint8, device=device) for _ in items])
-        monkeypatch.setattr(pdata, "decode_uint8", lambda data,
-                            where: torch.zeros(3, 16, 16, dtype=torch.uint8))
+        monkeypatch.setattr(pdata, "decode_uint8",
+                            lambda data, where: torch.zeros(3, 16, 16, dtype=torch.uint8))
 
     def batches(self, epoch, start_step):
         return ((datas, crops.pin_memory(), labels.pin_memory()) for datas, crops,

@@ -314,8 +314,8 @@ def test_precise_bn_gives_the_clean_batches_population_statistics(toy_world, tmp
     bn = net.bn1
     bn.running_mean.fill_(5.0)
     assert task.recompute_bn_statistics(1, "fp32") == 2
-    batches = [task.to_device(b, task.device, False)[0] for _,
-               b in zip(range(2), task.batches(0, 0))]
+    batches = [task.to_device(b, task.device, False)[0]
+               for _, b in zip(range(2), task.batches(0, 0))]
     x = torch.cat(batches)
     mean, std = (
         torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),

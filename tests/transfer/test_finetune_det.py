@@ -55,8 +55,8 @@ def _cfg(toy_world, kind="ssd", fmt="voc", **solver):
 def test_lr_schedule_hand_values():
     from mixup_transfer.core.schedule import lr_factor
 
-    f = lambda it: lr_factor(it, "step", milestones=[50, 80], gamma=0.1, warmup=10,
-                             warmup_start=0.1)  # noqa: E731
+    def f(it):
+        return lr_factor(it, "step", milestones=[50, 80], gamma=0.1, warmup=10, warmup_start=0.1)
     assert f(0) == pytest.approx(0.1) and f(5) == pytest.approx(0.55) and f(10) == 1.0
     assert f(49) == 1.0 and f(50) == pytest.approx(0.1) and f(80) == pytest.approx(0.01)
 

@@ -261,8 +261,8 @@ def test_pgd_stays_in_eps_ball_and_reduces_to_fgsm():
 
 
 def _direct_auroc(pos, neg):
-    return np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p,
-                    n in itertools.product(pos, neg)])
+    return np.mean([1.0 if p > n else 0.5 if p == n else 0.0
+                    for p, n in itertools.product(pos, neg)])
 
 
 def _direct_ap(pos, neg):

@@ -16,9 +16,8 @@ DEFAULTS = {
     "model": {
         "type": "ssd",                    # ssd | faster_rcnn_fpn | faster_rcnn_c4
         "arch": "resnet50",               # resnet18 | resnet34 | resnet50 | resnet101
-        # auto (frozen_bn with weights, bn without) | frozen_bn | bn
+        # auto (frozen_bn with weights, bn without) | frozen_bn | bn | syncbn
         "norm": "auto",
-                                          # | syncbn
         "trainable_layers": None,         # None: 3 (R-CNN) / 4 (SSD) with weights, 5 without
         "size": 300,                      # SSD input side; R-CNN test shorter side
         "max_size": 1333,                 # R-CNN longer-side cap
@@ -50,10 +49,9 @@ DEFAULTS = {
         # lr drops (x gamma), as fractions of the total iterations
         "steps": [0.6667, 0.8889],
         "clip_grad_norm": 0.0,            # 0: off
-        # null: lr as given; int: lr is for this global batch and is
+        # null: lr as given; int: lr is for this global batch and is scaled linearly to
+        # batch_per_process x world size (scaled_lr)
         "reference_batch": None,
-                                          # scaled linearly to batch_per_process x world size
-                                          # (scaled_lr)
     },
     "eval": {
         **fragment(EVAL, "every_epochs", "batch_size", batch_size=4),

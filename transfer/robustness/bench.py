@@ -67,8 +67,8 @@ def run_robustness_bench(quick: bool = False, arch: str | None = None,
     fast = auroc(pos, neg)
     t_fast = time.perf_counter() - t0
     t0 = time.perf_counter()
-    direct = np.mean([1.0 if p > q else 0.5 if p == q else 0.0 for p,
-                      q in itertools.product(pos, neg)])
+    direct = np.mean([1.0 if p > q else 0.5 if p == q else 0.0
+                      for p, q in itertools.product(pos, neg)])
     t_direct = time.perf_counter() - t0
     res.update(auroc_n=n, auroc_sort_s=t_fast, auroc_direct_s=t_direct,
                auroc_speedup=t_direct / max(t_fast, 1e-9),

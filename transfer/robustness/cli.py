@@ -29,17 +29,19 @@ def _name(spec: str) -> tuple[str, str]:
 
 
 def _comments(module) -> dict[str, str]:
-    """Each top-level key's comment in `module`'s DEFAULTS table (continuation lines joined)."""
+    """Each top-level key's comment in `module`'s DEFAULTS table: the comment lines right above the
+    key and its trailing comment, joined."""
     src = inspect.getsource(module)
     body = src[src.index("DEFAULTS = {"):]
-    comments, key = {}, None
+    comments, above = {}, []
     for line in body[:body.index("\n}\n")].splitlines()[1:]:
+        if line.strip().startswith("#"):
+            above.append(line.strip().lstrip("#").strip())
+            continue
         m = re.match(r'\s*"(\w+)":[^#]*(?:#\s?(.*))?$', line)
         if m:
-            key = m.group(1) if m.group(2) else None
-            comments[m.group(1)] = (m.group(2) or "").strip()
-        elif key and line.strip().startswith("#"):
-            comments[key] += " " + line.strip().lstrip("#").strip()
+            comments[m.group(1)] = " ".join([*above, (m.group(2) or "").strip()]).strip()
+        above = []
     return comments
 
 
@@ -56,11 +58,8 @@ def option_help() -> dict[str, str]:
         rule = stage.RANGES.get(key, ())
         choices = f"; choices: {', '.join(str(c) for c in rule[1])}" if rule[:1] == ("in",) else ""
         shown = "null" if default is None else default if default != "" else "''"
-        out[key] = (
-            f"{comments.get(key) or key.replace('_', ' ')} (default: {shown}{choices})".replace(
-                "%", "%%"
-            )
-        )
+        text = f"{comments.get(key) or key.replace('_', ' ')} (default: {shown}{choices})"
+        out[key] = text.replace("%", "%%")
     return out
 
 

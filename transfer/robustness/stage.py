@@ -33,16 +33,16 @@ log = logging.getLogger("robustness")
 STAGE_SUITES = ("embedding",)  # suites of this stage beyond evaluate_checkpoint's; never in "all"
 
 DEFAULTS = {
-    # comma-separated (or a list) of clean, background, calibration, fgsm, pgd,
+    # comma-separated (or a list) of clean, background, calibration, fgsm, pgd, ood, embedding, or
+    # all (every suite but embedding)
     "suites": ",".join(SUITES),
-                                     # ood, embedding, or all (every suite but embedding)
     # cifar | tinyimagenet | imagenet: fills the null keys below (null: none)
     "protocol": None,
     # output folder of tools/run_robustness.py (the pipeline gives its own)
     "out": "runs/robustness",
-    # the shared keys: mixup_transfer/core/vocabulary.py
+    # the shared keys: mixup_transfer/core/vocabulary.py (data.num_workers null: 0 on CPU, min(8,
+    # cores) on CUDA)
     "data": fragment(DATA, "max_val", "num_workers"),
-                                     # (data.num_workers null: 0 on CPU, min(8, cores) on CUDA)
     "eval": fragment(EVAL, "batch_size", batch_size=64),
     "runtime": fragment(RUNTIME, "device", "precision", "tensorboard"),
     "image_size": None,              # centre-crop size (protocol; evaluator default 224)
