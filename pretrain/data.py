@@ -6,12 +6,13 @@ resume.
 
 Three data paths (`data.loader`, chosen by `select_loader`):
   - "uint8" (default): workers decode with torchvision.io (libjpeg-turbo), crop, resize
-    (antialiased) and flip uint8 [3, h, w] tensors and return them as uint8, with the colour jitter
-                  / lighting factors they drew;
-    `batch_to_device` makes them float in [0, 1] on the device (channels_last when asked) and applies the colour
-    ops there, batched. With `decode_device: cuda` the workers only read the bytes and draw the crop; nvJPEG
-    decodes the batch on the GPU (`decode_batch`). The draws are the PIL path's, in its order, so the same seed
-    gives the same crop, flip and factors (pixels within 1/255 on crop + flip, see tests/core/test_uint8_data.py).
+    (antialiased) and flip uint8 [3, h, w] tensors and return them as uint8, with the colour
+    jitter / lighting factors they drew; `batch_to_device` makes them float in [0, 1] on the
+    device (channels_last when asked) and applies the colour ops there, batched. With
+    `decode_device: cuda` the workers only read the bytes and draw the crop; nvJPEG decodes the
+    batch on the GPU (`decode_batch`). The draws are the PIL path's, in its order, so the same
+    seed gives the same crop, flip and factors (pixels within 1/255 on crop + flip, see
+    tests/core/test_uint8_data.py).
   - "pil": the original PIL path (float tensors made in the workers); kept for comparison
     (tools/bench.py data).
   - "dali": NVIDIA DALI on the GPU (pretrain/dali.py), when installed and asked for (or "auto").

@@ -8,16 +8,16 @@ done in this process on one thread (`torch.set_num_threads(1)`), so the process 
 work of one core. The paths are timed round-robin batch by batch (`run_data_bench`), so a busy
 neighbour slows them alike. Only ratios are targets.
 
-  - pil:    read_image (PIL decode) -> RandomResizedCrop + flip (PIL) -> ToTensor (float) ->
-    collate
+  - pil:    read_image (PIL decode) -> RandomResizedCrop + flip (PIL) -> ToTensor (float)
+            -> collate
   - uint8:  read_image_uint8 (torchvision.io decode_jpeg) -> crop + antialiased resize + flip
-    (uint8) ->
-            collate_uint8
+            (uint8) -> collate_uint8
             (the float conversion runs on the device, `batch_to_device`, and is not counted here)
-  - decode: read_image_uint8 alone: the ceiling of any path that decodes the whole image on the CPU
-  - pil_recipe, uint8_recipe (not with --quick): both with the ImageNet recipe's colour jitter 0.4
-    + lighting 0.1; the PIL path applies them in the worker, the uint8 path only draws them there (the pixel work runs on
-    the device, `color_augment`, not counted)
+  - decode: read_image_uint8 alone: the ceiling of any path that decodes the whole image on the
+            CPU
+  - pil_recipe, uint8_recipe (not with --quick): both with the ImageNet recipe's colour jitter
+            0.4 + lighting 0.1; the PIL path applies them in the worker, the uint8 path only
+            draws them there (the pixel work runs on the device, `color_augment`, not counted)
 """
 
 from __future__ import annotations

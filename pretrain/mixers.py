@@ -1,6 +1,7 @@
 """Input-space mixing for any training loop: `mixer(x, y) -> (x_mixed, targets)`.
 
-    mixer = CutMix(alpha=1.0, num_classes=10, per_sample=True, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    mixer = CutMix(alpha=1.0, num_classes=10, per_sample=True, generator=gen)
     x_mixed, targets = mixer(images, labels)       # images [b, C, h, w], labels [b] int
     loss = mixed_loss(model(x_mixed), targets)     # soft-target cross-entropy, or your criterion
 
@@ -210,9 +211,9 @@ class MixUp(Mixer):
         return shared.mixup(x, perm, lam), self.targets(y, perm, lam)
 
 
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # CutMix boxes, vectorised
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 
 def cutmix_boxes(h: int, w: int, side: torch.Tensor, centre: torch.Tensor):
@@ -283,9 +284,9 @@ class CutMix(Mixer):
 
 
 
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # PuzzleMix, multi-mix, switching
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 
 def puzzle_grid_options(h: int, w: int, grids: Sequence[int], neigh_size: int = 2) -> list[int]:
@@ -502,9 +503,9 @@ class RandomChoice:
         return x_mixed, t
 
 
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # zeta-mixup: every example a p-series combination of the whole batch
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 
 def zeta_weights(order: torch.Tensor, gamma: float = 2.8) -> torch.Tensor:

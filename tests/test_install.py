@@ -24,7 +24,8 @@ from mixup_transfer.core.engine import Engine
 from mixup_transfer.pipeline.run import run_pipeline
 from pretrain.methods import build_method
 site = sys.argv[1]
-assert mixup_transfer.__file__.startswith(site) and pretrain.__file__.startswith(site), mixup_transfer.__file__
+assert mixup_transfer.__file__.startswith(site) and \
+pretrain.__file__.startswith(site), mixup_transfer.__file__
 torch.manual_seed(0)
 method = build_method("multimix", torchvision.models.resnet18(num_classes=10), num_classes=10)
 method.generator = torch.Generator().manual_seed(0)

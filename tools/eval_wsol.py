@@ -2,7 +2,8 @@
 """Score saved CAM score maps like wsolevaluation (MaxBoxAcc / MaxBoxAccV2); prints JSON.
 
     python tools/eval_wsol.py --metadata data/wsol_metadata/CUB/test --scoremaps SCOREMAP_DIR \
-        [--cam-curve-interval 0.001] [--iou-thresholds 30 50 70] [--multi-contour | --largest-contour]
+        [--cam-curve-interval 0.001] [--iou-thresholds 30 50 70] \
+        [--multi-contour | --largest-contour]
 
 Score maps: <scoremaps>/<image_id>.npy, float in [0, 1], 224 x 224 (GT boxes are rescaled to the
 map's size with integer truncation). The JSON's "sweep" says which implementation ran (same

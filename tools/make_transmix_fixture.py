@@ -3,8 +3,10 @@
 `Mixup`) run offline on seeded inputs, numbers only.
 
     git --git-dir=<mirror of Beckschen/TransMix> archive HEAD | tar -x -C /tmp/TransMix
-    pip install --no-deps --target /tmp/timm054 timm==0.5.4      # the version its requirements.txt pins
-    PYTHONPATH=/tmp/timm054:$PYTHONPATH python tools/make_transmix_fixture.py --transmix /tmp/TransMix
+    # the timm version its requirements.txt pins
+    pip install --no-deps --target /tmp/timm054 timm==0.5.4
+    PYTHONPATH=/tmp/timm054:$PYTHONPATH \
+        python tools/make_transmix_fixture.py --transmix /tmp/TransMix
 
 The official mixing draws from numpy's global generator (`np.random.rand` twice, `np.random.beta`,
 then `np.random.randint` for the box centre's row and column): each case seeds it and records every

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Robustness suites of pretrained classifiers on ImageNet-layout val.
 
-    tools/run_robustness.py --checkpoint CKPT --imagenet DIR --suites clean,background,calibration,fgsm,pgd,ood
+    tools/run_robustness.py --checkpoint CKPT --imagenet DIR \
+        --suites clean,background,calibration,fgsm,pgd,ood
         [--ood DIR ...] [--out DIR] [data.max_val=N] [KEY=VALUE ...]
-    tools/run_robustness.py --checkpoint CKPT --imagenet DIR --suites clean,embedding   # + alignment / uniformity, UMAP
+    # + alignment / uniformity, UMAP
+    tools/run_robustness.py --checkpoint CKPT --imagenet DIR --suites clean,embedding
 
 Suites: clean (top-1 / top-5 error), background (the val set with its background replaced or
 noised, and the CAM localization of the clean images; needs box annotations, skipped with a note on

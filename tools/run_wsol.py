@@ -2,10 +2,12 @@
 """WSOL on CUB: metadata conversion, CAM fine-tuning and evaluation.
 
     python tools/run_wsol.py metadata --cub data/CUB_200_2011 --out data/wsol_metadata/CUB
-    python tools/run_wsol.py finetune --config configs/wsol/cub_alignmix.yaml --weights CKPT [--run-dir DIR]
-        [--force] [KEY=VALUE ...]
-    python tools/run_wsol.py evaluate --config CFG --model RUN/cam_model.pth --scoremaps DIR [KEY=VALUE ...]
-    python tools/run_wsol.py baseline --metadata data/wsol_metadata/CUB/test [--size 224] [--fraction 0.5]
+    python tools/run_wsol.py finetune --config configs/wsol/cub_alignmix.yaml --weights CKPT
+        [--run-dir DIR] [--force] [KEY=VALUE ...]
+    python tools/run_wsol.py evaluate --config CFG --model RUN/cam_model.pth --scoremaps DIR
+        [KEY=VALUE ...]
+    python tools/run_wsol.py baseline --metadata data/wsol_metadata/CUB/test
+        [--size 224] [--fraction 0.5]
 
 `finetune` takes the arguments of the stage's declaration (wsol/stage.py); running it again
 continues the run (a changed config is refused), --force starts over. The other commands are

@@ -66,7 +66,7 @@ def boxes_to_coco_xywh(boxes) -> np.ndarray:
     return b
 
 
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Input reading and validation
 
 
@@ -167,7 +167,8 @@ def check_coco_gt(data: Mapping, name: str, error: type = None, annotations: boo
     images, cats = _coco_images(data, name, error), _coco_categories(data, name, error)
     ann_ids, outside = set(), []
     for i, ann in enumerate(data["annotations"]):
-        where = f"{name}: annotation id {ann.get('id')!r} (annotations[{i}], image id {ann.get('image_id')!r})"
+        where = (f"{name}: annotation id {ann.get('id')!r} (annotations[{i}], "
+                 f"image id {ann.get('image_id')!r})")
         missing = [k for k in ("id", "image_id", "category_id", "bbox", "area", "iscrowd")
                    if k not in ann]
         if missing:
@@ -277,7 +278,7 @@ def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
 
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Evaluation
 
 

@@ -1,7 +1,8 @@
 """Detection datasets in their real on-disk layouts: Pascal VOC devkit and COCO.
 
 Items are `(image, target)`: a PIL RGB image and
-    target = {"boxes": float32 [N, 4] x0, y0, x1, y1 (mixup_transfer.core.data's convention: VOC xmin-1, xmax),
+    target = {"boxes": float32 [N, 4] x0, y0, x1, y1
+                        (mixup_transfer.core.data's convention: VOC xmin-1, xmax),
               "labels": int64 [N] in 1..C (0 is background, torchvision's convention),
               "difficult": bool [N] (VOC difficult flag; COCO iscrowd),
               "image_id": str (VOC) or int (COCO), "size": (height, width)}

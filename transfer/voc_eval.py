@@ -42,6 +42,7 @@ import numpy as np
 from mixup_transfer.core.basics import atomic_path
 from mixup_transfer.core.constants import VOC_CLASSES
 from mixup_transfer.core.data import DataError, pascal_to_box, read_text, safe_relative
+
 # not via transfer.datasets: that imports torch
 from mixup_transfer.core.data import parse_pascal_xml as parse_voc_xml
 
@@ -55,7 +56,7 @@ class VOCEvalError(DataError):
     """Malformed result files or annotations (the message names the file and line)."""
 
 
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # AP from a precision / recall curve
 
 
@@ -82,7 +83,7 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, metric: str = "11point") -
     raise ValueError(f"unknown VOC metric {metric!r}; valid: {list(METRICS)}")
 
 
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Ground truth
 
 
@@ -114,7 +115,7 @@ def _gt_by_class(annotations: Mapping[str, Mapping], classes: Sequence[str]) -> 
     return out
 
 
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # One class
 
 
@@ -190,7 +191,7 @@ def _class_ap(tp: np.ndarray, fp: np.ndarray, npos: int, metric: str) -> float:
     return voc_ap(recall, precision, metric)
 
 
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Public API
 
 
@@ -332,7 +333,7 @@ def boxes_to_voc_xml(boxes) -> np.ndarray:
     return b
 
 
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Files
 
 

@@ -40,10 +40,12 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 _MISSING_INPUT = (FileNotFoundError,)
 
 # the common end of every tool's --help
-EPILOG = """common options:
-  --debug               print the traceback of a failure (anywhere on the command line; or MT_DEBUG=1)
-
-exit codes: 0 done, 1 a failure while running, 2 bad input or config (one `error:` line), 130 interrupted"""
+EPILOG = ("common options:\n"
+          "  --debug               print the traceback of a failure (anywhere on the command line;"
+          " or MT_DEBUG=1)\n"
+          "\n"
+          "exit codes: 0 done, 1 a failure while running, 2 bad input or config"
+          " (one `error:` line), 130 interrupted")
 
 
 def _bad_input_types() -> tuple[type, ...]:

@@ -9,12 +9,15 @@ autocast, and a per-batch callable turns the outputs into host records, one per 
 are gathered in dataset order, so a metric computed from them is the one a single process computes,
 bit for bit.
 
-    def to_records(batch, outputs, indices):         # batch: the loader's (host) batch; indices: dataset indices
-        pred, conf = to_host([outputs.argmax(1), outputs.amax(1)])   # one device -> host copy per batch
+    # batch: the loader's (host) batch; indices: dataset indices
+    def to_records(batch, outputs, indices):
+        # one device -> host copy per batch
+        pred, conf = to_host([outputs.argmax(1), outputs.amax(1)])
         return [(int(p), float(c)) for p, c in zip(pred, conf)]
 
-    res = inference_on_dataset(model, dataset, lambda m, b: m(b[0]), to_records, batch_size=64, device=device)
-    res.records                                      # [record of index 0, 1, ..., n - 1], on every rank
+    res = inference_on_dataset(model, dataset, lambda m, b: m(b[0]), to_records,
+                               batch_size=64, device=device)
+    res.records      # [record of index 0, 1, ..., n - 1], on every rank
 """
 
 from __future__ import annotations

@@ -18,9 +18,11 @@ Its command line is derived from the declaration (`Stage.add_arguments`,
 
     --config FILE         the stage's YAML (optional where config_required is False)
     --<input> PATH        each input (required) and optional input (`INPUT_FLAGS`)
-    --run-dir DIR         the run folder (default: `run_dir`); robustness names it with its `out` key
-    --force               start over in a run folder that holds a run (a rerun of the same command otherwise
-                          continues it: resume is the default; a changed config is refused, not mixed in)
+    --run-dir DIR         the run folder (default: `run_dir`); robustness names it with its
+                          `out` key
+    --force               start over in a run folder that holds a run (a rerun of the same
+                          command otherwise continues it: resume is the default; a changed
+                          config is refused, not mixed in)
     --allow-pickle        unpickle the checkpoints given as inputs (only files you trust)
     KEY=VALUE ...         config overrides with dotted keys, anywhere on the command line
 
@@ -64,31 +66,31 @@ def _resolve(ref: str):
 class Stage:
     """One stage of the toolkit.
 
-    name:      the stage's one name (package, configs/<name>/, tools/run_<name>.py, launcher, run
-    folder)
-    entry:     "module:function", the one entry point `run(cfg, inputs, run_dir, **options) ->
-    metrics`
+    name:      the stage's one name (package, configs/<name>/, tools/run_<name>.py, launcher,
+               run folder)
+    entry:     "module:function", the one entry point
+               `run(cfg, inputs, run_dir, **options) -> metrics`
     schema:    "module:DEFAULTS", the config schema with defaults and comments (None: the entry
-    point resolves and
-               checks its own keys)
-    inputs:    the files it needs beside its config, as keys of `inputs` (a backbone, an evaluation
-    set)
+               point resolves and checks its own keys)
+    inputs:    the files it needs beside its config, as keys of `inputs` (a backbone, an
+               evaluation set)
     optional_inputs: the files it may read (a backbone checkpoint; None: random init)
     outputs:   what it writes in its run folder
     gpus_per_node: its SLURM jobs' default (8 for the stages that train under DDP on ImageNet or
-    COCO; 1 for
-               WSOL fine-tuning and the evaluation-only robustness stage: rank-aware, they run on N GPUs too)
-    options:   the keyword options its entry point takes (resume, force); a stage without them only
-    evaluates
+               COCO; 1 for WSOL fine-tuning and the evaluation-only robustness stage:
+               rank-aware, they run on N GPUs too)
+    options:   the keyword options its entry point takes (resume, force); a stage without them
+               only evaluates
     config_required: False where the schema's defaults alone make a valid config
     run_dir:   the default run folder of its command line: f(cfg, config path, cwd)
-    run_dir_flag: False where a config key names the run folder (robustness: `out`), so there is no
-    --run-dir
+    run_dir_flag: False where a config key names the run folder (robustness: `out`), so there is
+               no --run-dir
     multi_inputs: the inputs that take several paths on its command line (robustness: several
-    checkpoints)
+               checkpoints)
     cli:       a module with the stage's own command-line flags and command (see the module
-    docstring)
-    subcommand: the sub-command of its tool that the declared arguments belong to (wsol: finetune)
+               docstring)
+    subcommand: the sub-command of its tool that the declared arguments belong to (wsol:
+               finetune)
     """
 
     name: str

@@ -106,7 +106,8 @@ def summary_bars(panels: list[tuple[str, dict[str, list[float]]]], out: Path) ->
                         lw=1)
             for i, n in enumerate(names):  # the runs, beside the error bar
                 ax.plot([i + 0.22] * len(vals[n]), vals[n], "o", ms=3, color="black", alpha=0.6)
-            title = f"{title} (n{'=' if len({len(v) for v in vals.values()}) == 1 else '≤'}{runs}, ± std)"
+            title = (f"{title} (n{'=' if len({len(v) for v in vals.values()}) == 1 else '≤'}"
+                     f"{runs}, ± std)")
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
     fig.tight_layout()

@@ -6,7 +6,8 @@ Checks (each a row of `gpu_check.md` / `gpu_check.json` in the output folder):
   - methods: 3 engine steps of every pretraining method (ResNet-18, 64 px, batch 8) in bf16 and in
     fp16 (the GradScaler path), channels_last, finite losses and parameters;
   - decode: the nvJPEG path (`pretrain.data.decode_jpegs`) against the CPU decoder on the toy
-    ImageNet JPEGs and a CMYK JPEG (which nvJPEG refuses and the CPU decodes): the largest pixel difference, identical to pass;
+    ImageNet JPEGs and a CMYK JPEG (which nvJPEG refuses and the CPU decodes): the largest pixel
+    difference, identical to pass;
   - detection: SSD and Faster R-CNN, one short epoch and their VOC evaluation (bf16,
     channels_last);
   - wsol: one short CAM fine-tuning epoch and its localization metrics;
@@ -84,8 +85,7 @@ def _timed(check: str, fn, *args) -> dict:
         return _row(check, False, time.perf_counter() - t0, last[:300])
 
 
-# -- methods
-# ----------------------------------------------------------------------------------------------------
+# -- methods --------------------------------------------------------------------------------------
 
 def _method_task(name: str, knobs: dict, device: torch.device):
     from mixup_transfer.core.engine import Task
@@ -139,8 +139,7 @@ def check_method(name: str, knobs: dict, precision: str, device: torch.device, o
     return f"3 steps, loss {engine._epoch_sums['loss'] / max(engine._epoch_steps, 1):.3f}"
 
 
-# -- the JPEG decoders
-# ------------------------------------------------------------------------------------------
+# -- the JPEG decoders ----------------------------------------------------------------------------
 
 def _cmyk_jpeg() -> torch.Tensor:
     import io
@@ -176,8 +175,7 @@ def check_decode(toy: Path, device: torch.device, count: int = 16) -> str:
     return f"{len(datas)} images (1 CMYK) identical to the CPU decoder"
 
 
-# -- the downstream stages
-# ----------------------------------------------------------------------------------------
+# -- the downstream stages ------------------------------------------------------------------------
 
 def check_detection(kind: str, toy: Path, device: torch.device, out: Path) -> str:
     from transfer.detection.config import load_det_config
@@ -189,7 +187,8 @@ def check_detection(kind: str, toy: Path, device: torch.device, out: Path) -> st
                  f"runtime.precision={'bf16' if device.type == 'cuda' else 'fp32'}"]
     cfg = load_det_config(ROOT / "configs" / "detection" / f"toy_{kind}_voc.yaml", overrides)
     m = finetune_detector(cfg, None, out / f"detection_{kind}")
-    return f"mAP {m['mAP']:.2f}, train {m['train_img_per_s']:.0f} img/s, test {m['test_img_per_s']:.0f} img/s"
+    return (f"mAP {m['mAP']:.2f}, train {m['train_img_per_s']:.0f} img/s, "
+            f"test {m['test_img_per_s']:.0f} img/s")
 
 
 def check_wsol(toy: Path, device: torch.device, out: Path) -> str:
@@ -227,8 +226,7 @@ def check_robustness(toy: Path, device: torch.device, out: Path) -> str:
             f"{err['fgsm']:.1f}, PGD {err['pgd']:.1f}; ECE {m['calibration']['ece']:.3f}")
 
 
-# -- NCCL
-# -------------------------------------------------------------------------------------------------------
+# -- NCCL -----------------------------------------------------------------------------------------
 
 def nccl_probe() -> None:
     """Inside torchrun: a NCCL group of this one process, one all_reduce, then destroy (exits
@@ -253,8 +251,7 @@ def check_nccl(timeout: float = 120) -> str:
     return next(ln for ln in lines if ln.startswith("nccl ok"))
 
 
-# -- throughput
-# ---------------------------------------------------------------------------------------------------
+# -- throughput -----------------------------------------------------------------------------------
 
 def throughput(device: torch.device, methods=None, arch: str = "resnet50", size: int = 224,
                steps: int = 10, precision: str = "bf16") -> list[dict]:
@@ -279,8 +276,7 @@ def throughput(device: torch.device, methods=None, arch: str = "resnet50", size:
     return rows
 
 
-# -- all of it
-# ----------------------------------------------------------------------------------------------------
+# -- all of it ------------------------------------------------------------------------------------
 
 CHECKS = ("methods", "decode", "detection", "wsol", "robustness", "nccl", "throughput")
 

@@ -110,7 +110,8 @@ class AlignMix(_AlignMixBase):
     stops at the code's threshold `tol` = 0.1 (utils/OT.py `thresh`), after at most 100 iterations.
     dense_loss: the loss at every position (MultiMix Table 10)."""
 
-    variant = "released code (shashankvkt/AlignMixup_CVPR22 @ ec01a68): GAP head, input 1/2, aligned 1/4 + 1/4"
+    variant = ("released code (shashankvkt/AlignMixup_CVPR22 @ ec01a68): GAP head, input 1/2, "
+               "aligned 1/4 + 1/4")
 
     def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1,
                  n_iters: int = 100, tol: float | None = 0.1, dense_loss: bool = False):
@@ -166,7 +167,8 @@ class AlignMixStage2(_AlignMixBase):
     Sinkhorn for all n_iters = 100 iterations (App. B; tol None). f lives in this module and in the
     exported checkpoint's "head", not in the backbone."""
 
-    variant = "paper section 4.1 (arXiv 2103.15375): stage-2 encoder on A pooled to r x r, 4 modes uniform"
+    variant = ("paper section 4.1 (arXiv 2103.15375): stage-2 encoder on A pooled to r x r, "
+               "4 modes uniform")
 
     def __init__(self, model, num_classes, alpha: float = 2.0, eps: float = 0.1,
                  n_iters: int = 100, tol: float | None = None,
@@ -221,7 +223,8 @@ class AlignMixAE(AlignMixStage2):
     decoder_size: the decoder's output side (the training crop; other input sizes are matched by
     bilinear resizing)."""
 
-    variant = "paper section 4 / Algorithm 1 (arXiv 2103.15375): stage-2 encoder, 4 modes + clean reconstruction"
+    variant = ("paper section 4 / Algorithm 1 (arXiv 2103.15375): stage-2 encoder, 4 modes + "
+               "clean reconstruction")
 
     MODES = AlignMixStage2.MODES + ("clean",)
     find_unused_parameters = True  # the clean mode never uses fc, the others never use the decoder

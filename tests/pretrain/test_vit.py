@@ -93,17 +93,15 @@ def test_wrong_or_mismatched_vit_layouts_are_refused(tmp_path):
         load_backbone(path, "vit_small_patch16_224")  # 4 blocks of width 96 vs 12 of 384
     # blocks 4..11 (12 keys each) missing; the 4 blocks' 48 keys, cls_token, pos_embed, the patch
     # projection's 2 and the final norm's 2 mis-shaped
-    assert "missing keys: 96 ['blocks.10.attn.proj.bias'" in str(
-        e.value
-    ) and "unexpected keys: 0 []" in str(e.value)
-    assert (
-        "mis-shaped keys: 54 ['blocks.0.attn.proj.bias: checkpoint (96,) vs vit_small_patch16_224 (384,)'"
-        in str(e.value)
-    )
+    assert ("missing keys: 96 ['blocks.10.attn.proj.bias'" in str(e.value)
+            and "unexpected keys: 0 []" in str(e.value))
+    assert ("mis-shaped keys: 54 ['blocks.0.attn.proj.bias: checkpoint (96,) vs "
+            "vit_small_patch16_224 (384,)'" in str(e.value))
     # another layout
     renamed = {k.replace("attn.qkv", "attn.in_proj"): v for k, v in net.state_dict().items()}
     torch.save(renamed, tmp_path / "renamed.pth")
-    layout = r"missing keys: 8 \['blocks.0.attn.qkv.bias'.*\n  unexpected keys: 8 \['blocks.0.attn.in_proj.bias'"
+    layout = (r"missing keys: 8 \['blocks.0.attn.qkv.bias'.*\n"
+              r"  unexpected keys: 8 \['blocks.0.attn.in_proj.bias'")
     with pytest.raises(CheckpointError, match=layout):
         load_backbone(tmp_path / "renamed.pth", None)
     shallow = {k: v for k, v in net.state_dict().items() if not k.startswith("blocks.3.")}

@@ -212,7 +212,8 @@ def test_voc_vectorised_matches_devkit_transcription_on_random_data(monkeypatch)
 
 VOC_XML = """<annotation><folder>VOC2007</folder><filename>{id}.jpg</filename>
 <size><width>100</width><height>80</height><depth>3</depth></size>{objects}</annotation>"""
-VOC_OBJ = """<object><name>{name}</name><pose>Left</pose><truncated>0</truncated><difficult>{d}</difficult>
+VOC_OBJ = """<object><name>{name}</name><pose>Left</pose>\
+<truncated>0</truncated><difficult>{d}</difficult>
 <bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"""
 
 
@@ -539,8 +540,7 @@ def test_detectron2_evaluators_give_our_numbers_on_the_same_detections(toy_world
         ours = {t: voc_evaluate(dets, ann, VOC_CLASSES, "11point", iou=t / 100)
                 for t in range(50, 100, 5)}
     assert "have xmax < xmin" in caplog.text
-    # a class without ground truth in the split: AP None for us (left out of our mAP), 0 in
-    # detectron2's mean
+    # a class absent from the split: AP None for us (left out of our mAP), 0 in detectron2's mean
     assert any(v is None for v in ours[50]["AP"].values())
 
     def as_devkit(res):

@@ -337,7 +337,8 @@ def train_one_seed(cfg: dict, weights: str | None, seed_dir: Path, seed: int) ->
     return metrics
 
 
-RESTART = "choose another --run-dir, or pass --force to start over (or delete one seed's folder to redo that seed)"
+RESTART = ("choose another --run-dir, or pass --force to start over (or delete one seed's folder "
+           "to redo that seed)")
 
 
 def seed_fingerprint(cfg: dict, weights: str | None, seed: int) -> dict:
