@@ -8,15 +8,15 @@ reset logic (with a stand-in pipeline) are tested there.
 
 What it keeps and what it does not:
   - the order: the pipeline reads its files through an external source, `EpochFiles`, which gives
-    each epoch this process's files in `EpochSampler`'s order (no DALI shuffling), so the data order and a resume's
-    position are exactly those of the other loaders;
+    each epoch this process's files in `EpochSampler`'s order (no DALI shuffling), so the data
+    order and a resume's position are exactly those of the other loaders;
   - the pipeline is built once per crop size and reset at each epoch; its files are read in
     `threads` Python worker processes (DALI's parallel external source);
   - the augmentation draws are DALI's, not torch's per sample seeds: the pipeline is seeded once,
-    when it is built, by (run seed, rank, epoch, start step) (`dali_seed`), and later epochs continue its random streams.
-    A run is repeatable and no two ranks draw alike, but a resumed run (built at the resume's epoch and step)
-    does not redraw the crops of an uninterrupted one, and the crops differ from the uint8 / PIL loaders'
-    for the same seed;
+    when it is built, by (run seed, rank, epoch, start step) (`dali_seed`), and later epochs
+    continue its random streams. A run is repeatable and no two ranks draw alike, but a resumed
+    run (built at the resume's epoch and step) does not redraw the crops of an uninterrupted
+    one, and the crops differ from the uint8 / PIL loaders' for the same seed;
   - crop + flip only (no colour jitter or PCA lighting; `select_loader` refuses them).
 Images come out as float [b, 3, size, size] in [0, 1] on the GPU (normalisation stays in the
 model).

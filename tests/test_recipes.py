@@ -663,7 +663,8 @@ def test_global_batch_is_stated_once():
     for rel in [r for r in COVERED if r.startswith("pretrain/")]:
         o = resolved(rel)["optim"]
         assert (o["batch_size"] is None) != (o["batch_per_process"] is None), (
-            f"configs/{rel}: optim.batch_size={o['batch_size']} and optim.batch_per_process={o['batch_per_process']}"
+            f"configs/{rel}: optim.batch_size={o['batch_size']} and "
+            f"optim.batch_per_process={o['batch_per_process']}"
         )
 
 

@@ -2,7 +2,8 @@
 """An ablation: one knob of a pretraining recipe swept over values x seeds -> table, ablation.json,
 curve (mixup_transfer/pipeline/ablation.py).
 
-    python tools/ablate.py --config configs/ablation/toy_multimix_n.yaml [--force RUN ...] [--plan] [KEY=VALUE ...]
+    python tools/ablate.py --config configs/ablation/toy_multimix_n.yaml \\
+        [--force RUN ...] [--plan] [KEY=VALUE ...]
 
 Finished runs are reused (their content key is the hash of their resolved config), so running the
 same command again resumes an interrupted sweep, and adding a value or a seed runs only the new

@@ -2,9 +2,12 @@
 """Convert a backbone checkpoint (any layout mixup_transfer.core.checkpoint.load_backbone reads).
 
     python tools/convert.py --to detectron2 runs/x/backbone.pth out/R50.pkl [--arch resnet50]
-        -> out/R50.pkl (detectron2 weights) + out/voc_resnet50_C4_24k.yaml (bottleneck ResNets only)
-           + out/voc_resnet50_FPN_18k.yaml + out/coco_resnet50_FPN_1x.yaml; their DATASETS are the toolkit's
-           names: transfer.detection.d2_backend.register_toolkit_datasets("voc" | "coco", root) registers them
+        -> out/R50.pkl (detectron2 weights)
+           + out/voc_resnet50_C4_24k.yaml (bottleneck ResNets only)
+           + out/voc_resnet50_FPN_18k.yaml + out/coco_resnet50_FPN_1x.yaml;
+           their DATASETS are the toolkit's names, which
+           transfer.detection.d2_backend.register_toolkit_datasets("voc" | "coco", root)
+           registers
     python tools/convert.py --to torchvision moco_checkpoint.pth.tar out/backbone.pth
         -> {"model": torchvision-keyed backbone state, "meta": {...}}
 """

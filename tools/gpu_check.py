@@ -3,8 +3,10 @@
 on the toy world (a few minutes on one GPU), with a pass/fail table
 (mixup_transfer/pipeline/gpu_check.py says what each check does).
 
-    python tools/gpu_check.py --out runs/gpu_check          # all checks -> runs/gpu_check/gpu_check.{md,json}
-    python tools/gpu_check.py --only methods,decode         # a subset
+    # all checks -> runs/gpu_check/gpu_check.{md,json}
+    python tools/gpu_check.py --out runs/gpu_check
+    # a subset
+    python tools/gpu_check.py --only methods,decode
 
 Exit status: 0 when every check passed, 1 when one failed, 2 when no CUDA device is visible
 (nothing is checked).

@@ -3,9 +3,11 @@
 as SaliencyMix-ImageNet/train.py's) and the OpenCV fine-grained saliency it calls, run offline on
 seeded 8-bit images, numbers only.
 
-    git --git-dir=<mirror of afm-shahab-uddin/SaliencyMix> archive HEAD | tar -x -C /tmp/SaliencyMix
+    git --git-dir=<mirror of afm-shahab-uddin/SaliencyMix> archive HEAD \\
+        | tar -x -C /tmp/SaliencyMix
     pip install --target /tmp/cv2-contrib opencv-contrib-python-headless==5.1.0.95
-    PYTHONPATH=/tmp/cv2-contrib python tools/make_saliencymix_fixture.py --saliencymix /tmp/SaliencyMix
+    PYTHONPATH=/tmp/cv2-contrib python tools/make_saliencymix_fixture.py \\
+        --saliencymix /tmp/SaliencyMix
 
 The script's other lines parse arguments and train, so only `saliency_bbox` is taken from the file
 (by its syntax tree) and run with numpy, OpenCV (the contrib build: `cv2.saliency`) and `np.int =

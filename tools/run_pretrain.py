@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Pretrain a ResNet or a ViT with one mixing method.
 
-    python tools/run_pretrain.py --config configs/pretrain/toy_multimix.yaml [KEY=VALUE ...] [--force]
-    torchrun --nproc_per_node 8 tools/run_pretrain.py --config configs/pretrain/imagenet_multimix.yaml
+    python tools/run_pretrain.py --config configs/pretrain/toy_multimix.yaml \\
+        [KEY=VALUE ...] [--force]
+    torchrun --nproc_per_node 8 tools/run_pretrain.py \\
+        --config configs/pretrain/imagenet_multimix.yaml
 
 Writes runs/<name>/ (or --run-dir): config.yaml, log.jsonl, checkpoints/last.pth, backbone.pth,
 metrics.json, figures/. Running the same command again continues runs/<name>/checkpoints/last.pth

@@ -3,21 +3,26 @@
 per GPU, requeued on preemption / time-out and resumed from the run's last checkpoint
 (mixup_transfer/pipeline/launch.py).
 
-    tools/submit.py pretrain --config configs/pretrain/imagenet_multimix.yaml --nodes 4 --gpus-per-node 8 \\
-        --partition gpu --timeout 4320 [--account A] [--qos Q] [--mem 480] [KEY=VALUE ...]
-    tools/submit.py detection --config configs/detection/frcnn_r50_fpn_1x_coco.yaml --weights BACKBONE ...
-    tools/submit.py wsol --config configs/wsol/cub_multimix.yaml --weights BACKBONE --gpus-per-node 1
-    tools/submit.py robustness --config configs/robustness/imagenet.yaml --checkpoint CKPT --imagenet DIR
-    --gpus-per-node 1 tools/submit.py pipeline --config configs/pipeline/paper.yaml --gpus-per-node 1
-    tools/submit.py pretrain --local --gpus-per-node 0 --tasks-per-node 2 --wait --config ...   # try it here first
+    tools/submit.py pretrain --config configs/pretrain/imagenet_multimix.yaml \\
+        --nodes 4 --gpus-per-node 8 --partition gpu --timeout 4320 \\
+        [--account A] [--qos Q] [--mem 480] [KEY=VALUE ...]
+    tools/submit.py detection --config configs/detection/frcnn_r50_fpn_1x_coco.yaml \\
+        --weights BACKBONE ...
+    tools/submit.py wsol --config configs/wsol/cub_multimix.yaml --weights BACKBONE \\
+        --gpus-per-node 1
+    tools/submit.py robustness --config configs/robustness/imagenet.yaml \\
+        --checkpoint CKPT --imagenet DIR --gpus-per-node 1
+    tools/submit.py pipeline --config configs/pipeline/paper.yaml --gpus-per-node 1
+    # try it here first
+    tools/submit.py pretrain --local --gpus-per-node 0 --tasks-per-node 2 --wait --config ...
 
 A job continues its run folder's run, as the stage's own tool does (and on every requeue); --force
 starts over. Prints the job id and its log folder (--job-dir, default runs/submitit/<job id>);
 --wait blocks and prints the stage's metrics (rank 0's). Every stage runs on N nodes x G tasks, one
-process per task, rank-aware as under
-torchrun: pretrain, detection and wsol fine-tuning train under DDP, evaluation is sharded over the
-processes and rank 0 writes, and pipeline runs each of its stages that way. pretrain and detection
-default to 8 GPUs per node, wsol, robustness and pipeline to 1.
+process per task, rank-aware as under torchrun: pretrain, detection and wsol fine-tuning train
+under DDP, evaluation is sharded over the processes and rank 0 writes, and pipeline runs each of
+its stages that way. pretrain and detection default to 8 GPUs per node, wsol, robustness and
+pipeline to 1.
 """
 
 import argparse

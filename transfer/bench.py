@@ -33,7 +33,7 @@ def _best_time(fn, repeats: int):
     return best, out
 
 
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Synthetic data (boxes around ground truth with jitter, duplicates and random false positives)
 
 
@@ -97,7 +97,7 @@ def synthetic_voc(n_images: int, classes: tuple[str, ...], gt_per_image: int = 3
     return annotations, detections
 
 
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The naive reference: one detection, one ground-truth box at a time
 
 
@@ -145,7 +145,7 @@ def naive_voc_evaluate(detections, annotations, classes, metric: str = "11point"
     return {"metric": metric, "mAP": float(np.mean(defined)) if defined else math.nan, "AP": ap}
 
 
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 
 def run_eval_bench(quick: bool = False, repeats: int | None = None) -> dict:

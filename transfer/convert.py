@@ -62,7 +62,7 @@ class ConversionError(InputError):
     """A state dict, weights file or config that would give detectron2 wrong features."""
 
 
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Weights
 
 
@@ -216,7 +216,7 @@ def write_detectron2_weights(state: Mapping[str, Any], out_pkl: str | os.PathLik
     return out_pkl
 
 
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Configs (detectron2's own yacs format; keys as in detectron2/config/defaults.py)
 
 
@@ -483,7 +483,7 @@ def register_detectron2_extras() -> None:
     ROI_HEADS_REGISTRY.register(Res5ROIHeadsExtraNorm)
 
 
-# --------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Files end to end (tools/convert.py)
 
 

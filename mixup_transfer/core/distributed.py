@@ -10,9 +10,11 @@ draws (PGD starts seeded by batch index) are unchanged. No index is padded or re
 over 2 ranks with block 1 are [0, 2, 4, 6] and [1, 3, 5].
 
     rank, world = rank_world()
-    mine = shard_indices(len(ds), block=batch_size)          # this rank's dataset indices
+    # this rank's dataset indices
+    mine = shard_indices(len(ds), block=batch_size)
     outputs = [...one result per index in `mine`...]
-    everything = gather_ordered(outputs, mine, len(ds))      # every rank: the results of 0 .. n-1, in order
+    # on every rank: the results of 0 .. n-1, in order
+    everything = gather_ordered(outputs, mine, len(ds))
 """
 
 from __future__ import annotations

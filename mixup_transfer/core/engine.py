@@ -7,13 +7,20 @@ task plugs in what differs (STYLE.md 1); `Task` declares everything the engine r
 with its default:
 
     class MyTask(Task):
-        model            # nn.Module; model(*task.inputs(batch)) -> dict, its "loss*" tensors are summed
-        steps_per_epoch  # optimizer steps in one epoch
-        def batches(self, epoch, start_step): ...     # the epoch's micro-batches from optimizer step start_step
-        def param_groups(self): ...                   # [{"params": [...], "lr": float, "name": str}, ...]
-        def end_of_epoch(self, engine, epoch, record): ...  # evaluation; returns entries for the epoch record
-        def step_metrics(self, batch, out): ...       # counts for the epoch record (ClassificationTask: top-1)
-        def state_dict(self) / load_state_dict(state) # the task's own resumable state (primitives, tensors)
+        # nn.Module; model(*task.inputs(batch)) -> dict, its "loss*" tensors are summed
+        model
+        # optimizer steps in one epoch
+        steps_per_epoch
+        # the epoch's micro-batches from optimizer step start_step
+        def batches(self, epoch, start_step): ...
+        # [{"params": [...], "lr": float, "name": str}, ...]
+        def param_groups(self): ...
+        # evaluation; returns entries for the epoch record
+        def end_of_epoch(self, engine, epoch, record): ...
+        # counts for the epoch record (ClassificationTask: top-1)
+        def step_metrics(self, batch, out): ...
+        # the task's own resumable state (primitives, tensors)
+        def state_dict(self) / load_state_dict(state)
 
 A checkpoint (`run_dir/checkpoints/last.pth`, written atomically, loadable with
 ``weights_only=True``) holds the model, optimizer, scheduler and scaler states, the step, every

@@ -89,7 +89,8 @@ def _age(path: Path) -> float:
 
 def _describe(holder: dict) -> str:
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
-    return f"pid {holder.get('pid')} on {holder.get('host')} since {since}: {holder.get('command', '?')}"
+    return (f"pid {holder.get('pid')} on {holder.get('host')} since {since}: "
+            f"{holder.get('command', '?')}")
 
 
 def _try_link(content: str, path: Path) -> bool:

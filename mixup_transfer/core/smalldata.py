@@ -5,12 +5,14 @@ Layouts, as distributed:
   - CIFAR-10 (python version) `cifar-10-batches-py/`: `data_batch_1..5` (train), `test_batch`,
     `batches.meta`.
   - CIFAR-100 (python version) `cifar-100-python/`: `train`, `test`, `meta`.
-    Each batch is a pickled dict with bytes keys: b"data" a uint8 array [N, 3072] (per row the 1024 red, then
-    green, then blue values of a 32 x 32 image, row-major), b"labels" (CIFAR-10) or b"fine_labels" and
-    b"coarse_labels" (CIFAR-100), b"filenames"; meta b"label_names" / b"fine_label_names".
-  - TinyImageNet-200 `tiny-imagenet-200/`: `wnids.txt` (200 wnids), `words.txt` (`wnid<TAB>names`),
-    `train/<wnid>/images/*.JPEG` with `train/<wnid>/<wnid>_boxes.txt` (`file x0 y0 x1 y1`), `val/images/*.JPEG`
-    with `val/val_annotations.txt` (`file<TAB>wnid<TAB>x0<TAB>y0<TAB>x1<TAB>y1`). Its test split has no labels.
+    Each batch is a pickled dict with bytes keys: b"data" a uint8 array [N, 3072] (per row the
+    1024 red, then green, then blue values of a 32 x 32 image, row-major), b"labels" (CIFAR-10)
+    or b"fine_labels" and b"coarse_labels" (CIFAR-100), b"filenames"; meta b"label_names" /
+    b"fine_label_names".
+  - TinyImageNet-200 `tiny-imagenet-200/`: `wnids.txt` (200 wnids), `words.txt`
+    (`wnid<TAB>names`), `train/<wnid>/images/*.JPEG` with `train/<wnid>/<wnid>_boxes.txt`
+    (`file x0 y0 x1 y1`), `val/images/*.JPEG` with `val/val_annotations.txt`
+    (`file<TAB>wnid<TAB>x0<TAB>y0<TAB>x1<TAB>y1`). Its test split has no labels.
 
 Safety: the CIFAR batches are pickles, and unpickling can run code. The real files hold only a dict
 of bytes, lists of ints / bytes and numpy arrays (the b"data" array is a pickled numpy.ndarray, so

@@ -12,14 +12,18 @@ it, an interrupted sweep resumes, a changed override reruns exactly the runs it 
 `force` redoes runs by name. Every run's config is validated (recipe keys and ranges, the method's
 options, the method built once) before the first one starts.
 
-Layout (`<name>` is `knob.name`, the knob key's last part unless given):
-    <out_root>/<config name>/ablation.yaml              resolved ablation config
-    <out_root>/<config name>/<name>=<value>/seed<k>/     one pretraining run (backbone.pth, log.jsonl, stage.json)
-    <out_root>/baselines/<recipe>-<key>/                 the reference recipe (ERM) per seed, when `baseline.config`
-                                                         is set; shared by the sweeps under out_root that run it
-    <out_root>/<config name>/ablation.json               per value: per-seed top-1 / top-5, mean, std, n, bold
-    <out_root>/<config name>/ablation.md                 the table (mean ± std, the pipeline's bold rule)
-    <out_root>/<config name>/ablation_<name>.png         the curve: top-1 vs the knob, ± std, the seeds, ERM line
+Layout (`<name>` is `knob.name`, the knob key's last part unless given; `<sweep>` is
+`<out_root>/<config name>`):
+    <sweep>/ablation.yaml                 resolved ablation config
+    <sweep>/<name>=<value>/seed<k>/       one pretraining run (backbone.pth, log.jsonl,
+                                          stage.json)
+    <out_root>/baselines/<recipe>-<key>/  the reference recipe (ERM) per seed, when
+                                          `baseline.config` is set; shared by the sweeps
+                                          under out_root that run it
+    <sweep>/ablation.json                 per value: per-seed top-1 / top-5, mean, std, n, bold
+    <sweep>/ablation.md                   the table (mean ± std, the pipeline's bold rule)
+    <sweep>/ablation_<name>.png           the curve: top-1 vs the knob, ± std, the seeds, ERM
+                                          line
 
 The y-axis is the final validation top-1 of each run (the MultiMix paper's Fig. 4 plots top-1
 accuracy; the multi-mix paper's Fig. 6 plots test error, 100 - top-1).

@@ -42,9 +42,10 @@ def to_html(md: str, title: str) -> str:
         elif line.strip():
             out.append(f"<p>{inline(line)}</p>")
     style = (
-        "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;margin:8px "
-        "0}td,th{border:1px solid #ccc;padding:3px "
-        "8px;text-align:right}td:first-child{text-align:left}"
+        "body{font-family:sans-serif;max-width:1200px;margin:auto}"
+        "table{border-collapse:collapse;margin:8px 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "td:first-child{text-align:left}"
     )
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")

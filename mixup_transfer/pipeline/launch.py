@@ -15,10 +15,12 @@ for bit (mixup_transfer.core.engine). The steps after that checkpoint are redone
 |--------------|---------------------------------|-----------------------------------------|
 | pretrain     | `pretrain.task.run`             | N x G (DDP)                             |
 | detection    | `transfer.detection.stage.run`  | N x G (DDP, as under torchrun)          |
-| wsol         | `wsol.finetune.run`             | N x G (all ranks fine-tune, evaluation sharded, rank 0 writes) |
-| robustness   | `transfer.robustness.stage.run` | N x G (sharded; evaluation only: restarts if requeued) |
-| pipeline     | `pipeline.run.run_pipeline`     | N x G (as under torchrun; finished stages skipped when requeued) |
+| wsol         | `wsol.finetune.run`             | N x G (a)                               |
+| robustness   | `transfer.robustness.stage.run` | N x G (b)                               |
+| pipeline     | `pipeline.run.run_pipeline`     | N x G (c)                               |
 
+(a) all ranks fine-tune, evaluation sharded, rank 0 writes; (b) sharded; evaluation only:
+restarts if requeued; (c) as under torchrun; finished stages skipped when requeued.
 (`pipeline` is `mixup_transfer.pipeline`.)
 
 A job with one task sets none of the variables: it runs as `python tools/run_<stage>.py` would.
@@ -142,7 +144,7 @@ def _job_environment():
 
 
 # -- the stages
-# -----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 def load_stage_config(name: str, config: str | None, overrides: Sequence[str] = ()) -> dict:
     """The stage's config as its own command line reads it (unknown keys rejected)."""
     if name == "pipeline":
@@ -244,7 +246,7 @@ def _dispatch(spec: JobSpec, cfg: dict) -> dict:
 
 
 # -- the job
-# --------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 class StageJob:
     """The callable submitit pickles and runs on every task; `checkpoint` makes it requeueable."""
 
@@ -284,7 +286,7 @@ class StageJob:
 
 
 # -- the executor
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 def executor_parameters(res: Resources, cluster: str) -> dict:
     """submitit's update_parameters for SLURM (SlurmExecutor names) or the local executor."""
     if cluster == "local":

@@ -21,14 +21,15 @@ mean ± std over the runs of each entry.
 Layout (with seeds given, `<method>/` becomes `<method>/seed<k>/` and each detection / WSOL folder
 moves into `transfer_seed<t>/`, e.g. `erm/seed1/transfer_seed0/ssd_voc/`; the random-init baselines
 get `transfer_seed<t>/`):
-    runs/<name>/pipeline.yaml                     resolved pipeline config
-    runs/<name>/<method>/pretrain/                pretraining run (backbone.pth, log.jsonl, ...)
-    runs/<name>/<method>/<detector>/              one folder per detection config (ssd_voc, frcnn_coco)
-    runs/<name>/<method>/wsol/                    CUB fine-tuning + localization
-    runs/<name>/<method>/robustness/              clean / background / calibration / FGSM / PGD / OOD
-    runs/<name>/baselines/<stage>/                the same downstream stages from a random backbone
-    runs/<name>/report.md, report.html, figures/ the report runs/<name>/summary.json every table entry: per-run values,
-    mean, std, n
+    runs/<name>/pipeline.yaml               resolved pipeline config
+    runs/<name>/<method>/pretrain/          pretraining run (backbone.pth, log.jsonl, ...)
+    runs/<name>/<method>/<detector>/        one folder per detection config (ssd_voc, frcnn_coco)
+    runs/<name>/<method>/wsol/              CUB fine-tuning + localization
+    runs/<name>/<method>/robustness/        clean / background / calibration / FGSM / PGD / OOD
+    runs/<name>/baselines/<stage>/          the same downstream stages from a random backbone
+    runs/<name>/report.md, report.html,     the report
+        figures/
+    runs/<name>/summary.json                every table entry: per-run values, mean, std, n
 
 This module calls each stage's one entry point, `run(cfg, inputs, run_dir) -> metrics`, through the
 adapters of `mixup_transfer/pipeline/stages.py` (`pretrain.task`, `transfer.detection.stage`,

@@ -18,9 +18,12 @@ indices and the random streams are described there):
     multi_interp  K sorted interpolations of every pair (Shen et al.'s multi-mix)
     alignmix      AlignMix: the released code's variant, the paper's stage-2 encoder, AlignMix/AE
     zeta_mixup    zeta-mixup
-    comixup       Co-Mixup (joint saliency-guided masks of a partition); its optimisation in comixup_graphcut
-    tokenmix      TokenMix (token-level masks; a teacher's activation maps or the area assign the labels)
-    transmix      TransMix (Chen et al.): Mixup / CutMix with attention-weighted labels, for Vision Transformers
+    comixup       Co-Mixup (joint saliency-guided masks of a partition); its optimisation in
+                  comixup_graphcut
+    tokenmix      TokenMix (token-level masks; a teacher's activation maps or the area assign
+                  the labels)
+    transmix      TransMix (Chen et al.): Mixup / CutMix with attention-weighted labels, for
+                  Vision Transformers
     saliencymix   SaliencyMix (a CutMix box on the saliency peak)
     supermix      SuperMix (masks optimised under a frozen teacher)
 """

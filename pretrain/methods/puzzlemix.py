@@ -74,8 +74,9 @@ class PuzzleMix(Method):
     num_classes * CE(clean) with loss bce (main.py). loss: ce = soft cross-entropy of the mixed
     targets (imagenet/train.py's lam-weighted CE); bce = main.py's BCELoss(softmax(logits), mixed
     targets), the mean over examples and classes. Solver: gco-wrapper's alpha-beta swap when
-    installed, else the built-in re-implementation of the same algorithm (`solver` knob: auto | gco
-    | swap); `threads` solves the per-image graph cuts in a thread pool (None: one per image up to the CPU count).
+    installed, else the built-in re-implementation of the same algorithm (`solver` knob: auto |
+    gco | swap); `threads` solves the per-image graph cuts in a thread pool (None: one per image
+    up to the CPU count).
     """
 
     def __init__(self, model, num_classes, alpha: float = 1.0, grids=(2, 4, 8, 16),

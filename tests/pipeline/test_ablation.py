@@ -40,7 +40,7 @@ def _cfg(tmp_path, **extra) -> dict:
 
 
 # -- the plan
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 def test_values_times_seeds_are_distinct_stages(tmp_path):
     sweep = AblationSweep(_cfg(tmp_path, seeds=[0, 3], knob={"values": [1, 10, 100]}))
     plan = sweep.plan()
@@ -237,7 +237,7 @@ def test_a_missing_seed_and_one_seed(tmp_path):
 
 
 # -- end to end
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end_and_reuse(tmp_path, toy_world, one_thread):
     from mixup_transfer.pipeline.ablation import run_ablation

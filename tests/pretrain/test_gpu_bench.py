@@ -69,10 +69,8 @@ def test_bench_gpu_section_with_loader_ceiling_and_markdown(bench, toy_world):
     assert [(r["method"], r["loader_bound"]) for r in out["rows"]] == [
         (r["method"], r["img_per_s"] > ceiling) for r in out["rows"]]
     md = bench.to_markdown({"machine": "m", "gpu": out})
-    assert (
-        "## GPU training throughput (cpu (CPU), resnet18, 32 px, batch 2, fp32, channels_last False)"
-        in md
-    )
+    assert ("## GPU training throughput (cpu (CPU), resnet18, 32 px, batch 2, fp32, "
+            "channels_last False)" in md)
     assert f"Data-loader ceiling: {ceiling} img/s with 0 workers" in md
     erm = out["rows"][0]
     assert f"| erm | {erm['img_per_s']} | 1.000 | {'yes' if erm['loader_bound'] else 'no'} |" in md

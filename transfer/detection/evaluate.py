@@ -1,6 +1,7 @@
 """Evaluate a trained detector without training it (detectron2's `--eval-only`).
 
-    tools/run_detection.py --eval-only --config CFG --checkpoint RUN/seed_0/checkpoints/last.pth [--run-dir OUT]
+    tools/run_detection.py --eval-only --config CFG \\
+        --checkpoint RUN/seed_0/checkpoints/last.pth [--run-dir OUT]
 
 The detector is built from the config (the one it was trained with: same model type, arch, sizes
 and data format), its weights are read from an engine checkpoint (`checkpoints/last.pth`, its
