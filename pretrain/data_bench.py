@@ -128,8 +128,8 @@ def _summary(times: dict, n: int, size: int, batch: int, repeats: int, kb, root)
                       "ok": ratios[k] >= t if op == ">=" else ratios[k] <= t}
     return {
         "img_per_s_per_core": {k: round(v, 1) for k, v in best.items()},
-        "img_per_s_per_core_median": {k: round(n / float(v.sum(1).median()), 1) for k,
-                                      v in times.items()},
+        "img_per_s_per_core_median": {k: round(n / float(v.sum(1).median()), 1)
+                                      for k, v in times.items()},
         "ms_per_image": {k: round(1000 / v, 3) for k, v in best.items()},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "targets": targets,
@@ -138,7 +138,6 @@ def _summary(times: dict, n: int, size: int, batch: int, repeats: int, kb, root)
                   "repeats": repeats, "threads": 1, "workers": 0,
                   "clock": "process (CPU time of this process)",
                   "note": "decode_over_pil is the most any full-decode path can gain over the "
-                  "PIL path; "
-                          "uint8_recipe counts only the worker's share (colour ops run on "
-                          "the device)"},
+                          "PIL path; uint8_recipe counts only the worker's share (colour ops "
+                          "run on the device)"},
     }

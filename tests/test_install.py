@@ -62,7 +62,7 @@ def test_the_wheel_beside_a_project_with_its_own_core_and_pipeline(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
     python = env / "bin" / "python"
     site = subprocess.run([python, "-c", "import sysconfig; "
-                           "print(sysconfig.get_paths()['purelib'])"],
+                                         "print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
                     "--target", site, str(wheel)], check=True, capture_output=True)

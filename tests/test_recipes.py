@@ -77,8 +77,8 @@ RECIPES = [
      "source: TransMix train.py --smoothing"),
     # TokenMix: MultiMix Table 3 row, §4.2 "with our settings"; knobs: Sense-X/TokenMix at 0e17d5d
     *[("pretrain/imagenet_vit_s16_tokenmix.yaml", key, value, cite) for key, value, cite in (
-        ("optim.optimizer", "adamw", "MultiMix A.1: ViT-S/16 using AdamW (not the "
-         "official run.sh)"),
+        ("optim.optimizer", "adamw", "MultiMix A.1: ViT-S/16 using AdamW (not the official "
+                                     "run.sh)"),
         ("optim.lr", 0.01, "MultiMix A.1: initial learning rate 0.01 (ViT-S/16)"),
         ("optim.milestones", [100, 200], "MultiMix A.1: decay by 0.1 at 100, 200"),
         ("optim.batch_per_process", 128, "MultiMix A.1: b = 128 per GPU"),
@@ -263,8 +263,8 @@ RECIPES = [
         ("method.omega", 0.001, "source: Co-Mixup-fast TRAIN.lam_dist"),
         ("method.set_resolve", True, "source: Co-Mixup-fast TRAIN.set_resolve"),
         ("method.niter", 3, "source: Co-Mixup-fast m_niter = 3"),
-        ("method.clean_lam", 500.0, "source: Co-Mixup-fast clean_lam 1 * CE = 2 * 500 / "
-         "1000 * CE"),
+        ("method.clean_lam", 500.0, "source: Co-Mixup-fast clean_lam 1 * CE = 2 * 500 / 1000 * "
+                                    "CE"),
         ("method.loss", "ce", "source: Co-Mixup-fast soft cross-entropy"),
     )],
     # ---------------------------------------------------------------- baselines: the PuzzleMix-300

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     # tests: simulate a kill
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the ablation config "
-                   "(knob.values=[1,10])")
+                                                "(knob.values=[1,10])")
     args = p.parse_intermixed_args(argv)
     if args.plan:
         print("\n".join(plan_lines(args.config, args.overrides)))

@@ -110,16 +110,13 @@ def main(argv=None) -> int:
         "functions": [f"{SOURCE}:saliency_bbox",
                       "cv2.saliency.StaticSaliencyFineGrained.computeSaliency"],
                       "opencv": "opencv-contrib-python-headless "
-                      f"{version('opencv-contrib-python-headless')}",
+                                f"{version('opencv-contrib-python-headless')}",
         "cases": int(data["count"]), "sizes": " ".join(f"{h}x{w}:{n}" for h, w, n in SIZES),
         "inputs": "image_k uint8 [3, h, w] (noise, flat with a patch, ramps; numpy "
-        "default_rng(2006)), lam_k a "
-                  "Beta(1, 1) draw of the same generator",
-        "outputs": "saliency_k uint8 [h, w] = 255 x computeSaliency(the HWC image), rounded (its "
-        "float32 map is "
-                   "an 8-bit map / 255), box_k = saliency_bbox(image_k as a tensor, lam_k): "
-                   "(bbx1, bby1, bbx2, "
-                   "bby2), rows then columns"}
+                  "default_rng(2006)), lam_k a Beta(1, 1) draw of the same generator",
+        "outputs": "saliency_k uint8 [h, w] = 255 x computeSaliency(the HWC image), rounded "
+                   "(its float32 map is an 8-bit map / 255), box_k = saliency_bbox(image_k as a "
+                   "tensor, lam_k): (bbx1, bby1, bbx2, bby2), rows then columns"}
     index.write_text(json.dumps(entries, indent=2) + "\n")
     print(f"wrote {args.out / 'saliencymix_official.npz'} ({int(data['count'])} cases)")
     return 0

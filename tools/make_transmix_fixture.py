@@ -136,13 +136,10 @@ def main(argv=None) -> int:
         "knobs": {"mixup_alpha": MIXUP_ALPHA, "cutmix_alpha": CUTMIX_ALPHA, "switch_prob": SWITCH,
                   "label_smoothing": SMOOTHING, "num_classes": CLASSES},
         "inputs": "np.random.seed(2000 + k); x = pixels_k / 255 (pixels_k [b, 1, s, s] uint8), "
-        "y_k [b], attn_k "
-                  "[b, side^2] uniform * 0.02 "
-                  "(torch, seeded with 2000 + k); draws_k / draw_names_k: every numpy draw of the "
-                  "call, in order",
+                  "y_k [b], attn_k [b, side^2] uniform * 0.02 (torch, seeded with 2000 + k); "
+                  "draws_k / draw_names_k: every numpy draw of the call, in order",
         "outputs": "mixed_k (the mixed images), box_k (yl, yh, xl, xh; -1 without CutMix), "
-        "targets_k (transmix_label "
-                   "for CutMix, the smoothed mixup target otherwise)"}
+                   "targets_k (transmix_label for CutMix, the smoothed mixup target otherwise)"}
     index.write_text(json.dumps(entries, indent=2) + "\n")
     print(f"wrote {args.out / 'transmix_official.npz'} ({len(CASES)} cases, timm "
           f"{timm.__version__})")

@@ -43,8 +43,8 @@ from mixup_transfer.pipeline.stages import NAMES, stage
 
 def _parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
-    p.add_argument("stage", choices=STAGES, help="what the job runs: a stage's tool, or the whole "
-                   "pipeline")
+    p.add_argument("stage", choices=STAGES, help="what the job runs: a stage's tool, or the "
+                                                 "whole pipeline")
     # the stages' own arguments, from their declarations (the same flags as tools/run_<stage>.py)
     add_stage_arguments(p, [stage(name) for name in NAMES])
     r = p.add_argument_group("resources")
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
     r.add_argument("--account", default=None, help="SLURM account to charge (default: yours)")
     r.add_argument("--qos", default=None, help="SLURM quality of service (default: the "
-                   "partition's)")
+                                               "partition's)")
     r.add_argument("--name", default=None, help="job name (default: mt-<stage>)")
     r.add_argument("--signal-delay", type=int, default=120,
                    help="seconds before the limit the job is signalled")

@@ -204,8 +204,8 @@ def write_detectron2_weights(state: Mapping[str, Any], out_pkl: str | os.PathLik
                              arch: str | None = None) -> Path:
     """Pickle detectron2-named `state` (from `to_detectron2`) as a detectron2 weights file,
     atomically."""
-    model = OrderedDict((k, v if isinstance(v, np.ndarray) else _to_numpy(v)) for k,
-                        v in state.items())
+    model = OrderedDict((k, v if isinstance(v, np.ndarray) else _to_numpy(v))
+                        for k, v in state.items())
     payload = {"model": model,
                "__author__": AUTHOR, "matching_heuristics": True}
     check_detectron2_weights(payload, arch)

@@ -175,7 +175,7 @@ class COCODetection(Dataset):
                             "missing or bad file_name")
         for i, im in enumerate(data["images"]):
             safe_relative(im["file_name"], f"{self.ann_file}: images[{i}] (id {im['id']}): "
-                          "file_name")
+                                           "file_name")
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco = COCO()
             self.coco.dataset = data
@@ -228,8 +228,8 @@ class COCODetection(Dataset):
     def __getitem__(self, index: int):
         image_id = self.ids[index]
         image = read_image(self.image_path(image_id))
-        target = {k: (v.clone() if torch.is_tensor(v) else v) for k,
-                  v in self.targets[image_id].items()}
+        target = {k: (v.clone() if torch.is_tensor(v) else v)
+                  for k, v in self.targets[image_id].items()}
         h, w = target["size"]
         if image.size != (w, h):
             raise DataError(f"{self.image_path(image_id)}: image is "

@@ -304,8 +304,8 @@ def run_stage_command(stage, args: argparse.Namespace) -> int:
     force = bool(getattr(args, "force", False))
     logging.getLogger(stage.name).info("%s with config %s into %s%s",
                                        stage.description or stage.name, args.config, run_dir,
-                                       "".join(f" ({k}: {v or 'none'})" for k,
-                                               v in inputs.items()))
+                                       "".join(f" ({k}: {v or 'none'})"
+                                               for k, v in inputs.items()))
     with torchrun_session(), run_lock(run_dir, f"{stage.name} run"):
         metrics = stage.run(cfg, inputs or None, run_dir, resume=not force, force=force)
     # the group is left: ask the launcher's environment, not torch.distributed

@@ -398,8 +398,8 @@ class Engine:
             losses = losses.clone()
             dist.all_reduce(losses)
             losses /= self.world
-        keys = [[k for k, v in m.items() if k != "loss" and isinstance(v, torch.Tensor)] for _,
-                m in pending]
+        keys = [[k for k, v in m.items() if k != "loss" and isinstance(v, torch.Tensor)]
+                for _, m in pending]
         flat = torch.cat([losses] + [torch.stack([m[k] for k in ks]) for (_, m),
                                      ks in zip(pending, keys) if ks])
         values = iter(flat.tolist())  # the one read

@@ -167,8 +167,8 @@ class CIFARBatches(Dataset):
                  for name in files[split]]
         self.data = np.concatenate([p[1] for p in parts])
         self.targets = np.concatenate([p[2] for p in parts]).tolist()
-        self.samples = [(f"{self.root / name}#{i}", int(y)) for name, _, ys in parts for i,
-                        y in enumerate(ys)]
+        self.samples = [(f"{self.root / name}#{i}", int(y)) for name, _, ys in parts
+                        for i, y in enumerate(ys)]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         if not self.samples:
             raise DataError(f"{self.root}: no images in the {split} batches")

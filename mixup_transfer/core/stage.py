@@ -49,8 +49,7 @@ INPUT_FLAGS = {
                    True),
     "imagenet": ("ImageNet-layout root (val/, and val_boxes/ for the background suite)", False),
     "teacher": ("the frozen teacher classifier of a method that reads one (supermix; tokenmix "
-                "with activation "
-                "labels), or the config's teacher key", True),
+                "with activation labels), or the config's teacher key", True),
 }
 
 FORCE_HELP = ("start over in a run folder that holds a run (without it, running the same "

@@ -344,7 +344,7 @@ def to_markdown(report: dict) -> str:
         lines += ["", "ResNet-50, 224 px, bf16, channels_last; each method timed beside ERM at "
                   "its recipe's "
                   "per-GPU batch", "", "| method | batch | images/s | step time / ERM | peak "
-                  "memory (GiB) |",
+                                       "memory (GiB) |",
                   "|---|---|---|---|---|"]
         lines += [f"| {r['method']} | {r['batch']} | {r['img_per_s']} | "
                   f"{r['step_time_ratio']:.3f} | "

@@ -81,11 +81,10 @@ DEFAULTS = {
     "data": {
         # folder holding imagenet/, VOCdevkit/, coco/, CUB_200_2011/, wsol_metadata/
         "root": "data/toy",
-        # {preset, seed, track, ood}: make the toy world there if it is missing
+        # {preset, seed, track, ood}: make the toy world there if it is missing (track: standard |
+        # small | all, tools/make_toy_data.py --track; ood: N images per 32 px toy OOD set under
+        # <root>/ood/, 0: none); null: never
         "generate": None,
-                                       # (track: standard | small | all, tools/make_toy_data.py
-                                       # --track; ood: N images per 32 px toy OOD set under
-                                       # <root>/ood/, 0: none); null: never
     },
     "methods": ["erm"],                # pretraining methods (pretrain.methods.METHODS names)
     "pretrain": {
@@ -96,10 +95,9 @@ DEFAULTS = {
     },
     "detection": [],                   # list of {name, config, overrides}
     "wsol": None,                      # {config, overrides}, or null to skip
-    # {suites, ood, options, root}, or null to skip (root: the evaluation
+    # {suites, ood, options, root}, or null to skip (root: the evaluation set's layout folder,
+    # default {data}/imagenet; e.g. {data}/cifar-100-python)
     "robustness": None,
-                                       # set's layout folder, default {data}/imagenet; e.g.
-                                       # {data}/cifar-100-python)
     "baselines": {
         # run detection and WSOL from a randomly initialised backbone too
         "random_init": True,

@@ -398,8 +398,8 @@ def place_objects(
             cx = float(rng.uniform(min(m, w / 2), max(w - m, w / 2)))
             cy = float(rng.uniform(min(m, h / 2), max(h - m, h / 2)))
             box = (cx - r, cy - r, cx + r, cy + r)
-            if all(_iou(box, (c[0] - rr, c[1] - rr, c[0] + rr, c[1] + rr)) <= max_iou for c,
-                   rr in placed):
+            if all(_iou(box, (c[0] - rr, c[1] - rr, c[0] + rr, c[1] + rr)) <= max_iou
+                   for c, rr in placed):
                 placed.append(((cx, cy), r))
                 break
     return placed

@@ -72,7 +72,7 @@ METHODS = {
 # retired names, each with the one to use instead
 RENAMED = {"alignmix_official": "alignmix (the AlignMixup released code's variant)",
            "multi_mix": "multi_interp (Shen et al.'s multiple interpolations; MultiMix is "
-           "multimix)"}
+                        "multimix)"}
 
 
 def method_knobs(name: str) -> dict:

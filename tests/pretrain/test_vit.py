@@ -292,8 +292,8 @@ def test_transmix_equals_the_official_code(k, monkeypatch):
     method = build_method("transmix", stub, 10, prob=float(prob))
     method.host_rng = _Draws(d[f"draw_names_{k}"].tolist(), d[f"draws_{k}"].tolist())
     seen = {}
-    monkeypatch.setattr(tm, "soft_cross_entropy", lambda logits,
-                        t: seen.setdefault("targets", t).sum())
+    monkeypatch.setattr(tm, "soft_cross_entropy",
+                        lambda logits, t: seen.setdefault("targets", t).sum())
     method(x, y)
     assert method.host_rng.queue == []
     assert torch.allclose(stub.seen[0], torch.from_numpy(d[f"mixed_{k}"]), atol=1e-6)

@@ -273,9 +273,8 @@ def test_voc_sub_pixel_reversed_boxes_are_scored_like_the_devkit(tmp_path, caplo
     # detectron2 writes x0 + 1 .. x1: a box under one pixel wide has xmax < xmin; the devkit scores
     # it with width xmax - xmin + 1 and an overlap only where iw, ih > 0
     ann = {"a": {"objects": [obj("cat", (3, 3, 3, 3)), obj("cat", (20, 20, 29, 29))]}}
-    # 0.8 x 1 in a 1-pixel box: IoU 0.8 / 1, a TP
+    # 0.8 x 1 in a 1-pixel box: IoU 0.8 / 1, a TP reversed by 1.5: iw = -0.5, no overlap: FP
     dets = {"cat": [("a", 0.9, (3.2, 3.0, 3.0, 3.0)),
-                    # reversed by 1.5: iw = -0.5, no overlap: FP
                     ("a", 0.8, (25.0, 20.0, 23.5, 29.0)),
                     ("a", 0.7, (20.0, 20.0, 29.0, 29.0))]}  # TP
     # recall .5 .5 1, precision 1 .5 2/3: 11-point t=0..0.5 -> 1, t=0.6..1 -> 2/3
