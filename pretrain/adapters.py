@@ -14,8 +14,8 @@ into at most four stages:
 
 `adapt` splits a torchvision ResNet at layer1..layer4, a timm Vision Transformer into four groups
 of blocks (`from_vit`), any other timm model at `forward_features` / `forward_head`;
-`from_sequential` splits an `nn.Sequential` where you say. The adapter owns no weights: the
-wrapped network is `backbone.net`, trained in place, its `state_dict` keys unchanged under `net.`.
+`from_sequential` splits an `nn.Sequential` where you say. The adapter owns no weights: the wrapped
+network is `backbone.net`, trained in place, its `state_dict` keys unchanged under `net.`.
 
 Layer indices: 0 = the input, 1..n = after stage 1..n (n <= 4), 5 = the embedding (after `pool`,
 before `fc`).
@@ -96,13 +96,13 @@ class Backbone(nn.Module):
         network's own).
 
         Dynamo keeps compiled graphs, and counts recompilations against
-        `torch._dynamo.config.recompile_limit`,
-        per code object: each stage runs through a function with its own code object, so the stages
-        do not share one budget, and the batch dimension is marked dynamic, so batch sizes (a
-        method's mixed batches, the last val batch) share one graph. A stage then needs one graph
-        per grad mode (training, evaluation), per dtype and per memory format. Where dynamo still
-        reaches the limit it runs that stage eagerly; this is logged as a warning naming the stage
-        (`compile_fallbacks` counts them). A copy (`copy.deepcopy`, pickle) starts uncompiled."""
+        `torch._dynamo.config.recompile_limit`, per code object: each stage runs through a function
+        with its own code object, so the stages do not share one budget, and the batch dimension is
+        marked dynamic, so batch sizes (a method's mixed batches, the last val batch) share one
+        graph. A stage then needs one graph per grad mode (training, evaluation), per dtype and per
+        memory format. Where dynamo still reaches the limit it runs that stage eagerly; this is
+        logged as a warning naming the stage (`compile_fallbacks` counts them). A copy
+        (`copy.deepcopy`, pickle) starts uncompiled."""
         import torch._dynamo  # 2 s to import: only when compiling
 
         self._compiled = tuple(torch.compile(_stage_function(self, i), backend=backend, mode=mode)
@@ -241,8 +241,7 @@ def from_resnet(net: nn.Module, mean=None, std=None) -> Backbone:
 
 def from_timm(net: nn.Module, mean=None, std=None) -> Backbone:
     """A timm model: one stage `forward_features`, pooled by `forward_head(..., pre_logits=True)`,
-    head
-    `get_classifier()` (mixing points: 0 = input, 1 = the feature map, 5 = the embedding)."""
+    head `get_classifier()` (mixing points: 0 = input, 1 = the feature map, 5 = the embedding)."""
     fc = net.get_classifier()
     return Backbone(net, [net.forward_features], fc, partial(net.forward_head, pre_logits=True),
                     mean, std)
@@ -385,8 +384,8 @@ def has_stage_interface(model: nn.Module) -> bool:
 def adapt(model: nn.Module, mean=None, std=None) -> nn.Module:
     """The stage interface for `model`: itself when it has it (a Backbone, the toolkit's
     ResNetStages), a split ResNet (conv1 ... layer4, fc), a timm ViT (`from_vit`), another timm
-    model (forward_features, forward_head, get_classifier); anything else
-    asks for `Backbone(...)` or `from_sequential(...)`."""
+    model (forward_features, forward_head, get_classifier); anything else asks for `Backbone(...)`
+    or `from_sequential(...)`."""
     if has_stage_interface(model):
         return model
     if all(hasattr(model, a) for a in ("conv1", "bn1", "relu", "maxpool", "layer4", "fc")):

@@ -106,9 +106,8 @@ class EpochFiles:
 
 class DaliTrainLoader:
     """Iterable over one epoch's (images float [b, 3, size, size] on the GPU, labels int64 [b])
-    micro-batches,
-    once per epoch: the caller `set_epoch`s the shared `sampler` (an `EpochSampler`, this process's
-    share of the epoch from its start step) before each iteration.
+    micro-batches, once per epoch: the caller `set_epoch`s the shared `sampler` (an `EpochSampler`,
+    this process's share of the epoch from its start step) before each iteration.
 
     The pipeline is built at the first iteration and reset at each next one when that one continues
     it (the next epoch, from its start, after the previous epoch was read to its end); otherwise (a

@@ -127,9 +127,8 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 def color_augment(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """torchvision's float ColorJitter (brightness, contrast, saturation, in each image's drawn
-    order) then PCA
-    lighting, batched: x float [b, 3, h, w] in [0, 1], params [b, 10] from `ColorDraws` -> [b, 3,
-    h, w]."""
+    order) then PCA lighting, batched: x float [b, 3, h, w] in [0, 1], params [b, 10] from
+    `ColorDraws` -> [b, 3, h, w]."""
     # from the loader's pinned memory: no wait
     p = params.to(x.device, non_blocking=True).to(x.dtype)
     view = (-1, 1, 1, 1)

@@ -138,9 +138,8 @@ class Mixer:
     """Shared by the mixers: the generator, the targets and the knobs every method has.
 
     alpha: lam ~ Beta(alpha, alpha). num_classes: needed for soft targets. per_sample: one lam (and
-    box) per
-    example. prob: the probability that an example (per_sample) or the batch is mixed at all (else
-    lam = 1).
+    box) per example. prob: the probability that an example (per_sample) or the batch is mixed at
+    all (else lam = 1).
     label_smoothing: applied to the targets before mixing. targets: "soft" or "pair" (see the
     module docstring).
     """
@@ -218,9 +217,9 @@ class MixUp(Mixer):
 
 def cutmix_boxes(h: int, w: int, side: torch.Tensor, centre: torch.Tensor):
     """`cutmix.cutmix_box` for n boxes at once, on the tensors' device: side [n] the box side as a
-    fraction of the image (sqrt(1 - lam) for CutMix), centre [n, 2] int (row, column) ->
-    (boxes [n, 4] long (y0, y1, x0, x1), kept [n] float64 = 1 - box area / (h w)). Side in float64,
-    so the integer sizes equal the host function's."""
+    fraction of the image (sqrt(1 - lam) for CutMix), centre [n, 2] int (row, column) -> (boxes [n,
+    4] long (y0, y1, x0, x1), kept [n] float64 = 1 - box area / (h w)). Side in float64, so the
+    integer sizes equal the host function's."""
     side = side.to(torch.float64)
     ch, cw = torch.floor(h * side).long(), torch.floor(w * side).long()
     cy, cx = centre[:, 0].long(), centre[:, 1].long()
@@ -258,9 +257,9 @@ def paste_boxes(x: torch.Tensor, perm: torch.Tensor, boxes) -> torch.Tensor:
 
 class CutMix(Mixer):
     """CutMix (Yun et al., "CutMix: Regularization Strategy to Train Strong Classifiers with
-    Localizable
-    Features"): a box of side sqrt(1 - lam) with a uniform centre, pasted from the partner; the
-    label weight is the kept area (`cutmix.cutmix_box`, per example when per_sample)."""
+    Localizable Features"): a box of side sqrt(1 - lam) with a uniform centre, pasted from the
+    partner; the label weight is the kept area (`cutmix.cutmix_box`, per example when
+    per_sample)."""
 
     def draw(self, x, generator=None) -> Draw:
         g = self._generator(x, generator)
@@ -448,12 +447,11 @@ def _host_list(lam) -> list:
 
 class RandomChoice:
     """One of `mixers` per batch (probabilities p; default uniform), as timm's `switch_prob`
-    between mixup and
-    CutMix. per_sample=True: one choice per example among mixers that keep the batch size (MixUp,
-    CutMix): every mixer runs and each example takes its chosen one's output (vectorised; the cost
-    is the sum of the mixers'). The per-batch choice is drawn from a host generator
-    (`host_generator`, or seeded with `seed`): a host number steers which mixer runs, without
-    reading the device."""
+    between mixup and CutMix. per_sample=True: one choice per example among mixers that keep the
+    batch size (MixUp, CutMix): every mixer runs and each example takes its chosen one's output
+    (vectorised; the cost is the sum of the mixers'). The per-batch choice is drawn from a host
+    generator (`host_generator`, or seeded with `seed`): a host number steers which mixer runs,
+    without reading the device."""
 
     def __init__(self, mixers: Sequence[Mixer], p: Sequence[float] | None = None,
                  per_sample: bool = False, host_generator: torch.Generator | None = None,

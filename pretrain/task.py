@@ -1,6 +1,5 @@
 """Pretraining as a task of the one engine (`mixup_transfer.core.engine`): any mixing method of
-`pretrain.methods`, CPU or CUDA,
-one process or DDP.
+`pretrain.methods`, CPU or CUDA, one process or DDP.
 
 `run(cfg, inputs, run_dir) -> metrics` is the stage entry point (`tools/run_pretrain.py` and the
 pipeline call it). `cfg` is a nested dict validated against `DEFAULTS` (every key documented
@@ -463,8 +462,8 @@ class PretrainTask(ClassificationTask):
     @torch.no_grad()
     def evaluate(self, precision: str) -> dict:
         """Top-1 / top-5 / loss on the val set, each rank its shard, summed over ranks. Rank 0's
-        BatchNorm
-        statistics first: after DDP training each rank holds those of its own last batches."""
+        BatchNorm statistics first: after DDP training each rank holds those of its own last
+        batches."""
         ddist.broadcast_buffers(self.model)
         self.model.eval()
         # as the model
@@ -496,14 +495,13 @@ class PretrainTask(ClassificationTask):
     @torch.no_grad()
     def recompute_bn_statistics(self, epoch: int, precision: str) -> int:
         """Precise BN (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", section 3;
-        detectron2's PreciseBN hook,
-        fvcore's `update_bn_stats`): the network's BatchNorm running statistics become the
-        population statistics of the first `precise_bn_batches` train batches of `epoch` (1-based)
-        as the loader gives them: augmented crops, not mixed. The running statistics otherwise
-        describe the inputs the method trained on, which for input-space mixing are blends with a
-        smaller per-channel variance than clean images, while evaluation, transfer and a detector's
-        frozen BatchNorm see clean images. Returns the number of batches used (at most one
-        epoch's)."""
+        detectron2's PreciseBN hook, fvcore's `update_bn_stats`): the network's BatchNorm running
+        statistics become the population statistics of the first `precise_bn_batches` train batches
+        of `epoch` (1-based) as the loader gives them: augmented crops, not mixed. The running
+        statistics otherwise describe the inputs the method trained on, which for input-space
+        mixing are blends with a smaller per-channel variance than clean images, while evaluation,
+        transfer and a detector's frozen BatchNorm see clean images. Returns the number of batches
+        used (at most one epoch's)."""
         n = min(int(self.cfg["precise_bn_batches"]), self.steps_per_epoch)
         if n == 0:
             return 0

@@ -202,10 +202,9 @@ def test_alignmix_ae_trains_under_ddp_with_two_gloo_processes(tmp_path):
 
 def test_gpu_bench_moves_and_trains_every_methods_own_layers(monkeypatch):
     """`run_gpu_bench` with AlignMix's stage-2 variant (its encoder `encoder2` lives in the method,
-    not in the shared ResNet).
-    Shows, on the meta device (placement without values): every method runs with all of its layers
-    on the bench's device; and on the CPU: the SGD step updates encoder2 (it is in the optimizer).
-    Cannot show: the timings themselves."""
+    not in the shared ResNet). Shows, on the meta device (placement without values): every method
+    runs with all of its layers on the bench's device; and on the CPU: the SGD step updates
+    encoder2 (it is in the optimizer). Cannot show: the timings themselves."""
     from pretrain import bench
 
     built, initial = [], {}
@@ -517,8 +516,8 @@ def test_pretraining_evaluation_uses_rank_zeros_statistics(toy_world, tmp_path):
     """`PretrainTask.evaluate` in 2 gloo processes whose BatchNorm statistics differ (as after DDP
     training: DDP broadcasts rank 0's buffers only at the next forward). Shows: both ranks report
     the numbers of one process evaluating the whole val set with rank 0's model. Before, each rank
-    scored its shard with its own
-    statistics. Cannot show: SyncBatchNorm (not used in pretraining)."""
+    scored its shard with its own statistics. Cannot show: SyncBatchNorm (not used in
+    pretraining)."""
     _spawn(_eval_worker, str(toy_world / "imagenet"), str(tmp_path))
     one = _pretrain_task(toy_world / "imagenet", 0, 1).evaluate("fp32")
     for rank in (0, 1):
@@ -546,8 +545,8 @@ def test_gpu_decode_falls_back_to_the_cpu_for_jpegs_nvjpeg_refuses(monkeypatch):
     """`decode_batch` with a CMYK JPEG among RGB ones, the batched device decoder replaced by a
     stand-in that refuses CMYK as nvJPEG does (the whole batch call fails) and decodes the rest
     with libjpeg-turbo. Shows: every image comes out, with the pixels of the CPU decoder. Before,
-    one CMYK image in a batch stopped the run.
-    Cannot show: nvJPEG's own pixels (make gpu-check compares them with the CPU decoder's)."""
+    one CMYK image in a batch stopped the run. Cannot show: nvJPEG's own pixels (make gpu-check
+    compares them with the CPU decoder's)."""
     from torchvision import io as tio
 
     from pretrain import data as pdata
@@ -984,11 +983,10 @@ def _run_compiled(backbone, batches=(4, 6)):
 def test_compiled_stages_stay_within_the_recompile_limit(caplog):
     """`Backbone.enable_compile` with dynamo's "eager" backend (dynamo's tracing and guards as on
     CUDA, no code generation) on a 3-stage network, run at batch sizes 4 and 6, with and without
-    gradients, with
-    `recompile_limit` 2. Shows: each stage is a region with its own graphs (2 each: one per grad
-    mode, the batch size dynamic), so 6 graphs in all, nothing falls back to eager, nothing is
-    warned, and the logits equal the uncompiled network's. Cannot show: inductor's kernels or CUDA
-    graphs."""
+    gradients, with `recompile_limit` 2. Shows: each stage is a region with its own graphs (2 each:
+    one per grad mode, the batch size dynamic), so 6 graphs in all, nothing falls back to eager,
+    nothing is warned, and the logits equal the uncompiled network's. Cannot show: inductor's
+    kernels or CUDA graphs."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -1015,8 +1013,7 @@ def test_a_compiled_stage_that_falls_back_to_eager_is_reported(caplog):
     """The same network with `recompile_limit` 1: each stage's first graph is the training one, and
     the evaluation call (no gradients) would need a second. Shows: dynamo gives up on each of the 3
     stages, each is logged as a warning naming it, `compile_fallbacks` counts 3, and the logits are
-    still the network's.
-    Cannot show: the speed lost."""
+    still the network's. Cannot show: the speed lost."""
     import torch._dynamo
 
     eager = _run_compiled(_three_stage_backbone(), batches=(4,))

@@ -46,9 +46,8 @@ def wsol_split(tmp_path):
     a: map 1 on rows 1-4, cols 0-4 -> contour box [0, 1, min(0+5, 7), min(1+4, 7)] = [0, 1, 5, 5]
        (inclusive 6 x 5 = 30 px) vs GT [0, 1, 4, 4] (5 x 4 = 20 px, inside it): IoU 20 / 30 = 2/3;
     b: an all-zero map -> no contour -> [0, 0, 0, 0] vs GT [2, 2, 6, 6]: IoU 0;
-    c: the map of a vs GT [0, 1, 5, 5]: IoU 1.
-    BoxAcc at IoU 30 and 50: a, c -> 200/3 %; at 70: c -> 100/3 %; MaxBoxAccV2 = their mean =
-    500/9."""
+    c: the map of a vs GT [0, 1, 5, 5]: IoU 1. BoxAcc at IoU 30 and 50: a, c -> 200/3 %; at 70: c
+    -> 100/3 %; MaxBoxAccV2 = their mean = 500/9."""
     m = np.zeros((8, 8), np.float32)
     m[1:5, 0:5] = 1.0
     maps = {"a.jpg": m, "b.jpg": np.zeros((8, 8), np.float32), "c.jpg": m}

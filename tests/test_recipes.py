@@ -121,8 +121,7 @@ RECIPES = [
      ["input", "feat", "feat_rev", "embedding"],
      "AlignMix §4.1 Training: x, A (12), A (13) or e uniformly"),
     # ---------------------------------------------------------------- AlignMix, the authors'
-    # released commands
-    # shashankvkt/AlignMixup_CVPR22 at ec01a68: README commands +
+    # released commands shashankvkt/AlignMixup_CVPR22 at ec01a68: README commands +
     # {cifar10_100,tiny_imgnet,imagenet}/main.py defaults
     *[(f"pretrain/{t}_alignmix.yaml", key, value, cite)
       for t in ("cifar10", "cifar100", "tinyimagenet", "imagenet")

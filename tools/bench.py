@@ -71,9 +71,8 @@ def bench_gpu(quick: bool = False, device: str | None = None, loader_root=None,
     224 px, bf16 autocast, channels_last; `knobs` override its arguments), step time relative to
     ERM, and the data-loader
     ceiling: images/s of the training data path (`bench_data` on `loader_root`, the toy world by
-    default) with
-    `loader_workers` workers (default: the CPU cores, at most 16). `device` defaults to CUDA;
-    without it: {"skipped": ...} and a printed line."""
+    default) with `loader_workers` workers (default: the CPU cores, at most 16). `device` defaults
+    to CUDA; without it: {"skipped": ...} and a printed line."""
     import torch
 
     if device is None and not torch.cuda.is_available():

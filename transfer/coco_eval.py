@@ -7,8 +7,7 @@ without ground truth gives None (pycocotools' -1: no value, not a score).
 
 Results are the standard COCO results list: [{"image_id", "category_id", "bbox": [x, y, w, h],
 "score"}], boxes in the image's pixel coordinates (the toolkit's x0, y0, x1, y1 -> [x0, y0, x1 -
-x0,
-y1 - y0]: see `boxes_to_coco_xywh`).
+x0, y1 - y0]: see `boxes_to_coco_xywh`).
 """
 
 from __future__ import annotations
@@ -114,9 +113,9 @@ def check_coco_annotation(ann: Mapping, image: Mapping, where: str, error: type 
     bbox: 4 finite numbers [x, y, w, h] with w > 0, h > 0, inside the image up to BOX_TOLERANCE
     pixels;
     area: a number >= 0 (COCOeval's area ranges use it: a negative area would silently drop the box
-    from every range); iscrowd: the integer 0 or 1.
-    outside="error" raises for a box beyond the image; outside="count" returns False for it instead
-    (True otherwise), for the caller to count and log.
+    from every range); iscrowd: the integer 0 or 1. outside="error" raises for a box beyond the
+    image; outside="count" returns False for it instead (True otherwise), for the caller to count
+    and log.
     """
     error = error or COCOEvalError
     bbox = ann.get("bbox")

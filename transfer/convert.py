@@ -40,9 +40,9 @@ PIXEL_STD_RGB = [58.395, 57.12, 57.375]      # torchvision ImageNet std x 255, R
 DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 AUTHOR = "mixup-transfer"
 # The toolkit's own detectron2 dataset names (registered by
-# transfer.detection.d2_backend.register_toolkit_datasets).
-# Never detectron2's built-in names (coco_2017_train, voc_2007_test, ...): detectron2 registers
-# those itself, with their metadata (the 80 COCO / 20 VOC classes) fixed, and looks for them under
+# transfer.detection.d2_backend.register_toolkit_datasets). Never detectron2's built-in names
+# (coco_2017_train, voc_2007_test, ...): detectron2 registers those itself, with their metadata
+# (the 80 COCO / 20 VOC classes) fixed, and looks for them under
 # $DETECTRON2_DATASETS.
 VOC_TRAIN = ("mt_voc_2007_trainval", "mt_voc_2012_trainval")
 VOC_TEST = ("mt_voc_2007_test",)

@@ -25,8 +25,7 @@ Rules, all as in the VOC devkit:
 
 Result files follow the devkit: `<results>/comp4_det_<split>_<class>.txt`, one detection a line,
 `image_id score xmin ymin xmax ymax` in the XML's coordinates (the toolkit's internal x0 = xmin -
-1,
-x1 = xmax: see `boxes_to_voc_xml`). All numbers returned are percentages.
+1, x1 = xmax: see `boxes_to_voc_xml`). All numbers returned are percentages.
 """
 
 from __future__ import annotations
@@ -397,10 +396,10 @@ def read_voc_results(results_dir: str | os.PathLike, split: str,
                      image_ids: Iterable[str] | None = None) -> tuple[dict, dict]:
     """Parse `comp4_det_<split>_<class>.txt` files.
 
-    Returns (detections {class: [(image_id, score, box)]}, sources {class: ["file:line", ...]}).
-    A missing file means no detections for that class (logged); no file at all, a file for an
-    unknown class, a malformed line or an unknown image id raise `VOCEvalError` naming file:line.
-    Boxes with xmax < xmin are kept, as the devkit keeps them (see `reversed_boxes`).
+    Returns (detections {class: [(image_id, score, box)]}, sources {class: ["file:line", ...]}). A
+    missing file means no detections for that class (logged); no file at all, a file for an unknown
+    class, a malformed line or an unknown image id raise `VOCEvalError` naming file:line. Boxes
+    with xmax < xmin are kept, as the devkit keeps them (see `reversed_boxes`).
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():

@@ -132,9 +132,9 @@ def run_wsol_bench(quick: bool = False, n_maps: int | None = None, n_reference: 
 def write_bench_split(root, n_maps: int, seed: int = 0, subsets=()) -> dict:
     """The bench maps saved like ``tools/run_wsol.py evaluate`` saves them
     (``<root>/maps/<id>.npy``, float32, 224 x 224) with a wsolevaluation metadata split of all of
-    them (``<root>/all``) and one per size k in
-    ``subsets`` (``<root>/first<k>``: the first k ids, the same 3:1 mix of families when k is a
-    multiple of 4). Returns {"maps": dir, n_maps: dir of all, k: dir, ...}."""
+    them (``<root>/all``) and one per size k in ``subsets`` (``<root>/first<k>``: the first k ids,
+    the same 3:1 mix of families when k is a multiple of 4). Returns {"maps": dir, n_maps: dir of
+    all, k: dir, ...}."""
     from wsol.data import WSOLMetadata, write_wsol_metadata
 
     root = Path(root)

@@ -57,8 +57,7 @@ def centred_box_baseline(metadata_dir, size=(224, 224), fraction: float = 0.5,
 
 def _sum_over_ranks(v2: MaxBoxAccEvaluator, v1: MaxBoxAccEvaluator, loc: LocAccuracy) -> None:
     """Under torchrun each rank accumulated its shard: add every rank's counts into its evaluators
-    (integer
-    counts per threshold: the sums are exactly the single-process counts)."""
+    (integer counts per threshold: the sums are exactly the single-process counts)."""
     if ddist.rank_world()[1] > 1:
         loc_keys = ("n", "gt_known", "top1", "top5", "top1_cls")
         parts = ddist.all_gather_objects([(ev.num_correct, ev.count) for ev in (v2, v1)]

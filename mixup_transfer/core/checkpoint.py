@@ -265,8 +265,8 @@ def read_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Any:
     not a PyTorch file at all (random bytes, text), a truncated or corrupt archive, or a file
     holding pickled Python objects. Only the last one can be loaded, and only with
     `allow_pickle=True` or for a file the command line trusted (`trust_pickled`, a tool's
-    `--allow-pickle`), which unpickles arbitrary objects (it can run code: trusted files only)
-    and warns.
+    `--allow-pickle`), which unpickles arbitrary objects (it can run code: trusted files only) and
+    warns.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -2,8 +2,7 @@
 
 Box convention of the whole toolkit (ARCHITECTURE.md "Boxes"): float `x0, y0, x1, y1` in continuous
 pixel coordinates of the image as stored on disk; pixel column i spans [i, i + 1). Readers convert
-on
-the way in:
+on the way in:
   - PASCAL-style XML (VOC, ImageNet val) `xmin..xmax`, 1-based inclusive  ->  x0 = xmin - 1, x1 =
     xmax
   - COCO `[x, y, w, h]` and CUB `x y w h`                                  ->  x0 = x,        x1 =
@@ -59,10 +58,9 @@ def safe_relative(name: str, where: str, error: type | None = None) -> str:
 
 def inside(root: str | os.PathLike, name: str, what: str, error: type = None) -> Path:
     """``root / name``, refused (`error`, DataError by default, naming `what` and the root) when it
-    resolves
-    outside `root`: an id or file name read from an annotation or metadata file (``../../x.jpg``,
-    an absolute path, a symlinked escape) must never read or write outside the folder it belongs
-    to."""
+    resolves outside `root`: an id or file name read from an annotation or metadata file
+    (``../../x.jpg``, an absolute path, a symlinked escape) must never read or write outside the
+    folder it belongs to."""
     root = Path(root)
     path = root / name
     base = os.path.realpath(root)

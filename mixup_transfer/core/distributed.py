@@ -136,8 +136,8 @@ def gather_arrays(arrays: dict[str, np.ndarray], indices: Sequence[int],
 def broadcast_buffers(module) -> None:
     """Rank 0's buffers (BatchNorm running statistics) copied into ``module`` on every rank, in
     place. After DDP training each rank keeps the statistics of its own last batches (DDP
-    re-broadcasts rank 0's only at the next
-    forward): evaluating shards with them would score each shard with a different model."""
+    re-broadcasts rank 0's only at the next forward): evaluating shards with them would score each
+    shard with a different model."""
     if rank_world()[1] == 1:
         return
     for buf in module.buffers():

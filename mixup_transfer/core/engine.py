@@ -148,8 +148,7 @@ class Task:
         """Counts of one micro-batch for the epoch record (e.g. correct predictions and examples):
         0-d device tensors (read with the losses, never waited for) or host numbers, summed over
         the step's micro-batches and the epoch. They stay out of the step records; `epoch_metrics`
-        turns the epoch's sums into entries of the
-        epoch record. Default: none."""
+        turns the epoch's sums into entries of the epoch record. Default: none."""
         return {}
 
     def epoch_metrics(self, sums: dict) -> dict:

@@ -114,11 +114,10 @@ def inference_on_dataset(model, dataset, forward: Callable, to_records: Callable
 
     forward(model, inputs) -> outputs: ``inputs`` is ``select(batch)`` (default: the whole batch;
     the part the model reads) moved to ``device`` (`to_device`, rank-4 tensors channels_last when
-    asked), called under autocast(``precision``); ``model`` is put in eval mode.
-    to_records(batch, outputs, indices) -> list: one host record per image of the host ``batch``
-    (``indices``: their dataset indices), read back in one transfer (`to_host`). ``dst`` None
-    gathers to every rank, an int to that rank only. Collective: every rank calls it (an empty
-    shard included)."""
+    asked), called under autocast(``precision``); ``model`` is put in eval mode. to_records(batch,
+    outputs, indices) -> list: one host record per image of the host ``batch`` (``indices``: their
+    dataset indices), read back in one transfer (`to_host`). ``dst`` None gathers to every rank, an
+    int to that rank only. Collective: every rank calls it (an empty shard included)."""
     n = len(dataset)
     mine = ddist.shard_indices(n, block=batch_size)
     loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False,

@@ -368,9 +368,8 @@ def open_classification(root: str | os.PathLike, split: str, dataset: str = "aut
                         boxes: str | None = None, reader: Callable | None = None):
     """The classification set of `split` in any layout the toolkit reads (`detect_layout`).
     ImageNet takes `classes`, `boxes` and `reader` (see `mixup_transfer.core.data.ImageNetFolder`);
-    the small-image sets carry their own class
-    lists (`classes`, when given, must equal them) and always give PIL images (`reader` is
-    ignored)."""
+    the small-image sets carry their own class lists (`classes`, when given, must equal them) and
+    always give PIL images (`reader` is ignored)."""
     kind, folder = detect_layout(root, dataset)
     if kind == "imagenet":
         extra = {"reader": reader} if reader is not None else {}

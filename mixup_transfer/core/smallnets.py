@@ -104,10 +104,9 @@ class SmallNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width, num_classes)
         # PyTorch's default initialisation, as the reference codes' PreActResNet (manifold mixup,
-        # PuzzleMix,
-        # AlignMixup) keep it: with torchvision's kaiming fan_out the un-normalised residual sum
-        # that leaves the pre-activation stages is ~2.5x larger and plain SGD at lr 0.1 diverged on
-        # the toy CIFAR world
+        # PuzzleMix, AlignMixup) keep it: with torchvision's kaiming fan_out the un-normalised
+        # residual sum that leaves the pre-activation stages is ~2.5x larger and plain SGD at lr
+        # 0.1 diverged on the toy CIFAR world
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -120,10 +119,9 @@ def preactresnet18(num_classes: int = 10, width: int = 64, alignmixup: bool = Fa
     blocks (64, 128, 256, 512; strides 1, 2, 2, 2), no final BN-ReLU (11,171,146 parameters for 10
     classes; tests/core/test_smallimage.py). width=16 is `preactresnet18_w16` (16, 32, 64, 128:
     1/16 of the FLOPs), the toy CIFAR pipeline's CPU network (configs/pipeline/toy_cifar.yaml), no
-    paper's. alignmixup: the AlignMixup code's
-    network (`preactresnet18_alignmixup`): BN + ReLU after the stem convolution (2 x 64 more
-    parameters) and identity shortcuts that carry the pre-activated input (`PreActBlock`
-    preact_shortcut)."""
+    paper's. alignmixup: the AlignMixup code's network (`preactresnet18_alignmixup`): BN + ReLU
+    after the stem convolution (2 x 64 more parameters) and identity shortcuts that carry the
+    pre-activated input (`PreActBlock` preact_shortcut)."""
     widths, layers, cin = (width, 2 * width, 4 * width, 8 * width), [], width
     for i, w in enumerate(widths):
         layers.append(_group(cin, w, 2, 1 if i == 0 else 2, preact_shortcut=alignmixup))

@@ -3,17 +3,16 @@ state-dict keys.
 
 `vit_small_patch16_224` is ViT-S/16 (Dosovitskiy et al., "An image is worth 16x16 words",
 arXiv:2010.11929; the network of the MultiMix paper's ImageNet ViT rows, arXiv:2311.05538 Table 3),
-built by timm exactly as
-`timm.create_model("vit_small_patch16_224")`: 16 px patches, width 384, 12 blocks of 6 heads, a
-class token whose final-norm output is the embedding (`global_pool="token"`) and the classifier
-`head`. `vit_tiny_toy` is a narrow ViT of the same module layout for the toy world's 64 px crops
-and CPU runs: 8 px patches (an 8 x 8 grid), width 96, 4 blocks of 3 heads.
+built by timm exactly as `timm.create_model("vit_small_patch16_224")`: 16 px patches, width 384, 12
+blocks of 6 heads, a class token whose final-norm output is the embedding (`global_pool="token"`)
+and the classifier `head`. `vit_tiny_toy` is a narrow ViT of the same module layout for the toy
+world's 64 px crops and CPU runs: 8 px patches (an 8 x 8 grid), width 96, 4 blocks of 3 heads.
 
 Both are built with `dynamic_img_size=True` (timm interpolates the position embedding when an image
 is not the training size; the keys and shapes do not change), so evaluation may use another
 resolution than training. The checkpoint keys are timm's (`cls_token`, `pos_embed`,
-`patch_embed.proj.*`, `blocks.<i>.*`, `norm.*`,
-`head.*`): a file written by timm, or by this toolkit, loads into either.
+`patch_embed.proj.*`, `blocks.<i>.*`, `norm.*`, `head.*`): a file written by timm, or by this
+toolkit, loads into either.
 """
 
 from __future__ import annotations

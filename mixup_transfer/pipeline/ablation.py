@@ -5,12 +5,12 @@ A config (configs/ablation/*.yaml, every key in `DEFAULTS`) names a pretraining 
 configs/pretrain/*.yaml), the knob (`knob.key`, a dotted key of that recipe such as `method.n`,
 plus `knob.tied` keys that take the same value, e.g. `method.alpha_high` for a fixed Dirichlet
 alpha), its `values` and the `seeds`. Each (value, seed) is one pretraining stage run by the
-pipeline's own stage machinery (`mixup_transfer.pipeline.run.Pipeline._stage`
-through `AblationSweep`, a `Pipeline`): its content key is the hash of its resolved config, a
-`stage.json` marker holds its metrics, so a finished run is reused exactly as the pipeline reuses
-it, an interrupted sweep resumes, a changed override reruns exactly the runs it changes, and
-`force` redoes runs by name. Every run's config is validated (recipe keys and ranges, the method's
-options, the method built once) before the first one starts.
+pipeline's own stage machinery (`mixup_transfer.pipeline.run.Pipeline._stage` through
+`AblationSweep`, a `Pipeline`): its content key is the hash of its resolved config, a `stage.json`
+marker holds its metrics, so a finished run is reused exactly as the pipeline reuses it, an
+interrupted sweep resumes, a changed override reruns exactly the runs it changes, and `force`
+redoes runs by name. Every run's config is validated (recipe keys and ranges, the method's options,
+the method built once) before the first one starts.
 
 Layout (`<name>` is `knob.name`, the knob key's last part unless given; `<sweep>` is
 `<out_root>/<config name>`):

@@ -2,10 +2,9 @@
 
 A stage's key (`mixup_transfer.pipeline.run.content_key`) hashes its resolved config and an
 `Inputs` object: the upstream backbone (hashed whole) and the dataset folders it reads. A changed
-input then reruns exactly the stages that
-read it: a retrained backbone reruns its detection, WSOL and robustness stages even when its
-pretraining config is unchanged; an edited split file, annotation or metadata file reruns the
-stages that read that dataset.
+input then reruns exactly the stages that read it: a retrained backbone reruns its detection, WSOL
+and robustness stages even when its pretraining config is unchanged; an edited split file,
+annotation or metadata file reruns the stages that read that dataset.
 
 Datasets are identified by their index files, not by every pixel: under a dataset folder every
 non-image file (split lists, XML annotations, COCO json, wsolevaluation metadata, CIFAR batches,

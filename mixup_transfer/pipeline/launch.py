@@ -20,8 +20,8 @@ for bit (mixup_transfer.core.engine). The steps after that checkpoint are redone
 | pipeline     | `pipeline.run.run_pipeline`     | N x G (c)                               |
 
 (a) all ranks fine-tune, evaluation sharded, rank 0 writes; (b) sharded; evaluation only:
-restarts if requeued; (c) as under torchrun; finished stages skipped when requeued.
-(`pipeline` is `mixup_transfer.pipeline`.)
+restarts if requeued; (c) as under torchrun; finished stages skipped when requeued. (`pipeline` is
+`mixup_transfer.pipeline`.)
 
 A job with one task sets none of the variables: it runs as `python tools/run_<stage>.py` would.
 """
@@ -272,8 +272,7 @@ class StageJob:
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on preemption / time-out: the same job, continuing the run's last
-        checkpoint (never
-        starting over: force is dropped)."""
+        checkpoint (never starting over: force is dropped)."""
         from submitit.helpers import DelayedSubmission
 
         log.info("requeueing %s; it resumes from %s", self.spec.stage,

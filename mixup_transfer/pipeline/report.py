@@ -1,7 +1,6 @@
 """The pipeline's report: the papers' tables (mixup_transfer/pipeline/tables.py) with figures
-(mixup_transfer/pipeline/figures.py), written as
-Markdown and HTML (mixup_transfer/pipeline/html.py), and the same tables as data in
-summary.json."""
+(mixup_transfer/pipeline/figures.py), written as Markdown and HTML
+(mixup_transfer/pipeline/html.py), and the same tables as data in summary.json."""
 
 from __future__ import annotations
 

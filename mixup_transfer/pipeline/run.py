@@ -3,13 +3,12 @@
 Every stage writes into its own folder under `runs/<name>/` and, when it finishes, a `stage.json`
 marker holding its metrics and its content key: the hash of its resolved config, of the keys of the
 stages it reads (the pipeline is a small DAG: pretraining -> detection, WSOL, robustness) and of
-the content of the files it
-reads (`mixup_transfer/pipeline/inputs.py`: the backbone, the dataset's index files). A stage whose
-marker holds the same key is reused, so an interrupted pipeline resumes where it stopped (stages
-that keep their own training checkpoints also resume inside the stage), and a changed override,
-backbone or dataset reruns exactly the stages it affects and their dependents; `force` redoes
-stages by name. The report lists the reused stages. One pipeline at a time writes a run folder
-(`mixup_transfer/core/lock.py`).
+the content of the files it reads (`mixup_transfer/pipeline/inputs.py`: the backbone, the dataset's
+index files). A stage whose marker holds the same key is reused, so an interrupted pipeline resumes
+where it stopped (stages that keep their own training checkpoints also resume inside the stage),
+and a changed override, backbone or dataset reruns exactly the stages it affects and their
+dependents; `force` redoes stages by name. The report lists the reused stages. One pipeline at a
+time writes a run folder (`mixup_transfer/core/lock.py`).
 
 Seeds: `seeds.pretrain` and `seeds.transfer` (an int or a list; null: each stage config's own seed,
 one run) make one pretraining stage per (method, pretraining seed) and one detection / WSOL stage
@@ -33,8 +32,7 @@ get `transfer_seed<t>/`):
 
 This module calls each stage's one entry point, `run(cfg, inputs, run_dir) -> metrics`, through the
 adapters of `mixup_transfer/pipeline/stages.py` (`pretrain.task`, `transfer.detection.stage`,
-`wsol.finetune`, `transfer.robustness.stage`); the
-downstream stages only see the backbone file.
+`wsol.finetune`, `transfer.robustness.stage`); the downstream stages only see the backbone file.
 """
 
 from __future__ import annotations
@@ -542,9 +540,9 @@ def run_pipeline(config_path: str, overrides=(), methods=None, force=(), stop_af
     """Run (or resume) the pipeline of `config_path`; returns the path of the report.
 
     Under torchrun (the process group joined by the caller,
-    `mixup_transfer.core.distributed.torchrun_session`) every rank
-    runs every stage: training under DDP, evaluation sharded; rank 0 alone writes stage.json, the
-    report and the stages' files, and the ranks meet at a barrier at each stage boundary."""
+    `mixup_transfer.core.distributed.torchrun_session`) every rank runs every stage: training under
+    DDP, evaluation sharded; rank 0 alone writes stage.json, the report and the stages' files, and
+    the ranks meet at a barrier at each stage boundary."""
     from mixup_transfer.pipeline.report import write_report
 
     # under torchrun: join the group now (a no-op when the caller did, or outside torchrun)

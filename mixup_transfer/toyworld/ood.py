@@ -56,9 +56,8 @@ def ood_image(seed: int, set_index: int, index: int, content: str, how: str,
 
 def write_ood_folders(out, seed: int = 0, n: int = 20, size: int = 32, sets=None) -> dict:
     """Write ``n`` images per OOD set under ``out`` (see ``OOD_SETS``); returns {name: folder} (the
-    folder to
-    pass as ``ood: [NAME=FOLDER]``: ``out/<name>``). A set folder from an earlier call is replaced;
-    any other existing folder of that name is an error."""
+    folder to pass as ``ood: [NAME=FOLDER]``: ``out/<name>``). A set folder from an earlier call is
+    replaced; any other existing folder of that name is an error."""
     out = Path(out)
     names = list(OOD_SETS) if sets is None else list(sets)
     unknown = sorted(set(names) - set(OOD_SETS))

@@ -350,9 +350,8 @@ def render_scene(
     rng: the only source of randomness. size: (height, width).
     objects_spec: painted in order (later ones occlude earlier ones); each a dict with ``cls``
     (ObjectClass or BirdClass), ``center`` (cx, cy) in pixels, ``radius`` (half-extent in pixels),
-    optional ``angle`` (degrees), ``aspect`` (ObjectClass) or ``flip`` (BirdClass).
-    Returns the RGB image uint8 [H, W, 3] and one SceneObject per spec (full silhouette, tight
-    box).
+    optional ``angle`` (degrees), ``aspect`` (ObjectClass) or ``flip`` (BirdClass). Returns the RGB
+    image uint8 [H, W, 3] and one SceneObject per spec (full silhouette, tight box).
     """
     h, w = int(size[0]), int(size[1])
     img = _background(rng, h, w, clutter)

@@ -50,8 +50,7 @@ class _AlignMixBase(Method):
     # -- heads ------------------------------------------------------------------------------------
     def tensor_of(self, fmap: torch.Tensor) -> torch.Tensor:
         """The feature tensor A that is aligned: the full layer4 map (GAP head), or that map
-        average-pooled to
-        `resolution` (stage-2 encoder: 7 x 7 -> 4 x 4 at 224 px)."""
+        average-pooled to `resolution` (stage-2 encoder: 7 x 7 -> 4 x 4 at 224 px)."""
         if self.head == "gap" or tuple(fmap.shape[-2:]) == (self.resolution, self.resolution):
             return fmap
         if min(fmap.shape[-2:]) < self.resolution:
@@ -102,12 +101,12 @@ class _AlignMixBase(Method):
 class AlignMix(_AlignMixBase):
     """AlignMix as the authors' released code trains it (shashankvkt/AlignMixup_CVPR22 at ec01a68,
     the same in cifar10_100/models/resnet18_classifier.py,
-    tiny_imgnet/models/resnet18_classifier.py and
-    imagenet/models/resnet50_classifier.py): per batch input mixup with probability 1/2 (`layer_mix
-    = 0`), else `mixup_aligned` on the full layer4 map (4 x 4 on CIFAR, 8 x 8 on TinyImageNet, 7 x
-    7 on ImageNet) with branch 0 (eq. 12) or branch 1 (A aligned to A', eq. 13), 1/2 each; then
-    global average pooling and the classifier (no stage-2 encoder, no embedding mode). Sinkhorn
-    stops at the code's threshold `tol` = 0.1 (utils/OT.py `thresh`), after at most 100 iterations.
+    tiny_imgnet/models/resnet18_classifier.py and imagenet/models/resnet50_classifier.py): per
+    batch input mixup with probability 1/2 (`layer_mix = 0`), else `mixup_aligned` on the full
+    layer4 map (4 x 4 on CIFAR, 8 x 8 on TinyImageNet, 7 x 7 on ImageNet) with branch 0 (eq. 12) or
+    branch 1 (A aligned to A', eq. 13), 1/2 each; then global average pooling and the classifier
+    (no stage-2 encoder, no embedding mode). Sinkhorn stops at the code's threshold `tol` = 0.1
+    (utils/OT.py `thresh`), after at most 100 iterations.
     dense_loss: the loss at every position (MultiMix Table 10)."""
 
     variant = ("released code (shashankvkt/AlignMixup_CVPR22 @ ec01a68): GAP head, input 1/2, "

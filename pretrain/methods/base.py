@@ -22,12 +22,11 @@ Layer indices (where feature-space methods mix): 0 = input pixels, 1..4 = after 
 (feature maps), 5 = embedding (after global average pooling, before fc).
 
 Draws come from two streams that the trainer seeds before every micro-batch (`Method.seed`), so a
-run is
-repeatable and resumable: draws that steer Python control flow or that the host needs (lam, which
-layer or mode, a box, a PuzzleMix grid, the branch of a probability) come from `self.host_rng`, a
-numpy Generator, so that nothing is read back from the device; tensors used only on the device
-(permutations, Dirichlet weights) come from `self.generator`, a torch.Generator on the model's
-device.
+run is repeatable and resumable: draws that steer Python control flow or that the host needs (lam,
+which layer or mode, a box, a PuzzleMix grid, the branch of a probability) come from
+`self.host_rng`, a numpy Generator, so that nothing is read back from the device; tensors used only
+on the device (permutations, Dirichlet weights) come from `self.generator`, a torch.Generator on
+the model's device.
 """
 
 from __future__ import annotations
@@ -186,9 +185,9 @@ class ResNetStages(Backbone):
 
 class ViTStages(ViTBackbone):
     """A timm Vision Transformer of `mixup_transfer.core.vits` (ViT-S/16, the toy ViT) as four
-    groups of blocks, with
-    ImageNet normalisation inside: `pretrain.adapters.ViTBackbone` over `build_network(arch)`.
-    `self.net` is the plain timm model (its state_dict has exactly timm's keys)."""
+    groups of blocks, with ImageNet normalisation inside: `pretrain.adapters.ViTBackbone` over
+    `build_network(arch)`. `self.net` is the plain timm model (its state_dict has exactly timm's
+    keys)."""
 
     def __init__(self, arch: str = "vit_small_patch16_224", num_classes: int = 1000,
                  zero_init_residual: bool = False):

@@ -47,10 +47,10 @@ class CoMixup(Method):
     """Co-Mixup as the official CIFAR-100 / TinyImageNet command runs it (snu-mllab/Co-Mixup
     README, main.py): the saliency of the clean batch (PuzzleMix's; `clean_lam` > 0: the model in
     train mode and the clean loss 2 clean_lam / num_classes * CE added, as main.py; 0: eval mode,
-    no clean loss), pooled to a `block_num` x
-    `block_num` grid (-1: a grid drawn from 2, 4, 8, 16); the batch cut into partitions of `part`;
-    per partition `comix_labelings` (beta, gamma, thres, thres_type, eta, omega, set_resolve,
-    niter; the prior Dirichlet(alpha) and the initial labels drawn on the host), then `mix_input`.
+    no clean loss), pooled to a `block_num` x `block_num` grid (-1: a grid drawn from 2, 4, 8, 16);
+    the batch cut into partitions of `part`; per partition `comix_labelings` (beta, gamma, thres,
+    thres_type, eta, omega, set_resolve, niter; the prior Dirichlet(alpha) and the initial labels
+    drawn on the host), then `mix_input`.
     loss: bce (main.py: BCELoss(softmax(logits), targets), the mean over examples and classes) or
     ce. The optimisation runs on the host after one device-to-host copy per batch; solver: gco |
     swap | auto (as PuzzleMix)."""

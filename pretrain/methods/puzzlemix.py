@@ -74,9 +74,9 @@ class PuzzleMix(Method):
     num_classes * CE(clean) with loss bce (main.py). loss: ce = soft cross-entropy of the mixed
     targets (imagenet/train.py's lam-weighted CE); bce = main.py's BCELoss(softmax(logits), mixed
     targets), the mean over examples and classes. Solver: gco-wrapper's alpha-beta swap when
-    installed, else the built-in re-implementation of the same algorithm (`solver` knob: auto |
-    gco | swap); `threads` solves the per-image graph cuts in a thread pool (None: one per image
-    up to the CPU count).
+    installed, else the built-in re-implementation of the same algorithm (`solver` knob: auto | gco
+    | swap); `threads` solves the per-image graph cuts in a thread pool (None: one per image up to
+    the CPU count).
     """
 
     def __init__(self, model, num_classes, alpha: float = 1.0, grids=(2, 4, 8, 16),
@@ -223,9 +223,8 @@ def boundary_differences(pix: torch.Tensor, pix2: torch.Tensor, grid: int, neigh
     choice of the image each shows, the mean absolute difference across their common boundary of
     the images average-pooled by `neigh_size` (clipped to the block size).
 
-    pix, pix2 [b, 3, h, w] in pixel units (0..1; the first image and its partner) ->
-    (dv [b, 2, 2, g-1, g], dh [b, 2, 2, g, g-1]); index [s_p, s_q] with 1 = first image, 0 =
-    partner.
+    pix, pix2 [b, 3, h, w] in pixel units (0..1; the first image and its partner) -> (dv [b, 2, 2,
+    g-1, g], dh [b, 2, 2, g, g-1]); index [s_p, s_q] with 1 = first image, 0 = partner.
     """
     block = pix.shape[-1] // grid
     neigh = min(neigh_size, block)
@@ -265,9 +264,9 @@ def puzzle_energy(sal: torch.Tensor, sal2: torch.Tensor, dv: torch.Tensor, dh: t
     eta / g^2, and everything is multiplied by 1000 g^2 and truncated to int32.
 
     sal, sal2 [b, g, g] (normalised saliency of the image and of its partner), dv, dh from
-    `boundary_differences`, lam the prior's weight of the first image ->
-    (unary int32 [b, g, g, L], label distance float32 [L, L], w_v int32 [b, g-1, g], w_h int32 [b,
-    g, g-1]). Graph label i means mask value 1 - i / (L-1) (1 = the first image).
+    `boundary_differences`, lam the prior's weight of the first image -> (unary int32 [b, g, g, L],
+    label distance float32 [L, L], w_v int32 [b, g-1, g], w_h int32 [b, g, g-1]). Graph label i
+    means mask value 1 - i / (L-1) (1 = the first image).
     """
     host = read_to_host(puzzle_terms(sal, sal2, dv, dh, beta, gamma))
     return energy_from_terms(host, lam, beta, eta, n_labels)
@@ -332,9 +331,8 @@ def puzzle_masks(sal: torch.Tensor, sal2: torch.Tensor, dv: torch.Tensor, dh: to
                  beta: float = 1.2, gamma: float = 0.5, eta: float = 0.2, n_labels: int = 3,
                  solver: str = "auto", threads: int | None = None) -> torch.Tensor:
     """`puzzle_mask` for K prior weights lams (host floats) -> [K, b, g, g]. The graph cut runs on
-    the host (the
-    authors' algorithm): the lam-independent terms are read once (one device-to-host transfer for
-    all K) and the masks go back with a non-blocking copy."""
+    the host (the authors' algorithm): the lam-independent terms are read once (one device-to-host
+    transfer for all K) and the masks go back with a non-blocking copy."""
     host = read_to_host(puzzle_terms(sal, sal2, dv, dh, beta, gamma))
     labs = [grid_labels(*energy_from_terms(host, float(lam), beta, eta, n_labels), solver, threads)
             for lam in lams]

@@ -28,9 +28,8 @@ NEIGHBOURHOODS = (12, 24, 48, 28, 56, 112)
 
 def gray_bgr(image: np.ndarray) -> np.ndarray:
     """uint8 [h, w, 3] -> uint8 [h, w]: OpenCV's 8-bit BGR2GRAY (15-bit fixed point, round half
-    up). Channel 0 is
-    read as blue: the official code hands OpenCV an RGB tensor, so its red counts with blue's
-    weight."""
+    up). Channel 0 is read as blue: the official code hands OpenCV an RGB tensor, so its red counts
+    with blue's weight."""
     c = image.astype(np.int64)
     return ((c[..., 0] * 3735 + c[..., 1] * 19235 + c[..., 2] * 9798
              + (1 << 14)) >> 15).astype(np.uint8)
@@ -72,8 +71,7 @@ def _to_255(total: np.ndarray) -> np.ndarray:
 
 def fine_grained_saliency(image: np.ndarray) -> np.ndarray:
     """Montabone & Soto's fine-grained static saliency of uint8 [h, w, 3] -> uint8 [h, w], equal to
-    OpenCV's
-    `StaticSaliencyFineGrained.computeSaliency` times 255: grey, blurred twice, on/off
+    OpenCV's `StaticSaliencyFineGrained.computeSaliency` times 255: grey, blurred twice, on/off
     centre-surround contrast summed over six scales, each sum stretched to 255, on + off stretched
     by the larger maximum. That last stretch can exceed 255, and OpenCV's integer conversion keeps
     the low byte; so does this function."""

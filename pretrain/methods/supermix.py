@@ -77,10 +77,10 @@ def _top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def mask_step(teacher, inputs, mask, targets, active, lambda_s: float, sigma: float):
     """One official iteration on the mask logits [b, K, 1, w, w] (inputs [b, K, 3, h, w], targets
-    [b, c], active [b] = 1 where the example still moves): the gradient of
-    KL(targets || teacher(mix)) + lambda_s * the mean of |m (m - 1)|, smoothed, scaled by
-    |loss| / <grad, smoothed grad> (clamped to [1e-4, 2000]), a step against it.
-    -> the new mask logits."""
+    [b, c], active [b] = 1 where the example still moves): the gradient of KL(targets ||
+    teacher(mix)) + lambda_s * the mean of |m (m - 1)|, smoothed, scaled by
+    |loss| / <grad, smoothed grad> (clamped to [1e-4, 2000]), a step against it. -> the new mask
+    logits."""
     b, k = mask.shape[:2]
     m = mask.detach().requires_grad_(True)
     with torch.enable_grad():

@@ -29,10 +29,9 @@ def block_token_mask(gh: int, gw: int, n_mask: int, rng, min_aspect: float = 0.3
                      min_patches: int = 1, attempts: int = 10) -> tuple[np.ndarray, int]:
     """Block-wise token mask (`generate_mask`): rectangles of tokens with a log-uniform aspect
     ratio in [min_aspect, 1 / min_aspect] are added until n_mask tokens are covered or `attempts`
-    tries in a row add
-    nothing. rng: a host generator with `uniform(a, b)` and `integers(lo, hi)` (hi exclusive;
-    numpy's Generator). -> (mask int64 [gh, gw], 1 = partner token; the number of partner
-    tokens)."""
+    tries in a row add nothing. rng: a host generator with `uniform(a, b)` and `integers(lo, hi)`
+    (hi exclusive; numpy's Generator). -> (mask int64 [gh, gw], 1 = partner token; the number of
+    partner tokens)."""
     mask = np.zeros((gh, gw), dtype=np.int64)
     log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
     count = 0
@@ -83,10 +82,9 @@ def token_mix(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def token_activation(class_maps: torch.Tensor, labels: torch.Tensor, gh: int,
                      gw: int) -> torch.Tensor:
     """The activation map of each image's own class on the token grid, as the official code reads
-    TokenLabeling
-    label maps: the label's channel of class_maps [b, C, h, w], RoIAligned (aligned=False, adaptive
-    sampling) over the whole map to gh x gw (the official crop box [0, 0, 1, 1] scaled by the map
-    width, minus 0.5). -> [b, gh, gw]."""
+    TokenLabeling label maps: the label's channel of class_maps [b, C, h, w], RoIAligned
+    (aligned=False, adaptive sampling) over the whole map to gh x gw (the official crop box [0, 0,
+    1, 1] scaled by the map width, minus 0.5). -> [b, gh, gw]."""
     from torchvision.ops import roi_align  # noqa: PLC0415  (only the teacher path needs it)
 
     b, _, _, w = class_maps.shape

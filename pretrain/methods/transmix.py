@@ -4,12 +4,11 @@ between them, and for CutMix the label weight re-computed from the class token's
 last block over the patches inside the pasted box.
 
 The official code (Beckschen/TransMix, `transmix.py:Mixup_transmix` over timm 0.5.4's `Mixup`, and
-its
-`train.py`): per batch, mixing with probability `prob`; CutMix with probability `switch_prob`, lam
-~ Beta(cutmix_alpha) and a box of side sqrt(1 - lam) (timm's `rand_bbox`: centre row then column,
-clipped), else Mixup with lam ~ Beta(mixup_alpha); the partner of example i is example b - 1 - i
-(`x.flip(0)`). Mixup targets are lam y_i + (1 - lam) y_partner; CutMix targets (1 - lam') y_i +
-lam' y_partner with lam' = (area + attention) / 2: `area` the box's share of the image and
+its `train.py`): per batch, mixing with probability `prob`; CutMix with probability `switch_prob`,
+lam ~ Beta(cutmix_alpha) and a box of side sqrt(1 - lam) (timm's `rand_bbox`: centre row then
+column, clipped), else Mixup with lam ~ Beta(mixup_alpha); the partner of example i is example b -
+1 - i (`x.flip(0)`). Mixup targets are lam y_i + (1 - lam) y_partner; CutMix targets (1 - lam') y_i
++ lam' y_partner with lam' = (area + attention) / 2: `area` the box's share of the image and
 `attention` the share of the class token's attention (the last block's softmax, averaged over the
 heads, patches only) that falls on the patches whose nearest-neighbour downsampled box mask is 1.
 Targets are label-smoothed (timm's convention). `tests/fixtures/transmix_official.npz` pins the

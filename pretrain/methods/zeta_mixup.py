@@ -13,9 +13,9 @@ from pretrain.methods.base import Method
 
 class ZetaMixup(Method):
     """The batch mixed by `pretrain.mixers.ZetaMixup` (the official `zeta_mixup`, pinned by its
-    fixtures), then
-    soft-target cross-entropy. gamma: the p-series exponent (2.8, the official default). The [b, b]
-    uniform draws that order the batch come from the method's device generator."""
+    fixtures), then soft-target cross-entropy. gamma: the p-series exponent (2.8, the official
+    default). The [b, b] uniform draws that order the batch come from the method's device
+    generator."""
 
     def __init__(self, model, num_classes, gamma: float = 2.8, dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)

@@ -1,6 +1,6 @@
 """Sharded evaluation (mixup_transfer/core/distributed.py) and the rank-aware pipeline: the shards
-by hand, and 2 gloo processes
-on CPU giving exactly the single-process numbers for detection, WSOL and robustness evaluation."""
+by hand, and 2 gloo processes on CPU giving exactly the single-process numbers for detection, WSOL
+and robustness evaluation."""
 
 from __future__ import annotations
 

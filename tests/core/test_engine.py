@@ -1,7 +1,6 @@
 """mixup_transfer.core.engine on a tiny synthetic task (linear regression, no images): gradient
-accumulation equals the full
-batch, per-group learning rates and schedules, exact resume, and nothing non-finite is ever
-saved."""
+accumulation equals the full batch, per-group learning rates and schedules, exact resume, and
+nothing non-finite is ever saved."""
 
 import json
 import math

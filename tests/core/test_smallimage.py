@@ -243,10 +243,9 @@ def test_padded_crop_by_hand():
 
 def test_preactresnet18_alignmixup_parameters_and_checkpoint():
     """The AlignMixup code's PreAct-ResNet-18 (shashankvkt/AlignMixup_CVPR22 at ec01a68,
-    cifar10_100/models/
-    resnet.py): preactresnet18 plus the stem's BatchNorm2d(64), i.e. 11,171,146 + 2 * 64 =
-    11,171,274 parameters for 10 classes (its other difference, identity shortcuts from the
-    pre-activated input, has none); a checkpoint of it is recognised (a stem BN, and projection
+    cifar10_100/models/ resnet.py): preactresnet18 plus the stem's BatchNorm2d(64), i.e. 11,171,146
+    + 2 * 64 = 11,171,274 parameters for 10 classes (its other difference, identity shortcuts from
+    the pre-activated input, has none); a checkpoint of it is recognised (a stem BN, and projection
     shortcuts without BN unlike resnet18_cifar)."""
     from mixup_transfer.core.checkpoint import build_resnet, infer_arch
 

@@ -1,9 +1,8 @@
 """The uint8 data path of pretraining (pretrain/data.py, mixup_transfer/core/data.py decode):
-libjpeg-turbo decode equals PIL's,
-the uint8 crop / flip / jitter / lighting / val transforms equal the PIL path's for the same seed
-within the tolerances measured here, the device-side float conversion equals ToTensor's, the
-GPU-decode code path (run on the CPU) equals the uint8 path, persistent workers keep each epoch's
-order, and the loader selection refuses what cannot run."""
+libjpeg-turbo decode equals PIL's, the uint8 crop / flip / jitter / lighting / val transforms equal
+the PIL path's for the same seed within the tolerances measured here, the device-side float
+conversion equals ToTensor's, the GPU-decode code path (run on the CPU) equals the uint8 path,
+persistent workers keep each epoch's order, and the loader selection refuses what cannot run."""
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """`make gpu-check` (tools/gpu_check.py over mixup_transfer/pipeline/gpu_check.py) on a machine
-without CUDA: it says so and exits
-non-zero, and its checks and report run on the CPU (the same code; a GPU node runs them on
-CUDA)."""
+without CUDA: it says so and exits non-zero, and its checks and report run on the CPU (the same
+code; a GPU node runs them on CUDA)."""
 
 import importlib.util
 import json

@@ -1,7 +1,7 @@
 """mixup_transfer/pipeline/launch.py and tools/submit.py: the torchrun variables of a task, the
-sbatch file, the checks made before
-a job waits in the queue, a 2-process pretraining job through submitit's local executor, and a
-preempted job that requeues and ends with the weights of an uninterrupted run."""
+sbatch file, the checks made before a job waits in the queue, a 2-process pretraining job through
+submitit's local executor, and a preempted job that requeues and ends with the weights of an
+uninterrupted run."""
 
 import json
 import pickle

@@ -133,8 +133,7 @@ def trainer_method(toy_world, tmp_path, name, knobs):
 def test_a_user_loop_with_the_mixers_equals_the_trainer(toy_world, tmp_path, one_thread, name):
     """A user's loop (mixer.apply on the draws, the model's logits, mixed_loss) against the
     trainer's method on the same draws, replayed from the trainer's seeded streams (host numpy
-    stream: lam, box centre, grid; device
-    torch stream: the partners)."""
+    stream: lam, box centre, grid; device torch stream: the partners)."""
     knobs = (
         {"base": "cutmix", "k": 3}
         if name == "multi_interp_cutmix"

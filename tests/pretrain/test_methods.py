@@ -278,11 +278,10 @@ def test_gap_head_aligned_mixing_equals_embedding_mixing(batch):
 
 def test_alignmix_modes_and_step_equal_the_released_code(batch):
     """Released resnet50_classifier.py / resnet18_classifier.py (AlignMixup_CVPR22 at ec01a68):
-    layer_mix =
-    randint(0, 1) (0: input mixup), else mixup_aligned with align_mix = randint(0, 1): input 1/2,
-    branch 0 1/4, branch 1 1/4, then GAP of the full map and the classifier. One step replayed with
-    the pure functions (the official mixup_aligned is pinned by tests/pretrain/test_mixing.py's
-    fixtures)."""
+    layer_mix = randint(0, 1) (0: input mixup), else mixup_aligned with align_mix = randint(0, 1):
+    input 1/2, branch 0 1/4, branch 1 1/4, then GAP of the full map and the classifier. One step
+    replayed with the pure functions (the official mixup_aligned is pinned by
+    tests/pretrain/test_mixing.py's fixtures)."""
     from collections import Counter
 
     images, labels = batch
@@ -401,9 +400,8 @@ def _small_cases():
 @pytest.mark.parametrize("arch,name", _small_cases(), ids=[f"{a}-{n}" for a, n in _small_cases()])
 def test_every_method_steps_on_the_small_image_models(cifar_batch, arch, name, one_thread):
     """One SGD step of every method on PreAct-ResNet-18, WRN-16-8 and the CIFAR-stem ResNet-18 at
-    32 px (toy
-    CIFAR-10 images): finite loss, finite non-zero gradients at both ends of the network, and with
-    the same draws the loss is lower after the step."""
+    32 px (toy CIFAR-10 images): finite loss, finite non-zero gradients at both ends of the
+    network, and with the same draws the loss is lower after the step."""
     images, labels = cifar_batch
     torch.manual_seed(0)
     m = build_method(name, ResNetStages(arch, C), C, **SMALL_STEP_KNOBS.get(name, {}))

@@ -284,10 +284,10 @@ def _check_against_official(a, perm, lam, branch, plan_ref, mixed_ref, iters_ref
     <= 1 and its error is relative). With features at a trained network's scale and c = 512, max C
     is in the hundreds to thousands and eps = 0.1: rho = eps32 * max C / eps is ~1e-3, far above a
     fixed 1e-5, and the plan is far from converged after 100 iterations (row sums off by up to
-    4.5), so differences are carried forward rather than contracted; k = 16
-    covers them (measured: at most 4.3 rho on the c = 512 cases). The mixed tensor then differs by
-    at most max|A| times the largest row / column L1 norm of the plan difference (triangle
-    inequality on A' R^T or A R), plus the float32 rounding of an r-term product."""
+    4.5), so differences are carried forward rather than contracted; k = 16 covers them (measured:
+    at most 4.3 rho on the c = 512 cases). The mixed tensor then differs by at most max|A| times
+    the largest row / column L1 norm of the plan difference (triangle inequality on A' R^T or A R),
+    plus the float32 rounding of an r-term product."""
     eps32 = float(np.finfo(np.float32).eps)
     r = a.shape[-1]
     cost = am.feature_cost(a, a[perm])
@@ -374,8 +374,8 @@ def test_saliency_grid_hand_case():
 
 @pytest.mark.parametrize("solver", ["gco", "swap"])
 def test_puzzle_mask_hand_case_without_smoothness(solver):
-    """beta = gamma = 0, lam = 1/2, eta = 0.2, g = 2: per block the cheapest of
-    mask 1: sal2 + 0.2 * -log(1/4) / 4, mask 1/2: (sal + sal2) / 2 + 0.2 * -log(1/2) / 4, mask 0:
+    """beta = gamma = 0, lam = 1/2, eta = 0.2, g = 2: per block the cheapest of mask 1: sal2 + 0.2
+    * -log(1/4) / 4, mask 1/2: (sal + sal2) / 2 + 0.2 * -log(1/2) / 4, mask 0:
     sal + ..."""
     if solver == "gco" and not graphcut.have_gco():
         pytest.skip("gco-wrapper not installed")

@@ -421,14 +421,13 @@ def _steps_on_fake_cuda(task, tmp_path, monkeypatch, steps: int = 3):
 def test_a_pretraining_step_copies_nothing_that_waits(tmp_path, monkeypatch, name, knobs):
     """The engine's step loop (the task's `to_device`; the method's forward under bf16 autocast,
     the loss sums, the gradient norm and clipping, the optimizer and scheduler steps) for 3 steps
-    of every method on a fake CUDA
-    device (FakeTensorMode: the copies are dispatched as on CUDA, no data moves), the batches those
-    of the uint8 loader with colour augmentation. Shows: no host-to-device copy in it makes the
-    host wait (each is non_blocking from pinned memory), and the step's metrics stay on the device.
-    Cannot show: the backward pass (autograd's CUDA threads need a driver; zero gradients stand
-    in), SuperMix (its forward differentiates the teacher), PuzzleMix and SaliencyMix (their host
-    steps read the saliency or an image back, which fake tensors cannot) and the real overlap of
-    copies with compute."""
+    of every method on a fake CUDA device (FakeTensorMode: the copies are dispatched as on CUDA, no
+    data moves), the batches those of the uint8 loader with colour augmentation. Shows: no
+    host-to-device copy in it makes the host wait (each is non_blocking from pinned memory), and
+    the step's metrics stay on the device. Cannot show: the backward pass (autograd's CUDA threads
+    need a driver; zero gradients stand in), SuperMix (its forward differentiates the teacher),
+    PuzzleMix and SaliencyMix (their host steps read the saliency or an image back, which fake
+    tensors cannot) and the real overlap of copies with compute."""
     record, counter = _steps_on_fake_cuda(FakeCudaPretrain(name, knobs), tmp_path, monkeypatch)
     assert record["loss"].device.type == "cuda" and record["grad_norm2"].device.type == "cuda"
     assert counter.waits == [], counter.waits
@@ -474,8 +473,7 @@ class FakeCudaEncoded(FakeCudaPretrain):
 def test_a_gpu_decoded_pretraining_step_copies_nothing_that_waits(tmp_path, monkeypatch):
     """The same loop for ERM on batches decoded on the device (`decode_batch`), where images that
     are not JPEGs are decoded on the CPU and moved. Shows: those moves do not make the host wait
-    either (pinned, non_blocking).
-    Cannot show: nvJPEG itself (`make gpu-check`)."""
+    either (pinned, non_blocking). Cannot show: nvJPEG itself (`make gpu-check`)."""
     record, counter = _steps_on_fake_cuda(FakeCudaEncoded("erm", {}, monkeypatch), tmp_path,
                                           monkeypatch)
     assert record["loss"].device.type == "cuda"

@@ -1,6 +1,6 @@
 """Pretraining (pretrain.task on mixup_transfer.core.engine): schedules, the resumable sampler, the
-batch plan, an end-to-end
-toy run, exact resumption, non-finite loss handling and a 2-process gloo DDP run."""
+batch plan, an end-to-end toy run, exact resumption, non-finite loss handling and a 2-process gloo
+DDP run."""
 
 import json
 import os

@@ -101,9 +101,8 @@ ANN = {
 }
 CLASSES = ("cat", "dog")
 # Ranked: TP, (difficult: ignored), (difficult duplicate: ignored), FP (duplicate), TP, FP (no
-# overlap), TP.
-# Only non-ignored: TP FP TP FP TP with npos 4 -> recall .25 .25 .5 .5 .75, precision 1 .5 2/3 .5
-# .6
+# overlap), TP. Only non-ignored: TP FP TP FP TP with npos 4 -> recall .25 .25 .5 .5 .75, precision
+# 1 .5 2/3 .5 .6
 DETS = {
     "cat": [("im1", 0.9, (1, 1, 10, 10)), ("im3", 0.86, (50, 50, 70, 70)),
             ("im3", 0.85, (51, 51, 70, 70)), ("im1", 0.8, (1, 1, 10, 10)),

@@ -272,9 +272,8 @@ def _first_location_sizes(size, aspect_ratios, fmap_sizes, scales, steps):
     return out
 
 
-# The SSD reference VOC configs: (min sizes, max sizes, aspect ratios) per level, in pixels.
-# 300: amdegroot/ssd.pytorch data/config.py `voc` (= Caffe ssd_pascal.py); 512: Caffe
-# ssd_pascal_512.py.
+# The SSD reference VOC configs: (min sizes, max sizes, aspect ratios) per level, in pixels. 300:
+# amdegroot/ssd.pytorch data/config.py `voc` (= Caffe ssd_pascal.py); 512: Caffe ssd_pascal_512.py.
 SSD_VOC_REFERENCE = {
     300: ([30, 60, 111, 162, 213, 264], [60, 111, 162, 213, 264, 315],
           [[2], [2, 3], [2, 3], [2, 3], [2], [2]]),

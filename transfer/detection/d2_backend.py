@@ -333,9 +333,9 @@ def detectron2_overrides(cfg: dict, *, kind: str, world: int, n_train: int,
     """Toolkit config -> detectron2 keys: the toolkit config is the truth, so the same config
     trains the same schedule in both backends (the recipe only supplies what the toolkit has no key
     for: RPN / RoI feature maps, aspect ratios, pooler, ...). Every key is mapped, defaults
-    included, as the torchvision
-    backend reads it: ``model.norm: auto`` and ``trainable_layers: null`` resolve as
-    ``transfer.detection.models`` resolves them for a pretrained trunk (FrozenBN, 3 trainable
+    included, as the torchvision backend reads it: ``model.norm: auto`` and ``trainable_layers:
+    null`` resolve as ``transfer.detection.models`` resolves them for a pretrained trunk (FrozenBN,
+    3 trainable
     stages: FREEZE_AT 2); ``optim.batch_per_process`` is per process (IMS_PER_BATCH = batch_size x
     processes); ``optim.max_iter`` 0 means ``epochs`` x iterations per epoch (training images //
     IMS_PER_BATCH, at least 1, like the torchvision loader's drop_last); ``optim.steps`` are

@@ -6,8 +6,8 @@
 The detector is built from the config (the one it was trained with: same model type, arch, sizes
 and data format), its weights are read from an engine checkpoint (`checkpoints/last.pth`, its
 "model" entry) or a plain state dict, and the test set of the config is predicted (sharded under
-torchrun) and scored with the stage's
-own scorer: VOC mAP (`eval.metric`) or COCO AP, in percent, with a `units` field.
+torchrun) and scored with the stage's own scorer: VOC mAP (`eval.metric`) or COCO AP, in percent,
+with a `units` field.
 """
 
 from __future__ import annotations

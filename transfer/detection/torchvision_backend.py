@@ -117,9 +117,8 @@ def _to_original(boxes: torch.Tensor, target: dict) -> torch.Tensor:
 
 
 # the modules whose raw outputs the detectors' post-processing would silently drop when NaN (a NaN
-# score fails
-# every score threshold: a broken detector would report mAP 0); torchvision's FasterRCNN and SSD
-# names
+# score fails every score threshold: a broken detector would report mAP 0); torchvision's
+# FasterRCNN and SSD names
 _RAW_OUTPUTS = ("backbone", "rpn.head", "roi_heads.box_predictor", "head")
 
 
@@ -350,8 +349,7 @@ def seed_fingerprint(cfg: dict, weights: str | None, seed: int) -> dict:
 
 def check_resume(cfg: dict, weights: str | None, run_dir: Path) -> None:
     """Refuse (before anything is written) to continue a run folder whose seeds were made from
-    another config
-    or backbone: a refused resume leaves the folder as it was."""
+    another config or backbone: a refused resume leaves the folder as it was."""
     for seed in cfg["seeds"]:
         seed_dir = Path(run_dir) / f"seed_{seed}"
         if (seed_dir / fp.FILE).is_file():

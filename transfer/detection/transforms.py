@@ -220,10 +220,9 @@ def rcnn_test_augment(size: int, max_size: int) -> A.Compose:
 
 def augment_seed(seed: int, epoch: int, rank: int = 0, worker: int = 0) -> int:
     """The albumentations seed of one augmentation stream: the run seed, the epoch, the DDP rank
-    and the
-    DataLoader worker (0: the main process, k: worker k - 1). Rank 0's main process keeps the plain
-    per-epoch seed ``seed * 100003 + epoch``; every other stream is a SeedSequence of the four, so
-    no two ranks or workers draw the same crops and flips."""
+    and the DataLoader worker (0: the main process, k: worker k - 1). Rank 0's main process keeps
+    the plain per-epoch seed ``seed * 100003 + epoch``; every other stream is a SeedSequence of the
+    four, so no two ranks or workers draw the same crops and flips."""
     if rank == 0 and worker == 0:
         return seed * 100003 + epoch
     return int(np.random.SeedSequence([seed, epoch, rank, worker]).generate_state(1)[0])

@@ -46,9 +46,9 @@ def read_rgb(path) -> torch.Tensor:
 
 def open_val_set(root):
     """The labelled evaluation split of ``root`` in any classification layout
-    (``mixup_transfer.core.smalldata``): ImageNet's
-    val (boxes from val_boxes/ or LOC_val_solution.csv when present), TinyImageNet's val (with its
-    boxes), CIFAR-10/100's test batch (no boxes: clean, calibration, FGSM, PGD and OOD only)."""
+    (``mixup_transfer.core.smalldata``): ImageNet's val (boxes from val_boxes/ or
+    LOC_val_solution.csv when present), TinyImageNet's val (with its boxes), CIFAR-10/100's test
+    batch (no boxes: clean, calibration, FGSM, PGD and OOD only)."""
     return open_classification(root, "val", boxes="auto")
 
 

@@ -15,10 +15,9 @@ Definitions (Wang & Isola 2020, eqs. 4-5; MultiMix §4.4 for the positive pairs)
 ``f`` is the embedding the classifier reads (the input of its last linear layer: the pooled
 backbone feature, or a stage-2 head's output), L2-normalised by default as Wang & Isola define both
 quantities on the hypersphere. On the sphere Jensen gives ``uniformity >= -t * E||f_i - f_j||^2 >=
--2t = -4``, and
-``alignment <= 4``: MultiMix reports uniformity -4.77 and -5.68 (§4.4, poster table), below that
-bound, so its numbers cannot come from normalised embeddings with t = 2; the paper does not say
-what it computed. ``normalize=False`` gives the unnormalised variant.
+-2t = -4``, and ``alignment <= 4``: MultiMix reports uniformity -4.77 and -5.68 (§4.4, poster
+table), below that bound, so its numbers cannot come from normalised embeddings with t = 2; the
+paper does not say what it computed. ``normalize=False`` gives the unnormalised variant.
 
 Everything is computed in float64 in row blocks of the pairwise-distance matrix (O(block * n)
 memory), with a running log-sum-exp for the uniformity term.
@@ -92,8 +91,8 @@ def alignment_uniformity(embeddings, labels, alpha: float = 2.0, t: float = 2.0,
 def embedding_layer(model: nn.Module) -> nn.Module:
     """The layer whose input is the embedding: ``model.embedding_layer`` if the model names one,
     else the classifier ``fc`` of a wrapped torchvision ResNet (``model.model.fc``), the ``head``
-    of a wrapped timm ViT, or the model's own ``fc``, else the
-    last ``nn.Linear`` the model registers."""
+    of a wrapped timm ViT, or the model's own ``fc``, else the last ``nn.Linear`` the model
+    registers."""
     named = getattr(model, "embedding_layer", None)
     if isinstance(named, nn.Module):
         return named
@@ -140,9 +139,8 @@ def extract_embeddings(model: nn.Module, loader, device, precision: str = "fp32"
 
 def umap_subset(labels, n_classes: int = 10, per_class: int = 100, seed: int = 0) -> np.ndarray:
     """Indices for the UMAP figure (MultiMix Figure 3: "100 test examples per class of 10 randomly
-    chosen
-    classes"): ``n_classes`` classes drawn with ``seed``, the first ``per_class`` examples of each,
-    sorted."""
+    chosen classes"): ``n_classes`` classes drawn with ``seed``, the first ``per_class`` examples
+    of each, sorted."""
     labels = np.asarray(labels).reshape(-1)
     classes = np.unique(labels)
     rng = np.random.default_rng(seed)
@@ -204,9 +202,9 @@ def embedding_analysis(model: nn.Module, dataset, device, out_dir=None, batch_si
                        umap_epochs: int | None = None, seed: int = 0, title: str = "",
                        class_names=None) -> dict:
     """Embeddings of every item of ``dataset`` (``(image [3, S, S] in [0, 1], label, ...)``, any
-    classification
-    set) under ``model``: alignment / uniformity over all of them, and (``umap``) the UMAP figure
-    of a ``umap_classes`` x ``umap_per_class`` subset written to ``out_dir/figures/umap.png``.
+    classification set) under ``model``: alignment / uniformity over all of them, and (``umap``)
+    the UMAP figure of a ``umap_classes`` x ``umap_per_class`` subset written to
+    ``out_dir/figures/umap.png``.
 
     Returns ``{"embedding": {alignment, uniformity, ..., dim, umap: {...}}, "figures": {"umap":
     path}}``.
@@ -245,9 +243,8 @@ def _has_boxes(dataset) -> bool:
 
 def run_embedding_suite(cfg: dict, checkpoint, imagenet_root, out_dir, metrics: dict) -> dict:
     """The stage's ``embedding`` suite over the val split of ``imagenet_root`` (resolved stage
-    options
-    ``cfg``): adds ``embedding`` and ``figures.umap`` to ``metrics`` (or starts it) and rewrites
-    ``out_dir/metrics.json``."""
+    options ``cfg``): adds ``embedding`` and ``figures.umap`` to ``metrics`` (or starts it) and
+    rewrites ``out_dir/metrics.json``."""
     import time
 
     from mixup_transfer.core.runtime import get_device, write_json

@@ -23,8 +23,8 @@ the evaluation resolution (after resize + crop; ``corrupt_at="original"`` corrup
 before resizing), the noise is clipped to [0, 1], the replacement image is another uniformly drawn
 validation image (seeded, never the image itself) resized to the same size. The Gaussian OOD noise
 is N(mu, sigma) with mu = sigma = 0.5 as AlignMix App. C states it ("N(mu, sigma) with mu = sigma =
-0.5": sigma the standard deviation; ``gaussian_std``), clipped to [0, 1]. Every per-image
-draw depends on (seed, image index) only; the PGD random start is drawn per batch from (seed, batch
+0.5": sigma the standard deviation; ``gaussian_std``), clipped to [0, 1]. Every per-image draw
+depends on (seed, image index) only; the PGD random start is drawn per batch from (seed, batch
 index), so it also depends on ``batch_size``.
 """
 
@@ -304,9 +304,8 @@ def evaluate_checkpoint(checkpoint, imagenet_root, suites=SUITES, out_dir=None, 
     out_dir/figures/.
 
     checkpoint: a backbone checkpoint with its classifier head (``mixup_transfer.core.checkpoint``)
-    for the dataset's
-    classes. limit: evaluate this many evenly spaced val images (and at most this many per OOD
-    folder).
+    for the dataset's classes. limit: evaluate this many evenly spaced val images (and at most this
+    many per OOD folder).
     ood_transform: how OOD folder images become S x S (``data.ood_transform``: eval | crop |
     resize). Returns the metrics dict (also written to ``out_dir/metrics.json`` when ``out_dir`` is
     given).

@@ -3,10 +3,10 @@
 CAM of class c: ``sum_k w_ck f_k(x, y)`` over the last conv features ``f`` ``[K, h, w]``, upsampled
 (bilinear) to the input size, then min-max normalised to [0, 1]. The predicted box is the bounding
            box of
-the largest connected region (OpenCV external contour of largest area) of ``cam >= 0.25``
-("0.25 of max" after the min shift). A sample is localized when the top-1 class is right and the
-box has IoU >= 0.5 (the default; ``iou_threshold`` and the comparison ``op`` are options: multi-mix
-§IV-D counts IoU > 0.25) with any ground-truth box.
+the largest connected region (OpenCV external contour of largest area) of ``cam >= 0.25`` ("0.25 of
+max" after the min shift). A sample is localized when the top-1 class is right and the box has IoU
+>= 0.5 (the default; ``iou_threshold`` and the comparison ``op`` are options: multi-mix §IV-D
+counts IoU > 0.25) with any ground-truth box.
 
 Boxes: float ``x0, y0, x1, y1`` in continuous pixel coordinates of the (evaluation-size) image.
 """

@@ -3,10 +3,10 @@ DEFAULTS.
 
 inputs: {"checkpoint": a backbone checkpoint with its classifier, "imagenet": an ImageNet-layout
 root with val/ and val boxes}. The options are `evaluate_checkpoint`'s, translated here at the
-edge. `protocol` (cifar,
-tinyimagenet, imagenet: `protocols.PROTOCOLS`) fills the options left at null (image size, attack
-budgets, OOD transform); null keeps the evaluator's defaults. The `embedding` suite (not part of
-"all": it needs umap-learn) adds alignment / uniformity and a UMAP figure (`embedding.py`).
+edge. `protocol` (cifar, tinyimagenet, imagenet: `protocols.PROTOCOLS`) fills the options left at
+null (image size, attack budgets, OOD transform); null keeps the evaluator's defaults. The
+`embedding` suite (not part of "all": it needs umap-learn) adds alignment / uniformity and a UMAP
+figure (`embedding.py`).
 """
 
 from __future__ import annotations
