@@ -44,6 +44,7 @@ from mixup_transfer.core.engine import ClassificationTask, Engine, LoopSettings,
 from mixup_transfer.core.schedule import lr_factor
 from mixup_transfer.core.smalldata import DATASETS, detect_layout, open_classification
 from mixup_transfer.core.units import units
+from mixup_transfer.core.vocabulary import DATA, OPTIM, RUNTIME, fragment
 from pretrain.data import (
     EncodedTrainTransform,
     EpochSampler,
@@ -82,10 +83,11 @@ DEFAULTS = {
     # many clean train batches (precise BN, `recompute_bn_statistics`); 0 = keep the running
     # statistics
     "precise_bn_batches": 0,
+    # the shared keys (data, optim, runtime) are declared in mixup_transfer/core/vocabulary.py
     "data": {
-        # ImageNet-layout folder (root/train/<wnid>/*.JPEG, root/val/<wnid>/...), or a CIFAR /
-        # TinyImageNet folder (mixup_transfer/core/smalldata.py: the folder or its parent)
-        "root": None,
+        # root: an ImageNet-layout folder (root/train/<wnid>/*.JPEG, root/val/<wnid>/...), or a
+        # CIFAR / TinyImageNet folder (mixup_transfer/core/smalldata.py: the folder or its parent)
+        **fragment(DATA, "root"),
         # auto (from the layout) | imagenet | cifar10 | cifar100 | tinyimagenet
         "dataset": "auto",
         "train_split": "train",
@@ -105,17 +107,15 @@ DEFAULTS = {
         "color_jitter": 0.0,         # brightness/contrast/saturation strength (0 = off)
         # AlexNet PCA lighting std (0.1 in the CutMix/AlignMix code; 0 = off)
         "lighting": 0.0,
-        # DataLoader workers per process (persistent across epochs); None = the CPUs this process
-        # may use over the node's processes, minus one, at most 8
-        "num_workers": None,
+        # (num_workers null: the CPUs this process may use over the node's processes, minus one,
+        # at most 8; persistent across epochs)
+        **fragment(DATA, "num_workers"),
         # uint8 (torchvision.io decode, uint8 crops) | pil (the float PIL path) | dali (NVIDIA DALI
         # on the GPU) | auto (dali when importable on CUDA, else uint8)
         "loader": "uint8",
         # cpu | cuda: nvJPEG decodes each train batch on the GPU (loader uint8, CUDA)
         "decode_device": "cpu",
-        # use an evenly spaced subset of this many train images (quick runs)
-        "max_train": None,
-        "max_val": None,
+        **fragment(DATA, "max_train", "max_val"),
     },
     "model": {
         # resnet18 | resnet34 | resnet50 | resnet101 (torchvision); small images: preactresnet18 |
@@ -133,25 +133,19 @@ DEFAULTS = {
     # methods refuse one
     "teacher": None,
     "optim": {
-        "batch_size": 256,           # GLOBAL batch: images per optimizer step over all processes
-        # or the batch per process (MultiMix's b per GPU); then batch_size: null
-        "batch_per_process": None,
+        # the global batch, or the batch per process (MultiMix's b per GPU; then batch_size: null)
+        **fragment(OPTIM, "batch_size", "batch_per_process"),
         # micro-batches per step; None = 1 unless max_batch_per_process needs more
         "accumulate": None,
         # largest micro-batch one process holds (drives automatic accumulation)
         "max_batch_per_process": None,
-        "epochs": 300,
-        "lr": 0.1,                   # peak learning rate (multiplied by the schedule's factor)
-        # lr of the classifier (fc); None = lr (AlignMix ImageNet: 0.1 vs 0.01)
-        "lr_classifier": None,
+        # lr_classifier: AlignMix ImageNet uses 0.1 vs 0.01
+        **fragment(OPTIM, "epochs", "lr", "lr_classifier"),
         # sgd | adamw (torch's AdamW, betas (0.9, 0.999); momentum and nesterov unused)
         "optimizer": "sgd",
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 1.0e-4,
-        "schedule": "step",          # step | cosine | piecewise | constant
+        **fragment(OPTIM, "momentum", "nesterov", "weight_decay", "schedule"),
         "milestones": [75, 150, 225],  # step: epochs where lr *= gamma
-        "gamma": 0.1,
+        **fragment(OPTIM, "gamma"),
         # piecewise: [[epoch, factor], ...], linear; repeat an epoch to jump
         "points": None,
         "min_factor": 0.0,           # cosine: final lr / peak lr
@@ -160,24 +154,18 @@ DEFAULTS = {
         "warmup_start": 0.01,        # warm-up starts at this fraction of the schedule's lr
     },
     "runtime": {
-        "device": "auto",            # auto | cpu | cuda | cuda:N
-        # bf16 | fp16 (GradScaler) | fp32; CPU always runs fp32. bf16 is the precision whose step
-        # never waits for the GPU: fp16's GradScaler reads its inf flag every step (torch's
-        # design), one synchronisation per step
-        "precision": "bf16",
-        "channels_last": True,       # CUDA only
+        # precision: bf16 is the one whose step never waits for the GPU: fp16's GradScaler reads
+        # its inf flag every step (torch's design), one synchronisation per step
+        **fragment(RUNTIME, "device", "precision", "channels_last", precision="bf16"),
         # torch.compile each network stage as its own region, batch size dynamic
         # (pretrain.adapters.Backbone.enable_compile; a stage that reaches dynamo's recompile_limit
         # is logged as a warning and runs eagerly)
         "compile": False,
         "backend": None,             # DDP backend; None = nccl on CUDA, gloo on CPU
-        # torch.set_num_threads for this process (None = torch's default)
-        "num_threads": None,
+        **fragment(RUNTIME, "num_threads"),
         "checkpoint_every_steps": 0,  # also checkpoint every N steps (0 = only at epoch ends)
-        "log_every_steps": 20,
-        # auto | true | false: also write runs/<name>/tensorboard (auto: when the tensorboard
-        # package is installed: the `tensorboard` extra)
-        "tensorboard": "auto",
+        # tensorboard: runs/<name>/tensorboard (the `tensorboard` extra installs the package)
+        **fragment(RUNTIME, "log_every_steps", "tensorboard"),
         "flops": True,               # fvcore parameter / FLOP counts in the log header
         "figures": True,             # runs/<name>/figures/curves.png at the end
         # mean squared gradient norm per epoch (multi-mix's variance proxy)

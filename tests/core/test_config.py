@@ -1,6 +1,8 @@
 """mixup_transfer.core.config: YAML 1.2 numbers, _BASE_ inheritance, and every declared key checked
 for type and range."""
 
+from pathlib import Path
+
 import pytest
 
 from mixup_transfer.core.config import ConfigError, check_ranges, load_config, parse_yaml, validate
@@ -143,3 +145,39 @@ def test_every_stage_spells_a_shared_key_the_vocabulary_way():
                 shared, own = FRAGMENTS[frag][key].default, defaults[frag][key]
                 assert shared is None or own is None or type(shared) is type(own), (stage, frag,
                                                                                     key)
+
+
+STAGE_MODULES = {"pretrain": "pretrain/task.py", "detection": "transfer/detection/config.py",
+                 "wsol": "wsol/finetune.py", "robustness": "transfer/robustness/stage.py"}
+
+
+def _composed_keys(path: Path) -> dict[str, set]:
+    """{fragment table name: keys} of every `fragment(TABLE, "key", ...)` call in a module."""
+    import ast
+
+    out: dict[str, set] = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "fragment":
+            table, *keys = node.args
+            out.setdefault(table.id, set()).update(k.value for k in keys)
+    return out
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
+def test_every_stage_composes_its_shared_keys_from_the_vocabulary(stage):
+    """Each vocabulary key a stage's DEFAULTS holds comes from a `fragment(...)` call of its module
+    (declared once in mixup_transfer/core/vocabulary.py), never written out again."""
+    from mixup_transfer.core.vocabulary import FRAGMENTS
+
+    root = Path(__file__).resolve().parents[2]
+    composed = _composed_keys(root / STAGE_MODULES[stage])
+    defaults = _stage_defaults()[stage]
+    for frag, table in FRAGMENTS.items():
+        section = defaults.get(frag)
+        if not isinstance(section, dict):
+            continue
+        shared = set(section) & set(table)
+        if frag == "method" and not section:
+            continue
+        missing = shared - composed.get(frag.upper(), set())
+        assert not missing, f"{STAGE_MODULES[stage]}: {frag}.{sorted(missing)} written out"
