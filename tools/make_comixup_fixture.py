@@ -3,6 +3,7 @@ match.py: `get_onehot_matrix`, `obj_fn`, `mix_input`; mixup.py: `mixup_process`)
 seeded inputs, numbers only.
 
     git --git-dir=<mirror of snu-mllab/Co-Mixup> archive HEAD | tar -x -C /tmp/Co-Mixup
+    git --git-dir=<mirror of snu-mllab/Co-Mixup> rev-parse HEAD > /tmp/Co-Mixup/COMMIT
     python tools/make_comixup_fixture.py --comixup /tmp/Co-Mixup [--out tests/fixtures]
 
 It needs gco-wrapper (match.py imports gco). The official code draws a Dirichlet prior (torch's
@@ -18,8 +19,6 @@ global generator) and the initial labels (`random_initialize`, numpy's global ge
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from mixup_transfer.core import cli
+from mixup_transfer.core.official import checkout_commit, write_fixture
 
 # (n inputs = outputs, grid, thres_type, set_resolve, niter, beta, gamma, thres)
 SOLVER_CASES = [(4, 4, "hard", True, 4, 0.32, 1.0, 0.83), (6, 4, "hard", True, 4, 0.32, 1.0, 0.83),
@@ -130,31 +130,20 @@ def build(root: Path) -> dict:
     return out
 
 
-def _commit(root: Path) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return (root / "COMMIT").read_text().strip()
-
-
 @cli.entry
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
     p.add_argument("--comixup", type=Path, required=True, help="a checkout of snu-mllab/Co-Mixup")
     p.add_argument("--out", type=Path, default=Path("tests/fixtures"), help="the fixtures folder")
     args = p.parse_args(argv)
-    np.savez_compressed(args.out / "comixup_official.npz", **build(args.comixup))
-    index = args.out / "official_fixtures.json"
-    entries = json.loads(index.read_text()) if index.is_file() else {}
-    entries["comixup_official.npz"] = {
-        "repository": "https://github.com/snu-mllab/Co-Mixup", "commit": _commit(args.comixup),
+    note = {
+        "repository": "https://github.com/snu-mllab/Co-Mixup",
+        "commit": checkout_commit(args.comixup),
         "functions": ["match.py:get_onehot_matrix", "match.py:obj_fn", "mixup.py:mixup_process"],
-        "cases": {"get_onehot_matrix (n, grid, thres_type, set_resolve, niter, beta, "
-                  "gamma, thres)":
-                  [list(c) for c in SOLVER_CASES],
-                  "mixup_process (batch, m_part, "
-                  "m_block_num, size)": [list(c) for c in PROCESS_CASES],
+        "cases": {"get_onehot_matrix (n, grid, thres_type, set_resolve, niter, beta, gamma, "
+                  "thres)": [list(c) for c in SOLVER_CASES],
+                  "mixup_process (batch, m_part, m_block_num, size)":
+                      [list(c) for c in PROCESS_CASES],
                   "mixup_process args": ARGS},
         "inputs": "torch seeded 6000 + k (solver cases: cost = minus a normalised saliency, A = "
                   "0.999 I + 0.001 normalised distances) and 8000 + k (process cases: images, "
@@ -163,8 +152,7 @@ def main(argv=None) -> int:
                   "recorded (prior_k, init_k; p_priors_k, p_inits_k in partition order)",
         "outputs": "onehot_k [n, g, g, n] and obj_k (obj_fn of it); p_mixed_k, p_target_k "
                    "(mixup_process)"}
-    index.write_text(json.dumps(entries, indent=2) + "\n")
-    print(f"wrote {args.out / 'comixup_official.npz'}")
+    print(f"wrote {write_fixture(args.out, 'comixup_official.npz', build(args.comixup), note)}")
     return 0
 
 

@@ -6,6 +6,7 @@ of the official repository whose path is given on the command line, feeds it see
 stores inputs and outputs (numbers only) with a note of repository, commit and function.
 
     git --git-dir=<bare mirror> archive HEAD | tar -x -C /work/ref/PuzzleMix   (or any checkout)
+    git --git-dir=<bare mirror> rev-parse HEAD > /work/ref/PuzzleMix/COMMIT
     python tools/make_method_fixtures.py --puzzlemix /work/ref/PuzzleMix \\
         --alignmix /work/ref/AlignMixup_CVPR22 [--out tests/fixtures]
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -31,6 +31,7 @@ import torch
 
 from mixup_transfer.core import cli
 from mixup_transfer.core.constants import IMAGENET_MEAN, IMAGENET_STD
+from mixup_transfer.core.official import checkout_commit, write_fixture
 
 MEAN = np.array(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
 STD = np.array(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
@@ -41,17 +42,6 @@ def _load(path: Path, name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _commit(repo: Path) -> str:
-    f = repo / "COMMIT"
-    if f.exists():
-        return f.read_text().strip()
-    try:
-        return subprocess.check_output(["git", "-C", str(repo), "rev-parse", "HEAD"],
-                                       text=True).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown (pass a checkout with .git or a COMMIT file)"
 
 
 def smooth_images(rng: np.random.Generator, b: int, width: int) -> np.ndarray:
@@ -132,10 +122,10 @@ def puzzlemix_cases(repo: Path, out: Path, n_cases: int = 48, b: int = 2, width:
         if c < n_full:
             full.append(mixed.numpy().astype(np.float32))
     arrays = {k: np.stack([np.asarray(v) for v in vs]) for k, vs in rec.items()}
-    arrays["mixed"] = np.stack(full)
-    arrays["mean"], arrays["std"] = MEAN, STD
-    np.savez_compressed(out / "puzzlemix_official.npz", **arrays)
-    return _puzzlemix_note(repo, n_cases, b, width, n_full)
+    arrays.update(mixed=np.stack(full), mean=MEAN, std=STD)
+    note = _puzzlemix_note(repo, n_cases, b, width, n_full)
+    write_fixture(out, "puzzlemix_official.npz", arrays, note)
+    return note
 
 
 def _plan_sources(plan, b: int, g: int) -> np.ndarray:
@@ -148,7 +138,8 @@ def _plan_sources(plan, b: int, g: int) -> np.ndarray:
 
 
 def _puzzlemix_note(repo: Path, n_cases: int, b: int, width: int, n_full: int) -> dict:
-    return {"repository": "https://github.com/snu-mllab/PuzzleMix", "commit": _commit(repo),
+    return {"repository": "https://github.com/snu-mllab/PuzzleMix",
+            "commit": checkout_commit(repo),
             "functions": ["mixup.py:mixup_graph", "mixup.py:graphcut_multi",
                           "mixup.py:mask_transport", "mixup.py:transport_image"],
             "cases": n_cases, "batch": b, "width": width, "n_labels": 3, "t_size": -1,
@@ -181,9 +172,16 @@ def cutmix_cases(repo: Path, out: Path, n: int = 1500):
         np.random.seed(i)
         boxes.append([int(v) for v in train.rand_bbox((4, 3, size, size), lam)])
         sizes.append(size), lams.append(lam), centres.append((cx, cy))
-    np.savez_compressed(out / "cutmix_official.npz", size=np.array(sizes), lam=np.array(lams),
-                        centre=np.array(centres), box=np.array(boxes))
-    return {"repository": "https://github.com/snu-mllab/PuzzleMix", "commit": _commit(repo),
+    arrays = {"size": np.array(sizes), "lam": np.array(lams), "centre": np.array(centres),
+              "box": np.array(boxes)}
+    note = _cutmix_note(repo)
+    write_fixture(out, "cutmix_official.npz", arrays, note)
+    return note
+
+
+def _cutmix_note(repo: Path) -> dict:
+    return {"repository": "https://github.com/snu-mllab/PuzzleMix",
+            "commit": checkout_commit(repo),
             "functions": ["imagenet/train.py:rand_bbox (CutMix's box sampler)"],
             "inputs": "size (square), lam ~ Beta(1, 1), centre = rand_bbox's two "
                       "np.random.randint draws (dim 2, dim 3)",
@@ -194,7 +192,7 @@ def cutmix_cases(repo: Path, out: Path, n: int = 1500):
 def _alignmix_note(repo: Path) -> dict:
     """The fixture's provenance entry (official_fixtures.json)."""
     return {"repository": "https://github.com/shashankvkt/AlignMixup_CVPR22",
-            "commit": _commit(repo),
+            "commit": checkout_commit(repo),
             "functions": ["imagenet/models/resnet50_classifier.py:mixup_aligned",
                           "imagenet/utils/OT.py:SinkhornDistance (eps 0.1, max_iter 100, "
                           "threshold 1e-1)"],
@@ -257,8 +255,9 @@ def alignmix_cases(repo: Path, out: Path):
             rec[k].append(v)
         rec.setdefault("shape", []).append(shape)
     arrays = {k: np.stack([np.asarray(v) for v in vs]) for k, vs in rec.items()}
-    np.savez_compressed(out / "alignmix_official.npz", **arrays)
-    return _alignmix_note(repo)
+    note = _alignmix_note(repo)
+    write_fixture(out, "alignmix_official.npz", arrays, note)
+    return note
 
 
 def _official_alignmix_modules(base: Path, tag: str):
@@ -329,11 +328,15 @@ def alignmix_c512_cases(repo: Path, out: Path):
                          ("mixed", final.numpy().reshape(4, 512, -1)[:, :64]),
                          ("plan", plan.numpy()), ("iters", (calls[0] - 1) // 2)):
                 rec.setdefault(f"{k}_s{side}", []).append(v)
-    np.savez_compressed(out / "alignmix_official_c512.npz",
-                        **{k: np.stack([np.asarray(v) for v in vs])
-                                                               for k, vs in rec.items()})
+    arrays = {k: np.stack([np.asarray(v) for v in vs]) for k, vs in rec.items()}
+    note = _alignmix_c512_note(repo)
+    write_fixture(out, "alignmix_official_c512.npz", arrays, note)
+    return note
+
+
+def _alignmix_c512_note(repo: Path) -> dict:
     return {"repository": "https://github.com/shashankvkt/AlignMixup_CVPR22",
-            "commit": _commit(repo),
+            "commit": checkout_commit(repo),
             "functions": ["cifar10_100/models/resnet18_classifier.py:mixup_aligned (side 4)",
                           "tiny_imgnet/models/resnet18_classifier.py:mixup_aligned (side 8)",
                           "{cifar10_100,tiny_imgnet}/utils/OT.py:SinkhornDistance (eps 0.1, "
@@ -350,8 +353,8 @@ def alignmix_c512_cases(repo: Path, out: Path):
 def fill_by_name(state: dict, rename=lambda k: k) -> dict:
     """A deterministic state dict: each tensor drawn from a generator seeded with crc32 of its
     (renamed) key, so that two implementations of one network get equal weights without storing
-              them. BN weights in [0.5, 1.5], running
-    variances in [0.5, 2], other tensors N(0, 0.05); num_batches_tracked kept."""
+    them. BN weights in [0.5, 1.5], running variances in [0.5, 2], other tensors N(0, 0.05);
+    num_batches_tracked kept."""
     out = {}
     for k, v in state.items():
         name = rename(k)
@@ -377,9 +380,14 @@ def alignmix_network_case(repo: Path, out: Path):
     x = np.random.default_rng(18).uniform(0, 1, (2, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         fmap = net(torch.from_numpy(x)).numpy()
-    np.savez_compressed(out / "alignmix_preactresnet18.npz", x=x, layer4=fmap)
+    note = _alignmix_network_note(repo)
+    write_fixture(out, "alignmix_preactresnet18.npz", {"x": x, "layer4": fmap}, note)
+    return note
+
+
+def _alignmix_network_note(repo: Path) -> dict:
     return {"repository": "https://github.com/shashankvkt/AlignMixup_CVPR22",
-            "commit": _commit(repo),
+            "commit": checkout_commit(repo),
             "functions": ["cifar10_100/models/resnet.py:ResNet18 (forward, eval mode)"],
             "inputs": "x [2, 3, 32, 32] in [0, 1] (fed to the network as is); weights: "
                       "make_method_fixtures.fill_by_name on the network's state dict with "
@@ -400,8 +408,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    notes_path = args.out / "official_fixtures.json"
-    notes = json.loads(notes_path.read_text()) if notes_path.exists() else {}
+    notes = {}
     if args.puzzlemix:
         notes["puzzlemix_official.npz"] = puzzlemix_cases(args.puzzlemix, args.out)
         notes["cutmix_official.npz"] = cutmix_cases(args.puzzlemix, args.out)
@@ -409,7 +416,6 @@ def main(argv=None) -> int:
         notes["alignmix_official.npz"] = alignmix_cases(args.alignmix, args.out)
         notes["alignmix_official_c512.npz"] = alignmix_c512_cases(args.alignmix, args.out)
         notes["alignmix_preactresnet18.npz"] = alignmix_network_case(args.alignmix, args.out)
-    notes_path.write_text(json.dumps(notes, indent=2) + "\n")
     print(json.dumps(notes, indent=2))
     return 0
 

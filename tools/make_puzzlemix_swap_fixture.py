@@ -15,7 +15,6 @@ differences uniform. The integer energies are stored (not recomputed).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from mixup_transfer.core import cli
+from mixup_transfer.core.official import write_fixture
 from pretrain.methods import puzzlemix as pz
 from pretrain.methods import puzzlemix_graphcut as graphcut
 
@@ -87,15 +87,12 @@ def main(argv=None) -> int:
                     help="folder of the fixture file (default tests/fixtures)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    arrays = build()
-    np.savez_compressed(args.out / "puzzlemix_swap_gco.npz", **arrays)
     from importlib.metadata import version  # noqa: PLC0415
 
-    notes_path = args.out / "official_fixtures.json"
-    notes = json.loads(notes_path.read_text()) if notes_path.exists() else {}
-    notes["puzzlemix_swap_gco.npz"] = {
-        "repository": "https://github.com/Borda/pyGCO "
-        "(gco-wrapper " + version("gco-wrapper") + ", PyPI wheel)",
+    arrays = build()
+    note = {
+        "repository": f"https://github.com/Borda/pyGCO (gco-wrapper {version('gco-wrapper')}, "
+                      "PyPI wheel)",
         "functions": ["gco.cut_grid_graph(unary, dist, w_v, w_h, algorithm='swap'), as "
                       "snu-mllab/PuzzleMix mixup.py:graphcut_multi calls it"],
         "problems": {str(g): n for g, n in GRIDS},
@@ -104,7 +101,7 @@ def main(argv=None) -> int:
                   "16, 15] (top-left part used); dist float32 [3, 3]; labels int8 [n, 16, 16] = "
                   "gco's labels (-1 outside the grid); lam, share (the concentrated block's "
                   "saliency share, 0 = none) [n]"}
-    notes_path.write_text(json.dumps(notes, indent=2) + "\n")
+    write_fixture(args.out, "puzzlemix_swap_gco.npz", arrays, note)
     wrap = int(sum((np.abs(u.astype(np.int64)) * 100000 >= 2**31).any() for u in arrays["unary"]))
     print(f"{len(arrays['grid'])} problems, {wrap} in the wrap band")
     return 0

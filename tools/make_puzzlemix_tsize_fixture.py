@@ -8,6 +8,7 @@ saliency makers are reused), fed seeded inputs, and its inputs and outputs (numb
 stored with a note of repository, commit and functions in `tests/fixtures/official_fixtures.json`.
 
     git --git-dir=<mirror of snu-mllab/PuzzleMix> archive HEAD | tar -x -C /tmp/PuzzleMix
+    git --git-dir=<mirror of snu-mllab/PuzzleMix> rev-parse HEAD > /tmp/PuzzleMix/COMMIT
     python tools/make_puzzlemix_tsize_fixture.py --puzzlemix /tmp/PuzzleMix
 
 Needs torch, numpy and gco-wrapper (the official module imports it).
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from mixup_transfer.core import cli
+from mixup_transfer.core.official import checkout_commit, write_fixture
 
 
 def _sibling(name: str):
@@ -38,7 +40,7 @@ def _sibling(name: str):
 
 
 _fixtures = _sibling("make_method_fixtures")
-MEAN, STD, _commit, _load = _fixtures.MEAN, _fixtures.STD, _fixtures._commit, _fixtures._load
+MEAN, STD, _load = _fixtures.MEAN, _fixtures.STD, _fixtures._load
 saliency_maps, smooth_images = _fixtures.saliency_maps, _fixtures.smooth_images
 
 # (width, grid, t_size, neigh_size): t_size below the block side (a finer transport grid), equal to
@@ -85,9 +87,11 @@ def tsize_cases(repo: Path, out: Path, b: int = 2) -> dict:
         # the mixed images of the 64 px cases follow from the same plans (kept out for size)
         if width == 32:
             rec["mixed"].append(mixed.numpy().astype(np.float32))
-    np.savez_compressed(out / "puzzlemix_tsize_official.npz", mean=MEAN, std=STD,
-                        **{k: np.stack([np.asarray(v) for v in vs]) for k, vs in rec.items()})
-    return _note(repo, b)
+    arrays = {"mean": MEAN, "std": STD,
+              **{k: np.stack([np.asarray(v) for v in vs]) for k, vs in rec.items()}}
+    note = _note(repo, b)
+    write_fixture(out, "puzzlemix_tsize_official.npz", arrays, note)
+    return note
 
 
 def _sources(plan, b: int) -> np.ndarray:
@@ -101,7 +105,8 @@ def _sources(plan, b: int) -> np.ndarray:
 
 
 def _note(repo: Path, b: int) -> dict:
-    return {"repository": "https://github.com/snu-mllab/PuzzleMix", "commit": _commit(repo),
+    return {"repository": "https://github.com/snu-mllab/PuzzleMix",
+            "commit": checkout_commit(repo),
             "functions": ["mixup.py:mixup_graph (t_size >= 1)", "mixup.py:mask_transport",
                           "mixup.py:transport_image"],
             "cases": [list(c) for c in CASES], "case_layout": "(width, grid, t_size, neigh_size)",
@@ -124,11 +129,7 @@ def main(argv=None) -> int:
                     help="folder of the fixture file (default tests/fixtures)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    notes_path = args.out / "official_fixtures.json"
-    notes = json.loads(notes_path.read_text()) if notes_path.exists() else {}
-    notes["puzzlemix_tsize_official.npz"] = tsize_cases(args.puzzlemix, args.out)
-    notes_path.write_text(json.dumps(notes, indent=2) + "\n")
-    print(json.dumps(notes["puzzlemix_tsize_official.npz"], indent=2))
+    print(json.dumps(tsize_cases(args.puzzlemix, args.out), indent=2))
     return 0
 
 

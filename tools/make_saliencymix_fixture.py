@@ -5,6 +5,7 @@ seeded 8-bit images, numbers only.
 
     git --git-dir=<mirror of afm-shahab-uddin/SaliencyMix> archive HEAD \\
         | tar -x -C /tmp/SaliencyMix
+    git --git-dir=<mirror of afm-shahab-uddin/SaliencyMix> rev-parse HEAD > /tmp/SaliencyMix/COMMIT
     pip install --target /tmp/cv2-contrib opencv-contrib-python-headless==5.1.0.95
     PYTHONPATH=/tmp/cv2-contrib python tools/make_saliencymix_fixture.py \\
         --saliencymix /tmp/SaliencyMix
@@ -17,8 +18,6 @@ int` (numpy >= 1.24).
 from __future__ import annotations
 
 import ast
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from mixup_transfer.core import cli
+from mixup_transfer.core.official import checkout_commit, write_fixture
 
 SOURCE = "SaliencyMix_CIFAR/saliencymix.py"
 # h, w, cases
@@ -83,14 +83,6 @@ def build(root: Path) -> dict:
     return out
 
 
-def _commit(root: Path) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return (root / "COMMIT").read_text().strip()
-
-
 @cli.entry
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
@@ -98,27 +90,23 @@ def main(argv=None) -> int:
                    help="a checkout of afm-shahab-uddin/SaliencyMix")
     p.add_argument("--out", type=Path, default=Path("tests/fixtures"), help="the fixtures folder")
     args = p.parse_args(argv)
-    data = build(args.saliencymix)
-    np.savez_compressed(args.out / "saliencymix_official.npz", **data)
     from importlib.metadata import version
 
-    index = args.out / "official_fixtures.json"
-    entries = json.loads(index.read_text()) if index.is_file() else {}
-    entries["saliencymix_official.npz"] = {
+    data = build(args.saliencymix)
+    note = {
         "repository": "https://github.com/afm-shahab-uddin/SaliencyMix",
-        "commit": _commit(args.saliencymix),
+        "commit": checkout_commit(args.saliencymix),
         "functions": [f"{SOURCE}:saliency_bbox",
                       "cv2.saliency.StaticSaliencyFineGrained.computeSaliency"],
-                      "opencv": "opencv-contrib-python-headless "
-                                f"{version('opencv-contrib-python-headless')}",
+        "opencv": f"opencv-contrib-python-headless {version('opencv-contrib-python-headless')}",
         "cases": int(data["count"]), "sizes": " ".join(f"{h}x{w}:{n}" for h, w, n in SIZES),
         "inputs": "image_k uint8 [3, h, w] (noise, flat with a patch, ramps; numpy "
                   "default_rng(2006)), lam_k a Beta(1, 1) draw of the same generator",
         "outputs": "saliency_k uint8 [h, w] = 255 x computeSaliency(the HWC image), rounded "
                    "(its float32 map is an 8-bit map / 255), box_k = saliency_bbox(image_k as a "
                    "tensor, lam_k): (bbx1, bby1, bbx2, bby2), rows then columns"}
-    index.write_text(json.dumps(entries, indent=2) + "\n")
-    print(f"wrote {args.out / 'saliencymix_official.npz'} ({int(data['count'])} cases)")
+    path = write_fixture(args.out, "saliencymix_official.npz", data, note)
+    print(f"wrote {path} ({int(data['count'])} cases)")
     return 0
 
 

@@ -3,6 +3,7 @@
 offline on seeded inputs with a small seeded teacher, numbers only.
 
     git --git-dir=<mirror of alldbi/SuperMix> archive HEAD | tar -x -C /tmp/SuperMix
+    git --git-dir=<mirror of alldbi/SuperMix> rev-parse HEAD > /tmp/SuperMix/COMMIT
     python tools/make_supermix_fixture.py --supermix /tmp/SuperMix
 
 The script's other lines load data and a teacher, so only those definitions are taken from the file
@@ -19,9 +20,7 @@ from __future__ import annotations
 
 import ast
 import copy
-import json
 import math
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixup_transfer.core import cli
+from mixup_transfer.core.official import checkout_commit, write_fixture
 
 SOURCE = "supermix.py"
 NAMES = ("onehot", "Smoothing", "kldiv2", "mask_process", "mix_batch")
@@ -110,26 +110,15 @@ def build(root: Path) -> dict:
     return out
 
 
-def _commit(root: Path) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return (root / "COMMIT").read_text().strip()
-
-
 @cli.entry
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
     p.add_argument("--supermix", type=Path, required=True, help="a checkout of alldbi/SuperMix")
     p.add_argument("--out", type=Path, default=Path("tests/fixtures"), help="the fixtures folder")
     args = p.parse_args(argv)
-    data = build(args.supermix)
-    np.savez_compressed(args.out / "supermix_official.npz", **data)
-    index = args.out / "official_fixtures.json"
-    entries = json.loads(index.read_text()) if index.is_file() else {}
-    entries["supermix_official.npz"] = {
-        "repository": "https://github.com/alldbi/SuperMix", "commit": _commit(args.supermix),
+    note = {
+        "repository": "https://github.com/alldbi/SuperMix",
+        "commit": checkout_commit(args.supermix),
         "functions": [f"{SOURCE}:{name}" for name in NAMES],
         "cases": "rows of `cases`: batch, K, mask_w, sigma, lambda_s, max_iter, tol (examples), "
                  "alpha, image side",
@@ -141,8 +130,8 @@ def main(argv=None) -> int:
                    "examples only, in batch order), iters_k (iterations run); logits_k [b, K, "
                    "1, w, w] the final mask logits of every example (the argument of "
                    "mix_batch's last mask_process call)"}
-    index.write_text(json.dumps(entries, indent=2) + "\n")
-    print(f"wrote {args.out / 'supermix_official.npz'} ({len(CASES)} cases)")
+    path = write_fixture(args.out, "supermix_official.npz", build(args.supermix), note)
+    print(f"wrote {path} ({len(CASES)} cases)")
     return 0
 
 

@@ -3,6 +3,7 @@ tokenmix.py: `generate_mask`, `generate_mask_random`, `get_labelmaps_with_coords
 `Mixup.__call__`) run offline on seeded inputs, numbers only.
 
     git --git-dir=<mirror of Sense-X/TokenMix> archive HEAD | tar -x -C /tmp/TokenMix
+    git --git-dir=<mirror of Sense-X/TokenMix> rev-parse HEAD > /tmp/TokenMix/COMMIT
     python tools/make_tokenmix_fixture.py --tokenmix /tmp/TokenMix [--out tests/fixtures]
 
 `generate_mask` draws from Python's global `random`: the script seeds it and records every draw
@@ -19,9 +20,7 @@ official code needs opencv-python at import and `np.int` (numpy < 1.24): the scr
 from __future__ import annotations
 
 import importlib.util
-import json
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from mixup_transfer.core import cli
+from mixup_transfer.core.official import checkout_commit, write_fixture
 
 BLOCK_CASES = [(0.5, 14), (0.5, 0), (0.3, 14), (0.8, 1), (0.1, 0), (0.5, 14), (0.95, 14), (0.2, 5)]
 RANDOM_CASES = [(0.5, 14), (0.3, 0)]
@@ -54,7 +54,8 @@ class _Recorder:
 
 def _official(root: Path):
     if not hasattr(np, "int"):
-        np.int = int  # noqa: NPY001  (the official generate_mask uses the alias removed in numpy 1.24)
+        # the official generate_mask uses the alias (removed in numpy 1.24)
+        np.int = int  # noqa: NPY001
     spec = importlib.util.spec_from_file_location("official_tokenmix", root / "tokenmix.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -131,25 +132,15 @@ def build(root: Path) -> dict:
     return out
 
 
-def _commit(root: Path) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return (root / "COMMIT").read_text().strip()
-
-
 @cli.entry
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
     p.add_argument("--tokenmix", type=Path, required=True, help="a checkout of Sense-X/TokenMix")
     p.add_argument("--out", type=Path, default=Path("tests/fixtures"), help="the fixtures folder")
     args = p.parse_args(argv)
-    np.savez_compressed(args.out / "tokenmix_official.npz", **build(args.tokenmix))
-    index = args.out / "official_fixtures.json"
-    entries = json.loads(index.read_text()) if index.is_file() else {}
-    entries["tokenmix_official.npz"] = {
-        "repository": "https://github.com/Sense-X/TokenMix", "commit": _commit(args.tokenmix),
+    note = {
+        "repository": "https://github.com/Sense-X/TokenMix",
+        "commit": checkout_commit(args.tokenmix),
         "functions": ["tokenmix.py:generate_mask", "tokenmix.py:generate_mask_random",
                       "tokenmix.py:get_labelmaps_with_coords", "tokenmix.py:mixup_target",
                       "tokenmix.py:Mixup"],
@@ -163,8 +154,7 @@ def main(argv=None) -> int:
         "outputs": "block/random masks [14, 14] and lam; label maps [4, 10, 14, 14]; "
                    "Mixup(cutmix only, smoothing 0.1) mixed images and targets with its draws "
                    "(t_draws_k); mixup_target for lam 0, 0.37, 1"}
-    index.write_text(json.dumps(entries, indent=2) + "\n")
-    print(f"wrote {args.out / 'tokenmix_official.npz'}")
+    print(f"wrote {write_fixture(args.out, 'tokenmix_official.npz', build(args.tokenmix), note)}")
     return 0
 
 

@@ -3,6 +3,7 @@
 `Mixup`) run offline on seeded inputs, numbers only.
 
     git --git-dir=<mirror of Beckschen/TransMix> archive HEAD | tar -x -C /tmp/TransMix
+    git --git-dir=<mirror of Beckschen/TransMix> rev-parse HEAD > /tmp/TransMix/COMMIT
     # the timm version its requirements.txt pins
     pip install --no-deps --target /tmp/timm054 timm==0.5.4
     PYTHONPATH=/tmp/timm054:$PYTHONPATH \
@@ -21,8 +22,6 @@ positive attention [b, side^2] for CutMix).
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from mixup_transfer.core import cli
+from mixup_transfer.core.official import checkout_commit, write_fixture
 
 # (batch, image side, patch-grid side, P(mixing)); one-channel images (the mixing treats channels
 # alike), 8-bit values as a decoded image's, kept small; knobs are the DeiT-S config's (mixup 0.8,
@@ -108,27 +108,17 @@ def build(root: Path) -> dict:
     return out
 
 
-def _commit(root: Path) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return (root / "COMMIT").read_text().strip()
-
-
 @cli.entry
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
     p.add_argument("--transmix", type=Path, required=True, help="a checkout of Beckschen/TransMix")
     p.add_argument("--out", type=Path, default=Path("tests/fixtures"), help="the fixtures folder")
     args = p.parse_args(argv)
-    np.savez_compressed(args.out / "transmix_official.npz", **build(args.transmix))
-    index = args.out / "official_fixtures.json"
-    entries = json.loads(index.read_text()) if index.is_file() else {}
     import timm
 
-    entries["transmix_official.npz"] = {
-        "repository": "https://github.com/Beckschen/TransMix", "commit": _commit(args.transmix),
+    note = {
+        "repository": "https://github.com/Beckschen/TransMix",
+        "commit": checkout_commit(args.transmix),
         "functions": ["transmix.py:Mixup_transmix.__call__",
                       "transmix.py:Mixup_transmix.transmix_label"],
         "timm": timm.__version__,
@@ -140,9 +130,8 @@ def main(argv=None) -> int:
                   "draws_k / draw_names_k: every numpy draw of the call, in order",
         "outputs": "mixed_k (the mixed images), box_k (yl, yh, xl, xh; -1 without CutMix), "
                    "targets_k (transmix_label for CutMix, the smoothed mixup target otherwise)"}
-    index.write_text(json.dumps(entries, indent=2) + "\n")
-    print(f"wrote {args.out / 'transmix_official.npz'} ({len(CASES)} cases, timm "
-          f"{timm.__version__})")
+    path = write_fixture(args.out, "transmix_official.npz", build(args.transmix), note)
+    print(f"wrote {path} ({len(CASES)} cases, timm {timm.__version__})")
     return 0
 
 

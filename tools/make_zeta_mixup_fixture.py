@@ -3,6 +3,7 @@
 offline on seeded inputs, numbers only.
 
     git --git-dir=<mirror of kakumarabhishek/zeta-mixup> archive HEAD | tar -x -C /tmp/zeta-mixup
+    git --git-dir=<mirror of kakumarabhishek/zeta-mixup> rev-parse HEAD > /tmp/zeta-mixup/COMMIT
     python tools/make_zeta_mixup_fixture.py --zeta /tmp/zeta-mixup [--out tests/fixtures]
 
 The official weights draw `np.random.rand(b, b)` from numpy's global generator: each case seeds it,
@@ -16,8 +17,6 @@ official functions.
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from mixup_transfer.core import cli
+from mixup_transfer.core.official import checkout_commit, write_fixture
 
 CASES = [(1, 2.8), (2, 2.8), (4, 2.8), (7, 2.4), (16, 4.0), (33, 1.5), (64, 2.8), (128, 2.8)]
 CLASSES = 10
@@ -63,14 +63,6 @@ def build(root: Path) -> dict:
     return out
 
 
-def _commit(root: Path) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return (root / "COMMIT").read_text().strip()
-
-
 @cli.entry
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
@@ -78,22 +70,18 @@ def main(argv=None) -> int:
                    help="a checkout of kakumarabhishek/zeta-mixup")
     p.add_argument("--out", type=Path, default=Path("tests/fixtures"), help="the fixtures folder")
     args = p.parse_args(argv)
-    np.savez_compressed(args.out / "zeta_mixup_official.npz", **build(args.zeta))
-    index = args.out / "official_fixtures.json"
-    entries = json.loads(index.read_text()) if index.is_file() else {}
-    entries["zeta_mixup_official.npz"] = {
+    note = {
         "repository": "https://github.com/kakumarabhishek/zeta-mixup",
-        "commit": _commit(args.zeta),
+        "commit": checkout_commit(args.zeta),
         "functions": ["utils.py:zeta_mixup_weights", "zeta_mixup.py:zeta_mixup"],
-        "cases": [list(c) for c in CASES], "inputs": "order_k = np.random.rand(b, b) drawn "
-                                                     "after np.random.seed(1000 + k) (the draw "
-                                                     "inside zeta_mixup_weights); x_k [b, 3, 8, "
-                                                     "8] float32, y_k [b] in 0..9 (torch, "
-                                                     "seeded)",
+        "cases": [list(c) for c in CASES],
+        "inputs": "order_k = np.random.rand(b, b) drawn after np.random.seed(1000 + k) (the draw "
+                  "inside zeta_mixup_weights); x_k [b, 3, 8, 8] float32, y_k [b] in 0..9 (torch, "
+                  "seeded)",
         "outputs": "weights_k [b, b] (zeta_mixup_weights), mixed_k and targets_k (zeta_mixup "
                    "with 10 classes)"}
-    index.write_text(json.dumps(entries, indent=2) + "\n")
-    print(f"wrote {args.out / 'zeta_mixup_official.npz'} ({len(CASES)} cases)")
+    path = write_fixture(args.out, "zeta_mixup_official.npz", build(args.zeta), note)
+    print(f"wrote {path} ({len(CASES)} cases)")
     return 0
 
 
