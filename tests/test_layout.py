@@ -109,8 +109,8 @@ def test_method_families_import_only_base_and_their_own_solver(tmp_path):
     assert not family_violations(ROOT), "\n".join(family_violations(ROOT))
     fake = tmp_path / "pretrain" / "methods"
     fake.mkdir(parents=True)
-    (fake / "cutmix.py").write_text("from pretrain.methods import base\nfrom "
-                                    "pretrain.methods.puzzlemix import x\n"
+    (fake / "cutmix.py").write_text("from pretrain.methods import base\n"
+                                    "from pretrain.methods.puzzlemix import x\n"
                                     "from pretrain.methods import ERM\n")
     (fake / "puzzlemix.py").write_text("from pretrain.methods.puzzlemix_graphcut import "
                                        "grid_labels\n")
@@ -125,8 +125,9 @@ def test_method_families_import_only_base_and_their_own_solver(tmp_path):
 def test_the_rule_checker_catches_a_violation(tmp_path, monkeypatch):
     fake = tmp_path / "mixup_transfer" / "core"
     fake.mkdir(parents=True)
-    (fake / "bad.py").write_text("def f():\n    from pretrain.task import run\n    import "
-                                 "wsol.metrics\n"
+    (fake / "bad.py").write_text("def f():\n"
+                                 "    from pretrain.task import run\n"
+                                 "    import wsol.metrics\n"
                                  "    from mixup_transfer.pipeline import run\n")
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
     bad = "mixup_transfer/core/bad.py"

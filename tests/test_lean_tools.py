@@ -127,8 +127,8 @@ def test_eval_voc_imports_no_torch(tmp_path):
     )
     (root / "ImageSets" / "Main" / "test.txt").write_text("im1\n")
     (tmp_path / "res").mkdir()
-    (tmp_path / "res" / "comp4_det_test_cat.txt").write_text("im1 0.9 60 5 90 30\nim1 0.8 11 "
-                                                             "21 40 50\n")
+    (tmp_path / "res" / "comp4_det_test_cat.txt").write_text("im1 0.9 60 5 90 30\n"
+                                                             "im1 0.8 11 21 40 50\n")
     out, modules = run_tool("eval_voc", "--devkit", tmp_path / "VOCdevkit", "--results",
                             tmp_path / "res", "--classes", "cat")
     assert not heavy(modules), heavy(modules)

@@ -44,8 +44,8 @@ def main(argv=None) -> int:
         print(e)
         return 3
     print(out["markdown"].read_text())
-    print(f"Wrote {out['json']}, {out['markdown']}, {out['figure']}\nTotal time: "
-          f"{time.time() - t0:.0f} s")
+    print(f"Wrote {out['json']}, {out['markdown']}, {out['figure']}\n"
+          f"Total time: {time.time() - t0:.0f} s")
     return 0
 
 

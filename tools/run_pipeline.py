@@ -55,8 +55,9 @@ def main(argv=None) -> int:
             report, failed = e.report, e
     if rank:
         return 1 if failed else 0
-    print(f"\nReport: {report}  ({report.with_suffix('.html')})\nTotal time: "
-          f"{time.time() - t0:.0f} s")
+    print("\n"
+          f"Report: {report}  ({report.with_suffix('.html')})\n"
+          f"Total time: {time.time() - t0:.0f} s")
     print(report.read_text())
     if failed:
         print(f"error: {failed}", file=sys.stderr)

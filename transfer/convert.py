@@ -363,8 +363,10 @@ def write_detectron2_yaml(cfg: Mapping, path: str | os.PathLike, arch: str | Non
     behind)."""
     check_detectron2_config(cfg, arch)
     header = ("# detectron2 config written by mixup-transfer (transfer/convert.py) for "
-              f"{weights_name}\n# RGB input, torchvision mean/std and STRIDE_IN_1X1 False are "
-              "REQUIRED for them.\n# DATASETS are the toolkit's names: "
+              f"{weights_name}\n"
+              "# RGB input, torchvision mean/std and STRIDE_IN_1X1 False are REQUIRED for "
+              "them.\n"
+              "# DATASETS are the toolkit's names: "
               "transfer.detection.d2_backend.register_toolkit_datasets(format, root)\n")
     with atomic_path(path) as tmp:
         tmp.write_text(header + yaml.dump(dict(cfg), Dumper=_PlainDumper, sort_keys=False,

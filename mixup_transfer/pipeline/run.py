@@ -570,5 +570,5 @@ class StagesFailed(RuntimeError):
     def __init__(self, report: Path, failed: dict[str, str]):
         self.report, self.failed = report, failed
         lines = "\n".join(f"  {label}: {why}" for label, why in failed.items())
-        super().__init__(f"{len(failed)} stage(s) failed or did not run (marked in "
-                         f"{report}):\n{lines}")
+        super().__init__(f"{len(failed)} stage(s) failed or did not run (marked in {report}):\n"
+                         f"{lines}")

@@ -262,8 +262,11 @@ def test_coco_reader(tmp_path):
 
 
 def test_config_bases_overrides_and_unknown_keys(tmp_path):
-    (tmp_path / "base.yaml").write_text("model:\n  arch: resnet50\n  width: 1\noptim:\n  "
-                                        "lr: 0.1\n")
+    (tmp_path / "base.yaml").write_text("model:\n"
+                                        "  arch: resnet50\n"
+                                        "  width: 1\n"
+                                        "optim:\n"
+                                        "  lr: 0.1\n")
     (tmp_path / "child.yaml").write_text("_BASE_: base.yaml\nmodel:\n  arch: resnet18\n")
     defaults = {"model": {"arch": "resnet50", "width": 1}, "optim": {"lr": 0.1, "wd": 1e-4},
                 "seed": 0}

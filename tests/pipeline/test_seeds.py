@@ -118,11 +118,16 @@ def test_table_with_seeds():
 
 def test_table_with_one_run_reads_as_before():
     md = _table([80.0], [80.0], base=99.0).markdown()
-    assert md == ("### T\n\nCaption. One run per entry (n=1).\n\n| method | top-1 ↑ "
-                  "|\n|---|---:|\n"
-                  "| erm | **[80.00](erm/seed0/pretrain/)** |\n| mixup | "
-                  "**[80.00](mixup/seed0/pretrain/)** |\n"
-                  "| *chance* | 99.00 |\n\n" + RULE_ONE + "\n")
+    assert md == ("### T\n"
+                  "\n"
+                  "Caption. One run per entry (n=1).\n"
+                  "\n"
+                  "| method | top-1 ↑ |\n"
+                  "|---|---:|\n"
+                  "| erm | **[80.00](erm/seed0/pretrain/)** |\n"
+                  "| mixup | **[80.00](mixup/seed0/pretrain/)** |\n"
+                  "| *chance* | 99.00 |\n"
+                  "\n" + RULE_ONE + "\n")
 
 
 def test_detection_seeds_inside_a_stage_are_runs():

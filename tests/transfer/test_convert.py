@@ -259,8 +259,9 @@ def test_generated_configs_are_right_and_checks_catch_traps(tmp_path):
         with pytest.raises(ConversionError, match=match):
             check_detectron2_config(broken(coco, **changes), "resnet50")
     # a YAML written by hand with a leftover default is caught through its _BASE_ chain too
-    (tmp_path / "child.yaml").write_text("_BASE_: coco_resnet50_FPN_1x.yaml\nINPUT:\n  "
-                                         "FORMAT: BGR\n")
+    (tmp_path / "child.yaml").write_text("_BASE_: coco_resnet50_FPN_1x.yaml\n"
+                                         "INPUT:\n"
+                                         "  FORMAT: BGR\n")
     with pytest.raises(ConversionError, match="child.yaml:\n  - INPUT.FORMAT"):
         check_detectron2_config(tmp_path / "child.yaml")
 

@@ -30,8 +30,9 @@ CUB = {
                   "3 002.Laysan_Albatross/Laysan_Albatross_0002_1027.jpg\n",
     "image_class_labels.txt": "1 1\n2 1\n3 2\n",
     "train_test_split.txt": "1 0\n2 1\n3 1\n",
-    "bounding_boxes.txt": "1 60.0 27.0 325.0 304.0\n2 139.0 30.0 153.0 264.0\n3 10.5 20.0 "
-    "100.0 80.0\n",
+    "bounding_boxes.txt": "1 60.0 27.0 325.0 304.0\n"
+                          "2 139.0 30.0 153.0 264.0\n"
+                          "3 10.5 20.0 100.0 80.0\n",
 }
 SIZES = {1: (500, 400), 2: (500, 350), 3: (200, 120)}
 

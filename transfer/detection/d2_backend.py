@@ -65,9 +65,11 @@ log = logging.getLogger(__name__)
 
 INSTALL = (
     "detectron2 is not importable. It is not on PyPI; build it from source (it compiles C++ "
-    "extensions):\n  make d2\n  (= .venv/bin/pip install "
-    "'git+https://github.com/facebookresearch/detectron2.git' --no-build-isolation)\nor use the "
-    "default backend: --backend torchvision")
+    "extensions):\n"
+    "  make d2\n"
+    "  (= .venv/bin/pip install 'git+https://github.com/facebookresearch/detectron2.git' "
+    "--no-build-isolation)\n"
+    "or use the default backend: --backend torchvision")
 
 # toolkit model.kwargs -> detectron2 key (the torchvision builder's keyword names,
 # transfer/detection/models.py)
