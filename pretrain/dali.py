@@ -115,13 +115,8 @@ class DaliTrainLoader:
 
     def __init__(self, samples, sampler, size: int, scale_min: float, hflip: bool, batch: int,
                  device: torch.device, seed: int, threads: int = 4):
-        self.samples, self.sampler, self.size, self.scale_min, self.hflip = (
-            samples,
-            sampler,
-            size,
-            scale_min,
-            hflip,
-        )
+        self.samples, self.sampler, self.size, self.scale_min = samples, sampler, size, scale_min
+        self.hflip = hflip
         self.batch, self.device, self.seed, self.threads = batch, device, seed, threads
         self._iter = None
         # the epoch a reset continues with (None: build at the next iteration)

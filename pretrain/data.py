@@ -437,13 +437,8 @@ class EpochSampler(Sampler):
         if global_batch % world:
             raise ConfigError(f"the global batch {global_batch} is not divisible by {world} "
                               "process(es)")
-        self.n, self.global_batch, self.rank, self.world, self.seed = (
-            n,
-            global_batch,
-            rank,
-            world,
-            seed,
-        )
+        self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed = seed
         self.subset = subset
         self.steps = n // global_batch
         if self.steps == 0:

@@ -85,13 +85,8 @@ def puzzlemix_cases(repo: Path, out: Path, n_cases: int = 48, b: int = 2, width:
     mod.graphcut_multi, mod.mask_transport = cut, transport
     rng = np.random.default_rng(20240613)
     grids, lams = [2, 4, 8, 16], [0.1, 0.3, 0.5, 0.7, 0.9, 0.2, 0.4, 0.6, 0.8]
-    betas, gammas, etas, neighs, t_epss = (
-        [1.2, 0.0, 3.0],
-        [0.5, 0.0, 2.0],
-        [0.2, 0.0, 1.0],
-        [2, 4],
-        [0.8, 0.2],
-    )
+    betas, gammas, etas, neighs = [1.2, 0.0, 3.0], [0.5, 0.0, 2.0], [0.2, 0.0, 1.0], [2, 4]
+    t_epss = [0.8, 0.2]
     rec = {k: [] for k in ("images", "sal", "perm", "grid", "lam", "beta", "gamma", "eta", "neigh",
                            "t_eps", "mask", "src1", "src2", "ratio")}
     full = []

@@ -268,10 +268,8 @@ if numba is not None:
         computes it). Returns False when the map has a NaN or a value outside [0, 1] (out is then
         meaningless). No branch in the loop, so that it vectorises."""
         h, w = scoremap.shape
-        lo, hi = (
-            scale - scale,
-            scale / scale,
-        )  # 0 and 1 in the map's dtype: no float32 -> float64 promotion
+        # 0 and 1 in the map's dtype: no float32 -> float64 promotion
+        lo, hi = scale - scale, scale / scale
         ok = True
         for y in range(h):
             for x in range(w):

@@ -103,9 +103,10 @@ DEFAULTS = {
     "seeds": {
         # int or list: one pretraining run per seed (config key seed); null: the config's
         "pretrain": None,
-        # int or list: one detection (seeds=[t]) and WSOL (seed=t) run per seed and
+        # int or list: one detection (seeds=[t]) and WSOL (seed=t) run per seed and backbone;
+        # null: each stage config's own seed(s)
         "transfer": None,
-    },                                 # backbone; null: each stage config's own seed(s)
+    },
 }
 
 

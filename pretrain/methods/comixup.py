@@ -73,19 +73,11 @@ class CoMixup(Method):
                               "gco-wrapper); use swap or auto")
         if dense_loss and loss == "bce":
             raise ValueError("comixup: dense_loss needs loss ce")
-        self.block_num, self.part, self.alpha, self.beta, self.gamma = (
-            int(block_num),
-            int(part),
-            alpha,
-            beta,
-            gamma,
-        )
+        self.block_num, self.part, self.alpha, self.beta = int(block_num), int(part), alpha, beta
+        self.gamma = gamma
         self.thres, self.thres_type, self.eta, self.omega = thres, thres_type, eta, omega
-        self.set_resolve, self.niter, self.clean_lam = (
-            bool(set_resolve),
-            int(niter),
-            float(clean_lam),
-        )
+        self.set_resolve, self.niter = bool(set_resolve), int(niter)
+        self.clean_lam = float(clean_lam)
         self.loss, self.solver = loss, solver
 
     def _grid(self, h: int) -> int:

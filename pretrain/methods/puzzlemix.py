@@ -85,25 +85,12 @@ class PuzzleMix(Method):
                  clean_lam: float = 0.0, saliency_mode: str = "eval", loss: str = "ce",
                  solver: str = "auto", threads: int | None = None, dense_loss: bool = False):
         super().__init__(model, num_classes, dense_loss)
-        self.alpha, self.grids, self.beta, self.gamma, self.eta = (
-            alpha,
-            tuple(grids),
-            beta,
-            gamma,
-            eta,
-        )
-        self.neigh_size, self.n_labels, self.transport, self.t_eps = (
-            neigh_size,
-            n_labels,
-            transport,
-            t_eps,
-        )
-        self.t_size, self.clean_lam, self.saliency_mode, self.loss = (
-            int(t_size),
-            float(clean_lam),
-            saliency_mode,
-            loss,
-        )
+        self.alpha, self.grids, self.beta, self.gamma = alpha, tuple(grids), beta, gamma
+        self.eta = eta
+        self.neigh_size, self.n_labels, self.transport = neigh_size, n_labels, transport
+        self.t_eps = t_eps
+        self.t_size, self.clean_lam = int(t_size), float(clean_lam)
+        self.saliency_mode, self.loss = saliency_mode, loss
         self.solver, self.threads = solver, threads
         _check_puzzle_knobs(self)
         if solver == "gco" and not have_gco():

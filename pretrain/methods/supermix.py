@@ -158,18 +158,10 @@ class SuperMix(Method):
             raise ValueError("supermix needs k >= 2, alpha > 0, mask_w >= 1, max_iter >= 1 and "
                              f"tol in [0, 100]; got k={k}, alpha={alpha}, mask_w={mask_w}, "
                              f"max_iter={max_iter}, tol={tol}")
-        self.k, self.alpha, self.mask_w, self.sigma = (
-            int(k),
-            float(alpha),
-            int(mask_w),
-            float(sigma),
-        )
-        self.lambda_s, self.max_iter, self.tol, self.cls_weight = (
-            float(lambda_s),
-            int(max_iter),
-            tol,
-            cls_weight,
-        )
+        self.k, self.alpha, self.mask_w = int(k), float(alpha), int(mask_w)
+        self.sigma = float(sigma)
+        self.lambda_s, self.max_iter, self.tol = float(lambda_s), int(max_iter), tol
+        self.cls_weight = cls_weight
 
     def mix(self, images):
         """-> (mixed images [b, 3, h, w], the teacher's labels of them [b], mixed_ok [b] bool)."""

@@ -184,23 +184,12 @@ class TokenMix(Method):
         if dense_loss and loss == "bce":
             raise ValueError("tokenmix: dense_loss needs loss ce (the BCE of the official code "
                              "is on pooled logits)")
-        self.mixup_alpha, self.cutmix_alpha, self.prob, self.switch_prob = (
-            mixup_alpha,
-            cutmix_alpha,
-            prob,
-            switch_prob,
-        )
-        self.mask_type, self.mask_ratio, self.minimum_tokens = (
-            mask_type,
-            float(mask_ratio),
-            int(minimum_tokens),
-        )
-        self.patch_size, self.labels, self.smoothing, self.loss = (
-            int(patch_size),
-            labels,
-            float(smoothing),
-            loss,
-        )
+        self.mixup_alpha, self.cutmix_alpha, self.prob = mixup_alpha, cutmix_alpha, prob
+        self.switch_prob = switch_prob
+        self.mask_type, self.mask_ratio = mask_type, float(mask_ratio)
+        self.minimum_tokens = int(minimum_tokens)
+        self.patch_size, self.labels, self.smoothing = int(patch_size), labels, float(smoothing)
+        self.loss = loss
         self.teacher = None
         # this instance: the area assignment reads no teacher
         self.needs_teacher = labels == "activation"

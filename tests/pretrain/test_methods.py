@@ -256,11 +256,7 @@ def test_gap_head_aligned_mixing_equals_embedding_mixing(batch):
     y = shared.one_hot(labels, C)
     released = make("alignmix").eval()
     released.model.features = lambda x: feats
-    released._perm, released._mode, released._beta = (
-        (lambda b: perm),
-        (lambda: "feat"),
-        (lambda a: 0.3),
-    )
+    released._perm, released._mode, released._beta = lambda b: perm, lambda: "feat", lambda a: 0.3
     e_mix = 0.3 * feats.mean((2, 3)) + 0.7 * feats[perm].mean((2, 3))
     ref = shared.soft_cross_entropy(released.model.fc(e_mix), 0.3 * y + 0.7 * y[perm])
     assert released(images, labels)["loss"].item() == pytest.approx(ref.item(), abs=1e-6)
@@ -353,10 +349,8 @@ def test_puzzlemix_saliency_as_the_official_script(batch):
     ref = torchvision.models.resnet18(num_classes=C)
     ref.load_state_dict(before)
     ref.eval()
-    mean, std = (
-        torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
-        torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
-    )
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     xn = ((images - mean) / std).requires_grad_(True)
     torch.nn.functional.cross_entropy(ref(xn), labels).backward()
     expect = torch.sqrt(torch.mean(xn.grad**2, dim=1))

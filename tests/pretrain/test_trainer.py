@@ -317,10 +317,8 @@ def test_precise_bn_gives_the_clean_batches_population_statistics(toy_world, tmp
     batches = [task.to_device(b, task.device, False)[0]
                for _, b in zip(range(2), task.batches(0, 0))]
     x = torch.cat(batches)
-    mean, std = (
-        torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
-        torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
-    )
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         h = net.conv1((x - mean) / std)
     assert torch.allclose(bn.running_mean, h.mean((0, 2, 3)), atol=1e-5)

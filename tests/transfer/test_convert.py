@@ -375,10 +375,8 @@ def test_detectron2_loads_converted_weights(tmp_path, arch):
                                    + ([f"voc_{arch}_C4_24k"] if arch == "resnet50" else []))
     image = torch.randint(0, 256, (3, 64, 64), generator=torch.Generator().manual_seed(2),
                           dtype=torch.uint8)
-    mean, std = (
-        torch.tensor(PIXEL_MEAN_RGB).view(3, 1, 1),
-        torch.tensor(PIXEL_STD_RGB).view(3, 1, 1),
-    )
+    mean = torch.tensor(PIXEL_MEAN_RGB).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD_RGB).view(3, 1, 1)
     with torch.no_grad():  # torchvision's input: RGB in [0, 1], ImageNet mean / std
         want = torchvision_features(tv, ((image.float() / 255 - mean / 255) / (std / 255))[None])
     for name, path in paths.items():

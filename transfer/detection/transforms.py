@@ -119,11 +119,8 @@ class MinIoURandomCrop(A.DualTransform):
     def __init__(self, min_ious=SSD_MIN_IOUS, min_scale: float = 0.3, max_trials: int = 50,
                  p: float = 1.0):
         super().__init__(p=p)
-        self.min_ious, self.min_scale, self.max_trials = (
-            tuple(min_ious),
-            float(min_scale),
-            int(max_trials),
-        )
+        self.min_ious, self.min_scale = tuple(min_ious), float(min_scale)
+        self.max_trials = int(max_trials)
 
     def get_params_dependent_on_data(self, params, data):
         h, w = params["shape"][:2]
