@@ -55,7 +55,7 @@ from mixup_transfer.core import fingerprint as fp
 from mixup_transfer.core import runtime as rt
 from mixup_transfer.core.basics import bars_enabled, metric_line
 from mixup_transfer.core.config import ConfigError
-from mixup_transfer.core.prefetch import DevicePrefetcher
+from mixup_transfer.core.prefetch import DevicePrefetcher, side_stream
 
 CKPT = "checkpoints/last.pth"
 log = logging.getLogger("train")
@@ -244,9 +244,8 @@ class Engine:
         self._bar = None
         # (time, step) where this invocation started: the eta's rate
         self._clock = (time.time(), 0)
-        # on CUDA the next step's batches are moved on a side stream while a step runs
-        self._prefetcher = DevicePrefetcher.for_device(
-            lambda b: task.to_device(b, self.device, settings.channels_last), self.device)
+        # on CUDA the next step's batches are moved on this side stream while a step runs
+        self._copy_stream = side_stream(self.device)
 
     # -- set-up
     # -------------------------------------------------------------------------------------
@@ -473,15 +472,24 @@ class Engine:
         """The epoch's micro-batches in groups of `accumulate` (an incomplete last group is
         dropped), moved to the device; on CUDA one optimizer step ahead, on a side stream
         (`DevicePrefetcher`)."""
+        acc = self.settings.accumulate
+
         def host_groups():
             group = []
             for batch in batches:
                 group.append(batch)
-                if len(group) == self.settings.accumulate:
+                if len(group) == acc:
                     yield group
                     group = []
 
-        return self._prefetcher(host_groups())
+        # the mover holds the task, not the engine: no reference cycle keeps the engine (and the
+        # task's loaders and their worker processes) alive after a run
+        task, device, channels_last = self.task, self.device, self.settings.channels_last
+
+        def move(batch):
+            return task.to_device(batch, device, channels_last)
+
+        return DevicePrefetcher(move, self._copy_stream)(host_groups())
 
     def fit(self, resume: bool = False, header: dict | None = None,
             fingerprint: dict | None = None, force: bool = False) -> dict:

@@ -32,21 +32,22 @@ def _tensors(obj) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
+def side_stream(device: torch.device):
+    """A side stream for the copies on a usable CUDA device; None elsewhere (no prefetching)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.Stream(device)
+    return None
+
+
 class DevicePrefetcher:
     """Turns groups of host batches into groups of device batches, one group ahead on CUDA.
 
     move: one host batch -> the batch on the device (a task's `to_device`, bound to its device).
-    stream: the side stream for the copies (None: move each group when it is reached)."""
+    stream: the side stream for the copies (`side_stream`; None: move each group when it is
+    reached). Made per epoch by the engine, so that nothing of the loop's iterator outlives it."""
 
     def __init__(self, move: Callable, stream=None):
         self.move, self.stream = move, stream
-
-    @classmethod
-    def for_device(cls, move: Callable, device: torch.device) -> DevicePrefetcher:
-        """A prefetcher with a side stream on a usable CUDA device, a plain one otherwise."""
-        if device.type == "cuda" and torch.cuda.is_available():
-            return cls(move, torch.cuda.Stream(device))
-        return cls(move)
 
     def __call__(self, groups: Iterable[list]) -> Iterator[list]:
         if self.stream is None:

@@ -11,7 +11,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mixup_transfer.core.engine import Engine, LoopSettings, Task
-from mixup_transfer.core.prefetch import DevicePrefetcher
+from mixup_transfer.core.prefetch import DevicePrefetcher, side_stream
 
 pytestmark = pytest.mark.cuda_semantics
 
@@ -119,8 +119,54 @@ def test_without_cuda_each_group_is_moved_when_reached(tmp_path):
         log.append(("move", b))
         return b
 
-    prefetch = DevicePrefetcher.for_device(move, torch.device("cpu"))
-    assert prefetch.stream is None
+    assert side_stream(torch.device("cpu")) is None
+    prefetch = DevicePrefetcher(move, side_stream(torch.device("cpu")))
     for group in prefetch(iter([[0], [1]])):
         log.append(("step", group[0]))
     assert log == [("move", 0), ("step", 0), ("move", 1), ("step", 1)]
+
+
+class _Tiny(Task):
+    """Two steps of a linear model on zeros."""
+
+    def __init__(self):
+        self.model, self.steps_per_epoch = torch.nn.Linear(2, 1), 2
+
+    def batches(self, epoch, start_step):
+        return iter([(torch.zeros(4, 2), torch.zeros(4))] * (2 - start_step))
+
+    def inputs(self, batch):
+        return (batch[0],)
+
+    def param_groups(self):
+        return [{"params": list(self.model.parameters()), "lr": 0.1, "name": "all"}]
+
+
+class _LossModel(torch.nn.Linear):
+    def forward(self, x):
+        return {"loss": super().forward(x).square().mean()}
+
+
+def test_a_finished_engine_is_freed_at_once(tmp_path):
+    """No reference cycle through the engine: when a stage's engine goes, its task, the task's
+    loaders and their worker processes go with it, before the next stage forks its own workers
+    (in a cycle they wait for the garbage collector, which may then run in those forked
+    workers)."""
+    import gc
+    import weakref
+
+    task = _Tiny()
+    task.model = _LossModel(2, 1)
+    settings = LoopSettings(total_steps=2, device=torch.device("cpu"), log_every=1)
+    engine = Engine(task, tmp_path / "run", settings,
+                    torch.optim.SGD(task.model.parameters(), lr=0.1), lambda step: 1.0)
+    engine.fit()
+    alive = weakref.ref(engine)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del engine
+        assert alive() is None
+    finally:
+        if enabled:
+            gc.enable()
