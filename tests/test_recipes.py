@@ -721,18 +721,24 @@ def test_every_alignmix_recipe_says_which_variant_it_runs_and_why(rel):
     assert "AlignMixup_CVPR22 at ec01a68" in header or "arXiv 2103.15375" in header, rel
 
 
+def _resolved_recipe(path, *overrides):
+    """A pretraining recipe resolved as the stage reads it, on a placeholder ImageNet root."""
+    from pretrain.task import DEFAULTS, resolve_config
+
+    return resolve_config(load_config(path, ["data.root=/data/imagenet", *overrides],
+                                      defaults=DEFAULTS))
+
+
 def test_tokenmix_recipe_takes_its_teacher_at_run_time():
     """The TokenMix recipe keeps the official activation labels with `teacher: null`: reading it
     without a teacher is refused, --teacher (the teacher key) or method.labels=area makes it whole,
     and its header says both."""
     from mixup_transfer.core.config import ConfigError
-    from pretrain.task import DEFAULTS, resolve_config
 
     path = ROOT / "configs/pretrain/imagenet_vit_s16_tokenmix.yaml"
 
     def read(*overrides):
-        return resolve_config(load_config(path, ["data.root=/data/imagenet", *overrides],
-                                          defaults=DEFAULTS))
+        return _resolved_recipe(path, *overrides)
 
     with pytest.raises(ConfigError, match="needs a teacher"):
         read()
@@ -749,13 +755,11 @@ def test_imagenet_supermix_recipe_takes_its_teacher_at_run_time():
     """The ImageNet SuperMix recipe has `teacher: null`: reading it without a teacher is refused,
     --teacher (the teacher key) makes it whole, and its header gives that command."""
     from mixup_transfer.core.config import ConfigError
-    from pretrain.task import DEFAULTS, resolve_config
 
     path = ROOT / "configs/pretrain/imagenet_supermix.yaml"
 
     def read(*overrides):
-        return resolve_config(load_config(path, ["data.root=/data/imagenet", *overrides],
-                                          defaults=DEFAULTS))
+        return _resolved_recipe(path, *overrides)
 
     with pytest.raises(ConfigError, match="needs a teacher"):
         read()
