@@ -4,7 +4,8 @@ On CUDA, `DevicePrefetcher` queues the host-to-device copies of step t + 1 (and 
 `to_device` does there: uint8 -> float, nvJPEG decoding, colour augmentation) on a side stream
 before it hands step t to the loop. That work then overlaps step t's kernels and any host work the
 step waits on: PuzzleMix's graph cut, Co-Mixup's labeling, a method's host-side solver. The loop
-reads its group only after the compute stream has waited for the side stream, and every tensor of
+reads a group only after the compute stream has waited for that group's copies (an event recorded
+after them on the side stream: not for the next group's, queued behind them), and every tensor of
 the group is marked as used by the compute stream (`Tensor.record_stream`), so the caching
 allocator never hands its memory to another tensor while the step still reads it.
 
@@ -63,13 +64,20 @@ class DevicePrefetcher:
         if pending is not None:
             yield self._ready(pending)
 
-    def _issue(self, group: list) -> list:
+    def _issue(self, group: list) -> tuple[list, object]:
+        """The group's copies queued on the side stream, and the event that marks their end."""
         with torch.cuda.stream(self.stream):
-            return [self.move(b) for b in group]
+            moved = [self.move(b) for b in group]
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        return moved, done
 
-    def _ready(self, moved: list) -> list:
+    def _ready(self, issued: tuple[list, object]) -> list:
+        """The compute stream waits for this group's copies only (not for the next group's, queued
+        after them), and the allocator learns that the compute stream reads the tensors."""
+        moved, done = issued
         current = torch.cuda.current_stream(self.stream.device)
-        current.wait_stream(self.stream)
+        current.wait_event(done)
         for t in _tensors(moved):
             if t.device.type == "cuda":
                 t.record_stream(current)

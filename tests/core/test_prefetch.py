@@ -31,6 +31,19 @@ class _Streams:
                 recorder.log.append(("wait", self.name, other.name))
 
         self.compute = Stream(name="compute")
+        self.events = 0
+
+        class Event:
+            def __init__(self):
+                self.number, recorder.events = recorder.events, recorder.events + 1
+
+            def record(self, stream):
+                recorder.log.append(("event", self.number, stream.name))
+
+        def wait_event(event):
+            self.log.append(("wait", "compute", f"event {event.number}"))
+
+        self.compute.wait_event = wait_event
 
         @contextlib.contextmanager
         def stream(s):
@@ -41,6 +54,7 @@ class _Streams:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "Stream", Stream)
         monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.compute)
         monkeypatch.setattr(torch.Tensor, "record_stream",
                             lambda t, s: self.log.append(("record", int(t.shape[0]), s.name)))
@@ -83,14 +97,14 @@ def test_the_next_step_is_moved_on_the_side_stream_before_the_step_runs(tmp_path
         for micro in engine._grouped(task.batches(0, 0)):
             streams.log.append(("step", int(micro[0].shape[0]) - 1))
     assert streams.log == [
-        ("read", 0), ("move", 0, "side"),
-        ("read", 1), ("move", 1, "side"),          # step 1's copies are queued ...
-        ("wait", "compute", "side"), ("record", 1, "compute"),
-        ("step", 0),                               # ... before step 0 runs
-        ("read", 2), ("move", 2, "side"),
-        ("wait", "compute", "side"), ("record", 2, "compute"),
+        ("read", 0), ("move", 0, "side"), ("event", 0, "side"),
+        ("read", 1), ("move", 1, "side"), ("event", 1, "side"),  # step 1's copies are queued ...
+        ("wait", "compute", "event 0"), ("record", 1, "compute"),  # (step 0 waits for its own)
+        ("step", 0),                                             # ... before step 0 runs
+        ("read", 2), ("move", 2, "side"), ("event", 2, "side"),
+        ("wait", "compute", "event 1"), ("record", 2, "compute"),
         ("step", 1),
-        ("wait", "compute", "side"), ("record", 3, "compute"),
+        ("wait", "compute", "event 2"), ("record", 3, "compute"),
         ("step", 2)]
 
 
